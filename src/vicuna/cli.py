@@ -1,0 +1,61 @@
+"""The `vicuna` command: maps each subcommand to a module that is imported only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from vicuna import __version__
+
+# name -> (module, one-line help). Each module has add_arguments(parser) and main(args) -> int | None.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "chat": ("vicuna.chat", "chat with a model in the terminal"),
+    "serve": ("vicuna.server", "serve an OpenAI-compatible API and a web UI"),
+    "doctor": ("vicuna.doctor", "show the hardware, the model's memory needs and which flags fit"),
+    "template": ("vicuna.conversation", "list prompt templates or render one"),
+    "download": ("vicuna.weights.hub", "download a Hugging Face Hub repository (resumable)"),
+    "download-llama": ("vicuna.weights.meta_download", "download Meta's original LLaMA checkpoint"),
+    "convert": ("vicuna.weights.convert", "convert a Meta LLaMA checkpoint to Hugging Face format"),
+    "delta": ("vicuna.weights.delta", "make or apply Vicuna delta weights"),
+    "verify": ("vicuna.weights.manifest", "check a folder against its sha256 manifest"),
+    "get": ("vicuna.weights.get", "download, merge and verify a Vicuna model in one step"),
+    "train": ("vicuna.train.cli", "fine-tune on your own conversations"),
+    "lora": ("vicuna.train.lora", "merge a LoRA adapter into its base model"),
+    "bench": ("vicuna.bench", "measure latency, throughput and memory"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vicuna",
+        description="Run, serve and fine-tune Vicuna and other LLaMA-family chat models.",
+    )
+    parser.add_argument("--version", action="version", version=f"vicuna {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv or ["--help"])
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"vicuna {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+
+    from vicuna.errors import VicunaError
+
+    try:
+        return int(module.main(args) or 0)
+    except VicunaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

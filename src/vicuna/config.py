@@ -1,0 +1,127 @@
+"""Model and generation settings as plain dataclasses, and the command-line flags that fill them.
+No torch here: the CLI, the server's schemas and the templates import this module."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vicuna.errors import VicunaError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def vicuna_home() -> Path:
+    """Where converted models and other caches live: $VICUNA_HOME, default ~/.cache/vicuna."""
+    return Path(os.environ.get("VICUNA_HOME") or Path.home() / ".cache" / "vicuna").expanduser()
+
+
+@dataclass
+class ModelSettings:
+    """What to load and where. `model_path=None` means the built-in model."""
+
+    model_path: str | None = None
+    device: str | None = None  # None: the GPU if there is one, else the CPU
+    dtype: str = "auto"
+    num_gpus: int = 1
+    max_gpu_memory: str | None = None  # per GPU, e.g. "20GiB"
+    load_8bit: bool = False
+    conv_template: str | None = None
+    conv_system_msg: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise VicunaError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.device is not None and self.device not in DEVICES:
+            raise VicunaError(f"--device must be one of {', '.join(DEVICES)}, not {self.device!r}")
+        if self.num_gpus < 1:
+            raise VicunaError(f"--num-gpus must be at least 1, not {self.num_gpus}")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop. temperature 0 is greedy decoding."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    repetition_penalty: float = 1.0  # 1.0: off (CTRL-style, as in transformers)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "top logprobs must be in [0, 20]"),
+            (all(self.stop), "stop strings must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VicunaError(message)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags FastChat users know, shared by chat, serve, doctor, bench and train."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model-path", help="HF-format folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument("--device", choices=DEVICES, help="default: the GPU if there is one, else the CPU")
+    g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the fastest for this hardware")
+    g.add_argument("--num-gpus", type=int, default=1, help="split the layers across this many GPUs")
+    g.add_argument("--max-gpu-memory", help="memory to use on each GPU, e.g. 20GiB")
+    g.add_argument("--load-8bit", action="store_true", help="int8 weights: about half the memory")
+    g.add_argument("--conv-template", help="prompt template (see `vicuna template list`)")
+    g.add_argument("--conv-system-msg", help="replace the template's system prompt")
+
+
+def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
+    return ModelSettings(
+        model_path=args.model_path,
+        device=args.device,
+        dtype=args.dtype,
+        num_gpus=args.num_gpus,
+        max_gpu_memory=args.max_gpu_memory,
+        load_8bit=args.load_8bit,
+        conv_template=args.conv_template,
+        conv_system_msg=args.conv_system_msg,
+    )
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+__all__ = [
+    "DEVICES",
+    "DTYPES",
+    "ModelSettings",
+    "SamplingParams",
+    "Usage",
+    "add_model_arguments",
+    "model_settings_from_args",
+    "vicuna_home",
+]

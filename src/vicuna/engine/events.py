@@ -1,0 +1,47 @@
+"""The typed events a generation yields; the chat, the server, the web UI and the benchmarks read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, token text, logprob), best first
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    """New text for the reply. `text` never ends inside a multi-byte character and never contains any
+    part of a stop string; it may be empty while text is held back. `token_ids` are the tokens sampled
+    since the last chunk."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The last event of every generation."""
+
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float  # request start to first sampled token
+    decode_tokens_per_s: float  # tokens after the first, per second after the first
+    total_s: float
+    stop_text: str | None = None  # the stop string or stop token text that ended the reply
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+Event = TextChunk | Finished

@@ -1,0 +1,32 @@
+"""Errors that are the user's to fix: the CLI prints them in one line and exits non-zero; the server
+turns them into 4xx answers. Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class VicunaError(Exception):
+    """A problem with the user's input or machine, explained in the message."""
+
+    exit_code = 2
+
+
+class ModelLoadError(VicunaError):
+    """The checkpoint cannot be loaded: which file, which field, what was expected."""
+
+
+class DoesNotFitError(VicunaError):
+    """The model will not fit the chosen device(s); the message lists the flags that would fit."""
+
+
+class ContextTooLongError(VicunaError):
+    """The prompt and the requested reply do not fit the model's context window."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_window: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context_window = context_window
+        super().__init__(
+            f"the prompt has {prompt_tokens} tokens and {max_new_tokens} new tokens were asked for "
+            f"({prompt_tokens + max_new_tokens} in all), but the model's context window is "
+            f"{context_window} tokens"
+        )

@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny models built in code, and the real built-in model (loaded once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import write_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny LLaMA (2 layers, hidden 64, SentencePiece vocab of 400) in HF format. Treat as read-only."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _vicuna_home(tmp_path_factory):
+    """Tests never touch the user's cache, except for the built-in model's one-time conversion,
+    which is shared through VICUNA_TEST_HOME (default: the user's ~/.cache/vicuna)."""
+    os.environ.setdefault("VICUNA_HOME", os.environ.get("VICUNA_TEST_HOME", str(Path.home() / ".cache" / "vicuna")))
+    yield

@@ -1,0 +1,88 @@
+"""Tiny LLaMA-family checkpoints built in code with a deterministic init: no network, a second or less.
+
+`write_sentencepiece` trains a small SentencePiece BPE model (LLaMA's tokenizer kind, with byte fallback)
+on fixed text; `write_tiny_llama` saves an HF-format LlamaForCausalLM folder with that tokenizer.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+CORPUS = [
+    "Hello world! How are you today? I am fine, thank you.",
+    "The capital of France is Paris. The capital of Japan is Tokyo.",
+    "你好，世界！今天天气很好。我们一起去公园吧。",
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "USER: ASSISTANT: ### Human: ### Assistant: [INST] [/INST] <<SYS>> <</SYS>>",
+    "def add(x, y):\n    return x + y\n",
+]
+
+
+def write_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
+    """Train a byte-fallback BPE SentencePiece model (ids: unk 0, <s> 1, </s> 2) and write it to `path`."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def tiny_llama_config(vocab_size: int, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def write_tiny_llama(out: Path, *, seed: int = 0, safe_serialization: bool = True, **config_overrides) -> Path:
+    """An HF-format LLaMA folder: config.json, safetensors (or .bin) weights, a SentencePiece tokenizer.
+
+    The weights come from `torch.manual_seed(seed)`, so the same call gives the same model.
+    """
+    import torch
+    from transformers import LlamaForCausalLM, LlamaTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    sp_dir = out / "_sp"
+    sp_dir.mkdir(exist_ok=True)
+    write_sentencepiece(sp_dir / "tokenizer.model")
+    tokenizer = LlamaTokenizer.from_pretrained(sp_dir, add_bos_token=True)
+    config = tiny_llama_config(len(tokenizer), **config_overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out, safe_serialization=safe_serialization)
+    tokenizer.save_pretrained(out)
+    (out / "tokenizer.model").write_bytes((sp_dir / "tokenizer.model").read_bytes())
+    for f in sp_dir.iterdir():
+        f.unlink()
+    sp_dir.rmdir()
+    return out
