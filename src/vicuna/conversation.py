@@ -1,0 +1,318 @@
+"""Chat messages and prompt templates: one small template per model family, with its stop strings.
+
+A template turns a list of messages into the exact prompt text a model was trained on. It renders
+`Segment`s rather than one string so that training can put the loss on assistant text alone: the
+segments marked `trainable` are each assistant reply and its end-of-turn marker, located by the
+template's own rendering, never by splitting strings afterwards. No torch here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+from vicuna.errors import VicunaError
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+VICUNA_V0_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of the rendered prompt; `trainable` marks assistant text plus its end-of-turn marker."""
+
+    text: str
+    trainable: bool = False
+
+
+class Template(Protocol):
+    name: str
+    system: str  # the default system prompt ("" for none)
+    stop: tuple[str, ...]  # text that ends an assistant turn
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]: ...
+
+
+def render(template: Template, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The prompt text for `messages`; with `add_generation_prompt` it ends where the reply begins."""
+    return "".join(s.text for s in template.segments(messages, add_generation_prompt))
+
+
+def split_system(
+    messages: Sequence[Message], default_system: str, add_generation_prompt: bool
+) -> tuple[str, list[Message]]:
+    """Check the turn order and take out the system prompt.
+
+    Expected: an optional system message, then user and assistant turns alternating, starting with a
+    user turn; the last is a user turn when a reply is to be generated, an assistant turn otherwise.
+    """
+    system, turns = default_system, list(messages)
+    if turns and turns[0].role == "system":
+        system, turns = turns[0].content, turns[1:]
+    if not turns:
+        raise VicunaError("messages: at least one user message is needed")
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            where = i + (len(messages) - len(turns))
+            raise VicunaError(
+                f"messages[{where}]: expected a {expected} message, got {message.role!r} "
+                "(after an optional system message, user and assistant turns must alternate)"
+            )
+    last = turns[-1].role
+    if add_generation_prompt and last != "user":
+        raise VicunaError("messages: the last message must be a user message to generate a reply")
+    if not add_generation_prompt and last != "assistant":
+        raise VicunaError("messages: the last message must be an assistant message")
+    return system, turns
+
+
+@dataclass(frozen=True)
+class VicunaV11:
+    """Vicuna v1.1-v1.5 (FastChat `vicuna_v1.1`): everything on one line, replies end with `</s>`."""
+
+    name: str = "vicuna_v1.1"
+    system: str = VICUNA_SYSTEM
+    stop: tuple[str, ...] = ("</s>",)
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        system, turns = split_system(messages, self.system, add_generation_prompt)
+        out, prompt = [], system + " "
+        for message in turns:
+            if message.role == "user":
+                prompt += f"USER: {message.content} ASSISTANT:"
+            else:
+                out += [Segment(prompt), Segment(f" {message.content}</s>", trainable=True)]
+                prompt = ""
+        return out + [Segment(prompt)] if prompt else out
+
+
+@dataclass(frozen=True)
+class VicunaV0:
+    """Vicuna v0 (FastChat `one_shot` without its example): `### Human:` / `### Assistant:`."""
+
+    name: str = "vicuna_v0"
+    system: str = VICUNA_V0_SYSTEM
+    stop: tuple[str, ...] = ("###",)
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        system, turns = split_system(messages, self.system, add_generation_prompt)
+        out, prompt = [], system + "\n###"
+        for message in turns:
+            if message.role == "user":
+                prompt += f" Human: {message.content}\n### Assistant:"
+            else:
+                out += [Segment(prompt), Segment(f" {message.content}\n###", trainable=True)]
+                prompt = ""
+        return out + [Segment(prompt)] if prompt else out
+
+
+@dataclass(frozen=True)
+class Llama2:
+    """Llama 2 chat: `[INST] <<SYS>>...<</SYS>> ... [/INST]`; BOS before each turn pair, `</s>` after."""
+
+    name: str = "llama-2"
+    system: str = ""
+    stop: tuple[str, ...] = ("</s>",)
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        system, turns = split_system(messages, self.system, add_generation_prompt)
+        out, prompt = [], ""  # the tokenizer adds the first <s>
+        for i, message in enumerate(turns):
+            if message.role == "user":
+                sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and system else ""
+                prompt += f"[INST] {sys_block}{message.content} [/INST]"
+            else:
+                out += [Segment(prompt), Segment(f" {message.content} </s>", trainable=True)]
+                prompt = "<s>"
+        if prompt and prompt != "<s>":
+            out.append(Segment(prompt))
+        return out
+
+
+@dataclass(frozen=True)
+class ChatML:
+    """ChatML (`<|im_start|>role\\n...<|im_end|>`), used by SmolLM2, Qwen and many others."""
+
+    name: str = "chatml"
+    system: str = ""
+    stop: tuple[str, ...] = ("<|im_end|>",)
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        system, turns = split_system(messages, self.system, add_generation_prompt)
+        out, prompt = [], f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        for message in turns:
+            if message.role == "user":
+                prompt += f"<|im_start|>user\n{message.content}<|im_end|>\n<|im_start|>assistant\n"
+            else:
+                out += [Segment(prompt), Segment(f"{message.content}<|im_end|>", trainable=True)]
+                prompt = "\n"
+        if prompt and prompt != "\n":
+            out.append(Segment(prompt))
+        return out
+
+
+# (messages as OpenAI-style dicts, add_generation_prompt) -> prompt text
+ApplyChatTemplate = Callable[[list[dict[str, str]], bool], str]
+
+
+@dataclass(frozen=True)
+class HFTemplate:
+    """The model's own chat template (Jinja, from its tokenizer), through a function that renders it.
+
+    Assistant spans are found by rendering each prefix of the conversation: the text a turn adds
+    after the generation prompt is that turn. If the template does not render prefixes as prefixes
+    of the whole, the spans cannot be located and `segments` says so.
+    """
+
+    apply: ApplyChatTemplate
+    stop: tuple[str, ...] = ()
+    name: str = "hf"
+    system: str = ""  # "" keeps the template's own default system prompt
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        _, turns = split_system(messages, "", add_generation_prompt)
+        msgs = [{"role": m.role, "content": m.content} for m in messages]
+        if self.system and messages[0].role != "system":
+            msgs.insert(0, {"role": "system", "content": self.system})
+        head = len(msgs) - len(turns)  # index of the first user turn
+        out: list[Segment] = []
+        done = ""
+        for i in range(head + 1, len(msgs), 2):  # the assistant turns
+            prompt = self.apply(msgs[:i], True)
+            full = self.apply(msgs[: i + 1], False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise VicunaError(
+                    f"the model's chat template does not render message {i} as a continuation of the "
+                    "messages before it, so its assistant text cannot be located"
+                )
+            out += [Segment(prompt[len(done) :]), Segment(full[len(prompt) :], trainable=True)]
+            done = full
+        rest = self.apply(msgs, add_generation_prompt)
+        if not rest.startswith(done):
+            raise VicunaError("the model's chat template renders the conversation inconsistently")
+        if rest[len(done) :]:
+            out.append(Segment(rest[len(done) :]))
+        return out
+
+
+BUILTIN_TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV11(), VicunaV0(), Llama2(), ChatML())}
+TEMPLATE_NAMES: tuple[str, ...] = (*BUILTIN_TEMPLATES, "hf")
+
+
+def get_template(name: str) -> Template:
+    """A built-in template by name (`hf` needs a tokenizer: see the engine's loader)."""
+    if name not in BUILTIN_TEMPLATES:
+        raise VicunaError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+    return BUILTIN_TEMPLATES[name]
+
+
+def with_system(template: Template, system: str | None) -> Template:
+    """The template with its default system prompt replaced (`--conv-system-msg`)."""
+    return template if system is None else replace(template, system=system)  # type: ignore[type-var]
+
+
+def choose_template_name(requested: str | None, *, has_chat_template: bool, model_name: str) -> str:
+    """`--conv-template` wins; else the model's own chat template; else by the model's name; else vicuna_v1.1."""
+    if requested:
+        if requested not in TEMPLATE_NAMES:
+            raise VicunaError(f"unknown template {requested!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+        if requested == "hf" and not has_chat_template:
+            raise VicunaError("--conv-template hf: this model's tokenizer has no chat template")
+        return requested
+    if has_chat_template:
+        return "hf"
+    name = model_name.lower()
+    if "vicuna" in name and "v0" in name:
+        return "vicuna_v0"
+    if "llama-2" in name and "chat" in name:
+        return "llama-2"
+    return "vicuna_v1.1"
+
+
+def parse_messages(data: object, source: str = "messages") -> list[Message]:
+    """OpenAI-style messages (`[{"role": ..., "content": ...}]`) with errors that name the bad field.
+
+    `content` may be a string or a list of text parts (`{"type": "text", "text": ...}`).
+    """
+    if not isinstance(data, list) or not data:
+        raise VicunaError(f"{source}: expected a non-empty JSON list of messages")
+    out = []
+    for i, item in enumerate(data):
+        where = f"{source}[{i}]"
+        if not isinstance(item, dict):
+            raise VicunaError(f"{where}: expected an object with 'role' and 'content'")
+        role = item.get("role")
+        if role not in ROLES:
+            raise VicunaError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+        content = item.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    raise VicunaError(f"{where}.content[{j}]: only text parts are supported")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise VicunaError(f"{where}.content: expected a string or a list of text parts")
+        out.append(Message(role, content))
+    return out
+
+
+# --- `vicuna template list | render` -------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="list the templates with their stop strings")
+    p = sub.add_parser("render", help="print the exact prompt for the next assistant reply")
+    p.add_argument("name", choices=TEMPLATE_NAMES)
+    p.add_argument("--messages", required=True, type=Path, help="a JSON file of OpenAI-style messages")
+    p.add_argument("--conv-system-msg", help="replace the template's system prompt")
+    p.add_argument("--model-path", help="for `hf`: the model whose tokenizer holds the chat template")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for name, template in BUILTIN_TEMPLATES.items():
+            print(f"{name:12} stop={list(template.stop)}")
+        print(f"{'hf':12} the model's own chat template (from its tokenizer)")
+        return 0
+    try:
+        data = json.loads(args.messages.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VicunaError(f"{args.messages}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise VicunaError(f"{args.messages}: not valid JSON ({err})") from None
+    messages = parse_messages(data, source=str(args.messages))
+    if args.name == "hf":
+        from vicuna.engine.loader import load_tokenizer, template_for
+
+        template = template_for("hf", load_tokenizer(args.model_path))
+    else:
+        template = get_template(args.name)
+    print(render(with_system(template, args.conv_system_msg), messages), end="")
+    return 0

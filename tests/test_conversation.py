@@ -1,0 +1,137 @@
+"""Templates render exactly what each model family was trained on, and mark assistant spans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vicuna.cli import main as cli
+from vicuna.conversation import (
+    VICUNA_SYSTEM,
+    HFTemplate,
+    Message,
+    choose_template_name,
+    get_template,
+    parse_messages,
+    render,
+    with_system,
+)
+from vicuna.errors import VicunaError
+
+CHAT = [Message("user", "Hello!"), Message("assistant", "Hi!"), Message("user", "你好")]
+DONE = [*CHAT, Message("assistant", "你好！")]
+
+
+def test_vicuna_v11_is_exactly_the_trained_format():
+    assert render(get_template("vicuna_v1.1"), CHAT) == (
+        f"{VICUNA_SYSTEM} USER: Hello! ASSISTANT: Hi!</s>USER: 你好 ASSISTANT:"
+    )
+
+
+def test_vicuna_v0():
+    assert render(get_template("vicuna_v0"), CHAT[:1]) == (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the human's questions.\n### Human: Hello!\n### Assistant:"
+    )
+    assert render(get_template("vicuna_v0"), CHAT).endswith(
+        "### Human: Hello!\n### Assistant: Hi!\n### Human: 你好\n### Assistant:"
+    )
+
+
+def test_llama2_with_and_without_system():
+    t = get_template("llama-2")
+    assert render(t, CHAT) == "[INST] Hello! [/INST] Hi! </s><s>[INST] 你好 [/INST]"
+    assert render(with_system(t, "Be brief."), CHAT[:1]) == (
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHello! [/INST]"
+    )
+
+
+def test_chatml():
+    msgs = [Message("system", "S"), *CHAT]
+    assert render(get_template("chatml"), msgs) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n"
+        "<|im_start|>assistant\nHi!<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "vicuna_v0", "llama-2", "chatml"])
+def test_trainable_segments_are_exactly_the_replies_and_end_markers(name):
+    t = get_template(name)
+    segments = t.segments(DONE, add_generation_prompt=False)
+    trainable = [s.text for s in segments if s.trainable]
+    assert len(trainable) == 2
+    for reply, text in zip(["Hi!", "你好！"], trainable, strict=True):
+        assert text.strip().startswith(reply)
+        assert text.rstrip().endswith(t.stop[0])
+    # the prompt for a reply is the rendering up to where that reply starts
+    whole = "".join(s.text for s in segments)
+    assert whole.startswith(render(t, CHAT).rstrip())
+
+
+def test_system_message_and_override():
+    t = get_template("vicuna_v1.1")
+    assert render(t, [Message("system", "SYS"), Message("user", "q")]) == "SYS USER: q ASSISTANT:"
+    assert render(with_system(t, "Other."), [Message("user", "q")]) == "Other. USER: q ASSISTANT:"
+
+
+def test_bad_turn_order_names_the_message():
+    t = get_template("vicuna_v1.1")
+    with pytest.raises(VicunaError, match=r"messages\[1\]: expected a assistant"):
+        render(t, [Message("user", "a"), Message("user", "b")])
+    with pytest.raises(VicunaError, match="last message must be a user"):
+        render(t, [Message("user", "a"), Message("assistant", "b")])
+
+
+def _fake_chatml(msgs, add_generation_prompt):
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def test_hf_template_finds_assistant_spans_by_prefix_rendering():
+    t = HFTemplate(_fake_chatml, stop=("<|im_end|>",))
+    assert render(t, CHAT) == _fake_chatml([{"role": m.role, "content": m.content} for m in CHAT], True)
+    trainable = [s.text for s in t.segments(DONE, add_generation_prompt=False) if s.trainable]
+    assert trainable == ["Hi!<|im_end|>\n", "你好！<|im_end|>\n"]
+
+
+def test_hf_template_that_is_not_prefix_stable_is_an_error():
+    def unstable(msgs, gen):
+        return f"{len(msgs)}:" + _fake_chatml(msgs, gen)
+
+    with pytest.raises(VicunaError, match="cannot be located"):
+        HFTemplate(unstable).segments(DONE, add_generation_prompt=False)
+
+
+def test_choice_order():
+    assert choose_template_name("chatml", has_chat_template=True, model_name="x") == "chatml"
+    assert choose_template_name(None, has_chat_template=True, model_name="vicuna-7b-v1.5") == "hf"
+    assert (
+        choose_template_name(None, has_chat_template=False, model_name="vicuna-13b-delta-v0") == "vicuna_v0"
+    )
+    assert choose_template_name(None, has_chat_template=False, model_name="vicuna-7b-v1.3") == "vicuna_v1.1"
+    assert choose_template_name(None, has_chat_template=False, model_name="llama-7b-hf") == "vicuna_v1.1"
+    with pytest.raises(VicunaError, match="unknown template"):
+        choose_template_name("nope", has_chat_template=False, model_name="x")
+
+
+def test_parse_messages_errors_name_the_field():
+    assert parse_messages(
+        [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    ) == [Message("user", "ab")]
+    with pytest.raises(VicunaError, match=r"messages\[0\]\.role"):
+        parse_messages([{"role": "tool", "content": "x"}])
+    with pytest.raises(VicunaError, match=r"messages\[0\]\.content"):
+        parse_messages([{"role": "user", "content": 3}])
+
+
+def test_template_cli_list_and_render(tmp_path, capsys):
+    assert cli(["template", "list"]) == 0
+    assert "vicuna_v1.1" in capsys.readouterr().out
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([{"role": "user", "content": "Hello!"}]), encoding="utf-8")
+    assert cli(["template", "render", "vicuna_v1.1", "--messages", str(f)]) == 0
+    assert capsys.readouterr().out == f"{VICUNA_SYSTEM} USER: Hello! ASSISTANT:"
+    f.write_text("[{", encoding="utf-8")
+    assert cli(["template", "render", "chatml", "--messages", str(f)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
