@@ -20,5 +20,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def _vicuna_home(tmp_path_factory):
     """Tests never touch the user's cache, except for the built-in model's one-time conversion,
     which is shared through VICUNA_TEST_HOME (default: the user's ~/.cache/vicuna)."""
-    os.environ.setdefault("VICUNA_HOME", os.environ.get("VICUNA_TEST_HOME", str(Path.home() / ".cache" / "vicuna")))
+    os.environ.setdefault(
+        "VICUNA_HOME", os.environ.get("VICUNA_TEST_HOME", str(Path.home() / ".cache" / "vicuna"))
+    )
     yield

@@ -63,7 +63,9 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**kwargs)
 
 
-def write_tiny_llama(out: Path, *, seed: int = 0, safe_serialization: bool = True, **config_overrides) -> Path:
+def write_tiny_llama(
+    out: Path, *, seed: int = 0, safe_serialization: bool = True, **config_overrides
+) -> Path:
     """An HF-format LLaMA folder: config.json, safetensors (or .bin) weights, a SentencePiece tokenizer.
 
     The weights come from `torch.manual_seed(seed)`, so the same call gives the same model.
@@ -79,7 +81,10 @@ def write_tiny_llama(out: Path, *, seed: int = 0, safe_serialization: bool = Tru
     config = tiny_llama_config(len(tokenizer), **config_overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(out, safe_serialization=safe_serialization)
+    model.save_pretrained(out)
+    if not safe_serialization:  # transformers 5 writes only safetensors: write the old format by hand
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, out / "pytorch_model.bin")
+        (out / "model.safetensors").unlink()
     tokenizer.save_pretrained(out)
     (out / "tokenizer.model").write_bytes((sp_dir / "tokenizer.model").read_bytes())
     for f in sp_dir.iterdir():

@@ -70,7 +70,10 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in [0, max_new_tokens]"),
+            (
+                0 <= self.min_new_tokens <= self.max_new_tokens,
+                "min_new_tokens must be in [0, max_new_tokens]",
+            ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top logprobs must be in [0, 20]"),
             (all(self.stop), "stop strings must not be empty"),
         ]
@@ -82,7 +85,9 @@ class SamplingParams:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags FastChat users know, shared by chat, serve, doctor, bench and train."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model-path", help="HF-format folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model-path", help="HF-format folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)"
+    )
     g.add_argument("--device", choices=DEVICES, help="default: the GPU if there is one, else the CPU")
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the fastest for this hardware")
     g.add_argument("--num-gpus", type=int, default=1, help="split the layers across this many GPUs")

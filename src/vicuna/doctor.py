@@ -1,0 +1,56 @@
+"""`vicuna doctor`: the hardware, what the model needs in each precision, and which flags fit."""
+
+from __future__ import annotations
+
+import argparse
+
+from vicuna.config import add_model_arguments, model_settings_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from vicuna.engine.loader import read_config, resolve_model_path
+    from vicuna.engine.memory import gib, model_size, probe_hardware
+    from vicuna.engine.placement import fit_options
+
+    console = Console()
+    hw = probe_hardware()
+    console.print("[bold]Hardware[/bold]")
+    console.print(f"  CPU   {hw.cpu}, {hw.cores} cores; features: {' '.join(hw.cpu_flags) or 'none of note'}")
+    console.print(f"  RAM   {gib(hw.ram_total)} total, {gib(hw.ram_available)} available")
+    console.print(f"  Disk  {gib(hw.disk_free)} free for models")
+    for g in hw.gpus:
+        console.print(
+            f"  GPU {g.index} {g.name}: {gib(g.total_bytes)} ({gib(g.free_bytes)} free), "
+            f"compute capability {g.capability[0]}.{g.capability[1]}"
+            + ("" if g.capability >= (7, 5) else " (below 7.5: no fine-tuning)")
+        )
+    if not hw.gpus:
+        console.print("  GPU   none visible to PyTorch" + (" (Apple MPS available)" if hw.mps else ""))
+
+    settings = model_settings_from_args(args)
+    folder = resolve_model_path(settings.model_path)
+    size = model_size(read_config(folder))
+    console.print(f"\n[bold]Model[/bold] {folder} — {size.params / 1e6:,.1f}M parameters")
+    sizes = Table("precision", "weights", "KV cache per 1k tokens")
+    for name, dtype, eight in (
+        ("float32", torch.float32, False),
+        ("bfloat16 / float16", torch.bfloat16, False),
+        ("8-bit (--load-8bit)", torch.bfloat16, True),
+    ):
+        sizes.add_row(name, gib(size.weight_bytes(dtype, eight)), gib(size.kv_bytes(1024, dtype)))
+    console.print(sizes)
+    fits = Table("flags", "needs", "available", "fits")
+    for option in fit_options(size, hw, settings):
+        fits.add_row(
+            option.flags, gib(option.needed), gib(option.available), "yes" if option.fits else "[red]no[/red]"
+        )
+    console.print(fits)
+    return 0

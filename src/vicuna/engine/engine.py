@@ -1,0 +1,182 @@
+"""Generation as a stream of typed events: prefill, then one token at a time, each step a small function.
+
+`Engine.generate` yields `TextChunk`s as text becomes safe to show (whole characters, no part of a
+stop string) and ends with one `Finished` that carries the counts and the speed the user felt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from vicuna.config import SamplingParams
+from vicuna.conversation import Message, Template, render
+from vicuna.engine.detok import IncrementalDecoder, StopMatcher
+from vicuna.engine.events import Event, Finished, TextChunk, TokenLogprob
+from vicuna.engine.sampling import Sampler
+from vicuna.errors import ContextTooLongError
+
+
+def context_window(config: Any) -> int:
+    text = config.get_text_config()
+    return int(getattr(text, "max_position_embeddings", None) or 2048)
+
+
+def end_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Token ids that end a reply: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+class Engine:
+    """One model, its tokenizer and its template; generates one reply at a time (the server batches)."""
+
+    def __init__(self, *, model: Any, tokenizer: Any, template: Template, model_name: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.model_name = model_name
+        self.context_window = context_window(model.config)
+        self.end_ids = end_token_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.template_stop_ids, self.template_stop_strings = self._split_stops(template.stop)
+
+    def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Stop strings that are single special tokens become stop ids (their text is never decoded)."""
+        ids, strings = [], []
+        special = set(self.tokenizer.all_special_tokens) | set(
+            getattr(self.tokenizer, "added_tokens_encoder", {})
+        )
+        for stop in stops:
+            if stop in special:
+                ids.append(self.tokenizer.convert_tokens_to_ids(stop))
+            else:
+                strings.append(stop)
+        return tuple(ids), tuple(strings)
+
+    # --- prompts ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids for a prompt; BOS is added as the tokenizer does, unless the text already has it."""
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return render(self.template, messages)
+
+    def encode_chat(self, messages: Sequence[Message]) -> list[int]:
+        return self.encode(self.render_chat(messages))
+
+    def chat_params(self, params: SamplingParams) -> SamplingParams:
+        """The request's settings plus the template's end-of-turn markers."""
+        return replace(
+            params,
+            stop=tuple(dict.fromkeys((*params.stop, *self.template_stop_strings))),
+            stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *self.template_stop_ids))),
+        )
+
+    def chat(
+        self, messages: Sequence[Message], params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        return self.generate(self.encode_chat(messages), self.chat_params(params), cancel=cancel)
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len + max_new_tokens > self.context_window:
+            raise ContextTooLongError(prompt_len, max_new_tokens, self.context_window)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def prefill(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        """Run the prompt through the model, filling the cache; the logits for the next token."""
+        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    def decode_step(self, token_id: int, cache: Any) -> torch.Tensor:
+        """One token in, the next token's logits out."""
+        ids = torch.tensor([[token_id]], device=self.device)
+        out = self.model(input_ids=ids, cache=cache, use_cache=True)
+        return out.logits[0, -1].float()
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        """Stream a reply to `prompt_ids`. Raises ContextTooLongError before the first event."""
+        self.check_fits(len(prompt_ids), params.max_new_tokens)
+        return self._generate(prompt_ids, params, cancel)
+
+    def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None
+    ) -> Iterator[Event]:
+        start = time.perf_counter()
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.end_ids))
+        sampler = Sampler(params, prompt_len=len(prompt_ids), end_ids=sorted(stop_ids), device=self.device)
+        decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(params.stop)
+        history = list(prompt_ids)
+        cache = self.new_cache()
+        first_token_at = None
+        reason, stop_text = "length", None
+        with torch.inference_mode():
+            logits = self.prefill(torch.tensor([prompt_ids], device=self.device), cache)
+            for step in range(params.max_new_tokens):
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                choice = sampler(logits, history)
+                history.append(choice.token_id)
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                if choice.token_id in stop_ids:
+                    reason, stop_text = "stop", self.tokenizer.convert_ids_to_tokens(choice.token_id)
+                    break
+                text = stops.push(decoder.add(choice.token_id))
+                logprobs = self._logprobs(choice) if params.logprobs is not None else None
+                yield TextChunk(text, (choice.token_id,), logprobs)
+                if stops.matched is not None:
+                    reason, stop_text = "stop", stops.matched
+                    break
+                if step + 1 < params.max_new_tokens:
+                    logits = self.decode_step(choice.token_id, cache)
+        if stops.matched is None:
+            tail = stops.push(decoder.flush())
+            tail += "" if stops.matched is not None else stops.flush()
+            if stops.matched is not None:
+                reason, stop_text = "stop", stops.matched
+            if tail:
+                yield TextChunk(tail, ())
+        end = time.perf_counter()
+        completion = len(history) - len(prompt_ids)
+        first = first_token_at or end
+        yield Finished(
+            reason=reason,
+            prompt_tokens=len(prompt_ids),
+            completion_tokens=completion,
+            ttft_s=first - start,
+            decode_tokens_per_s=(completion - 1) / (end - first) if completion > 1 and end > first else 0.0,
+            total_s=end - start,
+            stop_text=stop_text,
+        )
+
+    def _logprobs(self, choice) -> tuple[TokenLogprob, ...]:
+        name = self.tokenizer.convert_ids_to_tokens
+        return (
+            TokenLogprob(
+                choice.token_id,
+                name(choice.token_id),
+                choice.logprob,
+                tuple((i, name(i), lp) for i, lp in choice.top),
+            ),
+        )

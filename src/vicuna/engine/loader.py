@@ -1,0 +1,222 @@
+"""Loading a checkpoint: find it, check it before spending minutes on it, place it, and pick its template.
+
+Every check names the file and the field at fault, so that a user sees "shard 2 is truncated" or
+"the tokenizer has no EOS token" instead of a traceback or a model that never stops talking.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vicuna.config import ModelSettings
+from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
+from vicuna.errors import ModelLoadError
+
+CONFIG = "config.json"
+RECORDED_TEMPLATE = "vicuna.json"  # {"conv_template": NAME}, written by `vicuna train`
+
+
+def resolve_model_path(model_path: str | None) -> Path:
+    """The HF-format folder to load: the built-in model, a converted copy of a .gguf file, or the folder."""
+    from vicuna.weights.builtin import builtin_model_dir, convert_gguf, gguf_cache_dir
+
+    if model_path is None:
+        return builtin_model_dir()
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: expected an HF-format folder or a .gguf file")
+        return convert_gguf(path, gguf_cache_dir(path))
+    if not (path / CONFIG).is_file():
+        raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
+    return path
+
+
+def read_config(folder: Path) -> Any:
+    """The model's config, refused early when it is not a causal language model transformers can run."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ModelLoadError(f"{folder / CONFIG}: not valid JSON ({err})") from None
+    archs = raw.get("architectures") or []
+    if not isinstance(raw.get("model_type"), str):
+        raise ModelLoadError(f"{folder / CONFIG}: no 'model_type' field")
+    bad = [a for a in archs if not a.endswith("ForCausalLM")]
+    if bad:
+        raise ModelLoadError(
+            f"{folder / CONFIG}: architecture {bad[0]} is not a causal language model; "
+            "vicuna runs LLaMA-family (…ForCausalLM) checkpoints"
+        )
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as err:
+        raise ModelLoadError(
+            f"{folder / CONFIG}: model_type {raw['model_type']!r} is not one this version of transformers can run ({err})"
+        ) from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files a checkpoint declares (through its index) or holds, checked for presence."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as err:
+                raise ModelLoadError(f"{index}: not a valid index ({type(err).__name__}: {err})") from None
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise ModelLoadError(f"{index}: lists {missing[0]}, which is missing from {folder}")
+            return [folder / n for n in names]
+    for pattern in ("*.safetensors", "*.bin"):
+        found = sorted(p for p in folder.glob(pattern) if "training_args" not in p.name)
+        if found:
+            return found
+    raise ModelLoadError(f"{folder}: no weights (*.safetensors or *.bin files)")
+
+
+def check_weight_file(path: Path) -> None:
+    """Refuse a truncated or corrupt shard before loading starts, naming it."""
+    if path.suffix == ".safetensors":
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                if header_len <= 0 or 8 + header_len > size:
+                    raise ValueError("header longer than the file")
+                header = json.loads(f.read(header_len))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"{path}: not a valid safetensors file ({err})") from None
+        if 8 + header_len + end > size:
+            raise ModelLoadError(
+                f"{path}: truncated: {size} bytes on disk, {8 + header_len + end} expected; download it again"
+            )
+        return
+    import torch
+
+    try:  # weights_only: a checkpoint must never run code; mmap: no need to read it all
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ModelLoadError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({type(err).__name__}: {err})"
+        ) from None
+
+
+def load_tokenizer(model_path: str | Path | None) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = model_path if isinstance(model_path, Path) else resolve_model_path(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # tokenizers fail in many ways; none is the user's to debug
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
+
+
+def check_tokenizer(tokenizer: Any, config: Any, folder: Path) -> None:
+    """The two tokenizer faults that make a model garble or never stop."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelLoadError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows "
+            "(config.json vocab_size); the tokenizer belongs to another model"
+        )
+    for kind in ("eos", "bos"):
+        token, token_id = getattr(tokenizer, f"{kind}_token"), getattr(tokenizer, f"{kind}_token_id")
+        if kind == "bos" and getattr(config, "bos_token_id", None) is None:
+            continue  # the model does not use one
+        if not token or token_id is None:
+            hint = " so replies would never stop" if kind == "eos" else ""
+            raise ModelLoadError(
+                f"{folder}: the tokenizer defines no {kind.upper()} token{hint} "
+                f"(special_tokens_map.json / tokenizer_config.json '{kind}_token' is blank or missing)"
+            )
+        if vocab is not None and token_id >= vocab:
+            raise ModelLoadError(
+                f"{folder}: {kind.upper()} token id {token_id} is outside the vocabulary ({vocab})"
+            )
+
+
+def template_for(name: str, tokenizer: Any) -> Template:
+    if name != "hf":
+        return get_template(name)
+
+    def apply(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    return HFTemplate(apply, stop=(tokenizer.eos_token,) if tokenizer.eos_token else ())
+
+
+def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_name: str) -> Template:
+    requested = settings.conv_template
+    recorded = folder / RECORDED_TEMPLATE
+    if requested is None and recorded.is_file():
+        requested = json.loads(recorded.read_text(encoding="utf-8")).get("conv_template")
+    name = choose_template_name(
+        requested, has_chat_template=bool(getattr(tokenizer, "chat_template", None)), model_name=model_name
+    )
+    return with_system(template_for(name, tokenizer), settings.conv_system_msg)
+
+
+def load_engine(settings: ModelSettings, *, progress: bool = True):
+    """Check, load and place a model; returns a ready `Engine`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicuna.engine.engine import Engine
+    from vicuna.engine.placement import check_fits, resolve_device, resolve_dtype
+
+    start = time.perf_counter()
+    folder = resolve_model_path(settings.model_path)
+    config = read_config(folder)
+    for path in weight_files(folder):
+        check_weight_file(path)
+    tokenizer = load_tokenizer(folder)
+    check_tokenizer(tokenizer, config, folder)
+    model_name = folder.name if settings.model_path is not None else "SmolLM2-135M-Instruct"
+
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    device_map = check_fits(config, settings, device, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
+    except torch.OutOfMemoryError as err:
+        raise ModelLoadError(f"{folder}: out of memory while loading ({err}); see `vicuna doctor`") from None
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"{folder}: cannot load the weights ({type(err).__name__}: {err})") from None
+    model.eval()
+    if settings.load_8bit:
+        from vicuna.engine.quant import quantize_int8
+
+        before, after = quantize_int8(model)
+        if progress:
+            print(
+                f"8-bit weights: {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
+    template = pick_template(settings, tokenizer, folder, model_name)
+    engine = Engine(model=model, tokenizer=tokenizer, template=template, model_name=model_name)
+    if progress:
+        where = (
+            "+".join(sorted({str(d) for d in (device_map or {}).values()}))
+            if isinstance(device_map, dict)
+            else str(device)
+        )
+        print(
+            f"Loaded {model_name} ({str(dtype).removeprefix('torch.')}, {where}, template {template.name}) "
+            f"in {time.perf_counter() - start:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return engine

@@ -1,0 +1,134 @@
+"""What the machine has and what a model needs: GPUs, CPU features, RAM, disk; weight and KV-cache bytes."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class GPU:
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    capability: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cpu: str
+    cpu_flags: tuple[str, ...]
+    cores: int
+    ram_total: int
+    ram_available: int
+    disk_free: int
+    gpus: tuple[GPU, ...] = field(default_factory=tuple)
+    mps: bool = False
+
+
+def probe_hardware(disk_path: Path | None = None) -> Hardware:
+    import os
+
+    import psutil
+
+    from vicuna.config import vicuna_home
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append(GPU(i, props.name, total, free, (props.major, props.minor)))
+    disk = disk_path or vicuna_home()
+    while not disk.exists() and disk != disk.parent:
+        disk = disk.parent
+    vm = psutil.virtual_memory()
+    return Hardware(
+        cpu=cpu,
+        cpu_flags=tuple(f for f in CPU_FLAGS if f in flags),
+        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+        ram_total=vm.total,
+        ram_available=vm.available,
+        disk_free=shutil.disk_usage(disk).free,
+        gpus=tuple(gpus),
+        mps=bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+    )
+
+
+def empty_model(config: Any) -> Any:
+    """The model's modules with no memory behind them (meta tensors): for counting and planning."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # tied embeddings are one tensor, counted once
+    return model
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int
+    linear_params: int  # in the decoder layers' Linear modules: what 8-bit quantizes
+    kv_values_per_token: int  # keys and values stored per token, all layers
+
+    def weight_bytes(self, dtype: torch.dtype, load_8bit: bool = False) -> int:
+        width = DTYPE_BYTES[dtype]
+        if not load_8bit:
+            return self.params * width
+        # int8 weights plus one scale per output row (negligible), the rest kept in `dtype`
+        return self.linear_params + (self.params - self.linear_params) * width
+
+    def kv_bytes(self, tokens: int, dtype: torch.dtype) -> int:
+        return self.kv_values_per_token * tokens * DTYPE_BYTES[dtype]
+
+
+def model_size(config: Any) -> ModelSize:
+    model = empty_model(config)
+    params = sum(p.numel() for p in model.parameters())
+    lm_head = model.get_output_embeddings()
+    linear = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not lm_head
+    )
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelSize(params, linear, 2 * text.num_hidden_layers * kv_heads * head_dim)
+
+
+def parse_bytes(text: str) -> int:
+    """'20GiB', '20GB', '512MiB', '1.5 TiB' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+    units |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    try:
+        return int(float(number) * units[raw[len(number) :]])
+    except (ValueError, KeyError):
+        from vicuna.errors import VicunaError
+
+        raise VicunaError(f"--max-gpu-memory: cannot read {text!r}; expected a size such as 20GiB") from None
+
+
+def gib(n: int) -> str:
+    """A byte count for people: GiB from 1 GiB up, MiB below."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

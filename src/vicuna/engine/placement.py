@@ -1,0 +1,188 @@
+"""Where a model goes and in what precision: device and dtype choice, layer placement across GPUs, and
+the check that the model fits before loading starts (with the flags that would fit when it does not)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vicuna.config import ModelSettings, vicuna_home
+from vicuna.engine.memory import (
+    Hardware,
+    ModelSize,
+    empty_model,
+    gib,
+    model_size,
+    parse_bytes,
+    probe_hardware,
+)
+from vicuna.errors import DoesNotFitError, VicunaError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_TOKENS = 2048  # the KV cache a chat is planned for
+HEADROOM = 1.1  # activations, allocator slack
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    cuda, mps = torch.cuda.is_available(), bool(torch.backends.mps.is_available())
+    if requested == "cuda" and not cuda:
+        raise VicunaError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if requested == "mps" and not mps:
+        raise VicunaError("--device mps: Apple's Metal backend is not available here; use --device cpu")
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return fastest_cpu_dtype()
+
+
+def _time_matmuls(dtype: torch.dtype) -> float:
+    """Seconds for a decode-like (one row) and a prefill-like (64 rows) product with LLaMA-7B-sized
+    weights: the two shapes a chat spends its time in."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(4096, 2048, generator=gen).to(dtype)
+    rows = [torch.randn(n, 2048, generator=gen).to(dtype) for n in (1, 64)]
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for x in rows:
+            for _ in range(8):
+                x @ weight.T
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def fastest_cpu_dtype() -> torch.dtype:
+    """float32 or bfloat16, whichever this CPU multiplies faster; measured once and remembered."""
+    key = f"{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}"
+    cache = vicuna_home() / "cpu-dtype.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key not in known:
+        fp32, bf16 = _time_matmuls(torch.float32), _time_matmuls(torch.bfloat16)
+        known[key] = "bfloat16" if bf16 < fp32 else "float32"
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(cache)
+    return DTYPES[known[key]]
+
+
+def plan_placement(config: Any, dtype: torch.dtype, budgets: list[int]) -> dict[str, int]:
+    """Decoder layers spread evenly over GPUs with these byte budgets (accelerate's balanced map).
+
+    Raises DoesNotFitError when the layers do not all fit on the GPUs.
+    """
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    model = empty_model(config)
+    no_split = getattr(model, "_no_split_modules", None) or []
+    max_memory = dict(enumerate(budgets))
+    if len(budgets) > 1:
+        max_memory = get_balanced_memory(
+            model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype
+        )
+        max_memory = {k: v for k, v in max_memory.items() if isinstance(k, int)}
+    device_map = infer_auto_device_map(
+        model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype
+    )
+    off = sorted({str(v) for v in device_map.values() if not isinstance(v, int)})
+    if off:
+        raise DoesNotFitError(
+            f"the model does not fit on {len(budgets)} GPU(s) of {', '.join(gib(b) for b in budgets)} "
+            f"(part would go to {', '.join(off)})"
+        )
+    return device_map
+
+
+@dataclass(frozen=True)
+class Option:
+    flags: str
+    needed: int
+    available: int
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.available
+
+
+def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[Option]:
+    """Each way to run the model on this machine, with what it needs and what there is."""
+    opts = []
+    for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        for eight in (False, True):
+            need = int((size.weight_bytes(dtype, eight) + size.kv_bytes(KV_TOKENS, dtype)) * HEADROOM)
+            opts.append(
+                Option(
+                    f"--device cpu --dtype {dtype_name}" + (" --load-8bit" if eight else ""),
+                    need,
+                    hw.ram_available,
+                )
+            )
+    if hw.gpus:
+        budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None
+        per_gpu = [min(g.free_bytes, budget or g.free_bytes) for g in hw.gpus]
+        half = torch.bfloat16
+        for eight in (False, True):
+            need = int((size.weight_bytes(half, eight) + size.kv_bytes(KV_TOKENS, half)) * HEADROOM)
+            for n in range(1, len(hw.gpus) + 1):
+                flags = (
+                    "--device cuda"
+                    + (f" --num-gpus {n}" if n > 1 else "")
+                    + (" --load-8bit" if eight else "")
+                )
+                opts.append(Option(flags, need, sum(per_gpu[:n])))
+    return opts
+
+
+def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype: torch.dtype) -> Any:
+    """The device_map to load with, after checking that the model fits; else a DoesNotFitError that
+    lists the flags that would fit."""
+    size = model_size(config)
+    hw = probe_hardware()
+    kv = size.kv_bytes(KV_TOKENS, dtype)
+    weights = size.weight_bytes(dtype, settings.load_8bit)
+    if device.type == "cuda":
+        if settings.num_gpus > len(hw.gpus):
+            raise VicunaError(f"--num-gpus {settings.num_gpus}: only {len(hw.gpus)} GPU(s) are visible")
+        budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None
+        budgets = [min(int(g.free_bytes * 0.9), budget or g.free_bytes) for g in hw.gpus[: settings.num_gpus]]
+        where = f"{settings.num_gpus} GPU(s) with {gib(sum(budgets))} usable"
+        available = sum(budgets)
+    else:
+        where, available, budgets = (
+            f"{device.type} RAM with {gib(hw.ram_available)} available",
+            hw.ram_available,
+            [],
+        )
+    needed = int((weights + kv) * HEADROOM)
+    if needed > available:
+        fitting = [o.flags for o in fit_options(size, hw, settings) if o.fits]
+        advice = ("; these would fit: " + " | ".join(fitting)) if fitting else "; no option fits this machine"
+        raise DoesNotFitError(
+            f"the model needs about {gib(needed)} ({gib(weights)} of weights, {gib(kv)} of KV cache for "
+            f"{KV_TOKENS} tokens) but {where}{advice}. See `vicuna doctor`."
+        )
+    if device.type != "cuda":
+        return {"": str(device)}
+    if settings.load_8bit:
+        return {"": "cpu"}  # quantized on the CPU, then moved (see loader)
+    if settings.num_gpus == 1:
+        return {"": device.index or 0}
+    return plan_placement(config, dtype, budgets)

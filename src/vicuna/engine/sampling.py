@@ -1,0 +1,135 @@
+"""Choosing the next token: logits processors and a sampler built from a request's SamplingParams.
+
+Each processor is a small function `(logits[V], history) -> logits`; `Sampler` composes the ones a
+request asks for, then picks greedily (temperature 0) or samples with its own seeded generator, so
+requests batched together keep their own settings and their own random streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vicuna.config import SamplingParams
+
+Processor = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
+
+
+def repetition_penalty(penalty: float) -> Processor:
+    """CTRL's penalty over prompt and reply (as transformers does): divide positive logits, multiply negative."""
+
+    def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        if not history:
+            return logits
+        ids = torch.tensor(sorted(set(history)), device=logits.device)
+        seen = logits[ids]
+        logits[ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+        return logits
+
+    return apply
+
+
+def presence_frequency_penalty(presence: float, frequency: float, prompt_len: int) -> Processor:
+    """OpenAI's penalties, over the reply's tokens only: minus presence once, minus frequency per use."""
+
+    def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        reply = history[prompt_len:]
+        if not reply:
+            return logits
+        ids, counts = torch.tensor(reply, device=logits.device).unique(return_counts=True)
+        logits[ids] -= presence + frequency * counts.to(logits.dtype)
+        return logits
+
+    return apply
+
+
+def suppress(token_ids: Sequence[int], until: int, prompt_len: int) -> Processor:
+    """Forbid tokens (end-of-reply tokens for `min_new_tokens`) until the reply has `until` tokens."""
+    ids = sorted(set(token_ids))
+
+    def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        if len(history) - prompt_len < until and ids:
+            logits[ids] = float("-inf")
+        return logits
+
+    return apply
+
+
+def top_k_filter(k: int) -> Processor:
+    def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        if k >= logits.shape[-1]:
+            return logits
+        kth = torch.topk(logits, k).values[-1]
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    return apply
+
+
+def top_p_filter(p: float) -> Processor:
+    """Keep the smallest set of most likely tokens whose probabilities add up to at least p."""
+
+    def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+        return logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+
+    return apply
+
+
+@dataclass(frozen=True)
+class Choice:
+    token_id: int
+    logprob: float | None = None  # log-probability under the model's distribution (before filters)
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their log-probabilities
+
+
+class Sampler:
+    """Picks tokens for one request."""
+
+    def __init__(
+        self, params: SamplingParams, *, prompt_len: int, end_ids: Sequence[int], device: torch.device
+    ):
+        self.params = params
+        self.processors: list[Processor] = []
+        if params.repetition_penalty != 1.0:
+            self.processors.append(repetition_penalty(params.repetition_penalty))
+        if params.presence_penalty or params.frequency_penalty:
+            self.processors.append(
+                presence_frequency_penalty(params.presence_penalty, params.frequency_penalty, prompt_len)
+            )
+        if params.min_new_tokens and end_ids:
+            self.processors.append(suppress(end_ids, params.min_new_tokens, prompt_len))
+        if params.temperature > 0 and params.top_k:
+            self.processors.append(top_k_filter(params.top_k))
+        if params.temperature > 0 and params.top_p < 1.0:
+            self.processors.append(top_p_filter(params.top_p))
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> Choice:
+        """`logits` is the float32 row for the next position; `history` is prompt plus reply so far."""
+        raw = logits
+        logits = logits.clone() if self.processors else logits
+        for process in self.processors:
+            logits = process(logits, history)
+        if self.params.temperature == 0:
+            token = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(logits / self.params.temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        if self.params.logprobs is None:
+            return Choice(token)
+        logprobs = torch.log_softmax(raw, dim=-1)
+        top = ()
+        if self.params.logprobs:
+            values, ids = torch.topk(logprobs, self.params.logprobs)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        return Choice(token, float(logprobs[token]), top)

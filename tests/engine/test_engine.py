@@ -1,0 +1,96 @@
+"""The engine's event stream on a tiny model: parity with transformers, stops, cancel, limits."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from vicuna.config import ModelSettings, SamplingParams
+from vicuna.conversation import Message
+from vicuna.engine.events import Finished, TextChunk
+from vicuna.engine.loader import load_engine
+from vicuna.errors import ContextTooLongError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
+
+
+def run(engine, prompt_ids, **kw):
+    events = list(engine.generate(prompt_ids, SamplingParams(**kw)))
+    assert isinstance(events[-1], Finished) and all(isinstance(e, TextChunk) for e in events[:-1])
+    return "".join(e.text for e in events[:-1]), [t for e in events[:-1] for t in e.token_ids], events[-1]
+
+
+def test_greedy_matches_transformers_generate(engine):
+    prompt = engine.encode("Hello world! How are")
+    text, ids, done = run(engine, prompt, temperature=0, max_new_tokens=24, ignore_eos=True)
+    with torch.inference_mode():
+        ref = engine.model.generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24, eos_token_id=None
+        )[0, len(prompt) :].tolist()
+    assert ids == ref
+    assert text == engine.tokenizer.decode(ref, skip_special_tokens=True)
+    assert done.reason == "length" and done.completion_tokens == 24 and done.prompt_tokens == len(prompt)
+    assert done.ttft_s > 0 and done.decode_tokens_per_s > 0
+
+
+def test_stop_string_across_tokens_is_never_shown(engine):
+    prompt = engine.encode("The capital of")
+    full, ids, _ = run(engine, prompt, temperature=0, max_new_tokens=30, ignore_eos=True)
+    pieces = [engine.tokenizer.decode(ids[: i + 1], skip_special_tokens=True) for i in range(len(ids))]
+    # a stop string that starts inside one token's text and ends inside a later one
+    boundary = next(len(p) for p in pieces if len(p) >= 6)
+    stop = full[boundary - 2 : boundary + 3]
+    assert len(stop) == 5
+    text, _, done = run(engine, prompt, temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop])
+    assert stop not in text
+    assert text == full[: full.index(stop)]
+    assert done.reason == "stop" and done.stop_text == stop
+
+
+def test_stop_token_id_ends_the_reply(engine):
+    prompt = engine.encode("Hello")
+    _, ids, _ = run(engine, prompt, temperature=0, max_new_tokens=10, ignore_eos=True)
+    _, stopped, done = run(
+        engine, prompt, temperature=0, max_new_tokens=10, ignore_eos=True, stop_token_ids=[ids[3]]
+    )
+    assert stopped == ids[: ids.index(ids[3])]
+    assert done.reason == "stop" and done.completion_tokens == len(stopped) + 1
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    prompt = engine.encode("Hello")
+    a = run(engine, prompt, temperature=1.0, seed=3, max_new_tokens=16, ignore_eos=True)[1]
+    b = run(engine, prompt, temperature=1.0, seed=3, max_new_tokens=16, ignore_eos=True)[1]
+    assert a == b
+
+
+def test_cancel_ends_with_cancelled(engine):
+    cancel = threading.Event()
+    events = engine.generate(
+        engine.encode("Hello"), SamplingParams(max_new_tokens=50, ignore_eos=True), cancel=cancel
+    )
+    first = next(events)
+    assert isinstance(first, TextChunk)
+    cancel.set()
+    rest = list(events)
+    assert rest[-1].reason == "cancelled" and rest[-1].completion_tokens < 50
+
+
+def test_prompt_beyond_the_context_window_is_a_clear_error(engine):
+    with pytest.raises(ContextTooLongError, match=r"200 tokens and 100 new tokens .* 256 tokens"):
+        engine.generate([5] * 200, SamplingParams(max_new_tokens=100))
+
+
+def test_chat_uses_the_template_and_its_stop_token(engine):
+    assert engine.template.name == "vicuna_v1.1"
+    ids = engine.encode_chat([Message("user", "Hello!")])
+    assert ids[0] == engine.tokenizer.bos_token_id
+    assert engine.tokenizer.decode(ids, skip_special_tokens=True).endswith("USER: Hello! ASSISTANT:")
+    assert 2 in engine.end_ids  # </s>
+    events = list(engine.chat([Message("user", "Hello!")], SamplingParams(temperature=0, max_new_tokens=8)))
+    assert isinstance(events[-1], Finished)

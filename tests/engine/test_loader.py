@@ -1,0 +1,113 @@
+"""Every bad checkpoint gives a specific error naming the file and the field, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.tiny_models import write_tiny_llama
+from vicuna.cli import main as cli
+from vicuna.config import ModelSettings
+from vicuna.engine.loader import load_engine
+from vicuna.errors import ModelLoadError
+
+
+@pytest.fixture
+def model_copy(tiny_llama_dir, tmp_path):
+    return shutil.copytree(tiny_llama_dir, tmp_path / "model")
+
+
+def load(path):
+    return load_engine(ModelSettings(model_path=str(path), dtype="float32"), progress=False)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file or folder"):
+        load(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load(tmp_path)
+
+
+def test_architecture_we_cannot_run(model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["architectures"] = ["BertForMaskedLM"]
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="BertForMaskedLM is not a causal language model"):
+        load(model_copy)
+
+
+def test_unknown_model_type(model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["model_type"] = "no-such-model"
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        load(model_copy)
+
+
+def test_truncated_safetensors_shard_is_named(model_copy):
+    shard = model_copy / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(ModelLoadError, match=r"model\.safetensors: truncated"):
+        load(model_copy)
+
+
+def test_index_listing_a_missing_shard(model_copy):
+    (model_copy / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})
+    )
+    with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors, which is missing"):
+        load(model_copy)
+
+
+def test_bin_checkpoint_loads_and_corrupt_bin_is_named(tmp_path):
+    folder = write_tiny_llama(tmp_path / "bin", safe_serialization=False)
+    bins = sorted(folder.glob("*.bin"))
+    assert bins, "expected a .bin checkpoint"
+    assert load(folder).model_name == "bin"
+    bins[0].write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(ModelLoadError, match=bins[0].name):
+        load(folder)
+
+
+def test_tokenizer_larger_than_embedding(model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["vocab_size"] = 100
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ModelLoadError, match=r"tokenizer has 400 tokens but the model's embedding has 100 rows"
+    ):
+        load(model_copy)
+
+
+def test_blank_eos_token_is_the_never_stops_problem(model_copy):
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = model_copy / name
+        if path.exists():
+            data = json.loads(path.read_text())
+            data["eos_token"] = ""
+            path.write_text(json.dumps(data))
+    tok = json.loads((model_copy / "tokenizer.json").read_text())
+    for added in tok.get("added_tokens", []):
+        if added["content"] == "</s>":
+            added["special"] = False
+    (model_copy / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ModelLoadError, match="no EOS token so replies would never stop"):
+        load(model_copy)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
+    assert cli(["chat", "--model-path", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no such file or folder" in err and "Traceback" not in err
+
+
+def test_recorded_template_wins_over_the_name(model_copy):
+    (model_copy / "vicuna.json").write_text(json.dumps({"conv_template": "chatml"}))
+    assert load(model_copy).template.name == "chatml"
+    engine = load_engine(ModelSettings(model_path=str(model_copy), conv_template="llama-2"), progress=False)
+    assert engine.template.name == "llama-2"

@@ -1,0 +1,80 @@
+"""Memory planning without the hardware: two pretend GPUs, a machine too small, 8-bit weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.tiny_models import tiny_llama_config
+from vicuna.config import ModelSettings
+from vicuna.engine import placement
+from vicuna.engine.memory import GPU, model_size, parse_bytes, probe_hardware
+from vicuna.errors import DoesNotFitError
+
+CONFIG = tiny_llama_config(1000, num_hidden_layers=8, hidden_size=256, intermediate_size=512)
+
+
+def test_layers_are_balanced_over_two_pretend_gpus():
+    size = model_size(CONFIG).weight_bytes(torch.float16)
+    plan = placement.plan_placement(CONFIG, torch.float16, [size, size])
+    layers = {k: v for k, v in plan.items() if ".layers." in k}
+    if not layers:  # accelerate may keep whole groups; expand the layer prefix
+        layers = {k: v for k, v in plan.items() if "layers" in k}
+    on = [v for v in plan.values()]
+    assert set(on) == {0, 1}
+    first = sum(1 for k, v in layers.items() if v == 0)
+    second = sum(1 for k, v in layers.items() if v == 1)
+    assert abs(first - second) <= 2, plan
+
+
+def test_plan_refuses_gpus_that_are_too_small():
+    with pytest.raises(DoesNotFitError, match="does not fit on 2 GPU"):
+        placement.plan_placement(CONFIG, torch.float16, [10_000, 10_000])
+
+
+def test_too_big_for_ram_says_which_flags_fit(monkeypatch):
+    size = model_size(CONFIG)
+    need_bf16 = size.weight_bytes(torch.bfloat16) + size.kv_bytes(placement.KV_TOKENS, torch.bfloat16)
+    hw = dataclasses.replace(probe_hardware(), ram_available=int(need_bf16 * 1.15))
+    monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    settings = ModelSettings(dtype="float32")
+    with pytest.raises(DoesNotFitError) as err:
+        placement.check_fits(CONFIG, settings, torch.device("cpu"), torch.float32)
+    message = str(err.value)
+    assert "these would fit" in message and "--device cpu --dtype bfloat16" in message
+    assert "--dtype float32 |" not in message
+
+
+def test_two_pretend_gpus_in_the_fit_check(monkeypatch):
+    size = model_size(CONFIG)
+    need = (
+        size.weight_bytes(torch.bfloat16) + size.kv_bytes(placement.KV_TOKENS, torch.bfloat16)
+    ) * placement.HEADROOM
+    gpus = tuple(GPU(i, "Pretend", int(need), int(need * 0.8), (8, 0)) for i in range(2))
+    hw = dataclasses.replace(probe_hardware(), gpus=gpus)
+    monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    options = {o.flags: o.fits for o in placement.fit_options(size, hw, ModelSettings())}
+    assert options["--device cuda"] is False
+    assert options["--device cuda --num-gpus 2"] is True
+    assert options["--device cuda --load-8bit"] is True
+
+
+def test_parse_bytes():
+    assert parse_bytes("20GiB") == 20 * 2**30
+    assert parse_bytes("1.5 GB") == 1_500_000_000
+    with pytest.raises(Exception, match="20 apples"):
+        parse_bytes("20 apples")
+
+
+def test_auto_dtype_is_measured_once_and_remembered(monkeypatch, tmp_path):
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(
+        placement, "_time_matmuls", lambda d: calls.append(d) or (1.0 if d == torch.float32 else 0.5)
+    )
+    assert placement.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert placement.resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert len(calls) == 2  # fp32 and bf16, measured once
+    assert (tmp_path / "cpu-dtype.json").is_file()

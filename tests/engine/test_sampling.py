@@ -1,0 +1,74 @@
+"""Sampling settings do what they say, and each request has its own reproducible random stream."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vicuna.config import SamplingParams
+from vicuna.engine.sampling import Sampler, top_p_filter
+from vicuna.errors import VicunaError
+
+CPU = torch.device("cpu")
+LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
+
+
+def sampler(**kw):
+    return Sampler(SamplingParams(**kw), prompt_len=2, end_ids=[4], device=CPU)
+
+
+def test_greedy_and_top_k_1_pick_the_best():
+    assert sampler(temperature=0)(LOGITS, [0, 0]).token_id == 1
+    assert all(sampler(temperature=5.0, top_k=1, seed=s)(LOGITS, [0, 0]).token_id == 1 for s in range(10))
+
+
+def test_seed_reproduces_and_differs():
+    s = sampler(temperature=1.5, seed=7)
+    first = [s(LOGITS, [0]).token_id for _ in range(30)]
+    s = sampler(temperature=1.5, seed=7)
+    assert [s(LOGITS, [0]).token_id for _ in range(30)] == first
+    assert len(set(first)) > 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = top_p_filter(0.7)(probs.clone(), []).isfinite().tolist()
+    assert kept == [True, True, False, False]
+    kept = top_p_filter(0.5)(probs.clone(), []).isfinite().tolist()
+    assert kept == [True, False, False, False]
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    assert sampler(temperature=0, repetition_penalty=10.0)(LOGITS, [1]).token_id == 2
+
+
+def test_presence_penalty_counts_only_the_reply():
+    # token 1 in the prompt only: no penalty; in the reply: penalised below token 2
+    assert sampler(temperature=0, presence_penalty=2.0)(LOGITS, [1, 1]).token_id == 1
+    assert sampler(temperature=0, presence_penalty=2.0)(LOGITS, [0, 0, 1]).token_id == 2
+
+
+def test_min_new_tokens_holds_back_the_end_token():
+    logits = torch.tensor([0.0, 0.0, 0.0, 0.0, 9.0])
+    assert sampler(temperature=0, min_new_tokens=2)(logits, [0, 0, 3]).token_id != 4
+    assert sampler(temperature=0, min_new_tokens=2)(logits, [0, 0, 3, 3]).token_id == 4
+
+
+def test_logprobs_are_from_the_model_distribution():
+    choice = sampler(temperature=0, logprobs=2)(LOGITS, [0])
+    expected = torch.log_softmax(LOGITS, -1)
+    assert choice.logprob == pytest.approx(float(expected[1]))
+    assert [i for i, _ in choice.top] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_invalid_settings_are_named(kw, field):
+    with pytest.raises(VicunaError, match=field):
+        SamplingParams(**kw)
