@@ -94,3 +94,29 @@ def test_chat_uses_the_template_and_its_stop_token(engine):
     assert 2 in engine.end_ids  # </s>
     events = list(engine.chat([Message("user", "Hello!")], SamplingParams(temperature=0, max_new_tokens=8)))
     assert isinstance(events[-1], Finished)
+
+
+def test_llama_runner_matches_transformers_logits(tiny_llama_dir):
+    from vicuna.engine.runner import HFRunner, LlamaRunner, LlamaWeights, llama_fast_path_ok
+
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
+    assert llama_fast_path_ok(engine.model)
+    prompt = engine.encode("The capital of France is")
+    fast, ref = LlamaRunner(LlamaWeights(engine.model), None), HFRunner(engine.model, engine.device)
+    torch.testing.assert_close(fast.prefill(prompt), ref.prefill(prompt), rtol=1e-4, atol=1e-4)
+    for token in [5, 17, 300, 2, 42] * 60:  # past the first cache chunk, so the cache grows once
+        torch.testing.assert_close(fast.step(token), ref.step(token), rtol=1e-4, atol=1e-4)
+
+
+def test_fast_and_plain_paths_give_the_same_reply(tiny_llama_dir):
+    settings = ModelSettings(model_path=str(tiny_llama_dir), dtype="float32")
+    from vicuna.engine.engine import Engine
+
+    fast = load_engine(settings, progress=False)
+    plain = Engine(
+        model=fast.model, tokenizer=fast.tokenizer, template=fast.template, model_name="x", fast_path=False
+    )
+    prompt = fast.encode("你好，世界")
+    a = run(fast, prompt, temperature=0.8, seed=1, max_new_tokens=20, ignore_eos=True)
+    b = run(plain, prompt, temperature=0.8, seed=1, max_new_tokens=20, ignore_eos=True)
+    assert a[1] == b[1]

@@ -18,6 +18,7 @@ from vicuna.config import SamplingParams
 from vicuna.conversation import Message, Template, render
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, TextChunk, TokenLogprob
+from vicuna.engine.runner import HFRunner, LlamaRunner, LlamaWeights, Runner, llama_fast_path_ok
 from vicuna.engine.sampling import Sampler
 from vicuna.errors import ContextTooLongError
 
@@ -38,7 +39,9 @@ def end_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
 class Engine:
     """One model, its tokenizer and its template; generates one reply at a time (the server batches)."""
 
-    def __init__(self, *, model: Any, tokenizer: Any, template: Template, model_name: str) -> None:
+    def __init__(
+        self, *, model: Any, tokenizer: Any, template: Template, model_name: str, fast_path: bool = True
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
@@ -48,6 +51,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.template_stop_ids, self.template_stop_strings = self._split_stops(template.stop)
+        self._llama = LlamaWeights(model) if fast_path and llama_fast_path_ok(model) else None
+        self._spare_caches: list[Any] = []  # KV caches of finished generations, for the next ones
+        self._lock = threading.Lock()
 
     def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Stop strings that are single special tokens become stop ids (their text is never decoded)."""
@@ -95,21 +101,17 @@ class Engine:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def prefill(self, input_ids: torch.Tensor, cache: Any) -> torch.Tensor:
-        """Run the prompt through the model, filling the cache; the logits for the next token."""
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[0, -1].float()
+    def new_runner(self) -> Runner:
+        if self._llama is None:
+            return HFRunner(self.model, self.device)
+        with self._lock:
+            cache = self._spare_caches.pop() if self._spare_caches else None
+        return LlamaRunner(self._llama, cache)
 
-    def decode_step(self, token_id: int, cache: Any) -> torch.Tensor:
-        """One token in, the next token's logits out."""
-        ids = torch.tensor([[token_id]], device=self.device)
-        out = self.model(input_ids=ids, cache=cache, use_cache=True)
-        return out.logits[0, -1].float()
-
-    def new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
+    def _release(self, runner: Runner) -> None:
+        if isinstance(runner, LlamaRunner):
+            with self._lock:
+                self._spare_caches = [runner.cache]
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None
@@ -126,11 +128,11 @@ class Engine:
         sampler = Sampler(params, prompt_len=len(prompt_ids), end_ids=sorted(stop_ids), device=self.device)
         decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(params.stop)
         history = list(prompt_ids)
-        cache = self.new_cache()
+        runner = self.new_runner()
         first_token_at = None
         reason, stop_text = "length", None
         with torch.inference_mode():
-            logits = self.prefill(torch.tensor([prompt_ids], device=self.device), cache)
+            logits = runner.prefill(prompt_ids)
             for step in range(params.max_new_tokens):
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
@@ -149,7 +151,8 @@ class Engine:
                     reason, stop_text = "stop", stops.matched
                     break
                 if step + 1 < params.max_new_tokens:
-                    logits = self.decode_step(choice.token_id, cache)
+                    logits = runner.step(choice.token_id)
+        self._release(runner)
         if stops.matched is None:
             tail = stops.push(decoder.flush())
             tail += "" if stops.matched is not None else stops.flush()

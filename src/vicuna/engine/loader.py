@@ -168,8 +168,17 @@ def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_n
     return with_system(template_for(name, tokenizer), settings.conv_system_msg)
 
 
+def quiet_library_logs() -> None:
+    """torchao warns at import about CUDA-only extensions it cannot load: harmless, and not the user's concern."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def load_engine(settings: ModelSettings, *, progress: bool = True):
     """Check, load and place a model; returns a ready `Engine`."""
+    quiet_library_logs()
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -186,7 +195,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     model_name = folder.name if settings.model_path is not None else "SmolLM2-135M-Instruct"
 
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.dtype, device, config)
     device_map = check_fits(config, settings, device, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
@@ -198,7 +207,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     if settings.load_8bit:
         from vicuna.engine.quant import quantize_int8
 
-        before, after = quantize_int8(model)
+        before, after = quantize_int8(model, device)
         if progress:
             print(
                 f"8-bit weights: {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB",

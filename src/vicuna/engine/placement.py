@@ -40,42 +40,59 @@ def resolve_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if cuda else "mps" if mps else "cpu")
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dtype:
     if requested != "auto":
         return DTYPES[requested]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return fastest_cpu_dtype()
+    return fastest_cpu_dtype(config)
 
 
-def _time_matmuls(dtype: torch.dtype) -> float:
-    """Seconds for a decode-like (one row) and a prefill-like (64 rows) product with LLaMA-7B-sized
-    weights: the two shapes a chat spends its time in."""
+def linear_shapes(config: Any) -> list[tuple[int, int]]:
+    """(out, in) of the products of a decode step: the decoder layers (as many as make 128 MB in
+    float32, so that the weights stream from memory as a real model's do) and the output head."""
+    text = config.get_text_config()
+    hidden, inter = text.hidden_size, text.intermediate_size
+    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+    q = text.num_attention_heads * head_dim
+    kv = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
+    layer = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
+    layer_bytes = 4 * sum(o * i for o, i in layer)
+    copies = max(1, min(text.num_hidden_layers, -(-(128 * 2**20) // layer_bytes)))
+    return layer * copies + [(text.vocab_size, hidden)]
+
+
+def _time_matmuls(dtype: torch.dtype, shapes: list[tuple[int, int]]) -> float:
+    """Seconds for what a reply costs with these weights: one-row products (decoding) and a 64-row
+    product (the prompt), weighted 4 to 1."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(4096, 2048, generator=gen).to(dtype)
-    rows = [torch.randn(n, 2048, generator=gen).to(dtype) for n in (1, 64)]
+    weights = [torch.randn(o, i, generator=gen).to(dtype) for o, i in shapes]
+    rows = {n: [torch.randn(n, i, generator=gen).to(dtype) for _, i in shapes] for n in (1, 64)}
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        for x in rows:
-            for _ in range(8):
-                x @ weight.T
+        for n, repeat in ((1, 4), (64, 1)):
+            for _ in range(repeat):
+                for x, w in zip(rows[n], weights, strict=True):
+                    x @ w.T
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def fastest_cpu_dtype() -> torch.dtype:
-    """float32 or bfloat16, whichever this CPU multiplies faster; measured once and remembered."""
-    key = f"{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}"
+def fastest_cpu_dtype(config: Any) -> torch.dtype:
+    """float32 or bfloat16, whichever runs this model's products faster on this CPU; measured once
+    per CPU and model shape, and remembered."""
+    shapes = linear_shapes(config)
+    key = f"{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shapes}"
     cache = vicuna_home() / "cpu-dtype.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
     if key not in known:
-        fp32, bf16 = _time_matmuls(torch.float32), _time_matmuls(torch.bfloat16)
+        fp32, bf16 = _time_matmuls(torch.float32, shapes), _time_matmuls(torch.bfloat16, shapes)
         known[key] = "bfloat16" if bf16 < fp32 else "float32"
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -182,7 +199,7 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
     if device.type != "cuda":
         return {"": str(device)}
     if settings.load_8bit:
-        return {"": "cpu"}  # quantized on the CPU, then moved (see loader)
+        return {"": "cpu"}  # quantized on the CPU, then moved (see quant.quantize_int8)
     if settings.num_gpus == 1:
         return {"": device.index or 0}
     return plan_placement(config, dtype, budgets)

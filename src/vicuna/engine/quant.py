@@ -1,8 +1,11 @@
 """8-bit weights (`--load-8bit`): int8 weight-only quantization of the decoder's Linear layers.
 
-torchao stores each weight row as int8 with one scale and runs on both CPU and CUDA; the embedding,
-the norms and the output head keep their precision (the head is small next to the layers for
-LLaMA-sized models and is the most sensitive to rounding).
+Each weight row is stored as int8 with one scale (symmetric, absmax / 127). On the CPU the product
+runs in PyTorch's int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations), which reads a
+quarter of float32's bytes and, at batch 1 where decoding is bound by memory bandwidth, is faster
+than float32 and bfloat16 alike; torchao's generic int8 path dequantizes and halves CPU speed (see
+docs/benchmarks.md). On GPUs torchao's int8 weight-only layout is used. The embedding, the norms and
+the output head keep their precision (the head is the most sensitive to rounding).
 """
 
 from __future__ import annotations
@@ -12,30 +15,90 @@ from typing import Any
 import torch
 
 
+class Int8Linear(torch.nn.Module):
+    """A Linear layer with int8 weights and a bfloat16 scale per output row."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer(
+            "weight_int8", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        )
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.bias = linear.bias
+
+    @classmethod
+    def fuse(cls, *layers: Int8Linear) -> Int8Linear:
+        """One layer computing several that read the same input (their outputs concatenated); the
+        layers' own buffers become views into the fused ones, so no memory is added."""
+        fused = cls.__new__(cls)
+        torch.nn.Module.__init__(fused)
+        fused.in_features, fused.bias = layers[0].in_features, None
+        fused.out_features = sum(m.out_features for m in layers)
+        for name in ("weight_int8", "scales"):
+            whole = torch.cat([getattr(m, name) for m in layers])
+            fused.register_buffer(name, whole)
+            row = 0
+            for m in layers:
+                setattr(m, name, whole[row : row + m.out_features])
+                row += m.out_features
+        return fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes as stored; torchao's subclasses keep int8 data and scales in inner tensors."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None:
+        return t.numel() * t.element_size()
+    return sum(_tensor_bytes(getattr(t, name)) for name in flatten()[0])
+
+
 def weight_bytes(model: Any) -> int:
-    """Bytes of the model's parameters as stored (quantized tensors counted at their packed size)."""
-    total = 0
-    for p in model.parameters():
-        data = p.data
-        inner = [getattr(data, name) for name in getattr(data, "__tensor_flatten__", lambda: ([], None))()[0]]
-        inner = [t for t in inner if isinstance(t, torch.Tensor)] or [data]
-        # torchao's subclasses keep int8 data and scales in inner tensors (possibly nested one level)
-        for t in inner:
-            sub = getattr(t, "__tensor_flatten__", None)
-            parts = [getattr(t, n) for n in sub()[0]] if sub else [t]
-            total += sum(x.numel() * x.element_size() for x in parts if isinstance(x, torch.Tensor))
-    return total
+    """Bytes of the model's weights (parameters and int8 buffers), quantized ones at their packed size."""
+    return sum(_tensor_bytes(p.data) for p in model.parameters()) + sum(
+        _tensor_bytes(b)
+        for m in model.modules()
+        if isinstance(m, Int8Linear)
+        for b in (m.weight_int8, m.scales)
+    )
 
 
-def quantize_int8(model: Any) -> tuple[int, int]:
-    """Quantize in place; returns the weight bytes before and after."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    before = weight_bytes(model)
+def _layer_linears(model: Any) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
     head = model.get_output_embeddings()
+    found = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                found.append((parent, name, child))
+    return found
 
-    def is_layer_linear(module: torch.nn.Module, fqn: str) -> bool:
-        return isinstance(module, torch.nn.Linear) and module is not head
 
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=is_layer_linear)
+def quantize_int8(model: Any, device: torch.device) -> tuple[int, int]:
+    """Quantize in place for `device` (the model itself may still be on the CPU, and is moved there when
+    quantized); returns the weight bytes before and after."""
+    before = weight_bytes(model)
+    if device.type == "cpu":
+        for parent, name, linear in _layer_linears(model):
+            setattr(parent, name, Int8Linear(linear))
+    else:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        head = model.get_output_embeddings()
+        quantize_(
+            model,
+            Int8WeightOnlyConfig(),
+            filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head,
+        )
+        model.to(device)
     return before, weight_bytes(model)
