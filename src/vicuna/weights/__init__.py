@@ -1,0 +1,1 @@
+"""Model weights on disk: downloads, Meta -> Hugging Face conversion, delta weights and sha256 manifests."""

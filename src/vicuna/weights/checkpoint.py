@@ -1,0 +1,362 @@
+"""Checkpoint folders on disk, one tensor at a time: read any Hugging Face checkpoint (safetensors or `.bin`,
+with or without an index) and write sharded safetensors with an index, one shard at a time, into a staging
+folder `OUT.partial` that is renamed to `OUT` only once it is complete and has its sha256 manifest.
+
+Memory stays bounded because inputs are memory-mapped and the mappings are dropped after every output shard:
+pages of a mapped file that were read count in the process's RSS until the mapping goes away."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import sys
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vicuna.errors import VicunaError
+from vicuna.weights.disk import ensure_free_space
+from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, write_manifest
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf")
+PLAN_NAME = ".vicuna-plan.json"
+# Output shards hold a twentieth of the model (at least MIN_SHARD_BYTES, at most MAX_SHARD_BYTES): while a
+# shard is built, memory holds it, a serialized copy, and the input pages it was made from (twice that for a
+# delta's two inputs), which stays well under the model's size.
+MIN_SHARD_BYTES = 8 << 20
+MAX_SHARD_BYTES = 2 << 30
+# safetensors' dtype codes, as get_slice().get_dtype() names them.
+_SAFE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def notice(message: str) -> None:
+    """Something the user should know that is not an error."""
+    print(f"notice: {message}", file=sys.stderr)
+
+
+def is_skipped(name: str) -> bool:
+    """Buffers some old `.bin` checkpoints carry that are recomputed on load, not weights."""
+    return name.endswith("rotary_emb.inv_freq")
+
+
+def file_fingerprint(paths: Iterable[Path]) -> list[list[Any]]:
+    """Path, size and mtime of each input: enough to tell whether a resumed job has the same inputs."""
+    return [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths]
+
+
+def load_pth(path: Path) -> dict[str, torch.Tensor]:
+    """A `torch.save`d state dict, memory-mapped (nothing is read until a tensor's data is used)."""
+    try:
+        with open(path, "rb") as f:
+            zip_header = f.read(2) == b"PK"
+        if zip_header and not zipfile.is_zipfile(path):
+            raise ValueError("its zip directory is missing")
+        if zip_header:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        else:
+            # Files saved before torch 1.6 cannot be mapped; they are read whole.
+            notice(f"{path} uses PyTorch's legacy format and is read whole into memory")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
+        raise VicunaError(
+            f"cannot read {path}: {err}. The file is damaged or incomplete: download it again"
+        ) from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VicunaError(f"{path} is not a state dict of tensors")
+    return state
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor: its name, shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+class CheckpointReader:
+    """The tensors of a Hugging Face checkpoint folder, read one at a time from memory-mapped files.
+
+    Safetensors are preferred when a folder has both kinds. Call `release()` to drop the mappings (and
+    the RSS of the pages read so far); later reads map the files again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise VicunaError(f"{self.folder} is not a folder")
+        self.files, index = self._weight_files()
+        self.specs: dict[str, TensorSpec] = {}
+        self._where: dict[str, Path] = {}
+        for path in self.files:
+            for spec in self._read_specs(path):
+                if spec.name in self._where:
+                    raise VicunaError(f"tensor {spec.name} is in both {self._where[spec.name]} and {path}")
+                if not is_skipped(spec.name):
+                    self.specs[spec.name] = spec
+                    self._where[spec.name] = path
+        for name, file in (self._weight_map(index) if index else {}).items():
+            if not is_skipped(name) and name not in self.specs:
+                raise VicunaError(f"{index} says tensor {name} is in {file}, but it is not there")
+        self._open: dict[Path, Any] = {}
+        self.release()
+
+    def _weight_files(self) -> tuple[list[Path], Path | None]:
+        """The weight files, and the index that lists them if there is one."""
+        folder = self.folder
+        for index in (SAFE_INDEX, BIN_INDEX):
+            if (folder / index).is_file():
+                weight_map = self._weight_map(folder / index)
+                files = [folder / name for name in dict.fromkeys(weight_map.values())]
+                for path in files:
+                    if not path.is_file():
+                        raise VicunaError(f"{folder / index} lists {path.name}, which is not in {folder}")
+                return files, folder / index
+            if index == SAFE_INDEX and (files := sorted(folder.glob("*.safetensors"))):
+                return files, None
+        files = sorted(folder.glob("pytorch_model*.bin")) or sorted(
+            p for p in folder.glob("*.bin") if p.name != "training_args.bin"
+        )
+        if files:
+            return files, None
+        hint = (
+            " (it looks like a Meta checkpoint: run `vicuna convert` first)"
+            if any(folder.glob("*.pth"))
+            else ""
+        )
+        raise VicunaError(f"no weights in {folder}: expected *.safetensors or *.bin files{hint}")
+
+    @staticmethod
+    def _weight_map(index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise VicunaError(f"{index} is not a checkpoint index (a JSON object with a weight_map)") from err
+        if not isinstance(weight_map, dict):
+            raise VicunaError(f"{index}: weight_map must map tensor names to file names")
+        return weight_map
+
+    def _read_specs(self, path: Path) -> list[TensorSpec]:
+        if path.suffix == ".safetensors":
+            handle = self._safe_open(path)
+            specs = []
+            for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                part = handle.get_slice(name)
+                dtype = _SAFE_DTYPES.get(part.get_dtype())
+                if dtype is None:
+                    raise VicunaError(
+                        f"{path}: tensor {name} has dtype {part.get_dtype()}, which is not supported"
+                    )
+                specs.append(TensorSpec(name, tuple(part.get_shape()), dtype))
+            return specs
+        return [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in load_pth(path).items()]
+
+    @staticmethod
+    def _safe_open(path: Path) -> Any:
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(path), framework="pt", device="cpu")
+        except Exception as err:  # SafetensorError is not importable under a stable name
+            raise VicunaError(
+                f"cannot read {path}: {err}. The file is damaged or incomplete: download it again"
+            ) from err
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.specs.values())
+
+    def file_of(self, name: str) -> Path:
+        return self._where[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name`; it may be a view of a memory-mapped file, so do not modify it in place."""
+        path = self._where[name]
+        if path not in self._open:
+            self._open[path] = self._safe_open(path) if path.suffix == ".safetensors" else load_pth(path)
+        handle = self._open[path]
+        if path.suffix != ".safetensors":
+            return handle[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as err:
+            raise VicunaError(f"cannot read tensor {name} from {path}: {err}") from err
+
+    def release(self) -> None:
+        self._open = {}
+
+
+def side_files(folder: Path) -> list[Path]:
+    """Files of a model folder other than weights, indexes and the manifest: config, tokenizer, README..."""
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file()
+        and not p.name.startswith(".")
+        and not p.name.endswith(WEIGHT_SUFFIXES)
+        and p.name not in (SAFE_INDEX, BIN_INDEX, MANIFEST_NAME)
+    )
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int | None = None) -> dict[str, list[TensorSpec]]:
+    """Group tensors, in order, into files `model-0000i-of-0000n.safetensors`."""
+    total = sum(spec.nbytes for spec in specs)
+    limit = max_shard_bytes or min(MAX_SHARD_BYTES, max(total // 20, MIN_SHARD_BYTES))
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    n = len(groups)
+    return {f"model-{i:05d}-of-{n:05d}.safetensors": group for i, group in enumerate(groups, 1)}
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed blocks smaller than 32 MB for reuse, and with tensors of a few MB churning through
+    them its heap fragments and RSS creeps up shard after shard; malloc_trim hands the free pages back."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _shard_complete(path: Path, specs: list[TensorSpec]) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return sorted(handle.keys()) == sorted(spec.name for spec in specs)
+    except Exception:  # a damaged shard is written again
+        return False
+
+
+def _prepare_staging(out: Path, staging: Path, plan_record: dict) -> None:
+    """Create `staging`, or keep it when it holds an interrupted run of the same job."""
+    marker = staging / PLAN_NAME
+    if staging.exists():
+        if marker.is_file():
+            try:
+                previous = json.loads(marker.read_text(encoding="utf-8"))
+            except ValueError:
+                previous = None
+            if previous == plan_record:
+                notice(f"resuming the interrupted job in {staging}")
+                for partial in staging.glob(".*.tmp"):  # what the interruption cut short
+                    partial.unlink()
+                return
+            notice(f"{staging} holds an interrupted job with other inputs; starting over")
+            shutil.rmtree(staging)
+        elif any(staging.iterdir()):
+            raise VicunaError(f"{staging} exists and was not made by vicuna; move it away or delete it")
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f"{PLAN_NAME}.tmp"
+    tmp.write_text(json.dumps(plan_record), encoding="utf-8")
+    os.replace(tmp, marker)
+
+
+def write_checkpoint(
+    out: Path,
+    specs: list[TensorSpec],
+    make: Callable[[TensorSpec], torch.Tensor],
+    *,
+    fingerprint: Any,
+    release: Callable[[], None],
+    extras: Callable[[Path], None],
+    description: str,
+    progress: bool = True,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write a Hugging Face checkpoint folder `out`: `make(spec)` builds each tensor, one shard at a time,
+    and `release()` runs after each shard so the inputs' mapped pages are let go; `extras(folder)` writes
+    config and tokenizer files first. The work happens in `out.partial`, which gets the index and the
+    sha256 manifest last and is then renamed to `out`. A re-run with the same `fingerprint` (the inputs)
+    keeps the shards an interrupted run finished."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VicunaError(f"{out} already exists; delete it or choose another output folder")
+    staging = out.with_name(out.name + ".partial")
+    if staging.is_dir() and not (staging / PLAN_NAME).exists() and (staging / MANIFEST_NAME).is_file():
+        os.replace(staging, out)  # interrupted between its last two steps
+        return out
+    shards = plan_shards(specs, max_shard_bytes)
+    plan_record = {
+        "fingerprint": fingerprint,
+        "shards": {
+            file: [[s.name, list(s.shape), str(s.dtype)] for s in group] for file, group in shards.items()
+        },
+    }
+    _prepare_staging(out, staging, plan_record)
+    extras(staging)
+    done = {
+        file
+        for file, group in shards.items()
+        if (staging / file).is_file() and _shard_complete(staging / file, group)
+    }
+    needed = sum(spec.nbytes for file, group in shards.items() if file not in done for spec in group)
+    ensure_free_space(staging, needed, description)
+
+    from safetensors.torch import save_file
+
+    total = sum(spec.nbytes for spec in specs)
+    with progress_bar(description, total, enabled=progress) as advance:
+        for file, group in shards.items():
+            if file in done:
+                advance(sum(spec.nbytes for spec in group))
+                continue
+            tensors = {}
+            for spec in group:
+                tensor = make(spec)
+                if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                    raise RuntimeError(
+                        f"{spec.name} came out as {tuple(tensor.shape)} {tensor.dtype}, not {spec}"
+                    )
+                tensors[spec.name] = tensor.contiguous()
+                advance(spec.nbytes)
+            tmp = staging / f".{file}.tmp"
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, staging / file)
+            del tensors, tensor
+            release()
+            _return_freed_memory()
+
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {s.name: f for f, group in shards.items() for s in group},
+    }
+    (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_manifest(staging, progress=progress)  # hidden files, the plan among them, are not listed
+    (staging / PLAN_NAME).unlink()
+    os.replace(staging, out)
+    return out

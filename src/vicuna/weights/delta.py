@@ -1,0 +1,131 @@
+"""`vicuna delta make|apply`: Vicuna-style delta weights (target = base + delta), computed tensor by tensor in
+float32 and stored in the delta's (apply) or the target's (make) dtype, with bounded memory."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from vicuna.errors import VicunaError
+
+# Vicuna v0 added a pad token: its embedding and lm_head have a row more than LLaMA's.
+_GROWABLE = ("embed_tokens.weight", "lm_head.weight")
+_BLOCK_ELEMENTS = 1 << 20
+
+
+def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progress: bool) -> Path:
+    """out = lead + sign * base, tensor by tensor; names, shapes, dtypes, config and tokenizer come from `lead`
+    (the delta when applying, the target when making). Rows `lead` has beyond `base` are copied as they are."""
+    import torch
+
+    from vicuna.weights.checkpoint import (
+        CheckpointReader,
+        file_fingerprint,
+        notice,
+        side_files,
+        write_checkpoint,
+    )
+
+    base_reader, lead_reader = CheckpointReader(base), CheckpointReader(lead)
+    lead_role = "delta" if what == "apply" else "target"
+    only_lead = [n for n in lead_reader.names if n not in base_reader.specs]
+    only_base = [n for n in base_reader.names if n not in lead_reader.specs]
+    if only_lead or only_base:
+        parts = []
+        if only_lead:
+            parts.append(
+                f"{', '.join(only_lead[:5])} in the {lead_role} ({lead}) but not in the base ({base})"
+            )
+        if only_base:
+            parts.append(
+                f"{', '.join(only_base[:5])} in the base ({base}) but not in the {lead_role} ({lead})"
+            )
+        raise VicunaError(f"the checkpoints do not have the same tensors: tensor {'; tensor '.join(parts)}")
+    for name in lead_reader.names:
+        lead_shape, base_shape = lead_reader.specs[name].shape, base_reader.specs[name].shape
+        if lead_shape == base_shape:
+            continue
+        grown = name.endswith(_GROWABLE) and len(lead_shape) == 2 and lead_shape[1:] == base_shape[1:]
+        if grown and lead_shape[0] > base_shape[0]:
+            notice(
+                f"{name} has {lead_shape[0]} rows in the {lead_role} and {base_shape[0]} in the base: the extra "
+                f"{lead_shape[0] - base_shape[0]} row(s) come from the {lead_role} as they are"
+            )
+            continue
+        raise VicunaError(
+            f"tensor {name} is {'x'.join(map(str, lead_shape))} in the {lead_role} ({lead_reader.file_of(name)}) "
+            f"but {'x'.join(map(str, base_shape))} in the base ({base_reader.file_of(name)})"
+        )
+
+    def make(spec):
+        lead_tensor, base_tensor = lead_reader.get(spec.name), base_reader.get(spec.name)
+        result = torch.empty(spec.shape, dtype=spec.dtype)
+        rows = base_tensor.shape[0] if base_tensor.dim() else 1
+        lead_rows = lead_tensor.reshape(lead_tensor.shape[0] if lead_tensor.dim() else 1, -1)
+        base_rows, out_rows = base_tensor.reshape(rows, -1), result.view(lead_rows.shape)
+        out_rows[rows:] = lead_rows[rows:]  # rows only the lead has, as they are
+        # float32 arithmetic a block of rows at a time, so the temporaries stay small for any tensor
+        step = max(1, _BLOCK_ELEMENTS // max(1, lead_rows.shape[1]))
+        for start in range(0, rows, step):
+            block = slice(start, min(start + step, rows))
+            out_rows[block] = torch.add(lead_rows[block].float(), base_rows[block].float(), alpha=sign)
+        return result
+
+    def release() -> None:
+        base_reader.release()
+        lead_reader.release()
+
+    def extras(folder: Path) -> None:
+        for path in side_files(lead):
+            shutil.copyfile(path, folder / path.name)
+
+    return write_checkpoint(
+        out,
+        list(lead_reader.specs.values()),
+        make,
+        fingerprint={
+            "job": what,
+            "inputs": file_fingerprint([*base_reader.files, *lead_reader.files, *side_files(lead)]),
+        },
+        release=release,
+        extras=extras,
+        description=f"{what} delta",
+        progress=progress,
+    )
+
+
+def apply_delta(base: Path, delta: Path, target: Path, *, progress: bool = True) -> Path:
+    """Write `target` = `base` + `delta` (config and tokenizer from the delta) and return its path."""
+    return _combine(Path(base), Path(delta), Path(target), sign=1, what="apply", progress=progress)
+
+
+def make_delta(base: Path, target: Path, delta: Path, *, progress: bool = True) -> Path:
+    """Write `delta` = `target` - `base` (config and tokenizer from the target) and return its path."""
+    return _combine(Path(base), Path(target), Path(delta), sign=-1, what="make", progress=progress)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    apply = sub.add_parser("apply", help="merge delta weights into a base model: TARGET = BASE + DELTA")
+    apply.add_argument(
+        "--base", type=Path, required=True, help="the base model folder (e.g. LLaMA in HF format)"
+    )
+    apply.add_argument("--delta", type=Path, required=True, help="the delta weights folder")
+    apply.add_argument("--target", type=Path, required=True, help="the merged model folder to create")
+    make = sub.add_parser("make", help="make delta weights: DELTA = TARGET - BASE")
+    make.add_argument("--base", type=Path, required=True, help="the base model folder")
+    make.add_argument("--target", type=Path, required=True, help="the fine-tuned model folder")
+    make.add_argument("--delta", type=Path, required=True, help="the delta weights folder to create")
+    for command in (apply, make):
+        command.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.action == "apply":
+        out = apply_delta(args.base, args.delta, args.target, progress=not args.no_progress)
+        print(f"merged {args.delta} into {args.base}: {out}")
+    else:
+        out = make_delta(args.base, args.target, args.delta, progress=not args.no_progress)
+        print(f"wrote the delta from {args.base} to {args.target}: {out}")
+    return 0

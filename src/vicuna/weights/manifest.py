@@ -1,0 +1,142 @@
+"""sha256 manifests: every output folder gets a `SHA256SUMS` file (the format `sha256sum -c` reads), written
+last; `vicuna verify DIR` rechecks it and names each file that is missing or differs."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from vicuna.errors import VicunaError
+
+MANIFEST_NAME = "SHA256SUMS"
+_CHUNK = 8 << 20
+
+
+@contextmanager
+def progress_bar(
+    description: str, total: int, *, enabled: bool = True, unit: str = "bytes"
+) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr; yields `advance(n)`. With enabled=False nothing is drawn."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        [BarColumn(), DownloadColumn(), TransferSpeedColumn()]
+        if unit == "bytes"
+        else [BarColumn(), MofNCompleteColumn()]
+    )
+    with Progress(
+        "[progress.description]{task.description}",
+        *columns,
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _listed_files(folder: Path) -> list[str]:
+    """Every regular file under `folder` as a relative POSIX path, except the manifest and hidden paths
+    (huggingface_hub keeps its own bookkeeping under `.cache/`, which changes on its own)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            rel = (Path(root) / name).relative_to(folder).as_posix()
+            if not name.startswith(".") and rel != MANIFEST_NAME:
+                found.append(rel)
+    return found
+
+
+def _sha256(path: Path, advance: Callable[[int], None]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            advance(len(chunk))
+    return digest.hexdigest()
+
+
+def _check_folder(folder: Path) -> Path:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VicunaError(f"{folder} is not a folder")
+    return folder
+
+
+def write_manifest(folder: Path, *, progress: bool = True) -> Path:
+    """Hash every file in `folder` into `folder/SHA256SUMS` (written under a temporary name, then renamed)."""
+    folder = _check_folder(folder)
+    files = _listed_files(folder)
+    total = sum((folder / rel).stat().st_size for rel in files)
+    with progress_bar(f"sha256 {folder.name}", total, enabled=progress) as advance:
+        lines = [f"{_sha256(folder / rel, advance)}  {rel}\n" for rel in files]
+    manifest = folder / MANIFEST_NAME
+    tmp = manifest.with_name(f".{MANIFEST_NAME}.tmp")  # hidden: never listed itself
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, str]:
+    """The manifest of `folder` as {relative path: sha256 hex}."""
+    manifest = _check_folder(folder) / MANIFEST_NAME
+    if not manifest.is_file():
+        raise VicunaError(f"{manifest} does not exist: this folder has no sha256 manifest to check against")
+    entries = {}
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not line.strip():
+            continue
+        if not sep or len(digest) != 64 or not rel:
+            raise VicunaError(f"{manifest} line {number} is not '<sha256>  <file>': {line!r}")
+        entries[rel] = digest.lower()
+    return entries
+
+
+def verify_manifest(folder: Path, *, progress: bool = True) -> list[str]:
+    """Recheck `folder` against its manifest: one line per missing or changed file (empty: all match).
+    Raises VicunaError when the folder or its manifest does not exist."""
+    folder = Path(folder)
+    entries = read_manifest(folder)
+    problems = [f"missing: {folder / rel}" for rel in entries if not (folder / rel).is_file()]
+    present = [rel for rel in entries if (folder / rel).is_file()]
+    total = sum((folder / rel).stat().st_size for rel in present)
+    with progress_bar(f"verify {folder.name}", total, enabled=progress) as advance:
+        for rel in present:
+            found = _sha256(folder / rel, advance)
+            if found != entries[rel]:
+                problems.append(f"changed: {folder / rel} (sha256 {found}, manifest says {entries[rel]})")
+    return problems
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", type=Path, metavar="DIR", help=f"a folder with a {MANIFEST_NAME} manifest")
+    parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    problems = verify_manifest(args.folder, progress=not args.no_progress)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} file(s) do not match {args.folder / MANIFEST_NAME}", file=sys.stderr)
+        return 1
+    print(f"ok: {len(read_manifest(args.folder))} files match {args.folder / MANIFEST_NAME}")
+    return 0

@@ -1,0 +1,292 @@
+"""`vicuna download-llama`: fetch Meta's original LLaMA checkpoint from a presigned URL, resumably.
+
+Layout and protocol are those of Meta's download.sh (and pyllama's downloader): the URL holds a `*` that is
+replaced by each file's path; `tokenizer_checklist.chk` and `SIZE/checklist.chk` list md5 sums in `md5sum`
+format. Each file is written to `NAME.part`, resumed with HTTP Range requests, checked against its md5 and
+only then renamed, so an interrupted or re-run download keeps every verified byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from vicuna.errors import VicunaError
+
+# Model-parallel shards per size in Meta's releases (LLaMA 1 and 2).
+SHARDS = {"7B": 1, "13B": 2, "30B": 4, "33B": 4, "65B": 8, "70B": 8}
+CHUNK = 1 << 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", required=True, help="the presigned URL from Meta's e-mail; '*' stands for each file"
+    )
+    parser.add_argument(
+        "--model-size", default="7B", help=f"comma-separated sizes among {', '.join(SHARDS)} (default 7B)"
+    )
+    parser.add_argument("--dir", type=Path, help="target folder (default: $VICUNA_HOME/llama)")
+    parser.add_argument("--retries", type=int, default=8, help="retries per file after a failure (default 8)")
+    parser.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        help="seconds before the first retry; doubles each time (default 1)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    from vicuna.config import vicuna_home
+
+    target = args.dir or vicuna_home() / "llama"
+    sizes = parse_sizes(args.model_size)
+    download_llama(
+        args.url, sizes, target, retries=args.retries, backoff=args.backoff, progress=not args.no_progress
+    )
+    print(f"done: {target}")
+    return 0
+
+
+def parse_sizes(text: str) -> list[str]:
+    sizes = [s.strip().upper() for s in text.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SHARDS]
+    if unknown or not sizes:
+        raise VicunaError(
+            f"--model-size: unknown size {', '.join(unknown) or repr(text)}; expected {', '.join(SHARDS)}"
+        )
+    return list(dict.fromkeys(sizes))
+
+
+def checkpoint_files(sizes: list[str]) -> list[tuple[str, str]]:
+    """(file, the checklist that lists it) for every file of the chosen sizes, in download order."""
+    files = [("tokenizer.model", "tokenizer_checklist.chk")]
+    for size in sizes:
+        files += [(f"{size}/params.json", f"{size}/checklist.chk")]
+        files += [(f"{size}/consolidated.{i:02d}.pth", f"{size}/checklist.chk") for i in range(SHARDS[size])]
+    return files
+
+
+def parse_checklist(path: Path) -> dict[str, str]:
+    """`md5sum` output -> {file name as written (relative to the checklist's folder): md5}."""
+    sums = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        match = re.fullmatch(r"([0-9a-fA-F]{32}) [ *](.+)", line.strip())
+        if not match:
+            raise VicunaError(
+                f"{path}, line {number}: expected '<md5>  <file>' as md5sum writes, got {line!r}"
+            )
+        sums[match[2].removeprefix("./")] = match[1].lower()
+    return sums
+
+
+def md5_file(path: Path, bars) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    task = bars.add_task(f"md5 {path.name}", total=path.stat().st_size)
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            bars.advance(task, len(chunk))
+    bars.remove_task(task)
+    return digest.hexdigest()
+
+
+class _Retry(Exception):
+    """A failure worth retrying: a dropped connection, a timeout, a 5xx answer, a short body."""
+
+
+class Fetcher:
+    """GETs files into `.part` files with resume, retrying dropped connections with exponential backoff."""
+
+    def __init__(self, client, bars, retries: int, backoff: float) -> None:
+        self.client, self.bars, self.retries, self.backoff = client, bars, retries, backoff
+
+    @contextmanager
+    def _get(self, url: str, name: str, headers: dict[str, str]) -> Iterator:
+        import httpx
+
+        try:
+            with self.client.stream("GET", url, headers=headers) as response:
+                if response.status_code >= 500 or response.status_code == 429:
+                    raise _Retry(f"HTTP {response.status_code}")
+                if response.status_code >= 400 and response.status_code != 416:
+                    expired = response.status_code == 403
+                    hint = " (the presigned URL has probably expired: request a new one)" if expired else ""
+                    raise VicunaError(f"the server answered HTTP {response.status_code} for {name}{hint}")
+                yield response
+        except httpx.TransportError as err:  # dropped connection, timeout, body shorter than Content-Length
+            raise _Retry(f"{type(err).__name__}: {err}") from err
+
+    def _with_retries(self, name: str, attempt) -> object:
+        """Run `attempt()` until it succeeds; the failure count restarts whenever an attempt made progress."""
+        failures = 0
+        while True:
+            progressed = [False]
+            try:
+                return attempt(progressed)
+            except _Retry as err:
+                failures = 1 if progressed[0] else failures + 1
+                if failures > self.retries:
+                    raise VicunaError(
+                        f"downloading {name} failed {failures} times in a row; last: {err}"
+                    ) from None
+                delay = self.backoff * 2 ** (failures - 1)
+                self.bars.console.print(f"{name}: {err}; retrying in {delay:g} s")
+                time.sleep(delay)
+
+    def remote_size(self, url: str, name: str) -> int | None:
+        """The file's size from a one-byte ranged GET (presigned URLs are often signed for GET only)."""
+
+        def attempt(_progressed):
+            with self._get(url, name, {"Range": "bytes=0-0"}) as response:
+                if response.status_code == 206:
+                    return _range_total(response)
+                length = response.headers.get("content-length", "")
+                return int(length) if response.status_code == 200 and length.isdigit() else None
+
+        return self._with_retries(name, attempt)
+
+    def fetch(self, url: str, part: Path, name: str, total: int | None) -> None:
+        """Complete `part` from the server: resume from its current size, restart when Range is ignored."""
+        part.parent.mkdir(parents=True, exist_ok=True)
+        task = self.bars.add_task(name, total=total)
+
+        def attempt(progressed):
+            have = part.stat().st_size if part.exists() else 0
+            self.bars.update(task, completed=have)
+            with self._get(url, name, {"Range": f"bytes={have}-"} if have else {}) as response:
+                # 416: nothing left after `have`, so the part is complete or longer than the file
+                if response.status_code == 416:
+                    if have and _range_total(response) == have:
+                        return
+                    part.unlink(missing_ok=True)
+                    raise _Retry("the partial file is longer than the server's; starting again")
+                start = have if response.status_code == 206 and _range_start(response) == have else 0
+                if have and not start:
+                    self.bars.console.print(f"{name}: the server ignored the range request; starting again")
+                    self.bars.update(task, completed=0)
+                with part.open("r+b" if start else "wb") as f:
+                    f.seek(start)
+                    f.truncate()
+                    for chunk in response.iter_bytes():  # as it arrives: a drop loses nothing
+                        f.write(chunk)
+                        progressed[0] = True
+                        self.bars.advance(task, len(chunk))
+            size = part.stat().st_size
+            if total is not None and size != total:
+                if size > total:  # not a resumable state: start over, and count it as a failure
+                    part.unlink()
+                    progressed[0] = False
+                raise _Retry(f"got {size} of {total} bytes")
+
+        self._with_retries(name, attempt)
+        self.bars.remove_task(task)
+
+
+def _range_start(response) -> int | None:
+    match = re.match(r"bytes (\d+)-", response.headers.get("content-range", ""))
+    return int(match[1]) if match else None
+
+
+def _range_total(response) -> int | None:
+    match = re.search(r"/(\d+)$", response.headers.get("content-range", ""))
+    return int(match[1]) if match else None
+
+
+def download_llama(
+    url: str, sizes: list[str], target: Path, *, retries: int = 8, backoff: float = 1.0, progress: bool = True
+) -> Path:
+    """Download and md5-check the tokenizer and the checkpoints of `sizes` into `target`; skip verified files."""
+    import httpx
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from vicuna.weights.disk import ensure_free_space
+
+    if "*" not in url or not url.startswith(("http://", "https://")):
+        raise VicunaError(
+            f"--url must be an http(s) address with a '*' where each file's path goes, got {url!r}"
+        )
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with (
+        httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0)) as client,
+        Progress(*columns, TimeRemainingColumn(), disable=not progress) as bars,
+    ):
+        fetcher = Fetcher(client, bars, retries, backoff)
+        files = checkpoint_files(sizes)
+
+        # Checklists first: they are small, and name the md5 every other file must have.
+        sums: dict[str, str] = {}
+        for checklist in dict.fromkeys(chk for _, chk in files):
+            path = target / checklist
+            if not path.exists():
+                part = _part(path)
+                fetcher.fetch(url.replace("*", checklist, 1), part, checklist, None)
+                try:  # an error page served with 200 must not be kept as the checklist
+                    parse_checklist(part)
+                except VicunaError:
+                    part.unlink()
+                    raise
+                part.replace(path)
+            folder = Path(checklist).parent
+            sums.update({(folder / name).as_posix(): md5 for name, md5 in parse_checklist(path).items()})
+
+        todo = []
+        for name, checklist in files:
+            if name not in sums:
+                raise VicunaError(
+                    f"{target / checklist} has no md5 for {Path(name).name}; is it the right checklist?"
+                )
+            path = target / name
+            if path.exists():
+                if md5_file(path, bars) == sums[name]:
+                    bars.console.print(f"{name}: verified, skipping")
+                    continue
+                bars.console.print(f"{name}: md5 mismatch, downloading it again")
+                path.unlink()
+            todo.append(name)
+
+        totals = {name: fetcher.remote_size(url.replace("*", name, 1), name) for name in todo}
+        have = {
+            name: _part(target / name).stat().st_size if _part(target / name).exists() else 0 for name in todo
+        }
+        needed = sum(max((totals[name] or 0) - have[name], 0) for name in todo)
+        ensure_free_space(target, needed, f"downloading LLaMA {', '.join(sizes)}")
+
+        for name in todo:
+            part = _part(target / name)
+            for fresh in (False, True):  # a bad md5 after a resume may come from old bytes: retry once from 0
+                if fresh:
+                    part.unlink()
+                fetcher.fetch(url.replace("*", name, 1), part, name, totals[name])
+                got = md5_file(part, bars)
+                if got == sums[name]:
+                    break
+                bars.console.print(f"{name}: md5 {got} does not match the checklist's {sums[name]}")
+            else:
+                part.unlink()
+                raise VicunaError(
+                    f"{name}: md5 {got} does not match {sums[name]} from the checklist, twice in a row; "
+                    "the server sends a different file than the checklist describes"
+                )
+            part.replace(target / name)
+    return target
+
+
+def _part(path: Path) -> Path:
+    return path.with_name(path.name + ".part")

@@ -1,0 +1,261 @@
+"""Reading checkpoint folders tensor by tensor (safetensors and `.bin`, with and without index) and writing
+sharded safetensors through a staging folder; also the peak-RSS helper the convert and delta tests use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vicuna.errors import VicunaError
+from vicuna.weights import checkpoint
+from vicuna.weights.checkpoint import CheckpointReader, TensorSpec, plan_shards, side_files, write_checkpoint
+from vicuna.weights.manifest import MANIFEST_NAME, verify_manifest
+
+# Run in a fresh interpreter: import what the job needs, note the idle RSS, run the job, report the peak.
+# The peak is VmHWM (this process's own high-water mark): getrusage's ru_maxrss keeps the parent's peak
+# across fork and exec, so it would report pytest's memory.
+_RSS_PROBE = """
+import json, re, sys
+import psutil, torch, safetensors.torch
+{preload}
+from pathlib import Path
+idle = psutil.Process().memory_info().rss
+{job}
+status = Path("/proc/self/status").read_text()
+peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
+print(json.dumps({{"idle": idle, "peak": peak}}))
+"""
+
+
+def peak_rss_above_idle(job: str, *args: str, preload: str = "") -> int:
+    """Bytes by which the peak RSS of `job` (Python code; sys.argv[1:] are `args`) exceeds its idle RSS,
+    measured after torch, safetensors and `preload` (import statements) are imported."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc/self/status for the peak RSS")
+    done = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE.format(job=job, preload=preload), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"peak RSS above idle: {(report['peak'] - report['idle']) / 1e6:.0f} MB")
+    return report["peak"] - report["idle"]
+
+
+def random_state(names_shapes: dict[str, tuple[int, ...]], seed: int = 0, dtype=torch.float32) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in names_shapes.items()}
+
+
+STATE_SHAPES = {f"layer.{i}.weight": (8, 4 + i) for i in range(6)}
+UNIFORM_SHAPES = {f"layer.{i}.weight": (8, 4) for i in range(6)}  # 128 bytes each: two per 256-byte shard
+
+
+def save_folder(state: dict, folder: Path, *, kind: str, files: int, index: bool) -> Path:
+    """Save `state` as `files` shards of safetensors or torch `.bin`, with or without an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(state)
+    groups = [names[i::files] for i in range(files)]
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        stem = "model" if kind == "safetensors" else "pytorch_model"
+        file = f"{stem}-{i:05d}-of-{files:05d}.{kind}" if files > 1 else f"{stem}.{kind}"
+        part = {n: state[n].contiguous() for n in group}
+        if kind == "safetensors":
+            save_file(part, str(folder / file), metadata={"format": "pt"})
+        else:
+            torch.save(part, folder / file)
+        weight_map.update(dict.fromkeys(group, file))
+    if index:
+        index_name = (
+            "model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json"
+        )
+        (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("kind", "files", "index"),
+    [
+        ("safetensors", 1, False),
+        ("safetensors", 3, True),
+        ("safetensors", 2, False),
+        ("bin", 1, False),
+        ("bin", 2, True),
+    ],
+)
+def test_reader_reads_every_layout(tmp_path, kind, files, index):
+    state = random_state(STATE_SHAPES)
+    reader = CheckpointReader(save_folder(state, tmp_path / "ckpt", kind=kind, files=files, index=index))
+    assert sorted(reader.names) == sorted(state)
+    assert len(reader.files) == files
+    for name, tensor in state.items():
+        assert reader.specs[name] == TensorSpec(name, tuple(tensor.shape), torch.float32)
+        assert torch.equal(reader.get(name), tensor)
+    assert reader.nbytes == sum(t.numel() * 4 for t in state.values())
+
+
+def test_reader_prefers_safetensors_and_skips_rotary_buffers(tmp_path):
+    state = random_state(STATE_SHAPES)
+    folder = save_folder(state, tmp_path / "ckpt", kind="safetensors", files=1, index=False)
+    torch.save({"junk": torch.zeros(1)}, folder / "pytorch_model.bin")
+    save_file(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(2)}, str(folder / "extra.safetensors")
+    )
+    reader = CheckpointReader(folder)
+    assert sorted(reader.names) == sorted(state)
+
+
+def test_reader_errors_name_the_file(tmp_path):
+    with pytest.raises(VicunaError, match="is not a folder"):
+        CheckpointReader(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VicunaError, match="no weights in"):
+        CheckpointReader(tmp_path / "empty")
+
+    folder = save_folder(random_state(STATE_SHAPES), tmp_path / "a", kind="safetensors", files=1, index=False)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VicunaError, match=r"model\.safetensors.*damaged or incomplete"):
+        CheckpointReader(folder)
+
+    folder = save_folder(random_state(STATE_SHAPES), tmp_path / "b", kind="bin", files=1, index=False)
+    (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(VicunaError, match=r"pytorch_model\.bin"):
+        CheckpointReader(folder)
+
+    folder = save_folder(random_state(STATE_SHAPES), tmp_path / "c", kind="safetensors", files=3, index=True)
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(VicunaError, match=r"lists model-00002-of-00003\.safetensors"):
+        CheckpointReader(folder)
+
+
+def test_reader_release_gives_back_the_pages_it_read(tmp_path):
+    """The mechanism that bounds memory: mapped pages count in RSS until release() drops the mappings."""
+    shapes = {f"t{i}": (1024, 1024) for i in range(24)}  # 96 MiB of float32
+    folder = save_folder(random_state(shapes), tmp_path / "big", kind="safetensors", files=2, index=True)
+    reader = CheckpointReader(folder)
+    size = reader.nbytes
+    process = psutil.Process()
+    before = process.memory_info().rss
+    total = 0.0
+    for name in reader.names:
+        total += float(reader.get(name).sum())
+    held = process.memory_info().rss - before
+    reader.release()
+    after = process.memory_info().rss - before
+    assert held > 0.8 * size
+    assert after < 0.2 * size
+
+
+def test_plan_shards_keeps_order_and_limit():
+    specs = [TensorSpec(f"t{i}", (10,), torch.float32) for i in range(10)]  # 40 bytes each
+    plan = plan_shards(specs, max_shard_bytes=100)
+    assert list(plan) == [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)]
+    assert [s.name for group in plan.values() for s in group] == [s.name for s in specs]
+    assert all(len(group) == 2 for group in plan.values())
+
+
+def _write(out: Path, state: dict, *, make=None, fingerprint="same", max_shard_bytes=256) -> Path:
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in state.items()]
+    return write_checkpoint(
+        out,
+        specs,
+        make or (lambda spec: state[spec.name]),
+        fingerprint=fingerprint,
+        release=lambda: None,
+        extras=lambda folder: (folder / "config.json").write_text("{}"),
+        description="test",
+        progress=False,
+        max_shard_bytes=max_shard_bytes,
+    )
+
+
+def test_writer_makes_an_indexed_folder_with_manifest(tmp_path):
+    state = random_state(UNIFORM_SHAPES)
+    out = _write(tmp_path / "out", state)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(f"model-0000{i}-of-00003.safetensors" for i in range(1, 4)), "model.safetensors.index.json"]
+        + ["config.json", MANIFEST_NAME]
+    )
+    assert not (tmp_path / "out.partial").exists()
+    assert verify_manifest(out, progress=False) == []
+    reader = CheckpointReader(out)
+    assert all(torch.equal(reader.get(n), t) for n, t in state.items())
+    assert [p.name for p in side_files(out)] == ["config.json"]
+    with pytest.raises(VicunaError, match="already exists"):
+        _write(out, state)
+
+
+def test_writer_resumes_and_restarts_when_inputs_change(tmp_path):
+    state = random_state(UNIFORM_SHAPES)
+    made = []
+
+    def failing(spec):
+        if spec.name == "layer.4.weight":
+            raise KeyboardInterrupt
+        made.append(spec.name)
+        return state[spec.name]
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "out", state, make=failing)
+    assert not (tmp_path / "out").exists()
+    staging = tmp_path / "out.partial"
+    assert not (staging / MANIFEST_NAME).exists()
+    written = sorted(p.name for p in staging.glob("*.safetensors"))
+    assert written == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"]
+
+    made.clear()
+    _write(tmp_path / "out", state, make=lambda spec: made.append(spec.name) or state[spec.name])
+    assert made == ["layer.4.weight", "layer.5.weight"]  # the finished shards were kept
+    assert verify_manifest(tmp_path / "out", progress=False) == []
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "again", state, make=failing)
+    made.clear()
+    _write(
+        tmp_path / "again",
+        state,
+        make=lambda spec: made.append(spec.name) or state[spec.name],
+        fingerprint="new",
+    )
+    assert made == list(state)  # other inputs: nothing is reused
+
+
+def test_writer_refuses_a_foreign_staging_folder(tmp_path):
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "notes.txt").write_text("mine")
+    with pytest.raises(VicunaError, match="was not made by vicuna"):
+        _write(tmp_path / "out", random_state(STATE_SHAPES))
+
+
+def test_writer_finishes_a_job_interrupted_while_hashing(tmp_path, monkeypatch):
+    state = random_state(UNIFORM_SHAPES)
+    real_manifest = checkpoint.write_manifest
+
+    def killed(folder, progress=True):
+        (folder / f".{MANIFEST_NAME}.tmp").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "write_manifest", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "out", state)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out.partial" / ".model-00002-of-00003.safetensors.tmp").write_bytes(b"cut short")
+
+    monkeypatch.setattr(checkpoint, "write_manifest", real_manifest)
+    made = []
+    out = _write(tmp_path / "out", state, make=lambda spec: made.append(spec.name) or state[spec.name])
+    assert made == []
+    assert verify_manifest(out, progress=False) == []
+    assert not list(out.glob(".*"))  # no plan, no leftovers

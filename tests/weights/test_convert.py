@@ -1,0 +1,310 @@
+"""`vicuna convert`: tiny Meta checkpoints (1, 2 and 4 model-parallel shards, with and without GQA) converted
+and loaded with transformers; logits compared with a reference LLaMA forward pass computed here from the Meta
+tensors (Meta's interleaved rotary pairs), independent of the converter."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.weights.test_checkpoint import peak_rss_above_idle
+from vicuna.cli import main
+from vicuna.errors import VicunaError
+from vicuna.weights.checkpoint import CheckpointReader
+from vicuna.weights.convert import convert_meta, ffn_hidden_size
+from vicuna.weights.manifest import verify_manifest
+
+VOCAB = 400
+TEXTS = ["Hello world! How are you?", "spaces  inside and\nnew lines", "你好，世界！", "x = 42 + y"]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> Path:
+    """A SentencePiece model set up like LLaMA's: BPE, byte fallback, no normalization, digits split."""
+    import sentencepiece as spm
+
+    from tests.tiny_models import CORPUS
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=buf,
+        vocab_size=VOCAB,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def meta_weights(
+    params: dict, vocab: int, seed: int = 0, dtype=torch.float32, random: bool = True
+) -> dict[str, torch.Tensor]:
+    """A full (unsplit) LLaMA in Meta's names and layout; random=False fills it with a constant (fast)."""
+    gen = torch.Generator().manual_seed(seed)
+    dim, heads = params["dim"], params["n_heads"]
+    kv = params.get("n_kv_heads") or heads
+    hd, ffn = dim // heads, ffn_hidden_size(params)
+
+    def rand(*shape, scale=0.08):
+        if not random:
+            return torch.full(shape, 0.01, dtype=dtype)
+        return (torch.randn(shape, generator=gen) * scale).to(dtype)
+
+    w = {
+        "tok_embeddings.weight": rand(vocab, dim, scale=1.0),
+        "norm.weight": 1 + rand(dim),
+        "output.weight": rand(vocab, dim),
+    }
+    for i in range(params["n_layers"]):
+        p = f"layers.{i}."
+        w |= {
+            p + "attention.wq.weight": rand(heads * hd, dim, scale=0.3),
+            p + "attention.wk.weight": rand(kv * hd, dim, scale=0.3),
+            p + "attention.wv.weight": rand(kv * hd, dim),
+            p + "attention.wo.weight": rand(dim, heads * hd),
+            p + "feed_forward.w1.weight": rand(ffn, dim),
+            p + "feed_forward.w2.weight": rand(dim, ffn),
+            p + "feed_forward.w3.weight": rand(ffn, dim),
+            p + "attention_norm.weight": 1 + rand(dim),
+            p + "ffn_norm.weight": 1 + rand(dim),
+        }
+    return w
+
+
+def write_meta(
+    folder: Path, params: dict, weights: dict, shards: int, *, vocab_parallel: bool = False
+) -> Path:
+    """Split `weights` the way Meta's model parallelism did and save consolidated.NN.pth + params.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: list[dict] = [{} for _ in range(shards)]
+    for name, tensor in weights.items():
+        kind = name.split(".")[-2]
+        if kind in ("wq", "wk", "wv", "w1", "w3", "output") or (kind == "tok_embeddings" and vocab_parallel):
+            pieces = tensor.chunk(shards, 0)
+        elif kind in ("wo", "w2", "tok_embeddings"):
+            pieces = tensor.chunk(shards, 1)
+        else:
+            pieces = [tensor] * shards
+        for part, piece in zip(parts, pieces, strict=True):
+            part[name] = piece.clone()
+    hd = params["dim"] // params["n_heads"]
+    for i, part in enumerate(parts):
+        part["rope.freqs"] = torch.ones(hd // 2)  # present in Meta's files, ignored by the converter
+        torch.save(part, folder / f"consolidated.{i:02d}.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder
+
+
+def rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def reference_logits(params: dict, w: dict, tokens: list[int]) -> torch.Tensor:
+    """LLaMA's forward pass as Meta wrote it: rotary embedding on interleaved pairs (as complex numbers)."""
+    dim, heads = params["dim"], params["n_heads"]
+    kv = params.get("n_kv_heads") or heads
+    hd, eps, theta = dim // heads, params.get("norm_eps", 1e-5), params.get("rope_theta", 10000.0)
+    w = {k: v.double() for k, v in w.items()}
+    T = len(tokens)
+    freqs = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), freqs)
+    rot = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # (T, 1, hd/2)
+
+    def rope(x):  # (T, heads, hd): pairs (2i, 2i+1) rotate together
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+        return torch.view_as_real(pairs * rot).flatten(-2)
+
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+    h = w["tok_embeddings.weight"][torch.tensor(tokens)]
+    for i in range(params["n_layers"]):
+        p = f"layers.{i}."
+        x = rms_norm(h, w[p + "attention_norm.weight"], eps)
+        q = rope((x @ w[p + "attention.wq.weight"].T).view(T, heads, hd))
+        k = rope((x @ w[p + "attention.wk.weight"].T).view(T, kv, hd)).repeat_interleave(heads // kv, dim=1)
+        v = (x @ w[p + "attention.wv.weight"].T).view(T, kv, hd).repeat_interleave(heads // kv, dim=1)
+        scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(hd) + mask
+        attn = torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(T, dim)
+        h = h + attn @ w[p + "attention.wo.weight"].T
+        x = rms_norm(h, w[p + "ffn_norm.weight"], eps)
+        gate, up = x @ w[p + "feed_forward.w1.weight"].T, x @ w[p + "feed_forward.w3.weight"].T
+        h = h + (F.silu(gate) * up) @ w[p + "feed_forward.w2.weight"].T
+    return rms_norm(h, w["norm.weight"], eps) @ w["output.weight"].T
+
+
+def hf_logits(folder: Path, tokens: list[int], dtype=torch.float32) -> torch.Tensor:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].double()
+
+
+TOKENS = [1, 17, 250, 3, 99, 318, 42, 7, 7, 160, 5, 64]
+BASE = {"dim": 64, "n_layers": 2, "multiple_of": 32, "vocab_size": -1}
+CASES = {
+    "1-shard": (1, {"n_heads": 4, "norm_eps": 1e-6}, False),
+    "1-shard-gqa-rope-theta": (
+        1,
+        {"n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5, "rope_theta": 500000.0},
+        False,
+    ),
+    "2-shards-ffn-multiplier": (2, {"n_heads": 4, "norm_eps": 1e-5, "ffn_dim_multiplier": 1.3}, False),
+    "2-shards-gqa": (2, {"n_heads": 8, "n_kv_heads": 2, "norm_eps": 1e-5}, False),
+    "4-shards": (4, {"n_heads": 8, "norm_eps": 1e-6, "vocab_size": VOCAB}, False),
+    "4-shards-gqa-vocab-parallel": (
+        4,
+        {"n_heads": 8, "n_kv_heads": 4, "norm_eps": 1e-5, "rope_theta": 5e5},
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_converted_logits_match_the_meta_reference(tmp_path, case):
+    shards, extra, vocab_parallel = CASES[case]
+    params = BASE | extra
+    weights = meta_weights(params, VOCAB)
+    meta = write_meta(tmp_path / "meta", params, weights, shards, vocab_parallel=vocab_parallel)
+    out = convert_meta(meta, tmp_path / "hf", dtype="float32", progress=False)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_key_value_heads"] == params.get("n_kv_heads", params["n_heads"])
+    assert config["intermediate_size"] == ffn_hidden_size(params)
+    assert config["rms_norm_eps"] == params["norm_eps"]
+    assert config["vocab_size"] == VOCAB
+    assert (out / "model.safetensors.index.json").is_file()
+    assert verify_manifest(out, progress=False) == []
+    expected = reference_logits(params, weights, TOKENS)
+    torch.testing.assert_close(hf_logits(out, TOKENS), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_default_float16_and_tokenizer_in_the_parent_folder(tmp_path, sp_model):
+    """pyllama's layout: DIR/tokenizer.model next to DIR/7B/."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    params = BASE | {"n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5}
+    weights = meta_weights(params, VOCAB, seed=3)
+    meta = write_meta(tmp_path / "llama" / "7B", params, weights, 2)
+    (tmp_path / "llama" / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    out = convert_meta(meta, tmp_path / "hf", progress=False)
+
+    reader = CheckpointReader(out)
+    assert {spec.dtype for spec in reader.specs.values()} == {torch.float16}
+    expected = reference_logits(params, weights, TOKENS)
+    torch.testing.assert_close(hf_logits(out, TOKENS), expected, atol=0.05, rtol=0.02)
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    tok = AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert tok(text)["input_ids"] == [1, *sp.encode(text)], text
+    assert tok.eos_token == "</s>" and tok.eos_token_id == 2 and tok.bos_token_id == 1
+    assert (out / "tokenizer.model").read_bytes() == sp_model.read_bytes()
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (1, 2)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 4096
+
+
+def test_cli_with_tokenizer_option_and_without_tokenizer(tmp_path, sp_model, capsys):
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB), 1)
+    custom = tmp_path / "elsewhere" / "llama.model"
+    custom.parent.mkdir()
+    custom.write_bytes(sp_model.read_bytes())
+    code = main(["convert", str(meta), str(tmp_path / "a"), "--tokenizer", str(custom), "--no-progress"])
+    assert code == 0
+    assert (tmp_path / "a" / "tokenizer_config.json").is_file()
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["max_position_embeddings"] == 2048
+
+    assert main(["convert", str(meta), str(tmp_path / "b"), "--dtype", "bfloat16", "--no-progress"]) == 0
+    assert "converted the weights only" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "tokenizer_config.json").exists()
+    assert {s.dtype for s in CheckpointReader(tmp_path / "b").specs.values()} == {torch.bfloat16}
+
+    assert main(["convert", str(meta), str(tmp_path / "b"), "--no-progress"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_named(tmp_path):
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    with pytest.raises(VicunaError, match="is not a folder"):
+        convert_meta(tmp_path / "nowhere", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VicunaError, match=r"params\.json does not exist"):
+        convert_meta(tmp_path / "empty", tmp_path / "out", progress=False)
+    (tmp_path / "empty" / "params.json").write_text(json.dumps(params))
+    with pytest.raises(VicunaError, match=r"no consolidated\.\*\.pth"):
+        convert_meta(tmp_path / "empty", tmp_path / "out", progress=False)
+    (tmp_path / "empty" / "params.json").write_text('{"dim": 64}')
+    with pytest.raises(VicunaError, match="'n_layers' must be a positive integer"):
+        convert_meta(tmp_path / "empty", tmp_path / "out", progress=False)
+
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB), 2)
+    with pytest.raises(VicunaError, match=r"--tokenizer: .*none\.model does not exist"):
+        convert_meta(meta, tmp_path / "out", tokenizer=tmp_path / "none.model", progress=False)
+    data = (meta / "consolidated.01.pth").read_bytes()
+    (meta / "consolidated.01.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VicunaError, match=r"consolidated\.01\.pth.*damaged or incomplete"):
+        convert_meta(meta, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    (meta / "consolidated.01.pth").rename(meta / "consolidated.02.pth")
+    with pytest.raises(VicunaError, match=r"expected consolidated\.00\.pth, consolidated\.01\.pth"):
+        convert_meta(meta, tmp_path / "out", progress=False)
+
+    meta = write_meta(tmp_path / "meta2", params | {"multiple_of": 256}, meta_weights(params, VOCAB), 1)
+    with pytest.raises(VicunaError, match="feed-forward width of 256.*w1.weight"):
+        convert_meta(meta, tmp_path / "out", progress=False)
+    meta = write_meta(tmp_path / "meta3", params | {"n_kv_heads": 2}, meta_weights(params, VOCAB), 2)
+    with pytest.raises(
+        VicunaError, match=r"consolidated\.00\.pth: tensor layers\.0\.attention\.wk\.weight is 32x64"
+    ):
+        convert_meta(meta, tmp_path / "out", progress=False)
+    weights = meta_weights(params, VOCAB)
+    del weights["layers.1.ffn_norm.weight"]
+    meta = write_meta(tmp_path / "meta4", params, weights, 1)
+    with pytest.raises(VicunaError, match=r"tensor layers\.1\.ffn_norm\.weight is missing"):
+        convert_meta(meta, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_peak_memory_stays_under_three_quarters_of_the_model(tmp_path):
+    """A 150 MB float16 checkpoint in 2 shards: the converter's peak RSS above idle must stay under 0.75x."""
+    params = {
+        "dim": 1024,
+        "n_layers": 6,
+        "n_heads": 8,
+        "multiple_of": 256,
+        "norm_eps": 1e-5,
+        "vocab_size": -1,
+    }
+    weights = meta_weights(params, 1000, dtype=torch.float16, random=False)
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    meta = write_meta(tmp_path / "meta", params, weights, 2)
+    del weights
+    job = "from vicuna.weights.convert import convert_meta\nconvert_meta(Path(sys.argv[1]), Path(sys.argv[2]), progress=False)"
+    preload = "from transformers import GenerationConfig, LlamaConfig"  # what writing config.json imports
+    above_idle = peak_rss_above_idle(job, str(meta), str(tmp_path / "hf"), preload=preload)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert size > 140e6
+    assert above_idle < 0.75 * size, (
+        f"peak RSS {above_idle / 1e6:.0f} MB above idle for a {size / 1e6:.0f} MB model"
+    )

@@ -1,0 +1,233 @@
+"""`vicuna delta make|apply`: round trips over safetensors and `.bin` inputs sharded differently (and the
+Vicuna v0 32001-row vocabulary), named errors for mismatched checkpoints, resuming an interrupted apply,
+and peak memory under 0.75x the model's size."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_models import write_tiny_llama
+from tests.weights.test_checkpoint import peak_rss_above_idle, save_folder
+from vicuna.cli import main
+from vicuna.errors import VicunaError
+from vicuna.weights import checkpoint
+from vicuna.weights.checkpoint import CheckpointReader, side_files
+from vicuna.weights.delta import apply_delta, make_delta
+from vicuna.weights.manifest import MANIFEST_NAME, verify_manifest
+
+
+def state_of(folder: Path) -> dict[str, torch.Tensor]:
+    reader = CheckpointReader(folder)
+    return {name: reader.get(name).clone() for name in reader.names}
+
+
+def rewrite(src: Path, dst: Path, *, kind: str, files: int, index: bool, dtype=None, edit=None) -> Path:
+    """`src`'s checkpoint saved again as `files` shards of `kind`, optionally cast or edited, with its config
+    and tokenizer."""
+    state = state_of(src)
+    if dtype is not None:
+        state = {n: t.to(dtype) for n, t in state.items()}
+    if edit is not None:
+        edit(state)
+    save_folder(state, dst, kind=kind, files=files, index=index)
+    for path in side_files(src):
+        shutil.copyfile(path, dst / path.name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("delta-models")
+    target = write_tiny_llama(root / "target", seed=1)
+
+    def add_row(state):  # Vicuna v0 added a pad token: a row more in the embedding and lm_head
+        gen = torch.Generator().manual_seed(5)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            state[name] = torch.cat([state[name], torch.randn(1, state[name].shape[1], generator=gen)])
+
+    grown = rewrite(target, root / "target-32001", kind="safetensors", files=1, index=False, edit=add_row)
+    config = json.loads((grown / "config.json").read_text())
+    (grown / "config.json").write_text(json.dumps(config | {"vocab_size": 401}))
+    return {"base": write_tiny_llama(root / "base", seed=0), "target": target, "target-32001": grown}
+
+
+def test_round_trip_reproduces_the_target(tmp_path, models):
+    base, target = models["base"], models["target"]
+    delta = make_delta(base, target, tmp_path / "delta", progress=False)
+    base_state, target_state, delta_state = state_of(base), state_of(target), state_of(delta)
+    for name, tensor in delta_state.items():
+        torch.testing.assert_close(tensor, target_state[name] - base_state[name], atol=0, rtol=0)
+    assert (delta / "config.json").read_text() == (target / "config.json").read_text()
+
+    out = apply_delta(base, delta, tmp_path / "merged", progress=False)
+    merged = state_of(out)
+    assert merged.keys() == target_state.keys()
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, target_state[name], atol=1e-6, rtol=1e-6)
+    assert verify_manifest(out, progress=False) == []
+    assert not (tmp_path / "merged.partial").exists()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        assert (out / name).read_bytes() == (delta / name).read_bytes()
+
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 77, 300, 12]])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(target).eval()(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_bin_inputs_sharded_differently_with_the_extra_vocabulary_row(tmp_path, models, capsys):
+    """Base: 2 `.bin` files with an index, float32. Target: float16 safetensors, 3 files without an index,
+    401 rows (Vicuna v0's 32001 against LLaMA's 32000)."""
+    base = rewrite(models["base"], tmp_path / "base-bin", kind="bin", files=2, index=True)
+    target = rewrite(
+        models["target-32001"],
+        tmp_path / "target-fp16",
+        kind="safetensors",
+        files=3,
+        index=False,
+        dtype=torch.float16,
+    )
+    code = main(
+        ["delta", "make", "--base", str(base), "--target", str(target), "--delta", str(tmp_path / "d")]
+    )
+    assert code == 0
+    assert "401 rows in the target and 400 in the base" in capsys.readouterr().err
+    delta_bin = rewrite(tmp_path / "d", tmp_path / "delta-bin", kind="bin", files=1, index=False)
+
+    code = main(
+        ["delta", "apply", "--base", str(base), "--delta", str(delta_bin), "--target", str(tmp_path / "m")]
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "model.embed_tokens.weight has 401 rows in the delta and 400 in the base" in err
+    assert "lm_head.weight has 401 rows in the delta and 400 in the base" in err
+    merged, target_state = state_of(tmp_path / "m"), state_of(target)
+    assert {t.dtype for t in merged.values()} == {torch.float16}  # the delta's dtype
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, target_state[name], atol=2e-3, rtol=2e-3)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # the extra row, as it was
+        assert merged[name].shape[0] == 401
+        assert torch.equal(merged[name][400], target_state[name][400])
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == 401
+
+
+def _edited(models, tmp_path, name, edit) -> Path:
+    return rewrite(models["base"], tmp_path / name, kind="safetensors", files=1, index=False, edit=edit)
+
+
+def test_mismatched_checkpoints_name_the_tensor(tmp_path, models):
+    base = models["base"]
+
+    def extra(state):
+        state["model.layers.9.mlp.gate_proj.weight"] = torch.zeros(2, 2)
+
+    def missing(state):
+        del state["model.norm.weight"]
+
+    def narrower(state):
+        state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:, :32]
+
+    def fewer_rows(state):
+        state["lm_head.weight"] = state["lm_head.weight"][:399]
+
+    cases = [
+        (extra, r"tensor model\.layers\.9\.mlp\.gate_proj\.weight in the delta .* but not in the base"),
+        (missing, r"tensor model\.norm\.weight in the base .* but not in the delta"),
+        (
+            narrower,
+            r"tensor model\.layers\.1\.mlp\.up_proj\.weight is 128x32 in the delta .* but 128x64 in the base",
+        ),
+        (fewer_rows, r"tensor lm_head\.weight is 399x64 in the delta .* but 400x64 in the base"),
+    ]
+    for edit, message in cases:
+        delta = _edited(models, tmp_path, edit.__name__, edit)
+        with pytest.raises(VicunaError, match=message):
+            apply_delta(base, delta, tmp_path / f"out-{edit.__name__}", progress=False)
+        assert not (tmp_path / f"out-{edit.__name__}").exists()
+        assert not (tmp_path / f"out-{edit.__name__}.partial").exists()
+
+    with pytest.raises(VicunaError, match="is not a folder"):
+        apply_delta(base, tmp_path / "nowhere", tmp_path / "o", progress=False)
+    broken = rewrite(base, tmp_path / "broken", kind="safetensors", files=1, index=False)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(VicunaError, match=r"broken/model\.safetensors.*damaged or incomplete"):
+        apply_delta(base, broken, tmp_path / "o", progress=False)
+
+
+def test_interrupted_apply_leaves_no_complete_looking_folder_and_resumes(
+    tmp_path, models, monkeypatch, capsys
+):
+    monkeypatch.setattr(checkpoint, "MIN_SHARD_BYTES", 100_000)  # several shards from a tiny model
+    base, target = models["base"], models["target"]
+    delta = make_delta(base, target, tmp_path / "delta", progress=False)
+    reference = apply_delta(base, delta, tmp_path / "reference", progress=False)
+    shards = sorted(p.name for p in reference.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+    saved: list[str] = []
+
+    def save_then_stop(tensors, filename, metadata=None):
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C hit while the third shard was being written
+        real_save(tensors, filename, metadata=metadata)
+        saved.append(Path(filename).name)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_stop)
+    argv = ["delta", "apply", "--base", str(base), "--delta", str(delta), "--target", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress"]) == 130
+    out, staging = tmp_path / "out", tmp_path / "out.partial"
+    assert not out.exists()
+    assert not (staging / MANIFEST_NAME).exists() and not (staging / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in staging.glob("*.safetensors")) == shards[:2]
+    assert main(["verify", str(out)]) == 2
+
+    saved.clear()
+    monkeypatch.setattr(
+        safetensors.torch,
+        "save_file",
+        lambda t, f, metadata=None: saved.append(f) or real_save(t, f, metadata=metadata),
+    )
+    assert main([*argv, "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert len(saved) == len(shards) - 2  # the two finished shards were kept
+    assert not staging.exists()
+    assert verify_manifest(out, progress=False) == []
+    for name in shards + ["model.safetensors.index.json"]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+
+
+def test_peak_memory_stays_under_three_quarters_of_the_model(tmp_path):
+    """A 150 MB float16 base and delta (3 safetensors files vs 2 `.bin` files): apply's peak RSS above idle
+    must stay under 0.75x the model's size."""
+    hidden, inter, layers, vocab = 1024, 2816, 6, 1000
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + f"self_attn.{x}_proj.weight": (hidden, hidden) for x in "qkvo"}
+        shapes |= {p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden)}
+        shapes |= {p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,)}
+    state = {name: torch.full(shape, 0.01, dtype=torch.float16) for name, shape in shapes.items()}
+    size = sum(t.numel() * 2 for t in state.values())
+    save_folder(state, tmp_path / "base", kind="safetensors", files=3, index=True)
+    save_folder(state, tmp_path / "delta", kind="bin", files=2, index=True)
+    del state
+    job = (
+        "from vicuna.weights.delta import apply_delta\napply_delta(*map(Path, sys.argv[1:]), progress=False)"
+    )
+    above_idle = peak_rss_above_idle(job, *(str(tmp_path / n) for n in ("base", "delta", "out")))
+    assert verify_manifest(tmp_path / "out", progress=False) == []
+    assert size > 140e6
+    assert above_idle < 0.75 * size, (
+        f"peak RSS {above_idle / 1e6:.0f} MB above idle for a {size / 1e6:.0f} MB model"
+    )

@@ -1,0 +1,231 @@
+"""`vicuna get` end to end on tiny models: local and fake-Hub (127.0.0.1) sources, the merge, the manifest, the
+smoke chat that must end on EOS, and re-runs after interruptions."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.weights.test_hub import FakeHub
+from vicuna.cli import main
+
+EOS = 2
+
+
+def write_scripted(
+    out: Path, base: Path, default: int, chain: tuple[int, ...] | list[int] = (), seed: int = 1
+) -> Path:
+    """A copy of the tiny LLaMA `base`, every weight changed, whose greedy next token depends only on the current
+    one: after chain[i] comes chain[i + 1], after any other token `default`. The attention and MLP outputs are
+    zeroed, so the residual stream is the current token's embedding: coordinate 0 is large for every token and
+    read by lm_head's row `default`; coordinate i + 1 is larger still for chain[i] and read by chain[i + 1]'s."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base, out)
+    state = load_file(out / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in state.items():
+        tensor.add_(torch.randn(tensor.shape, generator=generator), alpha=0.01)
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor.zero_()
+    embed, head = state["model.embed_tokens.weight"], state["lm_head.weight"]
+    embed[:, 0] = 10.0
+    head.zero_()
+    head[default, 0] = 1.0
+    for i, (token, following) in enumerate(zip(chain, chain[1:], strict=False)):
+        embed[token, i + 1] = 20.0
+        head[following, i + 1] = 1.0
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def write_delta(base: Path, target: Path, out: Path) -> Path:
+    """Vicuna's delta format computed here, independently of `vicuna delta make`: target - base, with the
+    target's config and tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    base_state, target_state = load_file(base / "model.safetensors"), load_file(target / "model.safetensors")
+    shutil.copytree(target, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file(
+        {k: v - base_state[k] for k, v in target_state.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("get")
+    base = tiny_llama_dir
+    from transformers import AutoTokenizer
+
+    from vicuna.conversation import Message, VicunaV11, render
+    from vicuna.weights.get import SMOKE_QUESTION
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    prompt_end = tokenizer(render(VicunaV11(), [Message("user", SMOKE_QUESTION)])).input_ids[-1]
+    paris = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" Paris"))
+    # replies "Paris" and stops; the other one repeats token 5 for ever
+    target = write_scripted(root / "target", base, EOS, [prompt_end, *paris])
+    never = write_scripted(root / "never", base, 5)
+    return {
+        "base": base,
+        "target": target,
+        "delta": write_delta(base, target, root / "delta"),
+        "never-delta": write_delta(base, never, root / "never-delta"),
+    }
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    merged = {}
+    for shard in a.glob("*.safetensors"):
+        merged.update(load_file(shard))
+    reference = load_file(b / "model.safetensors")
+    assert merged.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def get(workdir: Path, base, delta, *extra: str, name: str = "my-vicuna") -> int:
+    return main(["get", name, "--dir", str(workdir), "--base", str(base), "--delta", str(delta), *extra])
+
+
+def test_local_base_and_delta(models, tmp_path, capsys):
+    assert get(tmp_path, models["base"], models["delta"]) == 0
+    out = capsys.readouterr().out
+    model = tmp_path / "my-vicuna"
+    assert_same_weights(model, models["target"])
+    from vicuna.weights.manifest import verify_manifest
+
+    assert verify_manifest(model) == []
+    assert "reply: 'Paris' (ended on EOS)" in out
+    assert f"vicuna chat --model-path {model}" in out
+    assert not (tmp_path / "downloads").exists()  # local folders are used where they are
+
+
+def test_rerun_after_interrupted_merge_and_smoke_chat(models, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+
+    from vicuna.weights import delta as delta_module
+    from vicuna.weights import get as get_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # killed while writing the merged weights
+        patch.setattr(safetensors.torch, "save_file", interrupted)
+        assert get(tmp_path, models["base"], models["delta"]) == 130
+    assert not (tmp_path / "my-vicuna" / "SHA256SUMS").exists()
+
+    with monkeypatch.context() as patch:  # killed during the smoke chat: the merge is done by then
+        patch.setattr(get_module, "smoke_chat", lambda *a, **k: interrupted())
+        assert get(tmp_path, models["base"], models["delta"]) == 130
+    assert (tmp_path / "my-vicuna" / "SHA256SUMS").is_file()
+
+    calls = []
+    real_apply = delta_module.apply_delta
+    monkeypatch.setattr(delta_module, "apply_delta", lambda *a, **k: calls.append(a) or real_apply(*a, **k))
+    capsys.readouterr()
+    assert get(tmp_path, models["base"], models["delta"]) == 0
+    assert calls == []  # the finished merge was kept
+    assert "(ended on EOS)" in capsys.readouterr().out
+    assert_same_weights(tmp_path / "my-vicuna", models["target"])
+
+
+def test_changed_merged_file_is_caught(models, tmp_path, capsys):
+    assert get(tmp_path, models["base"], models["delta"], "--no-smoke-test") == 0
+    config = tmp_path / "my-vicuna" / "config.json"
+    config.write_text(config.read_text().replace("64", "65"))
+    assert get(tmp_path, models["base"], models["delta"]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its SHA256SUMS" in err and "config.json" in err
+
+
+def test_smoke_chat_that_never_ends_on_eos(models, tmp_path, capsys):
+    assert get(tmp_path, models["base"], models["never-delta"], "--max-new-tokens", "6") == 2
+    err = capsys.readouterr().err
+    assert "did not end on EOS '</s>' within 6 tokens" in err
+
+
+def test_smoke_chat_with_a_wrong_eos_in_the_tokenizer(models, tmp_path, capsys):
+    delta = shutil.copytree(models["delta"], tmp_path / "delta")
+    import json
+
+    config = json.loads((delta / "config.json").read_text())
+    config["eos_token_id"] = 3
+    (delta / "config.json").write_text(json.dumps(config))
+    (delta / "generation_config.json").unlink(missing_ok=True)
+    assert get(tmp_path, models["base"], delta) == 2
+    err = capsys.readouterr().err
+    assert "the tokenizer's EOS id is 2 but the model's eos_token_id is [3]" in err
+
+
+def _serve(monkeypatch, repos: dict[str, Path]) -> FakeHub:
+    hub = FakeHub(
+        {
+            repo: {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+            for repo, folder in repos.items()
+        }
+    )
+    threading.Thread(target=hub.serve_forever, args=(0.05,), daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return hub
+
+
+def test_base_from_the_hub_and_rerun_downloads_nothing(models, tmp_path, monkeypatch, capsys):
+    hub = _serve(monkeypatch, {"org/llama-tiny": models["base"]})
+    try:
+        assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test") == 0
+        downloaded = tmp_path / "downloads" / "org--llama-tiny"
+        assert (downloaded / "model.safetensors").read_bytes() == (
+            models["base"] / "model.safetensors"
+        ).read_bytes()
+        assert_same_weights(tmp_path / "my-vicuna", models["target"])
+        hub.log.clear()
+        assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test") == 0
+        assert hub.log == []  # every step was already done: not even the Hub is asked
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
+def test_merged_release_recipe(models, tmp_path, monkeypatch, capsys):
+    hub = _serve(monkeypatch, {"lmsys/vicuna-7b-v1.5": models["target"]})
+    try:
+        assert main(["get", "vicuna-7b-v1.5", "--dir", str(tmp_path)]) == 0
+        model = tmp_path / "vicuna-7b-v1.5"
+        assert (model / "model.safetensors").read_bytes() == (
+            models["target"] / "model.safetensors"
+        ).read_bytes()
+        assert (model / "SHA256SUMS").is_file()
+        out = capsys.readouterr().out
+        assert "(ended on EOS)" in out and f"--model-path {model}" in out
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
+def test_bad_requests(models, tmp_path, capsys):
+    assert main(["get", "vicuna-99b", "--dir", str(tmp_path)]) == 2
+    assert "unknown model 'vicuna-99b': choose one of vicuna-7b-v1.1" in capsys.readouterr().err
+    assert main(["get", "vicuna-7b-v1.5", "--dir", str(tmp_path), "--base", str(models["base"])]) == 2
+    assert "merged release" in capsys.readouterr().err
+    assert get(tmp_path, tmp_path / "no" / "such" / "folder", models["delta"]) == 2
+    assert "is neither an existing folder nor a Hub repo id" in capsys.readouterr().err
+
+
+def test_refuses_when_the_disk_is_too_small(models, tmp_path, monkeypatch, capsys):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    assert get(tmp_path, models["base"], models["delta"]) == 2
+    assert "getting my-vicuna needs" in capsys.readouterr().err
+    assert not (tmp_path / "my-vicuna").exists()

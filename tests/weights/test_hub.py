@@ -1,0 +1,232 @@
+"""`vicuna download`: the file selection on fake file lists, and whole downloads from a fake Hub on 127.0.0.1
+(the few API routes huggingface_hub uses), reached through HF_ENDPOINT."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from vicuna.cli import main
+from vicuna.weights.hub import select_files
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_safetensors_win_over_pickled_copies():
+    files = [
+        ".gitattributes",
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model-00002-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "original/consolidated.00.pth",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+    assert select_files(files) == [
+        ".gitattributes",
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
+
+
+def test_bin_only_repos_keep_their_weights():
+    files = [
+        "config.json",
+        "pytorch_model-00001-of-00002.bin",
+        "pytorch_model.bin.index.json",
+        "tokenizer.model",
+    ]
+    assert select_files(files) == files
+
+
+def test_include_patterns():
+    files = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.model", "README.md"]
+    assert select_files(files, ["*.json", "tokenizer.*"]) == ["config.json", "tokenizer.model"]
+    # asking for the .bin copy alone gets it: the rule only drops duplicates within the selection
+    assert select_files(files, ["*.bin"]) == ["pytorch_model.bin"]
+    assert select_files(files, ["*.safetensors", "*.bin"]) == ["model.safetensors"]
+    assert select_files(files, ["*.gguf"]) == []
+
+
+def _lfs(data: bytes) -> bool:
+    return not data.startswith(b"{")  # JSON files are plain git blobs, the rest is LFS, as on the Hub
+
+
+class FakeHub(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, repos: dict[str, dict[str, bytes]]) -> None:
+        super().__init__(("127.0.0.1", 0), HubHandler)
+        self.repos = repos
+        self.corrupt: set[str] = set()  # files served with wrong bytes
+        self.log: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def downloads(self) -> list[str]:
+        return sorted(
+            p.split(f"/resolve/{COMMIT}/", 1)[1] for m, p, _ in self.log if m == "GET" and "/resolve/" in p
+        )
+
+
+class HubHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
+        self.send_response(status)
+        for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _route(self, head: bool) -> None:
+        hub: FakeHub = self.server
+        path = unquote(urlsplit(self.path).path)
+        hub.log.append((self.command, path, self.headers.get("Authorization")))
+        parts = path.strip("/").split("/")
+        api = parts[0] == "api"
+        repo_id = "/".join(parts[2:4] if api else parts[0:2])
+        if repo_id not in hub.repos:
+            return self._send(
+                404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head
+            )
+        files = hub.repos[repo_id]
+        if api and parts[4:5] in ([], ["revision"]):  # repo_info
+            body = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": n} for n in files]}
+            return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+        if api and parts[4:5] == ["tree"]:  # list_repo_tree, recursive, one page
+            entries = []
+            for name, data in files.items():
+                entry = {
+                    "type": "file",
+                    "path": name,
+                    "size": len(data),
+                    "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+                }
+                if _lfs(data):
+                    entry["lfs"] = {
+                        "oid": hashlib.sha256(data).hexdigest(),
+                        "size": len(data),
+                        "pointerSize": 130,
+                    }
+                entries.append(entry)
+            return self._send(200, json.dumps(entries).encode(), {"Content-Type": "application/json"}, head)
+        if parts[2] == "resolve" and parts[3] == COMMIT:
+            name = "/".join(parts[4:])
+            data = files[name]
+            etag = hashlib.sha256(data).hexdigest() if _lfs(data) else hashlib.sha1(data).hexdigest()
+            if name in hub.corrupt:
+                data = bytes(len(data))
+            return self._send(200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'}, head)
+        return self._send(404, b"{}", {}, head)
+
+    def do_GET(self) -> None:
+        self._route(head=False)
+
+    def do_HEAD(self) -> None:
+        self._route(head=True)
+
+
+REPO = {
+    "config.json": b'{"model_type": "llama"}',
+    "model.safetensors": bytes(range(256)) * 400,
+    "pytorch_model.bin": b"PK" + bytes(5000),
+    "tokenizer.model": b"\x0a\x0bspm" * 300,
+    "sub/extra.txt": b"nested file",
+}
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    srv = FakeHub({"org/tiny": dict(REPO)})
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", srv.endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_download_from_hf_endpoint_fetches_only_safetensors(hub, tmp_path):
+    target = tmp_path / "tiny"
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "sub/extra.txt"):
+        assert (target / name).read_bytes() == REPO[name], name
+    assert not (target / "pytorch_model.bin").exists()
+    assert hub.downloads() == ["config.json", "model.safetensors", "sub/extra.txt", "tokenizer.model"]
+    # HF_TOKEN reached every request about the repo
+    assert {auth for _, path, auth in hub.log if "org/tiny" in path} == {"Bearer hf_test_token"}
+
+    from vicuna.weights.manifest import verify_manifest
+
+    assert verify_manifest(target) == []
+
+    # a second run finds everything in place and fetches nothing again
+    hub.log.clear()
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 0
+    assert hub.downloads() == []
+
+
+def test_include_and_revision(hub, tmp_path):
+    target = tmp_path / "tiny"
+    assert (
+        main(["download", "org/tiny", "--revision", "v1", "--include", "*.json", "--dir", str(target)]) == 0
+    )
+    assert hub.downloads() == ["config.json"]
+    assert ("GET", "/api/models/org/tiny/revision/v1", "Bearer hf_test_token") in hub.log
+
+
+def test_hash_mismatch_deletes_the_file_and_says_so(hub, tmp_path, capsys):
+    hub.corrupt = {"model.safetensors"}
+    target = tmp_path / "tiny"
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "differ from the Hub's hashes" in err
+    assert not (target / "model.safetensors").exists()
+    hub.corrupt = set()
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 0  # the re-run fetches it again
+    assert (target / "model.safetensors").read_bytes() == REPO["model.safetensors"]
+
+
+def test_unknown_repo_and_no_matching_files(hub, tmp_path, capsys):
+    assert main(["download", "org/missing", "--dir", str(tmp_path / "m")]) == 2
+    assert "org/missing was not found on http://127.0.0.1" in capsys.readouterr().err
+    assert main(["download", "org/tiny", "--include", "*.gguf", "--dir", str(tmp_path / "m")]) == 2
+    assert "org/tiny has no file match *.gguf" in capsys.readouterr().err
+
+
+def test_unreachable_endpoint(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
+    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_refuses_when_the_disk_is_too_small(hub, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
+    assert "downloading org/tiny needs" in capsys.readouterr().err
+    assert hub.downloads() == []

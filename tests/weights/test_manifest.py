@@ -1,0 +1,73 @@
+"""sha256 manifests: written over a folder, rechecked by `vicuna verify`, naming missing and changed files."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+
+import pytest
+
+from vicuna.cli import main
+from vicuna.errors import VicunaError
+from vicuna.weights.manifest import MANIFEST_NAME, read_manifest, verify_manifest, write_manifest
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "model"
+    (root / "sub").mkdir(parents=True)
+    (root / "config.json").write_text('{"a": 1}')
+    (root / "model.safetensors").write_bytes(bytes(range(256)) * 100)
+    (root / "sub" / "notes.txt").write_text("hello")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "state").write_text("changes on its own")
+    (root / ".hidden").write_text("x")
+    return root
+
+
+def test_manifest_lists_every_file_with_its_sha256(folder):
+    manifest = write_manifest(folder, progress=False)
+    assert manifest == folder / MANIFEST_NAME
+    entries = read_manifest(folder)
+    assert sorted(entries) == ["config.json", "model.safetensors", "sub/notes.txt"]
+    assert entries["config.json"] == hashlib.sha256(b'{"a": 1}').hexdigest()
+    assert verify_manifest(folder, progress=False) == []
+    if shutil.which("sha256sum"):  # the coreutils format, so `sha256sum -c SHA256SUMS` works too
+        subprocess.run(["sha256sum", "--quiet", "-c", MANIFEST_NAME], cwd=folder, check=True)
+
+
+def test_verify_names_changed_and_missing_files(folder):
+    write_manifest(folder, progress=False)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[1000] ^= 1
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    (folder / "sub" / "notes.txt").unlink()
+    (folder / ".cache" / "state").write_text("changed")  # hidden bookkeeping is not checked
+    problems = verify_manifest(folder, progress=False)
+    assert len(problems) == 2
+    assert problems[0] == f"missing: {folder / 'sub' / 'notes.txt'}"
+    assert problems[1].startswith(f"changed: {folder / 'model.safetensors'} (sha256 ")
+
+
+def test_verify_command(folder, capsys):
+    write_manifest(folder, progress=False)
+    assert main(["verify", str(folder), "--no-progress"]) == 0
+    assert "ok: 3 files match" in capsys.readouterr().out
+    (folder / "config.json").write_text("{}")
+    assert main(["verify", str(folder), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"changed: {folder / 'config.json'}" in err
+    assert "1 file(s) do not match" in err
+
+
+def test_verify_errors(tmp_path, folder, capsys):
+    with pytest.raises(VicunaError, match="is not a folder"):
+        verify_manifest(tmp_path / "nowhere")
+    with pytest.raises(VicunaError, match=f"{MANIFEST_NAME} does not exist"):
+        verify_manifest(folder)
+    assert main(["verify", str(folder)]) == 2
+    assert "error: " in capsys.readouterr().err
+    (folder / MANIFEST_NAME).write_text("abc  config.json\n")
+    with pytest.raises(VicunaError, match="line 1 is not"):
+        verify_manifest(folder)

@@ -1,0 +1,231 @@
+"""`vicuna download-llama` against a local server (127.0.0.1) that speaks Meta's presigned-URL layout, honours
+or ignores Range requests, and drops connections part-way through a body."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from vicuna.cli import main
+
+
+def make_release(seed: int = 0) -> dict[str, bytes]:
+    """Tokenizer, 7B (1 shard) and 13B (2 shards) with checklists, filled with reproducible bytes."""
+    rnd = __import__("random").Random(seed)
+    files = {"tokenizer.model": rnd.randbytes(3000)}
+    files["tokenizer_checklist.chk"] = (
+        f"{hashlib.md5(files['tokenizer.model']).hexdigest()}  tokenizer.model\n".encode()
+    )
+    for size, shards in (("7B", 1), ("13B", 2)):
+        own = {f"{size}/params.json": b'{"dim": 64, "n_layers": 2, "n_heads": 4}'}
+        own.update({f"{size}/consolidated.{i:02d}.pth": rnd.randbytes(200_000 + i) for i in range(shards)})
+        listed = "".join(f"{hashlib.md5(d).hexdigest()}  {Path(n).name}\n" for n, d in own.items())
+        files.update(own)
+        files[f"{size}/checklist.chk"] = listed.encode()
+    return files
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.files = files
+        self.honor_range = True
+        self.drops: dict[str, int] = {}  # path -> how many more body responses to cut short
+        self.drop_at = 50_000
+        self.log: list[tuple[str, str | None, int]] = []  # (path, Range header, status)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/*?sig=ok"
+
+    def gets(self, path: str) -> list[tuple[str | None, int]]:
+        """The body requests for `path` (the one-byte size probes left out)."""
+        return [(rng, status) for p, rng, status in self.log if p == path and rng != "bytes=0-0"]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _answer(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        server: Server = self.server
+        url = urlsplit(self.path)
+        path = url.path.lstrip("/")
+        rng = self.headers.get("Range")
+        if url.query != "sig=ok":
+            server.log.append((path, rng, 403))
+            return self._answer(403, b"AccessDenied")
+        if path not in server.files:
+            server.log.append((path, rng, 404))
+            return self._answer(404, b"NoSuchKey")
+        data = server.files[path]
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
+        if not (match and server.honor_range):
+            status, start, end = 200, 0, len(data) - 1
+        else:
+            start = int(match[1])
+            end = min(int(match[2]), len(data) - 1) if match[2] else len(data) - 1
+            if start >= len(data):
+                server.log.append((path, rng, 416))
+                return self._answer(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            status = 206
+        server.log.append((path, rng, status))
+        body = data[start : end + 1]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.end_headers()
+        if server.drops.get(path, 0) > 0 and len(body) > server.drop_at and rng != "bytes=0-0":
+            server.drops[path] -= 1
+            self.wfile.write(body[: server.drop_at])
+            self.wfile.flush()
+            self.close_connection = True  # the client sees the body end early
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    srv = Server(make_release())
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def run(server: Server, target: Path, sizes: str = "7B", *extra: str) -> int:
+    argv = ["download-llama", "--url", server.url, "--model-size", sizes, "--dir", str(target)]
+    return main([*argv, "--backoff", "0.01", *extra])
+
+
+def assert_identical(server: Server, target: Path, sizes: tuple[str, ...]) -> None:
+    wanted = {n for n in server.files if "/" not in n or n.split("/")[0] in sizes}
+    got = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+    assert got == wanted  # no .part files left behind
+    for name in wanted:
+        assert (target / name).read_bytes() == server.files[name], name
+
+
+def test_dropped_connections_resume_with_range(server, tmp_path):
+    server.drops = {"13B/consolidated.01.pth": 3, "tokenizer.model": 0}
+    server.drop_at = 40_000
+    assert run(server, tmp_path / "llama", "7B,13B") == 0
+    assert_identical(server, tmp_path / "llama", ("7B", "13B"))
+    ranges = [rng for rng, _ in server.gets("13B/consolidated.01.pth")]
+    # each retry asks for the bytes after the ones already on disk
+    assert ranges == [None, "bytes=40000-", "bytes=80000-", "bytes=120000-"]
+    assert [status for _, status in server.gets("13B/consolidated.01.pth")] == [200, 206, 206, 206]
+
+
+def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
+    server.honor_range = False
+    server.drops = {"7B/consolidated.00.pth": 1}
+    assert run(server, tmp_path / "llama") == 0
+    assert_identical(server, tmp_path / "llama", ("7B",))
+    assert server.gets("7B/consolidated.00.pth") == [(None, 200), ("bytes=50000-", 200)]
+
+
+def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
+    target = tmp_path / "llama"
+    data = server.files["7B/consolidated.00.pth"]
+    (target / "7B").mkdir(parents=True)
+    (target / "7B/consolidated.00.pth.part").write_bytes(data[:123_456])
+    assert run(server, target) == 0
+    assert_identical(server, target, ("7B",))
+    assert server.gets("7B/consolidated.00.pth") == [("bytes=123456-", 206)]
+
+
+def test_rerun_skips_verified_files_and_redownloads_corrupt_ones(server, tmp_path):
+    target = tmp_path / "llama"
+    assert run(server, target) == 0
+    server.log.clear()
+    assert run(server, target) == 0
+    assert server.log == []  # everything verified from disk, nothing fetched
+
+    shard = target / "7B/consolidated.00.pth"
+    shard.write_bytes(b"x" * 10 + shard.read_bytes()[10:])
+    assert run(server, target) == 0
+    assert_identical(server, target, ("7B",))
+    assert server.gets("7B/consolidated.00.pth") == [(None, 200)]
+    assert {p for p, _, _ in server.log} == {"7B/consolidated.00.pth"}
+
+
+def test_corrupt_partial_file_is_downloaded_again_from_the_start(server, tmp_path):
+    target = tmp_path / "llama"
+    (target / "7B").mkdir(parents=True)
+    (target / "7B/consolidated.00.pth.part").write_bytes(b"\0" * 1000)  # wrong bytes: md5 fails after resume
+    assert run(server, target) == 0
+    assert_identical(server, target, ("7B",))
+    assert server.gets("7B/consolidated.00.pth") == [("bytes=1000-", 206), (None, 200)]
+
+
+def test_md5_mismatch_from_the_server_is_an_error(server, tmp_path, capsys):
+    server.files["7B/params.json"] = b'{"dim": 4096}'  # not what the checklist says
+    assert run(server, tmp_path / "llama") == 2
+    err = capsys.readouterr().err
+    assert "7B/params.json" in err and "md5" in err and "checklist" in err
+    assert not (tmp_path / "llama/7B/params.json").exists()
+    assert not (tmp_path / "llama/7B/params.json.part").exists()
+
+
+def test_expired_url_gives_a_clear_error(server, tmp_path, capsys):
+    url = server.url.replace("sig=ok", "sig=old")
+    assert main(["download-llama", "--url", url, "--dir", str(tmp_path / "llama")]) == 2
+    err = capsys.readouterr().err
+    assert "HTTP 403" in err and "expired" in err
+
+
+def test_gives_up_after_the_retries(server, tmp_path, capsys):
+    server.drops = {"7B/consolidated.00.pth": 100}
+    server.drop_at = 0  # headers only, then the connection closes: no progress at all
+    assert run(server, tmp_path / "llama", "7B", "--retries", "2") == 2
+    assert "failed 3 times in a row" in capsys.readouterr().err
+    assert len(server.gets("7B/consolidated.00.pth")) == 3
+
+
+def test_refuses_when_the_disk_is_too_small(server, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100))
+    assert run(server, tmp_path / "llama") == 2
+    err = capsys.readouterr().err
+    assert "downloading LLaMA 7B needs" in err and "GB of free disk" in err
+    assert server.gets("7B/consolidated.00.pth") == []
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert main(["download-llama", "--url", "https://x/y?sig=1", "--dir", str(tmp_path)]) == 2
+    assert "'*'" in capsys.readouterr().err
+    assert (
+        main(["download-llama", "--url", "https://x/*", "--model-size", "7B,8B", "--dir", str(tmp_path)]) == 2
+    )
+    assert "unknown size 8B" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_error_page_instead_of_a_checklist_is_not_kept(server, tmp_path, capsys):
+    server.files["7B/checklist.chk"] = b"<html><body>Service Unavailable</body></html>"
+    assert run(server, tmp_path / "llama") == 2
+    assert "checklist.chk.part, line 1: expected '<md5>  <file>'" in capsys.readouterr().err
+    assert not list((tmp_path / "llama" / "7B").iterdir())
