@@ -1,0 +1,157 @@
+"""`vicuna train ...` fine-tunes a model; `vicuna train inspect ...` shows which tokens carry the loss."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from vicuna.config import DTYPES
+from vicuna.errors import VicunaError
+from vicuna.train.data import IGNORE
+
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model-path", help="HF-format folder or .gguf file (default: the built-in model)")
+    g.add_argument("--data", type=Path, help="ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]})")
+    g.add_argument(
+        "--conv-template", help="prompt template (default: the model's own, see `vicuna template list`)"
+    )
+    g.add_argument("--conv-system-msg", help="system prompt for conversations that have none")
+    g.add_argument("--max-length", type=int, default=2048, help="tokens per example (default 2048)")
+    g.add_argument(
+        "--split-long",
+        action="store_true",
+        help="split longer conversations at turn boundaries (default: truncate)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="inspect")
+    inspect = sub.add_parser(
+        "inspect", help="show which tokens carry loss, and count bad and truncated examples"
+    )
+    _add_data_arguments(inspect)
+    inspect.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+    inspect.add_argument("--json", type=Path, help="write {'input_ids', 'labels'} per example (JSONL) here")
+
+    _add_data_arguments(parser)
+    parser.add_argument("--output-dir", type=Path, help="where checkpoints and the final model go")
+    parser.add_argument("--allow-bad", type=int, default=0, help="train even if up to N examples are bad")
+    g = parser.add_argument_group("schedule")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
+    length.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (instead of --epochs)")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; LoRA: try 2e-4)")
+    g.add_argument("--batch-size", type=int, default=1, help="examples per device per step (default 1)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument(
+        "--warmup-ratio", type=float, default=0.03, help="share of steps to warm up (default 0.03)"
+    )
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--lr-scheduler", choices=SCHEDULERS, default="cosine")
+    g.add_argument("--seed", type=int, default=42, help="fixes the data order and the initialisation")
+    g = parser.add_argument_group("memory and precision")
+    g.add_argument(
+        "--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 or float16 on a GPU, else float32"
+    )
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    g.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
+    g.add_argument("--qlora", action="store_true", help="LoRA on a 4-bit base (CUDA and bitsandbytes)")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=int, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument(
+        "--lora-target", default="q_proj,v_proj", help="comma-separated module names, or all-linear"
+    )
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument(
+        "--save-steps", type=int, default=500, help="save a checkpoint every N steps (default 500)"
+    )
+    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2)")
+    g.add_argument("--logging-steps", type=int, default=10, help="print loss, lr and tokens/s every N steps")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--force", action="store_true", help="train on a GPU below compute capability 7.5 anyway")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.data is None:
+        raise VicunaError("--data is required: a ShareGPT JSON or OpenAI-style JSONL file")
+    if args.action == "inspect":
+        return inspect(args)
+    if args.output_dir is None:
+        raise VicunaError("--output-dir is required")
+    from vicuna.train.trainer import TrainConfig, train
+
+    train(
+        TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    )
+    return 0
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from vicuna.train.data import load_conversations
+    from vicuna.train.trainer import load_tokenizer_and_template, tokenize_data
+
+    conversations = load_conversations(args.data)
+    _, tokenizer, template = load_tokenizer_and_template(
+        args.model_path, args.conv_template, args.conv_system_msg
+    )
+    prepared = tokenize_data(
+        conversations,
+        tokenizer,
+        template,
+        source=args.data,
+        max_length=args.max_length,
+        split_long=args.split_long,
+        progress=True,
+    )
+    console = Console(highlight=False, soft_wrap=True)
+    legend = "green" if console.is_terminal else "inside [[ ]]"
+    console.print(f"tokens with loss are {legend}; the others are masked (label -100)")
+    for example in prepared.examples[: max(args.n, 0)]:
+        loss = sum(label != IGNORE for label in example.labels)
+        cut = ", truncated" if example.truncated else ""
+        console.rule(f"{example.source}: {len(example.input_ids)} tokens, {loss} with loss{cut}")
+        console.print(show(tokenizer, example.input_ids, example.labels, plain=not console.is_terminal))
+    for source, why in prepared.bad[:10]:
+        console.print(f"bad: {source}: {why}")
+    if len(prepared.bad) > 10:
+        console.print(f"... and {len(prepared.bad) - 10} more bad examples")
+    if args.json is not None:
+        tmp = args.json.with_name(args.json.name + ".partial")
+        with tmp.open("w", encoding="utf-8") as f:
+            for e in prepared.examples:
+                f.write(json.dumps({"source": e.source, "input_ids": e.input_ids, "labels": e.labels}) + "\n")
+        tmp.replace(args.json)
+        console.print(f"wrote {len(prepared.examples)} examples to {args.json}")
+    return 0
+
+
+def show(tokenizer: Any, ids: list[int], labels: list[int], *, plain: bool) -> Any:
+    """The example's text, the tokens with loss in green (or in [[ ]] when not on a terminal).
+
+    Each run is the text that decoding up to its end adds, so word-initial spaces stay where they are.
+    """
+    from rich.text import Text
+
+    text, done, start = Text(), "", 0
+    for end in range(1, len(ids) + 1):
+        if end < len(ids) and (labels[end] != IGNORE) == (labels[start] != IGNORE):
+            continue
+        decoded = tokenizer.decode(ids[:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        piece = decoded[len(done) :] if decoded.startswith(done) else tokenizer.decode(ids[start:end])
+        trainable = labels[start] != IGNORE
+        if plain:
+            text.append(f"[[{piece}]]" if trainable else piece)
+        else:
+            text.append(piece, style="bold green" if trainable else "dim")
+        done, start = decoded, end
+    return text

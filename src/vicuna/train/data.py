@@ -1,0 +1,328 @@
+"""Training data: conversations from ShareGPT JSON or OpenAI-style JSONL, checked record by record, and
+tokenized so that the loss falls on assistant replies and their end-of-turn marker alone.
+
+The assistant spans come from the template's own `Segment`s (character ranges of the rendered text);
+a token carries loss when its characters lie inside a trainable span. A token that straddles a span's
+edge means the span cannot be located exactly: the example is reported as bad, never silently masked
+(FastChat's "tokenization mismatch ... (ignored)") nor mislabelled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vicuna.conversation import Message, Segment, Template, parse_messages
+from vicuna.errors import VicunaError
+
+IGNORE = -100  # label of a token without loss (the ignore_index of PyTorch's cross-entropy)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SHAREGPT_NAMES = {v: k for k, v in SHAREGPT_ROLES.items()}
+OPENAI_NAMES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    source: str  # for messages: "data.json[3] (id 'x')" or "data.jsonl:4"
+    messages: tuple[Message, ...]
+
+
+# --- reading and checking ------------------------------------------------------------------------
+
+
+def load_conversations(path: Path) -> list[Conversation]:
+    """A ShareGPT JSON list or an OpenAI-style JSONL file; the first bad record is an error naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VicunaError(f"{path}: no such file") from None
+    except UnicodeDecodeError as err:
+        raise VicunaError(f"{path}: not UTF-8 text ({err})") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise VicunaError(f"{path}: not valid JSON ({err})") from None
+        items = [(f"{path}[{i}]", record) for i, record in enumerate(records)]
+    else:
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise VicunaError(f"{path}:{n}: not valid JSON ({err})") from None
+    if not items:
+        raise VicunaError(f"{path}: no conversations in the file")
+    return [parse_record(record, where) for where, record in items]
+
+
+def parse_record(record: Any, where: str) -> Conversation:
+    """One record: `{"id", "conversations": [{"from", "value"}]}` or `{"messages": [{"role", "content"}]}`."""
+    if not isinstance(record, dict) or not ({"conversations", "messages"} & record.keys()):
+        raise VicunaError(
+            f"{where}: expected an object with 'conversations' (ShareGPT) or 'messages' (OpenAI style)"
+        )
+    if "id" in record:
+        where += f" (id {record['id']!r})"
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise VicunaError(f"{where}.conversations: expected a non-empty list of turns")
+        messages = []
+        for i, turn in enumerate(turns):
+            at = f"{where}.conversations[{i}]"
+            if not isinstance(turn, dict):
+                raise VicunaError(f"{at}: expected an object with 'from' and 'value'")
+            if turn.get("from") not in SHAREGPT_ROLES:
+                raise VicunaError(
+                    f"{at}.from: unknown role {turn.get('from')!r}; expected human, gpt or system"
+                )
+            if not isinstance(turn.get("value"), str):
+                raise VicunaError(f"{at}.value: expected a string")
+            messages.append(Message(SHAREGPT_ROLES[turn["from"]], turn["value"]))  # type: ignore[arg-type]
+        fields = (f"{where}.conversations", "from", "value", SHAREGPT_NAMES)
+    else:
+        messages = parse_messages(record["messages"], source=f"{where}.messages")
+        fields = (f"{where}.messages", "role", "content", OPENAI_NAMES)
+    return Conversation(where, tuple(check_turns(messages, *fields)))
+
+
+def check_turns(
+    messages: list[Message], at: str, role_field: str, text_field: str, names: dict[str, str]
+) -> list[Message]:
+    """Non-empty texts; an optional system turn, then user and assistant turns alternating.
+
+    A trailing user turn is dropped: it has no reply to learn from.
+    """
+    first = 1 if messages[0].role == "system" else 0
+    for i, message in enumerate(messages):
+        if not message.content.strip():
+            raise VicunaError(f"{at}[{i}].{text_field}: empty text")
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if i >= first and message.role != expected:
+            raise VicunaError(
+                f"{at}[{i}].{role_field}: expected {names[expected]!r}, got {names[message.role]!r} "
+                f"(after an optional system turn, {names['user']} and {names['assistant']} turns alternate)"
+            )
+    if messages[-1].role == "user":
+        messages = messages[:-1]
+    if len(messages) - first < 2:
+        raise VicunaError(f"{at}: no {names['assistant']!r} turn to learn from")
+    return messages
+
+
+# --- tokenizing with the loss mask ---------------------------------------------------------------
+
+
+class SpanError(ValueError):
+    """An assistant span whose edges cannot be located exactly among the tokens."""
+
+
+@dataclass
+class Encoder:
+    """Renders a conversation with its template and tokenizes it into input ids and loss labels.
+
+    A fast tokenizer's character offsets place each token; without them, each span edge is located by
+    tokenizing the text before it, which must give a prefix of the whole tokenization.
+    """
+
+    tokenizer: Any
+    template: Template
+    use_offsets: bool | None = None  # None: when the tokenizer is a fast one
+
+    def __post_init__(self) -> None:
+        if self.use_offsets is None:
+            self.use_offsets = bool(getattr(self.tokenizer, "is_fast", False))
+        bos_id = self.tokenizer.bos_token_id
+        adds_bos = bos_id is not None and self.tokenizer("x").input_ids[:1] == [bos_id]
+        self.bos: list[int] = [bos_id] if adds_bos else []
+
+    def _ids(self, text: str, **kwargs: Any) -> Any:
+        return self.tokenizer(text, add_special_tokens=False, **kwargs)
+
+    def _bos_for(self, text: str) -> list[int]:
+        return [] if self.bos and text.startswith(self.tokenizer.bos_token) else self.bos
+
+    def _segments(self, messages: Sequence[Message]) -> list[Segment]:
+        try:
+            return self.template.segments(messages, add_generation_prompt=False)
+        except VicunaError as err:  # e.g. a chat template that does not render prefixes as prefixes
+            raise SpanError(str(err)) from None
+
+    def length(self, messages: Sequence[Message]) -> int:
+        text = "".join(s.text for s in self._segments(messages))
+        return len(self._bos_for(text)) + len(self._ids(text).input_ids)
+
+    def encode(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
+        """(input_ids, labels); labels are IGNORE except on the tokens of the trainable segments."""
+        text, spans, pos = "", [], 0
+        for segment in self._segments(messages):
+            text += segment.text
+            if segment.trainable and segment.text:
+                spans.append((pos, pos + len(segment.text)))
+            pos += len(segment.text)
+        if self.use_offsets:
+            enc = self._ids(text, return_offsets_mapping=True)
+            ids, flags = list(enc.input_ids), flags_from_offsets(enc.offset_mapping, spans)
+        else:
+            ids = list(self._ids(text).input_ids)
+            flags = self._flags_from_prefixes(text, ids, spans)
+        bos = self._bos_for(text)
+        labels = [t if f else IGNORE for t, f in zip(ids, flags, strict=True)]
+        return bos + ids, [IGNORE] * len(bos) + labels
+
+    def _flags_from_prefixes(self, text: str, ids: list[int], spans: list[tuple[int, int]]) -> list[bool]:
+        flags = [False] * len(ids)
+        for start, end in spans:
+            first, last = self._token_boundary(text, ids, start), self._token_boundary(text, ids, end)
+            if last <= first:
+                raise SpanError(f"the assistant text at characters {start}-{end} has no tokens of its own")
+            flags[first:last] = [True] * (last - first)
+        return flags
+
+    def _token_boundary(self, text: str, ids: list[int], char: int) -> int:
+        before = list(self._ids(text[:char]).input_ids)
+        if ids[: len(before)] != before:
+            raise SpanError(
+                f"character {char} ({text[max(0, char - 12) : char]!r}|{text[char : char + 12]!r}) falls "
+                "inside a token: the text before it tokenizes differently on its own"
+            )
+        return len(before)
+
+
+def flags_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """For each token (start, end) in characters: whether it lies inside one of the sorted `spans`.
+
+    Some tokenizers trim the space a token starts with out of its offsets (GPT-2's `trim_offsets`);
+    a token is taken to start where the previous one ended, so such a space is never lost at an edge.
+    """
+    flags, covered, j, prev_end = [], set(), 0, 0
+    for start, end in offsets:
+        if start >= end:  # zero-width: nothing of the text is in it
+            flags.append(False)
+            continue
+        start, prev_end = min(start, prev_end), max(prev_end, end)
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        if j == len(spans) or end <= spans[j][0]:
+            flags.append(False)
+        elif spans[j][0] <= start and end <= spans[j][1]:
+            flags.append(True)
+            covered.add(j)
+        else:
+            raise SpanError(
+                f"a token at characters {start}-{end} crosses the edge of the assistant text at "
+                f"characters {spans[j][0]}-{spans[j][1]}"
+            )
+    if len(covered) < len(spans):
+        missing = spans[min(set(range(len(spans))) - covered)]
+        raise SpanError(
+            f"the assistant text at characters {missing[0]}-{missing[1]} has no tokens of its own"
+        )
+    return flags
+
+
+# --- the data set ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    source: str
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+@dataclass
+class Prepared:
+    examples: list[Example] = field(default_factory=list)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (source, why its spans cannot be located)
+    truncated: int = 0  # examples cut at --max-length
+    dropped: int = 0  # truncated examples with no loss token left, left out
+
+    def summary(self) -> str:
+        tokens = sum(len(e.input_ids) for e in self.examples)
+        loss = sum(sum(label != IGNORE for label in e.labels) for e in self.examples)
+        return (
+            f"{len(self.examples)} examples, {tokens} tokens of which {loss} carry loss; "
+            f"{len(self.bad)} bad (assistant text not locatable), {self.truncated} truncated to --max-length"
+            + (f", {self.dropped} of them left out (no assistant text left)" if self.dropped else "")
+        )
+
+    def fingerprint(self) -> str:
+        """A digest of the tokenized data: a resumed run must see the same examples."""
+        digest = hashlib.sha256()
+        for e in self.examples:
+            digest.update(json.dumps([e.input_ids, e.labels]).encode())
+        return digest.hexdigest()[:16]
+
+    def check_bad(self, allow_bad: int) -> None:
+        """Refuse to train when more examples than `allow_bad` could not be labelled exactly."""
+        if len(self.bad) > allow_bad:
+            source, why = self.bad[0]
+            raise VicunaError(
+                f"{len(self.bad)} example(s) have assistant text that cannot be located exactly among the "
+                f"tokens (allowed: {allow_bad}); the first is {source}: {why}. See them with `vicuna train "
+                "inspect`, fix the data or the template, or pass --allow-bad N to leave out up to N of them"
+            )
+
+
+def split_turns(messages: Sequence[Message], fits: Callable[[list[Message]], bool]) -> list[list[Message]]:
+    """Split a conversation at turn boundaries into pieces that fit; each piece keeps the system turn."""
+    head = list(messages[:1]) if messages[0].role == "system" else []
+    turns = list(messages[len(head) :])
+    pieces: list[list[Message]] = []
+    current: list[Message] = []
+    for i in range(0, len(turns), 2):
+        pair = turns[i : i + 2]
+        if current and not fits(head + current + pair):
+            pieces.append(head + current)
+            current = []
+        current += pair
+    return [*pieces, head + current]
+
+
+def prepare(
+    conversations: Sequence[Conversation],
+    encoder: Encoder,
+    *,
+    max_length: int,
+    split_long: bool = False,
+    progress: bool = False,
+) -> Prepared:
+    """Tokenize every conversation; long ones are split at turn boundaries (`split_long`) or truncated."""
+    from rich.progress import track
+
+    def fits(messages: list[Message]) -> bool:
+        return encoder.length(messages) <= max_length
+
+    out = Prepared()
+    for conv in track(conversations, description="tokenizing", disable=not progress, transient=True):
+        pieces = [list(conv.messages)]
+        try:
+            if split_long and not fits(pieces[0]):
+                pieces = split_turns(conv.messages, fits)
+        except SpanError as err:
+            out.bad.append((conv.source, str(err)))
+            continue
+        for k, messages in enumerate(pieces):
+            source = conv.source if len(pieces) == 1 else f"{conv.source} part {k + 1}"
+            try:
+                ids, labels = encoder.encode(messages)
+            except SpanError as err:
+                out.bad.append((source, str(err)))
+                continue
+            truncated = len(ids) > max_length
+            if truncated:
+                ids, labels = ids[:max_length], labels[:max_length]
+                out.truncated += 1
+                if all(label == IGNORE for label in labels):
+                    out.dropped += 1
+                    continue
+            out.examples.append(Example(source, ids, labels, truncated))
+    return out

@@ -1,0 +1,447 @@
+"""The training run: check the hardware, prepare the data, load the model (full, LoRA or QLoRA), train,
+checkpoint, resume, and write the result as a normal checkpoint that records its prompt template.
+
+The loop is transformers' `Trainer`, so the same command runs on one CPU or GPU, or on several GPUs
+and machines (configs in vicuna/train/configs/; one process per GPU):
+
+    accelerate launch --config_file configs/fsdp.yaml -m vicuna train ...            # FSDP full shard
+    accelerate launch --use_deepspeed --deepspeed_config_file configs/zero3.json \
+        --num_processes 4 -m vicuna train ...                                        # DeepSpeed ZeRO-3
+    torchrun --nproc_per_node 4 -m vicuna train ...                                  # DDP (model fits a GPU)
+
+Its checkpoints hold the optimizer, scheduler, RNG and data position, so `--resume` continues with
+the same data order; a record of the run's settings refuses a resume that would change it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vicuna.engine.loader import RECORDED_TEMPLATE  # chat and serve read it
+from vicuna.errors import ModelLoadError, VicunaError
+from vicuna.train.data import IGNORE, Conversation, Encoder, Prepared, load_conversations, prepare
+
+RUN_RECORD = "vicuna-train.json"  # the settings a resumed run must keep
+MIN_CAPABILITY = (7, 5)
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    output_dir: Path
+    model_path: str | None = None  # None: the built-in model
+    conv_template: str | None = None
+    conv_system_msg: str | None = None
+    max_length: int = 2048
+    split_long: bool = False
+    allow_bad: int = 0
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    lr: float = 2e-5
+    batch_size: int = 1  # per device
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    gradient_checkpointing: bool = False
+    dtype: str = "auto"
+    lora: bool = False
+    qlora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target: str = "q_proj,v_proj"
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    seed: int = 42
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.data, self.output_dir = Path(self.data), Path(self.output_dir)
+        self.lora = self.lora or self.qlora
+        checks = [
+            (self.max_length >= 16, "--max-length must be at least 16"),
+            (
+                self.batch_size >= 1 and self.grad_accum >= 1,
+                "--batch-size and --grad-accum must be at least 1",
+            ),
+            (self.epochs > 0 or self.max_steps > 0, "--epochs or --max-steps must be positive"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
+            (
+                self.save_steps >= 1 and self.logging_steps >= 1,
+                "--save-steps and --logging-steps must be >= 1",
+            ),
+            (self.allow_bad >= 0, "--allow-bad must be >= 0"),
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown --dtype {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VicunaError(message)
+
+
+# --- before loading ------------------------------------------------------------------------------
+
+
+def check_gpus(force: bool) -> None:
+    """Refuse GPUs below compute capability 7.5, where training fails or crawls, unless `force`."""
+    import torch
+
+    if not torch.cuda.is_available() or force:
+        return
+    for i in range(torch.cuda.device_count()):
+        capability = torch.cuda.get_device_capability(i)
+        if tuple(capability) < MIN_CAPABILITY:
+            raise VicunaError(
+                f"GPU {i} ({torch.cuda.get_device_name(i)}) has compute capability "
+                f"{capability[0]}.{capability[1]}; training needs 7.5 or newer (T4, RTX 20xx, A100 and "
+                "later): older GPUs lack the fp16 tensor-core kernels that training relies on (bfloat16 "
+                "needs 8.0), and runs fail or crawl (a Tesla P40, 6.1, fails). Pass --force to try anyway"
+            )
+
+
+def check_qlora() -> None:
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise VicunaError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); use --lora on this machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise VicunaError("--qlora needs bitsandbytes: pip install 'vicuna[gpu]'")
+
+
+def precision(dtype: str) -> tuple[Any, str]:
+    """(dtype to compute in, "bf16" | "fp16" | "no" for mixed precision) for `--dtype` on this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
+    if dtype == "float16" and not cuda:
+        raise VicunaError("--dtype float16 needs a CUDA GPU; use bfloat16 or float32 on this machine")
+    mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+    return getattr(torch, dtype), mixed
+
+
+def load_tokenizer_and_template(
+    model_path: str | None, conv_template: str | None = None, conv_system_msg: str | None = None
+) -> tuple[Path, Any, Any]:
+    """The model folder, its tokenizer, and the template: --conv-template, the recorded one, or the model's."""
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_tokenizer, pick_template, resolve_model_path
+
+    folder = resolve_model_path(model_path)
+    tokenizer = load_tokenizer(folder)
+    settings = ModelSettings(
+        model_path=model_path, conv_template=conv_template, conv_system_msg=conv_system_msg
+    )
+    model_name = folder.name if model_path is not None else "SmolLM2-135M-Instruct"
+    return folder, tokenizer, pick_template(settings, tokenizer, folder, model_name)
+
+
+def tokenize_data(
+    conversations: list[Conversation],
+    tokenizer: Any,
+    template: Any,
+    *,
+    source: Path,
+    max_length: int,
+    split_long: bool,
+    progress: bool,
+) -> Prepared:
+    """Tokenize the conversations read from `source` with the loss mask, and say what came of it."""
+    encoder = Encoder(tokenizer, template)
+    prepared = prepare(
+        conversations, encoder, max_length=max_length, split_long=split_long, progress=progress
+    )
+    if progress:
+        print(f"{source}: {prepared.summary()} (template {template.name})", flush=True)
+    return prepared
+
+
+# --- checkpoints and the run record ---------------------------------------------------------------
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` (the Trainer writes trainer_state.json last)."""
+    done = [
+        p
+        for p in output_dir.glob("checkpoint-*")
+        if p.name.removeprefix("checkpoint-").isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
+def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict[str, Any]:
+    """What fixes the data order and the schedule: a resumed run must match it."""
+    keys = ("max_length", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio")
+    keys += ("weight_decay", "lr_scheduler", "lora", "lora_r", "lora_alpha", "lora_target", "seed")
+    record = {k: asdict(cfg)[k] for k in keys}
+    record.update(
+        conv_template=template_name,
+        data_fingerprint=prepared.fingerprint(),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    )
+    return record
+
+
+def start_or_resume(cfg: TrainConfig, record: dict[str, Any], is_main: bool) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); refuses mismatches and accidental overwrites."""
+    path = cfg.output_dir / RUN_RECORD
+    checkpoint = last_checkpoint(cfg.output_dir) if cfg.output_dir.is_dir() else None
+    if not cfg.resume:
+        if checkpoint is not None or (cfg.output_dir / RECORDED_TEMPLATE).is_file():
+            raise VicunaError(
+                f"{cfg.output_dir} already holds a training run; pass --resume to continue it, "
+                "or choose another --output-dir"
+            )
+        if is_main:
+            cfg.output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+            tmp.replace(path)
+        return None
+    if checkpoint is None:
+        raise VicunaError(f"--resume: {cfg.output_dir} has no complete checkpoint-N folder to resume from")
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key, value in record.items():
+            if old.get(key) != value:
+                what = "the tokenized data" if key == "data_fingerprint" else key
+                raise VicunaError(
+                    f"--resume: {what} was {old.get(key)!r} for the run in {cfg.output_dir}, now {value!r}; "
+                    "resume with the same data and settings, or start a new --output-dir"
+                )
+    return checkpoint
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+
+def load_model(
+    folder: Path, cfg: TrainConfig, compute_dtype: Any, tokenizer: Any, *, show: bool = False
+) -> Any:
+    """The model to train: full weights in float32 (mixed precision computes in `compute_dtype`), or a
+    LoRA-wrapped base in `compute_dtype`, or a 4-bit base for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicuna.engine.loader import check_tokenizer, check_weight_file, read_config, weight_files
+
+    config = read_config(folder)
+    for path in weight_files(folder):
+        check_weight_file(path)
+    check_tokenizer(tokenizer, config, folder)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype if cfg.lora else torch.float32}
+    if cfg.qlora:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # one GPU per process
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"{folder}: cannot load the weights ({type(err).__name__}: {err})") from None
+    model.config.use_cache = False  # the cache is for generation; training would only store it
+    if cfg.gradient_checkpointing and not cfg.qlora:  # QLoRA: prepare_model_for_kbit_training does it
+        # renamed activation_checkpointing_enable in transformers 5.x; the old name warns until v6
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+        enable({"use_reentrant": False})
+    return add_lora(model, cfg, show=show) if cfg.lora else model
+
+
+def add_lora(model: Any, cfg: TrainConfig, *, show: bool = False) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.qlora:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    targets = cfg.lora_target.strip()
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets
+        if targets == "all-linear"
+        else [t.strip() for t in targets.split(",") if t.strip()],
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        raise VicunaError(f"--lora-target {cfg.lora_target}: {err}") from None
+    if show:
+        trainable, total = model.get_nb_trainable_parameters()
+        print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
+    return model
+
+
+@dataclass
+class PadCollator:
+    """Right-pads a batch; padding has attention 0 and no loss."""
+
+    pad_id: int
+
+    def __call__(self, batch: Sequence[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+
+        def pad(key: str, value: int) -> Any:
+            return torch.tensor([b[key] + [value] * (width - len(b[key])) for b in batch])
+
+        return {
+            "input_ids": pad("input_ids", self.pad_id),
+            "labels": pad("labels", IGNORE),
+            "attention_mask": torch.tensor(
+                [[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]
+            ),
+        }
+
+
+def progress_callback() -> Any:
+    """Trainer's progress bar, with one readable line per logging step instead of a dict."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class Progress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            if not state.is_world_process_zero or self.training_bar is None or not logs:
+                return
+            if "loss" in logs:
+                line = f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}"
+                line += f"  lr {logs.get('learning_rate', 0):.2e}"
+                if "train_tokens_per_second" in logs:
+                    line += f"  {logs['train_tokens_per_second']:.0f} tokens/s"
+                self.training_bar.write(line)
+            elif "train_loss" in logs:
+                self.training_bar.write(
+                    f"done: {state.global_step} steps in {logs['train_runtime']:.1f}s, mean loss {logs['train_loss']:.4f}"
+                )
+
+    return Progress
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
+    """Run (or resume) training; returns the output folder, which then holds the final model."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    check_gpus(cfg.force)
+    if cfg.qlora:
+        check_qlora()
+    compute_dtype, mixed = precision(cfg.dtype)
+    is_main = int(os.environ.get("RANK", "0")) == 0  # accelerate launch / torchrun: rank 0 reports
+    show = cfg.progress and is_main
+    conversations = load_conversations(cfg.data)  # bad records stop the run before anything loads
+    folder, tokenizer, template = load_tokenizer_and_template(
+        cfg.model_path, cfg.conv_template, cfg.conv_system_msg
+    )
+    prepared = tokenize_data(
+        conversations,
+        tokenizer,
+        template,
+        source=cfg.data,
+        max_length=cfg.max_length,
+        split_long=cfg.split_long,
+        progress=show,
+    )
+    prepared.check_bad(cfg.allow_bad)  # before any model loads: a bad run stops in seconds
+    if not prepared.examples:
+        raise VicunaError(f"{cfg.data}: no example is left to train on")
+    checkpoint = start_or_resume(cfg, run_record(cfg, template.name, prepared), is_main)
+
+    # The arguments come before the model: under DeepSpeed ZeRO-3 they make from_pretrained shard at load.
+    args = TrainingArguments(
+        output_dir=str(cfg.output_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        include_num_input_tokens_seen="non_padding",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        report_to="none",
+        disable_tqdm=not show,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+    )
+    model = load_model(folder, cfg, compute_dtype, tokenizer, show=show)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.examples],
+        data_collator=PadCollator(pad_id if pad_id is not None else 0),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    if show:
+        trainer.add_callback(progress_callback())
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    save_final(trainer, cfg.output_dir, template.name, is_main)
+    if show:
+        if cfg.lora:
+            print(
+                f"LoRA adapter written to {cfg.output_dir}; make a full checkpoint with: vicuna lora merge "
+                f"--base {folder} --adapter {cfg.output_dir} --output {cfg.output_dir}-merged"
+            )
+        else:
+            print(
+                f"Model written to {cfg.output_dir}; chat with it: vicuna chat --model-path {cfg.output_dir}"
+            )
+    return cfg.output_dir
+
+
+def save_final(trainer: Any, output_dir: Path, template_name: str, is_main: bool) -> None:
+    """Write the model (or adapter), tokenizer and template record beside the checkpoints, each file
+    renamed into place once complete; the template record goes last."""
+    tmp = output_dir / ".final.partial"
+    if is_main:  # what an interrupted save left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))  # every process: FSDP and ZeRO-3 gather the weights collectively
+    if is_main:
+        (tmp / RECORDED_TEMPLATE).write_text(
+            json.dumps({"conv_template": template_name}) + "\n", encoding="utf-8"
+        )
+        for f in sorted(tmp.iterdir(), key=lambda p: p.name == RECORDED_TEMPLATE):
+            if f.is_file():
+                os.replace(f, output_dir / f.name)
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,278 @@
+"""Training data: records are checked with errors that name them, and the loss mask covers exactly the
+assistant replies and their end-of-turn marker."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from vicuna.cli import main as cli
+from vicuna.conversation import Message, Segment, get_template
+from vicuna.errors import VicunaError
+from vicuna.train.data import IGNORE, Encoder, load_conversations, prepare, split_turns
+
+CONVERSATION = {
+    "id": "c1",
+    "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hello!"},
+        {"from": "gpt", "value": "Hi! How are you today?"},
+        {"from": "human", "value": "The capital of France?"},
+        {"from": "gpt", "value": "Paris."},
+    ],
+}
+
+# The exact text each format was trained on, written out by hand (not by vicuna.conversation):
+# (text, carries loss). Loss: each reply plus its end-of-turn marker, nothing else.
+EXPECTED = {
+    "vicuna_v1.1": [
+        ("Be brief. USER: Hello! ASSISTANT:", False),
+        (" Hi! How are you today?</s>", True),
+        ("USER: The capital of France? ASSISTANT:", False),
+        (" Paris.</s>", True),
+    ],
+    "llama-2": [
+        ("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHello! [/INST]", False),
+        (" Hi! How are you today? </s>", True),
+        ("<s>[INST] The capital of France? [/INST]", False),
+        (" Paris. </s>", True),
+    ],
+    "chatml": [
+        (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n",
+            False,
+        ),
+        ("Hi! How are you today?<|im_end|>", True),
+        ("\n<|im_start|>user\nThe capital of France?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("Paris.<|im_end|>", True),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+def expected_labels(tokenizer, pieces):
+    """Labels by counting the tokens of each prefix of the hand-written text (BOS first, as LLaMA does)."""
+
+    def count(text):
+        return 1 + len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    text = "".join(t for t, _ in pieces)
+    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]
+    labels, done = [IGNORE] * len(ids), ""
+    for piece, trainable in pieces:
+        start, end = count(done), count(done + piece)
+        if trainable:
+            labels[start:end] = ids[start:end]
+        done += piece
+    return ids, labels
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "llama-2", "chatml"])
+def test_inspected_masks_are_exactly_the_replies_and_end_markers(
+    name, tiny_llama_dir, tokenizer, tmp_path, capsys
+):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([CONVERSATION]), encoding="utf-8")
+    out = tmp_path / "examples.jsonl"
+    args = [
+        "train",
+        "inspect",
+        "--data",
+        str(data),
+        "--model-path",
+        str(tiny_llama_dir),
+        "--conv-template",
+        name,
+    ]
+    assert cli([*args, "--json", str(out)]) == 0
+    shown = capsys.readouterr().out
+    [example] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+    ids, labels = expected_labels(tokenizer, EXPECTED[name])
+    assert example["input_ids"] == ids
+    assert example["labels"] == labels
+    # each run of loss tokens decodes to one reply with its end marker
+    runs, run = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE:
+            run.append(token)
+        elif run:
+            runs, run = [*runs, run], []
+    runs += [run] if run else []
+    replies = [t for t, trainable in EXPECTED[name] if trainable]
+    assert [tokenizer.decode(r).strip() for r in runs] == [r.strip() for r in replies]
+    assert "0 bad" in shown and "0 truncated" in shown
+    if name == "vicuna_v1.1":  # not a terminal: the loss tokens are shown inside [[ ]]
+        assert "ASSISTANT:[[ Hi! How are you today?</s>]]USER:" in shown
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "vicuna_v0", "llama-2", "chatml"])
+def test_offsets_and_prefix_tokenization_agree(name, tokenizer, tmp_path):
+    """The path for tokenizers without offsets (prefix tokenization) labels the same tokens."""
+    [conv] = read_records(tmp_path, [CONVERSATION])
+    with_offsets = Encoder(tokenizer, get_template(name), use_offsets=True).encode(conv.messages)
+    by_prefix = Encoder(tokenizer, get_template(name), use_offsets=False).encode(conv.messages)
+    assert with_offsets == by_prefix
+    assert any(label != IGNORE for label in with_offsets[1])
+
+
+def read_records(tmp_path, records):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return load_conversations(path)
+
+
+def test_sharegpt_and_openai_jsonl_read_the_same(tmp_path):
+    jsonl = tmp_path / "data.jsonl"
+    role = {"human": "user", "gpt": "assistant", "system": "system"}
+    messages = [{"role": role[t["from"]], "content": t["value"]} for t in CONVERSATION["conversations"]]
+    # a trailing user turn has nothing to learn from and is dropped
+    jsonl.write_text("\n" + json.dumps({"messages": [*messages, {"role": "user", "content": "Bye"}]}) + "\n")
+    [from_jsonl] = load_conversations(jsonl)
+    [from_json] = read_records(tmp_path, [CONVERSATION])
+    assert from_jsonl.messages == from_json.messages
+    assert from_jsonl.source == f"{jsonl}:2"
+    assert from_json.source.endswith("[0] (id 'c1')")
+
+
+def turns(*pairs):
+    return {"id": "x", "conversations": [{"from": f, "value": v} for f, v in pairs]}
+
+
+@pytest.mark.parametrize(
+    ("content", "suffix", "match"),
+    [
+        (
+            [turns(("bot", "a"))],
+            "json",
+            r"data\.json\[0\] \(id 'x'\)\.conversations\[0\]\.from: unknown role 'bot'",
+        ),
+        (
+            [turns(("human", "a"), ("gpt", "  "))],
+            "json",
+            r"\[0\] \(id 'x'\)\.conversations\[1\]\.value: empty text",
+        ),
+        (
+            [turns(("human", "a"), ("human", "b"))],
+            "json",
+            r"conversations\[1\]\.from: expected 'gpt', got 'human'",
+        ),
+        (
+            [turns(("gpt", "a"), ("human", "b"))],
+            "json",
+            r"conversations\[0\]\.from: expected 'human', got 'gpt'",
+        ),
+        ([turns(("human", "a"))], "json", r"\.conversations: no 'gpt' turn to learn from"),
+        ([turns(("human", "a"), ("gpt", 3))], "json", r"conversations\[1\]\.value: expected a string"),
+        ([{"id": "x"}], "json", r"data\.json\[0\]: expected an object with 'conversations'"),
+        (
+            json.dumps(
+                {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+            )
+            + '\n{"messages": [{"role": "tool", "content": "b"}]}',
+            "jsonl",
+            r"data\.jsonl:2\.messages\[0\]\.role",
+        ),
+        (
+            '{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}',
+            "jsonl",
+            r"data\.jsonl:1\.messages\[0\]\.role: expected 'user', got 'assistant'",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": ""}]}',
+            "jsonl",
+            r"data\.jsonl:1\.messages\[0\]\.content: empty",
+        ),
+        ("{nope", "jsonl", r"data\.jsonl:1: not valid JSON"),
+        ("[{", "json", r"data\.json: not valid JSON"),
+    ],
+)
+def test_bad_records_name_the_record_and_field(tmp_path, content, suffix, match):
+    path = tmp_path / f"data.{suffix}"
+    path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+    with pytest.raises(VicunaError, match=match):
+        load_conversations(path)
+
+
+def test_bad_data_is_a_one_line_cli_error(tmp_path, capsys):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([CONVERSATION, turns(("human", "a"), ("robot", "b"))]), encoding="utf-8")
+    assert cli(["train", "--data", str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "data.json[1] (id 'x').conversations[1].from: unknown role 'robot'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@dataclass(frozen=True)
+class Glued:
+    """A template whose reply starts inside a word ("He" + "llo"): no token boundary at the span's edge."""
+
+    name: str = "glued"
+    system: str = ""
+    stop: tuple[str, ...] = ("</s>",)
+
+    def segments(self, messages, add_generation_prompt=True):
+        out = []
+        for m in messages:
+            out.append(
+                Segment(m.content + "</s>", trainable=True) if m.role == "assistant" else Segment(m.content)
+            )
+        return out
+
+
+@pytest.mark.parametrize("use_offsets", [True, False])
+def test_unlocatable_spans_are_counted_as_bad(tokenizer, use_offsets):
+    from vicuna.train.data import Conversation
+
+    good = Conversation("good", (Message("user", "Hello!"), Message("assistant", " Hi!")))
+    bad = Conversation("bad", (Message("user", "He"), Message("assistant", "llo world")))
+    prepared = prepare([good, bad], Encoder(tokenizer, Glued(), use_offsets=use_offsets), max_length=64)
+    assert [e.source for e in prepared.examples] == ["good"]
+    [(source, why)] = prepared.bad
+    assert source == "bad"
+    assert "character" in why
+    with pytest.raises(VicunaError, match=r"1 example\(s\) .* the first is bad: .*--allow-bad"):
+        prepared.check_bad(0)
+    prepared.check_bad(1)
+
+
+def test_trimmed_offsets_still_find_a_token_across_the_edge():
+    """GPT-2-style offsets leave out a token's leading space: "a b" -> (0, 1), (2, 3)."""
+    from vicuna.train.data import SpanError, flags_from_offsets
+
+    assert flags_from_offsets([(0, 1), (2, 3)], [(1, 3)]) == [False, True]  # the reply is " b"
+    with pytest.raises(SpanError, match="crosses the edge"):
+        flags_from_offsets([(0, 1), (2, 3)], [(2, 3)])  # the reply is "b", but the token is " b"
+    # byte-fallback tokens of one character share its offsets
+    assert flags_from_offsets([(0, 1), (1, 2), (1, 2)], [(1, 2)]) == [False, True, True]
+
+
+def test_long_conversations_are_split_at_turns_or_truncated(tokenizer):
+    from vicuna.train.data import Conversation
+
+    messages = [Message("system", "Be brief.")]
+    for i in range(6):
+        messages += [Message("user", f"Hello! {i}"), Message("assistant", f"Hi! How are you today? {i}")]
+    conv = Conversation("long", tuple(messages))
+    encoder = Encoder(tokenizer, get_template("vicuna_v1.1"))
+    whole = len(encoder.encode(messages)[0])
+    max_length = whole // 2
+
+    truncated = prepare([conv], encoder, max_length=max_length)
+    assert truncated.truncated == 1 and len(truncated.examples) == 1
+    assert len(truncated.examples[0].input_ids) == max_length
+
+    split = prepare([conv], encoder, max_length=max_length, split_long=True)
+    assert split.truncated == 0 and len(split.examples) >= 2
+    assert all(len(e.input_ids) <= max_length for e in split.examples)
+    assert [e.source for e in split.examples][:2] == ["long part 1", "long part 2"]
+    pieces = split_turns(messages, lambda m: encoder.length(m) <= max_length)
+    assert all(p[0] == messages[0] for p in pieces)  # every piece keeps the system prompt
+    assert [m for p in pieces for m in p[1:]] == messages[1:]  # and together they hold every turn once

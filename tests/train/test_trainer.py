@@ -1,0 +1,249 @@
+"""Training on a tiny LLaMA on the CPU: the loss goes down, the result chats with its recorded template,
+a resumed run ends where an uninterrupted one does, and bad spans or old GPUs stop a run early."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vicuna.cli import main as cli
+from vicuna.errors import VicunaError
+
+DATA = [
+    {
+        "id": "hello",
+        "conversations": [
+            {"from": "human", "value": "Hello!"},
+            {"from": "gpt", "value": "Hi! How are you today?"},
+        ],
+    },
+    {
+        "id": "capitals",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "The capital of France?"},
+            {"from": "gpt", "value": "Paris."},
+            {"from": "human", "value": "And Japan?"},
+            {"from": "gpt", "value": "Tokyo."},
+        ],
+    },
+    {
+        "id": "thanks",
+        "conversations": [{"from": "human", "value": "Thank you."}, {"from": "gpt", "value": "I am fine."}],
+    },
+    {
+        "id": "world",
+        "conversations": [{"from": "human", "value": "Good night."}, {"from": "gpt", "value": "Sleep well."}],
+    },
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models train several times faster on one thread than on two busy ones."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "data.json"
+    path.write_text(json.dumps(DATA), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir, data_file, tmp_path_factory) -> Path:
+    """A full fine-tune through the CLI with the llama-2 template (the tiny model's default is vicuna_v1.1)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data_file), "--output-dir", str(out)]
+    args += ["--conv-template", "llama-2", "--max-steps", "60", "--lr", "3e-3", "--batch-size", "4"]
+    assert cli([*args, "--warmup-ratio", "0", "--save-steps", "30", "--logging-steps", "20"]) == 0
+    return out
+
+
+def masked_loss(model_dir: Path, template_name: str) -> float:
+    """Mean cross-entropy over the loss tokens of DATA, computed here without the trainer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vicuna.conversation import get_template
+    from vicuna.train.data import Conversation, Encoder, parse_record
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoder = Encoder(tokenizer, get_template(template_name))
+    losses = []
+    for i, record in enumerate(DATA):
+        conv: Conversation = parse_record(record, f"data[{i}]")
+        ids, labels = encoder.encode(conv.messages)
+        with torch.no_grad():
+            losses.append(model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_loss_goes_down_and_the_trained_folder_chats(trained, tiny_llama_dir):
+    from vicuna.config import ModelSettings, SamplingParams
+    from vicuna.conversation import Message
+    from vicuna.engine.events import Finished, TextChunk
+    from vicuna.engine.loader import load_engine
+
+    before, after = masked_loss(tiny_llama_dir, "llama-2"), masked_loss(trained, "llama-2")
+    assert after < 0.3 * before, (before, after)
+
+    assert json.loads((trained / "vicuna.json").read_text()) == {"conv_template": "llama-2"}
+    assert (trained / "checkpoint-60" / "trainer_state.json").is_file()
+    engine = load_engine(ModelSettings(model_path=str(trained), device="cpu"), progress=False)
+    assert engine.template.name == "llama-2"  # the recorded template, not the name-based default
+    events = list(engine.chat([Message("user", "Hello!")], SamplingParams(temperature=0, max_new_tokens=20)))
+    reply = "".join(e.text for e in events if isinstance(e, TextChunk))
+    assert reply.strip() == "Hi! How are you today?"
+    assert isinstance(events[-1], Finished) and events[-1].reason == "stop"
+
+
+def chat_template_model(tiny_llama_dir: Path, dest: Path, template: str) -> Path:
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_llama_dir, dest)
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+# user and assistant texts run together: a reply that continues the user's word has no token boundary
+GLUED = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+
+
+def test_unlocatable_spans_stop_the_run_before_training(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import vicuna.train.trainer as trainer
+
+    model = chat_template_model(tiny_llama_dir, tmp_path / "glued", GLUED)
+    data = tmp_path / "data.jsonl"
+    lines = [
+        [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": " Hi!"}],
+        [{"role": "user", "content": "He"}, {"role": "assistant", "content": "llo world"}],  # "He|llo"
+    ]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in lines), encoding="utf-8")
+    args = ["train", "--model-path", str(model), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded although the data was bad")
+
+    monkeypatch.setattr(trainer, "load_model", no_model)
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert "1 example(s) have assistant text that cannot be located" in err
+    assert "data.jsonl:2" in err and "--allow-bad" in err
+
+    monkeypatch.undo()
+    assert cli([*args, "--allow-bad", "1", "--max-steps", "1"]) == 0
+    assert "1 examples," in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "vicuna.json").read_text()) == {"conv_template": "hf"}
+
+
+def crash_after_checkpoint(step: int):
+    """A callback that stops the run like a killed process, right after checkpoint `step` is written."""
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise RuntimeError("simulated crash")
+
+    return Crash()
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_resume_ends_where_an_uninterrupted_run_does(tiny_llama_dir, data_file, tmp_path, capsys):
+    import torch
+
+    from vicuna.train.trainer import TrainConfig, train
+
+    def config(out: str, **overrides) -> TrainConfig:
+        # 4 examples, 2 per step: 2 steps per epoch, so the crash at step 3 falls inside the 2nd epoch
+        settings = dict(
+            data=data_file, output_dir=tmp_path / out, model_path=str(tiny_llama_dir), max_steps=6
+        )
+        settings.update(grad_accum=2, save_steps=3, lr=1e-3, warmup_ratio=0.2, logging_steps=1)
+        return TrainConfig(**{**settings, **overrides})
+
+    train(config("straight"))
+    progress = capsys.readouterr().out
+    assert "step 6/6  loss " in progress and " tokens/s" in progress and "lr " in progress
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config("resumed"), callbacks=[crash_after_checkpoint(3)])
+    assert (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    assert not (tmp_path / "resumed" / "vicuna.json").exists()
+    with pytest.raises(VicunaError, match="already holds a training run; pass --resume"):
+        train(config("resumed"))
+    with pytest.raises(VicunaError, match="--resume: lr was 0.001"):
+        train(config("resumed", resume=True, lr=2e-3))
+    with pytest.raises(VicunaError, match="no complete checkpoint"):
+        train(config("fresh", resume=True))
+
+    train(config("resumed", resume=True))
+    straight, resumed, base = (
+        weights(tmp_path / "straight"),
+        weights(tmp_path / "resumed"),
+        weights(tiny_llama_dir),
+    )
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(straight[n], base[n]) for n in straight)  # it did train
+
+
+def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, capsys):
+    import torch
+
+    from vicuna.train.trainer import check_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (6, 1))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla P40")
+    with pytest.raises(
+        VicunaError, match=r"GPU 0 \(Tesla P40\) has compute capability 6\.1; training needs 7\.5"
+    ):
+        check_gpus(force=False)
+    check_gpus(force=True)
+    # the CLI checks before it loads anything
+    assert cli(["train", "--data", str(data_file), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "Pass --force" in capsys.readouterr().err
+
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data_file)]
+    assert cli([*args, "--output-dir", str(tmp_path / "out"), "--qlora"]) == 2
+    assert "--qlora needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_multi_gpu_configs_ship_with_the_package():
+    from importlib.resources import files
+
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    configs = files("vicuna.train") / "configs"
+    fsdp = ClusterConfig.from_yaml_file(str(configs / "fsdp.yaml"))
+    assert fsdp.distributed_type == "FSDP"
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the output is a normal checkpoint
+    zero3 = json.loads((configs / "zero3.json").read_text())
+    assert zero3["zero_optimization"]["stage"] == 3
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
