@@ -1,0 +1,59 @@
+"""The web UI at `/`: a Gradio chat page mounted in the API server's FastAPI app.
+
+It talks to the engine in the same process through a `chat` callable (the server's batching
+scheduler), so browser users and API clients share one batch. Features: streamed markdown replies,
+a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, clear, and each
+reply's tokens/s under it. With API keys the page asks for a key first, and every chat request
+checks the key again on the server. Gradio is imported only when the UI is mounted.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from vicuna.config import SamplingParams
+from vicuna.conversation import Message
+from vicuna.engine.events import Event
+
+if TYPE_CHECKING:
+    import fastapi
+
+ChatFn = Callable[[list[Message], SamplingParams, threading.Event], Iterator[Event]]
+
+
+def mount(
+    app: fastapi.FastAPI,
+    *,
+    chat: ChatFn,
+    model_name: str,
+    api_keys: set[str] | None = None,
+    default_system: str = "",
+) -> fastapi.FastAPI:
+    """Mount the chat page at `/` of `app` and return `app`. Add the app's own routes first: a mount
+    at `/` answers every path that no earlier route took. `chat(messages, params, cancel)` streams a
+    reply and ends it with "cancelled" soon after `cancel` is set. `default_system` fills the system
+    prompt box (empty: the model template's own system prompt is used)."""
+    import gradio as gr
+
+    from vicuna.webui.page import CSS, build
+
+    demo = build(chat, model_name=model_name, api_keys=api_keys, default_system=default_system)
+    # System fonts: the default theme fetches Google Fonts, which an offline server cannot reach.
+    theme = gr.themes.Soft(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+    # show_error=False: an unexpected exception's text stays in the server log; gr.Error messages
+    # (a bad key, a prompt too long for the context window) are still shown to the user.
+    return gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        theme=theme,
+        css=CSS,
+        show_error=False,
+        run_history=False,
+        ssr_mode=False,
+        footer_links=[],
+    )
