@@ -34,6 +34,11 @@ def resolve_model_path(model_path: str | None) -> Path:
             raise ModelLoadError(f"{path}: expected an HF-format folder or a .gguf file")
         return convert_gguf(path, gguf_cache_dir(path))
     if not (path / CONFIG).is_file():
+        if (path / "adapter_config.json").is_file():
+            raise ModelLoadError(
+                f"{path}: a LoRA adapter, not a whole model; merge it first with "
+                f"`vicuna lora merge --base BASE --adapter {path} --output OUT`"
+            )
         raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
     return path
 
