@@ -4,8 +4,9 @@ Each weight row is stored as int8 with one scale (symmetric, absmax / 127). On t
 runs in PyTorch's int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations), which reads a
 quarter of float32's bytes and, at batch 1 where decoding is bound by memory bandwidth, is faster
 than float32 and bfloat16 alike; torchao's generic int8 path dequantizes and halves CPU speed (see
-docs/benchmarks.md). On GPUs torchao's int8 weight-only layout is used. The embedding, the norms and
-the output head keep their precision (the head is the most sensitive to rounding).
+docs/benchmarks.md). On the CPU the token embedding and the output head are int8 too (one table
+when they are tied, as in small models where they are a fifth of the weights). On GPUs torchao's
+int8 weight-only layout is used for the decoder's layers. The norms keep their precision.
 """
 
 from __future__ import annotations
@@ -15,18 +16,24 @@ from typing import Any
 import torch
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (int8 values, bfloat16 scales)."""
+    weight = weight.detach().float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
+    return (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales.to(torch.bfloat16)
+
+
 class Int8Linear(torch.nn.Module):
     """A Linear layer with int8 weights and a bfloat16 scale per output row."""
 
-    def __init__(self, linear: torch.nn.Linear) -> None:
+    def __init__(
+        self, linear: torch.nn.Linear, rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer(
-            "weight_int8", (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        )
-        self.register_buffer("scales", scales.to(torch.bfloat16))
+        weight_int8, scales = rows if rows is not None else quantize_rows(linear.weight)
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
         self.bias = linear.bias
 
     @classmethod
@@ -56,6 +63,20 @@ class Int8Linear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class Int8Embedding(torch.nn.Module):
+    """A token embedding stored as int8 rows with a scale each; looks rows up in `dtype`."""
+
+    def __init__(self, embedding: torch.nn.Embedding, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.dtype = embedding.weight.dtype
+        self.register_buffer("weight_int8", rows[0])
+        self.register_buffer("scales", rows[1])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(ids, self.weight_int8).to(self.dtype)
+        return rows * self.scales[ids].to(self.dtype).unsqueeze(-1)
+
+
 def _tensor_bytes(t: torch.Tensor) -> int:
     """Bytes as stored; torchao's subclasses keep int8 data and scales in inner tensors."""
     flatten = getattr(t, "__tensor_flatten__", None)
@@ -66,11 +87,14 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def weight_bytes(model: Any) -> int:
     """Bytes of the model's weights (parameters and int8 buffers), quantized ones at their packed size."""
-    return sum(_tensor_bytes(p.data) for p in model.parameters()) + sum(
-        _tensor_bytes(b)
+    int8 = {
+        id(b): b
         for m in model.modules()
-        if isinstance(m, Int8Linear)
+        if isinstance(m, Int8Linear | Int8Embedding)
         for b in (m.weight_int8, m.scales)
+    }
+    return sum(_tensor_bytes(p.data) for p in model.parameters()) + sum(
+        _tensor_bytes(b) for b in int8.values()
     )
 
 
@@ -91,6 +115,11 @@ def quantize_int8(model: Any, device: torch.device) -> tuple[int, int]:
     if device.type == "cpu":
         for parent, name, linear in _layer_linears(model):
             setattr(parent, name, Int8Linear(linear))
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        table = quantize_rows(embedding.weight)
+        head_rows = table if head.weight is embedding.weight else quantize_rows(head.weight)
+        model.set_input_embeddings(Int8Embedding(embedding, table))
+        model.set_output_embeddings(Int8Linear(head, head_rows))
     else:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

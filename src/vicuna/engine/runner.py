@@ -96,7 +96,7 @@ class LlamaWeights:
         self.eps = config.rms_norm_eps
         self.rotary = model.model.rotary_emb
         inner = model.model
-        self.embed, self.norm, self.head = inner.embed_tokens.weight, inner.norm.weight, model.lm_head.weight
+        self.embed, self.norm, self.head = inner.embed_tokens, inner.norm.weight, single(model.lm_head)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -112,7 +112,7 @@ class LlamaWeights:
                     single(mlp.down_proj),
                 )
             )
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.dtype, self.device = self.norm.dtype, self.norm.device
 
 
 class LlamaRunner:
@@ -154,7 +154,7 @@ class LlamaRunner:
         keys, values, cos, sin = self.cache
         cos, sin = cos[start : start + n], sin[start : start + n]
         q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
-        x = F.embedding(torch.tensor(ids, device=w.device), w.embed)  # [n, hidden]
+        x = w.embed(torch.tensor(ids, device=w.device))  # [n, hidden]
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
             h = F.rms_norm(x, (x.shape[-1],), norm1, w.eps)
             q, k, v = qkv(h).split([q_size, kv_size, kv_size], dim=-1)
@@ -173,7 +173,7 @@ class LlamaRunner:
             x = x + down(F.silu(gate) * up)
         self.pos += n
         last = F.rms_norm(x[-1:], (x.shape[-1],), w.norm, w.eps)
-        return F.linear(last, w.head)[0].float()
+        return w.head(last)[0].float()
 
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         self.pos = 0
