@@ -111,3 +111,22 @@ def test_recorded_template_wins_over_the_name(model_copy):
     assert load(model_copy).template.name == "chatml"
     engine = load_engine(ModelSettings(model_path=str(model_copy), conv_template="llama-2"), progress=False)
     assert engine.template.name == "llama-2"
+
+
+def test_missing_bos_token_is_named(model_copy):
+    data = json.loads((model_copy / "tokenizer_config.json").read_text())
+    data["bos_token"] = None
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(data))
+    tok = json.loads((model_copy / "tokenizer.json").read_text())
+    for added in tok.get("added_tokens", []):
+        if added["content"] == "<s>":
+            added["special"] = False
+    (model_copy / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ModelLoadError, match="defines no BOS token"):
+        load(model_copy)
+
+
+def test_lora_adapter_folder_points_to_merge(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="vicuna lora merge"):
+        load(tmp_path)
