@@ -1,0 +1,536 @@
+"""Continuous batching: one scheduler thread owns the model and steps every running reply together.
+
+A request waits in a queue until there is room, is prefilled alone (so its prompt is computed exactly
+as `Engine.generate` computes it), then joins the running batch at the next step; a reply that ends
+leaves the batch at once. Each reply keeps its own `Sampler` (temperature, top-p, top-k, penalties,
+seed, min tokens), its own incremental detokenizer and stop-string matcher, so a batch mixes settings
+freely and yields the same `TextChunk`/`Finished` events as `Engine.generate`.
+
+For LLaMA-architecture models the batch runs on the engine's fused weights: each row keeps its own
+`LlamaRunner` cache and a step does every matrix product once for all rows, attention row by row, so no
+padding is stored or computed and a batch of one is exactly `Engine.generate`'s computation. Any other
+model (or placement) batches through transformers on one left-padded `DynamicCache`. The KV memory of
+the running rows is bounded by `kv_cache_tokens` (`vicuna serve --kv-cache-tokens`); when the next
+step would not fit, the most recently admitted reply is preempted: its cache is dropped and it waits at
+the head of the queue, to be recomputed from its prompt and the tokens it already has.
+
+Batch invariance: in float32 a reply computed in a batch matches the reply computed alone except for
+rounding in the last bits (matrix shapes change the summation order), which in practice leaves greedy
+text unchanged (tested); in bfloat16/float16 those differences are larger and can flip
+near-tied tokens, so batched text is not guaranteed to equal sequential text there.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vicuna.config import SamplingParams
+from vicuna.conversation import Message
+from vicuna.engine.detok import IncrementalDecoder, StopMatcher
+from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob
+from vicuna.engine.runner import CACHE_CHUNK, LlamaRunner
+from vicuna.engine.sampling import Choice, Sampler
+from vicuna.errors import VicunaError
+
+log = logging.getLogger("vicuna.batching")
+
+Sink = Callable[[Event | BaseException], None]
+
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the default KV budget: this many tokens for each batch row
+
+
+class _Reply:
+    """One request's state: the same per-token logic as `Engine.generate`, fed logits by the scheduler."""
+
+    def __init__(
+        self, engine: Any, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event, sink: Sink
+    ):
+        self.engine, self.params, self.cancel, self.sink = engine, params, cancel, sink
+        self.prompt_len = len(prompt_ids)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(engine.end_ids))
+        self.sampler = Sampler(
+            params, prompt_len=self.prompt_len, end_ids=sorted(self.stop_ids), device=engine.device
+        )
+        self.decoder, self.stops = IncrementalDecoder(engine.tokenizer), StopMatcher(params.stop)
+        self.history = list(prompt_ids)
+        self.start = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.done = False
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.history) - self.prompt_len
+
+    def step(self, logits: torch.Tensor) -> bool:
+        """Sample the next token from this reply's row of logits and emit its text; True when the reply ended."""
+        choice = self.sampler(logits, self.history)
+        self.history.append(choice.token_id)
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if choice.token_id in self.stop_ids:
+            self.finish("stop", self.engine.tokenizer.convert_ids_to_tokens(choice.token_id))
+            return True
+        text = self.stops.push(self.decoder.add(choice.token_id))
+        logprobs = self._logprobs(choice) if self.params.logprobs is not None else None
+        self.sink(TextChunk(text, (choice.token_id,), logprobs))
+        if self.stops.matched is not None:
+            self.finish("stop", self.stops.matched)
+        elif self.completion_tokens >= self.params.max_new_tokens:
+            self.finish("length")
+        return self.done
+
+    def finish(self, reason: FinishReason, stop_text: str | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.stops.matched is None:  # text held back by the detokenizer or as a possible stop string
+            tail = self.stops.push(self.decoder.flush())
+            tail += "" if self.stops.matched is not None else self.stops.flush()
+            if self.stops.matched is not None:
+                reason, stop_text = "stop", self.stops.matched
+            if tail:
+                self.sink(TextChunk(tail, ()))
+        end = time.perf_counter()
+        first, n = self.first_token_at or end, self.completion_tokens
+        self.sink(
+            Finished(
+                reason=reason,
+                prompt_tokens=self.prompt_len,
+                completion_tokens=n,
+                ttft_s=first - self.start,
+                decode_tokens_per_s=(n - 1) / (end - first) if n > 1 and end > first else 0.0,
+                total_s=end - self.start,
+                stop_text=stop_text,
+            )
+        )
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.sink(error)
+
+    def _logprobs(self, choice: Choice) -> tuple[TokenLogprob, ...]:
+        name = self.engine.tokenizer.convert_ids_to_tokens
+        top = tuple((i, name(i), lp) for i, lp in choice.top)
+        return (TokenLogprob(choice.token_id, name(choice.token_id), choice.logprob, top),)
+
+
+@dataclass
+class BatchStats:
+    """What the scheduler is doing now, and the most KV cache it ever held (for tests and /metrics)."""
+
+    waiting: int = 0
+    running: int = 0
+    kv_tokens: int = 0
+    peak_kv_tokens: int = 0
+    peak_running: int = 0
+    steps: int = 0
+    preempted: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # rows per decode step
+
+
+class Batcher:
+    """Serves many requests on one `Engine` with continuous batching.
+
+    `generate`/`chat` have `Engine`'s signatures and yield the same events, so front ends take either.
+    """
+
+    def __init__(
+        self, engine: Any, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, kv_cache_tokens: int | None = None
+    ):
+        if max_batch_size < 1:
+            raise VicunaError(f"--max-batch-size must be at least 1, not {max_batch_size}")
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.kv_cache_tokens = kv_cache_tokens or max_batch_size * min(
+            engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE
+        )
+        if self.kv_cache_tokens < engine.context_window:
+            raise VicunaError(
+                f"--kv-cache-tokens {self.kv_cache_tokens} is smaller than the model's context window "
+                f"({engine.context_window} tokens); one full-length reply must fit"
+            )
+        self.stats = BatchStats()
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[_Reply] = collections.deque()
+        self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._closed = False
+        self._replies: list[_Reply] = []  # the running batch, in admission order
+        self._rows = self._new_rows()  # their KV caches and forward pass
+        self._thread = threading.Thread(target=self._run, name="vicuna-batcher", daemon=True)
+        self._thread.start()
+
+    # --- the same face as Engine --------------------------------------------------------------
+
+    def _new_rows(self) -> _LlamaRows | _HFRows:
+        llama = getattr(self.engine, "_llama", None)  # the engine's fused LLaMA weights, when it has them
+        return _LlamaRows(llama) if llama is not None else _HFRows(self.engine)
+
+    @property
+    def context_window(self) -> int:
+        return self.engine.context_window
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The KV cache's bound in bytes: keys and values per token, all layers, at the model's dtype."""
+        text = self.engine.model.config.get_text_config()
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        width = torch.finfo(self.engine.dtype).bits // 8 if self.engine.dtype.is_floating_point else 4
+        return 2 * text.num_hidden_layers * kv_heads * head_dim * width * self.kv_cache_tokens
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        """Stream a reply like `Engine.generate`; raises ContextTooLongError here, before any event."""
+        events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
+        cancel = cancel or threading.Event()
+        self.add(prompt_ids, params, events.put, cancel=cancel)
+        return self._drain(events, cancel)
+
+    submit = generate
+
+    def chat(
+        self, messages: Sequence[Message], params: SamplingParams, *, cancel: threading.Event | None = None
+    ) -> Iterator[Event]:
+        return self.generate(
+            self.engine.encode_chat(messages), self.engine.chat_params(params), cancel=cancel
+        )
+
+    @staticmethod
+    def _drain(events: queue.SimpleQueue, cancel: threading.Event) -> Iterator[Event]:
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:  # a consumer that stops reading frees the row
+            cancel.set()
+
+    # --- the scheduler's own interface ---------------------------------------------------------
+
+    def add(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        *,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Queue a request; `sink` receives its events (or an exception) on the scheduler thread, so it
+        must be quick and thread-safe (e.g. `loop.call_soon_threadsafe`)."""
+        self.engine.check_fits(len(prompt_ids), params.max_new_tokens)
+        if not prompt_ids:
+            raise VicunaError("the prompt is empty: at least one token is needed")
+        reply = _Reply(self.engine, prompt_ids, params, cancel or threading.Event(), sink)
+        with self._lock:
+            if self._closed:
+                raise VicunaError("the server is shutting down")
+            self._waiting.append(reply)
+            self.stats.waiting = len(self._waiting)
+            self._lock.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on the scheduler thread between two steps (the thread that owns the model)."""
+        future: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise VicunaError("the server is shutting down")
+            self._tasks.append((fn, future))
+            self._lock.notify()
+        return future
+
+    def embed(self, token_lists: Sequence[list[int]]) -> Future:
+        """Mean-pooled, L2-normalised last hidden states, one vector per token list (a Future of them)."""
+        for ids in token_lists:
+            self.engine.check_fits(len(ids), 0)
+        return self.call(lambda: self._embed(token_lists))
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a batch row (preempted ones included)."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._replies)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop taking requests, end the running ones ("cancelled") and stop the thread."""
+        with self._lock:
+            self._closed = True
+            for reply in [*self._waiting, *self._replies]:
+                reply.cancel.set()
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    # --- the scheduler thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._waiting or self._tasks or self._replies or self._closed):
+                        self._lock.wait()
+                    if self._closed and not (self._waiting or self._replies):
+                        break
+                    tasks = list(self._tasks)
+                    self._tasks.clear()
+                for fn, future in tasks:
+                    self._run_task(fn, future)
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._replies:
+                        self._decode_step()
+                except Exception as error:  # a bug or out of memory: every running reply gets the error
+                    log.exception("batch step failed")
+                    for reply in self._replies:
+                        reply.fail(error)
+                    self._replies, self._rows = [], self._new_rows()
+                self._update_stats()
+        for _, future in self._tasks:
+            future.set_exception(VicunaError("the server is shutting down"))
+
+    @staticmethod
+    def _run_task(fn: Callable[[], Any], future: Future) -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except Exception as error:
+                future.set_exception(error)
+
+    def _update_stats(self) -> None:
+        s = self.stats
+        s.waiting, s.running = len(self._waiting), len(self._replies)
+        s.kv_tokens = self._rows.kv_tokens()
+        s.peak_kv_tokens = max(s.peak_kv_tokens, s.kv_tokens)
+        s.peak_running = max(s.peak_running, s.running)
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) != len(self._replies):
+            self._replies = [self._replies[i] for i in keep]
+            self._rows.keep(keep)
+
+    def _drop_cancelled(self) -> None:
+        gone = {i for i, r in enumerate(self._replies) if r.cancel.is_set()}
+        for i in gone:
+            self._replies[i].finish("cancelled")
+        self._keep([i for i in range(len(self._replies)) if i not in gone])
+
+    def _admit(self) -> None:
+        """Prefill waiting requests while a row and the KV budget allow; each joins the batch."""
+        while len(self._replies) < self.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    return
+                reply = self._waiting[0]
+                if reply.cancel.is_set() or self._closed:
+                    self._waiting.popleft()
+                    reply.finish("cancelled")
+                    continue
+                # A preempted reply is recomputed up to its last token, which the next step feeds.
+                resumed = reply.completion_tokens > 0
+                ids = reply.history[:-1] if resumed else reply.history
+                if self._replies and self._rows.kv_tokens_with(len(ids)) > self.kv_cache_tokens:
+                    return
+                self._waiting.popleft()
+            try:
+                row, logits = self._rows.prefill(ids)
+            except Exception as error:
+                log.exception("prefill failed")
+                reply.fail(error)
+                continue
+            if not resumed and reply.step(logits):
+                continue
+            self._rows.join(row)
+            self._replies.append(reply)
+
+    def _preempt_to_fit(self) -> None:
+        while len(self._replies) > 1 and self._rows.kv_tokens_after_step() > self.kv_cache_tokens:
+            reply = self._replies[-1]
+            self._keep(list(range(len(self._replies) - 1)))
+            with self._lock:
+                self._waiting.appendleft(reply)
+            self.stats.preempted += 1
+
+    def _decode_step(self) -> None:
+        self._preempt_to_fit()
+        replies = self._replies
+        logits = self._rows.step([r.history[-1] for r in replies])
+        self.stats.steps += 1
+        self.stats.batch_sizes[len(replies)] += 1
+        ended = {i for i, reply in enumerate(replies) if reply.step(logits[i])}
+        self._keep([i for i in range(len(replies)) if i not in ended])
+
+    def _embed(self, token_lists: Sequence[list[int]]) -> list[list[float]]:
+        base = self.engine.model.base_model
+        out = []
+        for ids in token_lists:
+            hidden = (
+                base(input_ids=torch.tensor([ids], device=self.engine.device)).last_hidden_state[0].float()
+            )
+            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=0).tolist())
+        return out
+
+
+class _LlamaRows:
+    """The batch on the engine's fused LLaMA weights: each row keeps its own `LlamaRunner` cache
+    (prefilled exactly as `Engine.generate` does); a step runs every matrix product once for all rows
+    and attention row by row over each row's own length, so no padding is computed or stored."""
+
+    def __init__(self, weights: Any) -> None:
+        self.w = weights
+        self.runners: list[LlamaRunner] = []
+
+    def prefill(self, ids: list[int]) -> tuple[LlamaRunner, torch.Tensor]:
+        runner = LlamaRunner(self.w, None)
+        return runner, runner.prefill(ids)
+
+    def join(self, runner: LlamaRunner) -> None:
+        self.runners.append(runner)
+
+    def keep(self, index: list[int]) -> None:
+        self.runners = [self.runners[i] for i in index]
+
+    def kv_tokens(self) -> int:
+        return sum(r.cache[0].shape[2] for r in self.runners if r.cache is not None)
+
+    def kv_tokens_with(self, length: int) -> int:
+        return self.kv_tokens_after_step() + _chunked(length + 1)
+
+    def kv_tokens_after_step(self) -> int:
+        return sum(max(r.cache[0].shape[2], _chunked(r.pos + 1)) for r in self.runners)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        w, runners, n = self.w, self.runners, len(tokens)
+        for r in runners:
+            r._ensure(r.pos + 1)
+        q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
+        cos = torch.stack([r.cache[2][r.pos] for r in runners])[:, None]  # [rows, 1, head_dim]
+        sin = torch.stack([r.cache[3][r.pos] for r in runners])[:, None]
+        rotate = runners[0]._rotate
+        x = w.embed(torch.tensor(tokens, device=w.device))  # [rows, hidden]
+        for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
+            h = F.rms_norm(x, (x.shape[-1],), norm1, w.eps)
+            q, k, v = qkv(h).split([q_size, kv_size, kv_size], dim=-1)
+            q = rotate(q.view(n, w.heads, w.head_dim), cos, sin)
+            k = rotate(k.view(n, w.kv_heads, w.head_dim), cos, sin)
+            v = v.view(n, w.kv_heads, w.head_dim)
+            attn = []
+            for b, r in enumerate(runners):
+                keys, values, end = r.cache[0][i], r.cache[1][i], r.pos + 1
+                keys[:, r.pos], values[:, r.pos] = k[b], v[b]
+                attn.append(
+                    F.scaled_dot_product_attention(
+                        q[b][:, None], keys[:, :end], values[:, :end], enable_gqa=True
+                    )
+                )
+            x = x + out(torch.stack(attn).reshape(n, q_size))
+            h = F.rms_norm(x, (x.shape[-1],), norm2, w.eps)
+            gate, up = gate_up(h).split([w.inter, w.inter], dim=-1)
+            x = x + down(F.silu(gate) * up)
+        for r in runners:
+            r.pos += 1
+        return w.head(F.rms_norm(x, (x.shape[-1],), w.norm, w.eps)).float()
+
+
+def _chunked(length: int) -> int:
+    """Positions a `LlamaRunner` cache holds for `length` tokens (it grows in whole chunks)."""
+    return -(-length // CACHE_CHUNK) * CACHE_CHUNK
+
+
+class _HFRows:
+    """The batch for any transformers model (and any placement): one left-padded `DynamicCache`
+    rectangle, rows x columns, with an attention mask and per-row positions."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # (rows, columns): 1 where a column holds a real token
+
+    def _columns(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def prefill(self, ids: list[int]) -> tuple[tuple[Any, int], torch.Tensor]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.engine.model.config)
+        x = torch.tensor([ids], device=self.engine.device)
+        logits = self.engine.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        return (cache, len(ids)), logits.float()
+
+    def join(self, row: tuple[Any, int]) -> None:
+        cache, length = row
+        new_mask = torch.ones(1, length, dtype=torch.long, device=self.engine.device)
+        if self.mask is None:
+            self.cache, self.mask = cache, new_mask
+            return
+        columns = max(self._columns(), length)
+        grow, pad = columns - self._columns(), columns - length
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, grow), _pad_left(theirs.keys, pad)])
+            mine.values = torch.cat([_pad_left(mine.values, grow), _pad_left(theirs.values, pad)])
+        self.mask = torch.cat([_pad_left(self.mask, grow, dim=1), _pad_left(new_mask, pad, dim=1)])
+
+    def keep(self, index: list[int]) -> None:
+        """Keep these rows, then drop the columns that are padding in every row left."""
+        if not index:
+            self.cache, self.mask = None, None
+            return
+        rows = torch.tensor(index, device=self.mask.device)
+        mask = self.mask[rows]
+        unused = int((mask.cumsum(1) == 0).all(0).sum())  # leading columns that no row uses
+        self.mask = mask[:, unused:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[rows, :, unused:]
+            layer.values = layer.values[rows, :, unused:]
+
+    def kv_tokens(self) -> int:
+        return 0 if self.mask is None else self.mask.numel()
+
+    def kv_tokens_with(self, length: int) -> int:
+        rows = 0 if self.mask is None else self.mask.shape[0]
+        return (rows + 1) * (max(self._columns(), length) + 1)
+
+    def kv_tokens_after_step(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0] * (self._columns() + 1)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        model, n = self.engine.model, len(tokens)
+        ids = torch.tensor(tokens, device=self.engine.device)[:, None]
+        mask = torch.cat([self.mask, self.mask.new_ones(n, 1)], dim=1)
+        if bool(mask.all()):  # no padding: the plain call, as a batch of one is run alone
+            out = model(input_ids=ids, cache=self.cache, use_cache=True)
+        else:
+            positions = mask.sum(1, keepdim=True) - 1
+            out = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True
+            )
+        self.mask = mask
+        return out.logits[:, -1].float()
+
+
+def _pad_left(x: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:
+    """`n` zero columns before the sequence dimension `dim` (which is -2 for keys and values)."""
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

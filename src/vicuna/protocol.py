@@ -1,0 +1,395 @@
+"""The OpenAI API's request and response bodies (pydantic), and their translation to `SamplingParams`.
+
+Requests are checked strictly: a field this server does not implement (tools, logit_bias,
+response_format other than text, ...) is refused with an error that names it rather than ignored,
+so a client never silently gets something other than what it asked for. No torch, no server here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vicuna.config import SamplingParams
+from vicuna.conversation import Message, parse_messages
+from vicuna.errors import VicunaError
+
+MAX_N = 16  # choices per request
+MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
+
+
+class InvalidRequest(VicunaError):
+    """A request the server will not run; `param` names the field at fault (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"only {{'type': 'text'}} is supported, not {value!r}")
+        return value
+
+
+class _Sampling(_Strict):
+    """The sampling fields chat and completions share (OpenAI's, then vLLM's extras)."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+    top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 is no limit
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}")
+        if not all(stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_params(
+        self, *, max_new_tokens: int, choice: int = 0, logprobs: int | None = None
+    ) -> SamplingParams:
+        """The engine's settings for one choice; `max_new_tokens` is the resolved reply budget. Each of
+        `n` choices gets its own seed (seed + index), so seeded choices differ yet repeat."""
+        min_tokens = self.min_tokens or 0
+        if min_tokens > max_new_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_new_tokens})", "min_tokens"
+            )
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_tokens,
+            seed=None if self.seed is None else self.seed + choice,
+            stop=tuple(self.stop or ()),
+            ignore_eos=bool(self.ignore_eos),
+            logprobs=logprobs,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, value: Any) -> list[Message]:
+        if isinstance(value, list):  # OpenAI's newer name for the system role
+            value = [
+                {**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+                for m in value
+            ]
+        try:
+            return parse_messages(value)
+        except VicunaError as err:
+            raise ValueError(str(err)) from None
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs requires logprobs to be true", "top_logprobs")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: None = None  # refused unless null: no fill-in-the-middle
+    best_of: Literal[1] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("expected a non-empty string, list of strings or list of token ids")
+        if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
+            raise ValueError("a token-id prompt must not be empty")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
+
+
+class EmbeddingRequest(_Strict):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if not x:
+            raise InvalidRequest("input: expected a non-empty string or list", "input")
+        if all(isinstance(i, int) for i in x):
+            return [list(x)]  # type: ignore[arg-type]
+        if any(not item for item in x):
+            raise InvalidRequest("input: the inputs must not be empty", "input")
+        return list(x)  # type: ignore[arg-type]
+
+
+UNSUPPORTED_HINTS = {
+    "tools": "tool calling is not supported",
+    "tool_choice": "tool calling is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "parallel_tool_calls": "tool calling is not supported",
+    "logit_bias": "logit_bias is not supported",
+    "dimensions": "embeddings have the model's hidden size; dimensions is not supported",
+    "suffix": "fill-in-the-middle (suffix) is not supported",
+    "best_of": "only best_of 1 is supported",
+}
+
+
+def parse_request(cls: type[BaseModel], data: Any) -> Any:
+    """Validate a decoded JSON body into `cls`, raising InvalidRequest that names the first bad field.
+
+    A field we do not know is refused unless it is null (which asks for nothing)."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    data = {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+    for key in data:
+        if key not in cls.model_fields:
+            hint = UNSUPPORTED_HINTS.get(key, "this server does not support it")
+            raise InvalidRequest(f"unsupported field {key!r}: {hint}", key, "unsupported_parameter")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = first["msg"].removeprefix("Value error, ")
+        if param in UNSUPPORTED_HINTS and first["type"] != "missing":
+            message = UNSUPPORTED_HINTS[param]
+        if param and not message.startswith(param):
+            message = f"{param}: {message}"
+        raise InvalidRequest(message, param) from None
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions API's parallel lists."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    """Both the whole reply and each streamed chunk (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "vicuna"
+    context_window: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+def text_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+__all__ = [
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "Completion",
+    "CompletionRequest",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
+    "InvalidRequest",
+    "ModelList",
+    "Usage",
+    "error_body",
+    "parse_request",
+]

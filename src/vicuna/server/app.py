@@ -1,0 +1,643 @@
+"""The OpenAI-compatible HTTP API over one batched engine, built by `create_app` (no global state).
+
+Routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /health, /metrics.
+Every error has OpenAI's body `{"error": {"message", "type", "param", "code"}}`; no traceback reaches a
+client. Requests run on a `Batcher` (continuous batching); a client that disconnects cancels its
+generation at the next token. Each request logs one line with its time to first token, its token
+counts and its decode speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vicuna import protocol as p
+from vicuna.config import SamplingParams
+from vicuna.engine.events import Finished, TextChunk, TokenLogprob
+from vicuna.errors import ContextTooLongError, VicunaError
+
+log = logging.getLogger("vicuna.server")
+
+RETRY_AFTER_S = 1
+
+
+class APIError(Exception):
+    """An HTTP error with OpenAI's body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = p.error_body(self.message, self.type, self.param, self.code)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class Metrics:
+    """Prometheus metrics in the app's own registry, so several apps can live in one process."""
+
+    def __init__(self, batcher: Any) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("vicuna_requests", "HTTP API requests", ["endpoint", "status"], registry=r)
+        self.finished = Counter("vicuna_replies_finished", "Replies by finish reason", ["reason"], registry=r)
+        self.prompt_tokens = Counter("vicuna_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.completion_tokens = Counter(
+            "vicuna_completion_tokens", "Completion tokens generated", registry=r
+        )
+        buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram(
+            "vicuna_time_to_first_token_seconds", "Request start to first token", buckets=buckets, registry=r
+        )
+        itl_buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+        self.itl = Histogram(
+            "vicuna_inter_token_latency_seconds",
+            "Time between tokens of a reply",
+            buckets=itl_buckets,
+            registry=r,
+        )
+        Gauge("vicuna_queue_depth", "Requests waiting for a batch row", registry=r).set_function(
+            lambda: batcher.waiting
+        )
+        Gauge("vicuna_running_batch_size", "Replies in the running batch", registry=r).set_function(
+            lambda: batcher.running
+        )
+        Gauge("vicuna_kv_cache_tokens", "KV cache in use, in tokens", registry=r).set_function(
+            lambda: batcher.stats.kv_tokens
+        )
+        Gauge("vicuna_kv_cache_capacity_tokens", "KV cache bound, in tokens", registry=r).set_function(
+            lambda: batcher.kv_cache_tokens
+        )
+
+
+@dataclass
+class _Choice:
+    """What one generated choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: Finished | None = None
+
+
+class _Run:
+    """One HTTP request's choices on the batcher: their events arrive on the event loop's queue."""
+
+    def __init__(
+        self, server: _Server, endpoint: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
+    ):
+        self.server, self.endpoint = server, endpoint
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self.cancel = threading.Event()
+        self.choices = [_Choice() for _ in params]
+        self.prompts, self.params = prompts, params
+        self.start = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: dict[int, float] = {}
+        self.id = ""
+
+    def submit(self) -> None:
+        batcher = self.server.batcher
+        if batcher.waiting + len(self.params) > self.server.max_queue:
+            raise APIError(
+                429,
+                f"the server is busy: {batcher.waiting} requests are waiting (--max-queue {self.server.max_queue}); retry shortly",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        for index, (ids, params) in enumerate(zip(self.prompts, self.params, strict=True)):
+            batcher.add(ids, params, self._sink(index), cancel=self.cancel)
+
+    def _sink(self, index: int):
+        def deliver(event: Any) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+            except RuntimeError:  # the event loop is gone: nobody is listening any more
+                self.cancel.set()
+
+        return deliver
+
+    async def events_until_done(self) -> AsyncIterator[tuple[int, TextChunk | Finished]]:
+        """(choice index, event) until every choice has finished; the batcher's errors are raised."""
+        pending = len(self.choices)
+        while pending:
+            index, event = await self.events.get()
+            if isinstance(event, BaseException):
+                self.cancel.set()
+                raise event
+            now = time.perf_counter()
+            choice = self.choices[index]
+            if isinstance(event, TextChunk):
+                if event.token_ids:
+                    self.first_token_at = self.first_token_at or now
+                    last = self.last_token_at.get(index)
+                    if last is not None:
+                        self.server.metrics.itl.observe((now - last) / len(event.token_ids))
+                    self.last_token_at[index] = now
+                choice.text.append(event.text)
+                choice.logprobs.extend(event.logprobs or ())
+            else:
+                choice.finished = event
+                pending -= 1
+            yield index, event
+
+    @property
+    def prompt_tokens(self) -> int:
+        # n choices of one prompt share it: OpenAI counts a prompt once
+        seen = {id(ids): len(ids) for ids in self.prompts}
+        return sum(seen.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.finished.completion_tokens for c in self.choices if c.finished)
+
+    def usage(self) -> p.Usage:
+        return p.Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+
+    def record(self, status: int) -> None:
+        """Metrics and the one log line for this request."""
+        m, end = self.server.metrics, time.perf_counter()
+        m.requests.labels(self.endpoint, str(status)).inc()
+        for c in self.choices:  # a choice not finished by now was cancelled (its client left)
+            m.finished.labels(c.finished.reason if c.finished else "cancelled").inc()
+        m.prompt_tokens.inc(self.prompt_tokens)
+        m.completion_tokens.inc(self.completion_tokens)
+        ttft = None if self.first_token_at is None else self.first_token_at - self.start
+        if ttft is not None:
+            m.ttft.observe(ttft)
+        decode = end - (self.first_token_at or end)
+        rate = (self.completion_tokens - len(self.choices)) / decode if decode > 0 else 0.0
+        reasons = ",".join(c.finished.reason if c.finished else "cancelled" for c in self.choices)
+        log.info(
+            "%s %s %d prompt=%d completion=%d ttft=%s decode=%.1f tok/s total=%.2fs finish=%s",
+            self.id,
+            self.endpoint,
+            status,
+            self.prompt_tokens,
+            self.completion_tokens,
+            "-" if ttft is None else f"{ttft:.3f}s",
+            max(rate, 0.0),
+            end - self.start,
+            reasons,
+        )
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set `cancel` when the client goes away (the body has been read, so only a disconnect remains)."""
+    while not cancel.is_set():
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+@dataclass
+class _Server:
+    batcher: Any
+    model_name: str
+    api_keys: frozenset[str]
+    max_queue: int
+    metrics: Metrics
+
+    @property
+    def engine(self) -> Any:
+        return self.batcher.engine
+
+    def check_auth(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise APIError(
+                401, "no API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+        if key.strip() not in self.api_keys:
+            raise APIError(401, "incorrect API key provided", code="invalid_api_key")
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def max_new_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens") -> int:
+        """The reply budget: as asked, or all the room the context window leaves; 400 when it does not fit."""
+        window = self.engine.context_window
+        budget = requested if requested is not None else window - prompt_len
+        if budget < 1 or prompt_len + budget > window:
+            err = ContextTooLongError(prompt_len, max(budget, 1), window)
+            raise APIError(
+                400, str(err), param=param if requested else "messages", code="context_length_exceeded"
+            )
+        return budget
+
+
+async def _read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON ({err})") from None
+
+
+def _sse(data: Any) -> str:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+def _chat_logprobs(items: Sequence[TokenLogprob]) -> p.ChoiceLogprobs:
+    return p.ChoiceLogprobs(
+        content=[
+            p.TokenLogprobOut(
+                token=t.token,
+                logprob=t.logprob,
+                bytes=p.text_bytes(t.token),
+                top_logprobs=[p.TopLogprob(token=s, logprob=lp, bytes=p.text_bytes(s)) for _, s, lp in t.top],
+            )
+            for t in items
+        ]
+    )
+
+
+def _completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> p.CompletionLogprobs:
+    out = p.CompletionLogprobs()
+    for t in items:
+        out.tokens.append(t.token)
+        out.token_logprobs.append(t.logprob)
+        out.top_logprobs.append({s: lp for _, s, lp in t.top})
+        out.text_offset.append(offset)
+        offset += len(t.token)
+    return out
+
+
+def _finish_reason(event: Finished) -> str:
+    return "length" if event.reason == "length" else "stop"
+
+
+def create_app(
+    engine: Any,
+    *,
+    model_name: str | None = None,
+    api_keys: Sequence[str] = (),
+    max_queue: int = 64,
+    max_batch_size: int = 16,
+    kv_cache_tokens: int | None = None,
+    webui: bool = False,
+) -> FastAPI:
+    """The API app for one engine. The app owns a `Batcher` over it (`app.state.batcher`), closed
+    when the app shuts down. With `webui`, the Gradio page of `vicuna.webui` is mounted at `/`,
+    chatting through the same batcher."""
+    from vicuna.engine.batching import Batcher
+
+    if max_queue < 0:
+        raise VicunaError(f"--max-queue must be >= 0, not {max_queue}")
+    batcher = Batcher(engine, max_batch_size=max_batch_size, kv_cache_tokens=kv_cache_tokens)
+    server = _Server(
+        batcher=batcher,
+        model_name=model_name or engine.model_name,
+        api_keys=frozenset(k.strip() for k in api_keys if k.strip()),
+        max_queue=max_queue,
+        metrics=Metrics(batcher),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(batcher.close)
+
+    app = FastAPI(title="vicuna", summary="OpenAI-compatible API", lifespan=lifespan)
+    app.state.batcher, app.state.model_name, app.state.api_keys = batcher, server.model_name, server.api_keys
+    app.state.metrics = server.metrics
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(p.InvalidRequest)
+    async def _invalid(_: Request, err: p.InvalidRequest) -> JSONResponse:
+        return APIError(400, err.message, param=err.param, code=err.code).response()
+
+    @app.exception_handler(VicunaError)
+    async def _user_error(_: Request, err: VicunaError) -> JSONResponse:
+        return APIError(400, str(err)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return APIError(
+            err.status_code, str(err.detail), kind, headers=getattr(err, "headers", None)
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception) -> JSONResponse:
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return APIError(
+            500, "internal server error; the server log has the details", "server_error"
+        ).response()
+
+    def api(path: str):
+        return app.post(path, response_model=None)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": server.model_name,
+            "running": batcher.running,
+            "waiting": batcher.waiting,
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        server.check_auth(request)
+        card = p.ModelCard(id=server.model_name, context_window=engine.context_window)
+        return p.ModelList(data=[card]).model_dump()
+
+    @api("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        server.check_auth(request)
+        req: p.ChatCompletionRequest = p.parse_request(p.ChatCompletionRequest, await _read_json(request))
+        server.check_model(req.model)
+        prompt = engine.encode_chat(req.messages)
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        budget = server.max_new_tokens(req.requested_max_tokens(), len(prompt), param)
+        n = req.n or 1
+        params = [
+            engine.chat_params(
+                req.sampling_params(max_new_tokens=budget, choice=i, logprobs=req.logprobs_k())
+            )
+            for i in range(n)
+        ]
+        run = _Run(server, "chat", [prompt] * n, params)
+        run.id = f"chatcmpl-{uuid.uuid4().hex}"
+        return await _respond(
+            request, run, req.stream, lambda: _chat_stream(run, req), lambda: _chat_result(run, req)
+        )
+
+    async def _chat_result(run: _Run, req: p.ChatCompletionRequest) -> dict[str, Any]:
+        async for _ in run.events_until_done():
+            pass
+        choices = [
+            p.ChatChoice(
+                index=i,
+                message=p.ChatMessage(content="".join(c.text)),
+                logprobs=_chat_logprobs(c.logprobs) if req.logprobs else None,
+                finish_reason=_finish_reason(c.finished),
+            )
+            for i, c in enumerate(run.choices)
+        ]
+        return p.ChatCompletion(
+            id=run.id, model=server.model_name, choices=choices, usage=run.usage()
+        ).model_dump()
+
+    async def _chat_stream(run: _Run, req: p.ChatCompletionRequest) -> AsyncIterator[str]:
+        created = p.now()
+        with_usage = req.include_usage
+
+        def chunk(choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> str:
+            body = p.ChatCompletionChunk(
+                id=run.id, created=created, model=server.model_name, choices=choices, usage=usage
+            ).model_dump()
+            for out, c in zip(body["choices"], choices, strict=True):  # a delta carries only what it has
+                out["delta"] = c.delta.model_dump(exclude_none=True)
+            if not with_usage:
+                del body["usage"]
+            return _sse(body)
+
+        def choice(i: int, delta: p.Delta, logprobs=None, finish=None) -> p.ChatChunkChoice:
+            return p.ChatChunkChoice(index=i, delta=delta, logprobs=logprobs, finish_reason=finish)
+
+        for i in range(len(run.choices)):
+            yield chunk([choice(i, p.Delta(role="assistant", content=""))])
+        held: dict[int, list[TokenLogprob]] = {}  # logprobs of tokens whose text is still held back
+        async for i, event in run.events_until_done():
+            if isinstance(event, TextChunk):
+                held.setdefault(i, []).extend(event.logprobs or ())
+                if event.text:
+                    lp = _chat_logprobs(held.pop(i)) if req.logprobs else None
+                    yield chunk([choice(i, p.Delta(content=event.text), lp)])
+            elif event.reason != "cancelled":
+                lp = _chat_logprobs(held.pop(i)) if req.logprobs and held.get(i) else None
+                yield chunk([choice(i, p.Delta(), lp, _finish_reason(event))])
+        if with_usage:
+            yield chunk([], run.usage())
+        yield _sse("[DONE]")
+
+    @api("/v1/completions")
+    async def completions(request: Request) -> Response:
+        server.check_auth(request)
+        req: p.CompletionRequest = p.parse_request(p.CompletionRequest, await _read_json(request))
+        server.check_model(req.model)
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs (prompt scoring) is not supported", param="echo")
+        texts, prompts = [], []
+        for item in req.prompts():
+            ids = engine.encode(item) if isinstance(item, str) else item
+            prompts.append(ids)
+            texts.append(
+                item if isinstance(item, str) else engine.tokenizer.decode(ids, skip_special_tokens=True)
+            )
+        n = req.n or 1
+        budgets = [server.max_new_tokens(req.max_tokens or 16, len(ids), "max_tokens") for ids in prompts]
+        params = [
+            req.sampling_params(max_new_tokens=budget, choice=j, logprobs=req.logprobs_k())
+            for budget in budgets
+            for j in range(n)
+        ]
+        run = _Run(server, "completions", [ids for ids in prompts for _ in range(n)], params)
+        run.id = f"cmpl-{uuid.uuid4().hex}"
+        echoes = [texts[i // n] if req.echo else "" for i in range(len(params))]
+        return await _respond(
+            request,
+            run,
+            req.stream,
+            lambda: _completion_stream(run, req, echoes),
+            lambda: _completion_result(run, req, echoes),
+        )
+
+    async def _completion_result(run: _Run, req: p.CompletionRequest, echoes: list[str]) -> dict[str, Any]:
+        async for _ in run.events_until_done():
+            pass
+        choices = [
+            p.CompletionChoice(
+                index=i,
+                text=echoes[i] + "".join(c.text),
+                logprobs=_completion_logprobs(c.logprobs, len(echoes[i]))
+                if req.logprobs is not None
+                else None,
+                finish_reason=_finish_reason(c.finished),
+            )
+            for i, c in enumerate(run.choices)
+        ]
+        return p.Completion(
+            id=run.id, model=server.model_name, choices=choices, usage=run.usage()
+        ).model_dump()
+
+    async def _completion_stream(
+        run: _Run, req: p.CompletionRequest, echoes: list[str]
+    ) -> AsyncIterator[str]:
+        created = p.now()
+
+        def chunk(choices: list[p.CompletionChoice], usage: p.Usage | None = None) -> str:
+            body = p.Completion(
+                id=run.id, created=created, model=server.model_name, choices=choices, usage=usage
+            ).model_dump()
+            if not req.include_usage:
+                del body["usage"]
+            return _sse(body)
+
+        offsets = [len(e) for e in echoes]
+        for i, echo in enumerate(echoes):
+            if echo:
+                yield chunk([p.CompletionChoice(index=i, text=echo)])
+        async for i, event in run.events_until_done():
+            if isinstance(event, TextChunk) and (event.text or event.logprobs):
+                lp = (
+                    _completion_logprobs(event.logprobs or (), offsets[i])
+                    if req.logprobs is not None
+                    else None
+                )
+                offsets[i] += len(event.text)
+                yield chunk([p.CompletionChoice(index=i, text=event.text, logprobs=lp)])
+            elif isinstance(event, Finished) and event.reason != "cancelled":
+                yield chunk([p.CompletionChoice(index=i, text="", finish_reason=_finish_reason(event))])
+        if req.include_usage:
+            yield chunk([], run.usage())
+        yield _sse("[DONE]")
+
+    async def _respond(request: Request, run: _Run, stream: bool | None, streamer, collector) -> Response:
+        run.submit()
+        watcher = asyncio.create_task(_watch_disconnect(request, run.cancel))
+        if not stream:
+            status = 500
+            try:
+                body = await collector()
+                status = 200 if not run.cancel.is_set() else 499  # 499: the client went away
+                return JSONResponse(body)
+            finally:
+                run.cancel.set()
+                watcher.cancel()
+                run.record(status)
+
+        async def events() -> AsyncIterator[str]:
+            status = 200
+            try:
+                async for text in streamer():
+                    yield text
+            except Exception:
+                status = 500
+                log.exception("%s: generation failed", run.id)
+                yield _sse(
+                    p.error_body("internal server error; the server log has the details", "server_error")
+                )
+            finally:
+                status = (
+                    499
+                    if run.cancel.is_set()
+                    and any(c.finished is None or c.finished.reason == "cancelled" for c in run.choices)
+                    else status
+                )
+                run.cancel.set()
+                watcher.cancel()
+                run.record(status)
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    @api("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        server.check_auth(request)
+        req: p.EmbeddingRequest = p.parse_request(p.EmbeddingRequest, await _read_json(request))
+        server.check_model(req.model)
+        token_lists = [engine.encode(x) if isinstance(x, str) else x for x in req.inputs()]
+        for ids in token_lists:
+            if len(ids) > engine.context_window:
+                raise APIError(
+                    400,
+                    f"an input has {len(ids)} tokens, but the model's context window is {engine.context_window} tokens",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+        start = time.perf_counter()
+        vectors = await asyncio.wrap_future(batcher.embed(token_lists))
+        data = [
+            p.Embedding(
+                index=i,
+                embedding=base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+                if req.encoding_format == "base64"
+                else v,
+            )
+            for i, v in enumerate(vectors)
+        ]
+        tokens = sum(len(ids) for ids in token_lists)
+        server.metrics.requests.labels("embeddings", "200").inc()
+        server.metrics.prompt_tokens.inc(tokens)
+        log.info(
+            "embeddings 200 inputs=%d prompt=%d total=%.2fs",
+            len(vectors),
+            tokens,
+            time.perf_counter() - start,
+        )
+        usage = p.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
+        return p.EmbeddingResponse(data=data, model=server.model_name, usage=usage).model_dump()
+
+    if webui:
+        _mount_webui(app, batcher, server.model_name, server.api_keys)
+    return app
+
+
+def _mount_webui(app: FastAPI, batcher: Any, model_name: str, api_keys: frozenset[str]) -> None:
+    """The web UI at `/` (after the API routes: a mount at `/` takes every path left), sharing the batch."""
+    try:
+        from vicuna.webui import mount
+    except ImportError as err:
+        log.warning("the web UI is not available (%s); serving the API only", err)
+        return
+
+    def chat(messages, params, cancel):
+        return batcher.chat(messages, params, cancel=cancel)
+
+    mount(app, chat=chat, model_name=model_name, api_keys=set(api_keys) or None)

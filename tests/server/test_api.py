@@ -1,0 +1,457 @@
+"""The real server (uvicorn on a free port, tiny float32 model) driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from vicuna.config import SamplingParams
+from vicuna.conversation import Message
+from vicuna.engine.events import Finished
+from vicuna.server.app import create_app
+
+MODEL = "tiny"
+HELLO = [{"role": "user", "content": "Hello world"}]
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Run `app` with uvicorn in a thread on a free port; yield its base URL (also handy for benchmarks)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def client(url: str, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=8)
+    with serving(app) as url:
+        yield url, app
+
+
+@pytest.fixture
+def api(served) -> openai.OpenAI:
+    return client(served[0])
+
+
+def greedy(**extra):
+    return {"model": MODEL, "temperature": 0, **extra}
+
+
+def engine_reply(engine, messages, **params) -> tuple[str, Finished]:
+    events = list(engine.chat([Message(m["role"], m["content"]) for m in messages], SamplingParams(**params)))
+    return "".join(e.text for e in events[:-1]), events[-1]
+
+
+def test_models_health_and_fields(served, api, tiny_engine):
+    url, _ = served
+    assert [m.id for m in api.models.list().data] == [MODEL]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    r = api.chat.completions.create(
+        messages=HELLO, max_tokens=12, extra_body={"ignore_eos": True}, **greedy()
+    )
+    assert (
+        r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL and r.created > 0
+    )
+    choice = r.choices[0]
+    assert choice.index == 0 and choice.message.role == "assistant" and choice.finish_reason == "length"
+    text, finished = engine_reply(tiny_engine, HELLO, temperature=0, max_new_tokens=12, ignore_eos=True)
+    assert choice.message.content == text
+    prompt = len(tiny_engine.encode_chat([Message("user", "Hello world")]))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        prompt,
+        12,
+        prompt + 12,
+    )
+
+
+def raw_stream(url: str, body: dict) -> list[str]:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        return [line for line in r.iter_lines() if line]
+
+
+def test_stream_shape_usage_and_same_text_as_non_streamed(served, api):
+    url, _ = served
+    body = greedy(messages=HELLO, max_tokens=30, stream=True, stream_options={"include_usage": True})
+    lines = raw_stream(url, body)
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = chunks[1:-2]
+    assert all(
+        set(c["choices"][0]["delta"]) == {"content"} and c["choices"][0]["finish_reason"] is None
+        for c in content
+    )
+    last = chunks[-2]["choices"][0]
+    assert last["delta"] == {} and last["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and all(c["usage"] is None for c in chunks[:-1])
+    streamed = "".join(c["choices"][0]["delta"]["content"] for c in content)
+
+    whole = api.chat.completions.create(messages=HELLO, max_tokens=30, **greedy())
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1]["usage"] == whole.usage.model_dump(
+        include={"prompt_tokens", "completion_tokens", "total_tokens"}
+    )
+    assert last["finish_reason"] == whole.choices[0].finish_reason
+
+    # the official client reads the same stream
+    parts = list(api.chat.completions.create(messages=HELLO, max_tokens=30, stream=True, **greedy()))
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == streamed
+
+
+def test_stop_strings_never_leak(api):
+    full = api.chat.completions.create(
+        messages=HELLO, max_tokens=40, extra_body={"ignore_eos": True}, **greedy()
+    )
+    text = full.choices[0].message.content
+    stop = text[10:13]
+    cut = text[: text.find(stop)]
+    r = api.chat.completions.create(
+        messages=HELLO, max_tokens=40, stop=[stop, "never-there"], extra_body={"ignore_eos": True}, **greedy()
+    )
+    assert r.choices[0].message.content == cut and r.choices[0].finish_reason == "stop"
+    parts = api.chat.completions.create(
+        messages=HELLO, max_tokens=40, stop=stop, stream=True, extra_body={"ignore_eos": True}, **greedy()
+    )
+    deltas = [p.choices[0].delta.content or "" for p in parts if p.choices]
+    assert "".join(deltas) == cut and not any(stop in d for d in deltas)
+
+
+def test_chinese_streams_whole_characters(api):
+    messages = [{"role": "user", "content": "你好，世界！今天天气很好。"}]
+    whole = (
+        api.chat.completions.create(messages=messages, max_tokens=40, **greedy()).choices[0].message.content
+    )
+    parts = api.chat.completions.create(messages=messages, max_tokens=40, stream=True, **greedy())
+    deltas = [p.choices[0].delta.content or "" for p in parts if p.choices]
+    assert "".join(deltas) == whole
+    # no delta splits a character: each one encodes and decodes on its own
+    assert all(d.encode("utf-8").decode("utf-8") == d and "\udcff" not in d for d in deltas)
+
+
+def test_n_seed_and_sampling_fields(api):
+    kwargs = dict(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=10,
+        n=3,
+        seed=42,
+        temperature=1.0,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        user="tester",
+        extra_body={"top_k": 50, "repetition_penalty": 1.1, "min_tokens": 10},
+    )
+    a, b = api.chat.completions.create(**kwargs), api.chat.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # seeded
+    assert len({c.message.content for c in a.choices}) > 1  # each choice its own seed
+    assert a.usage.completion_tokens == 30  # min_tokens == max_tokens: ten tokens each
+
+
+def test_logprobs(api):
+    r = api.chat.completions.create(
+        messages=HELLO,
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+        **greedy(),
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)  # greedy picks the most likely
+
+
+def test_completions(api, tiny_engine):
+    prompts = ["The capital of France", "Tokyo is"]
+    r = api.completions.create(
+        model=MODEL,
+        prompt=prompts,
+        max_tokens=8,
+        n=2,
+        echo=True,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.object == "text_completion" and [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.text.startswith(prompts[c.index // 2]) for c in r.choices)
+    assert (
+        r.usage.prompt_tokens == sum(len(tiny_engine.encode(p)) for p in prompts)
+        and r.usage.completion_tokens == 32
+    )
+    plain = api.completions.create(model=MODEL, prompt=prompts[0], max_tokens=8, temperature=0)
+    assert r.choices[0].text == prompts[0] + plain.choices[0].text
+    streamed = api.completions.create(
+        model=MODEL,
+        prompt=prompts[0],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    tokens = api.completions.create(
+        model=MODEL, prompt=tiny_engine.encode(prompts[0]), max_tokens=8, temperature=0
+    )
+    assert tokens.choices[0].text == plain.choices[0].text
+
+
+def test_embeddings(api, tiny_engine):
+    r = api.embeddings.create(model=MODEL, input=["Hello", "Tokyo is big"])  # the client asks for base64
+    f = api.embeddings.create(model=MODEL, input="Hello", encoding_format="float")
+    hidden = tiny_engine.model.config.hidden_size
+    assert [len(d.embedding) for d in r.data] == [hidden, hidden]
+    assert r.data[0].embedding == pytest.approx(f.data[0].embedding, abs=1e-6)
+    assert sum(x * x for x in f.data[0].embedding) == pytest.approx(1, abs=1e-4)
+    assert r.usage.prompt_tokens == len(tiny_engine.encode("Hello")) + len(tiny_engine.encode("Tokyo is big"))
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in body["error"]["message"]
+    return body["error"]
+
+
+def test_errors(served, api, tiny_engine):
+    url, _ = served
+    r = httpx.post(
+        f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "JSON" in error_of(r)["message"]
+    for body, param in [
+        (greedy(messages=HELLO, temperature=-1), "temperature"),
+        (greedy(messages=HELLO, n=0), "n"),
+        (greedy(messages=HELLO, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (greedy(messages=HELLO, response_format={"type": "json_object"}), "response_format.type"),
+        (greedy(messages=HELLO, logit_bias={"5": 1}), "logit_bias"),
+        (greedy(), "messages"),
+    ]:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and error_of(r)["param"] == param, r.text
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(
+            messages=HELLO, tools=[{"type": "function", "function": {"name": "f"}}], **greedy()
+        )
+    assert "tools" in info.value.message
+    with pytest.raises(openai.NotFoundError) as info:
+        api.chat.completions.create(model="gpt-4", messages=HELLO)
+    assert info.value.code == "model_not_found" and "gpt-4" in info.value.message
+    window = tiny_engine.context_window
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(messages=HELLO, max_tokens=window, **greedy())
+    prompt = len(tiny_engine.encode_chat([Message("user", "Hello world")]))
+    message = info.value.message
+    assert info.value.code == "context_length_exceeded"
+    assert str(prompt) in message and str(window) in message and str(prompt + window) in message
+    r = httpx.get(f"{url}/v1/nothing-here")
+    assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
+
+
+def test_api_keys(tiny_engine):
+    with serving(create_app(tiny_engine, model_name=MODEL, api_keys=["k1", "k2"])) as url:
+        for key in ("", "wrong"):
+            r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+            assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").chat.completions.create(messages=HELLO, max_tokens=2, **greedy())
+        assert client(url, "k2").chat.completions.create(messages=HELLO, max_tokens=2, **greedy()).choices
+        assert httpx.get(f"{url}/health").status_code == 200  # monitoring needs no key
+
+
+def wait_for(predicate, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_queue_full_is_429_with_retry_after(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=1, max_queue=1)
+    batcher = app.state.batcher
+    long = greedy(messages=HELLO, max_tokens=900, stream=True, extra_body={"ignore_eos": True})
+    with serving(app) as url:
+        api = client(url)
+        running = api.chat.completions.create(**long)
+        next(iter(running))
+        assert wait_for(lambda: batcher.running == 1)
+        waiting = api.chat.completions.create(**long)
+        assert wait_for(lambda: batcher.waiting == 1)
+        r = httpx.post(f"{url}/v1/chat/completions", json=greedy(messages=HELLO, max_tokens=2))
+        assert r.status_code == 429 and r.headers["retry-after"].isdigit()
+        assert error_of(r)["type"] == "rate_limit_error"
+        with pytest.raises(openai.RateLimitError):
+            api.chat.completions.create(messages=HELLO, max_tokens=2, **greedy())
+        running.close()
+        waiting.close()
+        assert wait_for(lambda: batcher.running == 0 and batcher.waiting == 0)
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    found = re.findall(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(found[0]) if found else 0.0
+
+
+def test_disconnect_cancels_generation(served):
+    url, app = served
+    cancelled = 'vicuna_replies_finished_total{reason="cancelled"}'
+    before = metric(url, cancelled)
+    body = greedy(messages=HELLO, max_tokens=900, stream=True, extra_body={"ignore_eos": True})
+    body.update(body.pop("extra_body"))
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    # the client is gone: the reply ends long before its 900 tokens and frees its row
+    assert wait_for(lambda: metric(url, cancelled) == before + 1)
+    assert wait_for(lambda: app.state.batcher.running == 0)
+    assert metric(url, 'vicuna_requests_total{endpoint="chat",status="499"}') >= 1
+
+
+def test_eight_concurrent_streams_equal_sequential(served, api, tiny_engine):
+    _, app = served
+    questions = [
+        f"{w} is" for w in ("Hello", "Tokyo", "Paris", "The capital", "A chat", "def add", "你好", "fine")
+    ]
+    expected = [
+        engine_reply(tiny_engine, [{"role": "user", "content": q}], temperature=0, max_new_tokens=40)[0]
+        for q in questions
+    ]
+    got: list = [None] * 8
+
+    def stream(i: int) -> None:
+        parts = api.chat.completions.create(
+            messages=[{"role": "user", "content": questions[i]}], max_tokens=40, stream=True, **greedy()
+        )
+        got[i] = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == expected
+    assert app.state.batcher.stats.peak_running > 1
+
+
+def test_metrics_and_request_log(served, api, caplog):
+    url, _ = served
+    with caplog.at_level(logging.INFO, logger="vicuna.server"):
+        api.chat.completions.create(messages=HELLO, max_tokens=5, extra_body={"ignore_eos": True}, **greedy())
+    line = [r.getMessage() for r in caplog.records if r.name == "vicuna.server"][-1]
+    assert "prompt=" in line and "completion=5" in line and "ttft=" in line and "tok/s" in line
+    text = httpx.get(f"{url}/metrics").text
+    for name in (
+        "vicuna_requests_total",
+        "vicuna_prompt_tokens_total",
+        "vicuna_completion_tokens_total",
+        "vicuna_time_to_first_token_seconds_count",
+        "vicuna_inter_token_latency_seconds_count",
+        "vicuna_queue_depth",
+        "vicuna_running_batch_size",
+    ):
+        assert name in text
+    assert metric(url, "vicuna_time_to_first_token_seconds_count") >= 1
+    assert metric(url, 'vicuna_requests_total{endpoint="chat",status="200"}') >= 1
+
+
+def test_serve_command_starts_the_server(tiny_engine, tmp_path):
+    """`vicuna serve` end to end in a subprocess: flags, model loading, /health, a reply."""
+    import subprocess
+    import sys
+
+    folder = tiny_engine.model.name_or_path
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    cmd = [
+        sys.executable,
+        "-m",
+        "vicuna",
+        "serve",
+        "--model-path",
+        str(folder),
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--no-webui",
+        "--model-name",
+        MODEL,
+        "--api-keys",
+        "sekrit",
+    ]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/health").status_code == 200
+            return False
+
+        assert wait_for(up, 90)
+        r = client(url, "sekrit").chat.completions.create(messages=HELLO, max_tokens=3, **greedy())
+        assert r.usage.completion_tokens <= 3
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert "prompt=" in (tmp_path / "serve.log").read_text()  # the request's log line
+
+
+@pytest.mark.slow
+def test_builtin_model_answers():
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+
+    engine = load_engine(ModelSettings(dtype="float32"), progress=False)
+    with serving(create_app(engine)) as url:
+        api = client(url)
+        model = api.models.list().data[0].id
+        r = api.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=30,
+        )
+        assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"

@@ -1,0 +1,202 @@
+"""Continuous batching on the tiny float32 engine: batched replies equal replies computed alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from vicuna.config import SamplingParams
+from vicuna.engine.batching import Batcher
+from vicuna.engine.events import Finished, TextChunk
+from vicuna.errors import ContextTooLongError, VicunaError
+
+TEXTS = ["Hello world", "The capital of France", "你好，世界", "def add(x, y):", "A chat between", "Tokyo is"]
+
+
+def reply(events) -> tuple[str, Finished]:
+    events = list(events)
+    assert isinstance(events[-1], Finished) and all(isinstance(e, TextChunk) for e in events[:-1])
+    return "".join(e.text for e in events[:-1]), events[-1]
+
+
+def concurrently(
+    batcher: Batcher, jobs: list[tuple[list[int], SamplingParams]]
+) -> list[tuple[str, Finished]]:
+    out: list = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        out[i] = reply(batcher.generate(*jobs[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def same(a: tuple[str, Finished], b: tuple[str, Finished]) -> bool:
+    return a[0] == b[0] and (a[1].reason, a[1].completion_tokens) == (b[1].reason, b[1].completion_tokens)
+
+
+@pytest.fixture
+def batcher(tiny_engine):
+    b = Batcher(tiny_engine, max_batch_size=8)
+    yield b
+    b.close()
+
+
+def test_mixed_settings_in_one_batch_match_the_engine_alone(tiny_engine, batcher):
+    e = tiny_engine
+    greedy = SamplingParams(temperature=0, max_new_tokens=24)
+    alone = reply(e.generate(e.encode(TEXTS[0]), replace(greedy, ignore_eos=True)))
+    stop = alone[0][8:11]  # a stop string from the middle of a known reply
+    jobs = [
+        (e.encode(TEXTS[0]), replace(greedy, ignore_eos=True)),
+        (e.encode(TEXTS[0]), replace(greedy, ignore_eos=True, stop=(stop,))),
+        (e.encode(TEXTS[1]), SamplingParams(temperature=0.9, top_p=0.8, top_k=50, seed=3, max_new_tokens=20)),
+        (e.encode(TEXTS[2]), SamplingParams(temperature=1.2, seed=11, max_new_tokens=16, min_new_tokens=16)),
+        (
+            e.encode(TEXTS[3]),
+            replace(greedy, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+        ),
+        (e.encode(TEXTS[4]), replace(greedy, max_new_tokens=5, logprobs=2)),
+    ]
+    batched = concurrently(batcher, jobs)
+    expected = [reply(e.generate(ids, params)) for ids, params in jobs]
+    assert [same(b, x) for b, x in zip(batched, expected, strict=True)] == [True] * len(jobs)
+    assert batched[0] == alone or same(batched[0], alone)
+    # the stop string cut the same reply where it first appears, and never shows
+    cut, finished = batched[1]
+    assert finished.reason == "stop" and finished.stop_text == stop
+    assert cut == alone[0][: alone[0].find(stop)] and stop not in cut
+    assert batched[3][1].completion_tokens == 16  # min_tokens == max_tokens: no early end
+    assert batched[5][1].completion_tokens == 5 and batched[5][1].reason == "length"
+    assert batcher.stats.peak_running > 1
+
+
+def test_a_new_request_joins_the_running_batch(tiny_engine, batcher):
+    e = tiny_engine
+    long_job = (e.encode(TEXTS[0]), SamplingParams(temperature=0, max_new_tokens=300, ignore_eos=True))
+    short_job = (e.encode(TEXTS[5]), SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True))
+    finished_order = []
+    events = batcher.generate(*long_job)
+    chunks = []
+    for event in events:
+        chunks.append(event)
+        if len(chunks) == 5:  # the long reply is running: send the short one now
+            short = reply(batcher.generate(*short_job))
+            finished_order.append("short")
+    finished_order.append("long")
+    assert finished_order == ["short", "long"]
+    long_reply = ("".join(c.text for c in chunks[:-1]), chunks[-1])
+    assert same(long_reply, reply(e.generate(*long_job)))
+    assert same(short, reply(e.generate(*short_job)))
+    assert batcher.stats.batch_sizes[2] >= 9  # the short reply's decode steps ran with the long one
+
+
+def test_kv_cache_bound_preempts_and_recomputes(tiny_engine):
+    e = tiny_engine
+    b = Batcher(e, max_batch_size=4, kv_cache_tokens=e.context_window)
+    try:
+        jobs = [
+            (e.encode(t), SamplingParams(temperature=0, max_new_tokens=300, ignore_eos=True))
+            for t in TEXTS[:4]
+        ]
+        batched = concurrently(b, jobs)
+        assert b.stats.preempted > 0
+        assert 0 < b.stats.peak_kv_tokens <= e.context_window
+        expected = [reply(e.generate(*job)) for job in jobs]
+        assert all(same(x, y) for x, y in zip(batched, expected, strict=True))
+    finally:
+        b.close()
+
+
+def test_cancel_frees_the_row_at_once(tiny_engine, batcher):
+    cancel = threading.Event()
+    params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)
+    events = batcher.generate(tiny_engine.encode(TEXTS[0]), params, cancel=cancel)
+    for seen, event in enumerate(events):
+        if isinstance(event, Finished):
+            break
+        if seen == 2:
+            cancel.set()
+    assert event.reason == "cancelled" and event.completion_tokens < 900
+    deadline = time.monotonic() + 10
+    while batcher.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.running == 0
+
+
+def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher):
+    params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)
+    events = batcher.generate(tiny_engine.encode(TEXTS[0]), params)
+    next(events)
+    events.close()  # e.g. a web client that went away
+    deadline = time.monotonic() + 10
+    while (batcher.running or batcher.waiting) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.running == 0 and batcher.stats.steps < 900
+
+
+def test_too_long_is_refused_before_any_event(tiny_engine, batcher):
+    ids = tiny_engine.encode(TEXTS[0])
+    with pytest.raises(ContextTooLongError) as info:
+        batcher.generate(ids, SamplingParams(max_new_tokens=tiny_engine.context_window))
+    assert str(tiny_engine.context_window) in str(info.value)
+    with pytest.raises(VicunaError, match="kv-cache-tokens"):
+        Batcher(tiny_engine, kv_cache_tokens=10)
+
+
+def test_chat_uses_the_template_stops(tiny_engine, batcher):
+    from vicuna.conversation import Message
+
+    messages = [Message("user", "Hello")]
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    assert same(reply(batcher.chat(messages, params)), reply(tiny_engine.chat(messages, params)))
+
+
+def test_embeddings_are_normalised_mean_pools(tiny_engine, batcher):
+    import torch
+
+    a, b, a2 = batcher.embed(
+        [tiny_engine.encode("Hello"), tiny_engine.encode("Tokyo is big"), tiny_engine.encode("Hello")]
+    ).result(60)
+    hidden = tiny_engine.model.config.hidden_size
+    assert len(a) == hidden and a == a2 and a != b
+    assert abs(float(torch.tensor(b).norm()) - 1) < 1e-5
+
+
+def test_any_transformers_model_batches_on_a_padded_cache(tiny_engine):
+    """Without the fused LLaMA path (other architectures, several GPUs) the batch is a left-padded
+    transformers cache; replies still equal the engine's, under preemption too."""
+    from vicuna.engine.engine import Engine
+
+    e = Engine(
+        model=tiny_engine.model,
+        tokenizer=tiny_engine.tokenizer,
+        template=tiny_engine.template,
+        model_name="hf",
+        fast_path=False,
+    )
+    b = Batcher(e, max_batch_size=4, kv_cache_tokens=e.context_window)
+    try:
+        jobs = [
+            (e.encode(TEXTS[0]), SamplingParams(temperature=0, max_new_tokens=380, ignore_eos=True)),
+            (e.encode(TEXTS[1]), SamplingParams(temperature=0, max_new_tokens=370, ignore_eos=True)),
+            (
+                e.encode(TEXTS[2]),
+                SamplingParams(temperature=0.8, seed=5, max_new_tokens=360, ignore_eos=True),
+            ),
+            (e.encode(TEXTS[3]), SamplingParams(temperature=0, max_new_tokens=20, stop=("x",))),
+        ]
+        batched = concurrently(b, jobs)
+        expected = [reply(e.generate(*job)) for job in jobs]
+        assert all(same(x, y) for x, y in zip(batched, expected, strict=True))
+        assert b.stats.preempted > 0 and b.stats.peak_kv_tokens <= e.context_window
+        assert b.stats.peak_running > 1
+    finally:
+        b.close()
