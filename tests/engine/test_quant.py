@@ -37,7 +37,7 @@ def test_load_8bit_engine_uses_the_fused_int8_path_with_the_same_tokens(tiny_lla
     engine = load_engine(
         ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16", load_8bit=True), progress=False
     )
-    assert engine._llama is not None  # the fused fast path takes int8 layers too
+    assert engine.llama_weights is not None  # the fused fast path takes int8 layers too
     assert any(isinstance(m, Int8Linear) for m in engine.model.modules())
     plain = Engine(
         model=engine.model,

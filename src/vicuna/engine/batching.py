@@ -175,7 +175,7 @@ class Batcher:
     # --- the same face as Engine --------------------------------------------------------------
 
     def _new_rows(self) -> _LlamaRows | _HFRows:
-        llama = getattr(self.engine, "_llama", None)  # the engine's fused LLaMA weights, when it has them
+        llama = self.engine.llama_weights  # the engine's fused LLaMA weights, when it has them
         return _LlamaRows(llama) if llama is not None else _HFRows(self.engine)
 
     @property
@@ -421,11 +421,11 @@ class _LlamaRows:
     def step(self, tokens: list[int]) -> torch.Tensor:
         w, runners, n = self.w, self.runners, len(tokens)
         for r in runners:
-            r._ensure(r.pos + 1)
+            r.reserve(r.pos + 1)
         q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
         cos = torch.stack([r.cache[2][r.pos] for r in runners])[:, None]  # [rows, 1, head_dim]
         sin = torch.stack([r.cache[3][r.pos] for r in runners])[:, None]
-        rotate = runners[0]._rotate
+        rotate = runners[0].rotate
         x = w.embed(torch.tensor(tokens, device=w.device))  # [rows, hidden]
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
             h = F.rms_norm(x, (x.shape[-1],), norm1, w.eps)

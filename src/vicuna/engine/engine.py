@@ -51,7 +51,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.template_stop_ids, self.template_stop_strings = self._split_stops(template.stop)
-        self._llama = LlamaWeights(model) if fast_path and llama_fast_path_ok(model) else None
+        # the fused LLaMA weights of the fast decode path (the batcher shares them), or None
+        self.llama_weights = LlamaWeights(model) if fast_path and llama_fast_path_ok(model) else None
         self._spare_caches: list[Any] = []  # KV caches of finished generations, for the next ones
         self._lock = threading.Lock()
 
@@ -102,11 +103,11 @@ class Engine:
     # --- generation ---------------------------------------------------------------------------
 
     def new_runner(self) -> Runner:
-        if self._llama is None:
+        if self.llama_weights is None:
             return HFRunner(self.model, self.device)
         with self._lock:
             cache = self._spare_caches.pop() if self._spare_caches else None
-        return LlamaRunner(self._llama, cache)
+        return LlamaRunner(self.llama_weights, cache)
 
     def _release(self, runner: Runner) -> None:
         if isinstance(runner, LlamaRunner):

@@ -127,7 +127,8 @@ class LlamaRunner:
         )
         self.pos = 0
 
-    def _ensure(self, length: int) -> None:
+    def reserve(self, length: int) -> None:
+        """Make room in the KV cache for `length` positions."""
         have = 0 if self.cache is None else self.cache[0].shape[2]
         if length <= have:
             return
@@ -142,7 +143,7 @@ class LlamaRunner:
         cos, sin = w.rotary(keys[:1, :1, :, 0], positions)
         self.cache = (keys, values, cos[0].to(w.dtype), sin[0].to(w.dtype))
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
@@ -150,7 +151,7 @@ class LlamaRunner:
         """The prompt at position 0, or one token after it."""
         w, start, n = self.w, self.pos, len(ids)
         assert n == 1 or start == 0, "tokens after the prompt come one at a time"
-        self._ensure(start + n)
+        self.reserve(start + n)
         keys, values, cos, sin = self.cache
         cos, sin = cos[start : start + n], sin[start : start + n]
         q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
@@ -158,8 +159,8 @@ class LlamaRunner:
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
             h = F.rms_norm(x, (x.shape[-1],), norm1, w.eps)
             q, k, v = qkv(h).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rotate(q.view(n, w.heads, w.head_dim).transpose(0, 1), cos, sin)
-            keys[i, :, start : start + n] = self._rotate(
+            q = self.rotate(q.view(n, w.heads, w.head_dim).transpose(0, 1), cos, sin)
+            keys[i, :, start : start + n] = self.rotate(
                 k.view(n, w.kv_heads, w.head_dim).transpose(0, 1), cos, sin
             )
             values[i, :, start : start + n] = v.view(n, w.kv_heads, w.head_dim).transpose(0, 1)
