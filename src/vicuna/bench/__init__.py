@@ -1,0 +1,137 @@
+"""`vicuna bench latency|serve|memory`: measure speed and memory, each figure beside a baseline measured in
+the same run, printed as a table and optionally saved as JSON (`--json`) and a chart (`--plot`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vicuna.config import add_model_arguments, model_settings_from_args
+from vicuna.errors import VicunaError
+
+DEFAULT_STREAMS = "1,4,16,64"
+MEMORY_DTYPES = "float32,bfloat16,float16"
+
+
+def _csv(kind: type, allowed: tuple[str, ...] = ()):
+    """An argparse type for comma-separated lists, checked item by item."""
+
+    def parse(text: str) -> list:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        bad = [x for x in items if allowed and x not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]!r} is not one of {', '.join(allowed)}")
+        try:
+            return [kind(x) for x in items]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _outputs(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("output")
+    g.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON (docs/benchmarks.md)")
+    g.add_argument("--plot", type=Path, metavar="OUT.png", help="draw the ratios to the baselines")
+    g.add_argument("--no-progress", action="store_true", help="no progress display")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vicuna.bench.latency import PROMPT_KINDS
+
+    sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+
+    lat = sub.add_parser(
+        "latency", help="TTFT, inter-token latency, decode tok/s and reply time vs HF generate"
+    )
+    add_model_arguments(lat)
+    lat.add_argument("--runs", type=int, default=3, help="measured runs per prompt; the median is shown")
+    lat.add_argument("--warmup", type=int, default=1, help="unmeasured runs first (compilation, caches)")
+    lat.add_argument("--new-tokens", type=int, default=128, help="tokens in each reply")
+    lat.add_argument(
+        "--prompts",
+        type=_csv(str, PROMPT_KINDS),
+        default=list(PROMPT_KINDS),
+        help="which prompts: short, long or both (default: short,long)",
+    )
+    lat.add_argument("--long-tokens", type=int, default=500, help="length of the long prompt in tokens")
+    _outputs(lat)
+
+    srv = sub.add_parser("serve", help="aggregate tok/s and TTFT p50/p99 of `vicuna serve` under load")
+    add_model_arguments(srv)
+    srv.add_argument("--url", help="an already running server (default: start `vicuna serve` here)")
+    srv.add_argument(
+        "--streams",
+        type=_csv(int),
+        default=[int(x) for x in DEFAULT_STREAMS.split(",")],
+        help=f"concurrent streams to try (default {DEFAULT_STREAMS})",
+    )
+    srv.add_argument("--new-tokens", type=int, default=128, help="tokens in each reply")
+    srv.add_argument("--runs", type=int, default=1, help="rounds per concurrency level; the median is shown")
+    srv.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server")
+    _outputs(srv)
+
+    mem = sub.add_parser("memory", help="weight memory and peak RSS per dtype; convert and delta apply")
+    add_model_arguments(mem)
+    mem.add_argument(
+        "--dtypes",
+        type=_csv(str, ("float32", "bfloat16", "float16")),
+        default=MEMORY_DTYPES.split(","),
+        help=f"dtypes to load (default {MEMORY_DTYPES}); 8-bit is measured on bfloat16",
+    )
+    mem.add_argument("--new-tokens", type=int, default=32, help="tokens generated after loading")
+    mem.add_argument(
+        "--weights-mb",
+        type=float,
+        default=512,
+        help="size of the generated checkpoint for convert and delta apply (MB, float16)",
+    )
+    mem.add_argument("--skip-weights", action="store_true", help="skip the convert and delta apply part")
+    _outputs(mem)
+
+
+def main(args: argparse.Namespace) -> int:
+    from vicuna.bench.report import emit
+
+    settings = model_settings_from_args(args)
+    progress = not args.no_progress
+    if args.new_tokens < 2:
+        raise VicunaError(f"--new-tokens must be at least 2, not {args.new_tokens}")
+    if args.bench == "latency":
+        from vicuna.bench.latency import bench_latency
+
+        report = bench_latency(
+            settings,
+            runs=args.runs,
+            warmup=args.warmup,
+            new_tokens=args.new_tokens,
+            prompts=args.prompts,
+            long_tokens=args.long_tokens,
+            progress=progress,
+        )
+    elif args.bench == "serve":
+        from vicuna.bench.serve import bench_serve
+
+        report = bench_serve(
+            settings,
+            url=args.url,
+            streams=args.streams,
+            new_tokens=args.new_tokens,
+            runs=args.runs,
+            startup_timeout=args.startup_timeout,
+            progress=progress,
+        )
+    else:
+        from vicuna.bench.memory import bench_memory
+
+        report = bench_memory(
+            settings,
+            dtypes=args.dtypes,
+            new_tokens=args.new_tokens,
+            weights_mb=None if args.skip_weights else args.weights_mb,
+            progress=progress,
+        )
+    emit(report, json_path=args.json, plot_path=args.plot)
+    return 0

@@ -1,0 +1,342 @@
+"""`vicuna bench latency`: time to first token, inter-token latency, decode tokens/s and whole-reply time of
+the engine, each beside Hugging Face `model.generate` (the path FastChat's CLI and worker take) run on the
+same prompt, dtype and reply length in the same process, and beside the memory-bandwidth ceiling.
+
+Runs of the engine and of the baselines alternate, so that a neighbour's load on a shared machine hits
+both alike; each figure is the median of the runs after the warm-up runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from vicuna.bench.report import Report, median
+from vicuna.config import ModelSettings, SamplingParams
+from vicuna.errors import VicunaError
+
+# Long enough to tile a ~500-token prompt; ordinary prose so that tokenizers split it typically.
+PARAGRAPH = (
+    "The history of the bicycle begins in the early nineteenth century, when inventors in Europe tried to "
+    "build a machine that a person could ride without a horse. The first designs had no pedals; riders "
+    "pushed against the ground with their feet. Later models added cranks to the front wheel, then a chain "
+    "to the rear wheel, and finally air-filled tyres that made long journeys comfortable. "
+)
+SHORT_QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+LONG_QUESTION = "Summarize the text above in three sentences."
+PROMPT_KINDS = ("short", "long")
+CPU_CEILING_TARGET, GPU_CEILING_TARGET = 0.6, 0.7
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One reply's figures, defined the same way for every runner: TTFT from the call to the first sampled
+    token; decode rate over the tokens after the first; inter-token latency is the median gap."""
+
+    ttft_s: float
+    decode_tokens_per_s: float
+    itl_s: float
+    total_s: float
+    tokens: int
+
+
+def decode_rate(tokens: int, first_at: float, end: float) -> float:
+    return (tokens - 1) / (end - first_at) if tokens > 1 and end > first_at else 0.0
+
+
+def gaps(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def greedy(new_tokens: int) -> SamplingParams:
+    """Greedy decoding of exactly `new_tokens` tokens (an early EOS would shorten some runs)."""
+    return SamplingParams(
+        temperature=0.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, ignore_eos=True
+    )
+
+
+def time_engine(engine: Any, prompt_ids: list[int], new_tokens: int) -> Timing:
+    """The engine's own account (its `Finished` event), plus the gaps between streamed tokens."""
+    from vicuna.engine.events import Finished, TextChunk
+
+    stamps: list[float] = []
+    finished = None
+    for event in engine.generate(prompt_ids, greedy(new_tokens)):
+        if isinstance(event, TextChunk) and event.token_ids:
+            stamps.append(time.perf_counter())
+        elif isinstance(event, Finished):
+            finished = event
+    if finished is None or finished.completion_tokens != new_tokens:
+        got = finished.completion_tokens if finished else 0
+        raise RuntimeError(f"the engine produced {got} tokens, {new_tokens} were asked for")
+    return Timing(
+        ttft_s=finished.ttft_s,
+        decode_tokens_per_s=finished.decode_tokens_per_s,
+        itl_s=median(gaps(stamps)) if len(stamps) > 1 else 0.0,
+        total_s=finished.total_s,
+        tokens=finished.completion_tokens,
+    )
+
+
+def time_hf_generate(model: Any, prompt_ids: list[int], new_tokens: int, pad_id: int | None) -> Timing:
+    """`model.generate` greedy with `min_new_tokens` forcing the length; a streamer stamps each token."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.calls = 0
+
+        def put(self, value: Any) -> None:
+            self.calls += 1
+            if self.calls > 1:  # generate passes the prompt first, then each new token
+                self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    stamps = Stamps()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=pad_id,
+            streamer=stamps,
+        )
+    end = time.perf_counter()
+    tokens = out.shape[1] - ids.shape[1]
+    if tokens != new_tokens or not stamps.times:
+        raise RuntimeError(f"HF generate produced {tokens} tokens, {new_tokens} were asked for")
+    first = stamps.times[0]
+    return Timing(
+        ttft_s=first - start,
+        decode_tokens_per_s=decode_rate(tokens, first, end),
+        itl_s=median(gaps(stamps.times)) if tokens > 1 else 0.0,
+        total_s=end - start,
+        tokens=tokens,
+    )
+
+
+def measure_bandwidth(device: Any, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s: the best of a large tensor's sum (reads `nbytes`) and copy (reads and
+    writes `nbytes`). The buffer is far larger than any cache, so this is what streaming weights can get."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    best = 0.0
+    for op, moved in ((lambda: x.sum(), nbytes), (lambda: y.copy_(x), 2 * nbytes)):
+        op()  # first touch: page faults and allocation are not bandwidth
+        sync()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            op()
+            sync()
+            best = max(best, moved / (time.perf_counter() - start))
+    return best
+
+
+def make_prompts(engine: Any, kinds: list[str], long_tokens: int, new_tokens: int) -> dict[str, list[int]]:
+    """Chat prompts: a one-line request, and a ~`long_tokens` text followed by a request to summarize it.
+    The long prompt is shortened to fit the model's context window with the reply."""
+    from vicuna.conversation import Message
+
+    prompts = {}
+    for kind in kinds:
+        if kind == "short":
+            prompts[kind] = engine.encode_chat([Message(role="user", content=SHORT_QUESTION)])
+            continue
+        budget = min(long_tokens, engine.context_window - new_tokens)
+        overhead = len(engine.encode_chat([Message(role="user", content="\n\n" + LONG_QUESTION)]))
+        body = engine.encode(PARAGRAPH * (budget // 40 + 2))
+        body = body[1:] if body and body[0] == engine.tokenizer.bos_token_id else body
+        keep = max(budget - overhead, 1)
+        for _ in range(3):  # decoding then encoding text can change its length a little: converge on it
+            text = engine.tokenizer.decode(body[:keep], skip_special_tokens=True)
+            ids = engine.encode_chat([Message(role="user", content=f"{text}\n\n{LONG_QUESTION}")])
+            if len(ids) <= budget:
+                break
+            keep = max(keep - (len(ids) - budget), 1)
+        prompts[kind] = ids
+    for ids in prompts.values():
+        engine.check_fits(len(ids), new_tokens)
+    return prompts
+
+
+def load_hf_model(engine: Any, settings: ModelSettings) -> Any:
+    """The same checkpoint loaded the plain transformers way, at the engine's dtype (and 8-bit if asked)."""
+    from transformers import AutoModelForCausalLM
+
+    from vicuna.engine.loader import resolve_model_path
+
+    folder = resolve_model_path(settings.model_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=engine.dtype, device_map=str(engine.device))
+    model.eval()
+    if settings.load_8bit:
+        from vicuna.engine.quant import quantize_int8
+
+        quantize_int8(model, engine.device)
+    return model
+
+
+def bench_latency(
+    settings: ModelSettings,
+    *,
+    runs: int = 3,
+    warmup: int = 1,
+    new_tokens: int = 128,
+    prompts: list[str] | None = None,
+    long_tokens: int = 500,
+    progress: bool = True,
+) -> Report:
+    """Measure the engine, HF generate and (with 8-bit) the unquantized engine; return the report."""
+    import torch
+    from rich.progress import Progress
+
+    from vicuna.bench.report import machine_info
+    from vicuna.engine.loader import load_engine
+    from vicuna.engine.quant import weight_bytes
+
+    kinds = prompts or list(PROMPT_KINDS)
+    if runs < 1 or warmup < 0 or new_tokens < 2:
+        raise VicunaError("--runs must be >= 1, --warmup >= 0 and --new-tokens >= 2")
+    engine = load_engine(settings, progress=progress)
+    hf_model = load_hf_model(engine, settings)
+    pad_id = engine.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else (engine.end_ids[0] if engine.end_ids else 0)
+    runners: dict[str, Callable[[list[int]], Timing]] = {
+        "engine": lambda ids: time_engine(engine, ids, new_tokens),
+        "hf": lambda ids: time_hf_generate(hf_model, ids, new_tokens, pad_id),
+    }
+    reference = None
+    if settings.load_8bit:  # the same settings unquantized, for the 8-bit ratios
+        reference = load_engine(replace(settings, load_8bit=False), progress=progress)
+        runners["unquantized"] = lambda ids: time_engine(reference, ids, new_tokens)
+
+    prompt_ids = make_prompts(engine, kinds, long_tokens, new_tokens)
+    timings: dict[str, dict[str, list[Timing]]] = {k: {r: [] for r in runners} for k in prompt_ids}
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("latency", total=(runs + warmup) * len(prompt_ids) * len(runners))
+        for i in range(warmup + runs):
+            for kind, ids in prompt_ids.items():
+                for name, run in runners.items():
+                    bar.update(task, description=f"{kind} prompt, {name}, run {i + 1 - warmup}/{runs}")
+                    t = run(ids)
+                    if i >= warmup:
+                        timings[kind][name].append(t)
+                    bar.advance(task)
+        bar.update(task, description="memory bandwidth")
+        bandwidth = measure_bandwidth(engine.device)
+
+    weights = weight_bytes(engine.model)
+    report = Report(
+        "latency",
+        settings={
+            "model": engine.model_name,
+            "model_path": settings.model_path,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "load_8bit": settings.load_8bit,
+            "runs": runs,
+            "warmup": warmup,
+            "new_tokens": new_tokens,
+            "prompt_tokens": {k: len(v) for k, v in prompt_ids.items()},
+            "weight_bytes": weights,
+            "bandwidth_bytes_per_s": bandwidth,
+            "threads": torch.get_num_threads(),
+        },
+        machine=machine_info(),
+        samples={k: {r: [asdict(t) for t in ts] for r, ts in v.items()} for k, v in timings.items()},
+    )
+    ceiling_target = GPU_CEILING_TARGET if engine.device.type == "cuda" else CPU_CEILING_TARGET
+    add_latency_rows(
+        report,
+        timings,
+        prompt_ids,
+        ceiling_tokens_per_s=bandwidth / weights,
+        ceiling_target=ceiling_target,
+        new_tokens=new_tokens,
+    )
+    if reference is not None:
+        report.add(
+            "8-bit",
+            "weight memory",
+            "MiB",
+            weights / 2**20,
+            "unquantized",
+            weight_bytes(reference.model) / 2**20,
+            target=0.55,
+            target_op="<=",
+        )
+    return report
+
+
+def medians(ts: list[Timing]) -> dict[str, float]:
+    return {
+        f: median([getattr(t, f) for t in ts]) for f in ("ttft_s", "decode_tokens_per_s", "itl_s", "total_s")
+    }
+
+
+def add_latency_rows(
+    report: Report,
+    timings: dict[str, dict[str, list[Timing]]],
+    prompt_ids: dict[str, list[int]],
+    *,
+    ceiling_tokens_per_s: float,
+    ceiling_target: float,
+    new_tokens: int,
+) -> None:
+    """Turn the per-run timings into rows: medians of the engine beside medians of each baseline."""
+    for kind, by_runner in timings.items():
+        group = f"{kind} prompt ({len(prompt_ids[kind])} tokens)"
+        eng, hf = medians(by_runner["engine"]), medians(by_runner["hf"])
+        report.add(group, "time to first token", "ms", eng["ttft_s"] * 1e3, "HF generate", hf["ttft_s"] * 1e3)
+        report.add(
+            group,
+            "decode",
+            "tok/s",
+            eng["decode_tokens_per_s"],
+            "HF generate",
+            hf["decode_tokens_per_s"],
+            target=2.0,
+        )
+        report.add(
+            group,
+            "decode",
+            "tok/s",
+            eng["decode_tokens_per_s"],
+            "bandwidth ceiling",
+            ceiling_tokens_per_s,
+            target=ceiling_target,
+        )
+        report.add(group, "inter-token latency", "ms", eng["itl_s"] * 1e3, "HF generate", hf["itl_s"] * 1e3)
+        report.add(
+            group, f"reply time ({new_tokens} tokens)", "s", eng["total_s"], "HF generate", hf["total_s"]
+        )
+        if "unquantized" in by_runner:
+            ref = medians(by_runner["unquantized"])
+            report.add(
+                group,
+                "8-bit decode",
+                "tok/s",
+                eng["decode_tokens_per_s"],
+                "unquantized",
+                ref["decode_tokens_per_s"],
+                target=0.9,
+            )

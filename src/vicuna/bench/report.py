@@ -1,0 +1,273 @@
+"""Benchmark results: rows of (figure, baseline, ratio), the statistics behind them, and the three outputs
+(a terminal table, a JSON file, a matplotlib chart of the ratios).
+
+JSON layout (`schema` 1), the same for `latency`, `serve` and `memory`:
+
+    {
+      "schema": 1,
+      "benchmark": "latency" | "serve" | "memory",
+      "created": "2025-01-01T12:00:00+00:00",       # UTC, ISO 8601
+      "machine": {"cpu", "cores", "ram_bytes", "gpus": [{"name", "memory_bytes"}], "platform",
+                  "python", "torch", "transformers"},
+      "settings": {...},                              # what was measured: model, dtype, runs, tokens...
+      "rows": [{
+          "group": "short prompt (12 tokens)",       # the scenario the row belongs to
+          "metric": "decode",                         # what is measured
+          "unit": "tok/s",
+          "value": 61.2,                              # our figure (median of the runs)
+          "baseline": "HF generate",                  # what it is compared with, measured in the same run
+          "baseline_value": 30.4,
+          "ratio": 2.01,                              # value / baseline_value (null when the baseline is 0)
+          "target": 2.0,                              # the issue's target for the ratio, or null
+          "target_op": ">=",                          # ">=" or "<=": how the ratio must compare with target
+          "met": true                                 # ratio meets target (null without a target)
+      }],
+      "samples": {...}                                # the raw per-run figures, keyed by what they are
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+SCHEMA = 1
+ROW_KEYS = (
+    "group",
+    "metric",
+    "unit",
+    "value",
+    "baseline",
+    "baseline_value",
+    "ratio",
+    "target",
+    "target_op",
+    "met",
+)
+REPORT_KEYS = ("schema", "benchmark", "created", "machine", "settings", "rows", "samples")
+
+
+def median(values: Sequence[float]) -> float:
+    """The middle value (the mean of the two middle ones for an even count)."""
+    if not values:
+        raise ValueError("median of no values")
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between the closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be in [0, 100], not {q}")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def ratio(value: float, baseline: float) -> float | None:
+    """value / baseline; None when the baseline is zero (nothing to compare with)."""
+    return value / baseline if baseline else None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One figure beside its baseline. `ratio` is always value / baseline_value, whichever way is better:
+    the target's operator says which way the issue wants it."""
+
+    group: str
+    metric: str
+    unit: str
+    value: float
+    baseline: str
+    baseline_value: float
+    target: float | None = None
+    target_op: Literal[">=", "<="] = ">="
+
+    @property
+    def ratio(self) -> float | None:
+        return ratio(self.value, self.baseline_value)
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio >= self.target if self.target_op == ">=" else self.ratio <= self.target
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in ROW_KEYS}
+
+
+@dataclass
+class Report:
+    benchmark: str
+    settings: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    samples: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def add(self, *args: Any, **kwargs: Any) -> Row:
+        row = Row(*args, **kwargs)
+        self.rows.append(row)
+        return row
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "benchmark": self.benchmark,
+            "created": self.created,
+            "machine": self.machine,
+            "settings": self.settings,
+            "rows": [row.to_dict() for row in self.rows],
+            "samples": self.samples,
+        }
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+    import transformers
+
+    from vicuna.engine.memory import probe_hardware
+
+    hw = probe_hardware()
+    return {
+        "cpu": hw.cpu,
+        "cores": hw.cores,
+        "ram_bytes": hw.ram_total,
+        "gpus": [{"name": g.name, "memory_bytes": g.total_bytes} for g in hw.gpus],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3g}"
+
+
+def print_table(report: Report, console: Any = None) -> None:
+    """The rows as a rich table, one section per group; ratios that meet their target in green, those
+    that miss it in red."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    m = report.machine
+    gpus = ", ".join(g["name"] for g in m.get("gpus", [])) or "no GPU"
+    table = Table(
+        title=f"vicuna bench {report.benchmark}",
+        caption=f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {gpus}; torch {m.get('torch', '?')}",
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("baseline")
+    table.add_column("ratio", justify="right", no_wrap=True)
+    table.add_column("target", justify="right", no_wrap=True)
+    group = None
+    for row in report.rows:
+        if row.group != group:
+            if group is not None:
+                table.add_section()
+            group = row.group
+            table.add_row(f"[bold]{group}[/bold]", "", "", "", "")
+        style = {True: "green", False: "red", None: ""}[row.met]
+        r = f"{_fmt(row.ratio)}x" if row.ratio is not None else "-"
+        table.add_row(
+            f"  {row.metric}",
+            f"{_fmt(row.value)} {row.unit}",
+            f"{_fmt(row.baseline_value)} {row.unit} {row.baseline}",
+            f"[{style}]{r}[/{style}]" if style else r,
+            f"{row.target_op} {row.target:g}x" if row.target is not None else "",
+        )
+    console.print(table)
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """Write to a temporary name beside `path` and rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(report: Report, path: Path) -> None:
+    text = json.dumps(report.to_dict(), indent=2) + "\n"
+    _write_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_plot(report: Report, path: Path) -> None:
+    """A horizontal bar per row with a ratio: value / baseline, the 1.0 line, and the target as a tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    rows = [r for r in report.rows if r.ratio]
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * max(len(rows), 1)))
+    y = list(range(len(rows)))
+    # Ratios span orders of magnitude (a copy is 100x faster than a conversion): a log axis, a line from 1x.
+    for i, r in enumerate(rows):
+        color = "tab:green" if r.met else "tab:red" if r.met is False else "tab:blue"
+        ax.plot([1, r.ratio], [i, i], color=color, linewidth=3)
+        ax.plot([r.ratio], [i], "o", color=color)
+        ax.annotate(f"{r.ratio:.3g}x", (r.ratio, i), xytext=(5, 4), textcoords="offset points", fontsize=7)
+        if r.target is not None:
+            ax.plot([r.target], [i], "|", color="black", markersize=14, markeredgewidth=2)
+    ax.set_xscale("log")
+    label = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.xaxis.set_major_formatter(label)
+    ax.xaxis.set_minor_formatter(label)
+    ax.tick_params(axis="x", which="minor", labelsize=6)
+    ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_yticks(y, [f"{r.group}: {r.metric}\nvs {r.baseline}" for r in rows], fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("ratio to the baseline, log scale (black tick: target)")
+    machine = report.machine.get("cpu", "")
+    ax.set_title(f"vicuna bench {report.benchmark} — {machine}", fontsize=9)
+    fig.tight_layout()
+
+    def save(tmp: Path) -> None:
+        fig.savefig(tmp, format="png", dpi=110)
+
+    try:
+        _write_atomically(Path(path), save)
+    finally:
+        plt.close(fig)
+
+
+def emit(report: Report, *, json_path: Path | None, plot_path: Path | None) -> None:
+    """Print the table and write the files asked for."""
+    print_table(report)
+    if json_path is not None:
+        write_json(report, json_path)
+        print(f"wrote {json_path}", file=sys.stderr)
+    if plot_path is not None:
+        write_plot(report, plot_path)
+        print(f"wrote {plot_path}", file=sys.stderr)

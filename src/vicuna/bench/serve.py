@@ -1,0 +1,313 @@
+"""`vicuna bench serve`: aggregate tokens/s and time-to-first-token p50/p99 of a `vicuna serve` (started here
+as a subprocess, or one already running at `--url`) under 1, 4, 16 and 64 concurrent streaming requests.
+
+Baselines measured in the same run: one stream for the concurrency levels, and the engine called directly
+in this process (same prompt, same greedy settings) for the API's single-stream figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vicuna.bench.report import Report, median, percentile
+from vicuna.config import ModelSettings
+from vicuna.errors import VicunaError
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+STREAMS_TARGET = {16: 6.0}  # the issue's target: 16 streams >= 6x one stream's aggregate tokens/s
+API_TARGET = 0.95
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One streamed request as the client saw it."""
+
+    ttft_s: float  # request sent to first content
+    total_s: float  # request sent to the end of the stream
+    tokens: int  # completion tokens (from the usage the server sends last)
+    decode_tokens_per_s: float  # tokens after the first, per second after the first content
+
+
+@dataclass(frozen=True)
+class Wave:
+    """`streams` requests sent at once: the aggregate rate over the wave's wall time and TTFT percentiles."""
+
+    streams: int
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    decode_p50_tokens_per_s: float
+
+
+def sse_payloads(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a server-sent-events stream, up to `data: [DONE]`."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+def summarize_wave(streams: int, results: list[StreamResult], wall_s: float) -> Wave:
+    tokens = sum(r.tokens for r in results)
+    ttfts = [r.ttft_s for r in results]
+    return Wave(
+        streams=streams,
+        wall_s=wall_s,
+        tokens=tokens,
+        tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p99_s=percentile(ttfts, 99),
+        decode_p50_tokens_per_s=median([r.decode_tokens_per_s for r in results]),
+    )
+
+
+def request_body(model: str, new_tokens: int) -> dict[str, Any]:
+    """Greedy, exactly `new_tokens` tokens (vLLM's `min_tokens`/`ignore_eos` extras, which the server takes)."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": new_tokens,
+        "min_tokens": new_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def stream_one(client: Any, url: str, body: dict[str, Any]) -> StreamResult:
+    start = time.perf_counter()
+    first = last = None
+    tokens = None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            raise VicunaError(f"{url}/v1/chat/completions answered {response.status_code}: {text[:500]}")
+        async for line in response.aiter_lines():
+            for payload in sse_payloads([line]):
+                if any(c.get("delta", {}).get("content") for c in payload.get("choices", [])):
+                    last = time.perf_counter()
+                    first = first or last
+                if payload.get("usage"):
+                    tokens = payload["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    if first is None or tokens is None:
+        raise VicunaError(f"{url}: the stream ended without content or without usage")
+    return StreamResult(
+        ttft_s=first - start,
+        total_s=end - start,
+        tokens=tokens,
+        decode_tokens_per_s=(tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0,
+    )
+
+
+async def run_wave(url: str, model: str, streams: int, new_tokens: int) -> Wave:
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(300.0, connect=30.0)) as client:
+        body = request_body(model, new_tokens)
+        start = time.perf_counter()
+        results = await asyncio.gather(*(stream_one(client, url, body) for _ in range(streams)))
+        return summarize_wave(streams, list(results), time.perf_counter() - start)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(settings: ModelSettings, port: int) -> list[str]:
+    """`vicuna serve` with the same model flags, API only."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "vicuna",
+        "serve",
+        "--port",
+        str(port),
+        "--no-webui",
+        "--log-level",
+        "warning",
+    ]
+    flags = {
+        "--model-path": settings.model_path,
+        "--device": settings.device,
+        "--dtype": settings.dtype,
+        "--max-gpu-memory": settings.max_gpu_memory,
+        "--conv-template": settings.conv_template,
+        "--conv-system-msg": settings.conv_system_msg,
+    }
+    cmd += [x for flag, value in flags.items() if value is not None for x in (flag, str(value))]
+    cmd += ["--num-gpus", str(settings.num_gpus)] + (["--load-8bit"] if settings.load_8bit else [])
+    return cmd
+
+
+@contextlib.contextmanager
+def started_server(settings: ModelSettings, timeout: float) -> Iterator[str]:
+    """Start `vicuna serve` on a free port, wait until /health answers, yield its URL, stop it."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(serve_command(settings, port), stdout=log, stderr=subprocess.STDOUT)
+
+        def log_tail() -> str:
+            log.seek(0)
+            return log.read().decode(errors="replace")[-2000:]
+
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise VicunaError(f"`vicuna serve` exited with code {proc.returncode}:\n{log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise VicunaError(f"`vicuna serve` did not answer within {timeout:.0f}s:\n{log_tail()}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def model_name(url: str) -> str:
+    import httpx
+
+    try:
+        models = httpx.get(f"{url}/v1/models", timeout=30).raise_for_status().json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError) as err:
+        raise VicunaError(f"{url}/v1/models: cannot list the served model ({err})") from None
+    if not models:
+        raise VicunaError(f"{url}/v1/models lists no model")
+    return models[0]["id"]
+
+
+def time_engine_direct(engine: Any, new_tokens: int) -> StreamResult:
+    """The same request through `Engine.chat` in this process: what the API adds is the difference."""
+    from vicuna.bench.latency import greedy
+    from vicuna.conversation import Message
+    from vicuna.engine.events import Finished
+
+    events = engine.chat([Message(role="user", content=PROMPT)], greedy(new_tokens))
+    done = [e for e in events if isinstance(e, Finished)][0]
+    return StreamResult(done.ttft_s, done.total_s, done.completion_tokens, done.decode_tokens_per_s)
+
+
+def bench_serve(
+    settings: ModelSettings,
+    *,
+    url: str | None = None,
+    streams: list[int] | None = None,
+    new_tokens: int = 128,
+    runs: int = 1,
+    startup_timeout: float = 600,
+    progress: bool = True,
+) -> Report:
+    from rich.progress import Progress
+
+    from vicuna.bench.report import machine_info
+    from vicuna.engine.loader import load_engine
+
+    levels = sorted({1, *(streams or [1, 4, 16, 64])})
+    if levels[0] < 1 or runs < 1:
+        raise VicunaError("--streams must be positive and --runs at least 1")
+    engine = load_engine(settings, progress=progress)
+    direct: list[StreamResult] = []
+    waves: dict[int, list[Wave]] = {n: [] for n in levels}
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            if progress:
+                print("starting `vicuna serve` ...", file=sys.stderr, flush=True)
+            url = stack.enter_context(started_server(settings, startup_timeout))
+        url = url.rstrip("/").removesuffix("/v1")
+        served = model_name(url)
+        bar = stack.enter_context(Progress(disable=not progress, transient=True))
+        task = bar.add_task("warm-up", total=runs * (1 + len(levels)) + 2)
+        time_engine_direct(engine, new_tokens)  # warm-up: first-call costs are not what we measure
+        bar.advance(task)
+        asyncio.run(run_wave(url, served, 1, new_tokens))
+        bar.advance(task)
+        for i in range(runs):
+            bar.update(task, description=f"engine directly, run {i + 1}/{runs}")
+            direct.append(time_engine_direct(engine, new_tokens))
+            bar.advance(task)
+            for n in levels:
+                bar.update(task, description=f"{n} stream{'s' * (n > 1)}, run {i + 1}/{runs}")
+                waves[n].append(asyncio.run(run_wave(url, served, n, new_tokens)))
+                bar.advance(task)
+    report = Report(
+        "serve",
+        settings={
+            "model": engine.model_name,
+            "model_path": settings.model_path,
+            "device": str(engine.device),
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "load_8bit": settings.load_8bit,
+            "url": url,
+            "streams": levels,
+            "new_tokens": new_tokens,
+            "runs": runs,
+        },
+        machine=machine_info(),
+        samples={
+            "engine_direct": [asdict(r) for r in direct],
+            "waves": {str(n): [asdict(w) for w in ws] for n, ws in waves.items()},
+        },
+    )
+    add_serve_rows(report, direct, waves)
+    return report
+
+
+def add_serve_rows(report: Report, direct: list[StreamResult], waves: dict[int, list[Wave]]) -> None:
+    """Medians over the runs: one stream against the engine called directly, n streams against one."""
+
+    def med(items: list[Any], name: str) -> float:
+        return median([getattr(x, name) for x in items])
+
+    one = waves[1]
+    end_to_end = median([r.tokens / r.total_s for r in direct])
+    group = "1 stream"
+    report.add(group, "API decode", "tok/s", med(one, "decode_p50_tokens_per_s"), "engine directly",
+               med(direct, "decode_tokens_per_s"), target=API_TARGET)  # fmt: skip
+    report.add(group, "API tokens/s", "tok/s", med(one, "tokens_per_s"), "engine directly", end_to_end)
+    report.add(group, "API TTFT", "ms", med(one, "ttft_p50_s") * 1e3, "engine directly",
+               med(direct, "ttft_s") * 1e3)  # fmt: skip
+    for n, ws in waves.items():
+        if n == 1:
+            continue
+        group = f"{n} streams"
+        report.add(group, "aggregate", "tok/s", med(ws, "tokens_per_s"), "1 stream", med(one, "tokens_per_s"),
+                   target=STREAMS_TARGET.get(n))  # fmt: skip
+        report.add(
+            group, "TTFT p50", "ms", med(ws, "ttft_p50_s") * 1e3, "1 stream", med(one, "ttft_p50_s") * 1e3
+        )
+        report.add(
+            group, "TTFT p99", "ms", med(ws, "ttft_p99_s") * 1e3, "1 stream", med(one, "ttft_p99_s") * 1e3
+        )
+
+
+__all__ = ["StreamResult", "Wave", "bench_serve", "sse_payloads", "summarize_wave"]

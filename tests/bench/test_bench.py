@@ -1,0 +1,286 @@
+"""`vicuna bench`: the statistics and ratios are computed from the right numbers, the outputs have the
+documented shape, and each benchmark runs end to end on a tiny model. Speed is never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vicuna.bench.latency import Timing, add_latency_rows
+from vicuna.bench.memory import add_memory_rows, run_child, run_job, write_delta, write_meta_checkpoint
+from vicuna.bench.report import (
+    REPORT_KEYS,
+    ROW_KEYS,
+    Report,
+    Row,
+    median,
+    percentile,
+    print_table,
+    ratio,
+    write_json,
+    write_plot,
+)
+from vicuna.bench.serve import StreamResult, Wave, add_serve_rows, sse_payloads, summarize_wave
+from vicuna.cli import main as cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def rows_by(report: Report, group: str, metric: str, baseline: str) -> Row:
+    [row] = [r for r in report.rows if (r.group, r.metric, r.baseline) == (group, metric, baseline)]
+    return row
+
+
+# --- statistics and ratios ---------------------------------------------------------------------
+
+
+def test_median_and_percentile():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    values = [float(x) for x in range(1, 101)]  # 1..100
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([1.0, 3.0], 0) == 1.0 and percentile([1.0, 3.0], 100) == 3.0
+    with pytest.raises(ValueError):
+        median([])
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_row_ratio_is_value_over_baseline_and_target_direction_is_respected():
+    assert ratio(6.0, 3.0) == 2.0 and ratio(1.0, 0.0) is None
+    faster = Row("g", "decode", "tok/s", 62.0, "HF generate", 31.0, target=2.0)
+    assert faster.ratio == 2.0 and faster.met is True
+    slower = Row("g", "decode", "tok/s", 50.0, "HF generate", 31.0, target=2.0)
+    assert slower.met is False
+    smaller = Row("g", "weights", "MiB", 50.0, "bfloat16", 100.0, target=0.55, target_op="<=")
+    assert smaller.ratio == 0.5 and smaller.met is True
+    assert Row("g", "m", "s", 1.0, "b", 2.0).met is None  # no target
+    assert Row("g", "m", "s", 1.0, "b", 0.0, target=1.0).met is None  # nothing to compare with
+
+
+def test_json_has_the_documented_keys_and_the_plot_is_a_png(tmp_path, capsys):
+    report = Report("latency", settings={"runs": 3}, machine={"cpu": "test cpu", "cores": 2})
+    report.add("short prompt", "decode", "tok/s", 60.0, "HF generate", 30.0, target=2.0)
+    report.add("short prompt", "weight memory", "MiB", 40.0, "bfloat16", 100.0, target=0.55, target_op="<=")
+    report.add("short prompt", "time to first token", "ms", 10.0, "HF generate", 0.0)  # no ratio: not drawn
+    write_json(report, tmp_path / "out" / "r.json")
+    data = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert tuple(data) == REPORT_KEYS and data["schema"] == 1 and data["benchmark"] == "latency"
+    assert all(tuple(row) == ROW_KEYS for row in data["rows"])
+    assert data["rows"][0]["ratio"] == 2.0 and data["rows"][0]["met"] is True
+    assert data["rows"][1]["ratio"] == 0.4 and data["rows"][1]["target_op"] == "<="
+    assert data["rows"][2]["ratio"] is None
+    write_plot(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes().startswith(PNG_MAGIC)
+    assert not list(tmp_path.glob(".*.tmp")) and not list((tmp_path / "out").glob(".*"))
+    print_table(report)
+    out = capsys.readouterr().out
+    assert "2x" in out and "0.4x" in out and "test cpu" in out
+
+
+# --- each benchmark's rows from given measurements ---------------------------------------------
+
+
+def timing(decode: float, ttft: float = 0.1, total: float = 1.0, itl: float = 0.01) -> Timing:
+    return Timing(ttft_s=ttft, decode_tokens_per_s=decode, itl_s=itl, total_s=total, tokens=8)
+
+
+def test_latency_rows_are_medians_of_each_runner_against_its_baseline():
+    timings = {
+        "short": {
+            "engine": [timing(60, ttft=0.2), timing(64, ttft=0.1), timing(10, ttft=0.3)],  # median 60, 0.2
+            "hf": [timing(30, total=2.0), timing(31, total=4.0), timing(29, total=3.0)],  # median 30, 3.0
+            "unquantized": [timing(50), timing(80), timing(70)],  # median 70
+        }
+    }
+    report = Report("latency", settings={})
+    add_latency_rows(
+        report, timings, {"short": [1] * 12}, ceiling_tokens_per_s=100.0, ceiling_target=0.6, new_tokens=8
+    )
+    group = "short prompt (12 tokens)"
+    vs_hf = rows_by(report, group, "decode", "HF generate")
+    assert (vs_hf.value, vs_hf.baseline_value, vs_hf.ratio, vs_hf.target) == (60, 30, 2.0, 2.0)
+    ceiling = rows_by(report, group, "decode", "bandwidth ceiling")
+    assert (ceiling.baseline_value, ceiling.ratio, ceiling.met) == (100.0, 0.6, True)
+    ttft = rows_by(report, group, "time to first token", "HF generate")
+    assert ttft.value == pytest.approx(200.0) and ttft.unit == "ms"
+    reply = rows_by(report, group, "reply time (8 tokens)", "HF generate")
+    assert (reply.value, reply.baseline_value) == (1.0, 3.0)
+    eight_bit = rows_by(report, group, "8-bit decode", "unquantized")
+    assert eight_bit.ratio == pytest.approx(60 / 70) and eight_bit.met is False
+
+
+def test_serve_rows_compare_concurrency_with_one_stream_and_the_api_with_the_engine():
+    def wave(n: int, rate: float, p50: float, p99: float, decode: float = 50.0) -> Wave:
+        return Wave(n, 1.0, int(rate), rate, p50, p99, decode)
+
+    waves = {
+        1: [wave(1, 40, 0.1, 0.1, decode=48), wave(1, 60, 0.3, 0.3, decode=52)],
+        16: [wave(16, 300, 0.5, 2.0)],
+    }
+    direct = [StreamResult(0.1, 2.0, 100, 50.0), StreamResult(0.1, 2.0, 100, 50.0)]
+    report = Report("serve", settings={})
+    add_serve_rows(report, direct, waves)
+    agg = rows_by(report, "16 streams", "aggregate", "1 stream")
+    assert (agg.value, agg.baseline_value, agg.ratio, agg.target, agg.met) == (300, 50, 6.0, 6.0, True)
+    api = rows_by(report, "1 stream", "API decode", "engine directly")
+    assert (api.value, api.baseline_value, api.target) == (50, 50, 0.95) and api.met
+    assert rows_by(report, "1 stream", "API tokens/s", "engine directly").baseline_value == 50.0
+    p99 = rows_by(report, "16 streams", "TTFT p99", "1 stream")
+    assert (p99.value, p99.baseline_value) == pytest.approx((2000.0, 200.0))
+
+
+def test_summarize_wave_and_sse_parsing():
+    results = [StreamResult(0.1 * i, 2.0, 10, 5.0) for i in range(1, 5)]  # TTFT 0.1 .. 0.4
+    wave = summarize_wave(4, results, wall_s=2.0)
+    assert (wave.tokens, wave.tokens_per_s) == (40, 20.0)
+    assert wave.ttft_p50_s == pytest.approx(0.25) and wave.ttft_p99_s == pytest.approx(0.397)
+    lines = [": comment", 'data: {"a": 1}', "", 'data:{"b": 2}', "data: [DONE]", 'data: {"c": 3}']
+    assert list(sse_payloads(lines)) == [{"a": 1}, {"b": 2}]
+
+
+def test_memory_rows_take_float32_bfloat16_and_the_copy_as_baselines():
+    mib = 2**20
+    load = {
+        "float32": {"weight_bytes": 400 * mib, "peak_rss": 1000 * mib},
+        "bfloat16": {"weight_bytes": 200 * mib, "peak_rss": 800 * mib},
+        "bfloat16 + 8-bit": {"weight_bytes": 104 * mib, "peak_rss": 900 * mib},
+    }
+    weights = {
+        "convert": {"bytes": 500 * 10**6, "seconds": 10.0, "peak_rss": 600 * mib, "start_rss": 400 * mib},
+        "convert copy": {"bytes": 500 * 10**6, "seconds": 1.0, "peak_rss": 450 * mib, "start_rss": 400 * mib},
+    }
+    report = Report("memory", settings={})
+    add_memory_rows(report, {"load": load, "weights": weights}, ["float32", "bfloat16"])
+    bf16 = rows_by(report, "load bfloat16", "weight memory", "float32")
+    assert bf16.ratio == 0.5 and bf16.target is None
+    q = rows_by(report, "load bfloat16 + 8-bit", "weight memory", "bfloat16")
+    assert q.ratio == pytest.approx(0.52) and q.met is True
+    group = "convert (500 MB)"
+    rate = rows_by(report, group, "throughput", "file copy")
+    assert (rate.value, rate.baseline_value, rate.ratio) == (50.0, 500.0, 0.1)
+    assert rows_by(report, group, "peak RSS", "file copy").ratio == pytest.approx(600 / 450)
+    held = rows_by(report, group, "RSS above start", "checkpoint size")
+    assert held.value == 200.0 and held.baseline_value == pytest.approx(500 * 10**6 / mib)
+    assert not [r for r in report.rows if r.group.startswith("delta")]  # not measured: no rows
+
+
+# --- the benchmarks themselves, on tiny models ------------------------------------------------
+
+
+def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path):
+    out, png = tmp_path / "lat.json", tmp_path / "lat.png"
+    argv = [
+        "bench",
+        "latency",
+        "--model-path",
+        str(tiny_llama_dir),
+        "--load-8bit",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+    ]
+    argv += [
+        "--new-tokens",
+        "3",
+        "--long-tokens",
+        "60",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+        "--no-progress",
+    ]
+    assert cli(argv) == 0
+    data = json.loads(out.read_text())
+    assert tuple(data) == REPORT_KEYS and data["benchmark"] == "latency"
+    assert set(data["samples"]) == {"short", "long"}
+    for kind, runners in data["samples"].items():
+        assert set(runners) == {"engine", "hf", "unquantized"}
+        assert all(len(runs) == 1 and runs[0]["tokens"] == 3 for runs in runners.values())
+        eng, hf = runners["engine"][0], runners["hf"][0]
+        group = f"{kind} prompt ({data['settings']['prompt_tokens'][kind]} tokens)"
+        [row] = [
+            r
+            for r in data["rows"]
+            if r["group"] == group and r["baseline"] == "HF generate" and r["metric"] == "decode"
+        ]
+        assert (
+            row["value"] == eng["decode_tokens_per_s"] and row["baseline_value"] == hf["decode_tokens_per_s"]
+        )
+        assert math.isclose(row["ratio"], eng["decode_tokens_per_s"] / hf["decode_tokens_per_s"])
+        [ceiling] = [r for r in data["rows"] if r["group"] == group and r["baseline"] == "bandwidth ceiling"]
+        s = data["settings"]
+        assert math.isclose(ceiling["baseline_value"], s["bandwidth_bytes_per_s"] / s["weight_bytes"])
+    assert data["settings"]["prompt_tokens"]["long"] <= 256 - 3  # fits the tiny model's context
+    assert [r for r in data["rows"] if r["metric"] == "weight memory"][0]["ratio"] < 1
+    assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_bench_refuses_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli(["bench", "latency", "--prompts", "medium"])
+    assert "not one of short, long" in capsys.readouterr().err
+    assert cli(["bench", "latency", "--new-tokens", "1"]) == 2
+    assert "--new-tokens" in capsys.readouterr().err
+
+
+def test_convert_delta_and_copy_jobs_on_a_generated_checkpoint(tmp_path):
+    meta = write_meta_checkpoint(tmp_path / "meta", weights_mb=1)
+    meta_bytes = (meta / "consolidated.00.pth").stat().st_size
+    converted = run_job({"kind": "convert", "meta_dir": str(meta), "out_dir": str(tmp_path / "hf")})
+    # the same float16 tensors, without the .pth container's overhead
+    assert 0.9 * meta_bytes < converted["bytes"] <= meta_bytes and converted["seconds"] > 0
+    delta = write_delta(tmp_path / "hf", tmp_path / "delta")
+    merged = run_job(
+        {
+            "kind": "delta",
+            "base": str(tmp_path / "hf"),
+            "delta": str(delta),
+            "target": str(tmp_path / "merged"),
+        }
+    )
+    assert merged["bytes"] == converted["bytes"]
+    assert (tmp_path / "merged" / "config.json").is_file()
+    copied = run_job(
+        {"kind": "copy", "files": [str(meta / "consolidated.00.pth")], "out_dir": str(tmp_path / "c")}
+    )
+    assert copied["bytes"] == meta_bytes and copied["peak_rss"] >= copied["start_rss"] > 0
+
+
+def test_a_load_measurement_runs_in_its_own_process_with_its_own_peak_rss(tiny_llama_dir):
+    from dataclasses import asdict
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicuna.config import ModelSettings
+
+    # A forked child inherits getrusage's high-water mark from its parent: the figure must be the child's own.
+    ballast = torch.ones(512 * 2**20 // 4)  # 512 MiB resident here while the child runs
+    settings = ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16")
+    got = run_child({"kind": "load", "settings": asdict(settings), "new_tokens": 2})
+    assert ballast[-1] == 1
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama_dir).parameters())
+    assert got["weight_bytes"] == 2 * params  # every parameter in bfloat16
+    assert got["peak_rss"] >= got["loaded_rss"] > got["start_rss"] > 0
+    assert got["peak_rss"] - got["start_rss"] < 256 * 2**20  # a tiny model, not the parent's 512 MiB
+
+
+def test_bench_serve_runs_against_vicuna_serve(tiny_llama_dir, tmp_path):
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--model-path", str(tiny_llama_dir), "--streams", "1,3", "--new-tokens", "4"]
+    argv += ["--startup-timeout", "120", "--json", str(out), "--no-progress"]
+    assert cli(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "serve" and data["settings"]["streams"] == [1, 3]
+    [wave3] = data["samples"]["waves"]["3"]
+    assert wave3["streams"] == 3 and wave3["tokens"] == 3 * 4  # min_tokens/ignore_eos held each reply to 4
+    [agg] = [r for r in data["rows"] if r["group"] == "3 streams" and r["metric"] == "aggregate"]
+    [wave1] = data["samples"]["waves"]["1"]
+    assert agg["value"] == wave3["tokens_per_s"] and agg["baseline_value"] == wave1["tokens_per_s"]
