@@ -51,5 +51,5 @@ for t in threads:
 for t in threads:
     t.join()
 batcher.close()
-diff = sum(a != b for a, b in zip(alone, out))
+diff = sum(a != b for a, b in zip(alone, out, strict=True))
 print(f"{dtype}: {diff} of {len(QUESTIONS)} batched replies differ from the same request alone")
