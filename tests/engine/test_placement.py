@@ -72,9 +72,14 @@ def test_auto_dtype_is_measured_once_and_remembered(monkeypatch, tmp_path):
     monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
     calls = []
     monkeypatch.setattr(
-        placement, "_time_matmuls", lambda d, shapes: calls.append(d) or (1.0 if d == torch.float32 else 0.5)
+        placement, "_time_reply", lambda config, d: calls.append(d) or (1.0 if d == torch.float32 else 0.5)
     )
     assert placement.resolve_dtype("auto", torch.device("cpu"), CONFIG) == torch.bfloat16
     assert placement.resolve_dtype("auto", torch.device("cpu"), CONFIG) == torch.bfloat16
     assert len(calls) == 2  # fp32 and bf16, measured once
     assert (tmp_path / "cpu-dtype.json").is_file()
+
+
+def test_reply_timing_runs_the_models_own_layers():
+    assert placement.trial_layers(CONFIG) == CONFIG.num_hidden_layers  # small layers: all of them
+    assert placement._time_reply(CONFIG, torch.float32) > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -50,49 +51,56 @@ def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dt
     return fastest_cpu_dtype(config)
 
 
-def linear_shapes(config: Any) -> list[tuple[int, int]]:
-    """(out, in) of the products of a decode step: the decoder layers (as many as make 128 MB in
-    float32, so that the weights stream from memory as a real model's do) and the output head."""
+def trial_layers(config: Any) -> int:
+    """Enough decoder layers for 128 MB of float32 weights, so that they stream from memory as a real
+    model's do rather than sitting in a cache."""
     text = config.get_text_config()
-    hidden, inter = text.hidden_size, text.intermediate_size
-    head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
-    q = text.num_attention_heads * head_dim
-    kv = (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
-    layer = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
-    layer_bytes = 4 * sum(o * i for o, i in layer)
-    copies = max(1, min(text.num_hidden_layers, -(-(128 * 2**20) // layer_bytes)))
-    return layer * copies + [(text.vocab_size, hidden)]
+    per_layer = 4 * (4 * text.hidden_size**2 + 3 * text.hidden_size * text.intermediate_size)
+    return max(1, min(text.num_hidden_layers, -(-(128 * 2**20) // per_layer)))
 
 
-def _time_matmuls(dtype: torch.dtype, shapes: list[tuple[int, int]]) -> float:
-    """Seconds for what a reply costs with these weights: one-row products (decoding) and a 64-row
-    product (the prompt), weighted 4 to 1."""
-    gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(o, i, generator=gen).to(dtype) for o, i in shapes]
-    rows = {n: [torch.randn(n, i, generator=gen).to(dtype) for _, i in shapes] for n in (1, 64)}
+def _time_reply(config: Any, dtype: torch.dtype) -> float:
+    """Seconds for a 64-token prompt and 16 decode steps on a cut-down copy of the model (random weights,
+    its real layers and output head) in `dtype`: a reply's two kinds of work, as the model runs them."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    trial = copy.deepcopy(config)
+    trial.get_text_config().num_hidden_layers = trial_layers(config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(trial, dtype=dtype).eval()
+    prompt, step = torch.zeros(1, 64, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
     best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for n, repeat in ((1, 4), (64, 1)):
-            for _ in range(repeat):
-                for x, w in zip(rows[n], weights, strict=True):
-                    x @ w.T
-        best = min(best, time.perf_counter() - start)
+    with torch.inference_mode():
+        for _ in range(2):
+            start = time.perf_counter()
+            cache = DynamicCache(config=trial)
+            model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
+            for _ in range(16):
+                model(input_ids=step, cache=cache, use_cache=True)
+            best = min(best, time.perf_counter() - start)
     return best
 
 
 def fastest_cpu_dtype(config: Any) -> torch.dtype:
-    """float32 or bfloat16, whichever runs this model's products faster on this CPU; measured once
-    per CPU and model shape, and remembered."""
-    shapes = linear_shapes(config)
-    key = f"{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shapes}"
+    """float32 or bfloat16, whichever runs a reply of this model faster on this CPU; measured once per
+    CPU and model shape, and remembered."""
+    text = config.get_text_config()
+    shape = (text.hidden_size, text.intermediate_size, text.num_attention_heads, text.vocab_size)
+    key = f"{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shape}"
     cache = vicuna_home() / "cpu-dtype.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
     if key not in known:
-        fp32, bf16 = _time_matmuls(torch.float32, shapes), _time_matmuls(torch.bfloat16, shapes)
+        print(
+            "Timing float32 against bfloat16 for this model on this CPU (once) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        fp32, bf16 = _time_reply(config, torch.float32), _time_reply(config, torch.bfloat16)
         known[key] = "bfloat16" if bf16 < fp32 else "float32"
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
