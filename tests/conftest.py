@@ -17,9 +17,9 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _vicuna_home(tmp_path_factory):
-    """Tests never touch the user's cache, except for the built-in model's one-time conversion,
-    which is shared through VICUNA_TEST_HOME (default: the user's ~/.cache/vicuna)."""
+def _vicuna_home():
+    """The built-in model is converted once per machine and shared by every test through
+    $VICUNA_HOME (VICUNA_TEST_HOME, else ~/.cache/vicuna); tests that write other caches use tmp_path."""
     os.environ.setdefault(
         "VICUNA_HOME", os.environ.get("VICUNA_TEST_HOME", str(Path.home() / ".cache" / "vicuna"))
     )
