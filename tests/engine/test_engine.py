@@ -120,3 +120,26 @@ def test_fast_and_plain_paths_give_the_same_reply(tiny_llama_dir):
     a = run(fast, prompt, temperature=0.8, seed=1, max_new_tokens=20, ignore_eos=True)
     b = run(plain, prompt, temperature=0.8, seed=1, max_new_tokens=20, ignore_eos=True)
     assert a[1] == b[1]
+
+
+def test_a_generation_resumed_on_other_threads_works(engine):
+    """Servers (Gradio's worker pool) may call next() on a stream from a different thread each time."""
+    events = engine.generate(
+        engine.encode("Hello"), SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    )
+    collected, errors = [], []
+
+    def pull():
+        try:
+            collected.append(next(events, None))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    while not collected or collected[-1] is not None:
+        thread = threading.Thread(target=pull)  # a new thread for every step
+        thread.start()
+        thread.join()
+        assert not errors, errors[0]
+    collected.pop()
+    assert collected[-1].reason == "length" and collected[-1].completion_tokens == 6
+    assert torch.is_grad_enabled()  # no inference mode leaked into this thread

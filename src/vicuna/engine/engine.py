@@ -12,8 +12,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-import torch
-
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, Template, render
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
@@ -132,27 +130,26 @@ class Engine:
         runner = self.new_runner()
         first_token_at = None
         reason, stop_text = "length", None
-        with torch.inference_mode():
-            logits = runner.prefill(prompt_ids)
-            for step in range(params.max_new_tokens):
-                if cancel is not None and cancel.is_set():
-                    reason = "cancelled"
-                    break
-                choice = sampler(logits, history)
-                history.append(choice.token_id)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if choice.token_id in stop_ids:
-                    reason, stop_text = "stop", self.tokenizer.convert_ids_to_tokens(choice.token_id)
-                    break
-                text = stops.push(decoder.add(choice.token_id))
-                logprobs = self._logprobs(choice) if params.logprobs is not None else None
-                yield TextChunk(text, (choice.token_id,), logprobs)
-                if stops.matched is not None:
-                    reason, stop_text = "stop", stops.matched
-                    break
-                if step + 1 < params.max_new_tokens:
-                    logits = runner.step(choice.token_id)
+        logits = runner.prefill(prompt_ids)
+        for step in range(params.max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            choice = sampler(logits, history)
+            history.append(choice.token_id)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            if choice.token_id in stop_ids:
+                reason, stop_text = "stop", self.tokenizer.convert_ids_to_tokens(choice.token_id)
+                break
+            text = stops.push(decoder.add(choice.token_id))
+            logprobs = self._logprobs(choice) if params.logprobs is not None else None
+            yield TextChunk(text, (choice.token_id,), logprobs)
+            if stops.matched is not None:
+                reason, stop_text = "stop", stops.matched
+                break
+            if step + 1 < params.max_new_tokens:
+                logits = runner.step(choice.token_id)
         self._release(runner)
         if stops.matched is None:
             tail = stops.push(decoder.flush())

@@ -22,6 +22,9 @@ CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
 
 
 class Runner(Protocol):
+    """Each call runs in inference mode itself: a generation is a generator that a server may resume
+    on another thread, where a mode entered around the whole loop would not hold."""
+
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor: ...  # float32 logits for the next token
     def step(self, token_id: int) -> torch.Tensor: ...
 
@@ -33,6 +36,7 @@ class HFRunner:
         self.model, self.device = model, device
         self.cache = DynamicCache(config=model.config)
 
+    @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([prompt_ids], device=self.device)
         return (
@@ -41,6 +45,7 @@ class HFRunner:
             .float()
         )
 
+    @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         ids = torch.tensor([[token_id]], device=self.device)
         return self.model(input_ids=ids, cache=self.cache, use_cache=True).logits[0, -1].float()
@@ -176,9 +181,11 @@ class LlamaRunner:
         last = F.rms_norm(x[-1:], (x.shape[-1],), w.norm, w.eps)
         return w.head(last)[0].float()
 
+    @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         self.pos = 0
         return self.forward(prompt_ids)
 
+    @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         return self.forward([token_id])
