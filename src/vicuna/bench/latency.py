@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from vicuna.bench.report import Report, median
+from vicuna.bench.report import Report, median, model_info
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.errors import VicunaError
 
@@ -248,11 +248,7 @@ def bench_latency(
     report = Report(
         "latency",
         settings={
-            "model": engine.model_name,
-            "model_path": settings.model_path,
-            "device": str(engine.device),
-            "dtype": str(engine.dtype).removeprefix("torch."),
-            "load_8bit": settings.load_8bit,
+            **model_info(engine, settings),
             "runs": runs,
             "warmup": warmup,
             "new_tokens": new_tokens,

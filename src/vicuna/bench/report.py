@@ -136,6 +136,17 @@ class Report:
         }
 
 
+def model_info(engine: Any, settings: Any) -> dict[str, Any]:
+    """The settings every report records about the model it measured."""
+    return {
+        "model": engine.model_name,
+        "model_path": settings.model_path,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "load_8bit": settings.load_8bit,
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     import torch

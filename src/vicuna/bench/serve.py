@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vicuna.bench.report import Report, median, percentile
+from vicuna.bench.report import Report, median, model_info, percentile
 from vicuna.config import ModelSettings
 from vicuna.errors import VicunaError
 
@@ -262,11 +262,7 @@ def bench_serve(
     report = Report(
         "serve",
         settings={
-            "model": engine.model_name,
-            "model_path": settings.model_path,
-            "device": str(engine.device),
-            "dtype": str(engine.dtype).removeprefix("torch."),
-            "load_8bit": settings.load_8bit,
+            **model_info(engine, settings),
             "url": url,
             "streams": levels,
             "new_tokens": new_tokens,
