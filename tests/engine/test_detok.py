@@ -51,6 +51,21 @@ def test_byte_level_bpe_streams_whole_characters():
     assert "".join(pieces) == TEXT
 
 
+def test_a_character_cut_by_the_token_limit_is_dropped_not_broken():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(
+        models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[])
+    )
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    ids = tokenizer("ok 👌", add_special_tokens=False).input_ids
+    pieces = stream(tokenizer, ids[:-2])  # the emoji's last two bytes never come
+    assert "".join(pieces) == "ok " and all("\ufffd" not in p for p in pieces)
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_stop_strings_across_any_split(seed):
     rng = random.Random(seed)

@@ -16,7 +16,7 @@ class IncrementalDecoder:
     Each step decodes a short window of recent tokens and emits what the new token added; while the
     window ends in an incomplete UTF-8 sequence (byte-fallback tokens, byte-level BPE), the text is held
     back. Decoding a window rather than one token keeps SentencePiece's word-boundary spaces right.
-    The pieces joined equal the decode of all the tokens.
+    The pieces joined equal the decode of all the tokens, except for a last character left incomplete.
     """
 
     def __init__(self, tokenizer: Decoder) -> None:
@@ -38,11 +38,13 @@ class IncrementalDecoder:
         return after[len(before) :]
 
     def flush(self) -> str:
-        """What is still held back (at the end of a reply)."""
+        """What is still held back, at the end of a reply. A character cut off by the reply's token
+        limit (its first bytes only) is dropped rather than shown as U+FFFD."""
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return after[len(before) :]
+        tail = after[len(before) :]
+        return tail[:-1] if tail.endswith("\ufffd") else tail  # one U+FFFD stands for the cut bytes
 
 
 class StopMatcher:
