@@ -97,18 +97,13 @@ def main(args: argparse.Namespace) -> int:
 def inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from vicuna.train.data import load_conversations
-    from vicuna.train.trainer import load_tokenizer_and_template, tokenize_data
+    from vicuna.train.trainer import read_and_tokenize
 
-    conversations = load_conversations(args.data)
-    _, tokenizer, template = load_tokenizer_and_template(
-        args.model_path, args.conv_template, args.conv_system_msg
-    )
-    prepared = tokenize_data(
-        conversations,
-        tokenizer,
-        template,
-        source=args.data,
+    _, tokenizer, _, prepared = read_and_tokenize(
+        args.data,
+        args.model_path,
+        args.conv_template,
+        args.conv_system_msg,
         max_length=args.max_length,
         split_long=args.split_long,
         progress=True,

@@ -25,7 +25,7 @@ from typing import Any
 
 from vicuna.engine.loader import RECORDED_TEMPLATE  # chat and serve read it
 from vicuna.errors import ModelLoadError, VicunaError
-from vicuna.train.data import IGNORE, Conversation, Encoder, Prepared, load_conversations, prepare
+from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
 
 RUN_RECORD = "vicuna-train.json"  # the settings a resumed run must keep
 MIN_CAPABILITY = (7, 5)
@@ -149,24 +149,30 @@ def load_tokenizer_and_template(
     return folder, tokenizer, pick_template(settings, tokenizer, folder, model_name)
 
 
-def tokenize_data(
-    conversations: list[Conversation],
-    tokenizer: Any,
-    template: Any,
+def read_and_tokenize(
+    data: Path,
+    model_path: str | None,
+    conv_template: str | None,
+    conv_system_msg: str | None,
     *,
-    source: Path,
     max_length: int,
     split_long: bool,
     progress: bool,
-) -> Prepared:
-    """Tokenize the conversations read from `source` with the loss mask, and say what came of it."""
-    encoder = Encoder(tokenizer, template)
+) -> tuple[Path, Any, Any, Prepared]:
+    """Read the conversations (bad records stop here, before anything loads), load the tokenizer and
+    template, and tokenize with the loss mask; returns the model folder, tokenizer, template and result."""
+    conversations = load_conversations(data)
+    folder, tokenizer, template = load_tokenizer_and_template(model_path, conv_template, conv_system_msg)
     prepared = prepare(
-        conversations, encoder, max_length=max_length, split_long=split_long, progress=progress
+        conversations,
+        Encoder(tokenizer, template),
+        max_length=max_length,
+        split_long=split_long,
+        progress=progress,
     )
     if progress:
-        print(f"{source}: {prepared.summary()} (template {template.name})", flush=True)
-    return prepared
+        print(f"{data}: {prepared.summary()} (template {template.name})", flush=True)
+    return folder, tokenizer, template, prepared
 
 
 # --- checkpoints and the run record ---------------------------------------------------------------
@@ -354,15 +360,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     compute_dtype, mixed = precision(cfg.dtype)
     is_main = int(os.environ.get("RANK", "0")) == 0  # accelerate launch / torchrun: rank 0 reports
     show = cfg.progress and is_main
-    conversations = load_conversations(cfg.data)  # bad records stop the run before anything loads
-    folder, tokenizer, template = load_tokenizer_and_template(
-        cfg.model_path, cfg.conv_template, cfg.conv_system_msg
-    )
-    prepared = tokenize_data(
-        conversations,
-        tokenizer,
-        template,
-        source=cfg.data,
+    folder, tokenizer, template, prepared = read_and_tokenize(
+        cfg.data,
+        cfg.model_path,
+        cfg.conv_template,
+        cfg.conv_system_msg,
         max_length=cfg.max_length,
         split_long=cfg.split_long,
         progress=show,
