@@ -33,13 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob
-from vicuna.engine.runner import CACHE_CHUNK, LlamaRunner
+from vicuna.engine.runner import CACHE_CHUNK, LlamaRunner, decode
 from vicuna.engine.sampling import Choice, Sampler
 from vicuna.errors import VicunaError
 
@@ -410,45 +409,16 @@ class _LlamaRows:
         self.runners = [self.runners[i] for i in index]
 
     def kv_tokens(self) -> int:
-        return sum(r.cache[0].shape[2] for r in self.runners if r.cache is not None)
+        return sum(r.capacity for r in self.runners)
 
     def kv_tokens_with(self, length: int) -> int:
         return self.kv_tokens_after_step() + _chunked(length + 1)
 
     def kv_tokens_after_step(self) -> int:
-        return sum(max(r.cache[0].shape[2], _chunked(r.pos + 1)) for r in self.runners)
+        return sum(max(r.capacity, _chunked(r.pos + 1)) for r in self.runners)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
-        w, runners, n = self.w, self.runners, len(tokens)
-        for r in runners:
-            r.reserve(r.pos + 1)
-        q_size, kv_size = w.heads * w.head_dim, w.kv_heads * w.head_dim
-        cos = torch.stack([r.cache[2][r.pos] for r in runners])[:, None]  # [rows, 1, head_dim]
-        sin = torch.stack([r.cache[3][r.pos] for r in runners])[:, None]
-        rotate = runners[0].rotate
-        x = w.embed(torch.tensor(tokens, device=w.device))  # [rows, hidden]
-        for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
-            h = F.rms_norm(x, (x.shape[-1],), norm1, w.eps)
-            q, k, v = qkv(h).split([q_size, kv_size, kv_size], dim=-1)
-            q = rotate(q.view(n, w.heads, w.head_dim), cos, sin)
-            k = rotate(k.view(n, w.kv_heads, w.head_dim), cos, sin)
-            v = v.view(n, w.kv_heads, w.head_dim)
-            attn = []
-            for b, r in enumerate(runners):
-                keys, values, end = r.cache[0][i], r.cache[1][i], r.pos + 1
-                keys[:, r.pos], values[:, r.pos] = k[b], v[b]
-                attn.append(
-                    F.scaled_dot_product_attention(
-                        q[b][:, None], keys[:, :end], values[:, :end], enable_gqa=True
-                    )
-                )
-            x = x + out(torch.stack(attn).reshape(n, q_size))
-            h = F.rms_norm(x, (x.shape[-1],), norm2, w.eps)
-            gate, up = gate_up(h).split([w.inter, w.inter], dim=-1)
-            x = x + down(F.silu(gate) * up)
-        for r in runners:
-            r.pos += 1
-        return w.head(F.rms_norm(x, (x.shape[-1],), w.norm, w.eps)).float()
+        return decode(self.w, self.runners, tokens)
 
 
 def _chunked(length: int) -> int:
