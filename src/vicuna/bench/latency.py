@@ -211,7 +211,7 @@ def bench_latency(
 
     from vicuna.bench.report import machine_info
     from vicuna.engine.loader import load_engine
-    from vicuna.engine.quant import weight_bytes
+    from vicuna.engine.quant import decode_bytes, weight_bytes
 
     kinds = prompts or list(PROMPT_KINDS)
     if runs < 1 or warmup < 0 or new_tokens < 2:
@@ -244,7 +244,7 @@ def bench_latency(
         bar.update(task, description="memory bandwidth")
         bandwidth = measure_bandwidth(engine.device)
 
-    weights = weight_bytes(engine.model)
+    weights, per_token = weight_bytes(engine.model), decode_bytes(engine.model)
     report = Report(
         "latency",
         settings={
@@ -254,6 +254,7 @@ def bench_latency(
             "new_tokens": new_tokens,
             "prompt_tokens": {k: len(v) for k, v in prompt_ids.items()},
             "weight_bytes": weights,
+            "decode_bytes": per_token,
             "bandwidth_bytes_per_s": bandwidth,
             "threads": torch.get_num_threads(),
         },
@@ -265,7 +266,7 @@ def bench_latency(
         report,
         timings,
         prompt_ids,
-        ceiling_tokens_per_s=bandwidth / weights,
+        ceiling_tokens_per_s=bandwidth / per_token,
         ceiling_target=ceiling_target,
         new_tokens=new_tokens,
     )

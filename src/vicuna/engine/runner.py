@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from vicuna.engine.quant import Int8Linear
+from vicuna.engine.quant import Int8Linear, PackedHalf, PackedRows, native_half_matmul, packs_half
 
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
 
@@ -62,7 +62,7 @@ def llama_fast_path_ok(model: Any) -> bool:
     if config.attention_bias or config.mlp_bias or config.hidden_act != "silu":
         return False
     projections = [m for name, m in model.named_modules() if name.endswith("_proj")]
-    return all(type(m) in (torch.nn.Linear, Int8Linear) for m in projections) and all(
+    return all(type(m) in (torch.nn.Linear, Int8Linear, PackedRows) for m in projections) and all(
         type(p.data) is torch.Tensor for p in model.parameters()
     )
 
@@ -70,17 +70,6 @@ def llama_fast_path_ok(model: Any) -> bool:
 Projection = Callable[[torch.Tensor], torch.Tensor]
 
 UPCAST_ROWS = 16  # from this many rows a half-precision product on such a CPU is faster in float32
-
-
-def native_half_matmul(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` matrices natively (AVX-512 BF16/FP16, AMX), as PyTorch decides
-    when it routes them to oneDNN. Without that support a half-precision product is computed by a
-    generic kernel that is several times slower than float32 once it has more than a few rows."""
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return True
 
 
 class Dense:
@@ -99,12 +88,23 @@ class Dense:
         return F.linear(x, self.weight)
 
 
-def fuse(*linears: torch.nn.Module) -> Projection:
-    """One product for several Linear layers that read the same input; the layers' own weights become
-    views into the fused weight, so the model keeps working and no memory is added."""
+def fuse(parent: torch.nn.Module, *names: str) -> Projection:
+    """One product for several Linear layers of `parent` that read the same input. The layers' weights
+    become views into the fused weight, or, where the CPU multiplies FBGEMM's packed float16 fastest,
+    rows of one packed matrix that replaces them; either way the model keeps working and no memory is
+    added."""
+    linears = [getattr(parent, name) for name in names]
     if isinstance(linears[0], Int8Linear):
         return Int8Linear.fuse(*linears)
+    if isinstance(linears[0], PackedRows):  # packed by an earlier `LlamaWeights` of this model
+        return linears[0].packed
     weight = torch.cat([m.weight.data for m in linears])
+    if packs_half(weight):
+        packed, row = PackedHalf(weight), 0
+        for name, m in zip(names, linears, strict=True):
+            setattr(parent, name, PackedRows(packed, row, row + m.out_features))
+            row += m.out_features
+        return packed
     row = 0
     for m in linears:
         rows = m.weight.shape[0]
@@ -113,8 +113,12 @@ def fuse(*linears: torch.nn.Module) -> Projection:
     return Dense(weight)
 
 
-def single(linear: torch.nn.Module) -> Projection:
-    return linear if isinstance(linear, Int8Linear) else Dense(linear.weight)
+def single(parent: torch.nn.Module, name: str) -> Projection:
+    """A Linear layer of `parent` as a projection (packed like `fuse`'s). An output head tied to the token
+    embedding is packed as a copy, since the embedding still needs its rows: vocabulary x hidden x 2
+    bytes more (54 MiB for the built-in model), for a head that is as fast as the rest in batches."""
+    linear = getattr(parent, name)
+    return linear if isinstance(linear, Int8Linear) else fuse(parent, name)
 
 
 class LlamaWeights:
@@ -130,21 +134,21 @@ class LlamaWeights:
         self.eps = config.rms_norm_eps
         self.rotary = model.model.rotary_emb
         inner = model.model
-        self.embed, self.head = inner.embed_tokens, single(model.lm_head)
+        self.embed, self.head = inner.embed_tokens, single(model, "lm_head")
         self.norm = self.norm_weight(inner.norm)
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = fuse(attn.q_proj, attn.k_proj, attn.v_proj)
-            gate_up = fuse(mlp.gate_proj, mlp.up_proj)
+            qkv = fuse(attn, "q_proj", "k_proj", "v_proj")
+            gate_up = fuse(mlp, "gate_proj", "up_proj")
             self.layers.append(
                 (
                     self.norm_weight(layer.input_layernorm),
                     qkv,
-                    single(attn.o_proj),
+                    single(attn, "o_proj"),
                     self.norm_weight(layer.post_attention_layernorm),
                     gate_up,
-                    single(mlp.down_proj),
+                    single(mlp, "down_proj"),
                 )
             )
         self.dtype, self.device = self.norm.dtype, self.norm.device
