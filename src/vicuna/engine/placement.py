@@ -61,25 +61,28 @@ def trial_layers(config: Any) -> int:
 
 def _time_reply(config: Any, dtype: torch.dtype) -> float:
     """Seconds for a 64-token prompt and 16 decode steps on a cut-down copy of the model (random weights,
-    its real layers and output head) in `dtype`: a reply's two kinds of work, as the model runs them."""
+    its real layers and output head) in `dtype`, run as the engine runs it: through the fused LLaMA
+    runner where the model allows (with its packed weights on CPUs that want them), else through
+    transformers."""
     import copy
 
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
+
+    from vicuna.engine.runner import HFRunner, LlamaRunner, LlamaWeights, llama_fast_path_ok
 
     trial = copy.deepcopy(config)
     trial.get_text_config().num_hidden_layers = trial_layers(config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(trial, dtype=dtype).eval()
-    prompt, step = torch.zeros(1, 64, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+    weights = LlamaWeights(model) if llama_fast_path_ok(model) else None
     best = float("inf")
-    with torch.inference_mode():
-        for _ in range(2):
-            start = time.perf_counter()
-            cache = DynamicCache(config=trial)
-            model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1)
-            for _ in range(16):
-                model(input_ids=step, cache=cache, use_cache=True)
-            best = min(best, time.perf_counter() - start)
+    for _ in range(2):
+        start = time.perf_counter()
+        runner = LlamaRunner(weights, None) if weights else HFRunner(model, torch.device("cpu"))
+        runner.prefill([0] * 64)
+        for _ in range(16):
+            runner.step(0)
+        best = min(best, time.perf_counter() - start)
     return best
 
 
@@ -88,7 +91,7 @@ def fastest_cpu_dtype(config: Any) -> torch.dtype:
     CPU and model shape, and remembered."""
     text = config.get_text_config()
     shape = (text.hidden_size, text.intermediate_size, text.num_attention_heads, text.vocab_size)
-    key = f"{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shape}"
+    key = f"engine|{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shape}"
     cache = vicuna_home() / "cpu-dtype.json"
     try:
         known = json.loads(cache.read_text())
