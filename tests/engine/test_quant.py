@@ -104,6 +104,7 @@ def test_packing_keeps_the_model_working_and_its_weight_bytes(monkeypatch):
     attn = model.model.layers[0].self_attn
     assert all(isinstance(getattr(attn, n), PackedRows) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     assert attn.q_proj.packed is attn.v_proj.packed  # one packed matrix for q, k and v
+    assert weights.act_dtype == torch.float32 and weights.dtype == torch.bfloat16  # rows between products
     assert weight_bytes(model) == before
     embedding = model.get_input_embeddings().weight
     assert decode_bytes(model) == before - embedding.numel() * 2  # the table is read one row at a time

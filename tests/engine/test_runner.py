@@ -104,3 +104,13 @@ def test_rotary_tables_grow_with_the_cache_and_keep_old_positions(tiny_llama_dir
     large = w.rope(small.shape[1] + 1)
     assert large.shape[1] > small.shape[1]
     torch.testing.assert_close(large[:, : small.shape[1]], small)
+
+
+def test_rows_keep_the_model_dtype_unless_every_product_is_packed(tiny_llama_dir, monkeypatch):
+    from vicuna.engine import runner
+
+    monkeypatch.setattr(runner, "packs_half", lambda weight: False)
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16"), progress=False)
+    assert engine.llama_weights.act_dtype == torch.bfloat16
+    logits = LlamaRunner(engine.llama_weights, None).prefill([3, 4, 5])
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

@@ -134,36 +134,46 @@ class LlamaWeights:
         self.eps = config.rms_norm_eps
         self.rotary = model.model.rotary_emb
         inner = model.model
+        self.dtype, self.device = inner.norm.weight.dtype, inner.norm.weight.device
         self.embed, self.head = inner.embed_tokens, single(model, "lm_head")
-        self.norm = self.norm_weight(inner.norm)
-        self.layers = []
-        for layer in inner.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = fuse(attn, "q_proj", "k_proj", "v_proj")
-            gate_up = fuse(mlp, "gate_proj", "up_proj")
-            self.layers.append(
-                (
-                    self.norm_weight(layer.input_layernorm),
-                    qkv,
-                    single(attn, "o_proj"),
-                    self.norm_weight(layer.post_attention_layernorm),
-                    gate_up,
-                    single(mlp, "down_proj"),
-                )
+        projections = [
+            (
+                fuse(layer.self_attn, "q_proj", "k_proj", "v_proj"),
+                single(layer.self_attn, "o_proj"),
+                fuse(layer.mlp, "gate_proj", "up_proj"),
+                single(layer.mlp, "down_proj"),
             )
-        self.dtype, self.device = self.norm.dtype, self.norm.device
-        self._rope = torch.empty(2, 0, self.head_dim, dtype=self.dtype, device=self.device)
+            for layer in inner.layers
+        ]
+        # Packed products take and give float32 rows, so with every product packed the rows between them
+        # stay in float32 (the KV cache keeps the model's dtype): no rounding to 16 bits after each
+        # product, which keeps a batched reply far closer to the same reply computed alone.
+        packed = all(isinstance(p, PackedHalf) for p in [self.head, *(p for ps in projections for p in ps)])
+        self.act_dtype = torch.float32 if packed else self.dtype
+        self.norm = self.norm_weight(inner.norm)
+        self.layers = [
+            (
+                self.norm_weight(layer.input_layernorm),
+                qkv,
+                out,
+                self.norm_weight(layer.post_attention_layernorm),
+                gate_up,
+                down,
+            )
+            for layer, (qkv, out, gate_up, down) in zip(inner.layers, projections, strict=True)
+        ]
+        self._rope = torch.empty(2, 0, self.head_dim, dtype=self.act_dtype, device=self.device)
 
     def rope(self, length: int) -> torch.Tensor:
         """cos and sin for positions 0..length-1, [2, positions, head_dim], sin with its first half negated
         (see `rotate`). Grown in whole cache chunks; a table already handed out is never changed."""
         if length > self._rope.shape[1]:
             size = -(-length // CACHE_CHUNK) * CACHE_CHUNK
-            probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
+            probe = torch.zeros(1, 1, device=self.device)  # float32 tables, rounded below
             cos, sin = self.rotary(probe, torch.arange(size, device=self.device)[None])
             half = self.head_dim // 2
             sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-            self._rope = torch.stack([cos[0], sin]).to(self.dtype)
+            self._rope = torch.stack([cos[0], sin]).to(self.act_dtype)
         return self._rope
 
     def norm_rows(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -179,7 +189,7 @@ class LlamaWeights:
 
     def norm_weight(self, norm: torch.nn.Module) -> torch.Tensor:
         """A norm's weight as `norm_rows` takes it: on the CPU repeated, to scale both halves."""
-        weight = norm.weight
+        weight = norm.weight.to(self.act_dtype)
         return torch.cat([weight, weight]) if weight.device.type == "cpu" else weight
 
 
@@ -243,7 +253,7 @@ class LlamaRunner:
         cos, sin = w.rope(n)[:, :n, None]  # [n, 1, head_dim]
         heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
         rotated = (heads + kv_heads) * dim
-        x = w.embed(torch.tensor(prompt_ids, device=w.device))  # [n, hidden]
+        x = w.embed(torch.tensor(prompt_ids, device=w.device)).to(w.act_dtype)  # [n, hidden]
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
             mixed = qkv(w.norm_rows(x, norm1))
             qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin).transpose(0, 1)
@@ -283,12 +293,12 @@ def decode(w: LlamaWeights, runners: Sequence[LlamaRunner], tokens: list[int]) -
         cos, sin = table[:, runners[0].pos, None]  # [1, head_dim]
     else:
         cos, sin = table[:, [r.pos for r in runners], None]  # [rows, 1, head_dim]
-    x = w.embed(torch.tensor(tokens, device=w.device))  # [rows, hidden]
+    x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
     for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
         mixed = qkv(w.norm_rows(x, norm1))
         qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin)
         values = mixed[:, rotated:].view(n, kv_heads, dim)
-        q = qk[:, :heads].view(n, 1, kv_heads, group, dim)
+        q = qk[:, :heads].view(n, 1, kv_heads, group, dim).to(w.dtype)  # the cache's dtype
         rows = [
             r.attend(i, q[b], qk[b, heads:], values[b]).view(1, heads * dim) for b, r in enumerate(runners)
         ]
