@@ -181,6 +181,19 @@ def quiet_library_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def packs_weights(model: Any, device: Any, dtype: Any, settings: ModelSettings) -> bool:
+    """Whether the engine will pack this model's weights (see `vicuna.engine.quant`), which takes a while
+    for large models: about a minute for 7B on two cores."""
+    import torch
+
+    from vicuna.engine.quant import native_half_matmul
+    from vicuna.engine.runner import llama_fast_path_ok
+
+    half = dtype in (torch.bfloat16, torch.float16)
+    cpu_half = device.type == "cpu" and half and not settings.load_8bit and not native_half_matmul(dtype)
+    return cpu_half and llama_fast_path_ok(model)
+
+
 def load_engine(settings: ModelSettings, *, progress: bool = True):
     """Check, load and place a model; returns a ready `Engine`."""
     quiet_library_logs()
@@ -220,6 +233,12 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
                 flush=True,
             )
     template = pick_template(settings, tokenizer, folder, model_name)
+    if progress and packs_weights(model, device, dtype, settings):
+        print(
+            "Packing the weights in FBGEMM's float16 layout for this CPU (no native bfloat16) ...",
+            file=sys.stderr,
+            flush=True,
+        )
     engine = Engine(model=model, tokenizer=tokenizer, template=template, model_name=model_name)
     if progress:
         where = (
