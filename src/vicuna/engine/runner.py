@@ -100,7 +100,7 @@ def fuse(parent: torch.nn.Module, *names: str) -> Projection:
         return Int8Linear.fuse(*linears)
     if isinstance(linears[0], PackedRows):  # packed by an earlier `LlamaWeights` of this model
         return linears[0].packed
-    weight = torch.cat([m.weight.data for m in linears])
+    weight = linears[0].weight.data if len(linears) == 1 else torch.cat([m.weight.data for m in linears])
     if packs_half(weight):
         packed, row = PackedHalf(weight), 0
         for name, m in zip(names, linears, strict=True):
