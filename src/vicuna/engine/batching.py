@@ -38,7 +38,7 @@ from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob
-from vicuna.engine.runner import CACHE_CHUNK, LlamaRunner, decode
+from vicuna.engine.runner import LlamaRunner, chunked, decode
 from vicuna.engine.sampling import Choice, Sampler
 from vicuna.errors import VicunaError
 
@@ -412,18 +412,13 @@ class _LlamaRows:
         return sum(r.capacity for r in self.runners)
 
     def kv_tokens_with(self, length: int) -> int:
-        return self.kv_tokens_after_step() + _chunked(length + 1)
+        return self.kv_tokens_after_step() + chunked(length + 1)
 
     def kv_tokens_after_step(self) -> int:
-        return sum(max(r.capacity, _chunked(r.pos + 1)) for r in self.runners)
+        return sum(max(r.capacity, chunked(r.pos + 1)) for r in self.runners)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         return decode(self.w, self.runners, tokens)
-
-
-def _chunked(length: int) -> int:
-    """Positions a `LlamaRunner` cache holds for `length` tokens (it grows in whole chunks)."""
-    return -(-length // CACHE_CHUNK) * CACHE_CHUNK
 
 
 class _HFRows:

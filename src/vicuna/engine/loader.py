@@ -184,14 +184,10 @@ def quiet_library_logs() -> None:
 def packs_weights(model: Any, device: Any, dtype: Any, settings: ModelSettings) -> bool:
     """Whether the engine will pack this model's weights (see `vicuna.engine.quant`), which takes a while
     for large models: about a minute for 7B on two cores."""
-    import torch
-
-    from vicuna.engine.quant import native_half_matmul
+    from vicuna.engine.quant import half_packing
     from vicuna.engine.runner import llama_fast_path_ok
 
-    half = dtype in (torch.bfloat16, torch.float16)
-    cpu_half = device.type == "cpu" and half and not settings.load_8bit and not native_half_matmul(dtype)
-    return cpu_half and llama_fast_path_ok(model)
+    return not settings.load_8bit and half_packing(device, dtype) and llama_fast_path_ok(model)
 
 
 def load_engine(settings: ModelSettings, *, progress: bool = True):

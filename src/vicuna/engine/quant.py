@@ -168,15 +168,20 @@ def native_half_matmul(dtype: torch.dtype) -> bool:
     return True
 
 
-def packs_half(weight: torch.Tensor) -> bool:
-    """Whether `weight` is better multiplied as FBGEMM packed float16 (see the module's docstring)."""
+def half_packing(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `dtype` weights on `device` are better multiplied as FBGEMM packed float16 (see the
+    module's docstring)."""
     return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.bfloat16, torch.float16)
-        and not native_half_matmul(weight.dtype)
+        device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16)
+        and not native_half_matmul(dtype)
         and "fbgemm" in torch.backends.quantized.supported_engines
-        and bool(weight.abs().max() <= FLOAT16_MAX)
     )
+
+
+def packs_half(weight: torch.Tensor) -> bool:
+    """Whether this weight matrix gets packed: `half_packing` applies and every value fits float16."""
+    return half_packing(weight.device, weight.dtype) and bool(weight.abs().max() <= FLOAT16_MAX)
 
 
 class PackedHalf:

@@ -22,6 +22,11 @@ from vicuna.engine.quant import Int8Linear, PackedHalf, PackedRows, native_half_
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
 
 
+def chunked(length: int) -> int:
+    """Positions a KV cache (or rotary table) holds for `length` tokens: whole chunks."""
+    return -(-length // CACHE_CHUNK) * CACHE_CHUNK
+
+
 class Runner(Protocol):
     """Each call runs in inference mode itself: a generation is a generator that a server may resume
     on another thread, where a mode entered around the whole loop would not hold."""
@@ -174,7 +179,7 @@ class LlamaWeights:
         """cos and sin for positions 0..length-1, [2, positions, head_dim], sin with its first half negated
         (see `rotate`). Grown in whole cache chunks; a table already handed out is never changed."""
         if length > self._rope.shape[1]:
-            size = -(-length // CACHE_CHUNK) * CACHE_CHUNK
+            size = chunked(length)
             probe = torch.zeros(1, 1, device=self.device)  # float32 tables, rounded below
             cos, sin = self.rotary(probe, torch.arange(size, device=self.device)[None])
             half = self.head_dim // 2
@@ -188,7 +193,7 @@ class LlamaWeights:
         x / sqrt(mean(x^2) + eps) in half the time of `rms_norm`, which it composes of seven operations
         there (a decode step makes 61 such calls in the built-in model)."""
         width = x.shape[-1]
-        if weight.shape[0] == width:
+        if self.device.type != "cpu":
             return F.rms_norm(x, (width,), weight, self.eps)
         both = torch.cat([x, -x], dim=-1)
         return F.layer_norm(both, (2 * width,), weight, None, self.eps)[..., :width]
@@ -196,7 +201,7 @@ class LlamaWeights:
     def norm_weight(self, norm: torch.nn.Module) -> torch.Tensor:
         """A norm's weight as `norm_rows` takes it: on the CPU repeated, to scale both halves."""
         weight = norm.weight.to(self.act_dtype)
-        return torch.cat([weight, weight]) if weight.device.type == "cpu" else weight
+        return torch.cat([weight, weight]) if self.device.type == "cpu" else weight
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -214,9 +219,8 @@ class LlamaRunner:
     def __init__(self, weights: LlamaWeights, cache: torch.Tensor | None):
         self.w = weights
         self.cache: torch.Tensor | None = None
-        self.layers: list[
-            tuple[torch.Tensor, torch.Tensor]
-        ] = []  # per layer: keys, values [1, kv_heads, positions, head_dim]
+        # per layer: keys, values [1, kv_heads, positions, head_dim], views into the cache
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.pos = 0
         if cache is not None:
             self.use(cache)
@@ -235,7 +239,7 @@ class LlamaRunner:
         if length <= have:
             return
         w = self.w
-        size = -(-length // CACHE_CHUNK) * CACHE_CHUNK
+        size = chunked(length)
         cache = torch.zeros(len(w.layers), 2, w.kv_heads, size, w.head_dim, dtype=w.dtype, device=w.device)
         if self.cache is not None:
             cache[:, :, :, :have] = self.cache
