@@ -1,5 +1,5 @@
-"""Weight layouts: int8 weights (--load-8bit) take about half the memory of bf16 and give nearly the same
-logits; packed float16 weights give bf16 products with float32 sums and keep the model working."""
+"""8-bit weights (--load-8bit) take about half the memory of bf16 and give nearly the same logits; the
+bytes a decoded token reads."""
 
 from __future__ import annotations
 
@@ -56,78 +56,28 @@ def test_load_8bit_engine_uses_the_fused_int8_path_with_the_same_tokens(tiny_lla
     assert tokens[0] == tokens[1] and len(tokens[0]) == 16
 
 
-def test_packed_half_multiplies_bf16_weights_with_float32_sums():
-    from vicuna.engine.quant import PackedHalf
+def test_int8_rows_give_the_same_products_on_the_kernel_and_on_pytorch(monkeypatch):
+    from vicuna.engine import kernel
+    from vicuna.engine.quant import Int8Linear
 
     torch.manual_seed(0)
-    weight = torch.randn(96, 64).bfloat16()
-    packed = PackedHalf(weight)
-    assert packed.nbytes == weight.numel() * 2
-    for rows in (1, 3, 40):
-        x = torch.randn(rows, 64).bfloat16()
-        out = packed(x)
-        assert out.dtype == torch.bfloat16 and out.shape == (rows, 96)
-        exact = torch.nn.functional.linear(x.double(), weight.double())
-        torch.testing.assert_close(out.double(), exact, rtol=8e-3, atol=1e-2)  # bf16 rounding of the output
+    layer = Int8Linear(torch.nn.Linear(64, 96, bias=False))
+    x = torch.randn(kernel.FEW_ROWS, 64)
+    with torch.inference_mode():
+        few = layer(x)  # the kernel, where it runs
+        monkeypatch.setattr(kernel, "FEW_ROWS", 0)
+        pytorch = layer(x)  # PyTorch's int8 kernel (bfloat16 rows)
+    assert few.dtype == pytorch.dtype == torch.float32
+    exact = x.double() @ (layer.weight_int8.double() * layer.scales.double()[:, None]).T
+    assert (few.double() - exact).abs().max() <= (pytorch.double() - exact).abs().max() + 1e-6
 
 
-def test_packs_half_only_half_weights_that_fit_float16_on_cpus_without_native_half():
-    from vicuna.engine.quant import native_half_matmul, packs_half
-
-    assert not packs_half(torch.zeros(8, 8))  # float32
-    small = torch.ones(8, 8, dtype=torch.bfloat16)
-    assert packs_half(small) == (not native_half_matmul(torch.bfloat16))
-    assert not packs_half(small * 70000)  # beyond float16's range
-
-
-def packed_model(monkeypatch, **config):
-    """A bf16 tiny LLaMA whose fast path packs every matrix (as on a CPU without native bf16)."""
+def test_decode_bytes_count_the_embedding_table_only_when_it_is_the_head():
     from transformers import LlamaForCausalLM
 
-    from vicuna.engine import runner
-
-    monkeypatch.setattr(runner, "packs_half", lambda weight: True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(256, **config)).to(torch.bfloat16).eval()
-    ids = torch.randint(0, 256, (1, 20))
-    with torch.inference_mode():
-        ref = model(ids).logits.float()
-    before = weight_bytes(model)
-    weights = runner.LlamaWeights(model)
-    return model, weights, ids, ref, before
-
-
-def test_packing_keeps_the_model_working_and_its_weight_bytes(monkeypatch):
-    from vicuna.engine.quant import PackedRows, decode_bytes
-
-    model, weights, ids, ref, before = packed_model(monkeypatch)
-    attn = model.model.layers[0].self_attn
-    assert all(isinstance(getattr(attn, n), PackedRows) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-    assert attn.q_proj.packed is attn.v_proj.packed  # one packed matrix for q, k and v
-    assert weights.act_dtype == torch.float32 and weights.dtype == torch.bfloat16  # rows between products
-    assert weight_bytes(model) == before
-    embedding = model.get_input_embeddings().weight
-    assert decode_bytes(model) == before - embedding.numel() * 2  # the table is read one row at a time
-    with torch.inference_mode():
-        out = model(ids).logits.float()  # transformers' forward through the packed rows
-        fast = runner_logits(weights, ids[0].tolist())
-    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.999
-    torch.testing.assert_close(fast, out[0, -1], rtol=0.05, atol=0.05)
-
-
-def test_a_tied_head_is_packed_as_a_copy(monkeypatch):
     from vicuna.engine.quant import decode_bytes
 
-    model, weights, ids, ref, before = packed_model(monkeypatch, tie_word_embeddings=True)
-    table = model.get_input_embeddings().weight
-    assert weight_bytes(model) == before + table.numel() * 2
-    assert decode_bytes(model) == before  # the packed head, and not the table, is read whole
-    with torch.inference_mode():
-        fast = runner_logits(weights, ids[0].tolist())
-    assert fast.argmax() == ref[0, -1].argmax()
-
-
-def runner_logits(weights, ids):
-    from vicuna.engine.runner import LlamaRunner
-
-    return LlamaRunner(weights, None).prefill(ids)
+    for tied in (False, True):
+        model = LlamaForCausalLM(tiny_llama_config(256, tie_word_embeddings=tied)).to(torch.bfloat16)
+        table = model.get_input_embeddings().weight.numel() * 2
+        assert decode_bytes(model) == weight_bytes(model) - (0 if tied else table)

@@ -9,27 +9,45 @@ import torch.nn.functional as F
 
 from vicuna.config import ModelSettings
 from vicuna.engine.loader import load_engine
-from vicuna.engine.runner import UPCAST_ROWS, Dense, HFRunner, LlamaRunner, LlamaWeights, decode, rotate
+from vicuna.engine.runner import (
+    CACHE_CHUNK,
+    UPCAST_ROWS,
+    Dense,
+    HFRunner,
+    LlamaRunner,
+    LlamaWeights,
+    decode,
+    rotate,
+)
 
 
-def test_dense_computes_many_rows_in_float32_on_cpus_without_native_bf16():
+def test_dense_runs_few_rows_on_the_kernel_and_many_in_float32_without_native_bf16(monkeypatch):
+    from vicuna.engine import kernel
+
     torch.manual_seed(0)
     weight = torch.randn(48, 32).bfloat16()
     dense = Dense(weight)
-    dense.upcast = True  # as on a CPU without AVX-512 BF16 / AMX, whatever this one has
-    many, one = torch.randn(UPCAST_ROWS, 32).bfloat16(), torch.randn(1, 32).bfloat16()
-    assert dense(many).dtype == torch.bfloat16
-    assert torch.equal(dense(many), F.linear(many.float(), weight.float()).bfloat16())
-    assert torch.equal(dense(one), F.linear(one, weight))
-    dense.upcast = False
-    assert torch.equal(dense(many), F.linear(many, weight))
+    assert dense.kernel == (kernel.load() is not None)
+    many, one = torch.randn(UPCAST_ROWS, 32), torch.randn(1, 32)
+    exact = F.linear(one.double(), weight.double())
+    if dense.kernel:  # float32 rows in and out, float32 sums
+        assert dense(one).dtype == torch.float32
+        torch.testing.assert_close(dense(one).double(), exact, rtol=1e-6, atol=1e-6)
+    dense.kernel, dense.native = False, False  # as on a CPU without AVX-512 BF16 / AMX, and no kernel
+    assert torch.equal(dense(many), F.linear(many, weight.float()))
+    assert torch.equal(dense(one), F.linear(one.bfloat16(), weight).float())
+    dense.native = True
+    assert torch.equal(dense(many.bfloat16()), F.linear(many.bfloat16(), weight))
 
 
-def test_dense_upcasts_only_half_precision_without_native_support():
+def test_dense_leaves_many_rows_to_pytorch_where_it_multiplies_the_dtype_natively():
+    from vicuna.engine import kernel
     from vicuna.engine.runner import native_half_matmul
 
-    assert not Dense(torch.zeros(4, 4)).upcast  # float32 is native everywhere
-    assert Dense(torch.zeros(4, 4, dtype=torch.bfloat16)).upcast == (not native_half_matmul(torch.bfloat16))
+    assert Dense(torch.zeros(4, 4)).kernel_rows == kernel.FEW_ROWS  # float32 is native everywhere
+    half = Dense(torch.zeros(4, 4, dtype=torch.bfloat16))
+    assert half.native == native_half_matmul(torch.bfloat16)
+    assert half.kernel_rows == (kernel.FEW_ROWS if half.native else kernel.MANY_ROWS)
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -83,18 +101,42 @@ def test_bfloat16_runner_is_as_close_to_float32_as_transformers_bfloat16(tiny_ll
 def test_a_batched_step_equals_each_row_alone(tiny_llama_dir):
     engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
     w = engine.llama_weights
-    prompts = [[3, 4, 5], list(range(10, 40)), [7]]
-    alone, batch = [], []
+    prompts = [[3, 4, 5], list(range(10, 300)), [7]]  # the long one spans two cache chunks
+    alone, batch = [], LlamaRunner(w, None)
     for prompt in prompts:
         runner = LlamaRunner(w, None)
         runner.prefill(prompt)
+        batch.join(runner)
+        alone.append([runner.step(9), runner.step(11)])
+    assert batch.lengths == [len(p) for p in prompts]
+    for token in (9, 11):
+        rows = decode(w, batch, [token] * 3)
+        for row, expected in zip(rows, alone, strict=True):
+            torch.testing.assert_close(row, expected[0 if token == 9 else 1], rtol=1e-5, atol=1e-5)
+    assert batch.lengths == [len(p) + 2 for p in prompts]
+
+
+def test_rows_that_leave_free_their_cache_and_the_rest_go_on(tiny_llama_dir):
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
+    w = engine.llama_weights
+    prompts = [list(range(10, 300)), [3, 4, 5], [7, 8]]
+    alone, batch = [], LlamaRunner(w, None)
+    for prompt in prompts:
+        runner = LlamaRunner(w, None)
+        runner.prefill(prompt)
+        batch.join(runner)
         alone.append(runner.step(9))
-        batch.append(LlamaRunner(w, None))
-        batch[-1].prefill(prompt)
-    rows = decode(w, batch, [9, 9, 9])
-    for row, expected in zip(rows, alone, strict=True):
-        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-5)
-    assert [r.pos for r in batch] == [len(p) + 1 for p in prompts]
+    assert batch.slots == 3 and batch.capacity == 2 * CACHE_CHUNK
+    batch.keep([2, 1])  # the long row leaves; the others swap places
+    assert batch.lengths == [2, 3] and batch.rows == 2
+    assert batch.slots == 2 and batch.capacity == CACHE_CHUNK  # the memory of what is left
+    rows = decode(w, batch, [9, 9])
+    torch.testing.assert_close(rows[0], alone[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[1], alone[1], rtol=1e-5, atol=1e-5)
+    batch.keep([])
+    assert batch.cache is None and batch.rows == 0
+    with pytest.raises(ValueError, match="2 tokens for 0 rows"):
+        decode(w, batch, [9, 9])
 
 
 def test_rotary_tables_grow_with_the_cache_and_keep_old_positions(tiny_llama_dir):
@@ -106,11 +148,15 @@ def test_rotary_tables_grow_with_the_cache_and_keep_old_positions(tiny_llama_dir
     torch.testing.assert_close(large[:, : small.shape[1]], small)
 
 
-def test_rows_keep_the_model_dtype_unless_every_product_is_packed(tiny_llama_dir, monkeypatch):
-    from vicuna.engine import runner
+def test_rows_are_float32_on_the_kernel_and_the_model_dtype_without_it(tiny_llama_dir, monkeypatch):
+    from vicuna.engine import kernel
 
-    monkeypatch.setattr(runner, "packs_half", lambda weight: False)
-    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16"), progress=False)
-    assert engine.llama_weights.act_dtype == torch.bfloat16
-    logits = LlamaRunner(engine.llama_weights, None).prefill([3, 4, 5])
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    settings = ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16")
+    on_kernel = load_engine(settings, progress=False).llama_weights
+    assert on_kernel.act_dtype == (torch.float32 if kernel.load() is not None else torch.bfloat16)
+    monkeypatch.setattr(kernel, "load", lambda progress=True: None)
+    without = load_engine(settings, progress=False).llama_weights
+    assert without.act_dtype == torch.bfloat16
+    for w in (on_kernel, without):
+        logits = LlamaRunner(w, None).prefill([3, 4, 5])
+        assert logits.dtype == torch.float32 and torch.isfinite(logits).all()

@@ -6,9 +6,9 @@ leaves the batch at once. Each reply keeps its own `Sampler` (temperature, top-p
 seed, min tokens), its own incremental detokenizer and stop-string matcher, so a batch mixes settings
 freely and yields the same `TextChunk`/`Finished` events as `Engine.generate`.
 
-For LLaMA-architecture models the batch runs on the engine's fused weights: each row keeps its own
-`LlamaRunner` cache and a step does every matrix product once for all rows, attention row by row, so no
-padding is stored or computed and a batch of one is exactly `Engine.generate`'s computation. Any other
+For LLaMA-architecture models the batch runs on the engine's fused weights: the rows share one KV cache
+rectangle (`LlamaRunner`), and a step does every matrix product and every attention once for all rows;
+a batch of one is exactly `Engine.generate`'s computation. Any other
 model (or placement) batches through transformers on one left-padded `DynamicCache`. The KV memory of
 the running rows is bounded by `kv_cache_tokens` (`vicuna serve --kv-cache-tokens`); when the next
 step would not fit, the most recently admitted reply is preempted: its cache is dropped and it waits at
@@ -390,35 +390,41 @@ class Batcher:
 
 
 class _LlamaRows:
-    """The batch on the engine's fused LLaMA weights: each row keeps its own `LlamaRunner` cache
-    (prefilled exactly as `Engine.generate` does); a step runs every matrix product once for all rows
-    and attention row by row over each row's own length, so no padding is computed or stored."""
+    """The batch on the engine's fused LLaMA weights: one `LlamaRunner` whose rows are the running
+    replies. Each reply is prefilled alone, exactly as `Engine.generate` does, then joins it; a step runs
+    every matrix product and every attention once for all rows. The rows share one rectangle of
+    positions, as long as the longest row, which is what the KV budget counts."""
 
     def __init__(self, weights: Any) -> None:
         self.w = weights
-        self.runners: list[LlamaRunner] = []
+        self.batch = LlamaRunner(weights, None)
 
     def prefill(self, ids: list[int]) -> tuple[LlamaRunner, torch.Tensor]:
         runner = LlamaRunner(self.w, None)
         return runner, runner.prefill(ids)
 
     def join(self, runner: LlamaRunner) -> None:
-        self.runners.append(runner)
+        self.batch.join(runner)
 
     def keep(self, index: list[int]) -> None:
-        self.runners = [self.runners[i] for i in index]
+        self.batch.keep(index)
 
     def kv_tokens(self) -> int:
-        return sum(r.capacity for r in self.runners)
+        return self.batch.slots * self.batch.capacity
+
+    def _tokens(self, rows: int, longest: int) -> int:
+        return rows * max(self.batch.capacity, chunked(longest))
 
     def kv_tokens_with(self, length: int) -> int:
-        return self.kv_tokens_after_step() + chunked(length + 1)
+        lengths = self.batch.lengths
+        return self._tokens(len(lengths) + 1, max([length, *lengths]) + 1)
 
     def kv_tokens_after_step(self) -> int:
-        return sum(max(r.capacity, chunked(r.pos + 1)) for r in self.runners)
+        lengths = self.batch.lengths
+        return self._tokens(len(lengths), max(lengths, default=0) + 1)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
-        return decode(self.w, self.runners, tokens)
+        return decode(self.w, self.batch, tokens)
 
 
 class _HFRows:

@@ -181,15 +181,6 @@ def quiet_library_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def packs_weights(model: Any, device: Any, dtype: Any, settings: ModelSettings) -> bool:
-    """Whether the engine will pack this model's weights (see `vicuna.engine.quant`), which takes a while
-    for large models: about a minute for 7B on two cores."""
-    from vicuna.engine.quant import half_packing
-    from vicuna.engine.runner import llama_fast_path_ok
-
-    return not settings.load_8bit and half_packing(device, dtype) and llama_fast_path_ok(model)
-
-
 def load_engine(settings: ModelSettings, *, progress: bool = True):
     """Check, load and place a model; returns a ready `Engine`."""
     quiet_library_logs()
@@ -229,12 +220,10 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
                 flush=True,
             )
     template = pick_template(settings, tokenizer, folder, model_name)
-    if progress and packs_weights(model, device, dtype, settings):
-        print(
-            "Packing the weights in FBGEMM's float16 layout for this CPU (no native bfloat16) ...",
-            file=sys.stderr,
-            flush=True,
-        )
+    if device.type == "cpu":  # built here, where its message belongs, the first time on this machine
+        from vicuna.engine import kernel
+
+        kernel.load(progress=progress)
     engine = Engine(model=model, tokenizer=tokenizer, template=template, model_name=model_name)
     if progress:
         where = (

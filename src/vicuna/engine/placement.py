@@ -62,7 +62,7 @@ def trial_layers(config: Any) -> int:
 def _time_reply(config: Any, dtype: torch.dtype) -> float:
     """Seconds for a 64-token prompt and 16 decode steps on a cut-down copy of the model (random weights,
     its real layers and output head) in `dtype`, run as the engine runs it: through the fused LLaMA
-    runner where the model allows (with its packed weights on CPUs that want them), else through
+    runner where the model allows (with our CPU kernel where it runs), else through
     transformers."""
     import copy
 

@@ -1,20 +1,11 @@
-"""Weight layouts that the CPU multiplies fast: int8 rows (`--load-8bit`) and FBGEMM's packed float16.
+"""8-bit weights (`--load-8bit`), and the bytes a model's weights take.
 
-8-bit: each weight row is stored as int8 with one scale (symmetric, absmax / 127). On the CPU the product
-runs in PyTorch's int8 weight-only kernel (`_weight_int8pack_mm`, bf16 activations), which reads a
-quarter of float32's bytes; torchao's generic int8 path dequantizes and halves CPU speed (see
-docs/benchmarks.md). On the CPU the token embedding and the output head are int8 too (one table
+8-bit: each weight row is stored as int8 with one scale (symmetric, absmax / 127). On the CPU a decode
+step's few rows are multiplied by our kernel (`vicuna.engine.kernel`), more rows by PyTorch's int8
+weight-only kernel (`_weight_int8pack_mm`, bf16 activations); either reads a quarter of float32's bytes,
+while torchao's generic int8 path dequantizes and halves CPU speed (see docs/benchmarks.md). On the CPU the token embedding and the output head are int8 too (one table
 when they are tied, as in small models where they are a fifth of the weights). On GPUs torchao's
 int8 weight-only layout is used for the decoder's layers. The norms keep their precision.
-
-Packed half precision: on a CPU without native half-precision matrix units (no AVX-512 BF16/FP16, no
-AMX) PyTorch multiplies bfloat16 and float16 matrices with a generic kernel that is slow at one row and
-several times slower than float32 at many. FBGEMM, PyTorch's CPU kernel library, has a GEMM for this
-case: weights packed as float16, activations and sums in float32. Measured on an AVX2 EPYC (20 products
-by 3072x576 weights, 1 / 16 / 500 rows): bfloat16 7.2 / 78 / 2339 ms, FBGEMM float16 6.0 / 13 / 414 ms,
-float32 25 / 50 / 557 ms. A bfloat16 weight is exactly a float16 one when its magnitude lies in
-float16's normal range (6.1e-5 to 65504); smaller ones keep fewer low bits (an absolute error below
-3e-8). Matrices with a weight beyond 65504 are not packed.
 """
 
 from __future__ import annotations
@@ -22,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from vicuna.engine import kernel
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,8 +55,11 @@ class Int8Linear(torch.nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        rows = x.reshape(-1, self.in_features)
+        if rows.device.type == "cpu" and rows.shape[0] <= kernel.FEW_ROWS and kernel.load() is not None:
+            out = kernel.product(rows.float(), self.weight_int8, self.scales.float())
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scales)
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
@@ -94,18 +90,15 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def weight_bytes(model: Any) -> int:
-    """Bytes of the model's weights (parameters and int8 buffers), quantized ones at their packed size."""
+    """Bytes of the model's weights (parameters and int8 buffers), quantized ones at their stored size."""
     int8 = {
         id(b): b
         for m in model.modules()
         if isinstance(m, Int8Linear | Int8Embedding)
         for b in (m.weight_int8, m.scales)
     }
-    packed = {id(m.packed): m.packed for m in model.modules() if isinstance(m, PackedRows)}
-    return (
-        sum(_tensor_bytes(p.data) for p in model.parameters())
-        + sum(_tensor_bytes(b) for b in int8.values())
-        + sum(p.nbytes for p in packed.values())
+    return sum(_tensor_bytes(p.data) for p in model.parameters()) + sum(
+        _tensor_bytes(b) for b in int8.values()
     )
 
 
@@ -155,9 +148,6 @@ def quantize_int8(model: Any, device: torch.device) -> tuple[int, int]:
     return before, weight_bytes(model)
 
 
-FLOAT16_MAX = 65504.0
-
-
 def native_half_matmul(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies `dtype` matrices natively (AVX-512 BF16/FP16, AMX), as PyTorch decides
     when it routes them to oneDNN."""
@@ -166,50 +156,3 @@ def native_half_matmul(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return torch.ops.mkldnn._is_mkldnn_fp16_supported()
     return True
-
-
-def half_packing(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `dtype` weights on `device` are better multiplied as FBGEMM packed float16 (see the
-    module's docstring)."""
-    return (
-        device.type == "cpu"
-        and dtype in (torch.bfloat16, torch.float16)
-        and not native_half_matmul(dtype)
-        and "fbgemm" in torch.backends.quantized.supported_engines
-    )
-
-
-def packs_half(weight: torch.Tensor) -> bool:
-    """Whether this weight matrix gets packed: `half_packing` applies and every value fits float16."""
-    return half_packing(weight.device, weight.dtype) and bool(weight.abs().max() <= FLOAT16_MAX)
-
-
-class PackedHalf:
-    """One weight matrix in FBGEMM's packed float16 layout; called on rows in the model's dtype."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.out_features, self.in_features = weight.shape
-        self.nbytes = weight.numel() * 2
-        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
-
-
-class PackedRows(torch.nn.Module):
-    """Stands in the model for a Linear layer whose weight became rows [start, stop) of a `PackedHalf`
-    (several layers that read the same input share one), so the model keeps working."""
-
-    def __init__(self, packed: PackedHalf, start: int, stop: int) -> None:
-        super().__init__()
-        self.packed, self.start, self.stop = packed, start, stop
-        self.in_features, self.out_features = packed.in_features, stop - start
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.packed(x.reshape(-1, self.in_features))
-        if (self.start, self.stop) != (0, self.packed.out_features):
-            out = out[:, self.start : self.stop]
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed float16"

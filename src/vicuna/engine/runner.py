@@ -9,15 +9,14 @@ arithmetic, so fewer, larger operations decode faster. Its logits match transfor
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from vicuna.engine.quant import Int8Linear, PackedHalf, PackedRows, native_half_matmul, packs_half
+from vicuna.engine import kernel
+from vicuna.engine.quant import Int8Linear, native_half_matmul
 
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
 
@@ -69,7 +68,7 @@ def llama_fast_path_ok(model: Any) -> bool:
     if config.attention_bias or config.mlp_bias or config.hidden_act != "silu":
         return False
     projections = [m for name, m in model.named_modules() if name.endswith("_proj")]
-    return all(type(m) in (torch.nn.Linear, Int8Linear, PackedRows) for m in projections) and all(
+    return all(type(m) in (torch.nn.Linear, Int8Linear) for m in projections) and all(
         type(p.data) is torch.Tensor for p in model.parameters()
     )
 
@@ -80,52 +79,43 @@ UPCAST_ROWS = 16  # from this many rows a half-precision product on such a CPU i
 
 
 class Dense:
-    """`F.linear` on one weight. On a CPU without native half-precision matrix units, products of many
-    rows (a prompt, a large batch) run in float32 on a float32 copy of the weight made for that one
-    product: a 500-token prompt prefills ~4x faster. One-row decode steps, bandwidth-bound, stay in the
-    weight's dtype."""
+    """`F.linear` on one weight. On the CPU, a decode step's rows go through our kernel
+    (`vicuna.engine.kernel`) where it runs: float32 rows in and out, the weight read as stored. On a CPU
+    without native half-precision matrix units, products of many rows (a prompt) run in float32 on a
+    float32 copy of the weight made for that one product: a 500-token prompt prefills ~4x faster."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
-        self.upcast = weight.device.type == "cpu" and not native_half_matmul(weight.dtype)
+        cpu = weight.device.type == "cpu"
+        self.native = not cpu or native_half_matmul(weight.dtype)
+        self.kernel = cpu and weight.dtype in kernel.KINDS and kernel.load() is not None
+        # where PyTorch multiplies this dtype natively, its kernels win once rows are many
+        self.kernel_rows = kernel.FEW_ROWS if self.native else kernel.MANY_ROWS
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.upcast and x.shape[0] >= UPCAST_ROWS:
+        rows = x.shape[0]
+        if self.kernel and rows <= self.kernel_rows:
+            return kernel.product(x.float(), self.weight).to(x.dtype)
+        if not self.native and rows >= UPCAST_ROWS:
             return F.linear(x.float(), self.weight.float()).to(x.dtype)
-        return F.linear(x, self.weight)
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
 
 def fuse(parent: torch.nn.Module, *names: str) -> Projection:
-    """One product for several Linear layers of `parent` that read the same input. The layers' weights
-    become views into the fused weight, or, where the CPU multiplies FBGEMM's packed float16 fastest,
-    rows of one packed matrix that replaces them; either way the model keeps working and no memory is
-    added."""
+    """One product for several Linear layers of `parent` that read the same input: their weights become
+    views into the fused weight, so the model keeps working and no memory is added."""
     linears = [getattr(parent, name) for name in names]
     if isinstance(linears[0], Int8Linear):
-        return Int8Linear.fuse(*linears)
-    if isinstance(linears[0], PackedRows):  # packed by an earlier `LlamaWeights` of this model
-        return linears[0].packed
-    weight = linears[0].weight.data if len(linears) == 1 else torch.cat([m.weight.data for m in linears])
-    if packs_half(weight):
-        packed, row = PackedHalf(weight), 0
-        for name, m in zip(names, linears, strict=True):
-            setattr(parent, name, PackedRows(packed, row, row + m.out_features))
-            row += m.out_features
-        return packed
+        return linears[0] if len(linears) == 1 else Int8Linear.fuse(*linears)
+    if len(linears) == 1:
+        return Dense(linears[0].weight.data)
+    weight = torch.cat([m.weight.data for m in linears])
     row = 0
     for m in linears:
         rows = m.weight.shape[0]
         m.weight.data = weight[row : row + rows]
         row += rows
     return Dense(weight)
-
-
-def single(parent: torch.nn.Module, name: str) -> Projection:
-    """A Linear layer of `parent` as a projection (packed like `fuse`'s). An output head tied to the token
-    embedding is packed as a copy, since the embedding still needs its rows: vocabulary x hidden x 2
-    bytes more (54 MiB for the built-in model), for a head that is as fast as the rest in batches."""
-    linear = getattr(parent, name)
-    return linear if isinstance(linear, Int8Linear) else fuse(parent, name)
 
 
 class LlamaWeights:
@@ -142,25 +132,22 @@ class LlamaWeights:
         self.rotary = model.model.rotary_emb
         inner = model.model
         self.dtype, self.device = inner.norm.weight.dtype, inner.norm.weight.device
-        self.embed, self.head = inner.embed_tokens, single(model, "lm_head")
+        self.embed, self.head = inner.embed_tokens, fuse(model, "lm_head")
 
-        def regroup(layer: Any) -> tuple[Projection, ...]:
-            return (
+        projections = [
+            (
                 fuse(layer.self_attn, "q_proj", "k_proj", "v_proj"),
-                single(layer.self_attn, "o_proj"),
+                fuse(layer.self_attn, "o_proj"),
                 fuse(layer.mlp, "gate_proj", "up_proj"),
-                single(layer.mlp, "down_proj"),
+                fuse(layer.mlp, "down_proj"),
             )
-
-        # FBGEMM packs one matrix on one thread (~60M weights/s): layers are packed side by side, a few
-        # at a time, since each holds a float32 copy of its largest matrix while it is packed
-        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-            projections = list(pool.map(regroup, inner.layers))
-        # Packed products take and give float32 rows, so with every product packed the rows between them
-        # stay in float32 (the KV cache keeps the model's dtype): no rounding to 16 bits after each
-        # product, which keeps a batched reply far closer to the same reply computed alone.
-        packed = all(isinstance(p, PackedHalf) for p in [self.head, *(p for ps in projections for p in ps)])
-        self.act_dtype = torch.float32 if packed else self.dtype
+            for layer in inner.layers
+        ]
+        # Our kernel takes and gives float32 rows, so where it runs the rows between products stay in
+        # float32 (the KV cache keeps the model's dtype): no rounding to 16 bits after each product,
+        # which keeps a batched reply far closer to the same reply computed alone.
+        on_kernel = self.device.type == "cpu" and self.dtype in kernel.KINDS and kernel.load() is not None
+        self.act_dtype = torch.float32 if on_kernel else self.dtype
         self.norm = self.norm_weight(inner.norm)
         self.layers = [
             (
@@ -213,53 +200,69 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class LlamaRunner:
-    """One generation's KV cache, [layers, 2 (keys, values), kv_heads, positions, head_dim], and its
-    position; `prefill` and `step` run the fused forward on it."""
+    """The KV cache of one or more generations (rows), [layers, 2 (keys, values), rows, kv_heads,
+    positions, head_dim], and each row's length; `prefill` and `step` run the fused forward on it.
+
+    `Engine.generate` runs one row. The batcher prefills each request in a runner of its own, then
+    `join`s it to the batch's runner, whose rows share one rectangle of positions: a decode step attends
+    for every row in one call, masking the positions past each row's end, instead of one call per row.
+    The cache holds exactly its rows, so rows joining and leaving copy it."""
 
     def __init__(self, weights: LlamaWeights, cache: torch.Tensor | None):
         self.w = weights
-        self.cache: torch.Tensor | None = None
-        # per layer: keys, values [1, kv_heads, positions, head_dim], views into the cache
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.pos = 0
-        if cache is not None:
-            self.use(cache)
-
-    def use(self, cache: torch.Tensor) -> None:
         self.cache = cache
-        self.layers = [(layer[None, 0], layer[None, 1]) for layer in cache]
+        self.lengths: list[int] = []  # tokens cached, per row
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def slots(self) -> int:
+        return 0 if self.cache is None else self.cache.shape[2]
 
     @property
     def capacity(self) -> int:
-        return 0 if self.cache is None else self.cache.shape[3]
+        """Positions each row holds."""
+        return 0 if self.cache is None else self.cache.shape[4]
 
-    def reserve(self, length: int) -> None:
-        """Make room in the KV cache for `length` positions."""
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for `rows` rows of `length` positions, keeping what the rows hold."""
         have = self.capacity
-        if length <= have:
+        if rows <= self.slots and length <= have:
             return
         w = self.w
-        size = chunked(length)
-        cache = torch.zeros(len(w.layers), 2, w.kv_heads, size, w.head_dim, dtype=w.dtype, device=w.device)
-        if self.cache is not None:
-            cache[:, :, :, :have] = self.cache
-        self.use(cache)
+        size = max(have, chunked(length))
+        cache = torch.zeros(
+            len(w.layers), 2, rows, w.kv_heads, size, w.head_dim, dtype=w.dtype, device=w.device
+        )
+        if self.rows:
+            cache[:, :, : self.rows, :, :have] = self.cache[:, :, : self.rows]
+        self.cache = cache
 
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store layer i's k, v [kv_heads, head_dim] at this position and attend to every position so far
-        with q [1, kv_heads, heads per KV head, head_dim]."""
-        keys, values = self.layers[i]
-        keys.select(2, self.pos).copy_(k)
-        values.select(2, self.pos).copy_(v)
-        end = self.pos + 1
-        return F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end])
+    def join(self, other: LlamaRunner) -> None:
+        """Add `other`'s one row (a prefilled generation) as this runner's last row."""
+        (length,) = other.lengths
+        self.reserve(self.rows + 1, length)
+        self.cache[:, :, self.rows, :, :length] = other.cache[:, :, 0, :, :length]
+        self.lengths.append(length)
+
+    def keep(self, index: Sequence[int]) -> None:
+        """Keep these rows, in this order, in a cache just large enough for their next step: the memory
+        of the others is freed."""
+        self.lengths = [self.lengths[i] for i in index]
+        if not index:
+            self.cache = None
+            return
+        size = chunked(max(self.lengths) + 1)
+        self.cache = self.cache[:, :, :, :, :size][:, :, list(index)]
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
-        """The prompt from position 0: float32 logits for the next token."""
+        """The prompt from position 0, as this runner's one row: float32 logits for the next token."""
         w, n = self.w, len(prompt_ids)
-        self.pos = 0
-        self.reserve(n)
+        self.lengths = []
+        self.reserve(1, n)
         cos, sin = w.rope(n)[:, :n, None]  # [n, 1, head_dim]
         heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
         rotated = (heads + kv_heads) * dim
@@ -268,18 +271,18 @@ class LlamaRunner:
             mixed = qkv(w.norm_rows(x, norm1))
             qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin).transpose(0, 1)
             v = mixed[:, rotated:].view(n, kv_heads, dim).transpose(0, 1)
-            self.cache[i, 0, :, :n], self.cache[i, 1, :, :n] = qk[heads:], v
+            self.cache[i, 0, 0, :, :n], self.cache[i, 1, 0, :, :n] = qk[heads:], v
             attn = F.scaled_dot_product_attention(
                 qk[None, :heads], qk[None, heads:], v[None], is_causal=True, enable_gqa=True
             )
             x = x + out(attn[0].transpose(0, 1).reshape(n, heads * dim))
             x = x + mlp(w, x, norm2, gate_up, down)
-        self.pos = n
+        self.lengths = [n]
         return w.head(w.norm_rows(x[-1:], w.norm))[0].float()
 
     def step(self, token_id: int) -> torch.Tensor:
-        """The token after the last one: float32 logits for the next."""
-        return decode(self.w, [self], [token_id])[0]
+        """The token after the last one (one row): float32 logits for the next."""
+        return decode(self.w, self, [token_id])[0]
 
 
 def mlp(w: LlamaWeights, x: torch.Tensor, norm: torch.Tensor, gate_up: Projection, down: Projection):
@@ -288,32 +291,45 @@ def mlp(w: LlamaWeights, x: torch.Tensor, norm: torch.Tensor, gate_up: Projectio
 
 
 @torch.inference_mode()
-def decode(w: LlamaWeights, runners: Sequence[LlamaRunner], tokens: list[int]) -> torch.Tensor:
-    """One token for each runner, each at its own position: float32 logits [rows, vocab].
+def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Tensor:
+    """One token for each of the runner's rows, each at its own position: float32 logits [rows, vocab].
 
-    Every matrix product runs once for all rows; attention runs row by row over each row's own cache. In
-    a step the query heads that share a KV head are that head's query rows: one grouped call of the
-    fused attention kernel, several times faster than its general GQA path."""
+    Every matrix product and every attention runs once for all rows. The query heads that share a KV
+    head are that head's query rows: one grouped call of the fused attention kernel, several times
+    faster than its general GQA path. With several rows, positions past a row's end are masked."""
     n, heads, kv_heads, dim = len(tokens), w.heads, w.kv_heads, w.head_dim
     group, rotated = heads // kv_heads, (heads + kv_heads) * dim
-    for r in runners:
-        r.reserve(r.pos + 1)
-    table = w.rope(max(r.pos for r in runners) + 1)
+    if n != runner.rows:
+        raise ValueError(f"{n} tokens for {runner.rows} rows")
+    lengths = runner.lengths
+    end = max(lengths) + 1
+    runner.reserve(n, end)
+    table = w.rope(end)
     if n == 1:
-        cos, sin = table[:, runners[0].pos, None]  # [1, head_dim]
+        at, mask = lengths[0], None
+        cos, sin = table[:, at, None]  # [1, head_dim]
     else:
-        cos, sin = table[:, [r.pos for r in runners], None]  # [rows, 1, head_dim]
+        at = torch.tensor(lengths, device=w.device)
+        cos, sin = table[:, at, None]  # [rows, 1, head_dim]
+        past = torch.arange(end, device=w.device) > at[:, None]  # positions past each row's new token
+        mask = torch.zeros(n, 1, 1, end, dtype=w.dtype, device=w.device).masked_fill_(
+            past[:, None, None], -torch.inf
+        )
+        at = (torch.arange(n, device=w.device), slice(None), at)  # each row's new position
     x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
     for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
         mixed = qkv(w.norm_rows(x, norm1))
         qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin)
-        values = mixed[:, rotated:].view(n, kv_heads, dim)
-        q = qk[:, :heads].view(n, 1, kv_heads, group, dim).to(w.dtype)  # the cache's dtype
-        rows = [
-            r.attend(i, q[b], qk[b, heads:], values[b]).view(1, heads * dim) for b, r in enumerate(runners)
-        ]
-        x = x + out(rows[0] if n == 1 else torch.cat(rows))
+        keys, values = runner.cache[i, 0, :n], runner.cache[i, 1, :n]  # [rows, kv_heads, positions, dim]
+        qk = qk.to(w.dtype)  # the cache's dtype
+        k, v = qk[:, heads:], mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)
+        if n == 1:
+            keys[0, :, at], values[0, :, at] = k[0], v[0]
+        else:
+            keys[at], values[at] = k, v
+        q = qk[:, :heads].view(n, kv_heads, group, dim)
+        attn = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
+        x = x + out(attn.view(n, heads * dim))
         x = x + mlp(w, x, norm2, gate_up, down)
-    for r in runners:
-        r.pos += 1
+    runner.lengths = [length + 1 for length in lengths]
     return w.head(w.norm_rows(x, w.norm)).float()

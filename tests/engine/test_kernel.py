@@ -1,0 +1,91 @@
+"""Our CPU kernel: products against float64 for every weight type and awkward shapes, one build per
+source, and PyTorch's products wherever it cannot be built."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from vicuna.engine import kernel
+
+needs_kernel = pytest.mark.skipif(kernel.load(progress=False) is None, reason="the kernel needs AVX2 and g++")
+
+
+def weights(kind: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if kind == torch.int8:
+        return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100
+    return (torch.randn(n, k) * 0.05).to(kind), None
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
+@pytest.mark.parametrize(
+    "m,n,k", [(1, 37, 40), (1, 960, 576), (2, 13, 16), (3, 5, 23), (4, 100, 1536), (5, 17, 577), (16, 64, 96)]
+)
+def test_products_equal_float64_for_every_weight_type(kind, m, n, k):
+    torch.manual_seed(m * n + k)
+    w, scales = weights(kind, n, k)
+    x = torch.randn(m, k)
+    exact = x.double() @ w.double().T
+    if scales is not None:
+        exact = exact * scales.double()
+    out = kernel.product(x, w, scales)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+@needs_kernel
+def test_products_take_strided_rows_and_refuse_mismatched_shapes():
+    w, _ = weights(torch.bfloat16, 8, 32)
+    x = torch.randn(32, 3).T  # not contiguous
+    torch.testing.assert_close(kernel.product(x, w), x @ w.float().T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32 rows"):
+        kernel.product(torch.randn(2, 31), w)
+    with pytest.raises(ValueError, match="float32 rows"):
+        kernel.product(torch.randn(2, 32).bfloat16(), w)
+
+
+def test_a_build_is_made_once_per_source_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    calls = []
+
+    def compile_(command, **kwargs):
+        calls.append(command)
+        Path(command[-1]).write_bytes(b"built")  # the partial file the compiler would write
+
+    monkeypatch.setattr(subprocess, "run", compile_)
+    first = kernel.build("g++", progress=False)
+    assert first.read_bytes() == b"built" and first.parent == tmp_path / "kernels"
+    assert kernel.build("g++", progress=False) == first and len(calls) == 1  # reused
+    assert kernel.build("clang++", progress=False) != first and len(calls) == 2
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted(
+        [first.name, kernel.library_path("clang++").name]
+    )
+
+
+def test_a_failed_build_leaves_nothing_behind_and_the_engine_uses_pytorch(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails
+    monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
+    assert kernel.load(progress=False) is None
+    assert "could not build the CPU kernel" in caplog.text
+    assert not any((tmp_path / "kernels").iterdir())  # no partial library
+    from vicuna.engine.runner import Dense
+
+    weight = torch.randn(8, 16).bfloat16()
+    dense = Dense(weight)
+    assert not dense.kernel
+    x = torch.randn(1, 16)
+    torch.testing.assert_close(dense(x), torch.nn.functional.linear(x.bfloat16(), weight).float())
+
+
+def test_vicuna_kernel_0_turns_it_off(monkeypatch):
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setenv("VICUNA_KERNEL", "0")
+    assert kernel.load(progress=False) is None
