@@ -23,7 +23,19 @@ def weights(kind: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, torch.Tens
 @needs_kernel
 @pytest.mark.parametrize("kind", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
 @pytest.mark.parametrize(
-    "m,n,k", [(1, 37, 40), (1, 960, 576), (2, 13, 16), (3, 5, 23), (4, 100, 1536), (5, 17, 577), (16, 64, 96)]
+    "m,n,k",
+    [
+        (1, 37, 40),
+        (1, 960, 576),
+        (2, 13, 16),
+        (3, 5, 23),
+        (4, 100, 1536),
+        (5, 17, 577),
+        (7, 33, 7),
+        (16, 64, 96),
+        (13, 1, 1),
+        (600, 40, 64),  # more rows than one pass takes
+    ],
 )
 def test_products_equal_float64_for_every_weight_type(kind, m, n, k):
     torch.manual_seed(m * n + k)

@@ -21,6 +21,8 @@ namespace {
 
 enum Kind { BF16 = 0, F16 = 1, F32 = 2, I8 = 3 };
 constexpr int PREFETCH_BYTES = 1024;  // how far ahead of the row being read
+constexpr int FEW_ROWS = 4;          // up to this many rows of x, one pass over each weight row
+constexpr int CHUNK_ROWS = 512;      // rows of x per pass over the weights
 
 template <int KIND>
 struct Weights;
@@ -147,9 +149,164 @@ void rows(const float* x, const float* xs, const typename Weights<KIND>::T* w, c
     }
 }
 
+// Many rows (5 and more): compute-bound, so each block of 16 weight rows is converted to float32 once
+// and transposed into a panel [k][16] that stays in cache, and an outer-product micro-kernel multiplies
+// it by up to 6 rows of x at a time (x rearranged once per call into [k][rows] tiles): per k, two panel
+// loads and one broadcast per row feed 2 FMAs per row, 12 accumulators in registers. While the first
+// tile of a block runs, the thread's next weight block is prefetched, so converting it reads the cache.
+constexpr int PANEL = 16;  // weight rows per panel
+constexpr int TILE = 6;    // rows of x per micro-kernel call
+
+template <int KIND>
+void fill_panel(const typename Weights<KIND>::T* w, int k, int n0, int count, float* panel) {
+    for (int j = 0; j < k; j++)
+        for (int c = 0; c < PANEL; c++)
+            panel[(size_t)j * PANEL + c] = c < count ? Weights<KIND>::one(w[(size_t)(n0 + c) * k + j]) : 0.0f;
+}
+
+// bfloat16: a pair of values (j, j + 1) of a row is one 32-bit unit; 4x4 transposes of such units in
+// each 128-bit lane give, per unit vector (8 rows), the values at j (shift left 16) and j + 1 (mask).
+template <>
+void fill_panel<BF16>(const uint16_t* w, int k, int n0, int count, float* panel) {
+    int j = 0;
+    if (count == PANEL) {
+        const uint16_t* rows = w + (size_t)n0 * k;
+        const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+        for (; j + 8 <= k; j += 8) {
+            float* out = panel + (size_t)j * PANEL;
+            for (int half = 0; half < 2; half++) {
+                const uint16_t* r = rows + (size_t)half * 8 * k + j;
+                __m256i v[4];
+                for (int i = 0; i < 4; i++)
+                    v[i] = _mm256_inserti128_si256(
+                        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(r + (size_t)i * k))),
+                        _mm_loadu_si128((const __m128i*)(r + (size_t)(i + 4) * k)), 1);
+                __m256i a0 = _mm256_unpacklo_epi32(v[0], v[1]), a1 = _mm256_unpackhi_epi32(v[0], v[1]);
+                __m256i a2 = _mm256_unpacklo_epi32(v[2], v[3]), a3 = _mm256_unpackhi_epi32(v[2], v[3]);
+                __m256i t[4] = {_mm256_unpacklo_epi64(a0, a2), _mm256_unpackhi_epi64(a0, a2),
+                                _mm256_unpacklo_epi64(a1, a3), _mm256_unpackhi_epi64(a1, a3)};
+                for (int u = 0; u < 4; u++) {
+                    _mm256_store_si256((__m256i*)(out + (2 * u) * PANEL + half * 8), _mm256_slli_epi32(t[u], 16));
+                    _mm256_store_si256((__m256i*)(out + (2 * u + 1) * PANEL + half * 8), _mm256_and_si256(t[u], high));
+                }
+            }
+        }
+    }
+    for (; j < k; j++)
+        for (int c = 0; c < PANEL; c++)
+            panel[(size_t)j * PANEL + c] = c < count ? Weights<BF16>::one(w[(size_t)(n0 + c) * k + j]) : 0.0f;
+}
+
+inline void store16(__m256 lo, __m256 hi, float* y, int count) {
+    if (count == PANEL) {
+        _mm256_storeu_ps(y, lo);
+        _mm256_storeu_ps(y + 8, hi);
+        return;
+    }
+    float tmp[PANEL];
+    _mm256_storeu_ps(tmp, lo);
+    _mm256_storeu_ps(tmp + 8, hi);
+    for (int c = 0; c < count; c++) y[c] = tmp[c];
+}
+
+// y[m0 .. m0 + R) x [n0, n0 + count) from the x tile a [k][R] and the panel; requests the cache line at
+// `ahead` (advancing 64 bytes) every 2 k until `ahead_end`. The accumulators are named variables: gcc
+// keeps them in registers, where an array was spilled to the stack.
+template <int R>
+__attribute__((always_inline)) inline void micro(const float* a, const float* panel, float* y, int n, int k, int m0,
+                                                 int n0, int count, const char* ahead, const char* ahead_end) {
+    const __m256 z = _mm256_setzero_ps();
+    __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
+#define VICUNA_ROW(i, lo, hi)                       \
+    if (R > i) {                                    \
+        __m256 b = _mm256_broadcast_ss(a + i);      \
+        lo = _mm256_fmadd_ps(b, p0, lo);            \
+        hi = _mm256_fmadd_ps(b, p1, hi);            \
+    }
+#define VICUNA_STEP()                                                                     \
+    {                                                                                     \
+        __m256 p0 = _mm256_load_ps(panel), p1 = _mm256_load_ps(panel + 8);                \
+        VICUNA_ROW(0, c00, c01) VICUNA_ROW(1, c10, c11) VICUNA_ROW(2, c20, c21)           \
+        VICUNA_ROW(3, c30, c31) VICUNA_ROW(4, c40, c41) VICUNA_ROW(5, c50, c51)           \
+        panel += PANEL;                                                                   \
+        a += R;                                                                           \
+    }
+    int j = 0;
+    for (; j + 2 <= k; j += 2) {
+        if (ahead < ahead_end) _mm_prefetch(ahead, _MM_HINT_T0);
+        ahead += 64;
+        VICUNA_STEP() VICUNA_STEP()
+    }
+    if (j < k) VICUNA_STEP()
+#undef VICUNA_STEP
+#undef VICUNA_ROW
+    float* row = y + (size_t)m0 * n + n0;
+    store16(c00, c01, row, count);
+    if (R > 1) store16(c10, c11, row + (size_t)n, count);
+    if (R > 2) store16(c20, c21, row + (size_t)2 * n, count);
+    if (R > 3) store16(c30, c31, row + (size_t)3 * n, count);
+    if (R > 4) store16(c40, c41, row + (size_t)4 * n, count);
+    if (R > 5) store16(c50, c51, row + (size_t)5 * n, count);
+}
+
+thread_local float* panel_buffer = nullptr;  // one panel per thread, kept for the next call
+
+template <int KIND>
+void many_rows(const float* tiles, const typename Weights<KIND>::T* w, float* y, int m, int n, int k, int b0,
+               int b1) {
+    if (!panel_buffer) panel_buffer = (float*)aligned_alloc(64, sizeof(float) * PANEL * 16384);
+    float* panel = panel_buffer;
+    for (int b = b0; b < b1; b++) {
+        const int n0 = b * PANEL, count = n - n0 < PANEL ? n - n0 : PANEL;
+        fill_panel<KIND>(w, k, n0, count, panel);
+        const char* ahead = nullptr;
+        const char* ahead_end = nullptr;
+        if (b + 1 < b1) {
+            const int next = n0 + PANEL, rows = n - next < PANEL ? n - next : PANEL;
+            ahead = (const char*)(w + (size_t)next * k);
+            ahead_end = ahead + (size_t)rows * k * sizeof(typename Weights<KIND>::T);
+        }
+        for (int m0 = 0; m0 < m;) {
+            const int r = m - m0 < TILE ? m - m0 : TILE;
+            const float* a = tiles + (size_t)m0 * k;
+            switch (r) {
+                case 6: micro<6>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
+                case 5: micro<5>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
+                case 4: micro<4>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
+                case 3: micro<3>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
+                case 2: micro<2>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
+                default: micro<1>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
+            }
+            ahead = ahead_end;  // the next block is requested during the first tile only
+            m0 += r;
+        }
+    }
+}
+
 template <int KIND>
 void product(const float* x, const void* w, const float* scales, float* y, int m, int n, int k) {
     using W = Weights<KIND>;
+    const typename W::T* wt = (const typename W::T*)w;
+    const bool parallel = (size_t)m * n * k >= (1u << 15);
+    if (m > FEW_ROWS && k <= 16384 && !scales) {
+        // x as [k][rows] tiles of up to TILE rows, one after another
+        float* tiles = (float*)malloc(sizeof(float) * (size_t)m * k);
+        for (int m0 = 0; m0 < m; m0 += TILE) {
+            const int r = m - m0 < TILE ? m - m0 : TILE;
+            float* out = tiles + (size_t)m0 * k;
+            for (int j = 0; j < k; j++)
+                for (int i = 0; i < r; i++) out[(size_t)j * r + i] = x[(size_t)(m0 + i) * k + j];
+        }
+        const int blocks = (n + PANEL - 1) / PANEL;
+#pragma omp parallel if (parallel)
+        {
+            const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+            many_rows<KIND>(tiles, wt, y, m, n, k, (int)((long)blocks * t / threads),
+                            (int)((long)blocks * (t + 1) / threads));
+        }
+        free(tiles);
+        return;
+    }
     const int k16 = k & ~15;
     float* xs = (float*)malloc(sizeof(float) * ((size_t)m * k16 + 1));
     for (int i = 0; i < m; i++) {
@@ -161,8 +318,6 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
                 out[j + 8 + t] = W::odd_even ? xr[j + 2 * t] : xr[j + 8 + t];
             }
     }
-    const typename W::T* wt = (const typename W::T*)w;
-    const bool parallel = (size_t)m * n * k >= (1u << 15);
 #pragma omp parallel if (parallel)
     {
         const int t = omp_get_thread_num(), threads = omp_get_num_threads();
@@ -178,13 +333,19 @@ extern "C" {
 
 // y[m, n] = x[m, k] . w[n, k] (times scales[n] when given); 0 when done, -1 for an unknown kind.
 int vicuna_product(int kind, const float* x, const void* w, const float* scales, float* y, int m, int n, int k) {
-    switch (kind) {
-        case BF16: product<BF16>(x, w, scales, y, m, n, k); return 0;
-        case F16: product<F16>(x, w, scales, y, m, n, k); return 0;
-        case F32: product<F32>(x, w, scales, y, m, n, k); return 0;
-        case I8: product<I8>(x, w, scales, y, m, n, k); return 0;
+    if (kind < BF16 || kind > I8) return -1;
+    for (int m0 = 0; m0 < m; m0 += CHUNK_ROWS) {  // a long prompt in chunks: bounded scratch memory
+        const int rows = m - m0 < CHUNK_ROWS ? m - m0 : CHUNK_ROWS;
+        const float* xc = x + (size_t)m0 * k;
+        float* yc = y + (size_t)m0 * n;
+        switch (kind) {
+            case BF16: product<BF16>(xc, w, scales, yc, rows, n, k); break;
+            case F16: product<F16>(xc, w, scales, yc, rows, n, k); break;
+            case F32: product<F32>(xc, w, scales, yc, rows, n, k); break;
+            case I8: product<I8>(xc, w, scales, yc, rows, n, k); break;
+        }
     }
-    return -1;
+    return 0;
 }
 
 }

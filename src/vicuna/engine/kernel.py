@@ -36,7 +36,6 @@ SOURCE = Path(__file__).with_name("kernel.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.int8: 3}
 FEW_ROWS = 4  # up to this many rows the kernel streams the weights at memory speed
-MANY_ROWS = 64  # up to this many rows it beats PyTorch's products on CPUs without native 16-bit units
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None

@@ -79,22 +79,22 @@ UPCAST_ROWS = 16  # from this many rows a half-precision product on such a CPU i
 
 
 class Dense:
-    """`F.linear` on one weight. On the CPU, a decode step's rows go through our kernel
-    (`vicuna.engine.kernel`) where it runs: float32 rows in and out, the weight read as stored. On a CPU
-    without native half-precision matrix units, products of many rows (a prompt) run in float32 on a
-    float32 copy of the weight made for that one product: a 500-token prompt prefills ~4x faster."""
+    """`F.linear` on one weight. On the CPU, products go through our kernel (`vicuna.engine.kernel`)
+    where it runs: float32 rows in and out, the weight read as stored; on a CPU with native 16-bit
+    matrix units only a decode step's few rows do, since PyTorch's kernels win on more. Without the
+    kernel, on a CPU without such units, products of many rows (a prompt) run in float32 on a float32
+    copy of the weight made for that one product: a 500-token prompt prefills ~4x faster."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
         cpu = weight.device.type == "cpu"
         self.native = not cpu or native_half_matmul(weight.dtype)
         self.kernel = cpu and weight.dtype in kernel.KINDS and kernel.load() is not None
-        # where PyTorch multiplies this dtype natively, its kernels win once rows are many
-        self.kernel_rows = kernel.FEW_ROWS if self.native else kernel.MANY_ROWS
+        self.kernel_rows = kernel.FEW_ROWS if self.native else None  # None: any number
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if self.kernel and rows <= self.kernel_rows:
+        if self.kernel and (self.kernel_rows is None or rows <= self.kernel_rows):
             return kernel.product(x.float(), self.weight).to(x.dtype)
         if not self.native and rows >= UPCAST_ROWS:
             return F.linear(x.float(), self.weight.float()).to(x.dtype)
