@@ -101,3 +101,30 @@ def test_vicuna_kernel_0_turns_it_off(monkeypatch):
     monkeypatch.setattr(kernel, "_library", None)
     monkeypatch.setenv("VICUNA_KERNEL", "0")
     assert kernel.load(progress=False) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "rows,kv_heads,group,dim,longest",
+    [(1, 3, 3, 64, 100), (16, 3, 3, 64, 300), (2, 8, 1, 128, 37), (3, 2, 8, 64, 5), (2, 1, 2, 16, 9)],
+)
+def test_attention_equals_float64_sdpa_over_each_rows_own_length(kind, rows, kv_heads, group, dim, longest):
+    torch.manual_seed(rows * dim + longest)
+    keys = torch.randn(rows, kv_heads, longest + 20, dim).to(kind)  # room past every row's end
+    values = torch.randn_like(keys)
+    q = torch.randn(rows, kv_heads, group, dim)
+    lengths = torch.randint(1, longest + 1, (rows,), dtype=torch.int32)
+    assert kernel.attends(kind, group, dim)
+    out = kernel.attend(q, keys, values, lengths)
+    for r, n in enumerate(lengths.tolist()):
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            q[r].double(), keys[r, :, :n].double(), values[r, :, :n].double()
+        )
+        assert (out[r].double() - exact).abs().max() <= 1e-5
+
+
+def test_attention_takes_only_the_shapes_it_is_written_for():
+    assert not kernel.attends(torch.bfloat16, 3, 72)  # head size not a multiple of 16
+    assert not kernel.attends(torch.bfloat16, 16, 64)  # more query heads per KV head than it holds
+    assert not kernel.attends(torch.int8, 1, 64)

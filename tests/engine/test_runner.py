@@ -116,6 +116,24 @@ def test_a_batched_step_equals_each_row_alone(tiny_llama_dir):
     assert batch.lengths == [len(p) + 2 for p in prompts]
 
 
+def test_attention_on_the_kernel_equals_pytorchs(tiny_llama_dir):
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
+    w = engine.llama_weights
+    if not w.attend_kernel:
+        pytest.skip("the kernel does not run here")
+    logits = {}
+    for on_kernel in (True, False):
+        w.attend_kernel = on_kernel
+        batch = LlamaRunner(w, None)
+        for prompt in ([3, 4, 5], list(range(10, 50))):
+            runner = LlamaRunner(w, None)
+            runner.prefill(prompt)
+            batch.join(runner)
+        logits[on_kernel] = [decode(w, batch, [9, 9]), decode(w, batch, [4, 7])]
+    for ours, theirs in zip(logits[True], logits[False], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 def test_rows_that_leave_free_their_cache_and_the_rest_go_on(tiny_llama_dir):
     engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
     w = engine.llama_weights

@@ -12,6 +12,7 @@
 // x are rearranged once per call to match (odd elements, then even, in each block of 16).
 
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -327,6 +328,142 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
     free(xs);
 }
 
+// Decode attention: for each row and KV head, the group of query heads that share it attend to the row's
+// first `length` cached positions. Scores and their softmax in float32; one call for every row and head,
+// each row over its own length (no padding, no mask).
+
+// e^x for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln(2)/2, a degree-6 polynomial
+// for e^r (relative error ~2e-7); below -87 the result is 0.
+inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln 2, high part
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);    // and low part
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+template <int KIND>
+void attend_head(const float* q, const typename Weights<KIND>::T* keys, const typename Weights<KIND>::T* values,
+                 long step, int length, int group, int dim, float* out, float* scores) {
+    using W = Weights<KIND>;
+    const float scale = 1.0f / sqrtf((float)dim);
+    float qs[8 * 256];  // the group's queries, scaled, in the order load16 gives a block's values
+    for (int g = 0; g < group; g++)
+        for (int d = 0; d < dim; d += 16)
+            for (int t = 0; t < 8; t++) {
+                const float* qr = q + (size_t)g * dim + d;
+                qs[g * dim + d + t] = scale * (W::odd_even ? qr[2 * t + 1] : qr[t]);
+                qs[g * dim + d + 8 + t] = scale * (W::odd_even ? qr[2 * t] : qr[8 + t]);
+            }
+    for (int g = 0; g < group; g++) {
+        const float* qg = qs + g * dim;
+        float* out_scores = scores + (size_t)g * length;
+        int p = 0;
+        for (; p + 8 <= length; p += 8) {  // eight positions, then their eight sums in one vector
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            for (int d = 0; d < dim; d += 16) {
+                const __m256 qa = _mm256_loadu_ps(qg + d), qb = _mm256_loadu_ps(qg + d + 8);
+                for (int i = 0; i < 8; i++) {
+                    __m256 a, b;
+                    W::load16(keys + (size_t)(p + i) * step + d, a, b);
+                    acc[i] = _mm256_fmadd_ps(b, qb, _mm256_fmadd_ps(a, qa, acc[i]));
+                }
+            }
+            const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+            _mm256_storeu_ps(out_scores + p, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
+                                                           _mm256_permute2f128_ps(t0, t1, 0x31)));
+        }
+        for (; p < length; p++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int d = 0; d < dim; d += 16) {
+                __m256 a, b;
+                W::load16(keys + (size_t)p * step + d, a, b);
+                acc = _mm256_fmadd_ps(b, _mm256_loadu_ps(qg + d + 8), _mm256_fmadd_ps(a, _mm256_loadu_ps(qg + d), acc));
+            }
+            out_scores[p] = sum8(acc);
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        float* s = scores + (size_t)g * length;
+        float top = s[0];
+        for (int p = 1; p < length; p++) top = s[p] > top ? s[p] : top;
+        __m256 total = _mm256_setzero_ps();
+        int p = 0;
+        for (; p + 8 <= length; p += 8) {
+            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(s + p, e);
+            total = _mm256_add_ps(total, e);
+        }
+        float sum = sum8(total);
+        if (p < length) {
+            float rest[8] = {0}, e[8];
+            for (int i = 0; p + i < length; i++) rest[i] = s[p + i] - top;
+            _mm256_storeu_ps(e, exp_nonpositive(_mm256_loadu_ps(rest)));
+            for (int i = 0; p + i < length; i++) s[p + i] = e[i], sum += e[i];
+        }
+        const float inv = 1.0f / sum;
+        for (int q = 0; q < length; q++) s[q] *= inv;
+    }
+    for (int g = 0; g < group; g++) {
+        const float* weights = scores + (size_t)g * length;
+        for (int d = 0; d < dim; d += 16) {
+            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+            for (int p = 0; p < length; p++) {
+                __m256 a, b;
+                W::load16(values + (size_t)p * step + d, a, b);
+                const __m256 weight = _mm256_broadcast_ss(weights + p);
+                lo = _mm256_fmadd_ps(weight, a, lo);
+                hi = _mm256_fmadd_ps(weight, b, hi);
+            }
+            float part[16];
+            _mm256_storeu_ps(part, lo);
+            _mm256_storeu_ps(part + 8, hi);
+            float* o = out + (size_t)g * dim + d;
+            for (int t = 0; t < 8; t++) {
+                if (W::odd_even) {
+                    o[2 * t + 1] = part[t];
+                    o[2 * t] = part[8 + t];
+                } else {
+                    o[t] = part[t];
+                    o[8 + t] = part[8 + t];
+                }
+            }
+        }
+    }
+}
+
+template <int KIND>
+void attend(const float* q, const void* keys, const void* values, const long* strides, const int* lengths,
+            float* out, int rows, int kv_heads, int group, int dim) {
+    using T = typename Weights<KIND>::T;
+    int longest = 0;
+    for (int r = 0; r < rows; r++) longest = lengths[r] > longest ? lengths[r] : longest;
+    const int pairs = rows * kv_heads;
+#pragma omp parallel if (pairs > 1 && (long)longest * pairs * group * dim >= 8192)
+    {
+        float* scores = (float*)malloc(sizeof(float) * (size_t)group * (longest > 0 ? longest : 1));
+#pragma omp for schedule(static)
+        for (int i = 0; i < pairs; i++) {
+            const int r = i / kv_heads, h = i % kv_heads;
+            const size_t at = (size_t)r * strides[0] + (size_t)h * strides[1];
+            attend_head<KIND>(q + (size_t)i * group * dim, (const T*)keys + at, (const T*)values + at, strides[2],
+                              lengths[r], group, dim, out + (size_t)i * group * dim, scores);
+        }
+        free(scores);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -346,6 +483,22 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
         }
     }
     return 0;
+}
+
+
+// Attention of q [rows, kv_heads, group, dim] (float32) over keys and values [rows, kv_heads, positions,
+// dim] (strides in elements: row, head, position; dim contiguous) up to each row's length: out like q.
+// 0 when done, -1 for an unknown kind or a shape it does not take (dim a multiple of 16 up to 256,
+// group up to 8).
+int vicuna_attend(int kind, const float* q, const void* keys, const void* values, const long* strides,
+                  const int* lengths, float* out, int rows, int kv_heads, int group, int dim) {
+    if (dim % 16 || dim > 256 || group < 1 || group > 8) return -1;
+    switch (kind) {
+        case BF16: attend<BF16>(q, keys, values, strides, lengths, out, rows, kv_heads, group, dim); return 0;
+        case F16: attend<F16>(q, keys, values, strides, lengths, out, rows, kv_heads, group, dim); return 0;
+        case F32: attend<F32>(q, keys, values, strides, lengths, out, rows, kv_heads, group, dim); return 0;
+    }
+    return -1;
 }
 
 }

@@ -97,7 +97,10 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
             return None
         fn = library.vicuna_product
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 4, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 3]
+        fn = library.vicuna_attend
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 6, *[ctypes.c_int] * 4]
         _library = library
         return library
 
@@ -124,3 +127,40 @@ def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None =
     if status:
         raise ValueError(f"product: the kernel does not take {weight.dtype} weights")
     return y
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Decode attention: q [rows, kv_heads, group, dim] float32, each group of query heads over its KV
+    head's first lengths[row] positions of keys and values [rows, kv_heads, positions, dim] (the cache's
+    dtype, same strides, dim contiguous); lengths int32. Returns float32 like q. The kernel must be
+    loaded; the caller checks `attends(...)` first."""
+    rows, kv_heads, group, dim = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    strides = torch.tensor(keys.stride()[:3], dtype=torch.long)
+    status = _library.vicuna_attend(
+        KINDS[keys.dtype],
+        q.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        strides.data_ptr(),
+        lengths.data_ptr(),
+        out.data_ptr(),
+        rows,
+        kv_heads,
+        group,
+        dim,
+    )
+    if status:
+        raise ValueError(f"attend: the kernel does not take {keys.dtype} caches of head size {dim}")
+    return out
+
+
+def attends(dtype: torch.dtype, group: int, dim: int) -> bool:
+    """Whether `attend` takes a cache of this dtype, query heads per KV head and head size."""
+    return (
+        dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and 1 <= group <= 8
+        and dim % 16 == 0
+        and dim <= 256
+    )

@@ -148,6 +148,8 @@ class LlamaWeights:
         # which keeps a batched reply far closer to the same reply computed alone.
         on_kernel = self.device.type == "cpu" and self.dtype in kernel.KINDS and kernel.load() is not None
         self.act_dtype = torch.float32 if on_kernel else self.dtype
+        group = self.heads // self.kv_heads
+        self.attend_kernel = on_kernel and kernel.attends(self.dtype, group, self.head_dim)
         self.norm = self.norm_weight(inner.norm)
         self.layers = [
             (
@@ -294,9 +296,10 @@ def mlp(w: LlamaWeights, x: torch.Tensor, norm: torch.Tensor, gate_up: Projectio
 def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Tensor:
     """One token for each of the runner's rows, each at its own position: float32 logits [rows, vocab].
 
-    Every matrix product and every attention runs once for all rows. The query heads that share a KV
-    head are that head's query rows: one grouped call of the fused attention kernel, several times
-    faster than its general GQA path. With several rows, positions past a row's end are masked."""
+    Every matrix product and every attention runs once for all rows. Attention runs on our kernel where
+    it does (each row over its own length), else in PyTorch's fused kernel, where the query heads that
+    share a KV head are that head's query rows (one grouped call, several times faster than its general
+    GQA path) and, with several rows, positions past a row's end are masked."""
     n, heads, kv_heads, dim = len(tokens), w.heads, w.kv_heads, w.head_dim
     group, rotated = heads // kv_heads, (heads + kv_heads) * dim
     if n != runner.rows:
@@ -305,31 +308,37 @@ def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Ten
     end = max(lengths) + 1
     runner.reserve(n, end)
     table = w.rope(end)
+    mask = None
     if n == 1:
-        at, mask = lengths[0], None
+        at = lengths[0]
         cos, sin = table[:, at, None]  # [1, head_dim]
     else:
         at = torch.tensor(lengths, device=w.device)
         cos, sin = table[:, at, None]  # [rows, 1, head_dim]
-        past = torch.arange(end, device=w.device) > at[:, None]  # positions past each row's new token
-        mask = torch.zeros(n, 1, 1, end, dtype=w.dtype, device=w.device).masked_fill_(
-            past[:, None, None], -torch.inf
-        )
+        if not w.attend_kernel:
+            past = torch.arange(end, device=w.device) > at[:, None]  # positions past each row's new token
+            mask = torch.zeros(n, 1, 1, end, dtype=w.dtype, device=w.device)
+            mask.masked_fill_(past[:, None, None], -torch.inf)
         at = (torch.arange(n, device=w.device), slice(None), at)  # each row's new position
+    if w.attend_kernel:
+        attend_lengths = torch.tensor([length + 1 for length in lengths], dtype=torch.int32)
     x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
     for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
         mixed = qkv(w.norm_rows(x, norm1))
         qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin)
         keys, values = runner.cache[i, 0, :n], runner.cache[i, 1, :n]  # [rows, kv_heads, positions, dim]
-        qk = qk.to(w.dtype)  # the cache's dtype
-        k, v = qk[:, heads:], mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)
+        k, v = qk[:, heads:].to(w.dtype), mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)  # cache dtype
         if n == 1:
             keys[0, :, at], values[0, :, at] = k[0], v[0]
         else:
             keys[at], values[at] = k, v
         q = qk[:, :heads].view(n, kv_heads, group, dim)
-        attn = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
-        x = x + out(attn.view(n, heads * dim))
+        if w.attend_kernel:
+            attn = kernel.attend(q, keys, values, attend_lengths)
+        else:
+            q = q.to(w.dtype)
+            attn = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
+        x = x + out(attn.view(n, heads * dim).to(w.act_dtype))
         x = x + mlp(w, x, norm2, gate_up, down)
     runner.lengths = [length + 1 for length in lengths]
     return w.head(w.norm_rows(x, w.norm)).float()
