@@ -103,25 +103,51 @@ def test_vicuna_kernel_0_turns_it_off(monkeypatch):
     assert kernel.load(progress=False) is None
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers computes it (sin here with its true sign)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
 @needs_kernel
 @pytest.mark.parametrize("kind", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     "rows,kv_heads,group,dim,longest",
     [(1, 3, 3, 64, 100), (16, 3, 3, 64, 300), (2, 8, 1, 128, 37), (3, 2, 8, 64, 5), (2, 1, 2, 16, 9)],
 )
-def test_attention_equals_float64_sdpa_over_each_rows_own_length(kind, rows, kv_heads, group, dim, longest):
+def test_a_decode_attention_step_equals_float64_over_each_rows_own_length(
+    kind, rows, kv_heads, group, dim, longest
+):
     torch.manual_seed(rows * dim + longest)
+    heads = kv_heads * group
     keys = torch.randn(rows, kv_heads, longest + 20, dim).to(kind)  # room past every row's end
     values = torch.randn_like(keys)
-    q = torch.randn(rows, kv_heads, group, dim)
-    lengths = torch.randint(1, longest + 1, (rows,), dtype=torch.int32)
+    before = keys.clone(), values.clone()
+    mixed = torch.randn(rows, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(longest + 20, dim // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    table = torch.stack([cos, torch.cat([-sin[:, : dim // 2], sin[:, dim // 2 :]], -1)])
+    positions = torch.randint(0, longest, (rows,), dtype=torch.int32)
     assert kernel.attends(kind, group, dim)
-    out = kernel.attend(q, keys, values, lengths)
-    for r, n in enumerate(lengths.tolist()):
+    out = kernel.attend(mixed, table, keys, values, positions, heads, kv_heads)
+    assert out.shape == (rows, heads * dim) and out.dtype == torch.float32
+    for r, at in enumerate(positions.tolist()):
+        q, k, v = mixed[r].double().split([heads * dim, kv_heads * dim, kv_heads * dim])
+        q = rotate(q.view(heads, dim), cos[at].double(), sin[at].double())
+        k = rotate(k.view(kv_heads, dim), cos[at].double(), sin[at].double())
+        # the new k and v are stored at the row's position, in the cache's dtype; the rest is untouched
+        torch.testing.assert_close(keys[r, :, at], k.to(kind))
+        torch.testing.assert_close(values[r, :, at], v.view(kv_heads, dim).to(kind))
+        for cache, old in zip((keys, values), before, strict=True):
+            assert torch.equal(cache[r, :, :at], old[r, :, :at]) and torch.equal(
+                cache[r, :, at + 1 :], old[r, :, at + 1 :]
+            )
         exact = torch.nn.functional.scaled_dot_product_attention(
-            q[r].double(), keys[r, :, :n].double(), values[r, :, :n].double()
+            q.view(kv_heads, group, dim),
+            keys[r, :, : at + 1].double(),
+            values[r, :, : at + 1].double(),
         )
-        assert (out[r].double() - exact).abs().max() <= 1e-5
+        assert (out[r].double() - exact.flatten()).abs().max() <= 1e-5
 
 
 def test_attention_takes_only_the_shapes_it_is_written_for():

@@ -17,6 +17,8 @@ from vicuna.engine.runner import (
     LlamaRunner,
     LlamaWeights,
     decode,
+    norm_rows,
+    norm_weight,
     rotate,
 )
 
@@ -53,11 +55,32 @@ def test_dense_leaves_many_rows_to_pytorch_where_it_multiplies_the_dtype_nativel
 @pytest.mark.parametrize("rows", [1, 5])
 def test_norm_rows_is_rms_norm(tiny_llama_dir, rows):
     engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
-    w, norm = engine.llama_weights, engine.model.model.layers[0].input_layernorm
+    norm = engine.model.model.layers[0].input_layernorm
+    eps = engine.model.config.rms_norm_eps
     x = torch.randn(rows, engine.model.config.hidden_size) * 3
-    expected = F.rms_norm(x, (x.shape[-1],), norm.weight, w.eps)
-    torch.testing.assert_close(w.norm_rows(x, w.norm_weight(norm)), expected, rtol=1e-5, atol=1e-5)
+    expected = F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+    torch.testing.assert_close(
+        norm_rows(x, norm_weight(norm, torch.float32), eps), expected, rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)  # what transformers computes
+
+
+def test_dense_applies_the_norm_gating_and_residual_add_on_the_kernel_and_without_it():
+    torch.manual_seed(0)
+    weight, norm = torch.randn(24, 32).bfloat16(), torch.rand(32) + 0.5
+    x, residual = torch.randn(3, 64), torch.randn(3, 24)
+    gate, up = x.double().chunk(2, dim=-1)
+    rows = F.silu(gate) * up
+    rows = rows / (rows.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.double()
+    exact = residual.double() + rows @ weight.double().T
+    dense = Dense(weight)
+    for on_kernel in {dense.kernel, False}:
+        dense.kernel = on_kernel
+        into = residual.clone()
+        out = dense(x, norm=(torch.cat([norm, norm]), 1e-5), gated=True, into=into)
+        assert out is into
+        tolerance = 1e-5 if on_kernel else 5e-2  # without the kernel, products of bfloat16 rows here
+        torch.testing.assert_close(out.double(), exact, rtol=tolerance, atol=tolerance)
 
 
 def test_rotate_is_transformers_rotary():

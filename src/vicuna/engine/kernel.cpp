@@ -43,6 +43,12 @@ struct Weights<BF16> {
         memcpy(&f, &bits, 4);
         return f;
     }
+    static inline T from(float f) {  // rounded to nearest even, as PyTorch rounds
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
+        return (T)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    }
 };
 
 template <>
@@ -54,6 +60,7 @@ struct Weights<F16> {
         b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 8)));
     }
     static inline float one(T v) { return _cvtsh_ss(v); }
+    static inline T from(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 };
 
 template <>
@@ -65,6 +72,7 @@ struct Weights<F32> {
         b = _mm256_loadu_ps(w + 8);
     }
     static inline float one(T v) { return v; }
+    static inline T from(float f) { return f; }
 };
 
 template <>
@@ -444,21 +452,38 @@ void attend_head(const float* q, const typename Weights<KIND>::T* keys, const ty
 }
 
 template <int KIND>
-void attend(const float* q, const void* keys, const void* values, const long* strides, const int* lengths,
-            float* out, int rows, int kv_heads, int group, int dim) {
-    using T = typename Weights<KIND>::T;
+void attend(const float* mixed, const float* rope, int rope_positions, void* keys, void* values, const long* strides,
+            const int* positions, float* out, int rows, int heads, int kv_heads, int dim) {
+    using W = Weights<KIND>;
+    const int group = heads / kv_heads, width = (heads + 2 * kv_heads) * dim, half = dim / 2;
     int longest = 0;
-    for (int r = 0; r < rows; r++) longest = lengths[r] > longest ? lengths[r] : longest;
+    for (int r = 0; r < rows; r++) longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
     const int pairs = rows * kv_heads;
 #pragma omp parallel if (pairs > 1 && (long)longest * pairs * group * dim >= 8192)
     {
-        float* scores = (float*)malloc(sizeof(float) * (size_t)group * (longest > 0 ? longest : 1));
+        float* scores = (float*)malloc(sizeof(float) * (size_t)group * longest);
+        float q[8 * 256], k[256];
 #pragma omp for schedule(static)
         for (int i = 0; i < pairs; i++) {
-            const int r = i / kv_heads, h = i % kv_heads;
-            const size_t at = (size_t)r * strides[0] + (size_t)h * strides[1];
-            attend_head<KIND>(q + (size_t)i * group * dim, (const T*)keys + at, (const T*)values + at, strides[2],
-                              lengths[r], group, dim, out + (size_t)i * group * dim, scores);
+            const int r = i / kv_heads, h = i % kv_heads, at = positions[r];
+            const float* row = mixed + (size_t)r * width;
+            const float* cos = rope + (size_t)at * dim;
+            const float* sin = rope + ((size_t)rope_positions + at) * dim;  // first half negated
+            auto rotate = [&](const float* x, float* y) {
+                for (int d = 0; d < dim; d++) y[d] = x[d] * cos[d] + x[(d + half) % dim] * sin[d];
+            };
+            for (int g = 0; g < group; g++) rotate(row + (size_t)(h * group + g) * dim, q + g * dim);
+            rotate(row + (size_t)(heads + h) * dim, k);
+            const float* v = row + (size_t)(heads + kv_heads + h) * dim;
+            const size_t base = (size_t)r * strides[0] + (size_t)h * strides[1];
+            typename W::T* key_cache = (typename W::T*)keys + base;
+            typename W::T* value_cache = (typename W::T*)values + base;
+            for (int d = 0; d < dim; d++) {
+                key_cache[(size_t)at * strides[2] + d] = W::from(k[d]);
+                value_cache[(size_t)at * strides[2] + d] = W::from(v[d]);
+            }
+            attend_head<KIND>(q, key_cache, value_cache, strides[2], at + 1, group, dim,
+                              out + (size_t)r * heads * dim + (size_t)h * group * dim, scores);
         }
         free(scores);
     }
@@ -469,12 +494,34 @@ void attend(const float* q, const void* keys, const void* values, const long* st
 extern "C" {
 
 // y[m, n] = x[m, k] . w[n, k] (times scales[n] when given); 0 when done, -1 for an unknown kind.
-int vicuna_product(int kind, const float* x, const void* w, const float* scales, float* y, int m, int n, int k) {
+// What a layer does around its products comes along: with `gated`, x is [m, 2k] and the rows multiplied
+// are silu(x[:, :k]) * x[:, k:] (the MLP's gate and up halves); with `norm`, they are first
+// RMS-normalized and scaled by norm[k] (eps added to the mean square); with `accumulate`, the product is
+// added to y (a residual connection) instead of stored.
+int vicuna_product(int kind, const float* x, const void* w, const float* scales, float* y, int m, int n, int k,
+                   const float* norm, float eps, int gated, int accumulate) {
     if (kind < BF16 || kind > I8) return -1;
+    float* rows_in = nullptr;
+    if (norm || gated) {
+        rows_in = (float*)malloc(sizeof(float) * (size_t)m * k);
+        for (int i = 0; i < m; i++) {
+            float* out = rows_in + (size_t)i * k;
+            const float* xr = x + (size_t)i * k * (gated ? 2 : 1);
+            for (int j = 0; j < k; j++) out[j] = gated ? xr[j] / (1.0f + expf(-xr[j])) * xr[k + j] : xr[j];
+            if (norm) {
+                double squares = 0;
+                for (int j = 0; j < k; j++) squares += (double)out[j] * out[j];
+                const float scale = (float)(1.0 / sqrt(squares / k + eps));
+                for (int j = 0; j < k; j++) out[j] = out[j] * scale * norm[j];
+            }
+        }
+        x = rows_in;
+    }
+    float* sums = accumulate ? (float*)malloc(sizeof(float) * (size_t)m * n) : y;
     for (int m0 = 0; m0 < m; m0 += CHUNK_ROWS) {  // a long prompt in chunks: bounded scratch memory
         const int rows = m - m0 < CHUNK_ROWS ? m - m0 : CHUNK_ROWS;
         const float* xc = x + (size_t)m0 * k;
-        float* yc = y + (size_t)m0 * n;
+        float* yc = sums + (size_t)m0 * n;
         switch (kind) {
             case BF16: product<BF16>(xc, w, scales, yc, rows, n, k); break;
             case F16: product<F16>(xc, w, scales, yc, rows, n, k); break;
@@ -482,21 +529,36 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
             case I8: product<I8>(xc, w, scales, yc, rows, n, k); break;
         }
     }
+    if (accumulate) {
+        for (size_t i = 0; i < (size_t)m * n; i++) y[i] += sums[i];
+        free(sums);
+    }
+    free(rows_in);
     return 0;
 }
 
-
-// Attention of q [rows, kv_heads, group, dim] (float32) over keys and values [rows, kv_heads, positions,
-// dim] (strides in elements: row, head, position; dim contiguous) up to each row's length: out like q.
-// 0 when done, -1 for an unknown kind or a shape it does not take (dim a multiple of 16 up to 256,
-// group up to 8).
-int vicuna_attend(int kind, const float* q, const void* keys, const void* values, const long* strides,
-                  const int* lengths, float* out, int rows, int kv_heads, int group, int dim) {
-    if (dim % 16 || dim > 256 || group < 1 || group > 8) return -1;
+// One decode step's attention for every row: mixed [rows, (heads + 2 kv_heads) dim] holds each row's
+// new q, k and v heads (float32); q and k are rotated with rope [2, rope_positions, dim] (cos, then sin
+// with its first half negated) at the row's position, k and v are stored in the cache there (keys and
+// values: [rows, kv_heads, positions, dim] with these element strides for row, head and position, dim
+// contiguous), and each group of query heads attends to positions 0 .. positions[row] of its KV head.
+// out: [rows, heads dim] float32. 0 when done, -1 for an unknown kind or a shape it does not take
+// (dim a multiple of 16 up to 256, up to 8 query heads per KV head).
+int vicuna_attend(int kind, const float* mixed, const float* rope, int rope_positions, void* keys, void* values,
+                  const long* strides, const int* positions, float* out, int rows, int heads, int kv_heads,
+                  int dim) {
+    const int group = kv_heads > 0 ? heads / kv_heads : 0;
+    if (dim % 16 || dim > 256 || group < 1 || group > 8 || group * kv_heads != heads) return -1;
     switch (kind) {
-        case BF16: attend<BF16>(q, keys, values, strides, lengths, out, rows, kv_heads, group, dim); return 0;
-        case F16: attend<F16>(q, keys, values, strides, lengths, out, rows, kv_heads, group, dim); return 0;
-        case F32: attend<F32>(q, keys, values, strides, lengths, out, rows, kv_heads, group, dim); return 0;
+        case BF16:
+            attend<BF16>(mixed, rope, rope_positions, keys, values, strides, positions, out, rows, heads, kv_heads, dim);
+            return 0;
+        case F16:
+            attend<F16>(mixed, rope, rope_positions, keys, values, strides, positions, out, rows, heads, kv_heads, dim);
+            return 0;
+        case F32:
+            attend<F32>(mixed, rope, rope_positions, keys, values, strides, positions, out, rows, heads, kv_heads, dim);
+            return 0;
     }
     return -1;
 }

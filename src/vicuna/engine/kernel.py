@@ -97,23 +97,41 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
             return None
         fn = library.vicuna_product
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 3]
+        fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 3, ctypes.c_void_p]
+        fn.argtypes += [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         fn = library.vicuna_attend
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 6, *[ctypes.c_int] * 4]
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 5]
+        fn.argtypes += [ctypes.c_int] * 4
         _library = library
         return library
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """x [m, k] float32 times weight [n, k]^T (each row times scales[n], float32, when given): [m, n] float32.
+def product(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    *,
+    norm: tuple[torch.Tensor, float] | None = None,
+    gated: bool = False,
+    into: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [m, k] float32 times weight [n, k]^T (each output column times scales[n], float32, when given):
+    [m, n] float32. With `gated`, x is [m, 2k] and silu(x[:, :k]) * x[:, k:] is multiplied; with
+    norm = (weight, eps), the rows are first RMS-normalized and scaled by the norm's first k weights
+    (float32); with `into` ([m, n] float32, contiguous), the product is added to it, which is returned.
     The kernel must be loaded (`load()`) and the tensors on the CPU."""
     x = x.contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    if x.dtype != torch.float32 or weight.shape[1] != k or not weight.is_contiguous():
-        raise ValueError(f"product: float32 rows [m, {weight.shape[1]}] and a contiguous weight are needed")
-    y = torch.empty(m, n)
+    m, width = x.shape
+    n, k = weight.shape
+    if x.dtype != torch.float32 or width != k * (2 if gated else 1) or not weight.is_contiguous():
+        raise ValueError(
+            f"product: float32 rows [m, {k * (2 if gated else 1)}] and a contiguous weight are needed"
+        )
+    if into is not None and (into.shape != (m, n) or into.dtype != torch.float32 or not into.is_contiguous()):
+        raise ValueError(f"product: `into` must be a contiguous float32 [{m}, {n}] tensor")
+    y = torch.empty(m, n) if into is None else into
+    norm_weight, eps = (None, 0.0) if norm is None else norm
     status = _library.vicuna_product(
         KINDS[weight.dtype],
         x.data_ptr(),
@@ -123,36 +141,58 @@ def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None =
         m,
         n,
         k,
+        None if norm_weight is None else norm_weight.data_ptr(),
+        eps,
+        int(gated),
+        int(into is not None),
     )
     if status:
         raise ValueError(f"product: the kernel does not take {weight.dtype} weights")
     return y
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Decode attention: q [rows, kv_heads, group, dim] float32, each group of query heads over its KV
-    head's first lengths[row] positions of keys and values [rows, kv_heads, positions, dim] (the cache's
-    dtype, same strides, dim contiguous); lengths int32. Returns float32 like q. The kernel must be
-    loaded; the caller checks `attends(...)` first."""
-    rows, kv_heads, group, dim = q.shape
-    q = q.contiguous()
-    out = torch.empty_like(q)
+def attend(
+    mixed: torch.Tensor,
+    rope: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> torch.Tensor:
+    """One decode step's attention for every row (see `vicuna_attend` in kernel.cpp): mixed [rows,
+    (heads + 2 kv_heads) head_dim] float32 holds each row's new q, k and v; they are rotated with rope
+    [2, positions, head_dim] float32 (cos, and sin with its first half negated) at positions[row]
+    (int32), k and v are stored in keys and values [rows, kv_heads, positions, head_dim] there, and q
+    attends to the row's positions up to that one. Returns [rows, heads head_dim] float32. The kernel
+    must be loaded; the caller checks `attends(...)` first."""
+    rows, dim = mixed.shape[0], rope.shape[-1]
+    if mixed.dtype != torch.float32 or rope.dtype != torch.float32 or keys.stride(-1) != 1:
+        raise ValueError(
+            "attend: float32 rows and rotary tables, and a cache with contiguous heads are needed"
+        )
+    mixed, rope = mixed.contiguous(), rope.contiguous()
+    out = torch.empty(rows, heads * dim)
     strides = torch.tensor(keys.stride()[:3], dtype=torch.long)
     status = _library.vicuna_attend(
         KINDS[keys.dtype],
-        q.data_ptr(),
+        mixed.data_ptr(),
+        rope.data_ptr(),
+        rope.shape[1],
         keys.data_ptr(),
         values.data_ptr(),
         strides.data_ptr(),
-        lengths.data_ptr(),
+        positions.data_ptr(),
         out.data_ptr(),
         rows,
+        heads,
         kv_heads,
-        group,
         dim,
     )
     if status:
-        raise ValueError(f"attend: the kernel does not take {keys.dtype} caches of head size {dim}")
+        raise ValueError(
+            f"attend: the kernel does not take {keys.dtype} caches of {heads}/{kv_heads} heads of {dim}"
+        )
     return out
 
 

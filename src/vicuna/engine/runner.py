@@ -78,27 +78,66 @@ Projection = Callable[[torch.Tensor], torch.Tensor]
 UPCAST_ROWS = 16  # from this many rows a half-precision product on such a CPU is faster in float32
 
 
-class Dense:
-    """`F.linear` on one weight. On the CPU, products go through our kernel (`vicuna.engine.kernel`)
-    where it runs: float32 rows in and out, the weight read as stored; on a CPU with native 16-bit
-    matrix units only a decode step's few rows do, since PyTorch's kernels win on more. Without the
-    kernel, on a CPU without such units, products of many rows (a prompt) run in float32 on a float32
-    copy of the weight made for that one product: a 500-token prompt prefills ~4x faster."""
+Norm = tuple[torch.Tensor, float]  # an RMSNorm's weight as `norm_weight` gives it, and its epsilon
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
+
+def norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of each row. On the CPU it is computed as the layer norm of [x, -x]: that vector's mean
+    is zero and its variance is x's mean square, so PyTorch's fused layer_norm kernel gives
+    x / sqrt(mean(x^2) + eps) in half the time of `rms_norm`, which it composes of seven operations
+    there."""
+    width = x.shape[-1]
+    if x.device.type != "cpu":
+        return F.rms_norm(x, (width,), weight, eps)
+    both = torch.cat([x, -x], dim=-1)
+    return F.layer_norm(both, (2 * width,), weight, None, eps)[..., :width]
+
+
+def norm_weight(norm: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A norm's weight as `norm_rows` takes it: on the CPU repeated, to scale both halves (the kernel
+    reads the first half)."""
+    weight = norm.weight.to(dtype)
+    return torch.cat([weight, weight]) if weight.device.type == "cpu" else weight
+
+
+class Dense:
+    """The products with one weight, and what a layer does around them: a norm before (`norm`), the
+    MLP's gating of its input (`gated`: silu(first half) * second half), a residual add after (`into`).
+
+    On the CPU, products go through our kernel (`vicuna.engine.kernel`) where it runs: float32 rows in and
+    out, the weight read as stored, the norm, gating and add done in the same call; on a CPU with native
+    16-bit matrix units, and for int8 weights (`scales`), only a decode step's few rows do, since
+    PyTorch's kernels win on more. Otherwise PyTorch computes them: `fallback` (an int8 layer) or
+    `F.linear`, where on a CPU without such units products of many rows (a prompt) run in float32 on a
+    float32 copy of the weight made for that one product: a 500-token prompt prefills ~4x faster."""
+
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor | None = None, fallback: Projection | None = None
+    ):
+        self.weight, self.scales, self.fallback = weight, scales, fallback
         cpu = weight.device.type == "cpu"
-        self.native = not cpu or native_half_matmul(weight.dtype)
+        self.native = not cpu or scales is not None or native_half_matmul(weight.dtype)
         self.kernel = cpu and weight.dtype in kernel.KINDS and kernel.load() is not None
         self.kernel_rows = kernel.FEW_ROWS if self.native else None  # None: any number
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.kernel and (self.kernel_rows is None or rows <= self.kernel_rows):
-            return kernel.product(x.float(), self.weight).to(x.dtype)
-        if not self.native and rows >= UPCAST_ROWS:
-            return F.linear(x.float(), self.weight.float()).to(x.dtype)
-        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+    def __call__(
+        self, x: torch.Tensor, norm: Norm | None = None, gated: bool = False, into: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if self.kernel and (self.kernel_rows is None or x.shape[0] <= self.kernel_rows):
+            y = kernel.product(x.float(), self.weight, self.scales, norm=norm, gated=gated, into=into)
+            return y if into is not None else y.to(x.dtype)
+        if gated:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        if norm is not None:
+            x = norm_rows(x, *norm)
+        if self.fallback is not None:
+            y = self.fallback(x)
+        elif not self.native and x.shape[0] >= UPCAST_ROWS:
+            y = F.linear(x.float(), self.weight.float()).to(x.dtype)
+        else:
+            y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+        return y if into is None else into.add_(y)
 
 
 def fuse(parent: torch.nn.Module, *names: str) -> Projection:
@@ -106,7 +145,8 @@ def fuse(parent: torch.nn.Module, *names: str) -> Projection:
     views into the fused weight, so the model keeps working and no memory is added."""
     linears = [getattr(parent, name) for name in names]
     if isinstance(linears[0], Int8Linear):
-        return linears[0] if len(linears) == 1 else Int8Linear.fuse(*linears)
+        fused = linears[0] if len(linears) == 1 else Int8Linear.fuse(*linears)
+        return Dense(fused.weight_int8, fused.scales.float(), fallback=fused)
     if len(linears) == 1:
         return Dense(linears[0].weight.data)
     weight = torch.cat([m.weight.data for m in linears])
@@ -127,7 +167,6 @@ class LlamaWeights:
         self.config = config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.inter = config.intermediate_size
         self.eps = config.rms_norm_eps
         self.rotary = model.model.rotary_emb
         inner = model.model
@@ -150,16 +189,13 @@ class LlamaWeights:
         self.act_dtype = torch.float32 if on_kernel else self.dtype
         group = self.heads // self.kv_heads
         self.attend_kernel = on_kernel and kernel.attends(self.dtype, group, self.head_dim)
-        self.norm = self.norm_weight(inner.norm)
+
+        def norm(module: torch.nn.Module) -> Norm:
+            return norm_weight(module, self.act_dtype), self.eps
+
+        self.norm = norm(inner.norm)
         self.layers = [
-            (
-                self.norm_weight(layer.input_layernorm),
-                qkv,
-                out,
-                self.norm_weight(layer.post_attention_layernorm),
-                gate_up,
-                down,
-            )
+            (norm(layer.input_layernorm), qkv, out, norm(layer.post_attention_layernorm), gate_up, down)
             for layer, (qkv, out, gate_up, down) in zip(inner.layers, projections, strict=True)
         ]
         self._rope = torch.empty(2, 0, self.head_dim, dtype=self.act_dtype, device=self.device)
@@ -175,22 +211,6 @@ class LlamaWeights:
             sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
             self._rope = torch.stack([cos[0], sin]).to(self.act_dtype)
         return self._rope
-
-    def norm_rows(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm of each row. On the CPU it is computed as the layer norm of [x, -x]: that vector's mean
-        is zero and its variance is x's mean square, so PyTorch's fused layer_norm kernel gives
-        x / sqrt(mean(x^2) + eps) in half the time of `rms_norm`, which it composes of seven operations
-        there (a decode step makes 61 such calls in the built-in model)."""
-        width = x.shape[-1]
-        if self.device.type != "cpu":
-            return F.rms_norm(x, (width,), weight, self.eps)
-        both = torch.cat([x, -x], dim=-1)
-        return F.layer_norm(both, (2 * width,), weight, None, self.eps)[..., :width]
-
-    def norm_weight(self, norm: torch.nn.Module) -> torch.Tensor:
-        """A norm's weight as `norm_rows` takes it: on the CPU repeated, to scale both halves."""
-        weight = norm.weight.to(self.act_dtype)
-        return torch.cat([weight, weight]) if self.device.type == "cpu" else weight
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -270,44 +290,59 @@ class LlamaRunner:
         rotated = (heads + kv_heads) * dim
         x = w.embed(torch.tensor(prompt_ids, device=w.device)).to(w.act_dtype)  # [n, hidden]
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
-            mixed = qkv(w.norm_rows(x, norm1))
+            mixed = qkv(x, norm=norm1)
             qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin).transpose(0, 1)
             v = mixed[:, rotated:].view(n, kv_heads, dim).transpose(0, 1)
             self.cache[i, 0, 0, :, :n], self.cache[i, 1, 0, :, :n] = qk[heads:], v
             attn = F.scaled_dot_product_attention(
                 qk[None, :heads], qk[None, heads:], v[None], is_causal=True, enable_gqa=True
             )
-            x = x + out(attn[0].transpose(0, 1).reshape(n, heads * dim))
-            x = x + mlp(w, x, norm2, gate_up, down)
+            out(attn[0].transpose(0, 1).reshape(n, heads * dim), into=x)
+            down(gate_up(x, norm=norm2), gated=True, into=x)
         self.lengths = [n]
-        return w.head(w.norm_rows(x[-1:], w.norm))[0].float()
+        return w.head(x[-1:], norm=w.norm)[0].float()
 
     def step(self, token_id: int) -> torch.Tensor:
         """The token after the last one (one row): float32 logits for the next."""
         return decode(self.w, self, [token_id])[0]
 
 
-def mlp(w: LlamaWeights, x: torch.Tensor, norm: torch.Tensor, gate_up: Projection, down: Projection):
-    gate, up = gate_up(w.norm_rows(x, norm)).split(w.inter, dim=-1)
-    return down(F.silu(gate) * up)
-
-
 @torch.inference_mode()
 def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Tensor:
     """One token for each of the runner's rows, each at its own position: float32 logits [rows, vocab].
 
-    Every matrix product and every attention runs once for all rows. Attention runs on our kernel where
-    it does (each row over its own length), else in PyTorch's fused kernel, where the query heads that
-    share a KV head are that head's query rows (one grouped call, several times faster than its general
-    GQA path) and, with several rows, positions past a row's end are masked."""
-    n, heads, kv_heads, dim = len(tokens), w.heads, w.kv_heads, w.head_dim
-    group, rotated = heads // kv_heads, (heads + kv_heads) * dim
+    Every matrix product and every attention runs once for all rows. Where our kernel runs, one call per
+    layer rotates q and k, stores k and v in the cache and attends, each row over its own length. Else
+    PyTorch's fused attention runs with the query heads that share a KV head as that head's query rows
+    (one grouped call, several times faster than its general GQA path) and, with several rows, the
+    positions past a row's end masked."""
+    n, heads, kv_heads = len(tokens), w.heads, w.kv_heads
     if n != runner.rows:
         raise ValueError(f"{n} tokens for {runner.rows} rows")
     lengths = runner.lengths
     end = max(lengths) + 1
     runner.reserve(n, end)
     table = w.rope(end)
+    x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
+    if w.attend_kernel:
+        positions = torch.tensor(lengths, dtype=torch.int32)
+
+        def attention(i: int, mixed: torch.Tensor) -> torch.Tensor:
+            cache = runner.cache[i, :, :n]
+            return kernel.attend(mixed, table, cache[0], cache[1], positions, heads, kv_heads)
+    else:
+        attention = _attention_in_pytorch(w, runner, table, n, end)
+    for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
+        out(attention(i, qkv(x, norm=norm1)), into=x)
+        down(gate_up(x, norm=norm2), gated=True, into=x)
+    runner.lengths = [length + 1 for length in lengths]
+    return w.head(x, norm=w.norm).float()
+
+
+def _attention_in_pytorch(w: LlamaWeights, runner: LlamaRunner, table: torch.Tensor, n: int, end: int):
+    """`decode`'s attention for one layer without our kernel: (layer, q/k/v rows) -> attention rows."""
+    heads, kv_heads, dim, lengths = w.heads, w.kv_heads, w.head_dim, runner.lengths
+    group, rotated = heads // kv_heads, (heads + kv_heads) * dim
     mask = None
     if n == 1:
         at = lengths[0]
@@ -315,30 +350,21 @@ def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Ten
     else:
         at = torch.tensor(lengths, device=w.device)
         cos, sin = table[:, at, None]  # [rows, 1, head_dim]
-        if not w.attend_kernel:
-            past = torch.arange(end, device=w.device) > at[:, None]  # positions past each row's new token
-            mask = torch.zeros(n, 1, 1, end, dtype=w.dtype, device=w.device)
-            mask.masked_fill_(past[:, None, None], -torch.inf)
+        past = torch.arange(end, device=w.device) > at[:, None]  # positions past each row's new token
+        mask = torch.zeros(n, 1, 1, end, dtype=w.dtype, device=w.device)
+        mask.masked_fill_(past[:, None, None], -torch.inf)
         at = (torch.arange(n, device=w.device), slice(None), at)  # each row's new position
-    if w.attend_kernel:
-        attend_lengths = torch.tensor([length + 1 for length in lengths], dtype=torch.int32)
-    x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
-    for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
-        mixed = qkv(w.norm_rows(x, norm1))
-        qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin)
+
+    def attention(i: int, mixed: torch.Tensor) -> torch.Tensor:
+        qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin).to(w.dtype)  # cache dtype
         keys, values = runner.cache[i, 0, :n], runner.cache[i, 1, :n]  # [rows, kv_heads, positions, dim]
-        k, v = qk[:, heads:].to(w.dtype), mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)  # cache dtype
+        k, v = qk[:, heads:], mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)
         if n == 1:
             keys[0, :, at], values[0, :, at] = k[0], v[0]
         else:
             keys[at], values[at] = k, v
         q = qk[:, :heads].view(n, kv_heads, group, dim)
-        if w.attend_kernel:
-            attn = kernel.attend(q, keys, values, attend_lengths)
-        else:
-            q = q.to(w.dtype)
-            attn = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
-        x = x + out(attn.view(n, heads * dim).to(w.act_dtype))
-        x = x + mlp(w, x, norm2, gate_up, down)
-    runner.lengths = [length + 1 for length in lengths]
-    return w.head(w.norm_rows(x, w.norm)).float()
+        attn = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
+        return attn.view(n, heads * dim).to(w.act_dtype)
+
+    return attention
