@@ -201,3 +201,17 @@ def test_rows_are_float32_on_the_kernel_and_the_model_dtype_without_it(tiny_llam
     for w in (on_kernel, without):
         logits = LlamaRunner(w, None).prefill([3, 4, 5])
         assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_rows_joining_use_the_room_made_for_them_without_copying(tiny_llama_dir):
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
+    w = engine.llama_weights
+    batch, caches = LlamaRunner(w, None), []
+    for prompt in ([3, 4, 5], [7], [8, 9], [10, 11, 12, 13], [14]):
+        runner = LlamaRunner(w, None)
+        runner.prefill(prompt)
+        batch.join(runner, slots=4)
+        caches.append(batch.cache.data_ptr())
+    assert caches[0] == caches[1] == caches[2] == caches[3] != caches[4]  # room for 4, then grown for the 5th
+    assert batch.rows == batch.slots == 5
+    assert batch.lengths == [3, 1, 2, 4, 1]

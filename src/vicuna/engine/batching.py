@@ -175,7 +175,9 @@ class Batcher:
 
     def _new_rows(self) -> _LlamaRows | _HFRows:
         llama = self.engine.llama_weights  # the engine's fused LLaMA weights, when it has them
-        return _LlamaRows(llama) if llama is not None else _HFRows(self.engine)
+        if llama is None:
+            return _HFRows(self.engine)
+        return _LlamaRows(llama, self.max_batch_size, self.kv_cache_tokens)
 
     @property
     def context_window(self) -> int:
@@ -393,10 +395,12 @@ class _LlamaRows:
     """The batch on the engine's fused LLaMA weights: one `LlamaRunner` whose rows are the running
     replies. Each reply is prefilled alone, exactly as `Engine.generate` does, then joins it; a step runs
     every matrix product and every attention once for all rows. The rows share one rectangle of
-    positions, as long as the longest row, which is what the KV budget counts."""
+    positions, as long as the longest row, which is what the KV budget counts. When the rectangle grows
+    for a row, it makes room for as many rows again (up to the batch size and the budget), so that a
+    wave of requests does not copy it once per row."""
 
-    def __init__(self, weights: Any) -> None:
-        self.w = weights
+    def __init__(self, weights: Any, max_rows: int, kv_cache_tokens: int) -> None:
+        self.w, self.max_rows, self.kv_cache_tokens = weights, max_rows, kv_cache_tokens
         self.batch = LlamaRunner(weights, None)
 
     def prefill(self, ids: list[int]) -> tuple[LlamaRunner, torch.Tensor]:
@@ -404,7 +408,9 @@ class _LlamaRows:
         return runner, runner.prefill(ids)
 
     def join(self, runner: LlamaRunner) -> None:
-        self.batch.join(runner)
+        rows = self.batch.rows + 1
+        width = max(self.batch.capacity, chunked(runner.lengths[0] + 1))
+        self.batch.join(runner, slots=min(2 * rows, self.max_rows, self.kv_cache_tokens // width))
 
     def keep(self, index: list[int]) -> None:
         self.batch.keep(index)
@@ -413,7 +419,7 @@ class _LlamaRows:
         return self.batch.slots * self.batch.capacity
 
     def _tokens(self, rows: int, longest: int) -> int:
-        return rows * max(self.batch.capacity, chunked(longest))
+        return max(rows, self.batch.slots) * max(self.batch.capacity, chunked(longest))
 
     def kv_tokens_with(self, length: int) -> int:
         lengths = self.batch.lengths

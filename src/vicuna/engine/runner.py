@@ -228,7 +228,8 @@ class LlamaRunner:
     `Engine.generate` runs one row. The batcher prefills each request in a runner of its own, then
     `join`s it to the batch's runner, whose rows share one rectangle of positions: a decode step attends
     for every row in one call, masking the positions past each row's end, instead of one call per row.
-    The cache holds exactly its rows, so rows joining and leaving copy it."""
+    Rows that leave free their memory at once (the cache is copied); rows that join use room made for
+    them in advance (`join`'s `slots`), or copy the cache."""
 
     def __init__(self, weights: LlamaWeights, cache: torch.Tensor | None):
         self.w = weights
@@ -245,27 +246,29 @@ class LlamaRunner:
 
     @property
     def capacity(self) -> int:
-        """Positions each row holds."""
+        """Positions each row holds (each slot, used or not)."""
         return 0 if self.cache is None else self.cache.shape[4]
 
-    def reserve(self, rows: int, length: int) -> None:
-        """Make room for `rows` rows of `length` positions, keeping what the rows hold."""
+    def reserve(self, rows: int, length: int, slots: int = 0) -> None:
+        """Make room for `rows` rows of `length` positions, keeping what the rows hold; when the cache
+        has to grow, it gets at least `slots` rows, so that rows about to join need no copy."""
         have = self.capacity
         if rows <= self.slots and length <= have:
             return
         w = self.w
         size = max(have, chunked(length))
         cache = torch.zeros(
-            len(w.layers), 2, rows, w.kv_heads, size, w.head_dim, dtype=w.dtype, device=w.device
+            len(w.layers), 2, max(rows, slots), w.kv_heads, size, w.head_dim, dtype=w.dtype, device=w.device
         )
         if self.rows:
             cache[:, :, : self.rows, :, :have] = self.cache[:, :, : self.rows]
         self.cache = cache
 
-    def join(self, other: LlamaRunner) -> None:
-        """Add `other`'s one row (a prefilled generation) as this runner's last row."""
+    def join(self, other: LlamaRunner, slots: int = 0) -> None:
+        """Add `other`'s one row (a prefilled generation) as this runner's last row (see `reserve` for
+        `slots`)."""
         (length,) = other.lengths
-        self.reserve(self.rows + 1, length)
+        self.reserve(self.rows + 1, length, slots)
         self.cache[:, :, self.rows, :, :length] = other.cache[:, :, 0, :, :length]
         self.lengths.append(length)
 
