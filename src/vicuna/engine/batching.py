@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +48,7 @@ log = logging.getLogger("vicuna.batching")
 Sink = Callable[[Event | BaseException], None]
 
 DEFAULT_MAX_BATCH_SIZE = 16
+SWITCH_INTERVAL_S = 0.0002
 DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the default KV budget: this many tokens for each batch row
 
 
@@ -162,6 +164,10 @@ class Batcher:
                 f"({engine.context_window} tokens); one full-length reply must fit"
             )
         self.stats = BatchStats()
+        # The scheduler thread shares the GIL with the front end's threads (a server's event loop), and
+        # takes it back after every kernel call; by default a thread holding it keeps it for up to 5 ms,
+        # which stalled decoding behind the event loop's work on each streamed token.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Reply] = collections.deque()
         self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
