@@ -96,9 +96,13 @@ def test_chat_uses_the_template_and_its_stop_token(engine):
     assert isinstance(events[-1], Finished)
 
 
-def test_llama_runner_matches_transformers_logits(tiny_llama_dir):
+@pytest.mark.parametrize("on_kernel", [True, False])
+def test_llama_runner_matches_transformers_logits(tiny_llama_dir, monkeypatch, on_kernel):
+    from vicuna.engine import kernel
     from vicuna.engine.runner import HFRunner, LlamaRunner, LlamaWeights, llama_fast_path_ok
 
+    if not on_kernel:  # PyTorch's operations, as on a GPU or a CPU where the kernel cannot run
+        monkeypatch.setattr(kernel, "load", lambda progress=True: None)
     engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
     assert llama_fast_path_ok(engine.model)
     prompt = engine.encode("The capital of France is")

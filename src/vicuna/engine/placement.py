@@ -91,7 +91,10 @@ def fastest_cpu_dtype(config: Any) -> torch.dtype:
     CPU and model shape, and remembered."""
     text = config.get_text_config()
     shape = (text.hidden_size, text.intermediate_size, text.num_attention_heads, text.vocab_size)
-    key = f"engine|{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shape}"
+    from vicuna.engine import kernel
+
+    runs_on = f"kernel-{kernel.source_hash()}" if kernel.load() is not None else "pytorch"
+    key = f"{runs_on}|{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shape}"
     cache = vicuna_home() / "cpu-dtype.json"
     try:
         known = json.loads(cache.read_text())
