@@ -54,8 +54,12 @@ def test_products_take_strided_rows_and_refuse_mismatched_shapes():
     w, _ = weights(torch.bfloat16, 8, 32)
     x = torch.randn(32, 3).T  # not contiguous
     torch.testing.assert_close(kernel.product(x, w), x @ w.float().T, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="float32 rows"):
+    with pytest.raises(ValueError, match="rows of 32 values are needed, not 31"):
         kernel.product(torch.randn(2, 31), w)
+    with pytest.raises(ValueError, match="norm weight of at least 32"):
+        kernel.product(torch.randn(2, 32), w, norm=(torch.ones(16), 1e-5))
+    with pytest.raises(ValueError, match="one float32 scale per weight row"):
+        kernel.Weight(torch.ones(8, 32, dtype=torch.int8), torch.ones(7))
     with pytest.raises(ValueError, match="float32 rows"):
         kernel.product(torch.randn(2, 32).bfloat16(), w)
 
@@ -91,7 +95,7 @@ def test_a_failed_build_leaves_nothing_behind_and_the_engine_uses_pytorch(tmp_pa
 
     weight = torch.randn(8, 16).bfloat16()
     dense = Dense(weight)
-    assert not dense.kernel
+    assert dense.kernel is None
     x = torch.randn(1, 16)
     torch.testing.assert_close(dense(x), torch.nn.functional.linear(x.bfloat16(), weight).float())
 

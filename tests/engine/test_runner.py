@@ -29,13 +29,13 @@ def test_dense_runs_few_rows_on_the_kernel_and_many_in_float32_without_native_bf
     torch.manual_seed(0)
     weight = torch.randn(48, 32).bfloat16()
     dense = Dense(weight)
-    assert dense.kernel == (kernel.load() is not None)
+    assert (dense.kernel is not None) == (kernel.load() is not None)
     many, one = torch.randn(UPCAST_ROWS, 32), torch.randn(1, 32)
     exact = F.linear(one.double(), weight.double())
-    if dense.kernel:  # float32 rows in and out, float32 sums
+    if dense.kernel is not None:  # float32 rows in and out, float32 sums
         assert dense(one).dtype == torch.float32
         torch.testing.assert_close(dense(one).double(), exact, rtol=1e-6, atol=1e-6)
-    dense.kernel, dense.native = False, False  # as on a CPU without AVX-512 BF16 / AMX, and no kernel
+    dense.kernel, dense.native = None, False  # as on a CPU without AVX-512 BF16 / AMX, and no kernel
     assert torch.equal(dense(many), F.linear(many, weight.float()))
     assert torch.equal(dense(one), F.linear(one.bfloat16(), weight).float())
     dense.native = True
@@ -74,8 +74,8 @@ def test_dense_applies_the_norm_gating_and_residual_add_on_the_kernel_and_withou
     rows = rows / (rows.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.double()
     exact = residual.double() + rows @ weight.double().T
     dense = Dense(weight)
-    for on_kernel in {dense.kernel, False}:
-        dense.kernel = on_kernel
+    for bound in [dense.kernel, None] if dense.kernel is not None else [None]:
+        dense.kernel, on_kernel = bound, bound is not None
         into = residual.clone()
         out = dense(x, norm=(torch.cat([norm, norm]), 1e-5), gated=True, into=into)
         assert out is into

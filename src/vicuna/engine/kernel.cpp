@@ -540,13 +540,14 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
 // One decode step's attention for every row: mixed [rows, (heads + 2 kv_heads) dim] holds each row's
 // new q, k and v heads (float32); q and k are rotated with rope [2, rope_positions, dim] (cos, then sin
 // with its first half negated) at the row's position, k and v are stored in the cache there (keys and
-// values: [rows, kv_heads, positions, dim] with these element strides for row, head and position, dim
-// contiguous), and each group of query heads attends to positions 0 .. positions[row] of its KV head.
+// values: [rows, kv_heads, positions, dim] with the given element strides for row, head and position,
+// dim contiguous), and each group of query heads attends to positions 0 .. positions[row] of its KV head.
 // out: [rows, heads dim] float32. 0 when done, -1 for an unknown kind or a shape it does not take
 // (dim a multiple of 16 up to 256, up to 8 query heads per KV head).
 int vicuna_attend(int kind, const float* mixed, const float* rope, int rope_positions, void* keys, void* values,
-                  const long* strides, const int* positions, float* out, int rows, int heads, int kv_heads,
-                  int dim) {
+                  long row_stride, long head_stride, long position_stride, const int* positions, float* out,
+                  int rows, int heads, int kv_heads, int dim) {
+    const long strides[3] = {row_stride, head_stride, position_stride};
     const int group = kv_heads > 0 ? heads / kv_heads : 0;
     if (dim % 16 || dim > 256 || group < 1 || group > 8 || group * kv_heads != heads) return -1;
     switch (kind) {

@@ -112,10 +112,62 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         fn.argtypes += [ctypes.c_float, ctypes.c_int, ctypes.c_int]
         fn = library.vicuna_attend
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 5]
-        fn.argtypes += [ctypes.c_int] * 4
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 2]
+        fn.argtypes += [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4
         _library = library
         return library
+
+
+class Weight:
+    """A weight matrix [n, k] (any of `KINDS`, contiguous, on the CPU; int8 with float32 `scales` [n])
+    that the kernel multiplies by float32 rows. What is fixed is checked and kept here once, since a
+    decode step makes over a hundred of these calls. The kernel must be loaded (`load()`)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        if weight.dtype not in KINDS or weight.dim() != 2 or not weight.is_contiguous():
+            raise ValueError(f"the kernel takes contiguous 2-D {'/'.join(map(str, KINDS))} weights")
+        if scales is not None and (scales.dtype != torch.float32 or scales.shape != weight.shape[:1]):
+            raise ValueError(f"the kernel takes one float32 scale per weight row ({weight.shape[0]})")
+        self.weight, self.scales = weight, scales  # kept alive: the kernel reads their memory
+        self.n, self.k = weight.shape
+        self.args = (KINDS[weight.dtype], weight.data_ptr(), None if scales is None else scales.data_ptr())
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        norm: tuple[torch.Tensor, float] | None = None,
+        gated: bool = False,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [m, k] float32 times the weight's transpose: [m, n] float32. With `gated`, x is [m, 2k] and
+        silu(x[:, :k]) * x[:, k:] is multiplied; with norm = (weight, eps), the rows are first
+        RMS-normalized and scaled by the norm's first k weights (float32); with `into` ([m, n] float32,
+        contiguous), the product is added to it, which is returned."""
+        if x.dtype is not torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        m, width = x.shape
+        n, k = self.n, self.k
+        if width != (2 * k if gated else k):
+            raise ValueError(f"product: rows of {2 * k if gated else k} values are needed, not {width}")
+        if into is None:
+            y = torch.empty(m, n)
+        elif into.shape != (m, n) or into.dtype is not torch.float32 or not into.is_contiguous():
+            raise ValueError(f"product: `into` must be a contiguous float32 [{m}, {n}] tensor")
+        else:
+            y = into
+        scale = None
+        if norm is not None:
+            if norm[0].dtype is not torch.float32 or norm[0].numel() < k or not norm[0].is_contiguous():
+                raise ValueError(
+                    f"product: a contiguous float32 norm weight of at least {k} values is needed"
+                )
+            scale = norm[0].data_ptr()
+        kind, weight, scales = self.args
+        _library.vicuna_product(
+            kind, x.data_ptr(), weight, scales, y.data_ptr(), m, n, k, scale,
+            0.0 if norm is None else norm[1], gated, into is not None,
+        )  # fmt: skip
+        return y
 
 
 def product(
@@ -127,39 +179,10 @@ def product(
     gated: bool = False,
     into: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """x [m, k] float32 times weight [n, k]^T (each output column times scales[n], float32, when given):
-    [m, n] float32. With `gated`, x is [m, 2k] and silu(x[:, :k]) * x[:, k:] is multiplied; with
-    norm = (weight, eps), the rows are first RMS-normalized and scaled by the norm's first k weights
-    (float32); with `into` ([m, n] float32, contiguous), the product is added to it, which is returned.
-    The kernel must be loaded (`load()`) and the tensors on the CPU."""
-    x = x.contiguous()
-    m, width = x.shape
-    n, k = weight.shape
-    if x.dtype != torch.float32 or width != k * (2 if gated else 1) or not weight.is_contiguous():
-        raise ValueError(
-            f"product: float32 rows [m, {k * (2 if gated else 1)}] and a contiguous weight are needed"
-        )
-    if into is not None and (into.shape != (m, n) or into.dtype != torch.float32 or not into.is_contiguous()):
-        raise ValueError(f"product: `into` must be a contiguous float32 [{m}, {n}] tensor")
-    y = torch.empty(m, n) if into is None else into
-    norm_weight, eps = (None, 0.0) if norm is None else norm
-    status = _library.vicuna_product(
-        KINDS[weight.dtype],
-        x.data_ptr(),
-        weight.data_ptr(),
-        None if scales is None else scales.data_ptr(),
-        y.data_ptr(),
-        m,
-        n,
-        k,
-        None if norm_weight is None else norm_weight.data_ptr(),
-        eps,
-        int(gated),
-        int(into is not None),
-    )
-    if status:
-        raise ValueError(f"product: the kernel does not take {weight.dtype} weights")
-    return y
+    """`Weight(weight, scales)(x, norm, gated, into)`, for a weight multiplied once."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"product: float32 rows are needed, not {x.dtype}")
+    return Weight(weight, scales)(x, norm, gated, into)
 
 
 def attend(
@@ -184,7 +207,9 @@ def attend(
         )
     mixed, rope = mixed.contiguous(), rope.contiguous()
     out = torch.empty(rows, heads * dim)
-    strides = torch.tensor(keys.stride()[:3], dtype=torch.long)
+    if keys.stride() != values.stride():
+        raise ValueError("attend: keys and values must have the same layout")
+    row, head, position = keys.stride()[:3]
     status = _library.vicuna_attend(
         KINDS[keys.dtype],
         mixed.data_ptr(),
@@ -192,7 +217,9 @@ def attend(
         rope.shape[1],
         keys.data_ptr(),
         values.data_ptr(),
-        strides.data_ptr(),
+        row,
+        head,
+        position,
         positions.data_ptr(),
         out.data_ptr(),
         rows,

@@ -120,15 +120,15 @@ class Dense:
         self.weight, self.scales, self.fallback = weight, scales, fallback
         cpu = weight.device.type == "cpu"
         self.native = not cpu or scales is not None or native_half_matmul(weight.dtype)
-        self.kernel = cpu and weight.dtype in kernel.KINDS and kernel.load() is not None
+        on_kernel = cpu and weight.dtype in kernel.KINDS and kernel.load() is not None
+        self.kernel = kernel.Weight(weight, scales) if on_kernel else None
         self.kernel_rows = kernel.FEW_ROWS if self.native else None  # None: any number
 
     def __call__(
         self, x: torch.Tensor, norm: Norm | None = None, gated: bool = False, into: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.kernel and (self.kernel_rows is None or x.shape[0] <= self.kernel_rows):
-            y = kernel.product(x.float(), self.weight, self.scales, norm=norm, gated=gated, into=into)
-            return y if into is not None else y.to(x.dtype)
+        if self.kernel is not None and (self.kernel_rows is None or x.shape[0] <= self.kernel_rows):
+            return self.kernel(x, norm, gated, into)  # float32, as the rows between products are
         if gated:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
