@@ -16,14 +16,17 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from vicuna.engine.loader import read_config, resolve_model_path
+    from vicuna.engine import kernel
+    from vicuna.engine.loader import quiet_library_logs, read_config, resolve_model_path
     from vicuna.engine.memory import gib, model_size, probe_hardware
     from vicuna.engine.placement import fit_options
 
+    quiet_library_logs()
     console = Console()
     hw = probe_hardware()
     console.print("[bold]Hardware[/bold]")
     console.print(f"  CPU   {hw.cpu}, {hw.cores} cores; features: {' '.join(hw.cpu_flags) or 'none of note'}")
+    console.print(f"  CPU kernel  {kernel.status()}")
     console.print(f"  RAM   {gib(hw.ram_total)} total, {gib(hw.ram_available)} available")
     console.print(f"  Disk  {gib(hw.disk_free)} free for models")
     for g in hw.gpus:

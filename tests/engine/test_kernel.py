@@ -90,6 +90,7 @@ def test_a_failed_build_leaves_nothing_behind_and_the_engine_uses_pytorch(tmp_pa
     monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
     assert kernel.load(progress=False) is None
     assert "could not build the CPU kernel" in caplog.text
+    assert "the build with /bin/false failed" in kernel.status()
     assert not any((tmp_path / "kernels").iterdir())  # no partial library
     from vicuna.engine.runner import Dense
 
@@ -100,11 +101,21 @@ def test_a_failed_build_leaves_nothing_behind_and_the_engine_uses_pytorch(tmp_pa
     torch.testing.assert_close(dense(x), torch.nn.functional.linear(x.bfloat16(), weight).float())
 
 
-def test_vicuna_kernel_0_turns_it_off(monkeypatch):
+def test_vicuna_kernel_0_turns_it_off_and_doctor_says_so(monkeypatch, tiny_llama_dir, capsys):
     monkeypatch.setattr(kernel, "_tried", False)
     monkeypatch.setattr(kernel, "_library", None)
     monkeypatch.setenv("VICUNA_KERNEL", "0")
     assert kernel.load(progress=False) is None
+    assert kernel.status().startswith("not used: turned off (VICUNA_KERNEL=0)")
+    from vicuna.cli import main
+
+    assert main(["doctor", "--model-path", str(tiny_llama_dir)]) == 0
+    assert "CPU kernel  not used: turned off (VICUNA_KERNEL=0)" in capsys.readouterr().out
+
+
+@needs_kernel
+def test_status_says_the_kernel_is_ready():
+    assert kernel.status().startswith("ready (")
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

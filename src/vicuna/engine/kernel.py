@@ -46,6 +46,14 @@ FEW_ROWS = 4  # up to this many rows the kernel streams the weights at memory sp
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
+_why_not = ""
+
+
+def status() -> str:
+    """One line on whether the engine decodes on this kernel here, and why not."""
+    if load() is not None:
+        return f"ready ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+    return f"not used: {_why_not}; decoding on the CPU uses PyTorch's slower operations"
 
 
 def cpu_supported() -> bool:
@@ -86,22 +94,29 @@ def build(compiler: str, progress: bool = True) -> Path:
 
 
 def load(progress: bool = True) -> ctypes.CDLL | None:
-    """The kernel library, built on first use; None where it cannot run or be built (said once)."""
-    global _library, _tried
+    """The kernel library, built on first use; None where it cannot run or be built (said once, and
+    kept for `status()`)."""
+    global _library, _tried, _why_not
     with _lock:
         if _tried:
             return _library
         _tried = True
-        if os.environ.get("VICUNA_KERNEL", "1") == "0" or not cpu_supported():
+        if os.environ.get("VICUNA_KERNEL", "1") == "0":
+            _why_not = "turned off (VICUNA_KERNEL=0)"
+            return None
+        if not cpu_supported():
+            _why_not = "needs an x86-64 CPU with AVX2"
             return None
         compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         if compiler is None:
-            log.warning("no C++ compiler found: decoding on the CPU uses PyTorch's slower products")
+            _why_not = "no C++ compiler found (install g++)"
+            log.warning("%s: decoding on the CPU uses PyTorch's slower operations", _why_not)
             return None
         try:
             library = ctypes.CDLL(str(build(compiler, progress)))
         except (OSError, subprocess.SubprocessError) as err:
             detail = getattr(err, "stderr", b"") or b""
+            _why_not = f"the build with {compiler} failed"
             log.warning(
                 "could not build the CPU kernel (%s) %s", err, detail.decode(errors="replace")[-2000:]
             )
