@@ -56,6 +56,11 @@ def status() -> str:
     return f"not used: {_why_not}; decoding on the CPU uses PyTorch's slower operations"
 
 
+def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel multiplies `dtype` tensors on `device` here (it builds on first use)."""
+    return device.type == "cpu" and dtype in KINDS and load() is not None
+
+
 def cpu_supported() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in (
         "AVX2",
@@ -70,8 +75,8 @@ def source_hash() -> str:
 
 def library_path(compiler: str) -> Path:
     """Where the build for this source, compiler and flags lives."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    return vicuna_home() / "kernels" / f"vicuna-kernel-{key}.so"
+    how = hashlib.sha256(" ".join([compiler, *FLAGS]).encode()).hexdigest()[:8]
+    return vicuna_home() / "kernels" / f"vicuna-kernel-{source_hash()}-{how}.so"
 
 
 def build(compiler: str, progress: bool = True) -> Path:

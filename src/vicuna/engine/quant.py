@@ -2,8 +2,9 @@
 
 8-bit: each weight row is stored as int8 with one scale (symmetric, absmax / 127). On the CPU a decode
 step's few rows are multiplied by our kernel (`vicuna.engine.kernel`), more rows by PyTorch's int8
-weight-only kernel (`_weight_int8pack_mm`, bf16 activations); either reads a quarter of float32's bytes,
-while torchao's generic int8 path dequantizes and halves CPU speed (see docs/benchmarks.md). On the CPU the token embedding and the output head are int8 too (one table
+weight-only kernel (`_weight_int8pack_mm`, bf16 activations); either reads a quarter of float32's
+bytes, while torchao's generic int8 path dequantizes and halves CPU speed (see docs/benchmarks.md). On
+the CPU the token embedding and the output head are int8 too (one table
 when they are tied, as in small models where they are a fifth of the weights). On GPUs torchao's
 int8 weight-only layout is used for the decoder's layers. The norms keep their precision.
 """
@@ -56,7 +57,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.device.type == "cpu" and rows.shape[0] <= kernel.FEW_ROWS and kernel.load() is not None:
+        if rows.shape[0] <= kernel.FEW_ROWS and kernel.runs_on(rows.device, self.weight_int8.dtype):
             out = kernel.product(rows.float(), self.weight_int8, self.scales.float())
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scales)

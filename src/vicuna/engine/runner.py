@@ -117,11 +117,10 @@ class Dense:
     def __init__(
         self, weight: torch.Tensor, scales: torch.Tensor | None = None, fallback: Projection | None = None
     ):
-        self.weight, self.scales, self.fallback = weight, scales, fallback
+        self.weight, self.fallback = weight, fallback
         cpu = weight.device.type == "cpu"
         self.native = not cpu or scales is not None or native_half_matmul(weight.dtype)
-        on_kernel = cpu and weight.dtype in kernel.KINDS and kernel.load() is not None
-        self.kernel = kernel.Weight(weight, scales) if on_kernel else None
+        self.kernel = kernel.Weight(weight, scales) if kernel.runs_on(weight.device, weight.dtype) else None
         self.kernel_rows = kernel.FEW_ROWS if self.native else None  # None: any number
 
     def __call__(
@@ -188,7 +187,7 @@ class LlamaWeights:
         # Our kernel takes and gives float32 rows, so where it runs the rows between products stay in
         # float32 (the KV cache keeps the model's dtype): no rounding to 16 bits after each product,
         # which keeps a batched reply far closer to the same reply computed alone.
-        on_kernel = self.device.type == "cpu" and self.dtype in kernel.KINDS and kernel.load() is not None
+        on_kernel = kernel.runs_on(self.device, self.dtype)
         self.act_dtype = torch.float32 if on_kernel else self.dtype
         group = self.heads // self.kv_heads
         self.attend_kernel = on_kernel and kernel.attends(self.dtype, group, self.head_dim)
@@ -230,7 +229,7 @@ class LlamaRunner:
 
     `Engine.generate` runs one row. The batcher prefills each request in a runner of its own, then
     `join`s it to the batch's runner, whose rows share one rectangle of positions: a decode step attends
-    for every row in one call, masking the positions past each row's end, instead of one call per row.
+    for every row in one call (see `decode`), instead of one call per row.
     Rows that leave free their memory at once (the cache is copied); rows that join use room made for
     them in advance (`join`'s `slots`), or copy the cache."""
 
