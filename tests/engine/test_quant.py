@@ -3,6 +3,7 @@ bytes a decoded token reads."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.tiny_models import tiny_llama_config
@@ -81,3 +82,31 @@ def test_decode_bytes_count_the_embedding_table_only_when_it_is_the_head():
         model = LlamaForCausalLM(tiny_llama_config(256, tie_word_embeddings=tied)).to(torch.bfloat16)
         table = model.get_input_embeddings().weight.numel() * 2
         assert decode_bytes(model) == weight_bytes(model) - (0 if tied else table)
+
+
+def test_8bit_decode_steps_of_few_rows_are_one_kernel_call_and_more_rows_go_layer_by_layer(tiny_llama_dir):
+    from vicuna.config import ModelSettings
+    from vicuna.engine import kernel
+    from vicuna.engine.loader import load_engine
+    from vicuna.engine.runner import LlamaRunner, decode
+
+    engine = load_engine(
+        ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16", load_8bit=True), progress=False
+    )
+    w = engine.llama_weights
+    if w.step_kernel is None:
+        pytest.skip("the kernel does not run here")
+    assert w.step_rows == kernel.FEW_ROWS  # PyTorch's int8 kernel multiplies more rows
+    calls, step = [], w.step_kernel
+    w.step_kernel = lambda *args: calls.append(args[0].shape[0]) or step(*args)
+    alone, batch = [], LlamaRunner(w, None)
+    for i in range(kernel.FEW_ROWS + 1):
+        runner = LlamaRunner(w, None)
+        runner.prefill([3, 4, 5 + i])
+        batch.join(runner)
+        alone.append(runner.step(9))
+    rows = decode(w, batch, [9] * (kernel.FEW_ROWS + 1))
+    assert calls == [1] * (kernel.FEW_ROWS + 1)  # each row alone; the batch of five went layer by layer
+    for row, expected in zip(rows, alone, strict=True):
+        assert row.argmax() == expected.argmax()
+        assert torch.nn.functional.cosine_similarity(row, expected, dim=0) > 0.999

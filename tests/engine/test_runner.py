@@ -145,8 +145,9 @@ def test_attention_on_the_kernel_equals_pytorchs(tiny_llama_dir):
     if not w.attend_kernel:
         pytest.skip("the kernel does not run here")
     logits = {}
+    step_kernel = w.step_kernel
     for on_kernel in (True, False):
-        w.attend_kernel = on_kernel
+        w.attend_kernel, w.step_kernel = on_kernel, step_kernel if on_kernel else None
         batch = LlamaRunner(w, None)
         for prompt in ([3, 4, 5], list(range(10, 50))):
             runner = LlamaRunner(w, None)
@@ -155,6 +156,44 @@ def test_attention_on_the_kernel_equals_pytorchs(tiny_llama_dir):
         logits[on_kernel] = [decode(w, batch, [9, 9]), decode(w, batch, [4, 7])]
     for ours, theirs in zip(logits[True], logits[False], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_decode_step_in_one_kernel_call_equals_the_step_call_by_call(tiny_llama_dir, dtype):
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype=dtype), progress=False)
+    w = engine.llama_weights
+    if w.step_kernel is None:
+        pytest.skip("the kernel does not run here")
+    step_kernel, logits = w.step_kernel, {}
+    for whole in (True, False):
+        w.step_kernel = step_kernel if whole else None
+        batch = LlamaRunner(w, None)
+        for prompt in ([3, 4, 5], list(range(10, 80)), [6]):
+            runner = LlamaRunner(w, None)
+            runner.prefill(prompt)
+            batch.join(runner)
+        logits[whole] = [decode(w, batch, [9, 9, 2]), decode(w, batch, [4, 7, 1])]
+        logits[whole].append(batch.cache.clone())
+    for ours, theirs in zip(logits[True], logits[False], strict=True):
+        assert torch.equal(ours, theirs)  # the same kernel functions in the same order
+
+
+def test_the_one_call_decode_step_refuses_what_would_write_outside_the_cache(tiny_llama_dir):
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
+    w = engine.llama_weights
+    if w.step_kernel is None:
+        pytest.skip("the kernel does not run here")
+    runner = LlamaRunner(w, None)
+    runner.prefill([3, 4, 5])
+    x, rope = torch.zeros(1, w.config.hidden_size), w.rope(4)
+    with pytest.raises(ValueError, match="past the cache"):
+        w.step_kernel(x, rope, runner.cache, torch.tensor([runner.capacity], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache"):
+        w.step_kernel(x, rope, runner.cache[:, :, :, :, :, :8], torch.tensor([3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32 positions"):
+        w.step_kernel(x, rope, runner.cache, torch.tensor([3]))
+    with pytest.raises(ValueError, match="float32 rows"):
+        w.step_kernel(x.double(), rope, runner.cache, torch.tensor([3], dtype=torch.int32))
 
 
 def test_rows_that_leave_free_their_cache_and_the_rest_go_on(tiny_llama_dir):

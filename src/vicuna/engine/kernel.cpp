@@ -3,9 +3,8 @@
 // float32 or int8 with one float32 scale per row. Sums are float32. See kernel.py.
 //
 // One decode step reads every weight once, so the product is as fast as the weights stream from memory.
-// Each thread takes a contiguous range of weight rows and reads them one row at a time (one sequential
-// stream per thread, which the hardware prefetcher follows best), multiplying each row with up to
-// four rows of x while it is in registers; more rows of x reuse it from the L1 cache.
+// Each thread takes a contiguous range of weight rows and reads it at several places at once (see
+// `tile`), multiplying each weight row with up to four rows of x while it is in registers.
 //
 // bfloat16 to float32 is a 16-bit shift: a 32-byte load of 16 bfloat16 values gives the odd ones as
 // exact float32 by masking off their low halves and the even ones by shifting left 16 bits. The rows of
@@ -94,66 +93,77 @@ inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Rows x[m0, m0 + M) (rearranged: xs) times weight rows [n0, n1), M <= 4. U blocks of 16 per iteration.
-template <int KIND, int M, int U>
+// Rows x[m0, m0 + M) (rearranged: xs) times weight rows: `count` steps, each reading the rows first + r,
+// first + part + r, ..., first + (S - 1) part + r at once. S places in memory read side by side keep
+// more memory requests in flight than one sequential stream does: on a 2-core AVX2 EPYC one row at a
+// time streamed bfloat16 weights at ~17 GB/s, two or four places at once at ~24 GB/s (a plain
+// one-stream read of memory: ~20 GB/s).
+template <int KIND, int M, int S>
 void tile(const float* x, const float* xs, const typename Weights<KIND>::T* w, const float* scales,
-          float* y, int n, int k, int m0, int n0, int n1) {
+          float* y, int n, int k, int m0, int first, int part, int count) {
     using W = Weights<KIND>;
     const int k16 = k & ~15;
-    for (int row = n0; row < n1; row++) {
-        const typename W::T* wr = w + (size_t)row * k;
-        __m256 acc[U][M][2];
-        for (int u = 0; u < U; u++)
-            for (int i = 0; i < M; i++) acc[u][i][0] = acc[u][i][1] = _mm256_setzero_ps();
-        int j = 0;
-        for (; j + 16 * U <= k16; j += 16 * U) {
-            _mm_prefetch((const char*)(wr + j) + PREFETCH_BYTES, _MM_HINT_T0);
-            for (int u = 0; u < U; u++) {
+    for (int r = 0; r < count; r++) {
+        const typename W::T* wr[S];
+        for (int s = 0; s < S; s++) wr[s] = w + (size_t)(first + s * part + r) * k;
+        __m256 acc[S][M][2];
+        for (int s = 0; s < S; s++)
+            for (int i = 0; i < M; i++) acc[s][i][0] = acc[s][i][1] = _mm256_setzero_ps();
+        for (int j = 0; j < k16; j += 16) {
+            if (S < 4 && (j & 31) == 0)
+                for (int s = 0; s < S; s++) _mm_prefetch((const char*)(wr[s] + j) + PREFETCH_BYTES, _MM_HINT_T0);
+            for (int s = 0; s < S; s++) {
                 __m256 a, b;
-                W::load16(wr + j + 16 * u, a, b);
+                W::load16(wr[s] + j, a, b);
                 for (int i = 0; i < M; i++) {
-                    const float* xr = xs + (size_t)(m0 + i) * k16 + j + 16 * u;
-                    acc[u][i][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xr), acc[u][i][0]);
-                    acc[u][i][1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xr + 8), acc[u][i][1]);
+                    const float* xr = xs + (size_t)(m0 + i) * k16 + j;
+                    acc[s][i][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xr), acc[s][i][0]);
+                    acc[s][i][1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xr + 8), acc[s][i][1]);
                 }
             }
         }
-        for (; j < k16; j += 16) {
-            __m256 a, b;
-            W::load16(wr + j, a, b);
+        for (int s = 0; s < S; s++) {
+            const int row = first + s * part + r;
             for (int i = 0; i < M; i++) {
-                const float* xr = xs + (size_t)(m0 + i) * k16 + j;
-                acc[0][i][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xr), acc[0][i][0]);
-                acc[0][i][1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xr + 8), acc[0][i][1]);
+                float sum = sum8(_mm256_add_ps(acc[s][i][0], acc[s][i][1]));
+                const float* xr = x + (size_t)(m0 + i) * k;
+                for (int t = k16; t < k; t++) sum += xr[t] * W::one(wr[s][t]);
+                y[(size_t)(m0 + i) * n + row] = scales ? sum * scales[row] : sum;
             }
-        }
-        for (int i = 0; i < M; i++) {
-            __m256 total = _mm256_add_ps(acc[0][i][0], acc[0][i][1]);
-            for (int u = 1; u < U; u++) total = _mm256_add_ps(total, _mm256_add_ps(acc[u][i][0], acc[u][i][1]));
-            float s = sum8(total);
-            const float* xr = x + (size_t)(m0 + i) * k;
-            for (int t = k16; t < k; t++) s += xr[t] * W::one(wr[t]);
-            y[(size_t)(m0 + i) * n + row] = scales ? s * scales[row] : s;
         }
     }
 }
 
-// All rows of x times weight rows [n0, n1): each weight row is read from memory once, for the first four
-// rows of x, and from the L1 cache for the rest.
+// Weight rows [n0, n1) in S streams (the rows left over, one at a time).
+template <int KIND, int M, int S>
+void streams(const float* x, const float* xs, const typename Weights<KIND>::T* w, const float* scales, float* y,
+             int n, int k, int m0, int n0, int n1) {
+    const int part = S > 1 ? (n1 - n0) / S : 0;
+    if (part > 0) tile<KIND, M, S>(x, xs, w, scales, y, n, k, m0, n0, part, part);
+    const int rest = n0 + S * part;
+    if (rest < n1) tile<KIND, M, 1>(x, xs, w, scales, y, n, k, m0, rest, 0, n1 - rest);
+}
+
+// All rows of x times weight rows [n0, n1). Up to four rows of x: each weight row is read from memory
+// once (one row of x: four streams, two rows: two; three or four rows load x more than the weights).
+// More rows (int8 weights, or rows too long for a panel): each weight row is read from memory once, for
+// the first four rows of x, and from the L1 cache for the rest.
 template <int KIND>
 void rows(const float* x, const float* xs, const typename Weights<KIND>::T* w, const float* scales, float* y,
           int m, int n, int k, int n0, int n1) {
-    if (m == 1) {
-        tile<KIND, 1, 2>(x, xs, w, scales, y, n, k, 0, n0, n1);
-        return;
+    switch (m) {
+        case 1: streams<KIND, 1, 4>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
+        case 2: streams<KIND, 2, 2>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
+        case 3: streams<KIND, 3, 1>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
+        case 4: streams<KIND, 4, 1>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
     }
     for (int row = n0; row < n1; row++) {
         int i = 0;
-        for (; i + 4 <= m; i += 4) tile<KIND, 4, 1>(x, xs, w, scales, y, n, k, i, row, row + 1);
+        for (; i + 4 <= m; i += 4) tile<KIND, 4, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1);
         switch (m - i) {
-            case 3: tile<KIND, 3, 1>(x, xs, w, scales, y, n, k, i, row, row + 1); break;
-            case 2: tile<KIND, 2, 1>(x, xs, w, scales, y, n, k, i, row, row + 1); break;
-            case 1: tile<KIND, 1, 1>(x, xs, w, scales, y, n, k, i, row, row + 1); break;
+            case 3: tile<KIND, 3, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1); break;
+            case 2: tile<KIND, 2, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1); break;
+            case 1: tile<KIND, 1, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1); break;
         }
     }
 }
@@ -562,6 +572,48 @@ int vicuna_attend(int kind, const float* mixed, const float* rope, int rope_posi
             return 0;
     }
     return -1;
+}
+
+// One decode step of a LLaMA-family model for every row, all layers in one call (no Python between the
+// products: the calling thread keeps running without the GIL for the whole step).
+// weights, kinds, scales: per layer qkv (fused), o, gate_up (fused), down, then the output head;
+// norms: per layer the attention and MLP RMSNorm weights, then the final norm; x [rows, hidden] float32:
+// the rows' embeddings in, the last hidden states out (before the final norm); the KV cache (kind
+// cache_kind) is one tensor [layers, 2, rows, kv_heads, positions, dim] with the element strides
+// cache_strides (layer, keys/values, row, head, position); positions[row]: where the row's new token
+// goes; logits [rows, vocab] float32. 0 when done, -1 for a kind or shape the kernel does not take.
+int vicuna_decode(const int* kinds, const void* const* weights, const float* const* scales,
+                  const float* const* norms, float eps, int layers, int hidden, int inter, int vocab,
+                  int heads, int kv_heads, int dim, const float* rope, int rope_positions, int cache_kind,
+                  void* cache, const long* cache_strides, const int* positions, float* x, float* logits,
+                  int rows) {
+    const int width = (heads + 2 * kv_heads) * dim, attended = heads * dim;
+    const size_t element = cache_kind == F32 ? 4 : 2;
+    float* mixed = (float*)malloc(sizeof(float) * (size_t)rows * width);
+    float* out = (float*)malloc(sizeof(float) * (size_t)rows * attended);
+    float* gate_up = (float*)malloc(sizeof(float) * (size_t)rows * 2 * inter);
+    int status = 0;
+    for (int i = 0; i < layers && !status; i++) {
+        const int* kind = kinds + 4 * i;
+        const void* const* w = weights + 4 * i;
+        const float* const* sc = scales + 4 * i;
+        char* keys = (char*)cache + (size_t)i * cache_strides[0] * element;
+        char* values = keys + (size_t)cache_strides[1] * element;
+        status |= vicuna_product(kind[0], x, w[0], sc[0], mixed, rows, width, hidden, norms[2 * i], eps, 0, 0);
+        status |= vicuna_attend(cache_kind, mixed, rope, rope_positions, keys, values, cache_strides[2],
+                                cache_strides[3], cache_strides[4], positions, out, rows, heads, kv_heads, dim);
+        status |= vicuna_product(kind[1], out, w[1], sc[1], x, rows, hidden, attended, nullptr, 0.0f, 0, 1);
+        status |= vicuna_product(kind[2], x, w[2], sc[2], gate_up, rows, 2 * inter, hidden, norms[2 * i + 1], eps,
+                                 0, 0);
+        status |= vicuna_product(kind[3], gate_up, w[3], sc[3], x, rows, hidden, inter, nullptr, 0.0f, 1, 1);
+    }
+    if (!status)
+        status = vicuna_product(kinds[4 * layers], x, weights[4 * layers], scales[4 * layers], logits, rows, vocab,
+                                hidden, norms[2 * layers], eps, 0, 0);
+    free(mixed);
+    free(out);
+    free(gate_up);
+    return status ? -1 : 0;
 }
 
 }

@@ -134,6 +134,10 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, *[ctypes.c_void_p] * 2]
         fn.argtypes += [ctypes.c_long] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4
+        fn = library.vicuna_decode
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_int] * 7
+        fn.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
         _library = library
         return library
 
@@ -188,6 +192,84 @@ class Weight:
             0.0 if norm is None else norm[1], gated, into is not None,
         )  # fmt: skip
         return y
+
+
+class Step:
+    """A whole decode step of a LLaMA-family model in one kernel call (`vicuna_decode` in kernel.cpp):
+    for each layer the norm and fused q/k/v product, `attend`, the output product added to the rows,
+    the norm and fused gate/up product, and the gated down product added to the rows; then the final norm
+    and the head. Between two products no Python runs, and the GIL is free for the whole step (other
+    threads, such as a server's event loop, run meanwhile instead of waiting between products).
+
+    `layers`: per layer (qkv, o, gate_up, down) `Weight`s; `norms`: per layer the two norm weights, then
+    the final one (float32, at least `hidden` values each). The kernel must be loaded."""
+
+    def __init__(
+        self,
+        layers: list[tuple[Weight, Weight, Weight, Weight]],
+        head: Weight,
+        norms: list[torch.Tensor],
+        eps: float,
+        heads: int,
+        kv_heads: int,
+        dim: int,
+    ) -> None:
+        weights = [w for layer in layers for w in layer] + [head]
+        self.hidden, self.inter, self.vocab = head.k, layers[0][3].k, head.n
+        shapes = [((heads + 2 * kv_heads) * dim, self.hidden), (self.hidden, heads * dim)]
+        shapes += [(2 * self.inter, self.hidden), (self.hidden, self.inter)]
+        for i, layer in enumerate(layers):
+            for weight, shape in zip(layer, shapes, strict=True):
+                if (weight.n, weight.k) != shape:
+                    raise ValueError(f"decode step: layer {i} has a {weight.n}x{weight.k} weight, not {shape}")
+        if len(norms) != 2 * len(layers) + 1 or any(
+            n.dtype is not torch.float32 or not n.is_contiguous() or n.numel() < self.hidden for n in norms
+        ):
+            raise ValueError(f"decode step: {2 * len(layers) + 1} contiguous float32 norm weights are needed")
+        count = len(weights)
+        self.kinds = (ctypes.c_int * count)(*(w.args[0] for w in weights))
+        self.weights = (ctypes.c_void_p * count)(*(w.args[1] for w in weights))
+        self.scales = (ctypes.c_void_p * count)(*(w.args[2] for w in weights))
+        self.norms = (ctypes.c_void_p * len(norms))(*(n.data_ptr() for n in norms))
+        self.alive = (weights, norms)  # the kernel reads their memory
+        self.eps, self.layers, self.heads, self.kv_heads, self.dim = eps, len(layers), heads, kv_heads, dim
+
+    def __call__(
+        self, x: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """x [rows, hidden] float32: the new tokens' embeddings (overwritten); rope as for `attend`;
+        cache [layers, 2, >= rows, kv_heads, positions, dim] (the model's dtype); positions int32 [rows].
+        Returns the float32 logits [rows, vocab]; the cache holds the rows' new keys and values."""
+        rows = x.shape[0]
+        if x.dtype is not torch.float32 or not x.is_contiguous() or x.shape[1] != self.hidden:
+            raise ValueError(f"decode step: contiguous float32 rows of {self.hidden} values are needed")
+        if (
+            cache.dim() != 6
+            or cache.shape[0] != self.layers
+            or cache.shape[2] < rows
+            or cache.shape[3] != self.kv_heads
+            or cache.shape[5] != self.dim
+            or cache.stride(-1) != 1
+            or cache.dtype not in (torch.bfloat16, torch.float16, torch.float32)
+        ):
+            raise ValueError(f"decode step: a cache [{self.layers}, 2, rows, {self.kv_heads}, positions, {self.dim}] is needed")
+        if positions.dtype is not torch.int32 or positions.shape != (rows,) or not positions.is_contiguous():
+            raise ValueError(f"decode step: {rows} int32 positions are needed")
+        if rope.dtype is not torch.float32 or not rope.is_contiguous() or rope.shape[-1] != self.dim:
+            raise ValueError("decode step: a contiguous float32 rotary table is needed")
+        if rows and int(positions.max()) >= min(cache.shape[4], rope.shape[1]):
+            raise ValueError("decode step: a position past the cache or the rotary table")
+        logits = torch.empty(rows, self.vocab)
+        strides = (ctypes.c_long * 5)(*cache.stride()[:5])
+        status = _library.vicuna_decode(
+            self.kinds, self.weights, self.scales, self.norms, self.eps, self.layers, self.hidden,
+            self.inter, self.vocab, self.heads, self.kv_heads, self.dim, rope.data_ptr(), rope.shape[1],
+            KINDS[cache.dtype], cache.data_ptr(), strides, positions.data_ptr(), x.data_ptr(),
+            logits.data_ptr(), rows,
+        )  # fmt: skip
+        if status:
+            raise ValueError(f"decode step: the kernel does not take this model's shapes or types")
+        return logits
 
 
 def product(

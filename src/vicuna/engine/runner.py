@@ -201,6 +201,21 @@ class LlamaWeights:
             for layer, (qkv, out, gate_up, down) in zip(inner.layers, projections, strict=True)
         ]
         self._rope = torch.empty(2, 0, self.head_dim, dtype=self.act_dtype, device=self.device)
+        # Where the kernel runs every product and the attention, a decode step is one kernel call.
+        dense = [d for layer in projections for d in layer] + [self.head]
+        self.step_kernel, self.step_rows = None, None
+        if self.attend_kernel and all(d.kernel is not None for d in dense):
+            norms = [n for layer in self.layers for n in (layer[0][0], layer[3][0])] + [self.norm[0]]
+            self.step_kernel = kernel.Step(
+                [tuple(d.kernel for d in layer) for layer in projections],
+                self.head.kernel,
+                norms,
+                self.eps,
+                self.heads,
+                self.kv_heads,
+                self.head_dim,
+            )
+            self.step_rows = min((d.kernel_rows for d in dense if d.kernel_rows is not None), default=None)
 
     def rope(self, length: int) -> torch.Tensor:
         """cos and sin for positions 0..length-1, [2, positions, head_dim], sin with its first half negated
@@ -329,6 +344,10 @@ def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Ten
     runner.reserve(n, end)
     table = w.rope(end)
     x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
+    if w.step_kernel is not None and (w.step_rows is None or n <= w.step_rows):
+        logits = w.step_kernel(x.contiguous(), table, runner.cache, torch.tensor(lengths, dtype=torch.int32))
+        runner.lengths = [length + 1 for length in lengths]
+        return logits
     if w.attend_kernel:
         positions = torch.tensor(lengths, dtype=torch.int32)
 
