@@ -47,11 +47,11 @@ def presence_frequency_penalty(presence: float, frequency: float, prompt_len: in
 
 def suppress(token_ids: Sequence[int], until: int, prompt_len: int) -> Processor:
     """Forbid tokens (end-of-reply tokens for `min_new_tokens`) until the reply has `until` tokens."""
-    ids = sorted(set(token_ids))
+    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
 
     def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        if len(history) - prompt_len < until and ids:
-            logits[ids] = float("-inf")
+        if len(history) - prompt_len < until and len(ids):
+            logits.index_fill_(0, ids.to(logits.device), float("-inf"))
         return logits
 
     return apply
@@ -106,6 +106,7 @@ class Sampler:
             self.processors.append(top_k_filter(params.top_k))
         if params.temperature > 0 and params.top_p < 1.0:
             self.processors.append(top_p_filter(params.top_p))
+        self._work: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -117,11 +118,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> Choice:
         """`logits` is the float32 row for the next position; `history` is prompt plus reply so far."""
         raw = logits
-        logits = logits.clone() if self.processors else logits
+        if self.processors:  # they change logits in place: a copy, into memory kept for the next token
+            if self._work is None or self._work.shape != logits.shape or self._work.device != logits.device:
+                self._work = torch.empty_like(logits)
+            logits = self._work.copy_(logits)
         for process in self.processors:
             logits = process(logits, history)
         if self.params.temperature == 0:
-            token = int(torch.argmax(logits))
+            # NumPy's argmax of a CPU row takes ~5 us, PyTorch's ~75 us (a batch step samples every row)
+            token = int(logits.numpy().argmax() if logits.device.type == "cpu" else torch.argmax(logits))
         else:
             probs = torch.softmax(logits / self.params.temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
