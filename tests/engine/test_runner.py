@@ -20,6 +20,7 @@ from vicuna.engine.runner import (
     norm_rows,
     norm_weight,
     rotate,
+    shared_prefix,
 )
 
 
@@ -254,3 +255,37 @@ def test_rows_joining_use_the_room_made_for_them_without_copying(tiny_llama_dir)
     assert caches[0] == caches[1] == caches[2] == caches[3] != caches[4]  # room for 4, then grown for the 5th
     assert batch.rows == batch.slots == 5
     assert batch.lengths == [3, 1, 2, 4, 1]
+
+
+def test_shared_prefix_counts_the_first_tokens_in_common_up_to_the_limit():
+    a = list(range(200))
+    assert shared_prefix(a, a, 150) == 150
+    assert shared_prefix(a, [*a[:70], -1, *a[71:]], 200) == 70  # past the first block of 64
+    assert shared_prefix(a, [-1, *a[1:]], 200) == 0
+    assert shared_prefix(a, a[:10], 10) == 10
+    assert shared_prefix(a, a, 0) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_prefill_after_a_copied_prefix_equals_the_whole_prefill(tiny_llama_dir, dtype):
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype=dtype), progress=False)
+    w = engine.llama_weights
+    first = LlamaRunner(w, None)
+    first.prefill(list(range(10, 310)))  # 300 tokens: the copy spans two cache chunks
+    prompt = [*range(10, 290), 7, 8, 9]  # the same first 280 tokens, then others
+    whole, reused = LlamaRunner(w, None), LlamaRunner(w, None)
+    expected = whole.prefill(prompt)
+    reused.copy_prefix(first, 0, 280)
+    got = reused.prefill(prompt, start=280)
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == "float32" else {"rtol": 0.05, "atol": 0.05}
+    torch.testing.assert_close(got, expected, **tolerance)
+    assert reused.lengths == whole.lengths == [len(prompt)]
+    torch.testing.assert_close(reused.step(5), whole.step(5), **tolerance)
+    n = len(prompt)
+    torch.testing.assert_close(
+        reused.cache[:, :, :, :, :n].float(), whole.cache[:, :, :, :, :n].float(), **tolerance
+    )
+    with pytest.raises(ValueError, match="cannot start"):
+        LlamaRunner(w, None).prefill(prompt, start=3)  # nothing cached
+    with pytest.raises(ValueError, match="cannot start"):
+        reused.prefill(prompt[:5], start=5)  # at least one token must be computed

@@ -200,3 +200,31 @@ def test_any_transformers_model_batches_on_a_padded_cache(tiny_engine):
         assert b.stats.peak_running > 1
     finally:
         b.close()
+
+
+def test_a_request_that_begins_like_a_running_one_copies_its_cache(tiny_engine, batcher, monkeypatch):
+    from vicuna.engine.runner import LlamaRunner
+
+    e = tiny_engine
+    starts = []
+    prefill = LlamaRunner.prefill
+    monkeypatch.setattr(
+        LlamaRunner, "prefill", lambda self, ids, start=0: starts.append(start) or prefill(self, ids, start)
+    )
+    params = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
+    system = e.encode("A chat between a curious user and an assistant. USER: ")
+    prompts = [system + e.encode(t)[1:] for t in ("Hello world", "Hello world", "Tokyo is")]
+    alone = [reply(e.generate(ids, params)) for ids in prompts]
+    starts.clear()
+    events: list[list] = [[], [], []]
+    started = [threading.Event() for _ in prompts]
+    for i, ids in enumerate(prompts):  # each joins while the first is still running
+        batcher.add(ids, params, lambda event, i=i: events[i].append(event) or started[i].set())
+        assert started[i].wait(60)
+    deadline = time.monotonic() + 60
+    while not all(es and isinstance(es[-1], Finished) for es in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(same(reply(es), a) for es, a in zip(events, alone, strict=True))
+    # the first computed its whole prompt; the same prompt again only its last token; the third what
+    # follows the beginning it shares with them
+    assert starts == [0, len(prompts[1]) - 1, len(system)]

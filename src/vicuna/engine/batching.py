@@ -39,7 +39,7 @@ from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob
-from vicuna.engine.runner import LlamaRunner, chunked, decode
+from vicuna.engine.runner import LlamaRunner, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Choice, Sampler
 from vicuna.errors import VicunaError
 
@@ -359,7 +359,7 @@ class Batcher:
                     return
                 self._waiting.popleft()
             try:
-                row, logits = self._rows.prefill(ids)
+                row, logits = self._rows.prefill(ids, [r.history for r in self._replies])
             except Exception as error:
                 log.exception("prefill failed")
                 reply.fail(error)
@@ -409,9 +409,19 @@ class _LlamaRows:
         self.w, self.max_rows, self.kv_cache_tokens = weights, max_rows, kv_cache_tokens
         self.batch = LlamaRunner(weights, None)
 
-    def prefill(self, ids: list[int]) -> tuple[LlamaRunner, torch.Tensor]:
-        runner = LlamaRunner(self.w, None)
-        return runner, runner.prefill(ids)
+    def prefill(self, ids: list[int], histories: list[list[int]]) -> tuple[LlamaRunner, torch.Tensor]:
+        """A runner for `ids` alone; where a running row (whose tokens are `histories[row]`) begins the
+        same way, its cached positions are copied and only the rest of the prompt is computed."""
+        runner, lengths = LlamaRunner(self.w, None), self.batch.lengths
+        row, start = max(
+            ((i, shared_prefix(h, ids, min(lengths[i], len(ids) - 1))) for i, h in enumerate(histories)),
+            key=lambda found: found[1],
+            default=(0, 0),
+        )
+        if not start:
+            return runner, runner.prefill(ids)
+        runner.copy_prefix(self.batch, row, start)
+        return runner, runner.prefill(ids, start)
 
     def join(self, runner: LlamaRunner) -> None:
         rows = self.batch.rows + 1
@@ -451,7 +461,8 @@ class _HFRows:
     def _columns(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def prefill(self, ids: list[int]) -> tuple[tuple[Any, int], torch.Tensor]:
+    def prefill(self, ids: list[int], histories: list[list[int]]) -> tuple[tuple[Any, int], torch.Tensor]:
+        """The prompt alone, from its first token (`histories`, the running rows' tokens, are unused)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.engine.model.config)

@@ -16,7 +16,14 @@ from vicuna.config import SamplingParams
 from vicuna.conversation import Message, Template, render
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, TextChunk, TokenLogprob
-from vicuna.engine.runner import HFRunner, LlamaRunner, LlamaWeights, Runner, llama_fast_path_ok
+from vicuna.engine.runner import (
+    HFRunner,
+    LlamaRunner,
+    LlamaWeights,
+    Runner,
+    llama_fast_path_ok,
+    shared_prefix,
+)
 from vicuna.engine.sampling import Sampler
 from vicuna.errors import ContextTooLongError
 
@@ -51,7 +58,7 @@ class Engine:
         self.template_stop_ids, self.template_stop_strings = self._split_stops(template.stop)
         # the fused LLaMA weights of the fast decode path (the batcher shares them), or None
         self.llama_weights = LlamaWeights(model) if fast_path and llama_fast_path_ok(model) else None
-        self._spare_caches: list[Any] = []  # KV caches of finished generations, for the next ones
+        self._spare: tuple[Any, list[int]] | None = None  # the last generation's KV cache and its tokens
         self._lock = threading.Lock()
 
     def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -100,17 +107,26 @@ class Engine:
 
     # --- generation ---------------------------------------------------------------------------
 
-    def new_runner(self) -> Runner:
+    def new_runner(self, prompt_ids: Sequence[int] = ()) -> tuple[Runner, int]:
+        """A runner for `prompt_ids`, and how many of the prompt's first tokens it already holds: the last
+        finished generation's KV cache is taken over, so the next turn of a chat (whose prompt begins
+        with the last prompt and reply) computes only the new tokens."""
         if self.llama_weights is None:
-            return HFRunner(self.model, self.device)
+            return HFRunner(self.model, self.device), 0
         with self._lock:
-            cache = self._spare_caches.pop() if self._spare_caches else None
-        return LlamaRunner(self.llama_weights, cache)
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return LlamaRunner(self.llama_weights, None), 0
+        cache, tokens = spare
+        runner = LlamaRunner(self.llama_weights, cache)
+        start = shared_prefix(tokens, prompt_ids, min(len(tokens), len(prompt_ids) - 1))
+        runner.lengths = [start] if start else []
+        return runner, start
 
-    def _release(self, runner: Runner) -> None:
-        if isinstance(runner, LlamaRunner):
+    def _release(self, runner: Runner, history: list[int]) -> None:
+        if isinstance(runner, LlamaRunner) and runner.rows == 1:
             with self._lock:
-                self._spare_caches = [runner.cache]
+                self._spare = (runner.cache, history[: runner.lengths[0]])
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None
@@ -127,10 +143,10 @@ class Engine:
         sampler = Sampler(params, prompt_len=len(prompt_ids), end_ids=sorted(stop_ids), device=self.device)
         decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(params.stop)
         history = list(prompt_ids)
-        runner = self.new_runner()
+        runner, start = self.new_runner(prompt_ids)
         first_token_at = None
         reason, stop_text = "length", None
-        logits = runner.prefill(prompt_ids)
+        logits = runner.prefill(prompt_ids, start) if start else runner.prefill(prompt_ids)
         for step in range(params.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
@@ -150,7 +166,7 @@ class Engine:
                 break
             if step + 1 < params.max_new_tokens:
                 logits = runner.step(choice.token_id)
-        self._release(runner)
+        self._release(runner, history)
         if stops.matched is None:
             tail = stops.push(decoder.flush())
             tail += "" if stops.matched is not None else stops.flush()

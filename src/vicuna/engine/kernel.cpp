@@ -369,6 +369,40 @@ inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
 }
 
+// out[0 .. 16 B) = sum over positions p of weights[p] * values[p][0 .. 16 B): B blocks of 16 at once, so
+// that 2 B independent sums hide the latency of each multiply-add.
+template <int KIND, int B>
+void weigh_values(const float* weights, const typename Weights<KIND>::T* values, long step, int length, float* out) {
+    using W = Weights<KIND>;
+    __m256 acc[B][2];
+    for (int b = 0; b < B; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+    for (int p = 0; p < length; p++) {
+        const __m256 weight = _mm256_broadcast_ss(weights + p);
+        const typename W::T* row = values + (size_t)p * step;
+        for (int b = 0; b < B; b++) {
+            __m256 lo, hi;
+            W::load16(row + 16 * b, lo, hi);
+            acc[b][0] = _mm256_fmadd_ps(weight, lo, acc[b][0]);
+            acc[b][1] = _mm256_fmadd_ps(weight, hi, acc[b][1]);
+        }
+    }
+    for (int b = 0; b < B; b++) {
+        float part[16];
+        _mm256_storeu_ps(part, acc[b][0]);
+        _mm256_storeu_ps(part + 8, acc[b][1]);
+        float* o = out + 16 * b;
+        for (int t = 0; t < 8; t++) {
+            if (W::odd_even) {
+                o[2 * t + 1] = part[t];
+                o[2 * t] = part[8 + t];
+            } else {
+                o[t] = part[t];
+                o[8 + t] = part[8 + t];
+            }
+        }
+    }
+}
+
 template <int KIND>
 void attend_head(const float* q, const typename Weights<KIND>::T* keys, const typename Weights<KIND>::T* values,
                  long step, int length, int group, int dim, float* out, float* scores) {
@@ -434,28 +468,13 @@ void attend_head(const float* q, const typename Weights<KIND>::T* keys, const ty
         for (int q = 0; q < length; q++) s[q] *= inv;
     }
     for (int g = 0; g < group; g++) {
-        const float* weights = scores + (size_t)g * length;
-        for (int d = 0; d < dim; d += 16) {
-            __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-            for (int p = 0; p < length; p++) {
-                __m256 a, b;
-                W::load16(values + (size_t)p * step + d, a, b);
-                const __m256 weight = _mm256_broadcast_ss(weights + p);
-                lo = _mm256_fmadd_ps(weight, a, lo);
-                hi = _mm256_fmadd_ps(weight, b, hi);
-            }
-            float part[16];
-            _mm256_storeu_ps(part, lo);
-            _mm256_storeu_ps(part + 8, hi);
-            float* o = out + (size_t)g * dim + d;
-            for (int t = 0; t < 8; t++) {
-                if (W::odd_even) {
-                    o[2 * t + 1] = part[t];
-                    o[2 * t] = part[8 + t];
-                } else {
-                    o[t] = part[t];
-                    o[8 + t] = part[8 + t];
-                }
+        float* o = out + (size_t)g * dim;
+        for (int d = 0; d < dim; d += 64) {
+            switch ((dim - d) / 16 < 4 ? (dim - d) / 16 : 4) {
+                case 4: weigh_values<KIND, 4>(scores + (size_t)g * length, values + d, step, length, o + d); break;
+                case 3: weigh_values<KIND, 3>(scores + (size_t)g * length, values + d, step, length, o + d); break;
+                case 2: weigh_values<KIND, 2>(scores + (size_t)g * length, values + d, step, length, o + d); break;
+                default: weigh_values<KIND, 1>(scores + (size_t)g * length, values + d, step, length, o + d); break;
             }
         }
     }

@@ -221,7 +221,9 @@ class Step:
         for i, layer in enumerate(layers):
             for weight, shape in zip(layer, shapes, strict=True):
                 if (weight.n, weight.k) != shape:
-                    raise ValueError(f"decode step: layer {i} has a {weight.n}x{weight.k} weight, not {shape}")
+                    raise ValueError(
+                        f"decode step: layer {i} has a {weight.n}x{weight.k} weight, not {shape}"
+                    )
         if len(norms) != 2 * len(layers) + 1 or any(
             n.dtype is not torch.float32 or not n.is_contiguous() or n.numel() < self.hidden for n in norms
         ):
@@ -252,7 +254,9 @@ class Step:
             or cache.stride(-1) != 1
             or cache.dtype not in (torch.bfloat16, torch.float16, torch.float32)
         ):
-            raise ValueError(f"decode step: a cache [{self.layers}, 2, rows, {self.kv_heads}, positions, {self.dim}] is needed")
+            raise ValueError(
+                f"decode step: a cache [{self.layers}, 2, rows, {self.kv_heads}, positions, {self.dim}] is needed"
+            )
         if positions.dtype is not torch.int32 or positions.shape != (rows,) or not positions.is_contiguous():
             raise ValueError(f"decode step: {rows} int32 positions are needed")
         if rope.dtype is not torch.float32 or not rope.is_contiguous() or rope.shape[-1] != self.dim:
@@ -268,7 +272,7 @@ class Step:
             logits.data_ptr(), rows,
         )  # fmt: skip
         if status:
-            raise ValueError(f"decode step: the kernel does not take this model's shapes or types")
+            raise ValueError("decode step: the kernel does not take this model's shapes or types")
         return logits
 
 

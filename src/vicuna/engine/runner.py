@@ -24,6 +24,19 @@ from vicuna.engine.quant import Int8Linear, native_half_matmul
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many first tokens `a` and `b` have in common, up to `limit` (compared 64 at a time)."""
+    n = 0
+    while n < limit:
+        end = min(n + 64, limit)
+        if a[n:end] != b[n:end]:
+            while a[n] == b[n]:
+                n += 1
+            return n
+        n = end
+    return n
+
+
 def chunked(length: int) -> int:
     """Positions a KV cache (or rotary table) holds for `length` tokens: whole chunks."""
     return -(-length // CACHE_CHUNK) * CACHE_CHUNK
@@ -299,25 +312,44 @@ class LlamaRunner:
         size = chunked(max(self.lengths) + 1)
         self.cache = self.cache[:, :, :, :, :size][:, :, list(index)]
 
-    @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
-        """The prompt from position 0, as this runner's one row: float32 logits for the next token."""
-        w, n = self.w, len(prompt_ids)
+    def copy_prefix(self, other: LlamaRunner, row: int, length: int) -> None:
+        """Make this runner's one row hold the first `length` positions of `other`'s row `row` (a
+        generation whose tokens begin the same way as the next prompt; see `prefill`'s `start`)."""
         self.lengths = []
+        self.reserve(1, length)
+        self.cache[:, :, 0, :, :length] = other.cache[:, :, row, :, :length]
+        self.lengths = [length]
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int], start: int = 0) -> torch.Tensor:
+        """The prompt as this runner's one row: float32 logits for the next token. With `start`, the row
+        already holds the keys and values of the prompt's first `start` tokens (an earlier turn of the same
+        chat, or another request with the same system prompt), and only the rest is computed."""
+        w, n = self.w, len(prompt_ids)
+        if not 0 <= start < n or (start and (self.rows != 1 or self.lengths[0] < start)):
+            raise ValueError(f"prefill: cannot start at {start} of {n} tokens with rows of {self.lengths}")
+        self.lengths = [start] if start else []
         self.reserve(1, n)
-        cos, sin = w.rope(n)[:, :n, None]  # [n, 1, head_dim]
+        m = n - start  # tokens computed
+        cos, sin = w.rope(n)[:, start:n, None]  # [m, 1, head_dim]
         heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
         rotated = (heads + kv_heads) * dim
-        x = w.embed(torch.tensor(prompt_ids, device=w.device)).to(w.act_dtype)  # [n, hidden]
+        mask = None  # from position 0: causal; else each new token sees the cached ones and itself
+        if start:
+            mask = torch.arange(n, device=w.device) <= torch.arange(start, n, device=w.device)[:, None]
+        x = w.embed(torch.tensor(prompt_ids[start:], device=w.device)).to(w.act_dtype)  # [m, hidden]
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
             mixed = qkv(x, norm=norm1)
-            qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin).transpose(0, 1)
-            v = mixed[:, rotated:].view(n, kv_heads, dim).transpose(0, 1)
-            self.cache[i, 0, 0, :, :n], self.cache[i, 1, 0, :, :n] = qk[heads:], v
+            qk = rotate(mixed[:, :rotated].view(m, heads + kv_heads, dim), cos, sin).transpose(0, 1)
+            k, v = qk[heads:], mixed[:, rotated:].view(m, kv_heads, dim).transpose(0, 1)
+            self.cache[i, 0, 0, :, start:n], self.cache[i, 1, 0, :, start:n] = k, v
+            if start:
+                k = torch.cat([self.cache[i, 0, 0, :, :start].to(k.dtype), k], dim=1)
+                v = torch.cat([self.cache[i, 1, 0, :, :start].to(v.dtype), v], dim=1)
             attn = F.scaled_dot_product_attention(
-                qk[None, :heads], qk[None, heads:], v[None], is_causal=True, enable_gqa=True
+                qk[None, :heads], k[None], v[None], attn_mask=mask, is_causal=not start, enable_gqa=True
             )
-            out(attn[0].transpose(0, 1).reshape(n, heads * dim), into=x)
+            out(attn[0].transpose(0, 1).reshape(m, heads * dim), into=x)
             down(gate_up(x, norm=norm2), gated=True, into=x)
         self.lengths = [n]
         return w.head(x[-1:], norm=w.norm)[0].float()
