@@ -329,6 +329,8 @@ class LlamaRunner:
         if not 0 <= start < n or (start and (self.rows != 1 or self.lengths[0] < start)):
             raise ValueError(f"prefill: cannot start at {start} of {n} tokens with rows of {self.lengths}")
         self.lengths = [start] if start else []
+        if start and start == n - 1:  # one new token: a decode step
+            return decode(w, self, prompt_ids[-1:])[0]
         self.reserve(1, n)
         m = n - start  # tokens computed
         cos, sin = w.rope(n)[:, start:n, None]  # [m, 1, head_dim]
