@@ -164,7 +164,7 @@ def test_the_next_turn_of_a_chat_computes_only_its_new_tokens(tiny_llama_dir, mo
     text, ids, _ = run(engine, second, temperature=0, max_new_tokens=12, ignore_eos=True)
     # the first prompt and all of the reply but its last token (never fed back) were cached
     assert starts == [0, len(first) + len(reply) - 1]
-    engine._spare = None  # the same turn computed from scratch
+    engine.forget()  # the same turn computed from scratch
     assert run(engine, second, temperature=0, max_new_tokens=12, ignore_eos=True)[:2] == (text, ids)
     assert starts[-1] == 0
     other = engine.encode("Something else entirely")

@@ -228,3 +228,39 @@ def test_a_request_that_begins_like_a_running_one_copies_its_cache(tiny_engine, 
     # the first computed its whole prompt; the same prompt again only its last token; the third what
     # follows the beginning it shares with them
     assert starts == [0, len(prompts[1]) - 1, len(system)]
+
+
+def test_the_next_turn_of_a_chat_starts_from_the_finished_reply_cache(tiny_engine, batcher, monkeypatch):
+    from vicuna.engine.runner import LlamaRunner
+
+    e = tiny_engine
+    starts = []
+    prefill = LlamaRunner.prefill
+    monkeypatch.setattr(
+        LlamaRunner, "prefill", lambda self, ids, start=0: starts.append(start) or prefill(self, ids, start)
+    )
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    first = e.encode("Hello world")
+    _, done = reply(batcher.generate(first, params))
+    finished = batcher.call(lambda: list(batcher._rows.finished)).result(30)  # after the row left
+    tokens = finished[0][1]
+    assert len(tokens) == len(first) + done.completion_tokens - 1  # the last token was never fed back
+    second = tokens + e.encode("And then?")[1:]
+    text = reply(batcher.generate(second, params))
+    assert starts == [0, len(tokens)]
+    finished = batcher.call(lambda: list(batcher._rows.finished)).result(30)
+    assert len(finished) == 1  # taken over, then kept again with the second turn's tokens
+    e.forget()
+    assert same(text, reply(e.generate(second, params)))  # the same turn computed from scratch
+
+
+def test_finished_rows_keep_within_their_share_of_the_kv_budget(tiny_engine, batcher):
+    e = tiny_engine
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+    batcher._rows.finished_tokens = 256  # one cache chunk: only the most recent row fits
+    for text in TEXTS[:3]:
+        reply(batcher.generate(e.encode(text), params))
+    [(runner, tokens)] = batcher.call(lambda: list(batcher._rows.finished)).result(30)
+    assert tokens == e.encode(TEXTS[2]) + tokens[len(e.encode(TEXTS[2])) :] and runner.capacity == 256
+    batcher.call(lambda: batcher._rows._fit(batcher.kv_cache_tokens)).result(30)  # a batch needing it all
+    assert batcher._rows.finished == []

@@ -183,7 +183,7 @@ class Batcher:
         llama = self.engine.llama_weights  # the engine's fused LLaMA weights, when it has them
         if llama is None:
             return _HFRows(self.engine)
-        return _LlamaRows(llama, self.max_batch_size, self.kv_cache_tokens)
+        return _LlamaRows(llama, self.max_batch_size, self.kv_cache_tokens, self.engine.context_window)
 
     @property
     def context_window(self) -> int:
@@ -330,8 +330,15 @@ class Batcher:
         s.peak_kv_tokens = max(s.peak_kv_tokens, s.kv_tokens)
         s.peak_running = max(s.peak_running, s.running)
 
-    def _keep(self, keep: list[int]) -> None:
+    def _keep(self, keep: list[int], remember: bool = True) -> None:
+        """Keep these rows; the others ended (or were cancelled), and the rows remember their caches for
+        a next request that begins with their tokens (unless `remember` is False: preempted rows)."""
         if len(keep) != len(self._replies):
+            if remember:
+                kept = set(keep)
+                for i, reply in enumerate(self._replies):
+                    if i not in kept:
+                        self._rows.remember(i, reply.history)
             self._replies = [self._replies[i] for i in keep]
             self._rows.keep(keep)
 
@@ -372,7 +379,7 @@ class Batcher:
     def _preempt_to_fit(self) -> None:
         while len(self._replies) > 1 and self._rows.kv_tokens_after_step() > self.kv_cache_tokens:
             reply = self._replies[-1]
-            self._keep(list(range(len(self._replies) - 1)))
+            self._keep(list(range(len(self._replies) - 1)), remember=False)
             with self._lock:
                 self._waiting.appendleft(reply)
             self.stats.preempted += 1
@@ -403,30 +410,71 @@ class _LlamaRows:
     every matrix product and every attention once for all rows. The rows share one rectangle of
     positions, as long as the longest row, which is what the KV budget counts. When the rectangle grows
     for a row, it makes room for as many rows again (up to the batch size and the budget), so that a
-    wave of requests does not copy it once per row."""
+    wave of requests does not copy it once per row.
 
-    def __init__(self, weights: Any, max_rows: int, kv_cache_tokens: int) -> None:
+    A prompt that begins like a running row, or like a recently finished one (the next turn of a chat
+    resends the whole conversation), starts from that row's cached positions. Finished rows are kept,
+    most recent first, in what the KV budget leaves beside the batch, up to an eighth of it (at least
+    one context window); the batch's rows always come first."""
+
+    def __init__(self, weights: Any, max_rows: int, kv_cache_tokens: int, context_window: int) -> None:
         self.w, self.max_rows, self.kv_cache_tokens = weights, max_rows, kv_cache_tokens
         self.batch = LlamaRunner(weights, None)
+        self.finished: list[tuple[LlamaRunner, list[int]]] = []  # one-row runners and their tokens
+        self.finished_tokens = max(kv_cache_tokens // 8, chunked(context_window))
 
     def prefill(self, ids: list[int], histories: list[list[int]]) -> tuple[LlamaRunner, torch.Tensor]:
-        """A runner for `ids` alone; where a running row (whose tokens are `histories[row]`) begins the
-        same way, its cached positions are copied and only the rest of the prompt is computed."""
-        runner, lengths = LlamaRunner(self.w, None), self.batch.lengths
-        row, start = max(
-            ((i, shared_prefix(h, ids, min(lengths[i], len(ids) - 1))) for i, h in enumerate(histories)),
-            key=lambda found: found[1],
-            default=(0, 0),
+        """A runner for `ids` alone. Where a running row (whose tokens are `histories[row]`) or a finished
+        one begins the same way, its cached positions are copied (a finished row's runner is taken
+        over) and only the rest of the prompt is computed."""
+        limit = len(ids) - 1  # the last token is always computed: its logits are needed
+        lengths = self.batch.lengths
+        running = max(
+            ((shared_prefix(h, ids, min(lengths[i], limit)), i) for i, h in enumerate(histories)),
+            default=(0, -1),
         )
-        if not start:
+        finished = max(
+            (
+                (shared_prefix(tokens, ids, min(len(tokens), limit)), i)
+                for i, (_, tokens) in enumerate(self.finished)
+            ),
+            default=(0, -1),
+        )
+        if finished[0] > running[0]:
+            runner, _ = self.finished.pop(finished[1])
+            runner.lengths = [finished[0]]
+            return runner, runner.prefill(ids, finished[0])
+        runner = LlamaRunner(self.w, None)
+        if not running[0]:
             return runner, runner.prefill(ids)
-        runner.copy_prefix(self.batch, row, start)
-        return runner, runner.prefill(ids, start)
+        runner.copy_prefix(self.batch, running[1], running[0])
+        return runner, runner.prefill(ids, running[0])
+
+    def remember(self, row: int, history: list[int]) -> None:
+        """Keep a copy of a row that is leaving (`history`: its tokens), for a prompt that begins the same way."""
+        length = self.batch.lengths[row]
+        if not length or length > self.finished_tokens:
+            return
+        runner = LlamaRunner(self.w, None)
+        runner.copy_prefix(self.batch, row, length)
+        self.finished.insert(0, (runner, history[:length]))
+        self._fit(self.kv_tokens())
+
+    def _fit(self, batch_tokens: int) -> None:
+        """Drop the oldest finished rows while they would take more than their share, or more than the KV
+        budget leaves beside the batch's `batch_tokens`."""
+        room, total = min(self.finished_tokens, self.kv_cache_tokens - batch_tokens), 0
+        for i, (runner, _) in enumerate(self.finished):
+            total += runner.capacity
+            if total > room:
+                del self.finished[i:]
+                return
 
     def join(self, runner: LlamaRunner) -> None:
         rows = self.batch.rows + 1
         width = max(self.batch.capacity, chunked(runner.lengths[0] + 1))
         self.batch.join(runner, slots=min(2 * rows, self.max_rows, self.kv_cache_tokens // width))
+        self._fit(self.kv_tokens())
 
     def keep(self, index: list[int]) -> None:
         self.batch.keep(index)
@@ -446,6 +494,7 @@ class _LlamaRows:
         return self._tokens(len(lengths), max(lengths, default=0) + 1)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
+        self._fit(self.kv_tokens_after_step())
         return decode(self.w, self.batch, tokens)
 
 
@@ -462,7 +511,8 @@ class _HFRows:
         return 0 if self.mask is None else self.mask.shape[1]
 
     def prefill(self, ids: list[int], histories: list[list[int]]) -> tuple[tuple[Any, int], torch.Tensor]:
-        """The prompt alone, from its first token (`histories`, the running rows' tokens, are unused)."""
+        """The prompt alone, from its first token (`histories`, the running rows' tokens, are unused:
+        these rows do not reuse each other's caches)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.engine.model.config)
@@ -495,6 +545,9 @@ class _HFRows:
         for layer in self.cache.layers:
             layer.keys = layer.keys[rows, :, unused:]
             layer.values = layer.values[rows, :, unused:]
+
+    def remember(self, row: int, history: list[int]) -> None:
+        """Nothing is kept of rows that leave (see `prefill`)."""
 
     def kv_tokens(self) -> int:
         return 0 if self.mask is None else self.mask.numel()

@@ -123,6 +123,12 @@ class Engine:
         runner.lengths = [start] if start else []
         return runner, start
 
+    def forget(self) -> None:
+        """Drop the last generation's cache: the next prompt is computed from its first token (benchmarks
+        of prompt processing call this)."""
+        with self._lock:
+            self._spare = None
+
     def _release(self, runner: Runner, history: list[int]) -> None:
         if isinstance(runner, LlamaRunner) and runner.rows == 1:
             with self._lock:
@@ -143,10 +149,10 @@ class Engine:
         sampler = Sampler(params, prompt_len=len(prompt_ids), end_ids=sorted(stop_ids), device=self.device)
         decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(params.stop)
         history = list(prompt_ids)
-        runner, start = self.new_runner(prompt_ids)
+        runner, cached = self.new_runner(prompt_ids)
         first_token_at = None
         reason, stop_text = "length", None
-        logits = runner.prefill(prompt_ids, start) if start else runner.prefill(prompt_ids)
+        logits = runner.prefill(prompt_ids, cached) if cached else runner.prefill(prompt_ids)
         for step in range(params.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
