@@ -114,6 +114,32 @@ def test_latency_rows_are_medians_of_each_runner_against_its_baseline():
     assert eight_bit.ratio == pytest.approx(60 / 70) and eight_bit.met is False
 
 
+def test_the_next_turn_row_compares_the_engine_reusing_its_cache_with_hf_recomputing():
+    timings = {
+        "long": {
+            "engine": [timing(60)],
+            "hf": [timing(30)],
+            "engine next turn": [timing(0, ttft=0.05), timing(0, ttft=0.04), timing(0, ttft=0.5)],
+            "hf next turn": [timing(0, ttft=2.0), timing(0, ttft=3.0), timing(0, ttft=2.5)],
+        }
+    }
+    report = Report("latency", settings={})
+    add_latency_rows(
+        report,
+        timings,
+        {"long": [1] * 500},
+        ceiling_tokens_per_s=100.0,
+        ceiling_target=0.6,
+        new_tokens=8,
+        next_turn_tokens={"long": 640},
+    )
+    row = rows_by(report, "long prompt (500 tokens)", "next turn's TTFT (640 tokens)", "HF generate")
+    assert (row.value, row.baseline_value) == (
+        pytest.approx(50.0),
+        pytest.approx(2500.0),
+    ) and row.unit == "ms"
+
+
 def test_serve_rows_compare_concurrency_with_one_stream_and_the_api_with_the_engine():
     def wave(n: int, rate: float, p50: float, p99: float, decode: float = 50.0) -> Wave:
         return Wave(n, 1.0, int(rate), rate, p50, p99, decode)
@@ -201,8 +227,9 @@ def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path)
     assert tuple(data) == REPORT_KEYS and data["benchmark"] == "latency"
     assert set(data["samples"]) == {"short", "long"}
     for kind, runners in data["samples"].items():
-        assert set(runners) == {"engine", "hf", "unquantized"}
-        assert all(len(runs) == 1 and runs[0]["tokens"] == 3 for runs in runners.values())
+        assert set(runners) == {"engine", "engine next turn", "hf", "hf next turn", "unquantized"}
+        for name, runs in runners.items():  # the next turn is timed to its first two tokens
+            assert len(runs) == 1 and runs[0]["tokens"] == (2 if "next turn" in name else 3)
         eng, hf = runners["engine"][0], runners["hf"][0]
         group = f"{kind} prompt ({data['settings']['prompt_tokens'][kind]} tokens)"
         [row] = [

@@ -26,6 +26,8 @@ PARAGRAPH = (
 )
 SHORT_QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 LONG_QUESTION = "Summarize the text above in three sentences."
+FOLLOW_UP = "Thank you. Now say it again in one sentence."  # the next turn of the same chat
+NEXT_TURN_TOKENS = 2  # the next turn is timed to its first tokens
 PROMPT_KINDS = ("short", "long")
 CPU_CEILING_TARGET, GPU_CEILING_TARGET = 0.6, 0.7
 
@@ -57,13 +59,16 @@ def greedy(new_tokens: int) -> SamplingParams:
     )
 
 
-def time_engine(engine: Any, prompt_ids: list[int], new_tokens: int) -> Timing:
-    """The engine's own account (its `Finished` event), plus the gaps between streamed tokens."""
+def time_engine(engine: Any, prompt_ids: list[int], new_tokens: int, next_turn: bool = False) -> Timing:
+    """The engine's own account (its `Finished` event), plus the gaps between streamed tokens. The whole
+    prompt is computed, as HF generate computes it, unless it is the `next_turn` of the chat the engine
+    last generated for (whose cache the engine keeps)."""
     from vicuna.engine.events import Finished, TextChunk
 
     stamps: list[float] = []
     finished = None
-    engine.forget()  # the whole prompt is computed, as HF generate computes it (not reused from the last run)
+    if not next_turn:
+        engine.forget()
     for event in engine.generate(prompt_ids, greedy(new_tokens)):
         if isinstance(event, TextChunk) and event.token_ids:
             stamps.append(time.perf_counter())
@@ -153,15 +158,15 @@ def measure_bandwidth(device: Any, nbytes: int = 512 * 2**20, repeats: int = 5) 
     return best
 
 
-def make_prompts(engine: Any, kinds: list[str], long_tokens: int, new_tokens: int) -> dict[str, list[int]]:
-    """Chat prompts: a one-line request, and a ~`long_tokens` text followed by a request to summarize it.
-    The long prompt is shortened to fit the model's context window with the reply."""
+def make_prompts(engine: Any, kinds: list[str], long_tokens: int, new_tokens: int) -> dict[str, str]:
+    """The user message of each chat prompt: a one-line request, and a ~`long_tokens` text followed by a
+    request to summarize it, shortened to fit the model's context window with the reply."""
     from vicuna.conversation import Message
 
     prompts = {}
     for kind in kinds:
         if kind == "short":
-            prompts[kind] = engine.encode_chat([Message(role="user", content=SHORT_QUESTION)])
+            prompts[kind] = SHORT_QUESTION
             continue
         budget = min(long_tokens, engine.context_window - new_tokens)
         overhead = len(engine.encode_chat([Message(role="user", content="\n\n" + LONG_QUESTION)]))
@@ -170,14 +175,32 @@ def make_prompts(engine: Any, kinds: list[str], long_tokens: int, new_tokens: in
         keep = max(budget - overhead, 1)
         for _ in range(3):  # decoding then encoding text can change its length a little: converge on it
             text = engine.tokenizer.decode(body[:keep], skip_special_tokens=True)
-            ids = engine.encode_chat([Message(role="user", content=f"{text}\n\n{LONG_QUESTION}")])
+            content = f"{text}\n\n{LONG_QUESTION}"
+            ids = engine.encode_chat([Message(role="user", content=content)])
             if len(ids) <= budget:
                 break
             keep = max(keep - (len(ids) - budget), 1)
-        prompts[kind] = ids
-    for ids in prompts.values():
-        engine.check_fits(len(ids), new_tokens)
+        prompts[kind] = content
+    for content in prompts.values():
+        engine.check_fits(len(engine.encode_chat([Message(role="user", content=content)])), new_tokens)
     return prompts
+
+
+def next_turn(engine: Any, question: str, new_tokens: int) -> list[int]:
+    """The prompt of a chat's next turn: `question`, the engine's greedy reply to it, and `FOLLOW_UP`."""
+    from vicuna.conversation import Message
+    from vicuna.engine.events import TextChunk
+
+    first = engine.encode_chat([Message(role="user", content=question)])
+    reply = "".join(e.text for e in engine.generate(first, greedy(new_tokens)) if isinstance(e, TextChunk))
+    messages = [
+        Message(role="user", content=question),
+        Message(role="assistant", content=reply),
+        Message(role="user", content=FOLLOW_UP),
+    ]
+    ids = engine.encode_chat(messages)
+    engine.check_fits(len(ids), NEXT_TURN_TOKENS)
+    return ids
 
 
 def load_hf_model(engine: Any, settings: ModelSettings) -> Any:
@@ -230,15 +253,28 @@ def bench_latency(
         reference = load_engine(replace(settings, load_8bit=False), progress=progress)
         runners["unquantized"] = lambda ids: time_engine(reference, ids, new_tokens)
 
-    prompt_ids = make_prompts(engine, kinds, long_tokens, new_tokens)
-    timings: dict[str, dict[str, list[Timing]]] = {k: {r: [] for r in runners} for k in prompt_ids}
+    from vicuna.conversation import Message
+
+    questions = make_prompts(engine, kinds, long_tokens, new_tokens)
+    prompt_ids = {k: engine.encode_chat([Message(role="user", content=q)]) for k, q in questions.items()}
+    # The chat's next turn, right after the engine's reply (whose cache it keeps): the engine computes
+    # the new tokens only, HF generate the whole conversation, as FastChat does on every turn.
+    turns = {k: next_turn(engine, q, new_tokens) for k, q in questions.items()}
+    steps = [(name, run, False) for name, run in runners.items()]
+    steps.insert(
+        1, ("engine next turn", lambda k: time_engine(engine, turns[k], NEXT_TURN_TOKENS, True), True)
+    )
+    steps.append(
+        ("hf next turn", lambda k: time_hf_generate(hf_model, turns[k], NEXT_TURN_TOKENS, pad_id), True)
+    )
+    timings: dict[str, dict[str, list[Timing]]] = {k: {s[0]: [] for s in steps} for k in prompt_ids}
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("latency", total=(runs + warmup) * len(prompt_ids) * len(runners))
+        task = bar.add_task("latency", total=(runs + warmup) * len(prompt_ids) * len(steps))
         for i in range(warmup + runs):
             for kind, ids in prompt_ids.items():
-                for name, run in runners.items():
+                for name, run, by_kind in steps:
                     bar.update(task, description=f"{kind} prompt, {name}, run {i + 1 - warmup}/{runs}")
-                    t = run(ids)
+                    t = run(kind) if by_kind else run(ids)
                     if i >= warmup:
                         timings[kind][name].append(t)
                     bar.advance(task)
@@ -254,6 +290,7 @@ def bench_latency(
             "warmup": warmup,
             "new_tokens": new_tokens,
             "prompt_tokens": {k: len(v) for k, v in prompt_ids.items()},
+            "next_turn_tokens": {k: len(v) for k, v in turns.items()},
             "weight_bytes": weights,
             "decode_bytes": per_token,
             "bandwidth_bytes_per_s": bandwidth,
@@ -270,6 +307,7 @@ def bench_latency(
         ceiling_tokens_per_s=bandwidth / per_token,
         ceiling_target=ceiling_target,
         new_tokens=new_tokens,
+        next_turn_tokens={k: len(v) for k, v in turns.items()},
     )
     if reference is not None:
         report.add(
@@ -299,12 +337,18 @@ def add_latency_rows(
     ceiling_tokens_per_s: float,
     ceiling_target: float,
     new_tokens: int,
+    next_turn_tokens: dict[str, int] | None = None,
 ) -> None:
     """Turn the per-run timings into rows: medians of the engine beside medians of each baseline."""
     for kind, by_runner in timings.items():
         group = f"{kind} prompt ({len(prompt_ids[kind])} tokens)"
         eng, hf = medians(by_runner["engine"]), medians(by_runner["hf"])
         report.add(group, "time to first token", "ms", eng["ttft_s"] * 1e3, "HF generate", hf["ttft_s"] * 1e3)
+        if by_runner.get("engine next turn") and by_runner.get("hf next turn"):
+            ours, theirs = medians(by_runner["engine next turn"]), medians(by_runner["hf next turn"])
+            tokens = (next_turn_tokens or {}).get(kind, 0)
+            report.add(group, f"next turn's TTFT ({tokens} tokens)", "ms", ours["ttft_s"] * 1e3,
+                       "HF generate", theirs["ttft_s"] * 1e3)  # fmt: skip
         report.add(
             group,
             "decode",
