@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from vicuna.bench.latency import Timing, add_latency_rows
 from vicuna.bench.memory import add_memory_rows, run_child, run_job, write_delta, write_meta_checkpoint
@@ -311,3 +312,13 @@ def test_bench_serve_runs_against_vicuna_serve(tiny_llama_dir, tmp_path):
     [agg] = [r for r in data["rows"] if r["group"] == "3 streams" and r["metric"] == "aggregate"]
     [wave1] = data["samples"]["waves"]["1"]
     assert agg["value"] == wave3["tokens_per_s"] and agg["baseline_value"] == wave1["tokens_per_s"]
+
+
+def test_bandwidth_is_measured_with_and_without_our_kernel(monkeypatch):
+    from vicuna.bench.latency import measure_bandwidth
+    from vicuna.engine import kernel
+
+    device = torch.device("cpu")
+    with_kernel = measure_bandwidth(device, nbytes=16 * 2**20, repeats=1)
+    monkeypatch.setattr(kernel, "runs_on", lambda *_: False)
+    assert with_kernel > 0 and measure_bandwidth(device, nbytes=16 * 2**20, repeats=1) > 0
