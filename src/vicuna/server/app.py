@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,6 +279,16 @@ async def _read_json(request: Request) -> Any:
         raise APIError(400, f"the request body is not valid JSON ({err})") from None
 
 
+def _filled(render: Callable[[str], str]) -> Callable[[str], str]:
+    """A function equal to `render` for any text, from one call of it: the SSE line rendered once with a
+    marker where the text goes, then each text JSON-quoted into its place. A streamed token's chunk then
+    costs a string join, not three pydantic models built and dumped: under load that was the largest
+    part of the event loop's time per token, which on a small CPU is taken from decoding."""
+    marker = "\x00vicuna-text\x00"
+    head, tail = render(marker).split(json.dumps(marker))
+    return lambda text: head + json.dumps(text, ensure_ascii=False) + tail
+
+
 def _sse(data: Any) -> str:
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n"
@@ -453,12 +463,17 @@ def create_app(
         for i in range(len(run.choices)):
             yield chunk([choice(i, p.Delta(role="assistant", content=""))])
         held: dict[int, list[TokenLogprob]] = {}  # logprobs of tokens whose text is still held back
+        texts = [
+            _filled(lambda text, i=i: chunk([choice(i, p.Delta(content=text))]))
+            for i in range(len(run.choices))
+        ]
         async for i, event in run.events_until_done():
             if isinstance(event, TextChunk):
                 held.setdefault(i, []).extend(event.logprobs or ())
-                if event.text:
-                    lp = _chat_logprobs(held.pop(i)) if req.logprobs else None
-                    yield chunk([choice(i, p.Delta(content=event.text), lp)])
+                if event.text and req.logprobs:
+                    yield chunk([choice(i, p.Delta(content=event.text), _chat_logprobs(held.pop(i)))])
+                elif event.text:
+                    yield texts[i](event.text)
             elif event.reason != "cancelled":
                 lp = _chat_logprobs(held.pop(i)) if req.logprobs and held.get(i) else None
                 yield chunk([choice(i, p.Delta(), lp, _finish_reason(event))])
@@ -533,14 +548,17 @@ def create_app(
         for i, echo in enumerate(echoes):
             if echo:
                 yield chunk([p.CompletionChoice(index=i, text=echo)])
+        texts = [
+            _filled(lambda text, i=i: chunk([p.CompletionChoice(index=i, text=text)]))
+            for i in range(len(echoes))
+        ]
         async for i, event in run.events_until_done():
             if isinstance(event, TextChunk) and (event.text or event.logprobs):
-                lp = (
-                    _completion_logprobs(event.logprobs or (), offsets[i])
-                    if req.logprobs is not None
-                    else None
-                )
                 offsets[i] += len(event.text)
+                if req.logprobs is None:
+                    yield texts[i](event.text)
+                    continue
+                lp = _completion_logprobs(event.logprobs or (), offsets[i] - len(event.text))
                 yield chunk([p.CompletionChoice(index=i, text=event.text, logprobs=lp)])
             elif isinstance(event, Finished) and event.reason != "cancelled":
                 yield chunk([p.CompletionChoice(index=i, text="", finish_reason=_finish_reason(event))])
