@@ -102,13 +102,15 @@ template <int KIND, int M, int S>
 void tile(const float* x, const float* xs, const typename Weights<KIND>::T* w, const float* scales,
           float* y, int n, int k, int m0, int first, int part, int count) {
     using W = Weights<KIND>;
+    constexpr int H = S * M <= 6 ? 2 : 1;  // sums per (place, row of x): as many as the registers hold
     const int k16 = k & ~15;
     for (int r = 0; r < count; r++) {
         const typename W::T* wr[S];
         for (int s = 0; s < S; s++) wr[s] = w + (size_t)(first + s * part + r) * k;
-        __m256 acc[S][M][2];
+        __m256 acc[S][M][H];
         for (int s = 0; s < S; s++)
-            for (int i = 0; i < M; i++) acc[s][i][0] = acc[s][i][1] = _mm256_setzero_ps();
+            for (int i = 0; i < M; i++)
+                for (int h = 0; h < H; h++) acc[s][i][h] = _mm256_setzero_ps();
         for (int j = 0; j < k16; j += 16) {
             if (S < 4 && (j & 31) == 0)
                 for (int s = 0; s < S; s++) _mm_prefetch((const char*)(wr[s] + j) + PREFETCH_BYTES, _MM_HINT_T0);
@@ -118,14 +120,14 @@ void tile(const float* x, const float* xs, const typename Weights<KIND>::T* w, c
                 for (int i = 0; i < M; i++) {
                     const float* xr = xs + (size_t)(m0 + i) * k16 + j;
                     acc[s][i][0] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xr), acc[s][i][0]);
-                    acc[s][i][1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xr + 8), acc[s][i][1]);
+                    acc[s][i][H - 1] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xr + 8), acc[s][i][H - 1]);
                 }
             }
         }
         for (int s = 0; s < S; s++) {
             const int row = first + s * part + r;
             for (int i = 0; i < M; i++) {
-                float sum = sum8(_mm256_add_ps(acc[s][i][0], acc[s][i][1]));
+                float sum = sum8(H == 2 ? _mm256_add_ps(acc[s][i][0], acc[s][i][H - 1]) : acc[s][i][0]);
                 const float* xr = x + (size_t)(m0 + i) * k;
                 for (int t = k16; t < k; t++) sum += xr[t] * W::one(wr[s][t]);
                 y[(size_t)(m0 + i) * n + row] = scales ? sum * scales[row] : sum;
@@ -145,7 +147,7 @@ void streams(const float* x, const float* xs, const typename Weights<KIND>::T* w
 }
 
 // All rows of x times weight rows [n0, n1). Up to four rows of x: each weight row is read from memory
-// once (one row of x: four streams, two rows: two; three or four rows load x more than the weights).
+// once (one row of x: at four places at once, two to four rows: at two).
 // More rows (int8 weights, or rows too long for a panel): each weight row is read from memory once, for
 // the first four rows of x, and from the L1 cache for the rest.
 template <int KIND>
@@ -154,8 +156,8 @@ void rows(const float* x, const float* xs, const typename Weights<KIND>::T* w, c
     switch (m) {
         case 1: streams<KIND, 1, 4>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
         case 2: streams<KIND, 2, 2>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
-        case 3: streams<KIND, 3, 1>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
-        case 4: streams<KIND, 4, 1>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
+        case 3: streams<KIND, 3, 2>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
+        case 4: streams<KIND, 4, 2>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
     }
     for (int row = n0; row < n1; row++) {
         int i = 0;
