@@ -24,3 +24,20 @@ def _vicuna_home():
         "VICUNA_HOME", os.environ.get("VICUNA_TEST_HOME", str(Path.home() / ".cache" / "vicuna"))
     )
     yield
+
+
+@pytest.fixture
+def prefill_starts(monkeypatch) -> list[int]:
+    """Where each `LlamaRunner.prefill` starts from now on (0: the whole prompt; more: after a cached
+    beginning), in call order."""
+    from vicuna.engine.runner import LlamaRunner
+
+    starts: list[int] = []
+    prefill = LlamaRunner.prefill
+
+    def spy(self, ids, start=0):
+        starts.append(start)
+        return prefill(self, ids, start)
+
+    monkeypatch.setattr(LlamaRunner, "prefill", spy)
+    return starts

@@ -149,15 +149,9 @@ def test_a_generation_resumed_on_other_threads_works(engine):
     assert torch.is_grad_enabled()  # no inference mode leaked into this thread
 
 
-def test_the_next_turn_of_a_chat_computes_only_its_new_tokens(tiny_llama_dir, monkeypatch):
-    from vicuna.engine.runner import LlamaRunner
-
+def test_the_next_turn_of_a_chat_computes_only_its_new_tokens(tiny_llama_dir, prefill_starts):
     engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
-    starts = []
-    prefill = LlamaRunner.prefill
-    monkeypatch.setattr(
-        LlamaRunner, "prefill", lambda self, ids, start=0: starts.append(start) or prefill(self, ids, start)
-    )
+    starts = prefill_starts
     first = engine.encode("Hello world! How are")
     _, reply, _ = run(engine, first, temperature=0, max_new_tokens=12, ignore_eos=True)
     second = first + reply + engine.encode("And then?")[1:]
@@ -169,11 +163,5 @@ def test_the_next_turn_of_a_chat_computes_only_its_new_tokens(tiny_llama_dir, mo
     assert starts[-1] == 0
     other = engine.encode("Something else entirely")
     run(engine, other, temperature=0, max_new_tokens=2)
-    assert starts[-1] == shared_prefix_len(second + ids, other)
-
-
-def shared_prefix_len(a, b):
-    n = 0
-    while n < min(len(a), len(b) - 1) and a[n] == b[n]:
-        n += 1
-    return n
+    cached = second + ids[:-1]  # the last reply token is never fed back
+    assert starts[-1] == next(n for n in range(len(other)) if n == len(other) - 1 or cached[n] != other[n])

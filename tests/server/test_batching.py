@@ -202,15 +202,8 @@ def test_any_transformers_model_batches_on_a_padded_cache(tiny_engine):
         b.close()
 
 
-def test_a_request_that_begins_like_a_running_one_copies_its_cache(tiny_engine, batcher, monkeypatch):
-    from vicuna.engine.runner import LlamaRunner
-
-    e = tiny_engine
-    starts = []
-    prefill = LlamaRunner.prefill
-    monkeypatch.setattr(
-        LlamaRunner, "prefill", lambda self, ids, start=0: starts.append(start) or prefill(self, ids, start)
-    )
+def test_a_request_that_begins_like_a_running_one_copies_its_cache(tiny_engine, batcher, prefill_starts):
+    e, starts = tiny_engine, prefill_starts
     params = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)
     system = e.encode("A chat between a curious user and an assistant. USER: ")
     prompts = [system + e.encode(t)[1:] for t in ("Hello world", "Hello world", "Tokyo is")]
@@ -230,15 +223,8 @@ def test_a_request_that_begins_like_a_running_one_copies_its_cache(tiny_engine, 
     assert starts == [0, len(prompts[1]) - 1, len(system)]
 
 
-def test_the_next_turn_of_a_chat_starts_from_the_finished_reply_cache(tiny_engine, batcher, monkeypatch):
-    from vicuna.engine.runner import LlamaRunner
-
-    e = tiny_engine
-    starts = []
-    prefill = LlamaRunner.prefill
-    monkeypatch.setattr(
-        LlamaRunner, "prefill", lambda self, ids, start=0: starts.append(start) or prefill(self, ids, start)
-    )
+def test_the_next_turn_of_a_chat_starts_from_the_finished_reply_cache(tiny_engine, batcher, prefill_starts):
+    e, starts = tiny_engine, prefill_starts
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     first = e.encode("Hello world")
     _, done = reply(batcher.generate(first, params))
