@@ -250,3 +250,24 @@ def test_finished_rows_keep_within_their_share_of_the_kv_budget(tiny_engine, bat
     assert tokens == e.encode(TEXTS[2]) + tokens[len(e.encode(TEXTS[2])) :] and runner.capacity == 256
     batcher.call(lambda: batcher._rows._fit(batcher.kv_cache_tokens)).result(30)  # a batch needing it all
     assert batcher._rows.finished == []
+
+
+def test_the_loading_thread_releases_its_openmp_team_and_torch_still_runs_there(tiny_engine, monkeypatch):
+    import torch
+
+    from vicuna.engine import batching
+
+    released = []
+    release = batching.release_openmp_threads
+    monkeypatch.setattr(batching, "release_openmp_threads", lambda: released.append(True) or release())
+    b = Batcher(tiny_engine, max_batch_size=2)
+    try:
+        assert released == [True]
+        threads = torch.get_num_threads()
+        x = torch.randn(256, 256)  # this thread starts a team again
+        torch.testing.assert_close(x @ x, (x.double() @ x.double()).float(), atol=1e-3, rtol=1e-4)
+        assert torch.get_num_threads() == threads
+        params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+        assert reply(b.generate(tiny_engine.encode("Hello"), params))[1].completion_tokens == 4
+    finally:
+        b.close()
