@@ -190,18 +190,17 @@ def make_prompts(engine: Any, kinds: list[str], long_tokens: int, new_tokens: in
                 break
             keep = max(keep - (len(ids) - budget), 1)
         prompts[kind] = content
-    for content in prompts.values():
-        engine.check_fits(len(engine.encode_chat([Message(role="user", content=content)])), new_tokens)
     return prompts
 
 
-def next_turn(engine: Any, question: str, new_tokens: int) -> list[int]:
-    """The prompt of a chat's next turn: `question`, the engine's greedy reply to it, and `FOLLOW_UP`."""
+def next_turn(engine: Any, question: str, question_ids: list[int], new_tokens: int) -> list[int]:
+    """The prompt of a chat's next turn: `question` (encoded as `question_ids`), the engine's greedy reply
+    to it, and `FOLLOW_UP`."""
     from vicuna.conversation import Message
     from vicuna.engine.events import TextChunk
 
-    first = engine.encode_chat([Message(role="user", content=question)])
-    reply = "".join(e.text for e in engine.generate(first, greedy(new_tokens)) if isinstance(e, TextChunk))
+    events = engine.generate(question_ids, greedy(new_tokens))
+    reply = "".join(e.text for e in events if isinstance(e, TextChunk))
     messages = [
         Message(role="user", content=question),
         Message(role="assistant", content=reply),
@@ -266,9 +265,11 @@ def bench_latency(
 
     questions = make_prompts(engine, kinds, long_tokens, new_tokens)
     prompt_ids = {k: engine.encode_chat([Message(role="user", content=q)]) for k, q in questions.items()}
+    for ids in prompt_ids.values():
+        engine.check_fits(len(ids), new_tokens)
     # The chat's next turn, right after the engine's reply (whose cache it keeps): the engine computes
     # the new tokens only, HF generate the whole conversation, as FastChat does on every turn.
-    turns = {k: next_turn(engine, q, new_tokens) for k, q in questions.items()}
+    turns = {k: next_turn(engine, q, prompt_ids[k], new_tokens) for k, q in questions.items()}
     steps = [(name, run, False) for name, run in runners.items()]
     steps.insert(
         1, ("engine next turn", lambda k: time_engine(engine, turns[k], NEXT_TURN_TOKENS, True), True)

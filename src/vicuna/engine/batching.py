@@ -458,7 +458,6 @@ class _LlamaRows:
         )
         if finished[0] > running[0]:
             runner, _ = self.finished.pop(finished[1])
-            runner.lengths = [finished[0]]
             return runner, runner.prefill(ids, finished[0])
         runner = LlamaRunner(self.w, None)
         if not running[0]:

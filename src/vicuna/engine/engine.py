@@ -58,7 +58,7 @@ class Engine:
         self.template_stop_ids, self.template_stop_strings = self._split_stops(template.stop)
         # the fused LLaMA weights of the fast decode path (the batcher shares them), or None
         self.llama_weights = LlamaWeights(model) if fast_path and llama_fast_path_ok(model) else None
-        self._spare: tuple[Any, list[int]] | None = None  # the last generation's KV cache and its tokens
+        self._spare: tuple[LlamaRunner, list[int]] | None = None  # the last generation's runner, its tokens
         self._lock = threading.Lock()
 
     def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -109,19 +109,16 @@ class Engine:
 
     def new_runner(self, prompt_ids: Sequence[int] = ()) -> tuple[Runner, int]:
         """A runner for `prompt_ids`, and how many of the prompt's first tokens it already holds: the last
-        finished generation's KV cache is taken over, so the next turn of a chat (whose prompt begins
-        with the last prompt and reply) computes only the new tokens."""
+        finished generation's runner and KV cache are taken over, so the next turn of a chat (whose
+        prompt begins with the last prompt and reply) computes only the new tokens."""
         if self.llama_weights is None:
             return HFRunner(self.model, self.device), 0
         with self._lock:
             spare, self._spare = self._spare, None
         if spare is None:
             return LlamaRunner(self.llama_weights, None), 0
-        cache, tokens = spare
-        runner = LlamaRunner(self.llama_weights, cache)
-        start = shared_prefix(tokens, prompt_ids, min(len(tokens), len(prompt_ids) - 1))
-        runner.lengths = [start] if start else []
-        return runner, start
+        runner, tokens = spare
+        return runner, shared_prefix(tokens, prompt_ids, min(len(tokens), len(prompt_ids) - 1))
 
     def forget(self) -> None:
         """Drop the last generation's cache: the next prompt is computed from its first token (benchmarks
@@ -132,7 +129,7 @@ class Engine:
     def _release(self, runner: Runner, history: list[int]) -> None:
         if isinstance(runner, LlamaRunner) and runner.rows == 1:
             with self._lock:
-                self._spare = (runner.cache, history[: runner.lengths[0]])
+                self._spare = (runner, history[: runner.lengths[0]])
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None

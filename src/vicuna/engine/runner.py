@@ -382,21 +382,21 @@ def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Ten
     x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
     if w.step_kernel is not None and (w.step_rows is None or n <= w.step_rows):
         logits = w.step_kernel(x.contiguous(), table, runner.cache, torch.tensor(lengths, dtype=torch.int32))
-        runner.lengths = [length + 1 for length in lengths]
-        return logits
-    if w.attend_kernel:
-        positions = torch.tensor(lengths, dtype=torch.int32)
-
-        def attention(i: int, mixed: torch.Tensor) -> torch.Tensor:
-            cache = runner.cache[i, :, :n]
-            return kernel.attend(mixed, table, cache[0], cache[1], positions, heads, kv_heads)
     else:
-        attention = _attention_in_pytorch(w, runner, table, n, end)
-    for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
-        out(attention(i, qkv(x, norm=norm1)), into=x)
-        down(gate_up(x, norm=norm2), gated=True, into=x)
+        if w.attend_kernel:
+            positions = torch.tensor(lengths, dtype=torch.int32)
+
+            def attention(i: int, mixed: torch.Tensor) -> torch.Tensor:
+                cache = runner.cache[i, :, :n]
+                return kernel.attend(mixed, table, cache[0], cache[1], positions, heads, kv_heads)
+        else:
+            attention = _attention_in_pytorch(w, runner, table, n, end)
+        for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
+            out(attention(i, qkv(x, norm=norm1)), into=x)
+            down(gate_up(x, norm=norm2), gated=True, into=x)
+        logits = w.head(x, norm=w.norm).float()
     runner.lengths = [length + 1 for length in lengths]
-    return w.head(x, norm=w.norm).float()
+    return logits
 
 
 def _attention_in_pytorch(w: LlamaWeights, runner: LlamaRunner, table: torch.Tensor, n: int, end: int):
