@@ -66,10 +66,11 @@ def test_norm_rows_is_rms_norm(tiny_llama_dir, rows):
     torch.testing.assert_close(norm(x), expected, rtol=1e-5, atol=1e-5)  # what transformers computes
 
 
-def test_dense_applies_the_norm_gating_and_residual_add_on_the_kernel_and_without_it():
-    torch.manual_seed(0)
-    weight, norm = torch.randn(24, 32).bfloat16(), torch.rand(32) + 0.5
-    x, residual = torch.randn(3, 64), torch.randn(3, 24)
+@pytest.mark.parametrize("rows", [3, 16])  # the kernel's few-rows and many-rows paths
+def test_dense_applies_the_norm_gating_and_residual_add_on_the_kernel_and_without_it(rows):
+    torch.manual_seed(rows)
+    weight, norm = torch.randn(24, 36).bfloat16(), torch.rand(36) + 0.5
+    x, residual = torch.randn(rows, 72) * 20, torch.randn(rows, 24)  # gates far below 0 (e^-gate: inf)
     gate, up = x.double().chunk(2, dim=-1)
     rows = F.silu(gate) * up
     rows = rows / (rows.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.double()

@@ -93,6 +93,64 @@ inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// e^x for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln(2)/2, a degree-6 polynomial
+// for e^r (relative error ~2e-7); below -87 the result is 0.
+inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln 2, high part
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);    // and low part
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+// silu(a) * b, 8 values at once: a / (1 + e^-a), computed as a e / (1 + e) with e = e^-|a| where a < 0
+// (e^-a would overflow).
+inline __m256 silu_times(__m256 a, __m256 b) {
+    const __m256 e = exp_nonpositive(_mm256_or_ps(a, _mm256_set1_ps(-0.0f)));
+    const __m256 top = _mm256_blendv_ps(a, _mm256_mul_ps(a, e), a);  // a e where a's sign bit is set
+    return _mm256_mul_ps(_mm256_div_ps(top, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), b);
+}
+
+// What a layer does to its rows before a product and with the result (see vicuna_product).
+struct Around {
+    const float* norm;  // RMS-normalize each row, then scale by norm[k] (nullptr: no)
+    float eps;
+    bool gated;  // rows of 2k values: silu(first half) * second half is multiplied
+    bool add;    // add the product to y (a residual connection) instead of storing it
+};
+
+// One row as it is multiplied: x (k values, or 2k when gated) gated and normalized into out.
+inline void prepare(const float* x, float* out, int k, const Around& around) {
+    if (around.gated) {
+        int j = 0;
+        for (; j + 8 <= k; j += 8)
+            _mm256_storeu_ps(out + j, silu_times(_mm256_loadu_ps(x + j), _mm256_loadu_ps(x + k + j)));
+        if (j < k) {  // the last few through the same arithmetic
+            float a[8] = {0}, b[8] = {0}, r[8];
+            for (int t = 0; j + t < k; t++) a[t] = x[j + t], b[t] = x[k + j + t];
+            _mm256_storeu_ps(r, silu_times(_mm256_loadu_ps(a), _mm256_loadu_ps(b)));
+            for (int t = 0; j + t < k; t++) out[j + t] = r[t];
+        }
+    } else {
+        memcpy(out, x, sizeof(float) * k);
+    }
+    if (around.norm) {
+        double squares = 0;
+        for (int j = 0; j < k; j++) squares += (double)out[j] * out[j];
+        const float scale = (float)(1.0 / sqrt(squares / k + around.eps));
+        for (int j = 0; j < k; j++) out[j] = out[j] * scale * around.norm[j];
+    }
+}
+
 // Rows x[m0, m0 + M) (rearranged: xs) times weight rows: `count` steps, each reading the rows first + r,
 // first + part + r, ..., first + (S - 1) part + r at once. S places in memory read side by side keep
 // more memory requests in flight than one sequential stream does: on a 2-core AVX2 EPYC one row at a
@@ -100,7 +158,7 @@ inline float sum8(__m256 v) {
 // one-stream read of memory: ~20 GB/s).
 template <int KIND, int M, int S>
 void tile(const float* x, const float* xs, const typename Weights<KIND>::T* w, const float* scales,
-          float* y, int n, int k, int m0, int first, int part, int count) {
+          float* y, int n, int k, int m0, int first, int part, int count, bool add) {
     using W = Weights<KIND>;
     constexpr int H = S * M <= 6 ? 2 : 1;  // sums per (place, row of x): as many as the registers hold
     const int k16 = k & ~15;
@@ -130,7 +188,8 @@ void tile(const float* x, const float* xs, const typename Weights<KIND>::T* w, c
                 float sum = sum8(H == 2 ? _mm256_add_ps(acc[s][i][0], acc[s][i][H - 1]) : acc[s][i][0]);
                 const float* xr = x + (size_t)(m0 + i) * k;
                 for (int t = k16; t < k; t++) sum += xr[t] * W::one(wr[s][t]);
-                y[(size_t)(m0 + i) * n + row] = scales ? sum * scales[row] : sum;
+                float& out = y[(size_t)(m0 + i) * n + row];
+                out = (add ? out : 0.0f) + (scales ? sum * scales[row] : sum);
             }
         }
     }
@@ -139,11 +198,11 @@ void tile(const float* x, const float* xs, const typename Weights<KIND>::T* w, c
 // Weight rows [n0, n1) in S streams (the rows left over, one at a time).
 template <int KIND, int M, int S>
 void streams(const float* x, const float* xs, const typename Weights<KIND>::T* w, const float* scales, float* y,
-             int n, int k, int m0, int n0, int n1) {
+             int n, int k, int m0, int n0, int n1, bool add) {
     const int part = S > 1 ? (n1 - n0) / S : 0;
-    if (part > 0) tile<KIND, M, S>(x, xs, w, scales, y, n, k, m0, n0, part, part);
+    if (part > 0) tile<KIND, M, S>(x, xs, w, scales, y, n, k, m0, n0, part, part, add);
     const int rest = n0 + S * part;
-    if (rest < n1) tile<KIND, M, 1>(x, xs, w, scales, y, n, k, m0, rest, 0, n1 - rest);
+    if (rest < n1) tile<KIND, M, 1>(x, xs, w, scales, y, n, k, m0, rest, 0, n1 - rest, add);
 }
 
 // All rows of x times weight rows [n0, n1). Up to four rows of x: each weight row is read from memory
@@ -152,20 +211,20 @@ void streams(const float* x, const float* xs, const typename Weights<KIND>::T* w
 // the first four rows of x, and from the L1 cache for the rest.
 template <int KIND>
 void rows(const float* x, const float* xs, const typename Weights<KIND>::T* w, const float* scales, float* y,
-          int m, int n, int k, int n0, int n1) {
+          int m, int n, int k, int n0, int n1, bool add) {
     switch (m) {
-        case 1: streams<KIND, 1, 4>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
-        case 2: streams<KIND, 2, 2>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
-        case 3: streams<KIND, 3, 2>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
-        case 4: streams<KIND, 4, 2>(x, xs, w, scales, y, n, k, 0, n0, n1); return;
+        case 1: streams<KIND, 1, 4>(x, xs, w, scales, y, n, k, 0, n0, n1, add); return;
+        case 2: streams<KIND, 2, 2>(x, xs, w, scales, y, n, k, 0, n0, n1, add); return;
+        case 3: streams<KIND, 3, 2>(x, xs, w, scales, y, n, k, 0, n0, n1, add); return;
+        case 4: streams<KIND, 4, 2>(x, xs, w, scales, y, n, k, 0, n0, n1, add); return;
     }
     for (int row = n0; row < n1; row++) {
         int i = 0;
-        for (; i + 4 <= m; i += 4) tile<KIND, 4, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1);
+        for (; i + 4 <= m; i += 4) tile<KIND, 4, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1, add);
         switch (m - i) {
-            case 3: tile<KIND, 3, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1); break;
-            case 2: tile<KIND, 2, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1); break;
-            case 1: tile<KIND, 1, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1); break;
+            case 3: tile<KIND, 3, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1, add); break;
+            case 2: tile<KIND, 2, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1, add); break;
+            case 1: tile<KIND, 1, 1>(x, xs, w, scales, y, n, k, i, row, 0, 1, add); break;
         }
     }
 }
@@ -178,9 +237,36 @@ void rows(const float* x, const float* xs, const typename Weights<KIND>::T* w, c
 constexpr int PANEL = 16;  // weight rows per panel
 constexpr int TILE = 6;    // rows of x per micro-kernel call
 
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const uint16_t* w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w)); }  // float16
+inline __m256 load8(const int8_t* w) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)w))); }
+
+// float32, float16 and int8: 8 values of each of 8 rows, converted, then an 8x8 transpose in registers.
 template <int KIND>
 void fill_panel(const typename Weights<KIND>::T* w, int k, int n0, int count, float* panel) {
-    for (int j = 0; j < k; j++)
+    int j = 0;
+    if (count == PANEL) {
+        const typename Weights<KIND>::T* rows = w + (size_t)n0 * k;
+        for (; j + 8 <= k; j += 8)
+            for (int half = 0; half < 2; half++) {
+                __m256 v[8];
+                for (int i = 0; i < 8; i++) v[i] = load8(rows + (size_t)(half * 8 + i) * k + j);
+                const __m256 a0 = _mm256_unpacklo_ps(v[0], v[1]), a1 = _mm256_unpackhi_ps(v[0], v[1]);
+                const __m256 a2 = _mm256_unpacklo_ps(v[2], v[3]), a3 = _mm256_unpackhi_ps(v[2], v[3]);
+                const __m256 a4 = _mm256_unpacklo_ps(v[4], v[5]), a5 = _mm256_unpackhi_ps(v[4], v[5]);
+                const __m256 a6 = _mm256_unpacklo_ps(v[6], v[7]), a7 = _mm256_unpackhi_ps(v[6], v[7]);
+                const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+                const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+                const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+                const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+                const __m256 t[8] = {_mm256_permute2f128_ps(b0, b4, 0x20), _mm256_permute2f128_ps(b1, b5, 0x20),
+                                     _mm256_permute2f128_ps(b2, b6, 0x20), _mm256_permute2f128_ps(b3, b7, 0x20),
+                                     _mm256_permute2f128_ps(b0, b4, 0x31), _mm256_permute2f128_ps(b1, b5, 0x31),
+                                     _mm256_permute2f128_ps(b2, b6, 0x31), _mm256_permute2f128_ps(b3, b7, 0x31)};
+                for (int u = 0; u < 8; u++) _mm256_store_ps(panel + (size_t)(j + u) * PANEL + half * 8, t[u]);
+            }
+    }
+    for (; j < k; j++)
         for (int c = 0; c < PANEL; c++)
             panel[(size_t)j * PANEL + c] = c < count ? Weights<KIND>::one(w[(size_t)(n0 + c) * k + j]) : 0.0f;
 }
@@ -218,24 +304,24 @@ void fill_panel<BF16>(const uint16_t* w, int k, int n0, int count, float* panel)
             panel[(size_t)j * PANEL + c] = c < count ? Weights<BF16>::one(w[(size_t)(n0 + c) * k + j]) : 0.0f;
 }
 
-inline void store16(__m256 lo, __m256 hi, float* y, int count) {
+inline void store16(__m256 lo, __m256 hi, float* y, int count, bool add) {
     if (count == PANEL) {
-        _mm256_storeu_ps(y, lo);
-        _mm256_storeu_ps(y + 8, hi);
+        _mm256_storeu_ps(y, add ? _mm256_add_ps(_mm256_loadu_ps(y), lo) : lo);
+        _mm256_storeu_ps(y + 8, add ? _mm256_add_ps(_mm256_loadu_ps(y + 8), hi) : hi);
         return;
     }
     float tmp[PANEL];
     _mm256_storeu_ps(tmp, lo);
     _mm256_storeu_ps(tmp + 8, hi);
-    for (int c = 0; c < count; c++) y[c] = tmp[c];
+    for (int c = 0; c < count; c++) y[c] = (add ? y[c] : 0.0f) + tmp[c];
 }
 
-// y[m0 .. m0 + R) x [n0, n0 + count) from the x tile a [k][R] and the panel; requests the cache line at
-// `ahead` (advancing 64 bytes) every 2 k until `ahead_end`. The accumulators are named variables: gcc
+// y[m0 .. m0 + R) x [n0, n0 + count) from the x tile a [k][R] and the panel; every 2 k, requests the next
+// `lines` cache lines from `ahead` on, until `ahead_end`. The accumulators are named variables: gcc
 // keeps them in registers, where an array was spilled to the stack.
 template <int R>
 __attribute__((always_inline)) inline void micro(const float* a, const float* panel, float* y, int n, int k, int m0,
-                                                 int n0, int count, const char* ahead, const char* ahead_end) {
+                                                 int n0, int count, const char* ahead, const char* ahead_end, int lines, bool add) {
     const __m256 z = _mm256_setzero_ps();
     __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
 #define VICUNA_ROW(i, lo, hi)                       \
@@ -254,27 +340,27 @@ __attribute__((always_inline)) inline void micro(const float* a, const float* pa
     }
     int j = 0;
     for (; j + 2 <= k; j += 2) {
-        if (ahead < ahead_end) _mm_prefetch(ahead, _MM_HINT_T0);
-        ahead += 64;
+        for (int l = 0; l < lines; l++, ahead += 64)
+            if (ahead < ahead_end) _mm_prefetch(ahead, _MM_HINT_T0);
         VICUNA_STEP() VICUNA_STEP()
     }
     if (j < k) VICUNA_STEP()
 #undef VICUNA_STEP
 #undef VICUNA_ROW
     float* row = y + (size_t)m0 * n + n0;
-    store16(c00, c01, row, count);
-    if (R > 1) store16(c10, c11, row + (size_t)n, count);
-    if (R > 2) store16(c20, c21, row + (size_t)2 * n, count);
-    if (R > 3) store16(c30, c31, row + (size_t)3 * n, count);
-    if (R > 4) store16(c40, c41, row + (size_t)4 * n, count);
-    if (R > 5) store16(c50, c51, row + (size_t)5 * n, count);
+    store16(c00, c01, row, count, add);
+    if (R > 1) store16(c10, c11, row + (size_t)n, count, add);
+    if (R > 2) store16(c20, c21, row + (size_t)2 * n, count, add);
+    if (R > 3) store16(c30, c31, row + (size_t)3 * n, count, add);
+    if (R > 4) store16(c40, c41, row + (size_t)4 * n, count, add);
+    if (R > 5) store16(c50, c51, row + (size_t)5 * n, count, add);
 }
 
 thread_local float* panel_buffer = nullptr;  // one panel per thread, kept for the next call
 
 template <int KIND>
 void many_rows(const float* tiles, const typename Weights<KIND>::T* w, float* y, int m, int n, int k, int b0,
-               int b1) {
+               int b1, bool add) {
     if (!panel_buffer) panel_buffer = (float*)aligned_alloc(64, sizeof(float) * PANEL * 16384);
     float* panel = panel_buffer;
     for (int b = b0; b < b1; b++) {
@@ -282,6 +368,7 @@ void many_rows(const float* tiles, const typename Weights<KIND>::T* w, float* y,
         fill_panel<KIND>(w, k, n0, count, panel);
         const char* ahead = nullptr;
         const char* ahead_end = nullptr;
+        const int lines = sizeof(typename Weights<KIND>::T) > 2 ? 2 : 1;  // a block in k / 2 requests
         if (b + 1 < b1) {
             const int next = n0 + PANEL, rows = n - next < PANEL ? n - next : PANEL;
             ahead = (const char*)(w + (size_t)next * k);
@@ -291,12 +378,12 @@ void many_rows(const float* tiles, const typename Weights<KIND>::T* w, float* y,
             const int r = m - m0 < TILE ? m - m0 : TILE;
             const float* a = tiles + (size_t)m0 * k;
             switch (r) {
-                case 6: micro<6>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
-                case 5: micro<5>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
-                case 4: micro<4>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
-                case 3: micro<3>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
-                case 2: micro<2>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
-                default: micro<1>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end); break;
+                case 6: micro<6>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
+                case 5: micro<5>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
+                case 4: micro<4>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
+                case 3: micro<3>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
+                case 2: micro<2>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
+                default: micro<1>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
             }
             ahead = ahead_end;  // the next block is requested during the first tile only
             m0 += r;
@@ -304,72 +391,68 @@ void many_rows(const float* tiles, const typename Weights<KIND>::T* w, float* y,
     }
 }
 
+// Rows x[0, m) times w into y, with what the layer does around the product (`around`). Many rows: one
+// prepared copy of x, in tiles, shared by the threads; up to four: each thread prepares its own copy
+// (a few thousand values: cheaper than making the threads wait for each other twice).
 template <int KIND>
-void product(const float* x, const void* w, const float* scales, float* y, int m, int n, int k) {
+void product(const float* x, const void* w, const float* scales, float* y, int m, int n, int k,
+             const Around& around) {
     using W = Weights<KIND>;
     const typename W::T* wt = (const typename W::T*)w;
-    const bool parallel = (size_t)m * n * k >= (1u << 15);
+    const bool parallel = (size_t)m * n * k >= (1u << 15), prepared = around.norm || around.gated;
+    const size_t width = around.gated ? 2 * (size_t)k : k;
     if (m > FEW_ROWS && k <= 16384 && !scales) {
-        // x as [k][rows] tiles of up to TILE rows, one after another
-        float* tiles = (float*)malloc(sizeof(float) * (size_t)m * k);
-        for (int m0 = 0; m0 < m; m0 += TILE) {
-            const int r = m - m0 < TILE ? m - m0 : TILE;
-            float* out = tiles + (size_t)m0 * k;
-            for (int j = 0; j < k; j++)
-                for (int i = 0; i < r; i++) out[(size_t)j * r + i] = x[(size_t)(m0 + i) * k + j];
-        }
-        const int blocks = (n + PANEL - 1) / PANEL;
+        float* rows_in = prepared ? (float*)malloc(sizeof(float) * (size_t)m * k) : nullptr;
+        float* tiles = (float*)malloc(sizeof(float) * (size_t)m * k);  // x as [k][rows] tiles of TILE rows
+        const int count = (m + TILE - 1) / TILE, blocks = (n + PANEL - 1) / PANEL;
 #pragma omp parallel if (parallel)
         {
             const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+            if (prepared) {
+#pragma omp for schedule(static)
+                for (int i = 0; i < m; i++) prepare(x + i * width, rows_in + (size_t)i * k, k, around);
+            }
+            const float* in = prepared ? rows_in : x;  // rows of k values either way
+#pragma omp for schedule(static)
+            for (int tile = 0; tile < count; tile++) {
+                const int m0 = tile * TILE, r = m - m0 < TILE ? m - m0 : TILE;
+                float* out = tiles + (size_t)m0 * k;
+                for (int j = 0; j < k; j++)
+                    for (int i = 0; i < r; i++) out[(size_t)j * r + i] = in[(size_t)(m0 + i) * k + j];
+            }
             many_rows<KIND>(tiles, wt, y, m, n, k, (int)((long)blocks * t / threads),
-                            (int)((long)blocks * (t + 1) / threads));
+                            (int)((long)blocks * (t + 1) / threads), around.add);
         }
         free(tiles);
+        free(rows_in);
         return;
     }
     const int k16 = k & ~15;
-    float* xs = (float*)malloc(sizeof(float) * ((size_t)m * k16 + 1));
-    for (int i = 0; i < m; i++) {
-        const float* xr = x + (size_t)i * k;
-        float* out = xs + (size_t)i * k16;
-        for (int j = 0; j < k16; j += 16)
-            for (int t = 0; t < 8; t++) {
-                out[j + t] = W::odd_even ? xr[j + 2 * t + 1] : xr[j + t];
-                out[j + 8 + t] = W::odd_even ? xr[j + 2 * t] : xr[j + 8 + t];
-            }
-    }
 #pragma omp parallel if (parallel)
     {
+        float* rows_in = prepared ? (float*)malloc(sizeof(float) * (size_t)m * k) : nullptr;
+        float* xs = (float*)malloc(sizeof(float) * ((size_t)m * k16 + 1));
+        for (int i = 0; i < m; i++) {
+            if (prepared) prepare(x + i * width, rows_in + (size_t)i * k, k, around);
+            const float* xr = prepared ? rows_in + (size_t)i * k : x + i * width;
+            float* out = xs + (size_t)i * k16;
+            for (int j = 0; j < k16; j += 16)
+                for (int t = 0; t < 8; t++) {
+                    out[j + t] = W::odd_even ? xr[j + 2 * t + 1] : xr[j + t];
+                    out[j + 8 + t] = W::odd_even ? xr[j + 2 * t] : xr[j + 8 + t];
+                }
+        }
         const int t = omp_get_thread_num(), threads = omp_get_num_threads();
         const int n0 = (int)((long)n * t / threads), n1 = (int)((long)n * (t + 1) / threads);
-        rows<KIND>(x, xs, wt, scales, y, m, n, k, n0, n1);
+        rows<KIND>(prepared ? rows_in : x, xs, wt, scales, y, m, n, k, n0, n1, around.add);
+        free(xs);
+        free(rows_in);
     }
-    free(xs);
 }
 
 // Decode attention: for each row and KV head, the group of query heads that share it attend to the row's
 // first `length` cached positions. Scores and their softmax in float32; one call for every row and head,
 // each row over its own length (no padding, no mask).
-
-// e^x for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln(2)/2, a degree-6 polynomial
-// for e^r (relative error ~2e-7); below -87 the result is 0.
-inline __m256 exp_nonpositive(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln 2, high part
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);    // and low part
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
 
 // out[0 .. 16 B) = sum over positions p of weights[p] * values[p][0 .. 16 B): B blocks of 16 at once, so
 // that 2 B independent sums hide the latency of each multiply-add.
@@ -532,39 +615,19 @@ extern "C" {
 int vicuna_product(int kind, const float* x, const void* w, const float* scales, float* y, int m, int n, int k,
                    const float* norm, float eps, int gated, int accumulate) {
     if (kind < BF16 || kind > I8) return -1;
-    float* rows_in = nullptr;
-    if (norm || gated) {
-        rows_in = (float*)malloc(sizeof(float) * (size_t)m * k);
-        for (int i = 0; i < m; i++) {
-            float* out = rows_in + (size_t)i * k;
-            const float* xr = x + (size_t)i * k * (gated ? 2 : 1);
-            for (int j = 0; j < k; j++) out[j] = gated ? xr[j] / (1.0f + expf(-xr[j])) * xr[k + j] : xr[j];
-            if (norm) {
-                double squares = 0;
-                for (int j = 0; j < k; j++) squares += (double)out[j] * out[j];
-                const float scale = (float)(1.0 / sqrt(squares / k + eps));
-                for (int j = 0; j < k; j++) out[j] = out[j] * scale * norm[j];
-            }
-        }
-        x = rows_in;
-    }
-    float* sums = accumulate ? (float*)malloc(sizeof(float) * (size_t)m * n) : y;
+    const Around around = {norm, eps, gated != 0, accumulate != 0};
+    const size_t width = gated ? 2 * (size_t)k : k;
     for (int m0 = 0; m0 < m; m0 += CHUNK_ROWS) {  // a long prompt in chunks: bounded scratch memory
         const int rows = m - m0 < CHUNK_ROWS ? m - m0 : CHUNK_ROWS;
-        const float* xc = x + (size_t)m0 * k;
-        float* yc = sums + (size_t)m0 * n;
+        const float* xc = x + m0 * width;
+        float* yc = y + (size_t)m0 * n;
         switch (kind) {
-            case BF16: product<BF16>(xc, w, scales, yc, rows, n, k); break;
-            case F16: product<F16>(xc, w, scales, yc, rows, n, k); break;
-            case F32: product<F32>(xc, w, scales, yc, rows, n, k); break;
-            case I8: product<I8>(xc, w, scales, yc, rows, n, k); break;
+            case BF16: product<BF16>(xc, w, scales, yc, rows, n, k, around); break;
+            case F16: product<F16>(xc, w, scales, yc, rows, n, k, around); break;
+            case F32: product<F32>(xc, w, scales, yc, rows, n, k, around); break;
+            case I8: product<I8>(xc, w, scales, yc, rows, n, k, around); break;
         }
     }
-    if (accumulate) {
-        for (size_t i = 0; i < (size_t)m * n; i++) y[i] += sums[i];
-        free(sums);
-    }
-    free(rows_in);
     return 0;
 }
 
