@@ -50,6 +50,25 @@ def test_products_equal_float64_for_every_weight_type(kind, m, n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32, torch.int8])
+@pytest.mark.parametrize("m", [1, 3, 16, 600])  # each thread prepares its rows / they share the work
+def test_the_norm_gate_and_residual_add_around_a_product_equal_float64(kind, m):
+    torch.manual_seed(m)
+    n, k = 40, 52  # k: not a multiple of 8 or 16
+    w, scales = weights(kind, n, k)
+    x, residual = torch.randn(m, 2 * k) * 4, torch.randn(m, n)  # gates down to ~-16 (e^-gate ~ 1e7)
+    norm = torch.rand(k) + 0.5
+    gate, up = x.double().chunk(2, dim=-1)
+    rows = torch.nn.functional.silu(gate) * up
+    rows = rows / (rows.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.double()
+    product = rows @ w.double().T * (1 if scales is None else scales.double())
+    into = residual.clone()
+    out = kernel.product(x, w, scales, norm=(norm, 1e-5), gated=True, into=into)
+    assert out is into
+    assert (out.double() - (residual.double() + product)).abs().max() <= 1e-5 * product.abs().max()
+
+
+@needs_kernel
 def test_products_take_strided_rows_and_refuse_mismatched_shapes():
     w, _ = weights(torch.bfloat16, 8, 32)
     x = torch.randn(32, 3).T  # not contiguous

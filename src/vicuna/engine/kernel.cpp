@@ -391,63 +391,72 @@ void many_rows(const float* tiles, const typename Weights<KIND>::T* w, float* y,
     }
 }
 
-// Rows x[0, m) times w into y, with what the layer does around the product (`around`). Many rows: one
-// prepared copy of x, in tiles, shared by the threads; up to four: each thread prepares its own copy
-// (a few thousand values: cheaper than making the threads wait for each other twice).
+// Rows x[0, m) times w into y, with what the layer does around the product (`around`). The rows are
+// first prepared (gated, normalized) and rearranged for the kernels: x as [k][rows] tiles of TILE rows
+// for the panels, else each row in the order load16 gives a block's values. More than four rows: once,
+// split between the threads; up to four: each thread prepares its own copy (a few thousand values:
+// cheaper than making the threads wait for each other twice).
 template <int KIND>
 void product(const float* x, const void* w, const float* scales, float* y, int m, int n, int k,
              const Around& around) {
     using W = Weights<KIND>;
-    const typename W::T* wt = (const typename W::T*)w;
     const bool parallel = (size_t)m * n * k >= (1u << 15), prepared = around.norm || around.gated;
-    const size_t width = around.gated ? 2 * (size_t)k : k;
-    if (m > FEW_ROWS && k <= 16384 && !scales) {
-        float* rows_in = prepared ? (float*)malloc(sizeof(float) * (size_t)m * k) : nullptr;
-        float* tiles = (float*)malloc(sizeof(float) * (size_t)m * k);  // x as [k][rows] tiles of TILE rows
-        const int count = (m + TILE - 1) / TILE, blocks = (n + PANEL - 1) / PANEL;
-#pragma omp parallel if (parallel)
-        {
-            const int t = omp_get_thread_num(), threads = omp_get_num_threads();
-            if (prepared) {
-#pragma omp for schedule(static)
-                for (int i = 0; i < m; i++) prepare(x + i * width, rows_in + (size_t)i * k, k, around);
-            }
-            const float* in = prepared ? rows_in : x;  // rows of k values either way
-#pragma omp for schedule(static)
-            for (int tile = 0; tile < count; tile++) {
-                const int m0 = tile * TILE, r = m - m0 < TILE ? m - m0 : TILE;
-                float* out = tiles + (size_t)m0 * k;
-                for (int j = 0; j < k; j++)
-                    for (int i = 0; i < r; i++) out[(size_t)j * r + i] = in[(size_t)(m0 + i) * k + j];
-            }
-            many_rows<KIND>(tiles, wt, y, m, n, k, (int)((long)blocks * t / threads),
-                            (int)((long)blocks * (t + 1) / threads), around.add);
-        }
-        free(tiles);
-        free(rows_in);
-        return;
-    }
-    const int k16 = k & ~15;
+    const bool panels = m > FEW_ROWS && k <= 16384 && !scales, shared = m > FEW_ROWS;
+    const size_t width = around.gated ? 2 * (size_t)k : k, k16 = k & ~15, row = panels ? k : k16;
+    float* shared_in = shared && prepared ? (float*)malloc(sizeof(float) * m * k) : nullptr;
+    float* shared_xs = shared ? (float*)malloc(sizeof(float) * (m * row + 1)) : nullptr;
 #pragma omp parallel if (parallel)
     {
-        float* rows_in = prepared ? (float*)malloc(sizeof(float) * (size_t)m * k) : nullptr;
-        float* xs = (float*)malloc(sizeof(float) * ((size_t)m * k16 + 1));
-        for (int i = 0; i < m; i++) {
-            if (prepared) prepare(x + i * width, rows_in + (size_t)i * k, k, around);
-            const float* xr = prepared ? rows_in + (size_t)i * k : x + i * width;
-            float* out = xs + (size_t)i * k16;
-            for (int j = 0; j < k16; j += 16)
-                for (int t = 0; t < 8; t++) {
-                    out[j + t] = W::odd_even ? xr[j + 2 * t + 1] : xr[j + t];
-                    out[j + 8 + t] = W::odd_even ? xr[j + 2 * t] : xr[j + 8 + t];
-                }
-        }
         const int t = omp_get_thread_num(), threads = omp_get_num_threads();
-        const int n0 = (int)((long)n * t / threads), n1 = (int)((long)n * (t + 1) / threads);
-        rows<KIND>(prepared ? rows_in : x, xs, wt, scales, y, m, n, k, n0, n1, around.add);
-        free(xs);
-        free(rows_in);
+        float* in = shared ? shared_in : prepared ? (float*)malloc(sizeof(float) * m * k) : nullptr;
+        float* xs = shared ? shared_xs : (float*)malloc(sizeof(float) * (m * row + 1));
+        auto prepare_row = [&](int i) {
+            if (prepared) prepare(x + i * width, in + (size_t)i * k, k, around);
+        };
+        const float* rows_in = prepared ? in : x;  // rows of k values either way
+        auto rearrange_row = [&](int i) {
+            const float* xr = rows_in + (size_t)i * k;
+            float* out = xs + i * k16;
+            for (size_t j = 0; j < k16; j += 16)
+                for (int v = 0; v < 8; v++) {
+                    out[j + v] = W::odd_even ? xr[j + 2 * v + 1] : xr[j + v];
+                    out[j + 8 + v] = W::odd_even ? xr[j + 2 * v] : xr[j + 8 + v];
+                }
+        };
+        if (shared) {
+#pragma omp for schedule(static)
+            for (int i = 0; i < m; i++) prepare_row(i);
+            if (panels) {
+#pragma omp for schedule(static)
+                for (int m0 = 0; m0 < m; m0 += TILE) {
+                    const int r = m - m0 < TILE ? m - m0 : TILE;
+                    float* out = xs + (size_t)m0 * k;
+                    for (int j = 0; j < k; j++)
+                        for (int i = 0; i < r; i++) out[(size_t)j * r + i] = rows_in[(size_t)(m0 + i) * k + j];
+                }
+            } else {
+#pragma omp for schedule(static)
+                for (int i = 0; i < m; i++) rearrange_row(i);
+            }
+        } else {
+            for (int i = 0; i < m; i++) prepare_row(i), rearrange_row(i);
+        }
+        const typename W::T* wt = (const typename W::T*)w;
+        if (panels) {
+            const int blocks = (n + PANEL - 1) / PANEL;
+            many_rows<KIND>(xs, wt, y, m, n, k, (int)((long)blocks * t / threads),
+                            (int)((long)blocks * (t + 1) / threads), around.add);
+        } else {
+            const int n0 = (int)((long)n * t / threads), n1 = (int)((long)n * (t + 1) / threads);
+            rows<KIND>(rows_in, xs, wt, scales, y, m, n, k, n0, n1, around.add);
+        }
+        if (!shared) {
+            free(in);
+            free(xs);
+        }
     }
+    free(shared_in);
+    free(shared_xs);
 }
 
 // Decode attention: for each row and KV head, the group of query heads that share it attend to the row's
