@@ -48,10 +48,13 @@ def test_presence_penalty_counts_only_the_reply():
     assert sampler(temperature=0, presence_penalty=2.0)(LOGITS, [0, 0, 1]).token_id == 2
 
 
-def test_min_new_tokens_holds_back_the_end_token():
-    logits = torch.tensor([0.0, 0.0, 0.0, 0.0, 9.0])
-    assert sampler(temperature=0, min_new_tokens=2)(logits, [0, 0, 3]).token_id != 4
-    assert sampler(temperature=0, min_new_tokens=2)(logits, [0, 0, 3, 3]).token_id == 4
+@pytest.mark.parametrize("kw", [{"temperature": 0}, {"temperature": 1.0, "top_k": 1, "seed": 1}])
+def test_min_new_tokens_holds_back_the_end_token_without_changing_the_callers_logits(kw):
+    logits = torch.tensor([0.0, 1.0, 0.0, 0.0, 30.0])
+    given = logits.clone()
+    assert sampler(min_new_tokens=2, **kw)(logits, [0, 0, 3]).token_id == 1  # the best of the others
+    assert sampler(min_new_tokens=2, **kw)(logits, [0, 0, 3, 3]).token_id == 4
+    assert torch.equal(logits, given)
 
 
 def test_logprobs_are_from_the_model_distribution():

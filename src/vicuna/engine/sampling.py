@@ -45,18 +45,6 @@ def presence_frequency_penalty(presence: float, frequency: float, prompt_len: in
     return apply
 
 
-def suppress(token_ids: Sequence[int], until: int, prompt_len: int) -> Processor:
-    """Forbid tokens (end-of-reply tokens for `min_new_tokens`) until the reply has `until` tokens."""
-    ids = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
-
-    def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
-        if len(history) - prompt_len < until and len(ids):
-            logits.index_fill_(0, ids.to(logits.device), float("-inf"))
-        return logits
-
-    return apply
-
-
 def top_k_filter(k: int) -> Processor:
     def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         if k >= logits.shape[-1]:
@@ -92,7 +80,11 @@ class Sampler:
     def __init__(
         self, params: SamplingParams, *, prompt_len: int, end_ids: Sequence[int], device: torch.device
     ):
-        self.params = params
+        self.params, self.prompt_len = params, prompt_len
+        # min_new_tokens: the end tokens are held back until the reply is that long. Not a processor: a
+        # held-back token seldom wins the argmax, so the row is masked (copied) only when one does.
+        self.held_back = sorted(set(end_ids)) if params.min_new_tokens else []
+        self._held_back = torch.tensor(self.held_back, dtype=torch.long, device=device)
         self.processors: list[Processor] = []
         if params.repetition_penalty != 1.0:
             self.processors.append(repetition_penalty(params.repetition_penalty))
@@ -100,8 +92,6 @@ class Sampler:
             self.processors.append(
                 presence_frequency_penalty(params.presence_penalty, params.frequency_penalty, prompt_len)
             )
-        if params.min_new_tokens and end_ids:
-            self.processors.append(suppress(end_ids, params.min_new_tokens, prompt_len))
         if params.temperature > 0 and params.top_k:
             self.processors.append(top_k_filter(params.top_k))
         if params.temperature > 0 and params.top_p < 1.0:
@@ -118,18 +108,23 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> Choice:
         """`logits` is the float32 row for the next position; `history` is prompt plus reply so far."""
         raw = logits
-        if self.processors:  # they change logits in place: a copy, into memory kept for the next token
+        sample = self.params.temperature > 0
+        hold = bool(self.held_back) and len(history) - self.prompt_len < self.params.min_new_tokens
+        if self.processors or (sample and hold):  # in place: a copy, into memory kept for the next token
             if self._work is None or self._work.shape != logits.shape or self._work.device != logits.device:
                 self._work = torch.empty_like(logits)
             logits = self._work.copy_(logits)
+            if sample and hold:  # before top-k and top-p, which keep only what may be picked
+                logits.index_fill_(0, self._held_back, float("-inf"))
         for process in self.processors:
             logits = process(logits, history)
-        if self.params.temperature == 0:
-            # NumPy's argmax of a CPU row takes ~5 us, PyTorch's ~75 us (a batch step samples every row)
-            token = int(logits.numpy().argmax() if logits.device.type == "cpu" else torch.argmax(logits))
-        else:
+        if sample:
             probs = torch.softmax(logits / self.params.temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
+        else:
+            token = _argmax(logits)
+            if hold and token in self.held_back:
+                token = _argmax(logits.index_fill(0, self._held_back, float("-inf")))
         if self.params.logprobs is None:
             return Choice(token)
         logprobs = torch.log_softmax(raw, dim=-1)
@@ -138,3 +133,8 @@ class Sampler:
             values, ids = torch.topk(logprobs, self.params.logprobs)
             top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
         return Choice(token, float(logprobs[token]), top)
+
+
+def _argmax(row: torch.Tensor) -> int:
+    # NumPy's argmax of a CPU row takes ~5 us, PyTorch's ~75 us (a batch step samples every row)
+    return int(row.numpy().argmax() if row.device.type == "cpu" else torch.argmax(row))
