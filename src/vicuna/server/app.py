@@ -554,11 +554,12 @@ def create_app(
         ]
         async for i, event in run.events_until_done():
             if isinstance(event, TextChunk) and (event.text or event.logprobs):
+                start = offsets[i]  # where this text begins in the choice's text
                 offsets[i] += len(event.text)
                 if req.logprobs is None:
                     yield texts[i](event.text)
                     continue
-                lp = _completion_logprobs(event.logprobs or (), offsets[i] - len(event.text))
+                lp = _completion_logprobs(event.logprobs or (), start)
                 yield chunk([p.CompletionChoice(index=i, text=event.text, logprobs=lp)])
             elif isinstance(event, Finished) and event.reason != "cancelled":
                 yield chunk([p.CompletionChoice(index=i, text="", finish_reason=_finish_reason(event))])
