@@ -57,20 +57,21 @@ def test_load_8bit_engine_uses_the_fused_int8_path_with_the_same_tokens(tiny_lla
     assert tokens[0] == tokens[1] and len(tokens[0]) == 16
 
 
-def test_int8_rows_give_the_same_products_on_the_kernel_and_on_pytorch(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 4, 16])  # the kernel's paths: one row, a few, panels
+def test_int8_rows_give_the_same_products_on_the_kernel_and_on_pytorch(monkeypatch, rows):
     from vicuna.engine import kernel
     from vicuna.engine.quant import Int8Linear
 
-    torch.manual_seed(0)
+    torch.manual_seed(rows)
     layer = Int8Linear(torch.nn.Linear(64, 96, bias=False))
-    x = torch.randn(kernel.FEW_ROWS, 64)
+    x = torch.randn(rows, 64)
     with torch.inference_mode():
-        few = layer(x)  # the kernel, where it runs
-        monkeypatch.setattr(kernel, "FEW_ROWS", 0)
+        ours = layer(x)  # the kernel, where it runs
+        monkeypatch.setattr(kernel, "runs_on", lambda device, dtype: False)
         pytorch = layer(x)  # PyTorch's int8 kernel (bfloat16 rows)
-    assert few.dtype == pytorch.dtype == torch.float32
+    assert ours.dtype == pytorch.dtype == torch.float32
     exact = x.double() @ (layer.weight_int8.double() * layer.scales.double()[:, None]).T
-    assert (few.double() - exact).abs().max() <= (pytorch.double() - exact).abs().max() + 1e-6
+    assert (ours.double() - exact).abs().max() <= (pytorch.double() - exact).abs().max() + 1e-6
 
 
 def test_decode_bytes_count_the_embedding_table_only_when_it_is_the_head():
@@ -84,7 +85,7 @@ def test_decode_bytes_count_the_embedding_table_only_when_it_is_the_head():
         assert decode_bytes(model) == weight_bytes(model) - (0 if tied else table)
 
 
-def test_8bit_decode_steps_of_few_rows_are_one_kernel_call_and_more_rows_go_layer_by_layer(tiny_llama_dir):
+def test_8bit_decode_steps_of_any_number_of_rows_are_one_kernel_call(tiny_llama_dir):
     from vicuna.config import ModelSettings
     from vicuna.engine import kernel
     from vicuna.engine.loader import load_engine
@@ -96,17 +97,17 @@ def test_8bit_decode_steps_of_few_rows_are_one_kernel_call_and_more_rows_go_laye
     w = engine.llama_weights
     if w.step_kernel is None:
         pytest.skip("the kernel does not run here")
-    assert w.step_rows == kernel.FEW_ROWS  # PyTorch's int8 kernel multiplies more rows
+    assert w.step_rows is None  # the kernel's int8 products take any number of rows
     calls, step = [], w.step_kernel
     w.step_kernel = lambda *args: calls.append(args[0].shape[0]) or step(*args)
-    alone, batch = [], LlamaRunner(w, None)
-    for i in range(kernel.FEW_ROWS + 1):
+    alone, batch, rows = [], LlamaRunner(w, None), 2 * kernel.FEW_ROWS + 1
+    for i in range(rows):
         runner = LlamaRunner(w, None)
         runner.prefill([3, 4, 5 + i])
         batch.join(runner)
         alone.append(runner.step(9))
-    rows = decode(w, batch, [9] * (kernel.FEW_ROWS + 1))
-    assert calls == [1] * (kernel.FEW_ROWS + 1)  # each row alone; the batch of five went layer by layer
-    for row, expected in zip(rows, alone, strict=True):
+    out = decode(w, batch, [9] * rows)
+    assert calls == [1] * rows + [rows]  # each row alone, then the batch in one call
+    for row, expected in zip(out, alone, strict=True):
         assert row.argmax() == expected.argmax()
         assert torch.nn.functional.cosine_similarity(row, expected, dim=0) > 0.999

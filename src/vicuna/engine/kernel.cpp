@@ -79,9 +79,8 @@ struct Weights<I8> {
     using T = int8_t;
     static constexpr bool odd_even = false;
     static inline void load16(const T* w, __m256& a, __m256& b) {
-        __m128i v = _mm_loadu_si128((const __m128i*)w);
-        a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-        b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));
+        a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)w)));  // a load and a
+        b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + 8))));  // widening each
     }
     static inline float one(T v) { return (float)v; }
 };
@@ -207,7 +206,7 @@ void streams(const float* x, const float* xs, const typename Weights<KIND>::T* w
 
 // All rows of x times weight rows [n0, n1). Up to four rows of x: each weight row is read from memory
 // once (one row of x: at four places at once, two to four rows: at two).
-// More rows (int8 weights, or rows too long for a panel): each weight row is read from memory once, for
+// More rows, too long for a panel (k over 16384): each weight row is read from memory once, for
 // the first four rows of x, and from the L1 cache for the rest.
 template <int KIND>
 void rows(const float* x, const float* xs, const typename Weights<KIND>::T* w, const float* scales, float* y,
@@ -234,6 +233,7 @@ void rows(const float* x, const float* xs, const typename Weights<KIND>::T* w, c
 // it by up to 6 rows of x at a time (x rearranged once per call into [k][rows] tiles): per k, two panel
 // loads and one broadcast per row feed 2 FMAs per row, 12 accumulators in registers. While the first
 // tile of a block runs, the thread's next weight block is prefetched, so converting it reads the cache.
+// int8 sums are multiplied by their weight rows' scales as they are stored.
 constexpr int PANEL = 16;  // weight rows per panel
 constexpr int TILE = 6;    // rows of x per micro-kernel call
 
@@ -304,7 +304,12 @@ void fill_panel<BF16>(const uint16_t* w, int k, int n0, int count, float* panel)
             panel[(size_t)j * PANEL + c] = c < count ? Weights<BF16>::one(w[(size_t)(n0 + c) * k + j]) : 0.0f;
 }
 
-inline void store16(__m256 lo, __m256 hi, float* y, int count, bool add) {
+// 16 sums of a row of y (times the weight rows' scales, for int8) stored or added there.
+inline void store16(__m256 lo, __m256 hi, float* y, int count, bool add, const float* scales) {
+    if (scales && count == PANEL) {
+        lo = _mm256_mul_ps(lo, _mm256_loadu_ps(scales));
+        hi = _mm256_mul_ps(hi, _mm256_loadu_ps(scales + 8));
+    }
     if (count == PANEL) {
         _mm256_storeu_ps(y, add ? _mm256_add_ps(_mm256_loadu_ps(y), lo) : lo);
         _mm256_storeu_ps(y + 8, add ? _mm256_add_ps(_mm256_loadu_ps(y + 8), hi) : hi);
@@ -313,7 +318,7 @@ inline void store16(__m256 lo, __m256 hi, float* y, int count, bool add) {
     float tmp[PANEL];
     _mm256_storeu_ps(tmp, lo);
     _mm256_storeu_ps(tmp + 8, hi);
-    for (int c = 0; c < count; c++) y[c] = (add ? y[c] : 0.0f) + tmp[c];
+    for (int c = 0; c < count; c++) y[c] = (add ? y[c] : 0.0f) + (scales ? tmp[c] * scales[c] : tmp[c]);
 }
 
 // y[m0 .. m0 + R) x [n0, n0 + count) from the x tile a [k][R] and the panel; every 2 k, requests the next
@@ -321,7 +326,8 @@ inline void store16(__m256 lo, __m256 hi, float* y, int count, bool add) {
 // keeps them in registers, where an array was spilled to the stack.
 template <int R>
 __attribute__((always_inline)) inline void micro(const float* a, const float* panel, float* y, int n, int k, int m0,
-                                                 int n0, int count, const char* ahead, const char* ahead_end, int lines, bool add) {
+                                                 int n0, int count, const char* ahead, const char* ahead_end, int lines, bool add,
+                                                 const float* scales) {
     const __m256 z = _mm256_setzero_ps();
     __m256 c00 = z, c01 = z, c10 = z, c11 = z, c20 = z, c21 = z, c30 = z, c31 = z, c40 = z, c41 = z, c50 = z, c51 = z;
 #define VICUNA_ROW(i, lo, hi)                       \
@@ -348,19 +354,19 @@ __attribute__((always_inline)) inline void micro(const float* a, const float* pa
 #undef VICUNA_STEP
 #undef VICUNA_ROW
     float* row = y + (size_t)m0 * n + n0;
-    store16(c00, c01, row, count, add);
-    if (R > 1) store16(c10, c11, row + (size_t)n, count, add);
-    if (R > 2) store16(c20, c21, row + (size_t)2 * n, count, add);
-    if (R > 3) store16(c30, c31, row + (size_t)3 * n, count, add);
-    if (R > 4) store16(c40, c41, row + (size_t)4 * n, count, add);
-    if (R > 5) store16(c50, c51, row + (size_t)5 * n, count, add);
+    store16(c00, c01, row, count, add, scales);
+    if (R > 1) store16(c10, c11, row + (size_t)n, count, add, scales);
+    if (R > 2) store16(c20, c21, row + (size_t)2 * n, count, add, scales);
+    if (R > 3) store16(c30, c31, row + (size_t)3 * n, count, add, scales);
+    if (R > 4) store16(c40, c41, row + (size_t)4 * n, count, add, scales);
+    if (R > 5) store16(c50, c51, row + (size_t)5 * n, count, add, scales);
 }
 
 thread_local float* panel_buffer = nullptr;  // one panel per thread, kept for the next call
 
 template <int KIND>
-void many_rows(const float* tiles, const typename Weights<KIND>::T* w, float* y, int m, int n, int k, int b0,
-               int b1, bool add) {
+void many_rows(const float* tiles, const typename Weights<KIND>::T* w, const float* scales, float* y, int m, int n,
+               int k, int b0, int b1, bool add) {
     if (!panel_buffer) panel_buffer = (float*)aligned_alloc(64, sizeof(float) * PANEL * 16384);
     float* panel = panel_buffer;
     for (int b = b0; b < b1; b++) {
@@ -374,16 +380,17 @@ void many_rows(const float* tiles, const typename Weights<KIND>::T* w, float* y,
             ahead = (const char*)(w + (size_t)next * k);
             ahead_end = ahead + (size_t)rows * k * sizeof(typename Weights<KIND>::T);
         }
+        const float* sc = scales ? scales + n0 : nullptr;
         for (int m0 = 0; m0 < m;) {
             const int r = m - m0 < TILE ? m - m0 : TILE;
             const float* a = tiles + (size_t)m0 * k;
             switch (r) {
-                case 6: micro<6>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
-                case 5: micro<5>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
-                case 4: micro<4>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
-                case 3: micro<3>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
-                case 2: micro<2>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
-                default: micro<1>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add); break;
+                case 6: micro<6>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add, sc); break;
+                case 5: micro<5>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add, sc); break;
+                case 4: micro<4>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add, sc); break;
+                case 3: micro<3>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add, sc); break;
+                case 2: micro<2>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add, sc); break;
+                default: micro<1>(a, panel, y, n, k, m0, n0, count, ahead, ahead_end, lines, add, sc); break;
             }
             ahead = ahead_end;  // the next block is requested during the first tile only
             m0 += r;
@@ -401,7 +408,7 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
              const Around& around) {
     using W = Weights<KIND>;
     const bool parallel = (size_t)m * n * k >= (1u << 15), prepared = around.norm || around.gated;
-    const bool panels = m > FEW_ROWS && k <= 16384 && !scales, shared = m > FEW_ROWS;
+    const bool panels = m > FEW_ROWS && k <= 16384, shared = m > FEW_ROWS;
     const size_t width = around.gated ? 2 * (size_t)k : k, k16 = k & ~15, row = panels ? k : k16;
     float* shared_in = shared && prepared ? (float*)malloc(sizeof(float) * m * k) : nullptr;
     float* shared_xs = shared ? (float*)malloc(sizeof(float) * (m * row + 1)) : nullptr;
@@ -444,7 +451,7 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
         const typename W::T* wt = (const typename W::T*)w;
         if (panels) {
             const int blocks = (n + PANEL - 1) / PANEL;
-            many_rows<KIND>(xs, wt, y, m, n, k, (int)((long)blocks * t / threads),
+            many_rows<KIND>(xs, wt, scales, y, m, n, k, (int)((long)blocks * t / threads),
                             (int)((long)blocks * (t + 1) / threads), around.add);
         } else {
             const int n0 = (int)((long)n * t / threads), n1 = (int)((long)n * (t + 1) / threads);

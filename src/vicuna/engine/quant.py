@@ -57,7 +57,7 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] <= kernel.FEW_ROWS and kernel.runs_on(rows.device, self.weight_int8.dtype):
+        if kernel.runs_on(rows.device, self.weight_int8.dtype):
             out = kernel.product(rows.float(), self.weight_int8, self.scales.float())
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scales)
