@@ -1,9 +1,10 @@
 """8-bit weights (`--load-8bit`), and the bytes a model's weights take.
 
-8-bit: each weight row is stored as int8 with one scale (symmetric, absmax / 127). On the CPU a decode
-step's few rows are multiplied by our kernel (`vicuna.engine.kernel`), more rows by PyTorch's int8
-weight-only kernel (`_weight_int8pack_mm`, bf16 activations); either reads a quarter of float32's
-bytes, while torchao's generic int8 path dequantizes and halves CPU speed (see docs/benchmarks.md). On
+8-bit: each weight row is stored as int8 with one scale (symmetric, absmax / 127). On the CPU our kernel
+(`vicuna.engine.kernel`) multiplies them for any number of rows, reading a quarter of float32's bytes;
+where it does not run, PyTorch's int8 weight-only kernel does (`_weight_int8pack_mm`, bf16 activations,
+about half the kernel's speed on prompts here), while torchao's generic int8 path dequantizes and halves
+CPU speed (see docs/benchmarks.md). On
 the CPU the token embedding and the output head are int8 too (one table
 when they are tied, as in small models where they are a fifth of the weights). On GPUs torchao's
 int8 weight-only layout is used for the decoder's layers. The norms keep their precision.
