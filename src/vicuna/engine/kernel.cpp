@@ -24,6 +24,11 @@ constexpr int PREFETCH_BYTES = 1024;  // how far ahead of the row being read
 constexpr int FEW_ROWS = 4;          // up to this many rows of x, one pass over each weight row
 constexpr int CHUNK_ROWS = 512;      // rows of x per pass over the weights
 
+// 8 values from memory as float32: float32, float16, or int8 (a load and a widening).
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const uint16_t* w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w)); }  // float16
+inline __m256 load8(const int8_t* w) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)w))); }
+
 template <int KIND>
 struct Weights;
 
@@ -54,10 +59,7 @@ template <>
 struct Weights<F16> {
     using T = uint16_t;
     static constexpr bool odd_even = false;
-    static inline void load16(const T* w, __m256& a, __m256& b) {
-        a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w));
-        b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(w + 8)));
-    }
+    static inline void load16(const T* w, __m256& a, __m256& b) { a = load8(w), b = load8(w + 8); }
     static inline float one(T v) { return _cvtsh_ss(v); }
     static inline T from(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
 };
@@ -66,10 +68,7 @@ template <>
 struct Weights<F32> {
     using T = float;
     static constexpr bool odd_even = false;
-    static inline void load16(const T* w, __m256& a, __m256& b) {
-        a = _mm256_loadu_ps(w);
-        b = _mm256_loadu_ps(w + 8);
-    }
+    static inline void load16(const T* w, __m256& a, __m256& b) { a = load8(w), b = load8(w + 8); }
     static inline float one(T v) { return v; }
     static inline T from(float f) { return f; }
 };
@@ -78,10 +77,7 @@ template <>
 struct Weights<I8> {
     using T = int8_t;
     static constexpr bool odd_even = false;
-    static inline void load16(const T* w, __m256& a, __m256& b) {
-        a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)w)));  // a load and a
-        b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + 8))));  // widening each
-    }
+    static inline void load16(const T* w, __m256& a, __m256& b) { a = load8(w), b = load8(w + 8); }
     static inline float one(T v) { return (float)v; }
 };
 
@@ -236,10 +232,6 @@ void rows(const float* x, const float* xs, const typename Weights<KIND>::T* w, c
 // int8 sums are multiplied by their weight rows' scales as they are stored.
 constexpr int PANEL = 16;  // weight rows per panel
 constexpr int TILE = 6;    // rows of x per micro-kernel call
-
-inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
-inline __m256 load8(const uint16_t* w) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)w)); }  // float16
-inline __m256 load8(const int8_t* w) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)w))); }
 
 // float32, float16 and int8: 8 values of each of 8 rows, converted, then an 8x8 transpose in registers.
 template <int KIND>
