@@ -146,13 +146,29 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 @needs_kernel
 @pytest.mark.parametrize("kind", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
-    "rows,kv_heads,group,dim,longest",
-    [(1, 3, 3, 64, 100), (16, 3, 3, 64, 300), (2, 8, 1, 128, 37), (3, 2, 8, 64, 5), (2, 1, 2, 16, 9)],
+    "rows,kv_heads,group,dim,longest,threads",
+    [
+        (1, 3, 3, 64, 100, None),
+        (16, 3, 3, 64, 300, None),
+        (2, 8, 1, 128, 37, None),
+        (3, 2, 8, 64, 5, None),
+        (2, 1, 2, 16, 9, None),
+        (2, 1, 7, 80, 150, None),  # heads in sets of 3, 2 and 2; 80 = 64 + 16 values at a time
+        (1, 1, 8, 256, 40, None),
+        # few pairs of (row, KV head) and long rows: each pair's positions in pieces that the threads
+        # take separately (some empty: the last row holds one position), then combined
+        (1, 3, 3, 64, 900, 2),
+        (3, 1, 4, 64, 700, 4),
+        (1, 1, 1, 128, 2000, 3),
+    ],
 )
 def test_a_decode_attention_step_equals_float64_over_each_rows_own_length(
-    kind, rows, kv_heads, group, dim, longest
+    kind, rows, kv_heads, group, dim, longest, threads
 ):
     torch.manual_seed(rows * dim + longest)
+    if threads:
+        before_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
     heads = kv_heads * group
     keys = torch.randn(rows, kv_heads, longest + 20, dim).to(kind)  # room past every row's end
     values = torch.randn_like(keys)
@@ -162,8 +178,15 @@ def test_a_decode_attention_step_equals_float64_over_each_rows_own_length(
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     table = torch.stack([cos, torch.cat([-sin[:, : dim // 2], sin[:, dim // 2 :]], -1)])
     positions = torch.randint(0, longest, (rows,), dtype=torch.int32)
+    positions[0] = longest - 1  # the longest row, and one of a single position
+    if rows > 1:
+        positions[-1] = 0
     assert kernel.attends(kind, group, dim)
-    out = kernel.attend(mixed, table, keys, values, positions, heads, kv_heads)
+    try:
+        out = kernel.attend(mixed, table, keys, values, positions, heads, kv_heads)
+    finally:
+        if threads:
+            torch.set_num_threads(before_threads)
     assert out.shape == (rows, heads * dim) and out.dtype == torch.float32
     for r, at in enumerate(positions.tolist()):
         q, k, v = mixed[r].double().split([heads * dim, kv_heads * dim, kv_heads * dim])

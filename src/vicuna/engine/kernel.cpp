@@ -17,6 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
+#include <numeric>
+#include <type_traits>
+
 namespace {
 
 enum Kind { BF16 = 0, F16 = 1, F32 = 2, I8 = 3 };
@@ -460,47 +464,173 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
 
 // Decode attention: for each row and KV head, the group of query heads that share it attend to the row's
 // first `length` cached positions. Scores and their softmax in float32; one call for every row and head,
-// each row over its own length (no padding, no mask).
+// each row over its own length (no padding, no mask). Up to three query heads of a group go through the
+// keys and the values together, so that each key and value is loaded and converted once for all of them;
+// positions are taken in spans that stay in the L1 cache while every head and block of the head reads
+// them. When there are fewer (row, KV head) pairs than a share for every thread, each pair's positions
+// are split into pieces that the threads take separately, and the pieces' softmaxes are combined.
 
-// out[0 .. 16 B) = sum over positions p of weights[p] * values[p][0 .. 16 B): B blocks of 16 at once, so
-// that 2 B independent sums hide the latency of each multiply-add.
-template <int KIND, int B>
-void weigh_values(const float* weights, const typename Weights<KIND>::T* values, long step, int length, float* out) {
+constexpr int SPAN = 64;   // positions at a time
+constexpr int AHEAD = 16;  // positions ahead of the one read, requested from memory
+
+// Scores of G query heads (qs: G x dim, scaled, in load16 order) against the keys of positions [p0, p1):
+// out[g * stride + p - p0]. Each key is loaded once for the G heads; a block of positions at a time (8, 4
+// or 2 for 1, 2 or 3 heads), the queries' 16 values at a time in registers. The sums are named variables
+// (gcc keeps them in registers, where it stored an array back to memory at every position).
+template <int KIND, int G>
+void score(const float* qs, const typename Weights<KIND>::T* keys, long step, int p0, int p1, int dim, float* out,
+           int stride) {
     using W = Weights<KIND>;
-    __m256 acc[B][2];
-    for (int b = 0; b < B; b++) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
-    for (int p = 0; p < length; p++) {
-        const __m256 weight = _mm256_broadcast_ss(weights + p);
-        const typename W::T* row = values + (size_t)p * step;
-        for (int b = 0; b < B; b++) {
-            __m256 lo, hi;
-            W::load16(row + 16 * b, lo, hi);
-            acc[b][0] = _mm256_fmadd_ps(weight, lo, acc[b][0]);
-            acc[b][1] = _mm256_fmadd_ps(weight, hi, acc[b][1]);
+    constexpr int P = G == 1 ? 8 : G == 2 ? 4 : 2;
+    const int row_bytes = dim * sizeof(typename W::T);
+    const __m256 z = _mm256_setzero_ps();
+    // four sums of 8 lanes each, in one vector of 4
+    auto four = [](__m256 x0, __m256 x1, __m256 x2, __m256 x3) {
+        const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(x0, x1), _mm256_hadd_ps(x2, x3));
+        return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    };
+    float* o0 = out;
+    float* o1 = out + stride;
+    float* o2 = out + 2 * (size_t)stride;
+    int p = p0;
+    for (; p + P <= p1; p += P) {
+        __m256 a00 = z, a01 = z, a02 = z, a03 = z, a04 = z, a05 = z, a06 = z, a07 = z;
+        __m256 a10 = z, a11 = z, a12 = z, a13 = z, a20 = z, a21 = z;
+        __m256 a14, a15, a16, a17, a22, a23, a24, a25, a26, a27;  // named by the macro below, never used
+        for (int i = 0; i < P; i++) {  // the keys AHEAD positions on, from memory into the cache
+            const char* ahead = (const char*)(keys + (size_t)(p + i + AHEAD) * step);
+            for (int line = 0; line < row_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        }
+        for (int d = 0; d < dim; d += 16) {
+            const __m256 q00 = _mm256_loadu_ps(qs + d), q01 = _mm256_loadu_ps(qs + d + 8);
+            const __m256 q10 = G > 1 ? _mm256_loadu_ps(qs + dim + d) : z;
+            const __m256 q11 = G > 1 ? _mm256_loadu_ps(qs + dim + d + 8) : z;
+            const __m256 q20 = G > 2 ? _mm256_loadu_ps(qs + 2 * dim + d) : z;
+            const __m256 q21 = G > 2 ? _mm256_loadu_ps(qs + 2 * dim + d + 8) : z;
+#define VICUNA_KEY(i)                                                                                             \
+    if (P > i) {                                                                                                  \
+        __m256 lo, hi;                                                                                            \
+        W::load16(keys + (size_t)(p + i) * step + d, lo, hi);                                                     \
+        a0##i = _mm256_fmadd_ps(hi, q01, _mm256_fmadd_ps(lo, q00, a0##i));                                         \
+        if (G > 1) a1##i = _mm256_fmadd_ps(hi, q11, _mm256_fmadd_ps(lo, q10, a1##i));                               \
+        if (G > 2) a2##i = _mm256_fmadd_ps(hi, q21, _mm256_fmadd_ps(lo, q20, a2##i));                               \
+    }
+            VICUNA_KEY(0) VICUNA_KEY(1) VICUNA_KEY(2) VICUNA_KEY(3)
+            VICUNA_KEY(4) VICUNA_KEY(5) VICUNA_KEY(6) VICUNA_KEY(7)
+#undef VICUNA_KEY
+        }
+        const int at = p - p0;
+        if (G == 1) {
+            const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a00, a01), _mm256_hadd_ps(a02, a03));
+            const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a04, a05), _mm256_hadd_ps(a06, a07));
+            _mm256_storeu_ps(o0 + at, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
+                                                    _mm256_permute2f128_ps(t0, t1, 0x31)));
+        } else if (G == 2) {
+            _mm_storeu_ps(o0 + at, four(a00, a01, a02, a03));
+            _mm_storeu_ps(o1 + at, four(a10, a11, a12, a13));
+        } else {
+            const __m128 s01 = four(a00, a01, a10, a11), s2 = four(a20, a21, a20, a21);
+            _mm_storel_pi((__m64*)(o0 + at), s01);
+            _mm_storeh_pi((__m64*)(o1 + at), s01);
+            _mm_storel_pi((__m64*)(o2 + at), s2);
         }
     }
-    for (int b = 0; b < B; b++) {
-        float part[16];
-        _mm256_storeu_ps(part, acc[b][0]);
-        _mm256_storeu_ps(part + 8, acc[b][1]);
-        float* o = out + 16 * b;
-        for (int t = 0; t < 8; t++) {
-            if (W::odd_even) {
-                o[2 * t + 1] = part[t];
-                o[2 * t] = part[8 + t];
-            } else {
-                o[t] = part[t];
-                o[8 + t] = part[8 + t];
+    for (; p < p1; p++)
+        for (int g = 0; g < G; g++) {
+            __m256 acc = z;
+            for (int d = 0; d < dim; d += 16) {
+                __m256 lo, hi;
+                W::load16(keys + (size_t)p * step + d, lo, hi);
+                acc = _mm256_fmadd_ps(hi, _mm256_loadu_ps(qs + g * dim + d + 8),
+                                      _mm256_fmadd_ps(lo, _mm256_loadu_ps(qs + g * dim + d), acc));
             }
+            out[(size_t)g * stride + (p - p0)] = sum8(acc);
+        }
+}
+
+// acc[g][0 .. 16 B) += sum over positions p in [p0, p1) of weights[g * stride + p - p0] * values[p][0 .. 16 B),
+// in load16 order: each block of values is loaded once for the G heads (G B <= 4, named sums as above).
+// `first`: the call that reads each position's first block, which requests the values AHEAD positions on.
+template <int KIND, int G, int B>
+void weigh(const float* weights, int stride, const typename Weights<KIND>::T* values, long step, int p0, int p1,
+           float* acc, int dim, bool first) {
+    using W = Weights<KIND>;
+    const __m256 z = _mm256_setzero_ps();
+    __m256 s00 = z, s01 = z, s02 = z, s03 = z, s04 = z, s05 = z, s06 = z, s07 = z;  // head 0, blocks 0-3
+    __m256 s10 = z, s11 = z, s12 = z, s13 = z, s20 = z, s21 = z;                    // heads 1, 2
+#define VICUNA_SUMS(X)                                                                                 \
+    X(s00, 0, 0) X(s01, 0, 8) X(s10, 1, 0) X(s11, 1, 8) X(s20, 2, 0) X(s21, 2, 8) X(s02, 0, 16) \
+    X(s03, 0, 24) X(s12, 1, 16) X(s13, 1, 24) X(s04, 0, 32) X(s05, 0, 40) X(s06, 0, 48) X(s07, 0, 56)
+#define VICUNA_USED(g, at) (G > g && 16 * B > at)
+#define VICUNA_LOAD(v, g, at) if (VICUNA_USED(g, at)) v = _mm256_loadu_ps(acc + g * dim + at);
+    VICUNA_SUMS(VICUNA_LOAD)
+    const int row_bytes = dim * sizeof(typename W::T);
+    for (int p = p0; p < p1; p++) {
+        const typename W::T* row = values + (size_t)p * step;
+        if (first) {
+            const char* ahead = (const char*)(row + AHEAD * step);
+            for (int line = 0; line < row_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+        }
+        const __m256 w0 = _mm256_broadcast_ss(weights + (p - p0));
+        const __m256 w1 = G > 1 ? _mm256_broadcast_ss(weights + stride + (p - p0)) : z;
+        const __m256 w2 = G > 2 ? _mm256_broadcast_ss(weights + 2 * (size_t)stride + (p - p0)) : z;
+        __m256 lo, hi;
+#define VICUNA_FMA(v, g, at)                                                                              \
+    if (VICUNA_USED(g, at)) {                                                                             \
+        if (g == 0 && at % 16 == 0) W::load16(row + at, lo, hi);                                          \
+        v = _mm256_fmadd_ps(w##g, at % 16 ? hi : lo, v);                                                  \
+    }
+        VICUNA_SUMS(VICUNA_FMA)
+    }
+#define VICUNA_STORE(v, g, at) if (VICUNA_USED(g, at)) _mm256_storeu_ps(acc + g * dim + at, v);
+    VICUNA_SUMS(VICUNA_STORE)
+#undef VICUNA_SUMS
+#undef VICUNA_USED
+#undef VICUNA_LOAD
+#undef VICUNA_FMA
+#undef VICUNA_STORE
+}
+
+// acc (G x dim, load16 order) += the values of positions [p0, p1) weighed by G heads' weights (row stride
+// `stride`, from p0), as many blocks of 16 at a time as the registers hold.
+template <int KIND, int G>
+void heads_values(const float* weights, int stride, const typename Weights<KIND>::T* values, long step, int p0, int p1,
+                  float* acc, int dim) {
+    constexpr int B = 4 / G > 2 ? 4 : 4 / G;  // G B <= 4: 2 G B sums in registers
+    for (int d = 0; d < dim;) {
+        const int left = (dim - d) / 16;
+        if (left >= B) {
+            weigh<KIND, G, B>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
+            d += 16 * B;
+        } else if (left == 3) {
+            weigh<KIND, G, 3>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
+            d += 48;
+        } else if (left == 2) {
+            weigh<KIND, G, 2>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
+            d += 32;
+        } else {
+            weigh<KIND, G, 1>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
+            d += 16;
         }
     }
 }
 
+// One piece of a (row, KV head) pair: the group's query heads q (rotated, group x dim) over the cached
+// positions [p0, p1): for each head g, the largest score top[g], the sum of the scores' exponentials
+// (minus top) total[g], and out[g] = the values weighed by those exponentials, not yet divided by the
+// sum (divided when `normalize`). scores: group x (p1 - p0) floats; acc: group x dim.
 template <int KIND>
-void attend_head(const float* q, const typename Weights<KIND>::T* keys, const typename Weights<KIND>::T* values,
-                 long step, int length, int group, int dim, float* out, float* scores) {
+void attend_piece(const float* q, const typename Weights<KIND>::T* keys, const typename Weights<KIND>::T* values,
+                  long step, int p0, int p1, int group, int dim, bool normalize, float* out, float* top, float* total,
+                  float* scores, float* acc) {
     using W = Weights<KIND>;
     const float scale = 1.0f / sqrtf((float)dim);
+    const int length = p1 - p0;
+    for (int p = p0; p < p1 && p < p0 + AHEAD; p++)  // the first keys and values, while the queries are arranged
+        for (int line = 0; line < dim * (int)sizeof(typename W::T); line += 64) {
+            _mm_prefetch((const char*)(keys + (size_t)p * step) + line, _MM_HINT_T0);
+            _mm_prefetch((const char*)(values + (size_t)p * step) + line, _MM_HINT_T0);
+        }
     float qs[8 * 256];  // the group's queries, scaled, in the order load16 gives a block's values
     for (int g = 0; g < group; g++)
         for (int d = 0; d < dim; d += 16)
@@ -509,67 +639,71 @@ void attend_head(const float* q, const typename Weights<KIND>::T* keys, const ty
                 qs[g * dim + d + t] = scale * (W::odd_even ? qr[2 * t + 1] : qr[t]);
                 qs[g * dim + d + 8 + t] = scale * (W::odd_even ? qr[2 * t] : qr[8 + t]);
             }
-    for (int g = 0; g < group; g++) {
-        const float* qg = qs + g * dim;
-        float* out_scores = scores + (size_t)g * length;
-        int p = 0;
-        for (; p + 8 <= length; p += 8) {  // eight positions, then their eight sums in one vector
-            __m256 acc[8];
-            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-            for (int d = 0; d < dim; d += 16) {
-                const __m256 qa = _mm256_loadu_ps(qg + d), qb = _mm256_loadu_ps(qg + d + 8);
-                for (int i = 0; i < 8; i++) {
-                    __m256 a, b;
-                    W::load16(keys + (size_t)(p + i) * step + d, a, b);
-                    acc[i] = _mm256_fmadd_ps(b, qb, _mm256_fmadd_ps(a, qa, acc[i]));
-                }
+    // the group in sets of at most three heads, as even as can be: 4 = 2 + 2, 7 = 3 + 2 + 2
+    int sets = (group + 2) / 3, first[4], size[3];
+    for (int c = 0, g = 0; c < sets; c++) {
+        size[c] = (group - g) / (sets - c);
+        first[c] = g;
+        g += size[c];
+    }
+    auto each_set = [&](auto&& run) {
+        for (int c = 0; c < sets; c++) {
+            switch (size[c]) {
+                case 1: run(std::integral_constant<int, 1>{}, first[c]); break;
+                case 2: run(std::integral_constant<int, 2>{}, first[c]); break;
+                default: run(std::integral_constant<int, 3>{}, first[c]); break;
             }
-            const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-            const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-            _mm256_storeu_ps(out_scores + p, _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20),
-                                                           _mm256_permute2f128_ps(t0, t1, 0x31)));
         }
-        for (; p < length; p++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int d = 0; d < dim; d += 16) {
-                __m256 a, b;
-                W::load16(keys + (size_t)p * step + d, a, b);
-                acc = _mm256_fmadd_ps(b, _mm256_loadu_ps(qg + d + 8), _mm256_fmadd_ps(a, _mm256_loadu_ps(qg + d), acc));
-            }
-            out_scores[p] = sum8(acc);
-        }
+    };
+    for (int s0 = p0; s0 < p1; s0 += SPAN) {
+        const int s1 = s0 + SPAN < p1 ? s0 + SPAN : p1;
+        each_set([&](auto G, int g0) {
+            score<KIND, G>(qs + g0 * dim, keys, step, s0, s1, dim, scores + (size_t)g0 * length + (s0 - p0), length);
+        });
     }
     for (int g = 0; g < group; g++) {
         float* s = scores + (size_t)g * length;
-        float top = s[0];
-        for (int p = 1; p < length; p++) top = s[p] > top ? s[p] : top;
-        __m256 total = _mm256_setzero_ps();
+        __m256 most = _mm256_set1_ps(-INFINITY);
         int p = 0;
-        for (; p + 8 <= length; p += 8) {
-            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
+        for (; p + 8 <= length; p += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(s + p));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, most);
+        float best = lanes[0];
+        for (int i = 1; i < 8; i++) best = lanes[i] > best ? lanes[i] : best;
+        for (; p < length; p++) best = s[p] > best ? s[p] : best;
+        __m256 sum = _mm256_setzero_ps();
+        for (p = 0; p + 8 <= length; p += 8) {
+            __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(best)));
             _mm256_storeu_ps(s + p, e);
-            total = _mm256_add_ps(total, e);
+            sum = _mm256_add_ps(sum, e);
         }
-        float sum = sum8(total);
+        float all = sum8(sum);
         if (p < length) {
             float rest[8] = {0}, e[8];
-            for (int i = 0; p + i < length; i++) rest[i] = s[p + i] - top;
+            for (int i = 0; p + i < length; i++) rest[i] = s[p + i] - best;
             _mm256_storeu_ps(e, exp_nonpositive(_mm256_loadu_ps(rest)));
-            for (int i = 0; p + i < length; i++) s[p + i] = e[i], sum += e[i];
+            for (int i = 0; p + i < length; i++) s[p + i] = e[i], all += e[i];
         }
-        const float inv = 1.0f / sum;
-        for (int q = 0; q < length; q++) s[q] *= inv;
+        top[g] = best;
+        total[g] = all;
+    }
+    memset(acc, 0, sizeof(float) * group * dim);
+    for (int s0 = p0; s0 < p1; s0 += SPAN) {
+        const int s1 = s0 + SPAN < p1 ? s0 + SPAN : p1;
+        each_set([&](auto G, int g0) {
+            heads_values<KIND, G>(scores + (size_t)g0 * length + (s0 - p0), length, values, step, s0, s1,
+                                  acc + g0 * dim, dim);
+        });
     }
     for (int g = 0; g < group; g++) {
+        const float inv = normalize ? 1.0f / total[g] : 1.0f;
+        const float* a = acc + g * dim;
         float* o = out + (size_t)g * dim;
-        for (int d = 0; d < dim; d += 64) {
-            switch ((dim - d) / 16 < 4 ? (dim - d) / 16 : 4) {
-                case 4: weigh_values<KIND, 4>(scores + (size_t)g * length, values + d, step, length, o + d); break;
-                case 3: weigh_values<KIND, 3>(scores + (size_t)g * length, values + d, step, length, o + d); break;
-                case 2: weigh_values<KIND, 2>(scores + (size_t)g * length, values + d, step, length, o + d); break;
-                default: weigh_values<KIND, 1>(scores + (size_t)g * length, values + d, step, length, o + d); break;
+        for (int d = 0; d < dim; d += 16)
+            for (int t = 0; t < 8; t++) {
+                o[d + (W::odd_even ? 2 * t + 1 : t)] = inv * a[d + t];
+                o[d + (W::odd_even ? 2 * t : 8 + t)] = inv * a[d + 8 + t];
             }
-        }
     }
 }
 
@@ -581,34 +715,99 @@ void attend(const float* mixed, const float* rope, int rope_positions, void* key
     int longest = 0;
     for (int r = 0; r < rows; r++) longest = positions[r] + 1 > longest ? positions[r] + 1 : longest;
     const int pairs = rows * kv_heads;
-#pragma omp parallel if (pairs > 1 && (long)longest * pairs * group * dim >= 8192)
+    const bool parallel = pairs * (long)longest * group * dim >= 8192;
+    // pieces per pair: so that the threads get equal numbers of pieces, none shorter than a few spans
+    const int threads = parallel ? omp_get_max_threads() : 1;
+    int pieces = threads / std::gcd(pairs, threads);
+    const int most = std::min(64, (longest + 4 * SPAN - 1) / (4 * SPAN));
+    pieces = pieces < most ? pieces : most;
+    pieces = pieces > 1 ? pieces : 1;
+    const size_t each = (size_t)group * dim;  // a pair's query heads, or output
+    float* rotated = pieces > 1 ? (float*)malloc(sizeof(float) * pairs * each) : nullptr;
+    float* parts = pieces > 1 ? (float*)malloc(sizeof(float) * pairs * pieces * (each + 2 * group)) : nullptr;
+    auto cache_at = [&](int pair, void* base) {
+        const int r = pair / kv_heads, h = pair % kv_heads;
+        return (typename W::T*)base + (size_t)r * strides[0] + (size_t)h * strides[1];
+    };
+    // rotates the pair's q heads into q, k too, and stores k and v in the cache at the row's position
+    auto rotate_store = [&](int pair, float* q) {
+        const int r = pair / kv_heads, h = pair % kv_heads, at = positions[r];
+        const float* row = mixed + (size_t)r * width;
+        const float* cos = rope + (size_t)at * dim;
+        const float* sin = rope + ((size_t)rope_positions + at) * dim;  // first half negated
+        auto rotate = [&](const float* x, float* y) {  // y = x cos + (x's halves swapped) sin
+            for (int d = 0; d < half; d++) y[d] = x[d] * cos[d] + x[d + half] * sin[d];
+            for (int d = half; d < dim; d++) y[d] = x[d] * cos[d] + x[d - half] * sin[d];
+        };
+        float k[256];
+        for (int g = 0; g < group; g++) rotate(row + (size_t)(h * group + g) * dim, q + g * dim);
+        rotate(row + (size_t)(heads + h) * dim, k);
+        const float* v = row + (size_t)(heads + kv_heads + h) * dim;
+        typename W::T* key_cache = cache_at(pair, keys);
+        typename W::T* value_cache = cache_at(pair, values);
+        for (int d = 0; d < dim; d++) {
+            key_cache[(size_t)at * strides[2] + d] = W::from(k[d]);
+            value_cache[(size_t)at * strides[2] + d] = W::from(v[d]);
+        }
+    };
+#pragma omp parallel if (parallel)
     {
-        float* scores = (float*)malloc(sizeof(float) * (size_t)group * longest);
-        float q[8 * 256], k[256];
+        const int widest = (longest + pieces - 1) / pieces;  // positions in a piece, at most
+        float* scores = (float*)malloc(sizeof(float) * (size_t)group * widest);
+        float* acc = (float*)malloc(sizeof(float) * each);
+        float q[8 * 256];
+        if (pieces > 1) {
 #pragma omp for schedule(static)
-        for (int i = 0; i < pairs; i++) {
-            const int r = i / kv_heads, h = i % kv_heads, at = positions[r];
-            const float* row = mixed + (size_t)r * width;
-            const float* cos = rope + (size_t)at * dim;
-            const float* sin = rope + ((size_t)rope_positions + at) * dim;  // first half negated
-            auto rotate = [&](const float* x, float* y) {
-                for (int d = 0; d < dim; d++) y[d] = x[d] * cos[d] + x[(d + half) % dim] * sin[d];
-            };
-            for (int g = 0; g < group; g++) rotate(row + (size_t)(h * group + g) * dim, q + g * dim);
-            rotate(row + (size_t)(heads + h) * dim, k);
-            const float* v = row + (size_t)(heads + kv_heads + h) * dim;
-            const size_t base = (size_t)r * strides[0] + (size_t)h * strides[1];
-            typename W::T* key_cache = (typename W::T*)keys + base;
-            typename W::T* value_cache = (typename W::T*)values + base;
-            for (int d = 0; d < dim; d++) {
-                key_cache[(size_t)at * strides[2] + d] = W::from(k[d]);
-                value_cache[(size_t)at * strides[2] + d] = W::from(v[d]);
+            for (int i = 0; i < pairs; i++) rotate_store(i, rotated + i * each);
+        }
+#pragma omp for schedule(static)
+        for (int i = 0; i < pairs * pieces; i++) {
+            const int pair = i / pieces, piece = i % pieces, length = positions[pair / kv_heads] + 1;
+            const float* qp = q;
+            if (pieces > 1)
+                qp = rotated + pair * each;
+            else
+                rotate_store(pair, q);
+            const int p0 = (int)((long)length * piece / pieces), p1 = (int)((long)length * (piece + 1) / pieces);
+            float* o = pieces > 1 ? parts + (size_t)i * (each + 2 * group) : out + (size_t)pair * each;
+            float top[8], total[8];
+            if (p1 > p0) {
+                attend_piece<KIND>(qp, cache_at(pair, keys), cache_at(pair, values), strides[2], p0, p1, group, dim,
+                                   pieces == 1, o, top, total, scores, acc);
+            } else {
+                for (int g = 0; g < group; g++) top[g] = -INFINITY, total[g] = 0.0f;
+                memset(o, 0, sizeof(float) * each);
             }
-            attend_head<KIND>(q, key_cache, value_cache, strides[2], at + 1, group, dim,
-                              out + (size_t)r * heads * dim + (size_t)h * group * dim, scores);
+            if (pieces > 1)
+                for (int g = 0; g < group; g++) o[each + g] = top[g], o[each + group + g] = total[g];
+        }
+        if (pieces > 1) {
+#pragma omp for schedule(static)
+            for (int pair = 0; pair < pairs; pair++) {
+                const float* part = parts + (size_t)pair * pieces * (each + 2 * group);
+                const size_t size = each + 2 * group;
+                for (int g = 0; g < group; g++) {
+                    float best = -INFINITY, all = 0.0f, factor[64];
+                    for (int c = 0; c < pieces; c++) best = part[c * size + each + g] > best ? part[c * size + each + g] : best;
+                    for (int c = 0; c < pieces; c++) {
+                        const float t = part[c * size + each + g];
+                        factor[c] = t == -INFINITY ? 0.0f : expf(t - best);
+                        all += factor[c] * part[c * size + each + group + g];
+                    }
+                    float* o = out + (size_t)pair * each + g * dim;
+                    for (int d = 0; d < dim; d++) {
+                        float sum = 0.0f;
+                        for (int c = 0; c < pieces; c++) sum += factor[c] * part[c * size + g * dim + d];
+                        o[d] = sum / all;
+                    }
+                }
+            }
         }
         free(scores);
+        free(acc);
     }
+    free(rotated);
+    free(parts);
 }
 
 }  // namespace
