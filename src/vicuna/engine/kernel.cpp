@@ -42,6 +42,7 @@ struct Weights<BF16> {
     static constexpr bool odd_even = true;
     static inline void load16(const T* w, __m256& a, __m256& b) {
         __m256i v = _mm256_loadu_si256((const __m256i*)w);
+        asm("" : "+x"(v));  // one load: else gcc loads the same 32 bytes again for the mask
         a = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xFFFF0000u)));
         b = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
     }
@@ -394,6 +395,9 @@ void many_rows(const float* tiles, const typename Weights<KIND>::T* w, const flo
     }
 }
 
+// Room for n floats at a 64-byte boundary (a cache line): 32-byte loads from it never straddle two lines.
+inline float* floats(size_t n) { return (float*)aligned_alloc(64, (sizeof(float) * n + 63) / 64 * 64); }
+
 // Rows x[0, m) times w into y, with what the layer does around the product (`around`). The rows are
 // first prepared (gated, normalized) and rearranged for the kernels: x as [k][rows] tiles of TILE rows
 // for the panels, else each row in the order load16 gives a block's values. More than four rows: once,
@@ -407,12 +411,12 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
     const bool panels = m > FEW_ROWS && k <= 16384, shared = m > FEW_ROWS;
     const size_t width = around.gated ? 2 * (size_t)k : k, k16 = k & ~15, row = panels ? k : k16;
     float* shared_in = shared && prepared ? (float*)malloc(sizeof(float) * m * k) : nullptr;
-    float* shared_xs = shared ? (float*)malloc(sizeof(float) * (m * row + 1)) : nullptr;
+    float* shared_xs = shared ? floats(m * row + 1) : nullptr;
 #pragma omp parallel if (parallel)
     {
         const int t = omp_get_thread_num(), threads = omp_get_num_threads();
         float* in = shared ? shared_in : prepared ? (float*)malloc(sizeof(float) * m * k) : nullptr;
-        float* xs = shared ? shared_xs : (float*)malloc(sizeof(float) * (m * row + 1));
+        float* xs = shared ? shared_xs : floats(m * row + 1);
         auto prepare_row = [&](int i) {
             if (prepared) prepare(x + i * width, in + (size_t)i * k, k, around);
         };
