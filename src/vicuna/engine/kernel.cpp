@@ -477,6 +477,11 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
 constexpr int SPAN = 64;   // positions at a time
 constexpr int AHEAD = 16;  // positions ahead of the one read, requested from memory
 
+// Requests the cache lines of one position's `bytes` (a key or a value) from memory.
+inline void request(const void* row, int bytes) {
+    for (int line = 0; line < bytes; line += 64) _mm_prefetch((const char*)row + line, _MM_HINT_T0);
+}
+
 // Scores of G query heads (qs: G x dim, scaled, in load16 order) against the keys of positions [p0, p1):
 // out[g * stride + p - p0]. Each key is loaded once for the G heads; a block of positions at a time (8, 4
 // or 2 for 1, 2 or 3 heads), the queries' 16 values at a time in registers. The sums are named variables
@@ -501,10 +506,7 @@ void score(const float* qs, const typename Weights<KIND>::T* keys, long step, in
         __m256 a00 = z, a01 = z, a02 = z, a03 = z, a04 = z, a05 = z, a06 = z, a07 = z;
         __m256 a10 = z, a11 = z, a12 = z, a13 = z, a20 = z, a21 = z;
         __m256 a14, a15, a16, a17, a22, a23, a24, a25, a26, a27;  // named by the macro below, never used
-        for (int i = 0; i < P; i++) {  // the keys AHEAD positions on, from memory into the cache
-            const char* ahead = (const char*)(keys + (size_t)(p + i + AHEAD) * step);
-            for (int line = 0; line < row_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        }
+        for (int i = 0; i < P; i++) request(keys + (size_t)(p + i + AHEAD) * step, row_bytes);  // keys AHEAD on
         for (int d = 0; d < dim; d += 16) {
             const __m256 q00 = _mm256_loadu_ps(qs + d), q01 = _mm256_loadu_ps(qs + d + 8);
             const __m256 q10 = G > 1 ? _mm256_loadu_ps(qs + dim + d) : z;
@@ -571,10 +573,7 @@ void weigh(const float* weights, int stride, const typename Weights<KIND>::T* va
     const int row_bytes = dim * sizeof(typename W::T);
     for (int p = p0; p < p1; p++) {
         const typename W::T* row = values + (size_t)p * step;
-        if (first) {
-            const char* ahead = (const char*)(row + AHEAD * step);
-            for (int line = 0; line < row_bytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-        }
+        if (first) request(row + AHEAD * step, row_bytes);
         const __m256 w0 = _mm256_broadcast_ss(weights + (p - p0));
         const __m256 w1 = G > 1 ? _mm256_broadcast_ss(weights + stride + (p - p0)) : z;
         const __m256 w2 = G > 2 ? _mm256_broadcast_ss(weights + 2 * (size_t)stride + (p - p0)) : z;
@@ -595,28 +594,26 @@ void weigh(const float* weights, int stride, const typename Weights<KIND>::T* va
 #undef VICUNA_STORE
 }
 
+// `weigh` over the next min(B, left) blocks of 16 values from d on (B: at most what the registers hold for G
+// heads); answers how many it took.
+template <int KIND, int G, int B>
+int weigh_blocks(const float* weights, int stride, const typename Weights<KIND>::T* values, long step, int p0, int p1,
+                 float* acc, int dim, int d, int left) {
+    if constexpr (B > 1) {
+        if (left < B) return weigh_blocks<KIND, G, B - 1>(weights, stride, values, step, p0, p1, acc, dim, d, left);
+    }
+    weigh<KIND, G, B>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
+    return B;
+}
+
 // acc (G x dim, load16 order) += the values of positions [p0, p1) weighed by G heads' weights (row stride
 // `stride`, from p0), as many blocks of 16 at a time as the registers hold.
 template <int KIND, int G>
 void heads_values(const float* weights, int stride, const typename Weights<KIND>::T* values, long step, int p0, int p1,
                   float* acc, int dim) {
     constexpr int B = 4 / G > 2 ? 4 : 4 / G;  // G B <= 4: 2 G B sums in registers
-    for (int d = 0; d < dim;) {
-        const int left = (dim - d) / 16;
-        if (left >= B) {
-            weigh<KIND, G, B>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
-            d += 16 * B;
-        } else if (left == 3) {
-            weigh<KIND, G, 3>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
-            d += 48;
-        } else if (left == 2) {
-            weigh<KIND, G, 2>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
-            d += 32;
-        } else {
-            weigh<KIND, G, 1>(weights, stride, values + d, step, p0, p1, acc + d, dim, d == 0);
-            d += 16;
-        }
-    }
+    for (int d = 0; d < dim;)
+        d += 16 * weigh_blocks<KIND, G, B>(weights, stride, values, step, p0, p1, acc, dim, d, (dim - d) / 16);
 }
 
 // One piece of a (row, KV head) pair: the group's query heads q (rotated, group x dim) over the cached
@@ -630,11 +627,10 @@ void attend_piece(const float* q, const typename Weights<KIND>::T* keys, const t
     using W = Weights<KIND>;
     const float scale = 1.0f / sqrtf((float)dim);
     const int length = p1 - p0;
-    for (int p = p0; p < p1 && p < p0 + AHEAD; p++)  // the first keys and values, while the queries are arranged
-        for (int line = 0; line < dim * (int)sizeof(typename W::T); line += 64) {
-            _mm_prefetch((const char*)(keys + (size_t)p * step) + line, _MM_HINT_T0);
-            _mm_prefetch((const char*)(values + (size_t)p * step) + line, _MM_HINT_T0);
-        }
+    for (int p = p0; p < p1 && p < p0 + AHEAD; p++) {  // the first keys and values, while the queries are arranged
+        request(keys + (size_t)p * step, dim * sizeof(typename W::T));
+        request(values + (size_t)p * step, dim * sizeof(typename W::T));
+    }
     float qs[8 * 256];  // the group's queries, scaled, in the order load16 gives a block's values
     for (int g = 0; g < group; g++)
         for (int d = 0; d < dim; d += 16)
@@ -644,7 +640,7 @@ void attend_piece(const float* q, const typename Weights<KIND>::T* keys, const t
                 qs[g * dim + d + 8 + t] = scale * (W::odd_even ? qr[2 * t] : qr[8 + t]);
             }
     // the group in sets of at most three heads, as even as can be: 4 = 2 + 2, 7 = 3 + 2 + 2
-    int sets = (group + 2) / 3, first[4], size[3];
+    int sets = (group + 2) / 3, first[3], size[3];
     for (int c = 0, g = 0; c < sets; c++) {
         size[c] = (group - g) / (sets - c);
         first[c] = g;
@@ -722,10 +718,8 @@ void attend(const float* mixed, const float* rope, int rope_positions, void* key
     const bool parallel = pairs * (long)longest * group * dim >= 8192;
     // pieces per pair: so that the threads get equal numbers of pieces, none shorter than a few spans
     const int threads = parallel ? omp_get_max_threads() : 1;
-    int pieces = threads / std::gcd(pairs, threads);
     const int most = std::min(64, (longest + 4 * SPAN - 1) / (4 * SPAN));
-    pieces = pieces < most ? pieces : most;
-    pieces = pieces > 1 ? pieces : 1;
+    const int pieces = std::max(1, std::min(threads / std::gcd(pairs, threads), most));
     const size_t each = (size_t)group * dim;  // a pair's query heads, or output
     float* rotated = pieces > 1 ? (float*)malloc(sizeof(float) * pairs * each) : nullptr;
     float* parts = pieces > 1 ? (float*)malloc(sizeof(float) * pairs * pieces * (each + 2 * group)) : nullptr;
