@@ -142,6 +142,44 @@ def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher):
     assert batcher.running == 0 and batcher.stats.steps < 900
 
 
+def test_every_event_reaches_its_sink_before_the_model_runs_again(tiny_engine, batcher, monkeypatch):
+    """Events are handed over late, just before the next prefill or step (when the kernel frees the GIL
+    for a front end's thread), but never held across a model call."""
+    rows = type(batcher._rows)
+    tokens_made, tokens_delivered, in_step = [0], [0], []
+    for name in ("prefill", "step"):
+        call = getattr(rows, name)
+
+        def counted(self, *args, call=call, name=name):
+            in_step.append(tokens_delivered[0] == tokens_made[0])
+            out = call(self, *args)
+            tokens_made[0] += 1 if name == "prefill" else len(args[0])  # one token per row
+            return out
+
+        monkeypatch.setattr(rows, name, counted)
+    done = [threading.Event(), threading.Event()]
+    first_tokens = threading.Event()
+
+    def sink(i: int):
+        def take(event) -> None:
+            if isinstance(event, TextChunk) and event.token_ids:
+                tokens_delivered[0] += 1
+                if tokens_delivered[0] == 3:
+                    first_tokens.set()
+            if isinstance(event, Finished):
+                done[i].set()
+
+        return take
+
+    params = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
+    batcher.add(tiny_engine.encode(TEXTS[0]), params, sink(0))
+    assert first_tokens.wait(60)
+    batcher.add(tiny_engine.encode(TEXTS[1]), replace(params, max_new_tokens=6), sink(1))  # joins the batch
+    assert done[0].wait(60) and done[1].wait(60)
+    assert len(in_step) >= 200 and all(in_step)
+    assert tokens_made[0] == tokens_delivered[0] == 206 and batcher.stats.peak_running == 2
+
+
 def test_too_long_is_refused_before_any_event(tiny_engine, batcher):
     ids = tiny_engine.encode(TEXTS[0])
     with pytest.raises(ContextTooLongError) as info:

@@ -69,7 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"concurrent streams to try (default {DEFAULT_STREAMS})",
     )
     srv.add_argument("--new-tokens", type=int, default=128, help="tokens in each reply")
-    srv.add_argument("--runs", type=int, default=1, help="rounds per concurrency level; the median is shown")
+    srv.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="rounds: each times the engine directly and one stream in turn 3 times, then every other level; medians are shown",
+    )
     srv.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server")
     _outputs(srv)
 
