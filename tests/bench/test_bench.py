@@ -145,20 +145,35 @@ def test_serve_rows_compare_concurrency_with_one_stream_and_the_api_with_the_eng
     def wave(n: int, rate: float, p50: float, p99: float, decode: float = 50.0) -> Wave:
         return Wave(n, 1.0, int(rate), rate, p50, p99, decode)
 
+    # each API wave was sent right after the engine reply of the same index: the pair ratios are 1.0,
+    # 0.857 and 0.976, so the median pair is (80, 82), where a ratio of medians would say 60 / 70
     waves = {
-        1: [wave(1, 40, 0.1, 0.1, decode=48), wave(1, 60, 0.3, 0.3, decode=52)],
+        1: [
+            wave(1, 40, 0.1, 0.1, decode=40),
+            wave(1, 50, 0.3, 0.3, decode=60),
+            wave(1, 60, 0.2, 0.2, decode=80),
+        ],
         16: [wave(16, 300, 0.5, 2.0)],
     }
-    direct = [StreamResult(0.1, 2.0, 100, 50.0), StreamResult(0.1, 2.0, 100, 50.0)]
+    direct = [
+        StreamResult(0.1, 2.0, 100, 40.0),
+        StreamResult(0.1, 2.0, 100, 70.0),
+        StreamResult(0.4, 2.5, 100, 82.0),
+    ]
     report = Report("serve", settings={})
     add_serve_rows(report, direct, waves)
     agg = rows_by(report, "16 streams", "aggregate", "1 stream")
     assert (agg.value, agg.baseline_value, agg.ratio, agg.target, agg.met) == (300, 50, 6.0, 6.0, True)
     api = rows_by(report, "1 stream", "API decode", "engine directly")
-    assert (api.value, api.baseline_value, api.target) == (50, 50, 0.95) and api.met
-    assert rows_by(report, "1 stream", "API tokens/s", "engine directly").baseline_value == 50.0
+    assert (api.value, api.baseline_value, api.target) == (80, 82, 0.95) and api.met
+    tokens = rows_by(report, "1 stream", "API tokens/s", "engine directly")  # 40/50, 50/50, 60/40
+    assert (tokens.value, tokens.baseline_value) == (50, 50.0)
+    ttft = rows_by(report, "1 stream", "API TTFT", "engine directly")  # 100/100, 300/100, 200/400
+    assert (ttft.value, ttft.baseline_value) == pytest.approx((100.0, 100.0))
     p99 = rows_by(report, "16 streams", "TTFT p99", "1 stream")
     assert (p99.value, p99.baseline_value) == pytest.approx((2000.0, 200.0))
+    with pytest.raises(ValueError):  # a wave without its engine reply is not a pair
+        add_serve_rows(Report("serve", settings={}), direct[:2], waves)
 
 
 def test_summarize_wave_and_sse_parsing():
