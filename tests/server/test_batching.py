@@ -143,8 +143,8 @@ def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher):
 
 
 def test_every_event_reaches_its_sink_before_the_model_runs_again(tiny_engine, batcher, monkeypatch):
-    """Events are handed over late, just before the next prefill or step (when the kernel frees the GIL
-    for a front end's thread), but never held across a model call."""
+    """Events are handed over late, just before the next prefill, step or task (when the kernel frees the
+    GIL for a front end's thread), but never held across a model call."""
     rows = type(batcher._rows)
     tokens_made, tokens_delivered, in_step = [0], [0], []
     for name in ("prefill", "step"):
@@ -174,6 +174,7 @@ def test_every_event_reaches_its_sink_before_the_model_runs_again(tiny_engine, b
     params = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
     batcher.add(tiny_engine.encode(TEXTS[0]), params, sink(0))
     assert first_tokens.wait(60)
+    assert batcher.call(lambda: tokens_delivered[0] == tokens_made[0]).result(60)  # a task runs the model too
     batcher.add(tiny_engine.encode(TEXTS[1]), replace(params, max_new_tokens=6), sink(1))  # joins the batch
     assert done[0].wait(60) and done[1].wait(60)
     assert len(in_step) >= 200 and all(in_step)

@@ -331,6 +331,8 @@ class Batcher:
                         break
                     tasks = list(self._tasks)
                     self._tasks.clear()
+                if tasks:  # a task runs the model too (embeddings)
+                    self._hand_over()
                 for fn, future in tasks:
                     self._run_task(fn, future)
                 try:
