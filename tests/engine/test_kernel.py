@@ -207,6 +207,45 @@ def test_a_decode_attention_step_equals_float64_over_each_rows_own_length(
         assert (out[r].double() - exact.flatten()).abs().max() <= 1e-5
 
 
+@needs_kernel
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens,start,threads", [(24, 27, None), (7, 0, None), (40, 300, 3), (5, 2, 4)])
+def test_a_prompts_tokens_in_one_cache_row_see_each_others_keys_and_values(kind, tokens, start, threads):
+    """Rows with a row stride of 0 are one prompt's new tokens at positions start, start + 1, ...: each
+    attends to the cached positions and to the tokens up to itself, which other threads store."""
+    torch.manual_seed(tokens + start)
+    kv_heads, group, dim = 3, 3, 64
+    heads = kv_heads * group
+    if threads:
+        before_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    row = torch.randn(1, kv_heads, start + tokens + 8, dim).to(kind)
+    row_values = torch.randn_like(row)
+    keys, values = row.expand(tokens, -1, -1, -1), row_values.expand(tokens, -1, -1, -1)
+    assert keys.stride(0) == 0
+    mixed = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(start + tokens + 8, dim // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    table = torch.stack([cos, torch.cat([-sin[:, : dim // 2], sin[:, dim // 2 :]], -1)])
+    positions = torch.arange(start, start + tokens, dtype=torch.int32)
+    try:
+        out = kernel.attend(mixed, table, keys, values, positions, heads, kv_heads)
+    finally:
+        if threads:
+            torch.set_num_threads(before_threads)
+    for r in range(tokens):
+        at = start + r
+        q, k, v = mixed[r].double().split([heads * dim, kv_heads * dim, kv_heads * dim])
+        q = rotate(q.view(heads, dim), cos[at].double(), sin[at].double())
+        k = rotate(k.view(kv_heads, dim), cos[at].double(), sin[at].double())
+        torch.testing.assert_close(row[0, :, at], k.to(kind))
+        torch.testing.assert_close(row_values[0, :, at], v.view(kv_heads, dim).to(kind))
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            q.view(kv_heads, group, dim), row[0, :, : at + 1].double(), row_values[0, :, : at + 1].double()
+        )
+        assert (out[r].double() - exact.flatten()).abs().max() <= 1e-5
+
+
 def test_attention_takes_only_the_shapes_it_is_written_for():
     assert not kernel.attends(torch.bfloat16, 3, 72)  # head size not a multiple of 16
     assert not kernel.attends(torch.bfloat16, 16, 64)  # more query heads per KV head than it holds

@@ -99,7 +99,9 @@ def test_8bit_decode_steps_of_any_number_of_rows_are_one_kernel_call(tiny_llama_
         pytest.skip("the kernel does not run here")
     assert w.step_rows is None  # the kernel's int8 products take any number of rows
     calls, step = [], w.step_kernel
-    w.step_kernel = lambda *args: calls.append(args[0].shape[0]) or step(*args)
+    w.step_kernel = lambda *args, **kw: (
+        calls.append((args[0].shape[0], kw.get("prompt", False))) or step(*args, **kw)
+    )
     alone, batch, rows = [], LlamaRunner(w, None), 2 * kernel.FEW_ROWS + 1
     for i in range(rows):
         runner = LlamaRunner(w, None)
@@ -107,7 +109,8 @@ def test_8bit_decode_steps_of_any_number_of_rows_are_one_kernel_call(tiny_llama_
         batch.join(runner)
         alone.append(runner.step(9))
     out = decode(w, batch, [9] * rows)
-    assert calls == [1] * rows + [rows]  # each row alone, then the batch in one call
+    # each prompt in one call, each row's step alone, then the batch in one call
+    assert calls == [(3, True), (1, False)] * rows + [(rows, False)]
     for row, expected in zip(out, alone, strict=True):
         assert row.argmax() == expected.argmax()
         assert torch.nn.functional.cosine_similarity(row, expected, dim=0) > 0.999

@@ -168,16 +168,56 @@ def test_a_decode_step_in_one_kernel_call_equals_the_step_call_by_call(tiny_llam
         pytest.skip("the kernel does not run here")
     step_kernel, logits = w.step_kernel, {}
     for whole in (True, False):
-        w.step_kernel = step_kernel if whole else None
+        w.step_kernel = step_kernel  # the prompts the same way (see the next test)
         batch = LlamaRunner(w, None)
         for prompt in ([3, 4, 5], list(range(10, 80)), [6]):
             runner = LlamaRunner(w, None)
             runner.prefill(prompt)
             batch.join(runner)
+        w.step_kernel = step_kernel if whole else None
         logits[whole] = [decode(w, batch, [9, 9, 2]), decode(w, batch, [4, 7, 1])]
         logits[whole].append(batch.cache.clone())
     for ours, theirs in zip(logits[True], logits[False], strict=True):
         assert torch.equal(ours, theirs)  # the same kernel functions in the same order
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_short_prompt_in_one_kernel_call_equals_it_layer_by_layer(tiny_llama_dir, dtype, monkeypatch):
+    """Up to PROMPT_STEP_ROWS new tokens go through `Step` as one prompt (each token attends through the
+    decode attention, to the cache as stored); longer ones, layer by layer with PyTorch's attention."""
+    from vicuna.engine import kernel
+    from vicuna.engine import runner as runner_module
+
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype=dtype), progress=False)
+    w = engine.llama_weights
+    if w.step_kernel is None:
+        pytest.skip("the kernel does not run here")
+    calls = []
+    step = kernel.Step.__call__
+    monkeypatch.setattr(
+        kernel.Step, "__call__", lambda self, *a, **kw: calls.append(kw) or step(self, *a, **kw)
+    )
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == "float32" else {"rtol": 0.05, "atol": 0.05}
+    prefix, default = list(range(10, 40)), runner_module.PROMPT_STEP_ROWS
+    for start, new in ((0, [3, 4, 5]), (0, list(range(50, 90))), (len(prefix), [7, 8, 9, 11, 12, 13])):
+        prompt = (prefix if start else []) + new
+        got = {}
+        for limit in (default, 0):  # the kernel call, then layer by layer
+            monkeypatch.setattr(runner_module, "PROMPT_STEP_ROWS", limit)
+            runner = LlamaRunner(w, None)
+            if start:
+                runner.prefill(prefix + [1])  # the prefix cached, as a copied one would be
+                runner.lengths = [start]
+            calls.clear()
+            logits = runner.prefill(prompt, start)
+            on_kernel = calls == [{"prompt": True}]
+            got[limit] = (logits, runner.cache[:, :, 0, :, : len(prompt)].float(), runner.step(5), on_kernel)
+        ours, theirs = got[default], got[0]
+        few = len(new) <= (w.step_rows or len(new))  # where the kernel multiplies this many rows
+        assert ours[3] == few and not theirs[3]
+        for a, b in zip(ours[:3], theirs[:3], strict=True):
+            torch.testing.assert_close(a, b, **tolerance)
+        assert ours[0].argmax() == theirs[0].argmax() and ours[2].argmax() == theirs[2].argmax()
 
 
 def test_the_one_call_decode_step_refuses_what_would_write_outside_the_cache(tiny_llama_dir):

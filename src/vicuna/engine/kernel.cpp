@@ -721,7 +721,10 @@ void attend(const float* mixed, const float* rope, int rope_positions, void* key
     const int most = std::min(64, (longest + 4 * SPAN - 1) / (4 * SPAN));
     const int pieces = std::max(1, std::min(threads / std::gcd(pairs, threads), most));
     const size_t each = (size_t)group * dim;  // a pair's query heads, or output
-    float* rotated = pieces > 1 ? (float*)malloc(sizeof(float) * pairs * each) : nullptr;
+    // Rows that share one cache row (row stride 0: a prompt's tokens, each at its own position) read each
+    // other's keys and values, so all are stored before any row attends; so are pieces' queries.
+    const bool first = pieces > 1 || (strides[0] == 0 && rows > 1);
+    float* rotated = first ? (float*)malloc(sizeof(float) * pairs * each) : nullptr;
     float* parts = pieces > 1 ? (float*)malloc(sizeof(float) * pairs * pieces * (each + 2 * group)) : nullptr;
     auto cache_at = [&](int pair, void* base) {
         const int r = pair / kv_heads, h = pair % kv_heads;
@@ -754,7 +757,7 @@ void attend(const float* mixed, const float* rope, int rope_positions, void* key
         float* scores = (float*)malloc(sizeof(float) * (size_t)group * widest);
         float* acc = (float*)malloc(sizeof(float) * each);
         float q[8 * 256];
-        if (pieces > 1) {
+        if (first) {
 #pragma omp for schedule(static)
             for (int i = 0; i < pairs; i++) rotate_store(i, rotated + i * each);
         }
@@ -762,7 +765,7 @@ void attend(const float* mixed, const float* rope, int rope_positions, void* key
         for (int i = 0; i < pairs * pieces; i++) {
             const int pair = i / pieces, piece = i % pieces, length = positions[pair / kv_heads] + 1;
             const float* qp = q;
-            if (pieces > 1)
+            if (first)
                 qp = rotated + pair * each;
             else
                 rotate_store(pair, q);
@@ -870,12 +873,14 @@ int vicuna_attend(int kind, const float* mixed, const float* rope, int rope_posi
 // the rows' embeddings in, the last hidden states out (before the final norm); the KV cache (kind
 // cache_kind) is one tensor [layers, 2, rows, kv_heads, positions, dim] with the element strides
 // cache_strides (layer, keys/values, row, head, position); positions[row]: where the row's new token
-// goes; logits [rows, vocab] float32. 0 when done, -1 for a kind or shape the kernel does not take.
+// goes; logits [logit_rows, vocab] float32: those of the last logit_rows rows. With a row stride of 0 in
+// cache_strides the rows are one prompt's tokens in one cache row, each at its own position (a prefill:
+// logit_rows 1). 0 when done, -1 for a kind or shape the kernel does not take.
 int vicuna_decode(const int* kinds, const void* const* weights, const float* const* scales,
                   const float* const* norms, float eps, int layers, int hidden, int inter, int vocab,
                   int heads, int kv_heads, int dim, const float* rope, int rope_positions, int cache_kind,
                   void* cache, const long* cache_strides, const int* positions, float* x, float* logits,
-                  int rows) {
+                  int rows, int logit_rows) {
     const int width = (heads + 2 * kv_heads) * dim, attended = heads * dim;
     const size_t element = cache_kind == F32 ? 4 : 2;
     float* mixed = (float*)malloc(sizeof(float) * (size_t)rows * width);
@@ -896,9 +901,10 @@ int vicuna_decode(const int* kinds, const void* const* weights, const float* con
                                  0, 0);
         status |= vicuna_product(kind[3], gate_up, w[3], sc[3], x, rows, hidden, inter, nullptr, 0.0f, 1, 1);
     }
+    if (!status && (logit_rows < 1 || logit_rows > rows)) status = -1;
     if (!status)
-        status = vicuna_product(kinds[4 * layers], x, weights[4 * layers], scales[4 * layers], logits, rows, vocab,
-                                hidden, norms[2 * layers], eps, 0, 0);
+        status = vicuna_product(kinds[4 * layers], x + (size_t)(rows - logit_rows) * hidden, weights[4 * layers],
+                                scales[4 * layers], logits, logit_rows, vocab, hidden, norms[2 * layers], eps, 0, 0);
     free(mixed);
     free(out);
     free(gate_up);

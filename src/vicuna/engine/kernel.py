@@ -138,7 +138,9 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         fn = library.vicuna_decode
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_int] * 7
-        fn.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int]
+        fn.argtypes += (
+            [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2
+        )
         _library = library
         return library
 
@@ -238,18 +240,28 @@ class Step:
         self.eps, self.layers, self.heads, self.kv_heads, self.dim = eps, len(layers), heads, kv_heads, dim
 
     def __call__(
-        self, x: torch.Tensor, rope: torch.Tensor, cache: torch.Tensor, positions: torch.Tensor
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        cache: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        prompt: bool = False,
     ) -> torch.Tensor:
         """x [rows, hidden] float32: the new tokens' embeddings (overwritten); rope as for `attend`;
         cache [layers, 2, >= rows, kv_heads, positions, dim] (the model's dtype); positions int32 [rows].
-        Returns the float32 logits [rows, vocab]; the cache holds the rows' new keys and values."""
+        Returns the float32 logits [rows, vocab]; the cache holds the rows' new keys and values.
+
+        With `prompt`, the rows are one prompt's tokens at their positions in the cache's first row (each
+        attends to the positions before its own and to itself), and only the last row's logits [1, vocab]
+        are computed: a short prefill, with no Python between its products either."""
         rows = x.shape[0]
         if x.dtype is not torch.float32 or not x.is_contiguous() or x.shape[1] != self.hidden:
             raise ValueError(f"decode step: contiguous float32 rows of {self.hidden} values are needed")
         if (
             cache.dim() != 6
             or cache.shape[0] != self.layers
-            or cache.shape[2] < rows
+            or cache.shape[2] < (1 if prompt else rows)
             or cache.shape[3] != self.kv_heads
             or cache.shape[5] != self.dim
             or cache.stride(-1) != 1
@@ -264,13 +276,15 @@ class Step:
             raise ValueError("decode step: a contiguous float32 rotary table is needed")
         if rows and int(positions.max()) >= min(cache.shape[4], rope.shape[1]):
             raise ValueError("decode step: a position past the cache or the rotary table")
-        logits = torch.empty(rows, self.vocab)
+        logits = torch.empty(1 if prompt else rows, self.vocab)
         strides = (ctypes.c_long * 5)(*cache.stride()[:5])
+        if prompt:
+            strides[2] = 0  # every row in the cache's first
         status = _library.vicuna_decode(
             self.kinds, self.weights, self.scales, self.norms, self.eps, self.layers, self.hidden,
             self.inter, self.vocab, self.heads, self.kv_heads, self.dim, rope.data_ptr(), rope.shape[1],
             KINDS[cache.dtype], cache.data_ptr(), strides, positions.data_ptr(), x.data_ptr(),
-            logits.data_ptr(), rows,
+            logits.data_ptr(), rows, logits.shape[0],
         )  # fmt: skip
         if status:
             raise ValueError("decode step: the kernel does not take this model's shapes or types")
