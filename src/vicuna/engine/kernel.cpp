@@ -881,6 +881,7 @@ int vicuna_decode(const int* kinds, const void* const* weights, const float* con
                   int heads, int kv_heads, int dim, const float* rope, int rope_positions, int cache_kind,
                   void* cache, const long* cache_strides, const int* positions, float* x, float* logits,
                   int rows, int logit_rows) {
+    if (logit_rows < 1 || logit_rows > rows) return -1;
     const int width = (heads + 2 * kv_heads) * dim, attended = heads * dim;
     const size_t element = cache_kind == F32 ? 4 : 2;
     float* mixed = (float*)malloc(sizeof(float) * (size_t)rows * width);
@@ -901,7 +902,6 @@ int vicuna_decode(const int* kinds, const void* const* weights, const float* con
                                  0, 0);
         status |= vicuna_product(kind[3], gate_up, w[3], sc[3], x, rows, hidden, inter, nullptr, 0.0f, 1, 1);
     }
-    if (!status && (logit_rows < 1 || logit_rows > rows)) status = -1;
     if (!status)
         status = vicuna_product(kinds[4 * layers], x + (size_t)(rows - logit_rows) * hidden, weights[4 * layers],
                                 scales[4 * layers], logits, logit_rows, vocab, hidden, norms[2 * layers], eps, 0, 0);

@@ -238,6 +238,10 @@ class LlamaWeights:
             )
             self.step_rows = min((d.kernel_rows for d in dense if d.kernel_rows is not None), default=None)
 
+    def one_call(self, rows: int) -> bool:
+        """Whether a step of `rows` rows (or a prompt of `rows` new tokens) is one kernel call (`Step`)."""
+        return self.step_kernel is not None and (self.step_rows is None or rows <= self.step_rows)
+
     def rope(self, length: int) -> torch.Tensor:
         """cos and sin for positions 0..length-1, [2, positions, head_dim], sin with its first half negated
         (see `rotate`). Grown in whole cache chunks; a table already handed out is never changed."""
@@ -341,8 +345,8 @@ class LlamaRunner:
             return decode(w, self, prompt_ids[-1:])[0]
         self.reserve(1, n)
         m = n - start  # tokens computed
-        if w.step_kernel is not None and m <= PROMPT_STEP_ROWS and (w.step_rows is None or m <= w.step_rows):
-            x = w.embed(torch.tensor(prompt_ids[start:], device=w.device)).to(w.act_dtype)
+        x = w.embed(torch.tensor(prompt_ids[start:], device=w.device)).to(w.act_dtype)  # [m, hidden]
+        if m <= PROMPT_STEP_ROWS and w.one_call(m):
             positions = torch.arange(start, n, dtype=torch.int32)
             logits = w.step_kernel(x.contiguous(), w.rope(n), self.cache, positions, prompt=True)
             self.lengths = [n]
@@ -353,7 +357,6 @@ class LlamaRunner:
         mask = None  # from position 0: causal; else each new token sees the cached ones and itself
         if start:
             mask = torch.arange(n, device=w.device) <= torch.arange(start, n, device=w.device)[:, None]
-        x = w.embed(torch.tensor(prompt_ids[start:], device=w.device)).to(w.act_dtype)  # [m, hidden]
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
             mixed = qkv(x, norm=norm1)
             qk = rotate(mixed[:, :rotated].view(m, heads + kv_heads, dim), cos, sin).transpose(0, 1)
@@ -392,7 +395,7 @@ def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Ten
     runner.reserve(n, end)
     table = w.rope(end)
     x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
-    if w.step_kernel is not None and (w.step_rows is None or n <= w.step_rows):
+    if w.one_call(n):
         logits = w.step_kernel(x.contiguous(), table, runner.cache, torch.tensor(lengths, dtype=torch.int32))
     else:
         if w.attend_kernel:
