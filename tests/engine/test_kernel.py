@@ -250,3 +250,77 @@ def test_attention_takes_only_the_shapes_it_is_written_for():
     assert not kernel.attends(torch.bfloat16, 3, 72)  # head size not a multiple of 16
     assert not kernel.attends(torch.bfloat16, 16, 64)  # more query heads per KV head than it holds
     assert not kernel.attends(torch.int8, 1, 64)
+
+
+def zero_layer_step(table: kernel.Weight, head: torch.Tensor, dtype: torch.dtype) -> kernel.Step:
+    """A one-layer step whose layer adds nothing (zero output and down weights): its logits are the head
+    times the final norm of each token's embedding, as the step looks it up."""
+    heads, kv_heads, dim, inter = 2, 1, 16, 64
+    hidden = heads * dim
+    zeros = [
+        torch.zeros(n, k)
+        for n, k in ((4 * dim, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter))
+    ]
+    layer = tuple(kernel.Weight(z) for z in zeros)
+    norms = [torch.ones(hidden)] * 3
+    return kernel.Step([layer], kernel.Weight(head), norms, 1e-6, heads, kv_heads, dim, table, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("table_kind", [torch.bfloat16, torch.float32, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_step_looks_its_tokens_up_as_pytorchs_embedding_does(table_kind, dtype):
+    """int8 rows times their scale are rounded to the model's dtype, as `Int8Embedding` gives them."""
+    from vicuna.engine.quant import Int8Embedding, quantize_rows
+
+    torch.manual_seed(7)
+    vocab, hidden = 50, 32
+    source = torch.nn.Embedding(vocab, hidden).to(dtype)
+    if table_kind == torch.int8:
+        module = Int8Embedding(source, quantize_rows(source.weight))
+        table = kernel.Weight(module.weight_int8, module.scales.float())
+    else:
+        module = torch.nn.Embedding(vocab, hidden).to(table_kind)
+        table = kernel.Weight(module.weight.data)
+    head = torch.randn(vocab, hidden)
+    step = zero_layer_step(table, head, dtype)
+    tokens = [0, 49, 17, 17]
+    cache = torch.zeros(1, 2, len(tokens), 1, 8, 16)
+    rope = torch.zeros(2, 8, 16)
+    logits = step(tokens, rope, cache, [0, 3, 1, 7])
+    x = module(torch.tensor(tokens)).double()
+    x = x / (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(logits.double(), x @ head.double().T, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_step_refuses_tokens_outside_its_table_and_positions_that_do_not_match():
+    step = zero_layer_step(kernel.Weight(torch.randn(50, 32)), torch.randn(50, 32), torch.float32)
+    cache, rope = torch.zeros(1, 2, 2, 1, 8, 16), torch.zeros(2, 8, 16)
+    with pytest.raises(ValueError, match="token id outside"):
+        step([50], rope, cache, [0])
+    with pytest.raises(ValueError, match="token id outside"):
+        step([-1], rope, cache, [0])
+    with pytest.raises(ValueError, match="2 tokens but 1 positions"):
+        step([1, 2], rope, cache, [0])
+    with pytest.raises(ValueError, match="past the cache"):
+        step([1], rope, cache, [8])
+    with pytest.raises(ValueError, match="past the cache"):
+        step([1], rope, cache, [-1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 7, 8, 31, 32, 33, 100, 49152])
+def test_argmax_answers_as_torch_does_with_ties_and_nans(n):
+    generator = torch.Generator().manual_seed(n)
+    for case in range(12):
+        row = torch.randn(n, generator=generator)
+        if case % 3 == 1:
+            row[torch.randint(0, n, (3,), generator=generator)] = row.max() + 1  # tied maxima
+        if case % 4 == 2:
+            row[torch.randint(0, n, (2,), generator=generator)] = float("nan")
+        if case == 5:
+            row[:] = -float("inf")
+        assert kernel.argmax(row) == int(torch.argmax(row)), (n, case)
+    assert kernel.argmax(torch.randn(n, dtype=torch.float64)) is None  # not a float32 row: not taken
+    assert kernel.argmax(torch.randn(n, 2)[:, 0]) is None  # nor a strided one

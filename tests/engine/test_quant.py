@@ -100,7 +100,7 @@ def test_8bit_decode_steps_of_any_number_of_rows_are_one_kernel_call(tiny_llama_
     assert w.step_rows is None  # the kernel's int8 products take any number of rows
     calls, step = [], w.step_kernel
     w.step_kernel = lambda *args, **kw: (
-        calls.append((args[0].shape[0], kw.get("prompt", False))) or step(*args, **kw)
+        calls.append((len(args[0]), kw.get("prompt", False))) or step(*args, **kw)
     )
     alone, batch, rows = [], LlamaRunner(w, None), 2 * kernel.FEW_ROWS + 1
     for i in range(rows):

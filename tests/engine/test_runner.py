@@ -227,15 +227,15 @@ def test_the_one_call_decode_step_refuses_what_would_write_outside_the_cache(tin
         pytest.skip("the kernel does not run here")
     runner = LlamaRunner(w, None)
     runner.prefill([3, 4, 5])
-    x, rope = torch.zeros(1, w.config.hidden_size), w.rope(4)
+    rope = w.rope(4)
     with pytest.raises(ValueError, match="past the cache"):
-        w.step_kernel(x, rope, runner.cache, torch.tensor([runner.capacity], dtype=torch.int32))
+        w.step_kernel([7], rope, runner.cache, [runner.capacity])
     with pytest.raises(ValueError, match="cache"):
-        w.step_kernel(x, rope, runner.cache[:, :, :, :, :, :8], torch.tensor([3], dtype=torch.int32))
-    with pytest.raises(ValueError, match="int32 positions"):
-        w.step_kernel(x, rope, runner.cache, torch.tensor([3]))
-    with pytest.raises(ValueError, match="float32 rows"):
-        w.step_kernel(x.double(), rope, runner.cache, torch.tensor([3], dtype=torch.int32))
+        w.step_kernel([7], rope, runner.cache[:, :, :, :, :, :8], [3])
+    with pytest.raises(ValueError, match="token id outside"):
+        w.step_kernel([w.config.vocab_size], rope, runner.cache, [3])
+    with pytest.raises(ValueError, match="rotary table"):
+        w.step_kernel([7], rope.double(), runner.cache, [3])
 
 
 def test_rows_that_leave_free_their_cache_and_the_rest_go_on(tiny_llama_dir):

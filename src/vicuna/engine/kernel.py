@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -138,9 +139,12 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         fn = library.vicuna_decode
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_float] + [ctypes.c_int] * 7
-        fn.argtypes += (
-            [ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2
-        )
+        fn.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        fn.argtypes += [ctypes.c_int, *[ctypes.c_void_p] * 2, ctypes.c_int] + [ctypes.c_void_p] * 3
+        fn.argtypes += [ctypes.c_int] * 2
+        fn = library.vicuna_argmax
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int]
         _library = library
         return library
 
@@ -205,7 +209,9 @@ class Step:
     threads, such as a server's event loop, run meanwhile instead of waiting between products).
 
     `layers`: per layer (qkv, o, gate_up, down) `Weight`s; `norms`: per layer the two norm weights, then
-    the final one (float32, at least `hidden` values each). The kernel must be loaded."""
+    the final one (float32, at least `hidden` values each); `embedding`: the token embedding table, whose
+    rows the step looks up itself (int8 rows times their scales, rounded to `dtype`, the model's, as
+    PyTorch's lookup gives them). The kernel must be loaded."""
 
     def __init__(
         self,
@@ -216,9 +222,15 @@ class Step:
         heads: int,
         kv_heads: int,
         dim: int,
+        embedding: Weight,
+        dtype: torch.dtype,
     ) -> None:
         weights = [w for layer in layers for w in layer] + [head]
         self.hidden, self.inter, self.vocab = head.k, layers[0][3].k, head.n
+        if embedding.k != self.hidden:
+            raise ValueError(f"decode step: embedding rows of {embedding.k} values, not {self.hidden}")
+        self.embedding = embedding  # kept alive: the kernel reads its memory
+        self.embed_args = (*embedding.args, KINDS.get(dtype, -1))
         shapes = [((heads + 2 * kv_heads) * dim, self.hidden), (self.hidden, heads * dim)]
         shapes += [(2 * self.inter, self.hidden), (self.hidden, self.inter)]
         for i, layer in enumerate(layers):
@@ -241,23 +253,27 @@ class Step:
 
     def __call__(
         self,
-        x: torch.Tensor,
+        tokens: Sequence[int],
         rope: torch.Tensor,
         cache: torch.Tensor,
-        positions: torch.Tensor,
+        positions: Sequence[int],
         *,
         prompt: bool = False,
     ) -> torch.Tensor:
-        """x [rows, hidden] float32: the new tokens' embeddings (overwritten); rope as for `attend`;
-        cache [layers, 2, >= rows, kv_heads, positions, dim] (the model's dtype); positions int32 [rows].
-        Returns the float32 logits [rows, vocab]; the cache holds the rows' new keys and values.
+        """tokens: the new token of each row; rope as for `attend`; cache [layers, 2, >= rows, kv_heads,
+        positions, dim] (the model's dtype); positions: where each row's token goes. Returns the float32
+        logits [rows, vocab]; the cache holds the rows' new keys and values. The tokens and positions are
+        handed over as plain integers (no tensors are made for them: between two steps, with the caches
+        cold from reading the weights, each small PyTorch operation took 30-150 us here).
 
         With `prompt`, the rows are one prompt's tokens at their positions in the cache's first row (each
         attends to the positions before its own and to itself), and only the last row's logits [1, vocab]
         are computed: a short prefill, with no Python between its products either."""
-        rows = x.shape[0]
-        if x.dtype is not torch.float32 or not x.is_contiguous() or x.shape[1] != self.hidden:
-            raise ValueError(f"decode step: contiguous float32 rows of {self.hidden} values are needed")
+        rows = len(tokens)
+        if len(positions) != rows:
+            raise ValueError(f"decode step: {rows} tokens but {len(positions)} positions")
+        if rows and (min(tokens) < 0 or max(tokens) >= self.embedding.n):
+            raise ValueError(f"decode step: a token id outside the embedding's {self.embedding.n} rows")
         if (
             cache.dim() != 6
             or cache.shape[0] != self.layers
@@ -270,11 +286,9 @@ class Step:
             raise ValueError(
                 f"decode step: a cache [{self.layers}, 2, rows, {self.kv_heads}, positions, {self.dim}] is needed"
             )
-        if positions.dtype is not torch.int32 or positions.shape != (rows,) or not positions.is_contiguous():
-            raise ValueError(f"decode step: {rows} int32 positions are needed")
         if rope.dtype is not torch.float32 or not rope.is_contiguous() or rope.shape[-1] != self.dim:
             raise ValueError("decode step: a contiguous float32 rotary table is needed")
-        if rows and int(positions.max()) >= min(cache.shape[4], rope.shape[1]):
+        if rows and (min(positions) < 0 or max(positions) >= min(cache.shape[4], rope.shape[1])):
             raise ValueError("decode step: a position past the cache or the rotary table")
         logits = torch.empty(1 if prompt else rows, self.vocab)
         strides = (ctypes.c_long * 5)(*cache.stride()[:5])
@@ -283,8 +297,8 @@ class Step:
         status = _library.vicuna_decode(
             self.kinds, self.weights, self.scales, self.norms, self.eps, self.layers, self.hidden,
             self.inter, self.vocab, self.heads, self.kv_heads, self.dim, rope.data_ptr(), rope.shape[1],
-            KINDS[cache.dtype], cache.data_ptr(), strides, positions.data_ptr(), x.data_ptr(),
-            logits.data_ptr(), rows, logits.shape[0],
+            KINDS[cache.dtype], cache.data_ptr(), strides, *self.embed_args, (ctypes.c_int * rows)(*tokens),
+            (ctypes.c_int * rows)(*positions), logits.data_ptr(), rows, logits.shape[0],
         )  # fmt: skip
         if status:
             raise ValueError("decode step: the kernel does not take this model's shapes or types")
@@ -353,6 +367,18 @@ def attend(
             f"attend: the kernel does not take {keys.dtype} caches of {heads}/{kv_heads} heads of {dim}"
         )
     return out
+
+
+def argmax(row: torch.Tensor) -> int | None:
+    """The index of a float32 CPU row's largest value (the first of equal ones; the first NaN, if any), as
+    `torch.argmax` answers; None where the kernel is not loaded or the row is not a contiguous float32
+    CPU row. Between two decode steps NumPy's argmax of a row of logits took 130-180 us here (its code
+    and data cold after the step's weights went through the caches), this about 10 us."""
+    if _library is None or row.dtype is not torch.float32 or row.dim() != 1 or row.stride(0) != 1:
+        return None
+    if row.device.type != "cpu":
+        return None
+    return _library.vicuna_argmax(row.data_ptr(), row.shape[0])
 
 
 def attends(dtype: torch.dtype, group: int, dim: int) -> bool:

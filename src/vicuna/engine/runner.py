@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vicuna.engine import kernel
-from vicuna.engine.quant import Int8Linear, native_half_matmul
+from vicuna.engine.quant import Int8Embedding, Int8Linear, native_half_matmul
 
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
 
@@ -235,8 +235,21 @@ class LlamaWeights:
                 self.heads,
                 self.kv_heads,
                 self.head_dim,
+                self._embedding_kernel(),
+                self.dtype,
             )
             self.step_rows = min((d.kernel_rows for d in dense if d.kernel_rows is not None), default=None)
+
+    def _embedding_kernel(self) -> kernel.Weight:
+        """The token embedding table as the kernel reads it (the head's, where the two are one tensor)."""
+        if isinstance(self.embed, Int8Embedding):
+            table, scales = self.embed.weight_int8, self.embed.scales
+        else:
+            table, scales = self.embed.weight.data, None
+        head = self.head.kernel
+        if head.weight.data_ptr() == table.data_ptr() and head.weight.shape == table.shape:
+            return head
+        return kernel.Weight(table, None if scales is None else scales.float())
 
     def one_call(self, rows: int) -> bool:
         """Whether a step of `rows` rows (or a prompt of `rows` new tokens) is one kernel call (`Step`)."""
@@ -345,12 +358,11 @@ class LlamaRunner:
             return decode(w, self, prompt_ids[-1:])[0]
         self.reserve(1, n)
         m = n - start  # tokens computed
-        x = w.embed(torch.tensor(prompt_ids[start:], device=w.device)).to(w.act_dtype)  # [m, hidden]
         if m <= PROMPT_STEP_ROWS and w.one_call(m):
-            positions = torch.arange(start, n, dtype=torch.int32)
-            logits = w.step_kernel(x.contiguous(), w.rope(n), self.cache, positions, prompt=True)
+            logits = w.step_kernel(prompt_ids[start:], w.rope(n), self.cache, range(start, n), prompt=True)
             self.lengths = [n]
             return logits[0]
+        x = w.embed(torch.tensor(prompt_ids[start:], device=w.device)).to(w.act_dtype)  # [m, hidden]
         cos, sin = w.rope(n)[:, start:n, None]  # [m, 1, head_dim]
         heads, kv_heads, dim = w.heads, w.kv_heads, w.head_dim
         rotated = (heads + kv_heads) * dim
@@ -394,10 +406,10 @@ def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Ten
     end = max(lengths) + 1
     runner.reserve(n, end)
     table = w.rope(end)
-    x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
     if w.one_call(n):
-        logits = w.step_kernel(x.contiguous(), table, runner.cache, torch.tensor(lengths, dtype=torch.int32))
+        logits = w.step_kernel(tokens, table, runner.cache, lengths)
     else:
+        x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
         if w.attend_kernel:
             positions = torch.tensor(lengths, dtype=torch.int32)
 
