@@ -324,3 +324,45 @@ def test_argmax_answers_as_torch_does_with_ties_and_nans(n):
         assert kernel.argmax(row) == int(torch.argmax(row)), (n, case)
     assert kernel.argmax(torch.randn(n, dtype=torch.float64)) is None  # not a float32 row: not taken
     assert kernel.argmax(torch.randn(n, 2)[:, 0]) is None  # nor a strided one
+
+
+@needs_kernel
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+def test_sample_draws_each_token_by_the_inverse_of_its_softmax_distribution(temperature):
+    """With evenly spaced u, the number of draws of each token is its probability times the draws (to within
+    one): the kernel's search is exactly the inverse of the distribution's cumulative sum."""
+    generator = torch.Generator().manual_seed(int(temperature * 10))
+    logits = torch.randn(37, generator=generator) * 2
+    logits[[0, 5, 36]] = -float("inf")  # masked (as held-back, top-k and top-p tokens are): never drawn
+    draws = 4000
+    counts = torch.zeros(37)
+    for i in range(draws):
+        counts[kernel.sample(logits, temperature, (i + 0.5) / draws)] += 1
+    expected = torch.softmax(logits.double() / temperature, -1) * draws
+    assert (counts - expected).abs().max() <= 1.0 + 1e-6
+    assert counts[[0, 5, 36]].sum() == 0
+    assert kernel.sample(logits, temperature, 0.0) not in (
+        0,
+        5,
+        36,
+    )  # u = 0: the first token that may be drawn
+
+
+@needs_kernel
+def test_sample_over_a_vocabulary_lands_where_the_float64_cumulative_sum_says():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(49152, generator=generator) * 4
+    cumulative = torch.softmax(logits.double() / 0.7, -1).cumsum(0)
+    for u in torch.rand(200, generator=generator, dtype=torch.float64).tolist():
+        j = kernel.sample(logits, 0.7, u)
+        below = cumulative[j - 1].item() if j else 0.0
+        assert below - 1e-5 <= u <= cumulative[j].item() + 1e-5
+
+
+@needs_kernel
+def test_sample_answers_none_where_there_is_no_distribution():
+    assert kernel.sample(torch.tensor([0.0, float("nan")]), 1.0, 0.5) is None
+    assert kernel.sample(torch.full((9,), -float("inf")), 1.0, 0.5) is None
+    assert kernel.sample(torch.zeros(4, dtype=torch.float64), 1.0, 0.5) is None
+    assert kernel.sample(torch.zeros(4), 0.0, 0.5) is None  # temperature 0 is greedy, not sampling
+    assert kernel.sample(torch.zeros(4), 1.0, 1.0) is None  # u must be below 1

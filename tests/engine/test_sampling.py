@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -75,3 +77,17 @@ def test_logprobs_are_from_the_model_distribution():
 def test_invalid_settings_are_named(kw, field):
     with pytest.raises(VicunaError, match=field):
         SamplingParams(**kw)
+
+
+def test_on_the_cpu_tokens_are_drawn_from_the_distribution_by_a_seed_of_their_own():
+    from vicuna.engine import kernel
+
+    if kernel.load(progress=False) is None:
+        pytest.skip("the kernel does not run here")
+    logits = torch.tensor([0.0, math.log(3.0), -float("inf")])  # probabilities 1/4, 3/4, 0
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=11), prompt_len=0, end_ids=[], device=CPU)
+    assert sampler.random is not None  # our kernel draws
+    picks = [sampler(logits, []).token_id for _ in range(4000)]
+    assert picks.count(2) == 0 and abs(picks.count(1) - 3000) < 5 * math.sqrt(4000 * 3 / 16)
+    again = Sampler(SamplingParams(temperature=1.0, seed=11), prompt_len=0, end_ids=[], device=CPU)
+    assert [again(logits, []).token_id for _ in range(200)] == picks[:200]

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <numeric>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -937,6 +938,65 @@ int vicuna_decode(const int* kinds, const void* const* weights, const float* con
     free(out);
     free(gate_up);
     return status ? -1 : 0;
+}
+
+// A token drawn from softmax(x / temperature), given u uniform in [0, 1): the first index at which the
+// running sum of e_i = exp((x_i - max) / temperature) passes u times their total (inverse-CDF sampling;
+// -inf values have e_i = 0 and are never drawn). Each block of 8 e_i is summed as a vector and the
+// blocks' sums are added in order in double precision, for the total and for the search alike, which
+// goes value by value only inside the block where the target falls. -1 where there is no distribution (a
+// NaN, or every value -inf) or the arguments are out of range.
+int vicuna_sample(const float* x, int n, float temperature, double u) {
+    if (n < 1 || !(temperature > 0) || !(u >= 0 && u < 1)) return -1;
+    const int blocks = (n + 7) / 8;
+    thread_local std::vector<float> e, sums;
+    e.resize((size_t)blocks * 8);
+    sums.resize(blocks);
+    auto load = [&](int b) {  // the 8 values from 8 b on, -inf past the end
+        if (8 * b + 8 <= n) return _mm256_loadu_ps(x + 8 * b);
+        float tail[8];
+        for (int i = 0; i < 8; i++) tail[i] = 8 * b + i < n ? x[8 * b + i] : -INFINITY;
+        return _mm256_loadu_ps(tail);
+    };
+    const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
+    __m256 most = minus_inf, nan = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        const __m256 v = load(b);
+        most = _mm256_max_ps(most, v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, most);
+    float top = -INFINITY;
+    for (float v : lanes) top = v > top ? v : top;
+    if (!_mm256_testz_ps(nan, nan) || top == -INFINITY) return -1;
+    const __m256 shift = _mm256_set1_ps(top), inverse = _mm256_set1_ps(1.0f / temperature);
+    double total = 0.0;
+    for (int b = 0; b < blocks; b++) {
+        const __m256 v = load(b);
+        const __m256 ev = _mm256_and_ps(exp_nonpositive(_mm256_mul_ps(_mm256_sub_ps(v, shift), inverse)),
+                                        _mm256_cmp_ps(v, minus_inf, _CMP_NEQ_OQ));
+        _mm256_storeu_ps(e.data() + 8 * (size_t)b, ev);
+        sums[b] = sum8(ev);
+        total += sums[b];
+    }
+    const double target = u * total;
+    double running = 0.0;
+    int last = -1;  // the last index with e_i > 0 so far: where rounding leaves the target unpassed
+    for (int b = 0; b < blocks; b++) {
+        if (running + sums[b] > target) {
+            for (int j = 8 * b; j < 8 * b + 8 && j < n; j++) {
+                if (e[j] <= 0.0f) continue;
+                running += e[j];
+                last = j;
+                if (running > target) return j;
+            }
+            return last;
+        }
+        running += sums[b];
+        for (int j = 8 * b; j < 8 * b + 8 && j < n; j++) last = e[j] > 0.0f ? j : last;
+    }
+    return last;
 }
 
 // The index of the largest of x[0, n) (the first of equal ones; the first NaN where there is one, as

@@ -7,6 +7,7 @@ requests batched together keep their own settings and their own random streams.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -99,7 +100,12 @@ class Sampler:
             self.processors.append(top_p_filter(params.top_p))
         self._work: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
+        self.random: random.Random | None = None
         if params.temperature > 0:
+            # On the CPU our kernel draws each token (`kernel.sample`) with this request's own random
+            # numbers (seeded from the OS without a seed); elsewhere PyTorch's multinomial, with its generator.
+            if device.type == "cpu" and kernel.load(progress=False) is not None:
+                self.random = random.Random(params.seed)
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
                 self.generator.manual_seed(params.seed)
@@ -120,8 +126,14 @@ class Sampler:
         for process in self.processors:
             logits = process(logits, history)
         if sample:
-            probs = torch.softmax(logits / self.params.temperature, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
+            token = (
+                None
+                if self.random is None
+                else kernel.sample(logits, self.params.temperature, self.random.random())
+            )
+            if token is None:  # not on our kernel, or no distribution (PyTorch's multinomial says why)
+                probs = torch.softmax(logits / self.params.temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
         else:
             token = _argmax(logits)
             if hold and token in self.held_back:
