@@ -91,3 +91,17 @@ def test_on_the_cpu_tokens_are_drawn_from_the_distribution_by_a_seed_of_their_ow
     assert picks.count(2) == 0 and abs(picks.count(1) - 3000) < 5 * math.sqrt(4000 * 3 / 16)
     again = Sampler(SamplingParams(temperature=1.0, seed=11), prompt_len=0, end_ids=[], device=CPU)
     assert [again(logits, []).token_id for _ in range(200)] == picks[:200]
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999, 1.0 - 1e-9])
+def test_top_p_over_a_vocabulary_keeps_what_a_full_sort_keeps(p):
+    """However many of the most likely tokens the nucleus needs (a few, or nearly all of them)."""
+    generator = torch.Generator().manual_seed(int(p * 1000))
+    for scale in (0.3, 3.0):
+        logits = torch.randn(5000, generator=generator, dtype=torch.float64) * scale
+        ranked, order = torch.sort(logits, descending=True)
+        probs = ranked.softmax(-1)
+        kept = order[probs.cumsum(-1) - probs < p]
+        expected = torch.full_like(logits, float("-inf"))
+        expected[kept] = logits[kept]
+        assert torch.equal(top_p_filter(p)(logits.clone(), []), expected)
