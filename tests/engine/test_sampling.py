@@ -105,3 +105,16 @@ def test_top_p_over_a_vocabulary_keeps_what_a_full_sort_keeps(p):
         expected = torch.full_like(logits, float("-inf"))
         expected[kept] = logits[kept]
         assert torch.equal(top_p_filter(p)(logits.clone(), []), expected)
+
+
+def test_top_p_is_the_nucleus_of_the_distribution_at_the_requested_temperature():
+    """As in transformers, vLLM and FastChat: the temperature applies first. Probabilities 0.5, 0.3, 0.2
+    at temperature 1 are 0.66, 0.24, 0.11 at 0.5, whose 0.6-nucleus is the first token alone."""
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    cold = sampler(temperature=0.5, top_p=0.6, seed=1)
+    assert {cold(logits.clone(), [0, 0]).token_id for _ in range(300)} == {0}
+    warm = sampler(temperature=1.0, top_p=0.6, seed=1)
+    assert {warm(logits.clone(), [0, 0]).token_id for _ in range(300)} == {0, 1}
+    before = logits.clone()
+    cold(logits, [0, 0])
+    assert torch.equal(logits, before)  # the caller's row is left as it was

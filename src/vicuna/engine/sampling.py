@@ -105,6 +105,12 @@ class Sampler:
             self.processors.append(
                 presence_frequency_penalty(params.presence_penalty, params.frequency_penalty, prompt_len)
             )
+        # the temperature a draw divides by; with top-k or top-p it divides first, as transformers' and
+        # vLLM's samplers do (FastChat's too): top-p's nucleus is that of the distribution sampled from
+        self.temperature = params.temperature
+        if params.temperature > 0 and (params.top_k or params.top_p < 1.0):
+            self.processors.append(lambda logits, history: logits.div_(params.temperature))
+            self.temperature = 1.0
         if params.temperature > 0 and params.top_k:
             self.processors.append(top_k_filter(params.top_k))
         if params.temperature > 0 and params.top_p < 1.0:
@@ -138,12 +144,10 @@ class Sampler:
             logits = process(logits, history)
         if sample:
             token = (
-                None
-                if self.random is None
-                else kernel.sample(logits, self.params.temperature, self.random.random())
+                None if self.random is None else kernel.sample(logits, self.temperature, self.random.random())
             )
             if token is None:  # not on our kernel, or no distribution (PyTorch's multinomial says why)
-                probs = torch.softmax(logits / self.params.temperature, dim=-1)
+                probs = torch.softmax(logits / self.temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=self.generator))
         else:
             token = _argmax(logits)
