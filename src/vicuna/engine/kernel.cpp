@@ -94,6 +94,26 @@ inline float sum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// The largest of x[0, n) (-inf when n is 0), in independent 8-lane maxima; `nan` tells whether any value
+// is NaN (the maximum then ignores them).
+inline float row_max(const float* x, int n, bool& nan) {
+    __m256 top[4], unordered = _mm256_setzero_ps();
+    for (auto& t : top) t = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int u = 0; u < 4; u++) {
+            const __m256 v = _mm256_loadu_ps(x + i + 8 * u);
+            top[u] = _mm256_max_ps(top[u], v);
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+    float lanes[8], best = -INFINITY;
+    _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(top[0], top[1]), _mm256_max_ps(top[2], top[3])));
+    for (float v : lanes) best = v > best ? v : best;
+    nan = !_mm256_testz_ps(unordered, unordered);
+    for (; i < n; i++) nan |= x[i] != x[i], best = x[i] > best ? x[i] : best;
+    return best;
+}
+
 // e^x for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln(2)/2, a degree-6 polynomial
 // for e^r (relative error ~2e-7); below -87 the result is 0.
 inline __m256 exp_nonpositive(__m256 x) {
@@ -664,16 +684,11 @@ void attend_piece(const float* q, const typename Weights<KIND>::T* keys, const t
     }
     for (int g = 0; g < group; g++) {
         float* s = scores + (size_t)g * length;
-        __m256 most = _mm256_set1_ps(-INFINITY);
-        int p = 0;
-        for (; p + 8 <= length; p += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(s + p));
-        float lanes[8];
-        _mm256_storeu_ps(lanes, most);
-        float best = lanes[0];
-        for (int i = 1; i < 8; i++) best = lanes[i] > best ? lanes[i] : best;
-        for (; p < length; p++) best = s[p] > best ? s[p] : best;
+        bool nan;
+        const float best = row_max(s, length, nan);
         __m256 sum = _mm256_setzero_ps();
-        for (p = 0; p + 8 <= length; p += 8) {
+        int p = 0;
+        for (; p + 8 <= length; p += 8) {
             __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(best)));
             _mm256_storeu_ps(s + p, e);
             sum = _mm256_add_ps(sum, e);
@@ -958,18 +973,10 @@ int vicuna_sample(const float* x, int n, float temperature, double u) {
         for (int i = 0; i < 8; i++) tail[i] = 8 * b + i < n ? x[8 * b + i] : -INFINITY;
         return _mm256_loadu_ps(tail);
     };
+    bool nan;
+    const float top = row_max(x, n, nan);
+    if (nan || top == -INFINITY) return -1;
     const __m256 minus_inf = _mm256_set1_ps(-INFINITY);
-    __m256 most = minus_inf, nan = _mm256_setzero_ps();
-    for (int b = 0; b < blocks; b++) {
-        const __m256 v = load(b);
-        most = _mm256_max_ps(most, v);
-        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, most);
-    float top = -INFINITY;
-    for (float v : lanes) top = v > top ? v : top;
-    if (!_mm256_testz_ps(nan, nan) || top == -INFINITY) return -1;
     const __m256 shift = _mm256_set1_ps(top), inverse = _mm256_set1_ps(1.0f / temperature);
     double total = 0.0;
     for (int b = 0; b < blocks; b++) {
@@ -1000,28 +1007,15 @@ int vicuna_sample(const float* x, int n, float temperature, double u) {
 }
 
 // The index of the largest of x[0, n) (the first of equal ones; the first NaN where there is one, as
-// NumPy and PyTorch answer): greedy decoding's pick from a row of logits. Two passes of independent
-// 8-lane maxima (the maximum, then where it first is) run ~4x faster than one pass carrying indices.
+// NumPy and PyTorch answer): greedy decoding's pick from a row of logits. Two passes (the maximum, by
+// `row_max`, then where it first is) run ~4x faster than one pass carrying indices.
 int vicuna_argmax(const float* x, int n) {
-    __m256 top[4], nan = _mm256_setzero_ps();
-    for (auto& t : top) t = _mm256_set1_ps(-INFINITY);
-    int i = 0;
-    for (; i + 32 <= n; i += 32)
-        for (int u = 0; u < 4; u++) {
-            const __m256 v = _mm256_loadu_ps(x + i + 8 * u);
-            top[u] = _mm256_max_ps(top[u], v);
-            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        }
-    float best = -INFINITY;
-    bool any_nan = !_mm256_testz_ps(nan, nan);
-    for (; i < n; i++) any_nan |= x[i] != x[i], best = x[i] > best ? x[i] : best;
-    if (any_nan) {
+    bool nan;
+    const float best = row_max(x, n, nan);
+    if (nan) {
         for (int j = 0; j < n; j++)
             if (x[j] != x[j]) return j;
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(top[0], top[1]), _mm256_max_ps(top[2], top[3])));
-    for (float v : lanes) best = v > best ? v : best;
     const __m256 wanted = _mm256_set1_ps(best);
     int j = 0;
     for (; j + 8 <= n; j += 8) {

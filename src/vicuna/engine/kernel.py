@@ -372,16 +372,23 @@ def attend(
     return out
 
 
+def _takes(row: torch.Tensor) -> bool:
+    """Whether the kernel is loaded and `row` is a contiguous float32 CPU row (for `argmax`, `sample`)."""
+    return (
+        _library is not None
+        and row.dtype is torch.float32
+        and row.dim() == 1
+        and row.stride(0) == 1
+        and row.device.type == "cpu"
+    )
+
+
 def argmax(row: torch.Tensor) -> int | None:
     """The index of a float32 CPU row's largest value (the first of equal ones; the first NaN, if any), as
     `torch.argmax` answers; None where the kernel is not loaded or the row is not a contiguous float32
     CPU row. Between two decode steps NumPy's argmax of a row of logits took 130-180 us here (its code
     and data cold after the step's weights went through the caches), this about 10 us."""
-    if _library is None or row.dtype is not torch.float32 or row.dim() != 1 or row.stride(0) != 1:
-        return None
-    if row.device.type != "cpu":
-        return None
-    return _library.vicuna_argmax(row.data_ptr(), row.shape[0])
+    return _library.vicuna_argmax(row.data_ptr(), row.shape[0]) if _takes(row) else None
 
 
 def sample(row: torch.Tensor, temperature: float, u: float) -> int | None:
@@ -389,9 +396,7 @@ def sample(row: torch.Tensor, temperature: float, u: float) -> int | None:
     running sum of the probabilities passes u (-inf values are never drawn). None where the kernel is not
     loaded, the row is not a contiguous float32 CPU row, or it holds no distribution (a NaN, or only
     -inf). PyTorch's softmax and multinomial took ~1.5 ms for a row of 49,152 logits here, this ~0.1 ms."""
-    if _library is None or row.dtype is not torch.float32 or row.dim() != 1 or row.stride(0) != 1:
-        return None
-    if row.device.type != "cpu":
+    if not _takes(row):
         return None
     token = _library.vicuna_sample(row.data_ptr(), row.shape[0], temperature, u)
     return None if token < 0 else token
