@@ -41,3 +41,15 @@ def prefill_starts(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(LlamaRunner, "prefill", spy)
     return starts
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA GPU: skipped where PyTorch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

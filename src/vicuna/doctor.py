@@ -17,11 +17,10 @@ def main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from vicuna.engine import kernel
-    from vicuna.engine.loader import quiet_library_logs, read_config, resolve_model_path
+    from vicuna.engine.loader import read_config, resolve_model_path
     from vicuna.engine.memory import gib, model_size, probe_hardware
     from vicuna.engine.placement import fit_options
 
-    quiet_library_logs()
     console = Console()
     hw = probe_hardware()
     console.print("[bold]Hardware[/bold]")

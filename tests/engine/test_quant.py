@@ -30,14 +30,18 @@ def test_int8_halves_bf16_weight_memory_and_keeps_the_logits():
     assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
 
 
-def test_load_8bit_engine_uses_the_fused_int8_path_with_the_same_tokens(tiny_llama_dir):
+@pytest.mark.parametrize(
+    ("device", "dtype"), [("cpu", "bfloat16"), pytest.param("cuda", "float32", marks=pytest.mark.gpu)]
+)
+def test_load_8bit_engine_uses_the_fused_int8_path_with_the_same_tokens(tiny_llama_dir, device, dtype):
     from vicuna.config import ModelSettings, SamplingParams
     from vicuna.engine.engine import Engine
     from vicuna.engine.loader import load_engine
     from vicuna.engine.quant import Int8Linear
 
     engine = load_engine(
-        ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16", load_8bit=True), progress=False
+        ModelSettings(model_path=str(tiny_llama_dir), dtype=dtype, device=device, load_8bit=True),
+        progress=False,
     )
     assert engine.llama_weights is not None  # the fused fast path takes int8 layers too
     assert any(isinstance(m, Int8Linear) for m in engine.model.modules())

@@ -330,3 +330,83 @@ def test_a_prefill_after_a_copied_prefix_equals_the_whole_prefill(tiny_llama_dir
         LlamaRunner(w, None).prefill(prompt, start=3)  # nothing cached
     with pytest.raises(ValueError, match="cannot start"):
         reused.prefill(prompt[:5], start=5)  # at least one token must be computed
+
+
+def _batch_steps(w: LlamaWeights) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Three rows (one spans two cache chunks) decoded together, then two of them after the third left."""
+    batch = LlamaRunner(w, None)
+    for prompt in ([3, 4, 5], list(range(10, 300)), [7]):
+        runner = LlamaRunner(w, None)
+        runner.prefill(prompt)
+        batch.join(runner)
+    logits = [decode(w, batch, tokens) for tokens in ([9, 9, 2], [4, 7, 1], [5, 5, 5])]
+    batch.keep([2, 0])
+    logits += [decode(w, batch, [8, 8]), decode(w, batch, [1, 2])]
+    return logits, batch.cache.clone()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "load_8bit"), [("float32", False), ("float16", False), ("float16", True)])
+def test_on_a_gpu_steps_replayed_from_cuda_graphs_equal_the_steps_run_as_usual(
+    tiny_llama_dir, dtype, load_8bit, monkeypatch
+):
+    from vicuna.engine import runner as runner_module
+
+    settings = ModelSettings(model_path=str(tiny_llama_dir), dtype=dtype, device="cuda", load_8bit=load_8bit)
+    w = load_engine(settings, progress=False).llama_weights
+    assert w is not None and w.device.type == "cuda"
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda self: replays.append(1) or replay(self))
+    graphed, graphed_cache = _batch_steps(w)
+    assert len(replays) == 3  # steps 2 and 3 of three rows, step 2 of two rows; the others recorded
+
+    def as_usual(self, tokens, positions):
+        inputs = torch.tensor([list(tokens), list(positions)], device=w.device)
+        return runner_module.step_in_pytorch(w, self.cache, inputs[0], inputs[1], w.rope(self.capacity))
+
+    monkeypatch.setattr(LlamaRunner, "graphed_step", as_usual)
+    eager, eager_cache = _batch_steps(w)
+    for ours, theirs in zip(graphed, eager, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert torch.equal(graphed_cache, eager_cache)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_runner_gives_transformers_logits(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    settings = ModelSettings(model_path=str(tiny_llama_dir), dtype="float32", device="cuda")
+    ours = LlamaRunner(load_engine(settings, progress=False).llama_weights, None)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).cuda().eval()
+    theirs = HFRunner(plain, torch.device("cuda"))
+    prompt = list(range(3, 40))
+    torch.testing.assert_close(ours.prefill(prompt), theirs.prefill(prompt), rtol=1e-4, atol=1e-4)
+    for token in [5, 17, 300, 2, 42]:
+        torch.testing.assert_close(ours.step(token), theirs.step(token), rtol=1e-4, atol=1e-4)
+
+
+def test_the_hf_runner_passes_its_cache_by_the_name_the_model_takes(tiny_llama_dir):
+    """Earlier transformers 5 releases take the cache as `past_key_values`, later ones as `cache`; under
+    the wrong name each step would be computed without the tokens before it."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+
+    class EarlierNames(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = plain.config
+
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0):
+            return plain(
+                input_ids=input_ids, cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep
+            )
+
+    prompt, steps = [3, 4, 5, 6], [9, 300, 2]
+    with torch.inference_mode():
+        whole = plain(input_ids=torch.tensor([prompt + steps])).logits[0].float()
+    for model in (plain, EarlierNames()):
+        runner = HFRunner(model, torch.device("cpu"))
+        got = [runner.prefill(prompt)] + [runner.step(t) for t in steps]
+        torch.testing.assert_close(torch.stack(got), whole[len(prompt) - 1 :], rtol=1e-4, atol=1e-4)

@@ -135,15 +135,19 @@ def time_hf_generate(model: Any, prompt_ids: list[int], new_tokens: int, pad_id:
     )
 
 
-def measure_bandwidth(device: Any, nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
+def measure_bandwidth(device: Any, nbytes: int | None = None, repeats: int = 5) -> float:
     """Memory bandwidth in bytes/s: the best of a large tensor's sum (reads `nbytes`), its copy (reads and
     writes `nbytes`) and, where our CPU kernel runs, its product of one row with the tensor as a float32
     matrix (reads `nbytes` at several places at once: on our 2-core EPYC ~1.2x the sum's rate, so without
     it the engine decoded float32 faster than this "ceiling"). The buffer is far larger than any cache,
-    so this is what streaming weights can get."""
+    so this is what streaming weights can get. On a GPU the buffer is 4 GiB, so that a sum lasts ~1 ms
+    and the launch and the wait for it count for little."""
     import torch
 
     from vicuna.engine import kernel
+
+    if nbytes is None:
+        nbytes = (4096 if device.type == "cuda" else 512) * 2**20
 
     def sync() -> None:
         if device.type == "cuda":

@@ -41,7 +41,7 @@ from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob
-from vicuna.engine.runner import LlamaRunner, chunked, decode, shared_prefix
+from vicuna.engine.runner import LlamaRunner, cache_arg, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Choice, Sampler
 from vicuna.errors import VicunaError
 
@@ -601,13 +601,12 @@ class _HFRows:
         model, n = self.engine.model, len(tokens)
         ids = torch.tensor(tokens, device=self.engine.device)[:, None]
         mask = torch.cat([self.mask, self.mask.new_ones(n, 1)], dim=1)
+        cache = {cache_arg(model): self.cache, "use_cache": True}
         if bool(mask.all()):  # no padding: the plain call, as a batch of one is run alone
-            out = model(input_ids=ids, cache=self.cache, use_cache=True)
+            out = model(input_ids=ids, **cache)
         else:
             positions = mask.sum(1, keepdim=True) - 1
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True
-            )
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache)
         self.mask = mask
         return out.logits[:, -1].float()
 

@@ -173,17 +173,8 @@ def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_n
     return with_system(template_for(name, tokenizer), settings.conv_system_msg)
 
 
-def quiet_library_logs() -> None:
-    """torchao warns at import about CUDA-only extensions it cannot load: harmless, and not the user's concern."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def load_engine(settings: ModelSettings, *, progress: bool = True):
     """Check, load and place a model; returns a ready `Engine`."""
-    quiet_library_logs()
     import torch
     from transformers import AutoModelForCausalLM
 

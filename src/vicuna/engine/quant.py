@@ -1,13 +1,12 @@
 """8-bit weights (`--load-8bit`), and the bytes a model's weights take.
 
-8-bit: each weight row is stored as int8 with one scale (symmetric, absmax / 127). On the CPU our kernel
-(`vicuna.engine.kernel`) multiplies them for any number of rows, reading a quarter of float32's bytes;
-where it does not run, PyTorch's int8 weight-only kernel does (`_weight_int8pack_mm`, bf16 activations,
-about half the kernel's speed on prompts here), while torchao's generic int8 path dequantizes and halves
-CPU speed (see docs/benchmarks.md). On
-the CPU the token embedding and the output head are int8 too (one table
-when they are tied, as in small models where they are a fifth of the weights). On GPUs torchao's
-int8 weight-only layout is used for the decoder's layers. The norms keep their precision.
+8-bit: each weight row is stored as int8 with one scale (symmetric, absmax / 127), for every linear layer,
+the output head and the token embedding (one table when the last two are tied, as in small models where
+they are a fifth of the weights); the norms keep their precision. The products read the int8 rows as
+stored: on the CPU our kernel (`vicuna.engine.kernel`) for any number of rows, on CUDA GPUs a Triton
+kernel for few rows (`vicuna.engine.int8_gpu`), elsewhere PyTorch's int8 weight-only kernel
+(`_weight_int8pack_mm`, bf16 activations). torchao's generic int8 path dequantizes each weight first
+and halved CPU speed here (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -60,6 +59,10 @@ class Int8Linear(torch.nn.Module):
         rows = x.reshape(-1, self.in_features)
         if kernel.runs_on(rows.device, self.weight_int8.dtype):
             out = kernel.product(rows.float(), self.weight_int8, self.scales.float())
+        elif rows.is_cuda:
+            from vicuna.engine import int8_gpu
+
+            out = int8_gpu.product(rows, self.weight_int8, self.scales)
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight_int8, self.scales)
         out = out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -79,16 +82,7 @@ class Int8Embedding(torch.nn.Module):
         self.register_buffer("scales", rows[1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = torch.nn.functional.embedding(ids, self.weight_int8).to(self.dtype)
-        return rows * self.scales[ids].to(self.dtype).unsqueeze(-1)
-
-
-def _tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes as stored; torchao's subclasses keep int8 data and scales in inner tensors."""
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is None:
-        return t.numel() * t.element_size()
-    return sum(_tensor_bytes(getattr(t, name)) for name in flatten()[0])
+        return self.weight_int8[ids].to(self.dtype) * self.scales[ids].to(self.dtype).unsqueeze(-1)
 
 
 def weight_bytes(model: Any) -> int:
@@ -99,8 +93,8 @@ def weight_bytes(model: Any) -> int:
         if isinstance(m, Int8Linear | Int8Embedding)
         for b in (m.weight_int8, m.scales)
     }
-    return sum(_tensor_bytes(p.data) for p in model.parameters()) + sum(
-        _tensor_bytes(b) for b in int8.values()
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in int8.values()
     )
 
 
@@ -112,7 +106,7 @@ def decode_bytes(model: Any) -> int:
         t for t in (getattr(embedding, n, None) for n in ("weight", "weight_int8", "scales")) if t is not None
     ]
     shared = any(t is getattr(head, n, None) for t in table for n in ("weight", "weight_int8", "scales"))
-    return weight_bytes(model) - (0 if shared else sum(_tensor_bytes(t) for t in table))
+    return weight_bytes(model) - (0 if shared else sum(t.numel() * t.element_size() for t in table))
 
 
 def _layer_linears(model: Any) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
@@ -126,27 +120,17 @@ def _layer_linears(model: Any) -> list[tuple[torch.nn.Module, str, torch.nn.Line
 
 
 def quantize_int8(model: Any, device: torch.device) -> tuple[int, int]:
-    """Quantize in place for `device` (the model itself may still be on the CPU, and is moved there when
-    quantized); returns the weight bytes before and after."""
+    """Quantize in place for `device`, one layer at a time on `device` (the model itself may still be on
+    the CPU, and is moved there when quantized); returns the weight bytes before and after."""
     before = weight_bytes(model)
-    if device.type == "cpu":
-        for parent, name, linear in _layer_linears(model):
-            setattr(parent, name, Int8Linear(linear))
-        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-        table = quantize_rows(embedding.weight)
-        head_rows = table if head.weight is embedding.weight else quantize_rows(head.weight)
-        model.set_input_embeddings(Int8Embedding(embedding, table))
-        model.set_output_embeddings(Int8Linear(head, head_rows))
-    else:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        head = model.get_output_embeddings()
-        quantize_(
-            model,
-            Int8WeightOnlyConfig(),
-            filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m is not head,
-        )
-        model.to(device)
+    for parent, name, linear in _layer_linears(model):
+        setattr(parent, name, Int8Linear(linear, quantize_rows(linear.weight.to(device))))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    table = quantize_rows(embedding.weight.to(device))
+    head_rows = table if head.weight is embedding.weight else quantize_rows(head.weight.to(device))
+    model.set_input_embeddings(Int8Embedding(embedding, table))
+    model.set_output_embeddings(Int8Linear(head, head_rows))
+    model.to(device)
     return before, weight_bytes(model)
 
 

@@ -14,6 +14,7 @@ another's system prompt, computes only its new tokens.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -52,30 +53,33 @@ class Runner(Protocol):
     def step(self, token_id: int) -> torch.Tensor: ...
 
 
+def cache_arg(model: Any) -> str:
+    """The name a transformers model's forward takes the KV cache by: `cache` in recent 5.x releases,
+    `past_key_values` in earlier ones. A wrong name is taken silently as an unknown keyword, and each
+    step is then computed without the tokens before it."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFRunner:
     def __init__(self, model: Any, device: torch.device) -> None:
         from transformers import DynamicCache
 
         self.model, self.device = model, device
-        self.cache = DynamicCache(config=model.config)
+        self.cache_kwargs = {cache_arg(model): DynamicCache(config=model.config), "use_cache": True}
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([prompt_ids], device=self.device)
-        return (
-            self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-            .logits[0, -1]
-            .float()
-        )
+        return self.model(input_ids=ids, logits_to_keep=1, **self.cache_kwargs).logits[0, -1].float()
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         ids = torch.tensor([[token_id]], device=self.device)
-        return self.model(input_ids=ids, cache=self.cache, use_cache=True).logits[0, -1].float()
+        return self.model(input_ids=ids, **self.cache_kwargs).logits[0, -1].float()
 
 
 def llama_fast_path_ok(model: Any) -> bool:
-    """LLaMA weights on one device, plain or in our int8 layout: no biases, no offloaded or torchao tensors."""
+    """LLaMA weights on one device, plain or in our int8 layout: no biases, nothing offloaded."""
     config = model.config
     if (
         getattr(config, "model_type", None) != "llama"
@@ -158,6 +162,8 @@ class Dense:
             y = self.fallback(x)
         elif not self.native and x.shape[0] >= UPCAST_ROWS:
             y = F.linear(x.float(), self.weight.float()).to(x.dtype)
+        elif into is not None and into.dtype == x.dtype == self.weight.dtype:
+            return into.addmm_(x, self.weight.t())  # the residual add in the product: one kernel on a GPU
         else:
             y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         return y if into is None else into.add_(y)
@@ -290,6 +296,7 @@ class LlamaRunner:
         self.w = weights
         self.cache = cache
         self.lengths: list[int] = []  # tokens cached, per row
+        self._graph: CudaGraphStep | None = None  # on a GPU: the recorded step for this cache and rows
 
     @property
     def rows(self) -> int:
@@ -317,7 +324,7 @@ class LlamaRunner:
         )
         if self.rows:
             cache[:, :, : self.rows, :, :have] = self.cache[:, :, : self.rows]
-        self.cache = cache
+        self.cache, self._graph = cache, None
 
     def join(self, other: LlamaRunner, slots: int = 0) -> None:
         """Add `other`'s one row (a prefilled generation) as this runner's last row (see `reserve` for
@@ -331,6 +338,7 @@ class LlamaRunner:
         """Keep these rows, in this order, in a cache just large enough for their next step: the memory
         of the others is freed."""
         self.lengths = [self.lengths[i] for i in index]
+        self._graph = None
         if not index:
             self.cache = None
             return
@@ -389,69 +397,106 @@ class LlamaRunner:
         """The token after the last one (one row): float32 logits for the next."""
         return decode(self.w, self, [token_id])[0]
 
+    def graphed_step(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """`decode`'s step on a CUDA GPU, replayed from the graph recorded for this cache and rows."""
+        graph = self._graph
+        if graph is None or graph.cache is not self.cache or graph.rows != len(tokens):
+            graph = self._graph = CudaGraphStep(self.w, self.cache, len(tokens))
+        return graph(tokens, positions)
+
 
 @torch.inference_mode()
 def decode(w: LlamaWeights, runner: LlamaRunner, tokens: list[int]) -> torch.Tensor:
     """One token for each of the runner's rows, each at its own position: float32 logits [rows, vocab].
 
-    Every matrix product and every attention runs once for all rows. Where our kernel runs, one call per
-    layer rotates q and k, stores k and v in the cache and attends, each row over its own length. Else
-    PyTorch's fused attention runs with the query heads that share a KV head as that head's query rows
-    (one grouped call, several times faster than its general GQA path) and, with several rows, the
-    positions past a row's end masked."""
-    n, heads, kv_heads = len(tokens), w.heads, w.kv_heads
+    Every matrix product and every attention runs once for all rows. Where our kernel runs, a step of
+    few rows is one call of it (`Step`), and for more rows one call per layer rotates q and k, stores k
+    and v in the cache and attends, each row over its own length. Else the step is `step_in_pytorch`,
+    replayed from a CUDA graph on a GPU (`CudaGraphStep`)."""
+    n = len(tokens)
     if n != runner.rows:
         raise ValueError(f"{n} tokens for {runner.rows} rows")
     lengths = runner.lengths
     end = max(lengths) + 1
     runner.reserve(n, end)
-    table = w.rope(end)
     if w.one_call(n):
-        logits = w.step_kernel(tokens, table, runner.cache, lengths)
-    else:
+        logits = w.step_kernel(tokens, w.rope(end), runner.cache, lengths)
+    elif w.attend_kernel:
+        table, positions = w.rope(end), torch.tensor(lengths, dtype=torch.int32)
         x = w.embed(torch.tensor(tokens, device=w.device)).to(w.act_dtype)  # [rows, hidden]
-        if w.attend_kernel:
-            positions = torch.tensor(lengths, dtype=torch.int32)
-
-            def attention(i: int, mixed: torch.Tensor) -> torch.Tensor:
-                cache = runner.cache[i, :, :n]
-                return kernel.attend(mixed, table, cache[0], cache[1], positions, heads, kv_heads)
-        else:
-            attention = _attention_in_pytorch(w, runner, table, n, end)
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
-            out(attention(i, qkv(x, norm=norm1)), into=x)
+            cache = runner.cache[i, :, :n]
+            attn = kernel.attend(
+                qkv(x, norm=norm1), table, cache[0], cache[1], positions, w.heads, w.kv_heads
+            )
+            out(attn, into=x)
             down(gate_up(x, norm=norm2), gated=True, into=x)
         logits = w.head(x, norm=w.norm).float()
+    elif w.device.type == "cuda":
+        logits = runner.graphed_step(tokens, lengths)
+    else:
+        inputs = torch.tensor([tokens, lengths], device=w.device)
+        logits = step_in_pytorch(w, runner.cache, inputs[0], inputs[1], w.rope(runner.capacity))
     runner.lengths = [length + 1 for length in lengths]
     return logits
 
 
-def _attention_in_pytorch(w: LlamaWeights, runner: LlamaRunner, table: torch.Tensor, n: int, end: int):
-    """`decode`'s attention for one layer without our kernel: (layer, q/k/v rows) -> attention rows."""
-    heads, kv_heads, dim, lengths = w.heads, w.kv_heads, w.head_dim, runner.lengths
+def step_in_pytorch(
+    w: LlamaWeights, cache: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    """`decode`'s step in PyTorch's operations, for the cache's first `len(tokens)` rows, with every input
+    a tensor on the model's device (so that a CUDA graph can replay it for other tokens and positions):
+    each row attends over the whole cache with the positions past its own masked. PyTorch's fused
+    attention runs with the query heads that share a KV head as that head's query rows (one grouped
+    call, several times faster than its general GQA path)."""
+    n, heads, kv_heads, dim = tokens.shape[0], w.heads, w.kv_heads, w.head_dim
     group, rotated = heads // kv_heads, (heads + kv_heads) * dim
-    mask = None
-    if n == 1:
-        at = lengths[0]
-        cos, sin = table[:, at, None]  # [1, head_dim]
-    else:
-        at = torch.tensor(lengths, device=w.device)
-        cos, sin = table[:, at, None]  # [rows, 1, head_dim]
-        past = torch.arange(end, device=w.device) > at[:, None]  # positions past each row's new token
-        mask = torch.zeros(n, 1, 1, end, dtype=w.dtype, device=w.device)
-        mask.masked_fill_(past[:, None, None], -torch.inf)
-        at = (torch.arange(n, device=w.device), slice(None), at)  # each row's new position
-
-    def attention(i: int, mixed: torch.Tensor) -> torch.Tensor:
+    size = cache.shape[4]
+    cos, sin = table[:, positions, None]  # [rows, 1, head_dim] each
+    past = torch.arange(size, device=w.device) > positions[:, None]  # positions past each row's new token
+    mask = torch.zeros(n, 1, 1, size, dtype=w.dtype, device=w.device).masked_fill_(
+        past[:, None, None], -torch.inf
+    )
+    rows = torch.arange(n, device=w.device)
+    x = w.embed(tokens).to(w.act_dtype)  # [rows, hidden]
+    for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
+        mixed = qkv(x, norm=norm1)
         qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin).to(w.dtype)  # cache dtype
-        keys, values = runner.cache[i, 0, :n], runner.cache[i, 1, :n]  # [rows, kv_heads, positions, dim]
-        k, v = qk[:, heads:], mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)
-        if n == 1:
-            keys[0, :, at], values[0, :, at] = k[0], v[0]
-        else:
-            keys[at], values[at] = k, v
+        keys, values = cache[i, 0, :n], cache[i, 1, :n]  # [rows, kv_heads, positions, head_dim]
+        keys[rows, :, positions] = qk[:, heads:]
+        values[rows, :, positions] = mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)
         q = qk[:, :heads].view(n, kv_heads, group, dim)
-        attn = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask)
-        return attn.view(n, heads * dim).to(w.act_dtype)
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out(attn.reshape(n, heads * dim).to(w.act_dtype), into=x)
+        down(gate_up(x, norm=norm2), gated=True, into=x)
+    return w.head(x, norm=w.norm).float()
 
-    return attention
+
+class CudaGraphStep:
+    """`step_in_pytorch` for one cache and number of rows on a CUDA GPU, recorded once as a CUDA graph
+    and replayed for each token with new tokens and positions. A step of a 13B model is ~800 small
+    kernels; launched from Python one at a time, their launches take longer than the GPU takes to read
+    the weights. The first step runs as usual (it also warms up cuBLAS and tunes Triton's kernels), then
+    is recorded; a runner records again when its cache or rows change."""
+
+    def __init__(self, w: LlamaWeights, cache: torch.Tensor, rows: int) -> None:
+        self.w, self.cache, self.rows = w, cache, rows  # the graph reads the cache and table: kept alive
+        self.table = w.rope(cache.shape[4])
+        self.host = torch.zeros(2, rows, dtype=torch.long, pin_memory=True)
+        self.inputs = torch.zeros(2, rows, dtype=torch.long, device=w.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits = torch.empty(0)
+
+    def __call__(self, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        host = self.host.numpy()
+        host[0], host[1] = tokens, positions
+        self.inputs.copy_(self.host, non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits.clone()  # the next replay overwrites them
+        args = (self.w, self.cache, self.inputs[0], self.inputs[1], self.table)
+        logits = step_in_pytorch(*args)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # recorded, not run: the cache is written once
+            self.logits = step_in_pytorch(*args)
+        return logits

@@ -1,0 +1,72 @@
+"""The int8 product for CUDA GPUs (`--load-8bit`): the Triton kernel against the dequantized product,
+with every tile size it may be tuned to. On the CPU the kernel runs in Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from vicuna.engine import int8_gpu
+from vicuna.engine.quant import quantize_rows
+
+# Shapes with edges: rows 1, a few and a full tile; weight rows and columns that no tile size divides.
+CHECK = """
+    import torch
+    from vicuna.engine import int8_gpu
+    from vicuna.engine.quant import quantize_rows
+
+    torch.manual_seed(0)
+    device, dtypes, shapes = {device!r}, {dtypes}, {shapes}
+    kernel = int8_gpu._int8_rows.fn  # the kernel itself, each config by hand (the tuner picks one)
+    for dtype in dtypes:
+        for m, n, k in shapes:
+            x = torch.randn(m, k, device=device).to(dtype)
+            weight, scales = quantize_rows(torch.randn(n, k, device=device))
+            exact = x.double() @ (weight.double() * scales.double()[:, None]).T
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            for config in int8_gpu._CONFIGS:
+                out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
+                bn = config.kwargs["BLOCK_N"]
+                kernel[(-(-n // bn),)](x, weight, scales, out, m, N=n, K=k, BLOCK_M=int8_gpu.ROWS,
+                                       IEEE=dtype == torch.float32, **config.all_kwargs())
+                err = ((out.double() - exact).abs() / (exact.abs() + 1)).max().item()
+                assert err < tol, (dtype, m, n, k, config, err)
+            tuned = int8_gpu.product(x, weight, scales)
+            assert tuned.dtype == dtype and tuned.shape == (m, n)
+            err = ((tuned.double() - exact).abs() / (exact.abs() + 1)).max().item()
+            assert err < tol, (dtype, m, n, k, "tuned", err)
+    print("ok")
+"""
+
+
+def run_check(device: str, dtypes: str, shapes: str, interpret: bool) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1" if interpret else "0")
+    code = textwrap.dedent(CHECK.format(device=device, dtypes=dtypes, shapes=shapes))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_the_kernel_with_each_tile_size_equals_the_dequantized_product_in_tritons_interpreter():
+    pytest.importorskip("triton")
+    # float16 and float32 rows (the interpreter's tl.dot misreads bfloat16; the GPU test covers it)
+    run_check("cpu", "(torch.float16, torch.float32)", "((1, 48, 80), (5, 100, 300), (16, 64, 528))", True)
+
+
+@pytest.mark.gpu
+def test_the_kernel_with_each_tile_size_equals_the_dequantized_product_on_the_gpu():
+    pytest.importorskip("triton")
+    # one shape with edges everywhere: each shape and dtype is compiled for each tile size
+    run_check("cuda", "(torch.float16, torch.bfloat16)", "((5, 100, 528),)", False)
+
+
+def test_more_rows_than_a_tile_use_the_dequantized_weight():
+    torch.manual_seed(0)
+    x = torch.randn(int8_gpu.ROWS + 1, 64)
+    weight, scales = quantize_rows(torch.randn(32, 64))
+    expected = torch.nn.functional.linear(x, weight.float() * scales.float()[:, None])
+    torch.testing.assert_close(int8_gpu.product(x, weight, scales), expected)
