@@ -2,8 +2,8 @@
 # The GPU check of issue 6: `vicuna bench latency` on one CUDA GPU with a 13B-shaped LLaMA with random
 # weights, in float16 and in 8-bit: decode tok/s against the HBM-bandwidth ceiling (target >= 70%), and the
 # tutorial's scenario, a ~300-token reply from 13B, in seconds. It first runs the tests that need a GPU.
-# Results go to $OUT: check.log (everything printed) and one JSON file per benchmark; copy the tables
-# into docs/benchmarks.md.
+# Then, if time is left, scripts/gpu_profile.py. Results go to $OUT: check.log (everything printed) and
+# one JSON file per benchmark; copy the tables into docs/benchmarks.md.
 #
 # Needs: one CUDA GPU with >= 60 GB (the engine and the HF baseline each hold the 26 GB model; 8-bit adds
 # an unquantized reference), ~30 GB of disk for the random checkpoint, a Python with CUDA torch, Triton
@@ -87,6 +87,9 @@ timeout "$(limit 120)" "${bench[@]}" --dtype float16 --prompts short --new-token
 
 stage "8-bit: decode and weight memory vs float16"
 timeout "$(limit 200)" "${bench[@]}" --dtype float16 --load-8bit --runs "$RUNS" --json "$OUT/latency-int8.json" || failed+=("8-bit")
+
+stage "where a step's time goes (scripts/gpu_profile.py)"
+timeout "$(limit 120)" "$PYTHON" scripts/gpu_profile.py || failed+=("profile")
 
 stage "summary"
 "$PYTHON" - "$OUT" <<'EOF'

@@ -3,14 +3,19 @@
 Decoding reads every weight once per token, so int8 weights are read in half of float16's time if the
 product reads them as they are stored. PyTorch has no such product on CUDA (`_weight_int8pack_mm` runs on
 CPUs and Apple GPUs), and converting the weight to float16 first reads and writes it again, which makes
-8-bit slower than float16. So up to `ROWS` rows (decode steps, also batched ones, and short prompts) go
-through a Triton kernel that loads int8 tiles, converts them in registers and multiplies them with the
-rows on the tensor cores, summing in float32, with each output row's scale applied at the end; Triton
-tunes the tile sizes for each weight shape on first use. More rows (prompts) are compute-bound: the
-weight is converted to the rows' dtype and multiplied by cuBLAS.
+8-bit slower than float16. So products of up to `MAX_ROWS` rows go through Triton kernels that load int8
+tiles and convert them in registers, summing in float32, with each output row's scale applied at the end:
+
+- `_rows`: tiles of 16 or 64 rows multiplied on the tensor cores (batched decode steps, prompts);
+- `_one_row`: a single row (a decode step), multiply-adds without the tensor cores, whose 16-row tiles
+  would be 15 rows of zeros.
+
+For one row both are tried on first use of each weight shape and the faster is kept (`product`); Triton
+tunes each kernel's tile sizes for each weight shape on first use (kept in its cache folder). More rows
+are compute-bound: the weight is converted to the rows' dtype and multiplied by cuBLAS.
 
 Triton comes with PyTorch's CUDA builds on Linux; without it every product takes the converting path.
-Tests run the kernel on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
+Tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ try:
 except ImportError:  # PyTorch's CPU builds, Windows
     triton = None
 
-ROWS = 16  # rows per kernel call: tl.dot's smallest tile
+MAX_ROWS = 256  # more rows: dequantize and cuBLAS (the kernels would read the weight once per 64 rows)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_one_row_wins: dict[tuple[int, int, torch.dtype], bool] = {}  # per weight shape and dtype, once timed
 
 
 def has_kernel() -> bool:
@@ -38,35 +45,76 @@ def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torc
     dtype, as F.linear(x, weight * scales[:, None]) with float32 sums."""
     m, k = x.shape
     n = weight.shape[0]
-    if triton is None or m > ROWS:
+    if triton is None or m > MAX_ROWS:
         return F.linear(x, weight.to(x.dtype).mul_(scales.to(x.dtype)[:, None]))
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _int8_rows[grid](x, weight, scales, out, m, N=n, K=k, BLOCK_M=ROWS, IEEE=x.dtype == torch.float32)
+    if m == 1:
+        key = (n, k, x.dtype)
+        if key not in _one_row_wins:
+            _one_row_wins[key] = _time_one_row(x, weight, scales, out)
+        if _one_row_wins[key]:
+            return one_row(x, weight, scales, out)
+    return rows(x, weight, scales, out)
+
+
+def rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`_rows` into `out`: tiles of 16 rows for up to 16, else of 64."""
+    m, k = x.shape
+    n = weight.shape[0]
+    tile = 16 if m <= 16 else 64
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, tile))  # noqa: E731
+    _rows[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=x.dtype == torch.float32)
     return out
 
 
+def one_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`_one_row` into `out`."""
+    n, k = weight.shape
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _one_row[grid](x, weight, scales, out, n, K=k)
+    return out
+
+
+def _time_one_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `_one_row` multiplies this one row faster than `_rows`, each with its tuned tiles."""
+    if INTERPRET:  # no timer: the one-row kernel
+        return True
+    from triton.testing import do_bench
+
+    one_row(x, weight, scales, out)  # tunes each kernel first
+    rows(x, weight, scales, out)
+    alone = do_bench(lambda: one_row(x, weight, scales, out))
+    tiled = do_bench(lambda: rows(x, weight, scales, out))
+    return alone < tiled
+
+
 if triton is not None:
-    # Tiles of BLOCK_N weight rows by BLOCK_K columns. Small tiles keep enough programs in flight for the
-    # narrow weights (5,120 rows in a 13B model's o_proj and down_proj, on 132 multiprocessors).
-    _CONFIGS = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        for bn, bk, warps, stages in ((16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3))
-    ]
 
     def _run_once(call, quantiles):  # Triton's interpreter (tests): no timer to tune with
         call()
         return [0.0] * len(quantiles)
 
-    @triton.autotune(
-        configs=_CONFIGS,
-        key=["N", "K"],
-        do_bench=_run_once if os.environ.get("TRITON_INTERPRET") == "1" else None,
-        cache_results=True,  # in Triton's cache folder: tuned once per machine
-    )
+    def _tuned(configs: list[tuple[int, int, int, int]], key: list[str]):
+        """Triton's tuner over (BLOCK_N, BLOCK_K, warps, stages), its choice kept in Triton's cache folder."""
+        return triton.autotune(
+            configs=[
+                triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+                for bn, bk, warps, stages in configs
+            ],
+            key=key,
+            do_bench=_run_once if INTERPRET else None,
+            cache_results=True,
+        )
+
+    # Small tiles of weight rows keep enough programs in flight for the narrow weights (5,120 rows in a
+    # 13B model's o_proj and down_proj, on an H100's 132 multiprocessors).
+    ROWS_CONFIGS = [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3)]
+    ONE_ROW_CONFIGS = [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 8, 3)]
+
+    @_tuned(ROWS_CONFIGS, key=["N", "K", "BLOCK_M"])
     @triton.jit
-    def _int8_rows(
+    def _rows(
         x_ptr,
         w_ptr,
         s_ptr,
@@ -80,7 +128,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
     ):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns: weight rows
-        rows = tl.arange(0, BLOCK_M)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
@@ -96,9 +144,32 @@ if triton is not None:
             else:
                 acc += tl.dot(x, w)
         scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        out = acc * scale[None, :]
         tl.store(
             y_ptr + rows[:, None] * N + cols[None, :],
-            out.to(y_ptr.dtype.element_ty),
+            (acc * scale[None, :]).to(y_ptr.dtype.element_ty),
             mask=(rows[:, None] < M) & (cols[None, :] < N),
         )
+
+    @_tuned(ONE_ROW_CONFIGS, key=["N", "K"])
+    @triton.jit
+    def _one_row(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        y_ptr,
+        N,
+        K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed across at the end
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            w = tl.load(
+                w_ptr + cols[:, None] * K + k[None, :], mask=(cols[:, None] < N) & (k[None, :] < K), other=0
+            )
+            acc += w.to(tl.float32) * x[None, :]
+        scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, (tl.sum(acc, axis=1) * scale).to(y_ptr.dtype.element_ty), mask=cols < N)

@@ -4,7 +4,7 @@
 the output head and the token embedding (one table when the last two are tied, as in small models where
 they are a fifth of the weights); the norms keep their precision. The products read the int8 rows as
 stored: on the CPU our kernel (`vicuna.engine.kernel`) for any number of rows, on CUDA GPUs a Triton
-kernel for few rows (`vicuna.engine.int8_gpu`), elsewhere PyTorch's int8 weight-only kernel
+kernels for up to 256 rows (`vicuna.engine.int8_gpu`), elsewhere PyTorch's int8 weight-only kernel
 (`_weight_int8pack_mm`, bf16 activations). torchao's generic int8 path dequantizes each weight first
 and halved CPU speed here (see docs/benchmarks.md).
 """
