@@ -277,7 +277,7 @@ def test_a_step_looks_its_tokens_up_as_pytorchs_embedding_does(table_kind, dtype
     vocab, hidden = 50, 32
     source = torch.nn.Embedding(vocab, hidden).to(dtype)
     if table_kind == torch.int8:
-        module = Int8Embedding(source, quantize_rows(source.weight))
+        module = Int8Embedding(quantize_rows(source.weight), dtype)
         table = kernel.Weight(module.weight_int8, module.scales.float())
     else:
         module = torch.nn.Embedding(vocab, hidden).to(table_kind)

@@ -118,3 +118,29 @@ def test_8bit_decode_steps_of_any_number_of_rows_are_one_kernel_call(tiny_llama_
     for row, expected in zip(out, alone, strict=True):
         assert row.argmax() == expected.argmax()
         assert torch.nn.functional.cosine_similarity(row, expected, dim=0) > 0.999
+
+
+def test_load_8bit_quantizes_the_checkpoints_own_tensors_without_a_copy_in_the_model_dtype(tiny_llama_dir):
+    """The float32 checkpoint is loaded as stored (memory-mapped) and quantized from that: the int8 rows are
+    those of the float32 weights, not of a bfloat16 copy, and the rest of the model is bfloat16."""
+    from safetensors.torch import load_file
+
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+    from vicuna.engine.quant import Int8Embedding, Int8Linear, quantize_rows
+
+    stored = load_file(tiny_llama_dir / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert stored[name].dtype == torch.float32
+    engine = load_engine(
+        ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16", load_8bit=True), progress=False
+    )
+    down = engine.model.model.layers[1].mlp.down_proj
+    assert isinstance(down, Int8Linear)
+    values, scales = quantize_rows(stored[name])
+    assert torch.equal(down.weight_int8, values) and torch.equal(down.scales, scales)
+    assert not torch.equal(values, quantize_rows(stored[name].bfloat16())[0])  # the copy would differ
+    embedding = engine.model.get_input_embeddings()
+    assert isinstance(embedding, Int8Embedding) and embedding.dtype == torch.bfloat16
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert engine.dtype == torch.bfloat16

@@ -193,8 +193,10 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device, config)
     device_map = check_fits(config, settings, device, dtype)
+    # 8-bit: loaded as stored (memory-mapped, not copied) and quantized from that (see quantize_int8)
+    stored = "auto" if settings.load_8bit else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=stored, device_map=device_map)
     except torch.OutOfMemoryError as err:
         raise ModelLoadError(f"{folder}: out of memory while loading ({err}); see `vicuna doctor`") from None
     except (OSError, RuntimeError, ValueError) as err:
@@ -203,7 +205,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     if settings.load_8bit:
         from vicuna.engine.quant import quantize_int8
 
-        before, after = quantize_int8(model, device)
+        before, after = quantize_int8(model, device, dtype)
         if progress:
             print(
                 f"8-bit weights: {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB",

@@ -3,7 +3,7 @@
 8-bit: each weight row is stored as int8 with one scale (symmetric, absmax / 127), for every linear layer,
 the output head and the token embedding (one table when the last two are tied, as in small models where
 they are a fifth of the weights); the norms keep their precision. The products read the int8 rows as
-stored: on the CPU our kernel (`vicuna.engine.kernel`) for any number of rows, on CUDA GPUs a Triton
+stored: on the CPU our kernel (`vicuna.engine.kernel`) for any number of rows, on CUDA GPUs Triton
 kernels for up to 256 rows (`vicuna.engine.int8_gpu`), elsewhere PyTorch's int8 weight-only kernel
 (`_weight_int8pack_mm`, bf16 activations). torchao's generic int8 path dequantizes each weight first
 and halved CPU speed here (see docs/benchmarks.md).
@@ -18,11 +18,17 @@ import torch
 from vicuna.engine import kernel
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: (int8 values, bfloat16 scales)."""
-    weight = weight.detach().float()
-    scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-    return (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8), scales.to(torch.bfloat16)
+def quantize_rows(weight: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (int8 values, bfloat16 scales), `block` rows at a time, so that no
+    float32 copy of the whole weight is made (a 49,152-row embedding table would take several)."""
+    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], device=weight.device)
+    for start in range(0, weight.shape[0], block):
+        rows = weight[start : start + block].detach().float()
+        scale = rows.abs().amax(dim=1).clamp(min=1e-8) / 127
+        values[start : start + block] = (rows / scale[:, None]).round_().clamp_(-127, 127)
+        scales[start : start + block] = scale
+    return values, scales.to(torch.bfloat16)
 
 
 class Int8Linear(torch.nn.Module):
@@ -75,9 +81,9 @@ class Int8Linear(torch.nn.Module):
 class Int8Embedding(torch.nn.Module):
     """A token embedding stored as int8 rows with a scale each; looks rows up in `dtype`."""
 
-    def __init__(self, embedding: torch.nn.Embedding, rows: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, rows: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
         super().__init__()
-        self.dtype = embedding.weight.dtype
+        self.dtype = dtype
         self.register_buffer("weight_int8", rows[0])
         self.register_buffer("scales", rows[1])
 
@@ -119,18 +125,25 @@ def _layer_linears(model: Any) -> list[tuple[torch.nn.Module, str, torch.nn.Line
     return found
 
 
-def quantize_int8(model: Any, device: torch.device) -> tuple[int, int]:
+def quantize_int8(model: Any, device: torch.device, dtype: torch.dtype | None = None) -> tuple[int, int]:
     """Quantize in place for `device`, one layer at a time on `device` (the model itself may still be on
-    the CPU, and is moved there when quantized); returns the weight bytes before and after."""
-    before = weight_bytes(model)
+    the CPU, and is moved there when quantized); the other parameters (norms) become `dtype` (default:
+    as they are). The weights are quantized from the model's own tensors: loaded as the checkpoint
+    stores them, those are its memory-mapped file, and no full copy in `dtype` is ever made (13B in
+    bfloat16 on a CPU: 26 GB of memory that only page cache was needed for). Returns the weight bytes
+    in `dtype` before and after."""
+    dtype = dtype or next(model.parameters()).dtype
+    before = sum(p.numel() for p in model.parameters()) * dtype.itemsize
     for parent, name, linear in _layer_linears(model):
         setattr(parent, name, Int8Linear(linear, quantize_rows(linear.weight.to(device))))
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     table = quantize_rows(embedding.weight.to(device))
     head_rows = table if head.weight is embedding.weight else quantize_rows(head.weight.to(device))
-    model.set_input_embeddings(Int8Embedding(embedding, table))
+    model.set_input_embeddings(Int8Embedding(table, dtype))
     model.set_output_embeddings(Int8Linear(head, head_rows))
     model.to(device)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
     return before, weight_bytes(model)
 
 

@@ -7,9 +7,10 @@ with a preallocated KV cache shared by the rows of a batch, and a forward of a f
 layer (q/k/v in one product, gate/up in one product): at batch 1 a step's time would otherwise go to
 per-operation overhead rather than to reading the weights. On the CPU the products, norms, gating,
 residual adds and decode attention run in our kernel (`vicuna.engine.kernel`) where it runs, a whole
-decode step in one call of it. Its logits match transformers' (tested). A prefill can start after a
-beginning already cached (`LlamaRunner.prefill`'s `start`): a chat's next turn, or a request with
-another's system prompt, computes only its new tokens.
+decode step in one call of it. On a CUDA GPU a decode step is PyTorch's operations, recorded once as a
+CUDA graph and replayed for each token (`CudaGraphStep`). Its logits match transformers' (tested). A
+prefill can start after a beginning already cached (`LlamaRunner.prefill`'s `start`): a chat's next
+turn, or a request with another's system prompt, computes only its new tokens.
 """
 
 from __future__ import annotations
