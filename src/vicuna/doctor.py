@@ -34,7 +34,11 @@ def main(args: argparse.Namespace) -> int:
             f"compute capability {g.capability[0]}.{g.capability[1]}"
             + ("" if g.capability >= (7, 5) else " (below 7.5: no fine-tuning)")
         )
-    if not hw.gpus:
+    if hw.gpus:
+        from vicuna.engine import int8_gpu
+
+        console.print(f"  GPU int8 kernel  {int8_gpu.status()}")
+    else:
         console.print("  GPU   none visible to PyTorch" + (" (Apple MPS available)" if hw.mps else ""))
 
     settings = model_settings_from_args(args)

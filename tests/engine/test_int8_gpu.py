@@ -83,3 +83,24 @@ def test_more_rows_than_the_kernels_take_use_the_dequantized_weight():
     weight, scales = quantize_rows(torch.randn(32, 64))
     expected = torch.nn.functional.linear(x, weight.float() * scales.float()[:, None])
     torch.testing.assert_close(int8_gpu.product(x, weight, scales), expected)
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_doctor_says_how_8bit_multiplies_on_a_gpu(monkeypatch, tiny_llama_dir, capsys, installed):
+    import dataclasses
+
+    from vicuna.cli import main
+    from vicuna.engine import memory
+
+    hw = memory.probe_hardware()
+    pretend = dataclasses.replace(hw, gpus=(memory.GPU(0, "Pretend", 2**34, 2**34, (9, 0)),))
+    monkeypatch.setattr(memory, "probe_hardware", lambda disk_path=None: pretend)
+    if not installed:
+        monkeypatch.setattr(int8_gpu, "triton", None)
+    elif int8_gpu.triton is None:
+        pytest.skip("Triton is not installed here")
+    assert main(["doctor", "--model-path", str(tiny_llama_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "GPU 0 Pretend" in out
+    expected = "ready (Triton " if installed else "not used: Triton is not installed"
+    assert f"GPU int8 kernel  {expected}" in out

@@ -36,8 +36,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _one_row_wins: dict[tuple[int, int, torch.dtype], bool] = {}  # per weight shape and dtype, once timed
 
 
-def has_kernel() -> bool:
-    return triton is not None
+def status() -> str:
+    """One line on how `--load-8bit` multiplies on a CUDA GPU here."""
+    if triton is None:
+        return "not used: Triton is not installed; --load-8bit converts each weight to float16 for each product"
+    return f"ready (Triton {triton.__version__})"
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
