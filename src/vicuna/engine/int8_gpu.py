@@ -39,7 +39,9 @@ _one_row_wins: dict[tuple[int, int, torch.dtype], bool] = {}  # per weight shape
 def status() -> str:
     """One line on how `--load-8bit` multiplies on a CUDA GPU here."""
     if triton is None:
-        return "not used: Triton is not installed; --load-8bit converts each weight to float16 for each product"
+        return (
+            "not used: Triton is not installed; --load-8bit converts each weight to float16 for each product"
+        )
     return f"ready (Triton {triton.__version__})"
 
 
