@@ -6,7 +6,8 @@ CPUs and Apple GPUs), and converting the weight to float16 first reads and write
 8-bit slower than float16. So products of up to `MAX_ROWS` rows go through Triton kernels that load int8
 tiles and convert them in registers, summing in float32, with each output row's scale applied at the end:
 
-- `_rows`: tiles of 16 or 64 rows multiplied on the tensor cores (batched decode steps, prompts);
+- `_rows` / `_rows64`: tiles of 16 or 64 rows multiplied on the tensor cores (batched decode steps,
+  prompts);
 - `_one_row`: a single row (a decode step), multiply-adds without the tensor cores, whose 16-row tiles
   would be 15 rows of zeros.
 
@@ -64,12 +65,12 @@ def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torc
 
 
 def rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`_rows` into `out`: tiles of 16 rows for up to 16, else of 64."""
+    """`_rows` into `out` (tiles of 16 rows) for up to 16 rows, else `_rows64` (tiles of 64)."""
     m, k = x.shape
     n = weight.shape[0]
-    tile = 16 if m <= 16 else 64
+    tile, kernel = (16, _rows) if m <= 16 else (64, _rows64)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, tile))  # noqa: E731
-    _rows[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=x.dtype == torch.float32)
+    kernel[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=x.dtype == torch.float32)
     return out
 
 
@@ -113,13 +114,15 @@ if triton is not None:
         )
 
     # Small tiles of weight rows keep enough programs in flight for the narrow weights (5,120 rows in a
-    # 13B model's o_proj and down_proj, on an H100's 132 multiprocessors).
+    # 13B model's o_proj and down_proj, on an H100's 132 multiprocessors). Tiles of 64 rows hold 4x the
+    # x in shared memory at each pipeline stage, so they have fewer stages (a config that does not fit
+    # is skipped by the tuner).
     ROWS_CONFIGS = [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3)]
+    ROWS64_CONFIGS = [(16, 512, 4, 2), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 2)]
     ONE_ROW_CONFIGS = [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 8, 3)]
 
-    @_tuned(ROWS_CONFIGS, key=["N", "K", "BLOCK_M"])
     @triton.jit
-    def _rows(
+    def _rows_kernel(
         x_ptr,
         w_ptr,
         s_ptr,
@@ -154,6 +157,9 @@ if triton is not None:
             (acc * scale[None, :]).to(y_ptr.dtype.element_ty),
             mask=(rows[:, None] < M) & (cols[None, :] < N),
         )
+
+    _rows = _tuned(ROWS_CONFIGS, key=["N", "K"])(_rows_kernel)  # tiles of 16 rows
+    _rows64 = _tuned(ROWS64_CONFIGS, key=["N", "K"])(_rows_kernel)  # tiles of 64 rows
 
     @_tuned(ONE_ROW_CONFIGS, key=["N", "K"])
     @triton.jit
