@@ -149,8 +149,10 @@ def test_a_generation_resumed_on_other_threads_works(engine):
     assert torch.is_grad_enabled()  # no inference mode leaked into this thread
 
 
-def test_the_next_turn_of_a_chat_computes_only_its_new_tokens(tiny_llama_dir, prefill_starts):
-    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_next_turn_of_a_chat_computes_only_its_new_tokens(tiny_llama_dir, prefill_starts, device):
+    settings = ModelSettings(model_path=str(tiny_llama_dir), dtype="float32", device=device)
+    engine = load_engine(settings, progress=False)
     starts = prefill_starts
     first = engine.encode("Hello world! How are")
     _, reply, _ = run(engine, first, temperature=0, max_new_tokens=12, ignore_eos=True)

@@ -310,3 +310,28 @@ def test_the_loading_thread_releases_its_openmp_team_and_torch_still_runs_there(
         assert reply(b.generate(tiny_engine.encode("Hello"), params))[1].completion_tokens == 4
     finally:
         b.close()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_batched_greedy_replies_match_each_alone(tmp_path_factory):
+    """The batch's steps are replayed from CUDA graphs, recorded again as rows join and leave."""
+    from tests.tiny_models import write_tiny_llama
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+
+    folder = write_tiny_llama(
+        tmp_path_factory.mktemp("tiny-gpu") / "tiny-llama", max_position_embeddings=1024
+    )
+    e = load_engine(ModelSettings(model_path=str(folder), device="cuda", dtype="float32"), progress=False)
+    jobs = [
+        (e.encode(text), SamplingParams(temperature=0, max_new_tokens=8 + 4 * i, ignore_eos=True))
+        for i, text in enumerate(TEXTS)
+    ]
+    b = Batcher(e, max_batch_size=8)
+    try:
+        batched = concurrently(b, jobs)
+    finally:
+        b.close()
+    expected = [reply(e.generate(ids, params)) for ids, params in jobs]
+    assert [same(x, y) for x, y in zip(batched, expected, strict=True)] == [True] * len(jobs)
+    assert b.stats.peak_running > 1
