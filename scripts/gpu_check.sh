@@ -38,7 +38,7 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv || true
 
 stage "tests that need a GPU"
-timeout "$(limit 100)" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/engine || failed+=("gpu tests")
+timeout "$(limit 100)" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/server/test_batching.py || failed+=("gpu tests")
 
 # LLaMA-13B's layers (40 x hidden 5120, MLP 13824, 40 heads) with the built-in model's tokenizer and its
 # 49,152-token vocabulary (LLaMA's own tokenizer cannot be downloaded here): 13.2B parameters, 26.4 GB in
