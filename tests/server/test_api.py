@@ -455,3 +455,37 @@ def test_builtin_model_answers():
             max_tokens=30,
         )
         assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+
+
+def test_out_of_memory_is_a_503_to_retry_and_the_server_goes_on(tiny_engine, monkeypatch):
+    import torch
+
+    from vicuna.engine import batching
+
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=2)
+    real_step, failures, emptied = batching._LlamaRows.step, [], []
+
+    def step(self, tokens):
+        if failures:
+            failures.pop()
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, tokens)
+
+    monkeypatch.setattr(batching._LlamaRows, "step", step)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU: its cache is given back
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    body = greedy(messages=HELLO, max_tokens=8)
+    with serving(app) as url:
+        failures.append(1)
+        r = httpx.post(f"{url}/v1/chat/completions", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"].isdigit()
+        error = error_of(r)
+        assert error["code"] == "out_of_memory" and "--max-batch-size" in error["message"]
+        assert emptied
+        failures.append(1)
+        lines = raw_stream(url, {**body, "stream": True})
+        streamed = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+        assert streamed[-1]["error"]["code"] == "out_of_memory"
+        r = httpx.post(f"{url}/v1/chat/completions", json=body)  # the next request is served
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        assert metric(url, 'vicuna_requests_total{endpoint="chat",status="503"}') == 2

@@ -143,6 +143,13 @@ class _Reply:
         return (TokenLogprob(choice.token_id, name(choice.token_id), choice.logprob, top),)
 
 
+def release_memory_after(error: BaseException) -> None:
+    """After running out of GPU memory, give what the failed work held back to the GPU: PyTorch keeps
+    freed blocks cached for itself, and other programs (and `nvidia-smi`) would see them as used."""
+    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class BatchStats:
     """What the scheduler is doing now, and the most KV cache it ever held (for tests and /metrics)."""
@@ -345,6 +352,7 @@ class Batcher:
                     for reply in self._replies:
                         reply.fail(error)
                     self._replies, self._rows = [], self._new_rows()
+                    release_memory_after(error)
                 if not self._replies:  # nothing runs next: the thread may wait
                     self._hand_over()
                 self._update_stats()
@@ -408,6 +416,7 @@ class Batcher:
             except Exception as error:
                 log.exception("prefill failed")
                 reply.fail(error)
+                release_memory_after(error)
                 continue
             if not resumed and reply.step(logits):
                 continue

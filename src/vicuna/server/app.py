@@ -44,6 +44,12 @@ log = logging.getLogger("vicuna.server")
 RETRY_AFTER_S = 1
 
 
+OUT_OF_MEMORY = (
+    "out of memory while generating: this request did not fit beside the replies running with it; retry "
+    "shortly, or start the server with a smaller --max-batch-size or --kv-cache-tokens"
+)
+
+
 class APIError(Exception):
     """An HTTP error with OpenAI's body."""
 
@@ -60,9 +66,21 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        return p.error_body(self.message, self.type, self.param, self.code)
+
     def response(self) -> JSONResponse:
-        body = p.error_body(self.message, self.type, self.param, self.code)
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def failure(err: BaseException) -> APIError:
+    """What a client is told when generating failed: out of memory (503, to retry) or a bug (500)."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        return APIError(503, OUT_OF_MEMORY, "server_error", code="out_of_memory", headers=retry)
+    return APIError(500, "internal server error; the server log has the details", "server_error")
 
 
 class Metrics:
@@ -380,9 +398,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _bug(request: Request, err: Exception) -> JSONResponse:
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return APIError(
-            500, "internal server error; the server log has the details", "server_error"
-        ).response()
+        return failure(err).response()
 
     def api(path: str):
         return app.post(path, response_model=None)
@@ -576,6 +592,9 @@ def create_app(
                 body = await collector()
                 status = 200 if not run.cancel.is_set() else 499  # 499: the client went away
                 return JSONResponse(body)
+            except Exception as err:
+                status = failure(err).status
+                raise
             finally:
                 run.cancel.set()
                 watcher.cancel()
@@ -586,19 +605,15 @@ def create_app(
             try:
                 async for text in streamer():
                     yield text
-            except Exception:
-                status = 500
+            except Exception as err:
                 log.exception("%s: generation failed", run.id)
-                yield _sse(
-                    p.error_body("internal server error; the server log has the details", "server_error")
-                )
+                told = failure(err)
+                status = told.status
+                yield _sse(told.body())
             finally:
-                status = (
-                    499
-                    if run.cancel.is_set()
-                    and any(c.finished is None or c.finished.reason == "cancelled" for c in run.choices)
-                    else status
-                )
+                cut_short = any(c.finished is None or c.finished.reason == "cancelled" for c in run.choices)
+                if status == 200 and run.cancel.is_set() and cut_short:
+                    status = 499  # the client went away
                 run.cancel.set()
                 watcher.cancel()
                 run.record(status)
