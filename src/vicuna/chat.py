@@ -208,6 +208,20 @@ def _reply(
         cancel.set()
         io.info("\n(reply stopped)")
         return "".join(collected), None
+    except Exception as err:
+        import torch
+
+        from vicuna.engine.memory import release_memory_after
+
+        if not isinstance(err, torch.OutOfMemoryError):
+            raise
+        release_memory_after(err)
+        io.info(
+            "\nerror: out of memory on the GPU while replying; this message goes unanswered. A shorter "
+            "conversation (!!reset) needs less, or restart with --load-8bit (half the weights' memory) "
+            "or --num-gpus N to spread the model"
+        )
+        return None, None
 
 
 def _save_or_load(command: str, arg: str, messages: list[Message], io: ChatIO) -> list[Message]:

@@ -138,3 +138,22 @@ def test_piped_chat_with_the_builtin_model():
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "The capital of France is Paris."
+
+
+def test_out_of_memory_leaves_the_message_unanswered_and_the_chat_goes_on(monkeypatch):
+    import torch
+
+    class OutOfMemoryOnce(EchoEngine):
+        def chat(self, messages, params, cancel=None):
+            if not self.seen:
+                self.seen.append(list(messages))
+                yield TextChunk("half ", (1,))
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            yield from super().chat(messages, params, cancel)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    engine, io = OutOfMemoryOnce(), ScriptedIO(["a long question", "a short one"])
+    run_chat(engine, io, PARAMS)
+    assert any("out of memory" in n and "--load-8bit" in n for n in io.notes)
+    assert [m.content for m in engine.seen[1]] == ["a short one"]  # the unanswered message was dropped
+    assert io.shown == ["reply to 1 messages "]

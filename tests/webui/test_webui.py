@@ -265,3 +265,23 @@ def test_browser_asks_for_the_api_key_first(engine, browser):
         page.locator(".vicuna-stats").wait_for()
         assert len(chat.calls) == 1 and chat.finished[0].completion_tokens <= 4
         page.close()
+
+
+def test_out_of_memory_is_reported_and_the_message_kept(engine, monkeypatch):
+    import torch
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU: its cache is given back
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+
+    def chat(messages, params, cancel):
+        yield TextChunk("Hel", (1,))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    ui = WebChat(chat, api_keys=None)
+    steps = ui.respond("Hello", [], "", 0.7, 1.0, 64, "", gr.Request(session_hash="s3"))
+    while next(steps) != ("Hello", [], []):  # until the page is put back as it was
+        pass
+    with pytest.raises(gr.Error, match="ran out of memory"):
+        next(steps)
+    assert emptied

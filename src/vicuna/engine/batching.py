@@ -41,6 +41,7 @@ from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob
+from vicuna.engine.memory import release_memory_after
 from vicuna.engine.runner import LlamaRunner, cache_arg, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Choice, Sampler
 from vicuna.errors import VicunaError
@@ -141,13 +142,6 @@ class _Reply:
         name = self.engine.tokenizer.convert_ids_to_tokens
         top = tuple((i, name(i), lp) for i, lp in choice.top)
         return (TokenLogprob(choice.token_id, name(choice.token_id), choice.logprob, top),)
-
-
-def release_memory_after(error: BaseException) -> None:
-    """After running out of GPU memory, give what the failed work held back to the GPU: PyTorch keeps
-    freed blocks cached for itself, and other programs (and `nvidia-smi`) would see them as used."""
-    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @dataclass

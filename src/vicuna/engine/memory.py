@@ -132,3 +132,10 @@ def parse_bytes(text: str) -> int:
 def gib(n: int) -> str:
     """A byte count for people: GiB from 1 GiB up, MiB below."""
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def release_memory_after(error: BaseException) -> None:
+    """After running out of GPU memory, give what the failed work held back to the GPU: PyTorch keeps
+    freed blocks cached for itself, and other programs (and `nvidia-smi`) would see them as used."""
+    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -8,16 +8,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
+import torch
 
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Finished, TextChunk
+from vicuna.engine.memory import release_memory_after
 from vicuna.errors import VicunaError
 from vicuna.webui import ChatFn
 
 Turn = tuple[str, str, str]  # (user message, reply, the line shown under the reply)
 
 MAX_TOKENS_LIMIT = 8192  # the slider's end; the engine refuses what does not fit its context window
+OUT_OF_MEMORY = (
+    "The GPU ran out of memory for this reply (beside the others being generated). Try again shortly, "
+    "or with a shorter conversation (Clear)."
+)
 CSS = """
 .vicuna-stats { font-size: 0.8em; opacity: 0.65; }
 """
@@ -162,6 +168,10 @@ class WebChat:
         except VicunaError as err:
             yield text, to_chatbot(before), before
             raise gr.Error(str(err)) from None
+        except torch.OutOfMemoryError as err:
+            release_memory_after(err)
+            yield text, to_chatbot(before), before
+            raise gr.Error(OUT_OF_MEMORY) from None
         finally:
             cancel.set()  # also when the page goes away mid-reply and Gradio closes this generator
             if self.running.get(session) is cancel:
