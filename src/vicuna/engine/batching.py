@@ -546,6 +546,7 @@ class _HFRows:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.cache: Any = None
+        self.cache_arg = cache_arg(engine.model)  # the name the model's forward takes the cache by
         self.mask: torch.Tensor | None = None  # (rows, columns): 1 where a column holds a real token
 
     def _columns(self) -> int:
@@ -604,7 +605,7 @@ class _HFRows:
         model, n = self.engine.model, len(tokens)
         ids = torch.tensor(tokens, device=self.engine.device)[:, None]
         mask = torch.cat([self.mask, self.mask.new_ones(n, 1)], dim=1)
-        cache = {cache_arg(model): self.cache, "use_cache": True}
+        cache = {self.cache_arg: self.cache, "use_cache": True}
         if bool(mask.all()):  # no padding: the plain call, as a batch of one is run alone
             out = model(input_ids=ids, **cache)
         else:
