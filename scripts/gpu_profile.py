@@ -1,6 +1,7 @@
 """Where a 13B-shaped decode step's time goes on a CUDA GPU: the int8 products against float16's, and a
-4-layer 13B-shaped model's step (graph replay, the same step launched from Python, and the profiler's
-kernel table). About a minute on an H200; needs a GPU with >= 20 GB.
+4-layer 13B-shaped model's step (graph replay with `step_gpu`'s fused kernels and with PyTorch's
+operations, the same step launched from Python, and the profiler's kernel table). About a minute on an
+H200; needs a GPU with >= 20 GB.
 
 Usage: PYTHONPATH=src python scripts/gpu_profile.py
 """
@@ -12,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vicuna.engine import int8_gpu
+from vicuna.engine import int8_gpu, step_gpu
 from vicuna.engine.quant import quantize_int8, quantize_rows
-from vicuna.engine.runner import LlamaRunner, LlamaWeights, step_in_pytorch
+from vicuna.engine.runner import CudaGraphStep, LlamaRunner, LlamaWeights, step_in_pytorch
 
 dev = torch.device("cuda")
 
@@ -89,9 +90,17 @@ for int8 in (False, True):
             logits = r.step(tok)
         torch.cuda.synchronize()
         graphed = (time.perf_counter() - t0) / 100
-        # the graph alone (no Python around it)
+        # the graph alone (no Python around it), with the step's fused kernels and with PyTorch's operations
         g = r._graph
         tg = cuda_time(lambda: g.graph.replay(), reps=100)
+        fused_kernels, step_gpu.triton = step_gpu.triton, None
+        unfused = CudaGraphStep(w, r.cache, 1)
+        unfused([tok], [r.lengths[0]])
+        unfused([tok], [r.lengths[0]])
+        step_gpu.triton = fused_kernels
+        tu = cuda_time(lambda: unfused.graph.replay(), reps=100)
+        print(f"replay: {tg:.3f} ms with the fused kernels, {tu:.3f} ms with PyTorch's operations", flush=True)
+        del unfused
         cache, inputs, table = r.cache, g.inputs, g.table
         eager = cuda_time(lambda: step_in_pytorch(w, cache, inputs[0], inputs[1], table), reps=20)
         t0 = time.perf_counter()

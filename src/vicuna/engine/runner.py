@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from vicuna.engine import kernel
+from vicuna.engine import kernel, step_gpu
 from vicuna.engine.quant import Int8Embedding, Int8Linear, native_half_matmul
 
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
@@ -154,7 +154,9 @@ class Dense:
     ) -> torch.Tensor:
         if self.kernel is not None and (self.kernel_rows is None or x.shape[0] <= self.kernel_rows):
             return self.kernel(x, norm, gated, into)  # float32, as the rows between products are
-        if gated:
+        if gated and step_gpu.runs_on(x.device):
+            x = step_gpu.silu_mul(x)
+        elif gated:
             gate, up = x.chunk(2, dim=-1)
             x = F.silu(gate) * up
         if norm is not None:
@@ -453,20 +455,26 @@ def step_in_pytorch(
     n, heads, kv_heads, dim = tokens.shape[0], w.heads, w.kv_heads, w.head_dim
     group, rotated = heads // kv_heads, (heads + kv_heads) * dim
     size = cache.shape[4]
-    cos, sin = table[:, positions, None]  # [rows, 1, head_dim] each
     past = torch.arange(size, device=w.device) > positions[:, None]  # positions past each row's new token
     mask = torch.zeros(n, 1, 1, size, dtype=w.dtype, device=w.device).masked_fill_(
         past[:, None, None], -torch.inf
     )
-    rows = torch.arange(n, device=w.device)
+    fused = step_gpu.runs_on(w.device)  # rotary and cache writes in one kernel
+    if not fused:
+        cos, sin = table[:, positions, None]  # [rows, 1, head_dim] each
+        rows = torch.arange(n, device=w.device)
     x = w.embed(tokens).to(w.act_dtype)  # [rows, hidden]
     for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(w.layers):
         mixed = qkv(x, norm=norm1)
-        qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin).to(w.dtype)  # cache dtype
         keys, values = cache[i, 0, :n], cache[i, 1, :n]  # [rows, kv_heads, positions, head_dim]
-        keys[rows, :, positions] = qk[:, heads:]
-        values[rows, :, positions] = mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)
-        q = qk[:, :heads].view(n, kv_heads, group, dim)
+        if fused:
+            q = step_gpu.rotate_store(mixed, table, positions, keys, values, heads, kv_heads)
+        else:
+            qk = rotate(mixed[:, :rotated].view(n, heads + kv_heads, dim), cos, sin).to(w.dtype)  # cache's
+            keys[rows, :, positions] = qk[:, heads:]
+            values[rows, :, positions] = mixed[:, rotated:].view(n, kv_heads, dim).to(w.dtype)
+            q = qk[:, :heads]
+        q = q.view(n, kv_heads, group, dim)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out(attn.reshape(n, heads * dim).to(w.act_dtype), into=x)
         down(gate_up(x, norm=norm2), gated=True, into=x)
