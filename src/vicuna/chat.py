@@ -211,11 +211,8 @@ def _reply(
     except Exception as err:
         import torch
 
-        from vicuna.engine.memory import release_memory_after
-
-        if not isinstance(err, torch.OutOfMemoryError):
+        if not isinstance(err, torch.OutOfMemoryError):  # the engine has given the GPU its memory back
             raise
-        release_memory_after(err)
         io.info(
             "\nerror: out of memory on the GPU while replying; this message goes unanswered. A shorter "
             "conversation (!!reset) needs less, or restart with --load-8bit (half the weights' memory) "

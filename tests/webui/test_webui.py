@@ -267,12 +267,8 @@ def test_browser_asks_for_the_api_key_first(engine, browser):
         page.close()
 
 
-def test_out_of_memory_is_reported_and_the_message_kept(engine, monkeypatch):
+def test_out_of_memory_is_reported_and_the_message_kept(engine):
     import torch
-
-    emptied = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU: its cache is given back
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
 
     def chat(messages, params, cancel):
         yield TextChunk("Hel", (1,))
@@ -284,4 +280,3 @@ def test_out_of_memory_is_reported_and_the_message_kept(engine, monkeypatch):
         pass
     with pytest.raises(gr.Error, match="ran out of memory"):
         next(steps)
-    assert emptied

@@ -12,10 +12,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, Template, render
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, TextChunk, TokenLogprob
+from vicuna.engine.memory import release_memory_after
 from vicuna.engine.runner import (
     HFRunner,
     LlamaRunner,
@@ -139,6 +142,15 @@ class Engine:
         return self._generate(prompt_ids, params, cancel)
 
     def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None
+    ) -> Iterator[Event]:
+        try:
+            yield from self._reply(prompt_ids, params, cancel)
+        except torch.OutOfMemoryError as error:  # the caller says so; the GPU gets back what the reply held
+            release_memory_after(error)
+            raise
+
+    def _reply(
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None
     ) -> Iterator[Event]:
         start = time.perf_counter()

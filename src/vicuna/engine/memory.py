@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,12 @@ def gib(n: int) -> str:
 
 
 def release_memory_after(error: BaseException) -> None:
-    """After running out of GPU memory, give what the failed work held back to the GPU: PyTorch keeps
-    freed blocks cached for itself, and other programs (and `nvidia-smi`) would see them as used."""
-    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    """After running out of GPU memory, give what the failed work held back to the GPU. The error's
+    traceback keeps every frame it passed through, and with them their tensors (a step's activations, a
+    reply's KV cache), for as long as the error lives (it is logged, and handed to each reply it ended):
+    those frames' variables are cleared first. Then PyTorch's cache of freed blocks, which other
+    programs (and `nvidia-smi`) would see as used, is given back."""
+    if isinstance(error, torch.OutOfMemoryError):
+        traceback.clear_frames(error.__traceback__)  # frames still running (the caller's) are kept
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -13,7 +13,6 @@ import torch
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Finished, TextChunk
-from vicuna.engine.memory import release_memory_after
 from vicuna.errors import VicunaError
 from vicuna.webui import ChatFn
 
@@ -168,8 +167,7 @@ class WebChat:
         except VicunaError as err:
             yield text, to_chatbot(before), before
             raise gr.Error(str(err)) from None
-        except torch.OutOfMemoryError as err:
-            release_memory_after(err)
+        except torch.OutOfMemoryError:  # the engine or the batcher has given the GPU its memory back
             yield text, to_chatbot(before), before
             raise gr.Error(OUT_OF_MEMORY) from None
         finally:
