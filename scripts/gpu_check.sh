@@ -38,7 +38,13 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv || true
 
 stage "tests that need a GPU"
-timeout "$(limit 100)" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/server/test_batching.py || failed+=("gpu tests")
+timeout "$(limit 100)" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/server/test_batching.py \
+  | tee "$OUT/gpu-tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("gpu tests")
+if grep -q "FAILED tests/engine/test_step_gpu.py" "$OUT/gpu-tests.log"; then
+  export VICUNA_TRITON=0  # so that the benchmarks still measure something
+  echo "the decode step's fused kernels failed on this GPU: the benchmarks run without Triton (VICUNA_TRITON=0)"
+fi
 
 # LLaMA-13B's layers (40 x hidden 5120, MLP 13824, 40 heads) with the built-in model's tokenizer and its
 # 49,152-token vocabulary (LLaMA's own tokenizer cannot be downloaded here): 13.2B parameters, 26.4 GB in

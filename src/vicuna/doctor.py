@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     if hw.gpus:
         from vicuna.engine import int8_gpu
 
-        console.print(f"  GPU int8 kernel  {int8_gpu.status()}")
+        console.print(f"  GPU kernels  {int8_gpu.status()}")
     else:
         console.print("  GPU   none visible to PyTorch" + (" (Apple MPS available)" if hw.mps else ""))
 

@@ -111,4 +111,4 @@ def test_doctor_says_how_8bit_multiplies_on_a_gpu(monkeypatch, tiny_llama_dir, c
     out = capsys.readouterr().out
     assert "GPU 0 Pretend" in out
     expected = "ready (Triton " if installed else "not used: Triton is not installed"
-    assert f"GPU int8 kernel  {expected}" in out
+    assert f"GPU kernels  {expected}" in out

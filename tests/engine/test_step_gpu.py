@@ -100,3 +100,16 @@ def test_without_triton_the_step_keeps_pytorchs_operations(monkeypatch):
     monkeypatch.setattr(step_gpu, "triton", None)
     assert not step_gpu.runs_on(torch.device("cuda"))
     assert not step_gpu.runs_on(torch.device("cpu"))
+
+
+def test_vicuna_triton_0_turns_the_gpu_kernels_off():
+    pytest.importorskip("triton")
+    code = "from vicuna.engine import int8_gpu, step_gpu; print(int8_gpu.triton, step_gpu.triton, int8_gpu.status())"
+    for value, off in (("0", True), ("1", False)):
+        env = dict(os.environ, VICUNA_TRITON=value)
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.startswith("None None not used: turned off (VICUNA_TRITON=0)") == off, done.stdout
+        assert ("ready (Triton " in done.stdout) != off

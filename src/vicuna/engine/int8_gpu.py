@@ -31,6 +31,8 @@ try:
     import triton.language as tl
 except ImportError:  # PyTorch's CPU builds, Windows
     triton = None
+if os.environ.get("VICUNA_TRITON") == "0":  # turned off: PyTorch's operations (see `vicuna doctor`)
+    triton = None
 
 MAX_ROWS = 256  # more rows: dequantize and cuBLAS (the kernels would read the weight once per 64 rows)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,12 +40,18 @@ _one_row_wins: dict[tuple[int, int, torch.dtype], bool] = {}  # per weight shape
 
 
 def status() -> str:
-    """One line on how `--load-8bit` multiplies on a CUDA GPU here."""
+    """One line on the GPU kernels (this module's and `step_gpu`'s) here."""
     if triton is None:
-        return (
-            "not used: Triton is not installed; --load-8bit converts each weight to float16 for each product"
+        why = (
+            "turned off (VICUNA_TRITON=0)"
+            if os.environ.get("VICUNA_TRITON") == "0"
+            else "Triton is not installed"
         )
-    return f"ready (Triton {triton.__version__})"
+        return (
+            f"not used: {why}; --load-8bit converts each weight to float16 for each product, and a decode "
+            "step runs PyTorch's operations between its products"
+        )
+    return f"ready (Triton {triton.__version__}): int8 products, and a decode step's rotary, KV-cache writes and gating"
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

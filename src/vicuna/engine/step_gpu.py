@@ -26,6 +26,8 @@ try:
     import triton.language as tl
 except ImportError:  # PyTorch's CPU builds, Windows
     triton = None
+if os.environ.get("VICUNA_TRITON") == "0":  # turned off: PyTorch's operations (see `vicuna doctor`)
+    triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
