@@ -119,6 +119,26 @@ def test_bin_inputs_sharded_differently_with_the_extra_vocabulary_row(tmp_path, 
     assert json.loads((tmp_path / "m" / "config.json").read_text())["vocab_size"] == 401
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_sums_are_rounded_once_from_their_exact_float32_sum(tmp_path, models, dtype):
+    """Each merged value is base + delta computed in float32 and rounded once to the checkpoint's dtype,
+    as transformers' and FastChat's float32 arithmetic would give, with values of very different sizes."""
+
+    def spread(state):  # sizes from 1e-6 to 1e3 within each tensor
+        for name, t in state.items():
+            state[name] = t * torch.logspace(-6, 3, t.numel()).reshape(t.shape)
+
+    base = rewrite(
+        models["base"], tmp_path / "b", kind="safetensors", files=1, index=False, dtype=dtype, edit=spread
+    )
+    delta = rewrite(models["target"], tmp_path / "d", kind="safetensors", files=2, index=True, dtype=dtype)
+    merged = state_of(apply_delta(base, delta, tmp_path / "m", progress=False))
+    base_state, delta_state = state_of(base), state_of(delta)
+    for name, tensor in merged.items():
+        want = (base_state[name].float() + delta_state[name].float()).to(dtype)
+        assert tensor.dtype == dtype and torch.equal(tensor.view(torch.int16), want.view(torch.int16)), name
+
+
 def _edited(models, tmp_path, name, edit) -> Path:
     return rewrite(models["base"], tmp_path / name, kind="safetensors", files=1, index=False, edit=edit)
 

@@ -3,7 +3,8 @@ peak RSS and MB/s of `vicuna convert` and `vicuna delta apply` on a generated ch
 
 Every measurement runs in a fresh subprocess (`python -m vicuna.bench.memory JOB`), because peak RSS is a
 high-water mark of the whole process: measuring two things in one process would mix them. Each child
-imports torch and transformers before it notes its starting RSS, so the children differ only by the job.
+imports torch, safetensors and transformers' LLaMA classes before it notes its starting RSS and starts
+the clock, so the children differ only by the job.
 Baselines: float32 for the other dtypes, bfloat16 for 8-bit, a plain copy of the same bytes in another
 child for convert and delta apply.
 """
@@ -79,8 +80,12 @@ def weight_file_bytes(folder: Path) -> int:
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Do one measured job in this process and return its figures (the child's side)."""
-    import torch  # noqa: F401  (imported before the starting RSS, in every child alike)
-    import transformers  # noqa: F401
+    # imported before the starting RSS and the clock, in every child alike: transformers loads its
+    # modules on first use, which took ~2 s of a 157 MB conversion's ~2 s here (0.03x a copy's MB/s
+    # with it, 0.2x without); a one-time cost, not a rate
+    import torch  # noqa: F401
+    from safetensors.torch import save_file  # noqa: F401
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: F401
 
     from vicuna.engine.loader import load_engine
 
