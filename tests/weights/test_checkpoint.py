@@ -239,11 +239,35 @@ def test_writer_refuses_a_foreign_staging_folder(tmp_path):
         _write(tmp_path / "out", random_state(STATE_SHAPES))
 
 
+def test_each_shard_is_hashed_once_as_it_is_written(tmp_path, monkeypatch):
+    from vicuna.weights import manifest
+
+    hashed, sha256_of = [], manifest.sha256_of
+
+    def counted(path, *args):
+        hashed.append(Path(path).name)
+        return sha256_of(path, *args)
+
+    monkeypatch.setattr(manifest, "sha256_of", counted)  # what the manifest hashes at the end
+    monkeypatch.setattr(checkpoint, "sha256_of", counted)  # what the writer hashes as it goes
+    given, write_manifest = [], checkpoint.write_manifest
+    monkeypatch.setattr(
+        checkpoint,
+        "write_manifest",
+        lambda folder, **kw: given.append(kw["known"]) or write_manifest(folder, **kw),
+    )
+    out = _write(tmp_path / "out", random_state(UNIFORM_SHAPES))
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) == 3 and sorted(given[0]) == shards  # the writer's digests, handed to the manifest
+    assert sorted(hashed) == sorted([*shards, "config.json", "model.safetensors.index.json"])
+    assert verify_manifest(out, progress=False) == []
+
+
 def test_writer_finishes_a_job_interrupted_while_hashing(tmp_path, monkeypatch):
     state = random_state(UNIFORM_SHAPES)
     real_manifest = checkpoint.write_manifest
 
-    def killed(folder, progress=True):
+    def killed(folder, progress=True, known=None):
         (folder / f".{MANIFEST_NAME}.tmp").write_text("half")
         raise KeyboardInterrupt
 

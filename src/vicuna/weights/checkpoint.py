@@ -15,6 +15,7 @@ import shutil
 import sys
 import zipfile
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from vicuna.errors import VicunaError
 from vicuna.weights.disk import ensure_free_space
-from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, write_manifest
+from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -330,7 +331,11 @@ def write_checkpoint(
     from safetensors.torch import save_file
 
     total = sum(spec.nbytes for spec in specs)
-    with progress_bar(description, total, enabled=progress) as advance:
+    # Each shard is hashed for the manifest as soon as it is written, on another thread (hashlib lets go
+    # of the GIL) while the next shard is made, and while its pages are still in the page cache: hashed
+    # at the end, the first shards of a model larger than RAM would be read back from disk.
+    hashing, digests = ThreadPoolExecutor(max_workers=1), {}
+    with hashing, progress_bar(description, total, enabled=progress) as advance:
         for file, group in shards.items():
             if file in done:
                 advance(sum(spec.nbytes for spec in group))
@@ -347,6 +352,7 @@ def write_checkpoint(
             tmp = staging / f".{file}.tmp"
             save_file(tensors, str(tmp), metadata={"format": "pt"})
             os.replace(tmp, staging / file)
+            digests[file] = hashing.submit(sha256_of, staging / file)
             del tensors, tensor
             release()
             _return_freed_memory()
@@ -356,7 +362,10 @@ def write_checkpoint(
         "weight_map": {s.name: f for f, group in shards.items() for s in group},
     }
     (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    write_manifest(staging, progress=progress)  # hidden files, the plan among them, are not listed
+    known = {file: digest.result() for file, digest in digests.items()}
+    write_manifest(
+        staging, progress=progress, known=known
+    )  # hidden files (the plan among them) are not listed
     (staging / PLAN_NAME).unlink()
     os.replace(staging, out)
     return out

@@ -7,7 +7,7 @@ import argparse
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,7 +64,7 @@ def _listed_files(folder: Path) -> list[str]:
     return found
 
 
-def _sha256(path: Path, advance: Callable[[int], None]) -> str:
+def sha256_of(path: Path, advance: Callable[[int], None] = lambda n: None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -80,13 +80,16 @@ def _check_folder(folder: Path) -> Path:
     return folder
 
 
-def write_manifest(folder: Path, *, progress: bool = True) -> Path:
-    """Hash every file in `folder` into `folder/SHA256SUMS` (written under a temporary name, then renamed)."""
+def write_manifest(folder: Path, *, progress: bool = True, known: Mapping[str, str] | None = None) -> Path:
+    """Hash every file in `folder` into `folder/SHA256SUMS` (written under a temporary name, then renamed).
+    `known`: digests of files already hashed (relative path: sha256 hex), which are not read again."""
     folder = _check_folder(folder)
     files = _listed_files(folder)
-    total = sum((folder / rel).stat().st_size for rel in files)
+    known = dict(known or {})
+    total = sum((folder / rel).stat().st_size for rel in files if rel not in known)
     with progress_bar(f"sha256 {folder.name}", total, enabled=progress) as advance:
-        lines = [f"{_sha256(folder / rel, advance)}  {rel}\n" for rel in files]
+        digests = {rel: known.get(rel) or sha256_of(folder / rel, advance) for rel in files}
+    lines = [f"{digest}  {rel}\n" for rel, digest in digests.items()]
     manifest = folder / MANIFEST_NAME
     tmp = manifest.with_name(f".{MANIFEST_NAME}.tmp")  # hidden: never listed itself
     tmp.write_text("".join(lines), encoding="utf-8")
@@ -120,7 +123,7 @@ def verify_manifest(folder: Path, *, progress: bool = True) -> list[str]:
     total = sum((folder / rel).stat().st_size for rel in present)
     with progress_bar(f"verify {folder.name}", total, enabled=progress) as advance:
         for rel in present:
-            found = _sha256(folder / rel, advance)
+            found = sha256_of(folder / rel, advance)
             if found != entries[rel]:
                 problems.append(f"changed: {folder / rel} (sha256 {found}, manifest says {entries[rel]})")
     return problems
