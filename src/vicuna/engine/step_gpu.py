@@ -17,19 +17,13 @@ interpreter (TRITON_INTERPRET=1), where `runs_on` accepts CPU tensors too.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # PyTorch's CPU builds, Windows
-    triton = None
-if os.environ.get("VICUNA_TRITON") == "0":  # turned off: PyTorch's operations (see `vicuna doctor`)
-    triton = None
+# Triton where it is installed and not turned off (VICUNA_TRITON=0), as the int8 kernels find it
+from vicuna.engine.int8_gpu import INTERPRET, triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if triton is not None:
+    import triton.language as tl
 
 
 def runs_on(device: torch.device) -> bool:
