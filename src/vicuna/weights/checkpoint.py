@@ -362,10 +362,8 @@ def write_checkpoint(
         "weight_map": {s.name: f for f, group in shards.items() for s in group},
     }
     (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    known = {file: digest.result() for file, digest in digests.items()}
-    write_manifest(
-        staging, progress=progress, known=known
-    )  # hidden files (the plan among them) are not listed
+    # hidden files (the plan among them) are not listed
+    write_manifest(staging, progress=progress, known={file: d.result() for file, d in digests.items()})
     (staging / PLAN_NAME).unlink()
     os.replace(staging, out)
     return out
