@@ -45,12 +45,20 @@ def test_dense_runs_few_rows_on_the_kernel_and_many_in_float32_without_native_bf
 
 def test_dense_leaves_many_rows_to_pytorch_where_it_multiplies_the_dtype_natively():
     from vicuna.engine import kernel
-    from vicuna.engine.runner import native_half_matmul
+    from vicuna.engine.runner import pytorch_multiplies_natively
 
-    assert Dense(torch.zeros(4, 4)).kernel_rows == kernel.FEW_ROWS  # float32 is native everywhere
-    half = Dense(torch.zeros(4, 4, dtype=torch.bfloat16))
-    assert half.native == native_half_matmul(torch.bfloat16)
-    assert half.kernel_rows == (kernel.FEW_ROWS if half.native else None)  # None: every product
+    for dtype in (torch.float32, torch.bfloat16):
+        dense = Dense(torch.zeros(4, 4, dtype=dtype))
+        assert dense.native == pytorch_multiplies_natively(dtype)
+        assert dense.kernel_rows == (kernel.FEW_ROWS if dense.native else None)  # None: every product
+
+
+@pytest.mark.parametrize(("capability", "native"), [("AVX2", False), ("AVX512", True)])
+def test_float32_products_of_many_rows_stay_on_our_kernel_on_avx2_cpus(monkeypatch, capability, native):
+    from vicuna.engine.runner import pytorch_multiplies_natively
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert pytorch_multiplies_natively(torch.float32) is native
 
 
 @pytest.mark.parametrize("rows", [1, 5])

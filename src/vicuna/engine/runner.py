@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vicuna.engine import kernel, step_gpu
-from vicuna.engine.quant import Int8Embedding, Int8Linear, native_half_matmul
+from vicuna.engine.quant import Int8Embedding, Int8Linear, pytorch_multiplies_natively
 
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
 
@@ -133,9 +133,10 @@ class Dense:
     MLP's gating of its input (`gated`: silu(first half) * second half), a residual add after (`into`).
 
     On the CPU, products go through our kernel (`vicuna.engine.kernel`) where it runs: float32 rows in and
-    out, the weight read as stored, the norm, gating and add done in the same call. On a CPU with native
-    16-bit matrix units only a decode step's few 16-bit rows do, since PyTorch's kernels win on more;
-    int8 weights (`scales`) go through the kernel for any number of rows (for 5 to 256 rows about twice
+    out, the weight read as stored, the norm, gating and add done in the same call. Where PyTorch's own
+    kernels multiply the weight's dtype natively (`pytorch_multiplies_natively`: 16-bit weights on a CPU
+    with 16-bit matrix units, float32 ones on an AVX-512 CPU) only a decode step's few rows do, since
+    PyTorch's kernels win on more; int8 weights (`scales`) go through the kernel for any number of rows (for 5 to 256 rows about twice
     PyTorch's int8 product on a 2-core AVX2 EPYC). Otherwise PyTorch computes them: `fallback` (an int8
     layer) or `F.linear`, where on a CPU without such units products of many rows (a prompt) run in
     float32 on a float32 copy of the weight made for that one product: a 500-token prompt prefills ~4x faster."""
@@ -145,7 +146,7 @@ class Dense:
     ):
         self.weight, self.fallback = weight, fallback
         cpu = weight.device.type == "cpu"
-        self.native = not cpu or (scales is None and native_half_matmul(weight.dtype))
+        self.native = not cpu or (scales is None and pytorch_multiplies_natively(weight.dtype))
         self.kernel = kernel.Weight(weight, scales) if kernel.runs_on(weight.device, weight.dtype) else None
         self.kernel_rows = kernel.FEW_ROWS if self.native else None  # None: any number
 
