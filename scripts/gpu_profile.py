@@ -1,7 +1,8 @@
 """Where a 13B-shaped decode step's time goes on a CUDA GPU: the int8 products against float16's, and a
-4-layer 13B-shaped model's step (graph replay with `step_gpu`'s fused kernels and with PyTorch's
-operations, the same step launched from Python, and the profiler's kernel table). About a minute on an
-H200; needs a GPU with >= 20 GB.
+4-layer 13B-shaped model's step: its graph replayed with `step_gpu`'s fused kernels (and, with int8
+weights, the gating and residual adds inside the int8 products) and with PyTorch's operations between the
+products, the same step launched from Python, and the profiler's kernel table. About a minute on an H200;
+needs a GPU with >= 20 GB.
 
 Usage: PYTHONPATH=src python scripts/gpu_profile.py
 """
@@ -93,11 +94,13 @@ for int8 in (False, True):
         # the graph alone (no Python around it), with the step's fused kernels and with PyTorch's operations
         g = r._graph
         tg = cuda_time(lambda: g.graph.replay(), reps=100)
+        # unfused: PyTorch's operations between the products (int8 ones still on the int8 kernels)
         fused_kernels, step_gpu.triton = step_gpu.triton, None
+        int8_fused, int8_gpu.runs_on = int8_gpu.runs_on, lambda device: False
         unfused = CudaGraphStep(w, r.cache, 1)
         unfused([tok], [r.lengths[0]])
         unfused([tok], [r.lengths[0]])
-        step_gpu.triton = fused_kernels
+        step_gpu.triton, int8_gpu.runs_on = fused_kernels, int8_fused
         tu = cuda_time(lambda: unfused.graph.replay(), reps=100)
         print(f"replay: {tg:.3f} ms with the fused kernels, {tu:.3f} ms with PyTorch's operations", flush=True)
         del unfused

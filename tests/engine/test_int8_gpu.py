@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vicuna.engine import int8_gpu
 from vicuna.engine.quant import quantize_rows
@@ -18,6 +19,7 @@ from vicuna.engine.quant import quantize_rows
 # tile size divides.
 CHECK = """
     import torch
+    import torch.nn.functional as F
     from triton.runtime.errors import OutOfResources
     from vicuna.engine import int8_gpu
     from vicuna.engine.quant import quantize_rows
@@ -28,34 +30,57 @@ CHECK = """
         err = ((got.double() - exact).abs() / (exact.abs() + 1)).max().item()
         assert err < tol, (what, err)
 
+    def inputs(m, k, dtype, gated):
+        # with gated, x is gate and up side by side; the rows multiplied are silu(gate) * up, rounded to
+        # x's dtype (as `step_gpu.silu_mul` gives them)
+        x = torch.randn(m, 2 * k if gated else k, device=device).to(dtype)
+        if not gated:
+            return x, x.double()
+        gate, up = x.float().chunk(2, dim=-1)
+        return x, (F.silu(gate) * up).to(dtype).double()
+
     torch.manual_seed(0)
     device, dtypes, shapes = {device!r}, {dtypes}, {shapes}
     for dtype in dtypes:
         for m, n, k in shapes:
-            x = torch.randn(m, k, device=device).to(dtype)
             weight, scales = quantize_rows(torch.randn(n, k, device=device))
-            exact = x.double() @ (weight.double() * scales.double()[:, None]).T
+            dequantized = weight.double() * scales.double()[:, None]
+            residual = torch.randn(m, n, device=device).to(dtype)
             tile, tuned = (16, int8_gpu._rows) if m <= 16 else (64, int8_gpu._rows64)
-            # each kernel with each of its tile sizes, by hand (the tuner picks one); a GPU may not have
-            # the shared memory for some, which the tuner skips too, but not for all
-            ran = 0
-            for config in tuned.configs:
-                out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-                grid = (-(-n // config.kwargs["BLOCK_N"]), -(-m // tile))
-                try:
-                    tuned.fn[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile,
-                                   IEEE=dtype == torch.float32, **config.all_kwargs())
-                except OutOfResources:
-                    continue
-                check(out, exact, dtype, ("rows", dtype, m, n, k, config))
-                ran += 1
-            assert ran, ("no tile size fits", dtype, m, n, k)
-            for config in int8_gpu._one_row.configs if m == 1 else ():
-                out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
-                grid = (-(-n // config.kwargs["BLOCK_N"]),)
-                int8_gpu._one_row.fn[grid](x, weight, scales, out, n, K=k, **config.all_kwargs())
-                check(out, exact, dtype, ("one row", dtype, m, n, k, config))
-            check(int8_gpu.product(x, weight, scales), exact, dtype, ("tuned", dtype, m, n, k))
+            one_row = int8_gpu._one_row.configs if m == 1 else ()
+            for gated, add in ((False, False), (True, True)):
+                x, rows = inputs(m, k, dtype, gated)
+                exact = rows @ dequantized.T + (residual.double() if add else 0)
+                flags = dict(GATED=gated, ADD=add)
+                # each kernel with each of its tile sizes, by hand (the tuner picks one); a GPU may not
+                # have the shared memory for some, which the tuner skips too, but not for all
+                ran = 0
+                for config in tuned.configs:
+                    out = residual.clone() if add else torch.full((m, n), float("nan"), dtype=dtype, device=device)
+                    grid = (-(-n // config.kwargs["BLOCK_N"]), -(-m // tile))
+                    try:
+                        tuned.fn[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile,
+                                       IEEE=dtype == torch.float32, **flags, **config.all_kwargs())
+                    except OutOfResources:
+                        continue
+                    check(out, exact, dtype, ("rows", dtype, m, n, k, flags, config))
+                    ran += 1
+                assert ran, ("no tile size fits", dtype, m, n, k)
+                for config in one_row:
+                    out = residual.clone() if add else torch.full((m, n), float("nan"), dtype=dtype, device=device)
+                    grid = (-(-n // config.kwargs["BLOCK_N"]),)
+                    int8_gpu._one_row.fn[grid](x, weight, scales, out, n, K=k, **flags, **config.all_kwargs())
+                    check(out, exact, dtype, ("one row", dtype, m, n, k, flags, config))
+            # the tuned product, each way; the first call for a shape is tuned (every config runs), and
+            # `into` must still be added once
+            for gated in (True, False):
+                x, rows = inputs(m, k, dtype, gated)
+                exact = rows @ dequantized.T
+                into = residual.clone()
+                got = int8_gpu.product(x, weight, scales, gated=gated, into=into)
+                assert got is into
+                check(got, exact + residual.double(), dtype, ("tuned, into", gated))
+                check(int8_gpu.product(x, weight, scales, gated=gated), exact, dtype, ("tuned", gated))
     print("ok")
 """
 
@@ -87,10 +112,25 @@ def test_the_kernel_with_each_tile_size_equals_the_dequantized_product_on_the_gp
 
 def test_more_rows_than_the_kernels_take_use_the_dequantized_weight():
     torch.manual_seed(0)
-    x = torch.randn(int8_gpu.MAX_ROWS + 1, 64)
+    x = torch.randn(int8_gpu.MAX_ROWS + 1, 128)
     weight, scales = quantize_rows(torch.randn(32, 64))
-    expected = torch.nn.functional.linear(x, weight.float() * scales.float()[:, None])
-    torch.testing.assert_close(int8_gpu.product(x, weight, scales), expected)
+    dequantized = weight.float() * scales.float()[:, None]
+    expected = F.linear(x[:, :64], dequantized)
+    torch.testing.assert_close(int8_gpu.product(x[:, :64], weight, scales), expected)
+    gate, up = x.chunk(2, dim=-1)
+    gated = F.linear(F.silu(gate) * up, dequantized)
+    residual = torch.randn(x.shape[0], 32)
+    into = residual.clone()
+    assert int8_gpu.product(x, weight, scales, gated=True, into=into) is into
+    torch.testing.assert_close(into, residual + gated)
+
+
+def test_the_product_refuses_rows_and_sums_of_the_wrong_shape():
+    weight, scales = quantize_rows(torch.randn(32, 64))
+    with pytest.raises(ValueError, match="rows of 64 for a weight of 64 columns .gated=True"):
+        int8_gpu.product(torch.randn(2, 64), weight, scales, gated=True)
+    with pytest.raises(ValueError, match=r"cannot add \[2, 32\] into \(2, 16\)"):
+        int8_gpu.product(torch.randn(2, 64), weight, scales, into=torch.zeros(2, 16))
 
 
 @pytest.mark.parametrize("installed", [True, False])

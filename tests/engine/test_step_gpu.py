@@ -1,5 +1,6 @@
 """The decode step's fused kernels for CUDA GPUs (rotary with the cache writes, the MLP's gating) against
-PyTorch's operations, alone and in a whole step of a tiny model. On the CPU they run in Triton's
+PyTorch's operations, alone and in a whole step of a tiny model (also with int8 weights, whose products
+do the gating and the residual add). On the CPU they run in Triton's
 interpreter; our CPU kernel is switched off (VICUNA_KERNEL=0) so that the step's gating is PyTorch's
 too."""
 
@@ -16,7 +17,7 @@ CHECK = """
     import torch
     import torch.nn.functional as F
     from vicuna.config import ModelSettings
-    from vicuna.engine import step_gpu
+    from vicuna.engine import int8_gpu, step_gpu
     from vicuna.engine.loader import load_engine
     from vicuna.engine.runner import rotate, step_in_pytorch
 
@@ -54,22 +55,28 @@ CHECK = """
         close(step_gpu.silu_mul(x), (F.silu(gate) * up).to(dtype), ("silu_mul", dtype))
 
     # a whole step of the tiny model, three rows at their own positions: fused against PyTorch's operations
-    for dtype in dtypes:
-        settings = ModelSettings(model_path={model!r}, dtype=str(dtype).split(".")[1], device=device)
+    # (with int8 weights, the int8 kernels with the gating and the residual adds inside them against the
+    # dequantized weights' products and PyTorch's gating and adds)
+    triton = __import__("triton")
+    for dtype, int8 in [(dtype, int8) for dtype in dtypes for int8 in (False, True)]:
+        settings = ModelSettings(
+            model_path={model!r}, dtype=str(dtype).split(".")[1], device=device, load_8bit=int8
+        )
         w = load_engine(settings, progress=False).llama_weights
+        assert int8 == (w.layers[0][1].fallback is not None)
         shape = (len(w.layers), 2, 3, w.kv_heads, 16, w.head_dim)
         start = torch.randn(shape, device=device).to(w.dtype)
         tokens, positions = torch.tensor([5, 17, 300], device=device), torch.tensor([3, 15, 0], device=device)
         steps = []
         for fused in (True, False):
-            step_gpu.triton = step_gpu.triton if fused else None
+            step_gpu.triton = int8_gpu.triton = triton if fused else None
             cache = start.clone()
             with torch.inference_mode():
                 steps.append((step_in_pytorch(w, cache, tokens, positions, w.rope(16)), cache))
         (logits, cache), (want_logits, want_cache) = steps
-        close(cache, want_cache, ("step's cache", dtype))
-        close(logits, want_logits, ("step's logits", dtype), dtype)  # float32 logits
-        step_gpu.triton = __import__("triton")
+        close(cache, want_cache, ("step's cache", dtype, int8))
+        close(logits, want_logits, ("step's logits", dtype, int8), dtype)  # float32 logits
+        step_gpu.triton = int8_gpu.triton = triton
     print("ok")
 """
 

@@ -11,6 +11,10 @@ tiles and convert them in registers, summing in float32, with each output row's 
 - `_one_row`: a single row (a decode step), multiply-adds without the tensor cores, whose 16-row tiles
   would be 15 rows of zeros.
 
+Both also do what a layer does around the product, which in a CUDA-graph decode step saves a kernel
+each (3 of a layer's ~12 with int8 weights): the MLP's gating of the rows as they are loaded, and the
+residual add as the sums are stored (`product`'s `gated` and `into`).
+
 For one row both are tried on first use of each weight shape and the faster is kept (`product`); Triton
 tunes each kernel's tile sizes for each weight shape on first use (kept in its cache folder). More rows
 are compute-bound: the weight is converted to the rows' dtype and multiplied by cuBLAS.
@@ -54,48 +58,82 @@ def status() -> str:
     return f"ready (Triton {triton.__version__}): int8 products, and a decode step's rotary, KV-cache writes and gating"
 
 
-def product(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def runs_on(device: torch.device) -> bool:
+    """Whether int8 products of rows on `device` go through `product`: on a CUDA GPU (through PyTorch's
+    operations where Triton is not used), and on the CPU in Triton's interpreter (tests)."""
+    return device.type == "cuda" or INTERPRET
+
+
+def product(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    gated: bool = False,
+    into: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [M, K] times int8 `weight` [N, K] with a scale per output row (`scales` [N]): [M, N] in x's
-    dtype, as F.linear(x, weight * scales[:, None]) with float32 sums."""
-    m, k = x.shape
-    n = weight.shape[0]
+    dtype, as F.linear(x, weight * scales[:, None]) with float32 sums. What a layer does around the
+    product is done inside it, which in a decode step saves a kernel each: with `gated`, x is [M, 2K] and
+    the rows multiplied are silu(first half) * second half (the MLP's gating, rounded to x's dtype as
+    `step_gpu.silu_mul` rounds it); with `into` ([M, N], x's dtype) the product is added into it (the
+    residual add, rounded once) and `into` is returned."""
+    m = x.shape[0]
+    n, k = weight.shape
+    if x.shape[1] != (2 if gated else 1) * k:
+        raise ValueError(f"int8 product: rows of {x.shape[1]} for a weight of {k} columns (gated={gated})")
+    if into is not None and (into.shape != (m, n) or not into.is_contiguous() or into.dtype != x.dtype):
+        raise ValueError(f"int8 product: cannot add [{m}, {n}] into {tuple(into.shape)} {into.dtype}")
     if triton is None or m > MAX_ROWS:
-        return F.linear(x, weight.to(x.dtype).mul_(scales.to(x.dtype)[:, None]))
+        if gated:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        y = F.linear(x, weight.to(x.dtype).mul_(scales.to(x.dtype)[:, None]))
+        return y if into is None else into.add_(y)
     x = x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if into is None else into
+    flags = {"GATED": gated, "ADD": into is not None}
     if m == 1:
         key = (n, k, x.dtype)
         if key not in _one_row_wins:
-            _one_row_wins[key] = _time_one_row(x, weight, scales, out)
+            _one_row_wins[key] = _time_one_row(x[:, :k], weight, scales)
         if _one_row_wins[key]:
-            return one_row(x, weight, scales, out)
-    return rows(x, weight, scales, out)
+            return one_row(x, weight, scales, out, **flags)
+    return rows(x, weight, scales, out, **flags)
 
 
-def rows(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """`_rows` into `out` (tiles of 16 rows) for up to 16 rows, else `_rows64` (tiles of 64)."""
-    m, k = x.shape
-    n = weight.shape[0]
+def rows(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, GATED=False, ADD=False
+) -> torch.Tensor:
+    """`_rows` into `out` (tiles of 16 rows) for up to 16 rows, else `_rows64` (tiles of 64); `GATED` and
+    `ADD` as `product`'s `gated` and `into`."""
+    m = x.shape[0]
+    n, k = weight.shape
     tile, kernel = (16, _rows) if m <= 16 else (64, _rows64)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, tile))  # noqa: E731
-    kernel[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=x.dtype == torch.float32)
+    kernel[grid](
+        x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=x.dtype == torch.float32, GATED=GATED, ADD=ADD
+    )
     return out
 
 
-def one_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def one_row(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, GATED=False, ADD=False
+) -> torch.Tensor:
     """`_one_row` into `out`."""
     n, k = weight.shape
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _one_row[grid](x, weight, scales, out, n, K=k)
+    _one_row[grid](x, weight, scales, out, n, K=k, GATED=GATED, ADD=ADD)
     return out
 
 
-def _time_one_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> bool:
+def _time_one_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> bool:
     """Whether `_one_row` multiplies this one row faster than `_rows`, each with its tuned tiles."""
     if INTERPRET:  # no timer: the one-row kernel
         return True
     from triton.testing import do_bench
 
+    out = torch.empty(1, weight.shape[0], dtype=x.dtype, device=x.device)
     one_row(x, weight, scales, out)  # tunes each kernel first
     rows(x, weight, scales, out)
     alone = do_bench(lambda: one_row(x, weight, scales, out))
@@ -117,9 +155,28 @@ if triton is not None:
                 for bn, bk, warps, stages in configs
             ],
             key=key,
+            restore_value=["y_ptr"],  # tuning runs each config, and with ADD each run adds into y
             do_bench=_run_once if INTERPRET else None,
             cache_results=True,
         )
+
+    @triton.jit
+    def _load_x(x_ptr, offsets, mask, K: tl.constexpr, GATED: tl.constexpr):
+        """Rows of x at `offsets` (columns < K); with GATED, x's rows are 2K wide and the row is
+        silu(first half) * second half, computed in float32 and rounded to x's dtype."""
+        if GATED:
+            gate = tl.load(x_ptr + offsets, mask=mask, other=0.0)
+            up = tl.load(x_ptr + K + offsets, mask=mask, other=0.0).to(tl.float32)
+            g = gate.to(tl.float32)
+            return (g / (1.0 + tl.exp(-g)) * up).to(gate.dtype)
+        return tl.load(x_ptr + offsets, mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_y(y_ptr, offsets, sums, mask, ADD: tl.constexpr):
+        """float32 sums into y, rounded once: added to what y holds with ADD (the residual add)."""
+        if ADD:
+            sums += tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offsets, sums.to(y_ptr.dtype.element_ty), mask=mask)
 
     # Small tiles of weight rows keep enough programs in flight for the narrow weights (5,120 rows in a
     # 13B model's o_proj and down_proj, on an H100's 132 multiprocessors). Tiles of 64 rows hold 4x the
@@ -140,16 +197,19 @@ if triton is not None:
         K: tl.constexpr,  # a loop bound: the interpreter cannot take a run-time one (with NumPy 2)
         BLOCK_M: tl.constexpr,
         IEEE: tl.constexpr,
+        GATED: tl.constexpr,
+        ADD: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns: weight rows
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        x_row = 2 * K if GATED else K  # a constant: each GATED is compiled apart
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                x_ptr + rows[:, None] * K + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0
+            x = _load_x(
+                x_ptr, rows[:, None] * x_row + k[None, :], (rows[:, None] < M) & (k[None, :] < K), K, GATED
             )
             w = tl.load(  # [BLOCK_K, BLOCK_N]: the weight rows' slices, side by side
                 w_ptr + cols[None, :] * K + k[:, None], mask=(cols[None, :] < N) & (k[:, None] < K), other=0
@@ -160,11 +220,8 @@ if triton is not None:
             else:
                 acc += tl.dot(x, w)
         scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        tl.store(
-            y_ptr + rows[:, None] * N + cols[None, :],
-            (acc * scale[None, :]).to(y_ptr.dtype.element_ty),
-            mask=(rows[:, None] < M) & (cols[None, :] < N),
-        )
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        _store_y(y_ptr, rows[:, None] * N + cols[None, :], acc * scale[None, :], inside, ADD)
 
     _rows = _tuned(ROWS_CONFIGS, key=["N", "K"])(_rows_kernel)  # tiles of 16 rows
     _rows64 = _tuned(ROWS64_CONFIGS, key=["N", "K"])(_rows_kernel)  # tiles of 64 rows
@@ -178,6 +235,8 @@ if triton is not None:
         y_ptr,
         N,
         K: tl.constexpr,
+        GATED: tl.constexpr,
+        ADD: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
@@ -185,10 +244,10 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed across at the end
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            x = _load_x(x_ptr, k, k < K, K, GATED).to(tl.float32)
             w = tl.load(
                 w_ptr + cols[:, None] * K + k[None, :], mask=(cols[:, None] < N) & (k[None, :] < K), other=0
             )
             acc += w.to(tl.float32) * x[None, :]
         scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + cols, (tl.sum(acc, axis=1) * scale).to(y_ptr.dtype.element_ty), mask=cols < N)
+        _store_y(y_ptr, cols, tl.sum(acc, axis=1) * scale, cols < N, ADD)

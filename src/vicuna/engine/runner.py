@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from vicuna.engine import kernel, step_gpu
+from vicuna.engine import int8_gpu, kernel, step_gpu
 from vicuna.engine.quant import Int8Embedding, Int8Linear, pytorch_multiplies_natively
 
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
@@ -136,10 +136,12 @@ class Dense:
     out, the weight read as stored, the norm, gating and add done in the same call. Where PyTorch's own
     kernels multiply the weight's dtype natively (`pytorch_multiplies_natively`: 16-bit weights on a CPU
     with 16-bit matrix units, float32 ones on an AVX-512 CPU) only a decode step's few rows do, since
-    PyTorch's kernels win on more; int8 weights (`scales`) go through the kernel for any number of rows (for 5 to 256 rows about twice
-    PyTorch's int8 product on a 2-core AVX2 EPYC). Otherwise PyTorch computes them: `fallback` (an int8
-    layer) or `F.linear`, where on a CPU without such units products of many rows (a prompt) run in
-    float32 on a float32 copy of the weight made for that one product: a 500-token prompt prefills ~4x faster."""
+    PyTorch's kernels win on more; int8 weights (`scales`) go through the kernel for any number of rows
+    (for 5 to 256 rows about twice PyTorch's int8 product on a 2-core AVX2 EPYC). On a CUDA GPU int8
+    weights go through `int8_gpu.product`, with the gating and the add in the same kernel. Otherwise
+    PyTorch computes them: `fallback` (an int8 layer) or `F.linear`, where on a CPU without such units
+    products of many rows (a prompt) run in float32 on a float32 copy of the weight made for that one
+    product: a 500-token prompt prefills ~4x faster."""
 
     def __init__(
         self, weight: torch.Tensor, scales: torch.Tensor | None = None, fallback: Projection | None = None
@@ -155,6 +157,9 @@ class Dense:
     ) -> torch.Tensor:
         if self.kernel is not None and (self.kernel_rows is None or x.shape[0] <= self.kernel_rows):
             return self.kernel(x, norm, gated, into)  # float32, as the rows between products are
+        if self.fallback is not None and int8_gpu.runs_on(x.device):  # the gating and add inside the product
+            x = x if norm is None else norm_rows(x, *norm)
+            return int8_gpu.product(x, self.weight, self.fallback.scales, gated=gated, into=into)
         if gated and step_gpu.runs_on(x.device):
             x = step_gpu.silu_mul(x)
         elif gated:
