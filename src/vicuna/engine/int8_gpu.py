@@ -11,9 +11,11 @@ tiles and convert them in registers, summing in float32, with each output row's 
 - `_one_row`: a single row (a decode step), multiply-adds without the tensor cores, whose 16-row tiles
   would be 15 rows of zeros.
 
-Both also do what a layer does around the product, which in a CUDA-graph decode step saves a kernel
-each (3 of a layer's ~12 with int8 weights): the MLP's gating of the rows as they are loaded, and the
-residual add as the sums are stored (`product`'s `gated` and `into`).
+They also do what a layer does around the product, which in a CUDA-graph decode step saves a kernel
+each (3 of a layer's ~12 with int8 weights): both add the residual as the sums are stored (`product`'s
+`into`), and `_one_row` applies the MLP's gating to the row as it loads it (`gated`; tiles of rows are
+gated first by `step_gpu.silu_mul`, since each block of weight rows would compute the gating of its
+whole tile again).
 
 For one row both are tried on first use of each weight shape and the faster is kept (`product`); Triton
 tunes each kernel's tile sizes for each weight shape on first use (kept in its cache folder). More rows
@@ -92,35 +94,36 @@ def product(
         return y if into is None else into.add_(y)
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device) if into is None else into
-    flags = {"GATED": gated, "ADD": into is not None}
     if m == 1:
         key = (n, k, x.dtype)
         if key not in _one_row_wins:
             _one_row_wins[key] = _time_one_row(x[:, :k], weight, scales)
         if _one_row_wins[key]:
-            return one_row(x, weight, scales, out, **flags)
-    return rows(x, weight, scales, out, **flags)
+            return one_row(x, weight, scales, out, GATED=gated, ADD=into is not None)
+    if gated:
+        from vicuna.engine.step_gpu import silu_mul  # step_gpu takes Triton from this module
+
+        x = silu_mul(x)
+    return rows(x, weight, scales, out, ADD=into is not None)
 
 
 def rows(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, GATED=False, ADD=False
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, ADD=False
 ) -> torch.Tensor:
-    """`_rows` into `out` (tiles of 16 rows) for up to 16 rows, else `_rows64` (tiles of 64); `GATED` and
-    `ADD` as `product`'s `gated` and `into`."""
+    """`_rows` into `out` (tiles of 16 rows) for up to 16 rows, else `_rows64` (tiles of 64); with `ADD`
+    the product is added to what `out` holds."""
     m = x.shape[0]
     n, k = weight.shape
     tile, kernel = (16, _rows) if m <= 16 else (64, _rows64)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, tile))  # noqa: E731
-    kernel[grid](
-        x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=x.dtype == torch.float32, GATED=GATED, ADD=ADD
-    )
+    kernel[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=x.dtype == torch.float32, ADD=ADD)
     return out
 
 
 def one_row(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, GATED=False, ADD=False
 ) -> torch.Tensor:
-    """`_one_row` into `out`."""
+    """`_one_row` into `out`; `GATED` and `ADD` as `product`'s `gated` and `into`."""
     n, k = weight.shape
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _one_row[grid](x, weight, scales, out, n, K=k, GATED=GATED, ADD=ADD)
@@ -161,17 +164,6 @@ if triton is not None:
         )
 
     @triton.jit
-    def _load_x(x_ptr, offsets, mask, K: tl.constexpr, GATED: tl.constexpr):
-        """Rows of x at `offsets` (columns < K); with GATED, x's rows are 2K wide and the row is
-        silu(first half) * second half, computed in float32 and rounded to x's dtype."""
-        if GATED:
-            gate = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-            up = tl.load(x_ptr + K + offsets, mask=mask, other=0.0).to(tl.float32)
-            g = gate.to(tl.float32)
-            return (g / (1.0 + tl.exp(-g)) * up).to(gate.dtype)
-        return tl.load(x_ptr + offsets, mask=mask, other=0.0)
-
-    @triton.jit
     def _store_y(y_ptr, offsets, sums, mask, ADD: tl.constexpr):
         """float32 sums into y, rounded once: added to what y holds with ADD (the residual add)."""
         if ADD:
@@ -197,19 +189,17 @@ if triton is not None:
         K: tl.constexpr,  # a loop bound: the interpreter cannot take a run-time one (with NumPy 2)
         BLOCK_M: tl.constexpr,
         IEEE: tl.constexpr,
-        GATED: tl.constexpr,
         ADD: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns: weight rows
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        x_row = 2 * K if GATED else K  # a constant: each GATED is compiled apart
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            x = _load_x(
-                x_ptr, rows[:, None] * x_row + k[None, :], (rows[:, None] < M) & (k[None, :] < K), K, GATED
+            x = tl.load(
+                x_ptr + rows[:, None] * K + k[None, :], mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0
             )
             w = tl.load(  # [BLOCK_K, BLOCK_N]: the weight rows' slices, side by side
                 w_ptr + cols[None, :] * K + k[:, None], mask=(cols[None, :] < N) & (k[:, None] < K), other=0
@@ -244,7 +234,12 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed across at the end
         for start in range(0, K, BLOCK_K):
             k = start + tl.arange(0, BLOCK_K)
-            x = _load_x(x_ptr, k, k < K, K, GATED).to(tl.float32)
+            x = tl.load(x_ptr + k, mask=k < K, other=0.0)
+            if GATED:  # x is gate and up side by side: silu(gate) * up, rounded as `step_gpu.silu_mul` does
+                gate = x.to(tl.float32)
+                up = tl.load(x_ptr + K + k, mask=k < K, other=0.0).to(tl.float32)
+                x = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype)
+            x = x.to(tl.float32)
             w = tl.load(
                 w_ptr + cols[:, None] * K + k[None, :], mask=(cols[:, None] < N) & (k[None, :] < K), other=0
             )
