@@ -164,6 +164,20 @@ if triton is not None:
         )
 
     @triton.jit
+    def _exactly(w, dtype: tl.constexpr):
+        """int8 weights as `dtype`, exactly. A GPU converts integers to floats on a narrow unit (16 a clock
+        on each of an H200's multiprocessors, one per weight: about the rate the weights stream in), so for
+        float32 and float16 the byte is added into the bits of 2^23 + 128 (or 1024 + 128), which makes that
+        float plus the weight exactly, and the constant is taken away again: an integer add and a float
+        add on the wide units. Triton converts int8 to bfloat16 that way itself."""
+        if dtype == tl.float32:
+            return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        elif dtype == tl.float16:
+            return (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+        else:
+            return w.to(tl.float32).to(dtype)  # exact: |w| <= 127 (and int8 -> bfloat16 at once is not)
+
+    @triton.jit
     def _store_y(y_ptr, offsets, sums, mask, ADD: tl.constexpr):
         """float32 sums into y, rounded once: added to what y holds with ADD (the residual add)."""
         if ADD:
@@ -204,7 +218,7 @@ if triton is not None:
             w = tl.load(  # [BLOCK_K, BLOCK_N]: the weight rows' slices, side by side
                 w_ptr + cols[None, :] * K + k[:, None], mask=(cols[None, :] < N) & (k[:, None] < K), other=0
             )
-            w = w.to(tl.float32).to(x.dtype)  # exact: |w| <= 127 (and int8 -> bfloat16 at once is not)
+            w = _exactly(w, x.dtype)
             if IEEE:  # float32 rows: no TF32 rounding
                 acc += tl.dot(x, w, input_precision="ieee")
             else:
@@ -243,6 +257,6 @@ if triton is not None:
             w = tl.load(
                 w_ptr + cols[:, None] * K + k[None, :], mask=(cols[:, None] < N) & (k[None, :] < K), other=0
             )
-            acc += w.to(tl.float32) * x[None, :]
+            acc += _exactly(w, tl.float32) * x[None, :]
         scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         _store_y(y_ptr, cols, tl.sum(acc, axis=1) * scale, cols < N, ADD)
