@@ -27,7 +27,7 @@ def dtypes(capability: int) -> list[str]:
 def compile_for(capability: int, fn, signature: dict[str, str], constexprs: dict, warps=4, stages=3):
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    options = {"num_warps": warps, "num_stages": stages}
+    options = {"num_warps": warps, "num_stages": stages, **int8_gpu.FP_FUSION}
     kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
     assert kernel.asm["cubin"], (fn.__name__, capability, constexprs)
 

@@ -40,6 +40,9 @@ except ImportError:  # PyTorch's CPU builds, Windows
 if os.environ.get("VICUNA_TRITON") == "0":  # turned off: PyTorch's operations (see `vicuna doctor`)
     triton = None
 
+# Multiply-adds as one instruction each (Triton's default until 3.10, which turns it off): the one-row
+# kernel's products and sums would otherwise take two.
+FP_FUSION = {"enable_fp_fusion": True}
 MAX_ROWS = 256  # more rows: dequantize and cuBLAS (the kernels would read the weight once per 64 rows)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _one_row_wins: dict[tuple[int, int, torch.dtype], bool] = {}  # per weight shape and dtype, once timed
@@ -116,7 +119,8 @@ def rows(
     n, k = weight.shape
     tile, kernel = (16, _rows) if m <= 16 else (64, _rows64)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, tile))  # noqa: E731
-    kernel[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=x.dtype == torch.float32, ADD=ADD)
+    ieee = x.dtype == torch.float32
+    kernel[grid](x, weight, scales, out, m, n, K=k, BLOCK_M=tile, IEEE=ieee, ADD=ADD, **FP_FUSION)
     return out
 
 
@@ -126,7 +130,7 @@ def one_row(
     """`_one_row` into `out`; `GATED` and `ADD` as `product`'s `gated` and `into`."""
     n, k = weight.shape
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _one_row[grid](x, weight, scales, out, n, K=k, GATED=GATED, ADD=ADD)
+    _one_row[grid](x, weight, scales, out, n, K=k, GATED=GATED, ADD=ADD, **FP_FUSION)
     return out
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 # Triton where it is installed and not turned off (VICUNA_TRITON=0), as the int8 kernels find it
-from vicuna.engine.int8_gpu import INTERPRET, triton
+from vicuna.engine.int8_gpu import FP_FUSION, INTERPRET, triton
 
 if triton is not None:
     import triton.language as tl
@@ -56,7 +56,7 @@ def rotate_store(
         mixed.stride(0), table.stride(0), table.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
-        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, BLOCK=triton.next_power_of_2(dim),
+        HEADS=heads, KV_HEADS=kv_heads, DIM=dim, BLOCK=triton.next_power_of_2(dim), **FP_FUSION,
     )  # fmt: skip
     return q
 
@@ -68,7 +68,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"silu_mul: {tuple(x.shape)} is not gate and up side by side")
     out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_mul[(rows, triton.cdiv(width, block))](x, out, x.stride(0), width, BLOCK=block)
+    _silu_mul[(rows, triton.cdiv(width, block))](x, out, x.stride(0), width, BLOCK=block, **FP_FUSION)
     return out
 
 
