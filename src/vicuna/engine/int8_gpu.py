@@ -89,24 +89,18 @@ def product(
         raise ValueError(f"int8 product: rows of {x.shape[1]} for a weight of {k} columns (gated={gated})")
     if into is not None and (into.shape != (m, n) or not into.is_contiguous() or into.dtype != x.dtype):
         raise ValueError(f"int8 product: cannot add [{m}, {n}] into {tuple(into.shape)} {into.dtype}")
+    one = triton is not None and m == 1 and _one_row_faster(x[:, :k], weight, scales)
+    if gated and not one:  # gated once here: each tile of rows would gate its whole tile again
+        from vicuna.engine.step_gpu import gate  # step_gpu takes Triton from this module
+
+        x, gated = gate(x), False
     if triton is None or m > MAX_ROWS:
-        if gated:
-            gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
         y = F.linear(x, weight.to(x.dtype).mul_(scales.to(x.dtype)[:, None]))
         return y if into is None else into.add_(y)
     x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device) if into is None else into
-    if m == 1:
-        key = (n, k, x.dtype)
-        if key not in _one_row_wins:
-            _one_row_wins[key] = _time_one_row(x[:, :k], weight, scales)
-        if _one_row_wins[key]:
-            return one_row(x, weight, scales, out, GATED=gated, ADD=into is not None)
-    if gated:
-        from vicuna.engine.step_gpu import silu_mul  # step_gpu takes Triton from this module
-
-        x = silu_mul(x)
+    if one:
+        return one_row(x, weight, scales, out, GATED=gated, ADD=into is not None)
     return rows(x, weight, scales, out, ADD=into is not None)
 
 
@@ -132,6 +126,14 @@ def one_row(
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _one_row[grid](x, weight, scales, out, n, K=k, GATED=GATED, ADD=ADD, **FP_FUSION)
     return out
+
+
+def _one_row_faster(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> bool:
+    """`_time_one_row` once per weight shape and dtype."""
+    key = (*weight.shape, x.dtype)
+    if key not in _one_row_wins:
+        _one_row_wins[key] = _time_one_row(x, weight, scales)
+    return _one_row_wins[key]
 
 
 def _time_one_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> bool:

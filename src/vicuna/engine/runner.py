@@ -160,11 +160,8 @@ class Dense:
         if self.fallback is not None and int8_gpu.runs_on(x.device):  # the gating and add inside the product
             x = x if norm is None else norm_rows(x, *norm)
             return int8_gpu.product(x, self.weight, self.fallback.scales, gated=gated, into=into)
-        if gated and step_gpu.runs_on(x.device):
-            x = step_gpu.silu_mul(x)
-        elif gated:
-            gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
+        if gated:
+            x = step_gpu.gate(x)
         if norm is not None:
             x = norm_rows(x, *norm)
         if self.fallback is not None:

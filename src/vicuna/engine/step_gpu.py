@@ -18,6 +18,7 @@ interpreter (TRITON_INTERPRET=1), where `runs_on` accepts CPU tensors too.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Triton where it is installed and not turned off (VICUNA_TRITON=0), as the int8 kernels find it
 from vicuna.engine.int8_gpu import FP_FUSION, INTERPRET, triton
@@ -59,6 +60,15 @@ def rotate_store(
         HEADS=heads, KV_HEADS=kv_heads, DIM=dim, BLOCK=triton.next_power_of_2(dim), **FP_FUSION,
     )  # fmt: skip
     return q
+
+
+def gate(x: torch.Tensor) -> torch.Tensor:
+    """The MLP's gating of rows of gate and up side by side: `silu_mul` where the step's kernels run,
+    else PyTorch's operations."""
+    if runs_on(x.device):
+        return silu_mul(x)
+    first, second = x.chunk(2, dim=-1)
+    return F.silu(first) * second
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
