@@ -37,7 +37,8 @@ try:
     import triton.language as tl
 except ImportError:  # PyTorch's CPU builds, Windows
     triton = None
-if os.environ.get("VICUNA_TRITON") == "0":  # turned off: PyTorch's operations (see `vicuna doctor`)
+TURNED_OFF = os.environ.get("VICUNA_TRITON") == "0"  # PyTorch's operations instead (see `vicuna doctor`)
+if TURNED_OFF:
     triton = None
 
 # Multiply-adds as one instruction each (Triton's default until 3.10, which turns it off): the one-row
@@ -51,11 +52,7 @@ _one_row_wins: dict[tuple[int, int, torch.dtype], bool] = {}  # per weight shape
 def status() -> str:
     """One line on the GPU kernels (this module's and `step_gpu`'s) here."""
     if triton is None:
-        why = (
-            "turned off (VICUNA_TRITON=0)"
-            if os.environ.get("VICUNA_TRITON") == "0"
-            else "Triton is not installed"
-        )
+        why = "turned off (VICUNA_TRITON=0)" if TURNED_OFF else "Triton is not installed"
         return (
             f"not used: {why}; --load-8bit converts each weight to float16 for each product, and a decode "
             "step runs PyTorch's operations between its products"
