@@ -32,7 +32,8 @@ def test_dense_runs_few_rows_on_the_kernel_and_many_in_float32_without_native_bf
     dense = Dense(weight)
     assert (dense.kernel is not None) == (kernel.load() is not None)
     many, one = torch.randn(UPCAST_ROWS, 32), torch.randn(1, 32)
-    exact = F.linear(one.double(), weight.double())
+    rounded = one.bfloat16() if kernel.dot_bf16() else one  # AVX512-BF16 multiplies bfloat16 rows
+    exact = F.linear(rounded.double(), weight.double())
     if dense.kernel is not None:  # float32 rows in and out, float32 sums
         assert dense(one).dtype == torch.float32
         torch.testing.assert_close(dense(one).double(), exact, rtol=1e-6, atol=1e-6)
@@ -45,7 +46,7 @@ def test_dense_runs_few_rows_on_the_kernel_and_many_in_float32_without_native_bf
 
 def test_dense_leaves_many_rows_to_pytorch_where_it_multiplies_the_dtype_natively():
     from vicuna.engine import kernel
-    from vicuna.engine.runner import pytorch_multiplies_natively
+    from vicuna.engine.kernel import pytorch_multiplies_natively
 
     for dtype in (torch.float32, torch.bfloat16):
         dense = Dense(torch.zeros(4, 4, dtype=dtype))
@@ -53,9 +54,18 @@ def test_dense_leaves_many_rows_to_pytorch_where_it_multiplies_the_dtype_nativel
         assert dense.kernel_rows == (kernel.FEW_ROWS if dense.native else None)  # None: every product
 
 
+@pytest.mark.parametrize(("dot", "native"), [(True, False), (False, True)])
+def test_bf16_products_of_many_rows_stay_on_our_kernel_where_it_has_avx512_bf16(monkeypatch, dot, native):
+    from vicuna.engine import kernel
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(kernel, "dot_bf16", lambda: dot)
+    assert kernel.pytorch_multiplies_natively(torch.bfloat16) is native
+
+
 @pytest.mark.parametrize(("capability", "native"), [("AVX2", False), ("AVX512", True)])
 def test_float32_products_of_many_rows_stay_on_our_kernel_on_avx2_cpus(monkeypatch, capability, native):
-    from vicuna.engine.runner import pytorch_multiplies_natively
+    from vicuna.engine.kernel import pytorch_multiplies_natively
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert pytorch_multiplies_natively(torch.float32) is native
@@ -76,6 +86,8 @@ def test_norm_rows_is_rms_norm(tiny_llama_dir, rows):
 
 @pytest.mark.parametrize("rows", [3, 16])  # the kernel's few-rows and many-rows paths
 def test_dense_applies_the_norm_gating_and_residual_add_on_the_kernel_and_without_it(rows):
+    from vicuna.engine import kernel
+
     torch.manual_seed(rows)
     weight, norm = torch.randn(24, 36).bfloat16(), torch.rand(36) + 0.5
     x, residual = torch.randn(rows, 72) * 20, torch.randn(rows, 24)  # gates far below 0 (e^-gate: inf)
@@ -89,7 +101,8 @@ def test_dense_applies_the_norm_gating_and_residual_add_on_the_kernel_and_withou
         into = residual.clone()
         out = dense(x, norm=(torch.cat([norm, norm]), 1e-5), gated=True, into=into)
         assert out is into
-        tolerance = 1e-5 if on_kernel else 5e-2  # without the kernel, products of bfloat16 rows here
+        # products of bfloat16 rows: without the kernel, and on it with AVX512-BF16 (tested closely there)
+        tolerance = 1e-5 if on_kernel and not kernel.dot_bf16() else 5e-2
         torch.testing.assert_close(out.double(), exact, rtol=tolerance, atol=tolerance)
 
 

@@ -9,6 +9,9 @@
 // bfloat16 to float32 is a 16-bit shift: a 32-byte load of 16 bfloat16 values gives the odd ones as
 // exact float32 by masking off their low halves and the even ones by shifting left 16 bits. The rows of
 // x are rearranged once per call to match (odd elements, then even, in each block of 16).
+//
+// On CPUs with AVX512-BF16 (and no AMX), bfloat16 weights take another way for any number of rows
+// (`product_dot_bf16`): the rows of x rounded to bfloat16, and the CPU's bfloat16 dot products.
 
 #include <immintrin.h>
 #include <math.h>
@@ -487,6 +490,159 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
     free(shared_xs);
 }
 
+// bfloat16 weights on CPUs with AVX512-BF16 (`dot_bf16`): the rows of x are rounded to bfloat16 (as
+// PyTorch rounds them for a bfloat16 product) and `vdpbf16ps` multiplies 32 pairs of values and adds them
+// into 16 float32 sums in one instruction, reading the weights as stored, row-major. A tile is R rows of
+// x by 4 weight rows: 4R vectors of partial sums along k, each summed across its lanes at the end
+// (`lane_sums`). Built for such CPUs only (the target attribute), chosen at run time.
+#define VICUNA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+constexpr int DOT_COLUMNS = 4;  // weight rows per tile
+
+// Whether the bfloat16 products use AVX512-BF16: on such CPUs, except those with AMX (whose tile units
+// PyTorch's kernels use for many rows), unless set otherwise (vicuna_dot_bf16).
+int dot_bf16_on = -1;  // -1: not yet decided
+bool dot_bf16() {
+    if (dot_bf16_on < 0)
+        dot_bf16_on = __builtin_cpu_supports("avx512bf16") && !__builtin_cpu_supports("amx-bf16") ? 1 : 0;
+    return dot_bf16_on == 1;
+}
+
+// One vector of the sums of 16 vectors' lanes: lane i = the sum of v[i]'s 16 lanes. Halves added to
+// halves, then quarters, then pairs within each 128-bit lane: 46 instructions for 16 sums.
+VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512 lane_sums(const __m512* v) {
+    __m512 h[8], q[4];
+    for (int i = 0; i < 8; i++)  // [v[2i]'s 8 partial sums | v[2i + 1]'s]
+        h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)  // 128-bit lane L: v[4i + L]'s 4 partial sums
+        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(h[2 * i], h[2 * i + 1], 0xDD));
+    const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(q[0], q[1]), _mm512_unpackhi_ps(q[0], q[1]));
+    const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(q[2], q[3]), _mm512_unpackhi_ps(q[2], q[3]));
+    // lane L: the sums of v[L], v[4 + L], v[8 + L], v[12 + L]
+    const __m512 c = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), c);
+}
+
+// y[m0 .. m0 + R) x the weight rows n0 + c stride, c < count <= 4 (the missing ones are read again from
+// n0 and their sums dropped), from the rows xb (bfloat16, `kp` apart, zero past k). `ahead`: where to
+// request weights from memory while this tile runs (4 lines a step: a tile's worth), or nullptr. The sums
+// are named variables: in an array, gcc stored them to memory at every step.
+template <int R>
+VICUNA_AVX512_BF16 void dot_tile(const uint16_t* xb, int kp, const uint16_t* w, int k, int n0, int stride,
+                                 int count, float* y, int n, int m0, bool add, const char* ahead) {
+    static_assert(DOT_COLUMNS == 4, "a tile's sums are written out for 4 weight rows");
+    const __m512 z = _mm512_setzero_ps();
+    __m512 s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
+    __m512 s20 = z, s21 = z, s22 = z, s23 = z, s30 = z, s31 = z, s32 = z, s33 = z;
+    const uint16_t* w0 = w + (size_t)n0 * k;
+    const uint16_t* w1 = w + (size_t)(n0 + (count > 1) * stride) * k;
+    const uint16_t* w2 = w + (size_t)(n0 + (count > 2) * 2 * stride) * k;
+    const uint16_t* w3 = w + (size_t)(n0 + (count > 3) * 3 * stride) * k;
+    const uint16_t* x = xb + (size_t)m0 * kp;
+#define VICUNA_DOT_ROW(i, a0, a1, a2, a3)                                                       \
+    if (R > i) {                                                                              \
+        const __m512bh a = (__m512bh)_mm512_load_si512(x + (size_t)i * kp + j);               \
+        a0 = _mm512_dpbf16_ps(a0, a, b0), a1 = _mm512_dpbf16_ps(a1, a, b1);                   \
+        a2 = _mm512_dpbf16_ps(a2, a, b2), a3 = _mm512_dpbf16_ps(a3, a, b3);                   \
+    }
+#define VICUNA_DOT_STEP(mask)                                                                 \
+    {                                                                                         \
+        const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi16(mask, w0 + j);                 \
+        const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi16(mask, w1 + j);                 \
+        const __m512bh b2 = (__m512bh)_mm512_maskz_loadu_epi16(mask, w2 + j);                 \
+        const __m512bh b3 = (__m512bh)_mm512_maskz_loadu_epi16(mask, w3 + j);                 \
+        VICUNA_DOT_ROW(0, s00, s01, s02, s03) VICUNA_DOT_ROW(1, s10, s11, s12, s13)           \
+        VICUNA_DOT_ROW(2, s20, s21, s22, s23) VICUNA_DOT_ROW(3, s30, s31, s32, s33)           \
+    }
+    int j = 0;
+    if (ahead) {
+        for (; j + 32 <= k; j += 32, ahead += 256) {
+            _mm_prefetch(ahead, _MM_HINT_T0), _mm_prefetch(ahead + 64, _MM_HINT_T0);
+            _mm_prefetch(ahead + 128, _MM_HINT_T0), _mm_prefetch(ahead + 192, _MM_HINT_T0);
+            VICUNA_DOT_STEP(~(__mmask32)0)
+        }
+    } else {
+        for (; j + 32 <= k; j += 32) VICUNA_DOT_STEP(~(__mmask32)0)
+    }
+    if (j < k) VICUNA_DOT_STEP((__mmask32)((1ull << (k - j)) - 1))
+#undef VICUNA_DOT_STEP
+#undef VICUNA_DOT_ROW
+    const __m512 all[16] = {s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33};
+    float sums[16];
+    _mm512_storeu_ps(sums, lane_sums(all));
+    for (int i = 0; i < R; i++) {
+        float* out = y + (size_t)(m0 + i) * n + n0;
+        for (int c = 0; c < count; c++) out[c * stride] = (add ? out[c * stride] : 0.0f) + sums[4 * i + c];
+    }
+}
+
+// One row of x, prepared (gated, normalized) and rounded to bfloat16 into xb (kp values, zero past k).
+VICUNA_AVX512_BF16 void round_row(const float* x, float* in, uint16_t* xb, int k, int kp, const Around& around) {
+    if (around.norm || around.gated) prepare(x, in, k, around), x = in;
+    int j = 0;
+    for (; j + 16 <= k; j += 16)
+        _mm256_store_si256((__m256i*)(xb + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
+    if (j < k) {
+        const __m512 tail = _mm512_maskz_loadu_ps((__mmask16)((1u << (k - j)) - 1), x + j);
+        _mm256_store_si256((__m256i*)(xb + j), (__m256i)_mm512_cvtneps_pbh(tail));
+        j += 16;
+    }
+    for (; j < kp; j++) xb[j] = 0;
+}
+
+// `product` for bfloat16 weights on AVX512-BF16. The rows are rounded once (more than four: split between
+// the threads; up to four: each thread rounds its own copy), then each thread takes a range of tiles of
+// weight rows and multiplies each with every row of x, 4 rows at a time, while it is in the L1 cache.
+VICUNA_AVX512_BF16 void product_dot_bf16(const float* x, const uint16_t* w, float* y, int m, int n, int k,
+                                         const Around& around) {
+    const int kp = (k + 31) & ~31;
+    const size_t width = around.gated ? 2 * (size_t)k : k;
+    const bool parallel = (size_t)m * n * k >= (1u << 15), shared = m > FEW_ROWS;
+    uint16_t* shared_xb = shared ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp) : nullptr;
+#pragma omp parallel if (parallel)
+    {
+        const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+        float* in = around.norm || around.gated ? floats(k) : nullptr;
+        uint16_t* xb = shared ? shared_xb : (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp);
+        if (shared) {
+#pragma omp for schedule(static)
+            for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
+        } else {
+            for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
+        }
+        auto tile = [&](int rows, int m0, int n0, int stride, int count, const char* ahead) {
+            switch (rows) {
+                case 4: dot_tile<4>(xb, kp, w, k, n0, stride, count, y, n, m0, around.add, ahead); break;
+                case 3: dot_tile<3>(xb, kp, w, k, n0, stride, count, y, n, m0, around.add, ahead); break;
+                case 2: dot_tile<2>(xb, kp, w, k, n0, stride, count, y, n, m0, around.add, ahead); break;
+                case 1: dot_tile<1>(xb, kp, w, k, n0, stride, count, y, n, m0, around.add, ahead); break;
+            }
+        };
+        if (m <= FEW_ROWS) {  // the thread's weight rows at four places at once (see `tile`)
+            const int r0 = (int)((long)n * t / threads), r1 = (int)((long)n * (t + 1) / threads);
+            const int part = (r1 - r0) / DOT_COLUMNS;
+            for (int r = 0; r < part; r++) tile(m, 0, r0 + r, part, DOT_COLUMNS, nullptr);
+            for (int r = r0 + DOT_COLUMNS * part; r < r1; r += DOT_COLUMNS)
+                tile(m, 0, r, 1, std::min(DOT_COLUMNS, r1 - r), nullptr);
+        } else {  // 4 weight rows at a time, each multiplied by every row of x while in the L1 cache
+            const int tiles = (n + DOT_COLUMNS - 1) / DOT_COLUMNS;
+            const int b0 = (int)((long)tiles * t / threads), b1 = (int)((long)tiles * (t + 1) / threads);
+            for (int b = b0; b < b1; b++) {
+                const int n0 = b * DOT_COLUMNS, count = std::min(DOT_COLUMNS, n - n0);
+                // the first tile requests the weights two tiles on, which the cache then holds
+                const char* ahead = b + 2 < b1 ? (const char*)(w + (size_t)(n0 + 2 * DOT_COLUMNS) * k) : nullptr;
+                for (int m0 = 0; m0 < m; m0 += 4, ahead = nullptr)
+                    tile(std::min(4, m - m0), m0, n0, 1, count, ahead);
+            }
+        }
+        free(in);
+        if (!shared) free(xb);
+    }
+    free(shared_xb);
+}
+
 // Decode attention: for each row and KV head, the group of query heads that share it attend to the row's
 // first `length` cached positions. Scores and their softmax in float32; one call for every row and head,
 // each row over its own length (no padding, no mask). Up to three query heads of a group go through the
@@ -861,13 +1017,25 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
         const float* xc = x + m0 * width;
         float* yc = y + (size_t)m0 * n;
         switch (kind) {
-            case BF16: product<BF16>(xc, w, scales, yc, rows, n, k, around); break;
+            case BF16:
+                if (dot_bf16())
+                    product_dot_bf16(xc, (const uint16_t*)w, yc, rows, n, k, around);
+                else
+                    product<BF16>(xc, w, scales, yc, rows, n, k, around);
+                break;
             case F16: product<F16>(xc, w, scales, yc, rows, n, k, around); break;
             case F32: product<F32>(xc, w, scales, yc, rows, n, k, around); break;
             case I8: product<I8>(xc, w, scales, yc, rows, n, k, around); break;
         }
     }
     return 0;
+}
+
+// Whether bfloat16 products use the CPU's AVX512-BF16 dot products (1) or AVX2 (0). `wanted` 0 or 1
+// sets it for the process (1 only where the CPU has them); -1 only asks.
+int vicuna_dot_bf16(int wanted) {
+    if (wanted >= 0) dot_bf16_on = wanted && __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+    return dot_bf16() ? 1 : 0;
 }
 
 // One decode step's attention for every row: mixed [rows, (heads + 2 kv_heads) dim] holds each row's

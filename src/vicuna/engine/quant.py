@@ -145,16 +145,3 @@ def quantize_int8(model: Any, device: torch.device, dtype: torch.dtype | None = 
     for param in model.parameters():
         param.data = param.data.to(dtype)
     return before, weight_bytes(model)
-
-
-def pytorch_multiplies_natively(dtype: torch.dtype) -> bool:
-    """Whether PyTorch's own CPU kernels are the ones to multiply many rows by `dtype` weights here: 16-bit
-    weights where the CPU has units for them (AVX-512 BF16/FP16, AMX), as PyTorch decides when it routes
-    them to oneDNN; float32 where the CPU has AVX-512, which our AVX2 kernel does not use. On a 2-core AVX2
-    EPYC our kernel multiplied 8-16 float32 rows 1.3-2.5x faster than PyTorch's (the built-in model's
-    49,152-row head 2.5x), and a float32 16-row decode step took 70-81 ms instead of 163-217 ms."""
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return torch.backends.cpu.get_cpu_capability() != "AVX2"

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vicuna.engine import int8_gpu, kernel, step_gpu
-from vicuna.engine.quant import Int8Embedding, Int8Linear, pytorch_multiplies_natively
+from vicuna.engine.quant import Int8Embedding, Int8Linear
 
 CACHE_CHUNK = 256  # the KV cache grows in steps of this many positions
 
@@ -134,10 +134,11 @@ class Dense:
 
     On the CPU, products go through our kernel (`vicuna.engine.kernel`) where it runs: float32 rows in and
     out, the weight read as stored, the norm, gating and add done in the same call. Where PyTorch's own
-    kernels multiply the weight's dtype natively (`pytorch_multiplies_natively`: 16-bit weights on a CPU
-    with 16-bit matrix units, float32 ones on an AVX-512 CPU) only a decode step's few rows do, since
-    PyTorch's kernels win on more; int8 weights (`scales`) go through the kernel for any number of rows
-    (for 5 to 256 rows about twice PyTorch's int8 product on a 2-core AVX2 EPYC). On a CUDA GPU int8
+    kernels multiply the weight's dtype natively (`kernel.pytorch_multiplies_natively`: 16-bit weights on
+    a CPU with 16-bit matrix units, unless it is bfloat16 and our kernel uses AVX512-BF16 itself; float32
+    ones on an AVX-512 CPU) only a decode step's few rows do, since PyTorch's kernels win on more; int8
+    weights (`scales`) go through the kernel for any number of rows (for 5 to 256 rows about twice
+    PyTorch's int8 product on a 2-core AVX2 EPYC). On a CUDA GPU int8
     weights go through `int8_gpu.product`, with the gating and the add in the same kernel. Otherwise
     PyTorch computes them: `fallback` (an int8 layer) or `F.linear`, where on a CPU without such units
     products of many rows (a prompt) run in float32 on a float32 copy of the weight made for that one
@@ -148,7 +149,7 @@ class Dense:
     ):
         self.weight, self.fallback = weight, fallback
         cpu = weight.device.type == "cpu"
-        self.native = not cpu or (scales is None and pytorch_multiplies_natively(weight.dtype))
+        self.native = not cpu or (scales is None and kernel.pytorch_multiplies_natively(weight.dtype))
         self.kernel = kernel.Weight(weight, scales) if kernel.runs_on(weight.device, weight.dtype) else None
         self.kernel_rows = kernel.FEW_ROWS if self.native else None  # None: any number
 
