@@ -1,5 +1,5 @@
 """How often a batched greedy reply differs from the same request run alone (16 requests x 48 tokens, built-in
-model). Usage: python scripts/batch_invariance.py float32|bfloat16"""
+model). Usage: python scripts/batch_invariance.py float32|bfloat16 [--load-8bit]"""
 
 import sys
 import threading
@@ -27,8 +27,8 @@ QUESTIONS = [
     "What is a black hole?",
     "Suggest a book.",
 ]
-dtype = sys.argv[1]
-engine = load_engine(ModelSettings(dtype=dtype), progress=False)
+dtype, int8 = sys.argv[1], "--load-8bit" in sys.argv[2:]
+engine = load_engine(ModelSettings(dtype=dtype, load_8bit=int8), progress=False)
 params = SamplingParams(temperature=0, max_new_tokens=48)
 
 
@@ -52,4 +52,4 @@ for t in threads:
     t.join()
 batcher.close()
 diff = sum(a != b for a, b in zip(alone, out, strict=True))
-print(f"{dtype}: {diff} of {len(QUESTIONS)} batched replies differ from the same request alone")
+print(f"{dtype}{' (8-bit)' if int8 else ''}: {diff} of {len(QUESTIONS)} batched replies differ from the same request alone")

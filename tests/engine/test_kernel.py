@@ -16,8 +16,8 @@ needs_kernel = pytest.mark.skipif(kernel.load(progress=False) is None, reason="t
 
 @pytest.fixture(params=["avx2", "dot"])
 def bf16_way(request):
-    """Each way the kernel multiplies bfloat16 weights: with AVX2 (x in float32) and, where the CPU has
-    AVX512-BF16, with its dot products (x rounded to bfloat16); answers whether x is rounded."""
+    """Each way the kernel multiplies bfloat16 and int8 weights: with AVX2 (x in float32) and, where the
+    CPU has AVX512-BF16, with its dot products (x rounded to bfloat16); answers whether x is rounded."""
     library = kernel.load(progress=False)
     if library is None:
         pytest.skip("the kernel needs AVX2 and g++")
@@ -56,7 +56,7 @@ def test_products_equal_float64_for_every_weight_type(bf16_way, kind, m, n, k):
     torch.manual_seed(m * n + k)
     w, scales = weights(kind, n, k)
     x = torch.randn(m, k)
-    rounded = bf16_way and kind == torch.bfloat16  # x rounded to bfloat16 as PyTorch rounds it
+    rounded = bf16_way and kind in (torch.bfloat16, torch.int8)  # x rounded to bfloat16 as PyTorch rounds it
     exact = (x.bfloat16() if rounded else x).double() @ w.double().T
     if scales is not None:
         exact = exact * scales.double()
@@ -82,8 +82,8 @@ def test_the_norm_gate_and_residual_add_around_a_product_equal_float64(bf16_way,
     out = kernel.product(x, w, scales, norm=(norm, 1e-5), gated=True, into=into)
     assert out is into
     error = (out.double() - (residual.double() + product)).abs()
-    if bf16_way and kind == torch.bfloat16:  # each prepared value rounded to bfloat16: off by <= 2^-8 of it
-        error -= 2**-8 * (rows.abs() @ w.double().abs().T)
+    if bf16_way and kind in (torch.bfloat16, torch.int8):  # each value rounded to bfloat16: by <= 2^-8 of it
+        error -= 2**-8 * (rows.abs() @ w.double().abs().T).mul(1 if scales is None else scales.double())
     assert error.max() <= 1e-5 * product.abs().max()
 
 

@@ -10,8 +10,8 @@
 // exact float32 by masking off their low halves and the even ones by shifting left 16 bits. The rows of
 // x are rearranged once per call to match (odd elements, then even, in each block of 16).
 //
-// On CPUs with AVX512-BF16 (and no AMX), bfloat16 weights take another way for any number of rows
-// (`product_dot_bf16`): the rows of x rounded to bfloat16, and the CPU's bfloat16 dot products.
+// On CPUs with AVX512-BF16 (and no AMX), bfloat16 and int8 weights take another way for any number of
+// rows (`product_dot`): the rows of x rounded to bfloat16, and the CPU's bfloat16 dot products.
 
 #include <immintrin.h>
 #include <math.h>
@@ -490,17 +490,18 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
     free(shared_xs);
 }
 
-// bfloat16 weights on CPUs with AVX512-BF16 (`dot_bf16`): the rows of x are rounded to bfloat16 (as
-// PyTorch rounds them for a bfloat16 product) and `vdpbf16ps` multiplies 32 pairs of values and adds them
-// into 16 float32 sums in one instruction, reading the weights as stored, row-major. A tile is R rows of
+// bfloat16 and int8 weights on CPUs with AVX512-BF16 (`dot_bf16`): the rows of x are rounded to bfloat16
+// (as PyTorch rounds them for a bfloat16 product) and `vdpbf16ps` multiplies 32 pairs of values and adds
+// them into 16 float32 sums in one instruction, reading the weights as stored, row-major (int8 widened to
+// bfloat16, which holds every int8 value exactly). A tile is R rows of
 // x by 4 weight rows: 4R vectors of partial sums along k, each summed across its lanes at the end
 // (`lane_sums`). Built for such CPUs only (the target attribute), chosen at run time.
 #define VICUNA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 constexpr int DOT_COLUMNS = 4;  // weight rows per tile
 
-// Whether the bfloat16 products use AVX512-BF16: on such CPUs, except those with AMX (whose tile units
-// PyTorch's kernels use for many rows), unless set otherwise (vicuna_dot_bf16).
+// Whether the bfloat16 and int8 products use AVX512-BF16: on such CPUs, except those with AMX (whose tile
+// units PyTorch's kernels use for many bfloat16 rows), unless set otherwise (vicuna_dot_bf16).
 int dot_bf16_on = -1;  // -1: not yet decided
 bool dot_bf16() {
     if (dot_bf16_on < 0)
@@ -525,22 +526,31 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512 lane_sums(const 
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), c);
 }
 
-// y[m0 .. m0 + R) x the weight rows n0 + c stride, c < count <= 4 (the missing ones are read again from
-// n0 and their sums dropped), from the rows xb (bfloat16, `kp` apart, zero past k). At each step `lines`
+// y[m0 .. m0 + R) x [n0 + c stride] for c < count <= 4, from the rows of x xb (bfloat16, `kp` apart, zero
+// past k) and the weight rows `rows` (bfloat16; past count, any row, whose sums are dropped); the sums
+// times scales[n0 + c stride] where there are scales (int8 weights). At each step `lines`
 // cache lines from `ahead` on are requested from memory, up to `ahead_end` (`ahead` moves on). The sums
 // are named variables: in an array, gcc stored them to memory at every step.
-template <int R>
-VICUNA_AVX512_BF16 void dot_tile(const uint16_t* xb, int kp, const uint16_t* w, int k, int n0, int stride,
-                                 int count, float* y, int n, int m0, bool add, const char*& ahead,
-                                 const char* ahead_end, int lines) {
+// 32 weights from w (those in `mask`, the others zero) as bfloat16: as stored, or int8 widened (exactly).
+VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512bh load32(const uint16_t* w, __mmask32 mask) {
+    return (__m512bh)_mm512_maskz_loadu_epi16(mask, w);
+}
+VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512bh load32(const int8_t* w, __mmask32 mask) {
+    const __m256i v = _mm256_maskz_loadu_epi8(mask, w);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+template <int R, typename T>
+VICUNA_AVX512_BF16 void dot_tile(const uint16_t* xb, int kp, const T* const* rows, int k, int n0, int stride,
+                                 int count, const float* scales, float* y, int n, int m0, bool add,
+                                 const char*& ahead, const char* ahead_end, int lines) {
     static_assert(DOT_COLUMNS == 4, "a tile's sums are written out for 4 weight rows");
     const __m512 z = _mm512_setzero_ps();
     __m512 s00 = z, s01 = z, s02 = z, s03 = z, s10 = z, s11 = z, s12 = z, s13 = z;
     __m512 s20 = z, s21 = z, s22 = z, s23 = z, s30 = z, s31 = z, s32 = z, s33 = z;
-    const uint16_t* w0 = w + (size_t)n0 * k;
-    const uint16_t* w1 = w + (size_t)(n0 + (count > 1) * stride) * k;
-    const uint16_t* w2 = w + (size_t)(n0 + (count > 2) * 2 * stride) * k;
-    const uint16_t* w3 = w + (size_t)(n0 + (count > 3) * 3 * stride) * k;
+    const T *w0 = rows[0], *w1 = rows[1], *w2 = rows[2], *w3 = rows[3];
     const uint16_t* x = xb + (size_t)m0 * kp;
 #define VICUNA_DOT_ROW(i, a0, a1, a2, a3)                                                       \
     if (R > i) {                                                                              \
@@ -550,10 +560,8 @@ VICUNA_AVX512_BF16 void dot_tile(const uint16_t* xb, int kp, const uint16_t* w, 
     }
 #define VICUNA_DOT_STEP(mask)                                                                 \
     {                                                                                         \
-        const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi16(mask, w0 + j);                 \
-        const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi16(mask, w1 + j);                 \
-        const __m512bh b2 = (__m512bh)_mm512_maskz_loadu_epi16(mask, w2 + j);                 \
-        const __m512bh b3 = (__m512bh)_mm512_maskz_loadu_epi16(mask, w3 + j);                 \
+        const __m512bh b0 = load32(w0 + j, mask), b1 = load32(w1 + j, mask);                  \
+        const __m512bh b2 = load32(w2 + j, mask), b3 = load32(w3 + j, mask);                  \
         VICUNA_DOT_ROW(0, s00, s01, s02, s03) VICUNA_DOT_ROW(1, s10, s11, s12, s13)           \
         VICUNA_DOT_ROW(2, s20, s21, s22, s23) VICUNA_DOT_ROW(3, s30, s31, s32, s33)           \
     }
@@ -574,7 +582,10 @@ VICUNA_AVX512_BF16 void dot_tile(const uint16_t* xb, int kp, const uint16_t* w, 
     _mm512_storeu_ps(sums, lane_sums(all));
     for (int i = 0; i < R; i++) {
         float* out = y + (size_t)(m0 + i) * n + n0;
-        for (int c = 0; c < count; c++) out[c * stride] = (add ? out[c * stride] : 0.0f) + sums[4 * i + c];
+        for (int c = 0; c < count; c++) {
+            const float sum = scales ? sums[4 * i + c] * scales[n0 + c * stride] : sums[4 * i + c];
+            out[c * stride] = (add ? out[c * stride] : 0.0f) + sum;
+        }
     }
 }
 
@@ -592,11 +603,25 @@ VICUNA_AVX512_BF16 void round_row(const float* x, float* in, uint16_t* xb, int k
     for (; j < kp; j++) xb[j] = 0;
 }
 
-// `product` for bfloat16 weights on AVX512-BF16. The rows are rounded once (more than four: split between
-// the threads; up to four: each thread rounds its own copy), then each thread takes a range of tiles of
-// weight rows and multiplies each with every row of x, 4 rows at a time, while it is in the L1 cache.
-VICUNA_AVX512_BF16 void product_dot_bf16(const float* x, const uint16_t* w, float* y, int m, int n, int k,
-                                         const Around& around) {
+// int8 weight rows as bfloat16 (exact: 8 bits of precision), for `dot_tile`: rows[c] (k values) into
+// out + c pitch, zero from k to pitch.
+VICUNA_AVX512_BF16 void widen_rows(const int8_t* const* rows, int count, int k, uint16_t* out, size_t pitch) {
+    for (int c = 0; c < count; c++)
+        for (int j = 0; j < (int)pitch; j += 32) {
+            const __mmask32 mask = j + 32 <= k ? ~(__mmask32)0 : j < k ? (__mmask32)((1ull << (k - j)) - 1) : 0;
+            _mm512_store_si512(out + c * pitch + j, (__m512i)load32(rows[c] + j, mask));
+        }
+}
+
+// `product` for bfloat16 or int8 weights on AVX512-BF16. The rows are rounded once (more than four: split
+// between the threads; up to four: each thread rounds its own copy), then each thread takes a range of
+// tiles of weight rows and multiplies each with every row of x, 4 rows at a time, while it is in the L1
+// cache. int8 tiles are first widened to bfloat16 into a buffer there, once for all rows of x.
+template <int KIND>
+VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const float* scales, float* y, int m, int n,
+                                    int k, const Around& around) {
+    using T = typename Weights<KIND>::T;
+    const T* w = (const T*)weights;
     const int kp = (k + 31) & ~31;
     const size_t width = around.gated ? 2 * (size_t)k : k;
     const bool parallel = (size_t)m * n * k >= (1u << 15), shared = m > FEW_ROWS;
@@ -606,6 +631,8 @@ VICUNA_AVX512_BF16 void product_dot_bf16(const float* x, const uint16_t* w, floa
         const int t = omp_get_thread_num(), threads = omp_get_num_threads();
         float* in = around.norm || around.gated ? floats(k) : nullptr;
         uint16_t* xb = shared ? shared_xb : (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp);
+        const bool widen = KIND == I8 && m > 4;  // int8 tiles widened once into `wide` for every group
+        uint16_t* wide = widen ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * DOT_COLUMNS * kp) : nullptr;
         if (shared) {
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
@@ -615,24 +642,38 @@ VICUNA_AVX512_BF16 void product_dot_bf16(const float* x, const uint16_t* w, floa
         const char* ahead = nullptr;  // weights requested from memory while tiles run, up to ahead_end
         const char* ahead_end = nullptr;
         int lines = 0;  // lines requested at each step
-        auto tile = [&](int rows, int m0, int n0, int stride, int count) {
-#define VICUNA_DOT_TILE(R) dot_tile<R>(xb, kp, w, k, n0, stride, count, y, n, m0, around.add, ahead, ahead_end, lines)
-            switch (rows) {
-                case 4: VICUNA_DOT_TILE(4); break;
-                case 3: VICUNA_DOT_TILE(3); break;
-                case 2: VICUNA_DOT_TILE(2); break;
-                case 1: VICUNA_DOT_TILE(1); break;
+        // weight rows n0 + c stride (c < count) times every row of x, 4 rows of x at a time; int8 weights
+        // widened as they are loaded (one group of rows of x: 1.9-2x faster than AVX2 for 2-4 rows), or
+        // once into `wide` (more groups: 1.1-1.35x faster than widening them for each group)
+        auto tile = [&](int n0, int stride, int count) {
+            const T* at[DOT_COLUMNS];
+            for (int c = 0; c < DOT_COLUMNS; c++) at[c] = w + (size_t)(n0 + (c < count ? c : 0) * stride) * k;
+            const uint16_t* widened[DOT_COLUMNS];
+            if (widen) {
+                widen_rows((const int8_t* const*)at, DOT_COLUMNS, k, wide, kp);
+                for (int c = 0; c < DOT_COLUMNS; c++) widened[c] = wide + c * kp;
             }
+            for (int m0 = 0; m0 < m; m0 += 4) {
+#define VICUNA_DOT_TILE(R)                                                                                          \
+    widen ? dot_tile<R>(xb, kp, widened, k, n0, stride, count, scales, y, n, m0, around.add, ahead, ahead_end, lines) \
+          : dot_tile<R>(xb, kp, at, k, n0, stride, count, scales, y, n, m0, around.add, ahead, ahead_end, lines)
+                switch (std::min(4, m - m0)) {
+                    case 4: VICUNA_DOT_TILE(4); break;
+                    case 3: VICUNA_DOT_TILE(3); break;
+                    case 2: VICUNA_DOT_TILE(2); break;
+                    case 1: VICUNA_DOT_TILE(1); break;
+                }
 #undef VICUNA_DOT_TILE
+            }
         };
-        if (m == 1) {  // the thread's weight rows at four places at once (see `tile`): ~1.08x faster here
+        if (m == 1 && KIND == BF16) {  // the thread's weight rows at four places at once (see `tile`)
             const int r0 = (int)((long)n * t / threads), r1 = (int)((long)n * (t + 1) / threads);
             const int part = (r1 - r0) / DOT_COLUMNS;
-            for (int r = 0; r < part; r++) tile(m, 0, r0 + r, part, DOT_COLUMNS);
-            for (int r = r0 + DOT_COLUMNS * part; r < r1; r += DOT_COLUMNS)
-                tile(m, 0, r, 1, std::min(DOT_COLUMNS, r1 - r));
-        } else {  // 4 weight rows at a time, each multiplied by every row of x while in the L1 cache
-            // (from 3 rows on ~1.05-1.12x faster than at four places, as even for 2)
+            for (int r = 0; r < part; r++) tile(r0 + r, part, DOT_COLUMNS);
+            for (int r = r0 + DOT_COLUMNS * part; r < r1; r += DOT_COLUMNS) tile(r, 1, std::min(DOT_COLUMNS, r1 - r));
+        } else {  // 4 weight rows at a time, each multiplied by every row of x while in the L1 cache. Four
+            // places at once were ~1.08x faster for one row of bfloat16 weights, even for 2 rows, and
+            // slower from 3 rows on (1.05-1.12x) and for int8 weights.
             const int tiles = (n + DOT_COLUMNS - 1) / DOT_COLUMNS;
             const int b0 = (int)((long)tiles * t / threads), b1 = (int)((long)tiles * (t + 1) / threads);
             // While a tile of weight rows is multiplied by the groups of 4 rows of x, the tile two on is
@@ -640,14 +681,14 @@ VICUNA_AVX512_BF16 void product_dot_bf16(const float* x, const uint16_t* w, floa
             // Requested all during the first group, a 16-row product took ~1.25x longer.
             lines = (DOT_COLUMNS + (m + 3) / 4 - 1) / ((m + 3) / 4);
             for (int b = b0; b < b1; b++) {
-                const int n0 = b * DOT_COLUMNS, count = std::min(DOT_COLUMNS, n - n0);
-                const int next = std::min(n, n0 + 2 * DOT_COLUMNS);
+                const int n0 = b * DOT_COLUMNS, next = std::min(n, n0 + 2 * DOT_COLUMNS);
                 ahead = (const char*)(w + (size_t)next * k);
                 ahead_end = (const char*)(w + (size_t)std::min(n, next + DOT_COLUMNS) * k);
-                for (int m0 = 0; m0 < m; m0 += 4) tile(std::min(4, m - m0), m0, n0, 1, count);
+                tile(n0, 1, std::min(DOT_COLUMNS, n - n0));
             }
         }
         free(in);
+        free(wide);
         if (!shared) free(xb);
     }
     free(shared_xb);
@@ -1029,19 +1070,24 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
         switch (kind) {
             case BF16:
                 if (dot_bf16())
-                    product_dot_bf16(xc, (const uint16_t*)w, yc, rows, n, k, around);
+                    product_dot<BF16>(xc, w, nullptr, yc, rows, n, k, around);
                 else
                     product<BF16>(xc, w, scales, yc, rows, n, k, around);
                 break;
             case F16: product<F16>(xc, w, scales, yc, rows, n, k, around); break;
             case F32: product<F32>(xc, w, scales, yc, rows, n, k, around); break;
-            case I8: product<I8>(xc, w, scales, yc, rows, n, k, around); break;
+            case I8:
+                if (dot_bf16())
+                    product_dot<I8>(xc, w, scales, yc, rows, n, k, around);
+                else
+                    product<I8>(xc, w, scales, yc, rows, n, k, around);
+                break;
         }
     }
     return 0;
 }
 
-// Whether bfloat16 products use the CPU's AVX512-BF16 dot products (1) or AVX2 (0). `wanted` 0 or 1
+// Whether bfloat16 and int8 products use the CPU's AVX512-BF16 dot products (1) or AVX2 (0). `wanted` 0 or 1
 // sets it for the process (1 only where the CPU has them); -1 only asks.
 int vicuna_dot_bf16(int wanted) {
     if (wanted >= 0) dot_bf16_on = wanted && __builtin_cpu_supports("avx512bf16") ? 1 : 0;
