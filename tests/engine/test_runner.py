@@ -204,10 +204,9 @@ def test_a_decode_step_in_one_kernel_call_equals_the_step_call_by_call(tiny_llam
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_short_prompt_in_one_kernel_call_equals_it_layer_by_layer(tiny_llama_dir, dtype, monkeypatch):
-    """Up to PROMPT_STEP_ROWS new tokens go through `Step` as one prompt (each token attends through the
+    """Up to `prompt_step_rows` new tokens go through `Step` as one prompt (each token attends through the
     decode attention, to the cache as stored); longer ones, layer by layer with PyTorch's attention."""
     from vicuna.engine import kernel
-    from vicuna.engine import runner as runner_module
 
     engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype=dtype), progress=False)
     w = engine.llama_weights
@@ -219,12 +218,12 @@ def test_a_short_prompt_in_one_kernel_call_equals_it_layer_by_layer(tiny_llama_d
         kernel.Step, "__call__", lambda self, *a, **kw: calls.append(kw) or step(self, *a, **kw)
     )
     tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == "float32" else {"rtol": 0.05, "atol": 0.05}
-    prefix, default = list(range(10, 40)), runner_module.PROMPT_STEP_ROWS
+    prefix, default = list(range(10, 40)), w.prompt_step_rows
     for start, new in ((0, [3, 4, 5]), (0, list(range(50, 90))), (len(prefix), [7, 8, 9, 11, 12, 13])):
         prompt = (prefix if start else []) + new
         got = {}
         for limit in (default, 0):  # the kernel call, then layer by layer
-            monkeypatch.setattr(runner_module, "PROMPT_STEP_ROWS", limit)
+            monkeypatch.setattr(w, "prompt_step_rows", limit)
             runner = LlamaRunner(w, None)
             if start:
                 runner.prefill(prefix + [1])  # the prefix cached, as a copied one would be
