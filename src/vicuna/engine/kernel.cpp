@@ -1067,21 +1067,12 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
         const int rows = m - m0 < CHUNK_ROWS ? m - m0 : CHUNK_ROWS;
         const float* xc = x + m0 * width;
         float* yc = y + (size_t)m0 * n;
+        const bool dot = dot_bf16();  // bfloat16 and int8 weights with AVX512-BF16
         switch (kind) {
-            case BF16:
-                if (dot_bf16())
-                    product_dot<BF16>(xc, w, nullptr, yc, rows, n, k, around);
-                else
-                    product<BF16>(xc, w, scales, yc, rows, n, k, around);
-                break;
+            case BF16: (dot ? product_dot<BF16> : product<BF16>)(xc, w, scales, yc, rows, n, k, around); break;
             case F16: product<F16>(xc, w, scales, yc, rows, n, k, around); break;
             case F32: product<F32>(xc, w, scales, yc, rows, n, k, around); break;
-            case I8:
-                if (dot_bf16())
-                    product_dot<I8>(xc, w, scales, yc, rows, n, k, around);
-                else
-                    product<I8>(xc, w, scales, yc, rows, n, k, around);
-                break;
+            case I8: (dot ? product_dot<I8> : product<I8>)(xc, w, scales, yc, rows, n, k, around); break;
         }
     }
     return 0;
