@@ -241,7 +241,7 @@ class LlamaWeights:
         # Where the kernel runs every product and the attention, a decode step is one kernel call.
         dense = [d for layer in projections for d in layer] + [self.head]
         self.step_kernel, self.step_rows = None, None
-        dot = self.dtype == torch.bfloat16 and kernel.dot_bf16()  # bf16 and int8 products on AVX512-BF16
+        dot = on_kernel and self.dtype == torch.bfloat16 and kernel.dot_bf16()  # bf16, int8: AVX512-BF16
         self.prompt_step_rows = DOT_PROMPT_STEP_ROWS if dot else PROMPT_STEP_ROWS
         if self.attend_kernel and all(d.kernel is not None for d in dense):
             norms = [n for layer in self.layers for n in (layer[0][0], layer[3][0])] + [self.norm[0]]
