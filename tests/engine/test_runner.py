@@ -97,7 +97,8 @@ def test_dense_applies_the_norm_gating_and_residual_add_on_the_kernel_and_withou
     exact = residual.double() + rows @ weight.double().T
     dense = Dense(weight)
     for bound in [dense.kernel, None] if dense.kernel is not None else [None]:
-        dense.kernel, on_kernel = bound, bound is not None
+        dense.kernel = bound  # the kernel takes all these rows, or only a few where PyTorch's take more
+        on_kernel = bound is not None and (dense.kernel_rows is None or x.shape[0] <= dense.kernel_rows)
         into = residual.clone()
         out = dense(x, norm=(torch.cat([norm, norm]), 1e-5), gated=True, into=into)
         assert out is into

@@ -495,7 +495,10 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
 // them into 16 float32 sums in one instruction, reading the weights as stored, row-major (int8 widened to
 // bfloat16, which holds every int8 value exactly). A tile is R rows of
 // x by 4 weight rows: 4R vectors of partial sums along k, each summed across its lanes at the end
-// (`lane_sums`). Built for such CPUs only (the target attribute), chosen at run time.
+// (`lane_sums`). Built for such CPUs only (the target attribute), chosen at run time; compilers that do
+// not know AVX512-BF16 and AMX by name (before gcc 11 and clang 16) build the kernel without it.
+#if (defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && __GNUC__ >= 11)
+#define VICUNA_DOT 1
 #define VICUNA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 constexpr int DOT_COLUMNS = 4;  // weight rows per tile
@@ -693,6 +696,16 @@ VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const f
     }
     free(shared_xb);
 }
+
+#else
+#define VICUNA_DOT 0
+int dot_bf16_on = 0;
+bool dot_bf16() { return false; }
+template <int KIND>
+void product_dot(const float* x, const void* w, const float* scales, float* y, int m, int n, int k, const Around& a) {
+    product<KIND>(x, w, scales, y, m, n, k, a);  // never chosen: dot_bf16() is false
+}
+#endif
 
 // Decode attention: for each row and KV head, the group of query heads that share it attend to the row's
 // first `length` cached positions. Scores and their softmax in float32; one call for every row and head,
@@ -1081,7 +1094,9 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
 // Whether bfloat16 and int8 products use the CPU's AVX512-BF16 dot products (1) or AVX2 (0). `wanted` 0 or 1
 // sets it for the process (1 only where the CPU has them); -1 only asks.
 int vicuna_dot_bf16(int wanted) {
+#if VICUNA_DOT
     if (wanted >= 0) dot_bf16_on = wanted && __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#endif
     return dot_bf16() ? 1 : 0;
 }
 
