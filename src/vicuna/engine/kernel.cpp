@@ -493,10 +493,10 @@ void product(const float* x, const void* w, const float* scales, float* y, int m
 // bfloat16 and int8 weights on CPUs with AVX512-BF16 (`dot_bf16`): the rows of x are rounded to bfloat16
 // (as PyTorch rounds them for a bfloat16 product) and `vdpbf16ps` multiplies 32 pairs of values and adds
 // them into 16 float32 sums in one instruction, reading the weights as stored, row-major (int8 widened to
-// bfloat16, which holds every int8 value exactly). A tile is R rows of
-// x by 4 weight rows: 4R vectors of partial sums along k, each summed across its lanes at the end
-// (`lane_sums`). Built for such CPUs only (the target attribute), chosen at run time; compilers that do
-// not know AVX512-BF16 and AMX by name (before gcc 11 and clang 16) build the kernel without it.
+// bfloat16, which holds every int8 value exactly). A tile is R rows of x by 4 weight rows: 4R vectors of
+// partial sums along k, each summed across its lanes at the end (`lane_sums`). Built for such CPUs only
+// (the target attribute), chosen at run time; compilers that do not know AVX512-BF16 and AMX by name
+// (before gcc 11 and clang 16) build the kernel without it.
 #if (defined(__clang__) && __clang_major__ >= 16) || (!defined(__clang__) && __GNUC__ >= 11)
 #define VICUNA_DOT 1
 #define VICUNA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -529,11 +529,6 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512 lane_sums(const 
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), c);
 }
 
-// y[m0 .. m0 + R) x [n0 + c stride] for c < count <= 4, from the rows of x xb (bfloat16, `kp` apart, zero
-// past k) and the weight rows `rows` (bfloat16; past count, any row, whose sums are dropped); the sums
-// times scales[n0 + c stride] where there are scales (int8 weights). At each step `lines`
-// cache lines from `ahead` on are requested from memory, up to `ahead_end` (`ahead` moves on). The sums
-// are named variables: in an array, gcc stored them to memory at every step.
 // 32 weights from w (those in `mask`, the others zero) as bfloat16: as stored, or int8 widened (exactly).
 VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512bh load32(const uint16_t* w, __mmask32 mask) {
     return (__m512bh)_mm512_maskz_loadu_epi16(mask, w);
@@ -545,6 +540,12 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512bh load32(const i
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
+// y[m0 .. m0 + R) x [n0 + c stride] for c < count <= 4, from the rows of x xb (bfloat16, `kp` apart, zero
+// past k) and the weight rows `rows` (as stored, or int8 widened to bfloat16: see `load32`; past count,
+// any row, whose sums are dropped); the sums times scales[n0 + c stride] where there are scales (int8
+// weights). At each step `lines` cache lines from `ahead` on are requested from memory, up to
+// `ahead_end` (`ahead` moves on). The sums are named variables: in an array, gcc stored them to memory
+// at every step.
 template <int R, typename T>
 VICUNA_AVX512_BF16 void dot_tile(const uint16_t* xb, int kp, const T* const* rows, int k, int n0, int stride,
                                  int count, const float* scales, float* y, int n, int m0, bool add,
@@ -699,7 +700,6 @@ VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const f
 
 #else
 #define VICUNA_DOT 0
-int dot_bf16_on = 0;
 bool dot_bf16() { return false; }
 template <int KIND>
 void product_dot(const float* x, const void* w, const float* scales, float* y, int m, int n, int k, const Around& a) {
@@ -1076,11 +1076,11 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
     if (kind < BF16 || kind > I8) return -1;
     const Around around = {norm, eps, gated != 0, accumulate != 0};
     const size_t width = gated ? 2 * (size_t)k : k;
+    const bool dot = dot_bf16();  // bfloat16 and int8 weights with AVX512-BF16
     for (int m0 = 0; m0 < m; m0 += CHUNK_ROWS) {  // a long prompt in chunks: bounded scratch memory
         const int rows = m - m0 < CHUNK_ROWS ? m - m0 : CHUNK_ROWS;
         const float* xc = x + m0 * width;
         float* yc = y + (size_t)m0 * n;
-        const bool dot = dot_bf16();  // bfloat16 and int8 weights with AVX512-BF16
         switch (kind) {
             case BF16: (dot ? product_dot<BF16> : product<BF16>)(xc, w, scales, yc, rows, n, k, around); break;
             case F16: product<F16>(xc, w, scales, yc, rows, n, k, around); break;
