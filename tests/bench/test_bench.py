@@ -3,6 +3,7 @@ documented shape, and each benchmark runs end to end on a tiny model. Speed is n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
@@ -23,8 +24,17 @@ from vicuna.bench.report import (
     write_json,
     write_plot,
 )
-from vicuna.bench.serve import API_PAIRS, StreamResult, Wave, add_serve_rows, sse_payloads, summarize_wave
+from vicuna.bench.serve import (
+    API_PAIRS,
+    StreamResult,
+    Wave,
+    add_serve_rows,
+    sse_payloads,
+    stream_one,
+    summarize_wave,
+)
 from vicuna.cli import main as cli
+from vicuna.errors import VicunaError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -183,6 +193,51 @@ def test_summarize_wave_and_sse_parsing():
     assert wave.ttft_p50_s == pytest.approx(0.25) and wave.ttft_p99_s == pytest.approx(0.397)
     lines = [": comment", 'data: {"a": 1}', "", 'data:{"b": 2}', "data: [DONE]", 'data: {"c": 3}']
     assert list(sse_payloads(lines)) == [{"a": 1}, {"b": 2}]
+
+
+def answered(response: bytes) -> StreamResult:
+    """`stream_one` against a server that reads the request's head and sends `response` (in pieces)."""
+
+    async def main() -> StreamResult:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            for i in range(0, len(response), 40):  # events split across reads
+                writer.write(response[i : i + 40])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            return await stream_one(
+                f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", {"stream": True}
+            )
+
+    return asyncio.run(main())
+
+
+def test_the_stream_client_times_the_content_and_takes_the_usage():
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}}]},
+        {"choices": [], "usage": {"completion_tokens": 2}},
+    ]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    chunked = f"{len(body):x}\r\n{body}\r\n0\r\n\r\n".encode()
+    got = answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
+    assert got.tokens == 2 and 0 < got.ttft_s <= got.total_s and got.decode_tokens_per_s > 0
+
+
+def test_the_stream_client_reports_an_error_answer_and_a_cut_stream():
+    with pytest.raises(VicunaError, match="answered 404: no such model"):
+        answered(b"HTTP/1.1 404 Not Found\r\nContent-Length: 13\r\n\r\nno such model")
+    with pytest.raises(VicunaError, match="closed before the answer ended"):
+        answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata: ")
+    with pytest.raises(VicunaError, match="not a chat completion chunk"):
+        answered(b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\ndata: {oops}\n\n")
+    with pytest.raises(VicunaError, match="without content or without usage"):
+        answered(b"HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\ndata: [DONE]\n\n")
 
 
 def test_memory_rows_take_float32_bfloat16_and_the_copy_as_baselines():

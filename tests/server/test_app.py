@@ -16,3 +16,71 @@ def test_a_token_chunk_filled_into_its_rendered_template_equals_the_chunk_render
         "😀",
     ]:
         assert fill(text) == render(text)
+
+
+def test_a_streamed_reply_held_back_by_the_stream_interval_arrives_whole(tiny_engine):
+    """With an interval longer than the reply, its first text is sent alone and the rest with the end: the
+    text arrives whole and in order."""
+    import asyncio
+    import json
+
+    from vicuna.config import SamplingParams
+    from vicuna.conversation import Message
+    from vicuna.engine.events import TextChunk
+    from vicuna.server.app import create_app
+
+    app = create_app(tiny_engine, model_name="tiny", stream_interval_ms=3_600_000)
+    request = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Hello world"}],
+        "max_tokens": 24,
+        "min_tokens": 24,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    messages: list[dict] = []
+
+    async def call() -> None:
+        body = [{"type": "http.request", "body": json.dumps(request).encode(), "more_body": False}]
+
+        async def receive() -> dict:
+            if body:
+                return body.pop()
+            await asyncio.Event().wait()  # the client stays
+
+        async def send(message: dict) -> None:
+            messages.append(message)
+
+        await app(scope, receive, send)
+
+    try:
+        asyncio.run(call())
+    finally:
+        app.state.batcher.close()
+    assert messages[0]["status"] == 200
+    writes = [m["body"] for m in messages if m["type"] == "http.response.body" and m.get("body")]
+    events = [
+        json.loads(line[5:])
+        for w in writes
+        for line in w.decode().split("\n\n")
+        if line.startswith("data: {")
+    ]
+    text = "".join(c["delta"].get("content", "") for e in events for c in e["choices"])
+    params = SamplingParams(temperature=0, max_new_tokens=24, min_new_tokens=24)
+    alone = tiny_engine.chat([Message("user", "Hello world")], params)
+    assert text == "".join(e.text for e in alone if isinstance(e, TextChunk))
+    assert events[-1]["usage"]["completion_tokens"] == 24

@@ -181,6 +181,33 @@ def test_every_event_reaches_its_sink_before_the_model_runs_again(tiny_engine, b
     assert tokens_made[0] == tokens_delivered[0] == 206 and batcher.stats.peak_running == 2
 
 
+def test_with_a_stream_interval_a_replys_later_text_is_handed_over_together(tiny_engine):
+    """The first token at once, then the text made within the interval together (here: with the end)."""
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    ids = tiny_engine.encode(TEXTS[2])
+    batcher = Batcher(tiny_engine, max_batch_size=8, stream_interval_s=3600)
+    handed: list[tuple[int, object]] = []  # (decode steps run by then, event)
+    done = threading.Event()
+
+    def sink(event) -> None:
+        handed.append((batcher.stats.steps, event))
+        if isinstance(event, Finished):
+            done.set()
+
+    try:
+        batcher.add(ids, params, sink)
+        assert done.wait(60)
+    finally:
+        batcher.close()
+    steps = [step for step, _ in handed]
+    assert steps[0] == 0 and set(steps[1:]) == {
+        11
+    }  # the prefill's token before the first step; the rest at the end
+    assert same(reply(event for _, event in handed), reply(tiny_engine.generate(ids, params)))
+    with pytest.raises(VicunaError, match="--stream-interval"):
+        Batcher(tiny_engine, stream_interval_s=-0.001)
+
+
 def test_too_long_is_refused_before_any_event(tiny_engine, batcher):
     ids = tiny_engine.encode(TEXTS[0])
     with pytest.raises(ContextTooLongError) as info:

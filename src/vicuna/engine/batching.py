@@ -26,6 +26,7 @@ import collections
 import contextlib
 import ctypes
 import logging
+import math
 import queue
 import sys
 import threading
@@ -165,12 +166,25 @@ class Batcher:
     """
 
     def __init__(
-        self, engine: Any, *, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, kv_cache_tokens: int | None = None
+        self,
+        engine: Any,
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        kv_cache_tokens: int | None = None,
+        stream_interval_s: float = 0.0,
     ):
         if max_batch_size < 1:
             raise VicunaError(f"--max-batch-size must be at least 1, not {max_batch_size}")
+        if not stream_interval_s >= 0:
+            raise VicunaError(
+                f"--stream-interval must be 0 or more milliseconds, not {stream_interval_s * 1e3:g}"
+            )
         self.engine = engine
         self.max_batch_size = max_batch_size
+        # Each wake of a front end's thread for a reply's text costs CPU that on a small machine is taken
+        # from decoding (see vicuna.server.app): with an interval, a reply's text made meanwhile is handed
+        # over together (its first token and its end at once). 0: every token as it is made.
+        self.stream_interval_s = stream_interval_s
         self.kv_cache_tokens = kv_cache_tokens or max_batch_size * min(
             engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE
         )
@@ -191,6 +205,7 @@ class Batcher:
         self._closed = False
         self._replies: list[_Reply] = []  # the running batch, in admission order
         self._held: list[tuple[Sink, Event | BaseException]] = []  # events not yet handed to their sinks
+        self._handed_at: dict[Sink, float] = {}  # when each running reply's sink was last handed text
         self._rows = self._new_rows()  # their KV caches and forward pass
         self._thread = threading.Thread(target=self._run, name="vicuna-batcher", daemon=True)
         self._thread.start()
@@ -275,16 +290,35 @@ class Batcher:
         """A reply's events wait on the scheduler thread until `_hand_over`."""
         return lambda event: self._held.append((sink, event))
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, everything: bool = False) -> None:
         """Give the held events to their sinks. Called just before the model runs (a prefill, a decode step)
-        and before the thread waits, so that a front end's thread woken by an event (a server's event loop)
-        finds the GIL free while the kernel runs. Handed over as they were made, in the middle of a step's
-        Python, they woke the event loop to wait for the GIL and take it back and forth with this thread on
-        every token: the API streamed at 0.95x the engine's own decode rate (mean of 18 pairs on a 2-core
-        VM), 0.99x since."""
+        and before the thread waits (`everything`), so that a front end's thread woken by an event (a
+        server's event loop) finds the GIL free while the kernel runs. Handed over as they were made, in
+        the middle of a step's Python, they woke the event loop to wait for the GIL and take it back and
+        forth with this thread on every token: the API streamed at 0.95x the engine's own decode rate (mean
+        of 18 pairs on a 2-core VM), 0.99x since.
+
+        A reply's first text, its end and errors are handed over at once; later text when
+        `stream_interval_s` has passed since the reply's sink was last handed text, all that was held
+        with it (see `__init__`)."""
+        now = time.perf_counter()
         held, self._held = self._held, []
+        due = {
+            sink
+            for sink, event in held
+            if everything
+            or not isinstance(event, TextChunk)
+            or now - self._handed_at.get(sink, -math.inf) >= self.stream_interval_s
+        }
         for sink, event in held:
+            if sink not in due:
+                self._held.append((sink, event))
+                continue
             sink(event)
+            if isinstance(event, TextChunk):
+                self._handed_at[sink] = now
+            else:  # the reply ended
+                self._handed_at.pop(sink, None)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the scheduler thread between two steps (the thread that owns the model)."""
@@ -348,9 +382,9 @@ class Batcher:
                     self._replies, self._rows = [], self._new_rows()
                     release_memory_after(error)
                 if not self._replies:  # nothing runs next: the thread may wait
-                    self._hand_over()
+                    self._hand_over(everything=True)
                 self._update_stats()
-        self._hand_over()
+        self._hand_over(everything=True)
         for _, future in self._tasks:
             future.set_exception(VicunaError("the server is shutting down"))
 

@@ -11,6 +11,8 @@ from vicuna.config import add_model_arguments, model_settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vicuna.server.app import STREAM_INTERVAL_MS
+
     add_model_arguments(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--model-name", help="the name clients use in 'model' (default: the model folder's name)")
@@ -29,6 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-tokens",
         type=int,
         help="bound on the batch's KV cache, in tokens (default: max-batch-size x min(context window, 2048))",
+    )
+    g.add_argument(
+        "--stream-interval",
+        type=float,
+        default=STREAM_INTERVAL_MS,
+        metavar="MS",
+        help="send a streamed reply's text at most every MS milliseconds after its first token, what was made "
+        "meanwhile together: less CPU taken from decoding (0: every token as it is made)",
     )
     g.add_argument("--no-webui", action="store_true", help="serve the API only")
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -52,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_batch_size=args.max_batch_size,
         kv_cache_tokens=args.kv_cache_tokens,
+        stream_interval_ms=args.stream_interval,
         webui=not args.no_webui,
     )
     batcher = app.state.batcher
