@@ -18,9 +18,9 @@ def test_a_token_chunk_filled_into_its_rendered_template_equals_the_chunk_render
         assert fill(text) == render(text)
 
 
-def test_a_streamed_reply_held_back_by_the_stream_interval_arrives_whole(tiny_engine):
-    """With an interval longer than the reply, its first text is sent alone and the rest with the end: the
-    text arrives whole and in order."""
+def test_a_streamed_reply_held_back_by_the_stream_interval_goes_out_whole_in_few_writes(tiny_engine):
+    """With an interval longer than the reply, its first text is sent alone and the rest with the end, in
+    one write: the text arrives whole, in a handful of ASGI body messages, not one per token."""
     import asyncio
     import json
 
@@ -84,3 +84,4 @@ def test_a_streamed_reply_held_back_by_the_stream_interval_arrives_whole(tiny_en
     alone = tiny_engine.chat([Message("user", "Hello world")], params)
     assert text == "".join(e.text for e in alone if isinstance(e, TextChunk))
     assert events[-1]["usage"]["completion_tokens"] == 24
+    assert len(writes) <= 5  # the role, the first text, the rest with the end, the usage, [DONE]

@@ -206,6 +206,9 @@ class Batcher:
         self._replies: list[_Reply] = []  # the running batch, in admission order
         self._held: list[tuple[Sink, Event | BaseException]] = []  # events not yet handed to their sinks
         self._handed_at: dict[Sink, float] = {}  # when each running reply's sink was last handed text
+        # Held while the events of one hand-over go to their sinks: a front end that takes it sees all of
+        # them, not the first few (the GIL may pass to its thread between two sinks).
+        self.handing_over = threading.Lock()
         self._rows = self._new_rows()  # their KV caches and forward pass
         self._thread = threading.Thread(target=self._run, name="vicuna-batcher", daemon=True)
         self._thread.start()
@@ -310,15 +313,16 @@ class Batcher:
             or not isinstance(event, TextChunk)
             or now - self._handed_at.get(sink, -math.inf) >= self.stream_interval_s
         }
-        for sink, event in held:
-            if sink not in due:
-                self._held.append((sink, event))
-                continue
-            sink(event)
-            if isinstance(event, TextChunk):
-                self._handed_at[sink] = now
-            else:  # the reply ended
-                self._handed_at.pop(sink, None)
+        with self.handing_over:
+            for sink, event in held:
+                if sink not in due:
+                    self._held.append((sink, event))
+                    continue
+                sink(event)
+                if isinstance(event, TextChunk):
+                    self._handed_at[sink] = now
+                else:  # the reply ended
+                    self._handed_at.pop(sink, None)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the scheduler thread between two steps (the thread that owns the model)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -136,7 +137,13 @@ class _Run:
     ):
         self.server, self.endpoint = server, endpoint
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        # The batcher's thread puts events in `inbox` and wakes the event loop once for what it hands over
+        # at once; `events_until_done` takes them all (`more_ready`), so that they go out in one write.
+        self.inbox: collections.deque[tuple[int, Any]] = collections.deque()
+        self.taken: collections.deque[tuple[int, Any]] = collections.deque()
+        self.inbox_lock = threading.Lock()
+        self.wake_pending = False
+        self.woken = asyncio.Event()
         self.cancel = threading.Event()
         self.choices = [_Choice() for _ in params]
         self.prompts, self.params = prompts, params
@@ -160,18 +167,37 @@ class _Run:
 
     def _sink(self, index: int):
         def deliver(event: Any) -> None:
-            try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
-            except RuntimeError:  # the event loop is gone: nobody is listening any more
-                self.cancel.set()
+            with self.inbox_lock:
+                self.inbox.append((index, event))
+                wake, self.wake_pending = not self.wake_pending, True
+            if wake:
+                try:
+                    self.loop.call_soon_threadsafe(self.woken.set)
+                except RuntimeError:  # the event loop is gone: nobody is listening any more
+                    self.cancel.set()
 
         return deliver
+
+    @property
+    def more_ready(self) -> bool:
+        """Whether events have been taken from the inbox that `events_until_done` has not yielded yet."""
+        return bool(self.taken)
+
+    async def _next_event(self) -> tuple[int, Any]:
+        while not self.taken:
+            with self.server.batcher.handing_over, self.inbox_lock:  # a hand-over in progress ends first
+                self.taken, self.inbox = self.inbox, self.taken
+                self.wake_pending = False
+            if not self.taken:
+                await self.woken.wait()
+                self.woken.clear()
+        return self.taken.popleft()
 
     async def events_until_done(self) -> AsyncIterator[tuple[int, TextChunk | Finished]]:
         """(choice index, event) until every choice has finished; the batcher's errors are raised."""
         pending = len(self.choices)
         while pending:
-            index, event = await self.events.get()
+            index, event = await self._next_event()
             if isinstance(event, BaseException):
                 self.cancel.set()
                 raise event
@@ -623,7 +649,7 @@ def create_app(
             try:
                 async for text in streamer():
                     parts.append(text)
-                    if run.events.empty():  # what arrived together goes out in one write
+                    if not run.more_ready:  # what was handed over together goes out in one write
                         yield "".join(parts)
                         parts.clear()
                 if parts:
