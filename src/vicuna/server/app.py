@@ -327,7 +327,7 @@ async def _read_json(request: Request) -> Any:
 # once), and what arrived together is sent in one write. Each wake of the event loop and each write took
 # CPU from decoding on a small machine: on 2 cores, with `bench serve`'s client on them too, one stream
 # ran at 0.94-0.95x the engine's own decode rate every token as made (0.90-0.91x with 8-bit weights,
-# whose tokens come faster), and at 0.99-1.02x (0.97-1.0x) so. 20 ms is a little more than a 60 Hz
+# whose tokens come faster), and at 0.98-1.02x (0.97-1.0x) so. 20 ms is a little more than a 60 Hz
 # screen's frame: text appears as smoothly; an API client gets 2-6 tokens at a time at these rates
 # (`--stream-interval 0`: one).
 STREAM_INTERVAL_MS = 20.0
