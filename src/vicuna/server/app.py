@@ -102,7 +102,7 @@ class Metrics:
         itl_buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
         self.itl = Histogram(
             "vicuna_inter_token_latency_seconds",
-            "Time between tokens of a reply",
+            "Time between the tokens of a reply as sent (tokens sent together, see --stream-interval: 0 apart)",
             buckets=itl_buckets,
             registry=r,
         )
