@@ -206,8 +206,8 @@ class Batcher:
         self._replies: list[_Reply] = []  # the running batch, in admission order
         self._held: list[tuple[Sink, Event | BaseException]] = []  # events not yet handed to their sinks
         self._handed_at: dict[Sink, float] = {}  # when each running reply's sink was last handed text
-        # Held while the events of one hand-over go to their sinks: a front end that takes it sees all of
-        # them, not the first few (the GIL may pass to its thread between two sinks).
+        # Held whenever sinks are called (the events of one hand-over): a front end that takes it sees all
+        # of them, not the first few (the GIL may pass to its thread between two sinks).
         self.handing_over = threading.Lock()
         self._rows = self._new_rows()  # their KV caches and forward pass
         self._thread = threading.Thread(target=self._run, name="vicuna-batcher", daemon=True)
@@ -276,8 +276,8 @@ class Batcher:
         *,
         cancel: threading.Event | None = None,
     ) -> None:
-        """Queue a request; `sink` receives its events (or an exception) on the scheduler thread, so it
-        must be quick and thread-safe (e.g. `loop.call_soon_threadsafe`)."""
+        """Queue a request; `sink` receives its events (or an exception) on the scheduler thread, always
+        while it holds `handing_over`, so it must be quick and thread-safe (e.g. `loop.call_soon_threadsafe`)."""
         self.engine.check_fits(len(prompt_ids), params.max_new_tokens)
         if not prompt_ids:
             raise VicunaError("the prompt is empty: at least one token is needed")

@@ -139,9 +139,9 @@ class _Run:
         self.loop = asyncio.get_running_loop()
         # The batcher's thread puts events in `inbox` and wakes the event loop once for what it hands over
         # at once; `events_until_done` takes them all (`more_ready`), so that they go out in one write.
+        # Both sides touch `inbox` and `wake_pending` only under the batcher's `handing_over` lock.
         self.inbox: collections.deque[tuple[int, Any]] = collections.deque()
         self.taken: collections.deque[tuple[int, Any]] = collections.deque()
-        self.inbox_lock = threading.Lock()
         self.wake_pending = False
         self.woken = asyncio.Event()
         self.cancel = threading.Event()
@@ -166,10 +166,9 @@ class _Run:
             batcher.add(ids, params, self._sink(index), cancel=self.cancel)
 
     def _sink(self, index: int):
-        def deliver(event: Any) -> None:
-            with self.inbox_lock:
-                self.inbox.append((index, event))
-                wake, self.wake_pending = not self.wake_pending, True
+        def deliver(event: Any) -> None:  # on the batcher's thread, under its `handing_over`
+            self.inbox.append((index, event))
+            wake, self.wake_pending = not self.wake_pending, True
             if wake:
                 try:
                     self.loop.call_soon_threadsafe(self.woken.set)
@@ -185,7 +184,7 @@ class _Run:
 
     async def _next_event(self) -> tuple[int, Any]:
         while not self.taken:
-            with self.server.batcher.handing_over, self.inbox_lock:  # a hand-over in progress ends first
+            with self.server.batcher.handing_over:  # a hand-over in progress ends first
                 self.taken, self.inbox = self.inbox, self.taken
                 self.wake_pending = False
             if not self.taken:
