@@ -116,6 +116,7 @@ class _Stream(asyncio.Protocol):
 
         self.request, self.start = request, start
         self.parser = httptools.HttpResponseParser(self)
+        self.parser_error = httptools.HttpParserError
         self.result: asyncio.Future[StreamResult] = asyncio.get_running_loop().create_future()
         self.status = 0
         self.pending = b""  # the start of an event not yet ended by a blank line
@@ -129,11 +130,9 @@ class _Stream(asyncio.Protocol):
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
-        import httptools
-
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as err:
+        except self.parser_error as err:
             self.fail(f"an answer that is not HTTP ({err})")
 
     def on_headers_complete(self) -> None:
