@@ -87,6 +87,77 @@ def test_the_norm_gate_and_residual_add_around_a_product_equal_float64(bf16_way,
     assert error.max() <= 1e-5 * product.abs().max()
 
 
+@pytest.fixture
+def packing():
+    """Packed bfloat16 weights (`kernel.pack_`): where the kernel multiplies with AVX512-BF16 only."""
+    if kernel.load(progress=False) is None or not kernel.packs(torch.zeros(16, 2, dtype=torch.bfloat16)):
+        pytest.skip("packed weights need the kernel's AVX512-BF16 products (not on this CPU)")
+
+
+@pytest.mark.parametrize(
+    "m,n,k",
+    [
+        (1, 37, 40),  # two blocks and 5 rows past them
+        (1, 960, 576),
+        (2, 15, 16),  # no whole block
+        (3, 48, 4),  # 3 blocks: a tile of 2 and one alone
+        (4, 100, 1536),
+        (5, 17, 578),
+        (6, 80, 96),
+        (8, 64, 96),
+        (9, 31, 64),
+        (15, 50, 64),  # 8 rows of x at a time, then 7
+        (16, 2000, 576),
+        (17, 33, 130),
+        (600, 40, 64),  # more rows than one pass takes
+    ],
+)
+def test_packed_weights_multiply_as_the_rows_they_hold(packing, m, n, k):
+    torch.manual_seed(m * n + k)
+    w, x = (torch.randn(n, k) * 0.05).bfloat16(), torch.randn(m, k)
+    exact = x.bfloat16().double() @ w.double().T
+    packed = kernel.pack_(w.clone())
+    assert torch.equal(packed[n // 16 * 16 :], w[n // 16 * 16 :])  # the rows past the blocks stay
+    assert n < 16 or not torch.equal(packed[:16], w[:16])  # the blocks are rearranged
+    out = kernel.Weight(packed, packed=True)(x)
+    assert out.shape == (m, n)
+    assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    ids = torch.tensor([[0, n - 1], [n // 2, min(n - 1, 17)]])
+    assert torch.equal(kernel.packed_rows(packed, ids), w[ids])
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 600])
+def test_the_norm_gate_and_residual_add_around_a_packed_product_equal_float64(packing, m):
+    torch.manual_seed(m)
+    n, k = 40, 52  # two blocks and 8 rows past them; k not a multiple of 32
+    w = (torch.randn(n, k) * 0.05).bfloat16()
+    x, residual, norm = torch.randn(m, 2 * k) * 4, torch.randn(m, n), torch.rand(k) + 0.5
+    gate, up = x.double().chunk(2, dim=-1)
+    rows = torch.nn.functional.silu(gate) * up
+    rows = rows / (rows.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.double()
+    product = rows @ w.double().T
+    into = residual.clone()
+    out = kernel.Weight(kernel.pack_(w.clone()), packed=True)(x, norm=(norm, 1e-5), gated=True, into=into)
+    assert out is into
+    error = (out.double() - (residual.double() + product)).abs() - 2**-8 * (rows.abs() @ w.double().abs().T)
+    assert error.max() <= 1e-5 * product.abs().max()
+
+
+def test_packed_weights_are_refused_where_they_cannot_be_multiplied(packing):
+    with pytest.raises(ValueError, match="even number of columns, not 3"):
+        kernel.pack_(torch.ones(16, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="packs bfloat16 weights without scales only"):
+        kernel.Weight(torch.ones(16, 4), packed=True)
+    weight = kernel.Weight(kernel.pack_(torch.ones(16, 4, dtype=torch.bfloat16)), packed=True)
+    library = kernel.load()
+    library.vicuna_dot_bf16(0)  # as on a CPU without AVX512-BF16: the kernel refuses, not misreads
+    try:
+        with pytest.raises(ValueError, match="does not multiply these weights here"):
+            weight(torch.ones(1, 4))
+    finally:
+        library.vicuna_dot_bf16(1)
+
+
 @needs_kernel
 def test_products_take_strided_rows_and_refuse_mismatched_shapes():
     w, _ = weights(torch.float32, 8, 32)
@@ -286,18 +357,23 @@ def zero_layer_step(table: kernel.Weight, head: torch.Tensor, dtype: torch.dtype
 
 
 @needs_kernel
-@pytest.mark.parametrize("table_kind", [torch.bfloat16, torch.float32, torch.int8])
+@pytest.mark.parametrize("table_kind", [torch.bfloat16, torch.float32, torch.int8, "packed"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_step_looks_its_tokens_up_as_pytorchs_embedding_does(table_kind, dtype):
-    """int8 rows times their scale are rounded to the model's dtype, as `Int8Embedding` gives them."""
+def test_a_step_looks_its_tokens_up_as_pytorchs_embedding_does(table_kind, dtype, request):
+    """int8 rows times their scale are rounded to the model's dtype, as `Int8Embedding` gives them; a
+    packed table (the head's, tied) is read back as the rows it holds."""
     from vicuna.engine.quant import Int8Embedding, quantize_rows
 
     torch.manual_seed(7)
-    vocab, hidden = 50, 32
+    vocab, hidden = 50, 32  # packed: 3 blocks and 2 rows past them
     source = torch.nn.Embedding(vocab, hidden).to(dtype)
     if table_kind == torch.int8:
         module = Int8Embedding(quantize_rows(source.weight), dtype)
         table = kernel.Weight(module.weight_int8, module.scales.float())
+    elif table_kind == "packed":
+        request.getfixturevalue("packing")
+        module = torch.nn.Embedding(vocab, hidden).to(torch.bfloat16)
+        table = kernel.Weight(kernel.pack_(module.weight.data.clone()), packed=True)
     else:
         module = torch.nn.Embedding(vocab, hidden).to(table_kind)
         table = kernel.Weight(module.weight.data)

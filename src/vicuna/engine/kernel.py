@@ -12,7 +12,7 @@ EPYC that streams bfloat16 weights at ~24 GB/s, against ~17 GB/s reading them on
 ~20 GB/s for a plain one-stream read of memory. `Step` runs a whole decode step (every layer and the
 head) in one call. For many rows (batches, prompts) it multiplies 6x16 float32 tiles at ~100-125
 GFLOP/s, 2-5x PyTorch's float32 kernel. Decode attention is 2-2.5x PyTorch's fused kernel. The kernel
-reads the model's own tensors: nothing is packed or copied at load time.
+reads the model's own tensors, as stored (but see packing below): nothing is copied at load time.
 
 On CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake; not those with AMX, where PyTorch's
 kernels use the tile units), bfloat16 and int8 weights are multiplied with the CPU's bfloat16 dot
@@ -21,6 +21,10 @@ weights widened to bfloat16 exactly (`dot_bf16`). On a 2-core Zen 5 EPYC the pro
 decode step of the built-in model take 2.3-2.5x less time than our AVX2 way (bf16 ~8 ms: ~540 GFLOP/s
 from memory, against ~300 for PyTorch's oneDNN), one row streams at memory speed as before, and a row's
 result does not depend on the rows that share its call, so batched replies match replies computed alone.
+There, bfloat16 weights are also packed in place when the engine loads them (`pack_`: blocks of 16 rows
+with their values paired side by side, so that each dot product adds to 16 outputs at once and no sums
+across a vector's lanes remain): a 16-row step's products then take ~5.5 ms (~800-900 GFLOP/s, near the
+CPU's ~1,000 GFLOP/s of dot products), and one to four rows stream as fast as before.
 
 The source is compiled once per machine with the system's C++ compiler (a few seconds) into
 $VICUNA_HOME/kernels; it runs on PyTorch's OpenMP threads. On a CPU without AVX2 and FMA, without a
@@ -51,6 +55,8 @@ log = logging.getLogger("vicuna.kernel")
 SOURCE = Path(__file__).with_name("kernel.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.int8: 3}
+PACKED = 4  # bfloat16 weights in the kernel's blocks (`pack_`)
+BLOCK = 16  # weight rows per block
 FEW_ROWS = 4  # up to this many rows the kernel streams the weights at memory speed
 
 _lock = threading.Lock()
@@ -85,6 +91,46 @@ def dot_bf16() -> bool:
     AMX."""
     library = load()
     return library is not None and library.vicuna_dot_bf16(-1) == 1
+
+
+def packs(weight: torch.Tensor) -> bool:
+    """Whether the kernel multiplies this weight [n, k] faster packed (`pack_`): bfloat16 on the CPU with
+    an even k, where the kernel uses AVX512-BF16."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and weight.shape[1] % 2 == 0
+        and weight.is_contiguous()
+        and dot_bf16()
+    )
+
+
+def pack_(weight: torch.Tensor) -> torch.Tensor:
+    """Rearrange a bfloat16 weight [n, k] in place into the kernel's blocks (`packs(weight)` must hold):
+    each block of 16 rows as [k/2][16][2], a pair of values of each of its rows side by side, so that one
+    vector load holds the same pair of 16 rows and a dot product adds to 16 outputs at once (see BLOCK in
+    kernel.cpp); the rows past the last whole block stay as they are. Rows [16 a, 16 b) of the packed
+    tensor are those rows packed. Afterwards only `Weight(weight, packed=True)` reads it correctly."""
+    n, k = weight.shape
+    source = weight.clone()
+    if _library.vicuna_pack(source.data_ptr(), weight.data_ptr(), n, k):
+        raise ValueError(f"pack: the kernel packs bfloat16 weights with an even number of columns, not {k}")
+    return weight
+
+
+def packed_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a packed weight [n, k] (`pack_`), as they were before packing: [*ids.shape, k]."""
+    n, k = weight.shape
+    whole = n // BLOCK * BLOCK
+    flat = ids.reshape(-1)
+    rows = torch.empty(flat.shape[0], k, dtype=weight.dtype, device=weight.device)
+    inside = flat < whole
+    blocks = weight[:whole].view(-1, k // 2, BLOCK, 2)  # [block, pair, row in block, value in pair]
+    at = flat[inside]
+    rows[inside] = blocks[at // BLOCK, :, at % BLOCK].reshape(-1, k)
+    rows[~inside] = weight[flat[~inside]]
+    return rows.view(*ids.shape, k)
 
 
 def pytorch_multiplies_natively(dtype: torch.dtype) -> bool:
@@ -173,6 +219,9 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         fn.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         fn.argtypes += [ctypes.c_int, *[ctypes.c_void_p] * 2, ctypes.c_int] + [ctypes.c_void_p] * 3
         fn.argtypes += [ctypes.c_int] * 2
+        fn = library.vicuna_pack
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         library.vicuna_dot_bf16.restype = ctypes.c_int
         library.vicuna_dot_bf16.argtypes = [ctypes.c_int]
         fn = library.vicuna_argmax
@@ -186,18 +235,24 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
 
 
 class Weight:
-    """A weight matrix [n, k] (any of `KINDS`, contiguous, on the CPU; int8 with float32 `scales` [n])
-    that the kernel multiplies by float32 rows. What is fixed is checked and kept here once, since a
-    decode step makes over a hundred of these calls. The kernel must be loaded (`load()`)."""
+    """A weight matrix [n, k] (any of `KINDS`, contiguous, on the CPU; int8 with float32 `scales` [n];
+    bfloat16 `packed` by `pack_`) that the kernel multiplies by float32 rows. What is fixed is checked and
+    kept here once, since a decode step makes over a hundred of these calls. The kernel must be loaded
+    (`load()`)."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor | None = None, packed: bool = False
+    ) -> None:
         if weight.dtype not in KINDS or weight.dim() != 2 or not weight.is_contiguous():
             raise ValueError(f"the kernel takes contiguous 2-D {'/'.join(map(str, KINDS))} weights")
         if scales is not None and (scales.dtype != torch.float32 or scales.shape != weight.shape[:1]):
             raise ValueError(f"the kernel takes one float32 scale per weight row ({weight.shape[0]})")
+        if packed and (weight.dtype != torch.bfloat16 or scales is not None):
+            raise ValueError("the kernel packs bfloat16 weights without scales only")
         self.weight, self.scales = weight, scales  # kept alive: the kernel reads their memory
         self.n, self.k = weight.shape
-        self.args = (KINDS[weight.dtype], weight.data_ptr(), None if scales is None else scales.data_ptr())
+        kind = PACKED if packed else KINDS[weight.dtype]
+        self.args = (kind, weight.data_ptr(), None if scales is None else scales.data_ptr())
 
     def __call__(
         self,
@@ -230,10 +285,13 @@ class Weight:
                 )
             scale = norm[0].data_ptr()
         kind, weight, scales = self.args
-        _library.vicuna_product(
+        if _library.vicuna_product(
             kind, x.data_ptr(), weight, scales, y.data_ptr(), m, n, k, scale,
             0.0 if norm is None else norm[1], gated, into is not None,
-        )  # fmt: skip
+        ):  # fmt: skip
+            raise ValueError(
+                "product: the kernel does not multiply these weights here (packed ones need `dot_bf16`)"
+            )
         return y
 
 

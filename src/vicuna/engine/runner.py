@@ -16,6 +16,7 @@ turn, or a request with another's system prompt, computes only its new tokens.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -91,7 +92,7 @@ def llama_fast_path_ok(model: Any) -> bool:
     if config.attention_bias or config.mlp_bias or config.hidden_act != "silu":
         return False
     projections = [m for name, m in model.named_modules() if name.endswith("_proj")]
-    return all(type(m) in (torch.nn.Linear, Int8Linear) for m in projections) and all(
+    return all(type(m) in (torch.nn.Linear, Int8Linear, PackedLinear) for m in projections) and all(
         type(p.data) is torch.Tensor for p in model.parameters()
     )
 
@@ -148,13 +149,18 @@ class Dense:
     product: a 500-token prompt prefills ~4x faster."""
 
     def __init__(
-        self, weight: torch.Tensor, scales: torch.Tensor | None = None, fallback: Projection | None = None
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor | None = None,
+        fallback: Projection | None = None,
+        packed: bool = False,
     ):
         self.weight, self.fallback = weight, fallback
         cpu = weight.device.type == "cpu"
         self.native = not cpu or (scales is None and kernel.pytorch_multiplies_natively(weight.dtype))
-        self.kernel = kernel.Weight(weight, scales) if kernel.runs_on(weight.device, weight.dtype) else None
-        self.kernel_rows = kernel.FEW_ROWS if self.native else None  # None: any number
+        runs = packed or kernel.runs_on(weight.device, weight.dtype)
+        self.kernel = kernel.Weight(weight, scales, packed) if runs else None
+        self.kernel_rows = kernel.FEW_ROWS if self.native and not packed else None  # None: any number
 
     def __call__(
         self, x: torch.Tensor, norm: Norm | None = None, gated: bool = False, into: torch.Tensor | None = None
@@ -179,22 +185,55 @@ class Dense:
         return y if into is None else into.add_(y)
 
 
+class PackedLinear(torch.nn.Module):
+    """A Linear layer (no bias) whose weight is packed for our kernel (`kernel.pack_`), multiplied by it."""
+
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.kernel = kernel.Weight(weight.data, packed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        return self.kernel(rows.float()).to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class PackedEmbedding(torch.nn.Module):
+    """A token embedding table that is also the output head, packed with it (`kernel.pack_`)."""
+
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return kernel.packed_rows(self.weight.data, ids)
+
+
 def fuse(parent: torch.nn.Module, *names: str) -> Projection:
     """One product for several Linear layers of `parent` that read the same input: their weights become
-    views into the fused weight, so the model keeps working and no memory is added."""
+    views into the fused weight, so the model keeps working and no memory is added. Where the kernel
+    multiplies the weight faster packed (`kernel.packs`) and each layer's rows start at a whole block, the
+    fused weight is packed in place and the layers become `PackedLinear`s of its rows."""
     linears = [getattr(parent, name) for name in names]
     if isinstance(linears[0], Int8Linear):
         fused = linears[0] if len(linears) == 1 else Int8Linear.fuse(*linears)
         return Dense(fused.weight_int8, fused.scales.float(), fallback=fused)
+    packed = all(isinstance(m, PackedLinear) for m in linears)
+    weight = linears[0].weight.data if len(linears) == 1 else torch.cat([m.weight.data for m in linears])
+    starts = [0, *itertools.accumulate(m.weight.shape[0] for m in linears)]
+    if not packed and kernel.packs(weight) and all(row % kernel.BLOCK == 0 for row in starts[1:-1]):
+        packed = kernel.pack_(weight) is weight
     if len(linears) == 1:
-        return Dense(linears[0].weight.data)
-    weight = torch.cat([m.weight.data for m in linears])
-    row = 0
-    for m in linears:
-        rows = m.weight.shape[0]
-        m.weight.data = weight[row : row + rows]
-        row += rows
-    return Dense(weight)
+        if packed and not isinstance(linears[0], PackedLinear):
+            setattr(parent, names[0], PackedLinear(linears[0].weight))
+        return Dense(weight, packed=packed)
+    for name, m, start, end in zip(names, linears, starts, starts[1:], strict=False):
+        if packed:
+            setattr(parent, name, PackedLinear(torch.nn.Parameter(weight[start:end], requires_grad=False)))
+        else:
+            m.weight.data = weight[start:end]
+    return Dense(weight, packed=packed)
 
 
 class LlamaWeights:
@@ -210,7 +249,11 @@ class LlamaWeights:
         self.rotary = model.model.rotary_emb
         inner = model.model
         self.dtype, self.device = inner.norm.weight.dtype, inner.norm.weight.device
-        self.embed, self.head = inner.embed_tokens, fuse(model, "lm_head")
+        self.head = fuse(model, "lm_head")
+        head = model.get_output_embeddings()
+        if isinstance(head, PackedLinear) and getattr(inner.embed_tokens, "weight", None) is head.weight:
+            model.set_input_embeddings(PackedEmbedding(head.weight))  # one table, packed with the head
+        self.embed = inner.embed_tokens
 
         projections = [
             (
