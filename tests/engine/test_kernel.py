@@ -101,7 +101,7 @@ def packing():
         (1, 960, 576),
         (2, 15, 16),  # no whole block
         (3, 48, 4),  # 3 blocks: a tile of 2 and one alone
-        (4, 100, 1536),
+        (4, 200, 1536),  # 12 blocks: 6 a thread, read at four places
         (5, 17, 578),
         (6, 80, 96),
         (8, 64, 96),

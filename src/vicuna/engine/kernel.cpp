@@ -706,16 +706,19 @@ VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const f
 // are, where the row-major tiles above sum each output across the lanes of a vector (3 shuffles and adds
 // per output on top of k/32 dot products). A tile is R rows of x by C blocks: per pair of k, C loads of
 // weights and R broadcasts of x for R C dot products. On a 2-core Zen 5 EPYC a 16-row decode step's
-// products (built-in model) took ~1.6x less time than the row-major tiles (~900 against ~550 GFLOP/s,
-// with the weights read from memory), one to four rows as long as before. Rows past the last whole
-// block (n % 16) stay row-major at the end and go through `dot_tile`.
-// y[m0 .. m0 + R) x [n0, n0 + 16 C) from the rows of x xb (bfloat16, `kp` apart) and the C packed blocks
-// from n0 on; at each step `lines` cache lines from `ahead` on are requested from memory, up to ahead_end.
+// products (built-in model, weights read from memory) took 1.4-1.65x less time than with the row-major
+// tiles (~5.5 against 7.5-9 ms: ~800 against ~500 GFLOP/s; the CPU's dot products peak at ~1,000), one
+// to four rows as long as before. Rows past the last whole block (n % 16) stay row-major at the end and
+// go through `dot_tile`.
+
+// y[m0 .. m0 + R) x the outputs of C packed blocks, `stride` blocks apart from the one at row n0, from
+// the rows of x xb (bfloat16, `kp` apart); at each step `lines` cache lines from `ahead` on are requested
+// from memory, up to ahead_end.
 template <int R, int C>
 VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(const uint16_t* xb, int kp,
                                                                           const uint16_t* w, int k, float* y,
-                                                                          int n, int n0, int m0, bool add,
-                                                                          const char*& ahead,
+                                                                          int n, int n0, int stride, int m0,
+                                                                          bool add, const char*& ahead,
                                                                           const char* ahead_end, int lines) {
     const int pairs = k / 2;
     __m512 acc[R][C];
@@ -729,7 +732,8 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(const 
         for (int l = 0; l < lines && ahead < ahead_end; l++, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T0);
         __m512bh v[C];
 #pragma GCC unroll 4
-        for (int c = 0; c < C; c++) v[c] = (__m512bh)_mm512_loadu_si512(b + ((size_t)c * pairs + j) * BLOCK);
+        for (int c = 0; c < C; c++)
+            v[c] = (__m512bh)_mm512_loadu_si512(b + ((size_t)c * stride * pairs + j) * BLOCK);
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const __m512bh a = (__m512bh)_mm512_set1_epi32((int)x[(size_t)r * (kp / 2) + j]);
@@ -741,7 +745,7 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(const 
     for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
         for (int c = 0; c < C; c++) {
-            float* out = y + (size_t)(m0 + r) * n + n0 + BLOCK * c;
+            float* out = y + (size_t)(m0 + r) * n + n0 + BLOCK * c * stride;
             _mm512_storeu_ps(out, add ? _mm512_add_ps(_mm512_loadu_ps(out), acc[r][c]) : acc[r][c]);
         }
 }
@@ -753,11 +757,12 @@ constexpr int TILE_BLOCKS = 2;  // packed blocks per tile
 // steps.
 template <int C>
 VICUNA_AVX512_BF16 void packed_blocks(const uint16_t* xb, int kp, const uint16_t* w, int k, float* y, int m,
-                                      int n, int n0, bool add, const char* ahead, const char* ahead_end) {
+                                      int n, int n0, int stride, bool add, const char* ahead,
+                                      const char* ahead_end) {
     constexpr int ROWS = 16 / C < 8 ? 16 / C : 8;
     const int passes = (m + ROWS - 1) / ROWS, lines = (C + passes - 1) / passes;
     for (int m0 = 0; m0 < m; m0 += ROWS) {
-#define VICUNA_PACKED_TILE(R) packed_tile<R, C>(xb, kp, w, k, y, n, n0, m0, add, ahead, ahead_end, lines)
+#define VICUNA_PACKED_TILE(R) packed_tile<R, C>(xb, kp, w, k, y, n, n0, stride, m0, add, ahead, ahead_end, lines)
         switch (std::min(ROWS, m - m0)) {
             case 8: if constexpr (ROWS >= 8) VICUNA_PACKED_TILE(8); break;
             case 7: if constexpr (ROWS >= 7) VICUNA_PACKED_TILE(7); break;
@@ -772,12 +777,14 @@ VICUNA_AVX512_BF16 void packed_blocks(const uint16_t* xb, int kp, const uint16_t
     }
 }
 
-// `product` for packed bfloat16 weights (see BLOCK). The rows are rounded once as for `product_dot`;
-// each thread takes a range of tiles of TILE_BLOCKS blocks, multiplies each with every row of x (8 at a
-// time) and meanwhile requests the next from memory. Tiles of 2 blocks with the requests were as fast as
-// the row-major tiles for 1-4 rows of x (those of 4 blocks, or without the requests, 1.05-1.2x slower),
-// and with them a 16-row step's products took ~1.4x less time than without. The thread with the last
-// tile then multiplies the rows past the last block.
+// `product` for packed bfloat16 weights (see BLOCK). The rows are rounded once as for `product_dot`.
+// Up to four rows of x, memory-bound: each thread reads its range of blocks at four places at once, as
+// `tile` does (in order, two blocks at a time with the next two requested, a one-row decode step took
+// 1.2x longer: each product starts with none of its weights on the way, where four places keep four
+// streams going from the start; at four places it is 0.94x the row-major way's time). More rows: each
+// thread takes a range of tiles of TILE_BLOCKS blocks, multiplies each with every row of x (8 at a
+// time) and meanwhile requests the next tile from memory (without the requests, 16 rows' products took
+// 1.4-2x longer). The thread with the last tile then multiplies the rows past the last block.
 VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, float* y, int m, int n, int k,
                                        const Around& around) {
     const uint16_t* w = (const uint16_t*)weights;
@@ -797,16 +804,26 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, floa
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
         }
-        const int t0 = (int)((long)tiles * t / threads), t1 = (int)((long)tiles * (t + 1) / threads);
-        for (int i = t0; i < t1; i++) {
-            const int b0 = i * TILE_BLOCKS;
-            const char* ahead = (const char*)(w + (size_t)(b0 + TILE_BLOCKS) * BLOCK * k);
-            const char* ahead_end = i + 1 < t1 ? ahead + TILE_BLOCKS * BLOCK * k * sizeof(uint16_t) : ahead;
-            if (b0 + TILE_BLOCKS <= blocks)
-                packed_blocks<TILE_BLOCKS>(xb, kp, w, k, y, m, n, b0 * BLOCK, around.add, ahead, ahead_end);
-            else
-                for (int b = b0; b < blocks; b++)
-                    packed_blocks<1>(xb, kp, w, k, y, m, n, b * BLOCK, around.add, ahead, ahead);
+        if (few) {  // the thread's blocks read at four places at once
+            const int r0 = (int)((long)blocks * t / threads), r1 = (int)((long)blocks * (t + 1) / threads);
+            const int part = (r1 - r0) / 4;
+            const char* none = nullptr;
+            for (int r = 0; r < part; r++)
+                packed_blocks<4>(xb, kp, w, k, y, m, n, (r0 + r) * BLOCK, part, around.add, none, none);
+            for (int b = r0 + 4 * part; b < r1; b++)
+                packed_blocks<1>(xb, kp, w, k, y, m, n, b * BLOCK, 1, around.add, none, none);
+        } else {
+            const int t0 = (int)((long)tiles * t / threads), t1 = (int)((long)tiles * (t + 1) / threads);
+            for (int i = t0; i < t1; i++) {
+                const int b0 = i * TILE_BLOCKS;
+                const char* ahead = (const char*)(w + (size_t)(b0 + TILE_BLOCKS) * BLOCK * k);
+                const char* ahead_end = i + 1 < t1 ? ahead + TILE_BLOCKS * BLOCK * k * sizeof(uint16_t) : ahead;
+                if (b0 + TILE_BLOCKS <= blocks)
+                    packed_blocks<TILE_BLOCKS>(xb, kp, w, k, y, m, n, b0 * BLOCK, 1, around.add, ahead, ahead_end);
+                else
+                    for (int b = b0; b < blocks; b++)
+                        packed_blocks<1>(xb, kp, w, k, y, m, n, b * BLOCK, 1, around.add, ahead, ahead);
+            }
         }
         if (t == threads - 1) {  // the rows past the last block, row-major
             const char* none = nullptr;
