@@ -1244,19 +1244,24 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
     return 0;
 }
 
-// bfloat16 weights w [n, k] packed into out (as much memory; see BLOCK): each block of 16 rows as [k/2][16][2],
-// the rows past the last block as they are. 0 when done, -1 where k is odd.
-int vicuna_pack(const uint16_t* w, uint16_t* out, int n, int k) {
+// bfloat16 weights w [n, k] packed in place (see BLOCK): each block of 16 rows as [k/2][16][2], in the
+// memory its rows took, by way of a copy of the block; the rows past the last block stay as they are.
+// 0 when done, -1 where k is odd.
+int vicuna_pack(uint16_t* w, int n, int k) {
     if (k % 2 || n < 0) return -1;
     const int pairs = k / 2, blocks = n / BLOCK;
-    const uint32_t* in = (const uint32_t*)w;
-    uint32_t* to = (uint32_t*)out;
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; b++)
-        for (int j = 0; j < pairs; j++)
-            for (int l = 0; l < BLOCK; l++)
-                to[((size_t)b * pairs + j) * BLOCK + l] = in[((size_t)b * BLOCK + l) * pairs + j];
-    memcpy(out + (size_t)blocks * BLOCK * k, w + (size_t)blocks * BLOCK * k, sizeof(uint16_t) * (size_t)(n % BLOCK) * k);
+#pragma omp parallel
+    {
+        uint32_t* rows = (uint32_t*)malloc(sizeof(uint32_t) * BLOCK * pairs);
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            uint32_t* block = (uint32_t*)(w + (size_t)b * BLOCK * k);
+            memcpy(rows, block, sizeof(uint32_t) * BLOCK * pairs);
+            for (int j = 0; j < pairs; j++)
+                for (int l = 0; l < BLOCK; l++) block[(size_t)j * BLOCK + l] = rows[(size_t)l * pairs + j];
+        }
+        free(rows);
+    }
     return 0;
 }
 

@@ -113,8 +113,7 @@ def pack_(weight: torch.Tensor) -> torch.Tensor:
     kernel.cpp); the rows past the last whole block stay as they are. Rows [16 a, 16 b) of the packed
     tensor are those rows packed. Afterwards only `Weight(weight, packed=True)` reads it correctly."""
     n, k = weight.shape
-    source = weight.clone()
-    if _library.vicuna_pack(source.data_ptr(), weight.data_ptr(), n, k):
+    if _library.vicuna_pack(weight.data_ptr(), n, k):  # a block at a time: no copy of the whole
         raise ValueError(f"pack: the kernel packs bfloat16 weights with an even number of columns, not {k}")
     return weight
 
@@ -221,7 +220,7 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         fn.argtypes += [ctypes.c_int] * 2
         fn = library.vicuna_pack
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         library.vicuna_dot_bf16.restype = ctypes.c_int
         library.vicuna_dot_bf16.argtypes = [ctypes.c_int]
         fn = library.vicuna_argmax
