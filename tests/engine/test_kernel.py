@@ -112,41 +112,48 @@ def packing():
         (600, 40, 64),  # more rows than one pass takes
     ],
 )
-def test_packed_weights_multiply_as_the_rows_they_hold(packing, m, n, k):
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.int8])
+def test_packed_weights_multiply_as_the_rows_they_hold(packing, kind, m, n, k):
     torch.manual_seed(m * n + k)
-    w, x = (torch.randn(n, k) * 0.05).bfloat16(), torch.randn(m, k)
-    exact = x.bfloat16().double() @ w.double().T
+    (w, scales), x = weights(kind, n, k), torch.randn(m, k)
+    exact = x.bfloat16().double() @ w.double().T * (1 if scales is None else scales.double())
     packed = kernel.pack_(w.clone())
     assert torch.equal(packed[n // 16 * 16 :], w[n // 16 * 16 :])  # the rows past the blocks stay
     assert n < 16 or not torch.equal(packed[:16], w[:16])  # the blocks are rearranged
-    out = kernel.Weight(packed, packed=True)(x)
+    out = kernel.Weight(packed, scales, packed=True)(x)
     assert out.shape == (m, n)
     assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
     ids = torch.tensor([[0, n - 1], [n // 2, min(n - 1, 17)]])
     assert torch.equal(kernel.packed_rows(packed, ids), w[ids])
 
 
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("m", [1, 3, 16, 600])
-def test_the_norm_gate_and_residual_add_around_a_packed_product_equal_float64(packing, m):
+def test_the_norm_gate_and_residual_add_around_a_packed_product_equal_float64(packing, kind, m):
     torch.manual_seed(m)
     n, k = 40, 52  # two blocks and 8 rows past them; k not a multiple of 32
-    w = (torch.randn(n, k) * 0.05).bfloat16()
+    w, scales = weights(kind, n, k)
+    scale = 1 if scales is None else scales.double()
     x, residual, norm = torch.randn(m, 2 * k) * 4, torch.randn(m, n), torch.rand(k) + 0.5
     gate, up = x.double().chunk(2, dim=-1)
     rows = torch.nn.functional.silu(gate) * up
     rows = rows / (rows.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm.double()
-    product = rows @ w.double().T
+    product = rows @ w.double().T * scale
     into = residual.clone()
-    out = kernel.Weight(kernel.pack_(w.clone()), packed=True)(x, norm=(norm, 1e-5), gated=True, into=into)
+    packed = kernel.Weight(kernel.pack_(w.clone()), scales, packed=True)
+    out = packed(x, norm=(norm, 1e-5), gated=True, into=into)
     assert out is into
-    error = (out.double() - (residual.double() + product)).abs() - 2**-8 * (rows.abs() @ w.double().abs().T)
+    error = (out.double() - (residual.double() + product)).abs()
+    error -= 2**-8 * (rows.abs() @ w.double().abs().T) * scale  # each value rounded to bfloat16
     assert error.max() <= 1e-5 * product.abs().max()
 
 
 def test_packed_weights_are_refused_where_they_cannot_be_multiplied(packing):
-    with pytest.raises(ValueError, match="even number of columns, not 3"):
+    with pytest.raises(ValueError, match="of an even width, not torch.bfloat16 of 3"):
         kernel.pack_(torch.ones(16, 3, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="packs bfloat16 weights without scales only"):
+    with pytest.raises(ValueError, match="not torch.float32 of 4"):
+        kernel.pack_(torch.ones(16, 4))
+    with pytest.raises(ValueError, match="packs bfloat16 and int8 weights, not torch.float32"):
         kernel.Weight(torch.ones(16, 4), packed=True)
     weight = kernel.Weight(kernel.pack_(torch.ones(16, 4, dtype=torch.bfloat16)), packed=True)
     library = kernel.load()
@@ -357,7 +364,7 @@ def zero_layer_step(table: kernel.Weight, head: torch.Tensor, dtype: torch.dtype
 
 
 @needs_kernel
-@pytest.mark.parametrize("table_kind", [torch.bfloat16, torch.float32, torch.int8, "packed"])
+@pytest.mark.parametrize("table_kind", [torch.bfloat16, torch.float32, torch.int8, "packed", "packed int8"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_step_looks_its_tokens_up_as_pytorchs_embedding_does(table_kind, dtype, request):
     """int8 rows times their scale are rounded to the model's dtype, as `Int8Embedding` gives them; a
@@ -367,9 +374,13 @@ def test_a_step_looks_its_tokens_up_as_pytorchs_embedding_does(table_kind, dtype
     torch.manual_seed(7)
     vocab, hidden = 50, 32  # packed: 3 blocks and 2 rows past them
     source = torch.nn.Embedding(vocab, hidden).to(dtype)
-    if table_kind == torch.int8:
+    if table_kind in (torch.int8, "packed int8"):
         module = Int8Embedding(quantize_rows(source.weight), dtype)
         table = kernel.Weight(module.weight_int8, module.scales.float())
+        if table_kind == "packed int8":
+            request.getfixturevalue("packing")
+            packed = kernel.pack_(module.weight_int8.clone())
+            table = kernel.Weight(packed, module.scales.float(), packed=True)
     elif table_kind == "packed":
         request.getfixturevalue("packing")
         module = torch.nn.Embedding(vocab, hidden).to(torch.bfloat16)

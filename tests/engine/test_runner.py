@@ -436,37 +436,46 @@ def test_the_hf_runner_passes_its_cache_by_the_name_the_model_takes(tiny_llama_d
         torch.testing.assert_close(torch.stack(got), whole[len(prompt) - 1 :], rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_weights_are_packed_in_place_and_the_model_still_gives_its_logits():
-    """Where the kernel multiplies packed bfloat16 weights, `LlamaWeights` packs them in place: the model's
-    projections and head become `PackedLinear`s over the same memory, its tied embedding table reads the
-    packed rows back, and the model's own forward, the runner and a second `LlamaWeights` of the packed
-    model all give the unpacked model's logits."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_weights_are_packed_in_place_and_the_model_still_gives_its_logits(int8):
+    """Where the kernel multiplies packed weights, `LlamaWeights` packs them in place: bfloat16
+    projections and head become `PackedLinear`s over the same memory (int8 ones are marked packed), a
+    tied embedding table reads the packed rows back, and the model's own forward, the runner and a second
+    `LlamaWeights` of the packed model all give the unpacked model's logits."""
     import copy
 
     from transformers import LlamaForCausalLM
 
     from tests.tiny_models import tiny_llama_config
     from vicuna.engine import kernel
+    from vicuna.engine.quant import Int8Embedding, Int8Linear, quantize_int8
     from vicuna.engine.runner import PackedEmbedding, PackedLinear
 
     if kernel.load(progress=False) is None or not kernel.packs(torch.zeros(16, 2, dtype=torch.bfloat16)):
         pytest.skip("packed weights need the kernel's AVX512-BF16 products (not on this CPU)")
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(400, tie_word_embeddings=True)).to(torch.bfloat16).eval()
+    if int8:
+        quantize_int8(model, torch.device("cpu"))
     plain = copy.deepcopy(model)
     ids = [1, 5, 17, 300, 42, 7, 399, 398]
     with torch.inference_mode():
         expected = plain(input_ids=torch.tensor([ids])).logits[0].float()
-    head, down = model.lm_head.weight.data_ptr(), model.model.layers[0].mlp.down_proj.weight.data_ptr()
+    stored = "weight_int8" if int8 else "weight"
+    memory = [getattr(m, stored).data_ptr() for m in (model.lm_head, model.model.layers[0].mlp.down_proj)]
 
     weights = LlamaWeights(model)
     layer = model.model.layers[0]
     projections = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-    assert all(type(m) is PackedLinear for m in [*projections, model.lm_head])
-    assert type(model.get_input_embeddings()) is PackedEmbedding
-    assert model.get_input_embeddings().weight is model.lm_head.weight
-    assert (model.lm_head.weight.data_ptr(), layer.mlp.down_proj.weight.data_ptr()) == (head, down)
-    assert weights.head.kernel.args[0] == kernel.PACKED
+    embedding = model.get_input_embeddings()
+    if int8:
+        assert all(type(m) is Int8Linear and m.packed for m in [*projections, model.lm_head])
+        assert type(embedding) is Int8Embedding and embedding.packed
+    else:
+        assert all(type(m) is PackedLinear for m in [*projections, model.lm_head])
+        assert type(embedding) is PackedEmbedding and embedding.weight is model.lm_head.weight
+    assert [getattr(m, stored).data_ptr() for m in (model.lm_head, layer.mlp.down_proj)] == memory
+    assert weights.head.kernel.args[0] == kernel.PACKED[torch.int8 if int8 else torch.bfloat16]
 
     def close(logits: torch.Tensor, first: int = 0) -> None:  # the logits after tokens first.. on
         error = (logits - expected[first:]).abs().max() / expected.abs().max()

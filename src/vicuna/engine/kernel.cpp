@@ -27,11 +27,11 @@
 
 namespace {
 
-enum Kind { BF16 = 0, F16 = 1, F32 = 2, I8 = 3, PACKED = 4 };  // PACKED: bfloat16 in blocks (see BLOCK)
+enum Kind { BF16 = 0, F16 = 1, F32 = 2, I8 = 3, PACKED = 4, PACKED_I8 = 5 };  // PACKED: in blocks (see BLOCK)
 constexpr int PREFETCH_BYTES = 1024;  // how far ahead of the row being read
 constexpr int FEW_ROWS = 4;          // up to this many rows of x, one pass over each weight row
 constexpr int CHUNK_ROWS = 512;      // rows of x per pass over the weights
-constexpr int BLOCK = 16;            // weight rows per block of packed bfloat16 weights (PACKED)
+constexpr int BLOCK = 16;            // weight rows per block of packed weights (PACKED, PACKED_I8)
 
 // 8 values from memory as float32: float32, float16, or int8 (a load and a widening).
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
@@ -699,9 +699,9 @@ VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const f
     free(shared_xb);
 }
 
-// bfloat16 weights packed for the dot products (`vicuna_pack`): each block of 16 weight rows, [16][k] as
-// stored, becomes [k/2][16][2], the values 2j and 2j + 1 of its 16 rows side by side, so that one 64-byte
-// load holds a pair of values of 16 rows. `vdpbf16ps` of that and a row of x's pair j, broadcast to every
+// bfloat16 and int8 weights packed for the dot products (`vicuna_pack`): each block of 16 weight rows,
+// [16][k] as stored, becomes [k/2][16][2], the values 2j and 2j + 1 of its 16 rows side by side, so that
+// one 64-byte load (int8: 32 bytes, widened) holds a pair of values of 16 rows. `vdpbf16ps` of that and a row of x's pair j, broadcast to every
 // lane, adds to the sums of 16 outputs at once, each in its own lane: at the end they are stored as they
 // are, where the row-major tiles above sum each output across the lanes of a vector (3 shuffles and adds
 // per output on top of k/32 dot products). A tile is R rows of x by C blocks: per pair of k, C loads of
@@ -711,15 +711,23 @@ VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const f
 // to four rows as long as before. Rows past the last whole block (n % 16) stay row-major at the end and
 // go through `dot_tile`.
 
-// y[m0 .. m0 + R) x the outputs of C packed blocks, `stride` blocks apart from the one at row n0, from
-// the rows of x xb (bfloat16, `kp` apart); at each step `lines` cache lines from `ahead` on are requested
-// from memory, up to ahead_end.
-template <int R, int C>
-VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(const uint16_t* xb, int kp,
-                                                                          const uint16_t* w, int k, float* y,
-                                                                          int n, int n0, int stride, int m0,
-                                                                          bool add, const char*& ahead,
-                                                                          const char* ahead_end, int lines) {
+// A pair of values of each of 16 rows (32 values: one step of a packed block) as bfloat16: as stored, or
+// int8 widened (exactly).
+VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512bh load_pairs(const uint16_t* w) {
+    return (__m512bh)_mm512_loadu_si512(w);
+}
+VICUNA_AVX512_BF16 __attribute__((always_inline)) inline __m512bh load_pairs(const int8_t* w) {
+    return load32(w, ~(__mmask32)0);
+}
+
+// y[m0 .. m0 + R) x the outputs of C packed blocks, the first at `blocks` (outputs from n0 on), each
+// `stride` blocks after the one before, from the rows of x xb (bfloat16, `kp` apart); the sums times
+// the weight rows' scales where there are scales (int8). At each step `lines` cache lines from `ahead`
+// on are requested from memory, up to ahead_end.
+template <int R, int C, typename T>
+VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(
+    const uint16_t* xb, int kp, const T* blocks, int k, const float* scales, float* y, int n, int n0, int stride,
+    int m0, bool add, const char*& ahead, const char* ahead_end, int lines) {
     const int pairs = k / 2;
     __m512 acc[R][C];
 #pragma GCC unroll 8
@@ -727,13 +735,11 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(const 
 #pragma GCC unroll 4
         for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     const uint32_t* x = (const uint32_t*)(xb + (size_t)m0 * kp);
-    const uint32_t* b = (const uint32_t*)w + (size_t)(n0 / BLOCK) * pairs * BLOCK;
     for (int j = 0; j < pairs; j++) {
         for (int l = 0; l < lines && ahead < ahead_end; l++, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T0);
         __m512bh v[C];
 #pragma GCC unroll 4
-        for (int c = 0; c < C; c++)
-            v[c] = (__m512bh)_mm512_loadu_si512(b + ((size_t)c * stride * pairs + j) * BLOCK);
+        for (int c = 0; c < C; c++) v[c] = load_pairs(blocks + ((size_t)c * stride * pairs + j) * 2 * BLOCK);
 #pragma GCC unroll 8
         for (int r = 0; r < R; r++) {
             const __m512bh a = (__m512bh)_mm512_set1_epi32((int)x[(size_t)r * (kp / 2) + j]);
@@ -741,28 +747,32 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(const 
             for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, v[c]);
         }
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++)
 #pragma GCC unroll 4
-        for (int c = 0; c < C; c++) {
-            float* out = y + (size_t)(m0 + r) * n + n0 + BLOCK * c * stride;
-            _mm512_storeu_ps(out, add ? _mm512_add_ps(_mm512_loadu_ps(out), acc[r][c]) : acc[r][c]);
+    for (int c = 0; c < C; c++) {
+        const int col = n0 + BLOCK * c * stride;
+        const __m512 scale = scales ? _mm512_loadu_ps(scales + col) : _mm512_set1_ps(1.0f);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            float* out = y + (size_t)(m0 + r) * n + col;
+            const __m512 sum = scales ? _mm512_mul_ps(acc[r][c], scale) : acc[r][c];
+            _mm512_storeu_ps(out, add ? _mm512_add_ps(_mm512_loadu_ps(out), sum) : sum);
         }
+    }
 }
 
 constexpr int TILE_BLOCKS = 2;  // packed blocks per tile
 
-// Every row of x times the C packed blocks from n0 on, ROWS rows of x at a time (at most 16 sums in
-// registers); the tile at `ahead` (ahead_end: its end) requested from memory meanwhile, spread over the
-// steps.
-template <int C>
-VICUNA_AVX512_BF16 void packed_blocks(const uint16_t* xb, int kp, const uint16_t* w, int k, float* y, int m,
-                                      int n, int n0, int stride, bool add, const char* ahead,
-                                      const char* ahead_end) {
+// Every row of x times C packed blocks (as for `packed_tile`), ROWS rows of x at a time (at most 16 sums
+// in registers); the tile at `ahead` (ahead_end: its end) requested from memory meanwhile, `lines` cache
+// lines a step.
+template <int C, typename T>
+VICUNA_AVX512_BF16 void packed_blocks(const uint16_t* xb, int kp, const T* blocks, int k, const float* scales,
+                                      float* y, int m, int n, int n0, int stride, bool add, const char* ahead,
+                                      const char* ahead_end, int lines) {
     constexpr int ROWS = 16 / C < 8 ? 16 / C : 8;
-    const int passes = (m + ROWS - 1) / ROWS, lines = (C + passes - 1) / passes;
     for (int m0 = 0; m0 < m; m0 += ROWS) {
-#define VICUNA_PACKED_TILE(R) packed_tile<R, C>(xb, kp, w, k, y, n, n0, stride, m0, add, ahead, ahead_end, lines)
+#define VICUNA_PACKED_TILE(R) \
+    packed_tile<R, C>(xb, kp, blocks, k, scales, y, n, n0, stride, m0, add, ahead, ahead_end, lines)
         switch (std::min(ROWS, m - m0)) {
             case 8: if constexpr (ROWS >= 8) VICUNA_PACKED_TILE(8); break;
             case 7: if constexpr (ROWS >= 7) VICUNA_PACKED_TILE(7); break;
@@ -777,20 +787,23 @@ VICUNA_AVX512_BF16 void packed_blocks(const uint16_t* xb, int kp, const uint16_t
     }
 }
 
-// `product` for packed bfloat16 weights (see BLOCK). The rows are rounded once as for `product_dot`.
-// Up to four rows of x, memory-bound: each thread reads its range of blocks at four places at once, as
-// `tile` does (in order, two blocks at a time with the next two requested, a one-row decode step took
-// 1.2x longer: each product starts with none of its weights on the way, where four places keep four
-// streams going from the start; at four places it is 0.94x the row-major way's time). More rows: each
-// thread takes a range of tiles of TILE_BLOCKS blocks, multiplies each with every row of x (8 at a
-// time) and meanwhile requests the next tile from memory (without the requests, 16 rows' products took
-// 1.4-2x longer). The thread with the last tile then multiplies the rows past the last block.
-VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, float* y, int m, int n, int k,
-                                       const Around& around) {
-    const uint16_t* w = (const uint16_t*)weights;
+// `product` for packed weights (see BLOCK): bfloat16, or int8 with scales. The rows are rounded once as
+// for `product_dot`. Up to four rows of x, memory-bound: each thread reads its range of blocks at four
+// places at once, as `tile` does (in order, two blocks at a time with the next two requested, a one-row
+// decode step took 1.2x longer: each product starts with none of its weights on the way, where four
+// places keep four streams going from the start; at four places it is 0.94x the row-major way's time),
+// int8 widened as loaded. More rows: each thread takes a range of tiles of TILE_BLOCKS blocks (int8 ones
+// widened once into a buffer that stays in cache), multiplies each with every row of x (8 at a time) and
+// meanwhile requests the next tile from memory (without the requests, 16 rows' products took 1.4-2x
+// longer). The thread with the last tile then multiplies the rows past the last block.
+template <int KIND>
+VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, const float* scales, float* y, int m,
+                                       int n, int k, const Around& around) {
+    using T = typename Weights<KIND>::T;
+    const T* w = (const T*)weights;
     const int kp = (k + 31) & ~31, blocks = n / BLOCK, tiles = (blocks + TILE_BLOCKS - 1) / TILE_BLOCKS;
     const bool few = m <= FEW_ROWS;
-    const size_t width = around.gated ? 2 * (size_t)k : k;
+    const size_t width = around.gated ? 2 * (size_t)k : k, block_size = (size_t)BLOCK * k;
     const bool parallel = (size_t)m * n * k >= (1u << 15);
     uint16_t* shared_xb = few ? nullptr : (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp);
 #pragma omp parallel if (parallel)
@@ -804,35 +817,54 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, floa
 #pragma omp for schedule(static)
             for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
         }
+        const char* none = nullptr;
         if (few) {  // the thread's blocks read at four places at once
             const int r0 = (int)((long)blocks * t / threads), r1 = (int)((long)blocks * (t + 1) / threads);
             const int part = (r1 - r0) / 4;
-            const char* none = nullptr;
             for (int r = 0; r < part; r++)
-                packed_blocks<4>(xb, kp, w, k, y, m, n, (r0 + r) * BLOCK, part, around.add, none, none);
+                packed_blocks<4>(xb, kp, w + (r0 + r) * block_size, k, scales, y, m, n, (r0 + r) * BLOCK, part,
+                                 around.add, none, none, 0);
             for (int b = r0 + 4 * part; b < r1; b++)
-                packed_blocks<1>(xb, kp, w, k, y, m, n, b * BLOCK, 1, around.add, none, none);
+                packed_blocks<1>(xb, kp, w + b * block_size, k, scales, y, m, n, b * BLOCK, 1, around.add, none,
+                                 none, 0);
         } else {
+            // int8 tiles widened to bfloat16 once, for every row of x (in registers, once per 8 rows)
+            uint16_t* wide = KIND == I8 ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * TILE_BLOCKS * block_size)
+                                        : nullptr;
+            const size_t tile_bytes = TILE_BLOCKS * block_size * sizeof(T);
+            const int passes = (m + 7) / 8, steps = passes * (k / 2);
+            const int lines = (int)((tile_bytes / 64 + steps - 1) / steps);  // the next tile over the steps
             const int t0 = (int)((long)tiles * t / threads), t1 = (int)((long)tiles * (t + 1) / threads);
             for (int i = t0; i < t1; i++) {
-                const int b0 = i * TILE_BLOCKS;
-                const char* ahead = (const char*)(w + (size_t)(b0 + TILE_BLOCKS) * BLOCK * k);
-                const char* ahead_end = i + 1 < t1 ? ahead + TILE_BLOCKS * BLOCK * k * sizeof(uint16_t) : ahead;
-                if (b0 + TILE_BLOCKS <= blocks)
-                    packed_blocks<TILE_BLOCKS>(xb, kp, w, k, y, m, n, b0 * BLOCK, 1, around.add, ahead, ahead_end);
+                const int b0 = i * TILE_BLOCKS, count = std::min(TILE_BLOCKS, blocks - b0);
+                const T* tile = w + b0 * block_size;
+                const char* ahead = (const char*)(tile + TILE_BLOCKS * block_size);
+                const char* ahead_end = i + 1 < t1 ? ahead + tile_bytes : ahead;
+                if constexpr (KIND == I8) {
+                    for (size_t j = 0; j < count * block_size; j += 32)
+                        _mm512_store_si512(wide + j, (__m512i)load_pairs(tile + j));
+                }
+                const auto* from = [&] {
+                    if constexpr (KIND == I8) return (const uint16_t*)wide;
+                    else return tile;
+                }();
+                if (count == TILE_BLOCKS)
+                    packed_blocks<TILE_BLOCKS>(xb, kp, from, k, scales, y, m, n, b0 * BLOCK, 1, around.add, ahead,
+                                               ahead_end, lines);
                 else
-                    for (int b = b0; b < blocks; b++)
-                        packed_blocks<1>(xb, kp, w, k, y, m, n, b * BLOCK, 1, around.add, ahead, ahead);
+                    for (int c = 0; c < count; c++)
+                        packed_blocks<1>(xb, kp, from + c * block_size, k, scales, y, m, n, (b0 + c) * BLOCK, 1,
+                                         around.add, ahead, ahead, 0);
             }
+            free(wide);
         }
         if (t == threads - 1) {  // the rows past the last block, row-major
-            const char* none = nullptr;
             for (int n0 = blocks * BLOCK; n0 < n; n0 += DOT_COLUMNS) {
                 const int count = std::min(DOT_COLUMNS, n - n0);
-                const uint16_t* at[DOT_COLUMNS];
+                const T* at[DOT_COLUMNS];
                 for (int c = 0; c < DOT_COLUMNS; c++) at[c] = w + (size_t)(n0 + (c < count ? c : 0)) * k;
                 for (int m0 = 0; m0 < m; m0 += 4) {
-#define VICUNA_DOT_TILE(R) dot_tile<R>(xb, kp, at, k, n0, 1, count, nullptr, y, n, m0, around.add, none, none, 0)
+#define VICUNA_DOT_TILE(R) dot_tile<R>(xb, kp, at, k, n0, 1, count, scales, y, n, m0, around.add, none, none, 0)
                     switch (std::min(4, m - m0)) {
                         case 4: VICUNA_DOT_TILE(4); break;
                         case 3: VICUNA_DOT_TILE(3); break;
@@ -856,7 +888,8 @@ template <int KIND>
 void product_dot(const float* x, const void* w, const float* scales, float* y, int m, int n, int k, const Around& a) {
     product<KIND>(x, w, scales, y, m, n, k, a);  // never chosen: dot_bf16() is false
 }
-void product_packed(const float*, const void*, float*, int, int, int, const Around&) {}  // never chosen
+template <int KIND>
+void product_packed(const float*, const void*, const float*, float*, int, int, int, const Around&) {}  // never chosen
 #endif
 
 // Decode attention: for each row and KV head, the group of query heads that share it attend to the row's
@@ -1199,18 +1232,36 @@ void attend(const float* mixed, const float* rope, int rope_positions, void* key
     free(parts);
 }
 
+// An embedding value v (a stored value times its row's scale, where int8 rows have scales) as PyTorch's
+// lookup gives it: int8 ones rounded to the model's dtype (`round`: BF16, F16, or anything else for none).
+inline float looked_up(float v, bool scaled, int round) {
+    return !scaled          ? v
+           : round == BF16 ? Weights<BF16>::one(Weights<BF16>::from(v))
+           : round == F16  ? Weights<F16>::one(Weights<F16>::from(v))
+                           : v;
+}
+
 // Row `token` of an embedding table as float32. int8 rows are multiplied by their scale and rounded to
-// the model's dtype (`round`: BF16, F16, or anything else for none), as PyTorch computes their lookup.
+// the model's dtype (see `looked_up`).
 template <int KIND>
 void embed_row(const void* table, const float* scales, int hidden, int token, int round, float* out) {
     const typename Weights<KIND>::T* row = (const typename Weights<KIND>::T*)table + (size_t)token * hidden;
     const float scale = scales ? scales[token] : 1.0f;
-    for (int j = 0; j < hidden; j++) {
-        const float v = Weights<KIND>::one(row[j]) * scale;
-        out[j] = !scales          ? v
-                 : round == BF16 ? Weights<BF16>::one(Weights<BF16>::from(v))
-                 : round == F16  ? Weights<F16>::one(Weights<F16>::from(v))
-                                 : v;
+    for (int j = 0; j < hidden; j++) out[j] = looked_up(Weights<KIND>::one(row[j]) * scale, scales, round);
+}
+
+// Row `token` of a packed table [n, k] (BF16 or I8 as stored; the output head's, which is also the
+// embedding table) as float32, as `embed_row` gives it: value j of row 16 b + l is the (2 l + j % 2)-th
+// of pair j / 2 in block b. Rows past the last block are row-major, where they would be unpacked.
+template <int KIND>
+void embed_packed(const void* table, const float* scales, int n, int k, int token, int round, float* out) {
+    const typename Weights<KIND>::T* values = (const typename Weights<KIND>::T*)table;
+    const int block = token / BLOCK, lane = token % BLOCK;
+    const float scale = scales ? scales[token] : 1.0f;
+    for (int j = 0; j < k; j++) {
+        const size_t at = block < n / BLOCK ? (((size_t)block * (k / 2) + j / 2) * BLOCK + lane) * 2 + j % 2
+                                            : (size_t)token * k + j;
+        out[j] = looked_up(Weights<KIND>::one(values[at]) * scale, scales, round);
     }
 }
 
@@ -1226,7 +1277,7 @@ extern "C" {
 int vicuna_product(int kind, const float* x, const void* w, const float* scales, float* y, int m, int n, int k,
                    const float* norm, float eps, int gated, int accumulate) {
     const bool dot = dot_bf16();  // bfloat16 and int8 weights with AVX512-BF16
-    if (kind < BF16 || kind > PACKED || (kind == PACKED && (!dot || k % 2))) return -1;
+    if (kind < BF16 || kind > PACKED_I8 || (kind >= PACKED && (!dot || k % 2))) return -1;
     const Around around = {norm, eps, gated != 0, accumulate != 0};
     const size_t width = gated ? 2 * (size_t)k : k;
     for (int m0 = 0; m0 < m; m0 += CHUNK_ROWS) {  // a long prompt in chunks: bounded scratch memory
@@ -1238,30 +1289,38 @@ int vicuna_product(int kind, const float* x, const void* w, const float* scales,
             case F16: product<F16>(xc, w, scales, yc, rows, n, k, around); break;
             case F32: product<F32>(xc, w, scales, yc, rows, n, k, around); break;
             case I8: (dot ? product_dot<I8> : product<I8>)(xc, w, scales, yc, rows, n, k, around); break;
-            case PACKED: product_packed(xc, w, yc, rows, n, k, around); break;
+            case PACKED: product_packed<BF16>(xc, w, scales, yc, rows, n, k, around); break;
+            case PACKED_I8: product_packed<I8>(xc, w, scales, yc, rows, n, k, around); break;
         }
     }
     return 0;
 }
 
-// bfloat16 weights w [n, k] packed in place (see BLOCK): each block of 16 rows as [k/2][16][2], in the
-// memory its rows took, by way of a copy of the block; the rows past the last block stay as they are.
-// 0 when done, -1 where k is odd.
-int vicuna_pack(uint16_t* w, int n, int k) {
-    if (k % 2 || n < 0) return -1;
-    const int pairs = k / 2, blocks = n / BLOCK;
+// Weights w [n, k], bfloat16 (kind PACKED) or int8 (PACKED_I8), packed in place (see BLOCK): each block
+// of 16 rows as [k/2][16][2], in the memory its rows took, by way of a copy of the block; the rows past
+// the last block stay as they are. 0 when done, -1 for another kind or an odd k.
+int vicuna_pack(int kind, void* w, int n, int k) {
+    if ((kind != PACKED && kind != PACKED_I8) || k % 2 || n < 0) return -1;
+    auto pack = [&](auto* units) {  // a pair of values is one unit: uint32_t (bfloat16), uint16_t (int8)
+        using U = std::remove_pointer_t<decltype(units)>;
+        const int pairs = k / 2, blocks = n / BLOCK;
 #pragma omp parallel
-    {
-        uint32_t* rows = (uint32_t*)malloc(sizeof(uint32_t) * BLOCK * pairs);
+        {
+            U* rows = (U*)malloc(sizeof(U) * BLOCK * pairs);
 #pragma omp for schedule(static)
-        for (int b = 0; b < blocks; b++) {
-            uint32_t* block = (uint32_t*)(w + (size_t)b * BLOCK * k);
-            memcpy(rows, block, sizeof(uint32_t) * BLOCK * pairs);
-            for (int j = 0; j < pairs; j++)
-                for (int l = 0; l < BLOCK; l++) block[(size_t)j * BLOCK + l] = rows[(size_t)l * pairs + j];
+            for (int b = 0; b < blocks; b++) {
+                U* block = units + (size_t)b * BLOCK * pairs;
+                memcpy(rows, block, sizeof(U) * BLOCK * pairs);
+                for (int j = 0; j < pairs; j++)
+                    for (int l = 0; l < BLOCK; l++) block[(size_t)j * BLOCK + l] = rows[(size_t)l * pairs + j];
+            }
+            free(rows);
         }
-        free(rows);
-    }
+    };
+    if (kind == PACKED)
+        pack((uint32_t*)w);
+    else
+        pack((uint16_t*)w);
     return 0;
 }
 
@@ -1301,18 +1360,6 @@ int vicuna_attend(int kind, const float* mixed, const float* rope, int rope_posi
     return -1;
 }
 
-// Row `token` of a packed bfloat16 table [n, k] (the output head's, which is also the embedding table) as
-// float32: value j of row 16 b + l is the (2 l + j % 2)-th of pair j / 2 in block b. Rows past the last
-// block are row-major, where they would be unpacked.
-void embed_packed(const uint16_t* table, int n, int k, int token, float* out) {
-    const int block = token / BLOCK, lane = token % BLOCK;
-    for (int j = 0; j < k; j++) {
-        const size_t at = block < n / BLOCK ? (((size_t)block * (k / 2) + j / 2) * BLOCK + lane) * 2 + j % 2
-                                            : (size_t)token * k + j;
-        out[j] = Weights<BF16>::one(table[at]);
-    }
-}
-
 // One decode step of a LLaMA-family model for every row, all layers in one call (no Python between the
 // products: the calling thread keeps running without the GIL for the whole step).
 // weights, kinds, scales: per layer qkv (fused), o, gate_up (fused), down, then the output head;
@@ -1330,7 +1377,7 @@ int vicuna_decode(const int* kinds, const void* const* weights, const float* con
                   void* cache, const long* cache_strides, int embed_kind, const void* embed,
                   const float* embed_scales, int embed_round, const int* tokens, const int* positions,
                   float* logits, int rows, int logit_rows) {
-    if (logit_rows < 1 || logit_rows > rows || embed_kind < BF16 || embed_kind > PACKED) return -1;
+    if (logit_rows < 1 || logit_rows > rows || embed_kind < BF16 || embed_kind > PACKED_I8) return -1;
     const int width = (heads + 2 * kv_heads) * dim, attended = heads * dim;
     const size_t element = cache_kind == F32 ? 4 : 2;
     float* x = (float*)malloc(sizeof(float) * (size_t)rows * hidden);
@@ -1341,7 +1388,8 @@ int vicuna_decode(const int* kinds, const void* const* weights, const float* con
             case F16: embed_row<F16>(embed, embed_scales, hidden, tokens[r], embed_round, row); break;
             case F32: embed_row<F32>(embed, embed_scales, hidden, tokens[r], embed_round, row); break;
             case I8: embed_row<I8>(embed, embed_scales, hidden, tokens[r], embed_round, row); break;
-            case PACKED: embed_packed((const uint16_t*)embed, vocab, hidden, tokens[r], row); break;
+            case PACKED: embed_packed<BF16>(embed, embed_scales, vocab, hidden, tokens[r], embed_round, row); break;
+            case PACKED_I8: embed_packed<I8>(embed, embed_scales, vocab, hidden, tokens[r], embed_round, row); break;
         }
     }
     float* mixed = (float*)malloc(sizeof(float) * (size_t)rows * width);

@@ -55,7 +55,7 @@ log = logging.getLogger("vicuna.kernel")
 SOURCE = Path(__file__).with_name("kernel.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.int8: 3}
-PACKED = 4  # bfloat16 weights in the kernel's blocks (`pack_`)
+PACKED = {torch.bfloat16: 4, torch.int8: 5}  # weights in the kernel's blocks (`pack_`)
 BLOCK = 16  # weight rows per block
 FEW_ROWS = 4  # up to this many rows the kernel streams the weights at memory speed
 
@@ -94,11 +94,11 @@ def dot_bf16() -> bool:
 
 
 def packs(weight: torch.Tensor) -> bool:
-    """Whether the kernel multiplies this weight [n, k] faster packed (`pack_`): bfloat16 on the CPU with
-    an even k, where the kernel uses AVX512-BF16."""
+    """Whether the kernel multiplies this weight [n, k] faster packed (`pack_`): bfloat16 or int8 on the CPU
+    with an even k, where the kernel uses AVX512-BF16."""
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
+        and weight.dtype in PACKED
         and weight.dim() == 2
         and weight.shape[1] % 2 == 0
         and weight.is_contiguous()
@@ -107,14 +107,16 @@ def packs(weight: torch.Tensor) -> bool:
 
 
 def pack_(weight: torch.Tensor) -> torch.Tensor:
-    """Rearrange a bfloat16 weight [n, k] in place into the kernel's blocks (`packs(weight)` must hold):
+    """Rearrange a bfloat16 or int8 weight [n, k] in place into the kernel's blocks (`packs(weight)` must hold):
     each block of 16 rows as [k/2][16][2], a pair of values of each of its rows side by side, so that one
     vector load holds the same pair of 16 rows and a dot product adds to 16 outputs at once (see BLOCK in
     kernel.cpp); the rows past the last whole block stay as they are. Rows [16 a, 16 b) of the packed
     tensor are those rows packed. Afterwards only `Weight(weight, packed=True)` reads it correctly."""
     n, k = weight.shape
-    if _library.vicuna_pack(weight.data_ptr(), n, k):  # a block at a time: no copy of the whole
-        raise ValueError(f"pack: the kernel packs bfloat16 weights with an even number of columns, not {k}")
+    if _library.vicuna_pack(PACKED.get(weight.dtype, -1), weight.data_ptr(), n, k):  # a block at a time
+        raise ValueError(
+            f"pack: the kernel packs bfloat16 and int8 weights of an even width, not {weight.dtype} of {k}"
+        )
     return weight
 
 
@@ -220,7 +222,7 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         fn.argtypes += [ctypes.c_int] * 2
         fn = library.vicuna_pack
         fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         library.vicuna_dot_bf16.restype = ctypes.c_int
         library.vicuna_dot_bf16.argtypes = [ctypes.c_int]
         fn = library.vicuna_argmax
@@ -235,7 +237,7 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
 
 class Weight:
     """A weight matrix [n, k] (any of `KINDS`, contiguous, on the CPU; int8 with float32 `scales` [n];
-    bfloat16 `packed` by `pack_`) that the kernel multiplies by float32 rows. What is fixed is checked and
+    bfloat16 or int8 `packed` by `pack_`) that the kernel multiplies by float32 rows. What is fixed is checked and
     kept here once, since a decode step makes over a hundred of these calls. The kernel must be loaded
     (`load()`)."""
 
@@ -246,11 +248,11 @@ class Weight:
             raise ValueError(f"the kernel takes contiguous 2-D {'/'.join(map(str, KINDS))} weights")
         if scales is not None and (scales.dtype != torch.float32 or scales.shape != weight.shape[:1]):
             raise ValueError(f"the kernel takes one float32 scale per weight row ({weight.shape[0]})")
-        if packed and (weight.dtype != torch.bfloat16 or scales is not None):
-            raise ValueError("the kernel packs bfloat16 weights without scales only")
+        if packed and weight.dtype not in PACKED:
+            raise ValueError(f"the kernel packs bfloat16 and int8 weights, not {weight.dtype}")
         self.weight, self.scales = weight, scales  # kept alive: the kernel reads their memory
         self.n, self.k = weight.shape
-        kind = PACKED if packed else KINDS[weight.dtype]
+        kind = PACKED[weight.dtype] if packed else KINDS[weight.dtype]
         self.args = (kind, weight.data_ptr(), None if scales is None else scales.data_ptr())
 
     def __call__(
@@ -406,11 +408,12 @@ def product(
     norm: tuple[torch.Tensor, float] | None = None,
     gated: bool = False,
     into: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
-    """`Weight(weight, scales)(x, norm, gated, into)`, for a weight multiplied once."""
+    """`Weight(weight, scales, packed)(x, norm, gated, into)`, for a weight multiplied once."""
     if x.dtype != torch.float32:
         raise ValueError(f"product: float32 rows are needed, not {x.dtype}")
-    return Weight(weight, scales)(x, norm, gated, into)
+    return Weight(weight, scales, packed)(x, norm, gated, into)
 
 
 def attend(

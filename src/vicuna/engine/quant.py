@@ -32,7 +32,10 @@ def quantize_rows(weight: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor
 
 
 class Int8Linear(torch.nn.Module):
-    """A Linear layer with int8 weights and a bfloat16 scale per output row."""
+    """A Linear layer with int8 weights and a bfloat16 scale per output row; the weights may be `packed`
+    for our CPU kernel (`kernel.pack_`), which then multiplies them."""
+
+    packed = False
 
     def __init__(
         self, linear: torch.nn.Linear, rows: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -63,8 +66,8 @@ class Int8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if kernel.runs_on(rows.device, self.weight_int8.dtype):
-            out = kernel.product(rows.float(), self.weight_int8, self.scales.float())
+        if self.packed or kernel.runs_on(rows.device, self.weight_int8.dtype):
+            out = kernel.product(rows.float(), self.weight_int8, self.scales.float(), packed=self.packed)
         elif rows.is_cuda:
             from vicuna.engine import int8_gpu
 
@@ -79,7 +82,10 @@ class Int8Linear(torch.nn.Module):
 
 
 class Int8Embedding(torch.nn.Module):
-    """A token embedding stored as int8 rows with a scale each; looks rows up in `dtype`."""
+    """A token embedding stored as int8 rows with a scale each; looks rows up in `dtype`. The rows may be
+    `packed` with the output head that shares them (`kernel.pack_`)."""
+
+    packed = False
 
     def __init__(self, rows: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
         super().__init__()
@@ -88,7 +94,8 @@ class Int8Embedding(torch.nn.Module):
         self.register_buffer("scales", rows[1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight_int8[ids].to(self.dtype) * self.scales[ids].to(self.dtype).unsqueeze(-1)
+        rows = kernel.packed_rows(self.weight_int8, ids) if self.packed else self.weight_int8[ids]
+        return rows.to(self.dtype) * self.scales[ids].to(self.dtype).unsqueeze(-1)
 
 
 def weight_bytes(model: Any) -> int:

@@ -216,13 +216,19 @@ def fuse(parent: torch.nn.Module, *names: str) -> Projection:
     multiplies the weight faster packed (`kernel.packs`) and each layer's rows start at a whole block, the
     fused weight is packed in place and the layers become `PackedLinear`s of its rows."""
     linears = [getattr(parent, name) for name in names]
+    starts = [0, *itertools.accumulate(m.out_features for m in linears)]
+    aligned = all(row % kernel.BLOCK == 0 for row in starts[1:-1])  # each layer's rows: whole blocks
     if isinstance(linears[0], Int8Linear):
         fused = linears[0] if len(linears) == 1 else Int8Linear.fuse(*linears)
-        return Dense(fused.weight_int8, fused.scales.float(), fallback=fused)
+        packed = all(m.packed for m in linears)
+        if not packed and kernel.packs(fused.weight_int8) and aligned:
+            packed = kernel.pack_(fused.weight_int8) is fused.weight_int8
+        for m in {fused, *linears}:  # the layers' weights are views into the fused one
+            m.packed = packed
+        return Dense(fused.weight_int8, fused.scales.float(), fallback=fused, packed=packed)
     packed = all(isinstance(m, PackedLinear) for m in linears)
     weight = linears[0].weight.data if len(linears) == 1 else torch.cat([m.weight.data for m in linears])
-    starts = [0, *itertools.accumulate(m.weight.shape[0] for m in linears)]
-    if not packed and kernel.packs(weight) and all(row % kernel.BLOCK == 0 for row in starts[1:-1]):
+    if not packed and kernel.packs(weight) and aligned:
         packed = kernel.pack_(weight) is weight
     if len(linears) == 1:
         if packed and not isinstance(linears[0], PackedLinear):
@@ -250,9 +256,11 @@ class LlamaWeights:
         inner = model.model
         self.dtype, self.device = inner.norm.weight.dtype, inner.norm.weight.device
         self.head = fuse(model, "lm_head")
-        head = model.get_output_embeddings()
-        if isinstance(head, PackedLinear) and getattr(inner.embed_tokens, "weight", None) is head.weight:
+        head, embed = model.get_output_embeddings(), inner.embed_tokens
+        if isinstance(head, PackedLinear) and getattr(embed, "weight", None) is head.weight:
             model.set_input_embeddings(PackedEmbedding(head.weight))  # one table, packed with the head
+        elif isinstance(embed, Int8Embedding) and embed.weight_int8 is getattr(head, "weight_int8", None):
+            embed.packed = head.packed
         self.embed = inner.embed_tokens
 
         projections = [
