@@ -788,14 +788,15 @@ VICUNA_AVX512_BF16 void packed_blocks(const uint16_t* xb, int kp, const T* block
 }
 
 // `product` for packed weights (see BLOCK): bfloat16, or int8 with scales. The rows are rounded once as
-// for `product_dot`. Up to four rows of x, memory-bound: each thread reads its range of blocks at four
-// places at once, as `tile` does (in order, two blocks at a time with the next two requested, a one-row
-// decode step took 1.2x longer: each product starts with none of its weights on the way, where four
-// places keep four streams going from the start; at four places it is 0.94x the row-major way's time),
-// int8 widened as loaded. More rows: each thread takes a range of tiles of TILE_BLOCKS blocks (int8 ones
-// widened once into a buffer that stays in cache), multiplies each with every row of x (8 at a time) and
-// meanwhile requests the next tile from memory (without the requests, 16 rows' products took 1.4-2x
-// longer). The thread with the last tile then multiplies the rows past the last block.
+// for `product_dot`. One row of x (two of bfloat16), memory-bound: each thread reads its range of blocks
+// at four places at once, as `tile` does. In order, a one-row decode step took 1.2x longer (each product
+// starts with none of its weights on the way, where four places keep four streams going from the start);
+// at four places it is 0.93-0.95x the row-major way's time. From 3 rows on (2 of int8, whose widening
+// adds work) four places were 1.0-1.1x slower than in order. Otherwise each thread takes a range of tiles
+// of TILE_BLOCKS blocks, multiplies each with every row of x (8 at a time; int8 widened as loaded, or,
+// for more than 8 rows, once into a buffer that stays in cache) and meanwhile requests the next tile from
+// memory (without the requests, 16 rows' products took 1.4-2x longer). The thread with the last tile
+// then multiplies the rows past the last block.
 template <int KIND>
 VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, const float* scales, float* y, int m,
                                        int n, int k, const Around& around) {
@@ -818,7 +819,7 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, cons
             for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
         }
         const char* none = nullptr;
-        if (few) {  // the thread's blocks read at four places at once
+        if (m <= (KIND == BF16 ? 2 : 1)) {  // the thread's blocks read at four places at once
             const int r0 = (int)((long)blocks * t / threads), r1 = (int)((long)blocks * (t + 1) / threads);
             const int part = (r1 - r0) / 4;
             for (int r = 0; r < part; r++)
@@ -828,11 +829,10 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, cons
                 packed_blocks<1>(xb, kp, w + b * block_size, k, scales, y, m, n, b * BLOCK, 1, around.add, none,
                                  none, 0);
         } else {
-            // int8 tiles widened to bfloat16 once, for every row of x (in registers, once per 8 rows)
-            uint16_t* wide = KIND == I8 ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * TILE_BLOCKS * block_size)
-                                        : nullptr;
-            const size_t tile_bytes = TILE_BLOCKS * block_size * sizeof(T);
             const int passes = (m + 7) / 8, steps = passes * (k / 2);
+            const bool widen = KIND == I8 && passes > 1;
+            uint16_t* wide = widen ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * TILE_BLOCKS * block_size) : nullptr;
+            const size_t tile_bytes = TILE_BLOCKS * block_size * sizeof(T);
             const int lines = (int)((tile_bytes / 64 + steps - 1) / steps);  // the next tile over the steps
             const int t0 = (int)((long)tiles * t / threads), t1 = (int)((long)tiles * (t + 1) / threads);
             for (int i = t0; i < t1; i++) {
@@ -840,21 +840,22 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, cons
                 const T* tile = w + b0 * block_size;
                 const char* ahead = (const char*)(tile + TILE_BLOCKS * block_size);
                 const char* ahead_end = i + 1 < t1 ? ahead + tile_bytes : ahead;
-                if constexpr (KIND == I8) {
+                auto run = [&](auto* from) {
+                    if (count == TILE_BLOCKS)
+                        packed_blocks<TILE_BLOCKS>(xb, kp, from, k, scales, y, m, n, b0 * BLOCK, 1, around.add, ahead,
+                                                   ahead_end, lines);
+                    else
+                        for (int c = 0; c < count; c++)
+                            packed_blocks<1>(xb, kp, from + c * block_size, k, scales, y, m, n, (b0 + c) * BLOCK, 1,
+                                             around.add, ahead, ahead, 0);
+                };
+                if (widen) {
                     for (size_t j = 0; j < count * block_size; j += 32)
                         _mm512_store_si512(wide + j, (__m512i)load_pairs(tile + j));
+                    run((const uint16_t*)wide);
+                } else {
+                    run(tile);
                 }
-                const auto* from = [&] {
-                    if constexpr (KIND == I8) return (const uint16_t*)wide;
-                    else return tile;
-                }();
-                if (count == TILE_BLOCKS)
-                    packed_blocks<TILE_BLOCKS>(xb, kp, from, k, scales, y, m, n, b0 * BLOCK, 1, around.add, ahead,
-                                               ahead_end, lines);
-                else
-                    for (int c = 0; c < count; c++)
-                        packed_blocks<1>(xb, kp, from + c * block_size, k, scales, y, m, n, (b0 + c) * BLOCK, 1,
-                                         around.add, ahead, ahead, 0);
             }
             free(wide);
         }
