@@ -100,6 +100,7 @@ def packing():
         (1, 37, 40),  # two blocks and 5 rows past them
         (1, 960, 576),
         (2, 15, 16),  # no whole block
+        (2, 160, 64),  # 10 blocks: bfloat16 read at four places
         (3, 48, 4),  # 3 blocks: a tile of 2 and one alone
         (4, 200, 1536),  # 12 blocks: 6 a thread, read at four places
         (5, 17, 578),
