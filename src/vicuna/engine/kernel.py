@@ -21,10 +21,10 @@ weights widened to bfloat16 exactly (`dot_bf16`). On a 2-core Zen 5 EPYC the pro
 decode step of the built-in model take 2.3-2.5x less time than our AVX2 way (bf16 ~8 ms: ~540 GFLOP/s
 from memory, against ~300 for PyTorch's oneDNN), one row streams at memory speed as before, and a row's
 result does not depend on the rows that share its call, so batched replies match replies computed alone.
-There, bfloat16 weights are also packed in place when the engine loads them (`pack_`: blocks of 16 rows
-with their values paired side by side, so that each dot product adds to 16 outputs at once and no sums
-across a vector's lanes remain): a 16-row step's products then take ~5.5 ms (~800-900 GFLOP/s, near the
-CPU's ~1,000 GFLOP/s of dot products), and one to four rows stream as fast as before.
+There, bfloat16 and int8 weights are also packed in place when the engine loads them (`pack_`: blocks of
+16 rows with their values paired side by side, so that each dot product adds to 16 outputs at once and
+no sums across a vector's lanes remain): a 16-row step's products then take ~5.5 ms (~800-900 GFLOP/s,
+near the CPU's ~1,000 GFLOP/s of dot products), and one to four rows stream as fast as before.
 
 The source is compiled once per machine with the system's C++ compiler (a few seconds) into
 $VICUNA_HOME/kernels; it runs on PyTorch's OpenMP threads. On a CPU without AVX2 and FMA, without a

@@ -214,7 +214,8 @@ def fuse(parent: torch.nn.Module, *names: str) -> Projection:
     """One product for several Linear layers of `parent` that read the same input: their weights become
     views into the fused weight, so the model keeps working and no memory is added. Where the kernel
     multiplies the weight faster packed (`kernel.packs`) and each layer's rows start at a whole block, the
-    fused weight is packed in place and the layers become `PackedLinear`s of its rows."""
+    fused weight is packed in place: bfloat16 layers become `PackedLinear`s of its rows, int8 ones are
+    marked `packed`."""
     linears = [getattr(parent, name) for name in names]
     starts = [0, *itertools.accumulate(m.out_features for m in linears)]
     aligned = all(row % kernel.BLOCK == 0 for row in starts[1:-1])  # each layer's rows: whole blocks
