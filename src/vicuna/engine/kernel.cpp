@@ -594,6 +594,24 @@ VICUNA_AVX512_BF16 void dot_tile(const uint16_t* xb, int kp, const T* const* row
     }
 }
 
+// Every row of x times the weight rows `rows` (see `dot_tile`), 4 rows of x at a time.
+template <typename T>
+VICUNA_AVX512_BF16 void dot_rows(const uint16_t* xb, int kp, const T* const* rows, int k, int n0, int stride,
+                                 int count, const float* scales, float* y, int m, int n, bool add,
+                                 const char*& ahead, const char* ahead_end, int lines) {
+    for (int m0 = 0; m0 < m; m0 += 4) {
+#define VICUNA_DOT_TILE(R) \
+    dot_tile<R>(xb, kp, rows, k, n0, stride, count, scales, y, n, m0, add, ahead, ahead_end, lines)
+        switch (std::min(4, m - m0)) {
+            case 4: VICUNA_DOT_TILE(4); break;
+            case 3: VICUNA_DOT_TILE(3); break;
+            case 2: VICUNA_DOT_TILE(2); break;
+            case 1: VICUNA_DOT_TILE(1); break;
+        }
+#undef VICUNA_DOT_TILE
+    }
+}
+
 // One row of x, prepared (gated, normalized) and rounded to bfloat16 into xb (kp values, zero past k).
 VICUNA_AVX512_BF16 void round_row(const float* x, float* in, uint16_t* xb, int k, int kp, const Around& around) {
     if (around.norm || around.gated) prepare(x, in, k, around), x = in;
@@ -658,18 +676,10 @@ VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const f
                 widen_rows((const int8_t* const*)at, DOT_COLUMNS, k, wide, kp);
                 for (int c = 0; c < DOT_COLUMNS; c++) widened[c] = wide + c * kp;
             }
-            for (int m0 = 0; m0 < m; m0 += 4) {
-#define VICUNA_DOT_TILE(R)                                                                                          \
-    widen ? dot_tile<R>(xb, kp, widened, k, n0, stride, count, scales, y, n, m0, around.add, ahead, ahead_end, lines) \
-          : dot_tile<R>(xb, kp, at, k, n0, stride, count, scales, y, n, m0, around.add, ahead, ahead_end, lines)
-                switch (std::min(4, m - m0)) {
-                    case 4: VICUNA_DOT_TILE(4); break;
-                    case 3: VICUNA_DOT_TILE(3); break;
-                    case 2: VICUNA_DOT_TILE(2); break;
-                    case 1: VICUNA_DOT_TILE(1); break;
-                }
-#undef VICUNA_DOT_TILE
-            }
+            if (widen)
+                dot_rows(xb, kp, widened, k, n0, stride, count, scales, y, m, n, around.add, ahead, ahead_end, lines);
+            else
+                dot_rows(xb, kp, at, k, n0, stride, count, scales, y, m, n, around.add, ahead, ahead_end, lines);
         };
         if (m == 1 && KIND == BF16) {  // the thread's weight rows at four places at once (see `tile`)
             const int r0 = (int)((long)n * t / threads), r1 = (int)((long)n * (t + 1) / threads);
@@ -864,16 +874,7 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, cons
                 const int count = std::min(DOT_COLUMNS, n - n0);
                 const T* at[DOT_COLUMNS];
                 for (int c = 0; c < DOT_COLUMNS; c++) at[c] = w + (size_t)(n0 + (c < count ? c : 0)) * k;
-                for (int m0 = 0; m0 < m; m0 += 4) {
-#define VICUNA_DOT_TILE(R) dot_tile<R>(xb, kp, at, k, n0, 1, count, scales, y, n, m0, around.add, none, none, 0)
-                    switch (std::min(4, m - m0)) {
-                        case 4: VICUNA_DOT_TILE(4); break;
-                        case 3: VICUNA_DOT_TILE(3); break;
-                        case 2: VICUNA_DOT_TILE(2); break;
-                        case 1: VICUNA_DOT_TILE(1); break;
-                    }
-#undef VICUNA_DOT_TILE
-                }
+                dot_rows(xb, kp, at, k, n0, 1, count, scales, y, m, n, around.add, none, none, 0);
             }
         }
         free(in);
