@@ -149,6 +149,24 @@ def test_the_norm_gate_and_residual_add_around_a_packed_product_equal_float64(pa
     assert error.max() <= 1e-5 * product.abs().max()
 
 
+@pytest.mark.parametrize("kind", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_rows_packed_product_does_not_depend_on_the_rows_beside_it(packing, kind, gated):
+    """Each row's sums come out bit for bit the same whichever way its call takes (one row at four places,
+    tiles of 8 rows, int8 widened in registers or into a buffer): batched replies match replies alone."""
+    torch.manual_seed(1)
+    n, k = 200, 96  # 12 blocks and 8 rows past them
+    w, scales = weights(kind, n, k)
+    packed = kernel.Weight(kernel.pack_(w.clone()), scales, packed=True)
+    x, residual, norm = torch.randn(20, 2 * k if gated else k), torch.randn(20, n), torch.rand(k) + 0.5
+
+    def first_row(m: int) -> torch.Tensor:
+        return packed(x[:m], norm=(norm, 1e-5), gated=gated, into=residual[:m].clone())[0]
+
+    alone = first_row(1)
+    assert [m for m in range(2, 21) if not torch.equal(first_row(m), alone)] == []
+
+
 def test_packed_weights_are_refused_where_they_cannot_be_multiplied(packing):
     with pytest.raises(ValueError, match="of an even width, not torch.bfloat16 of 3"):
         kernel.pack_(torch.ones(16, 3, dtype=torch.bfloat16))

@@ -762,10 +762,11 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(
         const int col = n0 + BLOCK * c * stride;
         const __m512 scale = scales ? _mm512_loadu_ps(scales + col) : _mm512_set1_ps(1.0f);
 #pragma GCC unroll 8
-        for (int r = 0; r < R; r++) {
+        for (int r = 0; r < R; r++) {  // one rounding or two the same way in every instantiation (a
+            // compiler may fuse a product and a sum in one and not another: 8-bit batches then differed)
             float* out = y + (size_t)(m0 + r) * n + col;
-            const __m512 sum = scales ? _mm512_mul_ps(acc[r][c], scale) : acc[r][c];
-            _mm512_storeu_ps(out, add ? _mm512_add_ps(_mm512_loadu_ps(out), sum) : sum);
+            const __m512 before = add ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
+            _mm512_storeu_ps(out, scales ? _mm512_fmadd_ps(acc[r][c], scale, before) : _mm512_add_ps(before, acc[r][c]));
         }
     }
 }
