@@ -486,3 +486,29 @@ def test_weights_are_packed_in_place_and_the_model_still_gives_its_logits(int8):
     for w in (weights, LlamaWeights(model)):
         runner = LlamaRunner(w, None)
         close(torch.stack([runner.prefill(ids[:3]), *(runner.step(t) for t in ids[3:])]), first=2)
+
+
+@pytest.mark.parametrize(
+    ("rows", "width", "packed"),
+    [((32, 16, 16), 24, True), ((32, 8, 24), 24, False), ((16, 16), 7, False)],  # whole blocks / not / odd
+)
+def test_fused_layers_are_packed_only_where_each_starts_at_a_whole_block(rows, width, packed):
+    from vicuna.engine import kernel
+    from vicuna.engine.runner import PackedLinear, fuse
+
+    if kernel.load(progress=False) is None or not kernel.packs(torch.zeros(16, 2, dtype=torch.bfloat16)):
+        pytest.skip("packed weights need the kernel's AVX512-BF16 products (not on this CPU)")
+    torch.manual_seed(0)
+    parent = torch.nn.Module()
+    names = [f"part{i}" for i in range(len(rows))]
+    for name, n in zip(names, rows, strict=True):
+        setattr(parent, name, torch.nn.Linear(width, n, bias=False).to(torch.bfloat16))
+    x = torch.randn(3, width)
+    expected = [getattr(parent, name)(x.bfloat16()).float() for name in names]
+    dense = fuse(parent, *names)
+    assert (dense.kernel.args[0] == kernel.PACKED[torch.bfloat16]) == packed
+    assert all(type(getattr(parent, name)) is (PackedLinear if packed else torch.nn.Linear) for name in names)
+    out = dense(x).split(list(rows), dim=-1)
+    for name, ours, theirs in zip(names, out, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.02)
+        torch.testing.assert_close(getattr(parent, name)(x.bfloat16()).float(), theirs, rtol=0.02, atol=0.02)
