@@ -99,6 +99,7 @@ def packing():
     [
         (1, 37, 40),  # two blocks and 5 rows past them
         (1, 960, 576),
+        (1, 224, 64),  # 14 blocks: 7 a thread, int8 read at two places and one more
         (2, 15, 16),  # no whole block
         (2, 160, 64),  # 10 blocks: bfloat16 read at four places
         (3, 48, 4),  # 3 blocks: a tile of 2 and one alone

@@ -800,14 +800,15 @@ VICUNA_AVX512_BF16 void packed_blocks(const uint16_t* xb, int kp, const T* block
 
 // `product` for packed weights (see BLOCK): bfloat16, or int8 with scales. The rows are rounded once as
 // for `product_dot`. One row of x (two of bfloat16), memory-bound: each thread reads its range of blocks
-// at four places at once, as `tile` does. In order, a one-row decode step took 1.2x longer (each product
-// starts with none of its weights on the way, where four places keep four streams going from the start);
-// at four places it is 0.93-0.95x the row-major way's time. From 3 rows on (2 of int8, whose widening
-// adds work) four places were 1.0-1.1x slower than in order. Otherwise each thread takes a range of tiles
-// of TILE_BLOCKS blocks, multiplies each with every row of x (8 at a time; int8 widened as loaded, or,
-// for more than 8 rows, once into a buffer that stays in cache) and meanwhile requests the next tile from
-// memory (without the requests, 16 rows' products took 1.4-2x longer). The thread with the last tile
-// then multiplies the rows past the last block.
+// at several places at once, as `tile` does (bfloat16 at four, int8 at two). In order, a one-row
+// bfloat16 decode step took 1.2x longer (each product starts with none of its weights on the way, where
+// several places keep several streams going from the start); at four places it is 0.93-0.95x the
+// row-major way's time. int8, whose widening adds work, took 1.02-1.06x the row-major way's time at
+// four places and ~1.02x at two. From 3 rows of bfloat16 on, four places were 1.0-1.1x slower than in
+// order. Otherwise each thread takes a range of tiles of TILE_BLOCKS blocks, multiplies each with every
+// row of x (8 at a time; int8 widened as loaded, or, for more than 8 rows, once into a buffer that stays
+// in cache) and meanwhile requests the next tile from memory (without the requests, 16 rows' products
+// took 1.4-2x longer). The thread with the last tile then multiplies the rows past the last block.
 template <int KIND>
 VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, const float* scales, float* y, int m,
                                        int n, int k, const Around& around) {
@@ -830,15 +831,21 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, cons
             for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
         }
         const char* none = nullptr;
-        if (m <= (KIND == BF16 ? 2 : 1)) {  // the thread's blocks read at four places at once
+        auto at_places = [&](auto places) {  // the thread's blocks read at that many places at once
+            constexpr int P = decltype(places)::value;
             const int r0 = (int)((long)blocks * t / threads), r1 = (int)((long)blocks * (t + 1) / threads);
-            const int part = (r1 - r0) / 4;
+            const int part = (r1 - r0) / P;
             for (int r = 0; r < part; r++)
-                packed_blocks<4>(xb, kp, w + (r0 + r) * block_size, k, scales, y, m, n, (r0 + r) * BLOCK, part,
+                packed_blocks<P>(xb, kp, w + (r0 + r) * block_size, k, scales, y, m, n, (r0 + r) * BLOCK, part,
                                  around.add, none, none, 0);
-            for (int b = r0 + 4 * part; b < r1; b++)
+            for (int b = r0 + P * part; b < r1; b++)
                 packed_blocks<1>(xb, kp, w + b * block_size, k, scales, y, m, n, b * BLOCK, 1, around.add, none,
                                  none, 0);
+        };
+        if (KIND == BF16 && m <= 2) {
+            at_places(std::integral_constant<int, 4>());
+        } else if (KIND == I8 && m == 1) {
+            at_places(std::integral_constant<int, 2>());
         } else {
             const int passes = (m + 7) / 8, steps = passes * (k / 2);
             const bool widen = KIND == I8 && passes > 1;
