@@ -711,15 +711,15 @@ VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const f
 
 // bfloat16 and int8 weights packed for the dot products (`vicuna_pack`): each block of 16 weight rows,
 // [16][k] as stored, becomes [k/2][16][2], the values 2j and 2j + 1 of its 16 rows side by side, so that
-// one 64-byte load (int8: 32 bytes, widened) holds a pair of values of 16 rows. `vdpbf16ps` of that and a row of x's pair j, broadcast to every
-// lane, adds to the sums of 16 outputs at once, each in its own lane: at the end they are stored as they
-// are, where the row-major tiles above sum each output across the lanes of a vector (3 shuffles and adds
-// per output on top of k/32 dot products). A tile is R rows of x by C blocks: per pair of k, C loads of
-// weights and R broadcasts of x for R C dot products. On a 2-core Zen 5 EPYC a 16-row decode step's
-// products (built-in model, weights read from memory) took 1.4-1.65x less time than with the row-major
-// tiles (~5.5 against 7.5-9 ms: ~800 against ~500 GFLOP/s; the CPU's dot products peak at ~1,000), one
-// to four rows as long as before. Rows past the last whole block (n % 16) stay row-major at the end and
-// go through `dot_tile`.
+// one 64-byte load (int8: 32 bytes, widened) holds a pair of values of 16 rows. `vdpbf16ps` of that and
+// a row of x's pair j, broadcast to every lane, adds to the sums of 16 outputs at once, each in its own
+// lane: at the end they are stored as they are, where the row-major tiles above sum each output across
+// the lanes of a vector (3 shuffles and adds per output on top of k/32 dot products). A tile is R rows
+// of x by C blocks: per pair of k, C loads of weights and R broadcasts of x for R C dot products. On a
+// 2-core Zen 5 EPYC a 16-row decode step's products (built-in model, weights read from memory) took
+// 1.4-1.65x less time than with the row-major tiles (~5.5 against 7.5-9 ms: ~800 against ~500 GFLOP/s;
+// the CPU's dot products peak at ~1,000); one to eight rows of bfloat16 about as long as before. Rows
+// past the last whole block (n % 16) stay row-major at the end and go through `dot_tile`.
 
 // A pair of values of each of 16 rows (32 values: one step of a packed block) as bfloat16: as stored, or
 // int8 widened (exactly).
@@ -766,7 +766,8 @@ VICUNA_AVX512_BF16 __attribute__((always_inline)) inline void packed_tile(
             // compiler may fuse a product and a sum in one and not another: 8-bit batches then differed)
             float* out = y + (size_t)(m0 + r) * n + col;
             const __m512 before = add ? _mm512_loadu_ps(out) : _mm512_setzero_ps();
-            _mm512_storeu_ps(out, scales ? _mm512_fmadd_ps(acc[r][c], scale, before) : _mm512_add_ps(before, acc[r][c]));
+            const __m512 sum = acc[r][c];
+            _mm512_storeu_ps(out, scales ? _mm512_fmadd_ps(sum, scale, before) : _mm512_add_ps(before, sum));
         }
     }
 }
@@ -849,7 +850,8 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, cons
         } else {
             const int passes = (m + 7) / 8, steps = passes * (k / 2);
             const bool widen = KIND == I8 && passes > 1;
-            uint16_t* wide = widen ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * TILE_BLOCKS * block_size) : nullptr;
+            const size_t wide_size = sizeof(uint16_t) * TILE_BLOCKS * block_size;
+            uint16_t* wide = widen ? (uint16_t*)aligned_alloc(64, wide_size) : nullptr;
             const size_t tile_bytes = TILE_BLOCKS * block_size * sizeof(T);
             const int lines = (int)((tile_bytes / 64 + steps - 1) / steps);  // the next tile over the steps
             const int t0 = (int)((long)tiles * t / threads), t1 = (int)((long)tiles * (t + 1) / threads);
