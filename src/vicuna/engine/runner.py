@@ -223,14 +223,16 @@ def fuse(parent: torch.nn.Module, *names: str) -> Projection:
         fused = linears[0] if len(linears) == 1 else Int8Linear.fuse(*linears)
         packed = all(m.packed for m in linears)
         if not packed and kernel.packs(fused.weight_int8) and aligned:
-            packed = kernel.pack_(fused.weight_int8) is fused.weight_int8
+            kernel.pack_(fused.weight_int8)
+            packed = True
         for m in {fused, *linears}:  # the layers' weights are views into the fused one
             m.packed = packed
         return Dense(fused.weight_int8, fused.scales.float(), fallback=fused, packed=packed)
     packed = all(isinstance(m, PackedLinear) for m in linears)
     weight = linears[0].weight.data if len(linears) == 1 else torch.cat([m.weight.data for m in linears])
     if not packed and kernel.packs(weight) and aligned:
-        packed = kernel.pack_(weight) is weight
+        kernel.pack_(weight)
+        packed = True
     if len(linears) == 1:
         if packed and not isinstance(linears[0], PackedLinear):
             setattr(parent, names[0], PackedLinear(linears[0].weight))
