@@ -637,6 +637,26 @@ VICUNA_AVX512_BF16 void round_row(const float* x, float* in, uint16_t* xb, int k
     for (; j < kp; j++) xb[j] = 0;
 }
 
+// The rows of x as the dot products take them, inside a parallel region: prepared (gated, normalized) and
+// rounded to bfloat16, `kp` apart (`round_row`). More than FEW_ROWS rows are split between the threads
+// into `shared` (m rows, allocated by the caller before the region); up to FEW_ROWS, each thread rounds
+// them all into a copy of its own (a few thousand values: cheaper than making the threads wait for each
+// other), which the caller frees. Returns the rows.
+VICUNA_AVX512_BF16 uint16_t* rounded_rows(const float* x, int m, int k, int kp, uint16_t* shared,
+                                         const Around& around) {
+    const size_t width = around.gated ? 2 * (size_t)k : k;
+    float* in = around.norm || around.gated ? floats(k) : nullptr;
+    uint16_t* xb = shared ? shared : (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp);
+    if (shared) {
+#pragma omp for schedule(static)
+        for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
+    } else {
+        for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
+    }
+    free(in);
+    return xb;
+}
+
 // int8 weight rows as bfloat16 (exact: 8 bits of precision), for `dot_tile`: rows[c] (k values) into
 // out + c pitch, zero from k to pitch.
 VICUNA_AVX512_BF16 void widen_rows(const int8_t* const* rows, int count, int k, uint16_t* out, size_t pitch) {
@@ -647,32 +667,24 @@ VICUNA_AVX512_BF16 void widen_rows(const int8_t* const* rows, int count, int k, 
         }
 }
 
-// `product` for bfloat16 or int8 weights on AVX512-BF16. The rows are rounded once (more than four: split
-// between the threads; up to four: each thread rounds its own copy), then each thread takes a range of
-// tiles of weight rows and multiplies each with every row of x, 4 rows at a time, while it is in the L1
-// cache. int8 tiles are first widened to bfloat16 into a buffer there, once for all rows of x.
+// `product` for bfloat16 or int8 weights on AVX512-BF16. The rows are rounded once (`rounded_rows`), then
+// each thread takes a range of tiles of weight rows and multiplies each with every row of x, 4 rows at a
+// time, while it is in the L1 cache. int8 tiles are first widened to bfloat16 into a buffer there, once
+// for all rows of x.
 template <int KIND>
 VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const float* scales, float* y, int m, int n,
                                     int k, const Around& around) {
     using T = typename Weights<KIND>::T;
     const T* w = (const T*)weights;
     const int kp = (k + 31) & ~31;
-    const size_t width = around.gated ? 2 * (size_t)k : k;
-    const bool parallel = (size_t)m * n * k >= (1u << 15), shared = m > FEW_ROWS;
-    uint16_t* shared_xb = shared ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp) : nullptr;
+    const bool parallel = (size_t)m * n * k >= (1u << 15);
+    uint16_t* shared_xb = m > FEW_ROWS ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp) : nullptr;
 #pragma omp parallel if (parallel)
     {
         const int t = omp_get_thread_num(), threads = omp_get_num_threads();
-        float* in = around.norm || around.gated ? floats(k) : nullptr;
-        uint16_t* xb = shared ? shared_xb : (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp);
+        uint16_t* xb = rounded_rows(x, m, k, kp, shared_xb, around);
         const bool widen = KIND == I8 && m > 4;  // int8 tiles widened once into `wide` for every group
         uint16_t* wide = widen ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * DOT_COLUMNS * kp) : nullptr;
-        if (shared) {
-#pragma omp for schedule(static)
-            for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
-        } else {
-            for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
-        }
         const char* ahead = nullptr;  // weights requested from memory while tiles run, up to ahead_end
         const char* ahead_end = nullptr;
         int lines = 0;  // lines requested at each step
@@ -713,9 +725,8 @@ VICUNA_AVX512_BF16 void product_dot(const float* x, const void* weights, const f
                 tile(n0, 1, std::min(DOT_COLUMNS, n - n0));
             }
         }
-        free(in);
         free(wide);
-        if (!shared) free(xb);
+        if (xb != shared_xb) free(xb);
     }
     free(shared_xb);
 }
@@ -810,13 +821,13 @@ VICUNA_AVX512_BF16 void packed_blocks(const uint16_t* xb, int kp, const T* block
     }
 }
 
-// `product` for packed weights (see BLOCK): bfloat16, or int8 with scales. The rows are rounded once as
-// for `product_dot`. One row of x (two of bfloat16), memory-bound: each thread reads its range of blocks
+// `product` for packed weights (see BLOCK): bfloat16, or int8 with scales. The rows are rounded once
+// (`rounded_rows`). One row of x (two of bfloat16), memory-bound: each thread reads its range of blocks
 // at several places at once, as `tile` does (bfloat16 at four, int8 at two). In order, a one-row
 // bfloat16 decode step took 1.2x longer (each product starts with none of its weights on the way, where
 // several places keep several streams going from the start); at four places it is 0.93-0.95x the
-// row-major way's time. int8, whose widening adds work, took 1.02-1.06x the row-major way's time at
-// four places and ~1.02x at two. From 3 rows of bfloat16 on, four places were 1.0-1.1x slower than in
+// row-major way's time. int8, whose widening adds work, took 1.05-1.07x the row-major way's time at
+// four places and 0.9-1.02x at two. From 3 rows of bfloat16 on, four places were 1.0-1.1x slower than in
 // order. Otherwise each thread takes a range of tiles of TILE_BLOCKS blocks, multiplies each with every
 // row of x (8 at a time; int8 widened as loaded, or, for more than 8 rows, once into a buffer that stays
 // in cache) and meanwhile requests the next tile from memory (without the requests, 16 rows' products
@@ -827,21 +838,13 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, cons
     using T = typename Weights<KIND>::T;
     const T* w = (const T*)weights;
     const int kp = (k + 31) & ~31, blocks = n / BLOCK, tiles = (blocks + TILE_BLOCKS - 1) / TILE_BLOCKS;
-    const bool few = m <= FEW_ROWS;
-    const size_t width = around.gated ? 2 * (size_t)k : k, block_size = (size_t)BLOCK * k;
+    const size_t block_size = (size_t)BLOCK * k;
     const bool parallel = (size_t)m * n * k >= (1u << 15);
-    uint16_t* shared_xb = few ? nullptr : (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp);
+    uint16_t* shared_xb = m > FEW_ROWS ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp) : nullptr;
 #pragma omp parallel if (parallel)
     {
         const int t = omp_get_thread_num(), threads = omp_get_num_threads();
-        float* in = around.norm || around.gated ? floats(k) : nullptr;
-        uint16_t* xb = few ? (uint16_t*)aligned_alloc(64, sizeof(uint16_t) * (size_t)m * kp) : shared_xb;
-        if (few) {
-            for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
-        } else {
-#pragma omp for schedule(static)
-            for (int i = 0; i < m; i++) round_row(x + i * width, in, xb + (size_t)i * kp, k, kp, around);
-        }
+        uint16_t* xb = rounded_rows(x, m, k, kp, shared_xb, around);
         const char* none = nullptr;
         auto at_places = [&](auto places) {  // the thread's blocks read at that many places at once
             constexpr int P = decltype(places)::value;
@@ -898,8 +901,7 @@ VICUNA_AVX512_BF16 void product_packed(const float* x, const void* weights, cons
                 dot_rows(xb, kp, at, k, n0, 1, count, scales, y, m, n, around.add, none, none, 0);
             }
         }
-        free(in);
-        if (few) free(xb);
+        if (xb != shared_xb) free(xb);
     }
     free(shared_xb);
 }
