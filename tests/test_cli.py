@@ -17,3 +17,32 @@ def test_openmp_spinning_is_shortened_before_torch_loads_unless_the_user_chose()
     env["GOMP_SPINCOUNT"] = "123"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2] == "123"
+
+
+def test_system_errors_are_one_line_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    import vicuna.weights.convert as convert
+    from vicuna.cli import main
+
+    def read_only(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out.partial")
+
+    monkeypatch.setattr(convert, "main", read_only)
+    assert main(["convert", "in", "out"]) == 1
+    assert capsys.readouterr().err == "error: Read-only file system: /mnt/ro/out.partial\n"
+
+
+def test_ctrl_c_says_how_to_go_on_for_the_jobs_that_resume(monkeypatch, capsys):
+    import vicuna.weights.convert as convert
+    from vicuna.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "main", interrupted)
+    assert main(["convert", "in", "out"]) == 130
+    assert (
+        capsys.readouterr().err.strip()
+        == "interrupted; run the same command again to go on from where it stopped"
+    )

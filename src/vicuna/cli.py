@@ -26,6 +26,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("vicuna.bench", "measure latency, throughput and memory"),
 }
 
+# What to do after Ctrl-C, for the commands that keep their finished work.
+RESUME_HINTS = {
+    name: "run the same command again to go on from where it stopped"
+    for name in ("download", "download-llama", "convert", "delta", "get")
+} | {"train": "run it again with --resume to go on from the last checkpoint"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -66,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except VicunaError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # a full disk, a read-only folder, a denied permission: said without a traceback
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted" + (f"; {RESUME_HINTS[name]}" if name in RESUME_HINTS else ""), file=sys.stderr)
         return 130

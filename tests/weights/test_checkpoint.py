@@ -139,6 +139,16 @@ def test_reader_errors_name_the_file(tmp_path):
     with pytest.raises(VicunaError, match=r"lists model-00002-of-00003\.safetensors"):
         CheckpointReader(folder)
 
+    # a single-file model saved into a sharded model's folder: transformers would load one, an index reader the other
+    folder = save_folder(random_state(STATE_SHAPES), tmp_path / "d", kind="safetensors", files=3, index=True)
+    save_file({"x": torch.zeros(2)}, folder / "model.safetensors")
+    with pytest.raises(VicunaError, match=r"holds model\.safetensors and model\.safetensors\.index\.json"):
+        CheckpointReader(folder)
+    from vicuna.engine.loader import weight_files
+
+    with pytest.raises(VicunaError, match="two checkpoints in one folder"):
+        weight_files(folder)
+
 
 def test_reader_release_gives_back_the_pages_it_read(tmp_path):
     """The mechanism that bounds memory: mapped pages count in RSS until release() drops the mappings."""
@@ -283,3 +293,31 @@ def test_writer_finishes_a_job_interrupted_while_hashing(tmp_path, monkeypatch):
     assert made == []
     assert verify_manifest(out, progress=False) == []
     assert not list(out.glob(".*"))  # no plan, no leftovers
+
+
+def test_a_second_job_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    state = random_state(UNIFORM_SHAPES)
+    second = []
+
+    def make(spec):  # the first job, halfway through, sees a second one start
+        if spec.name == "layer.2.weight" and not second:
+            with pytest.raises(VicunaError, match="another vicuna job is writing"):
+                _write(tmp_path / "out", state)
+            second.append("refused")
+        return state[spec.name]
+
+    _write(tmp_path / "out", state, make=make)
+    assert second == ["refused"]
+    assert verify_manifest(tmp_path / "out", progress=False) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock file left behind
+
+
+def test_shards_get_the_permissions_of_any_new_file(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        out = _write(tmp_path / "out", random_state(UNIFORM_SHAPES))
+    finally:
+        os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}

@@ -242,12 +242,45 @@ def test_peak_memory_stays_under_three_quarters_of_the_model(tmp_path):
     save_folder(state, tmp_path / "base", kind="safetensors", files=3, index=True)
     save_folder(state, tmp_path / "delta", kind="bin", files=2, index=True)
     del state
+    for path in side_files(write_tiny_llama(tmp_path / "tiny")):  # a config and tokenizer to check and copy
+        shutil.copyfile(path, tmp_path / "delta" / path.name)
     job = (
         "from vicuna.weights.delta import apply_delta\napply_delta(*map(Path, sys.argv[1:]), progress=False)"
     )
-    above_idle = peak_rss_above_idle(job, *(str(tmp_path / n) for n in ("base", "delta", "out")))
+    # the tokenizer is read in a few MB whatever the model's size: loaded once before idle is measured
+    preload = "from transformers import AutoTokenizer\nAutoTokenizer.from_pretrained(sys.argv[2])"
+    above_idle = peak_rss_above_idle(
+        job, *(str(tmp_path / n) for n in ("base", "delta", "out")), preload=preload
+    )
     assert verify_manifest(tmp_path / "out", progress=False) == []
     assert size > 140e6
     assert above_idle < 0.75 * size, (
         f"peak RSS {above_idle / 1e6:.0f} MB above idle for a {size / 1e6:.0f} MB model"
     )
+
+
+def test_a_delta_without_tokenizer_files_gets_the_base_s(tmp_path, models, capsys):
+    delta = make_delta(models["base"], models["target"], tmp_path / "delta", progress=False)
+    bare = shutil.copytree(
+        delta, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*")
+    )
+    out = apply_delta(models["base"], bare, tmp_path / "merged", progress=False)
+    assert "has no tokenizer files: the base's are used" in capsys.readouterr().err
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(out)) == len(AutoTokenizer.from_pretrained(models["base"]))
+    assert verify_manifest(out, progress=False) == []
+
+
+def test_a_delta_with_a_blank_eos_is_refused_before_merging(tmp_path, models):
+    delta = make_delta(models["base"], models["target"], tmp_path / "delta", progress=False)
+    broken = shutil.copytree(delta, tmp_path / "broken")
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = broken / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data["eos_token"] = None
+            path.write_text(json.dumps(data))
+    with pytest.raises(VicunaError, match="defines no EOS token"):
+        apply_delta(models["base"], broken, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()

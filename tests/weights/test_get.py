@@ -229,3 +229,29 @@ def test_refuses_when_the_disk_is_too_small(models, tmp_path, monkeypatch, capsy
     assert get(tmp_path, models["base"], models["delta"]) == 2
     assert "getting my-vicuna needs" in capsys.readouterr().err
     assert not (tmp_path / "my-vicuna").exists()
+
+
+def test_rerun_with_another_base_is_refused_not_answered_with_the_old_merge(models, tmp_path, capsys):
+    wrong = write_scripted(tmp_path / "wrong-base", models["base"], 5, seed=7)  # same shapes, other weights
+    assert get(tmp_path, wrong, models["delta"], "--max-new-tokens", "6") == 2
+    err = capsys.readouterr().err
+    assert "did not end on EOS" in err and f"merged model stays in {tmp_path / 'my-vicuna'}" in err
+
+    assert get(tmp_path, models["base"], models["delta"]) == 2
+    err = capsys.readouterr().err
+    assert f"the base was {wrong.resolve()}, now {models['base'].resolve()}" in err
+    assert "delete" in err
+
+    shutil.rmtree(tmp_path / "my-vicuna")
+    assert get(tmp_path, models["base"], models["delta"]) == 0
+    assert_same_weights(tmp_path / "my-vicuna", models["target"])
+
+
+def test_rerun_after_the_base_weights_changed_is_refused(models, tmp_path, capsys):
+    base = shutil.copytree(models["base"], tmp_path / "base")
+    assert get(tmp_path, base, models["delta"], "--no-smoke-test") == 0
+    assert get(tmp_path, base, models["delta"], "--no-smoke-test") == 0  # same inputs: nothing to do
+    write_scripted(tmp_path / "other", models["base"], 5, seed=7)
+    shutil.copyfile(tmp_path / "other" / "model.safetensors", base / "model.safetensors")
+    assert get(tmp_path, base, models["delta"], "--no-smoke-test") == 2
+    assert "its weights have changed since" in capsys.readouterr().err

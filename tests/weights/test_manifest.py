@@ -50,6 +50,19 @@ def test_verify_names_changed_and_missing_files(folder):
     assert problems[1].startswith(f"changed: {folder / 'model.safetensors'} (sha256 ")
 
 
+def test_verify_names_added_files_a_loader_would_read(folder):
+    write_manifest(folder, progress=False)
+    (folder / "README.md").write_text("notes may be added")
+    (folder / ".cache" / "more").write_text("so may hidden bookkeeping")
+    assert verify_manifest(folder, progress=False) == []
+    (folder / "pytorch_model.bin").write_bytes(b"weights transformers would load instead")
+    (folder / "sub" / "tokenizer_config.json").write_text("{}")
+    assert verify_manifest(folder, progress=False) == [
+        f"not in the manifest: {folder / 'pytorch_model.bin'} (a loader would read it)",
+        f"not in the manifest: {folder / 'sub' / 'tokenizer_config.json'} (a loader would read it)",
+    ]
+
+
 def test_verify_command(folder, capsys):
     write_manifest(folder, progress=False)
     assert main(["verify", str(folder), "--no-progress"]) == 0

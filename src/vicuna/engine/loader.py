@@ -15,6 +15,7 @@ from typing import Any
 from vicuna.config import ModelSettings
 from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
 from vicuna.errors import ModelLoadError
+from vicuna.weights.tokenizer import check_tokenizer
 
 CONFIG = "config.json"
 RECORDED_TEMPLATE = "vicuna.json"  # {"conv_template": NAME}, written by `vicuna train`
@@ -80,6 +81,9 @@ def weight_files(folder: Path) -> list[Path]:
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise ModelLoadError(f"{index}: lists {missing[0]}, which is missing from {folder}")
+            from vicuna.weights.checkpoint import check_all_listed
+
+            check_all_listed(index, [folder / n for n in names])
             return [folder / n for n in names]
     for pattern in ("*.safetensors", "*.bin"):
         found = sorted(p for p in folder.glob(pattern) if "training_args" not in p.name)
@@ -124,30 +128,6 @@ def load_tokenizer(model_path: str | Path | None) -> Any:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # tokenizers fail in many ways; none is the user's to debug
         raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
-
-
-def check_tokenizer(tokenizer: Any, config: Any, folder: Path) -> None:
-    """The two tokenizer faults that make a model garble or never stop."""
-    vocab = getattr(config.get_text_config(), "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise ModelLoadError(
-            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows "
-            "(config.json vocab_size); the tokenizer belongs to another model"
-        )
-    for kind in ("eos", "bos"):
-        token, token_id = getattr(tokenizer, f"{kind}_token"), getattr(tokenizer, f"{kind}_token_id")
-        if kind == "bos" and getattr(config, "bos_token_id", None) is None:
-            continue  # the model does not use one
-        if not token or token_id is None:
-            hint = " so replies would never stop" if kind == "eos" else ""
-            raise ModelLoadError(
-                f"{folder}: the tokenizer defines no {kind.upper()} token{hint} "
-                f"(special_tokens_map.json / tokenizer_config.json '{kind}_token' is blank or missing)"
-            )
-        if vocab is not None and token_id >= vocab:
-            raise ModelLoadError(
-                f"{folder}: {kind.upper()} token id {token_id} is outside the vocabulary ({vocab})"
-            )
 
 
 def template_for(name: str, tokenizer: Any) -> Template:

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf")
 PLAN_NAME = ".vicuna-plan.json"
+FILES_SLACK = 16 << 20  # beyond the tensors' bytes: shard headers, the index, the manifest
 # Output shards hold a twentieth of the model (at least MIN_SHARD_BYTES, at most MAX_SHARD_BYTES): while a
 # shard is built, memory holds it, a serialized copy, and the input pages it was made from (twice that for a
 # delta's two inputs), which stays well under the model's size.
@@ -139,6 +140,7 @@ class CheckpointReader:
                 for path in files:
                     if not path.is_file():
                         raise VicunaError(f"{folder / index} lists {path.name}, which is not in {folder}")
+                check_all_listed(folder / index, files)
                 return files, folder / index
             if index == SAFE_INDEX and (files := sorted(folder.glob("*.safetensors"))):
                 return files, None
@@ -218,6 +220,18 @@ class CheckpointReader:
         self._open = {}
 
 
+def check_all_listed(index: Path, listed: Iterable[Path]) -> None:
+    """Refuse a single-file checkpoint beside an index that does not list it (`model.safetensors` next to
+    `model.safetensors.index.json`): two models in one folder, of which transformers loads the single file
+    and an index reader the shards."""
+    single = index.parent / index.name.removesuffix(".index.json")
+    if single.is_file() and single.name not in {Path(p).name for p in listed}:
+        raise VicunaError(
+            f"{index.parent} holds {single.name} and {index.name}, which lists other files: two checkpoints in "
+            "one folder; move one of them elsewhere"
+        )
+
+
 def side_files(folder: Path) -> list[Path]:
     """Files of a model folder other than weights, indexes and the manifest: config, tokenizer, README..."""
     return sorted(
@@ -244,6 +258,13 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int | None = None) -> 
         size += spec.nbytes
     n = len(groups)
     return {f"model-{i:05d}-of-{n:05d}.safetensors": group for i, group in enumerate(groups, 1)}
+
+
+def new_file_mode() -> int:
+    """The permissions open() gives a new file here: 0o666 less the umask (which can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _return_freed_memory() -> None:
@@ -287,6 +308,30 @@ def _prepare_staging(out: Path, staging: Path, plan_record: dict) -> None:
     os.replace(tmp, marker)
 
 
+@contextlib.contextmanager
+def one_writer(out: Path, staging: Path) -> Iterator[None]:
+    """Refuse a second job writing `out` while one is (two would overwrite each other's files in `staging`): a
+    lock on a hidden file beside it, let go when the job ends or its process dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    lock = staging.with_name(f".{staging.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VicunaError(
+                f"another vicuna job is writing {out} now ({staging}); wait for it to finish or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
 def write_checkpoint(
     out: Path,
     specs: list[TensorSpec],
@@ -305,65 +350,67 @@ def write_checkpoint(
     sha256 manifest last and is then renamed to `out`. A re-run with the same `fingerprint` (the inputs)
     keeps the shards an interrupted run finished."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise VicunaError(f"{out} already exists; delete it or choose another output folder")
     staging = out.with_name(out.name + ".partial")
-    if staging.is_dir() and not (staging / PLAN_NAME).exists() and (staging / MANIFEST_NAME).is_file():
-        os.replace(staging, out)  # interrupted between its last two steps
+    with one_writer(out, staging):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise VicunaError(f"{out} already exists; delete it or choose another output folder")
+        if staging.is_dir() and not (staging / PLAN_NAME).exists() and (staging / MANIFEST_NAME).is_file():
+            os.replace(staging, out)  # interrupted between its last two steps
+            return out
+        shards = plan_shards(specs, max_shard_bytes)
+        plan_record = {
+            "fingerprint": fingerprint,
+            "shards": {
+                file: [[s.name, list(s.shape), str(s.dtype)] for s in group] for file, group in shards.items()
+            },
+        }
+        _prepare_staging(out, staging, plan_record)
+        extras(staging)
+        done = {
+            file
+            for file, group in shards.items()
+            if (staging / file).is_file() and _shard_complete(staging / file, group)
+        }
+        needed = sum(spec.nbytes for file, group in shards.items() if file not in done for spec in group)
+        ensure_free_space(staging, needed + FILES_SLACK, description)
+
+        from safetensors.torch import save_file
+
+        total = sum(spec.nbytes for spec in specs)
+        # Each shard is hashed for the manifest as soon as it is written, on another thread (hashlib lets go
+        # of the GIL) while the next shard is made, and while its pages are still in the page cache: hashed
+        # at the end, the first shards of a model larger than RAM would be read back from disk.
+        hashing, digests = ThreadPoolExecutor(max_workers=1), {}
+        with hashing, progress_bar(description, total, enabled=progress) as advance:
+            for file, group in shards.items():
+                if file in done:
+                    advance(sum(spec.nbytes for spec in group))
+                    continue
+                tensors = {}
+                for spec in group:
+                    tensor = make(spec)
+                    if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                        raise RuntimeError(
+                            f"{spec.name} came out as {tuple(tensor.shape)} {tensor.dtype}, not {spec}"
+                        )
+                    tensors[spec.name] = tensor.contiguous()
+                    advance(spec.nbytes)
+                tmp = staging / f".{file}.tmp"
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
+                os.chmod(tmp, new_file_mode())  # safetensors creates files readable by their owner only
+                os.replace(tmp, staging / file)
+                digests[file] = hashing.submit(sha256_of, staging / file)
+                del tensors, tensor
+                release()
+                _return_freed_memory()
+
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {s.name: f for f, group in shards.items() for s in group},
+        }
+        (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        # hidden files (the plan among them) are not listed
+        write_manifest(staging, progress=progress, known={file: d.result() for file, d in digests.items()})
+        (staging / PLAN_NAME).unlink()
+        os.replace(staging, out)
         return out
-    shards = plan_shards(specs, max_shard_bytes)
-    plan_record = {
-        "fingerprint": fingerprint,
-        "shards": {
-            file: [[s.name, list(s.shape), str(s.dtype)] for s in group] for file, group in shards.items()
-        },
-    }
-    _prepare_staging(out, staging, plan_record)
-    extras(staging)
-    done = {
-        file
-        for file, group in shards.items()
-        if (staging / file).is_file() and _shard_complete(staging / file, group)
-    }
-    needed = sum(spec.nbytes for file, group in shards.items() if file not in done for spec in group)
-    ensure_free_space(staging, needed, description)
-
-    from safetensors.torch import save_file
-
-    total = sum(spec.nbytes for spec in specs)
-    # Each shard is hashed for the manifest as soon as it is written, on another thread (hashlib lets go
-    # of the GIL) while the next shard is made, and while its pages are still in the page cache: hashed
-    # at the end, the first shards of a model larger than RAM would be read back from disk.
-    hashing, digests = ThreadPoolExecutor(max_workers=1), {}
-    with hashing, progress_bar(description, total, enabled=progress) as advance:
-        for file, group in shards.items():
-            if file in done:
-                advance(sum(spec.nbytes for spec in group))
-                continue
-            tensors = {}
-            for spec in group:
-                tensor = make(spec)
-                if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                    raise RuntimeError(
-                        f"{spec.name} came out as {tuple(tensor.shape)} {tensor.dtype}, not {spec}"
-                    )
-                tensors[spec.name] = tensor.contiguous()
-                advance(spec.nbytes)
-            tmp = staging / f".{file}.tmp"
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, staging / file)
-            digests[file] = hashing.submit(sha256_of, staging / file)
-            del tensors, tensor
-            release()
-            _return_freed_memory()
-
-    index = {
-        "metadata": {"total_size": total},
-        "weight_map": {s.name: f for f, group in shards.items() for s in group},
-    }
-    (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    # hidden files (the plan among them) are not listed
-    write_manifest(staging, progress=progress, known={file: d.result() for file, d in digests.items()})
-    (staging / PLAN_NAME).unlink()
-    os.replace(staging, out)
-    return out

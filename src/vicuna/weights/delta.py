@@ -11,6 +11,8 @@ from vicuna.errors import VicunaError
 
 # Vicuna v0 added a pad token: its embedding and lm_head have a row more than LLaMA's.
 _GROWABLE = ("embed_tokens.weight", "lm_head.weight")
+# tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json, added_tokens.json
+TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens")
 
 
 def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progress: bool) -> Path:
@@ -73,8 +75,10 @@ def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progres
         base_reader.release()
         lead_reader.release()
 
+    copied = [*side_files(lead), *tokenizer_files_for(lead, base, lead_role)]
+
     def extras(folder: Path) -> None:
-        for path in side_files(lead):
+        for path in copied:
             shutil.copyfile(path, folder / path.name)
 
     return write_checkpoint(
@@ -83,13 +87,42 @@ def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progres
         make,
         fingerprint={
             "job": what,
-            "inputs": file_fingerprint([*base_reader.files, *lead_reader.files, *side_files(lead)]),
+            "inputs": file_fingerprint([*base_reader.files, *lead_reader.files, *copied]),
         },
         release=release,
         extras=extras,
         description=f"{what} delta",
         progress=progress,
     )
+
+
+def tokenizer_files_for(lead: Path, base: Path, lead_role: str) -> list[Path]:
+    """The base's tokenizer files when `lead` has none (they are copied with `lead`'s other files); either way
+    the tokenizer the result gets must fit `lead`'s config, with the BOS/EOS a chat needs to stop."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vicuna.weights.checkpoint import notice
+    from vicuna.weights.tokenizer import check_tokenizer
+
+    def tokenizer_files(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith(TOKENIZER_PREFIXES))
+
+    extra, source = [], lead
+    if not tokenizer_files(lead):
+        extra, source = tokenizer_files(base), base
+        if not extra:
+            raise VicunaError(f"neither the {lead_role} ({lead}) nor the base ({base}) has tokenizer files")
+        notice(f"the {lead_role} ({lead}) has no tokenizer files: the base's are used ({base})")
+    try:
+        config = AutoConfig.from_pretrained(lead)
+    except Exception as err:  # a missing or broken config.json
+        raise VicunaError(f"{lead}/config.json: cannot be read ({type(err).__name__}: {err})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # tokenizers fail in many ways
+        raise VicunaError(f"{source}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
+    check_tokenizer(tokenizer, config, source)
+    return extra
 
 
 def apply_delta(base: Path, delta: Path, target: Path, *, progress: bool = True) -> Path:

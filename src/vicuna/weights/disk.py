@@ -11,6 +11,11 @@ from vicuna.errors import VicunaError
 GB = 1e9
 
 
+def size(n: float) -> str:
+    """Bytes for a person: '12.34 GB', or '3.2 MB' below a tenth of a GB."""
+    return f"{n / GB:.2f} GB" if abs(n) >= GB / 10 else f"{n / 1e6:.1f} MB"
+
+
 def free_bytes(folder: Path) -> int:
     """Free bytes on the disk that holds `folder` (or, while it does not exist yet, its nearest parent)."""
     probe = Path(folder).expanduser().absolute()
@@ -24,6 +29,6 @@ def ensure_free_space(folder: Path, needed_bytes: int, what: str) -> None:
     free = free_bytes(folder)
     if needed_bytes > free:
         raise VicunaError(
-            f"{what} needs {needed_bytes / GB:.2f} GB of free disk in {folder}, but only {free / GB:.2f} GB "
-            f"is available there; free {(needed_bytes - free) / GB:.2f} GB or choose another folder"
+            f"{what} needs {size(needed_bytes)} of free disk in {folder}, but only {size(free)} "
+            f"is available there; free {size(needed_bytes - free)} or choose another folder"
         )

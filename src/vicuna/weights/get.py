@@ -3,12 +3,15 @@ the delta (or a merged release), merge them, verify the sha256 manifest, and run
 must end on EOS (a wrong BOS/EOS setup makes a model "never stop").
 
 Every step leaves a folder that says it is done (a downloaded or merged folder with its `SHA256SUMS`, written
-last), so a re-run after an interruption skips finished steps and resumes the unfinished one.
+last), so a re-run after an interruption skips finished steps and resumes the unfinished one. A merged model
+records what it was merged from (`RECORD_NAME`), so a re-run with another base or delta is refused rather
+than answered with the old merge.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,7 @@ RECIPES: dict[str, Recipe] = {
     "vicuna-13b-v1.5": Recipe(merged="lmsys/vicuna-13b-v1.5"),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+RECORD_NAME = ".vicuna-get.json"  # hidden: not in the manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +110,45 @@ def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
 
+def merge_record(sources: list[Source]) -> dict[str, object]:
+    """What a merge was made from: each Hub repo by its id (its download may be deleted after the merge), each
+    local folder by its path and its weight files' sizes and times (a folder whose weights were replaced)."""
+    from vicuna.weights.checkpoint import file_fingerprint
+
+    def weights(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+    return {
+        s.role: s.repo_id
+        or {"folder": str(s.folder.resolve()), "weights": file_fingerprint(weights(s.folder))}
+        for s in sources
+    }
+
+
+def check_record(model: Path, record: dict[str, object]) -> None:
+    """Refuse a finished merge made from other inputs than this run's (none recorded: kept as it is)."""
+    try:
+        previous = json.loads((model / RECORD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    changed = [role for role in record if previous.get(role) != record[role]]
+    if changed:
+
+        def said(value: object) -> str:
+            return value["folder"] if isinstance(value, dict) else str(value)
+
+        what = "; ".join(
+            f"the {role} was {said(previous.get(role))}"
+            + (" (its weights have changed since)" if said(previous.get(role)) == said(record[role]) else "")
+            + f", now {said(record[role])}"
+            for role in changed
+        )
+        raise VicunaError(
+            f"{model} was merged from other inputs than this run's ({what}); delete {model} to merge again, "
+            "or choose another name or --dir"
+        )
+
+
 def get(
     name: str,
     workdir: Path,
@@ -138,6 +181,8 @@ def get(
         sources = [Source("model", model, recipe.merged)]
     else:
         sources = [resolve_source(base, "base", workdir), resolve_source(delta, "delta", workdir)]
+    if finished and len(sources) == 2:
+        check_record(model, merge_record(sources))
     todo = [s for s in sources if not s.done] if not finished else []
 
     # One disk check for everything left to do, before the first byte moves.
@@ -166,6 +211,9 @@ def get(
 
         print(f"[{name}] merging {sources[1].folder} into {sources[0].folder} -> {model}")
         apply_delta(sources[0].folder, sources[1].folder, model, progress=progress)
+        record = model / RECORD_NAME
+        record.with_suffix(".tmp").write_text(json.dumps(merge_record(sources)), encoding="utf-8")
+        record.with_suffix(".tmp").replace(record)
 
     print(f"[{name}] verifying {model}")
     problems = verify_manifest(model, progress=progress)
@@ -175,7 +223,16 @@ def get(
         )
     if smoke_test:
         print(f"[{name}] smoke chat: {SMOKE_QUESTION}")
-        print(f"[{name}] reply: {smoke_chat(model, max_new_tokens=max_new_tokens)!r} (ended on EOS)")
+        try:
+            reply = smoke_chat(model, max_new_tokens=max_new_tokens)
+        except VicunaError as err:
+            if len(sources) == 1:
+                raise
+            raise VicunaError(
+                f"{err}. The merged model stays in {model}: if the base or delta was wrong, delete it and run "
+                "again with the right ones"
+            ) from err
+        print(f"[{name}] reply: {reply!r} (ended on EOS)")
     return model
 
 

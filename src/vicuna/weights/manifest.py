@@ -15,6 +15,9 @@ from vicuna.errors import VicunaError
 
 MANIFEST_NAME = "SHA256SUMS"
 _CHUNK = 8 << 20
+# Files that change what a model loads as: weights, indexes, config and tokenizer. Others (a README, notes)
+# may be added to a verified folder.
+LOADED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".json", ".model")
 
 
 @contextmanager
@@ -114,11 +117,17 @@ def read_manifest(folder: Path) -> dict[str, str]:
 
 
 def verify_manifest(folder: Path, *, progress: bool = True) -> list[str]:
-    """Recheck `folder` against its manifest: one line per missing or changed file (empty: all match).
+    """Recheck `folder` against its manifest: one line per missing or changed file, and per file a loader
+    would read that the manifest does not list (empty: all match).
     Raises VicunaError when the folder or its manifest does not exist."""
     folder = Path(folder)
     entries = read_manifest(folder)
     problems = [f"missing: {folder / rel}" for rel in entries if not (folder / rel).is_file()]
+    problems += [
+        f"not in the manifest: {folder / rel} (a loader would read it)"
+        for rel in _listed_files(folder)
+        if rel not in entries and rel.endswith(LOADED_SUFFIXES)
+    ]
     present = [rel for rel in entries if (folder / rel).is_file()]
     total = sum((folder / rel).stat().st_size for rel in present)
     with progress_bar(f"verify {folder.name}", total, enabled=progress) as advance:

@@ -1,0 +1,32 @@
+"""A model folder's tokenizer against its config: checked when a model loads and after every merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vicuna.errors import ModelLoadError
+
+
+def check_tokenizer(tokenizer: Any, config: Any, folder: Path) -> None:
+    """The two tokenizer faults that make a model garble or never stop."""
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelLoadError(
+            f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows "
+            "(config.json vocab_size); the tokenizer belongs to another model"
+        )
+    for kind in ("eos", "bos"):
+        token, token_id = getattr(tokenizer, f"{kind}_token"), getattr(tokenizer, f"{kind}_token_id")
+        if kind == "bos" and getattr(config, "bos_token_id", None) is None:
+            continue  # the model does not use one
+        if not token or token_id is None:
+            hint = " so replies would never stop" if kind == "eos" else ""
+            raise ModelLoadError(
+                f"{folder}: the tokenizer defines no {kind.upper()} token{hint} "
+                f"(special_tokens_map.json / tokenizer_config.json '{kind}_token' is blank or missing)"
+            )
+        if vocab is not None and token_id >= vocab:
+            raise ModelLoadError(
+                f"{folder}: {kind.upper()} token id {token_id} is outside the vocabulary ({vocab})"
+            )
