@@ -131,7 +131,10 @@ def test_reader_errors_name_the_file(tmp_path):
 
     folder = save_folder(random_state(STATE_SHAPES), tmp_path / "b", kind="bin", files=1, index=False)
     (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 10)
-    with pytest.raises(VicunaError, match=r"pytorch_model\.bin"):
+    with pytest.raises(VicunaError, match=r"pytorch_model\.bin: it starts with b'no', neither a zip"):
+        CheckpointReader(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(VicunaError, match=r"pytorch_model\.bin: it is empty \(0 bytes\)"):
         CheckpointReader(folder)
 
     folder = save_folder(random_state(STATE_SHAPES), tmp_path / "c", kind="safetensors", files=3, index=True)

@@ -4,9 +4,11 @@ tensors (Meta's interleaved rotary pairs), independent of the converter."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from tests.weights.test_checkpoint import peak_rss_above_idle
 from vicuna.cli import main
 from vicuna.errors import VicunaError
+from vicuna.weights import meta_download
 from vicuna.weights.checkpoint import CheckpointReader
 from vicuna.weights.convert import convert_meta, ffn_hidden_size
 from vicuna.weights.manifest import verify_manifest
@@ -111,6 +114,14 @@ def write_meta(
         torch.save(part, folder / f"consolidated.{i:02d}.pth")
     (folder / "params.json").write_text(json.dumps(params))
     return folder
+
+
+def write_checklist(folder: Path) -> Path:
+    """Meta's checklist.chk (md5sum's format) for the checkpoint files in `folder`."""
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".pth" or p.name == "params.json")
+    lines = [f"{hashlib.md5(p.read_bytes()).hexdigest()}  {p.name}\n" for p in files]
+    (folder / "checklist.chk").write_text("".join(lines))
+    return folder / "checklist.chk"
 
 
 def rms_norm(x, weight, eps):
@@ -308,3 +319,132 @@ def test_peak_memory_stays_under_three_quarters_of_the_model(tmp_path):
     assert above_idle < 0.75 * size, (
         f"peak RSS {above_idle / 1e6:.0f} MB above idle for a {size / 1e6:.0f} MB model"
     )
+
+
+def test_params_that_do_not_describe_the_tensors_are_refused(tmp_path):
+    """Shapes alone cannot tell a wrong n_layers (fewer layers than the files hold) or a wrong n_heads (same dim)."""
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    weights = meta_weights(params, VOCAB)
+    meta = write_meta(tmp_path / "meta", params, weights, 2)
+    out = tmp_path / "out"
+    for wrong, message in (
+        ({"n_layers": 1}, r"params\.json: n_layers is 1, but the checkpoint has layers 0\.\.1"),
+        ({"n_layers": 3}, r"params\.json: n_layers is 3, but the checkpoint has layers 0\.\.1"),
+        ({"n_heads": 8}, r"params\.json: n_heads is 8, .* rope\.freqs .* 8 entries, .*n_heads should be 4"),
+        ({"n_heads": 2}, r"params\.json: n_heads is 2, .* rope\.freqs .* 8 entries, .*n_heads should be 4"),
+        ({"dim": 128}, r"params\.json: dim is 128, but norm\.weight .* has 64 entries"),
+    ):
+        (meta / "params.json").write_text(json.dumps(params | wrong))
+        with pytest.raises(VicunaError, match=message):
+            convert_meta(meta, out, progress=False)
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+    extra = meta_weights(params | {"n_layers": 3}, VOCAB)  # params.json still says 2 layers
+    meta = write_meta(tmp_path / "meta2", params, extra, 1)
+    with pytest.raises(VicunaError, match=r"n_layers is 2, but the checkpoint has layers 0\.\.2"):
+        convert_meta(meta, out, progress=False)
+    meta = write_meta(tmp_path / "meta3", params, weights | {"lm_head.bias": torch.zeros(VOCAB)}, 1)
+    with pytest.raises(
+        VicunaError, match=r"consolidated\.00\.pth has tensor\(s\) .* does not: lm_head\.bias"
+    ):
+        convert_meta(meta, out, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("multiple_of", "32", "a positive integer"),
+        ("norm_eps", "1e-6", "a positive number"),
+        ("rope_theta", "x", "a positive number"),
+        ("max_seq_len", "2048", "a positive integer"),
+        ("ffn_dim_multiplier", "1.3", "a positive number"),
+        ("norm_eps", -1e-6, "a positive number"),
+        ("max_seq_len", 2048.5, "a positive integer"),
+        ("n_kv_heads", 0, "a positive integer"),
+        ("vocab_size", 0, "a positive integer, or -1"),
+        ("dim", True, "a positive integer"),
+        ("use_scaled_rope", "yes", "true or false"),
+    ],
+)
+def test_params_fields_are_checked_before_anything_is_written(tmp_path, field, value, expected):
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB, random=False), 1)
+    (meta / "params.json").write_text(json.dumps(params | {field: value}))
+    message = rf"{meta / 'params.json'}: field '{field}' must be {expected}.*, found {value!r}"
+    with pytest.raises(VicunaError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        convert_meta(meta, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_nulls_mean_the_defaults_and_context_length_must_be_positive(tmp_path, capsys):
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB, random=False), 1)
+    nulls = dict.fromkeys(("n_kv_heads", "ffn_dim_multiplier", "rope_theta", "max_seq_len", "vocab_size"))
+    (meta / "params.json").write_text(json.dumps(params | nulls))
+    assert main(["convert", str(meta), str(tmp_path / "out"), "--context-length", "-5", "--no-progress"]) == 2
+    assert "--context-length must be a positive number of tokens, not -5" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    out = convert_meta(meta, tmp_path / "out", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["rope_parameters"]["rope_theta"], config["max_position_embeddings"]) == (10000.0, 2048)
+
+
+def test_a_missing_or_empty_shard_is_named(tmp_path):
+    params = BASE | {"n_heads": 8, "norm_eps": 1e-5}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB, random=False), 4)
+    for i in (3, 2):
+        (meta / f"consolidated.{i:02d}.pth").unlink()
+    with pytest.raises(
+        VicunaError,
+        match=r"has 2 shard\(s\) \(consolidated\.00\.pth, consolidated\.01\.pth\), but .* so the model has 4 "
+        r"shard\(s\): consolidated\.02\.pth, consolidated\.03\.pth look\(s\) missing",
+    ):
+        convert_meta(meta, tmp_path / "out", progress=False)
+    (meta / "consolidated.01.pth").write_bytes(b"")
+    with pytest.raises(VicunaError, match=r"consolidated\.01\.pth is empty \(0 bytes\)"):
+        convert_meta(meta, tmp_path / "out", progress=False)
+
+
+def test_checklist_md5_sums_are_checked(tmp_path, capsys):
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB), 2)
+    checklist = write_checklist(meta)
+    shard = meta / "consolidated.01.pth"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the tensors' bytes: torch still loads it
+    shard.write_bytes(bytes(data))
+    with pytest.raises(VicunaError, match=rf"{shard} has md5 \w{{32}}: not the md5 {checklist} lists"):
+        convert_meta(meta, tmp_path / "out", progress=False)
+
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["convert", str(meta), str(tmp_path / "out")]) == 0
+    assert f"md5 {meta.name}" in capsys.readouterr().err  # the progress bar while hashing
+
+    checklist.write_text(checklist.read_text().replace("params.json", "other.json"))
+    with pytest.raises(VicunaError, match=r"checklist\.chk has no md5 for params\.json"):
+        convert_meta(meta, tmp_path / "out2", progress=False)
+    write_checklist(meta)
+    shard.unlink()
+    with pytest.raises(VicunaError, match=r"checklist\.chk lists consolidated\.01\.pth, not in .*incomplete"):
+        convert_meta(meta, tmp_path / "out2", progress=False)
+
+
+def test_files_download_llama_verified_are_not_hashed_again(tmp_path, monkeypatch):
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "llama" / "llama-2-7b", params, meta_weights(params, VOCAB), 2)
+    sums = meta_download.parse_checklist(write_checklist(meta))
+    for name, md5 in sums.items():
+        meta_download.mark_verified(meta / name, md5)
+    hashed = []
+    real_md5_of = meta_download.md5_of
+    monkeypatch.setattr(
+        meta_download, "md5_of", lambda path, advance: hashed.append(path.name) or real_md5_of(path)
+    )
+
+    convert_meta(meta, tmp_path / "a", progress=False)
+    assert hashed == []
+    stat = (meta / "consolidated.01.pth").stat()
+    os.utime(meta / "consolidated.01.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # written since
+    convert_meta(meta, tmp_path / "b", progress=False)
+    assert hashed == ["consolidated.01.pth"]

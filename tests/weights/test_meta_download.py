@@ -1,12 +1,14 @@
-"""`vicuna download-llama` against a local server (127.0.0.1) that speaks Meta's presigned-URL layout, honours
-or ignores Range requests, and drops connections part-way through a body."""
+"""`vicuna download-llama` against a local server (127.0.0.1) that speaks Meta's presigned-URL layout (LLaMA 1's
+or LLaMA 2's), honours or ignores Range requests, and drops connections part-way through a body."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,16 +16,23 @@ from urllib.parse import urlsplit
 import pytest
 
 from vicuna.cli import main
+from vicuna.errors import VicunaError
+from vicuna.weights.meta_download import parse_checklist, parse_sizes, verified_md5s
+
+LLAMA_2 = (("llama-2-7b-chat", 1), ("llama-2-13b", 2))
 
 
-def make_release(seed: int = 0) -> dict[str, bytes]:
-    """Tokenizer, 7B (1 shard) and 13B (2 shards) with checklists, filled with reproducible bytes."""
+def make_release(seed: int = 0, models=(("7B", 1), ("13B", 2))) -> dict[str, bytes]:
+    """Tokenizer and `models` (folder, shards; by default LLaMA 1's 7B and 13B) with checklists, filled with
+    reproducible bytes; LLaMA 2's release also has its license files."""
     rnd = __import__("random").Random(seed)
     files = {"tokenizer.model": rnd.randbytes(3000)}
     files["tokenizer_checklist.chk"] = (
         f"{hashlib.md5(files['tokenizer.model']).hexdigest()}  tokenizer.model\n".encode()
     )
-    for size, shards in (("7B", 1), ("13B", 2)):
+    if models[0][0].startswith("llama-2-"):
+        files |= {"LICENSE": b"LLAMA 2 COMMUNITY LICENSE AGREEMENT\n", "USE_POLICY.md": b"# Use Policy\n"}
+    for size, shards in models:
         own = {f"{size}/params.json": b'{"dim": 64, "n_layers": 2, "n_heads": 4}'}
         own.update({f"{size}/consolidated.{i:02d}.pth": rnd.randbytes(200_000 + i) for i in range(shards)})
         listed = "".join(f"{hashlib.md5(d).hexdigest()}  {Path(n).name}\n" for n, d in own.items())
@@ -41,6 +50,7 @@ class Server(ThreadingHTTPServer):
         self.honor_range = True
         self.drops: dict[str, int] = {}  # path -> how many more body responses to cut short
         self.drop_at = 50_000
+        self.missing_status = 404  # S3 answers 403 for a key that a presigned URL cannot list
         self.log: list[tuple[str, str | None, int]] = []  # (path, Range header, status)
 
     @property
@@ -74,8 +84,8 @@ class Handler(BaseHTTPRequestHandler):
             server.log.append((path, rng, 403))
             return self._answer(403, b"AccessDenied")
         if path not in server.files:
-            server.log.append((path, rng, 404))
-            return self._answer(404, b"NoSuchKey")
+            server.log.append((path, rng, server.missing_status))
+            return self._answer(server.missing_status, b"NoSuchKey")
         data = server.files[path]
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
         if not (match and server.honor_range):
@@ -103,14 +113,22 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def server():
-    srv = Server(make_release())
+@contextlib.contextmanager
+def serving(files: dict[str, bytes]) -> Iterator[Server]:
+    srv = Server(files)
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def server():
+    with serving(make_release()) as srv:
+        yield srv
 
 
 def run(server: Server, target: Path, sizes: str = "7B", *extra: str) -> int:
@@ -121,7 +139,7 @@ def run(server: Server, target: Path, sizes: str = "7B", *extra: str) -> int:
 def assert_identical(server: Server, target: Path, sizes: tuple[str, ...]) -> None:
     wanted = {n for n in server.files if "/" not in n or n.split("/")[0] in sizes}
     got = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
-    assert got == wanted  # no .part files left behind
+    assert got - {p for p in got if p.rsplit("/", 1)[-1].startswith(".")} == wanted  # no .part files left
     for name in wanted:
         assert (target / name).read_bytes() == server.files[name], name
 
@@ -195,6 +213,49 @@ def test_expired_url_gives_a_clear_error(server, tmp_path, capsys):
     assert "HTTP 403" in err and "expired" in err
 
 
+def test_llama_2_layout(tmp_path):
+    with serving(make_release(models=LLAMA_2)) as server:
+        assert run(server, tmp_path / "llama", "llama-2-7b-chat,LLaMA-2-13B") == 0
+        assert_identical(server, tmp_path / "llama", ("llama-2-7b-chat", "llama-2-13b"))
+        assert [rng for rng, _ in server.gets("llama-2-13b/consolidated.01.pth")] == [None]
+
+
+def test_a_model_the_url_does_not_serve_names_both_layouts(tmp_path, capsys):
+    with serving(make_release(models=LLAMA_2)) as server:
+        server.missing_status = 403  # as S3 answers for a path that does not exist
+        assert run(server, tmp_path / "llama", "13B") == 2
+    err = capsys.readouterr().err
+    assert "HTTP 403 for 13B/checklist.chk" in err and "expired" in err
+    assert "or there is no 13B/checklist.chk under this URL" in err
+    assert "a LLaMA 1 URL serves 7B, 13B, 30B, 65B; a LLaMA 2 URL serves llama-2-7b, llama-2-7b-chat" in err
+
+
+def test_model_names(capsys):
+    assert parse_sizes("7b, 13B,7B") == ["7B", "13B"]
+    assert parse_sizes("llama-2-70B-chat,llama-2-7b") == ["llama-2-70b-chat", "llama-2-7b"]
+    for text, guess in (("70B", "llama-2-70b"), ("7B-chat", "llama-2-7b-chat"), ("33B", None)):
+        with pytest.raises(VicunaError, match=f"unknown model {text}") as err:
+            parse_sizes(text)
+        assert (
+            (f"did you mean {guess}?" in str(err.value)) if guess else ("did you mean" not in str(err.value))
+        )
+        assert "LLaMA 2's llama-2-7b, llama-2-7b-chat, llama-2-13b" in str(err.value)
+    with pytest.raises(VicunaError, match="mixes LLaMA 1 and LLaMA 2"):
+        parse_sizes("7B,llama-2-7b")
+
+
+def test_verified_files_are_recorded_for_convert(server, tmp_path):
+    target = tmp_path / "llama"
+    assert run(server, target, "13B") == 0
+    sums = parse_checklist(target / "13B/checklist.chk")
+    assert verified_md5s(target / "13B") == sums
+    shard = target / "13B/consolidated.01.pth"
+    shard.write_bytes(shard.read_bytes())  # rewritten: a new mtime
+    assert verified_md5s(target / "13B") == {k: v for k, v in sums.items() if k != "consolidated.01.pth"}
+    assert run(server, target, "13B") == 0  # verified again, and recorded again
+    assert verified_md5s(target / "13B") == sums
+
+
 def test_gives_up_after_the_retries(server, tmp_path, capsys):
     server.drops = {"7B/consolidated.00.pth": 100}
     server.drop_at = 0  # headers only, then the connection closes: no progress at all
@@ -210,7 +271,7 @@ def test_refuses_when_the_disk_is_too_small(server, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100))
     assert run(server, tmp_path / "llama") == 2
     err = capsys.readouterr().err
-    assert "downloading LLaMA 7B needs" in err and "GB of free disk" in err
+    assert "downloading LLaMA 7B needs" in err and "B of free disk" in err
     assert server.gets("7B/consolidated.00.pth") == []
 
 
@@ -220,7 +281,7 @@ def test_bad_arguments(tmp_path, capsys):
     assert (
         main(["download-llama", "--url", "https://x/*", "--model-size", "7B,8B", "--dir", str(tmp_path)]) == 2
     )
-    assert "unknown size 8B" in capsys.readouterr().err
+    assert "unknown model 8B" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
 
 

@@ -70,18 +70,24 @@ def load_pth(path: Path) -> dict[str, torch.Tensor]:
     """A `torch.save`d state dict, memory-mapped (nothing is read until a tensor's data is used)."""
     try:
         with open(path, "rb") as f:
-            zip_header = f.read(2) == b"PK"
-        if zip_header and not zipfile.is_zipfile(path):
+            start = f.read(2)
+        if not start:
+            raise ValueError("it is empty (0 bytes)")
+        if start == b"PK" and not zipfile.is_zipfile(path):
             raise ValueError("its zip directory is missing")
-        if zip_header:
+        if start == b"PK":
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        else:
-            # Files saved before torch 1.6 cannot be mapped; they are read whole.
+        elif start[:1] == b"\x80":  # a pickle: files saved before torch 1.6, which cannot be mapped
             notice(f"{path} uses PyTorch's legacy format and is read whole into memory")
             state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"it starts with {start!r}, neither a zip archive (PK) nor a pickle (0x80)")
+    except OSError:
+        raise
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError... for damaged files
+        reason = str(err) or type(err).__name__
         raise VicunaError(
-            f"cannot read {path}: {err}. The file is damaged or incomplete: download it again"
+            f"cannot read {path}: {reason}. The file is damaged or incomplete: download it again"
         ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VicunaError(f"{path} is not a state dict of tensors")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +27,32 @@ _LAYER_TENSORS = {
     "attention_norm.weight": ("input_layernorm.weight", None),
     "ffn_norm.weight": ("post_attention_layernorm.weight", None),
 }
+_REQUIRED = ("dim", "n_layers", "n_heads")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+# What each params.json field the converter reads must hold; null or absent means LLaMA's default, except for
+# the _REQUIRED ones.
+_FIELDS = {
+    "dim": ("a positive integer", _positive_int),
+    "n_layers": ("a positive integer", _positive_int),
+    "n_heads": ("a positive integer", _positive_int),
+    "n_kv_heads": ("a positive integer", _positive_int),
+    "multiple_of": ("a positive integer", _positive_int),
+    "ffn_dim_multiplier": ("a positive number", _positive_number),
+    "norm_eps": ("a positive number", _positive_number),
+    "rope_theta": ("a positive number", _positive_number),
+    "max_seq_len": ("a positive integer", _positive_int),
+    "vocab_size": ("a positive integer, or -1", lambda v: v == -1 or _positive_int(v)),
+    "use_scaled_rope": ("true or false", lambda v: isinstance(v, bool)),
+}
 
 
 def _read_params(meta_dir: Path) -> dict:
@@ -39,13 +67,18 @@ def _read_params(meta_dir: Path) -> dict:
         raise VicunaError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(params, dict):
         raise VicunaError(f"{path} must hold a JSON object")
-    for field in ("dim", "n_layers", "n_heads"):
-        if not isinstance(params.get(field), int) or params[field] <= 0:
-            raise VicunaError(
-                f"{path}: field {field!r} must be a positive integer, found {params.get(field)!r}"
-            )
+    for field, (what, fits) in _FIELDS.items():
+        value = params.get(field)
+        if (value is not None or field in _REQUIRED) and not fits(value):
+            quoted = " (a JSON number, without quotes)" if isinstance(value, str) else ""
+            raise VicunaError(f"{path}: field {field!r} must be {what}{quoted}, found {value!r}")
     if params["dim"] % params["n_heads"]:
         raise VicunaError(f"{path}: dim {params['dim']} is not a multiple of n_heads {params['n_heads']}")
+    if params["dim"] // params["n_heads"] % 2:
+        raise VicunaError(
+            f"{path}: dim / n_heads = {params['dim'] // params['n_heads']} is odd, but the rotary embedding "
+            "turns the head's values in pairs"
+        )
     n_kv = params.get("n_kv_heads") or params["n_heads"]
     if params["n_heads"] % n_kv:
         raise VicunaError(f"{path}: n_heads {params['n_heads']} is not a multiple of n_kv_heads {n_kv}")
@@ -80,6 +113,47 @@ def _to_half_split(weight, n_heads: int):
     i + head_dim/2 rotate together, as rotate_half expects)."""
     rows, cols = weight.shape
     return weight.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _check_checklist(meta_dir: Path, paths: list[Path], *, progress: bool) -> None:
+    """Check `paths` against the md5 sums of Meta's checklist.chk in `meta_dir`, when there is one. Files that
+    download-llama verified and that have not changed since are not hashed again."""
+    from vicuna.weights.manifest import progress_bar
+    from vicuna.weights.meta_download import md5_of, parse_checklist, verified_md5s
+
+    checklist = meta_dir / "checklist.chk"
+    if not checklist.is_file():
+        return
+    sums = parse_checklist(checklist)
+    missing = [name for name in sums if name.endswith(".pth") and not (meta_dir / name).is_file()]
+    if missing:
+        raise VicunaError(
+            f"{checklist} lists {', '.join(missing)}, not in {meta_dir}: the download is incomplete"
+        )
+    for path in paths:
+        if path.name not in sums:
+            raise VicunaError(
+                f"{checklist} has no md5 for {path.name}; is it the checklist of this checkpoint?"
+            )
+    verified = verified_md5s(meta_dir)
+    todo = [path for path in paths if verified.get(path.name) != sums[path.name]]
+    total = sum(path.stat().st_size for path in todo)
+    with progress_bar(f"md5 {meta_dir.name}", total, enabled=progress and bool(todo)) as advance:
+        found = {path.name: md5_of(path, advance) for path in todo}
+    wrong = [f"{meta_dir / name} has md5 {md5}" for name, md5 in found.items() if md5 != sums[name]]
+    if wrong:
+        raise VicunaError(
+            f"{'; '.join(wrong)}: not the md5 {checklist} lists, so the file is damaged or incomplete; "
+            "download it again"
+        )
+
+
+def _shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from vicuna.weights.checkpoint import load_pth
+
+    if path.stat().st_size == 0:
+        raise VicunaError(f"{path} is empty (0 bytes): its download did not finish; download it again")
+    return {name: tuple(t.shape) for name, t in load_pth(path).items()}
 
 
 class _MetaShards:
@@ -143,14 +217,17 @@ def convert_meta(
     memory-mapped and each output tensor is assembled from its model-parallel slices on its own."""
     import torch
 
-    from vicuna.weights.checkpoint import TensorSpec, file_fingerprint, load_pth, notice, write_checkpoint
+    from vicuna.weights.checkpoint import TensorSpec, file_fingerprint, notice, write_checkpoint
 
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise VicunaError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if context_length is not None and context_length <= 0:
+        raise VicunaError(f"--context-length must be a positive number of tokens, not {context_length}")
     if not meta_dir.is_dir():
         raise VicunaError(f"{meta_dir} is not a folder")
     params = _read_params(meta_dir)
+    params_path = meta_dir / "params.json"
     paths = sorted(meta_dir.glob("consolidated.*.pth"))
     if not paths:
         raise VicunaError(f"no consolidated.*.pth files in {meta_dir}")
@@ -159,6 +236,7 @@ def convert_meta(
         raise VicunaError(
             f"{meta_dir} has {', '.join(p.name for p in paths)}; expected {', '.join(expected)}"
         )
+    _check_checklist(meta_dir, [*paths, params_path], progress=progress)
     tokenizer_path = find_tokenizer(meta_dir, tokenizer)
     bos, eos, tokenizer_vocab = _sentencepiece_ids(tokenizer_path)
 
@@ -168,11 +246,31 @@ def convert_meta(
     head_dim = dim // n_heads
     ffn = ffn_hidden_size(params)
     # Every shard is opened (and mapped, not read) up front: a damaged file stops the job before it starts.
-    shard_shapes = [{name: tuple(t.shape) for name, t in load_pth(path).items()} for path in paths]
+    shard_shapes = [_shard_shapes(path) for path in paths]
     shapes = shard_shapes[0]
-    for name in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
+    for name in (
+        "tok_embeddings.weight",
+        "norm.weight",
+        "layers.0.attention.wq.weight",
+        "layers.0.feed_forward.w1.weight",
+    ):
         if name not in shapes:
             raise VicunaError(f"{paths[0]} has no tensor {name}: it is not a LLaMA checkpoint")
+    if shapes["norm.weight"] != (dim,):
+        raise VicunaError(
+            f"{params_path}: dim is {dim}, but norm.weight in {paths[0]} has "
+            f"{'x'.join(map(str, shapes['norm.weight']))} entries"
+        )
+    # wq is split across its dim rows: the slice in each file says how many files the model was split into.
+    wq_rows = shapes["layers.0.attention.wq.weight"][0]
+    if wq_rows and wq_rows * n != dim and dim % wq_rows == 0:
+        names = ", ".join(p.name for p in paths)
+        lacking = [f"consolidated.{i:02d}.pth" for i in range(n, dim // wq_rows)]
+        raise VicunaError(
+            f"{meta_dir} has {n} shard(s) ({names}), but layers.0.attention.wq.weight in {paths[0].name} holds "
+            f"{wq_rows} of its {dim} rows, so the model has {dim // wq_rows} shard(s)"
+            + (f": {', '.join(lacking)} look(s) missing" if lacking else "")
+        )
     # LLaMA 1/2 split the embedding across its columns (ParallelEmbedding), LLaMA 3 across its rows.
     emb_rows, emb_cols = shapes["tok_embeddings.weight"]
     if emb_cols * n == dim and n > 1:
@@ -185,13 +283,28 @@ def convert_meta(
         )
     if params.get("vocab_size", -1) not in (-1, None, vocab):
         raise VicunaError(
-            f"{meta_dir / 'params.json'}: vocab_size is {params['vocab_size']} but the embedding has {vocab} rows"
+            f"{params_path}: vocab_size is {params['vocab_size']} but the embedding has {vocab} rows"
         )
     if shapes["layers.0.feed_forward.w1.weight"][0] * n != ffn:
         raise VicunaError(
-            f"{meta_dir / 'params.json'}: multiple_of/ffn_dim_multiplier give a feed-forward width of {ffn}, but "
+            f"{params_path}: multiple_of/ffn_dim_multiplier give a feed-forward width of {ffn}, but "
             f"layers.0.feed_forward.w1.weight in {paths[0]} has {shapes['layers.0.feed_forward.w1.weight'][0]} "
             f"rows ({n} shard(s))"
+        )
+    # Meta's files carry rope.freqs, head_dim/2 rotary frequencies: the head size, which no weight's shape shows
+    # when n_kv_heads = n_heads.
+    for path, found in zip(paths, shard_shapes, strict=True):
+        freqs = math.prod(found.get("rope.freqs", (head_dim // 2,)))
+        if freqs != head_dim // 2:
+            fix = f": n_heads should be {dim // (2 * freqs)}" if freqs and dim % (2 * freqs) == 0 else ""
+            raise VicunaError(
+                f"{params_path}: n_heads is {n_heads}, which makes heads of dim/n_heads = {head_dim} values, but "
+                f"rope.freqs in {path} has {freqs} entries, for heads of {2 * freqs}{fix}"
+            )
+    layers = sorted({int(m[1]) for name in shapes if (m := re.match(r"layers\.(\d+)\.", name))})
+    if layers[-1] + 1 != n_layers:
+        raise VicunaError(
+            f"{params_path}: n_layers is {n_layers}, but the checkpoint has layers 0..{layers[-1]}"
         )
     if tokenizer_vocab is not None and tokenizer_vocab != vocab:
         notice(f"{tokenizer_path} has {tokenizer_vocab} tokens but the embedding has {vocab} rows")
@@ -238,6 +351,13 @@ def convert_meta(
                     f"{path}: tensor {meta_name} is {size}, but params.json and {n} shard(s) imply "
                     f"{'x'.join(map(str, expected))}"
                 )
+    wanted = {meta_name for meta_name, _, _ in recipes.values()} | {"rope.freqs"}
+    for path, found in zip(paths, shard_shapes, strict=True):
+        if unknown := sorted(set(found) - wanted):
+            raise VicunaError(
+                f"{path} has tensor(s) that a LLaMA model as {params_path} describes does not: "
+                f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}"
+            )
 
     shards = _MetaShards(paths)
 
@@ -252,7 +372,7 @@ def convert_meta(
     def extras(folder: Path) -> None:
         from transformers import GenerationConfig, LlamaConfig
 
-        norm_eps = params.get("norm_eps", 1e-5)
+        norm_eps = params.get("norm_eps") or 1e-5
         config = LlamaConfig(
             vocab_size=vocab,
             hidden_size=dim,
@@ -262,7 +382,7 @@ def convert_meta(
             num_key_value_heads=n_kv,
             head_dim=head_dim,
             rms_norm_eps=norm_eps,
-            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_theta=float(params.get("rope_theta") or 10000.0),
             # params.json rarely says; LLaMA 1 (norm_eps 1e-6) was trained on 2048 tokens, LLaMA 2 on 4096.
             max_position_embeddings=context_length
             or params.get("max_seq_len")

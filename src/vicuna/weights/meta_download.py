@@ -1,26 +1,43 @@
 """`vicuna download-llama`: fetch Meta's original LLaMA checkpoint from a presigned URL, resumably.
 
 Layout and protocol are those of Meta's download.sh (and pyllama's downloader): the URL holds a `*` that is
-replaced by each file's path; `tokenizer_checklist.chk` and `SIZE/checklist.chk` list md5 sums in `md5sum`
-format. Each file is written to `NAME.part`, resumed with HTTP Range requests, checked against its md5 and
-only then renamed, so an interrupted or re-run download keeps every verified byte.
+replaced by each file's path; `tokenizer_checklist.chk` and `MODEL/checklist.chk` list md5 sums in `md5sum`
+format, MODEL being LLaMA 1's `7B` ... `65B` or LLaMA 2's `llama-2-7b` ... `llama-2-70b-chat`. Each file is
+written to `NAME.part`, resumed with HTTP Range requests, checked against its md5 and only then renamed, so an
+interrupted or re-run download keeps every verified byte. Each folder's `.vicuna-md5.json` notes what was
+verified, so that `vicuna convert` need not hash those files again while they stay unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from vicuna.errors import VicunaError
 
-# Model-parallel shards per size in Meta's releases (LLaMA 1 and 2).
-SHARDS = {"7B": 1, "13B": 2, "30B": 4, "33B": 4, "65B": 8, "70B": 8}
+# Model-parallel shards of each model, by its folder under Meta's presigned URL; a URL serves one release.
+LLAMA_1 = {"7B": 1, "13B": 2, "30B": 4, "65B": 8}
+LLAMA_2 = {
+    "llama-2-7b": 1,
+    "llama-2-7b-chat": 1,
+    "llama-2-13b": 2,
+    "llama-2-13b-chat": 2,
+    "llama-2-70b": 8,
+    "llama-2-70b-chat": 8,
+}
+SHARDS = LLAMA_1 | LLAMA_2
+# Files LLaMA 2's download.sh fetches besides the checkpoints; no checklist lists them.
+LLAMA_2_TERMS = ("LICENSE", "USE_POLICY.md")
+LAYOUT = f"a LLaMA 1 URL serves {', '.join(LLAMA_1)}; a LLaMA 2 URL serves {', '.join(LLAMA_2)}"
 CHUNK = 1 << 20
+VERIFIED_NAME = ".vicuna-md5.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--url", required=True, help="the presigned URL from Meta's e-mail; '*' stands for each file"
     )
     parser.add_argument(
-        "--model-size", default="7B", help=f"comma-separated sizes among {', '.join(SHARDS)} (default 7B)"
+        "--model-size",
+        default="7B",
+        help=f"comma-separated models of one release: LLaMA 1's {', '.join(LLAMA_1)} or LLaMA 2's "
+        f"{', '.join(LLAMA_2)} (default 7B)",
     )
     parser.add_argument("--dir", type=Path, help="target folder (default: $VICUNA_HOME/llama)")
     parser.add_argument("--retries", type=int, default=8, help="retries per file after a failure (default 8)")
@@ -54,17 +74,28 @@ def main(args: argparse.Namespace) -> int:
 
 
 def parse_sizes(text: str) -> list[str]:
-    sizes = [s.strip().upper() for s in text.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in SHARDS]
-    if unknown or not sizes:
+    """`--model-size`'s models as their folder names (any case in, Meta's spelling out)."""
+    by_lower = {name.lower(): name for name in SHARDS}
+    given = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in given if s.lower() not in by_lower]
+    if unknown or not given:
+        guesses = [f"llama-2-{s.lower()}" for s in unknown if f"llama-2-{s.lower()}" in LLAMA_2]
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
         raise VicunaError(
-            f"--model-size: unknown size {', '.join(unknown) or repr(text)}; expected {', '.join(SHARDS)}"
+            f"--model-size: unknown model {', '.join(unknown) or repr(text)}{hint}; expected LLaMA 1's "
+            f"{', '.join(LLAMA_1)} or LLaMA 2's {', '.join(LLAMA_2)}"
         )
-    return list(dict.fromkeys(sizes))
+    sizes = list(dict.fromkeys(by_lower[s.lower()] for s in given))
+    if any(s in LLAMA_1 for s in sizes) and any(s in LLAMA_2 for s in sizes):
+        raise VicunaError(
+            f"--model-size: {', '.join(sizes)} mixes LLaMA 1 and LLaMA 2, whose presigned URLs differ; "
+            "download each release in its own run"
+        )
+    return sizes
 
 
 def checkpoint_files(sizes: list[str]) -> list[tuple[str, str]]:
-    """(file, the checklist that lists it) for every file of the chosen sizes, in download order."""
+    """(file, the checklist that lists it) for every file of the chosen models, in download order."""
     files = [("tokenizer.model", "tokenizer_checklist.chk")]
     for size in sizes:
         files += [(f"{size}/params.json", f"{size}/checklist.chk")]
@@ -87,15 +118,53 @@ def parse_checklist(path: Path) -> dict[str, str]:
     return sums
 
 
-def md5_file(path: Path, bars) -> str:
+def md5_of(path: Path, advance: Callable[[int], None] = lambda n: None) -> str:
     digest = hashlib.md5(usedforsecurity=False)
-    task = bars.add_task(f"md5 {path.name}", total=path.stat().st_size)
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
-            bars.advance(task, len(chunk))
-    bars.remove_task(task)
+            advance(len(chunk))
     return digest.hexdigest()
+
+
+def md5_file(path: Path, bars) -> str:
+    """md5_of with a bar of its own among `bars` (a rich Progress)."""
+    task = bars.add_task(f"md5 {path.name}", total=path.stat().st_size)
+    digest = md5_of(path, lambda n: bars.advance(task, n))
+    bars.remove_task(task)
+    return digest
+
+
+def mark_verified(path: Path, md5: str) -> None:
+    """Note in the folder's VERIFIED_NAME that `path`, at its present size and mtime, has md5 `md5`."""
+    marker = path.parent / VERIFIED_NAME
+    entries = _read_marker(marker)
+    stat = path.stat()
+    entries[path.name] = [md5, stat.st_size, stat.st_mtime_ns]
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
+    os.replace(tmp, marker)
+
+
+def verified_md5s(folder: Path) -> dict[str, str]:
+    """{file name: md5} of the files of `folder` that download-llama verified and that have kept the size and
+    mtime they had then: a later writer would have changed the mtime."""
+    verified = {}
+    for name, entry in _read_marker(Path(folder) / VERIFIED_NAME).items():
+        path = Path(folder) / name
+        if isinstance(entry, list) and len(entry) == 3 and path.is_file():
+            stat = path.stat()
+            if entry[1:] == [stat.st_size, stat.st_mtime_ns]:
+                verified[name] = entry[0]
+    return verified
+
+
+def _read_marker(marker: Path) -> dict:
+    try:
+        entries = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: nothing counts as verified
+        return {}
+    return entries if isinstance(entries, dict) else {}
 
 
 class _Retry(Exception):
@@ -117,8 +186,11 @@ class Fetcher:
                 if response.status_code >= 500 or response.status_code == 429:
                     raise _Retry(f"HTTP {response.status_code}")
                 if response.status_code >= 400 and response.status_code != 416:
-                    expired = response.status_code == 403
-                    hint = " (the presigned URL has probably expired: request a new one)" if expired else ""
+                    hint = {
+                        403: " (the presigned URL has probably expired: request a new one; or there is no "
+                        f"{name} under this URL: {LAYOUT})",
+                        404: f" (there is no {name} under this URL: {LAYOUT})",
+                    }.get(response.status_code, "")
                     raise VicunaError(f"the server answered HTTP {response.status_code} for {name}{hint}")
                 yield response
         except httpx.TransportError as err:  # dropped connection, timeout, body shorter than Content-Length
@@ -203,7 +275,8 @@ def _range_total(response) -> int | None:
 def download_llama(
     url: str, sizes: list[str], target: Path, *, retries: int = 8, backoff: float = 1.0, progress: bool = True
 ) -> Path:
-    """Download and md5-check the tokenizer and the checkpoints of `sizes` into `target`; skip verified files."""
+    """Download and md5-check the tokenizer and the checkpoints of `sizes` (folder names, see SHARDS) into
+    `target`; skip verified files."""
     import httpx
     from rich.progress import (
         BarColumn,
@@ -245,6 +318,11 @@ def download_llama(
                 part.replace(path)
             folder = Path(checklist).parent
             sums.update({(folder / name).as_posix(): md5 for name, md5 in parse_checklist(path).items()})
+        if any(size in LLAMA_2 for size in sizes):  # small, and listed in no checklist
+            for name in LLAMA_2_TERMS:
+                if not (target / name).exists():
+                    fetcher.fetch(url.replace("*", name, 1), _part(target / name), name, None)
+                    _part(target / name).replace(target / name)
 
         todo = []
         for name, checklist in files:
@@ -256,6 +334,7 @@ def download_llama(
             if path.exists():
                 if md5_file(path, bars) == sums[name]:
                     bars.console.print(f"{name}: verified, skipping")
+                    mark_verified(path, sums[name])
                     continue
                 bars.console.print(f"{name}: md5 mismatch, downloading it again")
                 path.unlink()
@@ -285,6 +364,7 @@ def download_llama(
                     "the server sends a different file than the checklist describes"
                 )
             part.replace(target / name)
+            mark_verified(target / name, sums[name])
     return target
 
 
