@@ -143,6 +143,16 @@ def test_sharegpt_and_openai_jsonl_read_the_same(tmp_path):
     assert from_json.source.endswith("[0] (id 'c1')")
 
 
+def test_pretty_printed_lists_and_byte_order_marks_load(tmp_path):
+    """A ShareGPT list as people save it: indented, maybe by an editor that writes a byte-order mark."""
+    path = tmp_path / "data.json"
+    for text in (json.dumps([CONVERSATION], indent=2), "\ufeff" + json.dumps([CONVERSATION], indent=2)):
+        path.write_text(text, encoding="utf-8")
+        assert [c.source for c in load_conversations(path)] == [f"{path}[0] (id 'c1')"]
+    path.write_text("\ufeff" + json.dumps(CONVERSATION) + "\n", encoding="utf-8")  # JSONL
+    assert [c.source for c in load_conversations(path)] == [f"{path}:1 (id 'c1')"]
+
+
 def turns(*pairs):
     return {"id": "x", "conversations": [{"from": f, "value": v} for f, v in pairs]}
 
@@ -191,8 +201,14 @@ def turns(*pairs):
             "jsonl",
             r"data\.jsonl:1\.messages\[0\]\.content: empty",
         ),
-        ("{nope", "jsonl", r"data\.jsonl:1: not valid JSON"),
+        ("{nope", "jsonl", r"data\.jsonl:1: not valid JSON .*; expected a JSON list of conversations"),
         ("[{", "json", r"data\.json: not valid JSON"),
+        (
+            json.dumps(CONVERSATION, indent=2),
+            "json",
+            r"data\.json: one JSON object over several lines; expected a JSON list of conversations "
+            r"\(ShareGPT\) or one JSON object per line \(JSONL\)",
+        ),
     ],
 )
 def test_bad_records_name_the_record_and_field(tmp_path, content, suffix, match):

@@ -37,11 +37,15 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_llama_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lora")
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in DATA), encoding="utf-8")
-    out = root / "adapter"
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in DATA), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_llama_dir, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "adapter"
     args = [
         "train",
         "--model-path",
@@ -64,7 +68,7 @@ def test_lora_run_writes_an_adapter_with_its_template(adapter):
     assert json.loads((adapter / "vicuna.json").read_text()) == {"conv_template": "chatml"}
 
 
-def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, tmp_path):
+def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, tmp_path, capsys):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -74,6 +78,7 @@ def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, 
         cli(["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(adapter), "--output", str(out)])
         == 0
     )
+    assert "warning" not in capsys.readouterr().err  # its own base
     assert json.loads((out / "vicuna.json").read_text()) == {"conv_template": "chatml"}
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
 
@@ -88,19 +93,16 @@ def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, 
     torch.testing.assert_close(merged_logits, applied_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_unknown_lora_target_is_named(tiny_llama_dir, adapter, tmp_path, capsys):
-    data = adapter.parent / "data.jsonl"
-    args = [
-        "train",
-        "--model-path",
-        str(tiny_llama_dir),
-        "--data",
-        str(data),
-        "--output-dir",
-        str(tmp_path / "o"),
-    ]
-    assert cli([*args, "--lora", "--lora-target", "qq_proj"]) == 2
+def test_unknown_lora_target_is_named_before_anything_is_written(tiny_llama_dir, data, tmp_path, capsys):
+    args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data)]
+    args += ["--output-dir", str(tmp_path / "o"), "--lora", "--lora-target"]
+    assert cli([*args, "qq_proj"]) == 2
     assert "--lora-target qq_proj:" in capsys.readouterr().err
+    assert cli([*args, "q_proj,vv_proj"]) == 2  # peft itself would quietly leave out the typo
+    assert "--lora-target q_proj,vv_proj: 'vv_proj' names no module of" in capsys.readouterr().err
+    assert cli([*args, "mlp"]) == 2  # a module LoRA cannot wrap
+    assert "--lora-target mlp:" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_merge_refuses_bad_folders(adapter, tiny_llama_dir, tmp_path, capsys):
@@ -110,3 +112,51 @@ def test_merge_refuses_bad_folders(adapter, tiny_llama_dir, tmp_path, capsys):
     (tmp_path / "exists").mkdir()
     assert cli([*args, str(tmp_path / "exists"), "--adapter", str(adapter)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def train_adapter(model: Path, data: Path, out: Path, *extra: str) -> Path:
+    args = ["train", "--model-path", str(model), "--data", str(data), "--output-dir", str(out), "--lora"]
+    assert cli([*args, "--max-steps", "1", *extra]) == 0
+    return out
+
+
+def bigger_vocab(tiny_llama_dir: Path, dest: Path) -> Path:
+    """The tiny model with one token added to its tokenizer and its embedding: 401 tokens."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shutil.copytree(tiny_llama_dir, dest)
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    tokenizer.add_tokens(["<extra>"])
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def test_merge_refuses_an_adapter_of_another_base(tiny_llama_dir, data, tmp_path, capsys):
+    from tests.tiny_models import write_tiny_llama
+
+    merge = ["lora", "merge", "--base", str(tiny_llama_dir), "--output", str(tmp_path / "m"), "--adapter"]
+    # trained on a model of 401 tokens: the weights fit the 400-token base, its tokenizer does not
+    big = bigger_vocab(tiny_llama_dir, tmp_path / "big")
+    assert cli([*merge, str(train_adapter(big, data, tmp_path / "a401"))]) == 2
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'a401' / 'adapter_config.json'} names {big} as its base" in err
+    assert "the tokenizer has 401 tokens but the model's embedding has 400 rows" in err
+    assert "the adapter was trained on another model: merge it into its own base" in err
+
+    # another width: the adapter's matrices do not fit the base's layers
+    narrow = write_tiny_llama(tmp_path / "narrow", hidden_size=32, intermediate_size=64)
+    assert cli([*merge, str(train_adapter(narrow, data, tmp_path / "a32"))]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.0.self_attn.q_proj.lora_A.weight has shape (8, 32)" in err
+    assert "model.layers.0.self_attn.q_proj has 64 inputs" in err
+
+    # another depth: the adapter has layers the base lacks
+    deep = write_tiny_llama(tmp_path / "deep", num_hidden_layers=3)
+    assert cli([*merge, str(train_adapter(deep, data, tmp_path / "a3"))]) == 2
+    assert "model.layers.2.self_attn.q_proj, which" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()

@@ -4,6 +4,7 @@ a resumed run ends where an uninterrupted one does, and bad spans or old GPUs st
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,88 @@ def test_multi_gpu_configs_ship_with_the_package():
     zero3 = json.loads((configs / "zero3.json").read_text())
     assert zero3["zero_optimization"]["stage"] == 3
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_an_output_dir_that_holds_a_model_is_refused(tiny_llama_dir, data_file, tmp_path, capsys):
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "vm_copy"))
+    before = sorted(p.name for p in model.iterdir())
+    args = ["train", "--data", str(data_file), "--max-steps", "1"]
+    same = str(tmp_path / "vm_copy" / ".." / "vm_copy")  # the same folder, spelled differently
+    assert cli([*args, "--model-path", str(model), "--output-dir", same]) == 2
+    err = capsys.readouterr().err
+    assert "is the model folder (--model-path" in err and "choose another --output-dir" in err
+    assert sorted(p.name for p in model.iterdir()) == before  # nothing written into it
+
+    other = Path(shutil.copytree(tiny_llama_dir, tmp_path / "other"))
+    assert cli([*args, "--model-path", str(tiny_llama_dir), "--output-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a model (config.json, model.safetensors" in err
+    assert "choose another --output-dir" in err
+    assert not (other / "vicuna-train.json").exists()
+
+
+LONG = [
+    {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Paris. " * 200}]}
+]
+
+
+def test_max_length_defaults_to_the_model_context_and_may_not_exceed_it(tiny_llama_dir, tmp_path, capsys):
+    data = tmp_path / "long.json"
+    data.write_text(json.dumps(LONG), encoding="utf-8")
+    out = tmp_path / "examples.jsonl"
+    args = ["train", "inspect", "--data", str(data), "--model-path", str(tiny_llama_dir), "-n", "0"]
+    assert cli([*args, "--json", str(out)]) == 0
+    assert "1 truncated to --max-length 256" in capsys.readouterr().out  # the tiny model's 256 positions
+    [example] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(example["input_ids"]) == 256
+
+    assert cli([*args, "--max-length", "2048"]) == 2
+    assert "--max-length 2048 is longer than the model's context of 256 tokens" in capsys.readouterr().err
+    train = ["train", "--data", str(data), "--model-path", str(tiny_llama_dir), "--output-dir"]
+    assert cli([*train, str(tmp_path / "out"), "--max-length", "300"]) == 2
+    assert "--max-length 300 is longer than the model's context of 256 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_full_fine_tune_is_saved_in_the_base_models_dtype(tiny_llama_dir, data_file, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base = Path(shutil.copytree(tiny_llama_dir, tmp_path / "bf16"))
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(base)
+    out = tmp_path / "out"
+    args = ["train", "--model-path", str(base), "--data", str(data_file), "--output-dir", str(out)]
+    mask = os.umask(0o022)
+    try:
+        assert cli([*args, "--max-steps", "2", "--lr", "1e-2", "--warmup-ratio", "0"]) == 0
+    finally:
+        os.umask(mask)
+
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 (not iterable)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+    size, base_size = (out / "model.safetensors").stat().st_size, (base / "model.safetensors").stat().st_size
+    assert size < 1.1 * base_size, (size, base_size)
+    trained, original = weights(out), weights(base)
+    assert any(not torch.equal(trained[n], original[n]) for n in trained)  # it did train
+    assert (out / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others, as any new file
+
+
+def test_the_first_warmup_step_learns(tiny_llama_dir, data_file, tmp_path):
+    from transformers import TrainerCallback
+
+    from vicuna.train.trainer import TrainConfig, train
+
+    rates: list[float] = []
+
+    class Rates(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            rates.append(optimizer.param_groups[0]["lr"])
+
+    settings = dict(data=data_file, output_dir=tmp_path / "out", model_path=str(tiny_llama_dir))
+    settings.update(max_steps=4, lr=1e-3, warmup_ratio=0.5, batch_size=4, progress=False)
+    train(TrainConfig(**settings), callbacks=[Rates()])
+    # 2 warmup steps at 1/2 and 2/2 of the peak (transformers' own: 0 and 1/2), then the cosine from the peak
+    assert rates == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])

@@ -11,8 +11,7 @@ from typing import Any
 from vicuna.config import DTYPES
 from vicuna.errors import VicunaError
 from vicuna.train.data import IGNORE
-
-SCHEDULERS = ("cosine", "linear", "constant_with_warmup")
+from vicuna.train.trainer import SCHEDULERS
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +22,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv-template", help="prompt template (default: the model's own, see `vicuna template list`)"
     )
     g.add_argument("--conv-system-msg", help="system prompt for conversations that have none")
-    g.add_argument("--max-length", type=int, default=2048, help="tokens per example (default 2048)")
+    g.add_argument(
+        "--max-length", type=int, help="tokens per example (default: 2048, or the model's context if shorter)"
+    )
     g.add_argument(
         "--split-long",
         action="store_true",

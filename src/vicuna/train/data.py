@@ -23,6 +23,7 @@ IGNORE = -100  # label of a token without loss (the ignore_index of PyTorch's cr
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 SHAREGPT_NAMES = {v: k for k, v in SHAREGPT_ROLES.items()}
 OPENAI_NAMES = {"user": "user", "assistant": "assistant", "system": "system"}
+FORMATS = "expected a JSON list of conversations (ShareGPT) or one JSON object per line (JSONL)"
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,10 @@ class Conversation:
 
 
 def load_conversations(path: Path) -> list[Conversation]:
-    """A ShareGPT JSON list or an OpenAI-style JSONL file; the first bad record is an error naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
+    """A ShareGPT JSON list (one line or many) or a JSONL file (ShareGPT or OpenAI-style records); the
+    first bad record is an error naming it."""
+    try:  # utf-8-sig: some editors start the file with a byte-order mark, which is not JSON
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise VicunaError(f"{path}: no such file") from None
     except UnicodeDecodeError as err:
@@ -55,10 +57,23 @@ def load_conversations(path: Path) -> list[Conversation]:
                 try:
                     items.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as err:
-                    raise VicunaError(f"{path}:{n}: not valid JSON ({err})") from None
+                    message = f"{path}:{n}: not valid JSON ({err})"
+                    if not items:  # the first record: perhaps the file is not JSONL at all
+                        if is_json(text):  # an object over several lines (a list starts with "[")
+                            message = f"{path}: one JSON object over several lines"
+                        message += f"; {FORMATS}"
+                    raise VicunaError(message) from None
     if not items:
         raise VicunaError(f"{path}: no conversations in the file")
     return [parse_record(record, where) for where, record in items]
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def parse_record(record: Any, where: str) -> Conversation:
@@ -240,6 +255,7 @@ class Example:
 
 @dataclass
 class Prepared:
+    max_length: int  # tokens per example
     examples: list[Example] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (source, why its spans cannot be located)
     truncated: int = 0  # examples cut at --max-length
@@ -250,7 +266,8 @@ class Prepared:
         loss = sum(sum(label != IGNORE for label in e.labels) for e in self.examples)
         return (
             f"{len(self.examples)} examples, {tokens} tokens of which {loss} carry loss; "
-            f"{len(self.bad)} bad (assistant text not locatable), {self.truncated} truncated to --max-length"
+            f"{len(self.bad)} bad (assistant text not locatable), "
+            f"{self.truncated} truncated to --max-length {self.max_length}"
             + (f", {self.dropped} of them left out (no assistant text left)" if self.dropped else "")
         )
 
@@ -301,7 +318,7 @@ def prepare(
     def fits(messages: list[Message]) -> bool:
         return encoder.length(messages) <= max_length
 
-    out = Prepared()
+    out = Prepared(max_length)
     for conv in track(conversations, description="tokenizing", disable=not progress, transient=True):
         pieces = [list(conv.messages)]
         try:

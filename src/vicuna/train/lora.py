@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 from vicuna.config import DTYPES
 from vicuna.engine.loader import RECORDED_TEMPLATE
 from vicuna.errors import ModelLoadError, VicunaError
+
+# peft's names: base_model.model.<the base's module>.lora_A.weight
+LORA_WEIGHT = re.compile(
+    r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_(?:embedding_)?[AB])(?:\.weight)?"
+)
+# LoRA's matrices -> (the axis of their shape, the base module's size it must equal, what that size is)
+LORA_AXES = {
+    "lora_A": (1, "in_features", "inputs"),
+    "lora_B": (0, "out_features", "outputs"),
+    "lora_embedding_A": (1, "num_embeddings", "rows"),
+    "lora_embedding_B": (0, "embedding_dim", "columns"),
+}
+OTHER_BASE = "the adapter was trained on another model: merge it into its own base"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,27 +48,36 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from vicuna.engine.loader import load_tokenizer, resolve_model_path
+    from vicuna.engine.loader import check_tokenizer, load_tokenizer, read_config, resolve_model_path
 
     if not (adapter / "adapter_config.json").is_file():
         raise VicunaError(f"{adapter}: no adapter_config.json; expected a LoRA adapter folder")
     if output.exists():
         raise VicunaError(f"{output}: already exists; choose a new --output")
     folder = resolve_model_path(base)
+    warn_if_other_base(adapter, folder)
+    has_tokenizer = any(
+        (adapter / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
+    tokenizer = load_tokenizer(adapter if has_tokenizer else folder)
+    try:  # the merged model keeps the base's config: this is the check chat will run on it
+        check_tokenizer(tokenizer, read_config(folder), adapter if has_tokenizer else folder)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{adapter} does not fit {folder}: {err}; {OTHER_BASE}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
         )
+    except (OSError, RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"{folder}: cannot load the weights ({type(err).__name__}: {err})") from None
+    check_adapter_fits(adapter, model, folder)
+    try:
         model = PeftModel.from_pretrained(model, adapter)
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise ModelLoadError(
             f"{adapter} on {folder}: cannot apply the adapter ({type(err).__name__}: {err})"
         ) from None
     merged = model.merge_and_unload()
-    has_tokenizer = any(
-        (adapter / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    )
-    tokenizer = load_tokenizer(adapter if has_tokenizer else folder)
     tmp = output.with_name(output.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
@@ -62,6 +88,61 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
             break
     tmp.rename(output)
     return output
+
+
+def warn_if_other_base(adapter: Path, folder: Path) -> None:
+    """A warning, not an error, when the adapter names another folder as its base: a copy of the same
+    model elsewhere is fine, and the checks that follow refuse one that does not fit."""
+    config = adapter / "adapter_config.json"
+    try:
+        named = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise VicunaError(f"{config}: not a valid adapter config ({type(err).__name__}: {err})") from None
+    named_folder = Path(named).expanduser() if named else None
+    if named_folder is not None and named_folder.is_dir() and named_folder.resolve() != folder.resolve():
+        print(
+            f"warning: {config} names {named} as its base, not {folder}; merging if the adapter fits",
+            file=sys.stderr,
+        )
+
+
+def adapter_shapes(adapter: Path) -> dict[str, tuple[int, ...]]:
+    """The shapes of the adapter's weights by name, read without loading the weights."""
+    if (adapter / "adapter_model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+            return {
+                key: tuple(f.get_slice(key).get_shape())
+                for key in f.keys()  # noqa: SIM118 (safe_open handles are not iterable)
+            }
+    if (adapter / "adapter_model.bin").is_file():
+        import torch
+
+        state = torch.load(adapter / "adapter_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        return {key: tuple(tensor.shape) for key, tensor in state.items()}
+    raise VicunaError(f"{adapter}: no adapter_model.safetensors; expected a LoRA adapter folder")
+
+
+def check_adapter_fits(adapter: Path, model: Any, folder: Path) -> None:
+    """Refuse an adapter whose matrices do not fit the base's layers. peft would stop at a wrong shape
+    with a long message, and would leave out layers the base lacks with a warning only."""
+    modules = dict(model.named_modules())
+    for key, shape in adapter_shapes(adapter).items():
+        match = LORA_WEIGHT.fullmatch(key)
+        if match is None:
+            continue  # not a LoRA matrix (a whole layer saved beside them: peft compares those itself)
+        name, (axis, size, what) = match["module"], LORA_AXES[match["kind"]]
+        if name not in modules:
+            raise VicunaError(
+                f"{adapter}: the adapter has weights for {name}, which {folder} lacks; {OTHER_BASE}"
+            )
+        expected = getattr(modules[name], size, None)
+        if expected is not None and shape[axis] != expected:
+            raise VicunaError(
+                f"{adapter}: {key} has shape {shape}, but {folder}'s "
+                f"{name} has {expected} {what}; {OTHER_BASE}"
+            )
 
 
 def main(args: argparse.Namespace) -> int:

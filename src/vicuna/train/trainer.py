@@ -16,6 +16,7 @@ the same data order; a record of the run's settings refuses a resume that would 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -29,6 +30,10 @@ from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, pre
 
 RUN_RECORD = "vicuna-train.json"  # the settings a resumed run must keep
 MIN_CAPABILITY = (7, 5)
+MAX_LENGTH = 2048  # tokens per example unless the model's context is shorter or --max-length says
+MODEL_FILES = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.index.json")
+STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors' names
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup")  # see lr_factor
 
 
 @dataclass
@@ -38,7 +43,7 @@ class TrainConfig:
     model_path: str | None = None  # None: the built-in model
     conv_template: str | None = None
     conv_system_msg: str | None = None
-    max_length: int = 2048
+    max_length: int | None = None  # None: MAX_LENGTH or the model's context, whichever is shorter
     split_long: bool = False
     allow_bad: int = 0
     epochs: float = 3.0
@@ -69,7 +74,7 @@ class TrainConfig:
         self.data, self.output_dir = Path(self.data), Path(self.output_dir)
         self.lora = self.lora or self.qlora
         checks = [
-            (self.max_length >= 16, "--max-length must be at least 16"),
+            (self.max_length is None or self.max_length >= 16, "--max-length must be at least 16"),
             (
                 self.batch_size >= 1 and self.grad_accum >= 1,
                 "--batch-size and --grad-accum must be at least 1",
@@ -82,6 +87,7 @@ class TrainConfig:
                 "--save-steps and --logging-steps must be >= 1",
             ),
             (self.allow_bad >= 0, "--allow-bad must be >= 0"),
+            (self.lr_scheduler in SCHEDULERS, f"unknown --lr-scheduler {self.lr_scheduler!r}"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown --dtype {self.dtype!r}"),
         ]
         for ok, message in checks:
@@ -155,24 +161,40 @@ def read_and_tokenize(
     conv_template: str | None,
     conv_system_msg: str | None,
     *,
-    max_length: int,
+    max_length: int | None,
     split_long: bool,
     progress: bool,
 ) -> tuple[Path, Any, Any, Prepared]:
     """Read the conversations (bad records stop here, before anything loads), load the tokenizer and
     template, and tokenize with the loss mask; returns the model folder, tokenizer, template and result."""
+    from vicuna.engine.loader import read_config
+
     conversations = load_conversations(data)
     folder, tokenizer, template = load_tokenizer_and_template(model_path, conv_template, conv_system_msg)
     prepared = prepare(
         conversations,
         Encoder(tokenizer, template),
-        max_length=max_length,
+        max_length=fit_max_length(max_length, read_config(folder), folder),
         split_long=split_long,
         progress=progress,
     )
     if progress:
         print(f"{data}: {prepared.summary()} (template {template.name})", flush=True)
     return folder, tokenizer, template, prepared
+
+
+def fit_max_length(max_length: int | None, config: Any, folder: Path) -> int:
+    """--max-length, refused when longer than the model's context; by default MAX_LENGTH or the context,
+    whichever is shorter (positions past the context are ones the model never learnt)."""
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if max_length is None:
+        return min(MAX_LENGTH, context) if context else MAX_LENGTH
+    if context and max_length > context:
+        raise VicunaError(
+            f"--max-length {max_length} is longer than the model's context of {context} tokens "
+            f"({folder / 'config.json'} max_position_embeddings); pass --max-length {context} or less"
+        )
+    return max_length
 
 
 # --- checkpoints and the run record ---------------------------------------------------------------
@@ -190,10 +212,11 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict[str, Any]:
     """What fixes the data order and the schedule: a resumed run must match it."""
-    keys = ("max_length", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio")
+    keys = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio")
     keys += ("weight_decay", "lr_scheduler", "lora", "lora_r", "lora_alpha", "lora_target", "seed")
     record = {k: asdict(cfg)[k] for k in keys}
     record.update(
+        max_length=prepared.max_length,
         conv_template=template_name,
         data_fingerprint=prepared.fingerprint(),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
@@ -201,15 +224,35 @@ def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict
     return record
 
 
-def start_or_resume(cfg: TrainConfig, record: dict[str, Any], is_main: bool) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run); refuses mismatches and accidental overwrites."""
+def model_files(folder: Path) -> list[str]:
+    """The names of the files in `folder` that make it a model (or adapter) folder."""
+    return sorted({p.name for pattern in MODEL_FILES for p in folder.glob(pattern)})
+
+
+def start_or_resume(
+    cfg: TrainConfig, record: dict[str, Any], is_main: bool, model_folder: Path
+) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); refuses mismatches and accidental overwrites,
+    of a training run or of a model (the trained one would lie beside it, and tools would load either)."""
     path = cfg.output_dir / RUN_RECORD
+    if cfg.output_dir.resolve() == model_folder.resolve():
+        raise VicunaError(
+            f"--output-dir {cfg.output_dir} is the model folder (--model-path {model_folder}); the "
+            "trained model would be written into it beside the original: choose another --output-dir"
+        )
     checkpoint = last_checkpoint(cfg.output_dir) if cfg.output_dir.is_dir() else None
     if not cfg.resume:
         if checkpoint is not None or (cfg.output_dir / RECORDED_TEMPLATE).is_file():
             raise VicunaError(
                 f"{cfg.output_dir} already holds a training run; pass --resume to continue it, "
                 "or choose another --output-dir"
+            )
+        found = model_files(cfg.output_dir)
+        if found:
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            raise VicunaError(
+                f"{cfg.output_dir} already holds a model ({', '.join(found[:3])}{more}); the trained model "
+                "would be written beside it, and tools would load either: choose another --output-dir"
             )
         if is_main:
             cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -271,8 +314,53 @@ def load_model(
     return add_lora(model, cfg, show=show) if cfg.lora else model
 
 
+def lora_targets(cfg: TrainConfig) -> str | list[str]:
+    targets = cfg.lora_target.strip()
+    return targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+
+
+def wrap_lora(model: Any, cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=lora_targets(cfg),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        raise VicunaError(f"--lora-target {cfg.lora_target}: {err}") from None
+
+
+def check_lora_target(folder: Path, cfg: TrainConfig) -> None:
+    """Refuse a --lora-target that names no module of the model, or one LoRA cannot wrap, before anything
+    is written: LoRA is put on the model's layers without their weights (PyTorch's "meta" device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vicuna.engine.loader import read_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(read_config(folder))
+    targets = lora_targets(cfg)
+    names = [name for name, _ in model.named_modules()]
+    for target in targets if isinstance(targets, list) else []:  # peft skips a name when another matches
+        if not any(name == target or name.endswith(f".{target}") for name in names):
+            linear = {
+                n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            }
+            raise VicunaError(
+                f"--lora-target {cfg.lora_target}: {target!r} names no module of {folder}; its linear "
+                f"layers are {', '.join(sorted(linear))}, or pass all-linear"
+            )
+    wrap_lora(model, cfg)
+
+
 def add_lora(model: Any, cfg: TrainConfig, *, show: bool = False) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if cfg.qlora:
         model = prepare_model_for_kbit_training(
@@ -280,20 +368,7 @@ def add_lora(model: Any, cfg: TrainConfig, *, show: bool = False) -> Any:
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    targets = cfg.lora_target.strip()
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets
-        if targets == "all-linear"
-        else [t.strip() for t in targets.split(",") if t.strip()],
-        task_type="CAUSAL_LM",
-    )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
-        raise VicunaError(f"--lora-target {cfg.lora_target}: {err}") from None
+    model = wrap_lora(model, cfg)
     if show:
         trainable, total = model.get_nb_trainable_parameters()
         print(f"LoRA: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%)")
@@ -321,6 +396,44 @@ class PadCollator:
                 [[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]
             ),
         }
+
+
+def lr_factor(step: int, *, name: str, warmup: int, total: int) -> float:
+    """The learning rate of optimizer step `step` (from 0) as a share of --lr: warmup step k of W at
+    (k + 1) / W (transformers' schedules give the first step 0, so it would learn nothing), then constant,
+    or a linear or cosine decay to 0 at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if name == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if name == "linear":
+        return max(0.0, 1.0 - progress)
+    return 1.0  # constant_with_warmup
+
+
+def trainer_class() -> Any:
+    """transformers' Trainer with the schedule of `lr_factor`; the Trainer asks for its scheduler through
+    this method under every launcher (DeepSpeed included)."""
+    from functools import partial
+
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import Trainer
+
+    class VicunaTrainer(Trainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):  # type: ignore[no-untyped-def]
+            if self.lr_scheduler is None:
+                factor = partial(
+                    lr_factor,
+                    name=self.args.lr_scheduler_type,
+                    warmup=self.args.get_warmup_steps(num_training_steps),
+                    total=num_training_steps,
+                )
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
+                self._created_lr_scheduler = True  # as the base method: remade if train() runs again
+            return self.lr_scheduler
+
+    return VicunaTrainer
 
 
 def progress_callback() -> Any:
@@ -351,7 +464,7 @@ def progress_callback() -> Any:
 def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     """Run (or resume) training; returns the output folder, which then holds the final model."""
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     check_gpus(cfg.force)
@@ -372,7 +485,9 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     prepared.check_bad(cfg.allow_bad)  # before any model loads: a bad run stops in seconds
     if not prepared.examples:
         raise VicunaError(f"{cfg.data}: no example is left to train on")
-    checkpoint = start_or_resume(cfg, run_record(cfg, template.name, prepared), is_main)
+    if cfg.lora:
+        check_lora_target(folder, cfg)  # before start_or_resume writes anything
+    checkpoint = start_or_resume(cfg, run_record(cfg, template.name, prepared), is_main, folder)
 
     # The arguments come before the model: under DeepSpeed ZeRO-3 they make from_pretrained shard at load.
     args = TrainingArguments(
@@ -403,7 +518,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     )
     model = load_model(folder, cfg, compute_dtype, tokenizer, show=show)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(
+    trainer = trainer_class()(
         model=model,
         args=args,
         train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.examples],
@@ -416,7 +531,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     if show:
         trainer.add_callback(progress_callback())
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    save_final(trainer, cfg.output_dir, template.name, is_main)
+    # a full model goes back to the base's precision: the Trainer holds a float32 copy, twice a 16-bit base
+    save_final(trainer, cfg.output_dir, template.name, is_main, None if cfg.lora else stored_dtype(folder))
     if show:
         if cfg.lora:
             print(
@@ -430,20 +546,77 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     return cfg.output_dir
 
 
-def save_final(trainer: Any, output_dir: Path, template_name: str, is_main: bool) -> None:
-    """Write the model (or adapter), tokenizer and template record beside the checkpoints, each file
-    renamed into place once complete; the template record goes last."""
+def stored_dtype(folder: Path) -> str | None:
+    """The floating-point dtype the model's weights are stored in: its first safetensors file's, else
+    config.json's dtype (or torch_dtype); None when neither says."""
+    from safetensors import safe_open
+
+    from vicuna.engine.loader import weight_files
+
+    first = weight_files(folder)[0]
+    if first.suffix == ".safetensors":
+        with safe_open(first, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                dtype = STORED_DTYPES.get(f.get_slice(key).get_dtype())
+                if dtype is not None:
+                    return dtype
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in STORED_DTYPES.values() else None
+
+
+def cast_weights(folder: Path, dtype: str) -> None:
+    """Rewrite the floating-point weights saved in `folder` in `dtype`, and say so in its config.json
+    (and its index's total size)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    to, total = getattr(torch, dtype), 0
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = {}
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (not iterable); one float32 tensor in memory at a time
+                tensor = f.get_tensor(key)
+                tensors[key] = tensor.to(to) if tensor.is_floating_point() else tensor
+                total += tensors[key].nbytes
+            metadata = f.metadata()
+        save_file(tensors, path, metadata=metadata)
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index.setdefault("metadata", {})["total_size"] = total
+        index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["dtype"] = dtype
+    if "torch_dtype" in config:  # the field's name in older transformers
+        config["torch_dtype"] = dtype
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def save_final(
+    trainer: Any, output_dir: Path, template_name: str, is_main: bool, dtype: str | None = None
+) -> None:
+    """Write the model (or adapter), in `dtype` when given, with the tokenizer and template record
+    beside the checkpoints, each file renamed into place once complete; the template record goes last."""
     tmp = output_dir / ".final.partial"
     if is_main:  # what an interrupted save left behind
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))  # every process: FSDP and ZeRO-3 gather the weights collectively
     if is_main:
+        from vicuna.weights.checkpoint import new_file_mode
+
+        if dtype is not None:
+            cast_weights(tmp, dtype)
         (tmp / RECORDED_TEMPLATE).write_text(
             json.dumps({"conv_template": template_name}) + "\n", encoding="utf-8"
         )
+        mode = new_file_mode()  # safetensors writes files only their owner may read
         for f in sorted(tmp.iterdir(), key=lambda p: p.name == RECORDED_TEMPLATE):
             if f.is_file():
+                os.chmod(f, mode)
                 os.replace(f, output_dir / f.name)
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()

@@ -111,7 +111,11 @@ def tokenizer_files_for(lead: Path, base: Path, lead_role: str) -> list[Path]:
     if not tokenizer_files(lead):
         extra, source = tokenizer_files(base), base
         if not extra:
-            raise VicunaError(f"neither the {lead_role} ({lead}) nor the base ({base}) has tokenizer files")
+            notice(
+                f"neither the {lead_role} ({lead}) nor the base ({base}) has tokenizer files: the result will have "
+                "none, and needs one before it can chat"
+            )
+            return []
         notice(f"the {lead_role} ({lead}) has no tokenizer files: the base's are used ({base})")
     try:
         config = AutoConfig.from_pretrained(lead)
