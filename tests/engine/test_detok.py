@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vicuna.engine.detok import IncrementalDecoder, StopMatcher
+from vicuna.engine.detok import IncrementalDecoder, StopMatcher, TokenBytes
 
 TEXT = "Hello 世界! 你好，今天天气很好。龍🐉 emoji and 中文 mixed."
 
@@ -49,6 +49,37 @@ def test_byte_level_bpe_streams_whole_characters():
     pieces = stream(tokenizer, ids)
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == TEXT
+
+
+def byte_per_token_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=raw)
+
+
+def test_each_token_s_own_bytes_byte_level_bpe():
+    tokenizer = byte_per_token_tokenizer()
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    token_bytes = TokenBytes(tokenizer)
+    assert [token_bytes(i) for i in ids] == [
+        bytes([b]) for b in TEXT.encode()
+    ]  # every one of the 256 spellings
+    split = ids[TEXT.encode().index("世".encode())]  # the first byte of a 3-byte character
+    assert token_bytes.text(split) == "\\xe4"
+
+
+def test_each_token_s_own_bytes_sentencepiece(sp_tokenizer):
+    ids = sp_tokenizer(TEXT, add_special_tokens=False).input_ids
+    token_bytes = TokenBytes(sp_tokenizer)
+    assert b"".join(token_bytes(i) for i in ids).decode() == " " + TEXT  # the word-boundary mark is a space
+    tokens = sp_tokenizer.convert_ids_to_tokens(ids)
+    byte_token = ids[next(i for i, t in enumerate(tokens) if t.startswith("<0x"))]
+    assert len(token_bytes(byte_token)) == 1 and token_bytes.text(byte_token).startswith("\\x")
 
 
 def test_a_character_cut_by_the_token_limit_is_dropped_not_broken():

@@ -96,6 +96,15 @@ def test_chat_uses_the_template_and_its_stop_token(engine):
     assert isinstance(events[-1], Finished)
 
 
+def test_ignore_eos_in_a_chat_drops_the_template_s_stop_token_when_it_is_eos(engine):
+    assert 2 in engine.template_stop_ids and 2 in engine.chat_params(SamplingParams()).stop_token_ids
+    assert 2 not in engine.chat_params(SamplingParams(ignore_eos=True)).stop_token_ids
+    assert engine.chat_params(SamplingParams(ignore_eos=True, stop_token_ids=(2,))).stop_token_ids == (2,)
+    prompt = engine.encode_chat([Message("user", "Hello!")])
+    ignored = engine.chat_params(SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))
+    assert list(engine.generate(prompt, ignored))[-1].completion_tokens == 6
+
+
 @pytest.mark.parametrize("on_kernel", [True, False])
 def test_llama_runner_matches_transformers_logits(tiny_llama_dir, monkeypatch, on_kernel):
     from vicuna.engine import kernel

@@ -19,6 +19,7 @@ import uvicorn
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Finished
+from vicuna.errors import VicunaError
 from vicuna.server.app import create_app
 
 MODEL = "tiny"
@@ -192,6 +193,20 @@ def test_logprobs(api):
     for t in content:
         assert len(t.top_logprobs) == 3 and t.logprob <= 0
         assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)  # greedy picks the most likely
+        # the token's own bytes and text (TokenBytes), not its vocabulary entry ("▁there", "<0xE4>")
+        assert bytes(t.bytes).decode("utf-8", errors="backslashreplace") == t.token
+        assert "\u2581" not in t.token and not t.token.startswith("<0x")
+
+
+def test_completion_logprob_offsets_count_characters_and_bytes_stay_whole():
+    from vicuna.engine.events import TokenLogprob
+    from vicuna.server.app import _completion_logprobs
+
+    pieces = [b"\xe4\xb8\xad", b"\xe5\x9b", b"\xbd", b" hi"]  # 中, then 国 split over two tokens
+    items = [TokenLogprob(i, b.decode(errors="backslashreplace"), -1.0, (), b) for i, b in enumerate(pieces)]
+    out = _completion_logprobs(items, offset=5)
+    assert out.text_offset == [5, 6, 6, 7]
+    assert out.tokens == ["中", "\\xe5\\x9b", "\\xbd", " hi"]
 
 
 def test_completions(api, tiny_engine):
@@ -321,6 +336,41 @@ def test_queue_full_is_429_with_retry_after(tiny_engine):
         running.close()
         waiting.close()
         assert wait_for(lambda: batcher.running == 0 and batcher.waiting == 0)
+
+
+def test_a_request_refused_part_way_leaves_nothing_running(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=4)
+    batcher = app.state.batcher
+    step, add = batcher._rows.step, batcher.add
+    batcher._rows.step = lambda tokens: (time.sleep(0.01), step(tokens))[1]  # 900 tokens: 9 s
+
+    def add_then_refuse(ids, params, sink, cancel):  # the second choice is refused once the first is queued
+        if batcher.running + batcher.waiting:
+            raise VicunaError("refused")
+        add(ids, params, sink, cancel=cancel)
+
+    batcher.add = add_then_refuse
+    with serving(app) as url:
+        body = {"model": MODEL, "prompt": "Hello world", "n": 2, "max_tokens": 900, "ignore_eos": True}
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 400 and error_of(r)["message"] == "refused"
+        time.sleep(0.5)  # past the first choice's admission, when it is in neither count
+        assert wait_for(lambda: batcher.running == 0 and batcher.waiting == 0, timeout=2)
+
+
+def test_max_queue_0_serves_what_a_free_row_takes_at_once(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=1, max_queue=0)
+    batcher = app.state.batcher
+    with serving(app) as url:
+        api = client(url)
+        assert api.chat.completions.create(messages=HELLO, max_tokens=2, **greedy()).choices
+        long = greedy(messages=HELLO, max_tokens=900, stream=True, extra_body={"ignore_eos": True})
+        running = api.chat.completions.create(**long)
+        next(iter(running))
+        with pytest.raises(openai.RateLimitError):  # no row free, and none may wait
+            api.chat.completions.create(messages=HELLO, max_tokens=2, **greedy())
+        running.close()
+        assert wait_for(lambda: batcher.running == 0)
 
 
 def metric(url: str, name: str) -> float:

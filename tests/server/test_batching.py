@@ -268,6 +268,45 @@ def test_any_transformers_model_batches_on_a_padded_cache(tiny_engine):
         b.close()
 
 
+def test_the_padded_cache_path_passes_its_cache_by_the_name_the_model_takes(tiny_engine):
+    """Earlier transformers 5 releases take the cache as `past_key_values`: under the wrong name the prompt
+    would be forgotten after its first token."""
+    import torch
+
+    from vicuna.engine.engine import Engine
+
+    plain = tiny_engine.model
+
+    class EarlierNames(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain, self.config, self.generation_config = plain, plain.config, plain.generation_config
+
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0, **rest):
+            return self.plain(input_ids=input_ids, cache=past_key_values, use_cache=use_cache, **rest)
+
+    engines = [
+        Engine(
+            model=m,
+            tokenizer=tiny_engine.tokenizer,
+            template=tiny_engine.template,
+            model_name="hf",
+            fast_path=False,
+        )
+        for m in (plain, EarlierNames())
+    ]
+    jobs = [
+        (engines[0].encode(t), SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+        for t in TEXTS[:2]
+    ]
+    expected = [reply(engines[0].generate(*job)) for job in jobs]
+    b = Batcher(engines[1], max_batch_size=2)
+    try:
+        assert all(same(x, y) for x, y in zip(concurrently(b, jobs), expected, strict=True))
+    finally:
+        b.close()
+
+
 def test_a_request_that_begins_like_a_running_one_copies_its_cache(tiny_engine, batcher, prefill_starts):
     e, starts = tiny_engine, prefill_starts
     params = SamplingParams(temperature=0, max_new_tokens=64, ignore_eos=True)

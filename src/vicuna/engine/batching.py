@@ -41,10 +41,10 @@ import torch
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
-from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob
+from vicuna.engine.events import Event, Finished, FinishReason, TextChunk
 from vicuna.engine.memory import release_memory_after
 from vicuna.engine.runner import LlamaRunner, cache_arg, chunked, decode, shared_prefix
-from vicuna.engine.sampling import Choice, Sampler
+from vicuna.engine.sampling import Sampler
 from vicuna.errors import VicunaError
 
 log = logging.getLogger("vicuna.batching")
@@ -101,7 +101,7 @@ class _Reply:
             self.finish("stop", self.engine.tokenizer.convert_ids_to_tokens(choice.token_id))
             return True
         text = self.stops.push(self.decoder.add(choice.token_id))
-        logprobs = self._logprobs(choice) if self.params.logprobs is not None else None
+        logprobs = self.engine.token_logprobs(choice) if self.params.logprobs is not None else None
         self.sink(TextChunk(text, (choice.token_id,), logprobs))
         if self.stops.matched is not None:
             self.finish("stop", self.stops.matched)
@@ -138,11 +138,6 @@ class _Reply:
         if not self.done:
             self.done = True
             self.sink(error)
-
-    def _logprobs(self, choice: Choice) -> tuple[TokenLogprob, ...]:
-        name = self.engine.tokenizer.convert_ids_to_tokens
-        top = tuple((i, name(i), lp) for i, lp in choice.top)
-        return (TokenLogprob(choice.token_id, name(choice.token_id), choice.logprob, top),)
 
 
 @dataclass
@@ -597,7 +592,8 @@ class _HFRows:
 
         cache = DynamicCache(config=self.engine.model.config)
         x = torch.tensor([ids], device=self.engine.device)
-        logits = self.engine.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = self.engine.model(input_ids=x, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
+        logits = logits.logits[0, -1]
         return (cache, len(ids)), logits.float()
 
     def join(self, row: tuple[Any, int]) -> None:

@@ -82,3 +82,48 @@ class StopMatcher:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return "" if self.matched is not None else held
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2, SmolLM2, LLaMA 3) spells each byte as one printable character: the printable
+    Latin-1 bytes as themselves, the other 68 as the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+
+
+class TokenBytes:
+    """Each token's own bytes, which a token's text cannot give when it holds part of a character (a byte of
+    a Chinese character in byte-level BPE, or SentencePiece's <0xE4>-style byte tokens)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.alphabet = _byte_level_alphabet() if "ByteLevel" in repr(decoder) else None
+        self.special = set(getattr(tokenizer, "all_special_ids", ()))
+        self._known: dict[int, bytes] = {}
+
+    def __call__(self, token_id: int) -> bytes:
+        found = self._known.get(token_id)
+        if found is None:
+            found = self._known[token_id] = self._bytes(token_id)
+        return found
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token_id in self.special or not piece:
+            return (piece or "").encode("utf-8")
+        if self.alphabet is not None and all(c in self.alphabet for c in piece):
+            return bytes(self.alphabet[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece's byte tokens
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        if "\u2581" in piece:  # SentencePiece's word-boundary mark is a space
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def text(self, token_id: int) -> str:
+        """The token's text: its bytes as UTF-8, a byte of a split character as `\\xe4`."""
+        return self(token_id).decode("utf-8", errors="backslashreplace")

@@ -16,7 +16,7 @@ import torch
 
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, Template, render
-from vicuna.engine.detok import IncrementalDecoder, StopMatcher
+from vicuna.engine.detok import IncrementalDecoder, StopMatcher, TokenBytes
 from vicuna.engine.events import Event, Finished, TextChunk, TokenLogprob
 from vicuna.engine.memory import release_memory_after
 from vicuna.engine.runner import (
@@ -56,6 +56,7 @@ class Engine:
         self.model_name = model_name
         self.context_window = context_window(model.config)
         self.end_ids = end_token_ids(model, tokenizer)
+        self.token_bytes = TokenBytes(tokenizer)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.template_stop_ids, self.template_stop_strings = self._split_stops(template.stop)
@@ -92,11 +93,13 @@ class Engine:
         return self.encode(self.render_chat(messages))
 
     def chat_params(self, params: SamplingParams) -> SamplingParams:
-        """The request's settings plus the template's end-of-turn markers."""
+        """The request's settings plus the template's end-of-turn markers (but not EOS with `ignore_eos`,
+        where the template's marker is the EOS token, as it often is)."""
+        template_ids = [i for i in self.template_stop_ids if not (params.ignore_eos and i in self.end_ids)]
         return replace(
             params,
             stop=tuple(dict.fromkeys((*params.stop, *self.template_stop_strings))),
-            stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *self.template_stop_ids))),
+            stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *template_ids))),
         )
 
     def chat(
@@ -174,7 +177,7 @@ class Engine:
                 reason, stop_text = "stop", self.tokenizer.convert_ids_to_tokens(choice.token_id)
                 break
             text = stops.push(decoder.add(choice.token_id))
-            logprobs = self._logprobs(choice) if params.logprobs is not None else None
+            logprobs = self.token_logprobs(choice) if params.logprobs is not None else None
             yield TextChunk(text, (choice.token_id,), logprobs)
             if stops.matched is not None:
                 reason, stop_text = "stop", stops.matched
@@ -202,13 +205,10 @@ class Engine:
             stop_text=stop_text,
         )
 
-    def _logprobs(self, choice) -> tuple[TokenLogprob, ...]:
-        name = self.tokenizer.convert_ids_to_tokens
+    def token_logprobs(self, choice) -> tuple[TokenLogprob, ...]:
+        """A sampled token's logprob event (one token): text and bytes of it and of its alternatives."""
+        raw, text = self.token_bytes, self.token_bytes.text
+        top = tuple((i, text(i), lp, raw(i)) for i, lp in choice.top)
         return (
-            TokenLogprob(
-                choice.token_id,
-                name(choice.token_id),
-                choice.logprob,
-                tuple((i, name(i), lp) for i, lp in choice.top),
-            ),
+            TokenLogprob(choice.token_id, text(choice.token_id), choice.logprob, top, raw(choice.token_id)),
         )

@@ -10,10 +10,14 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """A sampled token's log-probability and the most likely alternatives. `token` is the token's own text
+    (a byte of a character split across tokens written as `\\xe4`), `raw` its bytes."""
+
     token_id: int
     token: str
     logprob: float
-    top: tuple[tuple[int, str, float], ...] = ()  # (token id, token text, logprob), best first
+    top: tuple[tuple[int, str, float, bytes], ...] = ()  # (token id, text, logprob, bytes), best first
+    raw: bytes = b""
 
 
 @dataclass(frozen=True)

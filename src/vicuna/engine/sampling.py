@@ -125,7 +125,9 @@ class Sampler:
                 self.random = random.Random(params.seed)
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
-                self.generator.manual_seed(params.seed)
+                self.generator.manual_seed(
+                    params.seed & 0xFFFF_FFFF_FFFF_FFFF
+                )  # any integer: its low 64 bits
             else:
                 self.generator.seed()
 

@@ -154,7 +154,9 @@ class _Run:
 
     def submit(self) -> None:
         batcher = self.server.batcher
-        if batcher.waiting + len(self.params) > self.server.max_queue:
+        # the choices that would wait for a row: those a free row does not take at once
+        free = max(0, batcher.max_batch_size - batcher.running - batcher.waiting)
+        if batcher.waiting + max(0, len(self.params) - free) > self.server.max_queue:
             raise APIError(
                 429,
                 f"the server is busy: {batcher.waiting} requests are waiting (--max-queue {self.server.max_queue}); retry shortly",
@@ -162,8 +164,12 @@ class _Run:
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
-        for index, (ids, params) in enumerate(zip(self.prompts, self.params, strict=True)):
-            batcher.add(ids, params, self._sink(index), cancel=self.cancel)
+        try:
+            for index, (ids, params) in enumerate(zip(self.prompts, self.params, strict=True)):
+                batcher.add(ids, params, self._sink(index), cancel=self.cancel)
+        except BaseException:  # the choices already added would run with nobody to read them
+            self.cancel.set()
+            raise
 
     def _sink(self, index: int):
         def deliver(event: Any) -> None:  # on the batcher's thread, under its `handing_over`
@@ -353,8 +359,8 @@ def _chat_logprobs(items: Sequence[TokenLogprob]) -> p.ChoiceLogprobs:
             p.TokenLogprobOut(
                 token=t.token,
                 logprob=t.logprob,
-                bytes=p.text_bytes(t.token),
-                top_logprobs=[p.TopLogprob(token=s, logprob=lp, bytes=p.text_bytes(s)) for _, s, lp in t.top],
+                bytes=list(t.raw),
+                top_logprobs=[p.TopLogprob(token=s, logprob=lp, bytes=list(b)) for _, s, lp, b in t.top],
             )
             for t in items
         ]
@@ -362,13 +368,14 @@ def _chat_logprobs(items: Sequence[TokenLogprob]) -> p.ChoiceLogprobs:
 
 
 def _completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> p.CompletionLogprobs:
-    out = p.CompletionLogprobs()
+    """`offset`: the characters of the choice's text before these tokens' (which start a character)."""
+    out, before = p.CompletionLogprobs(), b""
     for t in items:
         out.tokens.append(t.token)
         out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append({s: lp for _, s, lp in t.top})
-        out.text_offset.append(offset)
-        offset += len(t.token)
+        out.top_logprobs.append({s: lp for _, s, lp, _ in t.top})
+        out.text_offset.append(offset + len(before.decode("utf-8", errors="ignore")))  # whole characters
+        before += t.raw
     return out
 
 
