@@ -11,6 +11,8 @@ from vicuna.conversation import (
     VICUNA_SYSTEM,
     HFTemplate,
     Message,
+    MessagesError,
+    check_alternating,
     choose_template_name,
     get_template,
     parse_messages,
@@ -75,12 +77,55 @@ def test_system_message_and_override():
     assert render(with_system(t, "Other."), [Message("user", "q")]) == "Other. USER: q ASSISTANT:"
 
 
+def test_builtin_templates_join_consecutive_roles_and_read_a_later_system_message_as_user_text():
+    t = get_template("vicuna_v1.1")
+    assert render(t, [Message("user", "a"), Message("user", "b")]) == (
+        f"{VICUNA_SYSTEM} USER: a\n\nb ASSISTANT:"
+    )
+    mid_system = [
+        Message("system", "S"),
+        Message("system", "T"),
+        Message("user", "a"),
+        Message("assistant", "x"),
+        Message("assistant", "y"),
+        Message("system", "be brief"),
+        Message("user", "b"),
+    ]
+    assert render(t, mid_system) == "S\n\nT USER: a ASSISTANT: x\n\ny</s>USER: be brief\n\nb ASSISTANT:"
+    assert render(get_template("chatml"), [Message("user", "a"), Message("system", "s")]).endswith(
+        "<|im_start|>user\na\n\ns<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 def test_bad_turn_order_names_the_message():
     t = get_template("vicuna_v1.1")
-    with pytest.raises(VicunaError, match=r"messages\[1\]: expected a assistant"):
-        render(t, [Message("user", "a"), Message("user", "b")])
-    with pytest.raises(VicunaError, match="last message must be a user"):
-        render(t, [Message("user", "a"), Message("assistant", "b")])
+
+    def refused(messages) -> MessagesError:
+        with pytest.raises(MessagesError) as info:
+            render(t, messages)
+        return info.value
+
+    err = refused([Message("system", "s"), Message("assistant", "a"), Message("user", "b")])
+    assert err.param == "messages[1]" and "expected a user message, got an assistant message" in str(err)
+    err = refused([Message("user", "a"), Message("assistant", "b")])
+    assert err.param == "messages[1]" and "last message must be a user" in str(err)
+    assert refused([Message("system", "s")]).param == "messages"
+    with pytest.raises(MessagesError, match="last message must be an assistant"):
+        t.segments([Message("user", "a")], add_generation_prompt=False)
+
+
+def test_chat_turn_order_check_names_the_message():
+    check_alternating([Message("system", "s"), Message("user", "a"), Message("assistant", "b")])
+    check_alternating([Message("user", "a")])  # a last user message awaits its reply
+    with pytest.raises(
+        MessagesError, match=r"^c\.json\[1\]: expected an assistant message, got a user one"
+    ) as info:
+        check_alternating([Message("user", "a"), Message("user", "b")], source="c.json")
+    assert info.value.param == "c.json[1]"
+    with pytest.raises(MessagesError, match=r"\[0\]: expected a user message, got an assistant one"):
+        check_alternating([Message("assistant", "a")])
+    with pytest.raises(MessagesError, match="at least one user message"):
+        check_alternating([Message("system", "s")])
 
 
 def _fake_chatml(msgs, add_generation_prompt):
@@ -101,6 +146,32 @@ def test_hf_template_that_is_not_prefix_stable_is_an_error():
 
     with pytest.raises(VicunaError, match="cannot be located"):
         HFTemplate(unstable).segments(DONE, add_generation_prompt=False)
+    assert render(HFTemplate(unstable), CHAT).startswith("3:")  # a prompt needs no span: one rendering
+
+
+def test_hf_template_gets_the_messages_as_they_are():
+    calls = []
+
+    def apply(msgs, gen):
+        calls.append(msgs)
+        return _fake_chatml(msgs, gen)
+
+    t = HFTemplate(apply)
+    odd = [Message("user", "a"), Message("user", "b"), Message("system", "s"), Message("user", "c")]
+    assert render(t, odd) == _fake_chatml([{"role": m.role, "content": m.content} for m in odd], True)
+    assert calls == [[{"role": m.role, "content": m.content} for m in odd]]
+    two_replies = [Message("user", "a"), Message("assistant", "x"), Message("assistant", "y")]
+    trainable = [s.text for s in t.segments(two_replies, add_generation_prompt=False) if s.trainable]
+    assert trainable == ["x<|im_end|>\n", "y<|im_end|>\n"]
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_messages_error():
+    def alternating_only(msgs, gen):
+        raise RuntimeError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    with pytest.raises(MessagesError, match="roles must alternate") as info:
+        render(HFTemplate(alternating_only), [Message("user", "a"), Message("user", "b")])
+    assert info.value.param == "messages"
 
 
 def test_choice_order():
@@ -123,6 +194,9 @@ def test_parse_messages_errors_name_the_field():
         parse_messages([{"role": "tool", "content": "x"}])
     with pytest.raises(VicunaError, match=r"messages\[0\]\.content"):
         parse_messages([{"role": "user", "content": 3}])
+    with pytest.raises(MessagesError) as info:
+        parse_messages([{"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "image"}]}])
+    assert info.value.param == "messages[1].content[0]"
 
 
 def test_template_cli_list_and_render(tmp_path, capsys):

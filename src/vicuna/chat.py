@@ -12,13 +12,14 @@ import json
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from vicuna.config import SamplingParams, add_model_arguments, model_settings_from_args
-from vicuna.conversation import Message, parse_messages
+from vicuna.conversation import Message, check_alternating, parse_messages
 from vicuna.engine.events import Event, Finished, TextChunk
-from vicuna.errors import ContextTooLongError, VicunaError
+from vicuna.errors import VicunaError
 
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
 HELP = "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE. Ctrl-C stops a reply."
@@ -71,19 +72,19 @@ class TerminalIO:
             if self.style == "programmatic":
                 lines = []
                 for line in sys.stdin:
-                    if line.rstrip("\n") == END_MARK:
+                    if line.rstrip("\r\n") == END_MARK:
                         return "\n".join(lines)
-                    lines.append(line.rstrip("\n"))
+                    lines.append(line.rstrip("\r\n"))
                 return "\n".join(lines) if lines else None
             if not self.interactive:
                 line = sys.stdin.readline()
-                return line.rstrip("\n") if line else None
-            first = input("USER: ")
+                return line.rstrip("\r\n") if line else None  # "\r": a file with Windows line ends
+            first = input("USER: ").rstrip("\r")
             if not self.multiline:
                 return first
             lines = [first]
             while lines[-1]:
-                lines.append(input("...: "))
+                lines.append(input("...: ").rstrip("\r"))
             return "\n".join(lines).rstrip("\n")
         except EOFError:
             return None
@@ -142,6 +143,9 @@ def fit_history(
 def run_chat(
     engine: ChatEngine, io: ChatIO, params: SamplingParams, *, history: bool = True, debug: bool = False
 ) -> None:
+    """Read messages and commands until !!exit or the end of input. A message that cannot be answered
+    (an error the user can fix: too long, a template that refuses it) is said so and left unanswered;
+    the conversation goes on as it was before it."""
     messages: list[Message] = []
     while True:
         text = io.read()
@@ -153,51 +157,72 @@ def run_chat(
             io.info("(conversation cleared)")
             continue
         if command == "!!remove":
-            messages = messages[:-2] if len(messages) >= 2 else []
-            io.info("(last exchange removed)")
+            kept = without_last_exchange(messages)
+            io.info("(last exchange removed)" if kept != messages else "(nothing to remove)")
+            messages = kept
             continue
-        if command in ("!!save", "!!load"):
-            messages = _save_or_load(command, arg.strip(), messages, io)
+        if command == "!!save":
+            _save(arg.strip(), messages, io)
             continue
-        if command == "!!regen":
-            if not messages or messages[-1].role != "assistant":
+        if command == "!!load":
+            messages = _load(arg.strip(), engine, io) or messages
+            continue
+        if command == "!!regen":  # answers the last user message again (or a loaded one for the first time)
+            asked = messages[:-1] if messages and messages[-1].role == "assistant" else messages
+            if not asked or asked[-1].role != "user":
                 io.info("(nothing to regenerate)")
                 continue
-            messages = messages[:-1]
         elif not text.strip():
             continue
         else:
-            if not history:
-                messages = []
-            messages.append(Message("user", text))
-        messages, dropped = fit_history(engine, messages, params.max_new_tokens)
-        if dropped:
-            io.info(f"(dropped the {dropped} oldest exchange(s) to fit the context window)")
-        reply, done = _reply(engine, io, messages, params)
-        if reply is None:  # the message alone is too long
-            messages.pop()
-            continue
-        messages.append(Message("assistant", reply))
-        if debug and done is not None:
-            io.info(
-                f"[{done.completion_tokens} tokens, TTFT {done.ttft_s * 1000:.0f} ms, "
-                f"{done.decode_tokens_per_s:.1f} tok/s, {done.reason}]"
-            )
+            asked = with_user_message(messages if history else [], text)
+        try:
+            messages = _answer(engine, io, asked, params, debug) or messages
+        except VicunaError as err:
+            io.info(f"error: {err}; this message goes unanswered")
+
+
+def without_last_exchange(messages: list[Message]) -> list[Message]:
+    """The conversation without its last user message and the reply to it."""
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    return messages[: users[-1]] if users else messages
+
+
+def with_user_message(messages: list[Message], text: str) -> list[Message]:
+    """The conversation with the user's next message; one that follows a user message no reply was
+    asked for (the end of a loaded conversation) joins it, so that turns keep alternating."""
+    if messages and messages[-1].role == "user":
+        return [*messages[:-1], Message("user", f"{messages[-1].content}\n\n{text}")]
+    return [*messages, Message("user", text)]
+
+
+def _answer(
+    engine: ChatEngine, io: ChatIO, messages: list[Message], params: SamplingParams, debug: bool
+) -> list[Message] | None:
+    """The conversation with a reply to its last message, trimmed to fit; None if there is no reply."""
+    messages, dropped = fit_history(engine, messages, params.max_new_tokens)
+    if dropped:
+        io.info(f"(dropped the {dropped} oldest exchange(s) to fit the context window)")
+    reply, done = _reply(engine, io, messages, params)
+    if reply is None:
+        return None
+    if debug and done is not None:
+        io.info(
+            f"[{done.completion_tokens} tokens, TTFT {done.ttft_s * 1000:.0f} ms, "
+            f"{done.decode_tokens_per_s:.1f} tok/s, {done.reason}]"
+        )
+    return [*messages, Message("assistant", reply.strip())]
 
 
 def _reply(
     engine: ChatEngine, io: ChatIO, messages: list[Message], params: SamplingParams
 ) -> tuple[str | None, Finished | None]:
     cancel = threading.Event()
-    try:
-        events = engine.chat(messages, params, cancel=cancel)
-    except ContextTooLongError as err:
-        io.info(f"error: {err}")
-        return None, None
+    events = engine.chat(messages, params, cancel=cancel)
     collected: list[str] = []
 
     def tee() -> Iterator[Event]:
-        for event in events:
+        for event in trimmed(events):
             if isinstance(event, TextChunk):
                 collected.append(event.text)
             yield event
@@ -221,30 +246,67 @@ def _reply(
         return None, None
 
 
-def _save_or_load(command: str, arg: str, messages: list[Message], io: ChatIO) -> list[Message]:
+def trimmed(events: Iterator[Event]) -> Iterator[Event]:
+    """A reply's events without whitespace at its start or end, as FastChat strips a reply: models with
+    byte-level BPE tokenizers (SmolLM2) begin a reply after "ASSISTANT:" with a space, which stored
+    would double the space in the next prompt. Whitespace is held back until text follows it."""
+    held: str | None = None  # whitespace not passed on yet; None before the reply's first text
+    for event in events:
+        if isinstance(event, TextChunk):
+            text = event.text.lstrip() if held is None else held + event.text
+            shown = text.rstrip()
+            if not shown:
+                held = None if held is None else text
+                continue
+            held = text[len(shown) :]
+            event = replace(event, text=shown)
+        yield event
+
+
+def _save(arg: str, messages: list[Message], io: ChatIO) -> None:
     if not arg:
-        io.info(f"usage: {command} FILE")
-        return messages
+        io.info("usage: !!save FILE")
+        return
     path = Path(arg).expanduser()
-    if command == "!!save":
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(
-            json.dumps([m.__dict__ for m in messages], ensure_ascii=False, indent=2), encoding="utf-8"
-        )
-        tmp.replace(path)
-        io.info(f"(saved {len(messages)} messages to {path})")
-        return messages
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([m.__dict__ for m in messages], ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp.replace(path)
+    io.info(f"(saved {len(messages)} messages to {path})")
+
+
+def _load(arg: str, engine: ChatEngine, io: ChatIO) -> list[Message] | None:
+    """A saved conversation, checked as the chat will use it; None (said why) if it cannot be used."""
+    if not arg:
+        io.info("usage: !!load FILE")
+        return None
+    path = Path(arg).expanduser()
     try:
         loaded = parse_messages(json.loads(path.read_text(encoding="utf-8")), source=str(path))
-    except (OSError, json.JSONDecodeError, VicunaError) as err:
-        io.info(f"error: cannot load {path}: {err}")
-        return messages
+        check_alternating(loaded, source=str(path))
+        # the next prompt: the conversation and a message to reply to (the loaded one, or one to come)
+        engine.encode_chat(loaded if loaded[-1].role == "user" else [*loaded, Message("user", "")])
+    except (OSError, ValueError, VicunaError) as err:  # ValueError: not JSON, not UTF-8
+        io.info(f"error: cannot load {path}: {err}; the conversation is unchanged")
+        return None
     io.info(f"(loaded {len(loaded)} messages from {path})")
+    if loaded[-1].role == "user":
+        io.info("(its last message has no reply yet: !!regen answers it; a new message is added to it)")
     return loaded
 
 
+def check_reply_budget(max_new_tokens: int, context_window: int) -> None:
+    """--max-new-tokens must leave room in the context window for the conversation."""
+    if max_new_tokens >= context_window:
+        raise VicunaError(
+            f"--max-new-tokens {max_new_tokens} does not fit this model's context window of "
+            f"{context_window} tokens, which holds the conversation and the reply; use less than "
+            f"{context_window} (the default is 512)"
+        )
+
+
 def main(args: argparse.Namespace) -> int:
-    from vicuna.engine.loader import load_engine
+    from vicuna.engine.engine import context_window
+    from vicuna.engine.loader import load_engine, read_config, resolve_model_path
 
     params = SamplingParams(
         temperature=args.temperature,
@@ -255,6 +317,10 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     settings = model_settings_from_args(args)
+    # refused before minutes of loading: the config says how long the context is
+    check_reply_budget(
+        params.max_new_tokens, context_window(read_config(resolve_model_path(args.model_path)))
+    )
     engine: Any = load_engine(settings)
     io = TerminalIO(
         args.style, args.multiline, interactive=sys.stdin.isatty() and args.style != "programmatic"

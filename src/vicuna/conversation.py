@@ -57,33 +57,74 @@ def render(template: Template, messages: Sequence[Message], add_generation_promp
     return "".join(s.text for s in template.segments(messages, add_generation_prompt))
 
 
+class MessagesError(VicunaError):
+    """Messages a template cannot render as given; `param` names the one at fault (`messages[2]`)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def split_system(
     messages: Sequence[Message], default_system: str, add_generation_prompt: bool
 ) -> tuple[str, list[Message]]:
-    """Check the turn order and take out the system prompt.
+    """Take out the system prompt and bring the turns into the alternating order our templates render.
 
-    Expected: an optional system message, then user and assistant turns alternating, starting with a
-    user turn; the last is a user turn when a reply is to be generated, an assistant turn otherwise.
+    Leading system messages are the system prompt. These templates have one place for it, at the start,
+    so a system message further on is read as user text; consecutive messages of one role are joined
+    with a blank line. The turns must then start with a user turn, and end with a user turn when a
+    reply is to be generated, with an assistant turn otherwise.
     """
-    system, turns = default_system, list(messages)
-    if turns and turns[0].role == "system":
-        system, turns = turns[0].content, turns[1:]
+    head = 0
+    while head < len(messages) and messages[head].role == "system":
+        head += 1
+    system = "\n\n".join(m.content for m in messages[:head]) if head else default_system
+    turns: list[Message] = []
+    for message in messages[head:]:
+        role = "assistant" if message.role == "assistant" else "user"
+        if turns and turns[-1].role == role:
+            turns[-1] = Message(role, _joined(turns[-1].content, message.content))
+        else:
+            turns.append(Message(role, message.content))
     if not turns:
-        raise VicunaError("messages: at least one user message is needed")
-    for i, message in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.role != expected:
-            where = i + (len(messages) - len(turns))
-            raise VicunaError(
-                f"messages[{where}]: expected a {expected} message, got {message.role!r} "
-                "(after an optional system message, user and assistant turns must alternate)"
-            )
-    last = turns[-1].role
-    if add_generation_prompt and last != "user":
-        raise VicunaError("messages: the last message must be a user message to generate a reply")
-    if not add_generation_prompt and last != "assistant":
-        raise VicunaError("messages: the last message must be an assistant message")
+        raise MessagesError("messages: at least one user message is needed", "messages")
+    if turns[0].role != "user":
+        where = f"messages[{head}]"
+        raise MessagesError(
+            f"{where}: expected a user message, got an assistant message (the conversation starts with "
+            "a user turn, after any system messages)",
+            where,
+        )
+    where = f"messages[{len(messages) - 1}]"
+    if add_generation_prompt and turns[-1].role != "user":
+        raise MessagesError(f"{where}: the last message must be a user message to generate a reply", where)
+    if not add_generation_prompt and turns[-1].role != "assistant":
+        raise MessagesError(f"{where}: the last message must be an assistant message", where)
     return system, turns
+
+
+def _joined(first: str, second: str) -> str:
+    return f"{first}\n\n{second}" if first and second else first or second
+
+
+A_ROLE = {"system": "a system", "user": "a user", "assistant": "an assistant"}
+
+
+def check_alternating(messages: Sequence[Message], source: str = "messages") -> None:
+    """The order a chat keeps: an optional system message, then user and assistant turns alternating,
+    starting with a user turn (the last may be either)."""
+    first = 1 if messages and messages[0].role == "system" else 0
+    if len(messages) == first:
+        raise MessagesError(f"{source}: at least one user message is needed", source)
+    for i, message in enumerate(messages[first:], first):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if message.role != expected:
+            where = f"{source}[{i}]"
+            raise MessagesError(
+                f"{where}: expected {A_ROLE[expected]} message, got {A_ROLE[message.role]} "
+                "one (after an optional system message, user and assistant turns alternate)",
+                where,
+            )
 
 
 @dataclass(frozen=True)
@@ -179,9 +220,11 @@ ApplyChatTemplate = Callable[[list[dict[str, str]], bool], str]
 class HFTemplate:
     """The model's own chat template (Jinja, from its tokenizer), through a function that renders it.
 
-    Assistant spans are found by rendering each prefix of the conversation: the text a turn adds
-    after the generation prompt is that turn. If the template does not render prefixes as prefixes
-    of the whole, the spans cannot be located and `segments` says so.
+    Messages go to the template as they are: it decides which orders of roles it accepts, and one it
+    refuses is a `MessagesError` with the template's own words. For training, assistant spans are found
+    by rendering each prefix of the conversation: the text a turn adds after the generation prompt is
+    that turn. If the template does not render prefixes as prefixes of the whole, the spans cannot be
+    located and `segments` says so.
     """
 
     apply: ApplyChatTemplate
@@ -190,16 +233,20 @@ class HFTemplate:
     system: str = ""  # "" keeps the template's own default system prompt
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        _, turns = split_system(messages, "", add_generation_prompt)
+        if not messages:
+            raise MessagesError("messages: at least one message is needed", "messages")
         msgs = [{"role": m.role, "content": m.content} for m in messages]
         if self.system and messages[0].role != "system":
             msgs.insert(0, {"role": "system", "content": self.system})
-        head = len(msgs) - len(turns)  # index of the first user turn
+        if add_generation_prompt:  # a prompt to reply to: no assistant span to locate
+            return [Segment(self._apply(msgs, True))]
         out: list[Segment] = []
         done = ""
-        for i in range(head + 1, len(msgs), 2):  # the assistant turns
-            prompt = self.apply(msgs[:i], True)
-            full = self.apply(msgs[: i + 1], False)
+        for i in range(1, len(msgs)):
+            if msgs[i]["role"] != "assistant":
+                continue
+            prompt = self._apply(msgs[:i], True)
+            full = self._apply(msgs[: i + 1], False)
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise VicunaError(
                     f"the model's chat template does not render message {i} as a continuation of the "
@@ -207,12 +254,20 @@ class HFTemplate:
                 )
             out += [Segment(prompt[len(done) :]), Segment(full[len(prompt) :], trainable=True)]
             done = full
-        rest = self.apply(msgs, add_generation_prompt)
+        rest = self._apply(msgs, False)
         if not rest.startswith(done):
             raise VicunaError("the model's chat template renders the conversation inconsistently")
         if rest[len(done) :]:
             out.append(Segment(rest[len(done) :]))
         return out
+
+    def _apply(self, msgs: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        try:
+            return self.apply(msgs, add_generation_prompt)
+        except Exception as err:  # Jinja's `raise_exception`, or a template that fails on these messages
+            raise MessagesError(
+                f"messages: the model's chat template cannot render these messages ({err})", "messages"
+            ) from None
 
 
 BUILTIN_TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV11(), VicunaV0(), Llama2(), ChatML())}
@@ -255,15 +310,17 @@ def parse_messages(data: object, source: str = "messages") -> list[Message]:
     `content` may be a string or a list of text parts (`{"type": "text", "text": ...}`).
     """
     if not isinstance(data, list) or not data:
-        raise VicunaError(f"{source}: expected a non-empty JSON list of messages")
+        raise MessagesError(f"{source}: expected a non-empty JSON list of messages", source)
     out = []
     for i, item in enumerate(data):
         where = f"{source}[{i}]"
         if not isinstance(item, dict):
-            raise VicunaError(f"{where}: expected an object with 'role' and 'content'")
+            raise MessagesError(f"{where}: expected an object with 'role' and 'content'", where)
         role = item.get("role")
         if role not in ROLES:
-            raise VicunaError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+            raise MessagesError(
+                f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}", f"{where}.role"
+            )
         content = item.get("content")
         if isinstance(content, list):
             parts = []
@@ -273,11 +330,14 @@ def parse_messages(data: object, source: str = "messages") -> list[Message]:
                     and part.get("type") == "text"
                     and isinstance(part.get("text"), str)
                 ):
-                    raise VicunaError(f"{where}.content[{j}]: only text parts are supported")
+                    at = f"{where}.content[{j}]"
+                    raise MessagesError(f"{at}: only text parts are supported", at)
                 parts.append(part["text"])
             content = "".join(parts)
         if not isinstance(content, str):
-            raise VicunaError(f"{where}.content: expected a string or a list of text parts")
+            raise MessagesError(
+                f"{where}.content: expected a string or a list of text parts", f"{where}.content"
+            )
         out.append(Message(role, content))
     return out
 

@@ -2,7 +2,11 @@
 
 Requests are checked strictly: a field this server does not implement (tools, logit_bias,
 response_format other than text, ...) is refused with an error that names it rather than ignored,
-so a client never silently gets something other than what it asked for. No torch, no server here.
+so a client never silently gets something other than what it asked for; so is a value of the wrong
+type (`"max_tokens": "5"`, `5.0` or `true`), as OpenAI refuses it. Accepted and ignored, because they
+only concern OpenAI's own records and routing, never the reply: `user`, and in chat requests `metadata`,
+`service_tier`, `prompt_cache_key`, `safety_identifier` and `store` (false only: nothing is stored
+here). No torch, no server here.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vicuna.config import SamplingParams
-from vicuna.conversation import Message, parse_messages
+from vicuna.conversation import Message, MessagesError, parse_messages
 from vicuna.errors import VicunaError
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a 64-bit signed integer
 
 
 class InvalidRequest(VicunaError):
@@ -32,7 +37,7 @@ class InvalidRequest(VicunaError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: no "5" or 5.0 for an int
 
 
 class StreamOptions(_Strict):
@@ -40,7 +45,7 @@ class StreamOptions(_Strict):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
 
     @field_validator("type")
@@ -60,7 +65,7 @@ class _Sampling(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -126,6 +131,12 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    # ignored: OpenAI's records and routing (see the module's docstring)
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -137,8 +148,15 @@ class ChatCompletionRequest(_Sampling):
             ]
         try:
             return parse_messages(value)
-        except VicunaError as err:
-            raise ValueError(str(err)) from None
+        except MessagesError as err:
+            raise InvalidRequest(str(err), err.param) from None
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("this server does not store completions; send false or leave it out")
+        return value
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
@@ -214,6 +232,14 @@ UNSUPPORTED_HINTS = {
 }
 
 
+UNION_MEMBERS = {  # how pydantic names them -> what a client reads
+    "str": "a string",
+    "list[str]": "a list of strings",
+    "list[int]": "a list of token ids",
+    "list[list[int]]": "a list of token-id lists",
+}
+
+
 def parse_request(cls: type[BaseModel], data: Any) -> Any:
     """Validate a decoded JSON body into `cls`, raising InvalidRequest that names the first bad field.
 
@@ -228,14 +254,33 @@ def parse_request(cls: type[BaseModel], data: Any) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        message = first["msg"].removeprefix("Value error, ")
-        if param in UNSUPPORTED_HINTS and first["type"] != "missing":
+        errors = err.errors()
+        param, member = _param(errors[0]["loc"], data)
+        message = errors[0]["msg"].removeprefix("Value error, ")
+        if member is not None:  # each member of a union failed: say which were expected
+            members = [_param(e["loc"], data) for e in errors]
+            kinds = dict.fromkeys(UNION_MEMBERS.get(m, m) for p, m in members if p == param and m)
+            message = "expected " + " or ".join(kinds)
+        if param in UNSUPPORTED_HINTS and errors[0]["type"] != "missing":
             message = UNSUPPORTED_HINTS[param]
         if param and not message.startswith(param):
             message = f"{param}: {message}"
         raise InvalidRequest(message, param) from None
+
+
+def _param(loc: tuple[int | str, ...], data: Any) -> tuple[str | None, str | None]:
+    """An error's location as a path through the request (`stop`, `response_format.type`, `prompt[0]`),
+    and the member of a union it was in: pydantic names the member it tried in the location (the `str`
+    of `("stop", "str")`), which is no part of the request, so the path ends there."""
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(data, dict) and isinstance(part, str) and (part in data or i == 0):
+            path, data = f"{path}.{part}" if path else part, data.get(part)
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            path, data = f"{path}[{part}]", data[part]
+        else:
+            return path or None, str(part)
+    return path or None, None
 
 
 # --- responses ---------------------------------------------------------------------------------
@@ -373,10 +418,6 @@ class ErrorResponse(BaseModel):
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code)).model_dump()
-
-
-def text_bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8"))
 
 
 __all__ = [

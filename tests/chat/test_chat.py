@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io as io_module
 import json
 import os
 import subprocess
@@ -9,11 +10,13 @@ import sys
 
 import pytest
 
-from vicuna.chat import fit_history, run_chat
+from vicuna.chat import END_MARK, TerminalIO, fit_history, run_chat
+from vicuna.cli import main as cli
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Finished, TextChunk
 from vicuna.engine.loader import load_engine
+from vicuna.errors import ContextTooLongError, VicunaError
 
 
 class ScriptedIO:
@@ -156,4 +159,105 @@ def test_out_of_memory_leaves_the_message_unanswered_and_the_chat_goes_on(monkey
     run_chat(engine, io, PARAMS)
     assert any("out of memory" in n and "--load-8bit" in n for n in io.notes)
     assert [m.content for m in engine.seen[1]] == ["a short one"]  # the unanswered message was dropped
-    assert io.shown == ["reply to 1 messages "]
+    assert io.shown == ["reply to 1 messages"]  # trailing whitespace is not shown
+
+
+def write_messages(path, *roles_and_texts):
+    path.write_text(json.dumps([{"role": r, "content": c} for r, c in roles_and_texts]), encoding="utf-8")
+    return path
+
+
+def test_load_refuses_a_conversation_the_chat_cannot_continue_and_keeps_the_current_one(tmp_path):
+    starts_with_reply = write_messages(tmp_path / "a.json", ("assistant", "Hi"), ("user", "Hello"))
+    two_users = write_messages(tmp_path / "b.json", ("user", "a"), ("user", "b"))
+    engine = EchoEngine()
+    io = ScriptedIO(["first", f"!!load {starts_with_reply}", f"!!load {two_users}", "second"])
+    run_chat(engine, io, PARAMS)
+    assert [n for n in io.notes if n.startswith("error")] == [
+        f"error: cannot load {starts_with_reply}: {starts_with_reply}[0]: expected a user message, got an "
+        "assistant one (after an optional system message, user and assistant turns alternate); the "
+        "conversation is unchanged",
+        f"error: cannot load {two_users}: {two_users}[1]: expected an assistant message, got a user one "
+        "(after an optional system message, user and assistant turns alternate); the conversation is "
+        "unchanged",
+    ]
+    assert [m.content for m in engine.seen[1]] == ["first", "reply to 1 messages", "second"]
+
+
+def test_a_loaded_conversation_ending_on_a_user_message(tmp_path):
+    pending = write_messages(tmp_path / "c.json", ("system", "S"), ("user", "Hi"))
+    engine = EchoEngine()
+    run_chat(engine, ScriptedIO([f"!!load {pending}", "!!regen"]), PARAMS)
+    assert engine.seen == [[Message("system", "S"), Message("user", "Hi")]]  # !!regen answers it
+
+    engine, io = EchoEngine(), ScriptedIO([f"!!load {pending}", "more", "!!remove", "!!remove"])
+    run_chat(engine, io, PARAMS)
+    assert any("!!regen answers it" in n for n in io.notes)
+    assert engine.seen == [[Message("system", "S"), Message("user", "Hi\n\nmore")]]  # one turn
+    assert io.notes[-2:] == ["(last exchange removed)", "(nothing to remove)"]  # the system message stays
+
+
+def test_an_error_in_one_message_leaves_it_unanswered_and_the_chat_goes_on():
+    class Refusing(EchoEngine):
+        def encode_chat(self, messages):
+            if any("bad" in m.content for m in messages):
+                raise VicunaError("messages[0]: the template refuses this")
+            return super().encode_chat(messages)
+
+    engine, io = Refusing(), ScriptedIO(["hi", "bad one", "!!regen", "again"])
+    run_chat(engine, io, PARAMS)
+    assert "error: messages[0]: the template refuses this; this message goes unanswered" in io.notes
+    assert [len(m) for m in engine.seen] == [1, 1, 3]  # hi, !!regen of hi, again after hi's reply
+    assert [m.content for m in engine.seen[-1]] == ["hi", "reply to 1 messages", "again"]
+
+
+def test_too_long_a_message_is_refused_and_the_history_is_kept():
+    class Strict(EchoEngine):
+        def chat(self, messages, params, cancel=None):
+            prompt = len(self.encode_chat(messages))
+            if prompt + params.max_new_tokens > self.context_window:
+                raise ContextTooLongError(prompt, params.max_new_tokens, self.context_window)
+            return super().chat(messages, params, cancel)
+
+    engine, io = Strict(), ScriptedIO(["hi", "word " * 60, "again"])
+    run_chat(engine, io, PARAMS)
+    assert any("context window is 60 tokens; this message goes unanswered" in n for n in io.notes)
+    assert [m.content for m in engine.seen[-1]] == ["hi", "reply to 1 messages", "again"]
+
+
+class SpacedEngine(EchoEngine):
+    """Replies as a byte-level BPE model does after "ASSISTANT:": a leading space, and a newline at the end."""
+
+    def chat(self, messages, params, cancel=None):
+        self.seen.append(list(messages))
+        for text in ["", " ", " The", " capital", " \n", "is", " Paris.", "\n", " "]:
+            yield TextChunk(text, (1,))
+        yield Finished("stop", 1, 1, 0.1, 10.0, 0.2)
+
+
+def test_replies_are_shown_and_kept_without_surrounding_whitespace():
+    engine, io = SpacedEngine(), ScriptedIO(["Capital of France?", "Sure?"])
+    run_chat(engine, io, PARAMS)
+    assert io.shown == ["The capital \nis Paris."] * 2
+    assert engine.seen[1][1] == Message("assistant", "The capital \nis Paris.")
+
+
+def test_windows_line_ends_are_not_part_of_the_message(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO("Hello\r\n"))
+    assert TerminalIO("simple", multiline=False, interactive=False).read() == "Hello"
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO(f"a\r\nb\r\n{END_MARK}\r\n"))
+    assert TerminalIO("programmatic", multiline=False, interactive=False).read() == "a\nb"
+
+
+def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
+    tiny_llama_dir, monkeypatch, capsys
+):
+    import vicuna.engine.loader
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(vicuna.engine.loader, "load_engine", never)
+    assert cli(["chat", "--model-path", str(tiny_llama_dir), "--max-new-tokens", "20000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 20000" in err and "context window of 256 tokens" in err

@@ -106,7 +106,7 @@ def test_null_unknown_fields_ask_for_nothing():
         ({"response_format": {"type": "json_object"}}, "response_format.type"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"model": 3}, "model"),
     ],
 )
@@ -152,3 +152,81 @@ def test_error_body_shape():
     assert p.error_body("bad", "invalid_request_error", "n") == {
         "error": {"message": "bad", "type": "invalid_request_error", "param": "n", "code": None}
     }
+
+
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": 5.0}, "max_tokens"),
+        ({"max_completion_tokens": True}, "max_completion_tokens"),
+        ({"n": True}, "n"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"temperature": "1"}, "temperature"),
+        ({"seed": "7"}, "seed"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"user": 3}, "user"),
+        ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        ({"response_format": {"type": 1}}, "response_format.type"),
+    ],
+)
+def test_wrong_types_are_refused_as_openai_refuses_them(fields, param):
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]} | fields
+    err = refused(p.ChatCompletionRequest, body)
+    assert err.param == param and err.message.startswith(f"{param}: "), err.message
+
+
+def test_an_integer_is_a_number():
+    req = chat(temperature=1, top_p=1, presence_penalty=0, repetition_penalty=2)
+    sp = req.sampling_params(max_new_tokens=1)
+    assert (sp.temperature, sp.top_p, sp.presence_penalty, sp.repetition_penalty) == (1.0, 1.0, 0.0, 2.0)
+
+
+def test_a_value_of_no_member_of_a_union_names_the_field_not_the_member():
+    err = refused(
+        p.ChatCompletionRequest,
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": ["a", 1]},
+    )
+    assert (err.param, err.message) == ("stop", "stop: expected a string or a list of strings")
+    err = refused(p.CompletionRequest, {"model": "m", "prompt": [1.5]})
+    assert err.param == "prompt" and "a list of token ids" in err.message
+    assert refused(p.EmbeddingRequest, {"model": "m", "input": {"a": 1}}).param == "input"
+
+
+def test_seed_is_a_64_bit_integer():
+    for seed in (-(2**63), 2**63 - 1):
+        sp = chat(seed=seed, n=16).sampling_params(max_new_tokens=1, choice=15)
+        assert -(2**63) <= sp.seed <= 2**64 - 1  # what torch.Generator.manual_seed takes
+    for seed in (2**63, -(2**63) - 1, 36893488147419103232):
+        err = refused(
+            p.ChatCompletionRequest,
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": seed},
+        )
+        assert err.param == "seed", err.message
+
+
+def test_fields_about_openai_records_are_accepted_and_ignored():
+    req = chat(
+        store=False,
+        metadata={"project": "demo"},
+        service_tier="auto",
+        user="u",
+        prompt_cache_key="k",
+        safety_identifier="s",
+    )
+    assert req.sampling_params(max_new_tokens=5) == chat().sampling_params(max_new_tokens=5)
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    err = refused(p.ChatCompletionRequest, body | {"store": True})
+    assert err.param == "store" and "does not store" in err.message
+    assert refused(p.ChatCompletionRequest, body | {"metadata": {"a": 1}}).param == "metadata.a"
+    assert refused(p.CompletionRequest, {"model": "m", "prompt": "x", "store": False}).param == "store"
+
+
+def test_message_errors_name_the_message():
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}, {"role": "user", "content": [{"type": "image_url"}]}],
+    }
+    err = refused(p.ChatCompletionRequest, body)
+    assert err.param == "messages[1].content[0]" and err.message.startswith("messages[1].content[0]: ")

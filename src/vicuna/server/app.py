@@ -435,7 +435,7 @@ def create_app(
 
     @app.exception_handler(VicunaError)
     async def _user_error(_: Request, err: VicunaError) -> JSONResponse:
-        return APIError(400, str(err)).response()
+        return APIError(400, str(err), param=getattr(err, "param", None)).response()  # MessagesError names it
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,67 @@
+"""Requests the protocol accepts or refuses, end to end through the app (tiny model, template vicuna_v1.1)."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from vicuna.server.app import create_app
+
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def http(tiny_engine):
+    with TestClient(create_app(tiny_engine, model_name="tiny", max_batch_size=2)) as client:
+        yield client
+
+
+def post(http, **fields):
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 2, "temperature": 0} | fields
+    return http.post("/v1/chat/completions", json=body)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "Hello"}, {"role": "user", "content": "again"}],
+        [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi"},
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "How are you?"},
+        ],
+    ],
+)
+def test_valid_openai_conversations_are_answered(http, tiny_engine, messages):
+    assert tiny_engine.template.name == "vicuna_v1.1"
+    r = post(http, messages=messages)
+    assert r.status_code == 200, r.text
+
+
+def test_harmless_record_fields_are_accepted(http):
+    r = post(http, store=False, metadata={"k": "v"}, service_tier="auto", user="u")
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"n": True}, "n"),
+        ({"stream": "yes"}, "stream"),
+        ({"stop": ["a", 1]}, "stop"),
+        ({"seed": 36893488147419103232}, "seed"),
+        ({"store": True}, "store"),
+        ({"tools": []}, "tools"),
+    ],
+)
+def test_bad_fields_are_a_400_that_names_them(http, fields, param):
+    r = post(http, **fields)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_a_conversation_our_template_cannot_render_is_a_400_that_names_the_message(http):
+    r = post(http, messages=[{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
+    assert r.json()["error"]["message"].startswith("messages[0]: expected a user message")
