@@ -268,6 +268,74 @@ def test_any_transformers_model_batches_on_a_padded_cache(tiny_engine):
         b.close()
 
 
+def test_a_long_prompt_is_computed_in_pieces_between_the_running_replies_steps(tiny_engine, monkeypatch):
+    from vicuna.engine import batching
+
+    monkeypatch.setattr(batching, "PREFILL_PIECE", 32)
+    b = Batcher(tiny_engine, max_batch_size=4)
+    rows = b._rows
+    step, more = rows.step, rows.more
+    rows.step = lambda tokens: (time.sleep(0.002), step(tokens))[1]
+    pieces: list[tuple[int, int]] = []  # (decode steps so far, tokens of the prompt done) at each piece
+    rows.more = lambda runner, ids, done, most: (
+        pieces.append((b.stats.steps, done)),
+        more(runner, ids, done, most),
+    )[1]
+    running_job = (
+        tiny_engine.encode(TEXTS[0]),
+        SamplingParams(temperature=0, max_new_tokens=400, ignore_eos=True),
+    )
+    long_ids = tiny_engine.encode(" ".join(TEXTS) * 6)
+    assert len(long_ids) > 6 * 32
+    long_job = (long_ids, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))
+    try:
+        events = b.generate(*running_job)
+        first = next(events)
+        long_reply = reply(b.generate(*long_job))
+        running_reply = reply([first, *events])
+    finally:
+        b.close()
+    dones = [done for _, done in pieces]  # the first piece began after the prefix shared with the running row
+    assert len(dones) >= 5 and dones == list(
+        range(dones[0], len(long_ids), 32)
+    )  # a piece a call after the first
+    assert all(
+        later > earlier for (earlier, _), (later, _) in zip(pieces, pieces[1:], strict=False)
+    )  # steps between
+    assert same(long_reply, reply(tiny_engine.generate(*long_job)))
+    assert same(running_reply, reply(tiny_engine.generate(*running_job)))
+
+
+def test_a_prompt_being_computed_in_pieces_can_be_cancelled(tiny_engine, monkeypatch):
+    import threading
+
+    from vicuna.engine import batching
+
+    monkeypatch.setattr(batching, "PREFILL_PIECE", 16)
+    b = Batcher(tiny_engine, max_batch_size=4)
+    rows = b._rows
+    more, cancel = rows.more, threading.Event()
+    calls: list[int] = []
+
+    def cancelling_more(runner, ids, done, most):  # the client leaves during the second piece
+        calls.append(done)
+        if len(calls) == 2:
+            cancel.set()
+        return more(runner, ids, done, most)
+
+    rows.more = cancelling_more
+    try:
+        events = b.generate(tiny_engine.encode(TEXTS[0]), SamplingParams(max_new_tokens=300, ignore_eos=True))
+        next(events)
+        long_ids = tiny_engine.encode(" ".join(TEXTS) * 6)
+        cancelled = reply(b.generate(long_ids, SamplingParams(max_new_tokens=8), cancel=cancel))
+        events.close()
+    finally:
+        b.close()
+    assert cancelled[1].reason == "cancelled" and cancelled[1].completion_tokens == 0
+    assert len(calls) == 2  # no piece after the cancel
+
+
 def test_the_padded_cache_path_passes_its_cache_by_the_name_the_model_takes(tiny_engine):
     """Earlier transformers 5 releases take the cache as `past_key_values`: under the wrong name the prompt
     would be forgotten after its first token."""

@@ -54,6 +54,9 @@ Sink = Callable[[Event | BaseException], None]
 DEFAULT_MAX_BATCH_SIZE = 16
 SWITCH_INTERVAL_S = 0.0002
 DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the default KV budget: this many tokens for each batch row
+# While replies are running, a prompt is computed this many tokens at a time, a decode step between two
+# pieces, so that a long prompt slows the running replies instead of stopping them for its whole prefill.
+PREFILL_PIECE = 512
 
 
 def release_openmp_threads() -> None:
@@ -154,6 +157,17 @@ class BatchStats:
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # rows per decode step
 
 
+@dataclass
+class _Prefill:
+    """A prompt being computed in pieces: its reply, the row that holds its first `done` tokens of `ids`."""
+
+    reply: _Reply
+    row: Any
+    ids: list[int]
+    done: int
+    resumed: bool  # a preempted reply, recomputed
+
+
 class Batcher:
     """Serves many requests on one `Engine` with continuous batching.
 
@@ -199,6 +213,7 @@ class Batcher:
         self._tasks: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._closed = False
         self._replies: list[_Reply] = []  # the running batch, in admission order
+        self._prefilling: _Prefill | None = None  # a prompt computed in pieces between decode steps
         self._held: list[tuple[Sink, Event | BaseException]] = []  # events not yet handed to their sinks
         self._handed_at: dict[Sink, float] = {}  # when each running reply's sink was last handed text
         # Held whenever sinks are called (the events of one hand-over): a front end that takes it sees all
@@ -337,8 +352,9 @@ class Batcher:
 
     @property
     def waiting(self) -> int:
-        """Requests queued for a batch row (preempted ones included)."""
-        return len(self._waiting)
+        """Requests queued for a batch row (preempted ones included, and one whose prompt is being computed
+        in pieces)."""
+        return len(self._waiting) + (self._prefilling is not None)
 
     @property
     def running(self) -> int:
@@ -350,6 +366,8 @@ class Batcher:
             self._closed = True
             for reply in [*self._waiting, *self._replies]:
                 reply.cancel.set()
+            if self._prefilling is not None:
+                self._prefilling.reply.cancel.set()
             self._lock.notify()
         self._thread.join(timeout)
 
@@ -359,9 +377,11 @@ class Batcher:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._waiting or self._tasks or self._replies or self._closed):
+                    while not (
+                        self._waiting or self._tasks or self._replies or self._prefilling or self._closed
+                    ):
                         self._lock.wait()
-                    if self._closed and not (self._waiting or self._replies):
+                    if self._closed and not (self._waiting or self._replies or self._prefilling):
                         break
                     tasks = list(self._tasks)
                     self._tasks.clear()
@@ -378,7 +398,9 @@ class Batcher:
                     log.exception("batch step failed")
                     for reply in self._replies:
                         reply.fail(error)
-                    self._replies, self._rows = [], self._new_rows()
+                    if self._prefilling is not None:
+                        self._prefilling.reply.fail(error)
+                    self._replies, self._rows, self._prefilling = [], self._new_rows(), None
                     release_memory_after(error)
                 if not self._replies:  # nothing runs next: the thread may wait
                     self._hand_over(everything=True)
@@ -397,7 +419,7 @@ class Batcher:
 
     def _update_stats(self) -> None:
         s = self.stats
-        s.waiting, s.running = len(self._waiting), len(self._replies)
+        s.waiting, s.running = self.waiting, len(self._replies)
         s.kv_tokens = self._rows.kv_tokens()
         s.peak_kv_tokens = max(s.peak_kv_tokens, s.kv_tokens)
         s.peak_running = max(s.peak_running, s.running)
@@ -421,7 +443,10 @@ class Batcher:
         self._keep([i for i in range(len(self._replies)) if i not in gone])
 
     def _admit(self) -> None:
-        """Prefill waiting requests while a row and the KV budget allow; each joins the batch."""
+        """Prefill waiting requests while a row and the KV budget allow; each joins the batch. While replies
+        run, a prompt longer than `PREFILL_PIECE` is computed a piece per call, and those behind it wait."""
+        if self._prefilling is not None and not self._prefill_more():
+            return
         while len(self._replies) < self.max_batch_size:
             with self._lock:
                 if not self._waiting:
@@ -438,17 +463,50 @@ class Batcher:
                     return
                 self._waiting.popleft()
             self._hand_over()
+            most = PREFILL_PIECE if self._replies else None
             try:
-                row, logits = self._rows.prefill(ids, [r.history for r in self._replies])
+                row, logits, done = self._rows.prefill(ids, [r.history for r in self._replies], most)
             except Exception as error:
                 log.exception("prefill failed")
                 reply.fail(error)
                 release_memory_after(error)
                 continue
-            if not resumed and reply.step(logits):
-                continue
-            self._rows.join(row)
-            self._replies.append(reply)
+            if done < len(ids):
+                self._prefilling = _Prefill(reply, row, ids, done, resumed)
+                return
+            self._join(reply, row, logits, resumed)
+
+    def _prefill_more(self) -> bool:
+        """The next piece of the prompt being computed in pieces (the rest when no reply runs); True once
+        it is done (the reply joined, ended or was cancelled)."""
+        job = self._prefilling
+        if job.reply.cancel.is_set() or self._closed:
+            self._prefilling = None
+            job.reply.finish("cancelled")
+            return True
+        self._hand_over()
+        try:
+            logits, job.done = self._rows.more(
+                job.row, job.ids, job.done, PREFILL_PIECE if self._replies else None
+            )
+        except Exception as error:
+            log.exception("prefill failed")
+            self._prefilling = None
+            job.reply.fail(error)
+            release_memory_after(error)
+            return True
+        if job.done < len(job.ids):
+            return False
+        self._prefilling = None
+        self._join(job.reply, job.row, logits, job.resumed)
+        return True
+
+    def _join(self, reply: _Reply, row: Any, logits: torch.Tensor, resumed: bool) -> None:
+        """A prefilled reply takes its first token (unless it was preempted, when it has it) and joins."""
+        if not resumed and reply.step(logits):
+            return
+        self._rows.join(row)
+        self._replies.append(reply)
 
     def _preempt_to_fit(self) -> None:
         while len(self._replies) > 1 and self._rows.kv_tokens_after_step() > self.kv_cache_tokens:
@@ -498,10 +556,14 @@ class _LlamaRows:
         self.finished: list[tuple[LlamaRunner, list[int]]] = []  # one-row runners and their tokens
         self.finished_tokens = max(kv_cache_tokens // 8, chunked(context_window))
 
-    def prefill(self, ids: list[int], histories: list[list[int]]) -> tuple[LlamaRunner, torch.Tensor]:
-        """A runner for `ids` alone. Where a running row (whose tokens are `histories[row]`) or a finished
-        one begins the same way, its cached positions are copied (a finished row's runner is taken
-        over) and only the rest of the prompt is computed."""
+    def prefill(
+        self, ids: list[int], histories: list[list[int]], most: int | None = None
+    ) -> tuple[LlamaRunner, torch.Tensor, int]:
+        """A runner for `ids` alone, the logits after its last computed token, and how many of `ids` it
+        holds: all, or with `most`, no more than `most` beyond those it did not compute (`more` goes on).
+        Where a running row (whose tokens are `histories[row]`) or a finished one begins the same way, its
+        cached positions are copied (a finished row's runner is taken over) and only the rest of the
+        prompt is computed."""
         limit = len(ids) - 1  # the last token is always computed: its logits are needed
         lengths = self.batch.lengths
         running = max(
@@ -515,14 +577,21 @@ class _LlamaRows:
             ),
             default=(0, -1),
         )
+        shared = max(finished[0], running[0])
+        end = len(ids) if most is None else min(len(ids), shared + most)
         if finished[0] > running[0]:
             runner, _ = self.finished.pop(finished[1])
-            return runner, runner.prefill(ids, finished[0])
-        runner = LlamaRunner(self.w, None)
-        if not running[0]:
-            return runner, runner.prefill(ids)
-        runner.copy_prefix(self.batch, running[1], running[0])
-        return runner, runner.prefill(ids, running[0])
+        else:
+            runner = LlamaRunner(self.w, None)
+            if running[0]:
+                runner.copy_prefix(self.batch, running[1], running[0])
+        return runner, runner.prefill(ids[:end], shared), end
+
+    @staticmethod
+    def more(runner: LlamaRunner, ids: list[int], done: int, most: int | None) -> tuple[torch.Tensor, int]:
+        """Go on with a prompt `prefill` began: the next `most` (or all remaining) of `ids` after `done`."""
+        end = len(ids) if most is None else min(len(ids), done + most)
+        return runner.prefill(ids[:end], done), end
 
     def remember(self, row: int, history: list[int]) -> None:
         """Keep a copy of a row that is leaving (`history`: its tokens), for a prompt that begins the same way."""
@@ -585,16 +654,18 @@ class _HFRows:
     def _columns(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def prefill(self, ids: list[int], histories: list[list[int]]) -> tuple[tuple[Any, int], torch.Tensor]:
-        """The prompt alone, from its first token (`histories`, the running rows' tokens, are unused:
-        these rows do not reuse each other's caches)."""
+    def prefill(
+        self, ids: list[int], histories: list[list[int]], most: int | None = None
+    ) -> tuple[tuple[Any, int], torch.Tensor, int]:
+        """The prompt alone, from its first token, all of it (`histories`, the running rows' tokens, are
+        unused: these rows do not reuse each other's caches; nor are prompts computed in pieces)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.engine.model.config)
         x = torch.tensor([ids], device=self.engine.device)
         logits = self.engine.model(input_ids=x, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
         logits = logits.logits[0, -1]
-        return (cache, len(ids)), logits.float()
+        return (cache, len(ids)), logits.float(), len(ids)
 
     def join(self, row: tuple[Any, int]) -> None:
         cache, length = row
