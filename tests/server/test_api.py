@@ -494,6 +494,21 @@ def test_serve_command_starts_the_server(tiny_engine, tmp_path):
     assert "prompt=" in (tmp_path / "serve.log").read_text()  # the request's log line
 
 
+def test_serve_refuses_a_busy_port_and_bad_flags_before_loading_the_model(tmp_path, capsys):
+    from vicuna.cli import main
+
+    never_loaded = str(tmp_path / "no-such-model")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert main(["serve", "--model-path", never_loaded, "--port", port]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    for flag, value in (("--max-batch-size", "0"), ("--stream-interval", "-5"), ("--max-queue", "-1")):
+        assert main(["serve", "--model-path", never_loaded, flag, value]) == 2
+        assert f"error: {flag} must be" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_builtin_model_answers():
     from vicuna.config import ModelSettings

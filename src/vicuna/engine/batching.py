@@ -360,8 +360,8 @@ class Batcher:
     def running(self) -> int:
         return len(self._replies)
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        """Stop taking requests, end the running ones ("cancelled") and stop the thread."""
+    def stop(self) -> None:
+        """Stop taking requests and end the running ones ("cancelled"), without waiting."""
         with self._lock:
             self._closed = True
             for reply in [*self._waiting, *self._replies]:
@@ -369,6 +369,10 @@ class Batcher:
             if self._prefilling is not None:
                 self._prefilling.reply.cancel.set()
             self._lock.notify()
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """`stop`, and wait for the thread to end."""
+        self.stop()
         self._thread.join(timeout)
 
     # --- the scheduler thread ----------------------------------------------------------------

@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
 from vicuna.config import add_model_arguments, model_settings_from_args
+from vicuna.errors import VicunaError
+
+SHUTDOWN_GRACE_S = 3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +48,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use is said at once, not after it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as err:
+        raise VicunaError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; is another server running there? "
+            "Choose another --port"
+        ) from None
+    return sock
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The server's own flags, before minutes go into loading the model."""
+    for ok, message in (
+        (0 < args.port < 65536, f"--port must be 1-65535, not {args.port}"),
+        (args.max_queue >= 0, f"--max-queue must be >= 0, not {args.max_queue}"),
+        (args.max_batch_size >= 1, f"--max-batch-size must be at least 1, not {args.max_batch_size}"),
+        (args.kv_cache_tokens is None or args.kv_cache_tokens >= 1, "--kv-cache-tokens must be positive"),
+        (
+            args.stream_interval >= 0,
+            f"--stream-interval must be 0 or more milliseconds, not {args.stream_interval:g}",
+        ),
+    ):
+        if not ok:
+            raise VicunaError(message)
+
+
 def main(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -53,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    check_flags(args)
+    sock = listen(args.host, args.port)
     engine = load_engine(model_settings_from_args(args))
     keys = [k for k in (args.api_keys or "").split(",") if k.strip()]
     app = create_app(
@@ -66,11 +103,23 @@ def main(args: argparse.Namespace) -> int:
         webui=not args.no_webui,
     )
     batcher = app.state.batcher
+    base = f"http://{args.host}:{args.port}"
     print(
-        f"Serving {app.state.model_name} at http://{args.host}:{args.port}/v1 "
+        f"Serving {app.state.model_name} at {base}/v1{'' if args.no_webui else f', web UI at {base}/'} "
         f"(batch of {batcher.max_batch_size}, KV cache {batcher.kv_cache_tokens} tokens = "
         f"{batcher.kv_cache_bytes / 2**20:.0f} MiB{', API keys required' if keys else ''})",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # Ctrl-C: open connections (a web UI tab keeps one) get SHUTDOWN_GRACE_S to end, then are closed and
+    # the running replies cancelled; without a bound the server waited for every tab to close.
+    config = uvicorn.Config(
+        app, log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on"
+    )
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:  # the replies end first, then their streams
+            batcher.stop()
+            super().handle_exit(sig, frame)
+
+    Server(config).run(sockets=[sock])
     return 0
