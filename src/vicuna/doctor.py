@@ -53,10 +53,36 @@ def main(args: argparse.Namespace) -> int:
     ):
         sizes.add_row(name, gib(size.weight_bytes(dtype, eight)), gib(size.kv_bytes(1024, dtype)))
     console.print(sizes)
+    from vicuna.engine.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_SEQUENCE
+    from vicuna.engine.engine import context_window
+
+    config = read_config(folder)
+    tokens = DEFAULT_MAX_BATCH_SIZE * min(context_window(config), DEFAULT_TOKENS_PER_SEQUENCE)
+    console.print(
+        f"`vicuna serve` also reserves a KV cache of {tokens:,} tokens by default ({DEFAULT_MAX_BATCH_SIZE} replies "
+        f"at once): {gib(size.kv_bytes(tokens, torch.bfloat16))} in 16 bits (--max-batch-size, --kv-cache-tokens)",
+        highlight=False,
+    )
     fits = Table("flags", "needs", "available", "fits")
     for option in fit_options(size, hw, settings):
         fits.add_row(
             option.flags, gib(option.needed), gib(option.available), "yes" if option.fits else "[red]no[/red]"
         )
     console.print(fits)
+
+    # The flags given here, checked as `vicuna chat` checks them before loading.
+    from vicuna.engine.placement import check_fits, resolve_device, resolve_dtype
+    from vicuna.errors import VicunaError
+
+    try:
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device, config)
+        check_fits(config, settings, device, dtype)
+    except VicunaError as err:
+        console.print(f"\n[bold]These flags[/bold] [red]do not work here[/red]: {err}", highlight=False)
+        return err.exit_code
+    eight = " --load-8bit" if settings.load_8bit else ""
+    gpus = f" --num-gpus {settings.num_gpus}" if device.type == "cuda" and settings.num_gpus > 1 else ""
+    chosen = f"--device {device.type} --dtype {str(dtype).removeprefix('torch.')}{gpus}{eight}"
+    console.print(f"\n[bold]These flags[/bold] ({chosen}): the model fits", highlight=False)
     return 0

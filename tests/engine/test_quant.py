@@ -149,3 +149,16 @@ def test_load_8bit_quantizes_the_checkpoints_own_tensors_without_a_copy_in_the_m
     assert isinstance(embedding, Int8Embedding) and embedding.dtype == torch.bfloat16
     assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
     assert engine.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_8bit_estimate_that_doctor_and_the_fit_check_use_matches_the_quantized_model(tied):
+    from transformers import LlamaForCausalLM
+
+    from vicuna.engine.memory import model_size
+
+    config = tiny_llama_config(512, hidden_size=128, intermediate_size=384, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    _, after = quantize_int8(model, torch.device("cpu"))
+    estimate = model_size(config).weight_bytes(torch.bfloat16, load_8bit=True)
+    assert estimate <= after <= 1.05 * estimate  # beyond it: one scale per row

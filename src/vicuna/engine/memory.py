@@ -88,15 +88,15 @@ def empty_model(config: Any) -> Any:
 @dataclass(frozen=True)
 class ModelSize:
     params: int
-    linear_params: int  # in the decoder layers' Linear modules: what 8-bit quantizes
+    int8_params: int  # what 8-bit quantizes: the layers' Linear weights, the embedding and the head
     kv_values_per_token: int  # keys and values stored per token, all layers
 
     def weight_bytes(self, dtype: torch.dtype, load_8bit: bool = False) -> int:
         width = DTYPE_BYTES[dtype]
         if not load_8bit:
             return self.params * width
-        # int8 weights plus one scale per output row (negligible), the rest kept in `dtype`
-        return self.linear_params + (self.params - self.linear_params) * width
+        # int8 weights plus one scale per output row (negligible), the norms kept in `dtype`
+        return self.int8_params + (self.params - self.int8_params) * width
 
     def kv_bytes(self, tokens: int, dtype: torch.dtype) -> int:
         return self.kv_values_per_token * tokens * DTYPE_BYTES[dtype]
@@ -109,11 +109,13 @@ def model_size(config: Any) -> ModelSize:
     linear = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not lm_head
     )
+    tables = {id(t): t.numel() for t in (model.get_input_embeddings().weight, lm_head.weight)}  # tied: one
+    int8 = linear + sum(tables.values())
     text = config.get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ModelSize(params, linear, 2 * text.num_hidden_layers * kv_heads * head_dim)
+    return ModelSize(params, int8, 2 * text.num_hidden_layers * kv_heads * head_dim)
 
 
 def parse_bytes(text: str) -> int:

@@ -189,10 +189,18 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
     hw = probe_hardware()
     kv = size.kv_bytes(KV_TOKENS, dtype)
     weights = size.weight_bytes(dtype, settings.load_8bit)
+    budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None  # read even if unused
+    gpu_flags = [
+        f for f, given in (("--num-gpus", settings.num_gpus > 1), ("--max-gpu-memory", budget)) if given
+    ]
+    if device.type != "cuda" and gpu_flags:
+        print(
+            f"notice: {' and '.join(gpu_flags)} apply to CUDA GPUs; on {device.type} they are ignored",
+            file=sys.stderr,
+        )
     if device.type == "cuda":
         if settings.num_gpus > len(hw.gpus):
             raise VicunaError(f"--num-gpus {settings.num_gpus}: only {len(hw.gpus)} GPU(s) are visible")
-        budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None
         budgets = [min(int(g.free_bytes * 0.9), budget or g.free_bytes) for g in hw.gpus[: settings.num_gpus]]
         where = f"{settings.num_gpus} GPU(s) with {gib(sum(budgets))} usable"
         available = sum(budgets)
