@@ -3,32 +3,50 @@ documented shape, and each benchmark runs end to end on a tiny model. Speed is n
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
+from vicuna.bench import add_arguments, serve
 from vicuna.bench.latency import Timing, add_latency_rows
-from vicuna.bench.memory import add_memory_rows, run_child, run_job, write_delta, write_meta_checkpoint
+from vicuna.bench.memory import (
+    add_memory_rows,
+    largest_tensor_bytes,
+    meta_bytes,
+    meta_params,
+    run_child,
+    run_job,
+    write_delta,
+    write_meta_checkpoint,
+)
 from vicuna.bench.report import (
     REPORT_KEYS,
     ROW_KEYS,
     Report,
     Row,
     median,
+    minor_tick_label,
     percentile,
     print_table,
     ratio,
+    ratio_chart,
     write_json,
     write_plot,
 )
 from vicuna.bench.serve import (
     API_PAIRS,
+    MIN_CONTENT_READS,
     StreamResult,
     Wave,
     add_serve_rows,
+    model_name,
     sse_payloads,
     stream_one,
     summarize_wave,
@@ -78,6 +96,7 @@ def test_json_has_the_documented_keys_and_the_plot_is_a_png(tmp_path, capsys):
     report.add("short prompt", "decode", "tok/s", 60.0, "HF generate", 30.0, target=2.0)
     report.add("short prompt", "weight memory", "MiB", 40.0, "bfloat16", 100.0, target=0.55, target_op="<=")
     report.add("short prompt", "time to first token", "ms", 10.0, "HF generate", 0.0)  # no ratio: not drawn
+    (tmp_path / "out").mkdir()
     write_json(report, tmp_path / "out" / "r.json")
     data = json.loads((tmp_path / "out" / "r.json").read_text())
     assert tuple(data) == REPORT_KEYS and data["schema"] == 1 and data["benchmark"] == "latency"
@@ -91,6 +110,60 @@ def test_json_has_the_documented_keys_and_the_plot_is_a_png(tmp_path, capsys):
     print_table(report)
     out = capsys.readouterr().out
     assert "2x" in out and "0.4x" in out and "test cpu" in out
+
+
+def test_outputs_go_only_into_existing_folders_and_the_chart_only_into_a_png(tmp_path):
+    report = Report("latency", settings={})
+    report.add("g", "decode", "tok/s", 60.0, "HF generate", 30.0)
+    with pytest.raises(VicunaError, match="does not exist"):
+        write_json(report, tmp_path / "missing" / "r.json")
+    with pytest.raises(VicunaError, match="does not exist"):
+        write_plot(report, tmp_path / "missing" / "r.png")
+    with pytest.raises(VicunaError, match=r"name it \*\.png"):
+        write_plot(report, tmp_path / "r.txt")
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "r.txt").exists()
+
+
+def test_minor_ticks_are_labelled_only_where_they_have_room():
+    assert [minor_tick_label(v, 0.5) for v in (0.7, 0.8, 0.9, 2.0)] == ["0.7x", "0.8x", "0.9x", "2x"]
+    assert [minor_tick_label(v, 1.0) for v in (0.2, 0.3, 0.4, 5.0, 7.0)] == ["0.2x", "0.3x", "", "5x", ""]
+    assert [minor_tick_label(v, 2.0) for v in (0.2, 0.3, 5.0, 50.0)] == ["0.2x", "", "5x", "50x"]
+    assert minor_tick_label(0.2, 3.5) == minor_tick_label(5.0, 3.5) == ""
+
+
+def overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize(
+    "ratios",
+    [
+        [(83 / 2755, None), (0.12, None), (136, None), (0.5, 0.55), (1.54, None)],  # four decades
+        [(2.0, 2.0), (0.68, 0.7), (0.341, None), (0.5, 0.55), (3, None)],  # one
+        [(0.95, 0.95), (1.3, None), (0.8, None)],  # less than one
+    ],
+)
+def test_the_chart_s_labels_do_not_run_into_each_other_or_into_the_targets(ratios):
+    import matplotlib.pyplot as plt
+
+    report = Report("memory", settings={}, machine={"cpu": "test cpu"})
+    for i, (value, target) in enumerate(ratios):
+        report.add("group", f"metric {i}", "x", value, "baseline", 1.0, target=target, target_op="<=")
+    fig = ratio_chart(report)
+    try:
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        ticks = [t for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True) if t.get_text()]
+        low, high = ax.get_xlim()
+        shown = [t.get_window_extent(renderer) for t in ticks if low <= t.get_position()[0] <= high]
+        assert len(shown) >= 2
+        assert not [(a, b) for i, a in enumerate(shown) for b in shown[i + 1 :] if overlaps(a, b)]
+        labels = [t.get_window_extent(renderer) for t in ax.texts]
+        targets = [line.get_window_extent(renderer) for line in ax.lines if line.get_marker() == "|"]
+        assert len(labels) == len(ratios) and targets
+        assert not [(a, b) for a in labels for b in targets if overlaps(a, b)]
+    finally:
+        plt.close(fig)
 
 
 # --- each benchmark's rows from given measurements ---------------------------------------------
@@ -151,10 +224,11 @@ def test_the_next_turn_row_compares_the_engine_reusing_its_cache_with_hf_recompu
     ) and row.unit == "ms"
 
 
-def test_serve_rows_compare_concurrency_with_one_stream_and_the_api_with_the_engine():
-    def wave(n: int, rate: float, p50: float, p99: float, decode: float = 50.0) -> Wave:
-        return Wave(n, 1.0, int(rate), rate, p50, p99, decode)
+def wave(n: int, rate: float, p50: float, p99: float, decode: float | None = 50.0) -> Wave:
+    return Wave(n, 1.0, int(rate), rate, p50, p99, decode)
 
+
+def test_serve_rows_compare_concurrency_with_one_stream_and_the_api_with_the_engine():
     # each API wave was sent right after the engine reply of the same index: the pair ratios are 1.0,
     # 0.857 and 0.976, so the median pair is (80, 82), where a ratio of medians would say 60 / 70
     waves = {
@@ -176,57 +250,128 @@ def test_serve_rows_compare_concurrency_with_one_stream_and_the_api_with_the_eng
     assert (agg.value, agg.baseline_value, agg.ratio, agg.target, agg.met) == (300, 50, 6.0, 6.0, True)
     api = rows_by(report, "1 stream", "API decode", "engine directly")
     assert (api.value, api.baseline_value, api.target) == (80, 82, 0.95) and api.met
-    tokens = rows_by(report, "1 stream", "API tokens/s", "engine directly")  # 40/50, 50/50, 60/40
-    assert (tokens.value, tokens.baseline_value) == (50, 50.0)
-    ttft = rows_by(report, "1 stream", "API TTFT", "engine directly")  # 100/100, 300/100, 200/400
-    assert (ttft.value, ttft.baseline_value) == pytest.approx((100.0, 100.0))
+    # the other rows of the group come from the same pair (the third), not from their own median pairs
+    # (tokens/s 50/50 of the second, TTFT 100/100 of the first)
+    tokens = rows_by(report, "1 stream", "API tokens/s", "engine directly")
+    assert (tokens.value, tokens.baseline_value) == (60, 40.0)
+    ttft = rows_by(report, "1 stream", "API TTFT", "engine directly")
+    assert (ttft.value, ttft.baseline_value) == pytest.approx((200.0, 400.0))
     p99 = rows_by(report, "16 streams", "TTFT p99", "1 stream")
     assert (p99.value, p99.baseline_value) == pytest.approx((2000.0, 200.0))
     with pytest.raises(ValueError):  # a wave without its engine reply is not a pair
         add_serve_rows(Report("serve", settings={}), direct[:2], waves)
 
 
+def test_without_api_decode_rates_the_pair_is_the_median_by_tokens_per_s_and_has_no_decode_row():
+    # the replies' text came in too few reads for a decode rate: the tokens/s ratios 0.8, 1.0 and 1.5
+    waves = {1: [wave(1, 40, 0.1, 0.1, None), wave(1, 50, 0.3, 0.3, None), wave(1, 60, 0.2, 0.2, None)]}
+    direct = [
+        StreamResult(0.1, 2.0, 100, 40.0),
+        StreamResult(0.2, 2.0, 100, 70.0),
+        StreamResult(0.4, 2.5, 100, 82.0),
+    ]
+    report = Report("serve", settings={})
+    add_serve_rows(report, direct, waves)
+    assert not [r for r in report.rows if r.metric == "API decode"]
+    tokens = rows_by(report, "1 stream", "API tokens/s", "engine directly")
+    ttft = rows_by(report, "1 stream", "API TTFT", "engine directly")
+    assert (tokens.value, tokens.baseline_value) == (50, 50.0)
+    assert (ttft.value, ttft.baseline_value) == pytest.approx((300.0, 200.0))
+
+
 def test_summarize_wave_and_sse_parsing():
     results = [StreamResult(0.1 * i, 2.0, 10, 5.0) for i in range(1, 5)]  # TTFT 0.1 .. 0.4
-    wave = summarize_wave(4, results, wall_s=2.0)
-    assert (wave.tokens, wave.tokens_per_s) == (40, 20.0)
-    assert wave.ttft_p50_s == pytest.approx(0.25) and wave.ttft_p99_s == pytest.approx(0.397)
+    summary = summarize_wave(4, results, wall_s=2.0)
+    assert (summary.tokens, summary.tokens_per_s) == (40, 20.0)
+    assert summary.ttft_p50_s == pytest.approx(0.25) and summary.ttft_p99_s == pytest.approx(0.397)
+    untimed = [
+        StreamResult(0.1, 2.0, 10, None),
+        StreamResult(0.1, 2.0, 10, 6.0),
+        StreamResult(0.1, 2.0, 10, 4.0),
+    ]
+    assert summarize_wave(3, untimed, wall_s=2.0).decode_p50_tokens_per_s == 5.0  # of the timed replies
+    assert summarize_wave(1, untimed[:1], wall_s=2.0).decode_p50_tokens_per_s is None
     lines = [": comment", 'data: {"a": 1}', "", 'data:{"b": 2}', "data: [DONE]", 'data: {"c": 3}']
     assert list(sse_payloads(lines)) == [{"a": 1}, {"b": 2}]
 
 
-def answered(response: bytes) -> StreamResult:
-    """`stream_one` against a server that reads the request's head and sends `response` (in pieces)."""
+def answered(
+    response: bytes | list[bytes], api_key: str | None = None, heads: list | None = None
+) -> StreamResult:
+    """`stream_one` against a server that reads the request's head (kept in `heads`) and sends `response`:
+    bytes in pieces of 40 (events split across reads), or a list of writes a few ms apart."""
+    writes = (
+        response
+        if isinstance(response, list)
+        else [response[i : i + 40] for i in range(0, len(response), 40)]
+    )
 
     async def main() -> StreamResult:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readuntil(b"\r\n\r\n")
-            for i in range(0, len(response), 40):  # events split across reads
-                writer.write(response[i : i + 40])
+            head = await reader.readuntil(b"\r\n\r\n")
+            if heads is not None:
+                heads.append(head.decode())
+            for data in writes:
+                writer.write(data)
                 await writer.drain()
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.005 if isinstance(response, list) else 0.001)
             writer.close()
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         async with server:
-            return await stream_one(
-                f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", {"stream": True}
-            )
+            url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            return await stream_one(url, {"stream": True}, api_key=api_key)
 
     return asyncio.run(main())
 
 
+def chunk(event: dict | str) -> bytes:
+    """One server-sent event as one HTTP chunk."""
+    data = f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n"
+    return f"{len(data):x}\r\n{data}\r\n".encode()
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def streamed(texts: list[str]) -> list[bytes]:
+    """A chat completion stream: a role chunk, one chunk per text, the usage, [DONE], the last chunk."""
+    events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    events += [{"choices": [{"index": 0, "delta": {"content": t}}]} for t in texts]
+    events += [{"choices": [], "usage": {"completion_tokens": len(texts)}}, "[DONE]"]
+    return [chunk(e) for e in events] + [b"0\r\n\r\n"]
+
+
 def test_the_stream_client_times_the_content_and_takes_the_usage():
-    events = [
-        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
-        {"choices": [{"index": 0, "delta": {"content": "Hel"}}]},
-        {"choices": [{"index": 0, "delta": {"content": "lo"}}]},
-        {"choices": [], "usage": {"completion_tokens": 2}},
-    ]
-    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
-    chunked = f"{len(body):x}\r\n{body}\r\n0\r\n\r\n".encode()
-    got = answered(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)
-    assert got.tokens == 2 and 0 < got.ttft_s <= got.total_s and got.decode_tokens_per_s > 0
+    got = answered(STREAM_HEAD + b"".join(streamed(["Hel", "lo"])))
+    assert got.tokens == 2 and 0 < got.ttft_s <= got.total_s and got.content_reads == 2
+    # each token's text in a write of its own: a decode rate, over the tokens after the first
+    texts = ["a", "b", "c", "d", "e", "f"]
+    role, *tokens, usage, done, end = streamed(texts)
+    got = answered([STREAM_HEAD + role, *tokens, usage + done + end])
+    assert got.content_reads == len(texts) >= MIN_CONTENT_READS and got.decode_tokens_per_s > 0
+
+
+def test_no_decode_rate_from_text_that_came_in_too_few_reads():
+    # the server's stream interval bundles a fast reply's tokens into one or two writes: the gap between
+    # them says nothing about decoding (bench serve once printed 529,541 tok/s for a tiny model)
+    role, first, *rest, usage, done, end = streamed(["a", "b", "c", "d", "e", "f"])
+    got = answered([STREAM_HEAD + role + first, b"".join(rest) + usage + done + end])
+    assert got.tokens == 6 and got.content_reads == 2 and got.decode_tokens_per_s is None
+    got = answered([STREAM_HEAD + role + first + b"".join(rest) + usage + done + end])
+    assert got.content_reads == 1 and got.decode_tokens_per_s is None
+
+
+def test_the_stream_client_sends_the_api_key_and_explains_a_401():
+    heads: list[str] = []
+    answered(STREAM_HEAD + b"".join(streamed(["a"])), api_key="k-123", heads=heads)
+    assert "Authorization: Bearer k-123\r\n" in heads[0]
+    answered(STREAM_HEAD + b"".join(streamed(["a"])), heads=heads)
+    assert "Authorization" not in heads[1]
+    with pytest.raises(
+        VicunaError, match=r"answered 401 \(no API key, or not one it takes\): pass its key with --api-key"
+    ):
+        answered(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n{}")
 
 
 def test_the_stream_client_reports_an_error_answer_and_a_cut_stream():
@@ -248,8 +393,8 @@ def test_memory_rows_take_float32_bfloat16_and_the_copy_as_baselines():
         "bfloat16 + 8-bit": {"weight_bytes": 104 * mib, "peak_rss": 900 * mib},
     }
     weights = {
-        "convert": {"bytes": 500 * 10**6, "seconds": 10.0, "peak_rss": 600 * mib, "start_rss": 400 * mib},
-        "convert copy": {"bytes": 500 * 10**6, "seconds": 1.0, "peak_rss": 450 * mib, "start_rss": 400 * mib},
+        "convert": {"bytes": 500 * 10**6, "seconds": 10.0, "peak_rss": 600 * mib, "idle_rss": 400 * mib},
+        "convert copy": {"bytes": 500 * 10**6, "seconds": 1.0, "peak_rss": 450 * mib, "idle_rss": 400 * mib},
     }
     report = Report("memory", settings={})
     add_memory_rows(report, {"load": load, "weights": weights}, ["float32", "bfloat16"])
@@ -257,19 +402,20 @@ def test_memory_rows_take_float32_bfloat16_and_the_copy_as_baselines():
     assert bf16.ratio == 0.5 and bf16.target is None
     q = rows_by(report, "load bfloat16 + 8-bit", "weight memory", "bfloat16")
     assert q.ratio == pytest.approx(0.52) and q.met is True
-    group = "convert (500 MB)"
+    group = "convert (500 MB checkpoint)"
     rate = rows_by(report, group, "throughput", "file copy")
     assert (rate.value, rate.baseline_value, rate.ratio) == (50.0, 500.0, 0.1)
     assert rows_by(report, group, "peak RSS", "file copy").ratio == pytest.approx(600 / 450)
-    held = rows_by(report, group, "RSS above start", "checkpoint size")
+    held = rows_by(report, group, "peak RSS above idle", "checkpoint size")
     assert held.value == 200.0 and held.baseline_value == pytest.approx(500 * 10**6 / mib)
+    assert (held.target, held.target_op, held.met) == (0.75, "<=", True)
     assert not [r for r in report.rows if r.group.startswith("delta")]  # not measured: no rows
 
 
 # --- the benchmarks themselves, on tiny models ------------------------------------------------
 
 
-def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path):
+def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path, capsys):
     out, png = tmp_path / "lat.json", tmp_path / "lat.png"
     argv = [
         "bench",
@@ -286,7 +432,7 @@ def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path)
         "--new-tokens",
         "3",
         "--long-tokens",
-        "60",
+        "100000",  # more than the tiny model's context: shortened to fit with the reply and the next turn
         "--json",
         str(out),
         "--plot",
@@ -315,7 +461,11 @@ def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path)
         [ceiling] = [r for r in data["rows"] if r["group"] == group and r["baseline"] == "bandwidth ceiling"]
         s = data["settings"]
         assert math.isclose(ceiling["baseline_value"], s["bandwidth_bytes_per_s"] / s["decode_bytes"])
-    assert data["settings"]["prompt_tokens"]["long"] <= 256 - 3  # fits the tiny model's context
+    s = data["settings"]
+    # the long prompt was shortened so that it, and the chat's next turn after its reply, fit the context
+    assert s["prompt_tokens"]["short"] < s["prompt_tokens"]["long"] <= 256 - 3
+    assert s["next_turn_tokens"]["long"] + 2 <= 256
+    assert f"the long prompt is shortened to {s['prompt_tokens']['long']} tokens" in capsys.readouterr().err
     assert [r for r in data["rows"] if r["metric"] == "weight memory"][0]["ratio"] < 1
     assert png.read_bytes().startswith(PNG_MAGIC)
 
@@ -328,12 +478,138 @@ def test_bench_refuses_bad_flags(capsys):
     assert "--new-tokens" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["latency", "--runs", "0"], "error: --runs must be at least 1, not 0\n"),
+        (["latency", "--warmup", "-1"], "error: --warmup must be at least 0, not -1\n"),
+        (["latency", "--long-tokens", "5"], "error: --long-tokens must be at least 100, not 5\n"),
+        (["serve", "--runs", "0"], "error: --runs must be at least 1, not 0\n"),
+        (["serve", "--streams", "1,0"], "error: --streams must be at least 1 each, not 0\n"),
+        (
+            ["serve", "--startup-timeout", "0"],
+            "error: --startup-timeout must be more than 0 seconds, not 0\n",
+        ),
+        (
+            ["memory", "--weights-mb", "-5"],
+            "error: --weights-mb must be at least 1, not -5 (--skip-weights leaves",
+        ),
+        (
+            ["memory", "--weights-mb", "0"],
+            "error: --weights-mb must be at least 1, not 0 (--skip-weights leaves",
+        ),
+        (
+            ["memory", "--dtype", "float16"],
+            "--dtype and --load-8bit do not apply (choose the dtypes with --dtypes)",
+        ),
+        (["memory", "--load-8bit"], "--dtype and --load-8bit do not apply"),
+        (["serve", "--plot", "chart.txt"], "error: chart.txt: the chart is written as PNG; name it *.png\n"),
+    ],
+)
+def test_bench_refuses_a_bad_flag_by_its_name_before_loading_anything(argv, message, capsys):
+    assert cli(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, name", [("--json", "x.json"), ("--plot", "x.png")])
+def test_bench_writes_no_output_into_a_missing_folder(flag, name, tmp_path, capsys):
+    missing = tmp_path / "no" / "such"
+    assert cli(["bench", "memory", "--skip-weights", flag, str(missing / name)]) == 2
+    assert f"the folder {missing} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
+def test_the_api_key_defaults_to_the_first_of_the_server_s_keys(monkeypatch):
+    def parsed(*argv: str) -> argparse.Namespace:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        return parser.parse_args(["serve", *argv])
+
+    monkeypatch.setenv("VICUNA_API_KEYS", " k1 ,k2")  # as `vicuna serve --api-keys` reads them
+    assert parsed().api_key == "k1" and parsed("--api-key", "k2").api_key == "k2"
+    monkeypatch.delenv("VICUNA_API_KEYS")
+    assert parsed().api_key is None
+
+
+@pytest.fixture
+def fake_server():
+    """Start an HTTP server whose /v1/models lists one model, behind a key if given; returns its URL."""
+    servers = []
+
+    def start(model: str, key: str | None = None) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if key and self.headers.get("Authorization") != f"Bearer {key}":
+                    status, body = 401, {"error": {"message": "incorrect API key provided"}}
+                elif self.path == "/v1/models":
+                    status, body = 200, {"object": "list", "data": [{"id": model, "object": "model"}]}
+                else:
+                    status, body = 404, {"error": {"message": "not found"}}
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bench_serve_refuses_a_server_of_another_model(tiny_llama_dir, fake_server, capsys):
+    url = fake_server("SmolLM2-135M-Instruct")
+    argv = ["bench", "serve", "--url", f"{url}/v1", "--model-path", str(tiny_llama_dir), "--streams", "1"]
+    assert cli([*argv, "--new-tokens", "8", "--runs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{url} serves 'SmolLM2-135M-Instruct', but the baseline" in err
+    assert f"loads {tiny_llama_dir.name!r} (--model-path {tiny_llama_dir})" in err
+
+
+def test_the_served_model_is_asked_for_with_the_key_and_a_401_says_so(fake_server):
+    url = fake_server("vicuna-7b", key="k1")
+    assert model_name(url, "k1") == "vicuna-7b"
+    with pytest.raises(
+        VicunaError, match="answered 401: the server wants an API key; pass its key with --api-key"
+    ):
+        model_name(url)
+    with pytest.raises(VicunaError, match="answered 401: the server refused the API key; pass"):
+        model_name(url, "k2")
+
+
+def test_a_server_that_does_not_answer_in_time_is_reported_with_what_it_printed(monkeypatch):
+    from vicuna.config import ModelSettings
+
+    def command(code: str) -> None:
+        monkeypatch.setattr(serve, "serve_command", lambda settings, port: [sys.executable, "-c", code])
+
+    command("import time; time.sleep(60)")
+    silent = r"within 0\.5s \(--startup-timeout\); it printed nothing yet$"
+    with pytest.raises(VicunaError, match=silent), serve.started_server(ModelSettings(), timeout=0.5):
+        pass
+    command("print('loading the model', flush=True); import time; time.sleep(60)")
+    talking = r"within 1s \(--startup-timeout\); its output:\nloading the model$"
+    with pytest.raises(VicunaError, match=talking), serve.started_server(ModelSettings(), timeout=1):
+        pass
+
+
 def test_convert_delta_and_copy_jobs_on_a_generated_checkpoint(tmp_path):
     meta = write_meta_checkpoint(tmp_path / "meta", weights_mb=1)
-    meta_bytes = (meta / "consolidated.00.pth").stat().st_size
+    pth_bytes = (meta / "consolidated.00.pth").stat().st_size
     converted = run_job({"kind": "convert", "meta_dir": str(meta), "out_dir": str(tmp_path / "hf")})
     # the same float16 tensors, without the .pth container's overhead
-    assert 0.9 * meta_bytes < converted["bytes"] <= meta_bytes and converted["seconds"] > 0
+    assert 0.9 * pth_bytes < converted["bytes"] <= pth_bytes and converted["seconds"] > 0
+    tensors = meta_bytes(meta_params(1)[0])
+    assert tensors <= converted["bytes"] < tensors * 1.01  # the size labelled is the size written
     delta = write_delta(tmp_path / "hf", tmp_path / "delta")
     merged = run_job(
         {
@@ -348,7 +624,35 @@ def test_convert_delta_and_copy_jobs_on_a_generated_checkpoint(tmp_path):
     copied = run_job(
         {"kind": "copy", "files": [str(meta / "consolidated.00.pth")], "out_dir": str(tmp_path / "c")}
     )
-    assert copied["bytes"] == meta_bytes and copied["peak_rss"] >= copied["start_rss"] > 0
+    assert copied["bytes"] == pth_bytes and copied["peak_rss"] >= copied["idle_rss"] > 0
+
+
+def test_the_generated_checkpoint_has_the_size_asked_for_and_llama_s_proportions():
+    for mb in (1, 40, 128, 512):
+        params = meta_params(mb)[0]
+        assert 0.85 * mb * 10**6 < meta_bytes(params) < 1.15 * mb * 10**6
+    # LLaMA-7B's largest tensor (its 32000 x 4096 embedding table) is 1.9% of it: a job that holds a few
+    # tensors at once must not look as if it held the model (a 32000-row table was 42% of 157 MB)
+    assert largest_tensor_bytes(meta_params(512)[0]) < 0.025 * meta_bytes(meta_params(512)[0])
+    assert largest_tensor_bytes(meta_params(128)[0]) < 0.06 * meta_bytes(meta_params(128)[0])
+
+
+def test_convert_and_delta_apply_hold_less_than_three_quarters_of_the_checkpoint(tmp_path):
+    """The bench's own measurement (peak RSS above the child's RSS after its imports) on its smallest
+    checkpoint of LLaMA's width class, against README's claim and the convert and delta tests' bound."""
+    meta = write_meta_checkpoint(tmp_path / "meta", weights_mb=100)
+    converted = run_child({"kind": "convert", "meta_dir": str(meta), "out_dir": str(tmp_path / "hf")})
+    delta = write_delta(tmp_path / "hf", tmp_path / "delta")
+    job = {
+        "kind": "delta",
+        "base": str(tmp_path / "hf"),
+        "delta": str(delta),
+        "target": str(tmp_path / "out"),
+    }
+    merged = run_child(job)
+    for got in (converted, merged):
+        assert got["bytes"] > 100 * 10**6
+        assert got["peak_rss"] - got["idle_rss"] < 0.75 * got["bytes"], got
 
 
 def test_a_load_measurement_runs_in_its_own_process_with_its_own_peak_rss(tiny_llama_dir):
@@ -366,8 +670,8 @@ def test_a_load_measurement_runs_in_its_own_process_with_its_own_peak_rss(tiny_l
     assert ballast[-1] == 1
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama_dir).parameters())
     assert got["weight_bytes"] == 2 * params  # every parameter in bfloat16
-    assert got["peak_rss"] >= got["loaded_rss"] > got["start_rss"] > 0
-    assert got["peak_rss"] - got["start_rss"] < 256 * 2**20  # a tiny model, not the parent's 512 MiB
+    assert got["peak_rss"] >= got["loaded_rss"] > got["idle_rss"] > 0
+    assert got["peak_rss"] - got["idle_rss"] < 256 * 2**20  # a tiny model, not the parent's 512 MiB
 
 
 def test_bench_serve_runs_against_vicuna_serve(tiny_llama_dir, tmp_path):

@@ -4,6 +4,7 @@ the same run, printed as a table and optionally saved as JSON (`--json`) and a c
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from vicuna.config import add_model_arguments, model_settings_from_args
@@ -31,6 +32,11 @@ def _csv(kind: type, allowed: tuple[str, ...] = ()):
     return parse
 
 
+def _first_api_key() -> str | None:
+    keys = [k.strip() for k in os.environ.get("VICUNA_API_KEYS", "").split(",") if k.strip()]
+    return keys[0] if keys else None
+
+
 def _outputs(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON (docs/benchmarks.md)")
@@ -39,7 +45,7 @@ def _outputs(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from vicuna.bench.latency import PROMPT_KINDS
+    from vicuna.bench.latency import MIN_LONG_TOKENS, PROMPT_KINDS
 
     sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
 
@@ -56,12 +62,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(PROMPT_KINDS),
         help="which prompts: short, long or both (default: short,long)",
     )
-    lat.add_argument("--long-tokens", type=int, default=500, help="length of the long prompt in tokens")
+    lat.add_argument(
+        "--long-tokens",
+        type=int,
+        default=500,
+        help=f"length of the long prompt in tokens, at least {MIN_LONG_TOKENS} (shortened to fit the context "
+        "window with the reply and the next turn)",
+    )
     _outputs(lat)
 
     srv = sub.add_parser("serve", help="aggregate tok/s and TTFT p50/p99 of `vicuna serve` under load")
     add_model_arguments(srv)
-    srv.add_argument("--url", help="an already running server (default: start `vicuna serve` here)")
+    srv.add_argument(
+        "--url",
+        help="an already running server of the --model-path model (default: start `vicuna serve` here)",
+    )
+    srv.add_argument(
+        "--api-key",
+        default=_first_api_key(),
+        help="sent as 'Authorization: Bearer KEY' (default: the first of $VICUNA_API_KEYS, the keys "
+        "`vicuna serve` requires by default)",
+    )
     srv.add_argument(
         "--streams",
         type=_csv(int),
@@ -91,19 +112,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights-mb",
         type=float,
         default=512,
-        help="size of the generated checkpoint for convert and delta apply (MB, float16)",
+        help="size of the generated checkpoint for convert and delta apply (MB, float16; at least 1, and "
+        "--skip-weights to leave them out)",
     )
     mem.add_argument("--skip-weights", action="store_true", help="skip the convert and delta apply part")
     _outputs(mem)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that make no sense before anything is loaded, naming the flag."""
+    from vicuna.bench.latency import MIN_LONG_TOKENS
+    from vicuna.bench.report import check_output_path
+
+    def at_least(flag: str, value: float, least: float) -> None:
+        if value < least:
+            raise VicunaError(f"{flag} must be at least {least:g}, not {value:g}")
+
+    at_least("--new-tokens", args.new_tokens, 2)
+    if args.bench in ("latency", "serve"):
+        at_least("--runs", args.runs, 1)
+    if args.bench == "latency":
+        at_least("--warmup", args.warmup, 0)
+        at_least("--long-tokens", args.long_tokens, MIN_LONG_TOKENS)
+    elif args.bench == "serve":
+        bad = [n for n in args.streams if n < 1]
+        if bad:
+            raise VicunaError(f"--streams must be at least 1 each, not {bad[0]}")
+        if not args.startup_timeout > 0:
+            raise VicunaError(f"--startup-timeout must be more than 0 seconds, not {args.startup_timeout:g}")
+    elif args.bench == "memory":
+        if args.dtype != "auto" or args.load_8bit:
+            raise VicunaError(
+                "bench memory loads the model in every dtype of --dtypes and in 8-bit on bfloat16: "
+                "--dtype and --load-8bit do not apply (choose the dtypes with --dtypes)"
+            )
+        if not args.skip_weights and args.weights_mb < 1:
+            raise VicunaError(
+                f"--weights-mb must be at least 1, not {args.weights_mb:g} (--skip-weights leaves convert and "
+                "delta apply out)"
+            )
+    if args.json is not None:
+        check_output_path(args.json)
+    if args.plot is not None:
+        check_output_path(args.plot, suffix=".png")
+
+
 def main(args: argparse.Namespace) -> int:
     from vicuna.bench.report import emit
 
+    check_flags(args)
     settings = model_settings_from_args(args)
     progress = not args.no_progress
-    if args.new_tokens < 2:
-        raise VicunaError(f"--new-tokens must be at least 2, not {args.new_tokens}")
     if args.bench == "latency":
         from vicuna.bench.latency import bench_latency
 
@@ -122,6 +181,7 @@ def main(args: argparse.Namespace) -> int:
         report = bench_serve(
             settings,
             url=args.url,
+            api_key=args.api_key,
             streams=args.streams,
             new_tokens=args.new_tokens,
             runs=args.runs,

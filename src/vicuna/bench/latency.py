@@ -8,6 +8,7 @@ both alike; each figure is the median of the runs after the warm-up runs.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -15,7 +16,7 @@ from typing import Any
 
 from vicuna.bench.report import Report, median, model_info
 from vicuna.config import ModelSettings, SamplingParams
-from vicuna.errors import VicunaError
+from vicuna.errors import ContextTooLongError, VicunaError
 
 # Long enough to tile a ~500-token prompt; ordinary prose so that tokenizers split it typically.
 PARAGRAPH = (
@@ -28,6 +29,8 @@ SHORT_QUESTION = "Write a short story about a lighthouse keeper who finds a mess
 LONG_QUESTION = "Summarize the text above in three sentences."
 FOLLOW_UP = "Thank you. Now say it again in one sentence."  # the next turn of the same chat
 NEXT_TURN_TOKENS = 2  # the next turn is timed to its first tokens
+# The long prompt's least length (--long-tokens): well beyond the short one (46 tokens, built-in model)
+MIN_LONG_TOKENS = 100
 PROMPT_KINDS = ("short", "long")
 CPU_CEILING_TARGET, GPU_CEILING_TARGET = 0.6, 0.7
 
@@ -171,9 +174,37 @@ def measure_bandwidth(device: Any, nbytes: int | None = None, repeats: int = 5) 
     return best
 
 
+def next_turn_room(engine: Any, new_tokens: int) -> int:
+    """Tokens the chat's next turn needs beyond its first prompt: the reply (`new_tokens`, with room for it
+    to encode to a few more tokens once decoded, as the next turn's prompt encodes it), the template's
+    end of that reply and the follow-up question, and the `NEXT_TURN_TOKENS` it is timed to."""
+    from vicuna.conversation import Message
+
+    first = [Message(role="user", content=SHORT_QUESTION)]
+    turn = [*first, Message(role="assistant", content=""), Message(role="user", content=FOLLOW_UP)]
+    follow_up = len(engine.encode_chat(turn)) - len(engine.encode_chat(first))
+    return new_tokens + new_tokens // 4 + 8 + follow_up + NEXT_TURN_TOKENS
+
+
+def long_prompt_budget(engine: Any, long_tokens: int, new_tokens: int) -> int:
+    """The long prompt's length: `long_tokens`, or less where the model's context window would not hold
+    it, its reply and the chat's next turn. Refused below `MIN_LONG_TOKENS`."""
+    if long_tokens < MIN_LONG_TOKENS:
+        raise VicunaError(f"--long-tokens must be at least {MIN_LONG_TOKENS}, not {long_tokens}")
+    room = engine.context_window - next_turn_room(engine, new_tokens)
+    if room < MIN_LONG_TOKENS:
+        raise VicunaError(
+            f"the model's context window ({engine.context_window} tokens) leaves {max(room, 0)} tokens for "
+            f"the long prompt beside a reply of --new-tokens {new_tokens} and the chat's next turn, fewer "
+            f"than {MIN_LONG_TOKENS}: use fewer --new-tokens, or --prompts short"
+        )
+    return min(long_tokens, room)
+
+
 def make_prompts(engine: Any, kinds: list[str], long_tokens: int, new_tokens: int) -> dict[str, str]:
     """The user message of each chat prompt: a one-line request, and a ~`long_tokens` text followed by a
-    request to summarize it, shortened to fit the model's context window with the reply."""
+    request to summarize it, shortened to fit the model's context window with the reply and the chat's
+    next turn (`long_prompt_budget`)."""
     from vicuna.conversation import Message
 
     prompts = {}
@@ -181,7 +212,7 @@ def make_prompts(engine: Any, kinds: list[str], long_tokens: int, new_tokens: in
         if kind == "short":
             prompts[kind] = SHORT_QUESTION
             continue
-        budget = min(long_tokens, engine.context_window - new_tokens)
+        budget = long_prompt_budget(engine, long_tokens, new_tokens)
         overhead = len(engine.encode_chat([Message(role="user", content="\n\n" + LONG_QUESTION)]))
         body = engine.encode(PARAGRAPH * (budget // 40 + 2))
         body = body[1:] if body and body[0] == engine.tokenizer.bos_token_id else body
@@ -211,7 +242,14 @@ def next_turn(engine: Any, question: str, question_ids: list[int], new_tokens: i
         Message(role="user", content=FOLLOW_UP),
     ]
     ids = engine.encode_chat(messages)
-    engine.check_fits(len(ids), NEXT_TURN_TOKENS)
+    try:
+        engine.check_fits(len(ids), NEXT_TURN_TOKENS)
+    except ContextTooLongError:
+        raise VicunaError(
+            f"the chat's next turn ({len(ids)} tokens: a prompt of {len(question_ids)}, its reply of "
+            f"--new-tokens {new_tokens} and a follow-up question) does not fit the model's context window "
+            f"of {engine.context_window} tokens: use fewer --new-tokens"
+        ) from None
     return ids
 
 
@@ -250,9 +288,13 @@ def bench_latency(
     from vicuna.engine.quant import decode_bytes, weight_bytes
 
     kinds = prompts or list(PROMPT_KINDS)
-    if runs < 1 or warmup < 0 or new_tokens < 2:
-        raise VicunaError("--runs must be >= 1, --warmup >= 0 and --new-tokens >= 2")
+    for flag, value, least in (("--runs", runs, 1), ("--warmup", warmup, 0), ("--new-tokens", new_tokens, 2)):
+        if value < least:
+            raise VicunaError(f"{flag} must be at least {least}, not {value}")
+    if "long" in kinds and long_tokens < MIN_LONG_TOKENS:
+        raise VicunaError(f"--long-tokens must be at least {MIN_LONG_TOKENS}, not {long_tokens}")
     engine = load_engine(settings, progress=progress)
+    questions = make_prompts(engine, kinds, long_tokens, new_tokens)  # refused here if they cannot fit
     hf_model = load_hf_model(engine, settings)
     pad_id = engine.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (engine.end_ids[0] if engine.end_ids else 0)
@@ -267,8 +309,14 @@ def bench_latency(
 
     from vicuna.conversation import Message
 
-    questions = make_prompts(engine, kinds, long_tokens, new_tokens)
     prompt_ids = {k: engine.encode_chat([Message(role="user", content=q)]) for k, q in questions.items()}
+    if "long" in kinds and long_prompt_budget(engine, long_tokens, new_tokens) < long_tokens:
+        print(
+            f"note: the long prompt is shortened to {len(prompt_ids['long'])} tokens (not --long-tokens "
+            f"{long_tokens}), to fit the model's context window of {engine.context_window} with its reply "
+            "and the chat's next turn",
+            file=sys.stderr,
+        )
     for ids in prompt_ids.values():
         engine.check_fits(len(ids), new_tokens)
     # The chat's next turn, right after the engine's reply (whose cache it keeps): the engine computes

@@ -39,6 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from vicuna.errors import VicunaError
+
 SCHEMA = 1
 ROW_KEYS = (
     "group",
@@ -53,6 +55,8 @@ ROW_KEYS = (
     "met",
 )
 REPORT_KEYS = ("schema", "benchmark", "created", "machine", "settings", "rows", "samples")
+# minor ticks of the chart's log axis are labelled only when it spans at most this many decades
+MINOR_LABEL_DECADES = 2.5
 
 
 def median(values: Sequence[float]) -> float:
@@ -216,9 +220,18 @@ def print_table(report: Report, console: Any = None) -> None:
     console.print(table)
 
 
+def check_output_path(path: Path, *, suffix: str | None = None) -> None:
+    """Refuse an output file whose folder does not exist (a mistyped folder is not created, as if asked
+    for) and, with `suffix`, one whose name does not end in it (the file would not be what it is named)."""
+    path = Path(path)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise VicunaError(f"{path}: the chart is written as {suffix[1:].upper()}; name it *{suffix}")
+    if not path.parent.is_dir():
+        raise VicunaError(f"{path}: the folder {path.parent} does not exist; create it first")
+
+
 def _write_atomically(path: Path, write: Any) -> None:
     """Write to a temporary name beside `path` and rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -228,12 +241,25 @@ def _write_atomically(path: Path, write: Any) -> None:
 
 
 def write_json(report: Report, path: Path) -> None:
+    check_output_path(path)
     text = json.dumps(report.to_dict(), indent=2) + "\n"
     _write_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_plot(report: Report, path: Path) -> None:
-    """A horizontal bar per row with a ratio: value / baseline, the 1.0 line, and the target as a tick."""
+def minor_tick_label(value: float, decades: float) -> str:
+    """The label of a minor tick of the log axis (2x, 3x, ... 9x of a power of ten), or none: on an axis of
+    more than `MINOR_LABEL_DECADES` decades they would run into each other and into the powers of ten, so
+    there are none; across more than half a decade only 2 and 5 (and 3 within one and a half) are."""
+    if decades > MINOR_LABEL_DECADES or value <= 0:
+        return ""
+    digit = round(value / 10 ** math.floor(math.log10(value) + 1e-9))
+    labelled = range(2, 10) if decades <= 0.6 else (2, 3, 5) if decades <= 1.5 else (2, 5)
+    return f"{value:g}x" if digit in labelled else ""
+
+
+def ratio_chart(report: Report) -> Any:
+    """The chart `write_plot` saves: a horizontal line per row with a ratio, from 1x to value / baseline,
+    the ratio written above its end, the target as a black tick (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
@@ -248,21 +274,34 @@ def write_plot(report: Report, path: Path) -> None:
         color = "tab:green" if r.met else "tab:red" if r.met is False else "tab:blue"
         ax.plot([1, r.ratio], [i, i], color=color, linewidth=3)
         ax.plot([r.ratio], [i], "o", color=color)
-        ax.annotate(f"{r.ratio:.3g}x", (r.ratio, i), xytext=(5, 4), textcoords="offset points", fontsize=7)
+        # above the line, clear of the target's tick (7 points each way) even where the two are close
+        ax.annotate(f"{r.ratio:.3g}x", (r.ratio, i), xytext=(0, 8), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7)  # fmt: skip
         if r.target is not None:
             ax.plot([r.target], [i], "|", color="black", markersize=14, markeredgewidth=2)
     ax.set_xscale("log")
-    label = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
-    ax.xaxis.set_major_formatter(label)
-    ax.xaxis.set_minor_formatter(label)
-    ax.tick_params(axis="x", which="minor", labelsize=6)
     ax.axvline(1.0, color="gray", linestyle="--", linewidth=1)
+    low, high = ax.get_xlim()
+    decades = math.log10(high / low)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: minor_tick_label(v, decades)))
+    ax.tick_params(axis="x", which="major", labelsize=8)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_yticks(y, [f"{r.group}: {r.metric}\nvs {r.baseline}" for r in rows], fontsize=7)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel("ratio to the baseline, log scale (black tick: target)")
     machine = report.machine.get("cpu", "")
     ax.set_title(f"vicuna bench {report.benchmark} — {machine}", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def write_plot(report: Report, path: Path) -> None:
+    """`ratio_chart` saved as a PNG file (its name must end in .png)."""
+    import matplotlib.pyplot as plt
+
+    check_output_path(path, suffix=".png")
+    fig = ratio_chart(report)
 
     def save(tmp: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from vicuna.bench.report import Report, median, model_info, percentile
@@ -41,6 +41,11 @@ API_TARGET = 0.95
 # Pairs per run of (the engine directly, then one stream through the API), for the API figures: on a
 # noisy 2-core VM one such pair's ratio moved by +-10% from one minute to the next, so a run takes several.
 API_PAIRS = 3
+# A reply's decode rate needs its text to arrive in at least this many reads: the server sends a reply's text
+# at most every 20 ms (`vicuna serve --stream-interval`), so a short or fast reply comes in one or two writes,
+# all but the first token at once, and tokens / (last arrival - first) would be a rate of the network.
+MIN_CONTENT_READS = 4
+KEY_HINT = "pass its key with --api-key (default: the first of $VICUNA_API_KEYS)"
 
 
 @dataclass(frozen=True)
@@ -50,7 +55,10 @@ class StreamResult:
     ttft_s: float  # request sent to first content
     total_s: float  # request sent to the end of the stream
     tokens: int  # completion tokens (from the usage the server sends last)
-    decode_tokens_per_s: float  # tokens after the first, per second after the first content
+    # tokens after the first, per second from the first content to the last; None when the text came in
+    # fewer than MIN_CONTENT_READS reads (too few arrivals to time)
+    decode_tokens_per_s: float | None
+    content_reads: int | None = None  # reads that brought content (None: not through the API)
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class Wave:
     tokens_per_s: float
     ttft_p50_s: float
     ttft_p99_s: float
-    decode_p50_tokens_per_s: float
+    decode_p50_tokens_per_s: float | None  # over the replies that have a decode rate; None if none has
 
 
 def sse_payloads(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
@@ -80,6 +88,7 @@ def sse_payloads(lines: Iterable[str]) -> Iterator[dict[str, Any]]:
 def summarize_wave(streams: int, results: list[StreamResult], wall_s: float) -> Wave:
     tokens = sum(r.tokens for r in results)
     ttfts = [r.ttft_s for r in results]
+    rates = [r.decode_tokens_per_s for r in results if r.decode_tokens_per_s is not None]
     return Wave(
         streams=streams,
         wall_s=wall_s,
@@ -87,7 +96,7 @@ def summarize_wave(streams: int, results: list[StreamResult], wall_s: float) -> 
         tokens_per_s=tokens / wall_s if wall_s > 0 else 0.0,
         ttft_p50_s=percentile(ttfts, 50),
         ttft_p99_s=percentile(ttfts, 99),
-        decode_p50_tokens_per_s=median([r.decode_tokens_per_s for r in results]),
+        decode_p50_tokens_per_s=median(rates) if rates else None,
     )
 
 
@@ -124,12 +133,15 @@ class _Stream(asyncio.Protocol):
         self.first: float | None = None
         self.last: float | None = None
         self.tokens: int | None = None
+        self.read_at = 0.0  # when the data being parsed arrived
+        self.content_reads = 0  # reads that brought content: the text of a write or of several together
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
+        self.read_at = time.perf_counter()
         try:
             self.parser.feed_data(data)
         except self.parser_error as err:
@@ -146,7 +158,9 @@ class _Stream(asyncio.Protocol):
         try:
             for payload in sse_payloads(b"\n".join(events).decode().splitlines()):
                 if any(c.get("delta", {}).get("content") for c in payload.get("choices", [])):
-                    self.last = time.perf_counter()
+                    if self.last != self.read_at:  # the first content of this read
+                        self.content_reads += 1
+                    self.last = self.read_at
                     self.first = self.first or self.last
                 if payload.get("usage"):
                     self.tokens = payload["usage"]["completion_tokens"]
@@ -156,18 +170,22 @@ class _Stream(asyncio.Protocol):
     def on_message_complete(self) -> None:
         end = time.perf_counter()
         self.transport.close()
-        if self.status != 200:
+        if self.status == 401:
+            self.fail(f"answered 401 (no API key, or not one it takes): {KEY_HINT}")
+        elif self.status != 200:
             self.fail(f"answered {self.status}: {self.error.decode(errors='replace')[:500]}")
         elif self.first is None or self.last is None or self.tokens is None:
             self.fail("the stream ended without content or without usage")
         elif not self.result.done():
             tokens, first, last = self.tokens, self.first, self.last
+            timed = self.content_reads >= MIN_CONTENT_READS and tokens > 1 and last > first
             self.result.set_result(
                 StreamResult(
                     ttft_s=first - self.start,
                     total_s=end - self.start,
                     tokens=tokens,
-                    decode_tokens_per_s=(tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0,
+                    decode_tokens_per_s=(tokens - 1) / (last - first) if timed else None,
+                    content_reads=self.content_reads,
                 )
             )
 
@@ -180,7 +198,9 @@ class _Stream(asyncio.Protocol):
             self.transport.close()
 
 
-async def stream_one(url: str, body: dict[str, Any], timeout: float = 300) -> StreamResult:
+async def stream_one(
+    url: str, body: dict[str, Any], timeout: float = 300, api_key: str | None = None
+) -> StreamResult:
     """One streamed chat completion: times from sending the request to its first and last content."""
     import ssl
 
@@ -188,8 +208,9 @@ async def stream_one(url: str, body: dict[str, Any], timeout: float = 300) -> St
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)
     data = json.dumps(body).encode()
+    auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
     head = (
-        f"POST {parts.path}/v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"POST {parts.path}/v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n{auth}"
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
     )
     start = time.perf_counter()
@@ -224,11 +245,11 @@ def run(wave: Coroutine[Any, Any, Wave]) -> Wave:
     return uvloop.run(wave)
 
 
-async def run_wave(url: str, model: str, streams: int, new_tokens: int) -> Wave:
+async def run_wave(url: str, model: str, streams: int, new_tokens: int, api_key: str | None = None) -> Wave:
     """`streams` requests at once, each on its own connection."""
     bodies = [request_body(model, new_tokens) for _ in range(streams)]
     start = time.perf_counter()
-    results = await asyncio.gather(*(stream_one(url, body) for body in bodies))
+    results = await asyncio.gather(*(stream_one(url, body, api_key=api_key) for body in bodies))
     return summarize_wave(streams, list(results), time.perf_counter() - start)
 
 
@@ -276,18 +297,21 @@ def started_server(settings: ModelSettings, timeout: float) -> Iterator[str]:
 
         def log_tail() -> str:
             log.seek(0)
-            return log.read().decode(errors="replace")[-2000:]
+            text = log.read().decode(errors="replace")[-2000:].strip()
+            return f"its output:\n{text}" if text else "it printed nothing yet"
 
         try:
             deadline = time.monotonic() + timeout
             while True:
                 if proc.poll() is not None:
-                    raise VicunaError(f"`vicuna serve` exited with code {proc.returncode}:\n{log_tail()}")
+                    raise VicunaError(f"`vicuna serve` exited with code {proc.returncode}; {log_tail()}")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                         break
                 if time.monotonic() > deadline:
-                    raise VicunaError(f"`vicuna serve` did not answer within {timeout:.0f}s:\n{log_tail()}")
+                    raise VicunaError(
+                        f"`vicuna serve` did not answer within {timeout:g}s (--startup-timeout); {log_tail()}"
+                    )
                 time.sleep(0.5)
             yield url
         finally:
@@ -299,11 +323,17 @@ def started_server(settings: ModelSettings, timeout: float) -> Iterator[str]:
                 proc.wait()
 
 
-def model_name(url: str) -> str:
+def model_name(url: str, api_key: str | None = None) -> str:
+    """The model the server at `url` serves (the first its /v1/models lists)."""
     import httpx
 
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        models = httpx.get(f"{url}/v1/models", timeout=30).raise_for_status().json()["data"]
+        answer = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+        if answer.status_code == 401:
+            refused = "refused the API key" if api_key else "wants an API key"
+            raise VicunaError(f"{url}/v1/models answered 401: the server {refused}; {KEY_HINT}")
+        models = answer.raise_for_status().json()["data"]
     except (httpx.HTTPError, KeyError, ValueError) as err:
         raise VicunaError(f"{url}/v1/models: cannot list the served model ({err})") from None
     if not models:
@@ -322,10 +352,23 @@ def time_engine_direct(engine: Any, new_tokens: int) -> StreamResult:
     return StreamResult(done.ttft_s, done.total_s, done.completion_tokens, done.decode_tokens_per_s)
 
 
+def check_same_model(url: str, served: str, local: str, settings: ModelSettings) -> None:
+    """Refuse a server of another model than the one the engine-direct baseline loads: the API figures
+    would compare two models."""
+    if served != local:
+        raise VicunaError(
+            f"{url} serves {served!r}, but the baseline (the engine called directly here) loads {local!r} "
+            f"(--model-path {settings.model_path or 'not given: the built-in model'}): pass the served "
+            "model's --model-path (and its --dtype and --load-8bit), or leave out --url to have a server of "
+            "--model-path started here"
+        )
+
+
 def bench_serve(
     settings: ModelSettings,
     *,
     url: str | None = None,
+    api_key: str | None = None,
     streams: list[int] | None = None,
     new_tokens: int = 128,
     runs: int = 1,
@@ -338,8 +381,13 @@ def bench_serve(
     from vicuna.engine.loader import load_engine
 
     levels = sorted({1, *(streams or [1, 4, 16, 64])})
-    if levels[0] < 1 or runs < 1:
-        raise VicunaError("--streams must be positive and --runs at least 1")
+    if levels[0] < 1:
+        raise VicunaError(f"--streams must be at least 1 each, not {levels[0]}")
+    if runs < 1:
+        raise VicunaError(f"--runs must be at least 1, not {runs}")
+    if url is not None:  # asked before the model is loaded: a wrong URL or key fails at once
+        url = url.rstrip("/").removesuffix("/v1")
+        served = model_name(url, api_key)
     engine = load_engine(settings, progress=progress)
     direct: list[StreamResult] = []
     waves: dict[int, list[Wave]] = {n: [] for n in levels}
@@ -348,24 +396,28 @@ def bench_serve(
             if progress:
                 print("starting `vicuna serve` ...", file=sys.stderr, flush=True)
             url = stack.enter_context(started_server(settings, startup_timeout))
-        url = url.rstrip("/").removesuffix("/v1")
-        served = model_name(url)
+            served = model_name(url, api_key)
+        check_same_model(url, served, engine.model_name, settings)
+
+        def wave(n: int) -> Wave:
+            return run(run_wave(url, served, n, new_tokens, api_key))
+
         bar = stack.enter_context(Progress(disable=not progress, transient=True))
         task = bar.add_task("warm-up", total=runs * (2 * API_PAIRS + len(levels) - 1) + 2)
         time_engine_direct(engine, new_tokens)  # warm-up: first-call costs are not what we measure
         bar.advance(task)
-        run(run_wave(url, served, 1, new_tokens))
+        wave(1)
         bar.advance(task)
         for i in range(runs):
             for _ in range(API_PAIRS):
                 bar.update(task, description=f"engine directly and 1 stream, run {i + 1}/{runs}")
                 direct.append(time_engine_direct(engine, new_tokens))
                 bar.advance(task)
-                waves[1].append(run(run_wave(url, served, 1, new_tokens)))
+                waves[1].append(wave(1))
                 bar.advance(task)
             for n in levels[1:]:
                 bar.update(task, description=f"{n} streams, run {i + 1}/{runs}")
-                waves[n].append(run(run_wave(url, served, n, new_tokens)))
+                waves[n].append(wave(n))
                 bar.advance(task)
     report = Report(
         "serve",
@@ -383,34 +435,56 @@ def bench_serve(
         },
     )
     add_serve_rows(report, direct, waves)
+    if not any(r.metric == "API decode" for r in report.rows):
+        print(
+            f"note: no API decode figure: the replies' text came in fewer than {MIN_CONTENT_READS} reads "
+            "(the server sends a reply's text at most every 20 ms, `vicuna serve --stream-interval`); ask "
+            "for more --new-tokens",
+            file=sys.stderr,
+        )
     return report
 
 
-def median_pair(pairs: list[tuple[float, float]]) -> tuple[float, float]:
-    """The (value, baseline) pair whose ratio is the median (the lower one of two middle pairs): the
-    figures of one engine reply and the API reply right after it, so that what moved between minutes (on
-    a noisy VM the engine alone moved between 50 and 77 tok/s) is not mixed into the ratio, as it is in
-    a ratio of medians taken from different minutes."""
-    ranked = sorted(pairs, key=lambda p: p[0] / p[1] if p[1] else float("inf"))
+P = TypeVar("P")
+
+
+def median_pair(pairs: Sequence[P], ratio: Callable[[P], float]) -> P:
+    """The pair whose `ratio` is the median (the lower one of two middle pairs): one engine reply and the
+    API reply right after it, so that what moved between minutes (on a noisy VM the engine alone moved
+    between 50 and 77 tok/s) is not mixed into the ratio, as it is in a ratio of medians taken from
+    different minutes."""
+    ranked = sorted(pairs, key=ratio)
     return ranked[(len(ranked) - 1) // 2]
 
 
 def add_serve_rows(report: Report, direct: list[StreamResult], waves: dict[int, list[Wave]]) -> None:
-    """One stream against the engine called directly: the median pair (`median_pair`, waves[1][i] was
-    sent right after direct[i]); n streams against one stream: medians over the runs."""
+    """One stream against the engine called directly: every row from the same pair (waves[1][i] was sent
+    right after direct[i]), the median pair by the decode ratio (`median_pair`), or by the tokens/s
+    ratio where no API reply has a decode rate (the decode row is then left out); n streams against one
+    stream: medians over the runs."""
 
     def med(items: list[Any], name: str) -> float:
         return median([getattr(x, name) for x in items])
 
+    def over(value: float, baseline: float) -> float:
+        return value / baseline if baseline else float("inf")
+
     one = waves[1]
     pairs = list(zip(one, direct, strict=True))
+    rated = [(w, d) for w, d in pairs if w.decode_p50_tokens_per_s is not None and d.decode_tokens_per_s]
     group = "1 stream"
-    api, engine = median_pair([(w.decode_p50_tokens_per_s, d.decode_tokens_per_s) for w, d in pairs])
-    report.add(group, "API decode", "tok/s", api, "engine directly", engine, target=API_TARGET)
-    api, engine = median_pair([(w.tokens_per_s, d.tokens / d.total_s) for w, d in pairs])
-    report.add(group, "API tokens/s", "tok/s", api, "engine directly", engine)
-    api, engine = median_pair([(w.ttft_p50_s * 1e3, d.ttft_s * 1e3) for w, d in pairs])
-    report.add(group, "API TTFT", "ms", api, "engine directly", engine)
+    if rated:
+        api, engine = median_pair(
+            rated, lambda p: over(p[0].decode_p50_tokens_per_s, p[1].decode_tokens_per_s)
+        )
+        report.add(group, "API decode", "tok/s", api.decode_p50_tokens_per_s, "engine directly",
+                   engine.decode_tokens_per_s, target=API_TARGET)  # fmt: skip
+    else:
+        api, engine = median_pair(pairs, lambda p: over(p[0].tokens_per_s, p[1].tokens / p[1].total_s))
+    report.add(
+        group, "API tokens/s", "tok/s", api.tokens_per_s, "engine directly", engine.tokens / engine.total_s
+    )
+    report.add(group, "API TTFT", "ms", api.ttft_p50_s * 1e3, "engine directly", engine.ttft_s * 1e3)
     for n, ws in waves.items():
         if n == 1:
             continue
@@ -425,4 +499,12 @@ def add_serve_rows(report: Report, direct: list[StreamResult], waves: dict[int, 
         )
 
 
-__all__ = ["StreamResult", "Wave", "bench_serve", "median_pair", "sse_payloads", "summarize_wave"]
+__all__ = [
+    "StreamResult",
+    "Wave",
+    "bench_serve",
+    "check_same_model",
+    "median_pair",
+    "sse_payloads",
+    "summarize_wave",
+]
