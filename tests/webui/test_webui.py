@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import threading
@@ -20,7 +21,8 @@ from vicuna import webui
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Event, Finished, TextChunk
-from vicuna.webui.page import WebChat, stats_line, to_chatbot
+from vicuna.errors import VicunaError
+from vicuna.webui.page import WebChat, sampling_params, stats_line, to_chatbot
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -49,9 +51,13 @@ class RecordingChat:
     def __call__(
         self, messages: list[Message], params: SamplingParams, cancel: threading.Event
     ) -> Iterator[Event]:
+        events = self.engine.chat(messages, params, cancel=cancel)  # a prompt too long raises here
         self.calls.append((messages, params))
+        return self._record(events)
+
+    def _record(self, events: Iterator[Event]) -> Iterator[Event]:
         text = ""
-        for event in self.engine.chat(messages, params, cancel=cancel):
+        for event in events:
             if isinstance(event, TextChunk):
                 text += event.text
                 time.sleep(self.pace_s)
@@ -104,22 +110,55 @@ def set_number(page, elem_id: str, value: float) -> None:
     box.press("Enter")
 
 
+BOT_TEXT = "(document.querySelector('#chatbot .bot-row')?.innerText.trim() ?? '')"
+
+
+def wait_for_status(page, text: str) -> None:
+    """Until the line under the chat reads `text` (a reply's stats)."""
+    page.wait_for_function("t => document.querySelector('#reply-status')?.innerText.trim() === t", arg=text)
+
+
+def wait_until(done, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 # --- without a browser ---------------------------------------------------------------------------
 
 
 def test_stats_line_and_chatbot_messages():
     done = Finished("length", 10, 64, ttft_s=0.25, decode_tokens_per_s=31.25, total_s=2.3)
     assert stats_line(done) == "64 tokens · 31.2 tokens/s · first token 0.25 s · max tokens reached"
+    assert stats_line(done, cut=True).endswith("· context window full")
     assert stats_line(Finished("cancelled", 10, 3, 0.1, 5.0, 0.5)).endswith("· stopped")
     assert (
         stats_line(Finished("stop", 10, 3, 0.1, 5.0, 0.5)) == "3 tokens · 5.0 tokens/s · first token 0.10 s"
     )
     messages = to_chatbot([("hi", "```py\nprint(1)", "2 tokens"), ("and?", "so", "")])
     assert messages[0] == {"role": "user", "content": "hi"}
-    # a reply cut off inside a code block is closed for display; the stats are a part under the reply
-    assert messages[1]["content"] == ["```py\nprint(1)\n```", '<span class="vicuna-stats">2 tokens</span>']
+    # a reply cut off inside a code block is closed for display; the stats are not part of the message
+    # (its copy button copies the message's content)
+    assert messages[1] == {"role": "assistant", "content": "```py\nprint(1)\n```"}
     assert messages[2:] == [{"role": "user", "content": "and?"}, {"role": "assistant", "content": "so"}]
     assert to_chatbot([("waiting", "", "")]) == [{"role": "user", "content": "waiting"}]
+
+
+def test_settings_outside_the_sliders_are_refused():
+    params = sampling_params(0.0, 0.5, 3.5, max_tokens_limit=256)
+    assert (params.temperature, params.top_p, params.max_new_tokens) == (0.0, 0.5, 4)
+    for bad in [(5, 1, 10), (-1, 1, 10), (0.7, 0, 10), (0.7, 1, 0), (0.7, 1, 257), (0.7, 1, None)]:
+        with pytest.raises(VicunaError, match="must be a number from"):
+            sampling_params(*bad, max_tokens_limit=256)
+    with pytest.raises(VicunaError, match="Temperature must be a number from 0 to 2 .it is nan"):
+        sampling_params(float("nan"), 1, 10, max_tokens_limit=256)
+
+    chat = RecordingChat(None)
+    ui = WebChat(chat, api_keys=None, max_tokens_limit=256)
+    with pytest.raises(gr.Error, match="Top-p must be a number from 0.01 to 1") as refused:
+        next(ui.respond("Hello", [], "", 0.7, 0.0, 10, "", gr.Request(session_hash="s0")))
+    assert chat.calls == [] and not refused.value.print_exception  # nothing sent, no traceback
 
 
 def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
@@ -133,10 +172,14 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     assert chat.calls == []
 
     outputs = list(ui.respond("Hello", [], "Be brief.", 0.0, 0.5, 6, "k-secret", request))
-    box, shown, turns = outputs[-1]
-    assert box == ""
+    # the textbox is cleared once, when the message is taken, and then never touched: the user may be
+    # typing the next message; Send and Regenerate are disabled until the reply is done
+    assert [out[0] for out in outputs] == ["", *[gr.skip()] * (len(outputs) - 1)]
+    assert outputs[0][4:] == (gr.update(interactive=False),) * 2
+    box, shown, status, turns, send, again = outputs[-1]
     assert turns == [("Hello", chat.texts[0], stats_line(chat.finished[0]))]
-    assert shown == to_chatbot(turns)
+    assert (shown, status) == (to_chatbot(turns), stats_line(chat.finished[0]))
+    assert send == again == gr.update(interactive=True)
     messages, params = chat.calls[0]
     assert messages == [Message("system", "Be brief."), Message("user", "Hello")]
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.0, 0.5, 6)
@@ -144,7 +187,8 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
 
     again = list(ui.regenerate(turns, "", 0.0, 1.0, 6, "k-secret", request))
     assert chat.calls[1][0] == [Message("user", "Hello")]  # an empty system box: the template's own
-    assert again[-1][1] == [("Hello", chat.texts[1], stats_line(chat.finished[1]))]
+    assert again[-1][2] == [("Hello", chat.texts[1], stats_line(chat.finished[1]))]
+    assert ui.show(again[-1][2]) == again[-1][:2]  # as a reload shows the conversation kept
 
     streaming = ui.respond("Tell me more", turns, "", 0.0, 1.0, 100, "k-secret", request)
     next(streaming)
@@ -153,20 +197,49 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     rest = list(streaming)
     assert chat.finished[2].reason == "cancelled"
     assert chat.finished[2].completion_tokens < 100
-    assert rest[-1][2][-1][2].endswith("stopped")
+    assert rest[-1][2].endswith("stopped")
     assert ui.running == {}
 
 
-def test_context_overflow_is_reported_and_the_message_kept(engine):
-    ui = WebChat(RecordingChat(engine), api_keys=None)
-    steps = ui.respond("Hello", [], "", 0.7, 1.0, 5000, "", gr.Request(session_hash="s2"))
+def test_a_reply_is_cut_to_the_context_window_and_an_overflow_reported(engine, caplog):
+    chat = RecordingChat(engine)
+    ui = WebChat(chat, api_keys=None, max_tokens_limit=engine.context_window)
+    *_, last = ui.respond("Hello", [], "", 0.0, 1.0, 256, "", gr.Request(session_hash="s2"))
+    # max new tokens is lowered to what the 256-token window leaves after the prompt
+    assert chat.calls[0][1].max_new_tokens == 256 - chat.finished[0].prompt_tokens
+    assert chat.finished[0].reason == "length" and last[2].endswith("context window full")
+
+    long = "Hello there " * 200
+    steps = ui.respond(long, [], "", 0.7, 1.0, 16, "", gr.Request(session_hash="s2"))
     assert next(steps)[0] == ""
-    assert next(steps) == ("Hello", [], [])  # back as it was: the text returns to the textbox
-    with pytest.raises(gr.Error, match="context window is 256 tokens"):
+    # back as it was: the text returns to the textbox, and the buttons are enabled again
+    assert next(steps) == (long, [], "", [], gr.update(interactive=True), gr.update(interactive=True))
+    refused = pytest.raises(gr.Error, match="context window is 256 tokens: shorten the message")
+    with caplog.at_level(logging.INFO, logger="vicuna.webui"), refused as err:
         next(steps)
+    # a user's error is one line in the log, not a traceback
+    assert not err.value.print_exception
+    assert [r.getMessage() for r in caplog.records] == [f"refused: {err.value.message}"]
 
 
-def test_mount_keeps_the_apps_own_routes():
+def test_out_of_memory_is_reported_and_the_message_kept(caplog):
+    import torch
+
+    def chat(messages, params, cancel):
+        yield TextChunk("Hel", (1,))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    ui = WebChat(chat, api_keys=None)
+    steps = ui.respond("Hello", [], "", 0.7, 1.0, 64, "", gr.Request(session_hash="s3"))
+    while next(steps)[:4] != ("Hello", [], "", []):  # until the page is put back as it was
+        pass
+    with pytest.raises(gr.Error, match="ran out of memory") as err:
+        next(steps)
+    assert not err.value.print_exception
+    assert [r.getMessage() for r in caplog.records] == ["the GPU ran out of memory for a reply"]
+
+
+def test_mount_keeps_the_apps_own_routes_and_refuses_uploads():
     app = fastapi.FastAPI()
 
     @app.get("/health")
@@ -179,6 +252,10 @@ def test_mount_keeps_the_apps_own_routes():
         assert client.get("/health").json() == {"status": "ok"}
         assert client.get("/").status_code == 200
         assert client.get("/config").json()["title"] == "tiny-model · vicuna"
+        # the page has no file inputs: Gradio's upload routes store nothing (they take no API key)
+        for route in ("upload", "process_recording"):
+            answer = client.post(f"/gradio_api/{route}", files={"files": ("big.bin", b"x" * 100_000)})
+            assert (answer.status_code, answer.text) == (403, "this server takes no file uploads")
 
 
 # --- in Chromium ---------------------------------------------------------------------------------
@@ -186,56 +263,92 @@ def test_mount_keeps_the_apps_own_routes():
 
 @pytest.mark.browser
 @needs_chromium
-def test_browser_chat_streams_stops_regenerates_and_clears(engine, browser):
+def test_browser_chat_streams_stops_regenerates_clears_and_keeps_the_chat(engine, browser):
     chat = RecordingChat(engine, pace_s=0.05)
-    app = webui.mount(fastapi.FastAPI(), chat=chat, model_name="tiny-model", default_system="Be brief.")
+    app = webui.mount(
+        fastapi.FastAPI(),
+        chat=chat,
+        model_name="tiny-model",
+        default_system="Be brief.",
+        context_window=engine.context_window,
+    )
     with serve(app) as url:
-        page = browser.new_page()
+        context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
+        page = context.new_page()
         page.goto(url)
-        message = page.locator("#message textarea")
+        message = page.get_by_role("textbox", name="Message")  # its name for screen readers
         message.wait_for(state="visible")
         assert page.locator("#system textarea").input_value() == "Be brief."
+        assert page.locator("#max-tokens input[type=number]").get_attribute("max") == "256"  # the window
         set_number(page, "temperature", 0)
         set_number(page, "max-tokens", 200)  # longer than the test waits: Stop ends it
         message.fill("Write a long story.")
         message.press("Enter")
 
-        # the answer appears while it is still being generated, then Stop cancels the generation
-        page.wait_for_function(
-            "() => document.querySelector('#chatbot .bot-row')?.innerText.trim().length > 0"
-        )
+        # the answer appears while it is still being generated
+        page.wait_for_function(f"() => {BOT_TEXT}.length > 0")
         assert chat.finished == []
+        # the next message, typed and sent meanwhile, waits in the box while the reply streams on
+        message.press_sequentially("And then?")
+        message.press("Enter")
+        assert page.locator("#send").is_disabled()
+        shown = len(page.evaluate(f"() => {BOT_TEXT}"))
+        page.wait_for_function(f"() => {BOT_TEXT}.length > {shown}")
+        assert message.input_value() == "And then?"
+        assert page.locator("#reply-status").inner_text().startswith("Writing the reply")
+
+        # Stop cancels the generation; the stats are shown under the chat
         page.locator("#stop").click()
-        page.locator(".vicuna-stats").wait_for()
+        wait_until(lambda: chat.finished)
+        wait_for_status(page, stats_line(chat.finished[0]))
         assert chat.finished[0].reason == "cancelled"
         assert chat.finished[0].completion_tokens < 200
+        assert page.locator("#reply-status").inner_text().endswith("stopped")
         messages, params = chat.calls[0]
         assert messages == [Message("system", "Be brief."), Message("user", "Write a long story.")]
         assert (params.temperature, params.top_p, params.max_new_tokens) == (0.0, 1.0, 200)
-        stats = page.locator(".vicuna-stats").inner_text()
-        assert stats == stats_line(chat.finished[0])
-        assert "tokens/s" in stats and stats.endswith("stopped")
         # the reply as rendered: markdown may drop punctuation, never letters or digits
-        reply = page.locator("#chatbot .bot-row").first.inner_text().removesuffix(stats).strip()
+        reply = page.locator("#chatbot .bot-row").first.inner_text()
         assert re.sub(r"\W", "", reply) == re.sub(r"\W", "", chat.texts[0])
+        # and as copied: its text alone
+        page.locator("#chatbot .message-buttons-left button[aria-label='Copy message']").click()
+        assert page.evaluate("navigator.clipboard.readText()") == chat.texts[0]
 
+        # the message that waited is sent with Enter once the reply is done
+        assert message.input_value() == "And then?" and page.locator("#send").is_enabled()
         set_number(page, "max-tokens", 4)
+        message.press("Enter")
+        wait_until(lambda: len(chat.finished) == 2)
+        wait_for_status(page, stats_line(chat.finished[1]))
+        assert chat.calls[1][0][1:] == [
+            *messages[1:],
+            Message("assistant", chat.texts[0]),
+            Message("user", "And then?"),
+        ]
+        assert message.input_value() == ""
+
         page.locator("#regenerate").click()
-        page.wait_for_function(
-            "() => document.querySelector('.vicuna-stats')?.innerText.includes('max tokens')"
-        )
-        assert chat.calls[1][0] == messages
-        assert page.locator("#chatbot .user-row").count() == 1
+        wait_until(lambda: len(chat.finished) == 3)
+        wait_for_status(page, stats_line(chat.finished[2]))
+        assert chat.calls[2][0] == chat.calls[1][0]
+        assert page.locator("#chatbot .user-row").count() == 2
 
         page.locator("#clear").click()
         page.wait_for_function("() => document.querySelectorAll('#chatbot .user-row').length === 0")
         question = "Explain:\n```python\nprint(1)\n```"
         message.fill(question)
         message.press("Enter")
-        page.wait_for_function("() => document.querySelectorAll('.vicuna-stats').length === 1")
-        assert chat.calls[2][0] == [Message("system", "Be brief."), Message("user", question)]
+        wait_until(lambda: len(chat.finished) == 4)
+        wait_for_status(page, stats_line(chat.finished[3]))
+        assert chat.calls[3][0] == [Message("system", "Be brief."), Message("user", question)]
         assert page.locator("#chatbot .user-row pre code").inner_text().strip() == "print(1)"
-        page.close()
+
+        # the conversation is kept in the browser: a reload shows it again
+        page.reload()
+        wait_for_status(page, stats_line(chat.finished[3]))
+        assert page.locator("#chatbot .user-row pre code").inner_text().strip() == "print(1)"
+        assert page.locator("#chatbot .bot-row").count() == 1
+        context.close()
 
 
 @pytest.mark.browser
@@ -262,21 +375,7 @@ def test_browser_asks_for_the_api_key_first(engine, browser):
         set_number(page, "max-tokens", 4)
         message.fill("Hello")
         message.press("Enter")
-        page.locator(".vicuna-stats").wait_for()
+        wait_until(lambda: chat.finished)
+        wait_for_status(page, stats_line(chat.finished[0]))
         assert len(chat.calls) == 1 and chat.finished[0].completion_tokens <= 4
         page.close()
-
-
-def test_out_of_memory_is_reported_and_the_message_kept(engine):
-    import torch
-
-    def chat(messages, params, cancel):
-        yield TextChunk("Hel", (1,))
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    ui = WebChat(chat, api_keys=None)
-    steps = ui.respond("Hello", [], "", 0.7, 1.0, 64, "", gr.Request(session_hash="s3"))
-    while next(steps) != ("Hello", [], []):  # until the page is put back as it was
-        pass
-    with pytest.raises(gr.Error, match="ran out of memory"):
-        next(steps)

@@ -729,4 +729,10 @@ def _mount_webui(app: FastAPI, batcher: Any, model_name: str, api_keys: frozense
     def chat(messages, params, cancel):
         return batcher.chat(messages, params, cancel=cancel)
 
-    mount(app, chat=chat, model_name=model_name, api_keys=set(api_keys) or None)
+    mount(
+        app,
+        chat=chat,
+        model_name=model_name,
+        api_keys=set(api_keys) or None,
+        context_window=batcher.context_window,
+    )

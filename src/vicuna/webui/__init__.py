@@ -2,9 +2,10 @@
 
 It talks to the engine in the same process through a `chat` callable (the server's batching
 scheduler), so browser users and API clients share one batch. Features: streamed markdown replies,
-a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, clear, and each
-reply's tokens/s under it. With API keys the page asks for a key first, and every chat request
-checks the key again on the server. Gradio is imported only when the UI is mounted.
+a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, clear, the last
+reply's tokens/s under the chat, and the conversation kept in the browser across reloads. With API
+keys the page asks for a key first, and every chat request checks the key again on the server. The
+page takes no files: Gradio's upload routes are refused. Gradio is imported only when the UI is mounted.
 """
 
 from __future__ import annotations
@@ -30,16 +31,34 @@ def mount(
     model_name: str,
     api_keys: set[str] | None = None,
     default_system: str = "",
+    context_window: int | None = None,
 ) -> fastapi.FastAPI:
     """Mount the chat page at `/` of `app` and return `app`. Add the app's own routes first: a mount
     at `/` answers every path that no earlier route took. `chat(messages, params, cancel)` streams a
-    reply and ends it with "cancelled" soon after `cancel` is set. `default_system` fills the system
-    prompt box (empty: the model template's own system prompt is used)."""
+    reply and ends it with "cancelled" soon after `cancel` is set; it raises ContextTooLongError when
+    called (before any event) if the prompt and max new tokens do not fit, and the page then asks for
+    what fits. `default_system` fills the system prompt box (empty: the model template's own system
+    prompt is used). `context_window` (the model's, in tokens) is the max-tokens slider's end."""
     import gradio as gr
+    from fastapi.responses import PlainTextResponse
 
     from vicuna.webui.page import CSS, build
 
-    demo = build(chat, model_name=model_name, api_keys=api_keys, default_system=default_system)
+    # The page has no file inputs, so nothing may be stored through Gradio's upload routes (they would
+    # keep any file under /tmp/gradio, without asking for an API key). Routes added before the mount win.
+    def no_uploads() -> PlainTextResponse:
+        return PlainTextResponse("this server takes no file uploads", status_code=403)
+
+    for route in ("upload", "process_recording"):
+        app.add_api_route(f"/gradio_api/{route}", no_uploads, methods=["POST"], include_in_schema=False)
+
+    demo = build(
+        chat,
+        model_name=model_name,
+        api_keys=api_keys,
+        default_system=default_system,
+        context_window=context_window,
+    )
     # System fonts: the default theme fetches Google Fonts, which an offline server cannot reach.
     theme = gr.themes.Soft(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hmac
+import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import gradio as gr
@@ -12,24 +14,33 @@ import torch
 
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
-from vicuna.engine.events import Finished, TextChunk
-from vicuna.errors import VicunaError
+from vicuna.engine.events import Event, Finished, TextChunk
+from vicuna.errors import ContextTooLongError, VicunaError
 from vicuna.webui import ChatFn
 
-Turn = tuple[str, str, str]  # (user message, reply, the line shown under the reply)
+Turn = tuple[str, str, str]  # (user message, reply, the reply's stats line)
 
-MAX_TOKENS_LIMIT = 8192  # the slider's end; the engine refuses what does not fit its context window
+TEMPERATURE = (0.0, 2.0)  # the sliders' ranges; a value outside them is refused
+TOP_P = (0.01, 1.0)
+MAX_TOKENS_LIMIT = 8192  # the max-tokens slider's end when the model's context window is not known
+WRITING = (
+    "Writing the reply… **Stop** ends it. What you type meanwhile waits in the box: press Enter when "
+    "the reply is done."
+)
 OUT_OF_MEMORY = (
     "The GPU ran out of memory for this reply (beside the others being generated). Try again shortly, "
     "or with a shorter conversation (Clear)."
 )
 CSS = """
-.vicuna-stats { font-size: 0.8em; opacity: 0.65; }
+#reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 """
 
+log = logging.getLogger("vicuna.webui")
 
-def stats_line(finished: Finished) -> str:
-    """What is shown under a finished reply, e.g. `42 tokens · 18.3 tokens/s · first token 0.21 s`."""
+
+def stats_line(finished: Finished, cut: bool = False) -> str:
+    """What is shown under the chat after a reply, e.g. `42 tokens · 18.3 tokens/s · first token 0.21 s`.
+    `cut`: max new tokens was lowered to the room the context window left."""
     parts = [
         f"{finished.completion_tokens} tokens",
         f"{finished.decode_tokens_per_s:.1f} tokens/s",
@@ -38,32 +49,61 @@ def stats_line(finished: Finished) -> str:
     if finished.reason == "cancelled":
         parts.append("stopped")
     elif finished.reason == "length":
-        parts.append("max tokens reached")
+        parts.append("context window full" if cut else "max tokens reached")
     return " · ".join(parts)
 
 
 def to_chatbot(turns: list[Turn]) -> list[dict[str, Any]]:
-    """The Chatbot's messages: markdown replies, the stats line as a second, smaller part under each."""
+    """The Chatbot's messages: the replies as markdown. The stats stay out of them (they are shown under
+    the chat), so a message's copy button copies its text alone."""
     out: list[dict[str, Any]] = []
     for user, reply, stats in turns:
         out.append({"role": "user", "content": user})
-        if stats:
-            if reply.count("```") % 2:  # a reply cut off inside a code block: close it for display
-                reply += "\n```"
-            out.append(
-                {"role": "assistant", "content": [reply, f'<span class="vicuna-stats">{stats}</span>']}
-            )
-        elif reply:
+        if stats and reply.count("```") % 2:  # a reply cut off inside a code block: close it for display
+            reply += "\n```"
+        if reply:
             out.append({"role": "assistant", "content": reply})
     return out
 
 
-class WebChat:
-    """The page's event handlers; one instance per mounted app, its state per browser session."""
+def last_stats(turns: list[Turn]) -> str:
+    return turns[-1][2] if turns else ""
 
-    def __init__(self, chat: ChatFn, api_keys: set[str] | None) -> None:
+
+def sampling_params(
+    temperature: float, top_p: float, max_tokens: float, max_tokens_limit: int
+) -> SamplingParams:
+    """The sliders' values as SamplingParams (max new tokens rounded to a whole number); a value
+    outside its slider's range is refused."""
+    for name, value, (low, high) in [
+        ("Temperature", temperature, TEMPERATURE),
+        ("Top-p", top_p, TOP_P),
+        ("Max new tokens", max_tokens, (1, max_tokens_limit)),
+    ]:
+        if not isinstance(value, int | float) or not low <= value <= high:  # also None and NaN
+            raise VicunaError(f"{name} must be a number from {low:g} to {high:g} (it is {value}).")
+    return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=round(max_tokens))
+
+
+def user_error(message: str) -> gr.Error:
+    """The error shown to the user, and one line in the server log instead of Gradio's traceback."""
+    log.info("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
+class WebChat:
+    """The page's event handlers; one instance per mounted app, its state per browser session.
+
+    A reply's handlers yield the textbox, the chatbot, the status line under it, the conversation and
+    the Send and Regenerate buttons (disabled while the reply is written). The textbox is cleared once,
+    when its message is taken, and then left alone: the user may be typing the next message."""
+
+    def __init__(
+        self, chat: ChatFn, api_keys: set[str] | None, max_tokens_limit: int = MAX_TOKENS_LIMIT
+    ) -> None:
         self.chat = chat
         self.api_keys = api_keys
+        self.max_tokens_limit = max_tokens_limit
         self.running: dict[str, threading.Event] = {}  # session -> the cancel flag of its generation
 
     def key_ok(self, key: str) -> bool:
@@ -78,6 +118,10 @@ class WebChat:
             return "", gr.Column(visible=True), gr.Column(visible=False), "**Invalid API key.** Try again."
         return key, gr.Column(visible=False), gr.Column(visible=True), ""
 
+    def show(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], str]:
+        """The chatbot and the status line for a conversation (the one kept in the browser, on load)."""
+        return to_chatbot(turns), last_stats(turns)
+
     def respond(
         self,
         text: str,
@@ -88,15 +132,14 @@ class WebChat:
         max_tokens: float,
         key: str,
         request: gr.Request,
-    ) -> Iterator[tuple[str, list[dict[str, Any]], list[Turn]]]:
+    ) -> Iterator[tuple[Any, ...]]:
         """Send the textbox's message and stream the reply."""
         self._check_key(key)
         if not text.strip():
-            yield text, to_chatbot(turns), turns
+            yield (gr.skip(),) * 6
             return
-        yield from self._stream(
-            text, turns, [*turns, (text, "", "")], system, temperature, top_p, max_tokens, request
-        )
+        params = self._params(temperature, top_p, max_tokens)
+        yield from self._stream(text, turns, [*turns, (text, "", "")], system, params, request)
 
     def regenerate(
         self,
@@ -107,28 +150,52 @@ class WebChat:
         max_tokens: float,
         key: str,
         request: gr.Request,
-    ) -> Iterator[tuple[list[dict[str, Any]], list[Turn]]]:
+    ) -> Iterator[tuple[Any, ...]]:
         """Answer the last user message again (the textbox, maybe holding a draft, is left alone)."""
         self._check_key(key)
         if not turns:
-            yield [], []
+            yield [], "", [], gr.skip(), gr.skip()
             return
+        params = self._params(temperature, top_p, max_tokens)
         redo = [*turns[:-1], (turns[-1][0], "", "")]
-        for _, shown, now in self._stream("", turns, redo, system, temperature, top_p, max_tokens, request):
-            yield shown, now
+        for _, *outputs in self._stream("", turns, redo, system, params, request):
+            yield tuple(outputs)
 
     def stop(self, request: gr.Request) -> None:
         cancel = self.running.get(request.session_hash or "")
         if cancel is not None:
             cancel.set()
 
-    def clear(self, request: gr.Request) -> tuple[list, list, str]:
+    def clear(self, request: gr.Request) -> tuple[Any, ...]:
+        """Drop the conversation (and a reply being written): chatbot, status, turns, textbox, buttons."""
         self.stop(request)
-        return [], [], ""
+        return [], "", [], "", gr.update(interactive=True), gr.update(interactive=True)
 
     def _check_key(self, key: str) -> None:
         if not self.key_ok(key):
-            raise gr.Error("A valid API key is needed: enter it at the top of the page.")
+            raise user_error("A valid API key is needed: enter it at the top of the page.")
+
+    def _params(self, temperature: float, top_p: float, max_tokens: float) -> SamplingParams:
+        try:
+            return sampling_params(temperature, top_p, max_tokens, self.max_tokens_limit)
+        except VicunaError as err:
+            raise user_error(str(err)) from None
+
+    def _open(
+        self, messages: list[Message], params: SamplingParams, cancel: threading.Event
+    ) -> tuple[Iterator[Event], bool]:
+        """Start the reply. When the prompt leaves less room in the context window than max new tokens,
+        ask for what fits instead (True: so cut); a prompt that fills the window is refused."""
+        try:
+            return self.chat(messages, params, cancel), False
+        except ContextTooLongError as err:
+            room = err.context_window - err.prompt_tokens
+            if room < 1:
+                raise VicunaError(
+                    f"The conversation has {err.prompt_tokens} tokens, but the model's context window is "
+                    f"{err.context_window} tokens: shorten the message, or Clear to start a new chat."
+                ) from None
+            return self.chat(messages, replace(params, max_new_tokens=room), cancel), True
 
     def _stream(
         self,
@@ -136,11 +203,9 @@ class WebChat:
         before: list[Turn],
         turns: list[Turn],
         system: str,
-        temperature: float,
-        top_p: float,
-        max_tokens: float,
+        params: SamplingParams,
         request: gr.Request,
-    ) -> Iterator[tuple[str, list[dict[str, Any]], list[Turn]]]:
+    ) -> Iterator[tuple[Any, ...]]:
         """Generate the last turn's reply; on an error, put things back as they were and say why."""
         session = request.session_hash or ""
         if (previous := self.running.get(session)) is not None:
@@ -151,39 +216,58 @@ class WebChat:
         for past_user, past_reply, _ in turns[:-1]:
             messages += [Message("user", past_user), Message("assistant", past_reply)]
         messages.append(Message("user", user))
-        reply = ""
+        reply, same, busy = "", gr.skip(), gr.update(interactive=False)
         try:
-            yield "", to_chatbot(turns), turns
-            params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=int(max_tokens))
-            for event in self.chat(messages, params, cancel):
+            yield "", to_chatbot(turns), WRITING, turns, busy, busy
+            events, cut = self._open(messages, params, cancel)
+            for event in events:
                 if isinstance(event, TextChunk):
                     if event.text:
                         reply += event.text
                         turns = [*turns[:-1], (user, reply, "")]
-                        yield "", to_chatbot(turns), turns
+                        yield same, to_chatbot(turns), same, turns, same, same
                 elif isinstance(event, Finished):
-                    turns = [*turns[:-1], (user, reply, stats_line(event))]
-                    yield "", to_chatbot(turns), turns
+                    turns = [*turns[:-1], (user, reply, stats_line(event, cut))]
         except VicunaError as err:
-            yield text, to_chatbot(before), before
-            raise gr.Error(str(err)) from None
+            yield self._put_back(text, before)
+            raise user_error(str(err)) from None
         except torch.OutOfMemoryError:  # the engine or the batcher has given the GPU its memory back
-            yield text, to_chatbot(before), before
-            raise gr.Error(OUT_OF_MEMORY) from None
+            log.warning("the GPU ran out of memory for a reply")
+            yield self._put_back(text, before)
+            raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
+        except Exception:  # a bug: the page is put back as it was, the traceback goes to the log
+            yield self._put_back(text, before)
+            raise
         finally:
             cancel.set()  # also when the page goes away mid-reply and Gradio closes this generator
             if self.running.get(session) is cancel:
                 del self.running[session]
+        ready = gr.update(interactive=True)
+        yield same, to_chatbot(turns), last_stats(turns), turns, ready, ready
+
+    @staticmethod
+    def _put_back(text: str, turns: list[Turn]) -> tuple[Any, ...]:
+        ready = gr.update(interactive=True)
+        return text, to_chatbot(turns), last_stats(turns), turns, ready, ready
 
 
 def build(
-    chat: ChatFn, *, model_name: str, api_keys: set[str] | None = None, default_system: str = ""
+    chat: ChatFn,
+    *,
+    model_name: str,
+    api_keys: set[str] | None = None,
+    default_system: str = "",
+    context_window: int | None = None,
 ) -> gr.Blocks:
-    """The Gradio page, not yet mounted."""
-    ui = WebChat(chat, api_keys)
+    """The Gradio page, not yet mounted. `context_window` (tokens) is the max-tokens slider's end."""
+    max_tokens_limit = context_window or MAX_TOKENS_LIMIT
+    ui = WebChat(chat, api_keys, max_tokens_limit)
     with gr.Blocks(title=f"{model_name} · vicuna", analytics_enabled=False) as demo:
         key = gr.State("")
-        turns = gr.State([])
+        # The conversation lives in the browser's localStorage, so a reload (or a server restart) keeps
+        # it. A fixed secret: Gradio's random one changes with each start, losing what was kept; and the
+        # page carries the secret to the browser anyway, so it never hid anything.
+        turns = gr.BrowserState([], storage_key="vicuna-conversation", secret="vicuna-conversation")
         gr.Markdown(f"## {model_name}")
         with gr.Column(visible=api_keys is not None) as login_box:
             key_box = gr.Textbox(
@@ -199,8 +283,10 @@ def build(
                 chatbot = gr.Chatbot(
                     label=model_name, height=520, buttons=["copy"], elem_id="chatbot", feedback_options=None
                 )
+                status = gr.Markdown(elem_id="reply-status")  # the last reply's stats, or "Writing…"
                 with gr.Row():
                     textbox = gr.Textbox(
+                        label="Message",  # hidden, but the box's name for screen readers
                         show_label=False,
                         placeholder="Type a message and press Enter",
                         scale=8,
@@ -221,25 +307,38 @@ def build(
                     elem_id="system",
                 )
                 temperature = gr.Slider(
-                    0, 2, value=0.7, step=0.05, label="Temperature", elem_id="temperature"
+                    *TEMPERATURE, value=0.7, step=0.05, label="Temperature", elem_id="temperature"
                 )
-                top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p", elem_id="top-p")
+                top_p = gr.Slider(*TOP_P, value=1.0, step=0.01, label="Top-p", elem_id="top-p")
                 max_tokens = gr.Slider(
-                    1, MAX_TOKENS_LIMIT, value=512, step=1, label="Max new tokens", elem_id="max-tokens"
+                    1,
+                    max_tokens_limit,
+                    value=min(512, max_tokens_limit),
+                    step=1,
+                    label="Max new tokens",
+                    info="Lowered, when need be, to the room the context window leaves.",
+                    elem_id="max-tokens",
                 )
 
         settings = [system, temperature, top_p, max_tokens, key]
-        # concurrency_limit=None: many browser sessions generate at once; the engine batches them
+        busy = [send, regenerate]
+        # concurrency_limit=None: many browser sessions generate at once; the engine batches them.
+        # While a reply is written, Enter does nothing (Gradio's trigger_mode="once"): the next
+        # message waits in the box, and Send and Regenerate are disabled until the reply ends.
         sending = gr.on(
             [textbox.submit, send.click],
             ui.respond,
             [textbox, turns, *settings],
-            [textbox, chatbot, turns],
+            [textbox, chatbot, status, turns, *busy],
             concurrency_limit=None,
             api_name="chat",
         )
         again = regenerate.click(
-            ui.regenerate, [turns, *settings], [chatbot, turns], concurrency_limit=None, api_name="regenerate"
+            ui.regenerate,
+            [turns, *settings],
+            [chatbot, status, turns, *busy],
+            concurrency_limit=None,
+            api_name="regenerate",
         )
         # Stop lets the reply finish with its stats ("stopped"); Clear also drops what is still streaming.
         stop.click(ui.stop, None, None, queue=False, api_visibility="private")
@@ -247,11 +346,12 @@ def build(
             [clear.click, chatbot.clear],
             ui.clear,
             None,
-            [chatbot, turns, textbox],
+            [chatbot, status, turns, textbox, *busy],
             queue=False,
             cancels=[sending, again],
             api_visibility="private",
         )
+        demo.load(ui.show, turns, [chatbot, status], api_visibility="private")
         gr.on(
             [key_button.click, key_box.submit],
             ui.login,
