@@ -203,3 +203,28 @@ def test_out_of_memory_mid_reply_gives_back_what_the_reply_held_and_the_next_rep
     assert freed_at_release == [True] and raised.value.__traceback__ is not None
     text, ids, done = run(engine, prompt, temperature=0, max_new_tokens=8, ignore_eos=True)
     assert done.completion_tokens == 8 and len(ids) == 8
+
+
+def test_a_long_prompt_is_computed_in_the_server_s_pieces(engine, monkeypatch):
+    """Alone as in the server's batch, so that a greedy reply is the same both ways (bf16 rounds the two
+    ways of computing a prompt differently)."""
+    from vicuna.engine import engine as engine_module
+    from vicuna.engine.runner import LlamaRunner
+
+    monkeypatch.setattr(engine_module, "PREFILL_PIECE", 16)
+    starts = []
+    prefill = LlamaRunner.prefill
+    monkeypatch.setattr(
+        LlamaRunner, "prefill", lambda self, ids, start=0: starts.append(start) or prefill(self, ids, start)
+    )
+    prompt = engine.encode("Hello world! " * 12)
+    assert len(prompt) > 40
+    engine.forget()  # no cache of an earlier reply: the prompt from its first token
+    _, ids, _ = run(engine, prompt, temperature=0, max_new_tokens=5, ignore_eos=True)
+    assert starts == list(range(0, len(prompt), 16))
+    monkeypatch.setattr(engine_module, "PREFILL_PIECE", 10_000)
+    engine.forget()
+    pieces = len(starts)
+    whole = run(engine, prompt, temperature=0, max_new_tokens=5, ignore_eos=True)[1]
+    assert len(starts) == pieces + 1
+    assert starts[-1] == 0 and whole == ids  # computed whole, the same reply in float32

@@ -43,7 +43,7 @@ from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk
 from vicuna.engine.memory import release_memory_after
-from vicuna.engine.runner import LlamaRunner, cache_arg, chunked, decode, shared_prefix
+from vicuna.engine.runner import PREFILL_PIECE, LlamaRunner, cache_arg, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Sampler
 from vicuna.errors import VicunaError
 
@@ -54,11 +54,6 @@ Sink = Callable[[Event | BaseException], None]
 DEFAULT_MAX_BATCH_SIZE = 16
 SWITCH_INTERVAL_S = 0.0002
 DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the default KV budget: this many tokens for each batch row
-# A prompt is computed this many tokens at a time, the running replies' decode step between two pieces, so
-# that a long prompt slows them instead of stopping them for its whole prefill, and a cancel (the web UI's
-# Stop) takes effect between pieces. Pieces cost nothing: 3,000 tokens of the built-in model took 2.9 s
-# in pieces of 512 and 3.3 s whole (bf16, 2-core Zen 5 VM, best of 2).
-PREFILL_PIECE = 512
 
 
 def release_openmp_threads() -> None:

@@ -20,6 +20,7 @@ from vicuna.engine.detok import IncrementalDecoder, StopMatcher, TokenBytes
 from vicuna.engine.events import Event, Finished, TextChunk, TokenLogprob
 from vicuna.engine.memory import release_memory_after
 from vicuna.engine.runner import (
+    PREFILL_PIECE,
     HFRunner,
     LlamaRunner,
     LlamaWeights,
@@ -164,7 +165,13 @@ class Engine:
         runner, cached = self.new_runner(prompt_ids)
         first_token_at = None
         reason, stop_text = "length", None
-        logits = runner.prefill(prompt_ids, cached) if cached else runner.prefill(prompt_ids)
+        if isinstance(runner, LlamaRunner):  # in the server's pieces, so that a reply is the same there
+            done = cached
+            while done < len(prompt_ids) and not (done > cached and cancel is not None and cancel.is_set()):
+                end = min(len(prompt_ids), done + PREFILL_PIECE)
+                logits, done = runner.prefill(prompt_ids[:end], done), end
+        else:
+            logits = runner.prefill(prompt_ids)
         for step in range(params.max_new_tokens):
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
