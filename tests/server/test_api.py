@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from vicuna.config import SamplingParams
-from vicuna.conversation import Message
+from vicuna.conversation import Message, render
 from vicuna.engine.events import Finished
 from vicuna.errors import VicunaError
 from vicuna.server.app import create_app
@@ -525,6 +525,19 @@ def test_builtin_model_answers():
             max_tokens=30,
         )
         assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    # Vicuna's template ends on "ASSISTANT:", after which this byte-level tokenizer's reply begins " The":
+    # a chat reply starts at its first visible character, streamed or not (a completion keeps the space)
+    vicuna = load_engine(ModelSettings(dtype="float32", conv_template="vicuna_v1.1"), progress=False)
+    with serving(create_app(vicuna)) as url:
+        api = client(url)
+        ask = {"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        whole = api.chat.completions.create(**ask, temperature=0, max_tokens=8).choices[0].message.content
+        parts = api.chat.completions.create(**ask, temperature=0, max_tokens=8, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+        assert whole == streamed and whole and not whole[0].isspace()
+        prompt = render(vicuna.template, [Message("user", "What is the capital of France?")])
+        completion = api.completions.create(model=model, prompt=prompt, temperature=0, max_tokens=8)
+        assert completion.choices[0].text == " " + whole
 
 
 def test_out_of_memory_is_a_503_to_retry_and_the_server_goes_on(tiny_engine, monkeypatch):

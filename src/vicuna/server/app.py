@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -127,6 +127,7 @@ class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: Finished | None = None
+    started: bool = False  # whether text other than white space has come
 
 
 class _Run:
@@ -209,6 +210,11 @@ class _Run:
             now = time.perf_counter()
             choice = self.choices[index]
             if isinstance(event, TextChunk):
+                if self.endpoint == "chat" and not choice.started:
+                    # A chat reply starts at its first visible character: templates that end on "ASSISTANT:"
+                    # get " The..." from byte-level tokenizers (completions keep the text as generated).
+                    event = replace(event, text=event.text.lstrip())
+                    choice.started = bool(event.text)
                 if event.token_ids:
                     self.first_token_at = self.first_token_at or now
                     last = self.last_token_at.get(index)
