@@ -492,3 +492,50 @@ def test_sample_answers_none_where_there_is_no_distribution():
     assert kernel.sample(torch.zeros(4, dtype=torch.float64), 1.0, 0.5) is None
     assert kernel.sample(torch.zeros(4), 0.0, 0.5) is None  # temperature 0 is greedy, not sampling
     assert kernel.sample(torch.zeros(4), 1.0, 1.0) is None  # u must be below 1
+
+
+class FakeThreads:
+    """`vicuna_threads` of a 2-core machine; a step takes what `cost` says for the team size."""
+
+    def __init__(self) -> None:
+        self.size, self.calls = 2, []
+
+    def vicuna_threads(self, wanted: int) -> int:
+        if wanted > 0:
+            self.size = wanted
+            self.calls.append(wanted)
+        return self.size
+
+
+def run_steps(team, library, steps: int, cost, rows: int = 1) -> list[int]:
+    sizes = []
+    for _ in range(steps):
+        sizes.append(library.size)
+        team.timed(cost(library.size), rows)
+    return sizes
+
+
+def test_the_team_gives_up_a_thread_whose_core_is_busy_and_takes_it_back_when_it_is_free():
+    library = FakeThreads()
+    team = kernel.Team(library)
+    idle = {2: 7e-3, 1: 8.5e-3}.get  # both threads are faster on idle cores
+    busy = {2: 25e-3, 1: 8.5e-3}.get  # another program on one core: its thread holds up every region
+    sizes = run_steps(team, library, 200, idle)
+    assert sizes.count(1) == team.WINDOW and sizes[-150:] == [2] * 150  # one fewer tried once, and left
+    sizes = run_steps(team, library, 200, busy)
+    assert 1 <= sizes.index(1) <= 6 and sizes[-100:] == [1] * 100  # one fewer within 6 slow steps
+    tries = library.calls.count(2)
+    run_steps(team, library, 2000, busy)
+    assert 1 <= library.calls.count(2) - tries <= 6  # the whole team is tried again ever more rarely
+    sizes = run_steps(team, library, 5000, idle)
+    assert sizes[-100:] == [2] * 100  # and comes back once the core is free
+
+
+def test_the_team_keeps_its_size_when_steps_slow_for_another_reason():
+    library = FakeThreads()
+    team = kernel.Team(library)
+    run_steps(team, library, 30, {2: 7e-3, 1: 8.5e-3}.get)
+    run_steps(team, library, 30, {2: 14e-3, 1: 17e-3}.get)  # a longer context: both sizes twice as slow
+    assert run_steps(team, library, 100, {2: 14e-3, 1: 17e-3}.get)[-90:] == [2] * 90
+    sixteen = run_steps(team, library, 100, {2: 20e-3, 1: 38e-3}.get, rows=16)  # more rows: their own times
+    assert sixteen.count(1) == team.WINDOW and sixteen[-80:] == [2] * 80  # tried once for 16 rows too

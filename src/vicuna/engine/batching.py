@@ -375,6 +375,8 @@ class Batcher:
     # --- the scheduler thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        # this thread's kernel threads, sized from its steps' times (the fused LLaMA path on a CPU)
+        self._team = self.engine.team() if isinstance(self._rows, _LlamaRows) else None
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -518,7 +520,10 @@ class Batcher:
         self._preempt_to_fit()
         replies = self._replies
         self._hand_over()
+        began = time.perf_counter()
         logits = self._rows.step([r.history[-1] for r in replies])
+        if self._team is not None:
+            self._team.timed(time.perf_counter() - began, len(replies))
         self.stats.steps += 1
         self.stats.batch_sizes[len(replies)] += 1
         ended = {i for i, reply in enumerate(replies) if reply.step(logits[i])}

@@ -65,6 +65,7 @@ class Engine:
         self.llama_weights = LlamaWeights(model) if fast_path and llama_fast_path_ok(model) else None
         self._spare: tuple[LlamaRunner, list[int]] | None = None  # the last generation's runner, its tokens
         self._lock = threading.Lock()
+        self._teams: dict[int, Any] = {}  # per thread that decodes: its kernel.Team
 
     def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Stop strings that are single special tokens become stop ids (their text is never decoded)."""
@@ -127,6 +128,19 @@ class Engine:
         runner, tokens = spare
         return runner, shared_prefix(tokens, prompt_ids, min(len(tokens), len(prompt_ids) - 1))
 
+    def team(self) -> Any:
+        """The calling thread's `kernel.Team` (it sizes the kernel's threads from the steps' times), where
+        the kernel decodes on the CPU; else None."""
+        if self.device.type != "cpu" or self.llama_weights is None:
+            return None
+        from vicuna.engine import kernel
+
+        library = kernel.load(progress=False)
+        if library is None:
+            return None
+        with self._lock:
+            return self._teams.setdefault(threading.get_ident(), kernel.Team(library))
+
     def forget(self) -> None:
         """Drop the last generation's cache: the next prompt is computed from its first token (benchmarks
         of prompt processing call this)."""
@@ -163,6 +177,7 @@ class Engine:
         decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(params.stop)
         history = list(prompt_ids)
         runner, cached = self.new_runner(prompt_ids)
+        team = self.team() if isinstance(runner, LlamaRunner) else None
         first_token_at = None
         reason, stop_text = "length", None
         if isinstance(runner, LlamaRunner):  # in the server's pieces, so that a reply is the same there
@@ -190,7 +205,10 @@ class Engine:
                 reason, stop_text = "stop", stops.matched
                 break
             if step + 1 < params.max_new_tokens:
+                began = time.perf_counter()
                 logits = runner.step(choice.token_id)
+                if team is not None:
+                    team.timed(time.perf_counter() - began, 1)
         self._release(runner, history)
         if stops.matched is None:
             tail = stops.push(decoder.flush())

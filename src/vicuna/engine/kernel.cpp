@@ -1358,6 +1358,12 @@ int vicuna_dot_bf16(int wanted) {
     return dot_bf16() ? 1 : 0;
 }
 
+// The calling thread's OpenMP team size for the kernel's work (`wanted` > 0 sets it); answers it.
+int vicuna_threads(int wanted) {
+    if (wanted > 0) omp_set_num_threads(wanted);
+    return omp_get_max_threads();
+}
+
 // One decode step's attention for every row: mixed [rows, (heads + 2 kv_heads) dim] holds each row's
 // new q, k and v heads (float32); q and k are rotated with rope [2, rope_positions, dim] (cos, then sin
 // with its first half negated) at the row's position, k and v are stored in the cache there (keys and

@@ -45,6 +45,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -225,6 +226,8 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         library.vicuna_dot_bf16.restype = ctypes.c_int
         library.vicuna_dot_bf16.argtypes = [ctypes.c_int]
+        library.vicuna_threads.restype = ctypes.c_int
+        library.vicuna_threads.argtypes = [ctypes.c_int]
         fn = library.vicuna_argmax
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -503,3 +506,73 @@ def attends(dtype: torch.dtype, group: int, dim: int) -> bool:
         and dim % 16 == 0
         and dim <= 256
     )
+
+
+class Team:
+    """How many threads the kernel's work on the calling thread uses, picked from the time its decode steps
+    take. With another program keeping a core busy, every one of a step's ~150 parallel regions waits for
+    the thread that shares that core: on 2 cores the built-in model decoded at 39-51 tok/s with both
+    threads and 114-121 with one (bf16, Zen 5 VM), while on idle cores both are 1.17x faster than one.
+
+    Each step's time is given to `timed` with the step's number of rows. When steps at the current size
+    become 1.5x slower than usual for that many rows (or at first), one thread fewer is tried for `WINDOW`
+    steps; below
+    the whole team, the whole team is tried again after `retry` steps (doubling each time it loses, up to
+    `MAX_RETRY`). The faster is kept; a trial during which the rows changed counts for neither."""
+
+    WINDOW = 6
+    FIRST_RETRY, MAX_RETRY = 64, 4096
+    SLOWER = 1.5
+
+    def __init__(self, library: Any) -> None:
+        self.library = library
+        self.most = self.size = library.vicuna_threads(0)
+        self.usual: dict[tuple[int, int], float] = {}  # (size, rows): median step time, followed slowly
+        self.times: list[float] = []  # at the current size and rows
+        self.rows = 0
+        self.trial_from: int | None = None  # during a trial: the size it is compared with
+        self.retry, self.since = self.FIRST_RETRY, 0
+
+    def _use(self, size: int) -> None:
+        self.size, self.times = size, []
+        self.library.vicuna_threads(size)
+
+    def timed(self, seconds: float, rows: int) -> None:
+        if self.most <= 1:
+            return
+        if rows != self.rows:  # another batch: its own times (a trial in progress is abandoned)
+            self.rows, self.times = rows, []
+            if self.trial_from is not None:
+                self._use(self.trial_from)
+                self.trial_from = None
+        self.times.append(seconds)
+        self.since += 1
+        if len(self.times) < self.WINDOW:
+            return
+        now = sorted(self.times)[len(self.times) // 2]
+        self.times = []
+        if self.trial_from is not None:  # the trial is over: keep the faster size
+            before, self.trial_from = self.trial_from, None
+            self.usual[(self.size, rows)] = now
+            if now < self.usual[(before, rows)]:
+                self.retry = self.FIRST_RETRY
+            else:
+                self.retry = min(2 * self.retry, self.MAX_RETRY) if self.size > before else self.retry
+                self._use(before)
+            self.since = 0
+            return
+        key = (self.size, rows)
+        usual = self.usual.setdefault(key, now)
+        fewer = (self.size - 1, rows)
+        if self.size > 1 and (now > self.SLOWER * usual or fewer not in self.usual):
+            # slower than it was, or one thread fewer never tried for these rows (the cores may have been
+            # busy from the start): try one fewer
+            self.usual[key] = now
+            self.trial_from = self.size
+            self._use(self.size - 1)
+        elif self.size < self.most and self.since >= self.retry:  # the other cores may be free again
+            self.usual[key] = now
+            self.trial_from = self.size
+            self._use(self.size + 1)
+        else:
+            self.usual[key] = 0.8 * usual + 0.2 * now  # a reply's steps grow slowly longer with its context
