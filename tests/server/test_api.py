@@ -572,3 +572,26 @@ def test_out_of_memory_is_a_503_to_retry_and_the_server_goes_on(tiny_engine, mon
         r = httpx.post(f"{url}/v1/chat/completions", json=body)  # the next request is served
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
         assert metric(url, 'vicuna_requests_total{endpoint="chat",status="503"}') == 2
+
+
+def test_a_reply_cut_short_by_shutdown_says_so(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL)
+    batcher = app.state.batcher
+    step = batcher._rows.step
+    batcher._rows.step = lambda tokens: (time.sleep(0.005), step(tokens))[1]
+    body = greedy(messages=HELLO, max_tokens=900, extra_body={"ignore_eos": True})
+    with serving(app) as url:
+        streamed: list[str] = []
+
+        def read() -> None:
+            payload = {**body.pop("extra_body"), **body, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=payload, timeout=60) as r:
+                streamed.extend(line for line in r.iter_lines() if line)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert wait_for(lambda: len(streamed) > 5)
+        batcher.stop()  # what Ctrl-C on `vicuna serve` does first
+        reader.join(30)
+        last = json.loads(streamed[-1].removeprefix("data: "))
+        assert last["error"]["code"] == "shutting_down"  # not a [DONE] that reads as a whole reply

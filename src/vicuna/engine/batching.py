@@ -357,6 +357,11 @@ class Batcher:
     def running(self) -> int:
         return len(self._replies)
 
+    @property
+    def closed(self) -> bool:
+        """Whether `stop` or `close` was called: requests are refused and running replies end "cancelled"."""
+        return self._closed
+
     def stop(self) -> None:
         """Stop taking requests and end the running ones ("cancelled"), without waiting."""
         with self._lock:

@@ -78,6 +78,8 @@ def failure(err: BaseException) -> APIError:
     """What a client is told when generating failed: out of memory (503, to retry) or a bug (500)."""
     import torch
 
+    if isinstance(err, APIError):
+        return err
     if isinstance(err, torch.OutOfMemoryError):
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         return APIError(503, OUT_OF_MEMORY, "server_error", code="out_of_memory", headers=retry)
@@ -226,6 +228,14 @@ class _Run:
             else:
                 choice.finished = event
                 pending -= 1
+                if event.reason == "cancelled" and self.server.batcher.closed:  # not the client's doing
+                    raise APIError(
+                        503,
+                        "the server is shutting down; retry the request",
+                        "server_error",
+                        code="shutting_down",
+                        headers={"Retry-After": str(RETRY_AFTER_S)},
+                    )
             yield index, event
 
     @property
@@ -667,7 +677,8 @@ def create_app(
                 if parts:
                     yield "".join(parts)
             except Exception as err:
-                log.exception("%s: generation failed", run.id)
+                if not isinstance(err, APIError):
+                    log.exception("%s: generation failed", run.id)
                 told = failure(err)
                 status = told.status
                 yield "".join(parts) + _sse(told.body())
