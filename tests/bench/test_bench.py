@@ -442,6 +442,7 @@ def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path,
     assert cli(argv) == 0
     data = json.loads(out.read_text())
     assert tuple(data) == REPORT_KEYS and data["benchmark"] == "latency"
+    assert data["machine"]["load_average_before"] >= 0  # what else ran when it was measured
     assert set(data["samples"]) == {"short", "long"}
     for kind, runners in data["samples"].items():
         assert set(runners) == {"engine", "engine next turn", "hf", "hf next turn", "unquantized"}
@@ -698,3 +699,15 @@ def test_bandwidth_is_measured_with_and_without_our_kernel(monkeypatch):
     with_kernel = measure_bandwidth(device, nbytes=16 * 2**20, repeats=1)
     monkeypatch.setattr(kernel, "runs_on", lambda *_: False)
     assert with_kernel > 0 and measure_bandwidth(device, nbytes=16 * 2**20, repeats=1) > 0
+
+
+def test_a_busy_machine_is_said_before_the_benchmark(monkeypatch, capsys):
+    import os
+
+    from vicuna.bench import busy_cores
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.73, 1.0, 1.0))
+    assert busy_cores() == 1.73
+    assert "1-minute load average 1.73" in capsys.readouterr().err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert busy_cores() == 0.1 and capsys.readouterr().err == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from vicuna.config import add_model_arguments, model_settings_from_args
@@ -163,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
     check_flags(args)
     settings = model_settings_from_args(args)
     progress = not args.no_progress
+    load = busy_cores()
     if args.bench == "latency":
         from vicuna.bench.latency import bench_latency
 
@@ -198,5 +200,23 @@ def main(args: argparse.Namespace) -> int:
             weights_mb=None if args.skip_weights else args.weights_mb,
             progress=progress,
         )
+    report.machine["load_average_before"] = load
     emit(report, json_path=args.json, plot_path=args.plot)
     return 0
+
+
+def busy_cores() -> float | None:
+    """The 1-minute load average before the benchmark starts (None where the system has none), with a
+    notice when other programs keep cores busy: the figures then say as much about them as about vicuna
+    (with one of 2 cores busy, decoding ran 2-3x slower)."""
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # Windows
+        return None
+    if load >= 0.5:
+        print(
+            f"notice: other programs are using the CPU (1-minute load average {load:.2f} on {os.cpu_count()} "
+            "cores): the figures will be lower and noisier than on an idle machine",
+            file=sys.stderr,
+        )
+    return round(load, 2)

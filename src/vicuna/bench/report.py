@@ -8,7 +8,7 @@ JSON layout (`schema` 1), the same for `latency`, `serve` and `memory`:
       "benchmark": "latency" | "serve" | "memory",
       "created": "2025-01-01T12:00:00+00:00",       # UTC, ISO 8601
       "machine": {"cpu", "cores", "ram_bytes", "gpus": [{"name", "memory_bytes"}], "platform",
-                  "python", "torch", "transformers"},
+                  "python", "torch", "transformers", "load_average_before"},  # 1-minute, at the start
       "settings": {...},                              # what was measured: model, dtype, runs, tokens...
       "rows": [{
           "group": "short prompt (12 tokens)",       # the scenario the row belongs to
@@ -194,7 +194,12 @@ def print_table(report: Report, console: Any = None) -> None:
     gpus = ", ".join(g["name"] for g in m.get("gpus", [])) or "no GPU"
     table = Table(
         title=f"vicuna bench {report.benchmark}",
-        caption=f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {gpus}; torch {m.get('torch', '?')}",
+        caption=f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {gpus}; torch {m.get('torch', '?')}"
+        + (
+            f"; load average {m['load_average_before']} at the start"
+            if m.get("load_average_before") is not None
+            else ""
+        ),
     )
     table.add_column("metric")
     table.add_column("value", justify="right", no_wrap=True)
