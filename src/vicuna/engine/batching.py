@@ -154,6 +154,16 @@ class BatchStats:
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # rows per decode step
 
 
+def check_settings(max_batch_size: int, stream_interval_s: float) -> None:
+    """A `Batcher`'s settings, named by the flags that set them."""
+    if max_batch_size < 1:
+        raise VicunaError(f"--max-batch-size must be at least 1, not {max_batch_size}")
+    if not stream_interval_s >= 0:
+        raise VicunaError(
+            f"--stream-interval must be 0 or more milliseconds, not {stream_interval_s * 1e3:g}"
+        )
+
+
 @dataclass
 class _Prefill:
     """A prompt being computed in pieces: its reply, the row that holds its first `done` tokens of `ids`."""
@@ -179,12 +189,7 @@ class Batcher:
         kv_cache_tokens: int | None = None,
         stream_interval_s: float = 0.0,
     ):
-        if max_batch_size < 1:
-            raise VicunaError(f"--max-batch-size must be at least 1, not {max_batch_size}")
-        if not stream_interval_s >= 0:
-            raise VicunaError(
-                f"--stream-interval must be 0 or more milliseconds, not {stream_interval_s * 1e3:g}"
-            )
+        check_settings(max_batch_size, stream_interval_s)
         self.engine = engine
         self.max_batch_size = max_batch_size
         # Each wake of a front end's thread for a reply's text costs CPU that on a small machine is taken
@@ -585,21 +590,18 @@ class _LlamaRows:
             ),
             default=(0, -1),
         )
-        shared = max(finished[0], running[0])
-        end = min(len(ids), shared + most)
         if finished[0] > running[0]:
             runner, _ = self.finished.pop(finished[1])
         else:
             runner = LlamaRunner(self.w, None)
             if running[0]:
                 runner.copy_prefix(self.batch, running[1], running[0])
-        return runner, runner.prefill(ids[:end], shared), end
+        return runner, *runner.prefill_more(ids, max(finished[0], running[0]), most)
 
     @staticmethod
     def more(runner: LlamaRunner, ids: list[int], done: int, most: int) -> tuple[torch.Tensor, int]:
         """Go on with a prompt `prefill` began: the next `most` of `ids` after `done`."""
-        end = min(len(ids), done + most)
-        return runner.prefill(ids[:end], done), end
+        return runner.prefill_more(ids, done, most)
 
     def remember(self, row: int, history: list[int]) -> None:
         """Keep a copy of a row that is leaving (`history`: its tokens), for a prompt that begins the same way."""

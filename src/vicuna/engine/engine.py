@@ -181,10 +181,9 @@ class Engine:
         first_token_at = None
         reason, stop_text = "length", None
         if isinstance(runner, LlamaRunner):  # in the server's pieces, so that a reply is the same there
-            done = cached
-            while done < len(prompt_ids) and not (done > cached and cancel is not None and cancel.is_set()):
-                end = min(len(prompt_ids), done + PREFILL_PIECE)
-                logits, done = runner.prefill(prompt_ids[:end], done), end
+            logits, done = runner.prefill_more(prompt_ids, cached, PREFILL_PIECE)
+            while done < len(prompt_ids) and not (cancel is not None and cancel.is_set()):
+                logits, done = runner.prefill_more(prompt_ids, done, PREFILL_PIECE)
         else:
             logits = runner.prefill(prompt_ids)
         for step in range(params.max_new_tokens):

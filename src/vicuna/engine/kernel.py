@@ -516,9 +516,8 @@ class Team:
 
     Each step's time is given to `timed` with the step's number of rows. When steps at the current size
     become 1.5x slower than usual for that many rows (or at first), one thread fewer is tried for `WINDOW`
-    steps; below
-    the whole team, the whole team is tried again after `retry` steps (doubling each time it loses, up to
-    `MAX_RETRY`). The faster is kept; a trial during which the rows changed counts for neither."""
+    steps; below the whole team, the whole team is tried again after `retry` steps (doubling each time it
+    loses, up to `MAX_RETRY`). The faster is kept; a trial during which the rows changed counts for neither."""
 
     WINDOW = 6
     FIRST_RETRY, MAX_RETRY = 64, 4096
@@ -536,6 +535,12 @@ class Team:
     def _use(self, size: int) -> None:
         self.size, self.times = size, []
         self.library.vicuna_threads(size)
+
+    def _try(self, size: int, now: float, rows: int) -> None:
+        """A trial of `size` threads, against the current size's `now`."""
+        self.usual[(self.size, rows)] = now
+        self.trial_from = self.size
+        self._use(size)
 
     def timed(self, seconds: float, rows: int) -> None:
         if self.most <= 1:
@@ -567,12 +572,8 @@ class Team:
         if self.size > 1 and (now > self.SLOWER * usual or fewer not in self.usual):
             # slower than it was, or one thread fewer never tried for these rows (the cores may have been
             # busy from the start): try one fewer
-            self.usual[key] = now
-            self.trial_from = self.size
-            self._use(self.size - 1)
+            self._try(self.size - 1, now, rows)
         elif self.size < self.most and self.since >= self.retry:  # the other cores may be free again
-            self.usual[key] = now
-            self.trial_from = self.size
-            self._use(self.size + 1)
+            self._try(self.size + 1, now, rows)
         else:
             self.usual[key] = 0.8 * usual + 0.2 * now  # a reply's steps grow slowly longer with its context

@@ -428,6 +428,12 @@ class LlamaRunner:
         self.lengths = [length]
 
     @torch.inference_mode()
+    def prefill_more(self, prompt_ids: list[int], done: int, most: int) -> tuple[torch.Tensor, int]:
+        """The next piece of a prompt whose first `done` tokens this row holds: up to `most` tokens more.
+        Answers the logits after the piece and how many tokens the row then holds."""
+        end = min(len(prompt_ids), done + most)
+        return self.prefill(prompt_ids[:end], done), end
+
     def prefill(self, prompt_ids: list[int], start: int = 0) -> torch.Tensor:
         """The prompt as this runner's one row: float32 logits for the next token. With `start`, the row
         already holds the keys and values of the prompt's first `start` tokens (an earlier turn of the same

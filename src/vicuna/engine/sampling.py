@@ -125,9 +125,8 @@ class Sampler:
                 self.random = random.Random(params.seed)
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
-                self.generator.manual_seed(
-                    params.seed & 0xFFFF_FFFF_FFFF_FFFF
-                )  # any integer: its low 64 bits
+                # any integer: its low 64 bits
+                self.generator.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
             else:
                 self.generator.seed()
 

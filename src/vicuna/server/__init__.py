@@ -65,18 +65,13 @@ def listen(host: str, port: int) -> socket.socket:
 
 def check_flags(args: argparse.Namespace) -> None:
     """The server's own flags, before minutes go into loading the model."""
-    for ok, message in (
-        (0 < args.port < 65536, f"--port must be 1-65535, not {args.port}"),
-        (args.max_queue >= 0, f"--max-queue must be >= 0, not {args.max_queue}"),
-        (args.max_batch_size >= 1, f"--max-batch-size must be at least 1, not {args.max_batch_size}"),
-        (args.kv_cache_tokens is None or args.kv_cache_tokens >= 1, "--kv-cache-tokens must be positive"),
-        (
-            args.stream_interval >= 0,
-            f"--stream-interval must be 0 or more milliseconds, not {args.stream_interval:g}",
-        ),
-    ):
-        if not ok:
-            raise VicunaError(message)
+    from vicuna.server.app import check_settings
+
+    if not 0 < args.port < 65536:
+        raise VicunaError(f"--port must be 1-65535, not {args.port}")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
+        raise VicunaError("--kv-cache-tokens must be positive")
+    check_settings(args.max_queue, args.max_batch_size, args.stream_interval)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -399,6 +399,15 @@ def _finish_reason(event: Finished) -> str:
     return "length" if event.reason == "length" else "stop"
 
 
+def check_settings(max_queue: int, max_batch_size: int, stream_interval_ms: float) -> None:
+    """The server's settings, named by the flags that set them (those of its `Batcher` included)."""
+    from vicuna.engine import batching
+
+    if max_queue < 0:
+        raise VicunaError(f"--max-queue must be >= 0, not {max_queue}")
+    batching.check_settings(max_batch_size, stream_interval_ms / 1e3)
+
+
 def create_app(
     engine: Any,
     *,
@@ -416,8 +425,7 @@ def create_app(
     `stream_interval_ms` after its first token (see `STREAM_INTERVAL_MS`)."""
     from vicuna.engine.batching import Batcher
 
-    if max_queue < 0:
-        raise VicunaError(f"--max-queue must be >= 0, not {max_queue}")
+    check_settings(max_queue, max_batch_size, stream_interval_ms)
     batcher = Batcher(
         engine,
         max_batch_size=max_batch_size,

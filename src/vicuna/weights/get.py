@@ -106,8 +106,12 @@ def resolve_source(spec: str, role: str, workdir: Path) -> Source:
     return Source(role, workdir / "downloads" / spec.replace("/", "--"), spec)
 
 
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
 def weight_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return sum(p.stat().st_size for p in weight_files(folder))
 
 
 def merge_record(sources: list[Source]) -> dict[str, object]:
@@ -115,12 +119,9 @@ def merge_record(sources: list[Source]) -> dict[str, object]:
     local folder by its path and its weight files' sizes and times (a folder whose weights were replaced)."""
     from vicuna.weights.checkpoint import file_fingerprint
 
-    def weights(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-
     return {
         s.role: s.repo_id
-        or {"folder": str(s.folder.resolve()), "weights": file_fingerprint(weights(s.folder))}
+        or {"folder": str(s.folder.resolve()), "weights": file_fingerprint(weight_files(s.folder))}
         for s in sources
     }
 
