@@ -242,11 +242,11 @@ class WebChat:
             cancel.set()  # also when the page goes away mid-reply and Gradio closes this generator
             if self.running.get(session) is cancel:
                 del self.running[session]
-        ready = gr.update(interactive=True)
-        yield same, to_chatbot(turns), last_stats(turns), turns, ready, ready
+        yield self._put_back(same, turns)  # the box as the user left it
 
     @staticmethod
-    def _put_back(text: str, turns: list[Turn]) -> tuple[Any, ...]:
+    def _put_back(text: Any, turns: list[Turn]) -> tuple[Any, ...]:
+        """The page showing `turns`, with `text` in the box and Send and Regenerate ready again."""
         ready = gr.update(interactive=True)
         return text, to_chatbot(turns), last_stats(turns), turns, ready, ready
 
