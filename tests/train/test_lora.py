@@ -159,4 +159,15 @@ def test_merge_refuses_an_adapter_of_another_base(tiny_llama_dir, data, tmp_path
     deep = write_tiny_llama(tmp_path / "deep", num_hidden_layers=3)
     assert cli([*merge, str(train_adapter(deep, data, tmp_path / "a3"))]) == 2
     assert "model.layers.2.self_attn.q_proj, which" in capsys.readouterr().err
+
+    # the other way: a base deeper than the adapter, whose last layer the adapter would leave alone
+    shallow = train_adapter(tiny_llama_dir, data, tmp_path / "a2")
+    assert cli([*merge[:2], "--base", str(deep), *merge[4:], str(shallow)]) == 2
+    err = capsys.readouterr().err
+    assert "the adapter has no weights for model.layers.2.self_attn.q_proj (and 1 more), which" in err
+    # unless it was trained on some layers only, by choice (peft's layers_to_transform)
+    config = json.loads((shallow / "adapter_config.json").read_text())
+    (shallow / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [0, 1]}))
+    assert cli([*merge[:2], "--base", str(deep), *merge[4:], str(shallow)]) == 0
+    (tmp_path / "m").rename(tmp_path / "m-deep")
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()

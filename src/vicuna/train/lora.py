@@ -126,8 +126,10 @@ def adapter_shapes(adapter: Path) -> dict[str, tuple[int, ...]]:
 
 def check_adapter_fits(adapter: Path, model: Any, folder: Path) -> None:
     """Refuse an adapter whose matrices do not fit the base's layers. peft would stop at a wrong shape
-    with a long message, and would leave out layers the base lacks with a warning only."""
+    with a long message, would leave out layers the base lacks with a warning only, and would leave the
+    layers of a deeper base as they are without a word."""
     modules = dict(model.named_modules())
+    covered: set[str] = set()
     for key, shape in adapter_shapes(adapter).items():
         match = LORA_WEIGHT.fullmatch(key)
         if match is None:
@@ -143,6 +145,18 @@ def check_adapter_fits(adapter: Path, model: Any, folder: Path) -> None:
                 f"{adapter}: {key} has shape {shape}, but {folder}'s "
                 f"{name} has {expected} {what}; {OTHER_BASE}"
             )
+        covered.add(name)
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("layers_to_transform") is not None or config.get("exclude_modules"):
+        return  # trained on some layers only, by choice
+    # the same module in every layer: a base deeper than the adapter has layers it would leave alone
+    per_layer = {r"\.".join(r"\d+" if p.isdigit() else re.escape(p) for p in n.split(".")) for n in covered}
+    missing = [n for n in modules if n not in covered and any(re.fullmatch(p, n) for p in per_layer)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise VicunaError(
+            f"{adapter}: the adapter has no weights for {missing[0]}{more}, which {folder} has; {OTHER_BASE}"
+        )
 
 
 def main(args: argparse.Namespace) -> int:
