@@ -195,7 +195,8 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
     ]
     if device.type != "cuda" and gpu_flags:
         print(
-            f"notice: {' and '.join(gpu_flags)} apply to CUDA GPUs; on {device.type} they are ignored",
+            f"notice: {' and '.join(gpu_flags)} {'apply' if len(gpu_flags) > 1 else 'applies'} to CUDA GPUs; "
+            f"on {device.type} {'they are' if len(gpu_flags) > 1 else 'it is'} ignored",
             file=sys.stderr,
         )
     if device.type == "cuda":
