@@ -131,6 +131,23 @@ def test_cancel_frees_the_row_at_once(tiny_engine, batcher):
     assert batcher.running == 0
 
 
+def test_a_reply_whose_joining_the_batch_fails_gets_the_error_and_the_next_one_runs(tiny_engine, batcher):
+    import queue
+
+    def out_of_memory(row):  # e.g. the batch's cache growing for the new row
+        raise MemoryError("simulated: no memory for the batch's cache")
+
+    batcher._rows.join = out_of_memory
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    batcher.add(tiny_engine.encode(TEXTS[0]), SamplingParams(temperature=0, max_new_tokens=8), events.put)
+    event = events.get(timeout=60)  # its first token's text, then the error: not left waiting forever
+    while isinstance(event, TextChunk):
+        event = events.get(timeout=60)
+    assert isinstance(event, MemoryError)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    assert reply(batcher.generate(tiny_engine.encode(TEXTS[1]), params))[1].completion_tokens == 8
+
+
 def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher):
     params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)
     events = batcher.generate(tiny_engine.encode(TEXTS[0]), params)

@@ -513,9 +513,13 @@ class Batcher:
 
     def _join(self, reply: _Reply, row: Any, logits: torch.Tensor, resumed: bool) -> None:
         """A prefilled reply takes its first token (unless it was preempted, when it has it) and joins."""
-        if not resumed and reply.step(logits):
-            return
-        self._rows.join(row)
+        try:
+            if not resumed and reply.step(logits):
+                return
+            self._rows.join(row)
+        except Exception as error:  # out of memory growing the batch's cache: `_run` fails the batch, and
+            reply.fail(error)  # this reply, in neither the batch nor `_prefilling`, with it
+            raise
         self._replies.append(reply)
 
     def _preempt_to_fit(self) -> None:
