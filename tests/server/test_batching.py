@@ -148,6 +148,23 @@ def test_a_reply_whose_joining_the_batch_fails_gets_the_error_and_the_next_one_r
     assert reply(batcher.generate(tiny_engine.encode(TEXTS[1]), params))[1].completion_tokens == 8
 
 
+def test_a_reply_whose_prompt_is_computed_when_the_batcher_stops_ends_cancelled(tiny_engine):
+    b = Batcher(tiny_engine, max_batch_size=4)
+    prefill = b._rows.prefill
+
+    def stopping(*args):  # the server shuts down while this prompt is computed
+        b.stop()
+        return prefill(*args)
+
+    b._rows.prefill = stopping
+    params = SamplingParams(temperature=0, max_new_tokens=600, ignore_eos=True)
+    try:
+        finished = reply(b.generate(tiny_engine.encode(TEXTS[0]), params))[1]
+    finally:
+        b.close()
+    assert finished.reason == "cancelled" and finished.completion_tokens < 600
+
+
 def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher):
     params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)
     events = batcher.generate(tiny_engine.encode(TEXTS[0]), params)

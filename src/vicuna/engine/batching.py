@@ -450,7 +450,9 @@ class Batcher:
             self._rows.keep(keep)
 
     def _drop_cancelled(self) -> None:
-        gone = {i for i, r in enumerate(self._replies) if r.cancel.is_set()}
+        # after `stop`, every reply: one whose prompt was being computed then joined after `stop` cancelled
+        # the others
+        gone = {i for i, r in enumerate(self._replies) if r.cancel.is_set() or self._closed}
         for i in gone:
             self._replies[i].finish("cancelled")
         self._keep([i for i in range(len(self._replies)) if i not in gone])
