@@ -302,6 +302,49 @@ def test_any_transformers_model_batches_on_a_padded_cache(tiny_engine):
         b.close()
 
 
+def test_a_model_with_a_sliding_window_batches_prompts_longer_than_the_window(tiny_engine):
+    """Mistral-style sliding-window attention: transformers' sliding cache layers keep only the window's last
+    positions, which the padded rectangle cannot line up; the batch keeps them all, as its mask counts."""
+    import torch
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from vicuna.engine.engine import Engine
+
+    config = MistralConfig(
+        vocab_size=len(tiny_engine.tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    e = Engine(model=model, tokenizer=tiny_engine.tokenizer, template=tiny_engine.template, model_name="m")
+    first, second = [
+        (
+            e.encode(TEXTS[i] + " " + TEXTS[i + 1] * 3),
+            SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True),
+        )
+        for i, n in ((0, 200), (2, 12))
+    ]
+    assert min(len(first[0]), len(second[0])) > 2 * config.sliding_window
+    b = Batcher(e, max_batch_size=2)
+    try:
+        events = b.generate(*first)
+        started = next(events)  # running when the second joins
+        joined = reply(b.generate(*second))
+        batched = [reply([started, *events]), joined]
+    finally:
+        b.close()
+    assert b.stats.peak_running == 2
+    assert same(batched[0], reply(e.generate(*first))) and same(batched[1], reply(e.generate(*second)))
+
+
 def test_a_long_prompt_is_computed_in_pieces_between_the_running_replies_steps(tiny_engine, monkeypatch):
     from vicuna.engine import batching
 

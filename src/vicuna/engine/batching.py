@@ -677,7 +677,9 @@ class _HFRows:
         unused: these rows do not reuse each other's caches; nor are prompts computed in pieces)."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.engine.model.config)
+        # every position kept, sliding-window layers too (the model's mask applies the window): a sliding
+        # layer keeps only the window's last positions, which would not line up with the rows' columns
+        cache = DynamicCache()
         x = torch.tensor([ids], device=self.engine.device)
         logits = self.engine.model(input_ids=x, **{self.cache_arg: cache}, use_cache=True, logits_to_keep=1)
         logits = logits.logits[0, -1]
