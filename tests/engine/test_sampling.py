@@ -24,6 +24,17 @@ def test_greedy_and_top_k_1_pick_the_best():
     assert all(sampler(temperature=5.0, top_k=1, seed=s)(LOGITS, [0, 0]).token_id == 1 for s in range(10))
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-38, 1e-40, 1e-46])
+@pytest.mark.parametrize("kw", [{}, {"top_p": 0.9}, {"top_k": 3}])
+def test_a_tiny_temperature_picks_the_best(temperature, kw):
+    """1 / temperature overflows float32 from ~3e-39 (logits / temperature from ~1e-37): the draw has no
+    distribution left, and gave any token or raised."""
+    logits = LOGITS * 30  # logits of a model's size
+    assert all(
+        sampler(temperature=temperature, seed=s, **kw)(logits.clone(), [0, 0]).token_id == 1 for s in range(5)
+    )
+
+
 def test_seed_reproduces_and_differs():
     s = sampler(temperature=1.5, seed=7)
     first = [s(LOGITS, [0]).token_id for _ in range(30)]

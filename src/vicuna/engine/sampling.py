@@ -18,6 +18,11 @@ from vicuna.engine import kernel
 
 Processor = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
+# Below this temperature a draw is the greedy pick (as in vLLM): what a draw could give otherwise is a
+# token within ~1e-4 of the top logit, and dividing by far smaller temperatures (from ~1e-37) overflows
+# float32, which leaves no distribution to draw from.
+MIN_TEMPERATURE = 1e-5
+
 
 def repetition_penalty(penalty: float) -> Processor:
     """CTRL's penalty over prompt and reply (as transformers does): divide positive logits, multiply negative."""
@@ -108,17 +113,18 @@ class Sampler:
         # the temperature a draw divides by; with top-k or top-p it divides first, as transformers' and
         # vLLM's samplers do (FastChat's too): top-p's nucleus is that of the distribution sampled from
         self.temperature = params.temperature
-        if params.temperature > 0 and (params.top_k or params.top_p < 1.0):
+        self.sampling = sampling = params.temperature >= MIN_TEMPERATURE
+        if sampling and (params.top_k or params.top_p < 1.0):
             self.processors.append(lambda logits, history: logits.div_(params.temperature))
             self.temperature = 1.0
-        if params.temperature > 0 and params.top_k:
+        if sampling and params.top_k:
             self.processors.append(top_k_filter(params.top_k))
-        if params.temperature > 0 and params.top_p < 1.0:
+        if sampling and params.top_p < 1.0:
             self.processors.append(top_p_filter(params.top_p))
         self._work: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         self.random: random.Random | None = None
-        if params.temperature > 0:
+        if sampling:
             # On the CPU our kernel draws each token (`kernel.sample`) with this request's own random
             # numbers (seeded from the OS without a seed); elsewhere PyTorch's multinomial, with its generator.
             if device.type == "cpu" and kernel.load(progress=False) is not None:
@@ -133,7 +139,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> Choice:
         """`logits` is the float32 row for the next position; `history` is prompt plus reply so far."""
         raw = logits
-        sample = self.params.temperature > 0
+        sample = self.sampling
         hold = bool(self.held_back) and len(history) - self.prompt_len < self.params.min_new_tokens
         if self.processors or (sample and hold):  # in place: a copy, into memory kept for the next token
             if self._work is None or self._work.shape != logits.shape or self._work.device != logits.device:
