@@ -294,6 +294,42 @@ def test_rotary_tables_grow_with_the_cache_and_keep_old_positions(tiny_llama_dir
     torch.testing.assert_close(large[:, : small.shape[1]], small)
 
 
+SCALINGS = [
+    None,
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 250},
+    {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 250,
+    },
+]
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s and s["rope_type"])
+def test_rotary_tables_are_transformers_own_up_to_the_context_window(scaling):
+    """A table rounded up to whole chunks past a window of 1,000 positions: dynamic NTK scaling, which
+    rescales every position once a sequence passes the window, must not do that to positions in use."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(64, max_position_embeddings=1000, rope_scaling=scaling)).eval()
+    w = LlamaWeights(model)
+    small = w.rope(10).clone()
+    table = w.rope(1000)
+    assert table.shape[1] >= 1000
+    torch.testing.assert_close(table[:, : small.shape[1]], small)
+    cos, sin = model.model.rotary_emb(torch.zeros(1, 1), torch.arange(1000)[None])
+    half = w.head_dim // 2
+    torch.testing.assert_close(table[0, :1000], cos[0])
+    torch.testing.assert_close(table[1, :1000], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
+
+
 def test_rows_are_float32_on_the_kernel_and_the_model_dtype_without_it(tiny_llama_dir, monkeypatch):
     from vicuna.engine import kernel
 

@@ -337,12 +337,13 @@ class LlamaWeights:
         """cos and sin for positions 0..length-1, [2, positions, head_dim], sin with its first half negated
         (see `rotate`). Grown in whole cache chunks; a table already handed out is never changed."""
         if length > self._rope.shape[1]:
-            size = chunked(length)
-            probe = torch.zeros(1, 1, device=self.device)  # float32 tables, rounded below
-            cos, sin = self.rotary(probe, torch.arange(size, device=self.device)[None])
-            half = self.head_dim // 2
-            sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
-            self._rope = torch.stack([cos[0], sin]).to(self.act_dtype)
+            # transformers' rotary module at the frequencies it uses within the context window: past the
+            # window, dynamic scaling would rescale every position (and the module's state with them)
+            inv_freq = getattr(self.rotary, "original_inv_freq", self.rotary.inv_freq).float()
+            angles = torch.arange(chunked(length), device=self.device)[:, None].float() * inv_freq
+            scale = getattr(self.rotary, "attention_scaling", 1.0)
+            cos, sin = angles.cos() * scale, angles.sin() * scale
+            self._rope = torch.stack([cos.repeat(1, 2), torch.cat([-sin, sin], dim=-1)]).to(self.act_dtype)
         return self._rope
 
 
