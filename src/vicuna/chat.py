@@ -20,6 +20,7 @@ from vicuna.config import SamplingParams, add_model_arguments, model_settings_fr
 from vicuna.conversation import Message, check_alternating, parse_messages
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
+from vicuna.textfile import json_problem, read_text
 
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
 HELP = "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE. Ctrl-C stops a reply."
@@ -281,12 +282,17 @@ def _load(arg: str, engine: ChatEngine, io: ChatIO) -> list[Message] | None:
         return None
     path = Path(arg).expanduser()
     try:
-        loaded = parse_messages(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+        try:
+            data = json.loads(read_text(path))
+        except json.JSONDecodeError as err:
+            raise VicunaError(f"{path}: not valid JSON ({json_problem(err)})") from None
+        loaded = parse_messages(data, source=str(path))
         check_alternating(loaded, source=str(path))
         # the next prompt: the conversation and a message to reply to (the loaded one, or one to come)
         engine.encode_chat(loaded if loaded[-1].role == "user" else [*loaded, Message("user", "")])
-    except (OSError, ValueError, VicunaError) as err:  # ValueError: not JSON, not UTF-8
-        io.info(f"error: cannot load {path}: {err}; the conversation is unchanged")
+    except (OSError, ValueError, VicunaError) as err:
+        why = str(err).removeprefix(f"{path}: ")  # said once
+        io.info(f"error: cannot load {path}: {why}; the conversation is unchanged")
         return None
     io.info(f"(loaded {len(loaded)} messages from {path})")
     if loaded[-1].role == "user":

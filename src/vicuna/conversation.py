@@ -361,12 +361,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name:12} stop={list(template.stop)}")
         print(f"{'hf':12} the model's own chat template (from its tokenizer)")
         return 0
+    from vicuna.textfile import json_problem, read_text
+
     try:
-        data = json.loads(args.messages.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VicunaError(f"{args.messages}: no such file") from None
+        data = json.loads(read_text(args.messages))
     except json.JSONDecodeError as err:
-        raise VicunaError(f"{args.messages}: not valid JSON ({err})") from None
+        raise VicunaError(f"{args.messages}: not valid JSON ({json_problem(err)})") from None
     messages = parse_messages(data, source=str(args.messages))
     if args.name == "hf":
         from vicuna.engine.loader import load_tokenizer, template_for

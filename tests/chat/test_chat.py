@@ -261,3 +261,29 @@ def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
     assert cli(["chat", "--model-path", str(tiny_llama_dir), "--max-new-tokens", "20000"]) == 2
     err = capsys.readouterr().err
     assert "--max-new-tokens 20000" in err and "context window of 256 tokens" in err
+
+
+def test_load_reads_a_conversation_an_editor_saved_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "对话 记录.json"  # Windows Notepad saves UTF-8 with a BOM
+    messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    path.write_text("\ufeff" + json.dumps(messages, ensure_ascii=False), encoding="utf-8")
+    engine = EchoEngine()
+    io = ScriptedIO([f"!!load {path}", "北京在哪里？"])
+    run_chat(engine, io, PARAMS)
+    assert f"(loaded 2 messages from {path})" in io.notes
+    assert engine.seen[0] == [
+        Message("user", "你好"),
+        Message("assistant", "你好！"),
+        Message("user", "北京在哪里？"),
+    ]
+
+
+def test_load_names_full_width_punctuation_in_a_hand_written_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('[{"role"："user", "content": "你好"}]', encoding="utf-8")
+    io = ScriptedIO([f"!!load {path}"])
+    run_chat(EchoEngine(), io, PARAMS)
+    assert io.notes == [
+        f"error: cannot load {path}: not valid JSON (Expecting ':' delimiter: line 1 column 9 (char 8): found "
+        "the full-width '：' where JSON needs ':'); the conversation is unchanged"
+    ]

@@ -151,6 +151,8 @@ def test_pretty_printed_lists_and_byte_order_marks_load(tmp_path):
         assert [c.source for c in load_conversations(path)] == [f"{path}[0] (id 'c1')"]
     path.write_text("\ufeff" + json.dumps(CONVERSATION) + "\n", encoding="utf-8")  # JSONL
     assert [c.source for c in load_conversations(path)] == [f"{path}:1 (id 'c1')"]
+    path.write_text(json.dumps([CONVERSATION], ensure_ascii=False), encoding="utf-16")  # Notepad's "Unicode"
+    assert [c.source for c in load_conversations(path)] == [f"{path}[0] (id 'c1')"]
 
 
 def turns(*pairs):
@@ -203,6 +205,11 @@ def turns(*pairs):
         ),
         ("{nope", "jsonl", r"data\.jsonl:1: not valid JSON .*; expected a JSON list of conversations"),
         ("[{", "json", r"data\.json: not valid JSON"),
+        (
+            '[{"id"："x", "conversations": []}]',
+            "json",
+            r"data\.json: not valid JSON \(Expecting ':' delimiter: .*: found the full-width '：' where JSON needs ':'\)",
+        ),
         (
             json.dumps(CONVERSATION, indent=2),
             "json",

@@ -18,6 +18,7 @@ from typing import Any
 
 from vicuna.conversation import Message, Segment, Template, parse_messages
 from vicuna.errors import VicunaError
+from vicuna.textfile import json_problem, read_text
 
 IGNORE = -100  # label of a token without loss (the ignore_index of PyTorch's cross-entropy)
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -38,17 +39,12 @@ class Conversation:
 def load_conversations(path: Path) -> list[Conversation]:
     """A ShareGPT JSON list (one line or many) or a JSONL file (ShareGPT or OpenAI-style records); the
     first bad record is an error naming it."""
-    try:  # utf-8-sig: some editors start the file with a byte-order mark, which is not JSON
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise VicunaError(f"{path}: no such file") from None
-    except UnicodeDecodeError as err:
-        raise VicunaError(f"{path}: not UTF-8 text ({err})") from None
+    text = read_text(path)
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
-            raise VicunaError(f"{path}: not valid JSON ({err})") from None
+            raise VicunaError(f"{path}: not valid JSON ({json_problem(err)})") from None
         items = [(f"{path}[{i}]", record) for i, record in enumerate(records)]
     else:
         items = []
@@ -57,7 +53,7 @@ def load_conversations(path: Path) -> list[Conversation]:
                 try:
                     items.append((f"{path}:{n}", json.loads(line)))
                 except json.JSONDecodeError as err:
-                    message = f"{path}:{n}: not valid JSON ({err})"
+                    message = f"{path}:{n}: not valid JSON ({json_problem(err)})"
                     if not items:  # the first record: perhaps the file is not JSONL at all
                         if is_json(text):  # an object over several lines (a list starts with "[")
                             message = f"{path}: one JSON object over several lines"
