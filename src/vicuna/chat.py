@@ -270,8 +270,15 @@ def _save(arg: str, messages: list[Message], io: ChatIO) -> None:
         return
     path = Path(arg).expanduser()
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps([m.__dict__ for m in messages], ensure_ascii=False, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(
+            json.dumps([m.__dict__ for m in messages], ensure_ascii=False, indent=2), encoding="utf-8"
+        )
+        tmp.replace(path)
+    except OSError as err:  # a missing folder, a denied permission: the chat goes on, nothing lost
+        tmp.unlink(missing_ok=True)
+        io.info(f"error: cannot save to {path}: {err.strerror or err}; the conversation is unchanged")
+        return
     io.info(f"(saved {len(messages)} messages to {path})")
 
 

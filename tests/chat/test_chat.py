@@ -287,3 +287,19 @@ def test_load_names_full_width_punctuation_in_a_hand_written_file(tmp_path):
         f"error: cannot load {path}: not valid JSON (Expecting ':' delimiter: line 1 column 9 (char 8): found "
         "the full-width '：' where JSON needs ':'); the conversation is unchanged"
     ]
+
+
+def test_a_save_that_cannot_be_written_is_said_and_the_chat_goes_on(tmp_path):
+    missing = tmp_path / "不存在" / "对话.json"
+    engine = EchoEngine()
+    io = ScriptedIO(
+        ["你好", f"!!save {missing}", f"!!save {tmp_path}", "再见", f"!!save {tmp_path / 'ok.json'}"]
+    )
+    run_chat(engine, io, PARAMS)
+    assert [n for n in io.notes if n.startswith("error")] == [
+        f"error: cannot save to {missing}: No such file or directory; the conversation is unchanged",
+        f"error: cannot save to {tmp_path}: Is a directory; the conversation is unchanged",
+    ]
+    saved = json.loads((tmp_path / "ok.json").read_text(encoding="utf-8"))
+    assert [m["content"] for m in saved] == ["你好", "reply to 1 messages", "再见", "reply to 3 messages"]
+    assert not list(tmp_path.glob("*.tmp"))
