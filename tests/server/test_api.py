@@ -595,3 +595,16 @@ def test_a_reply_cut_short_by_shutdown_says_so(tiny_engine):
         reader.join(30)
         last = json.loads(streamed[-1].removeprefix("data: "))
         assert last["error"]["code"] == "shutting_down"  # not a [DONE] that reads as a whole reply
+
+
+def test_json_answers_say_they_are_utf_8_and_keep_chinese_as_it_is(served):
+    url, _ = served
+    ask = greedy(messages=[{"role": "user", "content": "你好"}], max_tokens=4)
+    answers = [
+        httpx.post(f"{url}/v1/chat/completions", json=ask),
+        httpx.post(f"{url}/v1/chat/completions", json={**ask, "model": "模型"}),  # an error
+        httpx.get(f"{url}/v1/models"),
+        httpx.get(f"{url}/health"),
+    ]
+    assert [r.headers["content-type"] for r in answers] == ["application/json; charset=utf-8"] * 4
+    assert "'模型'".encode() in answers[1].content  # not \\u escapes

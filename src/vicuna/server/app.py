@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse as _JSONResponse
+from fastapi.responses import Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -43,6 +44,13 @@ from vicuna.errors import ContextTooLongError, VicunaError
 log = logging.getLogger("vicuna.server")
 
 RETRY_AFTER_S = 1
+
+
+class JSONResponse(_JSONResponse):
+    """JSON in UTF-8, saying so: without the charset, clients such as Windows PowerShell 5.1's
+    Invoke-RestMethod read the body as ISO-8859-1 and show Chinese replies as mojibake."""
+
+    media_type = "application/json; charset=utf-8"
 
 
 OUT_OF_MEMORY = (
@@ -445,7 +453,12 @@ def create_app(
         yield
         await asyncio.to_thread(batcher.close)
 
-    app = FastAPI(title="vicuna", summary="OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(
+        title="vicuna",
+        summary="OpenAI-compatible API",
+        lifespan=lifespan,
+        default_response_class=JSONResponse,
+    )
     app.state.batcher, app.state.model_name, app.state.api_keys = batcher, server.model_name, server.api_keys
     app.state.metrics = server.metrics
 
