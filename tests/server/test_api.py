@@ -608,3 +608,19 @@ def test_json_answers_say_they_are_utf_8_and_keep_chinese_as_it_is(served):
     ]
     assert [r.headers["content-type"] for r in answers] == ["application/json; charset=utf-8"] * 4
     assert "'模型'".encode() in answers[1].content  # not \\u escapes
+
+
+def test_a_body_not_in_utf_8_or_with_full_width_punctuation_is_a_400_saying_so(served):
+    url, _ = served
+    body = json.dumps(
+        greedy(messages=[{"role": "user", "content": "你好"}], max_tokens=2), ensure_ascii=False
+    )
+    gbk = httpx.post(f"{url}/v1/chat/completions", content=body.encode("gbk"))
+    at = body.encode("gbk").index("你".encode("gbk"))
+    assert gbk.status_code == 400
+    assert error_of(gbk)["message"] == (
+        f"the request body is not UTF-8 (byte {at} is 0xc4): send the JSON encoded as UTF-8"
+    )
+    typed = httpx.post(f"{url}/v1/chat/completions", content=body.replace('"model":', '"model"：').encode())
+    assert typed.status_code == 400
+    assert error_of(typed)["message"].endswith("found the full-width '：' where JSON needs ':')")

@@ -40,6 +40,7 @@ from vicuna import protocol as p
 from vicuna.config import SamplingParams
 from vicuna.engine.events import Finished, TextChunk, TokenLogprob
 from vicuna.errors import ContextTooLongError, VicunaError
+from vicuna.textfile import json_problem
 
 log = logging.getLogger("vicuna.server")
 
@@ -348,8 +349,14 @@ async def _read_json(request: Request) -> Any:
     body = await request.body()
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON ({err})") from None
+    except UnicodeDecodeError as err:  # JSON is UTF-8; GBK is what a Chinese Windows sends by default
+        raise APIError(
+            400,
+            f"the request body is not UTF-8 (byte {err.start} is 0x{body[err.start]:02x}): send the JSON "
+            "encoded as UTF-8",
+        ) from None
+    except json.JSONDecodeError as err:
+        raise APIError(400, f"the request body is not valid JSON ({json_problem(err)})") from None
 
 
 # A streamed reply's text is handed to the event loop at most this often (its first token and its end at
