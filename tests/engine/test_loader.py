@@ -130,3 +130,14 @@ def test_lora_adapter_folder_points_to_merge(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="vicuna lora merge"):
         load(tmp_path)
+
+
+def test_delta_weights_passed_as_the_model_say_to_merge_them_first(tiny_llama_dir, tmp_path):
+    from vicuna.weights.delta import make_delta
+
+    target = write_tiny_llama(tmp_path / "target", seed=1)
+    delta = make_delta(tiny_llama_dir, target, tmp_path / "vicuna-7b-delta-v1.1", progress=False)
+    with pytest.raises(ModelLoadError) as err:
+        load(delta)
+    assert str(err.value).startswith(f"{delta} holds Vicuna delta weights, not a model (its final norm")
+    assert f"vicuna delta apply --base LLAMA_HF_FOLDER --delta {delta} --target NEW_FOLDER" in str(err.value)

@@ -5,6 +5,7 @@ and peak memory under 0.75x the model's size."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     grown = rewrite(target, root / "target-32001", kind="safetensors", files=1, index=False, edit=add_row)
     config = json.loads((grown / "config.json").read_text())
     (grown / "config.json").write_text(json.dumps(config | {"vocab_size": 401}))
-    return {"base": write_tiny_llama(root / "base", seed=0), "target": target, "target-32001": grown}
+    base = write_tiny_llama(root / "base", seed=0)
+    delta = make_delta(base, target, root / "delta", progress=False)
+    return {"base": base, "target": target, "target-32001": grown, "delta": delta}
 
 
 def test_round_trip_reproduces_the_target(tmp_path, models):
@@ -131,7 +134,7 @@ def test_16_bit_sums_are_rounded_once_from_their_exact_float32_sum(tmp_path, mod
     base = rewrite(
         models["base"], tmp_path / "b", kind="safetensors", files=1, index=False, dtype=dtype, edit=spread
     )
-    delta = rewrite(models["target"], tmp_path / "d", kind="safetensors", files=2, index=True, dtype=dtype)
+    delta = rewrite(models["delta"], tmp_path / "d", kind="safetensors", files=2, index=True, dtype=dtype)
     merged = state_of(apply_delta(base, delta, tmp_path / "m", progress=False))
     base_state, delta_state = state_of(base), state_of(delta)
     for name, tensor in merged.items():
@@ -140,7 +143,7 @@ def test_16_bit_sums_are_rounded_once_from_their_exact_float32_sum(tmp_path, mod
 
 
 def _edited(models, tmp_path, name, edit) -> Path:
-    return rewrite(models["base"], tmp_path / name, kind="safetensors", files=1, index=False, edit=edit)
+    return rewrite(models["delta"], tmp_path / name, kind="safetensors", files=1, index=False, edit=edit)
 
 
 def test_mismatched_checkpoints_name_the_tensor(tmp_path, models):
@@ -284,3 +287,21 @@ def test_a_delta_with_a_blank_eos_is_refused_before_merging(tmp_path, models):
     with pytest.raises(VicunaError, match="defines no EOS token"):
         apply_delta(models["base"], broken, tmp_path / "merged", progress=False)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
+def test_the_tutorial_s_mix_ups_are_named_before_merging(tmp_path, models):
+    """Vicuna v0's delta (32001 rows) and LLaMA (32000) in the wrong places: each is said as what it is."""
+    base = models["base"]
+    delta = make_delta(base, models["target-32001"], tmp_path / "vicuna 增量", progress=False)
+    out = tmp_path / "合并"
+    with pytest.raises(VicunaError) as swapped:
+        apply_delta(delta, base, out, progress=False)
+    assert str(swapped.value).startswith(f"--base and --delta are swapped: {delta} holds delta weights (")
+    assert str(swapped.value).endswith(f"pass --base {base} --delta '{delta}'")
+    with pytest.raises(
+        VicunaError, match=rf"--delta {models['target']} is a whole model, not delta weights \(its final"
+    ):
+        apply_delta(base, models["target"], out, progress=False)
+    with pytest.raises(VicunaError, match=rf"--base {re.escape(str(delta))} holds delta weights too"):
+        apply_delta(delta, delta, out, progress=False)
+    assert not out.exists() and not out.with_name("合并.partial").exists()

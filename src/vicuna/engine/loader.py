@@ -166,6 +166,10 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     config = read_config(folder)
     for path in weight_files(folder):
         check_weight_file(path)
+    if config.model_type == "llama":  # Vicuna's deltas are LLaMA-shaped
+        from vicuna.weights.delta import check_not_delta
+
+        check_not_delta(folder)
     tokenizer = load_tokenizer(folder)
     check_tokenizer(tokenizer, config, folder)
     model_name = folder.name if settings.model_path is not None else "SmolLM2-135M-Instruct"

@@ -4,13 +4,23 @@ float32 and stored in the delta's (apply) or the target's (make) dtype, with bou
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vicuna.errors import VicunaError
+from vicuna.errors import ModelLoadError, VicunaError
+
+if TYPE_CHECKING:
+    from vicuna.weights.checkpoint import CheckpointReader
 
 # Vicuna v0 added a pad token: its embedding and lm_head have a row more than LLaMA's.
 _GROWABLE = ("embed_tokens.weight", "lm_head.weight")
+# A model's final RMSNorm weights average about 1 or more; a Vicuna delta's (what fine-tuning changed them
+# by) nearly 0. Telling the two apart catches the tutorial's mix-ups: a delta passed as the model to chat
+# with (it prints garbage), --base and --delta swapped, a whole model passed as the delta.
+FINAL_NORM = "model.norm.weight"
+DELTA_NORM_BELOW = 0.1
 # tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json, added_tokens.json
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens")
 
@@ -43,6 +53,8 @@ def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progres
                 f"{', '.join(only_base[:5])} in the base ({base}) but not in the {lead_role} ({lead})"
             )
         raise VicunaError(f"the checkpoints do not have the same tensors: tensor {'; tensor '.join(parts)}")
+    if what == "apply":
+        check_base_and_delta(base_reader, lead_reader)
     for name in lead_reader.names:
         lead_shape, base_shape = lead_reader.specs[name].shape, base_reader.specs[name].shape
         if lead_shape == base_shape:
@@ -94,6 +106,55 @@ def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progres
         description=f"{what} delta",
         progress=progress,
     )
+
+
+def final_norm_mean(reader: CheckpointReader) -> float | None:
+    """The mean absolute weight of the final norm (`FINAL_NORM`); None for a checkpoint without one."""
+    if FINAL_NORM not in reader.specs:
+        return None
+    return float(reader.get(FINAL_NORM).float().abs().mean())
+
+
+def _norm_said(mean: float) -> str:
+    return f"(its final norm weights average {mean:.3g}: a model's are near 1, a delta's near 0)"
+
+
+def check_base_and_delta(base: CheckpointReader, delta: CheckpointReader) -> None:
+    """Refuse a merge whose inputs are not a model and a delta, in that order."""
+    base_mean, delta_mean = final_norm_mean(base), final_norm_mean(delta)
+    if base_mean is None or delta_mean is None:
+        return
+    base_is_delta, delta_is_delta = base_mean < DELTA_NORM_BELOW, delta_mean < DELTA_NORM_BELOW
+    if base_is_delta and not delta_is_delta:
+        raise VicunaError(
+            f"--base and --delta are swapped: {base.folder} holds delta weights {_norm_said(base_mean)} and "
+            f"{delta.folder} a whole model; pass --base {shlex.quote(str(delta.folder))} --delta "
+            f"{shlex.quote(str(base.folder))}"
+        )
+    if not delta_is_delta:
+        raise VicunaError(
+            f"--delta {delta.folder} is a whole model, not delta weights {_norm_said(delta_mean)}: merging "
+            "would add two models together. Pass the delta folder (e.g. vicuna-7b-delta-v1.1); a model "
+            f"that is already whole needs no merge: vicuna chat --model-path {shlex.quote(str(delta.folder))}"
+        )
+    if base_is_delta:
+        raise VicunaError(
+            f"--base {base.folder} holds delta weights too {_norm_said(base_mean)}: the base is LLaMA in "
+            "Hugging Face format (`vicuna convert` makes it from Meta's checkpoint)"
+        )
+
+
+def check_not_delta(folder: Path) -> None:
+    """Refuse to load delta weights as a model (they would chat in garbage), saying how to merge them."""
+    from vicuna.weights.checkpoint import CheckpointReader
+
+    mean = final_norm_mean(CheckpointReader(folder))
+    if mean is not None and mean < DELTA_NORM_BELOW:
+        raise ModelLoadError(
+            f"{folder} holds Vicuna delta weights, not a model {_norm_said(mean)}. Merge them into LLaMA "
+            "first: vicuna delta apply --base "
+            f"LLAMA_HF_FOLDER --delta {shlex.quote(str(folder))} --target NEW_FOLDER; then chat with NEW_FOLDER"
+        )
 
 
 def tokenizer_files_for(lead: Path, base: Path, lead_role: str) -> list[Path]:
