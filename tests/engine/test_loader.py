@@ -141,3 +141,18 @@ def test_delta_weights_passed_as_the_model_say_to_merge_them_first(tiny_llama_di
         load(delta)
     assert str(err.value).startswith(f"{delta} holds Vicuna delta weights, not a model (its final norm")
     assert f"vicuna delta apply --base LLAMA_HF_FOLDER --delta {delta} --target NEW_FOLDER" in str(err.value)
+
+
+POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 318176\n".format("0" * 64)
+
+
+def test_a_git_lfs_pointer_instead_of_the_weights_says_to_pull_them(model_copy, tmp_path):
+    (model_copy / "model.safetensors").write_text(POINTER)  # `git clone` without git-lfs
+    with pytest.raises(ModelLoadError) as err:
+        load(model_copy)
+    assert str(err.value).startswith(f"{model_copy / 'model.safetensors'} is a Git LFS pointer (")
+    assert f"in {model_copy} run `git lfs install && git lfs pull`" in str(err.value)
+    bins = write_tiny_llama(tmp_path / "bin", safe_serialization=False)
+    (bins / "pytorch_model.bin").write_text(POINTER)
+    with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin is a Git LFS pointer"):
+        load(bins)

@@ -305,3 +305,11 @@ def test_the_tutorial_s_mix_ups_are_named_before_merging(tmp_path, models):
     with pytest.raises(VicunaError, match=rf"--base {re.escape(str(delta))} holds delta weights too"):
         apply_delta(delta, delta, out, progress=False)
     assert not out.exists() and not out.with_name("合并.partial").exists()
+
+
+def test_a_delta_cloned_without_git_lfs_says_to_pull_it(tmp_path, models):
+    delta = shutil.copytree(models["delta"], tmp_path / "vicuna-7b-delta-v1.1")
+    shard = next(delta.glob("*.safetensors"))
+    shard.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    with pytest.raises(VicunaError, match=rf"{re.escape(str(shard))} is a Git LFS pointer .*git lfs pull"):
+        apply_delta(models["base"], delta, tmp_path / "out", progress=False)

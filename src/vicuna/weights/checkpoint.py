@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from vicuna.errors import VicunaError
+from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.weights.disk import ensure_free_space
 from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
 
@@ -66,8 +66,25 @@ def file_fingerprint(paths: Iterable[Path]) -> list[list[Any]]:
     return [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in paths]
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def check_not_lfs_pointer(path: Path) -> None:
+    """Refuse a Git LFS pointer in place of a weight file: what `git clone` leaves of a Hugging Face
+    repository when git-lfs is not installed (the tutorial's `git lfs clone` without `git lfs install`)."""
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) != LFS_POINTER:
+            return
+    raise ModelLoadError(
+        f"{path} is a Git LFS pointer ({path.stat().st_size} bytes of text), not the weights: the repository "
+        f"was cloned without git-lfs. Install git-lfs, then in {path.parent} run `git lfs install && git lfs "
+        "pull`; or download the repository with `vicuna download REPO_ID`"
+    )
+
+
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
     """A `torch.save`d state dict, memory-mapped (nothing is read until a tensor's data is used)."""
+    check_not_lfs_pointer(path)
     try:
         with open(path, "rb") as f:
             start = f.read(2)
@@ -191,6 +208,7 @@ class CheckpointReader:
     def _safe_open(path: Path) -> Any:
         from safetensors import safe_open
 
+        check_not_lfs_pointer(path)
         try:
             return safe_open(str(path), framework="pt", device="cpu")
         except Exception as err:  # SafetensorError is not importable under a stable name
