@@ -127,9 +127,11 @@ def test_missing_bos_token_is_named(model_copy):
 
 
 def test_lora_adapter_folder_points_to_merge(tmp_path):
-    (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(ModelLoadError, match="vicuna lora merge"):
-        load(tmp_path)
+    adapter = tmp_path / "我的 adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match=f"vicuna lora merge --base BASE --adapter '{adapter}' --output"):
+        load(adapter)
 
 
 def test_delta_weights_passed_as_the_model_say_to_merge_them_first(tiny_llama_dir, tmp_path):

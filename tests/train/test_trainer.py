@@ -133,7 +133,8 @@ def test_unlocatable_spans_stop_the_run_before_training(tiny_llama_dir, tmp_path
         [{"role": "user", "content": "He"}, {"role": "assistant", "content": "llo world"}],  # "He|llo"
     ]
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in lines), encoding="utf-8")
-    args = ["train", "--model-path", str(model), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+    out = tmp_path / "训练 输出"
+    args = ["train", "--model-path", str(model), "--data", str(data), "--output-dir", str(out)]
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model was loaded although the data was bad")
@@ -146,8 +147,10 @@ def test_unlocatable_spans_stop_the_run_before_training(tiny_llama_dir, tmp_path
 
     monkeypatch.undo()
     assert cli([*args, "--allow-bad", "1", "--max-steps", "1"]) == 0
-    assert "1 examples," in capsys.readouterr().out
-    assert json.loads((tmp_path / "out" / "vicuna.json").read_text()) == {"conv_template": "hf"}
+    printed = capsys.readouterr().out
+    assert "1 examples," in printed
+    assert f"chat with it: vicuna chat --model-path '{out}'" in printed  # pasted, it works
+    assert json.loads((out / "vicuna.json").read_text()) == {"conv_template": "hf"}
 
 
 def crash_after_checkpoint(step: int):

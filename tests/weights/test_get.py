@@ -99,16 +99,17 @@ def get(workdir: Path, base, delta, *extra: str, name: str = "my-vicuna") -> int
 
 
 def test_local_base_and_delta(models, tmp_path, capsys):
-    assert get(tmp_path, models["base"], models["delta"]) == 0
+    workdir = tmp_path / "模型 目录"  # the printed command must work when pasted
+    assert get(workdir, models["base"], models["delta"]) == 0
     out = capsys.readouterr().out
-    model = tmp_path / "my-vicuna"
+    model = workdir / "my-vicuna"
     assert_same_weights(model, models["target"])
     from vicuna.weights.manifest import verify_manifest
 
     assert verify_manifest(model) == []
     assert "reply: 'Paris' (ended on EOS)" in out
-    assert f"vicuna chat --model-path {model}" in out
-    assert not (tmp_path / "downloads").exists()  # local folders are used where they are
+    assert f"vicuna chat --model-path '{model}'" in out
+    assert not (workdir / "downloads").exists()  # local folders are used where they are
 
 
 def test_rerun_after_interrupted_merge_and_smoke_chat(models, tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ Every check names the file and the field at fault, so that a user sees "shard 2 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ def resolve_model_path(model_path: str | None) -> Path:
         if (path / "adapter_config.json").is_file():
             raise ModelLoadError(
                 f"{path}: a LoRA adapter, not a whole model; merge it first with "
-                f"`vicuna lora merge --base BASE --adapter {path} --output OUT`"
+                f"`vicuna lora merge --base BASE --adapter {shlex.quote(str(path))} --output OUT`"
             )
         raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
     return path

@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 from vicuna.engine.loader import RECORDED_TEMPLATE  # chat and serve read it
@@ -537,11 +538,13 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         if cfg.lora:
             print(
                 f"LoRA adapter written to {cfg.output_dir}; make a full checkpoint with: vicuna lora merge "
-                f"--base {folder} --adapter {cfg.output_dir} --output {cfg.output_dir}-merged"
+                f"--base {quote(str(folder))} --adapter {quote(str(cfg.output_dir))} "
+                f"--output {quote(f'{cfg.output_dir}-merged')}"
             )
         else:
             print(
-                f"Model written to {cfg.output_dir}; chat with it: vicuna chat --model-path {cfg.output_dir}"
+                f"Model written to {cfg.output_dir}; chat with it: vicuna chat --model-path "
+                f"{quote(str(cfg.output_dir))}"
             )
     return cfg.output_dir
 

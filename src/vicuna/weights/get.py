@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress,
     )
-    print(f"\nready: {model}\nchat with it:\n  vicuna chat --model-path {model}")
+    print(f"\nready: {model}\nchat with it:\n  vicuna chat --model-path {shlex.quote(str(model))}")
     return 0
 
 
