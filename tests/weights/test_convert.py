@@ -262,6 +262,12 @@ def test_bad_inputs_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VicunaError, match=r"params\.json does not exist"):
         convert_meta(tmp_path / "empty", tmp_path / "out", progress=False)
+    (tmp_path / "empty" / "13B").mkdir()  # the download folder, not a model's
+    (tmp_path / "empty" / "13B" / "params.json").write_text(json.dumps(params))
+    with pytest.raises(
+        VicunaError, match=rf"params\.json does not exist: .*; its model folders: {tmp_path}/empty/13B$"
+    ):
+        convert_meta(tmp_path / "empty", tmp_path / "out", progress=False)
     (tmp_path / "empty" / "params.json").write_text(json.dumps(params))
     with pytest.raises(VicunaError, match=r"no consolidated\.\*\.pth"):
         convert_meta(tmp_path / "empty", tmp_path / "out", progress=False)

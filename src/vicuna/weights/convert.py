@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -58,8 +59,11 @@ _FIELDS = {
 def _read_params(meta_dir: Path) -> dict:
     path = meta_dir / "params.json"
     if not path.is_file():
+        # the download folder (tokenizer.model, 7B/, 13B/) given instead of one model's folder
+        inside = sorted(p.parent for p in meta_dir.glob("*/params.json"))
+        hint = f"; its model folders: {', '.join(shlex.quote(str(p)) for p in inside)}" if inside else ""
         raise VicunaError(
-            f"{path} does not exist: META_DIR must hold Meta's params.json and consolidated.*.pth"
+            f"{path} does not exist: META_DIR must hold Meta's params.json and consolidated.*.pth{hint}"
         )
     try:
         params = json.loads(path.read_text(encoding="utf-8"))
