@@ -8,6 +8,7 @@ in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FI
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -63,6 +64,11 @@ class TerminalIO:
     def __init__(self, style: str, multiline: bool, interactive: bool) -> None:
         self.style, self.multiline, self.interactive = style, multiline, interactive
         self.console = None
+        if interactive:
+            # input() through GNU readline: line editing, and no limit on a line's length, where the
+            # terminal itself keeps 4095 bytes of a line (1365 Chinese characters) and drops the rest
+            with contextlib.suppress(ImportError):  # a Python built without it reads as the terminal gives
+                import readline  # noqa: F401
         if style == "rich":
             from rich.console import Console
 

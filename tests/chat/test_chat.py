@@ -303,3 +303,33 @@ def test_a_save_that_cannot_be_written_is_said_and_the_chat_goes_on(tmp_path):
     saved = json.loads((tmp_path / "ok.json").read_text(encoding="utf-8"))
     assert [m["content"] for m in saved] == ["你好", "reply to 1 messages", "再见", "reply to 3 messages"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_long_message_typed_or_pasted_in_a_terminal_arrives_whole():
+    """A terminal's line discipline keeps at most 4095 bytes of a line (1365 Chinese characters) for a
+    program that reads it line by line; the chat reads through readline, which has no such limit."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    message = "请总结：" + "中华人民共和国的历史悠久，文化灿烂。" * 300  # 16,000 bytes
+    script = "from vicuna.chat import TerminalIO; print('got', len(TerminalIO('simple', False, True).read()))"
+    master, slave = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    try:
+        while b"USER: " not in out:
+            assert select.select([master], [], [], 60)[0], out
+            out += os.read(master, 65536)
+        os.write(master, message.encode() + b"\r")
+        while b"got " not in out or b"\n" not in out.rpartition(b"got ")[2]:
+            assert select.select([master], [], [], 60)[0], out[-200:]
+            out += os.read(master, 65536)
+    finally:
+        child.kill()
+        child.wait()
+        os.close(master)
+    assert out.rpartition(b"got ")[2].split()[0] == str(len(message)).encode()
