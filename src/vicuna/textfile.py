@@ -56,7 +56,7 @@ def read_text(path: Path) -> str:
 
 def json_problem(err: json.JSONDecodeError) -> str:
     """What is wrong, where: the error, and the full-width character found there if that is the cause."""
-    found = err.doc[err.pos : err.pos + 1] if isinstance(err.doc, str) else ""
+    found = err.doc[err.pos : err.pos + 1]
     if found in FULL_WIDTH:
         return f"{err}: found the full-width {found!r} where JSON needs {FULL_WIDTH[found]!r}"
     return str(err)

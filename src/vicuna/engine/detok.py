@@ -57,7 +57,7 @@ class IncrementalDecoder:
 def _without_broken_bytes(text: str) -> str:
     """`text` without the U+FFFD that decoding puts for bytes no character was made of. (A U+FFFD the model
     spelled out itself goes too: it is what a text shows where it lost a character, nothing to read.)"""
-    return text.replace("\ufffd", "") if "\ufffd" in text else text
+    return text.replace("\ufffd", "")
 
 
 class StopMatcher:
