@@ -124,18 +124,3 @@ def test_text_that_only_looks_like_a_stop_is_released():
     assert matcher.push("<") == ""
     assert matcher.flush() == "<"
     assert matcher.matched is None
-
-
-def test_bytes_that_never_become_a_character_are_dropped_not_shown_as_replacement():
-    tokenizer = byte_per_token_tokenizer()
-    ids = tokenizer("a中b", add_special_tokens=False).input_ids  # a, 3 bytes of 中, b
-    pieces = stream(tokenizer, [ids[0], ids[1], ids[2], ids[4]])  # 中's last byte never comes
-    assert "".join(pieces) == "ab" and all("\ufffd" not in p for p in pieces)
-
-
-def test_a_byte_fallback_token_left_unfinished_is_dropped(sp_tokenizer):
-    ids = sp_tokenizer("龍 ok", add_special_tokens=False).input_ids
-    tokens = sp_tokenizer.convert_ids_to_tokens(ids)
-    first_byte = tokens.index("<0xE9>")  # 龍 is not in the tiny vocabulary: three byte tokens
-    pieces = stream(sp_tokenizer, [*ids[: first_byte + 1], *ids[first_byte + 3 :]])
-    assert "\ufffd" not in "".join(pieces) and "".join(pieces).endswith("ok")

@@ -33,8 +33,7 @@ def test_greedy_matches_transformers_generate(engine):
             torch.tensor([prompt]), max_new_tokens=24, do_sample=False, min_new_tokens=24, eos_token_id=None
         )[0, len(prompt) :].tolist()
     assert ids == ref
-    # the random model's bytes that never make a character are left out, not shown as U+FFFD
-    assert text == engine.tokenizer.decode(ref, skip_special_tokens=True).replace("\ufffd", "")
+    assert text == engine.tokenizer.decode(ref, skip_special_tokens=True)
     assert done.reason == "length" and done.completion_tokens == 24 and done.prompt_tokens == len(prompt)
     assert done.ttft_s > 0 and done.decode_tokens_per_s > 0
 

@@ -16,10 +16,7 @@ class IncrementalDecoder:
     Each step decodes a short window of recent tokens and emits what the new token added; while the
     window ends in an incomplete UTF-8 sequence (byte-fallback tokens, byte-level BPE), the text is held
     back. Decoding a window rather than one token keeps SentencePiece's word-boundary spaces right.
-    The pieces joined equal the decode of all the tokens, except that bytes which never become a
-    character (a character the model began and did not finish, here or at the end) are dropped: the
-    decode shows each such run as U+FFFD, which a reader takes for broken text. The token's own bytes
-    are still in its logprobs (`TokenBytes`).
+    The pieces joined equal the decode of all the tokens, except for a last character left incomplete.
     """
 
     def __init__(self, tokenizer: Decoder) -> None:
@@ -43,7 +40,7 @@ class IncrementalDecoder:
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
-        return _without_broken_bytes(after[len(before) :])
+        return after[len(before) :]
 
     def flush(self) -> str:
         """What is still held back, at the end of a reply. A character cut off by the reply's token
@@ -51,13 +48,8 @@ class IncrementalDecoder:
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        return _without_broken_bytes(after[len(before) :])
-
-
-def _without_broken_bytes(text: str) -> str:
-    """`text` without the U+FFFD that decoding puts for bytes no character was made of. (A U+FFFD the model
-    spelled out itself goes too: it is what a text shows where it lost a character, nothing to read.)"""
-    return text.replace("\ufffd", "")
+        tail = after[len(before) :]
+        return tail[:-1] if tail.endswith("\ufffd") else tail  # one U+FFFD stands for the cut bytes
 
 
 class StopMatcher:
