@@ -190,9 +190,12 @@ def write_meta_checkpoint(folder: Path, weights_mb: float, seed: int = 0) -> Pat
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(shape, generator=gen) * 0.02).half()
 
+    def norm(dim: int) -> torch.Tensor:  # near 1, as a model's (a delta's are near 0)
+        return 1 + rand(dim)
+
     state = {
         "tok_embeddings.weight": rand(vocab, dim),
-        "norm.weight": rand(dim),
+        "norm.weight": norm(dim),
         "output.weight": rand(vocab, dim),
     }
     for i in range(params["n_layers"]):
@@ -200,7 +203,7 @@ def write_meta_checkpoint(folder: Path, weights_mb: float, seed: int = 0) -> Pat
         state |= {p + f"attention.{w}.weight": rand(dim, dim) for w in ("wq", "wk", "wv", "wo")}
         state |= {p + "feed_forward.w1.weight": rand(ffn, dim), p + "feed_forward.w3.weight": rand(ffn, dim)}
         state |= {p + "feed_forward.w2.weight": rand(dim, ffn)}
-        state |= {p + "attention_norm.weight": rand(dim), p + "ffn_norm.weight": rand(dim)}
+        state |= {p + "attention_norm.weight": norm(dim), p + "ffn_norm.weight": norm(dim)}
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(state, folder / "consolidated.00.pth")
     (folder / "params.json").write_text(json.dumps(params), encoding="utf-8")
