@@ -176,6 +176,24 @@ def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher):
     assert batcher.running == 0 and batcher.stats.steps < 900
 
 
+def test_a_request_given_up_while_it_waits_leaves_the_queue_at_once(tiny_engine):
+    b = Batcher(tiny_engine, max_batch_size=1)
+    step = b._rows.step
+    b._rows.step = lambda tokens: (time.sleep(0.005), step(tokens))[1]  # 900 tokens: 4.5 s
+    params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)
+    try:
+        running = b.generate(tiny_engine.encode(TEXTS[0]), params)
+        next(running)
+        cancel = threading.Event()
+        waiting = b.generate(tiny_engine.encode(TEXTS[1]), params, cancel=cancel)
+        assert b.waiting == 1
+        cancel.set()  # its client left: its place in the queue is free for another, its row never taken
+        assert reply(waiting)[1].reason == "cancelled"
+        assert b.waiting == 0 and b.running == 1
+    finally:
+        b.close()
+
+
 def test_every_event_reaches_its_sink_before_the_model_runs_again(tiny_engine, batcher, monkeypatch):
     """Events are handed over late, just before the next prefill, step or task (when the kernel frees the
     GIL for a front end's thread), but never held across a model call."""

@@ -450,6 +450,14 @@ class Batcher:
             self._rows.keep(keep)
 
     def _drop_cancelled(self) -> None:
+        # A request given up while it waited leaves the queue now, not when a row frees: until then it held
+        # a place under the server's --max-queue (others got 429) and its state stayed in memory.
+        with self._lock:
+            given_up = [r for r in self._waiting if r.cancel.is_set()]
+            if given_up:
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancel.is_set())
+        for reply in given_up:
+            reply.finish("cancelled")
         # after `stop`, every reply: one whose prompt was being computed then joined after `stop` cancelled
         # the others
         gone = {i for i, r in enumerate(self._replies) if r.cancel.is_set() or self._closed}
