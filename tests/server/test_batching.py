@@ -115,6 +115,23 @@ def test_kv_cache_bound_preempts_and_recomputes(tiny_engine):
         b.close()
 
 
+def test_the_default_kv_budget_holds_one_full_length_reply_for_any_batch_size(tiny_engine, monkeypatch):
+    from vicuna.engine import batching
+
+    # as the built-in model's 8192-token window with --max-batch-size 1-3: rows x 2048 is less than it
+    monkeypatch.setattr(batching, "DEFAULT_TOKENS_PER_SEQUENCE", tiny_engine.context_window // 4)
+    b = Batcher(tiny_engine, max_batch_size=2)
+    try:
+        assert b.kv_cache_tokens == tiny_engine.context_window
+    finally:
+        b.close()
+    b = Batcher(tiny_engine, max_batch_size=8)
+    try:
+        assert b.kv_cache_tokens == 2 * tiny_engine.context_window
+    finally:
+        b.close()
+
+
 def test_cancel_frees_the_row_at_once(tiny_engine, batcher):
     cancel = threading.Event()
     params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)

@@ -196,8 +196,9 @@ class Batcher:
         # from decoding (see vicuna.server.app): with an interval, a reply's text made meanwhile is handed
         # over together (its first token and its end at once). 0: every token as it is made.
         self.stream_interval_s = stream_interval_s
-        self.kv_cache_tokens = kv_cache_tokens or max_batch_size * min(
-            engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE
+        # by default, DEFAULT_TOKENS_PER_SEQUENCE for each row, and never less than one full-length reply
+        self.kv_cache_tokens = kv_cache_tokens or max(
+            engine.context_window, max_batch_size * min(engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE)
         )
         if self.kv_cache_tokens < engine.context_window:
             raise VicunaError(

@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-cache-tokens",
         type=int,
-        help="bound on the batch's KV cache, in tokens (default: max-batch-size x min(context window, 2048))",
+        help="bound on the batch's KV cache, in tokens (default: max-batch-size x min(context window, 2048), "
+        "at least the context window)",
     )
     g.add_argument(
         "--stream-interval",
