@@ -373,6 +373,30 @@ def test_max_queue_0_serves_what_a_free_row_takes_at_once(tiny_engine):
         assert wait_for(lambda: batcher.running == 0)
 
 
+def test_requests_that_arrive_together_take_the_free_rows_before_any_counts_as_queued(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=4, max_queue=0)
+    batcher = app.state.batcher
+    busy, release = threading.Event(), threading.Event()
+    batcher.call(lambda: (busy.set(), release.wait(30)))  # the scheduler admits nobody meanwhile
+    assert busy.wait(10)
+    with serving(app) as url:
+        statuses: list[int] = []
+
+        def ask() -> None:
+            body = greedy(messages=HELLO, max_tokens=2)
+            statuses.append(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code)
+
+        threads = [threading.Thread(target=ask) for _ in range(5)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: batcher.waiting == 4 and len(statuses) == 1)
+        assert statuses == [429]  # four rows are free for four requests; the fifth would wait
+        release.set()
+        for t in threads:
+            t.join(60)
+    assert sorted(statuses) == [200, 200, 200, 200, 429]
+
+
 def metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     found = re.findall(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)

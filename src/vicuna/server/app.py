@@ -166,9 +166,9 @@ class _Run:
 
     def submit(self) -> None:
         batcher = self.server.batcher
-        # the choices that would wait for a row: those a free row does not take at once
-        free = max(0, batcher.max_batch_size - batcher.running - batcher.waiting)
-        if batcher.waiting + max(0, len(self.params) - free) > self.server.max_queue:
+        # the requests that would wait for a row, these choices last: those the free rows do not take at once
+        free = max(0, batcher.max_batch_size - batcher.running)
+        if batcher.waiting + len(self.params) - free > self.server.max_queue:
             raise APIError(
                 429,
                 f"the server is busy: {batcher.waiting} requests are waiting (--max-queue {self.server.max_queue}); retry shortly",
