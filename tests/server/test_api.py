@@ -297,6 +297,26 @@ def test_errors(served, api, tiny_engine):
     assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
 
 
+def test_a_body_larger_than_the_context_window_can_use_is_a_413_before_it_is_read(served, tiny_engine):
+    url, _ = served
+    limit = 1024 * tiny_engine.context_window
+    big = json.dumps(greedy(messages=[{"role": "user", "content": "x" * limit}])).encode()
+    with httpx.Client(timeout=60) as http:  # one connection, kept for the next request
+        for path in ("chat/completions", "completions", "embeddings"):
+            for content in (big, iter([big[: limit // 2], big[limit // 2 :]])):  # declared length; chunked
+                r = http.post(
+                    f"{url}/v1/{path}", content=content, headers={"content-type": "application/json"}
+                )
+                assert r.status_code == 413 and error_of(r)["code"] == "request_too_large", r.text
+                assert str(limit) in error_of(r)["message"]
+        assert (
+            http.post(f"{url}/v1/chat/completions", json=greedy(messages=HELLO, max_tokens=2)).status_code
+            == 200
+        )
+    r = httpx.post(f"{url}/v1/embeddings", json={"model": MODEL, "input": "x" * (limit // 2)})
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"  # under the limit: read
+
+
 def test_api_keys(tiny_engine):
     with serving(create_app(tiny_engine, model_name=MODEL, api_keys=["k1", "k2"])) as url:
         for key in ("", "wrong"):
