@@ -571,6 +571,17 @@ def test_serve_command_starts_the_server(tiny_engine, tmp_path):
     assert "prompt=" in (tmp_path / "serve.log").read_text()  # the request's log line
 
 
+def test_the_printed_url_can_be_opened_for_any_host(monkeypatch):
+    from vicuna.server import base_url
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "gpu-box")
+    assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert base_url("0.0.0.0", 8000) == "http://gpu-box:8000"  # every interface: the machine's name
+    assert base_url("::", 8000) == "http://gpu-box:8000"
+    assert base_url("::1", 8000) == "http://[::1]:8000"
+    assert httpx.URL(base_url("fe80::1", 8000)).port == 8000
+
+
 def test_serve_refuses_a_busy_port_and_bad_flags_before_loading_the_model(tmp_path, capsys):
     from vicuna.cli import main
 

@@ -64,6 +64,14 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def base_url(host: str, port: int) -> str:
+    """The URL to print for a server listening on `host`: a wildcard address (0.0.0.0, ::) is no address
+    to open, so this machine's name stands for it; an IPv6 address goes in brackets."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The server's own flags, before minutes go into loading the model."""
     from vicuna.server.app import check_settings
@@ -99,7 +107,7 @@ def main(args: argparse.Namespace) -> int:
         webui=not args.no_webui,
     )
     batcher = app.state.batcher
-    base = f"http://{args.host}:{args.port}"
+    base = base_url(args.host, args.port)
     print(
         f"Serving {app.state.model_name} at {base}/v1{'' if args.no_webui else f', web UI at {base}/'} "
         f"(batch of {batcher.max_batch_size}, KV cache {batcher.kv_cache_tokens} tokens = "
