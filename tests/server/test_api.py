@@ -328,6 +328,27 @@ def test_api_keys(tiny_engine):
         assert httpx.get(f"{url}/health").status_code == 200  # monitoring needs no key
 
 
+def test_browser_pages_from_allowed_origins_may_call_the_api(tiny_engine):
+    page, other = "https://chat.example.com", "https://elsewhere.example"
+    app = create_app(tiny_engine, model_name=MODEL, api_keys=["k"], allowed_origins=[page])
+    with serving(app) as url:
+        asks = {"Access-Control-Request-Method": "POST"}
+        asks["Access-Control-Request-Headers"] = "authorization,content-type,x-stainless-os"
+        r = httpx.options(f"{url}/v1/chat/completions", headers={"Origin": page, **asks})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        key = {"Authorization": "Bearer k"}
+        for stream in (False, True):
+            body = greedy(messages=HELLO, max_tokens=2, stream=stream)
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Origin": page, **key})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": other, **key})
+        assert "access-control-allow-origin" not in r.headers
+    with serving(create_app(tiny_engine, model_name=MODEL)) as url:  # by default, no page of another origin
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": page})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
 def wait_for(predicate, timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():

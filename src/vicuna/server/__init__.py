@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated keys clients must send as 'Authorization: Bearer KEY' (default: $VICUNA_API_KEYS; none: open)",
     )
     g.add_argument(
+        "--allowed-origins",
+        default="",
+        help="comma-separated origins (e.g. https://chat.example.com, or *) whose web pages may call the API "
+        "from a browser (CORS); default: none besides the server's own",
+    )
+    g.add_argument(
         "--max-queue", type=int, default=64, help="requests that may wait for a batch row; more get 429"
     )
     g.add_argument("--max-batch-size", type=int, default=16, help="replies generated together at most")
@@ -105,6 +111,7 @@ def main(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         stream_interval_ms=args.stream_interval,
         webui=not args.no_webui,
+        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
     )
     batcher = app.state.batcher
     base = base_url(args.host, args.port)

@@ -458,11 +458,13 @@ def create_app(
     kv_cache_tokens: int | None = None,
     stream_interval_ms: float = STREAM_INTERVAL_MS,
     webui: bool = False,
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The API app for one engine. The app owns a `Batcher` over it (`app.state.batcher`), closed
     when the app shuts down. With `webui`, the Gradio page of `vicuna.webui` is mounted at `/`,
     chatting through the same batcher. A streamed reply's text goes out at most every
-    `stream_interval_ms` after its first token (see `STREAM_INTERVAL_MS`)."""
+    `stream_interval_ms` after its first token (see `STREAM_INTERVAL_MS`). Web pages from `allowed_origins`
+    ("*": any) may call the API from a browser (CORS); from no other origin than the server's own."""
     from vicuna.engine.batching import Batcher
 
     check_settings(max_queue, max_batch_size, stream_interval_ms)
@@ -493,6 +495,15 @@ def create_app(
     )
     app.state.batcher, app.state.model_name, app.state.api_keys = batcher, server.model_name, server.api_keys
     app.state.metrics = server.metrics
+    if allowed_origins:  # any header: the OpenAI SDKs send their own besides Authorization
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
