@@ -228,6 +228,15 @@ class WebChat:
                         yield same, to_chatbot(turns), same, turns, same, same
                 elif isinstance(event, Finished):
                     turns = [*turns[:-1], (user, reply, stats_line(event, cut))]
+                    log.info(  # as the API's line for each request (vicuna.server), without the text
+                        "reply prompt=%d completion=%d ttft=%.3fs decode=%.1f tok/s total=%.2fs finish=%s",
+                        event.prompt_tokens,
+                        event.completion_tokens,
+                        event.ttft_s,
+                        event.decode_tokens_per_s,
+                        event.total_s,
+                        event.reason,
+                    )
         except VicunaError as err:
             yield self._put_back(text, before)
             raise user_error(str(err)) from None
