@@ -18,6 +18,13 @@ class DoesNotFitError(VicunaError):
     """The model will not fit the chosen device(s); the message lists the flags that would fit."""
 
 
+class ShuttingDownError(VicunaError):
+    """The server is stopping: the request was not taken, and may be sent again (to it once restarted)."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry the request")
+
+
 class ContextTooLongError(VicunaError):
     """The prompt and the requested reply do not fit the model's context window."""
 

@@ -704,6 +704,15 @@ def test_a_reply_cut_short_by_shutdown_says_so(tiny_engine):
         reader.join(30)
         last = json.loads(streamed[-1].removeprefix("data: "))
         assert last["error"]["code"] == "shutting_down"  # not a [DONE] that reads as a whole reply
+        # a request that arrives meanwhile (on a kept-alive connection) is told to come back, not that it is bad
+        for path, new in (
+            ("chat/completions", greedy(messages=HELLO, max_tokens=2)),
+            ("completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "stream": True}),
+            ("embeddings", {"model": MODEL, "input": "Hello"}),
+        ):
+            r = httpx.post(f"{url}/v1/{path}", json=new)
+            assert r.status_code == 503 and r.headers["retry-after"].isdigit(), r.text
+            assert error_of(r)["code"] == "shutting_down"
 
 
 def test_json_answers_say_they_are_utf_8_and_keep_chinese_as_it_is(served):

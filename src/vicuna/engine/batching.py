@@ -45,7 +45,7 @@ from vicuna.engine.events import Event, Finished, FinishReason, TextChunk
 from vicuna.engine.memory import release_memory_after
 from vicuna.engine.runner import PREFILL_PIECE, LlamaRunner, cache_arg, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Sampler
-from vicuna.errors import VicunaError
+from vicuna.errors import ShuttingDownError, VicunaError
 
 log = logging.getLogger("vicuna.batching")
 
@@ -297,7 +297,7 @@ class Batcher:
         reply = _Reply(self.engine, prompt_ids, params, cancel or threading.Event(), self._outbox(sink))
         with self._lock:
             if self._closed:
-                raise VicunaError("the server is shutting down")
+                raise ShuttingDownError()
             self._waiting.append(reply)
             self.stats.waiting = len(self._waiting)
             self._lock.notify()
@@ -342,7 +342,7 @@ class Batcher:
         future: Future = Future()
         with self._lock:
             if self._closed:
-                raise VicunaError("the server is shutting down")
+                raise ShuttingDownError()
             self._tasks.append((fn, future))
             self._lock.notify()
         return future
@@ -421,7 +421,7 @@ class Batcher:
                 self._update_stats()
         self._hand_over(everything=True)
         for _, future in self._tasks:
-            future.set_exception(VicunaError("the server is shutting down"))
+            future.set_exception(ShuttingDownError())
 
     @staticmethod
     def _run_task(fn: Callable[[], Any], future: Future) -> None:

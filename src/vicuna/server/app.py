@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vicuna import protocol as p
 from vicuna.config import SamplingParams
 from vicuna.engine.events import Finished, TextChunk, TokenLogprob
-from vicuna.errors import ContextTooLongError, VicunaError
+from vicuna.errors import ContextTooLongError, ShuttingDownError, VicunaError
 from vicuna.textfile import json_problem
 
 log = logging.getLogger("vicuna.server")
@@ -84,11 +84,15 @@ class APIError(Exception):
 
 
 def failure(err: BaseException) -> APIError:
-    """What a client is told when generating failed: out of memory (503, to retry) or a bug (500)."""
+    """What a client is told when generating failed: the server stopping or out of memory (503, to retry),
+    or a bug (500)."""
     import torch
 
     if isinstance(err, APIError):
         return err
+    if isinstance(err, ShuttingDownError):  # not the request's fault: to send again
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        return APIError(503, str(err), "server_error", code="shutting_down", headers=retry)
     if isinstance(err, torch.OutOfMemoryError):
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         return APIError(503, OUT_OF_MEMORY, "server_error", code="out_of_memory", headers=retry)
@@ -238,13 +242,7 @@ class _Run:
                 choice.finished = event
                 pending -= 1
                 if event.reason == "cancelled" and self.server.batcher.closed:  # not the client's doing
-                    raise APIError(
-                        503,
-                        "the server is shutting down; retry the request",
-                        "server_error",
-                        code="shutting_down",
-                        headers={"Retry-After": str(RETRY_AFTER_S)},
-                    )
+                    raise failure(ShuttingDownError())
             yield index, event
 
     @property
@@ -512,6 +510,10 @@ def create_app(
     @app.exception_handler(p.InvalidRequest)
     async def _invalid(_: Request, err: p.InvalidRequest) -> JSONResponse:
         return APIError(400, err.message, param=err.param, code=err.code).response()
+
+    @app.exception_handler(ShuttingDownError)
+    async def _shutting_down(_: Request, err: ShuttingDownError) -> JSONResponse:
+        return failure(err).response()
 
     @app.exception_handler(VicunaError)
     async def _user_error(_: Request, err: VicunaError) -> JSONResponse:
