@@ -74,6 +74,7 @@ def test_models_health_and_fields(served, api, tiny_engine):
     url, _ = served
     assert [m.id for m in api.models.list().data] == [MODEL]
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.head(f"{url}/health").status_code == 200
     r = api.chat.completions.create(
         messages=HELLO, max_tokens=12, extra_body={"ignore_eos": True}, **greedy()
     )

@@ -539,7 +539,7 @@ def create_app(
     def api(path: str):
         return app.post(path, response_model=None)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors often ask with HEAD
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
