@@ -705,6 +705,8 @@ def test_a_reply_cut_short_by_shutdown_says_so(tiny_engine):
         reader.join(30)
         last = json.loads(streamed[-1].removeprefix("data: "))
         assert last["error"]["code"] == "shutting_down"  # not a [DONE] that reads as a whole reply
+        r = httpx.get(f"{url}/health")  # a load balancer sends no more requests here
+        assert r.status_code == 503 and r.json()["status"] == "shutting_down"
         # a request that arrives meanwhile (on a kept-alive connection) is told to come back, not that it is bad
         for path, new in (
             ("chat/completions", greedy(messages=HELLO, max_tokens=2)),

@@ -540,13 +540,15 @@ def create_app(
         return app.post(path, response_model=None)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors often ask with HEAD
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        # 503 once the server is stopping: a load balancer sends new requests elsewhere meanwhile
+        body = {
+            "status": "shutting_down" if batcher.closed else "ok",
             "model": server.model_name,
             "running": batcher.running,
             "waiting": batcher.waiting,
         }
+        return JSONResponse(body, status_code=503 if batcher.closed else 200)
 
     @app.get("/metrics")
     async def metrics() -> Response:
