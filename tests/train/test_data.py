@@ -141,6 +141,10 @@ def test_sharegpt_and_openai_jsonl_read_the_same(tmp_path):
     assert from_jsonl.messages == from_json.messages
     assert from_jsonl.source == f"{jsonl}:2"
     assert from_json.source.endswith("[0] (id 'c1')")
+    # ShareGPT turns whose roles are named as OpenAI names them (as many Chinese datasets do)
+    named = [{"from": role[t["from"]], "value": t["value"]} for t in CONVERSATION["conversations"]]
+    [from_named] = read_records(tmp_path, [{**CONVERSATION, "conversations": named}])
+    assert from_named.messages == from_json.messages
 
 
 def test_pretty_printed_lists_and_byte_order_marks_load(tmp_path):

@@ -23,6 +23,8 @@ from vicuna.textfile import json_problem, read_text
 IGNORE = -100  # label of a token without loss (the ignore_index of PyTorch's cross-entropy)
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 SHAREGPT_NAMES = {v: k for k, v in SHAREGPT_ROLES.items()}
+# ShareGPT-style files that name their roles as OpenAI does (many Chinese datasets): the same turns
+SHAREGPT_ROLES |= {"user": "user", "assistant": "assistant"}
 OPENAI_NAMES = {"user": "user", "assistant": "assistant", "system": "system"}
 FORMATS = "expected a JSON list of conversations (ShareGPT) or one JSON object per line (JSONL)"
 
@@ -91,7 +93,8 @@ def parse_record(record: Any, where: str) -> Conversation:
                 raise VicunaError(f"{at}: expected an object with 'from' and 'value'")
             if turn.get("from") not in SHAREGPT_ROLES:
                 raise VicunaError(
-                    f"{at}.from: unknown role {turn.get('from')!r}; expected human, gpt or system"
+                    f"{at}.from: unknown role {turn.get('from')!r}; expected human, gpt or system "
+                    "(or user, assistant)"
                 )
             if not isinstance(turn.get("value"), str):
                 raise VicunaError(f"{at}.value: expected a string")
