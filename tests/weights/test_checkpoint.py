@@ -206,7 +206,10 @@ def test_writer_makes_an_indexed_folder_with_manifest(tmp_path):
     reader = CheckpointReader(out)
     assert all(torch.equal(reader.get(n), t) for n, t in state.items())
     assert [p.name for p in side_files(out)] == ["config.json"]
-    with pytest.raises(VicunaError, match="already exists"):
+    with pytest.raises(VicunaError, match=r"already exists, finished \(`vicuna verify .*` checks it\)"):
+        _write(out, state)
+    (out / MANIFEST_NAME).unlink()  # not this writer's finished folder
+    with pytest.raises(VicunaError, match=r"out already exists; delete it or choose another output folder"):
         _write(out, state)
 
 

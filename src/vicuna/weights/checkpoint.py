@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shlex
 import shutil
 import sys
 import zipfile
@@ -377,6 +378,11 @@ def write_checkpoint(
     staging = out.with_name(out.name + ".partial")
     with one_writer(out, staging):
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if (out / MANIFEST_NAME).is_file():  # a finished run's: not to be deleted by mistake
+                raise VicunaError(
+                    f"{out} already exists, finished (`vicuna verify {shlex.quote(str(out))}` checks it); to "
+                    "make it again, delete it or choose another output folder"
+                )
             raise VicunaError(f"{out} already exists; delete it or choose another output folder")
         if staging.is_dir() and not (staging / PLAN_NAME).exists() and (staging / MANIFEST_NAME).is_file():
             os.replace(staging, out)  # interrupted between its last two steps
