@@ -49,6 +49,14 @@ def test_llama2_with_and_without_system():
     )
 
 
+def test_llama2_strips_each_turn_as_meta_reference_does():
+    # Meta's chat_completion: f"[INST] {(B_SYS + system + E_SYS + user).strip()} [/INST] {answer.strip()} "
+    untidy = [Message("user", "Hello!\n"), Message("assistant", " Hi! "), Message("user", " 你好")]
+    t = get_template("llama-2")
+    assert render(t, untidy) == "[INST] Hello! [/INST] Hi! </s><s>[INST] 你好 [/INST]"
+    assert render(with_system(t, "S"), untidy[:1]) == "[INST] <<SYS>>\nS\n<</SYS>>\n\nHello! [/INST]"
+
+
 def test_chatml():
     msgs = [Message("system", "S"), *CHAT]
     assert render(get_template("chatml"), msgs) == (

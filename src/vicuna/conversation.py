@@ -169,7 +169,11 @@ class VicunaV0:
 
 @dataclass(frozen=True)
 class Llama2:
-    """Llama 2 chat: `[INST] <<SYS>>...<</SYS>> ... [/INST]`; BOS before each turn pair, `</s>` after."""
+    """Llama 2 chat: `[INST] <<SYS>>...<</SYS>> ... [/INST]`; BOS before each turn pair, `</s>` after.
+
+    As Meta's reference code (and the model's HF chat template) does, each turn's text is stripped of
+    whitespace at its ends: a reply that ended in " " before `</s>` comes back as it was trained.
+    """
 
     name: str = "llama-2"
     system: str = ""
@@ -181,9 +185,9 @@ class Llama2:
         for i, message in enumerate(turns):
             if message.role == "user":
                 sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and system else ""
-                prompt += f"[INST] {sys_block}{message.content} [/INST]"
+                prompt += f"[INST] {(sys_block + message.content).strip()} [/INST]"
             else:
-                out += [Segment(prompt), Segment(f" {message.content} </s>", trainable=True)]
+                out += [Segment(prompt), Segment(f" {message.content.strip()} </s>", trainable=True)]
                 prompt = "<s>"
         if prompt and prompt != "<s>":
             out.append(Segment(prompt))
