@@ -148,6 +148,14 @@ def test_hf_template_finds_assistant_spans_by_prefix_rendering():
     assert trainable == ["Hi!<|im_end|>\n", "你好！<|im_end|>\n"]
 
 
+def test_hf_template_system_override_even_an_empty_one_replaces_the_template_default():
+    msgs = [{"role": "user", "content": "Hello!"}]
+    assert render(HFTemplate(_fake_chatml), CHAT[:1]) == _fake_chatml(msgs, True)  # the template's own
+    for system in ("Be brief.", ""):  # `--conv-system-msg ""`: an empty system prompt, as asked
+        expected = _fake_chatml([{"role": "system", "content": system}, *msgs], True)
+        assert render(with_system(HFTemplate(_fake_chatml), system), CHAT[:1]) == expected
+
+
 def test_hf_template_that_is_not_prefix_stable_is_an_error():
     def unstable(msgs, gen):
         return f"{len(msgs)}:" + _fake_chatml(msgs, gen)

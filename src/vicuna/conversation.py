@@ -234,13 +234,13 @@ class HFTemplate:
     apply: ApplyChatTemplate
     stop: tuple[str, ...] = ()
     name: str = "hf"
-    system: str = ""  # "" keeps the template's own default system prompt
+    system: str | None = None  # None keeps the template's own default system prompt
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         if not messages:
             raise MessagesError("messages: at least one message is needed", "messages")
         msgs = [{"role": m.role, "content": m.content} for m in messages]
-        if self.system and messages[0].role != "system":
+        if self.system is not None and messages[0].role != "system":
             msgs.insert(0, {"role": "system", "content": self.system})
         if add_generation_prompt:  # a prompt to reply to: no assistant span to locate
             return [Segment(self._apply(msgs, True))]
