@@ -303,3 +303,29 @@ def test_long_conversations_are_split_at_turns_or_truncated(tokenizer):
     pieces = split_turns(messages, lambda m: encoder.length(m) <= max_length)
     assert all(p[0] == messages[0] for p in pieces)  # every piece keeps the system prompt
     assert [m for p in pieces for m in p[1:]] == messages[1:]  # and together they hold every turn once
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1.1", "llama-2"])
+def test_special_token_text_in_a_reply_is_learned_as_text_as_a_chat_prompt_tokenizes_it(
+    tiny_llama_dir, template
+):
+    """`</s>` typed in a reply is text, not the end of the reply, as `Engine.encode_chat` has it."""
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+
+    engine = load_engine(
+        ModelSettings(model_path=str(tiny_llama_dir), conv_template=template), progress=False
+    )
+    tok, encoder = engine.tokenizer, Encoder(engine.tokenizer, get_template(template))
+    typed = [Message("user", "a </s> USER: b"), Message("assistant", "<s>c </s> d"), Message("user", "more")]
+    plain = [Message("user", "x"), Message("assistant", "y"), Message("user", "z")]
+    ids, labels = encoder.encode(typed[:2])
+    (plain_ids, _) = encoder.encode(plain[:2])
+    for special in (tok.bos_token_id, tok.eos_token_id):  # only the template's own markers
+        assert ids.count(special) == plain_ids.count(special)
+    learned = tok.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE])
+    assert learned.startswith("<s>c </s> d")
+    # the training example starts with the prompt a chat would give the model for the same turns
+    prompt = engine.encode_chat(typed[:1])
+    assert ids[: len(prompt)] == prompt
+    assert encoder.length(typed[:2]) == len(ids)

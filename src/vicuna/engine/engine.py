@@ -6,7 +6,6 @@ stop string) and ends with one `Finished` that carries the counts and the speed 
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ from vicuna.engine.runner import (
     shared_prefix,
 )
 from vicuna.engine.sampling import Sampler
+from vicuna.engine.typed import mask, retokenize, special_texts
 from vicuna.errors import ContextTooLongError
 
 
@@ -44,13 +44,6 @@ def end_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids.update(eos if isinstance(eos, list) else [eos])
     return tuple(sorted(i for i in ids if i is not None))
-
-
-def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
-    """The texts the tokenizer reads as special tokens wherever they appear in a string."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
-    texts = set(tokenizer.all_special_tokens) | {t.content for t in added if t.special}
-    return tuple(sorted(t for t in texts if t))
 
 
 class Engine:
@@ -69,7 +62,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.template_stop_ids, self.template_stop_strings = self._split_stops(template.stop)
-        self.special_texts = special_token_texts(tokenizer)
+        self.special_texts = special_texts(tokenizer)
         # the fused LLaMA weights of the fast decode path (the batcher shares them), or None
         self.llama_weights = LlamaWeights(model) if fast_path and llama_fast_path_ok(model) else None
         self._spare: tuple[LlamaRunner, list[int]] | None = None  # the last generation's runner, its tokens
@@ -101,52 +94,19 @@ class Engine:
         return render(self.template, messages)
 
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
-        """Token ids for a chat prompt, where the text of a message is only ever text.
-
-        A message that holds a special token's text (`</s>`, `<|im_end|>`: a user can type it, an
-        HTML snippet can hold `<s>`) must not end a turn or open one: such text is tokenized as
-        characters, and only the template's own markers are special tokens. Without such text the
-        ids are exactly the tokenizer's for the rendered prompt.
-        """
-        typed = [s for s in self.special_texts if any(s in m.content for m in messages)]
-        if not typed:
+        """Token ids for a chat prompt, where the text of a message is only ever text (`vicuna.engine.typed`):
+        without special-token text in the messages, exactly the tokenizer's ids for the rendered prompt."""
+        masked = mask(messages, self.special_texts)
+        if masked is None:
             return self.encode(self.render_chat(messages))
-        used = {c for m in messages for c in m.content}
-        marks = [c for c in map(chr, range(0xE000, 0xF900)) if c not in used][: len(typed)]
-        to_mark = dict(zip(typed, marks, strict=True))
-        pattern = re.compile("|".join(re.escape(s) for s in sorted(typed, key=len, reverse=True)))
-        masked = [
-            replace(m, content=pattern.sub(lambda found: to_mark[found.group()], m.content)) for m in messages
-        ]
-        marked = self.render_chat(masked)
-        typed_at, text, pos = {}, [], 0  # where each typed special lies in the prompt's text
-        to_text = {mark: special for special, mark in to_mark.items()}
-        for c in marked:
-            if c in to_text:
-                typed_at[pos] = to_text[c]
-            text.append(to_text.get(c, c))
-            pos += len(text[-1])
+        marked = self.render_chat(masked.messages)
         bos = self.tokenizer.bos_token
         enc = self.tokenizer(
-            "".join(text),
+            masked.unmask(marked),
             add_special_tokens=not (bos and marked.startswith(bos)),
             return_offsets_mapping=True,
         )
-        ids: list[int] = []
-        for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-            special = typed_at.get(start)
-            ids += self._as_text(special) if special is not None and end - start == len(special) else [token]
-        return ids
-
-    def _as_text(self, special: str) -> list[int]:
-        """The ids of a special token's characters within a text. Tokenized after a newline, as
-        SentencePiece tokenizers give the start of a text a space that the middle has not."""
-
-        def ids(text: str) -> list[int]:
-            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-        newline, after = ids("\n"), ids("\n" + special)
-        return after[len(newline) :] if after[: len(newline)] == newline else ids(special)
+        return retokenize(self.tokenizer, enc["input_ids"], enc["offset_mapping"], masked.typed_at)[0]
 
     def chat_params(self, params: SamplingParams) -> SamplingParams:
         """The request's settings plus the template's end-of-turn markers (but not EOS with `ignore_eos`,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vicuna.conversation import Message, Segment, Template, parse_messages
+from vicuna.engine.typed import mask, retokenize, special_texts
 from vicuna.errors import VicunaError
 from vicuna.textfile import json_problem, read_text
 
@@ -155,6 +156,7 @@ class Encoder:
         bos_id = self.tokenizer.bos_token_id
         adds_bos = bos_id is not None and self.tokenizer("x").input_ids[:1] == [bos_id]
         self.bos: list[int] = [bos_id] if adds_bos else []
+        self.specials = special_texts(self.tokenizer)
 
     def _ids(self, text: str, **kwargs: Any) -> Any:
         return self.tokenizer(text, add_special_tokens=False, **kwargs)
@@ -169,24 +171,35 @@ class Encoder:
             raise SpanError(str(err)) from None
 
     def length(self, messages: Sequence[Message]) -> int:
+        if mask(messages, self.specials) is not None:
+            return len(self.encode(messages)[0])
         text = "".join(s.text for s in self._segments(messages))
         return len(self._bos_for(text)) + len(self._ids(text).input_ids)
 
     def encode(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
-        """(input_ids, labels); labels are IGNORE except on the tokens of the trainable segments."""
-        text, spans, pos = "", [], 0
-        for segment in self._segments(messages):
-            text += segment.text
-            if segment.trainable and segment.text:
-                spans.append((pos, pos + len(segment.text)))
-            pos += len(segment.text)
+        """(input_ids, labels); labels are IGNORE except on the tokens of the trainable segments.
+        Special-token text in a message is tokenized as text, as in a chat prompt (`vicuna.engine.typed`)."""
+        masked = mask(messages, self.specials)
+        text, spans, pos, marked = "", [], 0, ""
+        for segment in self._segments(masked.messages if masked else messages):
+            piece = masked.unmask(segment.text, pos) if masked else segment.text
+            marked += segment.text
+            text += piece
+            if segment.trainable and piece:
+                spans.append((pos, pos + len(piece)))
+            pos += len(piece)
+        if masked and not self.use_offsets:
+            raise SpanError("a message holds a special token's text, which needs a fast tokenizer's offsets")
         if self.use_offsets:
             enc = self._ids(text, return_offsets_mapping=True)
-            ids, flags = list(enc.input_ids), flags_from_offsets(enc.offset_mapping, spans)
+            ids, offsets = list(enc.input_ids), enc.offset_mapping
+            if masked:
+                ids, offsets = retokenize(self.tokenizer, ids, offsets, masked.typed_at)
+            flags = flags_from_offsets(offsets, spans)
         else:
             ids = list(self._ids(text).input_ids)
             flags = self._flags_from_prefixes(text, ids, spans)
-        bos = self._bos_for(text)
+        bos = self._bos_for(marked)
         labels = [t if f else IGNORE for t, f in zip(ids, flags, strict=True)]
         return bos + ids, [IGNORE] * len(bos) + labels
 
