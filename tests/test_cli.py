@@ -46,3 +46,29 @@ def test_ctrl_c_says_how_to_go_on_for_the_jobs_that_resume(monkeypatch, capsys):
         capsys.readouterr().err.strip()
         == "interrupted; run the same command again to go on from where it stopped"
     )
+
+
+def test_every_flag_of_every_command_says_what_it_does_and_its_default():
+    import argparse
+
+    from vicuna.cli import COMMANDS, command_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from action.choices.values()
+
+    missing = []
+    for name in COMMANDS:
+        for parser in parsers(command_parser(name)):
+            formatter = parser._get_formatter()
+            for action in parser._actions:
+                if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                    continue
+                flag = f"{parser.prog} {(action.option_strings or [action.dest])[-1]}"
+                if not action.help:
+                    missing.append(f"{flag}: no help")
+                elif action.default not in (None, False) and "default" not in formatter._expand_help(action):
+                    missing.append(f"{flag}: default {action.default!r} not shown")
+    assert not missing, "\n".join(missing)

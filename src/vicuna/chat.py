@@ -30,15 +30,24 @@ HELP = "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE. 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     g = parser.add_argument_group("generation")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--max-new-tokens", type=int, default=512)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--temperature", type=float, default=0.7, help="0: always the most likely token")
+    g.add_argument(
+        "--top-p", type=float, default=1.0, help="sample from the most likely tokens that add up to P"
+    )
+    g.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (0: from all)")
+    g.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="above 1: tokens already seen are less likely"
+    )
+    g.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
+    g.add_argument("--seed", type=int, help="makes sampling repeatable (default: a new seed each run)")
     c = parser.add_argument_group("chat")
     c.add_argument("--no-history", action="store_true", help="answer each message on its own")
-    c.add_argument("--style", choices=("simple", "rich", "programmatic"), default="simple")
+    c.add_argument(
+        "--style",
+        choices=("simple", "rich", "programmatic"),
+        default="simple",
+        help=f"rich: render markdown as it streams; programmatic: messages in and out end with a {END_MARK} line",
+    )
     c.add_argument("--multiline", action="store_true", help="a message ends with an empty line")
     c.add_argument("--debug", action="store_true", help="show time to first token and tokens/s")
 

@@ -45,6 +45,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Ends a flag's help with its default, unless the help already says it or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of `vicuna NAME`, its subcommands' parsers (e.g. `vicuna delta apply`) included."""
+    parser = argparse.ArgumentParser(
+        prog=f"vicuna {name}", description=COMMANDS[name][1], formatter_class=HelpWithDefaults
+    )
+    importlib.import_module(COMMANDS[name][0]).add_arguments(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.formatter_class = HelpWithDefaults
+    return parser
+
+
 # OpenMP's worker threads (PyTorch's and our kernel's) spin after each parallel region before they sleep:
 # with libgomp's default of 300,000 spins, milliseconds after every decode step, holding cores that a
 # server's event loop, its clients or the terminal need (measured on 2 cores: the API streamed at 0.75x
@@ -61,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"vicuna {name}", description=COMMANDS[name][1])
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
+    args = command_parser(name).parse_args(rest)
 
     from vicuna.errors import VicunaError
 

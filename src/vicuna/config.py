@@ -91,9 +91,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=DEVICES, help="default: the GPU if there is one, else the CPU")
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the fastest for this hardware")
     g.add_argument("--num-gpus", type=int, default=1, help="split the layers across this many GPUs")
-    g.add_argument("--max-gpu-memory", help="memory to use on each GPU, e.g. 20GiB")
+    g.add_argument(
+        "--max-gpu-memory", help="memory to use on each GPU, e.g. 20GiB (default: 90%% of what is free)"
+    )
     g.add_argument("--load-8bit", action="store_true", help="int8 weights: about half the memory")
-    g.add_argument("--conv-template", help="prompt template (see `vicuna template list`)")
+    g.add_argument(
+        "--conv-template",
+        help="prompt template, see `vicuna template list` (default: the model's own, or vicuna_v1.1)",
+    )
     g.add_argument("--conv-system-msg", help="replace the template's system prompt")
 
 

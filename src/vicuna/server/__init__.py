@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--model-name", help="the name clients use in 'model' (default: the model folder's name)")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="port to listen on")
     g.add_argument(
         "--api-keys",
         default=os.environ.get("VICUNA_API_KEYS"),
@@ -52,7 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "meanwhile together: less CPU taken from decoding (0: every token as it is made)",
     )
     g.add_argument("--no-webui", action="store_true", help="serve the API only")
-    g.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    g.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="least severe message logged",
+    )
 
 
 def listen(host: str, port: int) -> socket.socket:

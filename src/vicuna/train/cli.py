@@ -47,15 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("schedule")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
-    length.add_argument("--max-steps", type=int, default=-1, help="optimizer steps (instead of --epochs)")
+    length.add_argument(
+        "--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs decides)"
+    )
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; LoRA: try 2e-4)")
     g.add_argument("--batch-size", type=int, default=1, help="examples per device per step (default 1)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument(
         "--warmup-ratio", type=float, default=0.03, help="share of steps to warm up (default 0.03)"
     )
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--lr-scheduler", choices=SCHEDULERS, default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's weight decay")
+    g.add_argument(
+        "--lr-scheduler", choices=SCHEDULERS, default="cosine", help="the learning rate after warmup"
+    )
     g.add_argument("--seed", type=int, default=42, help="fixes the data order and the initialisation")
     g = parser.add_argument_group("memory and precision")
     g.add_argument(
@@ -64,9 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     g.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
     g.add_argument("--qlora", action="store_true", help="LoRA on a 4-bit base (CUDA and bitsandbytes)")
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=int, default=16)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-r", type=int, default=8, help="rank of the adapter's matrices")
+    g.add_argument("--lora-alpha", type=int, default=16, help="the adapter's update is scaled by alpha / r")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter's input")
     g.add_argument(
         "--lora-target", default="q_proj,v_proj", help="comma-separated module names, or all-linear"
     )

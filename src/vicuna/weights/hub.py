@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATTERN",
         help="only files matching these glob patterns, e.g. '*.json' 'tokenizer.model'",
     )
-    parser.add_argument("--repo-type", choices=("model", "dataset"), default="model")
+    parser.add_argument(
+        "--repo-type", choices=("model", "dataset"), default="model", help="the repository's kind"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
