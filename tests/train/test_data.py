@@ -329,3 +329,13 @@ def test_special_token_text_in_a_reply_is_learned_as_text_as_a_chat_prompt_token
     prompt = engine.encode_chat(typed[:1])
     assert ids[: len(prompt)] == prompt
     assert encoder.length(typed[:2]) == len(ids)
+
+
+def test_the_progress_bar_leaves_nothing_in_piped_output(tokenizer, capsys):
+    """Out of a terminal there is no bar to draw: `vicuna train inspect > FILE` starts with its summary,
+    not with the empty line a transient bar leaves behind."""
+    from vicuna.train.data import Conversation
+
+    conv = Conversation("c", (Message("user", "Hello!"), Message("assistant", "Hi!")))
+    prepare([conv], Encoder(tokenizer, get_template("vicuna_v1.1")), max_length=64, progress=True)
+    assert capsys.readouterr().out == ""

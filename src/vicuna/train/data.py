@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,7 +332,9 @@ def prepare(
         return encoder.length(messages) <= max_length
 
     out = Prepared(max_length)
-    for conv in track(conversations, description="tokenizing", disable=not progress, transient=True):
+    # out of a terminal a transient bar draws nothing but leaves an empty line behind
+    shown = progress and sys.stdout.isatty()
+    for conv in track(conversations, description="tokenizing", disable=not shown, transient=True):
         pieces = [list(conv.messages)]
         try:
             if split_long and not fits(pieces[0]):
