@@ -61,6 +61,25 @@ def test_two_pretend_gpus_in_the_fit_check(monkeypatch):
     assert options["--device cuda --load-8bit"] is True
 
 
+def test_8bit_weights_are_fitted_on_one_gpu_as_they_are_loaded(monkeypatch, capsys):
+    """--load-8bit quantizes the whole model and moves it to one GPU: two GPUs that hold it only together
+    are neither offered nor accepted for it."""
+    size = model_size(CONFIG)
+    need = (size.weight_bytes(torch.bfloat16, True) + size.kv_bytes(placement.KV_TOKENS, torch.bfloat16)) * (
+        placement.HEADROOM
+    )
+    gpus = tuple(GPU(i, "Pretend", int(need), int(need * 0.8), (8, 0)) for i in range(2))
+    hw = dataclasses.replace(probe_hardware(), gpus=gpus)
+    monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    options = {o.flags: o.fits for o in placement.fit_options(size, hw, ModelSettings())}
+    assert options["--device cuda --load-8bit"] is False
+    assert "--device cuda --num-gpus 2 --load-8bit" not in options
+    settings = ModelSettings(load_8bit=True, num_gpus=2)
+    with pytest.raises(DoesNotFitError, match="1 GPU"):
+        placement.check_fits(CONFIG, settings, torch.device("cuda"), torch.bfloat16)
+    assert "--load-8bit keeps the model on one GPU; --num-gpus is ignored" in capsys.readouterr().err
+
+
 def test_parse_bytes():
     assert parse_bytes("20GiB") == 20 * 2**30
     assert parse_bytes("1.5 GB") == 1_500_000_000

@@ -172,7 +172,7 @@ def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[
         half = torch.bfloat16
         for eight in (False, True):
             need = int((size.weight_bytes(half, eight) + size.kv_bytes(KV_TOKENS, half)) * HEADROOM)
-            for n in range(1, len(hw.gpus) + 1):
+            for n in range(1, 1 + (1 if eight else len(hw.gpus))):  # 8-bit: on one GPU (see check_fits)
                 flags = (
                     "--device cuda"
                     + (f" --num-gpus {n}" if n > 1 else "")
@@ -202,8 +202,12 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
     if device.type == "cuda":
         if settings.num_gpus > len(hw.gpus):
             raise VicunaError(f"--num-gpus {settings.num_gpus}: only {len(hw.gpus)} GPU(s) are visible")
-        budgets = [min(int(g.free_bytes * 0.9), budget or g.free_bytes) for g in hw.gpus[: settings.num_gpus]]
-        where = f"{settings.num_gpus} GPU(s) with {gib(sum(budgets))} usable"
+        gpus = settings.num_gpus
+        if settings.load_8bit and gpus > 1:  # quantized whole on the CPU, then moved (quant.quantize_int8)
+            print("notice: --load-8bit keeps the model on one GPU; --num-gpus is ignored", file=sys.stderr)
+            gpus = 1
+        budgets = [min(int(g.free_bytes * 0.9), budget or g.free_bytes) for g in hw.gpus[:gpus]]
+        where = f"{gpus} GPU(s) with {gib(sum(budgets))} usable"
         available = sum(budgets)
     else:
         where, available, budgets = (
