@@ -158,3 +158,15 @@ def test_a_git_lfs_pointer_instead_of_the_weights_says_to_pull_them(model_copy, 
     (bins / "pytorch_model.bin").write_text(POINTER)
     with pytest.raises(ModelLoadError, match=r"pytorch_model\.bin is a Git LFS pointer"):
         load(bins)
+
+
+def test_the_loaded_line_names_the_device_the_weights_are_on():
+    import torch
+
+    from vicuna.engine.loader import placed_on
+
+    cuda = torch.device("cuda")
+    assert placed_on({"": "cpu"}, torch.device("cpu"), load_8bit=False) == "cpu"
+    assert placed_on({"": 0}, cuda, load_8bit=False) == "cuda:0"
+    assert placed_on({"model.embed_tokens": 0, "lm_head": 1}, cuda, load_8bit=False) == "cuda:0+cuda:1"
+    assert placed_on({"": "cpu"}, cuda, load_8bit=True) == "cuda"  # loaded on the CPU, then moved

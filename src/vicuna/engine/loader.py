@@ -157,6 +157,13 @@ def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_n
     return with_system(template_for(name, tokenizer), settings.conv_system_msg)
 
 
+def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
+    """Where the weights ended up, for the "Loaded" line: cpu, cuda:0, cuda:0+cuda:1."""
+    if load_8bit or not isinstance(device_map, dict):  # 8-bit: loaded on the CPU, then moved to `device`
+        return str(device)
+    return "+".join(sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}))
+
+
 def load_engine(settings: ModelSettings, *, progress: bool = True):
     """Check, load and place a model; returns a ready `Engine`."""
     import torch
@@ -207,11 +214,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
         kernel.load(progress=progress)
     engine = Engine(model=model, tokenizer=tokenizer, template=template, model_name=model_name)
     if progress:
-        where = (
-            "+".join(sorted({str(d) for d in (device_map or {}).values()}))
-            if isinstance(device_map, dict)
-            else str(device)
-        )
+        where = placed_on(device_map, device, load_8bit=settings.load_8bit)
         print(
             f"Loaded {model_name} ({str(dtype).removeprefix('torch.')}, {where}, template {template.name}) "
             f"in {time.perf_counter() - start:.1f}s",
