@@ -69,6 +69,7 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
                 flag = f"{parser.prog} {(action.option_strings or [action.dest])[-1]}"
                 if not action.help:
                     missing.append(f"{flag}: no help")
-                elif action.default not in (None, False) and "default" not in formatter._expand_help(action):
-                    missing.append(f"{flag}: default {action.default!r} not shown")
+                elif action.default not in (None, False) or action.default == 0:  # 0 is a default to show
+                    shown = "default" in formatter._expand_help(action) or action.default is False
+                    missing += [] if shown else [f"{flag}: default {action.default!r} not shown"]
     assert not missing, "\n".join(missing)

@@ -52,7 +52,7 @@ class HelpWithDefaults(argparse.HelpFormatter):
         text = action.help or ""
         if (
             "default" in text
-            or action.default in (None, False, argparse.SUPPRESS)
+            or any(action.default is none for none in (None, False, argparse.SUPPRESS))  # not 0: a default
             or not action.option_strings
         ):
             return text
