@@ -49,6 +49,7 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
     from transformers import AutoModelForCausalLM
 
     from vicuna.engine.loader import check_tokenizer, load_tokenizer, read_config, resolve_model_path
+    from vicuna.train.trainer import quiet_peft
 
     if not (adapter / "adapter_config.json").is_file():
         raise VicunaError(f"{adapter}: no adapter_config.json; expected a LoRA adapter folder")
@@ -72,7 +73,8 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
         raise ModelLoadError(f"{folder}: cannot load the weights ({type(err).__name__}: {err})") from None
     check_adapter_fits(adapter, model, folder)
     try:
-        model = PeftModel.from_pretrained(model, adapter)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter)
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise ModelLoadError(
             f"{adapter} on {folder}: cannot apply the adapter ({type(err).__name__}: {err})"

@@ -15,11 +15,13 @@ the same data order; a record of the run's settings refuses a resume that would 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from shlex import quote
@@ -320,6 +322,15 @@ def lora_targets(cfg: TrainConfig) -> str | list[str]:
     return targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft asks the model for `is_gradient_checkpointing`, which transformers 5 deprecates with a
+    FutureWarning: a message for peft's authors, printed to users who can do nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
 def wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
@@ -331,7 +342,8 @@ def wrap_lora(model: Any, cfg: TrainConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with quiet_peft():
+            return get_peft_model(model, lora)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
         raise VicunaError(f"--lora-target {cfg.lora_target}: {err}") from None
 
