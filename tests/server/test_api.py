@@ -415,6 +415,40 @@ def test_max_queue_0_serves_what_a_free_row_takes_at_once(tiny_engine):
         assert wait_for(lambda: batcher.running == 0)
 
 
+def webui_chat(url: str, message: str, max_tokens: int) -> list[tuple[str, str]]:
+    """Send `message` as the web page does (Gradio's `chat` endpoint): the (event, data) lines of its answer."""
+    data = [message, [], "", 0.0, 1.0, max_tokens, ""]  # text, conversation, system, sliders, API key
+    event_id = httpx.post(f"{url}/gradio_api/call/chat", json={"data": data}).json()["event_id"]
+    answer = httpx.get(f"{url}/gradio_api/call/chat/{event_id}", timeout=60).text
+    # each event is two lines, "event: NAME" and "data: JSON"
+    return re.findall(r"^event: (.*)\ndata: (.*)$", answer, re.M)
+
+
+def test_web_ui_chats_are_admitted_and_counted_as_api_requests(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=1, max_queue=0, webui=True)
+    batcher = app.state.batcher
+    step = batcher._rows.step
+    batcher._rows.step = lambda tokens: (time.sleep(0.01), step(tokens))[1]  # 900 tokens: 9 s
+    with serving(app) as url:
+        long = greedy(messages=HELLO, max_tokens=900, stream=True, extra_body={"ignore_eos": True})
+        running = client(url).chat.completions.create(**long)
+        next(iter(running))
+        assert wait_for(lambda: batcher.running == 1)
+        # the one row is taken and none may wait: the page says so, and nothing is queued
+        event, data = webui_chat(url, "Hello", 4)[-1]
+        assert event == "error" and "the server is busy" in data and "retry shortly" in data
+        assert batcher.waiting == 0
+        running.close()
+        assert wait_for(lambda: batcher.running == 0)
+
+        counted = ("vicuna_completion_tokens_total", "vicuna_time_to_first_token_seconds_count")
+        before = [metric(url, name) for name in counted]
+        event, data = webui_chat(url, "Hello", 4)[-1]
+        assert event == "complete" and "4 tokens" in data
+        assert metric(url, 'vicuna_requests_total{endpoint="webui",status="200"}') == 1
+        assert [metric(url, name) - b for name, b in zip(counted, before, strict=True)] == [4, 1]
+
+
 def test_requests_that_arrive_together_take_the_free_rows_before_any_counts_as_queued(tiny_engine):
     app = create_app(tiny_engine, model_name=MODEL, max_batch_size=4, max_queue=0)
     batcher = app.state.batcher

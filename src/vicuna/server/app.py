@@ -19,7 +19,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,7 +104,12 @@ class Metrics:
 
     def __init__(self, batcher: Any) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("vicuna_requests", "HTTP API requests", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "vicuna_requests",
+            "Requests: the API's, and the web UI's chats (webui)",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.finished = Counter("vicuna_replies_finished", "Replies by finish reason", ["reason"], registry=r)
         self.prompt_tokens = Counter("vicuna_prompt_tokens", "Prompt tokens processed", registry=r)
         self.completion_tokens = Counter(
@@ -133,6 +138,24 @@ class Metrics:
         Gauge("vicuna_kv_cache_capacity_tokens", "KV cache bound, in tokens", registry=r).set_function(
             lambda: batcher.kv_cache_tokens
         )
+
+    def record(
+        self,
+        endpoint: str,
+        status: int,
+        reasons: Sequence[str],
+        prompt_tokens: int,
+        completion_tokens: int,
+        ttft: float | None,
+    ) -> None:
+        """One request's counts: `reasons`, how each of its choices finished; `ttft`, None before any token."""
+        self.requests.labels(endpoint, str(status)).inc()
+        for reason in reasons:
+            self.finished.labels(reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+        if ttft is not None:
+            self.ttft.observe(ttft)
 
 
 @dataclass
@@ -170,16 +193,7 @@ class _Run:
 
     def submit(self) -> None:
         batcher = self.server.batcher
-        # the requests that would wait for a row, these choices last: those the free rows do not take at once
-        free = max(0, batcher.max_batch_size - batcher.running)
-        if batcher.waiting + len(self.params) - free > self.server.max_queue:
-            raise APIError(
-                429,
-                f"the server is busy: {batcher.waiting} requests are waiting (--max-queue {self.server.max_queue}); retry shortly",
-                "rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+        self.server.check_queue(len(self.params))
         try:
             for index, (ids, params) in enumerate(zip(self.prompts, self.params, strict=True)):
                 batcher.add(ids, params, self._sink(index), cancel=self.cancel)
@@ -264,18 +278,15 @@ class _Run:
 
     def record(self, status: int) -> None:
         """Metrics and the one log line for this request."""
-        m, end = self.server.metrics, time.perf_counter()
-        m.requests.labels(self.endpoint, str(status)).inc()
-        for c in self.choices:  # a choice not finished by now was cancelled (its client left)
-            m.finished.labels(c.finished.reason if c.finished else "cancelled").inc()
-        m.prompt_tokens.inc(self.prompt_tokens)
-        m.completion_tokens.inc(self.completion_tokens)
+        end = time.perf_counter()
         ttft = None if self.first_token_at is None else self.first_token_at - self.start
-        if ttft is not None:
-            m.ttft.observe(ttft)
+        # a choice not finished by now was cancelled (its client left)
+        reasons = [c.finished.reason if c.finished else "cancelled" for c in self.choices]
+        self.server.metrics.record(
+            self.endpoint, status, reasons, self.prompt_tokens, self.completion_tokens, ttft
+        )
         decode = end - (self.first_token_at or end)
         rate = (self.completion_tokens - len(self.choices)) / decode if decode > 0 else 0.0
-        reasons = ",".join(c.finished.reason if c.finished else "cancelled" for c in self.choices)
         log.info(
             "%s %s %d prompt=%d completion=%d ttft=%s decode=%.1f tok/s total=%.2fs finish=%s",
             self.id,
@@ -286,7 +297,7 @@ class _Run:
             "-" if ttft is None else f"{ttft:.3f}s",
             max(rate, 0.0),
             end - self.start,
-            reasons,
+            ",".join(reasons),
         )
 
 
@@ -326,6 +337,20 @@ class _Server:
         """The request's JSON body, of at most `BODY_BYTES_PER_TOKEN` bytes per token of the context window."""
         window = self.engine.context_window
         return await _read_json(request, BODY_BYTES_PER_TOKEN * window, window)
+
+    def check_queue(self, choices: int) -> None:
+        """429 when `choices` more replies would leave more than `max_queue` requests waiting for a row."""
+        batcher = self.batcher
+        # the requests that would wait for a row, these choices last: those the free rows do not take at once
+        free = max(0, batcher.max_batch_size - batcher.running)
+        if batcher.waiting + choices - free > self.max_queue:
+            raise APIError(
+                429,
+                f"the server is busy: {batcher.waiting} requests are waiting (--max-queue {self.max_queue}); retry shortly",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -805,25 +830,63 @@ def create_app(
         return p.EmbeddingResponse(data=data, model=server.model_name, usage=usage).model_dump()
 
     if webui:
-        _mount_webui(app, batcher, server.model_name, server.api_keys)
+        _mount_webui(app, server)
     return app
 
 
-def _mount_webui(app: FastAPI, batcher: Any, model_name: str, api_keys: frozenset[str]) -> None:
-    """The web UI at `/` (after the API routes: a mount at `/` takes every path left), sharing the batch."""
+def _mount_webui(app: FastAPI, server: _Server) -> None:
+    """The web UI at `/` (after the API routes: a mount at `/` takes every path left), sharing the batch.
+    Its chats are admitted as API requests are (--max-queue) and counted in /metrics as endpoint "webui"."""
     try:
         from vicuna.webui import mount
     except ImportError as err:
         log.warning("the web UI is not available (%s); serving the API only", err)
         return
 
+    engine = server.engine
+
     def chat(messages, params, cancel):
-        return batcher.chat(messages, params, cancel=cancel)
+        prompt = engine.encode_chat(messages)
+        try:
+            server.check_queue(1)
+        except APIError as err:  # the page shows a VicunaError's message
+            raise VicunaError(err.message) from None
+        events = server.batcher.generate(prompt, engine.chat_params(params), cancel=cancel)
+        return _counted(events, server.metrics, len(prompt))
 
     mount(
         app,
         chat=chat,
-        model_name=model_name,
-        api_keys=set(api_keys) or None,
-        context_window=batcher.context_window,
+        model_name=server.model_name,
+        api_keys=set(server.api_keys) or None,
+        context_window=server.batcher.context_window,
     )
+
+
+def _counted(events: Iterator[Any], metrics: Metrics, prompt_tokens: int) -> Iterator[Any]:
+    """A web UI reply's events, counted in `metrics` as an API request's are, as endpoint "webui"."""
+    start, first, last = time.perf_counter(), None, None
+    finished: Finished | None = None
+    status = 499  # the page stopped reading before the end: it went away, or Clear dropped the reply
+    try:
+        for event in events:
+            if isinstance(event, TextChunk) and event.token_ids:
+                now = time.perf_counter()
+                if last is not None:
+                    metrics.itl.observe((now - last) / len(event.token_ids))
+                first, last = first or now, now
+            elif isinstance(event, Finished):
+                finished, status = event, 200
+            yield event
+    except Exception as err:
+        status = failure(err).status
+        raise
+    finally:
+        metrics.record(
+            "webui",
+            status,
+            [finished.reason if finished else "cancelled"],
+            prompt_tokens,
+            finished.completion_tokens if finished else 0,
+            None if first is None else first - start,
+        )
