@@ -298,6 +298,40 @@ def test_errors(served, api, tiny_engine):
     assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
 
 
+def test_wrong_api_paths_and_methods_get_openai_errors_with_the_web_ui_mounted_too(tiny_engine):
+    from fastapi.testclient import TestClient
+
+    answers = {}
+    for webui in (False, True):
+        app = create_app(tiny_engine, model_name=MODEL, webui=webui)
+        try:
+            http = TestClient(app)
+            assert http.get("/v1/models").status_code == 200
+            answers[webui] = [
+                (r.status_code, r.headers.get("allow"), error_of(r))
+                for r in (http.request(method, path) for method, path in WRONG_API_CALLS)
+            ]
+        finally:
+            app.state.batcher.close()
+    assert answers[True] == answers[False]
+    assert [(status, allow) for status, allow, _ in answers[True]] == [
+        (405, "POST"),
+        (405, "GET"),
+        (404, None),
+        (404, None),
+        (404, None),
+    ]
+
+
+WRONG_API_CALLS = [
+    ("GET", "/v1/chat/completions"),
+    ("DELETE", "/v1/models"),
+    ("POST", "/v1/nothing-here"),
+    ("GET", "/v1/chat/completions/extra"),
+    ("GET", "/v1"),
+]
+
+
 def test_a_body_larger_than_the_context_window_can_use_is_a_413_before_it_is_read(served, tiny_engine):
     url, _ = served
     limit = 1024 * tiny_engine.context_window

@@ -35,6 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from vicuna import protocol as p
 from vicuna.config import SamplingParams
@@ -45,6 +46,7 @@ from vicuna.textfile import json_problem
 log = logging.getLogger("vicuna.server")
 
 RETRY_AFTER_S = 1
+HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
 class JSONResponse(_JSONResponse):
@@ -842,6 +844,16 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
     except ImportError as err:
         log.warning("the web UI is not available (%s); serving the API only", err)
         return
+
+    # The mount at `/` answers every path no route took, with Gradio's errors: a wrong /v1 path or method
+    # is answered here instead, as the API answers it without the UI (405 where the path takes other methods).
+    @app.api_route("/v1", methods=HTTP_METHODS, include_in_schema=False)
+    @app.api_route("/v1/{_:path}", methods=HTTP_METHODS, include_in_schema=False)
+    async def not_an_api_route(request: Request) -> None:
+        allowed = {m for r in app.routes if r.matches(request.scope)[0] is Match.PARTIAL for m in r.methods}
+        if allowed:
+            raise StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
+        raise StarletteHTTPException(404)
 
     engine = server.engine
 
