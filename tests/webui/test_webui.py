@@ -16,12 +16,14 @@ import gradio as gr
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from starlette.routing import Mount
 
 from vicuna import webui
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
+from vicuna.webui import page
 from vicuna.webui.page import WebChat, sampling_params, stats_line, to_chatbot
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -265,6 +267,25 @@ def test_mount_keeps_the_apps_own_routes_and_refuses_uploads():
         for route in ("upload", "process_recording"):
             answer = client.post(f"/gradio_api/{route}", files={"files": ("big.bin", b"x" * 100_000)})
             assert (answer.status_code, answer.text) == (403, "this server takes no file uploads")
+
+
+def test_the_server_keeps_the_state_of_the_latest_sessions_only(monkeypatch):
+    def sessions(app: fastapi.FastAPI):  # Gradio's state of each browser session, the oldest used first
+        [gradio_app] = [route.app for route in app.routes if isinstance(route, Mount)]
+        return gradio_app.state_holder
+
+    # Gradio's default, 10,000 sessions, let one-turn chats grow the server by some 70 KB each
+    app = webui.mount(fastapi.FastAPI(), chat=lambda *_: iter(()), model_name="tiny-model")
+    assert sessions(app).capacity == page.SESSION_CAPACITY <= 1000
+
+    monkeypatch.setattr(page, "SESSION_CAPACITY", 2)
+    app = webui.mount(fastapi.FastAPI(), chat=lambda *_: iter(()), model_name="tiny-model")
+    with TestClient(app) as client:
+        for session in ("s1", "s2", "s3"):
+            data = ["", [], "", 0.7, 1.0, 16, ""]  # an empty message: nothing to generate
+            sent = client.post("/gradio_api/call/chat", json={"data": data, "session_hash": session})
+            assert "event: complete" in client.get(f"/gradio_api/call/chat/{sent.json()['event_id']}").text
+    assert list(sessions(app).session_data) == ["s2", "s3"]
 
 
 # --- in Chromium ---------------------------------------------------------------------------------

@@ -31,6 +31,13 @@ OUT_OF_MEMORY = (
     "The GPU ran out of memory for this reply (beside the others being generated). Try again shortly, "
     "or with a shorter conversation (Clear)."
 )
+# Gradio keeps each browser session's state on the server (a copy of the page's settings, the last values
+# shown, the API key entered) until the session is one of more than this many, the oldest used first; by
+# default 10,000, and each one-turn chat's session took some 70 KB. The conversation itself is kept in the
+# browser, so a session dropped loses only the key entered (the page asks for it again after a reload).
+# 500 is several times the replies a server runs and queues at once (16 rows and 64 waiting by default)
+# and bounds this state to some 35 MB.
+SESSION_CAPACITY = 500
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 """
@@ -272,6 +279,7 @@ def build(
     max_tokens_limit = context_window or MAX_TOKENS_LIMIT
     ui = WebChat(chat, api_keys, max_tokens_limit)
     with gr.Blocks(title=f"{model_name} · vicuna", analytics_enabled=False) as demo:
+        demo.state_session_capacity = SESSION_CAPACITY  # not a parameter of Blocks nor of its mounting
         key = gr.State("")
         # The conversation lives in the browser's localStorage, so a reload (or a server restart) keeps
         # it. A fixed secret: Gradio's random one changes with each start, losing what was kept; and the
