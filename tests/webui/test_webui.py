@@ -177,8 +177,9 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     # the textbox is cleared once, when the message is taken, and then never touched: the user may be
     # typing the next message; Send and Regenerate are disabled until the reply is done
     assert [out[0] for out in outputs] == ["", *[gr.skip()] * (len(outputs) - 1)]
-    assert outputs[0][4:] == (gr.update(interactive=False),) * 2
-    box, shown, status, turns, send, again = outputs[-1]
+    assert outputs[0][5:] == (gr.update(interactive=False),) * 2
+    box, unsent, shown, status, turns, send, again = outputs[-1]
+    assert unsent == gr.skip()  # nothing failed: nothing to put back
     assert turns == [("Hello", chat.texts[0], stats_line(chat.finished[0]))]
     assert (shown, status) == (to_chatbot(turns), stats_line(chat.finished[0]))
     assert send == again == gr.update(interactive=True)
@@ -199,7 +200,7 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     rest = list(streaming)
     assert chat.finished[2].reason == "cancelled"
     assert chat.finished[2].completion_tokens < 100
-    assert rest[-1][2].endswith("stopped")
+    assert rest[-1][3].endswith("stopped")
     assert ui.running == {}
 
 
@@ -218,13 +219,15 @@ def test_a_reply_is_cut_to_the_context_window_and_an_overflow_reported(engine, c
     *_, last = ui.respond("Hello", [], "", 0.0, 1.0, 256, "", gr.Request(session_hash="s2"))
     # max new tokens is lowered to what the 256-token window leaves after the prompt
     assert chat.calls[0][1].max_new_tokens == 256 - chat.finished[0].prompt_tokens
-    assert chat.finished[0].reason == "length" and last[2].endswith("context window full")
+    assert chat.finished[0].reason == "length" and last[3].endswith("context window full")
 
     long = "Hello there " * 200
     steps = ui.respond(long, [], "", 0.7, 1.0, 16, "", gr.Request(session_hash="s2"))
     assert next(steps)[0] == ""
-    # back as it was: the text returns to the textbox, and the buttons are enabled again
-    assert next(steps) == (long, [], "", [], gr.update(interactive=True), gr.update(interactive=True))
+    # back as it was, and the buttons enabled again; the message is handed back for the page to put in
+    # the box if it is still empty (the server does not know what the user typed there meanwhile)
+    ready = gr.update(interactive=True)
+    assert next(steps) == (gr.skip(), long, [], "", [], ready, ready)
     refused = pytest.raises(gr.Error, match="context window is 256 tokens: shorten the message")
     with caplog.at_level(logging.INFO, logger="vicuna.webui"), refused as err:
         next(steps)
@@ -242,7 +245,7 @@ def test_out_of_memory_is_reported_and_the_message_kept(caplog):
 
     ui = WebChat(chat, api_keys=None)
     steps = ui.respond("Hello", [], "", 0.7, 1.0, 64, "", gr.Request(session_hash="s3"))
-    while next(steps)[:4] != ("Hello", [], "", []):  # until the page is put back as it was
+    while next(steps)[:5] != (gr.skip(), "Hello", [], "", []):  # until the page is put back as it was
         pass
     with pytest.raises(gr.Error, match="ran out of memory") as err:
         next(steps)
@@ -379,6 +382,51 @@ def test_browser_chat_streams_stops_regenerates_clears_and_keeps_the_chat(engine
         assert page.locator("#chatbot .user-row pre code").inner_text().strip() == "print(1)"
         assert page.locator("#chatbot .bot-row").count() == 1
         context.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_puts_a_failed_message_back_only_into_an_empty_box(browser):
+    import torch
+
+    fail = threading.Event()
+
+    def chat(messages, params, cancel):
+        yield TextChunk("Once upon", (1, 2))
+        fail.wait(30)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, model_name="tiny-model")
+    with serve(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        message = page.get_by_role("textbox", name="Message")
+        message.wait_for(state="visible")
+        toasts = page.get_by_text("ran out of memory")
+
+        # a draft typed while the reply was written stays: the failed message does not overwrite it
+        message.fill("Tell me a story.")
+        message.press("Enter")
+        page.wait_for_function(f"() => {BOT_TEXT} === 'Once upon'")
+        message.press_sequentially("my draft")
+        fail.set()
+        toasts.first.wait_for()
+        page.wait_for_function("() => document.querySelectorAll('#chatbot .user-row').length === 0")
+        assert page.locator("#send").is_enabled()
+        assert message.input_value() == "my draft"
+
+        # with the box left empty, the failed message comes back to it, to be sent again
+        fail.clear()
+        message.fill("Tell me another.")
+        message.press("Enter")
+        page.wait_for_function(f"() => {BOT_TEXT} === 'Once upon'")
+        assert message.input_value() == ""
+        fail.set()
+        page.wait_for_function(
+            "() => document.querySelector('#message textarea').value === 'Tell me another.'"
+        )
+        assert page.locator("#chatbot .user-row").count() == 0
+        page.close()
 
 
 @pytest.mark.browser

@@ -38,6 +38,9 @@ OUT_OF_MEMORY = (
 # 500 is several times the replies a server runs and queues at once (16 rows and 64 waiting by default)
 # and bounds this state to some 35 MB.
 SESSION_CAPACITY = 500
+# Run in the browser after a message failed: it goes back in the box unless the user has typed a draft
+# there meanwhile (the box is editable while a reply is written), and is then forgotten.
+PUT_BACK = "(unsent, box) => [box && box.trim() ? box : unsent, '']"
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 """
@@ -101,9 +104,11 @@ def user_error(message: str) -> gr.Error:
 class WebChat:
     """The page's event handlers; one instance per mounted app, its state per browser session.
 
-    A reply's handlers yield the textbox, the chatbot, the status line under it, the conversation and
-    the Send and Regenerate buttons (disabled while the reply is written). The textbox is cleared once,
-    when its message is taken, and then left alone: the user may be typing the next message."""
+    A reply's handlers yield the textbox, the message not sent, the chatbot, the status line under it,
+    the conversation and the Send and Regenerate buttons (disabled while the reply is written). The
+    textbox is cleared once, when its message is taken, and then left alone: the user may be typing the
+    next message. A message that fails is put back in the box by the page itself (`PUT_BACK`), and only
+    if the box is still empty: the server does not know what the box holds by then."""
 
     def __init__(
         self, chat: ChatFn, api_keys: set[str] | None, max_tokens_limit: int = MAX_TOKENS_LIMIT
@@ -143,7 +148,7 @@ class WebChat:
         """Send the textbox's message and stream the reply."""
         self._check_key(key)
         if not text.strip():
-            yield (gr.skip(),) * 6
+            yield (gr.skip(),) * 7
             return
         params = self._params(temperature, top_p, max_tokens)
         yield from self._stream(text, turns, [*turns, (text, "", "")], system, params, request)
@@ -165,7 +170,7 @@ class WebChat:
             return
         params = self._params(temperature, top_p, max_tokens)
         redo = [*turns[:-1], (turns[-1][0], "", "")]
-        for _, *outputs in self._stream("", turns, redo, system, params, request):
+        for _, _, *outputs in self._stream("", turns, redo, system, params, request):
             yield tuple(outputs)
 
     def stop(self, request: gr.Request) -> None:
@@ -225,14 +230,14 @@ class WebChat:
         messages.append(Message("user", user))
         reply, same, busy = "", gr.skip(), gr.update(interactive=False)
         try:
-            yield "", to_chatbot(turns), WRITING, turns, busy, busy
+            yield "", same, to_chatbot(turns), WRITING, turns, busy, busy
             events, cut = self._open(messages, params, cancel)
             for event in events:
                 if isinstance(event, TextChunk):
                     if event.text:
                         reply += event.text
                         turns = [*turns[:-1], (user, reply, "")]
-                        yield same, to_chatbot(turns), same, turns, same, same
+                        yield same, same, to_chatbot(turns), same, turns, same, same
                 elif isinstance(event, Finished):
                     turns = [*turns[:-1], (user, reply, stats_line(event, cut))]
                     log.info(  # as the API's line for each request (vicuna.server), without the text
@@ -245,26 +250,27 @@ class WebChat:
                         event.reason,
                     )
         except VicunaError as err:
-            yield self._put_back(text, before)
+            yield self._put_back(before, unsent=text)
             raise user_error(str(err)) from None
         except torch.OutOfMemoryError:  # the engine or the batcher has given the GPU its memory back
             log.warning("the GPU ran out of memory for a reply")
-            yield self._put_back(text, before)
+            yield self._put_back(before, unsent=text)
             raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
         except Exception:  # a bug: the page is put back as it was, the traceback goes to the log
-            yield self._put_back(text, before)
+            yield self._put_back(before, unsent=text)
             raise
         finally:
             cancel.set()  # also when the page goes away mid-reply and Gradio closes this generator
             if self.running.get(session) is cancel:
                 del self.running[session]
-        yield self._put_back(same, turns)  # the box as the user left it
+        yield self._put_back(turns)
 
     @staticmethod
-    def _put_back(text: Any, turns: list[Turn]) -> tuple[Any, ...]:
-        """The page showing `turns`, with `text` in the box and Send and Regenerate ready again."""
+    def _put_back(turns: list[Turn], unsent: Any = gr.skip()) -> tuple[Any, ...]:
+        """The page showing `turns`, with Send and Regenerate ready again and the box as the user left it;
+        `unsent`: the message that failed, for the page to put back in the box if it is still empty."""
         ready = gr.update(interactive=True)
-        return text, to_chatbot(turns), last_stats(turns), turns, ready, ready
+        return gr.skip(), unsent, to_chatbot(turns), last_stats(turns), turns, ready, ready
 
 
 def build(
@@ -311,6 +317,7 @@ def build(
                         elem_id="message",
                     )
                     send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+                    unsent = gr.Textbox(visible=False, elem_id="unsent")  # a message that failed
                 with gr.Row():
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")
                     regenerate = gr.Button("Regenerate", elem_id="regenerate")
@@ -346,10 +353,11 @@ def build(
             [textbox.submit, send.click],
             ui.respond,
             [textbox, turns, *settings],
-            [textbox, chatbot, status, turns, *busy],
+            [textbox, unsent, chatbot, status, turns, *busy],
             concurrency_limit=None,
             api_name="chat",
         )
+        sending.failure(None, [unsent, textbox], [textbox, unsent], js=PUT_BACK, api_visibility="private")
         again = regenerate.click(
             ui.regenerate,
             [turns, *settings],
