@@ -396,6 +396,10 @@ def wait_for(predicate, timeout: float = 20) -> bool:
 def test_queue_full_is_429_with_retry_after(tiny_engine):
     app = create_app(tiny_engine, model_name=MODEL, max_batch_size=1, max_queue=1)
     batcher = app.state.batcher
+    step = batcher._rows.step
+    batcher._rows.step = lambda tokens: (time.sleep(0.01), step(tokens))[
+        1
+    ]  # 900 tokens: 9 s, not to end first
     long = greedy(messages=HELLO, max_tokens=900, stream=True, extra_body={"ignore_eos": True})
     with serving(app) as url:
         api = client(url)
