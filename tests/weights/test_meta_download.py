@@ -51,6 +51,7 @@ class Server(ThreadingHTTPServer):
         self.drops: dict[str, int] = {}  # path -> how many more body responses to cut short
         self.drop_at = 50_000
         self.missing_status = 404  # S3 answers 403 for a key that a presigned URL cannot list
+        self.content_range_on_416 = True  # the file's size, which not every server sends with a 416
         self.log: list[tuple[str, str | None, int]] = []  # (path, Range header, status)
 
     @property
@@ -95,7 +96,8 @@ class Handler(BaseHTTPRequestHandler):
             end = min(int(match[2]), len(data) - 1) if match[2] else len(data) - 1
             if start >= len(data):
                 server.log.append((path, rng, 416))
-                return self._answer(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+                size = {"Content-Range": f"bytes */{len(data)}"} if server.content_range_on_416 else {}
+                return self._answer(416, b"", size)
             status = 206
         server.log.append((path, rng, status))
         body = data[start : end + 1]
@@ -171,6 +173,16 @@ def test_partial_file_from_an_earlier_run_is_resumed(server, tmp_path):
     assert run(server, target) == 0
     assert_identical(server, target, ("7B",))
     assert server.gets("7B/consolidated.00.pth") == [("bytes=123456-", 206)]
+
+
+def test_complete_partial_file_is_not_fetched_again(server, tmp_path):
+    server.content_range_on_416 = False  # a 416 would not say that the part already has every byte
+    target = tmp_path / "llama"
+    (target / "7B").mkdir(parents=True)  # interrupted during the md5 check, before the rename
+    (target / "7B/consolidated.00.pth.part").write_bytes(server.files["7B/consolidated.00.pth"])
+    assert run(server, target) == 0
+    assert_identical(server, target, ("7B",))
+    assert server.gets("7B/consolidated.00.pth") == []
 
 
 def test_rerun_skips_verified_files_and_redownloads_corrupt_ones(server, tmp_path):

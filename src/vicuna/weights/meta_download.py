@@ -233,6 +233,8 @@ class Fetcher:
         def attempt(progressed):
             have = part.stat().st_size if part.exists() else 0
             self.bars.update(task, completed=have)
+            if have and have == total:  # complete (e.g. interrupted during its md5): nothing to ask for
+                return
             with self._get(url, name, {"Range": f"bytes={have}-"} if have else {}) as response:
                 # 416: nothing left after `have`, so the part is complete or longer than the file
                 if response.status_code == 416:
