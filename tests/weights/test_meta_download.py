@@ -297,6 +297,18 @@ def test_bad_arguments(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+def test_a_second_run_into_the_same_folder_is_refused(server, tmp_path, capsys):
+    from vicuna.weights.disk import one_writer
+
+    target = tmp_path / "my llama"
+    with one_writer(target, target):  # as a first run, still downloading, holds it
+        assert run(server, target) == 2
+    assert f"another vicuna job is writing {target} now; wait for it" in capsys.readouterr().err
+    assert server.log == []
+    assert run(server, target) == 0  # once the first run has ended
+    assert_identical(server, target, ("7B",))
+
+
 def test_error_page_instead_of_a_checklist_is_not_kept(server, tmp_path, capsys):
     server.files["7B/checklist.chk"] = b"<html><body>Service Unavailable</body></html>"
     assert run(server, tmp_path / "llama") == 2

@@ -15,7 +15,7 @@ import shlex
 import shutil
 import sys
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from vicuna.errors import ModelLoadError, VicunaError
-from vicuna.weights.disk import ensure_free_space
+from vicuna.weights.disk import ensure_free_space, one_writer
 from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -331,30 +331,6 @@ def _prepare_staging(out: Path, staging: Path, plan_record: dict) -> None:
     tmp = staging / f"{PLAN_NAME}.tmp"
     tmp.write_text(json.dumps(plan_record), encoding="utf-8")
     os.replace(tmp, marker)
-
-
-@contextlib.contextmanager
-def one_writer(out: Path, staging: Path) -> Iterator[None]:
-    """Refuse a second job writing `out` while one is (two would overwrite each other's files in `staging`): a
-    lock on a hidden file beside it, let go when the job ends or its process dies."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock
-        yield
-        return
-    lock = staging.with_name(f".{staging.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VicunaError(
-                f"another vicuna job is writing {out} now ({staging}); wait for it to finish or stop it"
-            ) from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
 
 
 def write_checkpoint(

@@ -1,9 +1,11 @@
-"""Free-disk check run before a download or a merge, so a long job is refused up front with the amount
-it needs instead of failing hours later on a full disk."""
+"""Guards run before a download or a merge: the free-disk check, so a long job is refused up front with the
+amount it needs instead of failing hours later on a full disk, and the one-writer lock on its output."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vicuna.errors import VicunaError
@@ -32,3 +34,29 @@ def ensure_free_space(folder: Path, needed_bytes: int, what: str) -> None:
             f"{what} needs {size(needed_bytes)} of free disk in {folder}, but only {size(free)} "
             f"is available there; free {size(needed_bytes - free)} or choose another folder"
         )
+
+
+@contextmanager
+def one_writer(out: Path, staging: Path) -> Iterator[None]:
+    """Refuse a second job writing `out` while one is (two would overwrite each other's files in `staging`): a
+    lock on a hidden file beside it, let go when the job ends or its process dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    lock = staging.with_name(f".{staging.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VicunaError(
+                f"another vicuna job is writing {out} now"
+                + (f" ({staging})" if staging != out else "")
+                + "; wait for it to finish or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)

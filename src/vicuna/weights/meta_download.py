@@ -289,7 +289,7 @@ def download_llama(
         TransferSpeedColumn,
     )
 
-    from vicuna.weights.disk import ensure_free_space
+    from vicuna.weights.disk import ensure_free_space, one_writer
 
     if "*" not in url or not url.startswith(("http://", "https://")):
         raise VicunaError(
@@ -299,6 +299,7 @@ def download_llama(
     target.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with (
+        one_writer(target, target),  # two runs would write the same .part files
         httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0)) as client,
         Progress(*columns, TimeRemainingColumn(), disable=not progress) as bars,
     ):
