@@ -72,6 +72,7 @@ class FakeHub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.repos = repos
         self.corrupt: set[str] = set()  # files served with wrong bytes
+        self.forbidden: set[str] = set()  # files answered with a plain 403 (no Hub error code)
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
 
     @property
@@ -134,6 +135,8 @@ class HubHandler(BaseHTTPRequestHandler):
             name = "/".join(parts[4:])
             data = files[name]
             etag = hashlib.sha256(data).hexdigest() if _lfs(data) else hashlib.sha1(data).hexdigest()
+            if name in hub.forbidden:
+                return self._send(403, b"Forbidden", {}, head)
             if name in hub.corrupt:
                 data = bytes(len(data))
             return self._send(200, data, {"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'}, head)
@@ -207,6 +210,14 @@ def test_hash_mismatch_deletes_the_file_and_says_so(hub, tmp_path, capsys):
     hub.corrupt = set()
     assert main(["download", "org/tiny", "--dir", str(target)]) == 0  # the re-run fetches it again
     assert (target / "model.safetensors").read_bytes() == REPO["model.safetensors"]
+
+
+def test_an_error_answer_for_a_file_is_reported_as_such(hub, tmp_path, capsys):
+    hub.forbidden = {"model.safetensors"}  # e.g. a proxy or mirror that refuses the file
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "tiny")]) == 2
+    err = capsys.readouterr().err
+    assert f"{hub.endpoint} answered an error for org/tiny: 403" in err and "model.safetensors" in err
+    assert "check your connection" not in err
 
 
 def test_unknown_repo_and_no_matching_files(hub, tmp_path, capsys):

@@ -110,6 +110,8 @@ def hub_errors(repo_id: str) -> Iterator[None]:
     except HfHubHTTPError as err:
         raise VicunaError(f"{endpoint} answered an error for {repo_id}: {err}") from err
     except LocalEntryNotFoundError as err:
+        if isinstance(err.__cause__, HfHubHTTPError):  # huggingface_hub blames the connection for any answer
+            raise VicunaError(f"{endpoint} answered an error for {repo_id}: {err.__cause__}") from err
         raise VicunaError(f"cannot download {repo_id} from {endpoint}: {err}") from err
     except Exception as err:
         # huggingface_hub's HTTP client (httpx or httpx2, depending on its version) raises its own errors
