@@ -215,6 +215,30 @@ def test_merged_release_recipe(models, tmp_path, monkeypatch, capsys):
         hub.server_close()
 
 
+def test_interrupted_merged_release_does_not_look_finished(models, tmp_path, monkeypatch, capsys):
+    from vicuna.weights import hub as hub_module
+
+    hub = _serve(monkeypatch, {"lmsys/vicuna-7b-v1.5": models["target"]})
+    model = tmp_path / "vicuna-7b-v1.5"
+    try:
+        with monkeypatch.context() as patch:  # killed after the files came, before they were checked
+
+            def interrupted(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            patch.setattr(hub_module, "check_files", interrupted)
+            assert main(["get", "vicuna-7b-v1.5", "--dir", str(tmp_path), "--no-smoke-test"]) == 130
+        assert not model.exists()  # no folder with a config and weights that is not complete and checked
+        hub.log.clear()
+        assert main(["get", "vicuna-7b-v1.5", "--dir", str(tmp_path), "--no-smoke-test"]) == 0
+        assert hub.downloads() == []  # the files already fetched were kept
+        assert (model / "SHA256SUMS").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["vicuna-7b-v1.5"]
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
 def test_bad_requests(models, tmp_path, capsys):
     assert main(["get", "vicuna-99b", "--dir", str(tmp_path)]) == 2
     assert "unknown model 'vicuna-99b': choose one of vicuna-7b-v1.1" in capsys.readouterr().err

@@ -3,7 +3,8 @@ the delta (or a merged release), merge them, verify the sha256 manifest, and run
 must end on EOS (a wrong BOS/EOS setup makes a model "never stop").
 
 Every step leaves a folder that says it is done (a downloaded or merged folder with its `SHA256SUMS`, written
-last), so a re-run after an interruption skips finished steps and resumes the unfinished one. A merged model
+last), so a re-run after an interruption skips finished steps and resumes the unfinished one. The model is
+made or downloaded in `NAME.partial`, renamed to `NAME` once it is complete and checked. A merged model
 records what it was merged from (`RECORD_NAME`), so a re-run with another base or delta is refused rather
 than answered with the old merge.
 """
@@ -179,8 +180,8 @@ def get(
     model = workdir / name
     finished = (model / MANIFEST_NAME).is_file()
 
-    if recipe and recipe.merged:
-        sources = [Source("model", model, recipe.merged)]
+    if recipe and recipe.merged:  # fetched into NAME.partial, renamed once complete and checked
+        sources = [Source("model", model.with_name(model.name + ".partial"), recipe.merged)]
     else:
         sources = [resolve_source(base, "base", workdir), resolve_source(delta, "delta", workdir)]
     if finished and len(sources) == 2:
@@ -207,6 +208,8 @@ def get(
     for source, plan in plans:
         print(f"[{name}] downloading the {source.role}: {source.repo_id} -> {source.folder}")
         download(source.repo_id, source.folder, plan=plan)
+    if len(sources) == 1 and not finished:
+        sources[0].folder.replace(model)
 
     if len(sources) == 2 and not finished:
         from vicuna.weights.delta import apply_delta
