@@ -222,7 +222,8 @@ def test_expired_url_gives_a_clear_error(server, tmp_path, capsys):
     url = server.url.replace("sig=ok", "sig=old")
     assert main(["download-llama", "--url", url, "--dir", str(tmp_path / "llama")]) == 2
     err = capsys.readouterr().err
-    assert "HTTP 403" in err and "expired" in err
+    assert "HTTP 403 for tokenizer_checklist.chk" in err and "expired" in err
+    assert "request a new one from Meta and run again with it, the files already here are kept" in err
 
 
 def test_llama_2_layout(tmp_path):

@@ -187,8 +187,9 @@ class Fetcher:
                     raise _Retry(f"HTTP {response.status_code}")
                 if response.status_code >= 400 and response.status_code != 416:
                     hint = {
-                        403: " (the presigned URL has probably expired: request a new one; or there is no "
-                        f"{name} under this URL: {LAYOUT})",
+                        403: " (the presigned URL has probably expired: Meta's links last 24 hours and a "
+                        "number of downloads; request a new one from Meta and run again with it, the files "
+                        f"already here are kept; or there is no {name} under this URL: {LAYOUT})",
                         404: f" (there is no {name} under this URL: {LAYOUT})",
                     }.get(response.status_code, "")
                     raise VicunaError(f"the server answered HTTP {response.status_code} for {name}{hint}")
