@@ -288,6 +288,40 @@ def test_refuses_when_the_disk_is_too_small(server, tmp_path, capsys, monkeypatc
     assert server.gets("7B/consolidated.00.pth") == []
 
 
+def test_disk_full_during_a_download_keeps_the_part_and_says_where(server, tmp_path, capsys, monkeypatch):
+    import errno
+    import pathlib
+
+    real_open = pathlib.Path.open
+
+    def open_on_a_filling_disk(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if path.name == "consolidated.00.pth.part":
+            write, room = handle.write, [60_000]
+
+            def write_until_full(data):
+                if len(data) > room[0]:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                room[0] -= len(data)
+                return write(data)
+
+            handle.write = write_until_full
+        return handle
+
+    target = tmp_path / "llama"
+    with monkeypatch.context() as patch:
+        patch.setattr(pathlib.Path, "open", open_on_a_filling_disk)
+        assert run(server, target) == 2
+    err = capsys.readouterr().err
+    part = target / "7B/consolidated.00.pth.part"
+    assert f"writing {part} failed: No space left on device" in err and "run the same command again" in err
+    kept = part.stat().st_size
+    assert 0 < kept <= 60_000
+    assert run(server, target) == 0  # space freed: the run goes on from the kept bytes
+    assert_identical(server, target, ("7B",))
+    assert server.gets("7B/consolidated.00.pth")[-1] == (f"bytes={kept}-", 206)
+
+
 def test_bad_arguments(tmp_path, capsys):
     assert main(["download-llama", "--url", "https://x/y?sig=1", "--dir", str(tmp_path)]) == 2
     assert "'*'" in capsys.readouterr().err

@@ -247,13 +247,19 @@ class Fetcher:
                 if have and not start:
                     self.bars.console.print(f"{name}: the server ignored the range request; starting again")
                     self.bars.update(task, completed=0)
-                with part.open("r+b" if start else "wb") as f:
-                    f.seek(start)
-                    f.truncate()
-                    for chunk in response.iter_bytes():  # as it arrives: a drop loses nothing
-                        f.write(chunk)
-                        progressed[0] = True
-                        self.bars.advance(task, len(chunk))
+                try:
+                    with part.open("r+b" if start else "wb") as f:
+                        f.seek(start)
+                        f.truncate()
+                        for chunk in response.iter_bytes():  # as it arrives: a drop loses nothing
+                            f.write(chunk)
+                            progressed[0] = True
+                            self.bars.advance(task, len(chunk))
+                except OSError as err:  # a full disk, say: not worth a retry
+                    raise VicunaError(
+                        f"writing {part} failed: {err.strerror or err}; the bytes written so far are kept: "
+                        "free some space and run the same command again to go on"
+                    ) from err
             size = part.stat().st_size
             if total is not None and size != total:
                 if size > total:  # not a resumable state: start over, and count it as a failure
