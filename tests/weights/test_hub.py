@@ -225,6 +225,19 @@ def test_unknown_repo_and_no_matching_files(hub, tmp_path, capsys):
     assert "org/missing was not found on http://127.0.0.1" in capsys.readouterr().err
     assert main(["download", "org/tiny", "--include", "*.gguf", "--dir", str(tmp_path / "m")]) == 2
     assert "org/tiny has no file match *.gguf" in capsys.readouterr().err
+    # the flag may come before the repo id: it takes one pattern (repeated for more), not what follows
+    argv = [
+        "download",
+        "--include",
+        "*.gguf",
+        "--include",
+        "*.ggml",
+        "org/tiny",
+        "--dir",
+        str(tmp_path / "m"),
+    ]
+    assert main(argv) == 2
+    assert "org/tiny has no file match *.gguf *.ggml" in capsys.readouterr().err
 
 
 def test_unreachable_endpoint(monkeypatch, tmp_path, capsys):

@@ -29,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dir", type=Path, help="target folder (default: $VICUNA_HOME/models/OWNER--NAME)")
     parser.add_argument(
         "--include",
-        nargs="+",
+        action="append",  # one pattern each: a list after the flag would take the repo id written after it
         metavar="PATTERN",
-        help="only files matching these glob patterns, e.g. '*.json' 'tokenizer.model'",
+        help="only files matching this glob pattern; repeat for more, e.g. --include '*.json' --include "
+        "tokenizer.model",
     )
     parser.add_argument(
         "--repo-type", choices=("model", "dataset"), default="model", help="the repository's kind"
