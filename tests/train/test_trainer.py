@@ -211,6 +211,18 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_llama_dir, data_file, 
     assert any(not torch.equal(straight[n], base[n]) for n in straight)  # it did train
 
 
+def test_a_checkpoint_killed_while_its_state_was_written_is_not_resumed_from(tmp_path):
+    """The Trainer writes trainer_state.json last and in place: cut short, the checkpoint is incomplete."""
+    from vicuna.train.trainer import last_checkpoint
+
+    state = json.dumps({"global_step": 3, "max_steps": 9, "log_history": []})
+    for step, text in ((3, state), (6, state.replace("3", "6")[:20]), (9, "")):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(text)
+    (tmp_path / "checkpoint-12").mkdir()  # killed before the state was begun
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+
+
 def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, capsys):
     import torch
 

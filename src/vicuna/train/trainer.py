@@ -204,13 +204,22 @@ def fit_max_length(max_length: int | None, config: Any, folder: Path) -> int:
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` (the Trainer writes trainer_state.json last)."""
+    """The newest complete `checkpoint-N`: the Trainer writes trainer_state.json last, in place, so a job
+    killed while writing it leaves a checkpoint whose state does not parse."""
     done = [
         p
         for p in output_dir.glob("checkpoint-*")
-        if p.name.removeprefix("checkpoint-").isdigit() and (p / "trainer_state.json").is_file()
+        if p.name.removeprefix("checkpoint-").isdigit() and is_json_file(p / "trainer_state.json")
     ]
     return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+
+
+def is_json_file(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True
 
 
 def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict[str, Any]:
