@@ -223,6 +223,34 @@ def test_a_checkpoint_killed_while_its_state_was_written_is_not_resumed_from(tmp
     assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
 
 
+def test_a_run_killed_after_its_last_checkpoint_resumes_without_a_step_more(
+    tiny_llama_dir, data_file, tmp_path
+):
+    """Killed while the final model is written, a run resumes from its last checkpoint: the Trainer
+    would train one step past the end (a constant learning rate makes that step change the weights)."""
+    import torch
+
+    from vicuna.train.trainer import TrainConfig, train
+
+    def config(out: str, **overrides) -> TrainConfig:
+        settings = dict(
+            data=data_file, output_dir=tmp_path / out, model_path=str(tiny_llama_dir), max_steps=3
+        )
+        settings.update(
+            batch_size=2, save_steps=3, lr=1e-3, lr_scheduler="constant_with_warmup", progress=False
+        )
+        return TrainConfig(**{**settings, **overrides})
+
+    train(config("straight"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config("resumed"), callbacks=[crash_after_checkpoint(3)])
+    train(config("resumed", resume=True))
+    assert not (tmp_path / "resumed" / "checkpoint-4").exists()
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
 def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, capsys):
     import torch
 

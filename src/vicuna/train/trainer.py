@@ -480,6 +480,24 @@ def progress_callback() -> Any:
     return Progress
 
 
+class TrainingDone(Exception):
+    """The checkpoint resumed from is the run's last step: nothing is left to train."""
+
+
+def stop_at_the_end() -> Any:
+    """A callback that ends a run resumed from its last step before it trains a step more: the Trainer
+    checks for the end only after a step (a job killed while the final model was written would get one
+    step more than an uninterrupted run)."""
+    from transformers import TrainerCallback
+
+    class StopAtTheEnd(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step >= state.max_steps:
+                raise TrainingDone
+
+    return StopAtTheEnd()
+
+
 # --- the run -----------------------------------------------------------------------------------------
 
 
@@ -546,13 +564,16 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.examples],
         data_collator=PadCollator(pad_id if pad_id is not None else 0),
         processing_class=tokenizer,
-        callbacks=list(callbacks),
+        callbacks=[*callbacks, stop_at_the_end()],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if show:
         trainer.add_callback(progress_callback())
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except TrainingDone:  # the weights are the checkpoint's: they only need writing as the final model
+        trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
     # a full model goes back to the base's precision: the Trainer holds a float32 copy, twice a 16-bit base
     save_final(trainer, cfg.output_dir, template.name, is_main, None if cfg.lora else stored_dtype(folder))
     if show:
