@@ -311,6 +311,14 @@ def test_an_output_dir_that_holds_a_model_is_refused(tiny_llama_dir, data_file, 
     assert not (other / "vicuna-train.json").exists()
 
 
+def test_max_steps_0_is_refused_before_anything_is_written(tiny_llama_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "0"]) == 2  # it trained nothing and wrote the base model as the result
+    assert "--max-steps must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 LONG = [
     {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Paris. " * 200}]}
 ]

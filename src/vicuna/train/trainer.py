@@ -83,6 +83,10 @@ class TrainConfig:
                 "--batch-size and --grad-accum must be at least 1",
             ),
             (self.epochs > 0 or self.max_steps > 0, "--epochs or --max-steps must be positive"),
+            (
+                self.max_steps == -1 or self.max_steps > 0,
+                "--max-steps must be at least 1 (leave it out to let --epochs decide)",
+            ),
             (self.lr > 0, "--lr must be positive"),
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (
