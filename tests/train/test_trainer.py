@@ -302,6 +302,9 @@ def test_an_output_dir_that_holds_a_model_is_refused(tiny_llama_dir, data_file, 
     err = capsys.readouterr().err
     assert "is the model folder (--model-path" in err and "choose another --output-dir" in err
     assert sorted(p.name for p in model.iterdir()) == before  # nothing written into it
+    assert cli([*args, "--model-path", str(model), "--output-dir", str(model / "trained")]) == 2
+    assert "is inside the model folder" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before
 
     other = Path(shutil.copytree(tiny_llama_dir, tmp_path / "other"))
     assert cli([*args, "--model-path", str(tiny_llama_dir), "--output-dir", str(other)]) == 2

@@ -256,6 +256,11 @@ def start_or_resume(
             f"--output-dir {cfg.output_dir} is the model folder (--model-path {model_folder}); the "
             "trained model would be written into it beside the original: choose another --output-dir"
         )
+    if model_folder.resolve() in cfg.output_dir.resolve().parents:  # its SHA256SUMS would fail to verify
+        raise VicunaError(
+            f"--output-dir {cfg.output_dir} is inside the model folder (--model-path {model_folder}), "
+            "which would then hold the checkpoints and a second model: choose another --output-dir"
+        )
     checkpoint = last_checkpoint(cfg.output_dir) if cfg.output_dir.is_dir() else None
     if not cfg.resume:
         if checkpoint is not None or (cfg.output_dir / RECORDED_TEMPLATE).is_file():
