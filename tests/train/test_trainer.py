@@ -251,6 +251,23 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_without_a_step_more(
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
 
 
+def test_a_full_disk_while_a_checkpoint_is_written_is_a_clear_error(
+    tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):  # what torch.save raises when the disk fills up mid-file
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 107840 vs 107728")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "2", "--save-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}: a checkpoint could not be written in full (" in err and "--resume" in err
+    assert "Traceback" not in err
+
+
 def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, capsys):
     import torch
 

@@ -583,6 +583,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except TrainingDone:  # the weights are the checkpoint's: they only need writing as the final model
         trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
+    except RuntimeError as err:
+        if "unexpected pos" not in str(err):  # torch.save's words for a write that fell short
+            raise
+        free = shutil.disk_usage(cfg.output_dir).free
+        raise VicunaError(
+            f"{cfg.output_dir}: a checkpoint could not be written in full ({free / 2**20:.0f} MiB free on "
+            "its disk; the disk is probably full). Free some space and run again with --resume, which "
+            "goes on from the last complete checkpoint"
+        ) from None
     # a full model goes back to the base's precision: the Trainer holds a float32 copy, twice a 16-bit base
     save_final(trainer, cfg.output_dir, template.name, is_main, None if cfg.lora else stored_dtype(folder))
     if show:
