@@ -268,6 +268,17 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_a_clear_error(
     assert "Traceback" not in err
 
 
+def test_piped_output_is_lines_without_a_redrawn_bar(tiny_llama_dir, data_file, tmp_path, capfd):
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2"]) == 0
+    printed = capfd.readouterr()
+    assert "\r" not in printed.out + printed.err  # a bar redrawn in a log file makes one endless line
+    lines = printed.out.splitlines()
+    assert [line.split("  loss")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+    assert any(line.startswith("done: 2 steps in ") for line in lines)
+
+
 def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, capsys):
     import torch
 

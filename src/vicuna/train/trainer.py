@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -468,21 +469,43 @@ def trainer_class() -> Any:
 
 
 def progress_callback() -> Any:
-    """Trainer's progress bar, with one readable line per logging step instead of a dict."""
+    """Trainer's progress bar, with one readable line per logging step instead of a dict; piped to a
+    file, the lines alone (a bar redrawn with carriage returns would make one endless line of it)."""
+    import sys
+
     from transformers.trainer_callback import ProgressCallback
 
     class Progress(ProgressCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.plain = not sys.stderr.isatty()
+
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if not self.plain:
+                super().on_train_begin(args, state, control, **kwargs)
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if not self.plain:
+                super().on_step_end(args, state, control, **kwargs)
+
+        def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if not self.plain:
+                super().on_train_end(args, state, control, **kwargs)
+
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-            if not state.is_world_process_zero or self.training_bar is None or not logs:
+            if not state.is_world_process_zero or not logs:
                 return
+            if self.training_bar is None and not self.plain:
+                return
+            write = (lambda line: print(line, flush=True)) if self.plain else self.training_bar.write
             if "loss" in logs:
                 line = f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}"
                 line += f"  lr {logs.get('learning_rate', 0):.2e}"
                 if "train_tokens_per_second" in logs:
                     line += f"  {logs['train_tokens_per_second']:.0f} tokens/s"
-                self.training_bar.write(line)
+                write(line)
             elif "train_loss" in logs:
-                self.training_bar.write(
+                write(
                     f"done: {state.global_step} steps in {logs['train_runtime']:.1f}s, mean loss {logs['train_loss']:.4f}"
                 )
 
@@ -565,6 +588,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
+    if not sys.stderr.isatty():  # transformers' bars for loading and saving weights, as progress_callback
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     model = load_model(folder, cfg, compute_dtype, tokenizer, show=show)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = trainer_class()(
