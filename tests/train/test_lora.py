@@ -81,6 +81,7 @@ def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, 
     assert "warning" not in capsys.readouterr().err  # its own base
     assert json.loads((out / "vicuna.json").read_text()) == {"conv_template": "chatml"}
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    assert cli(["verify", str(out), "--no-progress"]) == 0
 
     ids = torch.tensor([[1, 17, 42, 99, 150, 7, 230, 5]])
     with torch.no_grad():

@@ -101,6 +101,8 @@ def test_loss_goes_down_and_the_trained_folder_chats(trained, tiny_llama_dir):
 
     assert json.loads((trained / "vicuna.json").read_text()) == {"conv_template": "llama-2"}
     assert (trained / "checkpoint-60" / "trainer_state.json").is_file()
+    # the model has its manifest (the checkpoints beside it are not a loader's files)
+    assert cli(["verify", str(trained), "--no-progress"]) == 0
     engine = load_engine(ModelSettings(model_path=str(trained), device="cpu"), progress=False)
     assert engine.template.name == "llama-2"  # the recorded template, not the name-based default
     events = list(engine.chat([Message("user", "Hello!")], SamplingParams(temperature=0, max_new_tokens=20)))

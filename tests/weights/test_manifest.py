@@ -61,6 +61,11 @@ def test_verify_names_added_files_a_loader_would_read(folder):
         f"not in the manifest: {folder / 'pytorch_model.bin'} (a loader would read it)",
         f"not in the manifest: {folder / 'sub' / 'tokenizer_config.json'} (a loader would read it)",
     ]
+    # a training run's checkpoint beside the model it wrote is a state to resume from, not the model's
+    (folder / "checkpoint-30").mkdir()
+    (folder / "checkpoint-30" / "trainer_state.json").write_text("{}")
+    (folder / "checkpoint-30" / "model.safetensors").write_bytes(b"weights")
+    assert len(verify_manifest(folder, progress=False)) == 2
 
 
 def test_verify_command(folder, capsys):

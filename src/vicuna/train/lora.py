@@ -50,6 +50,7 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
 
     from vicuna.engine.loader import check_tokenizer, load_tokenizer, read_config, resolve_model_path
     from vicuna.train.trainer import quiet_peft
+    from vicuna.weights.manifest import write_manifest
 
     if not (adapter / "adapter_config.json").is_file():
         raise VicunaError(f"{adapter}: no adapter_config.json; expected a LoRA adapter folder")
@@ -88,6 +89,7 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
         if (source / RECORDED_TEMPLATE).is_file():
             shutil.copyfile(source / RECORDED_TEMPLATE, tmp / RECORDED_TEMPLATE)
             break
+    write_manifest(tmp, progress=sys.stderr.isatty())
     tmp.rename(output)
     return output
 

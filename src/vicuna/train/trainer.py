@@ -697,14 +697,19 @@ def save_final(
     trainer.save_model(str(tmp))  # every process: FSDP and ZeRO-3 gather the weights collectively
     if is_main:
         from vicuna.weights.checkpoint import new_file_mode
+        from vicuna.weights.manifest import MANIFEST_NAME, write_manifest
 
         if dtype is not None:
             cast_weights(tmp, dtype)
         (tmp / RECORDED_TEMPLATE).write_text(
             json.dumps({"conv_template": template_name}) + "\n", encoding="utf-8"
         )
+        if (output_dir / RUN_RECORD).is_file():  # the run's settings, listed with the model's files
+            shutil.copyfile(output_dir / RUN_RECORD, tmp / RUN_RECORD)
+        write_manifest(tmp, progress=sys.stderr.isatty())  # the model's files, not the checkpoints beside it
         mode = new_file_mode()  # safetensors writes files only their owner may read
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name == RECORDED_TEMPLATE):
+        # the manifest and then the template record last: the record says the model is there
+        for f in sorted(tmp.iterdir(), key=lambda p: (p.name == RECORDED_TEMPLATE, p.name == MANIFEST_NAME)):
             if f.is_file():
                 os.chmod(f, mode)
                 os.replace(f, output_dir / f.name)

@@ -116,6 +116,13 @@ def read_manifest(folder: Path) -> dict[str, str]:
     return entries
 
 
+def _in_training_checkpoint(folder: Path, rel: str) -> bool:
+    """Whether `rel` lies in a training run's checkpoint (`vicuna train`'s checkpoint-N, beside the model it
+    wrote): a state to resume from, of its own, not a file a loader of `folder` reads."""
+    top = rel.split("/")[0]
+    return top != rel and (folder / top / "trainer_state.json").is_file()
+
+
 def verify_manifest(folder: Path, *, progress: bool = True) -> list[str]:
     """Recheck `folder` against its manifest: one line per missing or changed file, and per file a loader
     would read that the manifest does not list (empty: all match).
@@ -126,7 +133,7 @@ def verify_manifest(folder: Path, *, progress: bool = True) -> list[str]:
     problems += [
         f"not in the manifest: {folder / rel} (a loader would read it)"
         for rel in _listed_files(folder)
-        if rel not in entries and rel.endswith(LOADED_SUFFIXES)
+        if rel not in entries and rel.endswith(LOADED_SUFFIXES) and not _in_training_checkpoint(folder, rel)
     ]
     present = [rel for rel in entries if (folder / rel).is_file()]
     total = sum((folder / rel).stat().st_size for rel in present)
