@@ -201,7 +201,9 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_llama_dir, data_file, 
     with pytest.raises(VicunaError, match="no complete checkpoint"):
         train(config("fresh", resume=True))
 
+    capsys.readouterr()
     train(config("resumed", resume=True))
+    assert "done: 6 steps; the 3 since the resume in " in capsys.readouterr().out  # its mean loss is theirs
     straight, resumed, base = (
         weights(tmp_path / "straight"),
         weights(tmp_path / "resumed"),

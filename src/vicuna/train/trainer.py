@@ -481,6 +481,7 @@ def progress_callback() -> Any:
             self.plain = not sys.stderr.isatty()
 
         def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            self.first_step = state.global_step  # past 0 when resumed
             if not self.plain:
                 super().on_train_begin(args, state, control, **kwargs)
 
@@ -504,10 +505,14 @@ def progress_callback() -> Any:
                 if "train_tokens_per_second" in logs:
                     line += f"  {logs['train_tokens_per_second']:.0f} tokens/s"
                 write(line)
-            elif "train_loss" in logs:
-                write(
-                    f"done: {state.global_step} steps in {logs['train_runtime']:.1f}s, mean loss {logs['train_loss']:.4f}"
+            elif "train_loss" in logs:  # the Trainer's figures are of the steps run since the start or resume
+                ran = state.global_step - getattr(self, "first_step", 0)
+                steps = (
+                    f"{ran} steps"
+                    if ran == state.global_step
+                    else f"{state.global_step} steps; the {ran} since the resume"
                 )
+                write(f"done: {steps} in {logs['train_runtime']:.1f}s, mean loss {logs['train_loss']:.4f}")
 
     return Progress
 
