@@ -283,7 +283,10 @@ def start_or_resume(
             tmp.replace(path)
         return None
     if checkpoint is None:
-        raise VicunaError(f"--resume: {cfg.output_dir} has no complete checkpoint-N folder to resume from")
+        raise VicunaError(
+            f"--resume: {cfg.output_dir} has no complete checkpoint-N folder to resume from (a run stopped "
+            "before its first checkpoint was written): run the command without --resume to start again"
+        )
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key, value in record.items():
