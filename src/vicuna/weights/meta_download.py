@@ -320,8 +320,17 @@ def download_llama(
             if not path.exists():
                 part = _part(path)
                 fetcher.fetch(url.replace("*", checklist, 1), part, checklist, None)
-                try:  # an error page served with 200 must not be kept as the checklist
-                    parse_checklist(part)
+                try:  # an error page served with 200, or one cut short, must not be kept as the checklist
+                    listed = parse_checklist(part)
+                    missing = [
+                        Path(n).name for n, chk in files if chk == checklist and Path(n).name not in listed
+                    ]
+                    if missing:  # a connection closed at a line's end, with no size to tell it by
+                        raise VicunaError(
+                            f"{url.replace('*', checklist, 1)} gave a checklist with no md5 for "
+                            f"{', '.join(missing)} (cut short, or not this model's): it was not kept; run the "
+                            "same command again"
+                        )
                 except VicunaError:
                     part.unlink()
                     raise
