@@ -353,5 +353,5 @@ def test_error_page_instead_of_a_checklist_is_not_kept(server, tmp_path, capsys)
     # one cut short at a line's end (no Content-Length to tell it by) is not kept either
     server.files["7B/checklist.chk"] = make_release()["7B/checklist.chk"].split(b"\n", 1)[0] + b"\n"
     assert run(server, tmp_path / "llama") == 2
-    assert "gave a checklist with no md5 for" in capsys.readouterr().err
+    assert "the server's 7B/checklist.chk has no md5 for consolidated.00.pth" in capsys.readouterr().err
     assert not list((tmp_path / "llama" / "7B").iterdir())

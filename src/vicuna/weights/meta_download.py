@@ -327,9 +327,8 @@ def download_llama(
                     ]
                     if missing:  # a connection closed at a line's end, with no size to tell it by
                         raise VicunaError(
-                            f"{url.replace('*', checklist, 1)} gave a checklist with no md5 for "
-                            f"{', '.join(missing)} (cut short, or not this model's): it was not kept; run the "
-                            "same command again"
+                            f"the server's {checklist} has no md5 for {', '.join(missing)} (cut short, or not "
+                            "this model's): it was not kept; run the same command again"
                         )
                 except VicunaError:
                     part.unlink()
