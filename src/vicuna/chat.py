@@ -95,15 +95,22 @@ class TerminalIO:
             if not self.interactive:
                 line = sys.stdin.readline()
                 return line.rstrip("\r\n") if line else None  # "\r": a file with Windows line ends
-            first = input("USER: ").rstrip("\r")
-            if not self.multiline:
-                return first
-            lines = [first]
-            while lines[-1]:
-                lines.append(input("...: ").rstrip("\r"))
-            return "\n".join(lines).rstrip("\n")
+            while True:
+                try:
+                    return self._read_typed()
+                except KeyboardInterrupt:  # as in a shell: the line typed so far goes, the chat stays
+                    print("\n(Ctrl-D or !!exit ends the chat)", flush=True)
         except EOFError:
             return None
+
+    def _read_typed(self) -> str:
+        first = input("USER: ").rstrip("\r")
+        if not self.multiline:
+            return first
+        lines = [first]
+        while lines[-1]:
+            lines.append(input("...: ").rstrip("\r"))
+        return "\n".join(lines).rstrip("\n")
 
     def info(self, text: str) -> None:
         print(text, file=sys.stderr if not self.interactive else sys.stdout, flush=True)

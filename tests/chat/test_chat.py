@@ -333,3 +333,71 @@ def test_a_long_message_typed_or_pasted_in_a_terminal_arrives_whole():
         child.wait()
         os.close(master)
     assert out.rpartition(b"got ")[2].split()[0] == str(len(message)).encode()
+
+
+class Pty:
+    """A Python child on a pseudo-terminal, as a user at a terminal runs it: write keys, wait for text."""
+
+    def __init__(self, script):
+        import pty
+
+        self.master, slave = pty.openpty()
+        self.child = subprocess.Popen([sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        self.out = b""
+
+    def expect(self, text, timeout=60):
+        import select
+
+        while text.encode() not in self.out:
+            assert select.select([self.master], [], [], timeout)[0], self.out[-300:]
+            try:
+                self.out += os.read(self.master, 65536)
+            except OSError:  # the child has gone
+                raise AssertionError(self.out[-300:]) from None
+        found = self.out.index(text.encode()) + len(text)
+        seen, self.out = self.out[:found], self.out[found:]
+        return seen.decode(errors="replace")
+
+    def write(self, keys):
+        os.write(self.master, keys.encode())
+
+    def close(self):
+        self.child.kill()
+        self.child.wait()
+        os.close(self.master)
+
+
+@pytest.fixture
+def terminal():
+    children = []
+
+    def start(script):
+        children.append(Pty(script))
+        return children[-1]
+
+    yield start
+    for child in children:
+        child.close()
+
+
+READ_TWICE = (
+    "from vicuna.chat import TerminalIO\n"
+    "io = TerminalIO('simple', False, True)\n"
+    "for _ in range(2):\n"
+    "    print('got', repr(io.read()))\n"
+)
+
+
+def test_ctrl_c_at_the_prompt_drops_the_line_typed_and_the_chat_goes_on(terminal):
+    import signal
+
+    term = terminal(READ_TWICE)
+    term.expect("USER: ")
+    term.write("half a thought")
+    term.expect("half a thought")
+    term.child.send_signal(signal.SIGINT)  # what Ctrl-C does at a terminal
+    assert "(Ctrl-D or !!exit ends the chat)" in term.expect("USER: ")
+    term.write("hello\r")
+    assert term.expect("\n").strip() == "hello"  # the echo
+    assert term.expect("\n").strip() == "got 'hello'"
