@@ -24,7 +24,10 @@ from vicuna.errors import VicunaError
 from vicuna.textfile import json_problem, read_text
 
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
-HELP = "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE. Ctrl-C stops a reply."
+HELP = (
+    "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE. Ctrl-C stops a reply. "
+    "Lines pasted at once are one message."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +80,11 @@ class TerminalIO:
             # input() through GNU readline: line editing, and no limit on a line's length, where the
             # terminal itself keeps 4095 bytes of a line (1365 Chinese characters) and drops the rest
             with contextlib.suppress(ImportError):  # a Python built without it reads as the terminal gives
-                import readline  # noqa: F401
+                import readline
+
+                if "libedit" not in (readline.__doc__ or ""):  # Python turns it off; bash has it on
+                    # text pasted at once is one message, newlines and all, sent by the Enter after it
+                    readline.parse_and_bind("set enable-bracketed-paste on")
         if style == "rich":
             from rich.console import Console
 
