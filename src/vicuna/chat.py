@@ -2,7 +2,7 @@
 
 Interactive on a terminal (plain or rich markdown rendering); when standard input is a pipe, every
 line is one user message and every reply is printed on its own, so `echo "..." | vicuna chat` works
-in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FILE.
+in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FILE, !!help.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from vicuna.textfile import json_problem, read_text
 
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
 HELP = (
-    "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE. Ctrl-C stops a reply. "
+    "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply. "
     "Lines pasted at once are one message."
 )
 
@@ -202,6 +202,9 @@ def run_chat(
             if not asked or asked[-1].role != "user":
                 io.info("(nothing to regenerate)")
                 continue
+        elif command.startswith("!!") and command[2:].isalpha():  # a typo (!!exti) is not a message
+            io.info(HELP if command == "!!help" else f"unknown command {command}. {HELP}")
+            continue
         elif not text.strip():
             continue
         else:

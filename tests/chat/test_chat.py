@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from vicuna.chat import END_MARK, TerminalIO, fit_history, run_chat
+from vicuna.chat import END_MARK, HELP, TerminalIO, fit_history, run_chat
 from vicuna.cli import main as cli
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
@@ -92,6 +92,14 @@ def test_history_commands(tmp_path):
     assert engine.seen[3] == engine.seen[2]  # !!regen asks again for the same reply
     assert [m["role"] for m in json.loads(saved.read_text())] == ["user", "assistant"] * 2
     assert io.lines == ["never read"]
+
+
+def test_an_unknown_command_is_refused_with_the_list_not_sent_to_the_model():
+    engine = EchoEngine()
+    io = ScriptedIO(["!!rest", "!!help", "!!! wow", "hi"])
+    run_chat(engine, io, PARAMS)
+    assert io.notes == [f"unknown command !!rest. {HELP}", HELP]
+    assert [m[-1].content for m in engine.seen] == ["!!! wow", "hi"]
 
 
 def test_no_history_sends_each_message_alone():
