@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,17 +145,54 @@ class TerminalIO:
 
     def _show_rich(self, events: Iterator[Event]) -> tuple[str, Finished | None]:
         from rich.live import Live
-        from rich.markdown import Markdown
 
-        text, done = "", None
+        # Live redraws only what fits on the screen (a longer reply stops at "..." until it ends), so the
+        # blocks that are done are printed for good above it and Live redraws the block still streaming
+        text, done, printed = "", None, 0
         with Live(console=self.console, refresh_per_second=8) as live:
             for event in events:
                 if isinstance(event, TextChunk):
                     text += event.text
-                    live.update(Markdown(text))
+                    end = finished_blocks(text)
+                    live.update(MarkdownBlock(text[end:]))  # before the print that redraws it
+                    if end > printed:
+                        live.console.print(MarkdownBlock(text[printed:end]), "")
+                        printed = end
                 else:
                     done = event
         return text, done
+
+
+class MarkdownBlock:
+    """Markdown as rich renders it, less the blank lines it puts before a list or a table: printed apart,
+    blocks are kept one blank line apart by the chat."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        from rich.markdown import Markdown
+        from rich.segment import Segment
+
+        lines = console.render_lines(Markdown(self.text), options, pad=False)
+        while lines and not Segment.get_line_length(lines[0]):
+            lines.pop(0)
+        for line in lines:
+            yield from line
+            yield Segment.line()
+
+
+def finished_blocks(text: str) -> int:
+    """How much of a markdown text is whole blocks: up to its last blank line outside a code block."""
+    end, fenced, at = 0, False, 0
+    lines = text.splitlines(keepends=True)
+    for line, after in pairwise(lines):  # a line with one after it begun
+        at += len(line)
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and not line.strip() and not after[0].isspace():  # not an indented part of a list
+            end = at
+    return end
 
 
 def fit_history(

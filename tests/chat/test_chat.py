@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from vicuna.chat import END_MARK, HELP, TerminalIO, fit_history, run_chat
+from vicuna.chat import END_MARK, HELP, TerminalIO, finished_blocks, fit_history, run_chat
 from vicuna.cli import main as cli
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
@@ -248,6 +248,36 @@ def test_replies_are_shown_and_kept_without_surrounding_whitespace():
     run_chat(engine, io, PARAMS)
     assert io.shown == ["The capital \nis Paris."] * 2
     assert engine.seen[1][1] == Message("assistant", "The capital \nis Paris.")
+
+
+def test_rich_shows_a_reply_longer_than_the_screen_as_it_streams():
+    """rich's Live redraws only a screenful, cut with "..." until the reply ends; the blocks that are done
+    are printed for good, so the reply goes on down the screen as it streams."""
+    from rich.console import Console
+
+    screen = io_module.StringIO()
+    terminal = TerminalIO("rich", multiline=False, interactive=True)
+    terminal.console = Console(file=screen, force_terminal=True, width=40, height=10)
+    paragraphs = [f"Paragraph {i} of the reply." for i in range(30)]
+    seen_before_the_end = []
+
+    def events():
+        for i, paragraph in enumerate(paragraphs):
+            yield TextChunk(("\n\n" if i else "") + paragraph, (1,))
+        seen_before_the_end.append(screen.getvalue())
+        yield Finished("stop", 1, 1, 0.1, 10.0, 0.2)
+
+    text, done = terminal.show_reply(events())
+    assert text == "\n\n".join(paragraphs) and done is not None
+    assert all(p in seen_before_the_end[0] for p in paragraphs[:-1])
+    assert paragraphs[-1] in screen.getvalue()
+
+
+def test_a_markdown_block_is_done_at_a_blank_line_outside_code_and_lists():
+    assert finished_blocks("Intro.\n\n```python\ndef f():\n\n    return 1\n") == len("Intro.\n\n")
+    assert finished_blocks("Intro.\n\n```\nx\n\ny\n```\n\nAfter") == len("Intro.\n\n```\nx\n\ny\n```\n\n")
+    assert finished_blocks("1. One\n\n   more of one\n\n2") == len("1. One\n\n   more of one\n\n")
+    assert finished_blocks("Intro.\n\n") == 0  # what comes next may still belong to it
 
 
 def test_windows_line_ends_are_not_part_of_the_message(monkeypatch):
