@@ -302,7 +302,9 @@ def _reply(
         return io.show_reply(tee())
     except KeyboardInterrupt:  # Ctrl-C stops the reply, not the program
         cancel.set()
-        io.info("\n(reply stopped)")
+        io.info(
+            "\n(reply stopped; what it wrote stays in the conversation: !!regen answers again, !!remove drops the exchange)"
+        )
         return "".join(collected), None
     except Exception as err:
         import torch
