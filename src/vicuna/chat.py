@@ -303,7 +303,8 @@ def _reply(
     except KeyboardInterrupt:  # Ctrl-C stops the reply, not the program
         cancel.set()
         io.info(
-            "\n(reply stopped; what it wrote stays in the conversation: !!regen answers again, !!remove drops the exchange)"
+            "\n(reply stopped; what it wrote stays in the conversation: !!regen answers again, "
+            "!!remove drops the exchange)"
         )
         return "".join(collected), None
     except Exception as err:

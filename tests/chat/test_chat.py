@@ -126,7 +126,7 @@ def test_ctrl_c_stops_the_reply_not_the_chat():
     io = ScriptedIO(["first", "second"], interrupt_on=2)
     run_chat(engine, io, PARAMS)
     assert len(engine.seen) == 2  # the chat went on to the second message
-    assert any("reply stopped" in n for n in io.notes)
+    assert any("reply stopped; what it wrote stays in the conversation" in n for n in io.notes)
 
 
 def test_tiny_model_chat_with_real_engine(tiny_llama_dir):
