@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -18,12 +19,14 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Protocol
 
-from vicuna.config import SamplingParams, add_model_arguments, model_settings_from_args
+from vicuna.config import SamplingParams, add_model_arguments, model_settings_from_args, vicuna_home
 from vicuna.conversation import Message, check_alternating, parse_messages
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
 from vicuna.textfile import json_problem, read_text
 
+HISTORY_FILE = "chat_history"  # in $VICUNA_HOME: the messages typed, for the up arrow
+HISTORY_LINES = 1000
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
 HELP = (
     "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply. "
@@ -86,10 +89,32 @@ class TerminalIO:
                 if "libedit" not in (readline.__doc__ or ""):  # Python turns it off; bash has it on
                     # text pasted at once is one message, newlines and all, sent by the Enter after it
                     readline.parse_and_bind("set enable-bracketed-paste on")
+                # what was typed, for the up arrow in later chats too (as Python's own ~/.python_history)
+                self.history = vicuna_home() / HISTORY_FILE
+                with contextlib.suppress(OSError):
+                    readline.read_history_file(self.history)
+                readline.set_history_length(HISTORY_LINES)
         if style == "rich":
             from rich.console import Console
 
             self.console = Console()
+
+    history: Path | None = None
+
+    def save_history(self) -> None:
+        """Keep what was typed for the next chat (readable by its owner only); a failure costs only that."""
+        if self.history is None:
+            return
+        import readline
+
+        tmp = self.history.with_name(f".{self.history.name}.tmp")
+        try:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(tmp)
+            os.chmod(tmp, 0o600)
+            tmp.replace(self.history)
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
     def read(self) -> str | None:
         try:
@@ -413,5 +438,8 @@ def main(args: argparse.Namespace) -> int:
     )
     if io.interactive:
         io.info(HELP)
-    run_chat(engine, io, params, history=not args.no_history, debug=args.debug)
+    try:
+        run_chat(engine, io, params, history=not args.no_history, debug=args.debug)
+    finally:
+        io.save_history()
     return 0

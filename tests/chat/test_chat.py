@@ -449,3 +449,21 @@ def test_lines_pasted_at_once_are_one_message(terminal):
     term.expect("The dog ran.")
     term.write("\r")
     assert "got 'Summarize this:\\nThe cat sat.\\nThe dog ran.'" in term.expect("USER: ")
+
+
+def test_typed_messages_are_kept_for_the_up_arrow_of_the_next_chat(tmp_path, monkeypatch):
+    readline = pytest.importorskip("readline")
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    readline.clear_history()
+    try:
+        TerminalIO("simple", multiline=False, interactive=True).save_history()  # none yet: an empty file
+        (tmp_path / "home" / "chat_history").write_text("earlier question\n", encoding="utf-8")
+        io = TerminalIO("simple", multiline=False, interactive=True)
+        assert readline.get_history_item(readline.get_current_history_length()) == "earlier question"
+        readline.add_history("hello again")
+        io.save_history()
+        saved = tmp_path / "home" / "chat_history"
+        assert saved.read_text(encoding="utf-8").splitlines()[-2:] == ["earlier question", "hello again"]
+        assert saved.stat().st_mode & 0o777 == 0o600  # what a user typed is theirs to read
+    finally:
+        readline.clear_history()
