@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,3 +30,44 @@ def test_converted_once_then_reused(monkeypatch):
 
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_second_conversion)
     assert builtin.builtin_model_dir() == folder
+
+
+def test_two_starts_at_once_convert_once(monkeypatch, tmp_path):
+    """A second start while the first converts waits for it: it neither removes the first one's half-written
+    folder nor fails, and the cache holds one complete model."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "models" / "model"
+    both_in = threading.Barrier(2, timeout=2)
+    conversions = []
+
+    class Saved:
+        config = SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            conversions.append(folder)
+            # without the lock the other start is here too; with it, it waits for this one (no one comes)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both_in.wait()
+            (folder / "model.safetensors").write_bytes(b"weights")
+            (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: Saved())
+    results, errors = [], []
+
+    def start():
+        try:
+            results.append(builtin.convert_gguf(gguf, out))
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == [out, out]
+    assert len(conversions) == 2  # one start's model and tokenizer; the other converted nothing
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == ["model"]

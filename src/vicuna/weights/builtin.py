@@ -7,6 +7,8 @@ import hashlib
 import importlib.util
 import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vicuna.config import vicuna_home
@@ -45,6 +47,27 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     appears complete or not at all, so an interrupted conversion is simply redone."""
     if (out / "config.json").is_file():
         return out
+    with converting(out):  # another start converting the same file: wait for it, then use its folder
+        if (out / "config.json").is_file():
+            return out
+        return _convert(gguf, out)
+
+
+@contextmanager
+def converting(out: Path) -> Iterator[None]:
+    """Hold a lock on a hidden file beside `out` while converting into it (let go if the process dies)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no lock
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _convert(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     staging = out.with_name(out.name + ".partial")
