@@ -3,6 +3,7 @@ source, and PyTorch's products wherever it cannot be built."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -235,6 +236,19 @@ def test_a_failed_build_leaves_nothing_behind_and_the_engine_uses_pytorch(tmp_pa
     assert dense.kernel is None
     x = torch.randn(1, 16)
     torch.testing.assert_close(dense(x), torch.nn.functional.linear(x.bfloat16(), weight).float())
+
+
+def test_no_compiler_is_said_once_not_on_every_start(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
+    monkeypatch.setattr(kernel, "_library", None)
+    for _ in range(2):  # two starts
+        monkeypatch.setattr(kernel, "_tried", False)
+        assert kernel.load(progress=False) is None
+    assert caplog.text.count("no C++ compiler found (install g++): decoding on the CPU uses PyTorch's") == 1
+    assert kernel.status().startswith("not used: no C++ compiler found (install g++)")  # doctor still says it
 
 
 def test_vicuna_kernel_0_turns_it_off_and_doctor_says_so(monkeypatch, tiny_llama_dir, capsys):

@@ -34,6 +34,7 @@ PyTorch's operations.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -196,7 +197,12 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
         compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         if compiler is None:
             _why_not = "no C++ compiler found (install g++)"
-            log.warning("%s: decoding on the CPU uses PyTorch's slower operations", _why_not)
+            said = vicuna_home() / "kernels" / "no-compiler-said"  # said once, not on every start
+            if not said.exists():
+                log.warning("%s: decoding on the CPU uses PyTorch's slower operations", _why_not)
+                with contextlib.suppress(OSError):
+                    said.parent.mkdir(parents=True, exist_ok=True)
+                    said.touch()
             return None
         try:
             library = ctypes.CDLL(str(build(compiler, progress)))
