@@ -238,6 +238,17 @@ def test_a_failed_build_leaves_nothing_behind_and_the_engine_uses_pytorch(tmp_pa
     torch.testing.assert_close(dense(x), torch.nn.functional.linear(x.bfloat16(), weight).float())
 
 
+def test_a_missing_cxx_is_named_with_what_it_costs(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
+    assert kernel.load(progress=False) is None
+    assert f"could not build the CPU kernel with {tmp_path / 'no-such-g++'} (" in caplog.text
+    assert "decoding on the CPU uses PyTorch's slower operations" in caplog.text
+
+
 def test_no_compiler_is_said_once_not_on_every_start(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)

@@ -210,7 +210,11 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
             detail = getattr(err, "stderr", b"") or b""
             _why_not = f"the build with {compiler} failed"
             log.warning(
-                "could not build the CPU kernel (%s) %s", err, detail.decode(errors="replace")[-2000:]
+                "could not build the CPU kernel with %s (%s): decoding on the CPU uses PyTorch's slower "
+                "operations%s",
+                compiler,
+                err,
+                ("\n" + detail.decode(errors="replace")[-2000:]).rstrip(),
             )
             return None
         fn = library.vicuna_product
