@@ -71,3 +71,33 @@ def test_two_starts_at_once_convert_once(monkeypatch, tmp_path):
     assert len(conversions) == 2  # one start's model and tokenizer; the other converted nothing
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == ["model"]
+
+
+def test_a_full_disk_says_which_folder_and_leaves_nothing_behind(monkeypatch, tmp_path):
+    from safetensors import SafetensorError
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "models" / "model"
+
+    class DiskFull:
+        config = SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            (folder / "model.safetensors").write_bytes(b"half")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: DiskFull())
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: DiskFull())
+    with pytest.raises(ModelLoadError, match=rf"into {out.parent} \(.*No space left on device.*VICUNA_HOME"):
+        builtin.convert_gguf(gguf, out)
+    assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == []  # no .partial
+
+
+def test_a_vicuna_home_that_cannot_be_written_says_so(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "home").write_text("a file, not a folder")
+    out = tmp_path / "home" / "models" / "model"
+    with pytest.raises(ModelLoadError, match=rf"into {out.parent} \(Not a directory\).*VICUNA_HOME"):
+        builtin.convert_gguf(gguf, out)

@@ -47,10 +47,16 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     appears complete or not at all, so an interrupted conversion is simply redone."""
     if (out / "config.json").is_file():
         return out
-    with converting(out):  # another start converting the same file: wait for it, then use its folder
-        if (out / "config.json").is_file():
-            return out
-        return _convert(gguf, out)
+    try:
+        with converting(out):  # another start converting the same file: wait for it, then use its folder
+            if (out / "config.json").is_file():
+                return out
+            return _convert(gguf, out)
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot write the converted copy of {gguf.name} into {out.parent} ({err.strerror or err}); "
+            "free space there, make it writable, or set VICUNA_HOME to another folder"
+        ) from None
 
 
 @contextmanager
@@ -83,8 +89,12 @@ def _convert(gguf: Path, out: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    except Exception as err:  # safetensors says a full disk with its own error, not an OSError
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(str(err)) from err
     shutil.rmtree(out, ignore_errors=True)  # an incomplete folder from an older layout
     staging.rename(out)
     return out
