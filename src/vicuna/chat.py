@@ -89,6 +89,7 @@ class TerminalIO:
                 if "libedit" not in (readline.__doc__ or ""):  # Python turns it off; bash has it on
                     # text pasted at once is one message, newlines and all, sent by the Enter after it
                     readline.parse_and_bind("set enable-bracketed-paste on")
+                    self.bracketed_paste = True
                 # what was typed, for the up arrow in later chats too (as Python's own ~/.python_history)
                 self.history = vicuna_home() / HISTORY_FILE
                 with contextlib.suppress(OSError):
@@ -100,6 +101,7 @@ class TerminalIO:
             self.console = Console()
 
     history: Path | None = None
+    bracketed_paste = False
 
     def save_history(self) -> None:
         """Keep what was typed for the next chat (readable by its owner only); a failure costs only that."""
@@ -133,7 +135,9 @@ class TerminalIO:
                     return self._read_typed()
                 except KeyboardInterrupt:  # as in a shell: the line typed so far goes, the chat stays
                     print("\n(Ctrl-D or !!exit ends the chat)", flush=True)
-        except EOFError:
+        except EOFError:  # Ctrl-D
+            if self.interactive and not self.bracketed_paste:  # readline ends the line itself in that mode
+                print(flush=True)  # the shell's prompt on a line of its own, not after "USER: "
             return None
 
     def _read_typed(self) -> str:

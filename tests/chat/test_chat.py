@@ -287,6 +287,16 @@ def test_windows_line_ends_are_not_part_of_the_message(monkeypatch):
     assert TerminalIO("programmatic", multiline=False, interactive=False).read() == "a\nb"
 
 
+def test_ctrl_d_ends_the_chat_on_a_line_of_its_own(monkeypatch, capsys):
+    def ctrl_d(prompt):
+        print(prompt, end="")
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", ctrl_d)
+    assert TerminalIO("simple", multiline=False, interactive=True).read() is None
+    assert capsys.readouterr().out == "USER: \n"  # the shell's prompt comes on the next line
+
+
 def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
     tiny_llama_dir, monkeypatch, capsys
 ):
