@@ -16,7 +16,12 @@ DEVICES = ("cpu", "cuda", "mps")
 
 def vicuna_home() -> Path:
     """Where converted models and other caches live: $VICUNA_HOME, default ~/.cache/vicuna."""
-    return Path(os.environ.get("VICUNA_HOME") or Path.home() / ".cache" / "vicuna").expanduser()
+    try:
+        return Path(os.environ.get("VICUNA_HOME") or Path.home() / ".cache" / "vicuna").expanduser()
+    except RuntimeError:  # no $HOME, and no home folder for this user
+        raise VicunaError(
+            "no home folder to keep vicuna's cache in (HOME is not set); set VICUNA_HOME to a writable folder"
+        ) from None
 
 
 @dataclass
