@@ -287,16 +287,6 @@ def test_windows_line_ends_are_not_part_of_the_message(monkeypatch):
     assert TerminalIO("programmatic", multiline=False, interactive=False).read() == "a\nb"
 
 
-def test_ctrl_d_ends_the_chat_on_a_line_of_its_own(monkeypatch, capsys):
-    def ctrl_d(prompt):
-        print(prompt, end="")
-        raise EOFError
-
-    monkeypatch.setattr("builtins.input", ctrl_d)
-    assert TerminalIO("simple", multiline=False, interactive=True).read() is None
-    assert capsys.readouterr().out == "USER: \n"  # the shell's prompt comes on the next line
-
-
 def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
     tiny_llama_dir, monkeypatch, capsys
 ):
@@ -477,3 +467,16 @@ def test_typed_messages_are_kept_for_the_up_arrow_of_the_next_chat(tmp_path, mon
         assert saved.stat().st_mode & 0o777 == 0o600  # what a user typed is theirs to read
     finally:
         readline.clear_history()
+
+
+@pytest.mark.parametrize("readline", [True, False])
+def test_ctrl_d_ends_the_chat_on_a_line_of_its_own(terminal, readline):
+    """The shell's prompt comes on the next line, not after "USER: ", and no blank line before it: in
+    bracketed-paste mode readline ends the line itself; without readline the chat does."""
+    import re
+
+    term = terminal(("" if readline else "import sys; sys.modules['readline'] = None\n") + READ_TWICE)
+    term.expect("USER: ")
+    term.write("\x04")
+    shown = re.sub(r"\x1b\[[?0-9;]*[a-zA-Z]", "", term.expect("got None")).replace("\r", "")
+    assert shown == "\ngot None"
