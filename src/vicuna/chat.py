@@ -99,6 +99,13 @@ class TerminalIO:
             from rich.console import Console
 
             self.console = Console()
+            if (
+                self.console.is_dumb_terminal
+            ):  # where the live view cannot redraw: a reply would show only at its end
+                print(
+                    "notice: this terminal (TERM=dumb) cannot redraw a reply: --style simple", file=sys.stderr
+                )
+                self.style, self.console = "simple", None
 
     history: Path | None = None
     bracketed_paste = False

@@ -480,3 +480,12 @@ def test_ctrl_d_ends_the_chat_on_a_line_of_its_own(terminal, readline):
     term.write("\x04")
     shown = re.sub(r"\x1b\[[?0-9;]*[a-zA-Z]", "", term.expect("got None")).replace("\r", "")
     assert shown == "\ngot None"
+
+
+def test_rich_style_on_a_dumb_terminal_streams_as_plain_text(terminal, monkeypatch):
+    monkeypatch.setenv("TERM", "dumb")
+    term = terminal(
+        "from vicuna.chat import TerminalIO\nprint('style', TerminalIO('rich', False, True).style)"
+    )
+    seen = term.expect("style simple")
+    assert "this terminal (TERM=dumb) cannot redraw a reply: --style simple" in seen
