@@ -3,6 +3,7 @@ source, and PyTorch's products wherever it cannot be built."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -210,7 +211,15 @@ def test_a_build_is_made_once_per_source_and_compiler(tmp_path, monkeypatch):
         Path(command[-1]).write_bytes(b"built")  # the partial file the compiler would write
 
     monkeypatch.setattr(subprocess, "run", compile_)
+    # what the compiler of a build whose Python was killed went on to write goes; a running build's stays
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / f"vicuna-kernel-x.so.{dead.pid}.partial").write_bytes(b"orphan")
+    (tmp_path / "kernels" / f"vicuna-kernel-y.so.{os.getpid()}.partial").write_bytes(b"being built")
     first = kernel.build("g++", progress=False)
+    assert (tmp_path / "kernels" / f"vicuna-kernel-y.so.{os.getpid()}.partial").exists()
+    (tmp_path / "kernels" / f"vicuna-kernel-y.so.{os.getpid()}.partial").unlink()
     assert first.read_bytes() == b"built" and first.parent == tmp_path / "kernels"
     assert kernel.build("g++", progress=False) == first and len(calls) == 1  # reused
     assert kernel.build("clang++", progress=False) != first and len(calls) == 2

@@ -161,6 +161,16 @@ def library_path(compiler: str) -> Path:
     return vicuna_home() / "kernels" / f"vicuna-kernel-{source_hash()}-{how}.so"
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def build(compiler: str, progress: bool = True) -> Path:
     """Compile the kernel unless this build exists (written to a temporary name, then renamed)."""
     path = library_path(compiler)
@@ -169,6 +179,10 @@ def build(compiler: str, progress: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if progress:
         print("Compiling vicuna's CPU kernel (once for this machine) ...", file=sys.stderr, flush=True)
+    for old in path.parent.glob("*.partial"):  # left by a build whose Python was killed: its compiler went on
+        pid = old.suffixes[-2].lstrip(".") if len(old.suffixes) > 1 else ""
+        if pid.isdigit() and not _running(int(pid)):
+            old.unlink(missing_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         subprocess.run(
