@@ -380,6 +380,9 @@ class Pty:
         import pty
 
         self.master, slave = pty.openpty()
+        # Ctrl-C raises KeyboardInterrupt, as at a terminal, also where this test runs in the background
+        # (a shell without job control starts background jobs with SIGINT ignored, and Python keeps that)
+        script = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n" + script
         self.child = subprocess.Popen([sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave)
         os.close(slave)
         self.out = b""
