@@ -280,3 +280,21 @@ def test_rerun_after_the_base_weights_changed_is_refused(models, tmp_path, capsy
     shutil.copyfile(tmp_path / "other" / "model.safetensors", base / "model.safetensors")
     assert get(tmp_path, base, models["delta"], "--no-smoke-test") == 2
     assert "its weights have changed since" in capsys.readouterr().err
+
+
+def test_merged_release_resumes_an_older_unfinished_download_in_the_model_folder(
+    models, tmp_path, monkeypatch
+):
+    # before downloads went into NAME.partial, an interrupted one left its files in NAME itself: the
+    # rename of the finished NAME.partial onto it failed ('Directory not empty')
+    hub = _serve(monkeypatch, {"lmsys/vicuna-7b-v1.5": models["target"]})
+    model = tmp_path / "vicuna-7b-v1.5"
+    model.mkdir()
+    shutil.copyfile(models["target"] / "config.json", model / "config.json")
+    try:
+        assert main(["get", "vicuna-7b-v1.5", "--dir", str(tmp_path), "--no-smoke-test"]) == 0
+        assert (model / "SHA256SUMS").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["vicuna-7b-v1.5"]
+    finally:
+        hub.shutdown()
+        hub.server_close()

@@ -181,7 +181,15 @@ def get(
     finished = (model / MANIFEST_NAME).is_file()
 
     if recipe and recipe.merged:  # fetched into NAME.partial, renamed once complete and checked
-        sources = [Source("model", model.with_name(model.name + ".partial"), recipe.merged)]
+        partial = model.with_name(model.name + ".partial")
+        if model.is_dir() and not finished:  # an older vicuna's interrupted download, straight into NAME
+            if partial.exists():
+                raise VicunaError(
+                    f"{model} is an unfinished download (it has no {MANIFEST_NAME}) and {partial} another; "
+                    f"delete {shlex.quote(str(model))} and run again"
+                )
+            model.replace(partial)  # its files are resumed from, not fetched again
+        sources = [Source("model", partial, recipe.merged)]
     else:
         sources = [resolve_source(base, "base", workdir), resolve_source(delta, "delta", workdir)]
     if finished and len(sources) == 2:
