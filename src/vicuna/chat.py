@@ -91,9 +91,11 @@ class TerminalIO:
                     readline.parse_and_bind("set enable-bracketed-paste on")
                     self.bracketed_paste = True
                 # what was typed, for the up arrow in later chats too (as Python's own ~/.python_history)
-                self.history = vicuna_home() / HISTORY_FILE
+                with contextlib.suppress(VicunaError):  # no home folder: a chat without the saved history
+                    self.history = vicuna_home() / HISTORY_FILE
                 with contextlib.suppress(OSError):
-                    readline.read_history_file(self.history)
+                    if self.history is not None:
+                        readline.read_history_file(self.history)
                 readline.set_history_length(HISTORY_LINES)
         if style == "rich":
             from rich.console import Console

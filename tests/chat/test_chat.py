@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -470,6 +471,20 @@ def test_typed_messages_are_kept_for_the_up_arrow_of_the_next_chat(tmp_path, mon
         assert saved.stat().st_mode & 0o777 == 0o600  # what a user typed is theirs to read
     finally:
         readline.clear_history()
+
+
+def test_without_a_home_folder_the_chat_goes_on_without_saved_history(monkeypatch):
+    # the model is loaded by then: the up arrow's history is not worth refusing the chat for
+    pytest.importorskip("readline")
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("VICUNA_HOME")
+    monkeypatch.setattr(Path, "home", no_home)
+    io = TerminalIO("simple", multiline=False, interactive=True)
+    assert io.history is None
+    io.save_history()  # nothing to save it to, and no error
 
 
 @pytest.mark.parametrize("readline", [True, False])
