@@ -46,7 +46,7 @@ class Segment:
 
 class Template(Protocol):
     name: str
-    system: str  # the default system prompt ("" for none)
+    system: str | None  # the default system prompt ("" for none; None, `hf` only: the chat template's own)
     stop: tuple[str, ...]  # text that ends an assistant turn
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]: ...

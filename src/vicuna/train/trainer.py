@@ -474,8 +474,6 @@ def trainer_class() -> Any:
 def progress_callback() -> Any:
     """Trainer's progress bar, with one readable line per logging step instead of a dict; piped to a
     file, the lines alone (a bar redrawn with carriage returns would make one endless line of it)."""
-    import sys
-
     from transformers.trainer_callback import ProgressCallback
 
     class Progress(ProgressCallback):
