@@ -28,10 +28,8 @@ from vicuna.textfile import json_problem, read_text
 HISTORY_FILE = "chat_history"  # in $VICUNA_HOME: the messages typed, for the up arrow
 HISTORY_LINES = 1000
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
-HELP = (
-    "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply. "
-    "Lines pasted at once are one message."
-)
+HELP = "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply."
+PASTED = "Lines pasted at once are one message."  # where readline takes pastes whole (bracketed paste)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -450,7 +448,7 @@ def main(args: argparse.Namespace) -> int:
         args.style, args.multiline, interactive=sys.stdin.isatty() and args.style != "programmatic"
     )
     if io.interactive:
-        io.info(HELP)
+        io.info(f"{HELP} {PASTED}" if io.bracketed_paste else HELP)
     try:
         run_chat(engine, io, params, history=not args.no_history, debug=args.debug)
     finally:
