@@ -114,6 +114,27 @@ def test_special_token_text_in_a_message_is_text_not_a_turn_marker(engine, templ
         assert message.content in text
 
 
+def test_special_token_text_with_a_slow_tokenizer_is_a_clear_error(engine, monkeypatch):
+    from vicuna.errors import VicunaError
+
+    class Slow:  # a tokenizer without character offsets
+        is_fast = False
+
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, *args, **kwargs):
+            return self.tokenizer(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+    monkeypatch.setattr(engine, "tokenizer", Slow(engine.tokenizer))
+    assert engine.encode_chat([Message("user", "Hello")])  # no special text: as ever
+    with pytest.raises(VicunaError, match="a message holds '</s>', a special token's text"):
+        engine.encode_chat([Message("user", "a </s> b")])
+
+
 def test_ignore_eos_in_a_chat_drops_the_template_s_stop_token_when_it_is_eos(engine):
     assert 2 in engine.template_stop_ids and 2 in engine.chat_params(SamplingParams()).stop_token_ids
     assert 2 not in engine.chat_params(SamplingParams(ignore_eos=True)).stop_token_ids

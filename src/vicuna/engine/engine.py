@@ -30,7 +30,7 @@ from vicuna.engine.runner import (
 )
 from vicuna.engine.sampling import Sampler
 from vicuna.engine.typed import mask, retokenize, special_texts
-from vicuna.errors import ContextTooLongError
+from vicuna.errors import ContextTooLongError, VicunaError
 
 
 def context_window(config: Any) -> int:
@@ -99,6 +99,12 @@ class Engine:
         masked = mask(messages, self.special_texts)
         if masked is None:
             return self.encode(self.render_chat(messages))
+        if not getattr(self.tokenizer, "is_fast", True):  # no character offsets to place the typed text by
+            typed = ", ".join(repr(t) for t in masked.marks.values())
+            raise VicunaError(
+                f"a message holds {typed}, a special token's text, which this model's tokenizer (a slow one) "
+                "cannot keep as text: leave it out"
+            )
         marked = self.render_chat(masked.messages)
         bos = self.tokenizer.bos_token
         enc = self.tokenizer(
