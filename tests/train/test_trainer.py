@@ -272,6 +272,27 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_a_clear_error(
     assert "Traceback" not in err
 
 
+def test_a_full_disk_while_the_trained_model_is_written_is_a_clear_error(
+    tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    import transformers.modeling_utils
+
+    save_file = transformers.modeling_utils.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):  # the checkpoints fit, the model does not
+        if ".final.partial" in str(filename):  # safetensors' words (a Rust io::Error) for a full disk
+            raise Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "1", "--save-steps", "100"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {out}: the trained model could not be written in full (" in err and "--resume" in err
+    assert "Traceback" not in err
+
+
 def test_piped_output_is_lines_without_a_redrawn_bar(tiny_llama_dir, data_file, tmp_path, capfd):
     out = tmp_path / "out"
     args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]

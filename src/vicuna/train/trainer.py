@@ -16,6 +16,7 @@ the same data order; a record of the run's settings refuses a resume that would 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -616,8 +617,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except TrainingDone:  # the weights are the checkpoint's: they only need writing as the final model
         trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
-    except RuntimeError as err:
-        if "unexpected pos" not in str(err):  # torch.save's words for a write that fell short
+    except Exception as err:
+        if not disk_full(err):
             raise
         free = shutil.disk_usage(cfg.output_dir).free
         raise VicunaError(
@@ -626,7 +627,19 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
             "goes on from the last complete checkpoint"
         ) from None
     # a full model goes back to the base's precision: the Trainer holds a float32 copy, twice a 16-bit base
-    save_final(trainer, cfg.output_dir, template.name, is_main, None if cfg.lora else stored_dtype(folder))
+    try:
+        save_final(
+            trainer, cfg.output_dir, template.name, is_main, None if cfg.lora else stored_dtype(folder)
+        )
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        free = shutil.disk_usage(cfg.output_dir).free
+        raise VicunaError(
+            f"{cfg.output_dir}: the trained model could not be written in full ({free / 2**20:.0f} MiB free "
+            "on its disk). Free some space and run again with --resume, which writes it from the last "
+            "checkpoint"
+        ) from None
     if show:
         if cfg.lora:
             print(
@@ -689,6 +702,14 @@ def cast_weights(folder: Path, dtype: str) -> None:
     if "torch_dtype" in config:  # the field's name in older transformers
         config["torch_dtype"] = dtype
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether a write failed for want of disk space, in the words of torch.save ("unexpected pos"),
+    safetensors (Rust's "StorageFull") or the OS (ENOSPC)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return any(words in str(err) for words in ("unexpected pos", "StorageFull", "No space left on device"))
 
 
 def save_final(
