@@ -85,3 +85,15 @@ def test_a_streamed_reply_held_back_by_the_stream_interval_goes_out_whole_in_few
     assert text == "".join(e.text for e in alone if isinstance(e, TextChunk))
     assert events[-1]["usage"]["completion_tokens"] == 24
     assert len(writes) <= 5  # the role, the first text, the rest with the end, the usage, [DONE]
+
+
+def test_a_failure_is_told_as_the_app_answers_it():
+    """Streamed error events and the metrics of the API and of the web UI use `failure`: a request's own
+    fault is a 400 there too, as the app's handler answers it when nothing has been sent yet."""
+    from vicuna.errors import ContextTooLongError, ShuttingDownError, VicunaError
+    from vicuna.server.app import failure
+
+    assert failure(VicunaError("bad request")).status == 400
+    assert failure(ContextTooLongError(300, 100, 256)).body()["error"]["type"] == "invalid_request_error"
+    assert failure(ShuttingDownError()).status == 503
+    assert failure(RuntimeError("a bug")).status == 500

@@ -86,8 +86,8 @@ class APIError(Exception):
 
 
 def failure(err: BaseException) -> APIError:
-    """What a client is told when generating failed: the server stopping or out of memory (503, to retry),
-    or a bug (500)."""
+    """What a client is told (and the metrics count) when generating failed: the server stopping or out of
+    memory (503, to retry), the request's own fault (400, as the app's handler answers it), or a bug (500)."""
     import torch
 
     if isinstance(err, APIError):
@@ -95,6 +95,8 @@ def failure(err: BaseException) -> APIError:
     if isinstance(err, ShuttingDownError):  # not the request's fault: to send again
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         return APIError(503, str(err), "server_error", code="shutting_down", headers=retry)
+    if isinstance(err, VicunaError):
+        return APIError(400, str(err), param=getattr(err, "param", None))
     if isinstance(err, torch.OutOfMemoryError):
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         return APIError(503, OUT_OF_MEMORY, "server_error", code="out_of_memory", headers=retry)
