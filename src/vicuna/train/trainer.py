@@ -16,7 +16,6 @@ the same data order; a record of the run's settings refuses a resume that would 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -346,6 +345,23 @@ def lora_targets(cfg: TrainConfig) -> str | list[str]:
 
 
 @contextlib.contextmanager
+def disk_full_is_one_line(output_dir: Path, what: str, resume: str) -> Iterator[None]:
+    """A write that fails for want of disk space (`disk_full`) becomes one line saying what to do."""
+    from vicuna.weights.disk import disk_full
+
+    try:
+        yield
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        free = shutil.disk_usage(output_dir).free
+        raise VicunaError(
+            f"{output_dir}: {what} could not be written in full ({free / 2**20:.0f} MiB free on its disk; the "
+            f"disk is probably full). Free some space and run again with --resume, which {resume}"
+        ) from None
+
+
+@contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """peft asks the model for `is_gradient_checkpointing`, which transformers 5 deprecates with a
     FutureWarning: a message for peft's authors, printed to users who can do nothing about it."""
@@ -613,33 +629,16 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     trainer.remove_callback(PrinterCallback)
     if show:
         trainer.add_callback(progress_callback())
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except TrainingDone:  # the weights are the checkpoint's: they only need writing as the final model
-        trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
-    except Exception as err:
-        if not disk_full(err):
-            raise
-        free = shutil.disk_usage(cfg.output_dir).free
-        raise VicunaError(
-            f"{cfg.output_dir}: a checkpoint could not be written in full ({free / 2**20:.0f} MiB free on "
-            "its disk; the disk is probably full). Free some space and run again with --resume, which "
-            "goes on from the last complete checkpoint"
-        ) from None
+    with disk_full_is_one_line(cfg.output_dir, "a checkpoint", "goes on from the last complete checkpoint"):
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except TrainingDone:  # the weights are the checkpoint's: they only need writing as the final model
+            trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
     # a full model goes back to the base's precision: the Trainer holds a float32 copy, twice a 16-bit base
-    try:
+    with disk_full_is_one_line(cfg.output_dir, "the trained model", "writes it from the last checkpoint"):
         save_final(
             trainer, cfg.output_dir, template.name, is_main, None if cfg.lora else stored_dtype(folder)
         )
-    except Exception as err:
-        if not disk_full(err):
-            raise
-        free = shutil.disk_usage(cfg.output_dir).free
-        raise VicunaError(
-            f"{cfg.output_dir}: the trained model could not be written in full ({free / 2**20:.0f} MiB free "
-            "on its disk). Free some space and run again with --resume, which writes it from the last "
-            "checkpoint"
-        ) from None
     if show:
         if cfg.lora:
             print(
@@ -702,14 +701,6 @@ def cast_weights(folder: Path, dtype: str) -> None:
     if "torch_dtype" in config:  # the field's name in older transformers
         config["torch_dtype"] = dtype
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-
-
-def disk_full(err: BaseException) -> bool:
-    """Whether a write failed for want of disk space, in the words of torch.save ("unexpected pos"),
-    safetensors (Rust's "StorageFull") or the OS (ENOSPC)."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    return any(words in str(err) for words in ("unexpected pos", "StorageFull", "No space left on device"))
 
 
 def save_final(

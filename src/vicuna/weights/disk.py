@@ -3,6 +3,7 @@ amount it needs instead of failing hours later on a full disk, and the one-write
 
 from __future__ import annotations
 
+import errno
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,3 +61,11 @@ def one_writer(out: Path, staging: Path) -> Iterator[None]:
             yield
         finally:
             lock.unlink(missing_ok=True)
+
+
+def disk_full(err: BaseException) -> bool:
+    """Whether a write failed for want of disk space, in the words of torch.save ("unexpected pos"),
+    safetensors (Rust's "StorageFull") or the OS (ENOSPC)."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    return any(words in str(err) for words in ("unexpected pos", "StorageFull", "No space left on device"))
