@@ -86,9 +86,12 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         """Token ids for a prompt; BOS is added as the tokenizer does, unless the text already has it."""
+        return list(self.tokenizer(text, add_special_tokens=self._adds_bos(text))["input_ids"])
+
+    def _adds_bos(self, text: str) -> bool:
+        """Whether the tokenizer is to add its BOS (and other special tokens): not when `text` has it."""
         bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))
-        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        return not (bos and text.startswith(bos))
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         return render(self.template, messages)
@@ -105,12 +108,9 @@ class Engine:
                 f"a message holds {typed}, a special token's text, which this model's tokenizer (a slow one) "
                 "cannot keep as text: leave it out"
             )
-        marked = self.render_chat(masked.messages)
-        bos = self.tokenizer.bos_token
+        marked = self.render_chat(masked.messages)  # a typed "<s>" at its start is no BOS
         enc = self.tokenizer(
-            masked.unmask(marked),
-            add_special_tokens=not (bos and marked.startswith(bos)),
-            return_offsets_mapping=True,
+            masked.unmask(marked), add_special_tokens=self._adds_bos(marked), return_offsets_mapping=True
         )
         return retokenize(self.tokenizer, enc["input_ids"], enc["offset_mapping"], masked.typed_at)[0]
 
