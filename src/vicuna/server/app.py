@@ -95,7 +95,7 @@ def failure(err: BaseException) -> APIError:
     if isinstance(err, ShuttingDownError):  # not the request's fault: to send again
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         return APIError(503, str(err), "server_error", code="shutting_down", headers=retry)
-    if isinstance(err, VicunaError):
+    if isinstance(err, VicunaError):  # MessagesError names its param
         return APIError(400, str(err), param=getattr(err, "param", None))
     if isinstance(err, torch.OutOfMemoryError):
         retry = {"Retry-After": str(RETRY_AFTER_S)}
@@ -540,13 +540,9 @@ def create_app(
     async def _invalid(_: Request, err: p.InvalidRequest) -> JSONResponse:
         return APIError(400, err.message, param=err.param, code=err.code).response()
 
-    @app.exception_handler(ShuttingDownError)
-    async def _shutting_down(_: Request, err: ShuttingDownError) -> JSONResponse:
-        return failure(err).response()
-
     @app.exception_handler(VicunaError)
     async def _user_error(_: Request, err: VicunaError) -> JSONResponse:
-        return APIError(400, str(err), param=getattr(err, "param", None)).response()  # MessagesError names it
+        return failure(err).response()  # 400 (MessagesError names the param), or 503 while shutting down
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
