@@ -1,8 +1,10 @@
-"""Where a 13B-shaped decode step's time goes on a CUDA GPU: the int8 products against float16's, and a
-4-layer 13B-shaped model's step: its graph replayed with `step_gpu`'s fused kernels (and, with int8
-weights, the gating and residual adds inside the int8 products) and with PyTorch's operations between the
-products, the same step launched from Python, and the profiler's kernel table. About a minute on an H200;
-needs a GPU with >= 20 GB.
+"""Where a 13B-shaped decode step's time goes on a CUDA GPU. First a 4-layer 13B-shaped model's step, in
+float16 and with int8 weights: its graph replayed with `step_gpu`'s fused kernels (and, with int8 weights,
+the gating and residual adds inside the int8 products) and with PyTorch's operations between the products,
+the same step launched from Python, and the profiler's kernel table. Then each of a 13B model's weight
+shapes times one row, inside a CUDA graph with the weights read from HBM: float16 cuBLAS, the tuned int8
+product, and the one-row int8 kernel with each tile size of a sweep (which tile sizes to tune over); and a
+one-row RMSNorm. About two minutes on an H200; needs a GPU with >= 20 GB.
 
 Usage: PYTHONPATH=src python scripts/gpu_profile.py
 """
@@ -12,6 +14,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+import triton
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vicuna.engine import int8_gpu, step_gpu
@@ -33,25 +36,44 @@ def cuda_time(fn, reps=50):
     return a.elapsed_time(b) / reps  # ms
 
 
-print("== one row times a 13B model's weights: float16 cuBLAS, then the int8 kernels, each tuned")
-try:
-    for n, k in ((15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824), (49152, 5120)):
-        x = torch.randn(1, k, device=dev, dtype=torch.float16)
-        w16 = torch.randn(n, k, device=dev, dtype=torch.float16)
-        wq, s = quantize_rows(w16)
-        out = torch.empty(1, n, device=dev, dtype=torch.float16)
-        row = [f"{n}x{k}:"]
-        for name, f, nbytes in (
-            ("fp16", lambda: F.linear(x, w16), 2 * n * k),
-            ("int8 rows", lambda: int8_gpu.rows(x, wq, s, out), n * k),
-            ("int8 one row", lambda: int8_gpu.one_row(x, wq, s, out), n * k),
-            ("product", lambda: int8_gpu.product(x, wq, s), n * k),
-        ):
-            t = cuda_time(f)
-            row.append(f"{name} {t * 1e3:.1f} us ({nbytes / t / 1e9:.2f} TB/s)")
-        print(" | ".join(row), flush=True)
-except Exception:
-    traceback.print_exc()
+# Weights are read from HBM in a step, each once; a timing loop over one weight would read it from L2 (60 MB
+# on an H200) after the first pass. So each timed product cycles through copies of its weight that
+# together exceed L2, and all of them are captured in one CUDA graph, so that Python's launch (~20-40 us a
+# Triton kernel, more than the small products take) is not counted either.
+COPIES_BYTES = 256 << 20
+# one-row tile sizes to compare on each shape: (BLOCK_N, BLOCK_K, warps, stages); the tuner's own first
+SWEEP = list(int8_gpu.ONE_ROW_CONFIGS) + [
+    (2, 2048, 4, 2),
+    (4, 2048, 4, 2),
+    (4, 2048, 8, 2),
+    (8, 2048, 8, 2),
+    (16, 1024, 8, 2),
+    (4, 4096, 8, 1),
+]
+
+
+def graph_time(calls, reps=5):
+    """Mean time of one of `calls` (us), all of them captured in one CUDA graph and replayed `reps` times."""
+    for call in calls:  # compiles and tunes, which a graph cannot capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        graph.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps / len(calls)
+
+
+def speed(t_us, nbytes):
+    return f"{t_us:.1f} us ({nbytes / t_us / 1e6:.2f} TB/s)"
 
 
 def model(layers, int8):
@@ -68,7 +90,7 @@ def model(layers, int8):
     )
     torch.set_default_dtype(torch.float16)
     with torch.device("cuda"):
-        m = LlamaForCausalLM(cfg).eval()
+        m = LlamaForCausalLM(cfg).eval().requires_grad_(False)  # else the eager step records autograd
     torch.set_default_dtype(torch.float32)
     if int8:
         quantize_int8(m, dev)
@@ -102,7 +124,9 @@ for int8 in (False, True):
         unfused([tok], [r.lengths[0]])
         step_gpu.triton, int8_gpu.runs_on = fused_kernels, int8_fused
         tu = cuda_time(lambda: unfused.graph.replay(), reps=100)
-        print(f"replay: {tg:.3f} ms with the fused kernels, {tu:.3f} ms with PyTorch's operations", flush=True)
+        print(
+            f"replay: {tg:.3f} ms with the fused kernels, {tu:.3f} ms with PyTorch's operations", flush=True
+        )
         del unfused
         cache, inputs, table = r.cache, g.inputs, g.table
         eager = cuda_time(lambda: step_in_pytorch(w, cache, inputs[0], inputs[1], table), reps=20)
@@ -128,3 +152,75 @@ for int8 in (False, True):
         torch.cuda.empty_cache()
     except Exception:
         traceback.print_exc()
+
+print("== one row times each of a 13B model's weights, in a CUDA graph, weights from HBM", flush=True)
+for n, k in ((15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824), (49152, 5120)):
+    try:
+        x = torch.randn(1, k, device=dev, dtype=torch.float16)
+        copies16 = [
+            torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(-(-COPIES_BYTES // (2 * n * k)))
+        ]
+        fp16 = graph_time([lambda w=w: F.linear(x, w) for w in copies16])
+        del copies16
+        copies = [
+            quantize_rows(torch.randn(n, k, device=dev, dtype=torch.float16))
+            for _ in range(-(-COPIES_BYTES // (n * k)))
+        ]
+        outs = [torch.empty(1, n, device=dev, dtype=torch.float16) for _ in copies]
+        tuned = graph_time([lambda w=w, s=s: int8_gpu.product(x, w, s) for w, s in copies])
+        kernel = "one row" if int8_gpu._one_row_wins.get((n, k, torch.float16)) else "tiles of 16 rows"
+        rows16 = graph_time(
+            [lambda w=w, s=s, o=o: int8_gpu.rows(x, w, s, o) for (w, s), o in zip(copies, outs)]
+        )
+        print(
+            f"{n}x{k}: fp16 cuBLAS {speed(fp16, 2 * n * k)} | int8 product {speed(tuned, n * k)} ({kernel}) "
+            f"| int8 tiles of 16 rows, tuned {speed(rows16, n * k)}",
+            flush=True,
+        )
+        swept = []
+        for bn, bk, warps, stages in SWEEP:
+
+            def call(w, s, o, bn=bn, bk=bk, warps=warps, stages=stages):
+                int8_gpu._one_row.fn[(triton.cdiv(n, bn),)](
+                    x,
+                    w,
+                    s,
+                    o,
+                    n,
+                    K=k,
+                    GATED=False,
+                    ADD=False,
+                    BLOCK_N=bn,
+                    BLOCK_K=bk,
+                    num_warps=warps,
+                    num_stages=stages,
+                    **int8_gpu.FP_FUSION,
+                )
+
+            try:
+                t = graph_time([lambda w=w, s=s, o=o: call(w, s, o) for (w, s), o in zip(copies, outs)])
+            except Exception as e:  # a config that does not fit
+                print(f"  one row {bn, bk, warps, stages}: {type(e).__name__}", flush=True)
+                continue
+            swept.append((t, (bn, bk, warps, stages)))
+        swept.sort()
+        print(
+            "  one row (BLOCK_N, BLOCK_K, warps, stages), fastest first: "
+            + "; ".join(f"{c} {speed(t, n * k)}" for t, c in swept),
+            flush=True,
+        )
+        del copies, outs
+        torch.cuda.empty_cache()
+    except Exception:
+        traceback.print_exc()
+
+try:
+    h = torch.randn(1, 5120, device=dev, dtype=torch.float16)
+    weight = torch.randn(5120, device=dev, dtype=torch.float16)
+    print(
+        f"RMSNorm of one row of 5120 (F.rms_norm), in a CUDA graph: "
+        f"{graph_time([lambda: F.rms_norm(h, (5120,), weight, 1e-6)] * 20):.1f} us",
+        flush=True,
+    )
+except Exception:
+    traceback.print_exc()
