@@ -217,9 +217,10 @@ for n, k in ((15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824), (49152, 
 try:
     h = torch.randn(1, 5120, device=dev, dtype=torch.float16)
     weight = torch.randn(5120, device=dev, dtype=torch.float16)
+    pytorchs = graph_time([lambda: F.rms_norm(h, (5120,), weight, 1e-6)] * 20)
+    ours = graph_time([lambda: step_gpu.rms_norm(h, weight, 1e-6)] * 20)
     print(
-        f"RMSNorm of one row of 5120 (F.rms_norm), in a CUDA graph: "
-        f"{graph_time([lambda: F.rms_norm(h, (5120,), weight, 1e-6)] * 20):.1f} us",
+        f"RMSNorm of one row of 5120, in a CUDA graph: PyTorch's rms_norm {pytorchs:.1f} us, step_gpu.rms_norm {ours:.1f} us",
         flush=True,
     )
 except Exception:

@@ -1,4 +1,4 @@
-"""The decode step's fused kernels for CUDA GPUs (rotary with the cache writes, the MLP's gating) against
+"""The decode step's fused kernels for CUDA GPUs (rotary with the cache writes, the MLP's gating, RMSNorm) against
 PyTorch's operations, alone and in a whole step of a tiny model (also with int8 weights, whose products
 do the gating and the residual add). On the CPU they run in Triton's
 interpreter; our CPU kernel is switched off (VICUNA_KERNEL=0) so that the step's gating is PyTorch's
@@ -53,6 +53,14 @@ CHECK = """
         x = torch.randn(3, 2 * 1500, device=device).to(dtype)  # a width no block divides
         gate, up = x.float().chunk(2, dim=-1)
         close(step_gpu.silu_mul(x), (F.silu(gate) * up).to(dtype), ("silu_mul", dtype))
+
+        # rows of a width no block divides, and wider than one block (read in pieces), taken from wider
+        # rows (a row stride that is not the width)
+        for width in (1500, 20000):
+            x = (torch.randn(3, width + 7, device=device) * 3).to(dtype)[:, :width]
+            weight = torch.randn(width, device=device).to(dtype)
+            want = F.rms_norm(x.float(), (width,), weight.float(), 1e-6).to(dtype)
+            close(step_gpu.rms_norm(x, weight, 1e-6), want, ("rms_norm", dtype, width))
 
     # a whole step of the tiny model, three rows at their own positions: fused against PyTorch's operations
     # (with int8 weights, the int8 kernels with the gating and the residual adds inside them against the

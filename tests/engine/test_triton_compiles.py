@@ -64,3 +64,6 @@ def test_the_decode_steps_kernels_compile(capability):
             compile_for(capability, step_gpu._rotate_store, signature, constexprs)
         signature = {"x_ptr": f"*{t}", "out_ptr": f"*{t}", "x_row": "i32", "width": "i32"}
         compile_for(capability, step_gpu._silu_mul, signature, {"BLOCK": 1024})
+        signature = {"x_ptr": f"*{t}", "w_ptr": f"*{t}", "out_ptr": f"*{t}", "x_row": "i32", "eps": "fp32"}
+        for width, block, warps in ((5120, 8192, 16), (20000, 16384, 16)):
+            compile_for(capability, step_gpu._rms_norm, signature, {"WIDTH": width, "BLOCK": block}, warps)

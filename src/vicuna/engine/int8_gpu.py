@@ -57,7 +57,7 @@ def status() -> str:
             f"not used: {why}; --load-8bit converts each weight to float16 for each product, and a decode "
             "step runs PyTorch's operations between its products"
         )
-    return f"ready (Triton {triton.__version__}): int8 products, and a decode step's rotary, KV-cache writes and gating"
+    return f"ready (Triton {triton.__version__}): int8 products, and a decode step's norms, rotary, KV-cache writes and gating"
 
 
 def runs_on(device: torch.device) -> bool:

@@ -123,10 +123,14 @@ def norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     """RMSNorm of each row. On the CPU it is computed as the layer norm of [x, -x]: that vector's mean
     is zero and its variance is x's mean square, so PyTorch's fused layer_norm kernel gives
     x / sqrt(mean(x^2) + eps) in half the time of `rms_norm`, which it composes of seven operations
-    there."""
+    there. On a CUDA GPU it is `step_gpu.rms_norm` where the step's kernels run."""
     width = x.shape[-1]
     if x.device.type != "cpu":
-        return F.rms_norm(x, (width,), weight, eps)
+        return (
+            step_gpu.rms_norm(x, weight, eps)
+            if step_gpu.runs_on(x.device)
+            else F.rms_norm(x, (width,), weight, eps)
+        )
     both = torch.cat([x, -x], dim=-1)
     return F.layer_norm(both, (2 * width,), weight, None, eps)[..., :width]
 
