@@ -243,10 +243,11 @@ UNION_MEMBERS = {  # how pydantic names them -> what a client reads
 def parse_request(cls: type[BaseModel], data: Any) -> Any:
     """Validate a decoded JSON body into `cls`, raising InvalidRequest that names the first bad field.
 
-    A field we do not know is refused unless it is null (which asks for nothing)."""
+    A field we do not know is refused unless it is null or {}, which ask for nothing: LangChain's
+    completions model sends `"logit_bias": {}` with every request."""
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    data = {k: v for k, v in data.items() if v is not None or k in cls.model_fields}
+    data = {k: v for k, v in data.items() if k in cls.model_fields or v not in (None, {})}
     for key in data:
         if key not in cls.model_fields:
             hint = UNSUPPORTED_HINTS.get(key, "this server does not support it")

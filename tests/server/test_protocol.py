@@ -88,8 +88,12 @@ def test_unsupported_fields_are_refused_by_name(field, value):
     assert err.param == field and field in err.message
 
 
-def test_null_unknown_fields_ask_for_nothing():
+def test_null_or_empty_unknown_fields_ask_for_nothing():
     assert chat(tools=None, logit_bias=None).n is None
+    # LangChain's completions model (langchain_openai.OpenAI) sends an empty logit_bias every time
+    body = {"model": "m", "prompt": "hi", "logit_bias": {}}
+    assert p.parse_request(p.CompletionRequest, body).prompts() == ["hi"]
+    assert refused(p.CompletionRequest, body | {"logit_bias": {"1": 5}}).param == "logit_bias"
 
 
 @pytest.mark.parametrize(
