@@ -352,6 +352,18 @@ def test_a_body_larger_than_the_context_window_can_use_is_a_413_before_it_is_rea
     assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"  # under the limit: read
 
 
+def test_a_model_is_retrieved_by_its_name_even_one_with_a_slash(tiny_engine):
+    with serving(create_app(tiny_engine, model_name="lmsys/vicuna-7b-v1.5", api_keys=["k"])) as url:
+        card = client(url, "k").models.retrieve("lmsys/vicuna-7b-v1.5")
+        assert (card.id, card.object) == ("lmsys/vicuna-7b-v1.5", "model")
+        assert card.context_window == tiny_engine.context_window
+        with pytest.raises(openai.NotFoundError) as info:
+            client(url, "k").models.retrieve("gpt-4")
+        assert info.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").models.retrieve("lmsys/vicuna-7b-v1.5")
+
+
 def test_api_keys(tiny_engine):
     with serving(create_app(tiny_engine, model_name=MODEL, api_keys=["k1", "k2"])) as url:
         for key in ("", "wrong"):

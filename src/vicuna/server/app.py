@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API over one batched engine, built by `create_app` (no global state).
 
-Routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /health, /metrics.
+Routes: /v1/models[/{name}], /v1/chat/completions, /v1/completions, /v1/embeddings, /health, /metrics.
 Every error has OpenAI's body `{"error": {"message", "type", "param", "code"}}`; no traceback reaches a
 client. Requests run on a `Batcher` (continuous batching); a client that disconnects cancels its
 generation at the next token. Each request logs one line with its time to first token, its token
@@ -579,11 +579,19 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card() -> p.ModelCard:
+        return p.ModelCard(id=server.model_name, context_window=engine.context_window)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         server.check_auth(request)
-        card = p.ModelCard(id=server.model_name, context_window=engine.context_window)
-        return p.ModelList(data=[card]).model_dump()
+        return p.ModelList(data=[model_card()]).model_dump()
+
+    @app.get("/v1/models/{model:path}")  # a name may hold a "/" (lmsys/vicuna-7b-v1.5)
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        server.check_auth(request)
+        server.check_model(model)
+        return model_card().model_dump()
 
     @api("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
