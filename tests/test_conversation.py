@@ -205,7 +205,7 @@ def test_choice_order():
 def test_parse_messages_errors_name_the_field():
     assert parse_messages(
         [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-    ) == [Message("user", "ab")]
+    ) == [Message("user", "a\nb")]  # separate parts, not one word
     with pytest.raises(VicunaError, match=r"messages\[0\]\.role"):
         parse_messages([{"role": "tool", "content": "x"}])
     with pytest.raises(VicunaError, match=r"messages\[0\]\.content"):

@@ -311,7 +311,9 @@ def choose_template_name(requested: str | None, *, has_chat_template: bool, mode
 def parse_messages(data: object, source: str = "messages") -> list[Message]:
     """OpenAI-style messages (`[{"role": ..., "content": ...}]`) with errors that name the bad field.
 
-    `content` may be a string or a list of text parts (`{"type": "text", "text": ...}`).
+    `content` may be a string or a list of text parts (`{"type": "text", "text": ...}`), which are
+    joined by line breaks (as vLLM joins them): glued, the last word of one part and the first of
+    the next ran into one word.
     """
     if not isinstance(data, list) or not data:
         raise MessagesError(f"{source}: expected a non-empty JSON list of messages", source)
@@ -337,7 +339,7 @@ def parse_messages(data: object, source: str = "messages") -> list[Message]:
                     at = f"{where}.content[{j}]"
                     raise MessagesError(f"{at}: only text parts are supported", at)
                 parts.append(part["text"])
-            content = "".join(parts)
+            content = "\n".join(parts)
         if not isinstance(content, str):
             raise MessagesError(
                 f"{where}.content: expected a string or a list of text parts", f"{where}.content"

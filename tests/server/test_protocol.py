@@ -67,7 +67,7 @@ def test_text_parts_and_developer_role():
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         ]
     )
-    assert req.messages == [Message("system", "be brief"), Message("user", "ab")]
+    assert req.messages == [Message("system", "be brief"), Message("user", "a\nb")]
 
 
 @pytest.mark.parametrize(
