@@ -298,6 +298,20 @@ def test_errors(served, api, tiny_engine):
     assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
 
 
+def test_a_token_id_outside_the_vocabulary_is_a_400_naming_the_field(served, api, tiny_engine):
+    vocab = tiny_engine.model.config.vocab_size
+    for prompt, bad in (([vocab], vocab), ([[1, 2], [3, -1]], -1)):
+        with pytest.raises(openai.BadRequestError) as info:
+            api.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+        assert info.value.body["param"] == "prompt" and f"token id {bad} " in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        api.embeddings.create(model=MODEL, input=[[vocab + 5]])
+    assert info.value.body["param"] == "input" and str(vocab + 5) in info.value.message
+    assert api.completions.create(
+        model=MODEL, prompt=[vocab - 1], max_tokens=2
+    ).choices  # the last id is fine
+
+
 def test_wrong_api_paths_and_methods_get_openai_errors_with_the_web_ui_mounted_too(tiny_engine):
     from fastapi.testclient import TestClient
 

@@ -556,9 +556,21 @@ def create_app(
         log.exception("internal error on %s %s", request.method, request.url.path)
         return failure(err).response()
 
-    async def _encode_all(items: Sequence[str | list[int]]) -> list[list[int]]:
+    vocab_size = engine.model.config.get_text_config().vocab_size
+
+    async def _encode_all(items: Sequence[str | list[int]], param: str) -> list[list[int]]:
         """Token ids for texts (token lists as they are), computed off the event loop: a long text (a 10 MB
-        body took 5.5 s on 2 cores) would otherwise stall every stream and /health meanwhile."""
+        body took 5.5 s on 2 cores) would otherwise stall every stream and /health meanwhile. A client's
+        token id outside the vocabulary is a 400 naming `param`: it failed inside the model as a 500 (on a
+        GPU, an index out of range is a device-side assert)."""
+        for item in items:
+            bad = next((t for t in item if not 0 <= t < vocab_size), None) if isinstance(item, list) else None
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"{param}: token id {bad} is not in the model's vocabulary (0-{vocab_size - 1})",
+                    param=param,
+                )
         return await asyncio.to_thread(lambda: [engine.encode(x) if isinstance(x, str) else x for x in items])
 
     def api(path: str):
@@ -678,7 +690,7 @@ def create_app(
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs (prompt scoring) is not supported", param="echo")
         items = req.prompts()
-        prompts = await _encode_all(items)
+        prompts = await _encode_all(items, "prompt")
         texts = [
             item if isinstance(item, str) else engine.tokenizer.decode(ids, skip_special_tokens=True)
             for item, ids in zip(items, prompts, strict=True)
@@ -805,7 +817,7 @@ def create_app(
         server.check_auth(request)
         req: p.EmbeddingRequest = p.parse_request(p.EmbeddingRequest, await server.read_json(request))
         server.check_model(req.model)
-        token_lists = await _encode_all(req.inputs())
+        token_lists = await _encode_all(req.inputs(), "input")
         for ids in token_lists:
             if len(ids) > engine.context_window:
                 raise APIError(
