@@ -307,9 +307,18 @@ def test_a_token_id_outside_the_vocabulary_is_a_400_naming_the_field(served, api
     with pytest.raises(openai.BadRequestError) as info:
         api.embeddings.create(model=MODEL, input=[[vocab + 5]])
     assert info.value.body["param"] == "input" and str(vocab + 5) in info.value.message
-    assert api.completions.create(
-        model=MODEL, prompt=[vocab - 1], max_tokens=2
-    ).choices  # the last id is fine
+    last = api.completions.create(model=MODEL, prompt=[vocab - 1], max_tokens=2)  # the last id is fine
+    assert last.choices[0].finish_reason
+
+
+def test_an_empty_text_is_a_400_naming_the_field(served, api, tiny_engine, monkeypatch):
+    monkeypatch.setattr(tiny_engine, "encode", lambda text: [])  # "" with a tokenizer that adds no BOS
+    with pytest.raises(openai.BadRequestError) as info:
+        api.completions.create(model=MODEL, prompt=["", "x"], max_tokens=2)
+    assert info.value.body["param"] == "prompt" and "empty" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        api.embeddings.create(model=MODEL, input="")
+    assert info.value.body["param"] == "input" and "empty" in info.value.message
 
 
 def test_wrong_api_paths_and_methods_get_openai_errors_with_the_web_ui_mounted_too(tiny_engine):

@@ -562,7 +562,7 @@ def create_app(
         """Token ids for texts (token lists as they are), computed off the event loop: a long text (a 10 MB
         body took 5.5 s on 2 cores) would otherwise stall every stream and /health meanwhile. A client's
         token id outside the vocabulary is a 400 naming `param`: it failed inside the model as a 500 (on a
-        GPU, an index out of range is a device-side assert)."""
+        GPU, an index out of range is a device-side assert); so is an empty text."""
         for item in items:
             bad = next((t for t in item if not 0 <= t < vocab_size), None) if isinstance(item, list) else None
             if bad is not None:
@@ -571,7 +571,12 @@ def create_app(
                     f"{param}: token id {bad} is not in the model's vocabulary (0-{vocab_size - 1})",
                     param=param,
                 )
-        return await asyncio.to_thread(lambda: [engine.encode(x) if isinstance(x, str) else x for x in items])
+        token_lists = await asyncio.to_thread(
+            lambda: [engine.encode(x) if isinstance(x, str) else x for x in items]
+        )
+        if not all(token_lists):  # "" with a tokenizer that adds no BOS
+            raise APIError(400, f"{param}: empty; at least one token is needed", param=param)
+        return token_lists
 
     def api(path: str):
         return app.post(path, response_model=None)
