@@ -453,6 +453,20 @@ def test_queue_full_is_429_with_retry_after(tiny_engine):
         assert wait_for(lambda: batcher.running == 0 and batcher.waiting == 0)
 
 
+def test_a_request_for_more_replies_than_the_server_ever_takes_is_a_400_not_a_429_to_retry(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=2, max_queue=1)
+    with serving(app) as url:  # an idle server: a 429 would say "retry", which never helps
+        api = client(url)
+        with pytest.raises(openai.BadRequestError) as info:
+            api.completions.create(model=MODEL, prompt=["a", "b", "c", "d"], max_tokens=2)
+        assert info.value.body["param"] == "prompt" and "4 replies" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            api.chat.completions.create(messages=HELLO, n=4, max_tokens=2, **greedy())
+        assert info.value.body["param"] == "n"
+        assert len(api.completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=2).choices) == 3
+        assert app.state.batcher.running == 0 and app.state.batcher.waiting == 0
+
+
 def test_a_request_refused_part_way_leaves_nothing_running(tiny_engine):
     app = create_app(tiny_engine, model_name=MODEL, max_batch_size=4)
     batcher = app.state.batcher

@@ -197,7 +197,7 @@ class _Run:
 
     def submit(self) -> None:
         batcher = self.server.batcher
-        self.server.check_queue(len(self.params))
+        self.server.check_queue(len(self.params), "n" if self.endpoint == "chat" else "prompt")
         try:
             for index, (ids, params) in enumerate(zip(self.prompts, self.params, strict=True)):
                 batcher.add(ids, params, self._sink(index), cancel=self.cancel)
@@ -342,9 +342,20 @@ class _Server:
         window = self.engine.context_window
         return await _read_json(request, BODY_BYTES_PER_TOKEN * window, window)
 
-    def check_queue(self, choices: int) -> None:
-        """429 when `choices` more replies would leave more than `max_queue` requests waiting for a row."""
+    def check_queue(self, choices: int, param: str | None = None) -> None:
+        """429 when `choices` more replies would leave more than `max_queue` requests waiting for a row;
+        400 (naming `param`) when they are more than a row each and the whole queue: retrying never helps."""
         batcher = self.batcher
+        most = batcher.max_batch_size + self.max_queue
+        if choices > most:
+            raise APIError(
+                400,
+                f"this request asks for {choices} replies (its prompts times n), more than this server takes at "
+                f"once: {most} (--max-batch-size {batcher.max_batch_size} + --max-queue {self.max_queue}); "
+                "send them in several requests",
+                param=param,
+                code="too_many_replies",
+            )
         # the requests that would wait for a row, these choices last: those the free rows do not take at once
         free = max(0, batcher.max_batch_size - batcher.running)
         if batcher.waiting + choices - free > self.max_queue:
