@@ -618,6 +618,7 @@ def test_disconnect_cancels_generation(tiny_engine):
         assert wait_for(lambda: metric(url, cancelled) == 1)
         assert wait_for(lambda: app.state.batcher.running == 0)
         assert metric(url, 'vicuna_requests_total{endpoint="chat",status="499"}') == 1
+        assert metric(url, "vicuna_completion_tokens_total") >= 1  # the tokens sent before it left count
 
 
 def test_eight_concurrent_streams_equal_sequential(served, api, tiny_engine):

@@ -170,6 +170,7 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finished: Finished | None = None
     started: bool = False  # whether text other than white space has come
+    tokens: int = 0  # sampled so far: what a choice cut short by its client's leaving counts
 
 
 class _Run:
@@ -248,6 +249,7 @@ class _Run:
                     # get " The..." from byte-level tokenizers (completions keep the text as generated).
                     event = replace(event, text=event.text.lstrip())
                     choice.started = bool(event.text)
+                choice.tokens += len(event.token_ids)
                 if event.token_ids:
                     self.first_token_at = self.first_token_at or now
                     last = self.last_token_at.get(index)
@@ -271,7 +273,7 @@ class _Run:
 
     @property
     def completion_tokens(self) -> int:
-        return sum(c.finished.completion_tokens for c in self.choices if c.finished)
+        return sum(c.finished.completion_tokens if c.finished else c.tokens for c in self.choices)
 
     def usage(self) -> p.Usage:
         return p.Usage(
