@@ -440,3 +440,27 @@ def test_the_first_warmup_step_learns(tiny_llama_dir, data_file, tmp_path):
     train(TrainConfig(**settings), callbacks=[Rates()])
     # 2 warmup steps at 1/2 and 2/2 of the peak (transformers' own: 0 and 1/2), then the cosine from the peak
     assert rates == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+
+
+def test_the_system_prompt_trained_with_is_the_one_chat_uses(tiny_llama_dir, data_file, tmp_path):
+    """--conv-system-msg goes into the trained model's record: chat and serve send the prompt the model
+    learnt from, not the template's default system prompt (and a further fine-tune keeps it)."""
+    from vicuna.config import ModelSettings
+    from vicuna.conversation import Message, get_template, with_system
+    from vicuna.engine.loader import load_engine
+    from vicuna.train.data import Encoder, load_conversations
+
+    system = "你是一个乐于助人的助手。"
+    out = tmp_path / "out"
+    args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data_file), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "1", "--conv-system-msg", system]) == 0
+    engine = load_engine(ModelSettings(model_path=str(out), device="cpu"), progress=False)
+    hello = load_conversations(data_file)[0].messages  # a conversation without a system turn
+    trained_on = with_system(get_template("vicuna_v1.1"), system)
+    ids, _ = Encoder(engine.tokenizer, trained_on).encode(hello)
+    prompt = engine.encode_chat(hello[:1])
+    assert ids[: len(prompt)] == prompt
+    assert engine.template == trained_on
+    # a template named at chat time brings its own default system prompt
+    other = load_engine(ModelSettings(model_path=str(out), conv_template="vicuna_v0"), progress=False)
+    assert system not in other.render_chat([Message("user", "x")])

@@ -19,7 +19,8 @@ from vicuna.errors import ModelLoadError
 from vicuna.weights.tokenizer import check_tokenizer
 
 CONFIG = "config.json"
-RECORDED_TEMPLATE = "vicuna.json"  # {"conv_template": NAME}, written by `vicuna train`
+# {"conv_template": NAME, "conv_system_msg": TEXT (when not the template's default)}, by `vicuna train`
+RECORDED_TEMPLATE = "vicuna.json"
 
 
 def resolve_model_path(model_path: str | None) -> Path:
@@ -147,14 +148,16 @@ def template_for(name: str, tokenizer: Any) -> Template:
 
 
 def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_name: str) -> Template:
-    requested = settings.conv_template
+    requested, system = settings.conv_template, settings.conv_system_msg
     recorded = folder / RECORDED_TEMPLATE
-    if requested is None and recorded.is_file():
-        requested = json.loads(recorded.read_text(encoding="utf-8")).get("conv_template")
+    if requested is None and recorded.is_file():  # the template, and system prompt, it was trained with
+        record = json.loads(recorded.read_text(encoding="utf-8"))
+        requested = record.get("conv_template")
+        system = record.get("conv_system_msg") if system is None else system
     name = choose_template_name(
         requested, has_chat_template=bool(getattr(tokenizer, "chat_template", None)), model_name=model_name
     )
-    return with_system(template_for(name, tokenizer), settings.conv_system_msg)
+    return with_system(template_for(name, tokenizer), system)
 
 
 def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:

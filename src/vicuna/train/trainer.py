@@ -637,7 +637,11 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     # a full model goes back to the base's precision: the Trainer holds a float32 copy, twice a 16-bit base
     with disk_full_is_one_line(cfg.output_dir, "the trained model", "writes it from the last checkpoint"):
         save_final(
-            trainer, cfg.output_dir, template.name, is_main, None if cfg.lora else stored_dtype(folder)
+            trainer,
+            cfg.output_dir,
+            template_record(template),
+            is_main,
+            None if cfg.lora else stored_dtype(folder),
         )
     if show:
         if cfg.lora:
@@ -703,8 +707,20 @@ def cast_weights(folder: Path, dtype: str) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
+def template_record(template: Any) -> dict[str, str]:
+    """What chat and serve need to prompt the trained model as it was trained: the template's name, and
+    its system prompt where that is not the template's default (`--conv-system-msg`)."""
+    from vicuna.conversation import BUILTIN_TEMPLATES
+
+    record = {"conv_template": template.name}
+    default = BUILTIN_TEMPLATES[template.name].system if template.name in BUILTIN_TEMPLATES else None
+    if template.system != default:
+        record["conv_system_msg"] = template.system
+    return record
+
+
 def save_final(
-    trainer: Any, output_dir: Path, template_name: str, is_main: bool, dtype: str | None = None
+    trainer: Any, output_dir: Path, record: dict[str, str], is_main: bool, dtype: str | None = None
 ) -> None:
     """Write the model (or adapter), in `dtype` when given, with the tokenizer and template record
     beside the checkpoints, each file renamed into place once complete; the template record goes last."""
@@ -719,9 +735,7 @@ def save_final(
 
         if dtype is not None:
             cast_weights(tmp, dtype)
-        (tmp / RECORDED_TEMPLATE).write_text(
-            json.dumps({"conv_template": template_name}) + "\n", encoding="utf-8"
-        )
+        (tmp / RECORDED_TEMPLATE).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
         if (output_dir / RUN_RECORD).is_file():  # the run's settings, listed with the model's files
             shutil.copyfile(output_dir / RUN_RECORD, tmp / RUN_RECORD)
         write_manifest(tmp, progress=sys.stderr.isatty())  # the model's files, not the checkpoints beside it
