@@ -66,6 +66,8 @@ def test_lora_run_writes_an_adapter_with_its_template(adapter):
     assert (adapter / "adapter_model.safetensors").is_file()
     assert not (adapter / "model.safetensors").exists()  # only the small adapter, not the base again
     assert json.loads((adapter / "vicuna.json").read_text()) == {"conv_template": "chatml"}
+    # so does each checkpoint, which `vicuna lora merge` may be given instead
+    assert json.loads((adapter / "checkpoint-8" / "vicuna.json").read_text()) == {"conv_template": "chatml"}
 
 
 def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, tmp_path, capsys):

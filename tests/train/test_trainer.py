@@ -464,3 +464,17 @@ def test_the_system_prompt_trained_with_is_the_one_chat_uses(tiny_llama_dir, dat
     # a template named at chat time brings its own default system prompt
     other = load_engine(ModelSettings(model_path=str(out), conv_template="vicuna_v0"), progress=False)
     assert system not in other.render_chat([Message("user", "x")])
+
+
+def test_a_checkpoint_chats_with_the_template_it_is_trained_with(tiny_llama_dir, data_file, tmp_path):
+    """`vicuna chat --model-path OUT/checkpoint-N` (to try a run's earlier steps) prompts the model as it
+    is being trained, not with the template its folder's name would choose."""
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+
+    out = tmp_path / "out"
+    args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data_file), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "2", "--save-steps", "1", "--conv-template", "chatml"]) == 0
+    for step in (1, 2):
+        engine = load_engine(ModelSettings(model_path=str(out / f"checkpoint-{step}")), progress=False)
+        assert engine.template.name == "chatml"

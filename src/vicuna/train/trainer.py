@@ -539,6 +539,20 @@ class TrainingDone(Exception):
     """The checkpoint resumed from is the run's last step: nothing is left to train."""
 
 
+def record_in_checkpoints(record: dict[str, str]) -> Any:
+    """A callback that puts the template record in each checkpoint as it is saved: chatting with one
+    (or merging a LoRA one) then prompts the model as it is being trained."""
+    from transformers import TrainerCallback
+
+    class RecordInCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and checkpoint.is_dir():
+                write_template_record(checkpoint, record)
+
+    return RecordInCheckpoints()
+
+
 def stop_at_the_end() -> Any:
     """A callback that ends a run resumed from its last step before it trains a step more: the Trainer
     checks for the end only after a step (a job killed while the final model was written would get one
@@ -623,7 +637,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.examples],
         data_collator=PadCollator(pad_id if pad_id is not None else 0),
         processing_class=tokenizer,
-        callbacks=[*callbacks, stop_at_the_end()],
+        callbacks=[*callbacks, stop_at_the_end(), record_in_checkpoints(template_record(template))],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -719,6 +733,12 @@ def template_record(template: Any) -> dict[str, str]:
     return record
 
 
+def write_template_record(folder: Path, record: dict[str, str]) -> None:
+    partial = folder / f"{RECORDED_TEMPLATE}.partial"
+    partial.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(folder / RECORDED_TEMPLATE)
+
+
 def save_final(
     trainer: Any, output_dir: Path, record: dict[str, str], is_main: bool, dtype: str | None = None
 ) -> None:
@@ -735,7 +755,7 @@ def save_final(
 
         if dtype is not None:
             cast_weights(tmp, dtype)
-        (tmp / RECORDED_TEMPLATE).write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_template_record(tmp, record)
         if (output_dir / RUN_RECORD).is_file():  # the run's settings, listed with the model's files
             shutil.copyfile(output_dir / RUN_RECORD, tmp / RUN_RECORD)
         write_manifest(tmp, progress=sys.stderr.isatty())  # the model's files, not the checkpoints beside it
