@@ -229,6 +229,24 @@ def test_bad_records_name_the_record_and_field(tmp_path, content, suffix, match)
         load_conversations(path)
 
 
+def test_every_bad_record_is_named_at_once(tmp_path):
+    """A file of many conversations with a few bad ones: the first is explained, and where the others
+    are is said too, so that they are fixed in one pass rather than one run each."""
+    good = turns(("human", "a"), ("gpt", "b"))
+    records = [good] * 30
+    records[4] = turns(("human", "a"), ("human", "b"))
+    records[11] = turns(("gpt", "a"), ("human", "b"), ("gpt", "c"))
+    records[29] = turns(("human", "a"), ("gpt", ""))
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    with pytest.raises(VicunaError) as err:
+        load_conversations(path)
+    assert str(err.value) == (
+        f"{path}[4] (id 'x').conversations[1].from: expected 'gpt', got 'human' (after an optional system "
+        f"turn, human and gpt turns alternate); 2 more of the 30 records are bad: {path}[11], {path}[29]"
+    )
+
+
 def test_bad_data_is_a_one_line_cli_error(tmp_path, capsys):
     path = tmp_path / "data.json"
     path.write_text(json.dumps([CONVERSATION, turns(("human", "a"), ("robot", "b"))]), encoding="utf-8")

@@ -28,6 +28,7 @@ SHAREGPT_NAMES = {v: k for k, v in SHAREGPT_ROLES.items()}
 # ShareGPT-style files that name their roles as OpenAI does (many Chinese datasets): the same turns
 SHAREGPT_ROLES |= {"user": "user", "assistant": "assistant"}
 OPENAI_NAMES = {"user": "user", "assistant": "assistant", "system": "system"}
+SHOWN_BAD = 10  # bad records named in the error
 FORMATS = "expected a JSON list of conversations (ShareGPT) or one JSON object per line (JSONL)"
 
 
@@ -41,8 +42,8 @@ class Conversation:
 
 
 def load_conversations(path: Path) -> list[Conversation]:
-    """A ShareGPT JSON list (one line or many) or a JSONL file (ShareGPT or OpenAI-style records); the
-    first bad record is an error naming it."""
+    """A ShareGPT JSON list (one line or many) or a JSONL file (ShareGPT or OpenAI-style records); bad
+    records are an error that explains the first and names the others."""
     text = read_text(path)
     if text.lstrip().startswith("["):
         try:
@@ -65,7 +66,19 @@ def load_conversations(path: Path) -> list[Conversation]:
                     raise VicunaError(message) from None
     if not items:
         raise VicunaError(f"{path}: no conversations in the file")
-    return [parse_record(record, where) for where, record in items]
+    conversations, bad = [], []
+    for where, record in items:
+        try:
+            conversations.append(parse_record(record, where))
+        except VicunaError as err:
+            bad.append((where, str(err)))
+    if bad:  # the first explained, and where the others are: all fixed in one pass
+        more = ", ".join(where for where, _ in bad[1:SHOWN_BAD])
+        more += f" and {len(bad) - SHOWN_BAD} more" if len(bad) > SHOWN_BAD else ""
+        raise VicunaError(
+            bad[0][1] + (f"; {len(bad) - 1} more of the {len(items)} records are bad: {more}" if more else "")
+        )
+    return conversations
 
 
 def is_json(text: str) -> bool:
