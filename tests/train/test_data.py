@@ -147,6 +147,23 @@ def test_sharegpt_and_openai_jsonl_read_the_same(tmp_path):
     assert from_named.messages == from_json.messages
 
 
+def test_a_system_prompt_beside_the_turns_is_the_system_turn(tmp_path):
+    """LLaMA-Factory's ShareGPT files keep the system prompt in a "system" field beside the turns: it is
+    the conversation's system turn, not left out in silence for the template's default."""
+    [conv] = read_records(tmp_path, [CONVERSATION])
+    system, *rest = CONVERSATION["conversations"]
+    [beside] = read_records(tmp_path, [{"id": "c1", "conversations": rest, "system": system["value"]}])
+    assert beside.messages == conv.messages
+    [blank] = read_records(tmp_path, [{"conversations": rest, "system": ""}])  # none: the template's default
+    assert blank.messages == conv.messages[1:]
+    with pytest.raises(
+        VicunaError, match=r"\[0\] \(id 'c1'\)\.system: the conversation has a system turn too"
+    ):
+        read_records(tmp_path, [{**CONVERSATION, "system": "Be kind."}])
+    with pytest.raises(VicunaError, match=r"\[0\]\.system: expected a string"):
+        read_records(tmp_path, [{"messages": [{"role": "user", "content": "Hi"}], "system": ["Be kind."]}])
+
+
 def test_pretty_printed_lists_and_byte_order_marks_load(tmp_path):
     """A ShareGPT list as people save it: indented, maybe by an editor that writes a byte-order mark."""
     path = tmp_path / "data.json"

@@ -90,7 +90,8 @@ def is_json(text: str) -> bool:
 
 
 def parse_record(record: Any, where: str) -> Conversation:
-    """One record: `{"id", "conversations": [{"from", "value"}]}` or `{"messages": [{"role", "content"}]}`."""
+    """One record: `{"id", "conversations": [{"from", "value"}]}` or `{"messages": [{"role", "content"}]}`,
+    either with an optional `"system"` prompt beside the turns."""
     if not isinstance(record, dict) or not ({"conversations", "messages"} & record.keys()):
         raise VicunaError(
             f"{where}: expected an object with 'conversations' (ShareGPT) or 'messages' (OpenAI style)"
@@ -118,7 +119,13 @@ def parse_record(record: Any, where: str) -> Conversation:
     else:
         messages = parse_messages(record["messages"], source=f"{where}.messages")
         fields = (f"{where}.messages", "role", "content", OPENAI_NAMES)
-    return Conversation(where, tuple(check_turns(messages, *fields)))
+    system = record.get("system", "")  # LLaMA-Factory's ShareGPT files keep it beside the turns
+    if not isinstance(system, str):
+        raise VicunaError(f"{where}.system: expected a string (the system prompt)")
+    if system.strip() and messages[0].role == "system":
+        raise VicunaError(f"{where}.system: the conversation has a system turn too; keep one of them")
+    head = [Message("system", system)] if system.strip() else []
+    return Conversation(where, tuple(head + check_turns(messages, *fields)))
 
 
 def check_turns(
