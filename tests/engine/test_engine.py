@@ -114,6 +114,26 @@ def test_special_token_text_in_a_message_is_text_not_a_turn_marker(engine, templ
         assert message.content in text
 
 
+def test_a_tokenizer_that_appends_eos_does_not_end_the_prompt_with_it(tiny_llama_dir, tmp_path):
+    """A tokenizer saved with add_eos_token=True (some fine-tuning setups leave it so) appended EOS to every
+    prompt: the reply began after an end of text, where training never put one."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "eos"
+    shutil.copytree(tiny_llama_dir, folder)
+    AutoTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=True).save_pretrained(folder)
+    engine = load_engine(ModelSettings(model_path=str(folder), device="cpu"), progress=False)
+    eos = engine.tokenizer.eos_token_id
+    assert engine.tokenizer("Hi")["input_ids"][-1] == eos  # what the tokenizer does
+    for messages in ([Message("user", "Hello!")], [Message("user", "a </s> b")]):  # plain, and typed text
+        ids = engine.encode_chat(messages)
+        assert ids[-1] != eos and ids[0] == engine.tokenizer.bos_token_id, messages
+    assert engine.encode("Once upon a time")[-1] != eos
+    assert engine.encode("the end</s>")[-1] == eos  # the prompt's own text stays
+
+
 def test_special_token_text_with_a_slow_tokenizer_is_a_clear_error(engine, monkeypatch):
     from vicuna.errors import VicunaError
 

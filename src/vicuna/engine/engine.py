@@ -68,6 +68,7 @@ class Engine:
         self._spare: tuple[LlamaRunner, list[int]] | None = None  # the last generation's runner, its tokens
         self._lock = threading.Lock()
         self._teams: dict[int, Any] = {}  # per thread that decodes: its kernel.Team
+        self._appends_eos: bool | None = None  # whether the tokenizer ends what it encodes with EOS
 
     def _split_stops(self, stops: Sequence[str]) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Stop strings that are single special tokens become stop ids (their text is never decoded)."""
@@ -86,7 +87,17 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         """Token ids for a prompt; BOS is added as the tokenizer does, unless the text already has it."""
-        return list(self.tokenizer(text, add_special_tokens=self._adds_bos(text))["input_ids"])
+        adds = self._adds_bos(text)
+        ids = list(self.tokenizer(text, add_special_tokens=adds)["input_ids"])
+        return ids[: len(ids) - self._appended_eos(ids, adds)]
+
+    def _appended_eos(self, ids: Sequence[int], added: bool) -> int:
+        """1 where the tokenizer ended `ids` with an EOS of its own (one saved with `add_eos_token=True`):
+        a reply must not begin after an end of text, and training (`train.data`) never puts one there."""
+        if self._appends_eos is None:
+            eos = self.tokenizer.eos_token_id
+            self._appends_eos = eos is not None and self.tokenizer("x")["input_ids"][-1:] == [eos]
+        return int(added and self._appends_eos and ids[-1:] == [self.tokenizer.eos_token_id])
 
     def _adds_bos(self, text: str) -> bool:
         """Whether the tokenizer is to add its BOS (and other special tokens): not when `text` has it."""
@@ -109,10 +120,11 @@ class Engine:
                 "cannot keep as text: leave it out"
             )
         marked = self.render_chat(masked.messages)  # a typed "<s>" at its start is no BOS
-        enc = self.tokenizer(
-            masked.unmask(marked), add_special_tokens=self._adds_bos(marked), return_offsets_mapping=True
-        )
-        return retokenize(self.tokenizer, enc["input_ids"], enc["offset_mapping"], masked.typed_at)[0]
+        adds = self._adds_bos(marked)
+        enc = self.tokenizer(masked.unmask(marked), add_special_tokens=adds, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        cut = len(ids) - self._appended_eos(ids, adds)
+        return retokenize(self.tokenizer, ids[:cut], offsets[:cut], masked.typed_at)[0]
 
     def chat_params(self, params: SamplingParams) -> SamplingParams:
         """The request's settings plus the template's end-of-turn markers (but not EOS with `ignore_eos`,
