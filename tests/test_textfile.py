@@ -37,6 +37,14 @@ def test_a_missing_file_is_named(tmp_path):
         read_text(tmp_path / "nope.json")
 
 
+def test_a_folder_is_named_as_one(tmp_path):
+    """`vicuna train --data .` said only 'error: Is a directory: .'."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(VicunaError, match=r"data: a folder, not a file; name the file in it"):
+        read_text(folder)
+
+
 @pytest.mark.parametrize(
     ("text", "found"),
     [

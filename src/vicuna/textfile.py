@@ -37,6 +37,10 @@ def read_text(path: Path) -> str:
         data = path.read_bytes()
     except FileNotFoundError:
         raise VicunaError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise VicunaError(f"{path}: a folder, not a file; name the file in it") from None
+    except PermissionError:
+        raise VicunaError(f"{path}: no permission to read it") from None
     utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
     try:
         return data.decode("utf-16" if utf16 else "utf-8-sig")
