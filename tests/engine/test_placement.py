@@ -29,6 +29,18 @@ def test_layers_are_balanced_over_two_pretend_gpus():
     assert abs(first - second) <= 2, plan
 
 
+@pytest.mark.parametrize("shares", [(2, 1), (1, 2), (3, 1)])
+def test_unequal_gpus_get_layers_in_proportion_to_their_memory(shares):
+    """A large GPU beside a small one, in either order: the model fits when their memory together holds it,
+    and each GPU holds about its share of the layers (a balanced split put half on the small one, and
+    refused when it could not)."""
+    size = model_size(CONFIG).weight_bytes(torch.float16)
+    budgets = [int(1.3 * size * s / sum(shares)) for s in shares]
+    plan = placement.plan_placement(CONFIG, torch.float16, budgets)
+    first = sum(1 for k, v in plan.items() if ".layers." in k and v == 0)
+    assert abs(first - CONFIG.num_hidden_layers * shares[0] / sum(shares)) <= 1.5, plan
+
+
 def test_plan_refuses_gpus_that_are_too_small():
     with pytest.raises(DoesNotFitError, match="does not fit on 2 GPU"):
         placement.plan_placement(CONFIG, torch.float16, [10_000, 10_000])

@@ -116,20 +116,25 @@ def fastest_cpu_dtype(config: Any) -> torch.dtype:
 
 
 def plan_placement(config: Any, dtype: torch.dtype, budgets: list[int]) -> dict[str, int]:
-    """Decoder layers spread evenly over GPUs with these byte budgets (accelerate's balanced map).
+    """Decoder layers spread over GPUs with these byte budgets in proportion to them, so that a small GPU
+    beside a large one keeps as large a share of its memory for its layers' KV cache and activations.
 
     Raises DoesNotFitError when the layers do not all fit on the GPUs.
     """
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, infer_auto_device_map
 
     model = empty_model(config)
     no_split = getattr(model, "_no_split_modules", None) or []
-    max_memory = dict(enumerate(budgets))
-    if len(budgets) > 1:
-        max_memory = get_balanced_memory(
-            model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype
-        )
-        max_memory = {k: v for k, v in max_memory.items() if isinstance(k, int)}
+    sizes = compute_module_sizes(model, dtype=dtype)
+    weights = sizes[""]
+    # Each GPU but the last gets its share and room for one more layer (whole layers rarely make up the
+    # share exactly), the first for one more (accelerate keeps a layer's room free there); the last, the rest.
+    layer = max((sizes[n] for n, m in model.named_modules() if type(m).__name__ in no_split), default=0)
+    max_memory = {
+        i: min(b, b * weights // sum(budgets) + layer * (2 if i == 0 else 1))
+        for i, b in enumerate(budgets[:-1])
+    }
+    max_memory[len(budgets) - 1] = budgets[-1]
     device_map = infer_auto_device_map(
         model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype
     )
