@@ -11,7 +11,7 @@ from tests.tiny_models import tiny_llama_config
 from vicuna.config import ModelSettings
 from vicuna.engine import placement
 from vicuna.engine.memory import GPU, model_size, parse_bytes, probe_hardware
-from vicuna.errors import DoesNotFitError
+from vicuna.errors import DoesNotFitError, VicunaError
 
 CONFIG = tiny_llama_config(1000, num_hidden_layers=8, hidden_size=256, intermediate_size=512)
 
@@ -95,8 +95,15 @@ def test_8bit_weights_are_fitted_on_one_gpu_as_they_are_loaded(monkeypatch, caps
 def test_parse_bytes():
     assert parse_bytes("20GiB") == 20 * 2**30
     assert parse_bytes("1.5 GB") == 1_500_000_000
-    with pytest.raises(Exception, match="20 apples"):
-        parse_bytes("20 apples")
+    assert parse_bytes("13000MiB") == 13000 * 2**20
+
+
+@pytest.mark.parametrize("text", ["20 apples", "13", "0GiB", "-5GiB", "inf", "13GiB,8GiB"])
+def test_parse_bytes_refuses_what_is_no_size(text):
+    """A bare number (13 bytes, then 'does not fit on 1 GPU of 0 MiB'), nothing or less, infinity (a
+    traceback): each one line naming the flag."""
+    with pytest.raises(VicunaError, match=f"--max-gpu-memory: cannot read '{text}'"):
+        parse_bytes(text)
 
 
 def test_auto_dtype_is_measured_once_and_remembered(monkeypatch, tmp_path):

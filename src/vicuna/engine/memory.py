@@ -119,17 +119,22 @@ def model_size(config: Any) -> ModelSize:
 
 
 def parse_bytes(text: str) -> int:
-    """'20GiB', '20GB', '512MiB', '1.5 TiB' -> bytes."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+    """'20GiB', '20GB', '512MiB', '1.5 TiB' -> bytes. A bare number is refused: 13 bytes is never meant."""
+    units = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
     units |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
     raw = text.strip().lower().replace(" ", "")
     number = raw.rstrip("kmgtib")
     try:
-        return int(float(number) * units[raw[len(number) :]])
-    except (ValueError, KeyError):
+        size = int(float(number) * units[raw[len(number) :]])
+    except (ValueError, KeyError, OverflowError):
+        size = 0
+    if size <= 0:
         from vicuna.errors import VicunaError
 
-        raise VicunaError(f"--max-gpu-memory: cannot read {text!r}; expected a size such as 20GiB") from None
+        raise VicunaError(
+            f"--max-gpu-memory: cannot read {text!r}; expected a positive size with its unit, such as 20GiB"
+        )
+    return size
 
 
 def gib(n: int) -> str:
