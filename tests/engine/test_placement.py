@@ -64,7 +64,7 @@ def test_two_pretend_gpus_in_the_fit_check(monkeypatch):
     need = (
         size.weight_bytes(torch.bfloat16) + size.kv_bytes(placement.KV_TOKENS, torch.bfloat16)
     ) * placement.HEADROOM
-    gpus = tuple(GPU(i, "Pretend", int(need), int(need * 0.8), (8, 0)) for i in range(2))
+    gpus = tuple(GPU(i, "Pretend", int(need), int(need * 0.85), (8, 0)) for i in range(2))
     hw = dataclasses.replace(probe_hardware(), gpus=gpus)
     monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
     options = {o.flags: o.fits for o in placement.fit_options(size, hw, ModelSettings())}
@@ -90,6 +90,22 @@ def test_8bit_weights_are_fitted_on_one_gpu_as_they_are_loaded(monkeypatch, caps
     with pytest.raises(DoesNotFitError, match="1 GPU"):
         placement.check_fits(CONFIG, settings, torch.device("cuda"), torch.bfloat16)
     assert "--load-8bit keeps the model on one GPU; --num-gpus is ignored" in capsys.readouterr().err
+
+
+def test_flags_refused_are_never_offered(monkeypatch):
+    """A GPU whose free memory holds the model but not with the margin kept free: `--device cuda
+    --load-8bit` was refused with 'these would fit: --device cuda --load-8bit', and doctor said yes to it."""
+    size = model_size(CONFIG)
+    need = (size.weight_bytes(torch.bfloat16, True) + size.kv_bytes(placement.KV_TOKENS, torch.bfloat16)) * (
+        placement.HEADROOM
+    )
+    gpu = GPU(0, "Pretend", int(need * 2), int(need * 1.05), (8, 0))
+    hw = dataclasses.replace(probe_hardware(), gpus=(gpu,), ram_available=0)
+    monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    settings = ModelSettings(load_8bit=True)
+    with pytest.raises(DoesNotFitError, match="no option fits this machine"):
+        placement.check_fits(CONFIG, settings, torch.device("cuda"), torch.bfloat16)
+    assert not any(o.fits for o in placement.fit_options(size, hw, settings))
 
 
 def test_parse_bytes():

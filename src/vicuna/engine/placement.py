@@ -147,6 +147,12 @@ def plan_placement(config: Any, dtype: torch.dtype, budgets: list[int]) -> dict[
     return device_map
 
 
+def gpu_budgets(hw: Hardware, settings: ModelSettings) -> list[int]:
+    """The bytes each GPU can give the model: 90% of what is free, or --max-gpu-memory when less."""
+    budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None
+    return [min(int(g.free_bytes * 0.9), budget or g.free_bytes) for g in hw.gpus]
+
+
 @dataclass(frozen=True)
 class Option:
     flags: str
@@ -172,8 +178,7 @@ def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[
                 )
             )
     if hw.gpus:
-        budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None
-        per_gpu = [min(g.free_bytes, budget or g.free_bytes) for g in hw.gpus]
+        per_gpu = gpu_budgets(hw, settings)
         half = torch.bfloat16
         for eight in (False, True):
             need = int((size.weight_bytes(half, eight) + size.kv_bytes(KV_TOKENS, half)) * HEADROOM)
@@ -211,7 +216,7 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
         if settings.load_8bit and gpus > 1:  # quantized whole on the CPU, then moved (quant.quantize_int8)
             print("notice: --load-8bit keeps the model on one GPU; --num-gpus is ignored", file=sys.stderr)
             gpus = 1
-        budgets = [min(int(g.free_bytes * 0.9), budget or g.free_bytes) for g in hw.gpus[:gpus]]
+        budgets = gpu_budgets(hw, settings)[:gpus]
         where = f"{gpus} GPU(s) with {gib(sum(budgets))} usable"
         available = sum(budgets)
     else:
