@@ -10,7 +10,7 @@ import torch
 from tests.tiny_models import tiny_llama_config
 from vicuna.config import ModelSettings
 from vicuna.engine import placement
-from vicuna.engine.memory import GPU, model_size, parse_bytes, probe_hardware
+from vicuna.engine.memory import GPU, gib, model_size, parse_bytes, probe_hardware
 from vicuna.errors import DoesNotFitError, VicunaError
 
 CONFIG = tiny_llama_config(1000, num_hidden_layers=8, hidden_size=256, intermediate_size=512)
@@ -106,6 +106,27 @@ def test_flags_refused_are_never_offered(monkeypatch):
     with pytest.raises(DoesNotFitError, match="no option fits this machine"):
         placement.check_fits(CONFIG, settings, torch.device("cuda"), torch.bfloat16)
     assert not any(o.fits for o in placement.fit_options(size, hw, settings))
+
+
+def test_max_gpu_memory_is_used_as_given_up_to_what_is_free(monkeypatch):
+    """90% of the free memory is the default only: a budget given above it was cut back to it, and a model
+    that fits in the memory the user gave was refused."""
+    size = model_size(CONFIG)
+    need = (size.weight_bytes(torch.bfloat16) + size.kv_bytes(placement.KV_TOKENS, torch.bfloat16)) * (
+        placement.HEADROOM
+    )
+    free = int(need / 0.95)
+    gpu = GPU(0, "Pretend", free * 2, free, (8, 0))
+    monkeypatch.setattr(
+        placement, "probe_hardware", lambda: dataclasses.replace(probe_hardware(), gpus=(gpu,))
+    )
+    with pytest.raises(DoesNotFitError, match="1 GPU"):
+        placement.check_fits(CONFIG, ModelSettings(), torch.device("cuda"), torch.bfloat16)
+    given = ModelSettings(max_gpu_memory=f"{int(need * 1.01)}B")
+    assert placement.check_fits(CONFIG, given, torch.device("cuda"), torch.bfloat16) == {"": 0}
+    beyond = ModelSettings(max_gpu_memory=f"{free * 2}B")  # more than is free: what is free
+    with pytest.raises(DoesNotFitError, match=f"with {gib(free)} usable"):
+        placement.check_fits(CONFIG, beyond, torch.device("cuda"), torch.float32)
 
 
 def test_parse_bytes():

@@ -148,9 +148,9 @@ def plan_placement(config: Any, dtype: torch.dtype, budgets: list[int]) -> dict[
 
 
 def gpu_budgets(hw: Hardware, settings: ModelSettings) -> list[int]:
-    """The bytes each GPU can give the model: 90% of what is free, or --max-gpu-memory when less."""
+    """The bytes each GPU can give the model: --max-gpu-memory up to what is free, by default 90% of it."""
     budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None
-    return [min(int(g.free_bytes * 0.9), budget or g.free_bytes) for g in hw.gpus]
+    return [min(budget, g.free_bytes) if budget else int(g.free_bytes * 0.9) for g in hw.gpus]
 
 
 @dataclass(frozen=True)
