@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     from vicuna.errors import VicunaError
 
     try:
-        device = resolve_device(settings.device)
+        device = resolve_device(settings)
         dtype = resolve_dtype(settings.dtype, device, config)
         check_fits(config, settings, device, dtype)
     except VicunaError as err:

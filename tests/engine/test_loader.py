@@ -11,7 +11,7 @@ from tests.tiny_models import write_tiny_llama
 from vicuna.cli import main as cli
 from vicuna.config import ModelSettings
 from vicuna.engine.loader import load_engine
-from vicuna.errors import ModelLoadError
+from vicuna.errors import ModelLoadError, VicunaError
 
 
 @pytest.fixture
@@ -170,3 +170,28 @@ def test_the_loaded_line_names_the_device_the_weights_are_on():
     assert placed_on({"": 0}, cuda, load_8bit=False) == "cuda:0"
     assert placed_on({"model.embed_tokens": 0, "lm_head": 1}, cuda, load_8bit=False) == "cuda:0+cuda:1"
     assert placed_on({"": "cpu"}, cuda, load_8bit=True) == "cuda"  # loaded on the CPU, then moved
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        ({"device": "cuda"}, "--device cuda: no CUDA GPU"),
+        ({"device": "cpu", "max_gpu_memory": "13"}, "--max-gpu-memory: cannot read '13'"),
+    ],
+)
+def test_flags_are_refused_before_the_model_is_converted_or_read(monkeypatch, flags, error):
+    """`--device cuda` on a machine without one was said after the built-in model (or a .gguf file) was
+    converted, which takes minutes and gigabytes for a 7B model."""
+    import torch
+
+    from vicuna.engine import loader
+
+    if flags.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("checks a machine without a CUDA GPU")
+
+    def no_model(path):
+        raise AssertionError("the model was looked at before the flags were checked")
+
+    monkeypatch.setattr(loader, "resolve_model_path", no_model)
+    with pytest.raises(VicunaError, match=error):
+        load_engine(ModelSettings(**flags))

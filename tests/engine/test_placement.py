@@ -129,6 +129,14 @@ def test_max_gpu_memory_is_used_as_given_up_to_what_is_free(monkeypatch):
         placement.check_fits(CONFIG, beyond, torch.device("cuda"), torch.float32)
 
 
+def test_more_gpus_than_are_visible(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(VicunaError, match="--num-gpus 2: only 1 GPU"):
+        placement.resolve_device(ModelSettings(num_gpus=2))
+    assert placement.resolve_device(ModelSettings(device="cuda")) == torch.device("cuda")
+
+
 def test_parse_bytes():
     assert parse_bytes("20GiB") == 20 * 2**30
     assert parse_bytes("1.5 GB") == 1_500_000_000

@@ -176,6 +176,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     from vicuna.engine.placement import check_fits, resolve_device, resolve_dtype
 
     start = time.perf_counter()
+    device = resolve_device(settings)
     folder = resolve_model_path(settings.model_path)
     config = read_config(folder)
     for path in weight_files(folder):
@@ -188,7 +189,6 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     check_tokenizer(tokenizer, config, folder)
     model_name = folder.name if settings.model_path is not None else "SmolLM2-135M-Instruct"
 
-    device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device, config)
     device_map = check_fits(config, settings, device, dtype)
     # 8-bit: loaded as stored (memory-mapped, not copied) and quantized from that (see quantize_int8)

@@ -30,15 +30,24 @@ KV_TOKENS = 2048  # the KV cache a chat is planned for
 HEADROOM = 1.1  # activations, allocator slack
 
 
-def resolve_device(requested: str | None) -> torch.device:
+def resolve_device(settings: ModelSettings) -> torch.device:
+    """The device to load on, after the checks of the flags that need no model, so that they are said
+    before a model is converted or read: the device is there, --max-gpu-memory reads, and so many GPUs
+    are visible."""
+    requested = settings.device
     cuda, mps = torch.cuda.is_available(), bool(torch.backends.mps.is_available())
     if requested == "cuda" and not cuda:
         raise VicunaError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
     if requested == "mps" and not mps:
         raise VicunaError("--device mps: Apple's Metal backend is not available here; use --device cpu")
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    device = torch.device(requested or ("cuda" if cuda else "mps" if mps else "cpu"))
+    if settings.max_gpu_memory:
+        parse_bytes(settings.max_gpu_memory)
+    if device.type == "cuda" and settings.num_gpus > torch.cuda.device_count():
+        raise VicunaError(
+            f"--num-gpus {settings.num_gpus}: only {torch.cuda.device_count()} GPU(s) are visible"
+        )
+    return device
 
 
 def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dtype:
@@ -199,7 +208,7 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
     hw = probe_hardware()
     kv = size.kv_bytes(KV_TOKENS, dtype)
     weights = size.weight_bytes(dtype, settings.load_8bit)
-    budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None  # read even if unused
+    budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None
     gpu_flags = [
         f for f, given in (("--num-gpus", settings.num_gpus > 1), ("--max-gpu-memory", budget)) if given
     ]
@@ -210,8 +219,6 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
             file=sys.stderr,
         )
     if device.type == "cuda":
-        if settings.num_gpus > len(hw.gpus):
-            raise VicunaError(f"--num-gpus {settings.num_gpus}: only {len(hw.gpus)} GPU(s) are visible")
         gpus = settings.num_gpus
         if settings.load_8bit and gpus > 1:  # quantized whole on the CPU, then moved (quant.quantize_int8)
             print("notice: --load-8bit keeps the model on one GPU; --num-gpus is ignored", file=sys.stderr)
