@@ -429,6 +429,7 @@ def check_reply_budget(max_new_tokens: int, context_window: int) -> None:
 def main(args: argparse.Namespace) -> int:
     from vicuna.engine.engine import context_window
     from vicuna.engine.loader import load_engine, read_config, resolve_model_path
+    from vicuna.engine.placement import resolve_device
 
     params = SamplingParams(
         temperature=args.temperature,
@@ -439,6 +440,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     settings = model_settings_from_args(args)
+    resolve_device(settings)  # flags that need no model are said before it is converted or read
     # refused before minutes of loading: the config says how long the context is
     check_reply_budget(
         params.max_new_tokens, context_window(read_config(resolve_model_path(args.model_path)))

@@ -302,6 +302,17 @@ def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
     assert "--max-new-tokens 20000" in err and "context window of 256 tokens" in err
 
 
+def test_device_flags_are_refused_before_the_model_is_converted_or_read(monkeypatch, capsys):
+    import vicuna.engine.loader
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was looked at")
+
+    monkeypatch.setattr(vicuna.engine.loader, "resolve_model_path", never)
+    assert cli(["chat", "--max-gpu-memory", "13"]) == 2
+    assert "--max-gpu-memory: cannot read '13'" in capsys.readouterr().err
+
+
 def test_load_reads_a_conversation_an_editor_saved_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "对话 记录.json"  # Windows Notepad saves UTF-8 with a BOM
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
