@@ -14,6 +14,9 @@ from vicuna.engine.memory import GPU, gib, model_size, parse_bytes, probe_hardwa
 from vicuna.errors import DoesNotFitError, VicunaError
 
 CONFIG = tiny_llama_config(1000, num_hidden_layers=8, hidden_size=256, intermediate_size=512)
+HALF = (
+    "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+)  # GPUs' 16 bits
 
 
 def test_layers_are_balanced_over_two_pretend_gpus():
@@ -68,9 +71,23 @@ def test_two_pretend_gpus_in_the_fit_check(monkeypatch):
     hw = dataclasses.replace(probe_hardware(), gpus=gpus)
     monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
     options = {o.flags: o.fits for o in placement.fit_options(size, hw, ModelSettings())}
-    assert options["--device cuda"] is False
-    assert options["--device cuda --num-gpus 2"] is True
-    assert options["--device cuda --load-8bit"] is True
+    assert options[f"--device cuda --dtype {HALF}"] is False
+    assert options[f"--device cuda --dtype {HALF} --num-gpus 2"] is True
+    assert options[f"--device cuda --dtype {HALF} --load-8bit"] is True
+
+
+def test_gpu_options_name_their_dtype(monkeypatch):
+    """`--device cuda --dtype float32` too big for the GPU was told 'these would fit: --device cuda', the
+    flags it had run with: the GPU options were sized in 16 bits but did not say so."""
+    size = model_size(CONFIG)
+    need = (size.weight_bytes(torch.float16) + size.kv_bytes(placement.KV_TOKENS, torch.float16)) * (
+        placement.HEADROOM
+    )
+    gpu = GPU(0, "Pretend", int(need * 2), int(need * 1.5), (8, 0))
+    hw = dataclasses.replace(probe_hardware(), gpus=(gpu,), ram_available=0)
+    monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    with pytest.raises(DoesNotFitError, match="these would fit: --device cuda --dtype float16 "):
+        placement.check_fits(CONFIG, ModelSettings(dtype="float32"), torch.device("cuda"), torch.float32)
 
 
 def test_8bit_weights_are_fitted_on_one_gpu_as_they_are_loaded(monkeypatch, capsys):
@@ -84,8 +101,8 @@ def test_8bit_weights_are_fitted_on_one_gpu_as_they_are_loaded(monkeypatch, caps
     hw = dataclasses.replace(probe_hardware(), gpus=gpus)
     monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
     options = {o.flags: o.fits for o in placement.fit_options(size, hw, ModelSettings())}
-    assert options["--device cuda --load-8bit"] is False
-    assert "--device cuda --num-gpus 2 --load-8bit" not in options
+    assert options[f"--device cuda --dtype {HALF} --load-8bit"] is False
+    assert f"--device cuda --dtype {HALF} --num-gpus 2 --load-8bit" not in options
     settings = ModelSettings(load_8bit=True, num_gpus=2)
     with pytest.raises(DoesNotFitError, match="1 GPU"):
         placement.check_fits(CONFIG, settings, torch.device("cuda"), torch.bfloat16)

@@ -188,12 +188,13 @@ def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[
             )
     if hw.gpus:
         per_gpu = gpu_budgets(hw, settings)
-        half = torch.bfloat16
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        half_name, half = ("bfloat16", torch.bfloat16) if bf16 else ("float16", torch.float16)
         for eight in (False, True):
             need = int((size.weight_bytes(half, eight) + size.kv_bytes(KV_TOKENS, half)) * HEADROOM)
             for n in range(1, 1 + (1 if eight else len(hw.gpus))):  # 8-bit: on one GPU (see check_fits)
                 flags = (
-                    "--device cuda"
+                    f"--device cuda --dtype {half_name}"
                     + (f" --num-gpus {n}" if n > 1 else "")
                     + (" --load-8bit" if eight else "")
                 )
