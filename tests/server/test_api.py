@@ -867,3 +867,13 @@ def test_a_body_not_in_utf_8_or_with_full_width_punctuation_is_a_400_saying_so(s
     typed = httpx.post(f"{url}/v1/chat/completions", content=body.replace('"model":', '"model"：').encode())
     assert typed.status_code == 400
     assert error_of(typed)["message"].endswith("found the full-width '：' where JSON needs ':')")
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_a_crash(served, caplog):
+    url, _ = served
+    deep = "[" * 100_000 + "]" * 100_000  # 200 KB: far under the size limit
+    for path in ("chat/completions", "completions", "embeddings"):
+        with caplog.at_level(logging.ERROR):
+            r = httpx.post(f"{url}/v1/{path}", content=deep, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "too deeply" in error_of(r)["message"], r.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback in the log

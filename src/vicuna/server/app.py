@@ -416,6 +416,11 @@ async def _read_json(request: Request, limit: int, window: int) -> Any:
         ) from None
     except json.JSONDecodeError as err:
         raise APIError(400, f"the request body is not valid JSON ({json_problem(err)})") from None
+    except RecursionError:  # the decoder recurses once per array or object opened
+        raise APIError(
+            400,
+            "the request body nests arrays or objects too deeply (no request field needs more than a few levels)",
+        ) from None
 
 
 # A request body may hold this many bytes for each token of the model's context window: many times what a
