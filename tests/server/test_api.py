@@ -877,3 +877,25 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_crash(served, caplog):
             r = httpx.post(f"{url}/v1/{path}", content=deep, headers={"content-type": "application/json"})
         assert r.status_code == 400 and "too deeply" in error_of(r)["message"], r.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback in the log
+
+
+def test_an_unpaired_surrogate_in_a_string_is_a_400_naming_the_field(served):
+    url, _ = served
+    json_post = {"headers": {"content-type": "application/json"}}
+    # a pair of surrogates (json.dumps escapes "😀" so) is one character; so is "\\ud800" typed as text
+    emoji = json.dumps(greedy(messages=[{"role": "user", "content": "😀 \\ud800"}], max_tokens=2))
+    assert "\\ud83d\\ude00" in emoji
+    assert httpx.post(f"{url}/v1/chat/completions", content=emoji, **json_post).status_code == 200
+    for path, body, param in [
+        (
+            "chat/completions",
+            greedy(messages=[{"role": "user", "content": "hi \ud800"}]),
+            "messages[0].content",
+        ),
+        ("completions", greedy(prompt=["ok", "\udfff"], max_tokens=2), "prompt[1]"),
+        ("embeddings", {"model": MODEL, "input": "\ud800"}, "input"),
+        ("chat/completions", greedy(messages=HELLO, **{"x\ud800": 1}), None),
+    ]:
+        r = httpx.post(f"{url}/v1/{path}", content=json.dumps(body), **json_post)
+        assert r.status_code == 400 and error_of(r)["param"] == param, r.text
+        assert "unpaired UTF-16 surrogate" in error_of(r)["message"]

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import json
 import logging
+import re
 import struct
 import threading
 import time
@@ -407,7 +408,7 @@ async def _read_json(request: Request, limit: int, window: int) -> Any:
         if len(body) > limit:
             raise too_large
     try:
-        return json.loads(body)
+        data = json.loads(body)
     except UnicodeDecodeError as err:  # JSON is UTF-8; GBK is what a Chinese Windows sends by default
         raise APIError(
             400,
@@ -421,6 +422,39 @@ async def _read_json(request: Request, limit: int, window: int) -> Any:
             400,
             "the request body nests arrays or objects too deeply (no request field needs more than a few levels)",
         ) from None
+    if SURROGATE_ESCAPE.search(body) and (where := _unpaired_surrogate(data)) is not None:
+        raise APIError(
+            400,
+            f"{where or 'the body'}: holds an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape without its "
+            "other half), which is no text: send whole characters",
+            param=where or None,
+        )
+    return data
+
+
+# JSON's escape of a UTF-16 surrogate: a character outside the BMP is sent as a pair of them, and one alone
+# decodes to a string no tokenizer or UTF-8 answer can take (it was a 500).
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unpaired_surrogate(data: Any) -> str | None:
+    """Where in `data` (`messages[0].content`; "" for `data` itself) a string, or an object's key, holds an
+    unpaired surrogate; None if nowhere."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:  # no recursion: the body may nest as deep as the decoder allowed
+        path, item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                inner = f"{path}.{key}" if path else key
+                todo += [(inner, value), (path, key)]  # the key is looked at first
+        elif isinstance(item, list):
+            todo += [(f"{path}[{i}]", value) for i, value in enumerate(item)]
+    return None
 
 
 # A request body may hold this many bytes for each token of the model's context window: many times what a
