@@ -578,3 +578,19 @@ def test_on_a_gpu_batched_greedy_replies_match_each_alone(tmp_path_factory):
     expected = [reply(e.generate(ids, params)) for ids, params in jobs]
     assert [same(x, y) for x, y in zip(batched, expected, strict=True)] == [True] * len(jobs)
     assert b.stats.peak_running > 1
+
+
+def test_many_embeddings_leave_the_running_replies_going_and_stop_once_cancelled(tiny_engine, batcher):
+    computed: list[int] = []  # the lists computed at each turn of the scheduler
+    embed = batcher._embed
+    batcher._embed = lambda lists: (computed.append(len(lists)), embed(lists))[1]
+    cancel = threading.Event()
+    vectors = batcher.embed([tiny_engine.encode("Hello")] * 5000, cancel)
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    events = list(batcher.generate(tiny_engine.encode("Hi"), params))
+    assert events[-1].completion_tokens == 12 and not vectors.done()  # the reply did not wait for them
+    cancel.set()
+    assert vectors.result(60) is None
+    assert set(computed) == {1} and len(computed) < 5000
+    few = batcher.embed([tiny_engine.encode("Hello"), tiny_engine.encode("Tokyo")]).result(60)
+    assert [len(v) for v in few] == [tiny_engine.model.config.hidden_size] * 2

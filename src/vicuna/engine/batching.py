@@ -347,11 +347,31 @@ class Batcher:
             self._lock.notify()
         return future
 
-    def embed(self, token_lists: Sequence[list[int]]) -> Future:
-        """Mean-pooled, L2-normalised last hidden states, one vector per token list (a Future of them)."""
+    def embed(self, token_lists: Sequence[list[int]], cancel: threading.Event | None = None) -> Future:
+        """Mean-pooled, L2-normalised last hidden states, one vector per token list (a Future of them, or of
+        None once `cancel` is set). One list is computed between two decode steps: all at once, a request of
+        many stalled every running reply (and shutdown) until its last one, also after its client left."""
         for ids in token_lists:
             self.engine.check_fits(len(ids), 0)
-        return self.call(lambda: self._embed(token_lists))
+        out: Future = Future()
+        vectors: list[list[float]] = []
+
+        def next_one(done: Future | None = None) -> None:  # on the scheduler thread, after the last one
+            try:
+                if done is not None:
+                    vectors.extend(done.result())
+                if cancel is not None and cancel.is_set():
+                    out.set_result(None)
+                elif len(vectors) == len(token_lists):
+                    out.set_result(vectors)
+                else:
+                    ids = token_lists[len(vectors)]
+                    self.call(lambda: self._embed([ids])).add_done_callback(next_one)
+            except BaseException as error:  # the model's error, or ShuttingDownError
+                out.set_exception(error)
+
+        next_one()
+        return out
 
     @property
     def waiting(self) -> int:

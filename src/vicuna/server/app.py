@@ -870,7 +870,7 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     @api("/v1/embeddings")
-    async def embeddings(request: Request) -> dict[str, Any]:
+    async def embeddings(request: Request) -> dict[str, Any] | Response:
         server.check_auth(request)
         req: p.EmbeddingRequest = p.parse_request(p.EmbeddingRequest, await server.read_json(request))
         server.check_model(req.model)
@@ -884,7 +884,16 @@ def create_app(
                     code="context_length_exceeded",
                 )
         start = time.perf_counter()
-        vectors = await asyncio.wrap_future(batcher.embed(token_lists))
+        cancel = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+        try:
+            vectors = await asyncio.wrap_future(batcher.embed(token_lists, cancel))
+        finally:
+            cancel.set()
+            watcher.cancel()
+        if vectors is None:  # the client went away: the inputs left were not computed
+            server.metrics.requests.labels("embeddings", "499").inc()
+            return Response(status_code=499)
         data = [
             p.Embedding(
                 index=i,
