@@ -396,6 +396,11 @@ def test_api_keys(tiny_engine):
             client(url, "wrong").chat.completions.create(messages=HELLO, max_tokens=2, **greedy())
         assert client(url, "k2").chat.completions.create(messages=HELLO, max_tokens=2, **greedy()).choices
         assert httpx.get(f"{url}/health").status_code == 200  # monitoring needs no key
+    # keys are compared as bytes (in constant time): a key's beginning is not the key, any text is a key
+    with serving(create_app(tiny_engine, model_name=MODEL, api_keys=["密钥-k1"])) as url:
+        for key, status in (("密钥-k1", 200), ("密钥", 401), ("密钥-k1x", 401)):
+            r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}".encode()})
+            assert r.status_code == status, key
 
 
 def test_browser_pages_from_allowed_origins_may_call_the_api(tiny_engine):
