@@ -18,7 +18,7 @@ import uvicorn
 
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, render
-from vicuna.engine.events import Finished
+from vicuna.engine.events import Finished, TextChunk
 from vicuna.errors import VicunaError
 from vicuna.server.app import create_app
 
@@ -539,6 +539,21 @@ def test_web_ui_chats_are_admitted_and_counted_as_api_requests(tiny_engine):
         assert event == "complete" and "4 tokens" in data
         assert metric(url, 'vicuna_requests_total{endpoint="webui",status="200"}') == 1
         assert [metric(url, name) - b for name, b in zip(counted, before, strict=True)] == [4, 1]
+
+
+def test_a_web_ui_reply_the_page_left_counts_the_tokens_it_had(tiny_engine):
+    """A page closed mid-reply was counted with 0 completion tokens, however many it had been sent."""
+    from vicuna.server.app import Metrics, _counted
+
+    metrics = Metrics(create_app(tiny_engine, model_name=MODEL).state.batcher)
+    events = _counted(
+        iter([TextChunk("Once", (5,)), TextChunk(" upon a", (6, 7)), TextChunk("x", (8,))]), metrics, 3
+    )
+    assert [next(events).text for _ in range(2)] == ["Once", " upon a"]
+    events.close()  # the page went away
+    sample = metrics.registry.get_sample_value
+    assert sample("vicuna_requests_total", {"endpoint": "webui", "status": "499"}) == 1
+    assert sample("vicuna_completion_tokens_total") == 3
 
 
 def test_requests_that_arrive_together_take_the_free_rows_before_any_counts_as_queued(tiny_engine):

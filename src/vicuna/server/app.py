@@ -967,10 +967,12 @@ def _counted(events: Iterator[Any], metrics: Metrics, prompt_tokens: int) -> Ite
     """A web UI reply's events, counted in `metrics` as an API request's are, as endpoint "webui"."""
     start, first, last = time.perf_counter(), None, None
     finished: Finished | None = None
+    tokens = 0  # sampled so far: what a reply cut short by the page's leaving counts
     status = 499  # the page stopped reading before the end: it went away, or Clear dropped the reply
     try:
         for event in events:
             if isinstance(event, TextChunk) and event.token_ids:
+                tokens += len(event.token_ids)
                 now = time.perf_counter()
                 if last is not None:
                     metrics.itl.observe((now - last) / len(event.token_ids))
@@ -987,6 +989,6 @@ def _counted(events: Iterator[Any], metrics: Metrics, prompt_tokens: int) -> Ite
             status,
             [finished.reason if finished else "cancelled"],
             prompt_tokens,
-            finished.completion_tokens if finished else 0,
+            finished.completion_tokens if finished else tokens,
             None if first is None else first - start,
         )
