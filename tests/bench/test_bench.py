@@ -10,6 +10,7 @@ import math
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import torch
@@ -518,6 +519,22 @@ def test_bench_writes_no_output_into_a_missing_folder(flag, name, tmp_path, caps
     assert cli(["bench", "memory", "--skip-weights", flag, str(missing / name)]) == 2
     assert f"the folder {missing} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("flag, name", [("--json", "x.json"), ("--plot", "x.png")])
+def test_bench_refuses_an_output_that_is_a_folder_before_loading_anything(flag, name, tmp_path, capsys):
+    folder = tmp_path / name
+    folder.mkdir()
+    assert cli(["bench", "memory", "--skip-weights", flag, str(folder)]) == 2
+    assert f"{folder} is a folder; name the file to write in it" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one can create files"
+)
+def test_bench_refuses_an_output_in_a_folder_it_cannot_write_before_loading_anything(capsys):
+    assert cli(["bench", "memory", "--skip-weights", "--json", "/proc/x.json"]) == 2
+    assert "error: /proc/x.json: cannot write into /proc (" in capsys.readouterr().err
 
 
 def test_the_api_key_defaults_to_the_first_of_the_server_s_keys(monkeypatch):

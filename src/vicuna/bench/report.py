@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -227,12 +228,20 @@ def print_table(report: Report, console: Any = None) -> None:
 
 def check_output_path(path: Path, *, suffix: str | None = None) -> None:
     """Refuse an output file whose folder does not exist (a mistyped folder is not created, as if asked
-    for) and, with `suffix`, one whose name does not end in it (the file would not be what it is named)."""
+    for), is not writable, or that is a folder itself, before the benchmark runs rather than after it;
+    with `suffix`, one whose name does not end in it (the file would not be what it is named)."""
     path = Path(path)
     if suffix is not None and path.suffix.lower() != suffix:
         raise VicunaError(f"{path}: the chart is written as {suffix[1:].upper()}; name it *{suffix}")
     if not path.parent.is_dir():
         raise VicunaError(f"{path}: the folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise VicunaError(f"{path} is a folder; name the file to write in it")
+    try:  # what writing it will do: a temporary file beside it (os.access says yes to root everywhere)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as err:
+        raise VicunaError(f"{path}: cannot write into {path.parent} ({err.strerror or err})") from None
 
 
 def _write_atomically(path: Path, write: Any) -> None:
