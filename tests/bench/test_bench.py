@@ -7,6 +7,8 @@ import argparse
 import asyncio
 import json
 import math
+import os
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -535,6 +537,26 @@ def test_bench_refuses_an_output_that_is_a_folder_before_loading_anything(flag, 
 def test_bench_refuses_an_output_in_a_folder_it_cannot_write_before_loading_anything(capsys):
     assert cli(["bench", "memory", "--skip-weights", "--json", "/proc/x.json"]) == 2
     assert "error: /proc/x.json: cannot write into /proc (" in capsys.readouterr().err
+
+
+def test_bench_refuses_plot_without_matplotlib_before_loading_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert cli(["bench", "memory", "--skip-weights", "--plot", str(tmp_path / "x.png")]) == 2
+    assert "error: --plot: matplotlib cannot draw the chart (" in capsys.readouterr().err
+
+
+def test_bench_refuses_plot_where_mplbackend_names_no_backend_before_loading_anything(tmp_path):
+    # matplotlib reads $MPLBACKEND when it is first imported: in a process of its own
+    argv = ["bench", "memory", "--skip-weights", "--model-path", str(tmp_path / "none"), "--plot"]
+    done = subprocess.run(
+        [sys.executable, "-m", "vicuna", *argv, str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MPLBACKEND": "nosuch"},
+    )
+    assert done.returncode == 2
+    assert "error: --plot: matplotlib cannot draw the chart (" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()
 
 
 def test_the_api_key_defaults_to_the_first_of_the_server_s_keys(monkeypatch):

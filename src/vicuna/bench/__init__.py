@@ -123,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse flags that make no sense before anything is loaded, naming the flag."""
     from vicuna.bench.latency import MIN_LONG_TOKENS
-    from vicuna.bench.report import check_output_path
+    from vicuna.bench.report import check_output_path, check_plotting
 
     def at_least(flag: str, value: float, least: float) -> None:
         if value < least:
@@ -156,6 +156,7 @@ def check_flags(args: argparse.Namespace) -> None:
         check_output_path(args.json)
     if args.plot is not None:
         check_output_path(args.plot, suffix=".png")
+        check_plotting()
 
 
 def main(args: argparse.Namespace) -> int:

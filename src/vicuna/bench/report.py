@@ -244,6 +244,18 @@ def check_output_path(path: Path, *, suffix: str | None = None) -> None:
         raise VicunaError(f"{path}: cannot write into {path.parent} ({err.strerror or err})") from None
 
 
+def check_plotting() -> None:
+    """Refuse `--plot` before the benchmark where matplotlib cannot draw the chart: not installed, or
+    $MPLBACKEND naming no backend (matplotlib reads it on import, even though the chart is drawn with Agg)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except (ImportError, ValueError) as err:
+        raise VicunaError(f"--plot: matplotlib cannot draw the chart ({err})") from None
+
+
 def _write_atomically(path: Path, write: Any) -> None:
     """Write to a temporary name beside `path` and rename: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
