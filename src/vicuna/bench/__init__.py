@@ -165,6 +165,10 @@ def main(args: argparse.Namespace) -> int:
     check_flags(args)
     settings = model_settings_from_args(args)
     progress = not args.no_progress
+    if not (progress and sys.stderr.isatty()):  # transformers' bars while loading weights, as ours
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     load = busy_cores()
     if args.bench == "latency":
         from vicuna.bench.latency import bench_latency
