@@ -476,6 +476,22 @@ def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path,
     assert png.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_reply_too_long_for_the_context_is_refused_before_the_baselines_load(
+    tiny_llama_dir, monkeypatch, capsys
+):
+    from vicuna.bench import latency
+
+    loaded = []
+    monkeypatch.setattr(latency, "load_hf_model", lambda *a: loaded.append(a))
+    argv = ["bench", "latency", "--model-path", str(tiny_llama_dir), "--prompts", "short", "--new-tokens"]
+    assert cli([*argv, "250", "--no-progress"]) == 2  # the tiny model's context window is 256 tokens
+    err = capsys.readouterr().err
+    assert (
+        "new tokens were asked for" in err and "context window is 256 tokens: use fewer --new-tokens" in err
+    )
+    assert loaded == []
+
+
 def test_bench_refuses_bad_flags(capsys):
     with pytest.raises(SystemExit):
         cli(["bench", "latency", "--prompts", "medium"])

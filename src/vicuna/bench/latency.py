@@ -295,6 +295,24 @@ def bench_latency(
         raise VicunaError(f"--long-tokens must be at least {MIN_LONG_TOKENS}, not {long_tokens}")
     engine = load_engine(settings, progress=progress)
     questions = make_prompts(engine, kinds, long_tokens, new_tokens)  # refused here if they cannot fit
+    from vicuna.conversation import Message
+
+    prompt_ids = {k: engine.encode_chat([Message(role="user", content=q)]) for k, q in questions.items()}
+    if "long" in kinds and long_prompt_budget(engine, long_tokens, new_tokens) < long_tokens:
+        print(
+            f"note: the long prompt is shortened to {len(prompt_ids['long'])} tokens (not --long-tokens "
+            f"{long_tokens}), to fit the model's context window of {engine.context_window} with its reply "
+            "and the chat's next turn",
+            file=sys.stderr,
+        )
+    for ids in prompt_ids.values():  # refused before the baselines are loaded
+        try:
+            engine.check_fits(len(ids), new_tokens)
+        except ContextTooLongError as err:
+            raise VicunaError(f"{err}: use fewer --new-tokens") from None
+    # The chat's next turn, right after the engine's reply (whose cache it keeps): the engine computes
+    # the new tokens only, HF generate the whole conversation, as FastChat does on every turn.
+    turns = {k: next_turn(engine, q, prompt_ids[k], new_tokens) for k, q in questions.items()}
     hf_model = load_hf_model(engine, settings)
     pad_id = engine.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else (engine.end_ids[0] if engine.end_ids else 0)
@@ -306,22 +324,6 @@ def bench_latency(
     if settings.load_8bit:  # the same settings unquantized, for the 8-bit ratios
         reference = load_engine(replace(settings, load_8bit=False), progress=progress)
         runners["unquantized"] = lambda ids: time_engine(reference, ids, new_tokens)
-
-    from vicuna.conversation import Message
-
-    prompt_ids = {k: engine.encode_chat([Message(role="user", content=q)]) for k, q in questions.items()}
-    if "long" in kinds and long_prompt_budget(engine, long_tokens, new_tokens) < long_tokens:
-        print(
-            f"note: the long prompt is shortened to {len(prompt_ids['long'])} tokens (not --long-tokens "
-            f"{long_tokens}), to fit the model's context window of {engine.context_window} with its reply "
-            "and the chat's next turn",
-            file=sys.stderr,
-        )
-    for ids in prompt_ids.values():
-        engine.check_fits(len(ids), new_tokens)
-    # The chat's next turn, right after the engine's reply (whose cache it keeps): the engine computes
-    # the new tokens only, HF generate the whole conversation, as FastChat does on every turn.
-    turns = {k: next_turn(engine, q, prompt_ids[k], new_tokens) for k, q in questions.items()}
     steps = [(name, run, False) for name, run in runners.items()]
     steps.insert(
         1, ("engine next turn", lambda k: time_engine(engine, turns[k], NEXT_TURN_TOKENS, True), True)
