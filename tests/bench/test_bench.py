@@ -492,6 +492,17 @@ def test_a_reply_too_long_for_the_context_is_refused_before_the_baselines_load(
     assert loaded == []
 
 
+def test_bench_serve_refuses_a_reply_too_long_for_the_context_before_starting_a_server(
+    tiny_llama_dir, monkeypatch, capsys
+):
+    started = []
+    monkeypatch.setattr(serve, "started_server", lambda *a: started.append(a))
+    argv = ["bench", "serve", "--model-path", str(tiny_llama_dir), "--new-tokens", "250", "--no-progress"]
+    assert cli(argv) == 2  # the tiny model's context window is 256 tokens
+    assert "context window is 256 tokens: use fewer --new-tokens" in capsys.readouterr().err
+    assert started == []
+
+
 def test_bench_refuses_bad_flags(capsys):
     with pytest.raises(SystemExit):
         cli(["bench", "latency", "--prompts", "medium"])
