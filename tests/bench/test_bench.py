@@ -655,6 +655,15 @@ def test_the_served_model_is_asked_for_with_the_key_and_a_401_says_so(fake_serve
         model_name(url, "k2")
 
 
+def test_an_address_that_is_not_an_openai_api_is_said_in_one_line(fake_server):
+    url = fake_server("vicuna-7b") + "/elsewhere"  # its /v1/models is not found
+    with pytest.raises(VicunaError) as refused:
+        model_name(url)
+    message = str(refused.value)
+    assert message.startswith(f"{url}/v1/models answered 404 without a list of models: is it the address")
+    assert "\n" not in message
+
+
 def test_a_server_that_does_not_answer_in_time_is_reported_with_what_it_printed(monkeypatch):
     from vicuna.config import ModelSettings
 

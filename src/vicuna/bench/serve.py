@@ -330,12 +330,20 @@ def model_name(url: str, api_key: str | None = None) -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         answer = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
-        if answer.status_code == 401:
-            refused = "refused the API key" if api_key else "wants an API key"
-            raise VicunaError(f"{url}/v1/models answered 401: the server {refused}; {KEY_HINT}")
-        models = answer.raise_for_status().json()["data"]
-    except (httpx.HTTPError, KeyError, ValueError) as err:
+    except httpx.HTTPError as err:
         raise VicunaError(f"{url}/v1/models: cannot list the served model ({err})") from None
+    if answer.status_code == 401:
+        refused = "refused the API key" if api_key else "wants an API key"
+        raise VicunaError(f"{url}/v1/models answered 401: the server {refused}; {KEY_HINT}")
+    try:
+        models = answer.json()["data"] if answer.status_code == 200 else None
+    except (KeyError, TypeError, ValueError):
+        models = None
+    if models is None:
+        raise VicunaError(
+            f"{url}/v1/models answered {answer.status_code} without a list of models: is it the address of "
+            "a `vicuna serve` (an OpenAI-compatible API)?"
+        )
     if not models:
         raise VicunaError(f"{url}/v1/models lists no model")
     return models[0]["id"]
