@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vicuna.bench import add_arguments, serve
-from vicuna.bench.latency import Timing, add_latency_rows
+from vicuna.bench.latency import Timing, add_latency_rows, run_label
 from vicuna.bench.memory import (
     add_memory_rows,
     largest_tensor_bytes,
@@ -199,6 +199,11 @@ def test_latency_rows_are_medians_of_each_runner_against_its_baseline():
     assert (reply.value, reply.baseline_value) == (1.0, 3.0)
     eight_bit = rows_by(report, group, "8-bit decode", "unquantized")
     assert eight_bit.ratio == pytest.approx(60 / 70) and eight_bit.met is False
+
+
+def test_the_progress_names_warm_up_rounds_apart_from_measured_runs():
+    labels = [run_label(i, warmup=2, runs=3) for i in range(5)]
+    assert labels == ["warm-up 1/2", "warm-up 2/2", "run 1/3", "run 2/3", "run 3/3"]
 
 
 def test_the_next_turn_row_compares_the_engine_reusing_its_cache_with_hf_recomputing():

@@ -337,7 +337,7 @@ def bench_latency(
         for i in range(warmup + runs):
             for kind, ids in prompt_ids.items():
                 for name, run, by_kind in steps:
-                    bar.update(task, description=f"{kind} prompt, {name}, run {i + 1 - warmup}/{runs}")
+                    bar.update(task, description=f"{kind} prompt, {name}, {run_label(i, warmup, runs)}")
                     t = run(kind) if by_kind else run(ids)
                     if i >= warmup:
                         timings[kind][name].append(t)
@@ -385,6 +385,11 @@ def bench_latency(
             target_op="<=",
         )
     return report
+
+
+def run_label(i: int, warmup: int, runs: int) -> str:
+    """What the progress bar calls round `i` (from 0) of `warmup` unmeasured then `runs` measured ones."""
+    return f"warm-up {i + 1}/{warmup}" if i < warmup else f"run {i + 1 - warmup}/{runs}"
 
 
 def medians(ts: list[Timing]) -> dict[str, float]:
