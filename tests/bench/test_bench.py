@@ -549,6 +549,17 @@ def test_bench_refuses_a_bad_flag_by_its_name_before_loading_anything(argv, mess
     assert message in capsys.readouterr().err
 
 
+def test_bench_memory_s_help_does_not_offer_the_flags_it_refuses(capsys):
+    def help_of(bench: str) -> str:
+        with pytest.raises(SystemExit):
+            cli(["bench", bench, "--help"])
+        return capsys.readouterr().out
+
+    memory, latency = help_of("memory"), help_of("latency")
+    assert "--dtype " not in memory and "--load-8bit" not in memory and "--dtypes DTYPES" in memory
+    assert "--dtype " in latency and "--load-8bit" in latency
+
+
 @pytest.mark.parametrize("flag, name", [("--json", "x.json"), ("--plot", "x.png")])
 def test_bench_writes_no_output_into_a_missing_folder(flag, name, tmp_path, capsys):
     missing = tmp_path / "no" / "such"

@@ -102,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     mem = sub.add_parser("memory", help="weight memory and peak RSS per dtype; convert and delta apply")
     add_model_arguments(mem)
+    # it loads every dtype of --dtypes and 8-bit: --dtype and --load-8bit are refused (check_flags), not offered
+    for action in mem._actions:
+        if action.dest in ("dtype", "load_8bit"):
+            action.help = argparse.SUPPRESS
     mem.add_argument(
         "--dtypes",
         type=_csv(str, ("float32", "bfloat16", "float16")),
