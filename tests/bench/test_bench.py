@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -782,6 +784,32 @@ def test_bench_serve_runs_against_vicuna_serve(tiny_llama_dir, tmp_path):
     assert len(ones) == len(direct) == API_PAIRS  # engine directly and one stream in turn, in one run
     assert agg["value"] == wave3["tokens_per_s"]
     assert agg["baseline_value"] == pytest.approx(median([w["tokens_per_s"] for w in ones]))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be sent to a process on Windows")
+def test_sigterm_stops_the_server_bench_serve_started(tiny_llama_dir):
+    import psutil
+
+    argv = ["bench", "serve", "--model-path", str(tiny_llama_dir), "--new-tokens", "4", "--runs", "1000"]
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "vicuna", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    server = None
+    try:
+        while server is None and bench.poll() is None:  # until its `vicuna serve` listens
+            for child in psutil.Process(bench.pid).children():
+                with contextlib.suppress(psutil.Error):  # a short-lived child may be gone already
+                    if any(c.status == psutil.CONN_LISTEN for c in child.net_connections()):
+                        server = child
+        assert server is not None, "bench serve ended before it started a server"
+        bench.terminate()  # SIGTERM, as `kill` and `timeout` send
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        server.wait(timeout=5)  # gone with it, not left running on its own
+    finally:
+        bench.kill()
+        if server is not None:  # where the test failed: not left running after it
+            with contextlib.suppress(psutil.Error):
+                server.kill()
 
 
 def test_bandwidth_is_measured_with_and_without_our_kernel(monkeypatch):

@@ -4,9 +4,13 @@ the same run, printed as a table and optionally saved as JSON (`--json`) and a c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from vicuna.config import add_model_arguments, model_settings_from_args
 from vicuna.errors import VicunaError
@@ -174,44 +178,61 @@ def main(args: argparse.Namespace) -> int:
 
         transformers_logging.disable_progress_bar()
     load = busy_cores()
-    if args.bench == "latency":
-        from vicuna.bench.latency import bench_latency
+    with exiting_on_sigterm():  # a server or a measuring child started here goes with it
+        if args.bench == "latency":
+            from vicuna.bench.latency import bench_latency
 
-        report = bench_latency(
-            settings,
-            runs=args.runs,
-            warmup=args.warmup,
-            new_tokens=args.new_tokens,
-            prompts=args.prompts,
-            long_tokens=args.long_tokens,
-            progress=progress,
-        )
-    elif args.bench == "serve":
-        from vicuna.bench.serve import bench_serve
+            report = bench_latency(
+                settings,
+                runs=args.runs,
+                warmup=args.warmup,
+                new_tokens=args.new_tokens,
+                prompts=args.prompts,
+                long_tokens=args.long_tokens,
+                progress=progress,
+            )
+        elif args.bench == "serve":
+            from vicuna.bench.serve import bench_serve
 
-        report = bench_serve(
-            settings,
-            url=args.url,
-            api_key=args.api_key,
-            streams=args.streams,
-            new_tokens=args.new_tokens,
-            runs=args.runs,
-            startup_timeout=args.startup_timeout,
-            progress=progress,
-        )
-    else:
-        from vicuna.bench.memory import bench_memory
+            report = bench_serve(
+                settings,
+                url=args.url,
+                api_key=args.api_key,
+                streams=args.streams,
+                new_tokens=args.new_tokens,
+                runs=args.runs,
+                startup_timeout=args.startup_timeout,
+                progress=progress,
+            )
+        else:
+            from vicuna.bench.memory import bench_memory
 
-        report = bench_memory(
-            settings,
-            dtypes=args.dtypes,
-            new_tokens=args.new_tokens,
-            weights_mb=None if args.skip_weights else args.weights_mb,
-            progress=progress,
-        )
+            report = bench_memory(
+                settings,
+                dtypes=args.dtypes,
+                new_tokens=args.new_tokens,
+                weights_mb=None if args.skip_weights else args.weights_mb,
+                progress=progress,
+            )
     report.machine["load_average_before"] = load
     emit(report, json_path=args.json, plot_path=args.plot)
     return 0
+
+
+@contextlib.contextmanager
+def exiting_on_sigterm() -> Iterator[None]:
+    """Within it, SIGTERM (`kill`, `timeout`, a cancelled CI job) ends the process through its `finally`
+    blocks, as Ctrl-C does, instead of at once: the `vicuna serve` that `bench serve` started, or the child
+    measuring memory, is stopped rather than left running on its own."""
+
+    def leave(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def busy_cores() -> float | None:
