@@ -327,3 +327,20 @@ def test_shards_get_the_permissions_of_any_new_file(tmp_path):
     finally:
         os.umask(mask)
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+
+
+def test_the_writer_runs_where_ctypes_cannot_open_the_running_program(tmp_path, monkeypatch):
+    """On Windows `ctypes.CDLL(None)` raises TypeError (it tests its name for path separators), so asking
+    the C library for malloc_trim there ended `vicuna convert`, `delta apply` and `get` after one shard."""
+    import ctypes
+    import os
+    import types
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(ctypes, "_os", types.SimpleNamespace(name="nt", fspath=os.fspath))  # ctypes' own view
+    monkeypatch.setitem(sys.modules, "nt", types.SimpleNamespace(_LOAD_LIBRARY_SEARCH_DEFAULT_DIRS=0x1000))
+    with pytest.raises(TypeError):  # Windows' ctypes, as simulated
+        ctypes.CDLL(None)
+    state = random_state(UNIFORM_SHAPES)
+    out = _write(tmp_path / "out", state)
+    assert verify_manifest(out, progress=False) == []

@@ -295,7 +295,9 @@ def new_file_mode() -> int:
 def _return_freed_memory() -> None:
     """glibc keeps freed blocks smaller than 32 MB for reuse, and with tensors of a few MB churning through
     them its heap fragments and RSS creeps up shard after shard; malloc_trim hands the free pages back."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+    if not sys.platform.startswith("linux"):  # no glibc; and Windows' ctypes.CDLL(None) raises TypeError
+        return
+    with contextlib.suppress(OSError, AttributeError):  # musl: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
 
 
