@@ -19,6 +19,16 @@ def test_openmp_spinning_is_shortened_before_torch_loads_unless_the_user_chose()
     assert out.stdout.split()[-2] == "123"
 
 
+def test_text_the_output_encoding_lacks_is_replaced_not_a_crash(tmp_path):
+    # Windows writes output that goes to a file or a pipe in its ANSI code page (cp1252 in the West)
+    (tmp_path / "m.json").write_text('[{"role": "user", "content": "你好"}]', encoding="utf-8")
+    command = [sys.executable, "-m", "vicuna", "template", "render", "vicuna_v1.1", "--messages", "m.json"]
+    env = os.environ | {"PYTHONIOENCODING": "cp1252"}
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True)
+    assert (out.returncode, out.stderr) == (0, b"")
+    assert out.stdout.endswith(b"USER: ?? ASSISTANT:")
+
+
 def test_system_errors_are_one_line_not_a_traceback(monkeypatch, capsys):
     import errno
 
