@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -211,12 +212,15 @@ def test_a_build_is_made_once_per_source_and_compiler(tmp_path, monkeypatch):
         Path(command[-1]).write_bytes(b"built")  # the partial file the compiler would write
 
     monkeypatch.setattr(subprocess, "run", compile_)
-    # what the compiler of a build whose Python was killed went on to write goes; a running build's stays
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+    # what the compiler of a build whose Python was killed went on to write goes once no build can still be
+    # writing it; a recent one stays. Told apart by age, not by asking whether the pid in its name runs:
+    # on Windows os.kill(pid, 0) ends that process, or fails for a pid that is gone.
     (tmp_path / "kernels").mkdir()
-    (tmp_path / "kernels" / f"vicuna-kernel-x.so.{dead.pid}.partial").write_bytes(b"orphan")
+    orphan = tmp_path / "kernels" / f"vicuna-kernel-x.so.{os.getpid()}.partial"
+    orphan.write_bytes(b"orphan")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
     (tmp_path / "kernels" / f"vicuna-kernel-y.so.{os.getpid()}.partial").write_bytes(b"being built")
+    monkeypatch.setattr(os, "kill", None)  # no process is signalled
     first = kernel.build("g++", progress=False)
     assert (tmp_path / "kernels" / f"vicuna-kernel-y.so.{os.getpid()}.partial").exists()
     (tmp_path / "kernels" / f"vicuna-kernel-y.so.{os.getpid()}.partial").unlink()

@@ -44,6 +44,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-s
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.int8: 3}
 PACKED = {torch.bfloat16: 4, torch.int8: 5}  # weights in the kernel's blocks (`pack_`)
 BLOCK = 16  # weight rows per block
+BUILD_TIMEOUT_S = 600
 FEW_ROWS = 4  # up to this many rows the kernel streams the weights at memory speed
 
 _lock = threading.Lock()
@@ -161,16 +163,6 @@ def library_path(compiler: str) -> Path:
     return vicuna_home() / "kernels" / f"vicuna-kernel-{source_hash()}-{how}.so"
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
 def build(compiler: str, progress: bool = True) -> Path:
     """Compile the kernel unless this build exists (written to a temporary name, then renamed)."""
     path = library_path(compiler)
@@ -180,13 +172,16 @@ def build(compiler: str, progress: bool = True) -> Path:
     if progress:
         print("Compiling vicuna's CPU kernel (once for this machine) ...", file=sys.stderr, flush=True)
     for old in path.parent.glob("*.partial"):  # left by a build whose Python was killed: its compiler went on
-        pid = old.suffixes[-2].lstrip(".") if len(old.suffixes) > 1 else ""
-        if pid.isdigit() and not _running(int(pid)):
-            old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # older than a build may take: no compiler is writing it
+            if time.time() - old.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
+                old.unlink()
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, timeout=600
+            [compiler, *FLAGS, str(SOURCE), "-o", str(partial)],
+            check=True,
+            capture_output=True,
+            timeout=BUILD_TIMEOUT_S,
         )
         os.replace(partial, path)
     finally:
