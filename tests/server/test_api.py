@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -759,6 +760,19 @@ def test_serve_refuses_a_busy_port_and_bad_flags_before_loading_the_model(tmp_pa
     for flag, value in (("--max-batch-size", "0"), ("--stream-interval", "-5"), ("--max-queue", "-1")):
         assert main(["serve", "--model-path", never_loaded, flag, value]) == 2
         assert f"error: {flag} must be" in capsys.readouterr().err
+
+
+def test_serve_on_windows_does_not_share_its_port(monkeypatch):
+    # Windows' SO_REUSEADDR lets a socket bind a port that another is listening on, so a second `vicuna
+    # serve --port 8000` would load its model and share the port instead of being refused at once
+    from vicuna.server import listen
+
+    options = []
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(socket.socket, "setsockopt", lambda self, *option: options.append(option))
+    with listen("127.0.0.1", 0):
+        pass
+    assert (socket.SOL_SOCKET, socket.SO_REUSEADDR, 1) not in options
 
 
 @pytest.mark.slow

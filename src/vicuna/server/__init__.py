@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import socket
+import sys
 
 from vicuna.config import add_model_arguments, model_settings_from_args
 from vicuna.errors import VicunaError
@@ -65,7 +66,9 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sys.platform != "win32":  # a restart binds while the last run's connections are in TIME_WAIT;
+            # on Windows it would let this socket bind a port another server is listening on
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as err:
         raise VicunaError(
