@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import codecs
 import json
-import shlex
 from pathlib import Path
 
 from vicuna.errors import VicunaError
+from vicuna.shell import quote
 
 # full-width characters an input method types where JSON needs ASCII punctuation
 FULL_WIDTH = {
@@ -52,7 +52,7 @@ def read_text(path: Path) -> str:
         )
         try:
             data.decode("gb18030")
-            message += f"; it reads as GBK: convert it with `iconv -f GB18030 -t UTF-8 {shlex.quote(str(path))} > NEW_FILE`"
+            message += f"; it reads as GBK: convert it with `iconv -f GB18030 -t UTF-8 {quote(str(path))} > NEW_FILE`"
         except UnicodeDecodeError:
             message += "; save it as UTF-8"
         raise VicunaError(message) from None

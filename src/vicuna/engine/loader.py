@@ -7,7 +7,6 @@ Every check names the file and the field at fault, so that a user sees "shard 2 
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from vicuna.config import ModelSettings
 from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
 from vicuna.errors import ModelLoadError
+from vicuna.shell import quote
 from vicuna.weights.tokenizer import check_tokenizer
 
 CONFIG = "config.json"
@@ -40,7 +40,7 @@ def resolve_model_path(model_path: str | None) -> Path:
         if (path / "adapter_config.json").is_file():
             raise ModelLoadError(
                 f"{path}: a LoRA adapter, not a whole model; merge it first with "
-                f"`vicuna lora merge --base BASE --adapter {shlex.quote(str(path))} --output OUT`"
+                f"`vicuna lora merge --base BASE --adapter {quote(str(path))} --output OUT`"
             )
         raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
     return path

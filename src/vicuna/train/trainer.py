@@ -25,11 +25,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from shlex import quote
 from typing import Any
 
 from vicuna.engine.loader import RECORDED_TEMPLATE  # chat and serve read it
 from vicuna.errors import ModelLoadError, VicunaError
+from vicuna.shell import quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
 
 RUN_RECORD = "vicuna-train.json"  # the settings a resumed run must keep

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import json
 import os
-import shlex
 import shutil
 import sys
 import zipfile
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from vicuna.errors import ModelLoadError, VicunaError
+from vicuna.shell import quote
 from vicuna.weights.disk import ensure_free_space, one_writer
 from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
 
@@ -358,7 +358,7 @@ def write_checkpoint(
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             if (out / MANIFEST_NAME).is_file():  # a finished run's: not to be deleted by mistake
                 raise VicunaError(
-                    f"{out} already exists, finished (`vicuna verify {shlex.quote(str(out))}` checks it); to "
+                    f"{out} already exists, finished (`vicuna verify {quote(str(out))}` checks it); to "
                     "make it again, delete it or choose another output folder"
                 )
             raise VicunaError(f"{out} already exists; delete it or choose another output folder")

@@ -7,12 +7,12 @@ import argparse
 import json
 import math
 import re
-import shlex
 import shutil
 import tempfile
 from pathlib import Path
 
 from vicuna.errors import VicunaError
+from vicuna.shell import quote
 
 DTYPES = ("float16", "bfloat16", "float32")
 # Meta's name -> HF's name for each layer's tensors, and how model parallelism split them: column-parallel
@@ -61,7 +61,7 @@ def _read_params(meta_dir: Path) -> dict:
     if not path.is_file():
         # the download folder (tokenizer.model, 7B/, 13B/) given instead of one model's folder
         inside = sorted(p.parent for p in meta_dir.glob("*/params.json"))
-        hint = f"; its model folders: {', '.join(shlex.quote(str(p)) for p in inside)}" if inside else ""
+        hint = f"; its model folders: {', '.join(quote(str(p)) for p in inside)}" if inside else ""
         raise VicunaError(
             f"{path} does not exist: META_DIR must hold Meta's params.json and consolidated.*.pth{hint}"
         )

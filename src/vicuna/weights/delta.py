@@ -4,12 +4,12 @@ float32 and stored in the delta's (apply) or the target's (make) dtype, with bou
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vicuna.errors import ModelLoadError, VicunaError
+from vicuna.shell import quote
 
 if TYPE_CHECKING:
     from vicuna.weights.checkpoint import CheckpointReader
@@ -128,14 +128,14 @@ def check_base_and_delta(base: CheckpointReader, delta: CheckpointReader) -> Non
     if base_is_delta and not delta_is_delta:
         raise VicunaError(
             f"--base and --delta are swapped: {base.folder} holds delta weights {_norm_said(base_mean)} and "
-            f"{delta.folder} a whole model; pass --base {shlex.quote(str(delta.folder))} --delta "
-            f"{shlex.quote(str(base.folder))}"
+            f"{delta.folder} a whole model; pass --base {quote(str(delta.folder))} --delta "
+            f"{quote(str(base.folder))}"
         )
     if not delta_is_delta:
         raise VicunaError(
             f"--delta {delta.folder} is a whole model, not delta weights {_norm_said(delta_mean)}: merging "
             "would add two models together. Pass the delta folder (e.g. vicuna-7b-delta-v1.1); a model "
-            f"that is already whole needs no merge: vicuna chat --model-path {shlex.quote(str(delta.folder))}"
+            f"that is already whole needs no merge: vicuna chat --model-path {quote(str(delta.folder))}"
         )
     if base_is_delta:
         raise VicunaError(
@@ -153,7 +153,7 @@ def check_not_delta(folder: Path) -> None:
         raise ModelLoadError(
             f"{folder} holds Vicuna delta weights, not a model {_norm_said(mean)}. Merge them into LLaMA "
             "first: vicuna delta apply --base "
-            f"LLAMA_HF_FOLDER --delta {shlex.quote(str(folder))} --target NEW_FOLDER; then chat with NEW_FOLDER"
+            f"LLAMA_HF_FOLDER --delta {quote(str(folder))} --target NEW_FOLDER; then chat with NEW_FOLDER"
         )
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from vicuna.errors import VicunaError
+from vicuna.shell import quote
 
 SMOKE_QUESTION = "What is the capital of France? Answer in one word."
 
@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress,
     )
-    print(f"\nready: {model}\nchat with it:\n  vicuna chat --model-path {shlex.quote(str(model))}")
+    print(f"\nready: {model}\nchat with it:\n  vicuna chat --model-path {quote(str(model))}")
     return 0
 
 
@@ -186,7 +186,7 @@ def get(
             if partial.exists():
                 raise VicunaError(
                     f"{model} is an unfinished download (it has no {MANIFEST_NAME}) and {partial} another; "
-                    f"delete {shlex.quote(str(model))} and run again"
+                    f"delete {quote(str(model))} and run again"
                 )
             model.replace(partial)  # its files are resumed from, not fetched again
         sources = [Source("model", partial, recipe.merged)]
