@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -29,6 +30,17 @@ def test_a_gbk_file_is_refused_with_its_line_and_how_to_convert_it(tmp_path):
     assert str(err.value) == (
         f"{path}: not UTF-8 text (line 2, byte {column} of the line is 0xc4); it reads as GBK: convert it with "
         f"`iconv -f GB18030 -t UTF-8 '{path}' > NEW_FILE`"
+    )
+
+
+def test_on_windows_a_gbk_file_is_refused_with_a_way_to_convert_it_there(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "win32")  # no iconv there
+    path = tmp_path / "数据.json"
+    path.write_bytes(TEXT.encode("gbk"))
+    with pytest.raises(VicunaError) as err:
+        read_text(path)
+    assert str(err.value).endswith(
+        "it reads as GBK: open it in Notepad and save it with File > Save As, Encoding: UTF-8"
     )
 
 

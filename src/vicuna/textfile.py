@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import sys
 from pathlib import Path
 
 from vicuna.errors import VicunaError
@@ -52,7 +53,12 @@ def read_text(path: Path) -> str:
         )
         try:
             data.decode("gb18030")
-            message += f"; it reads as GBK: convert it with `iconv -f GB18030 -t UTF-8 {quote(str(path))} > NEW_FILE`"
+            if sys.platform == "win32":  # no iconv there; Notepad opens GBK on a Chinese Windows as it is
+                message += (
+                    "; it reads as GBK: open it in Notepad and save it with File > Save As, Encoding: UTF-8"
+                )
+            else:
+                message += f"; it reads as GBK: convert it with `iconv -f GB18030 -t UTF-8 {quote(str(path))} > NEW_FILE`"
         except UnicodeDecodeError:
             message += "; save it as UTF-8"
         raise VicunaError(message) from None
