@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,22 @@ def test_a_folder_is_named_as_one(tmp_path):
     """`vicuna train --data .` said only 'error: Is a directory: .'."""
     folder = tmp_path / "data"
     folder.mkdir()
+    with pytest.raises(VicunaError, match=r"data: a folder, not a file; name the file in it"):
+        read_text(folder)
+
+
+def test_a_folder_is_named_as_one_on_windows_too(tmp_path, monkeypatch):
+    """Windows refuses to open a folder with 'Permission denied', not 'Is a directory'."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    read_bytes = Path.read_bytes
+
+    def as_windows(self):
+        if self.is_dir():
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", as_windows)
     with pytest.raises(VicunaError, match=r"data: a folder, not a file; name the file in it"):
         read_text(folder)
 

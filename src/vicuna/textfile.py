@@ -38,9 +38,9 @@ def read_text(path: Path) -> str:
         data = path.read_bytes()
     except FileNotFoundError:
         raise VicunaError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise VicunaError(f"{path}: a folder, not a file; name the file in it") from None
-    except PermissionError:
+    except (IsADirectoryError, PermissionError):  # Windows refuses to open a folder with PermissionError
+        if path.is_dir():
+            raise VicunaError(f"{path}: a folder, not a file; name the file in it") from None
         raise VicunaError(f"{path}: no permission to read it") from None
     utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
     try:
