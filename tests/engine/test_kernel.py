@@ -232,16 +232,26 @@ def test_a_build_is_made_once_per_source_and_compiler(tmp_path, monkeypatch):
     )
 
 
-def test_a_failed_build_leaves_nothing_behind_and_the_engine_uses_pytorch(tmp_path, monkeypatch, caplog):
+def test_a_failed_build_is_said_once_leaves_no_library_and_the_engine_uses_pytorch(
+    tmp_path, monkeypatch, caplog
+):
     monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
     monkeypatch.setattr(kernel, "_tried", False)
     monkeypatch.setattr(kernel, "_library", None)
-    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails
+    monkeypatch.setenv("CXX", "/bin/false")  # a compiler that fails (as Apple's clang does on -fopenmp)
     monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
     assert kernel.load(progress=False) is None
     assert "could not build the CPU kernel" in caplog.text
     assert "the build with /bin/false failed" in kernel.status()
-    assert not any((tmp_path / "kernels").iterdir())  # no partial library
+    failed = kernel.library_path("/bin/false").with_suffix(".failed")
+    assert list((tmp_path / "kernels").iterdir()) == [failed]  # no partial library; what the compiler said
+    # the next start neither compiles again nor warns again; doctor still says why, and how to try again
+    caplog.clear()
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(subprocess, "run", None)
+    assert kernel.load(progress=False) is None
+    assert caplog.text == ""
+    assert f"the build with /bin/false failed (see {failed}; delete it to try again)" in kernel.status()
     from vicuna.engine.runner import Dense
 
     weight = torch.randn(8, 16).bfloat16()

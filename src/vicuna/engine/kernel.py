@@ -213,18 +213,25 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
                     said.parent.mkdir(parents=True, exist_ok=True)
                     said.touch()
             return None
+        # a compiler that refuses the source or its flags, or a build that does not load, is said once, not
+        # tried again and said on every start (Apple's clang has no -fopenmp)
+        failed = library_path(compiler).with_suffix(".failed")
+        if failed.exists():
+            _why_not = f"the build with {compiler} failed (see {failed}; delete it to try again)"
+            return None
         try:
             library = ctypes.CDLL(str(build(compiler, progress)))
         except (OSError, subprocess.SubprocessError) as err:
             detail = getattr(err, "stderr", b"") or b""
             _why_not = f"the build with {compiler} failed"
-            log.warning(
-                "could not build the CPU kernel with %s (%s): decoding on the CPU uses PyTorch's slower "
-                "operations%s",
-                compiler,
-                err,
-                ("\n" + detail.decode(errors="replace")[-2000:]).rstrip(),
+            message = (
+                f"could not build the CPU kernel with {compiler} ({err}): decoding on the CPU uses PyTorch's "
+                "slower operations" + ("\n" + detail.decode(errors="replace")[-2000:]).rstrip()
             )
+            log.warning("%s", message)
+            if isinstance(err, subprocess.CalledProcessError) or library_path(compiler).exists():
+                with contextlib.suppress(OSError):
+                    failed.write_text(message + "\n", encoding="utf-8")
             return None
         fn = library.vicuna_product
         fn.restype = ctypes.c_int
