@@ -90,6 +90,20 @@ def test_gpu_options_name_their_dtype(monkeypatch):
         placement.check_fits(CONFIG, ModelSettings(dtype="float32"), torch.device("cuda"), torch.float32)
 
 
+def test_a_mac_is_offered_its_gpu(monkeypatch):
+    """On a Mac a model too big for 16 bits was told only of `--device cpu ... --load-8bit`, never of Apple's
+    GPU (MPS), which shares the same RAM and is what the chat had chosen."""
+    size = model_size(CONFIG)
+    need_8bit = size.weight_bytes(torch.float16, True) + size.kv_bytes(placement.KV_TOKENS, torch.float16)
+    hw = dataclasses.replace(probe_hardware(), gpus=(), mps=True, ram_available=int(need_8bit * 1.15))
+    monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    options = {o.flags: o.fits for o in placement.fit_options(size, hw, ModelSettings())}
+    assert options["--device mps --dtype float16"] is False
+    assert options["--device mps --dtype float16 --load-8bit"] is True
+    with pytest.raises(DoesNotFitError, match=r"these would fit: .*--device mps --dtype float16 --load-8bit"):
+        placement.check_fits(CONFIG, ModelSettings(), torch.device("mps"), torch.float16)
+
+
 def test_8bit_weights_are_fitted_on_one_gpu_as_they_are_loaded(monkeypatch, capsys):
     """--load-8bit quantizes the whole model and moves it to one GPU: two GPUs that hold it only together
     are neither offered nor accepted for it."""

@@ -186,6 +186,13 @@ def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[
                     hw.ram_available,
                 )
             )
+    if hw.mps:  # Apple's GPU, in the same RAM
+        for eight in (False, True):
+            need = int(
+                (size.weight_bytes(torch.float16, eight) + size.kv_bytes(KV_TOKENS, torch.float16)) * HEADROOM
+            )
+            flags = "--device mps --dtype float16" + (" --load-8bit" if eight else "")
+            opts.append(Option(flags, need, hw.ram_available))
     if hw.gpus:
         per_gpu = gpu_budgets(hw, settings)
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
