@@ -132,6 +132,33 @@ def test_the_default_kv_budget_holds_one_full_length_reply_for_any_batch_size(ti
         b.close()
 
 
+def test_the_default_kv_budget_is_what_free_memory_holds(tiny_engine, monkeypatch):
+    """16 rows of 2,048 tokens of a 7B model take 16 GiB: by default the budget was that whatever the GPU (or
+    the RAM) had left after the model, so a busy server ran out of memory; it is now cut to KV_SHARE of it,
+    never below one full-length reply. A budget given is kept."""
+    from vicuna.engine import batching
+
+    window, per_token = tiny_engine.context_window, None
+
+    def budget(free_tokens: float, **kw) -> tuple[int, bool]:
+        nonlocal per_token
+        monkeypatch.setattr(
+            batching, "free_bytes", lambda device: int(free_tokens * per_token / batching.KV_SHARE)
+        )
+        b = Batcher(tiny_engine, max_batch_size=4, **kw)
+        b.close()
+        return b.kv_cache_tokens, b.kv_cut_to_memory
+
+    b = Batcher(tiny_engine, max_batch_size=4)
+    per_token = b.kv_token_bytes
+    b.close()
+    assert b.kv_cache_bytes == per_token * b.kv_cache_tokens
+    assert budget(10 * window) == (4 * window, False)  # room to spare: as ever
+    assert budget(2.5 * window) == (int(2.5 * window), True)
+    assert budget(window / 3) == (window, True)  # one full-length reply, whatever is free
+    assert budget(window, kv_cache_tokens=3 * window) == (3 * window, False)
+
+
 def test_cancel_frees_the_row_at_once(tiny_engine, batcher):
     cancel = threading.Event()
     params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)

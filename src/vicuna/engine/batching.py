@@ -42,7 +42,7 @@ from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk
-from vicuna.engine.memory import release_memory_after
+from vicuna.engine.memory import free_bytes, release_memory_after
 from vicuna.engine.runner import PREFILL_PIECE, LlamaRunner, cache_arg, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Sampler
 from vicuna.errors import ShuttingDownError, VicunaError
@@ -54,6 +54,7 @@ Sink = Callable[[Event | BaseException], None]
 DEFAULT_MAX_BATCH_SIZE = 16
 SWITCH_INTERVAL_S = 0.0002
 DEFAULT_TOKENS_PER_SEQUENCE = 2048  # the default KV budget: this many tokens for each batch row
+KV_SHARE = 0.8  # at most this share of the memory free after loading, by default (activations need some)
 
 
 def release_openmp_threads() -> None:
@@ -196,9 +197,18 @@ class Batcher:
         # from decoding (see vicuna.server.app): with an interval, a reply's text made meanwhile is handed
         # over together (its first token and its end at once). 0: every token as it is made.
         self.stream_interval_s = stream_interval_s
-        # by default, DEFAULT_TOKENS_PER_SEQUENCE for each row, and never less than one full-length reply
+        # By default DEFAULT_TOKENS_PER_SEQUENCE for each row, as far as KV_SHARE of the memory free once
+        # the model is loaded holds them (16 rows of 2,048 tokens of a 7B model take 16 GiB: under load
+        # they outgrew a 24 GB GPU, or a laptop's RAM), and never less than one full-length reply.
         self.kv_cache_tokens = kv_cache_tokens or max(
-            engine.context_window, max_batch_size * min(engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE)
+            engine.context_window,
+            min(
+                max_batch_size * min(engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE),
+                int(free_bytes(engine.device) * KV_SHARE) // self.kv_token_bytes,
+            ),
+        )
+        self.kv_cut_to_memory = kv_cache_tokens is None and self.kv_cache_tokens < max_batch_size * min(
+            engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE
         )
         if self.kv_cache_tokens < engine.context_window:
             raise VicunaError(
@@ -239,14 +249,19 @@ class Batcher:
         return self.engine.context_window
 
     @property
-    def kv_cache_bytes(self) -> int:
-        """The KV cache's bound in bytes: keys and values per token, all layers, at the model's dtype."""
+    def kv_token_bytes(self) -> int:
+        """Keys and values of one token, all layers, at the model's dtype."""
         text = self.engine.model.config.get_text_config()
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         width = torch.finfo(self.engine.dtype).bits // 8 if self.engine.dtype.is_floating_point else 4
-        return 2 * text.num_hidden_layers * kv_heads * head_dim * width * self.kv_cache_tokens
+        return 2 * text.num_hidden_layers * kv_heads * head_dim * width
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The KV cache's bound in bytes."""
+        return self.kv_token_bytes * self.kv_cache_tokens
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None

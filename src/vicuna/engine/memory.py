@@ -137,6 +137,16 @@ def parse_bytes(text: str) -> int:
     return size
 
 
+def free_bytes(device: torch.device) -> int:
+    """Memory free for more tensors on `device`: the GPU's free memory, else the RAM available (an Apple
+    GPU shares the RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
 def gib(n: int) -> str:
     """A byte count for people: GiB from 1 GiB up, MiB below."""
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-tokens",
         type=int,
         help="bound on the batch's KV cache, in tokens (default: max-batch-size x min(context window, 2048), "
-        "at least the context window)",
+        "as far as 80%% of the memory free after loading holds them, and at least the context window)",
     )
     g.add_argument(
         "--stream-interval",
@@ -126,7 +126,8 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"Serving {app.state.model_name} at {base}/v1{'' if args.no_webui else f', web UI at {base}/'} "
         f"(batch of {batcher.max_batch_size}, KV cache {batcher.kv_cache_tokens} tokens = "
-        f"{batcher.kv_cache_bytes / 2**20:.0f} MiB{', API keys required' if keys else ''})",
+        f"{batcher.kv_cache_bytes / 2**20:.0f} MiB{', as much as free memory holds' if batcher.kv_cut_to_memory else ''}"
+        f"{', API keys required' if keys else ''})",
         flush=True,
     )
     # Ctrl-C: open connections (a web UI tab keeps one) get SHUTDOWN_GRACE_S to end, then are closed and
