@@ -233,15 +233,19 @@ def finished_blocks(text: str) -> int:
 
 def fit_history(
     engine: ChatEngine, messages: list[Message], max_new_tokens: int
-) -> tuple[list[Message], int]:
-    """Drop the oldest exchanges until the prompt and the reply fit the context window."""
+) -> tuple[list[Message], int, int]:
+    """Drop the oldest exchanges until the prompt and the reply fit the context window. Returns the
+    messages kept, how many exchanges went, and the room left for the reply: less than `max_new_tokens`
+    where the last message alone leaves less."""
     system = [m for m in messages[:1] if m.role == "system"]
     turns = messages[len(system) :]
     dropped = 0
-    while len(turns) > 1 and len(engine.encode_chat(system + turns)) + max_new_tokens > engine.context_window:
+    room = engine.context_window - len(engine.encode_chat(system + turns))
+    while room < max_new_tokens and len(turns) > 1:
         turns = turns[2:]
         dropped += 1
-    return system + turns, dropped
+        room = engine.context_window - len(engine.encode_chat(system + turns))
+    return system + turns, dropped, room
 
 
 def run_chat(
@@ -307,9 +311,15 @@ def _answer(
     engine: ChatEngine, io: ChatIO, messages: list[Message], params: SamplingParams, debug: bool
 ) -> list[Message] | None:
     """The conversation with a reply to its last message, trimmed to fit; None if there is no reply."""
-    messages, dropped = fit_history(engine, messages, params.max_new_tokens)
+    messages, dropped, room = fit_history(engine, messages, params.max_new_tokens)
     if dropped:
         io.info(f"(dropped the {dropped} oldest exchange(s) to fit the context window)")
+    if 0 < room < params.max_new_tokens:  # none at all: the engine refuses the message, saying why
+        io.info(
+            f"(the message leaves room in the context window for a reply of {room} tokens, "
+            f"not --max-new-tokens {params.max_new_tokens})"
+        )
+        params = replace(params, max_new_tokens=room)
     reply, done = _reply(engine, io, messages, params)
     if reply is None:
         return None

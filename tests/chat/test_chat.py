@@ -118,7 +118,7 @@ def test_oldest_turns_are_dropped_to_fit_with_a_notice():
     assert all(
         len(engine.encode_chat(m)) + PARAMS.max_new_tokens <= engine.context_window for m in engine.seen
     )
-    kept, dropped = fit_history(engine, [Message("system", "s")] + engine.seen[-1], PARAMS.max_new_tokens)
+    kept, dropped, _ = fit_history(engine, [Message("system", "s")] + engine.seen[-1], PARAMS.max_new_tokens)
     assert kept[0].role == "system" and dropped == 0
 
 
@@ -232,6 +232,22 @@ def test_too_long_a_message_is_refused_and_the_history_is_kept():
     run_chat(engine, io, PARAMS)
     assert any("context window is 60 tokens; this message goes unanswered" in n for n in io.notes)
     assert [m.content for m in engine.seen[-1]] == ["hi", "reply to 1 messages", "again"]
+
+
+def test_a_message_that_leaves_less_room_than_max_new_tokens_is_answered_in_the_room_left():
+    class Recording(EchoEngine):
+        def chat(self, messages, params, cancel=None):
+            self.params = params
+            return super().chat(messages, params, cancel)
+
+    engine, io = Recording(), ScriptedIO(["hi", "word " * 52])  # 54 of the 60 tokens: room for 6
+    run_chat(engine, io, PARAMS)
+    assert [m.content for m in engine.seen[-1]] == ["word " * 52]  # the older exchange made room first
+    assert engine.params.max_new_tokens == 6 and io.shown[-1] == "reply to 1 messages"
+    assert (
+        "(the message leaves room in the context window for a reply of 6 tokens, not --max-new-tokens 10)"
+        in (io.notes)
+    )
 
 
 class SpacedEngine(EchoEngine):
