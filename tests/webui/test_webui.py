@@ -228,12 +228,26 @@ def test_a_reply_is_cut_to_the_context_window_and_an_overflow_reported(engine, c
     # the box if it is still empty (the server does not know what the user typed there meanwhile)
     ready = gr.update(interactive=True)
     assert next(steps) == (gr.skip(), long, [], "", [], ready, ready)
-    refused = pytest.raises(gr.Error, match="context window is 256 tokens: shorten the message")
+    refused = pytest.raises(gr.Error, match="context window is 256 tokens: shorten it")
     with caplog.at_level(logging.INFO, logger="vicuna.webui"), refused as err:
         next(steps)
     # a user's error is one line in the log, not a traceback
     assert not err.value.print_exception
     assert [r.getMessage() for r in caplog.records] == [f"refused: {err.value.message}"]
+
+
+def test_a_conversation_grown_past_the_context_window_leaves_out_its_oldest_exchanges(engine):
+    chat = RecordingChat(engine)
+    ui = WebChat(chat, api_keys=None, max_tokens_limit=engine.context_window)
+    turns = [("Hello there " * 40, "General Kenobi", "2 tokens"), ("And then?", "Nothing", "1 tokens")]
+    *_, last = ui.respond("Why?", turns, "Be brief.", 0.0, 1.0, 64, "", gr.Request(session_hash="s4"))
+    # the system prompt stays; the oldest exchange goes, so the reply keeps its 64 tokens
+    messages, params = chat.calls[-1]
+    assert [m.content for m in messages] == ["Be brief.", "And then?", "Nothing", "Why?"]
+    assert params.max_new_tokens == 64
+    status, kept = last[3], last[4]
+    assert status.endswith("the oldest 1 exchange(s) left out to fit the context window")
+    assert [t[0] for t in kept] == ["Hello there " * 40, "And then?", "Why?"]  # the page shows them all
 
 
 def test_out_of_memory_is_reported_and_the_message_kept(caplog):

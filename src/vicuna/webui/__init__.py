@@ -36,8 +36,8 @@ def mount(
     """Mount the chat page at `/` of `app` and return `app`. Add the app's own routes first: a mount
     at `/` answers every path that no earlier route took. `chat(messages, params, cancel)` streams a
     reply and ends it with "cancelled" soon after `cancel` is set; it raises ContextTooLongError when
-    called (before any event) if the prompt and max new tokens do not fit, and the page then asks for
-    what fits. `default_system` fills the system prompt box (empty: the model template's own system
+    called (before any event) if the prompt and max new tokens do not fit, and the page then leaves out
+    the oldest exchanges, or asks for what fits. `default_system` fills the system prompt box (empty: the model template's own system
     prompt is used). `context_window` (the model's, in tokens) is the max-tokens slider's end."""
     import gradio as gr
     from fastapi.responses import PlainTextResponse

@@ -48,9 +48,10 @@ CSS = """
 log = logging.getLogger("vicuna.webui")
 
 
-def stats_line(finished: Finished, cut: bool = False) -> str:
+def stats_line(finished: Finished, cut: bool = False, dropped: int = 0) -> str:
     """What is shown under the chat after a reply, e.g. `42 tokens · 18.3 tokens/s · first token 0.21 s`.
-    `cut`: max new tokens was lowered to the room the context window left."""
+    `cut`: max new tokens was lowered to the room the context window left; `dropped`: the oldest
+    exchanges left out of the prompt to fit the context window."""
     parts = [
         f"{finished.completion_tokens} tokens",
         f"{finished.decode_tokens_per_s:.1f} tokens/s",
@@ -60,6 +61,8 @@ def stats_line(finished: Finished, cut: bool = False) -> str:
         parts.append("stopped")
     elif finished.reason == "length":
         parts.append("context window full" if cut else "max tokens reached")
+    if dropped:
+        parts.append(f"the oldest {dropped} exchange(s) left out to fit the context window")
     return " · ".join(parts)
 
 
@@ -195,19 +198,28 @@ class WebChat:
 
     def _open(
         self, messages: list[Message], params: SamplingParams, cancel: threading.Event
-    ) -> tuple[Iterator[Event], bool]:
-        """Start the reply. When the prompt leaves less room in the context window than max new tokens,
-        ask for what fits instead (True: so cut); a prompt that fills the window is refused."""
-        try:
-            return self.chat(messages, params, cancel), False
-        except ContextTooLongError as err:
-            room = err.context_window - err.prompt_tokens
-            if room < 1:
-                raise VicunaError(
-                    f"The conversation has {err.prompt_tokens} tokens, but the model's context window is "
-                    f"{err.context_window} tokens: shorten the message, or Clear to start a new chat."
-                ) from None
-            return self.chat(messages, replace(params, max_new_tokens=room), cancel), True
+    ) -> tuple[Iterator[Event], bool, int]:
+        """Start the reply. The oldest exchanges (never the system prompt) are left out until the prompt
+        leaves max new tokens of room in the context window, as the terminal chat does; where the last
+        message alone leaves less, the reply gets what is left (True: so cut); a message that fills the
+        window is refused. Also answers how many exchanges were left out."""
+        first = 1 if messages[0].role == "system" else 0
+        cut, dropped = False, 0
+        while True:
+            try:
+                return self.chat(messages, params, cancel), cut, dropped
+            except ContextTooLongError as err:
+                if len(messages) - first > 1:
+                    messages = [*messages[:first], *messages[first + 2 :]]
+                    dropped += 1
+                    continue
+                room = err.context_window - err.prompt_tokens
+                if room < 1:
+                    raise VicunaError(
+                        f"The message has {err.prompt_tokens} tokens in the prompt, but the model's context "
+                        f"window is {err.context_window} tokens: shorten it."
+                    ) from None
+                params, cut = replace(params, max_new_tokens=room), True
 
     def _stream(
         self,
@@ -231,7 +243,7 @@ class WebChat:
         reply, same, busy = "", gr.skip(), gr.update(interactive=False)
         try:
             yield "", same, to_chatbot(turns), WRITING, turns, busy, busy
-            events, cut = self._open(messages, params, cancel)
+            events, cut, dropped = self._open(messages, params, cancel)
             for event in events:
                 if isinstance(event, TextChunk):
                     if event.text:
@@ -239,7 +251,7 @@ class WebChat:
                         turns = [*turns[:-1], (user, reply, "")]
                         yield same, same, to_chatbot(turns), same, turns, same, same
                 elif isinstance(event, Finished):
-                    turns = [*turns[:-1], (user, reply, stats_line(event, cut))]
+                    turns = [*turns[:-1], (user, reply, stats_line(event, cut, dropped))]
                     log.info(  # as the API's line for each request (vicuna.server), without the text
                         "reply prompt=%d completion=%d ttft=%.3fs decode=%.1f tok/s total=%.2fs finish=%s",
                         event.prompt_tokens,
