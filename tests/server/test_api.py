@@ -356,6 +356,27 @@ WRONG_API_CALLS = [
 ]
 
 
+def test_a_prompt_that_fills_the_context_window_is_refused_naming_the_prompt(served, tiny_engine):
+    """Not `max_tokens`, which no value would help, nor a reply of 1 token, which nobody asked for."""
+    url, _ = served
+    window = tiny_engine.context_window
+    long = "你好，世界！今天天气很好。" * 200
+    prompt = len(tiny_engine.encode_chat([Message("user", long)]))
+    assert prompt > window
+    for path, body, param in [
+        ("chat/completions", greedy(messages=[{"role": "user", "content": long}]), "messages"),
+        ("chat/completions", greedy(messages=[{"role": "user", "content": long}], max_tokens=8), "messages"),
+        ("completions", greedy(prompt=long, max_tokens=8), "prompt"),
+    ]:
+        error = error_of(httpx.post(f"{url}/v1/{path}", json=body))
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param)
+        assert (
+            f"tokens and leaves no room for a reply in the model's context window of {window}"
+            in (error["message"])
+        )
+        assert "new tokens were asked for" not in error["message"]
+
+
 def test_a_body_larger_than_the_context_window_can_use_is_a_413_before_it_is_read(served, tiny_engine):
     url, _ = served
     limit = 1024 * tiny_engine.context_window

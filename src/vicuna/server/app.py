@@ -383,15 +383,28 @@ class _Server:
                 code="model_not_found",
             )
 
-    def max_new_tokens(self, requested: int | None, prompt_len: int, param: str = "max_tokens") -> int:
-        """The reply budget: as asked, or all the room the context window leaves; 400 when it does not fit."""
+    def max_new_tokens(
+        self,
+        requested: int | None,
+        prompt_len: int,
+        param: str = "max_tokens",
+        prompt_param: str = "messages",
+    ) -> int:
+        """The reply budget: as asked, or all the room the context window leaves; 400 when it does not fit,
+        naming `prompt_param` where the prompt alone leaves no room (a smaller `param` would not help)."""
         window = self.engine.context_window
-        budget = requested if requested is not None else window - prompt_len
-        if budget < 1 or prompt_len + budget > window:
-            err = ContextTooLongError(prompt_len, max(budget, 1), window)
+        if prompt_len >= window:
             raise APIError(
-                400, str(err), param=param if requested else "messages", code="context_length_exceeded"
+                400,
+                f"the prompt has {prompt_len} tokens and leaves no room for a reply in the model's context "
+                f"window of {window} tokens: shorten it",
+                param=prompt_param,
+                code="context_length_exceeded",
             )
+        budget = requested if requested is not None else window - prompt_len
+        if prompt_len + budget > window:
+            err = ContextTooLongError(prompt_len, budget, window)
+            raise APIError(400, str(err), param=param, code="context_length_exceeded")
         return budget
 
 
@@ -757,7 +770,9 @@ def create_app(
             for item, ids in zip(items, prompts, strict=True)
         ]
         n = req.n or 1
-        budgets = [server.max_new_tokens(req.max_tokens or 16, len(ids), "max_tokens") for ids in prompts]
+        budgets = [
+            server.max_new_tokens(req.max_tokens or 16, len(ids), "max_tokens", "prompt") for ids in prompts
+        ]
         params = [
             req.sampling_params(max_new_tokens=budget, choice=j, logprobs=req.logprobs_k())
             for budget in budgets
