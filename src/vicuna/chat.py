@@ -8,6 +8,7 @@ in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FI
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -234,18 +235,18 @@ def finished_blocks(text: str) -> int:
 def fit_history(
     engine: ChatEngine, messages: list[Message], max_new_tokens: int
 ) -> tuple[list[Message], int, int]:
-    """Drop the oldest exchanges until the prompt and the reply fit the context window. Returns the
-    messages kept, how many exchanges went, and the room left for the reply: less than `max_new_tokens`
-    where the last message alone leaves less."""
+    """Leave out the fewest oldest exchanges (never a system message, nor the last message) for the prompt
+    and the reply to fit the context window. Returns the messages kept, how many exchanges went, and the
+    room left for the reply: less than `max_new_tokens` where the last message alone leaves less. Found
+    by bisection: an hour's conversation is encoded a few times, not once per exchange left out."""
     system = [m for m in messages[:1] if m.role == "system"]
     turns = messages[len(system) :]
-    dropped = 0
-    room = engine.context_window - len(engine.encode_chat(system + turns))
-    while room < max_new_tokens and len(turns) > 1:
-        turns = turns[2:]
-        dropped += 1
-        room = engine.context_window - len(engine.encode_chat(system + turns))
-    return system + turns, dropped, room
+
+    def room(dropped: int) -> int:
+        return engine.context_window - len(engine.encode_chat(system + turns[2 * dropped :]))
+
+    dropped = bisect.bisect_left(range((len(turns) - 1) // 2), True, key=lambda d: room(d) >= max_new_tokens)
+    return system + turns[2 * dropped :], dropped, room(dropped)
 
 
 def run_chat(
@@ -310,17 +311,18 @@ def with_user_message(messages: list[Message], text: str) -> list[Message]:
 def _answer(
     engine: ChatEngine, io: ChatIO, messages: list[Message], params: SamplingParams, debug: bool
 ) -> list[Message] | None:
-    """The conversation with a reply to its last message, trimmed to fit; None if there is no reply."""
-    messages, dropped, room = fit_history(engine, messages, params.max_new_tokens)
+    """The conversation with a reply to its last message; None if there is no reply. The prompt leaves out
+    the oldest exchanges that do not fit; the conversation (what !!save writes) keeps them."""
+    prompt, dropped, room = fit_history(engine, messages, params.max_new_tokens)
     if dropped:
-        io.info(f"(dropped the {dropped} oldest exchange(s) to fit the context window)")
+        io.info(f"(the {dropped} oldest exchange(s) left out of the prompt to fit the context window)")
     if 0 < room < params.max_new_tokens:  # none at all: the engine refuses the message, saying why
         io.info(
             f"(the message leaves room in the context window for a reply of {room} tokens, "
             f"not --max-new-tokens {params.max_new_tokens})"
         )
         params = replace(params, max_new_tokens=room)
-    reply, done = _reply(engine, io, messages, params)
+    reply, done = _reply(engine, io, prompt, params)
     if reply is None:
         return None
     if debug and done is not None:

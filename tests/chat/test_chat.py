@@ -114,12 +114,24 @@ def test_oldest_turns_are_dropped_to_fit_with_a_notice():
     long = "word " * 15
     io = ScriptedIO([long, long, long])
     run_chat(engine, io, PARAMS)
-    assert any("dropped the" in n for n in io.notes)
+    assert any("oldest exchange(s) left out of the prompt" in n for n in io.notes)
     assert all(
         len(engine.encode_chat(m)) + PARAMS.max_new_tokens <= engine.context_window for m in engine.seen
     )
     kept, dropped, _ = fit_history(engine, [Message("system", "s")] + engine.seen[-1], PARAMS.max_new_tokens)
     assert kept[0].role == "system" and dropped == 0
+
+
+def test_exchanges_left_out_of_the_prompt_stay_in_the_conversation_that_is_saved(tmp_path):
+    engine, saved = EchoEngine(), tmp_path / "long.json"
+    words = [f"{i} " + "word " * 15 for i in range(5)]
+    run_chat(engine, ScriptedIO([*words, "!!remove", f"!!save {saved}"]), PARAMS)
+    assert [m.content.split()[0] for m in engine.seen[-1]] == ["3", "reply", "4"]  # the prompt: what fits
+    users = [m["content"] for m in json.loads(saved.read_text()) if m["role"] == "user"]
+    assert users == words[:4]  # the whole conversation, less the exchange removed
+    # the fewest exchanges were left out: each prompt holds the one before (40 of the 50 tokens the reply
+    # leaves; with one more exchange, 63)
+    assert [len(prompt) for prompt in engine.seen] == [1, 3, 3, 3, 3]
 
 
 def test_ctrl_c_stops_the_reply_not_the_chat():
