@@ -377,6 +377,19 @@ def test_a_prompt_that_fills_the_context_window_is_refused_naming_the_prompt(ser
         assert "new tokens were asked for" not in error["message"]
 
 
+def test_a_completion_without_max_tokens_near_the_end_of_the_window_gets_the_room_left(served, tiny_engine):
+    """OpenAI's default of 16 new tokens, where the prompt left fewer, was refused naming max_tokens,
+    which the client had not sent."""
+    url, _ = served
+    window = tiny_engine.context_window
+    ids = [tiny_engine.encode("Hello")[-1]] * (window - 5)
+    r = httpx.post(f"{url}/v1/completions", json=greedy(prompt=ids, ignore_eos=True), timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 5
+    asked = greedy(prompt=ids, max_tokens=16)
+    assert error_of(httpx.post(f"{url}/v1/completions", json=asked))["param"] == "max_tokens"  # as asked
+
+
 def test_a_body_larger_than_the_context_window_can_use_is_a_413_before_it_is_read(served, tiny_engine):
     url, _ = served
     limit = 1024 * tiny_engine.context_window

@@ -770,8 +770,12 @@ def create_app(
             for item, ids in zip(items, prompts, strict=True)
         ]
         n = req.n or 1
+        window = engine.context_window  # without max_tokens OpenAI's 16, or the room the window leaves
         budgets = [
-            server.max_new_tokens(req.max_tokens or 16, len(ids), "max_tokens", "prompt") for ids in prompts
+            server.max_new_tokens(
+                req.max_tokens or max(1, min(16, window - len(ids))), len(ids), "max_tokens", "prompt"
+            )
+            for ids in prompts
         ]
         params = [
             req.sampling_params(max_new_tokens=budget, choice=j, logprobs=req.logprobs_k())
