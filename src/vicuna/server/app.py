@@ -340,7 +340,8 @@ class _Server:
             )
         # compare_digest against every key, as the web UI does: the time taken does not tell how much matched.
         # The header's bytes (read as Latin-1 by the server) against each key's UTF-8: any text is a key.
-        sent = key.strip().encode("latin-1")
+        # Stripped as bytes: str.strip() also takes 0xA0 and 0x85, the last byte of "à" or "Å" in UTF-8.
+        sent = key.encode("latin-1").strip()
         if not any(hmac.compare_digest(sent, k.encode()) for k in self.api_keys):
             raise APIError(401, "incorrect API key provided", code="invalid_api_key")
 
