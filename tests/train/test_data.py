@@ -156,6 +156,9 @@ def test_a_system_prompt_beside_the_turns_is_the_system_turn(tmp_path):
     assert beside.messages == conv.messages
     [blank] = read_records(tmp_path, [{"conversations": rest, "system": ""}])  # none: the template's default
     assert blank.messages == conv.messages[1:]
+    # a table's export (datasets' to_json, pandas) writes null where a row has no system prompt
+    [null] = read_records(tmp_path, [{**CONVERSATION, "system": None}])
+    assert null.messages == conv.messages
     with pytest.raises(
         VicunaError, match=r"\[0\] \(id 'c1'\)\.system: the conversation has a system turn too"
     ):

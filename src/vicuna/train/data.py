@@ -119,7 +119,8 @@ def parse_record(record: Any, where: str) -> Conversation:
     else:
         messages = parse_messages(record["messages"], source=f"{where}.messages")
         fields = (f"{where}.messages", "role", "content", OPENAI_NAMES)
-    system = record.get("system", "")  # LLaMA-Factory's ShareGPT files keep it beside the turns
+    # LLaMA-Factory's ShareGPT files keep it beside the turns; a table's export writes null for none
+    system = "" if record.get("system") is None else record["system"]
     if not isinstance(system, str):
         raise VicunaError(f"{where}.system: expected a string (the system prompt)")
     if system.strip() and messages[0].role == "system":
