@@ -971,16 +971,18 @@ def test_an_unpaired_surrogate_in_a_string_is_a_400_naming_the_field(served):
         assert "unpaired UTF-16 surrogate" in error_of(r)["message"]
 
 
-def test_embeddings_stop_when_their_client_goes_away(tiny_engine):
+def test_embeddings_stop_when_their_client_goes_away(tiny_engine, caplog):
     app = create_app(tiny_engine, model_name=MODEL)
     batcher = app.state.batcher
     computed: list[int] = []
     embed = batcher._embed
     batcher._embed = lambda lists: (computed.append(len(lists)), time.sleep(0.005), embed(lists))[2]
-    with serving(app) as url:
+    with serving(app) as url, caplog.at_level(logging.INFO, logger="vicuna.server"):
         with pytest.raises(httpx.ReadTimeout):  # the client gives up, closing its connection
             httpx.post(f"{url}/v1/embeddings", json={"model": MODEL, "input": ["Hello"] * 3000}, timeout=1)
         assert wait_for(lambda: metric(url, 'vicuna_requests_total{endpoint="embeddings",status="499"}') == 1)
+        # its one log line, as every request has
+        assert [r for r in caplog.records if r.getMessage().startswith("embeddings 499 inputs=3000 ")]
         done = len(computed)
         assert done < 3000
         r = httpx.post(f"{url}/v1/chat/completions", json=greedy(messages=HELLO, max_tokens=2), timeout=60)

@@ -917,6 +917,11 @@ def create_app(
             watcher.cancel()
         if vectors is None:  # the client went away: the inputs left were not computed
             server.metrics.requests.labels("embeddings", "499").inc()
+            log.info(
+                "embeddings 499 inputs=%d total=%.2fs (the client went away)",
+                len(token_lists),
+                time.perf_counter() - start,
+            )
             return Response(status_code=499)
         data = [
             p.Embedding(
