@@ -502,9 +502,13 @@ def test_a_request_for_more_replies_than_the_server_ever_takes_is_a_400_not_a_42
         with pytest.raises(openai.BadRequestError) as info:
             api.completions.create(model=MODEL, prompt=["a", "b", "c", "d"], max_tokens=2)
         assert info.value.body["param"] == "prompt" and "4 replies" in info.value.message
-        with pytest.raises(openai.BadRequestError) as info:
-            api.chat.completions.create(messages=HELLO, n=4, max_tokens=2, **greedy())
-        assert info.value.body["param"] == "n"
+        for create in (
+            lambda: api.chat.completions.create(messages=HELLO, n=4, max_tokens=2, **greedy()),
+            lambda: api.completions.create(model=MODEL, prompt="a", n=4, max_tokens=2),  # one prompt: n
+        ):
+            with pytest.raises(openai.BadRequestError) as info:
+                create()
+            assert info.value.body["param"] == "n" and info.value.code == "too_many_replies"
         assert len(api.completions.create(model=MODEL, prompt=["a", "b", "c"], max_tokens=2).choices) == 3
         assert app.state.batcher.running == 0 and app.state.batcher.waiting == 0
 

@@ -200,7 +200,8 @@ class _Run:
 
     def submit(self) -> None:
         batcher = self.server.batcher
-        self.server.check_queue(len(self.params), "n" if self.endpoint == "chat" else "prompt")
+        several_prompts = len({id(ids) for ids in self.prompts}) > 1  # n choices of one prompt share it
+        self.server.check_queue(len(self.params), "prompt" if several_prompts else "n")
         try:
             for index, (ids, params) in enumerate(zip(self.prompts, self.params, strict=True)):
                 batcher.add(ids, params, self._sink(index), cancel=self.cancel)
