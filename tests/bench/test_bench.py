@@ -682,6 +682,15 @@ def test_an_address_that_is_not_an_openai_api_is_said_in_one_line(fake_server):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("body", [{"data": "x"}, {"data": [{}]}, {"data": [{"id": 5}]}, [1, 2]])
+def test_a_models_list_of_another_shape_is_said_in_one_line(monkeypatch, body):
+    import httpx
+
+    monkeypatch.setattr(httpx, "get", lambda *args, **kwargs: httpx.Response(200, json=body))
+    with pytest.raises(VicunaError, match=r"answered 200 without a list of models: is it the address"):
+        model_name("http://127.0.0.1:9")
+
+
 def test_a_server_that_does_not_answer_in_time_is_reported_with_what_it_printed(monkeypatch):
     from vicuna.config import ModelSettings
 

@@ -337,16 +337,17 @@ def model_name(url: str, api_key: str | None = None) -> str:
         raise VicunaError(f"{url}/v1/models answered 401: the server {refused}; {KEY_HINT}")
     try:
         models = answer.json()["data"] if answer.status_code == 200 else None
+        names = [m["id"] for m in models] if isinstance(models, list) else None
     except (KeyError, TypeError, ValueError):
-        models = None
-    if models is None:
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
         raise VicunaError(
             f"{url}/v1/models answered {answer.status_code} without a list of models: is it the address of "
             "a `vicuna serve` (an OpenAI-compatible API)?"
         )
-    if not models:
+    if not names:
         raise VicunaError(f"{url}/v1/models lists no model")
-    return models[0]["id"]
+    return names[0]
 
 
 def time_engine_direct(engine: Any, new_tokens: int) -> StreamResult:
