@@ -1,0 +1,58 @@
+"""What `pip install .`, a wheel and an sdist carry: the files the code reads at run time, and the tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkout_copy(dest: Path) -> Path:
+    """The files a build reads, as a checkout holds them after a test run (with __pycache__); building
+    in a copy leaves no build/ or egg-info behind in the repository."""
+    pytest.importorskip("setuptools", reason="building the package needs setuptools")
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
+        shutil.copy(ROOT / name, dest / name)
+    for name in ("src", "tests"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("*.egg-info"))
+        (dest / name / "__pycache__").mkdir(exist_ok=True)
+        (dest / name / "__pycache__" / "conftest.cpython-311.pyc").write_bytes(b"")
+    return dest
+
+
+def build(kind: str, source: Path, out: Path) -> Path:
+    code = f"import setuptools.build_meta as b; print(b.build_{kind}({str(out)!r}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=source, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out / done.stdout.split()[-1]
+
+
+def test_the_wheel_holds_the_files_the_code_reads_and_no_tests(tmp_path):
+    wheel = build("wheel", checkout_copy(tmp_path), tmp_path / "dist")
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in (
+        "vicuna/engine/kernel.cpp",
+        "vicuna/train/configs/fsdp.yaml",
+        "vicuna/train/configs/zero3.json",
+    ):
+        assert needed in names
+    assert not [n for n in names if n.startswith("tests/") or n.endswith(".pyc")]
+
+
+def test_the_sdist_holds_every_test_and_no_caches(tmp_path):
+    """Built from an sdist (as distributions do), the tests run: each test file, conftest.py and the
+    tiny models they build are there, and no __pycache__ of the checkout it was made in."""
+    sdist = build("sdist", checkout_copy(tmp_path), tmp_path / "dist")
+    with tarfile.open(sdist) as tar:
+        names = [n.split("/", 1)[1] for n in tar.getnames() if "/" in n]
+    tests = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("*") if p.is_file()}
+    tests = {n for n in tests if "__pycache__" not in n}
+    assert {n for n in names if n.startswith("tests/")} >= tests
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
