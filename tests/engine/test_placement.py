@@ -44,6 +44,25 @@ def test_unequal_gpus_get_layers_in_proportion_to_their_memory(shares):
     assert abs(first - CONFIG.num_hidden_layers * shares[0] / sum(shares)) <= 1.5, plan
 
 
+def test_accelerate_is_told_the_layers_not_to_split_as_a_list(monkeypatch):
+    """Recent transformers keep a model's `_no_split_modules` as a set, which accelerate before 1.14 takes
+    for one class name: each GPU's share then ended inside a decoder layer, and the layers were no longer
+    spread in proportion to the GPUs' memory."""
+    import accelerate.utils
+
+    told = []
+    infer = accelerate.utils.infer_auto_device_map
+
+    def spy(model, **kwargs):
+        told.append(kwargs["no_split_module_classes"])
+        return infer(model, **kwargs)
+
+    monkeypatch.setattr(accelerate.utils, "infer_auto_device_map", spy)
+    size = model_size(CONFIG).weight_bytes(torch.float16)
+    placement.plan_placement(CONFIG, torch.float16, [size, size])
+    assert told == [["LlamaDecoderLayer"]]
+
+
 def test_plan_refuses_gpus_that_are_too_small():
     with pytest.raises(DoesNotFitError, match="does not fit on 2 GPU"):
         placement.plan_placement(CONFIG, torch.float16, [10_000, 10_000])

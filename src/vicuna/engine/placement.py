@@ -133,7 +133,8 @@ def plan_placement(config: Any, dtype: torch.dtype, budgets: list[int]) -> dict[
     from accelerate.utils import compute_module_sizes, infer_auto_device_map
 
     model = empty_model(config)
-    no_split = getattr(model, "_no_split_modules", None) or []
+    # a list: recent transformers give a set, which accelerate before 1.14 takes for one class name
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
     sizes = compute_module_sizes(model, dtype=dtype)
     weights = sizes[""]
     # Each GPU but the last gets its share and room for one more layer (whole layers rarely make up the
