@@ -46,7 +46,9 @@ def mount(
 
     # The page has no file inputs, so nothing may be stored through Gradio's upload routes (they would
     # keep any file under /tmp/gradio, without asking for an API key). Routes added before the mount win.
-    def no_uploads() -> PlainTextResponse:
+    # No return annotation: FastAPI would look its name up in this module's globals, where pydantic 2.9
+    # fails to find it (the import is local).
+    def no_uploads():
         return PlainTextResponse("this server takes no file uploads", status_code=403)
 
     for route in ("upload", "process_recording"):
