@@ -16,6 +16,7 @@ from vicuna.engine.runner import (
     HFRunner,
     LlamaRunner,
     LlamaWeights,
+    cache_arg,
     decode,
     norm_rows,
     norm_weight,
@@ -459,9 +460,9 @@ def test_the_hf_runner_passes_its_cache_by_the_name_the_model_takes(tiny_llama_d
             self.config = plain.config
 
         def forward(self, input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0):
-            return plain(
-                input_ids=input_ids, cache=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep
-            )
+            # by the name of the transformers installed: any release that `pyproject.toml` allows
+            cache = {cache_arg(plain): past_key_values}
+            return plain(input_ids=input_ids, use_cache=use_cache, logits_to_keep=logits_to_keep, **cache)
 
     prompt, steps = [3, 4, 5, 6], [9, 300, 2]
     with torch.inference_mode():

@@ -478,6 +478,7 @@ def test_the_padded_cache_path_passes_its_cache_by_the_name_the_model_takes(tiny
     import torch
 
     from vicuna.engine.engine import Engine
+    from vicuna.engine.runner import cache_arg
 
     plain = tiny_engine.model
 
@@ -487,7 +488,9 @@ def test_the_padded_cache_path_passes_its_cache_by_the_name_the_model_takes(tiny
             self.plain, self.config, self.generation_config = plain, plain.config, plain.generation_config
 
         def forward(self, input_ids=None, past_key_values=None, use_cache=None, logits_to_keep=0, **rest):
-            return self.plain(input_ids=input_ids, cache=past_key_values, use_cache=use_cache, **rest)
+            # by the name of the transformers installed: any release that `pyproject.toml` allows
+            cache = {cache_arg(self.plain): past_key_values}
+            return self.plain(input_ids=input_ids, use_cache=use_cache, **cache, **rest)
 
     engines = [
         Engine(
