@@ -808,7 +808,8 @@ def test_sigterm_stops_the_server_bench_serve_started(tiny_llama_dir):
         while server is None and bench.poll() is None:  # until its `vicuna serve` listens
             for child in psutil.Process(bench.pid).children():
                 with contextlib.suppress(psutil.Error):  # a short-lived child may be gone already
-                    if any(c.status == psutil.CONN_LISTEN for c in child.net_connections()):
+                    sockets = getattr(child, "net_connections", None) or child.connections  # psutil < 6
+                    if any(c.status == psutil.CONN_LISTEN for c in sockets()):
                         server = child
         assert server is not None, "bench serve ended before it started a server"
         bench.terminate()  # SIGTERM, as `kill` and `timeout` send
