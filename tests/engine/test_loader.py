@@ -195,3 +195,16 @@ def test_flags_are_refused_before_the_model_is_converted_or_read(monkeypatch, fl
     monkeypatch.setattr(loader, "resolve_model_path", no_model)
     with pytest.raises(VicunaError, match=error):
         load_engine(ModelSettings(**flags))
+
+
+def test_loading_into_a_log_draws_no_progress_bar(tiny_llama_dir, capfd):
+    """`vicuna serve > log 2>&1` (or a piped chat) got transformers' "Loading weights" bar, redrawn with
+    carriage returns; out of a terminal only the "Loaded" line is written, and the bars' setting is kept."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    load_engine(ModelSettings(model_path=str(tiny_llama_dir), device="cpu"))
+    err = capfd.readouterr().err
+    assert "Loaded " in err
+    assert "Loading weights" not in err and "\r" not in err
+    assert transformers_logging.is_progress_bar_enabled() == was

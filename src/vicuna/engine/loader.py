@@ -6,9 +6,11 @@ Every check names the file and the field at fault, so that a user sees "shard 2 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,21 @@ def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
     return "+".join(sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}))
 
 
+@contextlib.contextmanager
+def transformers_bar(shown: bool) -> Iterator[None]:
+    """transformers' progress bars (its "Loading weights" bar) off within unless `shown`; as they were after."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    if not shown:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            transformers_logging.enable_progress_bar()
+
+
 def load_engine(settings: ModelSettings, *, progress: bool = True):
     """Check, load and place a model; returns a ready `Engine`."""
     import torch
@@ -194,7 +211,8 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     # 8-bit: loaded as stored (memory-mapped, not copied) and quantized from that (see quantize_int8)
     stored = "auto" if settings.load_8bit else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=stored, device_map=device_map)
+        with transformers_bar(progress and sys.stderr.isatty()):  # in a log: not a line redrawn 300 times
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=stored, device_map=device_map)
     except torch.OutOfMemoryError as err:
         raise ModelLoadError(f"{folder}: out of memory while loading ({err}); see `vicuna doctor`") from None
     except (OSError, RuntimeError, ValueError) as err:
