@@ -169,7 +169,7 @@ def test_the_loaded_line_names_the_device_the_weights_are_on():
     assert placed_on({"": "cpu"}, torch.device("cpu"), load_8bit=False) == "cpu"
     assert placed_on({"": 0}, cuda, load_8bit=False) == "cuda:0"
     assert placed_on({"model.embed_tokens": 0, "lm_head": 1}, cuda, load_8bit=False) == "cuda:0+cuda:1"
-    assert placed_on({"": "cpu"}, cuda, load_8bit=True) == "cuda"  # loaded on the CPU, then moved
+    assert placed_on({"": "cpu"}, cuda, load_8bit=True) == "cuda:0"  # loaded on the CPU, then moved
 
 
 @pytest.mark.parametrize(

@@ -165,7 +165,7 @@ def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_n
 def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
     """Where the weights ended up, for the "Loaded" line: cpu, cuda:0, cuda:0+cuda:1."""
     if load_8bit or not isinstance(device_map, dict):  # 8-bit: loaded on the CPU, then moved to `device`
-        return str(device)
+        return f"cuda:{device.index or 0}" if device.type == "cuda" else str(device)  # "cuda" is GPU 0
     return "+".join(sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}))
 
 
