@@ -29,3 +29,21 @@ def test_doctor_checks_the_flags_it_is_given(tiny_llama_dir, capsys):
         "--num-gpus and --max-gpu-memory apply to CUDA GPUs; on cpu they are ignored"
         in capsys.readouterr().err
     )
+
+
+def test_the_flags_line_leaves_out_num_gpus_with_8bit(tiny_llama_dir, capsys, monkeypatch):
+    """--load-8bit keeps the model on one GPU (a notice says --num-gpus is ignored), but the closing line
+    listed `--num-gpus 2` among the flags the model fits with."""
+    from vicuna.engine import placement
+
+    monkeypatch.setattr(placement, "resolve_device", lambda settings: torch.device("cuda"))
+    monkeypatch.setattr(placement, "resolve_dtype", lambda *args: torch.float16)
+    monkeypatch.setattr(placement, "check_fits", lambda *args: None)  # as on one GPU that holds it
+    model = ["doctor", "--model-path", str(tiny_llama_dir), "--device", "cuda", "--num-gpus", "2"]
+    assert main([*model, "--load-8bit"]) == 0
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "(--device cuda --dtype float16 --load-8bit): the model fits" in out
+    assert main(model) == 0
+    assert "(--device cuda --dtype float16 --num-gpus 2): the model fits" in capsys.readouterr().out.replace(
+        "\n", ""
+    )

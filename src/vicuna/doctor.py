@@ -82,7 +82,8 @@ def main(args: argparse.Namespace) -> int:
         console.print(f"\n[bold]These flags[/bold] [red]do not work here[/red]: {err}", highlight=False)
         return err.exit_code
     eight = " --load-8bit" if settings.load_8bit else ""
-    gpus = f" --num-gpus {settings.num_gpus}" if device.type == "cuda" and settings.num_gpus > 1 else ""
+    several = device.type == "cuda" and settings.num_gpus > 1 and not settings.load_8bit  # 8-bit: one GPU
+    gpus = f" --num-gpus {settings.num_gpus}" if several else ""
     chosen = f"--device {device.type} --dtype {str(dtype).removeprefix('torch.')}{gpus}{eight}"
     console.print(f"\n[bold]These flags[/bold] ({chosen}): the model fits", highlight=False)
     return 0
