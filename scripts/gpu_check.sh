@@ -43,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --form
 # pytest-xdist where it is installed), and are waited for before anything is timed.
 stage "tests that need a GPU, in the background"
 par=(); "$PYTHON" -c "import xdist" 2>/dev/null && par=(-n 4)
-timeout "$(limit 240)" "$PYTHON" -m pytest -q "${par[@]}" --durations=12 -m gpu -p no:cacheprovider \
+timeout "$(limit 240)" "$PYTHON" -m pytest -q ${par[@]+"${par[@]}"} --durations=12 -m gpu -p no:cacheprovider \
   tests/engine tests/server/test_batching.py > "$OUT/gpu-tests.log" 2>&1 &
 tests=$!
 
