@@ -47,3 +47,14 @@ def test_the_flags_line_leaves_out_num_gpus_with_8bit(tiny_llama_dir, capsys, mo
     assert "(--device cuda --dtype float16 --num-gpus 2): the model fits" in capsys.readouterr().out.replace(
         "\n", ""
     )
+
+
+def test_doctor_says_the_default_kv_budget_is_cut_to_free_memory(tiny_llama_dir, capsys):
+    # `vicuna serve` cuts its default KV budget to 80% of the memory free once the model is loaded
+    # (Batcher); doctor's line about it gives the full budget as the most, not as what is always reserved
+    assert main(["doctor", "--model-path", str(tiny_llama_dir)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "reserves a KV cache of up to 4,096 tokens by default (16 replies at once; fewer where 80% of" in out
+    )
+    assert "the memory free after loading holds less)" in out

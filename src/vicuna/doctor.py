@@ -53,14 +53,15 @@ def main(args: argparse.Namespace) -> int:
     ):
         sizes.add_row(name, gib(size.weight_bytes(dtype, eight)), gib(size.kv_bytes(1024, dtype)))
     console.print(sizes)
-    from vicuna.engine.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_SEQUENCE
+    from vicuna.engine.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_SEQUENCE, KV_SHARE
     from vicuna.engine.engine import context_window
 
     config = read_config(folder)
     tokens = DEFAULT_MAX_BATCH_SIZE * min(context_window(config), DEFAULT_TOKENS_PER_SEQUENCE)
     console.print(
-        f"`vicuna serve` also reserves a KV cache of {tokens:,} tokens by default ({DEFAULT_MAX_BATCH_SIZE} replies "
-        f"at once): {gib(size.kv_bytes(tokens, torch.bfloat16))} in 16 bits (--max-batch-size, --kv-cache-tokens)",
+        f"`vicuna serve` also reserves a KV cache of up to {tokens:,} tokens by default ({DEFAULT_MAX_BATCH_SIZE} "
+        f"replies at once; fewer where {KV_SHARE:.0%} of the memory free after loading holds less): "
+        f"{gib(size.kv_bytes(tokens, torch.bfloat16))} in 16 bits (--max-batch-size, --kv-cache-tokens)",
         highlight=False,
     )
     fits = Table("flags", "needs", "available", "fits")
