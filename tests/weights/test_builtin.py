@@ -101,3 +101,31 @@ def test_a_vicuna_home_that_cannot_be_written_says_so(tmp_path):
     out = tmp_path / "home" / "models" / "model"
     with pytest.raises(ModelLoadError, match=rf"into {out.parent} \(Not a directory\).*VICUNA_HOME"):
         builtin.convert_gguf(gguf, out)
+
+
+def test_converting_into_a_log_draws_no_progress_bars(monkeypatch, tmp_path):
+    """The first start, piped or logged (`vicuna serve > log 2>&1`), wrote transformers' bars for reading
+    the GGUF, loading and writing shards, each redrawn with carriage returns."""
+    from transformers.utils import logging as transformers_logging
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    bars = []
+
+    class Saved:
+        config = SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            bars.append(transformers_logging.is_progress_bar_enabled())
+            (folder / "config.json").write_text("{}")
+
+    def read(*args, **kwargs):
+        bars.append(transformers_logging.is_progress_bar_enabled())
+        return Saved()
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", read)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", read)
+    was = transformers_logging.is_progress_bar_enabled()
+    builtin.convert_gguf(gguf, tmp_path / "model")  # pytest's stderr is no terminal
+    assert bars == [False] * 4
+    assert transformers_logging.is_progress_bar_enabled() == was

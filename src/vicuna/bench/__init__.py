@@ -14,6 +14,7 @@ from typing import Any
 
 from vicuna.config import add_model_arguments, model_settings_from_args
 from vicuna.errors import VicunaError
+from vicuna.weights.manifest import transformers_bar
 
 DEFAULT_STREAMS = "1,4,16,64"
 MEMORY_DTYPES = "float32,bfloat16,float16"
@@ -173,12 +174,9 @@ def main(args: argparse.Namespace) -> int:
     check_flags(args)
     settings = model_settings_from_args(args)
     progress = not args.no_progress
-    if not (progress and sys.stderr.isatty()):  # transformers' bars while loading weights, as ours
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
     load = busy_cores()
-    with exiting_on_sigterm():  # a server or a measuring child started here goes with it
+    # a server or a measuring child started here goes with it; transformers' bars (loading weights) as ours
+    with exiting_on_sigterm(), transformers_bar(progress and sys.stderr.isatty()):
         if args.bench == "latency":
             from vicuna.bench.latency import bench_latency
 

@@ -6,11 +6,9 @@ Every check names the file and the field at fault, so that a user sees "shard 2 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from vicuna.config import ModelSettings
 from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
 from vicuna.errors import ModelLoadError
 from vicuna.shell import quote
+from vicuna.weights.manifest import transformers_bar
 from vicuna.weights.tokenizer import check_tokenizer
 
 CONFIG = "config.json"
@@ -167,21 +166,6 @@ def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
     if load_8bit or not isinstance(device_map, dict):  # 8-bit: loaded on the CPU, then moved to `device`
         return f"cuda:{device.index or 0}" if device.type == "cuda" else str(device)  # "cuda" is GPU 0
     return "+".join(sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}))
-
-
-@contextlib.contextmanager
-def transformers_bar(shown: bool) -> Iterator[None]:
-    """transformers' progress bars (its "Loading weights" bar) off within unless `shown`; as they were after."""
-    from transformers.utils import logging as transformers_logging
-
-    was = transformers_logging.is_progress_bar_enabled()
-    if not shown:
-        transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            transformers_logging.enable_progress_bar()
 
 
 def load_engine(settings: ModelSettings, *, progress: bool = True):

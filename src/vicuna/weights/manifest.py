@@ -21,6 +21,21 @@ LOADED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".json", ".mo
 
 
 @contextmanager
+def transformers_bar(shown: bool) -> Iterator[None]:
+    """transformers' progress bars (its "Loading weights" bar) off within unless `shown`; as they were after."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.is_progress_bar_enabled()
+    if not shown:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            transformers_logging.enable_progress_bar()
+
+
+@contextmanager
 def progress_bar(
     description: str, total: int, *, enabled: bool = True, unit: str = "bytes"
 ) -> Iterator[Callable[[int], None]]:
