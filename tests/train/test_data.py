@@ -197,9 +197,9 @@ def turns(*pairs):
             r"\[0\] \(id 'x'\)\.conversations\[1\]\.value: empty text",
         ),
         (
-            [turns(("human", "a"), ("human", "b"))],
+            [turns(("human", "a"), ("gpt", "b"), ("system", "c"), ("gpt", "d"))],
             "json",
-            r"conversations\[1\]\.from: expected 'gpt', got 'human'",
+            r"conversations\[2\]\.from: expected 'human', got 'system'",
         ),
         (
             [turns(("gpt", "a"), ("human", "b"))],
@@ -249,12 +249,27 @@ def test_bad_records_name_the_record_and_field(tmp_path, content, suffix, match)
         load_conversations(path)
 
 
+def test_turns_in_a_row_from_one_side_are_joined_as_chat_joins_them(tmp_path):
+    """A chat log often has two messages in a row from one side: they were refused ('expected gpt, got
+    human'), where `vicuna chat` and the API join them with a blank line; training joins them too."""
+    path = tmp_path / "data.json"
+    log = turns(
+        ("human", "你好"), ("human", "在吗？"), ("gpt", "在的。"), ("gpt", "有什么事？"), ("human", "没事")
+    )
+    path.write_text(json.dumps([log]), encoding="utf-8")
+    (conversation,) = load_conversations(path)
+    assert [(m.role, m.content) for m in conversation.messages] == [
+        ("user", "你好\n\n在吗？"),
+        ("assistant", "在的。\n\n有什么事？"),
+    ]
+
+
 def test_every_bad_record_is_named_at_once(tmp_path):
     """A file of many conversations with a few bad ones: the first is explained, and where the others
     are is said too, so that they are fixed in one pass rather than one run each."""
     good = turns(("human", "a"), ("gpt", "b"))
     records = [good] * 30
-    records[4] = turns(("human", "a"), ("human", "b"))
+    records[4] = turns(("gpt", "a"), ("gpt", "b"))
     records[11] = turns(("gpt", "a"), ("human", "b"), ("gpt", "c"))
     records[29] = turns(("human", "a"), ("gpt", ""))
     path = tmp_path / "data.json"
@@ -262,7 +277,7 @@ def test_every_bad_record_is_named_at_once(tmp_path):
     with pytest.raises(VicunaError) as err:
         load_conversations(path)
     assert str(err.value) == (
-        f"{path}[4] (id 'x').conversations[1].from: expected 'gpt', got 'human' (after an optional system "
+        f"{path}[4] (id 'x').conversations[0].from: expected 'human', got 'gpt' (after an optional system "
         f"turn, human and gpt turns alternate); 2 more of the 30 records are bad: {path}[11], {path}[29]"
     )
 

@@ -132,25 +132,34 @@ def parse_record(record: Any, where: str) -> Conversation:
 def check_turns(
     messages: list[Message], at: str, role_field: str, text_field: str, names: dict[str, str]
 ) -> list[Message]:
-    """Non-empty texts; an optional system turn, then user and assistant turns alternating.
+    """Non-empty texts; an optional system turn, then user and assistant turns. Consecutive turns of one
+    role are joined with a blank line, as `vicuna chat` and the API join them (a chat log often has
+    two messages in a row from one side); then they alternate, from a user turn.
 
     A trailing user turn is dropped: it has no reply to learn from.
     """
     first = 1 if messages[0].role == "system" else 0
+    joined: list[Message] = messages[:first]
     for i, message in enumerate(messages):
         if not message.content.strip():
             raise VicunaError(f"{at}[{i}].{text_field}: empty text")
-        expected = "user" if (i - first) % 2 == 0 else "assistant"
-        if i >= first and message.role != expected:
+        if i < first:
+            continue
+        expected = "user" if (len(joined) - first) % 2 == 0 else "assistant"
+        if len(joined) > first and message.role == joined[-1].role and message.role != "system":
+            joined[-1] = Message(message.role, f"{joined[-1].content}\n\n{message.content}")
+        elif message.role != expected:
             raise VicunaError(
                 f"{at}[{i}].{role_field}: expected {names[expected]!r}, got {names[message.role]!r} "
                 f"(after an optional system turn, {names['user']} and {names['assistant']} turns alternate)"
             )
-    if messages[-1].role == "user":
-        messages = messages[:-1]
-    if len(messages) - first < 2:
+        else:
+            joined.append(message)
+    if joined[-1].role == "user":
+        joined = joined[:-1]
+    if len(joined) - first < 2:
         raise VicunaError(f"{at}: no {names['assistant']!r} turn to learn from")
-    return messages
+    return joined
 
 
 # --- tokenizing with the loss mask ---------------------------------------------------------------
