@@ -200,16 +200,10 @@ class Batcher:
         # By default DEFAULT_TOKENS_PER_SEQUENCE for each row, as far as KV_SHARE of the memory free once
         # the model is loaded holds them (16 rows of 2,048 tokens of a 7B model take 16 GiB: under load
         # they outgrew a 24 GB GPU, or a laptop's RAM), and never less than one full-length reply.
-        self.kv_cache_tokens = kv_cache_tokens or max(
-            engine.context_window,
-            min(
-                max_batch_size * min(engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE),
-                int(free_bytes(engine.device) * KV_SHARE) // self.kv_token_bytes,
-            ),
-        )
-        self.kv_cut_to_memory = kv_cache_tokens is None and self.kv_cache_tokens < max_batch_size * min(
-            engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE
-        )
+        wanted = max_batch_size * min(engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE)
+        held = int(free_bytes(engine.device) * KV_SHARE) // self.kv_token_bytes
+        self.kv_cache_tokens = kv_cache_tokens or max(engine.context_window, min(wanted, held))
+        self.kv_cut_to_memory = kv_cache_tokens is None and self.kv_cache_tokens < wanted
         if self.kv_cache_tokens < engine.context_window:
             raise VicunaError(
                 f"--kv-cache-tokens {self.kv_cache_tokens} is smaller than the model's context window "

@@ -179,9 +179,16 @@ class _Run:
     """One HTTP request's choices on the batcher: their events arrive on the event loop's queue."""
 
     def __init__(
-        self, server: _Server, endpoint: str, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
+        self,
+        server: _Server,
+        endpoint: str,
+        prompts: Sequence[list[int]],
+        params: Sequence[SamplingParams],
+        replies_param: str = "n",
     ):
-        self.server, self.endpoint = server, endpoint
+        """`replies_param`: what a request for more replies than the server takes is to lower (`n`, or
+        `prompt` for several prompts)."""
+        self.server, self.endpoint, self.replies_param = server, endpoint, replies_param
         self.loop = asyncio.get_running_loop()
         # The batcher's thread puts events in `inbox` and wakes the event loop once for what it hands over
         # at once; `events_until_done` takes them all (`more_ready`), so that they go out in one write.
@@ -200,8 +207,7 @@ class _Run:
 
     def submit(self) -> None:
         batcher = self.server.batcher
-        several_prompts = len({id(ids) for ids in self.prompts}) > 1  # n choices of one prompt share it
-        self.server.check_queue(len(self.params), "prompt" if several_prompts else "n")
+        self.server.check_queue(len(self.params), self.replies_param)
         try:
             for index, (ids, params) in enumerate(zip(self.prompts, self.params, strict=True)):
                 batcher.add(ids, params, self._sink(index), cancel=self.cancel)
@@ -784,7 +790,8 @@ def create_app(
             for budget in budgets
             for j in range(n)
         ]
-        run = _Run(server, "completions", [ids for ids in prompts for _ in range(n)], params)
+        each = [ids for ids in prompts for _ in range(n)]
+        run = _Run(server, "completions", each, params, "prompt" if len(prompts) > 1 else "n")
         run.id = f"cmpl-{uuid.uuid4().hex}"
         echoes = [texts[i // n] if req.echo else "" for i in range(len(params))]
         return await _respond(
