@@ -31,6 +31,7 @@ from vicuna.engine.loader import RECORDED_TEMPLATE  # chat and serve read it
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
+from vicuna.weights.manifest import transformers_bar
 
 RUN_RECORD = "vicuna-train.json"  # the settings a resumed run must keep
 MIN_CAPABILITY = (7, 5)
@@ -625,38 +626,37 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
     )
-    if not sys.stderr.isatty():  # transformers' bars for loading and saving weights, as progress_callback
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()
-    model = load_model(folder, cfg, compute_dtype, tokenizer, show=show)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.examples],
-        data_collator=PadCollator(pad_id if pad_id is not None else 0),
-        processing_class=tokenizer,
-        callbacks=[*callbacks, stop_at_the_end(), record_in_checkpoints(template_record(template))],
-    )
-    trainer.remove_callback(ProgressCallback)
-    trainer.remove_callback(PrinterCallback)
-    if show:
-        trainer.add_callback(progress_callback())
-    with disk_full_is_one_line(cfg.output_dir, "a checkpoint", "goes on from the last complete checkpoint"):
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        except TrainingDone:  # the weights are the checkpoint's: they only need writing as the final model
-            trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
-    # a full model goes back to the base's precision: the Trainer holds a float32 copy, twice a 16-bit base
-    with disk_full_is_one_line(cfg.output_dir, "the trained model", "writes it from the last checkpoint"):
-        save_final(
-            trainer,
-            cfg.output_dir,
-            template_record(template),
-            is_main,
-            None if cfg.lora else stored_dtype(folder),
+    # transformers' bars for loading and saving weights: in a log, off, as progress_callback's
+    with transformers_bar(sys.stderr.isatty()):
+        model = load_model(folder, cfg, compute_dtype, tokenizer, show=show)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        trainer = trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.examples],
+            data_collator=PadCollator(pad_id if pad_id is not None else 0),
+            processing_class=tokenizer,
+            callbacks=[*callbacks, stop_at_the_end(), record_in_checkpoints(template_record(template))],
         )
+        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)
+        if show:
+            trainer.add_callback(progress_callback())
+        resume, on_full = str(checkpoint) if checkpoint else None, "goes on from the last complete checkpoint"
+        with disk_full_is_one_line(cfg.output_dir, "a checkpoint", on_full):
+            try:
+                trainer.train(resume_from_checkpoint=resume)
+            except TrainingDone:  # the checkpoint's weights: they only need writing as the final model
+                trainer.callback_handler.on_train_end(args, trainer.state, trainer.control)
+        # a full model goes back to the base's precision: the Trainer holds a float32 copy, twice a 16-bit one
+        with disk_full_is_one_line(cfg.output_dir, "the trained model", "writes it from the last checkpoint"):
+            save_final(
+                trainer,
+                cfg.output_dir,
+                template_record(template),
+                is_main,
+                None if cfg.lora else stored_dtype(folder),
+            )
     if show:
         if cfg.lora:
             print(
