@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from vicuna.bench.report import Report, median, model_info
+from vicuna.bench.report import Report, check_reply_fits, median, model_info
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.errors import ContextTooLongError, VicunaError
 
@@ -306,10 +306,7 @@ def bench_latency(
             file=sys.stderr,
         )
     for ids in prompt_ids.values():  # refused before the baselines are loaded
-        try:
-            engine.check_fits(len(ids), new_tokens)
-        except ContextTooLongError as err:
-            raise VicunaError(f"{err}: use fewer --new-tokens") from None
+        check_reply_fits(engine, len(ids), new_tokens)
     # The chat's next turn, right after the engine's reply (whose cache it keeps): the engine computes
     # the new tokens only, HF generate the whole conversation, as FastChat does on every turn.
     turns = {k: next_turn(engine, q, prompt_ids[k], new_tokens) for k, q in questions.items()}

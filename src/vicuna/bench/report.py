@@ -226,6 +226,17 @@ def print_table(report: Report, console: Any = None) -> None:
     console.print(table)
 
 
+def check_reply_fits(engine: Any, prompt_tokens: int, new_tokens: int) -> None:
+    """Refuse a benchmark's reply that the model's context window cannot hold beside its prompt, naming
+    the flag to change."""
+    from vicuna.errors import ContextTooLongError
+
+    try:
+        engine.check_fits(prompt_tokens, new_tokens)
+    except ContextTooLongError as err:
+        raise VicunaError(f"{err}: use fewer --new-tokens") from None
+
+
 def check_output_path(path: Path, *, suffix: str | None = None) -> None:
     """Refuse an output file whose folder does not exist (a mistyped folder is not created, as if asked
     for), is not writable, or that is a folder itself, before the benchmark runs rather than after it;

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from vicuna.bench.report import Report, median, model_info, percentile
+from vicuna.bench.report import Report, check_reply_fits, median, model_info, percentile
 from vicuna.config import ModelSettings
-from vicuna.errors import ContextTooLongError, VicunaError
+from vicuna.errors import VicunaError
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 _requests = itertools.count()
@@ -373,16 +373,13 @@ def check_same_model(url: str, served: str, local: str, settings: ModelSettings)
         )
 
 
-def check_reply_fits(engine: Any, new_tokens: int) -> None:
+def check_request_fits(engine: Any, new_tokens: int) -> None:
     """Refuse a reply that the model's context window cannot hold beside the benchmark's request, before
     a server is started for it."""
     from vicuna.conversation import Message
 
     longest = f"Request {10**6}. {PROMPT}"  # numbered requests: a few digits more than the first
-    try:
-        engine.check_fits(len(engine.encode_chat([Message(role="user", content=longest)])), new_tokens)
-    except ContextTooLongError as err:
-        raise VicunaError(f"{err}: use fewer --new-tokens") from None
+    check_reply_fits(engine, len(engine.encode_chat([Message(role="user", content=longest)])), new_tokens)
 
 
 def bench_serve(
@@ -410,7 +407,7 @@ def bench_serve(
         url = url.rstrip("/").removesuffix("/v1")
         served = model_name(url, api_key)
     engine = load_engine(settings, progress=progress)
-    check_reply_fits(engine, new_tokens)
+    check_request_fits(engine, new_tokens)
     direct: list[StreamResult] = []
     waves: dict[int, list[Wave]] = {n: [] for n in levels}
     with contextlib.ExitStack() as stack:
