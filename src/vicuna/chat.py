@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -242,10 +243,13 @@ def fit_history(
     system = [m for m in messages[:1] if m.role == "system"]
     turns = messages[len(system) :]
 
+    @functools.cache  # each way of leaving out encoded once
     def room(dropped: int) -> int:
         return engine.context_window - len(engine.encode_chat(system + turns[2 * dropped :]))
 
-    dropped = bisect.bisect_left(range((len(turns) - 1) // 2), True, key=lambda d: room(d) >= max_new_tokens)
+    fits = lambda d: room(d) >= max_new_tokens  # noqa: E731
+    # most turns fit whole: one encoding then, as before the conversation outgrows the window
+    dropped = 0 if fits(0) else bisect.bisect_left(range((len(turns) - 1) // 2), True, key=fits)
     return system + turns[2 * dropped :], dropped, room(dropped)
 
 
