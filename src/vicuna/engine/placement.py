@@ -217,10 +217,8 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
     hw = probe_hardware()
     kv = size.kv_bytes(KV_TOKENS, dtype)
     weights = size.weight_bytes(dtype, settings.load_8bit)
-    budget = parse_bytes(settings.max_gpu_memory) if settings.max_gpu_memory else None
-    gpu_flags = [
-        f for f, given in (("--num-gpus", settings.num_gpus > 1), ("--max-gpu-memory", budget)) if given
-    ]
+    given = (("--num-gpus", settings.num_gpus > 1), ("--max-gpu-memory", bool(settings.max_gpu_memory)))
+    gpu_flags = [flag for flag, is_given in given if is_given]  # its value was read by resolve_device
     if device.type != "cuda" and gpu_flags:
         print(
             f"notice: {' and '.join(gpu_flags)} {'apply' if len(gpu_flags) > 1 else 'applies'} to CUDA GPUs; "
