@@ -25,7 +25,7 @@ from vicuna.config import SamplingParams, add_model_arguments, model_settings_fr
 from vicuna.conversation import Message, check_alternating, parse_messages
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
-from vicuna.textfile import json_problem, read_text
+from vicuna.textfile import read_json
 
 HISTORY_FILE = "chat_history"  # in $VICUNA_HOME: the messages typed, for the up arrow
 HISTORY_LINES = 1000
@@ -414,11 +414,7 @@ def _load(arg: str, engine: ChatEngine, io: ChatIO) -> list[Message] | None:
         return None
     path = Path(arg).expanduser()
     try:
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as err:
-            raise VicunaError(f"{path}: not valid JSON ({json_problem(err)})") from None
-        loaded = parse_messages(data, source=str(path))
+        loaded = parse_messages(read_json(path), source=str(path))
         check_alternating(loaded, source=str(path))
         # the next prompt: the conversation and a message to reply to (the loaded one, or one to come)
         engine.encode_chat(loaded if loaded[-1].role == "user" else [*loaded, Message("user", "")])

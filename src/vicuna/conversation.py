@@ -9,7 +9,6 @@ template's own rendering, never by splitting strings afterwards. No torch here.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -367,13 +366,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"{name:12} stop={list(template.stop)}")
         print(f"{'hf':12} the model's own chat template (from its tokenizer)")
         return 0
-    from vicuna.textfile import json_problem, read_text
+    from vicuna.textfile import read_json
 
-    try:
-        data = json.loads(read_text(args.messages))
-    except json.JSONDecodeError as err:
-        raise VicunaError(f"{args.messages}: not valid JSON ({json_problem(err)})") from None
-    messages = parse_messages(data, source=str(args.messages))
+    messages = parse_messages(read_json(args.messages), source=str(args.messages))
     if args.name == "hf":
         from vicuna.engine.loader import load_tokenizer, template_for
 

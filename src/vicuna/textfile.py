@@ -12,6 +12,7 @@ import codecs
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from vicuna.errors import VicunaError
 from vicuna.shell import quote
@@ -62,6 +63,14 @@ def read_text(path: Path) -> str:
         except UnicodeDecodeError:
             message += "; save it as UTF-8"
         raise VicunaError(message) from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON the file holds (`read_text`), or a VicunaError naming the file and what is wrong where."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise VicunaError(f"{path}: not valid JSON ({json_problem(err)})") from None
 
 
 def json_problem(err: json.JSONDecodeError) -> str:
