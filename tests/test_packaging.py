@@ -18,7 +18,7 @@ def checkout_copy(dest: Path) -> Path:
     """The files a build reads, as a checkout holds them after a test run (with __pycache__); building
     in a copy leaves no build/ or egg-info behind in the repository."""
     pytest.importorskip("setuptools", reason="building the package needs setuptools")
-    for name in ("pyproject.toml", "README.md", "MANIFEST.in"):
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE"):
         shutil.copy(ROOT / name, dest / name)
     for name in ("src", "tests"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("*.egg-info"))
@@ -43,6 +43,7 @@ def test_the_wheel_holds_the_files_the_code_reads_and_no_tests(tmp_path):
         "vicuna/train/configs/zero3.json",
     ):
         assert needed in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # Apache-2.0's text, not its name
     assert not [n for n in names if n.startswith("tests/") or n.endswith(".pyc")]
 
 
