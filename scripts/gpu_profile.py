@@ -14,7 +14,6 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-import triton
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vicuna.engine import int8_gpu, step_gpu
@@ -41,14 +40,15 @@ def cuda_time(fn, reps=50):
 # together exceed L2, and all of them are captured in one CUDA graph, so that Python's launch (~20-40 us a
 # Triton kernel, more than the small products take) is not counted either.
 COPIES_BYTES = 256 << 20
-# one-row tile sizes to compare on each shape: (BLOCK_N, BLOCK_K, warps, stages); the tuner's own first
+# one-row tile sizes to compare on each shape: (BLOCK_N, BLOCK_K, SPLIT, warps, stages); the tuner's own first
 SWEEP = list(int8_gpu.ONE_ROW_CONFIGS) + [
-    (2, 2048, 4, 2),
-    (4, 2048, 4, 2),
-    (4, 2048, 8, 2),
-    (8, 2048, 8, 2),
-    (16, 1024, 8, 2),
-    (4, 4096, 8, 1),
+    (2, 2048, 1, 4, 2),
+    (4, 2048, 1, 8, 2),
+    (16, 1024, 1, 8, 2),
+    (4, 1024, 2, 4, 3),
+    (8, 512, 4, 4, 3),
+    (16, 1024, 2, 8, 3),
+    (32, 256, 4, 4, 3),
 ]
 
 
@@ -178,34 +178,22 @@ for n, k in ((15360, 5120), (5120, 5120), (27648, 5120), (5120, 13824), (49152, 
             flush=True,
         )
         swept = []
-        for bn, bk, warps, stages in SWEEP:
-
-            def call(w, s, o, bn=bn, bk=bk, warps=warps, stages=stages):
-                int8_gpu._one_row.fn[(triton.cdiv(n, bn),)](
-                    x,
-                    w,
-                    s,
-                    o,
-                    n,
-                    K=k,
-                    GATED=False,
-                    ADD=False,
-                    BLOCK_N=bn,
-                    BLOCK_K=bk,
-                    num_warps=warps,
-                    num_stages=stages,
-                    **int8_gpu.FP_FUSION,
-                )
-
+        for sizes in SWEEP:
+            config = int8_gpu.tile_config(*sizes)
             try:
-                t = graph_time([lambda w=w, s=s, o=o: call(w, s, o) for (w, s), o in zip(copies, outs)])
+                t = graph_time(
+                    [
+                        lambda w=w, s=s, o=o, c=config: int8_gpu.one_row(x, w, s, o, config=c)
+                        for (w, s), o in zip(copies, outs)
+                    ]
+                )
             except Exception as e:  # a config that does not fit
-                print(f"  one row {bn, bk, warps, stages}: {type(e).__name__}", flush=True)
+                print(f"  one row {sizes}: {type(e).__name__}", flush=True)
                 continue
-            swept.append((t, (bn, bk, warps, stages)))
+            swept.append((t, sizes))
         swept.sort()
         print(
-            "  one row (BLOCK_N, BLOCK_K, warps, stages), fastest first: "
+            "  one row (BLOCK_N, BLOCK_K, SPLIT, warps, stages), fastest first: "
             + "; ".join(f"{c} {speed(t, n * k)}" for t, c in swept),
             flush=True,
         )

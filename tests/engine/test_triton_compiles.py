@@ -3,7 +3,7 @@ interpreter (the other tests) runs them as Python and cannot catch what only the
 construct Triton cannot lower, a layout it cannot build, too much shared memory). Each kernel is compiled
 to a cubin for compute capabilities 7.5 (T4, RTX 20xx), 8.0 (A100, RTX 30xx and 40xx alike) and 9.0
 (H100, H200) with the ptxas that comes with Triton, in float16 and (from 8.0) bfloat16, each of the int8
-kernels in each of its ways (an added residual; `_one_row`: gated rows too) with its first tile size (compiling every
+kernels in each of its ways (an added residual; `_one_row`: gated rows too, and split) with its first tile size (compiling every
 tile size for every GPU took ~5 minutes on 2 cores)."""
 
 from __future__ import annotations
@@ -42,12 +42,18 @@ def test_the_int8_kernels_compile(capability):
                 constexprs = dict(K=528, BLOCK_M=tile, IEEE=False, ADD=add, **config.kwargs)
                 signature = {**pointers, "M": "i32", "N": "i32"}
                 compile_for(capability, tuned.fn, signature, constexprs, config.num_warps, config.num_stages)
-            config = int8_gpu._one_row.configs[0]
-            constexprs = dict(K=528, GATED=gated, ADD=add, **config.kwargs)
-            signature = {**pointers, "N": "i32"}
-            compile_for(
-                capability, int8_gpu._one_row.fn, signature, constexprs, config.num_warps, config.num_stages
-            )
+            split = next(c for c in int8_gpu._one_row.configs if c.kwargs["SPLIT"] > 1)
+            for config in (int8_gpu._one_row.configs[0], split):  # whole rows; split, with its atomics
+                constexprs = dict(K=528, GATED=gated, ADD=add, **config.kwargs)
+                signature = {**pointers, "sums_ptr": "*fp32", "counts_ptr": "*i32", "N": "i32"}
+                compile_for(
+                    capability,
+                    int8_gpu._one_row.fn,
+                    signature,
+                    constexprs,
+                    config.num_warps,
+                    config.num_stages,
+                )
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)

@@ -9,7 +9,10 @@ tiles and convert them in registers, summing in float32, with each output row's 
 - `_rows` / `_rows64`: tiles of 16 or 64 rows multiplied on the tensor cores (batched decode steps,
   prompts);
 - `_one_row`: a single row (a decode step), multiply-adds without the tensor cores, whose 16-row tiles
-  would be 15 rows of zeros.
+  would be 15 rows of zeros. Its tile sizes may also split each weight row's columns among `SPLIT`
+  programs (split-K): a 13B model's narrow weights (5,120 rows) then keep more programs, and more bytes,
+  in flight. Each program stores its float32 sums, and the last of a tile's programs to finish (counted
+  with an atomic add) adds them in a fixed order and stores the row: the same result on every run.
 
 They also do what a layer does around the product, which in a CUDA-graph decode step saves a kernel
 each (3 of a layer's ~12 with int8 weights): both add the residual as the sums are stored (`product`'s
@@ -116,13 +119,47 @@ def rows(
 
 
 def one_row(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, GATED=False, ADD=False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    out: torch.Tensor,
+    GATED=False,
+    ADD=False,
+    config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """`_one_row` into `out`; `GATED` and `ADD` as `product`'s `gated` and `into`."""
+    """`_one_row` into `out`; `GATED` and `ADD` as `product`'s `gated` and `into`. With `config`, that
+    tile size instead of the tuner's choice (tests, `scripts/gpu_profile.py`)."""
     n, k = weight.shape
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _one_row[grid](x, weight, scales, out, n, K=k, GATED=GATED, ADD=ADD, **FP_FUSION)
+    sums, counts = _split_buffers(x.device, n)
+    args = (x, weight, scales, out, sums, counts, n)
+    flags = dict(K=k, GATED=GATED, ADD=ADD, **FP_FUSION)
+    if config is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
+        _one_row[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(n, config.kwargs["BLOCK_N"]), config.kwargs["SPLIT"])
+        _one_row.fn[grid](*args, **flags, **config.all_kwargs())
     return out
+
+
+_split: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_buffers(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `_one_row`'s split tile sizes, per device and number of weight rows: each program's float32
+    sums ([most SPLIT, n]) and, per tile of weight rows, how many of its programs are done (int32 zeros;
+    the last program sets its count back to zero). Made on first use, which a decode step's CUDA graph
+    is recorded after, and kept: the products run one after another on the GPU, so weights of the same
+    width share them."""
+    key = (device, n)
+    if key not in _split:
+        most = max(c.kwargs["SPLIT"] for c in _one_row.configs)
+        tiles = triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in _one_row.configs))
+        _split[key] = (
+            torch.empty(most, n, dtype=torch.float32, device=device),
+            torch.zeros(tiles, dtype=torch.int32, device=device),
+        )
+    return _split[key]
 
 
 def _one_row_faster(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -153,13 +190,17 @@ if triton is not None:
         call()
         return [0.0] * len(quantiles)
 
-    def _tuned(configs: list[tuple[int, int, int, int]], key: list[str]):
-        """Triton's tuner over (BLOCK_N, BLOCK_K, warps, stages), its choice kept in Triton's cache folder."""
+    def tile_config(bn: int, bk: int, *rest: int) -> triton.Config:
+        """(BLOCK_N, BLOCK_K, warps, stages), or (BLOCK_N, BLOCK_K, SPLIT, warps, stages) for `_one_row`,
+        as a Triton config."""
+        *split, warps, stages = rest
+        sizes = {"BLOCK_N": bn, "BLOCK_K": bk} | ({"SPLIT": split[0]} if split else {})
+        return triton.Config(sizes, num_warps=warps, num_stages=stages)
+
+    def _tuned(configs: list[tuple[int, ...]], key: list[str]):
+        """Triton's tuner over `configs` (`tile_config`), its choice kept in Triton's cache folder."""
         return triton.autotune(
-            configs=[
-                triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-                for bn, bk, warps, stages in configs
-            ],
+            configs=[tile_config(*c) for c in configs],
             key=key,
             restore_value=["y_ptr"],  # tuning runs each config, and with ADD each run adds into y
             do_bench=_run_once if INTERPRET else None,
@@ -193,7 +234,15 @@ if triton is not None:
     # is skipped by the tuner).
     ROWS_CONFIGS = [(16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3)]
     ROWS64_CONFIGS = [(16, 512, 4, 2), (32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 2)]
-    ONE_ROW_CONFIGS = [(4, 1024, 4, 3), (8, 512, 4, 3), (8, 1024, 4, 3), (16, 512, 8, 3)]
+    # (BLOCK_N, BLOCK_K, SPLIT, warps, stages); split in 2 or 4: twice or 4x the programs on narrow weights
+    ONE_ROW_CONFIGS = [
+        (4, 1024, 1, 4, 3),
+        (8, 512, 1, 4, 3),
+        (8, 1024, 1, 4, 3),
+        (16, 512, 1, 8, 3),
+        (8, 1024, 2, 4, 3),
+        (16, 512, 4, 4, 3),
+    ]
 
     @triton.jit
     def _rows_kernel(
@@ -240,17 +289,22 @@ if triton is not None:
         w_ptr,
         s_ptr,
         y_ptr,
+        sums_ptr,  # [SPLIT, N] float32: each program's sums (`_split_buffers`)
+        counts_ptr,  # per tile of BLOCK_N weight rows: its programs done
         N,
         K: tl.constexpr,
         GATED: tl.constexpr,
         ADD: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile = tl.program_id(0)
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        part = tl.program_id(1)  # this program's columns: every SPLIT-th block of BLOCK_K, from the part-th
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # summed across at the end
-        for start in range(0, K, BLOCK_K):
-            k = start + tl.arange(0, BLOCK_K)
+        for start in range(0, K, SPLIT * BLOCK_K):
+            k = start + part * BLOCK_K + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + k, mask=k < K, other=0.0)
             if GATED:  # x is gate and up side by side: silu(gate) * up, rounded as `step_gpu.silu_mul` does
                 gate = x.to(tl.float32)
@@ -261,5 +315,21 @@ if triton is not None:
                 w_ptr + cols[:, None] * K + k[None, :], mask=(cols[:, None] < N) & (k[None, :] < K), other=0
             )
             acc += _exactly(w, tl.float32) * x[None, :]
-        scale = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-        _store_y(y_ptr, cols, tl.sum(acc, axis=1) * scale, cols < N, ADD)
+        sums = tl.sum(acc, axis=1)
+        if SPLIT == 1:
+            _scale_store(s_ptr, y_ptr, cols, sums, cols < N, ADD)
+        else:
+            tl.store(sums_ptr + part * N + cols, sums, mask=cols < N)
+            tl.debug_barrier()  # every thread's sums stored before the count says so (released below)
+            if tl.atomic_add(counts_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:  # the last one
+                sums = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for p in tl.static_range(SPLIT):  # in a fixed order: the same sums on every run
+                    sums += tl.load(sums_ptr + p * N + cols, mask=cols < N, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(counts_ptr + tile, 0, sem="relaxed", scope="gpu")  # for the next product
+                _scale_store(s_ptr, y_ptr, cols, sums, cols < N, ADD)
+
+    @triton.jit
+    def _scale_store(s_ptr, y_ptr, cols, sums, mask, ADD: tl.constexpr):
+        """The row's float32 sums times each weight row's scale, into y (`_store_y`)."""
+        scale = tl.load(s_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        _store_y(y_ptr, cols, sums * scale, mask, ADD)
