@@ -47,6 +47,9 @@ class Template(Protocol):
     name: str
     system: str | None  # the default system prompt ("" for none; None, `hf` only: the chat template's own)
     stop: tuple[str, ...]  # text that ends an assistant turn
+    # whether the tokenizer adds its special tokens (BOS) to the rendered text, as it does to the
+    # built-in templates' text; a chat template's text holds them itself (`apply_chat_template`)
+    add_special_tokens: bool
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]: ...
 
@@ -133,6 +136,7 @@ class VicunaV11:
     name: str = "vicuna_v1.1"
     system: str = VICUNA_SYSTEM
     stop: tuple[str, ...] = ("</s>",)
+    add_special_tokens: bool = True
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         system, turns = split_system(messages, self.system, add_generation_prompt)
@@ -153,6 +157,7 @@ class VicunaV0:
     name: str = "vicuna_v0"
     system: str = VICUNA_V0_SYSTEM
     stop: tuple[str, ...] = ("###",)
+    add_special_tokens: bool = True
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         system, turns = split_system(messages, self.system, add_generation_prompt)
@@ -177,6 +182,7 @@ class Llama2:
     name: str = "llama-2"
     system: str = ""
     stop: tuple[str, ...] = ("</s>",)
+    add_special_tokens: bool = True
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         system, turns = split_system(messages, self.system, add_generation_prompt)
@@ -200,6 +206,7 @@ class ChatML:
     name: str = "chatml"
     system: str = ""
     stop: tuple[str, ...] = ("<|im_end|>",)
+    add_special_tokens: bool = True
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         system, turns = split_system(messages, self.system, add_generation_prompt)
@@ -234,6 +241,7 @@ class HFTemplate:
     stop: tuple[str, ...] = ()
     name: str = "hf"
     system: str | None = None  # None keeps the template's own default system prompt
+    add_special_tokens: bool = False
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
         if not messages:

@@ -155,6 +155,44 @@ def test_special_token_text_with_a_slow_tokenizer_is_a_clear_error(engine, monke
         engine.encode_chat([Message("user", "a </s> b")])
 
 
+# A chat template without BOS (ChatML, as fine-tunes of LLaMA often carry) and one that writes it itself
+# (as Llama 3's does), both on a tokenizer that adds BOS to what it encodes
+CHATML_JINJA = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BOS_FIRST_JINJA = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n'"
+    " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("jinja", [CHATML_JINJA, BOS_FIRST_JINJA], ids=["no-bos", "bos-in-template"])
+def test_a_chat_template_prompt_is_what_apply_chat_template_gives(engine, jinja, monkeypatch):
+    """The tokenizer added its BOS to a chat template's text, which holds the special tokens it wants: a
+    model fine-tuned on ChatML got a BOS its training never had at the start of every prompt."""
+    from vicuna.engine.loader import template_for
+
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "chat_template", jinja)
+    monkeypatch.setattr(engine, "template", template_for("hf", tok))
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds BOS
+    messages = [
+        Message("system", "Be brief."),
+        Message("user", "Hello!"),
+        Message("assistant", "Hi."),
+        Message("user", "Again"),
+    ]
+    expected = tok.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
+    assert engine.encode_chat(messages) == list(expected)
+    assert list(expected).count(tok.bos_token_id) == (jinja == BOS_FIRST_JINJA)
+    typed = engine.encode_chat([Message("user", "a <s> b")])  # special-token text in a message: as text
+    assert typed.count(tok.bos_token_id) == (jinja == BOS_FIRST_JINJA)
+
+
 def test_ignore_eos_in_a_chat_drops_the_template_s_stop_token_when_it_is_eos(engine):
     assert 2 in engine.template_stop_ids and 2 in engine.chat_params(SamplingParams()).stop_token_ids
     assert 2 not in engine.chat_params(SamplingParams(ignore_eos=True)).stop_token_ids

@@ -297,6 +297,7 @@ class Glued:
     name: str = "glued"
     system: str = ""
     stop: tuple[str, ...] = ("</s>",)
+    add_special_tokens: bool = True
 
     def segments(self, messages, add_generation_prompt=True):
         out = []
@@ -382,6 +383,32 @@ def test_special_token_text_in_a_reply_is_learned_as_text_as_a_chat_prompt_token
     prompt = engine.encode_chat(typed[:1])
     assert ids[: len(prompt)] == prompt
     assert encoder.length(typed[:2]) == len(ids)
+
+
+@pytest.mark.parametrize("use_offsets", [True, False])
+def test_a_chat_template_example_is_what_apply_chat_template_gives(tiny_llama_dir, use_offsets):
+    """With the model's own chat template (ChatML, no BOS in it) on a tokenizer that adds BOS, each example
+    started with a BOS that neither `apply_chat_template` nor the model's chat prompts have."""
+    from transformers import AutoTokenizer
+
+    from vicuna.engine.loader import template_for
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    assert tok("x").input_ids[0] == tok.bos_token_id
+    encoder = Encoder(tok, template_for("hf", tok), use_offsets=use_offsets)
+    messages = [Message("user", "Hello!"), Message("assistant", "Hi! How are you today?")]
+    ids, labels = encoder.encode(messages)
+    as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+    assert ids == list(tok.apply_chat_template(as_dicts, tokenize=True)["input_ids"])
+    prompt = tok.apply_chat_template(as_dicts[:1], add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert labels[: len(prompt)] == [IGNORE] * len(prompt)  # the loss starts where the reply does
+    assert tok.decode(ids[len(prompt) :]) == "Hi! How are you today?<|im_end|>\n"
+    assert labels[len(prompt) :] == ids[len(prompt) :]
+    assert encoder.length(messages) == len(ids)
 
 
 def test_the_progress_bar_leaves_nothing_in_piped_output(tokenizer, capsys):

@@ -85,9 +85,10 @@ class Engine:
 
     # --- prompts ------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids for a prompt; BOS is added as the tokenizer does, unless the text already has it."""
-        adds = self._adds_bos(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids for a prompt; BOS is added as the tokenizer does, unless the text already has it
+        (or `add_special_tokens` is False: a chat template's text, which holds what it wants)."""
+        adds = add_special_tokens and self._adds_bos(text)
         ids = list(self.tokenizer(text, add_special_tokens=adds)["input_ids"])
         return ids[: len(ids) - self._appended_eos(ids, adds)]
 
@@ -112,7 +113,7 @@ class Engine:
         without special-token text in the messages, exactly the tokenizer's ids for the rendered prompt."""
         masked = mask(messages, self.special_texts)
         if masked is None:
-            return self.encode(self.render_chat(messages))
+            return self.encode(self.render_chat(messages), self.template.add_special_tokens)
         if not getattr(self.tokenizer, "is_fast", True):  # no character offsets to place the typed text by
             typed = ", ".join(repr(t) for t in masked.marks.values())
             raise VicunaError(
@@ -120,7 +121,7 @@ class Engine:
                 "cannot keep as text: leave it out"
             )
         marked = self.render_chat(masked.messages)  # a typed "<s>" at its start is no BOS
-        adds = self._adds_bos(marked)
+        adds = self.template.add_special_tokens and self._adds_bos(marked)
         enc = self.tokenizer(masked.unmask(marked), add_special_tokens=adds, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         cut = len(ids) - self._appended_eos(ids, adds)

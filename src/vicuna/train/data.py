@@ -193,7 +193,10 @@ class Encoder:
         return self.tokenizer(text, add_special_tokens=False, **kwargs)
 
     def _bos_for(self, text: str) -> list[int]:
-        return [] if self.bos and text.startswith(self.tokenizer.bos_token) else self.bos
+        """The BOS a chat prompt of `text` starts with beyond the text's own (`Engine.encode_chat`)."""
+        if not self.template.add_special_tokens or (self.bos and text.startswith(self.tokenizer.bos_token)):
+            return []
+        return self.bos
 
     def _segments(self, messages: Sequence[Message]) -> list[Segment]:
         try:
