@@ -49,6 +49,19 @@ def test_llama2_with_and_without_system():
     )
 
 
+def test_llama2_wraps_an_empty_system_prompt_as_meta_does_and_only_none_has_no_block():
+    """An explicitly empty system message lost its `<<SYS>>` block, which Meta's reference code and the HF
+    chat template both give it (`B_SYS + "" + E_SYS`); only a conversation without one has none."""
+    t, hello = get_template("llama-2"), CHAT[:1]
+    empty = "[INST] <<SYS>>\n\n<</SYS>>\n\nHello! [/INST]"
+    assert render(t, [Message("system", ""), *hello]) == empty
+    assert render(with_system(t, ""), hello) == empty  # `--conv-system-msg ""`: as `hf` has it
+    assert render(t, hello) == "[INST] Hello! [/INST]"  # no system message: the default, none
+    assert render(with_system(t, "S"), [Message("system", ""), *hello]) == empty  # the message's own
+    trained = t.segments([Message("system", ""), *DONE[:2]], add_generation_prompt=False)
+    assert [(s.text, s.trainable) for s in trained] == [(empty, False), (" Hi! </s>", True)]
+
+
 def test_llama2_strips_each_turn_as_meta_reference_does():
     # Meta's chat_completion: f"[INST] {(B_SYS + system + E_SYS + user).strip()} [/INST] {answer.strip()} "
     untidy = [Message("user", "Hello!\n"), Message("assistant", " Hi! "), Message("user", " 你好")]

@@ -45,7 +45,9 @@ class Segment:
 
 class Template(Protocol):
     name: str
-    system: str | None  # the default system prompt ("" for none; None, `hf` only: the chat template's own)
+    # the system prompt of messages without one ("" an empty one; None, `hf` and `llama-2` only: none,
+    # so the chat template's own default, or no `<<SYS>>` block)
+    system: str | None
     stop: tuple[str, ...]  # text that ends an assistant turn
     # whether the tokenizer adds its special tokens (BOS) to the rendered text, as it does to the
     # built-in templates' text; a chat template's text holds them itself (`apply_chat_template`)
@@ -176,20 +178,22 @@ class Llama2:
     """Llama 2 chat: `[INST] <<SYS>>...<</SYS>> ... [/INST]`; BOS before each turn pair, `</s>` after.
 
     As Meta's reference code (and the model's HF chat template) does, each turn's text is stripped of
-    whitespace at its ends: a reply that ended in " " before `</s>` comes back as it was trained.
+    whitespace at its ends: a reply that ended in " " before `</s>` comes back as it was trained; and a
+    system prompt is wrapped in `<<SYS>>` even when it is empty: only without one is there no block.
     """
 
     name: str = "llama-2"
-    system: str = ""
+    system: str | None = None
     stop: tuple[str, ...] = ("</s>",)
     add_special_tokens: bool = True
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        system, turns = split_system(messages, self.system, add_generation_prompt)
+        system, turns = split_system(messages, self.system or "", add_generation_prompt)
+        has_system = self.system is not None or messages[0].role == "system"
         out, prompt = [], ""  # the tokenizer adds the first <s>
         for i, message in enumerate(turns):
             if message.role == "user":
-                sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and system else ""
+                sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and has_system else ""
                 prompt += f"[INST] {(sys_block + message.content).strip()} [/INST]"
             else:
                 out += [Segment(prompt), Segment(f" {message.content.strip()} </s>", trainable=True)]
