@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -267,6 +270,28 @@ def test_out_of_memory_is_reported_and_the_message_kept(caplog):
     assert [r.getMessage() for r in caplog.records] == ["the GPU ran out of memory for a reply"]
 
 
+def test_a_failed_message_goes_back_into_the_box_before_a_draft_there():
+    """The page's put-back (`PUT_BACK`, run in the browser after a message failed) kept a draft typed
+    while the reply was written and dropped the failed message: the user lost one of the two."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("needs Node.js to run the page's JavaScript")
+    cases = [
+        ("Tell me a story.", "my draft\n"),  # both kept, the failed message first
+        ("Tell me a story.", ""),
+        ("Tell me a story.", " \n"),
+        ("", "Hello"),  # refused before it was taken (a bad API key): the box still holds it
+    ]
+    script = f"const putBack = {page.PUT_BACK};\nconsole.log(JSON.stringify({json.dumps(cases)}.map(c => putBack(...c))))"
+    out = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [
+        ["Tell me a story.\n\nmy draft\n", ""],
+        ["Tell me a story.", ""],
+        ["Tell me a story.", ""],
+        ["Hello", ""],
+    ]
+
+
 def test_mount_keeps_the_apps_own_routes_and_refuses_uploads():
     app = fastapi.FastAPI()
 
@@ -400,7 +425,7 @@ def test_browser_chat_streams_stops_regenerates_clears_and_keeps_the_chat(engine
 
 @pytest.mark.browser
 @needs_chromium
-def test_browser_puts_a_failed_message_back_only_into_an_empty_box(browser):
+def test_browser_puts_a_failed_message_back_into_the_box_before_a_draft(browser):
     import torch
 
     fail = threading.Event()
@@ -418,7 +443,7 @@ def test_browser_puts_a_failed_message_back_only_into_an_empty_box(browser):
         message.wait_for(state="visible")
         toasts = page.get_by_text("ran out of memory")
 
-        # a draft typed while the reply was written stays: the failed message does not overwrite it
+        # a draft typed while the reply was written stays, after the failed message
         message.fill("Tell me a story.")
         message.press("Enter")
         page.wait_for_function(f"() => {BOT_TEXT} === 'Once upon'")
@@ -427,7 +452,9 @@ def test_browser_puts_a_failed_message_back_only_into_an_empty_box(browser):
         toasts.first.wait_for()
         page.wait_for_function("() => document.querySelectorAll('#chatbot .user-row').length === 0")
         assert page.locator("#send").is_enabled()
-        assert message.input_value() == "my draft"
+        page.wait_for_function(
+            "() => document.querySelector('#message textarea').value === 'Tell me a story.\\n\\nmy draft'"
+        )
 
         # with the box left empty, the failed message comes back to it, to be sent again
         fail.clear()

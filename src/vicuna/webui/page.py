@@ -38,9 +38,10 @@ OUT_OF_MEMORY = (
 # 500 is several times the replies a server runs and queues at once (16 rows and 64 waiting by default)
 # and bounds this state to some 35 MB.
 SESSION_CAPACITY = 500
-# Run in the browser after a message failed: it goes back in the box unless the user has typed a draft
-# there meanwhile (the box is editable while a reply is written), and is then forgotten.
-PUT_BACK = "(unsent, box) => [box && box.trim() ? box : unsent, '']"
+# Run in the browser after a message failed: it goes back in the box, before any draft the user typed there
+# meanwhile (the box is editable while a reply is written), a blank line between them, and is then
+# forgotten. In the browser, not on the server: a round trip would lose what is typed while it lasts.
+PUT_BACK = "(unsent, box) => [[unsent, box].filter((text) => text && text.trim()).join('\\n\\n'), '']"
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 """
@@ -110,8 +111,8 @@ class WebChat:
     A reply's handlers yield the textbox, the message not sent, the chatbot, the status line under it,
     the conversation and the Send and Regenerate buttons (disabled while the reply is written). The
     textbox is cleared once, when its message is taken, and then left alone: the user may be typing the
-    next message. A message that fails is put back in the box by the page itself (`PUT_BACK`), and only
-    if the box is still empty: the server does not know what the box holds by then."""
+    next message. A message that fails is put back in the box by the page itself (`PUT_BACK`), before
+    what the box holds by then, which the server does not know."""
 
     def __init__(
         self, chat: ChatFn, api_keys: set[str] | None, max_tokens_limit: int = MAX_TOKENS_LIMIT
@@ -280,7 +281,7 @@ class WebChat:
     @staticmethod
     def _put_back(turns: list[Turn], unsent: Any = gr.skip()) -> tuple[Any, ...]:
         """The page showing `turns`, with Send and Regenerate ready again and the box as the user left it;
-        `unsent`: the message that failed, for the page to put back in the box if it is still empty."""
+        `unsent`: the message that failed, for the page to put back in the box (before a draft there)."""
         ready = gr.update(interactive=True)
         return gr.skip(), unsent, to_chatbot(turns), last_stats(turns), turns, ready, ready
 
