@@ -255,6 +255,27 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_without_a_step_more(
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
 
 
+def test_a_resumed_run_keeps_only_the_newest_complete_checkpoints(tiny_llama_dir, data_file, tmp_path):
+    """A job killed after writing checkpoint 4 and before deleting the oldest leaves one too many, and one
+    killed while deleting leaves a checkpoint without its state; a resume from the last step saves no
+    checkpoint more, and must still end with --save-total-limit complete ones and no partial one."""
+    from vicuna.train.trainer import TrainConfig, train
+
+    def config(**overrides) -> TrainConfig:
+        settings = dict(data=data_file, output_dir=tmp_path / "out", model_path=str(tiny_llama_dir))
+        settings.update(max_steps=4, batch_size=2, save_steps=1, progress=False)
+        return TrainConfig(**{**settings, **overrides})
+
+    with pytest.raises(RuntimeError, match="simulated crash"):  # no limit: none is deleted
+        train(config(save_total_limit=None), callbacks=[crash_after_checkpoint(4)])
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{n}" for n in (1, 2, 3, 4)]
+    (out / "checkpoint-1" / "trainer_state.json").unlink()  # its deletion cut short
+    train(config(save_total_limit=2, resume=True))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    assert (out / "vicuna.json").is_file()
+
+
 def test_a_full_disk_while_a_checkpoint_is_written_is_a_clear_error(
     tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys
 ):

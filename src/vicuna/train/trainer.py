@@ -209,15 +209,39 @@ def fit_max_length(max_length: int | None, config: Any, folder: Path) -> int:
 # --- checkpoints and the run record ---------------------------------------------------------------
 
 
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N`: the Trainer writes trainer_state.json last, in place, so a job
-    killed while writing it leaves a checkpoint whose state does not parse."""
-    done = [
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The `checkpoint-N` folders in `output_dir`, complete or not, oldest step first."""
+    found = [
         p
         for p in output_dir.glob("checkpoint-*")
-        if p.name.removeprefix("checkpoint-").isdigit() and is_json_file(p / "trainer_state.json")
+        if p.name.removeprefix("checkpoint-").isdigit() and p.is_dir()
     ]
-    return max(done, key=lambda p: int(p.name.removeprefix("checkpoint-")), default=None)
+    return sorted(found, key=lambda p: int(p.name.removeprefix("checkpoint-")))
+
+
+def complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last, in place: a job killed while writing it leaves a
+    checkpoint whose state does not parse (and one killed while deleting it may have none)."""
+    return is_json_file(checkpoint / "trainer_state.json")
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N`."""
+    return next((p for p in reversed(checkpoints(output_dir)) if complete(p)), None)
+
+
+def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
+    """Delete the checkpoints that are not complete (what a job killed while it wrote or deleted one left)
+    and all but the newest `limit` complete ones; the newest, which a resume starts from, always stays.
+    The Trainer's own pruning runs after each save, so a job killed between the two kept one too many (for
+    good when the resume saved none), and it counted incomplete folders as checkpoints, ordered by time,
+    deleting complete ones instead."""
+    found = checkpoints(output_dir)
+    kept = [p for p in found if complete(p)]
+    kept = kept[-limit:] if limit and limit > 0 else kept
+    for folder in found:
+        if folder not in kept:
+            shutil.rmtree(folder)
 
 
 def is_json_file(path: Path) -> bool:
@@ -554,6 +578,18 @@ def record_in_checkpoints(record: dict[str, str]) -> Any:
     return RecordInCheckpoints()
 
 
+def prune_after_saves(limit: int | None) -> Any:
+    """A callback that runs prune_checkpoints after each save, in place of the Trainer's pruning."""
+    from transformers import TrainerCallback
+
+    class PruneAfterSaves(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if args.should_save:  # the process that saved: the Trainer prunes there too
+                prune_checkpoints(Path(args.output_dir), limit)
+
+    return PruneAfterSaves()
+
+
 def stop_at_the_end() -> Any:
     """A callback that ends a run resumed from its last step before it trains a step more: the Trainer
     checks for the end only after a step (a job killed while the final model was written would get one
@@ -598,6 +634,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     if cfg.lora:
         check_lora_target(folder, cfg)  # before start_or_resume writes anything
     checkpoint = start_or_resume(cfg, run_record(cfg, template.name, prepared), is_main, folder)
+    if is_main:  # what a killed job left: incomplete checkpoints, or one more than the limit
+        prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
 
     # The arguments come before the model: under DeepSpeed ZeRO-3 they make from_pretrained shard at load.
     args = TrainingArguments(
@@ -617,7 +655,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         include_num_input_tokens_seen="non_padding",
         save_strategy="steps",
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,  # prune_checkpoints' job
         seed=cfg.seed,
         report_to="none",
         disable_tqdm=not show,
@@ -636,7 +674,12 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
             train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in prepared.examples],
             data_collator=PadCollator(pad_id if pad_id is not None else 0),
             processing_class=tokenizer,
-            callbacks=[*callbacks, stop_at_the_end(), record_in_checkpoints(template_record(template))],
+            callbacks=[
+                *callbacks,
+                stop_at_the_end(),
+                record_in_checkpoints(template_record(template)),
+                prune_after_saves(cfg.save_total_limit),
+            ],
         )
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
