@@ -272,6 +272,27 @@ def test_rerun_with_another_base_is_refused_not_answered_with_the_old_merge(mode
     assert_same_weights(tmp_path / "my-vicuna", models["target"])
 
 
+def test_a_merge_killed_as_it_finished_still_records_its_inputs(models, tmp_path, monkeypatch, capsys):
+    """The merged model and the record of what it was merged from appear together: killed in between, a
+    re-run with another base would take the old merge for its own."""
+    from vicuna.weights import delta as delta_module
+
+    real_apply = delta_module.apply_delta
+
+    def killed_once_merged(*args, **kwargs):
+        real_apply(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(delta_module, "apply_delta", killed_once_merged)
+        assert get(tmp_path, models["base"], models["delta"], "--no-smoke-test") == 130
+    assert (tmp_path / "my-vicuna" / "SHA256SUMS").is_file()
+    wrong = write_scripted(tmp_path / "wrong-base", models["base"], 5, seed=7)
+    capsys.readouterr()
+    assert get(tmp_path, wrong, models["delta"], "--no-smoke-test") == 2
+    assert f"the base was {models['base'].resolve()}, now {wrong.resolve()}" in capsys.readouterr().err
+
+
 def test_rerun_after_the_base_weights_changed_is_refused(models, tmp_path, capsys):
     base = shutil.copytree(models["base"], tmp_path / "base")
     assert get(tmp_path, base, models["delta"], "--no-smoke-test") == 0

@@ -12,6 +12,8 @@ from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from vicuna.weights.checkpoint import CheckpointReader
 
 # Vicuna v0 added a pad token: its embedding and lm_head have a row more than LLaMA's.
@@ -25,9 +27,19 @@ DELTA_NORM_BELOW = 0.1
 TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens")
 
 
-def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progress: bool) -> Path:
+def _combine(
+    base: Path,
+    lead: Path,
+    out: Path,
+    *,
+    sign: int,
+    what: str,
+    progress: bool,
+    extras: Callable[[Path], None] | None = None,
+) -> Path:
     """out = lead + sign * base, tensor by tensor; names, shapes, dtypes, config and tokenizer come from `lead`
-    (the delta when applying, the target when making). Rows `lead` has beyond `base` are copied as they are."""
+    (the delta when applying, the target when making). Rows `lead` has beyond `base` are copied as they are;
+    `extras(folder)` writes more files into the result before it is renamed into place."""
     import torch
 
     from vicuna.weights.checkpoint import (
@@ -89,9 +101,11 @@ def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progres
 
     copied = [*side_files(lead), *tokenizer_files_for(lead, base, lead_role)]
 
-    def extras(folder: Path) -> None:
+    def side(folder: Path) -> None:
         for path in copied:
             shutil.copyfile(path, folder / path.name)
+        if extras is not None:
+            extras(folder)
 
     return write_checkpoint(
         out,
@@ -102,7 +116,7 @@ def _combine(base: Path, lead: Path, out: Path, *, sign: int, what: str, progres
             "inputs": file_fingerprint([*base_reader.files, *lead_reader.files, *copied]),
         },
         release=release,
-        extras=extras,
+        extras=side,
         description=f"{what} delta",
         progress=progress,
     )
@@ -190,9 +204,19 @@ def tokenizer_files_for(lead: Path, base: Path, lead_role: str) -> list[Path]:
     return extra
 
 
-def apply_delta(base: Path, delta: Path, target: Path, *, progress: bool = True) -> Path:
-    """Write `target` = `base` + `delta` (config and tokenizer from the delta) and return its path."""
-    return _combine(Path(base), Path(delta), Path(target), sign=1, what="apply", progress=progress)
+def apply_delta(
+    base: Path,
+    delta: Path,
+    target: Path,
+    *,
+    progress: bool = True,
+    extras: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write `target` = `base` + `delta` (config and tokenizer from the delta) and return its path;
+    `extras(folder)` writes more files into it before it is complete (see `_combine`)."""
+    return _combine(
+        Path(base), Path(delta), Path(target), sign=1, what="apply", progress=progress, extras=extras
+    )
 
 
 def make_delta(base: Path, target: Path, delta: Path, *, progress: bool = True) -> Path:

@@ -223,10 +223,12 @@ def get(
         from vicuna.weights.delta import apply_delta
 
         print(f"[{name}] merging {sources[1].folder} into {sources[0].folder} -> {model}")
-        apply_delta(sources[0].folder, sources[1].folder, model, progress=progress)
-        record = model / RECORD_NAME
-        record.with_suffix(".tmp").write_text(json.dumps(merge_record(sources)), encoding="utf-8")
-        record.with_suffix(".tmp").replace(record)
+        record = json.dumps(merge_record(sources))
+
+        def write_record(folder: Path) -> None:  # before the rename: the model never lies there without it
+            (folder / RECORD_NAME).write_text(record, encoding="utf-8")
+
+        apply_delta(sources[0].folder, sources[1].folder, model, progress=progress, extras=write_record)
 
     print(f"[{name}] verifying {model}")
     problems = verify_manifest(model, progress=progress)
