@@ -185,39 +185,64 @@ class TerminalIO:
         from rich.live import Live
 
         # Live redraws only what fits on the screen (a longer reply stops at "..." until it ends), so the
-        # blocks that are done are printed for good above it and Live redraws the block still streaming
-        text, done, printed = "", None, 0
-        with Live(console=self.console, refresh_per_second=8) as live:
+        # blocks that are done are printed for good above it and Live redraws the block still streaming;
+        # of a code block taller than the screen, the rows that go past its top are printed for good too
+        console, text, done = self.console, "", None
+        printed, shown = 0, 0  # text[:printed] is printed for good, and the first `shown` rows of the rest
+        with Live(console=console, refresh_per_second=8) as live:
             for event in events:
-                if isinstance(event, TextChunk):
-                    text += event.text
-                    end = finished_blocks(text)
-                    live.update(MarkdownBlock(text[end:]))  # before the print that redraws it
-                    if end > printed:
-                        live.console.print(MarkdownBlock(text[printed:end]), "")
-                        printed = end
-                else:
+                if not isinstance(event, TextChunk):
                     done = event
+                    continue
+                text += event.text
+                end, out = finished_blocks(text), []
+                if end > printed:  # and a blank line after it
+                    out = [*markdown_rows(console, text[printed:end])[shown:], []]
+                    printed, shown = end, 0
+                if "\n" in event.text and in_code_block(text[printed:]):  # its rows do not reflow
+                    rows = markdown_rows(console, text[printed:])
+                    overflow = rows[shown : len(rows) - max(1, console.height - 1)]  # past Live's room
+                    out, shown = out + overflow, shown + len(overflow)
+                live.update(MarkdownBlock(text[printed:], shown))  # before the print that redraws it
+                if out:
+                    live.console.print(Rows(out))
         return text, done
 
 
-class MarkdownBlock:
+def markdown_rows(console: Any, text: str, options: Any = None) -> list[Any]:
     """Markdown as rich renders it, less the blank lines it puts before a list or a table: printed apart,
     blocks are kept one blank line apart by the chat."""
+    from rich.markdown import Markdown
+    from rich.segment import Segment
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    rows = console.render_lines(Markdown(text), options, pad=False)
+    while rows and not Segment.get_line_length(rows[0]):
+        rows.pop(0)
+    return rows
+
+
+class Rows:
+    """Rows rendered already (lists of rich segments), drawn as they are."""
+
+    def __init__(self, rows: list[Any]) -> None:
+        self.rows = rows
 
     def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
-        from rich.markdown import Markdown
         from rich.segment import Segment
 
-        lines = console.render_lines(Markdown(self.text), options, pad=False)
-        while lines and not Segment.get_line_length(lines[0]):
-            lines.pop(0)
-        for line in lines:
-            yield from line
+        for row in self.rows:
+            yield from row
             yield Segment.line()
+
+
+class MarkdownBlock:
+    """The rows of markdown_rows past the first `skip`, rendered each time Live redraws them."""
+
+    def __init__(self, text: str, skip: int = 0) -> None:
+        self.text, self.skip = text, skip
+
+    def __rich_console__(self, console: Any, options: Any) -> Iterator[Any]:
+        yield Rows(markdown_rows(console, self.text, options)[self.skip :])
 
 
 def finished_blocks(text: str) -> int:
@@ -231,6 +256,11 @@ def finished_blocks(text: str) -> int:
         elif not fenced and not line.strip() and not after[0].isspace():  # not an indented part of a list
             end = at
     return end
+
+
+def in_code_block(text: str) -> bool:
+    """Whether a markdown text ends inside a fenced code block."""
+    return sum(line.lstrip().startswith(("```", "~~~")) for line in text.splitlines()) % 2 == 1
 
 
 def fit_history(

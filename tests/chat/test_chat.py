@@ -302,6 +302,59 @@ def test_rich_shows_a_reply_longer_than_the_screen_as_it_streams():
     assert paragraphs[-1] in screen.getvalue()
 
 
+def screen_after(output: str) -> list[str]:
+    """The lines a terminal (with endless scrollback) shows after `output` from rich without colours: text,
+    newlines, carriage returns, and Live's cursor-up, erase-line and cursor show/hide."""
+    import re
+
+    lines, row, col = [""], 0, 0
+    for piece in re.split(r"(\x1b\[\?25[lh]|\x1b\[2K|\x1b\[1A|\r|\n)", output):
+        if piece == "\n":
+            row, col = row + 1, 0
+            lines += [""] * (row + 1 - len(lines))
+        elif piece == "\r":
+            col = 0
+        elif piece == "\x1b[2K":
+            lines[row] = ""
+        elif piece == "\x1b[1A":
+            row = max(0, row - 1)
+        elif piece and not piece.startswith("\x1b"):
+            assert "\x1b" not in piece, piece
+            lines[row] = lines[row][:col].ljust(col) + piece + lines[row][col + len(piece) :]
+            col += len(piece)
+    return [line.rstrip() for line in lines]
+
+
+def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams():
+    """Live crops what is taller than the screen: the rows of an open code block that go past its top are
+    printed for good, and the block ends up drawn as a whole, row for row."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    screen = io_module.StringIO()
+    terminal = TerminalIO("rich", multiline=False, interactive=True)
+    terminal.console = Console(file=screen, force_terminal=True, color_system=None, width=40, height=10)
+    code = "```python\n" + "".join(f"x_{i} = {i}  # row {i}\n" for i in range(30)) + "```\n"
+    reply = "Here it is:\n\n" + code + "\nDone."
+    seen_before_the_close = []
+
+    def events():
+        for piece in reply.splitlines(keepends=True):
+            if piece == "```\n":
+                seen_before_the_close.append(screen.getvalue())
+            yield TextChunk(piece, (1,))
+        yield Finished("stop", 1, 1, 0.1, 10.0, 0.2)
+
+    assert terminal.show_reply(events())[0] == reply
+    assert "x_20 = 20" in seen_before_the_close[0]  # the last screenful waits for a redraw
+    block = Console(width=40, color_system=None).render_lines(Markdown(code), pad=False)
+    block = ["".join(segment.text for segment in row).rstrip() for row in block]
+    shown = screen_after(screen.getvalue())
+    start = shown.index(block[1])  # the first row is the block's blank top padding
+    assert shown[start - 1 : start - 1 + len(block)] == block
+    assert shown.count(block[1]) == 1 and [line for line in shown if line][-1] == "Done."
+
+
 def test_a_markdown_block_is_done_at_a_blank_line_outside_code_and_lists():
     assert finished_blocks("Intro.\n\n```python\ndef f():\n\n    return 1\n") == len("Intro.\n\n")
     assert finished_blocks("Intro.\n\n```\nx\n\ny\n```\n\nAfter") == len("Intro.\n\n```\nx\n\ny\n```\n\n")
