@@ -255,6 +255,17 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_without_a_step_more(
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
 
 
+def test_a_run_keeps_the_newest_checkpoints_as_it_saves(tiny_llama_dir, data_file, tmp_path):
+    """--save-total-limit 2 with a checkpoint each step: after each save only the newest two remain (a
+    callback prunes them, in place of the Trainer)."""
+    from vicuna.train.trainer import TrainConfig, train
+
+    out = tmp_path / "out"
+    settings = dict(data=data_file, output_dir=out, model_path=str(tiny_llama_dir), max_steps=4)
+    train(TrainConfig(**settings, batch_size=2, save_steps=1, save_total_limit=2, progress=False))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
 def test_a_resumed_run_keeps_only_the_newest_complete_checkpoints(tiny_llama_dir, data_file, tmp_path):
     """A job killed after writing checkpoint 4 and before deleting the oldest leaves one too many, and one
     killed while deleting leaves a checkpoint without its state; a resume from the last step saves no
