@@ -62,6 +62,16 @@ def test_llama2_wraps_an_empty_system_prompt_as_meta_does_and_only_none_has_no_b
     assert [(s.text, s.trainable) for s in trained] == [(empty, False), (" Hi! </s>", True)]
 
 
+def test_chatml_gives_an_empty_system_prompt_a_system_turn_and_none_without_one():
+    """As the models' own ChatML templates (Qwen's, SmolLM2's) render `{"role": "system", "content": ""}`."""
+    t, hello = get_template("chatml"), CHAT[:1]
+    asked = "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+    empty = "<|im_start|>system\n<|im_end|>\n" + asked
+    assert render(t, [Message("system", ""), *hello]) == empty
+    assert render(with_system(t, ""), hello) == empty  # `--conv-system-msg ""`
+    assert render(t, hello) == asked  # no system message: none
+
+
 def test_llama2_strips_each_turn_as_meta_reference_does():
     # Meta's chat_completion: f"[INST] {(B_SYS + system + E_SYS + user).strip()} [/INST] {answer.strip()} "
     untidy = [Message("user", "Hello!\n"), Message("assistant", " Hi! "), Message("user", " 你好")]

@@ -45,8 +45,8 @@ class Segment:
 
 class Template(Protocol):
     name: str
-    # the system prompt of messages without one ("" an empty one; None, `hf` and `llama-2` only: none,
-    # so the chat template's own default, or no `<<SYS>>` block)
+    # the system prompt of messages without one ("" an empty one; None, `hf`, `llama-2` and `chatml`
+    # only: none, so the chat template's own default, or no system block)
     system: str | None
     stop: tuple[str, ...]  # text that ends an assistant turn
     # whether the tokenizer adds its special tokens (BOS) to the rendered text, as it does to the
@@ -205,16 +205,19 @@ class Llama2:
 
 @dataclass(frozen=True)
 class ChatML:
-    """ChatML (`<|im_start|>role\\n...<|im_end|>`), used by SmolLM2, Qwen and many others."""
+    """ChatML (`<|im_start|>role\\n...<|im_end|>`), used by SmolLM2, Qwen and many others. A system
+    message is a system turn even when it is empty, as the models' own chat templates render it; only
+    without one is there no system turn."""
 
     name: str = "chatml"
-    system: str = ""
+    system: str | None = None
     stop: tuple[str, ...] = ("<|im_end|>",)
     add_special_tokens: bool = True
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        system, turns = split_system(messages, self.system, add_generation_prompt)
-        out, prompt = [], f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        system, turns = split_system(messages, self.system or "", add_generation_prompt)
+        has_system = self.system is not None or messages[0].role == "system"
+        out, prompt = [], f"<|im_start|>system\n{system}<|im_end|>\n" if has_system else ""
         for message in turns:
             if message.role == "user":
                 prompt += f"<|im_start|>user\n{message.content}<|im_end|>\n<|im_start|>assistant\n"
