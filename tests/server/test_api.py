@@ -626,10 +626,10 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(tiny_engine, monkeypatch)
     app = create_app(tiny_engine, model_name=MODEL)
     encode, tokenizing, done = tiny_engine.encode, threading.Event(), threading.Event()
 
-    def slow_encode(text: str) -> list[int]:
+    def slow_encode(text: str, *args: bool) -> list[int]:
         tokenizing.set()
         done.wait(30)
-        return encode(text)
+        return encode(text, *args)
 
     monkeypatch.setattr(tiny_engine, "encode", slow_encode)
     with serving(app) as url:
