@@ -8,9 +8,7 @@ in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FI
 from __future__ import annotations
 
 import argparse
-import bisect
 import contextlib
-import functools
 import json
 import os
 import sys
@@ -22,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vicuna.config import SamplingParams, add_model_arguments, model_settings_from_args, vicuna_home
-from vicuna.conversation import Message, check_alternating, parse_messages
+from vicuna.conversation import Message, check_alternating, fit_history, parse_messages
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
 from vicuna.textfile import read_json
@@ -263,26 +261,6 @@ def in_code_block(text: str) -> bool:
     return sum(line.lstrip().startswith(("```", "~~~")) for line in text.splitlines()) % 2 == 1
 
 
-def fit_history(
-    engine: ChatEngine, messages: list[Message], max_new_tokens: int
-) -> tuple[list[Message], int, int]:
-    """Leave out the fewest oldest exchanges (never a system message, nor the last message) for the prompt
-    and the reply to fit the context window. Returns the messages kept, how many exchanges went, and the
-    room left for the reply: less than `max_new_tokens` where the last message alone leaves less. Found
-    by bisection: an hour's conversation is encoded a few times, not once per exchange left out."""
-    system = [m for m in messages[:1] if m.role == "system"]
-    turns = messages[len(system) :]
-
-    @functools.cache  # each way of leaving out encoded once
-    def room(dropped: int) -> int:
-        return engine.context_window - len(engine.encode_chat(system + turns[2 * dropped :]))
-
-    fits = lambda d: room(d) >= max_new_tokens  # noqa: E731
-    # most turns fit whole: one encoding then, as before the conversation outgrows the window
-    dropped = 0 if fits(0) else bisect.bisect_left(range((len(turns) - 1) // 2), True, key=fits)
-    return system + turns[2 * dropped :], dropped, room(dropped)
-
-
 def run_chat(
     engine: ChatEngine, io: ChatIO, params: SamplingParams, *, history: bool = True, debug: bool = False
 ) -> None:
@@ -290,13 +268,14 @@ def run_chat(
     (an error the user can fix: too long, a template that refuses it) is said so and left unanswered;
     the conversation goes on as it was before it."""
     messages: list[Message] = []
+    left_out = 0  # the oldest exchanges the last prompt left out: later ones too (`fit_history`)
     while True:
         text = io.read()
         if text is None or text.strip() == "!!exit":
             return
         command, _, arg = text.strip().partition(" ")
         if command == "!!reset":
-            messages = []
+            messages, left_out = [], 0
             io.info("(conversation cleared)")
             continue
         if command == "!!remove":
@@ -308,7 +287,8 @@ def run_chat(
             _save(arg.strip(), messages, io)
             continue
         if command == "!!load":
-            messages = _load(arg.strip(), engine, io) or messages
+            if loaded := _load(arg.strip(), engine, io):
+                messages, left_out = loaded, 0
             continue
         if command == "!!regen":  # answers the last user message again (or a loaded one for the first time)
             asked = messages[:-1] if messages and messages[-1].role == "assistant" else messages
@@ -323,7 +303,7 @@ def run_chat(
         else:
             asked = with_user_message(messages if history else [], text)
         try:
-            messages = _answer(engine, io, asked, params, debug) or messages
+            messages, left_out = _answer(engine, io, asked, params, debug, left_out) or (messages, left_out)
         except VicunaError as err:
             io.info(f"error: {err}; this message goes unanswered")
 
@@ -343,11 +323,19 @@ def with_user_message(messages: list[Message], text: str) -> list[Message]:
 
 
 def _answer(
-    engine: ChatEngine, io: ChatIO, messages: list[Message], params: SamplingParams, debug: bool
-) -> list[Message] | None:
-    """The conversation with a reply to its last message; None if there is no reply. The prompt leaves out
-    the oldest exchanges that do not fit; the conversation (what !!save writes) keeps them."""
-    prompt, dropped, room = fit_history(engine, messages, params.max_new_tokens)
+    engine: ChatEngine,
+    io: ChatIO,
+    messages: list[Message],
+    params: SamplingParams,
+    debug: bool,
+    left_out: int,
+) -> tuple[list[Message], int] | None:
+    """The conversation with a reply to its last message, and how many of its oldest exchanges the prompt
+    left out (`left_out` or more: those that do not fit, see `fit_history`); None if there is no reply.
+    The conversation (what !!save writes) keeps the exchanges left out."""
+    prompt, dropped, room = fit_history(
+        engine.encode_chat, engine.context_window, messages, params.max_new_tokens, left_out
+    )
     if dropped:
         io.info(f"(the {dropped} oldest exchange(s) left out of the prompt to fit the context window)")
     if 0 < room < params.max_new_tokens:  # none at all: the engine refuses the message, saying why
@@ -364,7 +352,7 @@ def _answer(
             f"[{done.completion_tokens} tokens, TTFT {done.ttft_s * 1000:.0f} ms, "
             f"{done.decode_tokens_per_s:.1f} tok/s, {done.reason}]"
         )
-    return [*messages, Message("assistant", reply.strip())]
+    return [*messages, Message("assistant", reply.strip())], dropped
 
 
 def _reply(

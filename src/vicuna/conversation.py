@@ -9,6 +9,8 @@ template's own rendering, never by splitting strings afterwards. No torch here.
 from __future__ import annotations
 
 import argparse
+import bisect
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -129,6 +131,49 @@ def check_alternating(messages: Sequence[Message], source: str = "messages") -> 
                 "one (after an optional system message, user and assistant turns alternate)",
                 where,
             )
+
+
+def fit_history(
+    encode: Callable[[list[Message]], Sequence[int]],
+    context_window: int,
+    messages: Sequence[Message],
+    max_new_tokens: int,
+    left_out: int = 0,
+) -> tuple[list[Message], int, int]:
+    """The prompt for a chat's next reply: `messages` less its oldest exchanges (never a system message,
+    nor the last message) for the prompt and `max_new_tokens` to fit the context window. Returns the
+    messages kept, how many exchanges went, and the room left for the reply: less than `max_new_tokens`
+    where the last message alone leaves less. `encode` gives a prompt's token ids.
+
+    Leaving out is sticky, with slack, so that each prompt begins as the one before did and the engine,
+    which keeps the cache of the last prompt and reply, computes only the new exchange: the `left_out`
+    oldest exchanges (as many as the chat's last prompt left out) stay out, and no more go while the rest
+    fits. When it no longer does, more go, the fewest for the prompt to take at most 3/4 of its room (the
+    window less `max_new_tokens`), so that the next turns fit without leaving out more (the fewest that
+    fit where the last exchanges alone take more). Leaving out one more exchange on every turn, each
+    prompt would begin differently and be computed whole. Found by bisection, each way of leaving out
+    encoded once: an hour's conversation is encoded a few times, and once while it fits."""
+    system = list(messages[:1]) if messages and messages[0].role == "system" else []
+    turns = list(messages[len(system) :])
+    most = max(0, (len(turns) - 1) // 2)  # the exchanges before the last message
+    start = max(0, min(left_out, most))  # fewer where the conversation has lost exchanges since
+
+    @functools.cache
+    def length(dropped: int) -> int:
+        return len(encode(system + turns[2 * dropped :]))
+
+    def fewest(enough: Callable[[int], bool]) -> int:  # all but the last message where none is enough
+        return start + bisect.bisect_left(range(start, most), True, key=enough)
+
+    room = context_window - max_new_tokens  # for the prompt
+    fits = lambda d: length(d) <= room  # noqa: E731
+    roomy = lambda d: 4 * length(d) <= 3 * room  # noqa: E731
+    dropped = start
+    if not fits(start):
+        dropped = fewest(roomy)
+        if not roomy(dropped):
+            dropped = fewest(fits)
+    return system + turns[2 * dropped :], dropped, context_window - length(dropped)
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,15 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
-from vicuna.chat import END_MARK, HELP, TerminalIO, finished_blocks, fit_history, run_chat
+from vicuna.chat import END_MARK, HELP, TerminalIO, finished_blocks, run_chat
 from vicuna.cli import main as cli
 from vicuna.config import ModelSettings, SamplingParams
-from vicuna.conversation import Message
+from vicuna.conversation import Message, fit_history
 from vicuna.engine.events import Finished, TextChunk
 from vicuna.engine.loader import load_engine
 from vicuna.errors import ContextTooLongError, VicunaError
@@ -118,7 +119,9 @@ def test_oldest_turns_are_dropped_to_fit_with_a_notice():
     assert all(
         len(engine.encode_chat(m)) + PARAMS.max_new_tokens <= engine.context_window for m in engine.seen
     )
-    kept, dropped, _ = fit_history(engine, [Message("system", "s")] + engine.seen[-1], PARAMS.max_new_tokens)
+    kept, dropped, _ = fit_history(
+        engine.encode_chat, engine.context_window, [Message("system", "s")] + engine.seen[-1], 10
+    )
     assert kept[0].role == "system" and dropped == 0
 
 
@@ -126,12 +129,51 @@ def test_exchanges_left_out_of_the_prompt_stay_in_the_conversation_that_is_saved
     engine, saved = EchoEngine(), tmp_path / "long.json"
     words = [f"{i} " + "word " * 15 for i in range(5)]
     run_chat(engine, ScriptedIO([*words, "!!remove", f"!!save {saved}"]), PARAMS)
-    assert [m.content.split()[0] for m in engine.seen[-1]] == ["3", "reply", "4"]  # the prompt: what fits
+    # the prompts: what fits (18 tokens a message, 6 a reply, 50 left by the reply); where it no longer
+    # does, what takes at most 3/4 of that (37): the last message alone, and then its reply and the next
+    assert [[m.content.split()[0] for m in prompt] for prompt in engine.seen] == [
+        ["0"],
+        ["0", "reply", "1"],
+        ["2"],
+        ["2", "reply", "3"],
+        ["4"],
+    ]
     users = [m["content"] for m in json.loads(saved.read_text()) if m["role"] == "user"]
     assert users == words[:4]  # the whole conversation, less the exchange removed
-    # the fewest exchanges were left out: each prompt holds the one before (40 of the 50 tokens the reply
-    # leaves; with one more exchange, 63)
-    assert [len(prompt) for prompt in engine.seen] == [1, 3, 3, 3, 3]
+
+
+class SystemEchoEngine(EchoEngine):
+    context_window = 200  # a message of 3 words is 5 tokens; a reply, 6
+
+
+def test_exchanges_left_out_stay_out_so_that_each_prompt_begins_with_the_last_one(tmp_path):
+    """The engine reuses the cache of the last prompt and reply where the next prompt begins with them:
+    leaving out one more exchange on each turn, every prompt would be computed whole."""
+    engine = SystemEchoEngine()
+    system = write_messages(tmp_path / "system.json", ("system", "be brief"), ("user", "hi"))
+    run_chat(
+        engine, ScriptedIO([f"!!load {system}", "!!regen", *(f"{i} more words" for i in range(40))]), PARAMS
+    )
+    prompts = engine.seen
+    assert all(p[0] == Message("system", "be brief") for p in prompts)  # never left out
+    assert all(len(engine.encode_chat(p)) + PARAMS.max_new_tokens <= engine.context_window for p in prompts)
+    # the prompts that do not begin with the last one and its reply: where more exchanges were left out
+    anew = [i for i in range(1, len(prompts)) if prompts[i][: len(prompts[i - 1])] != prompts[i - 1]]
+    assert len(anew) >= 3  # the conversation outgrew the window several times
+    assert all(b - a >= 4 for a, b in pairwise(anew))  # and each time, the next prompts fit without more
+
+
+def test_reset_and_load_start_again_with_no_exchange_left_out(tmp_path):
+    engine = SystemEchoEngine()
+    short = write_messages(tmp_path / "short.json", ("user", "a"), ("assistant", "b"), ("user", "c"))
+    many = [f"{i} more words" for i in range(25)]  # outgrows the window: exchanges are left out
+    few = [f"{i} more words" for i in range(8)]  # fits whole
+    lines = [*many, f"!!load {short}", "!!regen", *few, *many, "!!reset", *few]
+    run_chat(engine, ScriptedIO(lines), PARAMS)
+    sent = [len(prompt) for prompt in engine.seen]
+    assert sent[len(many) - 1] < 2 * len(many) - 1
+    assert sent[len(many) + len(few)] == 3 + 2 * len(few)  # all of it, after !!load
+    assert sent[-1] == 2 * len(few) - 1  # all of it, after !!reset
 
 
 def test_ctrl_c_stops_the_reply_not_the_chat():

@@ -550,7 +550,9 @@ def test_max_queue_0_serves_what_a_free_row_takes_at_once(tiny_engine):
 
 def webui_chat(url: str, message: str, max_tokens: int) -> list[tuple[str, str]]:
     """Send `message` as the web page does (Gradio's `chat` endpoint): the (event, data) lines of its answer."""
-    data = [message, [], "", 0.0, 1.0, max_tokens, ""]  # text, conversation, system, sliders, API key
+    # text, conversation, exchanges left out and the API key (States: the session's own are used), system,
+    # sliders
+    data = [message, [], None, "", 0.0, 1.0, max_tokens, ""]
     event_id = httpx.post(f"{url}/gradio_api/call/chat", json={"data": data}).json()["event_id"]
     answer = httpx.get(f"{url}/gradio_api/call/chat/{event_id}", timeout=60).text
     # each event is two lines, "event: NAME" and "data: JSON"

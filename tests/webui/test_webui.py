@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 import socket
@@ -70,6 +71,11 @@ class RecordingChat:
                 self.texts.append(text)
                 self.finished.append(event)
             yield event
+
+
+def no_encode(messages: list[Message]) -> list[int]:
+    """A prompt's length where the chat is a stand-in without a tokenizer: a token a message."""
+    return [0] * len(messages)
 
 
 @pytest.fixture(scope="module")
@@ -160,28 +166,28 @@ def test_settings_outside_the_sliders_are_refused():
         sampling_params(float("nan"), 1, 10, max_tokens_limit=256)
 
     chat = RecordingChat(None)
-    ui = WebChat(chat, api_keys=None, max_tokens_limit=256)
+    ui = WebChat(chat, no_encode, 256)
     with pytest.raises(gr.Error, match="Top-p must be a number from 0.01 to 1") as refused:
-        next(ui.respond("Hello", [], "", 0.7, 0.0, 10, "", gr.Request(session_hash="s0")))
+        next(ui.respond("Hello", [], None, "", 0.7, 0.0, 10, "", gr.Request(session_hash="s0")))
     assert chat.calls == [] and not refused.value.print_exception  # nothing sent, no traceback
 
 
 def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     chat = RecordingChat(engine)
-    ui = WebChat(chat, api_keys={"k-secret"})
+    ui = WebChat(chat, engine.encode_chat, engine.context_window, api_keys={"k-secret"})
     request = gr.Request(session_hash="s1")
     with pytest.raises(gr.Error, match="API key"):
-        next(ui.respond("hi", [], "", 0.0, 1.0, 5, "wrong", request))
+        next(ui.respond("hi", [], None, "", 0.0, 1.0, 5, "wrong", request))
     with pytest.raises(gr.Error, match="API key"):
-        next(ui.regenerate([("hi", "x", "")], "", 0.0, 1.0, 5, "", request))
+        next(ui.regenerate([("hi", "x", "")], None, "", 0.0, 1.0, 5, "", request))
     assert chat.calls == []
 
-    outputs = list(ui.respond("Hello", [], "Be brief.", 0.0, 0.5, 6, "k-secret", request))
+    outputs = list(ui.respond("Hello", [], None, "Be brief.", 0.0, 0.5, 6, "k-secret", request))
     # the textbox is cleared once, when the message is taken, and then never touched: the user may be
     # typing the next message; Send and Regenerate are disabled until the reply is done
     assert [out[0] for out in outputs] == ["", *[gr.skip()] * (len(outputs) - 1)]
-    assert outputs[0][5:] == (gr.update(interactive=False),) * 2
-    box, unsent, shown, status, turns, send, again = outputs[-1]
+    assert outputs[0][6:] == (gr.update(interactive=False),) * 2
+    box, unsent, shown, status, turns, left_out, send, again = outputs[-1]
     assert unsent == gr.skip()  # nothing failed: nothing to put back
     assert turns == [("Hello", chat.texts[0], stats_line(chat.finished[0]))]
     assert (shown, status) == (to_chatbot(turns), stats_line(chat.finished[0]))
@@ -191,12 +197,12 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     assert (params.temperature, params.top_p, params.max_new_tokens) == (0.0, 0.5, 6)
     assert len(outputs) > 2  # the reply streamed in pieces before the stats arrived
 
-    again = list(ui.regenerate(turns, "", 0.0, 1.0, 6, "k-secret", request))
+    again = list(ui.regenerate(turns, left_out, "", 0.0, 1.0, 6, "k-secret", request))
     assert chat.calls[1][0] == [Message("user", "Hello")]  # an empty system box: the template's own
     assert again[-1][2] == [("Hello", chat.texts[1], stats_line(chat.finished[1]))]
     assert ui.show(again[-1][2]) == again[-1][:2]  # as a reload shows the conversation kept
 
-    streaming = ui.respond("Tell me more", turns, "", 0.0, 1.0, 100, "k-secret", request)
+    streaming = ui.respond("Tell me more", turns, left_out, "", 0.0, 1.0, 100, "k-secret", request)
     next(streaming)
     next(streaming)  # generation has begun
     ui.stop(request)
@@ -208,9 +214,9 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
 
 
 def test_each_reply_leaves_one_log_line_without_the_conversation(engine, caplog):
-    ui = WebChat(RecordingChat(engine), api_keys=None)
+    ui = WebChat(RecordingChat(engine), engine.encode_chat, engine.context_window)
     with caplog.at_level(logging.INFO, logger="vicuna.webui"):
-        list(ui.respond("my secret plans", [], "", 0.0, 1.0, 5, "", gr.Request(session_hash="s9")))
+        list(ui.respond("my secret plans", [], None, "", 0.0, 1.0, 5, "", gr.Request(session_hash="s9")))
     [line] = [r.getMessage() for r in caplog.records if r.name == "vicuna.webui"]
     assert re.search(r"prompt=\d+ completion=\d+ ttft=\S+s decode=\S+ tok/s total=\S+s finish=\w+", line)
     assert "secret" not in line
@@ -218,19 +224,19 @@ def test_each_reply_leaves_one_log_line_without_the_conversation(engine, caplog)
 
 def test_a_reply_is_cut_to_the_context_window_and_an_overflow_reported(engine, caplog):
     chat = RecordingChat(engine)
-    ui = WebChat(chat, api_keys=None, max_tokens_limit=engine.context_window)
-    *_, last = ui.respond("Hello", [], "", 0.0, 1.0, 256, "", gr.Request(session_hash="s2"))
+    ui = WebChat(chat, engine.encode_chat, engine.context_window)
+    *_, last = ui.respond("Hello", [], None, "", 0.0, 1.0, 256, "", gr.Request(session_hash="s2"))
     # max new tokens is lowered to what the 256-token window leaves after the prompt
     assert chat.calls[0][1].max_new_tokens == 256 - chat.finished[0].prompt_tokens
     assert chat.finished[0].reason == "length" and last[3].endswith("context window full")
 
     long = "Hello there " * 200
-    steps = ui.respond(long, [], "", 0.7, 1.0, 16, "", gr.Request(session_hash="s2"))
+    steps = ui.respond(long, [], None, "", 0.7, 1.0, 16, "", gr.Request(session_hash="s2"))
     assert next(steps)[0] == ""
     # back as it was, and the buttons enabled again; the message is handed back for the page to put in
     # the box if it is still empty (the server does not know what the user typed there meanwhile)
     ready = gr.update(interactive=True)
-    assert next(steps) == (gr.skip(), long, [], "", [], ready, ready)
+    assert next(steps) == (gr.skip(), long, [], "", [], gr.skip(), ready, ready)
     refused = pytest.raises(gr.Error, match="context window is 256 tokens: shorten it")
     with caplog.at_level(logging.INFO, logger="vicuna.webui"), refused as err:
         next(steps)
@@ -241,9 +247,9 @@ def test_a_reply_is_cut_to_the_context_window_and_an_overflow_reported(engine, c
 
 def test_a_conversation_grown_past_the_context_window_leaves_out_its_oldest_exchanges(engine):
     chat = RecordingChat(engine)
-    ui = WebChat(chat, api_keys=None, max_tokens_limit=engine.context_window)
+    ui = WebChat(chat, engine.encode_chat, engine.context_window)
     turns = [("Hello there " * 40, "General Kenobi", "2 tokens"), ("And then?", "Nothing", "1 tokens")]
-    *_, last = ui.respond("Why?", turns, "Be brief.", 0.0, 1.0, 64, "", gr.Request(session_hash="s4"))
+    *_, last = ui.respond("Why?", turns, None, "Be brief.", 0.0, 1.0, 64, "", gr.Request(session_hash="s4"))
     # the system prompt stays; the oldest exchange goes, so the reply keeps its 64 tokens
     messages, params = chat.calls[-1]
     assert [m.content for m in messages] == ["Be brief.", "And then?", "Nothing", "Why?"]
@@ -253,6 +259,64 @@ def test_a_conversation_grown_past_the_context_window_leaves_out_its_oldest_exch
     assert [t[0] for t in kept] == ["Hello there " * 40, "And then?", "Why?"]  # the page shows them all
 
 
+def test_a_long_conversation_is_encoded_a_few_times_and_the_next_turns_reuse_its_cache(
+    engine, monkeypatch, prefill_starts
+):
+    """Leaving out one exchange per try, the page encoded the whole conversation once per exchange left
+    out; and leaving out one more on every turn, each prompt began differently and was computed whole."""
+    encoded = []
+    encode = engine.encode_chat
+    monkeypatch.setattr(engine, "encode_chat", lambda messages: encoded.append(1) or encode(messages))
+    chat = RecordingChat(engine)
+    ui = WebChat(chat, engine.encode_chat, engine.context_window)
+    request = gr.Request(session_hash="s5")
+    turns = [(f"Question {i}?", f"Answer {i}.", "") for i in range(60)]
+    *_, last = ui.respond("Why?", turns, None, "Be brief.", 0.0, 1.0, 8, "", request)
+    left_out = last[5][0]
+    assert left_out > 40 and last[3].endswith(
+        f"the oldest {left_out} exchange(s) left out to fit the context window"
+    )
+    assert len(encoded) <= 2 * math.ceil(math.log2(len(turns))) + 2  # two bisections, and the prompt sent
+    for i in range(2):  # the next turns leave out the same exchanges: their prompts begin as the last one
+        *_, last = ui.respond(f"And {i}?", last[4], last[5], "Be brief.", 0.0, 1.0, 8, "", request)
+        assert last[5][0] == left_out
+        assert chat.calls[-1][0][0] == Message("system", "Be brief.")
+        # the last prompt comes from the cache (its reply too, where the tiny model's random text encodes
+        # back to the same tokens)
+        assert prefill_starts[-1] >= chat.finished[-2].prompt_tokens
+
+
+def test_the_page_keeps_the_exchanges_a_browser_session_left_out_for_its_next_messages(engine):
+    chat = RecordingChat(engine)
+    app = webui.mount(
+        fastapi.FastAPI(),
+        chat=chat,
+        encode=engine.encode_chat,
+        context_window=engine.context_window,
+        model_name="tiny-model",
+    )
+    turns = [[f"Question {i}?", f"Answer {i}.", ""] for i in range(40)]
+    with TestClient(app) as client:
+        for i in range(3):  # as the page sends them: the session's State (None here) is the server's
+            data = [f"And {i}?", turns, None, "Be brief.", 0.0, 1.0, 8, ""]
+            sent = client.post("/gradio_api/call/chat", json={"data": data, "session_hash": "s6"})
+            answer = client.get(f"/gradio_api/call/chat/{sent.json()['event_id']}").text
+            turns = json.loads(re.findall(r"^data: (.*)$", answer, re.M)[-1])[4]
+    # the prompts: the system prompt, the exchanges kept and the message (40 exchanges before the first)
+    left_out = [40 + k - (len(messages) - 2) // 2 for k, (messages, _) in enumerate(chat.calls)]
+    assert left_out[0] > 0 and left_out == [left_out[0]] * 3, left_out
+
+
+def test_the_exchanges_a_session_left_out_stay_out_while_its_conversation_begins_with_them():
+    turns = [(f"q{i}", f"a{i}", "") for i in range(6)]
+    state = page.left_out_of(turns[:4], 2)
+    assert page.still_left_out([*turns, ("next", "", "")], state) == 2  # a message sent
+    assert page.still_left_out([*turns[:3], ("q3", "", "")], state) == 2  # Regenerate
+    assert page.still_left_out([("q9", "", "")], state) == 0  # Clear, and a new message
+    assert page.still_left_out([("q0", "other", ""), *turns[1:]], state) == 0  # another conversation
+    assert page.still_left_out(turns, None) == 0  # a new session: after a reload, or a server restart
+
+
 def test_out_of_memory_is_reported_and_the_message_kept(caplog):
     import torch
 
@@ -260,8 +324,8 @@ def test_out_of_memory_is_reported_and_the_message_kept(caplog):
         yield TextChunk("Hel", (1,))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    ui = WebChat(chat, api_keys=None)
-    steps = ui.respond("Hello", [], "", 0.7, 1.0, 64, "", gr.Request(session_hash="s3"))
+    ui = WebChat(chat, no_encode, 2048)
+    steps = ui.respond("Hello", [], None, "", 0.7, 1.0, 64, "", gr.Request(session_hash="s3"))
     while next(steps)[:5] != (gr.skip(), "Hello", [], "", []):  # until the page is put back as it was
         pass
     with pytest.raises(gr.Error, match="ran out of memory") as err:
@@ -299,7 +363,9 @@ def test_mount_keeps_the_apps_own_routes_and_refuses_uploads():
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    returned = webui.mount(app, chat=lambda *_: iter(()), model_name="tiny-model")
+    returned = webui.mount(
+        app, chat=lambda *_: iter(()), encode=no_encode, context_window=2048, model_name="tiny-model"
+    )
     assert returned is app
     with TestClient(app) as client:
         assert client.get("/health").json() == {"status": "ok"}
@@ -317,14 +383,28 @@ def test_the_server_keeps_the_state_of_the_latest_sessions_only(monkeypatch):
         return gradio_app.state_holder
 
     # Gradio's default, 10,000 sessions, let one-turn chats grow the server by some 70 KB each
-    app = webui.mount(fastapi.FastAPI(), chat=lambda *_: iter(()), model_name="tiny-model")
+    app = webui.mount(
+        fastapi.FastAPI(),
+        chat=lambda *_: iter(()),
+        encode=no_encode,
+        context_window=2048,
+        model_name="tiny-model",
+    )
     assert sessions(app).capacity == page.SESSION_CAPACITY <= 1000
 
     monkeypatch.setattr(page, "SESSION_CAPACITY", 2)
-    app = webui.mount(fastapi.FastAPI(), chat=lambda *_: iter(()), model_name="tiny-model")
+    app = webui.mount(
+        fastapi.FastAPI(),
+        chat=lambda *_: iter(()),
+        encode=no_encode,
+        context_window=2048,
+        model_name="tiny-model",
+    )
     with TestClient(app) as client:
         for session in ("s1", "s2", "s3"):
-            data = ["", [], "", 0.7, 1.0, 16, ""]  # an empty message: nothing to generate
+            # an empty message: nothing to generate. The States (the exchanges left out, the key) have their
+            # places in the data too; the session's own values are used
+            data = ["", [], None, "", 0.7, 1.0, 16, ""]
             sent = client.post("/gradio_api/call/chat", json={"data": data, "session_hash": session})
             assert "event: complete" in client.get(f"/gradio_api/call/chat/{sent.json()['event_id']}").text
     assert list(sessions(app).session_data) == ["s2", "s3"]
@@ -340,9 +420,10 @@ def test_browser_chat_streams_stops_regenerates_clears_and_keeps_the_chat(engine
     app = webui.mount(
         fastapi.FastAPI(),
         chat=chat,
+        encode=engine.encode_chat,
+        context_window=engine.context_window,
         model_name="tiny-model",
         default_system="Be brief.",
-        context_window=engine.context_window,
     )
     with serve(app) as url:
         context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
@@ -435,7 +516,9 @@ def test_browser_puts_a_failed_message_back_into_the_box_before_a_draft(browser)
         fail.wait(30)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    app = webui.mount(fastapi.FastAPI(), chat=chat, model_name="tiny-model")
+    app = webui.mount(
+        fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="tiny-model"
+    )
     with serve(app) as url:
         page = browser.new_page()
         page.goto(url)
@@ -474,7 +557,14 @@ def test_browser_puts_a_failed_message_back_into_the_box_before_a_draft(browser)
 @needs_chromium
 def test_browser_asks_for_the_api_key_first(engine, browser):
     chat = RecordingChat(engine)
-    app = webui.mount(fastapi.FastAPI(), chat=chat, model_name="tiny-model", api_keys={"k-one", "k-two"})
+    app = webui.mount(
+        fastapi.FastAPI(),
+        chat=chat,
+        encode=engine.encode_chat,
+        context_window=engine.context_window,
+        model_name="tiny-model",
+        api_keys={"k-one", "k-two"},
+    )
     with serve(app) as url:
         page = browser.new_page()
         page.goto(url)

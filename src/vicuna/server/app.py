@@ -990,9 +990,10 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
     mount(
         app,
         chat=chat,
+        encode=engine.encode_chat,
+        context_window=server.batcher.context_window,
         model_name=server.model_name,
         api_keys=set(server.api_keys) or None,
-        context_window=server.batcher.context_window,
     )
 
 

@@ -22,23 +22,25 @@ if TYPE_CHECKING:
     import fastapi
 
 ChatFn = Callable[[list[Message], SamplingParams, threading.Event], Iterator[Event]]
+EncodeFn = Callable[[list[Message]], list[int]]
 
 
 def mount(
     app: fastapi.FastAPI,
     *,
     chat: ChatFn,
+    encode: EncodeFn,
+    context_window: int,
     model_name: str,
     api_keys: set[str] | None = None,
     default_system: str = "",
-    context_window: int | None = None,
 ) -> fastapi.FastAPI:
     """Mount the chat page at `/` of `app` and return `app`. Add the app's own routes first: a mount
     at `/` answers every path that no earlier route took. `chat(messages, params, cancel)` streams a
-    reply and ends it with "cancelled" soon after `cancel` is set; it raises ContextTooLongError when
-    called (before any event) if the prompt and max new tokens do not fit, and the page then leaves out
-    the oldest exchanges, or asks for what fits. `default_system` fills the system prompt box (empty: the model template's own system
-    prompt is used). `context_window` (the model's, in tokens) is the max-tokens slider's end."""
+    reply and ends it with "cancelled" soon after `cancel` is set. `encode(messages)` is the prompt's
+    token ids, by which the page leaves out the oldest exchanges that do not fit `context_window` (the
+    model's, in tokens; also the max-tokens slider's end), or asks for what fits. `default_system` fills
+    the system prompt box (empty: the model template's own system prompt is used)."""
     import gradio as gr
     from fastapi.responses import PlainTextResponse
 
@@ -56,6 +58,7 @@ def mount(
 
     demo = build(
         chat,
+        encode,
         model_name=model_name,
         api_keys=api_keys,
         default_system=default_system,

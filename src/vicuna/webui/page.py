@@ -13,16 +13,18 @@ import gradio as gr
 import torch
 
 from vicuna.config import SamplingParams
-from vicuna.conversation import Message
+from vicuna.conversation import Message, fit_history
 from vicuna.engine.events import Event, Finished, TextChunk
-from vicuna.errors import ContextTooLongError, VicunaError
-from vicuna.webui import ChatFn
+from vicuna.errors import VicunaError
+from vicuna.webui import ChatFn, EncodeFn
 
 Turn = tuple[str, str, str]  # (user message, reply, the reply's stats line)
+# A browser session's oldest exchanges its last prompt left out, and a hash of their text: the next
+# prompt leaves them out too (`fit_history`), where the conversation still begins with them.
+LeftOut = tuple[int, int]
 
 TEMPERATURE = (0.0, 2.0)  # the sliders' ranges; a value outside them is refused
 TOP_P = (0.01, 1.0)
-MAX_TOKENS_LIMIT = 8192  # the max-tokens slider's end when the model's context window is not known
 WRITING = (
     "Writing the reply… **Stop** ends it. What you type meanwhile waits in the box: press Enter when "
     "the reply is done."
@@ -32,9 +34,10 @@ OUT_OF_MEMORY = (
     "or with a shorter conversation (Clear)."
 )
 # Gradio keeps each browser session's state on the server (a copy of the page's settings, the last values
-# shown, the API key entered) until the session is one of more than this many, the oldest used first; by
-# default 10,000, and each one-turn chat's session took some 70 KB. The conversation itself is kept in the
-# browser, so a session dropped loses only the key entered (the page asks for it again after a reload).
+# shown, the API key entered, the exchanges left out of the prompt) until the session is one of more than
+# this many, the oldest used first; by default 10,000, and each one-turn chat's session took some 70 KB.
+# The conversation itself is kept in the browser, so a session dropped loses only the key entered (the
+# page asks for it again after a reload) and the count of exchanges left out (found again).
 # 500 is several times the replies a server runs and queues at once (16 rows and 64 waiting by default)
 # and bounds this state to some 35 MB.
 SESSION_CAPACITY = 500
@@ -99,6 +102,19 @@ def sampling_params(
     return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=round(max_tokens))
 
 
+def left_out_of(turns: list[Turn], count: int) -> LeftOut:
+    """The session's state after a prompt that left out the `count` oldest of `turns`."""
+    return count, hash(tuple((user, reply) for user, reply, _ in turns[:count]))
+
+
+def still_left_out(turns: list[Turn], left_out: LeftOut | None) -> int:
+    """How many exchanges the next prompt is to leave out from the start: as many as the last, where the
+    conversation begins as it did (after Regenerate, or a message sent), else none: it was cleared, or it
+    is another one, e.g. the one kept in the browser shown again after a reload."""
+    count = left_out[0] if left_out else 0
+    return count if count < len(turns) and left_out_of(turns, count) == left_out else 0
+
+
 def user_error(message: str) -> gr.Error:
     """The error shown to the user, and one line in the server log instead of Gradio's traceback."""
     log.info("refused: %s", message)
@@ -112,14 +128,14 @@ class WebChat:
     the conversation and the Send and Regenerate buttons (disabled while the reply is written). The
     textbox is cleared once, when its message is taken, and then left alone: the user may be typing the
     next message. A message that fails is put back in the box by the page itself (`PUT_BACK`), before
-    what the box holds by then, which the server does not know."""
+    what the box holds by then, which the server does not know. They also yield the session's
+    `LeftOut`, after the conversation."""
 
     def __init__(
-        self, chat: ChatFn, api_keys: set[str] | None, max_tokens_limit: int = MAX_TOKENS_LIMIT
+        self, chat: ChatFn, encode: EncodeFn, context_window: int, api_keys: set[str] | None = None
     ) -> None:
-        self.chat = chat
+        self.chat, self.encode, self.context_window = chat, encode, context_window
         self.api_keys = api_keys
-        self.max_tokens_limit = max_tokens_limit
         self.running: dict[str, threading.Event] = {}  # session -> the cancel flag of its generation
 
     def key_ok(self, key: str) -> bool:
@@ -142,6 +158,7 @@ class WebChat:
         self,
         text: str,
         turns: list[Turn],
+        left_out: LeftOut | None,
         system: str,
         temperature: float,
         top_p: float,
@@ -152,14 +169,15 @@ class WebChat:
         """Send the textbox's message and stream the reply."""
         self._check_key(key)
         if not text.strip():
-            yield (gr.skip(),) * 7
+            yield (gr.skip(),) * 8
             return
         params = self._params(temperature, top_p, max_tokens)
-        yield from self._stream(text, turns, [*turns, (text, "", "")], system, params, request)
+        yield from self._stream(text, turns, [*turns, (text, "", "")], left_out, system, params, request)
 
     def regenerate(
         self,
         turns: list[Turn],
+        left_out: LeftOut | None,
         system: str,
         temperature: float,
         top_p: float,
@@ -170,11 +188,11 @@ class WebChat:
         """Answer the last user message again (the textbox, maybe holding a draft, is left alone)."""
         self._check_key(key)
         if not turns:
-            yield [], "", [], gr.skip(), gr.skip()
+            yield [], "", [], gr.skip(), gr.skip(), gr.skip()
             return
         params = self._params(temperature, top_p, max_tokens)
         redo = [*turns[:-1], (turns[-1][0], "", "")]
-        for _, _, *outputs in self._stream("", turns, redo, system, params, request):
+        for _, _, *outputs in self._stream("", turns, redo, left_out, system, params, request):
             yield tuple(outputs)
 
     def stop(self, request: gr.Request) -> None:
@@ -193,40 +211,37 @@ class WebChat:
 
     def _params(self, temperature: float, top_p: float, max_tokens: float) -> SamplingParams:
         try:
-            return sampling_params(temperature, top_p, max_tokens, self.max_tokens_limit)
+            return sampling_params(temperature, top_p, max_tokens, self.context_window)
         except VicunaError as err:
             raise user_error(str(err)) from None
 
     def _open(
-        self, messages: list[Message], params: SamplingParams, cancel: threading.Event
+        self, messages: list[Message], params: SamplingParams, cancel: threading.Event, left_out: int
     ) -> tuple[Iterator[Event], bool, int]:
-        """Start the reply. The oldest exchanges (never the system prompt) are left out until the prompt
-        leaves max new tokens of room in the context window, as the terminal chat does; where the last
-        message alone leaves less, the reply gets what is left (True: so cut); a message that fills the
-        window is refused. Also answers how many exchanges were left out."""
-        first = 1 if messages[0].role == "system" else 0
-        cut, dropped = False, 0
-        while True:
-            try:
-                return self.chat(messages, params, cancel), cut, dropped
-            except ContextTooLongError as err:
-                if len(messages) - first > 1:
-                    messages = [*messages[:first], *messages[first + 2 :]]
-                    dropped += 1
-                    continue
-                room = err.context_window - err.prompt_tokens
-                if room < 1:
-                    raise VicunaError(
-                        f"The message has {err.prompt_tokens} tokens in the prompt, but the model's context "
-                        f"window is {err.context_window} tokens: shorten it."
-                    ) from None
-                params, cut = replace(params, max_new_tokens=room), True
+        """Start the reply to the prompt `fit_history` makes, as the terminal chat does: the oldest
+        exchanges (never the system prompt) left out, `left_out` or more, for the prompt to leave max new
+        tokens of room in the context window; where the last message alone leaves less, the reply gets
+        what is left (True: so cut); a message that fills the window is refused. Also answers how many
+        exchanges were left out."""
+        prompt, left_out, room = fit_history(
+            self.encode, self.context_window, messages, params.max_new_tokens, left_out
+        )
+        if room < 1:
+            raise VicunaError(
+                f"The message has {self.context_window - room} tokens in the prompt, but the model's "
+                f"context window is {self.context_window} tokens: shorten it."
+            )
+        cut = room < params.max_new_tokens
+        if cut:
+            params = replace(params, max_new_tokens=room)
+        return self.chat(prompt, params, cancel), cut, left_out
 
     def _stream(
         self,
         text: str,
         before: list[Turn],
         turns: list[Turn],
+        left_out: LeftOut | None,
         system: str,
         params: SamplingParams,
         request: gr.Request,
@@ -243,14 +258,14 @@ class WebChat:
         messages.append(Message("user", user))
         reply, same, busy = "", gr.skip(), gr.update(interactive=False)
         try:
-            yield "", same, to_chatbot(turns), WRITING, turns, busy, busy
-            events, cut, dropped = self._open(messages, params, cancel)
+            yield "", same, to_chatbot(turns), WRITING, turns, same, busy, busy
+            events, cut, dropped = self._open(messages, params, cancel, still_left_out(turns, left_out))
             for event in events:
                 if isinstance(event, TextChunk):
                     if event.text:
                         reply += event.text
                         turns = [*turns[:-1], (user, reply, "")]
-                        yield same, same, to_chatbot(turns), same, turns, same, same
+                        yield same, same, to_chatbot(turns), same, turns, same, same, same
                 elif isinstance(event, Finished):
                     turns = [*turns[:-1], (user, reply, stats_line(event, cut, dropped))]
                     log.info(  # as the API's line for each request (vicuna.server), without the text
@@ -276,27 +291,28 @@ class WebChat:
             cancel.set()  # also when the page goes away mid-reply and Gradio closes this generator
             if self.running.get(session) is cancel:
                 del self.running[session]
-        yield self._put_back(turns)
+        yield self._put_back(turns, left_out=left_out_of(turns, dropped))
 
     @staticmethod
-    def _put_back(turns: list[Turn], unsent: Any = gr.skip()) -> tuple[Any, ...]:
+    def _put_back(turns: list[Turn], unsent: Any = gr.skip(), left_out: Any = gr.skip()) -> tuple[Any, ...]:
         """The page showing `turns`, with Send and Regenerate ready again and the box as the user left it;
-        `unsent`: the message that failed, for the page to put back in the box (before a draft there)."""
+        `unsent`: the message that failed, for the page to put back in the box (before a draft there);
+        `left_out`: the session's `LeftOut` after a reply."""
         ready = gr.update(interactive=True)
-        return gr.skip(), unsent, to_chatbot(turns), last_stats(turns), turns, ready, ready
+        return gr.skip(), unsent, to_chatbot(turns), last_stats(turns), turns, left_out, ready, ready
 
 
 def build(
     chat: ChatFn,
+    encode: EncodeFn,
     *,
     model_name: str,
+    context_window: int,
     api_keys: set[str] | None = None,
     default_system: str = "",
-    context_window: int | None = None,
 ) -> gr.Blocks:
-    """The Gradio page, not yet mounted. `context_window` (tokens) is the max-tokens slider's end."""
-    max_tokens_limit = context_window or MAX_TOKENS_LIMIT
-    ui = WebChat(chat, api_keys, max_tokens_limit)
+    """The Gradio page, not yet mounted. `context_window` (tokens) is also the max-tokens slider's end."""
+    ui = WebChat(chat, encode, context_window, api_keys)
     with gr.Blocks(title=f"{model_name} · vicuna", analytics_enabled=False) as demo:
         demo.state_session_capacity = SESSION_CAPACITY  # not a parameter of Blocks nor of its mounting
         key = gr.State("")
@@ -304,6 +320,7 @@ def build(
         # it. A fixed secret: Gradio's random one changes with each start, losing what was kept; and the
         # page carries the secret to the browser anyway, so it never hid anything.
         turns = gr.BrowserState([], storage_key="vicuna-conversation", secret="vicuna-conversation")
+        left_out = gr.State(None)  # LeftOut, on the server: the page starts each session with none
         gr.Markdown(f"## {model_name}")
         with gr.Column(visible=api_keys is not None) as login_box:
             key_box = gr.Textbox(
@@ -349,8 +366,8 @@ def build(
                 top_p = gr.Slider(*TOP_P, value=1.0, step=0.01, label="Top-p", elem_id="top-p")
                 max_tokens = gr.Slider(
                     1,
-                    max_tokens_limit,
-                    value=min(512, max_tokens_limit),
+                    context_window,
+                    value=min(512, context_window),
                     step=1,
                     label="Max new tokens",
                     info="Lowered, when need be, to the room the context window leaves.",
@@ -365,16 +382,16 @@ def build(
         sending = gr.on(
             [textbox.submit, send.click],
             ui.respond,
-            [textbox, turns, *settings],
-            [textbox, unsent, chatbot, status, turns, *busy],
+            [textbox, turns, left_out, *settings],
+            [textbox, unsent, chatbot, status, turns, left_out, *busy],
             concurrency_limit=None,
             api_name="chat",
         )
         sending.failure(None, [unsent, textbox], [textbox, unsent], js=PUT_BACK, api_visibility="private")
         again = regenerate.click(
             ui.regenerate,
-            [turns, *settings],
-            [chatbot, status, turns, *busy],
+            [turns, left_out, *settings],
+            [chatbot, status, turns, left_out, *busy],
             concurrency_limit=None,
             api_name="regenerate",
         )
