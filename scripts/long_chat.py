@@ -1,5 +1,5 @@
 """Time to first token of each turn of a terminal chat that has outgrown the context window: the built-in
-model on the CPU, its window capped at 2,048 tokens, 26 messages of ~130 tokens with 32-token greedy
+model on the CPU, its window capped at 2,048 tokens, 26 messages of ~115 tokens with 32-token greedy
 replies, through `vicuna.chat.run_chat`. Once exchanges must be left out of the prompt, `fit_history`
 keeps out those the last prompt left out (sticky), with slack, so each prompt begins as the last one did
 and the engine computes only the new exchange. The baseline, alternated with it in the same run, forgets
