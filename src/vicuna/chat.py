@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from itertools import pairwise
@@ -27,6 +29,7 @@ from vicuna.textfile import read_json
 
 HISTORY_FILE = "chat_history"  # in $VICUNA_HOME: the messages typed, for the up arrow
 HISTORY_LINES = 1000
+CODE_ROWS_EVERY_S = 0.25  # `--style rich`: how often an open code block's rows past the screen are printed
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
 HELP = "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply."
 PASTED = "Lines pasted at once are one message."  # where readline takes pastes whole (bracketed paste)
@@ -185,8 +188,11 @@ class TerminalIO:
         # Live redraws only what fits on the screen (a longer reply stops at "..." until it ends), so the
         # blocks that are done are printed for good above it and Live redraws the block still streaming;
         # of a code block taller than the screen, the rows that go past its top are printed for good too
+        # (a render of the whole block, every CODE_ROWS_EVERY_S at most: rendering a 150-line block takes
+        # ~40 ms, which a reply waits for, and a long block's rows would otherwise be rendered per line)
         console, text, done = self.console, "", None
         printed, shown = 0, 0  # text[:printed] is printed for good, and the first `shown` rows of the rest
+        rendered = -math.inf  # when the open code block's rows were last rendered
         with Live(console=console, refresh_per_second=8) as live:
             for event in events:
                 if not isinstance(event, TextChunk):
@@ -197,7 +203,9 @@ class TerminalIO:
                 if end > printed:  # and a blank line after it
                     out = [*markdown_rows(console, text[printed:end])[shown:], []]
                     printed, shown = end, 0
-                if "\n" in event.text and in_code_block(text[printed:]):  # its rows do not reflow
+                due = time.monotonic() - rendered >= CODE_ROWS_EVERY_S
+                if due and "\n" in event.text and in_code_block(text[printed:]):  # its rows do not reflow
+                    rendered = time.monotonic()
                     rows = markdown_rows(console, text[printed:])
                     overflow = rows[shown : len(rows) - max(1, console.height - 1)]  # past Live's room
                     out, shown = out + overflow, shown + len(overflow)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vicuna import chat as chat_module
 from vicuna.chat import END_MARK, HELP, TerminalIO, finished_blocks, run_chat
 from vicuna.cli import main as cli
 from vicuna.config import ModelSettings, SamplingParams
@@ -367,12 +368,13 @@ def screen_after(output: str) -> list[str]:
     return [line.rstrip() for line in lines]
 
 
-def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams():
+def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams(monkeypatch):
     """Live crops what is taller than the screen: the rows of an open code block that go past its top are
     printed for good, and the block ends up drawn as a whole, row for row."""
     from rich.console import Console
     from rich.markdown import Markdown
 
+    monkeypatch.setattr(chat_module, "CODE_ROWS_EVERY_S", 0)  # at each line: the lines come at once here
     screen = io_module.StringIO()
     terminal = TerminalIO("rich", multiline=False, interactive=True)
     terminal.console = Console(file=screen, force_terminal=True, color_system=None, width=40, height=10)
@@ -395,6 +397,22 @@ def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams():
     start = shown.index(block[1])  # the first row is the block's blank top padding
     assert shown[start - 1 : start - 1 + len(block)] == block
     assert shown.count(block[1]) == 1 and [line for line in shown if line][-1] == "Done."
+
+
+def test_rich_renders_an_open_code_block_at_most_every_quarter_second(monkeypatch):
+    """Each render of a whole code block holds the reply up (~40 ms for 150 lines): lines that come faster
+    than CODE_ROWS_EVERY_S are not each rendered again."""
+    from rich.console import Console
+
+    renders = []
+    render = chat_module.markdown_rows
+    monkeypatch.setattr(chat_module, "markdown_rows", lambda *a: renders.append(a) or render(*a))
+    terminal = TerminalIO("rich", multiline=False, interactive=True)
+    terminal.console = Console(file=io_module.StringIO(), force_terminal=True, width=40, height=10)
+    reply = "```\n" + "".join(f"row {i}\n" for i in range(100)) + "```\n"
+    chunks = [TextChunk(line, (1,)) for line in reply.splitlines(keepends=True)]
+    assert terminal.show_reply(iter([*chunks, Finished("stop", 1, 1, 0.1, 10.0, 0.2)]))[0] == reply
+    assert len(renders) < 10  # not one per line (a line comes every microsecond or so)
 
 
 def test_a_markdown_block_is_done_at_a_blank_line_outside_code_and_lists():
