@@ -301,6 +301,28 @@ def test_writer_finishes_a_job_interrupted_while_hashing(tmp_path, monkeypatch):
     assert not list(out.glob(".*"))  # no plan, no leftovers
 
 
+def test_a_resumed_job_removes_the_file_safetensors_was_writing_when_killed(tmp_path, monkeypatch):
+    """safetensors writes a shard to a `.tmpXXXXXX` file beside it and renames it when done: killed in between
+    (SIGKILL, a power cut), that file stays in the staging folder, and was carried into the finished folder."""
+    import safetensors.torch
+
+    state, real_save = random_state(UNIFORM_SHAPES), safetensors.torch.save_file
+
+    def killed_on_the_second_shard(tensors, filename, metadata=None):
+        if "00002" not in filename:
+            return real_save(tensors, filename, metadata=metadata)
+        (Path(filename).parent / ".tmpQx7Zp2").write_bytes(b"half a shard")  # what safetensors 0.8 leaves
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_on_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "out", state)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    out = _write(tmp_path / "out", state)
+    assert sorted(p.name for p in out.glob(".*")) == []
+    assert verify_manifest(out, progress=False) == []
+
+
 def test_a_second_job_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
     state = random_state(UNIFORM_SHAPES)
     second = []

@@ -322,8 +322,12 @@ def _prepare_staging(out: Path, staging: Path, plan_record: dict) -> None:
                 previous = None
             if previous == plan_record:
                 notice(f"resuming the interrupted job in {staging}")
-                for partial in staging.glob(".*.tmp"):  # what the interruption cut short
-                    partial.unlink()
+                # What the interruption cut short: our `.NAME.tmp` files, and the `.tmpXXXXXX` file that
+                # safetensors writes a shard to before renaming it to ours (a kill leaves it behind). Hidden
+                # files are never listed in the manifest, so one left here would end up in OUT unnoticed.
+                for partial in staging.glob(".*"):
+                    if partial.name != PLAN_NAME and partial.is_file():
+                        partial.unlink()
                 return
             notice(f"{staging} holds an interrupted job with other inputs; starting over")
             shutil.rmtree(staging)
