@@ -393,10 +393,11 @@ def write_checkpoint(
         # of the GIL) while the next shard is made, and while its pages are still in the page cache: hashed
         # at the end, the first shards of a model larger than RAM would be read back from disk.
         hashing, digests = ThreadPoolExecutor(max_workers=1), {}
-        with hashing, progress_bar(description, total, enabled=progress) as advance:
+        # a resumed job's kept shards start the bar as done: counted as made now, they showed a rate of
+        # hundreds of GB/s and a wrong time left
+        with hashing, progress_bar(description, total, enabled=progress, done=total - needed) as advance:
             for file, group in shards.items():
                 if file in done:
-                    advance(sum(spec.nbytes for spec in group))
                     continue
                 tensors = {}
                 for spec in group:

@@ -37,9 +37,10 @@ def transformers_bar(shown: bool) -> Iterator[None]:
 
 @contextmanager
 def progress_bar(
-    description: str, total: int, *, enabled: bool = True, unit: str = "bytes"
+    description: str, total: int, *, enabled: bool = True, unit: str = "bytes", done: int = 0
 ) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields `advance(n)`. With enabled=False nothing is drawn."""
+    """A rich progress bar on stderr; yields `advance(n)`. With enabled=False nothing is drawn. `done`: what
+    an earlier run finished, shown as done but not counted in the rate."""
     if not enabled:
         yield lambda n: None
         return
@@ -65,7 +66,7 @@ def progress_bar(
         console=Console(stderr=True),
         transient=False,
     ) as bar:
-        task = bar.add_task(description, total=total)
+        task = bar.add_task(description, total=total, completed=done)
         yield lambda n: bar.advance(task, n)
 
 
