@@ -317,6 +317,29 @@ def test_each_shard_is_hashed_once_as_it_is_written(tmp_path, monkeypatch):
     assert verify_manifest(out, progress=False) == []
 
 
+def test_a_resumed_job_hashes_the_shards_it_kept_while_it_makes_the_others(tmp_path, monkeypatch):
+    """Kept shards are handed to the manifest hashed, like new ones, not read again after the last shard
+    (a resumed 5.8 GB delta apply with 3 GB kept took 1.37x as long that way)."""
+    state = random_state(UNIFORM_SHAPES)
+
+    def failing(spec):
+        if spec.name == "layer.4.weight":
+            raise KeyboardInterrupt
+        return state[spec.name]
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "out", state, make=failing)
+    given, write_manifest = [], checkpoint.write_manifest
+    monkeypatch.setattr(
+        checkpoint,
+        "write_manifest",
+        lambda folder, **kw: given.append(kw["known"]) or write_manifest(folder, **kw),
+    )
+    out = _write(tmp_path / "out", state)
+    assert sorted(given[0]) == sorted(p.name for p in out.glob("*.safetensors"))  # kept ones included
+    assert verify_manifest(out, progress=False) == []
+
+
 def test_writer_finishes_a_job_interrupted_while_hashing(tmp_path, monkeypatch):
     state = random_state(UNIFORM_SHAPES)
     real_manifest = checkpoint.write_manifest

@@ -397,7 +397,8 @@ def write_checkpoint(
         # hundreds of GB/s and a wrong time left
         with hashing, progress_bar(description, total, enabled=progress, done=total - needed) as advance:
             for file, group in shards.items():
-                if file in done:
+                if file in done:  # kept from the interrupted run: hashed meanwhile, not after the last one
+                    digests[file] = hashing.submit(sha256_of, staging / file)
                     continue
                 tensors = {}
                 for spec in group:
