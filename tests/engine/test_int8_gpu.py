@@ -135,6 +135,19 @@ def test_the_product_refuses_rows_and_sums_of_the_wrong_shape():
         int8_gpu.product(torch.randn(2, 64), weight, scales, into=torch.zeros(2, 16))
 
 
+def test_one_row_refuses_a_split_tile_size_its_buffers_are_not_made_for():
+    """A split tile size of `one_row(config=)` (gpu_profile's sweep) in more parts, or with smaller tiles,
+    than the tuner's: its sums and counts went past the ends of the buffers made for those, into whatever
+    memory lay there. Whole rows use no buffer, at any size."""
+    if int8_gpu.triton is None:
+        pytest.skip("needs Triton")
+    weight, scales = quantize_rows(torch.randn(48, 80))
+    x, out = torch.randn(1, 80), torch.empty(1, 48)
+    for sizes in ((8, 512, 8, 4, 3), (2, 512, 2, 4, 3)):  # 8 parts; tiles of 2 rows, split
+        with pytest.raises(ValueError, match="do not fit the split buffers, made for ONE_ROW_CONFIGS"):
+            int8_gpu.one_row(x, weight, scales, out, config=int8_gpu.tile_config(*sizes))
+
+
 @pytest.mark.parametrize("installed", [True, False])
 def test_doctor_says_how_8bit_multiplies_on_a_gpu(monkeypatch, tiny_llama_dir, capsys, installed):
     import dataclasses

@@ -128,7 +128,8 @@ def one_row(
     config: triton.Config | None = None,
 ) -> torch.Tensor:
     """`_one_row` into `out`; `GATED` and `ADD` as `product`'s `gated` and `into`. With `config`, that
-    tile size instead of the tuner's choice (tests, `scripts/gpu_profile.py`)."""
+    tile size instead of the tuner's choice (tests, `scripts/gpu_profile.py`); a split one no finer, and
+    in no more parts, than `ONE_ROW_CONFIGS` has (`_split_buffers`)."""
     n, k = weight.shape
     sums, counts = _split_buffers(x.device, n)
     args = (x, weight, scales, out, sums, counts, n)
@@ -137,7 +138,13 @@ def one_row(
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
         _one_row[grid](*args, **flags)
     else:
-        grid = (triton.cdiv(n, config.kwargs["BLOCK_N"]), config.kwargs["SPLIT"])
+        block_n, split = config.kwargs["BLOCK_N"], config.kwargs["SPLIT"]
+        grid = (triton.cdiv(n, block_n), split)
+        if split > 1 and (split > sums.shape[0] or grid[0] > counts.numel()):  # past their ends: any memory
+            raise ValueError(
+                f"one_row: tiles of {block_n} rows in {split} parts ({grid[0]} tiles) do not fit the split "
+                f"buffers, made for ONE_ROW_CONFIGS: at most {sums.shape[0]} parts and {counts.numel()} tiles"
+            )
         _one_row.fn[grid](*args, **flags, **config.all_kwargs())
     return out
 
@@ -148,9 +155,9 @@ _split: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
 def _split_buffers(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For `_one_row`'s split tile sizes, per device and number of weight rows: each program's float32
     sums ([most SPLIT, n]) and, per tile of weight rows, how many of its programs are done (int32 zeros;
-    the last program sets its count back to zero). Made on first use, which a decode step's CUDA graph
-    is recorded after, and kept: the products run one after another on the GPU, so weights of the same
-    width share them."""
+    the last program sets its count back to zero), sized for the tuner's tile sizes. Made on first use,
+    which a decode step's CUDA graph is recorded after, and kept: the products run one after another on
+    the GPU, so weights of the same width share them."""
     key = (device, n)
     if key not in _split:
         most = max(c.kwargs["SPLIT"] for c in _one_row.configs)
