@@ -287,6 +287,27 @@ def test_a_resumed_run_keeps_only_the_newest_complete_checkpoints(tiny_llama_dir
     assert (out / "vicuna.json").is_file()
 
 
+def test_a_checkpoint_that_cannot_be_deleted_is_left_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """A file held open in an old checkpoint (a chat with it, on Windows or NFS) made its deletion fail, and
+    the error ended the training run at its next save; the Trainer's pruning left such a folder."""
+    from vicuna.train import trainer
+
+    for step in (1, 2, 3, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    rmtree = shutil.rmtree
+
+    def held_open(path, *args, **kwargs):
+        if Path(path).name == "checkpoint-1":
+            raise PermissionError(13, "The process cannot access the file", str(path))
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.shutil, "rmtree", held_open)
+    trainer.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+    assert f"warning: {tmp_path / 'checkpoint-1'} is left, not deleted" in capsys.readouterr().err
+
+
 def test_a_full_disk_while_a_checkpoint_is_written_is_a_clear_error(
     tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys
 ):

@@ -235,13 +235,18 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
     and all but the newest `limit` complete ones; the newest, which a resume starts from, always stays.
     The Trainer's own pruning runs after each save, so a job killed between the two kept one too many (for
     good when the resume saved none), and it counted incomplete folders as checkpoints, ordered by time,
-    deleting complete ones instead."""
+    deleting complete ones instead. One that cannot be deleted (a file in it held open: on Windows, or on
+    NFS) is left for the next save to try again, as the Trainer left it: a chat with an old checkpoint
+    does not end the training run."""
     found = checkpoints(output_dir)
     kept = [p for p in found if complete(p)]
     kept = kept[-limit:] if limit and limit > 0 else kept
     for folder in found:
         if folder not in kept:
-            shutil.rmtree(folder)
+            try:
+                shutil.rmtree(folder)
+            except OSError as err:
+                print(f"warning: {folder} is left, not deleted: {err}", file=sys.stderr, flush=True)
 
 
 def is_json_file(path: Path) -> bool:
