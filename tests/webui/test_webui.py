@@ -234,7 +234,7 @@ def test_a_reply_is_cut_to_the_context_window_and_an_overflow_reported(engine, c
     steps = ui.respond(long, [], None, "", 0.7, 1.0, 16, "", gr.Request(session_hash="s2"))
     assert next(steps)[0] == ""
     # back as it was, and the buttons enabled again; the message is handed back for the page to put in
-    # the box if it is still empty (the server does not know what the user typed there meanwhile)
+    # the box, before any draft there (the server does not know what the user typed there meanwhile)
     ready = gr.update(interactive=True)
     assert next(steps) == (gr.skip(), long, [], "", [], gr.skip(), ready, ready)
     refused = pytest.raises(gr.Error, match="context window is 256 tokens: shorten it")
