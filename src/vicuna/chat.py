@@ -207,8 +207,10 @@ class TerminalIO:
                 if due and "\n" in event.text and in_code_block(text[printed:]):  # its rows do not reflow
                     rendered = time.monotonic()
                     rows = markdown_rows(console, text[printed:])
-                    overflow = rows[shown : len(rows) - max(1, console.height - 1)]  # past Live's room
-                    out, shown = out + overflow, shown + len(overflow)
+                    # past Live's room: none while the block fits (an end below 0 would count from
+                    # its last row, the line still being written among them)
+                    past = max(shown, len(rows) - max(1, console.height - 1))
+                    out, shown = out + rows[shown:past], past
                 live.update(MarkdownBlock(text[printed:], shown))  # before the print that redraws it
                 if out:
                     live.console.print(Rows(out))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vicuna import chat as chat_module
-from vicuna.chat import END_MARK, HELP, TerminalIO, finished_blocks, run_chat
+from vicuna.chat import END_MARK, HELP, TerminalIO, finished_blocks, run_chat, trimmed
 from vicuna.cli import main as cli
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message, fit_history
@@ -368,9 +368,15 @@ def screen_after(output: str) -> list[str]:
     return [line.rstrip() for line in lines]
 
 
-def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams(monkeypatch):
+@pytest.mark.parametrize("as_the_chat_sends_it", [False, True])
+def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams(as_the_chat_sends_it, monkeypatch):
     """Live crops what is taller than the screen: the rows of an open code block that go past its top are
-    printed for good, and the block ends up drawn as a whole, row for row."""
+    printed for good, and the block ends up drawn as a whole, row for row. The chat sends a reply a token
+    or so at a time through `trimmed`, so a newline comes with the first token of the next line: when the
+    block was two rows shorter than the screen, that line was printed for good as far as it had come, and
+    its rest never shown."""
+    import re
+
     from rich.console import Console
     from rich.markdown import Markdown
 
@@ -383,13 +389,15 @@ def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams(monkeypatc
     seen_before_the_close = []
 
     def events():
-        for piece in reply.splitlines(keepends=True):
-            if piece == "```\n":
+        pieces = re.findall(r"\n|[^\S\n]*\S+", reply) if as_the_chat_sends_it else reply.splitlines(True)
+        for piece in pieces:
+            if piece.startswith("```") and piece.strip() == "```":
                 seen_before_the_close.append(screen.getvalue())
             yield TextChunk(piece, (1,))
         yield Finished("stop", 1, 1, 0.1, 10.0, 0.2)
 
-    assert terminal.show_reply(events())[0] == reply
+    sent = trimmed(events()) if as_the_chat_sends_it else events()
+    assert terminal.show_reply(sent)[0] == reply
     assert "x_20 = 20" in seen_before_the_close[0]  # the last screenful waits for a redraw
     block = Console(width=40, color_system=None).render_lines(Markdown(code), pad=False)
     block = ["".join(segment.text for segment in row).rstrip() for row in block]
