@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--save-steps", type=int, default=500, help="save a checkpoint every N steps (default 500)"
     )
-    g.add_argument("--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2)")
+    g.add_argument(
+        "--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2; 0 or less: all)"
+    )
     g.add_argument("--logging-steps", type=int, default=10, help="print loss, lr and tokens/s every N steps")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--force", action="store_true", help="train on a GPU below compute capability 7.5 anyway")

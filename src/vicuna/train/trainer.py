@@ -232,7 +232,8 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
     """Delete the checkpoints that are not complete (what a job killed while it wrote or deleted one left)
-    and all but the newest `limit` complete ones; the newest, which a resume starts from, always stays.
+    and all but the newest `limit` complete ones (None, 0 or less: none of those, as the Trainer took it);
+    the newest, which a resume starts from, always stays.
     The Trainer's own pruning runs after each save, so a job killed between the two kept one too many (for
     good when the resume saved none), and it counted incomplete folders as checkpoints, ordered by time,
     deleting complete ones instead. One that cannot be deleted (a file in it held open: on Windows, or on
