@@ -362,6 +362,43 @@ def test_writer_finishes_a_job_interrupted_while_hashing(tmp_path, monkeypatch):
     assert not list(out.glob(".*"))  # no plan, no leftovers
 
 
+def test_a_job_killed_as_it_renamed_its_folder_is_finished_only_by_a_job_of_the_same_inputs(
+    tmp_path, monkeypatch
+):
+    """Killed after its manifest, before `OUT.partial` became `OUT`: a re-run of the same job renames it
+    without making anything again, and a job with other inputs (another --base) does not take it for its
+    own, which it did while the plan was removed before the rename."""
+    import os
+
+    state, rename = random_state(UNIFORM_SHAPES), os.replace
+
+    def killed_at_the_rename(src, dst):
+        if Path(dst).name in ("out", "again"):
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    for out in (tmp_path / "out", tmp_path / "again"):
+        monkeypatch.setattr(os, "replace", killed_at_the_rename)
+        with pytest.raises(KeyboardInterrupt):
+            _write(out, state)
+        monkeypatch.setattr(os, "replace", rename)
+        assert (out.with_name(out.name + ".partial") / MANIFEST_NAME).is_file() and not out.exists()
+
+    made = []
+    _write(tmp_path / "out", state, make=lambda spec: made.append(spec.name) or state[spec.name])
+    assert made == [] and verify_manifest(tmp_path / "out", progress=False) == []
+    assert not list((tmp_path / "out").glob(".*"))  # its plan removed once renamed
+    other = {name: t + 1 for name, t in state.items()}
+    _write(
+        tmp_path / "again",
+        other,
+        make=lambda spec: made.append(spec.name) or other[spec.name],
+        fingerprint="new",
+    )
+    assert made == list(state)  # made again, from the new inputs
+    assert torch.equal(CheckpointReader(tmp_path / "again").get("layer.0.weight"), other["layer.0.weight"])
+
+
 def test_a_resumed_job_removes_the_file_safetensors_was_writing_when_killed(tmp_path, monkeypatch):
     """safetensors writes a shard to a `.tmpXXXXXX` file beside it and renames it when done: killed in between
     (SIGKILL, a power cut), that file stays in the staging folder, and was carried into the finished folder."""

@@ -311,16 +311,20 @@ def _shard_complete(path: Path, specs: list[TensorSpec]) -> bool:
         return False
 
 
+def _planned(staging: Path, plan_record: dict) -> bool:
+    """Whether `staging` holds a job of `plan_record` (the same inputs, shards and tensors)."""
+    try:
+        return json.loads((staging / PLAN_NAME).read_text(encoding="utf-8")) == plan_record
+    except (OSError, ValueError):
+        return False
+
+
 def _prepare_staging(out: Path, staging: Path, plan_record: dict) -> None:
     """Create `staging`, or keep it when it holds an interrupted run of the same job."""
     marker = staging / PLAN_NAME
     if staging.exists():
         if marker.is_file():
-            try:
-                previous = json.loads(marker.read_text(encoding="utf-8"))
-            except ValueError:
-                previous = None
-            if previous == plan_record:
+            if _planned(staging, plan_record):
                 notice(f"resuming the interrupted job in {staging}")
                 # What the interruption cut short: our `.NAME.tmp` files, and the `.tmpXXXXXX` file that
                 # safetensors writes a shard to before renaming it to ours (a kill leaves it behind). Hidden
@@ -366,9 +370,6 @@ def write_checkpoint(
                     "make it again, delete it or choose another output folder"
                 )
             raise VicunaError(f"{out} already exists; delete it or choose another output folder")
-        if staging.is_dir() and not (staging / PLAN_NAME).exists() and (staging / MANIFEST_NAME).is_file():
-            os.replace(staging, out)  # interrupted between its last two steps
-            return out
         shards = plan_shards(specs, max_shard_bytes)
         plan_record = {
             "fingerprint": fingerprint,
@@ -376,6 +377,8 @@ def write_checkpoint(
                 file: [[s.name, list(s.shape), str(s.dtype)] for s in group] for file, group in shards.items()
             },
         }
+        if (staging / MANIFEST_NAME).is_file() and _planned(staging, plan_record):
+            return _finish(staging, out)  # interrupted as it was renamed: done, from these inputs
         _prepare_staging(out, staging, plan_record)
         extras(staging)
         done = {
@@ -425,6 +428,12 @@ def write_checkpoint(
         (staging / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         # hidden files (the plan among them) are not listed
         write_manifest(staging, progress=progress, known={file: d.result() for file, d in digests.items()})
-        (staging / PLAN_NAME).unlink()
-        os.replace(staging, out)
-        return out
+        return _finish(staging, out)
+
+
+def _finish(staging: Path, out: Path) -> Path:
+    """Rename the finished `staging` to `out`, and only then remove its plan: until the rename the plan
+    says which inputs the folder was made from, so that a job with other inputs cannot take it for its own."""
+    os.replace(staging, out)
+    (out / PLAN_NAME).unlink(missing_ok=True)
+    return out
