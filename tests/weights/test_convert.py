@@ -454,3 +454,38 @@ def test_files_download_llama_verified_are_not_hashed_again(tmp_path, monkeypatc
     os.utime(meta / "consolidated.01.pth", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # written since
     convert_meta(meta, tmp_path / "b", progress=False)
     assert hashed == ["consolidated.01.pth"]
+
+
+def test_a_rerun_does_not_hash_the_files_an_earlier_run_verified(tmp_path, monkeypatch):
+    """Meta's own download script leaves no record of its md5 check: the first convert hashes the files, and
+    a rerun (after an interruption, or for another dtype) goes straight to work unless a file changed."""
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB), 2)
+    write_checklist(meta)
+    hashed = []
+    real_md5_of = meta_download.md5_of
+    monkeypatch.setattr(
+        meta_download, "md5_of", lambda path, advance: hashed.append(path.name) or real_md5_of(path)
+    )
+
+    convert_meta(meta, tmp_path / "a", progress=False)
+    assert sorted(hashed) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    hashed.clear()
+    convert_meta(meta, tmp_path / "b", dtype="bfloat16", progress=False)
+    assert hashed == []
+
+    data = bytearray((meta / "consolidated.00.pth").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damaged since: its mtime changed, so it is hashed and refused
+    (meta / "consolidated.00.pth").write_bytes(bytes(data))
+    with pytest.raises(VicunaError, match=r"consolidated\.00\.pth has md5 \w{32}: not the md5"):
+        convert_meta(meta, tmp_path / "c", progress=False)
+    assert hashed == ["consolidated.00.pth"]
+
+    def read_only(path, md5):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    data[len(data) // 2] ^= 0xFF
+    (meta / "consolidated.00.pth").write_bytes(bytes(data))
+    monkeypatch.setattr(meta_download, "mark_verified", read_only)  # a META_DIR it cannot write to
+    convert_meta(meta, tmp_path / "c", progress=False)
+    assert (tmp_path / "c" / "model.safetensors.index.json").is_file()

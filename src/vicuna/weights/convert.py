@@ -4,6 +4,7 @@ LlamaForCausalLM folder, streamed one tensor at a time from memory-mapped shards
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -121,9 +122,11 @@ def _to_half_split(weight, n_heads: int):
 
 def _check_checklist(meta_dir: Path, paths: list[Path], *, progress: bool) -> None:
     """Check `paths` against the md5 sums of Meta's checklist.chk in `meta_dir`, when there is one. Files that
-    download-llama verified and that have not changed since are not hashed again."""
+    download-llama or an earlier convert verified and that have not changed since are not hashed again: a
+    rerun after an interruption would otherwise read the whole checkpoint again (26 GB for 13B) before
+    resuming."""
     from vicuna.weights.manifest import progress_bar
-    from vicuna.weights.meta_download import md5_of, parse_checklist, verified_md5s
+    from vicuna.weights.meta_download import mark_verified, md5_of, parse_checklist, verified_md5s
 
     checklist = meta_dir / "checklist.chk"
     if not checklist.is_file():
@@ -150,6 +153,9 @@ def _check_checklist(meta_dir: Path, paths: list[Path], *, progress: bool) -> No
             f"{'; '.join(wrong)}: not the md5 {checklist} lists, so the file is damaged or incomplete; "
             "download it again"
         )
+    for name, md5 in found.items():
+        with contextlib.suppress(OSError):  # a read-only META_DIR: checked again next time
+            mark_verified(meta_dir / name, md5)
 
 
 def _shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -147,8 +147,8 @@ def mark_verified(path: Path, md5: str) -> None:
 
 
 def verified_md5s(folder: Path) -> dict[str, str]:
-    """{file name: md5} of the files of `folder` that download-llama verified and that have kept the size and
-    mtime they had then: a later writer would have changed the mtime."""
+    """{file name: md5} of the files of `folder` that download-llama or convert verified and that have kept
+    the size and mtime they had then: a later writer would have changed the mtime."""
     verified = {}
     for name, entry in _read_marker(Path(folder) / VERIFIED_NAME).items():
         path = Path(folder) / name
