@@ -489,3 +489,27 @@ def test_a_rerun_does_not_hash_the_files_an_earlier_run_verified(tmp_path, monke
     monkeypatch.setattr(meta_download, "mark_verified", read_only)  # a META_DIR it cannot write to
     convert_meta(meta, tmp_path / "c", progress=False)
     assert (tmp_path / "c" / "model.safetensors.index.json").is_file()
+
+
+def test_the_files_that_match_are_recorded_when_another_is_refused(tmp_path, monkeypatch):
+    """A damaged file is fetched again and convert run again: only that file is hashed then, not every
+    file of the checkpoint (130 GB for 65B) a second time."""
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB), 2)
+    write_checklist(meta)
+    shard = meta / "consolidated.01.pth"
+    good = shard.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(VicunaError, match=r"consolidated\.01\.pth has md5 \w{32}: not the md5"):
+        convert_meta(meta, tmp_path / "out", progress=False)
+
+    hashed = []
+    real_md5_of = meta_download.md5_of
+    monkeypatch.setattr(
+        meta_download, "md5_of", lambda path, advance: hashed.append(path.name) or real_md5_of(path)
+    )
+    shard.write_bytes(good)  # fetched again
+    convert_meta(meta, tmp_path / "out", progress=False)
+    assert hashed == ["consolidated.01.pth"]

@@ -147,15 +147,16 @@ def _check_checklist(meta_dir: Path, paths: list[Path], *, progress: bool) -> No
     total = sum(path.stat().st_size for path in todo)
     with progress_bar(f"md5 {meta_dir.name}", total, enabled=progress and bool(todo)) as advance:
         found = {path.name: md5_of(path, advance) for path in todo}
+    for name, md5 in found.items():
+        if md5 == sums[name]:  # also when another file is refused: the rerun after it is fetched again
+            with contextlib.suppress(OSError):  # a read-only META_DIR: checked again next time
+                mark_verified(meta_dir / name, md5)
     wrong = [f"{meta_dir / name} has md5 {md5}" for name, md5 in found.items() if md5 != sums[name]]
     if wrong:
         raise VicunaError(
             f"{'; '.join(wrong)}: not the md5 {checklist} lists, so the file is damaged or incomplete; "
             "download it again"
         )
-    for name, md5 in found.items():
-        with contextlib.suppress(OSError):  # a read-only META_DIR: checked again next time
-            mark_verified(meta_dir / name, md5)
 
 
 def _shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
