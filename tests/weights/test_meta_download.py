@@ -355,3 +355,27 @@ def test_error_page_instead_of_a_checklist_is_not_kept(server, tmp_path, capsys)
     assert run(server, tmp_path / "llama") == 2
     assert "the server's 7B/checklist.chk has no md5 for consolidated.00.pth" in capsys.readouterr().err
     assert not list((tmp_path / "llama" / "7B").iterdir())
+
+
+def test_two_processes_noting_verified_files_at_once_do_not_take_each_other_s_file(tmp_path, monkeypatch):
+    """download-llama and convert both note md5 checks in `.vicuna-md5.json`: written through one shared
+    temporary name, the second process renamed the first's file away and the first's rename failed
+    (FileNotFoundError: a traceback from download-llama)."""
+    from vicuna.weights import meta_download
+
+    for name in ("a.pth", "b.pth"):
+        (tmp_path / name).write_bytes(name.encode())
+    real_replace, real_getpid, meanwhile = os.replace, os.getpid, []
+
+    def another_process_notes_b_meanwhile(src, dst):
+        if not meanwhile:
+            meanwhile.append(True)
+            monkeypatch.setattr(os, "getpid", lambda: real_getpid() + 1)
+            meta_download.mark_verified(tmp_path / "b.pth", "b" * 32)
+            monkeypatch.setattr(os, "getpid", real_getpid)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", another_process_notes_b_meanwhile)
+    meta_download.mark_verified(tmp_path / "a.pth", "a" * 32)
+    assert verified_md5s(tmp_path)["a.pth"] == "a" * 32  # b's note may be lost: b is hashed again, no more
+    assert [p.name for p in tmp_path.glob(".*")] == [".vicuna-md5.json"]

@@ -136,12 +136,14 @@ def md5_file(path: Path, bars) -> str:
 
 
 def mark_verified(path: Path, md5: str) -> None:
-    """Note in the folder's VERIFIED_NAME that `path`, at its present size and mtime, has md5 `md5`."""
+    """Note in the folder's VERIFIED_NAME that `path`, at its present size and mtime, has md5 `md5`. The
+    temporary file is this process's: download-llama and convert may both note files of one folder at once
+    (a note lost that way only means hashing that file again)."""
     marker = path.parent / VERIFIED_NAME
     entries = _read_marker(marker)
     stat = path.stat()
     entries[path.name] = [md5, stat.st_size, stat.st_mtime_ns]
-    tmp = marker.with_name(marker.name + ".tmp")
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
     os.replace(tmp, marker)
 
