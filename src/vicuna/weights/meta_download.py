@@ -5,7 +5,8 @@ replaced by each file's path; `tokenizer_checklist.chk` and `MODEL/checklist.chk
 format, MODEL being LLaMA 1's `7B` ... `65B` or LLaMA 2's `llama-2-7b` ... `llama-2-70b-chat`. Each file is
 written to `NAME.part`, resumed with HTTP Range requests, checked against its md5 and only then renamed, so an
 interrupted or re-run download keeps every verified byte. Each folder's `.vicuna-md5.json` notes what was
-verified, so that `vicuna convert` need not hash those files again while they stay unchanged.
+verified (here, or by `vicuna convert`), so that convert need not hash those files again while they stay
+unchanged.
 """
 
 from __future__ import annotations
