@@ -407,20 +407,44 @@ def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams(as_the_cha
     assert shown.count(block[1]) == 1 and [line for line in shown if line][-1] == "Done."
 
 
-def test_rich_renders_an_open_code_block_at_most_every_quarter_second(monkeypatch):
+@pytest.mark.parametrize("closed", [True, False])
+def test_rich_renders_an_open_code_block_at_most_every_quarter_second(monkeypatch, closed):
     """Each render of a whole code block holds the reply up (~40 ms for 150 lines): lines that come faster
-    than CODE_ROWS_EVERY_S are not each rendered again."""
-    from rich.console import Console
+    than CODE_ROWS_EVERY_S are not each rendered again, and the rows found late (or at the block's end, or
+    the reply's) are still drawn, row for row. A line every 0.1 s on a clock of the test's own: a render
+    every third line."""
+    from types import SimpleNamespace
 
-    renders = []
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    ticks = [0]
+    monkeypatch.setattr(chat_module, "time", SimpleNamespace(monotonic=lambda: ticks[0] / 10))
+    renders = []  # the chat's own renders of the open block (Live's redraws pass their options)
     render = chat_module.markdown_rows
-    monkeypatch.setattr(chat_module, "markdown_rows", lambda *a: renders.append(a) or render(*a))
+    monkeypatch.setattr(
+        chat_module, "markdown_rows", lambda *a: (len(a) == 2 and renders.append(a)) or render(*a)
+    )
+    screen = io_module.StringIO()
     terminal = TerminalIO("rich", multiline=False, interactive=True)
-    terminal.console = Console(file=io_module.StringIO(), force_terminal=True, width=40, height=10)
-    reply = "```\n" + "".join(f"row {i}\n" for i in range(100)) + "```\n"
-    chunks = [TextChunk(line, (1,)) for line in reply.splitlines(keepends=True)]
-    assert terminal.show_reply(iter([*chunks, Finished("stop", 1, 1, 0.1, 10.0, 0.2)]))[0] == reply
-    assert len(renders) < 10  # not one per line (a line comes every microsecond or so)
+    terminal.console = Console(file=screen, force_terminal=True, color_system=None, width=40, height=10)
+    code = "```\n" + "".join(f"row {i}\n" for i in range(100))
+    reply = code + "```\n\nDone." if closed else code.rstrip("\n")
+
+    def events():
+        for line in reply.splitlines(keepends=True):
+            ticks[0] += 1
+            yield TextChunk(line, (1,))
+        yield Finished("stop", 1, 1, 0.1, 10.0, 0.2)
+
+    assert terminal.show_reply(events())[0] == reply
+    open_renders = [a for a in renders if not a[1].endswith("```\n\n")]  # the block's end prints the rest
+    assert len(open_renders) == len(range(0, 100, 3))
+    block = Console(width=40, color_system=None).render_lines(Markdown(reply.split("\n\n")[0]), pad=False)
+    block = ["".join(segment.text for segment in row).rstrip() for row in block]
+    shown = screen_after(screen.getvalue())
+    start = shown.index(block[1])  # the first row is the block's blank top padding
+    assert shown[start - 1 : start - 1 + len(block)] == block and shown.count(block[1]) == 1
 
 
 def test_a_markdown_block_is_done_at_a_blank_line_outside_code_and_lists():
