@@ -464,3 +464,23 @@ def test_the_writer_runs_where_ctypes_cannot_open_the_running_program(tmp_path, 
     state = random_state(UNIFORM_SHAPES)
     out = _write(tmp_path / "out", state)
     assert verify_manifest(out, progress=False) == []
+
+
+def test_an_empty_output_folder_made_beforehand_is_taken_on_windows_too(tmp_path, monkeypatch):
+    """An empty OUT is accepted, and POSIX renames the staging folder onto it, but Windows refuses to
+    rename a folder onto an existing one: the whole job was made, then failed, and failed again on each
+    re-run."""
+    import os
+
+    rename = os.replace
+
+    def as_on_windows(src, dst):
+        if Path(dst).is_dir():
+            raise PermissionError(5, "Access is denied", str(src), None, str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", as_on_windows)
+    (tmp_path / "out").mkdir()
+    state = random_state(UNIFORM_SHAPES)
+    out = _write(tmp_path / "out", state)
+    assert verify_manifest(out, progress=False) == [] and not (tmp_path / "out.partial").exists()

@@ -434,7 +434,10 @@ def write_checkpoint(
 
 def _finish(staging: Path, out: Path) -> Path:
     """Rename the finished `staging` to `out`, and only then remove its plan: until the rename the plan
-    says which inputs the folder was made from, so that a job with other inputs cannot take it for its own."""
+    says which inputs the folder was made from, so that a job with other inputs cannot take it for its own.
+    An empty `out` (made beforehand) goes first: Windows does not rename a folder onto a folder."""
+    if out.is_dir():
+        out.rmdir()
     os.replace(staging, out)
     (out / PLAN_NAME).unlink(missing_ok=True)
     return out
