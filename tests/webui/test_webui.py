@@ -29,6 +29,7 @@ from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
 from vicuna.webui import page
 from vicuna.webui.page import WebChat, sampling_params, stats_line, to_chatbot
+from vicuna.webui.texts import language
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -200,7 +201,7 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     again = list(ui.regenerate(turns, left_out, "", 0.0, 1.0, 6, "k-secret", request))
     assert chat.calls[1][0] == [Message("user", "Hello")]  # an empty system box: the template's own
     assert again[-1][2] == [("Hello", chat.texts[1], stats_line(chat.finished[1]))]
-    assert ui.show(again[-1][2]) == again[-1][:2]  # as a reload shows the conversation kept
+    assert ui.show(again[-1][2], request) == again[-1][:2]  # as a reload shows the conversation kept
 
     streaming = ui.respond("Tell me more", turns, left_out, "", 0.0, 1.0, 100, "k-secret", request)
     next(streaming)
@@ -354,6 +355,39 @@ def test_a_failed_message_goes_back_into_the_box_before_a_draft_there():
         ["Tell me a story.", ""],
         ["Hello", ""],
     ]
+
+
+def test_the_page_speaks_the_language_the_browser_prefers_of_english_and_simplified_chinese():
+    for header, lang in [
+        ("zh-CN,zh;q=0.9,en;q=0.8", "zh"),
+        ("en-US,en;q=0.9,zh;q=0.5", "en"),
+        (None, "en"),
+        ("", "en"),
+        ("zh", "zh"),
+        ("zh-Hans", "zh"),
+        ("zh-Hans-TW", "zh"),
+        ("fr-FR,fr;q=0.9,zh-CN;q=0.8,en;q=0.7", "zh"),  # the first of the two the page has
+        ("en;q=0.5,zh-CN;q=0.8", "zh"),  # by weight, not by place
+        ("zh-CN;q=0,en", "en"),  # q=0: not acceptable
+        ("zh-TW,zh-Hant;q=0.9,en;q=0.8", "en"),  # Traditional Chinese is not what the page has
+        ("zh-TW,zh;q=0.9,en;q=0.8", "zh"),
+        ("de-DE", "en"),
+        ("zh-CN;q=oops,en", "en"),
+    ]:
+        assert language(header) == lang, header
+
+    # the handlers' words, in the language of the request
+    zh = gr.Request(session_hash="z1", headers={"accept-language": "zh-CN,zh;q=0.9,en;q=0.8"})
+    ui = WebChat(RecordingChat(None), no_encode, 256, api_keys={"k"})
+    with pytest.raises(gr.Error, match="需要有效的 API 密钥"):
+        next(ui.respond("你好", [], None, "", 0.7, 1.0, 10, "wrong", zh))
+    assert ui.login("wrong", zh)[3] == "**API 密钥无效。** 请重试。"
+    with pytest.raises(gr.Error, match="温度必须是 0 到 2 之间的数（当前为 5）。"):
+        next(ui.respond("你好", [], None, "", 5, 1.0, 10, "k", zh))
+    done = Finished("length", 10, 64, ttft_s=0.25, decode_tokens_per_s=31.25, total_s=2.3)
+    assert stats_line(done, cut=True, dropped=2, lang="zh") == (
+        "64 个 token · 31.2 token/秒 · 首个 token 0.25 秒 · 上下文窗口已满 · 为放入上下文窗口，省略了最早的 2 轮对话"
+    )
 
 
 def test_mount_keeps_the_apps_own_routes_and_refuses_uploads():
@@ -588,3 +622,40 @@ def test_browser_asks_for_the_api_key_first(engine, browser):
         wait_for_status(page, stats_line(chat.finished[0]))
         assert len(chat.calls) == 1 and chat.finished[0].completion_tokens <= 4
         page.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_page_is_in_chinese_where_the_browser_prefers_it(engine, browser):
+    chat = RecordingChat(engine)
+    app = webui.mount(
+        fastapi.FastAPI(),
+        chat=chat,
+        encode=engine.encode_chat,
+        context_window=engine.context_window,
+        model_name="tiny-model",
+    )
+    with serve(app) as url:
+        for locale, lang, send, system, placeholder in [
+            ("zh-CN", "zh", "发送", "系统提示词", "输入消息，按 Enter 发送"),
+            ("zh-Hans", "zh", "发送", "系统提示词", "输入消息，按 Enter 发送"),  # Gradio's own I18n: English
+            ("en-US", "en", "Send", "System prompt", "Type a message and press Enter"),
+        ]:
+            context = browser.new_context(locale=locale)
+            page = context.new_page()
+            page.goto(url)
+            page.wait_for_function("t => document.querySelector('#send')?.innerText.trim() === t", arg=send)
+            assert page.locator("#regenerate").inner_text().strip() == (
+                "重新生成" if lang == "zh" else "Regenerate"
+            )
+            assert page.locator("#system").get_by_text(system).is_visible()
+            message = page.locator("#message textarea")
+            assert message.get_attribute("placeholder") == placeholder
+            set_number(page, "max-tokens", 4)
+            sent = len(chat.finished) + 1
+            message.fill("Hello")
+            message.press("Enter")
+            wait_until(lambda: len(chat.finished) == sent)  # noqa: B023 (called in this iteration)
+            # the stats line, built on the server, in the same language
+            wait_for_status(page, stats_line(chat.finished[-1], lang=lang))
+            context.close()

@@ -5,7 +5,8 @@ scheduler), so browser users and API clients share one batch. Features: streamed
 a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, clear, the last
 reply's tokens/s under the chat, and the conversation kept in the browser across reloads. With API
 keys the page asks for a key first, and every chat request checks the key again on the server. The
-page takes no files: Gradio's upload routes are refused. Gradio is imported only when the UI is mounted.
+page takes no files: Gradio's upload routes are refused. The page is in Simplified Chinese for a browser
+that prefers it, else in English (`vicuna.webui.texts`). Gradio is imported only when the UI is mounted.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from vicuna.conversation import Message, fit_history
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
 from vicuna.webui import ChatFn, EncodeFn
+from vicuna.webui.texts import language, say
 
 Turn = tuple[str, str, str]  # (user message, reply, the reply's stats line)
 # A browser session's oldest exchanges its last prompt left out, and a hash of their text: the next
@@ -52,21 +53,23 @@ CSS = """
 log = logging.getLogger("vicuna.webui")
 
 
-def stats_line(finished: Finished, cut: bool = False, dropped: int = 0) -> str:
-    """What is shown under the chat after a reply, e.g. `42 tokens · 18.3 tokens/s · first token 0.21 s`.
-    `cut`: max new tokens was lowered to the room the context window left; `dropped`: the oldest
-    exchanges left out of the prompt to fit the context window."""
+def stats_line(finished: Finished, cut: bool = False, dropped: int = 0, lang: str = "en") -> str:
+    """What is shown under the chat after a reply, e.g. `42 tokens · 18.3 tokens/s · first token 0.21 s`,
+    in `lang` (`texts.language`). `cut`: max new tokens was lowered to the room the context window left;
+    `dropped`: the oldest exchanges left out of the prompt to fit the context window."""
     parts = [
-        f"{finished.completion_tokens} tokens",
-        f"{finished.decode_tokens_per_s:.1f} tokens/s",
-        f"first token {finished.ttft_s:.2f} s",
+        say(lang, "{count} tokens", count=finished.completion_tokens),
+        say(lang, "{rate:.1f} tokens/s", rate=finished.decode_tokens_per_s),
+        say(lang, "first token {seconds:.2f} s", seconds=finished.ttft_s),
     ]
     if finished.reason == "cancelled":
-        parts.append("stopped")
+        parts.append(say(lang, "stopped"))
     elif finished.reason == "length":
-        parts.append("context window full" if cut else "max tokens reached")
+        parts.append(say(lang, "context window full" if cut else "max tokens reached"))
     if dropped:
-        parts.append(f"the oldest {dropped} exchange(s) left out to fit the context window")
+        parts.append(
+            say(lang, "the oldest {count} exchange(s) left out to fit the context window", count=dropped)
+        )
     return " · ".join(parts)
 
 
@@ -88,17 +91,26 @@ def last_stats(turns: list[Turn]) -> str:
 
 
 def sampling_params(
-    temperature: float, top_p: float, max_tokens: float, max_tokens_limit: int
+    temperature: float, top_p: float, max_tokens: float, max_tokens_limit: int, lang: str = "en"
 ) -> SamplingParams:
     """The sliders' values as SamplingParams (max new tokens rounded to a whole number); a value
-    outside its slider's range is refused."""
+    outside its slider's range is refused, in `lang`."""
     for name, value, (low, high) in [
         ("Temperature", temperature, TEMPERATURE),
         ("Top-p", top_p, TOP_P),
         ("Max new tokens", max_tokens, (1, max_tokens_limit)),
     ]:
         if not isinstance(value, int | float) or not low <= value <= high:  # also None and NaN
-            raise VicunaError(f"{name} must be a number from {low:g} to {high:g} (it is {value}).")
+            raise VicunaError(
+                say(
+                    lang,
+                    "{name} must be a number from {low:g} to {high:g} (it is {value}).",
+                    name=say(lang, name),
+                    low=low,
+                    high=high,
+                    value=value,
+                )
+            )
     return SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=round(max_tokens))
 
 
@@ -115,6 +127,12 @@ def still_left_out(turns: list[Turn], left_out: LeftOut | None) -> int:
     return count if count < len(turns) and left_out_of(turns, count) == left_out else 0
 
 
+def request_language(request: gr.Request) -> str:
+    """The language of the page for this request's browser (`texts.language`): "zh" or "en"."""
+    headers = getattr(request, "headers", None) or {}  # none where a test makes the request
+    return language(headers.get("accept-language"))
+
+
 def user_error(message: str) -> gr.Error:
     """The error shown to the user, and one line in the server log instead of Gradio's traceback."""
     log.info("refused: %s", message)
@@ -129,7 +147,7 @@ class WebChat:
     textbox is cleared once, when its message is taken, and then left alone: the user may be typing the
     next message. A message that fails is put back in the box by the page itself (`PUT_BACK`), before
     what the box holds by then, which the server does not know. They also yield the session's
-    `LeftOut`, after the conversation."""
+    `LeftOut`, after the conversation. What they say is in the browser's language (`request_language`)."""
 
     def __init__(
         self, chat: ChatFn, encode: EncodeFn, context_window: int, api_keys: set[str] | None = None
@@ -137,6 +155,7 @@ class WebChat:
         self.chat, self.encode, self.context_window = chat, encode, context_window
         self.api_keys = api_keys
         self.running: dict[str, threading.Event] = {}  # session -> the cancel flag of its generation
+        self.words: list[dict[str, str]] = []  # see `show`
 
     def key_ok(self, key: str) -> bool:
         if self.api_keys is None:
@@ -144,15 +163,25 @@ class WebChat:
         # compare_digest against every key: the time taken does not reveal how much of a key matched
         return any(hmac.compare_digest(key.encode(), k.encode()) for k in self.api_keys)
 
-    def login(self, key: str) -> tuple[Any, ...]:
+    def login(self, key: str, request: gr.Request) -> tuple[Any, ...]:
         key = key.strip()
         if not self.key_ok(key):
-            return "", gr.Column(visible=True), gr.Column(visible=False), "**Invalid API key.** Try again."
+            invalid = say(request_language(request), "**Invalid API key.** Try again.")
+            return "", gr.Column(visible=True), gr.Column(visible=False), invalid
         return key, gr.Column(visible=False), gr.Column(visible=True), ""
 
-    def show(self, turns: list[Turn]) -> tuple[list[dict[str, Any]], str]:
-        """The chatbot and the status line for a conversation (the one kept in the browser, on load)."""
-        return to_chatbot(turns), last_stats(turns)
+    def show(self, turns: list[Turn], request: gr.Request) -> tuple[Any, ...]:
+        """On load: the chatbot and the status line for a conversation (the one kept in the browser), and
+        the words of the page's components `self.words` (set by `build`: each one's English texts by
+        property) in the browser's language; left as they are in English."""
+        lang = request_language(request)
+        words = [
+            gr.update(**{name: say(lang, text) for name, text in texts.items()})
+            if lang != "en"
+            else gr.skip()
+            for texts in self.words
+        ]
+        return to_chatbot(turns), last_stats(turns), *words
 
     def respond(
         self,
@@ -167,11 +196,12 @@ class WebChat:
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
         """Send the textbox's message and stream the reply."""
-        self._check_key(key)
+        lang = request_language(request)
+        self._check_key(key, lang)
         if not text.strip():
             yield (gr.skip(),) * 8
             return
-        params = self._params(temperature, top_p, max_tokens)
+        params = self._params(temperature, top_p, max_tokens, lang)
         yield from self._stream(text, turns, [*turns, (text, "", "")], left_out, system, params, request)
 
     def regenerate(
@@ -186,11 +216,12 @@ class WebChat:
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
         """Answer the last user message again (the textbox, maybe holding a draft, is left alone)."""
-        self._check_key(key)
+        lang = request_language(request)
+        self._check_key(key, lang)
         if not turns:
             yield [], "", [], gr.skip(), gr.skip(), gr.skip()
             return
-        params = self._params(temperature, top_p, max_tokens)
+        params = self._params(temperature, top_p, max_tokens, lang)
         redo = [*turns[:-1], (turns[-1][0], "", "")]
         for _, _, *outputs in self._stream("", turns, redo, left_out, system, params, request):
             yield tuple(outputs)
@@ -205,18 +236,23 @@ class WebChat:
         self.stop(request)
         return [], "", [], "", gr.update(interactive=True), gr.update(interactive=True)
 
-    def _check_key(self, key: str) -> None:
+    def _check_key(self, key: str, lang: str) -> None:
         if not self.key_ok(key):
-            raise user_error("A valid API key is needed: enter it at the top of the page.")
+            raise user_error(say(lang, "A valid API key is needed: enter it at the top of the page."))
 
-    def _params(self, temperature: float, top_p: float, max_tokens: float) -> SamplingParams:
+    def _params(self, temperature: float, top_p: float, max_tokens: float, lang: str) -> SamplingParams:
         try:
-            return sampling_params(temperature, top_p, max_tokens, self.context_window)
+            return sampling_params(temperature, top_p, max_tokens, self.context_window, lang)
         except VicunaError as err:
             raise user_error(str(err)) from None
 
     def _open(
-        self, messages: list[Message], params: SamplingParams, cancel: threading.Event, left_out: int
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        cancel: threading.Event,
+        left_out: int,
+        lang: str,
     ) -> tuple[Iterator[Event], bool, int]:
         """Start the reply to the prompt `fit_history` makes, as the terminal chat does: the oldest
         exchanges (never the system prompt) left out, `left_out` or more, for the prompt to leave max new
@@ -228,8 +264,13 @@ class WebChat:
         )
         if room < 1:
             raise VicunaError(
-                f"The message has {self.context_window - room} tokens in the prompt, but the model's "
-                f"context window is {self.context_window} tokens: shorten it."
+                say(
+                    lang,
+                    "The message has {tokens} tokens in the prompt, but the model's context window is "
+                    "{window} tokens: shorten it.",
+                    tokens=self.context_window - room,
+                    window=self.context_window,
+                )
             )
         cut = room < params.max_new_tokens
         if cut:
@@ -247,7 +288,7 @@ class WebChat:
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
         """Generate the last turn's reply; on an error, put things back as they were and say why."""
-        session = request.session_hash or ""
+        session, lang = request.session_hash or "", request_language(request)
         if (previous := self.running.get(session)) is not None:
             previous.set()  # one generation per browser session: a new one replaces the old
         cancel = self.running[session] = threading.Event()
@@ -258,8 +299,9 @@ class WebChat:
         messages.append(Message("user", user))
         reply, same, busy = "", gr.skip(), gr.update(interactive=False)
         try:
-            yield "", same, to_chatbot(turns), WRITING, turns, same, busy, busy
-            events, cut, dropped = self._open(messages, params, cancel, still_left_out(turns, left_out))
+            yield "", same, to_chatbot(turns), say(lang, WRITING), turns, same, busy, busy
+            left = still_left_out(turns, left_out)
+            events, cut, dropped = self._open(messages, params, cancel, left, lang)
             for event in events:
                 if isinstance(event, TextChunk):
                     if event.text:
@@ -267,7 +309,7 @@ class WebChat:
                         turns = [*turns[:-1], (user, reply, "")]
                         yield same, same, to_chatbot(turns), same, turns, same, same, same
                 elif isinstance(event, Finished):
-                    turns = [*turns[:-1], (user, reply, stats_line(event, cut, dropped))]
+                    turns = [*turns[:-1], (user, reply, stats_line(event, cut, dropped, lang))]
                     log.info(  # as the API's line for each request (vicuna.server), without the text
                         "reply prompt=%d completion=%d ttft=%.3fs decode=%.1f tok/s total=%.2fs finish=%s",
                         event.prompt_tokens,
@@ -283,7 +325,7 @@ class WebChat:
         except torch.OutOfMemoryError:  # the engine or the batcher has given the GPU its memory back
             log.warning("the GPU ran out of memory for a reply")
             yield self._put_back(before, unsent=text)
-            raise gr.Error(OUT_OF_MEMORY, print_exception=False) from None
+            raise gr.Error(say(lang, OUT_OF_MEMORY), print_exception=False) from None
         except Exception:  # a bug: the page is put back as it was, the traceback goes to the log
             yield self._put_back(before, unsent=text)
             raise
@@ -313,6 +355,15 @@ def build(
 ) -> gr.Blocks:
     """The Gradio page, not yet mounted. `context_window` (tokens) is also the max-tokens slider's end."""
     ui = WebChat(chat, encode, context_window, api_keys)
+    worded: list[Any] = []  # the components whose words the page's load puts in the browser's language
+
+    def words(make: Any, texts: dict[str, str], **kwargs: Any) -> Any:
+        """`make(**texts, **kwargs)`, its English `texts` kept for `WebChat.show`."""
+        component = make(**texts, **kwargs)
+        worded.append(component)
+        ui.words.append(texts)
+        return component
+
     with gr.Blocks(title=f"{model_name} · vicuna", analytics_enabled=False) as demo:
         demo.state_session_capacity = SESSION_CAPACITY  # not a parameter of Blocks nor of its mounting
         key = gr.State("")
@@ -323,13 +374,13 @@ def build(
         left_out = gr.State(None)  # LeftOut, on the server: the page starts each session with none
         gr.Markdown(f"## {model_name}")
         with gr.Column(visible=api_keys is not None) as login_box:
-            key_box = gr.Textbox(
-                label="API key",
+            key_box = words(
+                gr.Textbox,
+                {"label": "API key", "placeholder": "This server needs an API key"},
                 type="password",
-                placeholder="This server needs an API key",
                 elem_id="api-key",
             )
-            key_button = gr.Button("Enter", elem_id="api-key-enter")
+            key_button = words(gr.Button, {"value": "Enter"}, elem_id="api-key-enter")
             key_message = gr.Markdown(elem_id="api-key-message")
         with gr.Column(visible=api_keys is None) as chat_box, gr.Row():
             with gr.Column(scale=4):
@@ -338,39 +389,51 @@ def build(
                 )
                 status = gr.Markdown(elem_id="reply-status")  # the last reply's stats, or "Writing…"
                 with gr.Row():
-                    textbox = gr.Textbox(
-                        label="Message",  # hidden, but the box's name for screen readers
+                    textbox = words(
+                        gr.Textbox,
+                        # the label is hidden, but the box's name for screen readers
+                        {"label": "Message", "placeholder": "Type a message and press Enter"},
                         show_label=False,
-                        placeholder="Type a message and press Enter",
                         scale=8,
                         autofocus=True,
                         elem_id="message",
                     )
-                    send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+                    send = words(
+                        gr.Button, {"value": "Send"}, variant="primary", scale=1, min_width=80, elem_id="send"
+                    )
                     unsent = gr.Textbox(visible=False, elem_id="unsent")  # a message that failed
                 with gr.Row():
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
-                    regenerate = gr.Button("Regenerate", elem_id="regenerate")
-                    clear = gr.Button("Clear", elem_id="clear")
+                    stop = words(gr.Button, {"value": "Stop"}, variant="stop", elem_id="stop")
+                    regenerate = words(gr.Button, {"value": "Regenerate"}, elem_id="regenerate")
+                    clear = words(gr.Button, {"value": "Clear"}, elem_id="clear")
             with gr.Column(scale=1, min_width=240):
-                system = gr.Textbox(
-                    label="System prompt",
+                system = words(
+                    gr.Textbox,
+                    {"label": "System prompt", "info": "Empty: the model's own default."},
                     value=default_system,
                     lines=5,
-                    info="Empty: the model's own default.",
                     elem_id="system",
                 )
-                temperature = gr.Slider(
-                    *TEMPERATURE, value=0.7, step=0.05, label="Temperature", elem_id="temperature"
+                temperature = words(
+                    gr.Slider,
+                    {"label": "Temperature"},
+                    minimum=TEMPERATURE[0],
+                    maximum=TEMPERATURE[1],
+                    value=0.7,
+                    step=0.05,
+                    elem_id="temperature",
                 )
                 top_p = gr.Slider(*TOP_P, value=1.0, step=0.01, label="Top-p", elem_id="top-p")
-                max_tokens = gr.Slider(
-                    1,
-                    context_window,
+                max_tokens = words(
+                    gr.Slider,
+                    {
+                        "label": "Max new tokens",
+                        "info": "Lowered, when need be, to the room the context window leaves.",
+                    },
+                    minimum=1,
+                    maximum=context_window,
                     value=min(512, context_window),
                     step=1,
-                    label="Max new tokens",
-                    info="Lowered, when need be, to the room the context window leaves.",
                     elem_id="max-tokens",
                 )
 
@@ -406,7 +469,7 @@ def build(
             cancels=[sending, again],
             api_visibility="private",
         )
-        demo.load(ui.show, turns, [chatbot, status], api_visibility="private")
+        demo.load(ui.show, turns, [chatbot, status, *worded], api_visibility="private")
         gr.on(
             [key_button.click, key_box.submit],
             ui.login,
