@@ -193,7 +193,10 @@ class TerminalIO:
         console, text, done = self.console, "", None
         printed, shown = 0, 0  # text[:printed] is printed for good, and the first `shown` rows of the rest
         rendered = -math.inf  # when the open code block's rows were last rendered
-        with Live(console=console, refresh_per_second=8) as live:
+        drawn = -math.inf  # when Live last redrew the block still streaming
+        # Live redraws here, at most 8 times a second, not from its own thread: that thread may redraw
+        # between a print's cursor move and its write, and the print then erases rows printed for good
+        with Live(console=console, auto_refresh=False) as live:
             for event in events:
                 if not isinstance(event, TextChunk):
                     done = event
@@ -214,6 +217,11 @@ class TerminalIO:
                 live.update(MarkdownBlock(text[printed:], shown))  # before the print that redraws it
                 if out:
                     live.console.print(Rows(out))
+                elif time.monotonic() - drawn >= 1 / 8:
+                    live.refresh()
+                else:
+                    continue
+                drawn = time.monotonic()
         return text, done
 
 

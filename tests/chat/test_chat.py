@@ -407,6 +407,49 @@ def test_rich_shows_a_code_block_taller_than_the_screen_as_it_streams(as_the_cha
     assert shown.count(block[1]) == 1 and [line for line in shown if line][-1] == "Done."
 
 
+def test_rich_prints_rows_for_good_however_slowly_the_print_is_written(monkeypatch):
+    """Live's own refresh thread redrew the block still streaming between a print's cursor move and its
+    write (on a busy machine), and the print's cursor move, made for what had been drawn before, then
+    erased rows printed for good: a print slower than Live's redraw period brings that about here."""
+    import threading
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.markdown import Markdown
+
+    monkeypatch.setattr(chat_module, "CODE_ROWS_EVERY_S", 0)
+    process = Live.process_renderables
+
+    def slow_print(live, renderables):
+        renderables = process(live, renderables)
+        if threading.current_thread() is threading.main_thread() and any(
+            isinstance(r, chat_module.Rows) for r in renderables
+        ):
+            time.sleep(0.2)  # the cursor is placed, the rows not yet written
+        return renderables
+
+    monkeypatch.setattr(Live, "process_renderables", slow_print)
+    screen = io_module.StringIO()
+    terminal = TerminalIO("rich", multiline=False, interactive=True)
+    terminal.console = Console(file=screen, force_terminal=True, color_system=None, width=40, height=6)
+    code = "```\n" + "".join(f"row {i}\n" for i in range(12)) + "```\n"
+    reply = code + "\nDone."
+
+    def events():
+        for line in reply.splitlines(keepends=True):
+            yield TextChunk(line, (1,))
+        yield Finished("stop", 1, 1, 0.1, 10.0, 0.2)
+
+    assert terminal.show_reply(events())[0] == reply
+    block = Console(width=40, color_system=None).render_lines(Markdown(code), pad=False)
+    block = ["".join(segment.text for segment in row).rstrip() for row in block]
+    shown = screen_after(screen.getvalue())
+    start = shown.index(block[1])
+    assert shown[start - 1 : start - 1 + len(block)] == block and shown.count(block[1]) == 1
+    assert [line for line in shown if line][-1] == "Done."
+
+
 @pytest.mark.parametrize("closed", [True, False])
 def test_rich_renders_an_open_code_block_at_most_every_quarter_second(monkeypatch, closed):
     """Each render of a whole code block holds the reply up (~40 ms for 150 lines): lines that come faster
