@@ -195,6 +195,18 @@ def _write(out: Path, state: dict, *, make=None, fingerprint="same", max_shard_b
     )
 
 
+def _interrupted_at_the_third_shard(out: Path, state: dict) -> None:
+    """A `_write` of `state` (UNIFORM_SHAPES: three shards) stopped as its third shard is made."""
+
+    def failing(spec):
+        if spec.name == "layer.4.weight":
+            raise KeyboardInterrupt
+        return state[spec.name]
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, state, make=failing)
+
+
 def test_writer_makes_an_indexed_folder_with_manifest(tmp_path):
     state = random_state(UNIFORM_SHAPES)
     out = _write(tmp_path / "out", state)
@@ -255,13 +267,7 @@ def test_a_resumed_job_s_bar_starts_at_the_kept_shards(tmp_path, monkeypatch):
     386 GB/s)."""
     state = random_state(UNIFORM_SHAPES)
 
-    def failing(spec):
-        if spec.name == "layer.4.weight":
-            raise KeyboardInterrupt
-        return state[spec.name]
-
-    with pytest.raises(KeyboardInterrupt):
-        _write(tmp_path / "out", state, make=failing)
+    _interrupted_at_the_third_shard(tmp_path / "out", state)
     bars, progress_bar = [], checkpoint.progress_bar
 
     @contextlib.contextmanager
@@ -322,13 +328,7 @@ def test_a_resumed_job_hashes_the_shards_it_kept_while_it_makes_the_others(tmp_p
     (a resumed 5.8 GB delta apply with 3 GB kept took 1.37x as long that way)."""
     state = random_state(UNIFORM_SHAPES)
 
-    def failing(spec):
-        if spec.name == "layer.4.weight":
-            raise KeyboardInterrupt
-        return state[spec.name]
-
-    with pytest.raises(KeyboardInterrupt):
-        _write(tmp_path / "out", state, make=failing)
+    _interrupted_at_the_third_shard(tmp_path / "out", state)
     given, write_manifest = [], checkpoint.write_manifest
     monkeypatch.setattr(
         checkpoint,
