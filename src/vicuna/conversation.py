@@ -72,11 +72,12 @@ class MessagesError(VicunaError):
 
 
 def split_system(
-    messages: Sequence[Message], default_system: str, add_generation_prompt: bool
-) -> tuple[str, list[Message]]:
+    messages: Sequence[Message], default_system: str | None, add_generation_prompt: bool
+) -> tuple[str | None, list[Message]]:
     """Take out the system prompt and bring the turns into the alternating order our templates render.
 
-    Leading system messages are the system prompt. These templates have one place for it, at the start,
+    Leading system messages are the system prompt, even an empty one; without any it is `default_system`
+    (None: none). These templates have one place for it, at the start,
     so a system message further on is read as user text; consecutive messages of one role are joined
     with a blank line. The turns must then start with a user turn, and end with a user turn when a
     reply is to be generated, with an assistant turn otherwise.
@@ -233,12 +234,11 @@ class Llama2:
     add_special_tokens: bool = True
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        system, turns = split_system(messages, self.system or "", add_generation_prompt)
-        has_system = self.system is not None or messages[0].role == "system"
+        system, turns = split_system(messages, self.system, add_generation_prompt)
         out, prompt = [], ""  # the tokenizer adds the first <s>
         for i, message in enumerate(turns):
             if message.role == "user":
-                sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and has_system else ""
+                sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if i == 0 and system is not None else ""
                 prompt += f"[INST] {(sys_block + message.content).strip()} [/INST]"
             else:
                 out += [Segment(prompt), Segment(f" {message.content.strip()} </s>", trainable=True)]
@@ -260,9 +260,8 @@ class ChatML:
     add_special_tokens: bool = True
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
-        system, turns = split_system(messages, self.system or "", add_generation_prompt)
-        has_system = self.system is not None or messages[0].role == "system"
-        out, prompt = [], f"<|im_start|>system\n{system}<|im_end|>\n" if has_system else ""
+        system, turns = split_system(messages, self.system, add_generation_prompt)
+        out, prompt = [], f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
         for message in turns:
             if message.role == "user":
                 prompt += f"<|im_start|>user\n{message.content}<|im_end|>\n<|im_start|>assistant\n"
