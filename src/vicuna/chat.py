@@ -206,6 +206,7 @@ class TerminalIO:
                 if end > printed:  # and a blank line after it
                     out = [*markdown_rows(console, text[printed:end])[shown:], []]
                     printed, shown = end, 0
+                streaming: Any = MarkdownBlock(text[printed:], shown)  # what Live draws: rendered when drawn
                 due = time.monotonic() - rendered >= CODE_ROWS_EVERY_S
                 if due and "\n" in event.text and in_code_block(text[printed:]):  # its rows do not reflow
                     rendered = time.monotonic()
@@ -214,7 +215,8 @@ class TerminalIO:
                     # its last row, the line still being written among them)
                     past = max(shown, len(rows) - max(1, console.height - 1))
                     out, shown = out + rows[shown:past], past
-                live.update(MarkdownBlock(text[printed:], shown))  # before the print that redraws it
+                    streaming = Rows(rows[past:])  # rendered already: not again when Live draws it
+                live.update(streaming)  # before the print that redraws it
                 if out:
                     live.console.print(Rows(out))
                 elif time.monotonic() - drawn >= 1 / 8:
