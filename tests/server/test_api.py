@@ -519,18 +519,29 @@ def test_a_request_refused_part_way_leaves_nothing_running(tiny_engine):
     step, add = batcher._rows.step, batcher.add
     batcher._rows.step = lambda tokens: (time.sleep(0.01), step(tokens))[1]  # 900 tokens: 9 s
 
+    ends: list[Finished] = []
+
     def add_then_refuse(ids, params, sink, cancel):  # the second choice is refused once the first is queued
         if batcher.running + batcher.waiting:
             raise VicunaError("refused")
-        add(ids, params, sink, cancel=cancel)
+
+        def noting_the_end(event):
+            if isinstance(event, Finished):
+                ends.append(event)
+            sink(event)
+
+        add(ids, params, noting_the_end, cancel=cancel)
 
     batcher.add = add_then_refuse
     with serving(app) as url:
         body = {"model": MODEL, "prompt": "Hello world", "n": 2, "max_tokens": 900, "ignore_eos": True}
         r = httpx.post(f"{url}/v1/completions", json=body)
         assert r.status_code == 400 and error_of(r)["message"] == "refused"
-        time.sleep(0.5)  # past the first choice's admission, when it is in neither count
-        assert wait_for(lambda: batcher.running == 0 and batcher.waiting == 0, timeout=2)
+        assert wait_for(
+            lambda: ends, timeout=60
+        )  # the first choice ended: cut short, or after its 900 tokens
+        assert ends[0].reason == "cancelled" and ends[0].completion_tokens < 900
+        assert wait_for(lambda: batcher.running == 0 and batcher.waiting == 0)
 
 
 def test_max_queue_0_serves_what_a_free_row_takes_at_once(tiny_engine):
