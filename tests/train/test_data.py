@@ -179,6 +179,21 @@ def test_pretty_printed_lists_and_byte_order_marks_load(tmp_path):
     assert [c.source for c in load_conversations(path)] == [f"{path}[0] (id 'c1')"]
 
 
+def test_jsonl_lines_end_only_at_line_breaks(tmp_path):
+    """JSONL written with `ensure_ascii=False` keeps U+2028, U+2029 and U+0085 in its strings as they are:
+    they were taken for line ends, and a valid file was refused as 'not valid JSON' at its first line."""
+    path = tmp_path / "data.jsonl"
+    reply = {"messages": [{"role": "user", "content": "第一行\u2028第二行\u2029"}]}
+    reply["messages"].append({"role": "assistant", "content": "好的\x85ok"})
+    lines = [json.dumps(r, ensure_ascii=False) for r in (reply, CONVERSATION, {"id": "x"})]
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    with pytest.raises(VicunaError, match=r"data\.jsonl:3: expected an object"):
+        load_conversations(path)
+    path.write_text("\r\n".join(lines[:2]) + "\r\n", encoding="utf-8")
+    first, _ = load_conversations(path)
+    assert [m.content for m in first.messages] == ["第一行\u2028第二行\u2029", "好的\x85ok"]
+
+
 def turns(*pairs):
     return {"id": "x", "conversations": [{"from": f, "value": v} for f, v in pairs]}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,9 @@ def load_conversations(path: Path) -> list[Conversation]:
         items = [(f"{path}[{i}]", record) for i, record in enumerate(records)]
     else:
         items = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # not str.splitlines: it also splits at U+2028, U+2029 and U+0085, which JSON strings may hold
+        # unescaped (json.dumps(..., ensure_ascii=False) writes them as they are)
+        for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
             if line.strip():
                 try:
                     items.append((f"{path}:{n}", json.loads(line)))
