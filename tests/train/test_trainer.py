@@ -376,6 +376,26 @@ def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, ca
     assert "Pass --force" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("major", "dtype", "mixed"), [(7, "float16", "fp16"), (8, "bfloat16", "bf16")])
+def test_auto_precision_is_bfloat16_only_where_the_gpu_has_it(monkeypatch, major, dtype, mixed):
+    """A T4 (7.5) trained in bfloat16 by default: PyTorch makes bfloat16 tensors there (emulated, slowly),
+    so `torch.cuda.is_bf16_supported()` says yes; float16 is the precision such a GPU computes in."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vicuna.train.trainer import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(major=major, minor=5)
+    )
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert precision("auto") == (getattr(torch, dtype), mixed)
+
+
 def test_qlora_without_cuda_is_a_clear_error(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
     import torch
 

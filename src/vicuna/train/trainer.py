@@ -140,8 +140,9 @@ def precision(dtype: str) -> tuple[Any, str]:
     import torch
 
     cuda = torch.cuda.is_available()
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32"
+    if dtype == "auto":  # bfloat16 where it is native (8.0+); PyTorch emulates it, slowly, on a T4 (7.5)
+        bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+        dtype = ("bfloat16" if bf16 else "float16") if cuda else "float32"
     if dtype == "float16" and not cuda:
         raise VicunaError("--dtype float16 needs a CUDA GPU; use bfloat16 or float32 on this machine")
     mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[dtype]
