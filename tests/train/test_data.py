@@ -3,6 +3,7 @@ assistant replies and their end-of-turn marker."""
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 
@@ -192,6 +193,15 @@ def test_jsonl_lines_end_only_at_line_breaks(tmp_path):
     path.write_text("\r\n".join(lines[:2]) + "\r\n", encoding="utf-8")
     first, _ = load_conversations(path)
     assert [m.content for m in first.messages] == ["第一行\u2028第二行\u2029", "好的\x85ok"]
+
+
+def test_jsonl_files_joined_with_their_byte_order_marks_load(tmp_path):
+    """`cat a.jsonl b.jsonl > all.jsonl`, where b.jsonl was saved with a byte-order mark: its first line
+    was refused with Python's advice "Unexpected UTF-8 BOM (decode using utf-8-sig)"."""
+    record = json.dumps(CONVERSATION, ensure_ascii=False).encode()
+    path = tmp_path / "all.jsonl"
+    path.write_bytes(record + b"\n" + codecs.BOM_UTF8 + record + b"\r\n")
+    assert [c.source for c in load_conversations(path)] == [f"{path}:1 (id 'c1')", f"{path}:2 (id 'c1')"]
 
 
 def turns(*pairs):

@@ -58,8 +58,8 @@ def load_conversations(path: Path) -> list[Conversation]:
         # unescaped (json.dumps(..., ensure_ascii=False) writes them as they are)
         for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
             if line.strip():
-                try:
-                    items.append((f"{path}:{n}", json.loads(line)))
+                try:  # a byte-order mark inside: files joined with `cat`, one of them saved by Notepad
+                    items.append((f"{path}:{n}", json.loads(line.removeprefix("\ufeff"))))
                 except json.JSONDecodeError as err:
                     message = f"{path}:{n}: not valid JSON ({json_problem(err)})"
                     if not items:  # the first record: perhaps the file is not JSONL at all
