@@ -357,6 +357,20 @@ def test_piped_output_is_lines_without_a_redrawn_bar(tiny_llama_dir, data_file, 
     assert any(line.startswith("done: 2 steps in ") for line in lines)
 
 
+def test_a_run_on_the_cpu_says_so_and_why(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
+    """Nothing said where a run trained: with a CPU-only PyTorch on a GPU machine (what `pip install torch`
+    gives on Windows) a 7B model trained on the CPU, for days, without a word."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "1"]) == 0
+    assert "Training on the CPU in float32 (a CPU-only build of PyTorch, " in capsys.readouterr().out
+
+
 def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, capsys):
     import torch
 

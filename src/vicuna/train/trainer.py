@@ -638,6 +638,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     prepared.check_bad(cfg.allow_bad)  # before any model loads: a bad run stops in seconds
     if not prepared.examples:
         raise VicunaError(f"{cfg.data}: no example is left to train on")
+    on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    # said, or a CPU-only PyTorch (what `pip install torch` gives on Windows) trains a 7B model for days
+    if show and on_cpu:
+        why = "a CPU-only build of PyTorch" if torch.version.cuda is None else "PyTorch sees no CUDA GPU"
+        print(
+            f"Training on the CPU in {str(compute_dtype).removeprefix('torch.')} ({why}, {torch.__version__}): "
+            "fine for a tiny model, far too slow for a 7B one",
+            flush=True,
+        )
     if cfg.lora:
         check_lora_target(folder, cfg)  # before start_or_resume writes anything
     checkpoint = start_or_resume(cfg, run_record(cfg, template.name, prepared), is_main, folder)
@@ -669,7 +678,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        use_cpu=on_cpu,
     )
     # transformers' bars for loading and saving weights: in a log, off, as progress_callback's
     with transformers_bar(sys.stderr.isatty()):
