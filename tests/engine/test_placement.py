@@ -15,7 +15,9 @@ from vicuna.errors import DoesNotFitError, VicunaError
 
 CONFIG = tiny_llama_config(1000, num_hidden_layers=8, hidden_size=256, intermediate_size=512)
 HALF = (
-    "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+    "bfloat16"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    else "float16"
 )  # GPUs' 16 bits
 
 
@@ -199,6 +201,22 @@ def test_parse_bytes_refuses_what_is_no_size(text):
     traceback): each one line naming the flag."""
     with pytest.raises(VicunaError, match=f"--max-gpu-memory: cannot read '{text}'"):
         parse_bytes(text)
+
+
+@pytest.mark.parametrize(("major", "dtype"), [(7, torch.float16), (8, torch.bfloat16)])
+def test_auto_dtype_on_a_gpu_is_bfloat16_only_where_it_is_native(monkeypatch, major, dtype):
+    """A T4 (7.5) chatted in bfloat16: PyTorch makes bfloat16 tensors there (emulated, slowly), so
+    `torch.cuda.is_bf16_supported()` says yes; float16 is what such a GPU computes in."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(major=major, minor=5)
+    )
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert placement.resolve_dtype("auto", torch.device("cuda"), CONFIG) == dtype
 
 
 def test_auto_dtype_is_measured_once_and_remembered(monkeypatch, tmp_path):

@@ -54,7 +54,8 @@ def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dt
     if requested != "auto":
         return DTYPES[requested]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bfloat16 where it is native (8.0+): PyTorch only emulates it, slowly, on a T4 or an RTX 20xx
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "mps":
         return torch.float16
     return fastest_cpu_dtype(config)
@@ -196,7 +197,7 @@ def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[
             opts.append(Option(flags, need, hw.ram_available))
     if hw.gpus:
         per_gpu = gpu_budgets(hw, settings)
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
         half_name, half = ("bfloat16", torch.bfloat16) if bf16 else ("float16", torch.float16)
         for eight in (False, True):
             need = int((size.weight_bytes(half, eight) + size.kv_bytes(KV_TOKENS, half)) * HEADROOM)
