@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 RESUME_HINTS = {
     name: "run the same command again to go on from where it stopped"
     for name in ("download", "download-llama", "convert", "delta", "get")
-} | {"train": "run it again with --resume to go on from the last checkpoint"}
+}  # train says its own (vicuna.train.cli): whether there is a checkpoint to resume from
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -215,6 +215,34 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_llama_dir, data_file, 
     assert any(not torch.equal(straight[n], base[n]) for n in straight)  # it did train
 
 
+def test_ctrl_c_says_how_to_go_on_only_from_a_checkpoint_there_is(
+    tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C before the first checkpoint (one every 500 steps by default) said 'run it again with
+    --resume', which then refused: there was no checkpoint to resume from."""
+    from transformers import TrainerCallback
+
+    from vicuna.train import trainer
+
+    class CtrlC(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    train = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda cfg: train(cfg, callbacks=[CtrlC()]))
+    args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data_file), "--max-steps", "5"]
+    assert cli([*args, "--output-dir", str(tmp_path / "a"), "--save-steps", "2"]) == 130
+    assert f"interrupted; run it again with --resume to go on from {tmp_path / 'a' / 'checkpoint-2'}" in (
+        capsys.readouterr().err
+    )
+    assert cli([*args, "--output-dir", str(tmp_path / "b")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no checkpoint was written yet (one every --save-steps 500): run it again" in err
+    monkeypatch.setattr(trainer, "train", train)
+    assert cli([*args, "--output-dir", str(tmp_path / "b")]) == 0  # as it says: without --resume
+
+
 def test_a_checkpoint_killed_while_its_state_was_written_is_not_resumed_from(tmp_path):
     """The Trainer writes trainer_state.json last and in place: cut short, the checkpoint is incomplete."""
     from vicuna.train.trainer import last_checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,21 @@ def main(args: argparse.Namespace) -> int:
         return inspect(args)
     if args.output_dir is None:
         raise VicunaError("--output-dir is required")
-    from vicuna.train.trainer import TrainConfig, train
+    from vicuna.train.trainer import TrainConfig, last_checkpoint, train
 
-    train(
-        TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
-    )
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    try:
+        train(cfg)
+    except KeyboardInterrupt:  # --resume only where a checkpoint was written: it refuses to start without one
+        done = last_checkpoint(cfg.output_dir) if cfg.output_dir.is_dir() else None
+        hint = (
+            f"run it again with --resume to go on from {done}"
+            if done
+            else f"no checkpoint was written yet (one every --save-steps {cfg.save_steps}): run it again to "
+            "start over"
+        )
+        print(f"interrupted; {hint}", file=sys.stderr)
+        return 130
     return 0
 
 
