@@ -490,6 +490,24 @@ def test_max_steps_0_is_refused_before_anything_is_written(tiny_llama_dir, data_
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lora-alpha", "0"], "--lora-r and --lora-alpha must be at least 1"),  # it trained nothing
+        (["--lora-r", "0"], "--lora-r and --lora-alpha must be at least 1"),  # said as --lora-target's
+        (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    ],
+)
+def test_lora_settings_that_cannot_train_are_refused(
+    tiny_llama_dir, data_file, tmp_path, capsys, flags, message
+):
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--lora", "--max-steps", "1", *flags]) == 2
+    assert f"error: {message}\n" == capsys.readouterr().err
+    assert not out.exists()
+
+
 LONG = [
     {"messages": [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Paris. " * 200}]}
 ]

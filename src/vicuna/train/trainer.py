@@ -96,6 +96,9 @@ class TrainConfig:
                 "--save-steps and --logging-steps must be >= 1",
             ),
             (self.allow_bad >= 0, "--allow-bad must be >= 0"),
+            # peft's own errors blamed --lora-target, and an alpha of 0 scaled every update to nothing
+            (self.lora_r >= 1 and self.lora_alpha > 0, "--lora-r and --lora-alpha must be at least 1"),
+            (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
             (self.lr_scheduler in SCHEDULERS, f"unknown --lr-scheduler {self.lr_scheduler!r}"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown --dtype {self.dtype!r}"),
         ]
