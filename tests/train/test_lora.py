@@ -174,3 +174,22 @@ def test_merge_refuses_an_adapter_of_another_base(tiny_llama_dir, data, tmp_path
     assert cli([*merge[:2], "--base", str(deep), *merge[4:], str(shallow)]) == 0
     (tmp_path / "m").rename(tmp_path / "m-deep")
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_seed_fixes_the_adapters_initialisation(tiny_llama_dir, data, tmp_path):
+    """The adapter was initialised from whatever state the random generator was in: a second run in the
+    same process (a notebook, a sweep) with the same --seed trained from another start, and --seed did not
+    change the start of a run in a fresh process."""
+    import torch
+    from safetensors.torch import load_file
+
+    def run(out: str, seed: str) -> dict:
+        args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data), "--lora"]
+        assert cli([*args, "--output-dir", str(tmp_path / out), "--max-steps", "1", "--seed", seed]) == 0
+        return load_file(tmp_path / out / "adapter_model.safetensors")
+
+    first, again, other = run("first", "7"), run("again", "7"), run("other", "8")
+    assert first.keys() == again.keys() == other.keys()
+    for name in first:
+        torch.testing.assert_close(again[name], first[name], rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(other[n], first[n]) for n in first if "lora_A" in n)

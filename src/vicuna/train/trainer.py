@@ -447,6 +447,7 @@ def check_lora_target(folder: Path, cfg: TrainConfig) -> None:
 
 
 def add_lora(model: Any, cfg: TrainConfig, *, show: bool = False) -> Any:
+    import torch
     from peft import prepare_model_for_kbit_training
 
     if cfg.qlora:
@@ -455,6 +456,9 @@ def add_lora(model: Any, cfg: TrainConfig, *, show: bool = False) -> Any:
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    # the adapter's random initialisation: --seed's (the Trainer seeds only after the model is made), not
+    # whatever state the random generator was left in by what the process did before
+    torch.manual_seed(cfg.seed)
     model = wrap_lora(model, cfg)
     if show:
         trainable, total = model.get_nb_trainable_parameters()
