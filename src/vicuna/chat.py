@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io as io_module
 import json
 import math
 import os
@@ -320,12 +321,34 @@ def run_chat(
             continue
         elif not text.strip():
             continue
+        elif problem := not_utf8(text):
+            io.info(f"error: {problem}; this message goes unanswered")
+            continue
         else:
             asked = with_user_message(messages if history else [], text)
         try:
             messages, left_out = _answer(engine, io, asked, params, debug, left_out) or (messages, left_out)
         except VicunaError as err:
             io.info(f"error: {err}; this message goes unanswered")
+
+
+def not_utf8(text: str) -> str | None:
+    """What is wrong with a message read from bytes that are not UTF-8 (kept as surrogate escapes: a GBK
+    file piped in, a terminal set to GBK), which no tokenizer takes; None for a message that is text."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    what = "the message is not UTF-8 text"
+    try:
+        text.encode("utf-8", "surrogateescape").decode("gb18030")
+    except UnicodeError:
+        return f"{what}: set the terminal to UTF-8, or convert what is piped in to UTF-8"
+    return (
+        f"{what}; it reads as GBK: set the terminal to UTF-8, or convert what is piped in with "
+        "`iconv -f GB18030 -t UTF-8`"
+    )
 
 
 def without_last_exchange(messages: list[Message]) -> list[Message]:
@@ -496,6 +519,8 @@ def main(args: argparse.Namespace) -> int:
         params.max_new_tokens, context_window(read_config(resolve_model_path(args.model_path)))
     )
     engine: Any = load_engine(settings)
+    if isinstance(sys.stdin, io_module.TextIOWrapper):  # bytes that are not UTF-8 are said, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     io = TerminalIO(
         args.style, args.multiline, interactive=sys.stdin.isatty() and args.style != "programmatic"
     )

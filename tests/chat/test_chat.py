@@ -207,6 +207,24 @@ def test_piped_chat_with_the_builtin_model():
     assert proc.stdout.strip() == "The capital of France is Paris."
 
 
+def test_a_message_piped_in_gbk_is_refused_with_what_to_do_and_the_chat_goes_on(tiny_llama_dir):
+    """A GBK file piped in (or a terminal set to GBK) sent bytes that are not UTF-8: the chat ended with a
+    tokenizer's TypeError (or a UnicodeDecodeError in a strict locale) instead of saying what is wrong."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vicuna", "chat", "--model-path", str(tiny_llama_dir), "--dtype", "float32"]
+        + ["--temperature", "0", "--max-new-tokens", "3", "--debug"],
+        input="你好\n".encode("gbk") + "你好\n".encode(),
+        capture_output=True,
+        timeout=300,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "error: the message is not UTF-8 text; it reads as GBK" in err
+    assert "iconv -f GB18030 -t UTF-8" in err and "this message goes unanswered" in err
+    assert err.count("tok/s") == 1  # the UTF-8 line after it is answered
+
+
 def test_out_of_memory_leaves_the_message_unanswered_and_the_chat_goes_on(monkeypatch):
     import torch
 
