@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import replace
 from itertools import pairwise
@@ -292,9 +293,11 @@ def run_chat(
     left_out = 0  # the oldest exchanges the last prompt left out: later ones too (`fit_history`)
     while True:
         text = io.read()
-        if text is None or text.strip() == "!!exit":
+        if text is None:
             return
-        command, _, arg = text.strip().partition(" ")
+        command, arg = split_command(text)
+        if command == "!!exit":
+            return
         if command == "!!reset":
             messages, left_out = [], 0
             io.info("(conversation cleared)")
@@ -330,6 +333,17 @@ def run_chat(
             messages, left_out = _answer(engine, io, asked, params, debug, left_out) or (messages, left_out)
         except VicunaError as err:
             io.info(f"error: {err}; this message goes unanswered")
+
+
+def split_command(text: str) -> tuple[str, str]:
+    """A line's first word and the rest. A Chinese input method types "！！" for "!!" (and, in full-width
+    mode, "ｅｘｉｔ" and U+3000 for a space): "！！exit" is the command, not a message that leaves no way
+    to exit. Their compatibility forms (NFKC) are the ASCII ones."""
+    command, arg = [*text.split(maxsplit=1), "", ""][:2]
+    typed = unicodedata.normalize("NFKC", command)
+    if typed.startswith("!!") and typed.isascii():
+        command = typed
+    return command, arg
 
 
 def not_utf8(text: str) -> str | None:

@@ -97,6 +97,24 @@ def test_history_commands(tmp_path):
     assert io.lines == ["never read"]
 
 
+def test_commands_typed_with_a_chinese_input_method_are_commands(tmp_path):
+    """In its Chinese mode an input method types "！！" (full width) and, in full-width mode, full-width
+    letters and an ideographic space: "！！exit" went to the model as a message, as did every command."""
+    saved = tmp_path / "对话.json"
+    engine = EchoEngine()
+    io = ScriptedIO(
+        ["你好", f"！！save\u3000{saved}", "！！regen", "！！exti", "！！好", "！！ｅｘｉｔ", "never read"]
+    )
+    run_chat(engine, io, PARAMS)
+    assert [m["content"] for m in json.loads(saved.read_text(encoding="utf-8"))] == [
+        "你好",
+        "reply to 1 messages",
+    ]
+    assert [len(m) for m in engine.seen] == [1, 1, 3]  # the message, !!regen, then "！！好" is a message
+    assert any(note.startswith("unknown command !!exti") for note in io.notes)
+    assert io.lines == ["never read"]
+
+
 def test_an_unknown_command_is_refused_with_the_list_not_sent_to_the_model():
     engine = EchoEngine()
     io = ScriptedIO(["!!rest", "!!help", "!!! wow", "hi"])
