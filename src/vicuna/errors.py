@@ -25,6 +25,13 @@ class ShuttingDownError(VicunaError):
         super().__init__("the server is shutting down; retry the request")
 
 
+class ServerBusyError(VicunaError):
+    """Every row of the batch is taken and no more replies may wait (--max-queue): to send again shortly."""
+
+    def __init__(self) -> None:
+        super().__init__("The server is busy with other replies: try again shortly.")
+
+
 class ContextTooLongError(VicunaError):
     """The prompt and the requested reply do not fit the model's context window."""
 

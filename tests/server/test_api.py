@@ -559,12 +559,16 @@ def test_max_queue_0_serves_what_a_free_row_takes_at_once(tiny_engine):
         assert wait_for(lambda: batcher.running == 0)
 
 
-def webui_chat(url: str, message: str, max_tokens: int) -> list[tuple[str, str]]:
-    """Send `message` as the web page does (Gradio's `chat` endpoint): the (event, data) lines of its answer."""
+def webui_chat(url: str, message: str, max_tokens: int, language: str = "en") -> list[tuple[str, str]]:
+    """Send `message` as the web page does (Gradio's `chat` endpoint), from a browser that prefers `language`:
+    the (event, data) lines of its answer."""
     # text, conversation, exchanges left out and the API key (States: the session's own are used), system,
     # sliders
     data = [message, [], None, "", 0.0, 1.0, max_tokens, ""]
-    event_id = httpx.post(f"{url}/gradio_api/call/chat", json={"data": data}).json()["event_id"]
+    headers = {"Accept-Language": language}
+    event_id = httpx.post(f"{url}/gradio_api/call/chat", json={"data": data}, headers=headers).json()[
+        "event_id"
+    ]
     answer = httpx.get(f"{url}/gradio_api/call/chat/{event_id}", timeout=60).text
     # each event is two lines, "event: NAME" and "data: JSON"
     return re.findall(r"^event: (.*)\ndata: (.*)$", answer, re.M)
@@ -582,7 +586,10 @@ def test_web_ui_chats_are_admitted_and_counted_as_api_requests(tiny_engine):
         assert wait_for(lambda: batcher.running == 1)
         # the one row is taken and none may wait: the page says so, and nothing is queued
         event, data = webui_chat(url, "Hello", 4)[-1]
-        assert event == "error" and "the server is busy" in data and "retry shortly" in data
+        assert event == "error" and "The server is busy with other replies: try again shortly." in data
+        # in the language of the page, which has no use for the API's words (429, --max-queue)
+        event, data = webui_chat(url, "你好", 4, language="zh-CN,zh;q=0.9")[-1]
+        assert event == "error" and json.loads(data)["error"] == "服务器正忙于生成其他回复：请稍后重试。"
         assert batcher.waiting == 0
         running.close()
         assert wait_for(lambda: batcher.running == 0)

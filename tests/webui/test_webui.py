@@ -26,7 +26,7 @@ from vicuna import webui
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Event, Finished, TextChunk
-from vicuna.errors import VicunaError
+from vicuna.errors import ServerBusyError, ShuttingDownError, VicunaError
 from vicuna.webui import page
 from vicuna.webui.page import WebChat, sampling_params, stats_line, to_chatbot
 from vicuna.webui.texts import language
@@ -384,6 +384,16 @@ def test_the_page_speaks_the_language_the_browser_prefers_of_english_and_simplif
     assert ui.login("wrong", zh)[3] == "**API 密钥无效。** 请重试。"
     with pytest.raises(gr.Error, match="温度必须是 0 到 2 之间的数（当前为 5）。"):
         next(ui.respond("你好", [], None, "", 5, 1.0, 10, "k", zh))
+    for error, said in [
+        (ServerBusyError(), "服务器正忙于生成其他回复：请稍后重试。"),
+        (ShuttingDownError(), "服务器正在关闭：请在它重新启动后重试。"),
+    ]:
+
+        def refusing(messages, params, cancel, error=error):
+            raise error
+
+        with pytest.raises(gr.Error, match=said):
+            list(WebChat(refusing, no_encode, 256).respond("你好", [], None, "", 0.7, 1.0, 10, "", zh))
     done = Finished("length", 10, 64, ttft_s=0.25, decode_tokens_per_s=31.25, total_s=2.3)
     assert stats_line(done, cut=True, dropped=2, lang="zh") == (
         "64 个 token · 31.2 token/秒 · 首个 token 0.25 秒 · 上下文窗口已满 · 为放入上下文窗口，省略了最早的 2 轮对话"

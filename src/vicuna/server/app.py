@@ -42,7 +42,7 @@ from starlette.routing import Match
 from vicuna import protocol as p
 from vicuna.config import SamplingParams
 from vicuna.engine.events import Finished, TextChunk, TokenLogprob
-from vicuna.errors import ContextTooLongError, ShuttingDownError, VicunaError
+from vicuna.errors import ContextTooLongError, ServerBusyError, ShuttingDownError, VicunaError
 from vicuna.textfile import json_problem
 
 log = logging.getLogger("vicuna.server")
@@ -982,8 +982,8 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
         prompt = engine.encode_chat(messages)
         try:
             server.check_queue(1)
-        except APIError as err:  # the page shows a VicunaError's message
-            raise VicunaError(err.message) from None
+        except APIError as err:  # the page shows a VicunaError's message, in the browser's language
+            raise (ServerBusyError() if err.code == "queue_full" else VicunaError(err.message)) from None
         events = server.batcher.generate(prompt, engine.chat_params(params), cancel=cancel)
         return _counted(events, server.metrics, len(prompt))
 

@@ -321,7 +321,7 @@ class WebChat:
                     )
         except VicunaError as err:
             yield self._put_back(before, unsent=text)
-            raise user_error(str(err)) from None
+            raise user_error(say(lang, str(err))) from None  # the busy server's words are in `texts`
         except torch.OutOfMemoryError:  # the engine or the batcher has given the GPU its memory back
             log.warning("the GPU ran out of memory for a reply")
             yield self._put_back(before, unsent=text)

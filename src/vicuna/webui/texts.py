@@ -43,6 +43,9 @@ ZH = {
     "or with a shorter conversation (Clear).": (
         "GPU 显存不足，无法生成这条回复（其他回复也在生成中）。请稍后重试，或缩短对话（清空）。"
     ),
+    # errors of the server's (`vicuna.errors`)
+    "The server is busy with other replies: try again shortly.": "服务器正忙于生成其他回复：请稍后重试。",
+    "the server is shutting down; retry the request": "服务器正在关闭：请在它重新启动后重试。",
     # the stats line under the chat
     "{count} tokens": "{count} 个 token",
     "{rate:.1f} tokens/s": "{rate:.1f} token/秒",
