@@ -77,6 +77,26 @@ class ChatIO(Protocol):
     def show_reply(self, events: Iterator[Event]) -> tuple[str, Finished | None]: ...
 
 
+def utf8_locale_for_readline() -> None:
+    """GNU readline takes Chinese (any text beyond ASCII) as text only in a UTF-8 locale, which it looks up
+    in the environment, LC_ALL first. Under LC_ALL=C, or an LC_ALL naming a locale the system lacks
+    (zh_CN.UTF-8 where it was never generated), Python still reads and writes UTF-8 (its UTF-8 mode) but
+    readline took the bytes of "你好" for Meta keys: it listed file names, and the message came out empty.
+    There readline is given a UTF-8 locale of the same rules (C.UTF-8), as Python gives itself one under
+    LANG=C."""
+    import locale
+
+    if locale.setlocale(locale.LC_CTYPE) not in ("C", "POSIX") or sys.stdin.encoding.lower() != "utf-8":
+        return
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+        os.environ["LC_ALL" if os.environ.get("LC_ALL") else "LC_CTYPE"] = name
+        return
+
+
 class TerminalIO:
     """Reads user messages and shows replies; `rich` renders markdown as it streams."""
 
@@ -87,6 +107,7 @@ class TerminalIO:
             # input() through GNU readline: line editing, and no limit on a line's length, where the
             # terminal itself keeps 4095 bytes of a line (1365 Chinese characters) and drops the rest
             with contextlib.suppress(ImportError):  # a Python built without it reads as the terminal gives
+                utf8_locale_for_readline()
                 import readline
 
                 if "libedit" not in (readline.__doc__ or ""):  # Python turns it off; bash has it on

@@ -640,14 +640,16 @@ def test_a_long_message_typed_or_pasted_in_a_terminal_arrives_whole():
 class Pty:
     """A Python child on a pseudo-terminal, as a user at a terminal runs it: write keys, wait for text."""
 
-    def __init__(self, script):
+    def __init__(self, script, env=None):
         import pty
 
         self.master, slave = pty.openpty()
         # Ctrl-C raises KeyboardInterrupt, as at a terminal, also where this test runs in the background
         # (a shell without job control starts background jobs with SIGINT ignored, and Python keeps that)
         script = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n" + script
-        self.child = subprocess.Popen([sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave)
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave, env=env
+        )
         os.close(slave)
         self.out = b""
 
@@ -677,8 +679,8 @@ class Pty:
 def terminal():
     children = []
 
-    def start(script):
-        children.append(Pty(script))
+    def start(script, env=None):
+        children.append(Pty(script, env))
         return children[-1]
 
     yield start
@@ -712,6 +714,19 @@ def test_ctrl_c_at_the_prompt_drops_the_line_typed_and_the_chat_goes_on(terminal
     assert "(Ctrl-D or !!exit ends the chat)" in seen
     term.write("hello\r")
     assert "got 'hello'" in term.expect("USER: ")
+
+
+@pytest.mark.parametrize("lc_all", ["C", "zh_CN.UTF-8-not-generated"])
+def test_chinese_typed_under_lc_all_c_or_a_missing_locale_is_read_and_edited(terminal, lc_all):
+    """Under LC_ALL=C (a common cure for locale warnings), or an LC_ALL the system has not generated,
+    readline took the bytes of Chinese for Meta keys: typing 你好 listed file names, the message was empty."""
+    pytest.importorskip("readline")
+    term = terminal(READ_TWICE, env=os.environ | {"LC_ALL": lc_all})
+    term.expect("USER: ")
+    term.write("你好吗\x7f")  # and a Backspace, which takes the whole last character
+    term.expect("好")
+    term.write("\r")
+    assert "got '你好'" in term.expect("USER: ")
 
 
 def test_lines_pasted_at_once_are_one_message(terminal):
