@@ -353,11 +353,27 @@ def test_trimmed_offsets_still_find_a_token_across_the_edge():
     """GPT-2-style offsets leave out a token's leading space: "a b" -> (0, 1), (2, 3)."""
     from vicuna.train.data import SpanError, flags_from_offsets
 
-    assert flags_from_offsets([(0, 1), (2, 3)], [(1, 3)]) == [False, True]  # the reply is " b"
-    with pytest.raises(SpanError, match="crosses the edge"):
-        flags_from_offsets([(0, 1), (2, 3)], [(2, 3)])  # the reply is "b", but the token is " b"
+    assert flags_from_offsets([(0, 1), (2, 3)], [(1, 3)], "a b") == [False, True]  # the reply is " b"
+    with pytest.raises(SpanError, match="crosses the start"):
+        flags_from_offsets([(0, 1), (2, 3)], [(2, 3)], "a b")  # the reply is "b", but the token is " b"
     # byte-fallback tokens of one character share its offsets
-    assert flags_from_offsets([(0, 1), (1, 2), (1, 2)], [(1, 2)]) == [False, True, True]
+    assert flags_from_offsets([(0, 1), (1, 2), (1, 2)], [(1, 2)], "a你") == [False, True, True]
+
+
+def test_a_reply_that_begins_with_white_space_is_bad_with_the_text_and_what_to_do():
+    """Byte-level BPE (Qwen, LLaMA 3, SmolLM2) makes one token of the template's "\n" and the space a reply
+    begins with. The example was bad "at characters 156-158 ... 157-183", which named nothing to fix."""
+    from vicuna.train.data import SpanError, flags_from_offsets
+
+    text = "<|im_start|>assistant\n  床前明月光，<|im_end|>"
+    start = text.index("  床")
+    offsets = [(0, 12), (12, 21), (21, start + 1), (start + 1, start + 3), (start + 3, len(text))]
+    with pytest.raises(SpanError) as bad:
+        flags_from_offsets(offsets, [(start, len(text))], text)
+    assert str(bad.value) == (
+        "a token ('\\n ') crosses the start of the assistant text at character 22 ('|>assistant\\n'|'  床前明月光，<|im'); "
+        "the reply begins with white space, which the tokenizer joins with the template's: strip it"
+    )
 
 
 def test_long_conversations_are_split_at_turns_or_truncated(tokenizer):

@@ -232,7 +232,7 @@ class Encoder:
             ids, offsets = list(enc.input_ids), enc.offset_mapping
             if masked:
                 ids, offsets = retokenize(self.tokenizer, ids, offsets, masked.typed_at)
-            flags = flags_from_offsets(offsets, spans)
+            flags = flags_from_offsets(offsets, spans, text)
         else:
             ids = list(self._ids(text).input_ids)
             flags = self._flags_from_prefixes(text, ids, spans)
@@ -259,8 +259,10 @@ class Encoder:
         return len(before)
 
 
-def flags_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
-    """For each token (start, end) in characters: whether it lies inside one of the sorted `spans`.
+def flags_from_offsets(
+    offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]], text: str
+) -> list[bool]:
+    """For each token (start, end) in characters of `text`: whether it lies inside one of the sorted `spans`.
 
     Some tokenizers trim the space a token starts with out of its offsets (GPT-2's `trim_offsets`);
     a token is taken to start where the previous one ended, so such a space is never lost at an edge.
@@ -279,16 +281,26 @@ def flags_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int
             flags.append(True)
             covered.add(j)
         else:
-            raise SpanError(
-                f"a token at characters {start}-{end} crosses the edge of the assistant text at "
-                f"characters {spans[j][0]}-{spans[j][1]}"
-            )
+            raise SpanError(edge_crossed(text, start, end, spans[j]))
     if len(covered) < len(spans):
         missing = spans[min(set(range(len(spans))) - covered)]
         raise SpanError(
             f"the assistant text at characters {missing[0]}-{missing[1]} has no tokens of its own"
         )
     return flags
+
+
+def edge_crossed(text: str, start: int, end: int, span: tuple[int, int]) -> str:
+    """Why the token at characters start-end of `text` cannot be given to the reply `span` or kept from it:
+    where it is, in the text, rather than character counts alone."""
+    edge = span[0] if start < span[0] else span[1]
+    why = (
+        f"a token ({text[start:end]!r}) crosses the {'start' if edge == span[0] else 'end'} of the "
+        f"assistant text at character {edge} ({text[max(0, edge - 12) : edge]!r}|{text[edge : edge + 12]!r})"
+    )
+    if edge == span[0] and text[edge : edge + 1].isspace():  # "\n" + " " of "assistant\n  Hi" is one token
+        why += "; the reply begins with white space, which the tokenizer joins with the template's: strip it"
+    return why
 
 
 # --- the data set ----------------------------------------------------------------------------------
