@@ -104,7 +104,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--conv-template",
         help="prompt template, see `vicuna template list` (default: the model's own, or vicuna_v1.1)",
     )
-    g.add_argument("--conv-system-msg", help="replace the template's system prompt")
+    g.add_argument("--conv-system-msg", type=utf8_text, help="replace the template's system prompt")
+
+
+def utf8_text(value: str) -> str:
+    """A text flag's value, refused where it is not UTF-8: a terminal that sends GBK (Xshell or SecureCRT
+    set to GBK, to a server whose locale is UTF-8) gives escapes that no tokenizer takes, and the chat
+    ended with a TypeError at its first message."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not UTF-8 text: set the terminal's encoding to UTF-8") from None
+    return value
 
 
 def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:

@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from vicuna.config import DTYPES
+from vicuna.config import DTYPES, utf8_text
 from vicuna.errors import VicunaError
 from vicuna.train.data import IGNORE
 from vicuna.train.trainer import SCHEDULERS
@@ -22,7 +22,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--conv-template", help="prompt template (default: the model's own, see `vicuna template list`)"
     )
-    g.add_argument("--conv-system-msg", help="system prompt for conversations that have none")
+    g.add_argument("--conv-system-msg", type=utf8_text, help="system prompt for conversations that have none")
     g.add_argument(
         "--max-length", type=int, help="tokens per example (default: 2048, or the model's context if shorter)"
     )
