@@ -77,6 +77,13 @@ class ChatIO(Protocol):
     def show_reply(self, events: Iterator[Event]) -> tuple[str, Finished | None]: ...
 
 
+def piped_line(line: str) -> str:
+    """A line read from a file or a pipe, as a Windows editor may have saved it: without its line end
+    ("\r\n" too) and without the byte-order mark Notepad puts before the first line of UTF-8, which went to
+    the model as part of the first message (and made a first line '!!load FILE' a message)."""
+    return line.rstrip("\r\n").removeprefix("\ufeff")
+
+
 def utf8_locale_for_readline() -> None:
     """GNU readline takes Chinese (any text beyond ASCII) as text only in a UTF-8 locale, which it looks up
     in the environment, LC_ALL first. Under LC_ALL=C, or an LC_ALL naming a locale the system lacks
@@ -156,13 +163,13 @@ class TerminalIO:
             if self.style == "programmatic":
                 lines = []
                 for line in sys.stdin:
-                    if line.rstrip("\r\n") == END_MARK:
+                    if piped_line(line) == END_MARK:
                         return "\n".join(lines)
-                    lines.append(line.rstrip("\r\n"))
+                    lines.append(piped_line(line))
                 return "\n".join(lines) if lines else None
             if not self.interactive:
                 line = sys.stdin.readline()
-                return line.rstrip("\r\n") if line else None  # "\r": a file with Windows line ends
+                return piped_line(line) if line else None
             while True:
                 try:
                     return self._read_typed()

@@ -540,6 +540,16 @@ def test_windows_line_ends_are_not_part_of_the_message(monkeypatch):
     assert TerminalIO("programmatic", multiline=False, interactive=False).read() == "a\nb"
 
 
+@pytest.mark.parametrize("style", ["simple", "programmatic"])
+def test_the_byte_order_mark_of_a_file_piped_in_is_not_part_of_the_first_message(monkeypatch, style):
+    """Notepad's "UTF-8 with BOM" begins the file with U+FEFF: it went to the model with the first message,
+    and a first line '!!load FILE' was a message, not the command."""
+    end = f"\n{END_MARK}\n" if style == "programmatic" else "\n"
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO(f"\ufeff!!load 对话.json{end}你好{end}"))
+    io = TerminalIO(style, multiline=False, interactive=False)
+    assert [io.read(), io.read()] == ["!!load 对话.json", "你好"]
+
+
 def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
     tiny_llama_dir, monkeypatch, capsys
 ):
