@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io as io_module
 import json
 import math
@@ -263,10 +264,42 @@ def markdown_rows(console: Any, text: str, options: Any = None) -> list[Any]:
     from rich.markdown import Markdown
     from rich.segment import Segment
 
-    rows = console.render_lines(Markdown(text), options, pad=False)
+    markdown = Markdown("")
+    markdown.markup, markdown.parsed = text, cjk_markdown_parser().parse(text)
+    rows = console.render_lines(markdown, options, pad=False)
     while rows and not Segment.get_line_length(rows[0]):
         rows.pop(0)
     return rows
+
+
+@functools.cache
+def cjk_markdown_parser() -> Any:
+    """rich's markdown parser, where `**bold**` and `*italic*` work beside Chinese text and punctuation as
+    beside English words. CommonMark does not close `**注意：**这是…` (its end follows punctuation and
+    precedes a letter), which Chinese replies write all the time: the asterisks were shown and nothing was
+    bold. Here a `*` run with a wide (CJK) character on either side opens or closes as one between two
+    letters does, unless white space is beside it."""
+    from markdown_it import MarkdownIt
+    from markdown_it.common.utils import isWhiteSpace
+    from markdown_it.rules_inline import emphasis
+
+    def tokenize(state: Any, silent: bool) -> bool:
+        first = len(state.delimiters)
+        if not emphasis.tokenize(state, silent):
+            return False
+        start = state.pos - (len(state.delimiters) - first)
+        before = state.src[start - 1] if start > 0 else " "
+        after = state.src[state.pos] if state.pos < state.posMax else " "
+        if state.src[start] == "*" and any(
+            unicodedata.east_asian_width(c) in ("W", "F") for c in before + after
+        ):
+            for delimiter in state.delimiters[first:]:  # punctuation beside it no longer matters
+                delimiter.open, delimiter.close = not isWhiteSpace(ord(after)), not isWhiteSpace(ord(before))
+        return True
+
+    parser = MarkdownIt().enable("strikethrough").enable("table")  # as rich.markdown.Markdown's own
+    parser.inline.ruler.at("emphasis", tokenize)
+    return parser
 
 
 class Rows:

@@ -381,6 +381,27 @@ def test_rich_shows_a_reply_longer_than_the_screen_as_it_streams():
     assert paragraphs[-1] in screen.getvalue()
 
 
+def test_rich_shows_bold_beside_chinese_punctuation_as_bold_not_asterisks():
+    """CommonMark leaves `**注意：**这是` as it is (its end follows punctuation and precedes a letter), and
+    Chinese replies write it all the time: rich mode showed the asterisks and nothing bold."""
+    from rich.console import Console
+
+    from vicuna.chat import markdown_rows
+
+    console = Console(width=60, force_terminal=True, color_system="standard")
+
+    def shown(text):
+        segments = [s for row in markdown_rows(console, text) for s in row]
+        bold = [s.text for s in segments if s.style and s.style.bold]
+        return "".join(s.text for s in segments).rstrip(), bold
+
+    assert shown("**注意：**这是一个测试。") == ("注意：这是一个测试。", ["注意："])
+    assert shown("前面**“引用”**后面") == ("前面“引用”后面", ["“引用”"])
+    assert shown("1. **第一步：**安装依赖")[1] == ["第一步："]
+    assert shown("中文 ** 空格 **") == ("中文 ** 空格 **", [])  # white space beside them: no emphasis
+    assert shown("**bold**text, a ** b") == ("boldtext, a ** b", ["bold"])  # English as before
+
+
 def screen_after(output: str) -> list[str]:
     """The lines a terminal (with endless scrollback) shows after `output` from rich without colours: text,
     newlines, carriage returns, and Live's cursor-up, erase-line and cursor show/hide."""
