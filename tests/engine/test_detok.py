@@ -34,6 +34,23 @@ def test_sentencepiece_byte_fallback_streams_whole_characters(sp_tokenizer):
     assert "".join(pieces) == sp_tokenizer.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("prompt", ["The capital of France is", "今天天气", "USER: Hi ASSISTANT:"])
+def test_a_reply_continues_its_prompt_with_the_space_sentencepiece_gives_its_first_word(sp_tokenizer, prompt):
+    # LLaMA's tokenizer decodes "▁Paris" alone as "Paris": a completion read "isParis"
+    prompt_ids = sp_tokenizer(prompt).input_ids  # with BOS, as a prompt is
+    ids = sp_tokenizer(f"{prompt} Paris is 很好", add_special_tokens=False).input_ids[len(prompt_ids) - 1 :]
+    decoder = IncrementalDecoder(sp_tokenizer, prompt_ids)
+    reply = "".join([*(decoder.add(i) for i in ids), decoder.flush()])
+    assert sp_tokenizer.decode(prompt_ids, skip_special_tokens=True) + reply == f"{prompt} Paris is 很好"
+
+
+def test_a_reply_that_ends_a_character_its_prompt_began_gives_what_follows(sp_tokenizer):
+    ids = sp_tokenizer("🐉好", add_special_tokens=False).input_ids
+    first_byte = sp_tokenizer.convert_ids_to_tokens(ids).index("<0xF0>")  # of 🐉, in byte-fallback tokens
+    decoder = IncrementalDecoder(sp_tokenizer, ids[: first_byte + 1])  # the prompt ends inside 🐉
+    assert "".join([*(decoder.add(i) for i in ids[first_byte + 1 :]), decoder.flush()]) == "好"
+
+
 def test_byte_level_bpe_streams_whole_characters():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -211,6 +211,19 @@ def test_completion_logprob_offsets_count_characters_and_bytes_stay_whole():
     assert out.tokens == ["中", "\\xe5\\x9b", "\\xbd", " hi"]
 
 
+def test_a_completion_continues_its_prompt_with_the_space_its_first_word_has(api):
+    # LLaMA's SentencePiece decodes a first "▁word" alone as "word": prompt and completion read "whoto",
+    # and every text_offset after the first token was one too high. (The tiny model's first greedy token
+    # after these two prompts begins a word.)
+    prompts = ["call who", "did get"]
+    scored = api.completions.create(model=MODEL, prompt=prompts, max_tokens=1, temperature=0, logprobs=1)
+    echoed = api.completions.create(model=MODEL, prompt=prompts, max_tokens=1, temperature=0, echo=True)
+    for prompt, choice, echo in zip(prompts, scored.choices, echoed.choices, strict=True):
+        token = choice.logprobs.tokens[0]
+        assert token.startswith(" ") and len(token) > 1
+        assert choice.text == token and echo.text == prompt + token
+
+
 def test_completions(api, tiny_engine):
     prompts = ["The capital of France", "Tokyo is"]
     r = api.completions.create(

@@ -318,6 +318,17 @@ def test_the_exchanges_a_session_left_out_stay_out_while_its_conversation_begins
     assert page.still_left_out(turns, None) == 0  # a new session: after a reload, or a server restart
 
 
+def test_a_reply_starts_at_its_first_visible_character():
+    def chat(messages, params, cancel):  # a reply after "ASSISTANT:" begins with the space of its first word
+        yield from [TextChunk(" ", (1,)), TextChunk(" Hello", (2,)), TextChunk(" there ", (3,))]
+        yield Finished("stop", 5, 3, 0.1, 10.0, 0.3)
+
+    ui = WebChat(chat, no_encode, 2048)
+    *_, last = ui.respond("Hi", [], None, "", 0.7, 1.0, 64, "", gr.Request(session_hash="s9"))
+    turns = last[4]
+    assert [(user, reply) for user, reply, _ in turns] == [("Hi", "Hello there ")]
+
+
 def test_out_of_memory_is_reported_and_the_message_kept(caplog):
     import torch
 

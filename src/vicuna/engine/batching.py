@@ -82,7 +82,7 @@ class _Reply:
         self.sampler = Sampler(
             params, prompt_len=self.prompt_len, end_ids=sorted(self.stop_ids), device=engine.device
         )
-        self.decoder, self.stops = IncrementalDecoder(engine.tokenizer), StopMatcher(params.stop)
+        self.decoder, self.stops = IncrementalDecoder(engine.tokenizer, prompt_ids), StopMatcher(params.stop)
         self.history = list(prompt_ids)
         self.start = time.perf_counter()
         self.first_token_at: float | None = None

@@ -17,9 +17,13 @@ class IncrementalDecoder:
     window ends in an incomplete UTF-8 sequence (byte-fallback tokens, byte-level BPE), the text is held
     back. Decoding a window rather than one token keeps SentencePiece's word-boundary spaces right.
     The pieces joined equal the decode of all the tokens, except for a last character left incomplete.
+
+    `prompt_ids`: the text continues them. The window starts at the prompt's last token, so a reply's
+    first word keeps the space SentencePiece gives it (LLaMA's "▁Paris" after "is" is " Paris", where
+    decoded alone it is "Paris" and a completion read "isParis"), as byte-level BPE's "ĠParis" always is.
     """
 
-    def __init__(self, tokenizer: Decoder) -> None:
+    def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int] = ()) -> None:
         # A fast tokenizer's own `tokenizers` backend decodes the same text without transformers' per-call
         # argument handling (~15 us of Python a call, twice a token for every row of a batch).
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -29,9 +33,9 @@ class IncrementalDecoder:
             self._decode = lambda ids: tokenizer.decode(
                 ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
-        self._ids: list[int] = []
+        self._ids: list[int] = list(prompt_ids[-1:])
         self._prefix = 0  # window start
-        self._read = 0  # tokens whose text has been emitted
+        self._read = len(self._ids)  # tokens whose text has been emitted
 
     def add(self, token_id: int) -> str:
         self._ids.append(token_id)

@@ -207,7 +207,7 @@ class Engine:
         start = time.perf_counter()
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.end_ids))
         sampler = Sampler(params, prompt_len=len(prompt_ids), end_ids=sorted(stop_ids), device=self.device)
-        decoder, stops = IncrementalDecoder(self.tokenizer), StopMatcher(params.stop)
+        decoder, stops = IncrementalDecoder(self.tokenizer, prompt_ids), StopMatcher(params.stop)
         history = list(prompt_ids)
         runner, cached = self.new_runner(prompt_ids)
         team = self.team() if isinstance(runner, LlamaRunner) else None

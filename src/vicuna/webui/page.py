@@ -304,8 +304,10 @@ class WebChat:
             events, cut, dropped = self._open(messages, params, cancel, left, lang)
             for event in events:
                 if isinstance(event, TextChunk):
-                    if event.text:
-                        reply += event.text
+                    # a reply starts at its first visible character, as in the terminal and the API: the
+                    # text continues the prompt, and "ASSISTANT:" is followed by " The..."
+                    if piece := event.text if reply else event.text.lstrip():
+                        reply += piece
                         turns = [*turns[:-1], (user, reply, "")]
                         yield same, same, to_chatbot(turns), same, turns, same, same, same
                 elif isinstance(event, Finished):
