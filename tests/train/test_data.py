@@ -460,3 +460,86 @@ def test_the_progress_bar_leaves_nothing_in_piped_output(tokenizer, capsys):
     conv = Conversation("c", (Message("user", "Hello!"), Message("assistant", "Hi!")))
     prepare([conv], Encoder(tokenizer, get_template("vicuna_v1.1")), max_length=64, progress=True)
     assert capsys.readouterr().out == ""
+
+
+def openai_line(*messages, **fields):
+    return json.dumps(
+        {"messages": [dict(zip(("role", "content", "weight"), m, strict=False)) for m in messages], **fields}
+    )
+
+
+def test_replies_of_weight_0_carry_no_loss(tiny_llama_dir, tokenizer, tmp_path, capsys):
+    """OpenAI's fine-tuning format marks a reply kept as context only with `"weight": 0`; it was trained
+    on like any other. Its tokens are masked now, and an example whose every reply has weight 0 is left
+    out, as a truncated one with no reply left is."""
+    path = tmp_path / "data.jsonl"
+    lines = [
+        openai_line(
+            ("user", "Hello!"),
+            ("assistant", "Hi! How are you today?", 0),
+            ("user", "The capital of France?"),
+            ("assistant", "Paris.", 1),
+        ),
+        openai_line(
+            ("user", "Hello!"),
+            ("assistant", "Hi! How are you today?"),
+            ("user", "The capital of France?"),
+            ("assistant", "Paris."),
+        ),
+        openai_line(("user", "Hello!"), ("assistant", "Hi!", 0)),
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    out = tmp_path / "examples.jsonl"
+    args = ["train", "inspect", "--data", str(path), "--model-path", str(tiny_llama_dir), "--json", str(out)]
+    assert cli([*args, "--conv-template", "vicuna_v1.1"]) == 0
+    shown = capsys.readouterr().out
+    weighted, plain = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert weighted["input_ids"] == plain["input_ids"]
+    learned = [
+        t for t, label in zip(weighted["input_ids"], weighted["labels"], strict=True) if label != IGNORE
+    ]
+    assert tokenizer.decode(learned) == "Paris.</s>"
+    paris = plain["labels"].index(learned[0])
+    assert weighted["labels"][paris:] == plain["labels"][paris:]  # the reply of weight 1 as without weights
+    assert "2 examples," in shown and "; 1 left out (every reply has weight 0)" in shown
+    assert "ASSISTANT: Hi! How are you today?</s>USER:" in shown and "ASSISTANT:[[ Paris.</s>]]" in shown
+
+
+def test_split_parts_whose_replies_all_have_weight_0_are_left_out(tokenizer):
+    from vicuna.train.data import Conversation
+
+    messages = []
+    for i in range(4):
+        messages += [Message("user", f"Hello! {i}"), Message("assistant", f"Hi! How are you today? {i}")]
+    conv = Conversation("c", tuple(messages), (False, False, True, True))
+    encoder = Encoder(tokenizer, get_template("vicuna_v1.1"))
+    split = prepare([conv], encoder, max_length=len(encoder.encode(messages[:4])[0]), split_long=True)
+    assert [e.source for e in split.examples] == ["c part 2"] and split.untrained == 1
+    learned = tokenizer.decode([t for t in split.examples[0].labels if t != IGNORE])
+    assert learned == "Hi! How are you today? 2</s> Hi! How are you today? 3</s>"
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        (
+            (("user", "a"), ("assistant", "b", 0.5)),
+            r"data\.jsonl:1 \(id 'w'\)\.messages\[1\]\.weight: expected 0 .* or 1, got 0\.5",
+        ),
+        ((("user", "a"), ("assistant", "b", True)), r"messages\[1\]\.weight: expected 0 .* got True"),
+        ((("user", "a"), ("assistant", "b", "0")), r"messages\[1\]\.weight: expected 0 .* got '0'"),
+        (
+            (("user", "a", 0), ("assistant", "b")),
+            r"messages\[0\]\.weight: only an assistant message has a weight",
+        ),
+        (
+            (("user", "a"), ("assistant", "b", 1), ("assistant", "c", 0)),
+            r"messages\[2\]\.weight: 0, after a reply of weight 1; replies in a row are joined",
+        ),
+    ],
+)
+def test_a_weight_other_than_0_or_1_names_the_record_and_field(tmp_path, messages, match):
+    path = tmp_path / "data.jsonl"
+    path.write_text(openai_line(*messages, id="w"), encoding="utf-8")
+    with pytest.raises(VicunaError, match=match):
+        load_conversations(path)

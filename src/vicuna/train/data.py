@@ -37,6 +37,8 @@ FORMATS = "expected a JSON list of conversations (ShareGPT) or one JSON object p
 class Conversation:
     source: str  # for messages: "data.json[3] (id 'x')" or "data.jsonl:4"
     messages: tuple[Message, ...]
+    # for each assistant reply, whether it carries loss (OpenAI's `"weight": 0` says not); (): all do
+    trained: tuple[bool, ...] = ()
 
 
 # --- reading and checking ------------------------------------------------------------------------
@@ -94,7 +96,8 @@ def is_json(text: str) -> bool:
 
 def parse_record(record: Any, where: str) -> Conversation:
     """One record: `{"id", "conversations": [{"from", "value"}]}` or `{"messages": [{"role", "content"}]}`,
-    either with an optional `"system"` prompt beside the turns."""
+    either with an optional `"system"` prompt beside the turns; an OpenAI-style assistant message may
+    carry `"weight": 0` (do not train on this reply) or 1 (the default), as in OpenAI's fine-tuning data."""
     if not isinstance(record, dict) or not ({"conversations", "messages"} & record.keys()):
         raise VicunaError(
             f"{where}: expected an object with 'conversations' (ShareGPT) or 'messages' (OpenAI style)"
@@ -119,9 +122,11 @@ def parse_record(record: Any, where: str) -> Conversation:
                 raise VicunaError(f"{at}.value: expected a string")
             messages.append(Message(SHAREGPT_ROLES[turn["from"]], turn["value"]))  # type: ignore[arg-type]
         fields = (f"{where}.conversations", "from", "value", SHAREGPT_NAMES)
+        trained = [True] * len(messages)
     else:
         messages = parse_messages(record["messages"], source=f"{where}.messages")
         fields = (f"{where}.messages", "role", "content", OPENAI_NAMES)
+        trained = [is_trained(m, f"{where}.messages[{i}]") for i, m in enumerate(record["messages"])]
     # LLaMA-Factory's ShareGPT files keep it beside the turns; a table's export writes null for none
     system = "" if record.get("system") is None else record["system"]
     if not isinstance(system, str):
@@ -129,20 +134,41 @@ def parse_record(record: Any, where: str) -> Conversation:
     if system.strip() and messages[0].role == "system":
         raise VicunaError(f"{where}.system: the conversation has a system turn too; keep one of them")
     head = [Message("system", system)] if system.strip() else []
-    return Conversation(where, tuple(head + check_turns(messages, *fields)))
+    turns, replies = check_turns(messages, *fields, trained=trained)
+    return Conversation(where, tuple(head + turns), replies)
+
+
+def is_trained(message: Any, at: str) -> bool:
+    """An OpenAI-style message's `weight`: 0 leaves an assistant reply out of the loss (a turn of a
+    multi-turn example kept as context only); 1, absent or null (a table's export), it is learned."""
+    weight = message.get("weight")
+    if weight is None:
+        return True
+    if message["role"] != "assistant":
+        raise VicunaError(f"{at}.weight: only an assistant message has a weight (whether to train on it)")
+    if type(weight) is not int or weight not in (0, 1):  # not True, nor 0.5
+        raise VicunaError(f"{at}.weight: expected 0 (do not train on this reply) or 1, got {weight!r}")
+    return weight == 1
 
 
 def check_turns(
-    messages: list[Message], at: str, role_field: str, text_field: str, names: dict[str, str]
-) -> list[Message]:
+    messages: list[Message],
+    at: str,
+    role_field: str,
+    text_field: str,
+    names: dict[str, str],
+    trained: Sequence[bool],
+) -> tuple[list[Message], tuple[bool, ...]]:
     """Non-empty texts; an optional system turn, then user and assistant turns. Consecutive turns of one
     role are joined with a blank line, as `vicuna chat` and the API join them (a chat log often has
-    two messages in a row from one side); then they alternate, from a user turn.
+    two messages in a row from one side); then they alternate, from a user turn. Returns the turns and,
+    for each reply among them, whether it is trained on (`trained`: for each message).
 
     A trailing user turn is dropped: it has no reply to learn from.
     """
     first = 1 if messages[0].role == "system" else 0
     joined: list[Message] = messages[:first]
+    replies: list[bool] = []
     for i, message in enumerate(messages):
         if not message.content.strip():
             raise VicunaError(f"{at}[{i}].{text_field}: empty text")
@@ -150,6 +176,11 @@ def check_turns(
             continue
         expected = "user" if (len(joined) - first) % 2 == 0 else "assistant"
         if len(joined) > first and message.role == joined[-1].role and message.role != "system":
+            if message.role == "assistant" and trained[i] != replies[-1]:  # one reply: learned or not
+                raise VicunaError(
+                    f"{at}[{i}].weight: {int(trained[i])}, after a reply of weight {int(replies[-1])}; "
+                    "replies in a row are joined into one: give them the same weight"
+                )
             joined[-1] = Message(message.role, f"{joined[-1].content}\n\n{message.content}")
         elif message.role != expected:
             raise VicunaError(
@@ -158,11 +189,12 @@ def check_turns(
             )
         else:
             joined.append(message)
+            replies += [trained[i]] if message.role == "assistant" else []
     if joined[-1].role == "user":
         joined = joined[:-1]
     if len(joined) - first < 2:
         raise VicunaError(f"{at}: no {names['assistant']!r} turn to learn from")
-    return joined
+    return joined, tuple(replies)
 
 
 # --- tokenizing with the loss mask ---------------------------------------------------------------
@@ -213,17 +245,22 @@ class Encoder:
         text = "".join(s.text for s in self._segments(messages))
         return len(self._bos_for(text)) + len(self._ids(text).input_ids)
 
-    def encode(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
-        """(input_ids, labels); labels are IGNORE except on the tokens of the trainable segments.
+    def encode(
+        self, messages: Sequence[Message], trained: Sequence[bool] = ()
+    ) -> tuple[list[int], list[int]]:
+        """(input_ids, labels); labels are IGNORE except on the tokens of the trainable segments, of the
+        replies `trained` marks (one flag per assistant message; (): all of them).
         Special-token text in a message is tokenized as text, as in a chat prompt (`vicuna.engine.typed`)."""
         masked = mask(messages, self.specials)
-        text, spans, pos, marked = "", [], 0, ""
+        text, spans, pos, marked, reply = "", [], 0, "", 0
         for segment in self._segments(masked.messages if masked else messages):
             piece = masked.unmask(segment.text, pos) if masked else segment.text
             marked += segment.text
             text += piece
-            if segment.trainable and piece:
+            # a template renders each assistant message as one trainable segment
+            if segment.trainable and (not trained or trained[reply]) and piece:
                 spans.append((pos, pos + len(piece)))
+            reply += segment.trainable
             pos += len(piece)
         if masked and not self.use_offsets:
             raise SpanError("a message holds a special token's text, which needs a fast tokenizer's offsets")
@@ -321,6 +358,7 @@ class Prepared:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (source, why its spans cannot be located)
     truncated: int = 0  # examples cut at --max-length
     dropped: int = 0  # truncated examples with no loss token left, left out
+    untrained: int = 0  # examples (or --split-long parts) whose replies all have weight 0, left out
 
     def summary(self) -> str:
         tokens = sum(len(e.input_ids) for e in self.examples)
@@ -330,6 +368,7 @@ class Prepared:
             f"{len(self.bad)} bad (assistant text not locatable), "
             f"{self.truncated} truncated to --max-length {self.max_length}"
             + (f", {self.dropped} of them left out (no assistant text left)" if self.dropped else "")
+            + (f"; {self.untrained} left out (every reply has weight 0)" if self.untrained else "")
         )
 
     def fingerprint(self) -> str:
@@ -384,16 +423,25 @@ def prepare(
     shown = progress and sys.stdout.isatty()
     for conv in track(conversations, description="tokenizing", disable=not shown, transient=True):
         pieces = [list(conv.messages)]
+        if conv.trained and not any(conv.trained):  # left out whole, however it would be split
+            out.untrained += 1
+            continue
         try:
             if split_long and not fits(pieces[0]):
                 pieces = split_turns(conv.messages, fits)
         except SpanError as err:
             out.bad.append((conv.source, str(err)))
             continue
+        replies = conv.trained or (True,) * sum(m.role == "assistant" for m in conv.messages)
         for k, messages in enumerate(pieces):
             source = conv.source if len(pieces) == 1 else f"{conv.source} part {k + 1}"
+            n = sum(m.role == "assistant" for m in messages)
+            trained, replies = replies[:n], replies[n:]
+            if not any(trained):  # nothing to learn from: left out, as a truncation with no reply left
+                out.untrained += 1
+                continue
             try:
-                ids, labels = encoder.encode(messages)
+                ids, labels = encoder.encode(messages, trained)
             except SpanError as err:
                 out.bad.append((source, str(err)))
                 continue
