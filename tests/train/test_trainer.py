@@ -611,3 +611,38 @@ def test_a_checkpoint_chats_with_the_template_it_is_trained_with(tiny_llama_dir,
     for step in (1, 2):
         engine = load_engine(ModelSettings(model_path=str(out / f"checkpoint-{step}")), progress=False)
         assert engine.template.name == "chatml"
+
+
+def test_a_resume_from_another_base_model_is_refused(tmp_path):
+    """The run record did not say which model a run trained, so `--resume --model-path OTHER` went on
+    training a LoRA adapter (or full weights) made for one model on another without a word."""
+    from dataclasses import replace
+
+    from vicuna.train.data import Prepared
+    from vicuna.train.trainer import RUN_RECORD, TrainConfig, run_record, start_or_resume
+
+    base, other, out = tmp_path / "base", tmp_path / "other", tmp_path / "out"
+    base.mkdir(), other.mkdir()
+    started = TrainConfig(data=tmp_path / "data.json", output_dir=out, model_path=str(base), lora=True)
+
+    def resume(model: Path | None, model_path: str | None) -> Path | None:
+        cfg = replace(started, resume=True, model_path=model_path)
+        return start_or_resume(cfg, run_record(cfg, "vicuna_v1.1", Prepared(64)), True, model)
+
+    assert start_or_resume(started, run_record(started, "vicuna_v1.1", Prepared(64)), True, base) is None
+    (out / "checkpoint-3").mkdir()
+    (out / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    with pytest.raises(VicunaError) as err:
+        resume(other, str(other))
+    assert str(err.value) == (
+        f"--resume: the run in {out} was started from --model-path {base}, now from --model-path {other}; "
+        "resume with the model it was started from, or start a new --output-dir"
+    )
+    with pytest.raises(VicunaError, match="started from --model-path .*, now from the built-in model"):
+        resume(Path("builtin"), None)
+    assert resume(base, str(tmp_path / "other" / ".." / "base")) == out / "checkpoint-3"  # the same folder
+    # a run recorded before the base model was: resumed as it was
+    record = json.loads((out / RUN_RECORD).read_text(encoding="utf-8"))
+    del record["base_model"]
+    (out / RUN_RECORD).write_text(json.dumps(record), encoding="utf-8")
+    assert resume(other, str(other)) == out / "checkpoint-3"

@@ -263,11 +263,14 @@ def is_json_file(path: Path) -> bool:
 
 
 def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict[str, Any]:
-    """What fixes the data order and the schedule: a resumed run must match it."""
+    """What fixes the model trained, the data order and the schedule: a resumed run must match it."""
     keys = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio")
     keys += ("weight_decay", "lr_scheduler", "lora", "lora_r", "lora_alpha", "lora_target", "seed")
     record = {k: asdict(cfg)[k] for k in keys}
     record.update(
+        # a resumed LoRA adapter on another base, or full weights loaded over another model's, would go
+        # on training as if nothing had changed; None: the built-in model
+        base_model=str(Path(cfg.model_path).expanduser().resolve()) if cfg.model_path else None,
         max_length=prepared.max_length,
         conv_template=template_name,
         data_fingerprint=prepared.fingerprint(),
@@ -325,10 +328,20 @@ def start_or_resume(
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
         for key, value in record.items():
-            if old.get(key) != value:
+            if key not in old:  # a record written before vicuna recorded it
+                continue
+            if key == "base_model" and old[key] != value:
+                was, now = (
+                    f"--model-path {quote(v)}" if v else "the built-in model" for v in (old[key], value)
+                )
+                raise VicunaError(
+                    f"--resume: the run in {cfg.output_dir} was started from {was}, now from {now}; resume "
+                    "with the model it was started from, or start a new --output-dir"
+                )
+            if old[key] != value:
                 what = "the tokenized data" if key == "data_fingerprint" else key
                 raise VicunaError(
-                    f"--resume: {what} was {old.get(key)!r} for the run in {cfg.output_dir}, now {value!r}; "
+                    f"--resume: {what} was {old[key]!r} for the run in {cfg.output_dir}, now {value!r}; "
                     "resume with the same data and settings, or start a new --output-dir"
                 )
     return checkpoint
