@@ -399,19 +399,25 @@ def test_a_run_on_the_cpu_says_so_and_why(tiny_llama_dir, data_file, tmp_path, c
     assert "Training on the CPU in float32 (a CPU-only build of PyTorch, " in capsys.readouterr().out
 
 
-def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, capsys):
+@pytest.mark.parametrize(("name", "capability"), [("Tesla P40", (6, 1)), ("Tesla V100-SXM2-16GB", (7, 0))])
+def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, capsys, name, capability):
+    """The reason given was that older GPUs "lack the fp16 tensor-core kernels", which a V100 (7.0) has;
+    what they lack is kernels in PyTorch's CUDA 12.8 and 13 builds."""
     import torch
 
     from vicuna.train.trainer import check_gpus
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (6, 1))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla P40")
-    with pytest.raises(
-        VicunaError, match=r"GPU 0 \(Tesla P40\) has compute capability 6\.1; training needs 7\.5"
-    ):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: name)
+    with pytest.raises(VicunaError) as err:
         check_gpus(force=False)
+    assert str(err.value) == (
+        f"GPU 0 ({name}) has compute capability {capability[0]}.{capability[1]}; training needs 7.5 or newer "
+        "(T4, RTX 20xx, A100 and later): PyTorch's CUDA 12.8 and 13 builds have no kernels for older GPUs "
+        '("no kernel image is available"). Pass --force to try anyway with a PyTorch built for CUDA 12.6, which has them'
+    )
     check_gpus(force=True)
     # the CLI checks before it loads anything
     assert cli(["train", "--data", str(data_file), "--output-dir", str(tmp_path / "out")]) == 2

@@ -111,7 +111,9 @@ class TrainConfig:
 
 
 def check_gpus(force: bool) -> None:
-    """Refuse GPUs below compute capability 7.5, where training fails or crawls, unless `force`."""
+    """Refuse GPUs below compute capability 7.5 unless `force`: PyTorch's CUDA 12.8 and 13 builds (since
+    PyTorch 2.11) have no kernels for them (CUDA 13 dropped Maxwell, Pascal and Volta; PyTorch's 12.8 builds
+    followed), so the first kernel launched fails with "no kernel image is available for execution"."""
     import torch
 
     if not torch.cuda.is_available() or force:
@@ -122,8 +124,8 @@ def check_gpus(force: bool) -> None:
             raise VicunaError(
                 f"GPU {i} ({torch.cuda.get_device_name(i)}) has compute capability "
                 f"{capability[0]}.{capability[1]}; training needs 7.5 or newer (T4, RTX 20xx, A100 and "
-                "later): older GPUs lack the fp16 tensor-core kernels that training relies on (bfloat16 "
-                "needs 8.0), and runs fail or crawl (a Tesla P40, 6.1, fails). Pass --force to try anyway"
+                "later): PyTorch's CUDA 12.8 and 13 builds have no kernels for older GPUs (\"no kernel image "
+                'is available"). Pass --force to try anyway with a PyTorch built for CUDA 12.6, which has them'
             )
 
 
