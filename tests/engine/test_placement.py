@@ -234,3 +234,37 @@ def test_auto_dtype_is_measured_once_and_remembered(monkeypatch, tmp_path):
 def test_reply_timing_runs_the_models_own_layers():
     assert placement.trial_layers(CONFIG) == CONFIG.num_hidden_layers  # small layers: all of them
     assert placement._time_reply(CONFIG, torch.float32) > 0
+
+
+def pretend_gpu(monkeypatch, name: str, major: int, minor: int) -> None:
+    """A CUDA GPU of this compute capability, on which PyTorch can make bfloat16 tensors (emulated or not)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda d=None: SimpleNamespace(name=name, major=major, minor=minor),
+    )
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+@pytest.mark.parametrize(("name", "major", "minor"), [("Tesla T4", 7, 5), ("NVIDIA A100-SXM4-40GB", 8, 0)])
+def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(monkeypatch, capsys, name, major, minor):
+    """`--dtype bfloat16` on a T4 chatted in emulated bfloat16, slowly, without a word."""
+    pretend_gpu(monkeypatch, name, major, minor)
+    cuda = torch.device("cuda")
+    assert placement.resolve_dtype("bfloat16", cuda, CONFIG) == torch.bfloat16
+    warned = capsys.readouterr().err
+    if major < 8:
+        assert warned == (
+            "warning: --dtype bfloat16 on the Tesla T4 (compute capability 7.5), which has no native bfloat16 "
+            "(8.0 and newer have it): PyTorch emulates it, slowly; try --dtype float16\n"
+        )
+    else:
+        assert warned == ""
+    assert placement.resolve_dtype("float16", cuda, CONFIG) == torch.float16
+    assert placement.resolve_dtype("auto", cuda, CONFIG) in (torch.float16, torch.bfloat16)
+    assert capsys.readouterr().err == ""  # float16, and what auto picks, are the GPU's own

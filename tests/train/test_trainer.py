@@ -444,6 +444,33 @@ def test_auto_precision_is_bfloat16_only_where_the_gpu_has_it(monkeypatch, major
     assert precision("auto") == (getattr(torch, dtype), mixed)
 
 
+@pytest.mark.parametrize(("major", "warned"), [(7, True), (8, False)])
+def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(monkeypatch, capsys, major, warned):
+    """`--dtype bfloat16` on a T4 trained in emulated bfloat16, slowly, without a word."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vicuna.train.trainer import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda d=None: SimpleNamespace(name="Tesla T4" if major < 8 else "A100", major=major, minor=5),
+    )
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert precision("bfloat16") == (torch.bfloat16, "bf16")
+    err = capsys.readouterr().err
+    assert ("warning: --dtype bfloat16 on the Tesla T4 (compute capability 7.5)" in err) == warned
+    assert ("try --dtype float16" in err) == warned
+    assert precision("bfloat16", warn=False) == (torch.bfloat16, "bf16")  # a process other than the first
+    assert precision("float16") == (torch.float16, "fp16")
+    assert capsys.readouterr().err == ""
+
+
 def test_qlora_without_cuda_is_a_clear_error(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
     import torch
 

@@ -52,6 +52,8 @@ def resolve_device(settings: ModelSettings) -> torch.device:
 
 def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dtype:
     if requested != "auto":
+        if requested == "bfloat16" and device.type == "cuda":
+            warn_if_bfloat16_is_emulated()
         return DTYPES[requested]
     if device.type == "cuda":
         # bfloat16 where it is native (8.0+): PyTorch only emulates it, slowly, on a T4 or an RTX 20xx
@@ -59,6 +61,20 @@ def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dt
     if device.type == "mps":
         return torch.float16
     return fastest_cpu_dtype(config)
+
+
+def warn_if_bfloat16_is_emulated() -> None:
+    """An explicit --dtype bfloat16 on a GPU without native bfloat16 (below compute capability 8.0: a T4,
+    an RTX 20xx, a V100) runs, emulated by PyTorch, slowly and without a word: said, not refused."""
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return
+    gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+    print(
+        f"warning: --dtype bfloat16 on the {gpu.name} (compute capability {gpu.major}.{gpu.minor}), which has "
+        "no native bfloat16 (8.0 and newer have it): PyTorch emulates it, slowly; try --dtype float16",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def trial_layers(config: Any) -> int:

@@ -140,11 +140,16 @@ def check_qlora() -> None:
         raise VicunaError("--qlora needs bitsandbytes: pip install 'vicuna[gpu]'")
 
 
-def precision(dtype: str) -> tuple[Any, str]:
-    """(dtype to compute in, "bf16" | "fp16" | "no" for mixed precision) for `--dtype` on this machine."""
+def precision(dtype: str, *, warn: bool = True) -> tuple[Any, str]:
+    """(dtype to compute in, "bf16" | "fp16" | "no" for mixed precision) for `--dtype` on this machine;
+    `warn`: say when an explicit bfloat16 is emulated, slowly, on this GPU."""
     import torch
 
+    from vicuna.engine.placement import warn_if_bfloat16_is_emulated
+
     cuda = torch.cuda.is_available()
+    if dtype == "bfloat16" and cuda and warn:
+        warn_if_bfloat16_is_emulated()
     if dtype == "auto":  # bfloat16 where it is native (8.0+); PyTorch emulates it, slowly, on a T4 (7.5)
         bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
         dtype = ("bfloat16" if bf16 else "float16") if cuda else "float32"
@@ -645,8 +650,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     check_gpus(cfg.force)
     if cfg.qlora:
         check_qlora()
-    compute_dtype, mixed = precision(cfg.dtype)
     is_main = int(os.environ.get("RANK", "0")) == 0  # accelerate launch / torchrun: rank 0 reports
+    compute_dtype, mixed = precision(cfg.dtype, warn=is_main)
     show = cfg.progress and is_main
     folder, tokenizer, template, prepared = read_and_tokenize(
         cfg.data,
