@@ -127,11 +127,17 @@ def test_missing_bos_token_is_named(model_copy):
 
 
 def test_lora_adapter_folder_points_to_merge(tmp_path):
+    """The command suggested had `--base BASE` even where the adapter's config records its base."""
     adapter = tmp_path / "我的 adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match=f"vicuna lora merge --base BASE --adapter '{adapter}' --output"):
         load(adapter)
+    base = tmp_path / "基础 模型"
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    with pytest.raises(ModelLoadError) as err:
+        load(adapter)
+    assert f"`vicuna lora merge --base '{base}' --adapter '{adapter}' --output OUT`" in str(err.value)
 
 
 def test_delta_weights_passed_as_the_model_say_to_merge_them_first(tiny_llama_dir, tmp_path):

@@ -70,6 +70,18 @@ def test_lora_run_writes_an_adapter_with_its_template(adapter):
     assert json.loads((adapter / "checkpoint-8" / "vicuna.json").read_text()) == {"conv_template": "chatml"}
 
 
+def test_an_adapter_given_as_the_model_is_told_the_merge_command_with_its_base(adapter, tiny_llama_dir):
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.errors import ModelLoadError
+    from vicuna.shell import quote
+
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model_path(str(adapter))
+    assert f"`vicuna lora merge --base {quote(str(tiny_llama_dir))} --adapter {quote(str(adapter))} " in str(
+        err.value
+    )
+
+
 def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, tmp_path, capsys):
     import torch
     from peft import PeftModel

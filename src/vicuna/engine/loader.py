@@ -39,12 +39,23 @@ def resolve_model_path(model_path: str | None) -> Path:
         return convert_gguf(path, gguf_cache_dir(path))
     if not (path / CONFIG).is_file():
         if (path / "adapter_config.json").is_file():
+            base = adapter_base(path)
             raise ModelLoadError(
-                f"{path}: a LoRA adapter, not a whole model; merge it first with "
-                f"`vicuna lora merge --base BASE --adapter {quote(str(path))} --output OUT`"
+                f"{path}: a LoRA adapter, not a whole model; merge it first with `vicuna lora merge "
+                f"--base {quote(base) if base else 'BASE'} --adapter {quote(str(path))} --output OUT`"
             )
         raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
     return path
+
+
+def adapter_base(adapter: Path) -> str | None:
+    """The base model a LoRA adapter's config records (peft's `base_model_name_or_path`), if it says."""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # `vicuna lora merge` says what is wrong
+        return None
+    named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return named if isinstance(named, str) and named.strip() else None
 
 
 def read_config(folder: Path) -> Any:
