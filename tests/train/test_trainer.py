@@ -669,11 +669,16 @@ def test_a_resume_from_another_base_model_is_refused(tmp_path):
         resume(other, str(other))
     assert str(err.value) == (
         f"--resume: the run in {out} was started from --model-path {base}, now from --model-path {other}; "
-        "resume with the model it was started from, or start a new --output-dir"
+        "resume with the model it was started from, or start a new --output-dir (the same model, moved: "
+        f'set "base_model" in {out / "vicuna-train.json"} to its new folder)'
     )
     with pytest.raises(VicunaError, match="started from --model-path .*, now from the built-in model"):
         resume(Path("builtin"), None)
     assert resume(base, str(tmp_path / "other" / ".." / "base")) == out / "checkpoint-3"  # the same folder
+    # the model moved: the record is told its new folder, as the message says
+    record = json.loads((out / RUN_RECORD).read_text(encoding="utf-8"))
+    (out / RUN_RECORD).write_text(json.dumps(record | {"base_model": str(other)}), encoding="utf-8")
+    assert resume(other, str(other)) == out / "checkpoint-3"
     # a run recorded before the base model was: resumed as it was
     record = json.loads((out / RUN_RECORD).read_text(encoding="utf-8"))
     del record["base_model"]

@@ -343,7 +343,8 @@ def start_or_resume(
                 )
                 raise VicunaError(
                     f"--resume: the run in {cfg.output_dir} was started from {was}, now from {now}; resume "
-                    "with the model it was started from, or start a new --output-dir"
+                    "with the model it was started from, or start a new --output-dir (the same model, moved: "
+                    f'set "base_model" in {path} to its new folder)'
                 )
             if old[key] != value:
                 what = "the tokenized data" if key == "data_fingerprint" else key
