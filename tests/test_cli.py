@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
+
+import pytest
 
 from vicuna.cli import SPIN_COUNT
 
@@ -83,3 +86,62 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
                     shown = "default" in formatter._expand_help(action) or action.default is False
                     missing += [] if shown else [f"{flag}: default {action.default!r} not shown"]
     assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        # fastchat.serve.cli spells it with an underscore
+        (
+            "chat --temperature 0.7 --repetition_penalty 1.2",
+            "--repetition_penalty: here it is spelled --repetition-penalty",
+        ),
+        # the tutorial's apply_delta, with the names FastChat's own docs use
+        (
+            "delta apply --base-model-path llama-13b-hf --target-model-path vicuna-13b --delta-path vicuna-13b-delta-v1.1",
+            "--base-model-path: here it is --base",
+        ),
+        (
+            "serve --model lmsys/vicuna-7b-v1.5",
+            "--model: here it is --model-path",
+        ),  # ambiguous here, not in chat
+        ("serve --model-path m --model-names vicuna-7b-v1.5", "--model-names: here it is --model-name"),
+        (
+            "chat --model-path m --gptq-ckpt m/4bit.pt --gptq-wbits 4",
+            "--gptq-ckpt: GPTQ checkpoints are not supported",
+        ),
+        ("chat --model-path m --gpus 0,1 --num-gpus 2", "--gpus: choose the GPUs with CUDA_VISIBLE_DEVICES"),
+        (
+            "serve --controller-address http://localhost:21001",
+            "--controller-address: vicuna has no controller",
+        ),
+        ("download-llama --model_size 13B --folder llama", "--model_size: here it is spelled --model-size"),
+    ],
+)
+def test_a_fastchat_spelling_is_answered_with_what_to_type_here(command, said, capsys):
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(command.split())
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"vicuna {command.split()[0]}") and f": error: {said}" in last
+
+
+def test_a_flag_taken_here_is_never_answered_as_fastchat_s():
+    from vicuna.cli import COMMANDS, command_parser
+    from vicuna.fastchat_flags import RENAMED, advice
+
+    # `--model` is taken by `vicuna chat` as argparse takes an abbreviation: another error is not about it
+    known = set(command_parser("chat")._option_string_actions)
+    assert advice(["--model", "m", "--bogus"], known) is None
+    # and every flag the table points to is one that some command takes
+    everywhere = set()
+    for name in COMMANDS:
+        parser = command_parser(name)
+        everywhere |= set(parser._option_string_actions)
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    everywhere |= set(sub._option_string_actions)
+    assert set(RENAMED.values()) <= everywhere

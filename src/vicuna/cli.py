@@ -7,6 +7,8 @@ import importlib
 import io
 import os
 import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 from vicuna import __version__
 
@@ -60,9 +62,33 @@ class HelpWithDefaults(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser whose errors say what to type instead of a FastChat spelling among the arguments
+    (`--repetition_penalty`, `--base-model-path`, `--gptq-ckpt`), where argparse said only "unrecognized
+    arguments" or "the following arguments are required"."""
+
+    typed: list[str] = []
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self.typed = list(sys.argv[1:] if args is None else args)  # a subcommand's parser: what follows it
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> NoReturn:
+        from vicuna.fastchat_flags import advice
+
+        known = set(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    known |= set(sub._option_string_actions)
+        super().error(advice(self.typed, known) or message)
+
+
 def command_parser(name: str) -> argparse.ArgumentParser:
     """The parser of `vicuna NAME`, its subcommands' parsers (e.g. `vicuna delta apply`) included."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=f"vicuna {name}", description=COMMANDS[name][1], formatter_class=HelpWithDefaults
     )
     importlib.import_module(COMMANDS[name][0]).add_arguments(parser)
