@@ -225,6 +225,19 @@ def test_choice_order():
         choose_template_name("nope", has_chat_template=False, model_name="x")
 
 
+@pytest.mark.parametrize("command", ["chat", "serve", "doctor", "train"])
+def test_fastchat_s_template_names_are_refused_as_read_with_the_one_to_use(command, tmp_path, capsys):
+    # before the model is looked for (here: a folder that does not exist), not after a minute of loading it
+    argv = [command, "--model-path", str(tmp_path / "vicuna-13b"), "--conv-template", "one_shot"]
+    with pytest.raises(SystemExit):
+        cli(argv)
+    err = capsys.readouterr().err
+    assert "unknown template 'one_shot'" in err and "FastChat's one_shot is vicuna_v0 here" in err
+    with pytest.raises(SystemExit):
+        cli(["chat", "--conv-template", "llama-3"])
+    assert "hf: the model's own chat template" in capsys.readouterr().err
+
+
 def test_parse_messages_errors_name_the_field():
     assert parse_messages(
         [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vicuna.conversation import template_name
 from vicuna.errors import VicunaError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -102,6 +103,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--load-8bit", action="store_true", help="int8 weights: about half the memory")
     g.add_argument(
         "--conv-template",
+        type=template_name,
         help="prompt template, see `vicuna template list` (default: the model's own, or vicuna_v1.1)",
     )
     g.add_argument("--conv-system-msg", type=utf8_text, help="replace the template's system prompt")

@@ -336,10 +336,29 @@ BUILTIN_TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV11(), Vicun
 TEMPLATE_NAMES: tuple[str, ...] = (*BUILTIN_TEMPLATES, "hf")
 
 
+def unknown_template(name: str) -> str:
+    """The refusal of a template name, with what to use instead of the FastChat names users bring."""
+    said = f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}"
+    if name in ("one_shot", "zero_shot"):  # FastChat's '### Human:' templates
+        example = ", without one_shot's example exchange" if name == "one_shot" else ""
+        return f"{said} (FastChat's {name} is vicuna_v0 here{example})"
+    return (
+        f"{said} (hf: the model's own chat template, which a model that has one gets without --conv-template)"
+    )
+
+
+def template_name(value: str) -> str:
+    """`--conv-template`'s value, checked as the flag is read: an unknown name was said only once the model
+    had loaded (and the CPU's dtype been timed), a minute for a 13B model."""
+    if value not in TEMPLATE_NAMES:
+        raise argparse.ArgumentTypeError(unknown_template(value))
+    return value
+
+
 def get_template(name: str) -> Template:
     """A built-in template by name (`hf` needs a tokenizer: see the engine's loader)."""
     if name not in BUILTIN_TEMPLATES:
-        raise VicunaError(f"unknown template {name!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+        raise VicunaError(unknown_template(name))
     return BUILTIN_TEMPLATES[name]
 
 
@@ -352,7 +371,7 @@ def choose_template_name(requested: str | None, *, has_chat_template: bool, mode
     """`--conv-template` wins; else the model's own chat template; else by the model's name; else vicuna_v1.1."""
     if requested:
         if requested not in TEMPLATE_NAMES:
-            raise VicunaError(f"unknown template {requested!r}; choose one of {', '.join(TEMPLATE_NAMES)}")
+            raise VicunaError(unknown_template(requested))
         if requested == "hf" and not has_chat_template:
             raise VicunaError("--conv-template hf: this model's tokenizer has no chat template")
         return requested

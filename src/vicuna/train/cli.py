@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vicuna.config import DTYPES, utf8_text
+from vicuna.conversation import template_name
 from vicuna.errors import VicunaError
 from vicuna.train.data import IGNORE
 from vicuna.train.trainer import SCHEDULERS
@@ -20,7 +21,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-path", help="HF-format folder or .gguf file (default: the built-in model)")
     g.add_argument("--data", type=Path, help="ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]})")
     g.add_argument(
-        "--conv-template", help="prompt template (default: the model's own, see `vicuna template list`)"
+        "--conv-template",
+        type=template_name,
+        help="prompt template (default: the model's own, see `vicuna template list`)",
     )
     g.add_argument("--conv-system-msg", type=utf8_text, help="system prompt for conversations that have none")
     g.add_argument(
