@@ -28,6 +28,22 @@ def test_missing_folder(tmp_path):
         load(tmp_path / "nope")
 
 
+def test_a_hub_repo_id_as_fastchat_takes_it_says_how_to_download_it(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "models" / "lmsys--vicuna-7b-v1.5"
+    with pytest.raises(ModelLoadError) as info:
+        load("lmsys/vicuna-7b-v1.5")
+    assert (
+        f"`vicuna download lmsys/vicuna-7b-v1.5` fetches it into {folder}, then --model-path {folder}"
+        in str(info.value)
+    )
+    shutil.copytree(tiny_llama_dir, folder)  # downloaded before: the folder to give
+    with pytest.raises(ModelLoadError) as info:
+        load("lmsys/vicuna-7b-v1.5")
+    assert str(info.value).endswith(f"it was downloaded to {folder}: --model-path {folder}")
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load(tmp_path)

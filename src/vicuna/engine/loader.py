@@ -7,12 +7,13 @@ Every check names the file and the field at fault, so that a user sees "shard 2 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from vicuna.config import ModelSettings
+from vicuna.config import ModelSettings, vicuna_home
 from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
 from vicuna.errors import ModelLoadError
 from vicuna.shell import quote
@@ -20,6 +21,7 @@ from vicuna.weights.manifest import transformers_bar
 from vicuna.weights.tokenizer import check_tokenizer
 
 CONFIG = "config.json"
+HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name, as FastChat's --model-path takes it
 # {"conv_template": NAME, "conv_system_msg": TEXT (when not the template's default)}, by `vicuna train`
 RECORDED_TEMPLATE = "vicuna.json"
 
@@ -31,6 +33,17 @@ def resolve_model_path(model_path: str | None) -> Path:
     if model_path is None:
         return builtin_model_dir()
     path = Path(model_path).expanduser()
+    if not path.exists() and HUB_REPO_ID.fullmatch(model_path):
+        # FastChat's own commands (`--model-path lmsys/vicuna-7b-v1.5`) download the Hub repository first
+        folder = vicuna_home() / "models" / model_path.replace("/", "--")  # where `vicuna download` puts it
+        if (folder / CONFIG).is_file():
+            raise ModelLoadError(
+                f"{path}: no such folder; it was downloaded to {folder}: --model-path {quote(str(folder))}"
+            )
+        raise ModelLoadError(
+            f"{path}: no such folder; vicuna loads local folders, not Hugging Face Hub repositories: "
+            f"`vicuna download {model_path}` fetches it into {folder}, then --model-path {quote(str(folder))}"
+        )
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
     if path.is_file():
