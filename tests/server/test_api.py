@@ -474,6 +474,32 @@ def test_browser_pages_from_allowed_origins_may_call_the_api(tiny_engine):
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+def test_allowed_origins_as_fastchat_writes_them_or_with_a_path_are_read_or_refused(capsys):
+    from vicuna.cli import command_parser
+
+    def origins(value):
+        return command_parser("serve").parse_args(["--allowed-origins", value]).allowed_origins
+
+    assert origins('["*"]') == ["*"]  # FastChat's JSON list, once taken for an origin named '["*"]'
+    assert origins('["https://a.example", "http://localhost:3000"]') == [
+        "https://a.example",
+        "http://localhost:3000",
+    ]
+    assert origins("https://a.example, https://b.example:8443") == [
+        "https://a.example",
+        "https://b.example:8443",
+    ]
+    assert origins("") == []
+    for never_sent in (
+        "https://chat.example.com/",
+        "chat.example.com",
+        '["*"',
+    ):  # a browser's Origin is neither
+        with pytest.raises(SystemExit):
+            origins(never_sent)
+        assert "argument --allowed-origins: " in capsys.readouterr().err
+
+
 def wait_for(predicate, timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():

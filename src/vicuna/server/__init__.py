@@ -4,8 +4,10 @@ concurrent requests. The app itself is built by `vicuna.server.app.create_app`."
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import socket
 import sys
 
@@ -30,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--allowed-origins",
+        type=origin_list,
         default="",
         help="comma-separated origins (e.g. https://chat.example.com, or *) whose web pages may call the API "
         "from a browser (CORS); default: none besides the server's own",
@@ -59,6 +62,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("debug", "info", "warning", "error"),
         help="least severe message logged",
     )
+
+
+def origin_list(value: str) -> list[str]:
+    """`--allowed-origins`: comma-separated, or FastChat's JSON list ('["*"]'), which was taken for one origin
+    named '["*"]' that no browser sends, as is one with a path or a trailing slash: the server started and
+    every page of another origin was refused."""
+    if value.strip().startswith("["):
+        try:
+            origins = json.loads(value)
+        except json.JSONDecodeError:
+            origins = None
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise argparse.ArgumentTypeError(f"{value!r} is not a JSON list of origins")
+    else:
+        origins = value.split(",")
+    origins = [o.strip() for o in origins if o.strip()]
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+            raise argparse.ArgumentTypeError(
+                f"{origin!r} is not an origin: scheme://host[:port] without a path (https://chat.example.com), or *"
+            )
+    return origins
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -119,7 +144,7 @@ def main(args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         stream_interval_ms=args.stream_interval,
         webui=not args.no_webui,
-        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
+        allowed_origins=args.allowed_origins,
     )
     batcher = app.state.batcher
     base = base_url(args.host, args.port)
