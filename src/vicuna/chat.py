@@ -34,6 +34,7 @@ HISTORY_FILE = "chat_history"  # in $VICUNA_HOME: the messages typed, for the up
 HISTORY_LINES = 1000
 CODE_ROWS_EVERY_S = 0.25  # `--style rich`: how often an open code block's rows past the screen are printed
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
+FASTCHAT_END_MARK = "__END_OF_A_MESSAGE_47582648__"  # FastChat's, at the end of a line, in only
 HELP = "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply."
 PASTED = "Lines pasted at once are one message."  # where readline takes pastes whole (bracketed paste)
 
@@ -166,6 +167,13 @@ class TerminalIO:
                 for line in sys.stdin:
                     if piped_line(line) == END_MARK:
                         return "\n".join(lines)
+                    if piped_line(line).endswith(
+                        FASTCHAT_END_MARK
+                    ):  # its messages went on, and its script waited
+                        raise VicunaError(
+                            f"--style programmatic: {FASTCHAT_END_MARK} is FastChat's end of a message; here "
+                            f"a message ends with a line {END_MARK}, and so does each reply (no [!OP:...] prefixes)"
+                        )
                     lines.append(piped_line(line))
                 return "\n".join(lines) if lines else None
             if not self.interactive:

@@ -561,6 +561,14 @@ def test_windows_line_ends_are_not_part_of_the_message(monkeypatch):
     assert TerminalIO("programmatic", multiline=False, interactive=False).read() == "a\nb"
 
 
+def test_fastchat_s_programmatic_end_of_message_is_refused_with_ours_not_waited_past(monkeypatch):
+    # a script written for fastchat.serve.cli --style programmatic: the message went on to the next line
+    # and the script waited for a reply; piped at once, the marker went to the model as text
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO("你好 __END_OF_A_MESSAGE_47582648__\nnext\n"))
+    with pytest.raises(VicunaError, match=f"here a message ends with a line {END_MARK}"):
+        TerminalIO("programmatic", multiline=False, interactive=False).read()
+
+
 @pytest.mark.parametrize("style", ["simple", "programmatic"])
 def test_the_byte_order_mark_of_a_file_piped_in_is_not_part_of_the_first_message(monkeypatch, style):
     """Notepad's "UTF-8 with BOM" begins the file with U+FEFF: it went to the model with the first message,
