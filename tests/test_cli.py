@@ -145,3 +145,16 @@ def test_a_flag_taken_here_is_never_answered_as_fastchat_s():
                 for sub in action.choices.values():
                     everywhere |= set(sub._option_string_actions)
     assert set(RENAMED.values()) <= everywhere
+
+
+def test_fastchat_s_module_as_a_command_names_the_vicuna_command(capsys):
+    from vicuna.cli import main
+
+    for typed, said in (
+        ("cli", "vicuna chat"),
+        ("fastchat.serve.cli", "vicuna chat"),
+        ("fastchat.model.apply_delta", "vicuna delta apply"),
+        ("openai_api_server", "vicuna serve (one process serves the OpenAI API and the web UI"),
+    ):
+        assert main([typed, "--model-path", "m"]) == 2
+        assert capsys.readouterr().err.startswith(f"vicuna: error: {typed} is FastChat's; here it is {said}")

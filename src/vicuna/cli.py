@@ -114,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(errors="replace")
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS:
+        from vicuna.fastchat_flags import COMMANDS as FASTCHAT_COMMANDS
+
+        module = argv[0].rsplit(".", 1)[-1]  # `vicuna cli`, `vicuna fastchat.serve.cli`: FastChat's modules
+        if module in FASTCHAT_COMMANDS:
+            print(
+                f"vicuna: error: {argv[0]} is FastChat's; here it is vicuna {FASTCHAT_COMMANDS[module]}",
+                file=sys.stderr,
+            )
+            return 2
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])
         return 2

@@ -10,6 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+_SERVE = "serve (one process serves the OpenAI API and the web UI: no controller or workers to start)"
+# FastChat's module (python3 -m fastchat.serve.cli) -> the vicuna command that does its work
+COMMANDS: dict[str, str] = {
+    "cli": "chat",
+    "openai_api_server": _SERVE,
+    "model_worker": _SERVE,
+    "vllm_worker": _SERVE,
+    "controller": _SERVE,
+    "gradio_web_server": _SERVE,
+    "apply_delta": "delta apply",
+    "make_delta": "delta make",
+    "apply_lora": "lora merge",
+}
+
 # FastChat's flag -> vicuna's flag of the same meaning, said where the command takes the latter
 RENAMED: dict[str, str] = {
     "--model": "--model-path",  # FastChat's usage lines abbreviate it; ambiguous in `vicuna serve`
