@@ -237,11 +237,17 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
     given = (("--num-gpus", settings.num_gpus > 1), ("--max-gpu-memory", bool(settings.max_gpu_memory)))
     gpu_flags = [flag for flag, is_given in given if is_given]  # its value was read by resolve_device
     if device.type != "cuda" and gpu_flags:
-        print(
-            f"notice: {' and '.join(gpu_flags)} {'apply' if len(gpu_flags) > 1 else 'applies'} to CUDA GPUs; "
-            f"on {device.type} {'they are' if len(gpu_flags) > 1 else 'it is'} ignored",
-            file=sys.stderr,
+        flags, ignored = (
+            " and ".join(gpu_flags),
+            "they are ignored" if len(gpu_flags) > 1 else "it is ignored",
         )
+        said = f"{flags} {'apply' if len(gpu_flags) > 1 else 'applies'} to CUDA GPUs"
+        if settings.device is None:  # GPUs asked for, none there: why, before a 13B model loads on the CPU
+            why = "is a CPU-only build" if torch.version.cuda is None else "sees no CUDA GPU"
+            said += f", and this PyTorch ({torch.__version__}) {why}; the model runs on {device.type} and {ignored}"
+        else:
+            said += f"; on {device.type} {ignored}"
+        print(f"notice: {said}", file=sys.stderr)
     if device.type == "cuda":
         gpus = settings.num_gpus
         if settings.load_8bit and gpus > 1:  # quantized whole on the CPU, then moved (quant.quantize_int8)
