@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
         console.print("  GPU   none visible to PyTorch" + (" (Apple MPS available)" if hw.mps else ""))
 
     settings = model_settings_from_args(args)
-    folder = resolve_model_path(settings.model_path)
+    folder = resolve_model_path(settings.model_path, download=False)  # not gigabytes to show the needs
     size = model_size(read_config(folder))
     console.print(f"\n[bold]Model[/bold] {folder} — {size.params / 1e6:,.1f}M parameters")
     sizes = Table("precision", "weights", "KV cache per 1k tokens")

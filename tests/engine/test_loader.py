@@ -28,20 +28,41 @@ def test_missing_folder(tmp_path):
         load(tmp_path / "nope")
 
 
-def test_a_hub_repo_id_as_fastchat_takes_it_says_how_to_download_it(tiny_llama_dir, tmp_path, monkeypatch):
+def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
+    tiny_llama_dir, tmp_path, monkeypatch, capsys
+):
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.weights import hub
+    from vicuna.weights.manifest import write_manifest
+
     monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "models" / "lmsys--vicuna-7b-v1.5"
-    with pytest.raises(ModelLoadError) as info:
+    fetched = []
+
+    def download(repo_id, target):  # the Hub, offline: the files, then the manifest written last
+        fetched.append(repo_id)
+        print("lmsys/vicuna-7b-v1.5@0123456789: 6 files")
+        shutil.copytree(tiny_llama_dir, target, dirs_exist_ok=True)
+        if len(fetched) == 1:
+            raise KeyboardInterrupt  # the first download is interrupted before its manifest
+        write_manifest(target)
+        return target
+
+    monkeypatch.setattr(hub, "download", download)
+    with pytest.raises(
+        ModelLoadError, match="not downloaded yet from the Hugging Face Hub: `vicuna download"
+    ):
+        resolve_model_path("lmsys/vicuna-7b-v1.5", download=False)  # doctor's: no gigabytes to show needs
+    assert not fetched
+    with pytest.raises(KeyboardInterrupt):
         load("lmsys/vicuna-7b-v1.5")
-    assert (
-        f"`vicuna download lmsys/vicuna-7b-v1.5` fetches it into {folder}, then --model-path {folder}"
-        in str(info.value)
-    )
-    shutil.copytree(tiny_llama_dir, folder)  # downloaded before: the folder to give
-    with pytest.raises(ModelLoadError) as info:
-        load("lmsys/vicuna-7b-v1.5")
-    assert str(info.value).endswith(f"it was downloaded to {folder}: --model-path {folder}")
+    assert load("lmsys/vicuna-7b-v1.5") is not None  # the same command resumes it
+    assert load("lmsys/vicuna-7b-v1.5") is not None and fetched == ["lmsys/vicuna-7b-v1.5"] * 2
+    assert resolve_model_path("lmsys/vicuna-7b-v1.5", download=False) == folder
+    out, err = capsys.readouterr()
+    assert not out  # standard output is the chat's
+    assert f"downloading it from the Hugging Face Hub into {folder}" in err and "@0123456789" in err
 
 
 def test_folder_without_config(tmp_path):

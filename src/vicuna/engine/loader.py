@@ -6,6 +6,7 @@ Every check names the file and the field at fault, so that a user sees "shard 2 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -26,24 +27,17 @@ HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name, as FastChat's --
 RECORDED_TEMPLATE = "vicuna.json"
 
 
-def resolve_model_path(model_path: str | None) -> Path:
-    """The HF-format folder to load: the built-in model, a converted copy of a .gguf file, or the folder."""
+def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
+    """The HF-format folder to load: the built-in model, a converted copy of a .gguf file, the folder, or
+    a Hugging Face Hub repository (`owner/name` where no such path is here), downloaded first unless
+    `download` is False, as FastChat's `--model-path lmsys/vicuna-7b-v1.5` is."""
     from vicuna.weights.builtin import builtin_model_dir, convert_gguf, gguf_cache_dir
 
     if model_path is None:
         return builtin_model_dir()
     path = Path(model_path).expanduser()
     if not path.exists() and HUB_REPO_ID.fullmatch(model_path):
-        # FastChat's own commands (`--model-path lmsys/vicuna-7b-v1.5`) download the Hub repository first
-        folder = vicuna_home() / "models" / model_path.replace("/", "--")  # where `vicuna download` puts it
-        if (folder / CONFIG).is_file():
-            raise ModelLoadError(
-                f"{path}: no such folder; it was downloaded to {folder}: --model-path {quote(str(folder))}"
-            )
-        raise ModelLoadError(
-            f"{path}: no such folder; vicuna loads local folders, not Hugging Face Hub repositories: "
-            f"`vicuna download {model_path}` fetches it into {folder}, then --model-path {quote(str(folder))}"
-        )
+        return hub_model(model_path, download)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
     if path.is_file():
@@ -69,6 +63,30 @@ def adapter_base(adapter: Path) -> str | None:
         return None
     named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     return named if isinstance(named, str) and named.strip() else None
+
+
+def hub_model(repo_id: str, download: bool) -> Path:
+    """The folder of a Hub repository, where `vicuna download` puts it; fetched (or its download resumed)
+    unless its manifest, written last, says it is complete."""
+    from vicuna.weights import hub
+    from vicuna.weights.manifest import MANIFEST_NAME
+
+    folder = vicuna_home() / "models" / repo_id.replace("/", "--")
+    if (folder / MANIFEST_NAME).is_file():
+        return folder
+    if not download:
+        raise ModelLoadError(
+            f"{repo_id}: no such folder, and not downloaded yet from the Hugging Face Hub: `vicuna download "
+            f"{repo_id}` (or `vicuna chat --model-path {repo_id}`) fetches it into {folder}"
+        )
+    print(
+        f"{repo_id}: no such folder here; downloading it from the Hugging Face Hub into {folder} "
+        "(interrupted, the same command resumes it)",
+        file=sys.stderr,
+        flush=True,
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # standard output is the chat's (--style programmatic)
+        return hub.download(repo_id, folder)
 
 
 def read_config(folder: Path) -> Any:
