@@ -31,11 +31,12 @@ def test_missing_folder(tmp_path):
 def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     tiny_llama_dir, tmp_path, monkeypatch, capsys
 ):
+    from vicuna.engine import loader
     from vicuna.engine.loader import resolve_model_path
     from vicuna.weights import hub
     from vicuna.weights.manifest import write_manifest
 
-    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setattr(loader, "vicuna_home", lambda: tmp_path)  # not the CPU kernel's (compiled once)
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "models" / "lmsys--vicuna-7b-v1.5"
     fetched = []
@@ -58,7 +59,10 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     with pytest.raises(KeyboardInterrupt):
         load("lmsys/vicuna-7b-v1.5")
     assert load("lmsys/vicuna-7b-v1.5") is not None  # the same command resumes it
-    assert load("lmsys/vicuna-7b-v1.5") is not None and fetched == ["lmsys/vicuna-7b-v1.5"] * 2
+    engine = load("lmsys/vicuna-7b-v1.5")
+    assert fetched == ["lmsys/vicuna-7b-v1.5"] * 2
+    assert engine.model_name == "lmsys/vicuna-7b-v1.5"  # the API's model name, as other servers call it
+    assert load(folder).model_name == "lmsys--vicuna-7b-v1.5"  # the folder given: its name
     assert resolve_model_path("lmsys/vicuna-7b-v1.5", download=False) == folder
     out, err = capsys.readouterr()
     assert not out  # standard output is the chat's

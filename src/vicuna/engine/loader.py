@@ -230,7 +230,13 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
         check_not_delta(folder)
     tokenizer = load_tokenizer(folder)
     check_tokenizer(tokenizer, config, folder)
-    model_name = folder.name if settings.model_path is not None else "SmolLM2-135M-Instruct"
+    model_name = (
+        "SmolLM2-135M-Instruct"
+        if settings.model_path is None
+        else settings.model_path  # a Hub repository: its id, as clients of other servers know it
+        if folder == vicuna_home() / "models" / settings.model_path.replace("/", "--")
+        else folder.name
+    )
 
     dtype = resolve_dtype(settings.dtype, device, config)
     device_map = check_fits(config, settings, device, dtype)
