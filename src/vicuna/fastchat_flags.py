@@ -59,7 +59,7 @@ UNSUPPORTED: dict[str, str] = {
     "--gpus": "choose the GPUs with CUDA_VISIBLE_DEVICES, e.g. CUDA_VISIBLE_DEVICES=0,2 with --num-gpus 2",
     "--cpu-offloading": "not supported; vicuna does not offload weights to the CPU; --load-8bit halves the GPU memory, "
     "--device cpu runs on the CPU alone; `vicuna doctor` lists the flags that fit",
-    "--revision": "--model-path is a local folder; fetch that revision first with "
+    "--revision": "--model-path OWNER/NAME downloads the main branch; fetch another revision with "
     "`vicuna download REPO --revision REV --dir DIR`, then --model-path DIR",
     "--mouse": "not supported; the terminal chat has no mouse mode (--style rich renders markdown)",
     "--judge-sent-end": "not supported; a reply ends where the model ends its turn",
