@@ -675,6 +675,9 @@ def test_a_resume_from_another_base_model_is_refused(tmp_path):
     with pytest.raises(VicunaError, match="started from --model-path .*, now from the built-in model"):
         resume(Path("builtin"), None)
     assert resume(base, str(tmp_path / "other" / ".." / "base")) == out / "checkpoint-3"  # the same folder
+    # a Hub repository (downloaded by --model-path): its id, wherever the run is resumed from
+    hub = replace(started, model_path="lmsys/vicuna-7b-v1.5")
+    assert run_record(hub, "vicuna_v1.1", Prepared(64))["base_model"] == "lmsys/vicuna-7b-v1.5"
     # the model moved: the record is told its new folder, as the message says
     record = json.loads((out / RUN_RECORD).read_text(encoding="utf-8"))
     (out / RUN_RECORD).write_text(json.dumps(record | {"base_model": str(other)}), encoding="utf-8")

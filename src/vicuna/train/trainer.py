@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vicuna.engine.loader import RECORDED_TEMPLATE  # chat and serve read it
+from vicuna.engine.loader import HUB_REPO_ID, RECORDED_TEMPLATE  # chat and serve read it
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
@@ -269,6 +269,15 @@ def is_json_file(path: Path) -> bool:
     return True
 
 
+def base_model(model_path: str | None) -> str | None:
+    """The model a run trains, as its record keeps it: the folder, resolved; a Hub repository's id (where
+    the folder is not) wherever the run is started from; None for the built-in model."""
+    if model_path is None:
+        return None
+    path = Path(model_path).expanduser()
+    return model_path if HUB_REPO_ID.fullmatch(model_path) and not path.exists() else str(path.resolve())
+
+
 def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict[str, Any]:
     """What fixes the model trained, the data order and the schedule: a resumed run must match it."""
     keys = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio")
@@ -277,7 +286,7 @@ def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict
     record.update(
         # a resumed LoRA adapter on another base, or full weights loaded over another model's, would go
         # on training as if nothing had changed; None: the built-in model
-        base_model=str(Path(cfg.model_path).expanduser().resolve()) if cfg.model_path else None,
+        base_model=base_model(cfg.model_path),
         max_length=prepared.max_length,
         conv_template=template_name,
         data_fingerprint=prepared.fingerprint(),
