@@ -214,6 +214,12 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_llama_dir, data_file, 
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6, msg=name)
     assert any(not torch.equal(straight[n], base[n]) for n in straight)  # it did train
 
+    # resumed once more, complete: said, and the model left as it is
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir() if p.is_file()}
+    train(config("resumed", resume=True))
+    assert "this run is complete, its model written; nothing to resume" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir() if p.is_file()} == written
+
 
 def test_ctrl_c_says_how_to_go_on_only_from_a_checkpoint_there_is(
     tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch

@@ -687,6 +687,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     if cfg.lora:
         check_lora_target(folder, cfg)  # before start_or_resume writes anything
     checkpoint = start_or_resume(cfg, run_record(cfg, template.name, prepared), is_main, folder)
+    if cfg.resume and (cfg.output_dir / RECORDED_TEMPLATE).is_file():  # written last, by `save_final`
+        if show:  # not "done: 0 steps since the resume, mean loss 0.0000", and the model written again
+            print(f"{cfg.output_dir}: this run is complete, its model written; nothing to resume")
+        return cfg.output_dir
     if is_main:  # what a killed job left: incomplete checkpoints, or one more than the limit
         prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
 
