@@ -586,14 +586,22 @@ def test_a_request_refused_part_way_leaves_nothing_running(tiny_engine):
 def test_max_queue_0_serves_what_a_free_row_takes_at_once(tiny_engine):
     app = create_app(tiny_engine, model_name=MODEL, max_batch_size=1, max_queue=0)
     batcher = app.state.batcher
+    step, refused = batcher._rows.step, threading.Event()
     with serving(app) as url:
         api = client(url)
         assert api.chat.completions.create(messages=HELLO, max_tokens=2, **greedy()).choices
+        # the long reply takes no step until the next request is answered: alone, its 900 tokens took
+        # ~0.1 s, at times over before that request came, which was then served
+        batcher._rows.step = lambda tokens: (refused.wait(60), step(tokens))[1]
         long = greedy(messages=HELLO, max_tokens=900, stream=True, extra_body={"ignore_eos": True})
         running = api.chat.completions.create(**long)
-        next(iter(running))
-        with pytest.raises(openai.RateLimitError):  # no row free, and none may wait
-            api.chat.completions.create(messages=HELLO, max_tokens=2, **greedy())
+        try:
+            next(iter(running))
+            assert wait_for(lambda: batcher.running == 1)
+            with pytest.raises(openai.RateLimitError):  # no row free, and none may wait
+                api.chat.completions.create(messages=HELLO, max_tokens=2, **greedy())
+        finally:
+            refused.set()
         running.close()
         assert wait_for(lambda: batcher.running == 0)
 
