@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import re
@@ -552,24 +553,35 @@ def test_a_request_for_more_replies_than_the_server_ever_takes_is_a_400_not_a_42
         assert app.state.batcher.running == 0 and app.state.batcher.waiting == 0
 
 
-def test_a_request_refused_part_way_leaves_nothing_running(tiny_engine):
-    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=4)
-    batcher = app.state.batcher
-    step, add = batcher._rows.step, batcher.add
-    batcher._rows.step = lambda tokens: (time.sleep(0.01), step(tokens))[1]  # 900 tokens: 9 s
-
+def ends_of(batcher) -> list[Finished]:
+    """How each reply added to `batcher` from now on ends, as the batcher ends it (the HTTP side counts a
+    reply whose client left as cancelled, whether or not the batcher stopped it)."""
     ends: list[Finished] = []
+    add = batcher.add
 
-    def add_then_refuse(ids, params, sink, cancel):  # the second choice is refused once the first is queued
-        if batcher.running + batcher.waiting:
-            raise VicunaError("refused")
-
-        def noting_the_end(event):
+    def noting_the_end(ids, params, sink, cancel):
+        def note(event):
             if isinstance(event, Finished):
                 ends.append(event)
             sink(event)
 
-        add(ids, params, noting_the_end, cancel=cancel)
+        add(ids, params, note, cancel=cancel)
+
+    batcher.add = noting_the_end
+    return ends
+
+
+def test_a_request_refused_part_way_leaves_nothing_running(tiny_engine):
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=4)
+    batcher = app.state.batcher
+    step = batcher._rows.step
+    batcher._rows.step = lambda tokens: (time.sleep(0.01), step(tokens))[1]  # 900 tokens: 9 s
+    ends, add = ends_of(batcher), batcher.add
+
+    def add_then_refuse(ids, params, sink, cancel):  # the second choice is refused once the first is queued
+        if batcher.running + batcher.waiting:
+            raise VicunaError("refused")
+        add(ids, params, sink, cancel=cancel)
 
     batcher.add = add_then_refuse
     with serving(app) as url:
@@ -729,20 +741,27 @@ def metric(url: str, name: str) -> float:
 
 def test_disconnect_cancels_generation(tiny_engine):
     # A step of ~2 ms, as a real model's: the tiny model alone makes its 900 tokens in ~0.1 s, with its
-    # text held back 20 ms at a time often before the client had read its first lines.
+    # text held back 20 ms at a time often before the client had read its first lines. From the 400th
+    # step on, none before the client has gone: the reply cannot end on its own first.
     app = create_app(tiny_engine, model_name=MODEL)
     rows = app.state.batcher._rows
-    step = rows.step
-    rows.step = lambda tokens: (time.sleep(0.002), step(tokens))[1]
+    step, steps, gone = rows.step, itertools.count(1), threading.Event()
+    rows.step = lambda tokens: (time.sleep(0.002), next(steps) < 400 or gone.wait(60), step(tokens))[2]
+    ends = ends_of(app.state.batcher)
     cancelled = 'vicuna_replies_finished_total{reason="cancelled"}'
     body = greedy(messages=HELLO, max_tokens=900, stream=True, extra_body={"ignore_eos": True})
     body.update(body.pop("extra_body"))
     with serving(app) as url:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            for _ in range(4):
-                next(lines)
+        try:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                lines = r.iter_lines()
+                for _ in range(4):
+                    next(lines)
+        finally:
+            gone.set()
         # the client is gone: the reply ends long before its 900 tokens and frees its row
+        assert wait_for(lambda: ends, timeout=60)
+        assert ends[0].reason == "cancelled" and ends[0].completion_tokens < 900
         assert wait_for(lambda: metric(url, cancelled) == 1)
         assert wait_for(lambda: app.state.batcher.running == 0)
         assert metric(url, 'vicuna_requests_total{endpoint="chat",status="499"}') == 1
