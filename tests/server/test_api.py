@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -785,13 +786,24 @@ def test_eight_concurrent_streams_equal_sequential(served, api, tiny_engine):
         )
         got[i] = "".join(p.choices[0].delta.content or "" for p in parts if p.choices)
 
+    # The scheduler admits nobody until all eight wait: one by one (a busy machine), each could end before
+    # the next came, and the batcher's peak of earlier tests in this module said "batched" all the same.
+    batcher, busy, release = app.state.batcher, threading.Event(), threading.Event()
+    rows_per_step = collections.Counter(batcher.stats.batch_sizes)
+    batcher.call(lambda: (busy.set(), release.wait(60)))
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    try:
+        assert busy.wait(10)
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: batcher.waiting == 8)
+    finally:
+        release.set()
     for t in threads:
         t.join(120)
     assert got == expected
-    assert app.state.batcher.stats.peak_running > 1
+    rows_per_step = batcher.stats.batch_sizes - rows_per_step  # this test's steps
+    assert max(rows_per_step) == 8, rows_per_step  # all eight in one step
 
 
 def test_metrics_and_request_log(served, api, caplog):
