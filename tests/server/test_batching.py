@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import replace
@@ -160,7 +161,9 @@ def test_the_default_kv_budget_is_what_free_memory_holds(tiny_engine, monkeypatc
 
 
 def test_cancel_frees_the_row_at_once(tiny_engine, batcher):
-    cancel = threading.Event()
+    cancel, step, steps = threading.Event(), batcher._rows.step, itertools.count(1)
+    # 900 tokens take ~0.1 s: past the third, the reply waits for the cancel, which a busy machine delays
+    batcher._rows.step = lambda tokens: (next(steps) < 3 or cancel.wait(60), step(tokens))[1]
     params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)
     events = batcher.generate(tiny_engine.encode(TEXTS[0]), params, cancel=cancel)
     for seen, event in enumerate(events):
