@@ -419,11 +419,15 @@ def test_a_model_with_a_sliding_window_batches_prompts_longer_than_the_window(ti
     ]
     assert min(len(first[0]), len(second[0])) > 2 * config.sliding_window
     b = Batcher(e, max_batch_size=2)
+    step, added = b._rows.step, threading.Event()
+    # the first reply takes no step before the second is queued: it cannot end before the second joins
+    b._rows.step = lambda tokens: (added.wait(60), step(tokens))[1]
     try:
         events = b.generate(*first)
         started = next(events)  # running when the second joins
-        joined = reply(b.generate(*second))
-        batched = [reply([started, *events]), joined]
+        later = b.generate(*second)
+        added.set()
+        batched = [reply([started, *events]), reply(later)]
     finally:
         b.close()
     assert b.stats.peak_running == 2
@@ -436,8 +440,9 @@ def test_a_long_prompt_is_computed_in_pieces_between_the_running_replies_steps(t
     monkeypatch.setattr(batching, "PREFILL_PIECE", 32)
     b = Batcher(tiny_engine, max_batch_size=4)
     rows = b._rows
-    step, more = rows.step, rows.more
-    rows.step = lambda tokens: (time.sleep(0.002), step(tokens))[1]
+    step, more, added = rows.step, rows.more, threading.Event()
+    # the running reply takes no step before the long prompt is queued: it runs while that is computed
+    rows.step = lambda tokens: (added.wait(60), step(tokens))[1]
     pieces: list[tuple[int, int]] = []  # (decode steps so far, tokens of the prompt done) at each piece
     rows.more = lambda runner, ids, done, most: (
         pieces.append((b.stats.steps, done)),
@@ -453,8 +458,9 @@ def test_a_long_prompt_is_computed_in_pieces_between_the_running_replies_steps(t
     try:
         events = b.generate(*running_job)
         first = next(events)
-        long_reply = reply(b.generate(*long_job))
-        running_reply = reply([first, *events])
+        long_events = b.generate(*long_job)
+        added.set()
+        long_reply, running_reply = reply(long_events), reply([first, *events])
     finally:
         b.close()
     dones = [done for _, done in pieces]  # the first piece began after the prefix shared with the running row
