@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import threading
 from types import SimpleNamespace
@@ -38,17 +37,30 @@ def test_two_starts_at_once_convert_once(monkeypatch, tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     out = tmp_path / "models" / "model"
-    both_in = threading.Barrier(2, timeout=2)
     conversions = []
+    # The first start to convert goes on once the other is seen at the lock (with the lock, it then waits
+    # there) or converting too (without it): either way, not after a time that a busy machine can outlast.
+    fcntl = pytest.importorskip("fcntl")  # Windows has no lock
+    seen, at_lock, converting = threading.Condition(), set(), set()
+    flock = fcntl.flock
+
+    def noted_flock(handle, operation):
+        with seen:
+            at_lock.add(threading.get_ident())
+            seen.notify_all()
+        return flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", noted_flock)
 
     class Saved:
         config = SimpleNamespace()
 
         def save_pretrained(self, folder):
             conversions.append(folder)
-            # without the lock the other start is here too; with it, it waits for this one (no one comes)
-            with contextlib.suppress(threading.BrokenBarrierError):
-                both_in.wait()
+            with seen:
+                converting.add(threading.get_ident())
+                seen.notify_all()
+                assert seen.wait_for(lambda: len(at_lock) == 2 or len(converting) == 2, timeout=60)
             (folder / "model.safetensors").write_bytes(b"weights")
             (folder / "config.json").write_text("{}")
 
