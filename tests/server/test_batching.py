@@ -266,11 +266,23 @@ def test_every_event_reaches_its_sink_before_the_model_runs_again(tiny_engine, b
     GIL for a front end's thread), but never held across a model call."""
     rows = type(batcher._rows)
     tokens_made, tokens_delivered, in_step = [0], [0], []
+    # The first reply (~20 ms alone) takes no step past its third token until the task is queued, and none
+    # after the task until the second reply is added: it runs on for both, however late they come.
+    queued, checked, added = threading.Event(), threading.Event(), threading.Event()
+
+    def holding() -> None:
+        if tokens_made[0] >= 3:
+            queued.wait(60)
+        if checked.is_set():
+            added.wait(60)
+
     for name in ("prefill", "step"):
         call = getattr(rows, name)
 
         def counted(self, *args, call=call, name=name):
             in_step.append(tokens_delivered[0] == tokens_made[0])
+            if name == "step":
+                holding()
             out = call(self, *args)
             tokens_made[0] += 1 if name == "prefill" else len(args[0])  # one token per row
             return out
@@ -293,8 +305,16 @@ def test_every_event_reaches_its_sink_before_the_model_runs_again(tiny_engine, b
     params = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)
     batcher.add(tiny_engine.encode(TEXTS[0]), params, sink(0))
     assert first_tokens.wait(60)
-    assert batcher.call(lambda: tokens_delivered[0] == tokens_made[0]).result(60)  # a task runs the model too
+
+    def check() -> bool:  # a task runs the model too: what was made before it has been delivered
+        checked.set()
+        return tokens_delivered[0] == tokens_made[0]
+
+    task = batcher.call(check)
+    queued.set()
+    assert task.result(60)
     batcher.add(tiny_engine.encode(TEXTS[1]), replace(params, max_new_tokens=6), sink(1))  # joins the batch
+    added.set()
     assert done[0].wait(60) and done[1].wait(60)
     assert len(in_step) >= 200 and all(in_step)
     assert tokens_made[0] == tokens_delivered[0] == 206 and batcher.stats.peak_running == 2
