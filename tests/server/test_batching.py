@@ -571,9 +571,16 @@ def test_a_request_that_begins_like_a_running_one_copies_its_cache(tiny_engine, 
     alone = [reply(e.generate(ids, params)) for ids in prompts]
     starts.clear()
     events: list[list] = [[], [], []]
-    started = [threading.Event() for _ in prompts]
-    for i, ids in enumerate(prompts):  # each joins while the first is still running
+    started, added = [threading.Event() for _ in prompts], [threading.Event() for _ in prompts]
+    # each joins while the first is still running: a step of n rows waits until the n+1st prompt is added
+    step = batcher._rows.step
+    batcher._rows.step = lambda tokens: (
+        len(tokens) >= len(prompts) or added[len(tokens)].wait(60),
+        step(tokens),
+    )[1]
+    for i, ids in enumerate(prompts):
         batcher.add(ids, params, lambda event, i=i: events[i].append(event) or started[i].set())
+        added[i].set()
         assert started[i].wait(60)
     deadline = time.monotonic() + 60
     while not all(es and isinstance(es[-1], Finished) for es in events) and time.monotonic() < deadline:
