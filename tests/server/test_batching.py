@@ -26,14 +26,25 @@ def reply(events) -> tuple[str, Finished]:
 def concurrently(
     batcher: Batcher, jobs: list[tuple[list[int], SamplingParams]]
 ) -> list[tuple[str, Finished]]:
+    """Each job's reply, the jobs sent from threads of their own. The scheduler admits none until all of
+    them wait: sent one by one, each could end before the next came (on a busy machine), run alone."""
     out: list = [None] * len(jobs)
 
     def run(i: int) -> None:
         out[i] = reply(batcher.generate(*jobs[i]))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
+    busy, release = threading.Event(), threading.Event()
+    batcher.call(lambda: (busy.set(), release.wait(60)))
+    try:
+        assert busy.wait(60)
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while batcher.waiting < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        release.set()
     for t in threads:
         t.join(120)
     return out
