@@ -94,16 +94,17 @@ def test_a_new_request_joins_the_running_batch(tiny_engine, batcher):
     e = tiny_engine
     long_job = (e.encode(TEXTS[0]), SamplingParams(temperature=0, max_new_tokens=300, ignore_eos=True))
     short_job = (e.encode(TEXTS[5]), SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True))
-    finished_order = []
+    # the long reply (~30 ms alone) takes no step past its fifth token until the short one is sent
+    step, steps, sent = batcher._rows.step, itertools.count(1), threading.Event()
+    batcher._rows.step = lambda tokens: (next(steps) < 5 or sent.wait(60), step(tokens))[1]
     events = batcher.generate(*long_job)
     chunks = []
     for event in events:
         chunks.append(event)
         if len(chunks) == 5:  # the long reply is running: send the short one now
-            short = reply(batcher.generate(*short_job))
-            finished_order.append("short")
-    finished_order.append("long")
-    assert finished_order == ["short", "long"]
+            short_events = batcher.generate(*short_job)
+            sent.set()
+            short = reply(short_events)
     long_reply = ("".join(c.text for c in chunks[:-1]), chunks[-1])
     assert same(long_reply, reply(e.generate(*long_job)))
     assert same(short, reply(e.generate(*short_job)))
