@@ -680,9 +680,14 @@ def test_on_a_gpu_batched_greedy_replies_match_each_alone(tmp_path_factory):
 
 def test_many_embeddings_leave_the_running_replies_going_and_stop_once_cancelled(tiny_engine, batcher):
     computed: list[int] = []  # the lists computed at each turn of the scheduler
-    embed = batcher._embed
-    batcher._embed = lambda lists: (computed.append(len(lists)), embed(lists))[1]
-    cancel = threading.Event()
+    embed, cancel = batcher._embed, threading.Event()
+    # past the 100th list, none before the cancel: the 12-token reply ends by the 12th; alone, the 5000 take
+    # ~3.5 s, which a test thread held up that long let end first
+    batcher._embed = lambda lists: (
+        computed.append(len(lists)),
+        len(computed) <= 100 or cancel.wait(60),
+        embed(lists),
+    )[2]
     vectors = batcher.embed([tiny_engine.encode("Hello")] * 5000, cancel)
     params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
     events = list(batcher.generate(tiny_engine.encode("Hi"), params))
