@@ -68,6 +68,19 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     assert not out  # standard output is the chat's
     assert f"downloading it from the Hugging Face Hub into {folder}" in err and "@0123456789" in err
 
+    def not_on_the_hub(repo_id, target):
+        raise VicunaError(
+            f"{repo_id} was not found on https://huggingface.co (a private repo needs HF_TOKEN)"
+        )
+
+    monkeypatch.setattr(hub, "download", not_on_the_hub)  # a folder's name mistyped, most often
+    with pytest.raises(ModelLoadError) as info:
+        load("runs/chekpoint-9")
+    assert str(info.value) == (
+        "runs/chekpoint-9: no such file or folder here, and from the Hub: runs/chekpoint-9 was not found on "
+        "https://huggingface.co (a private repo needs HF_TOKEN)"
+    )
+
 
 def test_folder_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):

@@ -16,7 +16,7 @@ from typing import Any
 
 from vicuna.config import ModelSettings, vicuna_home
 from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
-from vicuna.errors import ModelLoadError
+from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.weights.manifest import transformers_bar
 from vicuna.weights.tokenizer import check_tokenizer
@@ -85,8 +85,11 @@ def hub_model(repo_id: str, download: bool) -> Path:
         file=sys.stderr,
         flush=True,
     )
-    with contextlib.redirect_stdout(sys.stderr):  # standard output is the chat's (--style programmatic)
-        return hub.download(repo_id, folder)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # standard output is the chat's (--style programmatic)
+            return hub.download(repo_id, folder)
+    except VicunaError as err:  # a mistyped folder, most often: both are said
+        raise ModelLoadError(f"{repo_id}: no such file or folder here, and from the Hub: {err}") from err
 
 
 def read_config(folder: Path) -> Any:
