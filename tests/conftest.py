@@ -23,6 +23,9 @@ def _vicuna_home():
     os.environ.setdefault(
         "VICUNA_HOME", os.environ.get("VICUNA_TEST_HOME", str(Path.home() / ".cache" / "vicuna"))
     )
+    # Nothing downloads from the Hub in a test: one that reaches it by mistake (a --model-path shaped like
+    # owner/name is downloaded) fails at once here; the Hub's tests set a fake Hub of their own.
+    os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
     yield
 
 
