@@ -662,6 +662,52 @@ def test_web_ui_chats_are_admitted_and_counted_as_api_requests(tiny_engine):
         assert [metric(url, name) - b for name, b in zip(counted, before, strict=True)] == [4, 1]
 
 
+def test_every_request_is_counted_once_with_its_status_refused_ones_too(tiny_engine):
+    """Only requests that ran were counted in /metrics: a busy server's 429s (API and web UI), 400s and
+    404s were missing, so its refusals could not be seen or alerted on."""
+    app = create_app(tiny_engine, model_name=MODEL, max_batch_size=1, max_queue=0, webui=True)
+    batcher = app.state.batcher
+    busy, release = threading.Event(), threading.Event()
+    batcher.call(lambda: (busy.set(), release.wait(30)))  # the scheduler admits nobody meanwhile
+    assert busy.wait(10)
+    with serving(app) as url:
+        statuses: list[int] = []
+
+        def post(path: str, body: dict) -> None:
+            statuses.append(httpx.post(f"{url}/v1/{path}", json=body, timeout=60).status_code)
+
+        waiting = threading.Thread(
+            target=post, args=("chat/completions", greedy(messages=HELLO, max_tokens=2))
+        )
+        waiting.start()  # it takes the one place there is: the others are refused
+        assert wait_for(lambda: batcher.waiting == 1)
+        post("chat/completions", greedy(messages=HELLO, max_tokens=2))
+        post("completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+        assert webui_chat(url, "Hello", 2)[-1][0] == "error"
+        post("chat/completions", greedy(messages=HELLO, temperature=-1))
+        post("completions", {"model": "another", "prompt": "Hello"})
+        post("embeddings", {"model": MODEL, "input": [10**6]})  # no such token
+        release.set()
+        waiting.join(60)
+        assert statuses == [429, 429, 400, 404, 400, 200]
+        counted = {
+            (s.labels["endpoint"], s.labels["status"]): s.value
+            for family in app.state.metrics.registry.collect()
+            if family.name == "vicuna_requests"
+            for s in family.samples
+            if s.name == "vicuna_requests_total"
+        }
+    assert counted == {
+        ("chat", "200"): 1,
+        ("chat", "429"): 1,
+        ("chat", "400"): 1,
+        ("completions", "429"): 1,
+        ("completions", "404"): 1,
+        ("embeddings", "400"): 1,
+        ("webui", "429"): 1,
+    }
+
+
 def test_a_web_ui_reply_the_page_left_counts_the_tokens_it_had(tiny_engine):
     """A page closed mid-reply was counted with 0 completion tokens, however many it had been sent."""
     from vicuna.server.app import Metrics, _counted

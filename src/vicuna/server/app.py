@@ -13,6 +13,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -539,6 +540,15 @@ def _completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> p.Comple
     return out
 
 
+def _status(err: BaseException) -> int:
+    """The status the app's exception handlers answer `err` with."""
+    if isinstance(err, p.InvalidRequest):
+        return 400
+    if isinstance(err, StarletteHTTPException):
+        return err.status_code
+    return failure(err).status
+
+
 def _finish_reason(event: Finished) -> str:
     return "length" if event.reason == "length" else "stop"
 
@@ -655,8 +665,25 @@ def create_app(
             raise APIError(400, f"{param}: empty; at least one token is needed", param=param)
         return token_lists
 
-    def api(path: str):
-        return app.post(path, response_model=None)
+    def api(path: str, endpoint: str):
+        """A POST route of the API, its requests counted in /metrics as `endpoint`: one refused before it
+        ran (400, 401, 404, 413, 429) or failing before it counted itself, with the status it was answered
+        with. One that ran counts itself when it ends (`_Run.record`, embeddings' own count) and says so in
+        `request.state.counted`. Only requests that ran were counted: /metrics showed no 429 however busy."""
+
+        def route(handler: Callable[[Request], Any]) -> Any:
+            @functools.wraps(handler)
+            async def counted(request: Request) -> Any:
+                try:
+                    return await handler(request)
+                except Exception as err:
+                    if not getattr(request.state, "counted", False):
+                        server.metrics.requests.labels(endpoint, str(_status(err))).inc()
+                    raise
+
+            return app.post(path, response_model=None)(counted)
+
+        return route
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors often ask with HEAD
     async def health() -> JSONResponse:
@@ -687,7 +714,7 @@ def create_app(
         server.check_model(model)
         return model_card().model_dump()
 
-    @api("/v1/chat/completions")
+    @api("/v1/chat/completions", "chat")
     async def chat_completions(request: Request) -> Response:
         server.check_auth(request)
         req: p.ChatCompletionRequest = p.parse_request(
@@ -764,7 +791,7 @@ def create_app(
             yield chunk([], run.usage())
         yield _sse("[DONE]")
 
-    @api("/v1/completions")
+    @api("/v1/completions", "completions")
     async def completions(request: Request) -> Response:
         server.check_auth(request)
         req: p.CompletionRequest = p.parse_request(p.CompletionRequest, await server.read_json(request))
@@ -858,6 +885,7 @@ def create_app(
 
     async def _respond(request: Request, run: _Run, stream: bool | None, streamer, collector) -> Response:
         run.submit()
+        request.state.counted = True  # by `run.record`, whatever happens next
         watcher = asyncio.create_task(_watch_disconnect(request, run.cancel))
         if not stream:
             status = 500
@@ -901,7 +929,7 @@ def create_app(
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    @api("/v1/embeddings")
+    @api("/v1/embeddings", "embeddings")
     async def embeddings(request: Request) -> dict[str, Any] | Response:
         server.check_auth(request)
         req: p.EmbeddingRequest = p.parse_request(p.EmbeddingRequest, await server.read_json(request))
@@ -923,6 +951,7 @@ def create_app(
         finally:
             cancel.set()
             watcher.cancel()
+        request.state.counted = True
         if vectors is None:  # the client went away: the inputs left were not computed
             server.metrics.requests.labels("embeddings", "499").inc()
             log.info(
@@ -983,6 +1012,7 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
         try:
             server.check_queue(1)
         except APIError as err:  # the page shows a VicunaError's message, in the browser's language
+            server.metrics.requests.labels("webui", str(err.status)).inc()
             raise (ServerBusyError() if err.code == "queue_full" else VicunaError(err.message)) from None
         events = server.batcher.generate(prompt, engine.chat_params(params), cancel=cancel)
         return _counted(events, server.metrics, len(prompt))
