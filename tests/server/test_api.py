@@ -1058,6 +1058,28 @@ def test_a_reply_cut_short_by_shutdown_says_so(tiny_engine):
             assert error_of(r)["code"] == "shutting_down"
 
 
+def test_a_web_ui_reply_cut_short_by_shutdown_says_so_and_gives_the_message_back(tiny_engine):
+    """Ctrl-C on `vicuna serve` mid-reply: the page said "stopped", as if its user had pressed Stop."""
+    app = create_app(tiny_engine, model_name=MODEL, webui=True)
+    batcher = app.state.batcher
+    step = batcher._rows.step
+    batcher._rows.step = lambda tokens: (time.sleep(0.005), step(tokens))[1]
+    with serving(app) as url:
+        data = ["Hello", [], None, "", 0.0, 1.0, 200, ""]  # as `webui_chat` sends it
+        event_id = httpx.post(f"{url}/gradio_api/call/chat", json={"data": data}).json()["event_id"]
+        events: list[tuple[str, str]] = []
+        with httpx.stream("GET", f"{url}/gradio_api/call/chat/{event_id}", timeout=60) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("event: "):
+                    events.append((line.removeprefix("event: "), next(lines).removeprefix("data: ")))
+                    if len(events) == 5:  # the reply is streaming
+                        batcher.stop()  # what Ctrl-C on `vicuna serve` does first
+    (event, error), (_, put_back) = events[-1], events[-2]
+    assert event == "error" and "the server is shutting down" in json.loads(error)["error"]
+    assert json.loads(put_back)[1] == "Hello"  # the message, for the page to put back in the box
+
+
 def test_json_answers_say_they_are_utf_8_and_keep_chinese_as_it_is(served):
     url, _ = served
     ask = greedy(messages=[{"role": "user", "content": "你好"}], max_tokens=4)

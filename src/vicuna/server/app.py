@@ -1015,7 +1015,7 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
             server.metrics.requests.labels("webui", str(err.status)).inc()
             raise (ServerBusyError() if err.code == "queue_full" else VicunaError(err.message)) from None
         events = server.batcher.generate(prompt, engine.chat_params(params), cancel=cancel)
-        return _counted(events, server.metrics, len(prompt))
+        return _counted(_shutdown_raised(events, server.batcher), server.metrics, len(prompt))
 
     mount(
         app,
@@ -1025,6 +1025,17 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
         model_name=server.model_name,
         api_keys=set(server.api_keys) or None,
     )
+
+
+def _shutdown_raised(events: Iterator[Any], batcher: Any) -> Iterator[Any]:
+    """A web UI reply's events, where the server's shutdown (Ctrl-C) ends the reply with ShuttingDownError,
+    as it ends an API request's: the page said "stopped", as if its user had pressed Stop, and kept the
+    half reply. Now it says the server is shutting down and puts the message back in the box, to send again
+    once the server is back."""
+    for event in events:
+        if isinstance(event, Finished) and event.reason == "cancelled" and batcher.closed:
+            raise ShuttingDownError()
+        yield event
 
 
 def _counted(events: Iterator[Any], metrics: Metrics, prompt_tokens: int) -> Iterator[Any]:
