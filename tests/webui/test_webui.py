@@ -318,6 +318,39 @@ def test_the_exchanges_a_session_left_out_stay_out_while_its_conversation_begins
     assert page.still_left_out(turns, None) == 0  # a new session: after a reload, or a server restart
 
 
+def words_until_cancelled(messages, params, cancel):
+    """A stand-in chat: a word a piece, until `cancel` is set, as the engine ends a reply."""
+    for i in range(1000):
+        if cancel.is_set():
+            yield Finished("cancelled", 5, i, 0.1, 10.0, 0.3)
+            return
+        yield TextChunk(f" word{i}", (i,))
+    yield Finished("length", 5, 1000, 0.1, 10.0, 0.3)
+
+
+def test_clear_during_a_reply_leaves_the_page_cleared():
+    """Clear stopped the reply being written, which went on to send its next pieces and its stats: the
+    page showed the conversation again (one Clear in three, in Chromium, as the answers crossed)."""
+    ui = WebChat(words_until_cancelled, no_encode, 2048)
+    request = gr.Request(session_hash="s7")
+    streaming = ui.respond("Write a long story.", [], None, "", 0.7, 1.0, 1000, "", request)
+    next(streaming)
+    next(streaming)  # the reply has begun
+    assert ui.clear(request)[:3] == ([], "", [])
+    # nothing more shows the conversation: the reply's last answer shows the page cleared, as Clear's
+    [last] = list(streaming)
+    assert last[2:6] == ([], "", [], None)
+
+    # a newer reply of the same session (sent meanwhile) owns the page: the older one sends nothing more
+    older = ui.respond("Hello", [], None, "", 0.7, 1.0, 1000, "", request)
+    next(older)
+    next(older)
+    newer = ui.respond("Hi", [], None, "", 0.7, 1.0, 5, "", request)
+    next(newer)
+    assert list(older) == []
+    assert [user for user, _, _ in list(newer)[-1][4]] == ["Hi"]
+
+
 def test_a_reply_starts_at_its_first_visible_character():
     def chat(messages, params, cancel):  # a reply after "ASSISTANT:" begins with the space of its first word
         yield from [TextChunk(" ", (1,)), TextChunk(" Hello", (2,)), TextChunk(" there ", (3,))]

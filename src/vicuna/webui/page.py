@@ -232,8 +232,13 @@ class WebChat:
             cancel.set()
 
     def clear(self, request: gr.Request) -> tuple[Any, ...]:
-        """Drop the conversation (and a reply being written): chatbot, status, turns, textbox, buttons."""
-        self.stop(request)
+        """Drop the conversation (and a reply being written): chatbot, status, turns, textbox, buttons.
+        A reply being written is dropped, not stopped: it sends nothing more but the page cleared (see
+        `_stream`). Stopped, it went on to send its pieces and its stats after this answer, and the page
+        showed the conversation again, as if Clear had not been pressed."""
+        cancel = self.running.pop(request.session_hash or "", None)
+        if cancel is not None:
+            cancel.set()
         return [], "", [], "", gr.update(interactive=True), gr.update(interactive=True)
 
     def _check_key(self, key: str, lang: str) -> None:
@@ -309,7 +314,8 @@ class WebChat:
                     if piece := event.text if reply else event.text.lstrip():
                         reply += piece
                         turns = [*turns[:-1], (user, reply, "")]
-                        yield same, same, to_chatbot(turns), same, turns, same, same, same
+                        if self.running.get(session) is cancel:  # else dropped: Clear, or a newer reply
+                            yield same, same, to_chatbot(turns), same, turns, same, same, same
                 elif isinstance(event, Finished):
                     turns = [*turns[:-1], (user, reply, stats_line(event, cut, dropped, lang))]
                     log.info(  # as the API's line for each request (vicuna.server), without the text
@@ -333,9 +339,13 @@ class WebChat:
             raise
         finally:
             cancel.set()  # also when the page goes away mid-reply and Gradio closes this generator
-            if self.running.get(session) is cancel:
+            kept = self.running.get(session) is cancel
+            if kept:
                 del self.running[session]
-        yield self._put_back(turns, left_out=left_out_of(turns, dropped))
+        if kept:
+            yield self._put_back(turns, left_out=left_out_of(turns, dropped))
+        elif session not in self.running:  # dropped by Clear: the page ends cleared, after the pieces sent
+            yield self._put_back([], left_out=None)
 
     @staticmethod
     def _put_back(turns: list[Turn], unsent: Any = gr.skip(), left_out: Any = gr.skip()) -> tuple[Any, ...]:
