@@ -643,7 +643,9 @@ def test_browser_puts_a_failed_message_back_into_the_box_before_a_draft(browser)
 
 @pytest.mark.browser
 @needs_chromium
-def test_browser_asks_for_the_api_key_first(engine, browser):
+def test_browser_asks_for_the_api_key_first(engine, browser, monkeypatch):
+    # one session's state kept: another page's session pushes this one's key out
+    monkeypatch.setattr("vicuna.webui.page.SESSION_CAPACITY", 1)
     chat = RecordingChat(engine)
     app = webui.mount(
         fastapi.FastAPI(),
@@ -675,6 +677,22 @@ def test_browser_asks_for_the_api_key_first(engine, browser):
         wait_until(lambda: chat.finished)
         wait_for_status(page, stats_line(chat.finished[0]))
         assert len(chat.calls) == 1 and chat.finished[0].completion_tokens <= 4
+
+        # The server forgets the key entered when it restarts, or when newer sessions push this one's state
+        # out: the key box comes back, where the error says to enter the key, and the message is kept
+        other = browser.new_page()
+        other.goto(url)
+        other.locator("#api-key input").wait_for(state="visible")  # its session is the one kept
+        other.close()
+        message.fill("Hello again")
+        message.press("Enter")
+        page.get_by_text("A valid API key is needed").wait_for()
+        key.wait_for(state="visible")
+        page.locator("#api-key-enter").click()
+        page.wait_for_function("() => document.querySelector('#message textarea').value === 'Hello again'")
+        message.press("Enter")
+        wait_until(lambda: len(chat.finished) == 2)
+        assert chat.calls[1][0][-1] == Message("user", "Hello again")
         page.close()
 
 

@@ -170,6 +170,13 @@ class WebChat:
             return "", gr.Column(visible=True), gr.Column(visible=False), invalid
         return key, gr.Column(visible=False), gr.Column(visible=True), ""
 
+    def ask_key_again(self, key: str) -> Any:
+        """After a failed reply: the key box, shown again above the chat where the session's key is not
+        valid. The server forgets a key entered when it restarts, or drops the session's state for newer
+        ones' (`SESSION_CAPACITY`); the error said to enter the key at the top of the page, where there
+        was no box to enter it in until a reload."""
+        return gr.Column(visible=not self.key_ok(key))
+
     def show(self, turns: list[Turn], request: gr.Request) -> tuple[Any, ...]:
         """On load: the chatbot and the status line for a conversation (the one kept in the browser), and
         the words of the page's components `self.words` (set by `build`: each one's English texts by
@@ -470,6 +477,9 @@ def build(
             concurrency_limit=None,
             api_name="regenerate",
         )
+        if api_keys is not None:  # a reply refused for want of a key the server still has: the key box
+            for failed in (sending, again):
+                failed.failure(ui.ask_key_again, key, login_box, queue=False, api_visibility="private")
         # Stop lets the reply finish with its stats ("stopped"); Clear also drops what is still streaming.
         stop.click(ui.stop, None, None, queue=False, api_visibility="private")
         gr.on(  # the Clear button and the chatbot's own trash icon
