@@ -600,6 +600,10 @@ def test_browser_puts_a_failed_message_back_into_the_box_before_a_draft(browser)
     fail = threading.Event()
 
     def chat(messages, params, cancel):
+        if messages[-1].content == "Hi":
+            yield TextChunk("Hello!", (1,))
+            yield Finished("stop", 1, 1, 0.1, 10.0, 0.1)
+            return
         yield TextChunk("Once upon", (1, 2))
         fail.wait(30)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -607,37 +611,49 @@ def test_browser_puts_a_failed_message_back_into_the_box_before_a_draft(browser)
     app = webui.mount(
         fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="tiny-model"
     )
+    last_reply = "(Array.from(document.querySelectorAll('#chatbot .bot-row')).pop()?.innerText.trim() ?? '')"
+    # whether what `selector` names is what the user sees at its middle, not something drawn over it
+    in_sight = """selector => {
+        const element = document.querySelector(selector), box = element.getBoundingClientRect();
+        return element.contains(document.elementFromPoint(box.x + box.width / 2, box.y + box.height / 2));
+    }"""
     with serve(app) as url:
         page = browser.new_page()
         page.goto(url)
         message = page.get_by_role("textbox", name="Message")
         message.wait_for(state="visible")
         toasts = page.get_by_text("ran out of memory")
+        message.fill("Hi")
+        message.press("Enter")
+        page.wait_for_function(f"() => {last_reply} === 'Hello!'")
 
         # a draft typed while the reply was written stays, after the failed message
         message.fill("Tell me a story.")
         message.press("Enter")
-        page.wait_for_function(f"() => {BOT_TEXT} === 'Once upon'")
+        page.wait_for_function(f"() => {last_reply} === 'Once upon'")
         message.press_sequentially("my draft")
         fail.set()
         toasts.first.wait_for()
-        page.wait_for_function("() => document.querySelectorAll('#chatbot .user-row').length === 0")
+        page.wait_for_function("() => document.querySelectorAll('#chatbot .user-row').length === 1")
         assert page.locator("#send").is_enabled()
         page.wait_for_function(
             "() => document.querySelector('#message textarea').value === 'Tell me a story.\\n\\nmy draft'"
         )
+        # the conversation and the box stay in sight: Gradio's "Error" badge covered both until closed
+        assert page.evaluate(in_sight, "#chatbot .bot-row .message")  # on the left, clear of the toast
+        assert page.evaluate(in_sight, "#message textarea")
 
         # with the box left empty, the failed message comes back to it, to be sent again
         fail.clear()
         message.fill("Tell me another.")
         message.press("Enter")
-        page.wait_for_function(f"() => {BOT_TEXT} === 'Once upon'")
+        page.wait_for_function(f"() => {last_reply} === 'Once upon'")
         assert message.input_value() == ""
         fail.set()
         page.wait_for_function(
             "() => document.querySelector('#message textarea').value === 'Tell me another.'"
         )
-        assert page.locator("#chatbot .user-row").count() == 0
+        assert page.locator("#chatbot .user-row").count() == 1
         page.close()
 
 

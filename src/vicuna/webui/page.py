@@ -461,6 +461,9 @@ def build(
         # concurrency_limit=None: many browser sessions generate at once; the engine batches them.
         # While a reply is written, Enter does nothing (Gradio's trigger_mode="once"): the next
         # message waits in the box, and Send and Regenerate are disabled until the reply ends.
+        # show_progress_on=status: Gradio draws its progress, and after an error its "Error" badge, over
+        # the line under the chat alone; over all the outputs, the badge hid the conversation and the box
+        # the message was put back in until each was closed.
         sending = gr.on(
             [textbox.submit, send.click],
             ui.respond,
@@ -468,6 +471,7 @@ def build(
             [textbox, unsent, chatbot, status, turns, left_out, *busy],
             concurrency_limit=None,
             api_name="chat",
+            show_progress_on=status,
         )
         sending.failure(None, [unsent, textbox], [textbox, unsent], js=PUT_BACK, api_visibility="private")
         again = regenerate.click(
@@ -476,6 +480,7 @@ def build(
             [chatbot, status, turns, left_out, *busy],
             concurrency_limit=None,
             api_name="regenerate",
+            show_progress_on=status,
         )
         if api_keys is not None:  # a reply refused for want of a key the server still has: the key box
             for failed in (sending, again):
