@@ -145,6 +145,8 @@ def test_stats_line_and_chatbot_messages():
     assert stats_line(done) == "64 tokens · 31.2 tokens/s · first token 0.25 s · max tokens reached"
     assert stats_line(done, cut=True).endswith("· context window full")
     assert stats_line(Finished("cancelled", 10, 3, 0.1, 5.0, 0.5)).endswith("· stopped")
+    # stopped while it waited for a row, or during its prompt: no first token to time (it said 1.57 s)
+    assert stats_line(Finished("cancelled", 7000, 0, 1.57, 0.0, 1.57)) == "0 tokens · stopped"
     assert (
         stats_line(Finished("stop", 10, 3, 0.1, 5.0, 0.5)) == "3 tokens · 5.0 tokens/s · first token 0.10 s"
     )

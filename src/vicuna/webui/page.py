@@ -57,11 +57,12 @@ def stats_line(finished: Finished, cut: bool = False, dropped: int = 0, lang: st
     """What is shown under the chat after a reply, e.g. `42 tokens · 18.3 tokens/s · first token 0.21 s`,
     in `lang` (`texts.language`). `cut`: max new tokens was lowered to the room the context window left;
     `dropped`: the oldest exchanges left out of the prompt to fit the context window."""
-    parts = [
-        say(lang, "{count} tokens", count=finished.completion_tokens),
-        say(lang, "{rate:.1f} tokens/s", rate=finished.decode_tokens_per_s),
-        say(lang, "first token {seconds:.2f} s", seconds=finished.ttft_s),
-    ]
+    parts = [say(lang, "{count} tokens", count=finished.completion_tokens)]
+    if finished.completion_tokens:  # a reply stopped before its first token has no speed to show
+        parts += [
+            say(lang, "{rate:.1f} tokens/s", rate=finished.decode_tokens_per_s),
+            say(lang, "first token {seconds:.2f} s", seconds=finished.ttft_s),
+        ]
     if finished.reason == "cancelled":
         parts.append(say(lang, "stopped"))
     elif finished.reason == "length":
