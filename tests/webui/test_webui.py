@@ -204,6 +204,11 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     assert chat.calls[1][0] == [Message("user", "Hello")]  # an empty system box: the template's own
     assert again[-1][2] == [("Hello", chat.texts[1], stats_line(chat.finished[1]))]
     assert ui.show(again[-1][2], request) == again[-1][:2]  # as a reload shows the conversation kept
+    # a reload while a reply was written ended it: the line under the chat says so, not nothing
+    cut = [*again[-1][2], ("Go on", "Once up", "")]
+    shown, status = ui.show(cut, request)
+    assert shown == to_chatbot(cut) and status.startswith("The last reply was cut short")
+    assert ui.show([], request) == ([], "")
 
     streaming = ui.respond("Tell me more", turns, left_out, "", 0.0, 1.0, 100, "k-secret", request)
     next(streaming)
@@ -428,6 +433,7 @@ def test_the_page_speaks_the_language_the_browser_prefers_of_english_and_simplif
     with pytest.raises(gr.Error, match="需要有效的 API 密钥"):
         next(ui.respond("你好", [], None, "", 0.7, 1.0, 10, "wrong", zh))
     assert ui.login("wrong", zh)[3] == "**API 密钥无效。** 请重试。"
+    assert ui.show([("你好", "你", "")], zh)[1].startswith("上一条回复未写完")
     with pytest.raises(gr.Error, match="温度必须是 0 到 2 之间的数（当前为 5）。"):
         next(ui.respond("你好", [], None, "", 5, 1.0, 10, "k", zh))
     for error, said in [

@@ -30,6 +30,12 @@ WRITING = (
     "Writing the reply… **Stop** ends it. What you type meanwhile waits in the box: press Enter when "
     "the reply is done."
 )
+# Under a conversation whose last reply has no stats: it was being written when its page was reloaded or
+# closed, which ended it (the server stops a reply its page left).
+CUT_SHORT = (
+    "The last reply was cut short: its page was reloaded or closed while it was written. **Regenerate** "
+    "writes it again."
+)
 OUT_OF_MEMORY = (
     "The GPU ran out of memory for this reply (beside the others being generated). Try again shortly, "
     "or with a shorter conversation (Clear)."
@@ -179,9 +185,10 @@ class WebChat:
         return gr.Column(visible=not self.key_ok(key))
 
     def show(self, turns: list[Turn], request: gr.Request) -> tuple[Any, ...]:
-        """On load: the chatbot and the status line for a conversation (the one kept in the browser), and
-        the words of the page's components `self.words` (set by `build`: each one's English texts by
-        property) in the browser's language; left as they are in English."""
+        """On load: the chatbot and the status line for a conversation (the one kept in the browser; a
+        reply left unfinished by a reload is said to be, `CUT_SHORT`: the line was empty, as under a whole
+        one), and the words of the page's components `self.words` (set by `build`: each one's English
+        texts by property) in the browser's language; left as they are in English."""
         lang = request_language(request)
         words = [
             gr.update(**{name: say(lang, text) for name, text in texts.items()})
@@ -189,7 +196,8 @@ class WebChat:
             else gr.skip()
             for texts in self.words
         ]
-        return to_chatbot(turns), last_stats(turns), *words
+        status = last_stats(turns) or (say(lang, CUT_SHORT) if turns else "")
+        return to_chatbot(turns), status, *words
 
     def respond(
         self,

@@ -39,6 +39,8 @@ ZH = {
     "shorten it.": "这条消息在提示中占 {tokens} 个 token，但模型的上下文窗口只有 {window} 个 token：请缩短它。",
     "Writing the reply… **Stop** ends it. What you type meanwhile waits in the box: press Enter when "
     "the reply is done.": "正在生成回复…… 按 **停止** 可中止。此时输入的内容会留在输入框里，回复完成后按 Enter 发送。",
+    "The last reply was cut short: its page was reloaded or closed while it was written. **Regenerate** "
+    "writes it again.": "上一条回复未写完：生成时页面被刷新或关闭。按 **重新生成** 可重新生成。",
     "The GPU ran out of memory for this reply (beside the others being generated). Try again shortly, "
     "or with a shorter conversation (Clear).": (
         "GPU 显存不足，无法生成这条回复（其他回复也在生成中）。请稍后重试，或缩短对话（清空）。"
