@@ -298,3 +298,30 @@ def test_encoding_distinct_texts_on_several_threads_keeps_none_of_them(tiny_llam
     for thread in threads:
         thread.join()
     assert resident_bytes() - before < 8 * 2**20
+
+
+def test_the_word_cache_goes_where_a_piece_is_a_whole_text_and_stays_where_it_is_a_word():
+    from tokenizers import pre_tokenizers
+
+    from vicuna.engine.loader import without_word_cache
+
+    class Backend:  # a fast tokenizer's `tokenizers` object: its pre-tokenizer, and its model's cache
+        def __init__(self, pre):
+            self.pre_tokenizer, self.model, self.sizes = pre, self, []
+
+        def _resize_cache(self, size):
+            self.sizes.append(size)
+
+    class Tokenizer:
+        def __init__(self, pre):
+            self._tokenizer = Backend(pre)
+
+    cases = [
+        (pre_tokenizers.Metaspace(prepend_scheme="first", split=False), [0]),  # LLaMA's: a text, one piece
+        (None, [0]),
+        (pre_tokenizers.ByteLevel(add_prefix_space=False), []),  # SmolLM2's, LLaMA 3's: words
+    ]
+    for pre, resized in cases:
+        tokenizer = Tokenizer(pre)
+        without_word_cache(tokenizer)
+        assert tokenizer._tokenizer.sizes == resized, pre
