@@ -255,7 +255,9 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
         "SmolLM2-135M-Instruct"
         if settings.model_path is None
         else settings.model_path  # a Hub repository: its id, as clients of other servers know it
-        if folder == vicuna_home() / "models" / settings.model_path.replace("/", "--")
+        # (the id's shape first: on Windows, vicuna_home() / an absolute path C:\m\x is that path)
+        if HUB_REPO_ID.fullmatch(settings.model_path)
+        and folder == vicuna_home() / "models" / settings.model_path.replace("/", "--")
         else folder.name
     )
 
