@@ -268,3 +268,23 @@ def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(monkeypatch
     assert placement.resolve_dtype("float16", cuda, CONFIG) == torch.float16
     assert placement.resolve_dtype("auto", cuda, CONFIG) in (torch.float16, torch.bfloat16)
     assert capsys.readouterr().err == ""  # float16, and what auto picks, are the GPU's own
+
+
+def test_gpu_flags_without_a_gpu_say_why_only_where_the_model_runs_on_the_cpu(monkeypatch, capsys):
+    """The notice that a PyTorch without CUDA is a CPU-only build was said on a Mac's PyTorch too, whose model
+    runs on Apple's GPU (mps), and of a ROCm build (torch.version.hip, no torch.version.cuda)."""
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    placement.check_fits(CONFIG, ModelSettings(num_gpus=2), torch.device("mps"), torch.float16)
+    assert "notice: --num-gpus applies to CUDA GPUs; on mps it is ignored" in capsys.readouterr().err
+    placement.check_fits(CONFIG, ModelSettings(num_gpus=2), torch.device("cpu"), torch.float32)
+    assert (
+        f"this PyTorch ({torch.__version__}) is a CPU-only build; the model runs on cpu"
+        in capsys.readouterr().err
+    )
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    placement.check_fits(CONFIG, ModelSettings(num_gpus=2), torch.device("cpu"), torch.float32)
+    assert (
+        f"this PyTorch ({torch.__version__}) sees no CUDA GPU; the model runs on cpu"
+        in capsys.readouterr().err
+    )

@@ -242,8 +242,9 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
             "they are ignored" if len(gpu_flags) > 1 else "it is ignored",
         )
         said = f"{flags} {'apply' if len(gpu_flags) > 1 else 'applies'} to CUDA GPUs"
-        if settings.device is None:  # GPUs asked for, none there: why, before a 13B model loads on the CPU
-            why = "is a CPU-only build" if torch.version.cuda is None else "sees no CUDA GPU"
+        if settings.device is None and device.type == "cpu":  # why, before a 13B model loads on the CPU
+            cpu_only = torch.version.cuda is None and torch.version.hip is None  # ROCm builds set hip
+            why = "is a CPU-only build" if cpu_only else "sees no CUDA GPU"
             said += f", and this PyTorch ({torch.__version__}) {why}; the model runs on {device.type} and {ignored}"
         else:
             said += f"; on {device.type} {ignored}"
