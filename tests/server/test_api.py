@@ -502,6 +502,26 @@ def test_allowed_origins_as_fastchat_writes_them_or_with_a_path_are_read_or_refu
         assert "argument --allowed-origins: " in capsys.readouterr().err
 
 
+def test_allowed_origins_are_read_as_a_browser_sends_them():
+    """A browser's Origin is lowercase and leaves out the scheme's default port; the CORS check compares
+    strings, so 'https://Chat.Example.com' or 'https://chat.example.com:443' was taken, the server started,
+    and every page of that origin was refused by the browser without a word."""
+    from vicuna.cli import command_parser
+
+    def origins(value):
+        return command_parser("serve").parse_args(["--allowed-origins", value]).allowed_origins
+
+    assert origins("https://Chat.Example.com,https://chat.example.com:443,HTTP://a.example:80") == [
+        "https://chat.example.com",
+        "https://chat.example.com",
+        "http://a.example",
+    ]
+    assert origins("https://a.example:8443,http://a.example:443") == [
+        "https://a.example:8443",
+        "http://a.example:443",
+    ]
+
+
 def wait_for(predicate, timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():

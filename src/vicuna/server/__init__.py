@@ -77,13 +77,21 @@ def origin_list(value: str) -> list[str]:
             raise argparse.ArgumentTypeError(f"{value!r} is not a JSON list of origins")
     else:
         origins = value.split(",")
-    origins = [o.strip() for o in origins if o.strip()]
+    # as a browser sends its Origin, which the CORS check compares as a string: lowercase, no default port
+    origins = [default_port_dropped(o.strip().lower()) for o in origins if o.strip()]
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
             raise argparse.ArgumentTypeError(
                 f"{origin!r} is not an origin: scheme://host[:port] without a path (https://chat.example.com), or *"
             )
     return origins
+
+
+def default_port_dropped(origin: str) -> str:
+    for scheme, port in (("https://", ":443"), ("http://", ":80")):
+        if origin.startswith(scheme) and origin.endswith(port):
+            return origin.removesuffix(port)
+    return origin
 
 
 def listen(host: str, port: int) -> socket.socket:
