@@ -728,6 +728,46 @@ def test_every_request_is_counted_once_with_its_status_refused_ones_too(tiny_eng
     }
 
 
+def test_a_client_gone_while_sending_its_body_is_counted_499_not_500(tiny_engine):
+    """A client that left while its body was read (a timeout during a large upload) was counted in
+    /metrics as a chat 500, a server error to alert on, and logged as an internal error."""
+    import asyncio
+
+    app = create_app(tiny_engine, model_name=MODEL)
+    received = [
+        {"type": "http.request", "body": b'{"model": "ti', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return received.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    path = "/v1/chat/completions"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+    sample = app.state.metrics.registry.get_sample_value
+    assert sample("vicuna_requests_total", {"endpoint": "chat", "status": "499"}) == 1
+    assert sample("vicuna_requests_total", {"endpoint": "chat", "status": "500"}) is None
+
+
 def test_a_web_ui_reply_the_page_left_counts_the_tokens_it_had(tiny_engine):
     """A page closed mid-reply was counted with 0 completion tokens, however many it had been sent."""
     from vicuna.server.app import Metrics, _counted

@@ -38,6 +38,7 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from vicuna import protocol as p
@@ -546,6 +547,8 @@ def _status(err: BaseException) -> int:
         return 400
     if isinstance(err, StarletteHTTPException):
         return err.status_code
+    if isinstance(err, ClientDisconnect):  # gone while sending its body: no server error
+        return 499
     return failure(err).status
 
 
@@ -637,6 +640,10 @@ def create_app(
         return APIError(
             err.status_code, str(err.detail), kind, headers=getattr(err, "headers", None)
         ).response()
+
+    @app.exception_handler(ClientDisconnect)  # gone while sending its body: nobody to answer, no bug to log
+    async def _gone(_: Request, err: ClientDisconnect) -> Response:
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, err: Exception) -> JSONResponse:
