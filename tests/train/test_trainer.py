@@ -219,6 +219,12 @@ def test_resume_ends_where_an_uninterrupted_run_does(tiny_llama_dir, data_file, 
     train(config("resumed", resume=True))
     assert "this run is complete, its model written; nothing to resume" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir() if p.is_file()} == written
+    # and so with its checkpoints deleted: it said to run without --resume, which said to pass --resume
+    for checkpoint in (tmp_path / "resumed").glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    train(config("resumed", resume=True))
+    assert "this run is complete, its model written; nothing to resume" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir() if p.is_file()} == written
 
 
 def test_ctrl_c_says_how_to_go_on_only_from_a_checkpoint_there_is(

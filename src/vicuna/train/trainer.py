@@ -336,7 +336,8 @@ def start_or_resume(
             tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
             tmp.replace(path)
         return None
-    if checkpoint is None:
+    # a complete run (its model written) needs none: its checkpoints are often deleted to free the disk
+    if checkpoint is None and not (cfg.output_dir / RECORDED_TEMPLATE).is_file():
         raise VicunaError(
             f"--resume: {cfg.output_dir} has no complete checkpoint-N folder to resume from (a run stopped "
             "before its first checkpoint was written): run the command without --resume to start again"
