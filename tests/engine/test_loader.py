@@ -82,6 +82,17 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
         "runs/chekpoint-9: no such file or folder here, and from the Hub: runs/chekpoint-9 was not found on "
         "https://huggingface.co (a private repo needs HF_TOKEN)"
     )
+    (tmp_path / "runs").mkdir()  # the folder it is in is here: not the Hub's
+    with pytest.raises(ModelLoadError, match=r"^runs/chekpoint-9: no such file or folder$"):
+        load("runs/chekpoint-9")
+
+    # `vicuna download --include '*.json'` fetched a part, with its manifest: --model-path fetches the rest
+    shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_llama_dir / "config.json", folder)
+    write_manifest(folder)
+    monkeypatch.setattr(hub, "download", download)
+    assert load("lmsys/vicuna-7b-v1.5") is not None and len(fetched) == 3
 
 
 def test_folder_without_config(tmp_path):

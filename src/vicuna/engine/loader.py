@@ -36,7 +36,8 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
     if model_path is None:
         return builtin_model_dir()
     path = Path(model_path).expanduser()
-    if not path.exists() and HUB_REPO_ID.fullmatch(model_path):
+    # owner/name, where no folder `owner` is here either: `runs/chekpoint-9` is a folder's name mistyped
+    if not path.exists() and HUB_REPO_ID.fullmatch(model_path) and not path.parent.exists():
         return hub_model(model_path, download)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
@@ -72,8 +73,12 @@ def hub_model(repo_id: str, download: bool) -> Path:
     from vicuna.weights.manifest import MANIFEST_NAME
 
     folder = vicuna_home() / "models" / repo_id.replace("/", "--")
-    if (folder / MANIFEST_NAME).is_file():
-        return folder
+    if (folder / MANIFEST_NAME).is_file() and (folder / CONFIG).is_file():
+        try:  # not a part fetched by `vicuna download --include '*.json'`, which has its manifest too
+            weight_files(folder)
+            return folder
+        except ModelLoadError:
+            pass
     if not download:
         raise ModelLoadError(
             f"{repo_id}: no such folder, and not downloaded yet from the Hugging Face Hub: `vicuna download "
