@@ -56,17 +56,22 @@ def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dt
             warn_if_bfloat16_is_emulated()
         return DTYPES[requested]
     if device.type == "cuda":
-        # bfloat16 where it is native (8.0+): PyTorch only emulates it, slowly, on a T4 or an RTX 20xx
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.bfloat16 if native_bfloat16() else torch.float16
     if device.type == "mps":
         return torch.float16
     return fastest_cpu_dtype(config)
 
 
+def native_bfloat16() -> bool:
+    """Whether this machine's CUDA GPU computes in bfloat16 (compute capability 8.0+). PyTorch makes
+    bfloat16 tensors on a T4 or an RTX 20xx too, emulated and slow, and `is_bf16_supported()` counts that."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def warn_if_bfloat16_is_emulated() -> None:
     """An explicit --dtype bfloat16 on a GPU without native bfloat16 (below compute capability 8.0: a T4,
     an RTX 20xx, a V100) runs, emulated by PyTorch, slowly and without a word: said, not refused."""
-    if torch.cuda.is_bf16_supported(including_emulation=False):
+    if native_bfloat16():
         return
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
     print(
@@ -213,8 +218,7 @@ def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[
             opts.append(Option(flags, need, hw.ram_available))
     if hw.gpus:
         per_gpu = gpu_budgets(hw, settings)
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-        half_name, half = ("bfloat16", torch.bfloat16) if bf16 else ("float16", torch.float16)
+        half_name, half = ("bfloat16", torch.bfloat16) if native_bfloat16() else ("float16", torch.float16)
         for eight in (False, True):
             need = int((size.weight_bytes(half, eight) + size.kv_bytes(KV_TOKENS, half)) * HEADROOM)
             for n in range(1, 1 + (1 if eight else len(hw.gpus))):  # 8-bit: on one GPU (see check_fits)

@@ -145,14 +145,13 @@ def precision(dtype: str, *, warn: bool = True) -> tuple[Any, str]:
     `warn`: say when an explicit bfloat16 is emulated, slowly, on this GPU."""
     import torch
 
-    from vicuna.engine.placement import warn_if_bfloat16_is_emulated
+    from vicuna.engine.placement import native_bfloat16, warn_if_bfloat16_is_emulated
 
     cuda = torch.cuda.is_available()
     if dtype == "bfloat16" and cuda and warn:
         warn_if_bfloat16_is_emulated()
-    if dtype == "auto":  # bfloat16 where it is native (8.0+); PyTorch emulates it, slowly, on a T4 (7.5)
-        bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
-        dtype = ("bfloat16" if bf16 else "float16") if cuda else "float32"
+    if dtype == "auto":
+        dtype = ("bfloat16" if native_bfloat16() else "float16") if cuda else "float32"
     if dtype == "float16" and not cuda:
         raise VicunaError("--dtype float16 needs a CUDA GPU; use bfloat16 or float32 on this machine")
     mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[dtype]
