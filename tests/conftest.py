@@ -56,3 +56,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """`pretend_gpu(name, major, minor)`: a CUDA GPU of this compute capability, on which PyTorch can make
+    bfloat16 tensors (emulated below 8.0, as on a T4)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def pretend(name: str, major: int, minor: int) -> None:
+        properties = SimpleNamespace(name=name, major=major, minor=minor)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d=None: properties)
+        monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
+        monkeypatch.setattr(torch.version, "hip", None)
+
+    return pretend

@@ -204,18 +204,10 @@ def test_parse_bytes_refuses_what_is_no_size(text):
 
 
 @pytest.mark.parametrize(("major", "dtype"), [(7, torch.float16), (8, torch.bfloat16)])
-def test_auto_dtype_on_a_gpu_is_bfloat16_only_where_it_is_native(monkeypatch, major, dtype):
+def test_auto_dtype_on_a_gpu_is_bfloat16_only_where_it_is_native(pretend_gpu, major, dtype):
     """A T4 (7.5) chatted in bfloat16: PyTorch makes bfloat16 tensors there (emulated, slowly), so
     `torch.cuda.is_bf16_supported()` says yes; float16 is what such a GPU computes in."""
-    from types import SimpleNamespace
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(major=major, minor=5)
-    )
-    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
-    monkeypatch.setattr(torch.version, "hip", None)
+    pretend_gpu("a GPU", major, 5)
     assert placement.resolve_dtype("auto", torch.device("cuda"), CONFIG) == dtype
 
 
@@ -236,25 +228,10 @@ def test_reply_timing_runs_the_models_own_layers():
     assert placement._time_reply(CONFIG, torch.float32) > 0
 
 
-def pretend_gpu(monkeypatch, name: str, major: int, minor: int) -> None:
-    """A CUDA GPU of this compute capability, on which PyTorch can make bfloat16 tensors (emulated or not)."""
-    from types import SimpleNamespace
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(
-        torch.cuda,
-        "get_device_properties",
-        lambda d=None: SimpleNamespace(name=name, major=major, minor=minor),
-    )
-    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)
-    monkeypatch.setattr(torch.version, "hip", None)
-
-
 @pytest.mark.parametrize(("name", "major", "minor"), [("Tesla T4", 7, 5), ("NVIDIA A100-SXM4-40GB", 8, 0)])
-def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(monkeypatch, capsys, name, major, minor):
+def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(pretend_gpu, capsys, name, major, minor):
     """`--dtype bfloat16` on a T4 chatted in emulated bfloat16, slowly, without a word."""
-    pretend_gpu(monkeypatch, name, major, minor)
+    pretend_gpu(name, major, minor)
     cuda = torch.device("cuda")
     assert placement.resolve_dtype("bfloat16", cuda, CONFIG) == torch.bfloat16
     warned = capsys.readouterr().err

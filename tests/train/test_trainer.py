@@ -437,43 +437,25 @@ def test_old_gpus_are_refused_unless_forced(monkeypatch, tmp_path, data_file, ca
 
 
 @pytest.mark.parametrize(("major", "dtype", "mixed"), [(7, "float16", "fp16"), (8, "bfloat16", "bf16")])
-def test_auto_precision_is_bfloat16_only_where_the_gpu_has_it(monkeypatch, major, dtype, mixed):
+def test_auto_precision_is_bfloat16_only_where_the_gpu_has_it(pretend_gpu, major, dtype, mixed):
     """A T4 (7.5) trained in bfloat16 by default: PyTorch makes bfloat16 tensors there (emulated, slowly),
     so `torch.cuda.is_bf16_supported()` says yes; float16 is the precision such a GPU computes in."""
-    from types import SimpleNamespace
-
     import torch
 
     from vicuna.train.trainer import precision
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(
-        torch.cuda, "get_device_properties", lambda d=None: SimpleNamespace(major=major, minor=5)
-    )
-    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
-    monkeypatch.setattr(torch.version, "hip", None)
+    pretend_gpu("a GPU", major, 5)
     assert precision("auto") == (getattr(torch, dtype), mixed)
 
 
 @pytest.mark.parametrize(("major", "warned"), [(7, True), (8, False)])
-def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(monkeypatch, capsys, major, warned):
+def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(pretend_gpu, capsys, major, warned):
     """`--dtype bfloat16` on a T4 trained in emulated bfloat16, slowly, without a word."""
-    from types import SimpleNamespace
-
     import torch
 
     from vicuna.train.trainer import precision
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(
-        torch.cuda,
-        "get_device_properties",
-        lambda d=None: SimpleNamespace(name="Tesla T4" if major < 8 else "A100", major=major, minor=5),
-    )
-    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
-    monkeypatch.setattr(torch.version, "hip", None)
+    pretend_gpu("Tesla T4" if major < 8 else "A100", major, 5)
     assert precision("bfloat16") == (torch.bfloat16, "bf16")
     err = capsys.readouterr().err
     assert ("warning: --dtype bfloat16 on the Tesla T4 (compute capability 7.5)" in err) == warned
