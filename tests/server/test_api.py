@@ -19,6 +19,7 @@ import openai
 import pytest
 import uvicorn
 
+from tests.server.test_batching import hold_scheduler
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, render
 from vicuna.engine.events import Finished, TextChunk
@@ -687,9 +688,7 @@ def test_every_request_is_counted_once_with_its_status_refused_ones_too(tiny_eng
     404s were missing, so its refusals could not be seen or alerted on."""
     app = create_app(tiny_engine, model_name=MODEL, max_batch_size=1, max_queue=0, webui=True)
     batcher = app.state.batcher
-    busy, release = threading.Event(), threading.Event()
-    batcher.call(lambda: (busy.set(), release.wait(30)))  # the scheduler admits nobody meanwhile
-    assert busy.wait(10)
+    release = hold_scheduler(batcher, hold_s=30, start_s=10)  # the scheduler admits nobody meanwhile
     with serving(app) as url:
         statuses: list[int] = []
 
@@ -786,9 +785,7 @@ def test_a_web_ui_reply_the_page_left_counts_the_tokens_it_had(tiny_engine):
 def test_requests_that_arrive_together_take_the_free_rows_before_any_counts_as_queued(tiny_engine):
     app = create_app(tiny_engine, model_name=MODEL, max_batch_size=4, max_queue=0)
     batcher = app.state.batcher
-    busy, release = threading.Event(), threading.Event()
-    batcher.call(lambda: (busy.set(), release.wait(30)))  # the scheduler admits nobody meanwhile
-    assert busy.wait(10)
+    release = hold_scheduler(batcher, hold_s=30, start_s=10)  # the scheduler admits nobody meanwhile
     with serving(app) as url:
         statuses: list[int] = []
 
@@ -894,12 +891,11 @@ def test_eight_concurrent_streams_equal_sequential(served, api, tiny_engine):
 
     # The scheduler admits nobody until all eight wait: one by one (a busy machine), each could end before
     # the next came, and the batcher's peak of earlier tests in this module said "batched" all the same.
-    batcher, busy, release = app.state.batcher, threading.Event(), threading.Event()
+    batcher = app.state.batcher
     rows_per_step = collections.Counter(batcher.stats.batch_sizes)
-    batcher.call(lambda: (busy.set(), release.wait(60)))
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+    release = hold_scheduler(batcher, start_s=10)
     try:
-        assert busy.wait(10)
         for t in threads:
             t.start()
         assert wait_for(lambda: batcher.waiting == 8)

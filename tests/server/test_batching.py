@@ -23,6 +23,15 @@ def reply(events) -> tuple[str, Finished]:
     return "".join(e.text for e in events[:-1]), events[-1]
 
 
+def hold_scheduler(batcher: Batcher, hold_s: float = 60, start_s: float = 60) -> threading.Event:
+    """Hold the batcher's scheduler thread on a task of its own (it admits and steps nobody meanwhile)
+    until the returned event is set, or `hold_s` has passed; returns once the hold has begun."""
+    busy, release = threading.Event(), threading.Event()
+    batcher.call(lambda: (busy.set(), release.wait(hold_s)))
+    assert busy.wait(start_s)
+    return release
+
+
 def concurrently(
     batcher: Batcher, jobs: list[tuple[list[int], SamplingParams]]
 ) -> list[tuple[str, Finished]]:
@@ -34,10 +43,8 @@ def concurrently(
         out[i] = reply(batcher.generate(*jobs[i]))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    busy, release = threading.Event(), threading.Event()
-    batcher.call(lambda: (busy.set(), release.wait(60)))
+    release = hold_scheduler(batcher)
     try:
-        assert busy.wait(60)
         for t in threads:
             t.start()
         deadline = time.monotonic() + 60
