@@ -74,6 +74,18 @@ class RecordingChat:
             yield event
 
 
+def page_app(engine, chat, **kwargs) -> fastapi.FastAPI:
+    """The page mounted for `chat` on the tiny engine, as `vicuna serve` mounts it for its model."""
+    return webui.mount(
+        fastapi.FastAPI(),
+        chat=chat,
+        encode=engine.encode_chat,
+        context_window=engine.context_window,
+        model_name="tiny-model",
+        **kwargs,
+    )
+
+
 def no_encode(messages: list[Message]) -> list[int]:
     """A prompt's length where the chat is a stand-in without a tokenizer: a token a message."""
     return [0] * len(messages)
@@ -296,13 +308,7 @@ def test_a_long_conversation_is_encoded_a_few_times_and_the_next_turns_reuse_its
 
 def test_the_page_keeps_the_exchanges_a_browser_session_left_out_for_its_next_messages(engine):
     chat = RecordingChat(engine)
-    app = webui.mount(
-        fastapi.FastAPI(),
-        chat=chat,
-        encode=engine.encode_chat,
-        context_window=engine.context_window,
-        model_name="tiny-model",
-    )
+    app = page_app(engine, chat)
     turns = [[f"Question {i}?", f"Answer {i}.", ""] for i in range(40)]
     with TestClient(app) as client:
         for i in range(3):  # as the page sends them: the session's State (None here) is the server's
@@ -531,14 +537,7 @@ def test_the_server_keeps_the_state_of_the_latest_sessions_only(monkeypatch):
 @needs_chromium
 def test_browser_chat_streams_stops_regenerates_clears_and_keeps_the_chat(engine, browser):
     chat = RecordingChat(engine, pace_s=0.05)
-    app = webui.mount(
-        fastapi.FastAPI(),
-        chat=chat,
-        encode=engine.encode_chat,
-        context_window=engine.context_window,
-        model_name="tiny-model",
-        default_system="Be brief.",
-    )
+    app = page_app(engine, chat, default_system="Be brief.")
     with serve(app) as url:
         context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
         page = context.new_page()
@@ -689,14 +688,7 @@ def test_browser_asks_for_the_api_key_first(engine, browser, monkeypatch):
     # one session's state kept: another page's session pushes this one's key out
     monkeypatch.setattr("vicuna.webui.page.SESSION_CAPACITY", 1)
     chat = RecordingChat(engine)
-    app = webui.mount(
-        fastapi.FastAPI(),
-        chat=chat,
-        encode=engine.encode_chat,
-        context_window=engine.context_window,
-        model_name="tiny-model",
-        api_keys={"k-one", "k-two"},
-    )
+    app = page_app(engine, chat, api_keys={"k-one", "k-two"})
     with serve(app) as url:
         page = browser.new_page()
         page.goto(url)
@@ -742,13 +734,7 @@ def test_browser_asks_for_the_api_key_first(engine, browser, monkeypatch):
 @needs_chromium
 def test_browser_page_is_in_chinese_where_the_browser_prefers_it(engine, browser):
     chat = RecordingChat(engine)
-    app = webui.mount(
-        fastapi.FastAPI(),
-        chat=chat,
-        encode=engine.encode_chat,
-        context_window=engine.context_window,
-        model_name="tiny-model",
-    )
+    app = page_app(engine, chat)
     with serve(app) as url:
         for locale, lang, send, system, placeholder in [
             ("zh-CN", "zh", "发送", "系统提示词", "输入消息，按 Enter 发送"),
