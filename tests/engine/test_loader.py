@@ -33,14 +33,14 @@ def test_missing_folder(tmp_path):
 def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     tiny_llama_dir, tmp_path, monkeypatch, capsys
 ):
-    from vicuna.engine import loader
     from vicuna.engine.loader import resolve_model_path
     from vicuna.weights import hub
     from vicuna.weights.manifest import write_manifest
 
-    monkeypatch.setattr(loader, "vicuna_home", lambda: tmp_path)  # not the CPU kernel's (compiled once)
     monkeypatch.chdir(tmp_path)
     folder = tmp_path / "models" / "lmsys--vicuna-7b-v1.5"
+    # not VICUNA_HOME moved, with the CPU kernel compiled into it
+    monkeypatch.setattr(hub, "model_folder", lambda repo_id: tmp_path / "models" / repo_id.replace("/", "--"))
     fetched = []
 
     def download(repo_id, target):  # the Hub, offline: the files, then the manifest written last

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vicuna.config import ModelSettings, vicuna_home
+from vicuna.config import ModelSettings
 from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
+from vicuna.weights import hub
 from vicuna.weights.manifest import transformers_bar
 from vicuna.weights.tokenizer import check_tokenizer
 
@@ -69,10 +70,9 @@ def adapter_base(adapter: Path) -> str | None:
 def hub_model(repo_id: str, download: bool) -> Path:
     """The folder of a Hub repository, where `vicuna download` puts it; fetched (or its download resumed)
     unless its manifest, written last, says it is complete."""
-    from vicuna.weights import hub
     from vicuna.weights.manifest import MANIFEST_NAME
 
-    folder = vicuna_home() / "models" / repo_id.replace("/", "--")
+    folder = hub.model_folder(repo_id)
     if (folder / MANIFEST_NAME).is_file() and (folder / CONFIG).is_file():
         try:  # not a part fetched by `vicuna download --include '*.json'`, which has its manifest too
             weight_files(folder)
@@ -260,9 +260,8 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
         "SmolLM2-135M-Instruct"
         if settings.model_path is None
         else settings.model_path  # a Hub repository: its id, as clients of other servers know it
-        # (the id's shape first: on Windows, vicuna_home() / an absolute path C:\m\x is that path)
-        if HUB_REPO_ID.fullmatch(settings.model_path)
-        and folder == vicuna_home() / "models" / settings.model_path.replace("/", "--")
+        # (the id's shape first: on Windows, the models folder / an absolute path C:\m\x is that path)
+        if HUB_REPO_ID.fullmatch(settings.model_path) and folder == hub.model_folder(settings.model_path)
         else folder.name
     )
 

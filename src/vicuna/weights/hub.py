@@ -39,10 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> int:
+def model_folder(repo_id: str) -> Path:
+    """Where a Hub repository is downloaded without --dir: by `vicuna download`, and by a --model-path
+    that names it."""
     from vicuna.config import vicuna_home
 
-    target = args.dir or vicuna_home() / "models" / args.repo_id.replace("/", "--")
+    return vicuna_home() / "models" / repo_id.replace("/", "--")
+
+
+def main(args: argparse.Namespace) -> int:
+    target = args.dir or model_folder(args.repo_id)
     download(args.repo_id, target, revision=args.revision, include=args.include, repo_type=args.repo_type)
     print(f"done: {target}")
     return 0
