@@ -37,8 +37,7 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
     if model_path is None:
         return builtin_model_dir()
     path = Path(model_path).expanduser()
-    # owner/name, where no folder `owner` is here either: `runs/chekpoint-9` is a folder's name mistyped
-    if not path.exists() and HUB_REPO_ID.fullmatch(model_path) and not path.parent.exists():
+    if names_hub_repository(model_path):
         return hub_model(model_path, download)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
@@ -55,6 +54,13 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
             )
         raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
     return path
+
+
+def names_hub_repository(model_path: str) -> bool:
+    """Whether a --model-path is a Hub repository's id: owner/name, where no such path is here, nor a folder
+    `owner` (`runs/chekpoint-9` is a folder's name mistyped)."""
+    path = Path(model_path).expanduser()
+    return bool(HUB_REPO_ID.fullmatch(model_path)) and not path.exists() and not path.parent.exists()
 
 
 def adapter_base(adapter: Path) -> str | None:
@@ -260,8 +266,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
         "SmolLM2-135M-Instruct"
         if settings.model_path is None
         else settings.model_path  # a Hub repository: its id, as clients of other servers know it
-        # (the id's shape first: on Windows, the models folder / an absolute path C:\m\x is that path)
-        if HUB_REPO_ID.fullmatch(settings.model_path) and folder == hub.model_folder(settings.model_path)
+        if names_hub_repository(settings.model_path)
         else folder.name
     )
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vicuna.engine.loader import HUB_REPO_ID, RECORDED_TEMPLATE  # chat and serve read it
+from vicuna.engine.loader import RECORDED_TEMPLATE, names_hub_repository  # chat and serve read it
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
@@ -273,8 +273,7 @@ def base_model(model_path: str | None) -> str | None:
     the folder is not) wherever the run is started from; None for the built-in model."""
     if model_path is None:
         return None
-    path = Path(model_path).expanduser()
-    return model_path if HUB_REPO_ID.fullmatch(model_path) and not path.exists() else str(path.resolve())
+    return model_path if names_hub_repository(model_path) else str(Path(model_path).expanduser().resolve())
 
 
 def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict[str, Any]:
