@@ -502,24 +502,21 @@ def test_the_server_keeps_the_state_of_the_latest_sessions_only(monkeypatch):
         [gradio_app] = [route.app for route in app.routes if isinstance(route, Mount)]
         return gradio_app.state_holder
 
+    def mounted() -> fastapi.FastAPI:
+        return webui.mount(
+            fastapi.FastAPI(),
+            chat=lambda *_: iter(()),
+            encode=no_encode,
+            context_window=2048,
+            model_name="tiny-model",
+        )
+
     # Gradio's default, 10,000 sessions, let one-turn chats grow the server by some 70 KB each
-    app = webui.mount(
-        fastapi.FastAPI(),
-        chat=lambda *_: iter(()),
-        encode=no_encode,
-        context_window=2048,
-        model_name="tiny-model",
-    )
+    app = mounted()
     assert sessions(app).capacity == page.SESSION_CAPACITY <= 1000
 
     monkeypatch.setattr(page, "SESSION_CAPACITY", 2)
-    app = webui.mount(
-        fastapi.FastAPI(),
-        chat=lambda *_: iter(()),
-        encode=no_encode,
-        context_window=2048,
-        model_name="tiny-model",
-    )
+    app = mounted()
     with TestClient(app) as client:
         for session in ("s1", "s2", "s3"):
             # an empty message: nothing to generate. The States (the exchanges left out, the key) have their
