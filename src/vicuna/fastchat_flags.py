@@ -30,7 +30,7 @@ RENAMED: dict[str, str] = {
     "--base-model-path": "--base",  # fastchat.model.apply_delta
     "--target-model-path": "--target",
     "--delta-path": "--delta",
-    "--model-names": "--model-name",  # model_worker: vicuna serves one model under one name
+    "--model-names": "--model-name",  # model_worker: the same comma-separated names
     "--limit-worker-concurrency": "--max-batch-size",
     "--folder": "--dir",  # pyllama's llama.download
     "--model_name_or_path": "--model-path",  # fastchat.train.train (Hugging Face TrainingArguments)

@@ -438,6 +438,31 @@ def test_a_model_is_retrieved_by_its_name_even_one_with_a_slash(tiny_engine):
             client(url, "wrong").models.retrieve("lmsys/vicuna-7b-v1.5")
 
 
+def test_aliases_answer_for_the_model_and_replies_carry_its_name(tiny_engine):
+    # `--model-name vicuna-7b,gpt-3.5-turbo`: a tool that asks for "gpt-3.5-turbo" is served (FastChat's
+    # --model-names, vLLM's --served-model-name); the reply names the model by its first name, as vLLM's do
+    with serving(create_app(tiny_engine, model_name="vicuna-7b", aliases=["gpt-3.5-turbo"])) as url:
+        api = client(url)
+        assert [m.id for m in api.models.list().data] == ["vicuna-7b", "gpt-3.5-turbo"]
+        assert api.models.retrieve("gpt-3.5-turbo").id == "gpt-3.5-turbo"
+        reply = api.chat.completions.create(model="gpt-3.5-turbo", messages=HELLO, max_tokens=2)
+        assert reply.model == "vicuna-7b"
+        with pytest.raises(openai.NotFoundError) as info:
+            api.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
+        assert "serves 'vicuna-7b' (also as 'gpt-3.5-turbo')" in info.value.body["message"]
+
+
+def test_model_name_flag_reads_aliases_after_commas(capsys):
+    from vicuna.cli import main
+    from vicuna.server import model_names
+
+    assert model_names("vicuna-7b, gpt-3.5-turbo") == ["vicuna-7b", "gpt-3.5-turbo"]
+    for bad, said in (("a,,b", "has an empty name"), ("a,a", "names one model twice")):
+        with pytest.raises(SystemExit) as stop:
+            main(["serve", "--model-path", "m", "--model-name", bad])
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_api_keys(tiny_engine):
     with serving(create_app(tiny_engine, model_name=MODEL, api_keys=["k1", "k2"])) as url:
         for key in ("", "wrong"):

@@ -22,7 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser)
     g = parser.add_argument_group("server")
-    g.add_argument("--model-name", help="the name clients use in 'model' (default: the model folder's name)")
+    g.add_argument(
+        "--model-name",
+        type=model_names,
+        metavar="NAME[,ALIAS...]",
+        help="the name clients use in 'model' (default: the model folder's name); more names after commas are "
+        "aliases clients may use too (e.g. vicuna-7b,gpt-3.5-turbo for a tool that asks for that name)",
+    )
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on")
     g.add_argument(
@@ -119,6 +125,16 @@ def base_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def model_names(text: str) -> list[str]:
+    """`--model-name`'s comma-separated names: the model's name, then its aliases."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; write NAME or NAME,ALIAS,...")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names one model twice")
+    return names
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The server's own flags, before minutes go into loading the model."""
     from vicuna.server.app import check_settings
@@ -145,7 +161,8 @@ def main(args: argparse.Namespace) -> int:
     keys = [k for k in (args.api_keys or "").split(",") if k.strip()]
     app = create_app(
         engine,
-        model_name=args.model_name,
+        model_name=args.model_name[0] if args.model_name else None,
+        aliases=args.model_name[1:] if args.model_name else (),
         api_keys=keys,
         max_queue=args.max_queue,
         max_batch_size=args.max_batch_size,

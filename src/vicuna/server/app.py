@@ -331,6 +331,7 @@ async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
 class _Server:
     batcher: Any
     model_name: str
+    aliases: tuple[str, ...]  # other names clients may use for the model (--model-name NAME,ALIAS,...)
     api_keys: frozenset[str]
     max_queue: int
     metrics: Metrics
@@ -385,10 +386,11 @@ class _Server:
             )
 
     def check_model(self, model: str) -> None:
-        if model != self.model_name:
+        if model != self.model_name and model not in self.aliases:
+            also = f" (also as {', '.join(map(repr, self.aliases))})" if self.aliases else ""
             raise APIError(
                 404,
-                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}{also}",
                 param="model",
                 code="model_not_found",
             )
@@ -569,6 +571,7 @@ def create_app(
     engine: Any,
     *,
     model_name: str | None = None,
+    aliases: Sequence[str] = (),
     api_keys: Sequence[str] = (),
     max_queue: int = 64,
     max_batch_size: int = 16,
@@ -581,7 +584,8 @@ def create_app(
     when the app shuts down. With `webui`, the Gradio page of `vicuna.webui` is mounted at `/`,
     chatting through the same batcher. A streamed reply's text goes out at most every
     `stream_interval_ms` after its first token (see `STREAM_INTERVAL_MS`). Web pages from `allowed_origins`
-    ("*": any) may call the API from a browser (CORS); from no other origin than the server's own."""
+    ("*": any) may call the API from a browser (CORS); from no other origin than the server's own.
+    Requests may name the model by `model_name` or by any of `aliases`; replies name it `model_name`."""
     from vicuna.engine.batching import Batcher
 
     check_settings(max_queue, max_batch_size, stream_interval_ms)
@@ -594,6 +598,7 @@ def create_app(
     server = _Server(
         batcher=batcher,
         model_name=model_name or engine.model_name,
+        aliases=tuple(aliases),
         api_keys=frozenset(k.strip() for k in api_keys if k.strip()),
         max_queue=max_queue,
         metrics=Metrics(batcher),
@@ -707,19 +712,21 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    def model_card() -> p.ModelCard:
-        return p.ModelCard(id=server.model_name, context_window=engine.context_window)
+    def model_card(name: str) -> p.ModelCard:
+        return p.ModelCard(id=name, context_window=engine.context_window)
 
-    @app.get("/v1/models")
+    @app.get(
+        "/v1/models"
+    )  # each alias too, as vLLM lists them: a client choosing from the list finds its name
     async def models(request: Request) -> dict[str, Any]:
         server.check_auth(request)
-        return p.ModelList(data=[model_card()]).model_dump()
+        return p.ModelList(data=[model_card(n) for n in (server.model_name, *server.aliases)]).model_dump()
 
     @app.get("/v1/models/{model:path}")  # a name may hold a "/" (lmsys/vicuna-7b-v1.5)
     async def model(request: Request, model: str) -> dict[str, Any]:
         server.check_auth(request)
         server.check_model(model)
-        return model_card().model_dump()
+        return model_card(model).model_dump()
 
     @api("/v1/chat/completions", "chat")
     async def chat_completions(request: Request) -> Response:
