@@ -200,6 +200,9 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's cap: a bound on the work (and the reply) one request can ask for
+
+
 class EmbeddingRequest(_Strict):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
@@ -216,6 +219,12 @@ class EmbeddingRequest(_Strict):
             return [list(x)]  # type: ignore[arg-type]
         if any(not item for item in x):
             raise InvalidRequest("input: the inputs must not be empty", "input")
+        if len(x) > MAX_EMBEDDING_INPUTS:
+            raise InvalidRequest(
+                f"input: {len(x)} inputs, more than the {MAX_EMBEDDING_INPUTS} one request may hold; "
+                "split them among requests",
+                "input",
+            )
         return list(x)  # type: ignore[arg-type]
 
 

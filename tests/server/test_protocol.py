@@ -150,6 +150,12 @@ def test_embedding_request():
     )
     assert req.inputs() == ["a", "b"] and req.encoding_format == "base64"
     assert refused(p.EmbeddingRequest, {"model": "m", "input": "a", "dimensions": 8}).param == "dimensions"
+    most = ["a"] * p.MAX_EMBEDDING_INPUTS
+    assert p.parse_request(p.EmbeddingRequest, {"model": "m", "input": most}).inputs() == most
+    assert p.parse_request(p.EmbeddingRequest, {"model": "m", "input": [7] * 5000}).inputs() == [[7] * 5000]
+    with pytest.raises(p.InvalidRequest, match="2049 inputs, more than the 2048") as info:
+        p.parse_request(p.EmbeddingRequest, {"model": "m", "input": [*most, "b"]}).inputs()
+    assert info.value.param == "input"
 
 
 def test_error_body_shape():
