@@ -615,8 +615,7 @@ def create_app(
         lifespan=lifespan,
         default_response_class=JSONResponse,
     )
-    app.state.batcher, app.state.model_name, app.state.api_keys = batcher, server.model_name, server.api_keys
-    app.state.metrics = server.metrics
+    app.state.batcher, app.state.model_name, app.state.metrics = batcher, server.model_name, server.metrics
     if allowed_origins:  # any header: the OpenAI SDKs send their own besides Authorization
         from starlette.middleware.cors import CORSMiddleware
 
