@@ -37,31 +37,21 @@ def transformers_bar(shown: bool) -> Iterator[None]:
 
 @contextmanager
 def progress_bar(
-    description: str, total: int, *, enabled: bool = True, unit: str = "bytes", done: int = 0
+    description: str, total: int, *, enabled: bool = True, done: int = 0
 ) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields `advance(n)`. With enabled=False nothing is drawn. `done`: what
-    an earlier run finished, shown as done but not counted in the rate."""
+    """A rich progress bar of bytes on stderr; yields `advance(n)`. With enabled=False nothing is drawn.
+    `done`: what an earlier run finished, shown as done but not counted in the rate."""
     if not enabled:
         yield lambda n: None
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    columns = (
-        [BarColumn(), DownloadColumn(), TransferSpeedColumn()]
-        if unit == "bytes"
-        else [BarColumn(), MofNCompleteColumn()]
-    )
     with Progress(
         "[progress.description]{task.description}",
-        *columns,
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=False,
