@@ -58,9 +58,9 @@ class Template(Protocol):
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]: ...
 
 
-def render(template: Template, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """The prompt text for `messages`; with `add_generation_prompt` it ends where the reply begins."""
-    return "".join(s.text for s in template.segments(messages, add_generation_prompt))
+def render(template: Template, messages: Sequence[Message]) -> str:
+    """The prompt text for `messages`, ending where the reply begins."""
+    return "".join(s.text for s in template.segments(messages))
 
 
 class MessagesError(VicunaError):
