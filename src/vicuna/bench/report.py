@@ -184,13 +184,13 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def print_table(report: Report, console: Any = None) -> None:
+def print_table(report: Report) -> None:
     """The rows as a rich table, one section per group; ratios that meet their target in green, those
     that miss it in red."""
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = Console()
     m = report.machine
     gpus = ", ".join(g["name"] for g in m.get("gpus", [])) or "no GPU"
     table = Table(
