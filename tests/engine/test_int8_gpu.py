@@ -158,7 +158,7 @@ def test_doctor_says_how_8bit_multiplies_on_a_gpu(monkeypatch, tiny_llama_dir, c
 
     hw = memory.probe_hardware()
     pretend = dataclasses.replace(hw, gpus=(memory.GPU(0, "Pretend", 2**34, 2**34, (9, 0)),))
-    monkeypatch.setattr(memory, "probe_hardware", lambda disk_path=None: pretend)
+    monkeypatch.setattr(memory, "probe_hardware", lambda: pretend)
     if not installed:
         monkeypatch.setattr(int8_gpu, "triton", None)
     elif int8_gpu.triton is None:

@@ -36,7 +36,7 @@ class Hardware:
     mps: bool = False
 
 
-def probe_hardware(disk_path: Path | None = None) -> Hardware:
+def probe_hardware() -> Hardware:
     import os
 
     import psutil
@@ -58,7 +58,7 @@ def probe_hardware(disk_path: Path | None = None) -> Hardware:
             props = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i)
             gpus.append(GPU(i, props.name, total, free, (props.major, props.minor)))
-    disk = disk_path or vicuna_home()
+    disk = vicuna_home()
     while not disk.exists() and disk != disk.parent:
         disk = disk.parent
     vm = psutil.virtual_memory()
