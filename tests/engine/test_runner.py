@@ -25,7 +25,7 @@ from vicuna.engine.runner import (
 )
 
 
-def test_dense_runs_few_rows_on_the_kernel_and_many_in_float32_without_native_bf16(monkeypatch):
+def test_dense_runs_few_rows_on_the_kernel_and_many_in_float32_without_native_bf16():
     from vicuna.engine import kernel
 
     torch.manual_seed(0)

@@ -17,7 +17,6 @@ from triton.compiler import ASTSource  # noqa: E402
 from vicuna.engine import int8_gpu, step_gpu  # noqa: E402
 
 CAPABILITIES = (75, 80, 90)
-TYPES = {"float16": "fp16", "bfloat16": "bf16"}
 
 
 def dtypes(capability: int) -> list[str]:

@@ -315,7 +315,7 @@ def test_errors(served, api, tiny_engine):
     assert r.status_code == 404 and error_of(r)["type"] == "not_found_error"
 
 
-def test_a_token_id_outside_the_vocabulary_is_a_400_naming_the_field(served, api, tiny_engine):
+def test_a_token_id_outside_the_vocabulary_is_a_400_naming_the_field(api, tiny_engine):
     vocab = tiny_engine.model.config.vocab_size
     for prompt, bad in (([vocab], vocab), ([[1, 2], [3, -1]], -1)):
         with pytest.raises(openai.BadRequestError) as info:
@@ -328,7 +328,7 @@ def test_a_token_id_outside_the_vocabulary_is_a_400_naming_the_field(served, api
     assert last.choices[0].finish_reason
 
 
-def test_an_empty_text_is_a_400_naming_the_field(served, api, tiny_engine, monkeypatch):
+def test_an_empty_text_is_a_400_naming_the_field(api, tiny_engine, monkeypatch):
     monkeypatch.setattr(tiny_engine, "encode", lambda text: [])  # "" with a tokenizer that adds no BOS
     with pytest.raises(openai.BadRequestError) as info:
         api.completions.create(model=MODEL, prompt=["", "x"], max_tokens=2)

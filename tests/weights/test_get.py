@@ -182,7 +182,7 @@ def _serve(monkeypatch, repos: dict[str, Path]) -> FakeHub:
     return hub
 
 
-def test_base_from_the_hub_and_rerun_downloads_nothing(models, tmp_path, monkeypatch, capsys):
+def test_base_from_the_hub_and_rerun_downloads_nothing(models, tmp_path, monkeypatch):
     hub = _serve(monkeypatch, {"org/llama-tiny": models["base"]})
     try:
         assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test") == 0
@@ -215,7 +215,7 @@ def test_merged_release_recipe(models, tmp_path, monkeypatch, capsys):
         hub.server_close()
 
 
-def test_interrupted_merged_release_does_not_look_finished(models, tmp_path, monkeypatch, capsys):
+def test_interrupted_merged_release_does_not_look_finished(models, tmp_path, monkeypatch):
     from vicuna.weights import hub as hub_module
 
     hub = _serve(monkeypatch, {"lmsys/vicuna-7b-v1.5": models["target"]})

@@ -243,7 +243,7 @@ def test_a_model_the_url_does_not_serve_names_both_layouts(tmp_path, capsys):
     assert "a LLaMA 1 URL serves 7B, 13B, 30B, 65B; a LLaMA 2 URL serves llama-2-7b, llama-2-7b-chat" in err
 
 
-def test_model_names(capsys):
+def test_model_names():
     assert parse_sizes("7b, 13B,7B") == ["7B", "13B"]
     assert parse_sizes("llama-2-70B-chat,llama-2-7b") == ["llama-2-70b-chat", "llama-2-7b"]
     for text, guess in (("70B", "llama-2-70b"), ("7B-chat", "llama-2-7b-chat"), ("33B", None)):
