@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import shutil
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ def probe_hardware() -> Hardware:
     import psutil
 
     from vicuna.config import vicuna_home
+    from vicuna.weights.disk import free_bytes
 
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
@@ -58,9 +58,6 @@ def probe_hardware() -> Hardware:
             props = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i)
             gpus.append(GPU(i, props.name, total, free, (props.major, props.minor)))
-    disk = vicuna_home()
-    while not disk.exists() and disk != disk.parent:
-        disk = disk.parent
     vm = psutil.virtual_memory()
     return Hardware(
         cpu=cpu,
@@ -68,7 +65,7 @@ def probe_hardware() -> Hardware:
         cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
         ram_total=vm.total,
         ram_available=vm.available,
-        disk_free=shutil.disk_usage(disk).free,
+        disk_free=free_bytes(vicuna_home()),
         gpus=tuple(gpus),
         mps=bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
     )
