@@ -534,14 +534,15 @@ def test_the_server_keeps_the_state_of_the_latest_sessions_only(monkeypatch):
 @needs_chromium
 def test_browser_chat_streams_stops_regenerates_clears_and_keeps_the_chat(engine, browser):
     chat = RecordingChat(engine, pace_s=0.05)
-    app = page_app(engine, chat, default_system="Be brief.")
+    app = page_app(engine, chat)
     with serve(app) as url:
         context = browser.new_context(permissions=["clipboard-read", "clipboard-write"])
         page = context.new_page()
         page.goto(url)
         message = page.get_by_role("textbox", name="Message")  # its name for screen readers
         message.wait_for(state="visible")
-        assert page.locator("#system textarea").input_value() == "Be brief."
+        assert page.locator("#system textarea").input_value() == ""  # the template's own
+        page.locator("#system textarea").fill("Be brief.")
         assert page.locator("#max-tokens input[type=number]").get_attribute("max") == "256"  # the window
         set_number(page, "temperature", 0)
         set_number(page, "max-tokens", 200)  # longer than the test waits: Stop ends it

@@ -34,14 +34,12 @@ def mount(
     context_window: int,
     model_name: str,
     api_keys: set[str] | None = None,
-    default_system: str = "",
 ) -> fastapi.FastAPI:
     """Mount the chat page at `/` of `app` and return `app`. Add the app's own routes first: a mount
     at `/` answers every path that no earlier route took. `chat(messages, params, cancel)` streams a
     reply and ends it with "cancelled" soon after `cancel` is set. `encode(messages)` is the prompt's
     token ids, by which the page leaves out the oldest exchanges that do not fit `context_window` (the
-    model's, in tokens; also the max-tokens slider's end), or asks for what fits. `default_system` fills
-    the system prompt box (empty: the model template's own system prompt is used)."""
+    model's, in tokens; also the max-tokens slider's end), or asks for what fits."""
     import gradio as gr
     from fastapi.responses import PlainTextResponse
 
@@ -62,7 +60,6 @@ def mount(
         encode,
         model_name=model_name,
         api_keys=api_keys,
-        default_system=default_system,
         context_window=context_window,
     )
     # System fonts: the default theme fetches Google Fonts, which an offline server cannot reach.

@@ -389,7 +389,6 @@ def build(
     model_name: str,
     context_window: int,
     api_keys: set[str] | None = None,
-    default_system: str = "",
 ) -> gr.Blocks:
     """The Gradio page, not yet mounted. `context_window` (tokens) is also the max-tokens slider's end."""
     ui = WebChat(chat, encode, context_window, api_keys)
@@ -448,7 +447,7 @@ def build(
                 system = words(
                     gr.Textbox,
                     {"label": "System prompt", "info": "Empty: the model's own default."},
-                    value=default_system,
+                    value="",
                     lines=5,
                     elem_id="system",
                 )
