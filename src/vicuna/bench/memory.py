@@ -82,9 +82,7 @@ def copy_files(files: list[str], out_dir: str) -> int:
 
 
 def weight_file_bytes(folder: Path) -> int:
-    return sum(
-        p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".pth", ".bin")
-    )
+    return sum(Path(name).stat().st_size for name in weight_files(folder))
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
