@@ -20,8 +20,9 @@ CORPUS = [
 ]
 
 
-def write_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
-    """Train a byte-fallback BPE SentencePiece model (ids: unk 0, <s> 1, </s> 2) and write it to `path`."""
+def write_sentencepiece(path: Path, vocab_size: int = 400, **options) -> Path:
+    """Train a byte-fallback BPE SentencePiece model (ids: unk 0, <s> 1, </s> 2) and write it to `path`;
+    `options` are more of SentencePieceTrainer's."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
@@ -38,6 +39,7 @@ def write_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
         pad_id=-1,
         num_threads=1,
         minloglevel=2,
+        **options,
     )
     path.write_bytes(buf.getvalue())
     return path

@@ -5,7 +5,6 @@ tensors (Meta's interleaved rotary pairs), independent of the converter."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -30,31 +29,15 @@ TEXTS = ["Hello world! How are you?", "spaces  inside and\nnew lines", "你好�
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> Path:
     """A SentencePiece model set up like LLaMA's: BPE, byte fallback, no normalization, digits split."""
-    import sentencepiece as spm
+    from tests.tiny_models import write_sentencepiece
 
-    from tests.tiny_models import CORPUS
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_writer=buf,
-        vocab_size=VOCAB,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
+    return write_sentencepiece(
+        tmp_path_factory.mktemp("sp") / "tokenizer.model",
+        VOCAB,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         split_digits=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
     )
-    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
-    path.write_bytes(buf.getvalue())
-    return path
 
 
 def meta_weights(
