@@ -16,6 +16,7 @@ from typing import Any
 
 from vicuna.bench.report import Report, check_reply_fits, median, model_info
 from vicuna.config import ModelSettings, SamplingParams
+from vicuna.engine.events import decode_rate
 from vicuna.errors import ContextTooLongError, VicunaError
 
 # Long enough to tile a ~500-token prompt; ordinary prose so that tokenizers split it typically.
@@ -45,10 +46,6 @@ class Timing:
     itl_s: float
     total_s: float
     tokens: int
-
-
-def decode_rate(tokens: int, first_at: float, end: float) -> float:
-    return (tokens - 1) / (end - first_at) if tokens > 1 and end > first_at else 0.0
 
 
 def gaps(stamps: list[float]) -> list[float]:

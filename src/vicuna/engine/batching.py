@@ -41,7 +41,7 @@ import torch
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
-from vicuna.engine.events import Event, Finished, FinishReason, TextChunk
+from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, decode_rate
 from vicuna.engine.memory import free_bytes, release_memory_after
 from vicuna.engine.runner import PREFILL_PIECE, LlamaRunner, cache_arg, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Sampler
@@ -129,7 +129,7 @@ class _Reply:
                 prompt_tokens=self.prompt_len,
                 completion_tokens=n,
                 ttft_s=first - self.start,
-                decode_tokens_per_s=(n - 1) / (end - first) if n > 1 and end > first else 0.0,
+                decode_tokens_per_s=decode_rate(n, first, end),
                 total_s=end - self.start,
                 stop_text=stop_text,
             )

@@ -17,7 +17,7 @@ import torch
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, Template, render
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher, TokenBytes
-from vicuna.engine.events import Event, Finished, TextChunk, TokenLogprob
+from vicuna.engine.events import Event, Finished, TextChunk, TokenLogprob, decode_rate
 from vicuna.engine.memory import release_memory_after
 from vicuna.engine.runner import (
     PREFILL_PIECE,
@@ -257,7 +257,7 @@ class Engine:
             prompt_tokens=len(prompt_ids),
             completion_tokens=completion,
             ttft_s=first - start,
-            decode_tokens_per_s=(completion - 1) / (end - first) if completion > 1 and end > first else 0.0,
+            decode_tokens_per_s=decode_rate(completion, first, end),
             total_s=end - start,
             stop_text=stop_text,
         )

@@ -49,3 +49,8 @@ class Finished:
 
 
 Event = TextChunk | Finished
+
+
+def decode_rate(tokens: int, first_at: float, end: float) -> float:
+    """`Finished.decode_tokens_per_s`, the same for every runner and benchmark; 0 without a second token."""
+    return (tokens - 1) / (end - first_at) if tokens > 1 and end > first_at else 0.0
