@@ -60,7 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="simple",
         help=f"rich: render markdown as it streams; programmatic: messages in and out end with a {END_MARK} line",
     )
-    c.add_argument("--multiline", action="store_true", help="a message ends with an empty line")
+    c.add_argument(
+        "--multiline",
+        action="store_true",
+        help="a message ends with an empty line, or Ctrl-D on a line of its own",
+    )
     c.add_argument("--debug", action="store_true", help="show time to first token and tokens/s")
 
 
@@ -195,7 +199,12 @@ class TerminalIO:
             return first
         lines = [first]
         while lines[-1]:
-            lines.append(input("...: ").rstrip("\r"))
+            try:
+                lines.append(input("...: ").rstrip("\r"))
+            except EOFError:  # FastChat's --multiline ends a message so: the message, not the chat, ends
+                if not self.bracketed_paste:  # readline ends the line itself in that mode
+                    print(flush=True)
+                break
         return "\n".join(lines).rstrip("\n")
 
     def info(self, text: str) -> None:

@@ -755,6 +755,21 @@ def test_ctrl_c_at_the_prompt_drops_the_line_typed_and_the_chat_goes_on(terminal
     assert "got 'hello'" in term.expect("USER: ")
 
 
+def test_ctrl_d_on_a_line_of_its_own_ends_a_multiline_message_not_the_chat(terminal):
+    """FastChat's --multiline ends a message with Ctrl-D on an empty line; here Ctrl-D there ended the chat,
+    and the lines typed were lost."""
+    term = terminal(READ_TWICE.replace("'simple', False", "'simple', True"))
+    term.expect("USER: ")
+    term.write("line one\r")
+    term.expect("...: ")
+    term.write("\tline two\r")
+    term.expect("...: ")
+    term.write("\x04")
+    assert "got 'line one\\n\\tline two'" in term.expect("USER: ")
+    term.write("\x04")  # on the first line, it still ends the chat
+    term.expect("got None")
+
+
 @pytest.mark.parametrize("lc_all", ["C", "zh_CN.UTF-8-not-generated"])
 def test_chinese_typed_under_lc_all_c_or_a_missing_locale_is_read_and_edited(terminal, lc_all):
     """Under LC_ALL=C (a common cure for locale warnings), or an LC_ALL the system has not generated,
