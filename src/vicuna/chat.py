@@ -14,6 +14,7 @@ import io as io_module
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -110,6 +111,18 @@ def utf8_locale_for_readline() -> None:
         return
 
 
+def history_line(entry: str) -> str:
+    """A typed message as a line of the history file. readline's own file keeps a message of several lines
+    (pasted, or typed with --multiline) as so many lines, and the next chat's up arrow recalled only its
+    last line; here each line of it but the last ends with a carriage return, which a typed line has not."""
+    return entry.replace("\n", "\r\n") + "\n"
+
+
+def history_entries(text: str) -> list[str]:
+    """The messages of a history file that `history_line` wrote (or readline: a line each)."""
+    return [entry.replace("\r\n", "\n") for entry in re.split(r"(?<!\r)\n", text) if entry]
+
+
 class TerminalIO:
     """Reads user messages and shows replies; `rich` renders markdown as it streams."""
 
@@ -130,10 +143,12 @@ class TerminalIO:
                 # what was typed, for the up arrow in later chats too (as Python's own ~/.python_history)
                 with contextlib.suppress(VicunaError):  # no home folder: a chat without the saved history
                     self.history = vicuna_home() / HISTORY_FILE
+                readline.set_history_length(HISTORY_LINES)
                 with contextlib.suppress(OSError):
                     if self.history is not None:
-                        readline.read_history_file(self.history)
-                readline.set_history_length(HISTORY_LINES)
+                        with open(self.history, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                            for entry in history_entries(f.read()):
+                                readline.add_history(entry)
         if style == "rich":
             from rich.console import Console
 
@@ -150,19 +165,25 @@ class TerminalIO:
     bracketed_paste = False
 
     def save_history(self) -> None:
-        """Keep what was typed for the next chat (readable by its owner only); a failure costs only that."""
+        """Keep what was typed for the next chat (readable by its owner only); a failure costs only that.
+        Saved after each message: a chat ended by closing its terminal (SIGHUP) never reaches its end."""
         if self.history is None:
             return
         import readline
+        import tempfile
 
-        tmp = self.history.with_name(f".{self.history.name}.tmp")
+        entries = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
         try:
             self.history.parent.mkdir(parents=True, exist_ok=True)
-            readline.write_history_file(tmp)
-            os.chmod(tmp, 0o600)
-            tmp.replace(self.history)
+            fd, tmp = tempfile.mkstemp(dir=self.history.parent, prefix=f".{self.history.name}.")  # 0600
         except OSError:
-            tmp.unlink(missing_ok=True)
+            return
+        try:
+            with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+                f.write("".join(history_line(entry) for entry in entries if entry))
+            os.replace(tmp, self.history)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
 
     def read(self) -> str | None:
         try:
@@ -185,7 +206,9 @@ class TerminalIO:
                 return piped_line(line) if line else None
             while True:
                 try:
-                    return self._read_typed()
+                    text = self._read_typed()
+                    self.save_history()
+                    return text
                 except KeyboardInterrupt:  # as in a shell: the line typed so far goes, the chat stays
                     print("\n(Ctrl-D or !!exit ends the chat)", flush=True)
         except EOFError:  # Ctrl-D
@@ -618,8 +641,5 @@ def main(args: argparse.Namespace) -> int:
     )
     if io.interactive:
         io.info(f"{HELP} {PASTED}" if io.bracketed_paste else HELP)
-    try:
-        run_chat(engine, io, params, history=not args.no_history, debug=args.debug)
-    finally:
-        io.save_history()
+    run_chat(engine, io, params, history=not args.no_history, debug=args.debug)
     return 0

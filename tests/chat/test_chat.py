@@ -804,10 +804,42 @@ def test_typed_messages_are_kept_for_the_up_arrow_of_the_next_chat(tmp_path, mon
         io = TerminalIO("simple", multiline=False, interactive=True)
         assert readline.get_history_item(readline.get_current_history_length()) == "earlier question"
         readline.add_history("hello again")
+        readline.add_history("a pasted\n\tmessage")
         io.save_history()
         saved = tmp_path / "home" / "chat_history"
-        assert saved.read_text(encoding="utf-8").splitlines()[-2:] == ["earlier question", "hello again"]
         assert saved.stat().st_mode & 0o777 == 0o600  # what a user typed is theirs to read
+        readline.clear_history()
+        TerminalIO("simple", multiline=False, interactive=True)
+        recalled = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
+        assert recalled == ["earlier question", "hello again", "a pasted\n\tmessage"]
+    finally:
+        readline.clear_history()
+
+
+def test_a_pasted_message_is_kept_whole_for_the_up_arrow_even_when_the_terminal_is_closed(
+    terminal, tmp_path, monkeypatch
+):
+    """readline's history file kept a message of several lines as so many entries (the next chat's up arrow
+    recalled its last line alone), and the file was written only when the chat ended of itself: closing
+    the terminal window (SIGHUP) lost all that was typed in it."""
+    import signal
+
+    readline = pytest.importorskip("readline")
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    term = terminal(READ_TWICE, env=os.environ | {"VICUNA_HOME": str(tmp_path)})
+    pasted = "Fix this:\rdef f():\r\r\treturn 1"
+    if "\x1b[?2004h" in term.expect("USER: "):
+        pasted = f"\x1b[200~{pasted}\x1b[201~"
+    term.write(pasted + "\r")
+    term.expect("got 'Fix this:")
+    term.expect("USER: ")
+    term.child.send_signal(signal.SIGHUP)
+    term.child.wait()
+    readline.clear_history()
+    try:
+        TerminalIO("simple", multiline=False, interactive=True)
+        assert readline.get_current_history_length() == 1
+        assert readline.get_history_item(1) == "Fix this:\ndef f():\n\n\treturn 1"
     finally:
         readline.clear_history()
 
