@@ -385,11 +385,19 @@ def in_code_block(text: str) -> bool:
 
 
 def run_chat(
-    engine: ChatEngine, io: ChatIO, params: SamplingParams, *, history: bool = True, debug: bool = False
+    engine: ChatEngine,
+    io: ChatIO,
+    params: SamplingParams,
+    *,
+    history: bool = True,
+    debug: bool = False,
+    system: str | None = None,
 ) -> None:
     """Read messages and commands until !!exit or the end of input. A message that cannot be answered
     (an error the user can fix: too long, a template that refuses it) is said so and left unanswered;
-    the conversation goes on as it was before it."""
+    the conversation goes on as it was before it. `system` is the system prompt of --conv-system-msg,
+    which the engine's template holds: !!save writes it with a conversation that has none of its own, so
+    that !!load in a chat started without the flag (as FastChat's does) still has it."""
     messages: list[Message] = []
     left_out = 0  # the oldest exchanges the last prompt left out: later ones too (`fit_history`)
     while True:
@@ -409,7 +417,7 @@ def run_chat(
             messages = kept
             continue
         if command == "!!save":
-            _save(arg.strip(), messages, io)
+            _save(arg.strip(), messages, io, system)
             continue
         if command == "!!load":
             if loaded := _load(arg.strip(), engine, io):
@@ -565,10 +573,12 @@ def trimmed(events: Iterator[Event]) -> Iterator[Event]:
         yield event
 
 
-def _save(arg: str, messages: list[Message], io: ChatIO) -> None:
+def _save(arg: str, messages: list[Message], io: ChatIO, system: str | None = None) -> None:
     if not arg:
         io.info("usage: !!save FILE")
         return
+    if system is not None and not (messages and messages[0].role == "system"):
+        messages = [Message("system", system), *messages]
     path = Path(arg).expanduser()
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -641,5 +651,5 @@ def main(args: argparse.Namespace) -> int:
     )
     if io.interactive:
         io.info(f"{HELP} {PASTED}" if io.bracketed_paste else HELP)
-    run_chat(engine, io, params, history=not args.no_history, debug=args.debug)
+    run_chat(engine, io, params, history=not args.no_history, debug=args.debug, system=args.conv_system_msg)
     return 0

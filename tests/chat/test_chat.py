@@ -267,6 +267,25 @@ def write_messages(path, *roles_and_texts):
     return path
 
 
+def test_save_keeps_the_system_prompt_of_conv_system_msg(tiny_llama_dir, tmp_path, monkeypatch):
+    """The flag's system prompt lives in the template, not in the conversation: !!save wrote the messages
+    alone, and a chat that loaded them without the flag had lost it (FastChat's !!save keeps it)."""
+    saved, loaded = tmp_path / "pirate.json", tmp_path / "own.json"
+    write_messages(loaded, ("system", "Be brief."), ("user", "hi"))
+    lines = f"hi\n!!save {saved}\n!!load {loaded}\n!!save {loaded}\n"
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO(lines))
+    flags = ["--model-path", str(tiny_llama_dir), "--dtype", "float32", "--max-new-tokens", "3"]
+    assert cli(["chat", *flags, "--conv-system-msg", "You are a pirate."]) == 0
+    assert json.loads(saved.read_text(encoding="utf-8"))[:2] == [
+        {"role": "system", "content": "You are a pirate."},
+        {"role": "user", "content": "hi"},
+    ]
+    assert json.loads(loaded.read_text(encoding="utf-8"))[0]["content"] == "Be brief."  # its own is kept
+    engine = EchoEngine()
+    run_chat(engine, ScriptedIO([f"!!load {saved}", "more"]), PARAMS)  # a chat without the flag
+    assert engine.seen[0][0] == Message("system", "You are a pirate.")
+
+
 def test_load_refuses_a_conversation_the_chat_cannot_continue_and_keeps_the_current_one(tmp_path):
     starts_with_reply = write_messages(tmp_path / "a.json", ("assistant", "Hi"), ("user", "Hello"))
     two_users = write_messages(tmp_path / "b.json", ("user", "a"), ("user", "b"))
