@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -535,14 +536,13 @@ def _reply(
             yield event
 
     try:
-        return io.show_reply(tee())
-    except KeyboardInterrupt:  # Ctrl-C stops the reply, not the program
+        with ctrl_c_cancels(cancel):
+            text, done = io.show_reply(tee())
+        if not cancel.is_set():
+            return text, done
+    except KeyboardInterrupt:  # a second Ctrl-C, for an engine that does not stop: the reply ends here
         cancel.set()
-        io.info(
-            "\n(reply stopped; what it wrote stays in the conversation: !!regen answers again, "
-            "!!remove drops the exchange)"
-        )
-        return "".join(collected), None
+        text = "".join(collected)
     except Exception as err:
         import torch
 
@@ -554,6 +554,36 @@ def _reply(
             "or --num-gpus N to spread the model"
         )
         return None, None
+    io.info(
+        "\n(reply stopped; what it wrote stays in the conversation: !!regen answers again, "
+        "!!remove drops the exchange)"
+    )
+    return text, None
+
+
+@contextlib.contextmanager
+def ctrl_c_cancels(cancel: threading.Event) -> Iterator[None]:
+    """While a reply streams, Ctrl-C sets `cancel`: the engine ends the reply at its next token and keeps
+    the cache of the conversation so far. As a KeyboardInterrupt it was raised wherever the main thread
+    was, most often inside the engine's step, which then ended with no cache to hand back: the next
+    message's prompt, the whole conversation, was computed again from its first token (minutes, for a
+    long one on the CPU). A second Ctrl-C raises as before, for an engine that does not stop."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # ignored (nohup), or the caller's
+    ):
+        yield
+        return
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def trimmed(events: Iterator[Event]) -> Iterator[Event]:

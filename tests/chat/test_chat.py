@@ -203,6 +203,44 @@ def test_ctrl_c_stops_the_reply_not_the_chat():
     assert any("reply stopped; what it wrote stays in the conversation" in n for n in io.notes)
 
 
+class CtrlCIO(ScriptedIO):
+    """Presses Ctrl-C (a SIGINT to this process, as the terminal sends it) at the second event of each reply."""
+
+    def show_reply(self, events):
+        import signal
+
+        def pressing():
+            for i, event in enumerate(events):
+                if i == 1:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield event
+
+        return super().show_reply(pressing())
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt here too, as at a terminal (a background job may have it ignored)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_the_turn_after_ctrl_c_reuses_the_cache_of_the_stopped_reply(
+    tiny_llama_dir, prefill_starts, ctrl_c_raises
+):
+    """Ctrl-C raised KeyboardInterrupt wherever the main thread was (most often inside the engine's step):
+    the engine's reply ended with no cache to hand back, and the next message's prompt, the whole
+    conversation again, was computed from its first token (minutes, for a long conversation on the CPU)."""
+    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
+    io = CtrlCIO(["Tell me a story.", "And then?", "!!regen"])
+    run_chat(engine, io, SamplingParams(temperature=0, max_new_tokens=40))
+    assert sum("reply stopped" in n for n in io.notes) == 3
+    assert len(prefill_starts) == 3 and all(start > 0 for start in prefill_starts[1:]), prefill_starts
+
+
 def test_tiny_model_chat_with_real_engine(tiny_llama_dir):
     engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
     io = ScriptedIO(["Hello!", "你好"])
