@@ -630,7 +630,7 @@ def _load(arg: str, engine: ChatEngine, io: ChatIO) -> list[Message] | None:
         return None
     path = Path(arg).expanduser()
     try:
-        loaded = parse_messages(read_json(path), source=str(path))
+        loaded = parse_messages(from_fastchat(read_json(path)), source=str(path))
         check_alternating(loaded, source=str(path))
         # the next prompt: the conversation and a message to reply to (the loaded one, or one to come)
         engine.encode_chat(loaded if loaded[-1].role == "user" else [*loaded, Message("user", "")])
@@ -642,6 +642,27 @@ def _load(arg: str, engine: ChatEngine, io: ChatIO) -> list[Message] | None:
     if loaded[-1].role == "user":
         io.info("(its last message has no reply yet: !!regen answers it; a new message is added to it)")
     return loaded
+
+
+def from_fastchat(data: Any) -> Any:
+    """A conversation as FastChat's `!!save` writes it (its template's fields: the system prompt, the two
+    role names, and the turns as [role name, text] pairs, those before `offset` the template's examples)
+    as the messages that vicuna's writes; anything else as it is. A user of FastChat's chat had their
+    saved conversations refused as "expected a non-empty JSON list of messages"."""
+    if not isinstance(data, dict) or not isinstance(roles := data.get("roles"), list) or len(roles) != 2:
+        return data
+    turns, offset = data.get("messages"), data.get("offset", 0)
+    if not isinstance(turns, list) or not isinstance(offset, int):
+        return data
+    role = dict(zip(roles, ("user", "assistant"), strict=True))
+    system = data.get("system_message")
+    messages = [{"role": "system", "content": system}] if system else []  # FastChat's "": no system prompt
+    for turn in turns[offset:]:
+        if not (isinstance(turn, list) and len(turn) == 2):
+            return data
+        if turn[1] is not None:  # the reply FastChat had not written yet
+            messages.append({"role": role.get(turn[0], turn[0]), "content": turn[1]})
+    return messages
 
 
 def check_reply_budget(max_new_tokens: int, context_window: int) -> None:

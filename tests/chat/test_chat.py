@@ -324,6 +324,48 @@ def test_save_keeps_the_system_prompt_of_conv_system_msg(tiny_llama_dir, tmp_pat
     assert engine.seen[0][0] == Message("system", "You are a pirate.")
 
 
+def test_load_reads_a_conversation_saved_by_fastchat(tmp_path):
+    """FastChat's !!save writes its template's fields, turns as [role name, text] pairs: vicuna refused
+    them as "expected a non-empty JSON list of messages"."""
+    vicuna, one_shot = tmp_path / "vicuna.json", tmp_path / "one_shot.json"
+    system = "A chat between a curious user and an artificial intelligence assistant."
+    vicuna.write_text(
+        json.dumps(
+            {
+                "template_name": "vicuna_v1.1",
+                "system_message": system,
+                "roles": ["USER", "ASSISTANT"],
+                "messages": [["USER", "Hello"], ["ASSISTANT", "Hi! How can I help?"]],
+                "offset": 0,
+            }
+        )
+    )
+    one_shot.write_text(
+        json.dumps(
+            {
+                "template_name": "one_shot",
+                "system_message": "",
+                "roles": ["Human", "Assistant"],
+                "messages": [
+                    ["Human", "example"],
+                    ["Assistant", "answer"],
+                    ["Human", "Hi"],
+                    ["Assistant", None],
+                ],
+                "offset": 2,
+            }
+        )
+    )
+    engine = EchoEngine()
+    io = ScriptedIO([f"!!load {vicuna}", "more", f"!!load {one_shot}", "!!regen"])
+    run_chat(engine, io, PARAMS)
+    assert engine.seen == [
+        [Message("system", system), Message("user", "Hello"), Message("assistant", "Hi! How can I help?")]
+        + [Message("user", "more")],
+        [Message("user", "Hi")],  # the template's example turns are not the conversation
+    ]
+
+
 def test_load_refuses_a_conversation_the_chat_cannot_continue_and_keeps_the_current_one(tmp_path):
     starts_with_reply = write_messages(tmp_path / "a.json", ("assistant", "Hi"), ("user", "Hello"))
     two_users = write_messages(tmp_path / "b.json", ("user", "a"), ("user", "b"))
