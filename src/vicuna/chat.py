@@ -145,6 +145,9 @@ class TerminalIO:
                 with contextlib.suppress(VicunaError):  # no home folder: a chat without the saved history
                     self.history = vicuna_home() / HISTORY_FILE
                 readline.set_history_length(HISTORY_LINES)
+                # a message is one entry, added by read(): readline's own adds each line of --multiline's
+                readline.set_auto_history(False)
+                self.readline = readline
                 with contextlib.suppress(OSError):
                     if self.history is not None:
                         with open(self.history, encoding="utf-8", errors="surrogateescape", newline="") as f:
@@ -164,6 +167,16 @@ class TerminalIO:
 
     history: Path | None = None
     bracketed_paste = False
+    readline: Any = None  # the module, where the terminal is read through it
+
+    def remember(self, text: str) -> None:
+        """A message typed, for the up arrow: once, as a whole, and saved at once."""
+        readline = self.readline
+        if readline is None or not text.strip():
+            return
+        if text != readline.get_history_item(readline.get_current_history_length()):
+            readline.add_history(text)
+        self.save_history()
 
     def save_history(self) -> None:
         """Keep what was typed for the next chat (readable by its owner only); a failure costs only that.
@@ -208,7 +221,7 @@ class TerminalIO:
             while True:
                 try:
                     text = self._read_typed()
-                    self.save_history()
+                    self.remember(text)
                     return text
                 except KeyboardInterrupt:  # as in a shell: the line typed so far goes, the chat stays
                     print("\n(Ctrl-D or !!exit ends the chat)", flush=True)

@@ -869,6 +869,28 @@ def test_ctrl_d_on_a_line_of_its_own_ends_a_multiline_message_not_the_chat(termi
     term.expect("got None")
 
 
+def test_the_up_arrow_recalls_a_multiline_message_whole(terminal, tmp_path):
+    """readline kept each line typed with --multiline as an entry of its own: the up arrow recalled the
+    message's last line alone, and its lines one by one after that."""
+    pytest.importorskip("readline")
+    term = terminal(
+        READ_TWICE.replace("'simple', False", "'simple', True"),
+        env=os.environ | {"VICUNA_HOME": str(tmp_path)},
+    )
+    term.expect("USER: ")
+    term.write("first line\r")
+    term.expect("...: ")
+    term.write("second line\r")
+    term.expect("...: ")
+    term.write("\r")
+    assert "got 'first line\\nsecond line'" in term.expect("USER: ")
+    term.write("\x1b[A\r")  # the up arrow and Enter: the message recalled, then an empty line sends it
+    term.expect("...: ")
+    term.write("\r")
+    term.expect("got ")
+    assert term.expect("\n").strip() == "'first line\\nsecond line'"
+
+
 @pytest.mark.parametrize("lc_all", ["C", "zh_CN.UTF-8-not-generated"])
 def test_chinese_typed_under_lc_all_c_or_a_missing_locale_is_read_and_edited(terminal, lc_all):
     """Under LC_ALL=C (a common cure for locale warnings), or an LC_ALL the system has not generated,
