@@ -37,7 +37,11 @@ HISTORY_LINES = 1000
 CODE_ROWS_EVERY_S = 0.25  # `--style rich`: how often an open code block's rows past the screen are printed
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
 FASTCHAT_END_MARK = "__END_OF_A_MESSAGE_47582648__"  # FastChat's, at the end of a line, in only
-HELP = "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply."
+HELP = (
+    "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply. "
+    '""" begins and ends a message of several lines.'
+)
+QUOTES = '"""'  # as in ollama: a line that begins with it begins a message of several lines
 PASTED = "Lines pasted at once are one message."  # where readline takes pastes whole (bracketed paste)
 
 
@@ -232,17 +236,22 @@ class TerminalIO:
 
     def _read_typed(self) -> str:
         first = input("USER: ").rstrip("\r")
-        if not self.multiline:
+        quoted = first.startswith(QUOTES) and "\n" not in first  # typed: a paste may open with a docstring
+        if quoted:  # ollama's way to type a message of several lines: up to a line that ends with """
+            lines, ends = [first.removeprefix(QUOTES)], lambda line: line.endswith(QUOTES)
+        elif self.multiline:
+            lines, ends = [first], lambda line: not line
+        else:
             return first
-        lines = [first]
-        while lines[-1]:
+        while not ends(lines[-1]):
             try:
                 lines.append(input("...: ").rstrip("\r"))
             except EOFError:  # FastChat's --multiline ends a message so: the message, not the chat, ends
                 if not self.bracketed_paste:  # readline ends the line itself in that mode
                     print(flush=True)
                 break
-        return "\n".join(lines).rstrip("\n")
+        text = "\n".join(lines)
+        return text.removesuffix(QUOTES).strip("\n") if quoted else text.rstrip("\n")
 
     def info(self, text: str) -> None:
         print(text, file=sys.stderr if not self.interactive else sys.stdout, flush=True)

@@ -891,6 +891,23 @@ def test_the_up_arrow_recalls_a_multiline_message_whole(terminal, tmp_path):
     assert term.expect("\n").strip() == "'first line\\nsecond line'"
 
 
+def test_triple_quotes_type_a_message_of_several_lines_as_in_ollama(terminal):
+    """ollama's chat takes a message of several lines between triple quotes: here the opening quotes went to
+    the model as a message of their own, and each line typed after them as one more."""
+    term = terminal(READ_TWICE)
+    opened = term.expect("USER: ")
+    for line in ['"""', "Fix this:", "", "    return 1", 'please."""']:
+        term.write(line + "\r")
+        term.expect("...: " if line != 'please."""' else "got ")
+    assert term.expect("\n").strip() == "'Fix this:\\n\\n    return 1\\nplease.'"
+    pasted = '"""A docstring."""\rimport os'  # pasted, it is the message as it is
+    if "\x1b[?2004h" in opened:
+        pasted = f"\x1b[200~{pasted}\x1b[201~"
+    term.write(pasted + "\r")
+    term.expect("got ")
+    assert term.expect("\n").strip() == '\'"""A docstring."""\\nimport os\''
+
+
 @pytest.mark.parametrize("lc_all", ["C", "zh_CN.UTF-8-not-generated"])
 def test_chinese_typed_under_lc_all_c_or_a_missing_locale_is_read_and_edited(terminal, lc_all):
     """Under LC_ALL=C (a common cure for locale warnings), or an LC_ALL the system has not generated,
