@@ -87,6 +87,7 @@ class ChatIO(Protocol):
     def read(self) -> str | None: ...
     def info(self, text: str) -> None: ...
     def show_reply(self, events: Iterator[Event]) -> tuple[str, Finished | None]: ...
+    def no_reply(self) -> None: ...
 
 
 def piped_line(line: str) -> str:
@@ -255,6 +256,12 @@ class TerminalIO:
 
     def info(self, text: str) -> None:
         print(text, file=sys.stderr if not self.interactive else sys.stdout, flush=True)
+
+    def no_reply(self) -> None:
+        """A message that goes unanswered (a note says why). With --style programmatic, an empty reply: the
+        script that sent the message waits for one, and waited for ever for a message too long, or empty."""
+        if self.style == "programmatic":
+            print(END_MARK, flush=True)
 
     def show_reply(self, events: Iterator[Event]) -> tuple[str, Finished | None]:
         """Print a reply as it streams; returns its text and its Finished event (None if interrupted)."""
@@ -455,9 +462,11 @@ def run_chat(
             io.info(HELP if command == "!!help" else f"unknown command {command}. {HELP}")
             continue
         elif not text.strip():
+            io.no_reply()
             continue
         elif problem := not_utf8(text):
             io.info(f"error: {problem}; this message goes unanswered")
+            io.no_reply()
             continue
         else:
             asked = with_user_message(messages if history else [], text)
@@ -465,6 +474,7 @@ def run_chat(
             messages, left_out = _answer(engine, io, asked, params, debug, left_out) or (messages, left_out)
         except VicunaError as err:
             io.info(f"error: {err}; this message goes unanswered")
+            io.no_reply()
 
 
 def split_command(text: str) -> tuple[str, str]:

@@ -34,6 +34,9 @@ class ScriptedIO:
     def info(self, text):
         self.notes.append(text)
 
+    def no_reply(self):
+        self.shown.append(None)
+
     def show_reply(self, events):
         text, done = "", None
         for i, event in enumerate(events):
@@ -658,6 +661,27 @@ def test_windows_line_ends_are_not_part_of_the_message(monkeypatch):
     assert TerminalIO("simple", multiline=False, interactive=False).read() == "Hello"
     monkeypatch.setattr(sys, "stdin", io_module.StringIO(f"a\r\nb\r\n{END_MARK}\r\n"))
     assert TerminalIO("programmatic", multiline=False, interactive=False).read() == "a\nb"
+
+
+def test_programmatic_style_ends_a_reply_to_every_message_even_one_left_unanswered(monkeypatch, capsys):
+    """A script sends a message and reads up to the end mark: for a message the chat left unanswered (too
+    long, refused by the template, empty) no mark came, and the script waited for ever."""
+
+    class Refusing(EchoEngine):
+        def encode_chat(self, messages):
+            if any("bad" in m.content for m in messages):
+                raise VicunaError("messages[0]: the template refuses this")
+            return super().encode_chat(messages)
+
+    sent = ["hi", "a bad one", "", "!!remove", "again"]
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO("".join(f"{m}\n{END_MARK}\n" for m in sent)))
+    run_chat(Refusing(), TerminalIO("programmatic", multiline=False, interactive=False), PARAMS)
+    out, err = capsys.readouterr()
+    replies = out.split(f"{END_MARK}\n")
+    assert [r.strip() for r in replies] == ["reply to 1 messages", "", "", "reply to 1 messages", ""]
+    assert (
+        "the template refuses this; this message goes unanswered" in err and "(last exchange removed)" in err
+    )
 
 
 def test_fastchat_s_programmatic_end_of_message_is_refused_with_ours_not_waited_past(monkeypatch):
