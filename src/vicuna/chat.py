@@ -41,6 +41,16 @@ HELP = (
     "Commands: !!exit  !!reset  !!remove  !!regen  !!save FILE  !!load FILE  !!help. Ctrl-C stops a reply. "
     '""" begins and ends a message of several lines.'
 )
+COMMANDS = """\
+!!exit          end the chat (Ctrl-D at the prompt too)
+!!reset         start a new conversation
+!!remove        take back the last message and its reply
+!!regen         answer the last message again
+!!save FILE     write the conversation to FILE (JSON; the system prompt of --conv-system-msg too)
+!!load FILE     go on with a conversation !!save wrote (or FastChat's !!save)
+!!help          this list
+Ctrl-C stops a reply (what it wrote stays: !!regen or !!remove); at the prompt it drops the line typed.
+A message of several lines: paste it, or begin it with \"\"\" and end it with \"\"\" (--multiline: an empty line)."""
 QUOTES = '"""'  # as in ollama: a line that begins with it begins a message of several lines
 PASTED = "Lines pasted at once are one message."  # where readline takes pastes whole (bracketed paste)
 
@@ -459,7 +469,7 @@ def run_chat(
                 io.info("(nothing to regenerate)")
                 continue
         elif command.startswith("!!") and command[2:].isalpha():  # a typo (!!exti) is not a message
-            io.info(HELP if command == "!!help" else f"unknown command {command}. {HELP}")
+            io.info(COMMANDS if command == "!!help" else f"unknown command {command}. {HELP}")
             continue
         elif not text.strip():
             io.no_reply()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vicuna import chat as chat_module
-from vicuna.chat import END_MARK, HELP, TerminalIO, finished_blocks, run_chat, trimmed
+from vicuna.chat import COMMANDS, END_MARK, HELP, TerminalIO, finished_blocks, run_chat, trimmed
 from vicuna.cli import main as cli
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message, fit_history
@@ -122,7 +122,10 @@ def test_an_unknown_command_is_refused_with_the_list_not_sent_to_the_model():
     engine = EchoEngine()
     io = ScriptedIO(["!!rest", "!!help", "!!! wow", "hi"])
     run_chat(engine, io, PARAMS)
-    assert io.notes == [f"unknown command !!rest. {HELP}", HELP]
+    assert io.notes == [f"unknown command !!rest. {HELP}", COMMANDS]
+    # !!help says what each command does, where the line the chat begins with only names them
+    named = {word.rstrip(".") for word in HELP.split() if word.startswith("!!")}
+    assert {line.split()[0] for line in COMMANDS.splitlines() if line.startswith("!!")} == named
     assert [m[-1].content for m in engine.seen] == ["!!! wow", "hi"]
 
 
