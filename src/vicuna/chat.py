@@ -596,6 +596,10 @@ def _reply(
             "or --num-gpus N to spread the model"
         )
         return None, None
+    if not text.strip():  # kept, an empty reply went to the model with each later prompt, or took the
+        # place of the reply that !!regen was to replace
+        io.info("\n(reply stopped before it began; the conversation is as it was before the message)")
+        return None, None
     io.info(
         "\n(reply stopped; what it wrote stays in the conversation: !!regen answers again, "
         "!!remove drops the exchange)"

@@ -209,6 +209,29 @@ def test_ctrl_c_stops_the_reply_not_the_chat():
     assert any("reply stopped; what it wrote stays in the conversation" in n for n in io.notes)
 
 
+def test_a_reply_stopped_before_it_wrote_anything_leaves_the_conversation_as_it_was():
+    """Ctrl-C before the first word kept an empty reply: sent to the model with every later prompt, and
+    after !!regen it took the place of the reply that was there."""
+
+    class StopsTheSecondReply(ScriptedIO):
+        replies = 0
+
+        def show_reply(self, events):
+            self.replies += 1
+            if self.replies == 2:  # Ctrl-C before its first word
+                raise KeyboardInterrupt
+            return super().show_reply(events)
+
+    for second in ["!!regen", "a question taken back"]:
+        engine = EchoEngine()
+        io = StopsTheSecondReply(["hi", second, "again"])
+        run_chat(engine, io, PARAMS)
+        assert (
+            "\n(reply stopped before it began; the conversation is as it was before the message)" in io.notes
+        )
+        assert [m.content for m in engine.seen[-1]] == ["hi", "reply to 1 messages", "again"]
+
+
 class CtrlCIO(ScriptedIO):
     """Presses Ctrl-C (a SIGINT to this process, as the terminal sends it) at the second event of each reply."""
 
