@@ -545,7 +545,7 @@ def _answer(
     prompt, dropped, room = fit_history(
         engine.encode_chat, engine.context_window, messages, params.max_new_tokens, left_out
     )
-    if dropped:
+    if dropped > left_out:  # said when more go, not again before every reply of a long conversation
         io.info(f"(the {dropped} oldest exchange(s) left out of the prompt to fit the context window)")
     if 0 < room < params.max_new_tokens:  # none at all: the engine refuses the message, saying why
         io.info(

@@ -188,6 +188,14 @@ def test_exchanges_left_out_stay_out_so_that_each_prompt_begins_with_the_last_on
     assert all(b - a >= 4 for a, b in pairwise(anew))  # and each time, the next prompts fit without more
 
 
+def test_exchanges_left_out_are_said_when_more_go_not_before_every_reply():
+    """Once a conversation outgrew the window, the same note came before every reply of the hours after."""
+    engine, io = SystemEchoEngine(), ScriptedIO([f"{i} more words" for i in range(60)])
+    run_chat(engine, io, PARAMS)
+    said = [int(n.split()[1]) for n in io.notes if "left out of the prompt" in n]
+    assert len(said) >= 3 and said == sorted(set(said))  # each time more go, and only then
+
+
 def test_reset_and_load_start_again_with_no_exchange_left_out(tmp_path):
     engine = SystemEchoEngine()
     short = write_messages(tmp_path / "short.json", ("user", "a"), ("assistant", "b"), ("user", "c"))
