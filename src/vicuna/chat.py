@@ -164,10 +164,8 @@ class TerminalIO:
                 readline.set_auto_history(False)
                 self.readline = readline
                 with contextlib.suppress(OSError):
-                    if self.history is not None:
-                        with open(self.history, encoding="utf-8", errors="surrogateescape", newline="") as f:
-                            for entry in history_entries(f.read()):
-                                readline.add_history(entry)
+                    for entry in self.saved_history():
+                        readline.add_history(entry)
         if style == "rich":
             from rich.console import Console
 
@@ -185,23 +183,36 @@ class TerminalIO:
     readline: Any = None  # the module, where the terminal is read through it
 
     def remember(self, text: str) -> None:
-        """A message typed, for the up arrow: once, as a whole, and saved at once."""
+        """A message typed, for the up arrow: once, as a whole, and in the file at once."""
         readline = self.readline
         if readline is None or not text.strip():
             return
         if text != readline.get_history_item(readline.get_current_history_length()):
             readline.add_history(text)
-        self.save_history()
+        self.save_history(text)
 
-    def save_history(self) -> None:
-        """Keep what was typed for the next chat (readable by its owner only); a failure costs only that.
-        Saved after each message: a chat ended by closing its terminal (SIGHUP) never reaches its end."""
+    def saved_history(self) -> list[str]:
+        if self.history is None:
+            return []
+        with open(self.history, encoding="utf-8", errors="surrogateescape", newline="") as f:
+            return history_entries(f.read())
+
+    def save_history(self, text: str) -> None:
+        """Add a message typed to the file (readable by its owner only); a failure costs only that. Added
+        at once, as a chat ended by closing its terminal (SIGHUP) never reaches its end; and to what the
+        file holds now, not what this chat read at its start: of two chats at once, the one that wrote
+        last had left in the file none of what was typed in the other."""
         if self.history is None:
             return
-        import readline
         import tempfile
 
-        entries = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
+        try:
+            entries = self.saved_history()
+        except FileNotFoundError:
+            entries = []
+        except OSError:
+            return
+        entries = [*entries, text] if entries[-1:] != [text] else entries
         try:
             self.history.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.history.parent, prefix=f".{self.history.name}.")  # 0600
@@ -209,7 +220,7 @@ class TerminalIO:
             return
         try:
             with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-                f.write("".join(history_line(entry) for entry in entries if entry))
+                f.write("".join(history_line(entry) for entry in entries[-HISTORY_LINES:]))
             os.replace(tmp, self.history)
         except OSError:
             Path(tmp).unlink(missing_ok=True)

@@ -995,13 +995,12 @@ def test_typed_messages_are_kept_for_the_up_arrow_of_the_next_chat(tmp_path, mon
     monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
     readline.clear_history()
     try:
-        TerminalIO("simple", multiline=False, interactive=True).save_history()  # none yet: an empty file
-        (tmp_path / "home" / "chat_history").write_text("earlier question\n", encoding="utf-8")
+        TerminalIO("simple", multiline=False, interactive=True).remember("first")  # no folder yet
+        (tmp_path / "home" / "chat_history").write_text("earlier question\n", encoding="utf-8")  # readline's
         io = TerminalIO("simple", multiline=False, interactive=True)
         assert readline.get_history_item(readline.get_current_history_length()) == "earlier question"
-        readline.add_history("hello again")
-        readline.add_history("a pasted\n\tmessage")
-        io.save_history()
+        io.remember("hello again")
+        io.remember("a pasted\n\tmessage")
         saved = tmp_path / "home" / "chat_history"
         assert saved.stat().st_mode & 0o777 == 0o600  # what a user typed is theirs to read
         readline.clear_history()
@@ -1040,9 +1039,26 @@ def test_a_pasted_message_is_kept_whole_for_the_up_arrow_even_when_the_terminal_
         readline.clear_history()
 
 
+def test_two_chats_at_once_both_keep_what_was_typed_in_them(terminal, tmp_path):
+    """Each chat wrote the file whole from what it had read at its start: of two chats open at once (two
+    terminals), the one that wrote last left none of the other's messages."""
+    pytest.importorskip("readline")
+    left, right = (terminal(READ_TWICE, env=os.environ | {"VICUNA_HOME": str(tmp_path)}) for _ in range(2))
+    for term, typed in [(left, "typed on the left"), (right, "typed on the right"), (left, "left again")]:
+        term.expect("USER: ")
+        term.write(typed + "\r")
+        term.expect("got ")
+    left.child.wait()
+    assert (tmp_path / "chat_history").read_text().splitlines() == [
+        "typed on the left",
+        "typed on the right",
+        "left again",
+    ]
+
+
 def test_without_a_home_folder_the_chat_goes_on_without_saved_history(monkeypatch):
     # the model is loaded by then: the up arrow's history is not worth refusing the chat for
-    pytest.importorskip("readline")
+    readline = pytest.importorskip("readline")
 
     def no_home() -> Path:
         raise RuntimeError("Could not determine home directory.")
@@ -1051,7 +1067,8 @@ def test_without_a_home_folder_the_chat_goes_on_without_saved_history(monkeypatc
     monkeypatch.setattr(Path, "home", no_home)
     io = TerminalIO("simple", multiline=False, interactive=True)
     assert io.history is None
-    io.save_history()  # nothing to save it to, and no error
+    io.remember("hello")  # for the up arrow of this chat, with nothing to save it to, and no error
+    assert readline.get_history_item(readline.get_current_history_length()) == "hello"
 
 
 @pytest.mark.parametrize("readline", [True, False])
