@@ -227,6 +227,77 @@ def test_a_completion_continues_its_prompt_with_the_space_its_first_word_has(api
         assert choice.text == token and echo.text == prompt + token
 
 
+def model_logprobs(engine, ids: list[int]):
+    """log P(ids[t] | ids[:t]) for t >= 1, from the transformers model itself, and whether each is the argmax."""
+    import torch
+
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    following = torch.tensor(ids[1:])
+    chosen = logprobs.gather(1, following[:, None])[:, 0]
+    return chosen.tolist(), (logprobs.argmax(-1) == following).tolist()
+
+
+def lm_eval_loglikelihood(url: str, context: list[list[int]], continuation: list[list[int]]):
+    """What lm-eval's `local-completions` sends for loglikelihood (a batch of token-id prompts, echo, one
+    token generated) and how it reads the answer: token_logprobs[ctxlen:-1] summed, greedy when each
+    equals the best of its top_logprobs."""
+    body = {
+        "model": MODEL,
+        "prompt": [c + x for c, x in zip(context, continuation, strict=True)],
+        "temperature": 0,
+        "max_tokens": 1,
+        "logprobs": 1,
+        "seed": 1234,
+        "echo": True,
+    }
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = []
+    for choice, ctx in zip(sorted(r.json()["choices"], key=lambda c: c["index"]), context, strict=True):
+        lps = choice["logprobs"]["token_logprobs"][len(ctx) : -1]
+        tops = choice["logprobs"]["top_logprobs"][len(ctx) : -1]
+        out.append((sum(lps), all(lp == max(top.values()) for lp, top in zip(lps, tops, strict=True))))
+    return out, r.json()
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(served, api, tiny_engine):
+    # lm-eval's loglikelihood tasks (multiple choice, perplexity) send echo with logprobs: it was a 400
+    url = served[0]
+    context = [tiny_engine.encode("The capital of France"), tiny_engine.encode("Tokyo is")]
+    continuation = [tiny_engine.encode(" is Paris", add_special_tokens=False), [5, 17, 42]]
+    results, body = lm_eval_loglikelihood(url, context, continuation)
+    for (total, greedy_), ctx, cont in zip(results, context, continuation, strict=True):
+        expected, argmax = model_logprobs(tiny_engine, ctx + cont)
+        assert total == pytest.approx(sum(expected[len(ctx) - 1 :]), abs=1e-4)
+        assert greedy_ == all(argmax[len(ctx) - 1 :])
+    first = body["choices"][0]["logprobs"]
+    ids = context[0] + continuation[0]
+    assert len(first["tokens"]) == len(ids) + 1  # the prompt's tokens, then the generated one
+    assert first["token_logprobs"][0] is None and first["top_logprobs"][0] is None  # nothing predicts it
+    expected, _ = model_logprobs(tiny_engine, ids)
+    assert first["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) == 1 for top in first["top_logprobs"][1:])
+    text = body["choices"][0]["text"]
+    assert text.startswith(tiny_engine.tokenizer.decode(ids, skip_special_tokens=True))
+    # where each token begins in the echoed text (BOS takes no room, nor SentencePiece's first space)
+    decode = tiny_engine.tokenizer.decode
+    assert first["text_offset"][: len(ids)] == [
+        len(decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))
+    ]
+    assert first["text_offset"][-1] == len(decode(ids, skip_special_tokens=True))
+    # a text prompt, streamed: the echoed prompt's chunk carries its logprobs
+    ask = greedy(prompt="Tokyo is", max_tokens=2, echo=True, logprobs=3)
+    whole = api.completions.create(**ask)
+    chunks = list(api.completions.create(**ask, stream=True))
+    streamed = [
+        t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens
+    ]
+    assert streamed == whole.choices[0].logprobs.tokens
+    assert whole.choices[0].text.startswith("Tokyo is")
+
+
 def test_completions(api, tiny_engine):
     prompts = ["The capital of France", "Tokyo is"]
     r = api.completions.create(

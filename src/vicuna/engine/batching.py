@@ -358,24 +358,35 @@ class Batcher:
 
     def embed(self, token_lists: Sequence[list[int]], cancel: threading.Event | None = None) -> Future:
         """Mean-pooled, L2-normalised last hidden states, one vector per token list (a Future of them, or of
-        None once `cancel` is set). One list is computed between two decode steps: all at once, a request of
-        many stalled every running reply (and shutdown) until its last one, also after its client left."""
+        None once `cancel` is set)."""
+        return self._each(token_lists, lambda ids: self._embed([ids])[0], cancel)
+
+    def score(
+        self, token_lists: Sequence[list[int]], top: int, cancel: threading.Event | None = None
+    ) -> Future:
+        """`Engine.score` of each token list (a Future of them, or of None once `cancel` is set)."""
+        return self._each(token_lists, lambda ids: self.engine.score(ids, top), cancel)
+
+    def _each(self, token_lists: Sequence[list[int]], fn: Callable[[list[int]], Any], cancel) -> Future:
+        """`fn` of each token list, on the scheduler thread: one list between two decode steps. All at once,
+        a request of many stalled every running reply (and shutdown) until its last one, also after its
+        client left."""
         for ids in token_lists:
             self.engine.check_fits(len(ids), 0)
         out: Future = Future()
-        vectors: list[list[float]] = []
+        results: list[Any] = []
 
         def next_one(done: Future | None = None) -> None:  # on the scheduler thread, after the last one
             try:
                 if done is not None:
-                    vectors.extend(done.result())
+                    results.append(done.result())
                 if cancel is not None and cancel.is_set():
                     out.set_result(None)
-                elif len(vectors) == len(token_lists):
-                    out.set_result(vectors)
+                elif len(results) == len(token_lists):
+                    out.set_result(results)
                 else:
-                    ids = token_lists[len(vectors)]
-                    self.call(lambda: self._embed([ids])).add_done_callback(next_one)
+                    ids = token_lists[len(results)]
+                    self.call(lambda: fn(ids)).add_done_callback(next_one)
             except BaseException as error:  # the model's error, or ShuttingDownError
                 out.set_exception(error)
 

@@ -32,6 +32,8 @@ from vicuna.engine.sampling import Sampler
 from vicuna.engine.typed import mask, retokenize, special_texts
 from vicuna.errors import ContextTooLongError, VicunaError
 
+SCORE_PIECE = 256  # prompt positions whose logits `Engine.score` turns into float32 logprobs at a time
+
 
 def context_window(config: Any) -> int:
     text = config.get_text_config()
@@ -261,6 +263,30 @@ class Engine:
             total_s=end - start,
             stop_text=stop_text,
         )
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: Sequence[int], top: int) -> tuple[TokenLogprob, ...]:
+        """Each prompt token's logprob given the tokens before it, with the `top` most likely tokens there
+        (the first token's logprob is None): what a completion with `echo` and `logprobs` returns, which
+        evaluation harnesses sum over a continuation. Computed by the transformers model in one forward
+        over the whole prompt, so it is the model's own log-likelihood; softmax in float32, a piece of
+        positions at a time."""
+        ids = torch.tensor([list(prompt_ids)], device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0]
+        text, raw = self.token_bytes.text, self.token_bytes
+        out = [TokenLogprob(prompt_ids[0], text(prompt_ids[0]), None, (), raw(prompt_ids[0]))]
+        for start in range(0, len(prompt_ids) - 1, SCORE_PIECE):
+            following = ids[0, start + 1 : start + 1 + SCORE_PIECE]
+            logprobs = torch.log_softmax(logits[start : start + len(following)].float(), dim=-1)
+            chosen = logprobs.gather(1, following[:, None])[:, 0].tolist()
+            tops = torch.topk(logprobs, top) if top else None
+            for j, token_id in enumerate(following.tolist()):
+                alternatives = ()
+                if tops is not None:
+                    pairs = zip(tops.indices[j].tolist(), tops.values[j].tolist(), strict=True)
+                    alternatives = tuple((i, text(i), lp, raw(i)) for i, lp in pairs)
+                out.append(TokenLogprob(token_id, text(token_id), chosen[j], alternatives, raw(token_id)))
+        return tuple(out)
 
     def token_logprobs(self, choice) -> tuple[TokenLogprob, ...]:
         """A sampled token's logprob event (one token): text and bytes of it and of its alternatives."""

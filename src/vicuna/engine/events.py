@@ -10,12 +10,13 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A sampled token's log-probability and the most likely alternatives. `token` is the token's own text
-    (a byte of a character split across tokens written as `\\xe4`), `raw` its bytes."""
+    """A sampled (or scored prompt) token's log-probability and the most likely alternatives. `token` is the
+    token's own text (a byte of a character split across tokens written as `\\xe4`), `raw` its bytes.
+    `logprob` is None for a prompt's first token, which nothing before it predicts."""
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, str, float, bytes], ...] = ()  # (token id, text, logprob, bytes), best first
     raw: bytes = b""
 

@@ -43,6 +43,7 @@ from starlette.routing import Match
 
 from vicuna import protocol as p
 from vicuna.config import SamplingParams
+from vicuna.engine.detok import IncrementalDecoder
 from vicuna.engine.events import Finished, TextChunk, TokenLogprob
 from vicuna.errors import ContextTooLongError, ServerBusyError, ShuttingDownError, VicunaError
 from vicuna.textfile import json_problem
@@ -537,10 +538,31 @@ def _completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> p.Comple
     for t in items:
         out.tokens.append(t.token)
         out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append({s: lp for _, s, lp, _ in t.top})
+        out.top_logprobs.append(None if t.logprob is None else {s: lp for _, s, lp, _ in t.top})
         out.text_offset.append(offset + len(before.decode("utf-8", errors="ignore")))  # whole characters
         before += t.raw
     return out
+
+
+def _prompt_logprobs(items: Sequence[TokenLogprob], tokenizer: Any) -> p.CompletionLogprobs:
+    """A scored prompt's logprobs; `text_offset` is where each token's text begins in the prompt's text as
+    its tokens decode: a special token (BOS), which decoding leaves out, takes no room, nor does the space
+    SentencePiece gives a first word; offsets counted from the tokens' own bytes, as for a reply, ran
+    ahead of the echoed text by both."""
+    out, decoder, length = _completion_logprobs(items, 0), IncrementalDecoder(tokenizer), 0
+    for i, t in enumerate(items):
+        out.text_offset[i] = length
+        length += len(decoder.add(t.token_id))
+    return out
+
+
+def _joined(prompt: p.CompletionLogprobs | None, reply: p.CompletionLogprobs) -> p.CompletionLogprobs:
+    """An echoed prompt's logprobs followed by its reply's."""
+    if prompt is None:
+        return reply
+    return p.CompletionLogprobs(
+        **{name: getattr(prompt, name) + getattr(reply, name) for name in p.CompletionLogprobs.model_fields}
+    )
 
 
 def _status(err: BaseException) -> int:
@@ -809,8 +831,6 @@ def create_app(
         server.check_auth(request)
         req: p.CompletionRequest = p.parse_request(p.CompletionRequest, await server.read_json(request))
         server.check_model(req.model)
-        if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs (prompt scoring) is not supported", param="echo")
         items = req.prompts()
         prompts = await _encode_all(items, "prompt")
         texts = [
@@ -834,22 +854,47 @@ def create_app(
         run = _Run(server, "completions", each, params, "prompt" if len(prompts) > 1 else "n")
         run.id = f"cmpl-{uuid.uuid4().hex}"
         echoes = [texts[i // n] if req.echo else "" for i in range(len(params))]
+        scored: list[p.CompletionLogprobs | None] = [None] * len(params)
+        if req.echo and req.logprobs is not None:  # the prompt's own logprobs, as evaluation harnesses read
+            server.check_queue(len(params), run.replies_param)
+            lists = await _scored(request, prompts, req.logprobs)
+            if lists is None:  # the client went away
+                request.state.counted = True
+                server.metrics.requests.labels("completions", "499").inc()
+                return Response(status_code=499)
+            per_prompt = await asyncio.to_thread(
+                lambda: [_prompt_logprobs(x, engine.tokenizer) for x in lists]
+            )
+            scored = [per_prompt[i // n] for i in range(len(params))]
         return await _respond(
             request,
             run,
             req.stream,
-            lambda: _completion_stream(run, req, echoes),
-            lambda: _completion_result(run, req, echoes),
+            lambda: _completion_stream(run, req, echoes, scored),
+            lambda: _completion_result(run, req, echoes, scored),
         )
 
-    async def _completion_result(run: _Run, req: p.CompletionRequest, echoes: list[str]) -> dict[str, Any]:
+    async def _scored(request: Request, prompts: list[list[int]], top: int) -> list[Any] | None:
+        """`Engine.score` of each prompt, on the batcher's thread between its steps; None once the client
+        has gone away."""
+        cancel = threading.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, cancel))
+        try:
+            return await asyncio.wrap_future(batcher.score(prompts, top, cancel))
+        finally:
+            cancel.set()
+            watcher.cancel()
+
+    async def _completion_result(
+        run: _Run, req: p.CompletionRequest, echoes: list[str], scored: list[p.CompletionLogprobs | None]
+    ) -> dict[str, Any]:
         async for _ in run.events_until_done():
             pass
         choices = [
             p.CompletionChoice(
                 index=i,
                 text=echoes[i] + "".join(c.text),
-                logprobs=_completion_logprobs(c.logprobs, len(echoes[i]))
+                logprobs=_joined(scored[i], _completion_logprobs(c.logprobs, len(echoes[i])))
                 if req.logprobs is not None
                 else None,
                 finish_reason=_finish_reason(c.finished),
@@ -861,7 +906,7 @@ def create_app(
         ).model_dump()
 
     async def _completion_stream(
-        run: _Run, req: p.CompletionRequest, echoes: list[str]
+        run: _Run, req: p.CompletionRequest, echoes: list[str], scored: list[p.CompletionLogprobs | None]
     ) -> AsyncIterator[str]:
         created = p.now()
 
@@ -876,7 +921,7 @@ def create_app(
         offsets = [len(e) for e in echoes]
         for i, echo in enumerate(echoes):
             if echo:
-                yield chunk([p.CompletionChoice(index=i, text=echo)])
+                yield chunk([p.CompletionChoice(index=i, text=echo, logprobs=scored[i])])
         texts = [
             _filled(lambda text, i=i: chunk([p.CompletionChoice(index=i, text=text)]))
             for i in range(len(echoes))
