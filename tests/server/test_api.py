@@ -298,6 +298,34 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(served, api, tin
     assert whole.choices[0].text.startswith("Tokyo is")
 
 
+def test_a_reply_ended_by_an_end_token_lists_that_token_in_its_logprobs(tmp_path):
+    # lm-eval takes the last of a one-token echo's logprobs for the generated token: where that token was
+    # EOS nothing was listed, and the continuation's last token was dropped from its log-likelihood
+    from tests.tiny_models import write_tiny_llama
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+
+    # the tiny model's most frequent greedy token (96) made its end token, so that many replies end at once
+    folder = write_tiny_llama(tmp_path / "tiny", eos_token_id=96)
+    engine = load_engine(ModelSettings(model_path=str(folder), device="cpu", dtype="float32"), progress=False)
+    bos = engine.tokenizer.bos_token_id
+    ends = [x for x in range(3, 200) if model_logprobs(engine, [bos, x, 96])[1][1]][:2]
+    assert len(ends) == 2, "no prompt whose greedy next token is the end token"
+    with serving(create_app(engine, model_name=MODEL)) as url:
+        results, body = lm_eval_loglikelihood(url, [[bos], [bos]], [[x] for x in ends])
+        for (total, _), x, choice in zip(results, ends, body["choices"], strict=True):
+            assert choice["finish_reason"] == "stop" and choice["text"] == engine.tokenizer.decode([x])
+            assert choice["logprobs"]["tokens"][-1] == engine.token_bytes.text(96)
+            assert total == pytest.approx(model_logprobs(engine, [bos, x])[0][0], abs=1e-4)
+        ask = greedy(prompt=[bos, ends[0]], max_tokens=3, logprobs=2)
+        whole = client(url).completions.create(**ask)
+        streamed = list(client(url).completions.create(**ask, stream=True))
+    assert whole.choices[0].logprobs.tokens == [engine.token_bytes.text(96)]
+    assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == (
+        whole.choices[0].logprobs.tokens
+    )
+
+
 def test_completions(api, tiny_engine):
     prompts = ["The capital of France", "Tokyo is"]
     r = api.completions.create(

@@ -41,7 +41,7 @@ import torch
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
-from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, decode_rate
+from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob, decode_rate
 from vicuna.engine.memory import free_bytes, release_memory_after
 from vicuna.engine.runner import PREFILL_PIECE, LlamaRunner, cache_arg, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Sampler
@@ -98,11 +98,11 @@ class _Reply:
         self.history.append(choice.token_id)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        logprobs = self.engine.token_logprobs(choice) if self.params.logprobs is not None else None
         if choice.token_id in self.stop_ids:
-            self.finish("stop", self.engine.tokenizer.convert_ids_to_tokens(choice.token_id))
+            self.finish("stop", self.engine.tokenizer.convert_ids_to_tokens(choice.token_id), logprobs or ())
             return True
         text = self.stops.push(self.decoder.add(choice.token_id))
-        logprobs = self.engine.token_logprobs(choice) if self.params.logprobs is not None else None
         self.sink(TextChunk(text, (choice.token_id,), logprobs))
         if self.stops.matched is not None:
             self.finish("stop", self.stops.matched)
@@ -110,7 +110,9 @@ class _Reply:
             self.finish("length")
         return self.done
 
-    def finish(self, reason: FinishReason, stop_text: str | None = None) -> None:
+    def finish(
+        self, reason: FinishReason, stop_text: str | None = None, stop_logprobs: tuple[TokenLogprob, ...] = ()
+    ) -> None:
         if self.done:
             return
         self.done = True
@@ -132,6 +134,7 @@ class _Reply:
                 decode_tokens_per_s=decode_rate(n, first, end),
                 total_s=end - self.start,
                 stop_text=stop_text,
+                stop_logprobs=stop_logprobs,
             )
         )
 

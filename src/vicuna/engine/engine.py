@@ -214,7 +214,7 @@ class Engine:
         runner, cached = self.new_runner(prompt_ids)
         team = self.team() if isinstance(runner, LlamaRunner) else None
         first_token_at = None
-        reason, stop_text = "length", None
+        reason, stop_text, stop_logprobs = "length", None, ()
         if isinstance(runner, LlamaRunner):  # in the server's pieces, so that a reply is the same there
             logits, done = runner.prefill_more(prompt_ids, cached, PREFILL_PIECE)
             while done < len(prompt_ids) and not (cancel is not None and cancel.is_set()):
@@ -229,11 +229,12 @@ class Engine:
             history.append(choice.token_id)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
+            logprobs = self.token_logprobs(choice) if params.logprobs is not None else None
             if choice.token_id in stop_ids:
                 reason, stop_text = "stop", self.tokenizer.convert_ids_to_tokens(choice.token_id)
+                stop_logprobs = logprobs or ()
                 break
             text = stops.push(decoder.add(choice.token_id))
-            logprobs = self.token_logprobs(choice) if params.logprobs is not None else None
             yield TextChunk(text, (choice.token_id,), logprobs)
             if stops.matched is not None:
                 reason, stop_text = "stop", stops.matched
@@ -262,6 +263,7 @@ class Engine:
             decode_tokens_per_s=decode_rate(completion, first, end),
             total_s=end - start,
             stop_text=stop_text,
+            stop_logprobs=stop_logprobs,
         )
 
     @torch.inference_mode()

@@ -43,6 +43,9 @@ class Finished:
     decode_tokens_per_s: float  # tokens after the first, per second after the first
     total_s: float
     stop_text: str | None = None  # the stop string or stop token text that ended the reply
+    # The logprob of the stop token that ended the reply, where logprobs were asked: sampled like any
+    # token, though its text is never shown (a completion's logprobs list it, as OpenAI's and vLLM's do)
+    stop_logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def total_tokens(self) -> int:

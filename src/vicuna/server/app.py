@@ -894,7 +894,9 @@ def create_app(
             p.CompletionChoice(
                 index=i,
                 text=echoes[i] + "".join(c.text),
-                logprobs=_joined(scored[i], _completion_logprobs(c.logprobs, len(echoes[i])))
+                logprobs=_joined(
+                    scored[i], _completion_logprobs([*c.logprobs, *c.finished.stop_logprobs], len(echoes[i]))
+                )
                 if req.logprobs is not None
                 else None,
                 finish_reason=_finish_reason(c.finished),
@@ -936,7 +938,10 @@ def create_app(
                 lp = _completion_logprobs(event.logprobs or (), start)
                 yield chunk([p.CompletionChoice(index=i, text=event.text, logprobs=lp)])
             elif isinstance(event, Finished) and event.reason != "cancelled":
-                yield chunk([p.CompletionChoice(index=i, text="", finish_reason=_finish_reason(event))])
+                lp = _completion_logprobs(event.stop_logprobs, offsets[i]) if event.stop_logprobs else None
+                yield chunk(
+                    [p.CompletionChoice(index=i, text="", logprobs=lp, finish_reason=_finish_reason(event))]
+                )
         if req.include_usage:
             yield chunk([], run.usage())
         yield _sse("[DONE]")
