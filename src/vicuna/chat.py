@@ -723,7 +723,9 @@ def from_fastchat(data: Any) -> Any:
 
 
 def check_reply_budget(max_new_tokens: int, context_window: int) -> None:
-    """--max-new-tokens must leave room in the context window for the conversation."""
+    """--max-new-tokens must leave room in the context window for the conversation, and ask for a reply."""
+    if max_new_tokens < 1:
+        raise VicunaError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if max_new_tokens >= context_window:
         raise VicunaError(
             f"--max-new-tokens {max_new_tokens} does not fit this model's context window of "

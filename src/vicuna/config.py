@@ -57,7 +57,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0: off (CTRL-style, as in transformers)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # 0: no reply (a completion that only echoes and scores its prompt)
     min_new_tokens: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -75,7 +75,7 @@ class SamplingParams:
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
             (
                 0 <= self.min_new_tokens <= self.max_new_tokens,
                 "min_new_tokens must be in [0, max_new_tokens]",

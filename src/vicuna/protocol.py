@@ -173,6 +173,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing generated
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: None = None  # refused unless null: no fill-in-the-middle
@@ -186,6 +187,16 @@ class CompletionRequest(_Sampling):
         if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
             raise ValueError("a token-id prompt must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _no_reply(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest(
+                "max_tokens: 0 asks for no reply, which is only for scoring a prompt: send echo true "
+                "(with logprobs), or max_tokens of 1 or more",
+                "max_tokens",
+            )
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids."""

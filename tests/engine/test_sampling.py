@@ -82,7 +82,7 @@ def test_logprobs_are_from_the_model_distribution():
     [
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),  # 0 is no reply (a prompt only scored)
     ],
 )
 def test_invalid_settings_are_named(kw, field):

@@ -298,6 +298,26 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(served, api, tin
     assert whole.choices[0].text.startswith("Tokyo is")
 
 
+def test_max_tokens_0_with_echo_scores_the_prompt_and_generates_nothing(served, api, tiny_engine):
+    # OpenAI's way to score a text (perplexity scripts, older lm-eval): it was a 400 (at least 1)
+    prompts = ["The capital of France is Paris", "Tokyo is big"]
+    r = api.completions.create(**greedy(prompt=prompts, max_tokens=0, echo=True, logprobs=0, n=2))
+    assert [c.text for c in r.choices] == [p for p in prompts for _ in range(2)]
+    assert {c.finish_reason for c in r.choices} == {"length"} and r.usage.completion_tokens == 0
+    for c in r.choices:
+        ids = tiny_engine.encode(c.text)
+        expected, _ = model_logprobs(tiny_engine, ids)
+        assert len(c.logprobs.tokens) == len(ids) and c.logprobs.token_logprobs[0] is None
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    streamed = list(api.completions.create(**greedy(prompt=prompts[0], max_tokens=0, echo=True, stream=True)))
+    assert "".join(c.choices[0].text for c in streamed) == prompts[0]
+    assert streamed[-1].choices[0].finish_reason == "length"
+    r = httpx.post(f"{served[0]}/v1/completions", json=greedy(prompt="Hi", max_tokens=0))
+    assert r.status_code == 400 and error_of(r)["param"] == "max_tokens" and "echo" in error_of(r)["message"]
+    r = httpx.post(f"{served[0]}/v1/chat/completions", json=greedy(messages=HELLO, max_tokens=0))
+    assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
+
+
 def test_a_reply_ended_by_an_end_token_lists_that_token_in_its_logprobs(tmp_path):
     # lm-eval takes the last of a one-token echo's logprobs for the generated token: where that token was
     # EOS nothing was listed, and the continuation's last token was dropped from its log-likelihood

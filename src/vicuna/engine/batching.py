@@ -523,6 +523,10 @@ class Batcher:
                     self._waiting.popleft()
                     reply.finish("cancelled")
                     continue
+                if reply.params.max_new_tokens == 0:  # a prompt only echoed (and scored): nothing to compute
+                    self._waiting.popleft()
+                    reply.finish("length")
+                    continue
                 # A preempted reply is recomputed up to its last token, which the next step feeds.
                 resumed = reply.completion_tokens > 0
                 ids = reply.history[:-1] if resumed else reply.history

@@ -841,7 +841,10 @@ def create_app(
         window = engine.context_window  # without max_tokens OpenAI's 16, or the room the window leaves
         budgets = [
             server.max_new_tokens(
-                req.max_tokens or max(1, min(16, window - len(ids))), len(ids), "max_tokens", "prompt"
+                max(1, min(16, window - len(ids))) if req.max_tokens is None else req.max_tokens,
+                len(ids),
+                "max_tokens",
+                "prompt",
             )
             for ids in prompts
         ]
