@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -344,6 +345,27 @@ def test_a_reply_ended_by_an_end_token_lists_that_token_in_its_logprobs(tmp_path
     assert [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == (
         whole.choices[0].logprobs.tokens
     )
+
+
+def test_a_stop_string_that_is_a_special_token_stops_the_reply(api):
+    # A reply's text never holds a special token's text, so `stop: ["<|im_end|>"]` for a fine-tune whose
+    # turn ends there (not its EOS) never matched: the reply ran on, into a made-up next turn, to max_tokens.
+    # Here "</s>" with ignore_eos stands for it: sampled hot, the tiny model soon draws it.
+    hot = {"model": MODEL, "temperature": 2, "max_tokens": 120, "extra_body": {"ignore_eos": True}}
+
+    def tokens(r) -> list[str]:
+        lp = r.choices[0].logprobs
+        return lp.tokens if hasattr(lp, "tokens") else [t.token for t in lp.content]
+
+    completion = functools.partial(api.completions.create, prompt="Hello", logprobs=0, **hot)
+    chat = functools.partial(api.chat.completions.create, messages=HELLO, logprobs=True, **hot)
+    for create in (completion, chat):
+        drawn = next((s for s in range(30) if "</s>" in tokens(create(seed=s))[:-1]), None)
+        assert drawn is not None, "no reply drew </s>"
+        before = tokens(create(seed=drawn))
+        r = create(seed=drawn, stop=["</s>"])
+        assert r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == before.index("</s>") + 1 < 120
 
 
 def test_completions(api, tiny_engine):

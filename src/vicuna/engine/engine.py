@@ -129,9 +129,17 @@ class Engine:
         cut = len(ids) - self._appended_eos(ids, adds)
         return retokenize(self.tokenizer, ids[:cut], offsets[:cut], masked.typed_at)[0]
 
+    def stop_params(self, params: SamplingParams) -> SamplingParams:
+        """The request's settings with its stop strings that are special tokens ("<|im_end|>" where it is
+        no end token) also stop token ids: a reply's text never holds a special token's text, so as a
+        string alone such a stop never matched and the reply ran on past it to its token limit."""
+        ids = self._split_stops(params.stop)[0]
+        return replace(params, stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *ids))))
+
     def chat_params(self, params: SamplingParams) -> SamplingParams:
-        """The request's settings plus the template's end-of-turn markers (but not EOS with `ignore_eos`,
-        where the template's marker is the EOS token, as it often is)."""
+        """The request's settings (`stop_params`) plus the template's end-of-turn markers (but not EOS with
+        `ignore_eos`, where the template's marker is the EOS token, as it often is)."""
+        params = self.stop_params(params)
         template_ids = [i for i in self.template_stop_ids if not (params.ignore_eos and i in self.end_ids)]
         return replace(
             params,

@@ -849,7 +849,9 @@ def create_app(
             for ids in prompts
         ]
         params = [
-            req.sampling_params(max_new_tokens=budget, choice=j, logprobs=req.logprobs_k())
+            engine.stop_params(
+                req.sampling_params(max_new_tokens=budget, choice=j, logprobs=req.logprobs_k())
+            )
             for budget in budgets
             for j in range(n)
         ]
