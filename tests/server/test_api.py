@@ -313,6 +313,12 @@ def test_max_tokens_0_with_echo_scores_the_prompt_and_generates_nothing(served, 
     streamed = list(api.completions.create(**greedy(prompt=prompts[0], max_tokens=0, echo=True, stream=True)))
     assert "".join(c.choices[0].text for c in streamed) == prompts[0]
     assert streamed[-1].choices[0].finish_reason == "length"
+    window = tiny_engine.context_window  # a prompt only scored may fill the context window
+    full = api.completions.create(**greedy(prompt=[7] * window, max_tokens=0, echo=True, logprobs=1))
+    assert len(full.choices[0].logprobs.token_logprobs) == window
+    with pytest.raises(openai.BadRequestError) as info:
+        api.completions.create(**greedy(prompt=[7] * window, max_tokens=1, echo=True, logprobs=1))
+    assert info.value.code == "context_length_exceeded" and info.value.body["param"] == "prompt"
     r = httpx.post(f"{served[0]}/v1/completions", json=greedy(prompt="Hi", max_tokens=0))
     assert r.status_code == 400 and error_of(r)["param"] == "max_tokens" and "echo" in error_of(r)["message"]
     r = httpx.post(f"{served[0]}/v1/chat/completions", json=greedy(messages=HELLO, max_tokens=0))

@@ -404,9 +404,10 @@ class _Server:
         prompt_param: str = "messages",
     ) -> int:
         """The reply budget: as asked, or all the room the context window leaves; 400 when it does not fit,
-        naming `prompt_param` where the prompt alone leaves no room (a smaller `param` would not help)."""
+        naming `prompt_param` where the prompt alone leaves no room (a smaller `param` would not help). A
+        prompt only scored (`requested` 0) may fill the window."""
         window = self.engine.context_window
-        if prompt_len >= window:
+        if prompt_len > window or prompt_len == window and requested != 0:
             raise APIError(
                 400,
                 f"the prompt has {prompt_len} tokens and leaves no room for a reply in the model's context "
