@@ -204,6 +204,16 @@ def test_logprobs(api):
         assert "\u2581" not in t.token and not t.token.startswith("<0x")
 
 
+def test_a_completion_token_is_among_its_top_logprobs(api):
+    # OpenAI's completions list the sampled token with the `logprobs` most likely ones ("up to logprobs+1"):
+    # with logprobs 0 the lists were empty, and a token outside the top k was missing from its own
+    for k in (0, 2):
+        r = api.completions.create(model=MODEL, prompt="Tokyo is", max_tokens=8, logprobs=k, seed=3)
+        lp = r.choices[0].logprobs
+        for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+            assert top[token] == logprob and k <= len(top) <= k + 1
+
+
 def test_completion_logprob_offsets_count_characters_and_bytes_stay_whole():
     from vicuna.engine.events import TokenLogprob
     from vicuna.server.app import _completion_logprobs
@@ -279,7 +289,9 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(served, api, tin
     assert first["token_logprobs"][0] is None and first["top_logprobs"][0] is None  # nothing predicts it
     expected, _ = model_logprobs(tiny_engine, ids)
     assert first["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
-    assert all(len(top) == 1 for top in first["top_logprobs"][1:])
+    lists = (first["tokens"], first["token_logprobs"], first["top_logprobs"])
+    for token, lp, top in list(zip(*lists, strict=True))[1:]:  # the best token, and the token itself
+        assert top[token] == lp and len(top) <= 2
     text = body["choices"][0]["text"]
     assert text.startswith(tiny_engine.tokenizer.decode(ids, skip_special_tokens=True))
     # where each token begins in the echoed text (BOS takes no room, nor SentencePiece's first space)

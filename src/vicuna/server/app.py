@@ -534,12 +534,16 @@ def _chat_logprobs(items: Sequence[TokenLogprob]) -> p.ChoiceLogprobs:
 
 
 def _completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> p.CompletionLogprobs:
-    """`offset`: the characters of the choice's text before these tokens' (which start a character)."""
+    """`offset`: the characters of the choice's text before these tokens' (which start a character).
+    A token's `top_logprobs` hold the most likely tokens and the token itself, as OpenAI's do (so up to
+    `logprobs` + 1 of them): scripts read a token's logprob there, and with `logprobs` 0 it is the one."""
     out, before = p.CompletionLogprobs(), b""
     for t in items:
         out.tokens.append(t.token)
         out.token_logprobs.append(t.logprob)
-        out.top_logprobs.append(None if t.logprob is None else {s: lp for _, s, lp, _ in t.top})
+        out.top_logprobs.append(
+            None if t.logprob is None else {t.token: t.logprob} | {s: lp for _, s, lp, _ in t.top}
+        )
         out.text_offset.append(offset + len(before.decode("utf-8", errors="ignore")))  # whole characters
         before += t.raw
     return out
