@@ -300,6 +300,12 @@ def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(served, api, tin
         len(decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))
     ]
     assert first["text_offset"][-1] == len(decode(ids, skip_special_tokens=True))
+    # a text prompt: each token begins where it stands in the text, also after a special token typed in it
+    for prompt in ("Tokyo is</s> big city", "Hello  world\nnew line"):
+        r = api.completions.create(**greedy(prompt=prompt, max_tokens=0, echo=True, logprobs=0))
+        lp = r.choices[0].logprobs
+        for token, at in list(zip(lp.tokens, lp.text_offset, strict=True))[1:]:  # after BOS
+            assert prompt[at:].startswith(token) or at == 0 and prompt.startswith(token.removeprefix(" "))
     # a text prompt, streamed: the echoed prompt's chunk carries its logprobs
     ask = greedy(prompt="Tokyo is", max_tokens=2, echo=True, logprobs=3)
     whole = api.completions.create(**ask)

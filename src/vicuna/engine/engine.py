@@ -94,6 +94,16 @@ class Engine:
         ids = list(self.tokenizer(text, add_special_tokens=adds)["input_ids"])
         return ids[: len(ids) - self._appended_eos(ids, adds)]
 
+    def text_starts(self, text: str) -> list[int] | None:
+        """Where each of `encode(text)`'s tokens begins in `text` (the tokenizer's own character offsets; a
+        BOS it added at 0), or None where the tokenizer cannot say (a slow one)."""
+        if not getattr(self.tokenizer, "is_fast", False):
+            return None
+        adds = self._adds_bos(text)
+        enc = self.tokenizer(text, add_special_tokens=adds, return_offsets_mapping=True)
+        cut = len(enc["input_ids"]) - self._appended_eos(enc["input_ids"], adds)
+        return [start for start, _ in enc["offset_mapping"][:cut]]
+
     def _appended_eos(self, ids: Sequence[int], added: bool) -> int:
         """1 where the tokenizer ended `ids` with an EOS of its own (one saved with `add_eos_token=True`):
         a reply must not begin after an end of text, and training (`train.data`) never puts one there."""

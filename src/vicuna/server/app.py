@@ -549,12 +549,19 @@ def _completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> p.Comple
     return out
 
 
-def _prompt_logprobs(items: Sequence[TokenLogprob], tokenizer: Any) -> p.CompletionLogprobs:
-    """A scored prompt's logprobs; `text_offset` is where each token's text begins in the prompt's text as
-    its tokens decode: a special token (BOS), which decoding leaves out, takes no room, nor does the space
-    SentencePiece gives a first word; offsets counted from the tokens' own bytes, as for a reply, ran
-    ahead of the echoed text by both."""
-    out, decoder, length = _completion_logprobs(items, 0), IncrementalDecoder(tokenizer), 0
+def _prompt_logprobs(
+    items: Sequence[TokenLogprob], tokenizer: Any, starts: list[int] | None
+) -> p.CompletionLogprobs:
+    """A scored prompt's logprobs. `text_offset` is where each token begins in the echoed text: `starts`,
+    the tokenizer's offsets into a text prompt, where there are as many; else where it begins in the
+    prompt's tokens decoded (a token-id prompt's echo), in which a special token (BOS) takes no room, nor
+    does the space SentencePiece gives a first word. Counted from the tokens' own bytes, as for a reply,
+    offsets ran ahead of the echoed text by both, and behind it after a special token typed in a text."""
+    out = _completion_logprobs(items, 0)
+    if starts is not None and len(starts) == len(items):
+        out.text_offset = list(starts)
+        return out
+    decoder, length = IncrementalDecoder(tokenizer), 0
     for i, t in enumerate(items):
         out.text_offset[i] = length
         length += len(decoder.add(t.token_id))
@@ -873,7 +880,12 @@ def create_app(
                 server.metrics.requests.labels("completions", "499").inc()
                 return Response(status_code=499)
             per_prompt = await asyncio.to_thread(
-                lambda: [_prompt_logprobs(x, engine.tokenizer) for x in lists]
+                lambda: [
+                    _prompt_logprobs(
+                        x, engine.tokenizer, engine.text_starts(item) if isinstance(item, str) else None
+                    )
+                    for x, item in zip(lists, items, strict=True)
+                ]
             )
             scored = [per_prompt[i // n] for i in range(len(params))]
         return await _respond(
