@@ -1365,6 +1365,22 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_crash(served, caplog):
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback in the log
 
 
+def test_a_number_of_thousands_of_digits_is_a_400_not_a_crash(served, caplog):
+    url, _ = served
+    # Python reads an integer of at most 4300 digits; a longer one was a 500, and the connection was dropped
+    body = json.dumps(greedy(messages=HELLO, max_tokens=0)).replace(
+        '"max_tokens": 0', '"max_tokens": ' + "9" * 5000
+    )
+    for path in ("chat/completions", "completions", "embeddings"):
+        with caplog.at_level(logging.ERROR):
+            r = httpx.post(f"{url}/v1/{path}", content=body, headers={"content-type": "application/json"})
+        assert (
+            r.status_code == 400
+            and f"more than {sys.get_int_max_str_digits()} digits" in error_of(r)["message"]
+        ), r.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback in the log
+
+
 def test_an_unpaired_surrogate_in_a_string_is_a_400_naming_the_field(served):
     url, _ = served
     json_post = {"headers": {"content-type": "application/json"}}

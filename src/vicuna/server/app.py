@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -452,6 +453,12 @@ async def _read_json(request: Request, limit: int, window: int) -> Any:
         raise APIError(
             400,
             "the request body nests arrays or objects too deeply (no request field needs more than a few levels)",
+        ) from None
+    except ValueError:  # left: an integer longer than Python reads (was a 500 that dropped the connection)
+        raise APIError(
+            400,
+            f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits, "
+            "a number too long to read (no request field takes one)",
         ) from None
     if SURROGATE_ESCAPE.search(body) and (where := _unpaired_surrogate(data)) is not None:
         raise APIError(
