@@ -497,6 +497,29 @@ def test_mount_keeps_the_apps_own_routes_and_refuses_uploads():
             assert (answer.status_code, answer.text) == (403, "this server takes no file uploads")
 
 
+def test_a_body_larger_than_the_page_takes_is_a_413_before_it_is_read():
+    chat = RecordingChat(None)
+    app = webui.mount(
+        fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=64, model_name="tiny-model"
+    )
+    # Gradio read any body whole, without an API key: 300 MB sent to its queue grew the server by 900 MB.
+    # 1 MB is far over what a 64-token window takes (64 KB)
+    big = json.dumps(
+        {"data": ["x" * 1_000_000, [], None, "", 0.7, 1.0, 16, ""], "fn_index": 0, "session_hash": "s"}
+    )
+    with TestClient(app) as client:
+        for path in ("/gradio_api/queue/join", "/gradio_api/call/chat", "/gradio_api/run/chat"):
+            declared = client.post(path, content=big, headers={"content-type": "application/json"})
+            assert declared.status_code == 413, (path, declared.text)
+            chunked = client.post(
+                path, content=iter([big.encode()]), headers={"content-type": "application/json"}
+            )
+            assert chunked.status_code == 413, (path, chunked.text)
+        small = {"data": ["", [], None, "", 0.7, 1.0, 16, ""]}  # a body that fits goes through
+        assert client.post("/gradio_api/call/chat", json=small).status_code == 200
+    assert not chat.calls
+
+
 def test_the_server_keeps_the_state_of_the_latest_sessions_only(monkeypatch):
     def sessions(app: fastapi.FastAPI):  # Gradio's state of each browser session, the oldest used first
         [gradio_app] = [route.app for route in app.routes if isinstance(route, Mount)]

@@ -5,15 +5,16 @@ scheduler), so browser users and API clients share one batch. Features: streamed
 a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, clear, the last
 reply's tokens/s under the chat, and the conversation kept in the browser across reloads. With API
 keys the page asks for a key first, and every chat request checks the key again on the server. The
-page takes no files: Gradio's upload routes are refused. The page is in Simplified Chinese for a browser
-that prefers it, else in English (`vicuna.webui.texts`). Gradio is imported only when the UI is mounted.
+page takes no files: Gradio's upload routes are refused, as is a body over `BODY_BYTES_PER_TOKEN` bytes
+per token of the context window. The page is in Simplified Chinese for a browser that prefers it, else
+in English (`vicuna.webui.texts`). Gradio is imported only when the UI is mounted.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
@@ -24,6 +25,41 @@ if TYPE_CHECKING:
 
 ChatFn = Callable[[list[Message], SamplingParams, threading.Event], Iterator[Event]]
 EncodeFn = Callable[[list[Message]], list[int]]
+
+# The page's requests carry the message, the settings and the whole conversation, kept in the browser (its
+# oldest exchanges left out of the prompt): this many bytes for each token of the context window is room for
+# a conversation hundreds of windows long. Gradio reads any body whole before a handler sees it: one request
+# of 300 MB, sent without an API key, grew the server by 900 MB, which it kept.
+BODY_BYTES_PER_TOKEN = 1024
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 before more of it is read."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from starlette.datastructures import Headers
+        from starlette.exceptions import HTTPException
+        from starlette.responses import PlainTextResponse
+
+        message = f"the request body is larger than this server takes: {self.limit} bytes"
+        declared = Headers(scope=scope).get("content-length", "") if scope["type"] == "http" else ""
+        if declared.isdigit() and int(declared) > self.limit:
+            await PlainTextResponse(message, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def bounded() -> Any:  # a body without its length declared (chunked): counted as it comes
+            nonlocal received
+            event = await receive()
+            received += len(event.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, bounded if scope["type"] == "http" else receive, send)
 
 
 def mount(
@@ -68,7 +104,7 @@ def mount(
     )
     # show_error=False: an unexpected exception's text stays in the server log; gr.Error messages
     # (a bad key, a prompt too long for the context window) are still shown to the user.
-    return gr.mount_gradio_app(
+    gr.mount_gradio_app(
         app,
         demo,
         path="/",
@@ -79,3 +115,6 @@ def mount(
         ssr_mode=False,
         footer_links=[],
     )
+    page = app.routes[-1].app  # the Gradio app just mounted
+    page.add_middleware(BodyLimit, limit=BODY_BYTES_PER_TOKEN * context_window)
+    return app
