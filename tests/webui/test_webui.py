@@ -196,6 +196,8 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     with pytest.raises(gr.Error, match="API key"):
         next(ui.regenerate([("hi", "x", "")], None, "", 0.0, 1.0, 5, "", request))
     assert chat.calls == []
+    # a key box's text sent as JSON may hold a lone surrogate: refused as any wrong key (it was an exception)
+    assert ui.login("k-\ud800", request)[3] == "**Invalid API key.** Try again."
 
     outputs = list(ui.respond("Hello", [], None, "Be brief.", 0.0, 0.5, 6, "k-secret", request))
     # the textbox is cleared once, when the message is taken, and then never touched: the user may be

@@ -173,8 +173,12 @@ class WebChat:
     def key_ok(self, key: str) -> bool:
         if self.api_keys is None:
             return True
+        try:
+            sent = key.encode()
+        except UnicodeEncodeError:  # a lone surrogate (JSON can send one): a wrong key, not a traceback
+            return False
         # compare_digest against every key: the time taken does not reveal how much of a key matched
-        return any(hmac.compare_digest(key.encode(), k.encode()) for k in self.api_keys)
+        return any(hmac.compare_digest(sent, k.encode()) for k in self.api_keys)
 
     def login(self, key: str, request: gr.Request) -> tuple[Any, ...]:
         key = key.strip()
