@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -1363,6 +1364,24 @@ def test_a_body_nested_too_deeply_is_a_400_not_a_crash(served, caplog):
             r = httpx.post(f"{url}/v1/{path}", content=deep, headers={"content-type": "application/json"})
         assert r.status_code == 400 and "too deeply" in error_of(r)["message"], r.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback in the log
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no limit on open files to raise")
+def test_the_server_raises_its_limit_on_open_files_for_many_connections():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit on open files is {hard}: nothing to raise")
+    # vicuna serve started with the usual soft limit of 1024: a thousand idle connections refused everyone else
+    script = (
+        "import resource; from vicuna.server import open_files_raised; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+        "print(open_files_raised(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    expected = 65535 if hard == resource.RLIM_INFINITY else min(65535, hard)
+    assert out.split() == [str(expected)] * 2
 
 
 def test_a_number_of_thousands_of_digits_is_a_400_not_a_crash(served, caplog):

@@ -15,6 +15,12 @@ from vicuna.config import add_model_arguments, model_settings_from_args
 from vicuna.errors import VicunaError
 
 SHUTDOWN_GRACE_S = 3
+# Each open connection takes a file descriptor, and shells and services mostly start a process allowed 1024
+# (the soft limit). uvicorn gives a request's headers and body no time limit: a thousand connections that
+# never finish a request, opened by anyone who reaches the port, refused every other client until they
+# closed. The server raises its limit to this many as vLLM's does, toward the hard limit: a reverse proxy with
+# timeouts is still what stops a client that holds connections open.
+OPEN_FILES = 65535
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,6 +141,21 @@ def model_names(text: str) -> list[str]:
     return names
 
 
+def open_files_raised(target: int = OPEN_FILES) -> int | None:
+    """Raise this process's soft limit on open files to `target`, or to the hard limit below it; the soft
+    limit now (None on Windows, which has no such limit)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return soft
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The server's own flags, before minutes go into loading the model."""
     from vicuna.server.app import check_settings
@@ -156,6 +177,7 @@ def main(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     check_flags(args)
+    open_files_raised()
     sock = listen(args.host, args.port)
     engine = load_engine(model_settings_from_args(args))
     keys = [k for k in (args.api_keys or "").split(",") if k.strip()]
