@@ -668,6 +668,25 @@ def test_browser_pages_from_allowed_origins_may_call_the_api(tiny_engine):
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
+def test_the_web_ui_answers_no_page_of_another_origin_but_the_allowed_ones(tiny_engine):
+    page, other = "https://chat.example.com", "https://elsewhere.example"
+    asks = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    for allowed in ([], [page]):
+        app = create_app(tiny_engine, model_name=MODEL, webui=True, allowed_origins=allowed)
+        with serving(app) as url:
+            # reached by a name other than localhost, as on a LAN: Gradio's own CORS let every origin in
+            lan = {"Host": "192.0.2.7:8000"}
+            for path in ("/config", "/gradio_api/info"):
+                r = httpx.get(f"{url}{path}", headers={"Origin": other, **lan})
+                assert r.status_code == 200 and "access-control-allow-origin" not in r.headers, path
+            r = httpx.options(f"{url}/gradio_api/call/chat", headers={"Origin": other, **asks, **lan})
+            assert "access-control-allow-origin" not in r.headers
+            r = httpx.options(f"{url}/gradio_api/call/chat", headers={"Origin": page, **asks, **lan})
+            assert r.headers.get("access-control-allow-origin") == (page if allowed else None)
+            data = {"data": ["", [], None, "", 0.7, 1.0, 16, ""]}  # the page itself still works
+            assert httpx.post(f"{url}/gradio_api/call/chat", json=data, headers=lan).status_code == 200
+
+
 def test_allowed_origins_as_fastchat_writes_them_or_with_a_path_are_read_or_refused(capsys):
     from vicuna.cli import command_parser
 

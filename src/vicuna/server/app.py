@@ -657,15 +657,18 @@ def create_app(
         default_response_class=JSONResponse,
     )
     app.state.batcher, app.state.model_name, app.state.metrics = batcher, server.model_name, server.metrics
-    if allowed_origins:  # any header: the OpenAI SDKs send their own besides Authorization
-        from starlette.middleware.cors import CORSMiddleware
+    # Always, with no origin at all by default: the web UI's Gradio routes then follow it too. Gradio's own
+    # CORS, used where the app has none, answered every origin, credentials allowed, on a server reached by
+    # another name than localhost (a LAN address, a domain): any web site its users visited could drive the
+    # web UI's chat from their browsers and read the replies. Any header: the OpenAI SDKs send their own.
+    from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(allowed_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["*"],
-        )
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(allowed_origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["*"],
+    )
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
