@@ -65,6 +65,28 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**kwargs)
 
 
+# Other families' features at a tiny size: sliding windows shorter than a test's prompt, Gemma's head_dim
+# and attention scale apart from hidden_size / heads.
+FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": 16},
+    "qwen2": {"tie_word_embeddings": True},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 16},
+    "phi3": {"pad_token_id": None},
+}
+
+
+def tiny_config(model_type: str, vocab_size: int, **overrides):
+    """A tiny config of one of the `FAMILIES`, with `tiny_llama_config`'s sizes."""
+    from transformers import AutoConfig
+
+    kwargs = tiny_llama_config(vocab_size).to_diff_dict()
+    kwargs.pop("model_type", None)
+    kwargs.update(FAMILIES[model_type], **overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
 def write_tiny_llama(
     out: Path, *, seed: int = 0, safe_serialization: bool = True, **config_overrides
 ) -> Path:

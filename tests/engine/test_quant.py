@@ -6,16 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import tiny_llama_config
+from tests.tiny_models import tiny_config, tiny_llama_config
 from vicuna.engine.quant import quantize_int8, weight_bytes
 
 
-def test_int8_halves_bf16_weight_memory_and_keeps_the_logits():
-    from transformers import LlamaForCausalLM
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
+def test_int8_halves_bf16_weight_memory_and_keeps_the_logits(family):
+    """Gemma scales its embeddings by sqrt(hidden_size) inside the embedding: the int8 one lost that."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = tiny_llama_config(256, hidden_size=256, intermediate_size=768, num_hidden_layers=2)
-    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    config = tiny_config(family, 256, hidden_size=256, intermediate_size=768, num_hidden_layers=2)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     ids = torch.randint(0, 256, (1, 12))
     with torch.inference_mode():
         ref = model(ids).logits.float()

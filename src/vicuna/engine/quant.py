@@ -83,19 +83,24 @@ class Int8Linear(torch.nn.Module):
 
 class Int8Embedding(torch.nn.Module):
     """A token embedding stored as int8 rows with a scale each; looks rows up in `dtype`. The rows may be
-    `packed` with the output head that shares them (`kernel.pack_`)."""
+    `packed` with the output head that shares them (`kernel.pack_`). `multiplier` is the factor the
+    replaced embedding applied to its rows (Gemma's embeddings are scaled by sqrt(hidden_size) in the
+    embedding itself); it is kept apart from the rows' scales, which a tied output head shares."""
 
     packed = False
 
-    def __init__(self, rows: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(
+        self, rows: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype, multiplier: float = 1.0
+    ) -> None:
         super().__init__()
-        self.dtype = dtype
+        self.dtype, self.multiplier = dtype, multiplier
         self.register_buffer("weight_int8", rows[0])
         self.register_buffer("scales", rows[1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = kernel.packed_rows(self.weight_int8, ids) if self.packed else self.weight_int8[ids]
-        return rows.to(self.dtype) * self.scales[ids].to(self.dtype).unsqueeze(-1)
+        scales = self.scales[ids].to(self.dtype).unsqueeze(-1)
+        return rows.to(self.dtype) * (scales if self.multiplier == 1.0 else scales * self.multiplier)
 
 
 def weight_bytes(model: Any) -> int:
@@ -146,7 +151,8 @@ def quantize_int8(model: Any, device: torch.device, dtype: torch.dtype | None = 
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     table = quantize_rows(embedding.weight.to(device))
     head_rows = table if head.weight is embedding.weight else quantize_rows(head.weight.to(device))
-    model.set_input_embeddings(Int8Embedding(table, dtype))
+    multiplier = float(getattr(embedding, "embed_scale", 1.0))  # Gemma's scaled embeddings
+    model.set_input_embeddings(Int8Embedding(table, dtype, multiplier))
     model.set_output_embeddings(Int8Linear(head, head_rows))
     model.to(device)
     for param in model.parameters():
