@@ -180,17 +180,39 @@ def test_recorded_template_wins_over_the_name(model_copy):
     assert engine.template.name == "llama-2"
 
 
-def test_missing_bos_token_is_named(model_copy):
+def without_bos_token(model_copy, chat_template=None):
     data = json.loads((model_copy / "tokenizer_config.json").read_text())
     data["bos_token"] = None
+    if chat_template is not None:
+        data["chat_template"] = chat_template
     (model_copy / "tokenizer_config.json").write_text(json.dumps(data))
     tok = json.loads((model_copy / "tokenizer.json").read_text())
     for added in tok.get("added_tokens", []):
         if added["content"] == "<s>":
             added["special"] = False
     (model_copy / "tokenizer.json").write_text(json.dumps(tok))
+    return model_copy
+
+
+def test_missing_bos_token_is_named(model_copy):
     with pytest.raises(ModelLoadError, match="defines no BOS token"):
-        load(model_copy)
+        load(without_bos_token(model_copy))
+    with pytest.raises(ModelLoadError, match="defines no BOS token"):  # a template that writes it
+        load(without_bos_token(model_copy, "{{ bos_token }}{{ messages[0]['content'] }}"))
+
+
+def test_a_model_whose_chat_template_writes_no_bos_needs_none(model_copy):
+    """Qwen2's config names a bos_token_id, its tokenizer has `bos_token: null` and its chat template writes
+    no BOS: every Qwen2 / Qwen2.5 checkpoint was refused for a token it never uses."""
+    from vicuna.conversation import Message
+
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    engine = load(without_bos_token(model_copy, template))
+    assert engine.template.name == "hf"
+    ids = engine.encode_chat([Message("user", "Hello")])
+    assert ids == engine.tokenizer("<|user|>Hello<|assistant|>", add_special_tokens=False)["input_ids"]
+    named = [{"name": "default", "template": template}, {"name": "tool_use", "template": template}]
+    assert load(without_bos_token(model_copy, named)).encode_chat([Message("user", "Hello")]) == ids
 
 
 def test_lora_adapter_folder_points_to_merge(tmp_path):
