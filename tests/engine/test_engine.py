@@ -193,6 +193,34 @@ def test_a_chat_template_prompt_is_what_apply_chat_template_gives(engine, jinja,
     assert typed.count(tok.bos_token_id) == (jinja == BOS_FIRST_JINJA)
 
 
+def test_a_reply_ends_at_the_chat_template_s_end_of_turn_token_that_is_not_eos(tiny_llama_dir):
+    """A Llama 3 GGUF file keeps one EOS, often <|end_of_text|>, and its chat template ends a turn with
+    <|eot_id|>: a reply went on past its turn until --max-new-tokens. The token a chat template writes after
+    an assistant's text now ends a reply too."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tests.tiny_models import tiny_llama_config
+    from vicuna.engine.engine import Engine
+    from vicuna.engine.loader import template_for
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    tok.chat_template = BOS_FIRST_JINJA
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tok))).eval()
+    engine = Engine(model=model, tokenizer=tok, template=template_for("hf", tok), model_name="x")
+    messages = [Message("user", "Hello!")]
+    logits = engine.new_runner()[0].prefill(engine.encode_chat(messages))
+    first = int(logits.argmax())  # the model's first token becomes <|eot_id|>'s, and more likely
+    with torch.no_grad():
+        model.lm_head.weight[eot] = model.lm_head.weight[first] * (2 if logits[first] > 0 else 0.5)
+    engine = Engine(model=model, tokenizer=tok, template=template_for("hf", tok), model_name="x")
+    assert engine.end_ids == (tok.eos_token_id,)  # </s>: the checkpoint does not say <|eot_id|>
+    done = list(engine.chat(messages, SamplingParams(temperature=0, max_new_tokens=8)))[-1]
+    assert (done.reason, done.completion_tokens, done.stop_text) == ("stop", 1, "<|eot_id|>")
+
+
 def test_ignore_eos_in_a_chat_drops_the_template_s_stop_token_when_it_is_eos(engine):
     assert 2 in engine.template_stop_ids and 2 in engine.chat_params(SamplingParams()).stop_token_ids
     assert 2 not in engine.chat_params(SamplingParams(ignore_eos=True)).stop_token_ids

@@ -219,7 +219,27 @@ def template_for(name: str, tokenizer: Any) -> Template:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
-    return HFTemplate(apply, stop=(tokenizer.eos_token,) if tokenizer.eos_token else ())
+    stops = (tokenizer.eos_token, end_of_turn(tokenizer))
+    return HFTemplate(apply, stop=tuple(dict.fromkeys(s for s in stops if s)))
+
+
+REPLY_MARK = "vicuna-reply-mark"
+
+
+def end_of_turn(tokenizer: Any) -> str | None:
+    """The special token the chat template writes right after an assistant's text (`<|eot_id|>`,
+    `<end_of_turn>`, `<|end|>`, `<|im_end|>`), or None. A reply ends there whether or not the checkpoint's
+    EOS or generation config says so: a GGUF file keeps one EOS (a Llama 3 one often `<|end_of_text|>`),
+    and a folder may come without its generation_config.json; the model then went on past its turn."""
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": REPLY_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:  # a template that refuses these turns: no marker learned from it
+        return None
+    at = text.rfind(REPLY_MARK)
+    after = text[at + len(REPLY_MARK) :].lstrip() if at >= 0 else ""
+    special = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder), key=len)
+    return next((t for t in reversed(special) if t and after.startswith(t)), None)
 
 
 def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_name: str) -> Template:
