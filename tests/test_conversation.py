@@ -171,6 +171,24 @@ def test_hf_template_finds_assistant_spans_by_prefix_rendering():
     assert trainable == ["Hi!<|im_end|>\n", "你好！<|im_end|>\n"]
 
 
+def _fake_phi3(msgs, add_generation_prompt):
+    """Phi-3's template: its EOS ends a conversation rendered without a generation prompt."""
+    text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in msgs)
+    return text + ("<|assistant|>\n" if add_generation_prompt else "<|endoftext|>")
+
+
+def test_hf_template_finds_the_spans_where_only_a_conversation_s_end_has_eos():
+    """Phi-3's template writes its EOS after the last turn only: every conversation of more than one
+    exchange was refused as not locatable."""
+    t = HFTemplate(_fake_phi3, stop=("<|endoftext|>", "<|end|>"))
+    segments = t.segments(DONE, add_generation_prompt=False)
+    assert "".join(s.text for s in segments) == _fake_phi3(
+        [{"role": m.role, "content": m.content} for m in DONE], False
+    )
+    trainable = [s.text for s in segments if s.trainable]
+    assert trainable == ["Hi!<|end|>\n", "你好！<|end|>\n<|endoftext|>"]
+
+
 def test_hf_template_system_override_even_an_empty_one_replaces_the_template_default():
     msgs = [{"role": "user", "content": "Hello!"}]
     assert render(HFTemplate(_fake_chatml), CHAT[:1]) == _fake_chatml(msgs, True)  # the template's own

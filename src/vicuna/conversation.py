@@ -309,6 +309,9 @@ class HFTemplate:
                 continue
             prompt = self._apply(msgs[:i], True)
             full = self._apply(msgs[: i + 1], False)
+            closing = self._closing(done, prompt)
+            if closing:  # the last reply's span, less what ends a whole conversation only
+                out[-1], done = Segment(out[-1].text[: -len(closing)], trainable=True), done[: -len(closing)]
             if not prompt.startswith(done) or not full.startswith(prompt):
                 raise VicunaError(
                     f"the model's chat template does not render message {i} as a continuation of the "
@@ -322,6 +325,14 @@ class HFTemplate:
         if rest[len(done) :]:
             out.append(Segment(rest[len(done) :]))
         return out
+
+    def _closing(self, done: str, prompt: str) -> str:
+        """The stop text (EOS) that `done`, a conversation rendered to its last reply, ends with where the
+        conversation goes on in `prompt` without it: Phi-3's template writes its EOS after the last turn
+        only (`{% else %}{{ eos_token }}`), and every conversation of more than one exchange was refused."""
+        if prompt.startswith(done):
+            return ""
+        return next((s for s in self.stop if done.endswith(s) and prompt.startswith(done[: -len(s)])), "")
 
     def _apply(self, msgs: list[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
