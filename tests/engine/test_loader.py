@@ -100,6 +100,31 @@ def test_folder_without_config(tmp_path):
         load(tmp_path)
 
 
+def test_a_chat_model_whose_checkpoint_names_another_class_than_for_causal_lm_loads(tiny_llama_dir, tmp_path):
+    """Gemma 3 4B to 27B name Gemma3ForConditionalGeneration (the model with its image encoder), which runs
+    text alone and which transformers loads as a causal LM: they were refused as 'not a causal language
+    model'."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
+
+    from tests.tiny_models import tiny_config
+    from vicuna.config import SamplingParams
+    from vicuna.engine.events import Finished
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28
+    )
+    text = tiny_config("gemma3_text", len(tok)).to_dict()
+    config = Gemma3Config(text_config=text, vision_config=dict(vision, patch_size=14), mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "gemma3")
+    tok.save_pretrained(tmp_path / "gemma3")
+    engine = load(tmp_path / "gemma3")
+    events = list(engine.generate(engine.encode("Hello"), SamplingParams(temperature=0, max_new_tokens=4)))
+    assert isinstance(events[-1], Finished) and events[-1].completion_tokens >= 1
+
+
 def test_architecture_we_cannot_run(model_copy):
     cfg = json.loads((model_copy / "config.json").read_text())
     cfg["architectures"] = ["BertForMaskedLM"]

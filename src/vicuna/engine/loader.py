@@ -114,7 +114,7 @@ def read_config(folder: Path) -> Any:
     archs = raw.get("architectures") or []
     if not isinstance(raw.get("model_type"), str):
         raise ModelLoadError(f"{folder / CONFIG}: no 'model_type' field")
-    bad = [a for a in archs if not a.endswith("ForCausalLM")]
+    bad = [a for a in archs if not a.endswith("ForCausalLM") and a not in causal_lm_classes()]
     if bad:
         raise ModelLoadError(
             f"{folder / CONFIG}: architecture {bad[0]} is not a causal language model; "
@@ -126,6 +126,14 @@ def read_config(folder: Path) -> Any:
         raise ModelLoadError(
             f"{folder / CONFIG}: model_type {raw['model_type']!r} is not one this version of transformers can run ({err})"
         ) from None
+
+
+def causal_lm_classes() -> set[str]:
+    """The classes transformers loads as causal language models: …ForCausalLM, and the chat models whose
+    checkpoints name another class that runs on text alone (Gemma 3 4B-27B: Gemma3ForConditionalGeneration)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 def weight_files(folder: Path) -> list[Path]:
