@@ -51,6 +51,26 @@ def adapter(tiny_llama_dir, data, tmp_path_factory) -> Path:
     return out
 
 
+def test_the_default_lora_target_is_the_fused_attention_layer_of_a_phi3_model(tiny_llama_dir, data, tmp_path):
+    """Phi-3 computes q, k and v in one layer (qkv_proj): `vicuna train --lora` was refused for its default
+    target, q_proj,v_proj, which the user never typed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny_models import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("phi3", len(tok))).save_pretrained(tmp_path / "phi3")
+    tok.save_pretrained(tmp_path / "phi3")
+    args = ["train", "--model-path", str(tmp_path / "phi3"), "--data", str(data), "--max-steps", "1"]
+    assert cli([*args, "--output-dir", str(tmp_path / "adapter"), "--lora"]) == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"] == [
+        "qkv_proj"
+    ]
+
+
 def test_lora_run_writes_an_adapter_with_its_template(adapter):
     assert (adapter / "adapter_config.json").is_file()
     assert (adapter / "adapter_model.safetensors").is_file()

@@ -13,7 +13,7 @@ from vicuna.config import DTYPES, utf8_text
 from vicuna.conversation import template_name
 from vicuna.errors import VicunaError
 from vicuna.train.data import IGNORE
-from vicuna.train.trainer import SCHEDULERS
+from vicuna.train.trainer import FUSED_LORA_TARGET, LORA_TARGET, SCHEDULERS
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-alpha", type=int, default=16, help="the adapter's update is scaled by alpha / r")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter's input")
     g.add_argument(
-        "--lora-target", default="q_proj,v_proj", help="comma-separated module names, or all-linear"
+        "--lora-target",
+        default=LORA_TARGET,
+        help=f"comma-separated module names, or all-linear (default {LORA_TARGET}; {FUSED_LORA_TARGET} where "
+        "the model computes q, k and v in one layer, as Phi-3 does)",
     )
     g = parser.add_argument_group("checkpoints")
     g.add_argument(

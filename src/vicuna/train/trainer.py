@@ -41,6 +41,11 @@ STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safe
 SCHEDULERS = ("cosine", "linear", "constant_with_warmup")  # see lr_factor
 
 
+LORA_TARGET = "q_proj,v_proj"  # the default: the attention's query and value projections
+# ...which Phi-3 computes in one layer, with the key's: the default's counterpart there
+FUSED_LORA_TARGET = "qkv_proj"
+
+
 @dataclass
 class TrainConfig:
     data: Path
@@ -66,7 +71,7 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_target: str = "q_proj,v_proj"
+    lora_target: str = LORA_TARGET
     save_steps: int = 500
     save_total_limit: int | None = 2
     logging_steps: int = 10
@@ -461,10 +466,13 @@ def check_lora_target(folder: Path, cfg: TrainConfig) -> None:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(read_config(folder))
-    targets = lora_targets(cfg)
     names = [name for name, _ in model.named_modules()]
+    has = lambda target: any(n == target or n.endswith(f".{target}") for n in names)  # noqa: E731
+    if cfg.lora_target == LORA_TARGET and not has("q_proj") and has(FUSED_LORA_TARGET):
+        cfg.lora_target = FUSED_LORA_TARGET  # the run record keeps what was used
+    targets = lora_targets(cfg)
     for target in targets if isinstance(targets, list) else []:  # peft skips a name when another matches
-        if not any(name == target or name.endswith(f".{target}") for name in names):
+        if not has(target):
             linear = {
                 n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
             }
