@@ -125,6 +125,18 @@ def test_a_chat_model_whose_checkpoint_names_another_class_than_for_causal_lm_lo
     assert isinstance(events[-1], Finished) and events[-1].completion_tokens >= 1
 
 
+def test_an_architecture_without_attention_is_refused_by_name(tmp_path):
+    """A Mamba checkpoint ended in "AttributeError: 'MambaConfig' object has no attribute
+    'num_attention_heads'" with a traceback."""
+    from transformers import MambaConfig
+
+    MambaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2).save_pretrained(tmp_path)
+    with pytest.raises(
+        ModelLoadError, match="'mamba' has no num_attention_heads: not an attention transformer"
+    ):
+        load(tmp_path)
+
+
 def test_architecture_we_cannot_run(model_copy):
     cfg = json.loads((model_copy / "config.json").read_text())
     cfg["architectures"] = ["BertForMaskedLM"]

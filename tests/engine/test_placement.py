@@ -228,6 +228,20 @@ def test_reply_timing_runs_the_models_own_layers():
     assert placement._time_reply(CONFIG, torch.float32) > 0
 
 
+def test_auto_dtype_of_a_config_without_intermediate_size_is_measured(monkeypatch, tmp_path):
+    """GPT-2-style configs have no intermediate_size: `vicuna chat` (--dtype auto on a CPU) ended in an
+    AttributeError traceback before loading."""
+    from transformers import GPT2Config
+
+    from vicuna.engine import kernel
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel, "load", lambda progress=True: None)  # not compiled again into tmp_path
+    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4)
+    assert placement.trial_layers(config) == 2
+    assert placement.resolve_dtype("auto", torch.device("cpu"), config) in (torch.float32, torch.bfloat16)
+
+
 @pytest.mark.parametrize(("name", "major", "minor"), [("Tesla T4", 7, 5), ("NVIDIA A100-SXM4-40GB", 8, 0)])
 def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(pretend_gpu, capsys, name, major, minor):
     """`--dtype bfloat16` on a T4 chatted in emulated bfloat16, slowly, without a word."""

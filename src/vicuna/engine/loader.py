@@ -121,11 +121,19 @@ def read_config(folder: Path) -> Any:
             "vicuna runs LLaMA-family (…ForCausalLM) checkpoints"
         )
     try:
-        return AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError) as err:
         raise ModelLoadError(
             f"{folder / CONFIG}: model_type {raw['model_type']!r} is not one this version of transformers can run ({err})"
         ) from None
+    text = config.get_text_config()
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads"):  # what sizing reads
+        if getattr(text, field, None) is None:  # Mamba, RWKV: state, not attention and a KV cache
+            raise ModelLoadError(
+                f"{folder / CONFIG}: model_type {raw['model_type']!r} has no {field}: not an attention "
+                "transformer; vicuna runs LLaMA-family (decoder-only transformer) checkpoints"
+            )
+    return config
 
 
 def causal_lm_classes() -> set[str]:

@@ -82,11 +82,17 @@ def warn_if_bfloat16_is_emulated() -> None:
     )
 
 
+def mlp_width(text: Any) -> int:
+    """The MLP's inner width: `intermediate_size`, which GPT-2-style configs (`n_inner`, None for the
+    default) lack; their default is 4 * hidden_size."""
+    return getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+
+
 def trial_layers(config: Any) -> int:
     """Enough decoder layers for 128 MB of float32 weights, so that they stream from memory as a real
     model's do rather than sitting in a cache."""
     text = config.get_text_config()
-    per_layer = 4 * (4 * text.hidden_size**2 + 3 * text.hidden_size * text.intermediate_size)
+    per_layer = 4 * (4 * text.hidden_size**2 + 3 * text.hidden_size * mlp_width(text))
     return max(1, min(text.num_hidden_layers, -(-(128 * 2**20) // per_layer)))
 
 
@@ -121,7 +127,7 @@ def fastest_cpu_dtype(config: Any) -> torch.dtype:
     """float32 or bfloat16, whichever runs a reply of this model faster on this CPU; measured once per
     CPU and model shape, and remembered."""
     text = config.get_text_config()
-    shape = (text.hidden_size, text.intermediate_size, text.num_attention_heads, text.vocab_size)
+    shape = (text.hidden_size, mlp_width(text), text.num_attention_heads, text.vocab_size)
     from vicuna.engine import kernel
 
     runs_on = f"kernel-{kernel.source_hash()}" if kernel.load() is not None else "pytorch"
