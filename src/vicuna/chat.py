@@ -664,6 +664,9 @@ def _save(arg: str, messages: list[Message], io: ChatIO, system: str | None = No
     if not arg:
         io.info("usage: !!save FILE")
         return
+    if not messages:  # a file of no messages, which !!load refuses
+        io.info("(nothing to save yet: the conversation is empty)")
+        return
     if system is not None and not (messages and messages[0].role == "system"):
         messages = [Message("system", system), *messages]
     path = Path(arg).expanduser()

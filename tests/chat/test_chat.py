@@ -361,6 +361,14 @@ def test_save_keeps_the_system_prompt_of_conv_system_msg(tiny_llama_dir, tmp_pat
     assert engine.seen[0][0] == Message("system", "You are a pirate.")
 
 
+def test_save_of_an_empty_conversation_writes_no_file_that_load_would_refuse(tmp_path):
+    path = tmp_path / "empty.json"
+    io = ScriptedIO([f"!!save {path}", "hi", "!!reset", f"!!save {path}"])
+    run_chat(EchoEngine(), io, PARAMS)
+    assert not path.exists()
+    assert io.notes.count("(nothing to save yet: the conversation is empty)") == 2
+
+
 def test_load_reads_a_conversation_saved_by_fastchat(tmp_path):
     """FastChat's !!save writes its template's fields, turns as [role name, text] pairs: vicuna refused
     them as "expected a non-empty JSON list of messages"."""
