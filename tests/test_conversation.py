@@ -12,6 +12,7 @@ from vicuna.conversation import (
     HFTemplate,
     Message,
     MessagesError,
+    Segment,
     check_alternating,
     choose_template_name,
     get_template,
@@ -197,13 +198,60 @@ def test_hf_template_system_override_even_an_empty_one_replaces_the_template_def
         assert render(with_system(HFTemplate(_fake_chatml), system), CHAT[:1]) == expected
 
 
-def test_hf_template_that_is_not_prefix_stable_is_an_error():
-    def unstable(msgs, gen):
+def _dicts(messages):
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def test_hf_template_finds_the_replies_in_the_whole_where_prefixes_are_rendered_anew():
+    """A template that renders the start of a conversation differently once it goes on (Mistral v0.3's
+    system prompt in the last user turn, Qwen3's dropped <think>) had every conversation of two exchanges
+    refused; the replies are now found in the one rendering of the whole, each with its end-of-turn
+    marker and without the line break the template writes after it."""
+
+    def numbered(msgs, gen):  # no prefix of the conversation is rendered as the start of the next
         return f"{len(msgs)}:" + _fake_chatml(msgs, gen)
 
-    with pytest.raises(VicunaError, match="cannot be located"):
-        HFTemplate(unstable).segments(DONE, add_generation_prompt=False)
-    assert render(HFTemplate(unstable), CHAT).startswith("3:")  # a prompt needs no span: one rendering
+    segments = HFTemplate(numbered, stop=("<|im_end|>",)).segments(DONE, add_generation_prompt=False)
+    assert "".join(s.text for s in segments) == numbered(_dicts(DONE), False)
+    assert [s.text for s in segments if s.trainable] == ["Hi!<|im_end|>", "你好！<|im_end|>"]
+    assert render(HFTemplate(numbered), CHAT).startswith("3:")  # a prompt needs no span: one rendering
+
+
+def test_hf_template_replies_found_in_the_whole_hold_no_text_of_the_prompt():
+    """DeepSeek-R1's template ends the generation prompt with '<think>\\n', which a conversation rendered
+    whole has nowhere: what the template writes ahead of a reply is then nothing, not the text after a
+    line break of the user's that happens to end like the prompt."""
+
+    def r1(msgs, gen):
+        text = "".join(
+            f"<|{m['role']}|>{m['content']}" + ("<|end|>" if m["role"] == "assistant" else "") for m in msgs
+        )
+        return text + ("<|assistant|><think>\n" if gen else "")
+
+    two_lines = [Message("user", "Hello\nthere"), Message("assistant", "Hi!")]
+    segments = HFTemplate(r1, stop=("<|end|>",)).segments(two_lines, add_generation_prompt=False)
+    assert segments == [Segment("<|user|>Hello\nthere<|assistant|>"), Segment("Hi!<|end|>", trainable=True)]
+
+
+def test_hf_template_whose_replies_cannot_be_located_is_an_error():
+    def numbered(msgs, gen):
+        return f"{len(msgs)}:" + _fake_chatml(msgs, gen)
+
+    def echoed(msgs, gen):  # each reply written twice
+        return numbered(msgs, gen) + "".join(m["content"] for m in msgs if m["role"] == "assistant")
+
+    def measured(msgs, gen):  # the replies' length heads the conversation
+        length = sum(len(m["content"]) for m in msgs if m["role"] == "assistant")
+        return f"{length}:" + _fake_chatml(msgs, gen)
+
+    for apply, why in [
+        (echoed, "does not write message 1's text in one place"),
+        (measured, "renders the other messages differently with message 1's text"),
+        (numbered, r"writes no end-of-turn marker \(none known\) after message 1"),
+    ]:
+        stop = () if apply is numbered else ("<|im_end|>",)
+        with pytest.raises(VicunaError, match=why):
+            HFTemplate(apply, stop=stop).segments(DONE, add_generation_prompt=False)
 
 
 def test_hf_template_gets_the_messages_as_they_are():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import functools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -284,8 +285,9 @@ class HFTemplate:
     Messages go to the template as they are: it decides which orders of roles it accepts, and one it
     refuses is a `MessagesError` with the template's own words. For training, assistant spans are found
     by rendering each prefix of the conversation: the text a turn adds after the generation prompt is
-    that turn. If the template does not render prefixes as prefixes of the whole, the spans cannot be
-    located and `segments` says so.
+    that turn. Some templates render a conversation's start differently once it goes on (Mistral v0.3
+    writes the system prompt into the last user turn only; Qwen3 drops the <think> part of replies
+    before the last user message): their spans are found in the one rendering of the whole (`_in_whole`).
     """
 
     apply: ApplyChatTemplate
@@ -302,6 +304,11 @@ class HFTemplate:
             msgs.insert(0, {"role": "system", "content": self.system})
         if add_generation_prompt:  # a prompt to reply to: no assistant span to locate
             return [Segment(self._apply(msgs, True))]
+        return self._by_prefixes(msgs) or self._in_whole(msgs)
+
+    def _by_prefixes(self, msgs: list[dict[str, str]]) -> list[Segment] | None:
+        """Each reply is what its turn adds to the generation prompt; None where a prefix of the
+        conversation is not rendered as the start of the next one."""
         out: list[Segment] = []
         done = ""
         for i in range(1, len(msgs)):
@@ -313,18 +320,82 @@ class HFTemplate:
             if closing:  # the last reply's span, less what ends a whole conversation only
                 out[-1], done = Segment(out[-1].text[: -len(closing)], trainable=True), done[: -len(closing)]
             if not prompt.startswith(done) or not full.startswith(prompt):
-                raise VicunaError(
-                    f"the model's chat template does not render message {i} as a continuation of the "
-                    "messages before it, so its assistant text cannot be located"
-                )
+                return None
             out += [Segment(prompt[len(done) :]), Segment(full[len(prompt) :], trainable=True)]
             done = full
         rest = self._apply(msgs, False)
         if not rest.startswith(done):
-            raise VicunaError("the model's chat template renders the conversation inconsistently")
+            return None
         if rest[len(done) :]:
             out.append(Segment(rest[len(done) :]))
         return out
+
+    def _in_whole(self, msgs: list[dict[str, str]]) -> list[Segment]:
+        """The replies located in the one rendering of the whole conversation, which is what is tokenized.
+
+        A reply's place is where the template writes a mark given as its text: everything before the
+        mark (less what the template writes ahead of a reply, Qwen3's `<think>` block) and everything
+        after it must be rendered as with the real text, so that what the text changes lies inside the
+        reply's span. The span ends with the end-of-turn marker (a `stop`) the template writes after it,
+        which the model writes too; the line break after that marker is the template's own text.
+        """
+        whole = self._apply(msgs, False)
+        mark = next(m for n in range(len(whole) + 1) if (m := f"vicuna-reply-{n}") not in whole)
+        out: list[Segment] = []
+        done = 0
+        for i, message in enumerate(msgs):
+            if message["role"] != "assistant":
+                continue
+            marked = self._apply([*msgs[:i], {**message, "content": mark}, *msgs[i + 1 :]], False)
+            at, after = marked.find(mark), len(marked) - marked.find(mark) - len(mark)
+            lead = self._lead(msgs[:i], mark)
+            start = at - len(lead) if marked[:at].endswith(lead) else at
+            end = len(whole) - after
+            if marked.count(mark) != 1 or not done <= start <= end:
+                raise VicunaError(f"the model's chat template does not write message {i}'s text in one place")
+            if whole[:start] != marked[:start] or whole[end:] != marked[len(marked) - after :]:
+                raise VicunaError(
+                    f"the model's chat template renders the other messages differently with message {i}'s "
+                    "text, so the text cannot be located"
+                )
+            # the longest stop first; white space before it is the model's to write too (" </s>")
+            stops = "|".join(re.escape(s) for s in sorted(self.stop, key=len, reverse=True))
+            stop = re.compile(rf"\s*(?:{stops})").match(whole, end) if stops else None
+            if stop is None:
+                raise VicunaError(
+                    f"the model's chat template writes no end-of-turn marker ({', '.join(self.stop) or 'none known'}) "
+                    f"after message {i}, so where its reply ends cannot be located"
+                )
+            out += [Segment(whole[done:start]), Segment(whole[start : stop.end()], trainable=True)]
+            done = stop.end()
+        if whole[done:]:
+            out.append(Segment(whole[done:]))
+        return [s for s in out if s.text or s.trainable]
+
+    def _lead(self, before: list[dict[str, str]], mark: str) -> str:
+        """What the template writes between the generation prompt after `before` and a reply (`mark`):
+        text the model writes before its reply's text, such as Qwen3's empty `<think>` block or the
+        space Mistral puts before a reply, which a tokenizer joins with the reply's first word."""
+        prompt = self._apply(before, True)
+        text = self._apply([*before, {"role": "assistant", "content": mark}], False)
+        text = text[: max(text.find(mark), 0)]
+        if text.startswith(prompt):
+            return text[len(prompt) :]
+        # the prompt's end as it lies in `text`: the place whose text before it ends like the prompt for
+        # longest (Mistral's prompt holds the system prompt in its last turn; `text` has it nowhere)
+        best, best_at, at = 0, len(text), len(text)
+        while prompt and at > best:
+            at = text.rfind(prompt[-1], 0, at) + 1
+            if at == 0:
+                break
+            same = _common_suffix(text[:at], prompt)
+            if same > best:
+                best, best_at = same, at
+            at -= 1
+        last = before[-1]["content"].strip() if before else ""
+        if last not in prompt[len(prompt) - best :]:  # a likeness by chance ("\n"), short of the last message
+            return ""
+        return text[best_at:]
 
     def _closing(self, done: str, prompt: str) -> str:
         """The stop text (EOS) that `done`, a conversation rendered to its last reply, ends with where the
@@ -341,6 +412,18 @@ class HFTemplate:
             raise MessagesError(
                 f"messages: the model's chat template cannot render these messages ({err})", "messages"
             ) from None
+
+
+def _common_suffix(a: str, b: str) -> int:
+    """The length of the longest common suffix of `a` and `b` (by halving, as slices compare in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[len(a) - mid :] == b[len(b) - mid :]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 BUILTIN_TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV11(), VicunaV0(), Llama2(), ChatML())}

@@ -452,6 +452,75 @@ def test_a_chat_template_example_is_what_apply_chat_template_gives(tiny_llama_di
     assert encoder.length(messages) == len(ids)
 
 
+TURN_MARKERS = ["[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"]
+THOUGHT = "<think>\nhmm\n</think>\n\n你好！"
+TWO_EXCHANGES = [
+    Message("system", "Be brief."),
+    Message("user", "Hello!"),
+    Message("assistant", "Hi!"),
+    Message("user", "你好"),
+    Message("assistant", THOUGHT),
+]
+
+
+def family_tokenizer(tiny_llama_dir, chat_template: str):
+    """The tiny tokenizer with a model family's chat template, and its turn markers as special tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS})
+    tok.chat_template = chat_template
+    return tok
+
+
+def loss_runs(tok, ids, labels) -> tuple[list[str], str]:
+    """The text of each run of tokens with loss, and the text of the tokens without."""
+    runs, current, masked = [], [], []
+    for token, label in zip([*ids, None], [*labels, IGNORE], strict=True):
+        if label != IGNORE:
+            current.append(token)
+            continue
+        if current:
+            runs.append(tok.decode(current))
+            current = []
+        if token is not None:
+            masked.append(token)
+    return runs, tok.decode(masked)
+
+
+@pytest.mark.parametrize("use_offsets", [True, False])
+@pytest.mark.parametrize(
+    ("family", "learned", "prompts"),
+    [
+        # the system prompt is not in a conversation that ends with a reply: the template's choice
+        ("mistral_v03", ["Hi!</s>", f"{THOUGHT}</s>"], "<s>[INST] Hello![/INST][INST] 你好[/INST]"),
+        (
+            "qwen3",  # the first reply without its <think> block (it has none), the last one with it
+            ["Hi!<|im_end|>", f"{THOUGHT}<|im_end|>"],
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+            "\n<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n\n",
+        ),
+    ],
+)
+def test_replies_are_located_where_the_chat_template_renders_a_conversation_s_start_anew(
+    tiny_llama_dir, family, learned, prompts, use_offsets
+):
+    """Mistral v0.3 writes the system prompt into the last user turn only, Qwen3 drops <think> from the
+    replies before the last user message: no prefix of a conversation is rendered as the start of the
+    whole, and every conversation of two exchanges was refused as bad ("does not render message N as a
+    continuation"). The loss is on each reply and its end-of-turn token, in `apply_chat_template`'s ids."""
+    from tests import chat_templates
+    from vicuna.engine.loader import template_for
+
+    tok = family_tokenizer(tiny_llama_dir, getattr(chat_templates, family.upper()))
+    encoder = Encoder(tok, template_for("hf", tok), use_offsets=use_offsets)
+    ids, labels = encoder.encode(TWO_EXCHANGES)
+    as_dicts = [{"role": m.role, "content": m.content} for m in TWO_EXCHANGES]
+    assert ids == list(tok.apply_chat_template(as_dicts, tokenize=True)["input_ids"])
+    assert loss_runs(tok, ids, labels) == (learned, prompts)
+    assert encoder.length(TWO_EXCHANGES) == len(ids)
+
+
 def test_the_progress_bar_leaves_nothing_in_piped_output(tokenizer, capsys):
     """Out of a terminal there is no bar to draw: `vicuna train inspect > FILE` starts with its summary,
     not with the empty line a transient bar leaves behind."""
