@@ -3,6 +3,22 @@ tests that need a template's actual behaviour rather than a simplified one."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+TURN_MARKERS = ["[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"]
+
+
+def family_tokenizer(tiny_llama_dir: Path, chat_template: str) -> Any:
+    """The tiny tokenizer with a model family's chat template, and its turn markers as special tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS})
+    tok.chat_template = chat_template
+    return tok
+
+
 # mistralai/Mistral-7B-Instruct-v0.3: the system prompt goes into the LAST message when it is a user one
 # (`loop.last`), so a conversation that ends with a reply is rendered without it; a reply is " " + trimmed
 MISTRAL_V03 = (

@@ -279,6 +279,32 @@ def test_a_chat_template_that_refuses_the_messages_is_a_messages_error():
     assert info.value.param == "messages"
 
 
+def test_a_chat_template_that_refuses_system_messages_says_so():
+    """Gemma 2's template raises 'System role not supported': the error said the template 'cannot render
+    these messages', and `vicuna train` counted such conversations as assistant text not locatable."""
+
+    def no_system(msgs, gen):
+        if msgs[0]["role"] == "system":
+            raise RuntimeError("System role not supported")
+        return _fake_chatml(msgs, gen)
+
+    for template, messages in [
+        (HFTemplate(no_system), [Message("system", "s"), *CHAT]),
+        (
+            with_system(HFTemplate(no_system), "Be brief."),
+            CHAT,
+        ),
+    ]:
+        with pytest.raises(MessagesError) as info:
+            render(template, messages)
+        assert str(info.value) == (
+            "messages: the model's chat template refuses system messages (System role not supported): leave "
+            "them (and --conv-system-msg) out, or put their text into the first user message"
+        )
+    with pytest.raises(MessagesError, match=r"cannot render these messages \(System role"):  # not the system
+        render(HFTemplate(no_system), [Message("system", "s")])
+
+
 def test_choice_order():
     assert choose_template_name("chatml", has_chat_template=True, model_name="x") == "chatml"
     assert choose_template_name(None, has_chat_template=True, model_name="vicuna-7b-v1.5") == "hf"

@@ -409,9 +409,25 @@ class HFTemplate:
         try:
             return self.apply(msgs, add_generation_prompt)
         except Exception as err:  # Jinja's `raise_exception`, or a template that fails on these messages
-            raise MessagesError(
-                f"messages: the model's chat template cannot render these messages ({err})", "messages"
-            ) from None
+            said = f"the model's chat template cannot render these messages ({err})"
+            if self._renders_without_system(msgs, add_generation_prompt):
+                said = (
+                    f"the model's chat template refuses system messages ({err}): leave them (and "
+                    "--conv-system-msg) out, or put their text into the first user message"
+                )
+            raise MessagesError(f"messages: {said}", "messages") from None
+
+    def _renders_without_system(self, msgs: list[dict[str, str]], add_generation_prompt: bool) -> bool:
+        """Whether messages the template refused render without their system messages: then the system
+        role is what it refuses (Gemma 2's 'System role not supported'), however it words it."""
+        others = [m for m in msgs if m["role"] != "system"]
+        if not others or len(others) == len(msgs):
+            return False
+        try:
+            self.apply(others, add_generation_prompt)
+        except Exception:
+            return False
+        return True
 
 
 def _common_suffix(a: str, b: str) -> int:

@@ -452,7 +452,6 @@ def test_a_chat_template_example_is_what_apply_chat_template_gives(tiny_llama_di
     assert encoder.length(messages) == len(ids)
 
 
-TURN_MARKERS = ["[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<start_of_turn>", "<end_of_turn>"]
 THOUGHT = "<think>\nhmm\n</think>\n\n你好！"
 TWO_EXCHANGES = [
     Message("system", "Be brief."),
@@ -461,16 +460,6 @@ TWO_EXCHANGES = [
     Message("user", "你好"),
     Message("assistant", THOUGHT),
 ]
-
-
-def family_tokenizer(tiny_llama_dir, chat_template: str):
-    """The tiny tokenizer with a model family's chat template, and its turn markers as special tokens."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    tok.add_special_tokens({"additional_special_tokens": TURN_MARKERS})
-    tok.chat_template = chat_template
-    return tok
 
 
 def loss_runs(tok, ids, labels) -> tuple[list[str], str]:
@@ -512,7 +501,7 @@ def test_replies_are_located_where_the_chat_template_renders_a_conversation_s_st
     from tests import chat_templates
     from vicuna.engine.loader import template_for
 
-    tok = family_tokenizer(tiny_llama_dir, getattr(chat_templates, family.upper()))
+    tok = chat_templates.family_tokenizer(tiny_llama_dir, getattr(chat_templates, family.upper()))
     encoder = Encoder(tok, template_for("hf", tok), use_offsets=use_offsets)
     ids, labels = encoder.encode(TWO_EXCHANGES)
     as_dicts = [{"role": m.role, "content": m.content} for m in TWO_EXCHANGES]

@@ -144,6 +144,46 @@ def test_unlocatable_spans_stop_the_run_before_training(tiny_llama_dir, tmp_path
     assert json.loads((out / "vicuna.json").read_text()) == {"conv_template": "hf"}
 
 
+def test_a_chat_template_that_refuses_system_messages_is_named_as_the_reason(
+    tiny_llama_dir, tmp_path, monkeypatch, capsys
+):
+    """Gemma 2's chat template refuses a system message: the run was refused with "have assistant text that
+    cannot be located" and the summary counted the conversation as "not locatable", which sent users
+    looking for a tokenization problem. The template's own words and the remedy are said now."""
+    import vicuna.train.trainer as trainer
+    from tests.chat_templates import GEMMA2, family_tokenizer
+
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "gemma2"))
+    family_tokenizer(model, GEMMA2).save_pretrained(model)
+    data = tmp_path / "data.jsonl"
+    lines = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}],
+        [{"role": "user", "content": "Hello!"}],
+    ]
+    reply = {"role": "assistant", "content": "Hi!"}
+    data.write_text("".join(json.dumps({"messages": [*m, reply]}) + "\n" for m in lines), encoding="utf-8")
+    refused = (
+        f"{data}:1: the model's chat template refuses system messages (System role not supported): leave them "
+        "(and --conv-system-msg) out, or put their text into the first user message"
+    )
+    assert cli(["train", "inspect", "--model-path", str(model), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "1 examples, " in out and "1 bad (refused by the chat template)" in out
+    assert f"bad: {refused}" in out
+    assert "model\n[[Hi!<end_of_turn>\n]]" in out  # the other one, with its reply's span
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded although the data was bad")
+
+    monkeypatch.setattr(trainer, "load_model", no_model)
+    args = ["train", "--model-path", str(model), "--data", str(data), "--output-dir", str(tmp_path / "out")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"1 example(s) are refused by the model's chat template (allowed: 0); the first is {refused}." in err
+    )
+
+
 def crash_after_checkpoint(step: int):
     """A callback that stops the run like a killed process, right after checkpoint `step` is written."""
     from transformers import TrainerCallback

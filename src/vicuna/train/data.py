@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vicuna.conversation import Message, Segment, Template, parse_messages
+from vicuna.conversation import Message, MessagesError, Segment, Template, parse_messages
 from vicuna.engine.typed import mask, retokenize, special_texts
 from vicuna.errors import VicunaError
 from vicuna.textfile import json_problem, read_text
@@ -204,6 +204,11 @@ class SpanError(ValueError):
     """An assistant span whose edges cannot be located exactly among the tokens."""
 
 
+class RefusedError(SpanError):
+    """Messages the chat template refuses to render (Gemma 2: a system message): a bad example too, but
+    one to be told apart from a span that cannot be located, whose remedies differ."""
+
+
 @dataclass
 class Encoder:
     """Renders a conversation with its template and tokenizes it into input ids and loss labels.
@@ -236,7 +241,9 @@ class Encoder:
     def _segments(self, messages: Sequence[Message]) -> list[Segment]:
         try:
             return self.template.segments(messages, add_generation_prompt=False)
-        except VicunaError as err:  # e.g. a chat template that does not render prefixes as prefixes
+        except MessagesError as err:
+            raise RefusedError(str(err).removeprefix("messages: ")) from None
+        except VicunaError as err:  # e.g. a chat template that writes a reply twice
             raise SpanError(str(err)) from None
 
     def length(self, messages: Sequence[Message]) -> int:
@@ -356,6 +363,7 @@ class Prepared:
     max_length: int  # tokens per example
     examples: list[Example] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (source, why its spans cannot be located)
+    refused: int = 0  # of the bad, those the chat template refuses to render
     truncated: int = 0  # examples cut at --max-length
     dropped: int = 0  # truncated examples with no loss token left, left out
     untrained: int = 0  # examples (or --split-long parts) whose replies all have weight 0, left out
@@ -365,7 +373,7 @@ class Prepared:
         loss = sum(sum(label != IGNORE for label in e.labels) for e in self.examples)
         return (
             f"{len(self.examples)} examples, {tokens} tokens of which {loss} carry loss; "
-            f"{len(self.bad)} bad (assistant text not locatable), "
+            f"{len(self.bad)} bad ({self._bad_kinds()}), "
             f"{self.truncated} truncated to --max-length {self.max_length}"
             + (f", {self.dropped} of them left out (no assistant text left)" if self.dropped else "")
             + (f"; {self.untrained} left out (every reply has weight 0)" if self.untrained else "")
@@ -378,14 +386,34 @@ class Prepared:
             digest.update(json.dumps([e.input_ids, e.labels]).encode())
         return digest.hexdigest()[:16]
 
+    def add_bad(self, source: str, err: SpanError) -> None:
+        self.bad.append((source, str(err)))
+        self.refused += isinstance(err, RefusedError)
+
+    def _bad_kinds(self) -> str:
+        """Why the bad examples are bad, as the summary and the refusal to train say it."""
+        located = len(self.bad) - self.refused
+        if not self.refused:
+            return "assistant text not locatable"
+        if not located:
+            return "refused by the chat template"
+        return f"{self.refused} refused by the chat template, {located} with assistant text not locatable"
+
     def check_bad(self, allow_bad: int) -> None:
         """Refuse to train when more examples than `allow_bad` could not be labelled exactly."""
         if len(self.bad) > allow_bad:
             source, why = self.bad[0]
+            what = (
+                "have assistant text that cannot be located exactly among the tokens"
+                if not self.refused
+                else "are refused by the model's chat template"
+                if self.refused == len(self.bad)
+                else f"are bad ({self._bad_kinds()})"
+            )
             raise VicunaError(
-                f"{len(self.bad)} example(s) have assistant text that cannot be located exactly among the "
-                f"tokens (allowed: {allow_bad}); the first is {source}: {why}. See them with `vicuna train "
-                "inspect`, fix the data or the template, or pass --allow-bad N to leave out up to N of them"
+                f"{len(self.bad)} example(s) {what} (allowed: {allow_bad}); the first is {source}: {why}. See "
+                "them with `vicuna train inspect`, fix the data or the template, or pass --allow-bad N to leave "
+                "out up to N of them"
             )
 
 
@@ -430,7 +458,7 @@ def prepare(
             if split_long and not fits(pieces[0]):
                 pieces = split_turns(conv.messages, fits)
         except SpanError as err:
-            out.bad.append((conv.source, str(err)))
+            out.add_bad(conv.source, err)
             continue
         replies = conv.trained or (True,) * sum(m.role == "assistant" for m in conv.messages)
         for k, messages in enumerate(pieces):
@@ -443,7 +471,7 @@ def prepare(
             try:
                 ids, labels = encoder.encode(messages, trained)
             except SpanError as err:
-                out.bad.append((source, str(err)))
+                out.add_bad(source, err)
                 continue
             truncated = len(ids) > max_length
             if truncated:
