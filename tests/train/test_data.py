@@ -510,6 +510,29 @@ def test_replies_are_located_where_the_chat_template_renders_a_conversation_s_st
     assert encoder.length(TWO_EXCHANGES) == len(ids)
 
 
+def test_a_system_prompt_the_chat_template_leaves_out_of_training_is_counted(tiny_llama_dir):
+    """Mistral v0.3's template writes the system prompt into the last user turn when that ends the messages:
+    a conversation that ends with a reply is rendered without it, and a run trained on data whose every
+    conversation has one saw none of them, without a word."""
+    from tests.chat_templates import MISTRAL_V03, QWEN3, family_tokenizer
+    from vicuna.conversation import with_system
+    from vicuna.engine.loader import template_for
+    from vicuna.train.data import Conversation
+
+    convs = [Conversation("a", tuple(TWO_EXCHANGES)), Conversation("b", tuple(TWO_EXCHANGES[1:]))]
+    for chat_template, system, left_out in [
+        (MISTRAL_V03, None, 1),
+        (MISTRAL_V03, "Be kind.", 2),
+        (QWEN3, None, 0),
+    ]:
+        tok = family_tokenizer(tiny_llama_dir, chat_template)
+        encoder = Encoder(tok, with_system(template_for("hf", tok), system))
+        prepared = prepare(convs, encoder, max_length=256)
+        assert (len(prepared.examples), prepared.system_left_out) == (2, left_out)
+        said = f"; {left_out} trained without their system prompt, which the chat template leaves out of a"
+        assert (said in prepared.summary()) == bool(left_out)
+
+
 def test_the_progress_bar_leaves_nothing_in_piped_output(tokenizer, capsys):
     """Out of a terminal there is no bar to draw: `vicuna train inspect > FILE` starts with its summary,
     not with the empty line a transient bar leaves behind."""

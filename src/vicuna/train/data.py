@@ -246,6 +246,16 @@ class Encoder:
         except VicunaError as err:  # e.g. a chat template that writes a reply twice
             raise SpanError(str(err)) from None
 
+    def leaves_out_system(self) -> bool:
+        """Whether the template renders a conversation that ends with a reply without its system prompt:
+        Mistral v0.3's writes it into the last user turn when that ends the messages, so into prompts
+        only; training would never see the system prompts of the data."""
+        probe = [Message("system", "vicuna-system-probe"), Message("user", "Hi"), Message("assistant", "Hi")]
+        try:
+            return "vicuna-system-probe" not in "".join(s.text for s in self._segments(probe))
+        except SpanError:  # a template that refuses a system message says so example by example
+            return False
+
     def length(self, messages: Sequence[Message]) -> int:
         if mask(messages, self.specials) is not None:
             return len(self.encode(messages)[0])
@@ -367,6 +377,7 @@ class Prepared:
     truncated: int = 0  # examples cut at --max-length
     dropped: int = 0  # truncated examples with no loss token left, left out
     untrained: int = 0  # examples (or --split-long parts) whose replies all have weight 0, left out
+    system_left_out: int = 0  # conversations whose system prompt the chat template does not render
 
     def summary(self) -> str:
         tokens = sum(len(e.input_ids) for e in self.examples)
@@ -377,6 +388,12 @@ class Prepared:
             f"{self.truncated} truncated to --max-length {self.max_length}"
             + (f", {self.dropped} of them left out (no assistant text left)" if self.dropped else "")
             + (f"; {self.untrained} left out (every reply has weight 0)" if self.untrained else "")
+            + (
+                f"; {self.system_left_out} trained without their system prompt, which the chat template "
+                "leaves out of a conversation that ends with a reply"
+                if self.system_left_out
+                else ""
+            )
         )
 
     def fingerprint(self) -> str:
@@ -447,6 +464,11 @@ def prepare(
         return encoder.length(messages) <= max_length
 
     out = Prepared(max_length)
+    has_system = [
+        encoder.template.system is not None or c.messages[0].role == "system" for c in conversations
+    ]
+    if any(has_system) and encoder.leaves_out_system():
+        out.system_left_out = sum(has_system)
     # out of a terminal a transient bar draws nothing but leaves an empty line behind
     shown = progress and sys.stdout.isatty()
     for conv in track(conversations, description="tokenizing", disable=not shown, transient=True):
