@@ -483,6 +483,53 @@ def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path,
     assert png.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_hf_generate_runs_with_pytorch_s_threads_not_those_the_engine_s_team_left(
+    tiny_llama_dir, monkeypatch
+):
+    """The engine's kernel sizes its OpenMP team on the calling thread, PyTorch's too: after a reply it may
+    have left one thread of two, which HF generate, run next in the same thread, would have inherited."""
+    from vicuna.bench import latency
+    from vicuna.config import ModelSettings
+
+    time_engine, load_hf_model = latency.time_engine, latency.load_hf_model
+    seen: list[int] = []
+
+    def engine_leaving_one_thread(*args, **kwargs):
+        timing = time_engine(*args, **kwargs)
+        torch.set_num_threads(1)  # as kernel.Team does while it tries one thread fewer
+        return timing
+
+    def counting_hf_model(*args):
+        model = load_hf_model(*args)
+        generate = model.generate
+
+        def counted(*a, **kw):
+            seen.append(torch.get_num_threads())
+            return generate(*a, **kw)
+
+        model.generate = counted
+        return model
+
+    monkeypatch.setattr(latency, "time_engine", engine_leaving_one_thread)
+    monkeypatch.setattr(latency, "load_hf_model", counting_hf_model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = latency.bench_latency(
+            ModelSettings(model_path=str(tiny_llama_dir)),
+            runs=1,
+            warmup=0,
+            new_tokens=3,
+            prompts=["short"],
+            progress=False,
+        )
+        assert torch.get_num_threads() == 1  # the engine's choice is given back to it after each HF run
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [2, 2]  # the reply and the next turn
+    assert report.settings["threads"] == 2
+
+
 def test_a_reply_too_long_for_the_context_is_refused_before_the_baselines_load(
     tiny_llama_dir, monkeypatch, capsys
 ):

@@ -86,8 +86,15 @@ def time_engine(engine: Any, prompt_ids: list[int], new_tokens: int, next_turn: 
     )
 
 
-def time_hf_generate(model: Any, prompt_ids: list[int], new_tokens: int, pad_id: int | None) -> Timing:
-    """`model.generate` greedy with `min_new_tokens` forcing the length; a streamer stamps each token."""
+def time_hf_generate(
+    model: Any, prompt_ids: list[int], new_tokens: int, pad_id: int | None, threads: int | None = None
+) -> Timing:
+    """`model.generate` greedy with `min_new_tokens` forcing the length; a streamer stamps each token.
+
+    With `threads`, PyTorch's thread count during the call, set back after it: the engine's kernel sizes
+    its OpenMP team on the calling thread (`kernel.Team`), which is PyTorch's too, so HF generate would
+    otherwise run with whatever team the engine's last reply left (one thread of two after each reply's
+    trial of one fewer), not with the threads FastChat's process has."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -107,6 +114,9 @@ def time_hf_generate(model: Any, prompt_ids: list[int], new_tokens: int, pad_id:
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     stamps = Stamps()
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -122,6 +132,7 @@ def time_hf_generate(model: Any, prompt_ids: list[int], new_tokens: int, pad_id:
             streamer=stamps,
         )
     end = time.perf_counter()
+    torch.set_num_threads(before)
     tokens = out.shape[1] - ids.shape[1]
     if tokens != new_tokens or not stamps.times:
         raise RuntimeError(f"HF generate produced {tokens} tokens, {new_tokens} were asked for")
@@ -290,6 +301,7 @@ def bench_latency(
             raise VicunaError(f"{flag} must be at least {least}, not {value}")
     if "long" in kinds and long_tokens < MIN_LONG_TOKENS:
         raise VicunaError(f"--long-tokens must be at least {MIN_LONG_TOKENS}, not {long_tokens}")
+    threads = torch.get_num_threads()  # PyTorch's own count, before the engine's kernel sizes its team
     engine = load_engine(settings, progress=progress)
     questions = make_prompts(engine, kinds, long_tokens, new_tokens)  # refused here if they cannot fit
     from vicuna.conversation import Message
@@ -312,7 +324,7 @@ def bench_latency(
     pad_id = pad_id if pad_id is not None else (engine.end_ids[0] if engine.end_ids else 0)
     runners: dict[str, Callable[[list[int]], Timing]] = {
         "engine": lambda ids: time_engine(engine, ids, new_tokens),
-        "hf": lambda ids: time_hf_generate(hf_model, ids, new_tokens, pad_id),
+        "hf": lambda ids: time_hf_generate(hf_model, ids, new_tokens, pad_id, threads),
     }
     reference = None
     if settings.load_8bit:  # the same settings unquantized, for the 8-bit ratios
@@ -323,7 +335,11 @@ def bench_latency(
         1, ("engine next turn", lambda k: time_engine(engine, turns[k], NEXT_TURN_TOKENS, True), True)
     )
     steps.append(
-        ("hf next turn", lambda k: time_hf_generate(hf_model, turns[k], NEXT_TURN_TOKENS, pad_id), True)
+        (
+            "hf next turn",
+            lambda k: time_hf_generate(hf_model, turns[k], NEXT_TURN_TOKENS, pad_id, threads),
+            True,
+        )
     )
     timings: dict[str, dict[str, list[Timing]]] = {k: {s[0]: [] for s in steps} for k in prompt_ids}
     with Progress(disable=not progress, transient=True) as bar:
@@ -352,7 +368,7 @@ def bench_latency(
             "weight_bytes": weights,
             "decode_bytes": per_token,
             "bandwidth_bytes_per_s": bandwidth,
-            "threads": torch.get_num_threads(),
+            "threads": threads,  # HF generate's; the engine's kernel picks its own team, up to this
         },
         machine=machine_info(),
         samples={k: {r: [asdict(t) for t in ts] for r, ts in v.items()} for k, v in timings.items()},
