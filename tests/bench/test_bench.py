@@ -117,6 +117,23 @@ def test_json_has_the_documented_keys_and_the_plot_is_a_png(tmp_path, capsys):
     assert "2x" in out and "0.4x" in out and "test cpu" in out
 
 
+def test_the_table_says_which_targets_are_met_without_colours(capsys):
+    """Green and red are all a terminal showed; piped or saved to a file, the table has no colours."""
+    report = Report("serve", settings={}, machine={"cpu": "test cpu"})
+    report.add("1 stream", "API decode", "tok/s", 27.3, "engine directly", 56.7, target=0.95)
+    report.add("16 streams", "aggregate", "tok/s", 900.0, "1 stream", 100.0, target=6.0)
+    report.add("16 streams", "TTFT p50", "ms", 50.0, "1 stream", 25.0)
+    print_table(report)
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out  # not a terminal: no colour codes
+    [api] = [line for line in out.splitlines() if "API decode" in line]
+    [aggregate] = [line for line in out.splitlines() if "aggregate" in line]
+    [ttft] = [line for line in out.splitlines() if "TTFT p50" in line]
+    assert ">= 0.95x missed" in api and ">= 6x met" in aggregate
+    assert "met" not in ttft and "missed" not in ttft  # no target, no verdict
+    assert "ratio: value / baseline" in out
+
+
 def test_outputs_go_only_into_existing_folders_and_the_chart_only_into_a_png(tmp_path):
     report = Report("latency", settings={})
     report.add("g", "decode", "tok/s", 60.0, "HF generate", 30.0)

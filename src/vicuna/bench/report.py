@@ -186,7 +186,8 @@ def _fmt(x: float | None) -> str:
 
 def print_table(report: Report) -> None:
     """The rows as a rich table, one section per group; ratios that meet their target in green, those
-    that miss it in red."""
+    that miss it in red, and "met" or "missed" beside the target, which a pipe or a file (no colours)
+    keeps."""
     from rich.console import Console
     from rich.table import Table
 
@@ -200,7 +201,8 @@ def print_table(report: Report) -> None:
             f"; load average {m['load_average_before']} at the start"
             if m.get("load_average_before") is not None
             else ""
-        ),
+        )
+        + "\nratio: value / baseline, both measured in this run",
     )
     table.add_column("metric")
     table.add_column("value", justify="right", no_wrap=True)
@@ -221,7 +223,9 @@ def print_table(report: Report) -> None:
             f"{_fmt(row.value)} {row.unit}",
             f"{_fmt(row.baseline_value)} {row.unit} {row.baseline}",
             f"[{style}]{r}[/{style}]" if style else r,
-            f"{row.target_op} {row.target:g}x" if row.target is not None else "",
+            f"{row.target_op} {row.target:g}x {'met' if row.met else 'missed'}"
+            if row.met is not None
+            else "",
         )
     console.print(table)
 
