@@ -500,18 +500,22 @@ def test_bench_latency_runs_on_a_tiny_model_with_8_bit(tiny_llama_dir, tmp_path,
     assert png.read_bytes().startswith(PNG_MAGIC)
 
 
-def test_hf_generate_runs_with_pytorch_s_threads_not_those_the_engine_s_team_left(
+def test_hf_generate_and_the_ceiling_run_with_pytorch_s_threads_not_the_engine_s_team(
     tiny_llama_dir, monkeypatch
 ):
     """The engine's kernel sizes its OpenMP team on the calling thread, PyTorch's too: after a reply it may
-    have left one thread of two, which HF generate, run next in the same thread, would have inherited."""
+    have left one thread of two, which HF generate and the bandwidth measurement, run next in the same
+    thread, would have inherited."""
     from vicuna.bench import latency
     from vicuna.config import ModelSettings
 
     time_engine, load_hf_model = latency.time_engine, latency.load_hf_model
     seen: list[int] = []
 
+    engine_seen: list[int] = []
+
     def engine_leaving_one_thread(*args, **kwargs):
+        engine_seen.append(torch.get_num_threads())
         timing = time_engine(*args, **kwargs)
         torch.set_num_threads(1)  # as kernel.Team does while it tries one thread fewer
         return timing
@@ -527,23 +531,28 @@ def test_hf_generate_runs_with_pytorch_s_threads_not_those_the_engine_s_team_lef
         model.generate = counted
         return model
 
+    def counting_bandwidth(device):
+        seen.append(torch.get_num_threads())
+        return 10**9
+
     monkeypatch.setattr(latency, "time_engine", engine_leaving_one_thread)
     monkeypatch.setattr(latency, "load_hf_model", counting_hf_model)
+    monkeypatch.setattr(latency, "measure_bandwidth", counting_bandwidth)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         report = latency.bench_latency(
             ModelSettings(model_path=str(tiny_llama_dir)),
-            runs=1,
+            runs=2,
             warmup=0,
             new_tokens=3,
             prompts=["short"],
             progress=False,
         )
-        assert torch.get_num_threads() == 1  # the engine's choice is given back to it after each HF run
     finally:
         torch.set_num_threads(threads)
-    assert seen == [2, 2]  # the reply and the next turn
+    assert seen == [2, 2, 2, 2, 2]  # each run's reply and next turn, then the bandwidth ceiling's reads
+    assert engine_seen[1:] == [1, 1, 1]  # the engine's own choice is given back to it after HF's runs
     assert report.settings["threads"] == 2
 
 

@@ -353,6 +353,7 @@ def bench_latency(
                         timings[kind][name].append(t)
                     bar.advance(task)
         bar.update(task, description="memory bandwidth")
+        torch.set_num_threads(threads)  # every core reads: not the team the engine's last reply left
         bandwidth = measure_bandwidth(engine.device)
 
     weights, per_token = weight_bytes(engine.model), decode_bytes(engine.model)
