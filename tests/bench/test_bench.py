@@ -51,7 +51,7 @@ from vicuna.bench.serve import (
     StreamResult,
     Wave,
     add_serve_rows,
-    model_name,
+    model_names,
     sse_payloads,
     stream_one,
     summarize_wave,
@@ -693,16 +693,22 @@ def test_the_api_key_defaults_to_the_first_of_the_server_s_keys(monkeypatch):
 
 @pytest.fixture
 def fake_server():
-    """Start an HTTP server whose /v1/models lists one model, behind a key if given; returns its URL."""
+    """Start an HTTP server whose /v1/models lists a model (and its aliases, given a list), behind a key if
+    given; returns its URL. It answers no POST."""
     servers = []
 
-    def start(model: str, key: str | None = None) -> str:
+    def start(model: str | list[str], key: str | None = None) -> str:
+        names = [model] if isinstance(model, str) else model
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if key and self.headers.get("Authorization") != f"Bearer {key}":
                     status, body = 401, {"error": {"message": "incorrect API key provided"}}
                 elif self.path == "/v1/models":
-                    status, body = 200, {"object": "list", "data": [{"id": model, "object": "model"}]}
+                    status, body = (
+                        200,
+                        {"object": "list", "data": [{"id": n, "object": "model"} for n in names]},
+                    )
                 else:
                     status, body = 404, {"error": {"message": "not found"}}
                 data = json.dumps(body).encode()
@@ -735,21 +741,42 @@ def test_bench_serve_refuses_a_server_of_another_model(tiny_llama_dir, fake_serv
     assert f"loads {tiny_llama_dir.name!r} (--model-path {tiny_llama_dir})" in err
 
 
+def test_bench_serve_takes_a_server_that_lists_the_model_s_name_among_its_aliases(
+    tiny_llama_dir, fake_server, capsys
+):
+    """`vicuna serve --model-name vicuna-7b,NAME`: the same model under another name, NAME as an alias."""
+    url = fake_server(["vicuna-7b", tiny_llama_dir.name])
+    argv = ["bench", "serve", "--url", url, "--model-path", str(tiny_llama_dir), "--streams", "1"]
+    assert cli([*argv, "--new-tokens", "8", "--runs", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "but the baseline" not in err
+    assert "/v1/chat/completions: answered 501" in err  # it went on to send requests (this server takes none)
+
+
+def test_a_server_of_the_model_under_another_name_is_told_how_to_list_it(tiny_llama_dir, fake_server, capsys):
+    url = fake_server(["vicuna-7b", "gpt-3.5-turbo"])
+    argv = ["bench", "serve", "--url", url, "--model-path", str(tiny_llama_dir), "--streams", "1"]
+    assert cli([*argv, "--new-tokens", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{url} serves 'vicuna-7b' and 'gpt-3.5-turbo', but the baseline" in err
+    assert f"--model-name NAME,{tiny_llama_dir.name}" in err
+
+
 def test_the_served_model_is_asked_for_with_the_key_and_a_401_says_so(fake_server):
     url = fake_server("vicuna-7b", key="k1")
-    assert model_name(url, "k1") == "vicuna-7b"
+    assert model_names(url, "k1") == ["vicuna-7b"]
     with pytest.raises(
         VicunaError, match="answered 401: the server wants an API key; pass its key with --api-key"
     ):
-        model_name(url)
+        model_names(url)
     with pytest.raises(VicunaError, match="answered 401: the server refused the API key; pass"):
-        model_name(url, "k2")
+        model_names(url, "k2")
 
 
 def test_an_address_that_is_not_an_openai_api_is_said_in_one_line(fake_server):
     url = fake_server("vicuna-7b") + "/elsewhere"  # its /v1/models is not found
     with pytest.raises(VicunaError) as refused:
-        model_name(url)
+        model_names(url)
     message = str(refused.value)
     assert message.startswith(f"{url}/v1/models answered 404 without a list of models: is it the address")
     assert "\n" not in message
@@ -761,7 +788,7 @@ def test_a_models_list_of_another_shape_is_said_in_one_line(monkeypatch, body):
 
     monkeypatch.setattr(httpx, "get", lambda *args, **kwargs: httpx.Response(200, json=body))
     with pytest.raises(VicunaError, match=r"answered 200 without a list of models: is it the address"):
-        model_name("http://127.0.0.1:9")
+        model_names("http://127.0.0.1:9")
 
 
 def test_a_server_that_does_not_answer_in_time_is_reported_with_what_it_printed(monkeypatch):

@@ -323,8 +323,9 @@ def started_server(settings: ModelSettings, timeout: float) -> Iterator[str]:
                 proc.wait()
 
 
-def model_name(url: str, api_key: str | None = None) -> str:
-    """The model the server at `url` serves (the first its /v1/models lists)."""
+def model_names(url: str, api_key: str | None = None) -> list[str]:
+    """The names the server at `url` takes for its model: its /v1/models, the name and then the aliases
+    (`vicuna serve --model-name NAME,ALIAS`)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -347,7 +348,7 @@ def model_name(url: str, api_key: str | None = None) -> str:
         )
     if not names:
         raise VicunaError(f"{url}/v1/models lists no model")
-    return names[0]
+    return names
 
 
 def time_engine_direct(engine: Any, new_tokens: int) -> StreamResult:
@@ -361,16 +362,19 @@ def time_engine_direct(engine: Any, new_tokens: int) -> StreamResult:
     return StreamResult(done.ttft_s, done.total_s, done.completion_tokens, done.decode_tokens_per_s)
 
 
-def check_same_model(url: str, served: str, local: str, settings: ModelSettings) -> None:
-    """Refuse a server of another model than the one the engine-direct baseline loads: the API figures
-    would compare two models."""
-    if served != local:
-        raise VicunaError(
-            f"{url} serves {served!r}, but the baseline (the engine called directly here) loads {local!r} "
-            f"(--model-path {settings.model_path or 'not given: the built-in model'}): pass the served "
-            "model's --model-path (and its --dtype and --load-8bit), or leave out --url to have a server of "
-            "--model-path started here"
-        )
+def check_same_model(url: str, served: list[str], local: str, settings: ModelSettings) -> str:
+    """The name to ask the server for: the one of the model the engine-direct baseline loads, among the
+    names it lists, its aliases included. Refuse a server that lists no such name: the API figures would
+    compare two models."""
+    if local in served:
+        return local
+    raise VicunaError(
+        f"{url} serves {' and '.join(map(repr, served))}, but the baseline (the engine called directly here) "
+        f"loads {local!r} (--model-path {settings.model_path or 'not given: the built-in model'}): pass the "
+        "served model's --model-path (and its --dtype and --load-8bit), or leave out --url to have a server "
+        f"of --model-path started here; a server of this model under another name is taken once it lists "
+        f"this one too (`vicuna serve --model-name NAME,{local}`)"
+    )
 
 
 def check_request_fits(engine: Any, new_tokens: int) -> None:
@@ -405,7 +409,7 @@ def bench_serve(
         raise VicunaError(f"--runs must be at least 1, not {runs}")
     if url is not None:  # asked before the model is loaded: a wrong URL or key fails at once
         url = url.rstrip("/").removesuffix("/v1")
-        served = model_name(url, api_key)
+        served = model_names(url, api_key)
     engine = load_engine(settings, progress=progress)
     check_request_fits(engine, new_tokens)
     direct: list[StreamResult] = []
@@ -415,11 +419,11 @@ def bench_serve(
             if progress:
                 print("starting `vicuna serve` ...", file=sys.stderr, flush=True)
             url = stack.enter_context(started_server(settings, startup_timeout))
-            served = model_name(url, api_key)
-        check_same_model(url, served, engine.model_name, settings)
+            served = model_names(url, api_key)
+        name = check_same_model(url, served, engine.model_name, settings)
 
         def wave(n: int) -> Wave:
-            return run(run_wave(url, served, n, new_tokens, api_key))
+            return run(run_wave(url, name, n, new_tokens, api_key))
 
         bar = stack.enter_context(Progress(disable=not progress, transient=True))
         task = bar.add_task("warm-up", total=runs * (2 * API_PAIRS + len(levels) - 1) + 2)
