@@ -624,6 +624,22 @@ def test_bench_refuses_a_bad_flag_by_its_name_before_loading_anything(argv, mess
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "bench, said",
+    [
+        ("latency", ["HF generate", "FastChat", "median of --runs", "minutes", "--prompts short"]),
+        ("serve", ["--streams", "one stream", "engine called directly", "minute", "--new-tokens 32"]),
+        ("memory", ["peak RSS", "--dtypes", "plain copy", "minute", "--skip-weights"]),
+    ],
+)
+def test_each_benchmark_s_help_says_what_it_measures_against_what_and_how_long_it_takes(bench, said, capsys):
+    with pytest.raises(SystemExit):
+        cli(["bench", bench, "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    described = out[: out.index("options:")]  # before the flags: the command's own description
+    assert [s for s in said if s not in described] == []
+
+
 def test_bench_memory_s_help_does_not_offer_the_flags_it_refuses(capsys):
     def help_of(bench: str) -> str:
         with pytest.raises(SystemExit):

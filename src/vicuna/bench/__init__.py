@@ -18,6 +18,20 @@ from vicuna.weights.manifest import transformers_bar
 
 DEFAULT_STREAMS = "1,4,16,64"
 MEMORY_DTYPES = "float32,bfloat16,float16"
+# How long the defaults take with the built-in model on our 2-core CPU VMs (docs/benchmarks.md), and how to
+# take less: --help is where a user asks before starting minutes of work.
+LATENCY_TIME = (
+    "With the defaults the built-in model takes 1-3 minutes on 2 CPU cores, most of it in HF generate; "
+    "--prompts short --runs 1 --warmup 0 --new-tokens 32 takes seconds."
+)
+SERVE_TIME = (
+    "With the defaults the built-in model takes about a minute on 2 CPU cores, starting the server "
+    "included; --streams 1,4 --new-tokens 32 under half a minute."
+)
+MEMORY_TIME = (
+    "With the defaults the built-in model takes about a minute on 2 CPU cores; --skip-weights or a "
+    "smaller --weights-mb less."
+)
 
 
 def _csv(kind: type, allowed: tuple[str, ...] = ()):
@@ -56,7 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
 
     lat = sub.add_parser(
-        "latency", help="TTFT, inter-token latency, decode tok/s and reply time vs HF generate"
+        "latency",
+        help="TTFT, inter-token latency, decode tok/s and reply time vs HF generate",
+        description="Time the engine's replies beside Hugging Face model.generate (the path FastChat's CLI "
+        "and worker take) on the same checkpoint, dtype, 8-bit or not, prompts and reply length, both "
+        "loaded in this process: time to first token, the chat's next turn, decode tok/s (also against "
+        "the memory-bandwidth ceiling), inter-token latency and reply time. Runs of the two alternate; "
+        "each figure is the median of --runs after --warmup. " + LATENCY_TIME,
     )
     add_model_arguments(lat)
     lat.add_argument("--runs", type=int, default=3, help="measured runs per prompt; the median is shown")
@@ -77,7 +97,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _outputs(lat)
 
-    srv = sub.add_parser("serve", help="aggregate tok/s and TTFT p50/p99 of `vicuna serve` under load")
+    srv = sub.add_parser(
+        "serve",
+        help="aggregate tok/s and TTFT p50/p99 of `vicuna serve` under load",
+        description="Start `vicuna serve` with these model flags (or use --url) and send waves of --streams "
+        "concurrent streaming chat requests: each wave's aggregate tok/s and TTFT p50/p99 against one "
+        "stream's, and one stream's decode, tok/s and TTFT against the engine called directly in this "
+        "process. " + SERVE_TIME,
+    )
     add_model_arguments(srv)
     srv.add_argument(
         "--url",
@@ -105,7 +132,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     srv.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server")
     _outputs(srv)
 
-    mem = sub.add_parser("memory", help="weight memory and peak RSS per dtype; convert and delta apply")
+    mem = sub.add_parser(
+        "memory",
+        help="weight memory and peak RSS per dtype; convert and delta apply",
+        description="Each in a fresh process: load the model in every dtype of --dtypes and in 8-bit "
+        "(weight memory and peak RSS, against the first dtype, and bfloat16 for 8-bit), then convert and "
+        "delta-apply a generated checkpoint of --weights-mb MB (MB/s and peak RSS against a plain copy of "
+        "the same bytes). " + MEMORY_TIME,
+    )
     add_model_arguments(mem)
     # it loads every dtype of --dtypes and 8-bit: --dtype and --load-8bit are refused (check_flags), not offered
     for action in mem._actions:
