@@ -823,6 +823,16 @@ def test_a_server_that_does_not_answer_in_time_is_reported_with_what_it_printed(
         pass
 
 
+def test_a_measurement_refused_in_its_child_is_said_in_a_line_not_a_traceback(tmp_path):
+    """`bench memory --device cuda` without a GPU, or a --model-path with no model: the child's refusal."""
+    job = {"kind": "load", "settings": {"model_path": str(tmp_path / "nothing")}, "new_tokens": 2}
+    with pytest.raises(VicunaError) as refused:
+        run_child(job)
+    said = str(refused.value)
+    assert said.startswith("the load measurement: ") and str(tmp_path / "nothing") in said
+    assert "Traceback" not in said and "\n" not in said
+
+
 def test_convert_delta_and_copy_jobs_on_a_generated_checkpoint(tmp_path):
     meta = write_meta_checkpoint(tmp_path / "meta", weights_mb=1)
     pth_bytes = (meta / "consolidated.00.pth").stat().st_size

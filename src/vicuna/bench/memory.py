@@ -139,9 +139,12 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
         text=True,
         env={**os.environ, "TQDM_DISABLE": "1"},
     )
+    last = proc.stdout.strip().splitlines()[-1:]
     if proc.returncode != 0:
+        if last and last[0].startswith('{"error": '):  # refused (no GPU, no model there...): said in a line
+            raise VicunaError(f"the {job['kind']} measurement: {json.loads(last[0])['error']}")
         raise VicunaError(f"the {job['kind']} measurement failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(last[0])
 
 
 def meta_params(weights_mb: float) -> tuple[dict[str, Any], int]:
@@ -342,4 +345,8 @@ def add_memory_rows(report: Report, samples: dict[str, Any], dtypes: list[str]) 
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_job(json.loads(sys.argv[1]))), flush=True)
+    try:
+        print(json.dumps(run_job(json.loads(sys.argv[1]))), flush=True)
+    except VicunaError as err:  # a refusal, not a crash: the parent says it as the command would
+        print(json.dumps({"error": str(err)}), flush=True)
+        sys.exit(2)
