@@ -572,6 +572,29 @@ def test_a_reply_too_long_for_the_context_is_refused_before_the_baselines_load(
     assert loaded == []
 
 
+def test_a_baseline_that_would_not_fit_beside_the_engine_is_refused_before_it_loads(
+    tiny_llama_dir, monkeypatch, capsys
+):
+    import transformers
+
+    from vicuna.engine import memory
+
+    loaded = []
+    from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
+
+    def counted(*args, **kwargs):
+        loaded.append(args)
+        return from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 2**10)  # 1 KiB left after the engine's load
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counted)
+    argv = ["bench", "latency", "--model-path", str(tiny_llama_dir), "--prompts", "short", "--new-tokens"]
+    assert cli([*argv, "3", "--runs", "1", "--warmup", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "HF generate, loads the model a second time beside the engine" in err and "0 MiB left" in err
+    assert len(loaded) == 1  # the engine's model only
+
+
 def test_bench_serve_refuses_a_reply_too_long_for_the_context_before_starting_a_server(
     tiny_llama_dir, monkeypatch, capsys
 ):

@@ -261,12 +261,30 @@ def next_turn(engine: Any, question: str, question_ids: list[int], new_tokens: i
     return ids
 
 
+def check_baseline_fits(engine: Any) -> None:
+    """Refuse HF generate's copy of the model where the memory the engine left cannot hold it: the engine's
+    load was checked against the whole machine, but this copy comes beside it, at the engine's dtype
+    (quantized after loading, with --load-8bit), and on a CPU it would swap or be killed without a word."""
+    from vicuna.engine.memory import free_bytes, gib, model_size
+    from vicuna.engine.placement import HEADROOM
+
+    needed = int(model_size(engine.model.config).weight_bytes(engine.dtype, False) * HEADROOM)
+    available = free_bytes(engine.device)
+    if needed > available:
+        raise VicunaError(
+            f"the baseline, HF generate, loads the model a second time beside the engine: it needs about "
+            f"{gib(needed)} at {str(engine.dtype).removeprefix('torch.')}, but {engine.device.type} has "
+            f"{gib(available)} left; measure a smaller model (--model-path), or on a machine with more memory"
+        )
+
+
 def load_hf_model(engine: Any, settings: ModelSettings) -> Any:
     """The same checkpoint loaded the plain transformers way, at the engine's dtype (and 8-bit if asked)."""
     from transformers import AutoModelForCausalLM
 
     from vicuna.engine.loader import resolve_model_path
 
+    check_baseline_fits(engine)
     folder = resolve_model_path(settings.model_path)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=engine.dtype, device_map=str(engine.device))
     model.eval()
