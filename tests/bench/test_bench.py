@@ -556,6 +556,18 @@ def test_hf_generate_and_the_ceiling_run_with_pytorch_s_threads_not_the_engine_s
     assert report.settings["threads"] == 2
 
 
+def test_progress_goes_to_stderr_as_lines_where_no_bar_can_be_drawn(tiny_llama_dir, tmp_path, capsys):
+    """`vicuna bench latency > table.txt`: the table in the file, each step on stderr (here no terminal)."""
+    argv = ["bench", "latency", "--model-path", str(tiny_llama_dir), "--prompts", "short", "--runs", "1"]
+    assert cli([*argv, "--warmup", "1", "--new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "short prompt, engine, warm-up 1/1 ..." in err and "short prompt, hf next turn, run 1/1 ..." in err
+    assert "memory bandwidth ..." in err
+    assert "warm-up" not in out and "run 1/1" not in out and "vicuna bench latency" in out  # the table alone
+    assert cli([*argv, "--warmup", "0", "--new-tokens", "3", "--no-progress"]) == 0
+    assert " ..." not in capsys.readouterr().err
+
+
 def test_a_reply_too_long_for_the_context_is_refused_before_the_baselines_load(
     tiny_llama_dir, monkeypatch, capsys
 ):

@@ -307,9 +307,8 @@ def bench_latency(
 ) -> Report:
     """Measure the engine, HF generate and (with 8-bit) the unquantized engine; return the report."""
     import torch
-    from rich.progress import Progress
 
-    from vicuna.bench.report import machine_info
+    from vicuna.bench.report import machine_info, progress_bar
     from vicuna.engine.loader import load_engine
     from vicuna.engine.quant import decode_bytes, weight_bytes
 
@@ -360,7 +359,7 @@ def bench_latency(
         )
     )
     timings: dict[str, dict[str, list[Timing]]] = {k: {s[0]: [] for s in steps} for k in prompt_ids}
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("latency", total=(runs + warmup) * len(prompt_ids) * len(steps))
         for i in range(warmup + runs):
             for kind, ids in prompt_ids.items():

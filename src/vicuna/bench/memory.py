@@ -245,9 +245,7 @@ def bench_memory(
 ) -> Report:
     """Load the model in each dtype and in 8-bit (each in its own process); convert and merge a generated
     checkpoint of about `weights_mb` MB (skipped when None), each beside a plain copy of the same bytes."""
-    from rich.progress import Progress
-
-    from vicuna.bench.report import machine_info
+    from vicuna.bench.report import machine_info, progress_bar
 
     if weights_mb is not None and weights_mb < 1:
         raise VicunaError(
@@ -260,7 +258,7 @@ def bench_memory(
     loads["bfloat16 + 8-bit"] = replace(settings, dtype="bfloat16", load_8bit=True)
     samples: dict[str, Any] = {"load": {}, "weights": {}}
     steps = len(loads) + (5 if shape else 0)
-    with Progress(disable=not progress, transient=True) as bar, tempfile.TemporaryDirectory() as tmp:
+    with progress_bar(progress) as bar, tempfile.TemporaryDirectory() as tmp:
         task = bar.add_task("memory", total=steps)
         for name, s in loads.items():
             bar.update(task, description=f"load {name}")

@@ -230,6 +230,26 @@ def print_table(report: Report) -> None:
     console.print(table)
 
 
+def progress_bar(progress: bool) -> Any:
+    """The benchmarks' progress (a rich `Progress`, used as a context manager), on stderr: the table goes
+    to stdout, and `vicuna bench latency > table.txt` drew its bar into the file, where rich draws none,
+    so minutes passed without a word. On a terminal it is a bar; in a log each step's description is a
+    line of its own."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    class Steps(Progress):
+        said: str | None = None
+
+        def update(self, task_id: Any, *, description: str | None = None, **kwargs: Any) -> None:
+            if description not in (None, self.said) and not self.disable and not self.console.is_terminal:
+                print(f"{description} ...", file=sys.stderr, flush=True)
+                self.said = description
+            super().update(task_id, description=description, **kwargs)
+
+    return Steps(console=Console(stderr=True), disable=not progress, transient=True)
+
+
 def check_reply_fits(engine: Any, prompt_tokens: int, new_tokens: int) -> None:
     """Refuse a benchmark's reply that the model's context window cannot hold beside its prompt, naming
     the flag to change."""

@@ -397,9 +397,7 @@ def bench_serve(
     startup_timeout: float = 600,
     progress: bool = True,
 ) -> Report:
-    from rich.progress import Progress
-
-    from vicuna.bench.report import machine_info
+    from vicuna.bench.report import machine_info, progress_bar
     from vicuna.engine.loader import load_engine
 
     levels = sorted({1, *(streams or [1, 4, 16, 64])})
@@ -425,7 +423,7 @@ def bench_serve(
         def wave(n: int) -> Wave:
             return run(run_wave(url, name, n, new_tokens, api_key))
 
-        bar = stack.enter_context(Progress(disable=not progress, transient=True))
+        bar = stack.enter_context(progress_bar(progress))
         task = bar.add_task("warm-up", total=runs * (2 * API_PAIRS + len(levels) - 1) + 2)
         time_engine_direct(engine, new_tokens)  # warm-up: first-call costs are not what we measure
         bar.advance(task)
