@@ -223,6 +223,19 @@ def test_auto_dtype_is_measured_once_and_remembered(monkeypatch, tmp_path):
     assert (tmp_path / "cpu-dtype.json").is_file()
 
 
+def test_auto_dtype_not_remembered_on_a_read_only_home_is_still_used(monkeypatch, tmp_path, capsys):
+    """A container's read-only $VICUNA_HOME, its model converted on another machine (whose CPU gave another
+    key): the server stopped with 'error: Permission denied: .../cpu-dtype.NNN.tmp' after timing both."""
+    home = tmp_path / "home"
+    home.write_text("")  # no folder can be made here, whoever runs the test (root ignores read-only modes)
+    monkeypatch.setenv("VICUNA_HOME", str(home))
+    monkeypatch.setattr(placement, "_time_reply", lambda config, d: 1.0 if d == torch.float32 else 0.5)
+    assert placement.resolve_dtype("auto", torch.device("cpu"), CONFIG) == torch.bfloat16
+    warned = capsys.readouterr().err
+    assert f"warning: cannot remember this in {home / 'cpu-dtype.json'}" in warned
+    assert "set VICUNA_HOME to a writable one" in warned
+
+
 def test_reply_timing_runs_the_models_own_layers():
     assert placement.trial_layers(CONFIG) == CONFIG.num_hidden_layers  # small layers: all of them
     assert placement._time_reply(CONFIG, torch.float32) > 0

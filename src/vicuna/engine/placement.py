@@ -3,6 +3,7 @@ the check that the model fits before loading starts (with the flags that would f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -145,10 +146,19 @@ def fastest_cpu_dtype(config: Any) -> torch.dtype:
         )
         fp32, bf16 = _time_reply(config, torch.float32), _time_reply(config, torch.bfloat16)
         known[key] = "bfloat16" if bf16 < fp32 else "float32"
-        cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(known))
+            tmp.replace(cache)
+        except OSError as err:  # a read-only or full $VICUNA_HOME (a container's): the answer still holds
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            print(
+                f"warning: cannot remember this in {cache} ({err.strerror or err}), so it is timed again on "
+                "every start: make that folder writable or set VICUNA_HOME to a writable one",
+                file=sys.stderr,
+            )
     return DTYPES[known[key]]
 
 
