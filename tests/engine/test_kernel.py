@@ -261,6 +261,30 @@ def test_a_failed_build_is_said_once_leaves_no_library_and_the_engine_uses_pytor
     torch.testing.assert_close(dense(x), torch.nn.functional.linear(x.bfloat16(), weight).float())
 
 
+def test_a_kernel_folder_that_cannot_be_written_is_said_in_one_line_with_what_to_do(
+    tmp_path, monkeypatch, caplog
+):
+    """A read-only $VICUNA_HOME (a container's volume): the compiler was run, failed to write its output, and
+    the warning was its command line and linker errors, with nothing on what to do; and a .failed file,
+    where one could be written, kept the kernel off after the folder was made writable."""
+    home = tmp_path / "home"
+    home.write_text("")  # no folder can be made here, whoever runs the test (root ignores read-only modes)
+    monkeypatch.setenv("VICUNA_HOME", str(home))
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
+    compiled = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: compiled.append(a))
+    assert kernel.load(progress=False) is None
+    assert compiled == []
+    assert len(caplog.records) == 1 and "\n" not in caplog.text.strip()
+    assert (
+        f"the CPU kernel is not built: cannot write into {home / 'kernels'} (Not a directory); make it writable "
+        "or set VICUNA_HOME to a writable folder; decoding on the CPU uses PyTorch's slower operations"
+    ) in caplog.text
+    assert kernel.status().startswith(f"not used: cannot write into {home / 'kernels'}")
+
+
 def test_a_missing_cxx_is_named_with_what_it_costs(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
     monkeypatch.setattr(kernel, "_tried", False)

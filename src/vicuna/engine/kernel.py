@@ -163,19 +163,31 @@ def library_path(compiler: str) -> Path:
     return vicuna_home() / "kernels" / f"vicuna-kernel-{source_hash()}-{how}.so"
 
 
+class UnwritableFolder(Exception):
+    """$VICUNA_HOME/kernels cannot be written (read-only, full, not a folder): no build was tried."""
+
+    def __init__(self, folder: Path, err: OSError) -> None:
+        super().__init__(f"cannot write into {folder} ({err.strerror or err})")
+        self.folder = folder
+
+
 def build(compiler: str, progress: bool = True) -> Path:
     """Compile the kernel unless this build exists (written to a temporary name, then renamed)."""
     path = library_path(compiler)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:  # a read-only or full $VICUNA_HOME is said as such, not as the compiler's failure to write there
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.touch()
+    except OSError as err:
+        raise UnwritableFolder(path.parent, err) from None
     if progress:
         print("Compiling vicuna's CPU kernel (once for this machine) ...", file=sys.stderr, flush=True)
     for old in path.parent.glob("*.partial"):  # left by a build whose Python was killed: its compiler went on
         with contextlib.suppress(OSError):  # older than a build may take: no compiler is writing it
             if time.time() - old.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
                 old.unlink()
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     try:
         subprocess.run(
             [compiler, *FLAGS, str(SOURCE), "-o", str(partial)],
@@ -221,6 +233,13 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
             return None
         try:
             library = ctypes.CDLL(str(build(compiler, progress)))
+        except UnwritableFolder as err:  # not a failed build: tried again on the next start
+            _why_not = f"{err}; make it writable or set VICUNA_HOME to a writable folder"
+            log.warning(
+                "the CPU kernel is not built: %s; decoding on the CPU uses PyTorch's slower operations",
+                _why_not,
+            )
+            return None
         except (OSError, subprocess.SubprocessError) as err:
             detail = getattr(err, "stderr", b"") or b""
             _why_not = f"the build with {compiler} failed"
