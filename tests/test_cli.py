@@ -61,6 +61,32 @@ def test_ctrl_c_says_how_to_go_on_for_the_jobs_that_resume(monkeypatch, capsys):
     )
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be sent to a process on Windows")
+def test_sigterm_ends_a_command_as_ctrl_c_does_cleaning_up_and_saying_how_to_go_on(tmp_path):
+    """`docker stop`, `systemctl stop`, `kill`: the command died at once, its `finally` blocks not run and
+    nothing said (and as a container's PID 1 it did not die at all, until SIGKILL came)."""
+    cleaned = tmp_path / "cleaned"
+    code = f"""if True:
+        import os, signal, sys, time
+        import vicuna.weights.convert as convert
+        from vicuna.cli import main
+
+        def converting(args):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(60)
+            finally:
+                open({str(cleaned)!r}, "w").close()
+
+        convert.main = converting
+        sys.exit(main(["convert", "in", "out"]))
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143
+    assert done.stderr.strip() == "interrupted; run the same command again to go on from where it stopped"
+    assert cleaned.exists()
+
+
 def test_every_flag_of_every_command_says_what_it_does_and_its_default():
     import argparse
 

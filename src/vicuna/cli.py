@@ -6,7 +6,9 @@ import argparse
 import importlib
 import io
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -131,8 +133,19 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     args = command_parser(name).parse_args(rest)
 
-    from vicuna.errors import VicunaError
+    from vicuna.errors import Terminated, VicunaError
 
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    # SIGTERM ended every command at once: no cleanup, no word on how to go on, and `docker stop` of a
+    # command run as a container's PID 1 (which the kernel spares a signal it has no handler for) waited
+    # 10 s for SIGKILL. Not where the parent set SIGTERM ignored; signals are handled in the main thread only.
+    watch = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    )
+    previous = signal.signal(signal.SIGTERM, terminated) if watch else None
     try:
         return int(module.main(args) or 0)
     except VicunaError as err:
@@ -142,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {err.filename}" if err.filename else ""
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as err:
         print("interrupted" + (f"; {RESUME_HINTS[name]}" if name in RESUME_HINTS else ""), file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
+    finally:
+        if watch:
+            signal.signal(signal.SIGTERM, previous)

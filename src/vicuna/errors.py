@@ -10,6 +10,14 @@ class VicunaError(Exception):
     exit_code = 2
 
 
+class Terminated(BaseException):
+    """SIGTERM (`docker stop`, `systemctl stop`, `kill`), raised as Ctrl-C's KeyboardInterrupt is: the
+    command's cleanup runs and it says how to go on, with exit status 143 (128 + 15) instead of 130. Not a
+    KeyboardInterrupt: where Ctrl-C stops only a reply (`vicuna chat`), SIGTERM still ends the program."""
+
+    exit_code = 143
+
+
 class ModelLoadError(VicunaError):
     """The checkpoint cannot be loaded: which file, which field, what was expected."""
 

@@ -976,6 +976,26 @@ def test_triple_quotes_type_a_message_of_several_lines_as_in_ollama(terminal):
     assert term.expect("\n").strip() == '\'"""A docstring."""\\nimport os\''
 
 
+def test_sigterm_at_the_prompt_ends_the_chat_where_ctrl_c_drops_only_the_line(terminal, tiny_llama_dir):
+    """`kill` (or a supervisor's stop) of a chat on a terminal: SIGTERM, raised as Ctrl-C is, was taken for
+    Ctrl-C at the prompt; the chat said "(Ctrl-D or !!exit ends the chat)" and went on waiting."""
+    import signal
+
+    chat = ["chat", "--model-path", str(tiny_llama_dir), "--dtype", "float32", "--max-new-tokens", "8"]
+    term = terminal(f"import sys; from vicuna.cli import main; sys.exit(main({chat!r}))")
+    term.expect("USER: ")
+    term.child.send_signal(signal.SIGTERM)
+    try:
+        ended = term.child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        # A signal that comes while Python's readline is still drawing the prompt is acted on only when the
+        # next one interrupts its wait (as in the Ctrl-C test above); a supervisor sends it again, or SIGKILL.
+        term.child.send_signal(signal.SIGTERM)
+        ended = term.child.wait(timeout=30)
+    assert ended == 128 + signal.SIGTERM
+    assert "interrupted" in term.expect("interrupted")
+
+
 @pytest.mark.parametrize("lc_all", ["C", "zh_CN.UTF-8-not-generated"])
 def test_chinese_typed_under_lc_all_c_or_a_missing_locale_is_read_and_edited(terminal, lc_all):
     """Under LC_ALL=C (a common cure for locale warnings), or an LC_ALL the system has not generated,

@@ -1180,10 +1180,14 @@ def test_serve_command_starts_the_server(tiny_engine, tmp_path):
         assert wait_for(up, 90)
         r = client(url, "sekrit").chat.completions.create(messages=HELLO, max_tokens=3, **greedy())
         assert r.usage.completion_tokens <= 3
+        proc.terminate()  # SIGTERM (`docker stop`, `systemctl stop`): shut down as asked, a success
+        assert proc.wait(30) == 0
     finally:
         proc.terminate()
         proc.wait(30)
-    assert "prompt=" in (tmp_path / "serve.log").read_text()  # the request's log line
+    logged = (tmp_path / "serve.log").read_text()
+    assert "prompt=" in logged  # the request's log line
+    assert "Traceback" not in logged and "interrupted" not in logged
 
 
 def test_the_printed_url_can_be_opened_for_any_host(monkeypatch):

@@ -12,7 +12,7 @@ import socket
 import sys
 
 from vicuna.config import add_model_arguments, model_settings_from_args
-from vicuna.errors import VicunaError
+from vicuna.errors import Terminated, VicunaError
 
 SHUTDOWN_GRACE_S = 3
 # Each open connection takes a file descriptor, and shells and services mostly start a process allowed 1024
@@ -213,5 +213,8 @@ def main(args: argparse.Namespace) -> int:
             batcher.stop()
             super().handle_exit(sig, frame)
 
-    Server(config).run(sockets=[sock])
+    try:
+        Server(config).run(sockets=[sock])
+    except Terminated:  # uvicorn raises SIGTERM again once it has shut down: the server stopped as asked,
+        return 0  # a success, as gunicorn and TGI say it (an exit status of 143 fails a `systemctl stop`)
     return 0

@@ -11,7 +11,7 @@ from typing import Any
 
 from vicuna.config import DTYPES, utf8_text
 from vicuna.conversation import template_name
-from vicuna.errors import VicunaError
+from vicuna.errors import Terminated, VicunaError
 from vicuna.train.data import IGNORE
 from vicuna.train.trainer import FUSED_LORA_TARGET, LORA_TARGET, SCHEDULERS
 
@@ -105,7 +105,10 @@ def main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     try:
         train(cfg)
-    except KeyboardInterrupt:  # --resume only where a checkpoint was written: it refuses to start without one
+    except (
+        KeyboardInterrupt,
+        Terminated,
+    ) as err:  # Ctrl-C, SIGTERM; --resume only where a checkpoint was written: it refuses to start without one
         done = last_checkpoint(cfg.output_dir) if cfg.output_dir.is_dir() else None
         hint = (
             f"run it again with --resume to go on from {done}"
@@ -114,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
             "start over"
         )
         print(f"interrupted; {hint}", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
     return 0
 
 
