@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import threading
 from types import SimpleNamespace
 
@@ -132,12 +133,19 @@ def test_converting_into_a_log_draws_no_progress_bars(monkeypatch, tmp_path):
             (folder / "config.json").write_text("{}")
 
     def read(*args, **kwargs):
+        from transformers import modeling_gguf_pytorch_utils as reader
+
         bars.append(transformers_logging.is_progress_bar_enabled())
+        drawn = io.StringIO()  # the bar transformers reads GGUF tensors under, outside that switch
+        assert list(
+            reader.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...", file=drawn)
+        ) == [0, 1, 2]
+        bars.append(drawn.getvalue() != "")
         return Saved()
 
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", read)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", read)
     was = transformers_logging.is_progress_bar_enabled()
     builtin.convert_gguf(gguf, tmp_path / "model")  # pytest's stderr is no terminal
-    assert bars == [False] * 4
+    assert bars == [False] * 6
     assert transformers_logging.is_progress_bar_enabled() == was

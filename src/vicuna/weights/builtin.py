@@ -4,6 +4,7 @@ converted once into a safetensors checkpoint under $VICUNA_HOME so that later st
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import importlib.util
 import shutil
@@ -76,14 +77,29 @@ def converting(out: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def gguf_bar(shown: bool) -> Iterator[None]:
+    """transformers' bar for reading GGUF tensors off within unless `shown`. It is a plain tqdm, which
+    transformers' switch for its bars does not reach: a logged first start got 15 redrawn lines of it."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    if not shown:
+        reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def _convert(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    try:
-        with transformers_bar(sys.stderr.isatty()):  # in a log: not lines redrawn with carriage returns
+    try:  # in a log: not lines redrawn with carriage returns
+        with transformers_bar(sys.stderr.isatty()), gguf_bar(sys.stderr.isatty()):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
     except Exception as err:  # gguf raises many kinds of errors for a bad file
