@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -1139,55 +1141,73 @@ def test_metrics_and_request_log(served, api, caplog):
     assert metric(url, 'vicuna_requests_total{endpoint="chat",status="200"}') >= 1
 
 
-def test_serve_command_starts_the_server(tiny_engine, tmp_path):
-    """`vicuna serve` end to end in a subprocess: flags, model loading, /health, a reply."""
+@contextlib.contextmanager
+def serve_command(folder: str, log: Path, *flags: str) -> Iterator[tuple[str, Any]]:
+    """`vicuna serve` of the model in `folder` with `flags`, in a subprocess on a free port, its output in
+    `log`; yields its URL once /health answers, and the process."""
     import subprocess
-    import sys
 
-    folder = tiny_engine.model.name_or_path
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vicuna",
-        "serve",
-        "--model-path",
-        str(folder),
-        "--dtype",
-        "float32",
-        "--port",
-        str(port),
-        "--no-webui",
-        "--model-name",
-        MODEL,
-        "--api-keys",
-        "sekrit",
-    ]
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "vicuna", "serve", "--model-path", folder, "--dtype", "float32"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), *flags], stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     try:
         url = f"http://127.0.0.1:{port}"
 
         def up() -> bool:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert proc.poll() is None, log.read_text()
             with contextlib.suppress(httpx.HTTPError):
                 return httpx.get(f"{url}/health").status_code == 200
             return False
 
         assert wait_for(up, 90)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_serve_command_starts_the_server(tiny_engine, tmp_path):
+    """`vicuna serve` end to end in a subprocess: flags, model loading, /health, a reply."""
+    folder = tiny_engine.model.name_or_path
+    flags = ("--no-webui", "--model-name", MODEL, "--api-keys", "sekrit")
+    with serve_command(folder, tmp_path / "serve.log", *flags) as (url, proc):
         r = client(url, "sekrit").chat.completions.create(messages=HELLO, max_tokens=3, **greedy())
         assert r.usage.completion_tokens <= 3
         proc.terminate()  # SIGTERM (`docker stop`, `systemctl stop`): shut down as asked, a success
         assert proc.wait(30) == 0
-    finally:
-        proc.terminate()
-        proc.wait(30)
     logged = (tmp_path / "serve.log").read_text()
     assert "prompt=" in logged  # the request's log line
     assert "Traceback" not in logged and "interrupted" not in logged
+
+
+def test_behind_a_proxy_at_a_path_the_web_ui_and_docs_link_under_it(tiny_engine, tmp_path):
+    """nginx's `location /vicuna/ { proxy_pass http://127.0.0.1:8000/; }` passes /vicuna/X on as /X: the web
+    UI's page then called /gradio_api/... and /docs fetched /openapi.json, outside /vicuna, where the proxy
+    answers 404. The requests here are what such a proxy passes on."""
+    folder = tiny_engine.model.name_or_path
+    with serve_command(folder, tmp_path / "serve.log", "--root-path", "/vicuna/") as (url, _):
+        assert "url: '/vicuna/openapi.json'" in httpx.get(f"{url}/docs").text
+        assert httpx.get(f"{url}/openapi.json").status_code == 200
+        proxied = {"Host": "example.com", "X-Forwarded-Proto": "https"}
+        assert httpx.get(f"{url}/config", headers=proxied).json()["root"] == "https://example.com/vicuna"
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == Path(folder).name
+
+
+@pytest.mark.parametrize("value", ["vicuna", "http://example.com/vicuna", "/a b"])
+def test_a_root_path_that_is_not_a_url_path_is_refused_before_loading(value, capsys):
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--root-path", value])
+    assert (
+        f"argument --root-path: {value!r} is not a URL path: /PREFIX as the proxy serves it"
+        in capsys.readouterr().err
+    )
 
 
 def test_the_printed_url_can_be_opened_for_any_host(monkeypatch):

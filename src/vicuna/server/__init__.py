@@ -67,6 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="send a streamed reply's text at most every MS milliseconds after its first token, what was made "
         "meanwhile together: less CPU taken from decoding (0: every token as it is made)",
     )
+    g.add_argument(
+        "--root-path",
+        type=root_path,
+        default="",
+        metavar="PATH",
+        help="the path prefix a reverse proxy serves this server under, with the prefix taken off the requests "
+        "it passes on (nginx: location /vicuna/ { proxy_pass http://127.0.0.1:8000/; } with --root-path "
+        "/vicuna): the web UI and /docs then link to their pages under it",
+    )
     g.add_argument("--no-webui", action="store_true", help="serve the API only")
     g.add_argument(
         "--log-level",
@@ -97,6 +106,16 @@ def origin_list(value: str) -> list[str]:
                 f"{origin!r} is not an origin: scheme://host[:port] without a path (https://chat.example.com), or *"
             )
     return origins
+
+
+def root_path(value: str) -> str:
+    """`--root-path`: /a/b, without the trailing slash ("/" and "" are no prefix)."""
+    path = value.strip().rstrip("/")
+    if path and (not path.startswith("/") or not re.fullmatch(r"[A-Za-z0-9/._~!$&'()*+,;=:@%-]+", path)):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a URL path: /PREFIX as the proxy serves it (e.g. /vicuna), without scheme or host"
+        )
+    return path
 
 
 def default_port_dropped(origin: str) -> str:
@@ -205,7 +224,11 @@ def main(args: argparse.Namespace) -> int:
     # Ctrl-C: open connections (a web UI tab keeps one) get SHUTDOWN_GRACE_S to end, then are closed and
     # the running replies cancelled; without a bound the server waited for every tab to close.
     config = uvicorn.Config(
-        app, log_level=args.log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S, lifespan="on"
+        app,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        lifespan="on",
+        root_path=args.root_path,
     )
 
     class Server(uvicorn.Server):
