@@ -1221,7 +1221,7 @@ def test_the_printed_url_can_be_opened_for_any_host(monkeypatch):
     assert httpx.URL(base_url("fe80::1", 8000)).port == 8000
 
 
-def test_serve_refuses_a_busy_port_and_bad_flags_before_loading_the_model(tmp_path, capsys):
+def test_serve_refuses_a_busy_port_a_bad_host_and_bad_flags_before_loading_the_model(tmp_path, capsys):
     from vicuna.cli import main
 
     never_loaded = str(tmp_path / "no-such-model")
@@ -1231,6 +1231,15 @@ def test_serve_refuses_a_busy_port_and_bad_flags_before_loading_the_model(tmp_pa
         port = str(busy.getsockname()[1])
         assert main(["serve", "--model-path", never_loaded, "--port", port]) == 2
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    # a --host that is not this machine's was told that another server might run there: choose another --port
+    assert main(["serve", "--model-path", never_loaded, "--host", "192.0.2.1"]) == 2  # TEST-NET-1: nobody's
+    said = capsys.readouterr().err
+    assert "192.0.2.1 is not an address of this machine; use one of its own, or 0.0.0.0" in said
+    assert "--port" not in said
+    assert main(["serve", "--model-path", never_loaded, "--host", "no-such-host.invalid"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith("error: cannot listen on no-such-host.invalid: no such address (")
+    assert "--host takes an address or name of this machine (0.0.0.0: every interface)" in said
     for flag, value in (("--max-batch-size", "0"), ("--stream-interval", "-5"), ("--max-queue", "-1")):
         assert main(["serve", "--model-path", never_loaded, flag, value]) == 2
         assert f"error: {flag} must be" in capsys.readouterr().err

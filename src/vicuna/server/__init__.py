@@ -4,6 +4,7 @@ concurrent requests. The app itself is built by `vicuna.server.app.create_app`."
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -134,10 +135,20 @@ def listen(host: str, port: int) -> socket.socket:
             # on Windows it would let this socket bind a port another server is listening on
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-    except OSError as err:
+    except socket.gaierror as err:
         raise VicunaError(
-            f"cannot listen on {host}:{port}: {err.strerror or err}; is another server running there? "
-            "Choose another --port"
+            f"cannot listen on {host}: no such address ({err.strerror}); --host takes an address or name of "
+            "this machine (0.0.0.0: every interface)"
+        ) from None
+    except OSError as err:  # the hint for a busy port was given for any error, a --host typo's included
+        hint = {
+            errno.EADDRINUSE: "is another server running there? Choose another --port",
+            errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; use one of its own, or 0.0.0.0 "
+            "for every interface",
+            errno.EACCES: "ports below 1024 need privileges; choose a --port above 1023",
+        }.get(err.errno)
+        raise VicunaError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}" + (f"; {hint}" if hint else "")
         ) from None
     return sock
 
