@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -189,6 +190,19 @@ def test_download_from_hf_endpoint_fetches_only_safetensors(hub, tmp_path):
     hub.log.clear()
     assert main(["download", "org/tiny", "--dir", str(target)]) == 0
     assert hub.downloads() == []
+
+
+def test_a_download_into_a_log_draws_no_progress_bars(hub, tmp_path, capsys, monkeypatch):
+    """`vicuna download ... > log 2>&1`: huggingface_hub's bars, each a line redrawn with carriage returns."""
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module, not its class tqdm
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)  # the variable unset, as by users
+    hub_tqdm.enable_progress_bars()
+    assert (
+        main(["download", "org/tiny", "--dir", str(tmp_path / "tiny")]) == 0
+    )  # pytest's stderr: no terminal
+    err = capsys.readouterr().err
+    assert "Fetching" not in err and "\r" not in err
+    assert not hub_tqdm.are_progress_bars_disabled()  # as they were
 
 
 def test_include_and_revision(hub, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,7 +175,7 @@ def download(
     target = Path(target)
     ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
     print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
-    with hub_errors(repo_id):
+    with hub_errors(repo_id), hub_bars(sys.stderr.isatty()):
         snapshot_download(
             repo_id,
             repo_type=plan.repo_type,
@@ -188,6 +189,22 @@ def download(
 
     write_manifest(target)
     return target
+
+
+@contextmanager
+def hub_bars(shown: bool) -> Iterator[None]:
+    """huggingface_hub's bars off within unless `shown`: in a log (`docker logs`, journald) each is one line
+    redrawn with carriage returns ten times a second for as long as its file takes."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled()
+    if not shown and not was_off:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not shown and not was_off:
+            enable_progress_bars()
 
 
 def check_files(plan: Plan, folder: Path) -> None:
