@@ -1183,6 +1183,13 @@ def test_serve_command_starts_the_server(tiny_engine, tmp_path):
     logged = (tmp_path / "serve.log").read_text()
     assert "prompt=" in logged  # the request's log line
     assert "Traceback" not in logged and "interrupted" not in logged
+    # uvicorn's lines in the format of ours, with the time (they had none, and went to stdout); the /health
+    # probes that found the server up are left out, as a load balancer's every few seconds would fill the log
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    request = rf'^{stamp} INFO uvicorn.access: 127\.0\.0\.1:\d+ - "POST /v1/chat/completions HTTP/1\.1" 200$'
+    assert re.search(request, logged, re.MULTILINE), logged
+    assert re.search(rf"^{stamp} INFO uvicorn.error: Application startup complete\.$", logged, re.MULTILINE)
+    assert "/health" not in logged
 
 
 def test_behind_a_proxy_at_a_path_the_web_ui_and_docs_link_under_it(tiny_engine, tmp_path):
@@ -1208,6 +1215,21 @@ def test_a_root_path_that_is_not_a_url_path_is_refused_before_loading(value, cap
         f"argument --root-path: {value!r} is not a URL path: /PREFIX as the proxy serves it"
         in capsys.readouterr().err
     )
+
+
+def test_a_failed_probe_stays_in_the_access_log():
+    """A load balancer's /health answered 503 (the server stopping) is worth a line; one answered 200 is not."""
+    from vicuna.server import QuietProbes
+
+    def kept(path: str, status: int) -> bool:
+        args = ("10.0.0.2:5000", "GET", path, "1.1", status)
+        record = logging.LogRecord(
+            "uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', args, None
+        )
+        return QuietProbes("/vicuna").filter(record)
+
+    assert not kept("/vicuna/health", 200) and not kept("/vicuna/metrics?x=1", 200)
+    assert kept("/vicuna/health", 503) and kept("/vicuna/v1/models", 200) and kept("/vicuna/", 200)
 
 
 def test_the_printed_url_can_be_opened_for_any_host(monkeypatch):

@@ -186,6 +186,22 @@ def open_files_raised(target: int = OPEN_FILES) -> int | None:
     return soft
 
 
+class QuietProbes(logging.Filter):
+    """Leaves out of the access log the answered probes of a load balancer (/health) and of Prometheus
+    (/metrics): every few seconds each, they made most of a quiet server's log. A failed one stays in."""
+
+    def __init__(self, root_path: str) -> None:
+        super().__init__()
+        self.root_path = root_path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn's access line: client, method, path with query, HTTP version, status
+        if not (isinstance(args, tuple) and len(args) == 5 and isinstance(args[4], int)):
+            return True
+        path = str(args[2]).split("?")[0].removeprefix(self.root_path)
+        return not (path in ("/health", "/metrics") and args[4] < 400)
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The server's own flags, before minutes go into loading the model."""
     from vicuna.server.app import check_settings
@@ -232,10 +248,13 @@ def main(args: argparse.Namespace) -> int:
         f"{', API keys required' if keys else ''})",
         flush=True,
     )
+    if args.log_level != "debug":
+        logging.getLogger("uvicorn.access").addFilter(QuietProbes(args.root_path))
     # Ctrl-C: open connections (a web UI tab keeps one) get SHUTDOWN_GRACE_S to end, then are closed and
     # the running replies cancelled; without a bound the server waited for every tab to close.
     config = uvicorn.Config(
         app,
+        log_config=None,  # uvicorn's lines as ours (above): with the time, on stderr, not two formats on two streams
         log_level=args.log_level,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         lifespan="on",
