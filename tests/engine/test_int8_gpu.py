@@ -168,3 +168,31 @@ def test_doctor_says_how_8bit_multiplies_on_a_gpu(monkeypatch, tiny_llama_dir, c
     assert "GPU 0 Pretend" in out
     expected = "ready (Triton " if installed else "not used: Triton is not installed"
     assert f"GPU kernels  {expected}" in out
+
+
+def test_the_engine_imports_with_the_triton_of_pytorch_2_6_and_2_7():
+    """Triton's tuner takes `cache_results` from 3.4 (PyTorch 2.8) only, and `do_bench` in recent versions
+    only: with PyTorch 2.6 or 2.7 (Triton 3.2, 3.3) importing the engine failed with "autotune() got an
+    unexpected keyword argument 'cache_results'", on a GPU and on a CPU alike (PyTorch's Linux builds bring
+    Triton). Here the tuner takes neither."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent(
+        """
+        import triton
+        newest = triton.autotune
+
+        def autotune(configs, key, prune_configs_by=None, reset_to_zero=None, restore_value=None,
+                     pre_hook=None, post_hook=None, warmup=None, rep=None, use_cuda_graph=False):
+            return newest(configs, key, prune_configs_by=prune_configs_by, reset_to_zero=reset_to_zero,
+                          restore_value=restore_value, pre_hook=pre_hook, post_hook=post_hook)
+
+        triton.autotune = autotune  # an older tuner's arguments
+        from vicuna.engine import int8_gpu, runner
+        print(int8_gpu.status())
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env.pop("VICUNA_TRITON", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ready (Triton "), done.stdout

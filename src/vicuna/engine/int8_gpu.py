@@ -30,6 +30,7 @@ Tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -205,13 +206,19 @@ if triton is not None:
         return triton.Config(sizes, num_warps=warps, num_stages=stages)
 
     def _tuned(configs: list[tuple[int, ...]], key: list[str]):
-        """Triton's tuner over `configs` (`tile_config`), its choice kept in Triton's cache folder."""
+        """Triton's tuner over `configs` (`tile_config`), its choice kept in Triton's cache folder where
+        this Triton keeps one: from 3.4 (PyTorch 2.8). The tuners of PyTorch 2.6's and 2.7's Triton (3.2,
+        3.3) refuse `cache_results` (and older ones `do_bench`, which only the interpreter needs), which
+        made importing this module, and so the engine, fail with a TypeError, on a CPU too."""
+        takes = inspect.signature(triton.autotune).parameters
+        options = {"cache_results": True} if "cache_results" in takes else {}
+        if INTERPRET:
+            options["do_bench"] = _run_once
         return triton.autotune(
             configs=[tile_config(*c) for c in configs],
             key=key,
             restore_value=["y_ptr"],  # tuning runs each config, and with ADD each run adds into y
-            do_bench=_run_once if INTERPRET else None,
-            cache_results=True,
+            **options,
         )
 
     @triton.jit
