@@ -710,3 +710,44 @@ def test_a_resume_from_another_base_model_is_refused(tmp_path):
     del record["base_model"]
     (out / RUN_RECORD).write_text(json.dumps(record), encoding="utf-8")
     assert resume(other, str(other)) == out / "checkpoint-3"
+
+
+@pytest.mark.parametrize(
+    ("installed", "said"), [(None, "--qlora needs bitsandbytes"), ("0.45.5", "0.45.5 is installed")]
+)
+def test_qlora_without_a_bitsandbytes_transformers_takes_is_a_clear_error(
+    tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch, installed, said
+):
+    """bitsandbytes older than transformers takes for 4-bit weights (0.46.1 in transformers 5) passed the
+    check, and transformers refused it with an ImportError traceback after the data was tokenized."""
+    import importlib.machinery
+    import importlib.metadata
+    import importlib.util
+
+    import torch
+    from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION
+
+    def version(name):
+        if name != "bitsandbytes":
+            return real(name)
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    def find_spec(name, *rest):
+        if name == "bitsandbytes" and installed:
+            return importlib.machinery.ModuleSpec(name, None)
+        return real_find_spec(name, *rest)
+
+    real, real_find_spec = importlib.metadata.version, importlib.util.find_spec
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # check_gpus: no GPU to refuse
+    args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data_file)]
+    assert cli([*args, "--output-dir", str(tmp_path / "out"), "--qlora"]) == 2
+    err = capsys.readouterr().err
+    assert said in err
+    if installed:
+        assert f"pip install -U 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}'" in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -135,14 +135,26 @@ def check_gpus(force: bool) -> None:
 
 
 def check_qlora() -> None:
-    import importlib.util
+    """A CUDA GPU, and a bitsandbytes that transformers loads 4-bit weights with: an older one passed here,
+    and transformers refused it with a traceback once the data was tokenized and the run recorded."""
+    import importlib.metadata
 
     import torch
+    from packaging.version import Version
+    from transformers import __version__ as transformers_version
+    from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION
 
     if not torch.cuda.is_available():
         raise VicunaError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); use --lora on this machine")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise VicunaError("--qlora needs bitsandbytes: pip install 'vicuna[gpu]'")
+    try:
+        found = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        raise VicunaError("--qlora needs bitsandbytes: pip install 'vicuna[gpu]'") from None
+    if Version(found) < Version(BITSANDBYTES_MIN_VERSION):
+        raise VicunaError(
+            f"--qlora: bitsandbytes {found} is installed, and transformers {transformers_version} loads 4-bit "
+            f"weights with {BITSANDBYTES_MIN_VERSION} or newer: pip install -U 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}'"
+        )
 
 
 def precision(dtype: str, *, warn: bool = True) -> tuple[Any, str]:
