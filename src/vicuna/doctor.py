@@ -60,7 +60,8 @@ def main(args: argparse.Namespace) -> int:
     tokens = DEFAULT_MAX_BATCH_SIZE * min(context_window(config), DEFAULT_TOKENS_PER_SEQUENCE)
     console.print(
         f"`vicuna serve` also reserves a KV cache of up to {tokens:,} tokens by default ({DEFAULT_MAX_BATCH_SIZE} "
-        f"replies at once; fewer where {KV_SHARE:.0%} of the memory free after loading holds less): "
+        f"replies at once; fewer where {KV_SHARE:.0%} of the memory free after loading holds less, or for LLaMA "
+        "models holds less twice, since their cache grows by copying): "
         f"{gib(size.kv_bytes(tokens, torch.bfloat16))} in 16 bits (--max-batch-size, --kv-cache-tokens)",
         highlight=False,
     )

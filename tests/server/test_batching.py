@@ -162,9 +162,9 @@ def test_the_default_kv_budget_is_what_free_memory_holds(tiny_engine, monkeypatc
 
     def budget(free_tokens: float, **kw) -> tuple[int, bool]:
         nonlocal per_token
-        monkeypatch.setattr(
-            batching, "free_bytes", lambda device: int(free_tokens * per_token / batching.KV_SHARE)
-        )
+        # what KV_SHARE of the free memory holds twice: the fused LLaMA path's cache grows by copying
+        free = int(2 * free_tokens * per_token / batching.KV_SHARE)
+        monkeypatch.setattr(batching, "free_bytes", lambda device: free)
         b = Batcher(tiny_engine, max_batch_size=4, **kw)
         b.close()
         return b.kv_cache_tokens, b.kv_cut_to_memory
@@ -177,6 +177,58 @@ def test_the_default_kv_budget_is_what_free_memory_holds(tiny_engine, monkeypatc
     assert budget(2.5 * window) == (int(2.5 * window), True)
     assert budget(window / 3) == (window, True)  # one full-length reply, whatever is free
     assert budget(window, kv_cache_tokens=3 * window) == (3 * window, False)
+
+
+def test_the_kv_cache_fits_the_free_memory_while_it_grows(tiny_engine, monkeypatch):
+    """The batch's rows share one cache tensor, which grows (and shrinks) by copying into a new one: with a
+    budget of KV_SHARE of the free memory, the cache and its copy took 1.5x the free memory as a busy batch
+    neared its budget (a GPU ran out of memory, and every running reply got 503). The caches alive at once,
+    as each new one is made, must fit in what was free."""
+    import weakref
+
+    from vicuna.engine import batching, runner
+
+    live, peak = weakref.WeakSet(), 0
+
+    def tracked(name):
+        method = getattr(runner.LlamaRunner, name)
+
+        def call(self, *args, **kwargs):
+            nonlocal peak
+            old, held = self.cache, sum(t.nbytes for t in live)
+            out = method(self, *args, **kwargs)
+            if self.cache is not None and self.cache is not old:  # made while `old` was still there
+                peak = max(peak, held + self.cache.nbytes)
+                live.add(self.cache)
+            return out
+
+        monkeypatch.setattr(runner.LlamaRunner, name, call)
+
+    for name in ("reserve", "keep"):
+        tracked(name)
+    window = tiny_engine.context_window
+    b = Batcher(tiny_engine, max_batch_size=8)
+    per_token = b.kv_token_bytes
+    b.close()
+    free = int(4 * window * per_token / batching.KV_SHARE)
+    monkeypatch.setattr(batching, "free_bytes", lambda device: free)
+    b = Batcher(tiny_engine, max_batch_size=8)
+    params = SamplingParams(temperature=0, max_new_tokens=window - 300, ignore_eos=True)
+
+    def reply(i: int) -> None:
+        for _ in b.generate(tiny_engine.encode(TEXTS[i % len(TEXTS)] * (1 + i)), params):
+            pass
+
+    try:
+        threads = [threading.Thread(target=reply, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        b.close()
+    assert b.stats.preempted  # the batch reached its budget
+    assert peak <= free, (peak / free, b.kv_cache_tokens)
 
 
 def test_cancel_frees_the_row_at_once(tiny_engine, batcher):

@@ -202,9 +202,13 @@ class Batcher:
         self.stream_interval_s = stream_interval_s
         # By default DEFAULT_TOKENS_PER_SEQUENCE for each row, as far as KV_SHARE of the memory free once
         # the model is loaded holds them (16 rows of 2,048 tokens of a 7B model take 16 GiB: under load
-        # they outgrew a 24 GB GPU, or a laptop's RAM), and never less than one full-length reply.
+        # they outgrew a 24 GB GPU, or a laptop's RAM), and never less than one full-length reply. On the
+        # fused LLaMA path the rows share one cache tensor, which grows (and shrinks) by copying into a new
+        # one, both held while it does: KV_SHARE holds the budget twice (the cache and the copy of it grew to
+        # 1.5x the free memory, out of memory on a GPU, as the batch neared a budget of KV_SHARE once).
         wanted = max_batch_size * min(engine.context_window, DEFAULT_TOKENS_PER_SEQUENCE)
-        held = int(free_bytes(engine.device) * KV_SHARE) // self.kv_token_bytes
+        copies = 2 if engine.llama_weights is not None else 1  # transformers' cache grows a layer at a time
+        held = int(free_bytes(engine.device) * KV_SHARE) // (copies * self.kv_token_bytes)
         self.kv_cache_tokens = kv_cache_tokens or max(engine.context_window, min(wanted, held))
         self.kv_cut_to_memory = kv_cache_tokens is None and self.kv_cache_tokens < wanted
         if self.kv_cache_tokens < engine.context_window:

@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-tokens",
         type=int,
         help="bound on the batch's KV cache, in tokens (default: max-batch-size x min(context window, 2048), "
-        "as far as 80%% of the memory free after loading holds them, and at least the context window)",
+        "as far as 80%% of the memory free after loading holds them (twice for LLaMA models, whose cache grows by "
+        "copying), and at least the context window)",
     )
     g.add_argument(
         "--stream-interval",
