@@ -128,3 +128,26 @@ def test_vicuna_triton_0_turns_the_gpu_kernels_off():
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.startswith("None None not used: turned off (VICUNA_TRITON=0)") == off, done.stdout
         assert ("ready (Triton " in done.stdout) != off
+
+
+def test_without_a_c_compiler_the_gpu_kernels_are_not_used(tmp_path):
+    """Triton builds its CUDA driver module from C on first use, with $CC, gcc or clang: on a machine with
+    none (a slim container image) the first step on a GPU failed with "Failed to find C compiler", and
+    doctor said the kernels were ready."""
+    pytest.importorskip("triton")
+    code = "from vicuna.engine import int8_gpu, step_gpu; print(int8_gpu.triton, step_gpu.triton, int8_gpu.status())"
+    env = {k: v for k, v in os.environ.items() if k not in ("CC", "VICUNA_TRITON", "TRITON_INTERPRET")}
+    for path, found in ((str(tmp_path), False), (os.environ.get("PATH", ""), True)):
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**env, "PATH": path},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        if found:
+            assert "ready (Triton " in done.stdout, done.stdout
+        else:
+            assert done.stdout.startswith("None None not used: no C compiler for Triton"), done.stdout
+            assert "install gcc, or name one in CC" in done.stdout

@@ -24,7 +24,8 @@ For one row both are tried on first use of each weight shape and the faster is k
 tunes each kernel's tile sizes for each weight shape on first use (kept in its cache folder). More rows
 are compute-bound: the weight is converted to the rows' dtype and multiplied by cuBLAS.
 
-Triton comes with PyTorch's CUDA builds on Linux; without it every product takes the converting path.
+Triton comes with PyTorch's CUDA builds on Linux; without it (or without a C compiler, which it builds its
+launcher with) every product takes the converting path.
 Tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -42,21 +44,33 @@ try:
 except ImportError:  # PyTorch's CPU builds, Windows
     triton = None
 TURNED_OFF = os.environ.get("VICUNA_TRITON") == "0"  # PyTorch's operations instead (see `vicuna doctor`)
-if TURNED_OFF:
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton builds its CUDA driver module (and, before 3.4, each kernel's launcher) from C on first use, with
+# $CC, gcc or clang: where there is none (a slim container image) the first decode step on a GPU failed
+# with "Failed to find C compiler". Its interpreter (tests) builds nothing.
+NO_COMPILER = triton is not None and not (
+    INTERPRET or os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")
+)
+if TURNED_OFF or NO_COMPILER:
     triton = None
 
 # Multiply-adds as one instruction each (Triton's default until 3.10, which turns it off): the one-row
 # kernel's products and sums would otherwise take two.
 FP_FUSION = {"enable_fp_fusion": True}
 MAX_ROWS = 256  # more rows: dequantize and cuBLAS (the kernels would read the weight once per 64 rows)
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _one_row_wins: dict[tuple[int, int, torch.dtype], bool] = {}  # per weight shape and dtype, once timed
 
 
 def status() -> str:
     """One line on the GPU kernels (this module's and `step_gpu`'s) here."""
     if triton is None:
-        why = "turned off (VICUNA_TRITON=0)" if TURNED_OFF else "Triton is not installed"
+        why = (
+            "turned off (VICUNA_TRITON=0)"
+            if TURNED_OFF
+            else "no C compiler for Triton to build its GPU launcher with (install gcc, or name one in CC)"
+            if NO_COMPILER
+            else "Triton is not installed"
+        )
         return (
             f"not used: {why}; --load-8bit converts each weight to float16 for each product, and a decode "
             "step runs PyTorch's operations between its products"
