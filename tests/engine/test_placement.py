@@ -292,3 +292,17 @@ def test_gpu_flags_without_a_gpu_say_why_only_where_the_model_runs_on_the_cpu(mo
         f"this PyTorch ({torch.__version__}) sees no CUDA GPU; the model runs on cpu"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("cuda", "said"), [(None, "is a CPU-only build; install one built for CUDA"), ("12.8", "nvidia-smi")]
+)
+def test_device_cuda_without_a_gpu_says_why(monkeypatch, cuda, said):
+    """`--device cuda` with a CPU-only PyTorch (pip's default on Windows) on a machine with a GPU was told
+    only "no CUDA GPU is visible to PyTorch; use --device cpu"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(VicunaError, match="--device cuda: no CUDA GPU is visible to PyTorch") as err:
+        placement.resolve_device(ModelSettings(device="cuda"))
+    assert said in str(err.value) and str(err.value).endswith("use --device cpu")

@@ -37,8 +37,15 @@ def resolve_device(settings: ModelSettings) -> torch.device:
     are visible."""
     requested = settings.device
     cuda, mps = torch.cuda.is_available(), bool(torch.backends.mps.is_available())
+    # a CPU-only PyTorch (pip's default on Windows) sees no GPU, whatever is there
     if requested == "cuda" and not cuda:
-        raise VicunaError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+        cpu_only = torch.version.cuda is None and torch.version.hip is None  # ROCm builds set hip
+        why = (
+            f": this PyTorch ({torch.__version__}) is a CPU-only build; install one built for CUDA to use the GPU, or"
+            if cpu_only
+            else " (nvidia-smi lists the GPUs; CUDA_VISIBLE_DEVICES may hide them);"
+        )
+        raise VicunaError(f"--device cuda: no CUDA GPU is visible to PyTorch{why} use --device cpu")
     if requested == "mps" and not mps:
         raise VicunaError("--device mps: Apple's Metal backend is not available here; use --device cpu")
     device = torch.device(requested or ("cuda" if cuda else "mps" if mps else "cpu"))
