@@ -57,3 +57,29 @@ def test_the_sdist_holds_every_test_and_no_caches(tmp_path):
     tests = {n for n in tests if "__pycache__" not in n}
     assert {n for n in names if n.startswith("tests/")} >= tests
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_the_torch_we_ask_for_is_one_transformers_uses():
+    """pyproject asked for torch >= 2.4 while transformers 5 uses none older than 2.6: with PyTorch 2.4 or
+    2.5 (often what a GPU machine has installed) transformers went on without it, and loading a model said
+    that PyTorch was not installed."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib")
+    ours = next(
+        Requirement(r)
+        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        if Requirement(r).name == "torch"
+    )
+    theirs = [
+        Requirement(r)
+        for r in importlib.metadata.requires("transformers") or []
+        if Requirement(r).name == "torch"
+    ]
+    floor = lambda req: max(  # noqa: E731
+        (Version(s.version) for s in req.specifier if s.operator in (">=", "==")), default=Version("0")
+    )
+    assert all(floor(ours) >= floor(req) for req in theirs), (str(ours), [str(r) for r in theirs])
