@@ -875,6 +875,18 @@ class Pty:
     def write(self, keys):
         os.write(self.master, keys.encode())
 
+    def end_with(self, sig) -> int:
+        """Send `sig` until the child ends; its exit status. A signal that comes while Python's readline is
+        still drawing the prompt is acted on only when the next one interrupts its wait (CPython's readline
+        module), as a supervisor sends it again, or SIGKILL: one signal alone hung a busy machine's run."""
+        for wait_s in (10, 10, 30):
+            self.child.send_signal(sig)
+            try:
+                return self.child.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        raise AssertionError(f"signal {sig} sent three times did not end the chat")
+
     def close(self):
         self.child.kill()
         self.child.wait()
@@ -984,15 +996,7 @@ def test_sigterm_at_the_prompt_ends_the_chat_where_ctrl_c_drops_only_the_line(te
     chat = ["chat", "--model-path", str(tiny_llama_dir), "--dtype", "float32", "--max-new-tokens", "8"]
     term = terminal(f"import sys; from vicuna.cli import main; sys.exit(main({chat!r}))")
     term.expect("USER: ")
-    term.child.send_signal(signal.SIGTERM)
-    try:
-        ended = term.child.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        # A signal that comes while Python's readline is still drawing the prompt is acted on only when the
-        # next one interrupts its wait (as in the Ctrl-C test above); a supervisor sends it again, or SIGKILL.
-        term.child.send_signal(signal.SIGTERM)
-        ended = term.child.wait(timeout=30)
-    assert ended == 128 + signal.SIGTERM
+    assert term.end_with(signal.SIGTERM) == 128 + signal.SIGTERM
     assert "interrupted" in term.expect("interrupted")
 
 
@@ -1058,8 +1062,7 @@ def test_a_pasted_message_is_kept_whole_for_the_up_arrow_even_when_the_terminal_
     term.write(pasted + "\r")
     term.expect("got 'Fix this:")
     term.expect("USER: ")
-    term.child.send_signal(signal.SIGHUP)
-    term.child.wait()
+    term.end_with(signal.SIGHUP)
     readline.clear_history()
     try:
         TerminalIO("simple", multiline=False, interactive=True)
