@@ -1081,7 +1081,7 @@ def test_two_chats_at_once_both_keep_what_was_typed_in_them(terminal, tmp_path):
         term.expect("USER: ")
         term.write(typed + "\r")
         term.expect("got ")
-    left.child.wait()
+    left.child.wait(timeout=60)  # it reads twice, then ends
     assert (tmp_path / "chat_history").read_text().splitlines() == [
         "typed on the left",
         "typed on the right",
