@@ -152,6 +152,11 @@ class TerminalIO:
                 utf8_locale_for_readline()
                 import readline
 
+                # Windows' Python has none: a `readline` there is pyreadline3's, which edits the line but
+                # lacks set_auto_history (the chat ended with an AttributeError before its first prompt)
+                # and raises IndexError for the history item 0 of an empty history; it is left to itself
+                if not hasattr(readline, "set_auto_history"):
+                    raise ImportError
                 if "libedit" not in (readline.__doc__ or ""):  # Python turns it off; bash has it on
                     # text pasted at once is one message, newlines and all, sent by the Enter after it
                     readline.parse_and_bind("set enable-bracketed-paste on")

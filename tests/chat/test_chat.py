@@ -1124,3 +1124,24 @@ def test_rich_style_on_a_dumb_terminal_streams_as_plain_text(terminal, monkeypat
     )
     seen = term.expect("style simple")
     assert "this terminal (TERM=dumb) cannot redraw a reply: --style simple" in seen
+
+
+def test_pyreadline3_on_windows_leaves_the_chat_its_own_line_editing(monkeypatch, tmp_path):
+    """Windows' Python has no readline module; `import readline` there finds pyreadline3's (installed with
+    many tools), which has no set_auto_history: the chat ended with an AttributeError before its first
+    prompt. Its line editing is left to itself, without the chat's history and bracketed paste."""
+    import types
+
+    pyreadline3 = types.ModuleType(
+        "readline", "Importing this module enables command line editing using pyreadline3"
+    )
+    for name in ("parse_and_bind", "add_history", "get_history_item", "get_current_history_length"):
+        setattr(pyreadline3, name, lambda *args: None)
+    pyreadline3.set_history_length = lambda length: None
+    monkeypatch.setitem(sys.modules, "readline", pyreadline3)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    io = TerminalIO("simple", multiline=False, interactive=True)
+    assert io.readline is None and not io.bracketed_paste
+    io.remember("你好")  # nothing to remember it with, and no error
+    assert not (tmp_path / chat_module.HISTORY_FILE).exists()
