@@ -8,6 +8,7 @@ in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FI
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import functools
 import io as io_module
@@ -100,11 +101,35 @@ class ChatIO(Protocol):
     def no_reply(self) -> None: ...
 
 
-def piped_line(line: str) -> str:
+def piped_line(line: str, code_page: str | None = None) -> str:
     """A line read from a file or a pipe, as a Windows editor may have saved it: without its line end
     ("\r\n" too) and without the byte-order mark Notepad puts before the first line of UTF-8, which went to
-    the model as part of the first message (and made a first line '!!load FILE' a message)."""
-    return line.rstrip("\r\n").removeprefix("\ufeff")
+    the model as part of the first message (and made a first line '!!load FILE' a message). A line that is
+    not UTF-8 is read in `code_page` where one is given (`utf8_stdin`)."""
+    line = line.rstrip("\r\n").removeprefix("\ufeff")
+    if code_page is not None and not line.isascii():
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            line = line.encode("utf-8", "surrogateescape").decode(code_page, "surrogateescape")
+    return line
+
+
+def utf8_stdin() -> str | None:
+    """Read standard input as UTF-8, bytes that are not UTF-8 kept as surrogate escapes (said, not a
+    traceback); the encoding in which to read a line that is not UTF-8, or None. Windows' Python reads a
+    pipe in the ANSI code page (cp936 on a Chinese Windows), but what comes through one there is as often
+    UTF-8: a file Notepad saved (its default), PowerShell 7, Git Bash. Read as GBK, "你好" went to the model
+    as "浣犲ソ" without a word, and Notepad's byte-order mark was never taken off. There a line is read as
+    UTF-8 when it is, else in the code page (cmd's `echo 你好 | vicuna chat` sends GBK)."""
+    if not isinstance(sys.stdin, io_module.TextIOWrapper):
+        return None
+    encoding = sys.stdin.encoding
+    if sys.platform == "win32" and not sys.stdin.isatty() and codecs.lookup(encoding).name != "utf-8":
+        sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
+        return encoding
+    sys.stdin.reconfigure(errors="surrogateescape")
+    return None
 
 
 def utf8_locale_for_readline() -> None:
@@ -142,8 +167,9 @@ def history_entries(text: str) -> list[str]:
 class TerminalIO:
     """Reads user messages and shows replies; `rich` renders markdown as it streams."""
 
-    def __init__(self, style: str, multiline: bool, interactive: bool) -> None:
+    def __init__(self, style: str, multiline: bool, interactive: bool, code_page: str | None = None) -> None:
         self.style, self.multiline, self.interactive = style, multiline, interactive
+        self.code_page = code_page  # of a piped line that is not UTF-8 (`utf8_stdin`)
         self.console = None
         if interactive:
             # input() through GNU readline: line editing, and no limit on a line's length, where the
@@ -235,20 +261,19 @@ class TerminalIO:
             if self.style == "programmatic":
                 lines = []
                 for line in sys.stdin:
-                    if piped_line(line) == END_MARK:
+                    line = piped_line(line, self.code_page)
+                    if line == END_MARK:
                         return "\n".join(lines)
-                    if piped_line(line).endswith(
-                        FASTCHAT_END_MARK
-                    ):  # its messages went on, and its script waited
+                    if line.endswith(FASTCHAT_END_MARK):  # its messages went on, and its script waited
                         raise VicunaError(
                             f"--style programmatic: {FASTCHAT_END_MARK} is FastChat's end of a message; here "
                             f"a message ends with a line {END_MARK}, and so does each reply (no [!OP:...] prefixes)"
                         )
-                    lines.append(piped_line(line))
+                    lines.append(line)
                 return "\n".join(lines) if lines else None
             if not self.interactive:
                 line = sys.stdin.readline()
-                return piped_line(line) if line else None
+                return piped_line(line, self.code_page) if line else None
             while True:
                 try:
                     text = self._read_typed()
@@ -762,10 +787,12 @@ def main(args: argparse.Namespace) -> int:
         params.max_new_tokens, context_window(read_config(resolve_model_path(args.model_path)))
     )
     engine: Any = load_engine(settings)
-    if isinstance(sys.stdin, io_module.TextIOWrapper):  # bytes that are not UTF-8 are said, not a traceback
-        sys.stdin.reconfigure(errors="surrogateescape")
+    code_page = utf8_stdin()
     io = TerminalIO(
-        args.style, args.multiline, interactive=sys.stdin.isatty() and args.style != "programmatic"
+        args.style,
+        args.multiline,
+        interactive=sys.stdin.isatty() and args.style != "programmatic",
+        code_page=code_page,
     )
     if io.interactive:
         io.info(f"{HELP} {PASTED}" if io.bracketed_paste else HELP)

@@ -1145,3 +1145,24 @@ def test_pyreadline3_on_windows_leaves_the_chat_its_own_line_editing(monkeypatch
     assert io.readline is None and not io.bracketed_paste
     io.remember("你好")  # nothing to remember it with, and no error
     assert not (tmp_path / chat_module.HISTORY_FILE).exists()
+
+
+@pytest.mark.parametrize("style", ["simple", "programmatic"])
+def test_a_pipe_on_windows_is_read_as_utf8_and_a_line_that_is_not_in_the_code_page(monkeypatch, style):
+    """Windows' Python reads a pipe in the ANSI code page (cp936 on a Chinese Windows), but a file Notepad
+    saved, PowerShell 7 and Git Bash send UTF-8: "你好" went to the model as "浣犲ソ", and the byte-order
+    mark was never taken off. cmd's `echo 你好 |` sends GBK, which is still read."""
+    end = f"\n{END_MARK}\n" if style == "programmatic" else "\n"
+    piped = f"\ufeff你好{end}".encode() + f"再见{end}".encode("gbk") + f"Emoji 😀 ok{end}".encode()
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(sys, "stdin", io_module.TextIOWrapper(io_module.BytesIO(piped), encoding="cp936"))
+    io = TerminalIO(style, multiline=False, interactive=False, code_page=chat_module.utf8_stdin())
+    assert [io.read(), io.read(), io.read(), io.read()] == ["你好", "再见", "Emoji 😀 ok", None]
+
+
+def test_a_pipe_elsewhere_is_read_in_its_encoding_and_what_is_not_utf8_is_left_to_be_said(monkeypatch):
+    piped = "你好\n".encode() + "再见\n".encode("gbk")
+    monkeypatch.setattr(sys, "stdin", io_module.TextIOWrapper(io_module.BytesIO(piped), encoding="utf-8"))
+    io = TerminalIO("simple", multiline=False, interactive=False, code_page=chat_module.utf8_stdin())
+    first, second = io.read(), io.read()
+    assert first == "你好" and chat_module.not_utf8(second).endswith("`iconv -f GB18030 -t UTF-8`")
