@@ -56,6 +56,12 @@ QUOTES = '"""'  # as in ollama: a line that begins with it begins a message of s
 PASTED = "Lines pasted at once are one message."  # where readline takes pastes whole (bracketed paste)
 
 
+def eof_keys() -> str:
+    """The keys that end the input at a prompt. Windows' console ends it with Ctrl-Z and Enter; Ctrl-D
+    there types ^D, which Enter sent to the model as a message."""
+    return "Ctrl-Z then Enter" if sys.platform == "win32" else "Ctrl-D"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     g = parser.add_argument_group("generation")
@@ -80,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--multiline",
         action="store_true",
-        help="a message ends with an empty line, or Ctrl-D on a line of its own",
+        help=f"a message ends with an empty line, or {eof_keys()} on a line of its own",
     )
     c.add_argument("--debug", action="store_true", help="show time to first token and tokens/s")
 
@@ -280,8 +286,8 @@ class TerminalIO:
                     self.remember(text)
                     return text
                 except KeyboardInterrupt:  # as in a shell: the line typed so far goes, the chat stays
-                    print("\n(Ctrl-D or !!exit ends the chat)", flush=True)
-        except EOFError:  # Ctrl-D
+                    print(f"\n({eof_keys()} or !!exit ends the chat)", flush=True)
+        except EOFError:  # Ctrl-D (Ctrl-Z and Enter on Windows)
             if self.interactive and not self.bracketed_paste:  # readline ends the line itself in that mode
                 print(flush=True)  # the shell's prompt on a line of its own, not after "USER: "
             return None
@@ -510,7 +516,8 @@ def run_chat(
                 io.info("(nothing to regenerate)")
                 continue
         elif command.startswith("!!") and command[2:].isalpha():  # a typo (!!exti) is not a message
-            io.info(COMMANDS if command == "!!help" else f"unknown command {command}. {HELP}")
+            help_text = COMMANDS.replace("Ctrl-D", eof_keys())
+            io.info(help_text if command == "!!help" else f"unknown command {command}. {HELP}")
             continue
         elif not text.strip():
             io.no_reply()

@@ -1166,3 +1166,29 @@ def test_a_pipe_elsewhere_is_read_in_its_encoding_and_what_is_not_utf8_is_left_t
     io = TerminalIO("simple", multiline=False, interactive=False, code_page=chat_module.utf8_stdin())
     first, second = io.read(), io.read()
     assert first == "你好" and chat_module.not_utf8(second).endswith("`iconv -f GB18030 -t UTF-8`")
+
+
+def test_on_windows_the_chat_says_ctrl_z_then_enter_where_it_said_ctrl_d(monkeypatch, capsys):
+    """Windows' console ends the input with Ctrl-Z and Enter; the Ctrl-D the chat named there types ^D,
+    which Enter sent to the model as a message."""
+    import builtins
+
+    from vicuna.cli import command_parser
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "readline", None)  # Windows' Python has none
+    keys = iter([KeyboardInterrupt, EOFError])
+
+    def typed(prompt):
+        raise next(keys)
+
+    monkeypatch.setattr(builtins, "input", typed)
+    assert TerminalIO("simple", multiline=False, interactive=True).read() is None
+    assert "(Ctrl-Z then Enter or !!exit ends the chat)" in capsys.readouterr().out
+    io = ScriptedIO(["!!help"])
+    run_chat(EchoEngine(), io, PARAMS)
+    assert "end the chat (Ctrl-Z then Enter at the prompt too)" in io.notes[0]
+    assert "Ctrl-D" not in io.notes[0]
+    assert "or Ctrl-Z then Enter on a line of its own" in " ".join(
+        command_parser("chat").format_help().split()
+    )
