@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -184,3 +185,31 @@ def test_fastchat_s_module_as_a_command_names_the_vicuna_command(capsys):
     ):
         assert main([typed, "--model-path", "m"]) == 2
         assert capsys.readouterr().err.startswith(f"vicuna: error: {typed} is FastChat's; here it is {said}")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="stands in for SIGBREAK with SIGUSR1")
+def test_ctrl_break_on_windows_ends_a_command_as_sigterm_does(tmp_path):
+    """Windows sends no SIGTERM: Ctrl-Break, and the CTRL_BREAK_EVENT a script or a service wrapper stops a
+    console program with, come as SIGBREAK, which ended the command at once. Here SIGUSR1 plays SIGBREAK,
+    which only Windows has (without a handler it ends the process too)."""
+    cleaned = tmp_path / "cleaned"
+    code = f"""if True:
+        import os, signal, sys, time
+        signal.SIGBREAK = signal.SIGUSR1
+        import vicuna.weights.convert as convert
+        from vicuna.cli import main
+
+        def converting(args):
+            try:
+                os.kill(os.getpid(), signal.SIGBREAK)
+                time.sleep(60)
+            finally:
+                open({str(cleaned)!r}, "w").close()
+
+        convert.main = converting
+        sys.exit(main(["convert", "in", "out"]))
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "interrupted; run the same command again to go on from where it stopped"
+    assert cleaned.exists()

@@ -140,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM ended every command at once: no cleanup, no word on how to go on, and `docker stop` of a
     # command run as a container's PID 1 (which the kernel spares a signal it has no handler for) waited
-    # 10 s for SIGKILL. Not where the parent set SIGTERM ignored; signals are handled in the main thread only.
-    watch = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    )
-    previous = signal.signal(signal.SIGTERM, terminated) if watch else None
+    # 10 s for SIGKILL. Windows sends no SIGTERM: there Ctrl-Break, and the CTRL_BREAK_EVENT with which a
+    # script or a service wrapper stops a console program, come as SIGBREAK, which did the same. Not where
+    # the parent set one ignored; signals are handled in the main thread only.
+    stops = [signal.SIGTERM, *([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])]
+    watched = {
+        stop: signal.signal(stop, terminated)
+        for stop in stops
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(stop) is signal.SIG_DFL
+    }
     try:
         return int(module.main(args) or 0)
     except VicunaError as err:
@@ -159,5 +162,5 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted" + (f"; {RESUME_HINTS[name]}" if name in RESUME_HINTS else ""), file=sys.stderr)
         return getattr(err, "exit_code", 130)
     finally:
-        if watch:
-            signal.signal(signal.SIGTERM, previous)
+        for stop, previous in watched.items():
+            signal.signal(stop, previous)
