@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -45,3 +46,49 @@ def test_real_disk(tmp_path):
     assert free_bytes(tmp_path) == shutil.disk_usage(tmp_path).free
     with pytest.raises(VicunaError, match="needs"):
         ensure_free_space(tmp_path, free_bytes(tmp_path) + 10**15, "a petabyte")
+
+
+class WindowsLocks:
+    """msvcrt's byte-range locks as Windows keeps them, per file, across processes; without fcntl."""
+
+    LK_LOCK, LK_NBLCK = 1, 2
+
+    def __init__(self, monkeypatch, busy_tries=0):
+        import os
+        import sys
+        import types
+
+        self.held, self.calls, self.busy_tries = set(), [], busy_tries
+        msvcrt = types.ModuleType("msvcrt")
+        msvcrt.LK_LOCK, msvcrt.LK_NBLCK, msvcrt.locking = self.LK_LOCK, self.LK_NBLCK, self.locking
+        monkeypatch.setitem(sys.modules, "fcntl", None)  # Windows has none
+        monkeypatch.setitem(sys.modules, "msvcrt", msvcrt)
+        self.file_id = lambda fd: os.fstat(fd).st_ino
+
+    def locking(self, fd, mode, nbytes):
+        self.calls.append(mode)
+        if self.file_id(fd) in self.held or self.busy_tries:
+            self.busy_tries = max(0, self.busy_tries - 1)
+            raise OSError(36, "Resource deadlock avoided")  # what LK_LOCK says after 10 s, LK_NBLCK at once
+        self.held.add(self.file_id(fd))
+
+
+def test_on_windows_a_second_job_writing_the_same_output_is_refused(monkeypatch, tmp_path):
+    """Windows has no fcntl: there two jobs wrote into the same staging folder, each over the other's files."""
+    from vicuna.weights.disk import one_writer
+
+    WindowsLocks(monkeypatch)
+    out = tmp_path / "我的 模型"
+    refused = pytest.raises(VicunaError, match=re.escape(f"another vicuna job is writing {out} now"))
+    with one_writer(out, out), refused:  # a first job, still writing, holds it
+        one_writer(out, out).__enter__()
+
+
+def test_on_windows_a_second_start_waits_for_the_built_in_model_s_conversion(monkeypatch, tmp_path):
+    """Two first starts at once converted the built-in model into the same folder, each removing what the
+    other wrote; the second now waits, as msvcrt does: 10 s at a time."""
+    from vicuna.weights.builtin import converting
+
+    locks = WindowsLocks(monkeypatch, busy_tries=2)  # another start converts for 20 s or so
+    with converting(tmp_path / "SmolLM2"):
+        assert locks.calls == [WindowsLocks.LK_LOCK] * 3

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError
-from vicuna.weights.disk import disk_full
+from vicuna.weights.disk import disk_full, locked
 from vicuna.weights.manifest import transformers_bar
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
@@ -68,12 +68,7 @@ def converting(out: Path) -> Iterator[None]:
     """Hold a lock on a hidden file beside `out` while converting into it (let go if the process dies)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(f".{out.name}.lock"), "w") as handle:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no lock
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        locked(handle)
         yield
 
 

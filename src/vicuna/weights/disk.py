@@ -6,8 +6,9 @@ from __future__ import annotations
 import errno
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO
 
 from vicuna.errors import VicunaError
 
@@ -37,30 +38,48 @@ def ensure_free_space(folder: Path, needed_bytes: int, what: str) -> None:
         )
 
 
+def locked(handle: IO[str], wait: bool = True) -> bool:
+    """Lock a file opened for writing, for this process until it closes it or dies; False where `wait` is
+    False and another process holds it. Windows has no flock: there the file's first byte is locked (which
+    msvcrt tries for 10 s at a time); without one, two first starts converted the built-in model into the
+    same folder at once, each removing what the other wrote, and two jobs wrote the same output."""
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        while True:
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not wait:
+                    return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextmanager
 def one_writer(out: Path, staging: Path) -> Iterator[None]:
     """Refuse a second job writing `out` while one is (two would overwrite each other's files in `staging`): a
     lock on a hidden file beside it, let go when the job ends or its process dies."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock
-        yield
-        return
     lock = staging.with_name(f".{staging.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not locked(handle, wait=False):
             raise VicunaError(
                 f"another vicuna job is writing {out} now"
                 + (f" ({staging})" if staging != out else "")
                 + "; wait for it to finish or stop it"
-            ) from None
+            )
         try:
             yield
         finally:
-            lock.unlink(missing_ok=True)
+            with suppress(PermissionError):  # Windows removes no file held open: it stays, empty
+                lock.unlink(missing_ok=True)
 
 
 def disk_full(err: BaseException) -> bool:
