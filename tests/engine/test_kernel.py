@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -230,6 +231,26 @@ def test_a_build_is_made_once_per_source_and_compiler(tmp_path, monkeypatch):
     assert sorted(p.name for p in first.parent.iterdir()) == sorted(
         [first.name, kernel.library_path("clang++").name]
     )
+
+
+@pytest.mark.skipif(not shutil.which("x86_64-w64-mingw32-g++"), reason="needs MinGW's g++ (a cross-compiler)")
+def test_on_windows_mingw_builds_a_kernel_that_needs_no_dll_from_the_compiler_s_folder(tmp_path, monkeypatch):
+    """MinGW's g++ (MSYS2's, the g++ a Windows user installs) refused the source (Windows' C runtime has no
+    aligned_alloc), and a build would have needed libgomp-1.dll and libstdc++-6.dll from the compiler's
+    folder, where Python 3.8 and later does not look for a library's dependencies: the engine decoded with
+    PyTorch's slower operations on every Windows machine, after a warning of compiler errors."""
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "用户 home"))
+    monkeypatch.setattr(sys, "platform", "win32")
+    library = kernel.build("x86_64-w64-mingw32-g++", progress=False)
+    dump = subprocess.run(
+        ["x86_64-w64-mingw32-objdump", "-p", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    needed = {line.split(":", 1)[1].strip().lower() for line in dump.splitlines() if "DLL Name:" in line}
+    assert needed and all(
+        name in ("kernel32.dll", "msvcrt.dll", "ucrtbase.dll") or name.startswith("api-ms-win-")
+        for name in needed
+    ), needed
+    assert all(f" vicuna_{name}\n" in dump for name in ("product", "attend", "decode", "pack", "threads"))
 
 
 def test_a_failed_build_is_said_once_leaves_no_library_and_the_engine_uses_pytorch(

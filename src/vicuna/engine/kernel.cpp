@@ -25,6 +25,15 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef _WIN32
+// Windows' C runtime has no aligned_alloc (MinGW's g++ refused this file), and a block _aligned_malloc
+// gives must go back through _aligned_free: there every block of this file is taken and given back so.
+#include <malloc.h>
+#define aligned_alloc(alignment, size) _aligned_malloc((size), (alignment))
+#define malloc(size) _aligned_malloc((size), 16)
+#define free(block) _aligned_free(block)
+#endif
+
 namespace {
 
 enum Kind { BF16 = 0, F16 = 1, F32 = 2, I8 = 3, PACKED = 4, PACKED_I8 = 5 };  // PACKED: in blocks (see BLOCK)

@@ -27,7 +27,8 @@ no sums across a vector's lanes remain): a 16-row step's products then take ~5.5
 near the CPU's ~1,000 GFLOP/s of dot products), and one to four rows stream as fast as before.
 
 The source is compiled once per machine with the system's C++ compiler (a few seconds) into
-$VICUNA_HOME/kernels; it runs on PyTorch's OpenMP threads. On a CPU without AVX2 and FMA, without a
+$VICUNA_HOME/kernels (on Windows with MinGW's g++, e.g. MSYS2's, its runtime linked in); it runs on
+PyTorch's OpenMP threads. On a CPU without AVX2 and FMA, without a
 compiler, when the build fails or with VICUNA_KERNEL=0, `load()` answers None and the engine uses
 PyTorch's operations.
 """
@@ -57,6 +58,9 @@ log = logging.getLogger("vicuna.kernel")
 
 SOURCE = Path(__file__).with_name("kernel.cpp")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# Windows: MinGW's g++ links its runtime (libgomp, libstdc++, libgcc) as DLLs in its own folder, where
+# Python 3.8 and later does not look for a library's dependencies: the build would not load. Linked in.
+WINDOWS_FLAGS = ["-static"]
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.int8: 3}
 PACKED = {torch.bfloat16: 4, torch.int8: 5}  # weights in the kernel's blocks (`pack_`)
 BLOCK = 16  # weight rows per block
@@ -157,9 +161,14 @@ def source_hash() -> str:
     return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
 
 
+def flags() -> list[str]:
+    """The compiler's flags here."""
+    return FLAGS + (WINDOWS_FLAGS if sys.platform == "win32" else [])
+
+
 def library_path(compiler: str) -> Path:
     """Where the build for this source, compiler and flags lives."""
-    how = hashlib.sha256(" ".join([compiler, *FLAGS]).encode()).hexdigest()[:8]
+    how = hashlib.sha256(" ".join([compiler, *flags()]).encode()).hexdigest()[:8]
     return vicuna_home() / "kernels" / f"vicuna-kernel-{source_hash()}-{how}.so"
 
 
@@ -190,7 +199,7 @@ def build(compiler: str, progress: bool = True) -> Path:
                 old.unlink()
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(partial)],
+            [compiler, *flags(), str(SOURCE), "-o", str(partial)],
             check=True,
             capture_output=True,
             timeout=BUILD_TIMEOUT_S,
