@@ -253,6 +253,29 @@ def test_on_windows_mingw_builds_a_kernel_that_needs_no_dll_from_the_compiler_s_
     assert all(f" vicuna_{name}\n" in dump for name in ("product", "attend", "decode", "pack", "threads"))
 
 
+def test_on_windows_a_build_another_start_made_and_loaded_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two first starts at once each compile the kernel; on Windows the second could not rename its build
+    over the first's, which that process has loaded (PermissionError): it was taken for a failed build,
+    and the .failed file it left kept the kernel off for every later start."""
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    path = kernel.library_path("g++")
+
+    def compile_(command, **kwargs):
+        Path(command[-1]).write_bytes(b"this start's")
+        path.write_bytes(b"the other start's, loaded")  # it finished first, meanwhile
+
+    def replace(src, dst):
+        if Path(dst).exists():
+            raise PermissionError(13, "Access is denied", str(src), None, str(dst))
+        os.rename(src, dst)
+
+    monkeypatch.setattr(subprocess, "run", compile_)
+    monkeypatch.setattr(os, "replace", replace)
+    assert kernel.build("g++", progress=False) == path
+    assert path.read_bytes() == b"the other start's, loaded"
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # this start's build is gone
+
+
 def test_a_failed_build_is_said_once_leaves_no_library_and_the_engine_uses_pytorch(
     tmp_path, monkeypatch, caplog
 ):

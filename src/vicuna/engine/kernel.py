@@ -204,7 +204,13 @@ def build(compiler: str, progress: bool = True) -> Path:
             capture_output=True,
             timeout=BUILD_TIMEOUT_S,
         )
-        os.replace(partial, path)
+        # Windows replaces no library a process has loaded: there another start that built the same one
+        # first and uses it made this rename fail, which was taken for a failed build (kept off for good)
+        try:
+            os.replace(partial, path)
+        except PermissionError:
+            if not path.exists():
+                raise
     finally:
         partial.unlink(missing_ok=True)
     return path
