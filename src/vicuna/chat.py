@@ -504,10 +504,10 @@ def run_chat(
             messages = kept
             continue
         if command == "!!save":
-            _save(arg.strip(), messages, io, system)
+            _save(file_argument(arg), messages, io, system)
             continue
         if command == "!!load":
-            if loaded := _load(arg.strip(), engine, io):
+            if loaded := _load(file_argument(arg), engine, io):
                 messages, left_out = loaded, 0
             continue
         if command == "!!regen":  # answers the last user message again (or a loaded one for the first time)
@@ -544,6 +544,14 @@ def split_command(text: str) -> tuple[str, str]:
     if typed.startswith("!!") and typed.isascii():
         command = typed
     return command, arg
+
+
+def file_argument(arg: str) -> str:
+    """The FILE of !!save FILE and !!load FILE, without the double quotes around it that a shell's habit
+    types, or Windows Explorer's "Copy as path" puts around what it copies: they were taken as part of the
+    name ("no such file", or on Linux a file named with them)."""
+    arg = arg.strip()
+    return arg[1:-1] if len(arg) > 1 and arg[0] == arg[-1] and arg[0] in "\"'" else arg
 
 
 def not_utf8(text: str) -> str | None:

@@ -1192,3 +1192,16 @@ def test_on_windows_the_chat_says_ctrl_z_then_enter_where_it_said_ctrl_d(monkeyp
     assert "or Ctrl-Z then Enter on a line of its own" in " ".join(
         command_parser("chat").format_help().split()
     )
+
+
+def test_save_and_load_take_a_path_in_quotes_as_explorer_s_copy_as_path_gives_it(tmp_path):
+    """Windows Explorer's "Copy as path" puts double quotes around the path (and a shell's habit types them
+    around one with spaces): they were taken as part of the name."""
+    path = tmp_path / "我的 对话.json"
+    io = ScriptedIO(["hi", f'!!save "{path}"', "!!reset", f"!!load  '{path}' "])
+    run_chat(EchoEngine(), io, PARAMS)
+    assert io.notes == [
+        f"(saved 2 messages to {path})",
+        "(conversation cleared)",
+        f"(loaded 2 messages from {path})",
+    ]
