@@ -1512,3 +1512,22 @@ def test_embeddings_stop_when_their_client_goes_away(tiny_engine, caplog):
         assert done < 2000
         r = httpx.post(f"{url}/v1/chat/completions", json=greedy(messages=HELLO, max_tokens=2), timeout=60)
         assert r.status_code == 200 and len(computed) == done
+
+
+def test_serve_on_windows_says_what_to_do_about_a_port_windows_keeps(monkeypatch):
+    """Hyper-V, WSL 2 and Docker have Windows keep ranges of ports from programs: binding one fails with
+    WinError 10013 ("An attempt was made to access a socket in a way forbidden by its access permissions",
+    in Chinese "以一种访问权限不允许的方式做了一个访问套接字的尝试"), with no program seen listening on it, and
+    the error said nothing more."""
+    from vicuna.server import listen
+
+    def reserved(self, address):
+        raise OSError(10013, "以一种访问权限不允许的方式做了一个访问套接字的尝试。", None, 10013)
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(socket.socket, "bind", reserved)
+    with pytest.raises(VicunaError) as err:
+        listen("0.0.0.0", 8000)
+    assert str(err.value).startswith("cannot listen on 0.0.0.0:8000: 以一种访问权限不允许的方式")
+    assert "`netsh interface ipv4 show excludedportrange protocol=tcp`" in str(err.value)
+    assert str(err.value).endswith("choose another --port")

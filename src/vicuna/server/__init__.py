@@ -127,6 +127,9 @@ def default_port_dropped(origin: str) -> str:
     return origin
 
 
+WSAEACCES = 10013  # Windows' errno for a port it does not let this program bind
+
+
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the model loads: a port in use is said at once, not after it."""
     try:
@@ -147,6 +150,10 @@ def listen(host: str, port: int) -> socket.socket:
             errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; use one of its own, or 0.0.0.0 "
             "for every interface",
             errno.EACCES: "ports below 1024 need privileges; choose a --port above 1023",
+            # Windows' WSAEACCES: a port it keeps for itself (Hyper-V, WSL 2 and Docker reserve ranges of
+            # them, which no program is seen listening on) or that a program holds for its own use
+            WSAEACCES: "Windows keeps this port from programs (`netsh interface ipv4 show excludedportrange "
+            "protocol=tcp` lists the ranges it keeps), or another program holds it; choose another --port",
         }.get(err.errno)
         raise VicunaError(
             f"cannot listen on {host}:{port}: {err.strerror or err}" + (f"; {hint}" if hint else "")
