@@ -63,3 +63,17 @@ def test_doctor_says_the_default_kv_budget_is_cut_to_free_memory(tiny_llama_dir,
         "reserves a KV cache of up to 4,096 tokens by default (16 replies at once; fewer where 80% of" in out
     )
     assert "the memory free after loading holds less, or for LLaMA models holds less twice" in out
+
+
+def test_doctor_shows_a_model_folder_with_brackets_in_its_name_as_it_is(
+    tiny_llama_dir, tmp_path, capsys, monkeypatch
+):
+    """rich took "[v2]" in the folder's name for markup and left it out (on Windows it took the backslash
+    before it for its escape: D:\\模型\\[v2] was shown as D:\\模型[v2]), which is not the folder."""
+    import shutil
+
+    folder = tmp_path / "模型[v2]"
+    shutil.copytree(tiny_llama_dir, folder)
+    monkeypatch.setenv("COLUMNS", "400")
+    main(["doctor", "--model-path", str(folder)])
+    assert f"Model {folder} — " in capsys.readouterr().out

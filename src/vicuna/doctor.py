@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from vicuna.engine import kernel
@@ -24,8 +25,13 @@ def main(args: argparse.Namespace) -> int:
     console = Console()
     hw = probe_hardware()
     console.print("[bold]Hardware[/bold]")
-    console.print(f"  CPU   {hw.cpu}, {hw.cores} cores; features: {' '.join(hw.cpu_flags) or 'none of note'}")
-    console.print(f"  CPU kernel  {kernel.status()}")
+    # what the machine or the user names is printed as it is, not as rich's markup, which took "[v2]" in a
+    # path for a tag (and on Windows the backslash before it for its escape)
+    console.print(
+        f"  CPU   {hw.cpu}, {hw.cores} cores; features: {' '.join(hw.cpu_flags) or 'none of note'}",
+        markup=False,
+    )
+    console.print(f"  CPU kernel  {kernel.status()}", markup=False)
     console.print(f"  RAM   {gib(hw.ram_total)} total, {gib(hw.ram_available)} available")
     console.print(f"  Disk  {gib(hw.disk_free)} free for models")
     for g in hw.gpus:
@@ -37,14 +43,14 @@ def main(args: argparse.Namespace) -> int:
     if hw.gpus:
         from vicuna.engine import int8_gpu
 
-        console.print(f"  GPU kernels  {int8_gpu.status()}")
+        console.print(f"  GPU kernels  {int8_gpu.status()}", markup=False)
     else:
         console.print("  GPU   none visible to PyTorch" + (" (Apple MPS available)" if hw.mps else ""))
 
     settings = model_settings_from_args(args)
     folder = resolve_model_path(settings.model_path, download=False)  # not gigabytes to show the needs
     size = model_size(read_config(folder))
-    console.print(f"\n[bold]Model[/bold] {folder} — {size.params / 1e6:,.1f}M parameters")
+    console.print(f"\n[bold]Model[/bold] {escape(str(folder))} — {size.params / 1e6:,.1f}M parameters")
     sizes = Table("precision", "weights", "KV cache per 1k tokens")
     for name, dtype, eight in (
         ("float32", torch.float32, False),
@@ -81,7 +87,9 @@ def main(args: argparse.Namespace) -> int:
         dtype = resolve_dtype(settings.dtype, device, config)
         check_fits(config, settings, device, dtype)
     except VicunaError as err:
-        console.print(f"\n[bold]These flags[/bold] [red]do not work here[/red]: {err}", highlight=False)
+        console.print(
+            f"\n[bold]These flags[/bold] [red]do not work here[/red]: {escape(str(err))}", highlight=False
+        )
         return err.exit_code
     eight = " --load-8bit" if settings.load_8bit else ""
     several = device.type == "cuda" and settings.num_gpus > 1 and not settings.load_8bit  # 8-bit: one GPU

@@ -624,3 +624,16 @@ def test_a_weight_other_than_0_or_1_names_the_record_and_field(tmp_path, message
     path.write_text(openai_line(*messages, id="w"), encoding="utf-8")
     with pytest.raises(VicunaError, match=match):
         load_conversations(path)
+
+
+def test_inspect_shows_the_data_s_path_with_brackets_in_it_as_it_is(tiny_llama_dir, tmp_path, capsys):
+    """rich took "[v2]" in the data's path for markup and left it out (on Windows it took the backslash
+    before it for its escape), in each example's heading and in "wrote N examples to"."""
+    folder = tmp_path / "数据[v2]"
+    folder.mkdir()
+    data, out = folder / "data.json", folder / "examples.jsonl"
+    data.write_text(json.dumps([CONVERSATION]), encoding="utf-8")
+    args = ["train", "inspect", "--data", str(data), "--model-path", str(tiny_llama_dir), "--json", str(out)]
+    assert cli(args) == 0
+    shown = capsys.readouterr().out
+    assert f"{data}" in shown and f"wrote 1 examples to {out}" in shown

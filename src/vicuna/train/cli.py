@@ -135,7 +135,9 @@ def inspect(args: argparse.Namespace) -> int:
         split_long=args.split_long,
         progress=True,
     )
-    console = Console(highlight=False, soft_wrap=True)
+    # no markup: the paths and reasons printed are the user's text, where rich took "[v2]" for a tag (and
+    # on Windows the backslash before it for its escape: D:\数据\[v2] was shown as D:\数据[v2])
+    console = Console(highlight=False, soft_wrap=True, markup=False)
     legend = "green" if console.is_terminal else "inside [[ ]]"
     console.print(f"tokens with loss are {legend}; the others are masked (label -100)")
     for example in prepared.examples[: max(args.n, 0)]:
