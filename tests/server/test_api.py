@@ -1458,6 +1458,21 @@ def test_the_server_raises_its_limit_on_open_files_for_many_connections():
     assert out.split() == [str(expected)] * 2
 
 
+def test_the_server_starts_where_the_system_refuses_more_open_files(monkeypatch, caplog):
+    import resource
+
+    from vicuna.server import open_files_raised
+
+    def refused(kind, limits):  # macOS: the hard limit says unlimited, the kernel caps it far lower
+        raise ValueError("current limit exceeds maximum limit")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (256, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", refused)
+    with caplog.at_level(logging.WARNING):
+        assert open_files_raised() == 256  # was a traceback, and no server
+    assert "cannot raise the limit on open files from 256 to 65535" in caplog.text
+
+
 def test_a_number_of_thousands_of_digits_is_a_400_not_a_crash(served, caplog):
     url, _ = served
     # Python reads an integer of at most 4300 digits; a longer one was a 500, and the connection was dropped

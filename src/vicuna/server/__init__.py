@@ -181,7 +181,9 @@ def model_names(text: str) -> list[str]:
 
 def open_files_raised(target: int = OPEN_FILES) -> int | None:
     """Raise this process's soft limit on open files to `target`, or to the hard limit below it; the soft
-    limit now (None on Windows, which has no such limit)."""
+    limit now (None on Windows, which has no such limit). Where the system refuses it stays as it was, with
+    a warning: macOS says its hard limit is unlimited but refuses more than its kernel's cap (often 10240)
+    with EINVAL, which stopped `vicuna serve` there with a traceback before it loaded the model."""
     try:
         import resource
     except ImportError:
@@ -189,7 +191,17 @@ def open_files_raised(target: int = OPEN_FILES) -> int | None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as err:  # macOS: a hard limit said unlimited, a kernel cap far below
+            logging.getLogger(__name__).warning(
+                "cannot raise the limit on open files from %s to %s (%s): the server takes about that many "
+                "connections at once; `ulimit -n` raises it",
+                soft,
+                wanted,
+                err,
+            )
+            return soft
         soft = wanted
     return soft
 
