@@ -165,9 +165,29 @@ def history_line(entry: str) -> str:
     return entry.replace("\n", "\r\n") + "\n"
 
 
+LIBEDIT_HISTORY = "_HiStOrY_V2_"  # the first line of a history file that libedit's readline wrote
+
+
 def history_entries(text: str) -> list[str]:
-    """The messages of a history file that `history_line` wrote (or readline: a line each)."""
-    return [entry.replace("\r\n", "\n") for entry in re.split(r"(?<!\r)\n", text) if entry]
+    """The messages of a history file that `history_line` wrote (or readline: a line each). Versions before
+    wrote it with readline's own `write_history_file`, which on macOS (libedit) begins with a header line
+    and escapes bytes as vis(3) does (a space as \\040, a line break as \\^J, a byte of a character beyond
+    ASCII as \\M-d): read as lines, the up arrow recalled the header and "hello\\040world"."""
+    entries = [entry.replace("\r\n", "\n") for entry in re.split(r"(?<!\r)\n", text) if entry]
+    if entries[:1] != [LIBEDIT_HISTORY]:
+        return entries
+
+    def byte(m: re.Match[bytes]) -> bytes:
+        code, meta = m[1], 0
+        if code[:1] == b"M":  # \M-c: c with its top bit set; \M^c: a control character's
+            code, meta = code[1:].removeprefix(b"-"), 0x80
+        if code[:1] == b"^":  # \^J: a control character, \^? DEL
+            return bytes([(code[1] ^ 0x40) & 0x7F | meta])
+        return bytes([int(code, 8) & 0xFF]) if code[:1].isdigit() else bytes([code[0] | meta])
+
+    escape = re.compile(rb"\\([0-7]{3}|\^.|M-.|M\^.|\\)", re.DOTALL)
+    raw = (escape.sub(byte, e.encode("utf-8", "surrogateescape")) for e in entries[1:])
+    return [entry.decode("utf-8", "surrogateescape") for entry in raw]
 
 
 class TerminalIO:

@@ -1045,6 +1045,28 @@ def test_typed_messages_are_kept_for_the_up_arrow_of_the_next_chat(tmp_path, mon
         readline.clear_history()
 
 
+def test_a_history_file_that_libedit_wrote_is_read_as_the_messages_typed(tmp_path, monkeypatch):
+    """Versions before wrote the file with readline's write_history_file: on macOS (libedit) a header line,
+    and vis(3)'s escapes. Read as lines, the up arrow recalled '_HiStOrY_V2_' and 'hello\\040world'."""
+    readline = pytest.importorskip("readline")
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    saved = tmp_path / "chat_history"
+    saved.write_text(
+        # vis(3)'s escapes: octal for a space, ^ for a control character, M- for a byte beyond ASCII
+        "_HiStOrY_V2_\nhello\\040world\nC:\\\\temp\\^Jtwo\\^Ilines\n\\M-d\\M-=\\240\\M-e\\M-%\\M-=\n",
+        encoding="utf-8",
+    )
+    readline.clear_history()
+    try:
+        io = TerminalIO("simple", multiline=False, interactive=True)
+        recalled = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
+        assert recalled == ["hello world", "C:\\temp\ntwo\tlines", "你好"]
+        io.remember("next")  # the file goes on in this chat's own way
+        assert saved.read_bytes() == "hello world\nC:\\temp\r\ntwo\tlines\n你好\nnext\n".encode()
+    finally:
+        readline.clear_history()
+
+
 def test_a_pasted_message_is_kept_whole_for_the_up_arrow_even_when_the_terminal_is_closed(
     terminal, tmp_path, monkeypatch
 ):
