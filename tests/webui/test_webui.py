@@ -198,6 +198,13 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     assert chat.calls == []
     # a key box's text sent as JSON may hold a lone surrogate: refused as any wrong key (it was an exception)
     assert ui.login("k-\ud800", request)[3] == "**Invalid API key.** Try again."
+    # so may a message or the system prompt: the tokenizer failed on it (a bare "Error", a traceback)
+    for text, system in [("hi \ud800", ""), ("hi", "Be \udfff brief.")]:
+        replies = ui.respond(text, [], None, system, 0.0, 1.0, 5, "k-secret", request)
+        with pytest.raises(gr.Error, match="lone UTF-16 surrogate") as refused:
+            list(replies)
+        assert not refused.value.print_exception
+    assert chat.calls == []
 
     outputs = list(ui.respond("Hello", [], None, "Be brief.", 0.0, 0.5, 6, "k-secret", request))
     # the textbox is cleared once, when the message is taken, and then never touched: the user may be

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +55,11 @@ SESSION_CAPACITY = 500
 # 100 KB conversation kept, a 1,500-piece reply took the page 25.6 s to show instead of 12.3 s (11.9 s now).
 # A reload keeps the reply as it was at the last write; the stream's last answer stores it whole.
 STORE_EVERY_S = 1.0
+# A UTF-16 surrogate alone (JSON can carry "\ud800", so any client of Gradio's routes can send one) is no
+# character: the tokenizer failed on it with a TypeError, and the page showed a bare "Error" and the server
+# log a traceback, for each such message or system prompt. The API refuses it as a 400.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+NOT_TEXT = "The message or the system prompt holds a lone UTF-16 surrogate, which is no character: send text."
 # Run in the browser after a message failed: it goes back in the box, before any draft the user typed there
 # meanwhile (the box is editable while a reply is written), a blank line between them, and is then
 # forgotten. In the browser, not on the server: a round trip would lose what is typed while it lasts.
@@ -331,6 +337,8 @@ class WebChat:
         reply, same, busy = "", gr.skip(), gr.update(interactive=False)
         try:
             yield "", same, to_chatbot(turns), say(lang, WRITING), turns, same, busy, busy
+            if any(LONE_SURROGATE.search(m.content) for m in messages):
+                raise VicunaError(NOT_TEXT)
             left = still_left_out(turns, left_out)
             events, cut, dropped = self._open(messages, params, cancel, left, lang)
             stored_at = time.monotonic()

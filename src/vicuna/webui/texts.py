@@ -37,6 +37,9 @@ ZH = {
     ),
     "The message has {tokens} tokens in the prompt, but the model's context window is {window} tokens: "
     "shorten it.": "这条消息在提示中占 {tokens} 个 token，但模型的上下文窗口只有 {window} 个 token：请缩短它。",
+    "The message or the system prompt holds a lone UTF-16 surrogate, which is no character: send text.": (
+        "消息或系统提示词中有单独的 UTF-16 代理项，它不是字符：请发送文字。"
+    ),
     "Writing the reply… **Stop** ends it. What you type meanwhile waits in the box: press Enter when "
     "the reply is done.": "正在生成回复…… 按 **停止** 可中止。此时输入的内容会留在输入框里，回复完成后按 Enter 发送。",
     "The last reply was cut short: its page was reloaded or closed while it was written. **Regenerate** "
