@@ -137,11 +137,13 @@ def test_an_architecture_without_attention_is_refused_by_name(tmp_path):
         load(tmp_path)
 
 
-def test_architecture_we_cannot_run(model_copy):
+@pytest.mark.parametrize("architecture", ["BertForMaskedLM", "BertLMHeadModel"])
+def test_architecture_we_cannot_run(model_copy, architecture):
+    # BertLMHeadModel is in transformers' causal-LM table, but it is an encoder, no chat model
     cfg = json.loads((model_copy / "config.json").read_text())
-    cfg["architectures"] = ["BertForMaskedLM"]
+    cfg["architectures"] = [architecture]
     (model_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="BertForMaskedLM is not a causal language model"):
+    with pytest.raises(ModelLoadError, match=f"{architecture} is not a causal language model"):
         load(model_copy)
 
 

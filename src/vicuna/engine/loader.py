@@ -114,7 +114,7 @@ def read_config(folder: Path) -> Any:
     archs = raw.get("architectures") or []
     if not isinstance(raw.get("model_type"), str):
         raise ModelLoadError(f"{folder / CONFIG}: no 'model_type' field")
-    bad = [a for a in archs if not a.endswith("ForCausalLM") and a not in causal_lm_classes()]
+    bad = [a for a in archs if not a.endswith("ForCausalLM") and not runs_as_causal_lm(a)]
     if bad:
         raise ModelLoadError(
             f"{folder / CONFIG}: architecture {bad[0]} is not a causal language model; "
@@ -136,12 +136,15 @@ def read_config(folder: Path) -> Any:
     return config
 
 
-def causal_lm_classes() -> set[str]:
-    """The classes transformers loads as causal language models: …ForCausalLM, and the chat models whose
-    checkpoints name another class that runs on text alone (Gemma 3 4B-27B: Gemma3ForConditionalGeneration)."""
+def runs_as_causal_lm(architecture: str) -> bool:
+    """A chat model whose checkpoint names another class than …ForCausalLM, which transformers loads as a
+    causal language model on text alone (Gemma 3 4B-27B: Gemma3ForConditionalGeneration); not the encoders
+    that its causal-LM table also lists (BertLMHeadModel, XLNetLMHeadModel), no chat models."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return architecture.endswith("ForConditionalGeneration") and architecture in set(
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    )
 
 
 def weight_files(folder: Path) -> list[Path]:
