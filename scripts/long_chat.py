@@ -46,6 +46,9 @@ class Script:
     def info(self, text: str) -> None:
         self.notes.append(text)
 
+    def no_reply(self) -> None:
+        """A message left unanswered (chat.ChatIO): no reply to time."""
+
     def show_reply(self, events):
         text, done = "", None
         for event in events:

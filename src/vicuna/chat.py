@@ -780,7 +780,7 @@ def from_fastchat(data: Any) -> Any:
     if not isinstance(turns, list) or not isinstance(offset, int):
         return data
     role = dict(zip(roles, ("user", "assistant"), strict=True))
-    system = data.get("system_message")
+    system = data.get("system_message", data.get("system"))  # "system" in files of before mid-2023
     messages = [{"role": "system", "content": system}] if system else []  # FastChat's "": no system prompt
     for turn in turns[offset:]:
         if not (isinstance(turn, list) and len(turn) == 2):

@@ -411,6 +411,16 @@ def test_load_reads_a_conversation_saved_by_fastchat(tmp_path):
     ]
 
 
+def test_load_reads_the_system_prompt_of_a_fastchat_file_from_before_mid_2023(tmp_path):
+    # FastChat's Conversation named the field "system" before it was "system_message"
+    old = tmp_path / "old.json"
+    turns = [["USER", "Hello"], ["ASSISTANT", "Hi!"]]
+    old.write_text(json.dumps({"system": "Be brief.", "roles": ["USER", "ASSISTANT"], "messages": turns}))
+    engine = EchoEngine()
+    run_chat(engine, ScriptedIO([f"!!load {old}", "more"]), PARAMS)
+    assert engine.seen[0][0] == Message("system", "Be brief.")
+
+
 def test_load_refuses_a_conversation_the_chat_cannot_continue_and_keeps_the_current_one(tmp_path):
     starts_with_reply = write_messages(tmp_path / "a.json", ("assistant", "Hi"), ("user", "Hello"))
     two_users = write_messages(tmp_path / "b.json", ("user", "a"), ("user", "b"))
