@@ -381,21 +381,13 @@ class HFTemplate:
         text = text[: max(text.find(mark), 0)]
         if text.startswith(prompt):
             return text[len(prompt) :]
-        # the prompt's end as it lies in `text`: the place whose text before it ends like the prompt for
-        # longest (Mistral's prompt holds the system prompt in its last turn; `text` has it nowhere)
-        best, best_at, at = 0, len(text), len(text)
-        while prompt and at > best:
-            at = text.rfind(prompt[-1], 0, at) + 1
-            if at == 0:
-                break
-            same = _common_suffix(text[:at], prompt)
-            if same > best:
-                best, best_at = same, at
-            at -= 1
-        last = before[-1]["content"].strip() if before else ""
-        if last not in prompt[len(prompt) - best :]:  # a likeness by chance ("\n"), short of the last message
+        # Mistral's prompt holds the system prompt in its last turn, where `text` has none: what each writes
+        # after the last message, less the prompt's, is the lead
+        last = before[-1]["content"].strip() if before else ""  # as a template that trims writes it
+        if not last or last not in prompt or last not in text:
             return ""
-        return text[best_at:]
+        after, prompt_after = text[text.rfind(last) + len(last) :], prompt[prompt.rfind(last) + len(last) :]
+        return after.removeprefix(prompt_after) if after.startswith(prompt_after) else ""
 
     def _closing(self, done: str, prompt: str) -> str:
         """The stop text (EOS) that `done`, a conversation rendered to its last reply, ends with where the
@@ -428,18 +420,6 @@ class HFTemplate:
         except Exception:
             return False
         return True
-
-
-def _common_suffix(a: str, b: str) -> int:
-    """The length of the longest common suffix of `a` and `b` (by halving, as slices compare in C)."""
-    low, high = 0, min(len(a), len(b))
-    while low < high:
-        mid = (low + high + 1) // 2
-        if a[len(a) - mid :] == b[len(b) - mid :]:
-            low = mid
-        else:
-            high = mid - 1
-    return low
 
 
 BUILTIN_TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV11(), VicunaV0(), Llama2(), ChatML())}
