@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import json
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -196,6 +197,7 @@ def test_a_download_into_a_log_draws_no_progress_bars(hub, tmp_path, capsys, mon
     """`vicuna download ... > log 2>&1`: huggingface_hub's bars, each a line redrawn with carriage returns."""
     hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module, not its class tqdm
     monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", None)  # the variable unset, as by users
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     hub_tqdm.enable_progress_bars()
     assert (
         main(["download", "org/tiny", "--dir", str(tmp_path / "tiny")]) == 0
@@ -203,6 +205,18 @@ def test_a_download_into_a_log_draws_no_progress_bars(hub, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "Fetching" not in err and "\r" not in err
     assert not hub_tqdm.are_progress_bars_disabled()  # as they were
+
+
+def test_bars_asked_for_in_a_log_are_drawn_without_a_warning(hub, tmp_path, capsys, monkeypatch):
+    """HF_HUB_DISABLE_PROGRESS_BARS=0 (bars wanted in the log): huggingface_hub warned on every download
+    that it could not turn them off, with the line of its source that warned."""
+    hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")
+    monkeypatch.setattr(hub_tqdm, "HF_HUB_DISABLE_PROGRESS_BARS", False)  # as read from the variable
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["download", "org/tiny", "--dir", str(tmp_path / "tiny")]) == 0
+    assert "Fetching" in capsys.readouterr().err
 
 
 def test_include_and_revision(hub, tmp_path):

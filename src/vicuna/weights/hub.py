@@ -194,16 +194,17 @@ def download(
 @contextmanager
 def hub_bars(shown: bool) -> Iterator[None]:
     """huggingface_hub's bars off within unless `shown`: in a log (`docker logs`, journald) each is one line
-    redrawn with carriage returns ten times a second for as long as its file takes."""
+    redrawn with carriage returns ten times a second for as long as its file takes. HF_HUB_DISABLE_PROGRESS_BARS
+    set either way is left to rule: huggingface_hub warned on each download that =0 kept the bars on."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    was_off = are_progress_bars_disabled()
-    if not shown and not was_off:
+    turned_off = not (shown or "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ or are_progress_bars_disabled())
+    if turned_off:
         disable_progress_bars()
     try:
         yield
     finally:
-        if not shown and not was_off:
+        if turned_off:
             enable_progress_bars()
 
 
