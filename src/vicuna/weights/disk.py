@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -40,9 +41,11 @@ def ensure_free_space(folder: Path, needed_bytes: int, what: str) -> None:
 
 def locked(handle: IO[str], wait: bool = True) -> bool:
     """Lock a file opened for writing, for this process until it closes it or dies; False where `wait` is
-    False and another process holds it. Windows has no flock: there the file's first byte is locked (which
-    msvcrt tries for 10 s at a time); without one, two first starts converted the built-in model into the
-    same folder at once, each removing what the other wrote, and two jobs wrote the same output."""
+    False and another process holds it. Windows has no flock: there the file's first byte is locked, tried
+    each second; without one, two first starts converted the built-in model into the same folder at once,
+    each removing what the other wrote, and two jobs wrote the same output. A drive that keeps no locks
+    there (some network shares) is used unlocked, as before: msvcrt's waiting LK_LOCK fails on it as on a
+    held lock, which made a first start wait for ever, and a job always "another vicuna job is writing"."""
     try:
         import fcntl
     except ImportError:
@@ -50,11 +53,14 @@ def locked(handle: IO[str], wait: bool = True) -> bool:
 
         while True:
             try:
-                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
                 return True
-            except OSError:
+            except OSError as err:
+                if err.errno != errno.EACCES:  # EACCES: another process holds it; else no lock can be had
+                    return True
                 if not wait:
                     return False
+            time.sleep(1)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
