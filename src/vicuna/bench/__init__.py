@@ -4,13 +4,9 @@ the same run, printed as a table and optionally saved as JSON (`--json`) and a c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from vicuna.config import add_model_arguments, model_settings_from_args
 from vicuna.errors import VicunaError
@@ -209,8 +205,9 @@ def main(args: argparse.Namespace) -> int:
     settings = model_settings_from_args(args)
     progress = not args.no_progress
     load = busy_cores()
-    # a server or a measuring child started here goes with it; transformers' bars (loading weights) as ours
-    with exiting_on_sigterm(), transformers_bar(progress and sys.stderr.isatty()):
+    # transformers' bars (loading weights) as ours; on SIGTERM (vicuna.cli) a server or a measuring child
+    # started here goes with it
+    with transformers_bar(progress and sys.stderr.isatty()):
         if args.bench == "latency":
             from vicuna.bench.latency import bench_latency
 
@@ -249,22 +246,6 @@ def main(args: argparse.Namespace) -> int:
     report.machine["load_average_before"] = load
     emit(report, json_path=args.json, plot_path=args.plot)
     return 0
-
-
-@contextlib.contextmanager
-def exiting_on_sigterm() -> Iterator[None]:
-    """Within it, SIGTERM (`kill`, `timeout`, a cancelled CI job) ends the process through its `finally`
-    blocks, as Ctrl-C does, instead of at once: the `vicuna serve` that `bench serve` started, or the child
-    measuring memory, is stopped rather than left running on its own."""
-
-    def leave(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, leave)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def busy_cores() -> float | None:
