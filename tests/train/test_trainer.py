@@ -751,3 +751,21 @@ def test_qlora_without_a_bitsandbytes_transformers_takes_is_a_clear_error(
     if installed:
         assert f"pip install -U 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}'" in err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_qlora_check_knows_the_bitsandbytes_transformers_5_takes_where_transformers_no_longer_says(
+    monkeypatch,
+):
+    import importlib.metadata
+
+    import torch
+    import transformers.utils.import_utils
+
+    from vicuna.train.trainer import check_qlora
+
+    monkeypatch.delattr(transformers.utils.import_utils, "BITSANDBYTES_MIN_VERSION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.45.5" if n == "bitsandbytes" else real(n))
+    with pytest.raises(VicunaError, match=r"bitsandbytes>=0\.46\.1"):
+        check_qlora()

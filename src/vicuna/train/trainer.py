@@ -142,7 +142,11 @@ def check_qlora() -> None:
     import torch
     from packaging.version import Version
     from transformers import __version__ as transformers_version
-    from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION
+
+    try:  # where transformers says it; its value in transformers 5.x where it no longer does
+        from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION
+    except ImportError:
+        BITSANDBYTES_MIN_VERSION = "0.46.1"
 
     if not torch.cuda.is_available():
         raise VicunaError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); use --lora on this machine")
