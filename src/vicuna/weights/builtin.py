@@ -67,7 +67,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 def converting(out: Path) -> Iterator[None]:
     """Hold a lock on a hidden file beside `out` while converting into it (let go if the process dies)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(f".{out.name}.lock"), "w") as handle:
+    with open(out.with_name(f".{out.name}.lock"), "a") as handle:  # "a": see disk.one_writer
         locked(handle)
         yield
 

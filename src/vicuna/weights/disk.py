@@ -74,7 +74,7 @@ def one_writer(out: Path, staging: Path) -> Iterator[None]:
     lock on a hidden file beside it, let go when the job ends or its process dies."""
     lock = staging.with_name(f".{staging.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as handle:
+    with open(lock, "a") as handle:  # "a": no truncation of a file whose byte another process locked
         if not locked(handle, wait=False):
             raise VicunaError(
                 f"another vicuna job is writing {out} now"
