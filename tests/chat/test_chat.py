@@ -860,9 +860,13 @@ class Pty:
         import pty
 
         self.master, slave = pty.openpty()
-        # Ctrl-C raises KeyboardInterrupt, as at a terminal, also where this test runs in the background
-        # (a shell without job control starts background jobs with SIGINT ignored, and Python keeps that)
-        script = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n" + script
+        # Ctrl-C raises KeyboardInterrupt and a closed terminal's SIGHUP ends the chat, as at a terminal, also
+        # where this test runs in the background (a shell without job control starts background jobs with
+        # SIGINT ignored, nohup ignores SIGHUP, and a child keeps what it was given)
+        script = (
+            "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n" + script
+        )
         self.child = subprocess.Popen(
             [sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave, env=env
         )
