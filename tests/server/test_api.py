@@ -1345,6 +1345,28 @@ def test_out_of_memory_is_a_503_to_retry_and_the_server_goes_on(tiny_engine, mon
         assert metric(url, 'vicuna_requests_total{endpoint="chat",status="503"}') == 2
 
 
+def test_out_of_memory_while_scoring_a_prompt_is_a_503_and_the_memory_is_given_back(tiny_engine, monkeypatch):
+    # the whole prompt's logits over the vocabulary: the memory of a long prompt, given back as a reply's is
+    import torch
+
+    app = create_app(tiny_engine, model_name=MODEL)
+    forward, emptied = tiny_engine.model.forward, []
+
+    def out_of_memory(*args, **kwargs):
+        if kwargs.get("use_cache") is False:  # the scoring forward
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_engine.model, "forward", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU: its cache is given back
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    body = {"model": MODEL, "prompt": "Hello world", "echo": True, "logprobs": 1, "max_tokens": 0}
+    with serving(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json=body)
+        assert r.status_code == 503 and error_of(r)["code"] == "out_of_memory"
+        assert emptied
+
+
 def test_a_reply_cut_short_by_shutdown_says_so(tiny_engine):
     app = create_app(tiny_engine, model_name=MODEL)
     batcher = app.state.batcher

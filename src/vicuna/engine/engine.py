@@ -290,9 +290,13 @@ class Engine:
         (the first token's logprob is None): what a completion with `echo` and `logprobs` returns, which
         evaluation harnesses sum over a continuation. Computed by the transformers model in one forward
         over the whole prompt, so it is the model's own log-likelihood; softmax in float32, a piece of
-        positions at a time."""
+        positions at a time. Out of GPU memory, the memory the forward held is given back, as a reply's is."""
         ids = torch.tensor([list(prompt_ids)], device=self.device)
-        logits = self.model(input_ids=ids, use_cache=False).logits[0]
+        try:
+            logits = self.model(input_ids=ids, use_cache=False).logits[0]
+        except torch.OutOfMemoryError as error:  # the logits of a long prompt, over the whole vocabulary
+            release_memory_after(error)
+            raise
         text, raw = self.token_bytes.text, self.token_bytes
         out = [TokenLogprob(prompt_ids[0], text(prompt_ids[0]), None, (), raw(prompt_ids[0]))]
         for start in range(0, len(prompt_ids) - 1, SCORE_PIECE):
