@@ -112,6 +112,8 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
                 elif action.default not in (None, False) or action.default == 0:  # 0 is a default to show
                     shown = "default" in formatter._expand_help(action) or action.default is False
                     missing += [] if shown else [f"{flag}: default {action.default!r} not shown"]
+                    if "(default: )" in formatter._expand_help(action):  # an empty default says nothing
+                        missing.append(f"{flag}: default shown as nothing")
     assert not missing, "\n".join(missing)
 
 

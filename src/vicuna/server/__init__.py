@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-tokens",
         type=int,
         help="bound on the batch's KV cache, in tokens (default: max-batch-size x min(context window, 2048), "
-        "as far as 80%% of the memory free after loading holds them (twice for LLaMA models, whose cache grows by "
+        "as far as 80%% of the memory free after loading holds them (40%% for LLaMA models, whose cache grows by "
         "copying), and at least the context window)",
     )
     g.add_argument(
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="the path prefix a reverse proxy serves this server under, with the prefix taken off the requests "
         "it passes on (nginx: location /vicuna/ { proxy_pass http://127.0.0.1:8000/; } with --root-path "
-        "/vicuna): the web UI and /docs then link to their pages under it",
+        "/vicuna): the web UI and /docs then link to their pages under it (default: none, served at /)",
     )
     g.add_argument("--no-webui", action="store_true", help="serve the API only")
     g.add_argument(
