@@ -1232,6 +1232,23 @@ def test_a_failed_probe_stays_in_the_access_log():
     assert kept("/vicuna/health", 503) and kept("/vicuna/v1/models", 200) and kept("/vicuna/", 200)
 
 
+def test_each_server_s_log_level_decides_whether_probes_are_logged():
+    # a second server in one process (tests, notebooks) at --log-level debug kept the first one's filter
+    from vicuna.server import QuietProbes, quiet_probes
+
+    access = logging.getLogger("uvicorn.access")
+    ours = lambda: [f for f in access.filters if isinstance(f, QuietProbes)]  # noqa: E731
+    try:
+        quiet_probes("/a", "info")
+        quiet_probes("", "info")
+        assert [f.root_path for f in ours()] == [""]
+        quiet_probes("", "debug")
+        assert ours() == []
+    finally:
+        for f in ours():
+            access.removeFilter(f)
+
+
 def test_the_printed_url_can_be_opened_for_any_host(monkeypatch):
     from vicuna.server import base_url
 

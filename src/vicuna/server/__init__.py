@@ -222,6 +222,16 @@ class QuietProbes(logging.Filter):
         return not (path in ("/health", "/metrics") and args[4] < 400)
 
 
+def quiet_probes(root_path: str, log_level: str) -> None:
+    """`QuietProbes` on uvicorn's access log, below debug; in place of an earlier server's in this process,
+    whose filter had kept hiding probes from a later server run at debug."""
+    access = logging.getLogger("uvicorn.access")
+    for earlier in [f for f in access.filters if isinstance(f, QuietProbes)]:
+        access.removeFilter(earlier)
+    if log_level != "debug":
+        access.addFilter(QuietProbes(root_path))
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """The server's own flags, before minutes go into loading the model."""
     from vicuna.server.app import check_settings
@@ -268,8 +278,7 @@ def main(args: argparse.Namespace) -> int:
         f"{', API keys required' if keys else ''})",
         flush=True,
     )
-    if args.log_level != "debug":
-        logging.getLogger("uvicorn.access").addFilter(QuietProbes(args.root_path))
+    quiet_probes(args.root_path, args.log_level)
     # Ctrl-C: open connections (a web UI tab keeps one) get SHUTDOWN_GRACE_S to end, then are closed and
     # the running replies cancelled; without a bound the server waited for every tab to close.
     config = uvicorn.Config(
