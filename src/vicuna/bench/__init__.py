@@ -116,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--streams",
         type=_csv(int),
         default=[int(x) for x in DEFAULT_STREAMS.split(",")],
-        help=f"concurrent streams to try (default {DEFAULT_STREAMS})",
+        help=f"concurrent streams to try (default: {DEFAULT_STREAMS})",
     )
     srv.add_argument("--new-tokens", type=int, default=128, help="tokens in each reply")
     srv.add_argument(
@@ -145,7 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtypes",
         type=_csv(str, ("float32", "bfloat16", "float16")),
         default=MEMORY_DTYPES.split(","),
-        help=f"dtypes to load (default {MEMORY_DTYPES}); 8-bit is measured on bfloat16",
+        help=f"dtypes to load (default: {MEMORY_DTYPES}); 8-bit is measured on bfloat16",
     )
     mem.add_argument("--new-tokens", type=int, default=32, help="tokens generated after loading")
     mem.add_argument(
