@@ -34,6 +34,24 @@ MODEL = "tiny"
 HELLO = [{"role": "user", "content": "Hello world"}]
 
 
+def asgi_post(path: str, headers: list[tuple[bytes, bytes]]) -> dict:
+    """The ASGI scope of an HTTP POST to `path`, as uvicorn hands it to the app: for calling it directly."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+
+
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
     """Run `app` with uvicorn in a thread on a free port; yield its base URL (also handy for benchmarks)."""
@@ -957,21 +975,9 @@ def test_a_client_gone_while_sending_its_body_is_counted_499_not_500(tiny_engine
     async def send(message: dict) -> None:
         sent.append(message)
 
-    path = "/v1/chat/completions"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = asgi_post(
+        "/v1/chat/completions", [(b"content-type", b"application/json"), (b"content-length", b"100")]
+    )
     asyncio.run(app(scope, receive, send))
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
     sample = app.state.metrics.registry.get_sample_value

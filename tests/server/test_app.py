@@ -24,6 +24,7 @@ def test_a_streamed_reply_held_back_by_the_stream_interval_goes_out_whole_in_few
     import asyncio
     import json
 
+    from tests.server.test_api import asgi_post
     from vicuna.config import SamplingParams
     from vicuna.conversation import Message
     from vicuna.engine.events import TextChunk
@@ -39,19 +40,7 @@ def test_a_streamed_reply_held_back_by_the_stream_interval_goes_out_whole_in_few
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
+    scope = asgi_post("/v1/chat/completions", [(b"content-type", b"application/json")])
     messages: list[dict] = []
 
     async def call() -> None:
