@@ -61,7 +61,7 @@ class _Sampling(_Strict):
 
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0: see `sampling_params`
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1, le=MAX_N)
@@ -99,15 +99,17 @@ class _Sampling(_Strict):
         self, *, max_new_tokens: int, choice: int = 0, logprobs: int | None = None
     ) -> SamplingParams:
         """The engine's settings for one choice; `max_new_tokens` is the resolved reply budget. Each of
-        `n` choices gets its own seed (seed + index), so seeded choices differ yet repeat."""
+        `n` choices gets its own seed (seed + index), so seeded choices differ yet repeat. `top_p` 0, which
+        OpenAI takes, keeps the smallest nucleus there is, the most likely token: that is greedy decoding."""
+        greedy = self.top_p == 0
         min_tokens = self.min_tokens or 0
         if min_tokens > max_new_tokens:
             raise InvalidRequest(
                 f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_new_tokens})", "min_tokens"
             )
         return SamplingParams(
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=0.0 if greedy else 1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None or greedy else self.top_p,
             top_k=max(self.top_k or 0, 0),
             repetition_penalty=self.repetition_penalty or 1.0,
             presence_penalty=self.presence_penalty or 0.0,

@@ -101,7 +101,7 @@ def test_null_or_empty_unknown_fields_ask_for_nothing():
     [
         ({"temperature": -0.1}, "temperature"),
         ({"temperature": 2.5}, "temperature"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
         ({"n": 0}, "n"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ["a", ""]}, "stop"),

@@ -65,3 +65,11 @@ def test_a_conversation_our_template_cannot_render_is_a_400_that_names_the_messa
     r = post(http, messages=[{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"}])
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
     assert r.json()["error"]["message"].startswith("messages[0]: expected a user message")
+
+
+def test_top_p_0_is_the_greedy_reply(http):
+    """OpenAI takes top_p in [0, 1]: 0 keeps the smallest nucleus, the one most likely token (it was a 400)."""
+    greedy = post(http, max_tokens=8)
+    r = post(http, max_tokens=8, temperature=1.0, top_p=0, seed=3)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
