@@ -6,7 +6,7 @@ so a client never silently gets something other than what it asked for; so is a 
 type (`"max_tokens": "5"`, `5.0` or `true`), as OpenAI refuses it. Accepted and ignored, because they
 only concern OpenAI's own records and routing, never the reply: `user`, and in chat requests `metadata`,
 `service_tier`, `prompt_cache_key`, `safety_identifier` and `store` (false only: nothing is stored
-here). No torch, no server here.
+here); and `stream_options.include_obfuscation` false (nothing is padded here). No torch, no server here.
 """
 
 from __future__ import annotations
@@ -42,6 +42,16 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    # OpenAI pads streamed chunks with random text unless this is false, against observers who read a
+    # reply from the sizes of encrypted chunks; this server never pads, so only false is what it does
+    include_obfuscation: bool | None = None
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_padding(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("this server does not pad streamed chunks; send false or leave it out")
+        return value
 
 
 class ResponseFormat(BaseModel):

@@ -240,3 +240,15 @@ def test_message_errors_name_the_message():
     }
     err = refused(p.ChatCompletionRequest, body)
     assert err.param == "messages[1].content[0]" and err.message.startswith("messages[1].content[0]: ")
+
+
+def test_stream_obfuscation_may_be_turned_off_but_not_asked_for():
+    """OpenAI's SDKs document `include_obfuscation: false` to save bandwidth: it asks for what this server
+    does (it was a 400, "Extra inputs are not permitted"); true asks for padding it never adds."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    off = {"include_usage": True, "include_obfuscation": False}
+    assert p.parse_request(p.ChatCompletionRequest, body | {"stream_options": off}).include_usage
+    prompt = {"model": "m", "prompt": "x", "stream": True, "stream_options": off}
+    assert p.parse_request(p.CompletionRequest, prompt).include_usage
+    err = refused(p.ChatCompletionRequest, body | {"stream_options": {"include_obfuscation": True}})
+    assert err.param == "stream_options.include_obfuscation" and "does not pad" in err.message
