@@ -261,7 +261,11 @@ UNSUPPORTED_HINTS = {
     "dimensions": "embeddings have the model's hidden size; dimensions is not supported",
     "suffix": "fill-in-the-middle (suffix) is not supported",
     "best_of": "only best_of 1 is supported",
+    "web_search_options": "web search is not supported",
 }
+
+# Fields not known here that ask for something even as {}: OpenAI searches the web with its defaults
+ASKS_WHEN_EMPTY = {"web_search_options"}
 
 
 UNION_MEMBERS = {  # how pydantic names them -> what a client reads
@@ -275,11 +279,14 @@ UNION_MEMBERS = {  # how pydantic names them -> what a client reads
 def parse_request(cls: type[BaseModel], data: Any) -> Any:
     """Validate a decoded JSON body into `cls`, raising InvalidRequest that names the first bad field.
 
-    A field we do not know is refused unless it is null or {}, which ask for nothing: LangChain's
-    completions model sends `"logit_bias": {}` with every request."""
+    A field we do not know is refused unless it is null or {}, which ask for nothing (LangChain's
+    completions model sends `"logit_bias": {}` with every request), except where {} asks too."""
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    data = {k: v for k, v in data.items() if k in cls.model_fields or v not in (None, {})}
+    known = cls.model_fields
+    data = {
+        k: v for k, v in data.items() if k in known or v is not None and (v != {} or k in ASKS_WHEN_EMPTY)
+    }
     for key in data:
         if key not in cls.model_fields:
             hint = UNSUPPORTED_HINTS.get(key, "this server does not support it")

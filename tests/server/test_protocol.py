@@ -96,6 +96,15 @@ def test_null_or_empty_unknown_fields_ask_for_nothing():
     assert refused(p.CompletionRequest, body | {"logit_bias": {"1": 5}}).param == "logit_bias"
 
 
+def test_web_search_options_asks_for_a_search_even_when_empty():
+    """OpenAI searches the web, with its defaults, for `"web_search_options": {}`: it was dropped as a
+    field asking for nothing, and the reply came without any search, as if made with one."""
+    assert chat(web_search_options=None).n is None
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "web_search_options": {}}
+    err = refused(p.ChatCompletionRequest, body)
+    assert err.param == "web_search_options" and "web search is not supported" in err.message
+
+
 @pytest.mark.parametrize(
     "fields,param",
     [
