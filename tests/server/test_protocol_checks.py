@@ -73,3 +73,17 @@ def test_top_p_0_is_the_greedy_reply(http):
     r = post(http, max_tokens=8, temperature=1.0, top_p=0, seed=3)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == greedy.json()["choices"][0]["message"]["content"]
+
+
+def test_a_wrong_route_is_told_with_the_routes_there_are(http):
+    """The SDK's `client.responses.create` (or a base_url without /v1) was answered a bare "Not Found", as an
+    unknown model's is, and a GET of a POST route "Method Not Allowed": now they say what was called."""
+    r = http.post("/v1/responses", json={"model": "tiny", "input": "Hello"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    message = r.json()["error"]["message"]
+    assert message.startswith("POST /v1/responses: no such route") and "POST /v1/chat/completions" in message
+    r = http.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert (
+        r.json()["error"]["message"] == "GET /v1/chat/completions: method not allowed; this path takes POST"
+    )

@@ -52,6 +52,7 @@ from vicuna.textfile import json_problem
 log = logging.getLogger("vicuna.server")
 
 RETRY_AFTER_S = 1
+API_ROUTES = "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings and GET /v1/models[/NAME]"
 HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
@@ -683,11 +684,18 @@ def create_app(
         return failure(err).response()  # 400 (MessagesError names the param), or 503 while shutting down
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return APIError(
-            err.status_code, str(err.detail), kind, headers=getattr(err, "headers", None)
-        ).response()
+        headers = getattr(err, "headers", None)
+        message = str(err.detail)
+        # Starlette's bare "Not Found" / "Method Not Allowed" left an SDK user (`client.responses.create`,
+        # a base_url without /v1) guessing whether the model, the server or the URL was wrong
+        called = f"{request.method} {request.url.path}"
+        if err.status_code == 404 and message == "Not Found":
+            message = f"{called}: no such route; this API serves {API_ROUTES}"
+        elif err.status_code == 405 and message == "Method Not Allowed" and headers and "Allow" in headers:
+            message = f"{called}: method not allowed; this path takes {headers['Allow']}"
+        return APIError(err.status_code, message, kind, headers=headers).response()
 
     @app.exception_handler(ClientDisconnect)  # gone while sending its body: nobody to answer, no bug to log
     async def _gone(_: Request, err: ClientDisconnect) -> Response:
