@@ -494,6 +494,12 @@ def parse_messages(data: object, source: str = "messages") -> list[Message]:
             raise MessagesError(
                 f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}", f"{where}.role"
             )
+        for key in ("tool_calls", "function_call"):  # null or [] ask for nothing
+            if item.get(key):  # dropped, the turn read as if the assistant had only said its content
+                raise MessagesError(
+                    f"{where}.{key}: tool calling is not supported (a message can hold only text)",
+                    f"{where}.{key}",
+                )
         content = item.get("content")
         if isinstance(content, list):
             parts = []

@@ -87,3 +87,18 @@ def test_a_wrong_route_is_told_with_the_routes_there_are(http):
     assert (
         r.json()["error"]["message"] == "GET /v1/chat/completions: method not allowed; this path takes POST"
     )
+
+
+def test_a_tool_call_in_the_history_is_a_400_naming_it(http):
+    """An assistant message's tool call was dropped silently: the model read the turn as its text alone."""
+    call = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [call]},
+        {"role": "user", "content": "Well?"},
+    ]
+    r = post(http, messages=history)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].tool_calls", r.text
+    assert "tool calling is not supported" in r.json()["error"]["message"]
+    history[1] |= {"tool_calls": [], "function_call": None}  # as some clients send with every message
+    assert post(http, messages=history).status_code == 200
