@@ -64,10 +64,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
 
     def __post_init__(self) -> None:
         self.stop = tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
+        self.logit_bias = tuple((int(i), float(b)) for i, b in self.logit_bias)
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -82,6 +84,7 @@ class SamplingParams:
             ),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top logprobs must be in [0, 20]"),
             (all(self.stop), "stop strings must not be empty"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit biases must be in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:

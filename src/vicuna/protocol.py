@@ -1,7 +1,7 @@
 """The OpenAI API's request and response bodies (pydantic), and their translation to `SamplingParams`.
 
-Requests are checked strictly: a field this server does not implement (tools, logit_bias,
-response_format other than text, ...) is refused with an error that names it rather than ignored,
+Requests are checked strictly: a field this server does not implement (tools, response_format
+other than text, ...) is refused with an error that names it rather than ignored,
 so a client never silently gets something other than what it asked for; so is a value of the wrong
 type (`"max_tokens": "5"`, `5.0` or `true`), as OpenAI refuses it. Accepted and ignored, because they
 only concern OpenAI's own records and routing, never the reply: `user`, and in chat requests `metadata`,
@@ -85,6 +85,20 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = False
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"expected token ids as keys ('1734'), not {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} is {bias}, outside [-100, 100]")
+        return value
+
+    def bias_ids(self) -> list[int]:
+        return [int(key) for key in self.logit_bias or {}]
 
     @field_validator("stop")
     @classmethod
@@ -130,6 +144,7 @@ class _Sampling(_Strict):
             stop=tuple(self.stop or ()),
             ignore_eos=bool(self.ignore_eos),
             logprobs=logprobs,
+            logit_bias=tuple((int(k), b) for k, b in (self.logit_bias or {}).items()),
         )
 
     @property
@@ -257,7 +272,6 @@ UNSUPPORTED_HINTS = {
     "functions": "function calling is not supported",
     "function_call": "function calling is not supported",
     "parallel_tool_calls": "tool calling is not supported",
-    "logit_bias": "logit_bias is not supported",
     "dimensions": "embeddings have the model's hidden size; dimensions is not supported",
     "suffix": "fill-in-the-middle (suffix) is not supported",
     "best_of": "only best_of 1 is supported",

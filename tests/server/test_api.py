@@ -477,7 +477,7 @@ def test_errors(served, api, tiny_engine):
         (greedy(messages=HELLO, n=0), "n"),
         (greedy(messages=HELLO, tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
         (greedy(messages=HELLO, response_format={"type": "json_object"}), "response_format.type"),
-        (greedy(messages=HELLO, logit_bias={"5": 1}), "logit_bias"),
+        (greedy(messages=HELLO, logit_bias={"five": 1}), "logit_bias"),
         (greedy(), "messages"),
     ]:
         r = httpx.post(f"{url}/v1/chat/completions", json=body)

@@ -76,7 +76,6 @@ def test_text_parts_and_developer_role():
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
         ("tool_choice", "auto"),
         ("functions", [{"name": "f"}]),
-        ("logit_bias", {"1": 5}),
         ("parallel_tool_calls", True),
         ("audio", {"voice": "x"}),
     ],
@@ -93,7 +92,20 @@ def test_null_or_empty_unknown_fields_ask_for_nothing():
     # LangChain's completions model (langchain_openai.OpenAI) sends an empty logit_bias every time
     body = {"model": "m", "prompt": "hi", "logit_bias": {}}
     assert p.parse_request(p.CompletionRequest, body).prompts() == ["hi"]
-    assert refused(p.CompletionRequest, body | {"logit_bias": {"1": 5}}).param == "logit_bias"
+    assert p.parse_request(p.CompletionRequest, body).sampling_params(max_new_tokens=1).logit_bias == ()
+
+
+def test_logit_bias_maps_token_ids_to_biases_and_names_a_bad_one():
+    sp = chat(logit_bias={"17": -100, "0042": 2.5}).sampling_params(max_new_tokens=1)
+    assert sp.logit_bias == ((17, -100.0), (42, 2.5))
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for bias, says in (
+        ({"a": 1}, "token ids as keys"),
+        ({"-1": 1}, "token ids"),
+        ({"1": 101}, "[-100, 100]"),
+    ):
+        err = refused(p.ChatCompletionRequest, body | {"logit_bias": bias})
+        assert err.param == "logit_bias" and says in err.message, err.message
 
 
 def test_web_search_options_asks_for_a_search_even_when_empty():

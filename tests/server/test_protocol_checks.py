@@ -102,3 +102,36 @@ def test_a_tool_call_in_the_history_is_a_400_naming_it(http):
     assert "tool calling is not supported" in r.json()["error"]["message"]
     history[1] |= {"tool_calls": [], "function_call": None}  # as some clients send with every message
     assert post(http, messages=history).status_code == 200
+
+
+def test_logit_bias_forces_and_bans_tokens(http, tiny_engine):
+    """OpenAI's logit_bias (it was a 400): +100 makes a token all but certain, -100 all but impossible."""
+    from vicuna.config import SamplingParams
+
+    prompt = tiny_engine.encode("Hello")
+
+    def generated(**settings) -> tuple[list[int], str]:
+        params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True, **settings)
+        events = list(tiny_engine.generate(prompt, params))
+        ids = [i for e in events for i in getattr(e, "token_ids", ())]
+        return ids, "".join(getattr(e, "text", "") for e in events)
+
+    greedy, text = generated()
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+
+    def reply(**fields) -> str:
+        r = http.post("/v1/completions", json=body | fields)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    assert reply() == text
+    forced = greedy[0] + 1
+    ids, text = generated(logit_bias=[(forced, 100)])
+    assert ids == [forced] * 4 and reply(logit_bias={str(forced): 100}) == text
+    assert reply(temperature=1.0, seed=5, logit_bias={str(forced): 100}) == text
+    ids, text = generated(logit_bias=[(i, -100) for i in greedy])
+    assert not set(ids) & set(greedy) and reply(logit_bias={str(i): -100 for i in greedy}) == text
+    vocab = tiny_engine.model.config.vocab_size
+    r = post(http, logit_bias={str(vocab): 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+    assert f"token id {vocab} is not in the model's vocabulary" in r.json()["error"]["message"]

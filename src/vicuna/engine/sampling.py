@@ -52,6 +52,17 @@ def presence_frequency_penalty(presence: float, frequency: float, prompt_len: in
     return apply
 
 
+def logit_bias(bias: Sequence[tuple[int, float]], device: torch.device) -> Processor:
+    """OpenAI's logit_bias: each value added to its token's logit (-100 all but bans it, 100 all but forces it)."""
+    ids = torch.tensor([i for i, _ in bias], device=device)
+    values = torch.tensor([b for _, b in bias], device=device)
+
+    def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        return logits.index_add_(0, ids, values.to(logits.dtype))
+
+    return apply
+
+
 def top_k_filter(k: int) -> Processor:
     def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
         if k >= logits.shape[-1]:
@@ -104,6 +115,8 @@ class Sampler:
         self.held_back = sorted(set(end_ids)) if params.min_new_tokens else []
         self._held_back = torch.tensor(self.held_back, dtype=torch.long, device=device)
         self.processors: list[Processor] = []
+        if params.logit_bias:
+            self.processors.append(logit_bias(params.logit_bias, device))
         if params.repetition_penalty != 1.0:
             self.processors.append(repetition_penalty(params.repetition_penalty))
         if params.presence_penalty or params.frequency_penalty:

@@ -728,6 +728,16 @@ def create_app(
             raise APIError(400, f"{param}: empty; at least one token is needed", param=param)
         return token_lists
 
+    def check_bias(req: p.ChatCompletionRequest | p.CompletionRequest) -> None:
+        """A logit_bias for a token id outside the vocabulary is a 400, as such an id in a prompt is."""
+        bad = next((i for i in req.bias_ids() if i >= vocab_size), None)
+        if bad is not None:
+            raise APIError(
+                400,
+                f"logit_bias: token id {bad} is not in the model's vocabulary (0-{vocab_size - 1})",
+                param="logit_bias",
+            )
+
     def api(path: str, endpoint: str):
         """A POST route of the API, its requests counted in /metrics as `endpoint`: one refused before it
         ran (400, 401, 404, 413, 429) or failing before it counted itself, with the status it was answered
@@ -786,6 +796,7 @@ def create_app(
             p.ChatCompletionRequest, await server.read_json(request)
         )
         server.check_model(req.model)
+        check_bias(req)
         prompt = await asyncio.to_thread(engine.encode_chat, req.messages)  # see _encode_all
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         budget = server.max_new_tokens(req.requested_max_tokens(), len(prompt), param)
@@ -861,6 +872,7 @@ def create_app(
         server.check_auth(request)
         req: p.CompletionRequest = p.parse_request(p.CompletionRequest, await server.read_json(request))
         server.check_model(req.model)
+        check_bias(req)
         items = req.prompts()
         prompts = await _encode_all(items, "prompt")
         texts = [
