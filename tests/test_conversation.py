@@ -343,6 +343,21 @@ def test_parse_messages_errors_name_the_field():
     assert info.value.param == "messages[1].content[0]"
 
 
+@pytest.mark.parametrize(
+    "part,param,says",
+    [  # the image's own type named; a text part without its text was told "only text parts are supported"
+        ({"type": "image_url", "image_url": {"url": "x"}}, "content[0]", "not a part of type 'image_url'"),
+        ("hello", "content[0]", "not an object with a 'type'"),
+        ({"type": "text", "text": 5}, "content[0].text", "expected a string"),
+        ({"type": "text"}, "content[0].text", "expected a string"),
+    ],
+)
+def test_a_content_part_error_says_what_is_wrong_with_it(part, param, says):
+    with pytest.raises(MessagesError) as info:
+        parse_messages([{"role": "user", "content": [part]}])
+    assert info.value.param == f"messages[0].{param}" and says in str(info.value), str(info.value)
+
+
 def test_template_cli_list_and_render(tmp_path, capsys):
     assert cli(["template", "list"]) == 0
     assert "vicuna_v1.1" in capsys.readouterr().out

@@ -504,13 +504,13 @@ def parse_messages(data: object, source: str = "messages") -> list[Message]:
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
-                if not (
-                    isinstance(part, dict)
-                    and part.get("type") == "text"
-                    and isinstance(part.get("text"), str)
-                ):
-                    at = f"{where}.content[{j}]"
-                    raise MessagesError(f"{at}: only text parts are supported", at)
+                at = f"{where}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":  # say which: an image part and a malformed one read alike
+                    what = f"a part of type {kind!r}" if isinstance(kind, str) else "an object with a 'type'"
+                    raise MessagesError(f"{at}: only text parts are supported, not {what}", at)
+                if not isinstance(part.get("text"), str):
+                    raise MessagesError(f"{at}.text: expected a string", f"{at}.text")
                 parts.append(part["text"])
             content = "\n".join(parts)
         if not isinstance(content, str):
