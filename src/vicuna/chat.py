@@ -621,9 +621,14 @@ def _answer(
     prompt, dropped, room = fit_history(
         engine.encode_chat, engine.context_window, messages, params.max_new_tokens, left_out
     )
+    if room < 1:  # refused before the note on exchanges left out, which no prompt left out
+        raise VicunaError(
+            f"the message makes a prompt of {engine.context_window - room} tokens, which leaves no room "
+            f"for a reply in the model's context window of {engine.context_window} tokens: shorten it"
+        )
     if dropped > left_out:  # said when more go, not again before every reply of a long conversation
         io.info(f"(the {dropped} oldest exchange(s) left out of the prompt to fit the context window)")
-    if 0 < room < params.max_new_tokens:  # none at all: the engine refuses the message, saying why
+    if room < params.max_new_tokens:
         io.info(
             f"(the message leaves room in the context window for a reply of {room} tokens, "
             f"not --max-new-tokens {params.max_new_tokens})"

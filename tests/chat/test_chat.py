@@ -475,7 +475,10 @@ def test_too_long_a_message_is_refused_and_the_history_is_kept():
 
     engine, io = Strict(), ScriptedIO(["hi", "word " * 60, "again"])
     run_chat(engine, io, PARAMS)
-    assert any("context window is 60 tokens; this message goes unanswered" in n for n in io.notes)
+    assert io.notes == [
+        "error: the message makes a prompt of 62 tokens, which leaves no room for a reply in the model's "
+        "context window of 60 tokens: shorten it; this message goes unanswered"
+    ]  # no note that "hi" was left out of a prompt: none was sent, and the next one keeps it
     assert [m.content for m in engine.seen[-1]] == ["hi", "reply to 1 messages", "again"]
 
 
