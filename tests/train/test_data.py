@@ -637,3 +637,28 @@ def test_inspect_shows_the_data_s_path_with_brackets_in_it_as_it_is(tiny_llama_d
     assert cli(args) == 0
     shown = capsys.readouterr().out
     assert f"{data}" in shown and f"wrote 1 examples to {out}" in shown
+
+
+def test_inspect_names_the_examples_truncation_left_without_a_reply(tiny_llama_dir, tmp_path, capsys):
+    """An example whose replies all lie past --max-length is left out: the summary counted it, but no
+    line said which one, so a user could not find the conversation to shorten or split."""
+    long = {
+        "id": "long",
+        "conversations": [{"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "ok"}],
+    }
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([CONVERSATION, long]), encoding="utf-8")
+    args = [
+        "train",
+        "inspect",
+        "--data",
+        str(data),
+        "--model-path",
+        str(tiny_llama_dir),
+        "--max-length",
+        "100",
+    ]
+    assert cli(args) == 0
+    shown = capsys.readouterr().out
+    assert "1 truncated to --max-length 100, 1 of them left out (no assistant text left)" in shown
+    assert f"left out: {data}[1] (id 'long'): no assistant text within --max-length 100" in shown

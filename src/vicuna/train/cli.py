@@ -149,6 +149,10 @@ def inspect(args: argparse.Namespace) -> int:
         console.print(f"bad: {source}: {why}")
     if len(prepared.bad) > 10:
         console.print(f"... and {len(prepared.bad) - 10} more bad examples")
+    for source in prepared.dropped[:10]:  # counted in the summary; named here, to be found and split
+        console.print(f"left out: {source}: no assistant text within --max-length {prepared.max_length}")
+    if len(prepared.dropped) > 10:
+        console.print(f"... and {len(prepared.dropped) - 10} more left out")
     if args.json is not None:
         tmp = args.json.with_name(args.json.name + ".partial")
         with tmp.open("w", encoding="utf-8") as f:

@@ -375,7 +375,7 @@ class Prepared:
     bad: list[tuple[str, str]] = field(default_factory=list)  # (source, why its spans cannot be located)
     refused: int = 0  # of the bad, those the chat template refuses to render
     truncated: int = 0  # examples cut at --max-length
-    dropped: int = 0  # truncated examples with no loss token left, left out
+    dropped: list[str] = field(default_factory=list)  # sources of truncated examples with no loss token left
     untrained: int = 0  # examples (or --split-long parts) whose replies all have weight 0, left out
     system_left_out: int = 0  # conversations whose system prompt the chat template does not render
 
@@ -386,7 +386,7 @@ class Prepared:
             f"{len(self.examples)} examples, {tokens} tokens of which {loss} carry loss; "
             f"{len(self.bad)} bad ({self._bad_kinds()}), "
             f"{self.truncated} truncated to --max-length {self.max_length}"
-            + (f", {self.dropped} of them left out (no assistant text left)" if self.dropped else "")
+            + (f", {len(self.dropped)} of them left out (no assistant text left)" if self.dropped else "")
             + (f"; {self.untrained} left out (every reply has weight 0)" if self.untrained else "")
             + (
                 f"; {self.system_left_out} trained without their system prompt, which the chat template "
@@ -500,7 +500,7 @@ def prepare(
                 ids, labels = ids[:max_length], labels[:max_length]
                 out.truncated += 1
                 if all(label == IGNORE for label in labels):
-                    out.dropped += 1
+                    out.dropped.append(source)
                     continue
             out.examples.append(Example(source, ids, labels, truncated))
     return out
