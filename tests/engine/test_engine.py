@@ -86,6 +86,27 @@ def test_prompt_beyond_the_context_window_is_a_clear_error(engine):
         engine.generate([5] * 200, SamplingParams(max_new_tokens=100))
 
 
+def test_an_mpt_model_s_context_window_is_its_max_seq_len(tiny_llama_dir, tmp_path):
+    """MPT names its positions `max_seq_len`: a window of 2048 was taken instead, and a tiny MPT of 64
+    failed in transformers (its ALiBi table is that long) on a prompt and reply of more."""
+    from transformers import AutoConfig, AutoTokenizer, MptForCausalLM
+
+    from vicuna.train.trainer import fit_max_length
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.save_pretrained(tmp_path)
+    config = AutoConfig.for_model(
+        "mpt", vocab_size=len(tokenizer), d_model=64, n_heads=4, n_layers=2, max_seq_len=64
+    )
+    torch.manual_seed(0)
+    MptForCausalLM(config).save_pretrained(tmp_path)
+    settings = ModelSettings(model_path=str(tmp_path), device="cpu", dtype="float32")
+    engine = load_engine(settings, progress=False)
+    assert engine.context_window == 64 == fit_max_length(None, config, tmp_path)
+    with pytest.raises(ContextTooLongError, match="context window is 64 tokens"):
+        engine.generate([5] * 60, SamplingParams(max_new_tokens=20))
+
+
 def test_chat_uses_the_template_and_its_stop_token(engine):
     assert engine.template.name == "vicuna_v1.1"
     ids = engine.encode_chat([Message("user", "Hello!")])

@@ -35,9 +35,20 @@ from vicuna.errors import ContextTooLongError, VicunaError
 SCORE_PIECE = 256  # prompt positions whose logits `Engine.score` turns into float32 logprobs at a time
 
 
-def context_window(config: Any) -> int:
+def context_length(config: Any) -> int | None:
+    """The positions the model was made for, as its config names them; None where it names none. MPT's
+    is `max_seq_len`, the length of its ALiBi table: read as no length at all, a window of 2048 was taken,
+    so mpt-30b-chat's conversations lost exchanges at a quarter of its 8192, and a model of less failed
+    with a RuntimeError from transformers on its first longer prompt."""
     text = config.get_text_config()
-    return int(getattr(text, "max_position_embeddings", None) or 2048)
+    for name in ("max_position_embeddings", "max_seq_len"):
+        if value := getattr(text, name, None):
+            return int(value)
+    return None
+
+
+def context_window(config: Any) -> int:
+    return context_length(config) or 2048
 
 
 def end_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

@@ -226,13 +226,15 @@ def read_and_tokenize(
 def fit_max_length(max_length: int | None, config: Any, folder: Path) -> int:
     """--max-length, refused when longer than the model's context; by default MAX_LENGTH or the context,
     whichever is shorter (positions past the context are ones the model never learnt)."""
-    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    from vicuna.engine.engine import context_length
+
+    context = context_length(config)
     if max_length is None:
         return min(MAX_LENGTH, context) if context else MAX_LENGTH
     if context and max_length > context:
         raise VicunaError(
             f"--max-length {max_length} is longer than the model's context of {context} tokens "
-            f"({folder / 'config.json'} max_position_embeddings); pass --max-length {context} or less"
+            f"({folder / 'config.json'}); pass --max-length {context} or less"
         )
     return max_length
 
