@@ -579,6 +579,24 @@ def test_a_prompt_that_fills_the_context_window_is_refused_naming_the_prompt(ser
         assert "new tokens were asked for" not in error["message"]
 
 
+def test_of_several_prompts_the_one_too_long_for_the_window_is_named(served, tiny_engine):
+    """An evaluation harness sends prompts by the list: one of them too long was refused as "the prompt
+    has N tokens", naming `prompt` (or `input`), so the client could not tell which to shorten."""
+    url, _ = served
+    window = tiny_engine.context_window
+    ok, long, near = [5] * 10, [5] * (window + 1), [5] * (window - 4)
+    for path, body, param, start in [
+        ("completions", greedy(prompt=[ok, long, ok]), "prompt[1]", "prompt[1]: the prompt has"),
+        ("completions", greedy(prompt=[ok, near], max_tokens=8), "max_tokens", "prompt[1]: the prompt has"),
+        ("completions", greedy(prompt=long), "prompt", "the prompt has"),
+        ("embeddings", {"model": MODEL, "input": [ok, ok, long]}, "input[2]", "input[2] has"),
+        ("embeddings", {"model": MODEL, "input": long}, "input", "input has"),
+    ]:
+        error = error_of(httpx.post(f"{url}/v1/{path}", json=body, timeout=60))
+        assert (error["code"], error["param"]) == ("context_length_exceeded", param)
+        assert error["message"].startswith(start), error["message"]
+
+
 def test_a_completion_without_max_tokens_near_the_end_of_the_window_gets_the_room_left(served, tiny_engine):
     """OpenAI's default of 16 new tokens, where the prompt left fewer, was refused naming max_tokens,
     which the client had not sent."""

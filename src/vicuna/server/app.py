@@ -404,23 +404,25 @@ class _Server:
         prompt_len: int,
         param: str = "max_tokens",
         prompt_param: str = "messages",
+        which: str = "",
     ) -> int:
         """The reply budget: as asked, or all the room the context window leaves; 400 when it does not fit,
         naming `prompt_param` where the prompt alone leaves no room (a smaller `param` would not help). A
-        prompt only scored (`requested` 0) may fill the window."""
-        window = self.engine.context_window
+        prompt only scored (`requested` 0) may fill the window. `which`: the prompt among several
+        (`prompt[3]`), said first, and named as the prompt at fault."""
+        window, where = self.engine.context_window, f"{which}: " if which else ""
         if prompt_len > window or prompt_len == window and requested != 0:
             raise APIError(
                 400,
-                f"the prompt has {prompt_len} tokens and leaves no room for a reply in the model's context "
-                f"window of {window} tokens: shorten it",
-                param=prompt_param,
+                f"{where}the prompt has {prompt_len} tokens and leaves no room for a reply in the model's "
+                f"context window of {window} tokens: shorten it",
+                param=which or prompt_param,
                 code="context_length_exceeded",
             )
         budget = requested if requested is not None else window - prompt_len
         if prompt_len + budget > window:
             err = ContextTooLongError(prompt_len, budget, window)
-            raise APIError(400, str(err), param=param, code="context_length_exceeded")
+            raise APIError(400, f"{where}{err}", param=param, code="context_length_exceeded")
         return budget
 
 
@@ -881,14 +883,15 @@ def create_app(
         ]
         n = req.n or 1
         window = engine.context_window  # without max_tokens OpenAI's 16, or the room the window leaves
-        budgets = [
+        budgets = [  # of a list of prompts (an evaluation harness sends many), the one too long is named
             server.max_new_tokens(
                 max(1, min(16, window - len(ids))) if req.max_tokens is None else req.max_tokens,
                 len(ids),
                 "max_tokens",
                 "prompt",
+                f"prompt[{i}]" if len(prompts) > 1 else "",
             )
-            for ids in prompts
+            for i, ids in enumerate(prompts)
         ]
         params = [
             engine.stop_params(
@@ -1050,12 +1053,13 @@ def create_app(
         req: p.EmbeddingRequest = p.parse_request(p.EmbeddingRequest, await server.read_json(request))
         server.check_model(req.model)
         token_lists = await _encode_all(req.inputs(), "input")
-        for ids in token_lists:
+        for i, ids in enumerate(token_lists):
             if len(ids) > engine.context_window:
+                where = f"input[{i}]" if len(token_lists) > 1 else "input"  # of thousands, the one too long
                 raise APIError(
                     400,
-                    f"an input has {len(ids)} tokens, but the model's context window is {engine.context_window} tokens",
-                    param="input",
+                    f"{where} has {len(ids)} tokens, but the model's context window is {engine.context_window} tokens",
+                    param=where,
                     code="context_length_exceeded",
                 )
         start = time.perf_counter()
