@@ -306,3 +306,15 @@ def test_device_cuda_without_a_gpu_says_why(monkeypatch, cuda, said):
     with pytest.raises(VicunaError, match="--device cuda: no CUDA GPU is visible to PyTorch") as err:
         placement.resolve_device(ModelSettings(device="cuda"))
     assert said in str(err.value) and str(err.value).endswith("use --device cpu")
+
+
+def test_8bit_weights_for_apples_gpu_are_read_on_the_cpu_and_quantized_there(monkeypatch):
+    """`--device mps --load-8bit` loaded the whole 16-bit model onto Apple's GPU before quantizing it: in
+    the RAM the GPU shares, twice what the fit check had allowed for (a 7B model: 13.5 GB, not 7)."""
+    hw = dataclasses.replace(probe_hardware(), gpus=(), mps=True, ram_available=2**40)
+    monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    settings = ModelSettings(device="mps", load_8bit=True)
+    assert placement.check_fits(CONFIG, settings, torch.device("mps"), torch.float16) == {"": "cpu"}
+    assert placement.check_fits(CONFIG, ModelSettings(device="mps"), torch.device("mps"), torch.float16) == {
+        "": "mps"
+    }

@@ -298,10 +298,12 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
             f"the model needs about {gib(needed)} ({gib(weights)} of weights, {gib(kv)} of KV cache for "
             f"{KV_TOKENS} tokens) but {where}{advice}. See `vicuna doctor`."
         )
+    if settings.load_8bit:
+        # read as stored from the memory-mapped file, each layer quantized on `device` (quant.quantize_int8):
+        # on Apple's GPU too, where loading it whole first held the 16-bit model in the RAM it shares
+        return {"": "cpu"}
     if device.type != "cuda":
         return {"": str(device)}
-    if settings.load_8bit:
-        return {"": "cpu"}  # quantized on the CPU, then moved (see quant.quantize_int8)
     if settings.num_gpus == 1:
         return {"": device.index or 0}
     return plan_placement(config, dtype, budgets)
