@@ -318,3 +318,26 @@ def test_8bit_weights_for_apples_gpu_are_read_on_the_cpu_and_quantized_there(mon
     assert placement.check_fits(CONFIG, ModelSettings(device="mps"), torch.device("mps"), torch.float16) == {
         "": "mps"
     }
+
+
+def test_auto_dtype_on_a_cpu_whose_ram_holds_the_model_only_in_bfloat16(monkeypatch, tmp_path):
+    """A laptop with the RAM for a model in bfloat16 but not in float32: `--dtype auto` timed both, took
+    float32 where it ran faster, and the fit check then refused it ('these would fit: --device cpu --dtype
+    bfloat16'), after a trial that on a 7B model builds gigabytes of layers."""
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    timed = []
+    monkeypatch.setattr(
+        placement, "_time_reply", lambda config, d: timed.append(d) or (0.5 if d == torch.float32 else 1.0)
+    )
+    size = model_size(CONFIG)
+    bf16 = (
+        size.weight_bytes(torch.bfloat16) + size.kv_bytes(placement.KV_TOKENS, torch.bfloat16)
+    ) * placement.HEADROOM
+    hw = dataclasses.replace(probe_hardware(), gpus=(), ram_available=int(bf16 * 1.2))
+    monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    dtype = placement.resolve_dtype("auto", torch.device("cpu"), CONFIG)
+    assert dtype == torch.bfloat16 and timed == []
+    placement.check_fits(CONFIG, ModelSettings(), torch.device("cpu"), dtype)  # not refused
+    hw = dataclasses.replace(hw, ram_available=int(bf16 * 3))  # float32 fits too: timed, and it wins here
+    assert placement.resolve_dtype("auto", torch.device("cpu"), CONFIG) == torch.float32
+    assert timed == [torch.float32, torch.bfloat16]

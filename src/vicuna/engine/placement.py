@@ -67,7 +67,16 @@ def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dt
         return torch.bfloat16 if native_bfloat16() else torch.float16
     if device.type == "mps":
         return torch.float16
+    if not fits_in_ram(config, torch.float32):  # not timed: float32 would be refused (check_fits)
+        return torch.bfloat16
     return fastest_cpu_dtype(config)
+
+
+def fits_in_ram(config: Any, dtype: torch.dtype) -> bool:
+    """Whether the model in `dtype`, with a chat's KV cache, fits the RAM available, as `check_fits` asks."""
+    size = model_size(config)
+    need = (size.weight_bytes(dtype) + size.kv_bytes(KV_TOKENS, dtype)) * HEADROOM
+    return need <= probe_hardware().ram_available
 
 
 def native_bfloat16() -> bool:
