@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -341,3 +342,31 @@ def test_auto_dtype_on_a_cpu_whose_ram_holds_the_model_only_in_bfloat16(monkeypa
     hw = dataclasses.replace(hw, ram_available=int(bf16 * 3))  # float32 fits too: timed, and it wins here
     assert placement.resolve_dtype("auto", torch.device("cpu"), CONFIG) == torch.float32
     assert timed == [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        ({"load_8bit": True}, "--load-8bit (its scales are bfloat16) on mps needs macOS 14"),
+        ({"dtype": "bfloat16"}, "--dtype bfloat16 on mps needs macOS 14"),
+        ({"dtype": "float16"}, None),
+        ({"load_8bit": True, "device": "cpu"}, None),
+    ],
+)
+def test_bfloat16_on_apples_gpu_before_macos_14_is_refused_before_loading(monkeypatch, flags, refused):
+    """On macOS 13 (PyTorch 2.9 and older run there) Apple's GPU has no bfloat16: `--device mps --load-8bit`
+    and `--dtype bfloat16` stopped with "TypeError: MPS BFloat16 is only supported on MacOS 14 or newer"
+    and a traceback, once the weights were read."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) < (14, 0)
+    )
+    settings = ModelSettings(**{"device": "mps", **flags})
+    if refused is None:
+        assert placement.resolve_device(settings) == torch.device(settings.device)
+        return
+    with pytest.raises(VicunaError, match=re.escape(refused)):
+        placement.resolve_device(settings)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)  # macOS 14
+    assert placement.resolve_device(settings) == torch.device("mps")

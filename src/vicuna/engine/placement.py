@@ -49,6 +49,15 @@ def resolve_device(settings: ModelSettings) -> torch.device:
     if requested == "mps" and not mps:
         raise VicunaError("--device mps: Apple's Metal backend is not available here; use --device cpu")
     device = torch.device(requested or ("cuda" if cuda else "mps" if mps else "cpu"))
+    if device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        # Apple's GPU has bfloat16 from macOS 14 on; before, PyTorch (2.9 and older run there) stopped with a
+        # TypeError traceback once the weights were read
+        needs = "--load-8bit (its scales are bfloat16)" if settings.load_8bit else "--dtype bfloat16"
+        if settings.load_8bit or settings.dtype == "bfloat16":
+            raise VicunaError(
+                f"{needs} on mps needs macOS 14 or newer, where Apple's GPU computes in bfloat16; "
+                "use --dtype float16 on mps, or --device cpu"
+            )
     if settings.max_gpu_memory:
         parse_bytes(settings.max_gpu_memory)
     if device.type == "cuda" and settings.num_gpus > torch.cuda.device_count():
