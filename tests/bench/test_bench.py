@@ -993,6 +993,20 @@ def test_bandwidth_is_measured_with_and_without_our_kernel(monkeypatch):
     assert with_kernel > 0 and measure_bandwidth(device, nbytes=16 * 2**20, repeats=1) > 0
 
 
+def test_bandwidth_on_apples_gpu_waits_for_each_operation(monkeypatch):
+    """On Apple's GPU (mps) operations are queued, as on CUDA, but only CUDA was synchronized: the sum and
+    the copy were timed as they were queued, and the bandwidth, and with it the decode ceiling that
+    `bench latency` compares tokens/s with, came out far too high. Stood in for by the CPU here."""
+    from vicuna.bench.latency import measure_bandwidth
+
+    ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *size, device=None, **kw: ones(*size, **kw))  # on the CPU
+    waits = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waits.append(1))
+    assert measure_bandwidth(torch.device("mps"), nbytes=2**20, repeats=2) > 0
+    assert len(waits) == 2 * (1 + 2)  # the sum and the copy: after the first touch and after each timed run
+
+
 def test_a_busy_machine_is_said_before_the_benchmark(monkeypatch, capsys):
     import os
 

@@ -163,6 +163,8 @@ def measure_bandwidth(device: Any, nbytes: int | None = None, repeats: int = 5) 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        elif device.type == "mps":  # queued as on CUDA: unsynchronized, only the queueing was timed
+            torch.mps.synchronize()
 
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     y = torch.empty_like(x)
