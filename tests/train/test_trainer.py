@@ -769,3 +769,29 @@ def test_qlora_check_knows_the_bitsandbytes_transformers_5_takes_where_transform
     monkeypatch.setattr(importlib.metadata, "version", lambda n: "0.45.5" if n == "bitsandbytes" else real(n))
     with pytest.raises(VicunaError, match=r"bitsandbytes>=0\.46\.1"):
         check_qlora()
+
+
+def test_training_that_cannot_fit_the_ram_is_refused_before_loading(
+    tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch
+):
+    """Without a CUDA GPU (on the CPU, or Apple's GPU in the same RAM) a model whose training could not fit
+    was loaded anyway, and the system killed the run: a full fine-tune holds 16 bytes a parameter."""
+    import dataclasses
+
+    import torch
+
+    from vicuna.engine import memory
+    from vicuna.engine.loader import read_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    params = memory.model_size(read_config(tiny_llama_dir)).params
+    hw = dataclasses.replace(memory.probe_hardware(), ram_available=10 * params)
+    monkeypatch.setattr(memory, "probe_hardware", lambda: hw)
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "training it needs about" in err and "for float32 weights, their gradients and AdamW's" in err
+    assert "LoRA in bfloat16 (--lora --dtype bfloat16) needs about" in err
+    assert not out.exists()  # refused before anything was written
+    assert cli([*args, "--max-steps", "1", "--lora", "--dtype", "bfloat16"]) == 0  # 2 bytes a parameter fit

@@ -134,6 +134,38 @@ def check_gpus(force: bool) -> None:
             )
 
 
+def check_fits_in_ram(folder: Path, cfg: TrainConfig, compute_dtype: Any) -> None:
+    """Refuse, before loading, a model whose training cannot fit the RAM, where no CUDA GPU holds it (on the
+    CPU, or on Apple's GPU, which shares the RAM). A full fine-tune holds float32 weights, their gradients
+    and AdamW's two moments, 16 bytes a parameter (a 7B model: 100 GiB); LoRA the weights in the compute
+    dtype. Unchecked, a 7B model on an 8 GB laptop was killed by the system, after minutes of loading, with
+    no word of why. Activations come on top, and are not counted."""
+    from vicuna.engine.loader import read_config
+    from vicuna.engine.memory import gib, model_size, probe_hardware
+    from vicuna.errors import DoesNotFitError
+
+    params = model_size(read_config(folder)).params
+    need = params * compute_dtype.itemsize if cfg.lora else 16 * params
+    available = probe_hardware().ram_available
+    if need <= available:
+        return
+    what = (
+        f"its weights in {str(compute_dtype).removeprefix('torch.')}"
+        if cfg.lora
+        else "float32 weights, their gradients and AdamW's two moments"
+    )
+    lora_bf16 = 2 * params
+    hint = (
+        f"; LoRA in bfloat16 (--lora --dtype bfloat16) needs about {gib(lora_bf16)}"
+        if lora_bf16 <= available and not (cfg.lora and compute_dtype.itemsize == 2)
+        else ""
+    )
+    raise DoesNotFitError(
+        f"{folder}: training it needs about {gib(need)} of RAM for {what}, "
+        f"but {gib(available)} is available{hint}"
+    )
+
+
 def check_qlora() -> None:
     """A CUDA GPU, and a bitsandbytes that transformers loads 4-bit weights with: an older one passed here,
     and transformers refused it with a traceback once the data was tokenized and the run recorded."""
@@ -709,6 +741,8 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
             "fine for a tiny model, far too slow for a 7B one",
             flush=True,
         )
+    if not torch.cuda.is_available():
+        check_fits_in_ram(folder, cfg, compute_dtype)
     if cfg.lora:
         check_lora_target(folder, cfg)  # before start_or_resume writes anything
     checkpoint = start_or_resume(cfg, run_record(cfg, template.name, prepared), is_main, folder)
