@@ -397,3 +397,23 @@ def test_the_word_cache_goes_where_a_piece_is_a_whole_text_and_stays_where_it_is
         tokenizer = Tokenizer(pre)
         without_word_cache(tokenizer)
         assert tokenizer._tokenizer.sizes == resized, pre
+
+
+def test_a_gguf_file_whose_conversion_cannot_fit_the_ram_is_refused_before_it_starts(
+    tmp_path, monkeypatch, capsys
+):
+    """A GGUF file is dequantized into float32 in memory as it is converted: a 7B model's 4 GB Q4 file was
+    converted on an 8 GB laptop until the system killed `vicuna chat`, before the model's fit was checked."""
+    import dataclasses
+
+    from vicuna.engine import memory
+    from vicuna.weights.builtin import builtin_gguf, gguf_cache_dir
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    gguf = tmp_path / "model.gguf"
+    gguf.symlink_to(builtin_gguf())  # 134.5M parameters: 513 MiB in float32
+    hw = dataclasses.replace(memory.probe_hardware(), ram_available=400 * 2**20)
+    monkeypatch.setattr(memory, "probe_hardware", lambda: hw)
+    assert cli(["chat", "--model-path", str(gguf), "--device", "cpu"]) == 2
+    assert "to float32: at least 513 MiB of RAM, and 400 MiB is available" in capsys.readouterr().err
+    assert not gguf_cache_dir(gguf).exists()  # nothing converted

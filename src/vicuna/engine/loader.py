@@ -44,7 +44,10 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: expected an HF-format folder or a .gguf file")
-        return convert_gguf(path, gguf_cache_dir(path))
+        out = gguf_cache_dir(path)
+        if not (out / CONFIG).is_file():
+            check_conversion_fits(path)
+        return convert_gguf(path, out)
     if not (path / CONFIG).is_file():
         if (path / "adapter_config.json").is_file():
             base = adapter_base(path)
@@ -54,6 +57,30 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
             )
         raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
     return path
+
+
+def check_conversion_fits(gguf: Path) -> None:
+    """Refuse a GGUF file whose conversion cannot fit the RAM, before it starts: its weights are dequantized
+    into float32 in memory (the built-in model's peaked at 1.4x their float32 size), so a 7B model's 4 GB
+    Q4 file needs over 27 GB, and on an 8 GB laptop the system killed `vicuna chat` (or `vicuna doctor`)
+    with no word of why. Read from the file's header only."""
+    import torch
+    from transformers import AutoConfig
+
+    from vicuna.engine.memory import gib, model_size, probe_hardware
+    from vicuna.errors import DoesNotFitError
+
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception:  # said by the conversion, which reads the whole file
+        return
+    need, available = model_size(config).weight_bytes(torch.float32), probe_hardware().ram_available
+    if need > available:
+        raise DoesNotFitError(
+            f"{gguf}: vicuna runs a GGUF file by converting it once into an HF folder, its weights dequantized "
+            f"to float32: at least {gib(need)} of RAM, and {gib(available)} is available. Convert it on a "
+            "machine with more memory (the folder goes in $VICUNA_HOME/models), or use a smaller model"
+        )
 
 
 def names_hub_repository(model_path: str) -> bool:
