@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,17 @@ def test_the_wheel_holds_the_files_the_code_reads_and_no_tests(tmp_path):
         assert needed in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # Apache-2.0's text, not its name
     assert not [n for n in names if n.startswith("tests/") or n.endswith(".pyc")]
+
+
+def test_the_package_is_versioned_as_vicuna_version_says(tmp_path):
+    """pyproject.toml and vicuna/__init__.py each stated the version: a release that bumped one left
+    `vicuna --version` disagreeing with what pip installed. The package takes its version from the code."""
+    source = checkout_copy(tmp_path)
+    init = source / "src" / "vicuna" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', '__version__ = "9.8.7"', init.read_text()))
+    wheel = build("wheel", source, tmp_path / "dist")
+    metadata = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))
+    assert "\nVersion: 9.8.7\n" in zipfile.ZipFile(wheel).read(metadata).decode()
 
 
 def test_the_sdist_holds_every_test_and_no_caches(tmp_path):
