@@ -25,6 +25,7 @@ def checkout_copy(dest: Path) -> Path:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("*.egg-info"))
         (dest / name / "__pycache__").mkdir(exist_ok=True)
         (dest / name / "__pycache__" / "conftest.cpython-311.pyc").write_bytes(b"")
+    shutil.copytree(ROOT / "docs", dest / "docs")
     return dest
 
 
@@ -69,6 +70,18 @@ def test_the_sdist_holds_every_test_and_no_caches(tmp_path):
     tests = {n for n in tests if "__pycache__" not in n}
     assert {n for n in names if n.startswith("tests/")} >= tests
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_the_sdist_holds_the_files_the_readme_names(tmp_path):
+    """The README (PyPI's page too) sends readers to docs/benchmarks.md for the figures, which the sdist
+    left out: a distribution built from it had the claims without the measurements."""
+    named = set(re.findall(r"`([\w.-]+(?:/[\w.-]+)+)`", (ROOT / "README.md").read_text(encoding="utf-8")))
+    named = {n for n in named if (ROOT / n).is_file()}
+    assert "docs/benchmarks.md" in named
+    sdist = build("sdist", checkout_copy(tmp_path), tmp_path / "dist")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert named <= names, sorted(named - names)
 
 
 def test_the_torch_we_ask_for_is_one_transformers_uses():
