@@ -369,6 +369,20 @@ def streamed(texts: list[str]) -> list[bytes]:
     return [chunk(e) for e in events] + [b"0\r\n\r\n"]
 
 
+def test_a_wave_runs_with_a_uvloop_older_than_its_run(monkeypatch):
+    """uvicorn[standard] takes a uvloop older than 0.18, which has no `run`: `vicuna bench serve` ended in an
+    AttributeError where one of those was installed. asyncio's loop runs the wave then."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "uvloop", types.ModuleType("uvloop"))  # no `run`, as before 0.18
+
+    async def wave():
+        await asyncio.sleep(0)
+        return "done"
+
+    assert serve.run(wave()) == "done"
+
+
 def test_the_stream_client_times_the_content_and_takes_the_usage():
     got = answered(STREAM_HEAD + b"".join(streamed(["Hel", "lo"])))
     assert got.tokens == 2 and 0 < got.ttft_s <= got.total_s and got.content_reads == 2

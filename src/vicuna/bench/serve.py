@@ -237,12 +237,12 @@ async def stream_one(
 def run(wave: Coroutine[Any, Any, Wave]) -> Wave:
     """Run a wave on uvloop where it is installed (uvicorn's standard extra brings it): the client shares
     the cores with the server it measures, and uvloop's loop takes less CPU per streamed token than
-    asyncio's own."""
+    asyncio's own. uvicorn's extra takes a uvloop older than 0.18, which has no `run`: asyncio's loop then."""
     try:
-        import uvloop
+        from uvloop import run as run_on_uvloop
     except ImportError:
         return asyncio.run(wave)
-    return uvloop.run(wave)
+    return run_on_uvloop(wave)
 
 
 async def run_wave(url: str, model: str, streams: int, new_tokens: int, api_key: str | None = None) -> Wave:
