@@ -200,6 +200,24 @@ def test_rerun_skips_verified_files_and_redownloads_corrupt_ones(server, tmp_pat
     assert {p for p, _, _ in server.log} == {"7B/consolidated.00.pth"}
 
 
+def test_a_rerun_reads_no_file_that_was_verified_and_has_not_changed(server, tmp_path, monkeypatch):
+    """After an interruption in the last file, every finished one was md5-hashed again before the run went on
+    (26 GB read for 13B): the files' notes in `.vicuna-md5.json` are trusted while size and mtime hold."""
+    from vicuna.weights import meta_download
+
+    target = tmp_path / "llama"
+    server.drops, server.drop_at = {"13B/consolidated.01.pth": 1}, 40_000
+    assert run(server, target, "7B,13B", "--retries", "0") == 2  # the last file is cut short
+    hashed: list[str] = []
+    real_md5 = meta_download.md5_of
+    monkeypatch.setattr(
+        meta_download, "md5_of", lambda path, *a: hashed.append(path.name) or real_md5(path, *a)
+    )
+    assert run(server, target, "7B,13B") == 0
+    assert hashed == ["consolidated.01.pth.part"]  # only the file finished now
+    assert_identical(server, target, ("7B", "13B"))
+
+
 def test_corrupt_partial_file_is_downloaded_again_from_the_start(server, tmp_path):
     target = tmp_path / "llama"
     (target / "7B").mkdir(parents=True)

@@ -5,8 +5,8 @@ replaced by each file's path; `tokenizer_checklist.chk` and `MODEL/checklist.chk
 format, MODEL being LLaMA 1's `7B` ... `65B` or LLaMA 2's `llama-2-7b` ... `llama-2-70b-chat`. Each file is
 written to `NAME.part`, resumed with HTTP Range requests, checked against its md5 and only then renamed, so an
 interrupted or re-run download keeps every verified byte. Each folder's `.vicuna-md5.json` notes what was
-verified (here, or by `vicuna convert`), so that convert need not hash those files again while they stay
-unchanged.
+verified (here, or by `vicuna convert`), so that neither a rerun nor convert hashes those files again while
+they stay unchanged.
 """
 
 from __future__ import annotations
@@ -352,6 +352,11 @@ def download_llama(
                     f"{target / checklist} has no md5 for {Path(name).name}; is it the right checklist?"
                 )
             path = target / name
+            # verified by an earlier run (or convert) and unchanged since: a rerun after an interrupted last
+            # file read every finished one again first (26 GB for 13B) before it went on
+            if verified_md5s(path.parent).get(path.name) == sums[name]:
+                bars.console.print(f"{name}: verified before, skipping")
+                continue
             if path.exists():
                 if md5_file(path, bars) == sums[name]:
                     bars.console.print(f"{name}: verified, skipping")
