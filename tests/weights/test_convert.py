@@ -286,6 +286,17 @@ def test_bad_inputs_are_named(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_an_output_folder_that_is_the_checkpoint_s_or_holds_it_is_refused(tmp_path, capsys):
+    """`vicuna convert llama/7B llama` was refused as "llama already exists; delete it", the whole download."""
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "llama" / "7B", params, meta_weights(params, VOCAB), 1)
+    for out, said in ((meta, "is the META_DIR folder"), (meta.parent, "holds the META_DIR folder")):
+        assert main(["convert", str(meta), str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"OUT_DIR {out} {said}" in err and "choose a new folder" in err and "delete" not in err
+    assert sorted(p.name for p in meta.iterdir()) == ["consolidated.00.pth", "params.json"]
+
+
 def test_peak_memory_stays_under_three_quarters_of_the_model(tmp_path):
     """A 150 MB float16 checkpoint in 2 shards: the converter's peak RSS above idle must stay under 0.75x."""
     params = {

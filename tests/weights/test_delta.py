@@ -307,6 +307,35 @@ def test_the_tutorial_s_mix_ups_are_named_before_merging(tmp_path, models):
     assert not out.exists() and not out.with_name("合并.partial").exists()
 
 
+def test_an_output_folder_that_is_an_input_or_inside_one_is_refused(tmp_path, models, capsys):
+    """`--target` naming the base (downloaded, so with its SHA256SUMS) was refused as a finished folder "to
+    delete", the base itself; one inside the base was written there, and the base failed `vicuna verify`."""
+    from vicuna.weights.manifest import write_manifest
+
+    base = write_manifest(shutil.copytree(models["base"], tmp_path / "llama-7b-hf"), progress=False).parent
+    delta = models["delta"]
+    for flags, said in (
+        (
+            ["apply", "--base", base, "--delta", delta, "--target", base],
+            f"--target {base} is the --base folder",
+        ),
+        (["apply", "--base", base, "--delta", delta, "--target", base / "m"], "is inside the --base folder"),
+        (
+            ["apply", "--base", base, "--delta", delta, "--target", tmp_path],
+            f"--target {tmp_path} holds the --base",
+        ),
+        (
+            ["make", "--base", base, "--target", models["target"], "--delta", base],
+            f"--delta {base} is the --base",
+        ),
+    ):
+        assert main(["delta", *map(str, flags), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "choose a new folder" in err and "delete" not in err
+    assert not list(tmp_path.glob("*.partial"))
+    assert verify_manifest(base, progress=False) == []
+
+
 def test_a_delta_cloned_without_git_lfs_says_to_pull_it(tmp_path, models):
     delta = shutil.copytree(models["delta"], tmp_path / "vicuna-7b-delta-v1.1")
     shard = next(delta.glob("*.safetensors"))

@@ -258,6 +258,27 @@ def check_all_listed(index: Path, listed: Iterable[Path]) -> None:
         )
 
 
+def check_apart(out: Path, out_flag: str, inputs: dict[str, Path]) -> None:
+    """Refuse an output folder that is an input folder ({flag: folder}), lies inside one or holds one: a
+    `--target` that named the base was refused as an existing folder "to delete", the base itself, and one
+    inside the base was written there, after which the base no longer matched its SHA256SUMS."""
+    where = Path(out).resolve()
+    for flag, folder in inputs.items():
+        folder = Path(folder).resolve()
+        if where == folder:
+            how = "is"
+        elif folder in where.parents:
+            how = "is inside"
+        elif where in folder.parents:
+            how = "holds"
+        else:
+            continue
+        raise VicunaError(
+            f"{out_flag} {out} {how} the {flag} folder ({folder}): choose a new folder for {out_flag}, apart "
+            "from the inputs"
+        )
+
+
 def side_files(folder: Path) -> list[Path]:
     """Files of a model folder other than weights, indexes and the manifest: config, tokenizer, README..."""
     return sorted(

@@ -228,7 +228,7 @@ def convert_meta(
     memory-mapped and each output tensor is assembled from its model-parallel slices on its own."""
     import torch
 
-    from vicuna.weights.checkpoint import TensorSpec, file_fingerprint, notice, write_checkpoint
+    from vicuna.weights.checkpoint import TensorSpec, check_apart, file_fingerprint, notice, write_checkpoint
 
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     if dtype not in DTYPES:
@@ -237,6 +237,7 @@ def convert_meta(
         raise VicunaError(f"--context-length must be a positive number of tokens, not {context_length}")
     if not meta_dir.is_dir():
         raise VicunaError(f"{meta_dir} is not a folder")
+    check_apart(out_dir, "OUT_DIR", {"META_DIR": meta_dir})
     params = _read_params(meta_dir)
     params_path = meta_dir / "params.json"
     paths = sorted(meta_dir.glob("consolidated.*.pth"))

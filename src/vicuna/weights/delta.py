@@ -44,14 +44,16 @@ def _combine(
 
     from vicuna.weights.checkpoint import (
         CheckpointReader,
+        check_apart,
         file_fingerprint,
         notice,
         side_files,
         write_checkpoint,
     )
 
-    base_reader, lead_reader = CheckpointReader(base), CheckpointReader(lead)
     lead_role = "delta" if what == "apply" else "target"
+    check_apart(out, "--target" if what == "apply" else "--delta", {"--base": base, f"--{lead_role}": lead})
+    base_reader, lead_reader = CheckpointReader(base), CheckpointReader(lead)
     only_lead = [n for n in lead_reader.names if n not in base_reader.specs]
     only_base = [n for n in base_reader.names if n not in lead_reader.specs]
     if only_lead or only_base:
