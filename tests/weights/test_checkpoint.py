@@ -421,6 +421,35 @@ def test_a_resumed_job_removes_the_file_safetensors_was_writing_when_killed(tmp_
     assert verify_manifest(out, progress=False) == []
 
 
+def test_a_disk_that_fills_during_a_shard_says_so_and_keeps_the_finished_shards(tmp_path, monkeypatch):
+    """safetensors reports a full disk with its own SafetensorError, not an OSError: `vicuna convert` and
+    `delta apply` ended in a traceback, with no word that the finished shards are kept for a rerun."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    state, real_save = random_state(UNIFORM_SHAPES), safetensors.torch.save_file
+
+    def disk_full_on_the_second_shard(tensors, filename, metadata=None):
+        if "00002" not in filename:
+            return real_save(tensors, filename, metadata=metadata)
+        raise SafetensorError(
+            f"Error while serializing: I/O error: No space left on device (os error 28) at path {filename!r}"
+        )
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_on_the_second_shard)
+    staging = tmp_path / "out.partial"
+    with pytest.raises(VicunaError) as full:
+        _write(tmp_path / "out", state)
+    assert f"writing {staging / 'model-00002-of-00003.safetensors'} failed (" in str(full.value)
+    assert "No space left on device" in str(full.value)
+    assert str(full.value).endswith(
+        f"the shards finished so far are kept in {staging}: free some space and run the same command again to go on"
+    )
+    assert sorted(p.name for p in staging.glob("model-*")) == ["model-00001-of-00003.safetensors"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert verify_manifest(_write(tmp_path / "out", state), progress=False) == []
+
+
 def test_a_second_job_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
     state = random_state(UNIFORM_SHAPES)
     second = []

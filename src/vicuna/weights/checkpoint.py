@@ -435,7 +435,16 @@ def write_checkpoint(
                     tensors[spec.name] = tensor.contiguous()
                     advance(spec.nbytes)
                 tmp = staging / f".{file}.tmp"
-                save_file(tensors, str(tmp), metadata={"format": "pt"})
+                try:
+                    save_file(tensors, str(tmp), metadata={"format": "pt"})
+                except Exception as err:  # safetensors says a full disk with its own error: not an OSError
+                    if not (isinstance(err, OSError) or "I/O error" in str(err)):
+                        raise
+                    tmp.unlink(missing_ok=True)
+                    raise VicunaError(
+                        f"writing {staging / file} failed ({err}); the shards finished so far are kept in "
+                        f"{staging}: free some space and run the same command again to go on"
+                    ) from err
                 os.chmod(tmp, new_file_mode())  # safetensors creates files readable by their owner only
                 os.replace(tmp, staging / file)
                 digests[file] = hashing.submit(sha256_of, staging / file)
