@@ -405,6 +405,25 @@ def test_a_missing_or_empty_shard_is_named(tmp_path):
         convert_meta(meta, tmp_path / "out", progress=False)
 
 
+def test_a_shard_of_another_model_is_named_not_params_json(tmp_path):
+    """consolidated.01.pth of a model with other heads (copied over, no checklist to catch it) was blamed on
+    params.json: "n_heads should be 8", which the first file and the weights' shapes all contradict."""
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB), 2)
+    other = write_meta(tmp_path / "other", params | {"n_heads": 8}, meta_weights(params, VOCAB), 2)
+    (other / "consolidated.01.pth").replace(meta / "consolidated.01.pth")
+    with pytest.raises(VicunaError) as odd:
+        convert_meta(meta, tmp_path / "out", progress=False)
+    assert str(odd.value).startswith(
+        f"{meta / 'consolidated.01.pth'}: rope.freqs has 4 entries, for heads of 8"
+    )
+    assert str(odd.value).endswith(
+        "and consolidated.00.pth make heads of 16: consolidated.01.pth is a file of another model; download it "
+        "again"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_checklist_md5_sums_are_checked(tmp_path, capsys):
     params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
     meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB), 2)

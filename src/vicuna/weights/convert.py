@@ -307,6 +307,12 @@ def convert_meta(
     # when n_kv_heads = n_heads.
     for path, found in zip(paths, shard_shapes, strict=True):
         freqs = math.prod(found.get("rope.freqs", (head_dim // 2,)))
+        # past the first file, which agrees with params.json, a mismatch is the file's: one of another model
+        if freqs != head_dim // 2 and path != paths[0]:
+            raise VicunaError(
+                f"{path}: rope.freqs has {freqs} entries, for heads of {2 * freqs} values, but {params_path} and "
+                f"{paths[0].name} make heads of {head_dim}: {path.name} is a file of another model; download it again"
+            )
         if freqs != head_dim // 2:
             fix = f": n_heads should be {dim // (2 * freqs)}" if freqs and dim % (2 * freqs) == 0 else ""
             raise VicunaError(
