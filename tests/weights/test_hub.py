@@ -193,6 +193,21 @@ def test_download_from_hf_endpoint_fetches_only_safetensors(hub, tmp_path):
     assert hub.downloads() == []
 
 
+def test_each_weight_file_is_read_once_for_its_hash(hub, tmp_path, monkeypatch):
+    """The Hub's sha256 check read each weight file, then the manifest read it again for the same sha256: a
+    second full read of the model (26 GB for 13B, from disk where RAM cannot cache it)."""
+    from vicuna.weights import manifest
+
+    hashed, real_sha256 = [], manifest.sha256_of
+    monkeypatch.setattr(
+        manifest, "sha256_of", lambda path, *a: hashed.append(path.name) or real_sha256(path, *a)
+    )
+    target = tmp_path / "tiny"
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 0
+    assert hashed == ["config.json"]  # the one git blob, checked by its sha1
+    assert manifest.verify_manifest(target, progress=False) == []
+
+
 def test_a_download_into_a_log_draws_no_progress_bars(hub, tmp_path, capsys, monkeypatch):
     """`vicuna download ... > log 2>&1`: huggingface_hub's bars, each a line redrawn with carriage returns."""
     hub_tqdm = importlib.import_module("huggingface_hub.utils.tqdm")  # the module, not its class tqdm

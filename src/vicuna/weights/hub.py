@@ -184,10 +184,10 @@ def download(
             allow_patterns=[f.path for f in plan.files],
             **_hub_settings(),
         )
-    check_files(plan, target)
+    checked = check_files(plan, target)
     from vicuna.weights.manifest import write_manifest
 
-    write_manifest(target)
+    write_manifest(target, known=checked)  # the weights' sha256 just computed: not read a second time
     return target
 
 
@@ -208,11 +208,12 @@ def hub_bars(shown: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
-def check_files(plan: Plan, folder: Path) -> None:
-    """Compare each file with the Hub's hash; delete the bad ones (a re-run fetches them again) and raise."""
+def check_files(plan: Plan, folder: Path) -> dict[str, str]:
+    """Compare each file with the Hub's hash; delete the bad ones (a re-run fetches them again) and raise.
+    Returns the sha256 of the files checked by theirs (LFS files: the weights), for the manifest."""
     from rich.progress import Progress
 
-    bad = []
+    bad, sha256s = [], {}
     with Progress(transient=True) as bars:
         task = bars.add_task(f"checking {plan.repo_id}", total=plan.total_bytes)
         for f in plan.files:
@@ -231,11 +232,14 @@ def check_files(plan: Plan, folder: Path) -> None:
             if digest.hexdigest() != expected:
                 path.unlink()
                 bad.append(f"{f.path} (hash {digest.hexdigest()[:12]}..., expected {expected[:12]}...)")
+            elif f.sha256:
+                sha256s[f.path] = expected
     if bad:
         raise VicunaError(
             f"{plan.repo_id}: {len(bad)} files differ from the Hub's hashes and were deleted: {'; '.join(bad)}; "
             "run the command again to download them again"
         )
+    return sha256s
 
 
 def _same_size(path: Path, size: int) -> bool:
