@@ -112,6 +112,15 @@ def test_local_base_and_delta(models, tmp_path, capsys):
     assert not (workdir / "downloads").exists()  # local folders are used where they are
 
 
+def test_no_progress_draws_no_bar_for_the_smoke_chat(models, tmp_path, capsys):
+    """`vicuna get ... --no-progress > get.log 2>&1` still drew transformers' "Loading weights" bar, a line
+    redrawn with carriage returns, as the smoke chat loaded the model."""
+    assert get(tmp_path, models["base"], models["delta"], "--no-progress") == 0
+    captured = capsys.readouterr()
+    assert "reply: 'Paris' (ended on EOS)" in captured.out
+    assert "Loading weights" not in captured.err and "\r" not in captured.err
+
+
 def test_rerun_after_interrupted_merge_and_smoke_chat(models, tmp_path, monkeypatch, capsys):
     import safetensors.torch
 

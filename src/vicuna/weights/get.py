@@ -239,7 +239,7 @@ def get(
     if smoke_test:
         print(f"[{name}] smoke chat: {SMOKE_QUESTION}")
         try:
-            reply = smoke_chat(model, max_new_tokens=max_new_tokens)
+            reply = smoke_chat(model, max_new_tokens=max_new_tokens, progress=progress)
         except VicunaError as err:
             if len(sources) == 1:
                 raise
@@ -251,13 +251,17 @@ def get(
     return model
 
 
-def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64) -> str:
+def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64, progress: bool = True) -> str:
     """One greedy Vicuna-template reply; raise VicunaError when BOS/EOS are misconfigured or the reply does not
-    end on EOS within `max_new_tokens` (FastChat's "never stops" problem)."""
+    end on EOS within `max_new_tokens` (FastChat's "never stops" problem). transformers' bar for loading the
+    weights is drawn only with `progress` on a terminal: `get --no-progress` or in a log, it was drawn anyway."""
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vicuna.conversation import Message, VicunaV11, render
+    from vicuna.weights.manifest import transformers_bar
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -274,7 +278,8 @@ def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64) -> str:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
     _check_memory(model_dir, device)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    with transformers_bar(progress and sys.stderr.isatty()):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     model_eos = model.generation_config.eos_token_id
     model_eos = set(model_eos if isinstance(model_eos, list) else [model_eos])
     if eos not in model_eos:
