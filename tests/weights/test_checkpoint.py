@@ -207,6 +207,24 @@ def _interrupted_at_the_third_shard(out: Path, state: dict) -> None:
         _write(out, state, make=failing)
 
 
+def test_verify_after_an_interruption_says_to_rerun_the_job(tmp_path, capsys):
+    """`vicuna verify OUT` after Ctrl-C answered "OUT is not a folder", and on OUT.partial that it has no
+    manifest: neither said that the job was interrupted and that a rerun finishes it."""
+    from vicuna.cli import main
+
+    out = tmp_path / "llama-7b-hf"
+    _interrupted_at_the_third_shard(out, random_state(UNIFORM_SHAPES))
+    assert main(["verify", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} does not exist yet: {out}.partial holds the interrupted job that makes it" in err
+    assert "run the same command (convert, delta apply, get) again to finish it" in err
+    assert main(["verify", f"{out}.partial", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}.partial is an unfinished job's folder" in err and err.rstrip().endswith(
+        f"then verify {out}"
+    )
+
+
 def test_writer_makes_an_indexed_folder_with_manifest(tmp_path):
     state = random_state(UNIFORM_SHAPES)
     out = _write(tmp_path / "out", state)

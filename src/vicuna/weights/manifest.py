@@ -84,6 +84,12 @@ def sha256_of(path: Path, advance: Callable[[int], None] = lambda n: None) -> st
 
 def _check_folder(folder: Path) -> Path:
     folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    if not folder.is_dir() and staging.is_dir():  # `vicuna verify OUT` after an interrupted convert or merge
+        raise VicunaError(
+            f"{folder} does not exist yet: {staging} holds the interrupted job that makes it; run the same "
+            "command (convert, delta apply, get) again to finish it"
+        )
     if not folder.is_dir():
         raise VicunaError(f"{folder} is not a folder")
     return folder
@@ -108,7 +114,14 @@ def write_manifest(folder: Path, *, progress: bool = True, known: Mapping[str, s
 
 def read_manifest(folder: Path) -> dict[str, str]:
     """The manifest of `folder` as {relative path: sha256 hex}."""
-    manifest = _check_folder(folder) / MANIFEST_NAME
+    folder = _check_folder(folder)
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file() and folder.name.endswith(".partial"):
+        finished = folder.with_name(folder.name.removesuffix(".partial"))
+        raise VicunaError(
+            f"{folder} is an unfinished job's folder, which gets its {MANIFEST_NAME} last: run the same command "
+            f"(convert, delta apply, get) again to finish it, then verify {finished}"
+        )
     if not manifest.is_file():
         raise VicunaError(f"{manifest} does not exist: this folder has no sha256 manifest to check against")
     entries = {}
