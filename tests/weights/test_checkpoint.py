@@ -240,8 +240,18 @@ def test_writer_makes_an_indexed_folder_with_manifest(tmp_path):
     with pytest.raises(VicunaError, match=r"already exists, finished \(`vicuna verify .*` checks it\)"):
         _write(out, state)
     (out / MANIFEST_NAME).unlink()  # not this writer's finished folder
-    with pytest.raises(VicunaError, match=r"out already exists; delete it or choose another output folder"):
+    with pytest.raises(
+        VicunaError, match=r"out already exists and holds config\.json, model-00001-of-00003\.safe"
+    ):
         _write(out, state)
+    # a folder of other models, given as where to put the result: not to be deleted, as was said
+    (tmp_path / "models" / "llama-7b-hf").mkdir(parents=True)
+    with pytest.raises(VicunaError) as taken:
+        _write(tmp_path / "models", state)
+    assert str(taken.value) == (
+        f"{tmp_path / 'models'} already exists and holds llama-7b-hf: the output needs a new folder of its own "
+        "(it is made for you); choose another name"
+    )
 
 
 def test_writer_resumes_and_restarts_when_inputs_change(tmp_path):

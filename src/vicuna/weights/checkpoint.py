@@ -391,7 +391,13 @@ def write_checkpoint(
                     f"{out} already exists, finished (`vicuna verify {quote(str(out))}` checks it); to "
                     "make it again, delete it or choose another output folder"
                 )
-            raise VicunaError(f"{out} already exists; delete it or choose another output folder")
+            # not said "delete it": a --target such as `models`, meant as where to put the result, holds others
+            held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+            raise VicunaError(
+                f"{out} already exists"
+                + (f" and holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}" if held else "")
+                + ": the output needs a new folder of its own (it is made for you); choose another name"
+            )
         shards = plan_shards(specs, max_shard_bytes)
         plan_record = {
             "fingerprint": fingerprint,
