@@ -1,9 +1,11 @@
 """`vicuna download`: fetch a Hugging Face Hub repository into a plain folder, resumably, and check it.
 
-huggingface_hub does the transfer (resume of partial files, progress bars, `HF_ENDPOINT`, `HF_TOKEN`). We
-decide which files to fetch (only safetensors when a repo also has `.bin`/`.pth` copies), refuse up front
-when the disk is too small, check every file against the Hub's own hashes (sha256 for LFS files, the git
-blob sha1 otherwise), and write a sha256 manifest so that `vicuna verify` can recheck the folder later.
+huggingface_hub resolves the revision and lists the files (with `HF_ENDPOINT` and `HF_TOKEN`); each file is
+then fetched from the Hub's `resolve` URL into `FILE.part`, resumed with HTTP Range requests after a dropped
+connection or an interrupted run, and renamed once complete. We decide which files to fetch (only safetensors
+when a repo also has `.bin`/`.pth` copies), refuse up front when the disk is too small, check every file
+against the Hub's own hashes (sha256 for LFS files, the git blob sha1 otherwise), and write a sha256 manifest
+so that `vicuna verify` can recheck the folder later.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from urllib.parse import quote
 
 from vicuna.errors import VicunaError
 
@@ -77,8 +80,9 @@ class Plan:
         return sum(f.size for f in self.files)
 
     def missing_bytes(self, folder: Path) -> int:
-        """Bytes still to fetch into `folder` (files already there at their full size count as done)."""
-        return sum(f.size for f in self.files if not _same_size(folder / f.path, f.size))
+        """Bytes still to fetch into `folder`: files already there at their full size count as done, and the
+        `.part` of an interrupted one as far as it goes."""
+        return sum(max(f.size - _part_size(folder / f.path), 0) for f in self.files)
 
 
 def select_files(paths: list[str], include: list[str] | None = None) -> list[str]:
@@ -167,23 +171,14 @@ def download(
     plan: Plan | None = None,
 ) -> Path:
     """Fetch the chosen files of `repo_id` into `target`, check their hashes, write the sha256 manifest."""
-    from huggingface_hub import snapshot_download
-
-    from vicuna.weights.disk import ensure_free_space
+    from vicuna.weights.disk import ensure_free_space, one_writer
 
     plan = plan or plan_download(repo_id, revision=revision, include=include, repo_type=repo_type)
     target = Path(target)
     ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
     print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
-    with hub_errors(repo_id), hub_bars(sys.stderr.isatty()):
-        snapshot_download(
-            repo_id,
-            repo_type=plan.repo_type,
-            revision=plan.commit,
-            local_dir=target,
-            allow_patterns=[f.path for f in plan.files],
-            **_hub_settings(),
-        )
+    with one_writer(target, target):  # two runs would write the same .part files
+        fetch_files(plan, target)
     checked = check_files(plan, target)
     from vicuna.weights.manifest import write_manifest
 
@@ -191,21 +186,55 @@ def download(
     return target
 
 
-@contextmanager
-def hub_bars(shown: bool) -> Iterator[None]:
-    """huggingface_hub's bars off within unless `shown`: in a log (`docker logs`, journald) each is one line
-    redrawn with carriage returns ten times a second for as long as its file takes. HF_HUB_DISABLE_PROGRESS_BARS
-    set either way is left to rule: huggingface_hub warned on each download that =0 kept the bars on."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+def bars_shown() -> bool:
+    """Progress bars on a terminal, not in a log (each would be a line redrawn with carriage returns);
+    HF_HUB_DISABLE_PROGRESS_BARS, set either way, rules."""
+    setting = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    if setting is None:
+        return sys.stderr.isatty()
+    return setting.strip().lower() not in ("1", "true", "yes", "on")
 
-    turned_off = not (shown or "HF_HUB_DISABLE_PROGRESS_BARS" in os.environ or are_progress_bars_disabled())
-    if turned_off:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if turned_off:
-            enable_progress_bars()
+
+def fetch_files(plan: Plan, target: Path) -> None:
+    """Fetch the plan's files that `target` lacks, each into `FILE.part` resumed with HTTP Range requests and
+    renamed once complete. huggingface_hub 2 downloads into a file named for the process, deleted when it is
+    interrupted (Ctrl-C) or left behind for good (a kill, a power cut): a rerun fetched every unfinished file
+    from its first byte, which on a flaky network a 10 GB shard might never get past."""
+    import httpx
+    from huggingface_hub import get_token
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from vicuna.weights.meta_download import Fetcher
+
+    settings = _hub_settings()
+    endpoint = (settings["endpoint"] or "https://huggingface.co").rstrip("/")
+    kind = "" if plan.repo_type == "model" else f"{plan.repo_type}s/"
+    token = settings["token"] or get_token()  # HF_TOKEN, else the one `hf auth login` saved
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def hint(status: int, name: str) -> str:
+        where = f"{plan.repo_id} on {endpoint}"
+        if status in (401, 403):
+            return (
+                f" ({where}: a gated or private repository needs its terms accepted there and HF_TOKEN set)"
+            )
+        return f" (not in {where} at {plan.commit[:10]})" if status == 404 else f" ({where})"
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with (
+        httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0), headers=headers) as client,
+        Progress(*columns, console=Console(stderr=True), disable=not bars_shown()) as bars,
+    ):
+        fetcher = Fetcher(client, bars, retries=8, backoff=1.0, hint=hint)
+        for f in plan.files:
+            path = target / f.path
+            if _same_size(path, f.size):
+                continue
+            part = path.with_name(path.name + ".part")
+            url = f"{endpoint}/{kind}{plan.repo_id}/resolve/{plan.commit}/{quote(f.path)}"
+            fetcher.fetch(url, part, f.path, f.size)
+            part.replace(path)
 
 
 def check_files(plan: Plan, folder: Path) -> dict[str, str]:
@@ -244,3 +273,11 @@ def check_files(plan: Plan, folder: Path) -> dict[str, str]:
 
 def _same_size(path: Path, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size
+
+
+def _part_size(path: Path) -> int:
+    """Bytes of `path` already here: all of it, or what its `.part` holds."""
+    if path.is_file():
+        return path.stat().st_size
+    part = path.with_name(path.name + ".part")
+    return part.stat().st_size if part.is_file() else 0

@@ -174,11 +174,22 @@ class _Retry(Exception):
     """A failure worth retrying: a dropped connection, a timeout, a 5xx answer, a short body."""
 
 
-class Fetcher:
-    """GETs files into `.part` files with resume, retrying dropped connections with exponential backoff."""
+def meta_hint(status: int, name: str) -> str:
+    """What an error answer from Meta's presigned URL most likely means."""
+    return {
+        403: " (the presigned URL has probably expired: Meta's links last 24 hours and a number of downloads; "
+        "request a new one from Meta and run again with it, the files already here are kept; or there is no "
+        f"{name} under this URL: {LAYOUT})",
+        404: f" (there is no {name} under this URL: {LAYOUT})",
+    }.get(status, "")
 
-    def __init__(self, client, bars, retries: int, backoff: float) -> None:
-        self.client, self.bars, self.retries, self.backoff = client, bars, retries, backoff
+
+class Fetcher:
+    """GETs files into `.part` files with resume, retrying dropped connections with exponential backoff;
+    `hint(status, name)` says what an error answer means."""
+
+    def __init__(self, client, bars, retries: int, backoff: float, hint=meta_hint) -> None:
+        self.client, self.bars, self.retries, self.backoff, self.hint = client, bars, retries, backoff, hint
 
     @contextmanager
     def _get(self, url: str, name: str, headers: dict[str, str]) -> Iterator:
@@ -189,12 +200,7 @@ class Fetcher:
                 if response.status_code >= 500 or response.status_code == 429:
                     raise _Retry(f"HTTP {response.status_code}")
                 if response.status_code >= 400 and response.status_code != 416:
-                    hint = {
-                        403: " (the presigned URL has probably expired: Meta's links last 24 hours and a "
-                        "number of downloads; request a new one from Meta and run again with it, the files "
-                        f"already here are kept; or there is no {name} under this URL: {LAYOUT})",
-                        404: f" (there is no {name} under this URL: {LAYOUT})",
-                    }.get(response.status_code, "")
+                    hint = self.hint(response.status_code, name)
                     raise VicunaError(f"the server answered HTTP {response.status_code} for {name}{hint}")
                 yield response
         except httpx.TransportError as err:  # dropped connection, timeout, body shorter than Content-Length
