@@ -185,6 +185,22 @@ def test_mismatched_checkpoints_name_the_tensor(tmp_path, models):
         apply_delta(base, broken, tmp_path / "o", progress=False)
 
 
+def test_a_delta_for_another_model_size_is_said_as_such(tmp_path, models):
+    """A 13B delta on a 7B base listed "tensor model.layers.32... in the delta but not in the base" and no
+    more: the layer counts say that the two are of different model sizes."""
+    bigger = [
+        write_tiny_llama(tmp_path / f"3-layers-{seed}", seed=seed, num_hidden_layers=3) for seed in (0, 1)
+    ]
+    delta = make_delta(*bigger, tmp_path / "delta-3-layers", progress=False)
+    with pytest.raises(VicunaError) as mismatch:
+        apply_delta(models["base"], delta, tmp_path / "out", progress=False)
+    assert "tensor model.layers.2.input_layernorm.weight" in str(mismatch.value)
+    assert str(mismatch.value).endswith(
+        "(the delta has 3 layers and the base 2: they are of two model sizes, such as a 13B delta with a 7B "
+        "base; pass the delta of the base's size)"
+    )
+
+
 def test_interrupted_apply_leaves_no_complete_looking_folder_and_resumes(
     tmp_path, models, monkeypatch, capsys
 ):

@@ -4,6 +4,7 @@ float32 and stored in the delta's (apply) or the target's (make) dtype, with bou
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,7 +67,16 @@ def _combine(
             parts.append(
                 f"{', '.join(only_base[:5])} in the base ({base}) but not in the {lead_role} ({lead})"
             )
-        raise VicunaError(f"the checkpoints do not have the same tensors: tensor {'; tensor '.join(parts)}")
+        lead_layers, base_layers = _layer_count(lead_reader.names), _layer_count(base_reader.names)
+        size = (
+            f" (the {lead_role} has {lead_layers} layers and the base {base_layers}: they are of two model sizes, "
+            f"such as a 13B {lead_role} with a 7B base; pass the {lead_role} of the base's size)"
+            if lead_layers != base_layers
+            else ""
+        )
+        raise VicunaError(
+            f"the checkpoints do not have the same tensors: tensor {'; tensor '.join(parts)}{size}"
+        )
     if what == "apply":
         check_base_and_delta(base_reader, lead_reader)
     for name in lead_reader.names:
@@ -122,6 +132,11 @@ def _combine(
         description=f"{what} delta",
         progress=progress,
     )
+
+
+def _layer_count(names: list[str]) -> int:
+    """Decoder layers of a checkpoint, by its tensor names (`model.layers.N.`): 32 for LLaMA 7B, 40 for 13B."""
+    return len({match[1] for name in names if (match := re.match(r"model\.layers\.(\d+)\.", name))})
 
 
 def final_norm_mean(reader: CheckpointReader) -> float | None:
