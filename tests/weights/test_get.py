@@ -328,3 +328,26 @@ def test_merged_release_resumes_an_older_unfinished_download_in_the_model_folder
     finally:
         hub.shutdown()
         hub.server_close()
+
+
+def test_a_base_where_the_merge_goes_is_not_taken_for_the_finished_merge(models, tmp_path, capsys):
+    """`get NAME --dir D --base D/NAME`: the base (with the SHA256SUMS `vicuna download` gave it) lies where
+    the merge goes; only a folder with get's record of its inputs is a finished merge, not any with a manifest."""
+    from vicuna.weights.manifest import write_manifest
+
+    base = shutil.copytree(models["base"], tmp_path / "my-vicuna")
+    write_manifest(base, progress=False)
+    assert get(tmp_path, base, models["delta"], "--no-smoke-test") == 2
+    captured = capsys.readouterr()
+    assert "ready" not in captured.out
+    assert (
+        f"{base} is the base itself, where the merge would go" in captured.err
+        and "another name or --dir" in captured.err
+    )
+
+    other = tmp_path / "elsewhere"  # a model with a manifest, not get's merge, where the merge goes
+    other.mkdir()
+    base.rename(other / "my-vicuna")
+    assert get(other, models["base"], models["delta"], "--no-smoke-test") == 2
+    captured = capsys.readouterr()
+    assert "ready" not in captured.out and f"{other / 'my-vicuna'} already exists" in captured.err

@@ -6,7 +6,7 @@ Every step leaves a folder that says it is done (a downloaded or merged folder w
 last), so a re-run after an interruption skips finished steps and resumes the unfinished one. The model is
 made or downloaded in `NAME.partial`, renamed to `NAME` once it is complete and checked. A merged model
 records what it was merged from (`RECORD_NAME`), so a re-run with another base or delta is refused rather
-than answered with the old merge.
+than answered with the old merge; that record, which a base or delta cannot have, is what says a merge is done.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def merge_record(sources: list[Source]) -> dict[str, object]:
 
 
 def check_record(model: Path, record: dict[str, object]) -> None:
-    """Refuse a finished merge made from other inputs than this run's (none recorded: kept as it is)."""
+    """Refuse a finished merge made from other inputs than this run's (a record that cannot be read: kept)."""
     try:
         previous = json.loads((model / RECORD_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -192,6 +192,13 @@ def get(
         sources = [Source("model", partial, recipe.merged)]
     else:
         sources = [resolve_source(base, "base", workdir), resolve_source(delta, "delta", workdir)]
+        for source in sources:
+            if source.folder.resolve() == model.resolve():
+                raise VicunaError(
+                    f"{model} is the {source.role} itself, where the merge would go; choose another name or --dir"
+                )
+        # a downloaded base or delta has a manifest too: only get's record of its inputs says a merge is done
+        finished = finished and (model / RECORD_NAME).is_file()
     if finished and len(sources) == 2:
         check_record(model, merge_record(sources))
     todo = [s for s in sources if not s.done] if not finished else []
