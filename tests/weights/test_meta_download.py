@@ -295,6 +295,13 @@ def test_gives_up_after_the_retries(server, tmp_path, capsys):
     assert len(server.gets("7B/consolidated.00.pth")) == 3
 
 
+def test_gives_up_without_retries_in_plain_words(server, tmp_path, capsys):
+    server.drops = {"7B/consolidated.00.pth": 100}
+    server.drop_at = 0
+    assert run(server, tmp_path / "llama", "7B", "--retries", "0") == 2
+    assert "downloading 7B/consolidated.00.pth failed once; last:" in capsys.readouterr().err  # not "1 times"
+
+
 def test_refuses_when_the_disk_is_too_small(server, tmp_path, capsys, monkeypatch):
     import shutil
 

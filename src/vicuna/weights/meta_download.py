@@ -216,9 +216,8 @@ class Fetcher:
             except _Retry as err:
                 failures = 1 if progressed[0] else failures + 1
                 if failures > self.retries:
-                    raise VicunaError(
-                        f"downloading {name} failed {failures} times in a row; last: {err}"
-                    ) from None
+                    times = "once" if failures == 1 else f"{failures} times in a row"
+                    raise VicunaError(f"downloading {name} failed {times}; last: {err}") from None
                 delay = self.backoff * 2 ** (failures - 1)
                 self.bars.console.print(f"{name}: {err}; retrying in {delay:g} s")
                 time.sleep(delay)
