@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from vicuna.errors import VicunaError
+from vicuna.shell import quote
 from vicuna.weights import checkpoint
 from vicuna.weights.checkpoint import CheckpointReader, TensorSpec, plan_shards, side_files, write_checkpoint
 from vicuna.weights.manifest import MANIFEST_NAME, verify_manifest
@@ -152,6 +154,36 @@ def test_reader_errors_name_the_file(tmp_path):
 
     with pytest.raises(VicunaError, match="two checkpoints in one folder"):
         weight_files(folder)
+
+
+def test_a_shard_the_index_lists_but_the_folder_lacks_says_how_to_fetch_it(tmp_path, monkeypatch):
+    """A shard missing from a downloaded folder was named, and no more: the error now says which download
+    fetches it again (only the missing files), as far as the folder's name tells."""
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+
+    def missing_shard(folder: Path) -> Path:
+        save_folder(random_state(STATE_SHAPES), folder, kind="safetensors", files=3, index=True)
+        (folder / "model-00002-of-00003.safetensors").unlink()
+        return folder
+
+    folder = missing_shard(
+        tmp_path / "home" / "models" / "lmsys--vicuna-7b-v1.5"
+    )  # where `vicuna download` puts it
+    with pytest.raises(
+        VicunaError,
+        match=r"lists model-00002-of-00003\.safetensors.*`vicuna download lmsys/vicuna-7b-v1\.5` fetches it",
+    ):
+        CheckpointReader(folder)
+    folder = missing_shard(tmp_path / "downloads" / "yahma--llama-7b-hf")  # where `vicuna get` puts a base
+    with pytest.raises(
+        VicunaError, match=re.escape(f"`vicuna download yahma/llama-7b-hf --dir {folder}` fetches it")
+    ):
+        CheckpointReader(folder)
+    folder = missing_shard(tmp_path / "my model")  # a name that does not say the repo
+    with pytest.raises(
+        VicunaError, match=re.escape(f"`vicuna download REPO_ID --dir {quote(str(folder))}` fetches")
+    ):
+        CheckpointReader(folder)
 
 
 def test_reader_release_gives_back_the_pages_it_read(tmp_path):

@@ -164,7 +164,13 @@ class CheckpointReader:
                 files = [folder / name for name in dict.fromkeys(weight_map.values())]
                 for path in files:
                     if not path.is_file():
-                        raise VicunaError(f"{folder / index} lists {path.name}, which is not in {folder}")
+                        from vicuna.weights.hub import download_command
+
+                        raise VicunaError(
+                            f"{folder / index} lists {path.name}, which is not in {folder}: its download was "
+                            f"not finished, or the file was deleted; `{download_command(folder)}` fetches it "
+                            "(and any other missing file) again"
+                        )
                 check_all_listed(folder / index, files)
                 return files, folder / index
             if index == SAFE_INDEX and (files := sorted(folder.glob("*.safetensors"))):

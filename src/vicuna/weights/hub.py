@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,19 @@ def model_folder(repo_id: str) -> Path:
     from vicuna.config import vicuna_home
 
     return vicuna_home() / "models" / repo_id.replace("/", "--")
+
+
+def download_command(folder: Path) -> str:
+    """The `vicuna download` that fetches what `folder` lacks: its repo id read from the folder's name where
+    that is OWNER--NAME, as `download` and `get` name the folders they download into; REPO_ID otherwise."""
+    from vicuna.shell import quote as shell_quote
+
+    owner, sep, name = Path(folder).name.partition("--")
+    repo_id = f"{owner}/{name}" if sep and re.fullmatch(r"[\w.]+(-[\w.]+)*", f"{owner}-{name}") else "REPO_ID"
+    command = f"vicuna download {repo_id}"
+    if repo_id != "REPO_ID" and Path(folder).resolve() == model_folder(repo_id).resolve():
+        return command
+    return f"{command} --dir {shell_quote(str(folder))}"
 
 
 def main(args: argparse.Namespace) -> int:
