@@ -256,6 +256,37 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path, monkeyp
     assert verify_manifest(target, progress=False) == []
 
 
+def test_an_older_vicunas_unfinished_files_are_deleted_once_the_download_succeeds(
+    hub, tmp_path, monkeypatch, capsys
+):
+    """An older vicuna downloaded with huggingface_hub, which left a killed run's bytes in
+    `.cache/huggingface/download/*.incomplete`; today's download fetches into `FILE.part` and never reads
+    them, so they held their gigabytes for good. Deleted after a successful download, and only they."""
+    target = tmp_path / "tiny"
+    cache = target / ".cache" / "huggingface" / "download"
+    (cache / "sub").mkdir(parents=True)
+    stale = [cache / "Yt3Ss1iN.a1b2c3.incomplete", cache / "sub" / "x.d4e5.incomplete"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    kept = [cache / "model.safetensors.metadata", target / "notes.incomplete"]
+    for path in kept:
+        path.write_text("mine")
+
+    hub.drops, hub.drop_at = {"model.safetensors": 100}, 10  # fails: nothing is deleted
+    monkeypatch.setattr("vicuna.weights.meta_download.time.sleep", lambda seconds: None)
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 2
+    assert all(path.exists() for path in stale + kept)
+
+    hub.drops = {}
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 0
+    assert not any(path.exists() for path in stale)
+    assert all(path.read_text() == "mine" for path in kept)
+    assert (
+        f"deleted 2 unfinished files of an earlier download (0.00 GB) from {target}"
+        in capsys.readouterr().out
+    )
+
+
 def test_the_token_hf_auth_login_saved_reaches_the_files(hub, tmp_path, monkeypatch):
     """Without HF_TOKEN, the token `hf auth login` saved is sent, as huggingface_hub's own requests send it."""
     from huggingface_hub import constants

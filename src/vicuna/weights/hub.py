@@ -197,7 +197,25 @@ def download(
     from vicuna.weights.manifest import write_manifest
 
     write_manifest(target, known=checked)  # the weights' sha256 just computed: not read a second time
+    drop_stale_incompletes(target)
     return target
+
+
+def drop_stale_incompletes(target: Path) -> None:
+    """Delete what an older vicuna's interrupted download left in `target`: it used huggingface_hub, which
+    writes each file to `.cache/huggingface/download/*.incomplete`, left for good by a kill. Today's download
+    never reads them (it resumes from `FILE.part`), and they may hold gigabytes. Called once the download is
+    complete and checked, so nothing still wanted is lost."""
+    stale = list((target / ".cache" / "huggingface" / "download").rglob("*.incomplete"))
+    freed = 0
+    for path in stale:
+        if path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    if freed:
+        print(
+            f"deleted {len(stale)} unfinished files of an earlier download ({freed / 1e9:.2f} GB) from {target}"
+        )
 
 
 def bars_shown() -> bool:
