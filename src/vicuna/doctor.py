@@ -1,4 +1,5 @@
-"""`vicuna doctor`: the hardware, what the model needs in each precision, and which flags fit."""
+"""`vicuna doctor`: the hardware, what the model needs in each precision, and which flags fit (without a model,
+the hardware alone)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def main(args: argparse.Namespace) -> int:
     from vicuna.engine.loader import read_config, resolve_model_path
     from vicuna.engine.memory import gib, model_size, probe_hardware
     from vicuna.engine.placement import fit_options
+    from vicuna.errors import ModelLoadError
 
     console = Console()
     hw = probe_hardware()
@@ -48,7 +50,14 @@ def main(args: argparse.Namespace) -> int:
         console.print("  GPU   none visible to PyTorch" + (" (Apple MPS available)" if hw.mps else ""))
 
     settings = model_settings_from_args(args)
-    folder = resolve_model_path(settings.model_path, download=False)  # not gigabytes to show the needs
+    try:
+        folder = resolve_model_path(settings.model_path, download=False)  # not gigabytes to show the needs
+    except ModelLoadError as err:
+        if settings.model_path is not None:  # the model asked about: its error is the answer
+            raise
+        # the built-in model is not installed: one line of the machine's report, not a failure of it
+        console.print(f"\n[bold]Model[/bold] none: {escape(str(err))}", highlight=False)
+        return 0
     size = model_size(read_config(folder))
     console.print(f"\n[bold]Model[/bold] {escape(str(folder))} — {size.params / 1e6:,.1f}M parameters")
     sizes = Table("precision", "weights", "KV cache per 1k tokens")
