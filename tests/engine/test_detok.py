@@ -114,6 +114,16 @@ def test_a_character_cut_by_the_token_limit_is_dropped_not_broken():
     assert "".join(pieces) == "ok " and all("\ufffd" not in p for p in pieces)
 
 
+@pytest.mark.parametrize("text", ["ok 👌", "你好👋🏽", "家族👨\u200d👩\u200d👧"])
+def test_a_character_cut_in_sentencepiece_byte_tokens_is_dropped_not_broken(sp_tokenizer, text):
+    # its byte tokens decode as one U+FFFD for each byte: with two or three of an emoji's four bytes the
+    # reply (or a Ctrl-C's) ended in U+FFFD, in the chat's saved conversation too
+    ids, token_bytes = sp_tokenizer(text, add_special_tokens=False).input_ids, TokenBytes(sp_tokenizer)
+    for cut in range(1, len(ids) + 1):
+        whole = b"".join(token_bytes(i) for i in ids[:cut]).decode("utf-8", errors="ignore")
+        assert "".join(stream(sp_tokenizer, ids[:cut])) == whole.lstrip(" ")  # the whole characters
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_stop_strings_across_any_split(seed):
     rng = random.Random(seed)

@@ -48,12 +48,12 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         """What is still held back, at the end of a reply. A character cut off by the reply's token
-        limit (its first bytes only) is dropped rather than shown as U+FFFD."""
+        limit or by Ctrl-C (its first bytes only) is dropped rather than shown as U+FFFD: byte-level BPE
+        decodes the cut bytes as one U+FFFD, SentencePiece's byte tokens as one for each byte."""
         before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
         self._prefix = self._read = len(self._ids)
-        tail = after[len(before) :]
-        return tail[:-1] if tail.endswith("\ufffd") else tail  # one U+FFFD stands for the cut bytes
+        return after[len(before) :].rstrip("\ufffd")
 
 
 class StopMatcher:
