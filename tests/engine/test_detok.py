@@ -51,6 +51,17 @@ def test_a_reply_that_ends_a_character_its_prompt_began_gives_what_follows(sp_to
     assert "".join([*(decoder.add(i) for i in ids[first_byte + 1 :]), decoder.flush()]) == "好"
 
 
+@pytest.mark.parametrize("reply", ["👋好", "龍🐉 ok", "é"])
+def test_a_reply_after_a_prompt_that_ends_in_byte_tokens_is_whole_characters(sp_tokenizer, reply):
+    # a completion of "我喜欢🐉": the window began at 🐉's last byte token, with which ByteFallback decoded the
+    # reply's own byte tokens as U+FFFD ("����好")
+    prompt_ids = sp_tokenizer("我喜欢🐉").input_ids
+    assert sp_tokenizer.convert_ids_to_tokens(prompt_ids)[-1] == "<0x89>"
+    ids = sp_tokenizer(f"我喜欢🐉{reply}", add_special_tokens=False).input_ids[len(prompt_ids) - 1 :]
+    decoder = IncrementalDecoder(sp_tokenizer, prompt_ids)
+    assert "".join([*(decoder.add(i) for i in ids), decoder.flush()]) == reply
+
+
 def test_byte_level_bpe_streams_whole_characters():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -21,6 +21,9 @@ class IncrementalDecoder:
     `prompt_ids`: the text continues them. The window starts at the prompt's last token, so a reply's
     first word keeps the space SentencePiece gives it (LLaMA's "▁Paris" after "is" is " Paris", where
     decoded alone it is "Paris" and a completion read "isParis"), as byte-level BPE's "ĠParis" always is.
+    A prompt that ends with a character spelled in byte tokens (an emoji, a CJK character LLaMA's vocabulary
+    lacks) has the window start at the character's first byte: its last byte alone is no character, and
+    SentencePiece's byte tokens that follow it (the reply's own emoji) decoded as U+FFFD with it.
     """
 
     def __init__(self, tokenizer: Decoder, prompt_ids: Sequence[int] = ()) -> None:
@@ -34,6 +37,9 @@ class IncrementalDecoder:
                 ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
             )
         self._ids: list[int] = list(prompt_ids[-1:])
+        if "\ufffd" in self._decode(self._ids):  # a character's bytes are at most 4 tokens
+            n = next((n for n in range(2, 5) if "\ufffd" not in self._decode(prompt_ids[-n:])), 1)
+            self._ids = list(prompt_ids[-n:])
         self._prefix = 0  # window start
         self._read = len(self._ids)  # tokens whose text has been emitted
 
