@@ -86,3 +86,47 @@ def test_a_failure_is_told_as_the_app_answers_it():
     assert failure(ContextTooLongError(300, 100, 256)).body()["error"]["type"] == "invalid_request_error"
     assert failure(ShuttingDownError()).status == 503
     assert failure(RuntimeError("a bug")).status == 500
+
+
+def scripted_replies(monkeypatch, tokenizer, text: str) -> None:
+    """Every reply from now on is the tokens of `text` (then EOS), each with the logprobs the model gives it."""
+    import torch
+
+    from vicuna.engine import sampling
+
+    ids = [*tokenizer(text, add_special_tokens=False).input_ids[1:], tokenizer.eos_token_id]  # past "▁"
+    sample = sampling.Sampler.__call__
+
+    def scripted(self, logits, history):
+        choice, at = sample(self, logits, history), len(history) - self.prompt_len
+        if at >= len(ids) or choice.logprob is None:
+            return sampling.Choice(ids[min(at, len(ids) - 1)])
+        return sampling.Choice(ids[at], float(torch.log_softmax(logits, -1)[ids[at]]), choice.top)
+
+    monkeypatch.setattr(sampling.Sampler, "__call__", scripted)
+
+
+def test_a_streamed_completion_s_text_offsets_are_the_non_streamed_ones_past_held_back_text(
+    tiny_engine, monkeypatch
+):
+    # stop ["\n\n"] holds back each "\n" until the next token: the streamed offsets of the tokens after
+    # one were that "\n"'s, as the text sent so far had it
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from vicuna.server.app import create_app
+
+    scripted_replies(monkeypatch, tiny_engine.tokenizer, "一\n你好\n🐉 ok")
+    body = {"model": "tiny", "prompt": "你好", "max_tokens": 40, "logprobs": 1, "stop": ["\n\n"]}
+    with TestClient(create_app(tiny_engine, model_name="tiny")) as client:
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    assert whole["text"] == "一\n你好\n🐉 ok"
+    assert "".join(c["choices"][0]["text"] for c in lines) == whole["text"]
+    streamed = [c["choices"][0]["logprobs"] for c in lines if c["choices"][0]["logprobs"]]
+    assert [t for lp in streamed for t in lp["tokens"]] == whole["logprobs"]["tokens"]
+    assert [at for lp in streamed for at in lp["text_offset"]] == whole["logprobs"]["text_offset"]
+    for token, at in zip(whole["logprobs"]["tokens"], whole["logprobs"]["text_offset"], strict=True):
+        assert "\\x" in token or token == "</s>" or whole["text"][at:].startswith(token)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import collections
 import contextlib
 import functools
@@ -543,19 +544,35 @@ def _chat_logprobs(items: Sequence[TokenLogprob]) -> p.ChoiceLogprobs:
     )
 
 
-def _completion_logprobs(items: Sequence[TokenLogprob], offset: int) -> p.CompletionLogprobs:
-    """`offset`: the characters of the choice's text before these tokens' (which start a character).
-    A token's `top_logprobs` hold the most likely tokens and the token itself, as OpenAI's do (so up to
-    `logprobs` + 1 of them): scripts read a token's logprob there, and with `logprobs` 0 it is the one."""
-    out, before = p.CompletionLogprobs(), b""
+class _TextOffsets:
+    """Where each of a choice's tokens begins in its text: the whole characters of the tokens' bytes before
+    it. A stream counts them so too, not as the text sent so far, which holds back what may begin a stop
+    string: with `stop: ["\\n\\n"]`, the tokens after a "\\n" were each given the offset of that "\\n"."""
+
+    def __init__(self, start: int) -> None:
+        self.at = start
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+
+    def take(self, raw: bytes) -> int:
+        """The offset of the token of these bytes; the next one begins after them."""
+        at, self.at = self.at, self.at + len(self._utf8.decode(raw))
+        return at
+
+
+def _completion_logprobs(items: Sequence[TokenLogprob], offset: int | _TextOffsets) -> p.CompletionLogprobs:
+    """`offset`: the characters of the choice's text before these tokens' (which start a character), or
+    the choice's `_TextOffsets` so far. A token's `top_logprobs` hold the most likely tokens and the token
+    itself, as OpenAI's do (so up to `logprobs` + 1 of them): scripts read a token's logprob there, and
+    with `logprobs` 0 it is the one."""
+    out = p.CompletionLogprobs()
+    offsets = offset if isinstance(offset, _TextOffsets) else _TextOffsets(offset)
     for t in items:
         out.tokens.append(t.token)
         out.token_logprobs.append(t.logprob)
         out.top_logprobs.append(
             None if t.logprob is None else {t.token: t.logprob} | {s: lp for _, s, lp, _ in t.top}
         )
-        out.text_offset.append(offset + len(before.decode("utf-8", errors="ignore")))  # whole characters
-        before += t.raw
+        out.text_offset.append(offsets.take(t.raw))
     return out
 
 
@@ -975,7 +992,7 @@ def create_app(
                 del body["usage"]
             return _sse(body)
 
-        offsets = [len(e) for e in echoes]
+        offsets = [_TextOffsets(len(e)) for e in echoes]
         for i, echo in enumerate(echoes):
             if echo:
                 yield chunk([p.CompletionChoice(index=i, text=echo, logprobs=scored[i])])
@@ -985,12 +1002,10 @@ def create_app(
         ]
         async for i, event in run.events_until_done():
             if isinstance(event, TextChunk) and (event.text or event.logprobs):
-                start = offsets[i]  # where this text begins in the choice's text
-                offsets[i] += len(event.text)
                 if req.logprobs is None:
                     yield texts[i](event.text)
                     continue
-                lp = _completion_logprobs(event.logprobs or (), start)
+                lp = _completion_logprobs(event.logprobs or (), offsets[i])
                 yield chunk([p.CompletionChoice(index=i, text=event.text, logprobs=lp)])
             elif isinstance(event, Finished) and event.reason != "cancelled":
                 lp = _completion_logprobs(event.stop_logprobs, offsets[i]) if event.stop_logprobs else None
