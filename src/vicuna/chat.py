@@ -549,7 +549,8 @@ def run_chat(
         else:
             asked = with_user_message(messages if history else [], text)
         try:
-            messages, left_out = _answer(engine, io, asked, params, debug, left_out) or (messages, left_out)
+            answered, left_out = _answer(engine, io, asked, params, debug, left_out)
+            messages = answered or messages
         except VicunaError as err:
             io.info(f"error: {err}; this message goes unanswered")
             io.no_reply()
@@ -614,9 +615,10 @@ def _answer(
     params: SamplingParams,
     debug: bool,
     left_out: int,
-) -> tuple[list[Message], int] | None:
-    """The conversation with a reply to its last message, and how many of its oldest exchanges the prompt
-    left out (`left_out` or more: those that do not fit, see `fit_history`); None if there is no reply.
+) -> tuple[list[Message] | None, int]:
+    """The conversation with a reply to its last message (None if there is no reply), and how many of its
+    oldest exchanges the prompt left out (`left_out` or more: those that do not fit, see `fit_history`),
+    also where there is no reply: the note on them was said, and the next prompt leaves them out too.
     The conversation (what !!save writes) keeps the exchanges left out."""
     prompt, dropped, room = fit_history(
         engine.encode_chat, engine.context_window, messages, params.max_new_tokens, left_out
@@ -636,7 +638,7 @@ def _answer(
         params = replace(params, max_new_tokens=room)
     reply, done = _reply(engine, io, prompt, params)
     if reply is None:
-        return None
+        return None, dropped
     if debug and done is not None:
         io.info(
             f"[{done.completion_tokens} tokens, TTFT {done.ttft_s * 1000:.0f} ms, "

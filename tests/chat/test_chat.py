@@ -196,6 +196,34 @@ def test_exchanges_left_out_are_said_when_more_go_not_before_every_reply():
     assert len(said) >= 3 and said == sorted(set(said))  # each time more go, and only then
 
 
+def test_exchanges_left_out_are_not_said_again_after_a_reply_stopped_before_it_began():
+    """Ctrl-C before the first word of the reply whose prompt left out exchanges kept the count of those
+    left out as it was: the same note came again before the next message's reply."""
+
+    class StopsTheThirdReply(ScriptedIO):
+        replies = 0
+
+        def show_reply(self, events):
+            self.replies += 1
+            if self.replies == 3:  # Ctrl-C before its first word
+                raise KeyboardInterrupt
+            return super().show_reply(events)
+
+    engine = EchoEngine()
+    io = StopsTheThirdReply([f"{i} " + "word " * 15 for i in range(4)])
+    run_chat(engine, io, PARAMS)
+    # the third prompt (its reply never drawn) and the fourth leave out the first two exchanges (see
+    # the test above)
+    assert [[m.content.split()[0] for m in prompt] for prompt in engine.seen] == [
+        ["0"],
+        ["0", "reply", "1"],
+        ["3"],
+    ]
+    assert [n for n in io.notes if "left out of the prompt" in n] == [
+        "(the 2 oldest exchange(s) left out of the prompt to fit the context window)"
+    ]
+
+
 def test_reset_and_load_start_again_with_no_exchange_left_out(tmp_path):
     engine = SystemEchoEngine()
     short = write_messages(tmp_path / "short.json", ("user", "a"), ("assistant", "b"), ("user", "c"))
