@@ -530,11 +530,13 @@ def run_chat(
             if loaded := _load(file_argument(arg), engine, io):
                 messages, left_out = loaded, 0
             continue
+        fix = "shorten it"  # what a message too long for the context window is refused with
         if command == "!!regen":  # answers the last user message again (or a loaded one for the first time)
             asked = messages[:-1] if messages and messages[-1].role == "assistant" else messages
             if not asked or asked[-1].role != "user":
                 io.info("(nothing to regenerate)")
                 continue
+            fix = "!!remove drops it"  # a loaded one: what was answered once fits again
         elif command.startswith("!!") and command[2:].isalpha():  # a typo (!!exti) is not a message
             help_text = COMMANDS.replace("Ctrl-D", eof_keys())
             io.info(help_text if command == "!!help" else f"unknown command {command}. {HELP}")
@@ -548,8 +550,12 @@ def run_chat(
             continue
         else:
             asked = with_user_message(messages if history else [], text)
+            if history and messages and messages[-1].role == "user":  # shortened, it is still refused
+                fix = (
+                    "it joins the unanswered message that ends the loaded conversation, which !!remove drops"
+                )
         try:
-            answered, left_out = _answer(engine, io, asked, params, debug, left_out)
+            answered, left_out = _answer(engine, io, asked, params, debug, left_out, fix)
             messages = answered or messages
         except VicunaError as err:
             io.info(f"error: {err}; this message goes unanswered")
@@ -615,18 +621,20 @@ def _answer(
     params: SamplingParams,
     debug: bool,
     left_out: int,
+    fix: str,
 ) -> tuple[list[Message] | None, int]:
     """The conversation with a reply to its last message (None if there is no reply), and how many of its
     oldest exchanges the prompt left out (`left_out` or more: those that do not fit, see `fit_history`),
     also where there is no reply: the note on them was said, and the next prompt leaves them out too.
-    The conversation (what !!save writes) keeps the exchanges left out."""
+    The conversation (what !!save writes) keeps the exchanges left out. `fix`: what the user can do about
+    a last message that leaves no room for a reply."""
     prompt, dropped, room = fit_history(
         engine.encode_chat, engine.context_window, messages, params.max_new_tokens, left_out
     )
     if room < 1:  # refused before the note on exchanges left out, which no prompt left out
         raise VicunaError(
             f"the message makes a prompt of {engine.context_window - room} tokens, which leaves no room "
-            f"for a reply in the model's context window of {engine.context_window} tokens: shorten it"
+            f"for a reply in the model's context window of {engine.context_window} tokens: {fix}"
         )
     if dropped > left_out:  # said when more go, not again before every reply of a long conversation
         io.info(f"(the {dropped} oldest exchange(s) left out of the prompt to fit the context window)")

@@ -510,6 +510,23 @@ def test_too_long_a_message_is_refused_and_the_history_is_kept():
     assert [m.content for m in engine.seen[-1]] == ["hi", "reply to 1 messages", "again"]
 
 
+def test_a_loaded_message_too_long_to_answer_is_refused_with_what_drops_it(tmp_path):
+    """A loaded conversation ending on a user message too long for the window: each new message joined it
+    and was refused with "shorten it", which no shorter message could do, and !!regen was refused so too."""
+    long = write_messages(tmp_path / "long.json", ("user", "word " * 60))
+    engine, io = EchoEngine(), ScriptedIO([f"!!load {long}", "hi", "!!regen", "!!remove", "hi"])
+    run_chat(engine, io, PARAMS)
+    errors = [n for n in io.notes if n.startswith("error")]
+    assert errors == [
+        "error: the message makes a prompt of 63 tokens, which leaves no room for a reply in the model's "
+        "context window of 60 tokens: it joins the unanswered message that ends the loaded conversation, "
+        "which !!remove drops; this message goes unanswered",
+        "error: the message makes a prompt of 62 tokens, which leaves no room for a reply in the model's "
+        "context window of 60 tokens: !!remove drops it; this message goes unanswered",
+    ]
+    assert engine.seen == [[Message("user", "hi")]]  # answered once the loaded message is dropped
+
+
 def test_a_message_that_leaves_less_room_than_max_new_tokens_is_answered_in_the_room_left():
     class Recording(EchoEngine):
         def chat(self, messages, params, cancel=None):
