@@ -274,6 +274,26 @@ def test_a_reply_is_cut_to_the_context_window_and_an_overflow_reported(engine, c
     assert [r.getMessage() for r in caplog.records] == [f"refused: {err.value.message}"]
 
 
+def test_a_system_prompt_too_long_for_the_context_window_is_named_in_the_refusal(engine):
+    """The refusal said "The message has N tokens in the prompt" for a short message after a long system
+    prompt, whose tokens N counted."""
+    ui = WebChat(RecordingChat(engine), engine.encode_chat, engine.context_window)
+    system = "Be brief. " * 200
+    zh = gr.Request(session_hash="z3", headers={"accept-language": "zh-CN"})
+    for request, said in [
+        (
+            gr.Request(session_hash="s3"),
+            r"The message and the system prompt make a prompt of \d+ tokens, but ",
+        ),
+        (
+            zh,
+            r"这条消息和系统提示词构成的提示有 \d+ 个 token，但模型的上下文窗口只有 256 个 token：请缩短其中之一。",
+        ),
+    ]:
+        with pytest.raises(gr.Error, match=said):
+            list(ui.respond("Hi", [], None, system, 0.7, 1.0, 16, "", request))
+
+
 def test_a_conversation_grown_past_the_context_window_leaves_out_its_oldest_exchanges(engine):
     chat = RecordingChat(engine)
     ui = WebChat(chat, engine.encode_chat, engine.context_window)

@@ -299,16 +299,15 @@ class WebChat:
         prompt, left_out, room = fit_history(
             self.encode, self.context_window, messages, params.max_new_tokens, left_out
         )
-        if room < 1:
-            raise VicunaError(
-                say(
-                    lang,
-                    "The message has {tokens} tokens in the prompt, but the model's context window is "
-                    "{window} tokens: shorten it.",
-                    tokens=self.context_window - room,
-                    window=self.context_window,
-                )
+        if room < 1:  # the prompt is then the system prompt (if any) and the message: either may be long
+            text = (
+                "The message and the system prompt make a prompt of {tokens} tokens, but the model's context "
+                "window is {window} tokens: shorten one of them."
+                if prompt[0].role == "system"
+                else "The message makes a prompt of {tokens} tokens, but the model's context window is "
+                "{window} tokens: shorten it."
             )
+            raise VicunaError(say(lang, text, tokens=self.context_window - room, window=self.context_window))
         cut = room < params.max_new_tokens
         if cut:
             params = replace(params, max_new_tokens=room)

@@ -35,8 +35,12 @@ ZH = {
     "{name} must be a number from {low:g} to {high:g} (it is {value}).": (
         "{name}必须是 {low:g} 到 {high:g} 之间的数（当前为 {value}）。"
     ),
-    "The message has {tokens} tokens in the prompt, but the model's context window is {window} tokens: "
-    "shorten it.": "这条消息在提示中占 {tokens} 个 token，但模型的上下文窗口只有 {window} 个 token：请缩短它。",
+    "The message makes a prompt of {tokens} tokens, but the model's context window is {window} tokens: "
+    "shorten it.": "这条消息构成的提示有 {tokens} 个 token，但模型的上下文窗口只有 {window} 个 token：请缩短它。",
+    "The message and the system prompt make a prompt of {tokens} tokens, but the model's context window "
+    "is {window} tokens: shorten one of them.": (
+        "这条消息和系统提示词构成的提示有 {tokens} 个 token，但模型的上下文窗口只有 {window} 个 token：请缩短其中之一。"
+    ),
     "The message or the system prompt holds a lone UTF-16 surrogate, which is no character: send text.": (
         "消息或系统提示词中有单独的 UTF-16 代理项，它不是字符：请发送文字。"
     ),
