@@ -503,22 +503,26 @@ def test_errors(served, api, tiny_engine):
 
 def test_a_token_id_outside_the_vocabulary_is_a_400_naming_the_field(api, tiny_engine):
     vocab = tiny_engine.model.config.vocab_size
-    for prompt, bad in (([vocab], vocab), ([[1, 2], [3, -1]], -1)):
+    # of several prompts, the one at fault is named, as other errors of one among them name it
+    for prompt, bad, param in (([vocab], vocab, "prompt"), ([[1, 2], [3, -1]], -1, "prompt[1]")):
         with pytest.raises(openai.BadRequestError) as info:
             api.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
-        assert info.value.body["param"] == "prompt" and f"token id {bad} " in info.value.message
-    with pytest.raises(openai.BadRequestError) as info:
-        api.embeddings.create(model=MODEL, input=[[vocab + 5]])
-    assert info.value.body["param"] == "input" and str(vocab + 5) in info.value.message
+        assert info.value.body["param"] == param and info.value.body["message"].startswith(
+            f"{param}: token id {bad} "
+        )
+    for inputs, param in (([[vocab + 5]], "input"), ([[1], [2], [vocab + 5]], "input[2]")):
+        with pytest.raises(openai.BadRequestError) as info:
+            api.embeddings.create(model=MODEL, input=inputs)
+        assert info.value.body["param"] == param and str(vocab + 5) in info.value.message
     last = api.completions.create(model=MODEL, prompt=[vocab - 1], max_tokens=2)  # the last id is fine
     assert last.choices[0].finish_reason
 
 
 def test_an_empty_text_is_a_400_naming_the_field(api, tiny_engine, monkeypatch):
-    monkeypatch.setattr(tiny_engine, "encode", lambda text: [])  # "" with a tokenizer that adds no BOS
+    monkeypatch.setattr(tiny_engine, "encode", lambda text: [5] * len(text))  # "": a tokenizer without BOS
     with pytest.raises(openai.BadRequestError) as info:
-        api.completions.create(model=MODEL, prompt=["", "x"], max_tokens=2)
-    assert info.value.body["param"] == "prompt" and "empty" in info.value.message
+        api.completions.create(model=MODEL, prompt=["x", ""], max_tokens=2)
+    assert info.value.body["param"] == "prompt[1]" and "empty" in info.value.message
     with pytest.raises(openai.BadRequestError) as info:
         api.embeddings.create(model=MODEL, input="")
     assert info.value.body["param"] == "input" and "empty" in info.value.message

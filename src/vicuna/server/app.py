@@ -730,21 +730,24 @@ def create_app(
     async def _encode_all(items: Sequence[str | list[int]], param: str) -> list[list[int]]:
         """Token ids for texts (token lists as they are), computed off the event loop: a long text (a 10 MB
         body took 5.5 s on 2 cores) would otherwise stall every stream and /health meanwhile. A client's
-        token id outside the vocabulary is a 400 naming `param`: it failed inside the model as a 500 (on a
-        GPU, an index out of range is a device-side assert); so is an empty text."""
-        for item in items:
+        token id outside the vocabulary is a 400 naming `param` (`param[i]` of several, as other errors of
+        one among them do): it failed inside the model as a 500 (on a GPU, an index out of range is a
+        device-side assert); so is an empty text."""
+        where = lambda i: f"{param}[{i}]" if len(items) > 1 else param  # noqa: E731
+        for i, item in enumerate(items):
             bad = next((t for t in item if not 0 <= t < vocab_size), None) if isinstance(item, list) else None
             if bad is not None:
                 raise APIError(
                     400,
-                    f"{param}: token id {bad} is not in the model's vocabulary (0-{vocab_size - 1})",
-                    param=param,
+                    f"{where(i)}: token id {bad} is not in the model's vocabulary (0-{vocab_size - 1})",
+                    param=where(i),
                 )
         token_lists = await asyncio.to_thread(
             lambda: [engine.encode(x) if isinstance(x, str) else x for x in items]
         )
-        if not all(token_lists):  # "" with a tokenizer that adds no BOS
-            raise APIError(400, f"{param}: empty; at least one token is needed", param=param)
+        empty = next((i for i, ids in enumerate(token_lists) if not ids), None)
+        if empty is not None:  # "" with a tokenizer that adds no BOS
+            raise APIError(400, f"{where(empty)}: empty; at least one token is needed", param=where(empty))
         return token_lists
 
     def check_bias(req: p.ChatCompletionRequest | p.CompletionRequest) -> None:
