@@ -37,7 +37,9 @@ class InvalidRequest(VicunaError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # strict: no "5" or 5.0 for an int
+    # strict: no "5" or 5.0 for an int. Not NaN or Infinity, which JSON has not but Python's reader takes:
+    # `temperature: NaN` was refused as "less than or equal to 2", a repetition_penalty of Infinity taken
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):

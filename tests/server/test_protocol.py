@@ -214,6 +214,21 @@ def test_an_integer_is_a_number():
     assert (sp.temperature, sp.top_p, sp.presence_penalty, sp.repetition_penalty) == (1.0, 1.0, 0.0, 2.0)
 
 
+def test_nan_and_infinity_are_refused_as_not_numbers():
+    """Python's JSON reader takes NaN and Infinity: `temperature: NaN` was refused as "should be less than or
+    equal to 2", and a repetition_penalty of Infinity was accepted."""
+    for fields, param in [
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"presence_penalty": float("-inf")}, "presence_penalty"),
+        ({"logit_bias": {"5": float("nan")}}, "logit_bias.5"),
+    ]:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}]} | fields
+        err = refused(p.ChatCompletionRequest, body)
+        assert (err.param, err.message) == (param, f"{param}: Input should be a finite number")
+
+
 def test_a_value_of_no_member_of_a_union_names_the_field_not_the_member():
     err = refused(
         p.ChatCompletionRequest,
