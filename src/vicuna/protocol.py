@@ -225,6 +225,13 @@ class CompletionRequest(_Sampling):
                 "(with logprobs), or max_tokens of 1 or more",
                 "max_tokens",
             )
+        if self.best_of is not None and self.best_of < (self.n or 1):  # as OpenAI refuses it
+            raise InvalidRequest(
+                f"best_of: {self.best_of} is less than n ({self.n}): the n replies are the best of best_of "
+                "candidates, so best_of must be at least n; leave it out for n replies (only best_of 1 is "
+                "supported)",
+                "best_of",
+            )
         return self
 
     def prompts(self) -> list[str | list[int]]:

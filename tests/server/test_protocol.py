@@ -163,6 +163,10 @@ def test_completion_prompts():
     assert refused(p.CompletionRequest, {"model": "m", "prompt": []}).param == "prompt"
     assert refused(p.CompletionRequest, {"model": "m", "prompt": "a", "suffix": "b"}).param == "suffix"
     assert refused(p.CompletionRequest, {"model": "m", "prompt": "a", "best_of": 3}).param == "best_of"
+    # best_of is how many candidates the n replies are chosen among: fewer than n was taken, as if 1 was n
+    assert p.parse_request(p.CompletionRequest, {"model": "m", "prompt": "a", "best_of": 1, "n": 1}).n == 1
+    err = refused(p.CompletionRequest, {"model": "m", "prompt": "a", "best_of": 1, "n": 2})
+    assert err.param == "best_of" and err.message.startswith("best_of: 1 is less than n (2)")
 
 
 def test_embedding_request():
