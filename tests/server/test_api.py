@@ -225,6 +225,44 @@ def test_logprobs(api):
         assert "\u2581" not in t.token and not t.token.startswith("<0x")
 
 
+def test_chat_logprobs_list_the_tokens_of_the_content_not_those_of_the_stop_string(api):
+    """OpenAI's chat logprobs are those "of each output token returned in the content": a reply ended by a
+    stop string listed the stop string's tokens too (content "Hello there", tokens "Hello there!")."""
+    ask = {
+        "messages": HELLO,
+        "max_tokens": 12,
+        "logprobs": True,
+        "extra_body": {"ignore_eos": True},
+        **greedy(),
+    }
+
+    def streamed(**stop) -> list[tuple[str, list[str]]]:  # each piece of the content, with its tokens
+        chunks = api.chat.completions.create(**ask, **stop, stream=True)
+        return [
+            (c.choices[0].delta.content or "", [t.token for t in c.choices[0].logprobs.content])
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+        ]
+
+    pieces = streamed()
+    # a character the reply first writes as a token of its own (the tiny model writes stray bytes too)
+    at = next(
+        i
+        for i, (text, tokens) in enumerate(pieces)
+        if i
+        and tokens == [text]
+        and text.isascii()
+        and text.strip()
+        and text not in "".join(t for t, _ in pieces[:i])
+    )
+    stop, content = pieces[at][0], "".join(text for text, _ in pieces[:at])
+    before = [token for _, tokens in pieces[:at] for token in tokens]
+    whole = api.chat.completions.create(**ask, stop=[stop]).choices[0]
+    assert (whole.finish_reason, whole.message.content) == ("stop", content)
+    assert [t.token for t in whole.logprobs.content] == before
+    assert [token for _, tokens in streamed(stop=[stop]) for token in tokens] == before
+
+
 def test_a_completion_token_is_among_its_top_logprobs(api):
     # OpenAI's completions list the sampled token with the `logprobs` most likely ones ("up to logprobs+1"):
     # with logprobs 0 the lists were empty, and a token outside the top k was missing from its own

@@ -176,6 +176,9 @@ class _Choice:
 
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Of `logprobs`, those of the tokens whose text has come: a chat lists no more (OpenAI's are those "of
+    # each output token returned in the content"), not those of a stop string, whose text never comes
+    shown: int = 0
     finished: Finished | None = None
     started: bool = False  # whether text other than white space has come
     tokens: int = 0  # sampled so far: what a choice cut short by its client's leaving counts
@@ -273,6 +276,8 @@ class _Run:
                     self.last_token_at[index] = now
                 choice.text.append(event.text)
                 choice.logprobs.extend(event.logprobs or ())
+                if event.text:
+                    choice.shown = len(choice.logprobs)
             else:
                 choice.finished = event
                 pending -= 1
@@ -842,7 +847,7 @@ def create_app(
             p.ChatChoice(
                 index=i,
                 message=p.ChatMessage(content="".join(c.text)),
-                logprobs=_chat_logprobs(c.logprobs) if req.logprobs else None,
+                logprobs=_chat_logprobs(c.logprobs[: c.shown]) if req.logprobs else None,
                 finish_reason=_finish_reason(c.finished),
             )
             for i, c in enumerate(run.choices)
@@ -870,7 +875,9 @@ def create_app(
 
         for i in range(len(run.choices)):
             yield chunk([choice(i, p.Delta(role="assistant", content=""))])
-        held: dict[int, list[TokenLogprob]] = {}  # logprobs of tokens whose text is still held back
+        # logprobs of tokens whose text is still held back: those left at the end, of a stop string's
+        # tokens (see `_Choice.shown`), are not listed
+        held: dict[int, list[TokenLogprob]] = {}
         texts = [
             _filled(lambda text, i=i: chunk([choice(i, p.Delta(content=text))]))
             for i in range(len(run.choices))
@@ -883,8 +890,7 @@ def create_app(
                 elif event.text:
                     yield texts[i](event.text)
             elif event.reason != "cancelled":
-                lp = _chat_logprobs(held.pop(i)) if req.logprobs and held.get(i) else None
-                yield chunk([choice(i, p.Delta(), lp, _finish_reason(event))])
+                yield chunk([choice(i, p.Delta(), None, _finish_reason(event))])
         if with_usage:
             yield chunk([], run.usage())
         yield _sse("[DONE]")
