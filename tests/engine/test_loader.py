@@ -417,3 +417,21 @@ def test_a_gguf_file_whose_conversion_cannot_fit_the_ram_is_refused_before_it_st
     assert cli(["chat", "--model-path", str(gguf), "--device", "cpu"]) == 2
     assert "to float32: at least 513 MiB of RAM, and 400 MiB is available" in capsys.readouterr().err
     assert not gguf_cache_dir(gguf).exists()  # nothing converted
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (b"[]", "expected a JSON object of fields, found list"),
+        (b"null", "expected a JSON object of fields, found NoneType"),
+        ('{"model_type": "llama", "note": "你好"}'.encode("gbk"), "not valid JSON"),
+        (b'{"model_type": "llama", "architectures": "LlamaForCausalLM"}', "'architectures' should be a list"),
+    ],
+    ids=["list", "null", "gbk", "architectures-string"],
+)
+def test_a_config_that_is_no_object_of_fields_is_named(model_copy, text, expected):
+    """`[]` or `null` ended in "AttributeError: 'list' object has no attribute 'get'", a GBK config in
+    UnicodeDecodeError, both with a traceback; an 'architectures' string was refused as "architecture L"."""
+    (model_copy / "config.json").write_bytes(text)
+    with pytest.raises(ModelLoadError, match=rf"config\.json: {expected}"):
+        load(model_copy)

@@ -136,9 +136,15 @@ def read_config(folder: Path) -> Any:
 
     try:
         raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{folder / CONFIG}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):  # `[]`, `null`: a model's config is an object of fields
+        raise ModelLoadError(
+            f"{folder / CONFIG}: expected a JSON object of fields, found {type(raw).__name__}"
+        )
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list):  # a string was read one letter at a time: "architecture L"
+        raise ModelLoadError(f"{folder / CONFIG}: 'architectures' should be a list of class names")
     if not isinstance(raw.get("model_type"), str):
         raise ModelLoadError(f"{folder / CONFIG}: no 'model_type' field")
     bad = [a for a in archs if not a.endswith("ForCausalLM") and not runs_as_causal_lm(a)]
