@@ -435,3 +435,21 @@ def test_a_config_that_is_no_object_of_fields_is_named(model_copy, text, expecte
     (model_copy / "config.json").write_bytes(text)
     with pytest.raises(ModelLoadError, match=rf"config\.json: {expected}"):
         load(model_copy)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("hidden_size", "64", "Validation error for field 'hidden_size'.*expected int, got str"),
+        ("hidden_size", 0, "hidden_size is 0; expected a whole number above 0"),
+        ("num_hidden_layers", -1, "num_hidden_layers is -1; expected a whole number above 0"),
+    ],
+)
+def test_a_size_field_of_the_wrong_type_or_below_one_is_named(model_copy, field, value, expected):
+    """A hidden_size of "4096" ended in transformers' StrictDataclassFieldValidationError, 0 in
+    ZeroDivisionError and a negative layer count in IndexError, each with a traceback."""
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg[field] = value
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=rf"config\.json: {expected}"):
+        load(model_copy)

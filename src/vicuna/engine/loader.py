@@ -153,19 +153,26 @@ def read_config(folder: Path) -> Any:
             f"{folder / CONFIG}: architecture {bad[0]} is not a causal language model; "
             "vicuna runs LLaMA-family (…ForCausalLM) checkpoints"
         )
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         config = AutoConfig.from_pretrained(folder)
+    except StrictDataclassError as err:  # a field of the wrong type: "hidden_size": "4096"
+        raise ModelLoadError(f"{folder / CONFIG}: {' '.join(str(err).split())}") from None
     except (ValueError, KeyError) as err:
         raise ModelLoadError(
             f"{folder / CONFIG}: model_type {raw['model_type']!r} is not one this version of transformers can run ({err})"
         ) from None
     text = config.get_text_config()
     for field in ("hidden_size", "num_hidden_layers", "num_attention_heads"):  # what sizing reads
-        if getattr(text, field, None) is None:  # Mamba, RWKV: state, not attention and a KV cache
+        value = getattr(text, field, None)
+        if value is None:  # Mamba, RWKV: state, not attention and a KV cache
             raise ModelLoadError(
                 f"{folder / CONFIG}: model_type {raw['model_type']!r} has no {field}: not an attention "
                 "transformer; vicuna runs LLaMA-family (decoder-only transformer) checkpoints"
             )
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:  # 0 divided the sizing
+            raise ModelLoadError(f"{folder / CONFIG}: {field} is {value!r}; expected a whole number above 0")
     return config
 
 
