@@ -797,3 +797,13 @@ def test_training_that_cannot_fit_the_ram_is_refused_before_loading(
     assert "LoRA in bfloat16 (--lora --dtype bfloat16) needs about" in err
     assert not out.exists()  # refused before anything was written
     assert cli([*args, "--max-steps", "1", "--lora", "--dtype", "bfloat16"]) == 0  # 2 bytes a parameter fit
+
+
+def test_an_output_dir_that_is_a_file_is_named(tiny_llama_dir, data_file, tmp_path, capsys):
+    """It ended in "error: File exists: out", from mkdir, which said neither the flag nor what was wrong."""
+    out = tmp_path / "out"
+    out.write_text("notes")
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--max-steps", "1"]
+    assert cli([*args, "--output-dir", str(out)]) == 2
+    assert f"--output-dir {out} is a file; name a new or empty folder" in capsys.readouterr().err
+    assert out.read_text() == "notes"

@@ -360,6 +360,8 @@ def start_or_resume(
     """The checkpoint to resume from (None: a fresh run); refuses mismatches and accidental overwrites,
     of a training run or of a model (the trained one would lie beside it, and tools would load either)."""
     path = cfg.output_dir / RUN_RECORD
+    if cfg.output_dir.exists() and not cfg.output_dir.is_dir():  # mkdir said only "File exists: out"
+        raise VicunaError(f"--output-dir {cfg.output_dir} is a file; name a new or empty folder")
     if cfg.output_dir.resolve() == model_folder.resolve():
         raise VicunaError(
             f"--output-dir {cfg.output_dir} is the model folder (--model-path {model_folder}); the "
