@@ -547,6 +547,17 @@ def test_max_steps_0_is_refused_before_anything_is_written(tiny_llama_dir, data_
     assert not out.exists()
 
 
+def test_a_negative_weight_decay_is_refused_before_anything_is_written(
+    tiny_llama_dir, data_file, tmp_path, capsys
+):
+    """--weight-decay -1 trained, each step pushing every weight away from 0, and wrote that model."""
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "1", "--weight-decay", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --weight-decay must be >= 0\n"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -95,6 +95,7 @@ class TrainConfig:
                 "--max-steps must be at least 1 (leave it out to let --epochs decide)",
             ),
             (self.lr > 0, "--lr must be positive"),
+            (self.weight_decay >= 0, "--weight-decay must be >= 0"),  # below, AdamW grew every weight
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (
                 self.save_steps >= 1 and self.logging_steps >= 1,
