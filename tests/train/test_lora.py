@@ -139,6 +139,20 @@ def test_merge_refuses_bad_folders(adapter, tiny_llama_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_merge_names_a_truncated_adapter_file(adapter, tiny_llama_dir, tmp_path, capsys):
+    """An adapter_model.safetensors cut short (a copy or download that stopped) ended in safetensors'
+    "SafetensorError: Error while deserializing header" with a traceback."""
+    import shutil
+
+    cut = Path(shutil.copytree(adapter, tmp_path / "cut"))
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    args = ["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(cut), "--output"]
+    assert cli([*args, str(tmp_path / "merged")]) == 2
+    assert f"error: {weights}: not a valid safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
 def train_adapter(model: Path, data: Path, out: Path, *extra: str) -> Path:
     args = ["train", "--model-path", str(model), "--data", str(data), "--output-dir", str(out), "--lora"]
     assert cli([*args, "--max-steps", "1", *extra]) == 0

@@ -112,6 +112,11 @@ def warn_if_other_base(adapter: Path, folder: Path) -> None:
 
 def adapter_shapes(adapter: Path) -> dict[str, tuple[int, ...]]:
     """The shapes of the adapter's weights by name, read without loading the weights."""
+    from vicuna.engine.loader import check_weight_file
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):  # cut short: a traceback from reading
+        if (adapter / name).is_file():
+            check_weight_file(adapter / name)
     if (adapter / "adapter_model.safetensors").is_file():
         from safetensors import safe_open
 
