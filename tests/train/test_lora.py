@@ -153,6 +153,24 @@ def test_merge_names_a_truncated_adapter_file(adapter, tiny_llama_dir, tmp_path,
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 
+@pytest.mark.parametrize(("field", "value"), [("r", "8"), ("lora_alpha", 0)])
+def test_merge_names_an_adapter_config_field_of_the_wrong_type(
+    adapter, tiny_llama_dir, tmp_path, capsys, field, value
+):
+    """An r of "8" ended in peft's "TypeError: '<=' not supported between instances of 'str' and 'int'"
+    with a traceback; a lora_alpha of 0 scaled the update to nothing and wrote the base as the merge."""
+    import shutil
+
+    edited = Path(shutil.copytree(adapter, tmp_path / "edited"))
+    config = json.loads((edited / "adapter_config.json").read_text())
+    (edited / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    args = ["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(edited), "--output"]
+    assert cli([*args, str(tmp_path / "merged")]) == 2
+    expected = f"error: {edited / 'adapter_config.json'}: {field} is {value!r}; expected a number above 0"
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
 def train_adapter(model: Path, data: Path, out: Path, *extra: str) -> Path:
     args = ["train", "--model-path", str(model), "--data", str(data), "--output-dir", str(out), "--lora"]
     assert cli([*args, "--max-steps", "1", *extra]) == 0

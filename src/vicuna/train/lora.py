@@ -58,6 +58,15 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
         raise VicunaError(f"{output}: already exists; choose a new --output")
     folder = resolve_model_path(base)
     warn_if_other_base(adapter, folder)
+    settings = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    for field in ("r", "lora_alpha"):  # peft compared "8" with 0: a TypeError, with a traceback
+        value = settings.get(field)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+        ):
+            raise VicunaError(
+                f"{adapter / 'adapter_config.json'}: {field} is {value!r}; expected a number above 0"
+            )
     has_tokenizer = any(
         (adapter / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     )
