@@ -1350,6 +1350,16 @@ def test_serve_refuses_a_busy_port_a_bad_host_and_bad_flags_before_loading_the_m
         assert f"error: {flag} must be" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [("--api-keys", ""), ("--api-keys", " , "), ()])
+def test_serve_refuses_api_keys_that_hold_no_key(tmp_path, capsys, monkeypatch, flag):
+    """`--api-keys "$KEY"` with $KEY unset, or an empty $VICUNA_API_KEYS, served everyone without a key."""
+    from vicuna.cli import main
+
+    monkeypatch.setenv("VICUNA_API_KEYS", "" if not flag else "k")
+    assert main(["serve", "--model-path", str(tmp_path / "never-loaded"), *flag]) == 2
+    assert "which holds no key; give at least one, or leave both out" in capsys.readouterr().err
+
+
 def test_serve_on_windows_does_not_share_its_port(monkeypatch):
     # Windows' SO_REUSEADDR lets a socket bind a port that another is listening on, so a second `vicuna
     # serve --port 8000` would load its model and share the port instead of being refused at once

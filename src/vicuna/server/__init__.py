@@ -240,6 +240,12 @@ def check_flags(args: argparse.Namespace) -> None:
         raise VicunaError(f"--port must be 1-65535, not {args.port}")
     if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
         raise VicunaError("--kv-cache-tokens must be positive")
+    if args.api_keys is not None and not args.api_keys.replace(",", "").strip():
+        # `--api-keys "$KEY"` with $KEY unset served everyone, said only by a word left out of the startup line
+        raise VicunaError(
+            f"--api-keys (or $VICUNA_API_KEYS) is {args.api_keys!r}, which holds no key; give at least one, "
+            "or leave both out (unset VICUNA_API_KEYS) to serve without keys"
+        )
     check_settings(args.max_queue, args.max_batch_size, args.stream_interval)
 
 
