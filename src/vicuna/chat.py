@@ -806,9 +806,7 @@ def from_fastchat(data: Any) -> Any:
 
 
 def check_reply_budget(max_new_tokens: int, context_window: int) -> None:
-    """--max-new-tokens must leave room in the context window for the conversation, and ask for a reply."""
-    if max_new_tokens < 1:
-        raise VicunaError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    """--max-new-tokens must leave room in the context window for the conversation."""
     if max_new_tokens >= context_window:
         raise VicunaError(
             f"--max-new-tokens {max_new_tokens} does not fit this model's context window of "
@@ -822,6 +820,8 @@ def main(args: argparse.Namespace) -> int:
     from vicuna.engine.loader import load_engine, read_config, resolve_model_path
     from vicuna.engine.placement import resolve_device
 
+    if args.max_new_tokens < 1:  # before SamplingParams, whose "max_new_tokens must be >= 0" is the API's
+        raise VicunaError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,

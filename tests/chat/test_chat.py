@@ -816,6 +816,9 @@ def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
     assert "--max-new-tokens 20000" in err and "context window of 256 tokens" in err
     assert cli(["chat", "--model-path", str(tiny_llama_dir), "--max-new-tokens", "0"]) == 2  # no reply at all
     assert "--max-new-tokens must be at least 1" in capsys.readouterr().err
+    # -5 was told "max_new_tokens must be >= 0", and 0 then refused as above
+    assert cli(["chat", "--model-path", str(tiny_llama_dir), "--max-new-tokens", "-5"]) == 2
+    assert capsys.readouterr().err == "error: --max-new-tokens must be at least 1, not -5\n"
 
 
 def test_device_flags_are_refused_before_the_model_is_converted_or_read(monkeypatch, capsys):
