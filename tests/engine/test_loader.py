@@ -180,6 +180,16 @@ def test_bin_checkpoint_loads_and_corrupt_bin_is_named(tmp_path):
         load(folder)
 
 
+def test_a_folder_without_tokenizer_files_says_so(model_copy):
+    """It was told transformers' "You need to have sentencepiece or tiktoken installed", which they were."""
+    for path in model_copy.glob("tokenizer*"):
+        path.unlink()
+    with pytest.raises(
+        ModelLoadError, match=r"model: no tokenizer files \(tokenizer\.json, tokenizer\.model"
+    ):
+        load(model_copy)
+
+
 def test_tokenizer_larger_than_embedding(model_copy):
     cfg = json.loads((model_copy / "config.json").read_text())
     cfg["vocab_size"] = 100

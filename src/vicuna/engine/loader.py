@@ -248,6 +248,12 @@ def load_tokenizer(model_path: str | Path | None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:  # tokenizers fail in many ways; none is the user's to debug
+        # none at all was said as "You need to have sentencepiece or tiktoken installed", which they were
+        if not any(p.name.startswith("tokenizer") for p in folder.iterdir()):
+            raise ModelLoadError(
+                f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json); "
+                "copy them from where the model came from"
+            ) from None
         raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
     without_word_cache(tokenizer)
     return tokenizer
