@@ -153,6 +153,18 @@ def test_merge_names_a_truncated_adapter_file(adapter, tiny_llama_dir, tmp_path,
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 
+def test_merge_names_an_adapter_config_that_is_not_utf8(adapter, tiny_llama_dir, tmp_path, capsys):
+    """A GBK adapter_config.json (edited on a Chinese Windows) ended in UnicodeDecodeError, with a traceback."""
+    import shutil
+
+    edited = Path(shutil.copytree(adapter, tmp_path / "edited"))
+    (edited / "adapter_config.json").write_bytes('{"base_model_name_or_path": "模型"}'.encode("gbk"))
+    args = ["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(edited), "--output"]
+    assert cli([*args, str(tmp_path / "merged")]) == 2
+    expected = f"error: {edited / 'adapter_config.json'}: not a valid adapter config (UnicodeDecodeError"
+    assert expected in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("field", "value"), [("r", "8"), ("lora_alpha", 0)])
 def test_merge_names_an_adapter_config_field_of_the_wrong_type(
     adapter, tiny_llama_dir, tmp_path, capsys, field, value

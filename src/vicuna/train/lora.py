@@ -109,7 +109,7 @@ def warn_if_other_base(adapter: Path, folder: Path) -> None:
     config = adapter / "adapter_config.json"
     try:
         named = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (json.JSONDecodeError, AttributeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
         raise VicunaError(f"{config}: not a valid adapter config ({type(err).__name__}: {err})") from None
     named_folder = Path(named).expanduser() if named else None
     if named_folder is not None and named_folder.is_dir() and named_folder.resolve() != folder.resolve():
