@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 
@@ -167,6 +168,22 @@ def test_index_listing_a_missing_shard(model_copy):
         json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})
     )
     with pytest.raises(ModelLoadError, match="model-00002-of-00002.safetensors, which is missing"):
+        load(model_copy)
+
+
+@pytest.mark.parametrize(
+    "index, expected",
+    [
+        ([], "not a valid index (TypeError"),
+        ({"weight_map": {"lm_head.weight": None}}, "weight_map must map each tensor name to a file name"),
+    ],
+    ids=["list", "null-file"],
+)
+def test_an_index_of_the_wrong_shape_is_named(model_copy, index, expected):
+    """`[]` ended in "TypeError: list indices must be integers", a null file name in "unsupported operand
+    type(s) for /: 'PosixPath' and 'NoneType'", each with a traceback."""
+    (model_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=rf"model\.safetensors\.index\.json: {re.escape(expected)}"):
         load(model_copy)
 
 

@@ -194,8 +194,10 @@ def weight_files(folder: Path) -> list[Path]:
         if index.is_file():
             try:
                 names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as err:
+            except (ValueError, KeyError, AttributeError, TypeError) as err:  # ValueError: JSON, UTF-8
                 raise ModelLoadError(f"{index}: not a valid index ({type(err).__name__}: {err})") from None
+            if not all(isinstance(n, str) for n in names):  # sorted() took a lone null
+                raise ModelLoadError(f"{index}: weight_map must map each tensor name to a file name")
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise ModelLoadError(f"{index}: lists {missing[0]}, which is missing from {folder}")
