@@ -246,6 +246,26 @@ def test_recorded_template_wins_over_the_name(model_copy):
     assert engine.template.name == "llama-2"
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"conv_template": "llama-2",', "not valid JSON"),
+        ("[]", "expected an object whose conv_template names a template"),
+        ('{"conv_template": "chatml", "conv_system_msg": 5}', "expected an object whose conv_template"),
+        ('{"conv_template": "nosuch"}', "conv_template: unknown template 'nosuch'"),
+    ],
+    ids=["cut-short", "list", "system-number", "unknown"],
+)
+def test_a_bad_recorded_template_is_named_with_its_file(model_copy, text, expected):
+    """A vicuna.json cut short, not an object, or with a number for the system prompt, ended in
+    JSONDecodeError, AttributeError or TypeError with a traceback; an unknown name in it was said as
+    "unknown template", as if --conv-template had named it."""
+    (model_copy / "vicuna.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=rf"vicuna\.json: {re.escape(expected)}"):
+        load(model_copy)
+    assert load_engine(ModelSettings(model_path=str(model_copy), conv_template="chatml"), progress=False)
+
+
 def without_bos_token(model_copy, chat_template=None):
     data = json.loads((model_copy / "tokenizer_config.json").read_text())
     data["bos_token"] = None

@@ -313,12 +313,31 @@ def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_n
     requested, system = settings.conv_template, settings.conv_system_msg
     recorded = folder / RECORDED_TEMPLATE
     if requested is None and recorded.is_file():  # the template, and system prompt, it was trained with
-        record = json.loads(recorded.read_text(encoding="utf-8"))
-        requested = record.get("conv_template")
+        try:
+            record = json.loads(recorded.read_text(encoding="utf-8"))
+        except ValueError as err:  # JSON or UTF-8: a copy cut short, an edit gone wrong
+            raise ModelLoadError(f"{recorded}: not valid JSON ({err})") from None
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("conv_template"), str)
+            or not isinstance(record.get("conv_system_msg") or "", str)
+        ):
+            raise ModelLoadError(
+                f"{recorded}: expected an object whose conv_template names a template (and whose "
+                "conv_system_msg, if any, is a string), as `vicuna train` writes it"
+            )
+        requested = record["conv_template"]
         system = record.get("conv_system_msg") if system is None else system
-    name = choose_template_name(
-        requested, has_chat_template=bool(getattr(tokenizer, "chat_template", None)), model_name=model_name
-    )
+    try:
+        name = choose_template_name(
+            requested,
+            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+            model_name=model_name,
+        )
+    except VicunaError as err:  # said as if --conv-template, which was not given, had named it
+        if settings.conv_template is not None:
+            raise
+        raise ModelLoadError(f"{recorded}: conv_template: {err}") from None
     return with_system(template_for(name, tokenizer), system)
 
 
