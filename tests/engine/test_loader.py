@@ -187,6 +187,26 @@ def test_an_index_of_the_wrong_shape_is_named(model_copy, index, expected):
         load(model_copy)
 
 
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"eos_token_id": ', "not valid JSON"),
+        ("[]", "expected a JSON object of fields, found list"),
+        (
+            '{"eos_token_id": "2"}',
+            "eos_token_id is '2'; expected a token id (a whole number) or a list of them",
+        ),
+    ],
+    ids=["cut-short", "list", "string-id"],
+)
+def test_a_bad_generation_config_is_named(model_copy, text, expected):
+    """Cut short, it was passed over without a word (and with it the ids that end a reply); a list, or an
+    id as a string, ended in a TypeError with a traceback."""
+    (model_copy / "generation_config.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=rf"generation_config\.json: {re.escape(expected)}"):
+        load(model_copy)
+
+
 def test_bin_checkpoint_loads_and_corrupt_bin_is_named(tmp_path):
     folder = write_tiny_llama(tmp_path / "bin", safe_serialization=False)
     bins = sorted(folder.glob("*.bin"))

@@ -173,7 +173,29 @@ def read_config(folder: Path) -> Any:
             )
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:  # 0 divided the sizing
             raise ModelLoadError(f"{folder / CONFIG}: {field} is {value!r}; expected a whole number above 0")
+    check_generation_config(folder / "generation_config.json")
     return config
+
+
+def check_generation_config(path: Path) -> None:
+    """The token ids that end a reply, where the folder has this file: loading it, transformers passed over
+    one that is not valid JSON without a word (a model that ends its turn with an id said only there then
+    went on past it), and ended in a TypeError at a list or at an id written as a string."""
+    if not path.is_file():
+        return
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSON or UTF-8
+        raise ModelLoadError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object of fields, found {type(raw).__name__}")
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = raw.get(field)
+        ids = value if isinstance(value, list) else [value]
+        if not all(i is None or (isinstance(i, int) and not isinstance(i, bool)) for i in ids):
+            raise ModelLoadError(
+                f"{path}: {field} is {value!r}; expected a token id (a whole number) or a list of them"
+            )
 
 
 def runs_as_causal_lm(architecture: str) -> bool:
