@@ -597,6 +597,12 @@ def test_max_length_defaults_to_the_model_context_and_may_not_exceed_it(tiny_lla
     assert cli([*train, str(tmp_path / "out"), "--max-length", "300"]) == 2
     assert "--max-length 300 is longer than the model's context of 256 tokens" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    # inspect took --max-length 0, which train refuses, and showed every example cut to nothing
+    assert cli([*args, "--max-length", "0"]) == 2
+    assert "error: --max-length must be at least 16, not 0\n" in capsys.readouterr().err
+    assert cli([*train, str(tmp_path / "out"), "--max-length", "8"]) == 2
+    assert "error: --max-length must be at least 16, not 8\n" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_full_fine_tune_is_saved_in_the_base_models_dtype(tiny_llama_dir, data_file, tmp_path):

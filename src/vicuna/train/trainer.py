@@ -84,7 +84,6 @@ class TrainConfig:
         self.data, self.output_dir = Path(self.data), Path(self.output_dir)
         self.lora = self.lora or self.qlora
         checks = [
-            (self.max_length is None or self.max_length >= 16, "--max-length must be at least 16"),
             (
                 self.batch_size >= 1 and self.grad_accum >= 1,
                 "--batch-size and --grad-accum must be at least 1",
@@ -263,6 +262,8 @@ def fit_max_length(max_length: int | None, config: Any, folder: Path) -> int:
     from vicuna.engine.engine import context_length
 
     context = context_length(config)
+    if max_length is not None and max_length < 16:  # `train inspect` too, which showed every example cut
+        raise VicunaError(f"--max-length must be at least 16, not {max_length}")
     if max_length is None:
         return min(MAX_LENGTH, context) if context else MAX_LENGTH
     if context and max_length > context:
