@@ -605,6 +605,20 @@ def test_max_length_defaults_to_the_model_context_and_may_not_exceed_it(tiny_lla
     assert not (tmp_path / "out").exists()
 
 
+def test_inspect_refuses_a_json_output_it_cannot_write_before_the_work(
+    tiny_llama_dir, data_file, tmp_path, capsys
+):
+    """--json naming a folder ended, after the work, in "Is a directory: OUT.partial", that file left beside
+    it; a folder that does not exist in "No such file or directory: OUT.partial"."""
+    args = ["train", "inspect", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "-n", "0"]
+    (tmp_path / "examples").mkdir()
+    assert cli([*args, "--json", str(tmp_path / "examples")]) == 2
+    assert f"--json {tmp_path / 'examples'} is a folder; name the file" in capsys.readouterr().err
+    assert cli([*args, "--json", str(tmp_path / "no-such" / "x.jsonl")]) == 2
+    assert f"the folder {tmp_path / 'no-such'} does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["examples"]
+
+
 def test_a_full_fine_tune_is_saved_in_the_base_models_dtype(tiny_llama_dir, data_file, tmp_path):
     import torch
     from safetensors import safe_open

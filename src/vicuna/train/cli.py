@@ -126,6 +126,13 @@ def inspect(args: argparse.Namespace) -> int:
 
     from vicuna.train.trainer import read_and_tokenize
 
+    # said before the work, not after it as "Is a directory: OUT.partial", with that file left behind
+    if args.json is not None and args.json.is_dir():
+        raise VicunaError(f"--json {args.json} is a folder; name the file to write in it")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise VicunaError(
+            f"--json {args.json}: the folder {args.json.parent} does not exist; create it first"
+        )
     _, tokenizer, _, prepared = read_and_tokenize(
         args.data,
         args.model_path,
