@@ -352,6 +352,16 @@ def test_an_output_folder_that_is_an_input_or_inside_one_is_refused(tmp_path, mo
     assert verify_manifest(base, progress=False) == []
 
 
+def test_make_refuses_the_same_folder_as_base_and_target(tmp_path, models):
+    """It wrote a delta of zeros, which applied gives the base back, and said it was done."""
+    base = models["base"]
+    with pytest.raises(VicunaError, match="--base and --target are the same folder .*all zeros"):
+        make_delta(
+            base, base.parent / ".." / base.parent.name / base.name, tmp_path / "delta", progress=False
+        )
+    assert not (tmp_path / "delta").exists()
+
+
 def test_a_delta_cloned_without_git_lfs_says_to_pull_it(tmp_path, models):
     delta = shutil.copytree(models["delta"], tmp_path / "vicuna-7b-delta-v1.1")
     shard = next(delta.glob("*.safetensors"))

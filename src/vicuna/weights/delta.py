@@ -238,6 +238,11 @@ def apply_delta(
 
 def make_delta(base: Path, target: Path, delta: Path, *, progress: bool = True) -> Path:
     """Write `delta` = `target` - `base` (config and tokenizer from the target) and return its path."""
+    if Path(base).resolve() == Path(target).resolve():  # it wrote a delta of zeros, and said it was done
+        raise VicunaError(
+            f"--base and --target are the same folder ({base}): the delta would be all zeros; --target is "
+            "the fine-tuned model"
+        )
     return _combine(Path(base), Path(target), Path(delta), sign=-1, what="make", progress=progress)
 
 
