@@ -510,6 +510,7 @@ def test_a_config_that_is_no_object_of_fields_is_named(model_copy, text, expecte
         ("hidden_size", "64", "Validation error for field 'hidden_size'.*expected int, got str"),
         ("hidden_size", 0, "hidden_size is 0; expected a whole number above 0"),
         ("num_hidden_layers", -1, "num_hidden_layers is -1; expected a whole number above 0"),
+        ("max_position_embeddings", -1, "max_position_embeddings is -1; expected a whole number above 0"),
     ],
 )
 def test_a_size_field_of_the_wrong_type_or_below_one_is_named(model_copy, field, value, expected):

@@ -173,6 +173,11 @@ def read_config(folder: Path) -> Any:
             )
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:  # 0 divided the sizing
             raise ModelLoadError(f"{folder / CONFIG}: {field} is {value!r}; expected a whole number above 0")
+    positions = getattr(text, "max_position_embeddings", None)  # optional: 2048 where it is not said
+    if positions is not None and positions <= 0:  # said as "a context window of -1 tokens: use less than -1"
+        raise ModelLoadError(
+            f"{folder / CONFIG}: max_position_embeddings is {positions!r}; expected a whole number above 0"
+        )
     check_generation_config(folder / "generation_config.json")
     return config
 
