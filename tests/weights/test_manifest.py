@@ -89,3 +89,10 @@ def test_verify_errors(tmp_path, folder, capsys):
     (folder / MANIFEST_NAME).write_text("abc  config.json\n")
     with pytest.raises(VicunaError, match="line 1 is not"):
         verify_manifest(folder)
+    # each ended in a traceback (UnicodeDecodeError), or checked a file outside the folder
+    (folder / MANIFEST_NAME).write_bytes(b"\xff\xfe")
+    with pytest.raises(VicunaError, match=f"{MANIFEST_NAME}: not UTF-8 text"):
+        verify_manifest(folder)
+    (folder / MANIFEST_NAME).write_text(f"{'0' * 64}  ../outside.json\n")
+    with pytest.raises(VicunaError, match="line 1 names a file outside .*: '../outside.json'"):
+        verify_manifest(folder)

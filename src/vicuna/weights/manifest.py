@@ -124,13 +124,21 @@ def read_manifest(folder: Path) -> dict[str, str]:
         )
     if not manifest.is_file():
         raise VicunaError(f"{manifest} does not exist: this folder has no sha256 manifest to check against")
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise VicunaError(
+            f"{manifest}: not UTF-8 text ({err}); expected lines of '<sha256>  <file>'"
+        ) from None
     entries = {}
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         digest, sep, rel = line.partition("  ")
         if not line.strip():
             continue
         if not sep or len(digest) != 64 or not rel:
             raise VicunaError(f"{manifest} line {number} is not '<sha256>  <file>': {line!r}")
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # it hashed that file, and said it changed
+            raise VicunaError(f"{manifest} line {number} names a file outside {folder}: {rel!r}")
         entries[rel] = digest.lower()
     return entries
 
