@@ -368,3 +368,12 @@ def test_template_cli_list_and_render(tmp_path, capsys):
     f.write_text("[{", encoding="utf-8")
     assert cli(["template", "render", "chatml", "--messages", str(f)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_template_render_hf_of_a_model_without_a_chat_template_says_so(tiny_llama_dir, tmp_path, capsys):
+    """It blamed the messages: "messages: the model's chat template cannot render these messages"."""
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([{"role": "user", "content": "Hello!"}]), encoding="utf-8")
+    assert cli(["template", "render", "hf", "--messages", str(f), "--model-path", str(tiny_llama_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {tiny_llama_dir}: its tokenizer has no chat template for `hf` to render" in err

@@ -546,7 +546,13 @@ def main(args: argparse.Namespace) -> int:
     if args.name == "hf":
         from vicuna.engine.loader import load_tokenizer, template_for
 
-        template = template_for("hf", load_tokenizer(args.model_path))
+        tokenizer = load_tokenizer(args.model_path)
+        if not getattr(tokenizer, "chat_template", None):  # said as the messages' fault, by transformers
+            raise VicunaError(
+                f"{args.model_path}: its tokenizer has no chat template for `hf` to render; choose one of "
+                "the others (`vicuna template list`)"
+            )
+        template = template_for("hf", tokenizer)
     else:
         template = get_template(args.name)
     print(render(with_system(template, args.conv_system_msg), messages), end="")
