@@ -564,6 +564,10 @@ def test_a_negative_weight_decay_is_refused_before_anything_is_written(
         (["--lora-alpha", "0"], "--lora-r and --lora-alpha must be at least 1"),  # it trained nothing
         (["--lora-r", "0"], "--lora-r and --lora-alpha must be at least 1"),  # said as --lora-target's
         (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+        (
+            ["--lora-target", " , "],
+            "--lora-target is empty; name the layers (e.g. q_proj,v_proj) or pass all-linear",
+        ),
     ],
 )
 def test_lora_settings_that_cannot_train_are_refused(

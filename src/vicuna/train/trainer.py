@@ -104,6 +104,10 @@ class TrainConfig:
             # peft's own errors blamed --lora-target, and an alpha of 0 scaled every update to nothing
             (self.lora_r >= 1 and self.lora_alpha > 0, "--lora-r and --lora-alpha must be at least 1"),
             (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+            (  # peft said "No `target_modules` passed but also no `target_parameters` found"
+                not self.lora or bool(self.lora_target.replace(",", "").strip()),
+                "--lora-target is empty; name the layers (e.g. q_proj,v_proj) or pass all-linear",
+            ),
             (self.lr_scheduler in SCHEDULERS, f"unknown --lr-scheduler {self.lr_scheduler!r}"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown --dtype {self.dtype!r}"),
         ]
