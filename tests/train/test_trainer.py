@@ -746,6 +746,15 @@ def test_a_resume_from_another_base_model_is_refused(tmp_path):
     del record["base_model"]
     (out / RUN_RECORD).write_text(json.dumps(record), encoding="utf-8")
     assert resume(other, str(other)) == out / "checkpoint-3"
+    # the record edited wrong: a JSONDecodeError traceback, and a list resumed as if it recorded nothing
+    (out / RUN_RECORD).write_text('{"base_model": "' + str(other) + '",', encoding="utf-8")
+    with pytest.raises(VicunaError, match=r"vicuna-train\.json: not valid JSON \(.*\); fix it to resume"):
+        resume(other, str(other))
+    (out / RUN_RECORD).write_text("[]", encoding="utf-8")
+    with pytest.raises(
+        VicunaError, match=r"vicuna-train\.json: expected the JSON object of the run's settings"
+    ):
+        resume(other, str(other))
 
 
 @pytest.mark.parametrize(

@@ -404,8 +404,15 @@ def start_or_resume(
             f"--resume: {cfg.output_dir} has no complete checkpoint-N folder to resume from (a run stopped "
             "before its first checkpoint was written): run the command without --resume to start again"
         )
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+    if path.is_file():  # edited by hand, where the base model moved (said below)
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # JSON or UTF-8
+            raise VicunaError(f"{path}: not valid JSON ({err}); fix it to resume the run") from None
+        if not isinstance(old, dict):  # each setting was then taken as one it did not record
+            raise VicunaError(
+                f"{path}: expected the JSON object of the run's settings; fix it to resume the run"
+            )
         for key, value in record.items():
             if key not in old:  # a record written before vicuna recorded it
                 continue
