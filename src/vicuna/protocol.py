@@ -258,10 +258,10 @@ class EmbeddingRequest(_Strict):
 
     def inputs(self) -> list[str | list[int]]:
         x = self.input
+        if not x:  # "" too, as [""] is refused below: it got a 200 and a vector for no text
+            raise InvalidRequest("input: expected a non-empty string or list", "input")
         if isinstance(x, str):
             return [x]
-        if not x:
-            raise InvalidRequest("input: expected a non-empty string or list", "input")
         if all(isinstance(i, int) for i in x):
             return [list(x)]  # type: ignore[arg-type]
         if any(not item for item in x):

@@ -181,6 +181,10 @@ def test_embedding_request():
     with pytest.raises(p.InvalidRequest, match="2049 inputs, more than the 2048") as info:
         p.parse_request(p.EmbeddingRequest, {"model": "m", "input": [*most, "b"]}).inputs()
     assert info.value.param == "input"
+    for empty in ("", [], [""]):  # "" alone got a 200 and a vector for no text
+        with pytest.raises(p.InvalidRequest, match="input: ") as info:
+            p.parse_request(p.EmbeddingRequest, {"model": "m", "input": empty}).inputs()
+        assert info.value.param == "input"
 
 
 def test_error_body_shape():
