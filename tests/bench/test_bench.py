@@ -956,13 +956,13 @@ def test_a_load_measurement_runs_in_its_own_process_with_its_own_peak_rss(tiny_l
 
 def test_bench_serve_runs_against_vicuna_serve(tiny_llama_dir, tmp_path):
     out = tmp_path / "serve.json"
-    argv = ["bench", "serve", "--model-path", str(tiny_llama_dir), "--streams", "1,3", "--new-tokens", "4"]
+    argv = ["bench", "serve", "--model-path", str(tiny_llama_dir), "--streams", "1,3", "--new-tokens", "8"]
     argv += ["--startup-timeout", "120", "--json", str(out), "--no-progress"]
     assert cli(argv) == 0
     data = json.loads(out.read_text())
     assert data["benchmark"] == "serve" and data["settings"]["streams"] == [1, 3]
     [wave3] = data["samples"]["waves"]["3"]
-    assert wave3["streams"] == 3 and wave3["tokens"] == 3 * 4  # min_tokens/ignore_eos held each reply to 4
+    assert wave3["streams"] == 3 and wave3["tokens"] == 3 * 8  # min_tokens/ignore_eos held each reply to 8
     [agg] = [r for r in data["rows"] if r["group"] == "3 streams" and r["metric"] == "aggregate"]
     ones, direct = data["samples"]["waves"]["1"], data["samples"]["engine_direct"]
     assert len(ones) == len(direct) == API_PAIRS  # engine directly and one stream in turn, in one run
