@@ -285,6 +285,50 @@ def test_ctrl_c_says_how_to_go_on_only_from_a_checkpoint_there_is(
     assert cli([*args, "--output-dir", str(tmp_path / "b")]) == 0  # as it says: without --resume
 
 
+def test_a_second_run_into_the_folder_a_run_is_writing_is_refused(
+    tiny_llama_dir, data_file, tmp_path, capsys
+):
+    """Two `vicuna train` runs with the same --output-dir (two terminals, a script started twice) both
+    trained to 'done', writing checkpoints and models over each other's: the folder held one run's model
+    beside the other's record of settings. The second is now refused while the first is writing."""
+    import threading
+
+    from transformers import TrainerCallback
+
+    from vicuna.train.trainer import TrainConfig, train
+
+    training, go = threading.Event(), threading.Event()
+
+    class Held(TrainerCallback):  # the first run, held at its first step until the second has been tried
+        def on_step_begin(self, args, state, control, **kwargs):
+            training.set()
+            assert go.wait(timeout=600)
+
+    out, errors = tmp_path / "out", []
+    first = TrainConfig(data=data_file, output_dir=out, model_path=str(tiny_llama_dir), max_steps=2, lr=1e-3)
+
+    def run_first():
+        try:
+            train(first, callbacks=[Held()])
+        except BaseException as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    try:
+        assert training.wait(timeout=600) and not errors
+        args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data_file), "--max-steps", "2"]
+        assert cli([*args, "--output-dir", str(out), "--lr", "2e-3"]) == 2
+        assert f"another vicuna job is writing {out} now; wait for it to finish" in capsys.readouterr().err
+    finally:
+        go.set()
+        thread.join()
+    assert errors == []
+    assert json.loads((out / "vicuna-train.json").read_text(encoding="utf-8"))["lr"] == 1e-3
+    assert not (tmp_path / ".out.lock").exists()
+    assert cli([*args, "--output-dir", str(out), "--lr", "1e-3", "--resume"]) == 0  # done, its folder free
+
+
 def test_a_checkpoint_killed_while_its_state_was_written_is_not_resumed_from(tmp_path):
     """The Trainer writes trainer_state.json last and in place: cut short, the checkpoint is incomplete."""
     from vicuna.train.trainer import last_checkpoint

@@ -31,6 +31,7 @@ from vicuna.engine.loader import RECORDED_TEMPLATE, names_hub_repository  # chat
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install, quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
+from vicuna.weights.disk import one_writer
 from vicuna.weights.manifest import transformers_bar
 
 RUN_RECORD = "vicuna-train.json"  # the settings a resumed run must keep
@@ -725,7 +726,16 @@ def stop_at_the_end() -> Any:
 
 
 def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
-    """Run (or resume) training; returns the output folder, which then holds the final model."""
+    """Run (or resume) training; returns the output folder, which then holds the final model. A second run
+    into the same folder meanwhile is refused: both ran to 'done', writing their checkpoints and models over
+    each other's and pruning each other's checkpoints, the folder left with one's model and the other's
+    record of settings."""
+    main = int(os.environ.get("RANK", "0")) == 0  # the other ranks of a multi-GPU run share its folder
+    with one_writer(cfg.output_dir, cfg.output_dir) if main else contextlib.nullcontext():
+        return _train(cfg, callbacks)
+
+
+def _train(cfg: TrainConfig, callbacks: Sequence[Any]) -> Path:
     import torch
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
