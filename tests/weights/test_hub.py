@@ -349,6 +349,38 @@ def test_hash_mismatch_deletes_the_file_and_says_so(hub, tmp_path, capsys):
     assert (target / "model.safetensors").read_bytes() == REPO["model.safetensors"]
 
 
+def test_a_second_download_into_the_folder_one_is_fetching_is_refused(hub, tmp_path, capsys, monkeypatch):
+    """Two downloads into one folder at once (two terminals, two first chats with the same --model-path):
+    one checked the weights the other was still fetching and failed, saying they differed from the Hub's
+    and had been deleted. The second is now refused, naming the folder; the first goes on."""
+    target, fetching, go, results = tmp_path / "tiny", threading.Event(), threading.Event(), []
+    route = HubHandler._route
+
+    def held(handler, head):  # the first download's weights are held until the second has been tried
+        if not head and handler.path.endswith("/model.safetensors"):
+            fetching.set()
+            go.wait(timeout=60)  # a bound for the test's failure, without the lock: the second waits here
+        route(handler, head)
+
+    monkeypatch.setattr(HubHandler, "_route", held)
+    first = threading.Thread(
+        target=lambda: results.append(main(["download", "org/tiny", "--dir", str(target)]))
+    )
+    first.start()
+    try:
+        assert fetching.wait(timeout=60)
+        assert main(["download", "org/tiny", "--dir", str(target)]) == 2
+        assert f"another vicuna job is writing {target} now" in capsys.readouterr().err
+    finally:
+        go.set()
+        first.join()
+    assert results == [0]
+    from vicuna.weights.manifest import verify_manifest
+
+    assert verify_manifest(target) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # and no lock file left beside it
+
+
 def test_an_error_answer_for_a_file_is_reported_as_such(hub, tmp_path, capsys):
     hub.forbidden = {"model.safetensors"}  # e.g. a proxy or mirror that refuses the file
     assert main(["download", "org/tiny", "--dir", str(tmp_path / "tiny")]) == 2

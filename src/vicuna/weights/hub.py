@@ -184,20 +184,23 @@ def download(
     repo_type: str = "model",
     plan: Plan | None = None,
 ) -> Path:
-    """Fetch the chosen files of `repo_id` into `target`, check their hashes, write the sha256 manifest."""
+    """Fetch the chosen files of `repo_id` into `target`, check their hashes, write the sha256 manifest. One
+    download at a time into a folder: of two at once (two terminals, two first chats with the same
+    --model-path), one checked a file the other was still fetching and failed, calling it a file that
+    differs from the Hub's and was deleted."""
     from vicuna.weights.disk import ensure_free_space, one_writer
 
     plan = plan or plan_download(repo_id, revision=revision, include=include, repo_type=repo_type)
     target = Path(target)
-    ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
-    print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
-    with one_writer(target, target):  # two runs would write the same .part files
+    with one_writer(target, target):
+        ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
+        print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
         fetch_files(plan, target)
-    checked = check_files(plan, target)
-    from vicuna.weights.manifest import write_manifest
+        checked = check_files(plan, target)
+        from vicuna.weights.manifest import write_manifest
 
-    write_manifest(target, known=checked)  # the weights' sha256 just computed: not read a second time
-    drop_stale_incompletes(target)
+        write_manifest(target, known=checked)  # the weights' sha256 just computed: not read a second time
+        drop_stale_incompletes(target)
     return target
 
 
