@@ -276,6 +276,38 @@ def test_on_windows_a_build_another_start_made_and_loaded_meanwhile_is_used(tmp_
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # this start's build is gone
 
 
+def test_a_library_there_that_does_not_load_is_built_again(tmp_path, monkeypatch, caplog):
+    """A build in $VICUNA_HOME/kernels that does not load here (made on another machine whose home is shared
+    or was copied, or cut short by a crash) was taken for a failed build: the kernel was kept off for good,
+    and deleting the .failed file, as the warning said, brought the same warning back."""
+    import ctypes
+    from unittest import mock
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
+    path = kernel.library_path("g++")
+    path.parent.mkdir()
+    path.write_bytes(b"another machine's build")
+    loaded = mock.MagicMock()
+
+    def open_(name, *args, **kwargs):
+        if Path(name).read_bytes() != b"built here":
+            raise OSError(f"{name}: cannot open shared object file: invalid ELF header")
+        return loaded
+
+    def compile_(command, **kwargs):
+        Path(command[-1]).write_bytes(b"built here")
+
+    monkeypatch.setattr(ctypes, "CDLL", open_)
+    monkeypatch.setattr(subprocess, "run", compile_)
+    assert kernel.load(progress=False) is loaded
+    assert caplog.text == ""
+    assert [p.name for p in path.parent.iterdir()] == [path.name] and path.read_bytes() == b"built here"
+
+
 def test_a_failed_build_is_said_once_leaves_no_library_and_the_engine_uses_pytorch(
     tmp_path, monkeypatch, caplog
 ):

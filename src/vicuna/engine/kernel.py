@@ -216,6 +216,21 @@ def build(compiler: str, progress: bool = True) -> Path:
     return path
 
 
+def open_library(compiler: str, progress: bool = True) -> ctypes.CDLL:
+    """The build for this source and compiler, loaded; built first where there is none, or where the one
+    there does not load: built on another machine (a $VICUNA_HOME shared over the network or copied, its
+    compiler's runtime not here) or cut short by a crash. That one was taken for a failed build here, kept
+    off for good, and deleting the .failed file, as the warning said, only brought the warning back."""
+    path = library_path(compiler)
+    if path.exists():
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError:
+            with contextlib.suppress(OSError):  # built again below; a library that stays is said as failed
+                path.unlink()
+    return ctypes.CDLL(str(build(compiler, progress)))
+
+
 def load(progress: bool = True) -> ctypes.CDLL | None:
     """The kernel library, built on first use; None where it cannot run or be built (said once, and
     kept for `status()`)."""
@@ -247,7 +262,7 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
             _why_not = f"the build with {compiler} failed (see {failed}; delete it to try again)"
             return None
         try:
-            library = ctypes.CDLL(str(build(compiler, progress)))
+            library = open_library(compiler, progress)
         except UnwritableFolder as err:  # not a failed build: tried again on the next start
             _why_not = f"{err}; make it writable or set VICUNA_HOME to a writable folder"
             log.warning(
