@@ -97,6 +97,50 @@ def test_two_starts_at_once_convert_once(monkeypatch, tmp_path):
     assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == ["model"]
 
 
+def test_a_start_waiting_for_another_s_conversion_says_so_and_which_lock(monkeypatch, tmp_path, capsys):
+    """The second of two first starts said "Converting the built-in model ..." and then nothing for as long
+    as the first took, waiting on a lock it did not name; it now says that it waits, and on which file."""
+    fcntl = pytest.importorskip("fcntl")  # Windows' lock is tried each second: its wait is the same
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(builtin, "builtin_gguf", lambda: gguf)
+    out = builtin.gguf_cache_dir(gguf).with_name(builtin.BUILTIN_NAME)
+    out.parent.mkdir(parents=True)
+    lock = out.with_name(f".{out.name}.lock")
+    waiting, results = threading.Event(), []
+    real = builtin.locked
+
+    def noted(handle, wait=True):
+        if wait:
+            waiting.set()  # about to wait for the other start
+        return real(handle, wait)
+
+    def converted_again(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    def start():
+        try:
+            results.append(builtin.builtin_model_dir())
+        except Exception as err:
+            results.append(err)
+            waiting.set()
+
+    monkeypatch.setattr(builtin, "locked", noted)
+    monkeypatch.setattr(builtin, "_convert", converted_again)
+    with open(lock, "a") as other:  # the other start, converting
+        fcntl.flock(other, fcntl.LOCK_EX)
+        second = threading.Thread(target=start)
+        second.start()
+        assert waiting.wait(timeout=60) and results == []
+        said = capsys.readouterr().err
+        assert said == f"Waiting for another vicuna process converting into {out} (it holds {lock}) ...\n"
+        out.mkdir()
+        (out / "config.json").write_text("{}")  # the other's conversion, done
+    second.join()
+    assert results == [out] and capsys.readouterr().err == ""
+
+
 def test_a_full_disk_says_which_folder_and_leaves_nothing_behind(monkeypatch, tmp_path):
     from safetensors import SafetensorError
 

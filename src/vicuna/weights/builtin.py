@@ -48,15 +48,18 @@ def gguf_cache_dir(gguf: Path) -> Path:
     return vicuna_home() / "models" / f"{gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path, out: Path) -> Path:
+def convert_gguf(gguf: Path, out: Path, notice: str | None = None) -> Path:
     """Dequantize a GGUF checkpoint (and its tokenizer) into an HF folder, atomically: the folder
-    appears complete or not at all, so an interrupted conversion is simply redone."""
+    appears complete or not at all, so an interrupted conversion is simply redone. `notice` is said
+    when this process converts, not while it waits for another one converting."""
     if (out / "config.json").is_file():
         return out
     try:
         with converting(out):  # another start converting the same file: wait for it, then use its folder
             if (out / "config.json").is_file():
                 return out
+            if notice:
+                print(notice, file=sys.stderr, flush=True)
             return _convert(gguf, out)
     except OSError as err:
         raise ModelLoadError(
@@ -67,10 +70,19 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 
 @contextmanager
 def converting(out: Path) -> Iterator[None]:
-    """Hold a lock on a hidden file beside `out` while converting into it (let go if the process dies)."""
+    """Hold a lock on a hidden file beside `out` while converting into it (let go if the process dies). A
+    start that waits for another's conversion says so: it said "Converting ..." and then nothing for as
+    long as the other took, the lock it waited on unnamed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(f".{out.name}.lock"), "a") as handle:  # "a": see disk.one_writer
-        locked(handle)
+    lock = out.with_name(f".{out.name}.lock")
+    with open(lock, "a") as handle:  # "a": see disk.one_writer
+        if not locked(handle, wait=False):
+            print(
+                f"Waiting for another vicuna process converting into {out} (it holds {lock}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            locked(handle)
         yield
 
 
@@ -124,8 +136,4 @@ def builtin_model_dir() -> Path:
     """The built-in model as an HF folder, converted on first use."""
     gguf = builtin_gguf()
     out = gguf_cache_dir(gguf).with_name(BUILTIN_NAME)
-    if not (out / "config.json").is_file():
-        print(
-            f"Converting the built-in model {BUILTIN_NAME} once into {out} ...", file=sys.stderr, flush=True
-        )
-    return convert_gguf(gguf, out)
+    return convert_gguf(gguf, out, f"Converting the built-in model {BUILTIN_NAME} once into {out} ...")
