@@ -224,6 +224,25 @@ def test_auto_dtype_is_measured_once_and_remembered(monkeypatch, tmp_path):
     assert (tmp_path / "cpu-dtype.json").is_file()
 
 
+def test_auto_dtype_timed_while_another_start_timed_its_model_keeps_both(monkeypatch, tmp_path):
+    """A chat and a server started at once with two models: each read the remembered answers, timed its
+    own, and wrote what it had read with its answer, so the one that wrote last dropped the other's, whose
+    every next start timed its model again."""
+    import json
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    cache = tmp_path / "cpu-dtype.json"
+
+    def timed(config, dtype):  # the other start remembers its model's answer meanwhile
+        cache.write_text(json.dumps({"the other model": "float32"}))
+        return 1.0 if dtype == torch.float32 else 0.5
+
+    monkeypatch.setattr(placement, "_time_reply", timed)
+    assert placement.resolve_dtype("auto", torch.device("cpu"), CONFIG) == torch.bfloat16
+    known = json.loads(cache.read_text())
+    assert known.pop("the other model") == "float32" and list(known.values()) == ["bfloat16"]
+
+
 def test_auto_dtype_not_remembered_on_a_read_only_home_is_still_used(monkeypatch, tmp_path, capsys):
     """A container's read-only $VICUNA_HOME, its model converted on another machine (whose CPU gave another
     key): the server stopped with 'error: Permission denied: .../cpu-dtype.NNN.tmp' after timing both."""

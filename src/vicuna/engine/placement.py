@@ -10,6 +10,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -149,6 +150,13 @@ def _time_reply(config: Any, dtype: torch.dtype) -> float:
     return best
 
 
+def remembered_dtypes(cache: Path) -> dict[str, str]:
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def fastest_cpu_dtype(config: Any) -> torch.dtype:
     """float32 or bfloat16, whichever runs a reply of this model faster on this CPU; measured once per
     CPU and model shape, and remembered."""
@@ -159,10 +167,7 @@ def fastest_cpu_dtype(config: Any) -> torch.dtype:
     runs_on = f"kernel-{kernel.source_hash()}" if kernel.load() is not None else "pytorch"
     key = f"{runs_on}|{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shape}"
     cache = vicuna_home() / "cpu-dtype.json"
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, json.JSONDecodeError):
-        known = {}
+    known = remembered_dtypes(cache)
     if key not in known:
         print(
             "Timing float32 against bfloat16 for this model on this CPU (once) ...",
@@ -170,7 +175,8 @@ def fastest_cpu_dtype(config: Any) -> torch.dtype:
             flush=True,
         )
         fp32, bf16 = _time_reply(config, torch.float32), _time_reply(config, torch.bfloat16)
-        known[key] = "bfloat16" if bf16 < fp32 else "float32"
+        # read again: what another start (another model) remembered while this one timed stays remembered
+        known = {**remembered_dtypes(cache), key: "bfloat16" if bf16 < fp32 else "float32"}
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
