@@ -112,3 +112,20 @@ def test_on_a_windows_drive_that_keeps_no_locks_vicuna_goes_on_unlocked_as_befor
     WindowsLocks(monkeypatch, kept=False)
     with converting(tmp_path / "SmolLM2"), one_writer(tmp_path / "out", tmp_path / "out"):
         pass
+
+
+def test_a_job_into_the_folder_it_runs_in_is_kept_from_a_second_under_its_full_path(monkeypatch, tmp_path):
+    """`vicuna download ... --dir .` (and download-llama's, train's --output-dir .) ended in a ValueError
+    traceback: a folder named '.' has no name to put a lock beside; and the same folder spelled two ways is
+    the same output, for the same lock."""
+    from pathlib import Path
+
+    from vicuna.weights.disk import one_writer
+
+    out = tmp_path / "model"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    refused = pytest.raises(VicunaError, match=re.escape(f"another vicuna job is writing {out} now"))
+    with one_writer(Path("."), Path(".")), refused:
+        one_writer(out, out).__enter__()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no lock left

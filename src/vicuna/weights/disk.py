@@ -71,8 +71,11 @@ def locked(handle: IO[str], wait: bool = True) -> bool:
 @contextmanager
 def one_writer(out: Path, staging: Path) -> Iterator[None]:
     """Refuse a second job writing `out` while one is (two would overwrite each other's files in `staging`): a
-    lock on a hidden file beside it, let go when the job ends or its process dies."""
-    lock = staging.with_name(f".{staging.name}.lock")
+    lock on a hidden file beside it, let go when the job ends or its process dies. Beside the folder its path
+    resolves to: `--dir .` has no name to put beside (a ValueError traceback), and two jobs that spell the
+    folder two ways (`--dir .` and its full path) are the same job."""
+    where = staging.resolve()
+    lock = where.with_name(f".{where.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:  # "a": no truncation of a file whose byte another process locked
         if not locked(handle, wait=False):
