@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,30 @@ def test_a_job_into_the_folder_it_runs_in_is_kept_from_a_second_under_its_full_p
     with one_writer(Path("."), Path(".")), refused:
         one_writer(out, out).__enter__()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no lock left
+
+
+def test_a_folder_written_in_place_in_one_that_may_not_be_written_is_locked_inside(monkeypatch, tmp_path):
+    """`vicuna download ... --dir /models` or `vicuna train --output-dir /output`, a container's volume in a
+    folder its user may not write: the lock beside it could not be made, and the job was refused with
+    'Permission denied: /.models.lock'. The lock goes inside the folder there."""
+    from vicuna.weights import disk
+
+    out = tmp_path / "volume"
+    out.mkdir()
+
+    touch = Path.touch
+
+    def touch_(path):
+        if path.parent == tmp_path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        touch(path)
+
+    monkeypatch.setattr(Path, "touch", touch_)
+    refused = pytest.raises(VicunaError, match=re.escape(f"another vicuna job is writing {out} now"))
+    with disk.one_writer(out, out), refused:
+        assert [p.name for p in out.iterdir()] == [".vicuna.lock"]
+        disk.one_writer(out, out).__enter__()
+    assert list(out.iterdir()) == [] and list(tmp_path.iterdir()) == [out]
+    beside = disk.one_writer(tmp_path / "model", out)  # a folder made beside its output: no way round
+    with pytest.raises(PermissionError):
+        beside.__enter__()

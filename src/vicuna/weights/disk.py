@@ -77,6 +77,14 @@ def one_writer(out: Path, staging: Path) -> Iterator[None]:
     where = staging.resolve()
     lock = where.with_name(f".{where.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.touch()
+    except PermissionError:
+        # a folder written in place, in one that may not be written (a container's volume, --dir /models):
+        # the lock goes inside it, hidden (never listed in a manifest)
+        if staging != out or not where.is_dir():
+            raise
+        lock = where / ".vicuna.lock"
     with open(lock, "a") as handle:  # "a": no truncation of a file whose byte another process locked
         if not locked(handle, wait=False):
             raise VicunaError(
