@@ -118,6 +118,41 @@ def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, 
     torch.testing.assert_close(merged_logits, applied_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_a_second_merge_into_the_output_one_is_writing_is_refused(
+    adapter, tiny_llama_dir, tmp_path, capsys, monkeypatch
+):
+    """The same `vicuna lora merge` run twice at once (two terminals): both wrote into OUTPUT.partial, each
+    removing the other's files, and one's manifest could list files the other was still writing. The second
+    is now refused, naming the folder; the first one's model verifies."""
+    import threading
+
+    from vicuna.weights import manifest
+
+    out, writing, go, results = tmp_path / "merged", threading.Event(), threading.Event(), []
+    write_manifest = manifest.write_manifest
+
+    def held(folder, **kwargs):  # the first merge, held before its manifest until the second was tried
+        if not writing.is_set():
+            writing.set()
+            assert go.wait(timeout=600)
+        return write_manifest(folder, **kwargs)
+
+    monkeypatch.setattr(manifest, "write_manifest", held)
+    args = ["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(adapter), "--output", str(out)]
+    first = threading.Thread(target=lambda: results.append(cli(args)))
+    first.start()
+    try:
+        assert writing.wait(timeout=600)
+        assert cli(args) == 2
+        assert f"another vicuna job is writing {out} now" in capsys.readouterr().err
+    finally:
+        go.set()
+        first.join()
+    assert results == [0]
+    assert cli(["verify", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
 def test_unknown_lora_target_is_named_before_anything_is_written(tiny_llama_dir, data, tmp_path, capsys):
     args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data)]
     args += ["--output-dir", str(tmp_path / "o"), "--lora", "--lora-target"]

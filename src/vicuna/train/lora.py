@@ -50,6 +50,7 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
 
     from vicuna.engine.loader import check_tokenizer, load_tokenizer, read_config, resolve_model_path
     from vicuna.train.trainer import quiet_peft
+    from vicuna.weights.disk import one_writer
     from vicuna.weights.manifest import write_manifest
 
     if not (adapter / "adapter_config.json").is_file():
@@ -91,15 +92,20 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
         ) from None
     merged = model.merge_and_unload()
     tmp = output.with_name(output.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for source in (adapter, folder):  # the template the adapter was trained with, else the base model's
-        if (source / RECORDED_TEMPLATE).is_file():
-            shutil.copyfile(source / RECORDED_TEMPLATE, tmp / RECORDED_TEMPLATE)
-            break
-    write_manifest(tmp, progress=sys.stderr.isatty())
-    tmp.rename(output)
+    # one merge at a time into `tmp`: of two at once, each removed and wrote the other's files, and one's
+    # manifest could list what the other was still writing
+    with one_writer(output, tmp):
+        if output.exists():  # the other merge, finished meanwhile
+            raise VicunaError(f"{output}: already exists; choose a new --output")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for source in (adapter, folder):  # the template the adapter was trained with, else the base model's
+            if (source / RECORDED_TEMPLATE).is_file():
+                shutil.copyfile(source / RECORDED_TEMPLATE, tmp / RECORDED_TEMPLATE)
+                break
+        write_manifest(tmp, progress=sys.stderr.isatty())
+        tmp.rename(output)
     return output
 
 
