@@ -815,13 +815,32 @@ def check_reply_budget(max_new_tokens: int, context_window: int) -> None:
         )
 
 
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse a sampling flag out of range, naming the flag and the value typed. SamplingParams' own
+    messages name the API's fields ("temperature must be >= 0"), and gave nan, which fails every range,
+    the same message as -1; inf passed, to draw every token alike (or from nan beside top-k or top-p)."""
+    checks = [
+        ("--temperature", args.temperature, args.temperature >= 0, "at least 0"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "more than 0 and at most 1"),
+        ("--top-k", args.top_k, args.top_k >= 0, "at least 0"),
+        ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0, "more than 0"),
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),  # 0: no reply
+    ]
+    for flag, value, ok, rule in checks:
+        if math.isnan(value):
+            raise VicunaError(f"{flag} must be a number, not nan")
+        if math.isinf(value):
+            raise VicunaError(f"{flag} must be a finite number, not {value}")
+        if not ok:
+            raise VicunaError(f"{flag} must be {rule}, not {value:g}")
+
+
 def main(args: argparse.Namespace) -> int:
     from vicuna.engine.engine import context_window
     from vicuna.engine.loader import load_engine, read_config, resolve_model_path
     from vicuna.engine.placement import resolve_device
 
-    if args.max_new_tokens < 1:  # before SamplingParams, whose "max_new_tokens must be >= 0" is the API's
-        raise VicunaError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    check_sampling_flags(args)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,

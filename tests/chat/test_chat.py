@@ -821,6 +821,32 @@ def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
     assert capsys.readouterr().err == "error: --max-new-tokens must be at least 1, not -5\n"
 
 
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--temperature", "-1"], "--temperature must be at least 0, not -1"),
+        (["--temperature", "nan"], "--temperature must be a number, not nan"),
+        (["--temperature", "inf"], "--temperature must be a finite number, not inf"),
+        (["--top-p", "0"], "--top-p must be more than 0 and at most 1, not 0"),
+        (["--top-p", "1.5"], "--top-p must be more than 0 and at most 1, not 1.5"),
+        (["--top-k", "-3"], "--top-k must be at least 0, not -3"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be more than 0, not 0"),
+        (["--repetition-penalty", "nan"], "--repetition-penalty must be a number, not nan"),
+    ],
+)
+def test_a_bad_sampling_flag_is_refused_naming_the_flag_and_its_value(flags, said, monkeypatch, capsys):
+    """SamplingParams' messages name the API's fields ("temperature must be >= 0"), which a chat user
+    never typed, and gave nan the same message as -1."""
+    import vicuna.engine.loader
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was looked at")
+
+    monkeypatch.setattr(vicuna.engine.loader, "resolve_model_path", never)
+    assert cli(["chat", *flags]) == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+
+
 def test_device_flags_are_refused_before_the_model_is_converted_or_read(monkeypatch, capsys):
     import vicuna.engine.loader
 
