@@ -626,6 +626,16 @@ def test_a_weight_other_than_0_or_1_names_the_record_and_field(tmp_path, message
         load_conversations(path)
 
 
+def test_weights_written_as_whole_floats_are_0_and_1(tmp_path):
+    """pandas' to_json and JavaScript tools write a weight column as 0.0 and 1.0; they were refused
+    ("expected 0 ... or 1, got 1.0"), while 0.5 stays refused (above)."""
+    path = tmp_path / "data.jsonl"
+    turns = (("user", "a"), ("assistant", "b", 0.0), ("user", "c"), ("assistant", "d", 1.0))
+    path.write_text(openai_line(*turns), encoding="utf-8")
+    [conversation] = load_conversations(path)
+    assert conversation.trained == (False, True)
+
+
 def test_inspect_shows_the_data_s_path_with_brackets_in_it_as_it_is(tiny_llama_dir, tmp_path, capsys):
     """rich took "[v2]" in the data's path for markup and left it out (on Windows it took the backslash
     before it for its escape), in each example's heading and in "wrote N examples to"."""

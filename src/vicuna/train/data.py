@@ -140,13 +140,14 @@ def parse_record(record: Any, where: str) -> Conversation:
 
 def is_trained(message: Any, at: str) -> bool:
     """An OpenAI-style message's `weight`: 0 leaves an assistant reply out of the loss (a turn of a
-    multi-turn example kept as context only); 1, absent or null (a table's export), it is learned."""
+    multi-turn example kept as context only); 1, absent or null (a table's export), it is learned. 0.0 and
+    1.0 are 0 and 1: pandas and JavaScript tools write a weight column as floats."""
     weight = message.get("weight")
     if weight is None:
         return True
     if message["role"] != "assistant":
         raise VicunaError(f"{at}.weight: only an assistant message has a weight (whether to train on it)")
-    if type(weight) is not int or weight not in (0, 1):  # not True, nor 0.5
+    if type(weight) not in (int, float) or weight not in (0, 1):  # not True, nor 0.5
         raise VicunaError(f"{at}.weight: expected 0 (do not train on this reply) or 1, got {weight!r}")
     return weight == 1
 
