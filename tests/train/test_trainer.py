@@ -667,6 +667,20 @@ def test_inspect_refuses_a_json_output_it_cannot_write_before_the_work(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["examples"]
 
 
+def test_inspect_refuses_a_negative_count_before_the_work(tiny_llama_dir, data_file, monkeypatch, capsys):
+    """-n -1 showed no example and said nothing of why; -n 0 (the summary and the bad examples, with
+    --json the examples written, none shown) stays, as the tests above use it."""
+    import vicuna.train.trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(vicuna.train.trainer, "read_and_tokenize", never)
+    args = ["train", "inspect", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "-n", "-1"]
+    assert cli(args) == 2
+    assert capsys.readouterr().err == "error: -n must be at least 0 (0: show no example), not -1\n"
+
+
 def test_a_full_fine_tune_is_saved_in_the_base_models_dtype(tiny_llama_dir, data_file, tmp_path):
     import torch
     from safetensors import safe_open

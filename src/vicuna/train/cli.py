@@ -126,6 +126,8 @@ def inspect(args: argparse.Namespace) -> int:
 
     from vicuna.train.trainer import read_and_tokenize
 
+    if args.n < 0:  # showed nothing and said nothing
+        raise VicunaError(f"-n must be at least 0 (0: show no example), not {args.n}")
     # said before the work, not after it as "Is a directory: OUT.partial", with that file left behind
     if args.json is not None and args.json.is_dir():
         raise VicunaError(f"--json {args.json} is a folder; name the file to write in it")
@@ -147,7 +149,7 @@ def inspect(args: argparse.Namespace) -> int:
     console = Console(highlight=False, soft_wrap=True, markup=False)
     legend = "green" if console.is_terminal else "inside [[ ]]"
     console.print(f"tokens with loss are {legend}; the others are masked (label -100)")
-    for example in prepared.examples[: max(args.n, 0)]:
+    for example in prepared.examples[: args.n]:
         loss = sum(label != IGNORE for label in example.labels)
         cut = ", truncated" if example.truncated else ""
         console.rule(f"{example.source}: {len(example.input_ids)} tokens, {loss} with loss{cut}")
