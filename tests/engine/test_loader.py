@@ -163,6 +163,45 @@ def test_truncated_safetensors_shard_is_named(model_copy):
         load(model_copy)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "said"),
+    [
+        (
+            {"num_key_value_heads": 3},
+            "model.layers.0.self_attn.k_proj.weight is [32, 64] in model.safetensors, [48, 64] by config.json "
+            "(and 3 more tensors)",
+        ),
+        (
+            {"hidden_size": 128},
+            "model.embed_tokens.weight is [400, 64] in model.safetensors, [400, 128] by config.json",
+        ),
+    ],
+)
+def test_a_config_that_does_not_match_the_weights_names_the_first_tensor(model_copy, overrides, said):
+    """Said only "cannot load the weights (RuntimeError: ... look at the above report!)", the tensors named
+    only in the table transformers prints before it."""
+    config = json.loads((model_copy / "config.json").read_text(encoding="utf-8"))
+    (model_copy / "config.json").write_text(json.dumps({**config, **overrides}), encoding="utf-8")
+    with pytest.raises(ModelLoadError) as info:
+        load(model_copy)
+    message = str(info.value)
+    assert message.startswith(f"{model_copy}: config.json does not match the weights: {said}")
+    assert message.endswith("correct config.json to the values the model was trained with")
+
+
+def test_a_config_that_does_not_match_pytorch_bin_weights_names_the_tensor(tmp_path):
+    model = write_tiny_llama(tmp_path / "model", safe_serialization=False)
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}), encoding="utf-8")
+    with pytest.raises(
+        ModelLoadError,
+        match=re.escape(
+            "model.layers.0.mlp.gate_proj.weight is [128, 64] in pytorch_model.bin, [100, 64] by config.json"
+        ),
+    ):
+        load(model)
+
+
 def test_index_listing_a_missing_shard(model_copy):
     (model_copy / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})

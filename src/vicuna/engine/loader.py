@@ -270,6 +270,32 @@ def check_weight_file(path: Path) -> None:
         ) from None
 
 
+def shape_mismatches(folder: Path, config: Any) -> list[str]:
+    """Each tensor whose shape in the weights is not the one config.json gives it, in the model's order,
+    said with both shapes. transformers 5 prints them in a table and raises only "look at the above
+    report"; asked once loading has failed, so a model that loads reads no tensor list twice."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        expected = AutoModelForCausalLM.from_config(config).state_dict()
+    stored: dict[str, tuple[str, list[int]]] = {}  # name -> (file, shape)
+    for path in weight_files(folder):
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                    stored[name] = (path.name, list(f.get_slice(name).get_shape()))
+        else:
+            tensors = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+            stored |= {name: (path.name, list(t.shape)) for name, t in tensors.items()}
+    return [
+        f"{name} is {stored[name][1]} in {stored[name][0]}, {list(tensor.shape)} by {CONFIG}"
+        for name, tensor in expected.items()
+        if name in stored and stored[name][1] != list(tensor.shape)
+    ]
+
+
 def load_tokenizer(model_path: str | Path | None) -> Any:
     from transformers import AutoTokenizer
 
@@ -413,6 +439,14 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     except torch.OutOfMemoryError as err:
         raise ModelLoadError(f"{folder}: out of memory while loading ({err}); see `vicuna doctor`") from None
     except (OSError, RuntimeError, ValueError) as err:
+        mismatched = shape_mismatches(folder, config) if isinstance(err, RuntimeError) else []
+        if mismatched:
+            more = len(mismatched) - 1
+            raise ModelLoadError(
+                f"{folder}: {CONFIG} does not match the weights: {mismatched[0]}"
+                + (f" (and {more} more tensor{'s' * (more > 1)})" if more else "")
+                + f"; correct {CONFIG} to the values the model was trained with"
+            ) from None
         raise ModelLoadError(f"{folder}: cannot load the weights ({type(err).__name__}: {err})") from None
     model.eval()
     if settings.load_8bit:
