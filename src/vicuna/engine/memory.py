@@ -149,13 +149,23 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is the GPU running out of memory: CUDA raises torch.OutOfMemoryError, while
+    PyTorch's allocator for Apple's GPU (mps) raises a plain RuntimeError that says so."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and str(error).startswith("MPS backend out of memory")
+    )
+
+
 def release_memory_after(error: BaseException) -> None:
     """After running out of GPU memory, give what the failed work held back to the GPU. The error's
     traceback keeps every frame it passed through, and with them their tensors (a step's activations, a
     reply's KV cache), for as long as the error lives (it is logged, and handed to each reply it ended):
     those frames' variables are cleared first. Then PyTorch's cache of freed blocks, which other
-    programs (and `nvidia-smi`) would see as used, is given back."""
-    if isinstance(error, torch.OutOfMemoryError):
+    programs (and `nvidia-smi`) would see as used, is given back: on a Mac, memory the whole system shares."""
+    if out_of_memory(error):
         traceback.clear_frames(error.__traceback__)  # frames still running (the caller's) are kept
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if torch.backends.mps.is_available():
+            torch.mps.empty_cache()
