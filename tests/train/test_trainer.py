@@ -539,6 +539,32 @@ def test_bfloat16_asked_for_where_it_is_emulated_is_said_not_refused(pretend_gpu
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize(("version", "refused"), [("2.7.1", True), ("2.8.0", False), ("2.9.0a0+git1", False)])
+def test_float16_trains_on_apple_s_gpu_where_pytorch_scales_its_gradients(monkeypatch, version, refused):
+    """`--dtype float16` on mps was refused as needing a CUDA GPU, though accelerate trains in mixed float16
+    there, with PyTorch's gradient scaler for mps (2.8 and newer; accelerate refuses an older one)."""
+    import torch
+
+    from vicuna.train.trainer import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "__version__", version)
+    if refused:
+        with pytest.raises(VicunaError) as info:
+            precision("float16")
+        assert str(info.value) == (
+            "--dtype float16 on Apple's GPU (mps) needs PyTorch 2.8 or newer, whose gradient scaler runs "
+            "there (this is 2.7.1): upgrade PyTorch, or use --dtype bfloat16 (macOS 14 or newer) or float32"
+        )
+    else:
+        assert precision("float16") == (torch.float16, "fp16")  # TrainingArguments(fp16=True): scaled
+    assert precision("auto") == (torch.float32, "no")  # unchanged: float16 only when asked for
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(VicunaError, match="^--dtype float16 needs a CUDA GPU or Apple's GPU"):
+        precision("float16")
+
+
 def test_qlora_without_cuda_is_a_clear_error(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
     import torch
 

@@ -201,8 +201,10 @@ def check_qlora() -> None:
 
 def precision(dtype: str, *, warn: bool = True) -> tuple[Any, str]:
     """(dtype to compute in, "bf16" | "fp16" | "no" for mixed precision) for `--dtype` on this machine;
-    `warn`: say when an explicit bfloat16 is emulated, slowly, on this GPU."""
+    `warn`: say when an explicit bfloat16 is emulated, slowly, on this GPU. Mixed float16 needs a gradient
+    scaler: accelerate uses PyTorch's, which runs on Apple's GPU (mps) from PyTorch 2.8."""
     import torch
+    from packaging.version import Version
 
     from vicuna.engine.placement import native_bfloat16, warn_if_bfloat16_is_emulated
 
@@ -212,7 +214,16 @@ def precision(dtype: str, *, warn: bool = True) -> tuple[Any, str]:
     if dtype == "auto":
         dtype = ("bfloat16" if native_bfloat16() else "float16") if cuda else "float32"
     if dtype == "float16" and not cuda:
-        raise VicunaError("--dtype float16 needs a CUDA GPU; use bfloat16 or float32 on this machine")
+        if not torch.backends.mps.is_available():
+            raise VicunaError(
+                "--dtype float16 needs a CUDA GPU or Apple's GPU (mps); use bfloat16 or float32 on this machine"
+            )
+        if Version(torch.__version__).release < (2, 8):
+            raise VicunaError(
+                "--dtype float16 on Apple's GPU (mps) needs PyTorch 2.8 or newer, whose gradient scaler runs "
+                f"there (this is {torch.__version__}): upgrade PyTorch, or use --dtype bfloat16 (macOS 14 or "
+                "newer) or float32"
+            )
     mixed = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[dtype]
     return getattr(torch, dtype), mixed
 
