@@ -80,8 +80,11 @@ def test_verify_command(folder, capsys):
 
 
 def test_verify_errors(tmp_path, folder, capsys):
-    with pytest.raises(VicunaError, match="is not a folder"):
+    with pytest.raises(VicunaError, match=r"nowhere: no such folder$"):
         verify_manifest(tmp_path / "nowhere")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(VicunaError, match="a-file is not a folder"):
+        verify_manifest(tmp_path / "a-file")
     with pytest.raises(VicunaError, match=f"{MANIFEST_NAME} does not exist"):
         verify_manifest(folder)
     assert main(["verify", str(folder)]) == 2

@@ -90,6 +90,8 @@ def _check_folder(folder: Path) -> Path:
             f"{folder} does not exist yet: {staging} holds the interrupted job that makes it; run the same "
             "command (convert, delta apply, get) again to finish it"
         )
+    if not folder.exists():  # a mistyped path was called "not a folder", as if it were a file
+        raise VicunaError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise VicunaError(f"{folder} is not a folder")
     return folder
