@@ -44,7 +44,7 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     monkeypatch.setattr(hub, "model_folder", lambda repo_id: tmp_path / "models" / repo_id.replace("/", "--"))
     fetched = []
 
-    def download(repo_id, target):  # the Hub, offline: the files, then the manifest written last
+    def download(repo_id, target, wait=False):  # the Hub, offline: the files, then the manifest written last
         fetched.append(repo_id)
         print("lmsys/vicuna-7b-v1.5@0123456789: 6 files")
         shutil.copytree(tiny_llama_dir, target, dirs_exist_ok=True)
@@ -71,7 +71,7 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     assert not out  # standard output is the chat's
     assert f"downloading it from the Hugging Face Hub into {folder}" in err and "@0123456789" in err
 
-    def not_on_the_hub(repo_id, target):
+    def not_on_the_hub(repo_id, target, wait=False):
         raise VicunaError(
             f"{repo_id} was not found on https://huggingface.co (a private repo needs HF_TOKEN)"
         )
@@ -94,6 +94,83 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     write_manifest(folder)
     monkeypatch.setattr(hub, "download", download)
     assert load("lmsys/vicuna-7b-v1.5") is not None and len(fetched) == 3
+
+
+def test_a_second_first_start_with_a_hub_repo_waits_for_the_first_s_download_then_loads_it(
+    tiny_llama_dir, tmp_path, monkeypatch, capsys
+):
+    """Two first `vicuna chat --model-path owner/name` at once: the second was refused by the download's
+    one-writer lock, said as "owner/name: no such file or folder here, and from the Hub: another vicuna job
+    is writing ...". It now waits for the first, saying so, and loads the folder it finished without
+    fetching or hashing it again."""
+    import hashlib
+
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.weights import disk, hub
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "models" / "lmsys--vicuna-7b-v1.5"
+    monkeypatch.setattr(hub, "model_folder", lambda repo_id: tmp_path / "models" / repo_id.replace("/", "--"))
+    files = {p.name: p.read_bytes() for p in sorted(tiny_llama_dir.iterdir()) if p.is_file()}
+    remote = tuple(
+        hub.RemoteFile(
+            name,
+            len(data),
+            hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+            hashlib.sha256(data).hexdigest() if name.endswith(".safetensors") else None,
+        )
+        for name, data in files.items()
+    )
+    monkeypatch.setattr(
+        hub, "plan_download", lambda *a, **k: hub.Plan("lmsys/vicuna-7b-v1.5", "model", "0" * 40, remote)
+    )
+    fetching, go, waiting, fetched, checked = threading.Event(), threading.Event(), threading.Event(), [], []
+
+    def fetch_files(plan, target):  # the first start's download, held until the second waits for it
+        fetched.append(target)
+        fetching.set()
+        assert go.wait(timeout=60)
+        target.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (target / name).write_bytes(data)
+
+    real_check, real_locked = hub.check_files, disk.locked
+    monkeypatch.setattr(hub, "fetch_files", fetch_files)
+    monkeypatch.setattr(
+        hub, "check_files", lambda plan, target: checked.append(target) or real_check(plan, target)
+    )
+
+    def noted(handle, wait=True):
+        if wait:
+            waiting.set()  # the second start, about to wait for the first
+        return real_locked(handle, wait)
+
+    monkeypatch.setattr(disk, "locked", noted)
+    results = {}
+
+    def start(which):
+        try:
+            results[which] = resolve_model_path("lmsys/vicuna-7b-v1.5")
+        except Exception as err:
+            results[which] = err
+            waiting.set()
+
+    first = threading.Thread(target=start, args=("first",))
+    first.start()
+    assert fetching.wait(timeout=60)
+    second = threading.Thread(target=start, args=("second",))
+    second.start()
+    assert waiting.wait(timeout=60) and "second" not in results
+    go.set()
+    first.join()
+    second.join()
+    assert results == {"first": folder, "second": folder}
+    assert fetched == [folder] and checked == [folder]  # the second neither fetched nor hashed it again
+    lock = folder.with_name(f".{folder.name}.lock")
+    assert f"Waiting for another vicuna process downloading into {folder} (it holds {lock}) ..." in (
+        capsys.readouterr().err
+    )
+    assert load("lmsys/vicuna-7b-v1.5") is not None
 
 
 def test_folder_without_config(tmp_path):

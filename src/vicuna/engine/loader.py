@@ -125,7 +125,7 @@ def hub_model(repo_id: str, download: bool) -> Path:
     )
     try:
         with contextlib.redirect_stdout(sys.stderr):  # standard output is the chat's (--style programmatic)
-            return hub.download(repo_id, folder)
+            return hub.download(repo_id, folder, wait=True)  # a second first start: after the first
     except VicunaError as err:  # a mistyped folder, most often: both are said
         raise ModelLoadError(f"{repo_id}: no such file or folder here, and from the Hub: {err}") from err
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -69,11 +70,13 @@ def locked(handle: IO[str], wait: bool = True) -> bool:
 
 
 @contextmanager
-def one_writer(out: Path, staging: Path) -> Iterator[None]:
+def one_writer(out: Path, staging: Path, wait_as: str | None = None) -> Iterator[bool]:
     """Refuse a second job writing `out` while one is (two would overwrite each other's files in `staging`): a
     lock on a hidden file beside it, let go when the job ends or its process dies. Beside the folder its path
     resolves to: `--dir .` has no name to put beside (a ValueError traceback), and two jobs that spell the
-    folder two ways (`--dir .` and its full path) are the same job."""
+    folder two ways (`--dir .` and its full path) are the same job. With `wait_as` ("downloading"), a job
+    that only needs the folder finished waits for the other instead, saying so; it yields whether it waited
+    (the other may have finished the folder)."""
     where = staging.resolve()
     lock = where.with_name(f".{where.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -86,14 +89,22 @@ def one_writer(out: Path, staging: Path) -> Iterator[None]:
             raise
         lock = where / ".vicuna.lock"
     with open(lock, "a") as handle:  # "a": no truncation of a file whose byte another process locked
-        if not locked(handle, wait=False):
+        waited = not locked(handle, wait=False)
+        if waited and wait_as is None:
             raise VicunaError(
                 f"another vicuna job is writing {out} now"
                 + (f" ({staging})" if staging != out else "")
                 + "; wait for it to finish or stop it"
             )
+        if waited:
+            print(
+                f"Waiting for another vicuna process {wait_as} into {out} (it holds {lock}) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            locked(handle)
         try:
-            yield
+            yield waited
         finally:
             with suppress(PermissionError):  # Windows removes no file held open: it stays, empty
                 lock.unlink(missing_ok=True)

@@ -183,16 +183,21 @@ def download(
     include: list[str] | None = None,
     repo_type: str = "model",
     plan: Plan | None = None,
+    wait: bool = False,
 ) -> Path:
     """Fetch the chosen files of `repo_id` into `target`, check their hashes, write the sha256 manifest. One
     download at a time into a folder: of two at once (two terminals, two first chats with the same
     --model-path), one checked a file the other was still fetching and failed, calling it a file that
-    differs from the Hub's and was deleted."""
+    differs from the Hub's and was deleted. A second `vicuna download` is refused (its user ran it, and
+    learns that another is running); with `wait` (a --model-path's first start, which only needs the
+    model), it waits for the other and uses what it downloaded, not read again when complete."""
     from vicuna.weights.disk import ensure_free_space, one_writer
 
     plan = plan or plan_download(repo_id, revision=revision, include=include, repo_type=repo_type)
     target = Path(target)
-    with one_writer(target, target):
+    with one_writer(target, target, wait_as="downloading" if wait else None) as waited:
+        if waited and downloaded(plan, target):
+            return target
         ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
         print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
         fetch_files(plan, target)
@@ -202,6 +207,23 @@ def download(
         write_manifest(target, known=checked)  # the weights' sha256 just computed: not read a second time
         drop_stale_incompletes(target)
     return target
+
+
+def downloaded(plan: Plan, target: Path) -> bool:
+    """Whether `target` holds the plan's files as a finished download leaves them: each at its size, in the
+    manifest written last (the weights with the Hub's sha256)."""
+    from vicuna.weights.manifest import read_manifest
+
+    try:
+        listed = read_manifest(target)
+    except VicunaError:  # none yet: the other download was stopped
+        return False
+    return all(
+        _same_size(target / f.path, f.size)
+        and f.path in listed
+        and listed[f.path] == (f.sha256 or listed[f.path])
+        for f in plan.files
+    )
 
 
 def drop_stale_incompletes(target: Path) -> None:
