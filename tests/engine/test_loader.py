@@ -602,6 +602,32 @@ def test_a_gguf_file_whose_conversion_cannot_fit_the_ram_is_refused_before_it_st
     assert not gguf_cache_dir(gguf).exists()  # nothing converted
 
 
+def test_a_gguf_file_whose_float32_copy_cannot_fit_the_disk_is_refused_before_it_converts(
+    tmp_path, monkeypatch
+):
+    """A GGUF file is converted into a float32 copy (27 GB for a 7B model) without a look at the free disk:
+    it failed only after minutes, once the disk was full."""
+    from vicuna.weights import builtin, disk
+    from vicuna.weights.builtin import builtin_gguf, gguf_cache_dir
+
+    def converted(*args, **kwargs):
+        raise AssertionError("converted without room for it")
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(disk, "free_bytes", lambda folder: 50 * 10**6)
+    monkeypatch.setattr(builtin, "_convert", converted)
+    gguf = tmp_path / "model.gguf"
+    gguf.symlink_to(builtin_gguf())  # 134.5M parameters: 538 MB in float32
+    out = gguf_cache_dir(gguf)
+    with pytest.raises(ModelLoadError) as err:
+        load(gguf)
+    assert str(err.value) == (
+        f"converting model.gguf into float32 needs 0.54 GB of free disk in {out.parent}, but only 50.0 MB "
+        "is available there; free 0.49 GB or choose another folder (set VICUNA_HOME to a folder on another disk)"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

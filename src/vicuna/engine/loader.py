@@ -45,9 +45,8 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: expected an HF-format folder or a .gguf file")
         out = gguf_cache_dir(path)
-        if not (out / CONFIG).is_file():
-            check_conversion_fits(path)
-        return convert_gguf(path, out)
+        needed = 0 if (out / CONFIG).is_file() else check_conversion_fits(path)
+        return convert_gguf(path, out, needed_bytes=needed)
     if not (path / CONFIG).is_file():
         if (path / "adapter_config.json").is_file():
             base = adapter_base(path)
@@ -59,11 +58,12 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
     return path
 
 
-def check_conversion_fits(gguf: Path) -> None:
+def check_conversion_fits(gguf: Path) -> int:
     """Refuse a GGUF file whose conversion cannot fit the RAM, before it starts: its weights are dequantized
     into float32 in memory (the built-in model's peaked at 1.4x their float32 size), so a 7B model's 4 GB
     Q4 file needs over 27 GB, and on an 8 GB laptop the system killed `vicuna chat` (or `vicuna doctor`)
-    with no word of why. Read from the file's header only."""
+    with no word of why. Read from the file's header only. Returns the float32 copy's size, which the
+    conversion needs on disk (0 where the header cannot be read)."""
     import torch
     from transformers import AutoConfig
 
@@ -73,7 +73,7 @@ def check_conversion_fits(gguf: Path) -> None:
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception:  # said by the conversion, which reads the whole file
-        return
+        return 0
     need, available = model_size(config).weight_bytes(torch.float32), probe_hardware().ram_available
     if need > available:
         raise DoesNotFitError(
@@ -81,6 +81,7 @@ def check_conversion_fits(gguf: Path) -> None:
             f"to float32: at least {gib(need)} of RAM, and {gib(available)} is available. Convert it on a "
             "machine with more memory (the folder goes in $VICUNA_HOME/models), or use a smaller model"
         )
+    return need
 
 
 def names_hub_repository(model_path: str) -> bool:

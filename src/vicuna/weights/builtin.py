@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vicuna.config import vicuna_home
-from vicuna.errors import ModelLoadError
+from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install
-from vicuna.weights.disk import disk_full, locked
+from vicuna.weights.disk import disk_full, ensure_free_space, locked
 from vicuna.weights.manifest import transformers_bar
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
@@ -50,16 +50,22 @@ def gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
     return vicuna_home() / "models" / f"{name or gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path, out: Path, notice: str | None = None) -> Path:
+def convert_gguf(gguf: Path, out: Path, notice: str | None = None, needed_bytes: int = 0) -> Path:
     """Dequantize a GGUF checkpoint (and its tokenizer) into an HF folder, atomically: the folder
     appears complete or not at all, so an interrupted conversion is simply redone. `notice` is said
-    when this process converts, not while it waits for another one converting."""
+    when this process converts, not while it waits for another one converting. `needed_bytes`, the
+    copy's size, is checked free first: a 7B model's float32 copy (27 GB) filled a disk only after
+    minutes of converting."""
     if (out / "config.json").is_file():
         return out
     try:
         with converting(out):  # another start converting the same file: wait for it, then use its folder
             if (out / "config.json").is_file():
                 return out
+            try:  # here, not before waiting: the other start's half-written copy is not this one's
+                ensure_free_space(out.parent, needed_bytes, f"converting {gguf.name} into float32")
+            except VicunaError as err:
+                raise ModelLoadError(f"{err} (set VICUNA_HOME to a folder on another disk)") from None
             if notice:
                 print(notice, file=sys.stderr, flush=True)
             return _convert(gguf, out)
