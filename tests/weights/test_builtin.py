@@ -189,6 +189,21 @@ def test_a_full_disk_says_which_folder_and_leaves_nothing_behind(monkeypatch, tm
     assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == []  # no .partial
 
 
+def test_a_gguf_file_cut_off_in_its_data_is_called_incomplete(tmp_path):
+    """A GGUF file cut off in its data (a download stopped) was said as numpy's "cannot reshape array of
+    size 66784 into shape (576,360)"."""
+    whole = builtin.builtin_gguf().read_bytes()
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ModelLoadError) as err:
+        builtin.convert_gguf(gguf, tmp_path / "models" / "model")
+    assert str(err.value) == (
+        f"{gguf}: incomplete: {len(whole) // 2} bytes on disk, and its header describes {len(whole)}; "
+        "download it again"
+    )
+    assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")] == []
+
+
 def test_a_vicuna_home_that_cannot_be_written_says_so(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")

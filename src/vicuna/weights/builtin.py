@@ -121,6 +121,12 @@ def _convert(gguf: Path, out: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
     except Exception as err:  # gguf raises many kinds of errors for a bad file
         shutil.rmtree(staging, ignore_errors=True)
+        size, described = gguf.stat().st_size, gguf_described_size(gguf)
+        if described is not None and size < described:  # said as numpy's "cannot reshape array of size ..."
+            raise ModelLoadError(
+                f"{gguf}: incomplete: {size} bytes on disk, and its header describes {described}; "
+                "download it again"
+            ) from None
         raise ModelLoadError(f"{gguf}: cannot read this GGUF file ({type(err).__name__}: {err})") from err
     # The weights are now plain tensors; drop the GGUF quantizer so that they can be saved.
     model.hf_quantizer = None
@@ -138,6 +144,33 @@ def _convert(gguf: Path, out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)  # an incomplete folder from an older layout
     staging.rename(out)
     return out
+
+
+def gguf_described_size(gguf: Path) -> int | None:
+    """The size a GGUF file's header describes: where its last tensor's data ends (None where the header
+    cannot be read). gguf's reader maps every tensor as it reads the header; here the tensors are only
+    measured, so that a file cut off in its data is measured too."""
+    import numpy as np
+
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+    except ImportError:  # transformers says it needs the package
+        return None
+
+    class Header(GGUFReader):
+        end = 0
+
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            for field in fields:
+                dims, kind, offset = field.parts[3], field.parts[4], field.parts[5]
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(int(kind[0]))]
+                data = int(np.prod(dims, dtype=np.int64)) * block_bytes // block
+                self.end = max(self.end, start_offs + int(offset[0]) + data)
+
+    try:
+        return Header(gguf).end
+    except Exception:  # a header cut off or not GGUF at all: said as the reader says it
+        return None
 
 
 def builtin_model_dir() -> Path:
