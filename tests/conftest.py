@@ -75,3 +75,17 @@ def pretend_gpu(monkeypatch):
         monkeypatch.setattr(torch.version, "hip", None)
 
     return pretend
+
+
+@pytest.fixture(params=["cuda", "mps"])
+def gpu_out_of_memory(request):
+    """`gpu_out_of_memory()`: the error a GPU running out of memory raises, CUDA's and Apple's: PyTorch's mps
+    allocator raises a plain RuntimeError, never torch.OutOfMemoryError."""
+    import torch
+
+    if request.param == "cuda":
+        return lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    return lambda: RuntimeError(
+        "MPS backend out of memory (MPS allocated: 17.20 GiB, other allocations: 1.02 GiB, max allowed: "
+        "18.13 GiB). Tried to allocate 1.00 GiB on private pool."
+    )

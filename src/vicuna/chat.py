@@ -677,9 +677,9 @@ def _reply(
         cancel.set()
         text = "".join(collected)
     except Exception as err:
-        import torch
+        from vicuna.engine.memory import out_of_memory
 
-        if not isinstance(err, torch.OutOfMemoryError):  # the engine has given the GPU its memory back
+        if not out_of_memory(err):  # the engine has given the GPU its memory back
             raise
         io.info(
             "\nerror: out of memory on the GPU while replying; this message goes unanswered. A shorter "

@@ -346,7 +346,7 @@ def test_a_message_piped_in_gbk_is_refused_with_what_to_do_and_the_chat_goes_on(
     assert err.count("tok/s") == 1  # the UTF-8 line after it is answered
 
 
-def test_out_of_memory_leaves_the_message_unanswered_and_the_chat_goes_on(monkeypatch):
+def test_out_of_memory_leaves_the_message_unanswered_and_the_chat_goes_on(monkeypatch, gpu_out_of_memory):
     import torch
 
     class OutOfMemoryOnce(EchoEngine):
@@ -354,7 +354,7 @@ def test_out_of_memory_leaves_the_message_unanswered_and_the_chat_goes_on(monkey
             if not self.seen:
                 self.seen.append(list(messages))
                 yield TextChunk("half ", (1,))
-                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                raise gpu_out_of_memory()
             yield from super().chat(messages, params, cancel)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -324,25 +324,33 @@ def test_the_next_turn_of_a_chat_computes_only_its_new_tokens(tiny_llama_dir, pr
     assert starts[-1] == next(n for n in range(len(other)) if n == len(other) - 1 or cached[n] != other[n])
 
 
-def test_out_of_memory_mid_reply_gives_back_what_the_reply_held_and_the_next_reply_runs(engine, monkeypatch):
+def test_out_of_memory_mid_reply_gives_back_what_the_reply_held_and_the_next_reply_runs(
+    engine, monkeypatch, gpu_out_of_memory
+):
     import weakref
 
     from vicuna.engine.runner import LlamaRunner
 
     held, freed_at_release = [], []
+    release = lambda: freed_at_release.append(held[0]() is None)  # noqa: E731
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU: its cache is given back
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed_at_release.append(held[0]() is None))
+    monkeypatch.setattr(torch.cuda, "empty_cache", release)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if "MPS" in str(gpu_out_of_memory()):  # as on a Mac
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+        monkeypatch.setattr(torch.mps, "empty_cache", release)
     step = LlamaRunner.step
 
     def out_of_memory_once(self, token_id):
         if not held:
             held.append(weakref.ref(self.cache))  # the failed reply's KV cache
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise gpu_out_of_memory()
         return step(self, token_id)
 
     monkeypatch.setattr(LlamaRunner, "step", out_of_memory_once)
     prompt = engine.encode("Hello world! How are")
-    with pytest.raises(torch.OutOfMemoryError) as raised:
+    with pytest.raises(RuntimeError, match="out of memory") as raised:
         run(engine, prompt, temperature=0, max_new_tokens=8)
     # the cache was no longer held when PyTorch's cached blocks were given back, although the error
     # (and its traceback, through the frames that held the cache) is still alive

@@ -1404,7 +1404,7 @@ def test_builtin_model_answers():
         assert completion.choices[0].text == " " + whole
 
 
-def test_out_of_memory_is_a_503_to_retry_and_the_server_goes_on(tiny_engine, monkeypatch):
+def test_out_of_memory_is_a_503_to_retry_and_the_server_goes_on(tiny_engine, monkeypatch, gpu_out_of_memory):
     import torch
 
     from vicuna.engine import batching
@@ -1415,7 +1415,7 @@ def test_out_of_memory_is_a_503_to_retry_and_the_server_goes_on(tiny_engine, mon
     def step(self, tokens):
         if failures:
             failures.pop()
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise gpu_out_of_memory()
         return real_step(self, tokens)
 
     monkeypatch.setattr(batching._LlamaRows, "step", step)

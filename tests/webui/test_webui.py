@@ -422,12 +422,11 @@ def test_a_reply_starts_at_its_first_visible_character():
     assert [(user, reply) for user, reply, _ in turns] == [("Hi", "Hello there ")]
 
 
-def test_out_of_memory_is_reported_and_the_message_kept(caplog):
-    import torch
+def test_out_of_memory_is_reported_and_the_message_kept(caplog, gpu_out_of_memory):
 
     def chat(messages, params, cancel):
         yield TextChunk("Hel", (1,))
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise gpu_out_of_memory()
 
     ui = WebChat(chat, no_encode, 2048)
     steps = ui.respond("Hello", [], None, "", 0.7, 1.0, 64, "", gr.Request(session_hash="s3"))

@@ -228,8 +228,8 @@ class Engine:
     ) -> Iterator[Event]:
         try:
             yield from self._reply(prompt_ids, params, cancel)
-        except torch.OutOfMemoryError as error:  # the caller says so; the GPU gets back what the reply held
-            release_memory_after(error)
+        except RuntimeError as error:  # out of memory (CUDA's error, or mps's RuntimeError): the caller
+            release_memory_after(error)  # says so, and the GPU gets back what the reply held
             raise
 
     def _reply(
@@ -305,7 +305,7 @@ class Engine:
         ids = torch.tensor([list(prompt_ids)], device=self.device)
         try:
             logits = self.model(input_ids=ids, use_cache=False).logits[0]
-        except torch.OutOfMemoryError as error:  # the logits of a long prompt, over the whole vocabulary
+        except RuntimeError as error:  # out of memory: the logits of a long prompt, over the whole vocabulary
             release_memory_after(error)
             raise
         text, raw = self.token_bytes.text, self.token_bytes

@@ -96,7 +96,7 @@ class APIError(Exception):
 def failure(err: BaseException) -> APIError:
     """What a client is told (and the metrics count) when generating failed: the server stopping or out of
     memory (503, to retry), the request's own fault (400, as the app's handler answers it), or a bug (500)."""
-    import torch
+    from vicuna.engine.memory import out_of_memory
 
     if isinstance(err, APIError):
         return err
@@ -105,7 +105,7 @@ def failure(err: BaseException) -> APIError:
         return APIError(503, str(err), "server_error", code="shutting_down", headers=retry)
     if isinstance(err, VicunaError):  # MessagesError names its param
         return APIError(400, str(err), param=getattr(err, "param", None))
-    if isinstance(err, torch.OutOfMemoryError):
+    if out_of_memory(err):  # CUDA's error, or mps's RuntimeError
         retry = {"Retry-After": str(RETRY_AFTER_S)}
         return APIError(503, OUT_OF_MEMORY, "server_error", code="out_of_memory", headers=retry)
     return APIError(500, "internal server error; the server log has the details", "server_error")

@@ -12,11 +12,11 @@ from dataclasses import replace
 from typing import Any
 
 import gradio as gr
-import torch
 
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, fit_history
 from vicuna.engine.events import Event, Finished, TextChunk
+from vicuna.engine.memory import out_of_memory
 from vicuna.errors import VicunaError
 from vicuna.webui import ChatFn, EncodeFn
 from vicuna.webui.texts import language, say
@@ -367,13 +367,12 @@ class WebChat:
         except VicunaError as err:
             yield self._put_back(before, unsent=text)
             raise user_error(say(lang, str(err))) from None  # the busy server's words are in `texts`
-        except torch.OutOfMemoryError:  # the engine or the batcher has given the GPU its memory back
-            log.warning("the GPU ran out of memory for a reply")
+        except Exception as err:  # the page is put back as it was
             yield self._put_back(before, unsent=text)
+            if not out_of_memory(err):  # a bug: the traceback goes to the log
+                raise
+            log.warning("the GPU ran out of memory for a reply")  # the engine or batcher gave it back
             raise gr.Error(say(lang, OUT_OF_MEMORY), print_exception=False) from None
-        except Exception:  # a bug: the page is put back as it was, the traceback goes to the log
-            yield self._put_back(before, unsent=text)
-            raise
         finally:
             cancel.set()  # also when the page goes away mid-reply and Gradio closes this generator
             kept = self.running.get(session) is cancel
