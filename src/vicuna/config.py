@@ -54,6 +54,7 @@ class SamplingParams:
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = 0  # 0: no limit
+    min_p: float = 0.0  # 0: off; else tokens less likely than min_p times the most likely one are dropped
     repetition_penalty: float = 1.0  # 1.0: off (CTRL-style, as in transformers)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -74,6 +75,7 @@ class SamplingParams:
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),

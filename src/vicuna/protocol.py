@@ -84,6 +84,7 @@ class _Sampling(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
     top_k: int | None = Field(None, ge=-1)  # vLLM: -1 or 0 is no limit
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's; 0 is off
     repetition_penalty: float | None = Field(None, gt=0)
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = False
@@ -137,6 +138,7 @@ class _Sampling(_Strict):
             temperature=0.0 if greedy else 1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None or greedy else self.top_p,
             top_k=max(self.top_k or 0, 0),
+            min_p=self.min_p or 0.0,
             repetition_penalty=self.repetition_penalty or 1.0,
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,

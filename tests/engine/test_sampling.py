@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vicuna.config import SamplingParams
-from vicuna.engine.sampling import Sampler, top_p_filter
+from vicuna.engine.sampling import Sampler, min_p_filter, top_p_filter
 from vicuna.errors import VicunaError
 
 CPU = torch.device("cpu")
@@ -129,3 +129,12 @@ def test_top_p_is_the_nucleus_of_the_distribution_at_the_requested_temperature()
     before = logits.clone()
     cold(logits, [0, 0])
     assert torch.equal(logits, before)  # the caller's row is left as it was
+
+
+def test_min_p_drops_tokens_less_likely_than_min_p_times_the_best():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    kept = min_p_filter(0.2)(probs.log(), []).isfinite().tolist()  # 0.2 * 0.5 = 0.1: 0.05 is dropped
+    assert kept == [True, True, True, False]
+    # a draw at a high temperature never picks a dropped token; min_p 1 keeps only the best
+    assert {sampler(temperature=2.0, min_p=0.5, seed=s)(LOGITS, [0]).token_id for s in range(40)} == {1, 2}
+    assert {sampler(temperature=2.0, min_p=1.0, seed=s)(LOGITS, [0]).token_id for s in range(10)} == {1}

@@ -7,6 +7,7 @@ requests batched together keep their own settings and their own random streams.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,18 @@ def top_p_filter(p: float) -> Processor:
     return apply
 
 
+def min_p_filter(min_p: float) -> Processor:
+    """Drop the tokens less likely than `min_p` times the most likely one (vLLM's and transformers' min_p):
+    a cut that follows the model's confidence, where top-p keeps a long tail of a flat distribution. In
+    logits, a token's probability over the best one's is exp(its logit - the best logit), so no softmax."""
+    floor = math.log(min_p)
+
+    def apply(logits: torch.Tensor, history: Sequence[int]) -> torch.Tensor:
+        return logits.masked_fill(logits < logits.max() + floor, float("-inf"))
+
+    return apply
+
+
 @dataclass(frozen=True)
 class Choice:
     token_id: int
@@ -123,17 +136,19 @@ class Sampler:
             self.processors.append(
                 presence_frequency_penalty(params.presence_penalty, params.frequency_penalty, prompt_len)
             )
-        # the temperature a draw divides by; with top-k or top-p it divides first, as transformers' and
-        # vLLM's samplers do (FastChat's too): top-p's nucleus is that of the distribution sampled from
+        # the temperature a draw divides by; with top-k, top-p or min-p it divides first, as transformers'
+        # and vLLM's samplers do (FastChat's too): top-p's nucleus is that of the distribution sampled from
         self.temperature = params.temperature
         self.sampling = sampling = params.temperature >= MIN_TEMPERATURE
-        if sampling and (params.top_k or params.top_p < 1.0):
+        if sampling and (params.top_k or params.top_p < 1.0 or params.min_p):
             self.processors.append(lambda logits, history: logits.div_(params.temperature))
             self.temperature = 1.0
         if sampling and params.top_k:
             self.processors.append(top_k_filter(params.top_k))
         if sampling and params.top_p < 1.0:
             self.processors.append(top_p_filter(params.top_p))
+        if sampling and params.min_p:
+            self.processors.append(min_p_filter(params.min_p))
         self._work: torch.Tensor | None = None
         self.generator: torch.Generator | None = None
         self.random: random.Random | None = None
