@@ -6,7 +6,9 @@ so a client never silently gets something other than what it asked for; so is a 
 type (`"max_tokens": "5"`, `5.0` or `true`), as OpenAI refuses it. Accepted and ignored, because they
 only concern OpenAI's own records and routing, never the reply: `user`, and in chat requests `metadata`,
 `service_tier`, `prompt_cache_key`, `safety_identifier` and `store` (false only: nothing is stored
-here); and `stream_options.include_obfuscation` false (nothing is padded here). No torch, no server here.
+here); and `stream_options.include_obfuscation` false (nothing is padded here). Accepted where they ask for
+what this server does anyway, refused otherwise: vLLM's `skip_special_tokens` and
+`spaces_between_special_tokens` true (SillyTavern sends both). No torch, no server here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, MessagesError, parse_messages
@@ -89,6 +99,19 @@ class _Sampling(_Strict):
     min_tokens: int | None = Field(None, ge=0)
     ignore_eos: bool | None = False
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    # vLLM's, true by default there: a reply's text never holds special tokens' text here (see the docstring)
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+
+    @field_validator("skip_special_tokens", "spaces_between_special_tokens")
+    @classmethod
+    def _special_tokens_skipped(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value is False:  # what a reply's text is here: vLLM's defaults, both true
+            raise ValueError(
+                f"this server always decodes replies as {info.field_name} true does (special tokens "
+                "left out of the text); send true or leave it out"
+            )
+        return value
 
     @field_validator("logit_bias")
     @classmethod

@@ -38,3 +38,41 @@ def test_open_webui_chat_with_min_p_is_served(http):
     r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+# SillyTavern, Text Completion, API type vLLM, default settings: getTextGenGenerationData's fields that its
+# server keeps for vLLM (VLLM_KEYS), as they are before any setting is changed
+SILLYTAVERN_VLLM = {
+    "prompt": "User: Hi\nAssistant:",
+    "model": MODEL,
+    "max_tokens": 4,
+    "temperature": 0.7,
+    "top_p": 0.5,
+    "min_p": 0,
+    "repetition_penalty": 1.2,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "top_k": 40,
+    "min_tokens": 0,
+    "stop": ["\nUser:"],
+    "skip_special_tokens": True,
+    "n": 1,
+    "best_of": 1,
+    "ignore_eos": False,
+    "spaces_between_special_tokens": True,
+    "stream": False,
+}
+
+
+def test_sillytavern_vllm_text_completion_is_served(http):
+    r = http.post("/v1/completions", json=SILLYTAVERN_VLLM)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("field", ["skip_special_tokens", "spaces_between_special_tokens"])
+def test_special_token_text_kept_in_a_reply_is_refused_naming_the_field(http, field):
+    """False asks for special tokens' text in the reply, which the engine never writes: refused, not ignored."""
+    r = http.post("/v1/completions", json={**SILLYTAVERN_VLLM, field: False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert "send true or leave it out" in r.json()["error"]["message"]
