@@ -81,7 +81,9 @@ class ResponseFormat(BaseModel):
 class _Sampling(_Strict):
     """The sampling fields chat and completions share (OpenAI's, then vLLM's extras)."""
 
-    model: str
+    # None (left out): the one model the server serves, as vLLM takes it; SillyTavern's generic text
+    # completion leaves it out until its user names a model
+    model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)  # 0: see `sampling_params`
     max_tokens: int | None = Field(None, ge=1)

@@ -76,3 +76,25 @@ def test_special_token_text_kept_in_a_reply_is_refused_naming_the_field(http, fi
     r = http.post("/v1/completions", json={**SILLYTAVERN_VLLM, field: False})
     assert r.status_code == 400 and r.json()["error"]["param"] == field
     assert "send true or leave it out" in r.json()["error"]["message"]
+
+
+def test_sillytavern_generic_text_completion_without_a_model_gets_the_served_one(http):
+    """SillyTavern's Generic (OpenAI-compatible) text completion leaves `model` out until its user types a
+    model ID (its field is marked optional), and keeps only OpenAI's fields of its settings."""
+    body = {
+        "prompt": "User: Hi\nAssistant:",
+        "max_tokens": 4,
+        "temperature": 0.7,
+        "top_p": 0.5,
+        "frequency_penalty": 0,
+        "presence_penalty": 0,
+        "stop": ["\nUser:"],
+        "stream": False,
+    }
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == MODEL
+    r = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["model"] == MODEL
+    r = http.post("/v1/completions", json={**body, "model": "gpt-4"})  # a model named is still checked
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"

@@ -394,8 +394,9 @@ class _Server:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name and model not in self.aliases:
+    def check_model(self, model: str | None) -> None:
+        """`model` names the served model or one of its aliases; None (not named) is the served model."""
+        if model is not None and model != self.model_name and model not in self.aliases:
             also = f" (also as {', '.join(map(repr, self.aliases))})" if self.aliases else ""
             raise APIError(
                 404,
