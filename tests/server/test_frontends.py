@@ -98,3 +98,13 @@ def test_sillytavern_generic_text_completion_without_a_model_gets_the_served_one
     assert r.status_code == 200 and r.json()["model"] == MODEL
     r = http.post("/v1/completions", json={**body, "model": "gpt-4"})  # a model named is still checked
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_a_base_url_ending_in_a_slash_is_told_to_drop_it(http):
+    """Chatbox and SillyTavern's custom chat completion append "/chat/completions" to the base URL as typed:
+    "http://host:8000/v1/" called /v1//chat/completions, a 404 that only listed the routes."""
+    r = http.post("/v1//chat/completions", json={"model": MODEL, "messages": MESSAGES})
+    assert r.status_code == 404
+    assert "take the '/' off the end of the base URL" in r.json()["error"]["message"]
+    r = http.post("/v1/responses", json={"model": MODEL, "input": "Hi"})
+    assert r.status_code == 404 and "base URL" not in r.json()["error"]["message"]

@@ -718,6 +718,8 @@ def create_app(
         called = f"{request.method} {request.url.path}"
         if err.status_code == 404 and message == "Not Found":
             message = f"{called}: no such route; this API serves {API_ROUTES}"
+            if "//" in request.url.path:  # Chatbox, SillyTavern: f"{base_url}/chat/completions"
+                message += "; the path holds '//': take the '/' off the end of the base URL"
         elif err.status_code == 405 and message == "Method Not Allowed" and headers and "Allow" in headers:
             message = f"{called}: method not allowed; this path takes {headers['Allow']}"
         return APIError(err.status_code, message, kind, headers=headers).response()
