@@ -108,3 +108,22 @@ def test_a_base_url_ending_in_a_slash_is_told_to_drop_it(http):
     assert "take the '/' off the end of the base URL" in r.json()["error"]["message"]
     r = http.post("/v1/responses", json={"model": MODEL, "input": "Hi"})
     assert r.status_code == 404 and "base URL" not in r.json()["error"]["message"]
+
+
+def test_a_public_site_allowed_by_origin_may_call_a_server_on_a_private_network(tiny_engine):
+    """Chrome's preflight from a hosted front-end (NextChat's web app, Chatbox web) to a server on localhost
+    or the LAN asks for private network access too: it was a 400 ("Disallowed CORS private-network") even
+    for an origin named in --allowed-origins, so the page could not call the server at all."""
+    page, other = "https://app.nextchat.dev", "https://elsewhere.example"
+    asks = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+        "Access-Control-Request-Private-Network": "true",
+    }
+    with TestClient(create_app(tiny_engine, model_name=MODEL, allowed_origins=[page])) as client:
+        r = client.options("/v1/chat/completions", headers={"Origin": page, **asks})
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-private-network"] == "true"
+        assert r.headers["access-control-allow-origin"] == page
+        r = client.options("/v1/chat/completions", headers={"Origin": other, **asks})  # still refused
+        assert r.status_code == 400 and "access-control-allow-origin" not in r.headers

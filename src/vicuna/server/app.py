@@ -687,6 +687,9 @@ def create_app(
     # CORS, used where the app has none, answered every origin, credentials allowed, on a server reached by
     # another name than localhost (a LAN address, a domain): any web site its users visited could drive the
     # web UI's chat from their browsers and read the replies. Any header: the OpenAI SDKs send their own.
+    # Private network access: Chrome asks before a page of a public site (a hosted NextChat, Chatbox web,
+    # an Open WebUI direct connection) calls a server on this machine or the LAN, and the preflight was
+    # refused ("Disallowed CORS private-network") though its origin was allowed; allowing it is that opt-in.
     from starlette.middleware.cors import CORSMiddleware
 
     app.add_middleware(
@@ -694,6 +697,7 @@ def create_app(
         allow_origins=list(allowed_origins),
         allow_methods=["GET", "POST"],
         allow_headers=["*"],
+        allow_private_network=True,
     )
 
     @app.exception_handler(APIError)
