@@ -312,7 +312,16 @@ UNSUPPORTED_HINTS = {
     "suffix": "fill-in-the-middle (suffix) is not supported",
     "best_of": "only best_of 1 is supported",
     "web_search_options": "web search is not supported",
+    # set in chat front-ends (Open WebUI's advanced or custom parameters, SillyTavern's samplers): what to
+    # turn off there, or what to send instead
+    "reasoning_effort": "this model does not reason before it replies; turn reasoning effort off",
+    "num_ctx": "the context window is the model's own here (context_window in /v1/models); remove num_ctx",
+    "repeat_penalty": "send repetition_penalty, which covers the prompt and the whole reply here",
 }
+NOT_IMPLEMENTED = (
+    "this server does not implement it, and ignoring it could give another reply than asked for; leave it "
+    "out (in a chat front-end, reset or remove that setting)"
+)
 
 # Fields not known here that ask for something even as {}: OpenAI searches the web with its defaults
 ASKS_WHEN_EMPTY = {"web_search_options"}
@@ -339,7 +348,7 @@ def parse_request(cls: type[BaseModel], data: Any) -> Any:
     }
     for key in data:
         if key not in cls.model_fields:
-            hint = UNSUPPORTED_HINTS.get(key, "this server does not support it")
+            hint = UNSUPPORTED_HINTS.get(key, NOT_IMPLEMENTED)
             raise InvalidRequest(f"unsupported field {key!r}: {hint}", key, "unsupported_parameter")
     try:
         return cls.model_validate(data)

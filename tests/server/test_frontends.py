@@ -127,3 +127,21 @@ def test_a_public_site_allowed_by_origin_may_call_a_server_on_a_private_network(
         assert r.headers["access-control-allow-origin"] == page
         r = client.options("/v1/chat/completions", headers={"Origin": other, **asks})  # still refused
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+
+
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("reasoning_effort", "medium", "turn reasoning effort off"),  # Open WebUI's Reasoning Effort
+        ("num_ctx", 4096, "remove num_ctx"),  # Open WebUI's Ollama context length, set on an OpenAI model
+        ("repeat_penalty", 1.1, "send repetition_penalty"),  # llama.cpp's and Ollama's name
+        ("typical_p", 0.9, "reset or remove that setting"),  # SillyTavern's samplers: not implemented
+        ("top_a", 0.1, "reset or remove that setting"),
+    ],
+)
+def test_a_front_end_setting_that_would_change_the_reply_is_refused_saying_what_to_do(
+    http, field, value, says
+):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert says in r.json()["error"]["message"]
