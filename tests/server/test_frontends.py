@@ -127,6 +127,13 @@ def test_a_public_site_allowed_by_origin_may_call_a_server_on_a_private_network(
         assert r.headers["access-control-allow-origin"] == page
         r = client.options("/v1/chat/completions", headers={"Origin": other, **asks})  # still refused
         assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    # "*" grants no site access to a private network: each front-end is named for that
+    with TestClient(create_app(tiny_engine, model_name=MODEL, allowed_origins=["*"])) as client:
+        r = client.options("/v1/chat/completions", headers={"Origin": page, **asks})
+        assert r.status_code == 400 and "access-control-allow-private-network" not in r.headers
+        del asks["Access-Control-Request-Private-Network"]  # a server on a public address: served
+        r = client.options("/v1/chat/completions", headers={"Origin": page, **asks})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
 
 
 @pytest.mark.parametrize(

@@ -689,7 +689,8 @@ def create_app(
     # web UI's chat from their browsers and read the replies. Any header: the OpenAI SDKs send their own.
     # Private network access: Chrome asks before a page of a public site (a hosted NextChat, Chatbox web,
     # an Open WebUI direct connection) calls a server on this machine or the LAN, and the preflight was
-    # refused ("Disallowed CORS private-network") though its origin was allowed; allowing it is that opt-in.
+    # refused ("Disallowed CORS private-network") though its origin was allowed; naming the origin is that
+    # opt-in. Not with "*": any site a user visits would then reach a server on their machine from Chrome.
     from starlette.middleware.cors import CORSMiddleware
 
     app.add_middleware(
@@ -697,7 +698,7 @@ def create_app(
         allow_origins=list(allowed_origins),
         allow_methods=["GET", "POST"],
         allow_headers=["*"],
-        allow_private_network=True,
+        allow_private_network="*" not in allowed_origins,
     )
 
     @app.exception_handler(APIError)
