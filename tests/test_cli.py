@@ -192,3 +192,54 @@ def test_fastchat_s_module_as_a_command_names_the_vicuna_command(capsys):
     ):
         assert main([typed, "--model-path", "m"]) == 2
         assert capsys.readouterr().err.startswith(f"vicuna: error: {typed} is FastChat's; here it is {said}")
+
+
+def _all_parsers():
+    from vicuna.cli import COMMANDS, command_parser
+
+    for name in COMMANDS:
+        parser = command_parser(name)
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                yield from action.choices.values()
+
+
+def test_model_path_help_names_the_hub_repos_it_takes():
+    """--model-path OWNER/NAME is downloaded and loaded (chat, serve, train, bench; doctor once it is
+    downloaded), but every command's help said 'HF-format folder or .gguf file' only."""
+    from vicuna.engine.loader import names_hub_repository
+
+    assert names_hub_repository("lmsys/vicuna-7b-v1.5")
+    helps = {
+        parser.prog: parser._option_string_actions["--model-path"].help
+        for parser in _all_parsers()
+        if "--model-path" in parser._option_string_actions and parser.prog != "vicuna template render"
+    }
+    assert {"vicuna chat", "vicuna serve", "vicuna doctor", "vicuna train"} <= set(helps)
+    assert all("Hub repo OWNER/NAME" in help for help in helps.values()), helps
+
+
+def test_train_dtype_help_says_auto_is_float32_on_apple_s_gpu(monkeypatch):
+    """`vicuna train --dtype auto` is float32 on Apple's GPU (float16 there only when asked for), while
+    the help said 'bfloat16 or float16 on a GPU'."""
+    import torch
+
+    from vicuna.cli import command_parser
+    from vicuna.train.trainer import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert precision("auto")[0] is torch.float32
+    help = command_parser("train")._option_string_actions["--dtype"].help
+    assert "on a CUDA GPU, else float32" in help
+
+
+def test_allowed_origins_help_says_which_origins_reach_a_private_network():
+    """Chrome's private network access is granted to an origin named in --allowed-origins, not to '*'
+    (tests/server: test_a_public_site_allowed_by_origin_may_call_a_server_on_a_private_network); the help
+    said CORS only, so a hosted front-end's user could not tell that naming its origin was the way."""
+    from vicuna.cli import command_parser
+
+    help = command_parser("serve")._option_string_actions["--allowed-origins"].help
+    assert "not *" in help and "private network" in help

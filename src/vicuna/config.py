@@ -97,7 +97,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags FastChat users know, shared by chat, serve, doctor, bench and train."""
     g = parser.add_argument_group("model")
     g.add_argument(
-        "--model-path", help="HF-format folder or .gguf file (default: the built-in SmolLM2-135M-Instruct)"
+        "--model-path",
+        help="HF-format folder, .gguf file or Hub repo OWNER/NAME (default: the built-in SmolLM2-135M-Instruct)",
     )
     g.add_argument("--device", choices=DEVICES, help="default: the GPU if there is one, else the CPU")
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the fastest for this hardware")

@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=origin_list,
         default="",
         help="comma-separated origins (e.g. https://chat.example.com, or *) whose web pages may call the API "
-        "from a browser (CORS); default: none besides the server's own",
+        "from a browser (CORS; one named, not *, also from Chrome to this server on a private network); default: "
+        "none besides the server's own",
     )
     g.add_argument(
         "--max-queue", type=int, default=64, help="requests that may wait for a batch row; more get 429"

@@ -18,7 +18,10 @@ from vicuna.train.trainer import FUSED_LORA_TARGET, LORA_TARGET, SCHEDULERS
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model-path", help="HF-format folder or .gguf file (default: the built-in model)")
+    g.add_argument(
+        "--model-path",
+        help="HF-format folder, .gguf file or Hub repo OWNER/NAME (default: the built-in model)",
+    )
     g.add_argument("--data", type=Path, help="ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]})")
     g.add_argument(
         "--conv-template",
@@ -67,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=42, help="fixes the data order and the initialisation")
     g = parser.add_argument_group("memory and precision")
     g.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 or float16 on a GPU, else float32"
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="auto: bfloat16 or float16 on a CUDA GPU, else float32",
     )
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
     g.add_argument("--lora", action="store_true", help="train a LoRA adapter instead of all weights")
