@@ -588,7 +588,13 @@ def test_wrong_api_paths_and_methods_get_openai_errors_with_the_web_ui_mounted_t
         (404, None),
         (404, None),
         (404, None),
+        (404, None),
+        (404, None),
     ]
+    # a base_url without /v1 (the web UI's mount at / answered it with Gradio's bare "Not Found")
+    for _, _, error in answers[True][-2:]:
+        assert error["message"].endswith("the path lacks /v1: add it to the end of the base URL"), error
+    assert "lacks /v1" not in answers[True][2][2]["message"]
 
 
 WRONG_API_CALLS = [
@@ -597,6 +603,8 @@ WRONG_API_CALLS = [
     ("POST", "/v1/nothing-here"),
     ("GET", "/v1/chat/completions/extra"),
     ("GET", "/v1"),
+    ("POST", "/chat/completions"),
+    ("GET", "/models"),
 ]
 
 

@@ -55,6 +55,8 @@ log = logging.getLogger("vicuna.server")
 RETRY_AFTER_S = 1
 API_ROUTES = "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings and GET /v1/models[/NAME]"
 HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# The API's paths as a client whose base URL lacks /v1 calls them (base_url="http://host:8000")
+WITHOUT_V1 = ("/chat/completions", "/completions", "/embeddings", "/models")
 
 
 class JSONResponse(_JSONResponse):
@@ -725,6 +727,8 @@ def create_app(
             message = f"{called}: no such route; this API serves {API_ROUTES}"
             if "//" in request.url.path:  # Chatbox, SillyTavern: f"{base_url}/chat/completions"
                 message += "; the path holds '//': take the '/' off the end of the base URL"
+            elif "/v1/" not in request.url.path and request.url.path.endswith(WITHOUT_V1):
+                message += "; the path lacks /v1: add it to the end of the base URL"
         elif err.status_code == 405 and message == "Method Not Allowed" and headers and "Allow" in headers:
             message = f"{called}: method not allowed; this path takes {headers['Allow']}"
         return APIError(err.status_code, message, kind, headers=headers).response()
@@ -1147,7 +1151,8 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
         return
 
     # The mount at `/` answers every path no route took, with Gradio's errors: a wrong /v1 path or method
-    # is answered here instead, as the API answers it without the UI (405 where the path takes other methods).
+    # is answered here instead, as the API answers it without the UI (405 where the path takes other methods),
+    # and so is an API path called without /v1 (no page of the UI's has these paths).
     @app.api_route("/v1", methods=HTTP_METHODS, include_in_schema=False)
     @app.api_route("/v1/{_:path}", methods=HTTP_METHODS, include_in_schema=False)
     async def not_an_api_route(request: Request) -> None:
@@ -1155,6 +1160,9 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
         if allowed:
             raise StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
         raise StarletteHTTPException(404)
+
+    for path in WITHOUT_V1:
+        app.api_route(path, methods=HTTP_METHODS, include_in_schema=False)(not_an_api_route)
 
     engine = server.engine
 
