@@ -201,3 +201,16 @@ def test_every_package_the_code_imports_is_declared():
     }
     assert not undeclared, sorted(undeclared)
     assert {canonicalize_name(d) for d in INSTALLED_BY_A_DEPENDENCY.values()} <= declared
+
+
+def test_every_python_module_the_readme_runs_comes_with_vicuna():
+    """The README built a wheel with `python -m build`, a package neither vicuna nor Python brings ('No module
+    named build' after the steps it gives); each module its commands run with -m is one installed with vicuna."""
+    import importlib.util
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    commands = "".join(re.findall(r"```(?:bash|console)\n(.*?)```", readme, re.DOTALL))  # not FastChat's
+    modules = set(re.findall(r"\s-m ([\w.]+)", commands))  # python -m, accelerate launch -m
+    assert "vicuna" in modules, "the pattern no longer reads the README"
+    missing = sorted(m for m in modules if importlib.util.find_spec(m) is None)
+    assert not missing, missing
