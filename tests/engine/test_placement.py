@@ -119,11 +119,28 @@ def test_a_mac_is_offered_its_gpu(monkeypatch):
     need_8bit = size.weight_bytes(torch.float16, True) + size.kv_bytes(placement.KV_TOKENS, torch.float16)
     hw = dataclasses.replace(probe_hardware(), gpus=(), mps=True, ram_available=int(need_8bit * 1.15))
     monkeypatch.setattr(placement, "probe_hardware", lambda: hw)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: True)  # macOS 14
     options = {o.flags: o.fits for o in placement.fit_options(size, hw, ModelSettings())}
     assert options["--device mps --dtype float16"] is False
     assert options["--device mps --dtype float16 --load-8bit"] is True
     with pytest.raises(DoesNotFitError, match=r"these would fit: .*--device mps --dtype float16 --load-8bit"):
         placement.check_fits(CONFIG, ModelSettings(), torch.device("mps"), torch.float16)
+
+
+def test_a_mac_before_macos_14_is_not_offered_8bit_weights_on_its_gpu(monkeypatch):
+    """On macOS 13 `--device mps --load-8bit` is refused before loading (its scales are bfloat16, which
+    Apple's GPU computes in from macOS 14), but doctor and the fit check offered it as the flags that fit."""
+    size = model_size(CONFIG)
+    hw = dataclasses.replace(probe_hardware(), gpus=(), mps=True, ram_available=2**40)
+    monkeypatch.setattr(
+        torch.backends.mps, "is_macos_or_newer", lambda major, minor: (major, minor) < (14, 0)
+    )
+    offered = [o.flags for o in placement.fit_options(size, hw, ModelSettings()) if "mps" in o.flags]
+    assert offered == ["--device mps --dtype float16"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(VicunaError, match="--load-8bit"):  # as the flag is answered there
+        placement.resolve_device(ModelSettings(device="mps", load_8bit=True))
 
 
 def test_8bit_weights_are_fitted_on_one_gpu_as_they_are_loaded(monkeypatch, capsys):

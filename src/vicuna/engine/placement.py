@@ -256,8 +256,8 @@ def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[
                     hw.ram_available,
                 )
             )
-    if hw.mps:  # Apple's GPU, in the same RAM
-        for eight in (False, True):
+    if hw.mps:  # Apple's GPU, in the same RAM; --load-8bit's bfloat16 scales need macOS 14 (resolve_device)
+        for eight in (False, True) if torch.backends.mps.is_macos_or_newer(14, 0) else (False,):
             need = int(
                 (size.weight_bytes(torch.float16, eight) + size.kv_bytes(KV_TOKENS, torch.float16)) * HEADROOM
             )
