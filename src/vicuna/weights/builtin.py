@@ -7,6 +7,7 @@ import errno
 import functools
 import hashlib
 import importlib.util
+import math
 import shutil
 import sys
 from collections.abc import Iterator
@@ -150,8 +151,6 @@ def gguf_described_size(gguf: Path) -> int | None:
     """The size a GGUF file's header describes: where its last tensor's data ends (None where the header
     cannot be read). gguf's reader maps every tensor as it reads the header; here the tensors are only
     measured, so that a file cut off in its data is measured too."""
-    import numpy as np
-
     try:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
     except ImportError:  # transformers says it needs the package
@@ -164,7 +163,7 @@ def gguf_described_size(gguf: Path) -> int | None:
             for field in fields:
                 dims, kind, offset = field.parts[3], field.parts[4], field.parts[5]
                 block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(int(kind[0]))]
-                data = int(np.prod(dims, dtype=np.int64)) * block_bytes // block
+                data = math.prod(int(d) for d in dims) * block_bytes // block
                 self.end = max(self.end, start_offs + int(offset[0]) + data)
 
     try:
