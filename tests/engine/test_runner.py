@@ -18,6 +18,7 @@ from vicuna.engine.runner import (
     LlamaWeights,
     cache_arg,
     decode,
+    llama_fast_path_ok,
     norm_rows,
     norm_weight,
     rotate,
@@ -329,6 +330,52 @@ def test_rotary_tables_are_transformers_own_up_to_the_context_window(scaling):
     half = w.head_dim // 2
     torch.testing.assert_close(table[0, :1000], cos[0])
     torch.testing.assert_close(table[1, :1000], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
+
+
+WINDOW_SCALINGS = [  # an original window of 64 positions, which a prompt of 150 passes
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.5 * i for i in range(8)],
+        "original_max_position_embeddings": 64,
+    },
+]
+
+
+@pytest.mark.parametrize("scaling", WINDOW_SCALINGS, ids=lambda s: s and s["rope_type"])
+def test_the_runner_the_engine_picks_gives_transformers_logits_past_the_original_window(scaling):
+    """Each RoPE scaling on a prompt longer than its original window, on the runner the engine would pick:
+    the fast path where it tabulates the scaling, else transformers' forward. Longrope on the fast path gave
+    other logits (and replies) once a prompt passed the window."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import tiny_llama_config
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, **(scaling or {})}
+    model = LlamaForCausalLM(tiny_llama_config(300, rope_parameters=rope)).eval()
+    for p in model.parameters():  # weights large enough for the rotary angles to matter
+        if p.dim() > 1:
+            p.data.normal_(0, 0.2)
+    fast = llama_fast_path_ok(model)
+    runner = LlamaRunner(LlamaWeights(model), None) if fast else HFRunner(model, torch.device("cpu"))
+    ref = HFRunner(model, torch.device("cpu"))
+    prompt = torch.randint(3, 300, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    torch.testing.assert_close(runner.prefill(prompt), ref.prefill(prompt), rtol=1e-4, atol=1e-4)
+    for token in [5, 17, 200]:
+        torch.testing.assert_close(runner.step(token), ref.step(token), rtol=1e-4, atol=1e-4)
+    assert fast == (scaling is None or scaling["rope_type"] != "longrope")
 
 
 def test_rows_are_float32_on_the_kernel_and_the_model_dtype_without_it(tiny_llama_dir, monkeypatch):

@@ -80,8 +80,16 @@ class HFRunner:
         return self.model(input_ids=ids, **self.cache_kwargs).logits[0, -1].float()
 
 
+# Rotary embeddings whose frequencies are the same for every position up to the context window, which
+# `LlamaWeights.rope` then tabulates once from transformers' own module. Not longrope: once a sequence
+# passes its original window it rotates every position at other frequencies (its long factors), and the
+# fast path, still at the short ones, computed other logits than the model's.
+TABLED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
 def llama_fast_path_ok(model: Any) -> bool:
-    """LLaMA weights on one device, plain or in our int8 layout: no biases, nothing offloaded."""
+    """LLaMA weights on one device, plain or in our int8 layout: no biases, nothing offloaded, a rotary
+    embedding we tabulate (`TABLED_ROPE_TYPES`)."""
     config = model.config
     if (
         getattr(config, "model_type", None) != "llama"
@@ -90,6 +98,8 @@ def llama_fast_path_ok(model: Any) -> bool:
     ):
         return False
     if config.attention_bias or config.mlp_bias or config.hidden_act != "silu":
+        return False
+    if getattr(model.model.rotary_emb, "rope_type", "default") not in TABLED_ROPE_TYPES:
         return False
     projections = [m for name, m in model.named_modules() if name.endswith("_proj")]
     return all(type(m) in (torch.nn.Linear, Int8Linear, PackedLinear) for m in projections) and all(
