@@ -107,6 +107,35 @@ def test_an_mpt_model_s_context_window_is_its_max_seq_len(tiny_llama_dir, tmp_pa
         engine.generate([5] * 60, SamplingParams(max_new_tokens=20))
 
 
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_a_linearly_scaled_model_s_context_window_is_its_scaled_length(tmp_path, kind):
+    """Vicuna v1.5-16k's config: Llama 2's 4,096 positions and linear RoPE scaling by 4 for its 16,384. Read
+    as 4,096, a prompt that fits its window was refused; here 64 positions scaled by 4 (and by YaRN)."""
+    import json
+
+    from tests.tiny_models import write_tiny_llama
+    from vicuna.engine.runner import HFRunner
+    from vicuna.train.trainer import fit_max_length
+
+    folder = write_tiny_llama(tmp_path / "vicuna-7b-v1.5-16k", max_position_embeddings=64)
+    config_file = folder / "config.json"
+    raw = json.loads(config_file.read_text())
+    raw.pop("rope_parameters", None)  # as the model's config.json of 2023 says it
+    raw |= {"rope_scaling": {"factor": 4.0, "type": kind}, "rope_theta": 10000.0}
+    config_file.write_text(json.dumps(raw))
+    engine = load_engine(ModelSettings(model_path=str(folder), dtype="float32"), progress=False)
+    assert engine.context_window == 256 == fit_max_length(None, engine.model.config, folder)
+    prompt = torch.randint(3, 300, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    text, ids, done = run(engine, prompt, temperature=0, max_new_tokens=40, ignore_eos=True)
+    ref, token, expected = HFRunner(engine.model, engine.device), None, []
+    for _ in range(40):
+        token = int((ref.prefill(prompt) if token is None else ref.step(token)).argmax())
+        expected.append(token)
+    assert ids == expected
+    with pytest.raises(ContextTooLongError, match="context window is 256 tokens"):
+        engine.generate([5] * 240, SamplingParams(max_new_tokens=20))
+
+
 def test_chat_uses_the_template_and_its_stop_token(engine):
     assert engine.template.name == "vicuna_v1.1"
     ids = engine.encode_chat([Message("user", "Hello!")])

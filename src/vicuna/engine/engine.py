@@ -43,8 +43,23 @@ def context_length(config: Any) -> int | None:
     text = config.get_text_config()
     for name in ("max_position_embeddings", "max_seq_len"):
         if value := getattr(text, name, None):
-            return int(value)
+            return scaled_positions(text, int(value))
     return None
+
+
+def scaled_positions(text_config: Any, positions: int) -> int:
+    """The positions a model with linear or YaRN RoPE scaling was made for: its original window (the config's
+    `max_position_embeddings` where the scaling names none) times the factor. Vicuna v1.5-16k's config says
+    4096 positions, the window of Llama 2 it was tuned from, and `"rope_scaling": {"type": "linear",
+    "factor": 4.0}` for its 16,384 (as FastChat and vLLM read it): read as 4,096, its long prompts were
+    refused, chats lost exchanges at a quarter of its window and `vicuna train` refused --max-length 16384.
+    Not dynamic NTK scaling, which transformers computes anew past the window, where our fast path's rotary
+    table would no longer be the model's; llama3's and longrope's configs give the scaled count."""
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None)
+    if not isinstance(rope, dict) or (rope.get("rope_type") or rope.get("type")) not in ("linear", "yarn"):
+        return positions
+    original = rope.get("original_max_position_embeddings") or positions
+    return max(positions, int(original * float(rope.get("factor") or 1.0)))
 
 
 def context_window(config: Any) -> int:
