@@ -246,3 +246,47 @@ def test_converting_into_a_log_draws_no_progress_bars(monkeypatch, tmp_path):
     builtin.convert_gguf(gguf, tmp_path / "model")  # pytest's stderr is no terminal
     assert bars == [False] * 6
     assert transformers_logging.is_progress_bar_enabled() == was
+
+
+def with_rope_scaling(path, kind: str, factor: float):
+    """A copy of the built-in GGUF file (a LLaMA-architecture model) whose header names a RoPE scaling, as
+    llama.cpp's converter writes Vicuna v1.5-16k's."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(builtin.builtin_gguf())
+    writer = gguf.GGUFWriter(path, arch="llama", endianess=reader.endianess)
+    scaling = {
+        "llama.rope.scaling.type": MetadataDetails(gguf.GGUFValueType.STRING, kind),
+        "llama.rope.scaling.factor": MetadataDetails(gguf.GGUFValueType.FLOAT32, factor),
+    }
+    copy_with_new_metadata(reader, writer, scaling, [])
+    return path
+
+
+def test_a_gguf_file_s_linear_rope_scaling_is_kept_in_the_converted_model(tmp_path):
+    """transformers' GGUF reader drops a LLaMA file's RoPE scaling: Vicuna v1.5-16k's GGUF became a model
+    that rotated every position four times too far. The converted config says it as the model's own
+    config.json does (the window before scaling, and the factor), for the file's 8,192 positions."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from vicuna.engine.engine import context_window
+
+    folder = builtin.convert_gguf(
+        with_rope_scaling(tmp_path / "smol-16k.gguf", "linear", 4.0), tmp_path / "hf"
+    )
+    config = AutoConfig.from_pretrained(folder)
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 4.0
+    assert context_window(config) == 8192
+    dim, theta = config.head_dim, config.rope_parameters["rope_theta"]
+    unscaled = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    torch.testing.assert_close(LlamaRotaryEmbedding(config).inv_freq, unscaled / 4)
+
+
+def test_a_gguf_file_with_a_rope_scaling_it_cannot_carry_is_refused_before_converting(tmp_path):
+    gguf = with_rope_scaling(tmp_path / "model.gguf", "yarn", 4.0)
+    with pytest.raises(ModelLoadError, match="scaled by 'yarn', which vicuna cannot carry over"):
+        builtin.convert_gguf(gguf, tmp_path / "models" / "model")
+    assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")] == []

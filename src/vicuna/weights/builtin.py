@@ -113,6 +113,7 @@ def gguf_bar(shown: bool) -> Iterator[None]:
 def _convert(gguf: Path, out: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    scaling = gguf_rope_scaling(gguf)  # before minutes of dequantizing: one it cannot carry is refused
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -133,6 +134,10 @@ def _convert(gguf: Path, out: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if scaling:  # said as Vicuna v1.5-16k's config.json says it: the window before scaling, and the factor
+        config = model.config
+        config.rope_parameters = {**config.rope_parameters, **scaling}
+        config.max_position_embeddings = int(config.max_position_embeddings // scaling["factor"])
     try:
         with transformers_bar(sys.stderr.isatty()):
             model.save_pretrained(staging)
@@ -145,6 +150,44 @@ def _convert(gguf: Path, out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)  # an incomplete folder from an older layout
     staging.rename(out)
     return out
+
+
+def gguf_rope_scaling(gguf: Path) -> dict | None:
+    """The RoPE scaling a LLaMA GGUF file's header names, as config.json's `rope_parameters` say it
+    (None: none). transformers' GGUF reader drops it: Vicuna v1.5-16k's GGUF (linear, x4) was converted into
+    a model that rotated every position four times too far, and wrote nonsense without a word. Linear
+    scaling is carried over (the file's context_length is the whole window, as llama.cpp reads it); another
+    kind, whose parameters the header holds in llama.cpp's own terms, is refused."""
+    try:
+        from gguf import GGUFReader, GGUFValueType
+
+        reader = GGUFReader(gguf)
+    except Exception:  # not readable: said by the conversion, which reads the whole file
+        return None
+
+    def value(key: str):
+        field = reader.fields.get(key)
+        if field is None or not field.data:
+            return None
+        part = field.parts[field.data[0]]
+        return bytes(part).decode() if field.types[0] == GGUFValueType.STRING else part[0].item()
+
+    arch = value("general.architecture")
+    if arch != "llama":  # others' scalings left as transformers reads them (gpt-oss's it carries over)
+        return None
+    kind = value(f"{arch}.rope.scaling.type")
+    factor = value(f"{arch}.rope.scaling.factor") or value(f"{arch}.rope.scale_linear")  # the older key
+    if kind is None and factor:
+        kind = "linear"
+    if kind in (None, "none") or (kind == "linear" and (factor or 1.0) == 1.0):
+        return None
+    if kind != "linear":
+        raise ModelLoadError(
+            f"{gguf}: its rotary embedding is scaled by {kind!r}, which vicuna cannot carry over from a GGUF "
+            "file (transformers' reader drops it, and the model would compute other logits than its own); "
+            "use the model's Hugging Face folder instead"
+        )
+    return {"rope_type": "linear", "factor": float(factor)}
 
 
 def gguf_described_size(gguf: Path) -> int | None:
