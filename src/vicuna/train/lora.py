@@ -31,7 +31,9 @@ OTHER_BASE = "the adapter was trained on another model: merge it into its own ba
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("merge", help="merge an adapter into its base model")
-    p.add_argument("--base", required=True, help="the base model's HF-format folder")
+    p.add_argument(
+        "--base", required=True, help="the base model: HF-format folder, .gguf file or Hub repo OWNER/NAME"
+    )
     p.add_argument(
         "--adapter", required=True, type=Path, help="the adapter folder (from `vicuna train --lora`)"
     )
