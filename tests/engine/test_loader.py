@@ -279,6 +279,19 @@ def test_a_config_that_does_not_match_pytorch_bin_weights_names_the_tensor(tmp_p
         load(model)
 
 
+def test_running_out_of_gpu_memory_while_loading_is_said_as_such(model_copy, monkeypatch, gpu_out_of_memory):
+    """Apple's GPU (mps) runs out of memory with a RuntimeError, which the loader took for a config that does
+    not match its weights: it compared every tensor's shape, then said "cannot load the weights"."""
+    from transformers import AutoModelForCausalLM
+
+    def from_pretrained(*args, **kwargs):
+        raise gpu_out_of_memory()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(ModelLoadError, match=r"out of memory while loading \(.*\); see `vicuna doctor`"):
+        load(model_copy)
+
+
 def test_index_listing_a_missing_shard(model_copy):
     (model_copy / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}})

@@ -404,10 +404,10 @@ def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
 
 def load_engine(settings: ModelSettings, *, progress: bool = True):
     """Check, load and place a model; returns a ready `Engine`."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from vicuna.engine.engine import Engine
+    from vicuna.engine.memory import out_of_memory
     from vicuna.engine.placement import check_fits, resolve_device, resolve_dtype
 
     start = time.perf_counter()
@@ -437,9 +437,11 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     try:
         with transformers_bar(progress and sys.stderr.isatty()):  # in a log: not a line redrawn 300 times
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=stored, device_map=device_map)
-    except torch.OutOfMemoryError as err:
-        raise ModelLoadError(f"{folder}: out of memory while loading ({err}); see `vicuna doctor`") from None
     except (OSError, RuntimeError, ValueError) as err:
+        if out_of_memory(err):  # CUDA's error, or mps's RuntimeError: not a config that mismatches
+            raise ModelLoadError(
+                f"{folder}: out of memory while loading ({err}); see `vicuna doctor`"
+            ) from None
         mismatched = shape_mismatches(folder, config) if isinstance(err, RuntimeError) else []
         if mismatched:
             more = len(mismatched) - 1
