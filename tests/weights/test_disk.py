@@ -157,3 +157,27 @@ def test_a_folder_written_in_place_in_one_that_may_not_be_written_is_locked_insi
     beside = disk.one_writer(tmp_path / "model", out)  # a folder made beside its output: no way round
     with pytest.raises(PermissionError):
         beside.__enter__()
+
+
+def test_a_job_that_waited_keeps_out_one_started_after_the_first_ended(monkeypatch, tmp_path):
+    """A job that waits (a first start downloading what another start is downloading) waited on the lock's
+    file, which the first job deleted as it ended: it then held a lock on a file no longer there, and a job
+    started after that locked a new file, so both wrote the folder."""
+    from vicuna.weights import disk
+
+    out = tmp_path / "model"
+    first, real_locked = disk.one_writer(out, out), disk.locked
+    first.__enter__()
+
+    def locked(handle, wait=True):
+        if wait:  # the first job ends while the second waits for it
+            monkeypatch.setattr(disk, "locked", real_locked)
+            first.__exit__(None, None, None)
+        return real_locked(handle, wait)
+
+    monkeypatch.setattr(disk, "locked", locked)
+    refused = pytest.raises(VicunaError, match=re.escape(f"another vicuna job is writing {out} now"))
+    with disk.one_writer(out, out, wait_as="downloading") as waited, refused:
+        assert waited
+        disk.one_writer(out, out).__enter__()  # a third job, started now
+    assert list(tmp_path.iterdir()) == []  # no lock left

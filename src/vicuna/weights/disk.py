@@ -4,6 +4,7 @@ amount it needs instead of failing hours later on a full disk, and the one-write
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import sys
 import time
@@ -88,26 +89,45 @@ def one_writer(out: Path, staging: Path, wait_as: str | None = None) -> Iterator
         if staging != out or not where.is_dir():
             raise
         lock = where / ".vicuna.lock"
-    with open(lock, "a") as handle:  # "a": no truncation of a file whose byte another process locked
-        waited = not locked(handle, wait=False)
-        if waited and wait_as is None:
-            raise VicunaError(
-                f"another vicuna job is writing {out} now"
-                + (f" ({staging})" if staging != out else "")
-                + "; wait for it to finish or stop it"
-            )
-        if waited:
-            print(
-                f"Waiting for another vicuna process {wait_as} into {out} (it holds {lock}) ...",
-                file=sys.stderr,
-                flush=True,
-            )
+    waited = False
+    while True:
+        # "a": no truncation of a file whose byte another process locked; closed as the job ends, below
+        handle = open(lock, "a")  # noqa: SIM115
+        if not locked(handle, wait=False):
+            if wait_as is None:
+                handle.close()
+                raise VicunaError(
+                    f"another vicuna job is writing {out} now"
+                    + (f" ({staging})" if staging != out else "")
+                    + "; wait for it to finish or stop it"
+                )
+            if not waited:
+                print(
+                    f"Waiting for another vicuna process {wait_as} into {out} (it holds {lock}) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            waited = True
             locked(handle)
-        try:
-            yield waited
-        finally:
-            with suppress(PermissionError):  # Windows removes no file held open: it stays, empty
-                lock.unlink(missing_ok=True)
+        if _names(lock, handle):
+            break
+        # the job waited for deleted this file as it ended: a job started since locks a new one, which
+        # this one must hold too, or both would write
+        handle.close()
+    try:
+        yield waited
+    finally:
+        with suppress(PermissionError):  # Windows removes no file held open: it stays, empty
+            lock.unlink(missing_ok=True)
+        handle.close()
+
+
+def _names(path: Path, handle: IO[str]) -> bool:
+    """Whether `path` still names the file `handle` has open."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(handle.fileno()))
+    except FileNotFoundError:
+        return False
 
 
 def disk_full(err: BaseException) -> bool:
