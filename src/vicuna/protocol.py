@@ -121,6 +121,8 @@ class _Sampling(_Strict):
         for key, bias in (value or {}).items():
             if not (key.isascii() and key.isdigit()):
                 raise ValueError(f"expected token ids as keys ('1734'), not {key!r}")
+            if len(key.lstrip("0")) > 12:  # int() refuses a key of thousands of digits: a 500
+                raise ValueError(f"token id {key[:12]}... ({len(key)} digits) is in no model's vocabulary")
             if not -100 <= bias <= 100:
                 raise ValueError(f"the bias of token {key} is {bias}, outside [-100, 100]")
         return value

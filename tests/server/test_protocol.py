@@ -103,6 +103,7 @@ def test_logit_bias_maps_token_ids_to_biases_and_names_a_bad_one():
         ({"a": 1}, "token ids as keys"),
         ({"-1": 1}, "token ids"),
         ({"1": 101}, "[-100, 100]"),
+        ({"9" * 5000: 1}, "(5000 digits) is in no model's vocabulary"),  # was a 500: int() refuses it
     ):
         err = refused(p.ChatCompletionRequest, body | {"logit_bias": bias})
         assert err.param == "logit_bias" and says in err.message, err.message
