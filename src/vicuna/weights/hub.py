@@ -115,11 +115,11 @@ def _hub_settings() -> dict:
 
 @contextmanager
 def hub_errors(repo_id: str) -> Iterator[None]:
-    """Turn huggingface_hub's and the network's errors into one-line VicunaErrors."""
+    """Turn huggingface_hub's and the network's errors, as planning a download meets them, into one-line
+    VicunaErrors (the files' own transfer says its errors in `fetch_files`)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
-        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -135,10 +135,6 @@ def hub_errors(repo_id: str) -> Iterator[None]:
         raise VicunaError(f"{repo_id} has no such revision: {err}") from err
     except HfHubHTTPError as err:
         raise VicunaError(f"{endpoint} answered an error for {repo_id}: {err}") from err
-    except LocalEntryNotFoundError as err:
-        if isinstance(err.__cause__, HfHubHTTPError):  # huggingface_hub blames the connection for any answer
-            raise VicunaError(f"{endpoint} answered an error for {repo_id}: {err.__cause__}") from err
-        raise VicunaError(f"cannot download {repo_id} from {endpoint}: {err}") from err
     except Exception as err:
         # huggingface_hub's HTTP client (httpx or httpx2, depending on its version) raises its own errors
         if type(err).__module__.split(".")[0] not in ("httpx", "httpx2"):
