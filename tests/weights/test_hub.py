@@ -423,3 +423,17 @@ def test_refuses_when_the_disk_is_too_small(hub, tmp_path, capsys, monkeypatch):
     assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
     assert "downloading org/tiny needs" in capsys.readouterr().err
     assert hub.downloads() == []
+
+
+def test_a_file_of_another_revision_counts_whole_in_the_disk_check(tmp_path):
+    """A file already there at another size (the repo updated it since) is fetched again whole, beside it:
+    the disk check counted only the difference in size, and the download filled the disk instead."""
+    from vicuna.weights.hub import Plan, RemoteFile
+
+    plan = Plan("org/tiny", "model", "0" * 40, (RemoteFile("model.safetensors", 1000, "b" * 40, "c" * 64),))
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 900)  # the older revision's
+    assert plan.missing_bytes(tmp_path) == 1000
+    (tmp_path / "model.safetensors.part").write_bytes(b"x" * 300)  # this revision's, interrupted
+    assert plan.missing_bytes(tmp_path) == 700
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
+    assert plan.missing_bytes(tmp_path) == 0

@@ -96,7 +96,7 @@ class Plan:
     def missing_bytes(self, folder: Path) -> int:
         """Bytes still to fetch into `folder`: files already there at their full size count as done, and the
         `.part` of an interrupted one as far as it goes."""
-        return sum(max(f.size - _part_size(folder / f.path), 0) for f in self.files)
+        return sum(max(f.size - _part_size(folder / f.path, f.size), 0) for f in self.files)
 
 
 def select_files(paths: list[str], include: list[str] | None = None) -> list[str]:
@@ -328,9 +328,10 @@ def _same_size(path: Path, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size
 
 
-def _part_size(path: Path) -> int:
-    """Bytes of `path` already here: all of it, or what its `.part` holds."""
-    if path.is_file():
-        return path.stat().st_size
+def _part_size(path: Path, size: int) -> int:
+    """Bytes of `path` already here: all of it at its full `size`, else what its `.part` holds (a file of
+    another size, from another revision, is fetched again whole into the `.part`, beside it)."""
+    if _same_size(path, size):
+        return size
     part = path.with_name(path.name + ".part")
     return part.stat().st_size if part.is_file() else 0
