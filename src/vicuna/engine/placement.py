@@ -302,7 +302,7 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
         print(f"notice: {said}", file=sys.stderr)
     if device.type == "cuda":
         gpus = settings.num_gpus
-        if settings.load_8bit and gpus > 1:  # quantized whole on the CPU, then moved (quant.quantize_int8)
+        if settings.load_8bit and gpus > 1:  # quantized layer by layer onto one device (quant.quantize_int8)
             print("notice: --load-8bit keeps the model on one GPU; --num-gpus is ignored", file=sys.stderr)
             gpus = 1
         budgets = gpu_budgets(hw, settings)[:gpus]
