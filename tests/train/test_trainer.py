@@ -856,6 +856,8 @@ def test_qlora_without_a_bitsandbytes_transformers_takes_is_a_clear_error(
     import torch
     from transformers.utils.import_utils import BITSANDBYTES_MIN_VERSION
 
+    from vicuna.shell import quote
+
     def version(name):
         if name != "bitsandbytes":
             return real(name)
@@ -873,11 +875,13 @@ def test_qlora_without_a_bitsandbytes_transformers_takes_is_a_clear_error(
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # check_gpus: no GPU to refuse
+    monkeypatch.setattr(sys, "executable", "/opt/my tools/bin/python")  # a path the shell needs quoted
     args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data_file)]
     assert cli([*args, "--output-dir", str(tmp_path / "out"), "--qlora"]) == 2
     err = capsys.readouterr().err
     assert said in err
-    assert f"{sys.executable} -m pip install " in err  # this Python's pip: a pipx install's, not another's
+    # this Python's pip (a pipx install's, not another's), its path quoted for the shell where it must be
+    assert f"{quote(sys.executable)} -m pip install " in err
     if installed:
         assert f"pip install -U 'bitsandbytes>={BITSANDBYTES_MIN_VERSION}'" in err
     assert not (tmp_path / "out").exists()  # refused before anything was written
