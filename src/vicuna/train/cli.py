@@ -96,7 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--logging-steps", type=int, default=10, help="print loss, lr and tokens/s every N steps")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    g.add_argument("--force", action="store_true", help="train on a GPU below compute capability 7.5 anyway")
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="train anyway on a GPU below compute capability 7.5, or without a CUDA GPU where the RAM "
+        "available seems too small (swap may hold the rest, slowly)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

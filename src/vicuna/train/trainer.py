@@ -144,7 +144,8 @@ def check_fits_in_ram(folder: Path, cfg: TrainConfig, compute_dtype: Any) -> Non
     CPU, or on Apple's GPU, which shares the RAM). A full fine-tune holds float32 weights, their gradients
     and AdamW's two moments, 16 bytes a parameter (a 7B model: 100 GiB); LoRA the weights in the compute
     dtype. Unchecked, a 7B model on an 8 GB laptop was killed by the system, after minutes of loading, with
-    no word of why. Activations come on top, and are not counted."""
+    no word of why. Activations come on top, and are not counted. RAM available leaves out swap: with enough
+    of it a run may still go, slowly, and --force lets it."""
     from vicuna.engine.loader import read_config
     from vicuna.engine.memory import gib, model_size, probe_hardware
     from vicuna.errors import DoesNotFitError
@@ -167,7 +168,7 @@ def check_fits_in_ram(folder: Path, cfg: TrainConfig, compute_dtype: Any) -> Non
     )
     raise DoesNotFitError(
         f"{folder}: training it needs about {gib(need)} of RAM for {what}, "
-        f"but {gib(available)} is available{hint}"
+        f"but {gib(available)} is available{hint}; --force tries anyway (with swap: slowly)"
     )
 
 
@@ -778,7 +779,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any]) -> Path:
             "fine for a tiny model, far too slow for a 7B one",
             flush=True,
         )
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not cfg.force:
         check_fits_in_ram(folder, cfg, compute_dtype)
     if cfg.lora:
         check_lora_target(folder, cfg)  # before start_or_resume writes anything
