@@ -599,10 +599,15 @@ def test_a_gguf_file_whose_conversion_cannot_fit_the_ram_is_refused_before_it_st
     tmp_path, monkeypatch, capsys
 ):
     """A GGUF file is dequantized into float32 in memory as it is converted: a 7B model's 4 GB Q4 file was
-    converted on an 8 GB laptop until the system killed `vicuna chat`, before the model's fit was checked."""
+    converted on an 8 GB laptop until the system killed `vicuna chat`, before the model's fit was checked.
+    Free swap counts: the conversion, made once, may page (as it could before the check)."""
     import dataclasses
+    from types import SimpleNamespace
+
+    import psutil
 
     from vicuna.engine import memory
+    from vicuna.engine.loader import check_conversion_fits
     from vicuna.weights.builtin import builtin_gguf, gguf_cache_dir
 
     monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
@@ -610,9 +615,13 @@ def test_a_gguf_file_whose_conversion_cannot_fit_the_ram_is_refused_before_it_st
     gguf.symlink_to(builtin_gguf())  # 134.5M parameters: 513 MiB in float32
     hw = dataclasses.replace(memory.probe_hardware(), ram_available=400 * 2**20)
     monkeypatch.setattr(memory, "probe_hardware", lambda: hw)
+    monkeypatch.setattr(psutil, "swap_memory", lambda: SimpleNamespace(free=0))
     assert cli(["chat", "--model-path", str(gguf), "--device", "cpu"]) == 2
-    assert "to float32: at least 513 MiB of RAM, and 400 MiB is available" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "to float32: at least 513 MiB of memory, and 400 MiB is available (RAM and swap)" in err
     assert not gguf_cache_dir(gguf).exists()  # nothing converted
+    monkeypatch.setattr(psutil, "swap_memory", lambda: SimpleNamespace(free=200 * 2**20))
+    assert check_conversion_fits(gguf) > 500 * 2**20  # with swap it goes on: the copy's size, for the disk
 
 
 def test_a_gguf_file_whose_float32_copy_cannot_fit_the_disk_is_refused_before_it_converts(

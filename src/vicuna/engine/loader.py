@@ -62,8 +62,10 @@ def check_conversion_fits(gguf: Path) -> int:
     """Refuse a GGUF file whose conversion cannot fit the RAM, before it starts: its weights are dequantized
     into float32 in memory (the built-in model's peaked at 1.4x their float32 size), so a 7B model's 4 GB
     Q4 file needs over 27 GB, and on an 8 GB laptop the system killed `vicuna chat` (or `vicuna doctor`)
-    with no word of why. Read from the file's header only. Returns the float32 copy's size, which the
-    conversion needs on disk (0 where the header cannot be read)."""
+    with no word of why. Swap counts, free: a one-time conversion may page, as it did before this check.
+    Read from the file's header only. Returns the float32 copy's size, which the conversion needs on disk
+    (0 where the header cannot be read)."""
+    import psutil
     import torch
     from transformers import AutoConfig
 
@@ -74,11 +76,13 @@ def check_conversion_fits(gguf: Path) -> int:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception:  # said by the conversion, which reads the whole file
         return 0
-    need, available = model_size(config).weight_bytes(torch.float32), probe_hardware().ram_available
+    need = model_size(config).weight_bytes(torch.float32)
+    available = probe_hardware().ram_available + psutil.swap_memory().free
     if need > available:
         raise DoesNotFitError(
             f"{gguf}: vicuna runs a GGUF file by converting it once into an HF folder, its weights dequantized "
-            f"to float32: at least {gib(need)} of RAM, and {gib(available)} is available. Convert it on a "
+            f"to float32: at least {gib(need)} of memory, and {gib(available)} is available (RAM and swap). "
+            "Convert it on a "
             "machine with more memory (the folder goes in $VICUNA_HOME/models), or use a smaller model"
         )
     return need
