@@ -280,7 +280,7 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's cap: a bound on the work (and the reply)
 
 
 class EmbeddingRequest(_Strict):
-    model: str
+    model: str | None = None  # left out: the served model, as in chat and completions
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = "float"
     user: str | None = None

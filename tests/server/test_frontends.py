@@ -98,6 +98,8 @@ def test_sillytavern_generic_text_completion_without_a_model_gets_the_served_one
     assert r.status_code == 200 and r.json()["model"] == MODEL
     r = http.post("/v1/completions", json={**body, "model": "gpt-4"})  # a model named is still checked
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = http.post("/v1/embeddings", json={"input": "Hi"})  # the same for embeddings, as vLLM takes it
+    assert r.status_code == 200 and r.json()["model"] == MODEL
 
 
 def test_a_base_url_ending_in_a_slash_is_told_to_drop_it(http):
