@@ -67,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("generation")
     g.add_argument("--temperature", type=float, default=0.7, help="0: always the most likely token")
     g.add_argument(
-        "--top-p", type=float, default=1.0, help="sample from the most likely tokens that add up to P"
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the most likely tokens that add up to P (0: always the most likely token)",
     )
     g.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (0: from all)")
     g.add_argument(
@@ -821,7 +824,7 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
     the same message as -1; inf passed, to draw every token alike (or from nan beside top-k or top-p)."""
     checks = [
         ("--temperature", args.temperature, args.temperature >= 0, "at least 0"),
-        ("--top-p", args.top_p, 0 < args.top_p <= 1, "more than 0 and at most 1"),
+        ("--top-p", args.top_p, 0 <= args.top_p <= 1, "at least 0 and at most 1"),
         ("--top-k", args.top_k, args.top_k >= 0, "at least 0"),
         ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0, "more than 0"),
         ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),  # 0: no reply
@@ -841,9 +844,10 @@ def main(args: argparse.Namespace) -> int:
     from vicuna.engine.placement import resolve_device
 
     check_sampling_flags(args)
+    greedy = args.top_p == 0  # as the API takes it: the smallest nucleus is the most likely token
     params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
+        temperature=0.0 if greedy else args.temperature,
+        top_p=1.0 if greedy else args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens,

@@ -827,8 +827,8 @@ def test_max_new_tokens_beyond_the_context_window_is_refused_before_loading(
         (["--temperature", "-1"], "--temperature must be at least 0, not -1"),
         (["--temperature", "nan"], "--temperature must be a number, not nan"),
         (["--temperature", "inf"], "--temperature must be a finite number, not inf"),
-        (["--top-p", "0"], "--top-p must be more than 0 and at most 1, not 0"),
-        (["--top-p", "1.5"], "--top-p must be more than 0 and at most 1, not 1.5"),
+        (["--top-p", "-0.5"], "--top-p must be at least 0 and at most 1, not -0.5"),
+        (["--top-p", "1.5"], "--top-p must be at least 0 and at most 1, not 1.5"),
         (["--top-k", "-3"], "--top-k must be at least 0, not -3"),
         (["--repetition-penalty", "0"], "--repetition-penalty must be more than 0, not 0"),
         (["--repetition-penalty", "nan"], "--repetition-penalty must be a number, not nan"),
@@ -845,6 +845,19 @@ def test_a_bad_sampling_flag_is_refused_naming_the_flag_and_its_value(flags, sai
     monkeypatch.setattr(vicuna.engine.loader, "resolve_model_path", never)
     assert cli(["chat", *flags]) == 2
     assert capsys.readouterr().err == f"error: {said}\n"
+
+
+def test_top_p_0_is_greedy_decoding_as_in_the_api(tiny_llama_dir, monkeypatch):
+    """The API takes top_p 0 as greedy decoding (the smallest nucleus is the most likely token); the chat
+    refused '--top-p 0' as "must be more than 0"."""
+    import vicuna.engine.loader
+
+    used = []
+    monkeypatch.setattr(vicuna.engine.loader, "load_engine", lambda settings: EchoEngine())
+    monkeypatch.setattr(chat_module, "run_chat", lambda engine, io, params, **kwargs: used.append(params))
+    flags = ["--top-p", "0", "--temperature", "0.9", "--max-new-tokens", "20"]
+    assert cli(["chat", "--model-path", str(tiny_llama_dir), *flags]) == 0
+    assert (used[0].temperature, used[0].top_p) == (0.0, 1.0)
 
 
 def test_device_flags_are_refused_before_the_model_is_converted_or_read(monkeypatch, capsys):
