@@ -565,6 +565,41 @@ def test_float16_trains_on_apple_s_gpu_where_pytorch_scales_its_gradients(monkey
         precision("float16")
 
 
+@pytest.mark.parametrize("macos_14", [False, True])
+def test_bfloat16_on_apple_s_gpu_before_macos_14_is_refused_before_loading(
+    monkeypatch, tmp_path, data_file, capsys, macos_14
+):
+    """Apple's GPU computes in bfloat16 from macOS 14 on: chat and serve refuse `--dtype bfloat16` on mps
+    before it, but train went on to read the data and load the model, which PyTorch then failed on."""
+    import torch
+
+    import vicuna.train.trainer
+    from vicuna.train.trainer import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos_14)
+    if macos_14:
+        assert precision("bfloat16") == (torch.bfloat16, "bf16")
+        return
+    said = (
+        "--dtype bfloat16 on mps needs macOS 14 or newer, where Apple's GPU computes in bfloat16; "
+        "use --dtype float16 or float32"
+    )
+    with pytest.raises(VicunaError) as info:
+        precision("bfloat16")
+    assert str(info.value) == said
+    assert precision("auto") == (torch.float32, "no")  # not asked for: nothing to refuse
+
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(vicuna.train.trainer, "read_and_tokenize", never)
+    args = ["train", "--data", str(data_file), "--output-dir", str(tmp_path / "out"), "--dtype", "bfloat16"]
+    assert cli(args) == 2
+    assert capsys.readouterr().err == f"error: {said}\n"
+
+
 def test_qlora_without_cuda_is_a_clear_error(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
     import torch
 

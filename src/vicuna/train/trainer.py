@@ -214,6 +214,13 @@ def precision(dtype: str, *, warn: bool = True) -> tuple[Any, str]:
         warn_if_bfloat16_is_emulated()
     if dtype == "auto":
         dtype = ("bfloat16" if native_bfloat16() else "float16") if cuda else "float32"
+    mps = not cuda and torch.backends.mps.is_available()  # where Trainer puts the model, as chat does
+    if dtype == "bfloat16" and mps and not torch.backends.mps.is_macos_or_newer(14, 0):
+        # as chat and serve say (`resolve_device`); unrefused, the data was read and the model loaded first
+        raise VicunaError(
+            "--dtype bfloat16 on mps needs macOS 14 or newer, where Apple's GPU computes in bfloat16; "
+            "use --dtype float16 or float32"
+        )
     if dtype == "float16" and not cuda:
         if not torch.backends.mps.is_available():
             raise VicunaError(
