@@ -256,28 +256,32 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path, monkeyp
     assert verify_manifest(target, progress=False) == []
 
 
-def test_an_older_vicunas_unfinished_files_are_deleted_once_the_download_succeeds(
+def test_an_older_vicunas_unfinished_files_are_deleted_before_the_download(
     hub, tmp_path, monkeypatch, capsys
 ):
     """An older vicuna downloaded with huggingface_hub, which left a killed run's bytes in
     `.cache/huggingface/download/*.incomplete`; today's download fetches into `FILE.part` and never reads
-    them, so they held their gigabytes for good. Deleted after a successful download, and only they."""
+    them. They were deleted only after a successful download, so a disk they filled was refused by the
+    free-disk check ("needs ... of free disk") instead of cleaned. Now deleted first, and only they."""
+    import shutil
+
     target = tmp_path / "tiny"
     cache = target / ".cache" / "huggingface" / "download"
     (cache / "sub").mkdir(parents=True)
     stale = [cache / "Yt3Ss1iN.a1b2c3.incomplete", cache / "sub" / "x.d4e5.incomplete"]
     for path in stale:
-        path.write_bytes(b"\0" * 1000)
+        path.write_bytes(b"\0" * 60_000)
     kept = [cache / "model.safetensors.metadata", target / "notes.incomplete"]
     for path in kept:
         path.write_text("mine")
+    real = shutil.disk_usage
 
-    hub.drops, hub.drop_at = {"model.safetensors": 100}, 10  # fails: nothing is deleted
-    monkeypatch.setattr("vicuna.weights.meta_download.time.sleep", lambda seconds: None)
-    assert main(["download", "org/tiny", "--dir", str(target)]) == 2
-    assert all(path.exists() for path in stale + kept)
+    def full(folder):  # a full disk: its only room is what the stale files held, once deleted
+        return real(folder)._replace(free=sum(60_000 for path in stale if not path.exists()))
 
-    hub.drops = {}
+    monkeypatch.setattr(shutil, "disk_usage", full)
+    assert sum(map(len, REPO.values())) - len(REPO["pytorch_model.bin"]) < 120_000  # what is fetched fits
+
     assert main(["download", "org/tiny", "--dir", str(target)]) == 0
     assert not any(path.exists() for path in stale)
     assert all(path.read_text() == "mine" for path in kept)

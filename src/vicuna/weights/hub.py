@@ -194,6 +194,7 @@ def download(
     with one_writer(target, target, wait_as="downloading" if wait else None) as waited:
         if waited and downloaded(plan, target):
             return target
+        drop_stale_incompletes(target)  # first: a disk they filled has room once they are gone
         ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
         print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
         fetch_files(plan, target)
@@ -201,7 +202,6 @@ def download(
         from vicuna.weights.manifest import write_manifest
 
         write_manifest(target, known=checked)  # the weights' sha256 just computed: not read a second time
-        drop_stale_incompletes(target)
     return target
 
 
@@ -225,8 +225,9 @@ def downloaded(plan: Plan, target: Path) -> bool:
 def drop_stale_incompletes(target: Path) -> None:
     """Delete what an older vicuna's interrupted download left in `target`: it used huggingface_hub, which
     writes each file to `.cache/huggingface/download/*.incomplete`, left for good by a kill. Today's download
-    never reads them (it resumes from `FILE.part`), and they may hold gigabytes. Called once the download is
-    complete and checked, so nothing still wanted is lost."""
+    never reads them (it resumes from `FILE.part`), and they may hold gigabytes: deleted before the free-disk
+    check, which refused a disk they filled (counted as space to be freed, they would still fill it while the
+    download needed the room)."""
     stale = list((target / ".cache" / "huggingface" / "download").rglob("*.incomplete"))
     freed = 0
     for path in stale:
