@@ -377,3 +377,22 @@ def test_template_render_hf_of_a_model_without_a_chat_template_says_so(tiny_llam
     assert cli(["template", "render", "hf", "--messages", str(f), "--model-path", str(tiny_llama_dir)]) == 2
     err = capsys.readouterr().err
     assert f"error: {tiny_llama_dir}: its tokenizer has no chat template for `hf` to render" in err
+
+
+@pytest.mark.parametrize(
+    "model_name, expected",
+    [
+        ("vicuna-13b-delta-v0", "vicuna_v0"),
+        ("vicuna_7b_v0", "vicuna_v0"),
+        ("vicuna-7b-v0.Q4_0-0123456789ab", "vicuna_v0"),  # a GGUF file's converted copy
+        ("vicuna-13b-v1.5-gptq-v0.1", "vicuna_v1.1"),
+        ("vicuna-7b-v1.5-rev0", "vicuna_v1.1"),
+        ("vicuna-fans/vicuna-7b-v1.3", "vicuna_v1.1"),
+        ("vicuna-org/Mistral-7B-Instruct-v0.2", "vicuna_v1.1"),
+        ("Mistral-7B-Instruct-v0.2", "vicuna_v1.1"),
+    ],
+)
+def test_vicuna_v0_is_picked_by_a_v0_version_not_by_v0_anywhere_in_the_name(model_name, expected):
+    """`"vicuna" in name and "v0" in name` gave a Vicuna v1.x fine-tune versioned v0.1 (or a Hub repository
+    whose owner's name holds vicuna) the `### Human:` template it was never trained on."""
+    assert choose_template_name(None, has_chat_template=False, model_name=model_name) == expected

@@ -467,12 +467,19 @@ def choose_template_name(requested: str | None, *, has_chat_template: bool, mode
         return requested
     if has_chat_template:
         return "hf"
-    name = model_name.lower()
-    if "vicuna" in name and "v0" in name:
+    name = model_name.lower().rsplit("/", 1)[-1]  # a Hub repository's name, not its owner's
+    if "vicuna" in name and _has_word(name, "v0"):
         return "vicuna_v0"
     if "llama-2" in name and "chat" in name:
         return "llama-2"
     return "vicuna_v1.1"
+
+
+def _has_word(name: str, word: str) -> bool:
+    """Whether `word` (a regex) stands in a model's name as a word of its own, between separators: as a
+    substring `v0` was found in a Vicuna v1.5 fine-tune's `-v0.1` (and in `rev0`), which then got
+    Vicuna v0's template. A dot and a digit after it are a longer version (`v0.1`), not this one."""
+    return re.search(rf"(?<![a-z0-9]){word}(?![a-z0-9]|\.[0-9])", name) is not None
 
 
 def parse_messages(data: object, source: str = "messages") -> list[Message]:
