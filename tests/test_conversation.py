@@ -396,3 +396,23 @@ def test_vicuna_v0_is_picked_by_a_v0_version_not_by_v0_anywhere_in_the_name(mode
     """`"vicuna" in name and "v0" in name` gave a Vicuna v1.x fine-tune versioned v0.1 (or a Hub repository
     whose owner's name holds vicuna) the `### Human:` template it was never trained on."""
     assert choose_template_name(None, has_chat_template=False, model_name=model_name) == expected
+
+
+@pytest.mark.parametrize(
+    "model_name, expected",
+    [
+        ("Llama2-7b-chat", "llama-2"),
+        ("llama-2-13b-chat-hf", "llama-2"),
+        ("meta-llama/Llama-2-7b-chat-hf", "llama-2"),
+        ("llama2_7b_chat", "llama-2"),
+        ("Llama-2-7B-Chat.Q4_K_M-0123456789ab", "llama-2"),  # a GGUF file's converted copy
+        ("llama-2-7b-hf", "vicuna_v1.1"),
+        ("openchat-llama-2-13b", "vicuna_v1.1"),  # its own format, not Llama 2 chat's
+        ("llama-2-7b-chatml", "vicuna_v1.1"),
+    ],
+)
+def test_llama_2_chat_is_picked_by_its_common_spellings(model_name, expected):
+    """Only `llama-2` with a hyphen was looked for: Llama2-7b-chat and llama2_7b_chat, without a chat
+    template, got vicuna_v1.1's `USER: ... ASSISTANT:` and their replies ran on; and `chat` was any
+    substring (openchat, chatml)."""
+    assert choose_template_name(None, has_chat_template=False, model_name=model_name) == expected

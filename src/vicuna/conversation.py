@@ -470,7 +470,7 @@ def choose_template_name(requested: str | None, *, has_chat_template: bool, mode
     name = model_name.lower().rsplit("/", 1)[-1]  # a Hub repository's name, not its owner's
     if "vicuna" in name and _has_word(name, "v0"):
         return "vicuna_v0"
-    if "llama-2" in name and "chat" in name:
+    if _has_word(name, "llama[-_]?2") and _has_word(name, "chat"):  # Llama-2-7b-chat-hf, llama2_7b_chat
         return "llama-2"
     return "vicuna_v1.1"
 
