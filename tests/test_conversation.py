@@ -89,7 +89,7 @@ def test_chatml():
     )
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1.1", "vicuna_v0", "llama-2", "chatml"])
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "vicuna_v0", "llama-2", "llama-3", "chatml"])
 def test_trainable_segments_are_exactly_the_replies_and_end_markers(name):
     t = get_template(name)
     segments = t.segments(DONE, add_generation_prompt=False)
@@ -326,7 +326,7 @@ def test_fastchat_s_template_names_are_refused_as_read_with_the_one_to_use(comma
     err = capsys.readouterr().err
     assert "unknown template 'one_shot'" in err and "FastChat's one_shot is vicuna_v0 here" in err
     with pytest.raises(SystemExit):
-        cli(["chat", "--conv-template", "llama-3"])
+        cli(["chat", "--conv-template", "mistral"])
     assert "hf: the model's own chat template" in capsys.readouterr().err
 
 
@@ -416,3 +416,40 @@ def test_llama_2_chat_is_picked_by_its_common_spellings(model_name, expected):
     template, got vicuna_v1.1's `USER: ... ASSISTANT:` and their replies ran on; and `chat` was any
     substring (openchat, chatml)."""
     assert choose_template_name(None, has_chat_template=False, model_name=model_name) == expected
+
+
+def test_llama_3_is_exactly_the_published_format():
+    msgs = [Message("system", "S"), *CHAT[:2], Message("user", " 你好\n")]
+    assert render(get_template("llama-3"), msgs) == (
+        "<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHello!<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHi!<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n你好<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert get_template("llama-3").stop == ("<|eot_id|>",)
+
+
+@pytest.mark.parametrize(
+    "model_name, special_tokens, expected",
+    [
+        ("Meta-Llama-3-8B-Instruct", (), "llama-3"),
+        ("meta-llama/Llama-3.1-8B-Instruct", (), "llama-3"),
+        ("llama3_8b_instruct", (), "llama-3"),
+        ("Meta-Llama-3.1-8B-Instruct.Q4_K_M-0123456789ab", (), "llama-3"),  # a GGUF file's converted copy
+        (
+            "my-model",
+            ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            "llama-3",
+        ),
+        ("Meta-Llama-3-8B", (), "vicuna_v1.1"),  # a base model, named so, with another tokenizer
+        ("my-model", ("<|eot_id|>",), "vicuna_v1.1"),
+    ],
+)
+def test_a_llama_3_model_without_a_chat_template_gets_llama_3(model_name, special_tokens, expected):
+    """A Llama 3 model whose tokenizer has no chat template (an old conversion, a GGUF file without one) got
+    vicuna_v1.1, and its replies stopped only at a literal `</s>`, which Llama 3 never writes."""
+    chosen = choose_template_name(
+        None, has_chat_template=False, model_name=model_name, special_tokens=special_tokens
+    )
+    assert chosen == expected

@@ -102,7 +102,7 @@ def write_tiny_llama(
     sp_dir.mkdir(exist_ok=True)
     write_sentencepiece(sp_dir / "tokenizer.model")
     tokenizer = LlamaTokenizer.from_pretrained(sp_dir, add_bos_token=True)
-    config = tiny_llama_config(len(tokenizer), **config_overrides)
+    config = tiny_llama_config(**{"vocab_size": len(tokenizer), **config_overrides})
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out)

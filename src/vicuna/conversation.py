@@ -12,7 +12,7 @@ import argparse
 import bisect
 import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Protocol
@@ -48,8 +48,8 @@ class Segment:
 
 class Template(Protocol):
     name: str
-    # the system prompt of messages without one ("" an empty one; None, `hf`, `llama-2` and `chatml`
-    # only: none, so the chat template's own default, or no system block)
+    # the system prompt of messages without one ("" an empty one; None, `hf`, `llama-2`, `llama-3` and
+    # `chatml` only: none, so the chat template's own default, or no system block)
     system: str | None
     stop: tuple[str, ...]  # text that ends an assistant turn
     # whether the tokenizer adds its special tokens (BOS) to the rendered text, as it does to the
@@ -274,6 +274,32 @@ class ChatML:
         return out
 
 
+@dataclass(frozen=True)
+class Llama3:
+    """Llama 3 / 3.1 instruct: each turn `<|start_header_id|>ROLE<|end_header_id|>\\n\\n` then its text and
+    `<|eot_id|>`; the tokenizer adds `<|begin_of_text|>`. As Meta's reference code does, each turn's text
+    is stripped of whitespace at its ends; a system message is a system turn even when it is empty."""
+
+    name: str = "llama-3"
+    system: str | None = None
+    stop: tuple[str, ...] = ("<|eot_id|>",)
+    add_special_tokens: bool = True
+
+    def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]:
+        def turn(role: str, text: str) -> str:
+            return f"<|start_header_id|>{role}<|end_header_id|>\n\n{text.strip()}<|eot_id|>"
+
+        system, turns = split_system(messages, self.system, add_generation_prompt)
+        out, prompt = [], turn("system", system) if system is not None else ""
+        for message in turns:
+            if message.role == "user":
+                prompt += turn("user", message.content) + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+            else:
+                out += [Segment(prompt), Segment(f"{message.content.strip()}<|eot_id|>", trainable=True)]
+                prompt = ""
+        return out + [Segment(prompt)] if prompt else out
+
+
 # (messages as OpenAI-style dicts, add_generation_prompt) -> prompt text
 ApplyChatTemplate = Callable[[list[dict[str, str]], bool], str]
 
@@ -422,7 +448,9 @@ class HFTemplate:
         return True
 
 
-BUILTIN_TEMPLATES: dict[str, Template] = {t.name: t for t in (VicunaV11(), VicunaV0(), Llama2(), ChatML())}
+BUILTIN_TEMPLATES: dict[str, Template] = {
+    t.name: t for t in (VicunaV11(), VicunaV0(), Llama2(), Llama3(), ChatML())
+}
 TEMPLATE_NAMES: tuple[str, ...] = (*BUILTIN_TEMPLATES, "hf")
 
 
@@ -457,8 +485,11 @@ def with_system(template: Template, system: str | None) -> Template:
     return template if system is None else replace(template, system=system)  # type: ignore[type-var]
 
 
-def choose_template_name(requested: str | None, *, has_chat_template: bool, model_name: str) -> str:
-    """`--conv-template` wins; else the model's own chat template; else by the model's name; else vicuna_v1.1."""
+def choose_template_name(
+    requested: str | None, *, has_chat_template: bool, model_name: str, special_tokens: Collection[str] = ()
+) -> str:
+    """`--conv-template` wins; else the model's own chat template; else by the model's name or its tokenizer's
+    special tokens; else vicuna_v1.1."""
     if requested:
         if requested not in TEMPLATE_NAMES:
             raise VicunaError(unknown_template(requested))
@@ -472,6 +503,12 @@ def choose_template_name(requested: str | None, *, has_chat_template: bool, mode
         return "vicuna_v0"
     if _has_word(name, "llama[-_]?2") and _has_word(name, "chat"):  # Llama-2-7b-chat-hf, llama2_7b_chat
         return "llama-2"
+    # A Llama 3 tokenizer without its chat template (an old conversion, a GGUF file without one): with
+    # vicuna_v1.1, replies stopped only at a `</s>` that Llama 3 never writes.
+    if {"<|start_header_id|>", "<|eot_id|>"} <= set(special_tokens) or (
+        _has_word(name, r"llama[-_]?3(\.[0-9])?") and _has_word(name, "instruct")
+    ):
+        return "llama-3"
     return "vicuna_v1.1"
 
 

@@ -415,6 +415,26 @@ def test_a_bad_recorded_template_is_named_with_its_file(model_copy, text, expect
     assert load_engine(ModelSettings(model_path=str(model_copy), conv_template="chatml"), progress=False)
 
 
+def test_a_llama_3_tokenizer_without_a_chat_template_gets_llama_3_and_stops_at_its_end_of_turn(tmp_path):
+    """Known by its tokenizer's special tokens, whatever its folder is named: before, vicuna_v1.1, whose
+    `</s>` a Llama 3 model never writes, so replies ran on to the token limit."""
+    from transformers import AutoTokenizer
+
+    from vicuna.conversation import Message
+
+    specials = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    folder = write_tiny_llama(tmp_path / "model", vocab_size=403)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert len(tokenizer) == 400 and not tokenizer.chat_template
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.save_pretrained(folder)
+    engine = load(folder)
+    assert engine.template.name == "llama-3"
+    assert engine.template_stop_ids == (402,)  # <|eot_id|>, a token: its text is never decoded
+    ids = engine.encode_chat([Message("user", "Hi")])  # BOS, then each header and end of turn one token
+    assert ids[:2] == [1, 400] and [ids.count(t) for t in (400, 401, 402)] == [2, 2, 1]
+
+
 def without_bos_token(model_copy, chat_template=None):
     data = json.loads((model_copy / "tokenizer_config.json").read_text())
     data["bos_token"] = None

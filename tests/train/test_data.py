@@ -115,7 +115,7 @@ def test_inspected_masks_are_exactly_the_replies_and_end_markers(
         assert "ASSISTANT:[[ Hi! How are you today?</s>]]USER:" in shown
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1.1", "vicuna_v0", "llama-2", "chatml"])
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "vicuna_v0", "llama-2", "llama-3", "chatml"])
 def test_offsets_and_prefix_tokenization_agree(name, tokenizer, tmp_path):
     """The path for tokenizers without offsets (prefix tokenization) labels the same tokens."""
     [conv] = read_records(tmp_path, [CONVERSATION])

@@ -391,6 +391,7 @@ def pick_template(settings: ModelSettings, tokenizer: Any, folder: Path, model_n
             requested,
             has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
             model_name=model_name,
+            special_tokens=set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder),
         )
     except VicunaError as err:  # said as if --conv-template, which was not given, had named it
         if settings.conv_template is not None:
