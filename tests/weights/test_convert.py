@@ -111,7 +111,16 @@ def rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def reference_logits(params: dict, w: dict, tokens: list[int]) -> torch.Tensor:
+def llama3_scaled(freqs: torch.Tensor) -> torch.Tensor:
+    """Meta's Llama 3.1 scaling of rotary frequencies (factor 8, low/high frequency factors 1 and 4, over the
+    8192-token window): wavelengths under 8192/4 kept, over 8192 divided by 8, blended in between."""
+    wavelength = 2 * math.pi / freqs
+    blend = (8192 / wavelength - 1.0) / (4.0 - 1.0)
+    between = (1 - blend) * freqs / 8 + blend * freqs
+    return torch.where(wavelength < 8192 / 4, freqs, torch.where(wavelength > 8192, freqs / 8, between))
+
+
+def reference_logits(params: dict, w: dict, tokens: list[int], positions=None) -> torch.Tensor:
     """LLaMA's forward pass as Meta wrote it: rotary embedding on interleaved pairs (as complex numbers)."""
     dim, heads = params["dim"], params["n_heads"]
     kv = params.get("n_kv_heads") or heads
@@ -119,7 +128,10 @@ def reference_logits(params: dict, w: dict, tokens: list[int]) -> torch.Tensor:
     w = {k: v.double() for k, v in w.items()}
     T = len(tokens)
     freqs = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    angles = torch.outer(torch.arange(T, dtype=torch.float64), freqs)
+    if params.get("use_scaled_rope"):
+        freqs = llama3_scaled(freqs)
+    at = torch.arange(T) if positions is None else torch.tensor(positions)
+    angles = torch.outer(at.to(torch.float64), freqs)
     rot = torch.polar(torch.ones_like(angles), angles)[:, None, :]  # (T, 1, hd/2)
 
     def rope(x):  # (T, heads, hd): pairs (2i, 2i+1) rotate together
@@ -143,12 +155,13 @@ def reference_logits(params: dict, w: dict, tokens: list[int]) -> torch.Tensor:
     return rms_norm(h, w["norm.weight"], eps) @ w["output.weight"].T
 
 
-def hf_logits(folder: Path, tokens: list[int], dtype=torch.float32) -> torch.Tensor:
+def hf_logits(folder: Path, tokens: list[int], dtype=torch.float32, positions=None) -> torch.Tensor:
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    at = None if positions is None else torch.tensor([positions])
     with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].double()
+        return model(torch.tensor([tokens]), position_ids=at).logits[0].double()
 
 
 TOKENS = [1, 17, 250, 3, 99, 318, 42, 7, 7, 160, 5, 64]
@@ -189,6 +202,39 @@ def test_converted_logits_match_the_meta_reference(tmp_path, case):
     assert verify_manifest(out, progress=False) == []
     expected = reference_logits(params, weights, TOKENS)
     torch.testing.assert_close(hf_logits(out, TOKENS), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_llama_3_1_checkpoint_keeps_its_scaled_rotary_embedding(tmp_path, capsys):
+    """params.json's `use_scaled_rope: true` (Llama 3.1) was only a notice: config.json had no rope scaling
+    and a window of 4096, so tokens farther apart than Meta's 8192 rotated at other angles than the model's
+    and long prompts were refused. Positions 3000 apart stand in for a long prompt's distances here."""
+    params = BASE | {
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "norm_eps": 1e-5,
+        "rope_theta": 5e5,
+        "use_scaled_rope": True,
+    }
+    weights = meta_weights(params, VOCAB)
+    meta = write_meta(tmp_path / "meta", params, weights, 1)
+    out = convert_meta(meta, tmp_path / "hf", dtype="float32", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_position_embeddings"] == 131072
+    assert config["rope_parameters"] == {
+        "rope_type": "llama3",
+        "rope_theta": 5e5,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert "not converted" not in capsys.readouterr().err
+    positions = [3000 * i for i in range(len(TOKENS))]
+    expected = reference_logits(params, weights, TOKENS, positions)
+    got = hf_logits(out, TOKENS, positions=positions)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)  # float32 angles of positions to 33000
+    unscaled = reference_logits(params | {"use_scaled_rope": False}, weights, TOKENS, positions)
+    assert (got - unscaled).abs().max() > 0.1  # the scaling is what this tells apart
 
 
 def test_default_float16_and_tokenizer_in_the_parent_folder(tmp_path, sp_model):

@@ -30,6 +30,16 @@ _LAYER_TENSORS = {
     "ffn_norm.weight": ("post_attention_layernorm.weight", None),
 }
 _REQUIRED = ("dim", "n_layers", "n_heads")
+# What params.json's `use_scaled_rope: true` means: Meta's published values for Llama 3.1, over an 8192-token
+# window trained on; its window with them is 131072 tokens.
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+LLAMA3_SCALED_WINDOW = 131072
 
 
 def _positive_int(value) -> bool:
@@ -326,10 +336,6 @@ def convert_meta(
         )
     if tokenizer_vocab is not None and tokenizer_vocab != vocab:
         notice(f"{tokenizer_path} has {tokenizer_vocab} tokens but the embedding has {vocab} rows")
-    if params.get("use_scaled_rope"):
-        notice(
-            "params.json asks for LLaMA 3.1's scaled rotary embedding, which is not converted: long contexts degrade"
-        )
 
     torch_dtype = getattr(torch, dtype)
     # name -> (Meta name, split dim or None, heads for the rotary permutation or None)
@@ -391,6 +397,8 @@ def convert_meta(
         from transformers import GenerationConfig, LlamaConfig
 
         norm_eps = params.get("norm_eps") or 1e-5
+        scaled = params.get("use_scaled_rope")
+        rope = {"rope_type": "default"} | (LLAMA3_ROPE_SCALING if scaled else {})
         config = LlamaConfig(
             vocab_size=vocab,
             hidden_size=dim,
@@ -400,11 +408,11 @@ def convert_meta(
             num_key_value_heads=n_kv,
             head_dim=head_dim,
             rms_norm_eps=norm_eps,
-            rope_theta=float(params.get("rope_theta") or 10000.0),
+            rope_parameters=rope | {"rope_theta": float(params.get("rope_theta") or 10000.0)},
             # params.json rarely says; LLaMA 1 (norm_eps 1e-6) was trained on 2048 tokens, LLaMA 2 on 4096.
             max_position_embeddings=context_length
             or params.get("max_seq_len")
-            or (2048 if norm_eps <= 1e-6 else 4096),
+            or (LLAMA3_SCALED_WINDOW if scaled else 2048 if norm_eps <= 1e-6 else 4096),
             bos_token_id=bos,
             eos_token_id=eos,
             tie_word_embeddings=False,
@@ -447,7 +455,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--context-length",
         type=int,
-        help="max_position_embeddings (default: params.json's max_seq_len, else 2048 for LLaMA 1, 4096 for LLaMA 2)",
+        help="max_position_embeddings (default: params.json's max_seq_len, else 2048 for LLaMA 1, 4096 for LLaMA 2, "
+        "131072 for LLaMA 3.1's use_scaled_rope)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
