@@ -346,3 +346,62 @@ def test_a_gguf_file_with_a_rope_scaling_it_cannot_carry_is_refused_before_conve
     with pytest.raises(ModelLoadError, match="scaled by 'yarn', which vicuna cannot carry over"):
         builtin.convert_gguf(gguf, tmp_path / "models" / "model")
     assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")] == []
+
+
+def with_rope_freqs(path, factors):
+    """A copy of the built-in GGUF file with a `rope_freqs.weight` tensor of per-frequency divisors, as
+    llama.cpp's converter writes a Llama 3.1 model's llama3 scaling (and no rope.scaling.* key)."""
+    import gguf
+    import numpy as np
+    from gguf.scripts.gguf_new_metadata import copy_with_new_metadata
+
+    reader = gguf.GGUFReader(builtin.builtin_gguf())
+    data = np.asarray(factors, dtype=np.float32)
+    extra = SimpleNamespace(
+        name="rope_freqs.weight", data=data, n_bytes=data.nbytes, tensor_type=gguf.GGMLQuantizationType.F32
+    )
+    source = SimpleNamespace(
+        fields=reader.fields, tensors=[*reader.tensors, extra], endianess=reader.endianess
+    )
+    copy_with_new_metadata(source, gguf.GGUFWriter(path, arch="llama", endianess=reader.endianess), {}, [])
+    return path
+
+
+def test_a_gguf_file_s_llama3_rope_scaling_is_kept_in_the_converted_model(tmp_path):
+    """A Llama 3.1 GGUF holds its scaling as a rope_freqs tensor, which transformers' reader drops: the
+    converted model rotated at the unscaled frequencies, and went wrong past 8,192 tokens without a word.
+    Divisors that are Meta's llama3 scaling's are written into config.json as the model's own says it."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from tests.weights.test_convert import llama3_scaled
+
+    theta, dim = 100000.0, 64  # the built-in model's
+    unscaled = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    divisors = unscaled / llama3_scaled(unscaled)
+    assert {1.0, 8.0} < set(divisors.tolist())  # frequencies kept, divided by 8, and blended
+    folder = builtin.convert_gguf(with_rope_freqs(tmp_path / "llama-3.1.gguf", divisors), tmp_path / "hf")
+    config = AutoConfig.from_pretrained(folder)
+    assert config.rope_parameters == {
+        "rope_type": "llama3",
+        "rope_theta": theta,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    assert config.max_position_embeddings == 8192  # the file's context_length, the whole window
+    # the frequencies llama.cpp runs the file at: the base ones divided by the file's factors
+    torch.testing.assert_close(LlamaRotaryEmbedding(config).inv_freq, (unscaled / divisors).float())
+
+
+def test_a_gguf_file_with_rope_freqs_other_than_llama3_s_is_refused_before_converting(tmp_path, monkeypatch):
+    gguf = with_rope_freqs(tmp_path / "model.gguf", [1.0] * 16 + [2.0] * 16)
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("dequantized")
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"model\.gguf: its rotary embedding is scaled by its rope_freqs"
+    ):
+        builtin.convert_gguf(gguf, tmp_path / "models" / "model")

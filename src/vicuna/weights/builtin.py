@@ -166,7 +166,8 @@ def _convert(gguf: Path, out: Path) -> Path:
     if scaling:  # said as Vicuna v1.5-16k's config.json says it: the window before scaling, and the factor
         config = model.config
         config.rope_parameters = {**config.rope_parameters, **scaling}
-        config.max_position_embeddings = int(config.max_position_embeddings // scaling["factor"])
+        if scaling["rope_type"] == "linear":  # llama3's window is the whole one, as the file says it
+            config.max_position_embeddings = int(config.max_position_embeddings // scaling["factor"])
     try:
         with transformers_bar(sys.stderr.isatty()):
             model.save_pretrained(staging)
@@ -186,8 +187,9 @@ def gguf_rope_scaling(gguf: Path) -> dict | None:
     """The RoPE scaling a LLaMA GGUF file's header names, as config.json's `rope_parameters` say it
     (None: none). transformers' GGUF reader drops it: Vicuna v1.5-16k's GGUF (linear, x4) was converted into
     a model that rotated every position four times too far, and wrote nonsense without a word. Linear
-    scaling is carried over (the file's context_length is the whole window, as llama.cpp reads it); another
-    kind, whose parameters the header holds in llama.cpp's own terms, is refused."""
+    scaling is carried over (the file's context_length is the whole window, as llama.cpp reads it), and
+    Llama 3.1's, which the file holds as a rope_freqs tensor (see `llama3_scaling`); another kind, whose
+    parameters the header holds in llama.cpp's own terms, is refused."""
     try:
         from gguf import GGUFReader, GGUFValueType
 
@@ -209,6 +211,9 @@ def gguf_rope_scaling(gguf: Path) -> dict | None:
     factor = value(f"{arch}.rope.scaling.factor") or value(f"{arch}.rope.scale_linear")  # the older key
     if kind is None and factor:
         kind = "linear"
+    divisors = next((t.data.tolist() for t in reader.tensors if t.name == "rope_freqs.weight"), [])
+    if kind in (None, "none") and any(d != 1.0 for d in divisors):
+        return llama3_scaling(gguf, divisors, value(f"{arch}.rope.freq_base") or 10000.0)
     if kind in (None, "none") or (kind == "linear" and (factor or 1.0) == 1.0):
         return None
     if kind != "linear":
@@ -218,6 +223,36 @@ def gguf_rope_scaling(gguf: Path) -> dict | None:
             "use the model's Hugging Face folder instead"
         )
     return {"rope_type": "linear", "factor": float(factor)}
+
+
+def llama3_scaling(gguf: Path, divisors: list[float], theta: float) -> dict:
+    """The llama3 scaling of a GGUF file's rope_freqs: llama.cpp's converter writes a Llama 3.1 (or 3.2)
+    model's scaling as what each rotary frequency is divided by. They are checked against what Meta's
+    published parameters give for the file's largest one (8 for 3.1), frequency by frequency: divisors of
+    another making are refused, as config.json could not say them."""
+    from vicuna.weights.convert import LLAMA3_ROPE_SCALING
+
+    scaling = LLAMA3_ROPE_SCALING | {"factor": float(max(divisors))}
+    factor, window = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    for i, found in enumerate(divisors):
+        wavelength = 2 * math.pi * theta ** (i / len(divisors))  # of the base frequency theta^(-2i/dim)
+        blend = (window / wavelength - low) / (high - low)
+        expected = (
+            1.0
+            if wavelength < window / high
+            else factor
+            if wavelength > window / low
+            else 1 / ((1 - blend) / factor + blend)
+        )
+        if not math.isclose(found, expected, rel_tol=1e-4):
+            raise ModelLoadError(
+                f"{gguf}: its rotary embedding is scaled by its rope_freqs tensor, frequency {i} divided by "
+                f"{found:g} where Llama 3's scaling (x{factor:g}) divides it by {expected:g}; vicuna cannot "
+                "carry that over from a GGUF file (transformers' reader drops the tensor, and the model would "
+                "compute other logits than its own): use the model's Hugging Face folder instead"
+            )
+    return scaling
 
 
 def gguf_described_size(gguf: Path) -> int | None:
