@@ -74,8 +74,10 @@ def test_a_gguf_file_changed_leaves_one_converted_copy(monkeypatch, tmp_path):
     """Each conversion of a --model-path .gguf file is keyed by its path, size and mtime: downloading a 7B
     file again, or touching it, left another 27 GB copy beside the old one for good. Once a conversion
     succeeds, the copies converted earlier from the same path are deleted; only they: not another file's of
-    the same name, not a copy from before the source was recorded, not a Hub download. Where one cannot be
-    deleted (Windows, while another process has it loaded), it is kept whole and the conversion stands."""
+    the same name, not a copy from before the source was recorded, not a Hub download, not a folder of the
+    user's own copied from one (with its record). Where one cannot be deleted (Windows, while another
+    process has it loaded), it is kept whole and the conversion stands."""
+    import shutil
     from pathlib import Path
 
     class Saved:
@@ -104,6 +106,8 @@ def test_a_gguf_file_changed_leaves_one_converted_copy(monkeypatch, tmp_path):
         folder.mkdir()
         (folder / "config.json").write_text("{}")
     first = convert(gguf)
+    kept.append(first.with_name("model-my-template"))  # the user's own, copied from it with `cp -r`
+    shutil.copytree(first, kept[-1])
     gguf.write_bytes(b"GGUF 2, downloaded again")
     second = convert(gguf)
     assert second != first and not first.exists() and not first.with_name(f".{first.name}.deleted").exists()

@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -98,10 +99,11 @@ def drop_older_copies(gguf: Path, out: Path) -> None:
         current = _source_key(gguf)
     except OSError:  # the file is gone: which copy is older is not known
         return
+    # named as `gguf_cache_dir` names copies: not a folder a user copied one into (`cp -r` keeps the record),
+    # nor one being converted (.partial) or deleted (hidden)
+    named = re.compile(rf"{re.escape(out.name.rpartition('-')[0])}-[0-9a-f]{{12}}")
     for copy in out.parent.iterdir():
-        if copy.name.startswith(".") or copy.name.endswith(".partial"):  # being converted, or deleted
-            continue
-        if copy.name.endswith(f"-{current}"):
+        if not named.fullmatch(copy.name) or copy.name.endswith(f"-{current}"):
             continue
         try:
             recorded = json.loads((copy / SOURCE_RECORD).read_text(encoding="utf-8"))["gguf"]
