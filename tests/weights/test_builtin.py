@@ -363,7 +363,9 @@ def with_rope_scaling(path, kind: str, factor: float):
 def test_a_gguf_file_s_linear_rope_scaling_is_kept_in_the_converted_model(tmp_path):
     """transformers' GGUF reader drops a LLaMA file's RoPE scaling: Vicuna v1.5-16k's GGUF became a model
     that rotated every position four times too far. The converted config says it as the model's own
-    config.json does (the window before scaling, and the factor), for the file's 8,192 positions."""
+    config.json does: the window before scaling, which llama.cpp's converter writes as the file's
+    context_length (8,192 here; Vicuna v1.5-16k's 4,096), and the factor. The window was divided by the
+    factor once more: Vicuna v1.5-16k's GGUF got 4,096 tokens instead of 16,384."""
     import torch
     from transformers import AutoConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -375,7 +377,7 @@ def test_a_gguf_file_s_linear_rope_scaling_is_kept_in_the_converted_model(tmp_pa
     )
     config = AutoConfig.from_pretrained(folder)
     assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 4.0
-    assert context_window(config) == 8192
+    assert config.max_position_embeddings == 8192 and context_window(config) == 8192 * 4
     dim, theta = config.head_dim, config.rope_parameters["rope_theta"]
     unscaled = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
     torch.testing.assert_close(LlamaRotaryEmbedding(config).inv_freq, unscaled / 4)

@@ -177,10 +177,8 @@ def _convert(gguf: Path, out: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if scaling:  # said as Vicuna v1.5-16k's config.json says it: the window before scaling, and the factor
-        config = model.config
+        config = model.config  # the file's context_length as it is: the window before linear scaling
         config.rope_parameters = {**config.rope_parameters, **scaling}
-        if scaling["rope_type"] == "linear":  # llama3's window is the whole one, as the file says it
-            config.max_position_embeddings = int(config.max_position_embeddings // scaling["factor"])
     try:
         with transformers_bar(sys.stderr.isatty()):
             model.save_pretrained(staging)
@@ -200,7 +198,8 @@ def gguf_rope_scaling(gguf: Path) -> dict | None:
     """The RoPE scaling a LLaMA GGUF file's header names, as config.json's `rope_parameters` say it
     (None: none). transformers' GGUF reader drops it: Vicuna v1.5-16k's GGUF (linear, x4) was converted into
     a model that rotated every position four times too far, and wrote nonsense without a word. Linear
-    scaling is carried over (the file's context_length is the whole window, as llama.cpp reads it), and
+    scaling is carried over (the file's context_length is the window before scaling, as llama.cpp's converter
+    writes the config's max_position_embeddings: Vicuna v1.5-16k's 4,096, its 16,384 read as 4,096 x 4), and
     Llama 3.1's, which the file holds as a rope_freqs tensor (see `llama3_scaling`); another kind, whose
     parameters the header holds in llama.cpp's own terms, is refused."""
     try:
