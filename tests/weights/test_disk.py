@@ -181,3 +181,28 @@ def test_a_job_that_waited_keeps_out_one_started_after_the_first_ended(monkeypat
         assert waited
         disk.one_writer(out, out).__enter__()  # a third job, started now
     assert list(tmp_path.iterdir()) == []  # no lock left
+
+
+def test_a_job_on_a_drive_whose_stat_and_fstat_disagree_is_not_held_for_ever(monkeypatch, tmp_path):
+    """Windows deletes no file held open, so the lock's file a job locked is the one its path names; but on
+    some of its drives (WebDAV, where `sameopenfile` fails) stat and fstat give a file other identities, and a
+    job that asked whether its lock's file was still there was told no for ever: it opened and locked the
+    file again and again, at full CPU, and never wrote."""
+    import os
+    import sys
+
+    from vicuna.weights import disk
+
+    real, asked = os.fstat, []
+
+    def fstat(fd):  # another identity than os.stat's for the same file
+        asked.append(fd)
+        if len(asked) > 100:
+            raise AssertionError("the job locked the file again and again")
+        st = real(fd)
+        return os.stat_result((st.st_mode, st.st_ino + 1, *st[2:10]))
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(os, "fstat", fstat)
+    with disk.one_writer(tmp_path / "model", tmp_path / "model") as waited:
+        assert not waited

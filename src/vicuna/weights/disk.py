@@ -123,7 +123,12 @@ def one_writer(out: Path, staging: Path, wait_as: str | None = None) -> Iterator
 
 
 def _names(path: Path, handle: IO[str]) -> bool:
-    """Whether `path` still names the file `handle` has open."""
+    """Whether `path` still names the file `handle` has open. Always on Windows, which deletes no file held
+    open (the job waited for fails to delete it while this one has it), and where stat and fstat give a file
+    other identities on some drives (WebDAV): asked there, a job was told no for ever and locked again and
+    again, at full CPU."""
+    if sys.platform == "win32":
+        return True
     try:
         return os.path.samestat(os.stat(path), os.fstat(handle.fileno()))
     except FileNotFoundError:
