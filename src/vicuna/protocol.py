@@ -78,6 +78,12 @@ class ResponseFormat(BaseModel):
         return value
 
 
+def _token_id(key: str) -> int:
+    """A logit_bias key as a token id: "0042" is 42. Without its leading zeros: int() refuses a string of
+    thousands of digits, zeros too (a 500 after the key was accepted as 12 digits at most)."""
+    return int(key.lstrip("0") or "0")
+
+
 class _Sampling(_Strict):
     """The sampling fields chat and completions share (OpenAI's, then vLLM's extras)."""
 
@@ -128,7 +134,7 @@ class _Sampling(_Strict):
         return value
 
     def bias_ids(self) -> list[int]:
-        return [int(key) for key in self.logit_bias or {}]
+        return [_token_id(key) for key in self.logit_bias or {}]
 
     @field_validator("stop")
     @classmethod
@@ -175,7 +181,7 @@ class _Sampling(_Strict):
             stop=tuple(self.stop or ()),
             ignore_eos=bool(self.ignore_eos),
             logprobs=logprobs,
-            logit_bias=tuple((int(k), b) for k, b in (self.logit_bias or {}).items()),
+            logit_bias=tuple((_token_id(k), b) for k, b in (self.logit_bias or {}).items()),
         )
 
     @property

@@ -96,8 +96,10 @@ def test_null_or_empty_unknown_fields_ask_for_nothing():
 
 
 def test_logit_bias_maps_token_ids_to_biases_and_names_a_bad_one():
-    sp = chat(logit_bias={"17": -100, "0042": 2.5}).sampling_params(max_new_tokens=1)
-    assert sp.logit_bias == ((17, -100.0), (42, 2.5))
+    padded = "0" * 5000 + "7"  # 12 digits at most once its zeros are gone: int() refused it (a 500)
+    request = chat(logit_bias={"17": -100, "0042": 2.5, padded: 1})
+    assert request.sampling_params(max_new_tokens=1).logit_bias == ((17, -100.0), (42, 2.5), (7, 1.0))
+    assert request.bias_ids() == [17, 42, 7]
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     for bias, says in (
         ({"a": 1}, "token ids as keys"),
