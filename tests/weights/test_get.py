@@ -265,6 +265,31 @@ def test_refuses_when_the_disk_is_too_small(models, tmp_path, monkeypatch, capsy
     assert not (tmp_path / "my-vicuna").exists()
 
 
+def test_an_older_vicunas_unfinished_files_are_deleted_before_get_s_disk_check(
+    models, tmp_path, monkeypatch, capsys
+):
+    """`vicuna download` deletes what an older vicuna's killed download left in
+    `.cache/huggingface/download/*.incomplete` before its free-disk check, so that a disk they filled is
+    cleaned, not refused; `vicuna get` checked the disk for all its steps first, and refused it still."""
+    folder = tmp_path / "downloads" / "org--llama-tiny"  # where get downloads the base
+    stale = folder / ".cache" / "huggingface" / "download" / "model.safetensors.a1b2.incomplete"
+    stale.parent.mkdir(parents=True)
+    room = 64 * 2**20  # more than the download and the merge need (a sparse file: no disk used)
+    with stale.open("wb") as f:
+        f.truncate(room)
+    real = shutil.disk_usage
+    # a full disk: its only room is what the stale file held, once deleted
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=0 if stale.exists() else room))
+    hub = _serve(monkeypatch, {"org/llama-tiny": models["base"]})
+    try:
+        assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test") == 0, capsys.readouterr()
+        assert not stale.exists()
+        assert_same_weights(tmp_path / "my-vicuna", models["target"])
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
 def test_rerun_with_another_base_is_refused_not_answered_with_the_old_merge(models, tmp_path, capsys):
     wrong = write_scripted(tmp_path / "wrong-base", models["base"], 5, seed=7)  # same shapes, other weights
     assert get(tmp_path, wrong, models["delta"], "--max-new-tokens", "6") == 2

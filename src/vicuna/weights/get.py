@@ -204,9 +204,11 @@ def get(
     todo = [s for s in sources if not s.done] if not finished else []
 
     # One disk check for everything left to do, before the first byte moves.
-    from vicuna.weights.hub import download, plan_download
+    from vicuna.weights.hub import download, drop_stale_incompletes, plan_download
 
     plans = [(source, plan_download(source.repo_id)) for source in todo]
+    for source, _ in plans:  # first, as `download` does: a disk they filled has room once they are gone
+        drop_stale_incompletes(source.folder)
     needed = sum(plan.missing_bytes(source.folder) for source, plan in plans)
     if (
         len(sources) == 2 and not finished
