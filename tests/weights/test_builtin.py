@@ -344,19 +344,24 @@ def test_converting_into_a_log_draws_no_progress_bars(monkeypatch, tmp_path):
     assert transformers_logging.is_progress_bar_enabled() == was
 
 
-def with_rope_scaling(path, kind: str, factor: float):
+def with_rope_scaling(path, kind: str, factor: float, arch: str = "llama"):
     """A copy of the built-in GGUF file (a LLaMA-architecture model) whose header names a RoPE scaling, as
-    llama.cpp's converter writes Vicuna v1.5-16k's."""
+    llama.cpp's converter writes Vicuna v1.5-16k's; said as an `arch` model's, its keys under that prefix."""
     import gguf
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
     reader = gguf.GGUFReader(builtin.builtin_gguf())
-    writer = gguf.GGUFWriter(path, arch="llama", endianess=reader.endianess)
+    fields = {}
+    for name, field in reader.fields.items():
+        name = arch + name.removeprefix("llama") if name.startswith("llama.") else name
+        fields[name] = field._replace(name=name)
+    source = SimpleNamespace(fields=fields, tensors=reader.tensors, endianess=reader.endianess)
+    writer = gguf.GGUFWriter(path, arch=arch, endianess=reader.endianess)
     scaling = {
-        "llama.rope.scaling.type": MetadataDetails(gguf.GGUFValueType.STRING, kind),
-        "llama.rope.scaling.factor": MetadataDetails(gguf.GGUFValueType.FLOAT32, factor),
+        f"{arch}.rope.scaling.type": MetadataDetails(gguf.GGUFValueType.STRING, kind),
+        f"{arch}.rope.scaling.factor": MetadataDetails(gguf.GGUFValueType.FLOAT32, factor),
     }
-    copy_with_new_metadata(reader, writer, scaling, [])
+    copy_with_new_metadata(source, writer, scaling, [])
     return path
 
 
@@ -383,8 +388,30 @@ def test_a_gguf_file_s_linear_rope_scaling_is_kept_in_the_converted_model(tmp_pa
     torch.testing.assert_close(LlamaRotaryEmbedding(config).inv_freq, unscaled / 4)
 
 
-def test_a_gguf_file_with_a_rope_scaling_it_cannot_carry_is_refused_before_converting(tmp_path):
-    gguf = with_rope_scaling(tmp_path / "model.gguf", "yarn", 4.0)
+def test_a_qwen2_gguf_file_s_linear_rope_scaling_is_kept_in_the_converted_model(tmp_path):
+    """Only a llama file's header was read for its scaling: a qwen2 file's (qwen2.rope.scaling.*), which
+    transformers' reader drops as well, was converted without it, and rotated four times too far."""
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    gguf = with_rope_scaling(tmp_path / "qwen.gguf", "linear", 4.0, arch="qwen2")
+    config = AutoConfig.from_pretrained(builtin.convert_gguf(gguf, tmp_path / "hf"))
+    assert config.model_type == "qwen2"
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 4.0
+    dim, theta = config.hidden_size // config.num_attention_heads, config.rope_parameters["rope_theta"]
+    unscaled = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    torch.testing.assert_close(Qwen2RotaryEmbedding(config).inv_freq, unscaled / 4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_gguf_file_with_a_rope_scaling_it_cannot_carry_is_refused_before_converting(
+    tmp_path, monkeypatch, arch
+):
+    gguf = with_rope_scaling(tmp_path / "model.gguf", "yarn", 4.0, arch=arch)
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: pytest.fail("dequantized")
+    )
     with pytest.raises(ModelLoadError, match="scaled by 'yarn', which vicuna cannot carry over"):
         builtin.convert_gguf(gguf, tmp_path / "models" / "model")
     assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")] == []

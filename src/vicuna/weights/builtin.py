@@ -195,9 +195,10 @@ def _convert(gguf: Path, out: Path) -> Path:
 
 
 def gguf_rope_scaling(gguf: Path) -> dict | None:
-    """The RoPE scaling a LLaMA GGUF file's header names, as config.json's `rope_parameters` say it
-    (None: none). transformers' GGUF reader drops it: Vicuna v1.5-16k's GGUF (linear, x4) was converted into
-    a model that rotated every position four times too far, and wrote nonsense without a word. Linear
+    """The RoPE scaling a GGUF file's header names under its architecture's prefix, as config.json's
+    `rope_parameters` say it (None: none). transformers' GGUF reader drops it, for every architecture but
+    gpt-oss: Vicuna v1.5-16k's GGUF (linear, x4) was converted into a model that rotated every position four
+    times too far, and wrote nonsense without a word; a qwen2 file's YaRN went as silently. Linear
     scaling is carried over (the file's context_length is the window before scaling, as llama.cpp's converter
     writes the config's max_position_embeddings: Vicuna v1.5-16k's 4,096, its 16,384 read as 4,096 x 4), and
     Llama 3.1's, which the file holds as a rope_freqs tensor (see `llama3_scaling`); another kind, whose
@@ -216,8 +217,8 @@ def gguf_rope_scaling(gguf: Path) -> dict | None:
         part = field.parts[field.data[0]]
         return bytes(part).decode() if field.types[0] == GGUFValueType.STRING else part[0].item()
 
-    arch = value("general.architecture")
-    if arch != "llama":  # others' scalings left as transformers reads them (gpt-oss's it carries over)
+    arch = value("general.architecture")  # the keys' prefix: a qwen2 file's YaRN is qwen2.rope.scaling.type
+    if arch in (None, "gpt-oss"):  # gpt-oss's the reader carries over
         return None
     kind = value(f"{arch}.rope.scaling.type")
     factor = value(f"{arch}.rope.scaling.factor") or value(f"{arch}.rope.scale_linear")  # the older key
