@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -423,7 +424,7 @@ def test_a_checkpoint_that_cannot_be_deleted_is_left_and_the_run_goes_on(tmp_pat
 
 
 def test_a_full_disk_while_a_checkpoint_is_written_is_a_clear_error(
-    tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys
+    tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys, recwarn
 ):
     import torch
 
@@ -440,7 +441,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_a_clear_error(
 
 
 def test_a_full_disk_while_the_trained_model_is_written_is_a_clear_error(
-    tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys
+    tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys, recwarn
 ):
     import transformers.modeling_utils
 
@@ -976,3 +977,36 @@ def test_an_output_dir_that_is_a_file_is_named(tiny_llama_dir, data_file, tmp_pa
     assert cli([*args, "--output-dir", str(out)]) == 2
     assert f"--output-dir {out} is a file; name a new or empty folder" in capsys.readouterr().err
     assert out.read_text() == "notes"
+
+
+def test_a_lora_adapter_trained_on_a_gguf_file_names_the_file_as_its_base(
+    tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys, recwarn
+):
+    """peft recorded the converted copy's folder in $VICUNA_HOME/models as the adapter's base: once the file
+    changed and was converted again, the older copy was deleted, and the adapter (and the merge command
+    said after training) named a folder that was gone. The file as given resolves to its current copy."""
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.errors import ModelLoadError
+    from vicuna.shell import quote
+    from vicuna.weights import builtin
+
+    def convert(gguf, out, notice=None, needed_bytes=0):  # the tiny model as the file's copy
+        shutil.copytree(tiny_llama_dir, out)
+        return out
+
+    monkeypatch.setattr(builtin, "convert_gguf", convert)
+    gguf, out = tmp_path / "model.gguf", tmp_path / "adapter"
+    gguf.write_bytes(b"GGUF 1")
+    args = ["train", "--model-path", str(gguf), "--data", str(data_file), "--max-steps", "1", "--lora"]
+    assert cli([*args, "--output-dir", str(out)]) == 0
+    named = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    assert named == str(gguf.resolve())
+    assert not [w for w in recwarn if "config file" in str(w.message)]  # peft's, looking for its config.json
+    assert f"vicuna lora merge --base {quote(str(gguf.resolve()))} --adapter" in capsys.readouterr().out
+    with pytest.raises(
+        ModelLoadError, match=re.escape(f"merge it first with `vicuna lora merge --base {quote(named)} ")
+    ):
+        resolve_model_path(str(out))
+
+    gguf.write_bytes(b"GGUF 2, downloaded again")  # converted again: the first copy is an older one
+    assert resolve_model_path(named) == builtin.gguf_cache_dir(gguf)

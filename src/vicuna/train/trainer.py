@@ -358,6 +358,15 @@ def base_model(model_path: str | None) -> str | None:
     return model_path if names_hub_repository(model_path) else str(Path(model_path).expanduser().resolve())
 
 
+def lora_base(model_path: str | None, folder: str | None) -> str | None:
+    """The base a LoRA adapter names (its adapter_config.json, the merge command said): a .gguf file as
+    given, which resolves to its current converted copy; peft's choice, the copy's folder, is deleted once
+    the file changes and is converted again. Otherwise `folder`, the one loaded."""
+    if model_path is not None and Path(model_path).suffix == ".gguf":
+        return str(base_model(model_path))
+    return folder
+
+
 def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict[str, Any]:
     """What fixes the model trained, the data order and the schedule: a resumed run must match it."""
     keys = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio")
@@ -519,9 +528,12 @@ def disk_full_is_one_line(output_dir: Path, what: str, resume: str) -> Iterator[
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
     """peft asks the model for `is_gradient_checkpointing`, which transformers 5 deprecates with a
-    FutureWarning: a message for peft's authors, printed to users who can do nothing about it."""
+    FutureWarning: a message for peft's authors, printed to users who can do nothing about it. Saving an
+    adapter whose base is a .gguf file (`lora_base`), it looks for the base's config.json at the file's path,
+    to learn whether the vocabulary was resized (training never resizes it), and warns that it is not there."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "Could not find a config file in .* vocabulary was not modified")
         yield
 
 
@@ -537,9 +549,12 @@ def wrap_lora(model: Any, cfg: TrainConfig) -> Any:
     )
     try:
         with quiet_peft():
-            return get_peft_model(model, lora)
+            wrapped = get_peft_model(model, lora)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
         raise VicunaError(f"--lora-target {cfg.lora_target}: {err}") from None
+    config = wrapped.peft_config[wrapped.active_adapter]
+    config.base_model_name_or_path = lora_base(cfg.model_path, config.base_model_name_or_path)
+    return wrapped
 
 
 def check_lora_target(folder: Path, cfg: TrainConfig) -> None:
@@ -646,6 +661,10 @@ def trainer_class() -> Any:
                 self.lr_scheduler = LambdaLR(optimizer or self.optimizer, factor)
                 self._created_lr_scheduler = True  # as the base method: remade if train() runs again
             return self.lr_scheduler
+
+        def _save(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            with quiet_peft():  # each checkpoint and the final model
+                return super()._save(*args, **kwargs)
 
     return VicunaTrainer
 
@@ -865,7 +884,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any]) -> Path:
         if cfg.lora:
             print(
                 f"LoRA adapter written to {cfg.output_dir}; make a full checkpoint with: vicuna lora merge "
-                f"--base {quote(str(folder))} --adapter {quote(str(cfg.output_dir))} "
+                f"--base {quote(lora_base(cfg.model_path, str(folder)))} --adapter {quote(str(cfg.output_dir))} "
                 f"--output {quote(f'{cfg.output_dir}-merged')}"
             )
         else:
