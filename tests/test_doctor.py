@@ -91,3 +91,19 @@ def test_doctor_without_the_built_in_model_reports_the_machine(capsys, monkeypat
     assert "Hardware" in out and "RAM" in out
     assert "Model none: the built-in model is not installed; install it with" in out
     assert main(["doctor", "--model-path", "no/such/folder/here"]) == 2
+
+
+def test_doctor_reads_a_gguf_file_s_needs_from_its_header_without_converting_it(
+    tmp_path, monkeypatch, capsys
+):
+    """doctor converted a .gguf file (for a 7B model, minutes and a 27 GB float32 copy) only to say what it
+    needs; its header says as much."""
+    from vicuna.weights.builtin import builtin_gguf, gguf_cache_dir
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    gguf = tmp_path / "model.gguf"
+    gguf.symlink_to(builtin_gguf())
+    assert main(["doctor", "--model-path", str(gguf)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"Model {gguf} — 134.5M parameters" in out and "8-bit (--load-8bit)" in out
+    assert not gguf_cache_dir(gguf).exists()  # nothing converted

@@ -4,6 +4,8 @@ the hardware alone)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from vicuna.config import add_model_arguments, model_settings_from_args
 
@@ -19,7 +21,6 @@ def main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from vicuna.engine import kernel
-    from vicuna.engine.loader import read_config, resolve_model_path
     from vicuna.engine.memory import gib, model_size, probe_hardware
     from vicuna.engine.placement import fit_options
     from vicuna.errors import ModelLoadError
@@ -51,14 +52,14 @@ def main(args: argparse.Namespace) -> int:
 
     settings = model_settings_from_args(args)
     try:
-        folder = resolve_model_path(settings.model_path, download=False)  # not gigabytes to show the needs
+        folder, config = model_config(settings.model_path)
     except ModelLoadError as err:
         if settings.model_path is not None:  # the model asked about: its error is the answer
             raise
         # the built-in model is not installed: one line of the machine's report, not a failure of it
         console.print(f"\n[bold]Model[/bold] none: {escape(str(err))}", highlight=False)
         return 0
-    size = model_size(read_config(folder))
+    size = model_size(config)
     console.print(f"\n[bold]Model[/bold] {escape(str(folder))} — {size.params / 1e6:,.1f}M parameters")
     sizes = Table("precision", "weights", "KV cache per 1k tokens")
     for name, dtype, eight in (
@@ -71,7 +72,6 @@ def main(args: argparse.Namespace) -> int:
     from vicuna.engine.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_TOKENS_PER_SEQUENCE, KV_SHARE
     from vicuna.engine.engine import context_window
 
-    config = read_config(folder)
     tokens = DEFAULT_MAX_BATCH_SIZE * min(context_window(config), DEFAULT_TOKENS_PER_SEQUENCE)
     console.print(
         f"`vicuna serve` also reserves a KV cache of up to {tokens:,} tokens by default ({DEFAULT_MAX_BATCH_SIZE} "
@@ -106,3 +106,26 @@ def main(args: argparse.Namespace) -> int:
     chosen = f"--device {device.type} --dtype {str(dtype).removeprefix('torch.')}{gpus}{eight}"
     console.print(f"\n[bold]These flags[/bold] ({chosen}): the model fits", highlight=False)
     return 0
+
+
+def model_config(model_path: str | None) -> tuple[Path, Any]:
+    """The model asked about (its folder, or its .gguf file) and its config. A .gguf file not yet converted is
+    read from its header: doctor converted it (for a 7B model, minutes and a 27 GB copy) only to report what
+    it needs. A Hub repository is not downloaded either."""
+    from vicuna.engine.loader import read_config, resolve_model_path
+    from vicuna.errors import ModelLoadError
+    from vicuna.weights.builtin import gguf_cache_dir
+
+    path = Path(model_path).expanduser() if model_path else None
+    unconverted = path is not None and path.suffix == ".gguf" and path.is_file()
+    if unconverted and not (gguf_cache_dir(path) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        try:
+            return path, AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as err:  # gguf raises many kinds of errors for a bad file
+            raise ModelLoadError(
+                f"{path}: cannot read this GGUF file's header ({type(err).__name__}: {err})"
+            ) from None
+    folder = resolve_model_path(model_path, download=False)  # not gigabytes to show the needs
+    return folder, read_config(folder)
