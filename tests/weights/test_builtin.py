@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from vicuna.errors import ModelLoadError
-from vicuna.weights import builtin
+from vicuna.weights import builtin, disk
 
 
 @pytest.mark.parametrize(
@@ -232,7 +232,7 @@ def test_a_start_waiting_for_another_s_conversion_says_so_and_which_lock(monkeyp
     out.parent.mkdir(parents=True)
     lock = out.with_name(f".{out.name}.lock")
     waiting, results = threading.Event(), []
-    real = builtin.locked
+    real = disk.locked
 
     def noted(handle, wait=True):
         if wait:
@@ -249,7 +249,7 @@ def test_a_start_waiting_for_another_s_conversion_says_so_and_which_lock(monkeyp
             results.append(err)
             waiting.set()
 
-    monkeypatch.setattr(builtin, "locked", noted)
+    monkeypatch.setattr(disk, "locked", noted)
     monkeypatch.setattr(builtin, "_convert", converted_again)
     with open(lock, "a") as other:  # the other start, converting
         fcntl.flock(other, fcntl.LOCK_EX)

@@ -96,10 +96,10 @@ def test_on_windows_a_second_job_writing_the_same_output_is_refused(monkeypatch,
 def test_on_windows_a_second_start_waits_for_the_built_in_model_s_conversion(monkeypatch, tmp_path):
     """Two first starts at once converted the built-in model into the same folder, each removing what the
     other wrote; the second now waits, as msvcrt does: 10 s at a time."""
-    from vicuna.weights.builtin import converting
+    from vicuna.weights.disk import one_writer
 
     locks = WindowsLocks(monkeypatch, busy_tries=2)  # another start converts for a while
-    with converting(tmp_path / "SmolLM2"):
+    with one_writer(tmp_path / "SmolLM2", tmp_path / "SmolLM2", wait_as="converting"):
         assert len(locks.calls) == 3
 
 
@@ -107,11 +107,11 @@ def test_on_a_windows_drive_that_keeps_no_locks_vicuna_goes_on_unlocked_as_befor
     """Some network shares keep no byte-range locks: msvcrt's waiting LK_LOCK fails there as on a lock another
     process holds, so a first start waited for ever to convert the built-in model, and every job was refused
     as "another vicuna job is writing"."""
-    from vicuna.weights.builtin import converting
     from vicuna.weights.disk import one_writer
 
     WindowsLocks(monkeypatch, kept=False)
-    with converting(tmp_path / "SmolLM2"), one_writer(tmp_path / "out", tmp_path / "out"):
+    built_in = tmp_path / "SmolLM2"
+    with one_writer(built_in, built_in, wait_as="converting"), one_writer(tmp_path / "out", tmp_path / "out"):
         pass
 
 

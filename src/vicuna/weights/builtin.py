@@ -19,7 +19,7 @@ from pathlib import Path
 from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install
-from vicuna.weights.disk import disk_full, ensure_free_space, locked
+from vicuna.weights.disk import disk_full, ensure_free_space, one_writer
 from vicuna.weights.manifest import transformers_bar
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
@@ -66,7 +66,8 @@ def convert_gguf(gguf: Path, out: Path, notice: str | None = None, needed_bytes:
     if (out / "config.json").is_file():
         return out
     try:
-        with converting(out):  # another start converting the same file: wait for it, then use its folder
+        # another start converting the same file: wait for it, saying so, then use its folder
+        with one_writer(out, out, wait_as="converting"):
             if (out / "config.json").is_file():
                 return out
             try:  # here, not before waiting: the other start's half-written copy is not this one's
@@ -117,24 +118,6 @@ def drop_older_copies(gguf: Path, out: Path) -> None:
         except OSError:
             continue
         shutil.rmtree(trash, ignore_errors=True)
-
-
-@contextmanager
-def converting(out: Path) -> Iterator[None]:
-    """Hold a lock on a hidden file beside `out` while converting into it (let go if the process dies). A
-    start that waits for another's conversion says so: it said "Converting ..." and then nothing for as
-    long as the other took, the lock it waited on unnamed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = out.with_name(f".{out.name}.lock")
-    with open(lock, "a") as handle:  # "a": see disk.one_writer
-        if not locked(handle, wait=False):
-            print(
-                f"Waiting for another vicuna process converting into {out} (it holds {lock}) ...",
-                file=sys.stderr,
-                flush=True,
-            )
-            locked(handle)
-        yield
 
 
 @contextmanager

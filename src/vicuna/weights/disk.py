@@ -75,7 +75,7 @@ def one_writer(out: Path, staging: Path, wait_as: str | None = None) -> Iterator
     """Refuse a second job writing `out` while one is (two would overwrite each other's files in `staging`): a
     lock on a hidden file beside it, let go when the job ends or its process dies. Beside the folder its path
     resolves to: `--dir .` has no name to put beside (a ValueError traceback), and two jobs that spell the
-    folder two ways (`--dir .` and its full path) are the same job. With `wait_as` ("downloading"), a job
+    folder two ways (`--dir .` and its full path) are the same job. With `wait_as` ("downloading", "converting"), a job
     that only needs the folder finished waits for the other instead, saying so; it yields whether it waited
     (the other may have finished the folder)."""
     where = staging.resolve()
