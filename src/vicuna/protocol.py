@@ -52,6 +52,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+def _as_done_here(value: bool | None, done: bool, why: str) -> bool | None:
+    """A field taken only with the value that asks for what this server does anyway (or left out)."""
+    if value is not None and value is not done:
+        raise ValueError(f"{why}; send {str(done).lower()} or leave it out")
+    return value
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
     # OpenAI pads streamed chunks with random text unless this is false, against observers who read a
@@ -61,9 +68,7 @@ class StreamOptions(_Strict):
     @field_validator("include_obfuscation")
     @classmethod
     def _no_padding(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("this server does not pad streamed chunks; send false or leave it out")
-        return value
+        return _as_done_here(value, False, "this server does not pad streamed chunks")
 
 
 class ResponseFormat(BaseModel):
@@ -114,12 +119,9 @@ class _Sampling(_Strict):
     @field_validator("skip_special_tokens", "spaces_between_special_tokens")
     @classmethod
     def _special_tokens_skipped(cls, value: bool | None, info: ValidationInfo) -> bool | None:
-        if value is False:  # what a reply's text is here: vLLM's defaults, both true
-            raise ValueError(
-                f"this server always decodes replies as {info.field_name} true does (special tokens "
-                "left out of the text); send true or leave it out"
-            )
-        return value
+        # what a reply's text is here: vLLM's defaults, both true
+        why = f"this server always decodes replies as {info.field_name} true does (special tokens left out of the text)"
+        return _as_done_here(value, True, why)
 
     @field_validator("logit_bias")
     @classmethod
@@ -218,9 +220,7 @@ class ChatCompletionRequest(_Sampling):
     @field_validator("store")
     @classmethod
     def _store(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("this server does not store completions; send false or leave it out")
-        return value
+        return _as_done_here(value, False, "this server does not store completions")
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
