@@ -23,10 +23,12 @@ from vicuna.errors import ContextTooLongError, VicunaError
 
 
 class ScriptedIO:
-    """Feeds lines as the user; records what was shown."""
+    """Feeds lines as the user; records what was shown. `interrupt_on`: Ctrl-C at that event of each reply;
+    `stopped_reply`: Ctrl-C before the first word of that reply (1: the first)."""
 
-    def __init__(self, lines, interrupt_on=None):
+    def __init__(self, lines, interrupt_on=None, stopped_reply=None):
         self.lines, self.shown, self.notes, self.interrupt_on = list(lines), [], [], interrupt_on
+        self.stopped_reply, self.replies = stopped_reply, 0
 
     def read(self):
         return self.lines.pop(0) if self.lines else None
@@ -38,6 +40,9 @@ class ScriptedIO:
         self.shown.append(None)
 
     def show_reply(self, events):
+        self.replies += 1
+        if self.replies == self.stopped_reply:
+            raise KeyboardInterrupt
         text, done = "", None
         for i, event in enumerate(events):
             if self.interrupt_on is not None and i == self.interrupt_on:
@@ -199,18 +204,8 @@ def test_exchanges_left_out_are_said_when_more_go_not_before_every_reply():
 def test_exchanges_left_out_are_not_said_again_after_a_reply_stopped_before_it_began():
     """Ctrl-C before the first word of the reply whose prompt left out exchanges kept the count of those
     left out as it was: the same note came again before the next message's reply."""
-
-    class StopsTheThirdReply(ScriptedIO):
-        replies = 0
-
-        def show_reply(self, events):
-            self.replies += 1
-            if self.replies == 3:  # Ctrl-C before its first word
-                raise KeyboardInterrupt
-            return super().show_reply(events)
-
     engine = EchoEngine()
-    io = StopsTheThirdReply([f"{i} " + "word " * 15 for i in range(4)])
+    io = ScriptedIO([f"{i} " + "word " * 15 for i in range(4)], stopped_reply=3)
     run_chat(engine, io, PARAMS)
     # the third prompt (its reply never drawn) and the fourth leave out the first two exchanges (see
     # the test above)
@@ -248,19 +243,9 @@ def test_ctrl_c_stops_the_reply_not_the_chat():
 def test_a_reply_stopped_before_it_wrote_anything_leaves_the_conversation_as_it_was():
     """Ctrl-C before the first word kept an empty reply: sent to the model with every later prompt, and
     after !!regen it took the place of the reply that was there."""
-
-    class StopsTheSecondReply(ScriptedIO):
-        replies = 0
-
-        def show_reply(self, events):
-            self.replies += 1
-            if self.replies == 2:  # Ctrl-C before its first word
-                raise KeyboardInterrupt
-            return super().show_reply(events)
-
     for second in ["!!regen", "a question taken back"]:
         engine = EchoEngine()
-        io = StopsTheSecondReply(["hi", second, "again"])
+        io = ScriptedIO(["hi", second, "again"], stopped_reply=2)
         run_chat(engine, io, PARAMS)
         assert (
             "\n(reply stopped before it began; the conversation is as it was before the message)" in io.notes
