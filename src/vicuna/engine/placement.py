@@ -84,9 +84,12 @@ def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dt
 
 def fits_in_ram(config: Any, dtype: torch.dtype) -> bool:
     """Whether the model in `dtype`, with a chat's KV cache, fits the RAM available, as `check_fits` asks."""
-    size = model_size(config)
-    need = (size.weight_bytes(dtype) + size.kv_bytes(KV_TOKENS, dtype)) * HEADROOM
-    return need <= probe_hardware().ram_available
+    return chat_needs(model_size(config), dtype) <= probe_hardware().ram_available
+
+
+def chat_needs(size: ModelSize, dtype: torch.dtype, load_8bit: bool = False) -> int:
+    """The memory a chat with the model needs: its weights and a KV cache of KV_TOKENS, with HEADROOM."""
+    return int((size.weight_bytes(dtype, load_8bit) + size.kv_bytes(KV_TOKENS, dtype)) * HEADROOM)
 
 
 def native_bfloat16() -> bool:
@@ -248,26 +251,17 @@ def fit_options(size: ModelSize, hw: Hardware, settings: ModelSettings) -> list[
     opts = []
     for dtype_name, dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
         for eight in (False, True):
-            need = int((size.weight_bytes(dtype, eight) + size.kv_bytes(KV_TOKENS, dtype)) * HEADROOM)
-            opts.append(
-                Option(
-                    f"--device cpu --dtype {dtype_name}" + (" --load-8bit" if eight else ""),
-                    need,
-                    hw.ram_available,
-                )
-            )
+            flags = f"--device cpu --dtype {dtype_name}" + (" --load-8bit" if eight else "")
+            opts.append(Option(flags, chat_needs(size, dtype, eight), hw.ram_available))
     if hw.mps:  # Apple's GPU, in the same RAM; --load-8bit's bfloat16 scales need macOS 14 (resolve_device)
         for eight in (False, True) if torch.backends.mps.is_macos_or_newer(14, 0) else (False,):
-            need = int(
-                (size.weight_bytes(torch.float16, eight) + size.kv_bytes(KV_TOKENS, torch.float16)) * HEADROOM
-            )
             flags = "--device mps --dtype float16" + (" --load-8bit" if eight else "")
-            opts.append(Option(flags, need, hw.ram_available))
+            opts.append(Option(flags, chat_needs(size, torch.float16, eight), hw.ram_available))
     if hw.gpus:
         per_gpu = gpu_budgets(hw, settings)
         half_name, half = ("bfloat16", torch.bfloat16) if native_bfloat16() else ("float16", torch.float16)
         for eight in (False, True):
-            need = int((size.weight_bytes(half, eight) + size.kv_bytes(KV_TOKENS, half)) * HEADROOM)
+            need = chat_needs(size, half, eight)
             for n in range(1, 1 + (1 if eight else len(hw.gpus))):  # 8-bit: on one GPU (see check_fits)
                 flags = (
                     f"--device cuda --dtype {half_name}"
@@ -314,7 +308,7 @@ def check_fits(config: Any, settings: ModelSettings, device: torch.device, dtype
             hw.ram_available,
             [],
         )
-    needed = int((weights + kv) * HEADROOM)
+    needed = chat_needs(size, dtype, settings.load_8bit)
     if needed > available:
         fitting = [o.flags for o in fit_options(size, hw, settings) if o.fits]
         advice = ("; these would fit: " + " | ".join(fitting)) if fitting else "; no option fits this machine"
