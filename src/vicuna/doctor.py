@@ -112,20 +112,12 @@ def model_config(model_path: str | None) -> tuple[Path, Any]:
     """The model asked about (its folder, or its .gguf file) and its config. A .gguf file not yet converted is
     read from its header: doctor converted it (for a 7B model, minutes and a 27 GB copy) only to report what
     it needs. A Hub repository is not downloaded either."""
-    from vicuna.engine.loader import read_config, resolve_model_path
-    from vicuna.errors import ModelLoadError
+    from vicuna.engine.loader import gguf_config, read_config, resolve_model_path
     from vicuna.weights.builtin import gguf_cache_dir
 
     path = Path(model_path).expanduser() if model_path else None
     unconverted = path is not None and path.suffix == ".gguf" and path.is_file()
     if unconverted and not (gguf_cache_dir(path) / "config.json").is_file():
-        from transformers import AutoConfig
-
-        try:
-            return path, AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        except Exception as err:  # gguf raises many kinds of errors for a bad file
-            raise ModelLoadError(
-                f"{path}: cannot read this GGUF file's header ({type(err).__name__}: {err})"
-            ) from None
+        return path, gguf_config(path)
     folder = resolve_model_path(model_path, download=False)  # not gigabytes to show the needs
     return folder, read_config(folder)

@@ -58,6 +58,18 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
     return path
 
 
+def gguf_config(gguf: Path) -> Any:
+    """A GGUF file's config, read from its header alone (seconds, where converting the file takes minutes)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:  # gguf raises many kinds of errors for a bad file
+        raise ModelLoadError(
+            f"{gguf}: cannot read this GGUF file's header ({type(err).__name__}: {err})"
+        ) from None
+
+
 def check_conversion_fits(gguf: Path) -> int:
     """Refuse a GGUF file whose conversion cannot fit the RAM, before it starts: its weights are dequantized
     into float32 in memory (the built-in model's peaked at 1.4x their float32 size), so a 7B model's 4 GB
@@ -67,14 +79,13 @@ def check_conversion_fits(gguf: Path) -> int:
     (0 where the header cannot be read)."""
     import psutil
     import torch
-    from transformers import AutoConfig
 
     from vicuna.engine.memory import gib, model_size, probe_hardware
     from vicuna.errors import DoesNotFitError
 
     try:
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except Exception:  # said by the conversion, which reads the whole file
+        config = gguf_config(gguf)
+    except ModelLoadError:  # said by the conversion, which reads the whole file
         return 0
     need = model_size(config).weight_bytes(torch.float32)
     available = probe_hardware().ram_available + psutil.swap_memory().free
