@@ -8,7 +8,8 @@ only concern OpenAI's own records and routing, never the reply: `user`, and in c
 `service_tier`, `prompt_cache_key`, `safety_identifier` and `store` (false only: nothing is stored
 here); and `stream_options.include_obfuscation` false (nothing is padded here). Accepted where they ask for
 what this server does anyway, refused otherwise: vLLM's `skip_special_tokens` and
-`spaces_between_special_tokens` true (SillyTavern sends both). No torch, no server here.
+`spaces_between_special_tokens` true (SillyTavern sends both), chat's `modalities` `["text"]` and a
+completion's empty `suffix` (code-editor plugins send both). No torch, no server here.
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    modalities: list[str] | None = None  # ["text"] only: the one kind of reply there is
     # ignored: OpenAI's records and routing (see the module's docstring)
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -222,6 +224,15 @@ class ChatCompletionRequest(_Sampling):
     def _store(cls, value: bool | None) -> bool | None:
         return _as_done_here(value, False, "this server does not store completions")
 
+    @field_validator("modalities")
+    @classmethod
+    def _text_replies(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and value != ["text"]:
+            raise ValueError(
+                f'this server replies with text only; send ["text"] or leave it out, not {value}'
+            )
+        return value
+
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
@@ -240,7 +251,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored, nothing generated
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    suffix: None = None  # refused unless null: no fill-in-the-middle
+    suffix: str | None = None  # "" only: text after the insertion point asks for fill-in-the-middle
     best_of: Literal[1] | None = None
 
     @field_validator("prompt")
@@ -250,6 +261,13 @@ class CompletionRequest(_Sampling):
             raise ValueError("expected a non-empty string, list of strings or list of token ids")
         if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
             raise ValueError("a token-id prompt must not be empty")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_insertion(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("fill-in-the-middle is not supported; send an empty suffix or leave it out")
         return value
 
     @model_validator(mode="after")

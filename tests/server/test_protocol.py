@@ -132,6 +132,7 @@ def test_web_search_options_asks_for_a_search_even_when_empty():
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
         ({"response_format": {"type": "json_object"}}, "response_format.type"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
@@ -165,6 +166,10 @@ def test_completion_prompts():
     assert prompts([[1], [2, 3]]) == [[1], [2, 3]]
     assert refused(p.CompletionRequest, {"model": "m", "prompt": []}).param == "prompt"
     assert refused(p.CompletionRequest, {"model": "m", "prompt": "a", "suffix": "b"}).param == "suffix"
+    # an empty suffix, as code-editor plugins send it, leaves nothing after the insertion point: a completion
+    assert p.parse_request(p.CompletionRequest, {"model": "m", "prompt": "a", "suffix": ""}).prompts() == [
+        "a"
+    ]
     assert refused(p.CompletionRequest, {"model": "m", "prompt": "a", "best_of": 3}).param == "best_of"
     # best_of is how many candidates the n replies are chosen among: fewer than n was taken, as if 1 was n
     assert p.parse_request(p.CompletionRequest, {"model": "m", "prompt": "a", "best_of": 1, "n": 1}).n == 1
@@ -278,6 +283,18 @@ def test_fields_about_openai_records_are_accepted_and_ignored():
     assert err.param == "store" and "does not store" in err.message
     assert refused(p.ChatCompletionRequest, body | {"metadata": {"a": 1}}).param == "metadata.a"
     assert refused(p.CompletionRequest, {"model": "m", "prompt": "x", "store": False}).param == "store"
+
+
+def test_settings_that_ask_for_what_is_done_anyway_are_accepted():
+    # chat front-ends and editor plugins send these with their defaults; the reply is the same without them
+    assert chat(modalities=["text"]).sampling_params(max_new_tokens=5) == chat().sampling_params(
+        max_new_tokens=5
+    )
+    err = refused(
+        p.ChatCompletionRequest,
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "modalities": ["audio"]},
+    )
+    assert err.param == "modalities" and "text only" in err.message
 
 
 def test_message_errors_name_the_message():
