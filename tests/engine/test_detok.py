@@ -155,6 +155,33 @@ def test_stop_strings_across_any_split(seed):
     assert shown == text[: text.index(stop)]
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_only_what_may_begin_a_stop_is_held_back(seed):
+    # many stop strings over a small alphabet: the text held back is exactly the longest end of the text so
+    # far that some stop string begins with, however often its characters repeat ("aab" after "xaaa")
+    rng = random.Random(seed)
+    stops = ["".join(rng.choices("ab\n", k=rng.randint(2, 6))) for _ in range(24)]
+    matcher, text, shown = StopMatcher(stops), "", ""
+    while matcher.matched is None and len(text) < 200:
+        part = "".join(rng.choices("ab\nx", k=rng.randint(1, 4)))
+        text += part
+        shown += matcher.push(part)
+        if matcher.matched is None:
+            held = max(
+                (
+                    n
+                    for n in range(len(text) + 1)
+                    for s in stops
+                    if n < len(s) and s.startswith(text[len(text) - n :])
+                ),
+                default=0,
+            )
+            assert shown == text[: len(text) - held]
+    if matcher.matched is not None:
+        at = min(text.find(s) for s in stops if s in text)
+        assert shown == text[:at] and text[at:].startswith(matcher.matched)
+
+
 def test_text_that_only_looks_like_a_stop_is_released():
     matcher = StopMatcher(["</s>"])
     assert matcher.push("a </") == "a "

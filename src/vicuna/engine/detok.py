@@ -82,10 +82,14 @@ class StopMatcher:
             return buf[:at]
         keep = 0
         for stop in self._stops:  # the longest end of buf that begins some stop string
-            for n in range(min(len(stop) - 1, len(buf)), keep, -1):
-                if stop.startswith(buf[-n:]):
-                    keep = n
+            # only where its first character is: one `find` a stop, not a comparison per length (an
+            # editor plugin sends dozens of stop strings, and this runs for every token of every stream)
+            at = buf.find(stop[0], max(len(buf) - len(stop) + 1, 0), len(buf) - keep)
+            while at != -1:
+                if stop.startswith(buf[at:]):
+                    keep = len(buf) - at
                     break
+                at = buf.find(stop[0], at + 1, len(buf) - keep)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep]
 
