@@ -32,7 +32,9 @@ from vicuna.conversation import Message, MessagesError, parse_messages
 from vicuna.errors import VicunaError
 
 MAX_N = 16  # choices per request
-MAX_STOP = 16  # stop strings per request (OpenAI allows 4)
+# stop strings per request: OpenAI allows 4, but code-editor plugins (Continue's autocomplete) send their
+# template's, their own and a language's keywords, some dozens; bounded as each is checked at every token
+MAX_STOP = 64
 SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a 64-bit signed integer
 
 

@@ -285,6 +285,18 @@ def test_fields_about_openai_records_are_accepted_and_ignored():
     assert refused(p.CompletionRequest, {"model": "m", "prompt": "x", "store": False}).param == "store"
 
 
+def test_many_stop_strings_are_taken_up_to_a_bound():
+    # an editor plugin's autocomplete sends dozens (its template's, its own, the language's keywords)
+    stops = [f"\n{word}" for word in range(p.MAX_STOP)]
+    assert chat(stop=stops).sampling_params(max_new_tokens=5).stop == tuple(stops)
+    assert p.MAX_STOP >= 32
+    err = refused(
+        p.ChatCompletionRequest,
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [*stops, "!"]},
+    )
+    assert err.param == "stop" and f"at most {p.MAX_STOP}" in err.message
+
+
 def test_settings_that_ask_for_what_is_done_anyway_are_accepted():
     # chat front-ends and editor plugins send these with their defaults; the reply is the same without them
     assert chat(modalities=["text"]).sampling_params(max_new_tokens=5) == chat().sampling_params(
