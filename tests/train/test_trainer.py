@@ -760,7 +760,9 @@ def test_a_full_fine_tune_is_saved_in_the_base_models_dtype(tiny_llama_dir, data
 
     with safe_open(out / "model.safetensors", framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 (not iterable)
-    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert config.get("use_cache", True)  # off while training only: transformers' generate reads it
     assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
     size, base_size = (out / "model.safetensors").stat().st_size, (base / "model.safetensors").stat().st_size
     assert size < 1.1 * base_size, (size, base_size)
@@ -823,6 +825,9 @@ def test_a_checkpoint_chats_with_the_template_it_is_trained_with(tiny_llama_dir,
     for step in (1, 2):
         engine = load_engine(ModelSettings(model_path=str(out / f"checkpoint-{step}")), progress=False)
         assert engine.template.name == "chatml"
+        # the KV cache is off while training only: transformers' generate reads the saved setting
+        assert json.loads((out / f"checkpoint-{step}" / "config.json").read_text()).get("use_cache", True)
+    assert json.loads((out / "config.json").read_text()).get("use_cache", True)
 
 
 def test_a_resume_from_another_base_model_is_refused(tmp_path):

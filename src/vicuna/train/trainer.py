@@ -663,8 +663,16 @@ def trainer_class() -> Any:
             return self.lr_scheduler
 
         def _save(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-            with quiet_peft():  # each checkpoint and the final model
-                return super()._save(*args, **kwargs)
+            # `load_model` turned the KV cache off for training; each checkpoint and the final model are
+            # saved with it on, or transformers' `generate` (and tools built on it) would recompute the
+            # whole text at every token
+            config = self.accelerator.unwrap_model(self.model).config
+            config.use_cache = True
+            try:
+                with quiet_peft():
+                    return super()._save(*args, **kwargs)
+            finally:
+                config.use_cache = False
 
     return VicunaTrainer
 
