@@ -27,7 +27,13 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Protocol
 
-from vicuna.config import SamplingParams, add_model_arguments, model_settings_from_args, vicuna_home
+from vicuna.config import (
+    RANDOM_SEED,
+    SamplingParams,
+    add_model_arguments,
+    model_settings_from_args,
+    vicuna_home,
+)
 from vicuna.conversation import Message, check_alternating, fit_history, parse_messages
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
@@ -77,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repetition-penalty", type=float, default=1.0, help="above 1: tokens already seen are less likely"
     )
     g.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
-    g.add_argument("--seed", type=int, help="makes sampling repeatable (default: a new seed each run)")
+    g.add_argument("--seed", type=int, help="makes sampling repeatable (default, or -1: a new seed each run)")
     c = parser.add_argument_group("chat")
     c.add_argument("--no-history", action="store_true", help="answer each message on its own")
     c.add_argument(
@@ -851,7 +857,7 @@ def main(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+        seed=None if args.seed == RANDOM_SEED else args.seed,
     )
     settings = model_settings_from_args(args)
     resolve_device(settings)  # flags that need no model are said before it is converted or read

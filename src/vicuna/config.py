@@ -47,6 +47,11 @@ class ModelSettings:
             raise VicunaError(f"--num-gpus must be at least 1, not {self.num_gpus}")
 
 
+# a seed of -1 asks for a new seed each time, as llama.cpp and text-generation-webui take it (SillyTavern
+# sends it): taken as a fixed seed, every regenerated reply was the same
+RANDOM_SEED = -1
+
+
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop. temperature 0 is greedy decoding."""

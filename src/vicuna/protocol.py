@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from vicuna.config import SamplingParams
+from vicuna.config import RANDOM_SEED, SamplingParams
 from vicuna.conversation import Message, MessagesError, parse_messages
 from vicuna.errors import VicunaError
 
@@ -182,7 +182,7 @@ class _Sampling(_Strict):
             frequency_penalty=self.frequency_penalty or 0.0,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_tokens,
-            seed=None if self.seed is None else self.seed + choice,
+            seed=None if self.seed in (None, RANDOM_SEED) else self.seed + choice,
             stop=tuple(self.stop or ()),
             ignore_eos=bool(self.ignore_eos),
             logprobs=logprobs,

@@ -845,6 +845,18 @@ def test_top_p_0_is_greedy_decoding_as_in_the_api(tiny_llama_dir, monkeypatch):
     assert (used[0].temperature, used[0].top_p) == (0.0, 1.0)
 
 
+@pytest.mark.parametrize(("flag", "seed"), [("-1", None), ("7", 7)])
+def test_seed_minus_one_is_a_new_seed_each_run(tiny_llama_dir, monkeypatch, flag, seed):
+    # as llama.cpp's `-s -1` and the API's `seed: -1`: it was taken as a fixed seed
+    import vicuna.engine.loader
+
+    used = []
+    monkeypatch.setattr(vicuna.engine.loader, "load_engine", lambda settings: EchoEngine())
+    monkeypatch.setattr(chat_module, "run_chat", lambda engine, io, params, **kwargs: used.append(params))
+    assert cli(["chat", "--model-path", str(tiny_llama_dir), "--seed", flag, "--max-new-tokens", "20"]) == 0
+    assert used[0].seed == seed
+
+
 def test_device_flags_are_refused_before_the_model_is_converted_or_read(monkeypatch, capsys):
     import vicuna.engine.loader
 

@@ -268,6 +268,12 @@ def test_seed_is_a_64_bit_integer():
         assert err.param == "seed", err.message
 
 
+def test_seed_minus_one_asks_for_a_new_seed_each_request():
+    # as llama.cpp's server and text-generation-webui take it (SillyTavern sends it): "regenerate" repeated
+    assert chat(seed=-1, n=2).sampling_params(max_new_tokens=1, choice=1).seed is None
+    assert chat(seed=-2).sampling_params(max_new_tokens=1).seed == -2
+
+
 def test_fields_about_openai_records_are_accepted_and_ignored():
     req = chat(
         store=False,
