@@ -953,7 +953,7 @@ def webui_chat(url: str, message: str, max_tokens: int, language: str = "en") ->
     return re.findall(r"^event: (.*)\ndata: (.*)$", answer, re.M)
 
 
-def test_web_ui_chats_are_admitted_and_counted_as_api_requests(tiny_engine):
+def test_web_ui_chats_are_admitted_and_counted_as_api_requests(tiny_engine, caplog):
     app = create_app(tiny_engine, model_name=MODEL, max_batch_size=1, max_queue=0, webui=True)
     batcher = app.state.batcher
     step = batcher._rows.step
@@ -975,10 +975,17 @@ def test_web_ui_chats_are_admitted_and_counted_as_api_requests(tiny_engine):
 
         counted = ("vicuna_completion_tokens_total", "vicuna_time_to_first_token_seconds_count")
         before = [metric(url, name) for name in counted]
-        event, data = webui_chat(url, "Hello", 4)[-1]
+        with caplog.at_level(logging.INFO, logger="vicuna"):
+            event, data = webui_chat(url, "my secret plans", 4)[-1]
         assert event == "complete" and "4 tokens" in data
         assert metric(url, 'vicuna_requests_total{endpoint="webui",status="200"}') == 1
         assert [metric(url, name) - b for name, b in zip(counted, before, strict=True)] == [4, 1]
+    # one line, as an API request's, and the conversation is not in the log
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("webui ")]
+    assert re.fullmatch(
+        r"webui 200 prompt=\d+ completion=4 ttft=\S+s decode=\S+ tok/s total=\S+s finish=length", line
+    )
+    assert not [r for r in caplog.records if "secret" in r.getMessage()]
 
 
 def test_every_request_is_counted_once_with_its_status_refused_ones_too(tiny_engine):
@@ -1053,8 +1060,9 @@ def test_a_client_gone_while_sending_its_body_is_counted_499_not_500(tiny_engine
     assert sample("vicuna_requests_total", {"endpoint": "chat", "status": "500"}) is None
 
 
-def test_a_web_ui_reply_the_page_left_counts_the_tokens_it_had(tiny_engine):
-    """A page closed mid-reply was counted with 0 completion tokens, however many it had been sent."""
+def test_a_web_ui_reply_the_page_left_counts_the_tokens_it_had_and_logs_its_line(tiny_engine, caplog):
+    """A page closed mid-reply was counted with 0 completion tokens, however many it had been sent; and it left
+    no line in the log, where an API stream its client left logs one (499)."""
     from vicuna.server.app import Metrics, _counted
 
     metrics = Metrics(create_app(tiny_engine, model_name=MODEL).state.batcher)
@@ -1062,10 +1070,13 @@ def test_a_web_ui_reply_the_page_left_counts_the_tokens_it_had(tiny_engine):
         iter([TextChunk("Once", (5,)), TextChunk(" upon a", (6, 7)), TextChunk("x", (8,))]), metrics, 3
     )
     assert [next(events).text for _ in range(2)] == ["Once", " upon a"]
-    events.close()  # the page went away
+    with caplog.at_level(logging.INFO, logger="vicuna.server"):
+        events.close()  # the page went away
     sample = metrics.registry.get_sample_value
     assert sample("vicuna_requests_total", {"endpoint": "webui", "status": "499"}) == 1
     assert sample("vicuna_completion_tokens_total") == 3
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("webui 499 prompt=3 completion=3 ttft=") and line.endswith(" finish=cancelled")
 
 
 def test_requests_that_arrive_together_take_the_free_rows_before_any_counts_as_queued(tiny_engine):

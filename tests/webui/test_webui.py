@@ -242,15 +242,6 @@ def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     assert ui.running == {}
 
 
-def test_each_reply_leaves_one_log_line_without_the_conversation(engine, caplog):
-    ui = WebChat(RecordingChat(engine), engine.encode_chat, engine.context_window)
-    with caplog.at_level(logging.INFO, logger="vicuna.webui"):
-        list(ui.respond("my secret plans", [], None, "", 0.0, 1.0, 5, "", gr.Request(session_hash="s9")))
-    [line] = [r.getMessage() for r in caplog.records if r.name == "vicuna.webui"]
-    assert re.search(r"prompt=\d+ completion=\d+ ttft=\S+s decode=\S+ tok/s total=\S+s finish=\w+", line)
-    assert "secret" not in line
-
-
 def test_a_reply_is_cut_to_the_context_window_and_an_overflow_reported(engine, caplog):
     chat = RecordingChat(engine)
     ui = WebChat(chat, engine.encode_chat, engine.context_window)

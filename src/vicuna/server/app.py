@@ -313,20 +313,44 @@ class _Run:
         self.server.metrics.record(
             self.endpoint, status, reasons, self.prompt_tokens, self.completion_tokens, ttft
         )
-        decode = end - (self.first_token_at or end)
-        rate = (self.completion_tokens - len(self.choices)) / decode if decode > 0 else 0.0
-        log.info(
-            "%s %s %d prompt=%d completion=%d ttft=%s decode=%.1f tok/s total=%.2fs finish=%s",
-            self.id,
-            self.endpoint,
+        log_request(
+            f"{self.id} {self.endpoint}",
             status,
             self.prompt_tokens,
             self.completion_tokens,
-            "-" if ttft is None else f"{ttft:.3f}s",
-            max(rate, 0.0),
-            end - self.start,
-            ",".join(reasons),
+            reasons,
+            self.start,
+            self.first_token_at,
+            end,
         )
+
+
+def log_request(
+    what: str,
+    status: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    reasons: Sequence[str],
+    start: float,
+    first_token_at: float | None,
+    end: float,
+) -> None:
+    """The one log line of a request (`what`: its id and endpoint), an API request's or a web UI chat's, without
+    its text: prompts stay out of the log. `reasons`: how each of its choices finished."""
+    ttft = None if first_token_at is None else first_token_at - start
+    decode = end - (first_token_at or end)
+    rate = (completion_tokens - len(reasons)) / decode if decode > 0 else 0.0
+    log.info(
+        "%s %d prompt=%d completion=%d ttft=%s decode=%.1f tok/s total=%.2fs finish=%s",
+        what,
+        status,
+        prompt_tokens,
+        completion_tokens,
+        "-" if ttft is None else f"{ttft:.3f}s",
+        max(rate, 0.0),
+        end - start,
+        ",".join(reasons),
+    )
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
@@ -1198,7 +1222,7 @@ def _shutdown_raised(events: Iterator[Any], batcher: Any) -> Iterator[Any]:
 
 
 def _counted(events: Iterator[Any], metrics: Metrics, prompt_tokens: int) -> Iterator[Any]:
-    """A web UI reply's events, counted in `metrics` as an API request's are, as endpoint "webui"."""
+    """A web UI reply's events, counted in `metrics` and logged as an API request's are, as endpoint "webui"."""
     start, first, last = time.perf_counter(), None, None
     finished: Finished | None = None
     tokens = 0  # sampled so far: what a reply cut short by the page's leaving counts
@@ -1217,12 +1241,10 @@ def _counted(events: Iterator[Any], metrics: Metrics, prompt_tokens: int) -> Ite
     except Exception as err:
         status = failure(err).status
         raise
-    finally:
-        metrics.record(
-            "webui",
-            status,
-            [finished.reason if finished else "cancelled"],
-            prompt_tokens,
-            finished.completion_tokens if finished else tokens,
-            None if first is None else first - start,
-        )
+    finally:  # also where the page went away mid-reply, which left no line in the log
+        reasons, completion = [finished.reason if finished else "cancelled"], tokens
+        if finished:
+            completion = finished.completion_tokens
+        ttft = None if first is None else first - start
+        metrics.record("webui", status, reasons, prompt_tokens, completion, ttft)
+        log_request("webui", status, prompt_tokens, completion, reasons, start, first, time.perf_counter())

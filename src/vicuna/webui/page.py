@@ -355,15 +355,6 @@ class WebChat:
                             yield same, same, to_chatbot(turns), same, stored, same, same, same
                 elif isinstance(event, Finished):
                     turns = [*turns[:-1], (user, reply, stats_line(event, cut, dropped, lang))]
-                    log.info(  # as the API's line for each request (vicuna.server), without the text
-                        "reply prompt=%d completion=%d ttft=%.3fs decode=%.1f tok/s total=%.2fs finish=%s",
-                        event.prompt_tokens,
-                        event.completion_tokens,
-                        event.ttft_s,
-                        event.decode_tokens_per_s,
-                        event.total_s,
-                        event.reason,
-                    )
         except VicunaError as err:
             yield self._put_back(before, unsent=text)
             raise user_error(say(lang, str(err))) from None  # the busy server's words are in `texts`
