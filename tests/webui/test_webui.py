@@ -17,6 +17,7 @@ from pathlib import Path
 
 import fastapi
 import gradio as gr
+import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
@@ -567,6 +568,45 @@ def test_the_server_keeps_the_state_of_the_latest_sessions_only(monkeypatch):
             sent = client.post("/gradio_api/call/chat", json={"data": data, "session_hash": session})
             assert "event: complete" in client.get(f"/gradio_api/call/chat/{sent.json()['event_id']}").text
     assert list(sessions(app).session_data) == ["s2", "s3"]
+
+
+def test_every_chat_the_server_admits_runs_and_stop_answers_past_gradio_s_40_threads():
+    """Each chat holds one of Gradio's threads while it waits for a batch row: with 40 waiting (a script's
+    request holding every row), a 41st chat never reached the server, and Stop waited for one to end."""
+    waiting: list[threading.Event] = []
+
+    def chat(messages: list[Message], params: SamplingParams, cancel: threading.Event) -> Iterator[Event]:
+        waiting.append(cancel)
+
+        def events() -> Iterator[Event]:  # no row comes: the reply waits until it is stopped
+            cancel.wait()
+            yield Finished("cancelled", 1, 0, 0.0, 0.0, 0.0)
+
+        return events()
+
+    chats = webui.GRADIO_THREADS + 5
+    app = webui.mount(
+        fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=64, model_name="m", max_chats=chats
+    )
+    with serve(app) as url:
+        config = httpx.get(f"{url}config").json()
+        [stop] = [i for i, d in enumerate(config["dependencies"]) if d["api_name"] == "stop"]
+        try:
+            for n in range(chats):  # chats from as many browser sessions
+                data = ["Hello", [], None, "", 0.7, 1.0, 16, ""]
+                sent = httpx.post(f"{url}gradio_api/call/chat", json={"data": data, "session_hash": f"s{n}"})
+                assert sent.status_code == 200
+            deadline = time.monotonic() + 60
+            while len(waiting) < chats and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(waiting) == chats  # each reached the server (which may refuse it as busy)
+            # the first session's user presses Stop: answered, and that chat ends
+            pressed = {"fn_index": stop, "data": [], "session_hash": "s0", "trigger_id": None}
+            assert httpx.post(f"{url}gradio_api/run/predict", json=pressed, timeout=30).status_code == 200
+            assert sum(cancel.is_set() for cancel in waiting) == 1
+        finally:
+            for cancel in waiting:
+                cancel.set()
 
 
 # --- in Chromium ---------------------------------------------------------------------------------

@@ -1207,6 +1207,7 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
         context_window=server.batcher.context_window,
         model_name=server.model_name,
         api_keys=set(server.api_keys) or None,
+        max_chats=server.batcher.max_batch_size + server.max_queue,  # what check_queue admits
     )
 
 

@@ -63,6 +63,14 @@ class BodyLimit:
         await self.app(scope, bounded if scope["type"] == "http" else receive, send)
 
 
+# Gradio runs each call of a handler in one of its threads, and at most that many of the page's queued events at
+# once, for all browser sessions together: 40 by default. A chat holds one from its message to its reply's end,
+# waiting for a batch row too. With 40 chats waiting (a script's request holding every row), every other handler
+# waited for one of them to end: Stop answered 41 s later, a page load or a 41st message as late, unseen by the
+# server's queue. The page takes that many for its other handlers, and one more for each chat the server admits.
+GRADIO_THREADS = 40
+
+
 # What the page may load besides its own files: no image, audio or video from elsewhere. A reply is markdown
 # with HTML, and Gradio's sanitizing keeps an <img>, ![](url), <video>, <audio> and CSS url(): text that
 # steers the model (a pasted page, a document) had it write one whose URL carried the conversation out,
@@ -95,12 +103,14 @@ def mount(
     context_window: int,
     model_name: str,
     api_keys: set[str] | None = None,
+    max_chats: int = 0,
 ) -> fastapi.FastAPI:
     """Mount the chat page at `/` of `app` and return `app`. Add the app's own routes first: a mount
     at `/` answers every path that no earlier route took. `chat(messages, params, cancel)` streams a
     reply and ends it with "cancelled" soon after `cancel` is set. `encode(messages)` is the prompt's
     token ids, by which the page leaves out the oldest exchanges that do not fit `context_window` (the
-    model's, in tokens; also the max-tokens slider's end), or asks for what fits."""
+    model's, in tokens; also the max-tokens slider's end), or asks for what fits. `max_chats`: how many
+    replies `chat` takes at once (running and waiting; it refuses more), each given a thread of its own."""
     import gradio as gr
     from fastapi.responses import PlainTextResponse
 
@@ -123,6 +133,9 @@ def mount(
         api_keys=api_keys,
         context_window=context_window,
     )
+    # as launch(max_threads=) sets it, which mounting lacks: queue() makes the queue again with that many jobs
+    demo.max_threads = GRADIO_THREADS + max_chats
+    demo.queue()
     # System fonts: the default theme fetches Google Fonts, which an offline server cannot reach.
     theme = gr.themes.Soft(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
