@@ -609,6 +609,43 @@ def test_every_chat_the_server_admits_runs_and_stop_answers_past_gradio_s_40_thr
                 cancel.set()
 
 
+def test_a_chat_waiting_for_a_row_ends_when_its_page_is_closed():
+    """Gradio closes a reply's generator when its next piece comes: a chat still waiting for a batch row when its
+    page was closed or reloaded waited on in the queue, and computed its prompt for nobody once given a row."""
+    waiting: list[threading.Event] = []
+
+    def chat(messages: list[Message], params: SamplingParams, cancel: threading.Event) -> Iterator[Event]:
+        waiting.append(cancel)
+
+        def events() -> Iterator[Event]:  # no row comes: the reply waits until it is cancelled
+            cancel.wait()
+            yield Finished("cancelled", 1, 0, 0.0, 0.0, 0.0)
+
+        return events()
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=64, model_name="m")
+    with serve(app) as url, httpx.Client(timeout=30) as page:
+        try:
+            # the page holds its heartbeat open while it is shown: Gradio's sign of a closed tab is its end
+            with page.stream("GET", f"{url}gradio_api/heartbeat/s0") as heartbeat:
+                alive = heartbeat.iter_lines()  # kept: the iterator closes the stream when dropped
+                next(alive)
+                data = ["Hello", [], None, "", 0.7, 1.0, 16, ""]
+                page.post(f"{url}gradio_api/call/chat", json={"data": data, "session_hash": "s0"})
+                deadline = time.monotonic() + 30
+                while not waiting and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert len(waiting) == 1 and not waiting[0].is_set()
+            # the tab is closed
+            deadline = time.monotonic() + 30
+            while not waiting[0].is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert waiting[0].is_set()
+        finally:
+            for cancel in waiting:
+                cancel.set()
+
+
 # --- in Chromium ---------------------------------------------------------------------------------
 
 

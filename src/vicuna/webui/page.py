@@ -506,6 +506,10 @@ def build(
                 failed.failure(ui.ask_key_again, key, login_box, queue=False, api_visibility="private")
         # Stop lets the reply finish with its stats ("stopped"); Clear also drops what is still streaming.
         stop.click(ui.stop, None, None, queue=False, api_visibility="private")
+        # A page closed or reloaded mid-reply: Gradio closes the reply's generator when its next piece comes,
+        # which a chat waiting for a batch row has not got: it waited on, taking a place in the queue, and
+        # once given a row it computed its prompt for nobody. The page's end stops it as Stop does.
+        demo.unload(ui.stop)
         gr.on(  # the Clear button and the chatbot's own trash icon
             [clear.click, chatbot.clear],
             ui.clear,
