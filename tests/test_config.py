@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,20 @@ def test_a_system_prompt_typed_at_a_gbk_terminal_is_refused_before_loading(comma
         capsys.readouterr().err
     )
     assert command_parser(command[0]).parse_args([*command[1:], "--conv-system-msg", "你是助手"])
+
+
+def test_the_pure_python_modules_load_neither_torch_nor_the_engine():
+    """STYLE.md's first layer: the CLI's flags, the templates and the API's schemas, which weights and the
+    engine build on. A torch import there costs every command that only parses flags or renders a prompt
+    the seconds PyTorch takes to load; an engine import turns the layers around."""
+    code = (
+        "import sys, vicuna.config, vicuna.conversation, vicuna.protocol\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'vicuna'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    pure = {"vicuna"} | {
+        f"vicuna.{name}" for name in ("config", "conversation", "errors", "protocol", "shell", "textfile")
+    }
+    assert sorted(set(loaded) - pure)[:3] == []  # the first few that came with them
