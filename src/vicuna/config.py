@@ -144,22 +144,11 @@ def model_settings_from_args(args: argparse.Namespace) -> ModelSettings:
     )
 
 
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
 __all__ = [
     "DEVICES",
     "DTYPES",
     "ModelSettings",
     "SamplingParams",
-    "Usage",
     "add_model_arguments",
     "model_settings_from_args",
     "vicuna_home",

@@ -47,10 +47,6 @@ class Finished:
     # token, though its text is never shown (a completion's logprobs list it, as OpenAI's and vLLM's do)
     stop_logprobs: tuple[TokenLogprob, ...] = ()
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
 
 Event = TextChunk | Finished
 
