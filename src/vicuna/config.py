@@ -1,5 +1,5 @@
 """Model and generation settings as plain dataclasses, and the command-line flags that fill them.
-No torch here: the CLI, the server's schemas and the templates import this module."""
+No torch here: the model commands' flags and the API's request schemas (vicuna.protocol) import it."""
 
 from __future__ import annotations
 

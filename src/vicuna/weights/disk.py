@@ -1,5 +1,6 @@
-"""Guards run before a download or a merge: the free-disk check, so a long job is refused up front with the
-amount it needs instead of failing hours later on a full disk, and the one-writer lock on its output."""
+"""The disk under a job that writes a model (a download, a conversion, a merge, a training run): the free-disk
+check, so a long job is refused up front with the amount it needs instead of failing hours later on a full
+disk; the one-writer lock on its output; and `disk_full`, which knows a full disk in a failed write's words."""
 
 from __future__ import annotations
 
