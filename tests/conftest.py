@@ -16,6 +16,19 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """The tiny LLaMA loaded as a float32 engine on the CPU, with a context window of 1024 so that long
+    replies and batches that run out of cache are possible; shared by the batching and server tests."""
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+
+    folder = write_tiny_llama(
+        tmp_path_factory.mktemp("tiny-serve") / "tiny-llama", max_position_embeddings=1024
+    )
+    return load_engine(ModelSettings(model_path=str(folder), device="cpu", dtype="float32"), progress=False)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _vicuna_home():
     """The built-in model is converted once per machine and shared by every test through

@@ -23,7 +23,7 @@ import openai
 import pytest
 import uvicorn
 
-from tests.server.test_batching import hold_scheduler
+from tests.engine.test_batching import hold_scheduler
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message, render
 from vicuna.engine.events import Finished, TextChunk
