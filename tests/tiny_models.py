@@ -115,3 +115,14 @@ def write_tiny_llama(
         f.unlink()
     sp_dir.rmdir()
     return out
+
+
+def plain_engine(engine, model=None):
+    """`engine`'s model (or `model` in its place), tokenizer and template without the fused LLaMA path:
+    generated through transformers' forward, as an architecture other than LLaMA's is."""
+    from vicuna.engine.engine import Engine
+
+    model = engine.model if model is None else model
+    return Engine(
+        model=model, tokenizer=engine.tokenizer, template=engine.template, model_name="plain", fast_path=False
+    )

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from tests.tiny_models import plain_engine
 from vicuna.config import SamplingParams
 from vicuna.engine.batching import Batcher
 from vicuna.engine.events import Finished, TextChunk
@@ -449,15 +450,7 @@ def test_embeddings_are_normalised_mean_pools(tiny_engine, batcher):
 def test_any_transformers_model_batches_on_a_padded_cache(tiny_engine):
     """Without the fused LLaMA path (other architectures, several GPUs) the batch is a left-padded
     transformers cache; replies still equal the engine's, under preemption too."""
-    from vicuna.engine.engine import Engine
-
-    e = Engine(
-        model=tiny_engine.model,
-        tokenizer=tiny_engine.tokenizer,
-        template=tiny_engine.template,
-        model_name="hf",
-        fast_path=False,
-    )
+    e = plain_engine(tiny_engine)
     b = Batcher(e, max_batch_size=4, kv_cache_tokens=e.context_window)
     try:
         jobs = [
@@ -597,7 +590,6 @@ def test_the_padded_cache_path_passes_its_cache_by_the_name_the_model_takes(tiny
     would be forgotten after its first token."""
     import torch
 
-    from vicuna.engine.engine import Engine
     from vicuna.engine.runner import cache_arg
 
     plain = tiny_engine.model
@@ -612,16 +604,7 @@ def test_the_padded_cache_path_passes_its_cache_by_the_name_the_model_takes(tiny
             cache = {cache_arg(self.plain): past_key_values}
             return self.plain(input_ids=input_ids, use_cache=use_cache, **cache, **rest)
 
-    engines = [
-        Engine(
-            model=m,
-            tokenizer=tiny_engine.tokenizer,
-            template=tiny_engine.template,
-            model_name="hf",
-            fast_path=False,
-        )
-        for m in (plain, EarlierNames())
-    ]
+    engines = [plain_engine(tiny_engine, m) for m in (plain, EarlierNames())]
     jobs = [
         (engines[0].encode(t), SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
         for t in TEXTS[:2]

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from tests.tiny_models import plain_engine
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Finished, TextChunk
@@ -298,12 +299,8 @@ def test_llama_runner_matches_transformers_logits(tiny_llama_dir, monkeypatch, o
 
 def test_fast_and_plain_paths_give_the_same_reply(tiny_llama_dir):
     settings = ModelSettings(model_path=str(tiny_llama_dir), dtype="float32")
-    from vicuna.engine.engine import Engine
-
     fast = load_engine(settings, progress=False)
-    plain = Engine(
-        model=fast.model, tokenizer=fast.tokenizer, template=fast.template, model_name="x", fast_path=False
-    )
+    plain = plain_engine(fast)
     prompt = fast.encode("你好，世界")
     a = run(fast, prompt, temperature=0.8, seed=1, max_new_tokens=20, ignore_eos=True)
     b = run(plain, prompt, temperature=0.8, seed=1, max_new_tokens=20, ignore_eos=True)

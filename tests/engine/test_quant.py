@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_models import tiny_config, tiny_llama_config
+from tests.tiny_models import plain_engine, tiny_config, tiny_llama_config
 from vicuna.engine.quant import quantize_int8, weight_bytes
 
 
@@ -37,7 +37,6 @@ def test_int8_halves_bf16_weight_memory_and_keeps_the_logits(family):
 )
 def test_load_8bit_engine_uses_the_fused_int8_path_with_the_same_tokens(tiny_llama_dir, device, dtype):
     from vicuna.config import ModelSettings, SamplingParams
-    from vicuna.engine.engine import Engine
     from vicuna.engine.loader import load_engine
     from vicuna.engine.quant import Int8Linear
 
@@ -47,13 +46,7 @@ def test_load_8bit_engine_uses_the_fused_int8_path_with_the_same_tokens(tiny_lla
     )
     assert engine.llama_weights is not None  # the fused fast path takes int8 layers too
     assert any(isinstance(m, Int8Linear) for m in engine.model.modules())
-    plain = Engine(
-        model=engine.model,
-        tokenizer=engine.tokenizer,
-        template=engine.template,
-        model_name="x",
-        fast_path=False,
-    )
+    plain = plain_engine(engine)
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
     prompt = engine.encode("Hello world")
     tokens = [
