@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from tests.tiny_models import plain_engine
+from tests.tiny_models import plain_engine, tiny_config
 from vicuna.config import SamplingParams
 from vicuna.engine.batching import Batcher
 from vicuna.engine.events import Finished, TextChunk
@@ -475,22 +475,11 @@ def test_a_model_with_a_sliding_window_batches_prompts_longer_than_the_window(ti
     """Mistral-style sliding-window attention: transformers' sliding cache layers keep only the window's last
     positions, which the padded rectangle cannot line up; the batch keeps them all, as its mask counts."""
     import torch
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from transformers import AutoModelForCausalLM
 
     from vicuna.engine.engine import Engine
 
-    config = MistralConfig(
-        vocab_size=len(tiny_engine.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=16,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = tiny_config("mistral", len(tiny_engine.tokenizer), max_position_embeddings=512)  # a window of 16
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     e = Engine(model=model, tokenizer=tiny_engine.tokenizer, template=tiny_engine.template, model_name="m")
