@@ -1,4 +1,4 @@
-"""Settings: where the cache lives, and the flags every model command takes."""
+"""Settings: where the cache lives, the flags every model command takes, and no torch beneath them."""
 
 from __future__ import annotations
 

@@ -1,3 +1,6 @@
+"""The app's pieces below the HTTP server: streamed bodies, held-back text and how a failure is answered."""
+
+
 def test_a_token_chunk_filled_into_its_rendered_template_equals_the_chunk_rendered_whole():
     from vicuna.server.app import _filled, _sse
 

@@ -1,4 +1,5 @@
-"""The free-disk check: refuses with the amount needed and available, in GB; probes the nearest existing folder."""
+"""The free-disk check (the amounts needed and available, the nearest existing folder probed) and the
+one-writer lock on an output (a second job refused or waiting, on POSIX and on Windows)."""
 
 from __future__ import annotations
 
