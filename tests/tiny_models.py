@@ -1,7 +1,9 @@
 """Tiny LLaMA-family checkpoints built in code with a deterministic init: no network, a second or less.
 
 `write_sentencepiece` trains a small SentencePiece BPE model (LLaMA's tokenizer kind, with byte fallback)
-on fixed text; `write_tiny_llama` saves an HF-format LlamaForCausalLM folder with that tokenizer.
+on fixed text; `write_tiny_llama` saves an HF-format LlamaForCausalLM folder with that tokenizer;
+`tiny_config` is another family's config at the same size. `plain_engine` runs a loaded engine's model
+without the fused LLaMA path, to compare the two.
 """
 
 from __future__ import annotations
