@@ -243,3 +243,52 @@ def test_allowed_origins_help_says_which_origins_reach_a_private_network():
 
     help = command_parser("serve")._option_string_actions["--allowed-origins"].help
     assert "not *" in help and "private network" in help
+
+
+@pytest.mark.parametrize("command", ["chat", "serve", "doctor"])
+def test_a_model_typed_as_ollama_takes_it_is_told_to_go_after_model_path(command, capsys):
+    """`vicuna chat llama3`, as `ollama run llama3` takes its model, was answered 'unrecognized arguments:
+    llama3' alone."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([command, "qwen2.5:7b"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == (
+        f"vicuna {command}: error: unrecognized argument qwen2.5:7b: the model is named with --model-path "
+        f"(`vicuna {command} --model-path qwen2.5:7b`)"
+    )
+    with pytest.raises(SystemExit):  # a subcommand's (bench latency), among other flags: where it goes
+        main(["bench", "latency", "llama3", "--max-new-tokens", "8"])
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("(`vicuna bench latency --model-path llama3 --max-new-tokens 8`)")
+    )
+    with pytest.raises(SystemExit):  # a value argparse leaves over elsewhere is said as before
+        main(["verify", "a", "b"])
+    assert capsys.readouterr().err.splitlines()[-1] == "vicuna verify: error: unrecognized arguments: b"
+
+
+def test_ollama_s_commands_name_what_does_their_work_here(tmp_path, monkeypatch, capsys):
+    from vicuna.cli import main
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    models = tmp_path / "models"
+    for typed, said in (
+        (["run", "llama3"], "run is Ollama's; here: vicuna chat --model-path MODEL (an HF-format folder"),
+        (
+            ["pull", "llama3"],
+            f"pull is Ollama's; here: vicuna download OWNER/NAME (a Hugging Face Hub repository, into {models}/OWNER--NAME)",
+        ),
+        (["list"], f"list is Ollama's; here: each model downloaded or converted is a folder in {models} "),
+        (["ls"], f"ls is Ollama's; here: each model downloaded or converted is a folder in {models} "),
+        (
+            ["rm", "llama3"],
+            f"rm is Ollama's; here: delete the model's folder in {models} (a Hub repository's",
+        ),
+        (["ps"], "ps is Ollama's; here: a model is loaded for as long as the vicuna chat or vicuna serve"),
+    ):
+        assert main(typed) == 2
+        assert capsys.readouterr().err.startswith(f"vicuna: error: {said}")

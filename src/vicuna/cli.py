@@ -77,6 +77,29 @@ class CommandParser(argparse.ArgumentParser):
         self.typed = list(sys.argv[1:] if args is None else args)  # a subcommand's parser: what follows it
         return super().parse_known_args(args, namespace)
 
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extra = self.parse_known_args(args, namespace)
+        options = set(self._option_string_actions)  # the command's, and its subcommand's that was typed
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
+                options |= set(action.choices[getattr(parsed, action.dest)]._option_string_actions)
+        if extra and not extra[0].startswith("-") and extra[0] in self.typed and "--model-path" in options:
+            # `vicuna chat llama3`, as `ollama run llama3` takes its model: argparse said only "unrecognized
+            # arguments: llama3"
+            from vicuna.shell import quote
+
+            at = self.typed.index(extra[0])
+            fixed = [*self.typed[:at], "--model-path", *self.typed[at:]]
+            self.error(
+                f"unrecognized argument {extra[0]}: the model is named with --model-path "
+                f"(`{self.prog} {' '.join(quote(word) for word in fixed)}`)"
+            )
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
     def error(self, message: str) -> NoReturn:
         from vicuna.fastchat_flags import advice
 
@@ -118,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS:
         from vicuna.fastchat_flags import COMMANDS as FASTCHAT_COMMANDS
+        from vicuna.fastchat_flags import ollama_advice
 
         module = argv[0].rsplit(".", 1)[-1]  # `vicuna cli`, `vicuna fastchat.serve.cli`: FastChat's modules
         if module in FASTCHAT_COMMANDS:
@@ -125,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"vicuna: error: {argv[0]} is FastChat's; here it is vicuna {FASTCHAT_COMMANDS[module]}",
                 file=sys.stderr,
             )
+            return 2
+        if said := ollama_advice(argv[0]):  # `vicuna run`, `vicuna pull`, `vicuna list`: Ollama's commands
+            print(f"vicuna: error: {said}", file=sys.stderr)
             return 2
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])

@@ -1,4 +1,5 @@
-"""FastChat's command-line spellings that vicuna takes under another name or lacks, and what to type instead.
+"""FastChat's (and Ollama's) command-line spellings that vicuna takes under another name or lacks, and what to
+type instead.
 
 Users come with FastChat's commands in their fingers and in their scripts (`--repetition_penalty`,
 `apply_delta --base-model-path`, `--gptq-ckpt`); argparse answered them with a bare "unrecognized
@@ -107,3 +108,25 @@ def advice(typed: Sequence[str], known: Collection[str]) -> str | None:
         if flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
             return f"{flag}: here it is spelled {flag.replace('_', '-')}"
     return None
+
+
+def ollama_advice(command: str) -> str | None:
+    """What to type instead of Ollama's `command` (`ollama run`, `pull`, `list`, `rm`, `ps`), where vicuna
+    has no command of that name, or None: its users typed them and got only argparse's list of choices."""
+    if command not in ("run", "pull", "list", "ls", "rm", "ps"):
+        return None
+    from vicuna.config import vicuna_home
+
+    models = vicuna_home() / "models"
+    here = {
+        "run": "vicuna chat --model-path MODEL (an HF-format folder, a .gguf file or a Hugging Face Hub "
+        "repository OWNER/NAME, downloaded on its first start)",
+        "pull": f"vicuna download OWNER/NAME (a Hugging Face Hub repository, into {models}/OWNER--NAME)",
+        "list": f"each model downloaded or converted is a folder in {models} (du -sh {models}/* lists "
+        "their sizes)",
+        "rm": f"delete the model's folder in {models} (a Hub repository's is downloaded again, and a .gguf "
+        "file's copy converted again, on its next start)",
+        "ps": "a model is loaded for as long as the vicuna chat or vicuna serve that loaded it runs",
+    }
+    here["ls"] = here["list"]
+    return f"{command} is Ollama's; here: {here[command]}"
