@@ -705,3 +705,56 @@ def test_a_size_field_of_the_wrong_type_or_below_one_is_named(model_copy, field,
     (model_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=rf"config\.json: {expected}"):
         load(model_copy)
+
+
+def test_a_model_named_as_ollama_names_it_is_told_what_model_path_takes(tmp_path, monkeypatch):
+    """`--model-path llama3` or `qwen2.5:7b` (Ollama's library names), and `hf.co/OWNER/NAME:Q4_K_M` (Ollama's
+    name for a Hub repository's GGUF file), were answered 'no such file or folder' alone."""
+    from vicuna.engine.loader import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    for name in ("llama3", "qwen2.5:7b"):
+        with pytest.raises(ModelLoadError) as info:
+            resolve_model_path(name)
+        assert str(info.value) == (
+            f"{name}: no such file or folder; --model-path takes an HF-format folder, a .gguf file or a Hugging "
+            "Face Hub repository OWNER/NAME (e.g. Qwen/Qwen2.5-7B-Instruct), not a name of Ollama's library "
+            "such as llama3 or qwen2.5:7b"
+        )
+    for name in (
+        "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M",
+        "bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M",
+    ):
+        with pytest.raises(ModelLoadError) as info:
+            resolve_model_path(name)
+        assert str(info.value) == (
+            f"{name}: no such file or folder; a Hugging Face Hub repository is named OWNER/NAME alone "
+            "(bartowski/Llama-3.2-1B-Instruct-GGUF), without Ollama's hf.co/ or :TAG; one GGUF file of it is "
+            "fetched with `vicuna download bartowski/Llama-3.2-1B-Instruct-GGUF --include '*Q4_K_M*.gguf'`, "
+            f"then run as --model-path {tmp_path}/home/models/bartowski--Llama-3.2-1B-Instruct-GGUF/FILE.gguf"
+        )
+    (tmp_path / "runs").mkdir()
+    for mistyped in ("runs/chekpoint-9", "model.gguf"):  # a path mistyped is said as before
+        with pytest.raises(ModelLoadError, match=f"^{mistyped}: no such file or folder$"):
+            resolve_model_path(mistyped)
+
+
+def test_a_gguf_file_without_its_ending_is_told_to_take_one(tmp_path):
+    """Ollama keeps its models as GGUF files named blobs/sha256-HEX: given to --model-path, one was refused
+    as neither a folder nor a .gguf file, without a word that it is a GGUF file all the same."""
+    from vicuna.engine.loader import resolve_model_path
+
+    blob = tmp_path / "blobs" / "sha256-6a0746a1ec1a"
+    blob.parent.mkdir()
+    blob.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model_path(str(blob))
+    assert str(info.value) == (
+        f"{blob}: expected an HF-format folder or a .gguf file; this one is a GGUF file (as Ollama keeps its "
+        f"models): give it a name that ends in .gguf, e.g. `ln -s {blob} MODEL.gguf`, then --model-path MODEL.gguf"
+    )
+    other = tmp_path / "notes.txt"
+    other.write_text("GGU")
+    with pytest.raises(ModelLoadError, match=r"notes.txt: expected an HF-format folder or a .gguf file$"):
+        resolve_model_path(str(other))

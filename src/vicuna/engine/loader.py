@@ -40,10 +40,10 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
     if names_hub_repository(model_path):
         return hub_model(model_path, download)
     if not path.exists():
-        raise ModelLoadError(f"{path}: no such file or folder")
+        raise ModelLoadError(f"{path}: no such file or folder{not_a_model_name(model_path)}")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelLoadError(f"{path}: expected an HF-format folder or a .gguf file")
+            raise ModelLoadError(f"{path}: expected an HF-format folder or a .gguf file{unnamed_gguf(path)}")
         out = gguf_cache_dir(path)
         needed = 0 if (out / CONFIG).is_file() else check_conversion_fits(path)
         return convert_gguf(path, out, needed_bytes=needed)
@@ -56,6 +56,46 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
             )
         raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
     return path
+
+
+# Ollama's names for a model of the Hub: [hf.co/]OWNER/NAME[:TAG], the tag a quantization (Q4_K_M)
+OLLAMA_HUB_NAME = re.compile(r"(?:(?:hf\.co|huggingface\.co)/)?(\w[\w.-]*/\w[\w.-]*)(?::([\w.-]+))?")
+
+
+def not_a_model_name(model_path: str) -> str:
+    """What to add to "no such file or folder" where `model_path` is a model's name as Ollama takes it
+    (`llama3`, `qwen2.5:7b`, `hf.co/OWNER/NAME:Q4_K_M`): its users typed them and learned only that no such
+    file was here, though no file was meant."""
+    named = OLLAMA_HUB_NAME.fullmatch(model_path)
+    if named and (named[2] or named[0] != named[1]):
+        pattern = f"*{named[2]}*.gguf" if named[2] else "FILE.gguf"
+        return (
+            f"; a Hugging Face Hub repository is named OWNER/NAME alone ({named[1]}), without Ollama's "
+            f"hf.co/ or :TAG; one GGUF file of it is fetched with `vicuna download {named[1]} --include "
+            f"{quote(pattern)}`, then run as --model-path {hub.model_folder(named[1])}/FILE.gguf"
+        )
+    if "/" in model_path or "\\" in model_path or model_path.endswith(".gguf"):
+        return ""  # a path mistyped
+    return (
+        "; --model-path takes an HF-format folder, a .gguf file or a Hugging Face Hub repository "
+        "OWNER/NAME (e.g. Qwen/Qwen2.5-7B-Instruct), not a name of Ollama's library such as llama3 or "
+        "qwen2.5:7b"
+    )
+
+
+def unnamed_gguf(path: Path) -> str:
+    """What to add where a file without the .gguf ending is a GGUF file all the same (as Ollama keeps its
+    models: ~/.ollama/models/blobs/sha256-...)."""
+    try:
+        with open(path, "rb") as file:
+            if file.read(4) != b"GGUF":
+                return ""
+    except OSError:
+        return ""
+    return (
+        "; this one is a GGUF file (as Ollama keeps its models): give it a name that ends in .gguf, e.g. "
+        f"`ln -s {quote(str(path.absolute()))} MODEL.gguf`, then --model-path MODEL.gguf"
+    )
 
 
 def gguf_config(gguf: Path) -> Any:
