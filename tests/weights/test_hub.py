@@ -441,3 +441,35 @@ def test_a_file_of_another_revision_counts_whole_in_the_disk_check(tmp_path):
     assert plan.missing_bytes(tmp_path) == 700
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
     assert plan.missing_bytes(tmp_path) == 0
+
+
+def test_a_repository_of_gguf_files_as_a_model_path_is_refused_before_any_is_fetched(
+    hub, tmp_path, monkeypatch
+):
+    """`--model-path OWNER/NAME-GGUF` (where Ollama users find a model's GGUF files) downloaded every file
+    of the repository, each the model in another quantization (tens of GB), into a folder that was then no
+    model to load: 'No such file or directory: config.json'. It is refused first, saying how to fetch one."""
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.errors import ModelLoadError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    hub.repos["org/tiny-GGUF"] = {
+        "README.md": b"{}",
+        "tiny-Q8_0.gguf": b"GGUF" + bytes(3_000_000),
+        "tiny-Q4_K_M.gguf": b"GGUF" + bytes(2_000_000),
+        "tiny-Q2_K.gguf": b"GGUF" + bytes(1_000_000),
+    }
+    folder = tmp_path / "home" / "models" / "org--tiny-GGUF"
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model_path("org/tiny-GGUF")
+    assert str(info.value) == (
+        "org/tiny-GGUF: no such file or folder here, and from the Hub: org/tiny-GGUF holds GGUF files (3, "
+        "6.0 MB in all), not an HF-format model: fetch the one to run, e.g. `vicuna download org/tiny-GGUF "
+        f"--include tiny-Q4_K_M.gguf` (2.0 MB), then --model-path {folder}/tiny-Q4_K_M.gguf"
+    )
+    assert hub.downloads() == []
+    # as said, `vicuna download` fetches that one, where the message says
+    assert main(["download", "org/tiny-GGUF", "--include", "tiny-Q4_K_M.gguf"]) == 0
+    assert hub.downloads() == ["tiny-Q4_K_M.gguf"]
+    assert (folder / "tiny-Q4_K_M.gguf").read_bytes() == hub.repos["org/tiny-GGUF"]["tiny-Q4_K_M.gguf"]

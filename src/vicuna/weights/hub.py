@@ -186,10 +186,13 @@ def download(
     --model-path), one checked a file the other was still fetching and failed, calling it a file that
     differs from the Hub's and was deleted. A second `vicuna download` is refused (its user ran it, and
     learns that another is running); with `wait` (a --model-path's first start, which only needs the
-    model), it waits for the other and uses what it downloaded, not read again when complete."""
+    model), it waits for the other and uses what it downloaded, not read again when complete; and a
+    repository of GGUF files is refused before any is fetched (`refuse_gguf_files`)."""
     from vicuna.weights.disk import ensure_free_space, one_writer
 
     plan = plan or plan_download(repo_id, revision=revision, include=include, repo_type=repo_type)
+    if wait:
+        refuse_gguf_files(plan, Path(target))
     target = Path(target)
     with one_writer(target, target, wait_as="downloading" if wait else None) as waited:
         if waited and downloaded(plan, target):
@@ -203,6 +206,25 @@ def download(
 
         write_manifest(target, known=checked)  # the weights' sha256 just computed: not read a second time
     return target
+
+
+def refuse_gguf_files(plan: Plan, target: Path) -> None:
+    """Refuse, as a --model-path, a repository that holds GGUF files and no config.json: each file is the
+    model in one quantization (OWNER/NAME-GGUF repositories hold a dozen, tens of GB), one of which is run,
+    and the folder they were all downloaded into was then no model to load ('No such file or directory:
+    config.json')."""
+    ggufs = [f for f in plan.files if f.path.endswith(".gguf")]
+    if not ggufs or any(f.path == "config.json" for f in plan.files):
+        return
+    one = next((f for f in ggufs if "Q4_K_M" in f.path), min(ggufs, key=lambda f: f.size))
+    from vicuna.shell import quote as shell_quote
+    from vicuna.weights.disk import size
+
+    raise VicunaError(
+        f"{plan.repo_id} holds GGUF files ({len(ggufs)}, {size(sum(f.size for f in ggufs))} in all), not an "
+        f"HF-format model: fetch the one to run, e.g. `vicuna download {plan.repo_id} --include "
+        f"{shell_quote(one.path)}` ({size(one.size)}), then --model-path {shell_quote(str(target / one.path))}"
+    )
 
 
 def downloaded(plan: Plan, target: Path) -> bool:
