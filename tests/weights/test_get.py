@@ -208,6 +208,34 @@ def test_base_from_the_hub_and_rerun_downloads_nothing(models, tmp_path, monkeyp
         hub.server_close()
 
 
+def test_the_downloads_a_merge_no_longer_needs_are_said_and_may_be_deleted(
+    models, tmp_path, monkeypatch, capsys
+):
+    """The base and delta `vicuna get` fetched stayed beside the merged model, as big as it or bigger,
+    without a word that they may go."""
+    hub = _serve(monkeypatch, {"org/llama-tiny": models["base"]})
+    try:
+        assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test") == 0
+        downloaded = tmp_path / "downloads" / "org--llama-tiny"
+        held = sum(p.stat().st_size for p in downloaded.rglob("*") if p.is_file())
+        out = capsys.readouterr().out
+        assert (
+            f"[my-vicuna] the downloads merged from ({held / 1e6:.1f} MB) are not needed by {tmp_path / 'my-vicuna'}; "
+            f"to free the disk, delete {downloaded} (this command run again does not fetch them while the model "
+            "is there)"
+        ) in out
+        shutil.rmtree(downloaded)  # as said: the model stays ready, and nothing is fetched again
+        hub.log.clear()
+        assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test") == 0
+        assert hub.log == [] and "downloads merged from" not in capsys.readouterr().out
+        assert_same_weights(tmp_path / "my-vicuna", models["target"])
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    assert get(tmp_path / "local", models["base"], models["delta"], "--no-smoke-test") == 0
+    assert "downloads merged from" not in capsys.readouterr().out  # the user's own folders are not offered
+
+
 def test_merged_release_recipe(models, tmp_path, monkeypatch, capsys):
     hub = _serve(monkeypatch, {"lmsys/vicuna-7b-v1.5": models["target"]})
     try:

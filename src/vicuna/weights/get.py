@@ -257,6 +257,18 @@ def get(
                 "again with the right ones"
             ) from err
         print(f"[{name}] reply: {reply!r} (ended on EOS)")
+    # The base and delta fetched for the merge (26 GB for a 7B model) were kept without a word: a user
+    # freeing disk did not know that the model no longer needs them, nor that a rerun fetches nothing again.
+    fetched = [s.folder for s in sources if s.repo_id and len(sources) == 2 and s.folder.is_dir()]
+    if fetched:
+        from vicuna.weights.disk import size
+
+        held = sum(p.stat().st_size for folder in fetched for p in folder.rglob("*") if p.is_file())
+        print(
+            f"[{name}] the downloads merged from ({size(held)}) are not needed by {model}; to free the disk, "
+            f"delete {' '.join(quote(str(folder)) for folder in fetched)} (this command run again does not "
+            "fetch them while the model is there)"
+        )
     return model
 
 
