@@ -590,11 +590,19 @@ def test_wrong_api_paths_and_methods_get_openai_errors_with_the_web_ui_mounted_t
         (404, None),
         (404, None),
         (404, None),
+        (404, None),
+        (404, None),
     ]
     # a base_url without /v1 (the web UI's mount at / answered it with Gradio's bare "Not Found")
     for _, _, error in answers[True][-2:]:
         assert error["message"].endswith("the path lacks /v1: add it to the end of the base URL"), error
     assert "lacks /v1" not in answers[True][2][2]["message"]
+    # an Ollama connection's first calls (its list of models, its version): told what to connect as
+    for _, _, error in answers[True][-4:-2]:
+        assert error["message"].endswith(
+            "it is Ollama's own API, which this server does not speak: connect the client as to an "
+            "OpenAI-compatible API, its base URL ending in /v1"
+        ), error
 
 
 WRONG_API_CALLS = [
@@ -603,6 +611,8 @@ WRONG_API_CALLS = [
     ("POST", "/v1/nothing-here"),
     ("GET", "/v1/chat/completions/extra"),
     ("GET", "/v1"),
+    ("GET", "/api/tags"),  # Ollama's
+    ("POST", "/api/chat"),
     ("POST", "/chat/completions"),
     ("GET", "/models"),
 ]

@@ -57,6 +57,11 @@ API_ROUTES = "POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddin
 HTTP_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 # The API's paths as a client whose base URL lacks /v1 calls them (base_url="http://host:8000")
 WITHOUT_V1 = ("/chat/completions", "/completions", "/embeddings", "/models")
+# Ollama's own API, which front-ends with an "Ollama" connection call (Open WebUI, Enchanted, ollama-python):
+# the list of models first, then a chat
+OLLAMA_ROUTES = (
+    "/api/tags", "/api/version", "/api/ps", "/api/show", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
+)  # fmt: skip
 
 
 class JSONResponse(_JSONResponse):
@@ -753,6 +758,11 @@ def create_app(
                 message += "; the path holds '//': take the '/' off the end of the base URL"
             elif "/v1/" not in request.url.path and request.url.path.endswith(WITHOUT_V1):
                 message += "; the path lacks /v1: add it to the end of the base URL"
+            elif request.url.path.endswith(OLLAMA_ROUTES):
+                message += (
+                    "; it is Ollama's own API, which this server does not speak: connect the client as to an "
+                    "OpenAI-compatible API, its base URL ending in /v1"
+                )
         elif err.status_code == 405 and message == "Method Not Allowed" and headers and "Allow" in headers:
             message = f"{called}: method not allowed; this path takes {headers['Allow']}"
         return APIError(err.status_code, message, kind, headers=headers).response()
@@ -1176,7 +1186,7 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
 
     # The mount at `/` answers every path no route took, with Gradio's errors: a wrong /v1 path or method
     # is answered here instead, as the API answers it without the UI (405 where the path takes other methods),
-    # and so is an API path called without /v1 (no page of the UI's has these paths).
+    # and so is an API path called without /v1, or one of Ollama's (no page of the UI's has these paths).
     @app.api_route("/v1", methods=HTTP_METHODS, include_in_schema=False)
     @app.api_route("/v1/{_:path}", methods=HTTP_METHODS, include_in_schema=False)
     async def not_an_api_route(request: Request) -> None:
@@ -1185,7 +1195,7 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
             raise StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
         raise StarletteHTTPException(404)
 
-    for path in WITHOUT_V1:
+    for path in WITHOUT_V1 + OLLAMA_ROUTES:
         app.api_route(path, methods=HTTP_METHODS, include_in_schema=False)(not_an_api_route)
 
     engine = server.engine
