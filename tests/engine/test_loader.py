@@ -758,3 +758,26 @@ def test_a_gguf_file_without_its_ending_is_told_to_take_one(tmp_path):
     other.write_text("GGU")
     with pytest.raises(ModelLoadError, match=r"notes.txt: expected an HF-format folder or a .gguf file$"):
         resolve_model_path(str(other))
+
+
+def test_a_gguf_file_s_model_is_named_by_the_file_not_by_its_converted_copy(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    """A .gguf file's model was named as its converted copy's folder, Llama-3.2-1B-Q4_K_M-1a2b3c4d5e6f: the
+    name clients must send as 'model' changed (a 404 for the old one) each time the file was downloaded
+    again or touched, as the copy's key holds the file's size and time."""
+    from vicuna.weights import builtin
+
+    def convert(gguf, out, notice=None, needed_bytes=0):  # the tiny model as the file's copy
+        shutil.copytree(tiny_llama_dir, out)
+        return out
+
+    monkeypatch.setattr(builtin, "convert_gguf", convert)
+    keyed = builtin.gguf_cache_dir  # named as in $VICUNA_HOME/models, not written there (its kernel is)
+    monkeypatch.setattr(builtin, "gguf_cache_dir", lambda gguf: tmp_path / "models" / keyed(gguf).name)
+    gguf = tmp_path / "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF 1")
+    engine = load(gguf)
+    assert engine.model_name == "Llama-3.2-1B-Instruct-Q4_K_M"
+    gguf.write_bytes(b"GGUF 2, downloaded again")
+    assert load(gguf).model_name == "Llama-3.2-1B-Instruct-Q4_K_M"

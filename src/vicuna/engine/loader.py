@@ -483,6 +483,10 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
         if settings.model_path is None
         else settings.model_path  # a Hub repository: its id, as clients of other servers know it
         if names_hub_repository(settings.model_path)
+        else Path(
+            settings.model_path
+        ).stem  # a .gguf file: its name, not its copy's, keyed by its size and time
+        if Path(settings.model_path).expanduser().is_file()
         else folder.name
     )
 
