@@ -285,6 +285,38 @@ def test_a_full_disk_says_which_folder_and_leaves_nothing_behind(monkeypatch, tm
     assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == []  # no .partial
 
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("while_", ["reading", "writing"])
+def test_a_conversion_stopped_leaves_no_half_written_copy(monkeypatch, tmp_path, stop, while_):
+    """Ctrl-C or SIGTERM while a .gguf file was converted left MODEL-HASH.partial in $VICUNA_HOME/models (the
+    float32 weights written so far: up to 27 GB for a 7B model), deleted only by a later conversion of the
+    same file unchanged: a user who gave up, or whose file changed meanwhile, kept it for good."""
+    from vicuna.errors import Terminated
+
+    stop = KeyboardInterrupt if stop == "ctrl-c" else Terminated
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "models" / "model"
+
+    class Stopped:
+        config = SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            (folder / "model-00001-of-00006.safetensors").write_bytes(b"half")
+            raise stop
+
+    def read(*args, **kwargs):
+        if while_ == "reading":
+            raise stop
+        return Stopped()
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", read)
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", read)
+    with pytest.raises(stop):
+        builtin.convert_gguf(gguf, out)
+    assert [p.name for p in out.parent.iterdir()] == []  # no .partial, no lock
+
+
 def test_a_gguf_file_cut_off_in_its_data_is_called_incomplete(tmp_path):
     """A GGUF file cut off in its data (a download stopped) was said as numpy's "cannot reshape array of
     size 66784 into shape (576,360)"."""

@@ -136,18 +136,25 @@ def gguf_bar(shown: bool) -> Iterator[None]:
 
 
 def _convert(gguf: Path, out: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     scaling = gguf_rope_scaling(gguf)  # before minutes of dequantizing: one it cannot carry is refused
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    try:
+        return _convert_into(gguf, staging, out, scaling)
+    except BaseException:  # Ctrl-C, SIGTERM too: a conversion starts again from nothing, so what it wrote
+        shutil.rmtree(staging, ignore_errors=True)  # (gigabytes) is of no use; kept, it stayed for good
+        raise
+
+
+def _convert_into(gguf: Path, staging: Path, out: Path, scaling: dict | None) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:  # in a log: not lines redrawn with carriage returns
         with transformers_bar(sys.stderr.isatty()), gguf_bar(sys.stderr.isatty()):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
     except Exception as err:  # gguf raises many kinds of errors for a bad file
-        shutil.rmtree(staging, ignore_errors=True)
         size, described = gguf.stat().st_size, gguf_described_size(gguf)
         if described is not None and size < described:  # said as numpy's "cannot reshape array of size ..."
             raise ModelLoadError(
@@ -167,7 +174,6 @@ def _convert(gguf: Path, out: Path) -> Path:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     except Exception as err:
-        shutil.rmtree(staging, ignore_errors=True)
         if disk_full(err) and not isinstance(err, OSError):  # safetensors says it with its own error
             raise OSError(errno.ENOSPC, str(err)) from err
         raise
