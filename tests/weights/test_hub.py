@@ -473,3 +473,21 @@ def test_a_repository_of_gguf_files_as_a_model_path_is_refused_before_any_is_fet
     assert main(["download", "org/tiny-GGUF", "--include", "tiny-Q4_K_M.gguf"]) == 0
     assert hub.downloads() == ["tiny-Q4_K_M.gguf"]
     assert (folder / "tiny-Q4_K_M.gguf").read_bytes() == hub.repos["org/tiny-GGUF"]["tiny-Q4_K_M.gguf"]
+
+
+def test_a_name_that_is_no_repository_id_is_said_not_a_traceback(hub, tmp_path, monkeypatch, capsys):
+    """`vicuna download qwen2.5:7b`, as `ollama pull` takes a model, ended in huggingface_hub's
+    HFValidationError traceback; and Ollama's hf.co/OWNER/NAME:TAG is told the repository's id."""
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    assert main(["download", "qwen2.5:7b"]) == 2
+    assert capsys.readouterr().err == (
+        "error: qwen2.5:7b: not a Hugging Face Hub repository's id, OWNER/NAME (e.g. Qwen/Qwen2.5-7B-Instruct); "
+        "a name of Ollama's library (llama3, qwen2.5:7b) is not one\n"
+    )
+    assert main(["download", "hf.co/org/tiny-GGUF:Q4_K_M"]) == 2
+    assert capsys.readouterr().err == (
+        "error: hf.co/org/tiny-GGUF:Q4_K_M: a Hugging Face Hub repository is named OWNER/NAME alone "
+        "(org/tiny-GGUF), without Ollama's hf.co/ or :TAG; one GGUF file of it is fetched with `vicuna download "
+        f"org/tiny-GGUF --include '*Q4_K_M*.gguf'`, then run as --model-path {tmp_path}/models/org--tiny-GGUF/FILE.gguf\n"
+    )
+    assert hub.log == []

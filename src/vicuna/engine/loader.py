@@ -58,22 +58,12 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
     return path
 
 
-# Ollama's names for a model of the Hub: [hf.co/]OWNER/NAME[:TAG], the tag a quantization (Q4_K_M)
-OLLAMA_HUB_NAME = re.compile(r"(?:(?:hf\.co|huggingface\.co)/)?(\w[\w.-]*/\w[\w.-]*)(?::([\w.-]+))?")
-
-
 def not_a_model_name(model_path: str) -> str:
     """What to add to "no such file or folder" where `model_path` is a model's name as Ollama takes it
     (`llama3`, `qwen2.5:7b`, `hf.co/OWNER/NAME:Q4_K_M`): its users typed them and learned only that no such
     file was here, though no file was meant."""
-    named = OLLAMA_HUB_NAME.fullmatch(model_path)
-    if named and (named[2] or named[0] != named[1]):
-        pattern = f"*{named[2]}*.gguf" if named[2] else "FILE.gguf"
-        return (
-            f"; a Hugging Face Hub repository is named OWNER/NAME alone ({named[1]}), without Ollama's "
-            f"hf.co/ or :TAG; one GGUF file of it is fetched with `vicuna download {named[1]} --include "
-            f"{quote(pattern)}`, then run as --model-path {hub.model_folder(named[1])}/FILE.gguf"
-        )
+    if said := hub.ollama_hub_name(model_path):
+        return f"; {said}"
     if "/" in model_path or "\\" in model_path or model_path.endswith(".gguf"):
         return ""  # a path mistyped
     return (

@@ -26,6 +26,8 @@ from vicuna.errors import VicunaError
 
 # Pickled PyTorch copies of the weights: skipped when the same selection has safetensors.
 PICKLED_WEIGHTS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
+# Ollama's names for a model of the Hub: [hf.co/]OWNER/NAME[:TAG], the tag a quantization (Q4_K_M)
+OLLAMA_HUB_NAME = re.compile(r"(?:(?:hf\.co|huggingface\.co)/)?(\w[\w.-]*/\w[\w.-]*)(?::([\w.-]+))?")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +52,22 @@ def model_folder(repo_id: str) -> Path:
     from vicuna.config import vicuna_home
 
     return vicuna_home() / "models" / repo_id.replace("/", "--")
+
+
+def ollama_hub_name(name: str) -> str | None:
+    """What to type instead of `name` where it is Ollama's name for a Hub repository's model
+    (`hf.co/OWNER/NAME:Q4_K_M`), which neither the Hub nor vicuna takes; None for another name."""
+    named = OLLAMA_HUB_NAME.fullmatch(name)
+    if not named or not (named[2] or named[0] != named[1]):
+        return None
+    from vicuna.shell import quote as shell_quote
+
+    pattern = f"*{named[2]}*.gguf" if named[2] else "FILE.gguf"
+    return (
+        f"a Hugging Face Hub repository is named OWNER/NAME alone ({named[1]}), without Ollama's hf.co/ or "
+        f":TAG; one GGUF file of it is fetched with `vicuna download {named[1]} --include "
+        f"{shell_quote(pattern)}`, then run as --model-path {model_folder(named[1])}/FILE.gguf"
+    )
 
 
 def download_command(folder: Path) -> str:
@@ -120,6 +138,7 @@ def hub_errors(repo_id: str) -> Iterator[None]:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -127,6 +146,15 @@ def hub_errors(repo_id: str) -> Iterator[None]:
     endpoint = _hub_settings()["endpoint"] or "https://huggingface.co"
     try:
         yield
+    except HFValidationError:  # `vicuna download qwen2.5:7b` (Ollama's names) ended in a traceback
+        raise VicunaError(
+            f"{repo_id}: "
+            + (
+                ollama_hub_name(repo_id)
+                or "not a Hugging Face Hub repository's id, OWNER/NAME (e.g. Qwen/Qwen2.5-7B-Instruct); a "
+                "name of Ollama's library (llama3, qwen2.5:7b) is not one"
+            )
+        ) from None
     except GatedRepoError as err:
         raise VicunaError(f"{repo_id} is gated: accept its terms on {endpoint} and set HF_TOKEN") from err
     except RepositoryNotFoundError as err:
