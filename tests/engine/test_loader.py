@@ -781,3 +781,30 @@ def test_a_gguf_file_s_model_is_named_by_the_file_not_by_its_converted_copy(
     assert engine.model_name == "Llama-3.2-1B-Instruct-Q4_K_M"
     gguf.write_bytes(b"GGUF 2, downloaded again")
     assert load(gguf).model_name == "Llama-3.2-1B-Instruct-Q4_K_M"
+
+
+def test_a_gguf_file_s_conversion_says_where_it_goes_and_its_size(
+    tiny_llama_dir, tmp_path, monkeypatch, capsys
+):
+    """The built-in model's conversion said 'Converting ... once into FOLDER'; a --model-path FILE.gguf's
+    said nothing, for minutes (a 7B file), and wrote a float32 copy of 27 GB no message named."""
+    from vicuna.engine import loader
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.weights import builtin
+
+    def convert(gguf, out):  # the tiny model as the file's copy
+        shutil.copytree(tiny_llama_dir, out)
+        return out
+
+    monkeypatch.setattr(builtin, "_convert", convert)
+    keyed = builtin.gguf_cache_dir
+    monkeypatch.setattr(builtin, "gguf_cache_dir", lambda gguf: tmp_path / "models" / keyed(gguf).name)
+    monkeypatch.setattr(loader, "check_conversion_fits", lambda gguf: 2_000_000)  # as read from its header
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = resolve_model_path(str(gguf))
+    assert (
+        capsys.readouterr().err
+        == f"Converting model.gguf once into {out} (2.0 MB: its weights in float32) ...\n"
+    )
+    assert resolve_model_path(str(gguf)) == out and capsys.readouterr().err == ""  # converted once

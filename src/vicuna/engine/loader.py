@@ -46,7 +46,14 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
             raise ModelLoadError(f"{path}: expected an HF-format folder or a .gguf file{unnamed_gguf(path)}")
         out = gguf_cache_dir(path)
         needed = 0 if (out / CONFIG).is_file() else check_conversion_fits(path)
-        return convert_gguf(path, out, needed_bytes=needed)
+        # said as the built-in model's is: minutes of silence, and a copy of 4 bytes a parameter (27 GB for a
+        # 7B model's 4 GB file) that its user found nowhere said
+        from vicuna.weights.disk import size
+
+        notice = f"Converting {path.name} once into {out}" + (
+            f" ({size(needed)}: its weights in float32)" if needed else ""
+        )
+        return convert_gguf(path, out, notice=f"{notice} ...", needed_bytes=needed)
     if not (path / CONFIG).is_file():
         if (path / "adapter_config.json").is_file():
             base = adapter_base(path)
