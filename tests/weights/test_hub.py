@@ -396,6 +396,12 @@ def test_an_error_answer_for_a_file_is_reported_as_such(hub, tmp_path, capsys):
 def test_unknown_repo_and_no_matching_files(hub, tmp_path, capsys):
     assert main(["download", "org/missing", "--dir", str(tmp_path / "m")]) == 2
     assert "org/missing was not found on http://127.0.0.1" in capsys.readouterr().err
+    # a name without its owner, as `ollama pull llama3` takes it: told how the Hub names models
+    assert main(["download", "llama3", "--dir", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"llama3 was not found on {hub.endpoint} (a private repo needs HF_TOKEN); the Hub names a model OWNER/NAME "
+        "(e.g. Qwen/Qwen2.5-7B-Instruct)\n"
+    )
     assert main(["download", "org/tiny", "--include", "*.gguf", "--dir", str(tmp_path / "m")]) == 2
     assert "org/tiny has no file match *.gguf" in capsys.readouterr().err
     # the flag may come before the repo id: it takes one pattern (repeated for more), not what follows

@@ -158,7 +158,13 @@ def hub_errors(repo_id: str) -> Iterator[None]:
     except GatedRepoError as err:
         raise VicunaError(f"{repo_id} is gated: accept its terms on {endpoint} and set HF_TOKEN") from err
     except RepositoryNotFoundError as err:
-        raise VicunaError(f"{repo_id} was not found on {endpoint} (a private repo needs HF_TOKEN)") from err
+        # `vicuna download llama3`, as `ollama pull llama3`: a name of the Hub's too (an owner's alone)
+        ollama = (
+            "" if "/" in repo_id else "; the Hub names a model OWNER/NAME (e.g. Qwen/Qwen2.5-7B-Instruct)"
+        )
+        raise VicunaError(
+            f"{repo_id} was not found on {endpoint} (a private repo needs HF_TOKEN){ollama}"
+        ) from err
     except RevisionNotFoundError as err:
         raise VicunaError(f"{repo_id} has no such revision: {err}") from err
     except HfHubHTTPError as err:
