@@ -55,6 +55,26 @@ def test_repetition_penalty_discourages_seen_tokens():
     assert sampler(temperature=0, repetition_penalty=10.0)(LOGITS, [1]).token_id == 2
 
 
+def test_repetition_penalty_discourages_seen_tokens_with_negative_logits_too():
+    """CTRL's penalty divides a positive logit and multiplies a negative one: dividing -1 would raise it."""
+    logits = torch.tensor([-1.0, -1.5])
+    assert sampler(temperature=0, repetition_penalty=2.0)(logits, [0]).token_id == 1  # -1 * 2 < -1.5
+
+
+def test_frequency_penalty_counts_each_use_in_the_reply():
+    logits = torch.tensor([3.0, 2.0, 0.0])
+    once, twice = [0, 0, 0], [0, 0, 0, 0]  # prompt_len 2: token 0 used once, then twice in the reply
+    assert sampler(temperature=0, frequency_penalty=0.6)(logits, once).token_id == 0  # 3 - 0.6 > 2
+    assert sampler(temperature=0, frequency_penalty=0.6)(logits, twice).token_id == 1  # 3 - 1.2 < 2
+    # presence is once, however often: 3 - 0.6 stays above 2
+    assert sampler(temperature=0, presence_penalty=0.6)(logits, twice).token_id == 0
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    assert sampler(temperature=0, logit_bias=[(3, 100.0)])(LOGITS, [0]).token_id == 3
+    assert sampler(temperature=0, logit_bias=[(1, -100.0)])(LOGITS, [0]).token_id == 2
+
+
 def test_presence_penalty_counts_only_the_reply():
     # token 1 in the prompt only: no penalty; in the reply: penalised below token 2
     assert sampler(temperature=0, presence_penalty=2.0)(LOGITS, [1, 1]).token_id == 1
@@ -70,11 +90,24 @@ def test_min_new_tokens_holds_back_the_end_token_without_changing_the_callers_lo
     assert torch.equal(logits, given)
 
 
+def test_a_draw_holds_back_the_end_token_without_changing_the_callers_logits():
+    logits = torch.tensor([0.0, 0.0, 0.0, 0.0, 30.0])
+    given = logits.clone()
+    draw = sampler(temperature=1.0, min_new_tokens=2, seed=3)
+    assert all(draw(logits, [0, 0, 3]).token_id != 4 for _ in range(20))
+    assert torch.equal(logits, given)
+
+
 def test_logprobs_are_from_the_model_distribution():
     choice = sampler(temperature=0, logprobs=2)(LOGITS, [0])
     expected = torch.log_softmax(LOGITS, -1)
     assert choice.logprob == pytest.approx(float(expected[1]))
     assert [i for i, _ in choice.top] == [1, 2]
+    # the logprobs of the model's own distribution, not of the one a penalty left; top_logprobs 1 is one
+    choice = sampler(temperature=0, repetition_penalty=10.0, logprobs=1)(LOGITS, [1])
+    assert choice.token_id == 2
+    assert choice.logprob == pytest.approx(float(expected[2]))
+    assert choice.top == ((1, pytest.approx(float(expected[1]))),)
 
 
 @pytest.mark.parametrize(
