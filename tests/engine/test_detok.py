@@ -182,6 +182,12 @@ def test_only_what_may_begin_a_stop_is_held_back(seed):
         assert shown == text[:at] and text[at:].startswith(matcher.matched)
 
 
+def test_text_holding_two_stop_strings_is_cut_at_the_first():
+    matcher = StopMatcher(["\nUSER:", "###"])  # a request's stop and a template's, in one piece of text
+    assert matcher.push("Paris.### Human: hi\nUSER: more") == "Paris."
+    assert matcher.matched == "###"
+
+
 def test_text_that_only_looks_like_a_stop_is_released():
     matcher = StopMatcher(["</s>"])
     assert matcher.push("a </") == "a "
