@@ -81,6 +81,12 @@ def test_llama2_strips_each_turn_as_meta_reference_does():
     assert render(with_system(t, "S"), untidy[:1]) == "[INST] <<SYS>>\nS\n<</SYS>>\n\nHello! [/INST]"
 
 
+def test_llama2_gives_the_system_prompt_in_the_first_turn_only():
+    assert render(with_system(get_template("llama-2"), "S"), CHAT) == (
+        "[INST] <<SYS>>\nS\n<</SYS>>\n\nHello! [/INST] Hi! </s><s>[INST] 你好 [/INST]"
+    )
+
+
 def test_chatml():
     msgs = [Message("system", "S"), *CHAT]
     assert render(get_template("chatml"), msgs) == (
@@ -114,6 +120,8 @@ def test_builtin_templates_join_consecutive_roles_and_read_a_later_system_messag
     assert render(t, [Message("user", "a"), Message("user", "b")]) == (
         f"{VICUNA_SYSTEM} USER: a\n\nb ASSISTANT:"
     )
+    # an empty message adds no blank line
+    assert render(t, [Message("user", ""), Message("user", "b")]) == f"{VICUNA_SYSTEM} USER: b ASSISTANT:"
     mid_system = [
         Message("system", "S"),
         Message("system", "T"),
@@ -390,6 +398,8 @@ def test_template_render_hf_of_a_model_without_a_chat_template_says_so(tiny_llam
         ("vicuna-fans/vicuna-7b-v1.3", "vicuna_v1.1"),
         ("vicuna-org/Mistral-7B-Instruct-v0.2", "vicuna_v1.1"),
         ("Mistral-7B-Instruct-v0.2", "vicuna_v1.1"),
+        ("zephyr-7b-v0", "vicuna_v1.1"),  # a v0 of a model that is not Vicuna
+        ("vicuna-fans/zephyr-7b-v0", "vicuna_v1.1"),  # nor is it by its owner's name
     ],
 )
 def test_vicuna_v0_is_picked_by_a_v0_version_not_by_v0_anywhere_in_the_name(model_name, expected):
@@ -419,7 +429,7 @@ def test_llama_2_chat_is_picked_by_its_common_spellings(model_name, expected):
 
 
 def test_llama_3_is_exactly_the_published_format():
-    msgs = [Message("system", "S"), *CHAT[:2], Message("user", " 你好\n")]
+    msgs = [Message("system", "S"), CHAT[0], Message("assistant", " Hi!\n"), Message("user", " 你好\n")]
     assert render(get_template("llama-3"), msgs) == (
         "<|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHello!<|eot_id|>"
