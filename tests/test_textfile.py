@@ -80,6 +80,7 @@ def test_a_folder_is_named_as_one_on_windows_too(tmp_path, monkeypatch):
         ('{"id"："一"}', "'：' where JSON needs ':'"),
         ("[{“id”: 1}]", "'“' where JSON needs '\"'"),
         ("[1，2]", "'，' where JSON needs ','"),
+        ("【1, 2】", "'【' where JSON needs '['"),  # the bracket a Chinese input method types for [
     ],
 )
 def test_full_width_punctuation_from_an_input_method_is_named(text, found):
