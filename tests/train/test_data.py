@@ -305,6 +305,11 @@ def test_every_bad_record_is_named_at_once(tmp_path):
         f"{path}[4] (id 'x').conversations[0].from: expected 'human', got 'gpt' (after an optional system "
         f"turn, human and gpt turns alternate); 2 more of the 30 records are bad: {path}[11], {path}[29]"
     )
+    # beyond the first ten, a count
+    path.write_text(json.dumps([turns(("gpt", "a"), ("gpt", "b"))] * 12), encoding="utf-8")
+    with pytest.raises(VicunaError) as err:
+        load_conversations(path)
+    assert str(err.value).endswith(f"are bad: {', '.join(f'{path}[{i}]' for i in range(1, 10))} and 2 more")
 
 
 def test_bad_data_is_a_one_line_cli_error(tmp_path, capsys):
@@ -387,6 +392,8 @@ def test_long_conversations_are_split_at_turns_or_truncated(tokenizer):
     whole = len(encoder.encode(messages)[0])
     max_length = whole // 2
 
+    exact = prepare([conv], encoder, max_length=whole)
+    assert exact.truncated == 0 and exact.examples[0].truncated is False  # fits exactly: not cut
     truncated = prepare([conv], encoder, max_length=max_length)
     assert truncated.truncated == 1 and len(truncated.examples) == 1
     assert len(truncated.examples[0].input_ids) == max_length
@@ -398,6 +405,29 @@ def test_long_conversations_are_split_at_turns_or_truncated(tokenizer):
     pieces = split_turns(messages, lambda m: encoder.length(m) <= max_length)
     assert all(p[0] == messages[0] for p in pieces)  # every piece keeps the system prompt
     assert [m for p in pieces for m in p[1:]] == messages[1:]  # and together they hold every turn once
+
+
+def test_long_conversations_are_split_after_each_exchange_that_fits_with_the_system_prompt():
+    system, (u, a) = Message("system", "s"), (Message("user", "u"), Message("assistant", "a"))
+    # pieces of at most 4 messages: the system prompt counts, so one exchange each
+    assert split_turns([system, u, a, u, a], lambda m: len(m) <= 4) == [[system, u, a], [system, u, a]]
+    # pieces of at most 5: two exchanges, then the third
+    assert split_turns([system, u, a, u, a, u, a], lambda m: len(m) <= 5) == [
+        [system, u, a, u, a],
+        [system, u, a],
+    ]
+    assert split_turns([u, a, u, a, u, a], lambda m: len(m) <= 2) == [[u, a], [u, a], [u, a]]
+
+
+def test_a_token_across_the_end_of_a_reply_or_a_reply_without_tokens_is_an_error():
+    from vicuna.train.data import SpanError, flags_from_offsets
+
+    text = "Q: A!x"
+    with pytest.raises(SpanError, match="crosses the end"):  # the reply "A!" ends inside the token "!x"
+        flags_from_offsets([(0, 2), (2, 3), (3, 4), (4, 6)], [(3, 5)], text)
+    # a reply of a character the tokenizer's normalizer drops (a zero-width space): no token to learn
+    with pytest.raises(SpanError, match="characters 4-5 has no tokens of its own"):
+        flags_from_offsets([(0, 2), (2, 3), (3, 4)], [(4, 5)], "Q: \u200b\u200b")
 
 
 @pytest.mark.parametrize("template", ["vicuna_v1.1", "llama-2"])
