@@ -97,9 +97,14 @@ def test_null_or_empty_unknown_fields_ask_for_nothing():
 
 def test_logit_bias_maps_token_ids_to_biases_and_names_a_bad_one():
     padded = "0" * 5000 + "7"  # 12 digits at most once its zeros are gone: int() refused it (a 500)
-    request = chat(logit_bias={"17": -100, "0042": 2.5, padded: 1})
-    assert request.sampling_params(max_new_tokens=1).logit_bias == ((17, -100.0), (42, 2.5), (7, 1.0))
-    assert request.bias_ids() == [17, 42, 7]
+    request = chat(logit_bias={"17": -100, "0042": 2.5, padded: 1, "000": 3})
+    assert request.sampling_params(max_new_tokens=1).logit_bias == (
+        (17, -100.0),
+        (42, 2.5),
+        (7, 1.0),
+        (0, 3.0),  # all zeros: token 0
+    )
+    assert request.bias_ids() == [17, 42, 7, 0]
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     for bias, says in (
         ({"a": 1}, "token ids as keys"),
@@ -130,6 +135,9 @@ def test_web_search_options_asks_for_a_search_even_when_empty():
         ({"max_tokens": 0}, "max_tokens"),
         ({"stop": ["a", ""]}, "stop"),
         ({"presence_penalty": 3}, "presence_penalty"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"stop": [str(i) for i in range(p.MAX_STOP + 1)]}, "stop"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs
         ({"response_format": {"type": "json_object"}}, "response_format.type"),
         ({"modalities": ["text", "audio"]}, "modalities"),
@@ -145,6 +153,13 @@ def test_invalid_values_name_the_field(fields, param):
     assert err.param == param, err.message
 
 
+def test_usage_is_streamed_only_when_asked_for():
+    assert chat(stream=True, stream_options={"include_usage": True}).include_usage
+    assert not chat(stream=True, stream_options={"include_usage": False}).include_usage
+    assert not chat(stream=True, stream_options={}).include_usage
+    assert not chat(stream=True).include_usage
+
+
 def test_missing_fields_and_non_objects():
     assert refused(p.ChatCompletionRequest, {"model": "m"}).param == "messages"
     assert refused(p.ChatCompletionRequest, [1, 2]).param is None
@@ -154,6 +169,7 @@ def test_min_tokens_above_max_tokens():
     with pytest.raises(p.InvalidRequest) as info:
         chat(min_tokens=50).sampling_params(max_new_tokens=10)
     assert info.value.param == "min_tokens"
+    assert chat(min_tokens=10).sampling_params(max_new_tokens=10).min_new_tokens == 10  # as many: taken
 
 
 def test_completion_prompts():
