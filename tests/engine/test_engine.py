@@ -47,10 +47,14 @@ def test_stop_string_across_tokens_is_never_shown(engine):
     boundary = next(len(p) for p in pieces if len(p) >= 6)
     stop = full[boundary - 2 : boundary + 3]
     assert len(stop) == 5
-    text, _, done = run(engine, prompt, temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop])
+    text, stopped, done = run(engine, prompt, temperature=0, max_new_tokens=30, ignore_eos=True, stop=[stop])
     assert stop not in text
     assert text == full[: full.index(stop)]
     assert done.reason == "stop" and done.stop_text == stop
+    # the reply ends with the token that completes the stop string: none is generated after it
+    decode = engine.tokenizer.decode
+    assert stopped == ids[: len(stopped)] and done.completion_tokens == len(stopped)
+    assert stop in decode(stopped, skip_special_tokens=True) and stop not in decode(stopped[:-1])
 
 
 def test_stop_token_id_ends_the_reply(engine):
@@ -61,6 +65,17 @@ def test_stop_token_id_ends_the_reply(engine):
     )
     assert stopped == ids[: ids.index(ids[3])]
     assert done.reason == "stop" and done.completion_tokens == len(stopped) + 1
+
+
+def test_ignore_eos_generates_past_the_end_token(engine):
+    prompt = engine.encode("Hello")
+    eos = engine.tokenizer.eos_token_id
+    _, ids, done = run(engine, prompt, temperature=0, max_new_tokens=4, logit_bias=[(eos, 100.0)])
+    assert ids == [] and (done.reason, done.completion_tokens) == ("stop", 1)
+    _, ids, done = run(
+        engine, prompt, temperature=0, max_new_tokens=4, logit_bias=[(eos, 100.0)], ignore_eos=True
+    )
+    assert ids == [eos] * 4 and (done.reason, done.completion_tokens) == ("length", 4)
 
 
 def test_seeded_sampling_is_reproducible(engine):
@@ -270,6 +285,15 @@ def test_a_reply_ends_at_the_chat_template_s_end_of_turn_token_that_is_not_eos(t
     assert engine.end_ids == (tok.eos_token_id,)  # </s>: the checkpoint does not say <|eot_id|>
     done = list(engine.chat(messages, SamplingParams(temperature=0, max_new_tokens=8)))[-1]
     assert (done.reason, done.completion_tokens, done.stop_text) == ("stop", 1, "<|eot_id|>")
+
+
+def test_a_chat_stops_at_the_template_s_stop_strings_and_the_request_s(tiny_llama_dir):
+    """vicuna_v0's replies end at "###", which is text, not a token: it is a stop string of every chat."""
+    v0 = load_engine(
+        ModelSettings(model_path=str(tiny_llama_dir), dtype="float32", conv_template="vicuna_v0"),
+        progress=False,
+    )
+    assert v0.chat_params(SamplingParams(stop=("END",))).stop == ("END", "###")
 
 
 def test_ignore_eos_in_a_chat_drops_the_template_s_stop_token_when_it_is_eos(engine):
