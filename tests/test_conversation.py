@@ -15,6 +15,7 @@ from vicuna.conversation import (
     Segment,
     check_alternating,
     choose_template_name,
+    fit_history,
     get_template,
     parse_messages,
     render,
@@ -154,6 +155,12 @@ def test_bad_turn_order_names_the_message():
         t.segments([Message("user", "a")], add_generation_prompt=False)
 
 
+def test_the_model_s_own_template_asked_for_where_it_has_none_is_refused():
+    with pytest.raises(VicunaError, match="--conv-template hf: this model's tokenizer has no chat template"):
+        choose_template_name("hf", has_chat_template=False, model_name="vicuna-7b-v1.5")
+    assert choose_template_name("hf", has_chat_template=True, model_name="vicuna-7b-v1.5") == "hf"
+
+
 def test_chat_turn_order_check_names_the_message():
     check_alternating([Message("system", "s"), Message("user", "a"), Message("assistant", "b")])
     check_alternating([Message("user", "a")])  # a last user message awaits its reply
@@ -166,6 +173,39 @@ def test_chat_turn_order_check_names_the_message():
         check_alternating([Message("assistant", "a")])
     with pytest.raises(MessagesError, match="at least one user message"):
         check_alternating([Message("system", "s")])
+
+
+def words(messages):  # a prompt's token ids: one a word
+    return [0] * sum(len(m.content.split()) for m in messages)
+
+
+def chat_of(*lengths):
+    """A system prompt of 1 word, then user and assistant messages of these many words, alternating."""
+    roles = ["user", "assistant"] * len(lengths)
+    return [Message("system", "s")] + [Message(r, "w " * n) for r, n in zip(roles, lengths, strict=False)]
+
+
+def test_fit_history_keeps_a_prompt_that_fills_the_room_exactly():
+    chat = chat_of(10, 10, 10)
+    assert fit_history(words, 31 + 8, chat, 8) == (chat, 0, 8)
+    assert fit_history(words, 30 + 8, chat, 8) == ([chat[0], chat[3]], 1, 27)  # a token more: one goes
+
+
+def test_fit_history_leaves_out_enough_for_the_prompt_to_take_at_most_three_quarters_of_its_room():
+    chat = chat_of(10, 10, 10, 10, 10, 10, 10, 10, 10)  # 91 tokens; 71, 51, 31 or 11 with 1-4 exchanges out
+    kept, dropped, room = fit_history(words, 80 + 10, chat, 10)  # room 80: 3/4 of it is 60
+    assert (kept, dropped, room) == ([chat[0], *chat[5:]], 2, 90 - 51)
+
+
+def test_fit_history_leaves_out_the_fewest_that_fit_where_the_last_exchanges_alone_take_more():
+    chat = chat_of(10, 10, 10, 10, 100)  # 141 tokens; 121 or 101 with 1 or 2 exchanges out
+    assert fit_history(words, 125 + 10, chat, 10)[1] == 1  # 3/4 of 125 is never reached: 121 fits
+
+
+def test_fit_history_never_leaves_out_the_last_message():
+    """A chat whose last prompt left out more exchanges than it now has (`!!remove`, `!!load`)."""
+    chat = chat_of(10, 10, 10)
+    assert fit_history(words, 100, chat, 10, left_out=5) == ([chat[0], chat[3]], 1, 100 - 11)
 
 
 def _fake_chatml(msgs, add_generation_prompt):
@@ -223,6 +263,16 @@ def test_hf_template_finds_the_replies_in_the_whole_where_prefixes_are_rendered_
     assert "".join(s.text for s in segments) == numbered(_dicts(DONE), False)
     assert [s.text for s in segments if s.trainable] == ["Hi!<|im_end|>", "你好！<|im_end|>"]
     assert render(HFTemplate(numbered), CHAT).startswith("3:")  # a prompt needs no span: one rendering
+
+    def spaced(msgs, gen):  # Mistral's and Llama 2's: a space between a reply and its EOS
+        text = "".join(
+            f"[{m['role']}] {m['content']}" + (" </s>" if m["role"] == "assistant" else "") for m in msgs
+        )
+        return f"{len(msgs)}:{text}" + ("[assistant]" if gen else "")
+
+    segments = HFTemplate(spaced, stop=("</s>",)).segments(DONE, add_generation_prompt=False)
+    # the spaces are the model's to write: the one before the reply (as Mistral's) and the one before </s>
+    assert [s.text for s in segments if s.trainable] == [" Hi! </s>", " 你好！ </s>"]
 
 
 def test_hf_template_replies_found_in_the_whole_hold_no_text_of_the_prompt():
