@@ -155,8 +155,9 @@ def test_a_system_prompt_beside_the_turns_is_the_system_turn(tmp_path):
     system, *rest = CONVERSATION["conversations"]
     [beside] = read_records(tmp_path, [{"id": "c1", "conversations": rest, "system": system["value"]}])
     assert beside.messages == conv.messages
-    [blank] = read_records(tmp_path, [{"conversations": rest, "system": ""}])  # none: the template's default
-    assert blank.messages == conv.messages[1:]
+    for blank_text in ("", " \n"):  # none: the template's default
+        [blank] = read_records(tmp_path, [{"conversations": rest, "system": blank_text}])
+        assert blank.messages == conv.messages[1:]
     # a table's export (datasets' to_json, pandas) writes null where a row has no system prompt
     [null] = read_records(tmp_path, [{**CONVERSATION, "system": None}])
     assert null.messages == conv.messages
