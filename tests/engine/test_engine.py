@@ -65,6 +65,15 @@ def test_stop_token_id_ends_the_reply(engine):
     )
     assert stopped == ids[: ids.index(ids[3])]
     assert done.reason == "stop" and done.completion_tokens == len(stopped) + 1
+    # with logprobs, the stop token's comes with the finish (it is sampled like the others)
+    *chunks, done = engine.generate(
+        prompt,
+        SamplingParams(
+            temperature=0, max_new_tokens=10, ignore_eos=True, stop_token_ids=[ids[3]], logprobs=0
+        ),
+    )
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == stopped
+    assert [lp.token_id for lp in done.stop_logprobs] == [ids[3]] and done.stop_logprobs[0].logprob < 0
 
 
 def test_ignore_eos_generates_past_the_end_token(engine):
