@@ -181,6 +181,8 @@ def test_completion_prompts():
     assert prompts([1, 2, 3]) == [[1, 2, 3]]
     assert prompts([[1], [2, 3]]) == [[1], [2, 3]]
     assert refused(p.CompletionRequest, {"model": "m", "prompt": []}).param == "prompt"
+    err = refused(p.CompletionRequest, {"model": "m", "prompt": [[1], []]})
+    assert err.param == "prompt" and "a token-id prompt must not be empty" in err.message
     assert refused(p.CompletionRequest, {"model": "m", "prompt": "a", "suffix": "b"}).param == "suffix"
     # an empty suffix, as code-editor plugins send it, leaves nothing after the insertion point: a completion
     assert p.parse_request(p.CompletionRequest, {"model": "m", "prompt": "a", "suffix": ""}).prompts() == [
