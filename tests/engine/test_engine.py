@@ -441,3 +441,25 @@ def test_a_long_prompt_is_computed_in_the_server_s_pieces(engine, monkeypatch):
     whole = run(engine, prompt, temperature=0, max_new_tokens=5, ignore_eos=True)[1]
     assert len(starts) == pieces + 1
     assert starts[-1] == 0 and whole == ids  # computed whole, the same reply in float32
+
+
+def test_a_reply_leaves_the_callers_pytorch_threads_as_they_were(engine, monkeypatch):
+    """The kernel's team sizes OpenMP's threads on the calling thread, which are PyTorch's too: after a
+    reply whose team gave up a thread (a busy core), a notebook's own PyTorch work ran on one core."""
+    from vicuna.engine import kernel
+    from vicuna.engine.runner import LlamaRunner
+
+    if engine.team() is None:
+        pytest.skip("the CPU kernel is not built here")
+    monkeypatch.setattr(kernel.Team, "timed", lambda team, seconds, rows: team._use(1))  # a busy core
+    seen = []
+    step = LlamaRunner.step
+    monkeypatch.setattr(LlamaRunner, "step", lambda *a: seen.append(torch.get_num_threads()) or step(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(engine, engine.encode("Hello"), temperature=0, max_new_tokens=6, ignore_eos=True)
+        assert seen[1:] == [1] * 4  # the team's one thread decodes
+        assert torch.get_num_threads() == 2  # and the caller has its two back
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,7 @@ stop string) and ends with one `Finished` that carries the counts and the speed 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -241,14 +242,21 @@ class Engine:
     def _generate(
         self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None
     ) -> Iterator[Event]:
+        team = self.team()
+        events = self._reply(prompt_ids, params, cancel, team)
         try:
-            yield from self._reply(prompt_ids, params, cancel)
+            while True:  # the team's threads for the reply's work, the caller's for its own between events
+                with team.threads() if team is not None else contextlib.nullcontext():
+                    event = next(events, None)
+                if event is None:
+                    return
+                yield event
         except RuntimeError as error:  # out of memory (CUDA's error, or mps's RuntimeError): the caller
             release_memory_after(error)  # says so, and the GPU gets back what the reply held
             raise
 
     def _reply(
-        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None
+        self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None, team: Any
     ) -> Iterator[Event]:
         start = time.perf_counter()
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.end_ids))
@@ -256,7 +264,6 @@ class Engine:
         decoder, stops = IncrementalDecoder(self.tokenizer, prompt_ids), StopMatcher(params.stop)
         history = list(prompt_ids)
         runner, cached = self.new_runner(prompt_ids)
-        team = self.team() if isinstance(runner, LlamaRunner) else None
         first_token_at = None
         reason, stop_text, stop_logprobs = "length", None, ()
         if isinstance(runner, LlamaRunner):  # in the server's pieces, so that a reply is the same there

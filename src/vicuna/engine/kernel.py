@@ -46,7 +46,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -610,6 +610,20 @@ class Team:
     def _use(self, size: int) -> None:
         self.size, self.times = size, []
         self.library.vicuna_threads(size)
+
+    @contextlib.contextmanager
+    def threads(self) -> Iterator[None]:
+        """The team's size for the calling thread's work in this block, and the thread's own count again
+        after it. The count is OpenMP's for the calling thread, which PyTorch's `get_num_threads` is too:
+        left at the team's size, a reply after a trial of one thread fewer ran the caller's own PyTorch work
+        (a notebook's next cell, `Engine.score`) on one core of two, and a second `load_engine` in the
+        process timed float32 against bfloat16 again, as if on another machine."""
+        before = self.library.vicuna_threads(0)
+        self.library.vicuna_threads(self.size)
+        try:
+            yield
+        finally:
+            self.library.vicuna_threads(before)
 
     def _try(self, size: int, now: float, rows: int) -> None:
         """A trial of `size` threads, against the current size's `now`."""
