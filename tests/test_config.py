@@ -53,3 +53,11 @@ def test_the_pure_python_modules_load_neither_torch_nor_the_engine():
         f"vicuna.{name}" for name in ("config", "conversation", "errors", "protocol", "shell", "textfile")
     }
     assert sorted(set(loaded) - pure)[:3] == []  # the first few that came with them
+
+
+def test_one_stop_string_is_one_stop_not_its_characters():
+    """From Python, `SamplingParams(stop="###")` (OpenAI's `stop` takes a string) stopped at any "#"."""
+    from vicuna.config import SamplingParams
+
+    assert SamplingParams(stop="###").stop == ("###",)
+    assert SamplingParams(stop=["###", "\n\n"]).stop == ("###", "\n\n")

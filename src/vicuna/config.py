@@ -73,7 +73,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
 
     def __post_init__(self) -> None:
-        self.stop = tuple(self.stop)
+        # one string is one stop, as OpenAI's `stop` takes it: as a sequence, stop="###" stopped at any "#"
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.logit_bias = tuple((int(i), float(b)) for i, b in self.logit_bias)
         checks = [
