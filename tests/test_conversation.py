@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -513,3 +514,17 @@ def test_a_llama_3_model_without_a_chat_template_gets_llama_3(model_name, specia
         None, has_chat_template=False, model_name=model_name, special_tokens=special_tokens
     )
     assert chosen == expected
+
+
+@pytest.mark.parametrize(
+    ("role", "content", "error"),
+    [
+        ("Assistant", "Hi!", "role: expected one of system, user, assistant, got 'Assistant'"),
+        ("human", "Hi!", "role: expected one of system, user, assistant, got 'human'"),
+        ("user", None, "content: expected a string, got NoneType"),
+    ],
+)
+def test_a_message_made_in_python_with_a_role_no_template_knows_is_refused(role, content, error):
+    """Type hints check nothing at run time: Message("Assistant", ...) was rendered as a user turn."""
+    with pytest.raises(MessagesError, match=re.escape(error)):
+        Message(role, content)

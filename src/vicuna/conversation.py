@@ -37,6 +37,15 @@ class Message:
     role: Role
     content: str
 
+    def __post_init__(self) -> None:
+        # checked here for Python callers, whose type hints nothing enforces: a role of "Assistant" or
+        # FastChat's "human" was rendered as a user turn without a word, and content None failed in the
+        # tokenizer
+        if self.role not in ROLES:
+            raise MessagesError(f"role: expected one of {', '.join(ROLES)}, got {self.role!r}", "role")
+        if not isinstance(self.content, str):
+            raise MessagesError(f"content: expected a string, got {type(self.content).__name__}", "content")
+
 
 @dataclass(frozen=True)
 class Segment:

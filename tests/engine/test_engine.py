@@ -463,3 +463,10 @@ def test_a_reply_leaves_the_callers_pytorch_threads_as_they_were(engine, monkeyp
         assert torch.get_num_threads() == 2  # and the caller has its two back
     finally:
         torch.set_num_threads(before)
+
+
+def test_openai_style_dicts_given_to_chat_are_told_how_to_become_messages(engine):
+    with pytest.raises(
+        TypeError, match=r"Message\(role, content\); .* with vicuna.conversation.parse_messages"
+    ):
+        engine.chat([{"role": "user", "content": "Hi"}], SamplingParams())

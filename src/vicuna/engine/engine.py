@@ -150,6 +150,11 @@ class Engine:
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """Token ids for a chat prompt, where the text of a message is only ever text (`vicuna.engine.typed`):
         without special-token text in the messages, exactly the tokenizer's ids for the rendered prompt."""
+        if not all(isinstance(m, Message) for m in messages):  # said here, not as an AttributeError deep in
+            raise TypeError(  # the template ("'dict' object has no attribute 'content'")
+                "messages must be vicuna.conversation.Message(role, content); OpenAI-style dicts become "
+                "them with vicuna.conversation.parse_messages"
+            )
         masked = mask(messages, self.special_texts)
         if masked is None:
             return self.encode(self.render_chat(messages), self.template.add_special_tokens)
