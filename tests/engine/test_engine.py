@@ -470,3 +470,17 @@ def test_openai_style_dicts_given_to_chat_are_told_how_to_become_messages(engine
         TypeError, match=r"Message\(role, content\); .* with vicuna.conversation.parse_messages"
     ):
         engine.chat([{"role": "user", "content": "Hi"}], SamplingParams())
+
+
+@pytest.mark.slow
+def test_the_readme_s_python_example_runs_as_shown(capsys):
+    """The README's one example of the engine from Python, run as written (the built-in model)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## From Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out  # on our CPUs "The capital of France is Paris.\n[8 tokens, stop]\n"
+    assert re.fullmatch(r"[^\n]*Paris[^\n]*\n\[\d+ tokens, stop\]\n", out), out

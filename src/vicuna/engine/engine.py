@@ -192,6 +192,8 @@ class Engine:
     def chat(
         self, messages: Sequence[Message], params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
+        """Stream the assistant's reply to `messages` in the model's template (`generate`'s events); the
+        template's end-of-turn markers stop it. Raises ContextTooLongError and MessagesError at once."""
         return self.generate(self.encode_chat(messages), self.chat_params(params), cancel=cancel)
 
     def check_fits(self, prompt_len: int, max_new_tokens: int) -> None:

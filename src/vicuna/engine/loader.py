@@ -456,7 +456,9 @@ def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
 
 
 def load_engine(settings: ModelSettings, *, progress: bool = True):
-    """Check, load and place a model; returns a ready `Engine`."""
+    """Check, load and place a model; returns a ready `Engine`. `progress`: the "Loaded ..." line and the
+    loading bar (on a terminal only) on stderr. What the caller can fix (a missing folder, a model that
+    does not fit) raises a `VicunaError` (`ModelLoadError`, `DoesNotFitError`) that says it."""
     from transformers import AutoModelForCausalLM
 
     from vicuna.engine.engine import Engine
