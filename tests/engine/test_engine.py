@@ -12,7 +12,7 @@ from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.events import Finished, TextChunk
 from vicuna.engine.loader import load_engine
-from vicuna.errors import ContextTooLongError
+from vicuna.errors import ContextTooLongError, VicunaError
 
 
 @pytest.fixture(scope="module")
@@ -484,3 +484,22 @@ def test_the_readme_s_python_example_runs_as_shown(capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out  # on our CPUs "The capital of France is Paris.\n[8 tokens, stop]\n"
     assert re.fullmatch(r"[^\n]*Paris[^\n]*\n\[\d+ tokens, stop\]\n", out), out
+
+
+def test_text_or_no_tokens_for_a_prompt_are_said_before_the_runner_fails(engine):
+    for call in (lambda ids: engine.generate(ids, SamplingParams()), lambda ids: engine.score(ids, 1)):
+        with pytest.raises(TypeError, match=r"token ids, not text: engine.encode\(text\) gives them"):
+            call("Hello")
+        with pytest.raises(VicunaError, match="the prompt is empty: at least one token is needed"):
+            call([])
+        with pytest.raises(TypeError, match=r"one sequence of token ids"):
+            call(torch.tensor([engine.encode("Hello")]))  # a tokenizer's return_tensors="pt" batch of one
+
+
+def test_token_ids_as_a_tuple_or_a_tensor_give_the_list_s_reply(engine):
+    ids = engine.encode("Hello world")
+    reply = run(engine, ids, temperature=0, max_new_tokens=5, ignore_eos=True)[1]
+    scores = [t.logprob for t in engine.score(ids, 0)]
+    for same in (tuple(ids), torch.tensor(ids)):
+        assert run(engine, same, temperature=0, max_new_tokens=5, ignore_eos=True)[1] == reply
+        assert [t.logprob for t in engine.score(same, 0)] == scores

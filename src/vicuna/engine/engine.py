@@ -75,6 +75,24 @@ def end_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
+def prompt_tokens(prompt_ids: Sequence[int]) -> list[int]:
+    """`prompt_ids` as a list of ints (a tuple, a 1-D tensor or array too), or an error a Python caller can
+    act on where the runner's own was obscure: text for ids ("'str' object cannot be interpreted as an
+    integer"), a tuple (an IndexError), no ids at all (`encode("")` where the tokenizer adds no BOS:
+    "prefill: cannot start at 0 of 0 tokens")."""
+    if isinstance(prompt_ids, str):
+        raise TypeError("the prompt must be token ids, not text: engine.encode(text) gives them")
+    try:
+        ids = [int(i) for i in prompt_ids]
+    except (TypeError, ValueError, RuntimeError):  # a [1, n] tensor's row: "only one element tensors ..."
+        raise TypeError(
+            "the prompt must be one sequence of token ids (engine.encode(text) gives one)"
+        ) from None
+    if not ids:
+        raise VicunaError("the prompt is empty: at least one token is needed")
+    return ids
+
+
 class Engine:
     """One model, its tokenizer and its template; generates one reply at a time (the server batches)."""
 
@@ -243,6 +261,7 @@ class Engine:
         self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
         """Stream a reply to `prompt_ids`. Raises ContextTooLongError before the first event."""
+        prompt_ids = prompt_tokens(prompt_ids)
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         return self._generate(prompt_ids, params, cancel)
 
@@ -331,7 +350,8 @@ class Engine:
         evaluation harnesses sum over a continuation. Computed by the transformers model in one forward
         over the whole prompt, so it is the model's own log-likelihood; softmax in float32, a piece of
         positions at a time. Out of GPU memory, the memory the forward held is given back, as a reply's is."""
-        ids = torch.tensor([list(prompt_ids)], device=self.device)
+        prompt_ids = prompt_tokens(prompt_ids)
+        ids = torch.tensor([prompt_ids], device=self.device)
         try:
             logits = self.model(input_ids=ids, use_cache=False).logits[0]
         except RuntimeError as error:  # out of memory: the logits of a long prompt, over the whole vocabulary
