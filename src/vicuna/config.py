@@ -39,6 +39,9 @@ class ModelSettings:
     conv_system_msg: str | None = None
 
     def __post_init__(self) -> None:
+        # a Path from Python ended in "expected string or bytes-like object, got 'PosixPath'"
+        if isinstance(self.model_path, os.PathLike):
+            self.model_path = os.fspath(self.model_path)
         if self.dtype not in DTYPES:
             raise VicunaError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.device is not None and self.device not in DEVICES:

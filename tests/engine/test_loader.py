@@ -808,3 +808,9 @@ def test_a_gguf_file_s_conversion_says_where_it_goes_and_its_size(
         == f"Converting model.gguf once into {out} (2.0 MB: its weights in float32) ...\n"
     )
     assert resolve_model_path(str(gguf)) == out and capsys.readouterr().err == ""  # converted once
+
+
+def test_a_model_path_given_as_a_path_loads(tiny_llama_dir):
+    """From Python a folder is often a pathlib.Path: it ended in "expected string or bytes-like object"."""
+    engine = load_engine(ModelSettings(model_path=tiny_llama_dir, dtype="float32"), progress=False)
+    assert engine.model_name == tiny_llama_dir.name

@@ -1015,3 +1015,12 @@ def test_a_lora_adapter_trained_on_a_gguf_file_names_the_file_as_its_base(
 
     gguf.write_bytes(b"GGUF 2, downloaded again")  # converted again: the first copy is an older one
     assert resolve_model_path(named) == builtin.gguf_cache_dir(gguf)
+
+
+def test_a_model_path_given_as_a_path_trains(tiny_llama_dir, data_file, tmp_path):
+    """TrainConfig takes `data` and `output_dir` as Paths; `model_path` as one ended in a TypeError."""
+    from vicuna.train.trainer import TrainConfig, train
+
+    out = tmp_path / "out"
+    cfg = TrainConfig(data=data_file, output_dir=out, model_path=tiny_llama_dir, max_steps=1, progress=False)
+    assert train(cfg) == out and (out / "config.json").is_file()

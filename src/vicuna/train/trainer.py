@@ -83,6 +83,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.data, self.output_dir = Path(self.data), Path(self.output_dir)
+        if isinstance(self.model_path, os.PathLike):  # a Path, as `data` may be: a str as the CLI gives it
+            self.model_path = os.fspath(self.model_path)
         self.lora = self.lora or self.qlora
         checks = [
             (
