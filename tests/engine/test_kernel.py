@@ -687,3 +687,24 @@ def test_the_team_keeps_its_size_when_steps_slow_for_another_reason():
     assert run_steps(team, library, 100, {2: 14e-3, 1: 17e-3}.get)[-90:] == [2] * 90
     sixteen = run_steps(team, library, 100, {2: 20e-3, 1: 38e-3}.get, rows=16)  # more rows: their own times
     assert sixteen.count(1) == team.WINDOW and sixteen[-80:] == [2] * 80  # tried once for 16 rows too
+
+
+def test_a_build_interrupted_by_ctrl_c_is_built_on_the_next_load(tmp_path, monkeypatch):
+    """A notebook's interrupt of a first load_engine during the build left the kernel off, without a word,
+    for every later load in that process."""
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
+    monkeypatch.setenv("CXX", "c++")
+    builds = []
+
+    def open_library(compiler, progress):
+        builds.append(compiler)
+        raise KeyboardInterrupt if len(builds) == 1 else OSError("the second build, a failure for the test")
+
+    monkeypatch.setattr(kernel, "open_library", open_library)
+    with pytest.raises(KeyboardInterrupt):
+        kernel.load(progress=False)
+    assert kernel.load(progress=False) is None
+    assert builds == ["c++", "c++"]  # built again, not taken for no kernel

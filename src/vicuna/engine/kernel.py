@@ -282,6 +282,9 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
                 with contextlib.suppress(OSError):
                     failed.write_text(message + "\n", encoding="utf-8")
             return None
+        except BaseException:  # Ctrl-C in the build (a notebook's interrupt of a first load_engine that
+            _tried = False  # seemed stuck): not a kernel found missing, which left PyTorch's slower products
+            raise  # on for the rest of the process without a word
         fn = library.vicuna_product
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 4, *[ctypes.c_int] * 3, ctypes.c_void_p]
