@@ -924,3 +924,37 @@ def test_browser_page_is_in_chinese_where_the_browser_prefers_it(engine, browser
             # the stats line, built on the server, in the same language
             wait_for_status(page, stats_line(chat.finished[-1], lang=lang))
             context.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_renders_a_reply_s_maths_in_latex_s_delimiters_and_leaves_code_and_prices_alone(browser):
+    # LaTeX's \(...\) and \[...\], as models write them, were shown as markdown made them: "(x^2 + y^2)"
+    reply = (
+        "Inline \\(x^2 + y^2\\), display \\[ \\int_0^1 x\\,dx \\] and $$E = mc^2$$.\n\n"
+        "It costs $5, or $10 with tax. The regex `\\(\\d+\\)`:\n\n```\n\\[a\\]\n```"
+    )
+    done = Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+
+    def chat(messages, params, cancel):
+        yield TextChunk(reply, (1,))
+        yield done
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+    with serve(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        message = page.locator("#message textarea")
+        message.fill("Some maths, please")
+        message.press("Enter")
+        wait_for_status(page, stats_line(done))
+        shown = page.locator("#chatbot .bot-row")
+        shown.locator(".katex").first.wait_for(state="attached")  # KaTeX loads when a reply first needs it
+        formulas = shown.locator(".katex annotation").evaluate_all("all => all.map((a) => a.textContent)")
+        formulas = [formula.strip() for formula in formulas]
+        assert formulas == ["x^2 + y^2", "\\int_0^1 x\\,dx", "E = mc^2"]
+        assert shown.locator(".katex-display").count() == 2  # \[...\] and $$...$$ on lines of their own
+        assert "It costs $5, or $10 with tax." in shown.inner_text()
+        assert shown.locator("p code").inner_text() == "\\(\\d+\\)"
+        assert shown.locator("pre code").inner_text().strip() == "\\[a\\]"
+        page.close()

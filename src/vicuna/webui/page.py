@@ -64,6 +64,14 @@ NOT_TEXT = "The message or the system prompt holds a lone UTF-16 surrogate, whic
 # meanwhile (the box is editable while a reply is written), a blank line between them, and is then
 # forgotten. In the browser, not on the server: a round trip would lose what is typed while it lasts.
 PUT_BACK = "(unsent, box) => [[unsent, box].filter((text) => text && text.trim()).join('\\n\\n'), '']"
+# The maths a reply may hold, rendered by KaTeX: Gradio's default is $$...$$ alone, but models write LaTeX's
+# own \(...\) and \[...\] as often, and those were shown as markdown made them, backslashes taken as
+# escapes: "(x^2 + y^2)" and "[ \int_0^1 x,dx ]". Not $...$: "it costs $5, or $10 with tax" would be maths.
+LATEX = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "\\(", "right": "\\)", "display": False},
+]
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 """
@@ -423,7 +431,12 @@ def build(
         with gr.Column(visible=api_keys is None) as chat_box, gr.Row():
             with gr.Column(scale=4):
                 chatbot = gr.Chatbot(
-                    label=model_name, height=520, buttons=["copy"], elem_id="chatbot", feedback_options=None
+                    label=model_name,
+                    height=520,
+                    buttons=["copy"],
+                    elem_id="chatbot",
+                    feedback_options=None,
+                    latex_delimiters=LATEX,
                 )
                 status = gr.Markdown(elem_id="reply-status")  # the last reply's stats, or "Writing…"
                 with gr.Row():
