@@ -188,6 +188,17 @@ def test_settings_outside_the_sliders_are_refused():
     assert chat.calls == [] and not refused.value.print_exception  # nothing sent, no traceback
 
 
+def test_the_settings_the_browser_kept_are_restored_where_the_sliders_take_them():
+    ui = WebChat(RecordingChat(None), no_encode, 256)
+    kept = ui.keep_settings("Answer in French.", 0.2, 0.9, 100)
+    assert [update["value"] for update in ui.restore_settings(kept)] == ["Answer in French.", 0.2, 0.9, 100]
+    # a server restarted with a model of a smaller context window: max new tokens lowered to it
+    assert ui.restore_settings({**kept, "max_tokens": 4096})[3]["value"] == 256
+    # nothing kept yet, or values no slider takes: the page's own (and never a traceback)
+    for stored in [None, [], {"system": 3, "temperature": 5, "top_p": "x", "max_tokens": float("nan")}]:
+        assert ui.restore_settings(stored) == (gr.skip(),) * 4
+
+
 def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     chat = RecordingChat(engine)
     ui = WebChat(chat, engine.encode_chat, engine.context_window, api_keys={"k-secret"})
@@ -957,4 +968,43 @@ def test_browser_renders_a_reply_s_maths_in_latex_s_delimiters_and_leaves_code_a
         assert "It costs $5, or $10 with tax." in shown.inner_text()
         assert shown.locator("p code").inner_text() == "\\(\\d+\\)"
         assert shown.locator("pre code").inner_text().strip() == "\\[a\\]"
+        page.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_keeps_the_system_prompt_and_the_settings_with_the_conversation(browser):
+    # a reload kept the conversation but not its system prompt: the next message went without it
+    calls: list[tuple[list[Message], SamplingParams]] = []
+    done = Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+
+    def chat(messages, params, cancel):
+        calls.append((messages, params))
+        yield TextChunk("Bonjour", (1,))
+        yield done
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+    with serve(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("#system textarea").fill("Answer in French.")
+        set_number(page, "temperature", 0.2)
+        set_number(page, "max-tokens", 100)
+        message = page.locator("#message textarea")
+        message.fill("Hello")
+        message.press("Enter")
+        wait_for_status(page, stats_line(done))
+        page.reload()
+        wait_for_status(page, stats_line(done))  # the conversation is back
+        page.wait_for_function(
+            "() => document.querySelector('#system textarea').value === 'Answer in French.'"
+        )
+        assert page.locator("#temperature input[type=number]").input_value() == "0.2"
+        assert page.locator("#max-tokens input[type=number]").input_value() == "100"
+        message.fill("And now?")
+        message.press("Enter")
+        wait_until(lambda: len(calls) == 2)
+        messages, params = calls[1]
+        assert messages[0] == Message("system", "Answer in French.")
+        assert (params.temperature, params.max_new_tokens) == (0.2, 100)
         page.close()

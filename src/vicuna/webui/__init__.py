@@ -3,10 +3,11 @@
 It talks to the engine in the same process through a `chat` callable (the server's batching
 scheduler), so browser users and API clients share one batch. Features: streamed markdown replies,
 a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, clear, the last
-reply's tokens/s under the chat, and the conversation kept in the browser across reloads. With API
-keys the page asks for a key first, and every chat request checks the key again on the server. The
-page takes no files: Gradio's upload routes are refused, as is a body over `BODY_BYTES_PER_TOKEN` bytes
-per token of the context window, and the page loads no image from elsewhere (`CONTENT_SECURITY_POLICY`).
+reply's tokens/s under the chat, and the conversation, the system prompt and the settings kept in the
+browser across reloads. With API keys the page asks for a key first, and every chat request checks the
+key again on the server. The page takes no files: Gradio's upload routes are refused, as is a body over
+`BODY_BYTES_PER_TOKEN` bytes per token of the context window, and the page loads no image from elsewhere
+(`CONTENT_SECURITY_POLICY`).
 The page is in Simplified Chinese for a browser that prefers it, else in English (`vicuna.webui.texts`).
 Gradio is imported only when the UI is mounted.
 """

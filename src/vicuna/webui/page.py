@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import re
 import threading
 import time
@@ -223,6 +224,32 @@ class WebChat:
         status = last_stats(turns) or (say(lang, CUT_SHORT) if turns else "")
         return to_chatbot(turns), status, *words
 
+    @staticmethod
+    def keep_settings(system: str, temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
+        """The system prompt and the sliders, for the browser to keep beside the conversation."""
+        return {"system": system, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
+
+    def restore_settings(self, kept: Any) -> tuple[Any, ...]:
+        """On load: the system prompt and the sliders as `keep_settings` left them in the browser. A reload
+        kept the conversation but not its system prompt, and the next message went on under the template's
+        own, the box empty as if none had been set. What the browser sends is checked as a message's
+        settings are; max new tokens is lowered to this model's context window (a server restarted with
+        another model); anything else amiss leaves that setting as the page drew it."""
+        kept = kept if isinstance(kept, dict) else {}
+        system = kept.get("system")
+        restored = [gr.update(value=system) if isinstance(system, str) else gr.skip()]
+        for name, (low, high) in [
+            ("temperature", TEMPERATURE),
+            ("top_p", TOP_P),
+            ("max_tokens", (1, math.inf)),
+        ]:
+            value = kept.get(name)
+            valid = isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+            if name == "max_tokens" and valid:
+                value = min(round(value), self.context_window)
+            restored.append(gr.update(value=value) if valid else gr.skip())
+        return tuple(restored)
+
     def respond(
         self,
         text: str,
@@ -418,6 +445,8 @@ def build(
         # page carries the secret to the browser anyway, so it never hid anything.
         turns = gr.BrowserState([], storage_key="vicuna-conversation", secret="vicuna-conversation")
         left_out = gr.State(None)  # LeftOut, on the server: the page starts each session with none
+        # The system prompt and the sliders, kept beside the conversation (`WebChat.restore_settings`).
+        settings_kept = gr.BrowserState(None, storage_key="vicuna-settings", secret="vicuna-settings")
         gr.Markdown(f"## {model_name}")
         with gr.Column(visible=api_keys is not None) as login_box:
             key_box = words(
@@ -533,6 +562,17 @@ def build(
             api_visibility="private",
         )
         demo.load(ui.show, turns, [chatbot, status, *worded], api_visibility="private")
+        kept = [system, temperature, top_p, max_tokens]
+        demo.load(ui.restore_settings, settings_kept, kept, api_visibility="private")
+        gr.on(
+            [setting.change for setting in kept],
+            ui.keep_settings,
+            kept,
+            settings_kept,
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
+        )
         gr.on(
             [key_button.click, key_box.submit],
             ui.login,
