@@ -1008,3 +1008,32 @@ def test_browser_keeps_the_system_prompt_and_the_settings_with_the_conversation(
         assert messages[0] == Message("system", "Answer in French.")
         assert (params.temperature, params.max_new_tokens) == (0.2, 100)
         page.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_escape_stops_the_reply_being_written(browser):
+    ended: list[Finished] = []
+
+    def chat(messages, params, cancel):
+        for i in range(600):
+            if cancel.is_set():
+                break
+            yield TextChunk(f" word{i}", (i,))
+            time.sleep(0.05)
+        ended.append(Finished("cancelled" if cancel.is_set() else "length", 5, i, 0.1, 10.0, 0.3))
+        yield ended[-1]
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+    with serve(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        message = page.locator("#message textarea")
+        message.fill("Write a long story.")
+        message.press("Enter")
+        page.wait_for_function(f"() => {BOT_TEXT}.includes('word3')")
+        message.press("Escape")  # the focus still in the message box, as after Enter
+        wait_until(lambda: ended)
+        assert ended[0].reason == "cancelled"
+        wait_for_status(page, stats_line(ended[0]))
+        page.close()

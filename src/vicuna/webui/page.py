@@ -73,6 +73,12 @@ LATEX = [
     {"left": "\\[", "right": "\\]", "display": True},
     {"left": "\\(", "right": "\\)", "display": False},
 ]
+# Run in the browser once the page is loaded: Escape stops the reply being written, wherever the focus is, as
+# in text-generation-webui; without it, a keyboard user reached Stop by tabbing out of the message box. Not
+# while an input method composes (Escape then cancels the composition, e.g. of Chinese).
+ESCAPE_STOPS = """() => document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape' && !event.isComposing) document.querySelector('#stop')?.click();
+})"""
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 """
