@@ -199,6 +199,31 @@ def test_the_settings_the_browser_kept_are_restored_where_the_sliders_take_them(
         assert ui.restore_settings(stored) == (gr.skip(),) * 4
 
 
+def test_an_edited_message_is_found_among_the_turns_and_answered_again_without_what_came_after():
+    turns = [("one", "1", "s"), ("two", "", "s"), ("three", "3", "s")]  # "two" got an empty reply: no row
+    assert [page.turn_of(turns, index) for index in range(6)] == [0, None, 1, 2, None, None]
+
+    calls: list[list[Message]] = []
+    done = Finished("stop", 5, 1, 0.1, 10.0, 0.1)
+
+    def chat(messages, params, cancel):
+        calls.append(messages)
+        yield TextChunk("2", (1,))
+        yield done
+
+    ui = WebChat(chat, no_encode, 256)
+    edited = gr.EditData(None, {"index": 2, "value": "TWO", "previous_value": "two"})
+    request = gr.Request(session_hash="s-edit")
+    *_, last = ui.edit(turns, None, "", 0.0, 1.0, 10, "", edited, request)
+    assert calls == [[Message("user", "one"), Message("assistant", "1"), Message("user", "TWO")]]
+    assert last[2] == [("one", "1", "s"), ("TWO", "2", stats_line(done))]  # "three" and its reply gone
+    # a reply's row (not editable, but the page may say so), or an edit to nothing: nothing sent
+    for index, value in [(1, "x"), (2, "  ")]:
+        edit = gr.EditData(None, {"index": index, "value": value, "previous_value": "two"})
+        assert next(ui.edit(turns, None, "", 0.0, 1.0, 10, "", edit, request))[0] == to_chatbot(turns)
+    assert len(calls) == 1
+
+
 def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     chat = RecordingChat(engine)
     ui = WebChat(chat, engine.encode_chat, engine.context_window, api_keys={"k-secret"})
@@ -1036,4 +1061,41 @@ def test_browser_escape_stops_the_reply_being_written(browser):
         wait_until(lambda: ended)
         assert ended[0].reason == "cancelled"
         wait_for_status(page, stats_line(ended[0]))
+        page.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_edits_an_earlier_message_and_answers_it_again(browser):
+    calls: list[list[Message]] = []
+
+    def chat(messages, params, cancel):
+        calls.append(messages)
+        yield TextChunk(f"Echo: {messages[-1].content}", (1,))
+        yield Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+    with serve(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        message = page.locator("#message textarea")
+        for sent, text in enumerate(["one", "two", "three"], start=1):
+            message.fill(text)
+            message.press("Enter")
+            wait_until(lambda: len(calls) == sent)  # noqa: B023 (called in this iteration)
+            page.wait_for_function("() => !document.querySelector('#send').disabled")
+        page.locator("#chatbot button[aria-label='Edit']").nth(1).click()  # the user's own messages only
+        page.locator("#chatbot textarea").fill("TWO")
+        page.locator("#chatbot button[aria-label='Submit']").click()
+        wait_until(lambda: len(calls) == 4)
+        assert calls[3] == [Message("user", "one"), Message("assistant", "Echo: one"), Message("user", "TWO")]
+        rows = ["one", "Echo: one", "TWO", "Echo: TWO"]
+        page.wait_for_function(
+            "rows => JSON.stringify(Array.from(document.querySelectorAll('#chatbot .message-row'),"
+            " (row) => row.innerText.trim())) === JSON.stringify(rows)",
+            arg=rows,
+        )
+        page.reload()  # and so it is kept
+        page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length === 4")
+        assert page.locator("#chatbot .message-row").all_inner_texts()[2].strip() == "TWO"
         page.close()

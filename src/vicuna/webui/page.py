@@ -120,6 +120,17 @@ def to_chatbot(turns: list[Turn]) -> list[dict[str, Any]]:
     return out
 
 
+def turn_of(turns: list[Turn], index: int) -> int | None:
+    """Which of `turns` has its user message at `index` of the chatbot's messages (`to_chatbot`, where an
+    empty reply has none); None for a reply's."""
+    position = 0
+    for turn, (_, reply, _) in enumerate(turns):
+        if position == index:
+            return turn
+        position += 2 if reply else 1
+    return None
+
+
 def last_stats(turns: list[Turn]) -> str:
     return turns[-1][2] if turns else ""
 
@@ -299,6 +310,33 @@ class WebChat:
         for _, _, *outputs in self._stream("", turns, redo, left_out, system, params, request):
             yield tuple(outputs)
 
+    def edit(
+        self,
+        turns: list[Turn],
+        left_out: LeftOut | None,
+        system: str,
+        temperature: float,
+        top_p: float,
+        max_tokens: float,
+        key: str,
+        edited: gr.EditData,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, ...]]:
+        """A user message edited in the chat (its pencil) is answered again, as Regenerate answers the last:
+        what came after it answered the message before the edit, and goes. An edit to nothing leaves the
+        conversation as it was. Outputs as `regenerate`'s."""
+        lang = request_language(request)
+        self._check_key(key, lang)
+        turn = turn_of(turns, edited.index) if isinstance(edited.index, int) else None
+        text = edited.value if isinstance(edited.value, str) else ""
+        if turn is None or not text.strip():
+            yield to_chatbot(turns), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        params = self._params(temperature, top_p, max_tokens, lang)
+        redo = [*turns[:turn], (text, "", "")]
+        for _, _, *outputs in self._stream("", turns, redo, left_out, system, params, request):
+            yield tuple(outputs)
+
     def stop(self, request: gr.Request) -> None:
         cancel = self.running.get(request.session_hash or "")
         if cancel is not None:
@@ -472,6 +510,7 @@ def build(
                     elem_id="chatbot",
                     feedback_options=None,
                     latex_delimiters=LATEX,
+                    editable="user",
                 )
                 status = gr.Markdown(elem_id="reply-status")  # the last reply's stats, or "Writing…"
                 with gr.Row():
@@ -549,8 +588,16 @@ def build(
             api_name="regenerate",
             show_progress_on=status,
         )
+        edited = chatbot.edit(
+            ui.edit,
+            [turns, left_out, *settings],
+            [chatbot, status, turns, left_out, *busy],
+            concurrency_limit=None,
+            api_visibility="private",
+            show_progress_on=status,
+        )
         if api_keys is not None:  # a reply refused for want of a key the server still has: the key box
-            for failed in (sending, again):
+            for failed in (sending, again, edited):
                 failed.failure(ui.ask_key_again, key, login_box, queue=False, api_visibility="private")
         # Stop lets the reply finish with its stats ("stopped"); Clear also drops what is still streaming.
         stop.click(ui.stop, None, None, queue=False, api_visibility="private")
@@ -564,7 +611,7 @@ def build(
             None,
             [chatbot, status, turns, textbox, *busy],
             queue=False,
-            cancels=[sending, again],
+            cancels=[sending, again, edited],
             api_visibility="private",
         )
         demo.load(ui.show, turns, [chatbot, status, *worded], api_visibility="private")
