@@ -1099,3 +1099,38 @@ def test_browser_edits_an_earlier_message_and_answers_it_again(browser):
         page.wait_for_function("() => document.querySelectorAll('#chatbot .message-row').length === 4")
         assert page.locator("#chatbot .message-row").all_inner_texts()[2].strip() == "TWO"
         page.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_on_a_phone_shows_a_wide_table_s_words_whole_and_scrolls_it_within_the_chat(browser):
+    # Gradio breaks a message's words anywhere: a table was squeezed to a few letters a line
+    words = ["name", "description", "value", "another", "column"]
+    reply = f"| {' | '.join(words)} |\n|{'---|' * len(words)}\n| {' | '.join(w.upper() for w in words)} |"
+    done = Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+
+    def chat(messages, params, cancel):
+        yield TextChunk(reply, (1,))
+        yield done
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+    with serve(app) as url:
+        context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        page = context.new_page()
+        page.goto(url)
+        message = page.locator("#message textarea")
+        message.fill("A table, please")
+        message.press("Enter")
+        wait_for_status(page, stats_line(done))
+        table = page.locator("#chatbot .bot-row table")
+        # each cell's word on one line (its text one box), once the page has laid the reply out
+        one_line = """() => Array.from(document.querySelectorAll('#chatbot .bot-row :is(th, td)')).every((cell) => {
+            const range = document.createRange();
+            range.selectNodeContents(cell);
+            return range.getClientRects().length === 1;
+        })"""
+        page.wait_for_function(one_line, timeout=10_000)
+        assert table.locator("th, td").count() == 2 * len(words)
+        assert table.evaluate("t => t.scrollWidth > t.clientWidth")  # the table scrolls, not the page
+        assert page.evaluate("document.documentElement.scrollWidth") == 390
+        context.close()

@@ -79,8 +79,14 @@ LATEX = [
 ESCAPE_STOPS = """() => document.addEventListener('keydown', (event) => {
     if (event.key === 'Escape' && !event.isComposing) document.querySelector('#stop')?.click();
 })"""
+# A table wider than the chat scrolls sideways within it, each word whole. Gradio breaks a message's words
+# anywhere, so on a phone (390 px) a five-column table was squeezed to a few letters a line ("de/cr/ip/ti/on").
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
+#chatbot table {
+  display: block; width: max-content; max-width: 100%; overflow-x: auto; padding: 0; border: 0;
+}
+#chatbot :is(td, th) { word-break: normal; overflow-wrap: normal; }
 """
 
 log = logging.getLogger("vicuna.webui")
