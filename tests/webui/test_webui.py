@@ -224,6 +224,16 @@ def test_an_edited_message_is_found_among_the_turns_and_answered_again_without_w
     assert len(calls) == 1
 
 
+def test_undo_drops_the_last_exchange_but_not_while_a_reply_is_written():
+    ui = WebChat(RecordingChat(None), no_encode, 256)
+    turns = [("one", "1", "s1"), ("two", "2", "s2")]
+    request = gr.Request(session_hash="s-undo")
+    assert ui.undo(turns, request) == (to_chatbot(turns[:1]), "s1", turns[:1], "two")
+    ui.running["s-undo"] = threading.Event()  # a reply is being written: Stop it first
+    assert ui.undo(turns, request) == (gr.skip(),) * 4
+    assert ui.undo([], gr.Request(session_hash="s-none")) == (gr.skip(),) * 4
+
+
 def test_handlers_stream_stop_regenerate_and_refuse_a_bad_key(engine):
     chat = RecordingChat(engine)
     ui = WebChat(chat, engine.encode_chat, engine.context_window, api_keys={"k-secret"})
@@ -1134,3 +1144,37 @@ def test_browser_on_a_phone_shows_a_wide_table_s_words_whole_and_scrolls_it_with
         assert table.evaluate("t => t.scrollWidth > t.clientWidth")  # the table scrolls, not the page
         assert page.evaluate("document.documentElement.scrollWidth") == 390
         context.close()
+
+
+@pytest.mark.browser
+@needs_chromium
+def test_browser_undo_drops_the_last_exchange_and_puts_its_message_back_before_a_draft(browser):
+    def chat(messages, params, cancel):
+        yield TextChunk(f"Echo: {messages[-1].content}", (1,))
+        yield Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+    rows = (
+        "() => Array.from(document.querySelectorAll('#chatbot .message-row'), (row) => row.innerText.trim())"
+    )
+    with serve(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        message = page.locator("#message textarea")
+        for sent, text in enumerate(["one", "two"], start=1):
+            message.fill(text)
+            message.press("Enter")
+            page.wait_for_function(
+                "n => document.querySelectorAll('#chatbot .bot-row').length === n", arg=sent
+            )
+            page.wait_for_function("() => !document.querySelector('#send').disabled")
+        message.fill("a draft")
+        page.locator("#chatbot button[aria-label='Undo']").click()
+        page.wait_for_function(f"() => ({rows})().length === 2")
+        assert page.evaluate(rows) == ["one", "Echo: one"]
+        page.wait_for_function(
+            "() => document.querySelector('#message textarea').value === 'two\\n\\na draft'"
+        )
+        page.reload()  # and so it is kept
+        page.wait_for_function(f"() => ({rows})().length === 2")
+        page.close()

@@ -2,7 +2,7 @@
 
 It talks to the engine in the same process through a `chat` callable (the server's batching
 scheduler), so browser users and API clients share one batch. Features: streamed markdown replies,
-a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, edit, clear, the last
+a system prompt, temperature / top-p / max-tokens controls, stop, regenerate, edit, undo, clear, the last
 reply's tokens/s under the chat, and the conversation, the system prompt and the settings kept in the
 browser across reloads. With API keys the page asks for a key first, and every chat request checks the
 key again on the server. The page takes no files: Gradio's upload routes are refused, as is a body over

@@ -343,6 +343,15 @@ class WebChat:
         for _, _, *outputs in self._stream("", turns, redo, left_out, system, params, request):
             yield tuple(outputs)
 
+    def undo(self, turns: list[Turn], request: gr.Request) -> tuple[Any, ...]:
+        """The chat's undo arrow (under the last reply): the last exchange goes, its message back in the box
+        (`PUT_BACK`) to edit and send again. While a reply is written it does nothing: Stop it first.
+        Outputs: chatbot, status, conversation, the message for the box."""
+        if not turns or request.session_hash in self.running:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        kept = turns[:-1]
+        return to_chatbot(kept), last_stats(kept), kept, turns[-1][0]
+
     def stop(self, request: gr.Request) -> None:
         cancel = self.running.get(request.session_hash or "")
         if cancel is not None:
@@ -602,6 +611,9 @@ def build(
             api_visibility="private",
             show_progress_on=status,
         )
+        chatbot.undo(
+            ui.undo, turns, [chatbot, status, turns, unsent], queue=False, api_visibility="private"
+        ).then(None, [unsent, textbox], [textbox, unsent], js=PUT_BACK, api_visibility="private")
         if api_keys is not None:  # a reply refused for want of a key the server still has: the key box
             for failed in (sending, again, edited):
                 failed.failure(ui.ask_key_again, key, login_box, queue=False, api_visibility="private")
