@@ -1092,7 +1092,10 @@ def test_browser_edits_an_earlier_message_and_answers_it_again(browser):
         for sent, text in enumerate(["one", "two", "three"], start=1):
             message.fill(text)
             message.press("Enter")
-            wait_until(lambda: len(calls) == sent)  # noqa: B023 (called in this iteration)
+            # its reply shown (so Send was disabled), then Send enabled again: the reply is done
+            page.wait_for_function(
+                "n => document.querySelectorAll('#chatbot .bot-row').length === n", arg=sent
+            )
             page.wait_for_function("() => !document.querySelector('#send').disabled")
         page.locator("#chatbot button[aria-label='Edit']").nth(1).click()  # the user's own messages only
         page.locator("#chatbot textarea").fill("TWO")

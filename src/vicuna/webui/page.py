@@ -632,9 +632,11 @@ def build(
             cancels=[sending, again, edited],
             api_visibility="private",
         )
-        demo.load(ui.show, turns, [chatbot, status, *worded], api_visibility="private")
+        # queue=False: answered at once, not after the queue's other events. Queued, under load its answer
+        # could come after a message sent as the page appeared, and showed the chat as it was before it.
+        demo.load(ui.show, turns, [chatbot, status, *worded], queue=False, api_visibility="private")
         kept = [system, temperature, top_p, max_tokens]
-        demo.load(ui.restore_settings, settings_kept, kept, api_visibility="private")
+        demo.load(ui.restore_settings, settings_kept, kept, queue=False, api_visibility="private")
         gr.on(
             [setting.change for setting in kept],
             ui.keep_settings,
