@@ -167,6 +167,16 @@ def utf8_locale_for_readline() -> None:
         return
 
 
+def draws_bracketed_paste() -> bool:
+    """Whether readline can take a paste whole here. It asks the terminal to mark pastes with an escape
+    sequence before each prompt, which a dumb terminal (TERM=dumb, as in Emacs' M-x shell, or no TERM:
+    readline's own rule, by which it turns the mode off there) shows as "^[[?2004h" before every "USER: ",
+    and a screen reader reads out. Python's input() reads through readline only when standard output is
+    a terminal too: under `vicuna chat | tee chat.log` the chat said that pasted lines are one message,
+    which they were not, and Ctrl-D left the shell's prompt after "USER: "."""
+    return os.environ.get("TERM", "dumb") != "dumb" and sys.stdout.isatty()
+
+
 def history_line(entry: str) -> str:
     """A typed message as a line of the history file. readline's own file keeps a message of several lines
     (pasted, or typed with --multiline) as so many lines, and the next chat's up arrow recalled only its
@@ -218,8 +228,9 @@ class TerminalIO:
                 # and raises IndexError for the history item 0 of an empty history; it is left to itself
                 if not hasattr(readline, "set_auto_history"):
                     raise ImportError
-                if "libedit" not in (readline.__doc__ or ""):  # Python turns it off; bash has it on
+                if "libedit" not in (readline.__doc__ or "") and draws_bracketed_paste():
                     # text pasted at once is one message, newlines and all, sent by the Enter after it
+                    # (Python turns it off; bash has it on)
                     readline.parse_and_bind("set enable-bracketed-paste on")
                     self.bracketed_paste = True
                 # what was typed, for the up arrow in later chats too (as Python's own ~/.python_history)

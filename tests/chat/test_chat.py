@@ -954,6 +954,8 @@ class Pty:
             "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n" + script
         )
+        # a terminal emulator says what it is (readline takes a missing TERM for a dumb terminal)
+        env = {"TERM": "xterm"} | dict(os.environ if env is None else env)
         self.child = subprocess.Popen(
             [sys.executable, "-c", script], stdin=slave, stdout=slave, stderr=slave, env=env
         )
@@ -1247,6 +1249,28 @@ def test_rich_style_on_a_dumb_terminal_streams_as_plain_text(terminal, monkeypat
     )
     seen = term.expect("style simple")
     assert "this terminal (TERM=dumb) cannot redraw a reply: --style simple" in seen
+
+
+def test_a_dumb_terminal_gets_no_escape_sequence_before_each_prompt(terminal):
+    """readline's bracketed-paste mode, turned on for every terminal, printed "\\e[?2004h" before each
+    "USER: ", which a dumb terminal (Emacs' M-x shell, TERM=dumb) shows as "^[[?2004h" and a screen reader
+    reads out; readline itself turns the mode off there, as where TERM is not set."""
+    pytest.importorskip("readline")
+    shown = READ_TWICE.replace("for _", "print('paste', io.bracketed_paste)\nfor _")
+    term = terminal(shown, env=os.environ | {"TERM": "dumb"})
+    seen = term.expect("USER: ")
+    assert "paste False" in seen and "\x1b" not in seen
+    term.write("hello\r")
+    assert "\x1b" not in term.expect("USER: ")
+
+
+def test_with_output_piped_pastes_are_not_said_to_be_one_message(monkeypatch):
+    """`vicuna chat | tee chat.log`: Python's input() reads through readline only when standard output is a
+    terminal too, so there a paste is not one message, and Ctrl-D leaves readline no line to end."""
+    pytest.importorskip("readline")
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setattr(sys, "stdout", io_module.StringIO())
+    assert not TerminalIO("simple", multiline=False, interactive=True).bracketed_paste
 
 
 def test_pyreadline3_on_windows_leaves_the_chat_its_own_line_editing(monkeypatch, tmp_path):
