@@ -667,6 +667,27 @@ def test_weights_written_as_whole_floats_are_0_and_1(tmp_path):
     assert conversation.trained == (False, True)
 
 
+@pytest.mark.parametrize(
+    ("env", "legend"),
+    [({}, "green"), ({"NO_COLOR": "1"}, "inside [[ ]]"), ({"TERM": "dumb"}, "inside [[ ]]")],
+)
+def test_inspect_marks_the_tokens_with_loss_in_brackets_where_colours_do_not_show(
+    env, legend, tiny_llama_dir, tmp_path, capsys, monkeypatch
+):
+    """On a terminal the tokens with loss were told apart by colour alone: under NO_COLOR (bold and dim
+    left) or TERM=dumb (no styles), and to a screen reader, the legend said green and nothing was."""
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich takes pytest's captured output for a terminal
+    monkeypatch.setenv("TERM", "xterm-256color")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([CONVERSATION]), encoding="utf-8")
+    assert cli(["train", "inspect", "--data", str(data), "--model-path", str(tiny_llama_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert f"tokens with loss are {legend};" in shown
+    assert ("[[ Hi! How are you today?</s>]]" in shown) == (legend != "green")
+
+
 def test_inspect_shows_the_data_s_path_with_brackets_in_it_as_it_is(tiny_llama_dir, tmp_path, capsys):
     """rich took "[v2]" in the data's path for markup and left it out (on Windows it took the backslash
     before it for its escape), in each example's heading and in "wrote N examples to"."""

@@ -158,13 +158,16 @@ def inspect(args: argparse.Namespace) -> int:
     # no markup: the paths and reasons printed are the user's text, where rich took "[v2]" for a tag (and
     # on Windows the backslash before it for its escape: D:\数据\[v2] was shown as D:\数据[v2])
     console = Console(highlight=False, soft_wrap=True, markup=False)
-    legend = "green" if console.is_terminal else "inside [[ ]]"
+    # green where the terminal shows colours; under NO_COLOR (rich keeps bold and dim alone) or on a dumb
+    # terminal (no styles at all) the legend said green and nothing told the tokens with loss apart
+    colour = console.is_terminal and not console.no_color and console.color_system is not None
+    legend = "green" if colour else "inside [[ ]]"
     console.print(f"tokens with loss are {legend}; the others are masked (label -100)")
     for example in prepared.examples[: args.n]:
         loss = sum(label != IGNORE for label in example.labels)
         cut = ", truncated" if example.truncated else ""
         console.rule(f"{example.source}: {len(example.input_ids)} tokens, {loss} with loss{cut}")
-        console.print(show(tokenizer, example.input_ids, example.labels, plain=not console.is_terminal))
+        console.print(show(tokenizer, example.input_ids, example.labels, plain=not colour))
     for source, why in prepared.bad[:10]:
         console.print(f"bad: {source}: {why}")
     if len(prepared.bad) > 10:
@@ -184,7 +187,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 def show(tokenizer: Any, ids: list[int], labels: list[int], *, plain: bool) -> Any:
-    """The example's text, the tokens with loss in green (or in [[ ]] when not on a terminal).
+    """The example's text, the tokens with loss in green (or in [[ ]] where colours do not show).
 
     Each run is the text that decoding up to its end adds, so word-initial spaces stay where they are.
     """
