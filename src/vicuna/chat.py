@@ -861,6 +861,11 @@ def main(args: argparse.Namespace) -> int:
     from vicuna.engine.placement import resolve_device
 
     check_sampling_flags(args)
+    if sys.stdin is None:  # started with it closed (`<&-`): after loading, a traceback on sys.stdin.isatty
+        raise VicunaError(
+            "standard input is closed: the chat reads its messages there (run it on a terminal, or pipe "
+            "the messages in)"
+        )
     greedy = args.top_p == 0  # as the API takes it: the smallest nucleus is the most likely token
     params = SamplingParams(
         temperature=0.0 if greedy else args.temperature,

@@ -832,6 +832,20 @@ def test_a_bad_sampling_flag_is_refused_naming_the_flag_and_its_value(flags, sai
     assert capsys.readouterr().err == f"error: {said}\n"
 
 
+def test_a_chat_started_with_standard_input_closed_is_refused_before_loading(monkeypatch, capsys):
+    """`vicuna chat <&-` (or a supervisor that closes it) loaded the model, then ended with a traceback:
+    AttributeError: 'NoneType' object has no attribute 'isatty'."""
+    import vicuna.engine.loader
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was looked at")
+
+    monkeypatch.setattr(vicuna.engine.loader, "resolve_model_path", never)
+    monkeypatch.setattr(sys, "stdin", None)  # what Python gives a program started with it closed
+    assert cli(["chat"]) == 2
+    assert capsys.readouterr().err.startswith("error: standard input is closed: the chat reads its messages")
+
+
 def test_top_p_0_is_greedy_decoding_as_in_the_api(tiny_llama_dir, monkeypatch):
     """The API takes top_p 0 as greedy decoding (the smallest nucleus is the most likely token); the chat
     refused '--top-p 0' as "must be more than 0"."""
