@@ -107,3 +107,17 @@ def test_doctor_reads_a_gguf_file_s_needs_from_its_header_without_converting_it(
     out = " ".join(capsys.readouterr().out.split())
     assert f"Model {gguf} — 134.5M parameters" in out and "8-bit (--load-8bit)" in out
     assert not gguf_cache_dir(gguf).exists()  # nothing converted
+
+
+@no_gpu
+def test_a_narrow_terminal_folds_the_flags_that_fit_instead_of_cutting_them(
+    tiny_llama_dir, capsys, monkeypatch
+):
+    """At 40 columns (a large font, a screen magnifier) the flags were cut at "…": "--device cpu --dtype
+    float32 --load-…", which left nothing to copy. Folded, each cell reads whole down its rows."""
+    monkeypatch.setenv("COLUMNS", "40")
+    assert main(["doctor", "--model-path", str(tiny_llama_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    cells = "".join(c for c in out if c not in "│ \n")  # each table row's cells, then the next row's
+    assert "--dtypefloat32--load-8bit" in cells and "(--load-8bit)" in cells

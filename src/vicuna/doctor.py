@@ -18,7 +18,6 @@ def main(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from rich.markup import escape
-    from rich.table import Table
 
     from vicuna.engine import kernel
     from vicuna.engine.memory import gib, model_size, probe_hardware
@@ -61,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     size = model_size(config)
     console.print(f"\n[bold]Model[/bold] {escape(str(folder))} — {size.params / 1e6:,.1f}M parameters")
-    sizes = Table("precision", "weights", "KV cache per 1k tokens")
+    sizes = whole_words_table("precision", "weights", "KV cache per 1k tokens")
     for name, dtype, eight in (
         ("float32", torch.float32, False),
         ("bfloat16 / float16", torch.bfloat16, False),
@@ -80,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
         f"{gib(size.kv_bytes(tokens, torch.bfloat16))} in 16 bits (--max-batch-size, --kv-cache-tokens)",
         highlight=False,
     )
-    fits = Table("flags", "needs", "available", "fits")
+    fits = whole_words_table("flags", "needs", "available", "fits")
     for option in fit_options(size, hw, settings):
         fits.add_row(
             option.flags, gib(option.needed), gib(option.available), "yes" if option.fits else "[red]no[/red]"
@@ -106,6 +105,15 @@ def main(args: argparse.Namespace) -> int:
     chosen = f"--device {device.type} --dtype {str(dtype).removeprefix('torch.')}{gpus}{eight}"
     console.print(f"\n[bold]These flags[/bold] ({chosen}): the model fits", highlight=False)
     return 0
+
+
+def whole_words_table(*headers: str) -> Any:
+    """A rich table whose words too long for a narrow terminal (COLUMNS=40, a large font, a screen
+    magnifier) go on in the next row, not cut at "…": the flags that fit were shown as "--load-…", which
+    left two rows alike and no flag to copy."""
+    from rich.table import Column, Table
+
+    return Table(*(Column(header, overflow="fold") for header in headers))
 
 
 def model_config(model_path: str | None) -> tuple[Path, Any]:
