@@ -132,15 +132,17 @@ def piped_line(line: str, code_page: str | None = None) -> str:
 
 def utf8_stdin() -> str | None:
     """Read standard input as UTF-8, bytes that are not UTF-8 kept as surrogate escapes (said, not a
-    traceback); the encoding in which to read a line that is not UTF-8, or None. Windows' Python reads a
-    pipe in the ANSI code page (cp936 on a Chinese Windows), but what comes through one there is as often
-    UTF-8: a file Notepad saved (its default), PowerShell 7, Git Bash. Read as GBK, "你好" went to the model
-    as "浣犲ソ" without a word, and Notepad's byte-order mark was never taken off. There a line is read as
-    UTF-8 when it is, else in the code page (cmd's `echo 你好 | vicuna chat` sends GBK)."""
+    traceback); the encoding in which to read a line that is not UTF-8, or None. Python reads a pipe in
+    the locale's encoding: on Windows its ANSI code page (cp936 on a Chinese Windows), on Linux that of
+    LANG (zh_CN.GBK on older Chinese servers, en_US.ISO-8859-1), but what comes through one is as often
+    UTF-8: a file Notepad or any editor of today saved, PowerShell 7, Git Bash. Read as GBK, "你好" went to
+    the model as "浣犲ソ" without a word (as "ä½ å¥½" in Latin-1), and Notepad's byte-order mark was never
+    taken off. There a line is read as UTF-8 when it is, else in the locale's encoding (cmd's
+    `echo 你好 | vicuna chat` sends GBK, as does a file saved in a GBK locale)."""
     if not isinstance(sys.stdin, io_module.TextIOWrapper):
         return None
     encoding = sys.stdin.encoding
-    if sys.platform == "win32" and not sys.stdin.isatty() and codecs.lookup(encoding).name != "utf-8":
+    if not sys.stdin.isatty() and codecs.lookup(encoding).name != "utf-8":
         sys.stdin.reconfigure(encoding="utf-8", errors="surrogateescape")
         return encoding
     sys.stdin.reconfigure(errors="surrogateescape")

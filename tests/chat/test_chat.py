@@ -1321,6 +1321,21 @@ def test_a_pipe_on_windows_is_read_as_utf8_and_a_line_that_is_not_in_the_code_pa
     assert [io.read(), io.read(), io.read(), io.read()] == ["你好", "再见", "Emoji 😀 ok", None]
 
 
+@pytest.mark.parametrize(("locale_encoding", "other"), [("gb18030", "再见"), ("iso8859-1", "café")])
+def test_a_pipe_under_a_locale_that_is_not_utf8_is_read_as_utf8_and_a_line_that_is_not_in_the_locale_s(
+    monkeypatch, locale_encoding, other
+):
+    """On a Linux server whose LANG is zh_CN.GBK or zh_CN.GB18030 (or en_US.ISO-8859-1), Python reads a
+    pipe in that encoding: a UTF-8 file's "你好" went to the model as "浣犲ソ" (as "ä½ å¥½") without a word."""
+    piped = "你好\n".encode() + f"{other}\n".encode(locale_encoding)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(
+        sys, "stdin", io_module.TextIOWrapper(io_module.BytesIO(piped), encoding=locale_encoding)
+    )
+    io = TerminalIO("simple", multiline=False, interactive=False, code_page=chat_module.utf8_stdin())
+    assert [io.read(), io.read(), io.read()] == ["你好", other, None]
+
+
 def test_a_pipe_elsewhere_is_read_in_its_encoding_and_what_is_not_utf8_is_left_to_be_said(monkeypatch):
     piped = "你好\n".encode() + "再见\n".encode("gbk")
     monkeypatch.setattr(sys, "stdin", io_module.TextIOWrapper(io_module.BytesIO(piped), encoding="utf-8"))
