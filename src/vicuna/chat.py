@@ -319,9 +319,14 @@ class TerminalIO:
                         )
                     lines.append(line)
                 return "\n".join(lines) if lines else None
-            if not self.interactive:
-                line = sys.stdin.readline()
-                return piped_line(line, self.code_page) if line else None
+            if not self.interactive:  # a line, or with --multiline the lines up to an empty one (a
+                # here-doc written for FastChat's --multiline had each of its lines answered on its own)
+                lines = []
+                while line := sys.stdin.readline():
+                    lines.append(piped_line(line, self.code_page))
+                    if not self.multiline or not lines[-1]:
+                        break
+                return "\n".join(lines).rstrip("\n") if lines else None
             while True:
                 try:
                     text = self._read_typed()

@@ -1336,6 +1336,24 @@ def test_a_pipe_under_a_locale_that_is_not_utf8_is_read_as_utf8_and_a_line_that_
     assert [io.read(), io.read(), io.read()] == ["你好", other, None]
 
 
+def test_with_multiline_a_message_piped_in_is_its_lines_up_to_an_empty_one(monkeypatch):
+    """A here-doc written for FastChat's --multiline (messages of several lines, an empty line after each):
+    the flag was left to the terminal, and each line was answered as a message of its own."""
+    piped = "Fix this:\n    return 1\n\n!!save out.json\n\n\nlast\nwords\n"
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO(piped))
+    io = TerminalIO("simple", multiline=True, interactive=False)
+    assert [io.read() for _ in range(5)] == [
+        "Fix this:\n    return 1",
+        "!!save out.json",
+        "",
+        "last\nwords",
+        None,
+    ]
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO(piped))
+    io = TerminalIO("simple", multiline=False, interactive=False)  # without it, a line is a message
+    assert [io.read() for _ in range(3)] == ["Fix this:", "    return 1", ""]
+
+
 def test_a_pipe_elsewhere_is_read_in_its_encoding_and_what_is_not_utf8_is_left_to_be_said(monkeypatch):
     piped = "你好\n".encode() + "再见\n".encode("gbk")
     monkeypatch.setattr(sys, "stdin", io_module.TextIOWrapper(io_module.BytesIO(piped), encoding="utf-8"))
