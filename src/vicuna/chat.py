@@ -249,12 +249,15 @@ class TerminalIO:
             from rich.console import Console
 
             self.console = Console()
-            if (
-                self.console.is_dumb_terminal
-            ):  # where the live view cannot redraw: a reply would show only at its end
-                print(
-                    "notice: this terminal (TERM=dumb) cannot redraw a reply: --style simple", file=sys.stderr
+            # where the live view cannot redraw, a reply showed only at its end: on a dumb terminal, and
+            # under `vicuna chat --style rich | tee chat.log`, where the next "USER: " followed its last row
+            if not self.console.is_interactive:
+                where = (
+                    "this terminal (TERM=dumb)"
+                    if self.console.is_terminal
+                    else "output that is not a terminal"
                 )
+                print(f"notice: {where} cannot redraw a reply: --style simple", file=sys.stderr)
                 self.style, self.console = "simple", None
 
     history: Path | None = None

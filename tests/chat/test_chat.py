@@ -1287,6 +1287,16 @@ def test_with_output_piped_pastes_are_not_said_to_be_one_message(monkeypatch):
     assert not TerminalIO("simple", multiline=False, interactive=True).bracketed_paste
 
 
+def test_rich_style_with_output_piped_streams_as_plain_text(monkeypatch, capsys):
+    """`vicuna chat --style rich | tee chat.log`: rich's live view draws nothing into a pipe until it
+    stops, so a reply showed only at its end, and the next "USER: " followed its last row."""
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.setattr(sys, "stdout", io_module.StringIO())
+    assert TerminalIO("rich", multiline=False, interactive=True).style == "simple"
+    assert "output that is not a terminal cannot redraw a reply: --style simple" in capsys.readouterr().err
+
+
 def test_pyreadline3_on_windows_leaves_the_chat_its_own_line_editing(monkeypatch, tmp_path):
     """Windows' Python has no readline module; `import readline` there finds pyreadline3's (installed with
     many tools), which has no set_auto_history: the chat ended with an AttributeError before its first
