@@ -1,8 +1,8 @@
 """`vicuna chat`: a conversation in the terminal over the engine's event stream.
 
 Interactive on a terminal (plain or rich markdown rendering); when standard input is a pipe, every
-line is one user message and every reply is printed on its own, so `echo "..." | vicuna chat` works
-in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FILE, !!help.
+line is one user message (or several lines, as typed) and every reply is printed on its own, so
+`echo "..." | vicuna chat` works in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FILE, !!help.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -322,17 +322,12 @@ class TerminalIO:
                         )
                     lines.append(line)
                 return "\n".join(lines) if lines else None
-            if not self.interactive:  # a line, or with --multiline the lines up to an empty one (a
-                # here-doc written for FastChat's --multiline had each of its lines answered on its own)
-                lines = []
-                while line := sys.stdin.readline():
-                    lines.append(piped_line(line, self.code_page))
-                    if not self.multiline or not lines[-1]:
-                        break
-                return "\n".join(lines).rstrip("\n") if lines else None
+            if not self.interactive:  # a message as typed, without prompts: a here-doc written with
+                # """ or for FastChat's --multiline had each of its lines answered on its own
+                return self._read_message(self._piped_line)
             while True:
                 try:
-                    text = self._read_typed()
+                    text = self._read_message(input)
                     self.remember(text)
                     return text
                 except KeyboardInterrupt:  # as in a shell: the line typed so far goes, the chat stays
@@ -342,8 +337,16 @@ class TerminalIO:
                 print(flush=True)  # the shell's prompt on a line of its own, not after "USER: "
             return None
 
-    def _read_typed(self) -> str:
-        first = input("USER: ").rstrip("\r")
+    def _piped_line(self, prompt: str) -> str:
+        """The next line piped in, as input() reads one typed (EOFError at the end); no prompt."""
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return piped_line(line, self.code_page)
+
+    def _read_message(self, read_line: Callable[[str], str]) -> str:
+        """A message read a line at a time by `read_line(prompt)`: typed at the prompt, or piped in."""
+        first = read_line("USER: ").rstrip("\r")
         quoted = first.startswith(QUOTES) and "\n" not in first  # typed: a paste may open with a docstring
         if quoted:  # ollama's way to type a message of several lines: up to a line that ends with """
             lines, ends = [first.removeprefix(QUOTES)], lambda line: line.endswith(QUOTES)
@@ -353,9 +356,11 @@ class TerminalIO:
             return first
         while not ends(lines[-1]):
             try:
-                lines.append(input("...: ").rstrip("\r"))
+                lines.append(read_line("...: ").rstrip("\r"))
             except EOFError:  # FastChat's --multiline ends a message so: the message, not the chat, ends
-                if not self.bracketed_paste:  # readline ends the line itself in that mode
+                if (
+                    self.interactive and not self.bracketed_paste
+                ):  # readline ends the line itself in that mode
                     print(flush=True)
                 break
         text = "\n".join(lines)

@@ -1346,6 +1346,20 @@ def test_a_pipe_under_a_locale_that_is_not_utf8_is_read_as_utf8_and_a_line_that_
     assert [io.read(), io.read(), io.read()] == ["你好", other, None]
 
 
+def test_a_message_piped_in_between_triple_quotes_is_one_message_as_typed(monkeypatch):
+    '''A here-doc with a message of several lines between """ lines, as typed at the prompt: each line
+    was answered on its own, the quotes too.'''
+    piped = '"""\nFix this:\n\n    return 1\nplease."""\nnext\n"""unclosed\nat the end\n'
+    monkeypatch.setattr(sys, "stdin", io_module.StringIO(piped))
+    io = TerminalIO("simple", multiline=False, interactive=False)
+    assert [io.read() for _ in range(4)] == [
+        "Fix this:\n\n    return 1\nplease.",
+        "next",
+        "unclosed\nat the end",
+        None,
+    ]
+
+
 def test_with_multiline_a_message_piped_in_is_its_lines_up_to_an_empty_one(monkeypatch):
     """A here-doc written for FastChat's --multiline (messages of several lines, an empty line after each):
     the flag was left to the terminal, and each line was answered as a message of its own."""
