@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 
 import pytest
@@ -558,6 +559,24 @@ def test_loading_into_a_log_draws_no_progress_bar(tiny_llama_dir, capfd):
     assert "Loaded " in err
     assert "Loading weights" not in err and "\r" not in err
     assert transformers_logging.is_progress_bar_enabled() == was
+
+
+@pytest.mark.parametrize(("term", "drawn"), [("xterm-256color", True), ("dumb", False)])
+def test_loading_on_a_dumb_terminal_draws_no_progress_bar(tiny_llama_dir, monkeypatch, term, drawn):
+    """On a dumb terminal (TERM=dumb: Emacs' M-x shell, where Emacspeak reads out each redraw) the
+    "Loading weights" bar was drawn as on any terminal, one line redrawn with carriage returns."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setenv("TERM", term)
+    load_engine(ModelSettings(model_path=str(tiny_llama_dir), device="cpu"))
+    assert "Loaded " in screen.getvalue()
+    assert ("Loading weights" in screen.getvalue()) == drawn
 
 
 def resident_bytes() -> int:

@@ -472,6 +472,30 @@ def test_piped_output_is_lines_without_a_redrawn_bar(tiny_llama_dir, data_file, 
     assert any(line.startswith("done: 2 steps in ") for line in lines)
 
 
+def test_on_a_dumb_terminal_the_output_is_lines_without_a_redrawn_bar(
+    tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch
+):
+    """TERM=dumb (Emacs' M-x shell, where Emacspeak reads out each redraw; a carriage return shows as ^M):
+    the run drew its step bar and transformers' loading bar as on any terminal."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setenv("TERM", "dumb")
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2"]) == 0
+    printed = capsys.readouterr().out + screen.getvalue()
+    assert "\r" not in printed and "Loading weights" not in printed
+    lines = printed.splitlines()
+    assert [line.split("  loss")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+
+
 def test_a_run_on_the_cpu_says_so_and_why(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
     """Nothing said where a run trained: with a CPU-only PyTorch on a GPU machine (what `pip install torch`
     gives on Windows) a 7B model trained on the CPU, for days, without a word."""

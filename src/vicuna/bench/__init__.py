@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vicuna.config import add_model_arguments, model_settings_from_args
 from vicuna.errors import VicunaError
-from vicuna.weights.manifest import transformers_bar
+from vicuna.weights.manifest import redraws, transformers_bar
 
 DEFAULT_STREAMS = "1,4,16,64"
 MEMORY_DTYPES = "float32,bfloat16,float16"
@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> int:
     load = busy_cores()
     # transformers' bars (loading weights) as ours; on SIGTERM (vicuna.cli) a server or a measuring child
     # started here goes with it
-    with transformers_bar(progress and sys.stderr.isatty()):
+    with transformers_bar(progress and redraws(sys.stderr)):
         if args.bench == "latency":
             from vicuna.bench.latency import bench_latency
 

@@ -19,7 +19,7 @@ from vicuna.conversation import HFTemplate, Template, choose_template_name, get_
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.weights import hub
-from vicuna.weights.manifest import transformers_bar
+from vicuna.weights.manifest import redraws, transformers_bar
 from vicuna.weights.tokenizer import check_tokenizer
 
 CONFIG = "config.json"
@@ -494,7 +494,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
     # 8-bit: loaded as stored (memory-mapped, not copied) and quantized from that (see quantize_int8)
     stored = "auto" if settings.load_8bit else dtype
     try:
-        with transformers_bar(progress and sys.stderr.isatty()):  # in a log: not a line redrawn 300 times
+        with transformers_bar(progress and redraws(sys.stderr)):  # in a log: not a line redrawn 300 times
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=stored, device_map=device_map)
     except (OSError, RuntimeError, ValueError) as err:
         if out_of_memory(err):  # CUDA's error, or mps's RuntimeError: not a config that mismatches

@@ -32,7 +32,7 @@ from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install, quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
 from vicuna.weights.disk import one_writer
-from vicuna.weights.manifest import transformers_bar
+from vicuna.weights.manifest import redraws, transformers_bar
 
 RUN_RECORD = "vicuna-train.json"  # the settings a resumed run must keep
 MIN_CAPABILITY = (7, 5)
@@ -681,13 +681,14 @@ def trainer_class() -> Any:
 
 def progress_callback() -> Any:
     """Trainer's progress bar, with one readable line per logging step instead of a dict; piped to a
-    file, the lines alone (a bar redrawn with carriage returns would make one endless line of it)."""
+    file (or on a dumb terminal), the lines alone (a bar redrawn with carriage returns would make one
+    endless line of it)."""
     from transformers.trainer_callback import ProgressCallback
 
     class Progress(ProgressCallback):
         def __init__(self) -> None:
             super().__init__()
-            self.plain = not sys.stderr.isatty()
+            self.plain = not redraws(sys.stderr)
 
         def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             self.first_step = state.global_step  # past 0 when resumed
@@ -855,7 +856,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any]) -> Path:
         use_cpu=on_cpu,
     )
     # transformers' bars for loading and saving weights: in a log, off, as progress_callback's
-    with transformers_bar(sys.stderr.isatty()):
+    with transformers_bar(redraws(sys.stderr)):
         model = load_model(folder, cfg, compute_dtype, tokenizer, show=show)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         trainer = trainer_class()(

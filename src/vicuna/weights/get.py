@@ -282,7 +282,7 @@ def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64, progress: bool = Tr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vicuna.conversation import Message, VicunaV11, render
-    from vicuna.weights.manifest import transformers_bar
+    from vicuna.weights.manifest import redraws, transformers_bar
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -299,7 +299,7 @@ def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64, progress: bool = Tr
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.bfloat16
     _check_memory(model_dir, device)
-    with transformers_bar(progress and sys.stderr.isatty()):
+    with transformers_bar(progress and redraws(sys.stderr)):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     model_eos = model.generation_config.eos_token_id
     model_eos = set(model_eos if isinstance(model_eos, list) else [model_eos])

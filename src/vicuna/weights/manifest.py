@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from vicuna.errors import VicunaError
 
@@ -18,6 +19,13 @@ _CHUNK = 8 << 20
 # Files that change what a model loads as: weights, indexes, config and tokenizer. Others (a README, notes)
 # may be added to a verified folder.
 LOADED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".json", ".model")
+
+
+def redraws(stream: TextIO) -> bool:
+    """Whether `stream` is a terminal that can redraw a line, where transformers' bars (tqdm's, redrawn with
+    carriage returns) are drawn. Not a log, nor a dumb terminal (TERM=dumb: Emacs' M-x shell, in which
+    Emacspeak reads out each redraw and a carriage return is shown as ^M): rich's bars draw none there either."""
+    return stream.isatty() and os.environ.get("TERM", "").lower() not in ("dumb", "unknown")  # as rich's
 
 
 @contextmanager
