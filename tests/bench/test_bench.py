@@ -117,6 +117,25 @@ def test_json_has_the_documented_keys_and_the_plot_is_a_png(tmp_path, capsys):
     assert "2x" in out and "0.4x" in out and "test cpu" in out
 
 
+def test_a_narrow_terminal_folds_the_table_s_words_instead_of_cutting_them(capsys, monkeypatch):
+    """At 60 columns (a large font, a screen magnifier) the metrics were cut to "dec…" and "int…" and the
+    baselines to "genera…"; at 40 the metric and baseline columns were left out altogether."""
+    report = Report("latency", settings={}, machine={"cpu": "test cpu"})
+    report.add("short prompt (163 tokens)", "time to first token", "ms", 2.26, "HF generate", 26.2)
+    report.add(
+        "short prompt (163 tokens)", "decode", "tok/s", 261.0, "bandwidth ceiling", 31513.0, target=0.6
+    )
+    report.add("short prompt (163 tokens)", "inter-token latency", "ms", 0.0525, "HF generate", 14.2)
+    monkeypatch.setenv("COLUMNS", "60")
+    print_table(report)
+    out = capsys.readouterr().out
+    assert "…" not in out and "  decode " in out and " bandwidth " in out and ">= 0.6x" in out
+    monkeypatch.setenv("COLUMNS", "40")
+    print_table(report)
+    out = capsys.readouterr().out
+    assert "…" not in out and "metri" in out and "basel" in out
+
+
 def test_the_table_says_which_targets_are_met_without_colours(capsys):
     """Green and red are all a terminal showed; piped or saved to a file, the table has no colours."""
     report = Report("serve", settings={}, machine={"cpu": "test cpu"})

@@ -204,11 +204,13 @@ def print_table(report: Report) -> None:
         )
         + "\nratio: value / baseline, both measured in this run",
     )
-    table.add_column("metric")
-    table.add_column("value", justify="right", no_wrap=True)
-    table.add_column("baseline")
-    table.add_column("ratio", justify="right", no_wrap=True)
-    table.add_column("target", justify="right", no_wrap=True)
+    # words too long for a narrow terminal go on in the column's next row, whole: cut at "…" they left
+    # "dec…" and "int…", and columns that could not wrap left none of the room to the metric's name
+    table.add_column("metric", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_column("baseline", overflow="fold")
+    table.add_column("ratio", justify="right", overflow="fold")
+    table.add_column("target", justify="right", overflow="fold")
     group = None
     for row in report.rows:
         if row.group != group:
