@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -686,6 +687,21 @@ def test_inspect_marks_the_tokens_with_loss_in_brackets_where_colours_do_not_sho
     shown = capsys.readouterr().out
     assert f"tokens with loss are {legend};" in shown
     assert ("[[ Hi! How are you today?</s>]]" in shown) == (legend != "green")
+
+
+def test_inspect_shows_each_example_s_counts_whole_after_a_long_path(
+    tiny_llama_dir, tmp_path, capsys, monkeypatch
+):
+    """Each example's heading was a rule's title, which rich cuts at "…" to fit the width: after a long path
+    (or in a narrow terminal) "data.json[0]: 114 t…" lost the tokens with loss and "truncated"."""
+    monkeypatch.setenv("COLUMNS", "60")
+    folder = tmp_path / ("a-folder-with-a-long-name-" * 2)
+    folder.mkdir()
+    data = folder / "data.json"
+    data.write_text(json.dumps([CONVERSATION]), encoding="utf-8")
+    assert cli(["train", "inspect", "--data", str(data), "--model-path", str(tiny_llama_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert re.search(rf"{re.escape(str(data))}\[0\] \(id 'c1'\): \d+ tokens, \d+ with loss", shown), shown
 
 
 def test_inspect_shows_the_data_s_path_with_brackets_in_it_as_it_is(tiny_llama_dir, tmp_path, capsys):

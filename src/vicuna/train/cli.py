@@ -133,6 +133,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def inspect(args: argparse.Namespace) -> int:
+    from rich.cells import cell_len
     from rich.console import Console
 
     from vicuna.train.trainer import read_and_tokenize
@@ -166,7 +167,12 @@ def inspect(args: argparse.Namespace) -> int:
     for example in prepared.examples[: args.n]:
         loss = sum(label != IGNORE for label in example.labels)
         cut = ", truncated" if example.truncated else ""
-        console.rule(f"{example.source}: {len(example.input_ids)} tokens, {loss} with loss{cut}")
+        heading = f"{example.source}: {len(example.input_ids)} tokens, {loss} with loss{cut}"
+        if cell_len(heading) + 4 <= console.width:
+            console.rule(heading)
+        else:  # a rule cuts its title at "…": a long path (or a narrow terminal) lost the counts after it
+            console.rule()
+            console.print(heading)
         console.print(show(tokenizer, example.input_ids, example.labels, plain=not colour))
     for source, why in prepared.bad[:10]:
         console.print(f"bad: {source}: {why}")
