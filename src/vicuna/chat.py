@@ -2,7 +2,8 @@
 
 Interactive on a terminal (plain or rich markdown rendering); when standard input is a pipe, every
 line is one user message (or several lines, as typed) and every reply is printed on its own, so
-`echo "..." | vicuna chat` works in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE, !!load FILE, !!help.
+`echo "..." | vicuna chat` works in scripts. Commands: !!exit, !!reset, !!remove, !!regen, !!save FILE,
+!!load FILE, !!help.
 """
 
 from __future__ import annotations
@@ -358,9 +359,8 @@ class TerminalIO:
             try:
                 lines.append(read_line("...: ").rstrip("\r"))
             except EOFError:  # FastChat's --multiline ends a message so: the message, not the chat, ends
-                if (
-                    self.interactive and not self.bracketed_paste
-                ):  # readline ends the line itself in that mode
+                # on the screen on a line of its own; in bracketed-paste mode readline ends the line itself
+                if self.interactive and not self.bracketed_paste:
                     print(flush=True)
                 break
         text = "\n".join(lines)
