@@ -37,6 +37,8 @@ LAST = 12  # the turns compared: all of them after the conversation outgrew the 
 class Script:
     """Types MESSAGES one by one and keeps each reply's Finished event."""
 
+    interactive = True  # as typed: a reply would stop at Ctrl-C
+
     def __init__(self) -> None:
         self.lines, self.finished, self.notes = list(MESSAGES), [], []
 

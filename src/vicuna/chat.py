@@ -111,6 +111,8 @@ class ChatEngine(Protocol):
 
 
 class ChatIO(Protocol):
+    interactive: bool  # someone at a prompt: Ctrl-C stops a reply only (in a pipe it ends the chat)
+
     def read(self) -> str | None: ...
     def info(self, text: str) -> None: ...
     def show_reply(self, events: Iterator[Event]) -> tuple[str, Finished | None]: ...
@@ -703,12 +705,16 @@ def _reply(
                 collected.append(event.text)
             yield event
 
+    # In a pipe (`vicuna chat < questions.txt`) there is no prompt to come back to: Ctrl-C, taken for a
+    # reply's, only moved the chat on to the next message, however often it was pressed; it ends the chat
     try:
-        with ctrl_c_cancels(cancel):
+        with ctrl_c_cancels(cancel) if io.interactive else contextlib.nullcontext():
             text, done = io.show_reply(tee())
         if not cancel.is_set():
             return text, done
     except KeyboardInterrupt:  # a second Ctrl-C, for an engine that does not stop: the reply ends here
+        if not io.interactive:
+            raise
         cancel.set()
         text = "".join(collected)
     except Exception as err:

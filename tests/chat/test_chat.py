@@ -26,6 +26,8 @@ class ScriptedIO:
     """Feeds lines as the user; records what was shown. `interrupt_on`: Ctrl-C at that event of each reply;
     `stopped_reply`: Ctrl-C before the first word of that reply (1: the first)."""
 
+    interactive = True
+
     def __init__(self, lines, interrupt_on=None, stopped_reply=None):
         self.lines, self.shown, self.notes, self.interrupt_on = list(lines), [], [], interrupt_on
         self.stopped_reply, self.replies = stopped_reply, 0
@@ -238,6 +240,17 @@ def test_ctrl_c_stops_the_reply_not_the_chat():
     run_chat(engine, io, PARAMS)
     assert len(engine.seen) == 2  # the chat went on to the second message
     assert any("reply stopped; what it wrote stays in the conversation" in n for n in io.notes)
+
+
+def test_ctrl_c_ends_a_chat_whose_messages_are_piped_in():
+    """`vicuna chat < questions.txt`: each Ctrl-C stopped a reply only, and the chat went on to the next
+    message (saying "!!regen answers again"), however often it was pressed."""
+    engine = EchoEngine()
+    io = ScriptedIO(["first", "second"], interrupt_on=2)
+    io.interactive = False
+    with pytest.raises(KeyboardInterrupt):
+        run_chat(engine, io, PARAMS)
+    assert len(engine.seen) == 1 and io.lines == ["second"]
 
 
 def test_a_reply_stopped_before_it_wrote_anything_leaves_the_conversation_as_it_was():
