@@ -137,6 +137,27 @@ def test_on_the_cpu_tokens_are_drawn_from_the_distribution_by_a_seed_of_their_ow
     assert [again(logits, []).token_id for _ in range(200)] == picks[:200]
 
 
+def test_a_negative_seed_draws_as_its_low_64_bits_not_as_its_absolute_value():
+    """Python's `random` seeds with an integer's absolute value: on the CPU seed -5 drew what seed 5 drew,
+    and a request's n choices (seed + index) repeated one another around 0; PyTorch's generator (a GPU)
+    takes the low 64 bits, as now both do."""
+    from vicuna.engine import kernel
+
+    if kernel.load(progress=False) is None:
+        pytest.skip("the kernel does not run here")
+    flat = torch.zeros(1000)
+
+    def draws(seed: int) -> list[int]:
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed), prompt_len=0, end_ids=[], device=CPU)
+        assert s.random is not None  # our kernel draws
+        return [s(flat, []).token_id for _ in range(20)]
+
+    assert draws(-5) != draws(5)
+    assert draws(-1) != draws(1)
+    assert draws(-5) == draws(2**64 - 5)
+    assert draws(2**64 + 5) == draws(5)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999, 1.0 - 1e-9])
 def test_top_p_over_a_vocabulary_keeps_what_a_full_sort_keeps(p):
     """However many of the most likely tokens the nucleus needs (a few, or nearly all of them)."""

@@ -153,14 +153,17 @@ class Sampler:
         self.generator: torch.Generator | None = None
         self.random: random.Random | None = None
         if sampling:
+            # Any integer seed: its low 64 bits, for both random streams. Python's `random` seeds with the
+            # integer's absolute value, so -5 and 5 drew the same tokens on the CPU (not on a GPU), and the
+            # choices of a request with seed -2 and n 4 (seeds -2, -1, 0, 1) repeated one another.
+            seed = None if params.seed is None else params.seed & 0xFFFF_FFFF_FFFF_FFFF
             # On the CPU our kernel draws each token (`kernel.sample`) with this request's own random
             # numbers (seeded from the OS without a seed); elsewhere PyTorch's multinomial, with its generator.
             if device.type == "cpu" and kernel.load(progress=False) is not None:
-                self.random = random.Random(params.seed)
+                self.random = random.Random(seed)
             self.generator = torch.Generator(device=device)
-            if params.seed is not None:
-                # any integer: its low 64 bits
-                self.generator.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+            if seed is not None:
+                self.generator.manual_seed(seed)
             else:
                 self.generator.seed()
 
