@@ -84,6 +84,8 @@ def test_mixed_settings_in_one_batch_match_the_engine_alone(tiny_engine, batcher
             replace(greedy, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
         ),
         (e.encode(TEXTS[4]), replace(greedy, max_new_tokens=5, logprobs=2)),
+        # its first character as a stop string, before min_new_tokens: text, not the reply's end
+        (e.encode(TEXTS[0]), replace(greedy, ignore_eos=True, stop=(alone[0][0],), min_new_tokens=12)),
     ]
     batched = concurrently(batcher, jobs)
     expected = [reply(e.generate(ids, params)) for ids, params in jobs]
@@ -95,6 +97,7 @@ def test_mixed_settings_in_one_batch_match_the_engine_alone(tiny_engine, batcher
     assert cut == alone[0][: alone[0].find(stop)] and stop not in cut
     assert batched[3][1].completion_tokens == 16  # min_tokens == max_tokens: no early end
     assert batched[5][1].completion_tokens == 5 and batched[5][1].reason == "length"
+    assert batched[6][1].completion_tokens >= 12
     assert batcher.stats.peak_running > 1
 
 

@@ -188,6 +188,36 @@ def test_text_holding_two_stop_strings_is_cut_at_the_first():
     assert matcher.matched == "###"
 
 
+def test_no_stop_string_ends_in_quiet_text_but_one_that_ends_after_it_does():
+    # quiet: the text of a reply still shorter than its min_new_tokens (vLLM's min_tokens)
+    matcher = StopMatcher(["ab"])
+    assert matcher.push("ab", quiet=True) == "ab" and matcher.matched is None
+    assert matcher.push("xab") == "x" and matcher.matched == "ab"
+    straddling = StopMatcher(["ab", "c"])
+    assert straddling.push("xc", quiet=True) + straddling.push("a", quiet=True) == "xc"
+    assert straddling.push("b") == "" and straddling.matched == "ab"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_stop_is_matched_where_it_first_ends_after_the_quiet_text(seed):
+    rng = random.Random(seed)
+    stops = ["".join(rng.choices("ab", k=rng.randint(1, 3))) for _ in range(3)]
+    parts = ["".join(rng.choices("abx", k=rng.randint(1, 3))) for _ in range(12)]
+    quiet = rng.randint(0, len(parts))
+    quiet_len = len("".join(parts[:quiet]))
+    matcher, shown, text, want = StopMatcher(stops), "", "", None
+    for i, part in enumerate(parts):
+        text += part
+        shown += matcher.push(part, quiet=i < quiet)
+        ends = [text.find(s, max(quiet_len - len(s) + 1, 0)) for s in stops]
+        if i >= quiet and max(ends) != -1:
+            want = min(at for at in ends if at != -1)
+            break
+    shown += matcher.flush()
+    assert (matcher.matched is not None) == (want is not None)
+    assert shown == (text if want is None else text[:want])
+
+
 def test_text_that_only_looks_like_a_stop_is_released():
     matcher = StopMatcher(["</s>"])
     assert matcher.push("a </") == "a "

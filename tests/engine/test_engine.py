@@ -57,6 +57,27 @@ def test_stop_string_across_tokens_is_never_shown(engine):
     assert stop in decode(stopped, skip_special_tokens=True) and stop not in decode(stopped[:-1])
 
 
+def test_a_stop_string_before_min_new_tokens_does_not_end_the_reply(engine):
+    """As vLLM's min_tokens: a stop string that ends within the reply's first min_new_tokens - 1 tokens is
+    text, not the reply's end (it cut a reply of min_tokens 4 at its first token); one ending later is."""
+    prompt = engine.encode("The capital of France is")
+    greedy = dict(temperature=0, max_new_tokens=24, ignore_eos=True)
+    pieces = [e.text for e in list(engine.generate(prompt, SamplingParams(**greedy)))[:-1]]
+    stop = pieces[1]
+    assert stop and stop in pieces[0] + pieces[1]
+    text, _, done = run(engine, prompt, **greedy, stop=[stop])
+    assert done.reason == "stop" and done.completion_tokens <= 2
+    text, _, done = run(engine, prompt, **greedy, stop=[stop], min_new_tokens=4)
+    quiet = len("".join(pieces[:3]))  # the text of the first min_new_tokens - 1 tokens
+    so_far = ""
+    for piece in pieces:
+        so_far += piece
+        if (at := so_far.find(stop, max(quiet - len(stop) + 1, 0))) != -1:
+            break
+    assert done.completion_tokens >= 4
+    assert text == so_far[:at] and done.reason == "stop"
+
+
 def test_stop_token_id_ends_the_reply(engine):
     prompt = engine.encode("Hello")
     _, ids, _ = run(engine, prompt, temperature=0, max_new_tokens=10, ignore_eos=True)

@@ -102,7 +102,8 @@ class _Reply:
         if choice.token_id in self.stop_ids:
             self.finish("stop", self.engine.tokenizer.convert_ids_to_tokens(choice.token_id), logprobs or ())
             return True
-        text = self.stops.push(self.decoder.add(choice.token_id))
+        quiet = self.completion_tokens < self.params.min_new_tokens
+        text = self.stops.push(self.decoder.add(choice.token_id), quiet=quiet)
         self.sink(TextChunk(text, (choice.token_id,), logprobs))
         if self.stops.matched is not None:
             self.finish("stop", self.stops.matched)

@@ -68,17 +68,22 @@ class StopMatcher:
     def __init__(self, stops: Sequence[str]) -> None:
         self._stops = tuple(s for s in stops if s)
         self._held = ""
+        self._quiet = 0  # how many of the held characters came in `quiet` pushes
         self.matched: str | None = None
 
-    def push(self, text: str) -> str:
-        """Text that is safe to show; after a match, `matched` is set and later text is dropped."""
+    def push(self, text: str, quiet: bool = False) -> str:
+        """Text that is safe to show; after a match, `matched` is set and later text is dropped.
+
+        `quiet`: text of a reply shorter than its min_new_tokens, where no stop string ends yet (as vLLM's
+        min_tokens: the reply goes on); one that begins there and ends in later text still counts."""
         if self.matched is not None:
             return ""
         buf = self._held + text
-        hits = [(buf.find(s), s) for s in self._stops if s in buf]
+        quiet_end = len(buf) if quiet else self._quiet  # no stop may end within buf[:quiet_end]
+        hits = [] if quiet else [(at, s) for s in self._stops if (at := self._find(buf, s, quiet_end)) != -1]
         if hits:
             at, self.matched = min(hits)
-            self._held = ""
+            self._held, self._quiet = "", 0
             return buf[:at]
         keep = 0
         for stop in self._stops:  # the longest end of buf that begins some stop string
@@ -91,10 +96,16 @@ class StopMatcher:
                     break
                 at = buf.find(stop[0], at + 1, len(buf) - keep)
         self._held = buf[len(buf) - keep :] if keep else ""
+        self._quiet = max(quiet_end - (len(buf) - keep), 0)
         return buf[: len(buf) - keep]
 
+    @staticmethod
+    def _find(buf: str, stop: str, quiet_end: int) -> int:
+        """Where `stop` first occurs in `buf` ending after `quiet_end`, or -1."""
+        return buf.find(stop, max(quiet_end - len(stop) + 1, 0))
+
     def flush(self) -> str:
-        held, self._held = self._held, ""
+        held, self._held, self._quiet = self._held, "", 0
         return "" if self.matched is not None else held
 
 

@@ -311,7 +311,7 @@ class Engine:
                 reason, stop_text = "stop", self.tokenizer.convert_ids_to_tokens(choice.token_id)
                 stop_logprobs = logprobs or ()
                 break
-            text = stops.push(decoder.add(choice.token_id))
+            text = stops.push(decoder.add(choice.token_id), quiet=step + 1 < params.min_new_tokens)
             yield TextChunk(text, (choice.token_id,), logprobs)
             if stops.matched is not None:
                 reason, stop_text = "stop", stops.matched
