@@ -287,7 +287,8 @@ def test_a_reply_whose_prompt_is_computed_when_the_batcher_stops_ends_cancelled(
     assert finished.reason == "cancelled" and finished.completion_tokens < 600
 
 
-def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher):
+@pytest.mark.parametrize("abandon", ["closed", "dropped unread"])
+def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher, abandon):
     # The reply takes no step before its stream is closed (alone, its 900 tokens take ~0.1 s), and how it
     # ended is asked of its sink: its 899 steps, had it run to the end, were fewer than 900 too.
     step, closed, add = batcher._rows.step, threading.Event(), batcher.add
@@ -307,8 +308,11 @@ def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher):
     batcher.add = noting_the_end
     params = SamplingParams(temperature=0, max_new_tokens=900, ignore_eos=True)
     events = batcher.generate(tiny_engine.encode(TEXTS[0]), params)
-    next(events)
-    events.close()  # e.g. a web client that went away
+    if abandon == "closed":
+        next(events)
+        events.close()  # e.g. a web client that went away
+    else:
+        del events  # e.g. a notebook cell that failed between the call and its loop
     closed.set()
     assert ended.wait(60)
     assert ends[0].reason == "cancelled" and ends[0].completion_tokens < 900

@@ -31,6 +31,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -268,11 +269,21 @@ class Batcher:
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
-        """Stream a reply like `Engine.generate`; raises ContextTooLongError here, before any event."""
+        """Stream a reply like `Engine.generate`; raises ContextTooLongError here, before any event.
+
+        The reply is computed on the scheduler thread whether or not it is read, so it is cancelled (its row
+        freed) when the stream is let go (garbage-collected), read or not, or closed once read. A stream
+        that something still holds goes on to its end: a notebook's variable, or a local variable of a
+        frame that the traceback of an error keeps (`sys.last_traceback`); `close()` it. A `for` loop's
+        own iterator is let go as an error leaves the loop."""
         events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
         cancel = cancel or threading.Event()
         self.add(prompt_ids, params, events.put, cancel=cancel)
-        return self._drain(events, cancel)
+        stream = self._drain(events, cancel)
+        # A generator never started runs no `finally` when it is closed or collected: the reply, added
+        # above, decoded to max_new_tokens in a row of the batch unread.
+        weakref.finalize(stream, cancel.set)
+        return stream
 
     submit = generate
 
