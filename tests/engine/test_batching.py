@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -11,7 +12,7 @@ import pytest
 
 from tests.tiny_models import plain_engine, tiny_config
 from vicuna.config import SamplingParams
-from vicuna.engine.batching import Batcher
+from vicuna.engine.batching import SWITCH_INTERVAL_S, Batcher
 from vicuna.engine.events import Finished, TextChunk
 from vicuna.errors import ContextTooLongError, VicunaError
 
@@ -320,6 +321,25 @@ def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher, abandon):
     while (batcher.running or batcher.waiting) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batcher.running == 0
+
+
+def test_the_switch_interval_is_given_back_when_the_last_batcher_ends(tiny_engine):
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.003)  # a notebook's own
+    try:
+        first, second = Batcher(tiny_engine), Batcher(tiny_engine)
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+        first.close()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)  # the second one still runs
+        second.stop()
+        second.close()  # after `stop`: given back once
+        assert sys.getswitchinterval() == pytest.approx(0.003)
+        third = Batcher(tiny_engine)
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
+        third.close()
+        assert sys.getswitchinterval() == pytest.approx(0.003)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_a_request_given_up_while_it_waits_leaves_the_queue_at_once(tiny_engine):

@@ -71,6 +71,33 @@ def release_openmp_threads() -> None:
         ctypes.CDLL("libgomp.so.1").omp_pause_resource_all(1)  # omp_pause_soft
 
 
+class _SwitchInterval:
+    """The interpreter's switch interval, shortened to SWITCH_INTERVAL_S while any `Batcher` runs (see
+    `Batcher.__init__`) and given back as it was when the last one ends: it is the whole process's, and a
+    notebook that stopped its batcher would otherwise run every thread of its own at the batcher's."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.before = sys.getswitchinterval()
+
+    def take(self) -> None:
+        with self.lock:
+            if not self.users:
+                self.before = sys.getswitchinterval()
+                sys.setswitchinterval(min(self.before, SWITCH_INTERVAL_S))
+            self.users += 1
+
+    def give_back(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if not self.users:
+                sys.setswitchinterval(self.before)
+
+
+_switch_interval = _SwitchInterval()
+
+
 class _Reply:
     """One request's state: the same per-token logic as `Engine.generate`, fed logits by the scheduler."""
 
@@ -219,10 +246,6 @@ class Batcher:
                 f"({engine.context_window} tokens); one full-length reply must fit"
             )
         self.stats = BatchStats()
-        # The scheduler thread shares the GIL with the front end's threads (a server's event loop), and
-        # takes it back after every kernel call; by default a thread holding it keeps it for up to 5 ms,
-        # which stalled decoding behind the event loop's work on each streamed token.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         release_openmp_threads()  # the scheduler thread's team should be the only one
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Reply] = collections.deque()
@@ -236,6 +259,11 @@ class Batcher:
         # of them, not the first few (the GIL may pass to its thread between two sinks).
         self.handing_over = threading.Lock()
         self._rows = self._new_rows()  # their KV caches and forward pass
+        # The scheduler thread shares the GIL with the front end's threads (a server's event loop), and
+        # takes it back after every kernel call; by default a thread holding it keeps it for up to 5 ms,
+        # which stalled decoding behind the event loop's work on each streamed token. Given back as the
+        # thread ends.
+        _switch_interval.take()
         self._thread = threading.Thread(target=self._run, name="vicuna-batcher", daemon=True)
         self._thread.start()
 
@@ -445,6 +473,12 @@ class Batcher:
     # --- the scheduler thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._schedule()
+        finally:
+            _switch_interval.give_back()
+
+    def _schedule(self) -> None:
         # this thread's kernel threads, sized from its steps' times (the fused LLaMA path on a CPU)
         self._team = self.engine.team() if isinstance(self._rows, _LlamaRows) else None
         with torch.inference_mode():
