@@ -829,6 +829,29 @@ def test_a_gguf_file_s_conversion_says_where_it_goes_and_its_size(
     assert resolve_model_path(str(gguf)) == out and capsys.readouterr().err == ""  # converted once
 
 
+@pytest.mark.parametrize("progress", [False, True])
+def test_no_progress_is_said_when_none_is_asked_for(tiny_llama_dir, tmp_path, monkeypatch, capfd, progress):
+    """load_engine(..., progress=False) from a notebook still said 'Converting ... once into FOLDER' and
+    'Timing float32 against bfloat16 ... (once)' on stderr: a first load of a .gguf file with --dtype auto
+    on a CPU says both, unless no progress was asked for."""
+    from vicuna.engine import kernel, loader
+    from vicuna.weights import builtin
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))  # nothing converted or timed yet
+    monkeypatch.setattr(builtin, "_convert", lambda gguf, out: shutil.copytree(tiny_llama_dir, out))
+    monkeypatch.setattr(loader, "check_conversion_fits", lambda gguf: 2_000_000)  # as read from its header
+    monkeypatch.setattr(kernel, "load", lambda progress=True: None)  # not compiled again into tmp_path
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    load_engine(ModelSettings(model_path=str(gguf), device="cpu"), progress=progress)
+    out, err = capfd.readouterr()
+    assert out == ""
+    if progress:
+        assert "Converting model.gguf once into" in err and "Timing float32 against bfloat16" in err
+    else:
+        assert err == ""
+
+
 def test_a_model_path_given_as_a_path_loads(tiny_llama_dir):
     """From Python a folder is often a pathlib.Path: it ended in "expected string or bytes-like object"."""
     engine = load_engine(ModelSettings(model_path=tiny_llama_dir, dtype="float32"), progress=False)

@@ -28,14 +28,15 @@ HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name, as FastChat's --
 RECORDED_TEMPLATE = "vicuna.json"
 
 
-def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
+def resolve_model_path(model_path: str | None, download: bool = True, progress: bool = True) -> Path:
     """The HF-format folder to load: the built-in model, a converted copy of a .gguf file, the folder, or
     a Hugging Face Hub repository (`owner/name` where no such path is here), downloaded first unless
-    `download` is False, as FastChat's `--model-path lmsys/vicuna-7b-v1.5` is."""
+    `download` is False, as FastChat's `--model-path lmsys/vicuna-7b-v1.5` is. `progress`: say that a
+    .gguf file (the built-in model's too) is being converted, which takes minutes for a 7B model."""
     from vicuna.weights.builtin import builtin_model_dir, convert_gguf, gguf_cache_dir
 
     if model_path is None:
-        return builtin_model_dir()
+        return builtin_model_dir(progress)
     path = Path(model_path).expanduser()
     if names_hub_repository(model_path):
         return hub_model(model_path, download)
@@ -53,7 +54,7 @@ def resolve_model_path(model_path: str | None, download: bool = True) -> Path:
         notice = f"Converting {path.name} once into {out}" + (
             f" ({size(needed)}: its weights in float32)" if needed else ""
         )
-        return convert_gguf(path, out, notice=f"{notice} ...", needed_bytes=needed)
+        return convert_gguf(path, out, notice=f"{notice} ..." if progress else None, needed_bytes=needed)
     if not (path / CONFIG).is_file():
         if (path / "adapter_config.json").is_file():
             base = adapter_base(path)
@@ -456,9 +457,11 @@ def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
 
 
 def load_engine(settings: ModelSettings, *, progress: bool = True):
-    """Check, load and place a model; returns a ready `Engine`. `progress`: the "Loaded ..." line and the
-    loading bar (on a terminal only) on stderr. What the caller can fix (a missing folder, a model that
-    does not fit) raises a `VicunaError` (`ModelLoadError`, `DoesNotFitError`) that says it."""
+    """Check, load and place a model; returns a ready `Engine`. `progress`: on stderr, what a first load
+    does once (converting a .gguf file, timing float32 against bfloat16 on a CPU, building the CPU kernel),
+    the loading bar (on a terminal only) and the "Loaded ..." line; warnings are said either way. What the
+    caller can fix (a missing folder, a model that does not fit) raises a `VicunaError` (`ModelLoadError`,
+    `DoesNotFitError`) that says it."""
     from transformers import AutoModelForCausalLM
 
     from vicuna.engine.engine import Engine
@@ -467,7 +470,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
 
     start = time.perf_counter()
     device = resolve_device(settings)
-    folder = resolve_model_path(settings.model_path)
+    folder = resolve_model_path(settings.model_path, progress=progress)
     config = read_config(folder)
     for path in weight_files(folder):
         check_weight_file(path)
@@ -489,7 +492,7 @@ def load_engine(settings: ModelSettings, *, progress: bool = True):
         else folder.name
     )
 
-    dtype = resolve_dtype(settings.dtype, device, config)
+    dtype = resolve_dtype(settings.dtype, device, config, progress)
     device_map = check_fits(config, settings, device, dtype)
     # 8-bit: loaded as stored (memory-mapped, not copied) and quantized from that (see quantize_int8)
     stored = "auto" if settings.load_8bit else dtype

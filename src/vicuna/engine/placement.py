@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import sys
@@ -26,6 +27,8 @@ from vicuna.engine.memory import (
     probe_hardware,
 )
 from vicuna.errors import DoesNotFitError, VicunaError
+
+log = logging.getLogger("vicuna.placement")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_TOKENS = 2048  # the KV cache a chat is planned for
@@ -68,7 +71,7 @@ def resolve_device(settings: ModelSettings) -> torch.device:
     return device
 
 
-def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dtype:
+def resolve_dtype(requested: str, device: torch.device, config: Any, progress: bool = True) -> torch.dtype:
     if requested != "auto":
         if requested == "bfloat16" and device.type == "cuda":
             warn_if_bfloat16_is_emulated()
@@ -79,7 +82,7 @@ def resolve_dtype(requested: str, device: torch.device, config: Any) -> torch.dt
         return torch.float16
     if not fits_in_ram(config, torch.float32):  # not timed: float32 would be refused (check_fits)
         return torch.bfloat16
-    return fastest_cpu_dtype(config)
+    return fastest_cpu_dtype(config, progress)
 
 
 def fits_in_ram(config: Any, dtype: torch.dtype) -> bool:
@@ -160,23 +163,24 @@ def remembered_dtypes(cache: Path) -> dict[str, str]:
         return {}
 
 
-def fastest_cpu_dtype(config: Any) -> torch.dtype:
+def fastest_cpu_dtype(config: Any, progress: bool = True) -> torch.dtype:
     """float32 or bfloat16, whichever runs a reply of this model faster on this CPU; measured once per
-    CPU and model shape, and remembered."""
+    CPU and model shape, and remembered. `progress`: say so while it is measured (seconds)."""
     text = config.get_text_config()
     shape = (text.hidden_size, mlp_width(text), text.num_attention_heads, text.vocab_size)
     from vicuna.engine import kernel
 
-    runs_on = f"kernel-{kernel.source_hash()}" if kernel.load() is not None else "pytorch"
+    runs_on = f"kernel-{kernel.source_hash()}" if kernel.load(progress) is not None else "pytorch"
     key = f"{runs_on}|{platform.processor()}|{os.cpu_count()}|{torch.__version__}|{torch.get_num_threads()}|{shape}"
     cache = vicuna_home() / "cpu-dtype.json"
     known = remembered_dtypes(cache)
     if key not in known:
-        print(
-            "Timing float32 against bfloat16 for this model on this CPU (once) ...",
-            file=sys.stderr,
-            flush=True,
-        )
+        if progress:
+            print(
+                "Timing float32 against bfloat16 for this model on this CPU (once) ...",
+                file=sys.stderr,
+                flush=True,
+            )
         fp32, bf16 = _time_reply(config, torch.float32), _time_reply(config, torch.bfloat16)
         # read again: what another start (another model) remembered while this one timed stays remembered
         known = {**remembered_dtypes(cache), key: "bfloat16" if bf16 < fp32 else "float32"}
@@ -188,10 +192,11 @@ def fastest_cpu_dtype(config: Any) -> torch.dtype:
         except OSError as err:  # a read-only or full $VICUNA_HOME (a container's): the answer still holds
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            print(
-                f"warning: cannot remember this in {cache} ({err.strerror or err}), so it is timed again on "
-                "every start: make that folder writable or set VICUNA_HOME to a writable one",
-                file=sys.stderr,
+            log.warning(
+                "cannot remember the faster CPU dtype in %s (%s), so it is timed again on every start: make "
+                "that folder writable or set VICUNA_HOME to a writable one",
+                cache,
+                err.strerror or err,
             )
     return DTYPES[known[key]]
 
