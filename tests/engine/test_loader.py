@@ -852,6 +852,16 @@ def test_no_progress_is_said_when_none_is_asked_for(tiny_llama_dir, tmp_path, mo
         assert err == ""
 
 
+def test_load_engine_says_it_returns_an_engine():
+    """It had no return annotation: an editor completed nothing after `engine = load_engine(...)`."""
+    import typing
+
+    from vicuna.engine.engine import Engine
+
+    # Engine is imported for type checkers only (torch stays unimported until a model loads)
+    assert typing.get_type_hints(load_engine, localns={"Engine": Engine})["return"] is Engine
+
+
 def test_a_model_path_given_as_a_path_loads(tiny_llama_dir):
     """From Python a folder is often a pathlib.Path: it ended in "expected string or bytes-like object"."""
     engine = load_engine(ModelSettings(model_path=tiny_llama_dir, dtype="float32"), progress=False)

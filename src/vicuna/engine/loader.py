@@ -12,7 +12,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vicuna.config import ModelSettings
 from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
@@ -21,6 +21,9 @@ from vicuna.shell import quote
 from vicuna.weights import hub
 from vicuna.weights.manifest import redraws, transformers_bar
 from vicuna.weights.tokenizer import check_tokenizer
+
+if TYPE_CHECKING:  # imported in load_engine: the checks before loading need no torch
+    from vicuna.engine.engine import Engine
 
 CONFIG = "config.json"
 HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name, as FastChat's --model-path takes it
@@ -456,7 +459,7 @@ def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
     return "+".join(sorted({f"cuda:{d}" if isinstance(d, int) else str(d) for d in device_map.values()}))
 
 
-def load_engine(settings: ModelSettings, *, progress: bool = True):
+def load_engine(settings: ModelSettings, *, progress: bool = True) -> Engine:
     """Check, load and place a model; returns a ready `Engine`. `progress`: on stderr, what a first load
     does once (converting a .gguf file, timing float32 against bfloat16 on a CPU, building the CPU kernel),
     the loading bar (on a terminal only) and the "Loaded ..." line; warnings are said either way. What the
