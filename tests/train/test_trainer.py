@@ -496,6 +496,30 @@ def test_on_a_dumb_terminal_the_output_is_lines_without_a_redrawn_bar(
     assert [line.split("  loss")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
 
 
+def test_on_a_terminal_the_step_bar_ends_once_before_the_done_line(
+    tiny_llama_dir, data_file, tmp_path, monkeypatch
+):
+    """The "done:" line was written through the step bar, which tqdm then drew again below it (its final
+    100% drawn a second time, after the line meant to end the run)."""
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()  # one screen: the bar on stderr, the lines on stdout
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setenv("TERM", "xterm")
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2"]) == 0
+    before, done, after = screen.getvalue().partition("done: 2 steps in ")
+    assert done and "| 2/2 [" in before  # the bar was drawn, and ended above the line
+    assert "| 2/2 [" not in after and "| 1/2 [" not in after
+
+
 def test_a_run_on_the_cpu_says_so_and_why(tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch):
     """Nothing said where a run trained: with a CPU-only PyTorch on a GPU machine (what `pip install torch`
     gives on Windows) a 7B model trained on the CPU, for days, without a word."""

@@ -700,7 +700,7 @@ def progress_callback() -> Any:
                 super().on_step_end(args, state, control, **kwargs)
 
         def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            if not self.plain:
+            if not self.plain and self.training_bar is not None:  # ended before the "done:" line
                 super().on_train_end(args, state, control, **kwargs)
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -722,7 +722,12 @@ def progress_callback() -> Any:
                     if ran == state.global_step
                     else f"{state.global_step} steps; the {ran} since the resume"
                 )
-                write(f"done: {steps} in {logs['train_runtime']:.1f}s, mean loss {logs['train_loss']:.4f}")
+                # the bar ended first: written through it, the line was followed by the bar drawn again
+                self.on_train_end(args, state, control)
+                print(
+                    f"done: {steps} in {logs['train_runtime']:.1f}s, mean loss {logs['train_loss']:.4f}",
+                    flush=True,
+                )
 
     return Progress
 
