@@ -332,6 +332,18 @@ def test_bars_asked_for_in_a_log_are_drawn_without_a_warning(hub, tmp_path, monk
     assert not bars_shown()
 
 
+def test_the_hash_check_s_bar_follows_the_download_s_bars_on_stderr(hub, tmp_path, capsys, monkeypatch):
+    """`checking OWNER/NAME` was drawn on standard output, with HF_HUB_DISABLE_PROGRESS_BARS=1 too."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: standard output and error are terminals
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "off")]) == 0  # the fixture's bars off
+    out, err = capsys.readouterr()
+    assert "checking org/tiny" not in out + err
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "on")]) == 0
+    out, err = capsys.readouterr()
+    assert "checking org/tiny" in err and "checking" not in out
+
+
 def test_include_and_revision(hub, tmp_path):
     target = tmp_path / "tiny"
     assert (

@@ -349,11 +349,13 @@ def fetch_files(plan: Plan, target: Path) -> None:
 
 def check_files(plan: Plan, folder: Path) -> dict[str, str]:
     """Compare each file with the Hub's hash; delete the bad ones (a re-run fetches them again) and raise.
-    Returns the sha256 of the files checked by theirs (LFS files: the weights), for the manifest."""
+    Returns the sha256 of the files checked by theirs (LFS files: the weights), for the manifest. Its bar is
+    drawn where the download's are (`bars_shown`), on stderr: it was drawn on standard output, bars off or on."""
+    from rich.console import Console
     from rich.progress import Progress
 
     bad, sha256s = [], {}
-    with Progress(transient=True) as bars:
+    with Progress(transient=True, console=Console(stderr=True), disable=not bars_shown()) as bars:
         task = bars.add_task(f"checking {plan.repo_id}", total=plan.total_bytes)
         for f in plan.files:
             path = folder / f.path
