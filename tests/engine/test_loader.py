@@ -45,7 +45,9 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     monkeypatch.setattr(hub, "model_folder", lambda repo_id: tmp_path / "models" / repo_id.replace("/", "--"))
     fetched = []
 
-    def download(repo_id, target, wait=False):  # the Hub, offline: the files, then the manifest written last
+    def download(
+        repo_id, target, wait=False, progress=True
+    ):  # the Hub, offline: the files, then the manifest written last
         fetched.append(repo_id)
         print("lmsys/vicuna-7b-v1.5@0123456789: 6 files")
         shutil.copytree(tiny_llama_dir, target, dirs_exist_ok=True)
@@ -62,7 +64,8 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     assert not fetched
     with pytest.raises(KeyboardInterrupt):
         load("lmsys/vicuna-7b-v1.5")
-    assert load("lmsys/vicuna-7b-v1.5") is not None  # the same command resumes it
+    # the same command resumes it; with progress, as `vicuna chat` loads (`load` asks for none)
+    assert load_engine(ModelSettings(model_path="lmsys/vicuna-7b-v1.5", dtype="float32")) is not None
     engine = load("lmsys/vicuna-7b-v1.5")
     assert fetched == ["lmsys/vicuna-7b-v1.5"] * 2
     assert engine.model_name == "lmsys/vicuna-7b-v1.5"  # the API's model name, as other servers call it
@@ -72,7 +75,7 @@ def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     assert not out  # standard output is the chat's
     assert f"downloading it from the Hugging Face Hub into {folder}" in err and "@0123456789" in err
 
-    def not_on_the_hub(repo_id, target, wait=False):
+    def not_on_the_hub(repo_id, target, wait=False, progress=True):
         raise VicunaError(
             f"{repo_id} was not found on https://huggingface.co (a private repo needs HF_TOKEN)"
         )
@@ -127,7 +130,7 @@ def test_a_second_first_start_with_a_hub_repo_waits_for_the_first_s_download_the
     )
     fetching, go, waiting, fetched, checked = threading.Event(), threading.Event(), threading.Event(), [], []
 
-    def fetch_files(plan, target):  # the first start's download, held until the second waits for it
+    def fetch_files(plan, target, bars):  # the first start's download, held until the second waits for it
         fetched.append(target)
         fetching.set()
         assert go.wait(timeout=60)
@@ -138,7 +141,9 @@ def test_a_second_first_start_with_a_hub_repo_waits_for_the_first_s_download_the
     real_check, real_locked = hub.check_files, disk.locked
     monkeypatch.setattr(hub, "fetch_files", fetch_files)
     monkeypatch.setattr(
-        hub, "check_files", lambda plan, target: checked.append(target) or real_check(plan, target)
+        hub,
+        "check_files",
+        lambda plan, target, bars: checked.append(target) or real_check(plan, target, bars=bars),
     )
 
     def noted(handle, wait=True):

@@ -344,6 +344,34 @@ def test_the_hash_check_s_bar_follows_the_download_s_bars_on_stderr(hub, tmp_pat
     assert "checking org/tiny" in err and "checking" not in out
 
 
+def test_a_library_caller_s_load_without_progress_downloads_a_hub_model_quietly(
+    hub, tiny_llama_dir, tmp_path, monkeypatch, capsys
+):
+    """`load_engine(..., progress=False)` with a Hub repository's id: the "downloading it from the Hugging
+    Face Hub" line, the file count and the bars were said all the same."""
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine, resolve_model_path
+    from vicuna.weights import hub as hub_module
+
+    monkeypatch.chdir(tmp_path)
+    # not VICUNA_HOME moved, with the CPU kernel compiled into it
+    monkeypatch.setattr(hub_module, "model_folder", lambda repo_id: tmp_path / repo_id.replace("/", "--"))
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # bars asked for
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # on a terminal, as rich sees it
+    files = {p.name: p.read_bytes() for p in tiny_llama_dir.iterdir() if p.is_file()}
+    hub.repos["org/tiny-llama"] = files
+    engine = load_engine(ModelSettings(model_path="org/tiny-llama", device="cpu"), progress=False)
+    assert engine.model_name == "org/tiny-llama" and hub.downloads() == sorted(files)
+    assert capsys.readouterr() == ("", "")
+    # with progress, as `vicuna chat --model-path OWNER/NAME` loads it: all of it said, on stderr
+    hub.repos["org/tiny-llama-2"] = files
+    assert resolve_model_path("org/tiny-llama-2") == tmp_path / "org--tiny-llama-2"
+    out, err = capsys.readouterr()
+    assert not out
+    assert "org/tiny-llama-2: no such folder here; downloading it from the Hugging Face Hub into " in err
+    assert f"org/tiny-llama-2@{COMMIT[:10]}: {len(files)} files" in err and "checking org/tiny-llama-2" in err
+
+
 def test_include_and_revision(hub, tmp_path):
     target = tmp_path / "tiny"
     assert (

@@ -35,14 +35,15 @@ def resolve_model_path(model_path: str | None, download: bool = True, progress: 
     """The HF-format folder to load: the built-in model, a converted copy of a .gguf file, the folder, or
     a Hugging Face Hub repository (`owner/name` where no such path is here), downloaded first unless
     `download` is False, as FastChat's `--model-path lmsys/vicuna-7b-v1.5` is. `progress`: say that a
-    .gguf file (the built-in model's too) is being converted, which takes minutes for a 7B model."""
+    .gguf file (the built-in model's too) is being converted, which takes minutes for a 7B model, or that a
+    Hub repository is being downloaded."""
     from vicuna.weights.builtin import builtin_model_dir, convert_gguf, gguf_cache_dir
 
     if model_path is None:
         return builtin_model_dir(progress)
     path = Path(model_path).expanduser()
     if names_hub_repository(model_path):
-        return hub_model(model_path, download)
+        return hub_model(model_path, download, progress)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder{not_a_model_name(model_path)}")
     if path.is_file():
@@ -157,7 +158,7 @@ def adapter_base(adapter: Path) -> str | None:
     return named if isinstance(named, str) and named.strip() else None
 
 
-def hub_model(repo_id: str, download: bool) -> Path:
+def hub_model(repo_id: str, download: bool, progress: bool = True) -> Path:
     """The folder of a Hub repository, where `vicuna download` puts it; fetched (or its download resumed)
     unless its manifest, written last, says it is complete."""
     from vicuna.weights.manifest import MANIFEST_NAME
@@ -174,15 +175,17 @@ def hub_model(repo_id: str, download: bool) -> Path:
             f"{repo_id}: no such folder, and not downloaded yet from the Hugging Face Hub: `vicuna download "
             f"{repo_id}` (or `vicuna chat --model-path {repo_id}`) fetches it into {folder}"
         )
-    print(
-        f"{repo_id}: no such folder here; downloading it from the Hugging Face Hub into {folder} "
-        "(interrupted, the same command resumes it)",
-        file=sys.stderr,
-        flush=True,
-    )
+    if progress:
+        print(
+            f"{repo_id}: no such folder here; downloading it from the Hugging Face Hub into {folder} "
+            "(interrupted, the same command resumes it)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         with contextlib.redirect_stdout(sys.stderr):  # standard output is the chat's (--style programmatic)
-            return hub.download(repo_id, folder, wait=True)  # a second first start: after the first
+            # a second first start: after the first
+            return hub.download(repo_id, folder, wait=True, progress=progress)
     except VicunaError as err:  # a mistyped folder, most often: both are said
         raise ModelLoadError(f"{repo_id}: no such file or folder here, and from the Hub: {err}") from err
 
@@ -461,8 +464,9 @@ def placed_on(device_map: Any, device: Any, *, load_8bit: bool) -> str:
 
 def load_engine(settings: ModelSettings, *, progress: bool = True) -> Engine:
     """Check, load and place a model; returns a ready `Engine`. `progress`: on stderr, what a first load
-    does once (converting a .gguf file, timing float32 against bfloat16 on a CPU, building the CPU kernel),
-    the loading bar (on a terminal only) and the "Loaded ..." line; warnings are said either way. What the
+    does once (downloading a Hub repository, converting a .gguf file, timing float32 against bfloat16 on a
+    CPU, building the CPU kernel), the bars (on a terminal only) and the "Loaded ..." line; warnings are
+    said either way. What the
     caller can fix (a missing folder, a model that does not fit) raises a `VicunaError` (`ModelLoadError`,
     `DoesNotFitError`) that says it."""
     from transformers import AutoModelForCausalLM

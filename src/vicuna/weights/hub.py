@@ -214,6 +214,7 @@ def download(
     repo_type: str = "model",
     plan: Plan | None = None,
     wait: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Fetch the chosen files of `repo_id` into `target`, check their hashes, write the sha256 manifest. One
     download at a time into a folder: of two at once (two terminals, two first chats with the same
@@ -221,7 +222,9 @@ def download(
     differs from the Hub's and was deleted. A second `vicuna download` is refused (its user ran it, and
     learns that another is running); with `wait` (a --model-path's first start, which only needs the
     model), it waits for the other and uses what it downloaded, not read again when complete; and a
-    repository of GGUF files is refused before any is fetched (`refuse_gguf_files`)."""
+    repository of GGUF files is refused before any is fetched (`refuse_gguf_files`). `progress`: the line that
+    counts the files, and the bars (where `bars_shown`); off for a library's caller who asked for quiet
+    (`load_engine(..., progress=False)`). Warnings and errors are said either way."""
     from vicuna.weights.disk import ensure_free_space, one_writer
 
     plan = plan or plan_download(repo_id, revision=revision, include=include, repo_type=repo_type)
@@ -233,12 +236,15 @@ def download(
             return target
         drop_stale_incompletes(target)  # first: a disk they filled has room once they are gone
         ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
-        print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
-        fetch_files(plan, target)
-        checked = check_files(plan, target)
+        if progress:
+            print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
+        bars = progress and bars_shown()
+        fetch_files(plan, target, bars=bars)
+        checked = check_files(plan, target, bars=bars)
         from vicuna.weights.manifest import write_manifest
 
-        write_manifest(target, known=checked)  # the weights' sha256 just computed: not read a second time
+        # the weights' sha256 just computed: not read a second time; the rest's bar drawn as the others
+        write_manifest(target, known=checked, progress=bars)
     return target
 
 
@@ -305,11 +311,11 @@ def bars_shown() -> bool:
     return setting.strip().lower() not in ("1", "true", "yes", "on")
 
 
-def fetch_files(plan: Plan, target: Path) -> None:
+def fetch_files(plan: Plan, target: Path, *, bars: bool) -> None:
     """Fetch the plan's files that `target` lacks, each into `FILE.part` resumed with HTTP Range requests and
     renamed once complete. huggingface_hub 2 downloads into a file named for the process, deleted when it is
     interrupted (Ctrl-C) or left behind for good (a kill, a power cut): a rerun fetched every unfinished file
-    from its first byte, which on a flaky network a 10 GB shard might never get past."""
+    from its first byte, which on a flaky network a 10 GB shard might never get past. `bars`: draw them."""
     import httpx
     from huggingface_hub import get_token
     from rich.console import Console
@@ -334,9 +340,9 @@ def fetch_files(plan: Plan, target: Path) -> None:
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with (
         httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0), headers=headers) as client,
-        Progress(*columns, console=Console(stderr=True), disable=not bars_shown()) as bars,
+        Progress(*columns, console=Console(stderr=True), disable=not bars) as shown,
     ):
-        fetcher = Fetcher(client, bars, retries=8, backoff=1.0, hint=hint)
+        fetcher = Fetcher(client, shown, retries=8, backoff=1.0, hint=hint)
         for f in plan.files:
             path = target / f.path
             if _same_size(path, f.size):
@@ -347,16 +353,16 @@ def fetch_files(plan: Plan, target: Path) -> None:
             part.replace(path)
 
 
-def check_files(plan: Plan, folder: Path) -> dict[str, str]:
+def check_files(plan: Plan, folder: Path, *, bars: bool) -> dict[str, str]:
     """Compare each file with the Hub's hash; delete the bad ones (a re-run fetches them again) and raise.
     Returns the sha256 of the files checked by theirs (LFS files: the weights), for the manifest. Its bar is
-    drawn where the download's are (`bars_shown`), on stderr: it was drawn on standard output, bars off or on."""
+    drawn where the download's are (`bars`), on stderr: it was drawn on standard output, bars off or on."""
     from rich.console import Console
     from rich.progress import Progress
 
     bad, sha256s = [], {}
-    with Progress(transient=True, console=Console(stderr=True), disable=not bars_shown()) as bars:
-        task = bars.add_task(f"checking {plan.repo_id}", total=plan.total_bytes)
+    with Progress(transient=True, console=Console(stderr=True), disable=not bars) as shown:
+        task = shown.add_task(f"checking {plan.repo_id}", total=plan.total_bytes)
         for f in plan.files:
             path = folder / f.path
             if not path.is_file():
@@ -369,7 +375,7 @@ def check_files(plan: Plan, folder: Path) -> dict[str, str]:
             with path.open("rb") as fh:
                 while chunk := fh.read(1 << 20):
                     digest.update(chunk)
-                    bars.advance(task, len(chunk))
+                    shown.advance(task, len(chunk))
             if digest.hexdigest() != expected:
                 path.unlink()
                 bad.append(f"{f.path} (hash {digest.hexdigest()[:12]}..., expected {expected[:12]}...)")
