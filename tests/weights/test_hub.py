@@ -182,6 +182,10 @@ REPO = {
 
 @pytest.fixture
 def hub(monkeypatch):
+    # huggingface_hub reads HF_HUB_DISABLE_PROGRESS_BARS once, when imported: imported first under the "1"
+    # below, it kept every later test's bars (transformers' "Loading weights") off in this process
+    import huggingface_hub.constants  # noqa: F401
+
     srv = FakeHub({"org/tiny": dict(REPO)})
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
