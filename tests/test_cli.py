@@ -269,6 +269,9 @@ def test_a_model_typed_as_ollama_takes_it_is_told_to_go_after_model_path(command
     with pytest.raises(SystemExit):  # a value argparse leaves over elsewhere is said as before
         main(["verify", "a", "b"])
     assert capsys.readouterr().err.splitlines()[-1] == "vicuna verify: error: unrecognized arguments: b"
+    with pytest.raises(SystemExit):  # with --model-path given, a word left over is no model to move there
+        main(["serve", "--model-path", "m", "8000"])
+    assert capsys.readouterr().err.splitlines()[-1] == "vicuna serve: error: unrecognized arguments: 8000"
 
 
 def test_ollama_s_commands_name_what_does_their_work_here(tmp_path, monkeypatch, capsys):
