@@ -755,3 +755,21 @@ def test_many_embeddings_leave_the_running_replies_going_and_stop_once_cancelled
     assert set(computed) == {1} and len(computed) < 5000
     few = batcher.embed([tiny_engine.encode("Hello"), tiny_engine.encode("Tokyo")]).result(60)
     assert [len(v) for v in few] == [tiny_engine.model.config.hidden_size] * 2
+
+
+def test_the_batcher_takes_and_refuses_a_prompt_s_ids_as_the_engine_does(tiny_engine, batcher):
+    """README: a Batcher has the engine's `generate`; it failed on a 1-D tensor of ids the engine takes, and
+    on text with the runner's "'str' object cannot be interpreted as an integer"."""
+    import torch
+
+    e = tiny_engine
+    ids, params = e.encode(TEXTS[0]), SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    alone = reply(e.generate(ids, params))
+    for given in (tuple(ids), torch.tensor(ids)):
+        assert same(reply(batcher.generate(given, params)), alone)
+    with pytest.raises(TypeError, match=r"token ids, not text: engine.encode\(text\) gives them"):
+        batcher.generate(TEXTS[0], params)
+    with pytest.raises(TypeError, match=r"one sequence of token ids"):
+        batcher.generate(torch.tensor([ids]), params)
+    with pytest.raises(VicunaError, match="the prompt is empty: at least one token is needed"):
+        batcher.generate([], params)
