@@ -523,6 +523,11 @@ def test_a_repository_of_gguf_files_as_a_model_path_is_refused_before_any_is_fet
     assert main(["download", "org/tiny-GGUF", "--include", "tiny-Q4_K_M.gguf"]) == 0
     assert hub.downloads() == ["tiny-Q4_K_M.gguf"]
     assert (folder / "tiny-Q4_K_M.gguf").read_bytes() == hub.repos["org/tiny-GGUF"]["tiny-Q4_K_M.gguf"]
+    # named in lower case, as Qwen's own GGUF repositories name their files: still the Q4_K_M file, not the
+    # smallest (q2_k, the model at its worst)
+    hub.repos["org/low-GGUF"] = {name.lower(): data for name, data in hub.repos["org/tiny-GGUF"].items()}
+    with pytest.raises(ModelLoadError, match=r"--include tiny-q4_k_m.gguf` \(2.0 MB\)"):
+        resolve_model_path("org/low-GGUF")
 
 
 def test_a_name_that_is_no_repository_id_is_said_not_a_traceback(hub, tmp_path, monkeypatch, capsys):

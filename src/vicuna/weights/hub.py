@@ -256,7 +256,8 @@ def refuse_gguf_files(plan: Plan, target: Path) -> None:
     ggufs = [f for f in plan.files if f.path.endswith(".gguf")]
     if not ggufs or any(f.path == "config.json" for f in plan.files):
         return
-    one = next((f for f in ggufs if "Q4_K_M" in f.path), min(ggufs, key=lambda f: f.size))
+    # Q4_K_M in any case: Qwen's own repositories name their files qwen2.5-7b-instruct-q4_k_m.gguf
+    one = next((f for f in ggufs if "q4_k_m" in f.path.lower()), min(ggufs, key=lambda f: f.size))
     from vicuna.shell import quote as shell_quote
     from vicuna.weights.disk import size
 
