@@ -323,6 +323,27 @@ def test_an_abandoned_stream_is_cancelled(tiny_engine, batcher, abandon):
     assert batcher.running == 0
 
 
+def test_one_cancel_event_given_to_several_replies_is_left_to_the_caller(tiny_engine, batcher):
+    """README: a Batcher has the engine's `generate`, whose `cancel` stops a reply. One event given to several
+    replies (a notebook's "stop all") was set by the batcher as the first of them ended, and so cancelled the
+    others; `Engine.generate` sets no event of the caller's."""
+    stop_all, ids = threading.Event(), tiny_engine.encode(TEXTS[0])
+    longer = batcher.generate(
+        ids, SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True), cancel=stop_all
+    )
+    short = batcher.generate(
+        ids, SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True), cancel=stop_all
+    )
+    assert reply(short)[1].reason == "length"
+    assert not stop_all.is_set()
+    assert reply(longer)[1].reason == "length"
+    stop_all.set()  # and the caller's event still stops a reply
+    assert (
+        reply(batcher.generate(ids, SamplingParams(max_new_tokens=40), cancel=stop_all))[1].reason
+        == "cancelled"
+    )
+
+
 def test_the_switch_interval_is_given_back_when_the_last_batcher_ends(tiny_engine):
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.003)  # a notebook's own

@@ -99,6 +99,17 @@ class _SwitchInterval:
 _switch_interval = _SwitchInterval()
 
 
+class _Either(threading.Event):
+    """Set once set itself, or once `also` is."""
+
+    def __init__(self, also: threading.Event) -> None:
+        super().__init__()
+        self.also = also
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.also.is_set()
+
+
 class _Reply:
     """One request's state: the same per-token logic as `Engine.generate`, fed logits by the scheduler."""
 
@@ -306,7 +317,10 @@ class Batcher:
         frame that the traceback of an error keeps (`sys.last_traceback`); `close()` it. A `for` loop's
         own iterator is let go as an error leaves the loop."""
         events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
-        cancel = cancel or threading.Event()
+        # The stream's own flag, set as it ends or is let go; the caller's `cancel` stops the reply too, but
+        # is left as the caller set it, as `Engine.generate` leaves it: set at a stream's end, one event
+        # given to several replies (a notebook's "stop all") cancelled the others as the first ended.
+        cancel = _Either(cancel) if cancel is not None else threading.Event()
         self.add(prompt_ids, params, events.put, cancel=cancel)
         stream = self._drain(events, cancel)
         # A generator never started runs no `finally` when it is closed or collected: the reply, added
