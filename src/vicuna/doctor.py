@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     # what the machine or the user names is printed as it is, not as rich's markup, which took "[v2]" in a
     # path for a tag (and on Windows the backslash before it for its escape)
     console.print(
-        f"  CPU   {hw.cpu}, {hw.cores} cores; features: {' '.join(hw.cpu_flags) or 'none of note'}",
+        f"  CPU   {hw.cpu}, {hw.cores} core{'s' * (hw.cores != 1)}; features: {' '.join(hw.cpu_flags) or 'none of note'}",
         markup=False,
     )
     console.print(f"  CPU kernel  {kernel.status()}", markup=False)

@@ -402,6 +402,19 @@ def test_status_says_the_kernel_is_ready():
     assert kernel.status().startswith("ready (")
 
 
+@needs_kernel
+def test_status_counts_one_thread_as_one():
+    """`OMP_NUM_THREADS=1` (the README's stand-in for Ollama's num_thread) made doctor say '1 threads'."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert kernel.status().endswith(", 1 thread)")
+    finally:
+        torch.set_num_threads(before)
+    if before > 1:
+        assert kernel.status().endswith(f", {before} threads)")
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding as transformers computes it (sin here with its true sign)."""
     half = x.shape[-1] // 2

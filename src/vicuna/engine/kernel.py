@@ -77,7 +77,8 @@ def status() -> str:
     """One line on whether the engine decodes on this kernel here, and why not."""
     if load() is not None:
         units = ", AVX512-BF16" if dot_bf16() else ""
-        return f"ready ({torch.backends.cpu.get_cpu_capability()}{units}, {torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        return f"ready ({torch.backends.cpu.get_cpu_capability()}{units}, {threads} thread{'s' * (threads != 1)})"
     return f"not used: {_why_not}; decoding on the CPU uses PyTorch's slower operations"
 
 
