@@ -245,6 +245,26 @@ def test_allowed_origins_help_says_which_origins_reach_a_private_network():
     assert "not *" in help and "private network" in help
 
 
+@pytest.mark.parametrize(
+    ("typed", "fixed"),
+    [
+        (["--model-path", "m.gguf", "What is 2+2?"], "echo 'What is 2+2?' | vicuna chat --model-path m.gguf"),
+        (["llama3", "What", "is", "2+2?"], "echo 'What is 2+2?' | vicuna chat --model-path llama3"),
+        (["--model-path", "hi", "hi"], "echo hi | vicuna chat --model-path hi"),
+    ],
+)
+def test_a_question_typed_after_the_model_as_ollama_takes_it_is_told_to_be_piped(typed, fixed, capsys):
+    """`vicuna chat --model-path M "What is 2+2?"`, as `ollama run M "What is 2+2?"` takes a question, was
+    told that the model is named with --model-path: `vicuna chat --model-path M --model-path 'What is 2+2?'`."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["chat", *typed])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.endswith(f": the chat reads its messages at its prompt or from a pipe (`{fixed}`)")
+
+
 @pytest.mark.parametrize("command", ["chat", "serve", "doctor"])
 def test_a_model_typed_as_ollama_takes_it_is_told_to_go_after_model_path(command, capsys):
     """`vicuna chat llama3`, as `ollama run llama3` takes its model, was answered 'unrecognized arguments:

@@ -89,15 +89,28 @@ class CommandParser(argparse.ArgumentParser):
             options.discard("--model-path")
         if extra and not extra[0].startswith("-") and extra[0] in self.typed and "--model-path" in options:
             # `vicuna chat llama3`, as `ollama run llama3` takes its model: argparse said only "unrecognized
-            # arguments: llama3"
+            # arguments: llama3"; and `vicuna chat --model-path M "a question"` (or `vicuna chat M "a
+            # question"`), as `ollama run M "a question"` takes one, was told to name the question as the model
             from vicuna.shell import quote
 
-            at = self.typed.index(extra[0])
-            fixed = [*self.typed[:at], "--model-path", *self.typed[at:]]
-            self.error(
-                f"unrecognized argument {extra[0]}: the model is named with --model-path "
-                f"(`{self.prog} {' '.join(quote(word) for word in fixed)}`)"
-            )
+            named = getattr(parsed, "model_path", None) is not None
+            message = extra[0 if named else 1 :] if self.prog == "vicuna chat" else []
+            fixed = list(self.typed)
+            for word in message:  # its last place: `--model-path hi hi` keeps the first
+                del fixed[max(at for at, typed in enumerate(fixed) if typed == word)]
+            if not named:
+                at = fixed.index(extra[0])
+                fixed[at:at] = ["--model-path"]
+            command = f"{self.prog} {' '.join(quote(word) for word in fixed)}"
+            if message:
+                self.error(
+                    f"unrecognized argument {' '.join(message)}: the chat reads its messages at its prompt or from a "
+                    f"pipe (`echo {quote(' '.join(message))} | {command}`)"
+                )
+            if not named:
+                self.error(
+                    f"unrecognized argument {extra[0]}: the model is named with --model-path (`{command}`)"
+                )
         if extra:
             self.error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed
