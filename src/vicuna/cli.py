@@ -85,8 +85,6 @@ class CommandParser(argparse.ArgumentParser):
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
                 options |= set(action.choices[getattr(parsed, action.dest)]._option_string_actions)
-        if getattr(parsed, "model_path", None) is not None:  # given: the word left over is no model
-            options.discard("--model-path")
         if extra and not extra[0].startswith("-") and extra[0] in self.typed and "--model-path" in options:
             # `vicuna chat llama3`, as `ollama run llama3` takes its model: argparse said only "unrecognized
             # arguments: llama3"; and `vicuna chat --model-path M "a question"` (or `vicuna chat M "a
