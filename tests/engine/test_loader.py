@@ -755,7 +755,7 @@ def test_a_model_named_as_ollama_names_it_is_told_what_model_path_takes(tmp_path
         assert str(info.value) == (
             f"{name}: no such file or folder; a Hugging Face Hub repository is named OWNER/NAME alone "
             "(bartowski/Llama-3.2-1B-Instruct-GGUF), without Ollama's hf.co/ or :TAG; one GGUF file of it is "
-            "fetched with `vicuna download bartowski/Llama-3.2-1B-Instruct-GGUF --include '*Q4_K_M*.gguf'`, "
+            "fetched with `vicuna download bartowski/Llama-3.2-1B-Instruct-GGUF --include '*[Qq]4_[Kk]_[Mm]*.gguf'`, "
             f"then run as --model-path {tmp_path}/home/models/bartowski--Llama-3.2-1B-Instruct-GGUF/FILE.gguf"
         )
     (tmp_path / "runs").mkdir()

@@ -543,6 +543,14 @@ def test_a_name_that_is_no_repository_id_is_said_not_a_traceback(hub, tmp_path, 
     assert capsys.readouterr().err == (
         "error: hf.co/org/tiny-GGUF:Q4_K_M: a Hugging Face Hub repository is named OWNER/NAME alone "
         "(org/tiny-GGUF), without Ollama's hf.co/ or :TAG; one GGUF file of it is fetched with `vicuna download "
-        f"org/tiny-GGUF --include '*Q4_K_M*.gguf'`, then run as --model-path {tmp_path}/models/org--tiny-GGUF/FILE.gguf\n"
+        f"org/tiny-GGUF --include '*[Qq]4_[Kk]_[Mm]*.gguf'`, then run as --model-path {tmp_path}/models/org--tiny-GGUF/FILE.gguf\n"
     )
     assert hub.log == []
+    # the pattern finds the file however the repository spells the tag (Qwen's own: ...-q4_k_m.gguf)
+    files = [
+        "qwen2.5-7b-instruct-q4_k_m.gguf",
+        "Llama-3.2-1B-Instruct-Q4_K_M.gguf",
+        "x-q8_0.gguf",
+        "x-Q4_K_S.gguf",
+    ]
+    assert select_files(files, ["*[Qq]4_[Kk]_[Mm]*.gguf"]) == files[:2]

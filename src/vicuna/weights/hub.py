@@ -62,7 +62,9 @@ def ollama_hub_name(name: str) -> str | None:
         return None
     from vicuna.shell import quote as shell_quote
 
-    pattern = f"*{named[2]}*.gguf" if named[2] else "FILE.gguf"
+    # the tag in either case: Ollama's tags are, and Qwen's own repositories name files ...-q4_k_m.gguf
+    tag = "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in named[2] or "")
+    pattern = f"*{tag}*.gguf" if named[2] else "FILE.gguf"
     return (
         f"a Hugging Face Hub repository is named OWNER/NAME alone ({named[1]}), without Ollama's hf.co/ or "
         f":TAG; one GGUF file of it is fetched with `vicuna download {named[1]} --include "
