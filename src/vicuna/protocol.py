@@ -14,6 +14,7 @@ completion's empty `suffix` (code-editor plugins send both). No torch, no server
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -231,7 +232,7 @@ class ChatCompletionRequest(_Sampling):
     def _text_replies(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and value != ["text"]:
             raise ValueError(
-                f'this server replies with text only; send ["text"] or leave it out, not {value}'
+                f'this server replies with text only; send ["text"] or leave it out, not {json.dumps(value)}'
             )
         return value
 
