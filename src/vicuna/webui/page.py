@@ -312,9 +312,7 @@ class WebChat:
             yield [], "", [], gr.skip(), gr.skip(), gr.skip()
             return
         params = self._params(temperature, top_p, max_tokens, lang)
-        redo = [*turns[:-1], (turns[-1][0], "", "")]
-        for _, _, *outputs in self._stream("", turns, redo, left_out, system, params, request):
-            yield tuple(outputs)
+        yield from self._answer_again(turns, len(turns) - 1, turns[-1][0], left_out, system, params, request)
 
     def edit(
         self,
@@ -339,7 +337,21 @@ class WebChat:
             yield to_chatbot(turns), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         params = self._params(temperature, top_p, max_tokens, lang)
-        redo = [*turns[:turn], (text, "", "")]
+        yield from self._answer_again(turns, turn, text, left_out, system, params, request)
+
+    def _answer_again(
+        self,
+        turns: list[Turn],
+        at: int,
+        text: str,
+        left_out: LeftOut | None,
+        system: str,
+        params: SamplingParams,
+        request: gr.Request,
+    ) -> Iterator[tuple[Any, ...]]:
+        """Turn `at` answered again with `text` as its message, the turns after it gone (Regenerate's and an
+        edit's): `_stream`'s outputs but the textbox's, which keeps what the user was typing."""
+        redo = [*turns[:at], (text, "", "")]
         for _, _, *outputs in self._stream("", turns, redo, left_out, system, params, request):
             yield tuple(outputs)
 
