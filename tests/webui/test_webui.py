@@ -11,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -616,20 +616,27 @@ def test_the_server_keeps_the_state_of_the_latest_sessions_only(monkeypatch):
     assert list(sessions(app).session_data) == ["s2", "s3"]
 
 
-def test_every_chat_the_server_admits_runs_and_stop_answers_past_gradio_s_40_threads():
-    """Each chat holds one of Gradio's threads while it waits for a batch row: with 40 waiting (a script's
-    request holding every row), a 41st chat never reached the server, and Stop waited for one to end."""
-    waiting: list[threading.Event] = []
+def chat_waiting_for_a_row(waiting: list[threading.Event]) -> Callable[..., Iterator[Event]]:
+    """A chat whose replies wait for a batch row that never comes, until cancelled; each reply's cancel
+    event goes into `waiting`."""
 
     def chat(messages: list[Message], params: SamplingParams, cancel: threading.Event) -> Iterator[Event]:
         waiting.append(cancel)
 
-        def events() -> Iterator[Event]:  # no row comes: the reply waits until it is stopped
+        def events() -> Iterator[Event]:
             cancel.wait()
             yield Finished("cancelled", 1, 0, 0.0, 0.0, 0.0)
 
         return events()
 
+    return chat
+
+
+def test_every_chat_the_server_admits_runs_and_stop_answers_past_gradio_s_40_threads():
+    """Each chat holds one of Gradio's threads while it waits for a batch row: with 40 waiting (a script's
+    request holding every row), a 41st chat never reached the server, and Stop waited for one to end."""
+    waiting: list[threading.Event] = []
+    chat = chat_waiting_for_a_row(waiting)
     chats = webui.GRADIO_THREADS + 5
     app = webui.mount(
         fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=64, model_name="m", max_chats=chats
@@ -659,16 +666,7 @@ def test_a_chat_waiting_for_a_row_ends_when_its_page_is_closed():
     """Gradio closes a reply's generator when its next piece comes: a chat still waiting for a batch row when its
     page was closed or reloaded waited on in the queue, and computed its prompt for nobody once given a row."""
     waiting: list[threading.Event] = []
-
-    def chat(messages: list[Message], params: SamplingParams, cancel: threading.Event) -> Iterator[Event]:
-        waiting.append(cancel)
-
-        def events() -> Iterator[Event]:  # no row comes: the reply waits until it is cancelled
-            cancel.wait()
-            yield Finished("cancelled", 1, 0, 0.0, 0.0, 0.0)
-
-        return events()
-
+    chat = chat_waiting_for_a_row(waiting)
     app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=64, model_name="m")
     with serve(app) as url, httpx.Client(timeout=30) as page:
         try:
