@@ -792,7 +792,7 @@ def test_a_gguf_file_s_model_is_named_by_the_file_not_by_its_converted_copy(
     again or touched, as the copy's key holds the file's size and time."""
     from vicuna.weights import builtin
 
-    def convert(gguf, out, notice=None, needed_bytes=0):  # the tiny model as the file's copy
+    def convert(gguf, out, notice=None, needed_bytes=0, progress=True):  # the tiny model as the file's copy
         shutil.copytree(tiny_llama_dir, out)
         return out
 

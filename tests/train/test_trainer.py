@@ -1043,7 +1043,7 @@ def test_a_lora_adapter_trained_on_a_gguf_file_names_the_file_as_its_base(
     from vicuna.shell import quote
     from vicuna.weights import builtin
 
-    def convert(gguf, out, notice=None, needed_bytes=0):  # the tiny model as the file's copy
+    def convert(gguf, out, notice=None, needed_bytes=0, progress=True):  # the tiny model as the file's copy
         shutil.copytree(tiny_llama_dir, out)
         return out
 

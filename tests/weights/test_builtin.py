@@ -341,9 +341,15 @@ def test_a_vicuna_home_that_cannot_be_written_says_so(tmp_path):
         builtin.convert_gguf(gguf, out)
 
 
-def test_converting_into_a_log_draws_no_progress_bars(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("terminal", "progress", "drawn"), [(False, True, False), (True, False, False), (True, True, True)]
+)
+def test_converting_into_a_log_draws_no_progress_bars(
+    monkeypatch, tmp_path, request, terminal, progress, drawn
+):
     """The first start, piped or logged (`vicuna serve > log 2>&1`), wrote transformers' bars for reading
-    the GGUF, loading and writing shards, each redrawn with carriage returns."""
+    the GGUF, loading and writing shards, each redrawn with carriage returns; and on a terminal,
+    `load_engine(..., progress=False)` (a notebook's, a script's) drew them though no progress was asked for."""
     from transformers.utils import logging as transformers_logging
 
     gguf = tmp_path / "model.gguf"
@@ -370,10 +376,13 @@ def test_converting_into_a_log_draws_no_progress_bars(monkeypatch, tmp_path):
 
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", read)
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", read)
-    was = transformers_logging.is_progress_bar_enabled()
-    builtin.convert_gguf(gguf, tmp_path / "model")  # pytest's stderr is no terminal
-    assert bars == [False] * 6
-    assert transformers_logging.is_progress_bar_enabled() == was
+    monkeypatch.setattr(builtin, "redraws", lambda stream: terminal)
+    if not transformers_logging.is_progress_bar_enabled():  # as in a process that turned no bars off
+        transformers_logging.enable_progress_bar()
+        request.addfinalizer(transformers_logging.disable_progress_bar)
+    builtin.convert_gguf(gguf, tmp_path / "model", progress=progress)
+    assert bars == [drawn] * 6
+    assert transformers_logging.is_progress_bar_enabled()
 
 
 def with_rope_scaling(path, kind: str, factor: float, arch: str = "llama"):

@@ -58,7 +58,7 @@ def resolve_model_path(model_path: str | None, download: bool = True, progress: 
         notice = f"Converting {path.name} once into {out}" + (
             f" ({size(needed)}: its weights in float32)" if needed else ""
         )
-        return convert_gguf(path, out, notice=f"{notice} ..." if progress else None, needed_bytes=needed)
+        return convert_gguf(path, out, notice=f"{notice} ...", needed_bytes=needed, progress=progress)
     if not (path / CONFIG).is_file():
         if (path / "adapter_config.json").is_file():
             base = adapter_base(path)

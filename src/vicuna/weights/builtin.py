@@ -57,12 +57,15 @@ def _source_key(gguf: Path) -> str:
     return hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-def convert_gguf(gguf: Path, out: Path, notice: str | None = None, needed_bytes: int = 0) -> Path:
+def convert_gguf(
+    gguf: Path, out: Path, notice: str | None = None, needed_bytes: int = 0, progress: bool = True
+) -> Path:
     """Dequantize a GGUF checkpoint (and its tokenizer) into an HF folder, atomically: the folder
-    appears complete or not at all, so an interrupted conversion is simply redone. `notice` is said
-    when this process converts, not while it waits for another one converting. `needed_bytes`, the
-    copy's size, is checked free first: a 7B model's float32 copy (27 GB) filled a disk only after
-    minutes of converting."""
+    appears complete or not at all, so an interrupted conversion is simply redone. With `progress`,
+    `notice` is said when this process converts, not while it waits for another one converting, and
+    transformers' bars are drawn on a terminal (`load_engine(..., progress=False)` in a notebook drew
+    them). `needed_bytes`, the copy's size, is checked free first: a 7B model's float32 copy (27 GB)
+    filled a disk only after minutes of converting."""
     if (out / "config.json").is_file():
         return out
     try:
@@ -74,9 +77,11 @@ def convert_gguf(gguf: Path, out: Path, notice: str | None = None, needed_bytes:
                 ensure_free_space(out.parent, needed_bytes, f"converting {gguf.name} into float32")
             except VicunaError as err:
                 raise ModelLoadError(f"{err} (set VICUNA_HOME to a folder on another disk)") from None
-            if notice:
+            if notice and progress:
                 print(notice, file=sys.stderr, flush=True)
-            _convert(gguf, out)
+            bars = progress and redraws(sys.stderr)  # in a log: not lines redrawn with carriage returns
+            with transformers_bar(bars), gguf_bar(bars):
+                _convert(gguf, out)
             drop_older_copies(gguf, out)
             return out
     except OSError as err:
@@ -150,10 +155,9 @@ def _convert(gguf: Path, out: Path) -> Path:
 def _convert_into(gguf: Path, staging: Path, out: Path, scaling: dict | None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:  # in a log: not lines redrawn with carriage returns
-        with transformers_bar(redraws(sys.stderr)), gguf_bar(redraws(sys.stderr)):
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="auto")
     except Exception as err:  # gguf raises many kinds of errors for a bad file
         size, described = gguf.stat().st_size, gguf_described_size(gguf)
         if described is not None and size < described:  # said as numpy's "cannot reshape array of size ..."
@@ -170,9 +174,8 @@ def _convert_into(gguf: Path, staging: Path, out: Path, scaling: dict | None) ->
         config = model.config  # the file's context_length as it is: the window before linear scaling
         config.rope_parameters = {**config.rope_parameters, **scaling}
     try:
-        with transformers_bar(redraws(sys.stderr)):
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     except Exception as err:
         if disk_full(err) and not isinstance(err, OSError):  # safetensors says it with its own error
             raise OSError(errno.ENOSPC, str(err)) from err
@@ -289,4 +292,4 @@ def builtin_model_dir(progress: bool = True) -> Path:
     gguf = builtin_gguf()
     out = gguf_cache_dir(gguf, BUILTIN_NAME)
     notice = f"Converting the built-in model {BUILTIN_NAME} once into {out} ..."
-    return convert_gguf(gguf, out, notice if progress else None)
+    return convert_gguf(gguf, out, notice, progress=progress)
