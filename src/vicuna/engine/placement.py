@@ -103,15 +103,18 @@ def native_bfloat16() -> bool:
 
 def warn_if_bfloat16_is_emulated() -> None:
     """An explicit --dtype bfloat16 on a GPU without native bfloat16 (below compute capability 8.0: a T4,
-    an RTX 20xx, a V100) runs, emulated by PyTorch, slowly and without a word: said, not refused."""
+    an RTX 20xx, a V100) runs, emulated by PyTorch, slowly and without a word: said, not refused. Logged
+    ('vicuna.placement'), as the other warnings of a load are: a library's caller routes or silences it with
+    logging; `vicuna chat` shows it on stderr, `vicuna serve` in its log's format."""
     if native_bfloat16():
         return
     gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
-    print(
-        f"warning: --dtype bfloat16 on the {gpu.name} (compute capability {gpu.major}.{gpu.minor}), which has "
-        "no native bfloat16 (8.0 and newer have it): PyTorch emulates it, slowly; try --dtype float16",
-        file=sys.stderr,
-        flush=True,
+    log.warning(
+        "--dtype bfloat16 on the %s (compute capability %d.%d), which has no native bfloat16 (8.0 and newer "
+        "have it): PyTorch emulates it, slowly; try --dtype float16",
+        gpu.name,
+        gpu.major,
+        gpu.minor,
     )
 
 
