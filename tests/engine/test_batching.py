@@ -271,6 +271,34 @@ def test_a_reply_whose_joining_the_batch_fails_gets_the_error_and_the_next_one_r
     assert reply(batcher.generate(tiny_engine.encode(TEXTS[1]), params))[1].completion_tokens == 8
 
 
+def test_a_reply_cancelled_before_min_new_tokens_is_not_stopped_by_its_held_back_text(
+    tiny_engine, batcher, monkeypatch
+):
+    """As in the engine alone (tests/engine/test_engine.py): the detokenizer's leftover text of a reply
+    cancelled within its first min_new_tokens tokens ended it "stop" at a stop string min_tokens holds back."""
+    from tests.engine.test_engine import HeldBack
+    from vicuna.engine import batching
+
+    prompt = tiny_engine.encode(TEXTS[1])
+    greedy = dict(temperature=0, max_new_tokens=900, ignore_eos=True)
+    ids = [
+        t for e in tiny_engine.generate(prompt, SamplingParams(**greedy)) for t in getattr(e, "token_ids", ())
+    ]
+    stop = tiny_engine.tokenizer.decode(ids[:3], skip_special_tokens=True).strip()
+    assert stop
+    monkeypatch.setattr(batching, "IncrementalDecoder", HeldBack)
+    cancel, step, steps = threading.Event(), batcher._rows.step, itertools.count(1)
+    batcher._rows.step = lambda tokens: (next(steps) < 3 or cancel.wait(60), step(tokens))[1]
+    params = SamplingParams(**greedy, stop=[stop], min_new_tokens=600)
+    events = batcher.generate(prompt, params, cancel=cancel)
+    for seen, event in enumerate(events):
+        if isinstance(event, Finished):
+            break
+        if seen == 2:
+            cancel.set()
+    assert event.reason == "cancelled" and event.completion_tokens < 600
+
+
 def test_a_reply_whose_prompt_is_computed_when_the_batcher_stops_ends_cancelled(tiny_engine):
     b = Batcher(tiny_engine, max_batch_size=4)
     prefill = b._rows.prefill

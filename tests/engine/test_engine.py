@@ -10,6 +10,7 @@ import torch
 from tests.tiny_models import plain_engine
 from vicuna.config import ModelSettings, SamplingParams
 from vicuna.conversation import Message
+from vicuna.engine.detok import IncrementalDecoder
 from vicuna.engine.events import Finished, TextChunk
 from vicuna.engine.loader import load_engine
 from vicuna.errors import ContextTooLongError, VicunaError
@@ -524,3 +525,36 @@ def test_token_ids_as_a_tuple_or_a_tensor_give_the_list_s_reply(engine):
     for same in (tuple(ids), torch.tensor(ids)):
         assert run(engine, same, temperature=0, max_new_tokens=5, ignore_eos=True)[1] == reply
         assert [t.logprob for t in engine.score(same, 0)] == scores
+
+
+class HeldBack(IncrementalDecoder):
+    """A detokenizer that shows no text until the reply ends, as one does for a run of tokens that each end
+    inside a character (byte-level BPE's space + a lead byte): all of it comes out of `flush`."""
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        return ""
+
+
+def test_a_reply_cancelled_before_min_new_tokens_is_not_stopped_by_its_held_back_text(engine, monkeypatch):
+    """The detokenizer's leftover text at the end of a reply cancelled within its first min_new_tokens
+    tokens was matched against the stop strings as if past min_new_tokens: the reply ended "stop", cut
+    at a stop string that min_tokens holds back, rather than "cancelled" with its text whole."""
+    from vicuna.engine import engine as engine_module
+
+    prompt = engine.encode("The capital of France is")
+    greedy = dict(temperature=0, max_new_tokens=24, ignore_eos=True)
+    full, ids, _ = run(engine, prompt, **greedy)
+    stop = engine.tokenizer.decode(ids[:3], skip_special_tokens=True).strip()
+    assert stop
+    monkeypatch.setattr(engine_module, "IncrementalDecoder", HeldBack)
+    cancel, chunks = threading.Event(), []
+    params = SamplingParams(**greedy, stop=[stop], min_new_tokens=10)
+    for event in engine.generate(prompt, params, cancel=cancel):
+        chunks.append(event)
+        if len(chunks) == 3:
+            cancel.set()
+    *texts, done = chunks
+    assert done.reason == "cancelled" and done.completion_tokens == 3
+    text = "".join(t.text for t in texts)
+    assert stop in text and text == engine.tokenizer.decode(ids[:3], skip_special_tokens=True)

@@ -158,7 +158,9 @@ class _Reply:
             return
         self.done = True
         if self.stops.matched is None:  # text held back by the detokenizer or as a possible stop string
-            tail = self.stops.push(self.decoder.flush())
+            # the text of the tokens so far: quiet if they are fewer than min_new_tokens (a reply cancelled)
+            quiet = self.completion_tokens < self.params.min_new_tokens
+            tail = self.stops.push(self.decoder.flush(), quiet=quiet)
             tail += "" if self.stops.matched is not None else self.stops.flush()
             if self.stops.matched is not None:
                 reason, stop_text = "stop", self.stops.matched
