@@ -194,9 +194,12 @@ def test_the_settings_the_browser_kept_are_restored_where_the_sliders_take_them(
     assert [update["value"] for update in ui.restore_settings(kept)] == ["Answer in French.", 0.2, 0.9, 100]
     # a server restarted with a model of a smaller context window: max new tokens lowered to it
     assert ui.restore_settings({**kept, "max_tokens": 4096})[3]["value"] == 256
-    # nothing kept yet, or values no slider takes: the page's own (and never a traceback)
+    # nothing kept yet, or values no slider takes: the page's own (and never a traceback: Infinity, which
+    # Python's JSON reader takes, raised OverflowError from round() as the page loaded)
     for stored in [None, [], {"system": 3, "temperature": 5, "top_p": "x", "max_tokens": float("nan")}]:
         assert ui.restore_settings(stored) == (gr.skip(),) * 4
+    for max_tokens in [float("inf"), -float("inf"), -5, 0, "100", True, None]:
+        assert ui.restore_settings({"max_tokens": max_tokens}) == (gr.skip(),) * 4
 
 
 def test_an_edited_message_is_found_among_the_turns_and_answered_again_without_what_came_after():

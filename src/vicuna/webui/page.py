@@ -268,6 +268,7 @@ class WebChat:
         ]:
             value = kept.get(name)
             valid = isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+            valid = valid and math.isfinite(value)  # Infinity: within (1, inf), and round() raises on it
             if name == "max_tokens" and valid:
                 value = min(round(value), self.context_window)
             restored.append(gr.update(value=value) if valid else gr.skip())
