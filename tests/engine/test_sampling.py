@@ -158,6 +158,30 @@ def test_a_negative_seed_draws_as_its_low_64_bits_not_as_its_absolute_value():
     assert draws(2**64 + 5) == draws(5)
 
 
+def test_seeds_differing_only_above_32_bits_draw_differently_on_the_cpu_without_the_kernel(monkeypatch):
+    """PyTorch's CPU generator keeps only a seed's low 32 bits: without our kernel, seeds 5 and 2**32 + 5
+    drew the same tokens on the CPU (on a GPU, and with the kernel, they differ). Seeds that fit in 32 bits
+    draw as PyTorch's generator seeded with them, as before."""
+    from vicuna.engine import kernel
+
+    monkeypatch.setattr(kernel, "load", lambda progress=True: None)  # PyTorch's multinomial draws
+    flat = torch.zeros(1000)
+
+    def draws(seed: int) -> list[int]:
+        s = Sampler(SamplingParams(temperature=1.0, seed=seed), prompt_len=0, end_ids=[], device=CPU)
+        assert s.random is None
+        return [s(flat, []).token_id for _ in range(20)]
+
+    for seed in (0, 5, 2**31, 2**32 - 1):
+        generator = torch.Generator().manual_seed(seed)
+        assert draws(seed) == [
+            int(torch.multinomial(flat.softmax(-1), 1, generator=generator)) for _ in range(20)
+        ]
+    drawn = {tuple(draws(seed)) for seed in (5, 2**32 + 5, 2**40 + 5, 2**63 + 5, 4, 2**32 + 4)}
+    assert len(drawn) == 6
+    assert draws(-5) == draws(2**64 - 5) != draws(5)
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9, 0.999, 1.0 - 1e-9])
 def test_top_p_over_a_vocabulary_keeps_what_a_full_sort_keeps(p):
     """However many of the most likely tokens the nucleus needs (a few, or nearly all of them)."""

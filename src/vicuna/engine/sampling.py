@@ -163,7 +163,7 @@ class Sampler:
                 self.random = random.Random(seed)
             self.generator = torch.Generator(device=device)
             if seed is not None:
-                self.generator.manual_seed(seed)
+                self.generator.manual_seed(seed if device.type != "cpu" else cpu_generator_seed(seed))
             else:
                 self.generator.seed()
 
@@ -199,6 +199,15 @@ class Sampler:
             values, ids = torch.topk(logprobs, self.params.logprobs)
             top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
         return Choice(token, float(logprobs[token]), top)
+
+
+def cpu_generator_seed(seed: int) -> int:
+    """`seed` (64 bits) for PyTorch's CPU generator, whose Mersenne Twister keeps only a seed's low 32 bits:
+    without our kernel, seeds differing only above bit 31 (5 and 2**32 + 5) drew the same tokens on the
+    CPU, not on a GPU. The high half is folded in, mixed so that 2**32 + 5 does not draw as a seed near 5;
+    a seed below 2**32 is itself, and draws as before."""
+    high = seed >> 32
+    return (seed ^ (high * 0x9E37_79B1)) & 0xFFFF_FFFF
 
 
 def _argmax(row: torch.Tensor) -> int:
