@@ -332,6 +332,45 @@ def test_a_gguf_file_cut_off_in_its_data_is_called_incomplete(tmp_path):
     assert [p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith(".")] == []
 
 
+def test_a_changed_file_refused_for_want_of_disk_names_its_older_copy(monkeypatch, tmp_path):
+    """A .gguf file downloaded again is converted anew before its older copy is deleted: on a disk with room
+    for one copy the conversion was refused, saying only how much to free, and not that the older copy
+    (27 GB for a 7B model) was what to delete."""
+    from vicuna.weights import disk
+
+    class Saved:
+        config = SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            (folder / "config.json").write_text("{}")
+            (folder / "model.safetensors").write_bytes(b"0" * 3_000_000)
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: Saved())
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF 1")
+    older = builtin.convert_gguf(gguf, builtin.gguf_cache_dir(gguf), needed_bytes=3_000_000)
+    monkeypatch.setattr(disk, "free_bytes", lambda folder: 1_000_000)
+    other = tmp_path / "elsewhere" / "model.gguf"  # another file's copy, of the same name: not named
+    other.parent.mkdir()
+    other.write_bytes(b"GGUF 1")
+    with pytest.raises(ModelLoadError) as refused:
+        builtin.convert_gguf(other, builtin.gguf_cache_dir(other), needed_bytes=3_000_000)
+    assert str(older) not in str(refused.value)
+    gguf.write_bytes(b"GGUF 2, downloaded again")
+    out = builtin.gguf_cache_dir(gguf)
+    with pytest.raises(ModelLoadError) as refused:
+        builtin.convert_gguf(gguf, out, needed_bytes=3_000_000)
+    assert str(refused.value) == (
+        f"converting model.gguf into float32 needs 3.0 MB of free disk in {out.parent}, but only 1.0 MB is "
+        f"available there; free 2.0 MB or choose another folder; {older} (3.0 MB), model.gguf's copy from "
+        "before the file changed, is deleted only once the new one is written: deleting it now frees that room "
+        "(or set VICUNA_HOME to a folder on another disk)"
+    )
+    assert older.is_dir() and not out.exists()
+
+
 def test_a_vicuna_home_that_cannot_be_written_says_so(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")

@@ -19,7 +19,7 @@ from pathlib import Path
 from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install
-from vicuna.weights.disk import disk_full, ensure_free_space, one_writer
+from vicuna.weights.disk import disk_full, ensure_free_space, one_writer, size
 from vicuna.weights.manifest import redraws, transformers_bar
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
@@ -76,7 +76,7 @@ def convert_gguf(
             try:  # here, not before waiting: the other start's half-written copy is not this one's
                 ensure_free_space(out.parent, needed_bytes, f"converting {gguf.name} into float32")
             except VicunaError as err:
-                raise ModelLoadError(f"{err} (set VICUNA_HOME to a folder on another disk)") from None
+                raise ModelLoadError(f"{err}{older_copies_said(gguf, out)}") from None
             if notice and progress:
                 print(notice, file=sys.stderr, flush=True)
             bars = progress and redraws(sys.stderr)  # in a log: not lines redrawn with carriage returns
@@ -91,20 +91,49 @@ def convert_gguf(
         ) from None
 
 
+def older_copies_said(gguf: Path, out: Path) -> str:
+    """What to add to the refusal of a conversion for want of disk: the copies of `gguf` as it was before,
+    which `drop_older_copies` deletes only once this conversion has succeeded, named with their size. A
+    file downloaded again was refused on a disk that holds its old copy and room for one, and the old copy,
+    27 GB for a 7B model, was not named."""
+    said = "".join(
+        f"; {copy} ({size(sum(f.stat().st_size for f in copy.rglob('*') if f.is_file()))}), {gguf.name}'s copy "
+        "from before the file changed, is deleted only once the new one is written: deleting it now frees that room"
+        for copy in older_copies(gguf, out)
+    )
+    return (
+        f"{said} (or set VICUNA_HOME to a folder on another disk)"
+        if said
+        else " (set VICUNA_HOME to a folder on another disk)"
+    )
+
+
 def drop_older_copies(gguf: Path, out: Path) -> None:
-    """Delete the copies converted from `gguf`'s path before `out`: each download again or touch of a 7B
-    file left another 27 GB copy, keyed by its size and mtime, for good. Only copies that record this
-    path: one made before copies recorded it is named for the file's stem, which another file of that name
-    elsewhere shares, so it is left. Each is first renamed away, so that one which cannot be (Windows, while
-    another process has it loaded) is kept whole, not half-deleted; on Linux and macOS a process that has it
-    loaded goes on reading its open files. Nor the copy of the file as it is now: a file replaced while `out`
-    was converted, and converted since by another start, has a newer copy than `out`, which that start and
-    every later one use."""
+    """Delete the copies converted from `gguf`'s path before `out` (`older_copies`): each download again or
+    touch of a 7B file left another 27 GB copy, keyed by its size and mtime, for good. Each is first renamed
+    away, so that one which cannot be (Windows, while another process has it loaded) is kept whole, not
+    half-deleted; on Linux and macOS a process that has it loaded goes on reading its open files."""
+    for copy in older_copies(gguf, out):
+        trash = copy.with_name(f".{copy.name}.deleted")
+        try:
+            copy.rename(trash)
+        except OSError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def older_copies(gguf: Path, out: Path) -> list[Path]:
+    """The copies converted from `gguf`'s path other than `out`. Only copies that record this path: one made
+    before copies recorded it is named for the file's stem, which another file of that name elsewhere
+    shares, so it is left. Nor the copy of the file as it is now: a file replaced while `out` was converted,
+    and converted since by another start, has a newer copy than `out`, which that start and every later one
+    use."""
     source = str(gguf.resolve())
     try:
         current = _source_key(gguf)
     except OSError:  # the file is gone: which copy is older is not known
-        return
+        return []
+    older = []
     # named as `gguf_cache_dir` names copies: not a folder a user copied one into (`cp -r` keeps the record),
     # nor one being converted (.partial) or deleted (hidden)
     named = re.compile(rf"{re.escape(out.name.rpartition('-')[0])}-[0-9a-f]{{12}}")
@@ -115,14 +144,9 @@ def drop_older_copies(gguf: Path, out: Path) -> None:
             recorded = json.loads((copy / SOURCE_RECORD).read_text(encoding="utf-8"))["gguf"]
         except (OSError, ValueError, KeyError, TypeError):  # not a recorded copy
             continue
-        if copy == out or recorded != source:
-            continue
-        trash = copy.with_name(f".{copy.name}.deleted")
-        try:
-            copy.rename(trash)
-        except OSError:
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
+        if copy != out and recorded == source:
+            older.append(copy)
+    return older
 
 
 @contextmanager
