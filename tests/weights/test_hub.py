@@ -479,6 +479,25 @@ def test_refuses_when_the_disk_is_too_small(hub, tmp_path, capsys, monkeypatch):
     assert hub.downloads() == []
 
 
+def test_a_part_file_of_another_revision_is_fetched_again_from_its_first_byte(hub, tmp_path):
+    """A `.part` left by an interrupted download of another revision (the repository updated the file
+    since) was resumed with this revision's bytes, and the file failed its hash check once whole: deleted,
+    the download failed, and the rerun fetched it all again. Each `.part` records the hash of the file it is
+    part of; one of another file starts again, and one of this file resumes."""
+    import hashlib
+
+    target = tmp_path / "tiny"
+    target.mkdir()
+    weights = REPO["model.safetensors"]
+    (target / "model.safetensors.part").write_bytes(b"y" * (len(weights) // 2))
+    (target / ".model.safetensors.part.hash").write_text(hashlib.sha256(b"the older revision").hexdigest())
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 0
+    assert ("model.safetensors", None) in hub.ranges
+    assert [rng for name, rng in hub.ranges if name == "model.safetensors"] == [None]
+    assert (target / "model.safetensors").read_bytes() == weights
+    assert not list(target.rglob("*.part")) and not list(target.rglob("*.part.hash"))
+
+
 def test_a_file_of_another_revision_counts_whole_in_the_disk_check(tmp_path):
     """A file already there at another size (the repo updated it since) is fetched again whole, beside it:
     the disk check counted only the difference in size, and the download filled the disk instead."""
@@ -488,6 +507,10 @@ def test_a_file_of_another_revision_counts_whole_in_the_disk_check(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 900)  # the older revision's
     assert plan.missing_bytes(tmp_path) == 1000
     (tmp_path / "model.safetensors.part").write_bytes(b"x" * 300)  # this revision's, interrupted
+    assert plan.missing_bytes(tmp_path) == 700
+    (tmp_path / ".model.safetensors.part.hash").write_text("d" * 64)  # no: another revision's
+    assert plan.missing_bytes(tmp_path) == 1000
+    (tmp_path / ".model.safetensors.part.hash").write_text("c" * 64)  # this one's
     assert plan.missing_bytes(tmp_path) == 700
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
     assert plan.missing_bytes(tmp_path) == 0

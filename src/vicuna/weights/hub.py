@@ -116,7 +116,7 @@ class Plan:
     def missing_bytes(self, folder: Path) -> int:
         """Bytes still to fetch into `folder`: files already there at their full size count as done, and the
         `.part` of an interrupted one as far as it goes."""
-        return sum(max(f.size - _part_size(folder / f.path, f.size), 0) for f in self.files)
+        return sum(max(f.size - _part_size(folder / f.path, f), 0) for f in self.files)
 
 
 def select_files(paths: list[str], include: list[str] | None = None) -> list[str]:
@@ -350,10 +350,15 @@ def fetch_files(plan: Plan, target: Path, *, bars: bool) -> None:
             path = target / f.path
             if _same_size(path, f.size):
                 continue
-            part = path.with_name(path.name + ".part")
+            part, record = _part(path)
+            if not _part_is_of(path, f):  # another revision's: resumed, it failed its hash check once fetched
+                part.unlink(missing_ok=True)
+            part.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(_hash_of(f), encoding="utf-8")
             url = f"{endpoint}/{kind}{plan.repo_id}/resolve/{plan.commit}/{quote(f.path)}"
             fetcher.fetch(url, part, f.path, f.size)
             part.replace(path)
+            record.unlink(missing_ok=True)
 
 
 def check_files(plan: Plan, folder: Path, *, bars: bool) -> dict[str, str]:
@@ -396,10 +401,32 @@ def _same_size(path: Path, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size
 
 
-def _part_size(path: Path, size: int) -> int:
-    """Bytes of `path` already here: all of it at its full `size`, else what its `.part` holds (a file of
-    another size, from another revision, is fetched again whole into the `.part`, beside it)."""
-    if _same_size(path, size):
-        return size
-    part = path.with_name(path.name + ".part")
-    return part.stat().st_size if part.is_file() else 0
+def _part_size(path: Path, f: RemoteFile) -> int:
+    """Bytes of `path` already here: all of it at its full size, else what its `.part` holds where it is of
+    this revision's file (a file of another size, from another revision, is fetched again whole into the
+    `.part`, beside it)."""
+    if _same_size(path, f.size):
+        return f.size
+    part, _ = _part(path)
+    return part.stat().st_size if part.is_file() and _part_is_of(path, f) else 0
+
+
+def _part(path: Path) -> tuple[Path, Path]:
+    """`path`'s `.part` file, and the hidden record beside it of the hash of the file it is part of."""
+    return path.with_name(path.name + ".part"), path.with_name(f".{path.name}.part.hash")
+
+
+def _hash_of(f: RemoteFile) -> str:
+    return f.sha256 or f.blob_id
+
+
+def _part_is_of(path: Path, f: RemoteFile) -> bool:
+    """Whether `path`'s `.part` may be resumed as part of `f`: it records `f`'s hash, or nothing (left by a
+    vicuna that recorded none, resumed as it was then). A `.part` of another revision's file, resumed, was
+    completed with this one's bytes and failed its hash check only once the whole file was fetched."""
+    try:
+        return _part(path)[1].read_text(encoding="utf-8") == _hash_of(f)
+    except FileNotFoundError:
+        return True
+    except (OSError, UnicodeDecodeError):
+        return False
