@@ -322,10 +322,9 @@ class Engine:
                 if team is not None:
                     team.timed(time.perf_counter() - began, 1)
         self._release(runner, history)
-        if (
-            stops.matched is None
-        ):  # the text of the tokens so far: quiet if they are fewer than min_new_tokens
-            quiet = len(history) - len(prompt_ids) < params.min_new_tokens  # (cancelled, or a short limit)
+        if stops.matched is None:
+            # the text of the tokens so far: quiet if they are fewer than min_new_tokens (cancelled, or a short limit)
+            quiet = len(history) - len(prompt_ids) < params.min_new_tokens
             tail = stops.push(decoder.flush(), quiet=quiet)
             tail += "" if stops.matched is not None else stops.flush()
             if stops.matched is not None:
