@@ -56,14 +56,24 @@ class Segment:
 
 
 class Template(Protocol):
-    name: str
+    """A prompt template. Its fields are read-only properties: the templates here are frozen dataclasses, and
+    to type checkers plain attributes of a protocol ask for settable ones (none of them was a Template)."""
+
+    @property
+    def name(self) -> str: ...
+
     # the system prompt of messages without one ("" an empty one; None, `hf`, `llama-2`, `llama-3` and
     # `chatml` only: none, so the chat template's own default, or no system block)
-    system: str | None
-    stop: tuple[str, ...]  # text that ends an assistant turn
+    @property
+    def system(self) -> str | None: ...
+
+    @property
+    def stop(self) -> tuple[str, ...]: ...  # text that ends an assistant turn
+
     # whether the tokenizer adds its special tokens (BOS) to the rendered text, as it does to the
     # built-in templates' text; a chat template's text holds them itself (`apply_chat_template`)
-    add_special_tokens: bool
+    @property
+    def add_special_tokens(self) -> bool: ...
 
     def segments(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[Segment]: ...
 
