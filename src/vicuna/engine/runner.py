@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -107,8 +107,6 @@ def llama_fast_path_ok(model: Any) -> bool:
     )
 
 
-Projection = Callable[[torch.Tensor], torch.Tensor]
-
 UPCAST_ROWS = 16  # from this many rows a half-precision product on such a CPU is faster in float32
 # Up to this many new tokens a prompt is computed as one kernel call (`Step` with `prompt`): no Python
 # between the layers, and the decode attention for each new token. Built-in model, bf16, 2-core AVX2 VM:
@@ -172,7 +170,7 @@ class Dense:
         self,
         weight: torch.Tensor,
         scales: torch.Tensor | None = None,
-        fallback: Projection | None = None,
+        fallback: Int8Linear | None = None,
         packed: bool = False,
     ):
         self.weight, self.fallback = weight, fallback
@@ -230,7 +228,7 @@ class PackedEmbedding(torch.nn.Module):
         return kernel.packed_rows(self.weight.data, ids)
 
 
-def fuse(parent: torch.nn.Module, *names: str) -> Projection:
+def fuse(parent: torch.nn.Module, *names: str) -> Dense:
     """One product for several Linear layers of `parent` that read the same input: their weights become
     views into the fused weight, so the model keeps working and no memory is added. Where the kernel
     multiplies the weight faster packed (`kernel.packs`) and each layer's rows start at a whole block, the
