@@ -701,12 +701,14 @@ def test_a_gguf_file_whose_float32_copy_cannot_fit_the_disk_is_refused_before_it
         (b"null", "expected a JSON object of fields, found NoneType"),
         ('{"model_type": "llama", "note": "你好"}'.encode("gbk"), "not valid JSON"),
         (b'{"model_type": "llama", "architectures": "LlamaForCausalLM"}', "'architectures' should be a list"),
+        (b'{"model_type": "llama", "architectures": [null]}', "'architectures' should be a list of class"),
     ],
-    ids=["list", "null", "gbk", "architectures-string"],
+    ids=["list", "null", "gbk", "architectures-string", "architectures-null"],
 )
 def test_a_config_that_is_no_object_of_fields_is_named(model_copy, text, expected):
     """`[]` or `null` ended in "AttributeError: 'list' object has no attribute 'get'", a GBK config in
-    UnicodeDecodeError, both with a traceback; an 'architectures' string was refused as "architecture L"."""
+    UnicodeDecodeError, both with a traceback; an 'architectures' string was refused as "architecture L", and
+    [null] ended in "AttributeError: 'NoneType' object has no attribute 'endswith'"."""
     (model_copy / "config.json").write_bytes(text)
     with pytest.raises(ModelLoadError, match=rf"config\.json: {expected}"):
         load(model_copy)

@@ -203,7 +203,8 @@ def read_config(folder: Path) -> Any:
             f"{folder / CONFIG}: expected a JSON object of fields, found {type(raw).__name__}"
         )
     archs = raw.get("architectures") or []
-    if not isinstance(archs, list):  # a string was read one letter at a time: "architecture L"
+    # a string was read one letter at a time ("architecture L"); a null in the list had no `endswith`
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise ModelLoadError(f"{folder / CONFIG}: 'architectures' should be a list of class names")
     if not isinstance(raw.get("model_type"), str):
         raise ModelLoadError(f"{folder / CONFIG}: no 'model_type' field")
