@@ -309,7 +309,7 @@ class Batcher:
         return self.kv_token_bytes * self.kv_cache_tokens
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
         """Stream a reply like `Engine.generate`; raises ContextTooLongError here, before any event.
 
@@ -356,7 +356,7 @@ class Batcher:
 
     def add(
         self,
-        prompt_ids: list[int],
+        prompt_ids: Sequence[int],
         params: SamplingParams,
         sink: Sink,
         *,

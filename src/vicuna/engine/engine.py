@@ -258,7 +258,7 @@ class Engine:
                 self._spare = (runner, history[: runner.lengths[0]])
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, *, cancel: threading.Event | None = None
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
         """Stream a reply to `prompt_ids`. Raises ContextTooLongError before the first event."""
         prompt_ids = prompt_tokens(prompt_ids)
