@@ -261,6 +261,22 @@ def test_auto_dtype_timed_while_another_start_timed_its_model_keeps_both(monkeyp
     assert known.pop("the other model") == "float32" and list(known.values()) == ["bfloat16"]
 
 
+def test_auto_dtype_remembered_in_a_damaged_file_is_timed_again(monkeypatch, tmp_path):
+    """cpu-dtype.json not UTF-8, not a JSON object, or naming no dtype: every start on the CPU (--dtype auto,
+    the default) ended in a UnicodeDecodeError, TypeError or KeyError traceback until it was deleted."""
+    import json
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    cache = tmp_path / "cpu-dtype.json"
+    monkeypatch.setattr(placement, "_time_reply", lambda config, d: 1.0 if d == torch.float32 else 0.5)
+    placement.resolve_dtype("auto", torch.device("cpu"), CONFIG)
+    (key,) = json.loads(cache.read_text())  # this CPU's and model's
+    for damaged in (b"\xff\xfe{", b"[]", b"null", json.dumps({key: "float8", "other": ["float32"]}).encode()):
+        cache.write_bytes(damaged)
+        assert placement.resolve_dtype("auto", torch.device("cpu"), CONFIG) == torch.bfloat16, damaged
+        assert json.loads(cache.read_text()) == {key: "bfloat16"}  # written again
+
+
 def test_auto_dtype_not_remembered_on_a_read_only_home_is_still_used(monkeypatch, tmp_path, caplog):
     """A container's read-only $VICUNA_HOME, its model converted on another machine (whose CPU gave another
     key): the server stopped with 'error: Permission denied: .../cpu-dtype.NNN.tmp' after timing both."""

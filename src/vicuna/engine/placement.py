@@ -160,10 +160,15 @@ def _time_reply(config: Any, dtype: torch.dtype) -> float:
 
 
 def remembered_dtypes(cache: Path) -> dict[str, str]:
+    """The answers timed before; none from a damaged file (not UTF-8, not an object of dtype names), which
+    ended every start on the CPU in a traceback until it was found and deleted: it is written again."""
     try:
-        return json.loads(cache.read_text())
-    except (OSError, json.JSONDecodeError):
+        known = json.loads(cache.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # JSON or UTF-8
         return {}
+    if not isinstance(known, dict):
+        return {}
+    return {key: name for key, name in known.items() if isinstance(name, str) and name in DTYPES}
 
 
 def fastest_cpu_dtype(config: Any, progress: bool = True) -> torch.dtype:
