@@ -14,7 +14,6 @@ from vicuna.conversation import (
     Message,
     MessagesError,
     Segment,
-    Template,
     check_alternating,
     choose_template_name,
     fit_history,
@@ -529,13 +528,3 @@ def test_a_message_made_in_python_with_a_role_no_template_knows_is_refused(role,
     """Type hints check nothing at run time: Message("Assistant", ...) was rendered as a user turn."""
     with pytest.raises(MessagesError, match=re.escape(error)):
         Message(role, content)
-
-
-def test_a_template_s_fields_are_read_only_so_frozen_templates_are_templates():
-    """Template declared plain attributes, which to mypy and pyright a protocol's implementations must be
-    able to set: they said none of the templates (frozen dataclasses) was one, `render(VicunaV11(), ...)`
-    and a user's own frozen template alike."""
-    import inspect
-
-    for field in ("name", "system", "stop", "add_special_tokens"):
-        assert isinstance(inspect.getattr_static(Template, field), property), field

@@ -518,19 +518,6 @@ def test_text_or_no_tokens_for_a_prompt_are_said_before_the_runner_fails(engine)
             call(torch.tensor([engine.encode("Hello")]))  # a tokenizer's return_tensors="pt" batch of one
 
 
-def test_generate_says_it_takes_the_ids_as_any_sequence_as_score_does():
-    """generate (the engine's and the Batcher's, and Batcher.add) was annotated list[int], so a type checker
-    refused the tuple of ids it takes (below), which score's Sequence[int] allowed."""
-    import typing
-    from collections.abc import Sequence
-
-    from vicuna.engine.batching import Batcher
-    from vicuna.engine.engine import Engine
-
-    for method in (Engine.generate, Engine.score, Batcher.generate, Batcher.add):
-        assert typing.get_type_hints(method)["prompt_ids"] == Sequence[int]
-
-
 def test_token_ids_as_a_tuple_or_a_tensor_give_the_list_s_reply(engine):
     ids = engine.encode("Hello world")
     reply = run(engine, ids, temperature=0, max_new_tokens=5, ignore_eos=True)[1]

@@ -18,7 +18,6 @@ from vicuna.engine.runner import (
     LlamaWeights,
     cache_arg,
     decode,
-    fuse,
     llama_fast_path_ok,
     norm_rows,
     norm_weight,
@@ -597,15 +596,3 @@ def test_fused_layers_are_packed_only_where_each_starts_at_a_whole_block(rows, w
     for name, ours, theirs in zip(names, out, expected, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.02)
         torch.testing.assert_close(getattr(parent, name)(x.bfloat16()).float(), theirs, rtol=0.02, atol=0.02)
-
-
-def test_fuse_says_it_gives_the_dense_products_the_layers_call():
-    """fuse was annotated as giving a plain function of one tensor, which every caller contradicts: the
-    layers call its products with `norm`, `gated` and `into`, and read their `kernel` (mypy and pyright
-    reported each call); the int8 fallback, whose `scales` it reads, was said to be such a function too."""
-    import typing
-
-    from vicuna.engine.quant import Int8Linear
-
-    assert typing.get_type_hints(fuse)["return"] is Dense
-    assert typing.get_type_hints(Dense.__init__)["fallback"] == Int8Linear | None
