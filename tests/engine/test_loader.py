@@ -388,6 +388,33 @@ def test_blank_eos_token_is_the_never_stops_problem(model_copy):
         load(model_copy)
 
 
+def decapoda_tokenizer(folder):
+    """decapoda-research/llama-7b-hf's tokenizer files, which FastChat's tutorials used as the base: every
+    special token blank, the class spelled LLaMATokenizer, and no tokenizer.json."""
+    (folder / "tokenizer.json").unlink()
+    (folder / "special_tokens_map.json").write_text("{}")
+    fields = {"bos_token": "", "eos_token": "", "tokenizer_class": "LLaMATokenizer", "unk_token": ""}
+    (folder / "tokenizer_config.json").write_text(json.dumps(fields))
+    return folder
+
+
+def test_decapoda_s_blank_special_tokens_are_named_with_what_to_write(model_copy, capsys):
+    """transformers fails on them with only 'RecursionError: maximum recursion depth exceeded'."""
+    decapoda_tokenizer(model_copy)
+    assert cli(["chat", "--model-path", str(model_copy), "--max-new-tokens", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "Recursion" not in err
+    assert (
+        "tokenizer_config.json 'bos_token', tokenizer_config.json 'eos_token', tokenizer_config.json "
+        "'unk_token' are blank" in err
+    )
+    assert '"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"' in err
+    fields = json.loads((model_copy / "tokenizer_config.json").read_text())
+    fields |= {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}  # as the error says
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(fields))
+    assert load_tokenizer(model_copy).eos_token_id == 2
+
+
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert cli(["chat", "--model-path", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -307,6 +307,20 @@ def test_a_delta_with_a_blank_eos_is_refused_before_merging(tmp_path, models):
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 
+def test_a_decapoda_base_whose_tokenizer_the_merge_takes_is_named_before_merging(tmp_path, models):
+    """A delta without tokenizer files takes the base's: decapoda-research's, with blank special tokens."""
+    from tests.engine.test_loader import decapoda_tokenizer
+
+    base = decapoda_tokenizer(shutil.copytree(models["base"], tmp_path / "llama-7b-hf"))
+    delta = make_delta(models["base"], models["target"], tmp_path / "delta", progress=False)
+    bare = shutil.copytree(
+        delta, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*", "special_tokens*")
+    )
+    with pytest.raises(VicunaError, match=r"'unk_token' are blank .*\"unk_token\": \"<unk>\""):
+        apply_delta(base, bare, tmp_path / "merged", progress=False)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
 def test_the_tutorial_s_mix_ups_are_named_before_merging(tmp_path, models):
     """Vicuna v0's delta (32001 rows) and LLaMA (32000) in the wrong places: each is said as what it is."""
     base = models["base"]

@@ -20,7 +20,7 @@ from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.weights import hub
 from vicuna.weights.manifest import redraws, transformers_bar
-from vicuna.weights.tokenizer import check_tokenizer
+from vicuna.weights.tokenizer import blank_special_tokens_error, check_tokenizer
 
 if TYPE_CHECKING:  # imported in load_engine: the checks before loading need no torch
     from vicuna.engine.engine import Engine
@@ -370,7 +370,10 @@ def load_tokenizer(model_path: str | Path | None) -> Any:
                 f"{folder}: no tokenizer files (tokenizer.json, tokenizer.model, tokenizer_config.json); "
                 "copy them from where the model came from"
             ) from None
-        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
+        raise ModelLoadError(
+            blank_special_tokens_error(folder)
+            or f"{folder}: cannot load the tokenizer ({type(err).__name__}: {err})"
+        ) from None
     without_word_cache(tokenizer)
     return tokenizer
 

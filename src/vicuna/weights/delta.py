@@ -194,7 +194,7 @@ def tokenizer_files_for(lead: Path, base: Path, lead_role: str) -> list[Path]:
     from transformers import AutoConfig, AutoTokenizer
 
     from vicuna.weights.checkpoint import notice
-    from vicuna.weights.tokenizer import check_tokenizer
+    from vicuna.weights.tokenizer import blank_special_tokens_error, check_tokenizer
 
     def tokenizer_files(folder: Path) -> list[Path]:
         return sorted(p for p in folder.iterdir() if p.is_file() and p.name.startswith(TOKENIZER_PREFIXES))
@@ -216,7 +216,10 @@ def tokenizer_files_for(lead: Path, base: Path, lead_role: str) -> list[Path]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as err:  # tokenizers fail in many ways
-        raise VicunaError(f"{source}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
+        raise VicunaError(
+            blank_special_tokens_error(source)
+            or f"{source}: cannot load the tokenizer ({type(err).__name__}: {err})"
+        ) from None
     check_tokenizer(tokenizer, config, source)
     return extra
 

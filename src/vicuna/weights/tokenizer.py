@@ -7,6 +7,9 @@ from typing import Any
 
 from vicuna.errors import ModelLoadError
 
+# What LLaMA's SentencePiece tokenizer calls them: the values to write where a folder's files left them blank.
+LLAMA_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
 
 def check_tokenizer(tokenizer: Any, config: Any, folder: Path) -> None:
     """The two tokenizer faults that make a model garble or never stop."""
@@ -24,7 +27,8 @@ def check_tokenizer(tokenizer: Any, config: Any, folder: Path) -> None:
             hint = " so replies would never stop" if kind == "eos" else ""
             raise ModelLoadError(
                 f"{folder}: the tokenizer defines no {kind.upper()} token{hint} "
-                f"(special_tokens_map.json / tokenizer_config.json '{kind}_token' is blank or missing)"
+                f"(special_tokens_map.json / tokenizer_config.json '{kind}_token' is blank or missing; "
+                f"LLaMA's is {LLAMA_SPECIAL_TOKENS[f'{kind}_token']!r})"
             )
         if vocab is not None and token_id >= vocab:
             raise ModelLoadError(
@@ -42,3 +46,41 @@ def uses_bos(tokenizer: Any, config: Any) -> bool:
     if isinstance(template, dict):  # named templates ("default", "tool_use"): any of them may be used
         template = "".join(t for t in template.values() if isinstance(t, str))
     return not isinstance(template, str) or "bos_token" in template
+
+
+def blank_special_tokens(folder: Path) -> list[str]:
+    """The special tokens that the folder's tokenizer_config.json and special_tokens_map.json set to "", as
+    "FILE 'FIELD'". decapoda-research's early LLaMA conversion, copied into many tutorials and mirrors, left
+    all three blank, and transformers' LLaMA tokenizer then fails to load with nothing but "RecursionError:
+    maximum recursion depth exceeded" (its blank unk_token is looked up as an unknown token, endlessly)."""
+    import json
+
+    blank = []
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            fields = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(fields, dict):
+            continue
+        for field in LLAMA_SPECIAL_TOKENS:
+            value = fields.get(field)
+            if isinstance(value, dict):  # {"content": "</s>", "lstrip": false, ...}
+                value = value.get("content")
+            if value == "":
+                blank.append(f"{name} '{field}'")
+    return blank
+
+
+def blank_special_tokens_error(folder: Path) -> str | None:
+    """Why the folder's tokenizer cannot load, where blank special tokens are the reason (see
+    `blank_special_tokens`), with what to write instead; None where none is blank."""
+    blank = blank_special_tokens(folder)
+    if not blank:
+        return None
+    values = ", ".join(f'"{field}": "{token}"' for field, token in LLAMA_SPECIAL_TOKENS.items())
+    return (
+        f"{folder}: cannot load the tokenizer: {', '.join(blank)} "
+        f"{'is' if len(blank) == 1 else 'are'} blank (as in decapoda-research's early LLaMA conversion); "
+        f"write the tokens there (LLaMA's: {values}) or take these files from another copy of the model"
+    )
