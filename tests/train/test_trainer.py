@@ -116,6 +116,48 @@ def chat_template_model(tiny_llama_dir: Path, dest: Path, template: str) -> Path
 GLUED = "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
 
 
+def test_allow_bad_leaves_out_records_that_begin_with_a_reply_as_fastchat_s_data_has_them(
+    tiny_llama_dir, tmp_path, monkeypatch, capsys
+):
+    """ShareGPT exports hold conversations whose first turn is the model's (FastChat dropped that turn
+    without a word): --allow-bad, 'train even if up to N examples are bad', was no help with them."""
+    import vicuna.train.trainer as trainer
+
+    leading_reply = {"id": "late", "conversations": [{"from": "gpt", "value": "Welcome back."}]}
+    leading_reply["conversations"] += DATA[0]["conversations"]
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps([*DATA, leading_reply, {"id": "none", "conversations": []}]), encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["train", "--model-path", str(tiny_llama_dir), "--data", str(data), "--output-dir", str(out)]
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("the model was loaded although the data was bad")
+
+    monkeypatch.setattr(trainer, "load_model", no_model)
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert f"{data}[4] (id 'late').conversations[0].from: expected 'human', got 'gpt'" in err
+    assert f"1 more of the 6 records are bad: {data}[5]" in err and "pass --allow-bad N" in err
+    assert cli([*args, "--allow-bad", "1"]) == 2
+    assert "2 records are bad, more than --allow-bad 1: " in capsys.readouterr().err
+    assert not out.exists()
+
+    monkeypatch.undo()
+    assert cli([*args, "--allow-bad", "2", "--max-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{data}: 4 examples," in printed and "2 bad records left out (--allow-bad)" in printed
+
+
+def test_bad_records_left_out_count_against_allow_bad_with_the_bad_examples(tmp_path):
+    from vicuna.train.data import Prepared
+
+    prepared = Prepared(max_length=64, bad=[("data.json[3]", "no token boundary")])
+    prepared.bad_records = [("data.json[1]", "expected 'human', got 'gpt'")]
+    prepared.check_bad(2)
+    with pytest.raises(VicunaError, match=r"1 example\(s\) .*\(allowed: 0\); the first is data.json\[3\]"):
+        prepared.check_bad(1)
+
+
 def test_unlocatable_spans_stop_the_run_before_training(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     import vicuna.train.trainer as trainer
 

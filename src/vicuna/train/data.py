@@ -47,6 +47,21 @@ class Conversation:
 def load_conversations(path: Path) -> list[Conversation]:
     """A ShareGPT JSON list (one line or many) or a JSONL file (ShareGPT or OpenAI-style records); bad
     records are an error that explains the first and names the others."""
+    conversations, bad, total = read_conversations(path)
+    if bad:
+        raise VicunaError(bad_records(bad, total))
+    return conversations
+
+
+def bad_records(bad: list[tuple[str, str]], total: int) -> str:
+    """The first bad record explained, and where the others are: all fixed in one pass."""
+    more = ", ".join(where for where, _ in bad[1:SHOWN_BAD])
+    more += f" and {len(bad) - SHOWN_BAD} more" if len(bad) > SHOWN_BAD else ""
+    return bad[0][1] + (f"; {len(bad) - 1} more of the {total} records are bad: {more}" if more else "")
+
+
+def read_conversations(path: Path) -> tuple[list[Conversation], list[tuple[str, str]], int]:
+    """The file's good conversations, its bad records as (where, why), and how many records it has."""
     text = read_text(path)
     if text.lstrip().startswith("["):
         try:
@@ -77,13 +92,7 @@ def load_conversations(path: Path) -> list[Conversation]:
             conversations.append(parse_record(record, where))
         except VicunaError as err:
             bad.append((where, str(err)))
-    if bad:  # the first explained, and where the others are: all fixed in one pass
-        more = ", ".join(where for where, _ in bad[1:SHOWN_BAD])
-        more += f" and {len(bad) - SHOWN_BAD} more" if len(bad) > SHOWN_BAD else ""
-        raise VicunaError(
-            bad[0][1] + (f"; {len(bad) - 1} more of the {len(items)} records are bad: {more}" if more else "")
-        )
-    return conversations
+    return conversations, bad, len(items)
 
 
 def is_json(text: str) -> bool:
@@ -379,6 +388,9 @@ class Prepared:
     dropped: list[str] = field(default_factory=list)  # sources of truncated examples with no loss token left
     untrained: int = 0  # examples (or --split-long parts) whose replies all have weight 0, left out
     system_left_out: int = 0  # conversations whose system prompt the chat template does not render
+    # records the reader refused (a conversation that begins with a reply, an unknown role), left out under
+    # --allow-bad, which counts them with the bad examples
+    bad_records: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
         tokens = sum(len(e.input_ids) for e in self.examples)
@@ -389,6 +401,7 @@ class Prepared:
             f"{self.truncated} truncated to --max-length {self.max_length}"
             + (f", {len(self.dropped)} of them left out (no assistant text left)" if self.dropped else "")
             + (f"; {self.untrained} left out (every reply has weight 0)" if self.untrained else "")
+            + (f"; {len(self.bad_records)} bad records left out (--allow-bad)" if self.bad_records else "")
             + (
                 f"; {self.system_left_out} trained without their system prompt, which the chat template "
                 "leaves out of a conversation that ends with a reply"
@@ -418,7 +431,10 @@ class Prepared:
         return f"{self.refused} refused by the chat template, {located} with assistant text not locatable"
 
     def check_bad(self, allow_bad: int) -> None:
-        """Refuse to train when more examples than `allow_bad` could not be labelled exactly."""
+        """Refuse to train when more examples than `allow_bad` could not be labelled exactly (or than what
+        the bad records left out already took of it)."""
+        if self.bad_records:
+            allow_bad -= len(self.bad_records)
         if len(self.bad) > allow_bad:
             source, why = self.bad[0]
             what = (

@@ -30,7 +30,7 @@ from typing import Any
 from vicuna.engine.loader import RECORDED_TEMPLATE, names_hub_repository  # chat and serve read it
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install, quote
-from vicuna.train.data import IGNORE, Encoder, Prepared, load_conversations, prepare
+from vicuna.train.data import IGNORE, Encoder, Prepared, bad_records, prepare, read_conversations
 from vicuna.weights.disk import one_writer
 from vicuna.weights.manifest import redraws, transformers_bar
 
@@ -263,12 +263,22 @@ def read_and_tokenize(
     max_length: int | None,
     split_long: bool,
     progress: bool,
+    allow_bad: int = 0,
 ) -> tuple[Path, Any, Any, Prepared]:
-    """Read the conversations (bad records stop here, before anything loads), load the tokenizer and
-    template, and tokenize with the loss mask; returns the model folder, tokenizer, template and result."""
+    """Read the conversations (more bad records than `allow_bad` stop here, before anything loads; fewer
+    are left out), load the tokenizer and template, and tokenize with the loss mask; returns the model
+    folder, tokenizer, template and result."""
     from vicuna.engine.loader import read_config
 
-    conversations = load_conversations(data)
+    # FastChat dropped a conversation's first turn where it was a reply, without a word, and ShareGPT
+    # exports hold many such records: --allow-bad ("train even if up to N examples are bad") leaves them out
+    conversations, bad, total = read_conversations(data)
+    if len(bad) > allow_bad:
+        allowed = f"{len(bad)} records are bad, more than --allow-bad {allow_bad}: " if allow_bad else ""
+        raise VicunaError(
+            f"{allowed}{bad_records(bad, total)}. Fix them, or pass --allow-bad N to train without up to N "
+            "bad records and examples"
+        )
     folder, tokenizer, template = load_tokenizer_and_template(model_path, conv_template, conv_system_msg)
     prepared = prepare(
         conversations,
@@ -277,6 +287,7 @@ def read_and_tokenize(
         split_long=split_long,
         progress=progress,
     )
+    prepared.bad_records = bad
     if progress:
         print(f"{data}: {prepared.summary()} (template {template.name})", flush=True)
     return folder, tokenizer, template, prepared
@@ -808,6 +819,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any]) -> Path:
         max_length=cfg.max_length,
         split_long=cfg.split_long,
         progress=show,
+        allow_bad=cfg.allow_bad,
     )
     prepared.check_bad(cfg.allow_bad)  # before any model loads: a bad run stops in seconds
     if not prepared.examples:
