@@ -504,6 +504,13 @@ def with_system(template: Template, system: str | None) -> Template:
     return template if system is None else replace(template, system=system)  # type: ignore[type-var]
 
 
+# A model folder's chosen template: {"conv_template": NAME, "conv_system_msg": TEXT (when not the template's
+# default)}, written by `vicuna train`, and by a merge whose delta's name chose another template than the
+# merged folder's would; `vicuna chat` and `serve` read it.
+RECORDED_TEMPLATE = "vicuna.json"
+DEFAULT_TEMPLATE = "vicuna_v1.1"  # a model that neither its tokenizer nor its name says more of
+
+
 def choose_template_name(
     requested: str | None, *, has_chat_template: bool, model_name: str, special_tokens: Collection[str] = ()
 ) -> str:
@@ -528,7 +535,7 @@ def choose_template_name(
         _has_word(name, r"llama[-_]?3(\.[0-9])?") and _has_word(name, "instruct")
     ):
         return "llama-3"
-    return "vicuna_v1.1"
+    return DEFAULT_TEMPLATE
 
 
 def _has_word(name: str, word: str) -> bool:

@@ -321,6 +321,33 @@ def test_a_decapoda_base_whose_tokenizer_the_merge_takes_is_named_before_merging
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 
+def test_a_v0_delta_merged_into_a_folder_not_named_v0_keeps_v0_s_template(tmp_path, models, capsys):
+    """FastChat's v0 instructions merge lmsys/vicuna-13b-delta-v0 into `vicuna-13b`: chatted in v1.1's format
+    (a template is picked by the folder's name), v0 never saw its prompts nor stops at its '###'."""
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_tokenizer, pick_template
+
+    delta = make_delta(
+        models["base"], models["target-32001"], tmp_path / "vicuna-7b-delta-v0", progress=False
+    )
+    out = apply_delta(models["base"], delta, tmp_path / "vicuna-7b", progress=False)
+    assert "picks the vicuna_v0 template and vicuna-7b would not" in capsys.readouterr().err
+    assert json.loads((out / "vicuna.json").read_text()) == {"conv_template": "vicuna_v0"}
+    assert verify_manifest(out, progress=False) == []
+    template = pick_template(ModelSettings(model_path=str(out)), load_tokenizer(out), out, out.name)
+    assert template.name == "vicuna_v0"
+
+    named = apply_delta(models["base"], delta, tmp_path / "vicuna-7b-v0", progress=False)
+    assert not (named / "vicuna.json").exists()  # its name says v0 itself
+    with_own = shutil.copytree(delta, tmp_path / "own" / "vicuna-7b-delta-v0")
+    config = json.loads((with_own / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (with_own / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not (
+        apply_delta(models["base"], with_own, tmp_path / "m", progress=False) / "vicuna.json"
+    ).exists()
+
+
 def test_the_tutorial_s_mix_ups_are_named_before_merging(tmp_path, models):
     """Vicuna v0's delta (32001 rows) and LLaMA (32000) in the wrong places: each is said as what it is."""
     base = models["base"]

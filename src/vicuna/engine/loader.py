@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vicuna.config import ModelSettings
-from vicuna.conversation import HFTemplate, Template, choose_template_name, get_template, with_system
+from vicuna.conversation import (  # RECORDED_TEMPLATE: trainer and lora import it from here
+    RECORDED_TEMPLATE,
+    HFTemplate,
+    Template,
+    choose_template_name,
+    get_template,
+    with_system,
+)
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.weights import hub
@@ -27,8 +34,6 @@ if TYPE_CHECKING:  # imported in load_engine: the checks before loading need no 
 
 CONFIG = "config.json"
 HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name, as FastChat's --model-path takes it
-# {"conv_template": NAME, "conv_system_msg": TEXT (when not the template's default)}, by `vicuna train`
-RECORDED_TEMPLATE = "vicuna.json"
 
 
 def resolve_model_path(model_path: str | None, download: bool = True, progress: bool = True) -> Path:

@@ -4,11 +4,13 @@ float32 and stored in the delta's (apply) or the target's (make) dtype, with bou
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vicuna.conversation import RECORDED_TEMPLATE
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 
@@ -112,10 +114,18 @@ def _combine(
         lead_reader.release()
 
     copied = [*side_files(lead), *tokenizer_files_for(lead, base, lead_role)]
+    template = named_template(lead, out, copied)
+    if template is not None:
+        notice(
+            f"the {lead_role}'s name ({lead.name}) picks the {template} template and {out.name} would not: it is "
+            f"recorded in {out / RECORDED_TEMPLATE}, for chat and serve"
+        )
 
     def side(folder: Path) -> None:
         for path in copied:
             shutil.copyfile(path, folder / path.name)
+        if template is not None:
+            (folder / RECORDED_TEMPLATE).write_text(json.dumps({"conv_template": template}), encoding="utf-8")
         if extras is not None:
             extras(folder)
 
@@ -132,6 +142,29 @@ def _combine(
         description=f"{what} delta",
         progress=progress,
     )
+
+
+def named_template(lead: Path, out: Path, copied: list[Path]) -> str | None:
+    """The template that the delta's (or, making one, the target's) folder name picks, where it is not the
+    default one and the output's name would pick another and nothing else in the folder names one (a recorded template, the tokenizer's
+    own chat template): FastChat's instructions for Vicuna v0 merge lmsys/vicuna-13b-delta-v0 into
+    `vicuna-13b`, which then chatted in v1.1's format, never stopping at v0's '###'."""
+    from vicuna.conversation import DEFAULT_TEMPLATE, choose_template_name
+
+    def by_name(folder: Path) -> str:
+        return choose_template_name(None, has_chat_template=False, model_name=folder.name)
+
+    for path in copied:
+        if path.name == RECORDED_TEMPLATE or path.name.startswith("chat_template"):
+            return None
+        if path.name == "tokenizer_config.json":
+            try:
+                if "chat_template" in json.loads(path.read_text(encoding="utf-8")):
+                    return None
+            except ValueError:  # the tokenizer's check names a broken file
+                return None
+    template = by_name(lead)
+    return template if template not in (by_name(out), DEFAULT_TEMPLATE) else None
 
 
 def _layer_count(names: list[str]) -> int:
