@@ -415,6 +415,28 @@ def test_decapoda_s_blank_special_tokens_are_named_with_what_to_write(model_copy
     assert load_tokenizer(model_copy).eos_token_id == 2
 
 
+def test_an_interrupted_merge_is_told_to_be_finished_before_its_model_is_used(tmp_path, capsys):
+    """A merge or conversion cut short leaves NAME.partial with its first shards and no index. Chatting with
+    NAME was told that --model-path takes no name of Ollama's library; with NAME.partial, loading went on
+    for a while, then failed with transformers' 'no file named model.safetensors'."""
+    from tests.weights.test_checkpoint import UNIFORM_SHAPES, _interrupted_at_the_third_shard, random_state
+
+    out = tmp_path / "vicuna-7b-all-v1.1"
+    _interrupted_at_the_third_shard(out, random_state(UNIFORM_SHAPES))
+    again = "run the same command (convert, delta apply, get) again to finish it"
+    with pytest.raises(ModelLoadError) as named:
+        load(out)
+    assert (
+        str(named.value)
+        == f"{out} does not exist yet: {out}.partial holds the interrupted job that makes it; {again}"
+    )
+    assert cli(["chat", "--model-path", f"{out}.partial"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}.partial is an unfinished job's folder" in err and err.rstrip().endswith(
+        f"{again}, then use {out}"
+    )
+
+
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert cli(["chat", "--model-path", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -26,7 +26,7 @@ from vicuna.conversation import (  # RECORDED_TEMPLATE: trainer and lora import 
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.weights import hub
-from vicuna.weights.manifest import redraws, transformers_bar
+from vicuna.weights.manifest import redraws, transformers_bar, unfinished_job
 from vicuna.weights.tokenizer import blank_special_tokens_error, check_tokenizer
 
 if TYPE_CHECKING:  # imported in load_engine: the checks before loading need no torch
@@ -49,6 +49,10 @@ def resolve_model_path(model_path: str | None, download: bool = True, progress: 
     path = Path(model_path).expanduser()
     if names_hub_repository(model_path):
         return hub_model(model_path, download, progress)
+    # a merge or conversion cut short, whose first shards are there without their index: transformers said
+    # "no file named model.safetensors" after a while, and of NAME itself that Ollama's names are not taken
+    if said := unfinished_job(path, "use"):
+        raise ModelLoadError(said)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder{not_a_model_name(model_path)}")
     if path.is_file():

@@ -94,10 +94,7 @@ def _check_folder(folder: Path) -> Path:
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
     if not folder.is_dir() and staging.is_dir():  # `vicuna verify OUT` after an interrupted convert or merge
-        raise VicunaError(
-            f"{folder} does not exist yet: {staging} holds the interrupted job that makes it; run the same "
-            "command (convert, delta apply, get) again to finish it"
-        )
+        raise VicunaError(unfinished_job(folder))
     if not folder.exists():  # a mistyped path was called "not a folder", as if it were a file
         raise VicunaError(f"{folder}: no such folder")
     if not folder.is_dir():
@@ -122,16 +119,26 @@ def write_manifest(folder: Path, *, progress: bool = True, known: Mapping[str, s
     return manifest
 
 
+def unfinished_job(folder: Path, then: str = "") -> str | None:
+    """Where `folder` is made by a job cut short (a conversion, a merge, `get`'s download), which works in
+    NAME.partial and renames it to NAME once complete, with the manifest written last: what to do, to finish
+    it and then `then` (verify, use) the result. None where `folder` is neither NAME nor NAME.partial of one."""
+    again = "run the same command (convert, delta apply, get) again to finish it"
+    staging = folder.with_name(folder.name + ".partial")
+    if not folder.is_dir() and staging.is_dir():
+        return f"{folder} does not exist yet: {staging} holds the interrupted job that makes it; {again}"
+    if folder.name.endswith(".partial") and folder.is_dir() and not (folder / MANIFEST_NAME).is_file():
+        finished = folder.with_name(folder.name.removesuffix(".partial"))
+        return f"{folder} is an unfinished job's folder, which gets its {MANIFEST_NAME} last: {again}, then {then} {finished}"
+    return None
+
+
 def read_manifest(folder: Path) -> dict[str, str]:
     """The manifest of `folder` as {relative path: sha256 hex}."""
     folder = _check_folder(folder)
     manifest = folder / MANIFEST_NAME
-    if not manifest.is_file() and folder.name.endswith(".partial"):
-        finished = folder.with_name(folder.name.removesuffix(".partial"))
-        raise VicunaError(
-            f"{folder} is an unfinished job's folder, which gets its {MANIFEST_NAME} last: run the same command "
-            f"(convert, delta apply, get) again to finish it, then verify {finished}"
-        )
+    if said := unfinished_job(folder, "verify"):
+        raise VicunaError(said)
     if not manifest.is_file():
         raise VicunaError(f"{manifest} does not exist: this folder has no sha256 manifest to check against")
     try:
