@@ -437,6 +437,27 @@ def test_an_interrupted_merge_is_told_to_be_finished_before_its_model_is_used(tm
     )
 
 
+def test_a_training_run_that_has_not_written_its_model_says_to_resume_it_or_use_a_checkpoint(
+    tiny_llama_dir, tmp_path, capsys
+):
+    """`vicuna train --output-dir out` stopped (or running still) has its run record and checkpoints, not yet
+    its model: chatting with `out` was told only 'no config.json; expected an HF-format model folder'."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vicuna-train.json").write_text("{}")
+    with pytest.raises(ModelLoadError) as err:
+        load(out)
+    assert str(err.value) == (
+        f"{out} holds a training run that has not written its model yet (stopped, or still running): the "
+        "same `vicuna train` command with --resume finishes it"
+    )
+    for step in (2, 10):
+        shutil.copytree(tiny_llama_dir, out / f"checkpoint-{step}")
+    (out / "checkpoint-12").mkdir()  # being written: no config yet
+    assert cli(["chat", "--model-path", str(out)]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"its latest checkpoint is {out / 'checkpoint-10'}")
+
+
 def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert cli(["chat", "--model-path", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # imported in load_engine: the checks before loading need no 
     from vicuna.engine.engine import Engine
 
 CONFIG = "config.json"
+RUN_RECORD = "vicuna-train.json"  # in `vicuna train`'s --output-dir: the settings a resumed run must keep
 HUB_REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # owner/name, as FastChat's --model-path takes it
 
 
@@ -75,8 +76,27 @@ def resolve_model_path(model_path: str | None, download: bool = True, progress: 
                 f"{path}: a LoRA adapter, not a whole model; merge it first with `vicuna lora merge "
                 f"--base {quote(base) if base else 'BASE'} --adapter {quote(str(path))} --output OUT`"
             )
+        if (path / RUN_RECORD).is_file():
+            raise ModelLoadError(unfinished_training(path))
         raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
     return path
+
+
+def unfinished_training(output_dir: Path) -> str:
+    """What to do with a `vicuna train --output-dir` whose run has not written its model yet (stopped, or
+    running still), where 'no config.json' left its user to guess: finish the run, or use a checkpoint."""
+    steps = [p.name.removeprefix("checkpoint-") for p in output_dir.glob("checkpoint-*")]
+    latest = max(
+        (int(n) for n in steps if n.isdigit() and (output_dir / f"checkpoint-{n}" / CONFIG).is_file()),
+        default=None,
+    )
+    said = (
+        f"{output_dir} holds a training run that has not written its model yet (stopped, or still running): "
+        "the same `vicuna train` command with --resume finishes it"
+    )
+    if latest is not None:
+        said += f"; meanwhile its latest checkpoint is {output_dir / f'checkpoint-{latest}'}"
+    return said
 
 
 def not_a_model_name(model_path: str) -> str:

@@ -27,14 +27,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vicuna.engine.loader import RECORDED_TEMPLATE, names_hub_repository  # chat and serve read it
+from vicuna.engine.loader import (  # chat and serve read them
+    RECORDED_TEMPLATE,
+    RUN_RECORD,
+    names_hub_repository,
+)
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install, quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, bad_records, prepare, read_conversations
 from vicuna.weights.disk import one_writer
 from vicuna.weights.manifest import redraws, transformers_bar
 
-RUN_RECORD = "vicuna-train.json"  # the settings a resumed run must keep
 MIN_CAPABILITY = (7, 5)
 MAX_LENGTH = 2048  # tokens per example unless the model's context is shorter or --max-length says
 MODEL_FILES = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.index.json")
