@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from vicuna.cli import SPIN_COUNT
+from vicuna.fastchat_flags import UNSUPPORTED
 
 
 def test_openmp_spinning_is_shortened_before_torch_loads_unless_the_user_chose():
@@ -130,10 +131,11 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
             "chat --temperature 0.7 --repetition_penalty 1.2",
             "--repetition_penalty: here it is spelled --repetition-penalty",
         ),
-        # the tutorial's apply_delta, with the names FastChat's own docs use
+        # the tutorial's apply_delta, with the names FastChat's own docs use: all three at once
         (
             "delta apply --base-model-path llama-13b-hf --target-model-path vicuna-13b --delta-path vicuna-13b-delta-v1.1",
-            "--base-model-path: here it is --base",
+            "--base-model-path: here it is --base; --target-model-path: here it is --target; --delta-path: here "
+            "it is --delta",
         ),
         (
             "serve --model lmsys/vicuna-7b-v1.5",
@@ -141,8 +143,8 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
         ),  # ambiguous here, not in chat
         ("serve --model-path m --model-names vicuna-7b-v1.5", "--model-names: here it is --model-name"),
         (
-            "chat --model-path m --gptq-ckpt m/4bit.pt --gptq-wbits 4",
-            "--gptq-ckpt: GPTQ checkpoints are not supported",
+            "chat --model-path m --gptq-ckpt m/4bit.pt --gptq-wbits 4 --repetition_penalty 1.2",
+            f"--gptq-ckpt: {UNSUPPORTED['--gptq-ckpt']}; --repetition_penalty: here it is spelled --repetition-penalty",
         ),
         ("chat --model-path m --gpus 0,1 --num-gpus 2", "--gpus: choose the GPUs with CUDA_VISIBLE_DEVICES"),
         (
