@@ -208,6 +208,32 @@ def test_base_from_the_hub_and_rerun_downloads_nothing(models, tmp_path, monkeyp
         hub.server_close()
 
 
+def test_delta_apply_of_a_hub_delta_as_fastchat_took_it_gives_the_get_command_that_works(
+    models, tmp_path, monkeypatch, capsys
+):
+    """FastChat's README merges `--delta-path lmsys/vicuna-7b-delta-v1.1`, downloaded as it merges; `delta
+    apply` said only 'lmsys/vicuna-7b-delta-v1.1 is not a folder'."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(models["base"], tmp_path / "llama-7b-hf")
+    typed = "delta apply --base llama-7b-hf --delta lmsys/vicuna-tiny-delta --target models/vicuna-tiny"
+    assert main([*typed.split(), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    said = "vicuna get vicuna-tiny --dir models --base llama-7b-hf --delta lmsys/vicuna-tiny-delta"
+    assert err == (
+        "error: --delta lmsys/vicuna-tiny-delta: no such folder here; to download from the Hugging Face Hub "
+        f"and merge in one step: {said}"
+    )
+    hub = _serve(monkeypatch, {"lmsys/vicuna-tiny-delta": models["delta"]})
+    try:
+        assert main([*shlex.split(said)[1:], "--no-smoke-test", "--no-progress"]) == 0
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    assert_same_weights(tmp_path / "models" / "vicuna-tiny", models["target"])
+
+
 def test_the_downloads_a_merge_no_longer_needs_are_said_and_may_be_deleted(
     models, tmp_path, monkeypatch, capsys
 ):

@@ -298,8 +298,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
 
+def hub_ids_said(args: argparse.Namespace) -> None:
+    """FastChat's apply_delta took Hub repositories (its README merges `--delta-path
+    lmsys/vicuna-7b-delta-v1.1`), which `delta apply` answered with only 'lmsys/... is not a folder'; `get`
+    is the command that downloads them, and merges and checks the result."""
+    typed = {"--base": args.base, "--delta": args.delta}
+    hub = [
+        f"{flag} {path}"
+        for flag, path in typed.items()
+        if not path.exists() and not path.parent.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path))
+    ]
+    if hub:
+        target = args.target
+        raise VicunaError(
+            f"{' and '.join(hub)}: no such folder here; to download from the Hugging Face Hub and merge in one "
+            f"step: vicuna get {quote(target.name)} --dir {quote(str(target.parent))} --base "
+            f"{quote(str(args.base))} --delta {quote(str(args.delta))}"
+        )
+
+
 def main(args: argparse.Namespace) -> int:
     if args.action == "apply":
+        hub_ids_said(args)
         out = apply_delta(args.base, args.delta, args.target, progress=not args.no_progress)
         print(f"merged {args.delta} into {args.base}: {out}")
     else:
