@@ -433,8 +433,7 @@ class Prepared:
     def check_bad(self, allow_bad: int) -> None:
         """Refuse to train when more examples than `allow_bad` could not be labelled exactly (or than what
         the bad records left out already took of it)."""
-        if self.bad_records:
-            allow_bad -= len(self.bad_records)
+        allow_bad -= len(self.bad_records)
         if len(self.bad) > allow_bad:
             source, why = self.bad[0]
             what = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -48,34 +49,24 @@ def uses_bos(tokenizer: Any, config: Any) -> bool:
     return not isinstance(template, str) or "bos_token" in template
 
 
-def blank_special_tokens(folder: Path) -> list[str]:
-    """The special tokens that the folder's tokenizer_config.json and special_tokens_map.json set to "", as
-    "FILE 'FIELD'". decapoda-research's early LLaMA conversion, copied into many tutorials and mirrors, left
-    all three blank, and transformers' LLaMA tokenizer then fails to load with nothing but "RecursionError:
-    maximum recursion depth exceeded" (its blank unk_token is looked up as an unknown token, endlessly)."""
-    import json
-
+def blank_special_tokens_error(folder: Path) -> str | None:
+    """Why the folder's tokenizer cannot load, where its tokenizer_config.json or special_tokens_map.json
+    sets a special token to "", with what to write instead; None where none is blank. decapoda-research's
+    early LLaMA conversion, copied into many tutorials and mirrors, left all three blank, and transformers'
+    LLaMA tokenizer then fails with nothing but "RecursionError: maximum recursion depth exceeded" (its
+    blank unk_token is looked up as an unknown token, endlessly)."""
     blank = []
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         try:
             fields = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if not isinstance(fields, dict):
-            continue
-        for field in LLAMA_SPECIAL_TOKENS:
+        for field in LLAMA_SPECIAL_TOKENS if isinstance(fields, dict) else ():
             value = fields.get(field)
             if isinstance(value, dict):  # {"content": "</s>", "lstrip": false, ...}
                 value = value.get("content")
             if value == "":
                 blank.append(f"{name} '{field}'")
-    return blank
-
-
-def blank_special_tokens_error(folder: Path) -> str | None:
-    """Why the folder's tokenizer cannot load, where blank special tokens are the reason (see
-    `blank_special_tokens`), with what to write instead; None where none is blank."""
-    blank = blank_special_tokens(folder)
     if not blank:
         return None
     values = ", ".join(f'"{field}": "{token}"' for field, token in LLAMA_SPECIAL_TOKENS.items())
