@@ -146,8 +146,8 @@ def _combine(
 
 def named_template(lead: Path, out: Path, copied: list[Path]) -> str | None:
     """The template that the delta's (or, making one, the target's) folder name picks, where it is not the
-    default one and the output's name would pick another and nothing else in the folder names one (a recorded template, the tokenizer's
-    own chat template): FastChat's instructions for Vicuna v0 merge lmsys/vicuna-13b-delta-v0 into
+    default one, the output's name would pick another, and nothing else in the folder names one (a recorded
+    template, the tokenizer's own chat template): FastChat's instructions for Vicuna v0 merge lmsys/vicuna-13b-delta-v0 into
     `vicuna-13b`, which then chatted in v1.1's format, never stopping at v0's '###'."""
     from vicuna.conversation import DEFAULT_TEMPLATE, choose_template_name
 

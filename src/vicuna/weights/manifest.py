@@ -129,7 +129,10 @@ def unfinished_job(folder: Path, then: str = "") -> str | None:
         return f"{folder} does not exist yet: {staging} holds the interrupted job that makes it; {again}"
     if folder.name.endswith(".partial") and folder.is_dir() and not (folder / MANIFEST_NAME).is_file():
         finished = folder.with_name(folder.name.removesuffix(".partial"))
-        return f"{folder} is an unfinished job's folder, which gets its {MANIFEST_NAME} last: {again}, then {then} {finished}"
+        return (
+            f"{folder} is an unfinished job's folder, which gets its {MANIFEST_NAME} last: {again}, then "
+            f"{then} {finished}"
+        )
     return None
 
 
