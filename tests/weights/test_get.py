@@ -430,3 +430,22 @@ def test_a_base_where_the_merge_goes_is_not_taken_for_the_finished_merge(models,
     assert get(other, models["base"], models["delta"], "--no-smoke-test") == 2
     captured = capsys.readouterr()
     assert "ready" not in captured.out and f"{other / 'my-vicuna'} already exists" in captured.err
+
+
+def test_a_v0_model_s_smoke_chat_is_asked_in_v0_s_format_and_may_end_on_its_stop_text(
+    models, tmp_path, capsys
+):
+    """Vicuna v0 ends its replies with '###', not EOS: the smoke chat asked every model in v1.1's format and
+    required EOS, so a good v0 merge was reported as a wrong base or delta."""
+    from transformers import AutoTokenizer
+
+    from vicuna.conversation import Message, VicunaV0, render
+    from vicuna.weights.get import SMOKE_QUESTION
+
+    tokenizer = AutoTokenizer.from_pretrained(models["base"])
+    prompt_end = tokenizer(render(VicunaV0(), [Message("user", SMOKE_QUESTION)])).input_ids[-1]
+    reply = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" Paris ###"))
+    v0 = write_scripted(tmp_path / "v0", models["base"], 5, [prompt_end, *reply])  # then runs on
+    delta = write_delta(models["base"], v0, tmp_path / "vicuna-tiny-delta-v0")
+    assert get(tmp_path / "out", models["base"], delta) == 0
+    assert "reply: 'Paris' (ended on '###')" in capsys.readouterr().out

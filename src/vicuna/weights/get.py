@@ -248,7 +248,7 @@ def get(
     if smoke_test:
         print(f"[{name}] smoke chat: {SMOKE_QUESTION}")
         try:
-            reply = smoke_chat(model, max_new_tokens=max_new_tokens, progress=progress)
+            reply, ending = smoke_chat(model, max_new_tokens=max_new_tokens, progress=progress)
         except VicunaError as err:
             if len(sources) == 1:
                 raise
@@ -256,7 +256,7 @@ def get(
                 f"{err}. The merged model stays in {model}: if the base or delta was wrong, delete it and run "
                 "again with the right ones"
             ) from err
-        print(f"[{name}] reply: {reply!r} (ended on EOS)")
+        print(f"[{name}] reply: {reply!r} (ended on {ending})")
     # The base and delta fetched for the merge (26 GB for a 7B model) were kept without a word: a user
     # freeing disk did not know that the model no longer needs them, nor that a rerun fetches nothing again.
     fetched = [s.folder for s in sources if s.repo_id and len(sources) == 2 and s.folder.is_dir()]
@@ -272,16 +272,20 @@ def get(
     return model
 
 
-def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64, progress: bool = True) -> str:
-    """One greedy Vicuna-template reply; raise VicunaError when BOS/EOS are misconfigured or the reply does not
-    end on EOS within `max_new_tokens` (FastChat's "never stops" problem). transformers' bar for loading the
-    weights is drawn only with `progress` on a terminal: `get --no-progress` or in a log, it was drawn anyway."""
+def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64, progress: bool = True) -> tuple[str, str]:
+    """One greedy reply in the template `vicuna chat` will use, and what ended it (EOS, or the template's stop
+    text: Vicuna v0's '###', where the v1.1 prompt of old made a v0 model run on and fail the check); raise
+    VicunaError when BOS/EOS are misconfigured or the reply does not end within `max_new_tokens` (FastChat's
+    "never stops" problem). transformers' bar for loading the weights is drawn only with `progress` on a
+    terminal: `get --no-progress` or in a log, it was drawn anyway."""
     import sys
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vicuna.conversation import Message, VicunaV11, render
+    from vicuna.config import ModelSettings
+    from vicuna.conversation import Message, render
+    from vicuna.engine.loader import pick_template
     from vicuna.weights.manifest import redraws, transformers_bar
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -292,7 +296,9 @@ def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64, progress: bool = Tr
             f"{where}: the tokenizer's BOS/EOS are {tokenizer.bos_token!r}/{tokenizer.eos_token!r} (ids {bos}/{eos}); "
             "LLaMA needs <s> (1) and </s> (2), or replies never stop"
         )
-    prompt_ids = tokenizer(render(VicunaV11(), [Message("user", SMOKE_QUESTION)])).input_ids
+    template = pick_template(ModelSettings(model_path=str(model_dir)), tokenizer, model_dir, model_dir.name)
+    prompt = render(template, [Message("user", SMOKE_QUESTION)])
+    prompt_ids = tokenizer(prompt, add_special_tokens=template.add_special_tokens).input_ids
     if prompt_ids[0] != bos:
         raise VicunaError(f"{where}: the tokenizer does not start prompts with BOS {tokenizer.bos_token!r}")
 
@@ -316,15 +322,22 @@ def smoke_chat(model_dir: Path, *, max_new_tokens: int = 64, progress: bool = Tr
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=eos,
+            **({"stop_strings": list(template.stop), "tokenizer": tokenizer} if template.stop else {}),
         )
     reply = out[0, len(prompt_ids) :].tolist()
-    text = tokenizer.decode(reply, skip_special_tokens=True).strip()
-    if not reply or reply[-1] != eos:
-        raise VicunaError(
-            f"{model_dir}: the smoke chat did not end on EOS {tokenizer.eos_token!r} within {max_new_tokens} "
-            f"tokens (reply: {text[:200]!r}); check the tokenizer and the merge (wrong base or delta?)"
-        )
-    return text
+    text = tokenizer.decode(reply, skip_special_tokens=True)
+    if reply and reply[-1] == eos:
+        return text.strip(), "EOS"
+    for stop in template.stop:
+        if stop in text:
+            return text[: text.index(stop)].strip(), repr(stop)
+    said = f"EOS {tokenizer.eos_token!r}" + "".join(
+        f" or {stop!r}" for stop in template.stop if stop != tokenizer.eos_token
+    )
+    raise VicunaError(
+        f"{model_dir}: the smoke chat did not end on {said} within {max_new_tokens} tokens (reply: "
+        f"{text.strip()[:200]!r}); check the tokenizer and the merge (wrong base or delta?)"
+    )
 
 
 def _check_memory(model_dir: Path, device: str) -> None:
