@@ -42,6 +42,7 @@ from vicuna.textfile import read_json
 
 HISTORY_FILE = "chat_history"  # in $VICUNA_HOME: the messages typed, for the up arrow
 HISTORY_LINES = 1000
+MAX_NEW_TOKENS = 512  # --max-new-tokens not given, where the context window is at least twice as long
 CODE_ROWS_EVERY_S = 0.25  # `--style rich`: how often an open code block's rows past the screen are printed
 END_MARK = "__END_OF_MESSAGE__"  # --style programmatic: ends each message in and out
 FASTCHAT_END_MARK = "__END_OF_A_MESSAGE_47582648__"  # FastChat's, at the end of a line, in only
@@ -83,7 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--repetition-penalty", type=float, default=1.0, help="above 1: tokens already seen are less likely"
     )
-    g.add_argument("--max-new-tokens", type=int, default=512, help="longest reply, in tokens")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"longest reply, in tokens (default {MAX_NEW_TOKENS}, or half the model's context window if less)",
+    )
     g.add_argument("--seed", type=int, help="makes sampling repeatable (default, or -1: a new seed each run)")
     c = parser.add_argument_group("chat")
     c.add_argument("--no-history", action="store_true", help="answer each message on its own")
@@ -846,14 +851,19 @@ def from_fastchat(data: Any) -> Any:
     return messages
 
 
-def check_reply_budget(max_new_tokens: int, context_window: int) -> None:
-    """--max-new-tokens must leave room in the context window for the conversation."""
+def reply_budget(max_new_tokens: int | None, context_window: int) -> int:
+    """--max-new-tokens, which must leave room in the context window for the conversation; not given,
+    MAX_NEW_TOKENS, or half the window of a model whose window is shorter than twice that (a plain `vicuna
+    chat` of a model with a 256-token window was refused a --max-new-tokens the user never typed)."""
+    if max_new_tokens is None:
+        return min(MAX_NEW_TOKENS, context_window // 2)
     if max_new_tokens >= context_window:
         raise VicunaError(
             f"--max-new-tokens {max_new_tokens} does not fit this model's context window of "
             f"{context_window} tokens, which holds the conversation and the reply; use less than "
-            f"{context_window} (the default is 512)"
+            f"{context_window} (or leave it out: {min(MAX_NEW_TOKENS, context_window // 2)} for this model)"
         )
+    return max_new_tokens
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:
@@ -865,8 +875,9 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
         ("--top-p", args.top_p, 0 <= args.top_p <= 1, "at least 0 and at most 1"),
         ("--top-k", args.top_k, args.top_k >= 0, "at least 0"),
         ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0, "more than 0"),
-        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),  # 0: no reply
     ]
+    if args.max_new_tokens is not None:  # 0: no reply
+        checks.append(("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"))
     for flag, value, ok, rule in checks:
         if math.isnan(value):
             raise VicunaError(f"{flag} must be a number, not nan")
@@ -893,15 +904,13 @@ def main(args: argparse.Namespace) -> int:
         top_p=1.0 if greedy else args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
-        max_new_tokens=args.max_new_tokens,
         seed=None if args.seed == RANDOM_SEED else args.seed,
     )
     settings = model_settings_from_args(args)
     resolve_device(settings)  # flags that need no model are said before it is converted or read
     # refused before minutes of loading: the config says how long the context is
-    check_reply_budget(
-        params.max_new_tokens, context_window(read_config(resolve_model_path(args.model_path)))
-    )
+    window = context_window(read_config(resolve_model_path(args.model_path)))
+    params = replace(params, max_new_tokens=reply_budget(args.max_new_tokens, window))
     engine: Any = load_engine(settings)
     code_page = utf8_stdin()
     io = TerminalIO(

@@ -872,6 +872,21 @@ def test_top_p_0_is_greedy_decoding_as_in_the_api(tiny_llama_dir, monkeypatch):
     assert (used[0].temperature, used[0].top_p) == (0.0, 1.0)
 
 
+def test_max_new_tokens_not_given_fits_a_short_context_window(tiny_llama_dir, monkeypatch, capsys):
+    """A plain `vicuna chat` of a model with a 256-token window was refused '--max-new-tokens 512 does not
+    fit', a flag the user never typed: not given, it is 512 or half the window."""
+    import vicuna.engine.loader
+
+    used = []
+    monkeypatch.setattr(vicuna.engine.loader, "load_engine", lambda settings: EchoEngine())
+    monkeypatch.setattr(chat_module, "run_chat", lambda engine, io, params, **kwargs: used.append(params))
+    assert cli(["chat", "--model-path", str(tiny_llama_dir)]) == 0, capsys.readouterr().err
+    assert used[0].max_new_tokens == 128  # of 256
+    assert cli(["chat", "--model-path", str(tiny_llama_dir), "--max-new-tokens", "200"]) == 0
+    assert used[1].max_new_tokens == 200  # given: as typed
+    assert chat_module.reply_budget(None, 4096) == 512
+
+
 @pytest.mark.parametrize(("flag", "seed"), [("-1", None), ("7", 7)])
 def test_seed_minus_one_is_a_new_seed_each_run(tiny_llama_dir, monkeypatch, flag, seed):
     # as llama.cpp's `-s -1` and the API's `seed: -1`: it was taken as a fixed seed
