@@ -25,3 +25,18 @@ def test_running_out_of_memory_on_apple_s_gpu_gives_its_cache_back(monkeypatch):
     assert emptied == ["mps", "mps"]
     release_memory_after(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # not memory: kept
     assert emptied == ["mps", "mps"]
+
+
+def test_a_model_is_sized_again_only_when_its_config_differs(monkeypatch):
+    from tests.tiny_models import tiny_llama_config
+    from vicuna.engine import memory
+
+    built = []
+    empty_model = memory.empty_model
+    monkeypatch.setattr(memory, "empty_model", lambda config: built.append(config) or empty_model(config))
+    config = tiny_llama_config(vocab_size=411)
+    first = memory.model_size(config)
+    assert memory.model_size(tiny_llama_config(vocab_size=411)) == first  # an equal config: counted once
+    assert len(built) == 1
+    wider = memory.model_size(tiny_llama_config(vocab_size=411, intermediate_size=256))
+    assert len(built) == 2 and wider.params > first.params
