@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -21,6 +22,27 @@ def test_openmp_spinning_is_shortened_before_torch_loads_unless_the_user_chose()
     env["GOMP_SPINCOUNT"] = "123"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[-2] == "123"
+
+
+def test_no_help_imports_torch_transformers_or_a_web_framework():
+    """`vicuna COMMAND --help` is read in a second: `vicuna serve --help` imported FastAPI (~1 s on 2 busy
+    cores) for one default. Each command's help in turn, in one fresh process: the first to bring one in
+    is named."""
+    code = textwrap.dedent(
+        """
+        import contextlib, io, sys
+        from vicuna.cli import COMMANDS, main
+
+        heavy = ("torch", "transformers", "fastapi", "starlette", "gradio", "uvicorn")
+        for name in ["", *COMMANDS]:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+                main([name, "--help"] if name else ["--help"])
+            print(name or "vicuna", sorted(m for m in heavy if m in sys.modules))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert [line for line in out.splitlines() if not line.endswith(" []")] == []
+    assert len(out.splitlines()) > 10
 
 
 def test_text_the_output_encoding_lacks_is_replaced_not_a_crash(tmp_path):

@@ -48,6 +48,7 @@ from vicuna.config import SamplingParams
 from vicuna.engine.detok import IncrementalDecoder
 from vicuna.engine.events import Finished, TextChunk, TokenLogprob
 from vicuna.errors import ContextTooLongError, ServerBusyError, ShuttingDownError, VicunaError
+from vicuna.server import STREAM_INTERVAL_MS
 from vicuna.textfile import json_problem
 
 log = logging.getLogger("vicuna.server")
@@ -541,15 +542,6 @@ def _unpaired_surrogate(data: Any) -> str | None:
 # prompts; a larger one is refused before it is read. Unbounded, a 10 MB body grew the server by 300 MB
 # while it was tokenized (5.5 s of CPU on 2 cores) only to be refused as too long for the window.
 BODY_BYTES_PER_TOKEN = 1024
-
-# A streamed reply's text is handed to the event loop at most this often (its first token and its end at
-# once), and what arrived together is sent in one write. Each wake of the event loop and each write took
-# CPU from decoding on a small machine: on 2 cores, with `bench serve`'s client on them too, one stream
-# ran at 0.94-0.95x the engine's own decode rate every token as made (0.90-0.91x with 8-bit weights,
-# whose tokens come faster), and at 0.98-1.02x (0.97-1.0x) so. 20 ms is a little more than a 60 Hz
-# screen's frame: text appears as smoothly; an API client gets 2-6 tokens at a time at these rates
-# (`--stream-interval 0`: one).
-STREAM_INTERVAL_MS = 20.0
 
 
 def _filled(render: Callable[[str], str]) -> Callable[[str], str]:
