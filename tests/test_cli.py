@@ -45,6 +45,48 @@ def test_no_help_imports_torch_transformers_or_a_web_framework():
     assert len(out.splitlines()) > 10
 
 
+def program(body: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`body`, then the `vicuna` program with `argv`, in a fresh process."""
+    code = f"import sys\n{textwrap.dedent(body)}\nsys.argv = {['vicuna', *argv]!r}\nfrom vicuna.cli import run\nrun()"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_the_program_ends_without_python_s_teardown_but_with_its_atexit_functions_and_output():
+    """The teardown of an interpreter that loaded PyTorch and transformers took seconds after the command
+    was done (finalizing the objects of its modules one by one): it is skipped, and what the exit owes is
+    still done, the atexit functions first, then what is left of the output, with the command's status."""
+    body = """
+        import atexit
+
+        class Finalized:
+            def __del__(self):
+                print("finalized", flush=True)
+
+        kept = Finalized()  # a module's object: finalized only by the teardown
+        atexit.register(print, "atexit ran")
+        print("before", end="")  # in stdout's buffer until the exit
+        """
+    done = program(body, ["template", "list"])
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("beforevicuna_v1.1")
+    assert done.stdout.endswith("\natexit ran\n")
+    assert "finalized" not in done.stdout
+    done = program(body, ["verify", "no-such-folder"])
+    assert (done.returncode, done.stderr) == (2, "error: no-such-folder: no such folder\n")
+    assert done.stdout == "beforeatexit ran\n"
+
+
+def test_the_program_waits_for_a_thread_that_is_not_a_daemon():
+    body = """
+        import threading, time
+
+        threading.Thread(target=lambda: (time.sleep(0.5), print("thread done", flush=True))).start()
+        """
+    done = program(body, ["template", "list"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("thread done\n")
+
+
 def test_text_the_output_encoding_lacks_is_replaced_not_a_crash(tmp_path):
     # Windows writes output that goes to a file or a pipe in its ANSI code page (cp1252 in the West)
     (tmp_path / "m.json").write_text('[{"role": "user", "content": "你好"}]', encoding="utf-8")

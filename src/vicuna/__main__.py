@@ -1,5 +1,5 @@
 """`python -m vicuna` is the `vicuna` command."""
 
-from vicuna.cli import main
+from vicuna.cli import run
 
-raise SystemExit(main())
+run()
