@@ -378,6 +378,29 @@ def test_the_runner_the_engine_picks_gives_transformers_logits_past_the_original
     assert fast == (scaling is None or scaling["rope_type"] != "longrope")
 
 
+@pytest.mark.parametrize(
+    "overrides", [{"attention_bias": True}, {"mlp_bias": True}, {"hidden_act": "gelu"}], ids=str
+)
+def test_a_llama_with_biases_or_another_activation_runs_as_transformers_does(overrides):
+    """LLaMA-architecture checkpoints with biases on the projections (InternLM's, converted) or another
+    activation: the fused runner has no bias and gates with SiLU, so the engine must run them through
+    transformers' forward to give the model's own logits."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(300, **overrides)).eval()
+    for p in model.parameters():  # biases too: left at 0, a runner that drops them could not be told apart
+        p.data.normal_(0, 0.2)
+    fast = llama_fast_path_ok(model)
+    runner = LlamaRunner(LlamaWeights(model), None) if fast else HFRunner(model, torch.device("cpu"))
+    ref = HFRunner(model, torch.device("cpu"))
+    prompt = [3, 10, 57, 120, 299]
+    torch.testing.assert_close(runner.prefill(prompt), ref.prefill(prompt), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runner.step(42), ref.step(42), rtol=1e-4, atol=1e-4)
+
+
 def test_rows_are_float32_on_the_kernel_and_the_model_dtype_without_it(tiny_llama_dir, monkeypatch):
     from vicuna.engine import kernel
 
