@@ -650,6 +650,52 @@ def test_a_prompt_being_computed_in_pieces_can_be_cancelled(tiny_engine, monkeyp
     assert len(calls) == 2  # no piece after the cancel
 
 
+@pytest.mark.parametrize("failing", ["prefill", "more"])
+def test_a_prompt_whose_computing_fails_gets_the_error_and_the_batch_goes_on(
+    tiny_engine, monkeypatch, failing
+):
+    """Out of memory on a long prompt (its first piece, or a later one) fails that request alone: the reply
+    already running ends as it would have, and the next request is served."""
+    import queue
+
+    from vicuna.engine import batching
+
+    monkeypatch.setattr(batching, "PREFILL_PIECE", 16)
+    b = Batcher(tiny_engine, max_batch_size=4)
+    rows, long_ids = b._rows, tiny_engine.encode(" ".join(TEXTS) * 6)
+    real, failures = getattr(rows, failing), [1]
+
+    def out_of_memory(*args):
+        if len(args[-3]) == len(long_ids) and failures:  # (ids, histories, most), (runner, ids, done, most)
+            failures.pop()
+            raise MemoryError("simulated: no memory for the prompt's activations")
+        return real(*args)
+
+    setattr(rows, failing, out_of_memory)
+    step, added = rows.step, threading.Event()  # the running reply waits in the batch for the long prompt
+    rows.step = lambda tokens: (added.wait(60), step(tokens))[1]
+    running_job = (
+        tiny_engine.encode(TEXTS[0]),
+        SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True),
+    )
+    failed: queue.SimpleQueue = queue.SimpleQueue()
+    try:
+        events = b.generate(*running_job)
+        first = next(events)
+        b.add(long_ids, SamplingParams(temperature=0, max_new_tokens=8), failed.put)
+        added.set()
+        event = failed.get(timeout=60)  # the error, not a wait for ever
+        assert isinstance(event, MemoryError) and not failures
+        running_reply = reply([first, *events])
+        after = reply(
+            b.generate(tiny_engine.encode(TEXTS[1]), SamplingParams(temperature=0, max_new_tokens=8))
+        )
+    finally:
+        b.close()
+    assert same(running_reply, reply(tiny_engine.generate(*running_job)))
+    assert after[1].completion_tokens > 0 and b.running == 0 and b.waiting == 0
+
+
 def test_the_padded_cache_path_passes_its_cache_by_the_name_the_model_takes(tiny_engine):
     """Earlier transformers 5 releases take the cache as `past_key_values`: under the wrong name the prompt
     would be forgotten after its first token."""
