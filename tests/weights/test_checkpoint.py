@@ -321,6 +321,28 @@ def test_writer_resumes_and_restarts_when_inputs_change(tmp_path):
     assert made == list(state)  # other inputs: nothing is reused
 
 
+@pytest.mark.parametrize("damage", ["cut short", "emptied", "other tensors"])
+def test_a_resumed_job_makes_a_damaged_kept_shard_again(tmp_path, damage):
+    """A shard of the interrupted run that is not whole (a power cut can leave a renamed file empty or cut
+    short) or holds other tensors is made again, not kept: kept, the manifest would have hashed it as it
+    was, and the finished model verified with a broken shard in it."""
+    from safetensors.torch import load_file
+
+    state = random_state(UNIFORM_SHAPES)
+    _interrupted_at_the_third_shard(tmp_path / "out", state)
+    shard = tmp_path / "out.partial" / "model-00001-of-00003.safetensors"
+    if damage == "other tensors":
+        save_file({"layer.0.weight": state["layer.0.weight"]}, str(shard))
+    else:
+        shard.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) // 2 if damage == "cut short" else 0])
+    made = []
+    out = _write(tmp_path / "out", state, make=lambda spec: made.append(spec.name) or state[spec.name])
+    assert made == ["layer.0.weight", "layer.1.weight", "layer.4.weight", "layer.5.weight"]
+    assert verify_manifest(out, progress=False) == []
+    for name, tensor in load_file(str(out / "model-00001-of-00003.safetensors")).items():
+        assert torch.equal(tensor, state[name])
+
+
 def test_a_resumed_job_s_bar_starts_at_the_kept_shards(tmp_path, monkeypatch):
     """The bar's rate and time left come from what is advanced: the shards kept from the interrupted run
     are shown done from the start, not advanced as if made in no time (a resumed 5.8 GB convert showed
