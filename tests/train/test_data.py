@@ -409,6 +409,31 @@ def test_long_conversations_are_split_at_turns_or_truncated(tokenizer):
     assert [m for p in pieces for m in p[1:]] == messages[1:]  # and together they hold every turn once
 
 
+def test_a_long_conversation_the_chat_template_refuses_is_a_bad_example_with_split_long(tiny_llama_dir):
+    """--split-long measures a conversation by rendering it: one that Gemma 2's template refuses (a system
+    message) is a bad example, counted and named as in a run without the flag, and the others are trained."""
+    from tests.chat_templates import GEMMA2, family_tokenizer
+    from vicuna.engine.loader import template_for
+    from vicuna.train.data import Conversation
+
+    tok = family_tokenizer(tiny_llama_dir, GEMMA2)
+    encoder = Encoder(tok, template_for("hf", tok))
+    exchanges = [
+        m for i in range(6) for m in (Message("user", f"Hello! {i}"), Message("assistant", f"Hi! {i}"))
+    ]
+    convs = [
+        Conversation("with system", (Message("system", "Be brief."), *exchanges)),
+        Conversation("without", tuple(exchanges)),
+    ]
+    max_length = len(encoder.encode(exchanges)[0]) // 2
+    for split_long in (False, True):
+        prepared = prepare(convs, encoder, max_length=max_length, split_long=split_long)
+        assert [source for source, _ in prepared.bad] == ["with system"] and prepared.refused == 1
+        assert "refuses system messages" in prepared.bad[0][1]
+        assert {e.source.split(" part")[0] for e in prepared.examples} == {"without"}
+        assert (len(prepared.examples) > 1) == split_long
+
+
 def test_long_conversations_are_split_after_each_exchange_that_fits_with_the_system_prompt():
     system, (u, a) = Message("system", "s"), (Message("user", "u"), Message("assistant", "a"))
     # pieces of at most 4 messages: the system prompt counts, so one exchange each
