@@ -367,6 +367,30 @@ def test_peak_memory_stays_under_three_quarters_of_the_model(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ('{"dim": 64,', r"params\.json is not valid JSON"),
+        ("[64, 2, 4]", r"params\.json must hold a JSON object"),
+        ('{"dim": 64, "n_layers": 2, "n_heads": 5}', r"dim 64 is not a multiple of n_heads 5"),
+        ('{"dim": 12, "n_layers": 2, "n_heads": 4}', r"dim / n_heads = 3 is odd, but the rotary embedding"),
+        (
+            '{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 3}',
+            r"n_heads 4 is not a multiple of n_kv_heads 3",
+        ),
+    ],
+)
+def test_params_that_no_llama_has_are_refused_before_the_weights_are_read(tmp_path, text, said):
+    """A params.json edited by hand (or another model's) is refused naming the field, not with a reshape
+    error from the middle of the conversion."""
+    params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
+    meta = write_meta(tmp_path / "meta", params, meta_weights(params, VOCAB), 1)
+    (meta / "params.json").write_text(text)
+    with pytest.raises(VicunaError, match=said):
+        convert_meta(meta, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_params_that_do_not_describe_the_tensors_are_refused(tmp_path):
     """Shapes alone cannot tell a wrong n_layers (fewer layers than the files hold) or a wrong n_heads (same dim)."""
     params = BASE | {"n_heads": 4, "norm_eps": 1e-6}
