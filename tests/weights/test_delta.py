@@ -293,6 +293,26 @@ def test_a_delta_without_tokenizer_files_gets_the_base_s(tmp_path, models, capsy
     assert verify_manifest(out, progress=False) == []
 
 
+def test_a_merge_where_neither_folder_has_tokenizer_files_says_the_result_needs_one(tmp_path, models, capsys):
+    """The merge goes on (the weights are the hours of work), says the result has no tokenizer, and loading
+    the result then says which files to copy."""
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+    from vicuna.errors import ModelLoadError
+
+    no_tokenizer = shutil.ignore_patterns("tokenizer*", "special_tokens*")
+    delta = make_delta(models["base"], models["target"], tmp_path / "delta", progress=False)
+    bare_delta = shutil.copytree(delta, tmp_path / "bare-delta", ignore=no_tokenizer)
+    bare_base = shutil.copytree(models["base"], tmp_path / "bare-base", ignore=no_tokenizer)
+    out = apply_delta(bare_base, bare_delta, tmp_path / "merged", progress=False)
+    err = capsys.readouterr().err
+    assert f"neither the delta ({bare_delta}) nor the base ({bare_base}) has tokenizer files" in err
+    assert "needs one before it can chat" in err
+    assert not list(out.glob("tokenizer*")) and verify_manifest(out, progress=False) == []
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_engine(ModelSettings(model_path=str(out)), progress=False)
+
+
 def test_a_delta_with_a_blank_eos_is_refused_before_merging(tmp_path, models):
     delta = make_delta(models["base"], models["target"], tmp_path / "delta", progress=False)
     broken = shutil.copytree(delta, tmp_path / "broken")
