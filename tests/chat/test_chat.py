@@ -136,6 +136,24 @@ def test_an_unknown_command_is_refused_with_the_list_not_sent_to_the_model():
     assert [m[-1].content for m in engine.seen] == ["!!! wow", "hi"]
 
 
+def test_commands_that_cannot_be_done_and_a_message_that_is_not_text_are_said_not_sent():
+    """!!regen before any message, !!save and !!load without a file, and a line read from Latin-1 bytes (a
+    terminal set to ISO-8859-1: surrogate escapes that no tokenizer takes, nor GBK) each get a note, and
+    the chat goes on to the next message."""
+    engine = EchoEngine()
+    latin1 = "café au lait".encode("latin-1").decode("utf-8", "surrogateescape")
+    io = ScriptedIO(["!!regen", "!!save", "!!load  ", latin1, "hi"])
+    run_chat(engine, io, PARAMS)
+    assert io.notes == [
+        "(nothing to regenerate)",
+        "usage: !!save FILE",
+        "usage: !!load FILE",
+        "error: the message is not UTF-8 text: set the terminal to UTF-8, or convert what is piped in to UTF-8; "
+        "this message goes unanswered",
+    ]
+    assert [m[-1].content for m in engine.seen] == ["hi"] and len(engine.seen[0]) == 1
+
+
 def test_no_history_sends_each_message_alone():
     engine = EchoEngine()
     run_chat(engine, ScriptedIO(["a", "b", "c"]), PARAMS, history=False)
