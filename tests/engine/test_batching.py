@@ -236,6 +236,24 @@ def test_the_kv_cache_fits_the_free_memory_while_it_grows(tiny_engine, monkeypat
     assert peak <= free, (peak / free, b.kv_cache_tokens)
 
 
+def test_a_request_cancelled_while_it_waits_for_a_row_is_never_computed(tiny_engine, batcher, prefill_starts):
+    """A client gone while its request waits (the batch full, or the scheduler busy) ends "cancelled"
+    without its prompt computed; the request behind it is served."""
+    cancel = threading.Event()
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    release = hold_scheduler(batcher)
+    try:
+        gone = batcher.generate(tiny_engine.encode(TEXTS[0]), params, cancel=cancel)
+        served = batcher.generate(tiny_engine.encode(TEXTS[1]), params)
+        cancel.set()
+    finally:
+        release.set()
+    ended = reply(gone)[1]
+    assert ended.reason == "cancelled" and ended.completion_tokens == 0
+    assert reply(served)[1].completion_tokens == 8
+    assert prefill_starts == [0]  # the served prompt's alone
+
+
 def test_cancel_frees_the_row_at_once(tiny_engine, batcher):
     cancel, step, steps = threading.Event(), batcher._rows.step, itertools.count(1)
     # 900 tokens take ~0.1 s: past the third, the reply waits for the cancel, which a busy machine delays
