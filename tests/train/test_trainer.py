@@ -834,6 +834,32 @@ def test_inspect_refuses_a_negative_count_before_the_work(tiny_llama_dir, data_f
     assert capsys.readouterr().err == "error: -n must be at least 0 (0: show no example), not -1\n"
 
 
+def test_a_base_stored_as_pytorch_bin_is_saved_in_the_dtype_its_config_names(
+    tiny_llama_dir, data_file, tmp_path
+):
+    """Vicuna v1.3 and older come as float16 pytorch_model.bin files, whose dtype is read from config.json's
+    torch_dtype (the field's name before transformers 4.56): the model trained from one is float16 too, not
+    the float32 the CPU trained it in (twice the size)."""
+    import torch
+    from safetensors import safe_open
+
+    base = Path(shutil.copytree(tiny_llama_dir, tmp_path / "fp16-bin"))
+    state = weights(base)
+    torch.save({k: v.to(torch.float16) for k, v in state.items()}, base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    config = json.loads((base / "config.json").read_text())
+    config.pop("dtype", None)
+    (base / "config.json").write_text(json.dumps({**config, "torch_dtype": "float16"}))
+    out = tmp_path / "out"
+    args = ["train", "--model-path", str(base), "--data", str(data_file), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "1", "--warmup-ratio", "0"]) == 0
+
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # noqa: SIM118 (not iterable)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float16"
+
+
 def test_a_full_fine_tune_is_saved_in_the_base_models_dtype(tiny_llama_dir, data_file, tmp_path):
     import torch
     from safetensors import safe_open
