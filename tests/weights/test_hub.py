@@ -76,6 +76,7 @@ class FakeHub(ThreadingHTTPServer):
         self.repos = repos
         self.corrupt: set[str] = set()  # files served with wrong bytes
         self.forbidden: set[str] = set()  # files answered with a plain 403 (no Hub error code)
+        self.gated: set[str] = set()  # repos whose terms the token has not accepted
         self.drops: dict[str, int] = {}  # file -> how many more bodies to cut short after drop_at bytes
         self.drop_at = 30_000
         self.ranges: list[tuple[str, str | None]] = []  # (file, Range header) of each file's GET
@@ -116,7 +117,11 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._send(
                 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head
             )
+        if repo_id in hub.gated:
+            return self._send(403, b'{"error": "Access restricted"}', {"X-Error-Code": "GatedRepo"}, head)
         files = hub.repos[repo_id]
+        if api and parts[4:6] == ["revision", "nosuch"]:
+            return self._send(404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"}, head)
         if api and parts[4:5] in ([], ["revision"]):  # repo_info
             body = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": n} for n in files]}
             return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
@@ -383,6 +388,26 @@ def test_include_and_revision(hub, tmp_path):
     )
     assert hub.downloads() == ["config.json"]
     assert ("GET", "/api/models/org/tiny/revision/v1", "Bearer hf_test_token") in hub.log
+
+
+def test_a_gated_repository_or_a_revision_it_lacks_is_said_in_one_line(hub, tmp_path, capsys):
+    """meta-llama's repositories are gated: without their terms accepted the Hub refuses the token, and the
+    user is told where to accept them, not shown huggingface_hub's traceback. A --revision the repository
+    lacks was said in huggingface_hub's four lines ("404 Client Error.", a blank line, the URL, "Invalid rev
+    id"), without the revision asked for; it is one line that names it."""
+    hub.repos["meta/gated"] = dict(REPO)
+    hub.gated.add("meta/gated")
+    assert main(["download", "meta/gated", "--dir", str(tmp_path / "gated")]) == 2
+    err = capsys.readouterr().err
+    assert f"meta/gated is gated: accept its terms on {hub.endpoint} and set HF_TOKEN" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert main(["download", "org/tiny", "--revision", "nosuch", "--dir", str(tmp_path / "tiny")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: org/tiny has no revision 'nosuch' on {hub.endpoint}: --revision takes one of its branches, "
+        "tags or commits\n"
+    )
+    assert not (tmp_path / "gated").exists() and not (tmp_path / "tiny").exists()
 
 
 def test_hash_mismatch_deletes_the_file_and_says_so(hub, tmp_path, capsys):

@@ -134,7 +134,7 @@ def _hub_settings() -> dict:
 
 
 @contextmanager
-def hub_errors(repo_id: str) -> Iterator[None]:
+def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     """Turn huggingface_hub's and the network's errors, as planning a download meets them, into one-line
     VicunaErrors (the files' own transfer says its errors in `fetch_files`)."""
     from huggingface_hub.errors import (
@@ -167,8 +167,11 @@ def hub_errors(repo_id: str) -> Iterator[None]:
         raise VicunaError(
             f"{repo_id} was not found on {endpoint} (a private repo needs HF_TOKEN){ollama}"
         ) from err
-    except RevisionNotFoundError as err:
-        raise VicunaError(f"{repo_id} has no such revision: {err}") from err
+    except RevisionNotFoundError as err:  # its text: "404 Client Error.", a blank line, the URL, the server's
+        raise VicunaError(
+            f"{repo_id} has no revision {revision or 'main'!r} on {endpoint}: --revision takes one of its "
+            "branches, tags or commits"
+        ) from err
     except HfHubHTTPError as err:
         raise VicunaError(f"{endpoint} answered an error for {repo_id}: {err}") from err
     except Exception as err:
@@ -188,7 +191,7 @@ def plan_download(
     from huggingface_hub.hf_api import RepoFile
 
     api = HfApi(**_hub_settings())
-    with hub_errors(repo_id):
+    with hub_errors(repo_id, revision):
         commit = api.repo_info(repo_id, repo_type=repo_type, revision=revision).sha
         tree = [
             e
