@@ -39,6 +39,7 @@ from vicuna.conversation import Message, check_alternating, fit_history, parse_m
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
 from vicuna.textfile import read_json
+from vicuna.weights.disk import write_atomically
 
 HISTORY_FILE = "chat_history"  # in $VICUNA_HOME: the messages typed, for the up arrow
 HISTORY_LINES = 1000
@@ -796,14 +797,9 @@ def _save(arg: str, messages: list[Message], io: ChatIO, system: str | None = No
     if system is not None and not (messages and messages[0].role == "system"):
         messages = [Message("system", system), *messages]
     path = Path(arg).expanduser()
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(
-            json.dumps([m.__dict__ for m in messages], ensure_ascii=False, indent=2), encoding="utf-8"
-        )
-        tmp.replace(path)
+        write_atomically(path, json.dumps([m.__dict__ for m in messages], ensure_ascii=False, indent=2))
     except OSError as err:  # a missing folder, a denied permission: the chat goes on, nothing lost
-        tmp.unlink(missing_ok=True)
         io.info(f"error: cannot save to {path}: {err.strerror or err}; the conversation is unchanged")
         return
     io.info(f"(saved {len(messages)} messages to {path})")

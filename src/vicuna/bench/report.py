@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vicuna.errors import VicunaError
+from vicuna.weights.disk import write_atomically
 
 SCHEMA = 1
 ROW_KEYS = (
@@ -306,7 +307,7 @@ def _write_atomically(path: Path, write: Any) -> None:
 def write_json(report: Report, path: Path) -> None:
     check_output_path(path)
     text = json.dumps(report.to_dict(), indent=2) + "\n"
-    _write_atomically(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomically(Path(path), text)
 
 
 def minor_tick_label(value: float, decades: float) -> str:

@@ -3,7 +3,6 @@ the check that the model fits before loading starts (with the flags that would f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from vicuna.engine.memory import (
     probe_hardware,
 )
 from vicuna.errors import DoesNotFitError, VicunaError
+from vicuna.weights.disk import write_atomically
 
 log = logging.getLogger("vicuna.placement")
 
@@ -192,14 +192,10 @@ def fastest_cpu_dtype(config: Any, progress: bool = True) -> torch.dtype:
         fp32, bf16 = _time_reply(config, torch.float32), _time_reply(config, torch.bfloat16)
         # read again: what another start (another model) remembered while this one timed stays remembered
         known = {**remembered_dtypes(cache), key: "bfloat16" if bf16 < fp32 else "float32"}
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(known))
-            tmp.replace(cache)
+            write_atomically(cache, json.dumps(known))
         except OSError as err:  # a read-only or full $VICUNA_HOME (a container's): the answer still holds
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             log.warning(
                 "cannot remember the faster CPU dtype in %s (%s), so it is timed again on every start: make "
                 "that folder writable or set VICUNA_HOME to a writable one",

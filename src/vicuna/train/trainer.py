@@ -35,7 +35,7 @@ from vicuna.engine.loader import (  # chat and serve read them
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install, quote
 from vicuna.train.data import IGNORE, Encoder, Prepared, bad_records, prepare, read_conversations
-from vicuna.weights.disk import one_writer
+from vicuna.weights.disk import one_writer, write_atomically
 from vicuna.weights.manifest import redraws, transformers_bar
 
 MIN_CAPABILITY = (7, 5)
@@ -439,9 +439,7 @@ def start_or_resume(
             )
         if is_main:
             cfg.output_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-            tmp.replace(path)
+            write_atomically(path, json.dumps(record, indent=2))
         return None
     # a complete run (its model written) needs none: its checkpoints are often deleted to free the disk
     if checkpoint is None and not (cfg.output_dir / RECORDED_TEMPLATE).is_file():

@@ -24,7 +24,7 @@ import torch
 
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
-from vicuna.weights.disk import ensure_free_space, one_writer
+from vicuna.weights.disk import ensure_free_space, one_writer, write_atomically
 from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -366,9 +366,7 @@ def _prepare_staging(out: Path, staging: Path, plan_record: dict) -> None:
         elif any(staging.iterdir()):
             raise VicunaError(f"{staging} exists and was not made by vicuna; move it away or delete it")
     staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f"{PLAN_NAME}.tmp"
-    tmp.write_text(json.dumps(plan_record), encoding="utf-8")
-    os.replace(tmp, marker)
+    write_atomically(marker, json.dumps(plan_record))
 
 
 def write_checkpoint(

@@ -1,6 +1,7 @@
 """The disk under a job that writes a model (a download, a conversion, a merge, a training run): the free-disk
 check, so a long job is refused up front with the amount it needs instead of failing hours later on a full
-disk; the one-writer lock on its output; and `disk_full`, which knows a full disk in a failed write's words."""
+disk; the one-writer lock on its output; `disk_full`, which knows a full disk in a failed write's words; and
+`write_atomically`, for the small files (records, manifests) written beside it."""
 
 from __future__ import annotations
 
@@ -134,6 +135,19 @@ def _names(path: Path, handle: IO[str]) -> bool:
         return os.path.samestat(os.stat(path), os.fstat(handle.fileno()))
     except FileNotFoundError:
         return False
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a hidden temporary name beside `path`, renamed over it: a reader (or a job resumed after
+    a kill) never sees half a file, nor a temporary one in a listing; a failed write leaves none behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C too
+        with suppress(OSError):  # where nothing could be written, nothing is to be removed
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def disk_full(err: BaseException) -> bool:

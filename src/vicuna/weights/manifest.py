@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from vicuna.errors import VicunaError
+from vicuna.weights.disk import write_atomically
 
 MANIFEST_NAME = "SHA256SUMS"
 _CHUNK = 8 << 20
@@ -112,11 +113,8 @@ def write_manifest(folder: Path, *, progress: bool = True, known: Mapping[str, s
     with progress_bar(f"sha256 {folder.name}", total, enabled=progress) as advance:
         digests = {rel: known.get(rel) or sha256_of(folder / rel, advance) for rel in files}
     lines = [f"{digest}  {rel}\n" for rel, digest in digests.items()]
-    manifest = folder / MANIFEST_NAME
-    tmp = manifest.with_name(f".{MANIFEST_NAME}.tmp")  # hidden: never listed itself
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, manifest)
-    return manifest
+    write_atomically(folder / MANIFEST_NAME, "".join(lines))
+    return folder / MANIFEST_NAME
 
 
 def unfinished_job(folder: Path, then: str = "") -> str | None:

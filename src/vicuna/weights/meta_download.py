@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from vicuna.errors import VicunaError
+from vicuna.weights.disk import ensure_free_space, one_writer, write_atomically
 
 # Model-parallel shards of each model, by its folder under Meta's presigned URL; a URL serves one release.
 LLAMA_1 = {"7B": 1, "13B": 2, "30B": 4, "65B": 8}
@@ -144,9 +144,7 @@ def mark_verified(path: Path, md5: str) -> None:
     entries = _read_marker(marker)
     stat = path.stat()
     entries[path.name] = [md5, stat.st_size, stat.st_mtime_ns]
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries, indent=1), encoding="utf-8")
-    os.replace(tmp, marker)
+    write_atomically(marker, json.dumps(entries, indent=1))
 
 
 def verified_md5s(folder: Path) -> dict[str, str]:
@@ -303,8 +301,6 @@ def download_llama(
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
-
-    from vicuna.weights.disk import ensure_free_space, one_writer
 
     if "*" not in url or not url.startswith(("http://", "https://")):
         raise VicunaError(
