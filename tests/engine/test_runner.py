@@ -287,15 +287,6 @@ def test_rows_that_leave_free_their_cache_and_the_rest_go_on(tiny_llama_dir):
         decode(w, batch, [9, 9])
 
 
-def test_rotary_tables_grow_with_the_cache_and_keep_old_positions(tiny_llama_dir):
-    engine = load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="float32"), progress=False)
-    w = LlamaWeights(engine.model)
-    small = w.rope(10).clone()
-    large = w.rope(small.shape[1] + 1)
-    assert large.shape[1] > small.shape[1]
-    torch.testing.assert_close(large[:, : small.shape[1]], small)
-
-
 SCALINGS = [
     None,
     {"rope_type": "linear", "factor": 2.0},
@@ -324,7 +315,7 @@ def test_rotary_tables_are_transformers_own_up_to_the_context_window(scaling):
     w = LlamaWeights(model)
     small = w.rope(10).clone()
     table = w.rope(1000)
-    assert table.shape[1] >= 1000
+    assert small.shape[1] < 1000 <= table.shape[1]  # grown, not made whole at once
     torch.testing.assert_close(table[:, : small.shape[1]], small)
     cos, sin = model.model.rotary_emb(torch.zeros(1, 1), torch.arange(1000)[None])
     half = w.head_dim // 2
