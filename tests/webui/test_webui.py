@@ -119,6 +119,19 @@ def serve(app: fastapi.FastAPI) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+DONE = Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+
+
+def replying(reply: str) -> fastapi.FastAPI:
+    """The web UI over a chat that answers every message with `reply`, then DONE."""
+
+    def chat(messages, params, cancel):
+        yield TextChunk(reply, (1,))
+        yield DONE
+
+    return webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+
+
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
@@ -921,20 +934,14 @@ def test_browser_loads_no_image_a_reply_or_a_message_points_elsewhere(browser):
         f"Done ![x]({there}/markdown?said=secret) <img src='{there}/img'> "
         f"<div style='background: url({there}/css)'>a</div> <video src='{there}/video' autoplay></video>"
     )
-
-    def chat(messages, params, cancel):
-        yield TextChunk(reply, (1,))
-        yield Finished("stop", 3, 1, 0.1, 0.0, 0.1)
-
-    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
     try:
-        with serve(app) as url:
+        with serve(replying(reply)) as url:
             page = browser.new_page()
             page.goto(url)
             message = page.locator("#message textarea")
             message.fill(f"Summarize ![y]({there}/pasted)")
             message.press("Enter")
-            wait_for_status(page, stats_line(Finished("stop", 3, 1, 0.1, 0.0, 0.1)))
+            wait_for_status(page, stats_line(DONE))
             assert page.locator("#chatbot .bot-row img").count() == 2  # shown as Gradio shows them, but empty
             page.close()
     finally:
@@ -981,20 +988,13 @@ def test_browser_renders_a_reply_s_maths_in_latex_s_delimiters_and_leaves_code_a
         "Inline \\(x^2 + y^2\\), display \\[ \\int_0^1 x\\,dx \\] and $$E = mc^2$$.\n\n"
         "It costs $5, or $10 with tax. The regex `\\(\\d+\\)`:\n\n```\n\\[a\\]\n```"
     )
-    done = Finished("stop", 3, 1, 0.1, 0.0, 0.1)
-
-    def chat(messages, params, cancel):
-        yield TextChunk(reply, (1,))
-        yield done
-
-    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
-    with serve(app) as url:
+    with serve(replying(reply)) as url:
         page = browser.new_page()
         page.goto(url)
         message = page.locator("#message textarea")
         message.fill("Some maths, please")
         message.press("Enter")
-        wait_for_status(page, stats_line(done))
+        wait_for_status(page, stats_line(DONE))
         shown = page.locator("#chatbot .bot-row")
         shown.locator(".katex").first.wait_for(state="attached")  # KaTeX loads when a reply first needs it
         formulas = shown.locator(".katex annotation").evaluate_all("all => all.map((a) => a.textContent)")
@@ -1012,12 +1012,11 @@ def test_browser_renders_a_reply_s_maths_in_latex_s_delimiters_and_leaves_code_a
 def test_browser_keeps_the_system_prompt_and_the_settings_with_the_conversation(browser):
     # a reload kept the conversation but not its system prompt: the next message went without it
     calls: list[tuple[list[Message], SamplingParams]] = []
-    done = Finished("stop", 3, 1, 0.1, 0.0, 0.1)
 
     def chat(messages, params, cancel):
         calls.append((messages, params))
         yield TextChunk("Bonjour", (1,))
-        yield done
+        yield DONE
 
     app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
     with serve(app) as url:
@@ -1029,9 +1028,9 @@ def test_browser_keeps_the_system_prompt_and_the_settings_with_the_conversation(
         message = page.locator("#message textarea")
         message.fill("Hello")
         message.press("Enter")
-        wait_for_status(page, stats_line(done))
+        wait_for_status(page, stats_line(DONE))
         page.reload()
-        wait_for_status(page, stats_line(done))  # the conversation is back
+        wait_for_status(page, stats_line(DONE))  # the conversation is back
         page.wait_for_function(
             "() => document.querySelector('#system textarea').value === 'Answer in French.'"
         )
@@ -1083,7 +1082,7 @@ def test_browser_edits_an_earlier_message_and_answers_it_again(browser):
     def chat(messages, params, cancel):
         calls.append(messages)
         yield TextChunk(f"Echo: {messages[-1].content}", (1,))
-        yield Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+        yield DONE
 
     app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
     with serve(app) as url:
@@ -1121,21 +1120,14 @@ def test_browser_on_a_phone_shows_a_wide_table_s_words_whole_and_scrolls_it_with
     # Gradio breaks a message's words anywhere: a table was squeezed to a few letters a line
     words = ["name", "description", "value", "another", "column"]
     reply = f"| {' | '.join(words)} |\n|{'---|' * len(words)}\n| {' | '.join(w.upper() for w in words)} |"
-    done = Finished("stop", 3, 1, 0.1, 0.0, 0.1)
-
-    def chat(messages, params, cancel):
-        yield TextChunk(reply, (1,))
-        yield done
-
-    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
-    with serve(app) as url:
+    with serve(replying(reply)) as url:
         context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
         page = context.new_page()
         page.goto(url)
         message = page.locator("#message textarea")
         message.fill("A table, please")
         message.press("Enter")
-        wait_for_status(page, stats_line(done))
+        wait_for_status(page, stats_line(DONE))
         table = page.locator("#chatbot .bot-row table")
         # each cell's word on one line (its text one box), once the page has laid the reply out
         one_line = """() => Array.from(document.querySelectorAll('#chatbot .bot-row :is(th, td)')).every((cell) => {
@@ -1155,7 +1147,7 @@ def test_browser_on_a_phone_shows_a_wide_table_s_words_whole_and_scrolls_it_with
 def test_browser_undo_drops_the_last_exchange_and_puts_its_message_back_before_a_draft(browser):
     def chat(messages, params, cancel):
         yield TextChunk(f"Echo: {messages[-1].content}", (1,))
-        yield Finished("stop", 3, 1, 0.1, 0.0, 0.1)
+        yield DONE
 
     app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
     rows = (
