@@ -44,7 +44,7 @@ from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
 from vicuna.engine.engine import prompt_tokens
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob, decode_rate
-from vicuna.engine.memory import free_bytes, release_memory_after
+from vicuna.engine.memory import free_bytes, kv_values_per_token, release_memory_after
 from vicuna.engine.runner import PREFILL_PIECE, LlamaRunner, cache_arg, chunked, decode, shared_prefix
 from vicuna.engine.sampling import Sampler
 from vicuna.errors import ShuttingDownError, VicunaError
@@ -296,12 +296,8 @@ class Batcher:
     @property
     def kv_token_bytes(self) -> int:
         """Keys and values of one token, all layers, at the model's dtype."""
-        text = self.engine.model.config.get_text_config()
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         width = torch.finfo(self.engine.dtype).bits // 8 if self.engine.dtype.is_floating_point else 4
-        return 2 * text.num_hidden_layers * kv_heads * head_dim * width
+        return kv_values_per_token(self.engine.model.config) * width
 
     @property
     def kv_cache_bytes(self) -> int:

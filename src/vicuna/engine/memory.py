@@ -121,11 +121,16 @@ def count_size(config: Any) -> ModelSize:
     )
     tables = {id(t): t.numel() for t in (model.get_input_embeddings().weight, lm_head.weight)}  # tied: one
     int8 = linear + sum(tables.values())
+    return ModelSize(params, int8, kv_values_per_token(config))
+
+
+def kv_values_per_token(config: Any) -> int:
+    """Keys and values a KV cache stores per token, all layers (grouped-query attention's fewer KV heads)."""
     text = config.get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ModelSize(params, int8, 2 * text.num_hidden_layers * kv_heads * head_dim)
+    return 2 * text.num_hidden_layers * kv_heads * head_dim
 
 
 def parse_bytes(text: str) -> int:
