@@ -63,15 +63,7 @@ def test_a_reply_after_a_prompt_that_ends_in_byte_tokens_is_whole_characters(sp_
 
 
 def test_byte_level_bpe_streams_whole_characters():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # A byte-level BPE with no merges: every UTF-8 byte is its own token, the hardest case.
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    raw = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw)
+    tokenizer = byte_per_token_tokenizer()  # every UTF-8 byte its own token, the hardest case
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     assert len(ids) == len(TEXT.encode())
     pieces = stream(tokenizer, ids)
@@ -80,6 +72,7 @@ def test_byte_level_bpe_streams_whole_characters():
 
 
 def byte_per_token_tokenizer():
+    """A byte-level BPE with no merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
