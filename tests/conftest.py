@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def _vicuna_home():
     # owner/name is downloaded) fails at once here; the Hub's tests set a fake Hub of their own.
     os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
     yield
+
+
+class Terminal(io.StringIO):
+    """A screen that says it is a terminal, where bars are drawn and redrawn."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def screen() -> Terminal:
+    return Terminal()
 
 
 @pytest.fixture

@@ -637,16 +637,9 @@ def test_loading_into_a_log_draws_no_progress_bar(tiny_llama_dir, capfd):
 
 
 @pytest.mark.parametrize(("term", "drawn"), [("xterm-256color", True), ("dumb", False)])
-def test_loading_on_a_dumb_terminal_draws_no_progress_bar(tiny_llama_dir, monkeypatch, term, drawn):
+def test_loading_on_a_dumb_terminal_draws_no_progress_bar(tiny_llama_dir, monkeypatch, term, drawn, screen):
     """On a dumb terminal (TERM=dumb: Emacs' M-x shell, where Emacspeak reads out each redraw) the
     "Loading weights" bar was drawn as on any terminal, one line redrawn with carriage returns."""
-    import io
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    screen = Terminal()
     monkeypatch.setattr(sys, "stderr", screen)
     monkeypatch.setenv("TERM", term)
     load_engine(ModelSettings(model_path=str(tiny_llama_dir), device="cpu"))

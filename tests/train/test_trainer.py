@@ -515,18 +515,12 @@ def test_piped_output_is_lines_without_a_redrawn_bar(tiny_llama_dir, data_file, 
 
 
 def test_on_a_dumb_terminal_the_output_is_lines_without_a_redrawn_bar(
-    tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch
+    tiny_llama_dir, data_file, tmp_path, capsys, monkeypatch, screen
 ):
     """TERM=dumb (Emacs' M-x shell, where Emacspeak reads out each redraw; a carriage return shows as ^M):
     the run drew its step bar and transformers' loading bar as on any terminal."""
-    import io
     import sys
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    screen = Terminal()
     monkeypatch.setattr(sys, "stderr", screen)
     monkeypatch.setenv("TERM", "dumb")
     out = tmp_path / "out"
@@ -539,18 +533,13 @@ def test_on_a_dumb_terminal_the_output_is_lines_without_a_redrawn_bar(
 
 
 def test_on_a_terminal_the_step_bar_ends_once_before_the_done_line(
-    tiny_llama_dir, data_file, tmp_path, monkeypatch
+    tiny_llama_dir, data_file, tmp_path, monkeypatch, screen
 ):
     """The "done:" line was written through the step bar, which tqdm then drew again below it (its final
     100% drawn a second time, after the line meant to end the run)."""
-    import io
     import sys
 
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    screen = Terminal()  # one screen: the bar on stderr, the lines on stdout
+    # one screen: the bar on stderr, the lines on stdout
     monkeypatch.setattr(sys, "stderr", screen)
     monkeypatch.setattr(sys, "stdout", screen)
     monkeypatch.setenv("TERM", "xterm")
