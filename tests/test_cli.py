@@ -159,31 +159,20 @@ def test_a_stop_signal_ends_a_command_as_ctrl_c_does_cleaning_up_and_saying_how_
 
 
 def test_every_flag_of_every_command_says_what_it_does_and_its_default():
-    import argparse
-
-    from vicuna.cli import COMMANDS, command_parser
-
-    def parsers(parser):
-        yield parser
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                yield from action.choices.values()
-
     missing = []
-    for name in COMMANDS:
-        for parser in parsers(command_parser(name)):
-            formatter = parser._get_formatter()
-            for action in parser._actions:
-                if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
-                    continue
-                flag = f"{parser.prog} {(action.option_strings or [action.dest])[-1]}"
-                if not action.help:
-                    missing.append(f"{flag}: no help")
-                elif action.default not in (None, False) or action.default == 0:  # 0 is a default to show
-                    shown = "default" in formatter._expand_help(action) or action.default is False
-                    missing += [] if shown else [f"{flag}: default {action.default!r} not shown"]
-                    if "(default: )" in formatter._expand_help(action):  # an empty default says nothing
-                        missing.append(f"{flag}: default shown as nothing")
+    for parser in _all_parsers():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            flag = f"{parser.prog} {(action.option_strings or [action.dest])[-1]}"
+            if not action.help:
+                missing.append(f"{flag}: no help")
+            elif action.default not in (None, False) or action.default == 0:  # 0 is a default to show
+                shown = "default" in formatter._expand_help(action) or action.default is False
+                missing += [] if shown else [f"{flag}: default {action.default!r} not shown"]
+                if "(default: )" in formatter._expand_help(action):  # an empty default says nothing
+                    missing.append(f"{flag}: default shown as nothing")
     assert not missing, "\n".join(missing)
 
 
