@@ -796,12 +796,13 @@ def train(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
     into the same folder meanwhile is refused: both ran to 'done', writing their checkpoints and models over
     each other's and pruning each other's checkpoints, the folder left with one's model and the other's
     record of settings."""
-    main = int(os.environ.get("RANK", "0")) == 0  # the other ranks of a multi-GPU run share its folder
-    with one_writer(cfg.output_dir, cfg.output_dir) if main else contextlib.nullcontext():
-        return _train(cfg, callbacks)
+    # accelerate launch / torchrun: rank 0 reports and holds the folder the other ranks share
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with one_writer(cfg.output_dir, cfg.output_dir) if is_main else contextlib.nullcontext():
+        return _train(cfg, callbacks, is_main)
 
 
-def _train(cfg: TrainConfig, callbacks: Sequence[Any]) -> Path:
+def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
     import torch
     from transformers import TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -809,7 +810,6 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any]) -> Path:
     check_gpus(cfg.force)
     if cfg.qlora:
         check_qlora()
-    is_main = int(os.environ.get("RANK", "0")) == 0  # accelerate launch / torchrun: rank 0 reports
     compute_dtype, mixed = precision(cfg.dtype, warn=is_main)
     show = cfg.progress and is_main
     folder, tokenizer, template, prepared = read_and_tokenize(
