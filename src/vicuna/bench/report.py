@@ -28,9 +28,9 @@ JSON layout (`schema` 1), the same for `latency`, `serve` and `memory`:
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import platform
 import sys
 import tempfile
@@ -294,16 +294,6 @@ def check_plotting() -> None:
         raise VicunaError(f"--plot: matplotlib cannot draw the chart ({err})") from None
 
 
-def _write_atomically(path: Path, write: Any) -> None:
-    """Write to a temporary name beside `path` and rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(report: Report, path: Path) -> None:
     check_output_path(path)
     text = json.dumps(report.to_dict(), indent=2) + "\n"
@@ -366,14 +356,12 @@ def write_plot(report: Report, path: Path) -> None:
 
     check_output_path(path, suffix=".png")
     fig = ratio_chart(report)
-
-    def save(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
+    png = io.BytesIO()
     try:
-        _write_atomically(Path(path), save)
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
+    write_atomically(Path(path), png.getvalue())
 
 
 def emit(report: Report, *, json_path: Path | None, plot_path: Path | None) -> None:

@@ -137,12 +137,16 @@ def _names(path: Path, handle: IO[str]) -> bool:
         return False
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a hidden temporary name beside `path`, renamed over it: a reader (or a job resumed after
-    a kill) never sees half a file, nor a temporary one in a listing; a failed write leaves none behind."""
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to a hidden temporary name beside `path`, renamed over it: a reader (or a
+    job resumed after a kill) never sees half a file, nor a temporary one in a listing; a failed write leaves
+    none behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C too
         with suppress(OSError):  # where nothing could be written, nothing is to be removed
