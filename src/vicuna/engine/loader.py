@@ -223,14 +223,7 @@ def read_config(folder: Path) -> Any:
     """The model's config, refused early when it is not a causal language model transformers can run."""
     from transformers import AutoConfig
 
-    try:
-        raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelLoadError(f"{folder / CONFIG}: not valid JSON ({err})") from None
-    if not isinstance(raw, dict):  # `[]`, `null`: a model's config is an object of fields
-        raise ModelLoadError(
-            f"{folder / CONFIG}: expected a JSON object of fields, found {type(raw).__name__}"
-        )
+    raw = json_fields(folder / CONFIG)
     archs = raw.get("architectures") or []
     # a string was read one letter at a time ("architecture L"); a null in the list had no `endswith`
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
@@ -272,18 +265,25 @@ def read_config(folder: Path) -> Any:
     return config
 
 
-def check_generation_config(path: Path) -> None:
-    """The token ids that end a reply, where the folder has this file: loading it, transformers passed over
-    one that is not valid JSON without a word (a model that ends its turn with an id said only there then
-    went on past it), and ended in a TypeError at a list or at an id written as a string."""
-    if not path.is_file():
-        return
+def json_fields(path: Path) -> dict:
+    """The JSON object of fields a model's file holds; refused, naming the file, where it is not valid JSON
+    (or not UTF-8) or holds something else (`[]`, `null`)."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:  # JSON or UTF-8
         raise ModelLoadError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path}: expected a JSON object of fields, found {type(raw).__name__}")
+    return raw
+
+
+def check_generation_config(path: Path) -> None:
+    """The token ids that end a reply, where the folder has this file: loading it, transformers passed over
+    one that is not valid JSON without a word (a model that ends its turn with an id said only there then
+    went on past it), and ended in a TypeError at a list or at an id written as a string."""
+    if not path.is_file():
+        return
+    raw = json_fields(path)
     for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = raw.get(field)
         ids = value if isinstance(value, list) else [value]
