@@ -335,11 +335,11 @@ def test_a_model_typed_as_ollama_takes_it_is_told_to_go_after_model_path(command
         f"(`vicuna {command} --model-path qwen2.5:7b`)"
     )
     with pytest.raises(SystemExit):  # a subcommand's (bench latency), among other flags: where it goes
-        main(["bench", "latency", "llama3", "--max-new-tokens", "8"])
+        main(["bench", "latency", "llama3", "--new-tokens", "8"])
     assert (
         capsys.readouterr()
         .err.splitlines()[-1]
-        .endswith("(`vicuna bench latency --model-path llama3 --max-new-tokens 8`)")
+        .endswith("(`vicuna bench latency --model-path llama3 --new-tokens 8`)")
     )
     with pytest.raises(SystemExit):  # a value argparse leaves over elsewhere is said as before
         main(["verify", "a", "b"])
@@ -370,3 +370,20 @@ def test_ollama_s_commands_name_what_does_their_work_here(tmp_path, monkeypatch,
     ):
         assert main(typed) == 2
         assert capsys.readouterr().err.startswith(f"vicuna: error: {said}")
+
+
+def test_a_flag_the_chat_lacks_after_the_model_is_not_told_to_be_piped_as_a_question(capsys):
+    """`vicuna chat M --top-p-x 0.9` (a model typed as LitGPT and Ollama take it, then a flag vicuna lacks)
+    was told `echo '--top-p-x 0.9' | vicuna chat --model-path M`: the flag piped to the model as a message."""
+    from vicuna.cli import main
+
+    for typed, left in (
+        (["tiny", "--top-p-x", "0.9"], "tiny --top-p-x 0.9"),
+        (["--model-path", "tiny", "hi", "--top-p-x"], "hi --top-p-x"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(["chat", *typed])
+        assert stop.value.code == 2
+        assert (
+            capsys.readouterr().err.splitlines()[-1] == f"vicuna chat: error: unrecognized arguments: {left}"
+        )

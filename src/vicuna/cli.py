@@ -86,7 +86,14 @@ class CommandParser(argparse.ArgumentParser):
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
                 options |= set(action.choices[getattr(parsed, action.dest)]._option_string_actions)
-        if extra and not extra[0].startswith("-") and extra[0] in self.typed and "--model-path" in options:
+        # not where a flag the command lacks was left over too (`vicuna chat M --precision bf16-true`): the
+        # words after the model are then no question to pipe, nor is the command right with the model moved
+        if (
+            extra
+            and not any(word.startswith("-") and word.split("=")[0] not in options for word in extra)
+            and extra[0] in self.typed
+            and "--model-path" in options
+        ):
             # `vicuna chat llama3`, as `ollama run llama3` takes its model: argparse said only "unrecognized
             # arguments: llama3"; and `vicuna chat --model-path M "a question"` (or `vicuna chat M "a
             # question"`), as `ollama run M "a question"` takes one, was told to name the question as the model
