@@ -387,3 +387,22 @@ def test_a_flag_the_chat_lacks_after_the_model_is_not_told_to_be_piped_as_a_ques
         assert (
             capsys.readouterr().err.splitlines()[-1] == f"vicuna chat: error: unrecognized arguments: {left}"
         )
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "train --model-path m --data d.json --epoch-count 2",  # 2 was taken for train's subcommand
+        "lora merge --base m --adapter a --out-dir merged",  # --output was said to be missing
+    ],
+)
+def test_a_flag_the_command_lacks_is_named_where_argparse_erred_over_its_value(typed, capsys):
+    """A flag that `vicuna train` does not take, with a value, was answered "argument inspect: invalid
+    choice: '2' (choose from 'inspect')": its value read as the subcommand; the flag was not named."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(typed.split())
+    assert stop.value.code == 2
+    flag = typed.split()[-2]
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: unrecognized argument {flag}")

@@ -122,13 +122,19 @@ class CommandParser(argparse.ArgumentParser):
         return parsed
 
     def error(self, message: str) -> NoReturn:
-        from vicuna.fastchat_flags import advice
+        from vicuna.fastchat_flags import advice, unknown_flags
 
         known = set(self._option_string_actions)
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for sub in action.choices.values():
                     known |= set(sub._option_string_actions)
+        unknown = unknown_flags(self.typed, known)
+        if unknown and not message.startswith("unrecognized argument"):
+            # argparse's error may follow from a flag it did not know: `vicuna train ... --foo 3` took 3 for
+            # the subcommand (`argument inspect: invalid choice: '3'`), `lora merge --out-dir x` said --output
+            # is required; the flag is what to fix
+            message = f"unrecognized argument {unknown[0]}"
         super().error(advice(self.typed, known) or message)
 
 

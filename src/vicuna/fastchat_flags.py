@@ -92,31 +92,26 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+def unknown_flags(typed: Sequence[str], known: Collection[str]) -> list[str]:
+    """The flags among `typed` that the command does not take (`known`: its option strings), in order."""
+    flags = [token.split("=", 1)[0] for token in typed if token.startswith("--") and token != "--"]
+    # taken as it is, or as argparse takes a unique abbreviation
+    return [
+        flag for flag in flags if flag not in known and sum(option.startswith(flag) for option in known) != 1
+    ]
+
+
 def advice(typed: Sequence[str], known: Collection[str]) -> str | None:
-    """What to type instead of each FastChat spelling among `typed` that the command does not take (`known`:
-    its option strings), or None where there is none to say. Each at once: FastChat's apply_delta command,
-    pasted, has three flags named otherwise here, and was answered about one per run. A reason shared by
-    several flags (--gptq-ckpt, --gptq-wbits) is said once, with the first."""
-    said: list[str] = []
-    reasons: set[str] = set()
-    for token in typed:
-        if not token.startswith("--"):
-            continue
-        flag = token.split("=", 1)[0]
-        if flag in known or sum(option.startswith(flag) for option in known) == 1:
-            continue  # taken as it is, or as argparse takes a unique abbreviation
+    """What to type instead of the first FastChat spelling among `typed` that the command does not take
+    (`known`: its option strings), or None where there is none to say."""
+    for flag in unknown_flags(typed, known):
         if RENAMED.get(flag) in known:
-            reason = f"here it is {RENAMED[flag]}"
-        elif flag in UNSUPPORTED:
-            reason = UNSUPPORTED[flag]
-        elif flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
-            reason = f"here it is spelled {flag.replace('_', '-')}"
-        else:
-            continue
-        if reason not in reasons:
-            reasons.add(reason)
-            said.append(f"{flag}: {reason}")
-    return "; ".join(said) or None
+            return f"{flag}: here it is {RENAMED[flag]}"
+        if flag in UNSUPPORTED:
+            return f"{flag}: {UNSUPPORTED[flag]}"
+        if flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
+            return f"{flag}: here it is spelled {flag.replace('_', '-')}"
+    return None
 
 
 def ollama_advice(command: str) -> str | None:
