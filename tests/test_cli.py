@@ -205,6 +205,32 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
             "--controller-address: vicuna has no controller",
         ),
         ("download-llama --model_size 13B --folder llama", "--model_size: here it is spelled --model-size"),
+        # LitGPT's, as its users type them (a value argparse would otherwise take for train's subcommand)
+        (
+            "chat llama --precision bf16-true",
+            "--precision: here it is --dtype (--precision bf16-true: --dtype bfloat16)",
+        ),
+        (
+            "serve --model-path m --precision=16-true",
+            "--precision: here it is --dtype (--precision 16-true: --dtype float16)",
+        ),
+        ("chat --model-path m --quantize bnb.nf4", "--quantize: here it is --load-8bit (int8 weights"),
+        ("train --data d.json --lora --quantize bnb.nf4", "--quantize: here a 4-bit (NF4) base is --qlora"),
+        ("train --data JSON --data.json_path d.json", "--data.json_path: here it is --data"),
+        ("train --data d.json --train.epochs 1", "--train.epochs: here it is --epochs"),
+        ("train --data d.json --optimizer.lr 2e-4", "--optimizer.lr: here it is --lr"),
+        (
+            "train --data d.json --train.micro_batch_size 2",
+            "--train.micro_batch_size: here it is --batch-size",
+        ),
+        ("train --data d.json --out_dir out/lora", "--out_dir: here it is --output-dir"),
+        ("lora merge --base m --adapter a --out_dir merged", "--out_dir: here it is --output"),
+        ("download o/n --out_dir checkpoints/o/n", "--out_dir: here it is --dir"),
+        (
+            "train --data d.json --lora --lora_mlp true",
+            "--lora_mlp: here the layers are chosen with --lora-target",
+        ),
+        ("serve --model-path m --devices 2", "--devices: here it is --num-gpus"),
     ],
 )
 def test_a_fastchat_spelling_is_answered_with_what_to_type_here(command, said, capsys):
@@ -219,7 +245,7 @@ def test_a_fastchat_spelling_is_answered_with_what_to_type_here(command, said, c
 
 def test_a_flag_taken_here_is_never_answered_as_fastchat_s():
     from vicuna.cli import COMMANDS, command_parser
-    from vicuna.fastchat_flags import RENAMED, advice
+    from vicuna.fastchat_flags import OUTPUT_FLAGS, RENAMED, advice
 
     # `--model` is taken by `vicuna chat` as argparse takes an abbreviation: another error is not about it
     known = set(command_parser("chat")._option_string_actions)
@@ -233,7 +259,7 @@ def test_a_flag_taken_here_is_never_answered_as_fastchat_s():
             if isinstance(action, argparse._SubParsersAction):
                 for sub in action.choices.values():
                     everywhere |= set(sub._option_string_actions)
-    assert set(RENAMED.values()) <= everywhere
+    assert set(RENAMED.values()) | set(OUTPUT_FLAGS) <= everywhere
 
 
 def test_fastchat_s_module_as_a_command_names_the_vicuna_command(capsys):
@@ -406,3 +432,24 @@ def test_a_flag_the_command_lacks_is_named_where_argparse_erred_over_its_value(t
     assert stop.value.code == 2
     flag = typed.split()[-2]
     assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: unrecognized argument {flag}")
+
+
+def test_litgpt_s_commands_name_what_does_their_work_here(capsys):
+    from vicuna.cli import main
+
+    for typed, said in (
+        (
+            ["finetune_lora", "checkpoints/m"],
+            "vicuna train --model-path MODEL --data FILE.json --output-dir DIR --lora",
+        ),
+        (["finetune", "checkpoints/m"], "vicuna train --model-path MODEL --data FILE.json --output-dir DIR"),
+        (["merge_lora", "out/final"], "vicuna lora merge --base MODEL --adapter DIR --output MERGED"),
+        (["generate", "m", "--prompt", "hi"], "echo PROMPT | vicuna chat --model-path MODEL"),
+        (
+            ["convert_to_litgpt", "m"],
+            "no conversion needed: vicuna runs a Hugging Face-format folder as it is",
+        ),
+        (["evaluate", "m"], "vicuna serve --model-path MODEL, then lm_eval --model local-completions"),
+    ):
+        assert main(typed) == 2
+        assert capsys.readouterr().err.startswith(f"vicuna: error: {typed[0]} is LitGPT's; here: {said}")

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS:
         from vicuna.fastchat_flags import COMMANDS as FASTCHAT_COMMANDS
-        from vicuna.fastchat_flags import ollama_advice
+        from vicuna.fastchat_flags import litgpt_advice, ollama_advice
 
         module = argv[0].rsplit(".", 1)[-1]  # `vicuna cli`, `vicuna fastchat.serve.cli`: FastChat's modules
         if module in FASTCHAT_COMMANDS:
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        if said := ollama_advice(argv[0]):  # `vicuna run`, `vicuna pull`, `vicuna list`: Ollama's commands
+        # `vicuna run`, `vicuna pull`, `vicuna list`: Ollama's commands; `vicuna finetune_lora`: LitGPT's
+        if said := ollama_advice(argv[0]) or litgpt_advice(argv[0]):
             print(f"vicuna: error: {said}", file=sys.stderr)
             return 2
     if not argv or argv[0] not in COMMANDS:

@@ -1,10 +1,11 @@
-"""FastChat's (and Ollama's) command-line spellings that vicuna takes under another name or lacks, and what to
-type instead.
+"""FastChat's (and Ollama's and LitGPT's) command-line spellings that vicuna takes under another name or lacks,
+and what to type instead.
 
 Users come with FastChat's commands in their fingers and in their scripts (`--repetition_penalty`,
-`apply_delta --base-model-path`, `--gptq-ckpt`); argparse answered them with a bare "unrecognized
-arguments". The command line consults this table only when its parsing has failed, so a flag that vicuna
-does take is never in the way. No torch here.
+`apply_delta --base-model-path`, `--gptq-ckpt`), or LitGPT's (`finetune_lora`, `--out_dir`, `--precision
+bf16-true`, `--train.epochs`); argparse answered them with a bare "unrecognized arguments". The command
+line consults these tables only when its parsing has failed, so a flag that vicuna does take is never in
+the way. No torch here.
 """
 
 from __future__ import annotations
@@ -42,7 +43,21 @@ RENAMED: dict[str, str] = {
     "--gradient_accumulation_steps": "--grad-accum",
     "--model_max_length": "--max-length",
     "--q_lora": "--qlora",
+    # LitGPT's (jsonargparse: --train.epochs is found as --epochs, below, without a row here)
+    "--checkpoint_dir": "--model-path",  # LitGPT before 0.4
+    "--devices": "--num-gpus",
+    "--accelerator": "--device",
+    "--data.json_path": "--data",  # `--data JSON --data.json_path F`: `--data F`
+    "--train.micro_batch_size": "--batch-size",
+    "--train.max_seq_length": "--max-length",
+    "--train.lr_warmup_fraction": "--warmup-ratio",
+    "--train.save_interval": "--save-steps",
+    "--train.log_interval": "--logging-steps",
 }
+# LitGPT's --out_dir: each command's own name for where its output goes
+OUTPUT_FLAGS = ("--output-dir", "--output", "--dir")
+_LORA_TARGET = "here the layers are chosen with --lora-target (comma-separated module names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; or all-linear)"
+_NO_EVAL = "vicuna train holds out no validation data; run lm-eval on the model it writes (see the README)"
 
 _GPTQ = "GPTQ checkpoints are not supported; load the float16 model, with --load-8bit where it does not fit"
 _AWQ = "AWQ checkpoints are not supported; load the float16 model, with --load-8bit where it does not fit"
@@ -89,7 +104,20 @@ UNSUPPORTED: dict[str, str] = {
     "--allowed-methods": "CORS takes --allowed-origins alone (GET and POST, any header, no credentials)",
     "--allowed-headers": "CORS takes --allowed-origins alone (GET and POST, any header, no credentials)",
     "--low-cpu-mem": "not needed; vicuna delta apply always merges tensor by tensor, in little memory",
+    "--lora_query": _LORA_TARGET,  # LitGPT's, one flag per layer
+    "--lora_key": _LORA_TARGET,
+    "--lora_value": _LORA_TARGET,
+    "--lora_projection": _LORA_TARGET,
+    "--lora_mlp": _LORA_TARGET,
+    "--lora_head": _LORA_TARGET,
+    "--train.lr_warmup_steps": "here warmup is --warmup-ratio, a share of the steps",
+    "--train.global_batch_size": "a step here takes --batch-size times --grad-accum examples on each GPU",
+    "--eval.interval": _NO_EVAL,
+    "--data.val_split_fraction": _NO_EVAL,
+    "--access_token": "set HF_TOKEN in the environment for a gated repository",
 }
+# LitGPT's --precision -> vicuna's --dtype
+PRECISIONS = {"bf16": "bfloat16", "16": "float16", "32": "float32"}
 
 
 def unknown_flags(typed: Sequence[str], known: Collection[str]) -> list[str]:
@@ -111,7 +139,32 @@ def advice(typed: Sequence[str], known: Collection[str]) -> str | None:
             return f"{flag}: {UNSUPPORTED[flag]}"
         if flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
             return f"{flag}: here it is spelled {flag.replace('_', '-')}"
+        plain = "--" + flag.rpartition(".")[2].replace("_", "-")  # LitGPT's --train.epochs, --optimizer.lr
+        if "." in flag and plain in known:
+            return f"{flag}: here it is {plain}"
+        if flag == "--out_dir" and (output := next((f for f in OUTPUT_FLAGS if f in known), None)):
+            return f"{flag}: here it is {output}"
+        if flag == "--precision" and "--dtype" in known:  # bf16-true, 16-mixed, 32-true
+            value = value_of(typed, flag)
+            dtype = PRECISIONS.get(value.split("-")[0])
+            return f"{flag}: here it is --dtype" + (f" ({flag} {value}: --dtype {dtype})" if dtype else "")
+        if flag == "--quantize" and "--qlora" in known:  # bnb.nf4: LitGPT's QLoRA
+            return f"{flag}: here a 4-bit (NF4) base is --qlora (LoRA on it; CUDA and bitsandbytes)"
+        if flag == "--quantize" and "--load-8bit" in known:
+            return (
+                f"{flag}: here it is --load-8bit (int8 weights, half of float16's memory; no 4-bit formats)"
+            )
     return None
+
+
+def value_of(typed: Sequence[str], flag: str) -> str:
+    """The value typed for `flag` (`--flag VALUE` or `--flag=VALUE`), or "" where none was."""
+    for at, token in enumerate(typed):
+        if token == flag:
+            return typed[at + 1] if at + 1 < len(typed) else ""
+        if token.startswith(flag + "="):
+            return token.split("=", 1)[1]
+    return ""
 
 
 def ollama_advice(command: str) -> str | None:
@@ -134,3 +187,35 @@ def ollama_advice(command: str) -> str | None:
     }
     here["ls"] = here["list"]
     return f"{command} is Ollama's; here: {here[command]}"
+
+
+_FINETUNE = "vicuna train --model-path MODEL --data FILE.json --output-dir DIR"
+_CONVERT = (
+    "no conversion needed: vicuna runs a Hugging Face-format folder as it is (--model-path FOLDER); "
+    "a LitGPT checkpoint (lit_model.pth) goes back to that format with LitGPT's convert_from_litgpt"
+)
+# LitGPT's command -> what does its work here (`litgpt chat`, `serve` and `download` are vicuna's too)
+LITGPT_COMMANDS: dict[str, str] = {
+    "generate": "echo PROMPT | vicuna chat --model-path MODEL (the reply alone on standard output); "
+    "text continued without the chat template: vicuna serve's /v1/completions",
+    "finetune": _FINETUNE,
+    "finetune_full": _FINETUNE,
+    "finetune_lora": _FINETUNE + " --lora (--qlora for a 4-bit base)",
+    "finetune_adapter": _FINETUNE + " --lora (LoRA; LLaMA-Adapter is not supported)",
+    "finetune_adapter_v2": _FINETUNE + " --lora (LoRA; LLaMA-Adapter is not supported)",
+    "merge_lora": "vicuna lora merge --base MODEL --adapter DIR --output MERGED (DIR: vicuna train --lora's "
+    "--output-dir)",
+    "evaluate": "vicuna serve --model-path MODEL, then lm_eval --model local-completions on its "
+    "/v1/completions (the README's Serve section has the command)",
+    "convert_to_litgpt": _CONVERT,
+    "convert_from_litgpt": _CONVERT,
+    "convert_pretrained_checkpoint": _CONVERT,
+    "pretrain": "not supported; vicuna fine-tunes an existing model: " + _FINETUNE,
+}
+
+
+def litgpt_advice(command: str) -> str | None:
+    """What to type instead of LitGPT's `command` (`litgpt finetune_lora`, `merge_lora`, `generate`), or
+    None: its users typed them and got only argparse's list of choices."""
+    name = command.replace("-", "_")  # LitGPT's are finetune_lora; its docs' older ones finetune-lora
+    return f"{command} is LitGPT's; here: {LITGPT_COMMANDS[name]}" if name in LITGPT_COMMANDS else None
