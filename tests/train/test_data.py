@@ -149,6 +149,48 @@ def test_sharegpt_and_openai_jsonl_read_the_same(tmp_path):
     assert from_named.messages == from_json.messages
 
 
+def test_alpaca_records_are_one_exchange_each(tmp_path):
+    """LitGPT's JSON data (Alpaca's instruction, input, output) was refused record by record: "expected an
+    object with 'conversations' (ShareGPT) or 'messages' (OpenAI style)"."""
+    records = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Name the capital of France.", "input": "", "output": "Paris"},
+        {"instruction": "Say hi.", "input": None, "output": "Hi!"},  # a table's export: null for none
+        {"instruction": "Say bye.", "output": "Bye!"},
+    ]
+    assert [c.messages for c in read_records(tmp_path, records)] == [
+        (Message("user", "Add the numbers.\n\n2 and 3"), Message("assistant", "5")),
+        (Message("user", "Name the capital of France."), Message("assistant", "Paris")),
+        (Message("user", "Say hi."), Message("assistant", "Hi!")),
+        (Message("user", "Say bye."), Message("assistant", "Bye!")),
+    ]
+    jsonl = tmp_path / "data.jsonl"  # and as JSONL
+    jsonl.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    assert [c.messages for c in load_conversations(jsonl)] == [
+        c.messages for c in read_records(tmp_path, records)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        (
+            {"instruction": "Add.", "input": "2 and 3", "output": 5},
+            r"data\.json\[0\]\.output: expected a string",
+        ),
+        ({"instruction": " ", "output": "5"}, r"data\.json\[0\]\.instruction: empty text"),
+        (
+            {"instruction": "Add.", "input": ["2", "3"], "output": "5"},
+            r"data\.json\[0\]\.input: expected a string",
+        ),
+        ({"instruction": "Add.", "response": "5"}, r"'instruction' and 'output' \(Alpaca\)"),
+    ],
+)
+def test_a_bad_alpaca_record_names_its_field(tmp_path, record, match):
+    with pytest.raises(VicunaError, match=match):
+        read_records(tmp_path, [record])
+
+
 def test_a_system_prompt_beside_the_turns_is_the_system_turn(tmp_path):
     """LLaMA-Factory's ShareGPT files keep the system prompt in a "system" field beside the turns: it is
     the conversation's system turn, not left out in silence for the template's default."""

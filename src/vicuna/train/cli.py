@@ -22,7 +22,12 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-path",
         help="HF-format folder, .gguf file or Hub repo OWNER/NAME (default: the built-in model)",
     )
-    g.add_argument("--data", type=Path, help="ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]})")
+    g.add_argument(
+        "--data",
+        type=Path,
+        help="ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]}); Alpaca's "
+        "{'instruction', 'input', 'output'} records too",
+    )
     g.add_argument(
         "--conv-template",
         type=template_name,

@@ -1,5 +1,6 @@
-"""Training data: conversations from ShareGPT JSON or OpenAI-style JSONL, checked record by record, and
-tokenized so that the loss falls on assistant replies and their end-of-turn marker alone.
+"""Training data: conversations from ShareGPT JSON or OpenAI-style JSONL (or Alpaca's instructions), checked
+record by record, and tokenized so that the loss falls on assistant replies and their end-of-turn marker
+alone.
 
 The assistant spans come from the template's own `Segment`s (character ranges of the rendered text);
 a token carries loss when its characters lie inside a trainable span. A token that straddles a span's
@@ -106,10 +107,19 @@ def is_json(text: str) -> bool:
 def parse_record(record: Any, where: str) -> Conversation:
     """One record: `{"id", "conversations": [{"from", "value"}]}` or `{"messages": [{"role", "content"}]}`,
     either with an optional `"system"` prompt beside the turns; an OpenAI-style assistant message may
-    carry `"weight": 0` (do not train on this reply) or 1 (the default), as in OpenAI's fine-tuning data."""
+    carry `"weight": 0` (do not train on this reply) or 1 (the default), as in OpenAI's fine-tuning data.
+    An Alpaca record (`{"instruction", "input", "output"}`, LitGPT's JSON data) is one exchange."""
+    alpaca = {"instruction", "output"}
+    if (
+        isinstance(record, dict)
+        and alpaca <= record.keys()
+        and not {"conversations", "messages"} & record.keys()
+    ):
+        record = alpaca_record(record, where)
     if not isinstance(record, dict) or not ({"conversations", "messages"} & record.keys()):
         raise VicunaError(
-            f"{where}: expected an object with 'conversations' (ShareGPT) or 'messages' (OpenAI style)"
+            f"{where}: expected an object with 'conversations' (ShareGPT), 'messages' (OpenAI style) or "
+            "'instruction' and 'output' (Alpaca)"
         )
     if "id" in record:
         where += f" (id {record['id']!r})"
@@ -145,6 +155,21 @@ def parse_record(record: Any, where: str) -> Conversation:
     head = [Message("system", system)] if system.strip() else []
     turns, replies = check_turns(messages, *fields, trained=trained)
     return Conversation(where, tuple(head + turns), replies)
+
+
+def alpaca_record(record: dict[str, Any], where: str) -> dict[str, Any]:
+    """An Alpaca record as OpenAI-style messages: the instruction, then its input (optional: absent, null
+    or empty; after a blank line, as turns in a row are joined), is the user's message; the output the
+    reply. Its fields are checked here, since the messages' are not the file's to name in an error."""
+    for key in ("instruction", "input", "output"):
+        value = record.get(key)
+        if not (value is None and key == "input") and not isinstance(value, str):
+            raise VicunaError(f"{where}.{key}: expected a string")
+        if key != "input" and not value.strip():
+            raise VicunaError(f"{where}.{key}: empty text")
+    prompt = record["instruction"] + (f"\n\n{record['input']}" if (record.get("input") or "").strip() else "")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    return {**record, "messages": messages}
 
 
 def is_trained(message: Any, at: str) -> bool:
