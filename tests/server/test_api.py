@@ -592,6 +592,7 @@ def test_wrong_api_paths_and_methods_get_openai_errors_with_the_web_ui_mounted_t
         (404, None),
         (404, None),
         (404, None),
+        (404, None),
     ]
     # a base_url without /v1 (the web UI's mount at / answered it with Gradio's bare "Not Found")
     for _, _, error in answers[True][-2:]:
@@ -603,6 +604,11 @@ def test_wrong_api_paths_and_methods_get_openai_errors_with_the_web_ui_mounted_t
             "it is Ollama's own API, which this server does not speak: connect the client as to an "
             "OpenAI-compatible API, its base URL ending in /v1"
         ), error
+    # a client of `litgpt serve` (its POST /predict): told where its prompt goes
+    assert answers[True][-5][2]["message"].endswith(
+        "it is LitGPT's own API, which this server does not speak: send its prompt as "
+        '{"prompt": ...} to POST /v1/completions, or as messages to POST /v1/chat/completions'
+    )
 
 
 WRONG_API_CALLS = [
@@ -611,6 +617,7 @@ WRONG_API_CALLS = [
     ("POST", "/v1/nothing-here"),
     ("GET", "/v1/chat/completions/extra"),
     ("GET", "/v1"),
+    ("POST", "/predict"),  # LitGPT's
     ("GET", "/api/tags"),  # Ollama's
     ("POST", "/api/chat"),
     ("POST", "/chat/completions"),

@@ -63,6 +63,8 @@ WITHOUT_V1 = ("/chat/completions", "/completions", "/embeddings", "/models")
 OLLAMA_ROUTES = (
     "/api/tags", "/api/version", "/api/ps", "/api/show", "/api/chat", "/api/generate", "/api/embed", "/api/embeddings",
 )  # fmt: skip
+# LitGPT's `litgpt serve` (LitServe): POST /predict with {"prompt": ...}
+LITGPT_ROUTES = ("/predict",)
 
 
 class JSONResponse(_JSONResponse):
@@ -755,6 +757,11 @@ def create_app(
                     "; it is Ollama's own API, which this server does not speak: connect the client as to an "
                     "OpenAI-compatible API, its base URL ending in /v1"
                 )
+            elif request.url.path.endswith(LITGPT_ROUTES):
+                message += (
+                    "; it is LitGPT's own API, which this server does not speak: send its prompt as "
+                    '{"prompt": ...} to POST /v1/completions, or as messages to POST /v1/chat/completions'
+                )
         elif err.status_code == 405 and message == "Method Not Allowed" and headers and "Allow" in headers:
             message = f"{called}: method not allowed; this path takes {headers['Allow']}"
         return APIError(err.status_code, message, kind, headers=headers).response()
@@ -1178,7 +1185,8 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
 
     # The mount at `/` answers every path no route took, with Gradio's errors: a wrong /v1 path or method
     # is answered here instead, as the API answers it without the UI (405 where the path takes other methods),
-    # and so is an API path called without /v1, or one of Ollama's (no page of the UI's has these paths).
+    # and so is an API path called without /v1, or one of Ollama's or LitGPT's (no page of the UI's has these
+    # paths).
     @app.api_route("/v1", methods=HTTP_METHODS, include_in_schema=False)
     @app.api_route("/v1/{_:path}", methods=HTTP_METHODS, include_in_schema=False)
     async def not_an_api_route(request: Request) -> None:
@@ -1187,7 +1195,7 @@ def _mount_webui(app: FastAPI, server: _Server) -> None:
             raise StarletteHTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
         raise StarletteHTTPException(404)
 
-    for path in WITHOUT_V1 + OLLAMA_ROUTES:
+    for path in WITHOUT_V1 + OLLAMA_ROUTES + LITGPT_ROUTES:
         app.api_route(path, methods=HTTP_METHODS, include_in_schema=False)(not_an_api_route)
 
     engine = server.engine
