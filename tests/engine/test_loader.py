@@ -560,6 +560,34 @@ def test_lora_adapter_folder_points_to_merge(tmp_path):
     assert f"`vicuna lora merge --base '{base}' --adapter '{adapter}' --output OUT`" in str(err.value)
 
 
+def test_a_litgpt_checkpoint_says_how_to_make_it_one_to_load(model_copy, tmp_path):
+    """LitGPT's folders (checkpoints/OWNER/NAME, out/finetune/lora/final) were told only "no weights" or "no
+    config.json"; the model.pth its convert_from_litgpt writes, "no weights", though it loads as
+    pytorch_model.bin."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(model_copy / "model.safetensors")
+    (model_copy / "model.safetensors").unlink()
+    torch.save(weights, model_copy / "lit_model.pth")  # its tensors' names are LitGPT's: never loaded here
+    with pytest.raises(
+        ModelLoadError, match=r"no weights .*; it is a LitGPT checkpoint \(lit_model\.pth\): "
+    ):
+        load(model_copy)
+    finetuned = tmp_path / "final"
+    finetuned.mkdir()
+    (finetuned / "lit_model.pth.lora").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=f"no config.json; .*`litgpt merge_lora {finetuned}`, then "):
+        load(finetuned)
+    (model_copy / "lit_model.pth").rename(model_copy / "model.pth")  # as convert_from_litgpt names it
+    with pytest.raises(
+        ModelLoadError, match="model.pth, as LitGPT's convert_from_litgpt names it, is read as "
+    ):
+        load(model_copy)
+    (model_copy / "model.pth").rename(model_copy / "pytorch_model.bin")  # as the error says
+    assert load(model_copy).model_name == "model"
+
+
 def test_delta_weights_passed_as_the_model_say_to_merge_them_first(tiny_llama_dir, tmp_path):
     from vicuna.weights.delta import make_delta
 

@@ -78,7 +78,7 @@ def resolve_model_path(model_path: str | None, download: bool = True, progress: 
             )
         if (path / RUN_RECORD).is_file():
             raise ModelLoadError(unfinished_training(path))
-        raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder")
+        raise ModelLoadError(f"{path}: no {CONFIG}; expected an HF-format model folder{litgpt_files(path)}")
     return path
 
 
@@ -97,6 +97,26 @@ def unfinished_training(output_dir: Path) -> str:
     if latest is not None:
         said += f"; meanwhile its latest checkpoint is {output_dir / f'checkpoint-{latest}'}"
     return said
+
+
+def litgpt_files(folder: Path) -> str:
+    """What to add to "no config.json" or "no weights" where `folder` holds LitGPT's files: its checkpoints
+    (`checkpoints/OWNER/NAME`, `out/finetune/lora/final`) are one lit_model.pth in LitGPT's own tensor
+    names, and its convert_from_litgpt writes model.pth, a name transformers does not look for."""
+    convert = (
+        f"write it in Hugging Face format with `litgpt convert_from_litgpt {quote(str(folder))} OUT`, copy its "
+        "config.json and the tokenizer files into OUT, rename OUT/model.pth to pytorch_model.bin, then "
+        "--model-path OUT"
+    )
+    if (folder / "lit_model.pth").is_file():
+        return f"; it is a LitGPT checkpoint (lit_model.pth): {convert}"
+    if (folder / "lit_model.pth.lora").is_file():
+        return f"; it is a LitGPT LoRA checkpoint: merge it with `litgpt merge_lora {quote(str(folder))}`, then {convert}"
+    if (folder / "model.pth").is_file():
+        return (
+            "; model.pth, as LitGPT's convert_from_litgpt names it, is read as pytorch_model.bin: rename it"
+        )
+    return ""
 
 
 def not_a_model_name(model_path: str) -> str:
@@ -326,7 +346,7 @@ def weight_files(folder: Path) -> list[Path]:
         found = sorted(p for p in folder.glob(pattern) if "training_args" not in p.name)
         if found:
             return found
-    raise ModelLoadError(f"{folder}: no weights (*.safetensors or *.bin files)")
+    raise ModelLoadError(f"{folder}: no weights (*.safetensors or *.bin files){litgpt_files(folder)}")
 
 
 def check_weight_file(path: Path) -> None:
