@@ -171,6 +171,21 @@ def test_alpaca_records_are_one_exchange_each(tmp_path):
     ]
 
 
+def test_a_litgpt_data_module_s_name_for_data_says_to_name_the_file(tmp_path, monkeypatch):
+    """`--data JSON --data.json_path d.json` (or `--data Alpaca2k`), as LitGPT takes its data, was told
+    "JSON: no such file" alone."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("JSON", "Alpaca2k"):
+        with pytest.raises(VicunaError, match=f"^{name}: no such file; --data takes the data file itself"):
+            load_conversations(Path(name))
+    with pytest.raises(
+        VicunaError, match=r"^data\.json: no such file$"
+    ):  # a file's name: mistyped, or elsewhere
+        load_conversations(Path("data.json"))
+
+
 @pytest.mark.parametrize(
     ("record", "match"),
     [

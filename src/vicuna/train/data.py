@@ -63,6 +63,11 @@ def bad_records(bad: list[tuple[str, str]], total: int) -> str:
 
 def read_conversations(path: Path) -> tuple[list[Conversation], list[tuple[str, str]], int]:
     """The file's good conversations, its bad records as (where, why), and how many records it has."""
+    if not path.exists() and not path.suffix and len(path.parts) == 1:  # `--data JSON`, `--data Alpaca2k`
+        raise VicunaError(
+            f"{path}: no such file; --data takes the data file itself, as LitGPT's --data.json_path does "
+            "(LitGPT's data modules, --data JSON or a dataset's name, are not here)"
+        )
     text = read_text(path)
     if text.lstrip().startswith("["):
         try:
