@@ -453,3 +453,20 @@ def test_litgpt_s_commands_name_what_does_their_work_here(capsys):
     ):
         assert main(typed) == 2
         assert capsys.readouterr().err.startswith(f"vicuna: error: {typed[0]} is LitGPT's; here: {said}")
+
+
+def test_a_flag_taken_for_the_longer_one_it_abbreviates_is_said_so(capsys):
+    """`vicuna serve --stream true` (LitGPT's serve takes --stream) was answered "argument --stream-interval:
+    invalid float value: 'true'", naming a flag that was never typed."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--model-path", "m", "--stream", "true"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "vicuna serve: error: argument --stream-interval: invalid float value: 'true' "
+        "(--stream, as typed, is taken for --stream-interval)"
+    )
+    with pytest.raises(SystemExit):  # the flag as it is spelled: nothing to add
+        main(["serve", "--model-path", "m", "--stream-interval=true"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith("invalid float value: 'true'")

@@ -7,6 +7,7 @@ import atexit
 import importlib
 import io
 import os
+import re
 import signal
 import sys
 import threading
@@ -135,6 +136,14 @@ class CommandParser(argparse.ArgumentParser):
             # the subcommand (`argument inspect: invalid choice: '3'`), `lora merge --out-dir x` said --output
             # is required; the flag is what to fix
             message = f"unrecognized argument {unknown[0]}"
+        taken = re.match(r"argument (--[^\s:/]+)", message)  # argparse's "argument --stream-interval: ..."
+        for token in self.typed if taken else ():
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--") and flag != taken[1] and taken[1].startswith(flag):
+                # `serve --stream true` (LitGPT's) was "argument --stream-interval: invalid float value: 'true'",
+                # a flag never typed: argparse takes a unique abbreviation
+                message += f" ({flag}, as typed, is taken for {taken[1]})"
+                break
         super().error(advice(self.typed, known) or message)
 
 
