@@ -231,6 +231,14 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
             "--lora_mlp: here the layers are chosen with --lora-target",
         ),
         ("serve --model-path m --devices 2", "--devices: here it is --num-gpus"),
+        ("train --data d.json --devices 2", "--devices: several GPUs train under accelerate"),
+        (
+            "serve --model-path m --max_new_tokens 50",
+            "--max_new_tokens: each request to the API sets its own",
+        ),
+        ("bench latency --max-new-tokens 50", "--max-new-tokens: here it is --new-tokens"),
+        ("serve --model-path m --openai_spec true", "--openai_spec: not needed; vicuna serve always serves"),
+        ("chat --model-path m --compile true", "--compile: not needed"),
     ],
 )
 def test_a_fastchat_spelling_is_answered_with_what_to_type_here(command, said, capsys):

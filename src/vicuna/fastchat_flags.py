@@ -43,6 +43,8 @@ RENAMED: dict[str, str] = {
     "--gradient_accumulation_steps": "--grad-accum",
     "--model_max_length": "--max-length",
     "--q_lora": "--qlora",
+    "--max_new_tokens": "--new-tokens",  # bench latency's; chat's is --max-new-tokens, serve has none
+    "--max-new-tokens": "--new-tokens",
     # LitGPT's (jsonargparse: --train.epochs is found as --epochs, below, without a row here)
     "--checkpoint_dir": "--model-path",  # LitGPT before 0.4
     "--devices": "--num-gpus",
@@ -115,6 +117,12 @@ UNSUPPORTED: dict[str, str] = {
     "--eval.interval": _NO_EVAL,
     "--data.val_split_fraction": _NO_EVAL,
     "--access_token": "set HF_TOKEN in the environment for a gated repository",
+    "--max_new_tokens": "each request to the API sets its own max_tokens (the web UI has a slider)",  # serve
+    "--max-new-tokens": "each request to the API sets its own max_tokens (the web UI has a slider)",
+    "--openai_spec": "not needed; vicuna serve always serves OpenAI's API (/v1/chat/completions, /v1/completions)",
+    "--compile": "not needed; decoding runs vicuna's own CPU kernel, or CUDA graphs on a GPU",
+    "--devices": "several GPUs train under accelerate: `accelerate launch --num_processes N -m vicuna train ...` "
+    "(see the README's Fine-tune section)",  # train; chat and serve take --num-gpus (RENAMED)
 }
 # LitGPT's --precision -> vicuna's --dtype
 PRECISIONS = {"bf16": "bfloat16", "16": "float16", "32": "float32"}
@@ -135,10 +143,10 @@ def advice(typed: Sequence[str], known: Collection[str]) -> str | None:
     for flag in unknown_flags(typed, known):
         if RENAMED.get(flag) in known:
             return f"{flag}: here it is {RENAMED[flag]}"
-        if flag in UNSUPPORTED:
-            return f"{flag}: {UNSUPPORTED[flag]}"
         if flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
             return f"{flag}: here it is spelled {flag.replace('_', '-')}"
+        if flag in UNSUPPORTED:  # after the spellings: --max_new_tokens is chat's, not serve's
+            return f"{flag}: {UNSUPPORTED[flag]}"
         plain = "--" + flag.rpartition(".")[2].replace("_", "-")  # LitGPT's --train.epochs, --optimizer.lr
         if "." in flag and plain in known:
             return f"{flag}: here it is {plain}"
