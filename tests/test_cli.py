@@ -478,3 +478,28 @@ def test_a_flag_taken_for_the_longer_one_it_abbreviates_is_said_so(capsys):
     with pytest.raises(SystemExit):  # the flag as it is spelled: nothing to add
         main(["serve", "--model-path", "m", "--stream-interval=true"])
     assert capsys.readouterr().err.splitlines()[-1].endswith("invalid float value: 'true'")
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "chat --model-path m --multiline true",  # was told to pipe 'true' to the model
+        "train --data d.json --lora true",  # was "argument inspect: invalid choice: 'true'"
+        "serve --model-path m --no-webui False",  # was "unrecognized arguments: False"
+        "bench latency --no-progress true",  # a subcommand's flag
+    ],
+)
+def test_a_value_given_to_a_flag_that_takes_none_is_said_so(typed, capsys):
+    """LitGPT's flags take true or false (`--multiline true`, as jsonargparse reads them); vicuna's on/off
+    flags take none, and the value was answered as a word out of place."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(typed.split())
+    assert stop.value.code == 2
+    flag = typed.split()[-2]
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(f": error: {flag} takes no value: typed alone it is on, left out off")
+    )

@@ -83,6 +83,8 @@ class CommandParser(argparse.ArgumentParser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
         parsed, extra = self.parse_known_args(args, namespace)
+        if extra and (said := self.switch_given_a_value()):
+            self.error(said)
         options = set(self._option_string_actions)  # the command's, and its subcommand's that was typed
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None):
@@ -122,16 +124,33 @@ class CommandParser(argparse.ArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed
 
-    def error(self, message: str) -> NoReturn:
-        from vicuna.fastchat_flags import advice, unknown_flags
-
-        known = set(self._option_string_actions)
+    def actions(self) -> dict[str, argparse.Action]:
+        """Each option string of the command's and its subcommands' (`vicuna bench latency`) parsers."""
+        found = dict(self._option_string_actions)
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for sub in action.choices.values():
-                    known |= set(sub._option_string_actions)
+                    found |= sub._option_string_actions
+        return found
+
+    def switch_given_a_value(self) -> str | None:
+        """What to say where a flag that takes no value was given one, as LitGPT's (jsonargparse's) take
+        them: `vicuna chat M --multiline true` was told to pipe 'true' to the model, `vicuna train ...
+        --lora true` that 'true' was no choice of its subcommand (inspect)."""
+        actions = self.actions()
+        for flag, value in zip(self.typed, self.typed[1:], strict=False):
+            if flag in actions and actions[flag].nargs == 0 and value.lower() in ("true", "false"):
+                return f"{flag} takes no value: typed alone it is on, left out off"
+        return None
+
+    def error(self, message: str) -> NoReturn:
+        from vicuna.fastchat_flags import advice, unknown_flags
+
+        known = set(self.actions())
         unknown = unknown_flags(self.typed, known)
-        if unknown and not message.startswith("unrecognized argument"):
+        if said := self.switch_given_a_value():
+            message = said
+        elif unknown and not message.startswith("unrecognized argument"):
             # argparse's error may follow from a flag it did not know: `vicuna train ... --foo 3` took 3 for
             # the subcommand (`argument inspect: invalid choice: '3'`), `lora merge --out-dir x` said --output
             # is required; the flag is what to fix
