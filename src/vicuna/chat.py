@@ -580,7 +580,11 @@ def run_chat(
                 io.info("(nothing to regenerate)")
                 continue
             fix = "!!remove drops it"  # a loaded one: what was answered once fits again
-        elif command.startswith("!!") and command[2:].isalpha():  # a typo (!!exti) is not a message
+        # a typo (!!exti) is not a message, nor is LitGPT's chat's way out (!quit, !exit): it went to the model
+        elif (command.startswith("!!") and command[2:].isalpha()) or text.strip().lower() in (
+            "!quit",
+            "!exit",
+        ):
             help_text = COMMANDS.replace("Ctrl-D", eof_keys())
             io.info(help_text if command == "!!help" else f"unknown command {command}. {HELP}")
             continue

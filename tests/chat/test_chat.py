@@ -154,6 +154,16 @@ def test_commands_that_cannot_be_done_and_a_message_that_is_not_text_are_said_no
     assert [m[-1].content for m in engine.seen] == ["hi"] and len(engine.seen[0]) == 1
 
 
+def test_litgpt_s_way_out_of_its_chat_is_answered_with_the_commands_not_sent_to_the_model():
+    """LitGPT's chat ends at !quit or !exit: typed here, it was sent to the model as a message."""
+    engine = EchoEngine()
+    io = ScriptedIO(["!quit", "!EXIT ", "!exit now", "!!exit", "never read"])
+    run_chat(engine, io, PARAMS)
+    assert io.notes == [f"unknown command !quit. {HELP}", f"unknown command !EXIT. {HELP}"]
+    assert [m[-1].content for m in engine.seen] == ["!exit now"]  # a message that only begins so is one
+    assert io.lines == ["never read"]
+
+
 def test_no_history_sends_each_message_alone():
     engine = EchoEngine()
     run_chat(engine, ScriptedIO(["a", "b", "c"]), PARAMS, history=False)
