@@ -237,6 +237,12 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
             "--max_new_tokens: each request to the API sets its own",
         ),
         ("bench latency --max-new-tokens 50", "--max-new-tokens: here it is --new-tokens"),
+        (
+            "serve --model-path m --temperature 0.8 --top_k 50",
+            "--temperature: each request to the API sets its own",
+        ),
+        ("serve --model-path m --top_p 0.9", "--top_p: each request to the API sets its own"),
+        ("chat --model-path m --top_k 50", "--top_k: here it is spelled --top-k"),
         ("serve --model-path m --openai_spec true", "--openai_spec: not needed; vicuna serve always serves"),
         ("chat --model-path m --compile true", "--compile: not needed"),
     ],

@@ -59,6 +59,9 @@ RENAMED: dict[str, str] = {
 # LitGPT's --out_dir: each command's own name for where its output goes
 OUTPUT_FLAGS = ("--output-dir", "--output", "--dir")
 _LORA_TARGET = "here the layers are chosen with --lora-target (comma-separated module names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; or all-linear)"
+_PER_REQUEST = (
+    "each request to the API sets its own max_tokens, temperature, top_p and top_k (the web UI has sliders)"
+)
 _NO_EVAL = "vicuna train holds out no validation data; run lm-eval on the model it writes (see the README)"
 
 _GPTQ = "GPTQ checkpoints are not supported; load the float16 model, with --load-8bit where it does not fit"
@@ -117,8 +120,11 @@ UNSUPPORTED: dict[str, str] = {
     "--eval.interval": _NO_EVAL,
     "--data.val_split_fraction": _NO_EVAL,
     "--access_token": "set HF_TOKEN in the environment for a gated repository",
-    "--max_new_tokens": "each request to the API sets its own max_tokens (the web UI has a slider)",  # serve
-    "--max-new-tokens": "each request to the API sets its own max_tokens (the web UI has a slider)",
+    "--max_new_tokens": _PER_REQUEST,  # serve (LitGPT's serve takes them); chat's are flags
+    "--max-new-tokens": _PER_REQUEST,
+    "--temperature": _PER_REQUEST,
+    "--top_k": _PER_REQUEST,
+    "--top_p": _PER_REQUEST,
     "--openai_spec": "not needed; vicuna serve always serves OpenAI's API (/v1/chat/completions, /v1/completions)",
     "--compile": "not needed; decoding runs vicuna's own CPU kernel, or CUDA graphs on a GPU",
     "--devices": "several GPUs train under accelerate: `accelerate launch --num_processes N -m vicuna train ...` "
