@@ -67,9 +67,9 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """A command's parser whose errors say what to type instead of a FastChat spelling among the arguments
-    (`--repetition_penalty`, `--base-model-path`, `--gptq-ckpt`), where argparse said only "unrecognized
-    arguments" or "the following arguments are required"."""
+    """A command's parser whose errors say what to type instead of a FastChat or LitGPT spelling among the
+    arguments (`--repetition_penalty`, `--base-model-path`, `--gptq-ckpt`, `--precision bf16-true`), where
+    argparse said only "unrecognized arguments" or "the following arguments are required"."""
 
     typed: list[str] = []
 

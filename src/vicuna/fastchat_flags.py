@@ -58,7 +58,10 @@ RENAMED: dict[str, str] = {
 }
 # LitGPT's --out_dir: each command's own name for where its output goes
 OUTPUT_FLAGS = ("--output-dir", "--output", "--dir")
-_LORA_TARGET = "here the layers are chosen with --lora-target (comma-separated module names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; or all-linear)"
+_LORA_TARGET = (
+    "here the layers are chosen with --lora-target (comma-separated module names: "
+    "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; or all-linear)"
+)
 _PER_REQUEST = (
     "each request to the API sets its own max_tokens, temperature, top_p and top_k (the web UI has sliders)"
 )
@@ -144,8 +147,8 @@ def unknown_flags(typed: Sequence[str], known: Collection[str]) -> list[str]:
 
 
 def advice(typed: Sequence[str], known: Collection[str]) -> str | None:
-    """What to type instead of the first FastChat spelling among `typed` that the command does not take
-    (`known`: its option strings), or None where there is none to say."""
+    """What to type instead of the first FastChat or LitGPT spelling among `typed` that the command does not
+    take (`known`: its option strings), or None where there is none to say."""
     for flag in unknown_flags(typed, known):
         if RENAMED.get(flag) in known:
             return f"{flag}: here it is {RENAMED[flag]}"
