@@ -857,6 +857,22 @@ def test_a_model_named_as_ollama_names_it_is_told_what_model_path_takes(tmp_path
             resolve_model_path(mistyped)
 
 
+def test_litgpt_s_folder_for_a_hub_repository_is_told_to_name_the_repository(tmp_path, monkeypatch):
+    """`--model-path checkpoints/OWNER/NAME`, where LitGPT keeps what `litgpt download OWNER/NAME` fetched,
+    was answered 'no such file or folder' alone after `vicuna download OWNER/NAME`, which keeps it elsewhere."""
+    from vicuna.engine.loader import resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as info:
+        resolve_model_path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert str(info.value) == (
+        "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct: no such file or folder; LitGPT downloads "
+        "HuggingFaceTB/SmolLM2-135M-Instruct into checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct, vicuna into "
+        "$VICUNA_HOME/models: --model-path HuggingFaceTB/SmolLM2-135M-Instruct (downloaded on its first start, "
+        "then found there)"
+    )
+
+
 def test_a_gguf_file_without_its_ending_is_told_to_take_one(tmp_path):
     """Ollama keeps its models as GGUF files named blobs/sha256-HEX: given to --model-path, one was refused
     as neither a folder nor a .gguf file, without a word that it is a GGUF file all the same."""

@@ -125,6 +125,13 @@ def not_a_model_name(model_path: str) -> str:
     file was here, though no file was meant."""
     if said := hub.ollama_hub_name(model_path):
         return f"; {said}"
+    parts = Path(model_path).parts
+    if len(parts) >= 3 and parts[-3] == "checkpoints":  # LitGPT's folder for a Hub repository
+        repo = "/".join(parts[-2:])
+        return (
+            f"; LitGPT downloads {repo} into checkpoints/{repo}, vicuna into $VICUNA_HOME/models: "
+            f"--model-path {repo} (downloaded on its first start, then found there)"
+        )
     if "/" in model_path or "\\" in model_path or model_path.endswith(".gguf"):
         return ""  # a path mistyped
     return (
