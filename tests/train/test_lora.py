@@ -169,6 +169,24 @@ def test_merge_refuses_bad_folders(adapter, tiny_llama_dir, tmp_path, capsys):
     args = ["lora", "merge", "--base", str(tiny_llama_dir), "--output"]
     assert cli([*args, str(tmp_path / "m"), "--adapter", str(tiny_llama_dir)]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+    # LitGPT's merge_lora takes OUT_DIR/final: here the adapter is --output-dir itself
+    assert cli([*args, str(tmp_path / "m"), "--adapter", str(adapter / "final")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"no adapter_config.json; expected a LoRA adapter folder; vicuna train --lora writes the adapter into "
+            f"--output-dir itself: --adapter {adapter}"
+        )
+    )
+    final = tmp_path / "final"  # and LitGPT's own LoRA checkpoint
+    final.mkdir()
+    (final / "lit_model.pth.lora").write_bytes(b"")
+    assert cli([*args, str(tmp_path / "m"), "--adapter", str(final)]) == 2
+    assert (
+        f"it is a LitGPT LoRA checkpoint: merge it with `litgpt merge_lora {final}`"
+        in capsys.readouterr().err
+    )
     (tmp_path / "exists").mkdir()
     assert cli([*args, str(tmp_path / "exists"), "--adapter", str(adapter)]) == 2
     assert "already exists" in capsys.readouterr().err

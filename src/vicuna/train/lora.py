@@ -50,13 +50,26 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from vicuna.engine.loader import check_tokenizer, load_tokenizer, read_config, resolve_model_path
+    from vicuna.engine.loader import (
+        check_tokenizer,
+        litgpt_files,
+        load_tokenizer,
+        read_config,
+        resolve_model_path,
+    )
+    from vicuna.shell import quote
     from vicuna.train.trainer import quiet_peft
     from vicuna.weights.disk import one_writer
     from vicuna.weights.manifest import write_manifest
 
     if not (adapter / "adapter_config.json").is_file():
-        raise VicunaError(f"{adapter}: no adapter_config.json; expected a LoRA adapter folder")
+        # LitGPT's merge_lora takes OUT_DIR/final; vicuna train --lora writes the adapter into OUT_DIR itself
+        inside = (
+            f"; vicuna train --lora writes the adapter into --output-dir itself: --adapter {quote(str(adapter.parent))}"
+            if (adapter.parent / "adapter_config.json").is_file()
+            else litgpt_files(adapter)
+        )
+        raise VicunaError(f"{adapter}: no adapter_config.json; expected a LoRA adapter folder{inside}")
     if output.exists():
         raise VicunaError(f"{output}: already exists; choose a new --output")
     folder = resolve_model_path(base)
