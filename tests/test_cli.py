@@ -509,3 +509,21 @@ def test_a_value_given_to_a_flag_that_takes_none_is_said_so(typed, capsys):
         .err.splitlines()[-1]
         .endswith(f": error: {flag} takes no value: typed alone it is on, left out off")
     )
+
+
+def test_a_model_typed_before_train_s_flags_is_told_to_go_after_model_path(capsys):
+    """`vicuna train MODEL --data d.json`, as `litgpt finetune_lora MODEL` takes its model, was answered
+    "argument inspect: invalid choice: 'MODEL' (choose from inspect)": the model read as the subcommand."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "checkpoints/m", "--data", "d.json", "--lora"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "vicuna train: error: unrecognized argument checkpoints/m: the model is named with --model-path "
+        "(`vicuna train --model-path checkpoints/m --data d.json --lora`)"
+    )
+    for typed in (["inpsect", "--data", "d.json"], ["--model-path", "m", "extra"]):  # not a model
+        with pytest.raises(SystemExit):
+            main(["train", *typed])
+        assert "invalid choice" in capsys.readouterr().err.splitlines()[-1]

@@ -143,6 +143,27 @@ class CommandParser(argparse.ArgumentParser):
                 return f"{flag} takes no value: typed alone it is on, left out off"
         return None
 
+    def model_typed_before_flags(self, word: str, known: set[str]) -> bool:
+        """Whether `word`, typed where argparse wanted another word, is a model named as LitGPT and Ollama
+        name it: the command takes --model-path, no --model-path (or an abbreviation of it) was typed, and
+        the word is no mistyped subcommand (`vicuna train inpsect`)."""
+        import difflib
+
+        flags = [typed.split("=", 1)[0] for typed in self.typed if typed.startswith("--")]
+        subcommands = [
+            name
+            for action in self._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name in action.choices
+        ]
+        return (
+            "--model-path" in known
+            and word in self.typed
+            and not word.startswith("-")
+            and not any(len(flag) > 4 and "--model-path".startswith(flag) for flag in flags)
+            and not difflib.get_close_matches(word, subcommands)
+        )
+
     def error(self, message: str) -> NoReturn:
         from vicuna.fastchat_flags import advice, unknown_flags
 
@@ -155,6 +176,17 @@ class CommandParser(argparse.ArgumentParser):
             # the subcommand (`argument inspect: invalid choice: '3'`), `lora merge --out-dir x` said --output
             # is required; the flag is what to fix
             message = f"unrecognized argument {unknown[0]}"
+        elif (choice := re.search(r"invalid choice: '([^']*)'", message)) and self.model_typed_before_flags(
+            choice[1], known
+        ):
+            # `vicuna train MODEL --data d.json`, as `litgpt finetune_lora MODEL` takes its model, was
+            # "argument inspect: invalid choice: 'MODEL'": the model read as train's subcommand
+            from vicuna.shell import quote
+
+            fixed = list(self.typed)
+            fixed.insert(fixed.index(choice[1]), "--model-path")
+            command = f"{self.prog} {' '.join(quote(word) for word in fixed)}"
+            message = f"unrecognized argument {choice[1]}: the model is named with --model-path (`{command}`)"
         taken = re.match(r"argument (--[^\s:/]+)", message)  # argparse's "argument --stream-interval: ..."
         for token in self.typed if taken else ():
             flag = token.split("=", 1)[0]
