@@ -227,6 +227,10 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
         ("lora merge --base m --adapter a --out_dir merged", "--out_dir: here it is --output"),
         ("download o/n --out_dir checkpoints/o/n", "--out_dir: here it is --dir"),
         (
+            "download --repo_id o/n",
+            "--repo_id: the repository is named alone here: vicuna download OWNER/NAME",
+        ),
+        (
             "train --data d.json --lora --lora_mlp true",
             "--lora_mlp: here the layers are chosen with --lora-target",
         ),

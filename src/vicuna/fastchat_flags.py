@@ -123,6 +123,7 @@ UNSUPPORTED: dict[str, str] = {
     "--eval.interval": _NO_EVAL,
     "--data.val_split_fraction": _NO_EVAL,
     "--access_token": "set HF_TOKEN in the environment for a gated repository",
+    "--repo_id": "the repository is named alone here: vicuna download OWNER/NAME",  # LitGPT before 0.4
     "--max_new_tokens": _PER_REQUEST,  # serve (LitGPT's serve takes them); chat's are flags
     "--max-new-tokens": _PER_REQUEST,
     "--temperature": _PER_REQUEST,
