@@ -148,30 +148,38 @@ def unknown_flags(typed: Sequence[str], known: Collection[str]) -> list[str]:
 
 
 def advice(typed: Sequence[str], known: Collection[str]) -> str | None:
-    """What to type instead of the first FastChat or LitGPT spelling among `typed` that the command does not
-    take (`known`: its option strings), or None where there is none to say."""
+    """What to type instead of each FastChat or LitGPT spelling among `typed` that the command does not take
+    (`known`: its option strings), or None where there is none to say. Each at once: FastChat's apply_delta
+    command, pasted, has three flags named otherwise here, and was answered about one per run. A reason
+    shared by several flags (--gptq-ckpt, --gptq-wbits) is said once, with the first."""
+    said: dict[str, str] = {}  # reason: the first flag it was said for
     for flag in unknown_flags(typed, known):
-        if RENAMED.get(flag) in known:
-            return f"{flag}: here it is {RENAMED[flag]}"
-        if flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
-            return f"{flag}: here it is spelled {flag.replace('_', '-')}"
-        if flag in UNSUPPORTED:  # after the spellings: --max_new_tokens is chat's, not serve's
-            return f"{flag}: {UNSUPPORTED[flag]}"
-        plain = "--" + flag.rpartition(".")[2].replace("_", "-")  # LitGPT's --train.epochs, --optimizer.lr
-        if "." in flag and plain in known:
-            return f"{flag}: here it is {plain}"
-        if flag == "--out_dir" and (output := next((f for f in OUTPUT_FLAGS if f in known), None)):
-            return f"{flag}: here it is {output}"
-        if flag == "--precision" and "--dtype" in known:  # bf16-true, 16-mixed, 32-true
-            value = value_of(typed, flag)
-            dtype = PRECISIONS.get(value.split("-")[0])
-            return f"{flag}: here it is --dtype" + (f" ({flag} {value}: --dtype {dtype})" if dtype else "")
-        if flag == "--quantize" and "--qlora" in known:  # bnb.nf4: LitGPT's QLoRA
-            return f"{flag}: here a 4-bit (NF4) base is --qlora (LoRA on it; CUDA and bitsandbytes)"
-        if flag == "--quantize" and "--load-8bit" in known:
-            return (
-                f"{flag}: here it is --load-8bit (int8 weights, half of float16's memory; no 4-bit formats)"
-            )
+        if (reason := _reason(flag, typed, known)) is not None:
+            said.setdefault(reason, flag)
+    return "; ".join(f"{flag}: {reason}" for reason, flag in said.items()) or None
+
+
+def _reason(flag: str, typed: Sequence[str], known: Collection[str]) -> str | None:
+    """What to type instead of `flag`, which the command does not take, or None where there is none to say."""
+    if RENAMED.get(flag) in known:
+        return f"here it is {RENAMED[flag]}"
+    if flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
+        return f"here it is spelled {flag.replace('_', '-')}"
+    if flag in UNSUPPORTED:  # after the spellings: --max_new_tokens is chat's, not serve's
+        return UNSUPPORTED[flag]
+    plain = "--" + flag.rpartition(".")[2].replace("_", "-")  # LitGPT's --train.epochs, --optimizer.lr
+    if "." in flag and plain in known:
+        return f"here it is {plain}"
+    if flag == "--out_dir" and (output := next((f for f in OUTPUT_FLAGS if f in known), None)):
+        return f"here it is {output}"
+    if flag == "--precision" and "--dtype" in known:  # bf16-true, 16-mixed, 32-true
+        value = value_of(typed, flag)
+        dtype = PRECISIONS.get(value.split("-")[0])
+        return "here it is --dtype" + (f" ({flag} {value}: --dtype {dtype})" if dtype else "")
+    if flag == "--quantize" and "--qlora" in known:  # bnb.nf4: LitGPT's QLoRA
+        return "here a 4-bit (NF4) base is --qlora (LoRA on it; CUDA and bitsandbytes)"
+    if flag == "--quantize" and "--load-8bit" in known:
+        return "here it is --load-8bit (int8 weights, half of float16's memory; no 4-bit formats)"
     return None
 
 
