@@ -77,6 +77,7 @@ class FakeHub(ThreadingHTTPServer):
         self.corrupt: set[str] = set()  # files served with wrong bytes
         self.forbidden: set[str] = set()  # files answered with a plain 403 (no Hub error code)
         self.gated: set[str] = set()  # repos whose terms the token has not accepted
+        self.down: set[str] = set()  # repos answered 503 (the Hub under maintenance, a mirror's outage)
         self.drops: dict[str, int] = {}  # file -> how many more bodies to cut short after drop_at bytes
         self.drop_at = 30_000
         self.ranges: list[tuple[str, str | None]] = []  # (file, Range header) of each file's GET
@@ -117,6 +118,9 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._send(
                 404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head
             )
+        if repo_id in hub.down:
+            body = b'{"error": "The Hub is under maintenance.\\nTry again in a few minutes."}'
+            return self._send(503, body, {"Content-Type": "application/json", "X-Request-Id": "req-1"}, head)
         if repo_id in hub.gated:
             return self._send(403, b'{"error": "Access restricted"}', {"X-Error-Code": "GatedRepo"}, head)
         files = hub.repos[repo_id]
@@ -602,3 +606,17 @@ def test_a_name_that_is_no_repository_id_is_said_not_a_traceback(hub, tmp_path, 
         "x-Q4_K_S.gguf",
     ]
     assert select_files(files, ["*[Qq]4_[Kk]_[Mm]*.gguf"]) == files[:2]
+
+
+def test_another_error_answer_of_the_hub_is_said_in_one_line(hub, tmp_path, capsys):
+    """An answer other than not-found, gated or a missing revision (the Hub down for maintenance, a
+    mirror's 5xx) printed huggingface_hub's text: "503 Server Error: ... for url: ...", a blank line, the
+    server's message, each on lines of their own. It is one line: the repository, the status, its reason
+    and the server's first words."""
+    hub.down.add("org/tiny")
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "tiny")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {hub.endpoint} answered HTTP 503 Service Unavailable for org/tiny: The Hub is under "
+        "maintenance.\n"
+    )
+    assert not (tmp_path / "tiny").exists()

@@ -173,7 +173,16 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
             "branches, tags or commits"
         ) from err
     except HfHubHTTPError as err:
-        raise VicunaError(f"{endpoint} answered an error for {repo_id}: {err}") from err
+        # its text runs to five lines (the status and URL, a link to MDN, a blank line, the server's own
+        # message, itself often two); one line says what a user needs: which status, and the server's why
+        response = err.response
+        reason = getattr(response, "reason_phrase", None) or getattr(response, "reason", None) or ""
+        said = (err.server_message or "").strip().split("\n")[0][:200]
+        raise VicunaError(
+            f"{endpoint} answered HTTP {response.status_code} {reason}".rstrip()
+            + f" for {repo_id}"
+            + (f": {said}" if said else "")
+        ) from err
     except Exception as err:
         # huggingface_hub's HTTP client (httpx or httpx2, depending on its version) raises its own errors
         if type(err).__module__.split(".")[0] not in ("httpx", "httpx2"):
