@@ -246,6 +246,18 @@ def test_truncated_safetensors_shard_is_named(model_copy):
         load(model_copy)
 
 
+@pytest.mark.parametrize("kept", [0, 5, 8, 100])
+def test_a_shard_cut_short_inside_its_header_is_said_cut_short(model_copy, kept):
+    """A shard that ends inside its header (a download or copy stopped in its first bytes) was "not a
+    valid safetensors file", which reads as a wrong format, not as a file to fetch again."""
+    shard = model_copy / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:kept])
+    with pytest.raises(
+        ModelLoadError, match=rf"model\.safetensors: cut short: {kept} bytes on disk.*download it again"
+    ):
+        load(model_copy)
+
+
 @pytest.mark.parametrize(
     ("overrides", "said"),
     [

@@ -202,7 +202,7 @@ def test_merge_names_a_truncated_adapter_file(adapter, tiny_llama_dir, tmp_path,
     weights.write_bytes(weights.read_bytes()[:1000])
     args = ["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(cut), "--output"]
     assert cli([*args, str(tmp_path / "merged")]) == 2
-    assert f"error: {weights}: not a valid safetensors file" in capsys.readouterr().err
+    assert f"error: {weights}: cut short: 1000 bytes on disk" in capsys.readouterr().err
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 

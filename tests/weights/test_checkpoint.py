@@ -131,6 +131,14 @@ def test_reader_errors_name_the_file(tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(VicunaError, match=r"model\.safetensors.*damaged or incomplete"):
         CheckpointReader(folder)
+    (folder / "model.safetensors").write_bytes(data[:50])  # inside its header: said as such
+    with pytest.raises(
+        VicunaError, match=r"model\.safetensors: cut short: 50 bytes on disk, where its header"
+    ):
+        CheckpointReader(folder)
+    (folder / "model.safetensors").write_bytes(b"<!DOCTYPE html>" * 10)  # other bytes: not said cut short
+    with pytest.raises(VicunaError, match=r"model\.safetensors.*damaged or incomplete"):
+        CheckpointReader(folder)
 
     folder = save_folder(random_state(STATE_SHAPES), tmp_path / "b", kind="bin", files=1, index=False)
     (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 10)

@@ -358,10 +358,11 @@ def weight_files(folder: Path) -> list[Path]:
 
 def check_weight_file(path: Path) -> None:
     """Refuse a truncated or corrupt shard before loading starts, naming it."""
-    from vicuna.weights.checkpoint import check_not_lfs_pointer
+    from vicuna.weights.checkpoint import check_not_lfs_pointer, check_safetensors_header
 
     check_not_lfs_pointer(path)
     if path.suffix == ".safetensors":
+        check_safetensors_header(path)
         size = path.stat().st_size
         try:
             with path.open("rb") as f:

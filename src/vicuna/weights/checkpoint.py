@@ -84,6 +84,25 @@ def check_not_lfs_pointer(path: Path) -> None:
     )
 
 
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a safetensors file that ends inside its header (a download or copy that stopped in its first
+    bytes), saying so: read as it is, it is "not a valid safetensors file", or safetensors' "Error while
+    deserializing header", which sends a user looking for a format problem rather than rerunning the job.
+    A header starts with its length, 8 bytes, then a JSON object ('{'); a file of other bytes is left to the
+    readers to refuse as not safetensors."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        start = f.read(9)
+    declared = 8 + int.from_bytes(start[:8], "little")
+    # safetensors refuses headers over 100 MB: a larger length is other bytes, not a header cut short
+    if len(start) < 8 or (declared > size and declared <= 8 + 100_000_000 and start[8:] in (b"{", b"")):
+        raise ModelLoadError(
+            f"{path}: cut short: {size} bytes on disk, where its header alone takes "
+            + (f"{declared}" if len(start) == 9 else "more")
+            + "; download it again, or rerun the job that wrote it"
+        )
+
+
 def load_pth(path: Path) -> dict[str, torch.Tensor]:
     """A `torch.save`d state dict, memory-mapped (nothing is read until a tensor's data is used)."""
     check_not_lfs_pointer(path)
@@ -217,6 +236,7 @@ class CheckpointReader:
         from safetensors import safe_open
 
         check_not_lfs_pointer(path)
+        check_safetensors_header(path)
         try:
             return safe_open(str(path), framework="pt", device="cpu")
         except Exception as err:  # SafetensorError is not importable under a stable name
