@@ -1697,3 +1697,27 @@ def test_serve_on_windows_says_what_to_do_about_a_port_windows_keeps(monkeypatch
     assert str(err.value).startswith("cannot listen on 0.0.0.0:8000: 以一种访问权限不允许的方式")
     assert "`netsh interface ipv4 show excludedportrange protocol=tcp`" in str(err.value)
     assert str(err.value).endswith("choose another --port")
+
+
+def test_scoring_stops_and_is_logged_499_when_its_client_goes_away(tiny_engine, caplog, monkeypatch):
+    """A client that leaves while its prompts are being scored (echo with logprobs, as lm-eval sends them)
+    stops the scoring between two prompts and is counted 499, with the one log line every request has."""
+    app = create_app(tiny_engine, model_name=MODEL)
+    scored: list[int] = []
+    score = tiny_engine.score
+    monkeypatch.setattr(
+        tiny_engine, "score", lambda ids, top: (scored.append(len(ids)), time.sleep(0.05), score(ids, top))[2]
+    )
+    body = greedy(prompt=["Hello there"] * 60, max_tokens=0, echo=True, logprobs=0)
+    with serving(app) as url, caplog.at_level(logging.INFO, logger="vicuna.server"):
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up, closing its connection
+            httpx.post(f"{url}/v1/completions", json=body, timeout=1)
+        assert wait_for(
+            lambda: metric(url, 'vicuna_requests_total{endpoint="completions",status="499"}') == 1
+        )
+        lines = [r.getMessage() for r in caplog.records if " completions 499 " in r.getMessage()]
+        assert len(lines) == 1 and lines[0].endswith(" finish=" + ",".join(["cancelled"] * 60)), lines
+        done = len(scored)
+        assert done < 60
+        r = httpx.post(f"{url}/v1/chat/completions", json=greedy(messages=HELLO, max_tokens=2), timeout=60)
+        assert r.status_code == 200 and len(scored) == done

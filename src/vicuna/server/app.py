@@ -979,9 +979,9 @@ def create_app(
         if req.echo and req.logprobs is not None:  # the prompt's own logprobs, as evaluation harnesses read
             server.check_queue(len(params), run.replies_param)
             lists = await _scored(request, prompts, req.logprobs)
-            if lists is None:  # the client went away
+            if lists is None:  # the client went away: counted and logged, as one gone while generating is
                 request.state.counted = True
-                server.metrics.requests.labels("completions", "499").inc()
+                run.record(499)
                 return Response(status_code=499)
             per_prompt = await asyncio.to_thread(
                 lambda: [
