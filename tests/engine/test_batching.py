@@ -317,6 +317,26 @@ def test_a_reply_cancelled_before_min_new_tokens_is_not_stopped_by_its_held_back
     assert event.reason == "cancelled" and event.completion_tokens < 600
 
 
+def test_a_stop_string_completed_by_the_held_back_text_at_the_end_stops_the_reply(
+    tiny_engine, batcher, monkeypatch
+):
+    """As in the engine alone (tests/engine/test_engine.py): a stop string completed only by the
+    detokenizer's leftover text when the reply ends is a "stop", its text cut before the stop string."""
+    from tests.engine.test_engine import HeldBack
+    from vicuna.engine import batching
+
+    prompt = tiny_engine.encode(TEXTS[1])
+    greedy = dict(temperature=0, max_new_tokens=8, ignore_eos=True)
+    events = list(tiny_engine.generate(prompt, SamplingParams(**greedy)))
+    full, ids = "".join(e.text for e in events[:-1]), [t for e in events[:-1] for t in e.token_ids]
+    stop = tiny_engine.tokenizer.decode(ids[3:5], skip_special_tokens=True).strip()
+    assert stop and full.index(stop) > 0
+    monkeypatch.setattr(batching, "IncrementalDecoder", HeldBack)
+    text, done = reply(batcher.generate(prompt, SamplingParams(**greedy, stop=[stop])))
+    assert (done.reason, done.stop_text, done.completion_tokens) == ("stop", stop, 8)
+    assert text == full[: full.index(stop)]
+
+
 def test_a_reply_whose_prompt_is_computed_when_the_batcher_stops_ends_cancelled(tiny_engine):
     b = Batcher(tiny_engine, max_batch_size=4)
     prefill = b._rows.prefill

@@ -536,6 +536,23 @@ class HeldBack(IncrementalDecoder):
         return ""
 
 
+def test_a_stop_string_completed_by_the_held_back_text_at_the_end_stops_the_reply(engine, monkeypatch):
+    """A stop string whose text comes only from the detokenizer's leftover at the reply's end (its last
+    tokens each ending inside a character) ends the reply "stop", its text cut before the stop string, as
+    one seen token by token does; not "length" with the stop string shown."""
+    from vicuna.engine import engine as engine_module
+
+    prompt = engine.encode("The capital of France is")
+    greedy = dict(temperature=0, max_new_tokens=8, ignore_eos=True)
+    full, ids, _ = run(engine, prompt, **greedy)
+    stop = engine.tokenizer.decode(ids[3:5], skip_special_tokens=True).strip()
+    assert stop and full.index(stop) > 0
+    monkeypatch.setattr(engine_module, "IncrementalDecoder", HeldBack)
+    text, _, done = run(engine, prompt, **greedy, stop=[stop])
+    assert (done.reason, done.stop_text, done.completion_tokens) == ("stop", stop, 8)
+    assert text == full[: full.index(stop)]
+
+
 def test_a_reply_cancelled_before_min_new_tokens_is_not_stopped_by_its_held_back_text(engine, monkeypatch):
     """The detokenizer's leftover text at the end of a reply cancelled within its first min_new_tokens
     tokens was matched against the stop strings as if past min_new_tokens: the reply ended "stop", cut
