@@ -802,7 +802,9 @@ def _save(arg: str, messages: list[Message], io: ChatIO, system: str | None = No
         messages = [Message("system", system), *messages]
     path = Path(arg).expanduser()
     try:
-        write_atomically(path, json.dumps([m.__dict__ for m in messages], ensure_ascii=False, indent=2))
+        text = json.dumps([m.__dict__ for m in messages], ensure_ascii=False, indent=2)
+        # readable by its owner only, as the messages typed are in chat_history (one written over keeps its own)
+        write_atomically(path, text, mode=0o600)
     except OSError as err:  # a missing folder, a denied permission: the chat goes on, nothing lost
         io.info(f"error: cannot save to {path}: {err.strerror or err}; the conversation is unchanged")
         return

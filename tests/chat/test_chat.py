@@ -423,6 +423,31 @@ def test_save_of_an_empty_conversation_writes_no_file_that_load_would_refuse(tmp
     assert io.notes.count("(nothing to save yet: the conversation is empty)") == 2
 
 
+def test_a_saved_conversation_is_readable_by_its_owner_only_and_one_saved_over_keeps_its_permissions(
+    tmp_path,
+):
+    """!!save wrote a new file as the umask has it (0o644: readable by every user of a shared machine), and
+    replaced one its owner had made private (chmod 600) with such a file, where the typed messages alone,
+    in chat_history, are 0o600."""
+    old = os.umask(0o022)  # a machine's usual
+    try:
+        new, private, shared = tmp_path / "new.json", tmp_path / "private.json", tmp_path / "shared.json"
+        for path, mode in ((private, 0o600), (shared, 0o644)):
+            path.write_text("[]", encoding="utf-8")
+            path.chmod(mode)
+        run_chat(
+            EchoEngine(), ScriptedIO(["my secret", *(f"!!save {p}" for p in (new, private, shared))]), PARAMS
+        )
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (new, private, shared)} == {
+        "new.json": 0o600,
+        "private.json": 0o600,
+        "shared.json": 0o644,  # one its owner shares stays shared
+    }
+    assert json.loads(private.read_text(encoding="utf-8"))[0]["content"] == "my secret"
+
+
 def test_load_reads_a_conversation_saved_by_fastchat(tmp_path):
     """FastChat's !!save writes its template's fields, turns as [role name, text] pairs: vicuna refused
     them as "expected a non-empty JSON list of messages"."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -137,16 +138,24 @@ def _names(path: Path, handle: IO[str]) -> bool:
         return False
 
 
-def write_atomically(path: Path, data: str | bytes) -> None:
+def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> None:
     """Write `data` (text as UTF-8) to a hidden temporary name beside `path`, renamed over it: a reader (or a
     job resumed after a kill) never sees half a file, nor a temporary one in a listing; a failed write leaves
-    none behind."""
+    none behind. A file written over keeps its permissions, as an editor keeps them (the renamed one had the
+    umask's: a conversation its owner had made private became readable by all); a new one gets `mode`, or
+    the umask's (0o644 most often)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with suppress(OSError):
+        if stat.S_ISREG((st := path.stat()).st_mode):
+            mode = stat.S_IMODE(st.st_mode)
     try:
-        if isinstance(data, str):
-            tmp.write_text(data, encoding="utf-8")
-        else:
-            tmp.write_bytes(data)
+        # created readable by its owner only where it is to stay so, not opened to all until the chmod
+        with open(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else 0o600), "wb"
+        ) as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:  # Ctrl-C too
         with suppress(OSError):  # where nothing could be written, nothing is to be removed
