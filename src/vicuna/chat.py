@@ -292,27 +292,33 @@ class TerminalIO:
         """Add a message typed to the file (readable by its owner only); a failure costs only that. Added
         at once, as a chat ended by closing its terminal (SIGHUP) never reaches its end; and to what the
         file holds now, not what this chat read at its start: of two chats at once, the one that wrote
-        last had left in the file none of what was typed in the other."""
+        last had left in the file none of what was typed in the other. Nothing is kept where the file is a
+        link to /dev/null (`ln -sf /dev/null $VICUNA_HOME/chat_history`, as for bash's or Python's history):
+        the file renamed over the link kept every message from then on."""
         if self.history is None:
             return
+        import stat
         import tempfile
 
+        path = self.history.resolve()  # a link's file: the link stays
         try:
             entries = self.saved_history()
+            if not stat.S_ISREG(path.stat().st_mode):
+                return
         except FileNotFoundError:
             entries = []
         except OSError:
             return
         entries = [*entries, text] if entries[-1:] != [text] else entries
         try:
-            self.history.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.history.parent, prefix=f".{self.history.name}.")  # 0600
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
         except OSError:
             return
         try:
             with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
                 f.write("".join(history_line(entry) for entry in entries[-HISTORY_LINES:]))
-            os.replace(tmp, self.history)
+            os.replace(tmp, path)
         except OSError:
             Path(tmp).unlink(missing_ok=True)
 

@@ -1309,6 +1309,30 @@ def test_two_chats_at_once_both_keep_what_was_typed_in_them(terminal, tmp_path):
     ]
 
 
+def test_a_history_linked_to_dev_null_keeps_nothing_and_a_linked_file_keeps_its_link(tmp_path, monkeypatch):
+    """`ln -sf /dev/null FILE`, the usual way to keep no history (bash's, Python's), was undone by the first
+    message typed: the file renamed over the link kept every message from then on."""
+    readline = pytest.importorskip("readline")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("VICUNA_HOME", str(home))
+    (home / "chat_history").symlink_to(os.devnull)
+    readline.clear_history()
+    try:
+        io = TerminalIO("simple", multiline=False, interactive=True)
+        io.remember("my secret")
+        assert (home / "chat_history").is_symlink() and not list(home.iterdir())[1:]
+        assert readline.get_history_item(1) == "my secret"  # the up arrow still has it in this chat
+        (home / "chat_history").unlink()
+        (home / "chat_history").symlink_to(tmp_path / "dotfiles" / "vicuna_history")  # kept elsewhere
+        (tmp_path / "dotfiles").mkdir()
+        io.remember("kept")
+        assert (home / "chat_history").is_symlink()
+        assert (tmp_path / "dotfiles" / "vicuna_history").read_text(encoding="utf-8") == "kept\n"
+    finally:
+        readline.clear_history()
+
+
 def test_without_a_home_folder_the_chat_goes_on_without_saved_history(monkeypatch):
     # the model is loaded by then: the up arrow's history is not worth refusing the chat for
     readline = pytest.importorskip("readline")
