@@ -132,6 +132,20 @@ def replying(reply: str) -> fastapi.FastAPI:
     return webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
 
 
+def test_the_page_sends_gradio_no_analytics_and_asks_for_no_version(monkeypatch):
+    """Gradio's default (without GRADIO_ANALYTICS_ENABLED=False) posts each page built to its analytics
+    server and asks PyPI for its latest version: a server run to keep chats on the machine calls out."""
+    import gradio.analytics
+
+    monkeypatch.delenv("GRADIO_ANALYTICS_ENABLED", raising=False)
+    called = []
+    for name in ("initiated_analytics", "version_check"):
+        monkeypatch.setattr(gradio.analytics, name, lambda *a, name=name: called.append(name))
+    with TestClient(replying("Hi")) as client:
+        assert client.get("/").status_code == 200
+    assert called == []
+
+
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
