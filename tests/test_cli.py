@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -531,3 +532,42 @@ def test_a_model_typed_before_train_s_flags_is_told_to_go_after_model_path(capsy
         with pytest.raises(SystemExit):
             main(["train", *typed])
         assert "invalid choice" in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("columns", [80, 40])
+def test_every_help_renders_at_80_and_40_columns_without_cutting_a_word_at_its_hyphen(columns, monkeypatch):
+    """argparse wrapped help after a hyphen too: `vicuna download --help` showed its default folder as
+    `$VICUNA_HOME/models/OWNER--` above `NAME` at 80 columns, and at 40 the built-in model as `SmolLM2-135M-`
+    above `Instruct`."""
+    from vicuna.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    for parser in [build_parser(), *_all_parsers()]:
+        text = parser.format_help()
+        assert text.startswith(f"usage: {parser.prog}")
+        cut = [line for line in text.splitlines() if re.search(r"\w-$", line)]
+        assert not cut, f"{parser.prog}: {cut}"
+        if parser.prog == "vicuna download":
+            assert "$VICUNA_HOME/models/OWNER--NAME)" in text
+
+
+def test_every_command_and_subcommand_says_what_it_does_and_names_its_values_alike():
+    """`vicuna delta apply --help` (template list and render, train inspect, lora merge too) began with the
+    usage and the flags: the line saying what it does was only in its parent's list. Defaults are said as
+    '(default: X)', as the formatter adds them (some read '(default 8)'), and values in capitals, as in the
+    usage (`vicuna download repo_id`, `vicuna get name` beside `vicuna verify DIR`)."""
+    missing = []
+    for parser in _all_parsers():
+        missing += [] if parser.description else [f"{parser.prog}: no description"]
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            said = formatter._expand_help(action) if action.help else ""
+            if re.search(r"\(default [^:]", said):
+                missing.append(f"{parser.prog} {action.dest}: {said}")
+            if (
+                not action.option_strings
+                and action.choices is None
+                and not (action.metavar or action.dest).isupper()
+            ):
+                missing.append(f"{parser.prog} {action.dest}: metavar {action.metavar or action.dest}")
+    assert not missing, "\n".join(missing)

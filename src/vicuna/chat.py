@@ -88,9 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-new-tokens",
         type=int,
-        help=f"longest reply, in tokens (default {MAX_NEW_TOKENS}, or half the model's context window if less)",
+        help=f"longest reply, in tokens (default: {MAX_NEW_TOKENS}, or half the model's context window if less)",
     )
-    g.add_argument("--seed", type=int, help="makes sampling repeatable (default, or -1: a new seed each run)")
+    g.add_argument(
+        "--seed", type=int, help="makes sampling repeatable (default: a new seed each run, as -1 is)"
+    )
     c = parser.add_argument_group("chat")
     c.add_argument("--no-history", action="store_true", help="answer each message on its own")
     c.add_argument(

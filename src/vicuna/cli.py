@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Sequence
 from typing import NoReturn
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vicuna",
         description="Run, serve and fine-tune Vicuna and other LLaMA-family chat models.",
+        epilog="Start with `vicuna chat`; see `vicuna COMMAND --help` for a command's flags.",
+        formatter_class=HelpWithDefaults,
     )
     parser.add_argument("--version", action="version", version=f"vicuna {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -53,7 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
-    """Ends a flag's help with its default, unless the help already says it or there is none to say."""
+    """Ends a flag's help with its default, unless the help already says it or there is none to say.
+    Lines are wrapped at spaces only: argparse also broke them after a hyphen, so a path, a model or a
+    flag was cut in two (`$VICUNA_HOME/models/OWNER--` above `NAME`, `SmolLM2-135M-` above `Instruct`),
+    and a word longer than the column is left whole, to be copied as it is."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()
+        return textwrap.wrap(text, max(width, 1), break_on_hyphens=False, break_long_words=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line for line in self._split_lines(text, width - len(indent)))
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -206,8 +219,10 @@ def command_parser(name: str) -> argparse.ArgumentParser:
     importlib.import_module(COMMANDS[name][0]).add_arguments(parser)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
+            said = {choice.dest: choice.help for choice in action._choices_actions}  # its line in the list
+            for called, sub in action.choices.items():
                 sub.formatter_class = HelpWithDefaults
+                sub.description = sub.description or said.get(called)  # `vicuna delta apply --help` said none
     return parser
 
 

@@ -57,7 +57,7 @@ def _outputs(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("output")
     g.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON (docs/benchmarks.md)")
     g.add_argument("--plot", type=Path, metavar="OUT.png", help="draw the ratios to the baselines")
-    g.add_argument("--no-progress", action="store_true", help="no progress display")
+    g.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inspect", help="show which tokens carry loss, and count bad and truncated examples"
     )
     _add_data_arguments(inspect)
-    inspect.add_argument("-n", type=int, default=3, help="examples to show (default 3)")
+    inspect.add_argument("-n", type=int, default=3, help="examples to show (default: 3)")
     inspect.add_argument("--json", type=Path, help="write {'input_ids', 'labels'} per example (JSONL) here")
 
     _add_data_arguments(parser)
@@ -58,15 +58,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-bad", type=int, default=0, help="train even if up to N examples are bad")
     g = parser.add_argument_group("schedule")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
+    length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default: 3)")
     length.add_argument(
         "--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs decides)"
     )
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; LoRA: try 2e-4)")
-    g.add_argument("--batch-size", type=int, default=1, help="examples per device per step (default 1)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument(
-        "--warmup-ratio", type=float, default=0.03, help="share of steps to warm up (default 0.03)"
+        "--lr", type=float, default=2e-5, help="peak learning rate (default: 2e-5; LoRA: try 2e-4)"
+    )
+    g.add_argument("--batch-size", type=int, default=1, help="examples per device per step (default: 1)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
+    g.add_argument(
+        "--warmup-ratio", type=float, default=0.03, help="share of steps to warm up (default: 0.03)"
     )
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's weight decay")
     g.add_argument(
@@ -89,15 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--lora-target",
         default=LORA_TARGET,
-        help=f"comma-separated module names, or all-linear (default {LORA_TARGET}; {FUSED_LORA_TARGET} where "
+        help=f"comma-separated module names, or all-linear (default: {LORA_TARGET}; {FUSED_LORA_TARGET} where "
         "the model computes q, k and v in one layer, as Phi-3 does)",
     )
     g = parser.add_argument_group("checkpoints")
     g.add_argument(
-        "--save-steps", type=int, default=500, help="save a checkpoint every N steps (default 500)"
+        "--save-steps", type=int, default=500, help="save a checkpoint every N steps (default: 500)"
     )
     g.add_argument(
-        "--save-total-limit", type=int, default=2, help="checkpoints to keep (default 2; 0 or less: all)"
+        "--save-total-limit", type=int, default=2, help="checkpoints to keep (default: 2; 0 or less: all)"
     )
     g.add_argument("--logging-steps", type=int, default=10, help="print loss, lr and tokens/s every N steps")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")

@@ -43,7 +43,9 @@ RECORD_NAME = ".vicuna-get.json"  # hidden: not in the manifest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", help=f"one of {', '.join(RECIPES)}; any other name needs --base and --delta")
+    parser.add_argument(
+        "name", metavar="NAME", help=f"one of {', '.join(RECIPES)}; any other name needs --base and --delta"
+    )
     parser.add_argument(
         "--dir",
         type=Path,

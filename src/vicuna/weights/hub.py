@@ -31,7 +31,9 @@ OLLAMA_HUB_NAME = re.compile(r"(?:(?:hf\.co|huggingface\.co)/)?(\w[\w.-]*/\w[\w.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("repo_id", help="owner/name on the Hub, e.g. lmsys/vicuna-7b-v1.5")
+    parser.add_argument(
+        "repo_id", metavar="OWNER/NAME", help="the repository on the Hub, e.g. lmsys/vicuna-7b-v1.5"
+    )
     parser.add_argument("--revision", help="branch, tag or commit (default: main)")
     parser.add_argument("--dir", type=Path, help="target folder (default: $VICUNA_HOME/models/OWNER--NAME)")
     parser.add_argument(

@@ -49,15 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-size",
         default="7B",
         help=f"comma-separated models of one release: LLaMA 1's {', '.join(LLAMA_1)} or LLaMA 2's "
-        f"{', '.join(LLAMA_2)} (default 7B)",
+        f"{', '.join(LLAMA_2)} (default: 7B)",
     )
     parser.add_argument("--dir", type=Path, help="target folder (default: $VICUNA_HOME/llama)")
-    parser.add_argument("--retries", type=int, default=8, help="retries per file after a failure (default 8)")
+    parser.add_argument(
+        "--retries", type=int, default=8, help="retries per file after a failure (default: 8)"
+    )
     parser.add_argument(
         "--backoff",
         type=float,
         default=1.0,
-        help="seconds before the first retry; doubles each time (default 1)",
+        help="seconds before the first retry; doubles each time (default: 1)",
     )
     parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
