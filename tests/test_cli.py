@@ -571,3 +571,19 @@ def test_every_command_and_subcommand_says_what_it_does_and_names_its_values_ali
             ):
                 missing.append(f"{parser.prog} {action.dest}: metavar {action.metavar or action.dest}")
     assert not missing, "\n".join(missing)
+
+
+def test_train_help_says_what_it_needs_to_train_and_that_inspect_is_optional(capsys):
+    """`vicuna train --help` showed `inspect ...` in its usage as if it were needed, and --data and
+    --output-dir among the optional flags, while a run without them stops at once."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    said = capsys.readouterr().out
+    usage, flags = said.split("\n\n")[0], " ".join(said.split())
+    assert " ".join(usage.split()).endswith("[--force] [inspect] ...")
+    assert "--data DATA ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]}); required" in flags
+    assert "--output-dir OUTPUT_DIR where checkpoints and the final model go; required to train" in flags
+    assert main(["train", "--data", "d.json"]) != 0
+    assert capsys.readouterr().err == "error: --output-dir is required\n"

@@ -26,7 +26,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         help="ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]}); Alpaca's "
-        "{'instruction', 'input', 'output'} records too",
+        "{'instruction', 'input', 'output'} records too; required",
     )
     g.add_argument(
         "--conv-template",
@@ -45,7 +45,12 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", metavar="inspect")
+    parser.epilog = (
+        "For example `vicuna train --data chats.json --output-dir my-model --lora`; `vicuna train inspect "
+        "--data chats.json` first shows which tokens of each example carry the loss."
+    )
+    # in brackets: the usage showed `inspect ...` as if `vicuna train` needed it to train
+    sub = parser.add_subparsers(dest="action", metavar="[inspect]")
     inspect = sub.add_parser(
         "inspect", help="show which tokens carry loss, and count bad and truncated examples"
     )
@@ -54,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("--json", type=Path, help="write {'input_ids', 'labels'} per example (JSONL) here")
 
     _add_data_arguments(parser)
-    parser.add_argument("--output-dir", type=Path, help="where checkpoints and the final model go")
+    parser.add_argument(
+        "--output-dir", type=Path, help="where checkpoints and the final model go; required to train"
+    )
     parser.add_argument("--allow-bad", type=int, default=0, help="train even if up to N examples are bad")
     g = parser.add_argument_group("schedule")
     length = g.add_mutually_exclusive_group()
