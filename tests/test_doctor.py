@@ -151,3 +151,15 @@ def test_doctor_builds_the_model_s_modules_once(tmp_path, capsys, monkeypatch):
     assert main(["doctor", "--model-path", str(folder)]) == 0
     assert "the model fits" in capsys.readouterr().out
     assert len(built) == 1
+
+
+@no_gpu
+def test_doctor_s_help_offers_only_the_flags_that_change_its_answer(tiny_llama_dir, capsys):
+    """`vicuna doctor --help` listed --conv-template and --conv-system-msg, which play no part in what a
+    model needs; they are still taken, so a chat's command line runs as doctor too."""
+    with pytest.raises(SystemExit):
+        main(["doctor", "--help"])
+    said = capsys.readouterr().out
+    assert "--conv-" not in said and "--load-8bit" in said and "--max-gpu-memory" in said
+    model = ["doctor", "--model-path", str(tiny_llama_dir)]
+    assert main([*model, "--conv-template", "vicuna_v1.1", "--conv-system-msg", "Be brief."]) == 0

@@ -12,6 +12,10 @@ from vicuna.config import add_model_arguments, model_settings_from_args
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    # a prompt template needs no memory: taken (a chat's command line run as doctor), but not offered
+    for action in parser._actions:
+        if action.dest in ("conv_template", "conv_system_msg"):
+            action.help = argparse.SUPPRESS
 
 
 def main(args: argparse.Namespace) -> int:
