@@ -335,6 +335,16 @@ def test_train_dtype_help_says_auto_is_float32_on_apple_s_gpu(monkeypatch):
     assert "on a CUDA GPU, else float32" in help
 
 
+def test_model_name_help_says_a_hub_repo_is_served_by_its_id():
+    """`vicuna serve --model-path lmsys/vicuna-7b-v1.5` serves it as lmsys/vicuna-7b-v1.5 (tests/engine:
+    test_loader's Hub tests), while the help said the folder's name (lmsys--vicuna-7b-v1.5 there) and nothing
+    of a .gguf file, served by its name without .gguf."""
+    from vicuna.cli import command_parser
+
+    help = command_parser("serve")._option_string_actions["--model-name"].help
+    assert "(default: the model folder's or .gguf file's name, a Hub repo's OWNER/NAME)" in help
+
+
 def test_allowed_origins_help_says_which_origins_reach_a_private_network():
     """Chrome's private network access is granted to an origin named in --allowed-origins, not to '*'
     (tests/server: test_a_public_site_allowed_by_origin_may_call_a_server_on_a_private_network); the help

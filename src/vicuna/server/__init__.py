@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model-name",
         type=model_names,
         metavar="NAME[,ALIAS...]",
-        help="the name clients use in 'model' (default: the model folder's name); more names after commas are "
-        "aliases clients may use too (e.g. vicuna-7b,gpt-3.5-turbo for a tool that asks for that name)",
+        help="the name clients use in 'model' (default: the model folder's or .gguf file's name, a Hub repo's "
+        "OWNER/NAME); more names after commas are aliases clients may use too (e.g. vicuna-7b,gpt-3.5-turbo "
+        "for a tool that asks for that name)",
     )
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="port to listen on")
