@@ -583,6 +583,21 @@ def test_every_command_and_subcommand_says_what_it_does_and_names_its_values_ali
     assert not missing, "\n".join(missing)
 
 
+def test_a_value_the_help_names_by_a_letter_is_shown_by_that_letter():
+    """`--top-k TOP_K  sample from the K most likely tokens`, `--save-steps SAVE_STEPS  save a checkpoint
+    every N steps`: the help named a value the usage beside it did not."""
+    named = []
+    for parser in _all_parsers():
+        for action in parser._actions:
+            if action.option_strings and action.help and action.help != argparse.SUPPRESS:
+                for letter in set(re.findall(r"(?<![\w-])([A-Z])(?![\w-])", action.help)) - {action.metavar}:
+                    named.append(
+                        f"{parser.prog} {action.option_strings[-1]}: {letter}, shown as {action.metavar}"
+                    )
+    assert not named, "\n".join(named)
+    assert len([1 for p in _all_parsers() for a in p._actions if a.metavar == "N"]) >= 3
+
+
 def test_train_help_says_what_it_needs_to_train_and_that_inspect_is_optional(capsys):
     """`vicuna train --help` showed `inspect ...` in its usage as if it were needed, and --data and
     --output-dir among the optional flags, while a run without them stops at once."""

@@ -78,10 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--top-p",
         type=float,
+        metavar="P",
         default=1.0,
         help="sample from the most likely tokens that add up to P (0: always the most likely token)",
     )
-    g.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (0: from all)")
+    g.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="sample from the K most likely tokens (0: from all)"
+    )
     g.add_argument(
         "--repetition-penalty", type=float, default=1.0, help="above 1: tokens already seen are less likely"
     )

@@ -56,13 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_data_arguments(inspect)
     inspect.add_argument("-n", type=int, default=3, help="examples to show (default: 3)")
-    inspect.add_argument("--json", type=Path, help="write {'input_ids', 'labels'} per example (JSONL) here")
+    inspect.add_argument(
+        "--json", type=Path, metavar="OUT", help="write {'input_ids', 'labels'} per example (JSONL) here"
+    )
 
     _add_data_arguments(parser)
     parser.add_argument(
         "--output-dir", type=Path, help="where checkpoints and the final model go; required to train"
     )
-    parser.add_argument("--allow-bad", type=int, default=0, help="train even if up to N examples are bad")
+    parser.add_argument(
+        "--allow-bad", type=int, default=0, metavar="N", help="train even if up to N examples are bad"
+    )
     g = parser.add_argument_group("schedule")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default: 3)")
@@ -103,12 +107,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("checkpoints")
     g.add_argument(
-        "--save-steps", type=int, default=500, help="save a checkpoint every N steps (default: 500)"
+        "--save-steps",
+        type=int,
+        default=500,
+        metavar="N",
+        help="save a checkpoint every N steps (default: 500)",
     )
     g.add_argument(
         "--save-total-limit", type=int, default=2, help="checkpoints to keep (default: 2; 0 or less: all)"
     )
-    g.add_argument("--logging-steps", type=int, default=10, help="print loss, lr and tokens/s every N steps")
+    g.add_argument(
+        "--logging-steps", type=int, default=10, metavar="N", help="print loss, lr and tokens/s every N steps"
+    )
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument(
         "--force",
