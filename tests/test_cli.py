@@ -608,7 +608,8 @@ def test_train_help_says_what_it_needs_to_train_and_that_inspect_is_optional(cap
     said = capsys.readouterr().out
     usage, flags = said.split("\n\n")[0], " ".join(said.split())
     assert " ".join(usage.split()).endswith("[--force] [inspect] ...")
-    assert "--data DATA ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]}); required" in flags
+    assert "--data DATA ShareGPT JSON list or OpenAI-style JSONL ({'messages': [...]});" in flags
+    assert "'output'} records too; required" in flags
     assert "--output-dir OUTPUT_DIR where checkpoints and the final model go; required to train" in flags
     assert main(["train", "--data", "d.json"]) != 0
     assert capsys.readouterr().err == "error: --output-dir is required\n"
