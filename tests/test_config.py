@@ -22,7 +22,16 @@ def test_no_home_folder_says_to_set_vicuna_home(monkeypatch):
         vicuna_home()
 
 
-@pytest.mark.parametrize("command", [["chat"], ["serve"], ["train"], ["train", "inspect"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["chat"],
+        ["serve"],
+        ["train"],
+        ["train", "inspect"],
+        ["template", "render", "vicuna_v1.1", "--messages", "m"],
+    ],
+)
 def test_a_system_prompt_typed_at_a_gbk_terminal_is_refused_before_loading(command, capsys):
     """A terminal that sends GBK to a server whose locale is UTF-8 gives the flag's value as escapes (as
     Python reads undecodable arguments), which ended the chat with a tokenizer's TypeError."""

@@ -595,12 +595,14 @@ def parse_messages(data: object, source: str = "messages") -> list[Message]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from vicuna.config import utf8_text  # config imports this module
+
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("list", help="list the templates with their stop strings")
     p = sub.add_parser("render", help="print the exact prompt for the next assistant reply")
     p.add_argument("name", choices=TEMPLATE_NAMES, help="the template (hf: the --model-path model's own)")
     p.add_argument("--messages", required=True, type=Path, help="a JSON file of OpenAI-style messages")
-    p.add_argument("--conv-system-msg", help="replace the template's system prompt")
+    p.add_argument("--conv-system-msg", type=utf8_text, help="replace the template's system prompt")
     p.add_argument("--model-path", help="for `hf`: the model whose tokenizer holds the chat template")
 
 
