@@ -1130,3 +1130,18 @@ def test_a_model_path_given_as_a_path_trains(tiny_llama_dir, data_file, tmp_path
     out = tmp_path / "out"
     cfg = TrainConfig(data=data_file, output_dir=out, model_path=tiny_llama_dir, max_steps=1, progress=False)
     assert train(cfg) == out and (out / "config.json").is_file()
+
+
+def test_lr_not_given_is_ten_times_higher_for_lora(tmp_path):
+    """--lora kept a full fine-tune's 2e-5 (its help said "LoRA: try 2e-4"): a short LoRA run barely moved
+    the model, and LitGPT's and the QLoRA paper's users expect LoRA's own rate."""
+    from vicuna.cli import command_parser
+    from vicuna.train.trainer import TrainConfig
+
+    def lr(*flags: str) -> float:
+        args = command_parser("train").parse_args(["--data", "d.json", "--output-dir", str(tmp_path), *flags])
+        settings = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+        return TrainConfig(**settings).lr
+
+    assert (lr(), lr("--lora"), lr("--qlora")) == (2e-5, 2e-4, 2e-4)
+    assert (lr("--lr", "1e-3"), lr("--lora", "--lr", "3e-5")) == (1e-3, 3e-5)  # given: as typed

@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-steps", type=int, default=-1, help="optimizer steps (default: --epochs decides)"
     )
     g.add_argument(
-        "--lr", type=float, default=2e-5, help="peak learning rate (default: 2e-5; LoRA: try 2e-4)"
+        "--lr", type=float, help="peak learning rate (default: 2e-5; with --lora or --qlora: 2e-4)"
     )
     g.add_argument("--batch-size", type=int, default=1, help="examples per device per step (default: 1)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")

@@ -39,6 +39,8 @@ from vicuna.weights.disk import one_writer, write_atomically
 from vicuna.weights.manifest import redraws, transformers_bar
 
 MIN_CAPABILITY = (7, 5)
+FULL_LR = 2e-5  # --lr not given: Vicuna's own fine-tune (FastChat's train.py)
+LORA_LR = 2e-4  # with --lora or --qlora: the QLoRA paper's rate for 7B and 13B, ten times the full one
 MAX_LENGTH = 2048  # tokens per example unless the model's context is shorter or --max-length says
 MODEL_FILES = ("config.json", "adapter_config.json", "*.safetensors", "*.bin", "*.index.json")
 STORED_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors' names
@@ -62,7 +64,7 @@ class TrainConfig:
     allow_bad: int = 0
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
-    lr: float = 2e-5
+    lr: float | None = None  # None: FULL_LR, or LORA_LR with --lora or --qlora
     batch_size: int = 1  # per device
     grad_accum: int = 1
     warmup_ratio: float = 0.03
@@ -89,6 +91,8 @@ class TrainConfig:
         if isinstance(self.model_path, os.PathLike):  # a Path, as `data` may be: a str as the CLI gives it
             self.model_path = os.fspath(self.model_path)
         self.lora = self.lora or self.qlora
+        if self.lr is None:  # a LoRA run at a full fine-tune's rate barely moved the model in a short run
+            self.lr = LORA_LR if self.lora else FULL_LR
         checks = [
             (
                 self.batch_size >= 1 and self.grad_accum >= 1,
