@@ -97,7 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, help="makes sampling repeatable (default: a new seed each run, as -1 is)"
     )
     c = parser.add_argument_group("chat")
-    c.add_argument("--no-history", action="store_true", help="answer each message on its own")
+    c.add_argument(
+        "--no-history",
+        action="store_true",
+        help="answer each message on its own, without the conversation before it (what you type is still "
+        "kept for the up arrow, in $VICUNA_HOME/chat_history)",
+    )
     c.add_argument(
         "--style",
         choices=("simple", "rich", "programmatic"),
