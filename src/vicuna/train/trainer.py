@@ -474,9 +474,12 @@ def start_or_resume(
                 )
             if old[key] != value:
                 what = "the tokenized data" if key == "data_fingerprint" else key
+                # --lr left out: a LoRA run started before its default became LORA_LR, resumed with the
+                # command that started it, was told to resume with the same settings, which it had typed
+                same = f"--lr {old[key]}" if key == "lr" else "the same data and settings"
                 raise VicunaError(
                     f"--resume: {what} was {old[key]!r} for the run in {cfg.output_dir}, now {value!r}; "
-                    "resume with the same data and settings, or start a new --output-dir"
+                    f"resume with {same}, or start a new --output-dir"
                 )
     return checkpoint
 
