@@ -1106,6 +1106,7 @@ def test_a_lora_adapter_trained_on_a_gguf_file_names_the_file_as_its_base(
         return out
 
     monkeypatch.setattr(builtin, "convert_gguf", convert)
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))  # not the shared one: its copies stayed there
     gguf, out = tmp_path / "model.gguf", tmp_path / "adapter"
     gguf.write_bytes(b"GGUF 1")
     args = ["train", "--model-path", str(gguf), "--data", str(data_file), "--max-steps", "1", "--lora"]
