@@ -106,6 +106,13 @@ def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, 
     assert json.loads((out / "vicuna.json").read_text()) == {"conv_template": "chatml"}
     assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
     assert cli(["verify", str(out), "--no-progress"]) == 0
+    from vicuna.weights.disk import new_file_mode
+
+    # as any new file: safetensors made model.safetensors readable by its owner only, so others who could read
+    # the folder (a team's shared models) could not load it
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        [p.name for p in out.iterdir()], new_file_mode()
+    )
 
     ids = torch.tensor([[1, 17, 42, 99, 150, 7, 230, 5]])
     with torch.no_grad():

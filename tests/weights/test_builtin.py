@@ -466,6 +466,13 @@ def test_a_gguf_file_s_linear_rope_scaling_is_kept_in_the_converted_model(tmp_pa
     dim, theta = config.head_dim, config.rope_parameters["rope_theta"]
     unscaled = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
     torch.testing.assert_close(LlamaRotaryEmbedding(config).inv_freq, unscaled / 4)
+    from vicuna.weights.disk import new_file_mode
+
+    # as any new file: safetensors made model.safetensors readable by its owner only, so a shared
+    # $VICUNA_HOME's built-in model could not be loaded by the others who could read its folder
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == dict.fromkeys(
+        [p.name for p in folder.iterdir()], new_file_mode()
+    )
 
 
 def test_a_qwen2_gguf_file_s_linear_rope_scaling_is_kept_in_the_converted_model(tmp_path):

@@ -59,7 +59,7 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
     )
     from vicuna.shell import quote
     from vicuna.train.trainer import quiet_peft
-    from vicuna.weights.disk import one_writer
+    from vicuna.weights.disk import as_new_files, one_writer
     from vicuna.weights.manifest import write_manifest
 
     if not (adapter / "adapter_config.json").is_file():
@@ -120,6 +120,7 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
                 shutil.copyfile(source / RECORDED_TEMPLATE, tmp / RECORDED_TEMPLATE)
                 break
         write_manifest(tmp, progress=sys.stderr.isatty())
+        as_new_files(tmp)
         tmp.rename(output)
     return output
 

@@ -1009,7 +1009,7 @@ def save_final(
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))  # every process: FSDP and ZeRO-3 gather the weights collectively
     if is_main:
-        from vicuna.weights.checkpoint import new_file_mode
+        from vicuna.weights.disk import new_file_mode
         from vicuna.weights.manifest import MANIFEST_NAME, write_manifest
 
         if dtype is not None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install
-from vicuna.weights.disk import disk_full, ensure_free_space, one_writer, size
+from vicuna.weights.disk import as_new_files, disk_full, ensure_free_space, one_writer, size
 from vicuna.weights.manifest import redraws, transformers_bar
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
@@ -205,6 +205,7 @@ def _convert_into(gguf: Path, staging: Path, out: Path, scaling: dict | None) ->
             raise OSError(errno.ENOSPC, str(err)) from err
         raise
     (staging / SOURCE_RECORD).write_text(json.dumps({"gguf": str(gguf.resolve())}), encoding="utf-8")
+    as_new_files(staging)
     shutil.rmtree(out, ignore_errors=True)  # an incomplete folder from an older layout
     staging.rename(out)
     return out

@@ -24,7 +24,7 @@ import torch
 
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
-from vicuna.weights.disk import ensure_free_space, one_writer, write_atomically
+from vicuna.weights.disk import ensure_free_space, new_file_mode, one_writer, write_atomically
 from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -331,13 +331,6 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int | None = None) -> 
         size += spec.nbytes
     n = len(groups)
     return {f"model-{i:05d}-of-{n:05d}.safetensors": group for i, group in enumerate(groups, 1)}
-
-
-def new_file_mode() -> int:
-    """The permissions open() gives a new file here: 0o666 less the umask (which can only be read by setting it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _return_freed_memory() -> None:

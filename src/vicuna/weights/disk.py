@@ -138,6 +138,23 @@ def _names(path: Path, handle: IO[str]) -> bool:
         return False
 
 
+def new_file_mode() -> int:
+    """The permissions open() gives a new file here: 0o666 less the umask (which can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def as_new_files(folder: Path) -> None:
+    """Give the files in `folder` the permissions open() gives a new file: safetensors (under transformers'
+    save_pretrained) creates its files readable by their owner only, so the built-in model converted into a
+    shared $VICUNA_HOME, or a merged model, could not be loaded by the others who can read its folder."""
+    mode = new_file_mode()
+    for path in folder.iterdir():
+        if path.is_file():
+            os.chmod(path, mode)
+
+
 def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> None:
     """Write `data` (text as UTF-8) to a hidden temporary name beside `path`, renamed over it: a reader (or a
     job resumed after a kill) never sees half a file, nor a temporary one in a listing; a failed write leaves
