@@ -1148,18 +1148,22 @@ def test_lr_not_given_is_ten_times_higher_for_lora(tmp_path):
     assert (lr("--lr", "1e-3"), lr("--lora", "--lr", "3e-5")) == (1e-3, 3e-5)  # given: as typed
 
 
-def test_a_lora_run_started_at_the_old_default_lr_is_told_the_lr_to_resume_with(tmp_path):
-    """A LoRA run started while --lr left out was 2e-5, resumed after it became 2e-4 with the very command
-    that started it, was told to 'resume with the same data and settings': the ones it had typed."""
-    from vicuna.engine.loader import RUN_RECORD
+def test_a_lora_run_started_before_its_default_lr_changed_resumes_with_the_same_command(tmp_path):
+    """A LoRA run started without --lr recorded 2e-5, --lr's default then; its own command with --resume
+    was refused once the default became 2e-4 ("--resume: lr was 2e-05 ..., now 0.0002")."""
     from vicuna.train.trainer import TrainConfig, start_or_resume
 
     out, model = tmp_path / "out", tmp_path / "model"
     model.mkdir()
-    (out / "checkpoint-1").mkdir(parents=True)
-    (out / "checkpoint-1" / "trainer_state.json").write_text("{}")
-    cfg = TrainConfig(data="d.json", output_dir=out, lora=True, resume=True)  # --lr left out
-    (out / RUN_RECORD).write_text(json.dumps({"lr": 2e-5, "lora": True}))
-    with pytest.raises(VicunaError, match=r"lr was 2e-05 .* now 0\.0002; resume with --lr 2e-05, or start"):
-        start_or_resume(cfg, {"lr": cfg.lr, "lora": True}, True, model)
-    assert start_or_resume(cfg, {"lr": 2e-5, "lora": True}, True, model) == out / "checkpoint-1"
+    (out / "checkpoint-3").mkdir(parents=True)
+    state = {"global_step": 3, "max_steps": 9, "log_history": []}
+    (out / "checkpoint-3" / "trainer_state.json").write_text(json.dumps(state))
+    (out / "vicuna-train.json").write_text(json.dumps({"lr": 2e-5, "lora": True}))
+
+    cfg = TrainConfig(data=tmp_path / "d.json", output_dir=out, lora=True, resume=True)
+    record = {"lr": cfg.lr, "lora": True}
+    assert start_or_resume(cfg, record, True, model) == out / "checkpoint-3"
+    assert cfg.lr == record["lr"] == 2e-5  # what the run was started with, and the record it is checked by
+    given = TrainConfig(data=tmp_path / "d.json", output_dir=out, lora=True, resume=True, lr=2e-4)
+    with pytest.raises(VicunaError, match=r"--resume: lr was 2e-05 for the run in .*, now 0.0002"):
+        start_or_resume(given, {"lr": given.lr, "lora": True}, True, model)

@@ -91,6 +91,7 @@ class TrainConfig:
         if isinstance(self.model_path, os.PathLike):  # a Path, as `data` may be: a str as the CLI gives it
             self.model_path = os.fspath(self.model_path)
         self.lora = self.lora or self.qlora
+        self.lr_default = self.lr is None  # see start_or_resume: a LoRA run recorded at FULL_LR keeps it
         if self.lr is None:  # a LoRA run at a full fine-tune's rate barely moved the model in a short run
             self.lr = LORA_LR if self.lora else FULL_LR
         checks = [
@@ -472,6 +473,11 @@ def start_or_resume(
                     "with the model it was started from, or start a new --output-dir (the same model, moved: "
                     f'set "base_model" in {path} to its new folder)'
                 )
+            if key == "lr" and cfg.lr_default and cfg.lora and old[key] == FULL_LR:
+                # a LoRA run started without --lr before LORA_LR was its default: resumed with the command it
+                # was started with, it was refused ("lr was 2e-05 ..., now 0.0002"); it keeps its rate
+                cfg.lr = record[key] = old[key]
+                continue
             if old[key] != value:
                 what = "the tokenized data" if key == "data_fingerprint" else key
                 # --lr left out: a LoRA run started before its default became LORA_LR, resumed with the
