@@ -262,6 +262,23 @@ def test_a_fastchat_spelling_is_answered_with_what_to_type_here(command, said, c
     assert last.startswith(f"vicuna {command.split()[0]}") and f": error: {said}" in last
 
 
+@pytest.mark.parametrize(
+    "command",
+    ["train --data d.json --temperature 0.7", "bench latency --top_p 0.9", "delta apply --max-new-tokens 5"],
+)
+def test_a_sampling_flag_of_a_command_that_serves_no_api_is_not_answered_with_the_api_s_requests(
+    command, capsys
+):
+    """LitGPT's serve flags are answered with what each API request sets, and so were they where no API is
+    served: `vicuna train --temperature 0.7` was told of "each request to the API"."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit):
+        main(command.split())
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert "unrecognized argument" in last and "API" not in last
+
+
 def test_a_flag_taken_here_is_never_answered_as_fastchat_s():
     from vicuna.cli import COMMANDS, command_parser
     from vicuna.fastchat_flags import OUTPUT_FLAGS, RENAMED, advice

@@ -165,7 +165,9 @@ def _reason(flag: str, typed: Sequence[str], known: Collection[str]) -> str | No
         return f"here it is {RENAMED[flag]}"
     if flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
         return f"here it is spelled {flag.replace('_', '-')}"
-    if flag in UNSUPPORTED:  # after the spellings: --max_new_tokens is chat's, not serve's
+    # after the spellings: --max_new_tokens is chat's, not serve's; the API's settings only where it is served
+    # (`vicuna train --temperature 0.7`, `bench latency --top_p 0.9` were told of the API's requests)
+    if flag in UNSUPPORTED and (UNSUPPORTED[flag] != _PER_REQUEST or "--host" in known):
         return UNSUPPORTED[flag]
     plain = "--" + flag.rpartition(".")[2].replace("_", "-")  # LitGPT's --train.epochs, --optimizer.lr
     if "." in flag and plain in known:
