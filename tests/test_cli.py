@@ -461,6 +461,20 @@ def test_a_flag_the_chat_lacks_after_the_model_is_not_told_to_be_piped_as_a_ques
         )
 
 
+def test_a_flag_of_train_s_own_typed_after_inspect_is_not_taken_for_a_model(capsys):
+    """`vicuna train inspect --data d.json --output-dir out` (train's command with inspect put in) was told
+    `unrecognized argument --output-dir: the model is named with --model-path (`vicuna train inspect --data
+    d.json --model-path --output-dir out`)`, a command that names --output-dir as the model."""
+    from vicuna.cli import main
+
+    for flag in (["--output-dir", "out"], ["--allow-bad", "1"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["train", "inspect", "--data", "d.json", *flag])
+        assert stop.value.code == 2
+        last = capsys.readouterr().err.splitlines()[-1]
+        assert last == f"vicuna train: error: unrecognized arguments: {' '.join(flag)}"
+
+
 @pytest.mark.parametrize(
     "typed",
     [

@@ -107,6 +107,7 @@ class CommandParser(argparse.ArgumentParser):
         if (
             extra
             and not any(word.startswith("-") and word.split("=")[0] not in options for word in extra)
+            and not extra[0].startswith("-")  # train's --output-dir after `train inspect`: no model
             and extra[0] in self.typed
             and "--model-path" in options
         ):
