@@ -154,7 +154,9 @@ def test_bad_records_left_out_count_against_allow_bad_with_the_bad_examples(tmp_
     prepared = Prepared(max_length=64, bad=[("data.json[3]", "no token boundary")])
     prepared.bad_records = [("data.json[1]", "expected 'human', got 'gpt'")]
     prepared.check_bad(2)
-    with pytest.raises(VicunaError, match=r"1 example\(s\) .*\(allowed: 0\); the first is data.json\[3\]"):
+    # "(allowed: 0)" alone did not say where --allow-bad 1 had gone
+    allowed = r"\(allowed: 0: --allow-bad 1 less the 1 bad record\(s\) left out\)"
+    with pytest.raises(VicunaError, match=rf"1 example\(s\) .*{allowed}; the first is data.json\[3\]"):
         prepared.check_bad(1)
 
 

@@ -463,8 +463,8 @@ class Prepared:
     def check_bad(self, allow_bad: int) -> None:
         """Refuse to train when more examples than `allow_bad` could not be labelled exactly (or than what
         the bad records left out already took of it)."""
-        allow_bad -= len(self.bad_records)
-        if len(self.bad) > allow_bad:
+        allowed = allow_bad - len(self.bad_records)
+        if len(self.bad) > allowed:
             source, why = self.bad[0]
             what = (
                 "have assistant text that cannot be located exactly among the tokens"
@@ -473,8 +473,11 @@ class Prepared:
                 if self.refused == len(self.bad)
                 else f"are bad ({self._bad_kinds()})"
             )
+            # "(allowed: 0)" alone, to a user who had passed --allow-bad 1, did not say where the 1 had gone
+            records = len(self.bad_records)
+            taken = f": --allow-bad {allow_bad} less the {records} bad record(s) left out" if records else ""
             raise VicunaError(
-                f"{len(self.bad)} example(s) {what} (allowed: {allow_bad}); the first is {source}: {why}. See "
+                f"{len(self.bad)} example(s) {what} (allowed: {allowed}{taken}); the first is {source}: {why}. See "
                 "them with `vicuna train inspect`, fix the data or the template, or pass --allow-bad N to leave "
                 "out up to N of them"
             )
