@@ -461,6 +461,19 @@ def test_a_flag_the_chat_lacks_after_the_model_is_not_told_to_be_piped_as_a_ques
         )
 
 
+def test_a_value_that_begins_with_dashes_is_said_to_be_missing_not_an_unknown_flag(capsys):
+    """`vicuna chat --conv-system-msg --terse` (argparse takes no value that begins with '--') was told
+    "unrecognized argument --terse", as if --terse were a flag mistyped; argparse's own error names the flag
+    left without its value."""
+    from vicuna.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["chat", "--conv-system-msg", "--terse"])
+    assert stop.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "vicuna chat: error: argument --conv-system-msg: expected one argument"
+
+
 def test_a_flag_of_train_s_own_typed_after_inspect_is_not_taken_for_a_model(capsys):
     """`vicuna train inspect --data d.json --output-dir out` (train's command with inspect put in) was told
     `unrecognized argument --output-dir: the model is named with --model-path (`vicuna train inspect --data

@@ -185,10 +185,11 @@ class CommandParser(argparse.ArgumentParser):
         unknown = unknown_flags(self.typed, known)
         if said := self.switch_given_a_value():
             message = said
-        elif unknown and not message.startswith("unrecognized argument"):
+        elif unknown and not message.startswith("unrecognized argument") and ": expected " not in message:
             # argparse's error may follow from a flag it did not know: `vicuna train ... --foo 3` took 3 for
             # the subcommand (`argument inspect: invalid choice: '3'`), `lora merge --out-dir x` said --output
-            # is required; the flag is what to fix
+            # is required; the flag is what to fix. Not where a flag went without its value, which argparse
+            # will not take from a word that begins with '--' (`--conv-system-msg --terse`): --terse is no flag
             message = f"unrecognized argument {unknown[0]}"
         elif (choice := re.search(r"invalid choice: '([^']*)'", message)) and self.model_typed_before_flags(
             choice[1], known
