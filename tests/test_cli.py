@@ -228,6 +228,10 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
         ("lora merge --base m --adapter a --out_dir merged", "--out_dir: here it is --output"),
         ("download o/n --out_dir checkpoints/o/n", "--out_dir: here it is --dir"),
         (
+            "chat --model-path m --prompt hello",
+            "--prompt: the question is piped in: echo 'QUESTION' | vicuna",
+        ),
+        (
             "download --repo_id o/n",
             "--repo_id: the repository is named alone here: vicuna download OWNER/NAME",
         ),

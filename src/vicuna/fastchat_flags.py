@@ -130,6 +130,9 @@ UNSUPPORTED: dict[str, str] = {
     "--top_k": _PER_REQUEST,
     "--top_p": _PER_REQUEST,
     "--openai_spec": "not needed; vicuna serve always serves OpenAI's API (/v1/chat/completions, /v1/completions)",
+    # LitGPT's generate (and llama.cpp's -p): chat reads the question from standard input
+    "--prompt": "the question is piped in: echo 'QUESTION' | vicuna chat --model-path MODEL (the reply alone "
+    "on standard output)",
     "--compile": "not needed; decoding runs vicuna's own CPU kernel, or CUDA graphs on a GPU",
     "--devices": "several GPUs train under accelerate: `accelerate launch --num_processes N -m vicuna train ...` "
     "(see the README's Fine-tune section)",  # train; chat and serve take --num-gpus (RENAMED)
