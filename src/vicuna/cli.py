@@ -118,22 +118,19 @@ class CommandParser(argparse.ArgumentParser):
 
             named = getattr(parsed, "model_path", None) is not None
             message = extra[0 if named else 1 :] if self.prog == "vicuna chat" else []
-            fixed = list(self.typed)
-            for word in message:  # its last place: `--model-path hi hi` keeps the first
-                del fixed[max(at for at, typed in enumerate(fixed) if typed == word)]
-            if not named:
-                at = fixed.index(extra[0])
-                fixed[at:at] = ["--model-path"]
-            command = f"{self.prog} {' '.join(quote(word) for word in fixed)}"
             if message:
+                fixed = list(self.typed)
+                for word in message:  # its last place: `--model-path hi hi` keeps the first
+                    del fixed[max(at for at, typed in enumerate(fixed) if typed == word)]
+                if not named:
+                    fixed.insert(fixed.index(extra[0]), "--model-path")
+                command = f"{self.prog} {' '.join(quote(word) for word in fixed)}"
                 self.error(
                     f"unrecognized argument {' '.join(message)}: the chat reads its messages at its prompt or from a "
                     f"pipe (`echo {quote(' '.join(message))} | {command}`)"
                 )
             if not named:
-                self.error(
-                    f"unrecognized argument {extra[0]}: the model is named with --model-path (`{command}`)"
-                )
+                self.error(self.model_named_without_model_path(extra[0]))
         if extra:
             self.error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed
@@ -178,6 +175,15 @@ class CommandParser(argparse.ArgumentParser):
             and not difflib.get_close_matches(word, subcommands)
         )
 
+    def model_named_without_model_path(self, word: str) -> str:
+        """The error for a model typed as `word` alone, with the command that names it with --model-path."""
+        from vicuna.shell import quote
+
+        fixed = list(self.typed)
+        fixed.insert(fixed.index(word), "--model-path")
+        command = f"{self.prog} {' '.join(quote(typed) for typed in fixed)}"
+        return f"unrecognized argument {word}: the model is named with --model-path (`{command}`)"
+
     def error(self, message: str) -> NoReturn:
         from vicuna.fastchat_flags import advice, unknown_flags
 
@@ -196,12 +202,7 @@ class CommandParser(argparse.ArgumentParser):
         ):
             # `vicuna train MODEL --data d.json`, as `litgpt finetune_lora MODEL` takes its model, was
             # "argument inspect: invalid choice: 'MODEL'": the model read as train's subcommand
-            from vicuna.shell import quote
-
-            fixed = list(self.typed)
-            fixed.insert(fixed.index(choice[1]), "--model-path")
-            command = f"{self.prog} {' '.join(quote(word) for word in fixed)}"
-            message = f"unrecognized argument {choice[1]}: the model is named with --model-path (`{command}`)"
+            message = self.model_named_without_model_path(choice[1])
         taken = re.match(r"argument (--[^\s:/]+)", message)  # argparse's "argument --stream-interval: ..."
         for token in self.typed if taken else ():
             flag = token.split("=", 1)[0]
