@@ -999,9 +999,7 @@ def template_record(template: Any) -> dict[str, str]:
 
 
 def write_template_record(folder: Path, record: dict[str, str]) -> None:
-    partial = folder / f"{RECORDED_TEMPLATE}.partial"
-    partial.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(folder / RECORDED_TEMPLATE)
+    write_atomically(folder / RECORDED_TEMPLATE, json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def save_final(
