@@ -527,9 +527,8 @@ def load_engine(settings: ModelSettings, *, progress: bool = True) -> Engine:
     """Check, load and place a model; returns a ready `Engine`. `progress`: on stderr, what a first load
     does once (downloading a Hub repository, converting a .gguf file, timing float32 against bfloat16 on a
     CPU, building the CPU kernel), the bars (on a terminal only) and the "Loaded ..." line; warnings are
-    said either way. What the
-    caller can fix (a missing folder, a model that does not fit) raises a `VicunaError` (`ModelLoadError`,
-    `DoesNotFitError`) that says it."""
+    said either way. What the caller can fix (a missing folder, a model that does not fit) raises a
+    `VicunaError` (`ModelLoadError`, `DoesNotFitError`) that says it."""
     from transformers import AutoModelForCausalLM
 
     from vicuna.engine.engine import Engine
@@ -548,14 +547,14 @@ def load_engine(settings: ModelSettings, *, progress: bool = True) -> Engine:
         check_not_delta(folder)
     tokenizer = load_tokenizer(folder)
     check_tokenizer(tokenizer, config, folder)
+    # a Hub repository: its id, as clients of other servers know it; a .gguf file: its name, not its copy's,
+    # keyed by its size and time
     model_name = (
         "SmolLM2-135M-Instruct"
         if settings.model_path is None
-        else settings.model_path  # a Hub repository: its id, as clients of other servers know it
+        else settings.model_path
         if names_hub_repository(settings.model_path)
-        else Path(
-            settings.model_path
-        ).stem  # a .gguf file: its name, not its copy's, keyed by its size and time
+        else Path(settings.model_path).stem
         if Path(settings.model_path).expanduser().is_file()
         else folder.name
     )
