@@ -873,13 +873,14 @@ def reply_budget(max_new_tokens: int | None, context_window: int) -> int:
     """--max-new-tokens, which must leave room in the context window for the conversation; not given,
     MAX_NEW_TOKENS, or half the window of a model whose window is shorter than twice that (a plain `vicuna
     chat` of a model with a 256-token window was refused a --max-new-tokens the user never typed)."""
+    default = min(MAX_NEW_TOKENS, context_window // 2)
     if max_new_tokens is None:
-        return min(MAX_NEW_TOKENS, context_window // 2)
+        return default
     if max_new_tokens >= context_window:
         raise VicunaError(
             f"--max-new-tokens {max_new_tokens} does not fit this model's context window of "
             f"{context_window} tokens, which holds the conversation and the reply; use less than "
-            f"{context_window} (or leave it out: {min(MAX_NEW_TOKENS, context_window // 2)} for this model)"
+            f"{context_window} (or leave it out: {default} for this model)"
         )
     return max_new_tokens
 
