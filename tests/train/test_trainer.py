@@ -148,6 +148,18 @@ def test_allow_bad_leaves_out_records_that_begin_with_a_reply_as_fastchat_s_data
     assert f"{data}: 4 examples," in printed and "2 bad records left out (--allow-bad)" in printed
 
 
+def test_inspect_refusing_bad_records_says_the_flag_is_train_s(tiny_llama_dir, tmp_path, capsys):
+    """`train inspect` was told to "pass --allow-bad N", which it does not take."""
+    leading_reply = {"id": "late", "conversations": [{"from": "gpt", "value": "Welcome back."}]}
+    data = tmp_path / "sharegpt.json"
+    data.write_text(json.dumps([*DATA, leading_reply]), encoding="utf-8")
+    assert cli(["train", "inspect", "--model-path", str(tiny_llama_dir), "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}[4] (id 'late').conversations[0].from: expected 'human', got 'gpt'" in err
+    assert "`vicuna train --allow-bad N` trains without up to N bad records" in err
+    assert "pass --allow-bad" not in err
+
+
 def test_bad_records_left_out_count_against_allow_bad_with_the_bad_examples(tmp_path):
     from vicuna.train.data import Prepared
 

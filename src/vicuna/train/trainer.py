@@ -271,21 +271,27 @@ def read_and_tokenize(
     max_length: int | None,
     split_long: bool,
     progress: bool,
-    allow_bad: int = 0,
+    allow_bad: int | None = None,
 ) -> tuple[Path, Any, Any, Prepared]:
     """Read the conversations (more bad records than `allow_bad` stop here, before anything loads; fewer
-    are left out), load the tokenizer and template, and tokenize with the loss mask; returns the model
-    folder, tokenizer, template and result."""
+    are left out; None: any bad record stops `vicuna train inspect`, which takes no --allow-bad), load the
+    tokenizer and template, and tokenize with the loss mask; returns the model folder, tokenizer, template
+    and result."""
     from vicuna.engine.loader import read_config
 
     # FastChat dropped a conversation's first turn where it was a reply, without a word, and ShareGPT
     # exports hold many such records: --allow-bad ("train even if up to N examples are bad") leaves them out
     conversations, bad, total = read_conversations(data)
-    if len(bad) > allow_bad:
+    if len(bad) > (allow_bad or 0):
         allowed = f"{len(bad)} records are bad, more than --allow-bad {allow_bad}: " if allow_bad else ""
+        # `train inspect` was told to "pass --allow-bad N", a flag it does not take
+        leave_out = (
+            "`vicuna train --allow-bad N` trains without up to N"
+            if allow_bad is None
+            else "pass --allow-bad N to train without up to N"
+        )
         raise VicunaError(
-            f"{allowed}{bad_records(bad, total)}. Fix them, or pass --allow-bad N to train without up to N "
-            "bad records and examples"
+            f"{allowed}{bad_records(bad, total)}. Fix them, or {leave_out} bad records and examples"
         )
     folder, tokenizer, template = load_tokenizer_and_template(model_path, conv_template, conv_system_msg)
     prepared = prepare(
