@@ -1156,10 +1156,33 @@ def test_lr_not_given_is_ten_times_higher_for_lora(tmp_path):
     def lr(*flags: str) -> float:
         args = command_parser("train").parse_args(["--data", "d.json", "--output-dir", str(tmp_path), *flags])
         settings = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-        return TrainConfig(**settings).lr
+        return TrainConfig(**settings).learning_rate
 
     assert (lr(), lr("--lora"), lr("--qlora")) == (2e-5, 2e-4, 2e-4)
     assert (lr("--lr", "1e-3"), lr("--lora", "--lr", "3e-5")) == (1e-3, 3e-5)  # given: as typed
+
+
+def test_lr_not_given_follows_lora_set_after_construction(tiny_llama_dir, data_file, tmp_path):
+    """The default was filled in when the config was made: `dataclasses.replace(cfg, lora=True)` on a
+    config made without LoRA trained the adapter at a full fine-tune's 2e-5, and recorded it."""
+    from dataclasses import replace
+
+    from transformers import TrainerCallback
+
+    from vicuna.train.trainer import TrainConfig, train
+
+    used = []
+
+    class Rate(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            used.append(args.learning_rate)
+
+    full = TrainConfig(data=data_file, output_dir=tmp_path / "full", model_path=tiny_llama_dir, max_steps=1)
+    lora = replace(full, output_dir=tmp_path / "lora", lora=True, progress=False)
+    train(lora, callbacks=[Rate()])
+    assert used == [2e-4]
+    assert json.loads((tmp_path / "lora" / "vicuna-train.json").read_text(encoding="utf-8"))["lr"] == 2e-4
+    assert replace(lora, lora=False).learning_rate == 2e-5 and replace(full, lr=1e-3).learning_rate == 1e-3
 
 
 def test_a_lora_run_started_before_its_default_lr_changed_resumes_with_the_same_command(tmp_path):
@@ -1175,9 +1198,11 @@ def test_a_lora_run_started_before_its_default_lr_changed_resumes_with_the_same_
     (out / "vicuna-train.json").write_text(json.dumps({"lr": 2e-5, "lora": True}))
 
     cfg = TrainConfig(data=tmp_path / "d.json", output_dir=out, lora=True, resume=True)
-    record = {"lr": cfg.lr, "lora": True}
+    record = {"lr": cfg.learning_rate, "lora": True}
     assert start_or_resume(cfg, record, True, model) == out / "checkpoint-3"
-    assert cfg.lr == record["lr"] == 2e-5  # what the run was started with, and the record it is checked by
+    assert (
+        cfg.learning_rate == record["lr"] == 2e-5
+    )  # what the run was started with, and the record it is checked by
     given = TrainConfig(data=tmp_path / "d.json", output_dir=out, lora=True, resume=True, lr=2e-4)
     with pytest.raises(VicunaError, match=r"--resume: lr was 2e-05 for the run in .*, now 0.0002"):
         start_or_resume(given, {"lr": given.lr, "lora": True}, True, model)

@@ -64,7 +64,7 @@ class TrainConfig:
     allow_bad: int = 0
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
-    lr: float | None = None  # None: FULL_LR, or LORA_LR with --lora or --qlora
+    lr: float | None = None  # None: FULL_LR, or LORA_LR with --lora or --qlora (see learning_rate)
     batch_size: int = 1  # per device
     grad_accum: int = 1
     warmup_ratio: float = 0.03
@@ -91,9 +91,6 @@ class TrainConfig:
         if isinstance(self.model_path, os.PathLike):  # a Path, as `data` may be: a str as the CLI gives it
             self.model_path = os.fspath(self.model_path)
         self.lora = self.lora or self.qlora
-        self.lr_default = self.lr is None  # see start_or_resume: a LoRA run recorded at FULL_LR keeps it
-        if self.lr is None:  # a LoRA run at a full fine-tune's rate barely moved the model in a short run
-            self.lr = LORA_LR if self.lora else FULL_LR
         checks = [
             (
                 self.batch_size >= 1 and self.grad_accum >= 1,
@@ -104,7 +101,7 @@ class TrainConfig:
                 self.max_steps == -1 or self.max_steps > 0,
                 "--max-steps must be at least 1 (leave it out to let --epochs decide)",
             ),
-            (self.lr > 0, "--lr must be positive"),
+            (self.lr is None or self.lr > 0, "--lr must be positive"),
             (self.weight_decay >= 0, "--weight-decay must be >= 0"),  # below, AdamW grew every weight
             (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
             (
@@ -125,6 +122,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise VicunaError(message)
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: --lr, or where it was not given FULL_LR, or LORA_LR with --lora or --qlora
+        (a LoRA run at a full fine-tune's rate barely moved the model in a short run). Worked out here, not
+        at construction, where `dataclasses.replace(cfg, lora=True)` kept the full fine-tune's."""
+        if self.lr is not None:
+            return self.lr
+        return LORA_LR if self.lora or self.qlora else FULL_LR
 
 
 # --- before loading ------------------------------------------------------------------------------
@@ -400,6 +406,7 @@ def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict
     keys += ("weight_decay", "lr_scheduler", "lora", "lora_r", "lora_alpha", "lora_target", "seed")
     record = {k: asdict(cfg)[k] for k in keys}
     record.update(
+        lr=cfg.learning_rate,
         # a resumed LoRA adapter on another base, or full weights loaded over another model's, would go
         # on training as if nothing had changed; None: the built-in model
         base_model=base_model(cfg.model_path),
@@ -479,7 +486,7 @@ def start_or_resume(
                     "with the model it was started from, or start a new --output-dir (the same model, moved: "
                     f'set "base_model" in {path} to its new folder)'
                 )
-            if key == "lr" and cfg.lr_default and cfg.lora and old[key] == FULL_LR:
+            if key == "lr" and cfg.lr is None and cfg.lora and old[key] == FULL_LR:
                 # a LoRA run started without --lr before LORA_LR was its default: resumed with the command it
                 # was started with, it was refused ("lr was 2e-05 ..., now 0.0002"); it keeps its rate
                 cfg.lr = record[key] = old[key]
@@ -870,7 +877,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
         output_dir=str(cfg.output_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        learning_rate=cfg.lr,
+        learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         warmup_steps=cfg.warmup_ratio,
