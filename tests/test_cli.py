@@ -254,6 +254,12 @@ def test_every_flag_of_every_command_says_what_it_does_and_its_default():
         ("chat --model-path m --top_k 50", "--top_k: here it is spelled --top-k"),
         ("serve --model-path m --openai_spec true", "--openai_spec: not needed; vicuna serve always serves"),
         ("chat --model-path m --compile true", "--compile: not needed"),
+        # told about decoding, which training does not do
+        (
+            "train --data d.json --compile",
+            "--compile: not supported in training: vicuna train runs the model",
+        ),
+        ("train inspect --data d.json --compile", "--compile: not supported in training"),
     ],
 )
 def test_a_fastchat_spelling_is_answered_with_what_to_type_here(command, said, capsys):

@@ -168,6 +168,11 @@ def _reason(flag: str, typed: Sequence[str], known: Collection[str]) -> str | No
         return f"here it is {RENAMED[flag]}"
     if flag.replace("_", "-") in known:  # --repetition_penalty, --max_new_tokens, --model_size
         return f"here it is spelled {flag.replace('_', '-')}"
+    if flag == "--compile" and "--lora" in known:  # train: UNSUPPORTED's answer is about decoding
+        return (
+            "not supported in training: vicuna train runs the model uncompiled, as transformers' Trainer does "
+            "by default"
+        )
     # after the spellings: --max_new_tokens is chat's, not serve's; the API's settings only where it is served
     # (`vicuna train --temperature 0.7`, `bench latency --top_p 0.9` were told of the API's requests)
     if flag in UNSUPPORTED and (UNSUPPORTED[flag] != _PER_REQUEST or "--host" in known):
