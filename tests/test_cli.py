@@ -526,7 +526,7 @@ def test_litgpt_s_commands_name_what_does_their_work_here(capsys):
             "vicuna train --model-path MODEL --data FILE.json --output-dir DIR --lora",
         ),
         (["finetune", "checkpoints/m"], "vicuna train --model-path MODEL --data FILE.json --output-dir DIR"),
-        (["merge_lora", "out/final"], "vicuna lora merge --base MODEL --adapter DIR --output MERGED"),
+        (["merge_lora", "out/final"], "vicuna lora merge --adapter DIR --output MERGED"),
         (["generate", "m", "--prompt", "hi"], "echo PROMPT | vicuna chat --model-path MODEL"),
         (
             ["convert_to_litgpt", "m"],

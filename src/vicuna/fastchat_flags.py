@@ -239,8 +239,8 @@ LITGPT_COMMANDS: dict[str, str] = {
     "finetune_lora": _FINETUNE + " --lora (--qlora for a 4-bit base)",
     "finetune_adapter": _FINETUNE + " --lora (LoRA; LLaMA-Adapter is not supported)",
     "finetune_adapter_v2": _FINETUNE + " --lora (LoRA; LLaMA-Adapter is not supported)",
-    "merge_lora": "vicuna lora merge --base MODEL --adapter DIR --output MERGED (DIR: vicuna train --lora's "
-    "--output-dir)",
+    "merge_lora": "vicuna lora merge --adapter DIR --output MERGED (DIR: vicuna train --lora's --output-dir; "
+    "into the base the adapter records)",
     "evaluate": "vicuna serve --model-path MODEL, then lm_eval --model local-completions on its "
     "/v1/completions (the README's Serve section has the command)",
     "convert_to_litgpt": _CONVERT,

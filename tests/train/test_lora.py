@@ -125,6 +125,39 @@ def test_merge_gives_the_logits_of_the_adapter_applied(adapter, tiny_llama_dir, 
     torch.testing.assert_close(merged_logits, applied_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_merge_without_base_uses_the_base_the_adapter_records(adapter, tiny_llama_dir, tmp_path, capsys):
+    """--base was required, though `vicuna train --lora` records the base in adapter_config.json (LitGPT's
+    merge_lora needs none)."""
+    merge = ["lora", "merge", "--adapter", str(adapter), "--output"]
+    assert cli([*merge, str(tmp_path / "recorded")]) == 0
+    captured = capsys.readouterr()
+    assert f"Merged {adapter} into {tiny_llama_dir}: {tmp_path / 'recorded'}" in captured.out
+    assert "warning" not in captured.err
+    assert cli([*merge, str(tmp_path / "given"), "--base", str(tiny_llama_dir)]) == 0
+    weights = "model.safetensors"
+    assert (tmp_path / "recorded" / weights).read_bytes() == (tmp_path / "given" / weights).read_bytes()
+
+
+@pytest.mark.parametrize("recorded", ["gone", None])
+def test_merge_without_base_names_a_recorded_base_that_is_not_there(adapter, tmp_path, capsys, recorded):
+    """A base folder deleted or moved since training (or the built-in model's copy, which an upgrade
+    replaces), or none recorded: said, naming it, with --base to pass."""
+    import shutil
+
+    moved = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+    config = json.loads((moved / "adapter_config.json").read_text())
+    base = str(tmp_path / recorded) if recorded else None
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+    assert cli(["lora", "merge", "--adapter", str(moved), "--output", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    said = (
+        f"records {base} as the base model, which is not there" if base else "does not record the base model"
+    )
+    assert f"error: {moved / 'adapter_config.json'} {said}" in err
+    assert "pass --base, the model the adapter was trained on" in err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
+
+
 def test_a_second_merge_into_the_output_one_is_writing_is_refused(
     adapter, tiny_llama_dir, tmp_path, capsys, monkeypatch
 ):

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("merge", help="merge an adapter into its base model")
     p.add_argument(
-        "--base", required=True, help="the base model: HF-format folder, .gguf file or Hub repo OWNER/NAME"
+        "--base",
+        help="the base model: HF-format folder, .gguf file or Hub repo OWNER/NAME (default: the one the "
+        "adapter records, its base_model_name_or_path)",
     )
     p.add_argument(
         "--adapter", required=True, type=Path, help="the adapter folder (from `vicuna train --lora`)"
@@ -43,9 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the base model's own dtype")
 
 
-def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
+def merge(base: str | None, adapter: Path, output: Path, dtype: str = "auto") -> Path:
     """Base + adapter -> one checkpoint with the tokenizer and template record; written to a temporary
-    folder and renamed into place when complete."""
+    folder and renamed into place when complete. `base` None: the one the adapter records."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -72,9 +74,9 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
         raise VicunaError(f"{adapter}: no adapter_config.json; expected a LoRA adapter folder{inside}")
     if output.exists():
         raise VicunaError(f"{output}: already exists; choose a new --output")
-    folder = resolve_model_path(base)
-    warn_if_other_base(adapter, folder)
-    settings = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    settings = adapter_settings(adapter)
+    folder = resolve_model_path(base) if base is not None else recorded_base(adapter, settings)
+    warn_if_other_base(adapter, settings, folder)
     for field in ("r", "lora_alpha"):  # peft compared "8" with 0: a TypeError, with a traceback
         value = settings.get(field)
         if value is not None and (
@@ -125,18 +127,55 @@ def merge(base: str, adapter: Path, output: Path, dtype: str = "auto") -> Path:
     return output
 
 
-def warn_if_other_base(adapter: Path, folder: Path) -> None:
-    """A warning, not an error, when the adapter names another folder as its base: a copy of the same
-    model elsewhere is fine, and the checks that follow refuse one that does not fit."""
+def adapter_settings(adapter: Path) -> dict[str, Any]:
+    """The fields of the adapter's adapter_config.json, refused where it is not a JSON object."""
     config = adapter / "adapter_config.json"
     try:
-        named = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise VicunaError(f"{config}: not a valid adapter config ({type(err).__name__}: {err})") from None
-    named_folder = Path(named).expanduser() if named else None
+    if not isinstance(settings, dict):
+        raise VicunaError(f"{config}: not a valid adapter config (expected a JSON object of fields)")
+    return settings
+
+
+def recorded_base(adapter: Path, settings: dict[str, Any]) -> Path:
+    """The folder of the base model the adapter records: peft's base_model_name_or_path, which `vicuna train
+    --lora` sets to the folder it loaded (the .gguf file, as given, for one). Refused, naming it, where it
+    is gone: a folder deleted or moved, or the built-in model's copy, which an upgrade replaces."""
+    from vicuna.engine.loader import names_hub_repository, resolve_model_path
+
+    config = adapter / "adapter_config.json"
+    named = settings.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named.strip():
+        raise VicunaError(
+            f"{config} does not record the base model (base_model_name_or_path); pass --base, the model the "
+            "adapter was trained on"
+        )
+    if not names_hub_repository(named) and not Path(named).expanduser().exists():
+        raise VicunaError(
+            f"{config} records {named} as the base model, which is not there (deleted or moved; a built-in "
+            "model's copy is replaced when its package is upgraded); pass --base, the model the adapter was "
+            "trained on"
+        )
+    try:
+        return resolve_model_path(named)
+    except ModelLoadError as err:  # a folder that holds no model now; a Hub repository not downloaded
+        raise ModelLoadError(
+            f"{config} records {named} as the base model, which cannot be loaded ({err}); pass --base, the "
+            "model the adapter was trained on"
+        ) from None
+
+
+def warn_if_other_base(adapter: Path, settings: dict[str, Any], folder: Path) -> None:
+    """A warning, not an error, when the adapter names another folder as its base: a copy of the same
+    model elsewhere is fine, and the checks that follow refuse one that does not fit."""
+    named = settings.get("base_model_name_or_path")
+    named_folder = Path(named).expanduser() if isinstance(named, str) and named else None
     if named_folder is not None and named_folder.is_dir() and named_folder.resolve() != folder.resolve():
         print(
-            f"warning: {config} names {named} as its base, not {folder}; merging if the adapter fits",
+            f"warning: {adapter / 'adapter_config.json'} names {named} as its base, not {folder}; merging if "
+            "the adapter fits",
             file=sys.stderr,
         )
 
@@ -200,6 +239,8 @@ def check_adapter_fits(adapter: Path, model: Any, folder: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from vicuna.engine.loader import adapter_base
+
     out = merge(args.base, args.adapter, args.output, args.dtype)
-    print(f"Merged {args.adapter} into {args.base}: {out}")
+    print(f"Merged {args.adapter} into {args.base or adapter_base(args.adapter)}: {out}")
     return 0
