@@ -138,6 +138,22 @@ def test_merge_without_base_uses_the_base_the_adapter_records(adapter, tiny_llam
     assert (tmp_path / "recorded" / weights).read_bytes() == (tmp_path / "given" / weights).read_bytes()
 
 
+def test_an_adapter_of_a_base_named_by_a_relative_path_merges_from_another_folder(
+    tiny_llama_dir, data, tmp_path, monkeypatch, capsys
+):
+    """`vicuna train --model-path base --lora` recorded "base" as typed: a merge run elsewhere, without --base,
+    looked for it there."""
+    import shutil
+
+    shutil.copytree(tiny_llama_dir, tmp_path / "runs" / "base")
+    monkeypatch.chdir(tmp_path / "runs")
+    train_adapter(Path("base"), data, Path("adapter"))
+    assert f"vicuna lora merge --base {tmp_path / 'runs' / 'base'} " in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert cli(["lora", "merge", "--adapter", "runs/adapter", "--output", "merged"]) == 0
+    assert f"into {tmp_path / 'runs' / 'base'}: merged" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("recorded", ["gone", None])
 def test_merge_without_base_names_a_recorded_base_that_is_not_there(adapter, tmp_path, capsys, recorded):
     """A base folder deleted or moved since training (or the built-in model's copy, which an upgrade

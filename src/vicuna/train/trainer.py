@@ -392,12 +392,13 @@ def base_model(model_path: str | None) -> str | None:
 
 
 def lora_base(model_path: str | None, folder: str | None) -> str | None:
-    """The base a LoRA adapter names (its adapter_config.json, the merge command said): a .gguf file as
-    given, which resolves to its current converted copy; peft's choice, the copy's folder, is deleted once
-    the file changes and is converted again. Otherwise `folder`, the one loaded."""
+    """The base a LoRA adapter names (its adapter_config.json, which `vicuna lora merge` merges into, and the
+    merge command said): a .gguf file as given, which resolves to its current converted copy; peft's choice,
+    the copy's folder, is deleted once the file changes and is converted again. Otherwise `folder`, the one
+    loaded, as an absolute path: peft's, as typed, was looked for wherever the merge ran."""
     if model_path is not None and Path(model_path).suffix == ".gguf":
         return str(base_model(model_path))
-    return folder
+    return str(Path(folder).resolve()) if folder else folder
 
 
 def run_record(cfg: TrainConfig, template_name: str, prepared: Prepared) -> dict[str, Any]:
