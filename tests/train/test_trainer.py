@@ -546,6 +546,27 @@ def test_on_a_dumb_terminal_the_output_is_lines_without_a_redrawn_bar(
     assert [line.split("  loss")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
 
 
+def test_no_progress_on_a_terminal_draws_no_bar_and_keeps_the_lines(
+    tiny_llama_dir, data_file, tmp_path, monkeypatch, screen
+):
+    """`vicuna train` had no --no-progress, which `delta apply`, `convert` and `get` take: on a terminal its
+    step bar, transformers' loading bar and the manifest's hashing bar were drawn whatever was asked."""
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setenv("TERM", "xterm")
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "2", "--logging-steps", "1", "--save-steps", "2", "--no-progress"]) == 0
+    printed = screen.getvalue()
+    assert "\r" not in printed and "Loading weights" not in printed and "sha256" not in printed
+    lines = printed.splitlines()
+    assert [line.split("  loss")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+    assert any(line.startswith("done: 2 steps in ") for line in lines)
+    assert any(line.startswith(f"Model written to {out}") for line in lines)
+
+
 def test_on_a_terminal_the_step_bar_ends_once_before_the_done_line(
     tiny_llama_dir, data_file, tmp_path, monkeypatch, screen
 ):

@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-bad", type=int, default=0, metavar="N", help="train even if up to N examples are bad"
     )
+    parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
     g = parser.add_argument_group("schedule")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default: 3)")
@@ -137,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
         raise VicunaError("--output-dir is required")
     from vicuna.train.trainer import TrainConfig, last_checkpoint, train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+    settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig(**settings, bars=not args.no_progress)
     try:
         train(cfg)
     except (

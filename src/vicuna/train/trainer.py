@@ -84,7 +84,8 @@ class TrainConfig:
     seed: int = 42
     resume: bool = False
     force: bool = False
-    progress: bool = True
+    progress: bool = True  # False: nothing said but warnings and errors
+    bars: bool = True  # progress bars on a terminal; False (--no-progress): the same lines without them
 
     def __post_init__(self) -> None:
         self.data, self.output_dir = Path(self.data), Path(self.output_dir)
@@ -278,11 +279,12 @@ def read_and_tokenize(
     split_long: bool,
     progress: bool,
     allow_bad: int | None = None,
+    bars: bool = True,
 ) -> tuple[Path, Any, Any, Prepared]:
     """Read the conversations (more bad records than `allow_bad` stop here, before anything loads; fewer
     are left out; None: any bad record stops `vicuna train inspect`, which takes no --allow-bad), load the
-    tokenizer and template, and tokenize with the loss mask; returns the model folder, tokenizer, template
-    and result."""
+    tokenizer and template, and tokenize with the loss mask (a bar on a terminal, with `progress` and
+    `bars`); returns the model folder, tokenizer, template and result."""
     from vicuna.engine.loader import read_config
 
     # FastChat dropped a conversation's first turn where it was a reply, without a word, and ShareGPT
@@ -305,7 +307,7 @@ def read_and_tokenize(
         Encoder(tokenizer, template),
         max_length=fit_max_length(max_length, read_config(folder), folder),
         split_long=split_long,
-        progress=progress,
+        progress=progress and bars,
     )
     prepared.bad_records = bad
     if progress:
@@ -718,16 +720,16 @@ def trainer_class() -> Any:
     return VicunaTrainer
 
 
-def progress_callback() -> Any:
-    """Trainer's progress bar, with one readable line per logging step instead of a dict; piped to a
-    file (or on a dumb terminal), the lines alone (a bar redrawn with carriage returns would make one
-    endless line of it)."""
+def progress_callback(bars: bool) -> Any:
+    """Trainer's progress bar, with one readable line per logging step instead of a dict; without `bars`
+    (piped to a file, on a dumb terminal, or --no-progress), the lines alone (a bar redrawn with carriage
+    returns would make one endless line of it)."""
     from transformers.trainer_callback import ProgressCallback
 
     class Progress(ProgressCallback):
         def __init__(self) -> None:
             super().__init__()
-            self.plain = not redraws(sys.stderr)
+            self.plain = not bars
 
         def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             self.first_step = state.global_step  # past 0 when resumed
@@ -839,6 +841,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
         check_qlora()
     compute_dtype, mixed = precision(cfg.dtype, warn=is_main)
     show = cfg.progress and is_main
+    bars = cfg.bars and redraws(sys.stderr)  # in a log: not lines redrawn with carriage returns
     folder, tokenizer, template, prepared = read_and_tokenize(
         cfg.data,
         cfg.model_path,
@@ -848,6 +851,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
         split_long=cfg.split_long,
         progress=show,
         allow_bad=cfg.allow_bad,
+        bars=bars,
     )
     prepared.check_bad(cfg.allow_bad)  # before any model loads: a bad run stops in seconds
     if not prepared.examples:
@@ -901,7 +905,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
         use_cpu=on_cpu,
     )
     # transformers' bars for loading and saving weights: in a log, off, as progress_callback's
-    with transformers_bar(redraws(sys.stderr)):
+    with transformers_bar(bars):
         model = load_model(folder, cfg, compute_dtype, tokenizer, show=show)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         trainer = trainer_class()(
@@ -920,7 +924,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
         trainer.remove_callback(ProgressCallback)
         trainer.remove_callback(PrinterCallback)
         if show:
-            trainer.add_callback(progress_callback())
+            trainer.add_callback(progress_callback(bars))
         resume, on_full = str(checkpoint) if checkpoint else None, "goes on from the last complete checkpoint"
         with disk_full_is_one_line(cfg.output_dir, "a checkpoint", on_full):
             try:
@@ -935,6 +939,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
                 template_record(template),
                 is_main,
                 None if cfg.lora else stored_dtype(folder),
+                bars=bars,
             )
     if show:
         if cfg.lora:
@@ -1017,10 +1022,17 @@ def write_template_record(folder: Path, record: dict[str, str]) -> None:
 
 
 def save_final(
-    trainer: Any, output_dir: Path, record: dict[str, str], is_main: bool, dtype: str | None = None
+    trainer: Any,
+    output_dir: Path,
+    record: dict[str, str],
+    is_main: bool,
+    dtype: str | None = None,
+    *,
+    bars: bool,
 ) -> None:
     """Write the model (or adapter), in `dtype` when given, with the tokenizer and template record
-    beside the checkpoints, each file renamed into place once complete; the template record goes last."""
+    beside the checkpoints, each file renamed into place once complete; the template record goes last.
+    `bars`: the manifest's hashing bar, on a terminal."""
     tmp = output_dir / ".final.partial"
     if is_main:  # what an interrupted save left behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1035,7 +1047,7 @@ def save_final(
         write_template_record(tmp, record)
         if (output_dir / RUN_RECORD).is_file():  # the run's settings, listed with the model's files
             shutil.copyfile(output_dir / RUN_RECORD, tmp / RUN_RECORD)
-        write_manifest(tmp, progress=sys.stderr.isatty())  # the model's files, not the checkpoints beside it
+        write_manifest(tmp, progress=bars)  # the model's files, not the checkpoints beside it
         mode = new_file_mode()  # safetensors writes files only their owner may read
         # the manifest and then the template record last: the record says the model is there
         for f in sorted(tmp.iterdir(), key=lambda p: (p.name == RECORDED_TEMPLATE, p.name == MANIFEST_NAME)):
