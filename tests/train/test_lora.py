@@ -174,6 +174,21 @@ def test_merge_without_base_names_a_recorded_base_that_is_not_there(adapter, tmp
     assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.partial").exists()
 
 
+def test_merge_with_no_progress_draws_no_bar_on_a_terminal(adapter, tmp_path, monkeypatch, screen, capsys):
+    """`lora merge` had no --no-progress, which `delta apply`, `convert` and `get` take: on a terminal
+    transformers' loading and saving bars and the manifest's hashing bar were drawn whatever was asked."""
+    import sys
+
+    monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setenv("TERM", "xterm")
+    merge = ["lora", "merge", "--adapter", str(adapter), "--output"]
+    assert cli([*merge, str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert screen.getvalue() == ""
+    assert f"Merged {adapter} into " in capsys.readouterr().out
+    assert cli([*merge, str(tmp_path / "drawn")]) == 0  # the bars it leaves out
+    assert "Loading weights" in screen.getvalue() and "sha256 drawn.partial" in screen.getvalue()
+
+
 def test_a_second_merge_into_the_output_one_is_writing_is_refused(
     adapter, tiny_llama_dir, tmp_path, capsys, monkeypatch
 ):

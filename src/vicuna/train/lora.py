@@ -43,11 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--output", required=True, type=Path, help="the merged checkpoint's folder (must not exist)"
     )
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: the base model's own dtype")
+    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
 
 
-def merge(base: str | None, adapter: Path, output: Path, dtype: str = "auto") -> Path:
+def merge(
+    base: str | None, adapter: Path, output: Path, dtype: str = "auto", *, progress: bool = True
+) -> Path:
     """Base + adapter -> one checkpoint with the tokenizer and template record; written to a temporary
-    folder and renamed into place when complete. `base` None: the one the adapter records."""
+    folder and renamed into place when complete. `base` None: the one the adapter records. `progress`:
+    draw the bars of loading, saving and hashing the weights on a terminal."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -62,7 +66,7 @@ def merge(base: str | None, adapter: Path, output: Path, dtype: str = "auto") ->
     from vicuna.shell import quote
     from vicuna.train.trainer import quiet_peft
     from vicuna.weights.disk import as_new_files, one_writer
-    from vicuna.weights.manifest import write_manifest
+    from vicuna.weights.manifest import redraws, transformers_bar, write_manifest
 
     if not (adapter / "adapter_config.json").is_file():
         # LitGPT's merge_lora takes OUT_DIR/final; vicuna train --lora writes the adapter into OUT_DIR itself
@@ -93,10 +97,12 @@ def merge(base: str | None, adapter: Path, output: Path, dtype: str = "auto") ->
         check_tokenizer(tokenizer, read_config(folder), adapter if has_tokenizer else folder)
     except ModelLoadError as err:
         raise ModelLoadError(f"{adapter} does not fit {folder}: {err}; {OTHER_BASE}") from None
+    bars = progress and redraws(sys.stderr)  # in a log: not lines redrawn with carriage returns
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
-        )
+        with transformers_bar(bars):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
+            )
     except (OSError, RuntimeError, ValueError) as err:
         raise ModelLoadError(f"{folder}: cannot load the weights ({type(err).__name__}: {err})") from None
     check_adapter_fits(adapter, model, folder)
@@ -115,13 +121,14 @@ def merge(base: str | None, adapter: Path, output: Path, dtype: str = "auto") ->
         if output.exists():  # the other merge, finished meanwhile
             raise VicunaError(f"{output}: already exists; choose a new --output")
         shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(tmp)
+        with transformers_bar(bars):
+            merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for source in (adapter, folder):  # the template the adapter was trained with, else the base model's
             if (source / RECORDED_TEMPLATE).is_file():
                 shutil.copyfile(source / RECORDED_TEMPLATE, tmp / RECORDED_TEMPLATE)
                 break
-        write_manifest(tmp, progress=sys.stderr.isatty())
+        write_manifest(tmp, progress=bars)
         as_new_files(tmp)
         tmp.rename(output)
     return output
@@ -241,6 +248,6 @@ def check_adapter_fits(adapter: Path, model: Any, folder: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     from vicuna.engine.loader import adapter_base
 
-    out = merge(args.base, args.adapter, args.output, args.dtype)
+    out = merge(args.base, args.adapter, args.output, args.dtype, progress=not args.no_progress)
     print(f"Merged {args.adapter} into {args.base or adapter_base(args.adapter)}: {out}")
     return 0
