@@ -4,14 +4,16 @@ one-writer lock on an output (a second job refused or waiting, on POSIX and on W
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
 from vicuna.errors import VicunaError
-from vicuna.weights.disk import ensure_free_space, free_bytes
+from vicuna.weights.disk import ensure_free_space, free_bytes, write_atomically
 
 
 @pytest.fixture
@@ -207,3 +209,38 @@ def test_a_job_on_a_drive_whose_stat_and_fstat_disagree_is_not_held_for_ever(mon
     monkeypatch.setattr(os, "fstat", fstat)
     with disk.one_writer(tmp_path / "model", tmp_path / "model") as waited:
         assert not waited
+
+
+def test_a_file_written_through_a_link_keeps_the_link_and_is_written_beside_its_target(tmp_path):
+    """The link was replaced by a file of its own, and the file it named kept the old text (`!!save` over
+    a link, a record kept in a dotfiles folder)."""
+    (tmp_path / "dotfiles").mkdir()
+    target = tmp_path / "dotfiles" / "saved.json"
+    target.write_text("old", encoding="utf-8")
+    target.chmod(0o600)
+    (tmp_path / "relative").symlink_to(Path("dotfiles") / "saved.json")
+    (tmp_path / "link").symlink_to(tmp_path / "relative")  # a link to a link
+    write_atomically(tmp_path / "link", "new")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "relative").is_symlink()
+    assert target.read_text(encoding="utf-8") == "new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dotfiles", "link", "relative", "saved.json"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "dotfiles" / "new.json")
+    write_atomically(tmp_path / "dangling", b"made")  # as the shell's `>` makes the file a link names
+    assert (tmp_path / "dangling").is_symlink() and (tmp_path / "dangling").read_bytes() == b"made"
+
+
+def test_a_file_that_is_not_a_regular_one_is_written_into_not_renamed_over(tmp_path):
+    """Renamed over, /dev/null (or a link to it) written by a chat run as root became a regular file for
+    the whole machine; a pipe stands in for it here."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it to write does not wait
+    try:
+        (tmp_path / "link").symlink_to(fifo)
+        write_atomically(tmp_path / "link", "through the link")
+        write_atomically(fifo, "|itself")
+        assert os.read(reader, 100) == b"through the link|itself"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "pipe"]

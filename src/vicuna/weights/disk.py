@@ -160,17 +160,26 @@ def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> 
     job resumed after a kill) never sees half a file, nor a temporary one in a listing; a failed write leaves
     none behind. A file written over keeps its permissions, as an editor keeps them (the renamed one had the
     umask's: a conversation its owner had made private became readable by all); a new one gets `mode`, or
-    the umask's (0o644 most often)."""
+    the umask's (0o644 most often). A link is written through, as the shell's `>` does: the file it points
+    to is replaced, in its own folder, and the link stays (it was replaced by a file of its own: `!!save`
+    over a link left the linked file as it was). A file that is not a regular one (/dev/null, a pipe, a link
+    to one) is written into as it is: renamed over, run as root, the device itself became a regular file."""
+    data = data.encode("utf-8") if isinstance(data, str) else data
+    path = Path(os.path.realpath(path))
+    with suppress(FileNotFoundError):
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        mode = stat.S_IMODE(st.st_mode)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with suppress(OSError):
-        if stat.S_ISREG((st := path.stat()).st_mode):
-            mode = stat.S_IMODE(st.st_mode)
     try:
         # created readable by its owner only where it is to stay so, not opened to all until the chmod
         with open(
             os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else 0o600), "wb"
         ) as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.write(data)
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
