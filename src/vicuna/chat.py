@@ -39,7 +39,7 @@ from vicuna.conversation import Message, check_alternating, fit_history, parse_m
 from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.errors import VicunaError
 from vicuna.textfile import read_json
-from vicuna.weights.disk import write_atomically
+from vicuna.weights.disk import locked, write_atomically
 
 HISTORY_FILE = "chat_history"  # in $VICUNA_HOME: the messages typed, for the up arrow
 HISTORY_LINES = 1000
@@ -304,33 +304,39 @@ class TerminalIO:
         file holds now, not what this chat read at its start: of two chats at once, the one that wrote
         last had left in the file none of what was typed in the other. Nothing is kept where the file is a
         link to /dev/null (`ln -sf /dev/null $VICUNA_HOME/chat_history`, as for bash's or Python's history):
-        the file renamed over the link kept every message from then on."""
+        the file renamed over the link kept every message from then on. Read and written under a lock (a
+        hidden file beside it, kept): of two chats saving at the same instant, one lost the other's message."""
         if self.history is None:
             return
-        import stat
         import tempfile
 
         path = self.history.resolve()  # a link's file: the link stays
         try:
-            entries = self.saved_history()
-            if not stat.S_ISREG(path.stat().st_mode):
+            if path.exists() and not path.is_file():
                 return
-        except FileNotFoundError:
-            entries = []
-        except OSError:
-            return
-        entries = [*entries, text] if entries[-1:] != [text] else entries
-        try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+            lock = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
         except OSError:
             return
-        try:
-            with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-                f.write("".join(history_line(entry) for entry in entries[-HISTORY_LINES:]))
-            os.replace(tmp, path)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
+        with open(lock, "w") as handle:
+            locked(handle)  # let go as it closes
+            try:
+                entries = self.saved_history()
+            except FileNotFoundError:
+                entries = []
+            except OSError:
+                return
+            entries = [*entries, text] if entries[-1:] != [text] else entries
+            try:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
+            except OSError:
+                return
+            try:
+                with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+                    f.write("".join(history_line(entry) for entry in entries[-HISTORY_LINES:]))
+                os.replace(tmp, path)
+            except OSError:
+                Path(tmp).unlink(missing_ok=True)
 
     def read(self) -> str | None:
         try:

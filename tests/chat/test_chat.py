@@ -1309,6 +1309,34 @@ def test_two_chats_at_once_both_keep_what_was_typed_in_them(terminal, tmp_path):
     ]
 
 
+def test_two_chats_saving_at_the_same_instant_both_keep_their_message(tmp_path):
+    """Each read the file, added its message and renamed its copy over it: where the other chat saved
+    between the read and the rename, its message was lost."""
+    import threading
+
+    first, second = (TerminalIO("simple", multiline=False, interactive=False) for _ in range(2))
+    first.history = second.history = tmp_path / "chat_history"
+    first.history.write_text("earlier\n", encoding="utf-8")
+    other = threading.Thread(target=second.save_history, args=("typed in the other chat",))
+    read = first.saved_history
+
+    def read_then_let_the_other_save() -> list[str]:
+        entries = read()
+        other.start()
+        other.join(timeout=2)  # with the lock, it waits for this save to end
+        return entries
+
+    first.saved_history = read_then_let_the_other_save
+    first.save_history("typed in this chat")
+    other.join()
+    assert first.history.read_text(encoding="utf-8").splitlines() == [
+        "earlier",
+        "typed in this chat",
+        "typed in the other chat",
+    ]
+    assert first.history.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_history_linked_to_dev_null_keeps_nothing_and_a_linked_file_keeps_its_link(tmp_path, monkeypatch):
     """`ln -sf /dev/null FILE`, the usual way to keep no history (bash's, Python's), was undone by the first
     message typed: the file renamed over the link kept every message from then on."""
