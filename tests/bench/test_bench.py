@@ -636,7 +636,7 @@ def test_a_baseline_that_would_not_fit_beside_the_engine_is_refused_before_it_lo
     argv = ["bench", "latency", "--model-path", str(tiny_llama_dir), "--prompts", "short", "--new-tokens"]
     assert cli([*argv, "3", "--runs", "1", "--warmup", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "HF generate, loads the model a second time beside the engine" in err and "0 MiB left" in err
+    assert "HF generate, loads the model a second time beside the engine" in err and "1 KiB left" in err
     assert len(loaded) == 1  # the engine's model only
 
 

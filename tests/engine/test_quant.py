@@ -157,3 +157,23 @@ def test_the_8bit_estimate_that_doctor_and_the_fit_check_use_matches_the_quantiz
     _, after = quantize_int8(model, torch.device("cpu"))
     estimate = model_size(config).weight_bytes(torch.bfloat16, load_8bit=True)
     assert estimate <= after <= 1.05 * estimate  # beyond it: one scale per row
+
+
+def test_load_8bit_of_a_tiny_model_says_its_sizes_in_kib_not_0_mib(tiny_llama_dir, capsys):
+    """`vicuna chat --load-8bit` of a model under 1 MiB said "8-bit weights: 0 MiB -> 0 MiB"."""
+    import re
+
+    from vicuna.config import ModelSettings
+    from vicuna.engine.loader import load_engine
+    from vicuna.engine.memory import gib
+
+    load_engine(ModelSettings(model_path=str(tiny_llama_dir), dtype="bfloat16", load_8bit=True))
+    before, after = re.search(r"8-bit weights: (\d+) KiB -> (\d+) KiB\n", capsys.readouterr().err).groups()
+    assert 0 < int(after) < int(before)
+    assert [gib(n) for n in (0, 1023, 1024, 2**20, 3 * 2**30)] == [
+        "0 bytes",
+        "1023 bytes",
+        "1 KiB",
+        "1 MiB",
+        "3.0 GiB",
+    ]

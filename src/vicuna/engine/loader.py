@@ -582,15 +582,12 @@ def load_engine(settings: ModelSettings, *, progress: bool = True) -> Engine:
         raise ModelLoadError(f"{folder}: cannot load the weights ({type(err).__name__}: {err})") from None
     model.eval()
     if settings.load_8bit:
+        from vicuna.engine.memory import gib
         from vicuna.engine.quant import quantize_int8
 
         before, after = quantize_int8(model, device, dtype)
         if progress:
-            print(
-                f"8-bit weights: {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"8-bit weights: {gib(before)} -> {gib(after)}", file=sys.stderr, flush=True)
     template = pick_template(settings, tokenizer, folder, model_name)
     if device.type == "cpu":  # built here, where its message belongs, the first time on this machine
         from vicuna.engine import kernel

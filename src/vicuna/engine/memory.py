@@ -163,8 +163,12 @@ def free_bytes(device: torch.device) -> int:
 
 
 def gib(n: int) -> str:
-    """A byte count for people: GiB from 1 GiB up, MiB below."""
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+    """A byte count for people: GiB from 1 GiB up, MiB from 1 MiB up, KiB from 1 KiB up, bytes below (a tiny
+    model's 8-bit weights, all in MiB, were '0 MiB -> 0 MiB')."""
+    for unit, scale, digits in (("GiB", 2**30, 1), ("MiB", 2**20, 0), ("KiB", 2**10, 0)):
+        if n >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{n} bytes"
 
 
 def out_of_memory(error: BaseException) -> bool:

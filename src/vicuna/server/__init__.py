@@ -262,6 +262,7 @@ def main(args: argparse.Namespace) -> int:
     import uvicorn
 
     from vicuna.engine.loader import load_engine
+    from vicuna.engine.memory import gib
     from vicuna.server.app import create_app
 
     logging.basicConfig(
@@ -289,7 +290,7 @@ def main(args: argparse.Namespace) -> int:
     print(
         f"Serving {app.state.model_name} at {base}/v1{'' if args.no_webui else f', web UI at {base}/'} "
         f"(batch of {batcher.max_batch_size}, KV cache {batcher.kv_cache_tokens} tokens = "
-        f"{batcher.kv_cache_bytes / 2**20:.0f} MiB{', as much as free memory holds' if batcher.kv_cut_to_memory else ''}"
+        f"{gib(batcher.kv_cache_bytes)}{', as much as free memory holds' if batcher.kv_cut_to_memory else ''}"
         f"{', API keys required' if keys else ''})",
         flush=True,
     )

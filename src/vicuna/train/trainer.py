@@ -554,6 +554,7 @@ def lora_targets(cfg: TrainConfig) -> str | list[str]:
 @contextlib.contextmanager
 def disk_full_is_one_line(output_dir: Path, what: str, resume: str) -> Iterator[None]:
     """A write that fails for want of disk space (`disk_full`) becomes one line saying what to do."""
+    from vicuna.engine.memory import gib
     from vicuna.weights.disk import disk_full
 
     try:
@@ -563,7 +564,7 @@ def disk_full_is_one_line(output_dir: Path, what: str, resume: str) -> Iterator[
             raise
         free = shutil.disk_usage(output_dir).free
         raise VicunaError(
-            f"{output_dir}: {what} could not be written in full ({free / 2**20:.0f} MiB free on its disk; the "
+            f"{output_dir}: {what} could not be written in full ({gib(free)} free on its disk; the "
             f"disk is probably full). Free some space and run again with --resume, which {resume}"
         ) from None
 
