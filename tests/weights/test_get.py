@@ -208,6 +208,21 @@ def test_base_from_the_hub_and_rerun_downloads_nothing(models, tmp_path, monkeyp
         hub.server_close()
 
 
+def test_no_progress_draws_no_bar_of_the_download_on_a_terminal(models, tmp_path, monkeypatch, capsys):
+    """`vicuna get --no-progress` on a terminal still drew the Hub download's bars and its hash check's."""
+    hub = _serve(monkeypatch, {"org/llama-tiny": models["base"]})
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # bars where they would be drawn
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # on a terminal, as rich sees it
+    try:
+        assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test", "--no-progress") == 0
+    finally:
+        hub.shutdown()
+        hub.server_close()
+    out, err = capsys.readouterr()
+    assert "[my-vicuna] downloading the base: org/llama-tiny" in out and " files, " in out  # lines, not bars
+    assert err == ""
+
+
 def test_delta_apply_of_a_hub_delta_as_fastchat_took_it_gives_the_get_command_that_works(
     models, tmp_path, monkeypatch, capsys
 ):

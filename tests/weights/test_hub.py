@@ -620,3 +620,16 @@ def test_another_error_answer_of_the_hub_is_said_in_one_line(hub, tmp_path, caps
         "maintenance.\n"
     )
     assert not (tmp_path / "tiny").exists()
+
+
+def test_no_progress_draws_no_bar_on_a_terminal_and_still_counts_the_files(
+    hub, tmp_path, capsys, monkeypatch
+):
+    """`vicuna download` had no --no-progress: its bars, the hash check's and the manifest's, were drawn on
+    a terminal whatever was asked."""
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # on a terminal, as rich sees it
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "tiny"), "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert f"org/tiny@{COMMIT[:10]}: {len(hub.downloads())} files" in out and err == ""
+    assert (tmp_path / "tiny" / "config.json").is_file()

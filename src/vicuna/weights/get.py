@@ -58,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--delta", help="the delta weights instead of the recipe's: a local folder or a Hub repo id"
     )
     parser.add_argument("--no-smoke-test", action="store_true", help="skip the one-prompt chat at the end")
-    parser.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="draw no progress bars (downloading, checking hashes, merging, verifying, loading the model for "
+        "the smoke chat); each step's line and the download's file count are still printed",
+    )
     parser.add_argument(
         "--max-new-tokens",
         type=int,
@@ -226,7 +231,7 @@ def get(
 
     for source, plan in plans:
         print(f"[{name}] downloading the {source.role}: {source.repo_id} -> {source.folder}")
-        download(source.repo_id, source.folder, plan=plan)
+        download(source.repo_id, source.folder, plan=plan, bars=progress)
     if len(sources) == 1 and not finished:
         sources[0].folder.replace(model)
 

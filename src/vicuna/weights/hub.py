@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repo-type", choices=("model", "dataset"), default="model", help="the repository's kind"
     )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="draw no progress bars (downloading, checking hashes, writing the manifest); the line that "
+        "counts the files is still printed",
+    )
 
 
 def model_folder(repo_id: str) -> Path:
@@ -89,7 +95,14 @@ def download_command(folder: Path) -> str:
 
 def main(args: argparse.Namespace) -> int:
     target = args.dir or model_folder(args.repo_id)
-    download(args.repo_id, target, revision=args.revision, include=args.include, repo_type=args.repo_type)
+    download(
+        args.repo_id,
+        target,
+        revision=args.revision,
+        include=args.include,
+        repo_type=args.repo_type,
+        bars=not args.no_progress,
+    )
     print(f"done: {target}")
     return 0
 
@@ -231,6 +244,7 @@ def download(
     plan: Plan | None = None,
     wait: bool = False,
     progress: bool = True,
+    bars: bool = True,
 ) -> Path:
     """Fetch the chosen files of `repo_id` into `target`, check their hashes, write the sha256 manifest. One
     download at a time into a folder: of two at once (two terminals, two first chats with the same
@@ -240,7 +254,8 @@ def download(
     model), it waits for the other and uses what it downloaded, not read again when complete; and a
     repository of GGUF files is refused before any is fetched (`refuse_gguf_files`). `progress`: the line that
     counts the files, and the bars (where `bars_shown`); off for a library's caller who asked for quiet
-    (`load_engine(..., progress=False)`). Warnings and errors are said either way."""
+    (`load_engine(..., progress=False)`). `bars`: False for the bars alone (`--no-progress`, which drew them
+    on a terminal). Warnings and errors are said either way."""
     from vicuna.weights.disk import ensure_free_space, one_writer
 
     plan = plan or plan_download(repo_id, revision=revision, include=include, repo_type=repo_type)
@@ -254,7 +269,7 @@ def download(
         ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
         if progress:
             print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
-        bars = progress and bars_shown()
+        bars = progress and bars and bars_shown()
         fetch_files(plan, target, bars=bars)
         checked = check_files(plan, target, bars=bars)
         from vicuna.weights.manifest import write_manifest
