@@ -281,6 +281,7 @@ class TerminalIO:
 
     history: Path | None = None
     bracketed_paste = False
+    read_any = False  # whether a message (an empty line too) or a command was read
     readline: Any = None  # the module, where the terminal is read through it
 
     def remember(self, text: str) -> None:
@@ -339,6 +340,11 @@ class TerminalIO:
                 Path(tmp).unlink(missing_ok=True)
 
     def read(self) -> str | None:
+        text = self._read()
+        self.read_any = self.read_any or text is not None
+        return text
+
+    def _read(self) -> str | None:
         try:
             if self.style == "programmatic":
                 lines = []
@@ -947,4 +953,10 @@ def main(args: argparse.Namespace) -> int:
     if io.interactive:
         io.info(f"{HELP} {PASTED}" if io.bracketed_paste else HELP)
     run_chat(engine, io, params, history=not args.no_history, debug=args.debug, system=args.conv_system_msg)
+    if not io.read_any and not sys.stdin.isatty():  # `docker run` without -it: it ended without a word
+        print(
+            "notice: no message: standard input ended before the first one (to chat, run it on a terminal, "
+            "e.g. `docker run -it`, or pipe the messages in)",
+            file=sys.stderr,
+        )
     return 0

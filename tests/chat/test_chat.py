@@ -372,6 +372,30 @@ def test_a_message_piped_in_gbk_is_refused_with_what_to_do_and_the_chat_goes_on(
     assert err.count("tok/s") == 1  # the UTF-8 line after it is answered
 
 
+def test_a_chat_whose_standard_input_ends_before_a_first_message_says_so_and_ends_well(tiny_llama_dir):
+    """`docker run IMAGE vicuna chat` (without -it) loaded the model and ended without a word. The same
+    command pre-loads the model in an image build: it still ends with 0, the notice on stderr."""
+    command = [
+        sys.executable,
+        "-m",
+        "vicuna",
+        "chat",
+        "--model-path",
+        str(tiny_llama_dir),
+        "--dtype",
+        "float32",
+    ]
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    nothing = subprocess.run(
+        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, env=env
+    )
+    assert nothing.returncode == 0, nothing.stderr
+    notice = "notice: no message: standard input ended before the first one (to chat, run it on a terminal"
+    assert nothing.stderr.splitlines()[-1].startswith(notice) and nothing.stdout == ""
+    empty_line = subprocess.run(command, input="\n", capture_output=True, text=True, timeout=300, env=env)
+    assert empty_line.returncode == 0 and "notice: no message" not in empty_line.stderr  # a line was read
+
+
 def test_out_of_memory_leaves_the_message_unanswered_and_the_chat_goes_on(monkeypatch, gpu_out_of_memory):
     import torch
 
