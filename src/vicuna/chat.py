@@ -320,7 +320,8 @@ class TerminalIO:
         except OSError:
             return
         with open(lock, "w") as handle:
-            locked(handle)  # let go as it closes
+            with contextlib.suppress(OSError):  # a share that keeps no locks (NFS's ENOLCK): saved unlocked
+                locked(handle)  # let go as it closes
             try:
                 entries = self.saved_history()
             except FileNotFoundError:

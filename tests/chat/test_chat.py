@@ -1361,6 +1361,22 @@ def test_two_chats_saving_at_the_same_instant_both_keep_their_message(tmp_path):
     assert first.history.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_history_on_a_share_that_keeps_no_locks_is_still_saved(tmp_path, monkeypatch):
+    """NFS without a lock daemon answers flock with ENOLCK: the chat saved nothing there, or ended on it."""
+    import errno
+
+    import vicuna.chat
+
+    def no_locks(handle, wait=True):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(vicuna.chat, "locked", no_locks)
+    io = TerminalIO("simple", multiline=False, interactive=False)
+    io.history = tmp_path / "chat_history"
+    io.save_history("typed on NFS")
+    assert io.history.read_text(encoding="utf-8").splitlines() == ["typed on NFS"]
+
+
 def test_a_history_linked_to_dev_null_keeps_nothing_and_a_linked_file_keeps_its_link(tmp_path, monkeypatch):
     """`ln -sf /dev/null FILE`, the usual way to keep no history (bash's, Python's), was undone by the first
     message typed: the file renamed over the link kept every message from then on."""
