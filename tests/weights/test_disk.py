@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vicuna.errors import VicunaError
-from vicuna.weights.disk import ensure_free_space, free_bytes, write_atomically
+from vicuna.weights.disk import ensure_free_space, free_bytes, size, write_atomically
 
 
 @pytest.fixture
@@ -244,3 +244,19 @@ def test_a_file_that_is_not_a_regular_one_is_written_into_not_renamed_over(tmp_p
         os.close(reader)
     assert stat.S_ISFIFO(fifo.stat().st_mode) and (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "pipe"]
+
+
+@pytest.mark.parametrize(
+    ("n", "said"),
+    [
+        (40e9, "40.00 GB"),
+        (5e7, "50.0 MB"),
+        (3.2e6, "3.2 MB"),
+        (120_000, "120.0 kB"),
+        (4_100, "4.1 kB"),
+        (12, "12 bytes"),
+    ],
+)
+def test_a_size_is_said_in_a_unit_that_shows_it(n, said):
+    """A small repository's download was said to be '0.00 GB', its stale files '0.00 GB' freed."""
+    assert size(n) == said

@@ -299,7 +299,7 @@ def test_an_older_vicunas_unfinished_files_are_deleted_before_the_download(
     assert not any(path.exists() for path in stale)
     assert all(path.read_text() == "mine" for path in kept)
     assert (
-        f"deleted 2 unfinished files of an earlier download (0.00 GB) from {target}"
+        f"deleted 2 unfinished files of an earlier download (120.0 kB) from {target}"
         in capsys.readouterr().out
     )
 

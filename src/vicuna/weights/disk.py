@@ -22,8 +22,12 @@ GB = 1e9
 
 
 def size(n: float) -> str:
-    """Bytes for a person: '12.34 GB', or '3.2 MB' below a tenth of a GB."""
-    return f"{n / GB:.2f} GB" if abs(n) >= GB / 10 else f"{n / 1e6:.1f} MB"
+    """Bytes for a person: '12.34 GB' from a tenth of a GB, '3.2 MB' from 1 MB, '4.1 kB' from 1 kB, '12 bytes'
+    below (a small repository's files were '0.00 GB')."""
+    for unit, scale, least, digits in (("GB", GB, GB / 10, 2), ("MB", 1e6, 1e6, 1), ("kB", 1e3, 1e3, 1)):
+        if abs(n) >= least:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 def free_bytes(folder: Path) -> int:

@@ -256,7 +256,7 @@ def download(
     counts the files, and the bars (where `bars_shown`); off for a library's caller who asked for quiet
     (`load_engine(..., progress=False)`). `bars`: False for the bars alone (`--no-progress`, which drew them
     on a terminal). Warnings and errors are said either way."""
-    from vicuna.weights.disk import ensure_free_space, one_writer
+    from vicuna.weights.disk import ensure_free_space, one_writer, size
 
     plan = plan or plan_download(repo_id, revision=revision, include=include, repo_type=repo_type)
     if wait:
@@ -268,7 +268,7 @@ def download(
         drop_stale_incompletes(target)  # first: a disk they filled has room once they are gone
         ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
         if progress:
-            print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {plan.total_bytes / 1e9:.2f} GB")
+            print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {size(plan.total_bytes)}")
         bars = progress and bars and bars_shown()
         fetch_files(plan, target, bars=bars)
         checked = check_files(plan, target, bars=bars)
@@ -322,6 +322,8 @@ def drop_stale_incompletes(target: Path) -> None:
     never reads them (it resumes from `FILE.part`), and they may hold gigabytes: deleted before the free-disk
     check, which refused a disk they filled (counted as space to be freed, they would still fill it while the
     download needed the room)."""
+    from vicuna.weights.disk import size
+
     stale = list((target / ".cache" / "huggingface" / "download").rglob("*.incomplete"))
     freed = 0
     for path in stale:
@@ -329,9 +331,7 @@ def drop_stale_incompletes(target: Path) -> None:
             freed += path.stat().st_size
             path.unlink()
     if freed:
-        print(
-            f"deleted {len(stale)} unfinished files of an earlier download ({freed / 1e9:.2f} GB) from {target}"
-        )
+        print(f"deleted {len(stale)} unfinished files of an earlier download ({size(freed)}) from {target}")
 
 
 def bars_shown() -> bool:
