@@ -11,6 +11,7 @@ import pytest
 
 from tests.weights.test_hub import FakeHub
 from vicuna.cli import main
+from vicuna.weights.disk import size as disk_size
 
 EOS = 2
 
@@ -261,7 +262,7 @@ def test_the_downloads_a_merge_no_longer_needs_are_said_and_may_be_deleted(
         held = sum(p.stat().st_size for p in downloaded.rglob("*") if p.is_file())
         out = capsys.readouterr().out
         assert (
-            f"[my-vicuna] the downloads merged from ({held / 1e6:.1f} MB) are not needed by {tmp_path / 'my-vicuna'}; "
+            f"[my-vicuna] the downloads merged from ({disk_size(held)}) are not needed by {tmp_path / 'my-vicuna'}; "
             f"to free the disk, delete {downloaded} (this command run again does not fetch them while the model "
             "is there)"
         ) in out
