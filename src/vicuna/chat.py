@@ -257,12 +257,11 @@ class TerminalIO:
                 # what was typed, for the up arrow in later chats too (as Python's own ~/.python_history)
                 with contextlib.suppress(VicunaError):  # no home folder: a chat without the saved history
                     self.history = vicuna_home() / HISTORY_FILE
-                readline.set_history_length(HISTORY_LINES)
                 # a message is one entry, added by read(): readline's own adds each line of --multiline's
                 readline.set_auto_history(False)
                 self.readline = readline
                 with contextlib.suppress(OSError):
-                    for entry in self.saved_history():
+                    for entry in self.saved_history()[-HISTORY_LINES:]:
                         readline.add_history(entry)
         if style == "rich":
             from rich.console import Console
@@ -291,6 +290,10 @@ class TerminalIO:
             return
         if text != readline.get_history_item(readline.get_current_history_length()):
             readline.add_history(text)
+        # as many as the file keeps: readline's own list grew by every message of a chat left open
+        # (its set_history_length bounds only the files it writes itself)
+        while readline.get_current_history_length() > HISTORY_LINES:
+            readline.remove_history_item(0)
         self.save_history(text)
 
     def saved_history(self) -> list[str]:

@@ -1267,6 +1267,27 @@ def test_typed_messages_are_kept_for_the_up_arrow_of_the_next_chat(tmp_path, mon
         readline.clear_history()
 
 
+def test_a_chat_left_open_keeps_no_more_messages_for_the_up_arrow_than_the_file(tmp_path, monkeypatch):
+    """readline's own list grew by every message of a chat left open (set_history_length bounds only the
+    files readline writes itself, which the chat does not use), and began with all of a longer file."""
+    readline = pytest.importorskip("readline")
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setattr(chat_module, "HISTORY_LINES", 20)
+    (tmp_path / "chat_history").write_text("".join(f"old {i}\n" for i in range(30)), encoding="utf-8")
+    readline.clear_history()
+    try:
+        io = TerminalIO("simple", multiline=False, interactive=True)
+        assert readline.get_current_history_length() == 20
+        assert readline.get_history_item(1) == "old 10"
+        for i in range(50):
+            io.remember(f"message {i}")
+        recalled = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
+        assert recalled == [f"message {i}" for i in range(30, 50)]  # what the next chat's up arrow recalls
+        assert (tmp_path / "chat_history").read_text(encoding="utf-8").splitlines() == recalled
+    finally:
+        readline.clear_history()
+
+
 def test_a_history_file_that_libedit_wrote_is_read_as_the_messages_typed(tmp_path, monkeypatch):
     """Versions before wrote the file with readline's write_history_file: on macOS (libedit) a header line,
     and vis(3)'s escapes. Read as lines, the up arrow recalled '_HiStOrY_V2_' and 'hello\\040world'."""
