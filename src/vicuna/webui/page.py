@@ -48,8 +48,10 @@ OUT_OF_MEMORY = (
 # this many, the oldest used first; by default 10,000, and each one-turn chat's session took some 70 KB.
 # The conversation itself is kept in the browser, so a session dropped loses only the key entered (the
 # page asks for it again after a reload) and the count of exchanges left out (found again).
-# 500 is several times the replies a server runs and queues at once (16 rows and 64 waiting by default)
-# and bounds this state to some 35 MB.
+# 500 is several times the replies a server runs and queues at once (16 rows and 64 waiting by default).
+# A session's state grows with its conversation, whose last values shown it holds: 0.65 MB for a session
+# whose conversation is 200 KB (some 3 copies of it), so 500 sessions take ~35 MB for one-turn chats and
+# ~330 MB for such long ones, kept until newer sessions push them out (a closed page's is kept too).
 SESSION_CAPACITY = 500
 # While a reply streams, the conversation is stored in the browser (for a reload) at most once in this many
 # seconds, not with each piece: the page encrypts and writes the whole conversation each time, and with a
