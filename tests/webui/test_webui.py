@@ -996,6 +996,27 @@ def test_browser_page_is_in_chinese_where_the_browser_prefers_it(engine, browser
 
 @pytest.mark.browser
 @needs_chromium
+def test_browser_page_s_lang_attribute_is_the_language_of_its_words(browser):
+    """A screen reader reads a page in the voice of its `lang` attribute, which Gradio set to the browser's
+    own language: a French browser's English page said "fr", and Chinese words under an English browser "en"."""
+    with serve(replying("Hi")) as url:
+        for locale, accept_language, send, lang in [
+            ("fr-FR", None, "Send", "en"),
+            ("zh-TW", None, "Send", "en"),  # Traditional Chinese: the page is in English
+            ("en-US", "zh-CN,zh;q=0.9", "发送", "zh-CN"),
+            ("zh-CN", None, "发送", "zh-CN"),
+        ]:
+            headers = {"Accept-Language": accept_language} if accept_language else {}
+            context = browser.new_context(locale=locale, extra_http_headers=headers)
+            page = context.new_page()
+            page.goto(url)
+            page.wait_for_function("t => document.querySelector('#send')?.innerText.trim() === t", arg=send)
+            page.wait_for_function("lang => document.documentElement.lang === lang", arg=lang)
+            context.close()
+
+
+@pytest.mark.browser
+@needs_chromium
 def test_browser_renders_a_reply_s_maths_in_latex_s_delimiters_and_leaves_code_and_prices_alone(browser):
     # LaTeX's \(...\) and \[...\], as models write them, were shown as markdown made them: "(x^2 + y^2)"
     reply = (

@@ -20,7 +20,7 @@ from vicuna.engine.events import Event, Finished, TextChunk
 from vicuna.engine.memory import out_of_memory
 from vicuna.errors import VicunaError
 from vicuna.webui import ChatFn, EncodeFn
-from vicuna.webui.texts import language, say
+from vicuna.webui.texts import HTML_LANG, language, say
 
 Turn = tuple[str, str, str]  # (user message, reply, the reply's stats line)
 # A browser session's oldest exchanges its last prompt left out, and a hash of their text: the next
@@ -248,6 +248,14 @@ class WebChat:
         ]
         status = last_stats(turns) or (say(lang, CUT_SHORT) if turns else "")
         return to_chatbot(turns), status, *words
+
+    @staticmethod
+    def page_language(request: gr.Request) -> str:
+        """On load: the page's `lang` attribute, of the language its words are in (`request_language`).
+        Gradio sets it to the browser's own language: a French browser's English page said `lang="fr"`,
+        and a screen reader read its English in a French voice; Chinese words under an English browser
+        were read in an English voice."""
+        return HTML_LANG[request_language(request)]
 
     @staticmethod
     def keep_settings(system: str, temperature: float, top_p: float, max_tokens: float) -> dict[str, Any]:
@@ -650,6 +658,14 @@ def build(
         # queue=False: answered at once, not after the queue's other events. Queued, under load its answer
         # could come after a message sent as the page appeared, and showed the chat as it was before it.
         demo.load(ui.show, turns, [chatbot, status, *worded], queue=False, api_visibility="private")
+        lang = gr.Textbox(visible=False, elem_id="page-language")
+        demo.load(ui.page_language, None, lang, queue=False, api_visibility="private").then(
+            None,
+            lang,
+            None,
+            js="(lang) => { document.documentElement.lang = lang; }",
+            api_visibility="private",
+        )
         kept = [system, temperature, top_p, max_tokens]
         demo.load(ui.restore_settings, settings_kept, kept, queue=False, api_visibility="private")
         gr.on(

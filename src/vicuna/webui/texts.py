@@ -68,6 +68,10 @@ ZH = {
 }
 
 
+# The page's `lang` attribute in each language, by which a screen reader picks its voice.
+HTML_LANG = {"en": "en", "zh": "zh-CN"}
+
+
 def language(accept_language: str | None) -> str:
     """`zh` where the browser prefers Simplified Chinese (`zh`, `zh-CN`, `zh-SG`, `zh-Hans…`) to English
     (`en…`), else `en`: the first of the two in the header's order of preference (its q values; equal ones
