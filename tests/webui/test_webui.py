@@ -1111,6 +1111,57 @@ def test_browser_escape_stops_the_reply_being_written(browser):
 
 @pytest.mark.browser
 @needs_chromium
+def test_browser_screen_readers_hear_a_reply_once_when_it_is_written_not_each_piece(browser):
+    """Gradio's chat is a polite live region, and each piece streamed rewrites the whole reply in it: a screen
+    reader read "Hello", then "Hello there, friend.", and so on for every piece. While a reply is written the
+    chat is no live region and busy; then the reply, rendered, goes once into a live region of its own."""
+    go_on = threading.Event()
+
+    def chat(messages, params, cancel):
+        if messages[-1].content == "Refuse this":
+            raise VicunaError("No.")
+        yield TextChunk("Hello", (1,))
+        go_on.wait(30)
+        yield TextChunk(" there, **friend**.", (2,))
+        yield DONE
+
+    app = webui.mount(fastapi.FastAPI(), chat=chat, encode=no_encode, context_window=2048, model_name="m")
+    chat_region = "document.querySelector('#chatbot [role=log]')"
+    with serve(app) as url:
+        page = browser.new_page()
+        page.goto(url)
+        message = page.locator("#message textarea")
+        message.wait_for()
+        page.wait_for_function("() => document.querySelector('#reply-announcement')")
+        page.evaluate(
+            """() => { window.heard = [];
+            const region = document.querySelector('#reply-announcement');
+            new MutationObserver(() => heard.push(region.textContent))
+                .observe(region, { childList: true, characterData: true, subtree: true }); }"""
+        )
+        assert page.locator("#reply-announcement").get_attribute("aria-live") == "polite"
+        message.fill("Hi")
+        message.press("Enter")
+        page.wait_for_function(f"() => {BOT_TEXT} === 'Hello'")
+        assert page.evaluate(f"[{chat_region}.ariaLive, {chat_region}.ariaBusy]") == ["off", "true"]
+        go_on.set()
+        wait_for_status(page, stats_line(DONE))
+        page.wait_for_function("() => heard.length > 0")
+        assert page.evaluate("heard") == ["Hello there, friend."]
+        assert page.evaluate(f"[{chat_region}.ariaLive, {chat_region}.ariaBusy]") == ["polite", "false"]
+
+        # a message refused: the reply already read is not read again
+        message.fill("Refuse this")
+        message.press("Enter")
+        page.get_by_text("No.").first.wait_for()
+        page.wait_for_function("() => !document.querySelector('#send').disabled")
+        assert page.evaluate("heard") == ["Hello there, friend."]
+        assert page.evaluate(f"{chat_region}.ariaLive") == "polite"
+        page.close()
+
+
+@pytest.mark.browser
+@needs_chromium
 def test_browser_edits_an_earlier_message_and_answers_it_again(browser):
     calls: list[list[Message]] = []
 

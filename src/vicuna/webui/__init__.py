@@ -115,7 +115,7 @@ def mount(
     import gradio as gr
     from fastapi.responses import PlainTextResponse
 
-    from vicuna.webui.page import CSS, ESCAPE_STOPS, build
+    from vicuna.webui.page import CSS, PAGE_SCRIPT, build
 
     # The page has no file inputs, so nothing may be stored through Gradio's upload routes (they would
     # keep any file under /tmp/gradio, without asking for an API key). Routes added before the mount win.
@@ -149,7 +149,7 @@ def mount(
         path="/",
         theme=theme,
         css=CSS,
-        js=ESCAPE_STOPS,
+        js=PAGE_SCRIPT,
         show_error=False,
         run_history=False,
         ssr_mode=False,

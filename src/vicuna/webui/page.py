@@ -75,20 +75,47 @@ LATEX = [
     {"left": "\\[", "right": "\\]", "display": True},
     {"left": "\\(", "right": "\\)", "display": False},
 ]
-# Run in the browser once the page is loaded: Escape stops the reply being written, wherever the focus is, as
+# Run in the browser once the page is loaded. Escape stops the reply being written, wherever the focus is, as
 # in text-generation-webui; without it, a keyboard user reached Stop by tabbing out of the message box. Not
 # while an input method composes (Escape then cancels the composition, e.g. of Chinese).
-ESCAPE_STOPS = """() => document.addEventListener('keydown', (event) => {
-    if (event.key === 'Escape' && !event.isComposing) document.querySelector('#stop')?.click();
-})"""
+# And a screen reader reads each reply once, when it is written: Gradio's chat is a polite live region, and
+# each piece streamed rewrites the whole reply in it, which a screen reader read out again and again ("Hello",
+# "Hello there", "Hello there, this", ...) until the reply ended. While a reply is written (Send disabled) the
+# chat is no live region, and busy; then the reply is put in a live region of its own, read once (not where it
+# is the one already there: a reply refused before it began).
+PAGE_SCRIPT = """() => {
+    document.addEventListener('keydown', (event) => {
+        if (event.key === 'Escape' && !event.isComposing) document.querySelector('#stop')?.click();
+    });
+    const announcement = Object.assign(document.createElement('div'), { id: 'reply-announcement' });
+    announcement.setAttribute('aria-live', 'polite');
+    document.body.append(announcement);
+    const lastReply = () => [...document.querySelectorAll('#chatbot .bot-row')].at(-1)?.innerText.trim() ?? '';
+    let before = null;  // the last reply when Send was disabled, while it is
+    new MutationObserver(() => {
+        const send = document.querySelector('#send'), chat = document.querySelector('#chatbot [role=log]');
+        if (!send || !chat || send.disabled === (before !== null)) return;
+        chat.setAttribute('aria-live', send.disabled ? 'off' : 'polite');
+        chat.setAttribute('aria-busy', String(send.disabled));
+        if (send.disabled) {
+            before = lastReply();
+            return;
+        }
+        const reply = lastReply();
+        if (reply && reply !== before) announcement.textContent = reply;
+        before = null;
+    }).observe(document.body, { subtree: true, attributes: true, attributeFilter: ['disabled'] });
+}"""
 # A table wider than the chat scrolls sideways within it, each word whole. Gradio breaks a message's words
 # anywhere, so on a phone (390 px) a five-column table was squeezed to a few letters a line ("de/cr/ip/ti/on").
+# The live region that reads a reply out (`PAGE_SCRIPT`) is heard, not seen.
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 #chatbot table {
   display: block; width: max-content; max-width: 100%; overflow-x: auto; padding: 0; border: 0;
 }
 #chatbot :is(td, th) { word-break: normal; overflow-wrap: normal; }
+#reply-announcement { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
 """
 
 log = logging.getLogger("vicuna.webui")
