@@ -447,6 +447,9 @@ class TerminalIO:
         printed, shown = 0, 0  # text[:printed] is printed for good, and the first `shown` rows of the rest
         rendered = -math.inf  # when the open code block's rows were last rendered
         drawn = -math.inf  # when Live last redrew the block still streaming
+        # whose turn it is, as the plain style's "ASSISTANT: " says it (and FastChat's rich style): a screen
+        # reader or a braille display told the reply from the "USER: " line above it by its look alone
+        console.print("ASSISTANT:", style="bold", markup=False, highlight=False)
         # Live redraws here, at most 8 times a second, not from its own thread: that thread may redraw
         # between a print's cursor move and its write, and the print then erases rows printed for good
         with Live(console=console, auto_refresh=False) as live:

@@ -658,6 +658,19 @@ def test_rich_shows_a_reply_longer_than_the_screen_as_it_streams():
     assert paragraphs[-1] in screen.getvalue()
 
 
+def test_rich_says_whose_reply_it_is_as_the_plain_style_does():
+    """A screen reader or a braille display tells the turns apart by their labels: the plain style writes
+    "ASSISTANT: " before a reply, and rich wrote the rendered reply alone under the "USER: " line."""
+    from rich.console import Console
+
+    screen = io_module.StringIO()
+    terminal = TerminalIO("rich", multiline=False, interactive=True)
+    terminal.console = Console(file=screen, force_terminal=True, color_system=None, width=40, height=10)
+    events = [TextChunk("**Hi** there.", (1,)), Finished("stop", 1, 1, 0.1, 10.0, 0.2)]
+    assert terminal.show_reply(iter(events))[0] == "**Hi** there."
+    assert [line for line in screen_after(screen.getvalue()) if line] == ["ASSISTANT:", "Hi there."]
+
+
 def test_rich_shows_bold_beside_chinese_punctuation_as_bold_not_asterisks():
     """CommonMark leaves `**注意：**这是` as it is (its end follows punctuation and precedes a letter), and
     Chinese replies write it all the time: rich mode showed the asterisks and nothing bold."""
