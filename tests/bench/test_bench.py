@@ -601,6 +601,21 @@ def test_progress_goes_to_stderr_as_lines_where_no_bar_can_be_drawn(tiny_llama_d
     assert " ..." not in capsys.readouterr().err
 
 
+def test_progress_on_a_dumb_terminal_is_lines_too(monkeypatch, capsys):
+    """On a dumb terminal (TERM=dumb) rich redraws no bar, and a transient one leaves nothing: minutes of
+    benchmark passed without a word."""
+    from vicuna.bench.report import progress_bar
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: standard error is a terminal
+    monkeypatch.setenv("TERM", "dumb")
+    with progress_bar(True) as bar:
+        task = bar.add_task("starting", total=2)
+        bar.update(task, description="short prompt, engine, run 1/1")
+        bar.update(task, advance=1)
+    err = capsys.readouterr().err
+    assert "short prompt, engine, run 1/1 ...\n" in err and "\r" not in err
+
+
 def test_a_reply_too_long_for_the_context_is_refused_before_the_baselines_load(
     tiny_llama_dir, monkeypatch, capsys
 ):

@@ -236,8 +236,9 @@ def print_table(report: Report) -> None:
 def progress_bar(progress: bool) -> Any:
     """The benchmarks' progress (a rich `Progress`, used as a context manager), on stderr: the table goes
     to stdout, and `vicuna bench latency > table.txt` drew its bar into the file, where rich draws none,
-    so minutes passed without a word. On a terminal it is a bar; in a log each step's description is a
-    line of its own."""
+    so minutes passed without a word. On a terminal it is a bar; in a log, and on a dumb terminal (TERM=dumb:
+    Emacs' M-x shell, where rich redraws nothing and a screen reader's Emacspeak runs) each step's description
+    is a line of its own."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -245,7 +246,7 @@ def progress_bar(progress: bool) -> Any:
         said: str | None = None
 
         def update(self, task_id: Any, *, description: str | None = None, **kwargs: Any) -> None:
-            if description not in (None, self.said) and not self.disable and not self.console.is_terminal:
+            if description not in (None, self.said) and not self.disable and not self.console.is_interactive:
                 print(f"{description} ...", file=sys.stderr, flush=True)
                 self.said = description
             super().update(task_id, description=description, **kwargs)
