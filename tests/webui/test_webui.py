@@ -1017,6 +1017,27 @@ def test_browser_page_s_lang_attribute_is_the_language_of_its_words(browser):
 
 @pytest.mark.browser
 @needs_chromium
+def test_browser_chat_says_to_screen_readers_who_wrote_each_message(browser):
+    """The chat's messages were told apart by where they are drawn alone: a screen reader read the message
+    and the reply one after the other, without a word of whose each was."""
+    with serve(replying("Hello **there**.")) as url:
+        for locale, you, assistant in [("en-US", '"You:"', '"Assistant:"'), ("zh-CN", "你：", "助手：")]:
+            context = browser.new_context(locale=locale)
+            page = context.new_page()
+            page.goto(url)
+            message = page.locator("#message textarea")
+            message.fill("Hi")
+            message.press("Enter")
+            wait_for_status(page, stats_line(DONE, lang=locale[:2]))
+            heard = page.locator("#chatbot [role=log]").aria_snapshot()
+            assert f"- text: {you}\n  - paragraph: Hi\n" in heard
+            assert f"- text: {assistant}\n  - paragraph:\n    - text: Hello\n    - strong: there\n" in heard
+            assert page.locator("#chatbot .bot-row").inner_text().strip() == "Hello there."  # nothing to see
+            context.close()
+
+
+@pytest.mark.browser
+@needs_chromium
 def test_browser_renders_a_reply_s_maths_in_latex_s_delimiters_and_leaves_code_and_prices_alone(browser):
     # LaTeX's \(...\) and \[...\], as models write them, were shown as markdown made them: "(x^2 + y^2)"
     reply = (

@@ -108,7 +108,9 @@ PAGE_SCRIPT = """() => {
 }"""
 # A table wider than the chat scrolls sideways within it, each word whole. Gradio breaks a message's words
 # anywhere, so on a phone (390 px) a five-column table was squeezed to a few letters a line ("de/cr/ip/ti/on").
-# The live region that reads a reply out (`PAGE_SCRIPT`) is heard, not seen.
+# The live region that reads a reply out (`PAGE_SCRIPT`) is heard, not seen; and each message says whose it is to a
+# screen reader (CSS's alternative text, nothing drawn), in the page's language (`WebChat.page_language`): the
+# chat told them apart by where they are drawn alone.
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 #chatbot table {
@@ -116,7 +118,11 @@ CSS = """
 }
 #chatbot :is(td, th) { word-break: normal; overflow-wrap: normal; }
 #reply-announcement { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
-"""
+""" + "".join(
+    f'#chatbot .{row}-row .message-content{when}::before {{ content: "" / "{say(lang, label)}"; }}\n'
+    for lang, when in [("en", ""), ("zh", ":lang(zh)")]
+    for row, label in [("user", "You:"), ("bot", "Assistant:")]
+)
 
 log = logging.getLogger("vicuna.webui")
 

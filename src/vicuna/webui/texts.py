@@ -29,6 +29,8 @@ ZH = {
     "Top-p": "Top-p",
     "Max new tokens": "最多生成 token 数",
     "Lowered, when need be, to the room the context window leaves.": "必要时降到上下文窗口剩余的长度。",
+    "You:": "你：",  # whose a message is, said to screen readers
+    "Assistant:": "助手：",
     # the handlers
     "**Invalid API key.** Try again.": "**API 密钥无效。** 请重试。",
     "A valid API key is needed: enter it at the top of the page.": "需要有效的 API 密钥：请在页面顶部输入。",
