@@ -893,6 +893,11 @@ def test_browser_asks_for_the_api_key_first(engine, browser, monkeypatch):
         key.press("Enter")
         page.get_by_text("Invalid API key").wait_for()
         assert not page.locator("#message textarea").is_visible()
+        # read out by a screen reader: the focus stays in the key's box, and nothing else would say it
+        assert (
+            page.get_by_text("Invalid API key").evaluate("e => e.closest('[aria-live]')?.ariaLive")
+            == "polite"
+        )
 
         key.fill("k-two")
         page.locator("#api-key-enter").click()

@@ -82,11 +82,13 @@ LATEX = [
 # each piece streamed rewrites the whole reply in it, which a screen reader read out again and again ("Hello",
 # "Hello there", "Hello there, this", ...) until the reply ended. While a reply is written (Send disabled) the
 # chat is no live region, and busy; then the reply is put in a live region of its own, read once (not where it
-# is the one already there: a reply refused before it began).
+# is the one already there: a reply refused before it began). And "Invalid API key" is read out where it appears:
+# a screen reader said nothing after a wrong key, the focus left in its box.
 PAGE_SCRIPT = """() => {
     document.addEventListener('keydown', (event) => {
         if (event.key === 'Escape' && !event.isComposing) document.querySelector('#stop')?.click();
     });
+    document.querySelector('#api-key-message')?.setAttribute('aria-live', 'polite');
     const announcement = Object.assign(document.createElement('div'), { id: 'reply-announcement' });
     announcement.setAttribute('aria-live', 'polite');
     document.body.append(announcement);
