@@ -1183,6 +1183,11 @@ def test_browser_screen_readers_hear_a_reply_once_when_it_is_written_not_each_pi
         page.wait_for_function("() => !document.querySelector('#send').disabled")
         assert page.evaluate("heard") == ["Hello there, friend."]
         assert page.evaluate(f"{chat_region}.ariaLive") == "polite"
+
+        # the same reply written again is read again
+        page.locator("#regenerate").click()
+        page.wait_for_function("() => heard.length > 1")
+        assert page.evaluate("heard").count("Hello there, friend.") == 2
         page.close()
 
 
