@@ -1343,5 +1343,17 @@ def test_browser_page_s_text_has_a_contrast_of_at_least_4_5_to_1(browser, scheme
         message.fill("Hi")
         message.press("Enter")
         wait_for_status(page, stats_line(DONE))
+        # once Gradio's fading of the line while the reply was pending is over
+        page.wait_for_function(
+            """() => { for (let e = document.querySelector('#reply-status .prose'); e.id !== 'reply-status';
+            e = e.parentElement) if (getComputedStyle(e).opacity !== '1') return false; return true; }"""
+        )
         assert page.evaluate(LOW_CONTRAST) == []
+        dimmed = "() => getComputedStyle(document.querySelector('#reply-status')).opacity"
+        assert page.evaluate(dimmed) == "0.65"
+        # not dimmed where the user asked for more contrast, nor in a contrast theme, whose colours it weakened
+        for asked in [{"contrast": "more"}, {"forced_colors": "active"}]:
+            page.emulate_media(**asked)
+            assert page.evaluate(dimmed) == "1", asked
+            page.emulate_media(contrast="no-preference", forced_colors="none")
         page.close()
