@@ -110,10 +110,11 @@ PAGE_SCRIPT = """() => {
 }"""
 # A table wider than the chat scrolls sideways within it, each word whole. Gradio breaks a message's words
 # anywhere, so on a phone (390 px) a five-column table was squeezed to a few letters a line ("de/cr/ip/ti/on").
-# The line under the chat is dimmed, but not where the user asked for more contrast (macOS' "Increase contrast",
-# Windows' contrast themes), which the dimming took back. The live region that reads a reply out (`PAGE_SCRIPT`) is heard, not seen; and each message says whose it is to a
-# screen reader (CSS's alternative text, nothing drawn), in the page's language (`WebChat.page_language`): the
-# chat told them apart by where they are drawn alone.
+# The line under the chat is dimmed, but not where the user asked for more contrast (macOS' "Increase
+# contrast", Windows' contrast themes), which the dimming took back. The live region that reads a reply out
+# (`PAGE_SCRIPT`) is heard, not seen. Each message says whose it is to a screen reader (CSS's alternative
+# text, nothing drawn), in the page's language (`WebChat.page_language`): the chat told them apart by where
+# they are drawn alone.
 CSS = """
 #reply-status { font-size: 0.8em; opacity: 0.65; min-height: 1.5em; }
 @media (prefers-contrast: more), (forced-colors: active) { #reply-status { opacity: 1; } }
