@@ -498,6 +498,48 @@ def test_unreachable_endpoint(monkeypatch, tmp_path, capsys):
     assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
 
 
+@pytest.fixture
+def silent_endpoint(monkeypatch):
+    """An endpoint that accepts each connection and answers nothing, as an overloaded mirror or a stuck proxy
+    does; it hangs up after 5 s, so that a client without a timeout sees a dropped connection instead."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def hold(conn):
+        with conn:
+            stop.wait(5)
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=hold, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+
+
+def test_an_endpoint_that_never_answers_is_said_after_a_timeout(
+    silent_endpoint, tmp_path, capsys, monkeypatch
+):
+    """huggingface_hub asks for the repository's revision with no timeout: a mirror or proxy that took the
+    connection and never answered kept `vicuna download` (and a first `vicuna chat --model-path OWNER/NAME`)
+    waiting without a word, for good."""
+    from vicuna.weights import hub
+
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_S", 0.5)
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach http://127.0.0.1:{silent_endpoint} for org/tiny: timed out" in err
+
+
 def test_refuses_when_the_disk_is_too_small(hub, tmp_path, capsys, monkeypatch):
     import shutil
 

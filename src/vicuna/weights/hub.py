@@ -28,6 +28,9 @@ from vicuna.errors import VicunaError
 PICKLED_WEIGHTS = ("*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt")
 # Ollama's names for a model of the Hub: [hf.co/]OWNER/NAME[:TAG], the tag a quantization (Q4_K_M)
 OLLAMA_HUB_NAME = re.compile(r"(?:(?:hf\.co|huggingface\.co)/)?(\w[\w.-]*/\w[\w.-]*)(?::([\w.-]+))?")
+# Seconds a request to the Hub may wait to connect or for its next bytes: huggingface_hub waits forever for
+# an endpoint or a proxy that accepts the connection and never answers (an overloaded mirror)
+HUB_TIMEOUT_S = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,7 +219,7 @@ def plan_download(
 
     api = HfApi(**_hub_settings())
     with hub_errors(repo_id, revision):
-        commit = api.repo_info(repo_id, repo_type=repo_type, revision=revision).sha
+        commit = api.repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=HUB_TIMEOUT_S).sha
         tree = [
             e
             for e in api.list_repo_tree(repo_id, recursive=True, revision=commit, repo_type=repo_type)
@@ -371,7 +374,7 @@ def fetch_files(plan: Plan, target: Path, *, bars: bool) -> None:
 
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with (
-        httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0), headers=headers) as client,
+        httpx.Client(follow_redirects=True, timeout=httpx.Timeout(HUB_TIMEOUT_S), headers=headers) as client,
         Progress(*columns, console=Console(stderr=True), disable=not bars) as shown,
     ):
         fetcher = Fetcher(client, shown, retries=8, backoff=1.0, hint=hint)
