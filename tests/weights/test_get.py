@@ -294,6 +294,41 @@ def test_merged_release_recipe(models, tmp_path, monkeypatch, capsys):
         hub.server_close()
 
 
+def test_offline_get_says_where_a_download_brought_in_goes_and_then_uses_it(
+    models, tmp_path, monkeypatch, capsys
+):
+    """With HF_HUB_OFFLINE=1, get said huggingface_hub's 'Cannot reach ...: offline mode is enabled' of the
+    first repository it lacked. It names each one missing and where its download, made on a machine with
+    network and copied in, goes; then uses it, asking nothing of the Hub."""
+    from huggingface_hub import constants
+
+    hub = _serve(monkeypatch, {"lmsys/vicuna-7b-v1.5": models["target"]})
+    try:
+        elsewhere = tmp_path / "elsewhere" / "vicuna-7b-v1.5"  # on a machine with network
+        assert main(["download", "lmsys/vicuna-7b-v1.5", "--dir", str(elsewhere)]) == 0
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        hub.log.clear()
+        here = tmp_path / "here"
+        assert main(["get", "vicuna-7b-v1.5", "--dir", str(here)]) == 2
+        assert (
+            "`vicuna download lmsys/vicuna-7b-v1.5 --dir vicuna-7b-v1.5` fetches it; copy that folder here as "
+            f"{here / 'vicuna-7b-v1.5'}\n"
+        ) in capsys.readouterr().err
+        shutil.copytree(elsewhere, here / "vicuna-7b-v1.5")
+        assert main(["get", "vicuna-7b-v1.5", "--dir", str(here)]) == 0
+        assert "(ended on EOS)" in capsys.readouterr().out
+        assert get(here, "org/base", "org/delta") == 2
+        err = capsys.readouterr().err
+        for repo_id in ("org/base", "org/delta"):
+            assert (
+                f"{repo_id} is not downloaded into {here / 'downloads' / repo_id.replace('/', '--')}" in err
+            )
+        assert hub.log == []
+    finally:
+        hub.shutdown()
+        hub.server_close()
+
+
 def test_interrupted_merged_release_does_not_look_finished(models, tmp_path, monkeypatch):
     from vicuna.weights import hub as hub_module
 

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from vicuna.cli import main
+from vicuna.errors import VicunaError
 from vicuna.weights.hub import select_files
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -538,6 +539,80 @@ def test_an_endpoint_that_never_answers_is_said_after_a_timeout(
     assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach http://127.0.0.1:{silent_endpoint} for org/tiny: timed out" in err
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """HF_HUB_OFFLINE=1, as huggingface_hub read it when imported; its cache moved to an empty folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    return tmp_path / "hf-cache"
+
+
+def test_offline_a_download_says_what_is_missing_and_how_to_bring_it_here(hub, offline, tmp_path, capsys):
+    """HF_HUB_OFFLINE=1 (an air-gapped machine): huggingface_hub's own words were 'Cannot reach
+    https://huggingface.co/api/models/...: offline mode is enabled. To disable it, please unset ...', not
+    which folder lacks what, nor how to get it onto the machine. A copy the Hugging Face cache holds (where
+    FastChat's --model-path OWNER/NAME put it) is named too."""
+    target = tmp_path / "models" / "org--tiny"
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 2
+    said = (
+        f"error: org/tiny is not downloaded into {target}, and HF_HUB_OFFLINE is set, so nothing is fetched: "
+        "where the Hub or a mirror (HF_ENDPOINT) can be reached, `vicuna download org/tiny --dir org--tiny` "
+        f"fetches it; copy that folder here as {target}"
+    )
+    assert capsys.readouterr().err == said + "\n"
+    snapshot = offline / "models--org--tiny" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (offline / "models--org--tiny" / "refs").mkdir()
+    (offline / "models--org--tiny" / "refs" / "main").write_text(COMMIT)
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 2
+    assert capsys.readouterr().err == (
+        f"{said}; the Hugging Face cache holds a copy of it: --model-path {snapshot}\n"
+    )
+    assert hub.log == []  # nothing asked of the Hub
+
+
+def test_offline_a_model_copied_in_by_hand_is_used_as_it_is(hub, offline, tmp_path, monkeypatch, capsys):
+    """A model folder copied (by USB) to where `--model-path OWNER/NAME` looks, without the SHA256SUMS that
+    `vicuna download` writes: with HF_HUB_OFFLINE=1 it was 'Cannot reach ...: offline mode is enabled', the
+    model there unused. It is used as it is; one whose download was cut short (a FILE.part) is not."""
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.weights import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "model_folder", lambda repo_id: tmp_path / repo_id.replace("/", "--"))
+    folder = tmp_path / "org--tiny"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        (folder / name).write_bytes(REPO[name])
+    assert resolve_model_path("org/tiny") == folder
+    (folder / "model-2.safetensors.part").write_bytes(b"cut short")
+    with pytest.raises(VicunaError, match="org/tiny is not downloaded into .*HF_HUB_OFFLINE is set"):
+        resolve_model_path("org/tiny")
+    assert hub.log == [] and capsys.readouterr() == ("", "")
+
+
+def test_a_model_copied_in_by_hand_where_the_hub_cannot_be_reached_is_said(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE, a model copied in without its SHA256SUMS is checked against the Hub (and only
+    what it lacks fetched); where the Hub cannot be reached, the error said 'no such file or folder here' of
+    a folder that holds the model, and nothing of how to use it."""
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.weights import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "model_folder", lambda repo_id: tmp_path / repo_id.replace("/", "--"))
+    folder = tmp_path / "org--tiny"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes(REPO[name])
+    with pytest.raises(VicunaError) as raised:  # HF_ENDPOINT: a closed port (conftest)
+        resolve_model_path("org/tiny", progress=False)
+    assert str(raised.value).endswith(
+        f"Connection refused (check the network or HF_ENDPOINT); {folder} holds a copy of it, without the "
+        "SHA256SUMS a download writes: with HF_HUB_OFFLINE=1 it is used as it is, unchecked"
+    )
 
 
 def test_refuses_when_the_disk_is_too_small(hub, tmp_path, capsys, monkeypatch):

@@ -216,21 +216,28 @@ def adapter_base(adapter: Path) -> str | None:
 
 def hub_model(repo_id: str, download: bool, progress: bool = True) -> Path:
     """The folder of a Hub repository, where `vicuna download` puts it; fetched (or its download resumed)
-    unless its manifest, written last, says it is complete."""
+    unless its manifest, written last, says it is complete. With HF_HUB_OFFLINE set, a model copied into it
+    without the manifest (by `huggingface-cli download --local-dir`, by hand) is used as it is, where no
+    download of it was cut short; nothing is fetched, and what is missing is said."""
     from vicuna.weights.manifest import MANIFEST_NAME
 
     folder = hub.model_folder(repo_id)
-    if (folder / MANIFEST_NAME).is_file() and (folder / CONFIG).is_file():
-        try:  # not a part fetched by `vicuna download --include '*.json'`, which has its manifest too
-            weight_files(folder)
-            return folder
-        except ModelLoadError:
-            pass
+    try:  # not a part fetched by `vicuna download --include '*.json'`, which has its manifest too
+        has_model = (folder / CONFIG).is_file() and bool(weight_files(folder))
+    except ModelLoadError:
+        has_model = False
+    if has_model and (folder / MANIFEST_NAME).is_file():
+        return folder
+    copied_in = has_model and not any(folder.rglob("*.part"))
+    if copied_in and hub.offline():
+        return folder
     if not download:
         raise ModelLoadError(
             f"{repo_id}: no such folder, and not downloaded yet from the Hugging Face Hub: `vicuna download "
             f"{repo_id}` (or `vicuna chat --model-path {repo_id}`) fetches it into {folder}"
         )
+    if hub.offline():  # said before a line that says it is being downloaded
+        raise ModelLoadError(hub.not_downloaded_offline(repo_id, folder))
     if progress:
         print(
             f"{repo_id}: no such folder here; downloading it from the Hugging Face Hub into {folder} "
@@ -240,10 +247,19 @@ def hub_model(repo_id: str, download: bool, progress: bool = True) -> Path:
         )
     try:
         with contextlib.redirect_stdout(sys.stderr):  # standard output is the chat's (--style programmatic)
-            # a second first start: after the first
+            # a second first start: after the first; a model copied in: checked by the Hub's hashes, and only
+            # what it lacks fetched
             return hub.download(repo_id, folder, wait=True, progress=progress)
     except VicunaError as err:  # a mistyped folder, most often: both are said
-        raise ModelLoadError(f"{repo_id}: no such file or folder here, and from the Hub: {err}") from err
+        as_is = (
+            f"; {folder} holds a copy of it, without the {MANIFEST_NAME} a download writes: with "
+            "HF_HUB_OFFLINE=1 it is used as it is, unchecked"
+            if copied_in
+            else ""
+        )
+        raise ModelLoadError(
+            f"{repo_id}: no such file or folder here, and from the Hub: {err}{as_is}"
+        ) from err
 
 
 def read_config(folder: Path) -> Any:

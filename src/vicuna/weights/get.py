@@ -211,8 +211,20 @@ def get(
     todo = [s for s in sources if not s.done] if not finished else []
 
     # One disk check for everything left to do, before the first byte moves.
-    from vicuna.weights.hub import download, drop_stale_incompletes, plan_download
+    from vicuna.weights.hub import (
+        download,
+        drop_stale_incompletes,
+        not_downloaded_offline,
+        offline,
+        plan_download,
+    )
 
+    if todo and offline():  # each one missing said; a merged release copied in is a finished NAME
+        raise VicunaError(
+            "; ".join(
+                not_downloaded_offline(s.repo_id, model if len(sources) == 1 else s.folder) for s in todo
+            )
+        )
     plans = [(source, plan_download(source.repo_id)) for source in todo]
     for source, _ in plans:  # first, as `download` does: a disk they filled has room once they are gone
         drop_stale_incompletes(source.folder)

@@ -146,19 +146,46 @@ def select_files(paths: list[str], include: list[str] | None = None) -> list[str
     return chosen
 
 
+def offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, as huggingface_hub read it: it then refuses
+    every request to the Hub."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def not_downloaded_offline(repo_id: str, target: Path) -> str:
+    """What to do where HF_HUB_OFFLINE keeps `repo_id`, which `target` lacks, from being downloaded: fetch it
+    on a machine that reaches the Hub and copy the folder here. A copy transformers or huggingface-cli left in
+    the Hugging Face cache (FastChat's --model-path OWNER/NAME downloads there) is named too."""
+    from huggingface_hub import try_to_load_from_cache
+
+    said = (
+        f"{repo_id} is not downloaded into {target}, and HF_HUB_OFFLINE is set, so nothing is fetched: where "
+        f"the Hub or a mirror (HF_ENDPOINT) can be reached, `vicuna download {repo_id} --dir {target.name}` "
+        f"fetches it; copy that folder here as {target}"
+    )
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        said += f"; the Hugging Face cache holds a copy of it: --model-path {Path(cached).parent}"
+    return said
+
+
 def _hub_settings() -> dict:
     # Read at call time (huggingface_hub reads HF_ENDPOINT once, at import).
     return {"endpoint": os.environ.get("HF_ENDPOINT") or None, "token": os.environ.get("HF_TOKEN") or None}
 
 
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
-    """Turn huggingface_hub's and the network's errors, as planning a download meets them, into one-line
-    VicunaErrors (the files' own transfer says its errors in `fetch_files`)."""
+def hub_errors(repo_id: str, revision: str | None = None, target: Path | None = None) -> Iterator[None]:
+    """Turn huggingface_hub's and the network's errors, as planning a download into `target` (by default
+    the --model-path folder) meets them, into one-line VicunaErrors (the files' own transfer says its errors
+    in `fetch_files`)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         HFValidationError,
+        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -166,6 +193,8 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     endpoint = _hub_settings()["endpoint"] or "https://huggingface.co"
     try:
         yield
+    except OfflineModeIsEnabled:  # its text named the URL and said to unset the variable, not what is missing
+        raise VicunaError(not_downloaded_offline(repo_id, Path(target or model_folder(repo_id)))) from None
     except HFValidationError:  # `vicuna download qwen2.5:7b` (Ollama's names) ended in a traceback
         raise VicunaError(
             f"{repo_id}: "
@@ -211,14 +240,20 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
 
 
 def plan_download(
-    repo_id: str, *, revision: str | None = None, include: list[str] | None = None, repo_type: str = "model"
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    include: list[str] | None = None,
+    repo_type: str = "model",
+    target: Path | None = None,
 ) -> Plan:
-    """Resolve the revision to a commit and choose the files, from the repo's file list (no file is fetched)."""
+    """Resolve the revision to a commit and choose the files, from the repo's file list (no file is fetched).
+    `target`: the folder the download is for, which an error names."""
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
     api = HfApi(**_hub_settings())
-    with hub_errors(repo_id, revision):
+    with hub_errors(repo_id, revision, target):
         commit = api.repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=HUB_TIMEOUT_S).sha
         tree = [
             e
@@ -261,7 +296,9 @@ def download(
     on a terminal). Warnings and errors are said either way."""
     from vicuna.weights.disk import ensure_free_space, one_writer, size
 
-    plan = plan or plan_download(repo_id, revision=revision, include=include, repo_type=repo_type)
+    plan = plan or plan_download(
+        repo_id, revision=revision, include=include, repo_type=repo_type, target=Path(target)
+    )
     if wait:
         refuse_gguf_files(plan, Path(target))
     target = Path(target)
