@@ -499,6 +499,51 @@ def test_unreachable_endpoint(monkeypatch, tmp_path, capsys):
     assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
 
 
+class ProxyHandler(BaseHTTPRequestHandler):
+    """A proxy that wants a password the request does not carry: 407 to each CONNECT (an https endpoint)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_CONNECT(self) -> None:
+        self.server.asked.append(self.path)
+        self.send_response(407)
+        self.send_header("Proxy-Authenticate", 'Basic realm="office"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_a_proxy_s_refusal_is_said_as_the_proxy_s(monkeypatch, tmp_path, capsys):
+    """Behind a proxy (HTTPS_PROXY), its '407 Proxy Authentication Required', or its port closed, was said
+    as 'cannot reach https://hf-mirror.com ...': the mirror blamed, the proxy unnamed. The proxy is named,
+    without the password its URL may hold."""
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), ProxyHandler)
+    proxy.asked = []
+    threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True).start()
+    port = proxy.server_address[1]
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://bob:s3cret@127.0.0.1:{port}")
+    try:
+        assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    err = capsys.readouterr().err
+    assert proxy.asked and set(proxy.asked) == {"hf-mirror.example:443"}
+    assert err == (
+        f"error: cannot reach https://hf-mirror.example for org/tiny through the proxy http://127.0.0.1:{port}: "
+        "407 Proxy Authentication Required (check the network, the proxy or HF_ENDPOINT)\n"
+    )
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # not through the proxy: not said
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
+    assert "proxy" not in capsys.readouterr().err
+
+
 @pytest.fixture
 def silent_endpoint(monkeypatch):
     """An endpoint that accepts each connection and answers nothing, as an overloaded mirror or a stuck proxy

@@ -234,9 +234,30 @@ def hub_errors(repo_id: str, revision: str | None = None, target: Path | None = 
         # huggingface_hub's HTTP client (httpx or httpx2, depending on its version) raises its own errors
         if type(err).__module__.split(".")[0] not in ("httpx", "httpx2"):
             raise
+        proxy = proxy_for(endpoint)
+        via = f" through the proxy {proxy}" if proxy else ""
         raise VicunaError(
-            f"cannot reach {endpoint} for {repo_id}: {err} (check the network or HF_ENDPOINT)"
+            f"cannot reach {endpoint} for {repo_id}{via}: {err} (check the network"
+            + (", the proxy" if proxy else "")
+            + " or HF_ENDPOINT)"
         ) from err
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment sends requests for `url` through, as httpx reads it (HTTPS_PROXY,
+    HTTP_PROXY, ALL_PROXY, NO_PROXY), without the user and password it may hold; None for none. Said where
+    the Hub cannot be reached: a proxy's 'Connection refused' or '407 Proxy Authentication Required' read as
+    the Hub's own."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies_environment, proxy_bypass_environment
+
+    proxies = getproxies_environment()
+    parts = urlsplit(url)
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or proxy_bypass_environment(parts.hostname or "", proxies):
+        return None
+    named = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return f"{named.scheme}://{named.hostname}" + (f":{named.port}" if named.port else "")
 
 
 def plan_download(
