@@ -621,6 +621,23 @@ def test_offline_a_download_says_what_is_missing_and_how_to_bring_it_here(hub, o
     assert hub.log == []  # nothing asked of the Hub
 
 
+def test_offline_a_download_run_again_says_the_folder_holds_it(hub, tmp_path, monkeypatch, capsys):
+    """`vicuna download` run again with HF_HUB_OFFLINE=1 on a folder it finished: not 'not downloaded'."""
+    from huggingface_hub import constants
+
+    target = tmp_path / "tiny"
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 0
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.log.clear()
+    capsys.readouterr()
+    assert main(["download", "org/tiny", "--dir", str(target)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {target} holds a download of org/tiny, and HF_HUB_OFFLINE is set, so the Hub is not asked "
+        f"whether it lacks a file: `vicuna verify {target}` checks the files it has\n"
+    )
+    assert hub.log == []
+
+
 def test_offline_a_model_copied_in_by_hand_is_used_as_it_is(hub, offline, tmp_path, monkeypatch, capsys):
     """A model folder copied (by USB) to where `--model-path OWNER/NAME` looks, without the SHA256SUMS that
     `vicuna download` writes: with HF_HUB_OFFLINE=1 it was 'Cannot reach ...: offline mode is enabled', the

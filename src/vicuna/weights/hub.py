@@ -160,9 +160,11 @@ def not_downloaded_offline(repo_id: str, target: Path) -> str:
     the Hugging Face cache (FastChat's --model-path OWNER/NAME downloads there) is named too."""
     from huggingface_hub import try_to_load_from_cache
 
+    from vicuna.shell import quote as shell_quote
+
     said = (
         f"{repo_id} is not downloaded into {target}, and HF_HUB_OFFLINE is set, so nothing is fetched: where "
-        f"the Hub or a mirror (HF_ENDPOINT) can be reached, `vicuna download {repo_id} --dir {target.name}` "
+        f"the Hub or a mirror (HF_ENDPOINT) can be reached, `vicuna download {repo_id} --dir {shell_quote(target.name)}` "
         f"fetches it; copy that folder here as {target}"
     )
     cached = try_to_load_from_cache(repo_id, "config.json")
@@ -194,7 +196,16 @@ def hub_errors(repo_id: str, revision: str | None = None, target: Path | None = 
     try:
         yield
     except OfflineModeIsEnabled:  # its text named the URL and said to unset the variable, not what is missing
-        raise VicunaError(not_downloaded_offline(repo_id, Path(target or model_folder(repo_id)))) from None
+        from vicuna.shell import quote as shell_quote
+        from vicuna.weights.manifest import MANIFEST_NAME
+
+        target = Path(target or model_folder(repo_id))
+        if (target / MANIFEST_NAME).is_file():  # `vicuna download` run again: nothing to bring
+            raise VicunaError(
+                f"{target} holds a download of {repo_id}, and HF_HUB_OFFLINE is set, so the Hub is not asked "
+                f"whether it lacks a file: `vicuna verify {shell_quote(str(target))}` checks the files it has"
+            ) from None
+        raise VicunaError(not_downloaded_offline(repo_id, target)) from None
     except HFValidationError:  # `vicuna download qwen2.5:7b` (Ollama's names) ended in a traceback
         raise VicunaError(
             f"{repo_id}: "
