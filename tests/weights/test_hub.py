@@ -515,10 +515,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
 
-def test_a_proxy_s_refusal_is_said_as_the_proxy_s(monkeypatch, tmp_path, capsys):
+@pytest.fixture
+def hub_session_anew():
+    """huggingface_hub's HTTP client reads the proxy settings once, made on its first request of the process:
+    made anew here for this test's, and again for the next test's, which has none."""
+    from huggingface_hub import close_session
+
+    close_session()
+    yield
+    close_session()
+
+
+def test_a_proxy_s_refusal_is_said_as_the_proxy_s(hub_session_anew, monkeypatch, tmp_path, capsys):
     """Behind a proxy (HTTPS_PROXY), its '407 Proxy Authentication Required', or its port closed, was said
     as 'cannot reach https://hf-mirror.com ...': the mirror blamed, the proxy unnamed. The proxy is named,
-    without the password its URL may hold."""
+    without the password its URL may hold. Without HF_ENDPOINT, the error says to set it to a mirror."""
     proxy = ThreadingHTTPServer(("127.0.0.1", 0), ProxyHandler)
     proxy.asked = []
     threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True).start()
@@ -537,6 +548,17 @@ def test_a_proxy_s_refusal_is_said_as_the_proxy_s(monkeypatch, tmp_path, capsys)
     assert err == (
         f"error: cannot reach https://hf-mirror.example for org/tiny through the proxy http://127.0.0.1:{port}: "
         "407 Proxy Authentication Required (check the network, the proxy or HF_ENDPOINT)\n"
+    )
+    # HF_ENDPOINT unset: huggingface.co, out of reach behind the Great Firewall, where a mirror is the way
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_ENDPOINT")
+    monkeypatch.setattr(constants, "ENDPOINT", "https://huggingface.co")  # as read at import without it
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # closed: huggingface.co is not looked up
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == (
+        "error: cannot reach https://huggingface.co for org/tiny through the proxy http://127.0.0.1:9: [Errno "
+        "111] Connection refused (check the network and the proxy, or set HF_ENDPOINT to a mirror of the Hub)\n"
     )
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # not through the proxy: not said
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")

@@ -247,11 +247,11 @@ def hub_errors(repo_id: str, revision: str | None = None, target: Path | None = 
             raise
         proxy = proxy_for(endpoint)
         via = f" through the proxy {proxy}" if proxy else ""
-        raise VicunaError(
-            f"cannot reach {endpoint} for {repo_id}{via}: {err} (check the network"
-            + (", the proxy" if proxy else "")
-            + " or HF_ENDPOINT)"
-        ) from err
+        if _hub_settings()["endpoint"]:
+            check = f"check the network{', the proxy' if proxy else ''} or HF_ENDPOINT"
+        else:  # huggingface.co itself out of reach (behind the Great Firewall): a mirror is what to set
+            check = f"check the network{' and the proxy' if proxy else ''}, or set HF_ENDPOINT to a mirror of the Hub"
+        raise VicunaError(f"cannot reach {endpoint} for {repo_id}{via}: {err} ({check})") from err
 
 
 def proxy_for(url: str) -> str | None:
