@@ -204,7 +204,13 @@ class Fetcher:
                     raise VicunaError(f"the server answered HTTP {response.status_code} for {name}{hint}")
                 yield response
         except httpx.TransportError as err:  # dropped connection, timeout, body shorter than Content-Length
-            raise _Retry(f"{type(err).__name__}: {err}") from err
+            # which host: the Hub sends the weights' GET on to its CDN, which a mirror or proxy may not reach
+            try:
+                url = err.request.url
+                host = f" from {url.host}" + (f":{url.port}" if url.port else "")
+            except RuntimeError:  # no request: an error raised before one was made
+                host = ""
+            raise _Retry(f"{type(err).__name__}{host}: {err}") from err
 
     def _with_retries(self, name: str, attempt) -> object:
         """Run `attempt()` until it succeeds; the failure count restarts whenever an attempt made progress."""
@@ -217,7 +223,10 @@ class Fetcher:
                 failures = 1 if progressed[0] else failures + 1
                 if failures > self.retries:
                     times = "once" if failures == 1 else f"{failures} times in a row"
-                    raise VicunaError(f"downloading {name} failed {times}; last: {err}") from None
+                    raise VicunaError(
+                        f"downloading {name} failed {times}; last: {err}; what was fetched is kept: the same "
+                        "command goes on from there"
+                    ) from None
                 delay = self.backoff * 2 ** (failures - 1)
                 self.bars.console.print(f"{name}: {err}; retrying in {delay:g} s")
                 time.sleep(delay)
