@@ -98,6 +98,25 @@ def test_text_the_output_encoding_lacks_is_replaced_not_a_crash(tmp_path):
     assert out.stdout.endswith(b"USER: ?? ASSISTANT:")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows says a closed pipe with EINVAL, not EPIPE")
+def test_output_whose_reader_has_gone_ends_the_command_quietly_as_sigpipe_does():
+    """`vicuna chat | head -c 10`, `vicuna template list | head -1`: once the reader is gone, the command
+    said "error: Broken pipe" and failed with 1, as if something had gone wrong; now as `yes | head -1`."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first line is written
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "vicuna", "template", "list"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_system_errors_are_one_line_not_a_traceback(monkeypatch, capsys):
     import errno
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib
 import io
 import os
@@ -236,6 +237,8 @@ def command_parser(name: str) -> argparse.ArgumentParser:
 # once, when torch loads it, so it is set before any command imports torch; a value already set is kept.
 SPIN_COUNT = "20000"
 
+SIGPIPE_STATUS = 128 + 13  # a shell's status for a program ended by SIGPIPE (13 on Linux and macOS)
+
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
@@ -287,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     except VicunaError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:
+        # the output's reader has gone (`vicuna chat | head -c 10`, `vicuna template list | head -1`), which
+        # was said "error: Broken pipe" with status 1: here, as for `yes | head -1`, nothing is said and the
+        # status is that of a program ended by SIGPIPE. What is left in stdout's buffer goes nowhere, not
+        # to a pipe that would fail again at the exit.
+        with contextlib.suppress(AttributeError, OSError):  # no file under it: closed, or a test's capture
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_STATUS
     except OSError as err:  # a full disk, a read-only folder, a denied permission: said without a traceback
         where = f": {err.filename}" if err.filename else ""
         print(f"error: {err.strerror or err}{where}", file=sys.stderr)
