@@ -273,6 +273,24 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, tmp_path, monkeyp
     assert verify_manifest(target, progress=False) == []
 
 
+def test_a_download_s_standard_output_is_the_folder_it_wrote_and_nothing_else(hub, tmp_path):
+    """`folder=$(vicuna download OWNER/NAME)` in a script: the file count, a note on files deleted, went to
+    standard output with the result; they are said on stderr, as the bars are."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "tiny"
+    stale = target / ".cache" / "huggingface" / "download" / "x.incomplete"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    command = [sys.executable, "-m", "vicuna", "download", "org/tiny", "--dir", str(target)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"done: {target}\n"
+    assert f"org/tiny@{COMMIT[:10]}: 4 files" in done.stderr and "deleted 1 unfinished files" in done.stderr
+
+
 def test_an_older_vicunas_unfinished_files_are_deleted_before_the_download(
     hub, tmp_path, monkeypatch, capsys
 ):
@@ -304,7 +322,7 @@ def test_an_older_vicunas_unfinished_files_are_deleted_before_the_download(
     assert all(path.read_text() == "mine" for path in kept)
     assert (
         f"deleted 2 unfinished files of an earlier download (120.0 kB) from {target}"
-        in capsys.readouterr().out
+        in capsys.readouterr().err
     )
 
 

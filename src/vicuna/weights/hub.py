@@ -340,7 +340,10 @@ def download(
         drop_stale_incompletes(target)  # first: a disk they filled has room once they are gone
         ensure_free_space(target, plan.missing_bytes(target), f"downloading {repo_id}")
         if progress:
-            print(f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {size(plan.total_bytes)}")
+            print(
+                f"{repo_id}@{plan.commit[:10]}: {len(plan.files)} files, {size(plan.total_bytes)}",
+                file=sys.stderr,
+            )
         bars = progress and bars and bars_shown()
         fetch_files(plan, target, bars=bars)
         checked = check_files(plan, target, bars=bars)
@@ -403,7 +406,10 @@ def drop_stale_incompletes(target: Path) -> None:
             freed += path.stat().st_size
             path.unlink()
     if freed:
-        print(f"deleted {len(stale)} unfinished files of an earlier download ({size(freed)}) from {target}")
+        print(
+            f"deleted {len(stale)} unfinished files of an earlier download ({size(freed)}) from {target}",
+            file=sys.stderr,
+        )
 
 
 def bars_shown() -> bool:
