@@ -200,6 +200,22 @@ def test_rerun_skips_verified_files_and_redownloads_corrupt_ones(server, tmp_pat
     assert {p for p, _, _ in server.log} == {"7B/consolidated.00.pth"}
 
 
+def test_standard_output_holds_only_the_folder_downloaded_notes_and_bars_go_to_stderr(server, tmp_path):
+    """`vicuna download-llama ... | tee` or `$(...)`: the bars, and each file's "verified, skipping", were
+    drawn on standard output, before the result."""
+    import os
+    import subprocess
+    import sys
+
+    target = tmp_path / "llama"
+    assert run(server, target) == 0
+    command = [sys.executable, "-m", "vicuna", "download-llama", "--url", server.url, "--dir", str(target)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"done: {target}\n"
+    assert "7B/consolidated.00.pth: verified before, skipping" in done.stderr
+
+
 def test_a_rerun_reads_no_file_that_was_verified_and_has_not_changed(server, tmp_path, monkeypatch):
     """After an interruption in the last file, every finished one was md5-hashed again before the run went on
     (26 GB read for 13B): the files' notes in `.vicuna-md5.json` are trusted while size and mtime hold."""

@@ -304,6 +304,7 @@ def download_llama(
     """Download and md5-check the tokenizer and the checkpoints of `sizes` (folder names, see SHARDS) into
     `target`; skip verified files."""
     import httpx
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -323,7 +324,8 @@ def download_llama(
     with (
         one_writer(target, target),  # two runs would write the same .part files
         httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0)) as client,
-        Progress(*columns, TimeRemainingColumn(), disable=not progress) as bars,
+        # on stderr, with the notes printed above them: standard output holds the result alone
+        Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True), disable=not progress) as bars,
     ):
         fetcher = Fetcher(client, bars, retries, backoff)
         files = checkpoint_files(sizes)
