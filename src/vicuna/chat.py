@@ -577,21 +577,23 @@ def run_chat(
     history: bool = True,
     debug: bool = False,
     system: str | None = None,
-) -> None:
+) -> int:
     """Read messages and commands until !!exit or the end of input. A message that cannot be answered
     (an error the user can fix: too long, a template that refuses it) is said so and left unanswered;
     the conversation goes on as it was before it. `system` is the system prompt of --conv-system-msg,
     which the engine's template holds: !!save writes it with a conversation that has none of its own, so
-    that !!load in a chat started without the flag (as FastChat's does) still has it."""
+    that !!load in a chat started without the flag (as FastChat's does) still has it. Returns how many
+    messages went unanswered and commands failed: `vicuna chat < questions.txt` then exits non-zero."""
     messages: list[Message] = []
     left_out = 0  # the oldest exchanges the last prompt left out: later ones too (`fit_history`)
+    failed = 0
     while True:
         text = io.read()
         if text is None:
-            return
+            return failed
         command, arg = split_command(text)
         if command == "!!exit":
-            return
+            return failed
         if command == "!!reset":
             messages, left_out = [], 0
             io.info("(conversation cleared)")
@@ -602,17 +604,19 @@ def run_chat(
             messages = kept
             continue
         if command == "!!save":
-            _save(file_argument(arg), messages, io, system)
+            failed += not _save(file_argument(arg), messages, io, system)
             continue
         if command == "!!load":
             if loaded := _load(file_argument(arg), engine, io):
                 messages, left_out = loaded, 0
+            failed += not loaded
             continue
         fix = "shorten it"  # what a message too long for the context window is refused with
         if command == "!!regen":  # answers the last user message again (or a loaded one for the first time)
             asked = messages[:-1] if messages and messages[-1].role == "assistant" else messages
             if not asked or asked[-1].role != "user":
                 io.info("(nothing to regenerate)")
+                failed += 1
                 continue
             fix = "!!remove drops it"  # a loaded one: what was answered once fits again
         # a typo (!!exti) is not a message, nor is LitGPT's chat's way out (!quit, !exit): it went to the model
@@ -622,6 +626,7 @@ def run_chat(
         ):
             help_text = COMMANDS.replace("Ctrl-D", eof_keys())
             io.info(help_text if command == "!!help" else f"unknown command {command}. {HELP}")
+            failed += command != "!!help"
             continue
         elif not text.strip():
             io.no_reply()
@@ -629,6 +634,7 @@ def run_chat(
         elif problem := not_utf8(text):
             io.info(f"error: {problem}; this message goes unanswered")
             io.no_reply()
+            failed += 1
             continue
         else:
             asked = with_user_message(messages if history else [], text)
@@ -639,9 +645,11 @@ def run_chat(
         try:
             answered, left_out = _answer(engine, io, asked, params, debug, left_out, fix)
             messages = answered or messages
+            failed += answered is None  # out of memory, or (at a prompt) stopped before its first word
         except VicunaError as err:
             io.info(f"error: {err}; this message goes unanswered")
             io.no_reply()
+            failed += 1
 
 
 def split_command(text: str) -> tuple[str, str]:
@@ -826,13 +834,14 @@ def trimmed(events: Iterator[Event]) -> Iterator[Event]:
         yield event
 
 
-def _save(arg: str, messages: list[Message], io: ChatIO, system: str | None = None) -> None:
+def _save(arg: str, messages: list[Message], io: ChatIO, system: str | None = None) -> bool:
+    """Whether the conversation was saved (if not, said why)."""
     if not arg:
         io.info("usage: !!save FILE")
-        return
+        return False
     if not messages:  # a file of no messages, which !!load refuses
         io.info("(nothing to save yet: the conversation is empty)")
-        return
+        return False
     if system is not None and not (messages and messages[0].role == "system"):
         messages = [Message("system", system), *messages]
     path = Path(arg).expanduser()
@@ -842,8 +851,9 @@ def _save(arg: str, messages: list[Message], io: ChatIO, system: str | None = No
         write_atomically(path, text, mode=0o600)
     except OSError as err:  # a missing folder, a denied permission: the chat goes on, nothing lost
         io.info(f"error: cannot save to {path}: {err.strerror or err}; the conversation is unchanged")
-        return
+        return False
     io.info(f"(saved {len(messages)} messages to {path})")
+    return True
 
 
 def _load(arg: str, engine: ChatEngine, io: ChatIO) -> list[Message] | None:
@@ -959,11 +969,15 @@ def main(args: argparse.Namespace) -> int:
     )
     if io.interactive:
         io.info(f"{HELP} {PASTED}" if io.bracketed_paste else HELP)
-    run_chat(engine, io, params, history=not args.no_history, debug=args.debug, system=args.conv_system_msg)
+    failed = run_chat(
+        engine, io, params, history=not args.no_history, debug=args.debug, system=args.conv_system_msg
+    )
     if not io.read_any and not sys.stdin.isatty():  # `docker run` without -it: it ended without a word
         print(
             "notice: no message: standard input ended before the first one (to chat, run it on a terminal, "
             "e.g. `docker run -it`, or pipe the messages in)",
             file=sys.stderr,
         )
-    return 0
+    # in a pipe, a message left unanswered (said on stderr) fails the command, after the others are answered;
+    # at a prompt the person saw each one
+    return 1 if failed and not io.interactive else 0

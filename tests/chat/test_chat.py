@@ -366,7 +366,7 @@ def test_a_message_piped_in_gbk_is_refused_with_what_to_do_and_the_chat_goes_on(
         env=os.environ | {"PYTHONWARNINGS": "ignore"},
     )
     err = proc.stderr.decode()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 1, err  # the chat goes on, and then says that a message went unanswered
     assert "error: the message is not UTF-8 text; it reads as GBK" in err
     assert "iconv -f GB18030 -t UTF-8" in err and "this message goes unanswered" in err
     assert err.count("tok/s") == 1  # the UTF-8 line after it is answered
@@ -394,6 +394,40 @@ def test_a_chat_whose_standard_input_ends_before_a_first_message_says_so_and_end
     assert nothing.stderr.splitlines()[-1].startswith(notice) and nothing.stdout == ""
     empty_line = subprocess.run(command, input="\n", capture_output=True, text=True, timeout=300, env=env)
     assert empty_line.returncode == 0 and "notice: no message" not in empty_line.stderr  # a line was read
+
+
+def test_a_piped_chat_that_left_a_message_unanswered_or_a_command_undone_exits_1_after_the_rest(
+    tiny_llama_dir, tmp_path
+):
+    """`answers=$(vicuna chat < questions.txt)` under `set -e`: a message refused (too long, not UTF-8) or
+    a `!!save` that wrote nothing was said on stderr, and the command still exited 0, so the script went on
+    with an answer missing. Each is still said, the other messages are still answered, and the status is 1."""
+    command = [
+        sys.executable,
+        "-m",
+        "vicuna",
+        "chat",
+        "--model-path",
+        str(tiny_llama_dir),
+        "--dtype",
+        "float32",
+    ]
+    command += ["--temperature", "0", "--max-new-tokens", "3", "--debug"]
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    unsaved = tmp_path / "no-such-folder" / "chat.json"
+    lines = ["Hello", f"!!save {unsaved}", "!!exti", "Bye", f"!!save {tmp_path / 'chat.json'}", "!!help", ""]
+    done = subprocess.run(
+        command, input="\n".join(lines), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 1, done.stderr
+    assert "error: cannot save to" in done.stderr and "unknown command !!exti" in done.stderr
+    assert done.stderr.count("tok/s") == 2  # both messages answered, and the conversation saved after
+    assert (tmp_path / "chat.json").is_file()
+    # a blank line, and !!help, fail nothing
+    done = subprocess.run(
+        command, input="Hello\n\n!!help\n", capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_out_of_memory_leaves_the_message_unanswered_and_the_chat_goes_on(monkeypatch, gpu_out_of_memory):
