@@ -165,6 +165,21 @@ def test_outputs_go_only_into_existing_folders_and_the_chart_only_into_a_png(tmp
     assert not (tmp_path / "missing").exists() and not (tmp_path / "r.txt").exists()
 
 
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="no /dev/fd (Windows)")
+def test_the_json_goes_into_a_pipe_named_as_its_file():
+    """`--json /dev/stdout | jq`, `--json >(jq .)`: the pipe's folder (/dev/fd) takes no temporary file, so
+    the run was refused with "cannot write into /dev/fd"; and a pipe renamed over is lost to its reader."""
+    report = Report("latency", settings={})
+    report.add("g", "decode", "tok/s", 60.0, "HF generate", 30.0)
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, encoding="utf-8") as pipe:
+        try:
+            write_json(report, Path(f"/dev/fd/{write_end}"))
+        finally:
+            os.close(write_end)
+        assert json.load(pipe)["rows"][0]["value"] == 60.0
+
+
 def test_minor_ticks_are_labelled_only_where_they_have_room():
     assert [minor_tick_label(v, 0.5) for v in (0.7, 0.8, 0.9, 2.0)] == ["0.7x", "0.8x", "0.9x", "2x"]
     assert [minor_tick_label(v, 1.0) for v in (0.2, 0.3, 0.4, 5.0, 7.0)] == ["0.2x", "0.3x", "", "5x", ""]

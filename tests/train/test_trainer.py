@@ -844,6 +844,29 @@ def test_inspect_refuses_a_json_output_it_cannot_write_before_the_work(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["examples"]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes (Windows)")
+def test_inspect_writes_its_json_into_a_pipe_named_as_the_file(tiny_llama_dir, data_file, tmp_path):
+    """`--json /dev/stdout`, `--json >(jq .)`, a FIFO: the examples were written to a file renamed over the
+    pipe, which its reader never saw (and as root, over /dev/stdout itself). A FIFO stands in here."""
+    import stat
+    import subprocess
+    import threading
+
+    fifo = tmp_path / "examples.fifo"
+    os.mkfifo(fifo)
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_text(encoding="utf-8")), daemon=True)
+    reader.start()
+    command = [sys.executable, "-m", "vicuna", "train", "inspect", "--data", str(data_file)]
+    command += ["--model-path", str(tiny_llama_dir), "-n", "0", "--json", str(fifo)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)  # not replaced by a file
+    sources = [json.loads(line)["source"] for line in read[0].splitlines()]
+    assert [source.split(" ")[0] for source in sources] == [f"{data_file}[{i}]" for i in range(len(DATA))]
+
+
 def test_inspect_refuses_a_negative_count_before_the_work(tiny_llama_dir, data_file, monkeypatch, capsys):
     """-n -1 showed no example and said nothing of why; -n 0 (the summary and the bad examples, with
     --json the examples written, none shown) stays, as the tests above use it."""

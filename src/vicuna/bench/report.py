@@ -276,6 +276,8 @@ def check_output_path(path: Path, *, suffix: str | None = None) -> None:
         raise VicunaError(f"{path}: the folder {path.parent} does not exist; create it first")
     if path.is_dir():
         raise VicunaError(f"{path} is a folder; name the file to write in it")
+    if path.exists() and not path.is_file():  # a pipe or a device (`--json /dev/stdout`): written into
+        return
     try:  # what writing it will do: a temporary file beside it (os.access says yes to root everywhere)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
             pass

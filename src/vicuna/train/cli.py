@@ -163,6 +163,7 @@ def inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from vicuna.train.trainer import read_and_tokenize
+    from vicuna.weights.disk import write_atomically
 
     if args.n < 0:  # showed nothing and said nothing
         raise VicunaError(f"-n must be at least 0 (0: show no example), not {args.n}")
@@ -209,11 +210,8 @@ def inspect(args: argparse.Namespace) -> int:
     if len(prepared.dropped) > 10:
         console.print(f"... and {len(prepared.dropped) - 10} more left out")
     if args.json is not None:
-        tmp = args.json.with_name(args.json.name + ".partial")
-        with tmp.open("w", encoding="utf-8") as f:
-            for e in prepared.examples:
-                f.write(json.dumps({"source": e.source, "input_ids": e.input_ids, "labels": e.labels}) + "\n")
-        tmp.replace(args.json)
+        rows = ({"source": e.source, "input_ids": e.input_ids, "labels": e.labels} for e in prepared.examples)
+        write_atomically(args.json, "".join(json.dumps(row) + "\n" for row in rows))
         console.print(f"wrote {len(prepared.examples)} examples to {args.json}")
     return 0
 
