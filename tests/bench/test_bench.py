@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -178,6 +179,25 @@ def test_the_json_goes_into_a_pipe_named_as_its_file():
         finally:
             os.close(write_end)
         assert json.load(pipe)["rows"][0]["value"] == 60.0
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="no /dev/fd (Windows)")
+def test_json_sent_to_standard_output_is_all_it_holds_the_table_goes_to_stderr():
+    """`vicuna bench latency --json /dev/stdout | jq .`: the table came first on standard output."""
+    code = textwrap.dedent(
+        """
+        from pathlib import Path
+        from vicuna.bench.report import Report, emit
+
+        report = Report("latency", settings={})
+        report.add("g", "decode", "tok/s", 60.0, "HF generate", 30.0)
+        emit(report, json_path=Path("/dev/fd/1"), plot_path=None)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows"][0]["value"] == 60.0
+    assert "vicuna bench latency" in done.stderr and "wrote /dev/fd/1" in done.stderr
 
 
 def test_minor_ticks_are_labelled_only_where_they_have_room():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -185,14 +186,14 @@ def _fmt(x: float | None) -> str:
     return f"{x:.3g}"
 
 
-def print_table(report: Report) -> None:
+def print_table(report: Report, *, stderr: bool = False) -> None:
     """The rows as a rich table, one section per group; ratios that meet their target in green, those
     that miss it in red, and "met" or "missed" beside the target, which a pipe or a file (no colours)
     keeps."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(stderr=stderr)
     m = report.machine
     gpus = ", ".join(g["name"] for g in m.get("gpus", [])) or "no GPU"
     table = Table(
@@ -297,6 +298,14 @@ def check_plotting() -> None:
         raise VicunaError(f"--plot: matplotlib cannot draw the chart ({err})") from None
 
 
+def is_standard_output(path: Path) -> bool:
+    """Whether `path` is the file, pipe or terminal that standard output writes to."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:
+        return False
+
+
 def write_json(report: Report, path: Path) -> None:
     check_output_path(path)
     text = json.dumps(report.to_dict(), indent=2) + "\n"
@@ -368,8 +377,9 @@ def write_plot(report: Report, path: Path) -> None:
 
 
 def emit(report: Report, *, json_path: Path | None, plot_path: Path | None) -> None:
-    """Print the table and write the files asked for."""
-    print_table(report)
+    """Print the table and write the files asked for. Where the JSON goes to standard output (`--json
+    /dev/stdout | jq`), the table goes to stderr: it came before the JSON, which jq then refused."""
+    print_table(report, stderr=json_path is not None and is_standard_output(json_path))
     if json_path is not None:
         write_json(report, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
