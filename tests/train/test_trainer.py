@@ -867,6 +867,20 @@ def test_inspect_writes_its_json_into_a_pipe_named_as_the_file(tiny_llama_dir, d
     assert [source.split(" ")[0] for source in sources] == [f"{data_file}[{i}]" for i in range(len(DATA))]
 
 
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="no /dev/fd (Windows)")
+def test_inspect_s_json_sent_to_standard_output_is_all_it_holds(tiny_llama_dir, data_file):
+    """`vicuna train inspect ... --json /dev/stdout | jq`: the summary, the examples shown and "wrote N
+    examples" came on standard output with the JSON lines; they go to stderr then."""
+    import subprocess
+
+    command = [sys.executable, "-m", "vicuna", "train", "inspect", "--data", str(data_file)]
+    command += ["--model-path", str(tiny_llama_dir), "-n", "1", "--json", "/dev/fd/1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len([json.loads(line) for line in done.stdout.splitlines()]) == len(DATA)
+    assert f"{data_file}: {len(DATA)} examples" in done.stderr and "tokens with loss are" in done.stderr
+
+
 def test_inspect_refuses_a_negative_count_before_the_work(tiny_llama_dir, data_file, monkeypatch, capsys):
     """-n -1 showed no example and said nothing of why; -n 0 (the summary and the bad examples, with
     --json the examples written, none shown) stays, as the tests above use it."""

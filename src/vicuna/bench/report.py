@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import platform
 import sys
 import tempfile
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vicuna.errors import VicunaError
-from vicuna.weights.disk import write_atomically
+from vicuna.weights.disk import is_standard_output, write_atomically
 
 SCHEMA = 1
 ROW_KEYS = (
@@ -296,14 +295,6 @@ def check_plotting() -> None:
         import matplotlib.pyplot  # noqa: F401
     except (ImportError, ValueError) as err:
         raise VicunaError(f"--plot: matplotlib cannot draw the chart ({err})") from None
-
-
-def is_standard_output(path: Path) -> bool:
-    """Whether `path` is the file, pipe or terminal that standard output writes to."""
-    try:
-        return os.path.samestat(os.stat(path), os.fstat(1))
-    except OSError:
-        return False
 
 
 def write_json(report: Report, path: Path) -> None:

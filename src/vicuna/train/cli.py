@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import fields
@@ -133,6 +134,11 @@ def main(args: argparse.Namespace) -> int:
     if args.data is None:
         raise VicunaError("--data is required: a ShareGPT JSON or OpenAI-style JSONL file")
     if args.action == "inspect":
+        from vicuna.weights.disk import is_standard_output
+
+        if args.json is not None and is_standard_output(args.json):  # `--json /dev/stdout | jq`: it alone
+            with contextlib.redirect_stdout(sys.stderr):
+                return inspect(args)
         return inspect(args)
     if args.output_dir is None:
         raise VicunaError("--output-dir is required")

@@ -159,6 +159,14 @@ def as_new_files(folder: Path) -> None:
             os.chmod(path, mode)
 
 
+def is_standard_output(path: Path) -> bool:
+    """Whether `path` is the file, pipe or terminal that standard output writes to (`--json /dev/stdout`)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:
+        return False
+
+
 def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> None:
     """Write `data` (text as UTF-8) to a hidden temporary name beside `path`, renamed over it: a reader (or a
     job resumed after a kill) never sees half a file, nor a temporary one in a listing; a failed write leaves
