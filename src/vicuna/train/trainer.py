@@ -864,6 +864,7 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
         print(
             f"Training on the CPU in {str(compute_dtype).removeprefix('torch.')} ({why}, {torch.__version__}): "
             "fine for a tiny model, far too slow for a 7B one",
+            file=sys.stderr,  # a warning: standard output holds the run's progress and its result
             flush=True,
         )
     if not torch.cuda.is_available() and not cfg.force:
