@@ -102,15 +102,31 @@ def get(workdir: Path, base, delta, *extra: str, name: str = "my-vicuna") -> int
 def test_local_base_and_delta(models, tmp_path, capsys):
     workdir = tmp_path / "模型 目录"  # the printed command must work when pasted
     assert get(workdir, models["base"], models["delta"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     model = workdir / "my-vicuna"
     assert_same_weights(model, models["target"])
     from vicuna.weights.manifest import verify_manifest
 
     assert verify_manifest(model) == []
-    assert "reply: 'Paris' (ended on EOS)" in out
+    assert "reply: 'Paris' (ended on EOS)" in err and "reply:" not in out  # the steps: on stderr
     assert f"vicuna chat --model-path '{model}'" in out
     assert not (workdir / "downloads").exists()  # local folders are used where they are
+
+
+def test_standard_output_holds_the_model_and_the_command_to_chat_with_it_alone(models, tmp_path):
+    """`vicuna get ... > get.out` or `$(vicuna get ...)`: each step ("[NAME] merging ...", "verifying",
+    the smoke chat's reply, the downloads that may go) came on standard output before the result."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "vicuna", "get", "my-vicuna", "--dir", str(tmp_path), "--no-smoke-test"]
+    command += ["--base", str(models["base"]), "--delta", str(models["delta"]), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ)
+    assert done.returncode == 0, done.stderr
+    model = tmp_path / "my-vicuna"
+    assert done.stdout == f"\nready: {model}\nchat with it:\n  vicuna chat --model-path {model}\n"
+    assert f"[my-vicuna] merging {models['delta']} into {models['base']}" in done.stderr
 
 
 def test_no_progress_draws_no_bar_for_the_smoke_chat(models, tmp_path, capsys):
@@ -118,7 +134,7 @@ def test_no_progress_draws_no_bar_for_the_smoke_chat(models, tmp_path, capsys):
     redrawn with carriage returns, as the smoke chat loaded the model."""
     assert get(tmp_path, models["base"], models["delta"], "--no-progress") == 0
     captured = capsys.readouterr()
-    assert "reply: 'Paris' (ended on EOS)" in captured.out
+    assert "reply: 'Paris' (ended on EOS)" in captured.err
     assert "Loading weights" not in captured.err and "\r" not in captured.err
 
 
@@ -147,7 +163,7 @@ def test_rerun_after_interrupted_merge_and_smoke_chat(models, tmp_path, monkeypa
     capsys.readouterr()
     assert get(tmp_path, models["base"], models["delta"]) == 0
     assert calls == []  # the finished merge was kept
-    assert "(ended on EOS)" in capsys.readouterr().out
+    assert "(ended on EOS)" in capsys.readouterr().err
     assert_same_weights(tmp_path / "my-vicuna", models["target"])
 
 
@@ -260,7 +276,7 @@ def test_the_downloads_a_merge_no_longer_needs_are_said_and_may_be_deleted(
         assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test") == 0
         downloaded = tmp_path / "downloads" / "org--llama-tiny"
         held = sum(p.stat().st_size for p in downloaded.rglob("*") if p.is_file())
-        out = capsys.readouterr().out
+        out = capsys.readouterr().err
         assert (
             f"[my-vicuna] the downloads merged from ({disk_size(held)}) are not needed by {tmp_path / 'my-vicuna'}; "
             f"to free the disk, delete {downloaded} (this command run again does not fetch them while the model "
@@ -269,13 +285,13 @@ def test_the_downloads_a_merge_no_longer_needs_are_said_and_may_be_deleted(
         shutil.rmtree(downloaded)  # as said: the model stays ready, and nothing is fetched again
         hub.log.clear()
         assert get(tmp_path, "org/llama-tiny", models["delta"], "--no-smoke-test") == 0
-        assert hub.log == [] and "downloads merged from" not in capsys.readouterr().out
+        assert hub.log == [] and "downloads merged from" not in capsys.readouterr().err
         assert_same_weights(tmp_path / "my-vicuna", models["target"])
     finally:
         hub.shutdown()
         hub.server_close()
     assert get(tmp_path / "local", models["base"], models["delta"], "--no-smoke-test") == 0
-    assert "downloads merged from" not in capsys.readouterr().out  # the user's own folders are not offered
+    assert "downloads merged from" not in capsys.readouterr().err  # the user's own folders are not offered
 
 
 def test_merged_release_recipe(models, tmp_path, monkeypatch, capsys):
@@ -287,8 +303,8 @@ def test_merged_release_recipe(models, tmp_path, monkeypatch, capsys):
             models["target"] / "model.safetensors"
         ).read_bytes()
         assert (model / "SHA256SUMS").is_file()
-        out = capsys.readouterr().out
-        assert "(ended on EOS)" in out and f"--model-path {model}" in out
+        out, err = capsys.readouterr()
+        assert "(ended on EOS)" in err and f"--model-path {model}" in out
     finally:
         hub.shutdown()
         hub.server_close()
@@ -499,4 +515,4 @@ def test_a_v0_model_s_smoke_chat_is_asked_in_v0_s_format_and_may_end_on_its_stop
     v0 = write_scripted(tmp_path / "v0", models["base"], 5, [prompt_end, *reply])  # then runs on
     delta = write_delta(models["base"], v0, tmp_path / "vicuna-tiny-delta-v0")
     assert get(tmp_path / "out", models["base"], delta) == 0
-    assert "reply: 'Paris' (ended on '###')" in capsys.readouterr().out
+    assert "reply: 'Paris' (ended on '###')" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress,
     )
+    # standard output holds this alone (each step was said on stderr)
     print(f"\nready: {model}\nchat with it:\n  vicuna chat --model-path {quote(str(model))}")
     return 0
 
@@ -242,7 +244,7 @@ def get(
     ensure_free_space(workdir, needed, f"getting {name}")
 
     for source, plan in plans:
-        print(f"[{name}] downloading the {source.role}: {source.repo_id} -> {source.folder}")
+        print(f"[{name}] downloading the {source.role}: {source.repo_id} -> {source.folder}", file=sys.stderr)
         download(source.repo_id, source.folder, plan=plan, bars=progress)
     if len(sources) == 1 and not finished:
         sources[0].folder.replace(model)
@@ -250,7 +252,7 @@ def get(
     if len(sources) == 2 and not finished:
         from vicuna.weights.delta import apply_delta
 
-        print(f"[{name}] merging {sources[1].folder} into {sources[0].folder} -> {model}")
+        print(f"[{name}] merging {sources[1].folder} into {sources[0].folder} -> {model}", file=sys.stderr)
         record = json.dumps(merge_record(sources))
 
         def write_record(folder: Path) -> None:  # before the rename: the model never lies there without it
@@ -258,14 +260,14 @@ def get(
 
         apply_delta(sources[0].folder, sources[1].folder, model, progress=progress, extras=write_record)
 
-    print(f"[{name}] verifying {model}")
+    print(f"[{name}] verifying {model}", file=sys.stderr)
     problems = verify_manifest(model, progress=progress)
     if problems:
         raise VicunaError(
             f"{model} does not match its {MANIFEST_NAME}: {'; '.join(problems)}; delete {model} and run again"
         )
     if smoke_test:
-        print(f"[{name}] smoke chat: {SMOKE_QUESTION}")
+        print(f"[{name}] smoke chat: {SMOKE_QUESTION}", file=sys.stderr)
         try:
             reply, ending = smoke_chat(model, max_new_tokens=max_new_tokens, progress=progress)
         except VicunaError as err:
@@ -275,7 +277,7 @@ def get(
                 f"{err}. The merged model stays in {model}: if the base or delta was wrong, delete it and run "
                 "again with the right ones"
             ) from err
-        print(f"[{name}] reply: {reply!r} (ended on {ending})")
+        print(f"[{name}] reply: {reply!r} (ended on {ending})", file=sys.stderr)
     # The base and delta fetched for the merge (26 GB for a 7B model) were kept without a word: a user
     # freeing disk did not know that the model no longer needs them, nor that a rerun fetches nothing again.
     fetched = [s.folder for s in sources if s.repo_id and len(sources) == 2 and s.folder.is_dir()]
@@ -286,7 +288,8 @@ def get(
         print(
             f"[{name}] the downloads merged from ({size(held)}) are not needed by {model}; to free the disk, "
             f"delete {' '.join(quote(str(folder)) for folder in fetched)} (this command run again does not "
-            "fetch them while the model is there)"
+            "fetch them while the model is there)",
+            file=sys.stderr,
         )
     return model
 
