@@ -98,6 +98,17 @@ def test_text_the_output_encoding_lacks_is_replaced_not_a_crash(tmp_path):
     assert out.stdout.endswith(b"USER: ?? ASSISTANT:")
 
 
+def test_vicuna_without_a_command_shows_the_help_on_stderr_and_fails_as_a_usage_error():
+    """A script's `vicuna $COMMAND` with the variable empty printed the help and exited 0, as if done."""
+    done = subprocess.run([sys.executable, "-m", "vicuna"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("usage: vicuna ") and "chat with a model in the terminal" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-m", "vicuna", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.startswith("usage: vicuna ")  # asked for: a success
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Windows says a closed pipe with EINVAL, not EPIPE")
 def test_output_whose_reader_has_gone_ends_the_command_quietly_as_sigpipe_does():
     """`vicuna chat | head -c 10`, `vicuna template list | head -1`: once the reader is gone, the command

@@ -262,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         if said := ollama_advice(argv[0]) or litgpt_advice(argv[0]):
             print(f"vicuna: error: {said}", file=sys.stderr)
             return 2
-    if not argv or argv[0] not in COMMANDS:
-        build_parser().parse_args(argv or ["--help"])
+    if not argv:  # `vicuna` alone, or a script's `vicuna $COMMAND` with it empty: exited 0, as if done
+        build_parser().print_help(sys.stderr)
+        return 2
+    if argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)
         return 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
