@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         # status is that of a program ended by SIGPIPE. What is left in stdout's buffer goes nowhere, not
         # to a pipe that would fail again at the exit.
         with contextlib.suppress(AttributeError, OSError):  # no file under it: closed, or a test's capture
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         return SIGPIPE_STATUS
     except OSError as err:  # a full disk, a read-only folder, a denied permission: said without a traceback
         where = f": {err.filename}" if err.filename else ""
