@@ -560,12 +560,12 @@ def disk_full_is_one_line(output_dir: Path, what: str, resume: str) -> Iterator[
     try:
         yield
     except Exception as err:
-        if not disk_full(err):
+        if not (full := disk_full(err)):
             raise
         free = shutil.disk_usage(output_dir).free
         raise VicunaError(
-            f"{output_dir}: {what} could not be written in full ({gib(free)} free on its disk; the "
-            f"disk is probably full). Free some space and run again with --resume, which {resume}"
+            f"{output_dir}: {what} could not be written in full ({full}; {gib(free)} free on its "
+            f"disk). Free some space and run again with --resume, which {resume}"
         ) from None
 
 

@@ -201,9 +201,16 @@ def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> 
         raise
 
 
-def disk_full(err: BaseException) -> bool:
-    """Whether a write failed for want of disk space, in the words of torch.save ("unexpected pos"),
-    safetensors (Rust's "StorageFull") or the OS (ENOSPC)."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return True
-    return any(words in str(err) for words in ("unexpected pos", "StorageFull", "No space left on device"))
+def disk_full(err: BaseException) -> str | None:
+    """What ran out where a write failed for want of disk space or of quota, in the words of torch.save
+    ("unexpected pos"), safetensors (Rust's "StorageFull", "os error 28") or the OS (ENOSPC, EDQUOT); None
+    where something else failed. A quota used up (a shared server's, an NFS home's) was not known as one:
+    safetensors' error came out as a traceback."""
+    said = str(err)
+    if getattr(err, "errno", None) == getattr(errno, "EDQUOT", -1) or "Disk quota exceeded" in said:
+        return "disk quota exceeded"
+    if getattr(err, "errno", None) == errno.ENOSPC or any(
+        words in said for words in ("unexpected pos", "StorageFull", "No space left on device")
+    ):
+        return "no space left on device"
+    return None
