@@ -383,3 +383,48 @@ def test_seed_fixes_the_adapters_initialisation(tiny_llama_dir, data, tmp_path):
     for name in first:
         torch.testing.assert_close(again[name], first[name], rtol=0, atol=0, msg=name)
     assert any(not torch.equal(other[n], first[n]) for n in first if "lora_A" in n)
+
+
+@pytest.mark.parametrize(
+    "os_error", ["No space left on device (os error 28)", "Disk quota exceeded (os error 122)"]
+)
+def test_merge_onto_a_full_disk_is_one_line_and_leaves_nothing(
+    adapter, tiny_llama_dir, tmp_path, capsys, monkeypatch, os_error
+):
+    """A disk or quota that fills as the merged weights are written: safetensors' own SafetensorError came
+    out as a traceback, and OUTPUT.partial, as big as the model, stayed on the full disk."""
+    from safetensors import SafetensorError
+    from transformers import modeling_utils
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)  # what got written before the disk filled
+        raise SafetensorError(f"Error while serializing: I/O error: {os_error}")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full)
+    out = tmp_path / "merged"
+    args = ["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(adapter), "--output", str(out)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: {out}: the merged model could not be written")
+        and "is free on that disk" in err
+    )
+    assert os_error.split(" (")[0].lower() in err
+    assert len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_onto_a_disk_without_room_for_the_model_is_refused_before_writing(
+    adapter, tiny_llama_dir, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "merged"
+    args = ["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(adapter), "--output", str(out)]
+    assert cli(args) == 2
+    assert f"error: merging into {out} needs 0.5 MB of free disk in {tmp_path}, but only 0.0 MB" in (
+        capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []

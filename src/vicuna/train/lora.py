@@ -65,7 +65,7 @@ def merge(
     )
     from vicuna.shell import quote
     from vicuna.train.trainer import quiet_peft
-    from vicuna.weights.disk import as_new_files, one_writer
+    from vicuna.weights.disk import as_new_files, disk_full, ensure_free_space, free_bytes, one_writer, size
     from vicuna.weights.manifest import redraws, transformers_bar, write_manifest
 
     if not (adapter / "adapter_config.json").is_file():
@@ -121,16 +121,31 @@ def merge(
         if output.exists():  # the other merge, finished meanwhile
             raise VicunaError(f"{output}: already exists; choose a new --output")
         shutil.rmtree(tmp, ignore_errors=True)
-        with transformers_bar(bars):
-            merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for source in (adapter, folder):  # the template the adapter was trained with, else the base model's
-            if (source / RECORDED_TEMPLATE).is_file():
-                shutil.copyfile(source / RECORDED_TEMPLATE, tmp / RECORDED_TEMPLATE)
-                break
-        write_manifest(tmp, progress=bars)
-        as_new_files(tmp)
-        tmp.rename(output)
+        needed = sum({t.data_ptr(): t.nbytes for t in merged.state_dict().values()}.values())  # tied: once
+        ensure_free_space(output.parent, needed, f"merging into {output}")
+        try:
+            with transformers_bar(bars):
+                merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for source in (adapter, folder):  # the template the adapter was trained with, else the base's
+                if (source / RECORDED_TEMPLATE).is_file():
+                    shutil.copyfile(source / RECORDED_TEMPLATE, tmp / RECORDED_TEMPLATE)
+                    break
+            write_manifest(tmp, progress=bars)
+            as_new_files(tmp)
+            tmp.rename(output)
+        except (
+            BaseException
+        ) as err:  # Ctrl-C too: a merge starts again from nothing, so what it wrote is no use
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (isinstance(err, Exception) and (full := disk_full(err))):
+                raise
+            # safetensors says a full disk with its own error, not an OSError: it came out as a traceback
+            raise VicunaError(
+                f"{output}: the merged model could not be written ({full}; it needs {size(needed)}, and "
+                f"{size(free_bytes(output.parent))} is free on that disk): free some space or choose "
+                "another --output, then run the same command again"
+            ) from None
     return output
 
 
