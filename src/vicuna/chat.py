@@ -312,7 +312,7 @@ class TerminalIO:
         hidden file beside it, kept): of two chats saving at the same instant, one lost the other's message."""
         if self.history is None:
             return
-        import tempfile
+        from vicuna.weights.disk import write_atomically
 
         path = self.history.resolve()  # a link's file: the link stays
         try:
@@ -320,7 +320,8 @@ class TerminalIO:
                 return
             path.parent.mkdir(parents=True, exist_ok=True)
             lock = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
-        except OSError:
+        except OSError as err:
+            self.unsaved(path, err)
             return
         with open(lock, "w") as handle:
             with contextlib.suppress(OSError):  # a share that keeps no locks (NFS's ENOLCK): saved unlocked
@@ -329,19 +330,25 @@ class TerminalIO:
                 entries = self.saved_history()
             except FileNotFoundError:
                 entries = []
-            except OSError:
+            except OSError as err:
+                self.unsaved(path, err)
                 return
             entries = [*entries, text] if entries[-1:] != [text] else entries
+            lines = "".join(history_line(entry) for entry in entries[-HISTORY_LINES:])
             try:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600
-            except OSError:
-                return
-            try:
-                with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-                    f.write("".join(history_line(entry) for entry in entries[-HISTORY_LINES:]))
-                os.replace(tmp, path)
-            except OSError:
-                Path(tmp).unlink(missing_ok=True)
+                write_atomically(path, lines.encode("utf-8", "surrogateescape"), mode=0o600)
+            except OSError as err:
+                self.unsaved(path, err)
+
+    def unsaved(self, path: Path, err: OSError) -> None:
+        """Say, once a chat, that what is typed is not saved: a read-only or full $VICUNA_HOME (a container's,
+        a shared one) lost every message for the next chat's up arrow without a word."""
+        if self.history is not None:
+            self.info(
+                f"notice: the messages typed are not saved in {path} ({err.strerror or err}); the up arrow "
+                "has them in this chat only"
+            )
+        self.history = None
 
     def read(self) -> str | None:
         text = self._read()

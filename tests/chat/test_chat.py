@@ -1469,6 +1469,45 @@ def test_a_history_linked_to_dev_null_keeps_nothing_and_a_linked_file_keeps_its_
         readline.clear_history()
 
 
+@pytest.mark.parametrize("fails", ["mkstemp", "write"])
+def test_a_history_that_cannot_be_saved_is_said_once_and_the_chat_goes_on(
+    tmp_path, monkeypatch, capsys, fails
+):
+    """A read-only $VICUNA_HOME (a container's, a shared one) or a full disk lost every message typed for the
+    next chat's up arrow without a word; it is said once, and what was typed stays for this chat."""
+    import errno
+    import tempfile
+
+    readline = pytest.importorskip("readline")
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    if fails == "mkstemp":
+
+        def denied(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+
+        monkeypatch.setattr(tempfile, "mkstemp", denied)
+    else:
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "replace", full)
+    readline.clear_history()
+    try:
+        io = TerminalIO("simple", multiline=False, interactive=True)
+        io.remember("one")
+        io.remember("two")
+        cause = "Permission denied" if fails == "mkstemp" else "No space left on device"
+        assert capsys.readouterr().out == (
+            f"notice: the messages typed are not saved in {tmp_path / 'chat_history'} ({cause}); the up arrow "
+            "has them in this chat only\n"
+        )
+        assert [readline.get_history_item(i) for i in (1, 2)] == ["one", "two"]
+        assert list(tmp_path.iterdir()) == []  # no temporary file left
+    finally:
+        readline.clear_history()
+
+
 def test_without_a_home_folder_the_chat_goes_on_without_saved_history(monkeypatch):
     # the model is loaded by then: the up arrow's history is not worth refusing the chat for
     readline = pytest.importorskip("readline")
