@@ -142,6 +142,43 @@ def test_system_errors_are_one_line_not_a_traceback(monkeypatch, capsys):
     assert capsys.readouterr().err == "error: Read-only file system: /mnt/ro/out.partial\n"
 
 
+def test_a_denied_permission_names_whose_folder_it_is_and_a_full_disk_what_is_free(
+    tmp_path, monkeypatch, capsys
+):
+    """On a shared machine the folder that refused a write is often another user's (a team's models folder):
+    the error said only "Permission denied: PATH", not whose the folder was, nor with which permissions."""
+    import errno
+    import shutil
+
+    import vicuna.weights.convert as convert
+    from vicuna.cli import main
+
+    pwd = pytest.importorskip("pwd")  # Windows: no owning user to name
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o555)
+    if os.geteuid() == 0:
+        os.chown(shared, 65534, 65534)
+    owner, me = pwd.getpwuid(shared.stat().st_uid).pw_name, pwd.getpwuid(os.geteuid()).pw_name
+    failed = [OSError(errno.EACCES, "Permission denied", str(shared / "out.partial"))]
+
+    def fails(args):
+        raise failed[0]
+
+    monkeypatch.setattr(convert, "main", fails)
+    assert main(["convert", "in", "out"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: Permission denied: {shared / 'out.partial'} ({shared} is {owner}'s, mode 0555; vicuna runs as "
+        f"{me})\n"
+    )
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=12_300_000))
+    failed[0] = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.partial" / "a.bin"))
+    assert main(["convert", "in", "out"]) == 1
+    assert capsys.readouterr().err == (
+        f"error: No space left on device: {tmp_path / 'out.partial' / 'a.bin'} (12.3 MB free on its disk)\n"
+    )
+
+
 def test_ctrl_c_says_how_to_go_on_for_the_jobs_that_resume(monkeypatch, capsys):
     import vicuna.weights.convert as convert
     from vicuna.cli import main

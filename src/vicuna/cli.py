@@ -304,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
             os.close(devnull)
         return SIGPIPE_STATUS
     except OSError as err:  # a full disk, a read-only folder, a denied permission: said without a traceback
-        where = f": {err.filename}" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        from vicuna.weights.disk import os_error_said
+
+        print(f"error: {os_error_said(err)}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as err:
         print("interrupted" + (f"; {RESUME_HINTS[name]}" if name in RESUME_HINTS else ""), file=sys.stderr)

@@ -214,3 +214,32 @@ def disk_full(err: BaseException) -> str | None:
     ):
         return "no space left on device"
     return None
+
+
+def os_error_said(err: OSError) -> str:
+    """A failed file operation in one line: the cause and the path, and for a denied permission whose the file
+    or folder is and its mode (a shared folder another user owns), for a full disk what is free on it. The
+    CLI said only "Permission denied: PATH" and "No space left on device: PATH"."""
+    said = f"{err.strerror or err}" + (f": {os.fsdecode(err.filename)}" if err.filename else "")
+    if not err.filename:
+        return said
+    path = Path(os.fsdecode(err.filename)).absolute()
+    try:
+        if err.errno in (errno.EACCES, errno.EPERM):
+            probe = next(p for p in (path, *path.parents) if p.exists())
+            st = probe.stat()
+            return f"{said} ({probe} is {_user(st.st_uid)}'s, mode {stat.S_IMODE(st.st_mode):04o}; vicuna runs as {_user(os.geteuid())})"
+        if disk_full(err):
+            return f"{said} ({size(free_bytes(path))} free on its disk)"
+    except (ImportError, OSError):  # ImportError: Windows has no pwd, nor a file an owning user id
+        pass
+    return said
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a user id with no name here (a container's, an NFS server's)
+        return f"user {uid}"
