@@ -260,3 +260,24 @@ def test_a_file_that_is_not_a_regular_one_is_written_into_not_renamed_over(tmp_p
 def test_a_size_is_said_in_a_unit_that_shows_it(n, said):
     """A small repository's download was said to be '0.00 GB', its stale files '0.00 GB' freed."""
     assert size(n) == said
+
+
+def test_a_small_file_written_onto_a_full_disk_is_named_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A write's own error names no file: `vicuna bench --json OUT` on a disk that filled during the run ended
+    with "error: No space left on device" and nothing else."""
+    import io
+    import os
+
+    from vicuna.weights import disk
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")  # as write(2) says it
+
+    monkeypatch.setattr(disk, "open", lambda fd, mode: (os.close(fd), Full())[1], raising=False)
+    out = tmp_path / "report.json"
+    with pytest.raises(OSError) as failed:
+        disk.write_atomically(out, "{}")
+    assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(out))
+    assert disk.os_error_said(failed.value).startswith(f"No space left on device: {out} (")
+    assert list(tmp_path.iterdir()) == []

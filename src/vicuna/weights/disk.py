@@ -195,9 +195,13 @@ def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> 
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:  # Ctrl-C too
+    except BaseException as err:  # Ctrl-C too
         with suppress(OSError):  # where nothing could be written, nothing is to be removed
             tmp.unlink(missing_ok=True)
+        if (
+            isinstance(err, OSError) and not err.filename
+        ):  # a write's error names no file: "No space left" alone
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 
