@@ -273,9 +273,18 @@ class Fetcher:
                             progressed[0] = True
                             self.bars.advance(task, len(chunk))
                 except OSError as err:  # a full disk, say: not worth a retry
+                    from vicuna.weights.disk import disk_full, free_bytes, size
+
+                    have = part.stat().st_size
+                    room = (
+                        f" ({size(total - have)} of it still to come, {size(free_bytes(part.parent))} free on "
+                        "its disk)"
+                        if disk_full(err) and total
+                        else ""
+                    )
                     raise VicunaError(
-                        f"writing {part} failed: {err.strerror or err}; the bytes written so far are kept: "
-                        "free some space and run the same command again to go on"
+                        f"writing {part} failed: {err.strerror or err}{room}; the bytes written so far are "
+                        "kept: free some space and run the same command again to go on"
                     ) from err
             size = part.stat().st_size
             if total is not None and size != total:
