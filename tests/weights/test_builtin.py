@@ -376,8 +376,38 @@ def test_a_vicuna_home_that_cannot_be_written_says_so(tmp_path):
     gguf.write_bytes(b"GGUF")
     (tmp_path / "home").write_text("a file, not a folder")
     out = tmp_path / "home" / "models" / "model"
-    with pytest.raises(ModelLoadError, match=rf"into {out.parent} \(Not a directory\).*VICUNA_HOME"):
+    with pytest.raises(
+        ModelLoadError, match=rf"into {out.parent} \(Not a directory: {out.parent}\); make it"
+    ):
         builtin.convert_gguf(gguf, out)
+
+
+def test_a_vicuna_home_another_user_owns_is_named_with_its_owner(tmp_path, monkeypatch):
+    """A shared or a container's read-only $VICUNA_HOME: "(Permission denied); free space there, make it
+    writable, ..." said neither whose the folder was nor which of the three was the matter."""
+    import errno
+    import os
+    import pathlib
+
+    pwd = pytest.importorskip("pwd")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    home = tmp_path / "home"
+    home.mkdir(mode=0o555)
+    out = home / "models" / "model"
+
+    def denied(path, *args, **kwargs):  # as for a user other than root, who writes anywhere
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", denied)
+    owner = pwd.getpwuid(home.stat().st_uid).pw_name
+    with pytest.raises(ModelLoadError) as refused:
+        builtin.convert_gguf(gguf, out)
+    assert str(refused.value) == (
+        f"cannot write the converted copy of model.gguf into {out.parent} (Permission denied: {out.parent} "
+        f"({home} is {owner}'s, mode 0555; vicuna runs as {pwd.getpwuid(os.geteuid()).pw_name})); make it "
+        "writable, or set VICUNA_HOME to another folder"
+    )
 
 
 @pytest.mark.parametrize(

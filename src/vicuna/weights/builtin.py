@@ -19,7 +19,7 @@ from pathlib import Path
 from vicuna.config import vicuna_home
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import pip_install
-from vicuna.weights.disk import as_new_files, disk_full, ensure_free_space, one_writer, size
+from vicuna.weights.disk import as_new_files, disk_full, ensure_free_space, one_writer, os_error_said, size
 from vicuna.weights.manifest import redraws, transformers_bar
 
 BUILTIN_NAME = "SmolLM2-135M-Instruct"
@@ -86,8 +86,8 @@ def convert_gguf(
             return out
     except OSError as err:
         raise ModelLoadError(
-            f"cannot write the converted copy of {gguf.name} into {out.parent} ({err.strerror or err}); "
-            "free space there, make it writable, or set VICUNA_HOME to another folder"
+            f"cannot write the converted copy of {gguf.name} into {out.parent} ({os_error_said(err)}); "
+            f"{'free space there' if disk_full(err) else 'make it writable'}, or set VICUNA_HOME to another folder"
         ) from None
 
 
