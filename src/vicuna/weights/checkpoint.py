@@ -24,7 +24,15 @@ import torch
 
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
-from vicuna.weights.disk import ensure_free_space, new_file_mode, one_writer, write_atomically
+from vicuna.weights import disk
+from vicuna.weights.disk import (
+    disk_full,
+    ensure_free_space,
+    free_bytes,
+    new_file_mode,
+    one_writer,
+    write_atomically,
+)
 from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -464,8 +472,14 @@ def write_checkpoint(
                     if not (isinstance(err, OSError) or "I/O error" in str(err)):
                         raise
                     tmp.unlink(missing_ok=True)
+                    said = str(err)
+                    if full := disk_full(err):  # how much more is needed, against what is free
+                        left = sum(
+                            spec.nbytes for f, group in shards.items() if f not in digests for spec in group
+                        )
+                        said = f"{full}: {disk.size(left)} still to write, {disk.size(free_bytes(staging))} free on its disk"
                     raise VicunaError(
-                        f"writing {staging / file} failed ({err}); the shards finished so far are kept in "
+                        f"writing {staging / file} failed ({said}); the shards finished so far are kept in "
                         f"{staging}: free some space and run the same command again to go on"
                     ) from err
                 os.chmod(tmp, new_file_mode())  # safetensors creates files readable by their owner only
