@@ -785,6 +785,33 @@ def test_bench_refuses_an_output_that_is_a_folder_before_loading_anything(flag, 
     assert f"{folder} is a folder; name the file to write in it" in capsys.readouterr().err
 
 
+def test_bench_memory_without_room_for_its_checkpoints_is_refused_before_loading_anything(
+    tmp_path, monkeypatch, capsys
+):
+    """Its generated checkpoint (512 MB by default) is kept in $TMPDIR six times over: a container's small
+    /tmp filled only after minutes of loading the model, with a traceback from a child process."""
+    import shutil
+    import tempfile
+
+    from vicuna.bench import memory
+    from vicuna.weights.disk import size as disk_size
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1_000_000))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(memory, "run_child", lambda job: pytest.fail("a measurement ran"))
+    assert cli(["bench", "memory", "--weights-mb", "100"]) == 2
+    shape = memory.meta_params(100)[0]
+    err = capsys.readouterr().err
+    assert (
+        f"error: bench memory's generated checkpoints (--weights-mb 100) needs "
+        f"{disk_size(6 * memory.meta_bytes(shape))} of free disk in {tmp_path}, but only 1.0 MB is available"
+    ) in err
+    assert err.endswith(
+        "or choose another folder (TMPDIR), or pass a smaller --weights-mb, or --skip-weights\n"
+    )
+
+
 @pytest.mark.skipif(
     not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one can create files"
 )

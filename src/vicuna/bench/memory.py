@@ -147,6 +147,10 @@ def run_child(job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(last[0])
 
 
+# the checkpoint's copies kept in $TMPDIR at once: Meta's, converted, its plain copy, the delta, merged, its copy
+CHECKPOINT_COPIES = 6
+
+
 def meta_params(weights_mb: float) -> tuple[dict[str, Any], int]:
     """A LLaMA shape (params.json, vocab) whose float16 weights take about `weights_mb` MB, with LLaMA-7B's
     share of the bytes in the embedding table and output head (`EMBEDDING_SHARE`): width 1024 from 100 MB
@@ -253,6 +257,17 @@ def bench_memory(
             "apply out)"
         )
     shape = meta_params(weights_mb)[0] if weights_mb is not None else None  # params.json
+    if shape:  # before minutes of loading: a small or full $TMPDIR (a container's) failed at the checkpoints
+        from vicuna.weights.disk import ensure_free_space
+
+        try:
+            ensure_free_space(
+                Path(tempfile.gettempdir()),
+                CHECKPOINT_COPIES * meta_bytes(shape),
+                f"bench memory's generated checkpoints (--weights-mb {weights_mb:g})",
+            )
+        except VicunaError as err:
+            raise VicunaError(f"{err} (TMPDIR), or pass a smaller --weights-mb, or --skip-weights") from None
     dtypes = list(dict.fromkeys(dtypes or ["float32", "bfloat16", "float16"]))
     loads = {d: replace(settings, dtype=d, load_8bit=False) for d in dict.fromkeys([*dtypes, "bfloat16"])}
     loads["bfloat16 + 8-bit"] = replace(settings, dtype="bfloat16", load_8bit=True)
