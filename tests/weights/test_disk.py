@@ -118,6 +118,24 @@ def test_on_a_windows_drive_that_keeps_no_locks_vicuna_goes_on_unlocked_as_befor
         pass
 
 
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_on_a_network_mount_that_keeps_no_locks_vicuna_goes_on_unlocked(monkeypatch, tmp_path, code):
+    """A $VICUNA_HOME or output on NFS without its lock service (NFSv3 where rpc.statd does not run) or on a
+    filesystem without locks: flock failed with "No locks available", and every job writing there was
+    refused with it, a first chat's conversion of the built-in model too."""
+    fcntl = pytest.importorskip("fcntl")
+    from vicuna.weights.disk import one_writer
+
+    def no_locks(handle, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    built_in = tmp_path / "SmolLM2"
+    with one_writer(built_in, built_in, wait_as="converting"), one_writer(tmp_path / "out", tmp_path / "out"):
+        pass
+    assert list(tmp_path.iterdir()) == []  # no lock left
+
+
 def test_a_job_into_the_folder_it_runs_in_is_kept_from_a_second_under_its_full_path(monkeypatch, tmp_path):
     """`vicuna download ... --dir .` (and download-llama's, train's --output-dir .) ended in a ValueError
     traceback: a folder named '.' has no name to put a lock beside; and the same folder spelled two ways is

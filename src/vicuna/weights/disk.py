@@ -74,6 +74,12 @@ def locked(handle: IO[str], wait: bool = True) -> bool:
         fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
+    except OSError as err:
+        # an NFS mount without its lock service (ENOLCK: NFSv3 where rpc.statd does not run, as in most
+        # containers), a filesystem with no locks (some FUSE ones): used unlocked, as such a Windows drive is.
+        # Every job writing there, a first chat's conversion of the built-in model too, was refused
+        if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
     return True
 
 
