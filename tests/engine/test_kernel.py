@@ -337,6 +337,45 @@ def test_a_failed_build_is_said_once_leaves_no_library_and_the_engine_uses_pytor
     torch.testing.assert_close(dense(x), torch.nn.functional.linear(x.bfloat16(), weight).float())
 
 
+def test_a_build_that_ran_out_of_disk_is_not_kept_off_for_good(tmp_path, monkeypatch, caplog):
+    """The compiler's output, or its temporary files in $TMPDIR, on a full disk: taken for a failed build, whose
+    .failed file kept the kernel off on every start after space was freed, said as "the build failed"."""
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
+    monkeypatch.setenv("CXX", "c++")
+
+    def full(command, **kwargs):
+        said = (
+            b"{standard input}: Fatal error: can't write 24 bytes to section .text: No space left on device"
+        )
+        raise subprocess.CalledProcessError(1, command, stderr=said)
+
+    monkeypatch.setattr(subprocess, "run", full)
+    assert kernel.load(progress=False) is None
+    folder = tmp_path / "kernels"
+    assert (
+        len(caplog.records) == 1
+        and (
+            f"the CPU kernel is not built: the build ran out of disk (no space left on device) in {folder} or "
+            "$TMPDIR; free some space there and it is built on the next start"
+        )
+        in caplog.text
+    )
+    assert list(folder.iterdir()) == []  # no .failed file, no partial library
+    built = []
+
+    def again(command, **kwargs):
+        built.append(command)
+        raise subprocess.CalledProcessError(1, command, stderr=b"")
+
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(subprocess, "run", again)
+    assert kernel.load(progress=False) is None
+    assert len(built) == 1  # tried again on the next start
+
+
 def test_a_kernel_folder_that_cannot_be_written_is_said_in_one_line_with_what_to_do(
     tmp_path, monkeypatch, caplog
 ):

@@ -273,6 +273,18 @@ def load(progress: bool = True) -> ctypes.CDLL | None:
             return None
         except (OSError, subprocess.SubprocessError) as err:
             detail = getattr(err, "stderr", b"") or b""
+            from vicuna.weights.disk import disk_full
+
+            if full := disk_full(err) or disk_full(detail.decode(errors="replace")):
+                # the compiler's output or its temporary files (in $TMPDIR) on a full disk: not a failed
+                # build, which a .failed file kept off for good once space was freed
+                _why_not = f"the build ran out of disk ({full}) in {library_path(compiler).parent} or $TMPDIR"
+                log.warning(
+                    "the CPU kernel is not built: %s; free some space there and it is built on the next start; "
+                    "decoding on the CPU uses PyTorch's slower operations",
+                    _why_not,
+                )
+                return None
             _why_not = f"the build with {compiler} failed"
             message = (
                 f"could not build the CPU kernel with {compiler} ({err}): decoding on the CPU uses PyTorch's "

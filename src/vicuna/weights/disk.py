@@ -211,11 +211,11 @@ def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> 
         raise
 
 
-def disk_full(err: BaseException) -> str | None:
+def disk_full(err: BaseException | str) -> str | None:
     """What ran out where a write failed for want of disk space or of quota, in the words of torch.save
     ("unexpected pos"), safetensors (Rust's "StorageFull", "os error 28") or the OS (ENOSPC, EDQUOT); None
     where something else failed. A quota used up (a shared server's, an NFS home's) was not known as one:
-    safetensors' error came out as a traceback."""
+    safetensors' error came out as a traceback. `err` may be what a program said (a compiler's errors)."""
     said = str(err)
     if getattr(err, "errno", None) == getattr(errno, "EDQUOT", -1) or "Disk quota exceeded" in said:
         return "disk quota exceeded"
