@@ -797,6 +797,30 @@ def test_a_gguf_file_whose_float32_copy_cannot_fit_the_disk_is_refused_before_it
     assert not out.exists()
 
 
+def test_the_built_in_model_s_copy_that_cannot_fit_the_disk_is_refused_before_it_converts(
+    tmp_path, monkeypatch
+):
+    """The built-in model's first start on a small $VICUNA_HOME (a container's volume, a quota'd home) failed
+    only after its file was read and dequantized, with safetensors' words and no sizes; as a .gguf file is."""
+    from vicuna.engine.loader import resolve_model_path
+    from vicuna.weights import builtin, disk
+    from vicuna.weights.builtin import BUILTIN_NAME, builtin_gguf, gguf_cache_dir
+
+    def converted(*args, **kwargs):
+        raise AssertionError("converted without room for it")
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(disk, "free_bytes", lambda folder: 2 * 10**6)
+    monkeypatch.setattr(builtin, "_convert", converted)
+    out = gguf_cache_dir(builtin_gguf(), BUILTIN_NAME)
+    with pytest.raises(ModelLoadError) as err:
+        resolve_model_path(None, progress=False)
+    assert str(err.value).startswith(
+        f"converting {builtin_gguf().name} into float32 needs 0.54 GB of free disk in {out.parent}, but only 2.0 MB"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

@@ -43,10 +43,20 @@ def resolve_model_path(model_path: str | None, download: bool = True, progress: 
     `download` is False, as FastChat's `--model-path lmsys/vicuna-7b-v1.5` is. `progress`: say that a
     .gguf file (the built-in model's too) is being converted, which takes minutes for a 7B model, or that a
     Hub repository is being downloaded."""
-    from vicuna.weights.builtin import builtin_model_dir, convert_gguf, gguf_cache_dir
+    from vicuna.weights.builtin import (
+        BUILTIN_NAME,
+        builtin_gguf,
+        builtin_model_dir,
+        convert_gguf,
+        gguf_cache_dir,
+    )
 
     if model_path is None:
-        return builtin_model_dir(progress)
+        # its float32 copy's size checked free first, as any .gguf file's: a $VICUNA_HOME on a small disk
+        # (a container's volume) failed only after the model was read and dequantized, with no sizes said
+        gguf = builtin_gguf()
+        needed = 0 if (gguf_cache_dir(gguf, BUILTIN_NAME) / CONFIG).is_file() else check_conversion_fits(gguf)
+        return builtin_model_dir(progress, needed)
     path = Path(model_path).expanduser()
     if names_hub_repository(model_path):
         return hub_model(model_path, download, progress)

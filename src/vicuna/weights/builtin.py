@@ -310,11 +310,11 @@ def gguf_described_size(gguf: Path) -> int | None:
         return None
 
 
-def builtin_model_dir(progress: bool = True) -> Path:
-    """The built-in model as an HF folder, converted on first use (said, with `progress`). Keyed to the
-    package's file: named SmolLM2-135M-Instruct alone, the folder converted from an older release was used
-    after an upgrade."""
+def builtin_model_dir(progress: bool = True, needed_bytes: int = 0) -> Path:
+    """The built-in model as an HF folder, converted on first use (said, with `progress`; `needed_bytes` of
+    disk checked free first). Keyed to the package's file: named SmolLM2-135M-Instruct alone, the folder
+    converted from an older release was used after an upgrade."""
     gguf = builtin_gguf()
     out = gguf_cache_dir(gguf, BUILTIN_NAME)
     notice = f"Converting the built-in model {BUILTIN_NAME} once into {out} ..."
-    return convert_gguf(gguf, out, notice, progress=progress)
+    return convert_gguf(gguf, out, notice, needed_bytes, progress=progress)
