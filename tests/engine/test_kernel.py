@@ -308,6 +308,35 @@ def test_a_library_there_that_does_not_load_is_built_again(tmp_path, monkeypatch
     assert [p.name for p in path.parent.iterdir()] == [path.name] and path.read_bytes() == b"built here"
 
 
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="Linux's files in memory")
+def test_a_kernel_in_a_vicuna_home_mounted_noexec_is_loaded_from_memory(tmp_path, monkeypatch, caplog):
+    """$VICUNA_HOME on a filesystem mounted noexec (a container's volume, a shared home): the library built
+    there failed to load, was said as "could not build the CPU kernel", and was kept off for good."""
+    import ctypes
+    from unittest import mock
+
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setattr(kernel, "_tried", False)
+    monkeypatch.setattr(kernel, "_library", None)
+    monkeypatch.setattr(kernel, "cpu_supported", lambda: True)
+    loaded, opened = mock.MagicMock(), []
+
+    def open_(name, *args, **kwargs):  # as the dynamic loader answers for a file on a noexec mount
+        if not name.startswith("/proc/self/fd/"):
+            raise OSError(f"{name}: failed to map segment from shared object")
+        opened.append(Path(name).read_bytes())
+        return loaded
+
+    monkeypatch.setattr(ctypes, "CDLL", open_)
+    monkeypatch.setattr(subprocess, "run", lambda command, **kwargs: Path(command[-1]).write_bytes(b"built"))
+    assert kernel.load(progress=False) is loaded
+    assert opened == [b"built"] and caplog.text == ""
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [
+        kernel.library_path("g++").name
+    ]  # no .failed
+
+
 def test_a_failed_build_is_said_once_leaves_no_library_and_the_engine_uses_pytorch(
     tmp_path, monkeypatch, caplog
 ):

@@ -225,11 +225,29 @@ def open_library(compiler: str, progress: bool = True) -> ctypes.CDLL:
     path = library_path(compiler)
     if path.exists():
         try:
-            return ctypes.CDLL(str(path))
+            return open_built(path)
         except OSError:
             with contextlib.suppress(OSError):  # built again below; a library that stays is said as failed
                 path.unlink()
-    return ctypes.CDLL(str(build(compiler, progress)))
+    return open_built(build(compiler, progress))
+
+
+def open_built(path: Path) -> ctypes.CDLL:
+    """Load the library at `path`; where its filesystem is mounted noexec (a container's volume, a shared
+    home), from a copy in memory: the kernel was built there, failed to load ("failed to map segment from
+    shared object"), and was kept off for good as a failed build."""
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as err:
+        if "failed to map segment" not in str(err) or not hasattr(os, "memfd_create"):
+            raise
+    fd = os.memfd_create(path.name)  # Linux's: files in memory, on no filesystem's mount options
+    try:
+        with open(fd, "wb", closefd=False) as copy:
+            copy.write(path.read_bytes())
+        return ctypes.CDLL(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)  # the library stays mapped
 
 
 def load(progress: bool = True) -> ctypes.CDLL | None:
