@@ -547,6 +547,19 @@ def test_a_disk_that_fills_during_a_shard_says_so_and_keeps_the_finished_shards(
     assert verify_manifest(_write(tmp_path / "out", state), progress=False) == []
 
 
+def test_a_drive_that_keeps_no_unix_permissions_takes_the_checkpoint(tmp_path, monkeypatch):
+    """vfat and exFAT (a USB drive) refuse a chmod they cannot store with EPERM: `vicuna convert` and `delta
+    apply` onto one failed with "Operation not permitted" after the first shard was written."""
+    import errno
+    import os
+
+    def refused(path, mode, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", refused)
+    assert verify_manifest(_write(tmp_path / "out", random_state(UNIFORM_SHAPES)), progress=False) == []
+
+
 def test_a_second_job_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
     state = random_state(UNIFORM_SHAPES)
     second = []

@@ -299,3 +299,21 @@ def test_a_small_file_written_onto_a_full_disk_is_named_and_leaves_no_temporary_
     assert (failed.value.errno, failed.value.filename) == (errno.ENOSPC, str(out))
     assert disk.os_error_said(failed.value).startswith(f"No space left on device: {out} (")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_private_file_is_written_onto_a_drive_that_keeps_no_unix_permissions(tmp_path, monkeypatch):
+    """`!!save` (a file only its owner may read) onto a USB drive's vfat or exFAT, which refuse a chmod they
+    cannot store with EPERM: "cannot save to ...: Operation not permitted"."""
+    import os
+
+    from vicuna.weights.disk import write_atomically
+
+    def refused(path, mode, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(os, "chmod", refused)
+    (tmp_path / "kept.json").write_text("old")
+    for name in ("new.json", "kept.json"):
+        write_atomically(tmp_path / name, "[]", mode=0o600)
+        assert (tmp_path / name).read_text() == "[]"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json", "new.json"]

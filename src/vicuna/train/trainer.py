@@ -1041,7 +1041,7 @@ def save_final(
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))  # every process: FSDP and ZeRO-3 gather the weights collectively
     if is_main:
-        from vicuna.weights.disk import new_file_mode
+        from vicuna.weights.disk import new_file_mode, set_mode
         from vicuna.weights.manifest import MANIFEST_NAME, write_manifest
 
         if dtype is not None:
@@ -1054,7 +1054,7 @@ def save_final(
         # the manifest and then the template record last: the record says the model is there
         for f in sorted(tmp.iterdir(), key=lambda p: (p.name == RECORDED_TEMPLATE, p.name == MANIFEST_NAME)):
             if f.is_file():
-                os.chmod(f, mode)
+                set_mode(f, mode)
                 os.replace(f, output_dir / f.name)
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()

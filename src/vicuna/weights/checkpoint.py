@@ -31,6 +31,7 @@ from vicuna.weights.disk import (
     free_bytes,
     new_file_mode,
     one_writer,
+    set_mode,
     write_atomically,
 )
 from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
@@ -482,7 +483,7 @@ def write_checkpoint(
                         f"writing {staging / file} failed ({said}); the shards finished so far are kept in "
                         f"{staging}: free some space and run the same command again to go on"
                     ) from err
-                os.chmod(tmp, new_file_mode())  # safetensors creates files readable by their owner only
+                set_mode(tmp, new_file_mode())  # safetensors creates files readable by their owner only
                 os.replace(tmp, staging / file)
                 digests[file] = hashing.submit(sha256_of, staging / file)
                 del tensors, tensor

@@ -155,6 +155,17 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def set_mode(path: Path, mode: int) -> None:
+    """chmod, where the filesystem keeps Unix permissions: vfat and exFAT (a USB drive, a camera card) and
+    some network shares refuse a mode they cannot store with EPERM, which failed a conversion, a merge or a
+    training run onto such a drive after all its weights were written, and every `!!save` there."""
+    try:
+        os.chmod(path, mode)
+    except PermissionError as err:
+        if err.errno != errno.EPERM:
+            raise
+
+
 def as_new_files(folder: Path) -> None:
     """Give the files in `folder` the permissions open() gives a new file: safetensors (under transformers'
     save_pretrained) creates its files readable by their owner only, so the built-in model converted into a
@@ -162,7 +173,7 @@ def as_new_files(folder: Path) -> None:
     mode = new_file_mode()
     for path in folder.iterdir():
         if path.is_file():
-            os.chmod(path, mode)
+            set_mode(path, mode)
 
 
 def is_standard_output(path: Path) -> bool:
@@ -199,7 +210,7 @@ def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> 
         ) as f:
             f.write(data)
         if mode is not None:
-            os.chmod(tmp, mode)
+            set_mode(tmp, mode)
         os.replace(tmp, path)
     except BaseException as err:  # Ctrl-C too
         with suppress(OSError):  # where nothing could be written, nothing is to be removed
