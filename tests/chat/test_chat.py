@@ -1469,7 +1469,7 @@ def test_a_history_linked_to_dev_null_keeps_nothing_and_a_linked_file_keeps_its_
         readline.clear_history()
 
 
-@pytest.mark.parametrize("fails", ["mkstemp", "write"])
+@pytest.mark.parametrize("fails", ["mkstemp", "write", "read"])
 def test_a_history_that_cannot_be_saved_is_said_once_and_the_chat_goes_on(
     tmp_path, monkeypatch, capsys, fails
 ):
@@ -1486,7 +1486,7 @@ def test_a_history_that_cannot_be_saved_is_said_once_and_the_chat_goes_on(
             raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
 
         monkeypatch.setattr(tempfile, "mkstemp", denied)
-    else:
+    elif fails == "write":
 
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -1495,9 +1495,15 @@ def test_a_history_that_cannot_be_saved_is_said_once_and_the_chat_goes_on(
     readline.clear_history()
     try:
         io = TerminalIO("simple", multiline=False, interactive=True)
+        if fails == "read":  # another user's file, in a $VICUNA_HOME shared by a team
+
+            def denied_read():
+                raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "chat_history"))
+
+            monkeypatch.setattr(io, "saved_history", denied_read)
         io.remember("one")
         io.remember("two")
-        cause = "Permission denied" if fails == "mkstemp" else "No space left on device"
+        cause = "No space left on device" if fails == "write" else "Permission denied"
         assert capsys.readouterr().out == (
             f"notice: the messages typed are not saved in {tmp_path / 'chat_history'} ({cause}); the up arrow "
             "has them in this chat only\n"
