@@ -134,10 +134,8 @@ def merge(
             write_manifest(tmp, progress=bars)
             as_new_files(tmp)
             tmp.rename(output)
-        except (
-            BaseException
-        ) as err:  # Ctrl-C too: a merge starts again from nothing, so what it wrote is no use
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)  # Ctrl-C too: a merge starts again from nothing
             if not (isinstance(err, Exception) and (full := disk_full(err))):
                 raise
             # safetensors says a full disk with its own error, not an OSError: it came out as a traceback

@@ -25,15 +25,7 @@ import torch
 from vicuna.errors import ModelLoadError, VicunaError
 from vicuna.shell import quote
 from vicuna.weights import disk
-from vicuna.weights.disk import (
-    disk_full,
-    ensure_free_space,
-    free_bytes,
-    new_file_mode,
-    one_writer,
-    set_mode,
-    write_atomically,
-)
+from vicuna.weights.disk import ensure_free_space, new_file_mode, one_writer, set_mode, write_atomically
 from vicuna.weights.manifest import MANIFEST_NAME, progress_bar, sha256_of, write_manifest
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -474,11 +466,10 @@ def write_checkpoint(
                         raise
                     tmp.unlink(missing_ok=True)
                     said = str(err)
-                    if full := disk_full(err):  # how much more is needed, against what is free
-                        left = sum(
-                            spec.nbytes for f, group in shards.items() if f not in digests for spec in group
-                        )
-                        said = f"{full}: {disk.size(left)} still to write, {disk.size(free_bytes(staging))} free on its disk"
+                    if full := disk.disk_full(err):  # how much more is needed, against what is free
+                        left = sum(s.nbytes for f, group in shards.items() if f not in digests for s in group)
+                        free = disk.free_bytes(staging)
+                        said = f"{full}: {disk.size(left)} still to write, {disk.size(free)} free on its disk"
                     raise VicunaError(
                         f"writing {staging / file} failed ({said}); the shards finished so far are kept in "
                         f"{staging}: free some space and run the same command again to go on"
