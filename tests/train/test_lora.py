@@ -424,7 +424,7 @@ def test_merge_onto_a_disk_without_room_for_the_model_is_refused_before_writing(
     out = tmp_path / "merged"
     args = ["lora", "merge", "--base", str(tiny_llama_dir), "--adapter", str(adapter), "--output", str(out)]
     assert cli(args) == 2
-    assert f"error: merging into {out} needs 0.5 MB of free disk in {tmp_path}, but only 0.0 MB" in (
+    assert f"error: merging into {out} needs 501.0 kB of free disk in {tmp_path}, but only 1.0 kB" in (
         capsys.readouterr().err
     )
     assert list(tmp_path.iterdir()) == []

@@ -236,8 +236,8 @@ def test_no_progress_draws_no_bar_of_the_download_on_a_terminal(models, tmp_path
         hub.shutdown()
         hub.server_close()
     out, err = capsys.readouterr()
-    assert "[my-vicuna] downloading the base: org/llama-tiny" in out and " files, " in out  # lines, not bars
-    assert err == ""
+    assert "[my-vicuna] downloading the base: org/llama-tiny" in err and " files, " in err  # lines, not bars
+    assert "\r" not in err and "━" not in err and "%|" not in err and out.startswith("\nready: ")
 
 
 def test_delta_apply_of_a_hub_delta_as_fastchat_took_it_gives_the_get_command_that_works(
@@ -332,7 +332,7 @@ def test_offline_get_says_where_a_download_brought_in_goes_and_then_uses_it(
         ) in capsys.readouterr().err
         shutil.copytree(elsewhere, here / "vicuna-7b-v1.5")
         assert main(["get", "vicuna-7b-v1.5", "--dir", str(here)]) == 0
-        assert "(ended on EOS)" in capsys.readouterr().out
+        assert "(ended on EOS)" in capsys.readouterr().err
         assert get(here, "org/base", "org/delta") == 2
         err = capsys.readouterr().err
         for repo_id in ("org/base", "org/delta"):

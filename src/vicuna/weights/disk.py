@@ -194,14 +194,14 @@ def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> 
     over a link left the linked file as it was). A file that is not a regular one (/dev/null, a pipe, a link
     to one) is written into as it is: renamed over, run as root, the device itself became a regular file."""
     data = data.encode("utf-8") if isinstance(data, str) else data
-    path = Path(os.path.realpath(path))
     with suppress(FileNotFoundError):
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
+        st = os.stat(path)  # through links
+        if not stat.S_ISREG(st.st_mode):  # by the name given: /dev/fd/N's target is no path ('pipe:[N]')
             with open(path, "wb") as f:
                 f.write(data)
             return
         mode = stat.S_IMODE(st.st_mode)
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         # created readable by its owner only where it is to stay so, not opened to all until the chmod
@@ -215,9 +215,7 @@ def write_atomically(path: Path, data: str | bytes, mode: int | None = None) -> 
     except BaseException as err:  # Ctrl-C too
         with suppress(OSError):  # where nothing could be written, nothing is to be removed
             tmp.unlink(missing_ok=True)
-        if (
-            isinstance(err, OSError) and not err.filename
-        ):  # a write's error names no file: "No space left" alone
+        if isinstance(err, OSError) and not err.filename:  # a write's error names none: "No space left"
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
