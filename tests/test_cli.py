@@ -226,6 +226,37 @@ def test_a_stop_signal_ends_a_command_as_ctrl_c_does_cleaning_up_and_saying_how_
     assert cleaned.exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be sent to a process on Windows")
+def test_a_stop_signal_that_comes_while_an_object_is_collected_still_ends_the_command(tmp_path):
+    """Python drops what a `__del__` raises: a SIGTERM that came while an object was collected (as during
+    a GGUF conversion) was printed as 'Exception ignored in ...__del__' and the command went on."""
+    cleaned = tmp_path / "cleaned"
+    code = f"""if True:
+        import os, signal, sys, time
+        import vicuna.weights.convert as convert
+        from vicuna.cli import main
+
+        class Collected:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(100_000))  # the handler runs here, inside __del__
+
+        def converting(args):
+            try:
+                Collected()
+                time.sleep(60)
+            finally:
+                open({str(cleaned)!r}, "w").close()
+
+        convert.main = converting
+        sys.exit(main(["convert", "in", "out"]))
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "interrupted; run the same command again to go on from where it stopped"
+    assert cleaned.exists()
+
+
 def test_every_flag_of_every_command_says_what_it_does_and_its_default():
     missing = []
     for parser in _all_parsers():

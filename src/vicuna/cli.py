@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Sequence
+from types import FrameType
 from typing import NoReturn
 
 from vicuna import __version__
@@ -274,8 +275,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from vicuna.errors import Terminated, VicunaError
 
-    def terminated(signum: int, frame: object) -> None:
-        raise Terminated
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        if not in_finalizer(frame):
+            raise Terminated
+        # Python drops what a __del__ raises ("Exception ignored in ...__del__"): a SIGTERM that came while
+        # an object was collected (rich's, gguf's, during a conversion) was lost and the command went on.
+        # Sent again a moment later, it is raised where the command runs.
+        again = getattr(signal, "pthread_kill", None)
+        main_thread = threading.main_thread().ident
+        resend = (lambda: again(main_thread, signum)) if again else (lambda: signal.raise_signal(signum))
+        timer = threading.Timer(0.05, resend)
+        timer.daemon = True
+        timer.start()
 
     # SIGTERM ended every command at once: no cleanup, no word on how to go on, and `docker stop` of a
     # command run as a container's PID 1 (which the kernel spares a signal it has no handler for) waited
@@ -314,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for stop, previous in watched.items():
             signal.signal(stop, previous)
+
+
+def in_finalizer(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside a `__del__`, where an exception raised is printed and dropped."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def run() -> NoReturn:
