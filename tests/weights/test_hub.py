@@ -8,6 +8,7 @@ import importlib
 import json
 import re
 import threading
+import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -79,6 +80,7 @@ class FakeHub(ThreadingHTTPServer):
         self.forbidden: set[str] = set()  # files answered with a plain 403 (no Hub error code)
         self.gated: set[str] = set()  # repos whose terms the token has not accepted
         self.down: set[str] = set()  # repos answered 503 (the Hub under maintenance, a mirror's outage)
+        self.stalled: set[str] = set()  # repos whose file list is not answered for 5 s, then hung up
         self.drops: dict[str, int] = {}  # file -> how many more bodies to cut short after drop_at bytes
         self.drop_at = 30_000
         self.redirects: dict[str, str] = {}  # file -> where its GET is sent (the Hub's CDN, for LFS files)
@@ -131,6 +133,10 @@ class HubHandler(BaseHTTPRequestHandler):
         if api and parts[4:5] in ([], ["revision"]):  # repo_info
             body = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": n} for n in files]}
             return self._send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+        if api and parts[4:5] == ["tree"] and repo_id in hub.stalled:  # an overloaded mirror's
+            time.sleep(5)
+            self.close_connection = True
+            return None
         if api and parts[4:5] == ["tree"]:  # list_repo_tree, recursive, one page
             entries = []
             for name, data in files.items():
@@ -627,6 +633,17 @@ def test_an_endpoint_that_never_answers_is_said_after_a_timeout(
     assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert f"cannot reach http://127.0.0.1:{silent_endpoint} for org/tiny: timed out" in err
+
+
+def test_a_file_list_that_never_comes_is_said_after_a_timeout(hub, tmp_path, capsys, monkeypatch):
+    """The revision's request had a timeout, the file list's (huggingface_hub's list_repo_tree takes none)
+    waited for as long as the mirror held the connection."""
+    from vicuna.weights import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "HUB_TIMEOUT_S", 0.5)
+    hub.stalled.add("org/tiny")
+    assert main(["download", "org/tiny", "--dir", str(tmp_path / "m")]) == 2
+    assert f"cannot reach {hub.endpoint} for org/tiny: timed out" in capsys.readouterr().err
 
 
 @pytest.fixture

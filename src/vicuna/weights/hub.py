@@ -271,6 +271,13 @@ def proxy_for(url: str) -> str | None:
     return f"{named.scheme}://{named.hostname}" + (f":{named.port}" if named.port else "")
 
 
+def bounded(request: object) -> None:
+    """A request hook for huggingface_hub's shared client: each of its requests waits HUB_TIMEOUT_S at most
+    to connect or for its next bytes. It asks with no timeout (list_repo_tree takes none: the file list
+    waited for as long as a mirror held the connection)."""
+    request.extensions["timeout"] = dict.fromkeys(("connect", "read", "write", "pool"), HUB_TIMEOUT_S)
+
+
 def plan_download(
     repo_id: str,
     *,
@@ -281,12 +288,15 @@ def plan_download(
 ) -> Plan:
     """Resolve the revision to a commit and choose the files, from the repo's file list (no file is fetched).
     `target`: the folder the download is for, which an error names."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_session
     from huggingface_hub.hf_api import RepoFile
 
     api = HfApi(**_hub_settings())
+    hooks = get_session().event_hooks["request"]
+    if bounded not in hooks:
+        hooks.append(bounded)
     with hub_errors(repo_id, revision, target):
-        commit = api.repo_info(repo_id, repo_type=repo_type, revision=revision, timeout=HUB_TIMEOUT_S).sha
+        commit = api.repo_info(repo_id, repo_type=repo_type, revision=revision).sha
         tree = [
             e
             for e in api.list_repo_tree(repo_id, recursive=True, revision=commit, repo_type=repo_type)
