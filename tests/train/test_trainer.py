@@ -527,6 +527,25 @@ def test_a_full_disk_while_the_trained_model_is_written_is_a_clear_error(
     assert "Traceback" not in err
 
 
+def test_a_full_fine_tune_onto_a_disk_without_room_for_a_checkpoint_is_refused_before_it_trains(
+    tiny_llama_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    """It trained, then failed at its first checkpoint: hours lost on a 7B model. LoRA's adapter is small,
+    and --force goes on."""
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=200_000))
+    out = tmp_path / "out"
+    args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]
+    assert cli([*args, "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: training {tiny_llama_dir} in full (a checkpoint, then the model) needs " in err
+    assert f"of free disk in {out}, but only 200.0 kB is available there" in err
+    assert not out.exists() or not any(out.iterdir())
+    assert cli([*args, "--max-steps", "1", "--lora", "--save-steps", "100"]) == 0
+
+
 def test_piped_output_is_lines_without_a_redrawn_bar(tiny_llama_dir, data_file, tmp_path, capfd):
     out = tmp_path / "out"
     args = ["train", "--data", str(data_file), "--model-path", str(tiny_llama_dir), "--output-dir", str(out)]

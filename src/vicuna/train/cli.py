@@ -125,8 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--force",
         action="store_true",
-        help="train anyway on a GPU below compute capability 7.5, or without a CUDA GPU where the RAM "
-        "available seems too small (swap may hold the rest, slowly)",
+        help="train anyway on a GPU below compute capability 7.5, without a CUDA GPU where the RAM "
+        "available seems too small (swap may hold the rest, slowly), or where the output's disk seems too "
+        "small for a full fine-tune's checkpoint",
     )
 
 

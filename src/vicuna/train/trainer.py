@@ -189,6 +189,21 @@ def check_fits_in_ram(folder: Path, cfg: TrainConfig, compute_dtype: Any) -> Non
     )
 
 
+def check_disk_room(folder: Path, cfg: TrainConfig) -> None:
+    """Refuse, before loading, a full fine-tune whose output disk cannot take one checkpoint (float32 weights
+    and AdamW's two moments, 12 bytes a parameter: 84 GB for a 7B model) and the trained model (as large as
+    the base's weights): it trained for hours, then failed at its first save. A lower bound: a run keeps up
+    to --save-total-limit checkpoints. A LoRA adapter's are megabytes."""
+    if cfg.lora:
+        return
+    from vicuna.engine.loader import read_config, weight_files
+    from vicuna.engine.memory import model_size
+    from vicuna.weights.disk import ensure_free_space
+
+    needed = 12 * model_size(read_config(folder)).params + sum(f.stat().st_size for f in weight_files(folder))
+    ensure_free_space(cfg.output_dir, needed, f"training {folder} in full (a checkpoint, then the model)")
+
+
 def check_qlora() -> None:
     """A CUDA GPU, and a bitsandbytes that transformers loads 4-bit weights with: an older one passed here,
     and transformers refused it with a traceback once the data was tokenized and the run recorded."""
@@ -869,6 +884,8 @@ def _train(cfg: TrainConfig, callbacks: Sequence[Any], is_main: bool) -> Path:
         )
     if not torch.cuda.is_available() and not cfg.force:
         check_fits_in_ram(folder, cfg, compute_dtype)
+    if not cfg.force and is_main:
+        check_disk_room(folder, cfg)
     if cfg.lora:
         check_lora_target(folder, cfg)  # before start_or_resume writes anything
     checkpoint = start_or_resume(cfg, run_record(cfg, template.name, prepared), is_main, folder)
