@@ -372,19 +372,15 @@ def test_a_message_piped_in_gbk_is_refused_with_what_to_do_and_the_chat_goes_on(
     assert err.count("tok/s") == 1  # the UTF-8 line after it is answered
 
 
+def chat_command(model_dir: Path) -> list[str]:
+    """`vicuna chat` of a tiny model, run as a program."""
+    return [sys.executable, "-m", "vicuna", "chat", "--model-path", str(model_dir), "--dtype", "float32"]
+
+
 def test_a_chat_whose_standard_input_ends_before_a_first_message_says_so_and_ends_well(tiny_llama_dir):
     """`docker run IMAGE vicuna chat` (without -it) loaded the model and ended without a word. The same
     command pre-loads the model in an image build: it still ends with 0, the notice on stderr."""
-    command = [
-        sys.executable,
-        "-m",
-        "vicuna",
-        "chat",
-        "--model-path",
-        str(tiny_llama_dir),
-        "--dtype",
-        "float32",
-    ]
+    command = chat_command(tiny_llama_dir)
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
     nothing = subprocess.run(
         command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300, env=env
@@ -402,16 +398,7 @@ def test_a_piped_chat_that_left_a_message_unanswered_or_a_command_undone_exits_1
     """`answers=$(vicuna chat < questions.txt)` under `set -e`: a message refused (too long, not UTF-8) or
     a `!!save` that wrote nothing was said on stderr, and the command still exited 0, so the script went on
     with an answer missing. Each is still said, the other messages are still answered, and the status is 1."""
-    command = [
-        sys.executable,
-        "-m",
-        "vicuna",
-        "chat",
-        "--model-path",
-        str(tiny_llama_dir),
-        "--dtype",
-        "float32",
-    ]
+    command = chat_command(tiny_llama_dir)
     command += ["--temperature", "0", "--max-new-tokens", "3", "--debug"]
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
     unsaved = tmp_path / "no-such-folder" / "chat.json"
