@@ -109,8 +109,11 @@ def test_a_gguf_file_changed_leaves_one_converted_copy(monkeypatch, tmp_path):
     kept.append(first.with_name("model-my-template"))  # the user's own, copied from it with `cp -r`
     shutil.copytree(first, kept[-1])
     gguf.write_bytes(b"GGUF 2, downloaded again")
+    crashed = first.with_name(".model-aaaaaaaaaaaa.deleted")  # a delete a crash cut short, 27 GB for 7B
+    (crashed / "weights").mkdir(parents=True)
     second = convert(gguf)
     assert second != first and not first.exists() and not first.with_name(f".{first.name}.deleted").exists()
+    assert not crashed.exists()
     assert all((folder / "config.json").is_file() for folder in [second, *kept])
 
     rename = Path.rename

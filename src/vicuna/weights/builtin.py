@@ -120,6 +120,9 @@ def drop_older_copies(gguf: Path, out: Path) -> None:
         except OSError:
             continue
         shutil.rmtree(trash, ignore_errors=True)
+    # what a delete cut short by a crash or a kill left, hidden, for good: only renamed there once unloaded
+    for trash in out.parent.glob(f".{out.name.rpartition('-')[0]}-*.deleted"):
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def older_copies(gguf: Path, out: Path) -> list[Path]:
