@@ -32,6 +32,12 @@ def test_missing_folder(tmp_path):
         load(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("given", ["path", None])
+def test_a_path_or_none_given_to_load_engine_is_told_to_be_model_settings(tiny_llama_dir, given):
+    with pytest.raises(TypeError, match=r"load_engine\(ModelSettings\(model_path=\.\.\.\)\)"):
+        load_engine(str(tiny_llama_dir) if given == "path" else None, progress=False)
+
+
 def test_a_hub_repo_id_as_fastchat_takes_it_is_downloaded_once_then_loaded(
     tiny_llama_dir, tmp_path, monkeypatch, capsys
 ):

@@ -555,6 +555,11 @@ def load_engine(settings: ModelSettings, *, progress: bool = True) -> Engine:
     CPU, building the CPU kernel), the bars (on a terminal only) and the "Loaded ..." line; warnings are
     said either way. What the caller can fix (a missing folder, a model that does not fit) raises a
     `VicunaError` (`ModelLoadError`, `DoesNotFitError`) that says it."""
+    if not isinstance(settings, ModelSettings):  # a path, or None for the built-in model, was said as
+        raise TypeError(  # "'str' object has no attribute 'device'" from deep in device placement
+            "load_engine takes a vicuna.config.ModelSettings: load_engine(ModelSettings(model_path=...)), "
+            f"or ModelSettings() for the built-in model, not {type(settings).__name__}"
+        )
     from transformers import AutoModelForCausalLM
 
     from vicuna.engine.engine import Engine
