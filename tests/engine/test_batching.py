@@ -12,6 +12,7 @@ import pytest
 
 from tests.tiny_models import plain_engine, tiny_config
 from vicuna.config import SamplingParams
+from vicuna.conversation import Message
 from vicuna.engine.batching import SWITCH_INTERVAL_S, Batcher
 from vicuna.engine.events import Finished, TextChunk
 from vicuna.errors import ContextTooLongError, VicunaError
@@ -906,3 +907,10 @@ def test_the_batcher_takes_and_refuses_a_prompt_s_ids_as_the_engine_does(tiny_en
         batcher.generate(torch.tensor([ids]), params)
     with pytest.raises(VicunaError, match="the prompt is empty: at least one token is needed"):
         batcher.generate([], params)
+
+
+def test_settings_given_to_the_batcher_as_a_dict_are_told_to_be_sampling_params(tiny_engine, batcher):
+    with pytest.raises(TypeError, match=r"SamplingParams\(\*\*d\)"):
+        batcher.generate(tiny_engine.encode(TEXTS[0]), {"temperature": 0})
+    with pytest.raises(TypeError, match=r"SamplingParams\(\*\*d\)"):
+        batcher.chat([Message("user", "Hi")], {"temperature": 0})

@@ -494,6 +494,15 @@ def test_openai_style_dicts_given_to_chat_are_told_how_to_become_messages(engine
         engine.chat([{"role": "user", "content": "Hi"}], SamplingParams())
 
 
+@pytest.mark.parametrize("call", ["chat", "generate"])
+def test_settings_given_as_a_dict_are_told_to_be_sampling_params(engine, call):
+    with pytest.raises(TypeError, match=r"SamplingParams\(\*\*d\)"):
+        if call == "chat":
+            engine.chat([Message("user", "Hi")], {"temperature": 0})
+        else:
+            engine.generate(engine.encode("Hi"), {"temperature": 0})
+
+
 @pytest.mark.slow
 def test_the_readme_s_python_example_runs_as_shown(capsys):
     """The README's one example of the engine from Python, run as written (the built-in model)."""

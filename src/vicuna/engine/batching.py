@@ -42,7 +42,7 @@ import torch
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
-from vicuna.engine.engine import prompt_tokens
+from vicuna.engine.engine import check_params, prompt_tokens
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob, decode_rate
 from vicuna.engine.memory import free_bytes, kv_values_per_token, release_memory_after
 from vicuna.engine.runner import PREFILL_PIECE, LlamaRunner, cache_arg, chunked, decode, shared_prefix
@@ -360,6 +360,7 @@ class Batcher:
     ) -> None:
         """Queue a request; `sink` receives its events (or an exception) on the scheduler thread, always
         while it holds `handing_over`, so it must be quick and thread-safe (e.g. `loop.call_soon_threadsafe`)."""
+        check_params(params)
         prompt_ids = prompt_tokens(prompt_ids)  # as `Engine.generate` takes them: a tuple, a 1-D tensor
         self.engine.check_fits(len(prompt_ids), params.max_new_tokens)
         reply = _Reply(self.engine, prompt_ids, params, cancel or threading.Event(), self._outbox(sink))

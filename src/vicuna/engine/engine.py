@@ -93,6 +93,16 @@ def prompt_tokens(prompt_ids: Sequence[int]) -> list[int]:
     return ids
 
 
+def check_params(params: Any) -> None:
+    """Refuse settings that are not a `SamplingParams`, said where the caller can act on it: OpenAI-style
+    keyword arguments as a dict ended in "'dict' object has no attribute 'stop'" from deep in the engine."""
+    if not isinstance(params, SamplingParams):
+        raise TypeError(
+            "params must be a vicuna.config.SamplingParams, e.g. SamplingParams(temperature=0, "
+            f"max_new_tokens=64) (a dict d: SamplingParams(**d)), not {type(params).__name__}"
+        )
+
+
 class Engine:
     """One model, its tokenizer and its template; generates one reply at a time (the server batches)."""
 
@@ -193,6 +203,7 @@ class Engine:
         """The request's settings with its stop strings that are special tokens ("<|im_end|>" where it is
         no end token) also stop token ids: a reply's text never holds a special token's text, so as a
         string alone such a stop never matched and the reply ran on past it to its token limit."""
+        check_params(params)
         ids = self._split_stops(params.stop)[0]
         return replace(params, stop_token_ids=tuple(dict.fromkeys((*params.stop_token_ids, *ids))))
 
@@ -261,6 +272,7 @@ class Engine:
         self, prompt_ids: Sequence[int], params: SamplingParams, *, cancel: threading.Event | None = None
     ) -> Iterator[Event]:
         """Stream a reply to `prompt_ids`. Raises ContextTooLongError before the first event."""
+        check_params(params)
         prompt_ids = prompt_tokens(prompt_ids)
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         return self._generate(prompt_ids, params, cancel)
