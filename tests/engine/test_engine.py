@@ -494,6 +494,13 @@ def test_openai_style_dicts_given_to_chat_are_told_how_to_become_messages(engine
         engine.chat([{"role": "user", "content": "Hi"}], SamplingParams())
 
 
+def test_one_message_given_to_chat_is_told_to_be_a_list(engine):
+    with pytest.raises(
+        TypeError, match=r"a list of Message: engine.chat\(\[Message\(role, content\)\], params\)"
+    ):
+        engine.chat(Message("user", "Hi"), SamplingParams())
+
+
 @pytest.mark.parametrize("call", ["chat", "generate"])
 def test_settings_given_as_a_dict_are_told_to_be_sampling_params(engine, call):
     with pytest.raises(TypeError, match=r"SamplingParams\(\*\*d\)"):

@@ -178,6 +178,10 @@ class Engine:
     def encode_chat(self, messages: Sequence[Message]) -> list[int]:
         """Token ids for a chat prompt, where the text of a message is only ever text (`vicuna.engine.typed`):
         without special-token text in the messages, exactly the tokenizer's ids for the rendered prompt."""
+        if isinstance(messages, Message):  # one message: "'Message' object is not iterable" said nothing more
+            raise TypeError(
+                "messages must be a list of Message: engine.chat([Message(role, content)], params)"
+            )
         if not all(isinstance(m, Message) for m in messages):  # said here, not as an AttributeError deep in
             raise TypeError(  # the template ("'dict' object has no attribute 'content'")
                 "messages must be vicuna.conversation.Message(role, content); OpenAI-style dicts become "
