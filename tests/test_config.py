@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,27 @@ def test_one_stop_string_is_one_stop_not_its_characters():
 
     assert SamplingParams(stop="###").stop == ("###",)
     assert SamplingParams(stop=["###", "\n\n"]).stop == ("###", "\n\n")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_new_tokens", 64.0), ("top_k", None), ("logprobs", True), ("seed", "1"), ("temperature", "0.7")],
+)
+def test_a_setting_of_the_wrong_type_is_refused_by_name(field, value):
+    """From Python these were taken, or failed with "'>=' not supported between 'str' and 'int'", and a float
+    max_new_tokens or logprobs=True failed only as the reply began, from inside the engine."""
+    from vicuna.config import SamplingParams
+
+    with pytest.raises(TypeError, match=rf"^{field} must be an? (int|number), not {re.escape(repr(value))}$"):
+        SamplingParams(**{field: value})
+
+
+def test_stop_none_is_no_stop_and_numpy_numbers_are_taken():
+    import numpy as np
+
+    from vicuna.config import SamplingParams
+
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == ()
+    assert SamplingParams(max_new_tokens=np.int64(8), temperature=np.float32(0.5)).max_new_tokens == 8
+    with pytest.raises(TypeError, match="stop must be a string or a sequence of strings"):
+        SamplingParams(stop=[1])

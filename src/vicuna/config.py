@@ -4,6 +4,7 @@ No torch here: the model commands' flags and the API's request schemas (vicuna.p
 from __future__ import annotations
 
 import argparse
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +77,15 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit): OpenAI's logit_bias
 
     def __post_init__(self) -> None:
-        # one string is one stop, as OpenAI's `stop` takes it: as a sequence, stop="###" stopped at any "#"
-        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        self.stop_token_ids = tuple(self.stop_token_ids)
+        self._check_types()
+        # one string is one stop, as OpenAI's `stop` takes it: as a sequence, stop="###" stopped at any "#";
+        # None, as OpenAI's `stop: null`, is none
+        self.stop = (
+            () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        )
+        self.stop_token_ids = () if self.stop_token_ids is None else tuple(self.stop_token_ids)
+        if not all(isinstance(s, str) for s in self.stop):
+            raise TypeError("stop must be a string or a sequence of strings")
         self.logit_bias = tuple((int(i), float(b)) for i, b in self.logit_bias)
         checks = [
             (self.temperature >= 0, "temperature must be >= 0"),
@@ -100,6 +107,29 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise VicunaError(message)
+
+    def _check_types(self) -> None:
+        """Refuse a number of the wrong kind here, by name: max_new_tokens=64.0 was taken, then the reply
+        failed with "'float' object cannot be interpreted as an integer", logprobs=True with topk()'s "must be
+        int, not bool", temperature="0.7" with "'>=' not supported between 'str' and 'int'"."""
+        optional = ("seed", "logprobs")
+        for name in ("top_k", "max_new_tokens", "min_new_tokens", *optional):
+            value = getattr(self, name)
+            if not (value is None and name in optional) and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            ):
+                raise TypeError(f"{name} must be an int, not {value!r}")
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, not {value!r}")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
