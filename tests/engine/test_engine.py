@@ -494,6 +494,12 @@ def test_openai_style_dicts_given_to_chat_are_told_how_to_become_messages(engine
         engine.chat([{"role": "user", "content": "Hi"}], SamplingParams())
 
 
+@pytest.mark.parametrize("top", [-1, 10**6, 2.0])
+def test_score_s_top_out_of_range_is_a_clear_error(engine, top):
+    with pytest.raises(VicunaError, match=r"top must be an int from 0 to the vocabulary's \d+ tokens"):
+        engine.score(engine.encode("Hello world"), top)
+
+
 def test_one_message_given_to_chat_is_told_to_be_a_list(engine):
     with pytest.raises(
         TypeError, match=r"a list of Message: engine.chat\(\[Message\(role, content\)\], params\)"

@@ -368,6 +368,10 @@ class Engine:
         evaluation harnesses sum over a continuation. Computed by the transformers model in one forward
         over the whole prompt, so it is the model's own log-likelihood; softmax in float32, a piece of
         positions at a time. Out of GPU memory, the memory the forward held is given back, as a reply's is."""
+        vocab = self.model.config.get_text_config().vocab_size
+        # refused before the forward: torch's topk said "selected index k out of range" or "must be int"
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= vocab:
+            raise VicunaError(f"top must be an int from 0 to the vocabulary's {vocab} tokens, not {top!r}")
         prompt_ids = prompt_tokens(prompt_ids)
         ids = torch.tensor([prompt_ids], device=self.device)
         try:
