@@ -914,3 +914,8 @@ def test_settings_given_to_the_batcher_as_a_dict_are_told_to_be_sampling_params(
         batcher.generate(tiny_engine.encode(TEXTS[0]), {"temperature": 0})
     with pytest.raises(TypeError, match=r"SamplingParams\(\*\*d\)"):
         batcher.chat([Message("user", "Hi")], {"temperature": 0})
+
+
+def test_a_cancel_given_to_the_batcher_that_is_no_event_is_a_clear_error(tiny_engine, batcher):
+    with pytest.raises(TypeError, match=r"cancel must be a threading.Event\(\)"):
+        batcher.generate(tiny_engine.encode(TEXTS[0]), SamplingParams(max_new_tokens=2), cancel=True)

@@ -500,6 +500,12 @@ def test_score_s_top_out_of_range_is_a_clear_error(engine, top):
         engine.score(engine.encode("Hello world"), top)
 
 
+@pytest.mark.parametrize("cancel", [True, threading.Event])
+def test_a_cancel_that_is_no_event_is_a_clear_error(engine, cancel):
+    with pytest.raises(TypeError, match=r"cancel must be a threading.Event\(\)"):
+        engine.chat([Message("user", "Hi")], SamplingParams(max_new_tokens=2), cancel=cancel)
+
+
 def test_one_message_given_to_chat_is_told_to_be_a_list(engine):
     with pytest.raises(
         TypeError, match=r"a list of Message: engine.chat\(\[Message\(role, content\)\], params\)"

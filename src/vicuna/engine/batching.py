@@ -42,7 +42,7 @@ import torch
 from vicuna.config import SamplingParams
 from vicuna.conversation import Message
 from vicuna.engine.detok import IncrementalDecoder, StopMatcher
-from vicuna.engine.engine import check_params, prompt_tokens
+from vicuna.engine.engine import check_cancel, check_params, prompt_tokens
 from vicuna.engine.events import Event, Finished, FinishReason, TextChunk, TokenLogprob, decode_rate
 from vicuna.engine.memory import free_bytes, kv_values_per_token, release_memory_after
 from vicuna.engine.runner import PREFILL_PIECE, LlamaRunner, cache_arg, chunked, decode, shared_prefix
@@ -314,6 +314,7 @@ class Batcher:
         that something still holds goes on to its end: a notebook's variable, or a local variable of a
         frame that the traceback of an error keeps (`sys.last_traceback`); `close()` it. A `for` loop's
         own iterator is let go as an error leaves the loop."""
+        check_cancel(cancel)
         events: queue.SimpleQueue[Event | BaseException] = queue.SimpleQueue()
         # The stream's own flag, set as it ends or is let go; the caller's `cancel` stops the reply too, but
         # is left as the caller set it, as `Engine.generate` leaves it: set at a stream's end, one event

@@ -103,6 +103,13 @@ def check_params(params: Any) -> None:
         )
 
 
+def check_cancel(cancel: Any) -> None:
+    """Refuse a `cancel` that is not an event: True, or the class `threading.Event` itself, failed only at
+    the reply's first step ("'bool' object has no attribute 'is_set'"), in a batcher on its own thread."""
+    if cancel is not None and not isinstance(cancel, threading.Event):
+        raise TypeError(f"cancel must be a threading.Event() (set it to stop the reply), not {cancel!r}")
+
+
 class Engine:
     """One model, its tokenizer and its template; generates one reply at a time (the server batches)."""
 
@@ -277,6 +284,7 @@ class Engine:
     ) -> Iterator[Event]:
         """Stream a reply to `prompt_ids`. Raises ContextTooLongError before the first event."""
         check_params(params)
+        check_cancel(cancel)
         prompt_ids = prompt_tokens(prompt_ids)
         self.check_fits(len(prompt_ids), params.max_new_tokens)
         return self._generate(prompt_ids, params, cancel)
