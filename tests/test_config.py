@@ -95,3 +95,14 @@ def test_stop_none_is_no_stop_and_numpy_numbers_are_taken():
     assert SamplingParams(max_new_tokens=np.int64(8), temperature=np.float32(0.5)).max_new_tokens == 8
     with pytest.raises(TypeError, match="stop must be a string or a sequence of strings"):
         SamplingParams(stop=[1])
+
+
+def test_torch_s_dtype_and_device_objects_are_taken_by_name():
+    import torch
+
+    from vicuna.config import ModelSettings
+
+    settings = ModelSettings(dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert (settings.dtype, settings.device) == ("bfloat16", "cpu")
+    with pytest.raises(VicunaError, match="not 'float64'"):
+        ModelSettings(dtype=torch.float64)

@@ -43,6 +43,12 @@ class ModelSettings:
         # a Path from Python ended in "expected string or bytes-like object, got 'PosixPath'"
         if isinstance(self.model_path, os.PathLike):
             self.model_path = os.fspath(self.model_path)
+        # torch.bfloat16 and torch.device("cuda") from a notebook were refused as "not torch.bfloat16": taken
+        # by name (str() of them, without importing torch here)
+        if not isinstance(self.dtype, str) and str(self.dtype).startswith("torch."):
+            self.dtype = str(self.dtype).removeprefix("torch.")
+        if type(self.device).__name__ == "device" and type(self.device).__module__ == "torch":
+            self.device = str(self.device)
         if self.dtype not in DTYPES:
             raise VicunaError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.device is not None and self.device not in DEVICES:
