@@ -919,3 +919,13 @@ def test_settings_given_to_the_batcher_as_a_dict_are_told_to_be_sampling_params(
 def test_a_cancel_given_to_the_batcher_that_is_no_event_is_a_clear_error(tiny_engine, batcher):
     with pytest.raises(TypeError, match=r"cancel must be a threading.Event\(\)"):
         batcher.generate(tiny_engine.encode(TEXTS[0]), SamplingParams(max_new_tokens=2), cancel=True)
+
+
+def test_a_batcher_in_a_with_block_is_closed_at_its_end_interrupted_too(tiny_engine):
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+    with Batcher(tiny_engine) as batcher:
+        assert reply(batcher.generate(tiny_engine.encode(TEXTS[0]), params))[1].completion_tokens == 4
+    assert batcher.closed and not batcher._thread.is_alive()
+    with pytest.raises(KeyboardInterrupt), Batcher(tiny_engine) as interrupted:
+        raise KeyboardInterrupt
+    assert interrupted.closed and not interrupted._thread.is_alive()

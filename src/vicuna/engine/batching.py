@@ -484,6 +484,14 @@ class Batcher:
         self.stop()
         self._thread.join(timeout)
 
+    # `with Batcher(engine) as batcher:` closes it at the block's end, an error or Ctrl-C (a notebook's
+    # interrupt) included: a batcher not closed keeps its thread, and the caches that thread holds
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # --- the scheduler thread ----------------------------------------------------------------
 
     def _run(self) -> None:
