@@ -99,3 +99,23 @@ def test_verify_errors(tmp_path, folder, capsys):
     (folder / MANIFEST_NAME).write_text(f"{'0' * 64}  ../outside.json\n")
     with pytest.raises(VicunaError, match="line 1 names a file outside .*: '../outside.json'"):
         verify_manifest(folder)
+
+
+def test_bars_are_drawn_only_on_a_terminal_that_redraws_and_nowhere_without_one(monkeypatch, tmp_path):
+    """Under pythonw (Windows, no console) sys.stderr is None, and a notebook's or an IDE's stand-in may have
+    no isatty or be closed: `load_engine` asked it, and failed with an AttributeError."""
+    import io
+
+    from vicuna.weights import manifest
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert manifest.redraws(Terminal())
+    closed = open(tmp_path / "log", "w")  # noqa: SIM115
+    closed.close()
+    assert not any(manifest.redraws(stream) for stream in (None, object(), closed, io.StringIO()))
+    monkeypatch.setenv("TERM", "dumb")
+    assert not manifest.redraws(Terminal())

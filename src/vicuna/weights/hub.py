@@ -427,7 +427,9 @@ def bars_shown() -> bool:
     HF_HUB_DISABLE_PROGRESS_BARS, set either way, rules."""
     setting = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     if setting is None:
-        return sys.stderr.isatty()
+        from vicuna.weights.manifest import redraws
+
+        return redraws(sys.stderr)
     return setting.strip().lower() not in ("1", "true", "yes", "on")
 
 

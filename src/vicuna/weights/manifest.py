@@ -22,11 +22,17 @@ _CHUNK = 8 << 20
 LOADED_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".json", ".model")
 
 
-def redraws(stream: TextIO) -> bool:
+def redraws(stream: TextIO | None) -> bool:
     """Whether `stream` is a terminal that can redraw a line, where transformers' bars (tqdm's, redrawn with
     carriage returns) are drawn. Not a log, nor a dumb terminal (TERM=dumb: Emacs' M-x shell, in which
-    Emacspeak reads out each redraw and a carriage return is shown as ^M): rich's bars draw none there either."""
-    return stream.isatty() and os.environ.get("TERM", "").lower() not in ("dumb", "unknown")  # as rich's
+    Emacspeak reads out each redraw and a carriage return is shown as ^M): rich's bars draw none there either.
+    Nor no stream at all: under pythonw (Windows, no console) sys.stderr is None, and a notebook's or an
+    IDE's stand-in may have no isatty, or be closed; `load_engine` failed there with an AttributeError."""
+    try:
+        terminal = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+    except ValueError:  # closed
+        return False
+    return terminal and os.environ.get("TERM", "").lower() not in ("dumb", "unknown")  # as rich's
 
 
 @contextmanager
